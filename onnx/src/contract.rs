@@ -1,0 +1,234 @@
+//! The mgd3 model contract: input/output names, element types, ranks and `mgd3.*` metadata,
+//! checked once when a model is loaded so that a wrong file fails with a message naming the
+//! model, the item and what was expected, instead of a shape error deep inside a run.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ort::session::Session;
+use ort::value::{TensorElementType, ValueType};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Element types the contract allows for float tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// One input or output as the model declares it; dynamic dimensions are `-1`.
+#[derive(Clone, Debug)]
+pub struct TensorDecl {
+    pub name: String,
+    pub element: TensorElementType,
+    pub dims: Vec<i64>,
+}
+
+impl fmt::Display for TensorDecl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
+            .collect();
+        write!(f, "{:?} [{}]", self.element, dims.join(","))
+    }
+}
+
+/// Everything the contract checks, read from a session.
+#[derive(Debug)]
+pub struct ModelIo {
+    pub path: PathBuf,
+    pub inputs: Vec<TensorDecl>,
+    pub outputs: Vec<TensorDecl>,
+    pub metadata: HashMap<String, String>,
+}
+
+fn declare(name: &str, ty: &ValueType) -> TensorDecl {
+    match ty {
+        ValueType::Tensor { ty, shape, .. } => TensorDecl {
+            name: name.to_owned(),
+            element: *ty,
+            dims: shape.iter().copied().collect(),
+        },
+        _ => TensorDecl {
+            name: name.to_owned(),
+            element: TensorElementType::String,
+            dims: vec![],
+        },
+    }
+}
+
+impl ModelIo {
+    pub fn read(path: &Path, session: &Session) -> Result<Self> {
+        let metadata = session
+            .metadata()
+            .and_then(|m| {
+                let keys = m.custom_keys()?;
+                Ok(keys
+                    .into_iter()
+                    .filter_map(|k| m.custom(&k).map(|v| (k, v)))
+                    .collect())
+            })
+            .map_err(Error::ort(format!(
+                "reading metadata of `{}`",
+                path.display()
+            )))?;
+        Ok(ModelIo {
+            path: path.to_owned(),
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|o| declare(o.name(), o.dtype()))
+                .collect(),
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| declare(o.name(), o.dtype()))
+                .collect(),
+            metadata,
+        })
+    }
+
+    fn violation(
+        &self,
+        item: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Error {
+        Error::Contract {
+            model: self.path.clone(),
+            item: item.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+
+    fn find<'a>(
+        &'a self,
+        list: &'a [TensorDecl],
+        kind: &str,
+        name: &str,
+    ) -> Result<&'a TensorDecl> {
+        list.iter().find(|d| d.name == name).ok_or_else(|| {
+            let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
+            self.violation(
+                format!("{kind} `{name}`"),
+                "to exist",
+                format!("{kind}s {names:?}"),
+            )
+        })
+    }
+
+    /// A float input or output of rank 4 whose non-batch dimensions are fixed; returns its
+    /// precision and its [C, H, W].
+    pub fn image_like(
+        &self,
+        output: bool,
+        name: &str,
+        layout: &str,
+    ) -> Result<(Precision, [usize; 3])> {
+        let (list, kind) = if output {
+            (&self.outputs, "output")
+        } else {
+            (&self.inputs, "input")
+        };
+        let decl = self.find(list, kind, name)?;
+        let item = format!("{kind} `{name}`");
+        let precision = match decl.element {
+            TensorElementType::Float32 => Precision::F32,
+            TensorElementType::Float16 => Precision::F16,
+            _ => {
+                return Err(self.violation(&item, format!("f32 or f16 {layout}"), decl.to_string()));
+            }
+        };
+        if decl.dims.len() != 4 || decl.dims[1..].iter().any(|d| *d <= 0) {
+            return Err(self.violation(
+                &item,
+                format!("rank 4 {layout} with C, H, W fixed at export (batch may be dynamic)"),
+                decl.to_string(),
+            ));
+        }
+        let d = &decl.dims;
+        Ok((precision, [d[1] as usize, d[2] as usize, d[3] as usize]))
+    }
+
+    /// An int64 input of rank 1 (one value per batch item).
+    pub fn int_vector(&self, name: &str, meaning: &str) -> Result<()> {
+        let decl = self.find(&self.inputs, "input", name)?;
+        if decl.element != TensorElementType::Int64 || decl.dims.len() != 1 {
+            return Err(self.violation(
+                format!("input `{name}`"),
+                format!("int64 [B] ({meaning})"),
+                decl.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Metadata value `key`, parsed.
+    pub fn meta<T: FromStr>(&self, key: &str, expected: &str) -> Result<T> {
+        let raw = self.metadata.get(key).ok_or_else(|| {
+            self.violation(
+                format!("metadata `{key}`"),
+                expected,
+                "nothing (export with scripts/export_onnx.py)",
+            )
+        })?;
+        raw.trim()
+            .parse()
+            .map_err(|_| self.violation(format!("metadata `{key}`"), expected, format!("{raw:?}")))
+    }
+
+    /// Checks `mgd3.kind`.
+    pub fn expect_kind(&self, kind: &str) -> Result<()> {
+        let found: String = self.meta("mgd3.kind", kind)?;
+        if found != kind {
+            return Err(self.violation("metadata `mgd3.kind`", kind, found));
+        }
+        Ok(())
+    }
+
+    pub fn bool_meta(&self, key: &str) -> Result<bool> {
+        let raw: String = self.meta(key, "true or false")?;
+        match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(self.violation(format!("metadata `{key}`"), "true or false", raw)),
+        }
+    }
+}
+
+/// sha256 of the model file and of its external-data file (`<model>.data`) when present.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut data_path = path.as_os_str().to_owned();
+    data_path.push(".data");
+    for file in [path.to_owned(), PathBuf::from(data_path)] {
+        if file != path && !file.exists() {
+            continue;
+        }
+        let io_err = |source| Error::Io {
+            path: file.clone(),
+            source,
+        };
+        let mut reader = std::fs::File::open(&file).map_err(io_err)?;
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buffer).map_err(|source| Error::Io {
+                path: file.clone(),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}

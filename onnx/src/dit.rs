@@ -1,0 +1,118 @@
+//! The class-conditional DiT: `predict(x, t, y)` on a batch of latents, checked against the
+//! contract (`x` [B,C,h,w], `t` int64 original timesteps, `y` int64 labels with the null class
+//! = `num_classes`, output `out` [B,2C,h,w] with learned sigma or [B,C,h,w]).
+
+use std::path::Path;
+
+use ndarray::{Array4, ArrayView4};
+
+use crate::contract::Precision;
+use crate::error::Result;
+use crate::model::{BatchInput, LoadedModel};
+use crate::session::SessionConfig;
+
+/// What the DiT declares about itself (shapes and `mgd3.*` metadata).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DitInfo {
+    /// Latent shape [C, h, w].
+    pub latent_shape: [usize; 3],
+    /// Real classes; label `num_classes` is the null (unconditional) class.
+    pub num_classes: usize,
+    /// Output carries the variance interpolation channels (2C channels).
+    pub learn_sigma: bool,
+    pub train_timesteps: usize,
+    pub beta_schedule: String,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub precision: Precision,
+    pub fingerprint: String,
+}
+
+pub struct Dit {
+    model: LoadedModel,
+    info: DitInfo,
+}
+
+impl Dit {
+    pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
+        let model = LoadedModel::load(path, config)?;
+        let io = &model.io;
+        io.expect_kind("dit")?;
+        let (precision, latent_shape) = io.image_like(false, "x", "latent [B,C,h,w]")?;
+        io.int_vector("t", "original diffusion timestep per item")?;
+        io.int_vector("y", "class label per item, null class = num_classes")?;
+        let learn_sigma = io.bool_meta("mgd3.learn_sigma")?;
+        let (_, out_shape) = io.image_like(true, "out", "prediction [B,2C,h,w] or [B,C,h,w]")?;
+        let [c, h, w] = latent_shape;
+        let want = [if learn_sigma { 2 * c } else { c }, h, w];
+        if out_shape != want {
+            return Err(crate::Error::Contract {
+                model: path.to_owned(),
+                item: "output `out`".into(),
+                expected: format!(
+                    "[B,{},{},{}] (learn_sigma={learn_sigma})",
+                    want[0], want[1], want[2]
+                ),
+                found: format!("[B,{},{},{}]", out_shape[0], out_shape[1], out_shape[2]),
+            });
+        }
+        let info = DitInfo {
+            latent_shape,
+            num_classes: io.meta("mgd3.num_classes", "a positive integer")?,
+            learn_sigma,
+            train_timesteps: io.meta("mgd3.train_timesteps", "a positive integer")?,
+            beta_schedule: io.meta("mgd3.beta_schedule", "linear")?,
+            beta_start: io.meta("mgd3.beta_start", "a float like 0.0001")?,
+            beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
+            precision,
+            fingerprint: model.fingerprint.clone(),
+        };
+        tracing::info!(model = %path.display(), ?info, "loaded DiT");
+        Ok(Dit { model, info })
+    }
+
+    pub fn info(&self) -> &DitInfo {
+        &self.info
+    }
+
+    /// Runs the DiT on `x` with per-item timesteps `t` and labels `y`.
+    pub fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>> {
+        let [c, h, w] = self.info.latent_shape;
+        if x.shape()[1..] != [c, h, w] {
+            return Err(self.model.bad_input(
+                "input `x`",
+                format!("[B,{c},{h},{w}]"),
+                format!("{:?}", x.shape()),
+            ));
+        }
+        if let Some(bad) = t
+            .iter()
+            .find(|t| !(0..self.info.train_timesteps as i64).contains(t))
+        {
+            return Err(self.model.bad_input(
+                "input `t`",
+                format!("timesteps in 0..{}", self.info.train_timesteps),
+                bad.to_string(),
+            ));
+        }
+        if let Some(bad) = y
+            .iter()
+            .find(|y| !(0..=self.info.num_classes as i64).contains(y))
+        {
+            return Err(self.model.bad_input(
+                "input `y`",
+                format!(
+                    "labels in 0..={} ({} = null class)",
+                    self.info.num_classes, self.info.num_classes
+                ),
+                bad.to_string(),
+            ));
+        }
+        let inputs = [
+            BatchInput::Float("x", x, self.info.precision),
+            BatchInput::Int("t", t),
+            BatchInput::Int("y", y),
+        ];
+        Ok(self.model.run(&inputs, &["out"])?.remove(0))
+    }
+}

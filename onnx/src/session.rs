@@ -1,0 +1,156 @@
+//! The one place ONNX Runtime is loaded and sessions are built: library path, execution provider
+//! (CPU or CUDA, never a silent fallback), thread count and optimisation level.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::ep;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+use crate::error::{Error, Result};
+
+/// The oldest ONNX Runtime the `api-31` binding accepts.
+pub const REQUIRED_ORT: &str = "1.31";
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(i32),
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<i32>().ok())
+                .filter(|n| *n >= 0)
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::BadDevice(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// How every session of a worker is built.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub device: Device,
+    /// Intra-op threads; `None` lets ONNX Runtime use every core.
+    pub intra_threads: Option<usize>,
+    /// Largest batch handed to one `run`; bigger inputs are split into chunks of this size.
+    pub max_batch: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            device: Device::Cpu,
+            intra_threads: None,
+            max_batch: 64,
+        }
+    }
+}
+
+static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+
+/// Loads the ONNX Runtime shared library and creates the process-wide environment.
+///
+/// The library is `library` if given, else `$ORT_DYLIB_PATH`, else `libonnxruntime.so` from the
+/// system search path. Later calls return the environment of the first one.
+pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let path: PathBuf = match library {
+        Some(p) => p.to_owned(),
+        None => match std::env::var_os("ORT_DYLIB_PATH") {
+            Some(p) if !p.is_empty() => p.into(),
+            _ => PathBuf::from("libonnxruntime.so"),
+        },
+    };
+    if path.components().count() > 1 && !path.exists() {
+        return Err(Error::RuntimeUnavailable {
+            reason: "no such file".into(),
+            path,
+            required: REQUIRED_ORT,
+        });
+    }
+    let builder = ort::init_from(&path).map_err(|e| Error::RuntimeUnavailable {
+        reason: e.to_string(),
+        path: path.clone(),
+        required: REQUIRED_ORT,
+    })?;
+    let env = builder
+        .with_name("mgd3")
+        .build()
+        .map_err(Error::ort("creating the environment"))?;
+    let _ = ENVIRONMENT.set(env);
+    Ok(ENVIRONMENT.get().expect("environment was just set"))
+}
+
+/// Builds a session for the model at `path` on `config.device`.
+///
+/// A CUDA device whose execution provider cannot be registered is an error.
+pub fn build_session(path: &Path, config: &SessionConfig) -> Result<Session> {
+    if !path.exists() {
+        return Err(Error::ModelNotFound(path.to_owned()));
+    }
+    let env = init_runtime(None)?;
+    let mut builder = Session::builder(env)
+        .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
+        .map_err(Error::ort("creating a session builder"))?;
+    if let Some(threads) = config.intra_threads {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| Error::ort("setting intra-op threads")(e.into()))?;
+    }
+    if let Device::Cuda(id) = config.device {
+        let cuda = ep::CUDA::default()
+            .with_device_id(id)
+            .build()
+            .error_on_failure();
+        builder = builder
+            .with_execution_providers([cuda])
+            .map_err(|e| Error::CudaUnavailable {
+                device: config.device.to_string(),
+                source: e.into(),
+            })?;
+    }
+    builder
+        .commit_from_file(path)
+        .map_err(Error::ort(format!("loading model `{}`", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", ""] {
+            assert!(bad.parse::<Device>().is_err(), "{bad}");
+        }
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+    }
+}

@@ -1,0 +1,151 @@
+//! The two halves of the VAE: the encoder maps images in [-1, 1] to the posterior `mean` and
+//! `logvar` (unscaled), the decoder maps unscaled latents back to images in about [-1, 1].
+
+use std::path::Path;
+
+use ndarray::{Array4, ArrayView4};
+
+use crate::contract::Precision;
+use crate::error::{Error, Result};
+use crate::model::{BatchInput, LoadedModel};
+use crate::session::SessionConfig;
+
+/// Shapes and metadata of one VAE half.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeInfo {
+    /// Image shape [c, S, S] (c = 3 RGB or 1 grayscale).
+    pub image_shape: [usize; 3],
+    /// Latent shape [C, h, w].
+    pub latent_shape: [usize; 3],
+    /// Multiplier from VAE latents to diffusion latents (0.18215 for SD VAEs).
+    pub scale_factor: f32,
+    pub precision: Precision,
+    pub fingerprint: String,
+}
+
+fn check_image_channels(model: &LoadedModel, shape: [usize; 3], item: &str) -> Result<()> {
+    if !(shape[0] == 1 || shape[0] == 3) || shape[1] != shape[2] {
+        return Err(Error::Contract {
+            model: model.path.clone(),
+            item: item.into(),
+            expected: "[B,c,S,S] with c = 1 or 3".into(),
+            found: format!("[B,{},{},{}]", shape[0], shape[1], shape[2]),
+        });
+    }
+    Ok(())
+}
+
+pub struct VaeEncoder {
+    model: LoadedModel,
+    info: VaeInfo,
+}
+
+impl VaeEncoder {
+    pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
+        let model = LoadedModel::load(path, config)?;
+        let io = &model.io;
+        io.expect_kind("vae_encoder")?;
+        let (precision, image_shape) =
+            io.image_like(false, "image", "image [B,c,S,S] in [-1,1]")?;
+        check_image_channels(&model, image_shape, "input `image`")?;
+        let (_, latent_shape) = io.image_like(true, "mean", "posterior mean [B,C,h,w]")?;
+        let (_, logvar_shape) =
+            io.image_like(true, "logvar", "posterior log-variance [B,C,h,w]")?;
+        if logvar_shape != latent_shape {
+            return Err(model.bad_input(
+                "output `logvar`",
+                format!("{latent_shape:?} like `mean`"),
+                format!("{logvar_shape:?}"),
+            ));
+        }
+        let image_size: usize = io.meta("mgd3.image_size", "the image side S")?;
+        if image_size != image_shape[1] {
+            return Err(model.bad_input(
+                "metadata `mgd3.image_size`",
+                image_shape[1].to_string(),
+                image_size.to_string(),
+            ));
+        }
+        let info = VaeInfo {
+            image_shape,
+            latent_shape,
+            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
+            precision,
+            fingerprint: model.fingerprint.clone(),
+        };
+        tracing::info!(model = %path.display(), ?info, "loaded VAE encoder");
+        Ok(VaeEncoder { model, info })
+    }
+
+    pub fn info(&self) -> &VaeInfo {
+        &self.info
+    }
+
+    /// Encodes images [B,c,S,S] in [-1, 1]; returns the unscaled posterior (mean, logvar).
+    pub fn encode(&mut self, images: ArrayView4<f32>) -> Result<(Array4<f32>, Array4<f32>)> {
+        let want = self.info.image_shape;
+        if images.shape()[1..] != want {
+            return Err(self.model.bad_input(
+                "input `image`",
+                format!("[B,{},{},{}]", want[0], want[1], want[2]),
+                format!("{:?}", images.shape()),
+            ));
+        }
+        let mut out = self.model.run(
+            &[BatchInput::Float("image", images, self.info.precision)],
+            &["mean", "logvar"],
+        )?;
+        let logvar = out.pop().expect("two outputs");
+        let mean = out.pop().expect("two outputs");
+        Ok((mean, logvar))
+    }
+}
+
+pub struct VaeDecoder {
+    model: LoadedModel,
+    info: VaeInfo,
+}
+
+impl VaeDecoder {
+    pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
+        let model = LoadedModel::load(path, config)?;
+        let io = &model.io;
+        io.expect_kind("vae_decoder")?;
+        let (precision, latent_shape) =
+            io.image_like(false, "latent", "unscaled latent [B,C,h,w]")?;
+        let (_, image_shape) = io.image_like(true, "image", "image [B,c,S,S]")?;
+        check_image_channels(&model, image_shape, "output `image`")?;
+        let info = VaeInfo {
+            image_shape,
+            latent_shape,
+            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
+            precision,
+            fingerprint: model.fingerprint.clone(),
+        };
+        tracing::info!(model = %path.display(), ?info, "loaded VAE decoder");
+        Ok(VaeDecoder { model, info })
+    }
+
+    pub fn info(&self) -> &VaeInfo {
+        &self.info
+    }
+
+    /// Decodes unscaled latents [B,C,h,w] into images [B,c,S,S] of about [-1, 1].
+    pub fn decode(&mut self, latents: ArrayView4<f32>) -> Result<Array4<f32>> {
+        let want = self.info.latent_shape;
+        if latents.shape()[1..] != want {
+            return Err(self.model.bad_input(
+                "input `latent`",
+                format!("[B,{},{},{}]", want[0], want[1], want[2]),
+                format!("{:?}", latents.shape()),
+            ));
+        }
+        Ok(self
+            .model
+            .run(
+                &[BatchInput::Float("latent", latents, self.info.precision)],
+                &["image"],
+            )?
+            .remove(0))
+    }
+}

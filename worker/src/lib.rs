@@ -1,0 +1,7 @@
+//! mgd3-worker: turns one class of real images into IPC mode-guided synthetic images.
+//!
+//! [`mgd3`] holds the algorithm (pure ndarray + rand, unit-tested without ONNX); [`data`] decodes
+//! and preprocesses images; [`engine`] wires both to the ONNX models for a whole class;
+//! [`sink`] writes PNGs and `.npy` files; [`cli`] is the `worker` command line.
+
+pub mod mgd3;
