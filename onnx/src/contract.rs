@@ -144,7 +144,11 @@ impl ModelIo {
             TensorElementType::Float32 => Precision::F32,
             TensorElementType::Float16 => Precision::F16,
             _ => {
-                return Err(self.violation(&item, format!("f32 or f16 {layout}"), decl.to_string()));
+                return Err(self.violation(
+                    &item,
+                    format!("f32 or f16 {layout}"),
+                    decl.to_string(),
+                ));
             }
         };
         if decl.dims.len() != 4 || decl.dims[1..].iter().any(|d| *d <= 0) {

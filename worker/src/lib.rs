@@ -4,4 +4,8 @@
 //! and preprocesses images; [`engine`] wires both to the ONNX models for a whole class;
 //! [`sink`] writes PNGs and `.npy` files; [`cli`] is the `worker` command line.
 
+pub mod cli;
+pub mod data;
+pub mod engine;
 pub mod mgd3;
+pub mod sink;

@@ -4,5 +4,6 @@
 
 pub mod guidance;
 pub mod modes;
+pub mod noise;
 pub mod sampler;
 pub mod schedule;

@@ -1,0 +1,299 @@
+//! The `worker` command line: `distill-class` (one class of an ImageFolder, end to end) and
+//! `sample` (mode-guided sampling from given modes and noise, for reproducibility and parity).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use mgd3_onnx::{Device, Dit, SessionConfig, VaeDecoder, init_runtime};
+use ndarray::{Array4, Array5};
+use ndarray_npy::ReadNpyExt;
+
+use crate::engine::{
+    ClassSpec, ClassTimings, Engine, ModelPaths, SampleBatch, SamplingConfig, check_guidance,
+    decode_to_png, sample_in_batches, schedule_for,
+};
+use crate::mgd3::guidance::GuidanceConfig;
+use crate::sink::{npy_bytes, write_file};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "mgd3 worker: MGD³ mode-guided dataset distillation on ONNX Runtime"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Distil one class of an ImageFolder: modes by k-means, IPC guided samples, PNGs.
+    DistillClass(DistillClassArgs),
+    /// Sample from explicit modes.npy and noise.npy (reproducibility and parity).
+    Sample(SampleArgs),
+}
+
+/// Where and how models run.
+#[derive(Debug, Args, Clone)]
+pub struct RuntimeArgs {
+    /// `cpu`, `cuda` or `cuda:N`. A CUDA device that cannot be used is an error.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Largest batch per model call (a DiT call holds max_batch/2 cond+uncond pairs).
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    /// ONNX Runtime intra-op threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    pub fn session_config(&self) -> Result<SessionConfig> {
+        if self.max_batch == 0 {
+            bail!("--max-batch must be at least 1");
+        }
+        if self.threads == Some(0) {
+            bail!("--threads must be at least 1");
+        }
+        let device: Device = self.device.parse()?;
+        init_runtime(self.ort_lib.as_deref())?;
+        Ok(SessionConfig {
+            device,
+            intra_threads: self.threads,
+            max_batch: self.max_batch,
+        })
+    }
+}
+
+/// MGD³ sampling settings (defaults = the paper's).
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// Job seed; each sample's noise stream derives from (seed, class index, sample index).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Mode-guidance scale λ.
+    #[arg(long, default_value_t = 0.1)]
+    pub guidance_scale: f32,
+    /// t_stop: guidance while the respaced index i > t_stop (--steps = no guidance).
+    #[arg(long, default_value_t = 25)]
+    pub stop_guidance: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg_scale: f32,
+    /// ε channels CFG mixes: 3 reproduces the reference DiT, 4 is standard CFG.
+    #[arg(long, default_value_t = 3)]
+    pub cfg_channels: usize,
+    /// Sampling steps (respaced DDPM).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> SamplingConfig {
+        SamplingConfig {
+            steps: self.steps,
+            seed: self.seed,
+            guidance: GuidanceConfig {
+                guidance_scale: self.guidance_scale,
+                stop_guidance: self.stop_guidance,
+                cfg_scale: self.cfg_scale,
+                cfg_channels: self.cfg_channels,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DistillClassArgs {
+    /// ImageFolder root holding <class>/*.{jpg,jpeg,png}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Class folder name (ImageNet wnid).
+    #[arg(long = "class")]
+    pub class: String,
+    /// DiT class label of this class.
+    #[arg(long)]
+    pub label: i64,
+    /// Images per class: k of k-means and the number of samples.
+    #[arg(long)]
+    pub ipc: usize,
+    /// Position of the class in its job's class list (seeds its streams; default: the label).
+    #[arg(long)]
+    pub class_index: Option<u64>,
+    #[arg(long)]
+    pub dit: PathBuf,
+    #[arg(long)]
+    pub vae_encoder: PathBuf,
+    #[arg(long)]
+    pub vae_decoder: PathBuf,
+    /// Output root: writes <out>/<class>/<j>.png and <out>/<class>/modes.npy.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the per-stage timings of the class as JSON.
+    #[arg(long)]
+    pub timings_json: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[arg(long)]
+    pub dit: PathBuf,
+    /// DiT class label of every sample.
+    #[arg(long)]
+    pub label: i64,
+    /// f32 [N,C,h,w] modes in scaled latent space; sample j is guided to mode j.
+    #[arg(long)]
+    pub modes: PathBuf,
+    /// f32 [N,S+1,C,h,w]: [:,0] = x_T, [:,k] = noise of the k-th denoising step.
+    #[arg(long)]
+    pub noise: PathBuf,
+    /// Receives the final x₀, f32 [N,C,h,w] in scaled latent space.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Decode the samples with this VAE decoder...
+    #[arg(long, requires = "images_out")]
+    pub vae_decoder: Option<PathBuf>,
+    /// ...and write them as <images-out>/<j>.png.
+    #[arg(long, requires = "vae_decoder")]
+    pub images_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+fn read_npy<T: ReadNpyExt>(path: &Path, what: &str) -> Result<T> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open {what} `{}`", path.display()))?;
+    T::read_npy(file).with_context(|| {
+        format!(
+            "{what} `{}` is not the expected f32 .npy array",
+            path.display()
+        )
+    })
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::DistillClass(args) => distill_class(args),
+        Command::Sample(args) => sample(args),
+    }
+}
+
+fn distill_class(args: DistillClassArgs) -> Result<()> {
+    let session = args.runtime.session_config()?;
+    let paths = ModelPaths {
+        dit: args.dit,
+        vae_encoder: args.vae_encoder,
+        vae_decoder: args.vae_decoder,
+    };
+    let mut engine = Engine::load(&paths, &session, args.sampling.config())?;
+    let class = ClassSpec {
+        wnid: args.class.clone(),
+        label: args.label,
+        class_index: args.class_index.unwrap_or(args.label.max(0) as u64),
+        ipc: args.ipc,
+    };
+    let span = tracing::info_span!("class", class = %class.wnid, label = class.label);
+    let _guard = span.enter();
+    let output = engine.distill_class(&args.data, &class)?;
+    let dir = args.out.join(&class.wnid);
+    for (j, png) in output.images.iter().enumerate() {
+        write_file(&dir.join(format!("{j}.png")), png)?;
+    }
+    let modes_path = dir.join("modes.npy");
+    write_file(&modes_path, &npy_bytes(&output.modes, &modes_path)?)?;
+    if let Some(path) = &args.timings_json {
+        write_file(
+            path,
+            serde_json::to_string_pretty(&output.timings)?.as_bytes(),
+        )?;
+    }
+    println!(
+        "distilled class {} (label {}): {} images from {} real images in {:.2} s -> {}",
+        class.wnid,
+        class.label,
+        output.images.len(),
+        output.timings.real_images,
+        output.timings.total().as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    let session = args.runtime.session_config()?;
+    let config = args.sampling.config();
+    let modes: Array4<f32> = read_npy(&args.modes, "modes")?;
+    let noise: Array5<f32> = read_npy(&args.noise, "noise")?;
+    let mut dit = Dit::load(&args.dit, &session)?;
+    let info = dit.info().clone();
+    check_guidance(&config.guidance, config.steps, info.latent_shape[0])?;
+    if modes.shape()[1..] != info.latent_shape {
+        bail!(
+            "modes `{}` has shape {:?}; the DiT expects [N, {:?}]",
+            args.modes.display(),
+            modes.shape(),
+            info.latent_shape
+        );
+    }
+    if args.label < 0 || args.label >= info.num_classes as i64 {
+        bail!(
+            "--label {} is outside the DiT's 0..{} classes",
+            args.label,
+            info.num_classes
+        );
+    }
+    let n = modes.shape()[0];
+    let want = [
+        n,
+        config.steps + 1,
+        info.latent_shape[0],
+        info.latent_shape[1],
+        info.latent_shape[2],
+    ];
+    if noise.shape() != want {
+        bail!(
+            "noise `{}` has shape {:?}; expected {:?} (N, steps+1, C, h, w)",
+            args.noise.display(),
+            noise.shape(),
+            want
+        );
+    }
+    let schedule = schedule_for(&dit, config.steps)?;
+    let labels = vec![args.label; n];
+    let mut timings = ClassTimings::default();
+    let batch = SampleBatch {
+        class: "sample",
+        labels: &labels,
+        modes: modes.view(),
+        noise: noise.view(),
+        samples_per_call: (session.max_batch / 2).max(1),
+    };
+    let latents = sample_in_batches(&mut dit, &schedule, &config.guidance, batch, &mut timings)?;
+    write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;
+    if let (Some(decoder_path), Some(dir)) = (&args.vae_decoder, &args.images_out) {
+        let mut decoder = VaeDecoder::load(decoder_path, &session)?;
+        for (j, png) in decode_to_png(&mut decoder, latents.view(), &mut timings)?
+            .iter()
+            .enumerate()
+        {
+            write_file(&dir.join(format!("{j}.png")), png)?;
+        }
+    }
+    println!(
+        "sampled {n} latents in {:.2} s -> {}",
+        (timings.dit + timings.guidance).as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}

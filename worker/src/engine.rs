@@ -1,0 +1,478 @@
+//! One class, end to end, on the ONNX models: list and decode the class's real images,
+//! preprocess, VAE-encode (posterior mean × scale), k-means → IPC modes, sample IPC images with
+//! mode guidance in batches of cond+uncond pairs, VAE-decode and PNG-encode.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mgd3_common::seed::{kmeans_seed, sample_seed};
+use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
+use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
+use serde::Serialize;
+use thiserror::Error;
+use tracing::{debug, info};
+
+use crate::data::{self, DataError};
+use crate::mgd3::guidance::GuidanceConfig;
+use crate::mgd3::modes::{ModesError, find_modes};
+use crate::mgd3::noise::sample_noise;
+use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, sample};
+use crate::mgd3::schedule::{Schedule, ScheduleError};
+use crate::sink::{SinkError, png_bytes};
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] mgd3_onnx::Error),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("class `{class}`: {source}")]
+    Modes {
+        class: String,
+        #[source]
+        source: ModesError,
+    },
+    #[error("class `{class}`: sampling failed: {source}")]
+    Sample {
+        class: String,
+        #[source]
+        source: SampleError,
+    },
+    #[error("schedule of the DiT: {0}")]
+    Schedule(#[from] ScheduleError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("models do not fit together: {0}")]
+    Mismatch(String),
+    #[error("invalid setting: {0}")]
+    Config(String),
+}
+
+/// The three model files of a worker.
+#[derive(Clone, Debug)]
+pub struct ModelPaths {
+    pub dit: PathBuf,
+    pub vae_encoder: PathBuf,
+    pub vae_decoder: PathBuf,
+}
+
+/// Sampling settings shared by every class of a job.
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    pub steps: usize,
+    pub guidance: GuidanceConfig,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            steps: 50,
+            guidance: GuidanceConfig::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// One class to distil.
+#[derive(Clone, Debug)]
+pub struct ClassSpec {
+    /// Folder name in the ImageFolder (ImageNet wnid).
+    pub wnid: String,
+    /// DiT class label.
+    pub label: i64,
+    /// Position of the class in the job's class list (seeds its RNG streams).
+    pub class_index: u64,
+    pub ipc: usize,
+}
+
+/// Where one class's time went.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ClassTimings {
+    #[serde(serialize_with = "secs")]
+    pub decode: Duration,
+    #[serde(serialize_with = "secs")]
+    pub encode: Duration,
+    #[serde(serialize_with = "secs")]
+    pub kmeans: Duration,
+    #[serde(serialize_with = "secs")]
+    pub dit: Duration,
+    #[serde(serialize_with = "secs")]
+    pub guidance: Duration,
+    #[serde(serialize_with = "secs")]
+    pub vae_decode: Duration,
+    #[serde(serialize_with = "secs")]
+    pub png: Duration,
+    pub dit_calls: usize,
+    pub real_images: usize,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl ClassTimings {
+    pub fn total(&self) -> Duration {
+        self.decode
+            + self.encode
+            + self.kmeans
+            + self.dit
+            + self.guidance
+            + self.vae_decode
+            + self.png
+    }
+}
+
+/// A distilled class.
+#[derive(Debug)]
+pub struct ClassOutput {
+    /// [IPC, C, h, w] modes in scaled latent space; sample j was guided to mode j.
+    pub modes: Array4<f32>,
+    /// [IPC, C, h, w] final latents (scaled).
+    pub latents: Array4<f32>,
+    /// PNG bytes of sample j at index j.
+    pub images: Vec<Vec<u8>>,
+    pub timings: ClassTimings,
+}
+
+/// The DiT behind the sampler's [`Denoiser`] trait.
+pub struct DitDenoiser<'a>(pub &'a mut Dit);
+
+impl Denoiser for DitDenoiser<'_> {
+    fn predict(
+        &mut self,
+        x: ArrayView4<f32>,
+        t: &[i64],
+        y: &[i64],
+    ) -> Result<Array4<f32>, ModelError> {
+        Ok(self.0.predict(x, t, y)?)
+    }
+}
+
+/// Real images decoded and encoded per chunk, so memory stays bounded by the chunk, not the class.
+const ENCODE_CHUNK: usize = 64;
+
+/// The ONNX models of one worker and the schedule derived from the DiT.
+pub struct Engine {
+    dit: Dit,
+    encoder: VaeEncoder,
+    decoder: VaeDecoder,
+    schedule: Schedule,
+    sampling: SamplingConfig,
+    /// Samples per DiT call (each is a cond+uncond pair).
+    samples_per_call: usize,
+}
+
+impl Engine {
+    pub fn load(
+        paths: &ModelPaths,
+        session: &SessionConfig,
+        sampling: SamplingConfig,
+    ) -> Result<Self, EngineError> {
+        let dit = Dit::load(&paths.dit, session)?;
+        let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
+        let decoder = VaeDecoder::load(&paths.vae_decoder, session)?;
+        let dit_latent = dit.info().latent_shape;
+        for (name, latent) in [
+            ("VAE encoder", encoder.info().latent_shape),
+            ("VAE decoder", decoder.info().latent_shape),
+        ] {
+            if latent != dit_latent {
+                return Err(EngineError::Mismatch(format!(
+                    "the DiT works on latents {dit_latent:?} but the {name} has {latent:?}"
+                )));
+            }
+        }
+        if encoder.info().scale_factor != decoder.info().scale_factor {
+            return Err(EngineError::Mismatch(format!(
+                "VAE encoder scale_factor {} differs from decoder scale_factor {}",
+                encoder.info().scale_factor,
+                decoder.info().scale_factor
+            )));
+        }
+        let schedule = schedule_for(&dit, sampling.steps)?;
+        check_guidance(&sampling.guidance, sampling.steps, dit_latent[0])?;
+        Ok(Engine {
+            dit,
+            encoder,
+            decoder,
+            schedule,
+            sampling,
+            samples_per_call: (session.max_batch / 2).max(1),
+        })
+    }
+
+    pub fn dit(&self) -> &Dit {
+        &self.dit
+    }
+
+    pub fn encoder(&self) -> &VaeEncoder {
+        &self.encoder
+    }
+
+    /// Flattened scaled posterior means of every real image of the class, [n, C·h·w].
+    pub fn encode_class(
+        &mut self,
+        data_root: &Path,
+        class: &ClassSpec,
+        timings: &mut ClassTimings,
+    ) -> Result<(Vec<f32>, usize), EngineError> {
+        let files = data::list_class(data_root, &class.wnid)?;
+        if files.len() < class.ipc {
+            return Err(DataError::TooFewImages {
+                class: class.wnid.clone(),
+                found: files.len(),
+                ipc: class.ipc,
+            }
+            .into());
+        }
+        let [c, size, _] = self.encoder.info().image_shape;
+        let scale = self.encoder.info().scale_factor;
+        let mut features = Vec::new();
+        for chunk in files.chunks(ENCODE_CHUNK) {
+            let started = Instant::now();
+            let tensors = chunk
+                .iter()
+                .map(|path| {
+                    Ok(data::to_tensor(&data::center_crop(
+                        &data::load(path, c)?,
+                        size,
+                    )))
+                })
+                .collect::<Result<Vec<_>, DataError>>()?;
+            let batch = data::stack(&tensors);
+            let decoded = Instant::now();
+            timings.decode += decoded - started;
+            let (mean, _logvar) = self.encoder.encode(batch.view())?;
+            features.extend(mean.iter().map(|v| v * scale));
+            timings.encode += decoded.elapsed();
+        }
+        timings.real_images = files.len();
+        Ok((features, files.len()))
+    }
+
+    /// The class's IPC modes [IPC, C, h, w] (scaled latent space).
+    pub fn discover_modes(
+        &mut self,
+        data_root: &Path,
+        class: &ClassSpec,
+        timings: &mut ClassTimings,
+    ) -> Result<Array4<f32>, EngineError> {
+        let (features, count) = self.encode_class(data_root, class, timings)?;
+        let started = Instant::now();
+        let [c, h, w] = self.dit.info().latent_shape;
+        let centroids = find_modes(
+            &features,
+            count,
+            c * h * w,
+            class.ipc,
+            kmeans_seed(self.sampling.seed, class.class_index),
+        )
+        .map_err(|source| EngineError::Modes {
+            class: class.wnid.clone(),
+            source,
+        })?;
+        timings.kmeans += started.elapsed();
+        Ok(Array4::from_shape_vec((class.ipc, c, h, w), centroids).expect("k × dim centroids"))
+    }
+
+    /// Samples with explicit modes and noise ([n, C, h, w] and [n, S+1, C, h, w]); returns x₀.
+    pub fn sample_latents(
+        &mut self,
+        class: &str,
+        labels: &[i64],
+        modes: ArrayView4<f32>,
+        noise: ArrayView5<f32>,
+        timings: &mut ClassTimings,
+    ) -> Result<Array4<f32>, EngineError> {
+        let batch = SampleBatch {
+            class,
+            labels,
+            modes,
+            noise,
+            samples_per_call: self.samples_per_call,
+        };
+        sample_in_batches(
+            &mut self.dit,
+            &self.schedule,
+            &self.sampling.guidance,
+            batch,
+            timings,
+        )
+    }
+
+    /// The per-sample noise of a class: [IPC, S+1, C, h, w].
+    pub fn class_noise(&self, class: &ClassSpec) -> ndarray::Array5<f32> {
+        let shape = self.dit.info().latent_shape;
+        let steps = self.schedule.steps();
+        let per_sample: Vec<_> = (0..class.ipc)
+            .map(|j| {
+                sample_noise(
+                    sample_seed(self.sampling.seed, class.class_index, j as u64),
+                    steps,
+                    shape,
+                )
+                .insert_axis(Axis(0))
+            })
+            .collect();
+        let views: Vec<_> = per_sample.iter().map(|a| a.view()).collect();
+        ndarray::concatenate(Axis(0), &views).expect("same shapes")
+    }
+
+    /// Distils one class of an ImageFolder.
+    pub fn distill_class(
+        &mut self,
+        data_root: &Path,
+        class: &ClassSpec,
+    ) -> Result<ClassOutput, EngineError> {
+        if class.ipc == 0 {
+            return Err(EngineError::Config(format!(
+                "class `{}`: IPC must be at least 1",
+                class.wnid
+            )));
+        }
+        if class.label < 0 || class.label >= self.dit.info().num_classes as i64 {
+            return Err(EngineError::Config(format!(
+                "class `{}`: label {} is outside the DiT's 0..{} classes",
+                class.wnid,
+                class.label,
+                self.dit.info().num_classes
+            )));
+        }
+        let mut timings = ClassTimings::default();
+        let modes = self.discover_modes(data_root, class, &mut timings)?;
+        let noise = self.class_noise(class);
+        let labels = vec![class.label; class.ipc];
+        let latents = self.sample_latents(
+            &class.wnid,
+            &labels,
+            modes.view(),
+            noise.view(),
+            &mut timings,
+        )?;
+        let images = decode_to_png(&mut self.decoder, latents.view(), &mut timings)?;
+        info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
+              seconds = timings.total().as_secs_f64(), "distilled class");
+        Ok(ClassOutput {
+            modes,
+            latents,
+            images,
+            timings,
+        })
+    }
+}
+
+/// Checks guidance settings against the schedule and the latent channels.
+pub fn check_guidance(
+    guidance: &GuidanceConfig,
+    steps: usize,
+    channels: usize,
+) -> Result<(), EngineError> {
+    if guidance.stop_guidance > steps {
+        return Err(EngineError::Config(format!(
+            "--stop-guidance {} exceeds --steps {steps}",
+            guidance.stop_guidance
+        )));
+    }
+    if guidance.cfg_channels > channels {
+        return Err(EngineError::Config(format!(
+            "--cfg-channels {} exceeds the DiT's {channels} latent channels",
+            guidance.cfg_channels
+        )));
+    }
+    if !guidance.guidance_scale.is_finite() || !guidance.cfg_scale.is_finite() {
+        return Err(EngineError::Config(
+            "guidance and CFG scales must be finite".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Samples of one sampling run, split into DiT calls of `samples_per_call` cond+uncond pairs.
+pub struct SampleBatch<'a> {
+    pub class: &'a str,
+    pub labels: &'a [i64],
+    pub modes: ArrayView4<'a, f32>,
+    pub noise: ArrayView5<'a, f32>,
+    pub samples_per_call: usize,
+}
+
+/// Runs the sampler over `batch` in chunks; chunks are independent, so the split changes no value.
+pub fn sample_in_batches(
+    dit: &mut Dit,
+    schedule: &Schedule,
+    guidance: &GuidanceConfig,
+    batch: SampleBatch<'_>,
+    timings: &mut ClassTimings,
+) -> Result<Array4<f32>, EngineError> {
+    let info = dit.info();
+    let spec = ModelSpec {
+        null_label: info.num_classes as i64,
+        learn_sigma: info.learn_sigma,
+    };
+    let n = batch.modes.shape()[0];
+    if batch.labels.len() != n {
+        return Err(EngineError::Config(format!(
+            "{} labels for {n} modes",
+            batch.labels.len()
+        )));
+    }
+    let mut parts = Vec::new();
+    let mut from = 0;
+    while from < n {
+        let to = (from + batch.samples_per_call.max(1)).min(n);
+        let (x, t) = sample(
+            &mut DitDenoiser(dit),
+            schedule,
+            guidance,
+            spec,
+            &batch.labels[from..to],
+            batch.modes.slice(s![from..to, .., .., ..]),
+            batch.noise.slice(s![from..to, .., .., .., ..]),
+            |_, _| {},
+        )
+        .map_err(|source| EngineError::Sample {
+            class: batch.class.into(),
+            source,
+        })?;
+        timings.dit += t.model;
+        timings.guidance += t.maths;
+        timings.dit_calls += t.model_calls;
+        debug!(class = batch.class, samples = to - from, "sampled batch");
+        parts.push(x);
+        from = to;
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    Ok(ndarray::concatenate(Axis(0), &views).expect("same shapes"))
+}
+
+/// Decodes scaled latents (÷ scale_factor, as the reference) and encodes each image as PNG.
+pub fn decode_to_png(
+    decoder: &mut VaeDecoder,
+    latents: ArrayView4<f32>,
+    timings: &mut ClassTimings,
+) -> Result<Vec<Vec<u8>>, EngineError> {
+    let started = Instant::now();
+    let scale = decoder.info().scale_factor;
+    let images = decoder.decode(latents.mapv(|v| v / scale).view())?;
+    let decoded = Instant::now();
+    timings.vae_decode += decoded - started;
+    let pngs = images
+        .outer_iter()
+        .map(|img| png_bytes(img))
+        .collect::<Result<Vec<_>, _>>()?;
+    timings.png += decoded.elapsed();
+    Ok(pngs)
+}
+
+/// The respaced schedule a DiT's metadata asks for.
+pub fn schedule_for(dit: &Dit, steps: usize) -> Result<Schedule, EngineError> {
+    let info = dit.info();
+    Ok(Schedule::named(
+        &info.beta_schedule,
+        info.train_timesteps,
+        info.beta_start,
+        info.beta_end,
+        steps,
+    )?)
+}

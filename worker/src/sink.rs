@@ -1,0 +1,124 @@
+//! Output encoding: decoded images → PNG exactly as the reference's torchvision `save_image`
+//! (clamp to [-1, 1], (x + 1) / 2, ⌊255·v + 0.5⌋), and `.npy` arrays for modes and latents.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
+use ndarray::{ArrayView3, Dimension};
+use ndarray_npy::{WritableElement, WriteNpyExt};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("cannot write `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode PNG: {0}")]
+    Png(#[from] image::ImageError),
+    #[error("cannot encode `{path}` as .npy: {source}")]
+    Npy {
+        path: PathBuf,
+        #[source]
+        source: ndarray_npy::WriteNpyError,
+    },
+    #[error("an image must have 1 or 3 channels, got {0}")]
+    Channels(usize),
+}
+
+/// One channel value of the reference's `save_image(normalize=True, value_range=(-1, 1))`.
+pub fn to_u8(v: f32) -> u8 {
+    let v = v.clamp(-1.0, 1.0);
+    let v = (v + 1.0) / 2.0;
+    (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8
+}
+
+/// PNG bytes of a decoded image [c, S, S] (c = 1 or 3).
+pub fn png_bytes(image: ArrayView3<f32>) -> Result<Vec<u8>, SinkError> {
+    let (c, h, w) = image.dim();
+    let mut raw = Vec::with_capacity(c * h * w);
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..c {
+                raw.push(to_u8(image[[ch, y, x]]));
+            }
+        }
+    }
+    let dynamic = match c {
+        1 => DynamicImage::ImageLuma8(GrayImage::from_raw(w as u32, h as u32, raw).expect("size")),
+        3 => DynamicImage::ImageRgb8(RgbImage::from_raw(w as u32, h as u32, raw).expect("size")),
+        other => return Err(SinkError::Channels(other)),
+    };
+    let mut bytes = Cursor::new(Vec::new());
+    dynamic.write_to(&mut bytes, ImageFormat::Png)?;
+    Ok(bytes.into_inner())
+}
+
+/// `.npy` bytes of an array.
+pub fn npy_bytes<A: WritableElement, D: Dimension>(
+    array: &ndarray::ArrayRef<A, D>,
+    name: &Path,
+) -> Result<Vec<u8>, SinkError> {
+    let mut bytes = Vec::new();
+    array
+        .write_npy(&mut bytes)
+        .map_err(|source| SinkError::Npy {
+            path: name.into(),
+            source,
+        })?;
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path`, creating parent folders; the file appears whole or not at all.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
+    let io = |source| SinkError::Io {
+        path: path.into(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, bytes).map_err(io)?;
+    std::fs::rename(&partial, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    #[test]
+    fn quantises_like_torchvision() {
+        assert_eq!(to_u8(-1.5), 0);
+        assert_eq!(to_u8(-1.0), 0);
+        assert_eq!(to_u8(1.0), 255);
+        assert_eq!(to_u8(7.0), 255);
+        assert_eq!(to_u8(0.0), 128); // 127.5 + 0.5 = 128
+        assert_eq!(to_u8(f32::NAN), 0);
+    }
+
+    #[test]
+    fn png_round_trips() {
+        let img = Array3::from_shape_fn((3, 4, 5), |(c, y, x)| {
+            (c as f32 - 1.0) * 0.5 + (x + y) as f32 * 0.01
+        });
+        let bytes = png_bytes(img.view()).unwrap();
+        let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (5, 4));
+        assert_eq!(
+            back.get_pixel(2, 1).0,
+            [
+                to_u8(img[[0, 1, 2]]),
+                to_u8(img[[1, 1, 2]]),
+                to_u8(img[[2, 1, 2]])
+            ]
+        );
+        assert!(png_bytes(Array3::zeros((2, 2, 2)).view()).is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! The `worker` binary end to end on the tiny fixtures: `sample` reproduces the independent
+//! Python fixtures, `distill-class` distils a small ImageFolder deterministically, and bad inputs
+//! (missing class, corrupt image, too few images, malformed model) fail naming the item.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
+use ndarray::Array4;
+use ndarray_npy::read_npy;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn model(name: &str) -> String {
+    fixtures().join("models").join(name).display().to_string()
+}
+
+fn worker(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args)
+        .args(["--threads", "1"])
+        .output()
+        .expect("run worker")
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "worker failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn stderr(out: &Output) -> String {
+    assert!(!out.status.success(), "worker should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn sample_reproduces_the_python_reference() {
+    let case = fixtures().join("parity/tstop25_ch3");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("latents.npy");
+    let images = dir.path().join("images");
+    let result = worker(&[
+        "sample",
+        "--dit",
+        &model("tiny_dit.onnx"),
+        "--label",
+        "3",
+        "--modes",
+        case.join("modes.npy").to_str().unwrap(),
+        "--noise",
+        case.join("noise.npy").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--vae-decoder",
+        &model("tiny_vae_decoder.onnx"),
+        "--images-out",
+        images.to_str().unwrap(),
+        "--stop-guidance",
+        "25",
+        "--guidance-scale",
+        "0.1",
+        "--cfg-scale",
+        "4",
+        "--cfg-channels",
+        "3",
+        "--steps",
+        "50",
+        "--max-batch",
+        "2",
+    ]);
+    assert_ok(&result);
+    let ours: Array4<f32> = read_npy(&out).unwrap();
+    let reference: Array4<f32> = read_npy(case.join("latents.npy")).unwrap();
+    for (a, b) in ours.iter().zip(&reference) {
+        assert!((a - b).abs() <= 1e-4 + 1e-5 * b.abs(), "{a} vs {b}");
+    }
+    let pixels: ndarray::Array4<u8> = read_npy(case.join("images.npy")).unwrap();
+    for j in 0..3 {
+        let png = image::open(images.join(format!("{j}.png")))
+            .unwrap()
+            .to_rgb8();
+        for (x, y, p) in png.enumerate_pixels() {
+            for c in 0..3 {
+                let want = pixels[[j, y as usize, x as usize, c]] as i32;
+                assert!((p.0[c] as i32 - want).abs() <= 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn sample_rejects_noise_of_the_wrong_shape() {
+    let case = fixtures().join("parity/tstop25_ch3");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("latents.npy");
+    let result = worker(&[
+        "sample",
+        "--dit",
+        &model("tiny_dit.onnx"),
+        "--label",
+        "3",
+        "--modes",
+        case.join("modes.npy").to_str().unwrap(),
+        "--noise",
+        case.join("noise.npy").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "40",
+    ]);
+    let text = stderr(&result);
+    assert!(text.contains("noise.npy") && text.contains("41"), "{text}");
+    assert!(!out.exists());
+}
+
+/// A small ImageFolder of real-looking images: PNG and JPEG, RGB and grayscale, odd sizes.
+fn image_folder(root: &Path, class: &str, count: usize) {
+    let dir = root.join(class);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..count {
+        let (w, h) = (20 + 7 * (i as u32 % 5), 18 + 5 * (i as u32 % 3));
+        let phase = i as f32 * 0.7;
+        let rgb = RgbImage::from_fn(w, h, |x, y| {
+            let v = |k: f32| {
+                (127.0 + 120.0 * ((x as f32 * 0.3 + phase * k).sin() * (y as f32 * 0.2 - k).cos()))
+                    as u8
+            };
+            image::Rgb([v(1.0), v(2.0), v(3.0)])
+        });
+        let image = if i % 4 == 3 {
+            DynamicImage::ImageLuma8(GrayImage::from_fn(w, h, |x, y| {
+                image::Luma([rgb.get_pixel(x, y).0[1]])
+            }))
+        } else {
+            DynamicImage::ImageRgb8(rgb)
+        };
+        let (name, format) = if i % 2 == 0 {
+            (format!("img_{i:03}.png"), ImageFormat::Png)
+        } else {
+            (format!("img_{i:03}.jpg"), ImageFormat::Jpeg)
+        };
+        image.save_with_format(dir.join(name), format).unwrap();
+    }
+}
+
+fn distill(data: &Path, class: &str, out: &Path, ipc: &str, dit: &str) -> Output {
+    worker(&[
+        "distill-class",
+        "--data",
+        data.to_str().unwrap(),
+        "--class",
+        class,
+        "--label",
+        "3",
+        "--ipc",
+        ipc,
+        "--dit",
+        &model(dit),
+        "--vae-encoder",
+        &model("tiny_vae_encoder.onnx"),
+        "--vae-decoder",
+        &model("tiny_vae_decoder.onnx"),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--stop-guidance",
+        "10",
+        "--seed",
+        "7",
+    ])
+}
+
+#[test]
+fn distill_class_writes_ipc_images_and_modes_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n01440764", 12);
+    let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+    assert_ok(&distill(&data, "n01440764", &first, "4", "tiny_dit.onnx"));
+    assert_ok(&distill(&data, "n01440764", &second, "4", "tiny_dit.onnx"));
+    let modes: Array4<f32> = read_npy(first.join("n01440764/modes.npy")).unwrap();
+    assert_eq!(modes.shape(), [4, 4, 8, 8]);
+    for j in 0..4 {
+        let name = format!("n01440764/{j}.png");
+        let bytes = std::fs::read(first.join(&name)).unwrap();
+        assert_eq!(
+            bytes,
+            std::fs::read(second.join(&name)).unwrap(),
+            "{name} differs between runs"
+        );
+        let img = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((img.width(), img.height()), (16, 16));
+    }
+    assert!(!first.join("n01440764/4.png").exists());
+    // Distinct modes give distinct images.
+    assert_ne!(
+        std::fs::read(first.join("n01440764/0.png")).unwrap(),
+        std::fs::read(first.join("n01440764/1.png")).unwrap()
+    );
+}
+
+#[test]
+fn distill_class_errors_name_the_class_file_or_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 3);
+    let out = dir.path().join("out");
+
+    let text = stderr(&distill(&data, "n999", &out, "2", "tiny_dit.onnx"));
+    assert!(
+        text.contains("n999") && text.contains("does not exist"),
+        "{text}"
+    );
+
+    let text = stderr(&distill(&data, "n001", &out, "5", "tiny_dit.onnx"));
+    assert!(
+        text.contains("n001") && text.contains("3 images") && text.contains("IPC = 5"),
+        "{text}"
+    );
+
+    std::fs::create_dir_all(data.join("n002")).unwrap();
+    std::fs::write(
+        data.join("n002/broken.jpg"),
+        b"\xff\xd8\xff\xe0 definitely not a jpeg",
+    )
+    .unwrap();
+    image_folder(&data, "n002", 2);
+    let text = stderr(&distill(&data, "n002", &out, "2", "tiny_dit.onnx"));
+    assert!(text.contains("broken.jpg"), "{text}");
+
+    std::fs::create_dir_all(data.join("n003")).unwrap();
+    let text = stderr(&distill(&data, "n003", &out, "1", "tiny_dit.onnx"));
+    assert!(text.contains("n003") && text.contains("no .jpg"), "{text}");
+
+    let text = stderr(&distill(&data, "n001", &out, "2", "bad_dit_rank.onnx"));
+    assert!(
+        text.contains("bad_dit_rank.onnx") && text.contains("input `x`"),
+        "{text}"
+    );
+    assert!(
+        !out.join("n001").exists(),
+        "nothing is written for a failed class"
+    );
+}
+
+#[test]
+fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let result = worker(&[
+        "distill-class",
+        "--data",
+        data.to_str().unwrap(),
+        "--class",
+        "n001",
+        "--label",
+        "1",
+        "--ipc",
+        "1",
+        "--dit",
+        &model("tiny_dit.onnx"),
+        "--vae-encoder",
+        &model("tiny_vae_encoder.onnx"),
+        "--vae-decoder",
+        &model("tiny_vae_decoder.onnx"),
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+        "--device",
+        "cuda:0",
+    ]);
+    let text = stderr(&result);
+    assert!(text.contains("cuda:0") && text.contains("CUDA"), "{text}");
+}
