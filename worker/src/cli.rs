@@ -33,6 +33,21 @@ pub enum Command {
     DistillClass(DistillClassArgs),
     /// Sample from explicit modes.npy and noise.npy (reproducibility and parity).
     Sample(SampleArgs),
+    /// Convert Debian's dataset-fashion-mnist into an ImageFolder (train/ and test/).
+    ImportFashionMnist(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Folder with the IDX files (from `apt-get install dataset-fashion-mnist`).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub src: PathBuf,
+    /// Output root; writes <out>/train/<NN_name>/*.png, <out>/test/..., <out>/classes.txt.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep only the first N images of each class and split.
+    #[arg(long)]
+    pub per_class: Option<usize>,
 }
 
 /// Where and how models run.
@@ -186,6 +201,15 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::DistillClass(args) => distill_class(args),
         Command::Sample(args) => sample(args),
+        Command::ImportFashionMnist(args) => {
+            let written =
+                crate::import::import_fashion_mnist(&args.src, &args.out, args.per_class)?;
+            println!(
+                "wrote {written} Fashion-MNIST images into {}",
+                args.out.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -7,5 +7,6 @@
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod import;
 pub mod mgd3;
 pub mod sink;

@@ -1,0 +1,632 @@
+#!/usr/bin/env python3
+"""Export DiT and SD-VAE models to ONNX for mgd3 (see docs: ARCHITECTURE.md "Model contract").
+
+Subcommands:
+
+  export_onnx.py dit --checkpoint DiT-XL-2-256x256.pt --out dit.onnx [--fp16]
+      Original facebookresearch/DiT checkpoint (plain state dict, or a training
+      checkpoint with "ema"/"model").  The network is rebuilt by `DiT` below (same
+      parameter names and maths as the original models.py); its config (hidden size,
+      depth, patch, input size, classes, learn_sigma, mlp ratio) is inferred from the
+      state dict, the head count from the hidden size (override with --num-heads).
+
+  export_onnx.py dit --diffusers facebook/DiT-XL-2-256 --out dit.onnx [--fp16]
+      diffusers DiTTransformer2DModel (subfolder "transformer" of a pipeline), hub id
+      or local directory.  Note: the diffusers port is not bit-identical to the
+      original code (its timestep embedding divides the frequency exponent by
+      half-1 instead of half, and its block LayerNorms use eps 1e-5, not 1e-6).
+
+  export_onnx.py vae --diffusers stabilityai/sd-vae-ft-mse --out-dir DIR [--fp16]
+      diffusers AutoencoderKL -> DIR/vae_encoder.onnx (encoder + quant_conv ->
+      `mean`, `logvar`) and DIR/vae_decoder.onnx (post_quant_conv + decoder).
+
+Every export uses torch.onnx.export(dynamo=True, opset 18) with a dynamic batch dim,
+writes the mgd3.* metadata_props, checks that dim 0 of every input/output is
+symbolic and the rest are concrete, and checks onnxruntime against torch on random
+inputs (non-zero exit when the max abs error exceeds the tolerance).  Models whose
+weights exceed ~1.8 GB are saved with external data (`X.onnx` + `X.onnx.data`).
+
+The export functions are importable (scripts/make_test_models.py uses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of parameters
+TRAIN_TIMESTEPS = 1000
+BETA_SCHEDULE = "linear"
+BETA_START = "0.0001"
+BETA_END = "0.02"
+
+
+# ---------------------------------------------------------------------------
+# Original-DiT-compatible module (parameter names match facebookresearch/DiT)
+# ---------------------------------------------------------------------------
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """1-D sin-cos embedding, float64: [sin(pos*omega) | cos(pos*omega)]."""
+    assert dim % 2 == 0
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / (10000.0 ** omega)
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table [grid*grid, dim] as in DiT/MAE.
+
+    The coordinate grid is built with meshgrid(w, h) (xy indexing), so the first
+    half of the channels encodes the column index and the second half the row.
+    """
+    assert dim % 2 == 0
+    coords = np.arange(grid_size, dtype=np.float32)
+    gw, gh = np.meshgrid(coords, coords)  # xy indexing: gw varies along axis 1
+    first = sincos_1d(dim // 2, gw)
+    second = sincos_1d(dim // 2, gh)
+    return np.concatenate([first, second], axis=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_ch: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, hidden, kernel_size=patch, stride=patch, bias=True)
+
+    def forward(self, x):
+        x = self.proj(x)  # [B, D, H/p, W/p]
+        return x.flatten(2).transpose(1, 2)  # [B, T, D]
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def frequencies(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(self.max_period) * k / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.freq_dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t):
+        # sin/cos always in float32, then cast to the weights' dtype (fp16 export).
+        emb = self.frequencies(t).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        # one extra row: the CFG null class (index num_classes)
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        assert hidden % heads == 0
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (self.head_dim ** -0.5)) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inner)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden, bias=True))
+
+    def forward(self, x, c):
+        sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + g_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh_msa, sc_msa))
+        x = x + g_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh_mlp, sc_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch: int, out_ch: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_ch, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """DiT with the parameter names of facebookresearch/DiT models.py (inference only)."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        assert input_size % patch_size == 0
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        grid = input_size // patch_size
+        pos = torch.from_numpy(sincos_2d(hidden_size, grid)).float().unsqueeze(0)
+        # a (frozen) Parameter, as in the original: it is part of the state dict
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+    def unpatchify(self, x):
+        p = self.patch_size
+        c = self.out_channels
+        g = self.input_size // p
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # n c h p w q
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y):
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for blk in self.blocks:
+            h = blk(h, c)
+        h = self.final_layer(h, c)
+        return self.unpatchify(h)
+
+
+KNOWN_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}
+
+
+def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # training checkpoints also pickle an argparse Namespace ("args")
+        print("[dit] weights_only load refused; loading the full pickle (trusted file only)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(ckpt, dict) and "ema" in ckpt:
+        ckpt = ckpt["ema"]
+    elif isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
+        ckpt = ckpt["model"]
+    sd = {}
+    for k, v in ckpt.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        sd[k] = v
+    return sd
+
+
+def dit_config_from_state_dict(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None,
+                               input_size: Optional[int] = None) -> dict:
+    w = sd["x_embedder.proj.weight"]  # [hidden, in_ch, p, p]
+    hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"final layer has {out_ch} channels for {in_ch} input channels")
+    if "pos_embed" in sd:
+        n_tok = sd["pos_embed"].shape[1]
+        grid = int(round(math.sqrt(n_tok)))
+        assert grid * grid == n_tok
+        if input_size is not None and input_size != grid * p:
+            raise ValueError(f"--input-size {input_size} but the checkpoint's pos_embed is for {grid * p}")
+    elif input_size is None:
+        raise ValueError("checkpoint has no pos_embed: pass --input-size (latent size, 32 for 256px)")
+    else:
+        grid = input_size // p
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    if num_heads is None:
+        if hidden not in KNOWN_HEADS:
+            raise ValueError(f"unknown head count for hidden size {hidden}: pass --num-heads")
+        num_heads = KNOWN_HEADS[hidden]
+    return dict(input_size=grid * p, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
+                num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+                learn_sigma=(out_ch == 2 * in_ch))
+
+
+def dit_from_checkpoint(path: str, num_heads: Optional[int] = None, input_size: Optional[int] = None) -> DiT:
+    sd = load_original_checkpoint(path)
+    cfg = dit_config_from_state_dict(sd, num_heads, input_size)
+    print(f"[dit] config inferred from checkpoint: {cfg}")
+    model = DiT(**cfg)
+    res = model.load_state_dict(sd, strict=False)  # strict=False as the reference (extra keys ok)
+    missing = [k for k in res.missing_keys if k != "pos_embed"]  # pos_embed: the fixed sin-cos table
+    if missing:
+        raise ValueError(f"checkpoint lacks parameters: {missing}")
+    if res.unexpected_keys:
+        print(f"[dit] ignoring {len(res.unexpected_keys)} unused checkpoint keys, e.g. {res.unexpected_keys[:4]}")
+    # the checkpoint's pos_embed should be the fixed sin-cos table
+    ref = torch.from_numpy(sincos_2d(cfg["hidden_size"], cfg["input_size"] // cfg["patch_size"])).float()
+    d = (model.pos_embed[0] - ref).abs().max().item()
+    if d > 1e-4:
+        print(f"[dit] warning: checkpoint pos_embed differs from the sin-cos table by {d:.3g}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------
+# Wrappers giving the contract's I/O
+# ---------------------------------------------------------------------------
+
+class DiffusersDiTWrapper(nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x, t, y):
+        return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv  # None when config.use_quant_conv is False
+
+    def forward(self, image):
+        h = self.encoder(image)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = torch.chunk(h, 2, dim=1)
+        # the same clamp as diffusers' DiagonalGaussianDistribution (its .logvar)
+        logvar = torch.clamp(logvar, -30.0, 20.0)
+        return mean, logvar
+
+
+class VaeDecoderWrapper(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+
+    def forward(self, latent):
+        z = latent
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+# ---------------------------------------------------------------------------
+# Generic export machinery
+# ---------------------------------------------------------------------------
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _np_dtype(t: torch.Tensor):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[t.dtype]
+
+
+def onnx_io_shapes(path: str) -> Dict[str, list]:
+    """{name: [('in'|'out'), elem_type_name, [dim_param or dim_value ...]]} as onnx shows it."""
+    import onnx
+    m = onnx.load(path, load_external_data=False)
+    res = {}
+    for kind, vis in (("in", m.graph.input), ("out", m.graph.output)):
+        for vi in vis:
+            tt = vi.type.tensor_type
+            dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+                    for d in tt.shape.dim]
+            res[vi.name] = [kind, onnx.TensorProto.DataType.Name(tt.elem_type), dims]
+    return res
+
+
+def _check_shapes(path: str, input_names: Sequence[str], output_names: Sequence[str]):
+    shapes = onnx_io_shapes(path)
+    ins = [n for n, v in shapes.items() if v[0] == "in"]
+    outs = [n for n, v in shapes.items() if v[0] == "out"]
+    if ins != list(input_names) or outs != list(output_names):
+        raise RuntimeError(f"{path}: I/O names {ins} -> {outs}, expected {list(input_names)} -> {list(output_names)}")
+    for name, (kind, et, dims) in shapes.items():
+        if not dims or not isinstance(dims[0], str) or dims[0] in ("", "?"):
+            raise RuntimeError(f"{path}: {name} dim 0 is not symbolic: {dims}")
+        if any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+            raise RuntimeError(f"{path}: {name} has non-concrete trailing dims: {dims}")
+        print(f"[onnx] {os.path.basename(path)} {kind:3s} {name}: {et} {dims}")
+    return shapes
+
+
+def _write_metadata(path: str, metadata: Dict[str, str]):
+    import onnx
+    m = onnx.load(path, load_external_data=False)  # external tensors keep pointing at X.onnx.data
+    keep = [p for p in m.metadata_props if p.key not in metadata]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    for k, v in metadata.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, str(v)
+    onnx.save(m, path)
+
+
+def _export(module: nn.Module, example: tuple, path: str, input_names, output_names, metadata,
+            external_data: Optional[bool] = None):
+    from torch.export import Dim
+    module = module.eval()
+    if external_data is None:
+        external_data = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    import inspect
+    argnames = list(inspect.signature(module.forward).parameters)[: len(example)]
+    batch = Dim("batch", min=1, max=4096)
+    dyn = {a: {0: batch} for a in argnames}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data_file = path + ".data"
+    if os.path.exists(data_file):
+        os.remove(data_file)
+    with torch.no_grad():
+        prog = torch.onnx.export(module, example, None, input_names=list(input_names),
+                                 output_names=list(output_names), opset_version=OPSET, dynamo=True,
+                                 dynamic_shapes=dyn, external_data=external_data, optimize=True)
+    prog.save(path, external_data=external_data)
+    _write_metadata(path, metadata)
+    return _check_shapes(path, input_names, output_names)
+
+
+def ort_session(path: str, threads: int = 1):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _verify(path: str, ref_module: nn.Module, inputs: Sequence[torch.Tensor], input_names, output_names,
+            dtype: torch.dtype, tol: float) -> float:
+    """Run ORT on `inputs` (float ones cast to `dtype`) and compare with ref_module (fp32) outputs.
+
+    Fails when max|ort - torch| > tol * max(1, max|torch|)."""
+    with torch.no_grad():
+        ref = ref_module(*inputs)
+    if isinstance(ref, torch.Tensor):
+        ref = (ref,)
+    sess = ort_session(path)
+    feed = {}
+    for name, x in zip(input_names, inputs):
+        if x.is_floating_point():
+            x = x.to(dtype)
+        feed[name] = x.cpu().numpy()
+    outs = sess.run(list(output_names), feed)
+    worst = 0.0
+    for name, r, o in zip(output_names, ref, outs):
+        r = r.float().numpy()
+        o = o.astype(np.float32)
+        if r.shape != o.shape:
+            raise RuntimeError(f"{path}: {name} shape {o.shape} != torch {r.shape}")
+        if not np.all(np.isfinite(o)):
+            raise RuntimeError(f"{path}: {name} has non-finite values")
+        err = float(np.max(np.abs(r - o)))
+        scale = max(1.0, float(np.max(np.abs(r))))
+        print(f"[check] {os.path.basename(path)} {name}: batch {o.shape[0]} max|ort-torch| = {err:.3e} "
+              f"(max|torch| = {float(np.max(np.abs(r))):.3g}, tol {tol * scale:.1e})")
+        if err > tol * scale:
+            raise RuntimeError(f"{path}: output {name} differs from torch by {err} > {tol * scale}")
+        worst = max(worst, err)
+    return worst
+
+
+def default_tol(fp16: bool) -> float:
+    return 3e-2 if fp16 else 1e-4
+
+
+# ---------------------------------------------------------------------------
+# Public export functions
+# ---------------------------------------------------------------------------
+
+def dit_metadata(num_classes: int, learn_sigma: bool, source: str, fp16: bool) -> Dict[str, str]:
+    return {
+        "mgd3.kind": "dit",
+        "mgd3.num_classes": str(num_classes),
+        "mgd3.learn_sigma": "true" if learn_sigma else "false",
+        "mgd3.train_timesteps": str(TRAIN_TIMESTEPS),
+        "mgd3.beta_schedule": BETA_SCHEDULE,
+        "mgd3.beta_start": BETA_START,
+        "mgd3.beta_end": BETA_END,
+        "mgd3.source": source,
+        "mgd3.precision": "fp16" if fp16 else "fp32",
+    }
+
+
+def export_dit(model: nn.Module, out: str, *, in_channels: int, input_size: int, num_classes: int,
+               learn_sigma: bool, source: str, fp16: bool = False, tol: Optional[float] = None,
+               seed: int = 0, external_data: Optional[bool] = None) -> float:
+    """Export a DiT-like module forward(x, t, y) -> out.  Returns the max abs torch-vs-ORT error."""
+    tol = default_tol(fp16) if tol is None else tol
+    model = model.eval().float()
+    ref = model
+    exp_model = copy.deepcopy(model).half() if fp16 else model
+    dtype = torch.float16 if fp16 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    ex = (torch.randn(2, in_channels, input_size, input_size, generator=g).to(dtype),
+          torch.tensor([1, 999], dtype=torch.int64), torch.tensor([0, num_classes], dtype=torch.int64))
+    print(f"[dit] exporting {source} -> {out} ({'fp16' if fp16 else 'fp32'}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
+    _export(exp_model, ex, out, ["x", "t", "y"], ["out"], dit_metadata(num_classes, learn_sigma, source, fp16),
+            external_data=external_data)
+    # check on a batch size different from the example's (proves the dynamic batch)
+    xc = torch.randn(3, in_channels, input_size, input_size, generator=g)
+    tc = torch.tensor([0, 517, TRAIN_TIMESTEPS - 1], dtype=torch.int64)
+    yc = torch.tensor([min(3, num_classes - 1), num_classes, 0], dtype=torch.int64)
+    return _verify(out, ref, [xc, tc, yc], ["x", "t", "y"], ["out"], dtype, tol)
+
+
+def vae_metadata(kind: str, scale_factor: float, image_size: int, source: str, fp16: bool) -> Dict[str, str]:
+    return {
+        "mgd3.kind": kind,
+        "mgd3.scale_factor": repr(float(scale_factor)),
+        "mgd3.image_size": str(int(image_size)),
+        "mgd3.source": source,
+        "mgd3.precision": "fp16" if fp16 else "fp32",
+    }
+
+
+def export_vae(vae, encoder_out: str, decoder_out: str, *, image_size: int, scale_factor: float,
+               source: str, fp16: bool = False, tol: Optional[float] = None, seed: int = 0,
+               external_data: Optional[bool] = None):
+    """Export a diffusers AutoencoderKL as encoder/decoder ONNX pair.  Returns (enc_err, dec_err)."""
+    tol = default_tol(fp16) if tol is None else tol
+    vae = vae.eval().float()
+    cfg = vae.config
+    in_ch = cfg.in_channels
+    lat_ch = cfg.latent_channels
+    down = 2 ** (len(cfg.block_out_channels) - 1)
+    if image_size % down:
+        raise ValueError(f"image size {image_size} not divisible by {down}")
+    lat = image_size // down
+    enc_ref, dec_ref = VaeEncoderWrapper(vae).eval(), VaeDecoderWrapper(vae).eval()
+    vexp = copy.deepcopy(vae).half() if fp16 else vae
+    enc_exp, dec_exp = VaeEncoderWrapper(vexp).eval(), VaeDecoderWrapper(vexp).eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    prec = "fp16" if fp16 else "fp32"
+
+    print(f"[vae] exporting encoder {source} -> {encoder_out} ({prec})")
+    ex = (torch.rand(2, in_ch, image_size, image_size, generator=g) * 2 - 1).to(dtype)
+    _export(enc_exp, ex, encoder_out, ["image"], ["mean", "logvar"],
+            vae_metadata("vae_encoder", scale_factor, image_size, source, fp16), external_data=external_data)
+    xc = torch.rand(3, in_ch, image_size, image_size, generator=g) * 2 - 1
+    e1 = _verify(encoder_out, enc_ref, [xc], ["image"], ["mean", "logvar"], dtype, tol)
+
+    print(f"[vae] exporting decoder {source} -> {decoder_out} ({prec})")
+    ex = (torch.randn(2, lat_ch, lat, lat, generator=g) * 5).to(dtype)
+    _export(dec_exp, ex, decoder_out, ["latent"], ["image"],
+            vae_metadata("vae_decoder", scale_factor, image_size, source, fp16), external_data=external_data)
+    zc = torch.randn(3, lat_ch, lat, lat, generator=g) * 5  # ~ unscaled latents (scaled / 0.18215)
+    e2 = _verify(decoder_out, dec_ref, [zc], ["latent"], ["image"], dtype, tol)
+    return e1, e2
+
+
+# ---------------------------------------------------------------------------
+# diffusers loading
+# ---------------------------------------------------------------------------
+
+def _load_diffusers(cls, name: str, pipeline_subfolder: str, subfolder: Optional[str]):
+    if subfolder is not None:
+        return cls.from_pretrained(name, subfolder=subfolder or None, torch_dtype=torch.float32)
+    if os.path.isdir(name):
+        sub = pipeline_subfolder if os.path.isdir(os.path.join(name, pipeline_subfolder)) else None
+        return cls.from_pretrained(name, subfolder=sub, torch_dtype=torch.float32)
+    try:  # hub id: a pipeline repo first, then a bare model repo
+        return cls.from_pretrained(name, subfolder=pipeline_subfolder, torch_dtype=torch.float32)
+    except (OSError, EnvironmentError, ValueError):
+        return cls.from_pretrained(name, torch_dtype=torch.float32)
+
+
+def export_diffusers_dit(transformer, out: str, *, source: str, fp16: bool = False,
+                         tol: Optional[float] = None, seed: int = 0) -> float:
+    cfg = transformer.config
+    out_ch = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
+    if out_ch not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"out_channels {out_ch} vs in_channels {cfg.in_channels}")
+    return export_dit(DiffusersDiTWrapper(transformer).eval(), out, in_channels=cfg.in_channels,
+                      input_size=cfg.sample_size, num_classes=cfg.num_embeds_ada_norm,
+                      learn_sigma=(out_ch == 2 * cfg.in_channels), source=source, fp16=fp16, tol=tol,
+                      seed=seed)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dit", help="export a DiT")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="original facebookresearch/DiT .pt checkpoint")
+    src.add_argument("--diffusers", help="diffusers DiT (hub id or local dir)")
+    d.add_argument("--subfolder", default=None, help="diffusers subfolder (default: 'transformer' if present)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (--checkpoint; default from the hidden size: XL/L 16, B 12, S 6)")
+    d.add_argument("--input-size", type=int, default=None,
+                   help="latent size (--checkpoint; default from pos_embed, i.e. 32 for 256px)")
+    v = sub.add_parser("vae", help="export an SD AutoencoderKL as vae_encoder.onnx + vae_decoder.onnx")
+    v.add_argument("--diffusers", required=True, help="hub id or local dir (e.g. stabilityai/sd-vae-ft-mse)")
+    v.add_argument("--subfolder", default=None, help="diffusers subfolder (default: 'vae' if present)")
+    v.add_argument("--out-dir", required=True)
+    v.add_argument("--image-size", type=int, default=None, help="default: config.sample_size (256 for SD VAEs)")
+    v.add_argument("--scale-factor", type=float, default=None, help="default: config.scaling_factor (0.18215)")
+    for p in (d, v):
+        p.add_argument("--fp16", action="store_true", help="fp16 weights and float I/O")
+        p.add_argument("--tol", type=float, default=None,
+                       help="max abs ORT-vs-torch(fp32) error, relative to max(1,max|out|) "
+                            "(default 1e-4, fp16 3e-2)")
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    if a.cmd == "dit":
+        if a.checkpoint:
+            model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size)
+            export_dit(model, a.out, in_channels=model.in_channels, input_size=model.input_size,
+                       num_classes=model.num_classes, learn_sigma=model.learn_sigma,
+                       source=f"dit-original:{os.path.basename(a.checkpoint)}", fp16=a.fp16, tol=a.tol)
+        else:
+            from diffusers import DiTTransformer2DModel
+            tr = _load_diffusers(DiTTransformer2DModel, a.diffusers, "transformer", a.subfolder)
+            export_diffusers_dit(tr, a.out, source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}",
+                                 fp16=a.fp16, tol=a.tol)
+    else:
+        from diffusers import AutoencoderKL
+        vae = _load_diffusers(AutoencoderKL, a.diffusers, "vae", a.subfolder)
+        size = a.image_size or vae.config.sample_size
+        if isinstance(size, (list, tuple)):
+            size = size[0]
+        sf = a.scale_factor if a.scale_factor is not None else (vae.config.scaling_factor or 0.18215)
+        os.makedirs(a.out_dir, exist_ok=True)
+        export_vae(vae, os.path.join(a.out_dir, "vae_encoder.onnx"), os.path.join(a.out_dir, "vae_decoder.onnx"),
+                   image_size=int(size), scale_factor=sf,
+                   source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}", fp16=a.fp16, tol=a.tol)
+    print("done")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what mgd3 needs on a fresh Debian/Ubuntu machine with Rust: ONNX Runtime (from the
+# PyPI wheel, no CDN), the Fashion-MNIST demo data (Debian package) converted to an ImageFolder
+# under data/fashion-mnist, and a release build of the binaries. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
+  sudo_cmd=""
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+  $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null \
+    || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }
+fi
+scripts/setup_ort.sh
+cargo build --release -q -p mgd3-worker --bin worker
+if [[ ! -f data/fashion-mnist/classes.txt ]]; then
+  target/release/worker import-fashion-mnist --out data/fashion-mnist
+fi
+echo "setup done: ONNX Runtime in .ort/cpu, data in data/fashion-mnist, binaries in target/release"
