@@ -4,13 +4,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -210,29 +208,8 @@ impl ModelIo {
 
 /// sha256 of the model file and of its external-data file (`<model>.data`) when present.
 pub fn fingerprint(path: &Path) -> Result<String> {
-    let mut hasher = Sha256::new();
-    let mut data_path = path.as_os_str().to_owned();
-    data_path.push(".data");
-    for file in [path.to_owned(), PathBuf::from(data_path)] {
-        if file != path && !file.exists() {
-            continue;
-        }
-        let io_err = |source| Error::Io {
-            path: file.clone(),
-            source,
-        };
-        let mut reader = std::fs::File::open(&file).map_err(io_err)?;
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buffer).map_err(|source| Error::Io {
-                path: file.clone(),
-                source,
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+    mgd3_common::fingerprint_file(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })
 }

@@ -71,9 +71,22 @@ impl Default for SessionConfig {
 
 static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
 
+/// `.ort/<flavour>/libonnxruntime.so` in the nearest ancestor of the running executable that has
+/// one (where `scripts/setup_ort.sh` puts it in a checkout); the GPU build first.
+fn installed_beside_executable() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors().skip(1).find_map(|dir| {
+        ["gpu", "cpu"]
+            .iter()
+            .map(|flavour| dir.join(".ort").join(flavour).join("libonnxruntime.so"))
+            .find(|p| p.exists())
+    })
+}
+
 /// Loads the ONNX Runtime shared library and creates the process-wide environment.
 ///
-/// The library is `library` if given, else `$ORT_DYLIB_PATH`, else `libonnxruntime.so` from the
+/// The library is `library` if given, else `$ORT_DYLIB_PATH`, else the copy `scripts/setup_ort.sh`
+/// installed in the checkout the executable was built in, else `libonnxruntime.so` from the
 /// system search path. Later calls return the environment of the first one.
 pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
     if let Some(env) = ENVIRONMENT.get() {
@@ -83,7 +96,9 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
         Some(p) => p.to_owned(),
         None => match std::env::var_os("ORT_DYLIB_PATH") {
             Some(p) if !p.is_empty() => p.into(),
-            _ => PathBuf::from("libonnxruntime.so"),
+            _ => {
+                installed_beside_executable().unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
+            }
         },
     };
     if path.components().count() > 1 && !path.exists() {

@@ -9,22 +9,54 @@ use mgd3_onnx::{Device, Dit, SessionConfig, VaeDecoder, init_runtime};
 use ndarray::{Array4, Array5};
 use ndarray_npy::ReadNpyExt;
 
+use crate::client::WorkerConfig;
 use crate::engine::{
     ClassSpec, ClassTimings, Engine, ModelPaths, SampleBatch, SamplingConfig, check_guidance,
     decode_to_png, sample_in_batches, schedule_for,
 };
 use crate::mgd3::guidance::GuidanceConfig;
+use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "worker",
     version,
-    about = "mgd3 worker: MGD³ mode-guided dataset distillation on ONNX Runtime"
+    about = "mgd3 worker: MGD³ mode-guided dataset distillation on ONNX Runtime",
+    long_about = "Without a subcommand the worker joins a coordinator (--coordinator URL), pulls leased shards \
+                  and runs them until it is drained or receives SIGTERM/SIGINT.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode: serve a coordinator.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Coordinator URL, e.g. http://10.0.0.1:50051 (https:// for TLS).
+    #[arg(long, env = "MGD3_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// File holding the bearer token the coordinator expects.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) for an https:// coordinator with a private CA.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Worker id (default: <hostname>-<pid>).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// `onnx` (the real engine) or `fake` (deterministic stand-in images, for cluster tests).
+    #[arg(long, default_value = "onnx")]
+    pub engine: String,
+    /// Seconds per class of the fake engine.
+    #[arg(long, default_value_t = 0.05)]
+    pub fake_class_seconds: f64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,7 +230,10 @@ fn read_npy<T: ReadNpyExt>(path: &Path, what: &str) -> Result<T> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return cluster(cli.cluster);
+    };
+    match command {
         Command::DistillClass(args) => distill_class(args),
         Command::Sample(args) => sample(args),
         Command::ImportFashionMnist(args) => {
@@ -302,6 +337,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         modes: modes.view(),
         noise: noise.view(),
         samples_per_call: (session.max_batch / 2).max(1),
+        cancel: None,
     };
     let latents = sample_in_batches(&mut dit, &schedule, &config.guidance, batch, &mut timings)?;
     write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;
@@ -319,5 +355,54 @@ fn sample(args: SampleArgs) -> Result<()> {
         (timings.dit + timings.guidance).as_secs_f64(),
         args.out.display()
     );
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn cluster(args: ClusterArgs) -> Result<()> {
+    let Some(coordinator) = args.coordinator.clone() else {
+        bail!("give --coordinator URL to join a cluster, or a subcommand (see --help)");
+    };
+    let token = args
+        .token_file
+        .as_deref()
+        .map(mgd3_common::rpc::read_token_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "worker".into());
+    let worker_id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    let engine: Box<dyn ShardEngine> = match args.engine.as_str() {
+        "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?)),
+        "fake" => Box::new(FakeEngine {
+            class_duration: std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0)),
+        }),
+        other => bail!("--engine must be `onnx` or `fake`, not `{other}`"),
+    };
+    let config = WorkerConfig {
+        coordinator,
+        worker_id,
+        token,
+        tls_ca: args.tls_ca.clone(),
+        devices: vec![args.runtime.device.clone()],
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::client::run(config, engine, termination()))?;
     Ok(())
 }

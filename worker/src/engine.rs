@@ -3,6 +3,8 @@
 //! mode guidance in batches of cond+uncond pairs, VAE-decode and PNG-encode.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mgd3_common::seed::{kmeans_seed, sample_seed};
@@ -46,6 +48,27 @@ pub enum EngineError {
     Mismatch(String),
     #[error("invalid setting: {0}")]
     Config(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl EngineError {
+    /// Whether a later attempt (maybe on another worker) can succeed where this one failed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EngineError::Model(e) => matches!(
+                e,
+                mgd3_onnx::Error::Ort { .. } | mgd3_onnx::Error::Io { .. }
+            ),
+            EngineError::Data(e) => matches!(e, DataError::Read { .. } | DataError::List { .. }),
+            EngineError::Sink(_) | EngineError::Cancelled => true,
+            EngineError::Modes { .. }
+            | EngineError::Sample { .. }
+            | EngineError::Schedule(_)
+            | EngineError::Mismatch(_)
+            | EngineError::Config(_) => false,
+        }
+    }
 }
 
 /// The three model files of a worker.
@@ -161,6 +184,8 @@ pub struct Engine {
     sampling: SamplingConfig,
     /// Samples per DiT call (each is a cond+uncond pair).
     samples_per_call: usize,
+    /// Set to stop the running class after its current batch.
+    cancel: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -199,7 +224,17 @@ impl Engine {
             schedule,
             sampling,
             samples_per_call: (session.max_batch / 2).max(1),
+            cancel: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Uses `flag` to stop a running class after its current batch (shutdown, revoked lease).
+    pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = flag;
+    }
+
+    pub fn decoder(&self) -> &VaeDecoder {
+        &self.decoder
     }
 
     pub fn dit(&self) -> &Dit {
@@ -230,6 +265,9 @@ impl Engine {
         let scale = self.encoder.info().scale_factor;
         let mut features = Vec::new();
         for chunk in files.chunks(ENCODE_CHUNK) {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(EngineError::Cancelled);
+            }
             let started = Instant::now();
             let tensors = chunk
                 .iter()
@@ -291,6 +329,7 @@ impl Engine {
             modes,
             noise,
             samples_per_call: self.samples_per_call,
+            cancel: Some(&self.cancel),
         };
         sample_in_batches(
             &mut self.dit,
@@ -395,6 +434,8 @@ pub struct SampleBatch<'a> {
     pub modes: ArrayView4<'a, f32>,
     pub noise: ArrayView5<'a, f32>,
     pub samples_per_call: usize,
+    /// Checked before every DiT batch.
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 /// Runs the sampler over `batch` in chunks; chunks are independent, so the split changes no value.
@@ -420,6 +461,9 @@ pub fn sample_in_batches(
     let mut parts = Vec::new();
     let mut from = 0;
     while from < n {
+        if batch.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled);
+        }
         let to = (from + batch.samples_per_call.max(1)).min(n);
         let (x, t) = sample(
             &mut DitDenoiser(dit),

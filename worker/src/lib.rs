@@ -5,8 +5,10 @@
 //! [`sink`] writes PNGs and `.npy` files; [`cli`] is the `worker` command line.
 
 pub mod cli;
+pub mod client;
 pub mod data;
 pub mod engine;
 pub mod import;
 pub mod mgd3;
+pub mod shard;
 pub mod sink;

@@ -1,0 +1,571 @@
+//! Job specs: the TOML a user submits (`deny_unknown_fields`, every invalid field reported by
+//! name), its resolution into an immutable plan (absolute paths, the class list with DiT labels,
+//! model fingerprints, shards) and the fingerprint that decides whether two runs are the same job.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::classes;
+use crate::store::resolve;
+
+#[derive(Debug, Error)]
+pub enum JobError {
+    #[error("job spec is not valid TOML: {0}")]
+    Toml(String),
+    #[error("invalid job spec:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+    #[error("cannot read {what} `{path}`: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One invalid field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.field, self.problem)
+    }
+}
+
+/// Which classes a job distils.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassSelection {
+    /// `"all"` (every class folder of the dataset, sorted) or a shipped subset: `imagenet1k`,
+    /// `imagenette`, `imagewoof`, `imagenet100`, `imageidc`.
+    Named(String),
+    /// Explicit class folder names, in order.
+    List(Vec<String>),
+    /// A file with one class folder name per line.
+    File { file: String },
+}
+
+/// How DiT labels are assigned to classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelScheme {
+    /// Label = index of the wnid in the sorted ImageNet-1K synsets (DiT-XL/2).
+    #[default]
+    Imagenet1k,
+    /// Label = position of the class in the job's class list (models trained on other datasets).
+    Position,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingSpec {
+    #[serde(default = "default_guidance_scale")]
+    pub guidance_scale: f32,
+    #[serde(default = "default_stop_guidance")]
+    pub stop_guidance: usize,
+    #[serde(default = "default_cfg_scale")]
+    pub cfg_scale: f32,
+    #[serde(default = "default_cfg_channels")]
+    pub cfg_channels: usize,
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+}
+
+fn default_guidance_scale() -> f32 {
+    0.1
+}
+fn default_stop_guidance() -> usize {
+    25
+}
+fn default_cfg_scale() -> f32 {
+    4.0
+}
+fn default_cfg_channels() -> usize {
+    3
+}
+fn default_steps() -> usize {
+    50
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        SamplingSpec {
+            guidance_scale: default_guidance_scale(),
+            stop_guidance: default_stop_guidance(),
+            cfg_scale: default_cfg_scale(),
+            cfg_channels: default_cfg_channels(),
+            steps: default_steps(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub dit: String,
+    pub vae_encoder: String,
+    pub vae_decoder: String,
+    /// Expected `sha256:<hex>` of each file; computed at submit when absent.
+    #[serde(default)]
+    pub dit_fingerprint: Option<String>,
+    #[serde(default)]
+    pub vae_encoder_fingerprint: Option<String>,
+    #[serde(default)]
+    pub vae_decoder_fingerprint: Option<String>,
+}
+
+/// The job spec as written in job.toml.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Human name; the job id is `<name>-<fingerprint prefix>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ImageFolder root (local path or object-store URL).
+    pub dataset: String,
+    pub classes: ClassSelection,
+    #[serde(default)]
+    pub labels: LabelScheme,
+    pub ipc: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Where job outputs go (`<output>/jobs/<job>/...`); default: the coordinator's store.
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default = "default_classes_per_shard")]
+    pub classes_per_shard: usize,
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout_s: u64,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub sampling: SamplingSpec,
+    pub models: ModelSpec,
+}
+
+fn default_classes_per_shard() -> usize {
+    1
+}
+fn default_lease_timeout() -> u64 {
+    120
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// One class of a resolved job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassRef {
+    pub wnid: String,
+    pub label: i64,
+    pub class_index: u64,
+}
+
+/// A job after submit: spec with absolute locations and fingerprints, class list, shard plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedJob {
+    pub job_id: String,
+    pub spec: JobSpec,
+    pub classes: Vec<ClassRef>,
+    /// Shard i holds `classes[shards[i].0 .. shards[i].1]`.
+    pub shards: Vec<(usize, usize)>,
+    pub fingerprint: String,
+    pub created_unix_ms: u64,
+}
+
+impl ResolvedJob {
+    pub fn shard_classes(&self, shard: usize) -> &[ClassRef] {
+        let (from, to) = self.shards[shard];
+        &self.classes[from..to]
+    }
+
+    pub fn images_total(&self) -> u64 {
+        (self.classes.len() * self.spec.ipc) as u64
+    }
+}
+
+impl JobSpec {
+    /// Parses job.toml text; unknown fields and type errors name the field.
+    pub fn from_toml(text: &str) -> Result<Self, JobError> {
+        toml::from_str(text).map_err(|e| JobError::Toml(e.to_string()))
+    }
+
+    /// Checks every field and reports all problems at once.
+    pub fn validate(&self) -> Result<(), JobError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, problem: String| {
+            errors.push(FieldError {
+                field: field.into(),
+                problem,
+            })
+        };
+        if self.dataset.trim().is_empty() {
+            bad("dataset", "must name an ImageFolder root".into());
+        }
+        if self.ipc == 0 {
+            bad("ipc", "must be at least 1".into());
+        }
+        if self.classes_per_shard == 0 {
+            bad("classes_per_shard", "must be at least 1".into());
+        }
+        if self.lease_timeout_s < 5 {
+            bad(
+                "lease_timeout_s",
+                format!("{} s is too short (at least 5 s)", self.lease_timeout_s),
+            );
+        }
+        if self.max_attempts == 0 {
+            bad("max_attempts", "must be at least 1".into());
+        }
+        let s = &self.sampling;
+        if s.steps == 0 || s.steps > 1000 {
+            bad("sampling.steps", format!("{} is outside 1..=1000", s.steps));
+        }
+        if s.stop_guidance > s.steps {
+            bad(
+                "sampling.stop_guidance",
+                format!("{} exceeds sampling.steps = {}", s.stop_guidance, s.steps),
+            );
+        }
+        if !(1..=16).contains(&s.cfg_channels) {
+            bad(
+                "sampling.cfg_channels",
+                format!(
+                    "{} is not a channel count (3 = reference DiT, 4 = standard)",
+                    s.cfg_channels
+                ),
+            );
+        }
+        if !s.guidance_scale.is_finite() || s.guidance_scale < 0.0 {
+            bad(
+                "sampling.guidance_scale",
+                format!("{} must be a finite number ≥ 0", s.guidance_scale),
+            );
+        }
+        if !s.cfg_scale.is_finite() {
+            bad(
+                "sampling.cfg_scale",
+                format!("{} must be finite", s.cfg_scale),
+            );
+        }
+        for (field, value) in [
+            ("models.dit", &self.models.dit),
+            ("models.vae_encoder", &self.models.vae_encoder),
+            ("models.vae_decoder", &self.models.vae_decoder),
+        ] {
+            if value.trim().is_empty() {
+                bad(field, "must name an ONNX file".into());
+            }
+        }
+        for (field, value) in [
+            ("models.dit_fingerprint", &self.models.dit_fingerprint),
+            (
+                "models.vae_encoder_fingerprint",
+                &self.models.vae_encoder_fingerprint,
+            ),
+            (
+                "models.vae_decoder_fingerprint",
+                &self.models.vae_decoder_fingerprint,
+            ),
+        ] {
+            if let Some(v) = value
+                && !(v.starts_with("sha256:")
+                    && v.len() == 71
+                    && v[7..].chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                bad(field, format!("`{v}` is not `sha256:<64 hex digits>`"));
+            }
+        }
+        if let ClassSelection::List(list) = &self.classes {
+            if list.is_empty() {
+                bad("classes", "the list is empty".into());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for name in list {
+                if !seen.insert(name) {
+                    bad("classes", format!("`{name}` is listed twice"));
+                }
+                if name.contains('/') || name.is_empty() {
+                    bad("classes", format!("`{name}` is not a class folder name"));
+                }
+            }
+        }
+        if let Some(name) = &self.name
+            && (name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            bad(
+                "name",
+                format!("`{name}` may only use letters, digits, '-', '_' and '.'"),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(JobError::Invalid(errors))
+        }
+    }
+
+    /// Makes every location absolute against `base` (the directory of job.toml).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        self.dataset = resolve(&self.dataset, base);
+        if let Some(out) = &self.output {
+            self.output = Some(resolve(out, base));
+        }
+        if let ClassSelection::File { file } = &self.classes {
+            self.classes = ClassSelection::File {
+                file: resolve(file, base),
+            };
+        }
+        for m in [
+            &mut self.models.dit,
+            &mut self.models.vae_encoder,
+            &mut self.models.vae_decoder,
+        ] {
+            *m = resolve(m, base);
+        }
+    }
+
+    /// The class list: `dataset_classes` is called only for `"all"` (the sorted folder names).
+    pub fn class_list(
+        &self,
+        dataset_classes: impl FnOnce() -> Result<Vec<String>, JobError>,
+    ) -> Result<Vec<ClassRef>, JobError> {
+        let invalid = |problem: String| {
+            JobError::Invalid(vec![FieldError {
+                field: "classes".into(),
+                problem,
+            }])
+        };
+        let names: Vec<String> = match &self.classes {
+            ClassSelection::Named(name) if name == "all" => dataset_classes()?,
+            ClassSelection::Named(name) => classes::named_subset(name)
+                .map_err(|e| invalid(e.to_string()))?
+                .into_iter()
+                .map(|(w, _)| w.to_owned())
+                .collect(),
+            ClassSelection::List(list) => list.clone(),
+            ClassSelection::File { file } => std::fs::read_to_string(file)
+                .map_err(|source| JobError::Read {
+                    what: "class list",
+                    path: file.clone(),
+                    source,
+                })?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect(),
+        };
+        if names.is_empty() {
+            return Err(invalid("resolves to no classes".into()));
+        }
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(index, wnid)| {
+                let label = match self.labels {
+                    LabelScheme::Position => index as i64,
+                    LabelScheme::Imagenet1k => classes::imagenet1k_label(&wnid).map_err(|e| {
+                        JobError::Invalid(vec![FieldError {
+                            field: "classes".into(),
+                            problem: format!("{e}; set `labels = \"position\"` for datasets that are not ImageNet"),
+                        }])
+                    })? as i64,
+                };
+                Ok(ClassRef { wnid, label, class_index: index as u64 })
+            })
+            .collect()
+    }
+
+    /// The fingerprint of everything that determines the output images.
+    pub fn fingerprint(&self, classes: &[ClassRef]) -> String {
+        #[derive(Serialize)]
+        struct Identity<'a> {
+            dataset: &'a str,
+            classes: &'a [ClassRef],
+            ipc: usize,
+            seed: u64,
+            sampling: &'a SamplingSpec,
+            dit: &'a Option<String>,
+            vae_encoder: &'a Option<String>,
+            vae_decoder: &'a Option<String>,
+        }
+        let identity = Identity {
+            dataset: &self.dataset,
+            classes,
+            ipc: self.ipc,
+            seed: self.seed,
+            sampling: &self.sampling,
+            dit: &self.models.dit_fingerprint,
+            vae_encoder: &self.models.vae_encoder_fingerprint,
+            vae_decoder: &self.models.vae_decoder_fingerprint,
+        };
+        crate::sha256_hex(&serde_json::to_vec(&identity).expect("serialisable"))
+    }
+
+    /// Contiguous shards of `classes_per_shard` classes.
+    pub fn plan_shards(&self, classes: usize) -> Vec<(usize, usize)> {
+        (0..classes)
+            .step_by(self.classes_per_shard.max(1))
+            .map(|from| (from, (from + self.classes_per_shard).min(classes)))
+            .collect()
+    }
+}
+
+/// The id of a job: its name (or "job") and the first 12 hex digits of its fingerprint.
+pub fn job_id(spec: &JobSpec, fingerprint: &str) -> String {
+    let hex = fingerprint.trim_start_matches("sha256:");
+    format!(
+        "{}-{}",
+        spec.name.as_deref().unwrap_or("job"),
+        &hex[..12.min(hex.len())]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "nette"
+dataset = "data/train"
+classes = "imagenette"
+ipc = 10
+[models]
+dit = "m/dit.onnx"
+vae_encoder = "m/enc.onnx"
+vae_decoder = "m/dec.onnx"
+"#;
+
+    #[test]
+    fn parses_with_reference_defaults() {
+        let spec = JobSpec::from_toml(SPEC).unwrap();
+        spec.validate().unwrap();
+        assert_eq!(spec.sampling, SamplingSpec::default());
+        assert_eq!(
+            (
+                spec.sampling.guidance_scale,
+                spec.sampling.stop_guidance,
+                spec.sampling.cfg_scale
+            ),
+            (0.1, 25, 4.0)
+        );
+        let classes = spec.class_list(|| unreachable!()).unwrap();
+        assert_eq!(classes.len(), 10);
+        assert_eq!(
+            classes[1],
+            ClassRef {
+                wnid: "n02102040".into(),
+                label: 217,
+                class_index: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_name_the_field() {
+        let err = JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = 10\nipcs = 3"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ipcs"), "{err}");
+        let err = JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = \"ten\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ipc"), "{err}");
+        let err = JobSpec::from_toml(&SPEC.replace("[models]", "[sampling]\nlambda = 1\n[models]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lambda"), "{err}");
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported() {
+        let text = SPEC.replace("ipc = 10", "ipc = 0\nclasses_per_shard = 0\nmax_attempts = 0")
+            .replace("[models]", "[sampling]\nsteps = 10\nstop_guidance = 11\ncfg_channels = 0\n[models]\ndit_fingerprint = \"abc\"");
+        let err = JobSpec::from_toml(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for field in [
+            "`ipc`",
+            "`classes_per_shard`",
+            "`max_attempts`",
+            "`sampling.stop_guidance`",
+            "`sampling.cfg_channels`",
+            "`models.dit_fingerprint`",
+        ] {
+            assert!(err.contains(field), "{field} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn labels_and_class_sources() {
+        let mut spec = JobSpec::from_toml(SPEC).unwrap();
+        spec.classes = ClassSelection::List(vec!["shoe".into(), "bag".into()]);
+        assert!(
+            spec.class_list(|| unreachable!())
+                .unwrap_err()
+                .to_string()
+                .contains("labels = \"position\"")
+        );
+        spec.labels = LabelScheme::Position;
+        let classes = spec.class_list(|| unreachable!()).unwrap();
+        assert_eq!((classes[1].wnid.as_str(), classes[1].label), ("bag", 1));
+        spec.classes = ClassSelection::Named("all".into());
+        let classes = spec
+            .class_list(|| Ok(vec!["a".into(), "b".into(), "c".into()]))
+            .unwrap();
+        assert_eq!(classes.len(), 3);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("wnids.txt"),
+            "n01440764\n\n# comment\nn02102040\n",
+        )
+        .unwrap();
+        let mut spec = JobSpec::from_toml(&SPEC.replace(
+            "classes = \"imagenette\"",
+            "classes = { file = \"wnids.txt\" }",
+        ))
+        .unwrap();
+        spec.resolve_paths(dir.path());
+        let classes = spec.class_list(|| unreachable!()).unwrap();
+        assert_eq!(
+            classes.iter().map(|c| c.label).collect::<Vec<_>>(),
+            [0, 217]
+        );
+    }
+
+    #[test]
+    fn fingerprint_ignores_operations_but_not_outputs() {
+        let spec = JobSpec::from_toml(SPEC).unwrap();
+        let classes = spec.class_list(|| unreachable!()).unwrap();
+        let base = spec.fingerprint(&classes);
+        let mut ops = spec.clone();
+        ops.lease_timeout_s = 999;
+        ops.classes_per_shard = 4;
+        ops.max_attempts = 9;
+        assert_eq!(ops.fingerprint(&classes), base);
+        let mut other = spec.clone();
+        other.seed = 1;
+        assert_ne!(other.fingerprint(&classes), base);
+        let mut other = spec.clone();
+        other.sampling.stop_guidance = 50;
+        assert_ne!(other.fingerprint(&classes), base);
+        assert_eq!(
+            spec.plan_shards(5),
+            vec![(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+        );
+        assert_eq!(ops.plan_shards(5), vec![(0, 4), (4, 5)]);
+        assert!(job_id(&spec, &base).starts_with("nette-"));
+    }
+}

@@ -1,0 +1,89 @@
+//! Every object key the system writes, in one place (see the README's storage layout):
+//!
+//! ```text
+//! <out>/jobs/<job>/job.json                    resolved spec + fingerprint, written once at submit
+//! <out>/jobs/<job>/state.json                  coordinator's durable view (attempts, failures, leases)
+//! <out>/jobs/<job>/staging/<attempt>/<wnid>/   one attempt's files before commit
+//! <out>/jobs/<job>/shards/<wnid>.json          commit marker (create-only), lists sha256 of each file
+//! <out>/jobs/<job>/modes/<wnid>.npy            IPC × C×h×w centroids
+//! <out>/jobs/<job>/dataset/<wnid>/<j>.png      the distilled ImageFolder
+//! <out>/jobs/<job>/manifest.json               merged manifest, written when every shard is done
+//! ```
+
+/// Keys (relative to a store location) of one job.
+#[derive(Clone, Debug)]
+pub struct JobKeys {
+    root: String,
+}
+
+impl JobKeys {
+    pub fn new(job_id: &str) -> Self {
+        JobKeys {
+            root: format!("jobs/{job_id}"),
+        }
+    }
+
+    /// Prefix under which all jobs live.
+    pub const JOBS: &'static str = "jobs";
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+    pub fn job_json(&self) -> String {
+        format!("{}/job.json", self.root)
+    }
+    pub fn state_json(&self) -> String {
+        format!("{}/state.json", self.root)
+    }
+    pub fn staging(&self, attempt_id: &str) -> String {
+        format!("{}/staging/{attempt_id}", self.root)
+    }
+    pub fn staging_file(&self, attempt_id: &str, wnid: &str, file: &str) -> String {
+        format!("{}/staging/{attempt_id}/{wnid}/{file}", self.root)
+    }
+    pub fn marker(&self, wnid: &str) -> String {
+        format!("{}/shards/{wnid}.json", self.root)
+    }
+    pub fn markers(&self) -> String {
+        format!("{}/shards", self.root)
+    }
+    pub fn modes(&self, wnid: &str) -> String {
+        format!("{}/modes/{wnid}.npy", self.root)
+    }
+    pub fn dataset_image(&self, wnid: &str, index: usize) -> String {
+        format!("{}/dataset/{wnid}/{index}.png", self.root)
+    }
+    pub fn manifest(&self) -> String {
+        format!("{}/manifest.json", self.root)
+    }
+}
+
+/// File name of image j inside a class folder.
+pub fn image_name(index: usize) -> String {
+    format!("{index}.png")
+}
+
+/// File name of the modes inside a staging class folder.
+pub const MODES_FILE: &str = "modes.npy";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let k = JobKeys::new("nette-0123");
+        assert_eq!(k.job_json(), "jobs/nette-0123/job.json");
+        assert_eq!(k.marker("n01"), "jobs/nette-0123/shards/n01.json");
+        assert_eq!(
+            k.staging_file("a1", "n01", &image_name(3)),
+            "jobs/nette-0123/staging/a1/n01/3.png"
+        );
+        assert_eq!(
+            k.dataset_image("n01", 9),
+            "jobs/nette-0123/dataset/n01/9.png"
+        );
+        assert_eq!(k.modes("n01"), "jobs/nette-0123/modes/n01.npy");
+        assert_eq!(k.manifest(), "jobs/nette-0123/manifest.json");
+    }
+}

@@ -1,0 +1,239 @@
+//! Object stores from URLs: `file://` or plain paths, `memory://NAME` (process-wide, for tests),
+//! and the cloud schemes object_store was built with. A URL's path becomes the key prefix.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use thiserror::Error;
+use url::Url;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("invalid store URL `{url}`: {problem}")]
+    BadUrl { url: String, problem: String },
+    #[error("cannot open store `{url}`: {source}")]
+    Open {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot create local folder `{path}`: {source}")]
+    LocalDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A store and the key prefix a URL names inside it.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub url: String,
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+}
+
+impl Location {
+    /// `prefix/relative`.
+    pub fn key(&self, relative: &str) -> Path {
+        let mut key = self.prefix.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            key = key.clone().join(part);
+        }
+        key
+    }
+
+    /// The location of a sub-prefix.
+    pub fn child(&self, relative: &str) -> Location {
+        Location {
+            url: format!("{}/{}", self.url.trim_end_matches('/'), relative),
+            store: self.store.clone(),
+            prefix: self.key(relative),
+        }
+    }
+}
+
+fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+/// Whether `text` is a URL with a scheme (as opposed to a local path).
+pub fn is_url(text: &str) -> bool {
+    text.contains("://")
+}
+
+/// Resolves a local path or URL against `base` (a directory) into an absolute, normalised path
+/// (`a/../b` → `b`, without touching the file system) or the URL unchanged.
+pub fn resolve(text: &str, base: &std::path::Path) -> String {
+    use std::path::Component;
+    if is_url(text) {
+        return text.to_owned();
+    }
+    let mut normal = std::path::PathBuf::new();
+    for part in base.join(text).components() {
+        match part {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal.display().to_string()
+}
+
+/// Opens the store a URL or local path names. Local folders are created when missing.
+pub fn open(url: &str) -> Result<Location, StoreError> {
+    let bad = |problem: &str| StoreError::BadUrl {
+        url: url.to_owned(),
+        problem: problem.to_owned(),
+    };
+    if !is_url(url) {
+        let path = std::path::absolute(url).map_err(|e| bad(&e.to_string()))?;
+        return open_local(url, &path);
+    }
+    let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    match parsed.scheme() {
+        "file" => {
+            let path = parsed
+                .to_file_path()
+                .map_err(|_| bad("not an absolute file path"))?;
+            open_local(url, &path)
+        }
+        "memory" => {
+            let name = parsed.host_str().unwrap_or("default").to_owned();
+            let store = memory_stores()
+                .lock()
+                .expect("memory stores")
+                .entry(name)
+                .or_default()
+                .clone();
+            let prefix = Path::from(parsed.path().trim_start_matches('/'));
+            Ok(Location {
+                url: url.to_owned(),
+                store,
+                prefix,
+            })
+        }
+        _ => {
+            let (store, prefix) =
+                object_store::parse_url_opts(&parsed, std::env::vars()).map_err(|source| {
+                    StoreError::Open {
+                        url: url.to_owned(),
+                        source,
+                    }
+                })?;
+            Ok(Location {
+                url: url.to_owned(),
+                store: Arc::from(store),
+                prefix,
+            })
+        }
+    }
+}
+
+fn open_local(url: &str, path: &std::path::Path) -> Result<Location, StoreError> {
+    std::fs::create_dir_all(path).map_err(|source| StoreError::LocalDir {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let store = LocalFileSystem::new_with_prefix(path)
+        .map_err(|source| StoreError::Open {
+            url: url.to_owned(),
+            source,
+        })?
+        .with_automatic_cleanup(true);
+    Ok(Location {
+        url: url.to_owned(),
+        store: Arc::new(store),
+        prefix: Path::default(),
+    })
+}
+
+/// Writes `bytes` at `key` only if nothing is there yet. Returns false when it already existed.
+pub async fn put_create(
+    store: &dyn ObjectStore,
+    key: &Path,
+    bytes: Vec<u8>,
+) -> object_store::Result<bool> {
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match store.put_opts(key, PutPayload::from(bytes), options).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads an object, `None` when it does not exist.
+pub async fn get_optional(
+    store: &dyn ObjectStore,
+    key: &Path,
+) -> object_store::Result<Option<bytes::Bytes>> {
+    match store.get(key).await {
+        Ok(result) => Ok(Some(result.bytes().await?)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn create_only_puts_have_one_winner_on_every_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in [
+            dir.path().display().to_string(),
+            format!("file://{}/sub", dir.path().display()),
+            "memory://create-test/x".into(),
+        ] {
+            let location = open(&url).unwrap();
+            let key = location.key("jobs/a/marker.json");
+            assert!(
+                put_create(location.store.as_ref(), &key, b"first".to_vec())
+                    .await
+                    .unwrap(),
+                "{url}"
+            );
+            assert!(
+                !put_create(location.store.as_ref(), &key, b"second".to_vec())
+                    .await
+                    .unwrap(),
+                "{url}"
+            );
+            let bytes = get_optional(location.store.as_ref(), &key)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&bytes[..], b"first");
+            assert!(
+                get_optional(location.store.as_ref(), &location.key("missing"))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+
+    #[test]
+    fn urls_and_paths_resolve() {
+        let base = std::path::Path::new("/base");
+        assert_eq!(resolve("s3://b/k", base), "s3://b/k");
+        assert_eq!(resolve("rel/dir", base), "/base/rel/dir");
+        assert_eq!(resolve("/abs", base), "/abs");
+        assert_eq!(resolve("../x/./y", base), "/x/y");
+        assert!(matches!(open("bogus://x/y"), Err(StoreError::Open { .. })));
+        let memory = open("memory://m/a/b").unwrap();
+        assert_eq!(memory.key("c/d.json").as_ref(), "a/b/c/d.json");
+        assert_eq!(memory.child("c").key("x").as_ref(), "a/b/c/x");
+    }
+}

@@ -1,0 +1,527 @@
+//! The `coordinator` command line: `serve`, the client commands (`submit`, `status`, `resume`,
+//! `cancel`, `list`) and `run`, the embedded default — a coordinator on loopback, N local
+//! `worker` processes, the job submitted and awaited.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mgd3_common::proto;
+use mgd3_common::rpc::{Client, connect, read_token_file};
+use tokio::net::TcpListener;
+
+use crate::service::{Coordinator, ServeConfig, serve};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "mgd3 coordinator: distributes MGD³ distillation over workers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the coordinator.
+    Serve(ServeArgs),
+    /// Submit a job.toml; prints the job id.
+    Submit(SubmitArgs),
+    /// Progress of one job (or of all jobs).
+    Status(StatusArgs),
+    /// Re-queue every shard without a commit marker (failed or missing).
+    Resume(ResumeArgs),
+    /// Cancel a job.
+    Cancel(JobArgs),
+    /// List jobs.
+    List(ListArgs),
+    /// The embedded default: coordinator on loopback + N local workers + the job, awaited.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: String,
+    /// Object-store URL or local folder for coordinator state (and default job outputs).
+    #[arg(long)]
+    pub store: String,
+    /// Require this bearer token (file contents) on every RPC.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Worker heartbeat (poll) interval.
+    #[arg(long, default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+}
+
+/// How client commands reach the coordinator.
+#[derive(Debug, Args, Clone)]
+pub struct Connection {
+    #[arg(
+        long,
+        env = "MGD3_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) for an https:// coordinator with a private CA.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Connection {
+    fn client(&self) -> Result<Client> {
+        let token = self
+            .token_file
+            .as_deref()
+            .map(read_token_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref())
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    pub spec: PathBuf,
+    /// Show live progress and exit non-zero when any shard failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Explicit job id (default: <name>-<fingerprint prefix>).
+    #[arg(long)]
+    pub job_id: Option<String>,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub job: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    pub job: String,
+    /// Refuse unless this job.toml has the job's fingerprint.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    pub job: String,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    pub spec: PathBuf,
+    /// Worker processes to start on this machine.
+    #[arg(long, default_value_t = 1)]
+    pub local_workers: usize,
+    /// Coordinator state (default: the job's `output`, else ./out).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// The `worker` binary (default: next to this one).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// Passed to every worker (e.g. --device cuda:0 --threads 1); repeatable.
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+}
+
+fn read_spec(path: &Path) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read job spec `{}`", path.display()))?;
+    let base = std::path::absolute(path)?
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    Ok((text, base))
+}
+
+fn describe(status: &proto::JobStatus) -> String {
+    let eta = if status.eta_seconds < 0.0 {
+        "unknown".to_owned()
+    } else {
+        format!("{:.0} s", status.eta_seconds)
+    };
+    let mut text = format!(
+        "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  images: {}/{}, {:.2} images/s, ETA {eta}\n  workers: {}\n  output: {}\n",
+        status.job_id,
+        status.state,
+        status.shards_done,
+        status.shards_running,
+        status.shards_pending,
+        status.shards_failed,
+        status.shards_total,
+        status.images_done,
+        status.images_total,
+        status.images_per_second,
+        status.workers,
+        status.output,
+    );
+    for f in &status.failures {
+        text.push_str(&format!(
+            "  failure: shard {} class {} after {} attempt(s): {}\n",
+            f.shard_index, f.wnid, f.attempts, f.error
+        ));
+    }
+    text
+}
+
+fn status_json(status: &proto::JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": status.job_id,
+        "state": status.state,
+        "shards": {"total": status.shards_total, "done": status.shards_done, "running": status.shards_running,
+                   "pending": status.shards_pending, "failed": status.shards_failed},
+        "images": {"done": status.images_done, "total": status.images_total},
+        "images_per_second": status.images_per_second,
+        "eta_seconds": if status.eta_seconds < 0.0 { serde_json::Value::Null } else { status.eta_seconds.into() },
+        "workers": status.workers,
+        "fingerprint": status.fingerprint,
+        "output": status.output,
+        "failures": status.failures.iter().map(|f| serde_json::json!({
+            "shard": f.shard_index, "class": f.wnid, "attempts": f.attempts, "error": f.error})).collect::<Vec<_>>(),
+    })
+}
+
+/// Polls a job until it ends, showing a progress bar; returns its final status.
+pub async fn wait_for(client: &mut Client, job_id: &str, quiet: bool) -> Result<proto::JobStatus> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    loop {
+        let status = client
+            .get_job_status(proto::GetJobStatusRequest {
+                job_id: job_id.into(),
+            })
+            .await?
+            .into_inner();
+        bar.set_length(status.images_total);
+        bar.set_position(status.images_done);
+        bar.set_message(format!(
+            "{} shards {}/{} ({} failed)",
+            status.state, status.shards_done, status.shards_total, status.shards_failed
+        ));
+        if status.state != "running" {
+            bar.finish_and_clear();
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn exit_for(status: &proto::JobStatus) -> Result<()> {
+    print!("{}", describe(status));
+    if status.state != "succeeded" {
+        bail!("job {} ended {}", status.job_id, status.state);
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let token = args
+                .token_file
+                .as_deref()
+                .map(read_token_file)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let tls = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some((
+                    std::fs::read(cert).with_context(|| {
+                        format!("cannot read TLS certificate `{}`", cert.display())
+                    })?,
+                    std::fs::read(key)
+                        .with_context(|| format!("cannot read TLS key `{}`", key.display()))?,
+                )),
+                _ => None,
+            };
+            let config = ServeConfig {
+                store_url: args.store,
+                token,
+                tls,
+                heartbeat_ms: args.heartbeat_ms,
+            };
+            let listener = TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            let coordinator = Coordinator::open(&config.store_url, config.heartbeat_ms).await?;
+            serve(coordinator, &config, listener, termination()).await?;
+            Ok(())
+        }
+        Command::Submit(args) => {
+            let (text, base) = read_spec(&args.spec)?;
+            let mut client = args.connection.client()?;
+            let request = proto::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: base,
+                job_id: args.job_id.unwrap_or_default(),
+            };
+            let response = client
+                .submit_job(request)
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("{}", response.job_id);
+            if args.wait {
+                let status = wait_for(&mut client, &response.job_id, false).await?;
+                exit_for(&status)?;
+            }
+            Ok(())
+        }
+        Command::Status(args) => {
+            let mut client = args.connection.client()?;
+            let statuses = match &args.job {
+                Some(job) => vec![
+                    client
+                        .get_job_status(proto::GetJobStatusRequest {
+                            job_id: job.clone(),
+                        })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                        .into_inner(),
+                ],
+                None => {
+                    client
+                        .list_jobs(proto::ListJobsRequest {})
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                        .into_inner()
+                        .jobs
+                }
+            };
+            if args.json {
+                let value: Vec<_> = statuses.iter().map(status_json).collect();
+                let value = if args.job.is_some() {
+                    value.into_iter().next().unwrap_or_default()
+                } else {
+                    value.into()
+                };
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                statuses.iter().for_each(|s| print!("{}", describe(s)));
+            }
+            Ok(())
+        }
+        Command::Resume(args) => {
+            let mut client = args.connection.client()?;
+            let (spec_toml, base_dir) = match &args.spec {
+                Some(path) => read_spec(path)?,
+                None => Default::default(),
+            };
+            let response = client
+                .resume_job(proto::ResumeJobRequest {
+                    job_id: args.job.clone(),
+                    spec_toml,
+                    base_dir,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!(
+                "job {}: {} shard(s) committed, {} re-queued",
+                args.job, response.committed, response.requeued
+            );
+            Ok(())
+        }
+        Command::Cancel(args) => {
+            let mut client = args.connection.client()?;
+            client
+                .cancel_job(proto::CancelJobRequest {
+                    job_id: args.job.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("job {} cancelled", args.job);
+            Ok(())
+        }
+        Command::List(args) => {
+            let mut client = args.connection.client()?;
+            let jobs = client
+                .list_jobs(proto::ListJobsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner()
+                .jobs;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &jobs.iter().map(status_json).collect::<Vec<_>>()
+                    )?
+                );
+            } else {
+                for j in &jobs {
+                    println!(
+                        "{}\t{}\t{}/{} shards\t{}/{} images",
+                        j.job_id,
+                        j.state,
+                        j.shards_done,
+                        j.shards_total,
+                        j.images_done,
+                        j.images_total
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Run(args) => run_local(args).await,
+    }
+}
+
+/// Resolves once every child has exited, describing their exit statuses.
+async fn all_exited(children: &mut [tokio::process::Child]) -> String {
+    let mut statuses = Vec::new();
+    for child in children.iter_mut() {
+        match child.wait().await {
+            Ok(status) => statuses.push(status.to_string()),
+            Err(e) => statuses.push(e.to_string()),
+        }
+    }
+    statuses.join(", ")
+}
+
+/// `coordinator run`: everything on this machine.
+async fn run_local(args: RunArgs) -> Result<()> {
+    if args.local_workers == 0 {
+        bail!("--local-workers must be at least 1");
+    }
+    let (text, base) = read_spec(&args.spec)?;
+    let spec = mgd3_common::job::JobSpec::from_toml(&text)?;
+    let store = match (&args.store, &spec.output) {
+        (Some(store), _) => store.clone(),
+        (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),
+        (None, None) => mgd3_common::store::resolve("out", Path::new(&base)),
+    };
+    let worker_bin = match &args.worker_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable folder")?
+            .join("worker"),
+    };
+    if !worker_bin.exists() {
+        bail!(
+            "worker binary `{}` not found (build it, or pass --worker-bin)",
+            worker_bin.display()
+        );
+    }
+    let coordinator = Coordinator::open(&store, args.heartbeat_ms).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let config = ServeConfig {
+        store_url: store.clone(),
+        token: None,
+        tls: None,
+        heartbeat_ms: args.heartbeat_ms,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let coordinator = coordinator.clone();
+        async move {
+            serve(coordinator, &config, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let (job, _) = coordinator.submit(&text, Path::new(&base), None).await?;
+    eprintln!(
+        "job {} ({} classes, {} shards) on {} local worker(s); output {}",
+        job.job_id,
+        job.classes.len(),
+        job.shards.len(),
+        args.local_workers,
+        store
+    );
+    let mut workers = Vec::new();
+    for i in 0..args.local_workers {
+        let child = tokio::process::Command::new(&worker_bin)
+            .arg("--coordinator")
+            .arg(&url)
+            .arg("--worker-id")
+            .arg(format!("local-{i}"))
+            .args(&args.worker_args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", worker_bin.display()))?;
+        workers.push(child);
+    }
+    let mut client = connect(&url, None, None).map_err(anyhow::Error::msg)?;
+    let outcome = tokio::select! {
+        status = wait_for(&mut client, &job.job_id, false) => status,
+        _ = termination() => Err(anyhow::anyhow!("interrupted; `coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id)),
+        exits = all_exited(&mut workers) => Err(anyhow::anyhow!(
+            "every local worker exited before the job finished ({exits}); see their errors above, then run again to continue"
+        )),
+    };
+    coordinator.drain();
+    for worker in &mut workers {
+        if tokio::time::timeout(Duration::from_secs(30), worker.wait())
+            .await
+            .is_err()
+        {
+            let _ = worker.start_kill();
+        }
+    }
+    coordinator.flush().await;
+    let _ = stop.send(());
+    let _ = server.await;
+    let status = outcome?;
+    exit_for(&status)?;
+    println!("dataset: {}/dataset", status.output);
+    Ok(())
+}

@@ -1,0 +1,968 @@
+//! Pure lease logic: which worker gets which shard, lease renewal and expiry, attempt budgets,
+//! job completion. No I/O and no clock: every call takes `now` (Unix ms), so tests need no sleeps.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use mgd3_common::job::{ClassRef, ResolvedJob};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SchedulerError {
+    #[error("unknown job `{0}`")]
+    UnknownJob(String),
+    #[error("lease `{0}` is not held (expired, revoked or finished)")]
+    StaleLease(String),
+    #[error("lease `{lease}` belongs to worker `{owner}`, not `{caller}`")]
+    NotOwner {
+        lease: String,
+        owner: String,
+        caller: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ShardState {
+    Pending,
+    Leased {
+        lease_id: String,
+        attempt_id: String,
+        worker_id: String,
+        deadline_ms: u64,
+        started_ms: u64,
+    },
+    Done {
+        attempt_id: String,
+        finished_ms: u64,
+    },
+    Failed,
+}
+
+/// The last error of a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardError {
+    pub wnid: Option<String>,
+    pub error: String,
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub state: ShardState,
+    /// Attempts started (leases granted) that counted against the budget.
+    pub attempts: u32,
+    pub last_error: Option<ShardError>,
+    /// Progress reported by the current lease.
+    #[serde(default)]
+    pub images_done: u32,
+}
+
+/// What survives a coordinator restart (state.json).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PersistedJob {
+    pub shards: Vec<Shard>,
+    pub cancelled: bool,
+    pub finished_unix_ms: Option<u64>,
+    pub excluded_workers: BTreeSet<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+struct JobRun {
+    job: Arc<ResolvedJob>,
+    persisted: PersistedJob,
+    pending: BTreeSet<usize>,
+    /// Throughput origin of this process: (time, images done then).
+    rate_origin: (u64, u64),
+}
+
+impl JobRun {
+    fn state(&self) -> JobState {
+        let p = &self.persisted;
+        if p.cancelled {
+            return JobState::Cancelled;
+        }
+        let open = p
+            .shards
+            .iter()
+            .any(|s| matches!(s.state, ShardState::Pending | ShardState::Leased { .. }));
+        if open {
+            JobState::Running
+        } else if p.shards.iter().any(|s| s.state == ShardState::Failed) {
+            JobState::Failed
+        } else {
+            JobState::Succeeded
+        }
+    }
+
+    fn images_done(&self) -> u64 {
+        let ipc = self.job.spec.ipc as u64;
+        self.persisted
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s.state {
+                ShardState::Done { .. } => self.job.shard_classes(i).len() as u64 * ipc,
+                ShardState::Leased { .. } => s.images_done as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// A granted lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    pub attempt_id: String,
+    pub job: Arc<ResolvedJob>,
+    pub shard_index: usize,
+    pub attempt: u32,
+    pub deadline_ms: u64,
+    pub classes: Vec<ClassRef>,
+}
+
+/// What a poll tells the worker.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PollDecision {
+    Lease(LeaseGrant),
+    Wait(u64),
+    Drain,
+}
+
+/// A running lease as the worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Running {
+    pub lease_id: String,
+    pub images_done: u32,
+}
+
+/// Counts for status output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSummary {
+    pub job: Arc<ResolvedJob>,
+    pub state: JobState,
+    pub done: u32,
+    pub running: u32,
+    pub pending: u32,
+    pub failed: u32,
+    pub images_done: u64,
+    pub images_per_second: f64,
+    pub eta_seconds: f64,
+    pub failures: Vec<(usize, Shard)>,
+    pub finished_unix_ms: Option<u64>,
+}
+
+/// Events the caller acts on (persisting state, writing the manifest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The job is still running.
+    Open,
+    /// The job just reached a final state.
+    Finished(JobState),
+}
+
+pub struct Scheduler {
+    jobs: BTreeMap<String, JobRun>,
+    /// Job ids in submission order (lease priority).
+    order: Vec<String>,
+    /// lease id → (job id, shard index)
+    leases: HashMap<String, (String, usize)>,
+    workers: HashMap<String, u64>,
+    heartbeat_ms: u64,
+    draining: bool,
+    next_lease: u64,
+    /// Distinguishes lease ids across coordinator restarts.
+    epoch: String,
+}
+
+impl Scheduler {
+    pub fn new(heartbeat_ms: u64, epoch: impl Into<String>) -> Self {
+        Scheduler {
+            jobs: BTreeMap::new(),
+            order: Vec::new(),
+            leases: HashMap::new(),
+            workers: HashMap::new(),
+            heartbeat_ms,
+            draining: false,
+            next_lease: 0,
+            epoch: epoch.into(),
+        }
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms
+    }
+
+    /// From now on idle workers are told to drain (exit).
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Adds a job (new, or recovered with its persisted state). `committed` are the shards whose
+    /// every class has a commit marker: they are done whatever the state file says.
+    pub fn add_job(
+        &mut self,
+        job: Arc<ResolvedJob>,
+        persisted: Option<PersistedJob>,
+        committed: &HashSet<usize>,
+        now: u64,
+    ) {
+        let shards = job.shards.len();
+        let recovered = persisted.is_some();
+        let grace = job.spec.lease_timeout_s * 1000;
+        let mut persisted = persisted
+            .filter(|p| p.shards.len() == shards)
+            .unwrap_or_else(|| PersistedJob {
+                shards: vec![
+                    Shard {
+                        state: ShardState::Pending,
+                        attempts: 0,
+                        last_error: None,
+                        images_done: 0
+                    };
+                    shards
+                ],
+                ..Default::default()
+            });
+        let mut pending = BTreeSet::new();
+        for (i, shard) in persisted.shards.iter_mut().enumerate() {
+            if committed.contains(&i) {
+                if !matches!(shard.state, ShardState::Done { .. }) {
+                    shard.state = ShardState::Done {
+                        attempt_id: "recovered".into(),
+                        finished_ms: now,
+                    };
+                }
+                continue;
+            }
+            match &mut shard.state {
+                ShardState::Done { .. } => {
+                    shard.state = ShardState::Pending;
+                    pending.insert(i);
+                }
+                ShardState::Pending => {
+                    pending.insert(i);
+                }
+                ShardState::Leased {
+                    lease_id,
+                    deadline_ms,
+                    ..
+                } => {
+                    // After a restart the holder gets a full lease period to renew.
+                    if recovered {
+                        *deadline_ms = (*deadline_ms).max(now + grace);
+                    }
+                    self.leases
+                        .insert(lease_id.clone(), (job.job_id.clone(), i));
+                }
+                ShardState::Failed => {}
+            }
+        }
+        if persisted.cancelled {
+            pending.clear();
+        }
+        let id = job.job_id.clone();
+        let mut run = JobRun {
+            job,
+            persisted,
+            pending,
+            rate_origin: (now, 0),
+        };
+        run.rate_origin = (now, run.images_done());
+        if !self.jobs.contains_key(&id) {
+            self.order.push(id.clone());
+        }
+        self.jobs.insert(id, run);
+    }
+
+    pub fn has_job(&self, job_id: &str) -> bool {
+        self.jobs.contains_key(job_id)
+    }
+
+    pub fn job_ids(&self) -> Vec<String> {
+        self.order.clone()
+    }
+
+    pub fn persisted(&self, job_id: &str) -> Option<&PersistedJob> {
+        self.jobs.get(job_id).map(|j| &j.persisted)
+    }
+
+    pub fn job(&self, job_id: &str) -> Option<Arc<ResolvedJob>> {
+        self.jobs.get(job_id).map(|j| j.job.clone())
+    }
+
+    pub fn state(&self, job_id: &str) -> Option<JobState> {
+        self.jobs.get(job_id).map(JobRun::state)
+    }
+
+    /// Workers seen in the last three heartbeats.
+    pub fn live_workers(&self, now: u64) -> usize {
+        self.workers
+            .values()
+            .filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms)
+            .count()
+    }
+
+    pub fn register(&mut self, worker_id: &str, now: u64) {
+        self.workers.insert(worker_id.to_owned(), now);
+    }
+
+    /// Heartbeat, renewal and work request. Returns the decision and the reported leases that are
+    /// no longer valid (the worker must stop them).
+    pub fn poll(
+        &mut self,
+        worker_id: &str,
+        running: &[Running],
+        draining: bool,
+        now: u64,
+    ) -> (PollDecision, Vec<String>) {
+        self.workers.insert(worker_id.to_owned(), now);
+        self.expire(now);
+        let mut revoked = Vec::new();
+        let mut holds = false;
+        for r in running {
+            match self.renew(worker_id, r, now) {
+                true => holds = true,
+                false => revoked.push(r.lease_id.clone()),
+            }
+        }
+        if holds {
+            return (PollDecision::Wait(self.heartbeat_ms), revoked);
+        }
+        if draining || self.draining {
+            return (PollDecision::Drain, revoked);
+        }
+        match self.grant(worker_id, now) {
+            Some(grant) => (PollDecision::Lease(grant), revoked),
+            None => (PollDecision::Wait(self.heartbeat_ms), revoked),
+        }
+    }
+
+    fn renew(&mut self, worker_id: &str, running: &Running, now: u64) -> bool {
+        let Some((job_id, shard)) = self.leases.get(&running.lease_id).cloned() else {
+            return false;
+        };
+        let Some(run) = self.jobs.get_mut(&job_id) else {
+            return false;
+        };
+        let timeout = run.job.spec.lease_timeout_s * 1000;
+        let entry = &mut run.persisted.shards[shard];
+        match &mut entry.state {
+            ShardState::Leased {
+                worker_id: owner,
+                deadline_ms,
+                ..
+            } if owner == worker_id => {
+                *deadline_ms = now + timeout;
+                entry.images_done = running.images_done;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn grant(&mut self, worker_id: &str, now: u64) -> Option<LeaseGrant> {
+        for job_id in &self.order {
+            let run = self.jobs.get_mut(job_id).expect("ordered jobs exist");
+            if run.persisted.cancelled || run.persisted.excluded_workers.contains(worker_id) {
+                continue;
+            }
+            let Some(shard) = run.pending.pop_first() else {
+                continue;
+            };
+            self.next_lease += 1;
+            let entry = &mut run.persisted.shards[shard];
+            entry.attempts += 1;
+            entry.images_done = 0;
+            let lease_id = format!("{}-{}", self.epoch, self.next_lease);
+            let attempt_id = format!("s{shard}-a{}-{lease_id}", entry.attempts);
+            let deadline_ms = now + run.job.spec.lease_timeout_s * 1000;
+            entry.state = ShardState::Leased {
+                lease_id: lease_id.clone(),
+                attempt_id: attempt_id.clone(),
+                worker_id: worker_id.to_owned(),
+                deadline_ms,
+                started_ms: now,
+            };
+            self.leases
+                .insert(lease_id.clone(), (job_id.clone(), shard));
+            return Some(LeaseGrant {
+                lease_id,
+                attempt_id,
+                job: run.job.clone(),
+                shard_index: shard,
+                attempt: entry.attempts,
+                deadline_ms,
+                classes: run.job.shard_classes(shard).to_vec(),
+            });
+        }
+        None
+    }
+
+    /// Returns expired leases' shards to the queue (or fails them when out of attempts).
+    /// Returns the jobs whose state changed.
+    pub fn expire(&mut self, now: u64) -> Vec<(String, Settled)> {
+        let expired: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, (job, shard))| {
+                matches!(self.jobs[job].persisted.shards[*shard].state, ShardState::Leased { deadline_ms, .. } if deadline_ms <= now)
+            })
+            .map(|(lease, _)| lease.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|lease| {
+                let (job, shard) = self.leases.remove(&lease)?;
+                let worker = match &self.jobs[&job].persisted.shards[shard].state {
+                    ShardState::Leased { worker_id, .. } => worker_id.clone(),
+                    _ => String::new(),
+                };
+                let error = format!("lease expired: worker `{worker}` stopped renewing it");
+                Some((
+                    job.clone(),
+                    self.requeue_or_fail(&job, shard, None, error, true, false, now),
+                ))
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn requeue_or_fail(
+        &mut self,
+        job_id: &str,
+        shard: usize,
+        wnid: Option<String>,
+        error: String,
+        retryable: bool,
+        released: bool,
+        now: u64,
+    ) -> Settled {
+        let run = self.jobs.get_mut(job_id).expect("job of a lease");
+        let max = run.job.spec.max_attempts;
+        let cancelled = run.persisted.cancelled;
+        let entry = &mut run.persisted.shards[shard];
+        if released {
+            entry.attempts = entry.attempts.saturating_sub(1);
+        } else {
+            entry.last_error = Some(ShardError {
+                wnid,
+                error,
+                at_ms: now,
+            });
+        }
+        entry.images_done = 0;
+        if cancelled {
+            entry.state = ShardState::Pending;
+        } else if retryable && entry.attempts < max {
+            entry.state = ShardState::Pending;
+            run.pending.insert(shard);
+        } else {
+            entry.state = ShardState::Failed;
+        }
+        self.settle(job_id, now)
+    }
+
+    fn settle(&mut self, job_id: &str, now: u64) -> Settled {
+        let run = self.jobs.get_mut(job_id).expect("job exists");
+        let state = run.state();
+        if state != JobState::Running && run.persisted.finished_unix_ms.is_none() {
+            run.persisted.finished_unix_ms = Some(now);
+            return Settled::Finished(state);
+        }
+        Settled::Open
+    }
+
+    fn lease_of(&self, worker_id: &str, lease_id: &str) -> Result<(String, usize), SchedulerError> {
+        let (job, shard) = self
+            .leases
+            .get(lease_id)
+            .cloned()
+            .ok_or_else(|| SchedulerError::StaleLease(lease_id.into()))?;
+        match &self.jobs[&job].persisted.shards[shard].state {
+            ShardState::Leased {
+                worker_id: owner, ..
+            } if owner != worker_id => Err(SchedulerError::NotOwner {
+                lease: lease_id.into(),
+                owner: owner.clone(),
+                caller: worker_id.into(),
+            }),
+            _ => Ok((job, shard)),
+        }
+    }
+
+    /// The (job, shard, attempt id) a lease is for, when it is still held by `worker_id`.
+    pub fn lease(
+        &self,
+        worker_id: &str,
+        lease_id: &str,
+    ) -> Result<(Arc<ResolvedJob>, usize), SchedulerError> {
+        let (job, shard) = self.lease_of(worker_id, lease_id)?;
+        Ok((self.jobs[&job].job.clone(), shard))
+    }
+
+    /// A shard's lease finished and its markers were verified.
+    pub fn complete(
+        &mut self,
+        worker_id: &str,
+        lease_id: &str,
+        now: u64,
+    ) -> Result<(String, Settled), SchedulerError> {
+        let (job, shard) = self.lease_of(worker_id, lease_id)?;
+        self.leases.remove(lease_id);
+        let settled = self.mark_done(&job, shard, now);
+        Ok((job, settled))
+    }
+
+    /// Marks a shard done (its markers exist), whatever lease it had.
+    pub fn mark_done(&mut self, job_id: &str, shard: usize, now: u64) -> Settled {
+        if let Some(run) = self.jobs.get_mut(job_id) {
+            let entry = &mut run.persisted.shards[shard];
+            let attempt_id = match &entry.state {
+                ShardState::Leased {
+                    attempt_id,
+                    lease_id,
+                    ..
+                } => {
+                    self.leases.remove(lease_id);
+                    attempt_id.clone()
+                }
+                ShardState::Done { .. } => return Settled::Open,
+                _ => "recovered".into(),
+            };
+            entry.state = ShardState::Done {
+                attempt_id,
+                finished_ms: now,
+            };
+            run.pending.remove(&shard);
+            return self.settle(job_id, now);
+        }
+        Settled::Open
+    }
+
+    /// A lease failed (or was released on shutdown, which does not count as an attempt).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fail(
+        &mut self,
+        worker_id: &str,
+        lease_id: &str,
+        wnid: Option<String>,
+        error: String,
+        retryable: bool,
+        released: bool,
+        now: u64,
+    ) -> Result<(String, Settled), SchedulerError> {
+        let (job, shard) = self.lease_of(worker_id, lease_id)?;
+        self.leases.remove(lease_id);
+        Ok((
+            job.clone(),
+            self.requeue_or_fail(&job, shard, wnid, error, retryable, released, now),
+        ))
+    }
+
+    /// A worker cannot run a job (e.g. it holds different model files): give the shard back
+    /// without spending an attempt and lease nothing of that job to it again.
+    pub fn exclude(
+        &mut self,
+        worker_id: &str,
+        lease_id: &str,
+        error: String,
+        now: u64,
+    ) -> Result<(String, Settled), SchedulerError> {
+        let (job, shard) = self.lease_of(worker_id, lease_id)?;
+        self.leases.remove(lease_id);
+        let run = self.jobs.get_mut(&job).expect("job");
+        run.persisted.excluded_workers.insert(worker_id.to_owned());
+        let entry = &mut run.persisted.shards[shard];
+        entry.attempts = entry.attempts.saturating_sub(1);
+        entry.last_error = Some(ShardError {
+            wnid: None,
+            error,
+            at_ms: now,
+        });
+        entry.state = ShardState::Pending;
+        run.pending.insert(shard);
+        Ok((job, Settled::Open))
+    }
+
+    pub fn cancel(&mut self, job_id: &str, now: u64) -> Result<Settled, SchedulerError> {
+        let run = self
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        if run.state() != JobState::Running {
+            return Ok(Settled::Open);
+        }
+        run.persisted.cancelled = true;
+        run.pending.clear();
+        for shard in run.persisted.shards.iter_mut() {
+            if let ShardState::Leased { lease_id, .. } = &shard.state {
+                self.leases.remove(lease_id);
+                shard.state = ShardState::Pending;
+            }
+        }
+        Ok(self.settle(job_id, now))
+    }
+
+    /// Re-queues every shard not in `committed` (failed, cancelled or missing) with a fresh
+    /// attempt budget; committed shards become done. Returns (committed, requeued).
+    pub fn resume(
+        &mut self,
+        job_id: &str,
+        committed: &HashSet<usize>,
+        now: u64,
+    ) -> Result<(usize, usize), SchedulerError> {
+        let run = self
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        run.persisted.cancelled = false;
+        run.persisted.finished_unix_ms = None;
+        let mut requeued = 0;
+        for (i, shard) in run.persisted.shards.iter_mut().enumerate() {
+            if committed.contains(&i) {
+                if !matches!(shard.state, ShardState::Done { .. }) {
+                    shard.state = ShardState::Done {
+                        attempt_id: "recovered".into(),
+                        finished_ms: now,
+                    };
+                }
+                run.pending.remove(&i);
+            } else if !matches!(shard.state, ShardState::Leased { .. }) {
+                shard.state = ShardState::Pending;
+                shard.attempts = 0;
+                run.pending.insert(i);
+                requeued += 1;
+            }
+        }
+        run.rate_origin = (now, run.images_done());
+        let _ = self.settle(job_id, now);
+        Ok((committed.len(), requeued))
+    }
+
+    pub fn summary(&self, job_id: &str, now: u64) -> Option<JobSummary> {
+        let run = self.jobs.get(job_id)?;
+        let mut counts = [0u32; 4];
+        let mut failures = Vec::new();
+        for (i, s) in run.persisted.shards.iter().enumerate() {
+            let slot = match s.state {
+                ShardState::Done { .. } => 0,
+                ShardState::Leased { .. } => 1,
+                ShardState::Pending => 2,
+                ShardState::Failed => 3,
+            };
+            counts[slot] += 1;
+            if s.state == ShardState::Failed || (s.last_error.is_some() && slot != 0) {
+                failures.push((i, s.clone()));
+            }
+        }
+        let images_done = run.images_done();
+        let end = run.persisted.finished_unix_ms.unwrap_or(now);
+        let elapsed = end.saturating_sub(run.rate_origin.0) as f64 / 1000.0;
+        let rate = if elapsed > 0.0 {
+            images_done.saturating_sub(run.rate_origin.1) as f64 / elapsed
+        } else {
+            0.0
+        };
+        let remaining = run.job.images_total().saturating_sub(images_done) as f64;
+        let eta = if run.state() != JobState::Running {
+            0.0
+        } else if rate > 0.0 {
+            remaining / rate
+        } else {
+            f64::INFINITY
+        };
+        Some(JobSummary {
+            job: run.job.clone(),
+            state: run.state(),
+            done: counts[0],
+            running: counts[1],
+            pending: counts[2],
+            failed: counts[3],
+            images_done,
+            images_per_second: rate,
+            eta_seconds: eta,
+            failures,
+            finished_unix_ms: run.persisted.finished_unix_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mgd3_common::job::JobSpec;
+
+    fn job(id: &str, classes: usize, per_shard: usize, attempts: u32) -> Arc<ResolvedJob> {
+        let mut spec = JobSpec::from_toml(
+            "dataset = \"/d\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 2\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"",
+        )
+        .unwrap();
+        spec.classes_per_shard = per_shard;
+        spec.max_attempts = attempts;
+        spec.lease_timeout_s = 10;
+        let names = (0..classes).map(|i| format!("c{i}")).collect::<Vec<_>>();
+        let classes = spec.class_list(|| Ok(names)).unwrap();
+        let shards = spec.plan_shards(classes.len());
+        Arc::new(ResolvedJob {
+            job_id: id.into(),
+            fingerprint: "fp".into(),
+            spec,
+            classes,
+            shards,
+            created_unix_ms: 0,
+        })
+    }
+
+    fn lease(d: PollDecision) -> LeaseGrant {
+        match d {
+            PollDecision::Lease(l) => l,
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shards_are_leased_once_renewed_and_completed() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 3, 1, 3), None, &HashSet::new(), 0);
+        let a = lease(s.poll("w1", &[], false, 0).0);
+        let b = lease(s.poll("w2", &[], false, 0).0);
+        assert_ne!(a.shard_index, b.shard_index);
+        let c = lease(s.poll("w3", &[], false, 0).0);
+        assert_eq!(s.complete("w3", &c.lease_id, 1).unwrap().1, Settled::Open);
+        // A worker holding a lease gets no second one.
+        let running = [Running {
+            lease_id: a.lease_id.clone(),
+            images_done: 1,
+        }];
+        assert_eq!(
+            s.poll("w1", &running, false, 5_000).0,
+            PollDecision::Wait(1000)
+        );
+        // Renewed at 5 s: still held at 12 s; w2's lease (deadline 10 s) expired.
+        let (decision, revoked) = s.poll("w1", &running, false, 12_000);
+        assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![]));
+        let (decision, revoked) = s.poll(
+            "w2",
+            &[Running {
+                lease_id: b.lease_id.clone(),
+                images_done: 0,
+            }],
+            false,
+            12_000,
+        );
+        assert_eq!(revoked, vec![b.lease_id.clone()]);
+        // The expired shard is leased again, as a second attempt.
+        let retry = lease(decision);
+        assert_eq!((retry.shard_index, retry.attempt), (b.shard_index, 2));
+        assert_eq!(
+            s.complete("w1", &a.lease_id, 13_000).unwrap().1,
+            Settled::Open
+        );
+        assert_eq!(
+            s.complete("w1", &a.lease_id, 13_000),
+            Err(SchedulerError::StaleLease(a.lease_id.clone()))
+        );
+        let summary = s.summary("j", 13_000).unwrap();
+        assert_eq!(
+            (
+                summary.done,
+                summary.pending,
+                summary.running,
+                summary.images_done
+            ),
+            (2, 0, 1, 4)
+        );
+        assert_eq!(
+            s.complete("w2", &retry.lease_id, 15_000).unwrap().1,
+            Settled::Finished(JobState::Succeeded)
+        );
+        assert_eq!(
+            s.summary("j", 16_000).unwrap().finished_unix_ms,
+            Some(15_000)
+        );
+    }
+
+    #[test]
+    fn attempt_budget_fails_the_job_naming_the_shard() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 2), None, &HashSet::new(), 0);
+        let first = lease(s.poll("w", &[], false, 0).0);
+        assert_eq!(first.shard_index, 0);
+        s.fail(
+            "w",
+            &first.lease_id,
+            Some("c0".into()),
+            "decode error".into(),
+            true,
+            false,
+            1,
+        )
+        .unwrap();
+        let again = lease(s.poll("w", &[], false, 2).0);
+        assert_eq!((again.shard_index, again.attempt), (0, 2));
+        s.fail(
+            "w",
+            &again.lease_id,
+            Some("c0".into()),
+            "decode error".into(),
+            true,
+            false,
+            3,
+        )
+        .unwrap();
+        let other = lease(s.poll("w", &[], false, 4).0);
+        assert_eq!(other.shard_index, 1);
+        let (_, settled) = s.complete("w", &other.lease_id, 5).unwrap();
+        assert_eq!(settled, Settled::Finished(JobState::Failed));
+        let summary = s.summary("j", 6).unwrap();
+        assert_eq!(summary.failures.len(), 1);
+        assert_eq!(
+            summary.failures[0]
+                .1
+                .last_error
+                .as_ref()
+                .unwrap()
+                .wnid
+                .as_deref(),
+            Some("c0")
+        );
+    }
+
+    #[test]
+    fn non_retryable_errors_fail_at_once_and_releases_cost_nothing() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
+        let a = lease(s.poll("w", &[], false, 0).0);
+        s.fail(
+            "w",
+            &a.lease_id,
+            None,
+            "shutting down".into(),
+            true,
+            true,
+            1,
+        )
+        .unwrap();
+        assert_eq!(s.persisted("j").unwrap().shards[0].attempts, 0);
+        let a = lease(s.poll("w", &[], false, 2).0);
+        assert_eq!(a.shard_index, 0);
+        s.fail(
+            "w",
+            &a.lease_id,
+            Some("c0".into()),
+            "class folder missing".into(),
+            false,
+            false,
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            s.persisted("j").unwrap().shards[0].state,
+            ShardState::Failed
+        );
+    }
+
+    #[test]
+    fn expiry_requeues_and_other_workers_cannot_steal() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 1, 1, 2), None, &HashSet::new(), 0);
+        let a = lease(s.poll("w1", &[], false, 0).0);
+        assert!(matches!(
+            s.complete("w2", &a.lease_id, 1),
+            Err(SchedulerError::NotOwner { .. })
+        ));
+        assert_eq!(s.poll("w2", &[], false, 5_000).0, PollDecision::Wait(1000));
+        let b = lease(s.poll("w2", &[], false, 10_001).0);
+        assert_eq!((b.shard_index, b.attempt), (0, 2));
+        assert!(matches!(
+            s.complete("w1", &a.lease_id, 10_002),
+            Err(SchedulerError::StaleLease(_))
+        ));
+        // Second expiry exhausts the budget.
+        s.expire(30_000);
+        assert_eq!(s.state("j"), Some(JobState::Failed));
+    }
+
+    #[test]
+    fn recovery_trusts_markers_and_keeps_live_leases() {
+        let mut s = Scheduler::new(1000, "e1");
+        let j = job("j", 4, 1, 3);
+        s.add_job(j.clone(), None, &HashSet::new(), 0);
+        let a = lease(s.poll("w1", &[], false, 0).0);
+        let b = lease(s.poll("w2", &[], false, 0).0);
+        s.complete("w1", &a.lease_id, 1).unwrap();
+        let saved = s.persisted("j").unwrap().clone();
+        // A new coordinator: shard 0 has markers, shard 2 too (its worker committed but never
+        // reported), shard 1 is still leased by w2 who keeps renewing.
+        let mut restarted = Scheduler::new(1000, "e2");
+        restarted.add_job(j, Some(saved), &HashSet::from([0, 2]), 2);
+        let running = [Running {
+            lease_id: b.lease_id.clone(),
+            images_done: 0,
+        }];
+        assert_eq!(
+            restarted.poll("w2", &running, false, 3).0,
+            PollDecision::Wait(1000)
+        );
+        let next = lease(restarted.poll("w3", &[], false, 3).0);
+        assert_eq!(next.shard_index, 3);
+        let summary = restarted.summary("j", 4).unwrap();
+        assert_eq!((summary.done, summary.running), (2, 2));
+    }
+
+    #[test]
+    fn cancel_resume_and_exclusion() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 3, 1, 1), None, &HashSet::new(), 0);
+        let a = lease(s.poll("w", &[], false, 0).0);
+        assert_eq!(
+            s.cancel("j", 1).unwrap(),
+            Settled::Finished(JobState::Cancelled)
+        );
+        let (decision, revoked) = s.poll(
+            "w",
+            &[Running {
+                lease_id: a.lease_id.clone(),
+                images_done: 0,
+            }],
+            false,
+            2,
+        );
+        assert_eq!(
+            (decision, revoked),
+            (PollDecision::Wait(1000), vec![a.lease_id.clone()])
+        );
+        assert_eq!(s.resume("j", &HashSet::from([1]), 3).unwrap(), (1, 2));
+        assert_eq!(s.state("j"), Some(JobState::Running));
+        let b = lease(s.poll("w", &[], false, 4).0);
+        s.exclude("w", &b.lease_id, "model fingerprint mismatch".into(), 5)
+            .unwrap();
+        assert_eq!(s.poll("w", &[], false, 6).0, PollDecision::Wait(1000));
+        let c = lease(s.poll("other", &[], false, 7).0);
+        assert_eq!(c.attempt, 1, "exclusion does not spend an attempt");
+        s.drain();
+        assert_eq!(s.poll("idle", &[], false, 8).0, PollDecision::Drain);
+    }
+}

@@ -1,0 +1,775 @@
+//! The coordinator: the tonic service over a [`Scheduler`], durable state in the object store, a
+//! background task that persists state and expires leases, and [`serve`], the library entry point
+//! (`coordinator serve` and the tests call it with their own listener).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mgd3_common::job::{JobSpec, ResolvedJob, job_id};
+use mgd3_common::layout::JobKeys;
+use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use mgd3_common::proto::{self, poll_work_response::Action};
+use mgd3_common::rpc::RequireToken;
+use mgd3_common::store::{self, Location};
+use mgd3_common::{PROTOCOL_VERSION, now_ms};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::scheduler::{JobState, PollDecision, Running, Scheduler, Settled};
+use crate::state;
+
+/// How `serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Where coordinator state lives (and job outputs, unless a job names another `output`).
+    pub store_url: String,
+    pub token: Option<String>,
+    /// PEM certificate and key for TLS.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub heartbeat_ms: u64,
+}
+
+struct Inner {
+    scheduler: Mutex<Scheduler>,
+    store: Location,
+    outputs: Mutex<HashMap<String, Location>>,
+    dirty: Mutex<HashSet<String>>,
+    /// Succeeded jobs whose manifest is still to be written (with their finish time).
+    manifests_due: Mutex<HashMap<String, u64>>,
+    wake: Notify,
+}
+
+/// The coordinator's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+impl Coordinator {
+    /// Opens the store and recovers every job in it: committed shards (by marker) stay done,
+    /// leases survive until they expire, attempts and failures come back from state.json.
+    pub async fn open(store_url: &str, heartbeat_ms: u64) -> Result<Self> {
+        let store = store::open(store_url)?;
+        let epoch = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let coordinator = Coordinator {
+            inner: Arc::new(Inner {
+                scheduler: Mutex::new(Scheduler::new(heartbeat_ms, epoch)),
+                store,
+                outputs: Mutex::new(HashMap::new()),
+                dirty: Mutex::new(HashSet::new()),
+                manifests_due: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+            }),
+        };
+        for (job, persisted) in state::load_jobs(&coordinator.inner.store).await? {
+            let out = coordinator.output(&job)?;
+            let committed = state::committed_shards(&out, &job).await?;
+            let id = job.job_id.clone();
+            info!(job = %id, committed = committed.len(), shards = job.shards.len(), "recovered job");
+            let finished = persisted.as_ref().and_then(|p| p.finished_unix_ms);
+            let job = Arc::new(job);
+            let now = now_ms();
+            let mut scheduler = coordinator.inner.scheduler.lock().expect("scheduler");
+            scheduler.add_job(job.clone(), persisted, &committed, now);
+            let state = scheduler.state(&id);
+            drop(scheduler);
+            if state == Some(JobState::Succeeded) && finished.is_none() {
+                coordinator.finish(job, JobState::Succeeded, now);
+            }
+            coordinator.mark_dirty(&id);
+        }
+        Ok(coordinator)
+    }
+
+    pub fn store_url(&self) -> &str {
+        &self.inner.store.url
+    }
+
+    fn output(&self, job: &ResolvedJob) -> Result<Location> {
+        let url = job
+            .spec
+            .output
+            .clone()
+            .unwrap_or_else(|| self.inner.store.url.clone());
+        let mut outputs = self.inner.outputs.lock().expect("outputs");
+        if let Some(location) = outputs.get(&url) {
+            return Ok(location.clone());
+        }
+        let location = store::open(&url)?;
+        outputs.insert(url, location.clone());
+        Ok(location)
+    }
+
+    fn mark_dirty(&self, job_id: &str) {
+        self.inner
+            .dirty
+            .lock()
+            .expect("dirty")
+            .insert(job_id.to_owned());
+        self.inner.wake.notify_one();
+    }
+
+    fn settled(&self, job_id: &str, settled: Settled) {
+        self.mark_dirty(job_id);
+        if let Settled::Finished(state) = settled {
+            let job = self.inner.scheduler.lock().expect("scheduler").job(job_id);
+            if let Some(job) = job {
+                self.finish(job, state, now_ms());
+            }
+        }
+    }
+
+    /// Logs a finished job and, when it succeeded, schedules its manifest.
+    fn finish(&self, job: Arc<ResolvedJob>, state: JobState, now: u64) {
+        info!(job = %job.job_id, state = state.as_str(), "job finished");
+        if state == JobState::Succeeded {
+            self.inner
+                .manifests_due
+                .lock()
+                .expect("manifests")
+                .insert(job.job_id.clone(), now);
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Persists dirty jobs and expires leases until `shutdown`; flushes once more at the end.
+    pub async fn background(self, shutdown: impl Future<Output = ()>) {
+        let heartbeat = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .heartbeat_ms();
+        let mut tick =
+            tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tick.tick() => {
+                    let changed = self.inner.scheduler.lock().expect("scheduler").expire(now_ms());
+                    for (job, settled) in changed {
+                        self.settled(&job, settled);
+                    }
+                }
+                _ = self.inner.wake.notified() => {}
+            }
+            self.flush().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.flush().await;
+    }
+
+    /// Writes state.json of every dirty job and the manifest of every newly succeeded job.
+    pub async fn flush(&self) {
+        let due: Vec<(String, u64)> = self
+            .inner
+            .manifests_due
+            .lock()
+            .expect("manifests")
+            .drain()
+            .collect();
+        for (job_id, finished) in due {
+            let job = self.inner.scheduler.lock().expect("scheduler").job(&job_id);
+            let Some(job) = job else { continue };
+            let result = match self.output(&job) {
+                Ok(out) => state::write_manifest(&out, &job, finished).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => info!(job = %job_id, "manifest written"),
+                Err(error) => {
+                    warn!(job = %job_id, %error, "could not write the job manifest; will retry");
+                    self.inner
+                        .manifests_due
+                        .lock()
+                        .expect("manifests")
+                        .insert(job_id, finished);
+                }
+            }
+        }
+        let dirty: Vec<String> = self.inner.dirty.lock().expect("dirty").drain().collect();
+        for job_id in dirty {
+            let persisted = self
+                .inner
+                .scheduler
+                .lock()
+                .expect("scheduler")
+                .persisted(&job_id)
+                .cloned();
+            if let Some(persisted) = persisted
+                && let Err(error) = state::write_state(&self.inner.store, &job_id, &persisted).await
+            {
+                warn!(job = %job_id, %error, "could not persist job state; will retry");
+                self.mark_dirty(&job_id);
+            }
+        }
+    }
+
+    /// Tells idle workers to exit from now on.
+    pub fn drain(&self) {
+        self.inner.scheduler.lock().expect("scheduler").drain();
+    }
+
+    /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards).
+    pub async fn resolve(
+        &self,
+        spec_toml: &str,
+        base_dir: &Path,
+        explicit_id: Option<String>,
+    ) -> Result<ResolvedJob> {
+        let mut spec = JobSpec::from_toml(spec_toml)?;
+        spec.resolve_paths(base_dir);
+        spec.validate()?;
+        if spec.output.is_none() {
+            spec.output = Some(self.inner.store.url.clone());
+        }
+        let spec = tokio::task::spawn_blocking(move || fill_model_fingerprints(spec))
+            .await
+            .expect("fingerprint task")?;
+        let dataset = spec.dataset.clone();
+        let classes = spec.class_list(|| list_class_folders(&dataset))?;
+        let fingerprint = spec.fingerprint(&classes);
+        let shards = spec.plan_shards(classes.len());
+        let job_id = explicit_id
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| job_id(&spec, &fingerprint));
+        Ok(ResolvedJob {
+            job_id,
+            spec,
+            classes,
+            shards,
+            fingerprint,
+            created_unix_ms: now_ms(),
+        })
+    }
+
+    /// Submits a job; submitting the same spec again returns the existing job.
+    pub async fn submit(
+        &self,
+        spec_toml: &str,
+        base_dir: &Path,
+        explicit_id: Option<String>,
+    ) -> Result<(Arc<ResolvedJob>, bool)> {
+        let job = self.resolve(spec_toml, base_dir, explicit_id).await?;
+        if let Some(existing) = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .job(&job.job_id)
+        {
+            if existing.fingerprint != job.fingerprint {
+                return Err(Error::JobIdTaken { job: job.job_id });
+            }
+            return Ok((existing, true));
+        }
+        let out = self.output(&job)?;
+        let created = state::write_job(&self.inner.store, &job).await?;
+        let job = if created {
+            job
+        } else {
+            state::read_job(&self.inner.store, &job.job_id).await?
+        };
+        let committed = state::committed_shards(&out, &job).await?;
+        let job = Arc::new(job);
+        info!(job = %job.job_id, classes = job.classes.len(), shards = job.shards.len(), committed = committed.len(), "job submitted");
+        let settled = {
+            let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            scheduler.add_job(job.clone(), None, &committed, now_ms());
+            scheduler.state(&job.job_id)
+        };
+        self.mark_dirty(&job.job_id);
+        if settled == Some(JobState::Succeeded) {
+            self.finish(job.clone(), JobState::Succeeded, now_ms());
+        }
+        Ok((job, !created))
+    }
+
+    /// Lists markers, finishes interrupted publishes and re-queues every shard without markers.
+    pub async fn resume(
+        &self,
+        job_id: &str,
+        spec: Option<(&str, &Path)>,
+    ) -> Result<(usize, usize)> {
+        let job = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .job(job_id)
+            .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
+        if let Some((text, base)) = spec {
+            let now = self.resolve(text, base, Some(job_id.to_owned())).await?;
+            if now.fingerprint != job.fingerprint {
+                return Err(Error::FingerprintChanged {
+                    job: job_id.into(),
+                    was: job.fingerprint.clone(),
+                    now: now.fingerprint,
+                });
+            }
+        }
+        let out = self.output(&job)?;
+        let keys = JobKeys::new(job_id);
+        for class in &job.classes {
+            if let Some(marker) =
+                mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint)
+                    .await?
+            {
+                mgd3_common::commit::publish(&out, &keys, &marker).await?;
+            }
+        }
+        let committed = state::committed_shards(&out, &job).await?;
+        let counts =
+            self.inner
+                .scheduler
+                .lock()
+                .expect("scheduler")
+                .resume(job_id, &committed, now_ms())?;
+        info!(job = %job_id, committed = counts.0, requeued = counts.1, "job resumed");
+        let state = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .state(job_id);
+        self.mark_dirty(job_id);
+        if state == Some(JobState::Succeeded) {
+            self.finish(job, JobState::Succeeded, now_ms());
+        }
+        Ok(counts)
+    }
+
+    pub fn cancel(&self, job_id: &str) -> Result<()> {
+        let settled = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .cancel(job_id, now_ms())?;
+        self.settled(job_id, settled);
+        Ok(())
+    }
+
+    pub fn status(&self, job_id: &str) -> Result<proto::JobStatus> {
+        let now = now_ms();
+        let scheduler = self.inner.scheduler.lock().expect("scheduler");
+        let summary = scheduler
+            .summary(job_id, now)
+            .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
+        let job = &summary.job;
+        let failures = summary
+            .failures
+            .iter()
+            .map(|(index, shard)| {
+                let error = shard.last_error.clone();
+                proto::ShardFailure {
+                    shard_index: *index as u32,
+                    wnid: error
+                        .as_ref()
+                        .and_then(|e| e.wnid.clone())
+                        .unwrap_or_else(|| {
+                            job.shard_classes(*index)
+                                .iter()
+                                .map(|c| c.wnid.as_str())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        }),
+                    error: error.map(|e| e.error).unwrap_or_default(),
+                    attempts: shard.attempts,
+                }
+            })
+            .collect();
+        Ok(proto::JobStatus {
+            job_id: job.job_id.clone(),
+            state: summary.state.as_str().into(),
+            shards_total: job.shards.len() as u32,
+            shards_done: summary.done,
+            shards_running: summary.running,
+            shards_pending: summary.pending,
+            shards_failed: summary.failed,
+            images_done: summary.images_done,
+            images_total: job.images_total(),
+            images_per_second: summary.images_per_second,
+            eta_seconds: if summary.eta_seconds.is_finite() {
+                summary.eta_seconds
+            } else {
+                -1.0
+            },
+            failures,
+            fingerprint: job.fingerprint.clone(),
+            created_unix_ms: job.created_unix_ms,
+            finished_unix_ms: summary.finished_unix_ms.unwrap_or(0),
+            workers: scheduler.live_workers(now) as u32,
+            output: format!(
+                "{}/{}",
+                job.spec
+                    .output
+                    .clone()
+                    .unwrap_or_default()
+                    .trim_end_matches('/'),
+                JobKeys::new(&job.job_id).root()
+            ),
+        })
+    }
+
+    pub fn list(&self) -> Vec<proto::JobStatus> {
+        let ids = self.inner.scheduler.lock().expect("scheduler").job_ids();
+        ids.iter().filter_map(|id| self.status(id).ok()).collect()
+    }
+
+    fn register(
+        &self,
+        request: proto::RegisterWorkerRequest,
+    ) -> Result<proto::RegisterWorkerResponse> {
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(Error::Incompatible(format!(
+                "worker `{}` speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; run the same mgd3 version on both",
+                request.worker_id, request.protocol_version
+            )));
+        }
+        let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+        for id in scheduler.job_ids() {
+            if scheduler.state(&id) != Some(JobState::Running) {
+                continue;
+            }
+            let job = scheduler.job(&id).expect("listed job");
+            let m = &job.spec.models;
+            for (path, expected) in [
+                (&m.dit, &m.dit_fingerprint),
+                (&m.vae_encoder, &m.vae_encoder_fingerprint),
+                (&m.vae_decoder, &m.vae_decoder_fingerprint),
+            ] {
+                if let (Some(have), Some(want)) = (request.model_fingerprints.get(path), expected)
+                    && have != want
+                {
+                    return Err(Error::Incompatible(format!(
+                        "worker `{}` holds model `{path}` with fingerprint {have}, job `{id}` expects {want}",
+                        request.worker_id
+                    )));
+                }
+            }
+        }
+        scheduler.register(&request.worker_id, now_ms());
+        info!(worker = %request.worker_id, host = %request.hostname, devices = ?request.devices, "worker registered");
+        Ok(proto::RegisterWorkerResponse {
+            worker_id: request.worker_id,
+            heartbeat_interval_ms: scheduler.heartbeat_ms(),
+        })
+    }
+
+    fn poll(&self, request: proto::PollWorkRequest) -> proto::PollWorkResponse {
+        let running: Vec<Running> = request
+            .running
+            .iter()
+            .map(|r| Running {
+                lease_id: r.lease_id.clone(),
+                images_done: r.images_done,
+            })
+            .collect();
+        let (decision, revoked) = self.inner.scheduler.lock().expect("scheduler").poll(
+            &request.worker_id,
+            &running,
+            request.draining,
+            now_ms(),
+        );
+        let action = match decision {
+            PollDecision::Lease(grant) => {
+                info!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %request.worker_id, "lease granted");
+                self.mark_dirty(&grant.job.job_id);
+                Action::Lease(proto::Lease {
+                    lease_id: grant.lease_id,
+                    job_id: grant.job.job_id.clone(),
+                    shard_index: grant.shard_index as u32,
+                    attempt: grant.attempt,
+                    attempt_id: grant.attempt_id,
+                    deadline_unix_ms: grant.deadline_ms,
+                    classes: grant
+                        .classes
+                        .iter()
+                        .map(|c| proto::ClassAssignment {
+                            wnid: c.wnid.clone(),
+                            label: c.label,
+                            class_index: c.class_index,
+                        })
+                        .collect(),
+                    spec_json: serde_json::to_string(&grant.job.spec).expect("serialisable spec"),
+                    spec_fingerprint: grant.job.fingerprint.clone(),
+                })
+            }
+            PollDecision::Wait(ms) => Action::WaitMs(ms),
+            PollDecision::Drain => Action::Drain(true),
+        };
+        proto::PollWorkResponse {
+            action: Some(action),
+            revoked,
+        }
+    }
+
+    async fn complete(&self, request: proto::CompleteShardRequest) -> Result<()> {
+        let (job, shard) = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .lease(&request.worker_id, &request.lease_id)?;
+        let out = self.output(&job)?;
+        let keys = JobKeys::new(&job.job_id);
+        for class in job.shard_classes(shard) {
+            if mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint)
+                .await?
+                .is_none()
+            {
+                return Err(Error::MissingMarker {
+                    shard,
+                    wnid: class.wnid.clone(),
+                });
+            }
+        }
+        let (job_id, settled) = self.inner.scheduler.lock().expect("scheduler").complete(
+            &request.worker_id,
+            &request.lease_id,
+            now_ms(),
+        )?;
+        info!(job = %job_id, shard, worker = %request.worker_id, images = request.images, seconds = request.seconds, "shard committed");
+        self.settled(&job_id, settled);
+        Ok(())
+    }
+
+    fn fail(&self, request: proto::FailShardRequest) -> Result<()> {
+        let wnid = Some(request.wnid.clone()).filter(|w| !w.is_empty());
+        let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+        let now = now_ms();
+        let (job_id, settled) = if request.incompatible {
+            scheduler.exclude(
+                &request.worker_id,
+                &request.lease_id,
+                request.error.clone(),
+                now,
+            )?
+        } else {
+            scheduler.fail(
+                &request.worker_id,
+                &request.lease_id,
+                wnid,
+                request.error.clone(),
+                request.retryable,
+                request.released,
+                now,
+            )?
+        };
+        drop(scheduler);
+        if request.released {
+            info!(job = %job_id, worker = %request.worker_id, "lease released");
+        } else {
+            warn!(job = %job_id, worker = %request.worker_id, wnid = %request.wnid, retryable = request.retryable, error = %request.error, "shard attempt failed");
+        }
+        self.settled(&job_id, settled);
+        Ok(())
+    }
+}
+
+/// Lists the class folders of an ImageFolder root (for `classes = "all"`).
+fn list_class_folders(dataset: &str) -> Result<Vec<String>, mgd3_common::job::JobError> {
+    let read_err = |source| mgd3_common::job::JobError::Read {
+        what: "dataset folder",
+        path: dataset.into(),
+        source,
+    };
+    let path = dataset.strip_prefix("file://").unwrap_or(dataset);
+    if store::is_url(path) {
+        return Err(read_err(std::io::Error::other(
+            "`classes = \"all\"` needs a local dataset folder; list the classes explicitly",
+        )));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(path)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Computes missing model fingerprints from the files; a given fingerprint is checked when the
+/// file is readable here.
+fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
+    let m = &mut spec.models;
+    for (field, path, expected) in [
+        ("models.dit", &m.dit, &mut m.dit_fingerprint),
+        (
+            "models.vae_encoder",
+            &m.vae_encoder,
+            &mut m.vae_encoder_fingerprint,
+        ),
+        (
+            "models.vae_decoder",
+            &m.vae_decoder,
+            &mut m.vae_decoder_fingerprint,
+        ),
+    ] {
+        let local = path.strip_prefix("file://").unwrap_or(path);
+        match mgd3_common::fingerprint_file(Path::new(local)) {
+            Ok(actual) => match expected {
+                Some(want) if *want != actual => {
+                    return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![
+                        mgd3_common::job::FieldError {
+                            field: format!("{field}_fingerprint"),
+                            problem: format!(
+                                "`{path}` has fingerprint {actual}, the spec expects {want}"
+                            ),
+                        },
+                    ])));
+                }
+                _ => *expected = Some(actual),
+            },
+            Err(source) if expected.is_none() => {
+                return Err(Error::Io {
+                    what: "model file",
+                    path: path.clone(),
+                    source,
+                });
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(spec)
+}
+
+/// The gRPC adapter.
+#[derive(Clone)]
+pub struct Service(pub Coordinator);
+
+type RpcResult<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    async fn register_worker(
+        &self,
+        request: Request<proto::RegisterWorkerRequest>,
+    ) -> RpcResult<proto::RegisterWorkerResponse> {
+        Ok(Response::new(self.0.register(request.into_inner())?))
+    }
+
+    async fn poll_work(
+        &self,
+        request: Request<proto::PollWorkRequest>,
+    ) -> RpcResult<proto::PollWorkResponse> {
+        Ok(Response::new(self.0.poll(request.into_inner())))
+    }
+
+    async fn complete_shard(
+        &self,
+        request: Request<proto::CompleteShardRequest>,
+    ) -> RpcResult<proto::CompleteShardResponse> {
+        self.0.complete(request.into_inner()).await?;
+        Ok(Response::new(proto::CompleteShardResponse {}))
+    }
+
+    async fn fail_shard(
+        &self,
+        request: Request<proto::FailShardRequest>,
+    ) -> RpcResult<proto::FailShardResponse> {
+        self.0.fail(request.into_inner())?;
+        Ok(Response::new(proto::FailShardResponse {}))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<proto::SubmitJobRequest>,
+    ) -> RpcResult<proto::SubmitJobResponse> {
+        let r = request.into_inner();
+        let (job, existed) = self
+            .0
+            .submit(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id))
+            .await?;
+        Ok(Response::new(proto::SubmitJobResponse {
+            job_id: job.job_id.clone(),
+            fingerprint: job.fingerprint.clone(),
+            shards: job.shards.len() as u32,
+            already_existed: existed,
+        }))
+    }
+
+    async fn get_job_status(
+        &self,
+        request: Request<proto::GetJobStatusRequest>,
+    ) -> RpcResult<proto::JobStatus> {
+        Ok(Response::new(self.0.status(&request.into_inner().job_id)?))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<proto::ResumeJobRequest>,
+    ) -> RpcResult<proto::ResumeJobResponse> {
+        let r = request.into_inner();
+        let spec =
+            (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
+        let (committed, requeued) = self.0.resume(&r.job_id, spec).await?;
+        Ok(Response::new(proto::ResumeJobResponse {
+            committed: committed as u32,
+            requeued: requeued as u32,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<proto::CancelJobRequest>,
+    ) -> RpcResult<proto::CancelJobResponse> {
+        self.0.cancel(&request.into_inner().job_id)?;
+        Ok(Response::new(proto::CancelJobResponse {}))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<proto::ListJobsRequest>,
+    ) -> RpcResult<proto::ListJobsResponse> {
+        Ok(Response::new(proto::ListJobsResponse {
+            jobs: self.0.list(),
+        }))
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    coordinator: Coordinator,
+    config: &ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        what: "listener",
+        path: "local address".into(),
+        source,
+    })?;
+    let service = CoordinatorServer::with_interceptor(
+        Service(coordinator.clone()),
+        RequireToken::new(config.token.as_deref()),
+    );
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.tls {
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    info!(%addr, store = %coordinator.store_url(), auth = config.token.is_some(), tls = config.tls.is_some(), "coordinator serving");
+    let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
+    let background = tokio::spawn(coordinator.clone().background(async move {
+        let _ = background_stopped.await;
+    }));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = stop_background.send(());
+    let _ = background.await;
+    result.map_err(Error::from)
+}

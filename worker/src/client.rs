@@ -1,0 +1,337 @@
+//! The worker's gRPC loop: register, then poll (heartbeat + lease renewal + work request) while
+//! a leased shard runs on a blocking thread; report the result with retries. On shutdown the
+//! running shard stops after its current batch, its lease is released and the loop exits. When
+//! the coordinator is unreachable the loop backs off and retries; committed classes are durable
+//! in the store, so nothing committed is lost.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mgd3_common::job::{ClassRef, JobSpec};
+use mgd3_common::proto::{self, poll_work_response::Action};
+use mgd3_common::rpc::{Client, connect};
+use mgd3_common::store::{self, Location};
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tracing::{info, warn};
+
+use crate::shard::{ShardEngine, ShardFailure, ShardLease, ShardReport, run_shard};
+
+/// How a worker connects and identifies itself.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub coordinator: String,
+    pub worker_id: String,
+    pub token: Option<String>,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Config(String),
+    #[error("the coordinator rejected worker `{worker}`: {status}")]
+    Rejected { worker: String, status: String },
+}
+
+type ShardOutcome = Result<ShardReport, (Option<String>, ShardFailure)>;
+
+struct Running {
+    lease: ShardLease,
+    images_done: Arc<AtomicU32>,
+    cancel: Arc<AtomicBool>,
+    task: JoinHandle<ShardOutcome>,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((200u64 << attempt.min(6)).min(10_000))
+}
+
+fn transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Internal
+            | Code::ResourceExhausted
+    )
+}
+
+/// Runs the worker until it is drained or `shutdown` resolves.
+pub async fn run(
+    config: WorkerConfig,
+    engine: Box<dyn ShardEngine>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ClientError> {
+    let mut client = connect(
+        &config.coordinator,
+        config.token.as_deref(),
+        config.tls_ca.as_deref(),
+    )
+    .map_err(ClientError::Config)?;
+    let engine = Arc::new(Mutex::new(engine));
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+
+    // Register, retrying while the coordinator is unreachable.
+    let mut attempt = 0;
+    let heartbeat = loop {
+        let fingerprints = engine
+            .lock()
+            .expect("engine")
+            .model_fingerprints()
+            .into_iter()
+            .collect();
+        let request = proto::RegisterWorkerRequest {
+            worker_id: config.worker_id.clone(),
+            hostname: hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            devices: config.devices.clone(),
+            protocol_version: mgd3_common::PROTOCOL_VERSION,
+            model_fingerprints: fingerprints,
+        };
+        match client.register_worker(request).await {
+            Ok(response) => {
+                break Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(50));
+            }
+            Err(status) if transient(&status) => {
+                warn!(worker = %config.worker_id, error = %status.message(), "coordinator unreachable; retrying");
+                attempt += 1;
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(backoff(attempt)) => continue,
+                }
+            }
+            Err(status) => {
+                return Err(ClientError::Rejected {
+                    worker: config.worker_id.clone(),
+                    status: status.to_string(),
+                });
+            }
+        }
+    };
+    info!(worker = %config.worker_id, coordinator = %config.coordinator, "registered");
+
+    let mut specs: HashMap<String, Arc<JobSpec>> = HashMap::new();
+    let mut outputs: HashMap<String, Location> = HashMap::new();
+    let mut current: Option<Running> = None;
+    let mut wait = Duration::ZERO;
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown, if !stopping => {
+                info!(worker = %config.worker_id, "shutting down: stopping after the current batch");
+                stopping = true;
+                if let Some(running) = &current {
+                    running.cancel.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+            outcome = async { (&mut current.as_mut().expect("guarded").task).await }, if current.is_some() => {
+                let running = current.take().expect("guarded");
+                let outcome = outcome.unwrap_or_else(|e| Err((None, ShardFailure::Retryable(format!("shard task panicked: {e}")))));
+                report(&mut client, &config, &running.lease, outcome, stopping).await;
+                wait = Duration::ZERO;
+                continue;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let running = current.iter().map(|r| proto::RunningLease {
+            lease_id: r.lease.lease_id.clone(),
+            classes_done: 0,
+            images_done: r.images_done.load(Ordering::Relaxed),
+        });
+        let request = proto::PollWorkRequest {
+            worker_id: config.worker_id.clone(),
+            running: running.collect(),
+            draining: stopping,
+        };
+        let response = match client.poll_work(request).await {
+            Ok(response) => {
+                failures = 0;
+                response.into_inner()
+            }
+            Err(status) => {
+                failures += 1;
+                wait = backoff(failures);
+                warn!(worker = %config.worker_id, error = %status.message(), retry_in_ms = wait.as_millis() as u64, "poll failed");
+                continue;
+            }
+        };
+        if let Some(running) = &current
+            && response.revoked.contains(&running.lease.lease_id)
+        {
+            warn!(lease = %running.lease.lease_id, "lease revoked by the coordinator: stopping it");
+            running.cancel.store(true, Ordering::Relaxed);
+        }
+        wait = heartbeat;
+        match response.action {
+            Some(Action::Lease(lease)) => {
+                match start(&config, lease, &engine, &mut specs, &mut outputs) {
+                    Ok(running) => current = Some(running),
+                    Err((lease, error)) => {
+                        let failure = proto::FailShardRequest {
+                            worker_id: config.worker_id.clone(),
+                            lease_id: lease,
+                            error,
+                            retryable: false,
+                            ..Default::default()
+                        };
+                        let _ = client.fail_shard(failure).await;
+                        wait = Duration::ZERO;
+                    }
+                }
+            }
+            Some(Action::WaitMs(ms)) => wait = Duration::from_millis(ms.max(10)),
+            Some(Action::Drain(_)) if current.is_none() => {
+                info!(worker = %config.worker_id, "drained: exiting");
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
+
+fn start(
+    config: &WorkerConfig,
+    lease: proto::Lease,
+    engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
+    specs: &mut HashMap<String, Arc<JobSpec>>,
+    outputs: &mut HashMap<String, Location>,
+) -> Result<Running, (String, String)> {
+    let spec = match specs.get(&lease.job_id) {
+        Some(spec) => spec.clone(),
+        None => {
+            let spec: JobSpec = serde_json::from_str(&lease.spec_json)
+                .map_err(|e| (lease.lease_id.clone(), format!("unreadable job spec: {e}")))?;
+            let spec = Arc::new(spec);
+            specs.insert(lease.job_id.clone(), spec.clone());
+            spec
+        }
+    };
+    let output_url = spec.output.clone().unwrap_or_default();
+    let out = match outputs.get(&output_url) {
+        Some(out) => out.clone(),
+        None => {
+            let out =
+                store::open(&output_url).map_err(|e| (lease.lease_id.clone(), e.to_string()))?;
+            outputs.insert(output_url, out.clone());
+            out
+        }
+    };
+    let shard = ShardLease {
+        lease_id: lease.lease_id,
+        attempt_id: lease.attempt_id,
+        job_id: lease.job_id,
+        fingerprint: lease.spec_fingerprint,
+        spec,
+        classes: lease
+            .classes
+            .into_iter()
+            .map(|c| ClassRef {
+                wnid: c.wnid,
+                label: c.label,
+                class_index: c.class_index,
+            })
+            .collect(),
+        worker_id: config.worker_id.clone(),
+    };
+    info!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = %shard.attempt_id, "starting shard");
+    let images_done = Arc::new(AtomicU32::new(0));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (engine, lease, images_done, cancel) = (
+            engine.clone(),
+            shard.clone(),
+            images_done.clone(),
+            cancel.clone(),
+        );
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let span = tracing::info_span!("shard", job = %lease.job_id, worker = %lease.worker_id, lease = %lease.lease_id);
+            let _guard = span.enter();
+            let mut engine = engine.lock().expect("engine");
+            run_shard(
+                engine.as_mut(),
+                &runtime,
+                &out,
+                &lease,
+                &images_done,
+                &cancel,
+            )
+        })
+    };
+    Ok(Running {
+        lease: shard,
+        images_done,
+        cancel,
+        task,
+    })
+}
+
+/// Reports a finished shard, retrying while the coordinator is unreachable (at most a few times
+/// when shutting down: the commits are in the store either way).
+async fn report(
+    client: &mut Client,
+    config: &WorkerConfig,
+    lease: &ShardLease,
+    outcome: ShardOutcome,
+    stopping: bool,
+) {
+    let worker_id = config.worker_id.clone();
+    let lease_id = lease.lease_id.clone();
+    for attempt in 0.. {
+        let result = match &outcome {
+            Ok(report) => {
+                info!(lease = %lease_id, images = report.images, seconds = report.seconds, "shard done");
+                let request = proto::CompleteShardRequest {
+                    worker_id: worker_id.clone(),
+                    lease_id: lease_id.clone(),
+                    manifest_digest: report.digest.clone(),
+                    images: report.images,
+                    seconds: report.seconds,
+                };
+                client.complete_shard(request).await.map(|_| ())
+            }
+            Err((wnid, failure)) => {
+                let (error, retryable, released, incompatible) = match failure {
+                    ShardFailure::Retryable(e) => (e.clone(), true, false, false),
+                    ShardFailure::Fatal(e) => (e.clone(), false, false, false),
+                    ShardFailure::Incompatible(e) => (e.clone(), true, false, true),
+                    ShardFailure::Cancelled => ("worker stopped".to_owned(), true, true, false),
+                };
+                if !released {
+                    warn!(lease = %lease_id, wnid = wnid.as_deref().unwrap_or(""), %error, "shard failed");
+                }
+                let request = proto::FailShardRequest {
+                    worker_id: worker_id.clone(),
+                    lease_id: lease_id.clone(),
+                    error,
+                    retryable,
+                    released,
+                    wnid: wnid.clone().unwrap_or_default(),
+                    incompatible,
+                };
+                client.fail_shard(request).await.map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => return,
+            Err(status) if transient(&status) && !(stopping && attempt >= 3) => {
+                warn!(lease = %lease_id, error = %status.message(), "could not report the shard; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            Err(status) => {
+                warn!(lease = %lease_id, error = %status.message(), "shard report not accepted");
+                return;
+            }
+        }
+    }
+}

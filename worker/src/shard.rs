@@ -1,0 +1,403 @@
+//! Running a leased shard: the [`ShardEngine`] trait (the ONNX engine, or a fake one for fast
+//! cluster tests and scale benchmarks) and [`run_shard`], which distils each class of the lease
+//! and commits it with the create-only marker protocol. Runs on a blocking thread.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use image::{ImageFormat, RgbImage};
+use mgd3_common::commit::{ClassFiles, CommitOutcome, commit_class, committed_marker, publish};
+use mgd3_common::job::{ClassRef, JobSpec};
+use mgd3_common::layout::JobKeys;
+use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION, StageSeconds};
+use mgd3_common::seed::sample_seed;
+use mgd3_common::store::Location;
+use mgd3_onnx::SessionConfig;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use tokio::runtime::Handle;
+use tracing::info;
+
+use crate::engine::{ClassSpec, Engine, EngineError, ModelPaths, SamplingConfig};
+use crate::mgd3::guidance::GuidanceConfig;
+use crate::sink::npy_bytes;
+
+/// Why a shard attempt stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardFailure {
+    /// Another attempt may succeed.
+    Retryable(String),
+    /// The input is wrong; retrying will not help.
+    Fatal(String),
+    /// This worker cannot run this job (e.g. different model files).
+    Incompatible(String),
+    /// Stopped on request (shutdown or revoked lease).
+    Cancelled,
+}
+
+impl ShardFailure {
+    fn from_engine(error: EngineError) -> Self {
+        if matches!(error, EngineError::Cancelled) {
+            return ShardFailure::Cancelled;
+        }
+        let text = format!("{:#}", anyhow::Error::new(error_clone_text(&error)));
+        if error.is_retryable() {
+            ShardFailure::Retryable(text)
+        } else {
+            ShardFailure::Fatal(text)
+        }
+    }
+}
+
+/// The full cause chain of an error as one line.
+fn error_clone_text(error: &dyn std::error::Error) -> TextError {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    TextError(text)
+}
+
+#[derive(Debug)]
+struct TextError(String);
+impl std::fmt::Display for TextError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for TextError {}
+
+/// One distilled class, ready to commit.
+pub struct ClassResult {
+    pub images: Vec<Vec<u8>>,
+    pub modes_npy: Vec<u8>,
+    pub timings: StageSeconds,
+    pub real_images: u64,
+}
+
+/// What a worker runs classes with.
+pub trait ShardEngine: Send {
+    /// Distils one class of `spec`. Stops early (returning `Cancelled`) once `cancel` is set.
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure>;
+    /// Fingerprints of the models currently loaded (path → sha256), for registration.
+    fn model_fingerprints(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// The real engine: loads the job's ONNX models once and reuses them for every class of the job.
+pub struct OnnxShardEngine {
+    session: SessionConfig,
+    loaded: Option<(String, Engine)>,
+}
+
+impl OnnxShardEngine {
+    pub fn new(session: SessionConfig) -> Self {
+        OnnxShardEngine {
+            session,
+            loaded: None,
+        }
+    }
+
+    fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
+        let key = serde_json::to_string(&(&spec.models, &spec.sampling, spec.seed))
+            .expect("serialisable");
+        if self.loaded.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.loaded = None;
+            let local = |p: &str| PathBuf::from(p.strip_prefix("file://").unwrap_or(p));
+            let paths = ModelPaths {
+                dit: local(&spec.models.dit),
+                vae_encoder: local(&spec.models.vae_encoder),
+                vae_decoder: local(&spec.models.vae_decoder),
+            };
+            let s = &spec.sampling;
+            let sampling = SamplingConfig {
+                steps: s.steps,
+                seed: spec.seed,
+                guidance: GuidanceConfig {
+                    guidance_scale: s.guidance_scale,
+                    stop_guidance: s.stop_guidance,
+                    cfg_scale: s.cfg_scale,
+                    cfg_channels: s.cfg_channels,
+                },
+            };
+            let engine = match Engine::load(&paths, &self.session, sampling) {
+                Ok(engine) => engine,
+                // A model this worker cannot open may be fine elsewhere (node-local paths).
+                Err(EngineError::Model(
+                    e @ (mgd3_onnx::Error::ModelNotFound(_)
+                    | mgd3_onnx::Error::CudaUnavailable { .. }
+                    | mgd3_onnx::Error::RuntimeUnavailable { .. }),
+                )) => {
+                    return Err(ShardFailure::Incompatible(format!(
+                        "{:#}",
+                        anyhow::Error::new(e)
+                    )));
+                }
+                Err(e) => return Err(ShardFailure::from_engine(e)),
+            };
+            let have = [
+                (
+                    &spec.models.dit,
+                    &spec.models.dit_fingerprint,
+                    engine.dit().info().fingerprint.clone(),
+                ),
+                (
+                    &spec.models.vae_encoder,
+                    &spec.models.vae_encoder_fingerprint,
+                    engine.encoder().info().fingerprint.clone(),
+                ),
+                (
+                    &spec.models.vae_decoder,
+                    &spec.models.vae_decoder_fingerprint,
+                    engine.decoder().info().fingerprint.clone(),
+                ),
+            ];
+            for (path, want, got) in have {
+                if let Some(want) = want
+                    && *want != got
+                {
+                    return Err(ShardFailure::Incompatible(format!(
+                        "model `{path}` here has fingerprint {got}, the job expects {want}"
+                    )));
+                }
+            }
+            self.loaded = Some((key, engine));
+        }
+        Ok(&mut self.loaded.as_mut().expect("just loaded").1)
+    }
+}
+
+impl ShardEngine for OnnxShardEngine {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        let engine = self.engine_for(spec)?;
+        engine.set_cancel_flag(cancel.clone());
+        let data = PathBuf::from(
+            spec.dataset
+                .strip_prefix("file://")
+                .unwrap_or(&spec.dataset),
+        );
+        let class_spec = ClassSpec {
+            wnid: class.wnid.clone(),
+            label: class.label,
+            class_index: class.class_index,
+            ipc: spec.ipc,
+        };
+        let result = engine.distill_class(&data, &class_spec);
+        let output = result.map_err(ShardFailure::from_engine)?;
+        let t = output.timings;
+        let modes_path = PathBuf::from(format!("{}/modes.npy", class.wnid));
+        Ok(ClassResult {
+            images: output.images,
+            modes_npy: npy_bytes(&output.modes, &modes_path)
+                .map_err(|e| ShardFailure::Retryable(e.to_string()))?,
+            timings: StageSeconds {
+                decode: t.decode.as_secs_f64(),
+                encode: t.encode.as_secs_f64(),
+                kmeans: t.kmeans.as_secs_f64(),
+                dit: t.dit.as_secs_f64(),
+                guidance: t.guidance.as_secs_f64(),
+                vae_decode: t.vae_decode.as_secs_f64(),
+                png: t.png.as_secs_f64(),
+            },
+            real_images: t.real_images as u64,
+        })
+    }
+
+    fn model_fingerprints(&self) -> Vec<(String, String)> {
+        let Some((_, engine)) = &self.loaded else {
+            return Vec::new();
+        };
+        vec![("dit".into(), engine.dit().info().fingerprint.clone())]
+    }
+}
+
+/// A stand-in engine for cluster tests and scale benchmarks: takes `class_duration` per class and
+/// produces small deterministic PNGs from each sample's seed, so runs are comparable byte for byte.
+pub struct FakeEngine {
+    pub class_duration: Duration,
+}
+
+impl ShardEngine for FakeEngine {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        let deadline = Instant::now() + self.class_duration;
+        while Instant::now() < deadline {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ShardFailure::Cancelled);
+            }
+            std::thread::sleep((deadline - Instant::now()).min(Duration::from_millis(10)));
+        }
+        let mut images = Vec::with_capacity(spec.ipc);
+        let mut modes = Array2::<f32>::zeros((spec.ipc, 4));
+        for j in 0..spec.ipc {
+            let mut rng = Xoshiro256PlusPlus::seed_from_u64(sample_seed(
+                spec.seed,
+                class.class_index,
+                j as u64,
+            ));
+            let img = RgbImage::from_fn(8, 8, |_, _| {
+                image::Rgb([rng.r#gen(), rng.r#gen(), (class.label % 256) as u8])
+            });
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut bytes, ImageFormat::Png)
+                .map_err(|e| ShardFailure::Retryable(e.to_string()))?;
+            images.push(bytes.into_inner());
+            modes.row_mut(j).fill(j as f32);
+        }
+        let modes_npy = npy_bytes(&modes, std::path::Path::new("modes.npy"))
+            .map_err(|e| ShardFailure::Retryable(e.to_string()))?;
+        Ok(ClassResult {
+            images,
+            modes_npy,
+            timings: StageSeconds {
+                dit: self.class_duration.as_secs_f64(),
+                ..Default::default()
+            },
+            real_images: 0,
+        })
+    }
+}
+
+/// The lease a shard runs under.
+#[derive(Clone, Debug)]
+pub struct ShardLease {
+    pub lease_id: String,
+    pub attempt_id: String,
+    pub job_id: String,
+    pub fingerprint: String,
+    pub spec: Arc<JobSpec>,
+    pub classes: Vec<ClassRef>,
+    pub worker_id: String,
+}
+
+/// What a finished shard reports.
+#[derive(Clone, Debug)]
+pub struct ShardReport {
+    pub images: u32,
+    pub seconds: f64,
+    /// sha256 over the markers' image digests, in class order.
+    pub digest: String,
+}
+
+/// Distils and commits every class of the lease; classes committed by an earlier attempt are only
+/// re-published. Errors carry the class they happened in.
+pub fn run_shard(
+    engine: &mut dyn ShardEngine,
+    runtime: &Handle,
+    out: &Location,
+    lease: &ShardLease,
+    images_done: &AtomicU32,
+    cancel: &Arc<AtomicBool>,
+) -> Result<ShardReport, (Option<String>, ShardFailure)> {
+    let started = Instant::now();
+    let keys = JobKeys::new(&lease.job_id);
+    let mut digests: Vec<String> = Vec::new();
+    let store_failure = |wnid: &str, e: mgd3_common::commit::CommitError| {
+        let failure = match e {
+            mgd3_common::commit::CommitError::ForeignMarker { .. } => {
+                ShardFailure::Fatal(e.to_string())
+            }
+            other => ShardFailure::Retryable(other.to_string()),
+        };
+        (Some(wnid.to_owned()), failure)
+    };
+    for class in &lease.classes {
+        if cancel.load(Ordering::Relaxed) {
+            return Err((None, ShardFailure::Cancelled));
+        }
+        let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);
+        let _guard = span.enter();
+        let existing = runtime
+            .block_on(committed_marker(
+                out,
+                &keys,
+                &class.wnid,
+                &lease.fingerprint,
+            ))
+            .map_err(|e| store_failure(&class.wnid, e))?;
+        let marker = if let Some(marker) = existing {
+            runtime
+                .block_on(publish(out, &keys, &marker))
+                .map_err(|e| store_failure(&class.wnid, e))?;
+            info!(attempt = %marker.attempt_id, "class already committed");
+            marker
+        } else {
+            let result = engine
+                .distill(&lease.spec, class, cancel)
+                .map_err(|f| (Some(class.wnid.clone()), f))?;
+            let template = ClassMarker {
+                schema_version: SCHEMA_VERSION,
+                job_id: lease.job_id.clone(),
+                fingerprint: lease.fingerprint.clone(),
+                attempt_id: lease.attempt_id.clone(),
+                worker_id: lease.worker_id.clone(),
+                wnid: class.wnid.clone(),
+                label: class.label,
+                class_index: class.class_index,
+                images: Vec::new(),
+                modes: FileDigest {
+                    name: String::new(),
+                    sha256: String::new(),
+                    bytes: 0,
+                },
+                real_images: result.real_images,
+                timings: result.timings,
+                committed_unix_ms: mgd3_common::now_ms(),
+            };
+            let files = ClassFiles {
+                images: result.images,
+                modes_npy: result.modes_npy,
+            };
+            let outcome = runtime
+                .block_on(commit_class(out, &keys, template, files))
+                .map_err(|e| store_failure(&class.wnid, e))?;
+            info!(?outcome, "class committed");
+            let marker = runtime
+                .block_on(committed_marker(
+                    out,
+                    &keys,
+                    &class.wnid,
+                    &lease.fingerprint,
+                ))
+                .map_err(|e| store_failure(&class.wnid, e))?;
+            let marker = marker.ok_or_else(|| {
+                (
+                    Some(class.wnid.clone()),
+                    ShardFailure::Retryable("marker vanished after commit".into()),
+                )
+            })?;
+            if outcome == CommitOutcome::Lost {
+                info!(winner = %marker.attempt_id, "another attempt committed this class first");
+            }
+            marker
+        };
+        digests.extend(marker.images.iter().map(|d| d.sha256.clone()));
+        images_done.fetch_add(marker.images.len() as u32, Ordering::Relaxed);
+    }
+    Ok(ShardReport {
+        images: digests.len() as u32,
+        seconds: started.elapsed().as_secs_f64(),
+        digest: mgd3_common::sha256_hex(digests.join("\n").as_bytes()),
+    })
+}
