@@ -1,0 +1,460 @@
+//! The cluster in one process on port 0, with stand-in engines: a job completes and its outputs
+//! equal a 1-worker run; failures are named and resumable; two attempts racing on one shard leave
+//! one winner per class and no mixed files; RPCs without the token are rejected.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mgd3_common::job::{ClassRef, JobSpec};
+use mgd3_common::layout::JobKeys;
+use mgd3_common::manifest::{JobManifest, StageSeconds};
+use mgd3_common::proto;
+use mgd3_common::store::{self, Location};
+use mgd3_coordinator::{Coordinator, ServeConfig, serve};
+use mgd3_worker::client::{ClientError, WorkerConfig, run};
+use mgd3_worker::shard::{
+    ClassResult, FakeEngine, ShardEngine, ShardFailure, ShardLease, run_shard,
+};
+use object_store::ObjectStoreExt;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const FINGERPRINT: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+fn spec_toml(classes: usize, ipc: usize, per_shard: usize, output: &str) -> String {
+    let names: Vec<String> = (0..classes).map(|i| format!("\"class{i:02}\"")).collect();
+    format!(
+        r#"name = "cluster"
+dataset = "/unused"
+classes = [{}]
+labels = "position"
+ipc = {ipc}
+seed = 5
+output = "{output}"
+classes_per_shard = {per_shard}
+lease_timeout_s = 5
+max_attempts = 2
+[models]
+dit = "/models/dit.onnx"
+vae_encoder = "/models/enc.onnx"
+vae_decoder = "/models/dec.onnx"
+dit_fingerprint = "{FINGERPRINT}"
+vae_encoder_fingerprint = "{FINGERPRINT}"
+vae_decoder_fingerprint = "{FINGERPRINT}"
+"#,
+        names.join(", ")
+    )
+}
+
+struct Cluster {
+    url: String,
+    coordinator: Coordinator,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<mgd3_coordinator::Result<()>>,
+}
+
+async fn start(store_url: &str, token: Option<&str>) -> Cluster {
+    let coordinator = Coordinator::open(store_url, 100).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = ServeConfig {
+        store_url: store_url.into(),
+        token: token.map(str::to_owned),
+        tls: None,
+        heartbeat_ms: 100,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let c = coordinator.clone();
+    let server = tokio::spawn(async move {
+        serve(c, &config, listener, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Cluster {
+        url,
+        coordinator,
+        stop: Some(stop),
+        server,
+    }
+}
+
+impl Cluster {
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+fn worker(
+    url: &str,
+    id: &str,
+    token: Option<&str>,
+    engine: Box<dyn ShardEngine>,
+) -> (oneshot::Sender<()>, JoinHandle<Result<(), ClientError>>) {
+    let config = WorkerConfig {
+        coordinator: url.into(),
+        worker_id: id.into(),
+        token: token.map(str::to_owned),
+        tls_ca: None,
+        devices: vec!["cpu".into()],
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(run(config, engine, async move {
+        let _ = stopped.await;
+    }));
+    (stop, handle)
+}
+
+async fn wait_until_done(coordinator: &Coordinator, job: &str) -> proto::JobStatus {
+    for _ in 0..600 {
+        let status = coordinator.status(job).unwrap();
+        if status.state != "running" {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {job} did not finish: {:?}", coordinator.status(job));
+}
+
+async fn dataset_files(out: &Location, job: &str) -> Vec<(String, Vec<u8>)> {
+    let prefix = out.key(&format!("jobs/{job}/dataset"));
+    let mut objects: Vec<_> = out.store.list(Some(&prefix)).try_collect().await.unwrap();
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut files = Vec::new();
+    for o in objects {
+        let bytes = out
+            .store
+            .get(&o.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let relative = o
+            .location
+            .as_ref()
+            .strip_prefix(prefix.as_ref())
+            .unwrap()
+            .to_owned();
+        files.push((relative, bytes));
+    }
+    files
+}
+
+async fn run_job(
+    workers: usize,
+    classes: usize,
+    per_shard: usize,
+) -> (tempfile::TempDir, String, Vec<(String, Vec<u8>)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, existed) = cluster
+        .coordinator
+        .submit(
+            &spec_toml(classes, 3, per_shard, &store_url),
+            dir.path(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!existed);
+    let mut handles = Vec::new();
+    for i in 0..workers {
+        handles.push(worker(
+            &cluster.url,
+            &format!("w{i}"),
+            None,
+            Box::new(FakeEngine {
+                class_duration: Duration::from_millis(30),
+            }),
+        ));
+    }
+    let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
+    assert_eq!(status.state, "succeeded", "{status:?}");
+    assert_eq!(
+        (status.shards_done, status.images_done),
+        (job.shards.len() as u32, (classes * 3) as u64)
+    );
+    cluster.coordinator.drain();
+    for (_, handle) in handles {
+        handle.await.unwrap().unwrap();
+    }
+    cluster.coordinator.flush().await;
+    let out = store::open(&store_url).unwrap();
+    let files = dataset_files(&out, &job.job_id).await;
+    let id = job.job_id.clone();
+    cluster.shutdown().await;
+    (dir, id, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_on_three_workers_equals_one_worker_run() {
+    let (dir, job, three) = run_job(3, 12, 2).await;
+    let (_dir1, job1, one) = run_job(1, 12, 2).await;
+    assert_eq!(job, job1, "same spec, same job id");
+    assert_eq!(three.len(), 36);
+    assert_eq!(
+        three, one,
+        "PNG bytes must not depend on the number of workers"
+    );
+    let out = store::open(&dir.path().display().to_string()).unwrap();
+    let keys = JobKeys::new(&job);
+    let manifest: JobManifest = serde_json::from_slice(
+        &out.store
+            .get(&out.key(&keys.manifest()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!((manifest.classes.len(), manifest.images), (12, 36));
+    for class in &manifest.classes {
+        for (j, digest) in class.images.iter().enumerate() {
+            let bytes = &three
+                .iter()
+                .find(|(name, _)| *name == format!("/{}/{j}.png", class.wnid))
+                .unwrap()
+                .1;
+            assert_eq!(digest.sha256, mgd3_common::sha256_hex(bytes));
+        }
+    }
+    let staging: Vec<_> = out
+        .store
+        .list(Some(&out.key(&format!("jobs/{job}/staging"))))
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(staging.is_empty());
+}
+
+/// Fails one class with a non-retryable error until `fixed` is set.
+struct Flaky {
+    bad: String,
+    fixed: Arc<AtomicBool>,
+    inner: FakeEngine,
+}
+
+impl ShardEngine for Flaky {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        if class.wnid == self.bad && !self.fixed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ShardFailure::Fatal(format!(
+                "class `{}`: image `broken.jpg` cannot be decoded",
+                class.wnid
+            )));
+        }
+        self.inner.distill(spec, class, cancel)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(6, 2, 1, &store_url);
+    let (job, _) = cluster
+        .coordinator
+        .submit(&spec, dir.path(), None)
+        .await
+        .unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let engine = Flaky {
+        bad: "class03".into(),
+        fixed: fixed.clone(),
+        inner: FakeEngine {
+            class_duration: Duration::from_millis(10),
+        },
+    };
+    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
+    let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
+    assert_eq!(status.state, "failed");
+    assert_eq!((status.shards_done, status.shards_failed), (5, 1));
+    assert_eq!(status.failures.len(), 1);
+    assert_eq!(status.failures[0].wnid, "class03");
+    assert!(
+        status.failures[0].error.contains("broken.jpg"),
+        "{:?}",
+        status.failures[0]
+    );
+
+    // A different spec may not resume this job.
+    let changed = spec.replace("seed = 5", "seed = 6");
+    let err = cluster
+        .coordinator
+        .resume(&job.job_id, Some((&changed, dir.path())))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("fingerprint changed"), "{err}");
+
+    fixed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (committed, requeued) = cluster
+        .coordinator
+        .resume(&job.job_id, Some((&spec, dir.path())))
+        .await
+        .unwrap();
+    assert_eq!((committed, requeued), (5, 1));
+    let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
+    assert_eq!(status.state, "succeeded", "{status:?}");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_survives_a_coordinator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster
+        .coordinator
+        .submit(&spec_toml(4, 2, 1, &store_url), dir.path(), None)
+        .await
+        .unwrap();
+    let (stop, handle) = worker(
+        &cluster.url,
+        "w0",
+        None,
+        Box::new(FakeEngine {
+            class_duration: Duration::from_millis(10),
+        }),
+    );
+    wait_until_done(&cluster.coordinator, &job.job_id).await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+    // A new coordinator on the same store knows the job and its outcome.
+    let again = start(&store_url, None).await;
+    let status = again.coordinator.status(&job.job_id).unwrap();
+    assert_eq!(
+        (status.state.as_str(), status.shards_done),
+        ("succeeded", 4)
+    );
+    assert_eq!(again.coordinator.list().len(), 1);
+    again.shutdown().await;
+}
+
+/// Produces attempt-specific bytes so mixed files would be visible.
+struct Salted(u8);
+
+impl ShardEngine for Salted {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        _class: &ClassRef,
+        _cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        std::thread::sleep(Duration::from_millis(5));
+        Ok(ClassResult {
+            images: (0..spec.ipc).map(|j| vec![self.0; 100 + j]).collect(),
+            modes_npy: vec![self.0; 16],
+            timings: StageSeconds::default(),
+            real_images: 0,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_attempts_committing_one_shard_have_one_winner_per_class_and_no_mixed_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = store::open(&dir.path().display().to_string()).unwrap();
+    let spec: JobSpec = JobSpec::from_toml(&spec_toml(5, 4, 5, "/unused")).unwrap();
+    let classes = spec.class_list(|| unreachable!()).unwrap();
+    let lease = |attempt: &str| ShardLease {
+        lease_id: format!("lease-{attempt}"),
+        attempt_id: attempt.into(),
+        job_id: "race".into(),
+        fingerprint: "fp".into(),
+        spec: Arc::new(spec.clone()),
+        classes: classes.clone(),
+        worker_id: format!("worker-{attempt}"),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let attempts: Vec<_> = [(1u8, "a1"), (2u8, "a2")]
+        .into_iter()
+        .map(|(salt, attempt)| {
+            let (out, lease, runtime) = (out.clone(), lease(attempt), runtime.clone());
+            tokio::task::spawn_blocking(move || {
+                run_shard(
+                    &mut Salted(salt),
+                    &runtime,
+                    &out,
+                    &lease,
+                    &AtomicU32::new(0),
+                    &Arc::new(AtomicBool::new(false)),
+                )
+            })
+        })
+        .collect();
+    for attempt in attempts {
+        let report = attempt.await.unwrap().unwrap();
+        assert_eq!(report.images, 20, "both attempts report the whole shard");
+    }
+    let keys = JobKeys::new("race");
+    let files = dataset_files(&out, "race").await;
+    assert_eq!(files.len(), 20);
+    for class in &classes {
+        let marker = mgd3_common::commit::read_marker(&out, &keys, &class.wnid)
+            .await
+            .unwrap()
+            .unwrap();
+        let salt = if marker.attempt_id == "a1" { 1 } else { 2 };
+        for (name, bytes) in files
+            .iter()
+            .filter(|(n, _)| n.starts_with(&format!("/{}/", class.wnid)))
+        {
+            assert!(bytes.iter().all(|b| *b == salt), "{name} mixes attempts");
+        }
+    }
+    let staging: Vec<_> = out
+        .store
+        .list(Some(&out.key("jobs/race/staging")))
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(staging.is_empty(), "{staging:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpcs_without_the_token_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, Some("s3cret-token")).await;
+    for token in [None, Some("wrong")] {
+        let mut client = mgd3_common::rpc::connect(&cluster.url, token, None).unwrap();
+        let status = client
+            .list_jobs(proto::ListJobsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
+        assert!(!status.message().contains("s3cret"));
+    }
+    let (_stop, handle) = worker(
+        &cluster.url,
+        "intruder",
+        Some("wrong"),
+        Box::new(FakeEngine {
+            class_duration: Duration::ZERO,
+        }),
+    );
+    let err = handle.await.unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("Unauthenticated") || err.to_string().contains("token"),
+        "{err}"
+    );
+    let mut client = mgd3_common::rpc::connect(&cluster.url, Some("s3cret-token"), None).unwrap();
+    assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_ok());
+    cluster.shutdown().await;
+}
