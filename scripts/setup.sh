@@ -11,7 +11,7 @@ if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
     || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }
 fi
 scripts/setup_ort.sh
-cargo build --release -q -p mgd3-worker --bin worker
+cargo build --release -q -p mgd3-worker -p mgd3-coordinator --bins
 if [[ ! -f data/fashion-mnist/classes.txt ]]; then
   target/release/worker import-fashion-mnist --out data/fashion-mnist
 fi

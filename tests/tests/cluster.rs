@@ -57,13 +57,26 @@ struct Cluster {
 }
 
 async fn start(store_url: &str, token: Option<&str>) -> Cluster {
+    start_with_tls(store_url, token, None).await
+}
+
+async fn start_with_tls(
+    store_url: &str,
+    token: Option<&str>,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+) -> Cluster {
     let coordinator = Coordinator::open(store_url, 100).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() {
+        "https://localhost"
+    } else {
+        "http://127.0.0.1"
+    };
+    let url = format!("{scheme}:{}", listener.local_addr().unwrap().port());
     let config = ServeConfig {
         store_url: store_url.into(),
         token: token.map(str::to_owned),
-        tls: None,
+        tls,
         heartbeat_ms: 100,
     };
     let (stop, stopped) = oneshot::channel::<()>();
@@ -457,4 +470,96 @@ async fn rpcs_without_the_token_are_rejected() {
     let mut client = mgd3_common::rpc::connect(&cluster.url, Some("s3cret-token"), None).unwrap();
     assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_ok());
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_with_a_private_ca_works_and_plain_clients_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert_pem).unwrap();
+    let cluster = start_with_tls(
+        &store_url,
+        Some("t"),
+        Some((cert_pem.into_bytes(), key_pem.into_bytes())),
+    )
+    .await;
+    let mut client = mgd3_common::rpc::connect(&cluster.url, Some("t"), Some(&ca)).unwrap();
+    assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_ok());
+    let plain = cluster.url.replace("https://", "http://");
+    let mut client = mgd3_common::rpc::connect(&plain, Some("t"), None).unwrap();
+    assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_err());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster
+        .coordinator
+        .submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None)
+        .await
+        .unwrap();
+    let (stop, handle) = worker(
+        &cluster.url,
+        "w0",
+        None,
+        Box::new(FakeEngine {
+            class_duration: Duration::from_secs(30),
+        }),
+    );
+    for _ in 0..200 {
+        if cluster
+            .coordinator
+            .status(&job.job_id)
+            .unwrap()
+            .shards_running
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("worker stops promptly")
+        .unwrap()
+        .unwrap();
+    let status = cluster.coordinator.status(&job.job_id).unwrap();
+    assert_eq!(
+        (
+            status.state.as_str(),
+            status.shards_running,
+            status.shards_pending
+        ),
+        ("running", 0, 1)
+    );
+    // The released attempt is not counted: a new worker gets attempt 1 again.
+    let (stop, handle) = worker(
+        &cluster.url,
+        "w1",
+        None,
+        Box::new(FakeEngine {
+            class_duration: Duration::ZERO,
+        }),
+    );
+    assert_eq!(
+        wait_until_done(&cluster.coordinator, &job.job_id)
+            .await
+            .state,
+        "succeeded"
+    );
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(format!("jobs/{}/state.json", job.job_id))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["shards"][0]["attempts"], 1, "{state:#}");
 }

@@ -291,3 +291,60 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+#[test]
+fn submit_wait_fails_naming_the_class_whose_folder_is_missing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 2, 4);
+    let store = scratch.path().join("store");
+    let text = spec(&data, &store, 2).replace(
+        "classes = [\"c0\", \"c1\"]",
+        "classes = [\"c0\", \"c1\", \"missing_class\"]",
+    );
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, text).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = serve(port, &store, &scratch.path().join("coordinator.log"));
+    let _worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &url, "--threads", "1"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut output = None;
+    wait_for("submit --wait", Duration::from_secs(120), || {
+        let out = Command::new(bin("coordinator"))
+            .args([
+                "submit",
+                spec_path.to_str().unwrap(),
+                "--wait",
+                "--coordinator",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let connected = !String::from_utf8_lossy(&out.stderr).contains("transport error");
+        output = Some(out);
+        connected
+    });
+    let out = output.unwrap();
+    assert!(!out.status.success(), "a failed job must exit non-zero");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("missing_class")
+            && text.contains("does not exist")
+            && text.contains("failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 done"),
+        "the other classes still commit: {text}"
+    );
+}
