@@ -11,9 +11,7 @@ const IMAGENET100: &str = include_str!("../data/class100.txt");
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ClassListError {
-    #[error(
-        "unknown class subset `{0}` (expected imagenet1k, imagenette, imagewoof, imagenet100 or imageidc)"
-    )]
+    #[error("unknown class subset `{0}` (expected imagenet1k, imagenette, imagewoof, imagenet100 or imageidc)")]
     UnknownSubset(String),
     #[error("`{0}` is not an ImageNet-1K synset (wnid)")]
     UnknownWnid(String),
@@ -35,9 +33,7 @@ pub fn imagenet1k_name(label: usize) -> Option<&'static str> {
 
 /// DiT label (sorted-synset index) of an ImageNet-1K wnid.
 pub fn imagenet1k_label(wnid: &str) -> Result<usize, ClassListError> {
-    lines(IMAGENET1K)
-        .position(|w| w == wnid)
-        .ok_or_else(|| ClassListError::UnknownWnid(wnid.to_owned()))
+    lines(IMAGENET1K).position(|w| w == wnid).ok_or_else(|| ClassListError::UnknownWnid(wnid.to_owned()))
 }
 
 /// A named subset as (wnid, DiT label) pairs in the order of the reference spec files.
@@ -50,10 +46,7 @@ pub fn named_subset(name: &str) -> Result<Vec<(&'static str, usize)>, ClassListE
         "imageidc" => lines(IMAGENET100).take(10).collect(),
         other => return Err(ClassListError::UnknownSubset(other.to_owned())),
     };
-    wnids
-        .into_iter()
-        .map(|w| imagenet1k_label(w).map(|label| (w, label)))
-        .collect()
+    wnids.into_iter().map(|w| imagenet1k_label(w).map(|label| (w, label))).collect()
 }
 
 #[cfg(test)]
@@ -71,31 +64,13 @@ mod tests {
 
     #[test]
     fn subsets_map_to_the_reference_labels() {
-        let labels = |n| {
-            named_subset(n)
-                .unwrap()
-                .into_iter()
-                .map(|(_, l)| l)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            labels("imagenette"),
-            [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
-        );
-        assert_eq!(
-            labels("imagewoof"),
-            [155, 159, 162, 167, 182, 193, 207, 229, 258, 273]
-        );
-        assert_eq!(
-            labels("imageidc"),
-            [15, 45, 54, 57, 64, 74, 90, 99, 119, 120]
-        );
+        let labels = |n| named_subset(n).unwrap().into_iter().map(|(_, l)| l).collect::<Vec<_>>();
+        assert_eq!(labels("imagenette"), [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]);
+        assert_eq!(labels("imagewoof"), [155, 159, 162, 167, 182, 193, 207, 229, 258, 273]);
+        assert_eq!(labels("imageidc"), [15, 45, 54, 57, 64, 74, 90, 99, 119, 120]);
         let in100 = labels("imagenet100");
         assert_eq!(in100.len(), 100);
         assert_eq!(in100[99], 994);
-        assert!(matches!(
-            named_subset("imagenet7"),
-            Err(ClassListError::UnknownSubset(_))
-        ));
+        assert!(matches!(named_subset("imagenet7"), Err(ClassListError::UnknownSubset(_))));
     }
 }

@@ -147,6 +147,18 @@ pub struct JobSpec {
     #[serde(default)]
     pub sampling: SamplingSpec,
     pub models: ModelSpec,
+    /// Cache per-class VAE latents: `true` (under `<output>/cache`) or a folder / store URL.
+    /// Jobs over the same dataset and VAE then skip decoding and encoding.
+    #[serde(default)]
+    pub latent_cache: Option<LatentCache>,
+}
+
+/// The `latent_cache` setting.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LatentCache {
+    Enabled(bool),
+    At(String),
 }
 
 fn default_classes_per_shard() -> usize {
@@ -191,6 +203,17 @@ impl ResolvedJob {
 }
 
 impl JobSpec {
+    /// Where latents are cached, if anywhere.
+    pub fn latent_cache_url(&self) -> Option<String> {
+        match &self.latent_cache {
+            Some(LatentCache::At(url)) => Some(url.clone()),
+            Some(LatentCache::Enabled(true)) => {
+                self.output.as_ref().map(|out| format!("{}/cache", out.trim_end_matches('/')))
+            }
+            _ => None,
+        }
+    }
+
     /// Parses job.toml text; unknown fields and type errors name the field.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
         toml::from_str(text).map_err(|e| JobError::Toml(e.to_string()))
@@ -199,12 +222,7 @@ impl JobSpec {
     /// Checks every field and reports all problems at once.
     pub fn validate(&self) -> Result<(), JobError> {
         let mut errors = Vec::new();
-        let mut bad = |field: &str, problem: String| {
-            errors.push(FieldError {
-                field: field.into(),
-                problem,
-            })
-        };
+        let mut bad = |field: &str, problem: String| errors.push(FieldError { field: field.into(), problem });
         if self.dataset.trim().is_empty() {
             bad("dataset", "must name an ImageFolder root".into());
         }
@@ -215,10 +233,7 @@ impl JobSpec {
             bad("classes_per_shard", "must be at least 1".into());
         }
         if self.lease_timeout_s < 5 {
-            bad(
-                "lease_timeout_s",
-                format!("{} s is too short (at least 5 s)", self.lease_timeout_s),
-            );
+            bad("lease_timeout_s", format!("{} s is too short (at least 5 s)", self.lease_timeout_s));
         }
         if self.max_attempts == 0 {
             bad("max_attempts", "must be at least 1".into());
@@ -228,31 +243,19 @@ impl JobSpec {
             bad("sampling.steps", format!("{} is outside 1..=1000", s.steps));
         }
         if s.stop_guidance > s.steps {
-            bad(
-                "sampling.stop_guidance",
-                format!("{} exceeds sampling.steps = {}", s.stop_guidance, s.steps),
-            );
+            bad("sampling.stop_guidance", format!("{} exceeds sampling.steps = {}", s.stop_guidance, s.steps));
         }
         if !(1..=16).contains(&s.cfg_channels) {
             bad(
                 "sampling.cfg_channels",
-                format!(
-                    "{} is not a channel count (3 = reference DiT, 4 = standard)",
-                    s.cfg_channels
-                ),
+                format!("{} is not a channel count (3 = reference DiT, 4 = standard)", s.cfg_channels),
             );
         }
         if !s.guidance_scale.is_finite() || s.guidance_scale < 0.0 {
-            bad(
-                "sampling.guidance_scale",
-                format!("{} must be a finite number ≥ 0", s.guidance_scale),
-            );
+            bad("sampling.guidance_scale", format!("{} must be a finite number ≥ 0", s.guidance_scale));
         }
         if !s.cfg_scale.is_finite() {
-            bad(
-                "sampling.cfg_scale",
-                format!("{} must be finite", s.cfg_scale),
-            );
+            bad("sampling.cfg_scale", format!("{} must be finite", s.cfg_scale));
         }
         for (field, value) in [
             ("models.dit", &self.models.dit),
@@ -265,19 +268,11 @@ impl JobSpec {
         }
         for (field, value) in [
             ("models.dit_fingerprint", &self.models.dit_fingerprint),
-            (
-                "models.vae_encoder_fingerprint",
-                &self.models.vae_encoder_fingerprint,
-            ),
-            (
-                "models.vae_decoder_fingerprint",
-                &self.models.vae_decoder_fingerprint,
-            ),
+            ("models.vae_encoder_fingerprint", &self.models.vae_encoder_fingerprint),
+            ("models.vae_decoder_fingerprint", &self.models.vae_decoder_fingerprint),
         ] {
             if let Some(v) = value
-                && !(v.starts_with("sha256:")
-                    && v.len() == 71
-                    && v[7..].chars().all(|c| c.is_ascii_hexdigit()))
+                && !(v.starts_with("sha256:") && v.len() == 71 && v[7..].chars().all(|c| c.is_ascii_hexdigit()))
             {
                 bad(field, format!("`{v}` is not `sha256:<64 hex digits>`"));
             }
@@ -297,21 +292,11 @@ impl JobSpec {
             }
         }
         if let Some(name) = &self.name
-            && (name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         {
-            bad(
-                "name",
-                format!("`{name}` may only use letters, digits, '-', '_' and '.'"),
-            );
+            bad("name", format!("`{name}` may only use letters, digits, '-', '_' and '.'"));
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(JobError::Invalid(errors))
-        }
+        if errors.is_empty() { Ok(()) } else { Err(JobError::Invalid(errors)) }
     }
 
     /// Makes every location absolute against `base` (the directory of job.toml).
@@ -320,16 +305,13 @@ impl JobSpec {
         if let Some(out) = &self.output {
             self.output = Some(resolve(out, base));
         }
-        if let ClassSelection::File { file } = &self.classes {
-            self.classes = ClassSelection::File {
-                file: resolve(file, base),
-            };
+        if let Some(LatentCache::At(url)) = &self.latent_cache {
+            self.latent_cache = Some(LatentCache::At(resolve(url, base)));
         }
-        for m in [
-            &mut self.models.dit,
-            &mut self.models.vae_encoder,
-            &mut self.models.vae_decoder,
-        ] {
+        if let ClassSelection::File { file } = &self.classes {
+            self.classes = ClassSelection::File { file: resolve(file, base) };
+        }
+        for m in [&mut self.models.dit, &mut self.models.vae_encoder, &mut self.models.vae_decoder] {
             *m = resolve(m, base);
         }
     }
@@ -339,12 +321,7 @@ impl JobSpec {
         &self,
         dataset_classes: impl FnOnce() -> Result<Vec<String>, JobError>,
     ) -> Result<Vec<ClassRef>, JobError> {
-        let invalid = |problem: String| {
-            JobError::Invalid(vec![FieldError {
-                field: "classes".into(),
-                problem,
-            }])
-        };
+        let invalid = |problem: String| JobError::Invalid(vec![FieldError { field: "classes".into(), problem }]);
         let names: Vec<String> = match &self.classes {
             ClassSelection::Named(name) if name == "all" => dataset_classes()?,
             ClassSelection::Named(name) => classes::named_subset(name)
@@ -354,11 +331,7 @@ impl JobSpec {
                 .collect(),
             ClassSelection::List(list) => list.clone(),
             ClassSelection::File { file } => std::fs::read_to_string(file)
-                .map_err(|source| JobError::Read {
-                    what: "class list",
-                    path: file.clone(),
-                    source,
-                })?
+                .map_err(|source| JobError::Read { what: "class list", path: file.clone(), source })?
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -424,11 +397,7 @@ impl JobSpec {
 /// The id of a job: its name (or "job") and the first 12 hex digits of its fingerprint.
 pub fn job_id(spec: &JobSpec, fingerprint: &str) -> String {
     let hex = fingerprint.trim_start_matches("sha256:");
-    format!(
-        "{}-{}",
-        spec.name.as_deref().unwrap_or("job"),
-        &hex[..12.min(hex.len())]
-    )
+    format!("{}-{}", spec.name.as_deref().unwrap_or("job"), &hex[..12.min(hex.len())])
 }
 
 #[cfg(test)]
@@ -452,50 +421,32 @@ vae_decoder = "m/dec.onnx"
         spec.validate().unwrap();
         assert_eq!(spec.sampling, SamplingSpec::default());
         assert_eq!(
-            (
-                spec.sampling.guidance_scale,
-                spec.sampling.stop_guidance,
-                spec.sampling.cfg_scale
-            ),
+            (spec.sampling.guidance_scale, spec.sampling.stop_guidance, spec.sampling.cfg_scale),
             (0.1, 25, 4.0)
         );
         let classes = spec.class_list(|| unreachable!()).unwrap();
         assert_eq!(classes.len(), 10);
-        assert_eq!(
-            classes[1],
-            ClassRef {
-                wnid: "n02102040".into(),
-                label: 217,
-                class_index: 1
-            }
-        );
+        assert_eq!(classes[1], ClassRef { wnid: "n02102040".into(), label: 217, class_index: 1 });
     }
 
     #[test]
     fn unknown_fields_and_bad_types_name_the_field() {
-        let err = JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = 10\nipcs = 3"))
-            .unwrap_err()
-            .to_string();
+        let err = JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = 10\nipcs = 3")).unwrap_err().to_string();
         assert!(err.contains("ipcs"), "{err}");
-        let err = JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = \"ten\""))
-            .unwrap_err()
-            .to_string();
+        let err = JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = \"ten\"")).unwrap_err().to_string();
         assert!(err.contains("ipc"), "{err}");
-        let err = JobSpec::from_toml(&SPEC.replace("[models]", "[sampling]\nlambda = 1\n[models]"))
-            .unwrap_err()
-            .to_string();
+        let err =
+            JobSpec::from_toml(&SPEC.replace("[models]", "[sampling]\nlambda = 1\n[models]")).unwrap_err().to_string();
         assert!(err.contains("lambda"), "{err}");
     }
 
     #[test]
     fn every_invalid_field_is_reported() {
-        let text = SPEC.replace("ipc = 10", "ipc = 0\nclasses_per_shard = 0\nmax_attempts = 0")
-            .replace("[models]", "[sampling]\nsteps = 10\nstop_guidance = 11\ncfg_channels = 0\n[models]\ndit_fingerprint = \"abc\"");
-        let err = JobSpec::from_toml(&text)
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let text = SPEC.replace("ipc = 10", "ipc = 0\nclasses_per_shard = 0\nmax_attempts = 0").replace(
+            "[models]",
+            "[sampling]\nsteps = 10\nstop_guidance = 11\ncfg_channels = 0\n[models]\ndit_fingerprint = \"abc\"",
+        );
+        let err = JobSpec::from_toml(&text).unwrap().validate().unwrap_err().to_string();
         for field in [
             "`ipc`",
             "`classes_per_shard`",
@@ -512,37 +463,21 @@ vae_decoder = "m/dec.onnx"
     fn labels_and_class_sources() {
         let mut spec = JobSpec::from_toml(SPEC).unwrap();
         spec.classes = ClassSelection::List(vec!["shoe".into(), "bag".into()]);
-        assert!(
-            spec.class_list(|| unreachable!())
-                .unwrap_err()
-                .to_string()
-                .contains("labels = \"position\"")
-        );
+        assert!(spec.class_list(|| unreachable!()).unwrap_err().to_string().contains("labels = \"position\""));
         spec.labels = LabelScheme::Position;
         let classes = spec.class_list(|| unreachable!()).unwrap();
         assert_eq!((classes[1].wnid.as_str(), classes[1].label), ("bag", 1));
         spec.classes = ClassSelection::Named("all".into());
-        let classes = spec
-            .class_list(|| Ok(vec!["a".into(), "b".into(), "c".into()]))
-            .unwrap();
+        let classes = spec.class_list(|| Ok(vec!["a".into(), "b".into(), "c".into()])).unwrap();
         assert_eq!(classes.len(), 3);
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("wnids.txt"),
-            "n01440764\n\n# comment\nn02102040\n",
-        )
-        .unwrap();
-        let mut spec = JobSpec::from_toml(&SPEC.replace(
-            "classes = \"imagenette\"",
-            "classes = { file = \"wnids.txt\" }",
-        ))
-        .unwrap();
+        std::fs::write(dir.path().join("wnids.txt"), "n01440764\n\n# comment\nn02102040\n").unwrap();
+        let mut spec =
+            JobSpec::from_toml(&SPEC.replace("classes = \"imagenette\"", "classes = { file = \"wnids.txt\" }"))
+                .unwrap();
         spec.resolve_paths(dir.path());
         let classes = spec.class_list(|| unreachable!()).unwrap();
-        assert_eq!(
-            classes.iter().map(|c| c.label).collect::<Vec<_>>(),
-            [0, 217]
-        );
+        assert_eq!(classes.iter().map(|c| c.label).collect::<Vec<_>>(), [0, 217]);
     }
 
     #[test]
@@ -561,10 +496,7 @@ vae_decoder = "m/dec.onnx"
         let mut other = spec.clone();
         other.sampling.stop_guidance = 50;
         assert_ne!(other.fingerprint(&classes), base);
-        assert_eq!(
-            spec.plan_shards(5),
-            vec![(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
-        );
+        assert_eq!(spec.plan_shards(5), vec![(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]);
         assert_eq!(ops.plan_shards(5), vec![(0, 4), (4, 5)]);
         assert!(job_id(&spec, &base).starts_with("nette-"));
     }

@@ -18,9 +18,7 @@ pub struct JobKeys {
 
 impl JobKeys {
     pub fn new(job_id: &str) -> Self {
-        JobKeys {
-            root: format!("jobs/{job_id}"),
-        }
+        JobKeys { root: format!("jobs/{job_id}") }
     }
 
     /// Prefix under which all jobs live.
@@ -75,14 +73,8 @@ mod tests {
         let k = JobKeys::new("nette-0123");
         assert_eq!(k.job_json(), "jobs/nette-0123/job.json");
         assert_eq!(k.marker("n01"), "jobs/nette-0123/shards/n01.json");
-        assert_eq!(
-            k.staging_file("a1", "n01", &image_name(3)),
-            "jobs/nette-0123/staging/a1/n01/3.png"
-        );
-        assert_eq!(
-            k.dataset_image("n01", 9),
-            "jobs/nette-0123/dataset/n01/9.png"
-        );
+        assert_eq!(k.staging_file("a1", "n01", &image_name(3)), "jobs/nette-0123/staging/a1/n01/3.png");
+        assert_eq!(k.dataset_image("n01", 9), "jobs/nette-0123/dataset/n01/9.png");
         assert_eq!(k.modes("n01"), "jobs/nette-0123/modes/n01.npy");
         assert_eq!(k.manifest(), "jobs/nette-0123/manifest.json");
     }

@@ -23,10 +23,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Milliseconds since the Unix epoch (the clock leases and state files use).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// sha256 of bytes as `sha256:<hex>`, the form of every fingerprint and image digest.
@@ -60,4 +57,14 @@ pub fn fingerprint_file(path: &std::path::Path) -> std::io::Result<String> {
         }
     }
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
+/// Makes ring the process-wide rustls crypto provider. Both ring (tonic) and aws-lc (the cloud
+/// object-store clients) are linked in, and rustls refuses to guess between two; every TLS user in
+/// the project calls this first. Idempotent.
+pub fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }

@@ -17,11 +17,7 @@ pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "BearerToken(<redacted>)"
-        } else {
-            "BearerToken(none)"
-        })
+        f.write_str(if self.0.is_some() { "BearerToken(<redacted>)" } else { "BearerToken(none)" })
     }
 }
 
@@ -40,9 +36,7 @@ impl BearerToken {
 impl Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
+            request.metadata_mut().insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -63,27 +57,19 @@ impl Interceptor for RequireToken {
         let Some(expected) = &self.0 else {
             return Ok(request);
         };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
+        let given = request.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
         let mut diff = (given.len() != expected.len()) as u8;
         for (a, b) in given.iter().zip(expected.iter()) {
             diff |= a ^ b;
         }
-        if diff == 0 {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("missing or wrong bearer token"))
-        }
+        if diff == 0 { Ok(request) } else { Err(Status::unauthenticated("missing or wrong bearer token")) }
     }
 }
 
 /// Reads a token file (trimmed); an empty file is an error.
 pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read token file `{}`: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read token file `{}`: {e}", path.display()))?;
     let token = text.trim().to_owned();
     if token.is_empty() {
         return Err(format!("token file `{}` is empty", path.display()));
@@ -94,11 +80,8 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
 pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
 
 /// Connects lazily (the first RPC dials), so callers can retry with backoff.
-pub fn connect(
-    url: &str,
-    token: Option<&str>,
-    tls_ca: Option<&std::path::Path>,
-) -> Result<Client, String> {
+pub fn connect(url: &str, token: Option<&str>, tls_ca: Option<&std::path::Path>) -> Result<Client, String> {
+    crate::ensure_crypto_provider();
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("invalid coordinator URL `{url}`: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -107,13 +90,10 @@ pub fn connect(
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_webpki_roots();
         if let Some(ca) = tls_ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("cannot read CA file `{}`: {e}", ca.display()))?;
+            let pem = std::fs::read(ca).map_err(|e| format!("cannot read CA file `{}`: {e}", ca.display()))?;
             tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
         }
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| format!("TLS set-up for `{url}`: {e}"))?;
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS set-up for `{url}`: {e}"))?;
     }
     let channel = endpoint.connect_lazy();
     let token = BearerToken::new(token)?;

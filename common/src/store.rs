@@ -4,9 +4,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
+use object_store::{BackoffConfig, RetryConfig};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 use url::Url;
@@ -89,10 +95,7 @@ pub fn resolve(text: &str, base: &std::path::Path) -> String {
 
 /// Opens the store a URL or local path names. Local folders are created when missing.
 pub fn open(url: &str) -> Result<Location, StoreError> {
-    let bad = |problem: &str| StoreError::BadUrl {
-        url: url.to_owned(),
-        problem: problem.to_owned(),
-    };
+    let bad = |problem: &str| StoreError::BadUrl { url: url.to_owned(), problem: problem.to_owned() };
     if !is_url(url) {
         let path = std::path::absolute(url).map_err(|e| bad(&e.to_string()))?;
         return open_local(url, &path);
@@ -100,71 +103,115 @@ pub fn open(url: &str) -> Result<Location, StoreError> {
     let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     match parsed.scheme() {
         "file" => {
-            let path = parsed
-                .to_file_path()
-                .map_err(|_| bad("not an absolute file path"))?;
+            let path = parsed.to_file_path().map_err(|_| bad("not an absolute file path"))?;
             open_local(url, &path)
         }
         "memory" => {
             let name = parsed.host_str().unwrap_or("default").to_owned();
-            let store = memory_stores()
-                .lock()
-                .expect("memory stores")
-                .entry(name)
-                .or_default()
-                .clone();
+            let store = memory_stores().lock().expect("memory stores").entry(name).or_default().clone();
             let prefix = Path::from(parsed.path().trim_start_matches('/'));
-            Ok(Location {
-                url: url.to_owned(),
-                store,
-                prefix,
-            })
+            Ok(Location { url: url.to_owned(), store, prefix })
         }
-        _ => {
-            let (store, prefix) =
-                object_store::parse_url_opts(&parsed, std::env::vars()).map_err(|source| {
-                    StoreError::Open {
-                        url: url.to_owned(),
-                        source,
-                    }
-                })?;
-            Ok(Location {
-                url: url.to_owned(),
-                store: Arc::from(store),
-                prefix,
-            })
+        scheme @ ("s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure") => {
+            let store = open_cloud(scheme, url).map_err(|source| StoreError::Open { url: url.to_owned(), source })?;
+            let prefix = Path::from(parsed.path().trim_start_matches('/'));
+            Ok(Location { url: url.to_owned(), store, prefix })
+        }
+        other => {
+            Err(bad(&format!("unsupported scheme `{other}` (use a path, file://, s3://, gs://, az:// or memory://)")))
         }
     }
 }
 
-fn open_local(url: &str, path: &std::path::Path) -> Result<Location, StoreError> {
-    std::fs::create_dir_all(path).map_err(|source| StoreError::LocalDir {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let store = LocalFileSystem::new_with_prefix(path)
-        .map_err(|source| StoreError::Open {
-            url: url.to_owned(),
-            source,
-        })?
-        .with_automatic_cleanup(true);
-    Ok(Location {
-        url: url.to_owned(),
-        store: Arc::new(store),
-        prefix: Path::default(),
+/// Retries for transient errors (5xx, timeouts, dropped connections) with exponential backoff;
+/// 4xx answers such as 403 or a missing bucket are not retried.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            base: 2.0,
+        },
+        max_retries: 12,
+        retry_timeout: Duration::from_secs(180),
+    }
+}
+
+fn open_cloud(scheme: &str, url: &str) -> object_store::Result<Arc<dyn ObjectStore>> {
+    crate::ensure_crypto_provider();
+    Ok(match scheme {
+        "s3" | "s3a" => {
+            let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry_config());
+            for (key, value) in aws_profile_settings() {
+                builder = builder.with_config(key.parse()?, value);
+            }
+            let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint).unwrap_or_default();
+            if endpoint.starts_with("http://") {
+                builder = builder.with_allow_http(true);
+            }
+            Arc::new(builder.build()?)
+        }
+        "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry_config()).build()?),
+        _ => Arc::new(MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry_config()).build()?),
     })
 }
 
+/// Settings from the standard AWS files (`~/.aws/credentials`, `~/.aws/config`, or the files
+/// `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE` name) for `AWS_PROFILE` (default `default`),
+/// for whatever the environment does not set itself.
+fn aws_profile_settings() -> Vec<(&'static str, String)> {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let credentials = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(Into::into)
+        .unwrap_or_else(|| home.join(".aws/credentials"));
+    let config = std::env::var_os("AWS_CONFIG_FILE").map(Into::into).unwrap_or_else(|| home.join(".aws/config"));
+    let config_section = if profile == "default" { "default".to_owned() } else { format!("profile {profile}") };
+    let mut values = ini_section(&config, &config_section);
+    values.extend(ini_section(&credentials, &profile));
+    let wanted = [
+        ("aws_access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+        ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+        ("aws_session_token", "AWS_SESSION_TOKEN", "aws_session_token"),
+        ("region", "AWS_REGION", "aws_region"),
+        ("endpoint_url", "AWS_ENDPOINT_URL", "aws_endpoint"),
+    ];
+    wanted
+        .into_iter()
+        .filter(|(_, env, _)| std::env::var_os(env).is_none())
+        .filter_map(|(file_key, _, config_key)| values.get(file_key).map(|v| (config_key, v.clone())))
+        .collect()
+}
+
+/// `key = value` pairs of `[section]` of an INI file (missing file: none).
+fn ini_section(path: &std::path::Path, section: &str) -> HashMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(path) else { return HashMap::new() };
+    let mut current = String::new();
+    let mut values = HashMap::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.trim().to_owned();
+        } else if current == section
+            && let Some((key, value)) = line.split_once('=')
+        {
+            values.insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+    }
+    values
+}
+
+fn open_local(url: &str, path: &std::path::Path) -> Result<Location, StoreError> {
+    std::fs::create_dir_all(path)
+        .map_err(|source| StoreError::LocalDir { path: path.display().to_string(), source })?;
+    let store = LocalFileSystem::new_with_prefix(path)
+        .map_err(|source| StoreError::Open { url: url.to_owned(), source })?
+        .with_automatic_cleanup(true);
+    Ok(Location { url: url.to_owned(), store: Arc::new(store), prefix: Path::default() })
+}
+
 /// Writes `bytes` at `key` only if nothing is there yet. Returns false when it already existed.
-pub async fn put_create(
-    store: &dyn ObjectStore,
-    key: &Path,
-    bytes: Vec<u8>,
-) -> object_store::Result<bool> {
-    let options = PutOptions {
-        mode: PutMode::Create,
-        ..Default::default()
-    };
+pub async fn put_create(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> object_store::Result<bool> {
+    let options = PutOptions { mode: PutMode::Create, ..Default::default() };
     match store.put_opts(key, PutPayload::from(bytes), options).await {
         Ok(_) => Ok(true),
         Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
@@ -172,11 +219,25 @@ pub async fn put_create(
     }
 }
 
+/// Objects above this size are uploaded in parts.
+pub const MULTIPART_THRESHOLD: usize = 8 << 20;
+
+/// Writes `bytes` at `key`, as a multipart upload of 8 MiB parts when larger than
+/// [`MULTIPART_THRESHOLD`] (S3 single PUTs are limited and retry whole).
+pub async fn put_large(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> object_store::Result<()> {
+    if bytes.len() <= MULTIPART_THRESHOLD {
+        store.put(key, PutPayload::from(bytes)).await?;
+        return Ok(());
+    }
+    let upload = store.put_multipart(key).await?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_THRESHOLD);
+    writer.write(&bytes);
+    writer.finish().await?;
+    Ok(())
+}
+
 /// Reads an object, `None` when it does not exist.
-pub async fn get_optional(
-    store: &dyn ObjectStore,
-    key: &Path,
-) -> object_store::Result<Option<bytes::Bytes>> {
+pub async fn get_optional(store: &dyn ObjectStore, key: &Path) -> object_store::Result<Option<bytes::Bytes>> {
     match store.get(key).await {
         Ok(result) => Ok(Some(result.bytes().await?)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -198,29 +259,11 @@ mod tests {
         ] {
             let location = open(&url).unwrap();
             let key = location.key("jobs/a/marker.json");
-            assert!(
-                put_create(location.store.as_ref(), &key, b"first".to_vec())
-                    .await
-                    .unwrap(),
-                "{url}"
-            );
-            assert!(
-                !put_create(location.store.as_ref(), &key, b"second".to_vec())
-                    .await
-                    .unwrap(),
-                "{url}"
-            );
-            let bytes = get_optional(location.store.as_ref(), &key)
-                .await
-                .unwrap()
-                .unwrap();
+            assert!(put_create(location.store.as_ref(), &key, b"first".to_vec()).await.unwrap(), "{url}");
+            assert!(!put_create(location.store.as_ref(), &key, b"second".to_vec()).await.unwrap(), "{url}");
+            let bytes = get_optional(location.store.as_ref(), &key).await.unwrap().unwrap();
             assert_eq!(&bytes[..], b"first");
-            assert!(
-                get_optional(location.store.as_ref(), &location.key("missing"))
-                    .await
-                    .unwrap()
-                    .is_none()
-            );
+            assert!(get_optional(location.store.as_ref(), &location.key("missing")).await.unwrap().is_none());
         }
     }
 
@@ -231,7 +274,10 @@ mod tests {
         assert_eq!(resolve("rel/dir", base), "/base/rel/dir");
         assert_eq!(resolve("/abs", base), "/abs");
         assert_eq!(resolve("../x/./y", base), "/x/y");
-        assert!(matches!(open("bogus://x/y"), Err(StoreError::Open { .. })));
+        assert!(matches!(open("bogus://x/y"), Err(StoreError::BadUrl { .. })));
+        let s3 = open("s3://bucket/some/prefix").unwrap();
+        assert_eq!(s3.key("jobs/a").as_ref(), "some/prefix/jobs/a");
+        assert!(open("s3:///no-bucket").is_err());
         let memory = open("memory://m/a/b").unwrap();
         assert_eq!(memory.key("c/d.json").as_ref(), "a/b/c/d.json");
         assert_eq!(memory.child("c").key("x").as_ref(), "a/b/c/x");

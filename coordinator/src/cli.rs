@@ -16,11 +16,7 @@ use tokio::net::TcpListener;
 use crate::service::{Coordinator, ServeConfig, serve};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "coordinator",
-    version,
-    about = "mgd3 coordinator: distributes MGD³ distillation over workers"
-)]
+#[command(name = "coordinator", version, about = "mgd3 coordinator: distributes MGD³ distillation over workers")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -67,11 +63,7 @@ pub struct ServeArgs {
 /// How client commands reach the coordinator.
 #[derive(Debug, Args, Clone)]
 pub struct Connection {
-    #[arg(
-        long,
-        env = "MGD3_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, env = "MGD3_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -82,14 +74,8 @@ pub struct Connection {
 
 impl Connection {
     fn client(&self) -> Result<Client> {
-        let token = self
-            .token_file
-            .as_deref()
-            .map(read_token_file)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
-        connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref())
-            .map_err(anyhow::Error::msg)
+        let token = self.token_file.as_deref().map(read_token_file).transpose().map_err(anyhow::Error::msg)?;
+        connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref()).map_err(anyhow::Error::msg)
     }
 }
 
@@ -160,21 +146,13 @@ pub struct RunArgs {
 }
 
 fn read_spec(path: &Path) -> Result<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read job spec `{}`", path.display()))?;
-    let base = std::path::absolute(path)?
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec `{}`", path.display()))?;
+    let base = std::path::absolute(path)?.parent().map(|p| p.display().to_string()).unwrap_or_default();
     Ok((text, base))
 }
 
 fn describe(status: &proto::JobStatus) -> String {
-    let eta = if status.eta_seconds < 0.0 {
-        "unknown".to_owned()
-    } else {
-        format!("{:.0} s", status.eta_seconds)
-    };
+    let eta = if status.eta_seconds < 0.0 { "unknown".to_owned() } else { format!("{:.0} s", status.eta_seconds) };
     let mut text = format!(
         "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  images: {}/{}, {:.2} images/s, ETA {eta}\n  workers: {}\n  output: {}\n",
         status.job_id,
@@ -218,25 +196,14 @@ fn status_json(status: &proto::JobStatus) -> serde_json::Value {
 
 /// Polls a job until it ends, showing a progress bar; returns its final status.
 pub async fn wait_for(client: &mut Client, job_id: &str, quiet: bool) -> Result<proto::JobStatus> {
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
     );
     loop {
-        let status = client
-            .get_job_status(proto::GetJobStatusRequest {
-                job_id: job_id.into(),
-            })
-            .await?
-            .into_inner();
+        let status = client.get_job_status(proto::GetJobStatusRequest { job_id: job_id.into() }).await?.into_inner();
         bar.set_length(status.images_total);
         bar.set_position(status.images_done);
         bar.set_message(format!(
@@ -261,8 +228,7 @@ fn exit_for(status: &proto::JobStatus) -> Result<()> {
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn termination() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -272,31 +238,17 @@ pub async fn termination() {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let token = args
-                .token_file
-                .as_deref()
-                .map(read_token_file)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
+            let token = args.token_file.as_deref().map(read_token_file).transpose().map_err(anyhow::Error::msg)?;
             let tls = match (&args.tls_cert, &args.tls_key) {
                 (Some(cert), Some(key)) => Some((
-                    std::fs::read(cert).with_context(|| {
-                        format!("cannot read TLS certificate `{}`", cert.display())
-                    })?,
-                    std::fs::read(key)
-                        .with_context(|| format!("cannot read TLS key `{}`", key.display()))?,
+                    std::fs::read(cert).with_context(|| format!("cannot read TLS certificate `{}`", cert.display()))?,
+                    std::fs::read(key).with_context(|| format!("cannot read TLS key `{}`", key.display()))?,
                 )),
                 _ => None,
             };
-            let config = ServeConfig {
-                store_url: args.store,
-                token,
-                tls,
-                heartbeat_ms: args.heartbeat_ms,
-            };
-            let listener = TcpListener::bind(&args.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            let config = ServeConfig { store_url: args.store, token, tls, heartbeat_ms: args.heartbeat_ms };
+            let listener =
+                TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
             let coordinator = Coordinator::open(&config.store_url, config.heartbeat_ms).await?;
             serve(coordinator, &config, listener, termination()).await?;
             Ok(())
@@ -304,16 +256,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Submit(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let mut client = args.connection.client()?;
-            let request = proto::SubmitJobRequest {
-                spec_toml: text,
-                base_dir: base,
-                job_id: args.job_id.unwrap_or_default(),
-            };
-            let response = client
-                .submit_job(request)
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
+            let request =
+                proto::SubmitJobRequest { spec_toml: text, base_dir: base, job_id: args.job_id.unwrap_or_default() };
+            let response =
+                client.submit_job(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
             println!("{}", response.job_id);
             if args.wait {
                 let status = wait_for(&mut client, &response.job_id, false).await?;
@@ -326,9 +272,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let statuses = match &args.job {
                 Some(job) => vec![
                     client
-                        .get_job_status(proto::GetJobStatusRequest {
-                            job_id: job.clone(),
-                        })
+                        .get_job_status(proto::GetJobStatusRequest { job_id: job.clone() })
                         .await
                         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                         .into_inner(),
@@ -344,11 +288,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             if args.json {
                 let value: Vec<_> = statuses.iter().map(status_json).collect();
-                let value = if args.job.is_some() {
-                    value.into_iter().next().unwrap_or_default()
-                } else {
-                    value.into()
-                };
+                let value =
+                    if args.job.is_some() { value.into_iter().next().unwrap_or_default() } else { value.into() };
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 statuses.iter().for_each(|s| print!("{}", describe(s)));
@@ -362,26 +303,17 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => Default::default(),
             };
             let response = client
-                .resume_job(proto::ResumeJobRequest {
-                    job_id: args.job.clone(),
-                    spec_toml,
-                    base_dir,
-                })
+                .resume_job(proto::ResumeJobRequest { job_id: args.job.clone(), spec_toml, base_dir })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
-            println!(
-                "job {}: {} shard(s) committed, {} re-queued",
-                args.job, response.committed, response.requeued
-            );
+            println!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
             Ok(())
         }
         Command::Cancel(args) => {
             let mut client = args.connection.client()?;
             client
-                .cancel_job(proto::CancelJobRequest {
-                    job_id: args.job.clone(),
-                })
+                .cancel_job(proto::CancelJobRequest { job_id: args.job.clone() })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("job {} cancelled", args.job);
@@ -396,22 +328,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .into_inner()
                 .jobs;
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &jobs.iter().map(status_json).collect::<Vec<_>>()
-                    )?
-                );
+                println!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
             } else {
                 for j in &jobs {
                     println!(
                         "{}\t{}\t{}/{} shards\t{}/{} images",
-                        j.job_id,
-                        j.state,
-                        j.shards_done,
-                        j.shards_total,
-                        j.images_done,
-                        j.images_total
+                        j.job_id, j.state, j.shards_done, j.shards_total, j.images_done, j.images_total
                     );
                 }
             }
@@ -447,26 +369,15 @@ async fn run_local(args: RunArgs) -> Result<()> {
     };
     let worker_bin = match &args.worker_bin {
         Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable folder")?
-            .join("worker"),
+        None => std::env::current_exe()?.parent().context("executable folder")?.join("worker"),
     };
     if !worker_bin.exists() {
-        bail!(
-            "worker binary `{}` not found (build it, or pass --worker-bin)",
-            worker_bin.display()
-        );
+        bail!("worker binary `{}` not found (build it, or pass --worker-bin)", worker_bin.display());
     }
     let coordinator = Coordinator::open(&store, args.heartbeat_ms).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let config = ServeConfig {
-        store_url: store.clone(),
-        token: None,
-        tls: None,
-        heartbeat_ms: args.heartbeat_ms,
-    };
+    let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let coordinator = coordinator.clone();
@@ -510,10 +421,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     };
     coordinator.drain();
     for worker in &mut workers {
-        if tokio::time::timeout(Duration::from_secs(30), worker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.is_err() {
             let _ = worker.start_kill();
         }
     }

@@ -32,11 +32,7 @@ pub enum Error {
     #[error(
         "job `{job}`: the spec fingerprint changed ({now}, the job has {was}); refusing to mix outputs of two specs"
     )]
-    FingerprintChanged {
-        job: String,
-        was: String,
-        now: String,
-    },
+    FingerprintChanged { job: String, was: String, now: String },
     #[error("job `{job}` already exists with another spec")]
     JobIdTaken { job: String },
     #[error("worker rejected: {0}")]
@@ -65,10 +61,9 @@ impl From<Error> for tonic::Status {
             Error::Incompatible(_) | Error::Scheduler(_) | Error::MissingMarker { .. } => {
                 tonic::Status::failed_precondition(message)
             }
-            Error::Store(_)
-            | Error::ObjectStore { .. }
-            | Error::Commit(_)
-            | Error::Transport(_) => tonic::Status::unavailable(message),
+            Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) => {
+                tonic::Status::unavailable(message)
+            }
             Error::Corrupt { .. } | Error::Io { .. } => tonic::Status::internal(message),
         }
     }

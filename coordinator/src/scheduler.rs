@@ -15,28 +15,15 @@ pub enum SchedulerError {
     #[error("lease `{0}` is not held (expired, revoked or finished)")]
     StaleLease(String),
     #[error("lease `{lease}` belongs to worker `{owner}`, not `{caller}`")]
-    NotOwner {
-        lease: String,
-        owner: String,
-        caller: String,
-    },
+    NotOwner { lease: String, owner: String, caller: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ShardState {
     Pending,
-    Leased {
-        lease_id: String,
-        attempt_id: String,
-        worker_id: String,
-        deadline_ms: u64,
-        started_ms: u64,
-    },
-    Done {
-        attempt_id: String,
-        finished_ms: u64,
-    },
+    Leased { lease_id: String, attempt_id: String, worker_id: String, deadline_ms: u64, started_ms: u64 },
+    Done { attempt_id: String, finished_ms: u64 },
     Failed,
 }
 
@@ -102,10 +89,7 @@ impl JobRun {
         if p.cancelled {
             return JobState::Cancelled;
         }
-        let open = p
-            .shards
-            .iter()
-            .any(|s| matches!(s.state, ShardState::Pending | ShardState::Leased { .. }));
+        let open = p.shards.iter().any(|s| matches!(s.state, ShardState::Pending | ShardState::Leased { .. }));
         if open {
             JobState::Running
         } else if p.shards.iter().any(|s| s.state == ShardState::Failed) {
@@ -231,28 +215,15 @@ impl Scheduler {
         let shards = job.shards.len();
         let recovered = persisted.is_some();
         let grace = job.spec.lease_timeout_s * 1000;
-        let mut persisted = persisted
-            .filter(|p| p.shards.len() == shards)
-            .unwrap_or_else(|| PersistedJob {
-                shards: vec![
-                    Shard {
-                        state: ShardState::Pending,
-                        attempts: 0,
-                        last_error: None,
-                        images_done: 0
-                    };
-                    shards
-                ],
-                ..Default::default()
-            });
+        let mut persisted = persisted.filter(|p| p.shards.len() == shards).unwrap_or_else(|| PersistedJob {
+            shards: vec![Shard { state: ShardState::Pending, attempts: 0, last_error: None, images_done: 0 }; shards],
+            ..Default::default()
+        });
         let mut pending = BTreeSet::new();
         for (i, shard) in persisted.shards.iter_mut().enumerate() {
             if committed.contains(&i) {
                 if !matches!(shard.state, ShardState::Done { .. }) {
-                    shard.state = ShardState::Done {
-                        attempt_id: "recovered".into(),
-                        finished_ms: now,
-                    };
+                    shard.state = ShardState::Done { attempt_id: "recovered".into(), finished_ms: now };
                 }
                 continue;
             }
@@ -264,17 +235,12 @@ impl Scheduler {
                 ShardState::Pending => {
                     pending.insert(i);
                 }
-                ShardState::Leased {
-                    lease_id,
-                    deadline_ms,
-                    ..
-                } => {
+                ShardState::Leased { lease_id, deadline_ms, .. } => {
                     // After a restart the holder gets a full lease period to renew.
                     if recovered {
                         *deadline_ms = (*deadline_ms).max(now + grace);
                     }
-                    self.leases
-                        .insert(lease_id.clone(), (job.job_id.clone(), i));
+                    self.leases.insert(lease_id.clone(), (job.job_id.clone(), i));
                 }
                 ShardState::Failed => {}
             }
@@ -283,12 +249,7 @@ impl Scheduler {
             pending.clear();
         }
         let id = job.job_id.clone();
-        let mut run = JobRun {
-            job,
-            persisted,
-            pending,
-            rate_origin: (now, 0),
-        };
+        let mut run = JobRun { job, persisted, pending, rate_origin: (now, 0) };
         run.rate_origin = (now, run.images_done());
         if !self.jobs.contains_key(&id) {
             self.order.push(id.clone());
@@ -318,10 +279,7 @@ impl Scheduler {
 
     /// Workers seen in the last three heartbeats.
     pub fn live_workers(&self, now: u64) -> usize {
-        self.workers
-            .values()
-            .filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms)
-            .count()
+        self.workers.values().filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms).count()
     }
 
     pub fn register(&mut self, worker_id: &str, now: u64) {
@@ -369,11 +327,7 @@ impl Scheduler {
         let timeout = run.job.spec.lease_timeout_s * 1000;
         let entry = &mut run.persisted.shards[shard];
         match &mut entry.state {
-            ShardState::Leased {
-                worker_id: owner,
-                deadline_ms,
-                ..
-            } if owner == worker_id => {
+            ShardState::Leased { worker_id: owner, deadline_ms, .. } if owner == worker_id => {
                 *deadline_ms = now + timeout;
                 entry.images_done = running.images_done;
                 true
@@ -405,8 +359,7 @@ impl Scheduler {
                 deadline_ms,
                 started_ms: now,
             };
-            self.leases
-                .insert(lease_id.clone(), (job_id.clone(), shard));
+            self.leases.insert(lease_id.clone(), (job_id.clone(), shard));
             return Some(LeaseGrant {
                 lease_id,
                 attempt_id,
@@ -440,10 +393,7 @@ impl Scheduler {
                     _ => String::new(),
                 };
                 let error = format!("lease expired: worker `{worker}` stopped renewing it");
-                Some((
-                    job.clone(),
-                    self.requeue_or_fail(&job, shard, None, error, true, false, now),
-                ))
+                Some((job.clone(), self.requeue_or_fail(&job, shard, None, error, true, false, now)))
             })
             .collect()
     }
@@ -466,11 +416,7 @@ impl Scheduler {
         if released {
             entry.attempts = entry.attempts.saturating_sub(1);
         } else {
-            entry.last_error = Some(ShardError {
-                wnid,
-                error,
-                at_ms: now,
-            });
+            entry.last_error = Some(ShardError { wnid, error, at_ms: now });
         }
         entry.images_done = 0;
         if cancelled {
@@ -495,40 +441,24 @@ impl Scheduler {
     }
 
     fn lease_of(&self, worker_id: &str, lease_id: &str) -> Result<(String, usize), SchedulerError> {
-        let (job, shard) = self
-            .leases
-            .get(lease_id)
-            .cloned()
-            .ok_or_else(|| SchedulerError::StaleLease(lease_id.into()))?;
+        let (job, shard) =
+            self.leases.get(lease_id).cloned().ok_or_else(|| SchedulerError::StaleLease(lease_id.into()))?;
         match &self.jobs[&job].persisted.shards[shard].state {
-            ShardState::Leased {
-                worker_id: owner, ..
-            } if owner != worker_id => Err(SchedulerError::NotOwner {
-                lease: lease_id.into(),
-                owner: owner.clone(),
-                caller: worker_id.into(),
-            }),
+            ShardState::Leased { worker_id: owner, .. } if owner != worker_id => {
+                Err(SchedulerError::NotOwner { lease: lease_id.into(), owner: owner.clone(), caller: worker_id.into() })
+            }
             _ => Ok((job, shard)),
         }
     }
 
     /// The (job, shard, attempt id) a lease is for, when it is still held by `worker_id`.
-    pub fn lease(
-        &self,
-        worker_id: &str,
-        lease_id: &str,
-    ) -> Result<(Arc<ResolvedJob>, usize), SchedulerError> {
+    pub fn lease(&self, worker_id: &str, lease_id: &str) -> Result<(Arc<ResolvedJob>, usize), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         Ok((self.jobs[&job].job.clone(), shard))
     }
 
     /// A shard's lease finished and its markers were verified.
-    pub fn complete(
-        &mut self,
-        worker_id: &str,
-        lease_id: &str,
-        now: u64,
-    ) -> Result<(String, Settled), SchedulerError> {
+    pub fn complete(&mut self, worker_id: &str, lease_id: &str, now: u64) -> Result<(String, Settled), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         self.leases.remove(lease_id);
         let settled = self.mark_done(&job, shard, now);
@@ -540,21 +470,14 @@ impl Scheduler {
         if let Some(run) = self.jobs.get_mut(job_id) {
             let entry = &mut run.persisted.shards[shard];
             let attempt_id = match &entry.state {
-                ShardState::Leased {
-                    attempt_id,
-                    lease_id,
-                    ..
-                } => {
+                ShardState::Leased { attempt_id, lease_id, .. } => {
                     self.leases.remove(lease_id);
                     attempt_id.clone()
                 }
                 ShardState::Done { .. } => return Settled::Open,
                 _ => "recovered".into(),
             };
-            entry.state = ShardState::Done {
-                attempt_id,
-                finished_ms: now,
-            };
+            entry.state = ShardState::Done { attempt_id, finished_ms: now };
             run.pending.remove(&shard);
             return self.settle(job_id, now);
         }
@@ -575,10 +498,7 @@ impl Scheduler {
     ) -> Result<(String, Settled), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         self.leases.remove(lease_id);
-        Ok((
-            job.clone(),
-            self.requeue_or_fail(&job, shard, wnid, error, retryable, released, now),
-        ))
+        Ok((job.clone(), self.requeue_or_fail(&job, shard, wnid, error, retryable, released, now)))
     }
 
     /// A worker cannot run a job (e.g. it holds different model files): give the shard back
@@ -596,21 +516,14 @@ impl Scheduler {
         run.persisted.excluded_workers.insert(worker_id.to_owned());
         let entry = &mut run.persisted.shards[shard];
         entry.attempts = entry.attempts.saturating_sub(1);
-        entry.last_error = Some(ShardError {
-            wnid: None,
-            error,
-            at_ms: now,
-        });
+        entry.last_error = Some(ShardError { wnid: None, error, at_ms: now });
         entry.state = ShardState::Pending;
         run.pending.insert(shard);
         Ok((job, Settled::Open))
     }
 
     pub fn cancel(&mut self, job_id: &str, now: u64) -> Result<Settled, SchedulerError> {
-        let run = self
-            .jobs
-            .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         if run.state() != JobState::Running {
             return Ok(Settled::Open);
         }
@@ -633,20 +546,14 @@ impl Scheduler {
         committed: &HashSet<usize>,
         now: u64,
     ) -> Result<(usize, usize), SchedulerError> {
-        let run = self
-            .jobs
-            .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         run.persisted.cancelled = false;
         run.persisted.finished_unix_ms = None;
         let mut requeued = 0;
         for (i, shard) in run.persisted.shards.iter_mut().enumerate() {
             if committed.contains(&i) {
                 if !matches!(shard.state, ShardState::Done { .. }) {
-                    shard.state = ShardState::Done {
-                        attempt_id: "recovered".into(),
-                        finished_ms: now,
-                    };
+                    shard.state = ShardState::Done { attempt_id: "recovered".into(), finished_ms: now };
                 }
                 run.pending.remove(&i);
             } else if !matches!(shard.state, ShardState::Leased { .. }) {
@@ -680,11 +587,7 @@ impl Scheduler {
         let images_done = run.images_done();
         let end = run.persisted.finished_unix_ms.unwrap_or(now);
         let elapsed = end.saturating_sub(run.rate_origin.0) as f64 / 1000.0;
-        let rate = if elapsed > 0.0 {
-            images_done.saturating_sub(run.rate_origin.1) as f64 / elapsed
-        } else {
-            0.0
-        };
+        let rate = if elapsed > 0.0 { images_done.saturating_sub(run.rate_origin.1) as f64 / elapsed } else { 0.0 };
         let remaining = run.job.images_total().saturating_sub(images_done) as f64;
         let eta = if run.state() != JobState::Running {
             0.0
@@ -725,14 +628,7 @@ mod tests {
         let names = (0..classes).map(|i| format!("c{i}")).collect::<Vec<_>>();
         let classes = spec.class_list(|| Ok(names)).unwrap();
         let shards = spec.plan_shards(classes.len());
-        Arc::new(ResolvedJob {
-            job_id: id.into(),
-            fingerprint: "fp".into(),
-            spec,
-            classes,
-            shards,
-            created_unix_ms: 0,
-        })
+        Arc::new(ResolvedJob { job_id: id.into(), fingerprint: "fp".into(), spec, classes, shards, created_unix_ms: 0 })
     }
 
     fn lease(d: PollDecision) -> LeaseGrant {
@@ -752,56 +648,23 @@ mod tests {
         let c = lease(s.poll("w3", &[], false, 0).0);
         assert_eq!(s.complete("w3", &c.lease_id, 1).unwrap().1, Settled::Open);
         // A worker holding a lease gets no second one.
-        let running = [Running {
-            lease_id: a.lease_id.clone(),
-            images_done: 1,
-        }];
-        assert_eq!(
-            s.poll("w1", &running, false, 5_000).0,
-            PollDecision::Wait(1000)
-        );
+        let running = [Running { lease_id: a.lease_id.clone(), images_done: 1 }];
+        assert_eq!(s.poll("w1", &running, false, 5_000).0, PollDecision::Wait(1000));
         // Renewed at 5 s: still held at 12 s; w2's lease (deadline 10 s) expired.
         let (decision, revoked) = s.poll("w1", &running, false, 12_000);
         assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![]));
-        let (decision, revoked) = s.poll(
-            "w2",
-            &[Running {
-                lease_id: b.lease_id.clone(),
-                images_done: 0,
-            }],
-            false,
-            12_000,
-        );
+        let (decision, revoked) =
+            s.poll("w2", &[Running { lease_id: b.lease_id.clone(), images_done: 0 }], false, 12_000);
         assert_eq!(revoked, vec![b.lease_id.clone()]);
         // The expired shard is leased again, as a second attempt.
         let retry = lease(decision);
         assert_eq!((retry.shard_index, retry.attempt), (b.shard_index, 2));
-        assert_eq!(
-            s.complete("w1", &a.lease_id, 13_000).unwrap().1,
-            Settled::Open
-        );
-        assert_eq!(
-            s.complete("w1", &a.lease_id, 13_000),
-            Err(SchedulerError::StaleLease(a.lease_id.clone()))
-        );
+        assert_eq!(s.complete("w1", &a.lease_id, 13_000).unwrap().1, Settled::Open);
+        assert_eq!(s.complete("w1", &a.lease_id, 13_000), Err(SchedulerError::StaleLease(a.lease_id.clone())));
         let summary = s.summary("j", 13_000).unwrap();
-        assert_eq!(
-            (
-                summary.done,
-                summary.pending,
-                summary.running,
-                summary.images_done
-            ),
-            (2, 0, 1, 4)
-        );
-        assert_eq!(
-            s.complete("w2", &retry.lease_id, 15_000).unwrap().1,
-            Settled::Finished(JobState::Succeeded)
-        );
-        assert_eq!(
-            s.summary("j", 16_000).unwrap().finished_unix_ms,
-            Some(15_000)
-        );
+        assert_eq!((summary.done, summary.pending, summary.running, summary.images_done), (2, 0, 1, 4));
+        assert_eq!(s.complete("w2", &retry.lease_id, 15_000).unwrap().1, Settled::Finished(JobState::Succeeded));
+        assert_eq!(s.summary("j", 16_000).unwrap().finished_unix_ms, Some(15_000));
     }
 
     #[test]
@@ -810,44 +673,17 @@ mod tests {
         s.add_job(job("j", 2, 1, 2), None, &HashSet::new(), 0);
         let first = lease(s.poll("w", &[], false, 0).0);
         assert_eq!(first.shard_index, 0);
-        s.fail(
-            "w",
-            &first.lease_id,
-            Some("c0".into()),
-            "decode error".into(),
-            true,
-            false,
-            1,
-        )
-        .unwrap();
+        s.fail("w", &first.lease_id, Some("c0".into()), "decode error".into(), true, false, 1).unwrap();
         let again = lease(s.poll("w", &[], false, 2).0);
         assert_eq!((again.shard_index, again.attempt), (0, 2));
-        s.fail(
-            "w",
-            &again.lease_id,
-            Some("c0".into()),
-            "decode error".into(),
-            true,
-            false,
-            3,
-        )
-        .unwrap();
+        s.fail("w", &again.lease_id, Some("c0".into()), "decode error".into(), true, false, 3).unwrap();
         let other = lease(s.poll("w", &[], false, 4).0);
         assert_eq!(other.shard_index, 1);
         let (_, settled) = s.complete("w", &other.lease_id, 5).unwrap();
         assert_eq!(settled, Settled::Finished(JobState::Failed));
         let summary = s.summary("j", 6).unwrap();
         assert_eq!(summary.failures.len(), 1);
-        assert_eq!(
-            summary.failures[0]
-                .1
-                .last_error
-                .as_ref()
-                .unwrap()
-                .wnid
-                .as_deref(),
-            Some("c0")
-        );
+        assert_eq!(summary.failures[0].1.last_error.as_ref().unwrap().wnid.as_deref(), Some("c0"));
     }
 
     #[test]
@@ -855,33 +691,12 @@ mod tests {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
         let a = lease(s.poll("w", &[], false, 0).0);
-        s.fail(
-            "w",
-            &a.lease_id,
-            None,
-            "shutting down".into(),
-            true,
-            true,
-            1,
-        )
-        .unwrap();
+        s.fail("w", &a.lease_id, None, "shutting down".into(), true, true, 1).unwrap();
         assert_eq!(s.persisted("j").unwrap().shards[0].attempts, 0);
         let a = lease(s.poll("w", &[], false, 2).0);
         assert_eq!(a.shard_index, 0);
-        s.fail(
-            "w",
-            &a.lease_id,
-            Some("c0".into()),
-            "class folder missing".into(),
-            false,
-            false,
-            3,
-        )
-        .unwrap();
-        assert_eq!(
-            s.persisted("j").unwrap().shards[0].state,
-            ShardState::Failed
-        );
+        s.fail("w", &a.lease_id, Some("c0".into()), "class folder missing".into(), false, false, 3).unwrap();
+        assert_eq!(s.persisted("j").unwrap().shards[0].state, ShardState::Failed);
     }
 
     #[test]
@@ -889,17 +704,11 @@ mod tests {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 1, 1, 2), None, &HashSet::new(), 0);
         let a = lease(s.poll("w1", &[], false, 0).0);
-        assert!(matches!(
-            s.complete("w2", &a.lease_id, 1),
-            Err(SchedulerError::NotOwner { .. })
-        ));
+        assert!(matches!(s.complete("w2", &a.lease_id, 1), Err(SchedulerError::NotOwner { .. })));
         assert_eq!(s.poll("w2", &[], false, 5_000).0, PollDecision::Wait(1000));
         let b = lease(s.poll("w2", &[], false, 10_001).0);
         assert_eq!((b.shard_index, b.attempt), (0, 2));
-        assert!(matches!(
-            s.complete("w1", &a.lease_id, 10_002),
-            Err(SchedulerError::StaleLease(_))
-        ));
+        assert!(matches!(s.complete("w1", &a.lease_id, 10_002), Err(SchedulerError::StaleLease(_))));
         // Second expiry exhausts the budget.
         s.expire(30_000);
         assert_eq!(s.state("j"), Some(JobState::Failed));
@@ -918,14 +727,8 @@ mod tests {
         // reported), shard 1 is still leased by w2 who keeps renewing.
         let mut restarted = Scheduler::new(1000, "e2");
         restarted.add_job(j, Some(saved), &HashSet::from([0, 2]), 2);
-        let running = [Running {
-            lease_id: b.lease_id.clone(),
-            images_done: 0,
-        }];
-        assert_eq!(
-            restarted.poll("w2", &running, false, 3).0,
-            PollDecision::Wait(1000)
-        );
+        let running = [Running { lease_id: b.lease_id.clone(), images_done: 0 }];
+        assert_eq!(restarted.poll("w2", &running, false, 3).0, PollDecision::Wait(1000));
         let next = lease(restarted.poll("w3", &[], false, 3).0);
         assert_eq!(next.shard_index, 3);
         let summary = restarted.summary("j", 4).unwrap();
@@ -937,28 +740,13 @@ mod tests {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 3, 1, 1), None, &HashSet::new(), 0);
         let a = lease(s.poll("w", &[], false, 0).0);
-        assert_eq!(
-            s.cancel("j", 1).unwrap(),
-            Settled::Finished(JobState::Cancelled)
-        );
-        let (decision, revoked) = s.poll(
-            "w",
-            &[Running {
-                lease_id: a.lease_id.clone(),
-                images_done: 0,
-            }],
-            false,
-            2,
-        );
-        assert_eq!(
-            (decision, revoked),
-            (PollDecision::Wait(1000), vec![a.lease_id.clone()])
-        );
+        assert_eq!(s.cancel("j", 1).unwrap(), Settled::Finished(JobState::Cancelled));
+        let (decision, revoked) = s.poll("w", &[Running { lease_id: a.lease_id.clone(), images_done: 0 }], false, 2);
+        assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![a.lease_id.clone()]));
         assert_eq!(s.resume("j", &HashSet::from([1]), 3).unwrap(), (1, 2));
         assert_eq!(s.state("j"), Some(JobState::Running));
         let b = lease(s.poll("w", &[], false, 4).0);
-        s.exclude("w", &b.lease_id, "model fingerprint mismatch".into(), 5)
-            .unwrap();
+        s.exclude("w", &b.lease_id, "model fingerprint mismatch".into(), 5).unwrap();
         assert_eq!(s.poll("w", &[], false, 6).0, PollDecision::Wait(1000));
         let c = lease(s.poll("other", &[], false, 7).0);
         assert_eq!(c.attempt, 1, "exclusion does not spend an attempt");

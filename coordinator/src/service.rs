@@ -93,11 +93,7 @@ impl Coordinator {
     }
 
     fn output(&self, job: &ResolvedJob) -> Result<Location> {
-        let url = job
-            .spec
-            .output
-            .clone()
-            .unwrap_or_else(|| self.inner.store.url.clone());
+        let url = job.spec.output.clone().unwrap_or_else(|| self.inner.store.url.clone());
         let mut outputs = self.inner.outputs.lock().expect("outputs");
         if let Some(location) = outputs.get(&url) {
             return Ok(location.clone());
@@ -108,11 +104,7 @@ impl Coordinator {
     }
 
     fn mark_dirty(&self, job_id: &str) {
-        self.inner
-            .dirty
-            .lock()
-            .expect("dirty")
-            .insert(job_id.to_owned());
+        self.inner.dirty.lock().expect("dirty").insert(job_id.to_owned());
         self.inner.wake.notify_one();
     }
 
@@ -130,25 +122,15 @@ impl Coordinator {
     fn finish(&self, job: Arc<ResolvedJob>, state: JobState, now: u64) {
         info!(job = %job.job_id, state = state.as_str(), "job finished");
         if state == JobState::Succeeded {
-            self.inner
-                .manifests_due
-                .lock()
-                .expect("manifests")
-                .insert(job.job_id.clone(), now);
+            self.inner.manifests_due.lock().expect("manifests").insert(job.job_id.clone(), now);
             self.inner.wake.notify_one();
         }
     }
 
     /// Persists dirty jobs and expires leases until `shutdown`; flushes once more at the end.
     pub async fn background(self, shutdown: impl Future<Output = ()>) {
-        let heartbeat = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .heartbeat_ms();
-        let mut tick =
-            tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
+        let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
+        let mut tick = tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -169,13 +151,7 @@ impl Coordinator {
 
     /// Writes state.json of every dirty job and the manifest of every newly succeeded job.
     pub async fn flush(&self) {
-        let due: Vec<(String, u64)> = self
-            .inner
-            .manifests_due
-            .lock()
-            .expect("manifests")
-            .drain()
-            .collect();
+        let due: Vec<(String, u64)> = self.inner.manifests_due.lock().expect("manifests").drain().collect();
         for (job_id, finished) in due {
             let job = self.inner.scheduler.lock().expect("scheduler").job(&job_id);
             let Some(job) = job else { continue };
@@ -187,23 +163,13 @@ impl Coordinator {
                 Ok(()) => info!(job = %job_id, "manifest written"),
                 Err(error) => {
                     warn!(job = %job_id, %error, "could not write the job manifest; will retry");
-                    self.inner
-                        .manifests_due
-                        .lock()
-                        .expect("manifests")
-                        .insert(job_id, finished);
+                    self.inner.manifests_due.lock().expect("manifests").insert(job_id, finished);
                 }
             }
         }
         let dirty: Vec<String> = self.inner.dirty.lock().expect("dirty").drain().collect();
         for job_id in dirty {
-            let persisted = self
-                .inner
-                .scheduler
-                .lock()
-                .expect("scheduler")
-                .persisted(&job_id)
-                .cloned();
+            let persisted = self.inner.scheduler.lock().expect("scheduler").persisted(&job_id).cloned();
             if let Some(persisted) = persisted
                 && let Err(error) = state::write_state(&self.inner.store, &job_id, &persisted).await
             {
@@ -219,36 +185,26 @@ impl Coordinator {
     }
 
     /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards).
-    pub async fn resolve(
-        &self,
-        spec_toml: &str,
-        base_dir: &Path,
-        explicit_id: Option<String>,
-    ) -> Result<ResolvedJob> {
+    pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<ResolvedJob> {
         let mut spec = JobSpec::from_toml(spec_toml)?;
         spec.resolve_paths(base_dir);
         spec.validate()?;
         if spec.output.is_none() {
             spec.output = Some(self.inner.store.url.clone());
         }
-        let spec = tokio::task::spawn_blocking(move || fill_model_fingerprints(spec))
-            .await
-            .expect("fingerprint task")?;
-        let dataset = spec.dataset.clone();
-        let classes = spec.class_list(|| list_class_folders(&dataset))?;
+        let spec =
+            tokio::task::spawn_blocking(move || fill_model_fingerprints(spec)).await.expect("fingerprint task")?;
+        let folders = match &spec.classes {
+            mgd3_common::job::ClassSelection::Named(all) if all == "all" => {
+                Some(list_class_folders(&spec.dataset).await?)
+            }
+            _ => None,
+        };
+        let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
         let fingerprint = spec.fingerprint(&classes);
         let shards = spec.plan_shards(classes.len());
-        let job_id = explicit_id
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| job_id(&spec, &fingerprint));
-        Ok(ResolvedJob {
-            job_id,
-            spec,
-            classes,
-            shards,
-            fingerprint,
-            created_unix_ms: now_ms(),
-        })
+        let job_id = explicit_id.filter(|s| !s.is_empty()).unwrap_or_else(|| job_id(&spec, &fingerprint));
+        Ok(ResolvedJob { job_id, spec, classes, shards, fingerprint, created_unix_ms: now_ms() })
     }
 
     /// Submits a job; submitting the same spec again returns the existing job.
@@ -259,13 +215,7 @@ impl Coordinator {
         explicit_id: Option<String>,
     ) -> Result<(Arc<ResolvedJob>, bool)> {
         let job = self.resolve(spec_toml, base_dir, explicit_id).await?;
-        if let Some(existing) = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .job(&job.job_id)
-        {
+        if let Some(existing) = self.inner.scheduler.lock().expect("scheduler").job(&job.job_id) {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
             }
@@ -273,11 +223,7 @@ impl Coordinator {
         }
         let out = self.output(&job)?;
         let created = state::write_job(&self.inner.store, &job).await?;
-        let job = if created {
-            job
-        } else {
-            state::read_job(&self.inner.store, &job.job_id).await?
-        };
+        let job = if created { job } else { state::read_job(&self.inner.store, &job.job_id).await? };
         let committed = state::committed_shards(&out, &job).await?;
         let job = Arc::new(job);
         info!(job = %job.job_id, classes = job.classes.len(), shards = job.shards.len(), committed = committed.len(), "job submitted");
@@ -294,11 +240,7 @@ impl Coordinator {
     }
 
     /// Lists markers, finishes interrupted publishes and re-queues every shard without markers.
-    pub async fn resume(
-        &self,
-        job_id: &str,
-        spec: Option<(&str, &Path)>,
-    ) -> Result<(usize, usize)> {
+    pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<(usize, usize)> {
         let job = self
             .inner
             .scheduler
@@ -320,26 +262,15 @@ impl Coordinator {
         let keys = JobKeys::new(job_id);
         for class in &job.classes {
             if let Some(marker) =
-                mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint)
-                    .await?
+                mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await?
             {
                 mgd3_common::commit::publish(&out, &keys, &marker).await?;
             }
         }
         let committed = state::committed_shards(&out, &job).await?;
-        let counts =
-            self.inner
-                .scheduler
-                .lock()
-                .expect("scheduler")
-                .resume(job_id, &committed, now_ms())?;
+        let counts = self.inner.scheduler.lock().expect("scheduler").resume(job_id, &committed, now_ms())?;
         info!(job = %job_id, committed = counts.0, requeued = counts.1, "job resumed");
-        let state = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .state(job_id);
+        let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
         self.mark_dirty(job_id);
         if state == Some(JobState::Succeeded) {
             self.finish(job, JobState::Succeeded, now_ms());
@@ -348,12 +279,7 @@ impl Coordinator {
     }
 
     pub fn cancel(&self, job_id: &str) -> Result<()> {
-        let settled = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .cancel(job_id, now_ms())?;
+        let settled = self.inner.scheduler.lock().expect("scheduler").cancel(job_id, now_ms())?;
         self.settled(job_id, settled);
         Ok(())
     }
@@ -361,9 +287,7 @@ impl Coordinator {
     pub fn status(&self, job_id: &str) -> Result<proto::JobStatus> {
         let now = now_ms();
         let scheduler = self.inner.scheduler.lock().expect("scheduler");
-        let summary = scheduler
-            .summary(job_id, now)
-            .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
+        let summary = scheduler.summary(job_id, now).ok_or_else(|| Error::UnknownJob(job_id.into()))?;
         let job = &summary.job;
         let failures = summary
             .failures
@@ -372,16 +296,9 @@ impl Coordinator {
                 let error = shard.last_error.clone();
                 proto::ShardFailure {
                     shard_index: *index as u32,
-                    wnid: error
-                        .as_ref()
-                        .and_then(|e| e.wnid.clone())
-                        .unwrap_or_else(|| {
-                            job.shard_classes(*index)
-                                .iter()
-                                .map(|c| c.wnid.as_str())
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        }),
+                    wnid: error.as_ref().and_then(|e| e.wnid.clone()).unwrap_or_else(|| {
+                        job.shard_classes(*index).iter().map(|c| c.wnid.as_str()).collect::<Vec<_>>().join(",")
+                    }),
                     error: error.map(|e| e.error).unwrap_or_default(),
                     attempts: shard.attempts,
                 }
@@ -398,11 +315,7 @@ impl Coordinator {
             images_done: summary.images_done,
             images_total: job.images_total(),
             images_per_second: summary.images_per_second,
-            eta_seconds: if summary.eta_seconds.is_finite() {
-                summary.eta_seconds
-            } else {
-                -1.0
-            },
+            eta_seconds: if summary.eta_seconds.is_finite() { summary.eta_seconds } else { -1.0 },
             failures,
             fingerprint: job.fingerprint.clone(),
             created_unix_ms: job.created_unix_ms,
@@ -410,11 +323,7 @@ impl Coordinator {
             workers: scheduler.live_workers(now) as u32,
             output: format!(
                 "{}/{}",
-                job.spec
-                    .output
-                    .clone()
-                    .unwrap_or_default()
-                    .trim_end_matches('/'),
+                job.spec.output.clone().unwrap_or_default().trim_end_matches('/'),
                 JobKeys::new(&job.job_id).root()
             ),
         })
@@ -425,10 +334,7 @@ impl Coordinator {
         ids.iter().filter_map(|id| self.status(id).ok()).collect()
     }
 
-    fn register(
-        &self,
-        request: proto::RegisterWorkerRequest,
-    ) -> Result<proto::RegisterWorkerResponse> {
+    fn register(&self, request: proto::RegisterWorkerRequest) -> Result<proto::RegisterWorkerResponse> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(Error::Incompatible(format!(
                 "worker `{}` speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; run the same mgd3 version on both",
@@ -469,10 +375,7 @@ impl Coordinator {
         let running: Vec<Running> = request
             .running
             .iter()
-            .map(|r| Running {
-                lease_id: r.lease_id.clone(),
-                images_done: r.images_done,
-            })
+            .map(|r| Running { lease_id: r.lease_id.clone(), images_done: r.images_done })
             .collect();
         let (decision, revoked) = self.inner.scheduler.lock().expect("scheduler").poll(
             &request.worker_id,
@@ -507,30 +410,17 @@ impl Coordinator {
             PollDecision::Wait(ms) => Action::WaitMs(ms),
             PollDecision::Drain => Action::Drain(true),
         };
-        proto::PollWorkResponse {
-            action: Some(action),
-            revoked,
-        }
+        proto::PollWorkResponse { action: Some(action), revoked }
     }
 
     async fn complete(&self, request: proto::CompleteShardRequest) -> Result<()> {
-        let (job, shard) = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .lease(&request.worker_id, &request.lease_id)?;
+        let (job, shard) =
+            self.inner.scheduler.lock().expect("scheduler").lease(&request.worker_id, &request.lease_id)?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(&job.job_id);
         for class in job.shard_classes(shard) {
-            if mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint)
-                .await?
-                .is_none()
-            {
-                return Err(Error::MissingMarker {
-                    shard,
-                    wnid: class.wnid.clone(),
-                });
+            if mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await?.is_none() {
+                return Err(Error::MissingMarker { shard, wnid: class.wnid.clone() });
             }
         }
         let (job_id, settled) = self.inner.scheduler.lock().expect("scheduler").complete(
@@ -548,12 +438,7 @@ impl Coordinator {
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
         let now = now_ms();
         let (job_id, settled) = if request.incompatible {
-            scheduler.exclude(
-                &request.worker_id,
-                &request.lease_id,
-                request.error.clone(),
-                now,
-            )?
+            scheduler.exclude(&request.worker_id, &request.lease_id, request.error.clone(), now)?
         } else {
             scheduler.fail(
                 &request.worker_id,
@@ -576,25 +461,25 @@ impl Coordinator {
     }
 }
 
-/// Lists the class folders of an ImageFolder root (for `classes = "all"`).
-fn list_class_folders(dataset: &str) -> Result<Vec<String>, mgd3_common::job::JobError> {
-    let read_err = |source| mgd3_common::job::JobError::Read {
-        what: "dataset folder",
-        path: dataset.into(),
-        source,
+/// Lists the class folders of an ImageFolder root, local or in an object store (for
+/// `classes = "all"`).
+async fn list_class_folders(dataset: &str) -> Result<Vec<String>> {
+    let read_err = |source| mgd3_common::job::JobError::Read { what: "dataset folder", path: dataset.into(), source };
+    let local = dataset.strip_prefix("file://").unwrap_or(dataset);
+    let mut names: Vec<String> = if store::is_url(local) {
+        let location = store::open(dataset)?;
+        let listing = location.store.list_with_delimiter(Some(&location.prefix)).await.map_err(|source| {
+            Error::ObjectStore { url: dataset.into(), context: "listing class folders".into(), source }
+        })?;
+        listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect()
+    } else {
+        std::fs::read_dir(local)
+            .map_err(read_err)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect()
     };
-    let path = dataset.strip_prefix("file://").unwrap_or(dataset);
-    if store::is_url(path) {
-        return Err(read_err(std::io::Error::other(
-            "`classes = \"all\"` needs a local dataset folder; list the classes explicitly",
-        )));
-    }
-    let mut names: Vec<String> = std::fs::read_dir(path)
-        .map_err(read_err)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .collect();
     names.sort();
     Ok(names)
 }
@@ -605,38 +490,22 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
     let m = &mut spec.models;
     for (field, path, expected) in [
         ("models.dit", &m.dit, &mut m.dit_fingerprint),
-        (
-            "models.vae_encoder",
-            &m.vae_encoder,
-            &mut m.vae_encoder_fingerprint,
-        ),
-        (
-            "models.vae_decoder",
-            &m.vae_decoder,
-            &mut m.vae_decoder_fingerprint,
-        ),
+        ("models.vae_encoder", &m.vae_encoder, &mut m.vae_encoder_fingerprint),
+        ("models.vae_decoder", &m.vae_decoder, &mut m.vae_decoder_fingerprint),
     ] {
         let local = path.strip_prefix("file://").unwrap_or(path);
         match mgd3_common::fingerprint_file(Path::new(local)) {
             Ok(actual) => match expected {
                 Some(want) if *want != actual => {
-                    return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![
-                        mgd3_common::job::FieldError {
-                            field: format!("{field}_fingerprint"),
-                            problem: format!(
-                                "`{path}` has fingerprint {actual}, the spec expects {want}"
-                            ),
-                        },
-                    ])));
+                    return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
+                        field: format!("{field}_fingerprint"),
+                        problem: format!("`{path}` has fingerprint {actual}, the spec expects {want}"),
+                    }])));
                 }
                 _ => *expected = Some(actual),
             },
             Err(source) if expected.is_none() => {
-                return Err(Error::Io {
-                    what: "model file",
-                    path: path.clone(),
-                    source,
-                });
+                return Err(Error::Io { what: "model file", path: path.clone(), source });
             }
             Err(_) => {}
         }
@@ -659,10 +528,7 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(self.0.register(request.into_inner())?))
     }
 
-    async fn poll_work(
-        &self,
-        request: Request<proto::PollWorkRequest>,
-    ) -> RpcResult<proto::PollWorkResponse> {
+    async fn poll_work(&self, request: Request<proto::PollWorkRequest>) -> RpcResult<proto::PollWorkResponse> {
         Ok(Response::new(self.0.poll(request.into_inner())))
     }
 
@@ -674,23 +540,14 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(proto::CompleteShardResponse {}))
     }
 
-    async fn fail_shard(
-        &self,
-        request: Request<proto::FailShardRequest>,
-    ) -> RpcResult<proto::FailShardResponse> {
+    async fn fail_shard(&self, request: Request<proto::FailShardRequest>) -> RpcResult<proto::FailShardResponse> {
         self.0.fail(request.into_inner())?;
         Ok(Response::new(proto::FailShardResponse {}))
     }
 
-    async fn submit_job(
-        &self,
-        request: Request<proto::SubmitJobRequest>,
-    ) -> RpcResult<proto::SubmitJobResponse> {
+    async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
         let r = request.into_inner();
-        let (job, existed) = self
-            .0
-            .submit(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id))
-            .await?;
+        let (job, existed) = self.0.submit(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id)).await?;
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: job.job_id.clone(),
             fingerprint: job.fingerprint.clone(),
@@ -699,42 +556,24 @@ impl CoordinatorRpc for Service {
         }))
     }
 
-    async fn get_job_status(
-        &self,
-        request: Request<proto::GetJobStatusRequest>,
-    ) -> RpcResult<proto::JobStatus> {
+    async fn get_job_status(&self, request: Request<proto::GetJobStatusRequest>) -> RpcResult<proto::JobStatus> {
         Ok(Response::new(self.0.status(&request.into_inner().job_id)?))
     }
 
-    async fn resume_job(
-        &self,
-        request: Request<proto::ResumeJobRequest>,
-    ) -> RpcResult<proto::ResumeJobResponse> {
+    async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
         let r = request.into_inner();
-        let spec =
-            (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
+        let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
         let (committed, requeued) = self.0.resume(&r.job_id, spec).await?;
-        Ok(Response::new(proto::ResumeJobResponse {
-            committed: committed as u32,
-            requeued: requeued as u32,
-        }))
+        Ok(Response::new(proto::ResumeJobResponse { committed: committed as u32, requeued: requeued as u32 }))
     }
 
-    async fn cancel_job(
-        &self,
-        request: Request<proto::CancelJobRequest>,
-    ) -> RpcResult<proto::CancelJobResponse> {
+    async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {
         self.0.cancel(&request.into_inner().job_id)?;
         Ok(Response::new(proto::CancelJobResponse {}))
     }
 
-    async fn list_jobs(
-        &self,
-        _request: Request<proto::ListJobsRequest>,
-    ) -> RpcResult<proto::ListJobsResponse> {
-        Ok(Response::new(proto::ListJobsResponse {
-            jobs: self.0.list(),
-        }))
+    async fn list_jobs(&self, _request: Request<proto::ListJobsRequest>) -> RpcResult<proto::ListJobsResponse> {
+        Ok(Response::new(proto::ListJobsResponse { jobs: self.0.list() }))
     }
 }
 
@@ -745,19 +584,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let addr = listener.local_addr().map_err(|source| Error::Io {
-        what: "listener",
-        path: "local address".into(),
-        source,
-    })?;
-    let service = CoordinatorServer::with_interceptor(
-        Service(coordinator.clone()),
-        RequireToken::new(config.token.as_deref()),
-    );
+    let addr =
+        listener.local_addr().map_err(|source| Error::Io { what: "listener", path: "local address".into(), source })?;
+    let service =
+        CoordinatorServer::with_interceptor(Service(coordinator.clone()), RequireToken::new(config.token.as_deref()));
+    mgd3_common::ensure_crypto_provider();
     let mut builder = Server::builder();
     if let Some((cert, key)) = &config.tls {
-        builder =
-            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
     info!(%addr, store = %coordinator.store_url(), auth = config.token.is_some(), tls = config.tls.is_some(), "coordinator serving");
     let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -765,10 +599,7 @@ pub async fn serve(
         let _ = background_stopped.await;
     }));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = builder
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+    let result = builder.add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await;
     let _ = stop_background.send(());
     let _ = background.await;
     result.map_err(Error::from)

@@ -18,11 +18,7 @@ use crate::scheduler::PersistedJob;
 
 fn store_err(location: &Location, context: String) -> impl FnOnce(object_store::Error) -> Error {
     let url = location.url.clone();
-    move |source| Error::ObjectStore {
-        url,
-        context,
-        source,
-    }
+    move |source| Error::ObjectStore { url, context, source }
 }
 
 /// Writes job.json create-only. Returns false when the same job (same fingerprint) exists.
@@ -30,17 +26,12 @@ pub async fn write_job(store: &Location, job: &ResolvedJob) -> Result<bool> {
     let keys = JobKeys::new(&job.job_id);
     let key = store.key(&keys.job_json());
     let bytes = serde_json::to_vec_pretty(job).expect("serialisable job");
-    if put_create(store.store.as_ref(), &key, bytes)
-        .await
-        .map_err(store_err(store, format!("writing `{key}`")))?
-    {
+    if put_create(store.store.as_ref(), &key, bytes).await.map_err(store_err(store, format!("writing `{key}`")))? {
         return Ok(true);
     }
     let existing = read_job(store, &job.job_id).await?;
     if existing.fingerprint != job.fingerprint {
-        return Err(Error::JobIdTaken {
-            job: job.job_id.clone(),
-        });
+        return Err(Error::JobIdTaken { job: job.job_id.clone() });
     }
     Ok(false)
 }
@@ -51,28 +42,20 @@ pub async fn read_job(store: &Location, job_id: &str) -> Result<ResolvedJob> {
         .await
         .map_err(store_err(store, format!("reading `{key}`")))?
         .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-        path: key.to_string(),
-        problem: e.to_string(),
-    })
+    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: key.to_string(), problem: e.to_string() })
 }
 
 pub async fn write_state(store: &Location, job_id: &str, state: &PersistedJob) -> Result<()> {
     let key = store.key(&JobKeys::new(job_id).state_json());
     let bytes = serde_json::to_vec(state).expect("serialisable state");
-    store
-        .store
-        .put(&key, PutPayload::from(bytes))
-        .await
-        .map_err(store_err(store, format!("writing `{key}`")))?;
+    store.store.put(&key, PutPayload::from(bytes)).await.map_err(store_err(store, format!("writing `{key}`")))?;
     Ok(())
 }
 
 async fn read_state(store: &Location, job_id: &str) -> Result<Option<PersistedJob>> {
     let key = store.key(&JobKeys::new(job_id).state_json());
-    let Some(bytes) = get_optional(store.store.as_ref(), &key)
-        .await
-        .map_err(store_err(store, format!("reading `{key}`")))?
+    let Some(bytes) =
+        get_optional(store.store.as_ref(), &key).await.map_err(store_err(store, format!("reading `{key}`")))?
     else {
         return Ok(None);
     };
@@ -116,29 +99,15 @@ pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashS
     let present: HashSet<String> = out
         .store
         .list(Some(&prefix))
-        .map_ok(|meta| {
-            meta.location
-                .filename()
-                .unwrap_or_default()
-                .trim_end_matches(".json")
-                .to_owned()
-        })
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
         .try_collect()
         .await
         .map_err(store_err(out, format!("listing `{prefix}`")))?;
-    let candidates: Vec<String> = job
-        .classes
-        .iter()
-        .filter(|c| present.contains(&c.wnid))
-        .map(|c| c.wnid.clone())
-        .collect();
+    let candidates: Vec<String> =
+        job.classes.iter().filter(|c| present.contains(&c.wnid)).map(|c| c.wnid.clone()).collect();
     let checks = candidates.into_iter().map(|wnid| {
         let (out, keys, fingerprint) = (out.clone(), keys.clone(), job.fingerprint.clone());
-        async move {
-            committed_marker(&out, &keys, &wnid, &fingerprint)
-                .await
-                .map(|m| m.map(|_| wnid))
-        }
+        async move { committed_marker(&out, &keys, &wnid, &fingerprint).await.map(|m| m.map(|_| wnid)) }
     });
     let mut verified = HashSet::new();
     let mut results = futures::stream::iter(checks).buffer_unordered(16);
@@ -147,21 +116,11 @@ pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashS
             verified.insert(wnid);
         }
     }
-    Ok((0..job.shards.len())
-        .filter(|&i| {
-            job.shard_classes(i)
-                .iter()
-                .all(|c| verified.contains(&c.wnid))
-        })
-        .collect())
+    Ok((0..job.shards.len()).filter(|&i| job.shard_classes(i).iter().all(|c| verified.contains(&c.wnid))).collect())
 }
 
 /// Writes `manifest.json` from the markers of a finished job.
-pub async fn write_manifest(
-    out: &Location,
-    job: &ResolvedJob,
-    finished_unix_ms: u64,
-) -> Result<()> {
+pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms: u64) -> Result<()> {
     let keys = JobKeys::new(&job.job_id);
     let mut classes = Vec::with_capacity(job.classes.len());
     let mut timings = StageSeconds::default();
@@ -169,10 +128,7 @@ pub async fn write_manifest(
     for class in &job.classes {
         let marker = committed_marker(out, &keys, &class.wnid, &job.fingerprint)
             .await?
-            .ok_or_else(|| Error::MissingMarker {
-                shard: 0,
-                wnid: class.wnid.clone(),
-            })?;
+            .ok_or_else(|| Error::MissingMarker { shard: 0, wnid: class.wnid.clone() })?;
         timings.add(&marker.timings);
         images += marker.images.len() as u64;
         classes.push(ManifestClass {
@@ -206,10 +162,7 @@ pub async fn write_manifest(
     };
     let key = out.key(&keys.manifest());
     let bytes = serde_json::to_vec_pretty(&manifest).expect("serialisable manifest");
-    out.store
-        .put(&key, PutPayload::from(bytes))
-        .await
-        .map_err(store_err(out, format!("writing `{key}`")))?;
+    out.store.put(&key, PutPayload::from(bytes)).await.map_err(store_err(out, format!("writing `{key}`")))?;
     mgd3_common::commit::delete_prefix(out, &format!("{}/staging", keys.root())).await?;
     Ok(())
 }

@@ -29,11 +29,7 @@ pub struct TensorDecl {
 
 impl fmt::Display for TensorDecl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dims: Vec<String> = self
-            .dims
-            .iter()
-            .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
-            .collect();
+        let dims: Vec<String> = self.dims.iter().map(|d| if *d < 0 { "?".into() } else { d.to_string() }).collect();
         write!(f, "{:?} [{}]", self.element, dims.join(","))
     }
 }
@@ -49,16 +45,10 @@ pub struct ModelIo {
 
 fn declare(name: &str, ty: &ValueType) -> TensorDecl {
     match ty {
-        ValueType::Tensor { ty, shape, .. } => TensorDecl {
-            name: name.to_owned(),
-            element: *ty,
-            dims: shape.iter().copied().collect(),
-        },
-        _ => TensorDecl {
-            name: name.to_owned(),
-            element: TensorElementType::String,
-            dims: vec![],
-        },
+        ValueType::Tensor { ty, shape, .. } => {
+            TensorDecl { name: name.to_owned(), element: *ty, dims: shape.iter().copied().collect() }
+        }
+        _ => TensorDecl { name: name.to_owned(), element: TensorElementType::String, dims: vec![] },
     }
 }
 
@@ -68,85 +58,39 @@ impl ModelIo {
             .metadata()
             .and_then(|m| {
                 let keys = m.custom_keys()?;
-                Ok(keys
-                    .into_iter()
-                    .filter_map(|k| m.custom(&k).map(|v| (k, v)))
-                    .collect())
+                Ok(keys.into_iter().filter_map(|k| m.custom(&k).map(|v| (k, v))).collect())
             })
-            .map_err(Error::ort(format!(
-                "reading metadata of `{}`",
-                path.display()
-            )))?;
+            .map_err(Error::ort(format!("reading metadata of `{}`", path.display())))?;
         Ok(ModelIo {
             path: path.to_owned(),
-            inputs: session
-                .inputs()
-                .iter()
-                .map(|o| declare(o.name(), o.dtype()))
-                .collect(),
-            outputs: session
-                .outputs()
-                .iter()
-                .map(|o| declare(o.name(), o.dtype()))
-                .collect(),
+            inputs: session.inputs().iter().map(|o| declare(o.name(), o.dtype())).collect(),
+            outputs: session.outputs().iter().map(|o| declare(o.name(), o.dtype())).collect(),
             metadata,
         })
     }
 
-    fn violation(
-        &self,
-        item: impl Into<String>,
-        expected: impl Into<String>,
-        found: impl Into<String>,
-    ) -> Error {
-        Error::Contract {
-            model: self.path.clone(),
-            item: item.into(),
-            expected: expected.into(),
-            found: found.into(),
-        }
+    fn violation(&self, item: impl Into<String>, expected: impl Into<String>, found: impl Into<String>) -> Error {
+        Error::Contract { model: self.path.clone(), item: item.into(), expected: expected.into(), found: found.into() }
     }
 
-    fn find<'a>(
-        &'a self,
-        list: &'a [TensorDecl],
-        kind: &str,
-        name: &str,
-    ) -> Result<&'a TensorDecl> {
+    fn find<'a>(&'a self, list: &'a [TensorDecl], kind: &str, name: &str) -> Result<&'a TensorDecl> {
         list.iter().find(|d| d.name == name).ok_or_else(|| {
             let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
-            self.violation(
-                format!("{kind} `{name}`"),
-                "to exist",
-                format!("{kind}s {names:?}"),
-            )
+            self.violation(format!("{kind} `{name}`"), "to exist", format!("{kind}s {names:?}"))
         })
     }
 
     /// A float input or output of rank 4 whose non-batch dimensions are fixed; returns its
     /// precision and its [C, H, W].
-    pub fn image_like(
-        &self,
-        output: bool,
-        name: &str,
-        layout: &str,
-    ) -> Result<(Precision, [usize; 3])> {
-        let (list, kind) = if output {
-            (&self.outputs, "output")
-        } else {
-            (&self.inputs, "input")
-        };
+    pub fn image_like(&self, output: bool, name: &str, layout: &str) -> Result<(Precision, [usize; 3])> {
+        let (list, kind) = if output { (&self.outputs, "output") } else { (&self.inputs, "input") };
         let decl = self.find(list, kind, name)?;
         let item = format!("{kind} `{name}`");
         let precision = match decl.element {
             TensorElementType::Float32 => Precision::F32,
             TensorElementType::Float16 => Precision::F16,
             _ => {
-                return Err(self.violation(
-                    &item,
-                    format!("f32 or f16 {layout}"),
-                    decl.to_string(),
-                ));
+                return Err(self.violation(&item, format!("f32 or f16 {layout}"), decl.to_string()));
             }
         };
         if decl.dims.len() != 4 || decl.dims[1..].iter().any(|d| *d <= 0) {
@@ -164,11 +108,7 @@ impl ModelIo {
     pub fn int_vector(&self, name: &str, meaning: &str) -> Result<()> {
         let decl = self.find(&self.inputs, "input", name)?;
         if decl.element != TensorElementType::Int64 || decl.dims.len() != 1 {
-            return Err(self.violation(
-                format!("input `{name}`"),
-                format!("int64 [B] ({meaning})"),
-                decl.to_string(),
-            ));
+            return Err(self.violation(format!("input `{name}`"), format!("int64 [B] ({meaning})"), decl.to_string()));
         }
         Ok(())
     }
@@ -176,15 +116,9 @@ impl ModelIo {
     /// Metadata value `key`, parsed.
     pub fn meta<T: FromStr>(&self, key: &str, expected: &str) -> Result<T> {
         let raw = self.metadata.get(key).ok_or_else(|| {
-            self.violation(
-                format!("metadata `{key}`"),
-                expected,
-                "nothing (export with scripts/export_onnx.py)",
-            )
+            self.violation(format!("metadata `{key}`"), expected, "nothing (export with scripts/export_onnx.py)")
         })?;
-        raw.trim()
-            .parse()
-            .map_err(|_| self.violation(format!("metadata `{key}`"), expected, format!("{raw:?}")))
+        raw.trim().parse().map_err(|_| self.violation(format!("metadata `{key}`"), expected, format!("{raw:?}")))
     }
 
     /// Checks `mgd3.kind`.
@@ -208,8 +142,5 @@ impl ModelIo {
 
 /// sha256 of the model file and of its external-data file (`<model>.data`) when present.
 pub fn fingerprint(path: &Path) -> Result<String> {
-    mgd3_common::fingerprint_file(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })
+    mgd3_common::fingerprint_file(path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }

@@ -49,10 +49,7 @@ impl Dit {
             return Err(crate::Error::Contract {
                 model: path.to_owned(),
                 item: "output `out`".into(),
-                expected: format!(
-                    "[B,{},{},{}] (learn_sigma={learn_sigma})",
-                    want[0], want[1], want[2]
-                ),
+                expected: format!("[B,{},{},{}] (learn_sigma={learn_sigma})", want[0], want[1], want[2]),
                 found: format!("[B,{},{},{}]", out_shape[0], out_shape[1], out_shape[2]),
             });
         }
@@ -79,40 +76,23 @@ impl Dit {
     pub fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>> {
         let [c, h, w] = self.info.latent_shape;
         if x.shape()[1..] != [c, h, w] {
-            return Err(self.model.bad_input(
-                "input `x`",
-                format!("[B,{c},{h},{w}]"),
-                format!("{:?}", x.shape()),
-            ));
+            return Err(self.model.bad_input("input `x`", format!("[B,{c},{h},{w}]"), format!("{:?}", x.shape())));
         }
-        if let Some(bad) = t
-            .iter()
-            .find(|t| !(0..self.info.train_timesteps as i64).contains(t))
-        {
+        if let Some(bad) = t.iter().find(|t| !(0..self.info.train_timesteps as i64).contains(t)) {
             return Err(self.model.bad_input(
                 "input `t`",
                 format!("timesteps in 0..{}", self.info.train_timesteps),
                 bad.to_string(),
             ));
         }
-        if let Some(bad) = y
-            .iter()
-            .find(|y| !(0..=self.info.num_classes as i64).contains(y))
-        {
+        if let Some(bad) = y.iter().find(|y| !(0..=self.info.num_classes as i64).contains(y)) {
             return Err(self.model.bad_input(
                 "input `y`",
-                format!(
-                    "labels in 0..={} ({} = null class)",
-                    self.info.num_classes, self.info.num_classes
-                ),
+                format!("labels in 0..={} ({} = null class)", self.info.num_classes, self.info.num_classes),
                 bad.to_string(),
             ));
         }
-        let inputs = [
-            BatchInput::Float("x", x, self.info.precision),
-            BatchInput::Int("t", t),
-            BatchInput::Int("y", y),
-        ];
+        let inputs = [BatchInput::Float("x", x, self.info.precision), BatchInput::Int("t", t), BatchInput::Int("y", y)];
         Ok(self.model.run(&inputs, &["out"])?.remove(0))
     }
 }

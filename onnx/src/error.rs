@@ -12,11 +12,7 @@ pub enum Error {
          Install it with `scripts/setup_ort.sh` (CPU) or `scripts/setup_ort.sh gpu` (CUDA 13), then set \
          ORT_DYLIB_PATH=<repo>/.ort/cpu/libonnxruntime.so or pass --ort-lib"
     )]
-    RuntimeUnavailable {
-        path: PathBuf,
-        reason: String,
-        required: &'static str,
-    },
+    RuntimeUnavailable { path: PathBuf, reason: String, required: &'static str },
 
     #[error("ONNX Runtime: {context}: {source}")]
     Ort {
@@ -46,23 +42,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error(
-        "model `{model}` does not fit the mgd3 contract: {item}: expected {expected}, found {found}"
-    )]
-    Contract {
-        model: PathBuf,
-        item: String,
-        expected: String,
-        found: String,
-    },
+    #[error("model `{model}` does not fit the mgd3 contract: {item}: expected {expected}, found {found}")]
+    Contract { model: PathBuf, item: String, expected: String, found: String },
 
     #[error("model `{model}`: {item}: expected {expected}, got {got}")]
-    BadInput {
-        model: PathBuf,
-        item: String,
-        expected: String,
-        got: String,
-    },
+    BadInput { model: PathBuf, item: String, expected: String, got: String },
 
     #[error("invalid device `{0}` (expected `cpu`, `cuda` or `cuda:N`)")]
     BadDevice(String),

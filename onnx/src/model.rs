@@ -29,19 +29,16 @@ impl BatchInput<'_> {
 
     fn chunk(&self, from: usize, to: usize) -> Result<(String, DynValue), ort::Error> {
         Ok(match self {
-            BatchInput::Float(name, a, Precision::F32) => (
-                name.to_string(),
-                Tensor::from_array(a.slice(s![from..to, .., .., ..]).to_owned())?.into_dyn(),
-            ),
+            BatchInput::Float(name, a, Precision::F32) => {
+                (name.to_string(), Tensor::from_array(a.slice(s![from..to, .., .., ..]).to_owned())?.into_dyn())
+            }
             BatchInput::Float(name, a, Precision::F16) => (
                 name.to_string(),
-                Tensor::from_array(a.slice(s![from..to, .., .., ..]).mapv(f16::from_f32))?
-                    .into_dyn(),
+                Tensor::from_array(a.slice(s![from..to, .., .., ..]).mapv(f16::from_f32))?.into_dyn(),
             ),
-            BatchInput::Int(name, v) => (
-                name.to_string(),
-                Tensor::from_array(([to - from], v[from..to].to_vec()))?.into_dyn(),
-            ),
+            BatchInput::Int(name, v) => {
+                (name.to_string(), Tensor::from_array(([to - from], v[from..to].to_vec()))?.into_dyn())
+            }
         })
     }
 }
@@ -67,18 +64,8 @@ impl LoadedModel {
         })
     }
 
-    pub fn bad_input(
-        &self,
-        item: impl Into<String>,
-        expected: impl Into<String>,
-        got: impl Into<String>,
-    ) -> Error {
-        Error::BadInput {
-            model: self.path.clone(),
-            item: item.into(),
-            expected: expected.into(),
-            got: got.into(),
-        }
+    pub fn bad_input(&self, item: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Error {
+        Error::BadInput { model: self.path.clone(), item: item.into(), expected: expected.into(), got: got.into() }
     }
 
     /// Runs the model over the whole batch in `max_batch` chunks and concatenates each output.
@@ -104,14 +91,9 @@ impl LoadedModel {
                 .map(|i| i.chunk(from, to))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(Error::ort(context.clone()))?;
-            let values: Vec<(String, SessionInputValue<'_>)> = values
-                .into_iter()
-                .map(|(n, v)| (n, SessionInputValue::from(v)))
-                .collect();
-            let result = self
-                .session
-                .run(values)
-                .map_err(Error::ort(context.clone()))?;
+            let values: Vec<(String, SessionInputValue<'_>)> =
+                values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+            let result = self.session.run(values).map_err(Error::ort(context.clone()))?;
             for (slot, name) in parts.iter_mut().zip(outputs) {
                 let value = result.get(name).ok_or_else(|| Error::Contract {
                     model: self.path.clone(),
@@ -119,10 +101,7 @@ impl LoadedModel {
                     expected: "to be produced by the run".into(),
                     found: "nothing".into(),
                 })?;
-                slot.push(
-                    extract_f32(value)
-                        .map_err(Error::ort(format!("{context}: output `{name}`")))?,
-                );
+                slot.push(extract_f32(value).map_err(Error::ort(format!("{context}: output `{name}`")))?);
             }
             from = to;
         }
@@ -134,13 +113,8 @@ impl LoadedModel {
                     return Err(self.bad_input("batch", "at least one item", "0"));
                 }
                 let views: Vec<_> = chunks.iter().map(|c| c.view()).collect();
-                concatenate(Axis(0), &views).map_err(|e| {
-                    self.bad_input(
-                        format!("output `{name}`"),
-                        "chunks of one shape",
-                        e.to_string(),
-                    )
-                })
+                concatenate(Axis(0), &views)
+                    .map_err(|e| self.bad_input(format!("output `{name}`"), "chunks of one shape", e.to_string()))
             })
             .collect()
     }
@@ -156,7 +130,5 @@ fn extract_f32(value: &DynValue) -> Result<Array4<f32>, ort::Error> {
     } else {
         value.try_extract_array::<f32>()?.to_owned()
     };
-    array
-        .into_dimensionality::<Ix4>()
-        .map_err(|e| ort::Error::new(format!("expected a rank-4 output: {e}")))
+    array.into_dimensionality::<Ix4>().map_err(|e| ort::Error::new(format!("expected a rank-4 output: {e}")))
 }

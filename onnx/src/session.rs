@@ -61,11 +61,7 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig {
-            device: Device::Cpu,
-            intra_threads: None,
-            max_batch: 64,
-        }
+        SessionConfig { device: Device::Cpu, intra_threads: None, max_batch: 64 }
     }
 }
 
@@ -96,27 +92,18 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
         Some(p) => p.to_owned(),
         None => match std::env::var_os("ORT_DYLIB_PATH") {
             Some(p) if !p.is_empty() => p.into(),
-            _ => {
-                installed_beside_executable().unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
-            }
+            _ => installed_beside_executable().unwrap_or_else(|| PathBuf::from("libonnxruntime.so")),
         },
     };
     if path.components().count() > 1 && !path.exists() {
-        return Err(Error::RuntimeUnavailable {
-            reason: "no such file".into(),
-            path,
-            required: REQUIRED_ORT,
-        });
+        return Err(Error::RuntimeUnavailable { reason: "no such file".into(), path, required: REQUIRED_ORT });
     }
     let builder = ort::init_from(&path).map_err(|e| Error::RuntimeUnavailable {
         reason: e.to_string(),
         path: path.clone(),
         required: REQUIRED_ORT,
     })?;
-    let env = builder
-        .with_name("mgd3")
-        .build()
-        .map_err(Error::ort("creating the environment"))?;
+    let env = builder.with_name("mgd3").build().map_err(Error::ort("creating the environment"))?;
     let _ = ENVIRONMENT.set(env);
     Ok(ENVIRONMENT.get().expect("environment was just set"))
 }
@@ -133,25 +120,15 @@ pub fn build_session(path: &Path, config: &SessionConfig) -> Result<Session> {
         .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
         .map_err(Error::ort("creating a session builder"))?;
     if let Some(threads) = config.intra_threads {
-        builder = builder
-            .with_intra_threads(threads)
-            .map_err(|e| Error::ort("setting intra-op threads")(e.into()))?;
+        builder = builder.with_intra_threads(threads).map_err(|e| Error::ort("setting intra-op threads")(e.into()))?;
     }
     if let Device::Cuda(id) = config.device {
-        let cuda = ep::CUDA::default()
-            .with_device_id(id)
-            .build()
-            .error_on_failure();
+        let cuda = ep::CUDA::default().with_device_id(id).build().error_on_failure();
         builder = builder
             .with_execution_providers([cuda])
-            .map_err(|e| Error::CudaUnavailable {
-                device: config.device.to_string(),
-                source: e.into(),
-            })?;
+            .map_err(|e| Error::CudaUnavailable { device: config.device.to_string(), source: e.into() })?;
     }
-    builder
-        .commit_from_file(path)
-        .map_err(Error::ort(format!("loading model `{}`", path.display())))
+    builder.commit_from_file(path).map_err(Error::ort(format!("loading model `{}`", path.display())))
 }
 
 #[cfg(test)]

@@ -45,12 +45,10 @@ impl VaeEncoder {
         let model = LoadedModel::load(path, config)?;
         let io = &model.io;
         io.expect_kind("vae_encoder")?;
-        let (precision, image_shape) =
-            io.image_like(false, "image", "image [B,c,S,S] in [-1,1]")?;
+        let (precision, image_shape) = io.image_like(false, "image", "image [B,c,S,S] in [-1,1]")?;
         check_image_channels(&model, image_shape, "input `image`")?;
         let (_, latent_shape) = io.image_like(true, "mean", "posterior mean [B,C,h,w]")?;
-        let (_, logvar_shape) =
-            io.image_like(true, "logvar", "posterior log-variance [B,C,h,w]")?;
+        let (_, logvar_shape) = io.image_like(true, "logvar", "posterior log-variance [B,C,h,w]")?;
         if logvar_shape != latent_shape {
             return Err(model.bad_input(
                 "output `logvar`",
@@ -91,10 +89,8 @@ impl VaeEncoder {
                 format!("{:?}", images.shape()),
             ));
         }
-        let mut out = self.model.run(
-            &[BatchInput::Float("image", images, self.info.precision)],
-            &["mean", "logvar"],
-        )?;
+        let mut out =
+            self.model.run(&[BatchInput::Float("image", images, self.info.precision)], &["mean", "logvar"])?;
         let logvar = out.pop().expect("two outputs");
         let mean = out.pop().expect("two outputs");
         Ok((mean, logvar))
@@ -111,8 +107,7 @@ impl VaeDecoder {
         let model = LoadedModel::load(path, config)?;
         let io = &model.io;
         io.expect_kind("vae_decoder")?;
-        let (precision, latent_shape) =
-            io.image_like(false, "latent", "unscaled latent [B,C,h,w]")?;
+        let (precision, latent_shape) = io.image_like(false, "latent", "unscaled latent [B,C,h,w]")?;
         let (_, image_shape) = io.image_like(true, "image", "image [B,c,S,S]")?;
         check_image_channels(&model, image_shape, "output `image`")?;
         let info = VaeInfo {
@@ -140,12 +135,6 @@ impl VaeDecoder {
                 format!("{:?}", latents.shape()),
             ));
         }
-        Ok(self
-            .model
-            .run(
-                &[BatchInput::Float("latent", latents, self.info.precision)],
-                &["image"],
-            )?
-            .remove(0))
+        Ok(self.model.run(&[BatchInput::Float("latent", latents, self.info.precision)], &["image"])?.remove(0))
     }
 }

@@ -25,24 +25,13 @@ fn golden1(name: &str) -> Array1<i64> {
 
 fn config(max_batch: usize) -> SessionConfig {
     init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
-    SessionConfig {
-        intra_threads: Some(1),
-        max_batch,
-        ..Default::default()
-    }
+    SessionConfig { intra_threads: Some(1), max_batch, ..Default::default() }
 }
 
 fn assert_close(got: &Array4<f32>, want: &Array4<f32>, tolerance: f32, what: &str) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= tolerance,
-        "{what}: max abs error {worst} > {tolerance}"
-    );
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= tolerance, "{what}: max abs error {worst} > {tolerance}");
 }
 
 #[test]
@@ -54,24 +43,11 @@ fn dit_matches_python_onnxruntime_for_every_chunk_size() {
         let mut dit = Dit::load(&model("tiny_dit.onnx"), &config(max_batch)).unwrap();
         let info = dit.info().clone();
         assert_eq!(info.latent_shape, [4, 8, 8]);
-        assert_eq!(
-            (info.num_classes, info.learn_sigma, info.train_timesteps),
-            (10, true, 1000)
-        );
-        assert_eq!(
-            (info.beta_schedule.as_str(), info.beta_start, info.beta_end),
-            ("linear", 1e-4, 0.02)
-        );
+        assert_eq!((info.num_classes, info.learn_sigma, info.train_timesteps), (10, true, 1000));
+        assert_eq!((info.beta_schedule.as_str(), info.beta_start, info.beta_end), ("linear", 1e-4, 0.02));
         assert!(info.fingerprint.starts_with("sha256:"));
-        let got = dit
-            .predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap())
-            .unwrap();
-        assert_close(
-            &got,
-            &want,
-            1e-5,
-            &format!("tiny DiT, max_batch {max_batch}"),
-        );
+        let got = dit.predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap()).unwrap();
+        assert_close(&got, &want, 1e-5, &format!("tiny DiT, max_batch {max_batch}"));
     }
 }
 
@@ -81,22 +57,13 @@ fn fp16_and_diffusers_dits_match_their_goldens() {
     let (t, y) = (golden1("dit_t.npy"), golden1("dit_y.npy"));
     let mut fp16 = Dit::load(&model("tiny_dit_fp16.onnx"), &config(64)).unwrap();
     assert_eq!(fp16.info().precision, mgd3_onnx::contract::Precision::F16);
-    let got = fp16
-        .predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap())
-        .unwrap();
+    let got = fp16.predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap()).unwrap();
     assert_close(&got, &golden4("dit_fp16_out.npy"), 2e-3, "fp16 DiT");
     // fp16 is an approximation of the fp32 model, not a different model.
     assert_close(&got, &golden4("dit_out.npy"), 5e-2, "fp16 vs fp32 DiT");
     let mut diffusers = Dit::load(&model("tiny_dit_diffusers.onnx"), &config(64)).unwrap();
-    let got = diffusers
-        .predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap())
-        .unwrap();
-    assert_close(
-        &got,
-        &golden4("dit_diffusers_out.npy"),
-        1e-5,
-        "diffusers DiT",
-    );
+    let got = diffusers.predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap()).unwrap();
+    assert_close(&got, &golden4("dit_diffusers_out.npy"), 1e-5, "diffusers DiT");
 }
 
 #[test]
@@ -106,42 +73,21 @@ fn vae_halves_match_python_onnxruntime() {
     assert_eq!(encoder.info().scale_factor, 0.18215);
     let (mean, logvar) = encoder.encode(golden4("vae_enc_image.npy").view()).unwrap();
     assert_close(&mean, &golden4("vae_enc_mean.npy"), 1e-5, "encoder mean");
-    assert_close(
-        &logvar,
-        &golden4("vae_enc_logvar.npy"),
-        1e-5,
-        "encoder logvar",
-    );
+    assert_close(&logvar, &golden4("vae_enc_logvar.npy"), 1e-5, "encoder logvar");
     let mut decoder = VaeDecoder::load(&model("tiny_vae_decoder.onnx"), &config(64)).unwrap();
-    let image = decoder
-        .decode(golden4("vae_dec_latent.npy").view())
-        .unwrap();
+    let image = decoder.decode(golden4("vae_dec_latent.npy").view()).unwrap();
     assert_close(&image, &golden4("vae_dec_image.npy"), 1e-5, "decoder image");
 }
 
 #[test]
 fn wrong_model_kinds_and_missing_files_are_named() {
-    let err = Dit::load(&model("tiny_vae_decoder.onnx"), &config(8))
-        .err()
-        .expect("a decoder is no DiT");
+    let err = Dit::load(&model("tiny_vae_decoder.onnx"), &config(8)).err().expect("a decoder is no DiT");
     let text = err.to_string();
-    assert!(
-        text.contains("tiny_vae_decoder.onnx")
-            && text.contains("mgd3.kind")
-            && text.contains("dit"),
-        "{text}"
-    );
-    let err = VaeEncoder::load(&model("tiny_dit.onnx"), &config(8))
-        .err()
-        .unwrap();
+    assert!(text.contains("tiny_vae_decoder.onnx") && text.contains("mgd3.kind") && text.contains("dit"), "{text}");
+    let err = VaeEncoder::load(&model("tiny_dit.onnx"), &config(8)).err().unwrap();
     assert!(matches!(err, Error::Contract { .. }), "{err}");
-    let err = Dit::load(&model("does_not_exist.onnx"), &config(8))
-        .err()
-        .unwrap();
-    assert!(
-        matches!(err, Error::ModelNotFound(_)) && err.to_string().contains("does_not_exist.onnx"),
-        "{err}"
-    );
+    let err = Dit::load(&model("does_not_exist.onnx"), &config(8)).err().unwrap();
+    assert!(matches!(err, Error::ModelNotFound(_)) && err.to_string().contains("does_not_exist.onnx"), "{err}");
 }
 
 #[test]
@@ -162,9 +108,7 @@ fn malformed_contract_models_name_the_offending_item() {
         ("bad_dit_missing_t.onnx", "input `t`"),
     ];
     for (file, item) in cases {
-        let err = Dit::load(&model(file), &config(8))
-            .err()
-            .unwrap_or_else(|| panic!("{file} must be refused"));
+        let err = Dit::load(&model(file), &config(8)).err().unwrap_or_else(|| panic!("{file} must be refused"));
         let text = err.to_string();
         assert!(text.contains(file) && text.contains(item), "{file}: {text}");
     }
@@ -175,10 +119,7 @@ fn bad_inputs_are_rejected_before_running() {
     let mut dit = Dit::load(&model("tiny_dit.onnx"), &config(8)).unwrap();
     let x = Array4::<f32>::zeros((2, 4, 8, 8));
     let err = dit.predict(x.view(), &[10, 10], &[3, 11]).unwrap_err();
-    assert!(
-        err.to_string().contains("input `y`") && err.to_string().contains("11"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("input `y`") && err.to_string().contains("11"), "{err}");
     let err = dit.predict(x.view(), &[1000, 10], &[3, 3]).unwrap_err();
     assert!(err.to_string().contains("input `t`"), "{err}");
     let wrong = Array4::<f32>::zeros((2, 4, 16, 16));

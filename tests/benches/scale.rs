@@ -13,10 +13,7 @@ use mgd3_worker::shard::FakeEngine;
 use tokio::net::TcpListener;
 
 fn env(key: &str, default: f64) -> f64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -14,9 +14,7 @@ use mgd3_common::proto;
 use mgd3_common::store::{self, Location};
 use mgd3_coordinator::{Coordinator, ServeConfig, serve};
 use mgd3_worker::client::{ClientError, WorkerConfig, run};
-use mgd3_worker::shard::{
-    ClassResult, FakeEngine, ShardEngine, ShardFailure, ShardLease, run_shard,
-};
+use mgd3_worker::shard::{ClassResult, FakeEngine, ShardEngine, ShardFailure, ShardLease, run_shard};
 use object_store::ObjectStoreExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -60,25 +58,12 @@ async fn start(store_url: &str, token: Option<&str>) -> Cluster {
     start_with_tls(store_url, token, None).await
 }
 
-async fn start_with_tls(
-    store_url: &str,
-    token: Option<&str>,
-    tls: Option<(Vec<u8>, Vec<u8>)>,
-) -> Cluster {
+async fn start_with_tls(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Vec<u8>)>) -> Cluster {
     let coordinator = Coordinator::open(store_url, 100).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheme = if tls.is_some() {
-        "https://localhost"
-    } else {
-        "http://127.0.0.1"
-    };
+    let scheme = if tls.is_some() { "https://localhost" } else { "http://127.0.0.1" };
     let url = format!("{scheme}:{}", listener.local_addr().unwrap().port());
-    let config = ServeConfig {
-        store_url: store_url.into(),
-        token: token.map(str::to_owned),
-        tls,
-        heartbeat_ms: 100,
-    };
+    let config = ServeConfig { store_url: store_url.into(), token: token.map(str::to_owned), tls, heartbeat_ms: 100 };
     let (stop, stopped) = oneshot::channel::<()>();
     let c = coordinator.clone();
     let server = tokio::spawn(async move {
@@ -87,12 +72,7 @@ async fn start_with_tls(
         })
         .await
     });
-    Cluster {
-        url,
-        coordinator,
-        stop: Some(stop),
-        server,
-    }
+    Cluster { url, coordinator, stop: Some(stop), server }
 }
 
 impl Cluster {
@@ -139,21 +119,8 @@ async fn dataset_files(out: &Location, job: &str) -> Vec<(String, Vec<u8>)> {
     objects.sort_by(|a, b| a.location.cmp(&b.location));
     let mut files = Vec::new();
     for o in objects {
-        let bytes = out
-            .store
-            .get(&o.location)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .to_vec();
-        let relative = o
-            .location
-            .as_ref()
-            .strip_prefix(prefix.as_ref())
-            .unwrap()
-            .to_owned();
+        let bytes = out.store.get(&o.location).await.unwrap().bytes().await.unwrap().to_vec();
+        let relative = o.location.as_ref().strip_prefix(prefix.as_ref()).unwrap().to_owned();
         files.push((relative, bytes));
     }
     files
@@ -167,15 +134,8 @@ async fn run_job(
     let dir = tempfile::tempdir().unwrap();
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
-    let (job, existed) = cluster
-        .coordinator
-        .submit(
-            &spec_toml(classes, 3, per_shard, &store_url),
-            dir.path(),
-            None,
-        )
-        .await
-        .unwrap();
+    let (job, existed) =
+        cluster.coordinator.submit(&spec_toml(classes, 3, per_shard, &store_url), dir.path(), None).await.unwrap();
     assert!(!existed);
     let mut handles = Vec::new();
     for i in 0..workers {
@@ -183,17 +143,12 @@ async fn run_job(
             &cluster.url,
             &format!("w{i}"),
             None,
-            Box::new(FakeEngine {
-                class_duration: Duration::from_millis(30),
-            }),
+            Box::new(FakeEngine { class_duration: Duration::from_millis(30) }),
         ));
     }
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
     assert_eq!(status.state, "succeeded", "{status:?}");
-    assert_eq!(
-        (status.shards_done, status.images_done),
-        (job.shards.len() as u32, (classes * 3) as u64)
-    );
+    assert_eq!((status.shards_done, status.images_done), (job.shards.len() as u32, (classes * 3) as u64));
     cluster.coordinator.drain();
     for (_, handle) in handles {
         handle.await.unwrap().unwrap();
@@ -212,39 +167,20 @@ async fn job_on_three_workers_equals_one_worker_run() {
     let (_dir1, job1, one) = run_job(1, 12, 2).await;
     assert_eq!(job, job1, "same spec, same job id");
     assert_eq!(three.len(), 36);
-    assert_eq!(
-        three, one,
-        "PNG bytes must not depend on the number of workers"
-    );
+    assert_eq!(three, one, "PNG bytes must not depend on the number of workers");
     let out = store::open(&dir.path().display().to_string()).unwrap();
     let keys = JobKeys::new(&job);
-    let manifest: JobManifest = serde_json::from_slice(
-        &out.store
-            .get(&out.key(&keys.manifest()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let manifest: JobManifest =
+        serde_json::from_slice(&out.store.get(&out.key(&keys.manifest())).await.unwrap().bytes().await.unwrap())
+            .unwrap();
     assert_eq!((manifest.classes.len(), manifest.images), (12, 36));
     for class in &manifest.classes {
         for (j, digest) in class.images.iter().enumerate() {
-            let bytes = &three
-                .iter()
-                .find(|(name, _)| *name == format!("/{}/{j}.png", class.wnid))
-                .unwrap()
-                .1;
+            let bytes = &three.iter().find(|(name, _)| *name == format!("/{}/{j}.png", class.wnid)).unwrap().1;
             assert_eq!(digest.sha256, mgd3_common::sha256_hex(bytes));
         }
     }
-    let staging: Vec<_> = out
-        .store
-        .list(Some(&out.key(&format!("jobs/{job}/staging"))))
-        .try_collect()
-        .await
-        .unwrap();
+    let staging: Vec<_> = out.store.list(Some(&out.key(&format!("jobs/{job}/staging")))).try_collect().await.unwrap();
     assert!(staging.is_empty());
 }
 
@@ -263,10 +199,7 @@ impl ShardEngine for Flaky {
         cancel: &Arc<AtomicBool>,
     ) -> Result<ClassResult, ShardFailure> {
         if class.wnid == self.bad && !self.fixed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(ShardFailure::Fatal(format!(
-                "class `{}`: image `broken.jpg` cannot be decoded",
-                class.wnid
-            )));
+            return Err(ShardFailure::Fatal(format!("class `{}`: image `broken.jpg` cannot be decoded", class.wnid)));
         }
         self.inner.distill(spec, class, cancel)
     }
@@ -278,18 +211,12 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
     let spec = spec_toml(6, 2, 1, &store_url);
-    let (job, _) = cluster
-        .coordinator
-        .submit(&spec, dir.path(), None)
-        .await
-        .unwrap();
+    let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     let fixed = Arc::new(AtomicBool::new(false));
     let engine = Flaky {
         bad: "class03".into(),
         fixed: fixed.clone(),
-        inner: FakeEngine {
-            class_duration: Duration::from_millis(10),
-        },
+        inner: FakeEngine { class_duration: Duration::from_millis(10) },
     };
     let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
@@ -297,27 +224,15 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     assert_eq!((status.shards_done, status.shards_failed), (5, 1));
     assert_eq!(status.failures.len(), 1);
     assert_eq!(status.failures[0].wnid, "class03");
-    assert!(
-        status.failures[0].error.contains("broken.jpg"),
-        "{:?}",
-        status.failures[0]
-    );
+    assert!(status.failures[0].error.contains("broken.jpg"), "{:?}", status.failures[0]);
 
     // A different spec may not resume this job.
     let changed = spec.replace("seed = 5", "seed = 6");
-    let err = cluster
-        .coordinator
-        .resume(&job.job_id, Some((&changed, dir.path())))
-        .await
-        .unwrap_err();
+    let err = cluster.coordinator.resume(&job.job_id, Some((&changed, dir.path()))).await.unwrap_err();
     assert!(err.to_string().contains("fingerprint changed"), "{err}");
 
     fixed.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (committed, requeued) = cluster
-        .coordinator
-        .resume(&job.job_id, Some((&spec, dir.path())))
-        .await
-        .unwrap();
+    let (committed, requeued) = cluster.coordinator.resume(&job.job_id, Some((&spec, dir.path()))).await.unwrap();
     assert_eq!((committed, requeued), (5, 1));
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
     assert_eq!(status.state, "succeeded", "{status:?}");
@@ -331,19 +246,9 @@ async fn state_survives_a_coordinator_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
-    let (job, _) = cluster
-        .coordinator
-        .submit(&spec_toml(4, 2, 1, &store_url), dir.path(), None)
-        .await
-        .unwrap();
-    let (stop, handle) = worker(
-        &cluster.url,
-        "w0",
-        None,
-        Box::new(FakeEngine {
-            class_duration: Duration::from_millis(10),
-        }),
-    );
+    let (job, _) = cluster.coordinator.submit(&spec_toml(4, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let (stop, handle) =
+        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(10) }));
     wait_until_done(&cluster.coordinator, &job.job_id).await;
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
@@ -351,10 +256,7 @@ async fn state_survives_a_coordinator_restart() {
     // A new coordinator on the same store knows the job and its outcome.
     let again = start(&store_url, None).await;
     let status = again.coordinator.status(&job.job_id).unwrap();
-    assert_eq!(
-        (status.state.as_str(), status.shards_done),
-        ("succeeded", 4)
-    );
+    assert_eq!((status.state.as_str(), status.shards_done), ("succeeded", 4));
     assert_eq!(again.coordinator.list().len(), 1);
     again.shutdown().await;
 }
@@ -419,24 +321,13 @@ async fn two_attempts_committing_one_shard_have_one_winner_per_class_and_no_mixe
     let files = dataset_files(&out, "race").await;
     assert_eq!(files.len(), 20);
     for class in &classes {
-        let marker = mgd3_common::commit::read_marker(&out, &keys, &class.wnid)
-            .await
-            .unwrap()
-            .unwrap();
+        let marker = mgd3_common::commit::read_marker(&out, &keys, &class.wnid).await.unwrap().unwrap();
         let salt = if marker.attempt_id == "a1" { 1 } else { 2 };
-        for (name, bytes) in files
-            .iter()
-            .filter(|(n, _)| n.starts_with(&format!("/{}/", class.wnid)))
-        {
+        for (name, bytes) in files.iter().filter(|(n, _)| n.starts_with(&format!("/{}/", class.wnid))) {
             assert!(bytes.iter().all(|b| *b == salt), "{name} mixes attempts");
         }
     }
-    let staging: Vec<_> = out
-        .store
-        .list(Some(&out.key("jobs/race/staging")))
-        .try_collect()
-        .await
-        .unwrap();
+    let staging: Vec<_> = out.store.list(Some(&out.key("jobs/race/staging"))).try_collect().await.unwrap();
     assert!(staging.is_empty(), "{staging:?}");
 }
 
@@ -447,26 +338,14 @@ async fn rpcs_without_the_token_are_rejected() {
     let cluster = start(&store_url, Some("s3cret-token")).await;
     for token in [None, Some("wrong")] {
         let mut client = mgd3_common::rpc::connect(&cluster.url, token, None).unwrap();
-        let status = client
-            .list_jobs(proto::ListJobsRequest {})
-            .await
-            .unwrap_err();
+        let status = client.list_jobs(proto::ListJobsRequest {}).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
         assert!(!status.message().contains("s3cret"));
     }
-    let (_stop, handle) = worker(
-        &cluster.url,
-        "intruder",
-        Some("wrong"),
-        Box::new(FakeEngine {
-            class_duration: Duration::ZERO,
-        }),
-    );
+    let (_stop, handle) =
+        worker(&cluster.url, "intruder", Some("wrong"), Box::new(FakeEngine { class_duration: Duration::ZERO }));
     let err = handle.await.unwrap().unwrap_err();
-    assert!(
-        err.to_string().contains("Unauthenticated") || err.to_string().contains("token"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("Unauthenticated") || err.to_string().contains("token"), "{err}");
     let mut client = mgd3_common::rpc::connect(&cluster.url, Some("s3cret-token"), None).unwrap();
     assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_ok());
     cluster.shutdown().await;
@@ -480,12 +359,7 @@ async fn tls_with_a_private_ca_works_and_plain_clients_are_refused() {
     let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &cert_pem).unwrap();
-    let cluster = start_with_tls(
-        &store_url,
-        Some("t"),
-        Some((cert_pem.into_bytes(), key_pem.into_bytes())),
-    )
-    .await;
+    let cluster = start_with_tls(&store_url, Some("t"), Some((cert_pem.into_bytes(), key_pem.into_bytes()))).await;
     let mut client = mgd3_common::rpc::connect(&cluster.url, Some("t"), Some(&ca)).unwrap();
     assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_ok());
     let plain = cluster.url.replace("https://", "http://");
@@ -499,67 +373,27 @@ async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
-    let (job, _) = cluster
-        .coordinator
-        .submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None)
-        .await
-        .unwrap();
-    let (stop, handle) = worker(
-        &cluster.url,
-        "w0",
-        None,
-        Box::new(FakeEngine {
-            class_duration: Duration::from_secs(30),
-        }),
-    );
+    let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None).await.unwrap();
+    let (stop, handle) =
+        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_secs(30) }));
     for _ in 0..200 {
-        if cluster
-            .coordinator
-            .status(&job.job_id)
-            .unwrap()
-            .shards_running
-            == 1
-        {
+        if cluster.coordinator.status(&job.job_id).unwrap().shards_running == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), handle)
-        .await
-        .expect("worker stops promptly")
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
-    assert_eq!(
-        (
-            status.state.as_str(),
-            status.shards_running,
-            status.shards_pending
-        ),
-        ("running", 0, 1)
-    );
+    assert_eq!((status.state.as_str(), status.shards_running, status.shards_pending), ("running", 0, 1));
     // The released attempt is not counted: a new worker gets attempt 1 again.
-    let (stop, handle) = worker(
-        &cluster.url,
-        "w1",
-        None,
-        Box::new(FakeEngine {
-            class_duration: Duration::ZERO,
-        }),
-    );
-    assert_eq!(
-        wait_until_done(&cluster.coordinator, &job.job_id)
-            .await
-            .state,
-        "succeeded"
-    );
+    let (stop, handle) = worker(&cluster.url, "w1", None, Box::new(FakeEngine { class_duration: Duration::ZERO }));
+    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, "succeeded");
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     cluster.shutdown().await;
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join(format!("jobs/{}/state.json", job.job_id))).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(format!("jobs/{}/state.json", job.job_id))).unwrap())
+            .unwrap();
     assert_eq!(state["shards"][0]["attempts"], 1, "{state:#}");
 }

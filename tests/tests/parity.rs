@@ -19,27 +19,19 @@ fn fixtures() -> PathBuf {
 
 fn session() -> SessionConfig {
     init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
-    SessionConfig {
-        intra_threads: Some(1),
-        max_batch: 64,
-        ..Default::default()
-    }
+    SessionConfig { intra_threads: Some(1), max_batch: 64, ..Default::default() }
 }
 
 fn assert_parity(got: ArrayView4<f32>, want: ArrayView4<f32>, what: &str) {
     assert_eq!(got.shape(), want.shape(), "{what}");
     for ((index, a), b) in got.indexed_iter().zip(want.iter()) {
-        assert!(
-            (a - b).abs() <= 1e-4 + 1e-5 * b.abs(),
-            "{what} at {index:?}: rust {a} vs reference {b}"
-        );
+        assert!((a - b).abs() <= 1e-4 + 1e-5 * b.abs(), "{what} at {index:?}: rust {a} vs reference {b}");
     }
 }
 
 fn run_case(case: &str) {
     let dir = fixtures().join("parity").join(case);
-    let params: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
+    let params: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
     let guidance = GuidanceConfig {
         guidance_scale: params["guidance_scale"].as_f64().unwrap() as f32,
         stop_guidance: params["t_stop"].as_u64().unwrap() as usize,
@@ -56,10 +48,7 @@ fn run_case(case: &str) {
     let session = session();
     let mut dit = Dit::load(&fixtures().join("models/tiny_dit.onnx"), &session).unwrap();
     let schedule = schedule_for(&dit, steps).unwrap();
-    let spec = ModelSpec {
-        null_label: dit.info().num_classes as i64,
-        learn_sigma: true,
-    };
+    let spec = ModelSpec { null_label: dit.info().num_classes as i64, learn_sigma: true };
     let mut checked = 0;
     let (latents, _) = sample(
         &mut DitDenoiser(&mut dit),
@@ -70,11 +59,7 @@ fn run_case(case: &str) {
         modes.view(),
         noise.view(),
         |k, x| {
-            assert_parity(
-                x,
-                trajectory.index_axis(Axis(1), k),
-                &format!("{case} step k={k}"),
-            );
+            assert_parity(x, trajectory.index_axis(Axis(1), k), &format!("{case} step k={k}"));
             checked += 1;
         },
     )
@@ -82,8 +67,7 @@ fn run_case(case: &str) {
     assert_eq!(checked, steps);
 
     let images: ndarray::Array4<u8> = read_npy(dir.join("images.npy")).unwrap();
-    let mut decoder =
-        VaeDecoder::load(&fixtures().join("models/tiny_vae_decoder.onnx"), &session).unwrap();
+    let mut decoder = VaeDecoder::load(&fixtures().join("models/tiny_vae_decoder.onnx"), &session).unwrap();
     let pngs = decode_to_png(&mut decoder, latents.view(), &mut ClassTimings::default()).unwrap();
     for (j, png) in pngs.iter().enumerate() {
         let ours = image::load_from_memory(png).unwrap().to_rgb8();

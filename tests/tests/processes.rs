@@ -10,19 +10,9 @@ use std::time::{Duration, Instant};
 use image::{GrayImage, ImageFormat};
 
 fn bin(name: &str) -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built (run `cargo build --workspace`)",
-        path.display()
-    );
+    assert!(path.exists(), "{} not built (run `cargo build --workspace`)", path.display());
     path
 }
 
@@ -38,8 +28,7 @@ fn dataset(root: &Path, classes: usize, per_class: usize) {
             let img = GrayImage::from_fn(28, 28, |x, y| {
                 image::Luma([((x * (c as u32 + 3) + y * (i as u32 + 1)) % 256) as u8])
             });
-            img.save_with_format(dir.join(format!("{i:03}.png")), ImageFormat::Png)
-                .unwrap();
+            img.save_with_format(dir.join(format!("{i:03}.png")), ImageFormat::Png).unwrap();
         }
     }
 }
@@ -83,19 +72,11 @@ impl Drop for Killed {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn serve(port: u16, store: &Path, log: &Path) -> Killed {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Killed(
         Command::new(bin("coordinator"))
             .args([
@@ -115,13 +96,8 @@ fn serve(port: u16, store: &Path, log: &Path) -> Killed {
 }
 
 fn status(url: &str, job: &str) -> Option<serde_json::Value> {
-    let out = Command::new(bin("coordinator"))
-        .args(["status", job, "--json", "--coordinator", url])
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    let out = Command::new(bin("coordinator")).args(["status", job, "--json", "--coordinator", url]).output().unwrap();
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
 }
 
 fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
@@ -141,10 +117,7 @@ fn files(root: &Path) -> Vec<(String, Vec<u8>)> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                out.push((
-                    path.strip_prefix(root).unwrap().display().to_string(),
-                    std::fs::read(&path).unwrap(),
-                ));
+                out.push((path.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&path).unwrap()));
             }
         }
     }
@@ -164,20 +137,10 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     let reference_spec = scratch.path().join("reference.toml");
     std::fs::write(&reference_spec, spec(&data, &reference, classes)).unwrap();
     let out = Command::new(bin("coordinator"))
-        .args([
-            "run",
-            reference_spec.to_str().unwrap(),
-            "--local-workers",
-            "1",
-            "--worker-arg=--threads=1",
-        ])
+        .args(["run", reference_spec.to_str().unwrap(), "--local-workers", "1", "--worker-arg=--threads=1"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "reference run failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "reference run failed:\n{}", String::from_utf8_lossy(&out.stderr));
 
     // Chaos run: 3 workers, SIGKILL one mid-shard, SIGKILL the coordinator and restart it.
     let store = scratch.path().join("store");
@@ -190,12 +153,7 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     let mut job = String::new();
     wait_for("submit", Duration::from_secs(30), || {
         let out = Command::new(bin("coordinator"))
-            .args([
-                "submit",
-                chaos_spec.to_str().unwrap(),
-                "--coordinator",
-                &url,
-            ])
+            .args(["submit", chaos_spec.to_str().unwrap(), "--coordinator", &url])
             .output()
             .unwrap();
         job = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -206,14 +164,7 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
             let log = std::fs::File::create(scratch.path().join(format!("worker{i}.log"))).unwrap();
             Killed(
                 Command::new(bin("worker"))
-                    .args([
-                        "--coordinator",
-                        &url,
-                        "--worker-id",
-                        &format!("w{i}"),
-                        "--threads",
-                        "1",
-                    ])
+                    .args(["--coordinator", &url, "--worker-id", &format!("w{i}"), "--threads", "1"])
                     .stderr(log)
                     .spawn()
                     .unwrap(),
@@ -239,10 +190,7 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
         "{final_status:#}\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    assert_eq!(
-        final_status["images"]["done"].as_u64(),
-        Some(classes as u64 * 3)
-    );
+    assert_eq!(final_status["images"]["done"].as_u64(), Some(classes as u64 * 3));
 
     // Graceful shutdown of the survivors.
     for w in workers.iter_mut().skip(1) {
@@ -257,33 +205,17 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     let chaos_images = files(&job_dir(&store).join("dataset"));
     let reference_images = files(&job_dir(&reference).join("dataset"));
     assert_eq!(chaos_images.len(), classes * 3);
-    assert!(
-        chaos_images == reference_images,
-        "PNG bytes differ from the fault-free run"
-    );
-    assert_eq!(
-        files(&job_dir(&store).join("shards")).len(),
-        classes,
-        "one marker per class"
-    );
-    assert!(
-        !job_dir(&store).join("staging").exists()
-            || files(&job_dir(&store).join("staging")).is_empty()
-    );
+    assert!(chaos_images == reference_images, "PNG bytes differ from the fault-free run");
+    assert_eq!(files(&job_dir(&store).join("shards")).len(), classes, "one marker per class");
+    assert!(!job_dir(&store).join("staging").exists() || files(&job_dir(&store).join("staging")).is_empty());
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job_dir(&store).join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(job_dir(&store).join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["images"].as_u64(), Some(classes as u64 * 3));
     // The killed worker's shard really was attempted again.
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job_dir(&store).join("state.json")).unwrap())
-            .unwrap();
-    let retried = state["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["attempts"].as_u64().unwrap_or(0) >= 2)
-        .count();
+        serde_json::from_slice(&std::fs::read(job_dir(&store).join("state.json")).unwrap()).unwrap();
+    let retried =
+        state["shards"].as_array().unwrap().iter().filter(|s| s["attempts"].as_u64().unwrap_or(0) >= 2).count();
     assert!(retried >= 1, "no shard was re-leased: {state:#}");
 }
 
@@ -298,10 +230,8 @@ fn submit_wait_fails_naming_the_class_whose_folder_is_missing() {
     let data = scratch.path().join("data");
     dataset(&data, 2, 4);
     let store = scratch.path().join("store");
-    let text = spec(&data, &store, 2).replace(
-        "classes = [\"c0\", \"c1\"]",
-        "classes = [\"c0\", \"c1\", \"missing_class\"]",
-    );
+    let text =
+        spec(&data, &store, 2).replace("classes = [\"c0\", \"c1\"]", "classes = [\"c0\", \"c1\", \"missing_class\"]");
     let spec_path = scratch.path().join("job.toml");
     std::fs::write(&spec_path, text).unwrap();
     let port = free_port();
@@ -317,13 +247,7 @@ fn submit_wait_fails_naming_the_class_whose_folder_is_missing() {
     let mut output = None;
     wait_for("submit --wait", Duration::from_secs(120), || {
         let out = Command::new(bin("coordinator"))
-            .args([
-                "submit",
-                spec_path.to_str().unwrap(),
-                "--wait",
-                "--coordinator",
-                &url,
-            ])
+            .args(["submit", spec_path.to_str().unwrap(), "--wait", "--coordinator", &url])
             .output()
             .unwrap();
         let connected = !String::from_utf8_lossy(&out.stderr).contains("transport error");
@@ -332,19 +256,7 @@ fn submit_wait_fails_naming_the_class_whose_folder_is_missing() {
     });
     let out = output.unwrap();
     assert!(!out.status.success(), "a failed job must exit non-zero");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("missing_class")
-            && text.contains("does not exist")
-            && text.contains("failed"),
-        "{text}"
-    );
-    assert!(
-        text.contains("2 done"),
-        "the other classes still commit: {text}"
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("missing_class") && text.contains("does not exist") && text.contains("failed"), "{text}");
+    assert!(text.contains("2 done"), "the other classes still commit: {text}");
 }

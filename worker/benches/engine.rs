@@ -22,86 +22,49 @@ fn synthetic_class(root: &Path, class: &str, count: usize) {
     for i in 0..count {
         let phase = i as f32 * 0.37;
         let img = RgbImage::from_fn(500, 375, |x, y| {
-            let v = |k: f32| {
-                (127.0
-                    + 120.0 * ((x as f32 * 0.02 + phase * k).sin() * (y as f32 * 0.03 - k).cos()))
-                    as u8
-            };
+            let v =
+                |k: f32| (127.0 + 120.0 * ((x as f32 * 0.02 + phase * k).sin() * (y as f32 * 0.03 - k).cos())) as u8;
             image::Rgb([v(1.0), v(2.0), v(3.0)])
         });
-        img.save_with_format(dir.join(format!("{i:04}.jpg")), ImageFormat::Jpeg)
-            .unwrap();
+        img.save_with_format(dir.join(format!("{i:04}.jpg")), ImageFormat::Jpeg).unwrap();
     }
 }
 
 fn row(name: &str, secs: f64, total: f64) {
-    println!(
-        "  {name:<22} {secs:>9.3} s  {:>5.1} %",
-        100.0 * secs / total
-    );
+    println!("  {name:<22} {secs:>9.3} s  {:>5.1} %", 100.0 * secs / total);
 }
 
 fn main() {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
     let paths = ModelPaths {
         dit: env_or("MGD3_BENCH_DIT", fixtures.join("tiny_dit.onnx")),
-        vae_encoder: env_or(
-            "MGD3_BENCH_VAE_ENCODER",
-            fixtures.join("tiny_vae_encoder.onnx"),
-        ),
-        vae_decoder: env_or(
-            "MGD3_BENCH_VAE_DECODER",
-            fixtures.join("tiny_vae_decoder.onnx"),
-        ),
+        vae_encoder: env_or("MGD3_BENCH_VAE_ENCODER", fixtures.join("tiny_vae_encoder.onnx")),
+        vae_decoder: env_or("MGD3_BENCH_VAE_DECODER", fixtures.join("tiny_vae_decoder.onnx")),
     };
     let device = std::env::var("MGD3_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    let ipc: usize = std::env::var("MGD3_BENCH_IPC")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let ipc: usize = std::env::var("MGD3_BENCH_IPC").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let scratch = tempfile::tempdir().unwrap();
-    let (data, class) = match (
-        std::env::var_os("MGD3_BENCH_DATA"),
-        std::env::var("MGD3_BENCH_CLASS"),
-    ) {
+    let (data, class) = match (std::env::var_os("MGD3_BENCH_DATA"), std::env::var("MGD3_BENCH_CLASS")) {
         (Some(d), Ok(c)) => (PathBuf::from(d), c),
         _ => {
-            let images: usize = std::env::var("MGD3_BENCH_IMAGES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(260);
+            let images: usize = std::env::var("MGD3_BENCH_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(260);
             synthetic_class(scratch.path(), "n01440764", images);
             (scratch.path().to_owned(), "n01440764".to_owned())
         }
     };
     init_runtime(None).expect("ONNX Runtime: run scripts/setup_ort.sh");
-    let spec = ClassSpec {
-        wnid: class.clone(),
-        label: 0,
-        class_index: 0,
-        ipc,
-    };
-    println!(
-        "mgd3 engine benchmark: DiT {}, device {device}, class {class}, IPC {ipc}, 50 steps",
-        paths.dit.display()
-    );
+    let spec = ClassSpec { wnid: class.clone(), label: 0, class_index: 0, ipc };
+    println!("mgd3 engine benchmark: DiT {}, device {device}, class {class}, IPC {ipc}, 50 steps", paths.dit.display());
 
     // One full class, batched.
-    let session = SessionConfig {
-        device: device.parse().unwrap(),
-        intra_threads: None,
-        max_batch: 64,
-    };
+    let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch: 64 };
     let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
     let started = Instant::now();
-    let output = engine.distill_class(&data, &spec).unwrap();
+    let output = engine.distill_class(&mgd3_worker::data::Dataset::Local(data.clone()), &spec).unwrap();
     let wall = started.elapsed().as_secs_f64();
     let t: ClassTimings = output.timings;
     let total = t.total().as_secs_f64();
-    println!(
-        "\nper-class time split ({} real images, {} samples, wall {wall:.3} s):",
-        t.real_images, ipc
-    );
+    println!("\nper-class time split ({} real images, {} samples, wall {wall:.3} s):", t.real_images, ipc);
     row("image decode+resize", t.decode.as_secs_f64(), total);
     row("VAE encode", t.encode.as_secs_f64(), total);
     row("k-means", t.kmeans.as_secs_f64(), total);
@@ -120,23 +83,11 @@ fn main() {
     let labels = vec![0i64; ipc];
     let mut rates = vec![];
     for max_batch in [2, 2 * ipc.min(32)] {
-        let session = SessionConfig {
-            device: device.parse().unwrap(),
-            intra_threads: None,
-            max_batch,
-        };
+        let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch };
         let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
         let mut timings = ClassTimings::default();
         let started = Instant::now();
-        engine
-            .sample_latents(
-                &class,
-                &labels,
-                output.modes.view(),
-                noise.view(),
-                &mut timings,
-            )
-            .unwrap();
+        engine.sample_latents(&class, &labels, output.modes.view(), noise.view(), &mut timings).unwrap();
         let secs = started.elapsed().as_secs_f64();
         rates.push(ipc as f64 / secs);
         println!(
@@ -146,8 +97,5 @@ fn main() {
             timings.dit_calls
         );
     }
-    println!(
-        "batched / batch-1 throughput ratio: {:.2}x",
-        rates[1] / rates[0]
-    );
+    println!("batched / batch-1 throughput ratio: {:.2}x", rates[1] / rates[0]);
 }

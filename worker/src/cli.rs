@@ -11,8 +11,8 @@ use ndarray_npy::ReadNpyExt;
 
 use crate::client::WorkerConfig;
 use crate::engine::{
-    ClassSpec, ClassTimings, Engine, ModelPaths, SampleBatch, SamplingConfig, check_guidance,
-    decode_to_png, sample_in_batches, schedule_for,
+    ClassSpec, ClassTimings, Engine, ModelPaths, SampleBatch, SamplingConfig, check_guidance, decode_to_png,
+    sample_in_batches, schedule_for,
 };
 use crate::mgd3::guidance::GuidanceConfig;
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
@@ -109,11 +109,7 @@ impl RuntimeArgs {
         }
         let device: Device = self.device.parse()?;
         init_runtime(self.ort_lib.as_deref())?;
-        Ok(SessionConfig {
-            device,
-            intra_threads: self.threads,
-            max_batch: self.max_batch,
-        })
+        Ok(SessionConfig { device, intra_threads: self.threads, max_batch: self.max_batch })
     }
 }
 
@@ -157,9 +153,12 @@ impl SamplingArgs {
 
 #[derive(Debug, Args)]
 pub struct DistillClassArgs {
-    /// ImageFolder root holding <class>/*.{jpg,jpeg,png}.
+    /// ImageFolder root holding <class>/*.{jpg,jpeg,png}: a folder or an object-store URL.
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: String,
+    /// Reuse and store the class's VAE latents under this folder or object-store URL.
+    #[arg(long)]
+    pub latent_cache: Option<String>,
     /// Class folder name (ImageNet wnid).
     #[arg(long = "class")]
     pub class: String,
@@ -219,14 +218,8 @@ pub struct SampleArgs {
 }
 
 fn read_npy<T: ReadNpyExt>(path: &Path, what: &str) -> Result<T> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open {what} `{}`", path.display()))?;
-    T::read_npy(file).with_context(|| {
-        format!(
-            "{what} `{}` is not the expected f32 .npy array",
-            path.display()
-        )
-    })
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {what} `{}`", path.display()))?;
+    T::read_npy(file).with_context(|| format!("{what} `{}` is not the expected f32 .npy array", path.display()))
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -237,12 +230,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::DistillClass(args) => distill_class(args),
         Command::Sample(args) => sample(args),
         Command::ImportFashionMnist(args) => {
-            let written =
-                crate::import::import_fashion_mnist(&args.src, &args.out, args.per_class)?;
-            println!(
-                "wrote {written} Fashion-MNIST images into {}",
-                args.out.display()
-            );
+            let written = crate::import::import_fashion_mnist(&args.src, &args.out, args.per_class)?;
+            println!("wrote {written} Fashion-MNIST images into {}", args.out.display());
             Ok(())
         }
     }
@@ -250,11 +239,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn distill_class(args: DistillClassArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
-    let paths = ModelPaths {
-        dit: args.dit,
-        vae_encoder: args.vae_encoder,
-        vae_decoder: args.vae_decoder,
-    };
+    let paths = ModelPaths { dit: args.dit, vae_encoder: args.vae_encoder, vae_decoder: args.vae_decoder };
     let mut engine = Engine::load(&paths, &session, args.sampling.config())?;
     let class = ClassSpec {
         wnid: args.class.clone(),
@@ -264,7 +249,11 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     };
     let span = tracing::info_span!("class", class = %class.wnid, label = class.label);
     let _guard = span.enter();
-    let output = engine.distill_class(&args.data, &class)?;
+    if let Some(cache) = &args.latent_cache {
+        engine.set_latent_cache(Some(mgd3_common::store::open(cache)?));
+    }
+    let dataset = crate::data::Dataset::open(&args.data)?;
+    let output = engine.distill_class(&dataset, &class)?;
     let dir = args.out.join(&class.wnid);
     for (j, png) in output.images.iter().enumerate() {
         write_file(&dir.join(format!("{j}.png")), png)?;
@@ -272,10 +261,7 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     let modes_path = dir.join("modes.npy");
     write_file(&modes_path, &npy_bytes(&output.modes, &modes_path)?)?;
     if let Some(path) = &args.timings_json {
-        write_file(
-            path,
-            serde_json::to_string_pretty(&output.timings)?.as_bytes(),
-        )?;
+        write_file(path, serde_json::to_string_pretty(&output.timings)?.as_bytes())?;
     }
     println!(
         "distilled class {} (label {}): {} images from {} real images in {:.2} s -> {}",
@@ -306,20 +292,10 @@ fn sample(args: SampleArgs) -> Result<()> {
         );
     }
     if args.label < 0 || args.label >= info.num_classes as i64 {
-        bail!(
-            "--label {} is outside the DiT's 0..{} classes",
-            args.label,
-            info.num_classes
-        );
+        bail!("--label {} is outside the DiT's 0..{} classes", args.label, info.num_classes);
     }
     let n = modes.shape()[0];
-    let want = [
-        n,
-        config.steps + 1,
-        info.latent_shape[0],
-        info.latent_shape[1],
-        info.latent_shape[2],
-    ];
+    let want = [n, config.steps + 1, info.latent_shape[0], info.latent_shape[1], info.latent_shape[2]];
     if noise.shape() != want {
         bail!(
             "noise `{}` has shape {:?}; expected {:?} (N, steps+1, C, h, w)",
@@ -343,10 +319,7 @@ fn sample(args: SampleArgs) -> Result<()> {
     write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;
     if let (Some(decoder_path), Some(dir)) = (&args.vae_decoder, &args.images_out) {
         let mut decoder = VaeDecoder::load(decoder_path, &session)?;
-        for (j, png) in decode_to_png(&mut decoder, latents.view(), &mut timings)?
-            .iter()
-            .enumerate()
-        {
+        for (j, png) in decode_to_png(&mut decoder, latents.view(), &mut timings)?.iter().enumerate() {
             write_file(&dir.join(format!("{j}.png")), png)?;
         }
     }
@@ -360,8 +333,7 @@ fn sample(args: SampleArgs) -> Result<()> {
 
 /// Resolves on SIGTERM or SIGINT.
 async fn termination() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -372,19 +344,10 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let Some(coordinator) = args.coordinator.clone() else {
         bail!("give --coordinator URL to join a cluster, or a subcommand (see --help)");
     };
-    let token = args
-        .token_file
-        .as_deref()
-        .map(mgd3_common::rpc::read_token_file)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let host = hostname::get()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "worker".into());
-    let worker_id = args
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    let token =
+        args.token_file.as_deref().map(mgd3_common::rpc::read_token_file).transpose().map_err(anyhow::Error::msg)?;
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id()));
     let engine: Box<dyn ShardEngine> = match args.engine.as_str() {
         "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?)),
         "fake" => Box::new(FakeEngine {
@@ -399,10 +362,7 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         tls_ca: args.tls_ca.clone(),
         devices: vec![args.runtime.device.clone()],
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(crate::client::run(config, engine, termination()))?;
     Ok(())
 }

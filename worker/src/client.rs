@@ -69,12 +69,8 @@ pub async fn run(
     engine: Box<dyn ShardEngine>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
-    let mut client = connect(
-        &config.coordinator,
-        config.token.as_deref(),
-        config.tls_ca.as_deref(),
-    )
-    .map_err(ClientError::Config)?;
+    let mut client =
+        connect(&config.coordinator, config.token.as_deref(), config.tls_ca.as_deref()).map_err(ClientError::Config)?;
     let engine = Arc::new(Mutex::new(engine));
     tokio::pin!(shutdown);
     let mut stopping = false;
@@ -82,17 +78,10 @@ pub async fn run(
     // Register, retrying while the coordinator is unreachable.
     let mut attempt = 0;
     let heartbeat = loop {
-        let fingerprints = engine
-            .lock()
-            .expect("engine")
-            .model_fingerprints()
-            .into_iter()
-            .collect();
+        let fingerprints = engine.lock().expect("engine").model_fingerprints().into_iter().collect();
         let request = proto::RegisterWorkerRequest {
             worker_id: config.worker_id.clone(),
-            hostname: hostname::get()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
             devices: config.devices.clone(),
             protocol_version: mgd3_common::PROTOCOL_VERSION,
             model_fingerprints: fingerprints,
@@ -110,10 +99,7 @@ pub async fn run(
                 }
             }
             Err(status) => {
-                return Err(ClientError::Rejected {
-                    worker: config.worker_id.clone(),
-                    status: status.to_string(),
-                });
+                return Err(ClientError::Rejected { worker: config.worker_id.clone(), status: status.to_string() });
             }
         }
     };
@@ -173,22 +159,20 @@ pub async fn run(
         }
         wait = heartbeat;
         match response.action {
-            Some(Action::Lease(lease)) => {
-                match start(&config, lease, &engine, &mut specs, &mut outputs) {
-                    Ok(running) => current = Some(running),
-                    Err((lease, error)) => {
-                        let failure = proto::FailShardRequest {
-                            worker_id: config.worker_id.clone(),
-                            lease_id: lease,
-                            error,
-                            retryable: false,
-                            ..Default::default()
-                        };
-                        let _ = client.fail_shard(failure).await;
-                        wait = Duration::ZERO;
-                    }
+            Some(Action::Lease(lease)) => match start(&config, lease, &engine, &mut specs, &mut outputs) {
+                Ok(running) => current = Some(running),
+                Err((lease, error)) => {
+                    let failure = proto::FailShardRequest {
+                        worker_id: config.worker_id.clone(),
+                        lease_id: lease,
+                        error,
+                        retryable: false,
+                        ..Default::default()
+                    };
+                    let _ = client.fail_shard(failure).await;
+                    wait = Duration::ZERO;
                 }
-            }
+            },
             Some(Action::WaitMs(ms)) => wait = Duration::from_millis(ms.max(10)),
             Some(Action::Drain(_)) if current.is_none() => {
                 info!(worker = %config.worker_id, "drained: exiting");
@@ -220,8 +204,7 @@ fn start(
     let out = match outputs.get(&output_url) {
         Some(out) => out.clone(),
         None => {
-            let out =
-                store::open(&output_url).map_err(|e| (lease.lease_id.clone(), e.to_string()))?;
+            let out = store::open(&output_url).map_err(|e| (lease.lease_id.clone(), e.to_string()))?;
             outputs.insert(output_url, out.clone());
             out
         }
@@ -235,11 +218,7 @@ fn start(
         classes: lease
             .classes
             .into_iter()
-            .map(|c| ClassRef {
-                wnid: c.wnid,
-                label: c.label,
-                class_index: c.class_index,
-            })
+            .map(|c| ClassRef { wnid: c.wnid, label: c.label, class_index: c.class_index })
             .collect(),
         worker_id: config.worker_id.clone(),
     };
@@ -247,44 +226,22 @@ fn start(
     let images_done = Arc::new(AtomicU32::new(0));
     let cancel = Arc::new(AtomicBool::new(false));
     let task = {
-        let (engine, lease, images_done, cancel) = (
-            engine.clone(),
-            shard.clone(),
-            images_done.clone(),
-            cancel.clone(),
-        );
+        let (engine, lease, images_done, cancel) = (engine.clone(), shard.clone(), images_done.clone(), cancel.clone());
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let span = tracing::info_span!("shard", job = %lease.job_id, worker = %lease.worker_id, lease = %lease.lease_id);
+            let span =
+                tracing::info_span!("shard", job = %lease.job_id, worker = %lease.worker_id, lease = %lease.lease_id);
             let _guard = span.enter();
             let mut engine = engine.lock().expect("engine");
-            run_shard(
-                engine.as_mut(),
-                &runtime,
-                &out,
-                &lease,
-                &images_done,
-                &cancel,
-            )
+            run_shard(engine.as_mut(), &runtime, &out, &lease, &images_done, &cancel)
         })
     };
-    Ok(Running {
-        lease: shard,
-        images_done,
-        cancel,
-        task,
-    })
+    Ok(Running { lease: shard, images_done, cancel, task })
 }
 
 /// Reports a finished shard, retrying while the coordinator is unreachable (at most a few times
 /// when shutting down: the commits are in the store either way).
-async fn report(
-    client: &mut Client,
-    config: &WorkerConfig,
-    lease: &ShardLease,
-    outcome: ShardOutcome,
-    stopping: bool,
-) {
+async fn report(client: &mut Client, config: &WorkerConfig, lease: &ShardLease, outcome: ShardOutcome, stopping: bool) {
     let worker_id = config.worker_id.clone();
     let lease_id = lease.lease_id.clone();
     for attempt in 0.. {

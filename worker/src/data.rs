@@ -10,8 +10,11 @@
 
 use std::path::{Path, PathBuf};
 
+use futures::{StreamExt, TryStreamExt};
 use image::{DynamicImage, GrayImage, RgbImage};
+use mgd3_common::store::{self, Location};
 use ndarray::{Array3, Array4, Axis};
+use object_store::ObjectStoreExt;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -28,11 +31,7 @@ pub enum DataError {
     #[error("class `{class}`: folder `{dir}` holds no .jpg/.jpeg/.png images")]
     EmptyClass { class: String, dir: PathBuf },
     #[error("class `{class}`: {found} images but IPC = {ipc} needs at least {ipc}")]
-    TooFewImages {
-        class: String,
-        found: usize,
-        ipc: usize,
-    },
+    TooFewImages { class: String, found: usize, ipc: usize },
     #[error("cannot decode image `{path}`: {source}")]
     Decode {
         path: PathBuf,
@@ -45,12 +44,17 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
-    #[error("image `{path}` is empty ({width}×{height})")]
-    Degenerate {
-        path: PathBuf,
-        width: u32,
-        height: u32,
+    #[error("dataset `{url}`: {problem}")]
+    Dataset { url: String, problem: String },
+    #[error("class `{class}`: reading dataset `{url}`: {source}")]
+    Store {
+        class: String,
+        url: String,
+        #[source]
+        source: object_store::Error,
     },
+    #[error("image `{path}` is empty ({width}×{height})")]
+    Degenerate { path: PathBuf, width: u32, height: u32 },
 }
 
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -59,16 +63,9 @@ const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 pub fn list_class(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
     let dir = root.join(class);
     if !dir.is_dir() {
-        return Err(DataError::ClassNotFound {
-            class: class.into(),
-            dir,
-        });
+        return Err(DataError::ClassNotFound { class: class.into(), dir });
     }
-    let list_err = |source| DataError::List {
-        class: class.into(),
-        dir: dir.clone(),
-        source,
-    };
+    let list_err = |source| DataError::List { class: class.into(), dir: dir.clone(), source };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(list_err)? {
         let path = entry.map_err(list_err)?.path();
@@ -81,10 +78,7 @@ pub fn list_class(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
         }
     }
     if files.is_empty() {
-        return Err(DataError::EmptyClass {
-            class: class.into(),
-            dir,
-        });
+        return Err(DataError::EmptyClass { class: class.into(), dir });
     }
     files.sort();
     Ok(files)
@@ -92,27 +86,127 @@ pub fn list_class(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
 
 /// Decodes image bytes into 8-bit RGB (`channels == 3`) or luma (`channels == 1`).
 pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, DataError> {
-    let image = image::load_from_memory(bytes).map_err(|source| DataError::Decode {
-        path: path.into(),
-        source,
-    })?;
+    let image = image::load_from_memory(bytes).map_err(|source| DataError::Decode { path: path.into(), source })?;
     if image.width() == 0 || image.height() == 0 {
-        return Err(DataError::Degenerate {
-            path: path.into(),
-            width: image.width(),
-            height: image.height(),
-        });
+        return Err(DataError::Degenerate { path: path.into(), width: image.width(), height: image.height() });
     }
     Ok(Pixels::from_image(&image, channels))
 }
 
 /// Reads and decodes one file.
 pub fn load(path: &Path, channels: usize) -> Result<Pixels, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
     decode(&bytes, path, channels)
+}
+
+/// Encoded images fetched at once per chunk: bounds both the requests in flight and memory.
+pub const MAX_CONCURRENT_READS: usize = 16;
+
+/// Where a job's real images come from: a local ImageFolder or one in an object store.
+#[derive(Clone, Debug)]
+pub enum Dataset {
+    Local(PathBuf),
+    Store(Location),
+}
+
+/// One listed image: its path or key, and its size in bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// Runs a future from synchronous code: on the current runtime's handle from a blocking thread
+/// (`spawn_blocking`, where the engine runs), or on a small runtime of its own outside one.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(future),
+        Err(_) => tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future),
+    }
+}
+
+impl Dataset {
+    /// A local path (or `file://` URL) or an object-store URL.
+    pub fn open(url: &str) -> Result<Self, DataError> {
+        let local = url.strip_prefix("file://").unwrap_or(url);
+        if store::is_url(local) {
+            let location =
+                store::open(url).map_err(|e| DataError::Dataset { url: url.into(), problem: e.to_string() })?;
+            Ok(Dataset::Store(location))
+        } else {
+            Ok(Dataset::Local(PathBuf::from(local)))
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Dataset::Local(path) => path.display().to_string(),
+            Dataset::Store(location) => location.url.clone(),
+        }
+    }
+
+    fn store_error(&self, class: &str, source: object_store::Error) -> DataError {
+        DataError::Store { class: class.into(), url: self.url(), source }
+    }
+
+    /// The class's images in sorted name order, listed once.
+    pub fn list_class(&self, class: &str) -> Result<Vec<ImageRef>, DataError> {
+        let is_image = |name: &str| {
+            Path::new(name)
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        };
+        let mut images: Vec<ImageRef> = match self {
+            Dataset::Local(root) => list_class(root, class)?
+                .into_iter()
+                .map(|p| ImageRef {
+                    bytes: std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
+                    name: p.display().to_string(),
+                })
+                .collect(),
+            Dataset::Store(location) => {
+                let prefix = location.key(class);
+                let listed: Vec<_> = block_on(location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+                    .map_err(|e| self.store_error(class, e))?;
+                listed
+                    .into_iter()
+                    .filter(|m| is_image(m.location.as_ref()))
+                    .map(|m| ImageRef { name: m.location.to_string(), bytes: m.size })
+                    .collect()
+            }
+        };
+        if images.is_empty() {
+            let dir = PathBuf::from(format!("{}/{class}", self.url().trim_end_matches('/')));
+            return Err(match self {
+                Dataset::Store(_) => DataError::ClassNotFound { class: class.into(), dir },
+                Dataset::Local(_) => DataError::EmptyClass { class: class.into(), dir },
+            });
+        }
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    /// The bytes of `images`, in order, with at most [`MAX_CONCURRENT_READS`] reads in flight.
+    pub fn read(&self, class: &str, images: &[ImageRef]) -> Result<Vec<Vec<u8>>, DataError> {
+        match self {
+            Dataset::Local(_) => images
+                .iter()
+                .map(|i| {
+                    std::fs::read(&i.name).map_err(|source| DataError::Read { path: i.name.clone().into(), source })
+                })
+                .collect(),
+            Dataset::Store(location) => {
+                let reads = images.iter().map(|i| {
+                    let store = location.store.clone();
+                    let key = object_store::path::Path::from(i.name.as_str());
+                    async move { store.get(&key).await?.bytes().await.map(|b| b.to_vec()) }
+                });
+                block_on(futures::stream::iter(reads).buffered(MAX_CONCURRENT_READS).try_collect::<Vec<_>>())
+                    .map_err(|e| self.store_error(class, e))
+            }
+        }
+    }
 }
 
 /// Interleaved 8-bit pixels.
@@ -127,17 +221,8 @@ pub struct Pixels {
 impl Pixels {
     pub fn from_image(image: &DynamicImage, channels: usize) -> Self {
         let (width, height) = (image.width() as usize, image.height() as usize);
-        let data = if channels == 1 {
-            image.to_luma8().into_raw()
-        } else {
-            image.to_rgb8().into_raw()
-        };
-        Pixels {
-            width,
-            height,
-            channels,
-            data,
-        }
+        let data = if channels == 1 { image.to_luma8().into_raw() } else { image.to_rgb8().into_raw() };
+        Pixels { width, height, channels, data }
     }
 
     pub fn to_image(&self) -> DynamicImage {
@@ -156,12 +241,7 @@ impl Pixels {
             let start = (y * self.width + x0) * c;
             data.extend_from_slice(&self.data[start..start + w * c]);
         }
-        Pixels {
-            width: w,
-            height: h,
-            channels: c,
-            data,
-        }
+        Pixels { width: w, height: h, channels: c, data }
     }
 }
 
@@ -218,20 +298,14 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, 
             // C casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax)
-                .map(|x| filter.weight((x as f64 - center + 0.5) * inverse))
-                .collect();
+            let weights: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) * inverse)).collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
                 .iter()
                 .map(|w| {
                     let w = if total != 0.0 { w / total } else { *w };
                     let scaled = w * (1u32 << PRECISION_BITS) as f64;
-                    if w < 0.0 {
-                        (scaled - 0.5) as i32
-                    } else {
-                        (scaled + 0.5) as i32
-                    }
+                    if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
                 })
                 .collect();
             (xmin, fixed)
@@ -262,12 +336,7 @@ fn resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> Pixels {
                 }
             }
         }
-        current = Pixels {
-            width,
-            height: current.height,
-            channels: c,
-            data,
-        };
+        current = Pixels { width, height: current.height, channels: c, data };
     }
     if height != src.height {
         let coeffs = coefficients(src.height, height, filter);
@@ -282,12 +351,7 @@ fn resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> Pixels {
                 data[yy * stride + i] = clip8(acc);
             }
         }
-        current = Pixels {
-            width: current.width,
-            height,
-            channels: c,
-            data,
-        };
+        current = Pixels { width: current.width, height, channels: c, data };
     }
     current
 }
@@ -295,11 +359,7 @@ fn resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> Pixels {
 /// Python's `round()` for the positive sizes of `center_crop_arr`.
 fn round_half_even(x: f64) -> usize {
     let r = x.round();
-    (if (x - x.trunc()) == 0.5 {
-        2.0 * (x / 2.0).round()
-    } else {
-        r
-    }) as usize
+    (if (x - x.trunc()) == 0.5 { 2.0 * (x / 2.0).round() } else { r }) as usize
 }
 
 /// ADM's `center_crop_arr(image, size)`.
@@ -328,10 +388,7 @@ pub fn to_tensor(pixels: &Pixels) -> Array3<f32> {
 
 /// Stacks preprocessed images into a batch [B, c, S, S].
 pub fn stack(tensors: &[Array3<f32>]) -> Array4<f32> {
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|t| t.view().insert_axis(Axis(0)))
-        .collect();
+    let views: Vec<_> = tensors.iter().map(|t| t.view().insert_axis(Axis(0))).collect();
     ndarray::concatenate(Axis(0), &views).expect("equal shapes")
 }
 
@@ -347,22 +404,12 @@ mod tests {
                 ((x * 7 + y * 3 + ch * 50) % 256) as u8
             })
             .collect();
-        Pixels {
-            width,
-            height,
-            channels,
-            data,
-        }
+        Pixels { width, height, channels, data }
     }
 
     #[test]
     fn box_halving_averages_two_by_two_blocks() {
-        let img = Pixels {
-            width: 4,
-            height: 2,
-            channels: 1,
-            data: vec![0, 2, 10, 20, 4, 6, 30, 40],
-        };
+        let img = Pixels { width: 4, height: 2, channels: 1, data: vec![0, 2, 10, 20, 4, 6, 30, 40] };
         let half = resize(&img, 2, 1, Filter::Box);
         assert_eq!(half.data, vec![3, 25]);
     }
@@ -371,19 +418,9 @@ mod tests {
     fn resizing_to_the_same_size_is_identity_and_constant_images_stay_constant() {
         let img = gradient(13, 9, 3);
         assert_eq!(resize(&img, 13, 9, Filter::Bicubic), img);
-        let flat = Pixels {
-            width: 37,
-            height: 23,
-            channels: 3,
-            data: vec![117; 37 * 23 * 3],
-        };
+        let flat = Pixels { width: 37, height: 23, channels: 3, data: vec![117; 37 * 23 * 3] };
         for (w, h) in [(16, 16), (50, 31), (5, 3)] {
-            assert!(
-                resize(&flat, w, h, Filter::Bicubic)
-                    .data
-                    .iter()
-                    .all(|v| *v == 117)
-            );
+            assert!(resize(&flat, w, h, Filter::Bicubic).data.iter().all(|v| *v == 117));
         }
     }
 
@@ -411,12 +448,7 @@ mod tests {
 
     #[test]
     fn to_tensor_maps_bytes_to_minus_one_one() {
-        let px = Pixels {
-            width: 2,
-            height: 1,
-            channels: 1,
-            data: vec![0, 255],
-        };
+        let px = Pixels { width: 2, height: 1, channels: 1, data: vec![0, 255] };
         let t = to_tensor(&px);
         assert_eq!(t[[0, 0, 0]], -1.0);
         assert_eq!(t[[0, 0, 1]], 1.0);
@@ -427,18 +459,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let class = dir.path().join("n001");
         std::fs::create_dir(&class).unwrap();
-        assert!(matches!(
-            list_class(dir.path(), "n001"),
-            Err(DataError::EmptyClass { .. })
-        ));
+        assert!(matches!(list_class(dir.path(), "n001"), Err(DataError::EmptyClass { .. })));
         for name in ["b.png", "a.JPG", "c.txt"] {
             std::fs::write(class.join(name), b"x").unwrap();
         }
         let files = list_class(dir.path(), "n001").unwrap();
-        let names: Vec<_> = files
-            .iter()
-            .map(|f| f.file_name().unwrap().to_str().unwrap())
-            .collect();
+        let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap().to_str().unwrap()).collect();
         assert_eq!(names, ["a.JPG", "b.png"]);
         let err = list_class(dir.path(), "n999").unwrap_err();
         assert!(err.to_string().contains("n999"), "{err}");

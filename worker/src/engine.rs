@@ -14,13 +14,15 @@ use serde::Serialize;
 use thiserror::Error;
 use tracing::{debug, info};
 
-use crate::data::{self, DataError};
+use crate::cache;
+use crate::data::{self, DataError, Dataset};
 use crate::mgd3::guidance::GuidanceConfig;
 use crate::mgd3::modes::{ModesError, find_modes};
 use crate::mgd3::noise::sample_noise;
 use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, sample};
 use crate::mgd3::schedule::{Schedule, ScheduleError};
 use crate::sink::{SinkError, png_bytes};
+use mgd3_common::store::Location;
 
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -44,6 +46,8 @@ pub enum EngineError {
     Schedule(#[from] ScheduleError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Cache(#[from] cache::CacheError),
     #[error("models do not fit together: {0}")]
     Mismatch(String),
     #[error("invalid setting: {0}")]
@@ -56,12 +60,11 @@ impl EngineError {
     /// Whether a later attempt (maybe on another worker) can succeed where this one failed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            EngineError::Model(e) => matches!(
-                e,
-                mgd3_onnx::Error::Ort { .. } | mgd3_onnx::Error::Io { .. }
-            ),
-            EngineError::Data(e) => matches!(e, DataError::Read { .. } | DataError::List { .. }),
-            EngineError::Sink(_) | EngineError::Cancelled => true,
+            EngineError::Model(e) => matches!(e, mgd3_onnx::Error::Ort { .. } | mgd3_onnx::Error::Io { .. }),
+            EngineError::Data(e) => {
+                matches!(e, DataError::Read { .. } | DataError::List { .. } | DataError::Store { .. })
+            }
+            EngineError::Sink(_) | EngineError::Cancelled | EngineError::Cache(_) => true,
             EngineError::Modes { .. }
             | EngineError::Sample { .. }
             | EngineError::Schedule(_)
@@ -89,11 +92,7 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig {
-            steps: 50,
-            guidance: GuidanceConfig::default(),
-            seed: 0,
-        }
+        SamplingConfig { steps: 50, guidance: GuidanceConfig::default(), seed: 0 }
     }
 }
 
@@ -128,6 +127,8 @@ pub struct ClassTimings {
     pub png: Duration,
     pub dit_calls: usize,
     pub real_images: usize,
+    /// The class's latents came from the latent cache (no decode, no VAE encode).
+    pub latent_cache_hit: bool,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -136,13 +137,7 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 impl ClassTimings {
     pub fn total(&self) -> Duration {
-        self.decode
-            + self.encode
-            + self.kmeans
-            + self.dit
-            + self.guidance
-            + self.vae_decode
-            + self.png
+        self.decode + self.encode + self.kmeans + self.dit + self.guidance + self.vae_decode + self.png
     }
 }
 
@@ -162,12 +157,7 @@ pub struct ClassOutput {
 pub struct DitDenoiser<'a>(pub &'a mut Dit);
 
 impl Denoiser for DitDenoiser<'_> {
-    fn predict(
-        &mut self,
-        x: ArrayView4<f32>,
-        t: &[i64],
-        y: &[i64],
-    ) -> Result<Array4<f32>, ModelError> {
+    fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError> {
         Ok(self.0.predict(x, t, y)?)
     }
 }
@@ -186,22 +176,19 @@ pub struct Engine {
     samples_per_call: usize,
     /// Set to stop the running class after its current batch.
     cancel: Arc<AtomicBool>,
+    /// Where per-class VAE latents are cached, if anywhere.
+    latent_cache: Option<Location>,
 }
 
 impl Engine {
-    pub fn load(
-        paths: &ModelPaths,
-        session: &SessionConfig,
-        sampling: SamplingConfig,
-    ) -> Result<Self, EngineError> {
+    pub fn load(paths: &ModelPaths, session: &SessionConfig, sampling: SamplingConfig) -> Result<Self, EngineError> {
         let dit = Dit::load(&paths.dit, session)?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, session)?;
         let dit_latent = dit.info().latent_shape;
-        for (name, latent) in [
-            ("VAE encoder", encoder.info().latent_shape),
-            ("VAE decoder", decoder.info().latent_shape),
-        ] {
+        for (name, latent) in
+            [("VAE encoder", encoder.info().latent_shape), ("VAE decoder", decoder.info().latent_shape)]
+        {
             if latent != dit_latent {
                 return Err(EngineError::Mismatch(format!(
                     "the DiT works on latents {dit_latent:?} but the {name} has {latent:?}"
@@ -225,6 +212,7 @@ impl Engine {
             sampling,
             samples_per_call: (session.max_batch / 2).max(1),
             cancel: Arc::new(AtomicBool::new(false)),
+            latent_cache: None,
         })
     }
 
@@ -245,37 +233,48 @@ impl Engine {
         &self.encoder
     }
 
-    /// Flattened scaled posterior means of every real image of the class, [n, C·h·w].
+    /// Flattened scaled posterior means of every real image of the class, [n, C·h·w], from the
+    /// latent cache when it holds them, else by decoding and encoding the images chunk by chunk.
     pub fn encode_class(
         &mut self,
-        data_root: &Path,
+        dataset: &Dataset,
         class: &ClassSpec,
         timings: &mut ClassTimings,
     ) -> Result<(Vec<f32>, usize), EngineError> {
-        let files = data::list_class(data_root, &class.wnid)?;
-        if files.len() < class.ipc {
-            return Err(DataError::TooFewImages {
-                class: class.wnid.clone(),
-                found: files.len(),
-                ipc: class.ipc,
-            }
-            .into());
+        let images = dataset.list_class(&class.wnid)?;
+        if images.len() < class.ipc {
+            return Err(
+                DataError::TooFewImages { class: class.wnid.clone(), found: images.len(), ipc: class.ipc }.into()
+            );
         }
-        let [c, size, _] = self.encoder.info().image_shape;
+        let [c, h, w] = self.encoder.info().latent_shape;
+        let cache_key = self.latent_cache.as_ref().map(|cache| {
+            let key = cache::latent_key(&dataset.url(), &self.encoder.info().fingerprint, &class.wnid, &images);
+            (cache, key)
+        });
+        if let Some((cache, key)) = &cache_key
+            && let Some(features) = cache::load(cache, key, images.len(), c * h * w)?
+        {
+            info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
+            timings.real_images = images.len();
+            timings.latent_cache_hit = true;
+            return Ok((features, images.len()));
+        }
+        let [channels, size, _] = self.encoder.info().image_shape;
         let scale = self.encoder.info().scale_factor;
-        let mut features = Vec::new();
-        for chunk in files.chunks(ENCODE_CHUNK) {
+        let mut features = Vec::with_capacity(images.len() * c * h * w);
+        for chunk in images.chunks(ENCODE_CHUNK) {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
             }
             let started = Instant::now();
+            let bytes = dataset.read(&class.wnid, chunk)?;
             let tensors = chunk
                 .iter()
-                .map(|path| {
-                    Ok(data::to_tensor(&data::center_crop(
-                        &data::load(path, c)?,
-                        size,
-                    )))
+                .zip(&bytes)
+                .map(|(image, bytes)| {
+                    let pixels = data::decode(bytes, Path::new(&image.name), channels)?;
+                    Ok(data::to_tensor(&data::center_crop(&pixels, size)))
                 })
                 .collect::<Result<Vec<_>, DataError>>()?;
             let batch = data::stack(&tensors);
@@ -285,31 +284,32 @@ impl Engine {
             features.extend(mean.iter().map(|v| v * scale));
             timings.encode += decoded.elapsed();
         }
-        timings.real_images = files.len();
-        Ok((features, files.len()))
+        if let Some((cache, key)) = &cache_key {
+            cache::store(cache, key, &features, images.len(), c * h * w)?;
+            info!(class = %class.wnid, key = %key, "latents cached");
+        }
+        timings.real_images = images.len();
+        Ok((features, images.len()))
+    }
+
+    /// Caches (and reuses) per-class latents under `cache`.
+    pub fn set_latent_cache(&mut self, cache: Option<Location>) {
+        self.latent_cache = cache;
     }
 
     /// The class's IPC modes [IPC, C, h, w] (scaled latent space).
     pub fn discover_modes(
         &mut self,
-        data_root: &Path,
+        dataset: &Dataset,
         class: &ClassSpec,
         timings: &mut ClassTimings,
     ) -> Result<Array4<f32>, EngineError> {
-        let (features, count) = self.encode_class(data_root, class, timings)?;
+        let (features, count) = self.encode_class(dataset, class, timings)?;
         let started = Instant::now();
         let [c, h, w] = self.dit.info().latent_shape;
-        let centroids = find_modes(
-            &features,
-            count,
-            c * h * w,
-            class.ipc,
-            kmeans_seed(self.sampling.seed, class.class_index),
-        )
-        .map_err(|source| EngineError::Modes {
-            class: class.wnid.clone(),
-            source,
-        })?;
+        let centroids =
+            find_modes(&features, count, c * h * w, class.ipc, kmeans_seed(self.sampling.seed, class.class_index))
+                .map_err(|source| EngineError::Modes { class: class.wnid.clone(), source })?;
         timings.kmeans += started.elapsed();
         Ok(Array4::from_shape_vec((class.ipc, c, h, w), centroids).expect("k × dim centroids"))
     }
@@ -331,13 +331,7 @@ impl Engine {
             samples_per_call: self.samples_per_call,
             cancel: Some(&self.cancel),
         };
-        sample_in_batches(
-            &mut self.dit,
-            &self.schedule,
-            &self.sampling.guidance,
-            batch,
-            timings,
-        )
+        sample_in_batches(&mut self.dit, &self.schedule, &self.sampling.guidance, batch, timings)
     }
 
     /// The per-sample noise of a class: [IPC, S+1, C, h, w].
@@ -346,12 +340,8 @@ impl Engine {
         let steps = self.schedule.steps();
         let per_sample: Vec<_> = (0..class.ipc)
             .map(|j| {
-                sample_noise(
-                    sample_seed(self.sampling.seed, class.class_index, j as u64),
-                    steps,
-                    shape,
-                )
-                .insert_axis(Axis(0))
+                sample_noise(sample_seed(self.sampling.seed, class.class_index, j as u64), steps, shape)
+                    .insert_axis(Axis(0))
             })
             .collect();
         let views: Vec<_> = per_sample.iter().map(|a| a.view()).collect();
@@ -359,16 +349,9 @@ impl Engine {
     }
 
     /// Distils one class of an ImageFolder.
-    pub fn distill_class(
-        &mut self,
-        data_root: &Path,
-        class: &ClassSpec,
-    ) -> Result<ClassOutput, EngineError> {
+    pub fn distill_class(&mut self, dataset: &Dataset, class: &ClassSpec) -> Result<ClassOutput, EngineError> {
         if class.ipc == 0 {
-            return Err(EngineError::Config(format!(
-                "class `{}`: IPC must be at least 1",
-                class.wnid
-            )));
+            return Err(EngineError::Config(format!("class `{}`: IPC must be at least 1", class.wnid)));
         }
         if class.label < 0 || class.label >= self.dit.info().num_classes as i64 {
             return Err(EngineError::Config(format!(
@@ -379,39 +362,21 @@ impl Engine {
             )));
         }
         let mut timings = ClassTimings::default();
-        let modes = self.discover_modes(data_root, class, &mut timings)?;
+        let modes = self.discover_modes(dataset, class, &mut timings)?;
         let noise = self.class_noise(class);
         let labels = vec![class.label; class.ipc];
-        let latents = self.sample_latents(
-            &class.wnid,
-            &labels,
-            modes.view(),
-            noise.view(),
-            &mut timings,
-        )?;
+        let latents = self.sample_latents(&class.wnid, &labels, modes.view(), noise.view(), &mut timings)?;
         let images = decode_to_png(&mut self.decoder, latents.view(), &mut timings)?;
         info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
               seconds = timings.total().as_secs_f64(), "distilled class");
-        Ok(ClassOutput {
-            modes,
-            latents,
-            images,
-            timings,
-        })
+        Ok(ClassOutput { modes, latents, images, timings })
     }
 }
 
 /// Checks guidance settings against the schedule and the latent channels.
-pub fn check_guidance(
-    guidance: &GuidanceConfig,
-    steps: usize,
-    channels: usize,
-) -> Result<(), EngineError> {
+pub fn check_guidance(guidance: &GuidanceConfig, steps: usize, channels: usize) -> Result<(), EngineError> {
     if guidance.stop_guidance > steps {
-        return Err(EngineError::Config(format!(
-            "--stop-guidance {} exceeds --steps {steps}",
-            guidance.stop_guidance
-        )));
+        return Err(EngineError::Config(format!("--stop-guidance {} exceeds --steps {steps}", guidance.stop_guidance)));
     }
     if guidance.cfg_channels > channels {
         return Err(EngineError::Config(format!(
@@ -420,9 +385,7 @@ pub fn check_guidance(
         )));
     }
     if !guidance.guidance_scale.is_finite() || !guidance.cfg_scale.is_finite() {
-        return Err(EngineError::Config(
-            "guidance and CFG scales must be finite".into(),
-        ));
+        return Err(EngineError::Config("guidance and CFG scales must be finite".into()));
     }
     Ok(())
 }
@@ -447,16 +410,10 @@ pub fn sample_in_batches(
     timings: &mut ClassTimings,
 ) -> Result<Array4<f32>, EngineError> {
     let info = dit.info();
-    let spec = ModelSpec {
-        null_label: info.num_classes as i64,
-        learn_sigma: info.learn_sigma,
-    };
+    let spec = ModelSpec { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
     let n = batch.modes.shape()[0];
     if batch.labels.len() != n {
-        return Err(EngineError::Config(format!(
-            "{} labels for {n} modes",
-            batch.labels.len()
-        )));
+        return Err(EngineError::Config(format!("{} labels for {n} modes", batch.labels.len())));
     }
     let mut parts = Vec::new();
     let mut from = 0;
@@ -475,10 +432,7 @@ pub fn sample_in_batches(
             batch.noise.slice(s![from..to, .., .., .., ..]),
             |_, _| {},
         )
-        .map_err(|source| EngineError::Sample {
-            class: batch.class.into(),
-            source,
-        })?;
+        .map_err(|source| EngineError::Sample { class: batch.class.into(), source })?;
         timings.dit += t.model;
         timings.guidance += t.maths;
         timings.dit_calls += t.model_calls;
@@ -501,10 +455,7 @@ pub fn decode_to_png(
     let images = decoder.decode(latents.mapv(|v| v / scale).view())?;
     let decoded = Instant::now();
     timings.vae_decode += decoded - started;
-    let pngs = images
-        .outer_iter()
-        .map(|img| png_bytes(img))
-        .collect::<Result<Vec<_>, _>>()?;
+    let pngs = images.outer_iter().map(|img| png_bytes(img)).collect::<Result<Vec<_>, _>>()?;
     timings.png += decoded.elapsed();
     Ok(pngs)
 }
@@ -512,11 +463,5 @@ pub fn decode_to_png(
 /// The respaced schedule a DiT's metadata asks for.
 pub fn schedule_for(dit: &Dit, steps: usize) -> Result<Schedule, EngineError> {
     let info = dit.info();
-    Ok(Schedule::named(
-        &info.beta_schedule,
-        info.train_timesteps,
-        info.beta_start,
-        info.beta_end,
-        steps,
-    )?)
+    Ok(Schedule::named(&info.beta_schedule, info.train_timesteps, info.beta_start, info.beta_end, steps)?)
 }

@@ -25,20 +25,14 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 
 #[derive(Debug, Error)]
 pub enum ImportError {
-    #[error(
-        "cannot read `{path}`: {source} (install it with `apt-get install dataset-fashion-mnist`)"
-    )]
+    #[error("cannot read `{path}`: {source} (install it with `apt-get install dataset-fashion-mnist`)")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("`{path}` is not an IDX file of {what}: {problem}")]
-    Format {
-        path: PathBuf,
-        what: &'static str,
-        problem: String,
-    },
+    Format { path: PathBuf, what: &'static str, problem: String },
     #[error("cannot write `{path}`: {source}")]
     Write {
         path: PathBuf,
@@ -48,17 +42,9 @@ pub enum ImportError {
 }
 
 fn read_gz(path: &Path) -> Result<Vec<u8>, ImportError> {
-    let file = std::fs::File::open(path).map_err(|source| ImportError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let file = std::fs::File::open(path).map_err(|source| ImportError::Read { path: path.into(), source })?;
     let mut bytes = Vec::new();
-    GzDecoder::new(file)
-        .read_to_end(&mut bytes)
-        .map_err(|source| ImportError::Read {
-            path: path.into(),
-            source,
-        })?;
+    GzDecoder::new(file).read_to_end(&mut bytes).map_err(|source| ImportError::Read { path: path.into(), source })?;
     Ok(bytes)
 }
 
@@ -69,59 +55,33 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
 /// (rows, cols, pixels) of an idx3 image file.
 fn images(path: &Path) -> Result<(usize, usize, Vec<u8>), ImportError> {
     let bytes = read_gz(path)?;
-    let bad = |problem: String| ImportError::Format {
-        path: path.into(),
-        what: "images",
-        problem,
-    };
+    let bad = |problem: String| ImportError::Format { path: path.into(), what: "images", problem };
     if bytes.len() < 16 || be_u32(&bytes, 0) != 0x0803 {
         return Err(bad("missing the 0x00000803 magic".into()));
     }
-    let (n, rows, cols) = (
-        be_u32(&bytes, 4) as usize,
-        be_u32(&bytes, 8) as usize,
-        be_u32(&bytes, 12) as usize,
-    );
+    let (n, rows, cols) = (be_u32(&bytes, 4) as usize, be_u32(&bytes, 8) as usize, be_u32(&bytes, 12) as usize);
     if bytes.len() != 16 + n * rows * cols {
-        return Err(bad(format!(
-            "{} bytes for {n} images of {rows}×{cols}",
-            bytes.len()
-        )));
+        return Err(bad(format!("{} bytes for {n} images of {rows}×{cols}", bytes.len())));
     }
     Ok((rows, cols, bytes[16..].to_vec()))
 }
 
 fn labels(path: &Path) -> Result<Vec<u8>, ImportError> {
     let bytes = read_gz(path)?;
-    let bad = |problem: String| ImportError::Format {
-        path: path.into(),
-        what: "labels",
-        problem,
-    };
+    let bad = |problem: String| ImportError::Format { path: path.into(), what: "labels", problem };
     if bytes.len() < 8 || be_u32(&bytes, 0) != 0x0801 {
         return Err(bad("missing the 0x00000801 magic".into()));
     }
     let n = be_u32(&bytes, 4) as usize;
-    if bytes.len() != 8 + n
-        || bytes[8..]
-            .iter()
-            .any(|l| *l as usize >= FASHION_MNIST_CLASSES.len())
-    {
-        return Err(bad(format!(
-            "{} bytes for {n} labels in 0..10",
-            bytes.len()
-        )));
+    if bytes.len() != 8 + n || bytes[8..].iter().any(|l| *l as usize >= FASHION_MNIST_CLASSES.len()) {
+        return Err(bad(format!("{} bytes for {n} labels in 0..10", bytes.len())));
     }
     Ok(bytes[8..].to_vec())
 }
 
 /// Writes the ImageFolder; `per_class` caps the images written per class and split (first ones).
 /// Returns the number of images written.
-pub fn import_fashion_mnist(
-    src: &Path,
-    out: &Path,
-    per_class: Option<usize>,
-) -> Result<usize, ImportError> {
+pub fn import_fashion_mnist(src: &Path, out: &Path, per_class: Option<usize>) -> Result<usize, ImportError> {
     let mut written = 0;
     for (split, prefix) in [("train", "train"), ("test", "t10k")] {
         let (rows, cols, pixels) = images(&src.join(format!("{prefix}-images-idx3-ubyte.gz")))?;
@@ -134,36 +94,20 @@ pub fn import_fashion_mnist(
             }
             counts[class] += 1;
             let start = index * rows * cols;
-            let image = GrayImage::from_raw(
-                cols as u32,
-                rows as u32,
-                pixels[start..start + rows * cols].to_vec(),
-            )
-            .expect("size");
-            let path = out
-                .join(split)
-                .join(FASHION_MNIST_CLASSES[class])
-                .join(format!("{index:05}.png"));
-            std::fs::create_dir_all(path.parent().expect("parent")).map_err(|source| {
-                ImportError::Write {
-                    path: path.clone(),
-                    source: image::ImageError::IoError(source),
-                }
-            })?;
-            image.save(&path).map_err(|source| ImportError::Write {
+            let image = GrayImage::from_raw(cols as u32, rows as u32, pixels[start..start + rows * cols].to_vec())
+                .expect("size");
+            let path = out.join(split).join(FASHION_MNIST_CLASSES[class]).join(format!("{index:05}.png"));
+            std::fs::create_dir_all(path.parent().expect("parent")).map_err(|source| ImportError::Write {
                 path: path.clone(),
-                source,
+                source: image::ImageError::IoError(source),
             })?;
+            image.save(&path).map_err(|source| ImportError::Write { path: path.clone(), source })?;
             written += 1;
         }
     }
     let list = out.join("classes.txt");
-    std::fs::write(&list, FASHION_MNIST_CLASSES.join("\n") + "\n").map_err(|source| {
-        ImportError::Write {
-            path: list,
-            source: image::ImageError::IoError(source),
-        }
-    })?;
+    std::fs::write(&list, FASHION_MNIST_CLASSES.join("\n") + "\n")
+        .map_err(|source| ImportError::Write { path: list, source: image::ImageError::IoError(source) })?;
     Ok(written)
 }
 
@@ -200,21 +144,11 @@ mod tests {
         idx(src.path(), "train", &[9, 0, 9, 9]);
         idx(src.path(), "t10k", &[1]);
         let out = tempfile::tempdir().unwrap();
-        assert_eq!(
-            import_fashion_mnist(src.path(), out.path(), Some(2)).unwrap(),
-            4
-        );
+        assert_eq!(import_fashion_mnist(src.path(), out.path(), Some(2)).unwrap(), 4);
         let boot = out.path().join("train/09_ankle_boot");
-        assert!(
-            boot.join("00000.png").exists()
-                && boot.join("00002.png").exists()
-                && !boot.join("00003.png").exists()
-        );
+        assert!(boot.join("00000.png").exists() && boot.join("00002.png").exists() && !boot.join("00003.png").exists());
         let img = image::open(boot.join("00002.png")).unwrap().to_luma8();
-        assert_eq!(
-            (img.width(), img.height(), img.get_pixel(1, 0).0[0]),
-            (3, 2, 21)
-        );
+        assert_eq!((img.width(), img.height(), img.get_pixel(1, 0).0[0]), (3, 2, 21));
         assert!(out.path().join("test/01_trouser/00000.png").exists());
         let classes = std::fs::read_to_string(out.path().join("classes.txt")).unwrap();
         assert_eq!(classes.lines().count(), 10);
@@ -222,8 +156,7 @@ mod tests {
 
     #[test]
     fn missing_files_say_how_to_install_them() {
-        let err =
-            import_fashion_mnist(Path::new("/nonexistent"), Path::new("/tmp/x"), None).unwrap_err();
+        let err = import_fashion_mnist(Path::new("/nonexistent"), Path::new("/tmp/x"), None).unwrap_err();
         assert!(err.to_string().contains("dataset-fashion-mnist"), "{err}");
     }
 }

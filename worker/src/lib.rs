@@ -4,6 +4,7 @@
 //! and preprocesses images; [`engine`] wires both to the ONNX models for a whole class;
 //! [`sink`] writes PNGs and `.npy` files; [`cli`] is the `worker` command line.
 
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod data;

@@ -21,6 +21,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use tokio::runtime::Handle;
 use tracing::info;
 
+use crate::data::Dataset;
 use crate::engine::{ClassSpec, Engine, EngineError, ModelPaths, SamplingConfig};
 use crate::mgd3::guidance::GuidanceConfig;
 use crate::sink::npy_bytes;
@@ -44,11 +45,7 @@ impl ShardFailure {
             return ShardFailure::Cancelled;
         }
         let text = format!("{:#}", anyhow::Error::new(error_clone_text(&error)));
-        if error.is_retryable() {
-            ShardFailure::Retryable(text)
-        } else {
-            ShardFailure::Fatal(text)
-        }
+        if error.is_retryable() { ShardFailure::Retryable(text) } else { ShardFailure::Fatal(text) }
     }
 }
 
@@ -104,14 +101,11 @@ pub struct OnnxShardEngine {
 
 impl OnnxShardEngine {
     pub fn new(session: SessionConfig) -> Self {
-        OnnxShardEngine {
-            session,
-            loaded: None,
-        }
+        OnnxShardEngine { session, loaded: None }
     }
 
     fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
-        let key = serde_json::to_string(&(&spec.models, &spec.sampling, spec.seed))
+        let key = serde_json::to_string(&(&spec.models, &spec.sampling, spec.seed, spec.latent_cache_url()))
             .expect("serialisable");
         if self.loaded.as_ref().is_none_or(|(k, _)| *k != key) {
             self.loaded = None;
@@ -140,19 +134,12 @@ impl OnnxShardEngine {
                     | mgd3_onnx::Error::CudaUnavailable { .. }
                     | mgd3_onnx::Error::RuntimeUnavailable { .. }),
                 )) => {
-                    return Err(ShardFailure::Incompatible(format!(
-                        "{:#}",
-                        anyhow::Error::new(e)
-                    )));
+                    return Err(ShardFailure::Incompatible(format!("{:#}", anyhow::Error::new(e))));
                 }
                 Err(e) => return Err(ShardFailure::from_engine(e)),
             };
             let have = [
-                (
-                    &spec.models.dit,
-                    &spec.models.dit_fingerprint,
-                    engine.dit().info().fingerprint.clone(),
-                ),
+                (&spec.models.dit, &spec.models.dit_fingerprint, engine.dit().info().fingerprint.clone()),
                 (
                     &spec.models.vae_encoder,
                     &spec.models.vae_encoder_fingerprint,
@@ -173,6 +160,13 @@ impl OnnxShardEngine {
                     )));
                 }
             }
+            let mut engine = engine;
+            let cache = spec
+                .latent_cache_url()
+                .map(|url| mgd3_common::store::open(&url))
+                .transpose()
+                .map_err(|e| ShardFailure::Retryable(format!("latent cache: {e}")))?;
+            engine.set_latent_cache(cache);
             self.loaded = Some((key, engine));
         }
         Ok(&mut self.loaded.as_mut().expect("just loaded").1)
@@ -188,25 +182,16 @@ impl ShardEngine for OnnxShardEngine {
     ) -> Result<ClassResult, ShardFailure> {
         let engine = self.engine_for(spec)?;
         engine.set_cancel_flag(cancel.clone());
-        let data = PathBuf::from(
-            spec.dataset
-                .strip_prefix("file://")
-                .unwrap_or(&spec.dataset),
-        );
-        let class_spec = ClassSpec {
-            wnid: class.wnid.clone(),
-            label: class.label,
-            class_index: class.class_index,
-            ipc: spec.ipc,
-        };
-        let result = engine.distill_class(&data, &class_spec);
+        let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardFailure::Fatal(e.to_string()))?;
+        let class_spec =
+            ClassSpec { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index, ipc: spec.ipc };
+        let result = engine.distill_class(&dataset, &class_spec);
         let output = result.map_err(ShardFailure::from_engine)?;
         let t = output.timings;
         let modes_path = PathBuf::from(format!("{}/modes.npy", class.wnid));
         Ok(ClassResult {
             images: output.images,
-            modes_npy: npy_bytes(&output.modes, &modes_path)
-                .map_err(|e| ShardFailure::Retryable(e.to_string()))?,
+            modes_npy: npy_bytes(&output.modes, &modes_path).map_err(|e| ShardFailure::Retryable(e.to_string()))?,
             timings: StageSeconds {
                 decode: t.decode.as_secs_f64(),
                 encode: t.encode.as_secs_f64(),
@@ -251,29 +236,19 @@ impl ShardEngine for FakeEngine {
         let mut images = Vec::with_capacity(spec.ipc);
         let mut modes = Array2::<f32>::zeros((spec.ipc, 4));
         for j in 0..spec.ipc {
-            let mut rng = Xoshiro256PlusPlus::seed_from_u64(sample_seed(
-                spec.seed,
-                class.class_index,
-                j as u64,
-            ));
-            let img = RgbImage::from_fn(8, 8, |_, _| {
-                image::Rgb([rng.r#gen(), rng.r#gen(), (class.label % 256) as u8])
-            });
+            let mut rng = Xoshiro256PlusPlus::seed_from_u64(sample_seed(spec.seed, class.class_index, j as u64));
+            let img = RgbImage::from_fn(8, 8, |_, _| image::Rgb([rng.r#gen(), rng.r#gen(), (class.label % 256) as u8]));
             let mut bytes = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut bytes, ImageFormat::Png)
-                .map_err(|e| ShardFailure::Retryable(e.to_string()))?;
+            img.write_to(&mut bytes, ImageFormat::Png).map_err(|e| ShardFailure::Retryable(e.to_string()))?;
             images.push(bytes.into_inner());
             modes.row_mut(j).fill(j as f32);
         }
-        let modes_npy = npy_bytes(&modes, std::path::Path::new("modes.npy"))
-            .map_err(|e| ShardFailure::Retryable(e.to_string()))?;
+        let modes_npy =
+            npy_bytes(&modes, std::path::Path::new("modes.npy")).map_err(|e| ShardFailure::Retryable(e.to_string()))?;
         Ok(ClassResult {
             images,
             modes_npy,
-            timings: StageSeconds {
-                dit: self.class_duration.as_secs_f64(),
-                ..Default::default()
-            },
+            timings: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
             real_images: 0,
         })
     }
@@ -315,9 +290,7 @@ pub fn run_shard(
     let mut digests: Vec<String> = Vec::new();
     let store_failure = |wnid: &str, e: mgd3_common::commit::CommitError| {
         let failure = match e {
-            mgd3_common::commit::CommitError::ForeignMarker { .. } => {
-                ShardFailure::Fatal(e.to_string())
-            }
+            mgd3_common::commit::CommitError::ForeignMarker { .. } => ShardFailure::Fatal(e.to_string()),
             other => ShardFailure::Retryable(other.to_string()),
         };
         (Some(wnid.to_owned()), failure)
@@ -329,23 +302,14 @@ pub fn run_shard(
         let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);
         let _guard = span.enter();
         let existing = runtime
-            .block_on(committed_marker(
-                out,
-                &keys,
-                &class.wnid,
-                &lease.fingerprint,
-            ))
+            .block_on(committed_marker(out, &keys, &class.wnid, &lease.fingerprint))
             .map_err(|e| store_failure(&class.wnid, e))?;
         let marker = if let Some(marker) = existing {
-            runtime
-                .block_on(publish(out, &keys, &marker))
-                .map_err(|e| store_failure(&class.wnid, e))?;
+            runtime.block_on(publish(out, &keys, &marker)).map_err(|e| store_failure(&class.wnid, e))?;
             info!(attempt = %marker.attempt_id, "class already committed");
             marker
         } else {
-            let result = engine
-                .distill(&lease.spec, class, cancel)
-                .map_err(|f| (Some(class.wnid.clone()), f))?;
+            let result = engine.distill(&lease.spec, class, cancel).map_err(|f| (Some(class.wnid.clone()), f))?;
             let template = ClassMarker {
                 schema_version: SCHEMA_VERSION,
                 job_id: lease.job_id.clone(),
@@ -356,36 +320,21 @@ pub fn run_shard(
                 label: class.label,
                 class_index: class.class_index,
                 images: Vec::new(),
-                modes: FileDigest {
-                    name: String::new(),
-                    sha256: String::new(),
-                    bytes: 0,
-                },
+                modes: FileDigest { name: String::new(), sha256: String::new(), bytes: 0 },
                 real_images: result.real_images,
                 timings: result.timings,
                 committed_unix_ms: mgd3_common::now_ms(),
             };
-            let files = ClassFiles {
-                images: result.images,
-                modes_npy: result.modes_npy,
-            };
+            let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
             let outcome = runtime
                 .block_on(commit_class(out, &keys, template, files))
                 .map_err(|e| store_failure(&class.wnid, e))?;
             info!(?outcome, "class committed");
             let marker = runtime
-                .block_on(committed_marker(
-                    out,
-                    &keys,
-                    &class.wnid,
-                    &lease.fingerprint,
-                ))
+                .block_on(committed_marker(out, &keys, &class.wnid, &lease.fingerprint))
                 .map_err(|e| store_failure(&class.wnid, e))?;
             let marker = marker.ok_or_else(|| {
-                (
-                    Some(class.wnid.clone()),
-                    ShardFailure::Retryable("marker vanished after commit".into()),
-                )
+                (Some(class.wnid.clone()), ShardFailure::Retryable("marker vanished after commit".into()))
             })?;
             if outcome == CommitOutcome::Lost {
                 info!(winner = %marker.attempt_id, "another attempt committed this class first");

@@ -63,21 +63,13 @@ pub fn npy_bytes<A: WritableElement, D: Dimension>(
     name: &Path,
 ) -> Result<Vec<u8>, SinkError> {
     let mut bytes = Vec::new();
-    array
-        .write_npy(&mut bytes)
-        .map_err(|source| SinkError::Npy {
-            path: name.into(),
-            source,
-        })?;
+    array.write_npy(&mut bytes).map_err(|source| SinkError::Npy { path: name.into(), source })?;
     Ok(bytes)
 }
 
 /// Writes `bytes` to `path`, creating parent folders; the file appears whole or not at all.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
-    let io = |source| SinkError::Io {
-        path: path.into(),
-        source,
-    };
+    let io = |source| SinkError::Io { path: path.into(), source };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
@@ -105,20 +97,11 @@ mod tests {
 
     #[test]
     fn png_round_trips() {
-        let img = Array3::from_shape_fn((3, 4, 5), |(c, y, x)| {
-            (c as f32 - 1.0) * 0.5 + (x + y) as f32 * 0.01
-        });
+        let img = Array3::from_shape_fn((3, 4, 5), |(c, y, x)| (c as f32 - 1.0) * 0.5 + (x + y) as f32 * 0.01);
         let bytes = png_bytes(img.view()).unwrap();
         let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(back.dimensions(), (5, 4));
-        assert_eq!(
-            back.get_pixel(2, 1).0,
-            [
-                to_u8(img[[0, 1, 2]]),
-                to_u8(img[[1, 1, 2]]),
-                to_u8(img[[2, 1, 2]])
-            ]
-        );
+        assert_eq!(back.get_pixel(2, 1).0, [to_u8(img[[0, 1, 2]]), to_u8(img[[1, 1, 2]]), to_u8(img[[2, 1, 2]])]);
         assert!(png_bytes(Array3::zeros((2, 2, 2)).view()).is_err());
     }
 }

@@ -18,19 +18,11 @@ fn model(name: &str) -> String {
 }
 
 fn worker(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(args)
-        .args(["--threads", "1"])
-        .output()
-        .expect("run worker")
+    Command::new(env!("CARGO_BIN_EXE_worker")).args(args).args(["--threads", "1"]).output().expect("run worker")
 }
 
 fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "worker failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "worker failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn stderr(out: &Output) -> String {
@@ -81,9 +73,7 @@ fn sample_reproduces_the_python_reference() {
     }
     let pixels: ndarray::Array4<u8> = read_npy(case.join("images.npy")).unwrap();
     for j in 0..3 {
-        let png = image::open(images.join(format!("{j}.png")))
-            .unwrap()
-            .to_rgb8();
+        let png = image::open(images.join(format!("{j}.png"))).unwrap().to_rgb8();
         for (x, y, p) in png.enumerate_pixels() {
             for c in 0..3 {
                 let want = pixels[[j, y as usize, x as usize, c]] as i32;
@@ -126,16 +116,11 @@ fn image_folder(root: &Path, class: &str, count: usize) {
         let (w, h) = (20 + 7 * (i as u32 % 5), 18 + 5 * (i as u32 % 3));
         let phase = i as f32 * 0.7;
         let rgb = RgbImage::from_fn(w, h, |x, y| {
-            let v = |k: f32| {
-                (127.0 + 120.0 * ((x as f32 * 0.3 + phase * k).sin() * (y as f32 * 0.2 - k).cos()))
-                    as u8
-            };
+            let v = |k: f32| (127.0 + 120.0 * ((x as f32 * 0.3 + phase * k).sin() * (y as f32 * 0.2 - k).cos())) as u8;
             image::Rgb([v(1.0), v(2.0), v(3.0)])
         });
         let image = if i % 4 == 3 {
-            DynamicImage::ImageLuma8(GrayImage::from_fn(w, h, |x, y| {
-                image::Luma([rgb.get_pixel(x, y).0[1]])
-            }))
+            DynamicImage::ImageLuma8(GrayImage::from_fn(w, h, |x, y| image::Luma([rgb.get_pixel(x, y).0[1]])))
         } else {
             DynamicImage::ImageRgb8(rgb)
         };
@@ -189,11 +174,7 @@ fn distill_class_writes_ipc_images_and_modes_deterministically() {
     for j in 0..4 {
         let name = format!("n01440764/{j}.png");
         let bytes = std::fs::read(first.join(&name)).unwrap();
-        assert_eq!(
-            bytes,
-            std::fs::read(second.join(&name)).unwrap(),
-            "{name} differs between runs"
-        );
+        assert_eq!(bytes, std::fs::read(second.join(&name)).unwrap(), "{name} differs between runs");
         let img = image::load_from_memory(&bytes).unwrap();
         assert_eq!((img.width(), img.height()), (16, 16));
     }
@@ -213,23 +194,13 @@ fn distill_class_errors_name_the_class_file_or_model() {
     let out = dir.path().join("out");
 
     let text = stderr(&distill(&data, "n999", &out, "2", "tiny_dit.onnx"));
-    assert!(
-        text.contains("n999") && text.contains("does not exist"),
-        "{text}"
-    );
+    assert!(text.contains("n999") && text.contains("does not exist"), "{text}");
 
     let text = stderr(&distill(&data, "n001", &out, "5", "tiny_dit.onnx"));
-    assert!(
-        text.contains("n001") && text.contains("3 images") && text.contains("IPC = 5"),
-        "{text}"
-    );
+    assert!(text.contains("n001") && text.contains("3 images") && text.contains("IPC = 5"), "{text}");
 
     std::fs::create_dir_all(data.join("n002")).unwrap();
-    std::fs::write(
-        data.join("n002/broken.jpg"),
-        b"\xff\xd8\xff\xe0 definitely not a jpeg",
-    )
-    .unwrap();
+    std::fs::write(data.join("n002/broken.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg").unwrap();
     image_folder(&data, "n002", 2);
     let text = stderr(&distill(&data, "n002", &out, "2", "tiny_dit.onnx"));
     assert!(text.contains("broken.jpg"), "{text}");
@@ -239,14 +210,8 @@ fn distill_class_errors_name_the_class_file_or_model() {
     assert!(text.contains("n003") && text.contains("no .jpg"), "{text}");
 
     let text = stderr(&distill(&data, "n001", &out, "2", "bad_dit_rank.onnx"));
-    assert!(
-        text.contains("bad_dit_rank.onnx") && text.contains("input `x`"),
-        "{text}"
-    );
-    assert!(
-        !out.join("n001").exists(),
-        "nothing is written for a failed class"
-    );
+    assert!(text.contains("bad_dit_rank.onnx") && text.contains("input `x`"), "{text}");
+    assert!(!out.join("n001").exists(), "nothing is written for a failed class");
 }
 
 #[test]

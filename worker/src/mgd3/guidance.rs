@@ -25,12 +25,7 @@ pub struct GuidanceConfig {
 
 impl Default for GuidanceConfig {
     fn default() -> Self {
-        GuidanceConfig {
-            guidance_scale: 0.1,
-            stop_guidance: 25,
-            cfg_scale: 4.0,
-            cfg_channels: 3,
-        }
+        GuidanceConfig { guidance_scale: 0.1, stop_guidance: 25, cfg_scale: 4.0, cfg_channels: 3 }
     }
 }
 
@@ -101,11 +96,7 @@ pub fn guided_step(
                 let xv = xs[base + p];
                 let x0 = sra * xv - srm1 * eps;
                 let mean = c1 * x0 + c2 * xv;
-                let guidance = if guided {
-                    -(x0 - ms[base + p]) * lambda * sigma
-                } else {
-                    0.0
-                };
+                let guidance = if guided { -(x0 - ms[base + p]) * lambda * sigma } else { 0.0 };
                 let noise_term = if add_noise { sigma * ns[base + p] } else { 0.0 };
                 next[base + p] = (mean + guidance) + noise_term;
             }
@@ -139,20 +130,12 @@ mod tests {
         m: f32,
         z: f32,
     ) -> f32 {
-        let eps = if ch < cfg.cfg_channels {
-            ou + cfg.cfg_scale * (oc - ou)
-        } else {
-            oc
-        };
+        let eps = if ch < cfg.cfg_channels { ou + cfg.cfg_scale * (oc - ou) } else { oc };
         let f = (v + 1.0) / 2.0;
         let sigma = (0.5 * (f * c.max_log + (1.0 - f) * c.min_log)).exp();
         let x0 = c.sqrt_recip_alphas_cumprod * xv - c.sqrt_recipm1_alphas_cumprod * eps;
         let mu = c.posterior_mean_coef1 * x0 + c.posterior_mean_coef2 * xv;
-        let g = if i > cfg.stop_guidance {
-            -(x0 - m) * cfg.guidance_scale * sigma
-        } else {
-            0.0
-        };
+        let g = if i > cfg.stop_guidance { -(x0 - m) * cfg.guidance_scale * sigma } else { 0.0 };
         (mu + g) + if i > 0 { sigma * z } else { 0.0 }
     }
 
@@ -164,29 +147,10 @@ mod tests {
         let out = filled((2 * n, 2 * c, h, w), |k| (k as f32 * 0.11).cos());
         let modes = filled((n, c, h, w), |k| (k as f32 * 0.05).sin());
         let noise = filled((n, c, h, w), |k| (k as f32 * 0.73).cos());
-        for (i, t_stop, channels) in [
-            (49, 25, 3),
-            (26, 25, 4),
-            (25, 25, 3),
-            (0, 0, 3),
-            (10, 50, 4),
-        ] {
-            let cfg = GuidanceConfig {
-                stop_guidance: t_stop,
-                cfg_channels: channels,
-                ..Default::default()
-            };
+        for (i, t_stop, channels) in [(49, 25, 3), (26, 25, 4), (25, 25, 3), (0, 0, 3), (10, 50, 4)] {
+            let cfg = GuidanceConfig { stop_guidance: t_stop, cfg_channels: channels, ..Default::default() };
             let coeffs = sched.coefficients(i);
-            let next = guided_step(
-                &coeffs,
-                i,
-                x.view(),
-                out.view(),
-                modes.view(),
-                noise.view(),
-                &cfg,
-                true,
-            );
+            let next = guided_step(&coeffs, i, x.view(), out.view(), modes.view(), noise.view(), &cfg, true);
             for ((b, ch, y, xx), got) in next.indexed_iter() {
                 let want = reference(
                     &coeffs,
@@ -213,27 +177,11 @@ mod tests {
         let modes = filled((1, 4, 2, 2), |_| 1.0);
         let zero = filled((1, 4, 2, 2), |_| 0.0);
         let cfg = GuidanceConfig::default();
-        let step = |i| {
-            guided_step(
-                &sched.coefficients(i),
-                i,
-                x.view(),
-                out.view(),
-                modes.view(),
-                zero.view(),
-                &cfg,
-                true,
-            )
-        };
-        assert!(
-            step(26).iter().all(|v| *v > 0.0),
-            "guided steps move x toward m = 1"
-        );
+        let step =
+            |i| guided_step(&sched.coefficients(i), i, x.view(), out.view(), modes.view(), zero.view(), &cfg, true);
+        assert!(step(26).iter().all(|v| *v > 0.0), "guided steps move x toward m = 1");
         assert!(step(25).iter().all(|v| *v == 0.0), "i = t_stop is unguided");
-        let no_guidance = GuidanceConfig {
-            guidance_scale: 0.0,
-            ..cfg
-        };
+        let no_guidance = GuidanceConfig { guidance_scale: 0.0, ..cfg };
         let plain = guided_step(
             &sched.coefficients(40),
             40,
@@ -255,29 +203,11 @@ mod tests {
         let modes = x.clone();
         let ones = filled((1, 4, 2, 2), |_| 1.0);
         let cfg = GuidanceConfig::default();
-        let last = guided_step(
-            &sched.coefficients(0),
-            0,
-            x.view(),
-            out.view(),
-            modes.view(),
-            ones.view(),
-            &cfg,
-            true,
-        );
+        let last = guided_step(&sched.coefficients(0), 0, x.view(), out.view(), modes.view(), ones.view(), &cfg, true);
         assert!(last.iter().all(|v| *v == 0.0));
         let c = sched.coefficients(30);
         let expected = (0.5 * (0.5 * c.max_log + 0.5 * c.min_log)).exp();
-        let step = guided_step(
-            &c,
-            30,
-            x.view(),
-            out.view(),
-            modes.view(),
-            ones.view(),
-            &cfg,
-            true,
-        );
+        let step = guided_step(&c, 30, x.view(), out.view(), modes.view(), ones.view(), &cfg, true);
         assert!(step.iter().all(|v| *v == expected));
     }
 
@@ -290,29 +220,12 @@ mod tests {
         let out = concatenate(Axis(0), &[cond.view(), uncond.view()]).unwrap();
         let zero = filled((1, 4, 1, 1), |_| 0.0);
         let run = |channels| {
-            let cfg = GuidanceConfig {
-                cfg_channels: channels,
-                stop_guidance: 50,
-                ..Default::default()
-            };
-            guided_step(
-                &sched.coefficients(10),
-                10,
-                x.view(),
-                out.view(),
-                zero.view(),
-                zero.view(),
-                &cfg,
-                true,
-            )
+            let cfg = GuidanceConfig { cfg_channels: channels, stop_guidance: 50, ..Default::default() };
+            guided_step(&sched.coefficients(10), 10, x.view(), out.view(), zero.view(), zero.view(), &cfg, true)
         };
         let three = run(3);
         let four = run(4);
         assert_eq!(three[[0, 0, 0, 0]], four[[0, 0, 0, 0]]);
-        assert_ne!(
-            three[[0, 3, 0, 0]],
-            four[[0, 3, 0, 0]],
-            "channel 3 is conditional-only with 3 guided channels"
-        );
+        assert_ne!(three[[0, 3, 0, 0]], four[[0, 3, 0, 0]], "channel 3 is conditional-only with 3 guided channels");
     }
 }

@@ -23,11 +23,7 @@ pub enum ModesError {
     #[error("k-means needs at least k = {k} points, got {points}")]
     TooFewPoints { points: usize, k: usize },
     #[error("features hold {len} values, not {points} × {dim}")]
-    BadFeatures {
-        len: usize,
-        points: usize,
-        dim: usize,
-    },
+    BadFeatures { len: usize, points: usize, dim: usize },
     #[error("k-means failed: {0}")]
     KMeans(String),
 }
@@ -52,19 +48,9 @@ fn scaled_tolerance(features: &[f32], points: usize, dim: usize) -> f64 {
 }
 
 /// Clusters `points` rows of `dim` features (row-major) into `k` centroids (row-major, k × dim).
-pub fn find_modes(
-    features: &[f32],
-    points: usize,
-    dim: usize,
-    k: usize,
-    seed: u64,
-) -> Result<Vec<f32>, ModesError> {
+pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u64) -> Result<Vec<f32>, ModesError> {
     if features.len() != points * dim {
-        return Err(ModesError::BadFeatures {
-            len: features.len(),
-            points,
-            dim,
-        });
+        return Err(ModesError::BadFeatures { len: features.len(), points, dim });
     }
     if points < k || k == 0 {
         return Err(ModesError::TooFewPoints { points, k });
@@ -123,24 +109,14 @@ mod tests {
     #[test]
     fn k_equal_to_points_returns_the_points() {
         let data = vec![0.0, 0.0, 1.0, 1.0, 4.0, 4.0];
-        let mut found: Vec<[f32; 2]> = find_modes(&data, 3, 2, 3, 0)
-            .unwrap()
-            .chunks(2)
-            .map(|c| [c[0], c[1]])
-            .collect();
+        let mut found: Vec<[f32; 2]> = find_modes(&data, 3, 2, 3, 0).unwrap().chunks(2).map(|c| [c[0], c[1]]).collect();
         found.sort_by(|a, b| a[0].total_cmp(&b[0]));
         assert_eq!(found, [[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]]);
     }
 
     #[test]
     fn rejects_too_few_points() {
-        assert!(matches!(
-            find_modes(&[1.0, 2.0], 2, 1, 3, 0),
-            Err(ModesError::TooFewPoints { points: 2, k: 3 })
-        ));
-        assert!(matches!(
-            find_modes(&[1.0, 2.0], 3, 1, 1, 0),
-            Err(ModesError::BadFeatures { .. })
-        ));
+        assert!(matches!(find_modes(&[1.0, 2.0], 2, 1, 3, 0), Err(ModesError::TooFewPoints { points: 2, k: 3 })));
+        assert!(matches!(find_modes(&[1.0, 2.0], 3, 1, 1, 0), Err(ModesError::BadFeatures { .. })));
     }
 }

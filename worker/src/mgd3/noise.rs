@@ -11,9 +11,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 pub fn sample_noise(seed: u64, steps: usize, latent_shape: [usize; 3]) -> Array4<f32> {
     let [c, h, w] = latent_shape;
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    Array4::from_shape_simple_fn((steps + 1, c, h, w), || {
-        rng.sample::<f32, _>(StandardNormal)
-    })
+    Array4::from_shape_simple_fn((steps + 1, c, h, w), || rng.sample::<f32, _>(StandardNormal))
 }
 
 #[cfg(test)]
@@ -28,14 +26,8 @@ mod tests {
         let n = a.len() as f64;
         let mean = a.iter().map(|v| *v as f64).sum::<f64>() / n;
         let var = a.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
-        assert!(
-            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
-            "mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
         // x_T is the first slice: a longer schedule starts from the same x_T.
-        assert_eq!(
-            sample_noise(42, 10, [4, 8, 8]).index_axis(ndarray::Axis(0), 0),
-            a.index_axis(ndarray::Axis(0), 0)
-        );
+        assert_eq!(sample_noise(42, 10, [4, 8, 8]).index_axis(ndarray::Axis(0), 0), a.index_axis(ndarray::Axis(0), 0));
     }
 }

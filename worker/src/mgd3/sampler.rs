@@ -18,29 +18,17 @@ pub type ModelError = Box<dyn std::error::Error + Send + Sync>;
 pub trait Denoiser {
     /// `x` [B,C,h,w], `t` original timesteps, `y` labels (null class for the unconditional half);
     /// returns [B, 2C, h, w] (learned sigma) or [B, C, h, w].
-    fn predict(
-        &mut self,
-        x: ArrayView4<f32>,
-        t: &[i64],
-        y: &[i64],
-    ) -> Result<Array4<f32>, ModelError>;
+    fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError>;
 }
 
 #[derive(Debug, Error)]
 pub enum SampleError {
     #[error("{what}: expected {expected}, got {got}")]
-    Shape {
-        what: &'static str,
-        expected: String,
-        got: String,
-    },
+    Shape { what: &'static str, expected: String, got: String },
     #[error("t_stop {t_stop} is larger than the number of steps {steps}")]
     StopAfterEnd { t_stop: usize, steps: usize },
     #[error("cfg_channels {cfg_channels} exceeds the {channels} latent channels")]
-    CfgChannels {
-        cfg_channels: usize,
-        channels: usize,
-    },
+    CfgChannels { cfg_channels: usize, channels: usize },
     #[error("the denoiser failed at step i = {step} (t = {timestep})")]
     Model {
         step: usize,
@@ -82,43 +70,21 @@ pub fn sample(
 ) -> Result<(Array4<f32>, SampleTimings), SampleError> {
     let steps = schedule.steps();
     let (n, c, h, w) = modes.dim();
-    let shape = |what, expected: String, got: &[usize]| SampleError::Shape {
-        what,
-        expected,
-        got: format!("{got:?}"),
-    };
+    let shape = |what, expected: String, got: &[usize]| SampleError::Shape { what, expected, got: format!("{got:?}") };
     if labels.len() != n {
-        return Err(shape(
-            "labels",
-            format!("{n} (one per mode)"),
-            &[labels.len()],
-        ));
+        return Err(shape("labels", format!("{n} (one per mode)"), &[labels.len()]));
     }
     if noise.shape() != [n, steps + 1, c, h, w] {
-        return Err(shape(
-            "noise",
-            format!("[{n}, {}, {c}, {h}, {w}]", steps + 1),
-            noise.shape(),
-        ));
+        return Err(shape("noise", format!("[{n}, {}, {c}, {h}, {w}]", steps + 1), noise.shape()));
     }
     if guidance.stop_guidance > steps {
-        return Err(SampleError::StopAfterEnd {
-            t_stop: guidance.stop_guidance,
-            steps,
-        });
+        return Err(SampleError::StopAfterEnd { t_stop: guidance.stop_guidance, steps });
     }
     if guidance.cfg_channels > c {
-        return Err(SampleError::CfgChannels {
-            cfg_channels: guidance.cfg_channels,
-            channels: c,
-        });
+        return Err(SampleError::CfgChannels { cfg_channels: guidance.cfg_channels, channels: c });
     }
     let out_channels = if model.learn_sigma { 2 * c } else { c };
-    let pair_labels: Vec<i64> = labels
-        .iter()
-        .copied()
-        .chain(std::iter::repeat_n(model.null_label, n))
-        .collect();
+    let pair_labels: Vec<i64> = labels.iter().copied().chain(std::iter::repeat_n(model.null_label, n)).collect();
     let mut timings = SampleTimings::default();
     let mut x = noise.index_axis(Axis(1), 0).to_owned();
     for k in 1..=steps {
@@ -128,20 +94,12 @@ pub fn sample(
         let pair = concatenate(Axis(0), &[x.view(), x.view()]).expect("same shapes");
         let out = denoiser
             .predict(pair.view(), &vec![timestep; 2 * n], &pair_labels)
-            .map_err(|source| SampleError::Model {
-                step: i,
-                timestep,
-                source,
-            })?;
+            .map_err(|source| SampleError::Model { step: i, timestep, source })?;
         let model_done = Instant::now();
         timings.model += model_done - started;
         timings.model_calls += 1;
         if out.shape() != [2 * n, out_channels, h, w] {
-            return Err(shape(
-                "model output",
-                format!("[{}, {out_channels}, {h}, {w}]", 2 * n),
-                out.shape(),
-            ));
+            return Err(shape("model output", format!("[{}, {out_channels}, {h}, {w}]", 2 * n), out.shape()));
         }
         let step_noise = noise.slice(s![.., k, .., .., ..]);
         x = guided_step(
@@ -181,20 +139,12 @@ mod tests {
                     acc
                 })
                 .collect();
-            GaussianData {
-                calls: vec![],
-                alphas_cumprod,
-            }
+            GaussianData { calls: vec![], alphas_cumprod }
         }
     }
 
     impl Denoiser for GaussianData {
-        fn predict(
-            &mut self,
-            x: ArrayView4<f32>,
-            t: &[i64],
-            y: &[i64],
-        ) -> Result<Array4<f32>, ModelError> {
+        fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError> {
             self.calls.push((t.to_vec(), y.to_vec()));
             let (b, c, h, w) = x.dim();
             let mut out = Array4::zeros((b, 2 * c, h, w));
@@ -214,17 +164,12 @@ mod tests {
         let len = n * (steps + 1) * 4 * 2 * 2;
         Array::from_shape_vec(
             (n, steps + 1, 4, 2, 2),
-            (0..len)
-                .map(|k| ((k * 7919) % 97) as f32 / 48.0 - 1.0)
-                .collect(),
+            (0..len).map(|k| ((k * 7919) % 97) as f32 / 48.0 - 1.0).collect(),
         )
         .unwrap()
     }
 
-    const SPEC: ModelSpec = ModelSpec {
-        null_label: 10,
-        learn_sigma: true,
-    };
+    const SPEC: ModelSpec = ModelSpec { null_label: 10, learn_sigma: true };
 
     #[test]
     fn calls_the_model_on_pairs_with_original_timesteps() {
@@ -232,42 +177,21 @@ mod tests {
         let modes = Array4::zeros((2, 4, 2, 2));
         let mut model = GaussianData::new();
         let mut seen = vec![];
-        let cfg = GuidanceConfig {
-            stop_guidance: 2,
-            ..Default::default()
-        };
-        sample(
-            &mut model,
-            &schedule,
-            &cfg,
-            SPEC,
-            &[3, 7],
-            modes.view(),
-            noise(2, 5).view(),
-            |k, _| seen.push(k),
-        )
-        .unwrap();
+        let cfg = GuidanceConfig { stop_guidance: 2, ..Default::default() };
+        sample(&mut model, &schedule, &cfg, SPEC, &[3, 7], modes.view(), noise(2, 5).view(), |k, _| seen.push(k))
+            .unwrap();
         assert_eq!(seen, [1, 2, 3, 4, 5]);
         let ts: Vec<i64> = model.calls.iter().map(|(t, _)| t[0]).collect();
         assert_eq!(ts, [999, 749, 500, 250, 0]);
-        assert!(
-            model
-                .calls
-                .iter()
-                .all(|(t, y)| t.len() == 4 && y == &[3, 7, 10, 10])
-        );
+        assert!(model.calls.iter().all(|(t, y)| t.len() == 4 && y == &[3, 7, 10, 10]));
     }
 
     #[test]
     fn a_sample_does_not_depend_on_its_batch_mates() {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 8).unwrap();
         let all_noise = noise(3, 8);
-        let modes =
-            Array::from_shape_fn((3, 4, 2, 2), |(b, c, _, _)| (b as f32) - (c as f32) * 0.5);
-        let cfg = GuidanceConfig {
-            stop_guidance: 3,
-            ..Default::default()
-        };
+        let modes = Array::from_shape_fn((3, 4, 2, 2), |(b, c, _, _)| (b as f32) - (c as f32) * 0.5);
+        let cfg = GuidanceConfig { stop_guidance: 3, ..Default::default() };
         let (together, _) = sample(
             &mut GaussianData::new(),
             &schedule,
@@ -291,10 +215,7 @@ mod tests {
                 |_, _| {},
             )
             .unwrap();
-            assert_eq!(
-                alone.index_axis(Axis(0), 0),
-                together.index_axis(Axis(0), j)
-            );
+            assert_eq!(alone.index_axis(Axis(0), 0), together.index_axis(Axis(0), j));
         }
     }
 
@@ -306,30 +227,14 @@ mod tests {
         let z = noise(n, 20);
         let labels = vec![1; n];
         let run = |t_stop, scale| {
-            let cfg = GuidanceConfig {
-                stop_guidance: t_stop,
-                guidance_scale: scale,
-                ..Default::default()
-            };
-            sample(
-                &mut GaussianData::new(),
-                &schedule,
-                &cfg,
-                SPEC,
-                &labels,
-                modes.view(),
-                z.view(),
-                |_, _| {},
-            )
-            .unwrap()
-            .0
+            let cfg = GuidanceConfig { stop_guidance: t_stop, guidance_scale: scale, ..Default::default() };
+            sample(&mut GaussianData::new(), &schedule, &cfg, SPEC, &labels, modes.view(), z.view(), |_, _| {})
+                .unwrap()
+                .0
         };
         let distance = |x: Array4<f32>| (&x - &modes).mapv(|v| v * v).sum() / n as f32;
         let (guided, unguided) = (distance(run(0, 0.5)), distance(run(20, 0.5)));
-        assert!(
-            guided < 0.25 * unguided,
-            "mean squared distances {guided} vs {unguided}"
-        );
+        assert!(guided < 0.25 * unguided, "mean squared distances {guided} vs {unguided}");
         // t_stop = S is plain DiT sampling, whatever λ is.
         assert_eq!(run(20, 0.5), run(0, 0.0));
     }
@@ -339,45 +244,15 @@ mod tests {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
         let modes = Array4::zeros((2, 4, 2, 2));
         let run = |cfg: GuidanceConfig, labels: &[i64], z: Array5<f32>| {
-            sample(
-                &mut GaussianData::new(),
-                &schedule,
-                &cfg,
-                SPEC,
-                labels,
-                modes.view(),
-                z.view(),
-                |_, _| {},
-            )
+            sample(&mut GaussianData::new(), &schedule, &cfg, SPEC, labels, modes.view(), z.view(), |_, _| {})
         };
-        let fine = GuidanceConfig {
-            stop_guidance: 2,
-            ..Default::default()
-        };
+        let fine = GuidanceConfig { stop_guidance: 2, ..Default::default() };
         assert!(run(fine, &[1, 2], noise(2, 5)).is_ok());
-        assert!(matches!(
-            run(fine, &[1], noise(2, 5)),
-            Err(SampleError::Shape { what: "labels", .. })
-        ));
-        assert!(matches!(
-            run(fine, &[1, 2], noise(2, 4)),
-            Err(SampleError::Shape { what: "noise", .. })
-        ));
-        let late = GuidanceConfig {
-            stop_guidance: 6,
-            ..Default::default()
-        };
-        assert!(matches!(
-            run(late, &[1, 2], noise(2, 5)),
-            Err(SampleError::StopAfterEnd { .. })
-        ));
-        let wide = GuidanceConfig {
-            cfg_channels: 5,
-            ..fine
-        };
-        assert!(matches!(
-            run(wide, &[1, 2], noise(2, 5)),
-            Err(SampleError::CfgChannels { .. })
-        ));
+        assert!(matches!(run(fine, &[1], noise(2, 5)), Err(SampleError::Shape { what: "labels", .. })));
+        assert!(matches!(run(fine, &[1, 2], noise(2, 4)), Err(SampleError::Shape { what: "noise", .. })));
+        let late = GuidanceConfig { stop_guidance: 6, ..Default::default() };
+        assert!(matches!(run(late, &[1, 2], noise(2, 5)), Err(SampleError::StopAfterEnd { .. })));
+        let wide = GuidanceConfig { cfg_channels: 5, ..fine };
+        assert!(matches!(run(wide, &[1, 2], noise(2, 5)), Err(SampleError::CfgChannels { .. })));
     }
 }

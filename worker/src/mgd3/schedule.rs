@@ -8,9 +8,7 @@ use thiserror::Error;
 pub enum ScheduleError {
     #[error("unsupported beta schedule `{0}` (only `linear` is implemented)")]
     UnsupportedBetaSchedule(String),
-    #[error(
-        "cannot respace {train} training timesteps into {steps} sampling steps (need 1..={train})"
-    )]
+    #[error("cannot respace {train} training timesteps into {steps} sampling steps (need 1..={train})")]
     BadStepCount { train: usize, steps: usize },
     #[error("invalid linear betas: start {start}, end {end} (need 0 < start <= end < 1)")]
     BadBetas { start: f64, end: f64 },
@@ -19,11 +17,7 @@ pub enum ScheduleError {
 /// Python's `round()` on floats: ties go to the even neighbour.
 fn round_half_even(x: f64) -> f64 {
     let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 {
-        2.0 * (x / 2.0).round()
-    } else {
-        r
-    }
+    if (x - x.trunc()).abs() == 0.5 { 2.0 * (x / 2.0).round() } else { r }
 }
 
 /// `space_timesteps(train, str(steps))` for a single section: the kept original timesteps,
@@ -32,11 +26,7 @@ pub fn spaced_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, Schedu
     if steps == 0 || steps > train {
         return Err(ScheduleError::BadStepCount { train, steps });
     }
-    let stride = if steps <= 1 {
-        1.0
-    } else {
-        (train as f64 - 1.0) / (steps as f64 - 1.0)
-    };
+    let stride = if steps <= 1 { 1.0 } else { (train as f64 - 1.0) / (steps as f64 - 1.0) };
     let mut current = 0.0f64;
     let mut kept = Vec::with_capacity(steps);
     for _ in 0..steps {
@@ -71,17 +61,9 @@ pub struct Schedule {
 
 impl Schedule {
     /// Linear betas `linspace(start, end, train)` respaced to `steps` steps.
-    pub fn linear(
-        train: usize,
-        beta_start: f64,
-        beta_end: f64,
-        steps: usize,
-    ) -> Result<Self, ScheduleError> {
+    pub fn linear(train: usize, beta_start: f64, beta_end: f64, steps: usize) -> Result<Self, ScheduleError> {
         if !(beta_start > 0.0 && beta_start <= beta_end && beta_end < 1.0) {
-            return Err(ScheduleError::BadBetas {
-                start: beta_start,
-                end: beta_end,
-            });
+            return Err(ScheduleError::BadBetas { start: beta_start, end: beta_end });
         }
         if train == 0 {
             return Err(ScheduleError::BadStepCount { train, steps });
@@ -91,15 +73,7 @@ impl Schedule {
         } else {
             // numpy.linspace: start + k * step, with the last value pinned to `end`.
             let step = (beta_end - beta_start) / (train as f64 - 1.0);
-            (0..train)
-                .map(|k| {
-                    if k == train - 1 {
-                        beta_end
-                    } else {
-                        beta_start + k as f64 * step
-                    }
-                })
-                .collect()
+            (0..train).map(|k| if k == train - 1 { beta_end } else { beta_start + k as f64 * step }).collect()
         };
         Self::respaced(&base, steps)
     }
@@ -133,10 +107,7 @@ impl Schedule {
                 last = alpha_cumprod;
             }
         }
-        Ok(Self::from_betas(
-            kept.into_iter().map(|t| t as i64).collect(),
-            betas,
-        ))
+        Ok(Self::from_betas(kept.into_iter().map(|t| t as i64).collect(), betas))
     }
 
     fn from_betas(timesteps: Vec<i64>, betas: Vec<f64>) -> Self {
@@ -147,26 +118,18 @@ impl Schedule {
             acc *= 1.0 - b;
             alphas_cumprod.push(acc);
         }
-        let alphas_cumprod_prev: Vec<f64> = std::iter::once(1.0)
-            .chain(alphas_cumprod[..n - 1].iter().copied())
-            .collect();
+        let alphas_cumprod_prev: Vec<f64> =
+            std::iter::once(1.0).chain(alphas_cumprod[..n - 1].iter().copied()).collect();
         let map = |f: &dyn Fn(usize) -> f64| (0..n).map(f).collect::<Vec<f64>>();
-        let posterior_variance =
-            map(&|i| betas[i] * (1.0 - alphas_cumprod_prev[i]) / (1.0 - alphas_cumprod[i]));
+        let posterior_variance = map(&|i| betas[i] * (1.0 - alphas_cumprod_prev[i]) / (1.0 - alphas_cumprod[i]));
         let posterior_log_variance_clipped = map(&|i| {
-            let v = if i == 0 && n > 1 {
-                posterior_variance[1]
-            } else {
-                posterior_variance[i]
-            };
+            let v = if i == 0 && n > 1 { posterior_variance[1] } else { posterior_variance[i] };
             v.ln()
         });
         Schedule {
             sqrt_recip_alphas_cumprod: map(&|i| (1.0 / alphas_cumprod[i]).sqrt()),
             sqrt_recipm1_alphas_cumprod: map(&|i| (1.0 / alphas_cumprod[i] - 1.0).sqrt()),
-            posterior_mean_coef1: map(&|i| {
-                betas[i] * alphas_cumprod_prev[i].sqrt() / (1.0 - alphas_cumprod[i])
-            }),
+            posterior_mean_coef1: map(&|i| betas[i] * alphas_cumprod_prev[i].sqrt() / (1.0 - alphas_cumprod[i])),
             posterior_mean_coef2: map(&|i| {
                 (1.0 - alphas_cumprod_prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - alphas_cumprod[i])
             }),
@@ -257,28 +220,16 @@ mod tests {
             let i = row[0] as usize;
             let close = |name: &str, ours: f64, theirs: f64, rel: f64| {
                 let tol = rel * theirs.abs().max(1e-12);
-                assert!(
-                    (ours - theirs).abs() <= tol,
-                    "row {i} {name}: ours {ours}, spec {theirs}"
-                );
+                assert!((ours - theirs).abs() <= tol, "row {i} {name}: ours {ours}, spec {theirs}");
             };
             assert_eq!(s.timesteps[i], row[1] as i64, "row {i} t");
             // The table prints 9 significant digits for beta/abar and 6 decimals for the rest.
             close("beta", s.betas[i], row[2], 1e-8);
             close("alpha_bar", s.alphas_cumprod[i], row[3], 1e-8);
-            assert!(
-                (s.posterior_log_variance_clipped[i] - row[4]).abs() <= 1.5e-6,
-                "row {i} min_log"
-            );
+            assert!((s.posterior_log_variance_clipped[i] - row[4]).abs() <= 1.5e-6, "row {i} min_log");
             assert!((s.log_betas[i] - row[5]).abs() <= 1.5e-6, "row {i} max_log");
-            assert!(
-                (s.sqrt_recip_alphas_cumprod[i] - row[6]).abs() <= 1.5e-6,
-                "row {i} sqrt_recip"
-            );
-            assert!(
-                (s.sqrt_recipm1_alphas_cumprod[i] - row[7]).abs() <= 1.5e-6,
-                "row {i} sqrt_recipm1"
-            );
+            assert!((s.sqrt_recip_alphas_cumprod[i] - row[6]).abs() <= 1.5e-6, "row {i} sqrt_recip");
+            assert!((s.sqrt_recipm1_alphas_cumprod[i] - row[7]).abs() <= 1.5e-6, "row {i} sqrt_recipm1");
         }
     }
 
@@ -287,18 +238,11 @@ mod tests {
         let s = Schedule::linear(1000, 1e-4, 0.02, 50).unwrap();
         assert!((s.betas[0] - 1e-4).abs() < 1e-15);
         assert_eq!(s.posterior_variance[0], 0.0);
-        assert_eq!(
-            s.posterior_log_variance_clipped[0],
-            s.posterior_log_variance_clipped[1]
-        );
+        assert_eq!(s.posterior_log_variance_clipped[0], s.posterior_log_variance_clipped[1]);
         for i in 0..50 {
             // A noiseless x_t = sqrt(abar_t) x0 has posterior mean sqrt(abar_{t-1}) x0.
-            let mean =
-                s.posterior_mean_coef1[i] + s.posterior_mean_coef2[i] * s.alphas_cumprod[i].sqrt();
-            assert!(
-                (mean - s.alphas_cumprod_prev[i].sqrt()).abs() < 1e-12,
-                "step {i}"
-            );
+            let mean = s.posterior_mean_coef1[i] + s.posterior_mean_coef2[i] * s.alphas_cumprod[i].sqrt();
+            assert!((mean - s.alphas_cumprod_prev[i].sqrt()).abs() < 1e-12, "step {i}");
             assert!(s.posterior_log_variance_clipped[i] <= s.log_betas[i] + 1e-12);
         }
         assert!(Schedule::named("cosine", 1000, 1e-4, 0.02, 50).is_err());

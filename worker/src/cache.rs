@@ -1,0 +1,117 @@
+//! The latent cache: a class's scaled VAE latents ([n, C·h·w] f32 `.npy`) stored in an object
+//! store, keyed by the dataset, the VAE encoder's fingerprint, the preprocessing version and the
+//! class's file listing (names and sizes), so a job with another IPC, seed, λ or t_stop reuses them
+//! without decoding or encoding a single image, and a changed class folder misses the cache.
+
+use std::io::Cursor;
+
+use mgd3_common::sha256_hex;
+use mgd3_common::store::{Location, get_optional, put_large};
+use ndarray::Array2;
+use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use thiserror::Error;
+use tracing::warn;
+
+use crate::data::{ImageRef, block_on};
+
+/// Bumped whenever decoding or preprocessing changes the latents of the same files.
+pub const PREPROCESSING_VERSION: &str = "prep-v1";
+
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error("latent cache `{url}`: `{key}`: {source}")]
+    Store {
+        url: String,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+fn short(text: &str) -> String {
+    sha256_hex(text.as_bytes())[7..23].to_owned()
+}
+
+/// The cache key of one class's latents.
+pub fn latent_key(dataset_url: &str, vae_fingerprint: &str, wnid: &str, images: &[ImageRef]) -> String {
+    let listing: String = images
+        .iter()
+        .map(|i| {
+            let name =
+                std::path::Path::new(&i.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            format!("{name}\t{}\n", i.bytes)
+        })
+        .collect();
+    let vae = vae_fingerprint.trim_start_matches("sha256:");
+    format!(
+        "latents/{}/{}/{PREPROCESSING_VERSION}/{wnid}-{}.npy",
+        short(dataset_url.trim_end_matches('/')),
+        &vae[..16.min(vae.len())],
+        short(&listing)
+    )
+}
+
+/// Cached latents of `points` × `dim`, if present and well-formed.
+pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Option<Vec<f32>>, CacheError> {
+    let path = cache.key(key);
+    let bytes = block_on(get_optional(cache.store.as_ref(), &path)).map_err(|source| CacheError::Store {
+        url: cache.url.clone(),
+        key: key.into(),
+        source,
+    })?;
+    let Some(bytes) = bytes else { return Ok(None) };
+    match Array2::<f32>::read_npy(Cursor::new(bytes.as_ref())) {
+        Ok(array) if array.dim() == (points, dim) => Ok(Some(array.into_raw_vec_and_offset().0)),
+        Ok(array) => {
+            warn!(key, shape = ?array.dim(), "ignoring cached latents of the wrong shape");
+            Ok(None)
+        }
+        Err(error) => {
+            warn!(key, %error, "ignoring unreadable cached latents");
+            Ok(None)
+        }
+    }
+}
+
+/// Stores latents (multipart upload when large).
+pub fn store(cache: &Location, key: &str, features: &[f32], points: usize, dim: usize) -> Result<(), CacheError> {
+    let array = Array2::from_shape_vec((points, dim), features.to_vec()).expect("points × dim features");
+    let mut bytes = Vec::with_capacity(features.len() * 4 + 128);
+    array.write_npy(&mut bytes).expect("writing to memory");
+    block_on(put_large(cache.store.as_ref(), &cache.key(key), bytes)).map_err(|source| CacheError::Store {
+        url: cache.url.clone(),
+        key: key.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_change_with_dataset_vae_and_listing_but_not_mount_point() {
+        let images = |root: &str, size: u64| {
+            vec![
+                ImageRef { name: format!("{root}/n01/a.png"), bytes: size },
+                ImageRef { name: format!("{root}/n01/b.png"), bytes: 7 },
+            ]
+        };
+        let base = latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 5));
+        assert_eq!(base, latent_key("s3://b/train/", "sha256:abc", "n01", &images("/y", 5)));
+        assert_ne!(base, latent_key("s3://b/val", "sha256:abc", "n01", &images("/x", 5)));
+        assert_ne!(base, latent_key("s3://b/train", "sha256:abd", "n01", &images("/x", 5)));
+        assert_ne!(base, latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 6)));
+        assert!(base.contains(PREPROCESSING_VERSION));
+    }
+
+    #[test]
+    fn round_trips_and_rejects_wrong_shapes() {
+        let cache = mgd3_common::store::open("memory://latent-cache-test/c").unwrap();
+        let features: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        assert!(load(&cache, "k.npy", 3, 4).unwrap().is_none());
+        store(&cache, "k.npy", &features, 3, 4).unwrap();
+        assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap(), features);
+        assert!(load(&cache, "k.npy", 4, 3).unwrap().is_none());
+    }
+}
