@@ -206,6 +206,7 @@ mod tests {
             real_images: 5,
             timings: StageSeconds::default(),
             committed_unix_ms: 0,
+            latent_cache_hit: false,
         }
     }
 

@@ -54,6 +54,9 @@ pub struct ClassMarker {
     pub real_images: u64,
     pub timings: StageSeconds,
     pub committed_unix_ms: u64,
+    /// The class's latents came from the latent cache (no decode or VAE encode).
+    #[serde(default)]
+    pub latent_cache_hit: bool,
 }
 
 /// One class of the job manifest.

@@ -151,7 +151,10 @@ impl Coordinator {
 
     /// Writes state.json of every dirty job and the manifest of every newly succeeded job.
     pub async fn flush(&self) {
-        let due: Vec<(String, u64)> = self.inner.manifests_due.lock().expect("manifests").drain().collect();
+        // Entries leave the set only once written: until then the job reports `running`, so
+        // whoever waits for `succeeded` finds manifest.json in place.
+        let due: Vec<(String, u64)> =
+            self.inner.manifests_due.lock().expect("manifests").iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (job_id, finished) in due {
             let job = self.inner.scheduler.lock().expect("scheduler").job(&job_id);
             let Some(job) = job else { continue };
@@ -160,11 +163,11 @@ impl Coordinator {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => info!(job = %job_id, "manifest written"),
-                Err(error) => {
-                    warn!(job = %job_id, %error, "could not write the job manifest; will retry");
-                    self.inner.manifests_due.lock().expect("manifests").insert(job_id, finished);
+                Ok(()) => {
+                    self.inner.manifests_due.lock().expect("manifests").remove(&job_id);
+                    info!(job = %job_id, "manifest written");
                 }
+                Err(error) => warn!(job = %job_id, %error, "could not write the job manifest; will retry"),
             }
         }
         let dirty: Vec<String> = self.inner.dirty.lock().expect("dirty").drain().collect();
@@ -306,7 +309,13 @@ impl Coordinator {
             .collect();
         Ok(proto::JobStatus {
             job_id: job.job_id.clone(),
-            state: summary.state.as_str().into(),
+            state: if summary.state == JobState::Succeeded
+                && self.inner.manifests_due.lock().expect("manifests").contains_key(&job.job_id)
+            {
+                JobState::Running.as_str().into()
+            } else {
+                summary.state.as_str().into()
+            },
             shards_total: job.shards.len() as u32,
             shards_done: summary.done,
             shards_running: summary.running,

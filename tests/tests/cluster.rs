@@ -277,6 +277,7 @@ impl ShardEngine for Salted {
             modes_npy: vec![self.0; 16],
             timings: StageSeconds::default(),
             real_images: 0,
+            latent_cache_hit: false,
         })
     }
 }

@@ -76,6 +76,8 @@ pub struct ClassResult {
     pub modes_npy: Vec<u8>,
     pub timings: StageSeconds,
     pub real_images: u64,
+    /// Latents came from the latent cache.
+    pub latent_cache_hit: bool,
 }
 
 /// What a worker runs classes with.
@@ -202,6 +204,7 @@ impl ShardEngine for OnnxShardEngine {
                 png: t.png.as_secs_f64(),
             },
             real_images: t.real_images as u64,
+            latent_cache_hit: t.latent_cache_hit,
         })
     }
 
@@ -250,6 +253,7 @@ impl ShardEngine for FakeEngine {
             modes_npy,
             timings: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
             real_images: 0,
+            latent_cache_hit: false,
         })
     }
 }
@@ -324,6 +328,7 @@ pub fn run_shard(
                 real_images: result.real_images,
                 timings: result.timings,
                 committed_unix_ms: mgd3_common::now_ms(),
+                latent_cache_hit: result.latent_cache_hit,
             };
             let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
             let outcome = runtime

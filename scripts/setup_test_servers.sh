@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs the servers the S3 tests start themselves: moto (an S3-compatible server that honours
+# create-only puts) in .venv-test/. The tests find it there; CI sets MGD3_REQUIRE_S3=1 so that a
+# missing moto fails the run instead of skipping the S3 tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -x .venv-test/bin/python ]] && .venv-test/bin/python -c "import moto.server" 2>/dev/null; then
+  echo "moto already installed in .venv-test"
+  exit 0
+fi
+python3 -m venv .venv-test
+.venv-test/bin/pip install --quiet --disable-pip-version-check 'moto[s3]==5.*' flask flask-cors
+.venv-test/bin/python -c "import moto, moto.server; print('moto', moto.__version__, 'installed in .venv-test')"

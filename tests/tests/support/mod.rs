@@ -1,0 +1,174 @@
+//! Helpers shared by the multi-process tests: the built binaries, free ports, child processes
+//! killed on drop, polling, synthetic ImageFolders and job specs over the tiny fixtures.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image::{GrayImage, ImageFormat};
+
+/// A binary of the workspace, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not built (run `cargo build --workspace`)", path.display());
+    path
+}
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/models")
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Grayscale 28×28 PNGs, `per_class` in each of `classes` folders `c0`, `c1`, ...
+pub fn dataset(root: &Path, classes: usize, per_class: usize) {
+    for c in 0..classes {
+        let dir = root.join(format!("c{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let img = GrayImage::from_fn(28, 28, |x, y| {
+                image::Luma([((x * (c as u32 + 3) + y * (i as u32 + 1)) % 256) as u8])
+            });
+            img.save_with_format(dir.join(format!("{i:03}.png")), ImageFormat::Png).unwrap();
+        }
+    }
+}
+
+/// A job over classes c0.. of `dataset` with the tiny fixture models.
+pub fn spec(dataset: &str, output: &str, classes: usize, ipc: usize, seed: u64, extra: &str) -> String {
+    let names: Vec<String> = (0..classes).map(|c| format!("\"c{c}\"")).collect();
+    let m = fixtures();
+    format!(
+        r#"name = "chaos"
+dataset = "{dataset}"
+classes = [{}]
+labels = "position"
+ipc = {ipc}
+seed = {seed}
+output = "{output}"
+lease_timeout_s = 5
+max_attempts = 4
+{extra}
+[sampling]
+steps = 50
+[models]
+dit = "{}"
+vae_encoder = "{}"
+vae_decoder = "{}"
+"#,
+        names.join(", "),
+        m.join("tiny_dit.onnx").display(),
+        m.join("tiny_vae_encoder.onnx").display(),
+        m.join("tiny_vae_decoder.onnx").display()
+    )
+}
+
+/// `coordinator serve` on a port, logging to `log`.
+pub fn serve(port: u16, store: &str, log: &Path, env: &[(&str, String)]) -> Killed {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Killed(
+        Command::new(bin("coordinator"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store, "--heartbeat-ms", "200"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A worker process against `url`.
+pub fn worker(url: &str, id: &str, log: &Path, env: &[(&str, String)]) -> Killed {
+    let log = std::fs::File::create(log).unwrap();
+    Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", url, "--worker-id", id, "--threads", "1"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `coordinator status JOB --json`, or None while the coordinator is unreachable.
+pub fn status(url: &str, job: &str) -> Option<serde_json::Value> {
+    let out = Command::new(bin("coordinator")).args(["status", job, "--json", "--coordinator", url]).output().unwrap();
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Submits (retrying while the coordinator starts) and returns the job id.
+pub fn submit(url: &str, spec: &Path) -> String {
+    let mut job = String::new();
+    wait_for("submit", Duration::from_secs(30), || {
+        let out = Command::new(bin("coordinator"))
+            .args(["submit", spec.to_str().unwrap(), "--coordinator", url])
+            .output()
+            .unwrap();
+        job = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        out.status.success()
+    });
+    job
+}
+
+/// Every file under `root`, relative name and bytes, sorted.
+pub fn files(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `coordinator run` of a spec with one local worker; panics on failure.
+pub fn run_locally(spec: &Path, env: &[(&str, String)]) {
+    let out = Command::new(bin("coordinator"))
+        .args(["run", spec.to_str().unwrap(), "--local-workers", "1", "--worker-arg=--threads=1"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "coordinator run failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+/// Sends SIGTERM.
+pub fn terminate(child: &Child) {
+    unsafe { libc_kill(child.id() as i32, 15) };
+}
