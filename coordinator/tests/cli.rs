@@ -1,0 +1,83 @@
+//! The `coordinator` binary's client commands against a served coordinator: invalid specs are
+//! reported field by field, unknown jobs and missing binaries are named.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn coordinator(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coordinator")).args(args).output().unwrap()
+}
+
+fn serve(store: &std::path::Path) -> (Server, String) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if coordinator(&["list", "--coordinator", &url]).status.success() {
+            return (Server(child), url);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("coordinator did not come up");
+}
+
+const BAD_SPEC: &str = r#"
+dataset = "data"
+classes = "imagenette"
+ipc = 0
+max_attempts = 0
+[sampling]
+steps = 20
+stop_guidance = 30
+[models]
+dit = "d.onnx"
+vae_encoder = "e.onnx"
+vae_decoder = "x.onnx"
+"#;
+
+#[test]
+fn client_commands_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let spec = dir.path().join("bad.toml");
+    std::fs::write(&spec, BAD_SPEC).unwrap();
+    let out = coordinator(&["submit", spec.to_str().unwrap(), "--coordinator", &url]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    for field in ["`ipc`", "`max_attempts`", "`sampling.stop_guidance`"] {
+        assert!(text.contains(field), "{field} not reported in: {text}");
+    }
+    std::fs::write(&spec, BAD_SPEC.replace("ipc = 0", "ipc = 1\nipcs = 2")).unwrap();
+    let text = String::from_utf8_lossy(&coordinator(&["submit", spec.to_str().unwrap(), "--coordinator", &url]).stderr)
+        .into_owned();
+    assert!(text.contains("ipcs"), "{text}");
+    let out = coordinator(&["status", "no-such-job", "--coordinator", &url]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown job `no-such-job`"));
+    let out = coordinator(&["list", "--json", "--coordinator", &url]);
+    assert!(out.status.success());
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
+}
+
+#[test]
+fn run_names_a_missing_worker_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(&spec, BAD_SPEC.replace("ipc = 0", "ipc = 1")).unwrap();
+    let out = coordinator(&["run", spec.to_str().unwrap(), "--worker-bin", "/nonexistent/worker"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/worker"));
+}
