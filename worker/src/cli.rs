@@ -347,7 +347,16 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let token =
         args.token_file.as_deref().map(mgd3_common::rpc::read_token_file).transpose().map_err(anyhow::Error::msg)?;
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
-    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(&host));
+    let slurm = |key: &str| std::env::var(key).unwrap_or_default();
+    tracing::info!(
+        worker = %worker_id,
+        slurm_job = %slurm("SLURM_JOB_ID"),
+        slurm_step = %slurm("SLURM_STEP_ID"),
+        slurm_localid = %slurm("SLURM_LOCALID"),
+        slurm_restart_count = %slurm("SLURM_RESTART_COUNT"),
+        "worker starting"
+    );
     let engine: Box<dyn ShardEngine> = match args.engine.as_str() {
         "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?)),
         "fake" => Box::new(FakeEngine {
@@ -365,4 +374,54 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(crate::client::run(config, engine, termination()))?;
     Ok(())
+}
+
+/// `<host>-<pid>`, or under Slurm an id made of the job (array task), step, task and restart
+/// count, so logs and the coordinator's status tell which allocation a worker belongs to.
+pub fn default_worker_id(host: &str) -> String {
+    worker_id_from(host, std::process::id(), |key| std::env::var(key).ok().filter(|v| !v.is_empty()))
+}
+
+fn worker_id_from(host: &str, pid: u32, env: impl Fn(&str) -> Option<String>) -> String {
+    let Some(job) = env("SLURM_ARRAY_JOB_ID").or_else(|| env("SLURM_JOB_ID")) else {
+        return format!("{host}-{pid}");
+    };
+    let mut id = format!("slurm-{job}");
+    if let Some(task) = env("SLURM_ARRAY_TASK_ID") {
+        id.push_str(&format!("_{task}"));
+    }
+    if let Some(step) = env("SLURM_STEP_ID") {
+        id.push_str(&format!(".{step}"));
+    }
+    if let Some(local) = env("SLURM_LOCALID") {
+        id.push_str(&format!("-l{local}"));
+    }
+    id.push_str(&format!("-r{}@{host}", env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into())));
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_ids_carry_slurm_coordinates() {
+        let none = |_: &str| None;
+        assert_eq!(worker_id_from("h", 7, none), "h-7");
+        let step = |k: &str| match k {
+            "SLURM_JOB_ID" => Some("42".into()),
+            "SLURM_STEP_ID" => Some("3".into()),
+            "SLURM_LOCALID" => Some("1".into()),
+            "SLURM_RESTART_COUNT" => Some("2".into()),
+            _ => None,
+        };
+        assert_eq!(worker_id_from("n1", 7, step), "slurm-42.3-l1-r2@n1");
+        let array = |k: &str| match k {
+            "SLURM_ARRAY_JOB_ID" => Some("40".into()),
+            "SLURM_JOB_ID" => Some("45".into()),
+            "SLURM_ARRAY_TASK_ID" => Some("5".into()),
+            _ => None,
+        };
+        assert_eq!(worker_id_from("n2", 7, array), "slurm-40_5-r0@n2");
+    }
 }
