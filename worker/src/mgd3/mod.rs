@@ -7,3 +7,4 @@ pub mod modes;
 pub mod noise;
 pub mod sampler;
 pub mod schedule;
+pub mod toy;
