@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Real-size models with random weights for the GPU check (no weights can be downloaded there):
+DiT-XL/2-256 (675 M parameters, original-DiT layout) and an SD-layout VAE (sd-vae-ft-mse config),
+exported to the mgd3 contract with scripts/export_onnx.py, fp32 and fp16.
+
+    python scripts/gpu_models.py OUT_DIR [--fp16]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import export_onnx as E  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--fp16", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    dit = E.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                num_classes=1000, learn_sigma=True)
+    for p in dit.parameters():  # DiT zero-inits its adaLN/final layers: make the output non-trivial
+        torch.nn.init.normal_(p, std=0.02)
+    dit.eval()
+    E.export_dit(dit, os.path.join(args.out, "dit.onnx"), in_channels=4, input_size=32, num_classes=1000,
+                 learn_sigma=True, source="random DiT-XL/2-256 (gpu_check)", fp16=args.fp16)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256)
+    vae.eval()
+    E.export_vae(vae, os.path.join(args.out, "vae_encoder.onnx"), os.path.join(args.out, "vae_decoder.onnx"),
+                 image_size=256, scale_factor=0.18215, source="random sd-vae-ft-mse layout (gpu_check)",
+                 fp16=args.fp16)
+
+
+if __name__ == "__main__":
+    main()
