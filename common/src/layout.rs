@@ -7,6 +7,7 @@
 //! <out>/jobs/<job>/shards/<wnid>.json          commit marker (create-only), lists sha256 of each file
 //! <out>/jobs/<job>/modes/<wnid>.npy            IPC × C×h×w centroids
 //! <out>/jobs/<job>/dataset/<wnid>/<j>.png      the distilled ImageFolder
+//! <out>/jobs/<job>/contact_sheets/<wnid>.png   real images, decoded modes, samples (for people)
 //! <out>/jobs/<job>/manifest.json               merged manifest, written when every shard is done
 //! ```
 
@@ -50,6 +51,10 @@ impl JobKeys {
     }
     pub fn dataset_image(&self, wnid: &str, index: usize) -> String {
         format!("{}/dataset/{wnid}/{index}.png", self.root)
+    }
+    /// Real images, decoded modes and samples of a class side by side (not part of the dataset).
+    pub fn contact_sheet(&self, wnid: &str) -> String {
+        format!("{}/contact_sheets/{wnid}.png", self.root)
     }
     pub fn manifest(&self) -> String {
         format!("{}/manifest.json", self.root)

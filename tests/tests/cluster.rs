@@ -278,6 +278,7 @@ impl ShardEngine for Salted {
             timings: StageSeconds::default(),
             real_images: 0,
             latent_cache_hit: false,
+            contact_sheet: None,
         })
     }
 }

@@ -180,6 +180,9 @@ pub struct DistillClassArgs {
     /// Output root: writes <out>/<class>/<j>.png and <out>/<class>/modes.npy.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write a contact sheet (real images, decoded modes, samples) to this PNG file.
+    #[arg(long)]
+    pub contact_sheet: Option<PathBuf>,
     /// Also write the per-stage timings of the class as JSON.
     #[arg(long)]
     pub timings_json: Option<PathBuf>,
@@ -260,6 +263,9 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     }
     let modes_path = dir.join("modes.npy");
     write_file(&modes_path, &npy_bytes(&output.modes, &modes_path)?)?;
+    if let Some(path) = &args.contact_sheet {
+        write_file(path, &engine.contact_sheet(&dataset, &class, &output)?)?;
+    }
     if let Some(path) = &args.timings_json {
         write_file(path, serde_json::to_string_pretty(&output.timings)?.as_bytes())?;
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use mgd3_common::seed::{kmeans_seed, sample_seed};
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
-use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
+use ndarray::{Array3, Array4, ArrayView4, ArrayView5, Axis, s};
 use serde::Serialize;
 use thiserror::Error;
 use tracing::{debug, info};
@@ -21,7 +21,7 @@ use crate::mgd3::modes::{ModesError, find_modes};
 use crate::mgd3::noise::sample_noise;
 use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, sample};
 use crate::mgd3::schedule::{Schedule, ScheduleError};
-use crate::sink::{SinkError, png_bytes};
+use crate::sink::{self, SinkError, png_bytes};
 use mgd3_common::store::Location;
 
 #[derive(Debug, Error)]
@@ -370,6 +370,40 @@ impl Engine {
         info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
               seconds = timings.total().as_secs_f64(), "distilled class");
         Ok(ClassOutput { modes, latents, images, timings })
+    }
+
+    /// A contact sheet of the class: the first IPC real images (preprocessed), the IPC modes
+    /// decoded by the VAE, and the IPC MGD³ samples (sample j under mode j), one row each.
+    pub fn contact_sheet(
+        &mut self,
+        dataset: &Dataset,
+        class: &ClassSpec,
+        output: &ClassOutput,
+    ) -> Result<Vec<u8>, EngineError> {
+        let [channels, size, _] = self.encoder.info().image_shape;
+        let images = dataset.list_class(&class.wnid)?;
+        let first = &images[..class.ipc.min(images.len())];
+        let real: Vec<Array3<f32>> = dataset
+            .read(&class.wnid, first)?
+            .iter()
+            .zip(first)
+            .map(|(bytes, image)| {
+                Ok(data::to_tensor(&data::center_crop(&data::decode(bytes, Path::new(&image.name), channels)?, size)))
+            })
+            .collect::<Result<_, DataError>>()?;
+        let scale = self.decoder.info().scale_factor;
+        let decoded_modes = self.decoder.decode(output.modes.mapv(|v| v / scale).view())?;
+        let samples: Vec<data::Pixels> = output
+            .images
+            .iter()
+            .map(|png| data::decode(png, Path::new("sample.png"), channels))
+            .collect::<Result<_, DataError>>()?;
+        let rows = [
+            real.iter().map(|t| sink::tensor_pixels(t.view())).collect::<Vec<_>>(),
+            decoded_modes.outer_iter().map(sink::tensor_pixels).collect(),
+            samples,
+        ];
+        Ok(sink::grid_png(&rows)?)
     }
 }
 

@@ -16,6 +16,7 @@ use mgd3_common::seed::sample_seed;
 use mgd3_common::store::Location;
 use mgd3_onnx::SessionConfig;
 use ndarray::Array2;
+use object_store::ObjectStoreExt;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tokio::runtime::Handle;
@@ -78,6 +79,8 @@ pub struct ClassResult {
     pub real_images: u64,
     /// Latents came from the latent cache.
     pub latent_cache_hit: bool,
+    /// PNG of real images, decoded modes and samples side by side, when the engine makes one.
+    pub contact_sheet: Option<Vec<u8>>,
 }
 
 /// What a worker runs classes with.
@@ -189,6 +192,10 @@ impl ShardEngine for OnnxShardEngine {
             ClassSpec { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index, ipc: spec.ipc };
         let result = engine.distill_class(&dataset, &class_spec);
         let output = result.map_err(ShardFailure::from_engine)?;
+        let contact_sheet = engine
+            .contact_sheet(&dataset, &class_spec, &output)
+            .inspect_err(|error| tracing::warn!(class = %class.wnid, %error, "no contact sheet"))
+            .ok();
         let t = output.timings;
         let modes_path = PathBuf::from(format!("{}/modes.npy", class.wnid));
         Ok(ClassResult {
@@ -205,6 +212,7 @@ impl ShardEngine for OnnxShardEngine {
             },
             real_images: t.real_images as u64,
             latent_cache_hit: t.latent_cache_hit,
+            contact_sheet,
         })
     }
 
@@ -254,6 +262,7 @@ impl ShardEngine for FakeEngine {
             timings: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
             real_images: 0,
             latent_cache_hit: false,
+            contact_sheet: None,
         })
     }
 }
@@ -330,6 +339,7 @@ pub fn run_shard(
                 committed_unix_ms: mgd3_common::now_ms(),
                 latent_cache_hit: result.latent_cache_hit,
             };
+            let contact_sheet = result.contact_sheet;
             let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
             let outcome = runtime
                 .block_on(commit_class(out, &keys, template, files))
@@ -343,6 +353,11 @@ pub fn run_shard(
             })?;
             if outcome == CommitOutcome::Lost {
                 info!(winner = %marker.attempt_id, "another attempt committed this class first");
+            } else if let Some(png) = contact_sheet {
+                let key = out.key(&keys.contact_sheet(&class.wnid));
+                if let Err(error) = runtime.block_on(out.store.put(&key, png.into())) {
+                    tracing::warn!(%key, %error, "could not write the contact sheet");
+                }
             }
             marker
         };

@@ -105,3 +105,45 @@ mod tests {
         assert!(png_bytes(Array3::zeros((2, 2, 2)).view()).is_err());
     }
 }
+
+/// 8-bit pixels of an image tensor [c, S, S] in about [-1, 1], quantised like the PNGs.
+pub fn tensor_pixels(image: ArrayView3<f32>) -> crate::data::Pixels {
+    let (c, h, w) = image.dim();
+    let mut data = Vec::with_capacity(c * h * w);
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..c {
+                data.push(to_u8(image[[ch, y, x]]));
+            }
+        }
+    }
+    crate::data::Pixels { width: w, height: h, channels: c, data }
+}
+
+/// PNG of rows of equally sized tiles with a 2-pixel white gap (grayscale tiles shown as grey).
+pub fn grid_png(rows: &[Vec<crate::data::Pixels>]) -> Result<Vec<u8>, SinkError> {
+    const GAP: usize = 2;
+    let tile = rows.iter().flatten().next().map(|p| (p.width, p.height)).unwrap_or((1, 1));
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let (width, height) = (columns * (tile.0 + GAP) + GAP, rows.len() * (tile.1 + GAP) + GAP);
+    let mut canvas = RgbImage::from_pixel(width as u32, height as u32, image::Rgb([255, 255, 255]));
+    for (r, row) in rows.iter().enumerate() {
+        for (col, pixels) in row.iter().enumerate() {
+            let (x0, y0) = (GAP + col * (tile.0 + GAP), GAP + r * (tile.1 + GAP));
+            for y in 0..pixels.height.min(tile.1) {
+                for x in 0..pixels.width.min(tile.0) {
+                    let i = (y * pixels.width + x) * pixels.channels;
+                    let rgb = if pixels.channels == 1 {
+                        [pixels.data[i]; 3]
+                    } else {
+                        [pixels.data[i], pixels.data[i + 1], pixels.data[i + 2]]
+                    };
+                    canvas.put_pixel((x0 + x) as u32, (y0 + y) as u32, image::Rgb(rgb));
+                }
+            }
+        }
+    }
+    let mut bytes = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(canvas).write_to(&mut bytes, ImageFormat::Png)?;
+    Ok(bytes.into_inner())
+}
