@@ -80,32 +80,6 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     std::fs::rename(&partial, path).map_err(io)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ndarray::Array3;
-
-    #[test]
-    fn quantises_like_torchvision() {
-        assert_eq!(to_u8(-1.5), 0);
-        assert_eq!(to_u8(-1.0), 0);
-        assert_eq!(to_u8(1.0), 255);
-        assert_eq!(to_u8(7.0), 255);
-        assert_eq!(to_u8(0.0), 128); // 127.5 + 0.5 = 128
-        assert_eq!(to_u8(f32::NAN), 0);
-    }
-
-    #[test]
-    fn png_round_trips() {
-        let img = Array3::from_shape_fn((3, 4, 5), |(c, y, x)| (c as f32 - 1.0) * 0.5 + (x + y) as f32 * 0.01);
-        let bytes = png_bytes(img.view()).unwrap();
-        let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
-        assert_eq!(back.dimensions(), (5, 4));
-        assert_eq!(back.get_pixel(2, 1).0, [to_u8(img[[0, 1, 2]]), to_u8(img[[1, 1, 2]]), to_u8(img[[2, 1, 2]])]);
-        assert!(png_bytes(Array3::zeros((2, 2, 2)).view()).is_err());
-    }
-}
-
 /// 8-bit pixels of an image tensor [c, S, S] in about [-1, 1], quantised like the PNGs.
 pub fn tensor_pixels(image: ArrayView3<f32>) -> crate::data::Pixels {
     let (c, h, w) = image.dim();
@@ -146,4 +120,30 @@ pub fn grid_png(rows: &[Vec<crate::data::Pixels>]) -> Result<Vec<u8>, SinkError>
     let mut bytes = Cursor::new(Vec::new());
     DynamicImage::ImageRgb8(canvas).write_to(&mut bytes, ImageFormat::Png)?;
     Ok(bytes.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    #[test]
+    fn quantises_like_torchvision() {
+        assert_eq!(to_u8(-1.5), 0);
+        assert_eq!(to_u8(-1.0), 0);
+        assert_eq!(to_u8(1.0), 255);
+        assert_eq!(to_u8(7.0), 255);
+        assert_eq!(to_u8(0.0), 128); // 127.5 + 0.5 = 128
+        assert_eq!(to_u8(f32::NAN), 0);
+    }
+
+    #[test]
+    fn png_round_trips() {
+        let img = Array3::from_shape_fn((3, 4, 5), |(c, y, x)| (c as f32 - 1.0) * 0.5 + (x + y) as f32 * 0.01);
+        let bytes = png_bytes(img.view()).unwrap();
+        let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (5, 4));
+        assert_eq!(back.get_pixel(2, 1).0, [to_u8(img[[0, 1, 2]]), to_u8(img[[1, 1, 2]]), to_u8(img[[2, 1, 2]])]);
+        assert!(png_bytes(Array3::zeros((2, 2, 2)).view()).is_err());
+    }
 }
