@@ -38,18 +38,11 @@ pub fn to_u8(v: f32) -> u8 {
 
 /// PNG bytes of a decoded image [c, S, S] (c = 1 or 3).
 pub fn png_bytes(image: ArrayView3<f32>) -> Result<Vec<u8>, SinkError> {
-    let (c, h, w) = image.dim();
-    let mut raw = Vec::with_capacity(c * h * w);
-    for y in 0..h {
-        for x in 0..w {
-            for ch in 0..c {
-                raw.push(to_u8(image[[ch, y, x]]));
-            }
-        }
-    }
-    let dynamic = match c {
-        1 => DynamicImage::ImageLuma8(GrayImage::from_raw(w as u32, h as u32, raw).expect("size")),
-        3 => DynamicImage::ImageRgb8(RgbImage::from_raw(w as u32, h as u32, raw).expect("size")),
+    let pixels = tensor_pixels(image);
+    let (w, h) = (pixels.width as u32, pixels.height as u32);
+    let dynamic = match pixels.channels {
+        1 => DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, pixels.data).expect("size")),
+        3 => DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, pixels.data).expect("size")),
         other => return Err(SinkError::Channels(other)),
     };
     let mut bytes = Cursor::new(Vec::new());

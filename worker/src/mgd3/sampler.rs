@@ -121,6 +121,7 @@ pub fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mgd3::schedule::{cumulative_alphas, linear_betas};
     use ndarray::{Array, Array5};
 
     /// The exact ε-predictor for standard-normal data (ε = √(1−ᾱ_t)·x), with a small label
@@ -132,13 +133,7 @@ mod tests {
 
     impl GaussianData {
         fn new() -> Self {
-            let mut acc = 1.0;
-            let alphas_cumprod = (0..1000)
-                .map(|k| {
-                    acc *= 1.0 - (1e-4 + k as f64 * (0.02 - 1e-4) / 999.0);
-                    acc
-                })
-                .collect();
+            let alphas_cumprod = cumulative_alphas(&linear_betas(1000, 1e-4, 0.02));
             GaussianData { calls: vec![], alphas_cumprod }
         }
     }

@@ -40,6 +40,27 @@ pub fn spaced_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, Schedu
     Ok(kept)
 }
 
+/// `numpy.linspace(start, end, train)`: start + k·step, with the last value pinned to `end`.
+pub fn linear_betas(train: usize, beta_start: f64, beta_end: f64) -> Vec<f64> {
+    if train == 1 {
+        return vec![beta_start];
+    }
+    let step = (beta_end - beta_start) / (train as f64 - 1.0);
+    (0..train).map(|k| if k == train - 1 { beta_end } else { beta_start + k as f64 * step }).collect()
+}
+
+/// ᾱ_t = ∏_{s≤t} (1 − β_s), accumulated in order as `numpy.cumprod`.
+pub fn cumulative_alphas(betas: &[f64]) -> Vec<f64> {
+    let mut acc = 1.0;
+    betas
+        .iter()
+        .map(|b| {
+            acc *= 1.0 - b;
+            acc
+        })
+        .collect()
+}
+
 /// The respaced schedule of S sampling steps; index i runs 0..S with i = S−1 the noisiest.
 #[derive(Clone, Debug)]
 pub struct Schedule {
@@ -68,14 +89,7 @@ impl Schedule {
         if train == 0 {
             return Err(ScheduleError::BadStepCount { train, steps });
         }
-        let base: Vec<f64> = if train == 1 {
-            vec![beta_start]
-        } else {
-            // numpy.linspace: start + k * step, with the last value pinned to `end`.
-            let step = (beta_end - beta_start) / (train as f64 - 1.0);
-            (0..train).map(|k| if k == train - 1 { beta_end } else { beta_start + k as f64 * step }).collect()
-        };
-        Self::respaced(&base, steps)
+        Self::respaced(&linear_betas(train, beta_start, beta_end), steps)
     }
 
     /// Builds the schedule for a named beta schedule (only `linear`, as the DiT reference).

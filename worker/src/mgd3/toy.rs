@@ -12,7 +12,7 @@ use super::guidance::GuidanceConfig;
 use super::modes::find_modes;
 use super::noise::sample_noise;
 use super::sampler::{Denoiser, ModelError, ModelSpec, sample};
-use super::schedule::Schedule;
+use super::schedule::{Schedule, cumulative_alphas, linear_betas};
 
 /// A mixture of isotropic Gaussians in `dim` dimensions (laid out as a [dim, 1, 1] latent).
 #[derive(Clone, Debug)]
@@ -68,13 +68,7 @@ pub struct AnalyticDenoiser {
 
 impl AnalyticDenoiser {
     pub fn new(mixture: Mixture) -> Self {
-        let mut acc = 1.0;
-        let alphas_cumprod = (0..1000)
-            .map(|k| {
-                acc *= 1.0 - (1e-4 + k as f64 * (0.02 - 1e-4) / 999.0);
-                acc
-            })
-            .collect();
+        let alphas_cumprod = cumulative_alphas(&linear_betas(1000, 1e-4, 0.02));
         AnalyticDenoiser { mixture, alphas_cumprod }
     }
 }
