@@ -236,6 +236,61 @@ pub async fn put_large(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> o
     Ok(())
 }
 
+/// Where a model file is read from: a local path as is, or an object-store URL downloaded (with
+/// its `<name>.data` external-data file, when there is one) into `cache_dir/<hash of URL>/<name>`,
+/// keeping the file name the model's external-data reference expects. Downloads are atomic
+/// (temporary file + rename) and reused while the object's size is unchanged.
+pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::path::PathBuf, StoreError> {
+    let local = url.strip_prefix("file://").unwrap_or(url);
+    if !is_url(local) {
+        return Ok(std::path::PathBuf::from(local));
+    }
+    let location = open(url)?;
+    let name = location.prefix.filename().unwrap_or("model.onnx").to_owned();
+    let dir = cache_dir.join(&crate::sha256_hex(url.as_bytes())[7..23]);
+    let local_err = |source| StoreError::LocalDir { path: dir.display().to_string(), source };
+    std::fs::create_dir_all(&dir).map_err(local_err)?;
+    let data_key = Path::from(format!("{}.data", location.prefix.as_ref()));
+    for (key, file, required) in
+        [(location.prefix.clone(), name.clone(), true), (data_key, format!("{name}.data"), false)]
+    {
+        let target = dir.join(&file);
+        let meta = match location.store.head(&key).await {
+            Ok(meta) => meta,
+            Err(object_store::Error::NotFound { .. }) if !required => continue,
+            Err(source) => return Err(StoreError::Open { url: format!("{url} ({key})"), source }),
+        };
+        if std::fs::metadata(&target).is_ok_and(|m| m.len() == meta.size) {
+            continue;
+        }
+        let bytes = location
+            .store
+            .get(&key)
+            .await
+            .map_err(|source| StoreError::Open { url: url.to_owned(), source })?
+            .bytes()
+            .await
+            .map_err(|source| StoreError::Open { url: url.to_owned(), source })?;
+        let partial = dir.join(format!("{file}.partial"));
+        std::fs::write(&partial, &bytes).map_err(local_err)?;
+        std::fs::rename(&partial, &target).map_err(local_err)?;
+    }
+    Ok(dir.join(name))
+}
+
+/// The default folder for downloaded models: `$MGD3_MODEL_CACHE`, else
+/// `$XDG_CACHE_HOME/mgd3/models`, else `~/.cache/mgd3/models`.
+pub fn model_cache_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("MGD3_MODEL_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("mgd3").join("models")
+}
+
 /// Reads an object, `None` when it does not exist.
 pub async fn get_optional(store: &dyn ObjectStore, key: &Path) -> object_store::Result<Option<bytes::Bytes>> {
     match store.get(key).await {

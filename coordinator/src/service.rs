@@ -195,8 +195,20 @@ impl Coordinator {
         if spec.output.is_none() {
             spec.output = Some(self.inner.store.url.clone());
         }
-        let spec =
-            tokio::task::spawn_blocking(move || fill_model_fingerprints(spec)).await.expect("fingerprint task")?;
+        // Models in an object store are fetched into the local model cache to be fingerprinted;
+        // the spec keeps their URLs (workers fetch them the same way).
+        let cache = store::model_cache_dir();
+        let mut local = spec.models.clone();
+        for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
+            *path = store::fetch_model(path, &cache).await?.display().to_string();
+        }
+        let urls = spec.models.clone();
+        let mut spec = tokio::task::spawn_blocking(move || fill_model_fingerprints(JobSpec { models: local, ..spec }))
+            .await
+            .expect("fingerprint task")?;
+        spec.models.dit = urls.dit;
+        spec.models.vae_encoder = urls.vae_encoder;
+        spec.models.vae_decoder = urls.vae_decoder;
         let folders = match &spec.classes {
             mgd3_common::job::ClassSelection::Named(all) if all == "all" => {
                 Some(list_class_folders(&spec.dataset).await?)

@@ -1,6 +1,6 @@
 //! Object storage for real, against moto (an S3-compatible server on loopback that honours
 //! create-only puts): a distillation that reads its dataset from s3:// and keeps state and outputs
-//! in s3://, byte-identical to the same job on local folders; the latent cache reused by a second
+//! in s3:// (models too), byte-identical to the same job on local folders; the latent cache reused by a second
 //! job; a ~20 s store outage mid-job survived; a missing bucket failing fast.
 //!
 //! moto comes from `scripts/setup_test_servers.sh` (.venv-test). Without it these tests are
@@ -124,11 +124,14 @@ async fn distillation_from_s3_to_s3_matches_local_and_reuses_cached_latents() {
     let Some(moto) = moto() else { return };
     create_bucket(moto.port, "mgd3");
     let s3 = bucket(moto.port, "mgd3");
-    let env = aws_env(moto.port);
     let scratch = tempfile::tempdir().unwrap();
+    let mut env = aws_env(moto.port);
+    env.push(("MGD3_MODEL_CACHE", scratch.path().join("model-cache").display().to_string()));
     let data = scratch.path().join("data");
     dataset(&data, 3, 12);
     upload_dir(s3.as_ref(), &data, "data").await;
+    upload_dir(s3.as_ref(), &fixtures(), "models").await;
+    let models_in_s3 = |text: String| text.replace(&format!("{}/", fixtures().display()), "s3://mgd3/models/");
 
     // Local reference of the same images.
     let local_out = scratch.path().join("local");
@@ -140,12 +143,12 @@ async fn distillation_from_s3_to_s3_matches_local_and_reuses_cached_latents() {
     // The same job on S3: dataset, coordinator state, outputs and latent cache in the bucket.
     let cached = "latent_cache = \"s3://mgd3/cache\"";
     let s3_spec = scratch.path().join("s3.toml");
-    std::fs::write(
-        &s3_spec,
+    let text = models_in_s3(
         spec("s3://mgd3/data", "s3://mgd3/out", 3, 2, 3, cached)
             .replace("classes = [\"c0\", \"c1\", \"c2\"]", "classes = \"all\""),
-    )
-    .unwrap();
+    );
+    assert!(text.contains("dit = \"s3://mgd3/models/tiny_dit.onnx\""), "{text}");
+    std::fs::write(&s3_spec, text).unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let log = scratch.path().join("coordinator.log");
@@ -169,6 +172,7 @@ async fn distillation_from_s3_to_s3_matches_local_and_reuses_cached_latents() {
             .all(|(_, m)| serde_json::from_slice::<serde_json::Value>(m).unwrap()["latent_cache_hit"] == false)
     );
     assert_eq!(download(s3.as_ref(), "cache/latents").await.len(), 3, "one cached latent file per class");
+    assert!(scratch.path().join("model-cache").exists(), "models were fetched from s3:// into the model cache");
 
     // Another IPC and seed over the same dataset and VAE: no image is decoded or encoded again.
     let second = scratch.path().join("second.toml");

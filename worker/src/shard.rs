@@ -114,11 +114,16 @@ impl OnnxShardEngine {
             .expect("serialisable");
         if self.loaded.as_ref().is_none_or(|(k, _)| *k != key) {
             self.loaded = None;
-            let local = |p: &str| PathBuf::from(p.strip_prefix("file://").unwrap_or(p));
+            // Local paths as they are; object-store URLs through the local model cache.
+            let cache = mgd3_common::store::model_cache_dir();
+            let local = |p: &str| {
+                crate::data::block_on(mgd3_common::store::fetch_model(p, &cache))
+                    .map_err(|e| ShardFailure::Retryable(format!("fetching model `{p}`: {e}")))
+            };
             let paths = ModelPaths {
-                dit: local(&spec.models.dit),
-                vae_encoder: local(&spec.models.vae_encoder),
-                vae_decoder: local(&spec.models.vae_decoder),
+                dit: local(&spec.models.dit)?,
+                vae_encoder: local(&spec.models.vae_encoder)?,
+                vae_decoder: local(&spec.models.vae_decoder)?,
             };
             let s = &spec.sampling;
             let sampling = SamplingConfig {
