@@ -30,41 +30,46 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `worker sample` on the parity case `tstop25_ch3`, writing latents to `out`, plus `extra` flags.
+fn sample_case(out: &Path, extra: &[&str]) -> Output {
+    let case = fixtures().join("parity/tstop25_ch3");
+    let (modes, noise) = (case.join("modes.npy"), case.join("noise.npy"));
+    let mut args = vec!["sample", "--dit"];
+    let dit = model("tiny_dit.onnx");
+    args.extend([dit.as_str(), "--label", "3", "--modes", modes.to_str().unwrap(), "--noise", noise.to_str().unwrap()]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    worker(&args)
+}
+
 #[test]
 fn sample_reproduces_the_python_reference() {
     let case = fixtures().join("parity/tstop25_ch3");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latents.npy");
     let images = dir.path().join("images");
-    let result = worker(&[
-        "sample",
-        "--dit",
-        &model("tiny_dit.onnx"),
-        "--label",
-        "3",
-        "--modes",
-        case.join("modes.npy").to_str().unwrap(),
-        "--noise",
-        case.join("noise.npy").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--vae-decoder",
-        &model("tiny_vae_decoder.onnx"),
-        "--images-out",
-        images.to_str().unwrap(),
-        "--stop-guidance",
-        "25",
-        "--guidance-scale",
-        "0.1",
-        "--cfg-scale",
-        "4",
-        "--cfg-channels",
-        "3",
-        "--steps",
-        "50",
-        "--max-batch",
-        "2",
-    ]);
+    let decoder = model("tiny_vae_decoder.onnx");
+    let result = sample_case(
+        &out,
+        &[
+            "--vae-decoder",
+            &decoder,
+            "--images-out",
+            images.to_str().unwrap(),
+            "--stop-guidance",
+            "25",
+            "--guidance-scale",
+            "0.1",
+            "--cfg-scale",
+            "4",
+            "--cfg-channels",
+            "3",
+            "--steps",
+            "50",
+            "--max-batch",
+            "2",
+        ],
+    );
     assert_ok(&result);
     let ours: Array4<f32> = read_npy(&out).unwrap();
     let reference: Array4<f32> = read_npy(case.join("latents.npy")).unwrap();
@@ -85,24 +90,9 @@ fn sample_reproduces_the_python_reference() {
 
 #[test]
 fn sample_rejects_noise_of_the_wrong_shape() {
-    let case = fixtures().join("parity/tstop25_ch3");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latents.npy");
-    let result = worker(&[
-        "sample",
-        "--dit",
-        &model("tiny_dit.onnx"),
-        "--label",
-        "3",
-        "--modes",
-        case.join("modes.npy").to_str().unwrap(),
-        "--noise",
-        case.join("noise.npy").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "40",
-    ]);
+    let result = sample_case(&out, &["--steps", "40"]);
     let text = stderr(&result);
     assert!(text.contains("noise.npy") && text.contains("41"), "{text}");
     assert!(!out.exists());
