@@ -321,7 +321,7 @@ def main():
     ap.add_argument("--vae-decoder", default=None, help="default: <models>/fashion_mnist_vae_decoder.onnx")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=300, help="classifier epochs over the IPC*10 images")
+    ap.add_argument("--epochs", type=int, default=200, help="classifier epochs over the IPC*10 images")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--quick", action="store_true", help="1 seed, IPC 10, 60 epochs, 2000 test images")
