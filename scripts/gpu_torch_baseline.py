@@ -16,25 +16,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_onnx as E  # noqa: E402
+import parity_reference as P  # noqa: E402
 
 
 def schedule(steps=50):
-    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-    abar = np.cumprod(1.0 - betas)
-    stride, cur, kept = 999 / (steps - 1), 0.0, []
-    for _ in range(steps):
-        kept.append(round(cur))
-        cur += stride
-    last, new = 1.0, []
-    for t in kept:
-        new.append(1 - abar[t] / last)
-        last = abar[t]
-    b = np.array(new)
-    a = np.cumprod(1 - b)
-    ap = np.append(1.0, a[:-1])
-    pv = b * (1 - ap) / (1 - a)
-    return dict(t=kept, sra=np.sqrt(1 / a), srm1=np.sqrt(1 / a - 1), c1=b * np.sqrt(ap) / (1 - a),
-                c2=(1 - ap) * np.sqrt(1 - b) / (1 - a), minlog=np.log(np.append(pv[1], pv[1:])), maxlog=np.log(b))
+    """The reference respaced schedule (one implementation, shared with the parity fixtures)."""
+    sch = P.Schedule(1000, steps, 1e-4, 0.02)
+    return dict(t=sch.timestep_map, sra=sch.sqrt_recip_abar, srm1=sch.sqrt_recipm1_abar, c1=sch.c1, c2=sch.c2,
+                minlog=sch.min_log, maxlog=sch.max_log)
 
 
 @torch.no_grad()
