@@ -59,6 +59,23 @@ pub fn fingerprint_file(path: &std::path::Path) -> std::io::Result<String> {
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
+/// An error and its causes as one line, `outer: cause: root`. Most of the project's errors already
+/// quote their source in their message (so that a bare `to_string()` is complete, e.g. in a gRPC
+/// status); a cause whose text is already there is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Makes ring the process-wide rustls crypto provider. Both ring (tonic) and aws-lc (the cloud
 /// object-store clients) are linked in, and rustls refuses to guess between two; every TLS user in
 /// the project calls this first. Idempotent.
@@ -67,4 +84,29 @@ pub fn ensure_crypto_provider() {
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("disk full")]
+        Full,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot write `a.png`: {0}")]
+        Quoting(#[source] Inner),
+        #[error("class `n01440764`")]
+        Wrapping(#[source] Inner),
+    }
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        assert_eq!(super::error_chain(&Outer::Quoting(Inner::Full)), "cannot write `a.png`: disk full");
+        assert_eq!(super::error_chain(&Outer::Wrapping(Inner::Full)), "class `n01440764`: disk full");
+        let wrapped = anyhow::Error::new(Outer::Quoting(Inner::Full)).context("distilling");
+        assert_eq!(super::error_chain(wrapped.as_ref()), "distilling: cannot write `a.png`: disk full");
+    }
 }

@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     match mgd3_coordinator::cli::run(mgd3_coordinator::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", mgd3_common::error_chain(error.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

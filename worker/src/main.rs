@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     match mgd3_worker::cli::run(mgd3_worker::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", mgd3_common::error_chain(error.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

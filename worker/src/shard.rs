@@ -45,31 +45,10 @@ impl ShardFailure {
         if matches!(error, EngineError::Cancelled) {
             return ShardFailure::Cancelled;
         }
-        let text = format!("{:#}", anyhow::Error::new(error_clone_text(&error)));
+        let text = mgd3_common::error_chain(&error);
         if error.is_retryable() { ShardFailure::Retryable(text) } else { ShardFailure::Fatal(text) }
     }
 }
-
-/// The full cause chain of an error as one line.
-fn error_clone_text(error: &dyn std::error::Error) -> TextError {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    TextError(text)
-}
-
-#[derive(Debug)]
-struct TextError(String);
-impl std::fmt::Display for TextError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for TextError {}
 
 /// One distilled class, ready to commit.
 pub struct ClassResult {
@@ -144,7 +123,7 @@ impl OnnxShardEngine {
                     | mgd3_onnx::Error::CudaUnavailable { .. }
                     | mgd3_onnx::Error::RuntimeUnavailable { .. }),
                 )) => {
-                    return Err(ShardFailure::Incompatible(format!("{:#}", anyhow::Error::new(e))));
+                    return Err(ShardFailure::Incompatible(mgd3_common::error_chain(&e)));
                 }
                 Err(e) => return Err(ShardFailure::from_engine(e)),
             };
