@@ -466,7 +466,7 @@ pub fn sample_in_batches(
             batch.noise.slice(s![from..to, .., .., .., ..]),
             |_, _| {},
         )
-        .map_err(|source| EngineError::Sample { class: batch.class.into(), source })?;
+        .map_err(|source| EngineError::Sample { class: batch.class.into(), source: source.offset_sample(from) })?;
         timings.dit += t.model;
         timings.guidance += t.maths;
         timings.dit_calls += t.model_calls;

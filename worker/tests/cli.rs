@@ -98,6 +98,38 @@ fn sample_rejects_noise_of_the_wrong_shape() {
     assert!(!out.exists());
 }
 
+/// The trained demo DiT (models/demo) at a mode-guidance scale where guidance runs away: the run
+/// fails naming the sample and the step instead of writing saturated latents; the paper's λ works.
+#[test]
+fn sample_with_a_runaway_guidance_scale_fails_naming_sample_and_step() {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    let dir = tempfile::tempdir().unwrap();
+    let (modes, noise) = (dir.path().join("modes.npy"), dir.path().join("noise.npy"));
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(7);
+    let mut normal =
+        |shape: &[usize]| ndarray::ArrayD::from_shape_simple_fn(shape, || -> f32 { StandardNormal.sample(&mut rng) });
+    ndarray_npy::write_npy(&modes, &normal(&[4, 4, 8, 8])).unwrap();
+    ndarray_npy::write_npy(&noise, &normal(&[4, 51, 4, 8, 8])).unwrap();
+    let dit = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo/fashion_mnist_dit.onnx");
+    let run = |lambda: &str, out: &Path| {
+        let mut args = vec!["sample", "--dit", dit.to_str().unwrap(), "--label", "5"];
+        args.extend(["--modes", modes.to_str().unwrap(), "--noise", noise.to_str().unwrap()]);
+        args.extend(["--out", out.to_str().unwrap(), "--guidance-scale", lambda, "--stop-guidance", "25"]);
+        args.extend(["--cfg-channels", "4", "--cfg-scale", "4", "--steps", "50"]);
+        worker(&args)
+    };
+    let runaway = dir.path().join("runaway.npy");
+    let text = stderr(&run("0.4", &runaway));
+    // It runs away while guidance is on and the noise is high (i in 40..=49).
+    assert!(text.contains("diverged at step i = 4") && text.contains("λ = 0.4"), "{text}");
+    assert!(!runaway.exists());
+    let fine = dir.path().join("fine.npy");
+    assert_ok(&run("0.1", &fine));
+    let latents: Array4<f32> = read_npy(&fine).unwrap();
+    assert!(latents.iter().all(|v| v.is_finite() && v.abs() < 20.0));
+}
+
 /// A small ImageFolder of real-looking images: PNG and JPEG, RGB and grayscale, odd sizes.
 fn image_folder(root: &Path, class: &str, count: usize) {
     let dir = root.join(class);

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ndarray::{Array4, ArrayView4, ArrayView5, Axis, concatenate, s};
+use ndarray::{Array4, ArrayView3, ArrayView4, ArrayView5, Axis, concatenate, s};
 use thiserror::Error;
 
 use super::guidance::{GuidanceConfig, guided_step};
@@ -29,6 +29,12 @@ pub enum SampleError {
     StopAfterEnd { t_stop: usize, steps: usize },
     #[error("cfg_channels {cfg_channels} exceeds the {channels} latent channels")]
     CfgChannels { cfg_channels: usize, channels: usize },
+    #[error(
+        "sample {sample} diverged at step i = {step} (t = {timestep}): latent RMS {rms} is above {bound} \
+         ({DIVERGENCE_FACTOR} × the scale of its mode); the mode-guidance scale λ = {guidance_scale} is too \
+         large for this model (or the DiT returned NaN/Inf)"
+    )]
+    Diverged { sample: usize, step: usize, timestep: i64, rms: f32, bound: f32, guidance_scale: f32 },
     #[error("the denoiser failed at step i = {step} (t = {timestep})")]
     Model {
         step: usize,
@@ -36,6 +42,36 @@ pub enum SampleError {
         #[source]
         source: ModelError,
     },
+}
+
+impl SampleError {
+    /// Renumbers the sample of a [`SampleError::Diverged`] when this batch started at sample `first`.
+    pub fn offset_sample(self, first: usize) -> Self {
+        match self {
+            SampleError::Diverged { sample, step, timestep, rms, bound, guidance_scale } => {
+                SampleError::Diverged { sample: sample + first, step, timestep, rms, bound, guidance_scale }
+            }
+            other => other,
+        }
+    }
+}
+
+/// A latent whose RMS exceeds this multiple of its data scale (its mode's RMS, at least 1) has left
+/// the DiT's input distribution for good: a too-large λ makes the guidance feedback loop unstable at
+/// high noise, where x̂₀ errors are amplified by 1/√ᾱ, and the DiT cannot pull such a latent back
+/// (on the demo model λ = 0.4 reaches RMS 10⁵–10⁹ while λ ≤ 0.2 stays below 2). Failing names the
+/// sample and step instead of writing saturated images.
+pub const DIVERGENCE_FACTOR: f32 = 10.0;
+
+/// The first sample of `x` whose latent is non-finite or beyond [`DIVERGENCE_FACTOR`] × its data
+/// scale, with its RMS and bound.
+fn runaway(x: ArrayView4<f32>, modes: ArrayView4<f32>) -> Option<(usize, f32, f32)> {
+    let rms = |a: ArrayView3<f32>| (a.iter().map(|v| v * v).sum::<f32>() / a.len().max(1) as f32).sqrt();
+    x.outer_iter().zip(modes.outer_iter()).enumerate().find_map(|(j, (xj, mj))| {
+        let bound = DIVERGENCE_FACTOR * rms(mj).max(1.0);
+        let r = rms(xj);
+        (!r.is_finite() || r > bound).then_some((j, r, bound))
+    })
 }
 
 /// What the loop needs to know about the model besides its outputs.
@@ -112,6 +148,10 @@ pub fn sample(
             guidance,
             model.learn_sigma,
         );
+        if let Some((sample, rms, bound)) = runaway(x.view(), modes) {
+            let guidance_scale = guidance.guidance_scale;
+            return Err(SampleError::Diverged { sample, step: i, timestep, rms, bound, guidance_scale });
+        }
         timings.maths += model_done.elapsed();
         observe(k, x.view());
     }
@@ -232,6 +272,52 @@ mod tests {
         assert!(guided < 0.25 * unguided, "mean squared distances {guided} vs {unguided}");
         // t_stop = S is plain DiT sampling, whatever λ is.
         assert_eq!(run(20, 0.5), run(0, 0.0));
+    }
+
+    /// [`GaussianData`], except that from timestep `from_t` on, samples labelled `bad` get ε = `eps`.
+    struct BreaksAt {
+        inner: GaussianData,
+        bad: i64,
+        from_t: i64,
+        eps: f32,
+    }
+
+    impl Denoiser for BreaksAt {
+        fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError> {
+            let mut out = self.inner.predict(x, t, y)?;
+            let c = x.dim().1;
+            for (b, mut row) in out.outer_iter_mut().enumerate() {
+                if y[b] == self.bad && t[b] <= self.from_t {
+                    row.slice_mut(s![..c, .., ..]).fill(self.eps);
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn a_diverging_or_non_finite_sample_is_an_error_naming_it_and_the_step() {
+        let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
+        let modes = Array4::zeros((3, 4, 2, 2));
+        let cfg = GuidanceConfig { stop_guidance: 2, ..Default::default() };
+        let run = |eps: f32| {
+            let mut model = BreaksAt { inner: GaussianData::new(), bad: 7, from_t: 500, eps };
+            sample(&mut model, &schedule, &cfg, SPEC, &[3, 7, 3], modes.view(), noise(3, 5).view(), |_, _| {})
+        };
+        // Timesteps 999, 749, 500, ...: the third step (i = 2, t = 500) is the first with the broken ε.
+        for eps in [f32::NAN, 1e4] {
+            match run(eps) {
+                Err(SampleError::Diverged { sample: 1, step: 2, timestep: 500, rms, bound, .. }) => {
+                    assert!(rms.is_nan() || rms > bound, "rms {rms} bound {bound}");
+                    assert_eq!(bound, DIVERGENCE_FACTOR);
+                }
+                other => panic!("ε = {eps}: {other:?}"),
+            }
+        }
+        let err = run(f32::NAN).unwrap_err().offset_sample(8);
+        assert!(matches!(err, SampleError::Diverged { sample: 9, .. }));
+        assert!(err.to_string().contains("sample 9 diverged at step i = 2 (t = 500)"), "{err}");
+        assert!(err.to_string().contains("λ = 0.1"), "{err}");
     }
 
     #[test]
