@@ -19,8 +19,23 @@ set.  The synthetic sets come from
       --vae-encoder ... --vae-decoder ... --out <dir> --seed <s> --guidance-scale 0.1 \\
       --stop-guidance 25 --steps 50 --cfg-scale 4 --cfg-channels 4
 
-(one call per class; <dir>/<NN_name>/<j>.png, 32x32 grey).  Existing complete outputs are reused
-unless --force.
+(one call per class; <dir>/<NN_name>/<j>.png, 32x32 grey).  <dir> is named after every setting that
+decides the images plus a digest of the three model files, e.g.
+out/bench_quality/mgd3_l0.1_t25_s50_cfg4x4_<digest>/ipc10_seed0, so complete outputs are reused (unless
+--force) only for the very same settings and models.
+
+Sensitivity: several --guidance-scale and --t-stop values make a grid of MGD3 sets, each labelled
+`mgd3 l=<lambda> t=<t_stop>`; --methods picks the sets to build, e.g.
+
+    bench_quality.py --ipcs 10 --guidance-scale 0.05 0.1 0.2 --t-stop 0 15 25 35 --methods mgd3 unguided
+
+A set the worker refuses because a guided latent ran away (lambda too large for the model; the worker
+names the class, sample and step) is reported as diverged, with the worker's message in the JSON, and the
+run goes on.
+
+Besides the table, every MGD3 set is compared with the unguided set of the same seed (same classifier
+initialisation, same test set): the mean +- std of the per-seed accuracy difference and on how many
+seeds MGD3 was better.
 
 It also reports the MGD3 paper's diversity and representativeness, computed here in the VAE's
 (scaled) latent space, on the encoder's posterior mean -- the paper measures them in a 2-D t-SNE
@@ -30,7 +45,7 @@ embedding; this uses the latent space directly:
   representativeness (distance)    = mean distance to its 50 nearest real training images of its
                                      class (a real-set image's own copy is left out)
 
-Both are min-max normalised per comparison (the pooled per-image values of the three methods at one
+Both are min-max normalised per comparison (the pooled per-image values of the sets compared at one
 IPC and seed), averaged over images and classes, then over seeds.  Higher diversity is better; a
 lower representativeness distance is better (the table also shows 1 - normalised distance, higher =
 more representative).  Raw (unnormalised) latent distances are in the JSON.
@@ -44,6 +59,7 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -136,16 +152,50 @@ def load_test(a, classes):
 # synthetic sets from the Rust worker
 # ---------------------------------------------------------------------------
 
-def distil(a, method: str, ipc: int, seed: int, classes) -> str:
-    out = os.path.join(a.work_dir, f"{method}_ipc{ipc}_seed{seed}")
-    stop = a.t_stop if method == "mgd3" else a.steps
+def models_tag(a) -> str:
+    """Short digest of the three model files, so that outputs of other models are never reused."""
+    h = hashlib.sha256()
+    for p in (a.dit, a.vae_encoder, a.vae_decoder):
+        with open(p, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:10]
+
+
+def set_specs(a):
+    """(label, guidance scale, t_stop) of every synthetic or real set, in table order.
+
+    The MGD3 label is plain `mgd3` for a single (lambda, t_stop); a grid labels each cell."""
+    specs = []
+    if "mgd3" in a.methods:
+        grid = [(g, t) for g in a.guidance_scale for t in a.t_stop]
+        for g, t in grid:
+            specs.append(("mgd3" if len(grid) == 1 else f"mgd3 l={g:g} t={t}", g, t))
+    if "unguided" in a.methods:
+        specs.append(("unguided", 0.0, a.steps))
+    if "real" in a.methods:
+        specs.append(("real", None, None))
+    return specs
+
+
+class Diverged(Exception):
+    """The worker refused the set: a sample's guided latent ran away (lambda too large for the model)."""
+
+
+def distil(a, label: str, guidance: float, stop: int, ipc: int, seed: int, classes) -> str:
+    """Runs the worker for every class whose images are missing; returns the set's folder.
+
+    The folder name carries every setting that decides the images (and the models' digest), so a run with
+    other settings never picks up stale outputs."""
+    kind = "unguided" if label == "unguided" else f"mgd3_l{guidance:g}_t{stop}"
+    out = os.path.join(a.work_dir, f"{kind}_s{a.steps}_cfg{a.cfg_scale:g}x{a.cfg_channels}_{a.models_tag}",
+                       f"ipc{ipc}_seed{seed}")
     for k, c in enumerate(classes):
         have = [os.path.join(out, c, f"{j}.png") for j in range(ipc)]
         if not a.force and all(os.path.exists(p) for p in have):
             continue
         cmd = [a.worker, "distill-class", "--data", os.path.join(a.data, "train"), "--class", c, "--label", str(k),
                "--ipc", str(ipc), "--dit", a.dit, "--vae-encoder", a.vae_encoder, "--vae-decoder", a.vae_decoder,
-               "--out", out, "--seed", str(seed), "--guidance-scale", str(a.guidance_scale),
+               "--out", out, "--seed", str(seed), "--guidance-scale", str(guidance),
                "--stop-guidance", str(stop), "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale),
                "--cfg-channels", str(a.cfg_channels)]
         if a.latent_cache:
@@ -153,6 +203,8 @@ def distil(a, method: str, ipc: int, seed: int, classes) -> str:
         if a.worker_threads:
             cmd += ["--threads", str(a.worker_threads)]
         r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 and "diverged at step" in r.stderr:
+            raise Diverged(r.stderr.strip().splitlines()[-1].removeprefix("error: "))
         if r.returncode != 0:
             sys.stderr.write(r.stdout[-2000:] + r.stderr[-4000:])
             raise SystemExit(f"worker failed ({r.returncode}): {' '.join(cmd)}")
@@ -325,8 +377,11 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--quick", action="store_true", help="1 seed, IPC 10, 60 epochs, 2000 test images")
-    ap.add_argument("--guidance-scale", type=float, default=0.1)
-    ap.add_argument("--t-stop", type=int, default=25)
+    ap.add_argument("--guidance-scale", type=float, nargs="+", default=[0.1],
+                    help="MGD3 lambda; several values (with --t-stop) make a grid of MGD3 sets")
+    ap.add_argument("--t-stop", type=int, nargs="+", default=[25], help="MGD3 t_stop; several values make a grid")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="training sets to build (default: all three)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--cfg-channels", type=int, default=4)
@@ -356,6 +411,8 @@ def main():
     for p in (a.worker, a.dit, a.vae_encoder, a.vae_decoder):
         if not os.path.exists(p):
             raise SystemExit(f"missing {p}")
+    a.models_tag = models_tag(a)
+    specs = set_specs(a)
     torch.set_num_threads(a.threads)
     os.makedirs(a.work_dir, exist_ok=True)
     classes = class_folders(os.path.join(a.data, "train"))
@@ -379,14 +436,19 @@ def main():
     for ipc in a.ipcs:
         for seed in a.seeds:
             sets = {}
-            for method in METHODS:
+            for label, guidance, stop in specs:
                 t = time.time()
-                if method == "real":
-                    sets[method] = real_subset(a, ipc, seed, classes)
-                else:
-                    sets[method] = load_set(distil(a, method, ipc, seed, classes), ipc, classes)
-                if method != "real":
-                    log(f"IPC {ipc} seed {seed}: {method} set ready ({time.time() - t:.0f}s)")
+                if label == "real":
+                    sets[label] = real_subset(a, ipc, seed, classes)
+                    continue
+                try:
+                    folder = distil(a, label, guidance, stop, ipc, seed, classes)
+                except Diverged as e:
+                    runs.append(dict(ipc=ipc, seed=seed, method=label, acc=None, diverged=str(e)))
+                    log(f"IPC {ipc} seed {seed}: {label} diverged, no set: {e}")
+                    continue
+                sets[label] = load_set(folder, ipc, classes)
+                log(f"IPC {ipc} seed {seed}: {label} set ready ({time.time() - t:.0f}s)")
             raw_div, raw_rep = {}, {}
             for method, (x, y, paths) in sets.items():
                 raw_div[method], raw_rep[method] = latent_metrics(enc(x), y, paths, real_pool, a.knn)
@@ -402,11 +464,17 @@ def main():
                 log(f"IPC {ipc:3d} seed {seed} {method:9s} acc {acc * 100:6.2f}%  diversity {row['diversity']:.3f} "
                     f"repr.distance {row['repr_distance']:.3f}  (raw {row['raw_diversity']:.3f} / "
                     f"{row['raw_repr_distance']:.3f}; {row['train_s']:.0f}s)")
+            if len(specs) > 1:
+                log(f"IPC {ipc} seed {seed} done")
 
     summary = []
     for ipc in a.ipcs:
-        for method in METHODS:
+        for method, _, _ in specs:
             rs = [r for r in runs if r["ipc"] == ipc and r["method"] == method]
+            if any(r["acc"] is None for r in rs):
+                summary.append(dict(ipc=ipc, method=method, seeds=len(rs), diverged=True,
+                                    diverged_seeds=sum(r["acc"] is None for r in rs)))
+                continue
             acc = np.array([r["acc"] for r in rs]) * 100
             f = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
             summary.append(dict(ipc=ipc, method=method, seeds=len(rs), acc_mean=float(acc.mean()),
@@ -415,26 +483,52 @@ def main():
                                 representativeness=1.0 - f("repr_distance"), raw_diversity=f("raw_diversity"),
                                 raw_repr_distance=f("raw_repr_distance")))
 
+    # Same seed = same classifier initialisation and test set, so the per-seed difference is the fair comparison.
+    paired = []
+    for ipc in a.ipcs:
+        base = {r["seed"]: r["acc"] for r in runs if r["ipc"] == ipc and r["method"] == "unguided"}
+        for method, _, _ in specs:
+            if not method.startswith("mgd3") or not base or None in base.values():
+                continue
+            d = np.array([(r["acc"] - base[r["seed"]]) * 100 for r in runs
+                          if r["ipc"] == ipc and r["method"] == method and r["acc"] is not None])
+            if len(d) == 0:
+                continue
+            paired.append(dict(ipc=ipc, method=method, vs="unguided", delta_mean=float(d.mean()),
+                               delta_std=float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                               wins=int((d > 0).sum()), seeds=len(d)))
+
     note = ("diversity = latent distance to the nearest other image of the same class in the set (higher = more "
             "diverse); representativeness distance = mean latent distance to the 50 nearest real images of the "
             "class (lower = more representative; 'repr.' = 1 - normalised distance); both min-max normalised per "
-            "comparison (IPC, seed) over the three methods, then averaged. The MGD3 paper measures them in a "
+            "comparison (IPC, seed) over the sets compared, then averaged. The MGD3 paper measures them in a "
             "2-D t-SNE space; this uses the VAE latent space (scaled posterior means, 4x8x8) directly.")
     print()
     print(f"Fashion-MNIST, test: {test_desc}; classifier: ConvNet-3 (32/64/64), {a.epochs} epochs, "
           f"seeds {a.seeds}")
-    hdr = f"{'IPC':>4} {'method':<9} {'accuracy %':>15} {'diversity':>10} {'repr.dist':>10} {'repr.':>7} " \
+    width = max(9, *(len(m) for m, _, _ in specs))
+    hdr = f"{'IPC':>4} {'method':<{width}} {'accuracy %':>15} {'diversity':>10} {'repr.dist':>10} {'repr.':>7} " \
           f"{'raw div':>8} {'raw rdist':>9}"
     print(hdr)
     print("-" * len(hdr))
     for s in summary:
-        print(f"{s['ipc']:>4} {s['method']:<9} {s['acc_mean']:>7.2f} ± {s['acc_std']:<5.2f} {s['diversity']:>10.3f} "
+        if s.get("diverged"):
+            print(f"{s['ipc']:>4} {s['method']:<{width}} diverged on {s['diverged_seeds']}/{s['seeds']} seeds: "
+                  "the worker refused the set (a guided latent ran away; lambda too large for this model)")
+            continue
+        print(f"{s['ipc']:>4} {s['method']:<{width}} {s['acc_mean']:>7.2f} ± {s['acc_std']:<5.2f} {s['diversity']:>10.3f} "
               f"{s['repr_distance']:>10.3f} {s['representativeness']:>7.3f} {s['raw_diversity']:>8.3f} "
               f"{s['raw_repr_distance']:>9.3f}")
+    if paired:
+        print()
+        print("accuracy minus unguided, paired by seed (percentage points):")
+        for p in paired:
+            print(f"{p['ipc']:>4} {p['method']:<{width}} {p['delta_mean']:+7.2f} ± {p['delta_std']:<5.2f} "
+                  f"better on {p['wins']}/{p['seeds']} seeds")
     print()
     print("Note:", note)
     result = dict(config={k: v for k, v in vars(a).items()}, test_set=test_desc, note=note, summary=summary,
-                  runs=runs, total_s=round(time.time() - T0, 1))
+                  paired=paired, runs=runs, total_s=round(time.time() - T0, 1))
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")

@@ -190,8 +190,11 @@ def run_dit(sess, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def sample(sess, sch: Schedule, num_classes: int, modes: np.ndarray, noise: np.ndarray, label: int,
-           t_stop: int, lam: float, cfg_scale: float, cfg_channels: int) -> np.ndarray:
-    """Returns the trajectory [N, S+1, C, h, w]: [:, 0] = x_T, [:, k] = x after the k-th step."""
+           t_stop: int, lam: float, cfg_scale: float, cfg_channels: int, trace=None) -> np.ndarray:
+    """Returns the trajectory [N, S+1, C, h, w]: [:, 0] = x_T, [:, k] = x after the k-th step.
+
+    trace(i, x, x0, g, sigma), if given, sees every step's input latent, predicted x0, guidance term
+    (None when inactive) and sigma."""
     n, s1 = noise.shape[:2]
     S = s1 - 1
     assert S == sch.S
@@ -216,11 +219,10 @@ def sample(sess, sch: Schedule, num_classes: int, modes: np.ndarray, noise: np.n
         sigma = np.exp(half * logvar)
         x0 = sch.f32("sqrt_recip_abar", i) * x - sch.f32("sqrt_recipm1_abar", i) * eps
         mu = sch.f32("c1", i) * x0 + sch.f32("c2", i) * x
-        if i > t_stop:
-            g = ((-(x0 - modes)) * lam32) * sigma
-            xn = mu + g
-        else:
-            xn = mu
+        g = ((-(x0 - modes)) * lam32) * sigma if i > t_stop else None
+        if trace is not None:
+            trace(i, x, x0, g, sigma)
+        xn = mu + g if g is not None else mu
         if i > 0:
             xn = xn + sigma * noise[:, k]
         x = xn.astype(np.float32)
