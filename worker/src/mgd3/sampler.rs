@@ -63,12 +63,18 @@ impl SampleError {
 /// sample and step instead of writing saturated images.
 pub const DIVERGENCE_FACTOR: f32 = 10.0;
 
-/// The first sample of `x` whose latent is non-finite or beyond [`DIVERGENCE_FACTOR`] × its data
-/// scale, with its RMS and bound.
-fn runaway(x: ArrayView4<f32>, modes: ArrayView4<f32>) -> Option<(usize, f32, f32)> {
-    let rms = |a: ArrayView3<f32>| (a.iter().map(|v| v * v).sum::<f32>() / a.len().max(1) as f32).sqrt();
-    x.outer_iter().zip(modes.outer_iter()).enumerate().find_map(|(j, (xj, mj))| {
-        let bound = DIVERGENCE_FACTOR * rms(mj).max(1.0);
+fn rms(a: ArrayView3<f32>) -> f32 {
+    (a.iter().map(|v| v * v).sum::<f32>() / a.len().max(1) as f32).sqrt()
+}
+
+/// Per sample, the latent RMS beyond which it has run away: [`DIVERGENCE_FACTOR`] × its data scale.
+fn divergence_bounds(modes: ArrayView4<f32>) -> Vec<f32> {
+    modes.outer_iter().map(|m| DIVERGENCE_FACTOR * rms(m).max(1.0)).collect()
+}
+
+/// The first sample of `x` whose latent is non-finite or beyond its bound, with its RMS and bound.
+fn runaway(x: ArrayView4<f32>, bounds: &[f32]) -> Option<(usize, f32, f32)> {
+    x.outer_iter().zip(bounds).enumerate().find_map(|(j, (xj, &bound))| {
         let r = rms(xj);
         (!r.is_finite() || r > bound).then_some((j, r, bound))
     })
@@ -122,6 +128,7 @@ pub fn sample(
     let out_channels = if model.learn_sigma { 2 * c } else { c };
     let pair_labels: Vec<i64> = labels.iter().copied().chain(std::iter::repeat_n(model.null_label, n)).collect();
     let mut timings = SampleTimings::default();
+    let bounds = divergence_bounds(modes);
     let mut x = noise.index_axis(Axis(1), 0).to_owned();
     for k in 1..=steps {
         let i = steps - k;
@@ -148,7 +155,7 @@ pub fn sample(
             guidance,
             model.learn_sigma,
         );
-        if let Some((sample, rms, bound)) = runaway(x.view(), modes) {
+        if let Some((sample, rms, bound)) = runaway(x.view(), &bounds) {
             let guidance_scale = guidance.guidance_scale;
             return Err(SampleError::Diverged { sample, step: i, timestep, rms, bound, guidance_scale });
         }
