@@ -5,9 +5,9 @@ reference step of parity_reference.py (not the Rust worker): shows where guidanc
     venv/bin/python scripts/guidance_trace.py                      # demo DiT, sandals, lambda 0.1 0.2 0.4
     venv/bin/python scripts/guidance_trace.py --class 08_bag --lambdas 0.1 0.3 --t-stop 10
 
-Modes are the scaled VAE posterior means of the first IPC training images of the class (a stand-in for
-k-means centroids: any on-manifold latent shows the effect); the noise is numpy default_rng(seed).  For
-each lambda it prints, at a few steps i, the RMS of the latent x_i, of x0_hat - mode, of the guidance
+Images get the worker's preprocessing (bench_quality.load_pngs, 32x32 grey).  Modes are the scaled VAE
+posterior means of the first IPC training images of the class (a stand-in for k-means centroids: any
+on-manifold latent shows the effect); the noise is numpy default_rng(seed).  For each lambda it prints, at a few steps i, the RMS of the latent x_i, of x0_hat - mode, of the guidance
 term lambda*sigma*(mode - x0_hat) and the mean sigma.  The worker fails a sample whose latent RMS exceeds
 10x its mode's (see worker/src/mgd3/sampler.rs), which a run-away trajectory crosses within a few steps.
 """
@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 import parity_reference as P
+from bench_quality import load_pngs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOW = (49, 48, 47, 46, 45, 42, 38, 34, 30, 26, 20, 10, 0)
@@ -45,21 +46,18 @@ def main():
     a = ap.parse_args()
 
     import onnxruntime as ort
-    from PIL import Image
 
     dit = P.session(os.path.join(a.models, "fashion_mnist_dit.onnx"))
     md = P.meta(dit)
     enc = ort.InferenceSession(os.path.join(a.models, "fashion_mnist_vae_encoder.onnx"),
                                providers=["CPUExecutionProvider"])
     emd = enc.get_modelmeta().custom_metadata_map
-    scale, size = float(emd["mgd3.scale_factor"]), int(emd["mgd3.image_size"])
+    scale = float(emd["mgd3.scale_factor"])
     files = sorted(glob.glob(os.path.join(a.data, a.cls, "*.png")))[: a.ipc]
     if len(files) < a.ipc:
         raise SystemExit(f"class `{a.cls}`: {len(files)} images under {a.data} (need {a.ipc})")
     label = a.label if a.label is not None else sorted(os.listdir(a.data)).index(a.cls)
-    images = np.stack([(np.asarray(Image.open(f).convert("L").resize((size, size), Image.BICUBIC), np.float32)
-                        / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5) for f in files])[:, None]
-    modes = enc.run(["mean"], {"image": images})[0] * np.float32(scale)
+    modes = enc.run(["mean"], {"image": load_pngs(files)})[0] * np.float32(scale)
     sch = P.Schedule(int(md["mgd3.train_timesteps"]), P.STEPS, float(md["mgd3.beta_start"]),
                      float(md["mgd3.beta_end"]))
     noise = np.random.default_rng(a.seed).standard_normal((a.ipc, P.STEPS + 1) + modes.shape[1:]).astype(np.float32)

@@ -115,22 +115,32 @@ def build_vae():
     return AutoencoderKL(**VAE_CONFIG)
 
 
+def warmup_cosine(opt, steps: int, warm: int, floor: float):
+    """Linear warm-up over `warm` steps, then cosine decay from 1 to `floor` at `steps`."""
+    def factor(k):
+        cosine = 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
+        return min(1.0, (k + 1) / warm) * (floor + (1 - floor) * cosine)
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def batch_indices(n: int, bs: int, steps: int, g: torch.Generator):
+    """`steps` batches of `bs` indices into n items: a fresh permutation whenever one runs out."""
+    perm, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos:pos + bs]
+        pos += bs
+
+
 def train_vae(vae, x: torch.Tensor, steps: int, bs: int, lr: float, kl_weight: float, g: torch.Generator,
               curve: list):
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    warm = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))))
+    sched = warmup_cosine(opt, steps, warm=100, floor=0.05)
     vae.train()
-    n = len(x)
-    perm = torch.randperm(n, generator=g)
-    pos = 0
     acc = [0.0, 0.0, 0]
-    for it in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        xb = x[perm[pos:pos + bs]]
-        pos += bs
+    for it, idx in enumerate(batch_indices(len(x), bs, steps, g)):
+        xb = x[idx]
         post = vae.encode(xb).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
@@ -276,19 +286,10 @@ def train_dit(model, ema, mean: torch.Tensor, std: torch.Tensor, labels: torch.T
     diff = Diffusion()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))))
+    sched = warmup_cosine(opt, steps, warm=200, floor=0.1)
     model.train()
-    n = len(mean)
-    perm = torch.randperm(n, generator=g)
-    pos = 0
     acc = [0.0, 0.0, 0]
-    for it in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos:pos + bs]
-        pos += bs
+    for it, idx in enumerate(batch_indices(len(mean), bs, steps, g)):
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
         y = labels[idx].clone()
         y[torch.rand(bs, generator=g) < 0.1] = NUM_CLASSES
