@@ -38,6 +38,19 @@ pub enum Command {
     List(ListArgs),
     /// The embedded default: coordinator on loopback + N local workers + the job, awaited.
     Run(RunArgs),
+    /// Reads and validates a job.toml offline and prints it as JSON, relative paths resolved
+    /// against the spec's folder (`--get output` prints one setting: what scripts use instead of
+    /// parsing TOML themselves).
+    Spec(SpecArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    pub spec: PathBuf,
+    /// Print only this setting (a dotted path such as `output`, `ipc` or `sampling.steps`):
+    /// strings bare, anything else as JSON. Exits non-zero when the setting is not set.
+    #[arg(long)]
+    pub get: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +71,11 @@ pub struct ServeArgs {
     /// Worker heartbeat (poll) interval.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
+    /// Tell idle workers to exit whenever every job in the store has ended (including jobs that
+    /// had ended before the workers connected). For a coordinator started for one job, as
+    /// `scripts/slurm/distill.sbatch` does; a long-lived coordinator keeps its workers waiting.
+    #[arg(long)]
+    pub drain_when_done: bool,
 }
 
 /// How client commands reach the coordinator.
@@ -95,8 +113,13 @@ pub struct SubmitArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     pub job: Option<String>,
+    /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print only this field of the JSON status of JOB (a dotted path such as `state` or
+    /// `shards.done`): strings bare, anything else as JSON.
+    #[arg(long, requires = "job", conflicts_with = "json")]
+    pub get: Option<String>,
     #[command(flatten)]
     pub connection: Connection,
 }
@@ -250,6 +273,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let listener =
                 TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
             let coordinator = Coordinator::open(&config.store_url, config.heartbeat_ms).await?;
+            if args.drain_when_done {
+                coordinator.drain_when_done();
+            }
             serve(coordinator, &config, listener, termination()).await?;
             Ok(())
         }
@@ -286,7 +312,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                         .jobs
                 }
             };
-            if args.json {
+            if let Some(path) = &args.get {
+                let value = statuses.first().map(status_json).unwrap_or_default();
+                println!(
+                    "{}",
+                    get_field(&value, path).with_context(|| format!("the job status has no field `{path}`"))?
+                );
+            } else if args.json {
                 let value: Vec<_> = statuses.iter().map(status_json).collect();
                 let value =
                     if args.job.is_some() { value.into_iter().next().unwrap_or_default() } else { value.into() };
@@ -340,6 +372,34 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => run_local(args).await,
+        Command::Spec(args) => {
+            let (text, base) = read_spec(&args.spec)?;
+            let mut spec = mgd3_common::job::JobSpec::from_toml(&text)
+                .with_context(|| format!("job spec `{}`", args.spec.display()))?;
+            spec.resolve_paths(Path::new(&base));
+            spec.validate().with_context(|| format!("job spec `{}`", args.spec.display()))?;
+            let value = serde_json::to_value(&spec)?;
+            match &args.get {
+                Some(path) => println!(
+                    "{}",
+                    get_field(&value, path)
+                        .with_context(|| format!("`{path}` is not set in `{}`", args.spec.display()))?
+                ),
+                None => println!("{}", serde_json::to_string_pretty(&value)?),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One field of a JSON document by dotted path, for scripts: a string bare, anything else as
+/// compact JSON; `None` when absent or null.
+fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
+    let field = path.split('.').try_fold(value, |v, key| v.get(key))?;
+    match field {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
     }
 }
 

@@ -175,6 +175,8 @@ pub struct Scheduler {
     workers: HashMap<String, u64>,
     heartbeat_ms: u64,
     draining: bool,
+    /// Drain idle workers whenever every job has ended (`serve --drain-when-done`).
+    drain_when_done: bool,
     next_lease: u64,
     /// Distinguishes lease ids across coordinator restarts.
     epoch: String,
@@ -189,6 +191,7 @@ impl Scheduler {
             workers: HashMap::new(),
             heartbeat_ms,
             draining: false,
+            drain_when_done: false,
             next_lease: 0,
             epoch: epoch.into(),
         }
@@ -201,6 +204,19 @@ impl Scheduler {
     /// From now on idle workers are told to drain (exit).
     pub fn drain(&mut self) {
         self.draining = true;
+    }
+
+    /// From now on idle workers are told to drain whenever at least one job is known and none is
+    /// running (a new submission stops the draining again). Used by launchers that start a
+    /// coordinator for one job (`distill.sbatch`): its workers exit once the job has ended, also
+    /// when the job had already ended before they connected.
+    pub fn drain_when_done(&mut self) {
+        self.drain_when_done = true;
+    }
+
+    /// True when at least one job is known and every job has ended.
+    fn all_done(&self) -> bool {
+        !self.jobs.is_empty() && self.jobs.values().all(|run| run.state() != JobState::Running)
     }
 
     /// Adds a job (new, or recovered with its persisted state). `committed` are the shards whose
@@ -308,7 +324,7 @@ impl Scheduler {
         if holds {
             return (PollDecision::Wait(self.heartbeat_ms), revoked);
         }
-        if draining || self.draining {
+        if draining || self.draining || (self.drain_when_done && self.all_done()) {
             return (PollDecision::Drain, revoked);
         }
         match self.grant(worker_id, now) {
@@ -752,5 +768,36 @@ mod tests {
         assert_eq!(c.attempt, 1, "exclusion does not spend an attempt");
         s.drain();
         assert_eq!(s.poll("idle", &[], false, 8).0, PollDecision::Drain);
+    }
+
+    #[test]
+    fn drain_when_done_drains_idle_workers_once_every_job_has_ended() {
+        let mut s = Scheduler::new(1000, "e");
+        s.drain_when_done();
+        // No job yet: workers that connect early wait for one.
+        assert_eq!(s.poll("w", &[], false, 0).0, PollDecision::Wait(1000));
+        s.add_job(job("j", 2, 1, 1), None, &HashSet::new(), 0);
+        let a = lease(s.poll("w", &[], false, 1).0);
+        let b = lease(s.poll("v", &[], false, 1).0);
+        s.complete("w", &a.lease_id, 2).unwrap();
+        // One shard still running: the idle worker waits, the holder keeps its lease.
+        assert_eq!(s.poll("w", &[], false, 3).0, PollDecision::Wait(1000));
+        let held = [Running { lease_id: b.lease_id.clone(), images_done: 0 }];
+        assert_eq!(s.poll("v", &held, false, 3).0, PollDecision::Wait(1000));
+        s.complete("v", &b.lease_id, 4).unwrap();
+        assert_eq!(s.state("j"), Some(JobState::Succeeded));
+        assert_eq!(s.poll("w", &[], false, 5).0, PollDecision::Drain);
+        // A job that had ended before a worker connected (a requeued allocation) drains it at once.
+        let mut recovered = Scheduler::new(1000, "e2");
+        recovered.drain_when_done();
+        recovered.add_job(job("j", 2, 1, 1), None, &HashSet::from([0, 1]), 10);
+        assert_eq!(recovered.poll("late", &[], false, 11).0, PollDecision::Drain);
+        // A new job stops the draining.
+        recovered.add_job(job("k", 1, 1, 1), None, &HashSet::new(), 12);
+        assert!(matches!(recovered.poll("late", &[], false, 13).0, PollDecision::Lease(_)));
+        // Without the setting, idle workers wait for the next job.
+        let mut plain = Scheduler::new(1000, "e3");
+        plain.add_job(job("j", 1, 1, 1), None, &HashSet::from([0]), 0);
+        assert_eq!(plain.poll("w", &[], false, 1).0, PollDecision::Wait(1000));
     }
 }

@@ -85,6 +85,10 @@ impl Coordinator {
             }
             coordinator.mark_dirty(&id);
         }
+        // Write what recovery settled (the manifests of jobs that finished while no coordinator
+        // ran) before serving, so the first status of a finished job already says so; what
+        // cannot be written now is retried by the background task.
+        coordinator.flush().await;
         Ok(coordinator)
     }
 
@@ -185,6 +189,12 @@ impl Coordinator {
     /// Tells idle workers to exit from now on.
     pub fn drain(&self) {
         self.inner.scheduler.lock().expect("scheduler").drain();
+    }
+
+    /// Tells idle workers to exit whenever every job has ended (see
+    /// [`Scheduler::drain_when_done`]).
+    pub fn drain_when_done(&self) {
+        self.inner.scheduler.lock().expect("scheduler").drain_when_done();
     }
 
     /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards).

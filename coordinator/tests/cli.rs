@@ -83,3 +83,59 @@ fn run_names_a_missing_worker_binary() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/worker"));
 }
+
+const GOOD_SPEC: &str = r#"
+dataset = "data"
+classes = ["a", "b"]
+labels = "position"
+ipc = 2
+[sampling]
+steps = 50
+[models]
+dit = "d.onnx"
+vae_encoder = "e.onnx"
+vae_decoder = "x.onnx"
+"#;
+
+/// Scripts ask `coordinator spec` for settings instead of parsing TOML: every way TOML allows to
+/// write a value gives the same answer, relative paths resolved against the spec's folder.
+#[test]
+fn spec_get_reads_settings_as_toml_defines_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    let root = std::path::absolute(dir.path()).unwrap();
+    let get = |text: &str, key: &str| {
+        std::fs::write(&spec, text).unwrap();
+        let out = coordinator(&["spec", spec.to_str().unwrap(), "--get", key]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let expected = format!("{}\n", root.join("out").display());
+    for line in [
+        r#"output = "out""#,
+        "output = 'out'",
+        r#"output = "out"   # old"#,
+        r#"output = "./x/../out""#,
+        "output=\"out\"\r",
+        "\"output\" = \"out\"",
+    ] {
+        let (ok, stdout, stderr) = get(&format!("{line}\n{GOOD_SPEC}"), "output");
+        assert!(ok, "{line:?}: {stderr}");
+        assert_eq!(stdout, expected, "{line:?}");
+    }
+    let (ok, stdout, _) = get(&format!("output = \"s3://bucket/my data\"\n{GOOD_SPEC}"), "output");
+    assert!(ok);
+    assert_eq!(stdout, "s3://bucket/my data\n");
+    let (ok, stdout, _) = get(GOOD_SPEC, "sampling.steps");
+    assert!(ok);
+    assert_eq!(stdout, "50\n");
+    // Not set: a non-zero exit naming the setting, nothing on stdout.
+    let (ok, stdout, stderr) = get(GOOD_SPEC, "output");
+    assert!(!ok && stdout.is_empty() && stderr.contains("`output` is not set"), "{stderr}");
+    // An invalid spec is refused as `submit` would refuse it.
+    let (ok, _, stderr) = get(&GOOD_SPEC.replace("ipc = 2", "ipc = 0"), "output");
+    assert!(!ok && stderr.contains("`ipc`"), "{stderr}");
+}

@@ -41,7 +41,7 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     workers[0].0.kill().unwrap(); // SIGKILL, mid-shard
     std::thread::sleep(Duration::from_millis(300));
     coordinator.0.kill().unwrap();
-    coordinator.0.wait().unwrap();
+    wait_exit(&mut coordinator.0, "the SIGKILLed coordinator", Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(1));
     let _restarted = serve(port, &store_url, &log, &[]);
     wait_for("the job to finish", Duration::from_secs(180), || {
@@ -61,7 +61,7 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
         terminate(&w.0);
     }
     for w in workers.iter_mut().skip(1) {
-        let status = w.0.wait().unwrap();
+        let status = wait_exit(&mut w.0, "a worker", Duration::from_secs(30));
         assert!(status.success(), "worker exit {status}");
     }
 
@@ -118,4 +118,58 @@ fn submit_wait_fails_naming_the_class_whose_folder_is_missing() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("missing_class") && text.contains("does not exist") && text.contains("failed"), "{text}");
     assert!(text.contains("2 done"), "the other classes still commit: {text}");
+}
+
+/// Slurm preemption signals the coordinator and its workers at once: a worker must end in bounded
+/// time whether its coordinator is gone or hung, idle or in the middle of a shard.
+#[test]
+fn a_signalled_worker_exits_in_bounded_time_when_its_coordinator_is_gone_or_hung() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 6, 8);
+    let store = scratch.path().join("store").display().to_string();
+    let log = scratch.path().join("coordinator.log");
+    let bound = Duration::from_secs(20);
+
+    // Never registered: no coordinator was ever there.
+    let mut lonely =
+        worker(&format!("http://127.0.0.1:{}", free_port()), "lonely", &scratch.path().join("w0.log"), &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    terminate(&lonely.0);
+    assert!(wait_exit(&mut lonely.0, "a worker that never reached its coordinator", bound).success());
+
+    // Registered and idle, then the coordinator is killed.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut coordinator = serve(port, &store, &log, &[]);
+    let idle_log = scratch.path().join("w1.log");
+    let mut idle = worker(&url, "idle", &idle_log, &[]);
+    wait_for("the idle worker to register", Duration::from_secs(60), || {
+        std::fs::read_to_string(&idle_log).unwrap_or_default().contains("registered")
+    });
+    coordinator.0.kill().unwrap();
+    wait_exit(&mut coordinator.0, "the SIGKILLed coordinator", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    terminate(&idle.0);
+    let started = std::time::Instant::now();
+    assert!(wait_exit(&mut idle.0, "an idle worker whose coordinator is gone", bound).success());
+    eprintln!("idle worker, coordinator gone: exited {:?} after SIGTERM", started.elapsed());
+
+    // Running a shard, then the coordinator hangs (SIGSTOP): the shard stops after its batch and
+    // the report is given up after a bounded time.
+    let coordinator = serve(port, &store, &log, &[]);
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 6, 4, 3, "")).unwrap();
+    let job = submit(&url, &spec_path);
+    let mut busy = worker(&url, "busy", &scratch.path().join("w2.log"), &[]);
+    wait_for("a running shard", Duration::from_secs(60), || {
+        status(&url, &job).is_some_and(|s| s["shards"]["running"].as_u64() == Some(1))
+    });
+    signal(&coordinator.0, 19);
+    terminate(&busy.0);
+    let started = std::time::Instant::now();
+    let exit = wait_exit(&mut busy.0, "a busy worker whose coordinator hangs", bound);
+    signal(&coordinator.0, 18);
+    assert!(exit.success(), "worker exit {exit}");
+    eprintln!("busy worker, coordinator hung: exited {:?} after SIGTERM", started.elapsed());
 }

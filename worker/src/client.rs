@@ -47,6 +47,57 @@ struct Running {
     task: JoinHandle<ShardOutcome>,
 }
 
+/// While shutting down, no RPC may hold the process longer than this: Slurm preemption signals
+/// the coordinator and its workers at once, so the coordinator may be gone or hung.
+const STOPPING_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shutdown signal, remembered once it has fired, so every wait and every RPC of the loop
+/// can race it and a stopping worker never waits for an unreachable or hung coordinator.
+struct Stop<F> {
+    signal: std::pin::Pin<Box<F>>,
+    fired: bool,
+}
+
+impl<F: Future<Output = ()>> Stop<F> {
+    fn new(signal: F) -> Self {
+        Stop { signal: Box::pin(signal), fired: false }
+    }
+
+    /// Resolves when the signal fires; never again afterwards.
+    async fn signalled(&mut self) {
+        if self.fired {
+            return std::future::pending().await;
+        }
+        self.signal.as_mut().await;
+        self.fired = true;
+    }
+
+    /// Runs `rpc`; once stopping, bounded by [`STOPPING_RPC_TIMEOUT`]. A signal that arrives
+    /// during the call abandons it (`Cancelled`), so the caller sees it at once.
+    async fn rpc<T>(&mut self, rpc: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+        if self.fired {
+            return tokio::time::timeout(STOPPING_RPC_TIMEOUT, rpc).await.unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded("the coordinator did not answer while the worker was stopping"))
+            });
+        }
+        tokio::select! {
+            result = rpc => result,
+            _ = self.signalled() => Err(tonic::Status::cancelled("shutdown signal during the call")),
+        }
+    }
+
+    /// Sleeps for `duration` unless the signal fires first.
+    async fn sleep(&mut self, duration: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = self.signalled() => {}
+        }
+    }
+}
+
+/// Tries at reporting a shard once stopping, each bounded by [`STOPPING_RPC_TIMEOUT`].
+const STOPPING_REPORT_ATTEMPTS: u32 = 2;
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((200u64 << attempt.min(6)).min(10_000))
 }
@@ -72,8 +123,7 @@ pub async fn run(
     let mut client =
         connect(&config.coordinator, config.token.as_deref(), config.tls_ca.as_deref()).map_err(ClientError::Config)?;
     let engine = Arc::new(Mutex::new(engine));
-    tokio::pin!(shutdown);
-    let mut stopping = false;
+    let mut stop = Stop::new(shutdown);
 
     // Register, retrying while the coordinator is unreachable.
     let mut attempt = 0;
@@ -86,17 +136,16 @@ pub async fn run(
             protocol_version: mgd3_common::PROTOCOL_VERSION,
             model_fingerprints: fingerprints,
         };
-        match client.register_worker(request).await {
+        match stop.rpc(client.register_worker(request)).await {
+            _ if stop.fired => return Ok(()),
             Ok(response) => {
                 break Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(50));
             }
             Err(status) if transient(&status) => {
                 warn!(worker = %config.worker_id, error = %status.message(), "coordinator unreachable; retrying");
                 attempt += 1;
-                tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
-                    _ = tokio::time::sleep(backoff(attempt)) => continue,
-                }
+                stop.sleep(backoff(attempt)).await;
+                continue;
             }
             Err(status) => {
                 return Err(ClientError::Rejected { worker: config.worker_id.clone(), status: status.to_string() });
@@ -111,23 +160,30 @@ pub async fn run(
     let mut wait = Duration::ZERO;
     let mut failures = 0u32;
     loop {
+        if stop.fired
+            && let Some(running) = &current
+        {
+            running.cancel.store(true, Ordering::Relaxed);
+        }
         tokio::select! {
-            _ = &mut shutdown, if !stopping => {
+            _ = stop.signalled() => {
                 info!(worker = %config.worker_id, "shutting down: stopping after the current batch");
-                stopping = true;
-                if let Some(running) = &current {
-                    running.cancel.store(true, Ordering::Relaxed);
-                }
                 continue;
             }
             outcome = async { (&mut current.as_mut().expect("guarded").task).await }, if current.is_some() => {
                 let running = current.take().expect("guarded");
                 let outcome = outcome.unwrap_or_else(|e| Err((None, ShardFailure::Retryable(format!("shard task panicked: {e}")))));
-                report(&mut client, &config, &running.lease, outcome, stopping).await;
+                report(&mut client, &config, &running.lease, outcome, &mut stop).await;
                 wait = Duration::ZERO;
                 continue;
             }
             _ = tokio::time::sleep(wait) => {}
+        }
+        if stop.fired && current.is_none() {
+            // Nothing left to release (a cancelled shard was reported above): exit without
+            // waiting for the coordinator, which may be down or stopping too.
+            info!(worker = %config.worker_id, "stopped");
+            return Ok(());
         }
         let running = current.iter().map(|r| proto::RunningLease {
             lease_id: r.lease.lease_id.clone(),
@@ -137,12 +193,17 @@ pub async fn run(
         let request = proto::PollWorkRequest {
             worker_id: config.worker_id.clone(),
             running: running.collect(),
-            draining: stopping,
+            draining: stop.fired,
         };
-        let response = match client.poll_work(request).await {
+        let response = match stop.rpc(client.poll_work(request)).await {
             Ok(response) => {
                 failures = 0;
                 response.into_inner()
+            }
+            // Stopping: the running shard (if any) is told to stop at the top of the loop.
+            Err(_) if stop.fired => {
+                wait = Duration::from_millis(100);
+                continue;
             }
             Err(status) => {
                 failures += 1;
@@ -169,7 +230,7 @@ pub async fn run(
                         retryable: false,
                         ..Default::default()
                     };
-                    let _ = client.fail_shard(failure).await;
+                    let _ = stop.rpc(client.fail_shard(failure)).await;
                     wait = Duration::ZERO;
                 }
             },
@@ -239,12 +300,21 @@ fn start(
     Ok(Running { lease: shard, images_done, cancel, task })
 }
 
-/// Reports a finished shard, retrying while the coordinator is unreachable (at most a few times
-/// when shutting down: the commits are in the store either way).
-async fn report(client: &mut Client, config: &WorkerConfig, lease: &ShardLease, outcome: ShardOutcome, stopping: bool) {
+/// Reports a finished shard, retrying while the coordinator is unreachable; once stopping, at
+/// most [`STOPPING_REPORT_ATTEMPTS`] bounded tries (the commits are in the store either way, and
+/// an unreported lease expires).
+async fn report<F: Future<Output = ()>>(
+    client: &mut Client,
+    config: &WorkerConfig,
+    lease: &ShardLease,
+    outcome: ShardOutcome,
+    stop: &mut Stop<F>,
+) {
     let worker_id = config.worker_id.clone();
     let lease_id = lease.lease_id.clone();
+    let mut stopping_attempts = 0;
     for attempt in 0.. {
+        stopping_attempts += stop.fired as u32;
         let result = match &outcome {
             Ok(report) => {
                 info!(lease = %lease_id, images = report.images, seconds = report.seconds, "shard done");
@@ -255,7 +325,7 @@ async fn report(client: &mut Client, config: &WorkerConfig, lease: &ShardLease, 
                     images: report.images,
                     seconds: report.seconds,
                 };
-                client.complete_shard(request).await.map(|_| ())
+                stop.rpc(client.complete_shard(request)).await.map(|_| ())
             }
             Err((wnid, failure)) => {
                 let (error, retryable, released, incompatible) = match failure {
@@ -276,14 +346,14 @@ async fn report(client: &mut Client, config: &WorkerConfig, lease: &ShardLease, 
                     wnid: wnid.clone().unwrap_or_default(),
                     incompatible,
                 };
-                client.fail_shard(request).await.map(|_| ())
+                stop.rpc(client.fail_shard(request)).await.map(|_| ())
             }
         };
         match result {
             Ok(()) => return,
-            Err(status) if transient(&status) && !(stopping && attempt >= 3) => {
+            Err(status) if transient(&status) && stopping_attempts < STOPPING_REPORT_ATTEMPTS => {
                 warn!(lease = %lease_id, error = %status.message(), "could not report the shard; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
+                stop.sleep(backoff(attempt)).await;
             }
             Err(status) => {
                 warn!(lease = %lease_id, error = %status.message(), "shard report not accepted");

@@ -39,7 +39,7 @@ pub fn free_port() -> u16 {
 pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -170,5 +170,26 @@ unsafe extern "C" {
 
 /// Sends SIGTERM.
 pub fn terminate(child: &Child) {
-    unsafe { libc_kill(child.id() as i32, 15) };
+    signal(child, 15);
+}
+
+/// Sends a signal (SIGSTOP is 19, SIGCONT 18 on Linux).
+pub fn signal(child: &Child, signal: i32) {
+    unsafe { libc_kill(child.id() as i32, signal) };
+}
+
+/// Waits at most `timeout` for `child` to exit; a timeout kills it and fails naming `what`.
+pub fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} had not exited {timeout:?} after being stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
