@@ -93,12 +93,17 @@ pub fn resolve(text: &str, base: &std::path::Path) -> String {
     normal.display().to_string()
 }
 
-/// Opens the store a URL or local path names. Local folders are created when missing.
+/// Opens the store a URL or local path names. Local folders are created when missing; a
+/// relative path is resolved against the current folder, and the returned [`Location::url`] is
+/// the absolute path.
 pub fn open(url: &str) -> Result<Location, StoreError> {
     let bad = |problem: &str| StoreError::BadUrl { url: url.to_owned(), problem: problem.to_owned() };
     if !is_url(url) {
-        let path = std::path::absolute(url).map_err(|e| bad(&e.to_string()))?;
-        return open_local(url, &path);
+        // The location's URL is absolute: it is written into job records that other processes,
+        // started in other folders, read.
+        let cwd = std::env::current_dir().map_err(|e| bad(&e.to_string()))?;
+        let absolute = resolve(url, &cwd);
+        return open_local(&absolute, std::path::Path::new(&absolute));
     }
     let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     match parsed.scheme() {

@@ -44,8 +44,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("class `{wnid}` of shard {shard} has no commit marker; the shard is not complete")]
-    MissingMarker { shard: usize, wnid: String },
+    #[error(
+        "class `{wnid}` of shard {shard} has no commit marker in `{output}` as the coordinator sees it; the shard is not complete"
+    )]
+    MissingMarker { shard: usize, wnid: String, output: String },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -57,7 +59,9 @@ impl From<Error> for tonic::Status {
             Error::Job(_) | Error::FingerprintChanged { .. } | Error::JobIdTaken { .. } => {
                 tonic::Status::invalid_argument(message)
             }
-            Error::UnknownJob(_) => tonic::Status::not_found(message),
+            Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
+                tonic::Status::not_found(message)
+            }
             Error::Incompatible(_) | Error::Scheduler(_) | Error::MissingMarker { .. } => {
                 tonic::Status::failed_precondition(message)
             }

@@ -16,6 +16,10 @@ pub enum SchedulerError {
     StaleLease(String),
     #[error("lease `{lease}` belongs to worker `{owner}`, not `{caller}`")]
     NotOwner { lease: String, owner: String, caller: String },
+    #[error(
+        "worker `{0}` is not registered with this coordinator (it restarted, or the worker never registered): register first"
+    )]
+    UnknownWorker(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,15 +308,27 @@ impl Scheduler {
 
     /// Heartbeat, renewal and work request. Returns the decision and the reported leases that are
     /// no longer valid (the worker must stop them).
+    ///
+    /// Only registered workers poll, and the scheduler's own record of a worker's leases is the
+    /// truth: a lease it holds but no longer reports (it restarted, or never received the grant)
+    /// is released at once without spending an attempt, so a worker is never granted a second
+    /// shard while the first is still leased to it.
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownWorker`] when `worker_id` has not registered with this scheduler.
     pub fn poll(
         &mut self,
         worker_id: &str,
         running: &[Running],
         draining: bool,
         now: u64,
-    ) -> (PollDecision, Vec<String>) {
-        self.workers.insert(worker_id.to_owned(), now);
+    ) -> Result<(PollDecision, Vec<String>), SchedulerError> {
+        let Some(seen) = self.workers.get_mut(worker_id) else {
+            return Err(SchedulerError::UnknownWorker(worker_id.to_owned()));
+        };
+        *seen = now;
         self.expire(now);
+        self.release_forgotten(worker_id, running, now);
         let mut revoked = Vec::new();
         let mut holds = false;
         for r in running {
@@ -322,15 +338,37 @@ impl Scheduler {
             }
         }
         if holds {
-            return (PollDecision::Wait(self.heartbeat_ms), revoked);
+            return Ok((PollDecision::Wait(self.heartbeat_ms), revoked));
         }
         if draining || self.draining || (self.drain_when_done && self.all_done()) {
-            return (PollDecision::Drain, revoked);
+            return Ok((PollDecision::Drain, revoked));
         }
-        match self.grant(worker_id, now) {
+        Ok(match self.grant(worker_id, now) {
             Some(grant) => (PollDecision::Lease(grant), revoked),
             None => (PollDecision::Wait(self.heartbeat_ms), revoked),
-        }
+        })
+    }
+
+    /// Releases (without spending an attempt) the leases held by `worker_id` that it does not
+    /// report as running. Returns the jobs whose state changed.
+    fn release_forgotten(&mut self, worker_id: &str, running: &[Running], now: u64) -> Vec<(String, Settled)> {
+        let forgotten: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(lease, _)| !running.iter().any(|r| &r.lease_id == *lease))
+            .filter(|(_, (job, shard))| {
+                matches!(&self.jobs[job].persisted.shards[*shard].state, ShardState::Leased { worker_id: owner, .. } if owner == worker_id)
+            })
+            .map(|(lease, _)| lease.clone())
+            .collect();
+        forgotten
+            .into_iter()
+            .filter_map(|lease| {
+                let (job, shard) = self.leases.remove(&lease)?;
+                let error = format!("worker `{worker_id}` no longer runs lease `{lease}`");
+                Some((job.clone(), self.requeue_or_fail(&job, shard, None, error, true, true, now)))
+            })
+            .collect()
     }
 
     fn renew(&mut self, worker_id: &str, running: &Running, now: u64) -> bool {
@@ -647,6 +685,12 @@ mod tests {
         Arc::new(ResolvedJob { job_id: id.into(), fingerprint: "fp".into(), spec, classes, shards, created_unix_ms: 0 })
     }
 
+    /// Registers (idempotently) and polls, as a worker does.
+    fn poll(s: &mut Scheduler, w: &str, running: &[Running], draining: bool, now: u64) -> (PollDecision, Vec<String>) {
+        s.register(w, now);
+        s.poll(w, running, draining, now).unwrap()
+    }
+
     fn lease(d: PollDecision) -> LeaseGrant {
         match d {
             PollDecision::Lease(l) => l,
@@ -658,19 +702,19 @@ mod tests {
     fn shards_are_leased_once_renewed_and_completed() {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 3, 1, 3), None, &HashSet::new(), 0);
-        let a = lease(s.poll("w1", &[], false, 0).0);
-        let b = lease(s.poll("w2", &[], false, 0).0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        let b = lease(poll(&mut s, "w2", &[], false, 0).0);
         assert_ne!(a.shard_index, b.shard_index);
-        let c = lease(s.poll("w3", &[], false, 0).0);
+        let c = lease(poll(&mut s, "w3", &[], false, 0).0);
         assert_eq!(s.complete("w3", &c.lease_id, 1).unwrap().1, Settled::Open);
         // A worker holding a lease gets no second one.
         let running = [Running { lease_id: a.lease_id.clone(), images_done: 1 }];
-        assert_eq!(s.poll("w1", &running, false, 5_000).0, PollDecision::Wait(1000));
+        assert_eq!(poll(&mut s, "w1", &running, false, 5_000).0, PollDecision::Wait(1000));
         // Renewed at 5 s: still held at 12 s; w2's lease (deadline 10 s) expired.
-        let (decision, revoked) = s.poll("w1", &running, false, 12_000);
+        let (decision, revoked) = poll(&mut s, "w1", &running, false, 12_000);
         assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![]));
         let (decision, revoked) =
-            s.poll("w2", &[Running { lease_id: b.lease_id.clone(), images_done: 0 }], false, 12_000);
+            poll(&mut s, "w2", &[Running { lease_id: b.lease_id.clone(), images_done: 0 }], false, 12_000);
         assert_eq!(revoked, vec![b.lease_id.clone()]);
         // The expired shard is leased again, as a second attempt.
         let retry = lease(decision);
@@ -687,13 +731,13 @@ mod tests {
     fn attempt_budget_fails_the_job_naming_the_shard() {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 2, 1, 2), None, &HashSet::new(), 0);
-        let first = lease(s.poll("w", &[], false, 0).0);
+        let first = lease(poll(&mut s, "w", &[], false, 0).0);
         assert_eq!(first.shard_index, 0);
         s.fail("w", &first.lease_id, Some("c0".into()), "decode error".into(), true, false, 1).unwrap();
-        let again = lease(s.poll("w", &[], false, 2).0);
+        let again = lease(poll(&mut s, "w", &[], false, 2).0);
         assert_eq!((again.shard_index, again.attempt), (0, 2));
         s.fail("w", &again.lease_id, Some("c0".into()), "decode error".into(), true, false, 3).unwrap();
-        let other = lease(s.poll("w", &[], false, 4).0);
+        let other = lease(poll(&mut s, "w", &[], false, 4).0);
         assert_eq!(other.shard_index, 1);
         let (_, settled) = s.complete("w", &other.lease_id, 5).unwrap();
         assert_eq!(settled, Settled::Finished(JobState::Failed));
@@ -706,10 +750,10 @@ mod tests {
     fn non_retryable_errors_fail_at_once_and_releases_cost_nothing() {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
-        let a = lease(s.poll("w", &[], false, 0).0);
+        let a = lease(poll(&mut s, "w", &[], false, 0).0);
         s.fail("w", &a.lease_id, None, "shutting down".into(), true, true, 1).unwrap();
         assert_eq!(s.persisted("j").unwrap().shards[0].attempts, 0);
-        let a = lease(s.poll("w", &[], false, 2).0);
+        let a = lease(poll(&mut s, "w", &[], false, 2).0);
         assert_eq!(a.shard_index, 0);
         s.fail("w", &a.lease_id, Some("c0".into()), "class folder missing".into(), false, false, 3).unwrap();
         assert_eq!(s.persisted("j").unwrap().shards[0].state, ShardState::Failed);
@@ -719,10 +763,10 @@ mod tests {
     fn expiry_requeues_and_other_workers_cannot_steal() {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 1, 1, 2), None, &HashSet::new(), 0);
-        let a = lease(s.poll("w1", &[], false, 0).0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
         assert!(matches!(s.complete("w2", &a.lease_id, 1), Err(SchedulerError::NotOwner { .. })));
-        assert_eq!(s.poll("w2", &[], false, 5_000).0, PollDecision::Wait(1000));
-        let b = lease(s.poll("w2", &[], false, 10_001).0);
+        assert_eq!(poll(&mut s, "w2", &[], false, 5_000).0, PollDecision::Wait(1000));
+        let b = lease(poll(&mut s, "w2", &[], false, 10_001).0);
         assert_eq!((b.shard_index, b.attempt), (0, 2));
         assert!(matches!(s.complete("w1", &a.lease_id, 10_002), Err(SchedulerError::StaleLease(_))));
         // Second expiry exhausts the budget.
@@ -735,8 +779,8 @@ mod tests {
         let mut s = Scheduler::new(1000, "e1");
         let j = job("j", 4, 1, 3);
         s.add_job(j.clone(), None, &HashSet::new(), 0);
-        let a = lease(s.poll("w1", &[], false, 0).0);
-        let b = lease(s.poll("w2", &[], false, 0).0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        let b = lease(poll(&mut s, "w2", &[], false, 0).0);
         s.complete("w1", &a.lease_id, 1).unwrap();
         let saved = s.persisted("j").unwrap().clone();
         // A new coordinator: shard 0 has markers, shard 2 too (its worker committed but never
@@ -744,8 +788,8 @@ mod tests {
         let mut restarted = Scheduler::new(1000, "e2");
         restarted.add_job(j, Some(saved), &HashSet::from([0, 2]), 2);
         let running = [Running { lease_id: b.lease_id.clone(), images_done: 0 }];
-        assert_eq!(restarted.poll("w2", &running, false, 3).0, PollDecision::Wait(1000));
-        let next = lease(restarted.poll("w3", &[], false, 3).0);
+        assert_eq!(poll(&mut restarted, "w2", &running, false, 3).0, PollDecision::Wait(1000));
+        let next = lease(poll(&mut restarted, "w3", &[], false, 3).0);
         assert_eq!(next.shard_index, 3);
         let summary = restarted.summary("j", 4).unwrap();
         assert_eq!((summary.done, summary.running), (2, 2));
@@ -755,19 +799,44 @@ mod tests {
     fn cancel_resume_and_exclusion() {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 3, 1, 1), None, &HashSet::new(), 0);
-        let a = lease(s.poll("w", &[], false, 0).0);
+        let a = lease(poll(&mut s, "w", &[], false, 0).0);
         assert_eq!(s.cancel("j", 1).unwrap(), Settled::Finished(JobState::Cancelled));
-        let (decision, revoked) = s.poll("w", &[Running { lease_id: a.lease_id.clone(), images_done: 0 }], false, 2);
+        let (decision, revoked) =
+            poll(&mut s, "w", &[Running { lease_id: a.lease_id.clone(), images_done: 0 }], false, 2);
         assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![a.lease_id.clone()]));
         assert_eq!(s.resume("j", &HashSet::from([1]), 3).unwrap(), (1, 2));
         assert_eq!(s.state("j"), Some(JobState::Running));
-        let b = lease(s.poll("w", &[], false, 4).0);
+        let b = lease(poll(&mut s, "w", &[], false, 4).0);
         s.exclude("w", &b.lease_id, "model fingerprint mismatch".into(), 5).unwrap();
-        assert_eq!(s.poll("w", &[], false, 6).0, PollDecision::Wait(1000));
-        let c = lease(s.poll("other", &[], false, 7).0);
+        assert_eq!(poll(&mut s, "w", &[], false, 6).0, PollDecision::Wait(1000));
+        let c = lease(poll(&mut s, "other", &[], false, 7).0);
         assert_eq!(c.attempt, 1, "exclusion does not spend an attempt");
         s.drain();
-        assert_eq!(s.poll("idle", &[], false, 8).0, PollDecision::Drain);
+        assert_eq!(poll(&mut s, "idle", &[], false, 8).0, PollDecision::Drain);
+    }
+
+    /// Lease accounting does not trust the caller: an unregistered id gets nothing, and a worker
+    /// that stops reporting its lease gets that lease released (not a second one), with no
+    /// attempt spent, so a hostile poller cannot fail a job by expiring leases.
+    #[test]
+    fn only_registered_workers_lease_and_the_schedulers_record_is_the_truth() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 1), None, &HashSet::new(), 0);
+        assert_eq!(s.poll("made-up", &[], false, 0), Err(SchedulerError::UnknownWorker("made-up".into())));
+        assert_eq!(s.summary("j", 0).unwrap().running, 0);
+        let a = lease(poll(&mut s, "w", &[], false, 1).0);
+        // The worker claims to run nothing: its lease goes back to the queue (no attempt spent,
+        // max_attempts is 1) and it may take the next shard in order, never two at once.
+        for now in 2..50 {
+            let grant = lease(poll(&mut s, "w", &[], false, now).0);
+            assert_eq!(s.summary("j", now).unwrap().running, 1, "one lease per worker");
+            assert_eq!(grant.attempt, 1, "a released lease spends no attempt");
+        }
+        assert_eq!(s.state("j"), Some(JobState::Running));
+        let held = lease(poll(&mut s, "w", &[], false, 60).0);
+        let running = [Running { lease_id: held.lease_id.clone(), images_done: 0 }];
+        assert_eq!(poll(&mut s, "w", &running, false, 61).0, PollDecision::Wait(1000));
+        assert_ne!(held.lease_id, a.lease_id);
     }
 
     #[test]
@@ -775,29 +844,29 @@ mod tests {
         let mut s = Scheduler::new(1000, "e");
         s.drain_when_done();
         // No job yet: workers that connect early wait for one.
-        assert_eq!(s.poll("w", &[], false, 0).0, PollDecision::Wait(1000));
+        assert_eq!(poll(&mut s, "w", &[], false, 0).0, PollDecision::Wait(1000));
         s.add_job(job("j", 2, 1, 1), None, &HashSet::new(), 0);
-        let a = lease(s.poll("w", &[], false, 1).0);
-        let b = lease(s.poll("v", &[], false, 1).0);
+        let a = lease(poll(&mut s, "w", &[], false, 1).0);
+        let b = lease(poll(&mut s, "v", &[], false, 1).0);
         s.complete("w", &a.lease_id, 2).unwrap();
         // One shard still running: the idle worker waits, the holder keeps its lease.
-        assert_eq!(s.poll("w", &[], false, 3).0, PollDecision::Wait(1000));
+        assert_eq!(poll(&mut s, "w", &[], false, 3).0, PollDecision::Wait(1000));
         let held = [Running { lease_id: b.lease_id.clone(), images_done: 0 }];
-        assert_eq!(s.poll("v", &held, false, 3).0, PollDecision::Wait(1000));
+        assert_eq!(poll(&mut s, "v", &held, false, 3).0, PollDecision::Wait(1000));
         s.complete("v", &b.lease_id, 4).unwrap();
         assert_eq!(s.state("j"), Some(JobState::Succeeded));
-        assert_eq!(s.poll("w", &[], false, 5).0, PollDecision::Drain);
+        assert_eq!(poll(&mut s, "w", &[], false, 5).0, PollDecision::Drain);
         // A job that had ended before a worker connected (a requeued allocation) drains it at once.
         let mut recovered = Scheduler::new(1000, "e2");
         recovered.drain_when_done();
         recovered.add_job(job("j", 2, 1, 1), None, &HashSet::from([0, 1]), 10);
-        assert_eq!(recovered.poll("late", &[], false, 11).0, PollDecision::Drain);
+        assert_eq!(poll(&mut recovered, "late", &[], false, 11).0, PollDecision::Drain);
         // A new job stops the draining.
         recovered.add_job(job("k", 1, 1, 1), None, &HashSet::new(), 12);
-        assert!(matches!(recovered.poll("late", &[], false, 13).0, PollDecision::Lease(_)));
+        assert!(matches!(poll(&mut recovered, "late", &[], false, 13).0, PollDecision::Lease(_)));
         // Without the setting, idle workers wait for the next job.
         let mut plain = Scheduler::new(1000, "e3");
         plain.add_job(job("j", 1, 1, 1), None, &HashSet::from([0]), 0);
-        assert_eq!(plain.poll("w", &[], false, 1).0, PollDecision::Wait(1000));
+        assert_eq!(poll(&mut plain, "w", &[], false, 1).0, PollDecision::Wait(1000));
     }
 }

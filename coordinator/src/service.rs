@@ -73,14 +73,16 @@ impl Coordinator {
             let committed = state::committed_shards(&out, &job).await?;
             let id = job.job_id.clone();
             info!(job = %id, committed = committed.len(), shards = job.shards.len(), "recovered job");
-            let finished = persisted.as_ref().and_then(|p| p.finished_unix_ms);
             let job = Arc::new(job);
             let now = now_ms();
-            let mut scheduler = coordinator.inner.scheduler.lock().expect("scheduler");
-            scheduler.add_job(job.clone(), persisted, &committed, now);
-            let state = scheduler.state(&id);
-            drop(scheduler);
-            if state == Some(JobState::Succeeded) && finished.is_none() {
+            let state = {
+                let mut scheduler = coordinator.inner.scheduler.lock().expect("scheduler");
+                scheduler.add_job(job.clone(), persisted, &committed, now);
+                scheduler.state(&id)
+            };
+            // A succeeded job is finished only once its manifest is in place, whatever
+            // state.json says (a crash can fall between the two writes).
+            if state == Some(JobState::Succeeded) && !state::manifest_in_place(&out, &job).await? {
                 coordinator.finish(job, JobState::Succeeded, now);
             }
             coordinator.mark_dirty(&id);
@@ -170,13 +172,22 @@ impl Coordinator {
                 Ok(()) => {
                     self.inner.manifests_due.lock().expect("manifests").remove(&job_id);
                     info!(job = %job_id, "manifest written");
+                    // Now state.json may say finished (see below).
+                    self.inner.dirty.lock().expect("dirty").insert(job_id.clone());
                 }
                 Err(error) => warn!(job = %job_id, %error, "could not write the job manifest; will retry"),
             }
         }
         let dirty: Vec<String> = self.inner.dirty.lock().expect("dirty").drain().collect();
         for job_id in dirty {
-            let persisted = self.inner.scheduler.lock().expect("scheduler").persisted(&job_id).cloned();
+            let mut persisted = self.inner.scheduler.lock().expect("scheduler").persisted(&job_id).cloned();
+            // The durable "finished" record follows the manifest it certifies: until that is
+            // written, state.json keeps the job open (rewritten once the manifest is in place).
+            if self.inner.manifests_due.lock().expect("manifests").contains_key(&job_id)
+                && let Some(persisted) = &mut persisted
+            {
+                persisted.finished_unix_ms = None;
+            }
             if let Some(persisted) = persisted
                 && let Err(error) = state::write_state(&self.inner.store, &job_id, &persisted).await
             {
@@ -402,7 +413,7 @@ impl Coordinator {
         })
     }
 
-    fn poll(&self, request: proto::PollWorkRequest) -> proto::PollWorkResponse {
+    fn poll(&self, request: proto::PollWorkRequest) -> Result<proto::PollWorkResponse> {
         let running: Vec<Running> = request
             .running
             .iter()
@@ -413,7 +424,7 @@ impl Coordinator {
             &running,
             request.draining,
             now_ms(),
-        );
+        )?;
         let action = match decision {
             PollDecision::Lease(grant) => {
                 info!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %request.worker_id, "lease granted");
@@ -441,7 +452,7 @@ impl Coordinator {
             PollDecision::Wait(ms) => Action::WaitMs(ms),
             PollDecision::Drain => Action::Drain(true),
         };
-        proto::PollWorkResponse { action: Some(action), revoked }
+        Ok(proto::PollWorkResponse { action: Some(action), revoked })
     }
 
     async fn complete(&self, request: proto::CompleteShardRequest) -> Result<()> {
@@ -451,7 +462,23 @@ impl Coordinator {
         let keys = JobKeys::new(&job.job_id);
         for class in job.shard_classes(shard) {
             if mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await?.is_none() {
-                return Err(Error::MissingMarker { shard, wnid: class.wnid.clone() });
+                // A refused completion is recorded as what it is (typically the worker writes
+                // to storage the coordinator does not see), not left to expire as a lost lease.
+                let error = Error::MissingMarker { shard, wnid: class.wnid.clone(), output: out.url.clone() };
+                let settled = self.inner.scheduler.lock().expect("scheduler").fail(
+                    &request.worker_id,
+                    &request.lease_id,
+                    Some(class.wnid.clone()),
+                    format!("worker `{}` reported the shard complete, but {error}", request.worker_id),
+                    true,
+                    false,
+                    now_ms(),
+                );
+                if let Ok((job_id, settled)) = settled {
+                    warn!(job = %job_id, shard, worker = %request.worker_id, wnid = %class.wnid, output = %out.url, "completion refused: no commit marker");
+                    self.settled(&job_id, settled);
+                }
+                return Err(error);
             }
         }
         let (job_id, settled) = self.inner.scheduler.lock().expect("scheduler").complete(
@@ -560,7 +587,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn poll_work(&self, request: Request<proto::PollWorkRequest>) -> RpcResult<proto::PollWorkResponse> {
-        Ok(Response::new(self.0.poll(request.into_inner())))
+        Ok(Response::new(self.0.poll(request.into_inner())?))
     }
 
     async fn complete_shard(

@@ -119,16 +119,33 @@ pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashS
     Ok((0..job.shards.len()).filter(|&i| job.shard_classes(i).iter().all(|c| verified.contains(&c.wnid))).collect())
 }
 
+/// True when `manifest.json` of `job` is in place and certifies this job (its id and spec
+/// fingerprint). Recovery checks this artefact, not the `finished` flag of state.json.
+pub async fn manifest_in_place(out: &Location, job: &ResolvedJob) -> Result<bool> {
+    let key = out.key(&JobKeys::new(&job.job_id).manifest());
+    let Some(bytes) =
+        get_optional(out.store.as_ref(), &key).await.map_err(store_err(out, format!("reading `{key}`")))?
+    else {
+        return Ok(false);
+    };
+    Ok(serde_json::from_slice::<JobManifest>(&bytes).is_ok_and(|m| {
+        m.job_id == job.job_id && m.fingerprint == job.fingerprint && m.classes.len() == job.classes.len()
+    }))
+}
+
 /// Writes `manifest.json` from the markers of a finished job.
 pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms: u64) -> Result<()> {
     let keys = JobKeys::new(&job.job_id);
     let mut classes = Vec::with_capacity(job.classes.len());
     let mut timings = StageSeconds::default();
     let mut images = 0;
-    for class in &job.classes {
-        let marker = committed_marker(out, &keys, &class.wnid, &job.fingerprint)
-            .await?
-            .ok_or_else(|| Error::MissingMarker { shard: 0, wnid: class.wnid.clone() })?;
+    for (index, class) in job.classes.iter().enumerate() {
+        let marker =
+            committed_marker(out, &keys, &class.wnid, &job.fingerprint).await?.ok_or_else(|| Error::MissingMarker {
+                shard: job.shards.iter().position(|&(from, to)| (from..to).contains(&index)).unwrap_or_default(),
+                wnid: class.wnid.clone(),
+                output: out.url.clone(),
+            })?;
         timings.add(&marker.timings);
         images += marker.images.len() as u64;
         classes.push(ManifestClass {

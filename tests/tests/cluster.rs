@@ -59,8 +59,12 @@ async fn start(store_url: &str, token: Option<&str>) -> Cluster {
 }
 
 async fn start_with_tls(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Vec<u8>)>) -> Cluster {
+    start_on(store_url, token, tls, 0).await
+}
+
+async fn start_on(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Vec<u8>)>, port: u16) -> Cluster {
     let coordinator = Coordinator::open(store_url, 100).await.unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let scheme = if tls.is_some() { "https://localhost" } else { "http://127.0.0.1" };
     let url = format!("{scheme}:{}", listener.local_addr().unwrap().port());
     let config = ServeConfig { store_url: store_url.into(), token: token.map(str::to_owned), tls, heartbeat_ms: 100 };
@@ -259,6 +263,84 @@ async fn state_survives_a_coordinator_restart() {
     assert_eq!((status.state.as_str(), status.shards_done), ("succeeded", 4));
     assert_eq!(again.coordinator.list().len(), 1);
     again.shutdown().await;
+}
+
+/// A crash between "finished" and the manifest it certifies: state.json says finished, the
+/// manifest is missing (or is another spec's). Recovery checks the artefact: the job reports
+/// `running` until the manifest is rewritten, then `succeeded` with the manifest in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_rewrites_a_missing_manifest_before_reporting_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let (stop, handle) =
+        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(10) }));
+    wait_until_done(&cluster.coordinator, &job.job_id).await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+    let out = store::open(&store_url).unwrap();
+    let keys = JobKeys::new(&job.job_id);
+    let manifest_key = out.key(&keys.manifest());
+    let state: serde_json::Value =
+        serde_json::from_slice(&out.store.get(&out.key(&keys.state_json())).await.unwrap().bytes().await.unwrap())
+            .unwrap();
+    assert!(state["finished_unix_ms"].is_u64(), "state.json records the finish once the manifest exists: {state}");
+    let original = out.store.get(&manifest_key).await.unwrap().bytes().await.unwrap();
+
+    for damage in ["deleted", "another job's"] {
+        match damage {
+            "deleted" => out.store.delete(&manifest_key).await.unwrap(),
+            _ => {
+                let mut other: serde_json::Value = serde_json::from_slice(&original).unwrap();
+                other["fingerprint"] = "sha256:other".into();
+                out.store.put(&manifest_key, serde_json::to_vec(&other).unwrap().into()).await.unwrap();
+            }
+        }
+        let again = start(&store_url, None).await;
+        let status = again.coordinator.status(&job.job_id).unwrap();
+        assert_eq!(status.state, "succeeded", "{damage} manifest: {status:?}");
+        let manifest: JobManifest =
+            serde_json::from_slice(&out.store.get(&manifest_key).await.unwrap().bytes().await.unwrap()).unwrap();
+        assert_eq!((manifest.fingerprint.as_str(), manifest.images), (job.fingerprint.as_str(), 6), "{damage}");
+        again.shutdown().await;
+    }
+}
+
+/// A long-lived worker outlives its coordinator: the coordinator comes back on another store
+/// with another spec under the same job id. The worker registers again (the new coordinator does
+/// not know it) and runs the spec its lease carries, writing into the new job's output only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_registers_again_and_runs_the_spec_its_lease_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first_store, second_store) = (dir.path().join("first"), dir.path().join("second"));
+    let first_url = first_store.display().to_string();
+    let second_url = second_store.display().to_string();
+    let first = start(&first_url, None).await;
+    let port: u16 = first.url.rsplit(':').next().unwrap().parse().unwrap();
+    let (job, _) =
+        first.coordinator.submit(&spec_toml(3, 2, 1, &first_url), dir.path(), Some("same".into())).await.unwrap();
+    let (stop, handle) =
+        worker(&first.url, "long-lived", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
+    assert_eq!(wait_until_done(&first.coordinator, &job.job_id).await.state, "succeeded");
+    first.shutdown().await;
+    let first_out = store::open(&first_url).unwrap();
+    let first_files = dataset_files(&first_out, "same").await;
+    assert_eq!(first_files.len(), 6);
+
+    let second = start_on(&second_url, None, None, port).await;
+    let other_spec = spec_toml(3, 4, 1, &second_url).replace("seed = 5", "seed = 9");
+    let (other, _) = second.coordinator.submit(&other_spec, dir.path(), Some("same".into())).await.unwrap();
+    assert_ne!(other.fingerprint, job.fingerprint);
+    let status = wait_until_done(&second.coordinator, "same").await;
+    assert_eq!((status.state.as_str(), status.images_done), ("succeeded", 12), "{status:?}");
+    let second_out = store::open(&second_url).unwrap();
+    assert_eq!(dataset_files(&second_out, "same").await.len(), 12, "IPC 4 of the new spec");
+    assert_eq!(dataset_files(&first_out, "same").await, first_files, "the old job's output is untouched");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    second.shutdown().await;
 }
 
 /// Produces attempt-specific bytes so mixed files would be visible.

@@ -173,3 +173,49 @@ fn a_signalled_worker_exits_in_bounded_time_when_its_coordinator_is_gone_or_hung
     assert!(exit.success(), "worker exit {exit}");
     eprintln!("busy worker, coordinator hung: exited {:?} after SIGTERM", started.elapsed());
 }
+
+/// Locations written for other processes are absolute: a coordinator serving a relative store
+/// from one folder and a worker started in another agree on where the job's output is.
+#[test]
+fn a_relative_store_means_the_same_folder_to_every_process() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 2, 6);
+    let (here, there) = (scratch.path().join("coordinator-dir"), scratch.path().join("worker-dir"));
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&there).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = std::fs::File::create(scratch.path().join("coordinator.log")).unwrap();
+    let _coordinator = Killed(
+        Command::new(bin("coordinator"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", "out", "--heartbeat-ms", "200"])
+            .current_dir(&here)
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let text = spec(&data.display().to_string(), "unused", 2, 2, 1, "");
+    let text: String = text.lines().filter(|l| !l.starts_with("output")).map(|l| format!("{l}\n")).collect();
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, text).unwrap();
+    let job = submit(&url, &spec_path);
+    let _worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &url, "--threads", "1"])
+            .current_dir(&there)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the job to end", Duration::from_secs(120), || {
+        status(&url, &job).is_some_and(|s| s["state"] != "running")
+    });
+    let end = status(&url, &job).unwrap();
+    assert_eq!(end["state"], "succeeded", "{end:#}");
+    let output = here.join("out");
+    let job_dir = output.join("jobs").join(&job);
+    assert_eq!(end["output"].as_str(), Some(job_dir.to_str().unwrap()), "an absolute output");
+    assert_eq!(files(&job_dir.join("dataset")).len(), 4);
+    assert!(!there.join("out").exists(), "the worker wrote into its own folder");
+}

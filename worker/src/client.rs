@@ -72,18 +72,20 @@ impl<F: Future<Output = ()>> Stop<F> {
         self.fired = true;
     }
 
-    /// Runs `rpc`; once stopping, bounded by [`STOPPING_RPC_TIMEOUT`]. A signal that arrives
-    /// during the call abandons it (`Cancelled`), so the caller sees it at once.
+    /// Runs `rpc`; once stopping, bounded by [`STOPPING_RPC_TIMEOUT`]. A call in flight when the
+    /// signal arrives gets that long to finish, not longer: its answer may grant a lease, which
+    /// the worker must learn of to release it.
     async fn rpc<T>(&mut self, rpc: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
-        if self.fired {
-            return tokio::time::timeout(STOPPING_RPC_TIMEOUT, rpc).await.unwrap_or_else(|_| {
-                Err(tonic::Status::deadline_exceeded("the coordinator did not answer while the worker was stopping"))
-            });
+        tokio::pin!(rpc);
+        if !self.fired {
+            tokio::select! {
+                result = &mut rpc => return result,
+                _ = self.signalled() => {}
+            }
         }
-        tokio::select! {
-            result = rpc => result,
-            _ = self.signalled() => Err(tonic::Status::cancelled("shutdown signal during the call")),
-        }
+        tokio::time::timeout(STOPPING_RPC_TIMEOUT, rpc).await.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded("the coordinator did not answer while the worker was stopping"))
+        })
     }
 
     /// Sleeps for `duration` unless the signal fires first.
@@ -125,36 +127,10 @@ pub async fn run(
     let engine = Arc::new(Mutex::new(engine));
     let mut stop = Stop::new(shutdown);
 
-    // Register, retrying while the coordinator is unreachable.
-    let mut attempt = 0;
-    let heartbeat = loop {
-        let fingerprints = engine.lock().expect("engine").model_fingerprints().into_iter().collect();
-        let request = proto::RegisterWorkerRequest {
-            worker_id: config.worker_id.clone(),
-            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
-            devices: config.devices.clone(),
-            protocol_version: mgd3_common::PROTOCOL_VERSION,
-            model_fingerprints: fingerprints,
-        };
-        match stop.rpc(client.register_worker(request)).await {
-            _ if stop.fired => return Ok(()),
-            Ok(response) => {
-                break Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(50));
-            }
-            Err(status) if transient(&status) => {
-                warn!(worker = %config.worker_id, error = %status.message(), "coordinator unreachable; retrying");
-                attempt += 1;
-                stop.sleep(backoff(attempt)).await;
-                continue;
-            }
-            Err(status) => {
-                return Err(ClientError::Rejected { worker: config.worker_id.clone(), status: status.to_string() });
-            }
-        }
+    let Some(mut heartbeat) = register(&mut client, &config, &engine, &mut stop).await? else {
+        return Ok(());
     };
-    info!(worker = %config.worker_id, coordinator = %config.coordinator, "registered");
 
-    let mut specs: HashMap<String, Arc<JobSpec>> = HashMap::new();
     let mut outputs: HashMap<String, Location> = HashMap::new();
     let mut current: Option<Running> = None;
     let mut wait = Duration::ZERO;
@@ -200,6 +176,16 @@ pub async fn run(
                 failures = 0;
                 response.into_inner()
             }
+            Err(status) if status.code() == Code::NotFound => {
+                // The coordinator restarted (or forgot this worker): register again; the running
+                // shard's lease, recovered from its state, is renewed by the next poll.
+                warn!(worker = %config.worker_id, error = %status.message(), "registering again");
+                if let Some(interval) = register(&mut client, &config, &engine, &mut stop).await? {
+                    heartbeat = interval;
+                }
+                wait = Duration::ZERO;
+                continue;
+            }
             // Stopping: the running shard (if any) is told to stop at the top of the loop.
             Err(_) if stop.fired => {
                 wait = Duration::from_millis(100);
@@ -220,7 +206,7 @@ pub async fn run(
         }
         wait = heartbeat;
         match response.action {
-            Some(Action::Lease(lease)) => match start(&config, lease, &engine, &mut specs, &mut outputs) {
+            Some(Action::Lease(lease)) => match start(&config, lease, &engine, &mut outputs) {
                 Ok(running) => current = Some(running),
                 Err((lease, error)) => {
                     let failure = proto::FailShardRequest {
@@ -244,23 +230,53 @@ pub async fn run(
     }
 }
 
+/// Registers with the coordinator, retrying while it is unreachable. Returns the heartbeat
+/// interval, or `None` when the shutdown signal came first.
+async fn register<F: Future<Output = ()>>(
+    client: &mut Client,
+    config: &WorkerConfig,
+    engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
+    stop: &mut Stop<F>,
+) -> Result<Option<Duration>, ClientError> {
+    let mut attempt = 0;
+    loop {
+        let fingerprints = engine.lock().expect("engine").model_fingerprints().into_iter().collect();
+        let request = proto::RegisterWorkerRequest {
+            worker_id: config.worker_id.clone(),
+            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            devices: config.devices.clone(),
+            protocol_version: mgd3_common::PROTOCOL_VERSION,
+            model_fingerprints: fingerprints,
+        };
+        match stop.rpc(client.register_worker(request)).await {
+            _ if stop.fired => return Ok(None),
+            Ok(response) => {
+                info!(worker = %config.worker_id, coordinator = %config.coordinator, "registered");
+                return Ok(Some(Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(50))));
+            }
+            Err(status) if transient(&status) => {
+                warn!(worker = %config.worker_id, error = %status.message(), "coordinator unreachable; retrying");
+                attempt += 1;
+                stop.sleep(backoff(attempt)).await;
+            }
+            Err(status) => {
+                return Err(ClientError::Rejected { worker: config.worker_id.clone(), status: status.to_string() });
+            }
+        }
+    }
+}
+
 fn start(
     config: &WorkerConfig,
     lease: proto::Lease,
     engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
-    specs: &mut HashMap<String, Arc<JobSpec>>,
     outputs: &mut HashMap<String, Location>,
 ) -> Result<Running, (String, String)> {
-    let spec = match specs.get(&lease.job_id) {
-        Some(spec) => spec.clone(),
-        None => {
-            let spec: JobSpec = serde_json::from_str(&lease.spec_json)
-                .map_err(|e| (lease.lease_id.clone(), format!("unreadable job spec: {e}")))?;
-            let spec = Arc::new(spec);
-            specs.insert(lease.job_id.clone(), spec.clone());
-            spec
-        }
-    };
+    // The spec this lease carries, every time: a job id can name another spec after the
+    // coordinator moved to another store, so nothing is cached by id.
+    let spec: JobSpec = serde_json::from_str(&lease.spec_json)
+        .map_err(|e| (lease.lease_id.clone(), format!("unreadable job spec: {e}")))?;
+    let spec = Arc::new(spec);
     let output_url = spec.output.clone().unwrap_or_default();
     let out = match outputs.get(&output_url) {
         Some(out) => out.clone(),
