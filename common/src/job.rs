@@ -281,14 +281,8 @@ impl JobSpec {
             if list.is_empty() {
                 bad("classes", "the list is empty".into());
             }
-            let mut seen = std::collections::HashSet::new();
-            for name in list {
-                if !seen.insert(name) {
-                    bad("classes", format!("`{name}` is listed twice"));
-                }
-                if name.contains('/') || name.is_empty() {
-                    bad("classes", format!("`{name}` is not a class folder name"));
-                }
+            for problem in class_name_problems(list) {
+                bad("classes", problem);
             }
         }
         if let Some(name) = &self.name
@@ -332,6 +326,8 @@ impl JobSpec {
             ClassSelection::List(list) => list.clone(),
             ClassSelection::File { file } => std::fs::read_to_string(file)
                 .map_err(|source| JobError::Read { what: "class list", path: file.clone(), source })?
+                // Editors on Windows save a byte-order mark and CRLF line ends.
+                .trim_start_matches('\u{feff}')
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -340,6 +336,13 @@ impl JobSpec {
         };
         if names.is_empty() {
             return Err(invalid("resolves to no classes".into()));
+        }
+        // One validation whatever the source: inline, list file, folder listing or subset.
+        let problems = class_name_problems(&names);
+        if !problems.is_empty() {
+            return Err(JobError::Invalid(
+                problems.into_iter().map(|problem| FieldError { field: "classes".into(), problem }).collect(),
+            ));
         }
         names
             .into_iter()
@@ -395,6 +398,47 @@ impl JobSpec {
 }
 
 /// The id of a job: its name (or "job") and the first 12 hex digits of its fingerprint.
+/// What is wrong with a list of class folder names, one message per problem (empty when none):
+/// a name must be one folder (not empty, not `.` or `..`, no `/`, `\\` or control characters)
+/// and appear once. Names are shown with hidden characters escaped.
+pub fn class_name_problems(names: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        let shown = name.escape_debug();
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains(['/', '\\'])
+            || name.chars().any(char::is_control)
+        {
+            problems.push(format!("`{shown}` is not a class folder name (one folder of the dataset root)"));
+        } else if !seen.insert(name) {
+            problems.push(format!("`{shown}` is listed twice"));
+        }
+    }
+    problems
+}
+
+/// Checks a job id given by the user (`--job-id`): 1 to 128 letters, digits, `-`, `_` and `.`,
+/// not starting with `.`, so that it names exactly one folder under `jobs/`.
+pub fn validate_job_id(id: &str) -> Result<(), JobError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        return Ok(());
+    }
+    Err(JobError::Invalid(vec![FieldError {
+        field: "job_id".into(),
+        problem: format!(
+            "`{}` may only use letters, digits, '-', '_' and '.' (at most 128, not starting with '.')",
+            id.escape_debug()
+        ),
+    }]))
+}
+
 pub fn job_id(spec: &JobSpec, fingerprint: &str) -> String {
     let hex = fingerprint.trim_start_matches("sha256:");
     format!("{}-{}", spec.name.as_deref().unwrap_or("job"), &hex[..12.min(hex.len())])
@@ -478,6 +522,63 @@ vae_decoder = "m/dec.onnx"
         spec.resolve_paths(dir.path());
         let classes = spec.class_list(|| unreachable!()).unwrap();
         assert_eq!(classes.iter().map(|c| c.label).collect::<Vec<_>>(), [0, 217]);
+    }
+
+    /// Inline lists, list files and folder listings go through one validation: the same names
+    /// are refused (or accepted) whatever their source, a BOM and CRLFs in a list file are not
+    /// part of any name, and messages show hidden characters escaped.
+    #[test]
+    fn every_class_source_is_validated_the_same_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let from_file = |text: &str| {
+            std::fs::write(dir.path().join("list.txt"), text).unwrap();
+            let mut spec =
+                JobSpec::from_toml(&SPEC.replace("classes = \"imagenette\"", "classes = { file = \"list.txt\" }"))
+                    .unwrap();
+            spec.resolve_paths(dir.path());
+            spec.class_list(|| unreachable!())
+        };
+        let inline = |names: &[&str]| {
+            let mut spec = JobSpec::from_toml(SPEC).unwrap();
+            spec.labels = LabelScheme::Position;
+            spec.classes = ClassSelection::List(names.iter().map(|s| s.to_string()).collect());
+            (spec.validate(), spec.class_list(|| unreachable!()))
+        };
+        let listed = |names: &[&str]| {
+            let mut spec = JobSpec::from_toml(SPEC).unwrap();
+            spec.labels = LabelScheme::Position;
+            spec.classes = ClassSelection::Named("all".into());
+            spec.class_list(|| Ok(names.iter().map(|s| s.to_string()).collect()))
+        };
+        // BOM and CRLF: read as the plain names.
+        let classes = from_file("\u{feff}n01440764\r\nn02102040\r\n").unwrap();
+        assert_eq!(
+            classes.iter().map(|c| (c.wnid.as_str(), c.label)).collect::<Vec<_>>(),
+            [("n01440764", 0), ("n02102040", 217)]
+        );
+        for bad in [&["a", "../etc"][..], &["a", ".."], &["."], &["a", "a"], &["a\u{7}b"], &["x\\y"]] {
+            let file_error = from_file(&bad.join("\n")).map(|_| ()).unwrap_err().to_string();
+            let (validated, resolved) = inline(bad);
+            let inline_error = resolved.map(|_| ()).unwrap_err().to_string();
+            assert!(validated.is_err(), "{bad:?} passes inline validation");
+            let listed_error = listed(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(file_error.contains("`classes`"), "{file_error}");
+            assert_eq!(file_error, inline_error, "{bad:?}");
+            assert_eq!(listed_error, inline_error, "{bad:?}");
+        }
+        let error = inline(&["a\u{7}b"]).1.map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("a\\u{7}b"), "hidden characters are shown escaped: {error}");
+        assert!(from_file("n01440764\nn01440764\n").unwrap_err().to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn job_ids_name_exactly_one_folder() {
+        for good in ["nette-1a2b", "A.b_c-9"] {
+            assert!(validate_job_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "job A/dataset", ".hidden", "a\\b", "é"] {
+            assert!(validate_job_id(bad).unwrap_err().to_string().contains("`job_id`"), "{bad}");
+        }
     }
 
     #[test]

@@ -21,6 +21,17 @@ pub mod proto {
 /// Bumped on any incompatible change of the wire protocol or of the meaning of its fields.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Restores the default action of SIGPIPE, as command-line tools have it: output piped into a
+/// reader that stops early (`coordinator submit --wait | head -1`) ends the process quietly
+/// instead of panicking in `println!`. Called first thing by both binaries.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) only sets the process-wide disposition; SIG_DFL is always a valid one and
+    // no Rust code depends on SIGPIPE being ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Milliseconds since the Unix epoch (the clock leases and state files use).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -55,9 +55,14 @@ pub struct SpecArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    /// Address to listen on. Loopback by default; an address other machines can reach needs
+    /// `--token-file` (or, knowingly, `--insecure-no-auth`).
+    #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Serve a non-loopback address without a bearer token: anyone who can reach the port can
+    /// submit jobs and take leases. Only on a network you trust completely.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// Object-store URL or local folder for coordinator state (and default job outputs).
     #[arg(long)]
     pub store: String,
@@ -272,6 +277,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = ServeConfig { store_url: args.store, token, tls, heartbeat_ms: args.heartbeat_ms };
             let listener =
                 TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+            let address = listener.local_addr()?;
+            if !address.ip().is_loopback() && config.token.is_none() && !args.insecure_no_auth {
+                bail!(
+                    "refusing to serve {address} (reachable from other machines) without authentication: pass \
+                     --token-file FILE (workers and clients use the same file), listen on 127.0.0.1, or pass \
+                     --insecure-no-auth on a network you trust completely"
+                );
+            }
             let coordinator = Coordinator::open(&config.store_url, config.heartbeat_ms).await?;
             if args.drain_when_done {
                 coordinator.drain_when_done();

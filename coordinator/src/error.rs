@@ -52,9 +52,26 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// The most of an error message that goes into gRPC metadata: an error that quotes a client's
+/// multi-MiB input must still reach the client (HTTP/2 header lists are limited to ~16 KiB).
+pub const MAX_STATUS_MESSAGE: usize = 4096;
+
+/// `message`, cut at a character boundary to at most [`MAX_STATUS_MESSAGE`] bytes, saying how
+/// much was left out.
+fn bounded_message(message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let mut end = MAX_STATUS_MESSAGE - 64;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} … ({} more bytes)", &message[..end], message.len() - end)
+}
+
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        let message = error.to_string();
+        let message = bounded_message(error.to_string());
         match error {
             Error::Job(_) | Error::FingerprintChanged { .. } | Error::JobIdTaken { .. } => {
                 tonic::Status::invalid_argument(message)
@@ -70,5 +87,20 @@ impl From<Error> for tonic::Status {
             }
             Error::Corrupt { .. } | Error::Io { .. } => tonic::Status::internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_messages_are_bounded_and_say_what_was_cut() {
+        let huge = "é".repeat(3 << 20);
+        let status = tonic::Status::from(Error::Corrupt { path: "p".into(), problem: huge });
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE, "{}", status.message().len());
+        assert!(status.message().contains("more bytes)"));
+        let short = tonic::Status::from(Error::UnknownJob("j".into()));
+        assert_eq!(short.message(), "unknown job `j`");
     }
 }

@@ -4,6 +4,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    mgd3_common::default_sigpipe();
     mgd3_common::telemetry::init();
     match mgd3_coordinator::cli::run(mgd3_coordinator::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -213,6 +213,10 @@ impl Coordinator {
         let mut spec = JobSpec::from_toml(spec_toml)?;
         spec.resolve_paths(base_dir);
         spec.validate()?;
+        let explicit_id = explicit_id.filter(|s| !s.is_empty());
+        if let Some(id) = &explicit_id {
+            mgd3_common::job::validate_job_id(id)?;
+        }
         if spec.output.is_none() {
             spec.output = Some(self.inner.store.url.clone());
         }
@@ -239,7 +243,7 @@ impl Coordinator {
         let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
         let fingerprint = spec.fingerprint(&classes);
         let shards = spec.plan_shards(classes.len());
-        let job_id = explicit_id.filter(|s| !s.is_empty()).unwrap_or_else(|| job_id(&spec, &fingerprint));
+        let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
         Ok(ResolvedJob { job_id, spec, classes, shards, fingerprint, created_unix_ms: now_ms() })
     }
 
@@ -511,6 +515,9 @@ impl Coordinator {
         drop(scheduler);
         if request.released {
             info!(job = %job_id, worker = %request.worker_id, "lease released");
+        } else if request.incompatible {
+            // Not an attempt: the shard goes to another worker with its budget untouched.
+            warn!(job = %job_id, worker = %request.worker_id, reason = %request.error, "worker excluded from the job");
         } else {
             warn!(job = %job_id, worker = %request.worker_id, wnid = %request.wnid, retryable = request.retryable, error = %request.error, "shard attempt failed");
         }

@@ -67,6 +67,13 @@ fn client_commands_name_what_is_wrong() {
     let text = String::from_utf8_lossy(&coordinator(&["submit", spec.to_str().unwrap(), "--coordinator", &url]).stderr)
         .into_owned();
     assert!(text.contains("ipcs"), "{text}");
+    // An explicit job id names exactly one folder under jobs/.
+    std::fs::write(&spec, GOOD_SPEC).unwrap();
+    for id in ["other-job/dataset/c0", "..", "../escape"] {
+        let out = coordinator(&["submit", spec.to_str().unwrap(), "--job-id", id, "--coordinator", &url]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains("`job_id`"), "{id}: {text}");
+    }
     let out = coordinator(&["status", "no-such-job", "--coordinator", &url]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown job `no-such-job`"));
     let out = coordinator(&["list", "--json", "--coordinator", &url]);
@@ -138,4 +145,53 @@ fn spec_get_reads_settings_as_toml_defines_them() {
     // An invalid spec is refused as `submit` would refuse it.
     let (ok, _, stderr) = get(&GOOD_SPEC.replace("ipc = 2", "ipc = 0"), "output");
     assert!(!ok && stderr.contains("`ipc`"), "{stderr}");
+}
+
+/// Safe by default: an address other machines can reach needs a token, or an explicit
+/// `--insecure-no-auth`.
+#[test]
+fn serve_refuses_a_reachable_address_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let out = coordinator(&["serve", "--listen", "0.0.0.0:0", "--store", store.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("--token-file") && text.contains("--insecure-no-auth"), "{text}");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    for extra in [&["--token-file", token.to_str().unwrap()][..], &["--insecure-no-auth"]] {
+        let mut server = Server(
+            Command::new(env!("CARGO_BIN_EXE_coordinator"))
+                .args(["serve", "--listen", "0.0.0.0:0", "--store", store.to_str().unwrap()])
+                .args(extra)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(server.0.try_wait().unwrap().is_none(), "{extra:?}: serve exited");
+    }
+}
+
+/// Output piped into a reader that stops early ends the process quietly, as for any CLI tool.
+#[test]
+fn a_closed_pipe_ends_the_output_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    // A long spec: its JSON form is more than a pipe buffer holds.
+    let classes: Vec<String> = (0..20_000).map(|i| format!("\"class{i}\"")).collect();
+    std::fs::write(&spec, GOOD_SPEC.replace("[\"a\", \"b\"]", &format!("[{}]", classes.join(", ")))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["spec", spec.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.status.success());
 }

@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    mgd3_common::default_sigpipe();
     mgd3_common::telemetry::init();
     match mgd3_worker::cli::run(mgd3_worker::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
