@@ -36,6 +36,12 @@ pub enum CommitError {
         "class `{wnid}`: cannot finish publishing attempt `{attempt}`: `{file}` is neither in staging nor in dataset/"
     )]
     LostStaging { wnid: String, attempt: String, file: String },
+    #[error("cannot delete `{path}`: {source}")]
+    Local {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Files of one distilled class.
@@ -122,7 +128,7 @@ pub async fn commit_class(
         .await
         .map_err(store_err(out, format!("writing marker `{marker_key}`")))?;
     if won {
-        publish(out, keys, &marker).await?;
+        publish(out, keys, &marker, Check::Size).await?;
         return Ok(CommitOutcome::Won);
     }
     delete_prefix(out, &keys.staging_file(&attempt, &wnid, "")).await?;
@@ -132,23 +138,59 @@ pub async fn commit_class(
             key: marker_key.to_string(),
             problem: "create-only put reported an existing marker that cannot be read back".into(),
         })?;
-    publish(out, keys, &winner).await?;
+    publish(out, keys, &winner, Check::Size).await?;
     Ok(CommitOutcome::Lost)
 }
 
+/// How [`publish`] decides that a published file is already right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Right size: enough right after this process copied it (the commit path).
+    Size,
+    /// Right sha256, read back in full: what `resume` and `verify` use, so that a file damaged
+    /// in place is found.
+    Content,
+}
+
+/// Whether the object at `key` holds exactly the file `file` describes.
+async fn in_place(store: &dyn ObjectStore, key: &object_store::path::Path, file: &FileDigest, check: Check) -> bool {
+    match check {
+        Check::Size => store.head(key).await.is_ok_and(|meta| meta.size == file.bytes),
+        Check::Content => match store.get(key).await {
+            Ok(found) => found.bytes().await.is_ok_and(|bytes| digest(String::new(), &bytes).sha256 == file.sha256),
+            Err(_) => false,
+        },
+    }
+}
+
+/// True for the local store's staging copy of `name` (`<name>#<digits>`), which a process
+/// killed while writing leaves behind.
+fn staging_copy_of(candidate: &str, name: &str) -> bool {
+    candidate
+        .strip_prefix(name)
+        .and_then(|rest| rest.strip_prefix('#'))
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
 /// Copies the marker's attempt from staging into `dataset/` and `modes/` (skipping files already
-/// there with the right size), then deletes that staging folder. Idempotent.
-pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker) -> Result<(), CommitError> {
+/// in place by `check`), deletes every other object in the class's `dataset/<wnid>/` folder and
+/// leftover staging copies of its modes file (so the published tree holds exactly the files the
+/// marker lists, also after a crash), then deletes the attempt's staging folder. Idempotent.
+///
+/// # Errors
+/// [`CommitError::LostStaging`] when a file is neither in place nor in staging (the class must be
+/// redone); [`CommitError::Store`] for store failures.
+pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check: Check) -> Result<(), CommitError> {
     let store = out.store.as_ref();
     let (attempt, wnid) = (&marker.attempt_id, &marker.wnid);
     let mut targets: Vec<(&FileDigest, String)> =
         marker.images.iter().enumerate().map(|(j, d)| (d, keys.dataset_image(wnid, j))).collect();
     targets.push((&marker.modes, keys.modes(wnid)));
+    let wanted: std::collections::HashSet<object_store::path::Path> =
+        targets.iter().map(|(_, target)| out.key(target)).collect();
     for (file, target) in targets {
         let target = out.key(&target);
-        if let Ok(meta) = store.head(&target).await
-            && meta.size == file.bytes
-        {
+        if in_place(store, &target, file, check).await {
             continue;
         }
         let source = out.key(&keys.staging_file(attempt, wnid, &file.name));
@@ -156,7 +198,7 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker) -> Re
             Ok(()) => {}
             Err(object_store::Error::NotFound { .. }) => {
                 // Another publisher may have finished and removed staging in the meantime.
-                let done = store.head(&target).await.is_ok_and(|m| m.size == file.bytes);
+                let done = in_place(store, &target, file, check).await;
                 if !done {
                     return Err(CommitError::LostStaging {
                         wnid: wnid.clone(),
@@ -168,7 +210,149 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker) -> Re
             Err(e) => return Err(store_err(out, format!("publishing `{target}`"))(e)),
         }
     }
+    // Exactly the marker's files: anything else in the class folder goes (a file of another
+    // attempt, a staging copy left by a crash), and so do staging copies of the modes file.
+    let folder = format!("{}/dataset/{wnid}", keys.root());
+    let present: Vec<_> = store
+        .list(Some(&out.key(&folder)))
+        .try_collect()
+        .await
+        .map_err(store_err(out, format!("listing `{folder}`")))?;
+    for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
+        match store.delete(&stray.location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                tracing::info!(wnid = %wnid, file = %stray.location, "removed a file the class's marker does not list");
+            }
+            Err(e) => return Err(store_err(out, format!("deleting `{}`", stray.location))(e)),
+        }
+    }
+    remove_staging_copies(out, &folder, "")?;
+    remove_staging_copies(out, &format!("{}/modes", keys.root()), &format!("{wnid}.npy#"))?;
     delete_prefix(out, &keys.staging_file(attempt, wnid, "")).await
+}
+
+/// One thing wrong with a committed class's published files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileProblem {
+    /// The object, relative to the store location.
+    pub file: String,
+    pub problem: String,
+}
+
+/// Checks the published files of a committed class against its marker, repairing nothing:
+/// every listed file must hold the marker's sha256, and the class folder nothing else. Returns
+/// the number of files read and the problems found.
+///
+/// # Errors
+/// [`CommitError::Store`] when the store cannot be listed.
+pub async fn verify_class(
+    out: &Location,
+    keys: &JobKeys,
+    marker: &ClassMarker,
+) -> Result<(u64, Vec<FileProblem>), CommitError> {
+    let store = out.store.as_ref();
+    let wnid = &marker.wnid;
+    let mut targets: Vec<(&FileDigest, String)> =
+        marker.images.iter().enumerate().map(|(j, d)| (d, keys.dataset_image(wnid, j))).collect();
+    targets.push((&marker.modes, keys.modes(wnid)));
+    let mut problems = Vec::new();
+    let wanted: std::collections::HashSet<object_store::path::Path> =
+        targets.iter().map(|(_, target)| out.key(target)).collect();
+    for (file, target) in &targets {
+        let key = out.key(target);
+        let problem = match store.get(&key).await {
+            Err(object_store::Error::NotFound { .. }) => Some("missing".to_owned()),
+            Err(e) => Some(format!("unreadable: {e}")),
+            Ok(found) => match found.bytes().await {
+                Err(e) => Some(format!("unreadable: {e}")),
+                Ok(bytes) => {
+                    let actual = digest(String::new(), &bytes).sha256;
+                    (actual != file.sha256).then(|| {
+                        format!(
+                            "sha256 {actual} ({} bytes), the marker says {} ({} bytes)",
+                            bytes.len(),
+                            file.sha256,
+                            file.bytes
+                        )
+                    })
+                }
+            },
+        };
+        if let Some(problem) = problem {
+            problems.push(FileProblem { file: target.clone(), problem });
+        }
+    }
+    let folder = out.key(&format!("{}/dataset/{wnid}", keys.root()));
+    let present: Vec<_> =
+        store.list(Some(&folder)).try_collect().await.map_err(store_err(out, format!("listing `{folder}`")))?;
+    for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
+        problems.push(FileProblem { file: stray.location.to_string(), problem: "not listed in the marker".into() });
+    }
+    let staging = staging_copies(out, &format!("{}/dataset/{wnid}", keys.root()), "")
+        .into_iter()
+        .chain(staging_copies(out, &format!("{}/modes", keys.root()), &format!("{wnid}.npy#")));
+    for path in staging {
+        problems.push(FileProblem {
+            file: path.display().to_string(),
+            problem: "a staging copy left by an interrupted write".into(),
+        });
+    }
+    Ok((targets.len() as u64, problems))
+}
+
+/// Withdraws a class's commit so that it is distilled again: deletes its marker first (a crash
+/// after that leaves an uncommitted class), then its published files and modes.
+///
+/// # Errors
+/// [`CommitError::Store`] when a delete fails.
+pub async fn uncommit(out: &Location, keys: &JobKeys, wnid: &str) -> Result<(), CommitError> {
+    for key in [keys.marker(wnid), keys.modes(wnid)] {
+        let key = out.key(&key);
+        match out.store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_err(out, format!("deleting `{key}`"))(e)),
+        }
+    }
+    delete_prefix(out, &format!("{}/dataset/{wnid}", keys.root())).await
+}
+
+/// The local store's staging copies (`<name>#<digits>`) directly in the folder `relative`, of
+/// names starting with `name_prefix`: what a process killed while writing leaves behind. Only a
+/// store on the local file system makes them (and its listings hide them); elsewhere none.
+pub fn staging_copies(out: &Location, relative: &str, name_prefix: &str) -> Vec<std::path::PathBuf> {
+    let Some(dir) = out.local_path(relative) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { return false };
+            name.starts_with(name_prefix)
+                && name.rsplit_once('#').is_some_and(|(base, _)| staging_copy_of(name, base))
+                && entry.file_type().is_ok_and(|t| t.is_file())
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// Deletes [`staging_copies`] of `relative`; returns how many.
+///
+/// # Errors
+/// [`CommitError::Local`] when one cannot be deleted.
+pub fn remove_staging_copies(out: &Location, relative: &str, name_prefix: &str) -> Result<usize, CommitError> {
+    let copies = staging_copies(out, relative, name_prefix);
+    for path in &copies {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(file = %path.display(), "removed a staging copy left by an interrupted write"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CommitError::Local { path: path.display().to_string(), source }),
+        }
+    }
+    Ok(copies.len())
 }
 
 /// Deletes every object under `relative` (a folder).
@@ -265,7 +449,7 @@ mod tests {
         assert_eq!(outcome, CommitOutcome::Lost);
         assert_eq!(dataset_bytes(&out, &keys, 3).await, f.images);
         // Publishing again is a no-op.
-        publish(&out, &keys, &m).await.unwrap();
+        publish(&out, &keys, &m, Check::Content).await.unwrap();
     }
 
     #[tokio::test]

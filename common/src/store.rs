@@ -41,6 +41,9 @@ pub struct Location {
     pub url: String,
     pub store: Arc<dyn ObjectStore>,
     pub prefix: Path,
+    /// The folder `prefix` names, for a store on the local file system (whose staging copies,
+    /// `<name>#<digits>`, its listings do not show).
+    pub local_root: Option<std::path::PathBuf>,
 }
 
 impl Location {
@@ -59,7 +62,15 @@ impl Location {
             url: format!("{}/{}", self.url.trim_end_matches('/'), relative),
             store: self.store.clone(),
             prefix: self.key(relative),
+            local_root: self.local_path(relative),
         }
+    }
+
+    /// The local folder or file of `prefix/relative`, for a store on the local file system.
+    pub fn local_path(&self, relative: &str) -> Option<std::path::PathBuf> {
+        let mut path = self.local_root.clone()?;
+        path.extend(relative.split('/').filter(|p| !p.is_empty()));
+        Some(path)
     }
 }
 
@@ -115,12 +126,12 @@ pub fn open(url: &str) -> Result<Location, StoreError> {
             let name = parsed.host_str().unwrap_or("default").to_owned();
             let store = memory_stores().lock().expect("memory stores").entry(name).or_default().clone();
             let prefix = Path::from(parsed.path().trim_start_matches('/'));
-            Ok(Location { url: url.to_owned(), store, prefix })
+            Ok(Location { url: url.to_owned(), store, prefix, local_root: None })
         }
         scheme @ ("s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure") => {
             let store = open_cloud(scheme, url).map_err(|source| StoreError::Open { url: url.to_owned(), source })?;
             let prefix = Path::from(parsed.path().trim_start_matches('/'));
-            Ok(Location { url: url.to_owned(), store, prefix })
+            Ok(Location { url: url.to_owned(), store, prefix, local_root: None })
         }
         other => {
             Err(bad(&format!("unsupported scheme `{other}` (use a path, file://, s3://, gs://, az:// or memory://)")))
@@ -211,7 +222,12 @@ fn open_local(url: &str, path: &std::path::Path) -> Result<Location, StoreError>
     let store = LocalFileSystem::new_with_prefix(path)
         .map_err(|source| StoreError::Open { url: url.to_owned(), source })?
         .with_automatic_cleanup(true);
-    Ok(Location { url: url.to_owned(), store: Arc::new(store), prefix: Path::default() })
+    Ok(Location {
+        url: url.to_owned(),
+        store: Arc::new(store),
+        prefix: Path::default(),
+        local_root: Some(path.to_owned()),
+    })
 }
 
 /// Writes `bytes` at `key` only if nothing is there yet. Returns false when it already existed.

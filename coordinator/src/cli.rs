@@ -34,6 +34,9 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Cancel a job.
     Cancel(JobArgs),
+    /// Check every published file of a job against the sha256 in its class's marker, and that
+    /// class folders hold nothing else; exits non-zero on any problem (`resume` repairs).
+    Verify(JobArgs),
     /// List jobs.
     List(ListArgs),
     /// The embedded default: coordinator on loopback + N local workers + the job, awaited.
@@ -353,6 +356,40 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
             println!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
+            if !response.redone.is_empty() {
+                println!(
+                    "  {} class(es) whose published files could not be restored are distilled again: {}",
+                    response.redone.len(),
+                    response.redone.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Verify(args) => {
+            let mut client = args.connection.client()?;
+            let response = client
+                .verify_job(proto::VerifyJobRequest { job_id: args.job.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            for p in &response.problems {
+                println!(
+                    "class {}: {}{}",
+                    p.wnid,
+                    if p.file.is_empty() { String::new() } else { format!("`{}`: ", p.file) },
+                    p.problem
+                );
+            }
+            println!(
+                "job {}: {} class(es), {} file(s) checked, {} problem(s)",
+                args.job,
+                response.classes_checked,
+                response.files_checked,
+                response.problems.len()
+            );
+            if !response.problems.is_empty() {
+                bail!("job {} does not match its markers: `coordinator resume {}` repairs it", args.job, args.job);
+            }
             Ok(())
         }
         Command::Cancel(args) => {

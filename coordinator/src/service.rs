@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mgd3_common::commit::{self, CommitError};
 use mgd3_common::job::{JobSpec, ResolvedJob, job_id};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
@@ -46,6 +47,17 @@ struct Inner {
     wake: Notify,
 }
 
+/// What [`Coordinator::resume`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// Shards whose every class is committed.
+    pub committed: usize,
+    /// Shards queued again.
+    pub requeued: usize,
+    /// Classes whose published files could not be restored, withdrawn to be distilled again.
+    pub redone: Vec<String>,
+}
+
 /// The coordinator's shared state; cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -70,6 +82,16 @@ impl Coordinator {
         };
         for (job, persisted) in state::load_jobs(&coordinator.inner.store).await? {
             let out = coordinator.output(&job)?;
+            // Staging copies a killed process left beside job.json, state.json, manifest.json and
+            // the markers are not part of the published tree.
+            let keys = JobKeys::new(&job.job_id);
+            let mut removed = commit::remove_staging_copies(&coordinator.inner.store, keys.root(), "")?;
+            for folder in [keys.root().to_owned(), keys.markers()] {
+                removed += commit::remove_staging_copies(&out, &folder, "")?;
+            }
+            if removed > 0 {
+                info!(job = %job.job_id, removed, "removed staging copies left by an interrupted write");
+            }
             let committed = state::committed_shards(&out, &job).await?;
             let id = job.job_id.clone();
             info!(job = %id, committed = committed.len(), shards = job.shards.len(), "recovered job");
@@ -279,8 +301,9 @@ impl Coordinator {
         Ok((job, !created))
     }
 
-    /// Lists markers, finishes interrupted publishes and re-queues every shard without markers.
-    pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<(usize, usize)> {
+    /// Lists markers, checks and repairs every published file (finishing interrupted publishes,
+    /// redoing classes whose files are lost) and re-queues every shard without markers.
+    pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<Resumed> {
         let job = self
             .inner
             .scheduler
@@ -300,22 +323,74 @@ impl Coordinator {
         }
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);
+        // Every published file is checked against its marker's sha256 and restored from staging
+        // where it can be; a class that cannot be restored is withdrawn and distilled again.
+        let mut redone = Vec::new();
         for class in &job.classes {
-            if let Some(marker) =
-                mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await?
-            {
-                mgd3_common::commit::publish(&out, &keys, &marker).await?;
+            let Some(marker) = commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await? else {
+                continue;
+            };
+            match commit::publish(&out, &keys, &marker, commit::Check::Content).await {
+                Ok(()) => {}
+                Err(error @ CommitError::LostStaging { .. }) => {
+                    warn!(job = %job_id, class = %class.wnid, %error, "published files cannot be restored: the class is distilled again");
+                    commit::uncommit(&out, &keys, &class.wnid).await?;
+                    redone.push(class.wnid.clone());
+                }
+                Err(error) => return Err(error.into()),
             }
         }
         let committed = state::committed_shards(&out, &job).await?;
-        let counts = self.inner.scheduler.lock().expect("scheduler").resume(job_id, &committed, now_ms())?;
-        info!(job = %job_id, committed = counts.0, requeued = counts.1, "job resumed");
+        let (committed, requeued) =
+            self.inner.scheduler.lock().expect("scheduler").resume(job_id, &committed, now_ms())?;
+        info!(job = %job_id, committed, requeued, redone = redone.len(), "job resumed");
         let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
         self.mark_dirty(job_id);
         if state == Some(JobState::Succeeded) {
             self.finish(job, JobState::Succeeded, now_ms());
         }
-        Ok(counts)
+        Ok(Resumed { committed, requeued, redone })
+    }
+
+    /// Checks every published file of a job against its class's marker (sha256) and that class
+    /// folders hold nothing else; repairs nothing (see [`Coordinator::resume`]). Classes without
+    /// a marker are reported as not committed.
+    pub async fn verify(&self, job_id: &str) -> Result<proto::VerifyJobResponse> {
+        let job = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler")
+            .job(job_id)
+            .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
+        let out = self.output(&job)?;
+        let keys = JobKeys::new(job_id);
+        let checks: Vec<_> = job
+            .classes
+            .iter()
+            .map(|class| (out.clone(), keys.clone(), job.fingerprint.clone(), class.wnid.clone()))
+            .map(|(out, keys, fingerprint, wnid)| async move {
+                let Some(marker) = commit::committed_marker(&out, &keys, &wnid, &fingerprint).await? else {
+                    let problem = proto::VerifyProblem { wnid, file: String::new(), problem: "not committed".into() };
+                    return Ok::<_, Error>((0, vec![problem]));
+                };
+                let (files, problems) = commit::verify_class(&out, &keys, &marker).await?;
+                let problems = problems
+                    .into_iter()
+                    .map(|p| proto::VerifyProblem { wnid: wnid.clone(), file: p.file, problem: p.problem })
+                    .collect();
+                Ok((files, problems))
+            })
+            .collect();
+        let mut response = proto::VerifyJobResponse { classes_checked: job.classes.len() as u32, ..Default::default() };
+        let mut results = futures::StreamExt::buffered(futures::stream::iter(checks), 16);
+        while let Some(result) = futures::StreamExt::next(&mut results).await {
+            let (files, problems) = result?;
+            response.files_checked += files;
+            response.problems.extend(problems);
+        }
+        info!(job = %job_id, files = response.files_checked, problems = response.problems.len(), "job verified");
+        Ok(response)
     }
 
     pub fn cancel(&self, job_id: &str) -> Result<()> {
@@ -628,8 +703,16 @@ impl CoordinatorRpc for Service {
     async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
         let r = request.into_inner();
         let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
-        let (committed, requeued) = self.0.resume(&r.job_id, spec).await?;
-        Ok(Response::new(proto::ResumeJobResponse { committed: committed as u32, requeued: requeued as u32 }))
+        let resumed = self.0.resume(&r.job_id, spec).await?;
+        Ok(Response::new(proto::ResumeJobResponse {
+            committed: resumed.committed as u32,
+            requeued: resumed.requeued as u32,
+            redone: resumed.redone,
+        }))
+    }
+
+    async fn verify_job(&self, request: Request<proto::VerifyJobRequest>) -> RpcResult<proto::VerifyJobResponse> {
+        Ok(Response::new(self.0.verify(&request.into_inner().job_id).await?))
     }
 
     async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {

@@ -236,8 +236,8 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     assert!(err.to_string().contains("fingerprint changed"), "{err}");
 
     fixed.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (committed, requeued) = cluster.coordinator.resume(&job.job_id, Some((&spec, dir.path()))).await.unwrap();
-    assert_eq!((committed, requeued), (5, 1));
+    let resumed = cluster.coordinator.resume(&job.job_id, Some((&spec, dir.path()))).await.unwrap();
+    assert_eq!((resumed.committed, resumed.requeued, resumed.redone.len()), (5, 1, 0));
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
     assert_eq!(status.state, "succeeded", "{status:?}");
     let _ = stop.send(());
@@ -341,6 +341,65 @@ async fn a_worker_registers_again_and_runs_the_spec_its_lease_carries() {
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     second.shutdown().await;
+}
+
+/// After damage and crash leftovers, `verify` names every deviation from the markers and
+/// `resume` brings the published tree back to exactly the markers' files: a file damaged in place
+/// (same size) or deleted is redone (same seeds, same bytes), a stray staging copy in a class
+/// folder is removed; a restart removes staging copies beside the job's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let (stop, handle) =
+        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
+    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, "succeeded");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let clean = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    assert_eq!((clean.classes_checked, clean.files_checked, clean.problems.len()), (3, 9, 0), "{clean:?}");
+    cluster.shutdown().await;
+    let out = store::open(&store_url).unwrap();
+    let original = dataset_files(&out, &job.job_id).await;
+    let root = dir.path().join("jobs").join(&job.job_id);
+
+    // Damage: one PNG rewritten in place with the same size, one deleted, one stray staging copy
+    // in a class folder; crash leftovers beside the manifest and a marker.
+    let damaged = root.join("dataset/class01/0.png");
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&damaged, &bytes).unwrap();
+    std::fs::remove_file(root.join("dataset/class02/1.png")).unwrap();
+    std::fs::write(root.join("dataset/class00/1.png#0"), b"half a copy").unwrap();
+    std::fs::write(root.join("manifest.json#1"), b"{").unwrap();
+    std::fs::write(root.join("shards/class00.json#2"), b"{").unwrap();
+
+    let again = start(&store_url, None).await;
+    assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());
+    let report = again.coordinator.verify(&job.job_id).await.unwrap();
+    let mut found: Vec<(String, String)> =
+        report.problems.iter().map(|p| (p.wnid.clone(), p.file.rsplit('/').next().unwrap().to_owned())).collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [("class00".into(), "1.png#0".into()), ("class01".into(), "0.png".into()), ("class02".into(), "1.png".into())],
+        "{report:?}"
+    );
+    let resumed = again.coordinator.resume(&job.job_id, None).await.unwrap();
+    assert_eq!(resumed.redone, ["class01", "class02"]);
+    assert!(!root.join("dataset/class00/1.png#0").exists());
+    let (stop, handle) =
+        worker(&again.url, "w1", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
+    assert_eq!(wait_until_done(&again.coordinator, &job.job_id).await.state, "succeeded");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let report = again.coordinator.verify(&job.job_id).await.unwrap();
+    assert!(report.problems.is_empty(), "{report:?}");
+    assert_eq!(dataset_files(&out, &job.job_id).await, original, "the repaired tree equals the original");
+    again.shutdown().await;
 }
 
 /// Produces attempt-specific bytes so mixed files would be visible.

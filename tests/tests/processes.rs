@@ -55,6 +55,13 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(final_status["images"]["done"].as_u64(), Some(classes as u64 * 3));
+    let verify = Command::new(bin("coordinator")).args(["verify", &job, "--coordinator", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success()
+            && text.contains(&format!("{classes} class(es), {} file(s) checked, 0 problem(s)", classes * 4)),
+        "{text}"
+    );
 
     // Graceful shutdown of the survivors.
     for w in workers.iter_mut().skip(1) {

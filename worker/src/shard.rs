@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use image::{ImageFormat, RgbImage};
-use mgd3_common::commit::{ClassFiles, CommitOutcome, commit_class, committed_marker, publish};
+use mgd3_common::commit::{Check, ClassFiles, CommitOutcome, commit_class, committed_marker, publish};
 use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION, StageSeconds};
@@ -302,7 +302,7 @@ pub fn run_shard(
             .block_on(committed_marker(out, &keys, &class.wnid, &lease.fingerprint))
             .map_err(|e| store_failure(&class.wnid, e))?;
         let marker = if let Some(marker) = existing {
-            runtime.block_on(publish(out, &keys, &marker)).map_err(|e| store_failure(&class.wnid, e))?;
+            runtime.block_on(publish(out, &keys, &marker, Check::Size)).map_err(|e| store_failure(&class.wnid, e))?;
             info!(attempt = %marker.attempt_id, "class already committed");
             marker
         } else {
