@@ -183,6 +183,10 @@ fn read_spec(path: &Path) -> Result<(String, String)> {
 }
 
 fn describe(status: &proto::JobStatus) -> String {
+    if status.state == "quarantined" {
+        let reason = status.failures.first().map(|f| f.error.as_str()).unwrap_or_default();
+        return format!("job {} [quarantined]\n  {reason}\n", status.job_id);
+    }
     let eta = if status.eta_seconds < 0.0 { "unknown".to_owned() } else { format!("{:.0} s", status.eta_seconds) };
     let mut text = format!(
         "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  images: {}/{}, {:.2} images/s, ETA {eta}\n  workers: {}\n  output: {}\n",

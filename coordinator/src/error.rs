@@ -50,6 +50,23 @@ pub enum Error {
     MissingMarker { shard: usize, wnid: String, output: String },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("`{path}` is missing from the store")]
+    Missing { path: String },
+    #[error("job `{job}` is quarantined: {reason}; repair or remove its records, then `coordinator resume {job}`")]
+    Quarantined { job: String, reason: String },
+}
+
+impl Error {
+    /// True for damage to a job's own records (unreadable or missing `job.json`, an unreadable or
+    /// foreign marker): that job is quarantined. Store outages and configuration errors are not.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Error::Corrupt { .. } | Error::Missing { .. } => true,
+            Error::Commit(e) => matches!(e, CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }),
+            Error::Store(StoreError::BadUrl { .. }) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The most of an error message that goes into gRPC metadata: an error that quotes a client's
@@ -79,13 +96,13 @@ impl From<Error> for tonic::Status {
             Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
                 tonic::Status::not_found(message)
             }
-            Error::Incompatible(_) | Error::Scheduler(_) | Error::MissingMarker { .. } => {
+            Error::Incompatible(_) | Error::Scheduler(_) | Error::MissingMarker { .. } | Error::Quarantined { .. } => {
                 tonic::Status::failed_precondition(message)
             }
             Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) => {
                 tonic::Status::unavailable(message)
             }
-            Error::Corrupt { .. } | Error::Io { .. } => tonic::Status::internal(message),
+            Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
         }
     }
 }

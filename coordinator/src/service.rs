@@ -2,7 +2,7 @@
 //! background task that persists state and expires leases, and [`serve`], the library entry point
 //! (`coordinator serve` and the tests call it with their own listener).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -44,7 +44,23 @@ struct Inner {
     dirty: Mutex<HashSet<String>>,
     /// Succeeded jobs whose manifest is still to be written (with their finish time).
     manifests_due: Mutex<HashMap<String, u64>>,
+    /// Jobs whose records are damaged, with what is wrong: listed, never scheduled.
+    quarantined: Mutex<BTreeMap<String, String>>,
     wake: Notify,
+}
+
+/// The status of a quarantined job: state `quarantined`, the damage as its one failure.
+fn quarantined_status(job_id: String, reason: String) -> proto::JobStatus {
+    let error = format!(
+        "{reason}; the job is quarantined (not scheduled): repair or remove its records under jobs/{job_id}/, then restart the coordinator or run `coordinator resume {job_id}`"
+    );
+    proto::JobStatus {
+        state: "quarantined".into(),
+        eta_seconds: -1.0,
+        failures: vec![proto::ShardFailure { shard_index: 0, wnid: String::new(), error, attempts: 0 }],
+        job_id,
+        ..Default::default()
+    }
 }
 
 /// What [`Coordinator::resume`] did.
@@ -77,43 +93,63 @@ impl Coordinator {
                 outputs: Mutex::new(HashMap::new()),
                 dirty: Mutex::new(HashSet::new()),
                 manifests_due: Mutex::new(HashMap::new()),
+                quarantined: Mutex::new(BTreeMap::new()),
                 wake: Notify::new(),
             }),
         };
-        for (job, persisted) in state::load_jobs(&coordinator.inner.store).await? {
-            let out = coordinator.output(&job)?;
-            // Staging copies a killed process left beside job.json, state.json, manifest.json and
-            // the markers are not part of the published tree.
-            let keys = JobKeys::new(&job.job_id);
-            let mut removed = commit::remove_staging_copies(&coordinator.inner.store, keys.root(), "")?;
-            for folder in [keys.root().to_owned(), keys.markers()] {
-                removed += commit::remove_staging_copies(&out, &folder, "")?;
-            }
-            if removed > 0 {
-                info!(job = %job.job_id, removed, "removed staging copies left by an interrupted write");
-            }
-            let committed = state::committed_shards(&out, &job).await?;
-            let id = job.job_id.clone();
-            info!(job = %id, committed = committed.len(), shards = job.shards.len(), "recovered job");
-            let job = Arc::new(job);
-            let now = now_ms();
-            let state = {
-                let mut scheduler = coordinator.inner.scheduler.lock().expect("scheduler");
-                scheduler.add_job(job.clone(), persisted, &committed, now);
-                scheduler.state(&id)
+        for (job_id, loaded) in state::load_jobs(&coordinator.inner.store).await? {
+            let recovered = match loaded {
+                Ok((job, persisted)) => coordinator.recover(job, persisted).await,
+                Err(error) => Err(error),
             };
-            // A succeeded job is finished only once its manifest is in place, whatever
-            // state.json says (a crash can fall between the two writes).
-            if state == Some(JobState::Succeeded) && !state::manifest_in_place(&out, &job).await? {
-                coordinator.finish(job, JobState::Succeeded, now);
+            match recovered {
+                Ok(()) => {}
+                // Damage to one job's records quarantines that job; the others run. A store that
+                // cannot be reached is not damage: the coordinator does not start.
+                Err(error) if error.is_damage() => {
+                    warn!(job = %job_id, %error, "job quarantined: its records are damaged");
+                    coordinator.inner.quarantined.lock().expect("quarantined").insert(job_id, error.to_string());
+                }
+                Err(error) => return Err(error),
             }
-            coordinator.mark_dirty(&id);
         }
         // Write what recovery settled (the manifests of jobs that finished while no coordinator
         // ran) before serving, so the first status of a finished job already says so; what
         // cannot be written now is retried by the background task.
         coordinator.flush().await;
         Ok(coordinator)
+    }
+
+    /// Recovers one job found in the store (see [`Coordinator::open`]).
+    async fn recover(&self, job: ResolvedJob, persisted: Option<crate::scheduler::PersistedJob>) -> Result<()> {
+        let out = self.output(&job)?;
+        // Staging copies a killed process left beside job.json, state.json, manifest.json and
+        // the markers are not part of the published tree.
+        let keys = JobKeys::new(&job.job_id);
+        let mut removed = commit::remove_staging_copies(&self.inner.store, keys.root(), "")?;
+        for folder in [keys.root().to_owned(), keys.markers()] {
+            removed += commit::remove_staging_copies(&out, &folder, "")?;
+        }
+        if removed > 0 {
+            info!(job = %job.job_id, removed, "removed staging copies left by an interrupted write");
+        }
+        let committed = state::committed_shards(&out, &job).await?;
+        let id = job.job_id.clone();
+        info!(job = %id, committed = committed.len(), shards = job.shards.len(), "recovered job");
+        let job = Arc::new(job);
+        let now = now_ms();
+        let state = {
+            let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            scheduler.add_job(job.clone(), persisted, &committed, now);
+            scheduler.state(&id)
+        };
+        // A succeeded job is finished only once its manifest is in place, whatever state.json
+        // says (a crash can fall between the two writes).
+        if state == Some(JobState::Succeeded) && !state::manifest_in_place(&out, &job).await? {
+            self.finish(job, JobState::Succeeded, now);
+        }
+        self.mark_dirty(&id);
+        Ok(())
     }
 
     pub fn store_url(&self) -> &str {
@@ -277,6 +313,9 @@ impl Coordinator {
         explicit_id: Option<String>,
     ) -> Result<(Arc<ResolvedJob>, bool)> {
         let job = self.resolve(spec_toml, base_dir, explicit_id).await?;
+        if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id) {
+            return Err(Error::Quarantined { job: job.job_id, reason: reason.clone() });
+        }
         if let Some(existing) = self.inner.scheduler.lock().expect("scheduler").job(&job.job_id) {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
@@ -304,6 +343,21 @@ impl Coordinator {
     /// Lists markers, checks and repairs every published file (finishing interrupted publishes,
     /// redoing classes whose files are lost) and re-queues every shard without markers.
     pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<Resumed> {
+        if self.inner.quarantined.lock().expect("quarantined").contains_key(job_id) {
+            // Repaired records bring a quarantined job back; damaged ones keep it out.
+            let loaded = state::load_job(&self.inner.store, job_id).await;
+            let recovered = match loaded {
+                Ok((job, persisted)) => self.recover(job, persisted).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = recovered {
+                let reason = error.to_string();
+                self.inner.quarantined.lock().expect("quarantined").insert(job_id.to_owned(), reason.clone());
+                return Err(Error::Quarantined { job: job_id.into(), reason });
+            }
+            self.inner.quarantined.lock().expect("quarantined").remove(job_id);
+            info!(job = %job_id, "quarantined job recovered");
+        }
         let job = self
             .inner
             .scheduler
@@ -400,6 +454,9 @@ impl Coordinator {
     }
 
     pub fn status(&self, job_id: &str) -> Result<proto::JobStatus> {
+        if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(job_id) {
+            return Ok(quarantined_status(job_id.to_owned(), reason.clone()));
+        }
         let now = now_ms();
         let scheduler = self.inner.scheduler.lock().expect("scheduler");
         let summary = scheduler.summary(job_id, now).ok_or_else(|| Error::UnknownJob(job_id.into()))?;
@@ -452,7 +509,10 @@ impl Coordinator {
 
     pub fn list(&self) -> Vec<proto::JobStatus> {
         let ids = self.inner.scheduler.lock().expect("scheduler").job_ids();
-        ids.iter().filter_map(|id| self.status(id).ok()).collect()
+        let mut jobs: Vec<_> = ids.iter().filter_map(|id| self.status(id).ok()).collect();
+        let quarantined = self.inner.quarantined.lock().expect("quarantined").clone();
+        jobs.extend(quarantined.into_iter().map(|(id, reason)| quarantined_status(id, reason)));
+        jobs
     }
 
     fn register(&self, request: proto::RegisterWorkerRequest) -> Result<proto::RegisterWorkerResponse> {

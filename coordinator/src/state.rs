@@ -65,8 +65,28 @@ async fn read_state(store: &Location, job_id: &str) -> Result<Option<PersistedJo
         .ok())
 }
 
-/// Every job found under `<store>/jobs/`, with its persisted state.
-pub async fn load_jobs(store: &Location) -> Result<Vec<(ResolvedJob, Option<PersistedJob>)>> {
+/// One job's records: `job.json` (required: [`Error::Missing`] without it, [`Error::Corrupt`]
+/// when unreadable) and its persisted state, if any.
+pub async fn load_job(store: &Location, job_id: &str) -> Result<(ResolvedJob, Option<PersistedJob>)> {
+    let job = match read_job(store, job_id).await {
+        Err(Error::UnknownJob(_)) => {
+            return Err(Error::Missing { path: store.key(&JobKeys::new(job_id).job_json()).to_string() });
+        }
+        other => other?,
+    };
+    if job.job_id != job_id {
+        return Err(Error::Corrupt {
+            path: store.key(&JobKeys::new(job_id).job_json()).to_string(),
+            problem: format!("it describes job `{}`", job.job_id),
+        });
+    }
+    Ok((job, read_state(store, job_id).await?))
+}
+
+/// Every job folder under `<store>/jobs/`, oldest first, each with its records or what is wrong
+/// with them (a folder without `job.json` is reported, not skipped). Fails only when the store
+/// cannot be listed or read.
+pub async fn load_jobs(store: &Location) -> Result<Vec<(String, Result<(ResolvedJob, Option<PersistedJob>)>)>> {
     let prefix = store.key(JobKeys::JOBS);
     let listing = store
         .store
@@ -78,16 +98,15 @@ pub async fn load_jobs(store: &Location) -> Result<Vec<(ResolvedJob, Option<Pers
         let Some(job_id) = dir.filename() else {
             continue;
         };
-        match read_job(store, job_id).await {
-            Ok(job) => {
-                let state = read_state(store, job_id).await?;
-                jobs.push((job, state));
-            }
-            Err(Error::UnknownJob(_)) => {}
-            Err(e) => return Err(e),
-        }
+        let loaded = match load_job(store, job_id).await {
+            Err(error) if !error.is_damage() => return Err(error),
+            loaded => loaded,
+        };
+        jobs.push((job_id.to_owned(), loaded));
     }
-    jobs.sort_by_key(|(job, _)| job.created_unix_ms);
+    jobs.sort_by_key(|(id, loaded)| {
+        (loaded.as_ref().map(|(job, _)| job.created_unix_ms).unwrap_or(u64::MAX), id.clone())
+    });
     Ok(jobs)
 }
 

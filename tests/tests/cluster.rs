@@ -402,6 +402,65 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     again.shutdown().await;
 }
 
+/// Damage to one job's records quarantines that job, with a clear status; the coordinator
+/// starts and the healthy jobs run. Repaired records bring the job back with `resume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn damaged_records_quarantine_their_job_and_the_others_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let mut ids = Vec::new();
+    for seed in 1..=4 {
+        let spec = spec_toml(2, 2, 1, &store_url).replace("seed = 5", &format!("seed = {seed}"));
+        ids.push(cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap().0.job_id.clone());
+    }
+    let (stop, handle) =
+        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
+    for id in &ids {
+        assert_eq!(wait_until_done(&cluster.coordinator, id).await.state, "succeeded");
+    }
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+    let root = |id: &str| dir.path().join("jobs").join(id);
+    let truncate = |path: std::path::PathBuf| {
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    };
+    truncate(root(&ids[1]).join("job.json"));
+    std::fs::remove_file(root(&ids[2]).join("job.json")).unwrap();
+    let marker = root(&ids[3]).join("shards/class01.json");
+    let good_marker = std::fs::read(&marker).unwrap();
+    truncate(marker.clone());
+
+    let again = start(&store_url, None).await;
+    let listed: std::collections::BTreeMap<String, proto::JobStatus> =
+        again.coordinator.list().into_iter().map(|s| (s.job_id.clone(), s)).collect();
+    assert_eq!(listed.len(), 4, "no job vanishes from the list: {listed:?}");
+    assert_eq!(listed[&ids[0]].state, "succeeded");
+    for (id, what) in [(&ids[1], "is corrupt"), (&ids[2], "is missing"), (&ids[3], "class01")] {
+        let status = again.coordinator.status(id).unwrap();
+        assert_eq!(status.state, "quarantined", "{id}");
+        let error = &status.failures[0].error;
+        assert!(error.contains(what) && error.contains("coordinator resume"), "{id}: {error}");
+    }
+    // Healthy jobs still run: a new one is accepted and distilled.
+    let fresh = spec_toml(2, 2, 1, &store_url).replace("seed = 5", "seed = 99");
+    let (job, _) = again.coordinator.submit(&fresh, dir.path(), None).await.unwrap();
+    let (stop, handle) =
+        worker(&again.url, "w1", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
+    assert_eq!(wait_until_done(&again.coordinator, &job.job_id).await.state, "succeeded");
+    // Still damaged: resume says so. Repaired: resume brings the job back.
+    let error = again.coordinator.resume(&ids[3], None).await.unwrap_err().to_string();
+    assert!(error.contains("quarantined"), "{error}");
+    std::fs::write(&marker, good_marker).unwrap();
+    again.coordinator.resume(&ids[3], None).await.unwrap();
+    assert_eq!(wait_until_done(&again.coordinator, &ids[3]).await.state, "succeeded");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    again.shutdown().await;
+}
+
 /// Produces attempt-specific bytes so mixed files would be visible.
 struct Salted(u8);
 
