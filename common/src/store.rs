@@ -139,8 +139,14 @@ pub fn open(url: &str) -> Result<Location, StoreError> {
     }
 }
 
-/// Retries for transient errors (5xx, timeouts, dropped connections) with exponential backoff;
-/// 4xx answers such as 403 or a missing bucket are not retried.
+/// How long one store call keeps retrying transient errors: an outage shorter than this is
+/// survived by every call without failing a class (and so without spending an attempt).
+pub const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Retries for transient errors (5xx, timeouts, refused or dropped connections) with jittered
+/// exponential backoff (0.2 s growing to at most 10 s) until [`STORE_RETRY_TIMEOUT`] has passed
+/// since the call began; the retry count is not what bounds it. 4xx answers such as 403 or a
+/// missing bucket are not retried.
 fn retry_config() -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
@@ -148,8 +154,9 @@ fn retry_config() -> RetryConfig {
             max_backoff: Duration::from_secs(10),
             base: 2.0,
         },
-        max_retries: 12,
-        retry_timeout: Duration::from_secs(180),
+        // Far more than fit in the timeout (at least ~18 at the 10 s cap): time is the bound.
+        max_retries: 10_000,
+        retry_timeout: STORE_RETRY_TIMEOUT,
     }
 }
 

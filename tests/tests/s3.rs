@@ -1,7 +1,8 @@
 //! Object storage for real, against moto (an S3-compatible server on loopback that honours
 //! create-only puts): a distillation that reads its dataset from s3:// and keeps state and outputs
 //! in s3:// (models too), byte-identical to the same job on local folders; the latent cache reused by a second
-//! job; a ~20 s store outage mid-job survived; a missing bucket failing fast.
+//! job; a 30 s store outage mid-job survived without spending an attempt; a missing bucket
+//! failing fast.
 //!
 //! moto comes from `scripts/setup_test_servers.sh` (.venv-test). Without it these tests are
 //! skipped with a note, unless MGD3_REQUIRE_S3=1 (CI), which makes a missing moto a failure.
@@ -240,7 +241,7 @@ fn flaky_proxy(target: u16) -> (u16, Arc<AtomicBool>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_twenty_second_store_outage_mid_job_loses_and_duplicates_nothing() {
+async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothing() {
     let Some(moto) = moto() else { return };
     create_bucket(moto.port, "flaky");
     let s3 = bucket(moto.port, "flaky");
@@ -263,7 +264,8 @@ async fn a_twenty_second_store_outage_mid_job_loses_and_duplicates_nothing() {
     });
     down.store(true, Ordering::Relaxed);
     let outage = Instant::now();
-    std::thread::sleep(Duration::from_secs(20));
+    // Longer than three attempts' worth of the old retry budget (12 retries, 4–17 s per call).
+    std::thread::sleep(Duration::from_secs(30));
     down.store(false, Ordering::Relaxed);
     let during = status(&url, &job).unwrap();
     assert_eq!(during["state"], "running", "the outage must hit the job mid-run: {during:#}");
@@ -275,6 +277,18 @@ async fn a_twenty_second_store_outage_mid_job_loses_and_duplicates_nothing() {
     let markers = download(s3.as_ref(), &format!("out/jobs/{job}/shards")).await;
     assert_eq!(markers.len(), classes);
     assert!(download(s3.as_ref(), &format!("out/jobs/{job}/staging")).await.is_empty(), "no staging left behind");
+    // The outage was survived call by call: no class failed, no attempt was spent.
+    let state: serde_json::Value = serde_json::from_slice(
+        &s3.get(&object_store::path::Path::from(format!("state/jobs/{job}/state.json")))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let shards = state["shards"].as_array().unwrap();
+    assert!(shards.iter().all(|s| s["attempts"] == 1 && s["last_error"].is_null()), "{state:#}");
     // Same bytes as an undisturbed local run.
     let local_spec = scratch.path().join("local.toml");
     let local_out = scratch.path().join("local");
