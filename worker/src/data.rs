@@ -38,6 +38,10 @@ pub enum DataError {
         #[source]
         source: image::ImageError,
     },
+    #[error(
+        "image `{path}` is truncated: the {format} data ends before the image does ({bytes} bytes); replace or remove the file"
+    )]
+    Truncated { path: PathBuf, format: &'static str, bytes: usize },
     #[error("cannot read image `{path}`: {source}")]
     Read {
         path: PathBuf,
@@ -84,9 +88,27 @@ pub fn list_class(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(files)
 }
 
-/// Decodes image bytes into 8-bit RGB (`channels == 3`) or luma (`channels == 1`).
+/// True when a JPEG's entropy-coded data ends with the end-of-image marker. Decoders fill a
+/// JPEG cut short with grey without an error (PIL refuses it: "image file is truncated"); inside
+/// the scan data a 0xFF byte is always stuffed or a restart marker, so an EOI after the first
+/// start-of-scan marks a complete image.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let Some(scan) = bytes.windows(2).position(|w| w == [0xFF, 0xDA]) else {
+        return false;
+    };
+    bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// Decodes image bytes into 8-bit RGB (`channels == 3`) or luma (`channels == 1`). An image that
+/// does not decode completely is an error naming the file, for every format read: the other
+/// decoders fail on missing data themselves, JPEG is checked for its end marker.
 pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, DataError> {
-    let image = image::load_from_memory(bytes).map_err(|source| DataError::Decode { path: path.into(), source })?;
+    let format = image::guess_format(bytes).map_err(|source| DataError::Decode { path: path.into(), source })?;
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(DataError::Truncated { path: path.into(), format: "JPEG", bytes: bytes.len() });
+    }
+    let image = image::load_from_memory_with_format(bytes, format)
+        .map_err(|source| DataError::Decode { path: path.into(), source })?;
     if image.width() == 0 || image.height() == 0 {
         return Err(DataError::Degenerate { path: path.into(), width: image.width(), height: image.height() });
     }
@@ -452,6 +474,42 @@ mod tests {
         let t = to_tensor(&px);
         assert_eq!(t[[0, 0, 0]], -1.0);
         assert_eq!(t[[0, 0, 1]], 1.0);
+    }
+
+    /// Every format read (torchvision's extensions, through the `image` crate): the whole file
+    /// decodes, and the same file cut anywhere from 10 % to 95 % is an error naming it, never
+    /// an image padded with grey.
+    #[test]
+    fn a_truncated_image_of_any_format_is_an_error_naming_the_file() {
+        use image::ImageFormat;
+        let mut rng = 12345u32;
+        let img = RgbImage::from_fn(96, 80, |x, y| {
+            rng = rng.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, (rng >> 24) as u8])
+        });
+        let formats = [
+            (ImageFormat::Jpeg, "a.jpg"),
+            (ImageFormat::Png, "a.png"),
+            (ImageFormat::Bmp, "a.bmp"),
+            (ImageFormat::WebP, "a.webp"),
+            (ImageFormat::Tiff, "a.tif"),
+            (ImageFormat::Pnm, "a.ppm"),
+        ];
+        for (format, name) in formats {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            DynamicImage::ImageRgb8(img.clone()).write_to(&mut bytes, format).unwrap();
+            let bytes = bytes.into_inner();
+            let whole = decode(&bytes, Path::new(name), 3).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!((whole.width, whole.height), (96, 80), "{name}");
+            for percent in [10, 25, 50, 75, 90, 95] {
+                let cut = &bytes[..bytes.len() * percent / 100];
+                let error = match decode(cut, Path::new(name), 3) {
+                    Ok(_) => panic!("{name} cut to {percent} % decoded without an error"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(error.contains(name), "{name} at {percent} %: {error}");
+            }
+        }
     }
 
     #[test]
