@@ -364,8 +364,17 @@ impl JobSpec {
 
     /// The fingerprint of everything that determines the output images.
     pub fn fingerprint(&self, classes: &[ClassRef]) -> String {
+        self.fingerprint_with_data(classes, None)
+    }
+
+    /// [`JobSpec::fingerprint`] that also covers the input data: `data` is a digest of every
+    /// class's listing (names and sizes), so that replacing images at the same paths makes
+    /// another job.
+    pub fn fingerprint_with_data(&self, classes: &[ClassRef], data: Option<&str>) -> String {
         #[derive(Serialize)]
         struct Identity<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data: Option<&'a str>,
             dataset: &'a str,
             classes: &'a [ClassRef],
             ipc: usize,
@@ -376,6 +385,7 @@ impl JobSpec {
             vae_decoder: &'a Option<String>,
         }
         let identity = Identity {
+            data,
             dataset: &self.dataset,
             classes,
             ipc: self.ipc,

@@ -4,6 +4,7 @@
 
 pub mod classes;
 pub mod commit;
+pub mod imagefolder;
 pub mod job;
 pub mod layout;
 pub mod manifest;

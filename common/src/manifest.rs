@@ -57,6 +57,9 @@ pub struct ClassMarker {
     /// The class's latents came from the latent cache (no decode or VAE encode).
     #[serde(default)]
     pub latent_cache_hit: bool,
+    /// Entries of the class folder the listing rule left out (hidden, not images).
+    #[serde(default)]
+    pub skipped: crate::imagefolder::Skipped,
 }
 
 /// One class of the job manifest.

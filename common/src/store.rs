@@ -47,11 +47,17 @@ pub struct Location {
 }
 
 impl Location {
-    /// `prefix/relative`.
+    /// `prefix/relative`, each `/`-separated part of `relative` taken as it is: a name read from
+    /// a listing or a disk (`café`, `100%.png`, `my data`) reaches the store unchanged and is
+    /// encoded exactly once, by the transport. Only a part no store can hold (`.`, `..`, control
+    /// characters) is percent-encoded instead; job names and class names never are such parts.
     pub fn key(&self, relative: &str) -> Path {
         let mut key = self.prefix.clone();
         for part in relative.split('/').filter(|p| !p.is_empty()) {
-            key = key.clone().join(part);
+            key = match object_store::path::PathPart::parse(part) {
+                Ok(parsed) => key.clone().join(parsed),
+                Err(_) => key.clone().join(part),
+            };
         }
         key
     }
@@ -104,6 +110,13 @@ pub fn resolve(text: &str, base: &std::path::Path) -> String {
     normal.display().to_string()
 }
 
+/// The key prefix a URL's path names: percent-decoded once (`my%20data` and `my data` are the
+/// same folder), then taken as it is.
+fn url_prefix(url: &str, parsed: &Url) -> Result<Path, StoreError> {
+    Path::from_url_path(parsed.path().trim_start_matches('/'))
+        .map_err(|e| StoreError::BadUrl { url: url.to_owned(), problem: e.to_string() })
+}
+
 /// Opens the store a URL or local path names. Local folders are created when missing; a
 /// relative path is resolved against the current folder, and the returned [`Location::url`] is
 /// the absolute path.
@@ -125,12 +138,12 @@ pub fn open(url: &str) -> Result<Location, StoreError> {
         "memory" => {
             let name = parsed.host_str().unwrap_or("default").to_owned();
             let store = memory_stores().lock().expect("memory stores").entry(name).or_default().clone();
-            let prefix = Path::from(parsed.path().trim_start_matches('/'));
+            let prefix = url_prefix(url, &parsed)?;
             Ok(Location { url: url.to_owned(), store, prefix, local_root: None })
         }
         scheme @ ("s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure") => {
             let store = open_cloud(scheme, url).map_err(|source| StoreError::Open { url: url.to_owned(), source })?;
-            let prefix = Path::from(parsed.path().trim_start_matches('/'));
+            let prefix = url_prefix(url, &parsed)?;
             Ok(Location { url: url.to_owned(), store, prefix, local_root: None })
         }
         other => {

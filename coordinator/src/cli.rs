@@ -306,6 +306,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 proto::SubmitJobRequest { spec_toml: text, base_dir: base, job_id: args.job_id.unwrap_or_default() };
             let response =
                 client.submit_job(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+            for note in &response.notes {
+                eprintln!("note: {note}");
+            }
             println!("{}", response.job_id);
             if args.wait {
                 let status = wait_for(&mut client, &response.job_id, false).await?;
@@ -502,7 +505,10 @@ async fn run_local(args: RunArgs) -> Result<()> {
             .await
         }
     });
-    let (job, _) = coordinator.submit(&text, Path::new(&base), None).await?;
+    let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
+    for note in &notes {
+        eprintln!("note: {note}");
+    }
     eprintln!(
         "job {} ({} classes, {} shards) on {} local worker(s); output {}",
         job.job_id,

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mgd3_common::commit::{self, CommitError};
-use mgd3_common::job::{JobSpec, ResolvedJob, job_id};
+use mgd3_common::imagefolder::Root;
+use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, ResolvedJob, job_id};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use mgd3_common::proto::{self, poll_work_response::Action};
@@ -61,6 +62,16 @@ fn quarantined_status(job_id: String, reason: String) -> proto::JobStatus {
         job_id,
         ..Default::default()
     }
+}
+
+/// A spec resolved at submit: the job, and what the look at its dataset found.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub job: ResolvedJob,
+    /// Images per class, in class order.
+    pub image_counts: Vec<usize>,
+    /// What a person should know about the dataset (skipped hidden folders, non-image entries).
+    pub notes: Vec<String>,
 }
 
 /// What [`Coordinator::resume`] did.
@@ -267,7 +278,7 @@ impl Coordinator {
     }
 
     /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards).
-    pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<ResolvedJob> {
+    pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
         let mut spec = JobSpec::from_toml(spec_toml)?;
         spec.resolve_paths(base_dir);
         spec.validate()?;
@@ -292,27 +303,36 @@ impl Coordinator {
         spec.models.dit = urls.dit;
         spec.models.vae_encoder = urls.vae_encoder;
         spec.models.vae_decoder = urls.vae_decoder;
-        let folders = match &spec.classes {
-            mgd3_common::job::ClassSelection::Named(all) if all == "all" => {
-                Some(list_class_folders(&spec.dataset).await?)
-            }
-            _ => None,
-        };
-        let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
-        let fingerprint = spec.fingerprint(&classes);
-        let shards = spec.plan_shards(classes.len());
+        let data = check_dataset(&spec).await?;
+        let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
+        let shards = spec.plan_shards(data.classes.len());
         let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
-        Ok(ResolvedJob { job_id, spec, classes, shards, fingerprint, created_unix_ms: now_ms() })
+        for note in &data.notes {
+            info!(job = %job_id, "{note}");
+        }
+        let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
+        Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
     }
 
-    /// Submits a job; submitting the same spec again returns the existing job.
+    /// Submits a job; submitting the same spec again returns the existing job. Returns the job
+    /// and whether it existed already.
     pub async fn submit(
         &self,
         spec_toml: &str,
         base_dir: &Path,
         explicit_id: Option<String>,
     ) -> Result<(Arc<ResolvedJob>, bool)> {
-        let job = self.resolve(spec_toml, base_dir, explicit_id).await?;
+        self.submit_noted(spec_toml, base_dir, explicit_id).await.map(|(job, existed, _)| (job, existed))
+    }
+
+    /// [`Coordinator::submit`], also returning the notes about the dataset a person should see.
+    pub async fn submit_noted(
+        &self,
+        spec_toml: &str,
+        base_dir: &Path,
+        explicit_id: Option<String>,
+    ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
+        let Resolved { job, notes, .. } = self.resolve(spec_toml, base_dir, explicit_id).await?;
         if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id) {
             return Err(Error::Quarantined { job: job.job_id, reason: reason.clone() });
         }
@@ -320,7 +340,7 @@ impl Coordinator {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
             }
-            return Ok((existing, true));
+            return Ok((existing, true, notes));
         }
         let out = self.output(&job)?;
         let created = state::write_job(&self.inner.store, &job).await?;
@@ -337,7 +357,7 @@ impl Coordinator {
         if settled == Some(JobState::Succeeded) {
             self.finish(job.clone(), JobState::Succeeded, now_ms());
         }
-        Ok((job, !created))
+        Ok((job, !created, notes))
     }
 
     /// Lists markers, checks and repairs every published file (finishing interrupted publishes,
@@ -366,7 +386,7 @@ impl Coordinator {
             .job(job_id)
             .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
         if let Some((text, base)) = spec {
-            let now = self.resolve(text, base, Some(job_id.to_owned())).await?;
+            let now = self.resolve(text, base, Some(job_id.to_owned())).await?.job;
             if now.fingerprint != job.fingerprint {
                 return Err(Error::FingerprintChanged {
                     job: job_id.into(),
@@ -663,25 +683,88 @@ impl Coordinator {
 
 /// Lists the class folders of an ImageFolder root, local or in an object store (for
 /// `classes = "all"`).
-async fn list_class_folders(dataset: &str) -> Result<Vec<String>> {
-    let read_err = |source| mgd3_common::job::JobError::Read { what: "dataset folder", path: dataset.into(), source };
-    let local = dataset.strip_prefix("file://").unwrap_or(dataset);
-    let mut names: Vec<String> = if store::is_url(local) {
-        let location = store::open(dataset)?;
-        let listing = location.store.list_with_delimiter(Some(&location.prefix)).await.map_err(|source| {
-            Error::ObjectStore { url: dataset.into(), context: "listing class folders".into(), source }
-        })?;
-        listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect()
-    } else {
-        std::fs::read_dir(local)
-            .map_err(read_err)?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .collect()
+/// What the submit-time look at the dataset found.
+struct DatasetCheck {
+    classes: Vec<ClassRef>,
+    /// Images per class, in class order.
+    image_counts: Vec<usize>,
+    /// sha256 over every class's listing (relative names and sizes).
+    digest: String,
+    /// What a person should know (hidden folders skipped, entries that are not images).
+    notes: Vec<String>,
+}
+
+/// Lists the dataset by the one ImageFolder rule at submit: the class folders (for
+/// `classes = "all"`) and every class's images. Every class that is missing or holds fewer than
+/// IPC images is reported, all in one error, before any work is leased.
+async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
+    let invalid = |problems: Vec<String>| {
+        Error::Job(JobError::Invalid(
+            problems.into_iter().map(|problem| FieldError { field: "dataset".into(), problem }).collect(),
+        ))
     };
-    names.sort();
-    Ok(names)
+    let root = Root::open(&spec.dataset).map_err(|e| invalid(vec![e.to_string()]))?;
+    let mut notes = Vec::new();
+    let folders = match &spec.classes {
+        ClassSelection::Named(all) if all == "all" => {
+            let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![e.to_string()]))?;
+            if !hidden.is_empty() {
+                notes.push(format!(
+                    "skipped {} hidden folder(s) of `{}` (never a class): {}",
+                    hidden.len(),
+                    root.url(),
+                    hidden.iter().map(|h| h.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            Some(names)
+        }
+        _ => None,
+    };
+    let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
+    let lists: Vec<_> = classes
+        .iter()
+        .map(|class| {
+            let (root, wnid) = (root.clone(), class.wnid.clone());
+            async move { root.list_class(&wnid).await }
+        })
+        .collect();
+    let listings = futures::StreamExt::buffered(futures::stream::iter(lists), 16);
+    let listings: Vec<_> = futures::StreamExt::collect(listings).await;
+    let (mut problems, mut counts, mut digest) = (Vec::new(), Vec::new(), String::new());
+    let mut skipped = (0, 0);
+    for (class, listing) in classes.iter().zip(listings) {
+        match listing {
+            Err(error) => {
+                problems.push(error.to_string());
+                counts.push(0);
+            }
+            Ok(listing) => {
+                if listing.images.len() < spec.ipc {
+                    problems.push(format!(
+                        "class `{}`: {} images but IPC = {} needs at least {}",
+                        class.wnid.escape_debug(),
+                        listing.images.len(),
+                        spec.ipc,
+                        spec.ipc
+                    ));
+                }
+                skipped.0 += listing.skipped.hidden;
+                skipped.1 += listing.skipped.not_images;
+                counts.push(listing.images.len());
+                digest.push_str(&format!("{}\t{}\n", class.wnid, listing.digest()));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(invalid(problems));
+    }
+    if skipped != (0, 0) {
+        notes.push(format!(
+            "the class folders hold {} hidden and {} non-image entries, skipped (recorded in each class's marker)",
+            skipped.0, skipped.1
+        ));
+    }
+    Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
 }
 
 /// Computes missing model fingerprints from the files; a given fingerprint is checked when the
@@ -747,12 +830,13 @@ impl CoordinatorRpc for Service {
 
     async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
         let r = request.into_inner();
-        let (job, existed) = self.0.submit(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id)).await?;
+        let (job, existed, notes) = self.0.submit_noted(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id)).await?;
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: job.job_id.clone(),
             fingerprint: job.fingerprint.clone(),
             shards: job.shards.len() as u32,
             already_existed: existed,
+            notes,
         }))
     }
 

@@ -40,11 +40,21 @@ fn main() {
         let c = coordinator.clone();
         tokio::spawn(async move { serve(c, &config, listener, std::future::pending()).await });
         let names: Vec<String> = (0..classes).map(|i| format!("\"class{i:04}\"")).collect();
+        // The coordinator lists the dataset at submit (the fake engine never reads it).
+        let dataset = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("scale-dataset");
+        for class in 0..classes {
+            let dir = dataset.join(format!("class{class:04}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..ipc {
+                std::fs::write(dir.join(format!("{i}.png")), [0u8]).unwrap();
+            }
+        }
         let fp = format!("sha256:{}", "0".repeat(64));
         let spec = format!(
-            "name = \"scale\"\ndataset = \"/unused\"\nclasses = [{}]\nlabels = \"position\"\nipc = {ipc}\n\
+            "name = \"scale\"\ndataset = \"{}\"\nclasses = [{}]\nlabels = \"position\"\nipc = {ipc}\n\
              lease_timeout_s = 60\n[models]\ndit = \"/m/d\"\nvae_encoder = \"/m/e\"\nvae_decoder = \"/m/x\"\n\
              dit_fingerprint = \"{fp}\"\nvae_encoder_fingerprint = \"{fp}\"\nvae_decoder_fingerprint = \"{fp}\"\n",
+            dataset.display(),
             names.join(",")
         );
         let (job, _) = coordinator.submit(&spec, std::path::Path::new("/"), None).await.unwrap();

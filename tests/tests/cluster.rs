@@ -22,11 +22,28 @@ use tokio::task::JoinHandle;
 
 const FINGERPRINT: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
+/// An ImageFolder the stand-in engines never read, but which the coordinator lists at submit:
+/// 40 classes `class00`.. of 8 small files each.
+fn fake_dataset() -> &'static str {
+    static ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-dataset");
+        for class in 0..40 {
+            let dir = root.join(format!("class{class:02}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..8 {
+                std::fs::write(dir.join(format!("{i}.png")), [class as u8, i as u8]).unwrap();
+            }
+        }
+        root.display().to_string()
+    })
+}
+
 fn spec_toml(classes: usize, ipc: usize, per_shard: usize, output: &str) -> String {
     let names: Vec<String> = (0..classes).map(|i| format!("\"class{i:02}\"")).collect();
     format!(
         r#"name = "cluster"
-dataset = "/unused"
+dataset = "{dataset}"
 classes = [{}]
 labels = "position"
 ipc = {ipc}
@@ -43,7 +60,8 @@ dit_fingerprint = "{FINGERPRINT}"
 vae_encoder_fingerprint = "{FINGERPRINT}"
 vae_decoder_fingerprint = "{FINGERPRINT}"
 "#,
-        names.join(", ")
+        names.join(", "),
+        dataset = fake_dataset(),
     )
 }
 
@@ -461,6 +479,57 @@ async fn damaged_records_quarantine_their_job_and_the_others_run() {
     again.shutdown().await;
 }
 
+/// The dataset is checked at submit, every problem in one message, before any lease: missing
+/// class folders and classes with fewer images than IPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dataset_problems_are_reported_at_submit_in_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (class, n) in [("class00", 3), ("class01", 1), ("class02", 3)] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..n {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
+        }
+    }
+    let store_url = dir.path().join("store").display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(4, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    let error = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("`class01`: 1 images but IPC = 2"), "{error}");
+    assert!(error.contains("`class03`") && error.contains("does not exist"), "{error}");
+    assert!(!error.contains("`class00`") && !error.contains("`class02`"), "{error}");
+    assert!(cluster.coordinator.list().is_empty(), "nothing was submitted");
+    cluster.shutdown().await;
+}
+
+/// The job's identity covers its input data: the same spec over rewritten images is another job
+/// (a new id, distilled afresh); the old job id cannot be reused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replacing_images_at_the_same_paths_makes_another_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in ["class00", "class01"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..3 {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8; 10]).unwrap();
+        }
+    }
+    let store_url = dir.path().join("store").display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(2, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    let (first, _) = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap();
+    let (again, existed) = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap();
+    assert!(existed && again.fingerprint == first.fingerprint, "unchanged data: the same job");
+    // Same path, same size, other bytes (and a newer modification time).
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(data.join("class01/2.png"), [9u8; 10]).unwrap();
+    let error = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap_err().to_string();
+    assert!(error.contains("already exists with another spec"), "{error}");
+    let (fresh, existed) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    assert!(!existed && fresh.fingerprint != first.fingerprint && fresh.job_id != first.job_id);
+    cluster.shutdown().await;
+}
+
 /// Produces attempt-specific bytes so mixed files would be visible.
 struct Salted(u8);
 
@@ -478,6 +547,7 @@ impl ShardEngine for Salted {
             timings: StageSeconds::default(),
             real_images: 0,
             latent_cache_hit: false,
+            skipped: Default::default(),
             contact_sheet: None,
         })
     }

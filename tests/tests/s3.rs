@@ -312,3 +312,77 @@ fn a_missing_bucket_fails_fast_naming_the_url() {
     assert!(text.contains("s3://no-such-bucket/state"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(15), "a permanent error must not be retried for long");
 }
+
+/// Names are used as the listing or the disk gives them, on every backend: a dataset prefix with a
+/// space, class folders `café` and `x%y`, files `100%.png`, `café.png` and `sub/a b.png`, a hidden
+/// `.ipynb_checkpoints/` beside the classes. The job on S3 reads every image and writes its
+/// folders under the same names (no `caf%C3%A9/`), and matches the same job on local folders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_reach_every_read_and_write_unchanged_on_s3_and_local_disks() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "names");
+    let s3 = bucket(moto.port, "names");
+    let env = aws_env(moto.port);
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("my data").join("train");
+    for (c, class) in ["café", "x%y"].iter().enumerate() {
+        for (i, name) in ["100%.png", "café.png", "sub/a b.png", "n3.png", "n4.png"].iter().enumerate() {
+            let path = data.join(class).join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::GrayImage::from_fn(28, 28, |x, y| {
+                image::Luma([((x * (c as u32 + 2) + y * (i as u32 + 1)) % 256) as u8])
+            })
+            .save_with_format(&path, image::ImageFormat::Png)
+            .unwrap();
+        }
+    }
+    std::fs::create_dir_all(data.join(".ipynb_checkpoints")).unwrap();
+    std::fs::write(data.join(".ipynb_checkpoints/x.png"), b"not an image").unwrap();
+    for (name, bytes) in files(&data) {
+        let key = object_store::path::Path::parse(format!("my data/train/{name}")).unwrap();
+        s3.put(&key, PutPayload::from(bytes)).await.unwrap();
+    }
+    let all = |text: String| text.replace("classes = [\"c0\", \"c1\"]", "classes = \"all\"");
+
+    let local_out = scratch.path().join("local");
+    let local_spec = scratch.path().join("local.toml");
+    std::fs::write(&local_spec, all(spec(&data.display().to_string(), &local_out.display().to_string(), 2, 2, 3, "")))
+        .unwrap();
+    run_locally(&local_spec, &[]);
+    let local_job = std::fs::read_dir(local_out.join("jobs")).unwrap().next().unwrap().unwrap().path();
+    for class in ["café", "x%y"] {
+        assert!(local_job.join("dataset").join(class).join("0.png").is_file(), "local dataset/{class}/");
+        assert!(local_job.join("modes").join(format!("{class}.npy")).is_file(), "local modes/{class}.npy");
+    }
+
+    let s3_spec = scratch.path().join("s3.toml");
+    std::fs::write(&s3_spec, all(spec("s3://names/my data/train", "s3://names/out", 2, 2, 3, ""))).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let _coordinator = serve(port, "s3://names/state", &log, &env);
+    let job = submit(&url, &s3_spec);
+    let _worker = worker(&url, "w0", &scratch.path().join("w0.log"), &env);
+    finish(&url, &job, Duration::from_secs(120), &log);
+    for key in ["dataset/café/0.png", "dataset/x%y/1.png", "shards/café.json", "modes/x%y.npy"] {
+        let key = object_store::path::Path::parse(format!("out/jobs/{job}/{key}")).unwrap();
+        assert!(s3.head(&key).await.is_ok(), "`{key}` missing in the bucket");
+    }
+    let keys: Vec<_> = s3.list(None).try_collect::<Vec<_>>().await.unwrap();
+    assert!(
+        !keys.iter().any(|m| m.location.as_ref().contains("%C3%A9") || m.location.as_ref().contains("%25")),
+        "{keys:?}"
+    );
+    let marker: serde_json::Value = serde_json::from_slice(
+        &s3.get(&object_store::path::Path::parse(format!("out/jobs/{job}/shards/café.json")).unwrap())
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(marker["real_images"], 5, "every image read, the nested one included: {marker:#}");
+    let ours = download(s3.as_ref(), &format!("out/jobs/{job}/dataset")).await;
+    assert!(ours == files(&local_job.join("dataset")), "S3 and local runs differ");
+}

@@ -60,7 +60,8 @@ fn main() {
     let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch: 64 };
     let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
     let started = Instant::now();
-    let output = engine.distill_class(&mgd3_worker::data::Dataset::Local(data.clone()), &spec).unwrap();
+    let output =
+        engine.distill_class(&mgd3_worker::data::Dataset::open(&data.display().to_string()).unwrap(), &spec).unwrap();
     let wall = started.elapsed().as_secs_f64();
     let t: ClassTimings = output.timings;
     let total = t.total().as_secs_f64();

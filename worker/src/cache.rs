@@ -12,7 +12,8 @@ use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use thiserror::Error;
 use tracing::warn;
 
-use crate::data::{ImageRef, block_on};
+use crate::data::block_on;
+use mgd3_common::imagefolder::ImageRef;
 
 /// Bumped whenever decoding or preprocessing changes the latents of the same files.
 pub const PREPROCESSING_VERSION: &str = "prep-v1";
@@ -34,14 +35,8 @@ fn short(text: &str) -> String {
 
 /// The cache key of one class's latents.
 pub fn latent_key(dataset_url: &str, vae_fingerprint: &str, wnid: &str, images: &[ImageRef]) -> String {
-    let listing: String = images
-        .iter()
-        .map(|i| {
-            let name =
-                std::path::Path::new(&i.name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            format!("{name}\t{}\n", i.bytes)
-        })
-        .collect();
+    // Names below the class folder (not where the dataset is mounted) and sizes.
+    let listing: String = images.iter().map(|i| format!("{}\t{}\n", i.relative, i.bytes)).collect();
     let vae = vae_fingerprint.trim_start_matches("sha256:");
     format!(
         "latents/{}/{}/{PREPROCESSING_VERSION}/{wnid}-{}.npy",
@@ -91,10 +86,21 @@ mod tests {
 
     #[test]
     fn keys_change_with_dataset_vae_and_listing_but_not_mount_point() {
+        use mgd3_common::imagefolder::ImageSource;
         let images = |root: &str, size: u64| {
             vec![
-                ImageRef { name: format!("{root}/n01/a.png"), bytes: size },
-                ImageRef { name: format!("{root}/n01/b.png"), bytes: 7 },
+                ImageRef {
+                    relative: "a.png".into(),
+                    source: ImageSource::Local(format!("{root}/n01/a.png").into()),
+                    bytes: size,
+                    version: None,
+                },
+                ImageRef {
+                    relative: "b.png".into(),
+                    source: ImageSource::Local(format!("{root}/n01/b.png").into()),
+                    bytes: 7,
+                    version: None,
+                },
             ]
         };
         let base = latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 5));

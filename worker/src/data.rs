@@ -10,26 +10,19 @@
 
 use std::path::{Path, PathBuf};
 
+pub use mgd3_common::imagefolder;
+
 use futures::{StreamExt, TryStreamExt};
 use image::{DynamicImage, GrayImage, RgbImage};
-use mgd3_common::store::{self, Location};
+use mgd3_common::imagefolder::{ClassListing, ImageRef, ImageSource, ListError, Root};
 use ndarray::{Array3, Array4, Axis};
 use object_store::ObjectStoreExt;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum DataError {
-    #[error("class `{class}`: folder `{dir}` does not exist")]
-    ClassNotFound { class: String, dir: PathBuf },
-    #[error("class `{class}`: cannot list `{dir}`: {source}")]
-    List {
-        class: String,
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("class `{class}`: folder `{dir}` holds no .jpg/.jpeg/.png images")]
-    EmptyClass { class: String, dir: PathBuf },
+    #[error(transparent)]
+    List(#[from] ListError),
     #[error("class `{class}`: {found} images but IPC = {ipc} needs at least {ipc}")]
     TooFewImages { class: String, found: usize, ipc: usize },
     #[error("cannot decode image `{path}`: {source}")]
@@ -59,33 +52,6 @@ pub enum DataError {
     },
     #[error("image `{path}` is empty ({width}×{height})")]
     Degenerate { path: PathBuf, width: u32, height: u32 },
-}
-
-const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
-
-/// The image files of class `class` under an ImageFolder root, in sorted filename order.
-pub fn list_class(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
-    let dir = root.join(class);
-    if !dir.is_dir() {
-        return Err(DataError::ClassNotFound { class: class.into(), dir });
-    }
-    let list_err = |source| DataError::List { class: class.into(), dir: dir.clone(), source };
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(&dir).map_err(list_err)? {
-        let path = entry.map_err(list_err)?.path();
-        let is_image = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-        if is_image && path.is_file() {
-            files.push(path);
-        }
-    }
-    if files.is_empty() {
-        return Err(DataError::EmptyClass { class: class.into(), dir });
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// True when a JPEG's entropy-coded data ends with the end-of-image marker. Decoders fill a
@@ -124,19 +90,10 @@ pub fn load(path: &Path, channels: usize) -> Result<Pixels, DataError> {
 /// Encoded images fetched at once per chunk: bounds both the requests in flight and memory.
 pub const MAX_CONCURRENT_READS: usize = 16;
 
-/// Where a job's real images come from: a local ImageFolder or one in an object store.
+/// Where a job's real images come from: a local ImageFolder or one in an object store, listed by
+/// the one rule of [`mgd3_common::imagefolder`].
 #[derive(Clone, Debug)]
-pub enum Dataset {
-    Local(PathBuf),
-    Store(Location),
-}
-
-/// One listed image: its path or key, and its size in bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageRef {
-    pub name: String,
-    pub bytes: u64,
-}
+pub struct Dataset(Root);
 
 /// Runs a future from synchronous code: on the current runtime's handle from a blocking thread
 /// (`spawn_blocking`, where the engine runs), or on a small runtime of its own outside one.
@@ -150,82 +107,47 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 impl Dataset {
     /// A local path (or `file://` URL) or an object-store URL.
     pub fn open(url: &str) -> Result<Self, DataError> {
-        let local = url.strip_prefix("file://").unwrap_or(url);
-        if store::is_url(local) {
-            let location =
-                store::open(url).map_err(|e| DataError::Dataset { url: url.into(), problem: e.to_string() })?;
-            Ok(Dataset::Store(location))
-        } else {
-            Ok(Dataset::Local(PathBuf::from(local)))
-        }
+        Root::open(url).map(Dataset).map_err(|e| DataError::Dataset { url: url.into(), problem: e.to_string() })
     }
 
     pub fn url(&self) -> String {
-        match self {
-            Dataset::Local(path) => path.display().to_string(),
-            Dataset::Store(location) => location.url.clone(),
+        self.0.url()
+    }
+
+    /// The class's images in the listing rule's order, and what the listing skipped.
+    pub fn list_class(&self, class: &str) -> Result<ClassListing, DataError> {
+        let listing = block_on(self.0.list_class(class))?;
+        if listing.skipped.total() > 0 {
+            tracing::info!(class, hidden = listing.skipped.hidden, not_images = listing.skipped.not_images,
+                examples = ?listing.skipped.examples, "skipped entries that are not images of the class");
         }
+        Ok(listing)
     }
 
-    fn store_error(&self, class: &str, source: object_store::Error) -> DataError {
-        DataError::Store { class: class.into(), url: self.url(), source }
-    }
-
-    /// The class's images in sorted name order, listed once.
-    pub fn list_class(&self, class: &str) -> Result<Vec<ImageRef>, DataError> {
-        let is_image = |name: &str| {
-            Path::new(name)
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        };
-        let mut images: Vec<ImageRef> = match self {
-            Dataset::Local(root) => list_class(root, class)?
-                .into_iter()
-                .map(|p| ImageRef {
-                    bytes: std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
-                    name: p.display().to_string(),
-                })
-                .collect(),
-            Dataset::Store(location) => {
-                let prefix = location.key(class);
-                let listed: Vec<_> = block_on(location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
-                    .map_err(|e| self.store_error(class, e))?;
-                listed
-                    .into_iter()
-                    .filter(|m| is_image(m.location.as_ref()))
-                    .map(|m| ImageRef { name: m.location.to_string(), bytes: m.size })
-                    .collect()
-            }
-        };
-        if images.is_empty() {
-            let dir = PathBuf::from(format!("{}/{class}", self.url().trim_end_matches('/')));
-            return Err(match self {
-                Dataset::Store(_) => DataError::ClassNotFound { class: class.into(), dir },
-                Dataset::Local(_) => DataError::EmptyClass { class: class.into(), dir },
-            });
-        }
-        images.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(images)
-    }
-
-    /// The bytes of `images`, in order, with at most [`MAX_CONCURRENT_READS`] reads in flight.
+    /// The bytes of `images`, in order, with at most [`MAX_CONCURRENT_READS`] reads in flight,
+    /// each read from exactly the path or key the listing gave.
     pub fn read(&self, class: &str, images: &[ImageRef]) -> Result<Vec<Vec<u8>>, DataError> {
-        match self {
-            Dataset::Local(_) => images
+        match &self.0 {
+            Root::Local(_) => images
                 .iter()
-                .map(|i| {
-                    std::fs::read(&i.name).map_err(|source| DataError::Read { path: i.name.clone().into(), source })
+                .map(|i| match &i.source {
+                    ImageSource::Local(path) => {
+                        std::fs::read(path).map_err(|source| DataError::Read { path: path.clone(), source })
+                    }
+                    ImageSource::Store(_) => unreachable!("a local listing gives local paths"),
                 })
                 .collect(),
-            Dataset::Store(location) => {
+            Root::Store(location) => {
                 let reads = images.iter().map(|i| {
                     let store = location.store.clone();
-                    let key = object_store::path::Path::from(i.name.as_str());
+                    let key = match &i.source {
+                        ImageSource::Store(key) => key.clone(),
+                        ImageSource::Local(_) => unreachable!("a store listing gives keys"),
+                    };
                     async move { store.get(&key).await?.bytes().await.map(|b| b.to_vec()) }
                 });
                 block_on(futures::stream::iter(reads).buffered(MAX_CONCURRENT_READS).try_collect::<Vec<_>>())
-                    .map_err(|e| self.store_error(class, e))
+                    .map_err(|source| DataError::Store { class: class.into(), url: self.url(), source })
             }
         }
     }
@@ -517,14 +439,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let class = dir.path().join("n001");
         std::fs::create_dir(&class).unwrap();
-        assert!(matches!(list_class(dir.path(), "n001"), Err(DataError::EmptyClass { .. })));
+        let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
+        assert!(matches!(dataset.list_class("n001"), Err(DataError::List(ListError::EmptyClass { .. }))));
         for name in ["b.png", "a.JPG", "c.txt"] {
             std::fs::write(class.join(name), b"x").unwrap();
         }
-        let files = list_class(dir.path(), "n001").unwrap();
-        let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap().to_str().unwrap()).collect();
+        let listing = dataset.list_class("n001").unwrap();
+        let names: Vec<_> = listing.images.iter().map(|f| f.relative.as_str()).collect();
         assert_eq!(names, ["a.JPG", "b.png"]);
-        let err = list_class(dir.path(), "n999").unwrap_err();
+        assert_eq!((listing.skipped.not_images, listing.skipped.examples.clone()), (1, vec!["c.txt".to_owned()]));
+        let err = dataset.list_class("n999").unwrap_err();
         assert!(err.to_string().contains("n999"), "{err}");
         let err = load(&class.join("a.JPG"), 3).unwrap_err();
         assert!(err.to_string().contains("a.JPG"), "{err}");

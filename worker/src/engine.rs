@@ -109,7 +109,7 @@ pub struct ClassSpec {
 }
 
 /// Where one class's time went.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ClassTimings {
     #[serde(serialize_with = "secs")]
     pub decode: Duration,
@@ -129,6 +129,8 @@ pub struct ClassTimings {
     pub real_images: usize,
     /// The class's latents came from the latent cache (no decode, no VAE encode).
     pub latent_cache_hit: bool,
+    /// What the class's listing left out (hidden entries, files that are not images).
+    pub skipped: mgd3_common::imagefolder::Skipped,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -241,7 +243,9 @@ impl Engine {
         class: &ClassSpec,
         timings: &mut ClassTimings,
     ) -> Result<(Vec<f32>, usize), EngineError> {
-        let images = dataset.list_class(&class.wnid)?;
+        let listing = dataset.list_class(&class.wnid)?;
+        timings.skipped = listing.skipped;
+        let images = listing.images;
         if images.len() < class.ipc {
             return Err(
                 DataError::TooFewImages { class: class.wnid.clone(), found: images.len(), ipc: class.ipc }.into()
@@ -273,7 +277,7 @@ impl Engine {
                 .iter()
                 .zip(&bytes)
                 .map(|(image, bytes)| {
-                    let pixels = data::decode(bytes, Path::new(&image.name), channels)?;
+                    let pixels = data::decode(bytes, Path::new(&image.display()), channels)?;
                     Ok(data::to_tensor(&data::center_crop(&pixels, size)))
                 })
                 .collect::<Result<Vec<_>, DataError>>()?;
@@ -381,14 +385,17 @@ impl Engine {
         output: &ClassOutput,
     ) -> Result<Vec<u8>, EngineError> {
         let [channels, size, _] = self.encoder.info().image_shape;
-        let images = dataset.list_class(&class.wnid)?;
+        let images = dataset.list_class(&class.wnid)?.images;
         let first = &images[..class.ipc.min(images.len())];
         let real: Vec<Array3<f32>> = dataset
             .read(&class.wnid, first)?
             .iter()
             .zip(first)
             .map(|(bytes, image)| {
-                Ok(data::to_tensor(&data::center_crop(&data::decode(bytes, Path::new(&image.name), channels)?, size)))
+                Ok(data::to_tensor(&data::center_crop(
+                    &data::decode(bytes, Path::new(&image.display()), channels)?,
+                    size,
+                )))
             })
             .collect::<Result<_, DataError>>()?;
         let scale = self.decoder.info().scale_factor;

@@ -58,6 +58,8 @@ pub struct ClassResult {
     pub real_images: u64,
     /// Latents came from the latent cache.
     pub latent_cache_hit: bool,
+    /// What the class's listing left out.
+    pub skipped: mgd3_common::imagefolder::Skipped,
     /// PNG of real images, decoded modes and samples side by side, when the engine makes one.
     pub contact_sheet: Option<Vec<u8>>,
 }
@@ -196,6 +198,7 @@ impl ShardEngine for OnnxShardEngine {
             },
             real_images: t.real_images as u64,
             latent_cache_hit: t.latent_cache_hit,
+            skipped: t.skipped.clone(),
             contact_sheet,
         })
     }
@@ -246,6 +249,7 @@ impl ShardEngine for FakeEngine {
             timings: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
             real_images: 0,
             latent_cache_hit: false,
+            skipped: Default::default(),
             contact_sheet: None,
         })
     }
@@ -322,6 +326,7 @@ pub fn run_shard(
                 timings: result.timings,
                 committed_unix_ms: mgd3_common::now_ms(),
                 latent_cache_hit: result.latent_cache_hit,
+                skipped: result.skipped,
             };
             let contact_sheet = result.contact_sheet;
             let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
