@@ -41,10 +41,23 @@ pub enum Command {
     List(ListArgs),
     /// The embedded default: coordinator on loopback + N local workers + the job, awaited.
     Run(RunArgs),
+    /// Dry run of a submit, offline: validates the spec, lists and checks the dataset (every
+    /// class folder present with at least IPC images), fingerprints the models, and prints the
+    /// job id, classes with labels and image counts, shards and the output. Exits non-zero with
+    /// every problem at once.
+    Check(CheckArgs),
     /// Reads and validates a job.toml offline and prints it as JSON, relative paths resolved
     /// against the spec's folder (`--get output` prints one setting: what scripts use instead of
     /// parsing TOML themselves).
     Spec(SpecArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    pub spec: PathBuf,
+    /// The coordinator's store, where a job without `output` would write.
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +442,32 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => run_local(args).await,
+        Command::Check(args) => {
+            let (text, base) = read_spec(&args.spec)?;
+            let default_output = args.store.clone().unwrap_or_else(|| "(the coordinator's --store)".to_owned());
+            let resolved = crate::service::resolve_spec(&text, Path::new(&base), None, &default_output)
+                .await
+                .with_context(|| format!("job spec `{}`", args.spec.display()))?;
+            let job = &resolved.job;
+            for note in &resolved.notes {
+                println!("note: {note}");
+            }
+            println!("job id:  {}", job.job_id);
+            println!("dataset: {}", job.spec.dataset);
+            println!("output:  {}", job.spec.output.as_deref().unwrap_or_default());
+            println!(
+                "classes: {} ({} images in all), IPC {}, {} shard(s) of {} class(es)",
+                job.classes.len(),
+                resolved.image_counts.iter().sum::<usize>(),
+                job.spec.ipc,
+                job.shards.len(),
+                job.spec.classes_per_shard
+            );
+            for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
+                println!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);
+            }
+            Ok(())
+        }
         Command::Spec(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let mut spec = mgd3_common::job::JobSpec::from_toml(&text)

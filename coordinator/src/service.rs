@@ -277,41 +277,10 @@ impl Coordinator {
         self.inner.scheduler.lock().expect("scheduler").drain_when_done();
     }
 
-    /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards).
+    /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards); a job
+    /// without `output` writes into this coordinator's store.
     pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
-        let mut spec = JobSpec::from_toml(spec_toml)?;
-        spec.resolve_paths(base_dir);
-        spec.validate()?;
-        let explicit_id = explicit_id.filter(|s| !s.is_empty());
-        if let Some(id) = &explicit_id {
-            mgd3_common::job::validate_job_id(id)?;
-        }
-        if spec.output.is_none() {
-            spec.output = Some(self.inner.store.url.clone());
-        }
-        // Models in an object store are fetched into the local model cache to be fingerprinted;
-        // the spec keeps their URLs (workers fetch them the same way).
-        let cache = store::model_cache_dir();
-        let mut local = spec.models.clone();
-        for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
-            *path = store::fetch_model(path, &cache).await?.display().to_string();
-        }
-        let urls = spec.models.clone();
-        let mut spec = tokio::task::spawn_blocking(move || fill_model_fingerprints(JobSpec { models: local, ..spec }))
-            .await
-            .expect("fingerprint task")?;
-        spec.models.dit = urls.dit;
-        spec.models.vae_encoder = urls.vae_encoder;
-        spec.models.vae_decoder = urls.vae_decoder;
-        let data = check_dataset(&spec).await?;
-        let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
-        let shards = spec.plan_shards(data.classes.len());
-        let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
-        for note in &data.notes {
-            info!(job = %job_id, "{note}");
-        }
-        let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
-        Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
+        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url).await
     }
 
     /// Submits a job; submitting the same spec again returns the existing job. Returns the job
@@ -683,6 +652,55 @@ impl Coordinator {
 
 /// Lists the class folders of an ImageFolder root, local or in an object store (for
 /// `classes = "all"`).
+/// Resolves a spec as submit does, without a coordinator: paths against `base_dir`, validation,
+/// model fingerprints, the dataset listed and checked (see [`check_dataset`]), shards and the job
+/// id. A job without `output` writes to `default_output`.
+///
+/// # Errors
+/// Every problem of the spec or its dataset, as [`Error::Job`] where the user can fix it.
+pub async fn resolve_spec(
+    spec_toml: &str,
+    base_dir: &Path,
+    explicit_id: Option<String>,
+    default_output: &str,
+) -> Result<Resolved> {
+    let mut spec = JobSpec::from_toml(spec_toml)?;
+    spec.resolve_paths(base_dir);
+    spec.validate()?;
+    let explicit_id = explicit_id.filter(|s| !s.is_empty());
+    if let Some(id) = &explicit_id {
+        mgd3_common::job::validate_job_id(id)?;
+    }
+    if spec.output.is_none() {
+        spec.output = Some(default_output.to_owned());
+    }
+    // The dataset first: its problems are the user's to fix and cheaper to find than model
+    // fingerprints of gigabytes.
+    let data = check_dataset(&spec).await?;
+    // Models in an object store are fetched into the local model cache to be fingerprinted;
+    // the spec keeps their URLs (workers fetch them the same way).
+    let cache = store::model_cache_dir();
+    let mut local = spec.models.clone();
+    for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
+        *path = store::fetch_model(path, &cache).await?.display().to_string();
+    }
+    let urls = spec.models.clone();
+    let mut spec = tokio::task::spawn_blocking(move || fill_model_fingerprints(JobSpec { models: local, ..spec }))
+        .await
+        .expect("fingerprint task")?;
+    spec.models.dit = urls.dit;
+    spec.models.vae_encoder = urls.vae_encoder;
+    spec.models.vae_decoder = urls.vae_decoder;
+    let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
+    let shards = spec.plan_shards(data.classes.len());
+    let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
+    for note in &data.notes {
+        info!(job = %job_id, "{note}");
+    }
+    let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
+    Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
+}
+
 /// What the submit-time look at the dataset found.
 struct DatasetCheck {
     classes: Vec<ClassRef>,

@@ -195,3 +195,38 @@ fn a_closed_pipe_ends_the_output_without_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.status.success());
 }
+
+/// `coordinator check` is a dry run of submit: every dataset problem at once, or the plan.
+#[test]
+fn check_reports_every_dataset_problem_or_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (class, n) in [("a", 3), ("b", 1), (".ipynb_checkpoints", 2)] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..n {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
+        }
+    }
+    let fp = format!("sha256:{}", "0".repeat(64));
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"dry\"\ndataset = \"data\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 2\n[models]\n\
+             dit = \"d.onnx\"\nvae_encoder = \"e.onnx\"\nvae_decoder = \"x.onnx\"\ndit_fingerprint = \"{fp}\"\n\
+             vae_encoder_fingerprint = \"{fp}\"\nvae_decoder_fingerprint = \"{fp}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("`b`: 1 images but IPC = 2"), "{text}");
+    std::fs::write(data.join("b/1.png"), [7u8]).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("job id:  dry-") && text.contains("output:  /srv/state"), "{text}");
+    assert!(text.contains("classes: 2 (5 images in all), IPC 2, 2 shard(s)"), "{text}");
+    assert!(text.contains("label    1       2 images  b"), "{text}");
+    assert!(text.contains("note: skipped 1 hidden folder(s)") && text.contains(".ipynb_checkpoints"), "{text}");
+}

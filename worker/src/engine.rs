@@ -62,7 +62,15 @@ impl EngineError {
         match self {
             EngineError::Model(e) => matches!(e, mgd3_onnx::Error::Ort { .. } | mgd3_onnx::Error::Io { .. }),
             EngineError::Data(e) => {
-                matches!(e, DataError::Read { .. } | DataError::List { .. } | DataError::Store { .. })
+                matches!(
+                    e,
+                    DataError::Read { .. }
+                        | DataError::Store { .. }
+                        | DataError::List(
+                            mgd3_common::imagefolder::ListError::Io { .. }
+                                | mgd3_common::imagefolder::ListError::Store { .. }
+                        )
+                )
             }
             EngineError::Sink(_) | EngineError::Cancelled | EngineError::Cache(_) => true,
             EngineError::Modes { .. }

@@ -26,6 +26,25 @@ pub enum ModesError {
     BadFeatures { len: usize, points: usize, dim: usize },
     #[error("k-means failed: {0}")]
     KMeans(String),
+    #[error(
+        "only {distinct} distinct images among {points}: IPC = {k} distinct modes cannot be found (the class holds \
+         duplicate images); remove the duplicates or lower ipc"
+    )]
+    TooFewDistinct { distinct: usize, points: usize, k: usize },
+    #[error(
+        "k-means found only {distinct} distinct modes of IPC = {k} among {points} images; lower ipc or check the \
+         class for near-duplicates"
+    )]
+    DuplicateModes { distinct: usize, points: usize, k: usize },
+}
+
+/// How many distinct rows of `dim` values `values` holds (bit-exact).
+fn distinct_rows(values: &[f32], dim: usize) -> usize {
+    values
+        .chunks_exact(dim)
+        .map(|row| row.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// sklearn's `_tolerance`: `tol × mean(var(X, axis=0))`, on squared centre shifts.
@@ -55,6 +74,11 @@ pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u
     if points < k || k == 0 {
         return Err(ModesError::TooFewPoints { points, k });
     }
+    // A degenerate result is reported, never returned: IPC samples would share modes.
+    let distinct = distinct_rows(features, dim);
+    if distinct < k {
+        return Err(ModesError::TooFewDistinct { distinct, points, k });
+    }
     // linfa stops when the Euclidean norm of the whole centroid shift is below its tolerance;
     // sklearn compares the squared shift with the scaled tolerance.
     let tolerance = (scaled_tolerance(features, points, dim).sqrt() as f32).max(f32::MIN_POSITIVE);
@@ -68,7 +92,12 @@ pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u
         .init_method(KMeansInit::KMeansPlusPlus)
         .fit(&dataset)
         .map_err(|e| ModesError::KMeans(e.to_string()))?;
-    Ok(model.centroids().iter().copied().collect())
+    let centroids: Vec<f32> = model.centroids().iter().copied().collect();
+    let distinct = distinct_rows(&centroids, dim);
+    if distinct < k {
+        return Err(ModesError::DuplicateModes { distinct, points, k });
+    }
+    Ok(centroids)
 }
 
 #[cfg(test)]
@@ -112,6 +141,19 @@ mod tests {
         let mut found: Vec<[f32; 2]> = find_modes(&data, 3, 2, 3, 0).unwrap().chunks(2).map(|c| [c[0], c[1]]).collect();
         found.sort_by(|a, b| a[0].total_cmp(&b[0]));
         assert_eq!(found, [[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]]);
+    }
+
+    /// Six images holding two distinct pictures cannot give four modes: an error with the counts,
+    /// not two modes each used twice.
+    #[test]
+    fn too_few_distinct_images_is_an_error_with_the_counts() {
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [4.0f32, 5.0, 6.0];
+        let features: Vec<f32> = [a, b, a, b, a, b].concat();
+        let error = find_modes(&features, 6, 3, 4, 0).unwrap_err();
+        assert!(matches!(error, ModesError::TooFewDistinct { distinct: 2, points: 6, k: 4 }), "{error}");
+        assert!(error.to_string().contains("only 2 distinct images among 6"), "{error}");
+        assert_eq!(find_modes(&features, 6, 3, 2, 0).unwrap().len(), 6);
     }
 
     #[test]

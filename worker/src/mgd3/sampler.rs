@@ -35,6 +35,11 @@ pub enum SampleError {
          large for this model (or the DiT returned NaN/Inf)"
     )]
     Diverged { sample: usize, step: usize, timestep: i64, rms: f32, bound: f32, guidance_scale: f32 },
+    #[error(
+        "sample {sample} became non-finite at step i = {step} (t = {timestep}) with no mode guidance applied: the \
+         DiT itself returned NaN/Inf (check the model file and its export)"
+    )]
+    NonFinite { sample: usize, step: usize, timestep: i64 },
     #[error("the denoiser failed at step i = {step} (t = {timestep})")]
     Model {
         step: usize,
@@ -50,6 +55,9 @@ impl SampleError {
         match self {
             SampleError::Diverged { sample, step, timestep, rms, bound, guidance_scale } => {
                 SampleError::Diverged { sample: sample + first, step, timestep, rms, bound, guidance_scale }
+            }
+            SampleError::NonFinite { sample, step, timestep } => {
+                SampleError::NonFinite { sample: sample + first, step, timestep }
             }
             other => other,
         }
@@ -129,6 +137,7 @@ pub fn sample(
     let pair_labels: Vec<i64> = labels.iter().copied().chain(std::iter::repeat_n(model.null_label, n)).collect();
     let mut timings = SampleTimings::default();
     let bounds = divergence_bounds(modes);
+    let mut guided = false;
     let mut x = noise.index_axis(Axis(1), 0).to_owned();
     for k in 1..=steps {
         let i = steps - k;
@@ -155,9 +164,17 @@ pub fn sample(
             guidance,
             model.learn_sigma,
         );
-        if let Some((sample, rms, bound)) = runaway(x.view(), &bounds) {
-            let guidance_scale = guidance.guidance_scale;
-            return Err(SampleError::Diverged { sample, step: i, timestep, rms, bound, guidance_scale });
+        // The bound guards against guidance running away; a trajectory no guidance has touched
+        // is the model's own (random-weight models leave the modes' scale far behind) and fails
+        // only when it is no longer finite, naming the model.
+        guided |= guidance.guidance_scale != 0.0 && i > guidance.stop_guidance;
+        if guided {
+            if let Some((sample, rms, bound)) = runaway(x.view(), &bounds) {
+                let guidance_scale = guidance.guidance_scale;
+                return Err(SampleError::Diverged { sample, step: i, timestep, rms, bound, guidance_scale });
+            }
+        } else if let Some((sample, _, _)) = runaway(x.view(), &vec![f32::INFINITY; n]) {
+            return Err(SampleError::NonFinite { sample, step: i, timestep });
         }
         timings.maths += model_done.elapsed();
         observe(k, x.view());
@@ -325,6 +342,27 @@ mod tests {
         assert!(matches!(err, SampleError::Diverged { sample: 9, .. }));
         assert!(err.to_string().contains("sample 9 diverged at step i = 2 (t = 500)"), "{err}");
         assert!(err.to_string().contains("λ = 0.1"), "{err}");
+    }
+
+    /// With guidance off (t_stop = steps, or λ = 0) the bound never applies: a large but finite
+    /// trajectory is the model's own and is kept; a non-finite one fails naming the model, not λ.
+    #[test]
+    fn without_guidance_only_a_non_finite_sample_fails_and_lambda_is_not_blamed() {
+        let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
+        let modes = Array4::zeros((3, 4, 2, 2));
+        for cfg in [
+            GuidanceConfig { stop_guidance: 5, ..Default::default() },
+            GuidanceConfig { guidance_scale: 0.0, stop_guidance: 0, ..Default::default() },
+        ] {
+            let run = |eps: f32| {
+                let mut model = BreaksAt { inner: GaussianData::new(), bad: 7, from_t: 500, eps };
+                sample(&mut model, &schedule, &cfg, SPEC, &[3, 7, 3], modes.view(), noise(3, 5).view(), |_, _| {})
+            };
+            assert!(run(1e4).is_ok(), "{cfg:?}: an unguided trajectory far from the modes is kept");
+            let err = run(f32::NAN).unwrap_err();
+            assert!(matches!(err, SampleError::NonFinite { sample: 1, step: 2, timestep: 500 }), "{cfg:?}: {err:?}");
+            assert!(!err.to_string().contains("λ") && err.to_string().contains("no mode guidance"), "{err}");
+        }
     }
 
     #[test]
