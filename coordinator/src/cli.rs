@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Worker heartbeat (poll) interval.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
+    /// One coordinator serves a store at a time (a lock object in the store): another waits
+    /// this long after this one stops renewing the lock (killed) before taking the store over.
+    #[arg(long, default_value_t = 30)]
+    pub lock_timeout_s: u64,
     /// Tell idle workers to exit whenever every job in the store has ended (including jobs that
     /// had ended before the workers connected). For a coordinator started for one job, as
     /// `scripts/slurm/distill.sbatch` does; a long-lived coordinator keeps its workers waiting.
@@ -305,7 +309,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                      --insecure-no-auth on a network you trust completely"
                 );
             }
-            let coordinator = Coordinator::open(&config.store_url, config.heartbeat_ms).await?;
+            let coordinator = Coordinator::open_locked(
+                &config.store_url,
+                config.heartbeat_ms,
+                Duration::from_secs(args.lock_timeout_s.max(1)),
+            )
+            .await?;
             if args.drain_when_done {
                 coordinator.drain_when_done();
             }

@@ -18,6 +18,8 @@ pub enum Error {
     Commit(#[from] CommitError),
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error("object store `{url}`: {context}: {source}")]
     ObjectStore {
         url: String,
@@ -99,7 +101,7 @@ impl From<Error> for tonic::Status {
             Error::Incompatible(_) | Error::Scheduler(_) | Error::MissingMarker { .. } | Error::Quarantined { .. } => {
                 tonic::Status::failed_precondition(message)
             }
-            Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) => {
+            Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) | Error::Lock(_) => {
                 tonic::Status::unavailable(message)
             }
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod lock;
 pub mod scheduler;
 pub mod service;
 pub mod state;

@@ -24,7 +24,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::lock::{LockError, StoreLock};
 use crate::scheduler::{JobState, PollDecision, Running, Scheduler, Settled};
+
+/// How long after a coordinator stops renewing its store lock another may take the store over.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::state;
 
 /// How `serve` runs.
@@ -48,6 +52,12 @@ struct Inner {
     /// Jobs whose records are damaged, with what is wrong: listed, never scheduled.
     quarantined: Mutex<BTreeMap<String, String>>,
     wake: Notify,
+    /// This coordinator's hold on the store.
+    lock: tokio::sync::Mutex<StoreLock>,
+    /// Set when another coordinator took the store over: nothing is served any more.
+    fenced: std::sync::atomic::AtomicBool,
+    /// Notified when `fenced` is set.
+    lost: Notify,
 }
 
 /// The status of a quarantined job: state `quarantined`, the damage as its one failure.
@@ -93,9 +103,20 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Opens the store and recovers every job in it: committed shards (by marker) stay done,
-    /// leases survive until they expire, attempts and failures come back from state.json.
+    /// leases survive until they expire, attempts and failures come back from state.json. Takes
+    /// the store's coordinator lock first ([`DEFAULT_LOCK_TIMEOUT`]; see [`Coordinator::open_locked`]).
     pub async fn open(store_url: &str, heartbeat_ms: u64) -> Result<Self> {
+        Self::open_locked(store_url, heartbeat_ms, DEFAULT_LOCK_TIMEOUT).await
+    }
+
+    /// [`Coordinator::open`] with this coordinator's lock timeout: how long another coordinator
+    /// waits after this one stops renewing the store's lock before taking the store over.
+    ///
+    /// # Errors
+    /// [`Error::Lock`] when another coordinator serves the store; store and recovery errors.
+    pub async fn open_locked(store_url: &str, heartbeat_ms: u64, lock_timeout: Duration) -> Result<Self> {
         let store = store::open(store_url)?;
+        let lock = StoreLock::acquire(&store, lock_timeout).await?;
         let epoch = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let coordinator = Coordinator {
             inner: Arc::new(Inner {
@@ -106,6 +127,9 @@ impl Coordinator {
                 manifests_due: Mutex::new(HashMap::new()),
                 quarantined: Mutex::new(BTreeMap::new()),
                 wake: Notify::new(),
+                lock: tokio::sync::Mutex::new(lock),
+                fenced: std::sync::atomic::AtomicBool::new(false),
+                lost: Notify::new(),
             }),
         };
         for (job_id, loaded) in state::load_jobs(&coordinator.inner.store).await? {
@@ -206,10 +230,24 @@ impl Coordinator {
     pub async fn background(self, shutdown: impl Future<Output = ()>) {
         let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
         let mut tick = tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
+        let mut lock_tick = tokio::time::interval(self.inner.lock.lock().await.heartbeat());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = lock_tick.tick() => {
+                    match self.inner.lock.lock().await.renew().await {
+                        Ok(()) => {}
+                        Err(error @ LockError::Lost { .. }) => {
+                            tracing::error!(%error, "stopping: the store has another coordinator");
+                            self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                            self.inner.lost.notify_waiters();
+                            return;
+                        }
+                        Err(error) => warn!(%error, "could not renew the coordinator lock; will retry"),
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {
                     let changed = self.inner.scheduler.lock().expect("scheduler").expire(now_ms());
                     for (job, settled) in changed {
@@ -264,6 +302,19 @@ impl Coordinator {
                 self.mark_dirty(&job_id);
             }
         }
+    }
+
+    /// Releases the store's coordinator lock (a clean shutdown), so the next coordinator starts
+    /// at once.
+    pub async fn release(&self) {
+        if !self.is_fenced() {
+            self.inner.lock.lock().await.release().await;
+        }
+    }
+
+    /// True once another coordinator took this one's store over.
+    pub fn is_fenced(&self) -> bool {
+        self.inner.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Tells idle workers to exit from now on.
@@ -909,8 +960,30 @@ pub async fn serve(
         let _ = background_stopped.await;
     }));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = builder.add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await;
+    let lost = {
+        let coordinator = coordinator.clone();
+        async move {
+            if !coordinator.is_fenced() {
+                coordinator.inner.lost.notified().await;
+            }
+        }
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = lost => {}
+        }
+    };
+    let result = builder.add_service(service).serve_with_incoming_shutdown(incoming, stop).await;
     let _ = stop_background.send(());
     let _ = background.await;
+    if coordinator.is_fenced() {
+        return Err(Error::Lock(LockError::Lost {
+            url: coordinator.store_url().to_owned(),
+            host: String::new(),
+            pid: 0,
+        }));
+    }
+    coordinator.release().await;
     result.map_err(Error::from)
 }

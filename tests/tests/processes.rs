@@ -111,7 +111,8 @@ fn a_missing_class_folder_is_named_at_submit_or_at_run_time() {
                 .args(["submit", spec_path.to_str().unwrap(), "--wait", "--coordinator", &url])
                 .output()
                 .unwrap();
-            let connected = !String::from_utf8_lossy(&out.stderr).contains("transport error");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let connected = !stderr.contains("transport error") && !stderr.contains("connect error");
             output = Some(out);
             connected
         });
@@ -246,4 +247,12 @@ fn a_relative_store_means_the_same_folder_to_every_process() {
     assert_eq!(end["output"].as_str(), Some(job_dir.to_str().unwrap()), "an absolute output");
     assert_eq!(files(&job_dir.join("dataset")).len(), 4);
     assert!(!there.join("out").exists(), "the worker wrote into its own folder");
+}
+
+/// One coordinator per store (`file://` here; `s3://` in s3.rs).
+#[test]
+fn one_coordinator_serves_a_local_store_at_a_time() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", scratch.path().join("store").display());
+    let _third = check_one_coordinator_per_store(&store, scratch.path(), &[]);
 }

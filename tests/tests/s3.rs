@@ -386,3 +386,12 @@ async fn names_reach_every_read_and_write_unchanged_on_s3_and_local_disks() {
     let ours = download(s3.as_ref(), &format!("out/jobs/{job}/dataset")).await;
     assert!(ours == files(&local_job.join("dataset")), "S3 and local runs differ");
 }
+
+/// One coordinator per store on S3 too: a lock object with a heartbeat, takeover after expiry.
+#[test]
+fn one_coordinator_serves_an_s3_store_at_a_time() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "locked");
+    let scratch = tempfile::tempdir().unwrap();
+    let _third = check_one_coordinator_per_store("s3://locked/state", scratch.path(), &aws_env(moto.port));
+}

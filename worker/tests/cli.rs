@@ -229,7 +229,7 @@ fn distill_class_errors_name_the_class_file_or_model() {
 
     std::fs::create_dir_all(data.join("n003")).unwrap();
     let text = stderr(&distill(&data, "n003", &out, "1", "tiny_dit.onnx"));
-    assert!(text.contains("n003") && text.contains("no .jpg"), "{text}");
+    assert!(text.contains("n003") && text.contains("holds no images (.jpg"), "{text}");
 
     let text = stderr(&distill(&data, "n001", &out, "2", "bad_dit_rank.onnx"));
     assert!(text.contains("bad_dit_rank.onnx") && text.contains("input `x`"), "{text}");

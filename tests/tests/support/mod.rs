@@ -93,12 +93,42 @@ pub fn serve(port: u16, store: &str, log: &Path, env: &[(&str, String)]) -> Kill
     Killed(
         Command::new(bin("coordinator"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store, "--heartbeat-ms", "200"])
+            // Tests kill coordinators and restart them on the same store at once.
+            .args(["--lock-timeout-s", "2"])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap(),
     )
+}
+
+/// A second coordinator on a store that another one serves must refuse in bounded time, naming
+/// the holder; once the holder is SIGKILLed, a new one takes the store over after the lock
+/// timeout and serves. Returns the new coordinator.
+pub fn check_one_coordinator_per_store(store: &str, scratch: &Path, env: &[(&str, String)]) -> Killed {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut first = serve(port, store, &scratch.join("first.log"), env);
+    wait_for("the first coordinator", Duration::from_secs(30), || {
+        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
+    });
+    let second_log = scratch.join("second.log");
+    let mut second = serve(free_port(), store, &second_log, env);
+    let status = wait_exit(&mut second.0, "a second coordinator on a served store", Duration::from_secs(30));
+    let text = std::fs::read_to_string(&second_log).unwrap();
+    assert!(!status.success() && text.contains("is served by another coordinator"), "{text}");
+    first.0.kill().unwrap();
+    wait_exit(&mut first.0, "the SIGKILLed coordinator", Duration::from_secs(10));
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let third = serve(port, store, &scratch.join("third.log"), env);
+    wait_for("a coordinator to take over the store", Duration::from_secs(30), || {
+        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
+    });
+    let text = std::fs::read_to_string(scratch.join("third.log")).unwrap();
+    assert!(text.contains("taking over the store"), "{text}");
+    third
 }
 
 /// A worker process against `url`.

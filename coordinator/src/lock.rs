@@ -1,0 +1,214 @@
+//! One coordinator per store: a lock object `coordinator.lock` in the store, created
+//! create-only, kept alive by a heartbeat, released on a clean shutdown and taken over once its
+//! heartbeat is older than the lock timeout (its holder was killed). Two coordinators leasing the
+//! same jobs would distil every class twice; the second one waits for a stale lock to expire and
+//! refuses a live one, naming its holder.
+//!
+//! The lock is advisory and needs no conditional overwrite from the store: the holder re-reads
+//! it before every heartbeat and stops when another owner's lock is there, so two owners after a
+//! racing takeover last at most one heartbeat interval.
+
+use std::time::Duration;
+
+use mgd3_common::now_ms;
+use mgd3_common::store::{Location, get_optional, put_create};
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// The lock object, at the store's root.
+pub const LOCK_KEY: &str = "coordinator.lock";
+
+/// Who holds a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// Random per coordinator process.
+    pub owner: String,
+    pub host: String,
+    pub pid: u32,
+    /// When the holder last renewed the lock (Unix ms).
+    pub heartbeat_unix_ms: u64,
+    /// How long without a heartbeat before another coordinator may take over (ms).
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum LockError {
+    #[error(
+        "store `{url}` is served by another coordinator ({host}, pid {pid}, last heartbeat {age_s:.0} s ago): stop \
+         it first, or give this coordinator another --store; a coordinator that was killed releases the store \
+         {timeout_s:.0} s after its last heartbeat"
+    )]
+    Held { url: String, host: String, pid: u32, age_s: f64, timeout_s: f64 },
+    #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`: {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("store `{url}`: another coordinator ({host}, pid {pid}) took over the store; this one stops")]
+    Lost { url: String, host: String, pid: u32 },
+}
+
+/// A held store lock.
+#[derive(Clone, Debug)]
+pub struct StoreLock {
+    store: Location,
+    record: LockRecord,
+}
+
+impl StoreLock {
+    /// Takes the store's lock: at once when it is free, after waiting for a stale one (no
+    /// heartbeat for its timeout) to expire. `timeout` is this holder's own lock timeout.
+    ///
+    /// # Errors
+    /// [`LockError::Held`] when another coordinator keeps renewing it; [`LockError::Store`].
+    pub async fn acquire(store: &Location, timeout: Duration) -> Result<StoreLock, LockError> {
+        let key = store.key(LOCK_KEY);
+        let err = |source| LockError::Store { url: store.url.clone(), source };
+        let mut record = LockRecord {
+            owner: uuid::Uuid::new_v4().simple().to_string(),
+            host: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            pid: std::process::id(),
+            heartbeat_unix_ms: now_ms(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        // The holder seen, its last heartbeat value and when (by this clock) it was first seen:
+        // staleness is judged by watching the value, so clocks of other hosts do not matter.
+        let mut watching: Option<(String, u64, std::time::Instant)> = None;
+        loop {
+            record.heartbeat_unix_ms = now_ms();
+            let bytes = serde_json::to_vec(&record).expect("serialisable lock");
+            if put_create(store.store.as_ref(), &key, bytes).await.map_err(err)? {
+                info!(store = %store.url, "coordinator lock taken");
+                return Ok(StoreLock { store: store.clone(), record });
+            }
+            let Some(bytes) = get_optional(store.store.as_ref(), &key).await.map_err(err)? else {
+                continue; // released in between
+            };
+            let Ok(holder) = serde_json::from_slice::<LockRecord>(&bytes) else {
+                warn!(store = %store.url, "removing an unreadable coordinator lock");
+                delete(store).await?;
+                continue;
+            };
+            match &watching {
+                Some((owner, beat, _)) if *owner == holder.owner && *beat != holder.heartbeat_unix_ms => {
+                    // Renewed while this coordinator waited: a live holder.
+                    let age = now_ms().saturating_sub(holder.heartbeat_unix_ms);
+                    return Err(LockError::Held {
+                        url: store.url.clone(),
+                        host: holder.host,
+                        pid: holder.pid,
+                        age_s: age as f64 / 1000.0,
+                        timeout_s: holder.timeout_ms as f64 / 1000.0,
+                    });
+                }
+                Some((owner, _, since))
+                    if *owner == holder.owner && since.elapsed() >= Duration::from_millis(holder.timeout_ms) =>
+                {
+                    warn!(store = %store.url, host = %holder.host, pid = holder.pid,
+                        "taking over the store from a coordinator that stopped renewing its lock");
+                    delete(store).await?;
+                    watching = None;
+                    continue;
+                }
+                Some((owner, _, _)) if *owner == holder.owner => {}
+                _ => {
+                    info!(store = %store.url, host = %holder.host, pid = holder.pid, timeout_s = holder.timeout_ms / 1000,
+                        "the store is locked by another coordinator; waiting to see whether it is alive");
+                    watching = Some((holder.owner.clone(), holder.heartbeat_unix_ms, std::time::Instant::now()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis((holder.timeout_ms / 10).clamp(20, 1000))).await;
+        }
+    }
+
+    /// How often [`StoreLock::renew`] should run: a third of the timeout.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis((self.record.timeout_ms / 3).max(50))
+    }
+
+    /// Renews the heartbeat, after checking the lock is still this coordinator's.
+    ///
+    /// # Errors
+    /// [`LockError::Lost`] when another coordinator holds it now; [`LockError::Store`].
+    pub async fn renew(&mut self) -> Result<(), LockError> {
+        let key = self.store.key(LOCK_KEY);
+        let err = |source| LockError::Store { url: self.store.url.clone(), source };
+        let current = get_optional(self.store.store.as_ref(), &key).await.map_err(err)?;
+        if let Some(holder) = current.as_deref().and_then(|b| serde_json::from_slice::<LockRecord>(b).ok())
+            && holder.owner != self.record.owner
+        {
+            return Err(LockError::Lost { url: self.store.url.clone(), host: holder.host, pid: holder.pid });
+        }
+        self.record.heartbeat_unix_ms = now_ms();
+        let bytes = serde_json::to_vec(&self.record).expect("serialisable lock");
+        self.store.store.put(&key, PutPayload::from(bytes)).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Releases the lock (if it is still this coordinator's) on a clean shutdown, so that the
+    /// next coordinator starts at once.
+    pub async fn release(&self) {
+        let key = self.store.key(LOCK_KEY);
+        let ours = get_optional(self.store.store.as_ref(), &key)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
+            .is_some_and(|holder| holder.owner == self.record.owner);
+        if ours && let Err(error) = delete(&self.store).await {
+            warn!(store = %self.store.url, %error, "could not release the coordinator lock");
+        } else if ours {
+            info!(store = %self.store.url, "coordinator lock released");
+        }
+    }
+}
+
+async fn delete(store: &Location) -> Result<(), LockError> {
+    match store.store.delete(&store.key(LOCK_KEY)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(source) => Err(LockError::Store { url: store.url.clone(), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_live_lock_is_refused_a_stale_one_taken_over_a_released_one_free() {
+        let store = mgd3_common::store::open("memory://lock-test/state").unwrap();
+        let timeout = Duration::from_millis(600);
+        let mut first = StoreLock::acquire(&store, timeout).await.unwrap();
+        // A second coordinator waits one timeout while the first renews, then refuses.
+        let renewing = {
+            let mut first = first.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    first.renew().await.unwrap();
+                    tokio::time::sleep(first.heartbeat()).await;
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let error = StoreLock::acquire(&store, timeout).await.unwrap_err();
+        assert!(matches!(error, LockError::Held { .. }), "{error}");
+        assert!(error.to_string().contains("served by another coordinator"), "{error}");
+        // Refused once a renewal proves the holder alive, within about one heartbeat.
+        assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
+        renewing.abort();
+        // The first stops renewing (killed): the lock is taken over once stale, and the first
+        // learns it lost the store at its next heartbeat.
+        let second = StoreLock::acquire(&store, timeout).await.unwrap();
+        assert!(matches!(first.renew().await, Err(LockError::Lost { .. })));
+        first.release().await;
+        // A clean shutdown frees the store at once.
+        second.release().await;
+        let started = std::time::Instant::now();
+        let third = StoreLock::acquire(&store, timeout).await.unwrap();
+        assert!(started.elapsed() < timeout / 2);
+        third.release().await;
+    }
+}
