@@ -226,8 +226,11 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
             Err(e) => return Err(store_err(out, format!("deleting `{}`", stray.location))(e)),
         }
     }
-    remove_staging_copies(out, &folder, "")?;
-    remove_staging_copies(out, &format!("{}/modes", keys.root()), &format!("{wnid}.npy#"))?;
+    // Staging copies: all of them when checking by content (resume: nobody else publishes),
+    // otherwise only those too old to be a racing publisher's copy in progress.
+    let min_age = if check == Check::Content { std::time::Duration::ZERO } else { STALE_STAGING_COPY };
+    remove_staging_copies(out, &folder, "", min_age)?;
+    remove_staging_copies(out, &format!("{}/modes", keys.root()), &format!("{wnid}.npy#"), min_age)?;
     delete_prefix(out, &keys.staging_file(attempt, wnid, "")).await
 }
 
@@ -339,12 +342,28 @@ pub fn staging_copies(out: &Location, relative: &str, name_prefix: &str) -> Vec<
         .collect()
 }
 
-/// Deletes [`staging_copies`] of `relative`; returns how many.
+/// A staging copy younger than this may belong to a copy in progress (another publisher of the
+/// same class): copying one PNG or modes file takes milliseconds, so an older one is left over.
+pub const STALE_STAGING_COPY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Deletes [`staging_copies`] of `relative` last modified at least `min_age` ago; returns how
+/// many. Zero `min_age` when no other process can be writing there (recovery, resume).
 ///
 /// # Errors
 /// [`CommitError::Local`] when one cannot be deleted.
-pub fn remove_staging_copies(out: &Location, relative: &str, name_prefix: &str) -> Result<usize, CommitError> {
-    let copies = staging_copies(out, relative, name_prefix);
+pub fn remove_staging_copies(
+    out: &Location,
+    relative: &str,
+    name_prefix: &str,
+    min_age: std::time::Duration,
+) -> Result<usize, CommitError> {
+    let old_enough = |path: &std::path::PathBuf| {
+        min_age.is_zero()
+            || std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age))
+    };
+    let copies: Vec<_> = staging_copies(out, relative, name_prefix).into_iter().filter(old_enough).collect();
     for path in &copies {
         match std::fs::remove_file(path) {
             Ok(()) => tracing::info!(file = %path.display(), "removed a staging copy left by an interrupted write"),

@@ -214,6 +214,65 @@ impl JobSpec {
         }
     }
 
+    /// Every location of the spec with the setting that names it: `dataset`, the class-list
+    /// file, `output`, `latent_cache` and the three models (after [`JobSpec::resolve_paths`]).
+    pub fn locations(&self) -> Vec<(&'static str, String)> {
+        let mut all = vec![("dataset", self.dataset.clone())];
+        if let ClassSelection::File { file } = &self.classes {
+            all.push(("classes.file", file.clone()));
+        }
+        if let Some(output) = &self.output {
+            all.push(("output", output.clone()));
+        }
+        if let Some(cache) = self.latent_cache_url() {
+            all.push(("latent_cache", cache));
+        }
+        all.push(("models.dit", self.models.dit.clone()));
+        all.push(("models.vae_encoder", self.models.vae_encoder.clone()));
+        all.push(("models.vae_decoder", self.models.vae_decoder.clone()));
+        all
+    }
+
+    /// Checks that every local location of the spec lies inside one of `allowed` (absolute,
+    /// normalised folders; symbolic links resolved where the path exists). Object-store URLs
+    /// are governed by their credentials, not by this. All violations are reported at once.
+    ///
+    /// # Errors
+    /// [`JobError::Invalid`] naming each setting outside the allowed folders.
+    pub fn check_local_paths(&self, allowed: &[std::path::PathBuf]) -> Result<(), JobError> {
+        let mut errors = Vec::new();
+        for (field, location) in self.locations() {
+            let local = match location.strip_prefix("file://") {
+                Some(rest) => {
+                    url::Url::parse(&location).ok().and_then(|u| u.to_file_path().ok()).unwrap_or(rest.into())
+                }
+                None if crate::store::is_url(&location) => continue,
+                None => std::path::PathBuf::from(crate::store::resolve(&location, std::path::Path::new("/"))),
+            };
+            // The deepest existing ancestor, with its links resolved, decides.
+            let mut probe = local.clone();
+            let real = loop {
+                if let Ok(real) = probe.canonicalize() {
+                    break real.join(local.strip_prefix(&probe).unwrap_or(std::path::Path::new("")));
+                }
+                if !probe.pop() {
+                    break local.clone();
+                }
+            };
+            if !allowed.iter().any(|root| real.starts_with(root)) {
+                errors.push(FieldError {
+                    field: field.into(),
+                    problem: format!(
+                        "`{}` is outside the folders this coordinator may use ({}); start it with --allow-path for that folder",
+                        location,
+                        allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(JobError::Invalid(errors)) }
+    }
+
     /// Parses job.toml text; unknown fields and type errors name the field.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
         toml::from_str(text).map_err(|e| JobError::Toml(e.to_string()))

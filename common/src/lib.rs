@@ -8,6 +8,7 @@ pub mod imagefolder;
 pub mod job;
 pub mod layout;
 pub mod manifest;
+pub mod modelmeta;
 pub mod rpc;
 pub mod seed;
 pub mod store;

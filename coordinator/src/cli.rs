@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// Worker heartbeat (poll) interval.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
+    /// A local folder submitted specs may name (dataset, class-list file, models, output, latent
+    /// cache); repeatable. Default: the folder the coordinator was started in and, for a local
+    /// store, the store. Object-store URLs are governed by their credentials instead.
+    #[arg(long = "allow-path")]
+    pub allow_paths: Vec<PathBuf>,
     /// One coordinator serves a store at a time (a lock object in the store): another waits
     /// this long after this one stops renewing the lock (killed) before taking the store over.
     #[arg(long, default_value_t = 30)]
@@ -318,6 +323,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             if args.drain_when_done {
                 coordinator.drain_when_done();
             }
+            let mut allowed: Vec<PathBuf> =
+                args.allow_paths.iter().map(std::path::absolute).collect::<Result<_, _>>()?;
+            if allowed.is_empty() {
+                allowed.push(std::env::current_dir()?);
+                let store = coordinator.store_url();
+                if let Some(path) = store.strip_prefix("file://") {
+                    allowed.push(PathBuf::from(path));
+                } else if !mgd3_common::store::is_url(store) {
+                    allowed.push(PathBuf::from(store));
+                }
+            }
+            tracing::info!(allowed = ?allowed, "local paths submitted specs may use");
+            coordinator.allow_paths(allowed);
             serve(coordinator, &config, listener, termination()).await?;
             Ok(())
         }
@@ -454,7 +472,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Check(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let default_output = args.store.clone().unwrap_or_else(|| "(the coordinator's --store)".to_owned());
-            let resolved = crate::service::resolve_spec(&text, Path::new(&base), None, &default_output)
+            let resolved = crate::service::resolve_spec(&text, Path::new(&base), None, &default_output, None)
                 .await
                 .with_context(|| format!("job spec `{}`", args.spec.display()))?;
             let job = &resolved.job;

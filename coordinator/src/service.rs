@@ -58,6 +58,8 @@ struct Inner {
     fenced: std::sync::atomic::AtomicBool,
     /// Notified when `fenced` is set.
     lost: Notify,
+    /// Local folders a submitted spec may name (None: any; `serve` always sets them).
+    allowed_paths: Mutex<Option<Vec<std::path::PathBuf>>>,
 }
 
 /// The status of a quarantined job: state `quarantined`, the damage as its one failure.
@@ -130,6 +132,7 @@ impl Coordinator {
                 lock: tokio::sync::Mutex::new(lock),
                 fenced: std::sync::atomic::AtomicBool::new(false),
                 lost: Notify::new(),
+                allowed_paths: Mutex::new(None),
             }),
         };
         for (job_id, loaded) in state::load_jobs(&coordinator.inner.store).await? {
@@ -161,9 +164,11 @@ impl Coordinator {
         // Staging copies a killed process left beside job.json, state.json, manifest.json and
         // the markers are not part of the published tree.
         let keys = JobKeys::new(&job.job_id);
-        let mut removed = commit::remove_staging_copies(&self.inner.store, keys.root(), "")?;
+        // Workers may be committing markers right now: only copies too old to be in progress.
+        let min_age = commit::STALE_STAGING_COPY;
+        let mut removed = commit::remove_staging_copies(&self.inner.store, keys.root(), "", min_age)?;
         for folder in [keys.root().to_owned(), keys.markers()] {
-            removed += commit::remove_staging_copies(&out, &folder, "")?;
+            removed += commit::remove_staging_copies(&out, &folder, "", min_age)?;
         }
         if removed > 0 {
             info!(job = %job.job_id, removed, "removed staging copies left by an interrupted write");
@@ -304,6 +309,14 @@ impl Coordinator {
         }
     }
 
+    /// Restricts the local paths a submitted spec may name (dataset, class list, models, output,
+    /// latent cache) to these folders; checked at submit before anything is read or created.
+    /// Symbolic links are resolved, so a link cannot lead outside.
+    pub fn allow_paths(&self, folders: Vec<std::path::PathBuf>) {
+        let folders = folders.into_iter().map(|f| f.canonicalize().unwrap_or(f)).collect();
+        *self.inner.allowed_paths.lock().expect("allowed paths") = Some(folders);
+    }
+
     /// Releases the store's coordinator lock (a clean shutdown), so the next coordinator starts
     /// at once.
     pub async fn release(&self) {
@@ -331,7 +344,8 @@ impl Coordinator {
     /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards); a job
     /// without `output` writes into this coordinator's store.
     pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
-        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url).await
+        let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
+        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref()).await
     }
 
     /// Submits a job; submitting the same spec again returns the existing job. Returns the job
@@ -714,6 +728,7 @@ pub async fn resolve_spec(
     base_dir: &Path,
     explicit_id: Option<String>,
     default_output: &str,
+    allowed: Option<&[std::path::PathBuf]>,
 ) -> Result<Resolved> {
     let mut spec = JobSpec::from_toml(spec_toml)?;
     spec.resolve_paths(base_dir);
@@ -721,6 +736,12 @@ pub async fn resolve_spec(
     let explicit_id = explicit_id.filter(|s| !s.is_empty());
     if let Some(id) = &explicit_id {
         mgd3_common::job::validate_job_id(id)?;
+    }
+    if let Some(allowed) = allowed {
+        // Before anything is read, listed or created on behalf of the submitter.
+        let mut checked = spec.clone();
+        checked.output.get_or_insert_with(|| default_output.to_owned());
+        checked.check_local_paths(allowed)?;
     }
     if spec.output.is_none() {
         spec.output = Some(default_output.to_owned());
@@ -736,9 +757,14 @@ pub async fn resolve_spec(
         *path = store::fetch_model(path, &cache).await?.display().to_string();
     }
     let urls = spec.models.clone();
-    let mut spec = tokio::task::spawn_blocking(move || fill_model_fingerprints(JobSpec { models: local, ..spec }))
-        .await
-        .expect("fingerprint task")?;
+    let classes = data.classes.clone();
+    let mut spec = tokio::task::spawn_blocking(move || {
+        let spec = JobSpec { models: local, ..spec };
+        check_models(&spec, &classes)?;
+        fill_model_fingerprints(spec)
+    })
+    .await
+    .expect("fingerprint task")?;
     spec.models.dit = urls.dit;
     spec.models.vae_encoder = urls.vae_encoder;
     spec.models.vae_decoder = urls.vae_decoder;
@@ -834,6 +860,58 @@ async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
         ));
     }
     Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
+}
+
+/// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input
+/// shapes (read without ONNX Runtime; a model without them is left to the worker's load-time
+/// contract check): every class label inside the DiT's classes, `sampling.cfg_channels` within
+/// the DiT's latent channels, one image size for the VAE encoder and decoder. Every problem is
+/// reported at once, naming the setting as the job spec spells it.
+fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
+    use mgd3_common::modelmeta::read_model_meta;
+    let read = |path: &str| read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))).ok();
+    let m = &spec.models;
+    let mut problems = Vec::new();
+    if let Some(dit) = read(&m.dit) {
+        if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
+            let outside: Vec<String> = classes
+                .iter()
+                .filter(|c| c.label < 0 || c.label >= n)
+                .map(|c| format!("`{}` → {}", c.wnid.escape_debug(), c.label))
+                .collect();
+            if !outside.is_empty() {
+                problems.push(FieldError {
+                    field: "labels".into(),
+                    problem: format!(
+                        "{} class label(s) outside the DiT's {n} classes (models.dit metadata `mgd3.num_classes`): {}",
+                        outside.len(),
+                        outside.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        if let Some(Some(channels)) = dit.inputs.get("x").and_then(|dims| dims.get(1).copied())
+            && spec.sampling.cfg_channels as i64 > channels
+        {
+            problems.push(FieldError {
+                field: "sampling.cfg_channels".into(),
+                problem: format!(
+                    "{} exceeds the DiT's {channels} latent channels (input `x` of models.dit)",
+                    spec.sampling.cfg_channels
+                ),
+            });
+        }
+    }
+    let size = |path: &str| read(path).and_then(|meta| meta.get::<i64>("mgd3.image_size"));
+    if let (Some(encoder), Some(decoder)) = (size(&m.vae_encoder), size(&m.vae_decoder))
+        && encoder != decoder
+    {
+        problems.push(FieldError {
+            field: "models.vae_decoder".into(),
+            problem: format!("decodes {decoder}-pixel images, the VAE encoder reads {encoder}-pixel ones"),
+        });
+    }
+    if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
 }
 
 /// Computes missing model fingerprints from the files; a given fingerprint is checked when the

@@ -230,3 +230,50 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     assert!(text.contains("label    1       2 images  b"), "{text}");
     assert!(text.contains("note: skipped 1 hidden folder(s)") && text.contains(".ipynb_checkpoints"), "{text}");
 }
+
+/// A submitted spec may only name local paths inside the coordinator's allowed folders: no
+/// reading a class list elsewhere, no listing a dataset through a symbolic link that leads out,
+/// no creating an output folder elsewhere. Every violation is named, nothing is created.
+#[test]
+fn submitted_specs_are_confined_to_the_allowed_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (allowed, outside) = (dir.path().join("allowed"), dir.path().join("outside"));
+    std::fs::create_dir_all(outside.join("data/c0")).unwrap();
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::write(outside.join("secret.txt"), "c0\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("data"), allowed.join("data")).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = allowed.join("store");
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store.to_str().unwrap()])
+            .args(["--allow-path", allowed.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if coordinator(&["list", "--coordinator", &url]).status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spec = allowed.join("job.toml");
+    let text = GOOD_SPEC
+        .replace(
+            "classes = [\"a\", \"b\"]",
+            &format!("classes = {{ file = \"{}\" }}", outside.join("secret.txt").display()),
+        )
+        .replace("ipc = 2", "ipc = 2\noutput = \"../outside/out\"");
+    std::fs::write(&spec, text).unwrap();
+    let out = coordinator(&["submit", spec.to_str().unwrap(), "--coordinator", &url]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for field in ["`dataset`", "`classes.file`", "`output`"] {
+        assert!(text.contains(field), "{field} not named: {text}");
+    }
+    assert!(text.contains("--allow-path"), "{text}");
+    assert!(!text.contains("`models.dit`"), "models inside the allowed folder pass: {text}");
+    assert!(!outside.join("out").exists(), "nothing is created outside");
+}

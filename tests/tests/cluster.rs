@@ -392,8 +392,12 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     std::fs::write(&damaged, &bytes).unwrap();
     std::fs::remove_file(root.join("dataset/class02/1.png")).unwrap();
     std::fs::write(root.join("dataset/class00/1.png#0"), b"half a copy").unwrap();
-    std::fs::write(root.join("manifest.json#1"), b"{").unwrap();
-    std::fs::write(root.join("shards/class00.json#2"), b"{").unwrap();
+    // Left by processes killed a while ago (a copy in progress is younger than 10 s).
+    for leftover in [root.join("manifest.json#1"), root.join("shards/class00.json#2")] {
+        std::fs::write(&leftover, b"{").unwrap();
+        let past = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&leftover).unwrap().set_modified(past).unwrap();
+    }
 
     let again = start(&store_url, None).await;
     assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());

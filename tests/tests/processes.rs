@@ -219,6 +219,7 @@ fn a_relative_store_means_the_same_folder_to_every_process() {
     let _coordinator = Killed(
         Command::new(bin("coordinator"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", "out", "--heartbeat-ms", "200"])
+            .args(["--allow-path", "/"])
             .current_dir(&here)
             .stderr(log)
             .spawn()
@@ -255,4 +256,29 @@ fn one_coordinator_serves_a_local_store_at_a_time() {
     let scratch = tempfile::tempdir().unwrap();
     let store = format!("file://{}", scratch.path().join("store").display());
     let _third = check_one_coordinator_per_store(&store, scratch.path(), &[]);
+}
+
+/// What the models' metadata and input shapes decide is checked at submit (here through the
+/// `coordinator check` dry run), every problem at once: labels beyond the DiT's classes and
+/// `cfg_channels` beyond its latent channels, named as the job spec spells them.
+#[test]
+fn settings_that_do_not_fit_the_models_are_refused_before_any_work() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 12, 3);
+    let text =
+        spec(&data.display().to_string(), "out", 12, 2, 1, "").replace("steps = 50", "steps = 50\ncfg_channels = 7");
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, &text).unwrap();
+    let out = Command::new(bin("coordinator")).args(["check", spec_path.to_str().unwrap()]).output().unwrap();
+    let text_err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text_err}");
+    assert!(text_err.contains("`labels`: 2 class label(s) outside the DiT's 10 classes"), "{text_err}");
+    assert!(text_err.contains("`c10` → 10") && text_err.contains("`c11` → 11"), "{text_err}");
+    assert!(text_err.contains("`sampling.cfg_channels`: 7 exceeds the DiT's 4 latent channels"), "{text_err}");
+    // Fitting settings pass.
+    let fitting = spec(&data.display().to_string(), "out", 10, 2, 1, "");
+    std::fs::write(&spec_path, fitting).unwrap();
+    let out = Command::new(bin("coordinator")).args(["check", spec_path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

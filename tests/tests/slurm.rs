@@ -120,7 +120,7 @@ impl Allocation {
         };
         // Another test's allocation may still be completing: allow for its node release.
         let mut job = String::new();
-        allocation.wait("the batch script to submit the mgd3 job", Duration::from_secs(120), |a| {
+        allocation.wait_while_running("the batch script to submit the mgd3 job", Duration::from_secs(120), |a| {
             job = a.log_text().lines().find_map(|l| l.split("] job ").nth(1)).unwrap_or_default().trim().to_owned();
             !job.is_empty()
         });
@@ -149,7 +149,17 @@ impl Allocation {
 
     /// Polls `condition` every 200 ms for at most `timeout`; a timeout names `what` and shows
     /// [`Allocation::diagnostics`].
-    fn wait(&self, what: &str, timeout: Duration, mut condition: impl FnMut(&Self) -> bool) {
+    fn wait(&self, what: &str, timeout: Duration, condition: impl FnMut(&Self) -> bool) {
+        self.wait_checked(what, timeout, false, condition);
+    }
+
+    /// [`Allocation::wait`] for something the running allocation must do: fails at once,
+    /// instead of at the timeout, when the allocation has ended first.
+    fn wait_while_running(&self, what: &str, timeout: Duration, condition: impl FnMut(&Self) -> bool) {
+        self.wait_checked(what, timeout, true, condition);
+    }
+
+    fn wait_checked(&self, what: &str, timeout: Duration, running: bool, mut condition: impl FnMut(&Self) -> bool) {
         let start = Instant::now();
         while !condition(self) {
             assert!(
@@ -157,6 +167,18 @@ impl Allocation {
                 "timed out after {timeout:?} waiting for {what}\n{}",
                 self.diagnostics()
             );
+            if running {
+                let state = field(&self.scontrol(), "JobState");
+                let ended = matches!(
+                    state.as_str(),
+                    "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY"
+                );
+                // Looked at again: it may have happened just before the allocation ended.
+                if ended && condition(self) {
+                    return;
+                }
+                assert!(!ended, "the allocation ended ({state}) before {what}\n{}", self.diagnostics());
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -218,7 +240,7 @@ fn sbatch_survives_a_killed_worker_step_and_a_requeue_while_classes_remain() {
     // IPC 10 on 2 samples per DiT call: enough work per class that most classes are left when
     // the first ones are committed.
     let a = Allocation::submit(10);
-    a.wait("the first committed class", Duration::from_secs(180), |a| !a.markers().is_empty());
+    a.wait_while_running("the first committed class", Duration::from_secs(180), |a| !a.markers().is_empty());
 
     // Kill one worker step outright, then requeue the whole allocation.
     let steps = a.worker_steps();
@@ -250,7 +272,7 @@ fn sbatch_requeued_after_the_last_commit_launches_no_workers_and_completes() {
     let a = Allocation::submit(4);
     // Requeue the moment the last class is committed: the first allocation may still be
     // stopping its workers, or may have completed already (a finished batch job is requeued too).
-    a.wait("every class committed", Duration::from_secs(240), |a| a.markers().len() == CLASSES);
+    a.wait_while_running("every class committed", Duration::from_secs(240), |a| a.markers().len() == CLASSES);
     let before_requeue = a.markers();
     let state = field(&a.scontrol(), "JobState");
     a.requeue();

@@ -95,6 +95,8 @@ pub fn serve(port: u16, store: &str, log: &Path, env: &[(&str, String)]) -> Kill
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store, "--heartbeat-ms", "200"])
             // Tests kill coordinators and restart them on the same store at once.
             .args(["--lock-timeout-s", "2"])
+            // Scratch data in /tmp, fixtures in the checkout.
+            .args(["--allow-path", "/"])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
