@@ -438,6 +438,24 @@ mod tests {
         assert!(error.contains("holds no images") && error.contains("readme.md"), "{error}");
     }
 
+    /// Names that are not UTF-8: a file is listed and read under its exact bytes; a class folder
+    /// is an error naming it (it can be no class name), never silently dropped.
+    #[test]
+    fn names_that_are_not_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        let odd = dir.path().join("a").join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
+        std::fs::write(&odd, b"12345").unwrap();
+        let listing = list_local_class(dir.path(), "a").unwrap();
+        assert_eq!(listing.images.len(), 1);
+        let ImageSource::Local(path) = &listing.images[0].source else { panic!() };
+        assert_eq!(std::fs::read(path).unwrap(), b"12345");
+        std::fs::create_dir(dir.path().join(std::ffi::OsStr::from_bytes(b"n\xff"))).unwrap();
+        let error = list_local_classes(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("not valid UTF-8") && error.contains("\\xFF"), "{error}");
+    }
+
     /// The same tree in an object store (here in memory) lists the same: same classes, same
     /// images in the same order, same skipped counts.
     #[tokio::test]
