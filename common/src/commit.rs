@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::layout::{JobKeys, MODES_FILE, image_name};
 use crate::manifest::{ClassMarker, FileDigest};
 use crate::sha256_hex;
-use crate::store::{Location, get_optional, put_create};
+use crate::store::{Location, get_optional, put_create, retry_idempotent};
 
 #[derive(Debug, Error)]
 pub enum CommitError {
@@ -115,29 +115,39 @@ pub async fn commit_class(
         let name = image_name(j);
         digests.push(digest(name.clone(), &png));
         let key = out.key(&keys.staging_file(&attempt, &wnid, &name));
-        store.put(&key, PutPayload::from(png)).await.map_err(store_err(out, format!("staging `{key}`")))?;
+        let payload = PutPayload::from(png);
+        retry_idempotent(|| store.put(&key, payload.clone()))
+            .await
+            .map_err(store_err(out, format!("staging `{key}`")))?;
     }
     marker.images = digests;
     marker.modes = digest(MODES_FILE.into(), &files.modes_npy);
     let key = out.key(&keys.staging_file(&attempt, &wnid, MODES_FILE));
-    store.put(&key, PutPayload::from(files.modes_npy)).await.map_err(store_err(out, format!("staging `{key}`")))?;
+    let payload = PutPayload::from(files.modes_npy);
+    retry_idempotent(|| store.put(&key, payload.clone())).await.map_err(store_err(out, format!("staging `{key}`")))?;
 
     let marker_key = out.key(&keys.marker(&wnid));
     let bytes = serde_json::to_vec_pretty(&marker).expect("serialisable marker");
-    let won = put_create(store, &marker_key, bytes)
+    // Retried when the connection dropped mid-request: a create that did happen then reads as
+    // "already exists", which the marker read below tells apart from another attempt's win.
+    let won = retry_idempotent(|| put_create(store, &marker_key, bytes.clone()))
         .await
         .map_err(store_err(out, format!("writing marker `{marker_key}`")))?;
     if won {
         publish(out, keys, &marker, Check::Size).await?;
         return Ok(CommitOutcome::Won);
     }
-    delete_prefix(out, &keys.staging_file(&attempt, &wnid, "")).await?;
     let winner =
         committed_marker(out, keys, &wnid, &marker.fingerprint).await?.ok_or_else(|| CommitError::BadMarker {
             wnid: wnid.clone(),
             key: marker_key.to_string(),
             problem: "create-only put reported an existing marker that cannot be read back".into(),
         })?;
+    if winner.attempt_id == attempt {
+        publish(out, keys, &winner, Check::Size).await?;
+        return Ok(CommitOutcome::Won);
+    }
+    delete_prefix(out, &keys.staging_file(&attempt, &wnid, "")).await?;
     publish(out, keys, &winner, Check::Size).await?;
     Ok(CommitOutcome::Lost)
 }
@@ -194,9 +204,9 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
             continue;
         }
         let source = out.key(&keys.staging_file(attempt, wnid, &file.name));
-        match store.copy(&source, &target).await {
+        match retry_idempotent(|| store.copy(&source, &target)).await {
             Ok(()) => {}
-            Err(object_store::Error::NotFound { .. }) => {
+            Err(e) if crate::store::is_not_found(&e) => {
                 // Another publisher may have finished and removed staging in the meantime.
                 let done = in_place(store, &target, file, check).await;
                 if !done {

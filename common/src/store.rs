@@ -156,6 +156,53 @@ pub fn open(url: &str) -> Result<Location, StoreError> {
 /// survived by every call without failing a class (and so without spending an attempt).
 pub const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Runs an idempotent store operation, retrying transport failures the client itself does not
+/// retry (a PUT or COPY whose connection dropped mid-request: it may have happened, so the client
+/// leaves the decision to the caller) with the same backoff, until [`STORE_RETRY_TIMEOUT`] has
+/// passed. Answers that mean something (not found, already exists, denied) are returned at once.
+pub async fn retry_idempotent<T, F, Fut>(mut operation: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let started = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match operation().await {
+            Err(object_store::Error::Generic { store, source })
+                if started.elapsed() < STORE_RETRY_TIMEOUT && !io_not_found(source.as_ref()) =>
+            {
+                tracing::debug!(store, error = %source, retry_in_ms = backoff.as_millis() as u64, "store call failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// True when an error's cause chain holds a "no such file" I/O error (the local store reports a
+/// copy from a missing source as a generic error).
+fn io_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// True for "not found", however the store reports it.
+pub fn is_not_found(error: &object_store::Error) -> bool {
+    match error {
+        object_store::Error::NotFound { .. } => true,
+        object_store::Error::Generic { source, .. } => io_not_found(source.as_ref()),
+        _ => false,
+    }
+}
+
 /// Retries for transient errors (5xx, timeouts, refused or dropped connections) with jittered
 /// exponential backoff (0.2 s growing to at most 10 s) until [`STORE_RETRY_TIMEOUT`] has passed
 /// since the call began; the retry count is not what bounds it. 4xx answers such as 403 or a

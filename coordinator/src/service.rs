@@ -317,6 +317,11 @@ impl Coordinator {
         *self.inner.allowed_paths.lock().expect("allowed paths") = Some(folders);
     }
 
+    /// The job `job_id`, or [`Error::UnknownJob`].
+    fn known_job(&self, job_id: &str) -> Result<Arc<ResolvedJob>> {
+        self.inner.scheduler.lock().expect("scheduler").job(job_id).ok_or_else(|| Error::UnknownJob(job_id.into()))
+    }
+
     /// Releases the store's coordinator lock (a clean shutdown), so the next coordinator starts
     /// at once.
     pub async fn release(&self) {
@@ -412,13 +417,7 @@ impl Coordinator {
             self.inner.quarantined.lock().expect("quarantined").remove(job_id);
             info!(job = %job_id, "quarantined job recovered");
         }
-        let job = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .job(job_id)
-            .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
+        let job = self.known_job(job_id)?;
         if let Some((text, base)) = spec {
             let now = self.resolve(text, base, Some(job_id.to_owned())).await?.job;
             if now.fingerprint != job.fingerprint {
@@ -464,13 +463,7 @@ impl Coordinator {
     /// folders hold nothing else; repairs nothing (see [`Coordinator::resume`]). Classes without
     /// a marker are reported as not committed.
     pub async fn verify(&self, job_id: &str) -> Result<proto::VerifyJobResponse> {
-        let job = self
-            .inner
-            .scheduler
-            .lock()
-            .expect("scheduler")
-            .job(job_id)
-            .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
+        let job = self.known_job(job_id)?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);
         let checks: Vec<_> = job

@@ -98,6 +98,15 @@ async fn start_on(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Ve
 }
 
 impl Cluster {
+    /// Runs `job` to success on one stand-in worker, then stops the worker.
+    async fn run_to_success(&self, job: &str) {
+        let engine = Box::new(FakeEngine { class_duration: Duration::from_millis(5) });
+        let (stop, handle) = worker(&self.url, "runner", None, engine);
+        assert_eq!(wait_until_done(&self.coordinator, job).await.state, "succeeded");
+        let _ = stop.send(());
+        handle.await.unwrap().unwrap();
+    }
+
     async fn shutdown(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.server.await.unwrap().unwrap();
@@ -269,11 +278,7 @@ async fn state_survives_a_coordinator_restart() {
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(4, 2, 1, &store_url), dir.path(), None).await.unwrap();
-    let (stop, handle) =
-        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(10) }));
-    wait_until_done(&cluster.coordinator, &job.job_id).await;
-    let _ = stop.send(());
-    handle.await.unwrap().unwrap();
+    cluster.run_to_success(&job.job_id).await;
     cluster.shutdown().await;
     // A new coordinator on the same store knows the job and its outcome.
     let again = start(&store_url, None).await;
@@ -292,11 +297,7 @@ async fn recovery_rewrites_a_missing_manifest_before_reporting_success() {
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 1, &store_url), dir.path(), None).await.unwrap();
-    let (stop, handle) =
-        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(10) }));
-    wait_until_done(&cluster.coordinator, &job.job_id).await;
-    let _ = stop.send(());
-    handle.await.unwrap().unwrap();
+    cluster.run_to_success(&job.job_id).await;
     cluster.shutdown().await;
     let out = store::open(&store_url).unwrap();
     let keys = JobKeys::new(&job.job_id);
@@ -371,11 +372,7 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 1, &store_url), dir.path(), None).await.unwrap();
-    let (stop, handle) =
-        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
-    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, "succeeded");
-    let _ = stop.send(());
-    handle.await.unwrap().unwrap();
+    cluster.run_to_success(&job.job_id).await;
     let clean = cluster.coordinator.verify(&job.job_id).await.unwrap();
     assert_eq!((clean.classes_checked, clean.files_checked, clean.problems.len()), (3, 9, 0), "{clean:?}");
     cluster.shutdown().await;
@@ -413,11 +410,7 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     let resumed = again.coordinator.resume(&job.job_id, None).await.unwrap();
     assert_eq!(resumed.redone, ["class01", "class02"]);
     assert!(!root.join("dataset/class00/1.png#0").exists());
-    let (stop, handle) =
-        worker(&again.url, "w1", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
-    assert_eq!(wait_until_done(&again.coordinator, &job.job_id).await.state, "succeeded");
-    let _ = stop.send(());
-    handle.await.unwrap().unwrap();
+    again.run_to_success(&job.job_id).await;
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
     assert!(report.problems.is_empty(), "{report:?}");
     assert_eq!(dataset_files(&out, &job.job_id).await, original, "the repaired tree equals the original");
