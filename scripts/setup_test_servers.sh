@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Installs the servers the S3 tests start themselves: moto (an S3-compatible server that honours
 # create-only puts) in .venv-test/. The tests find it there; CI sets MGD3_REQUIRE_S3=1 so that a
-# missing moto fails the run instead of skipping the S3 tests.
+# missing moto fails the run instead of skipping the S3 tests. Also strace (Debian), with which
+# the crash tests kill processes at chosen system calls (MGD3_REQUIRE_STRACE=1 in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v strace >/dev/null && [[ $(id -u) -eq 0 ]]; then
+  apt-get install -y -q --no-install-recommends strace >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends strace >/dev/null; } \
+    || echo "note: strace could not be installed; the crash tests will be skipped"
+fi
 if [[ -x .venv-test/bin/python ]] && .venv-test/bin/python -c "import moto.server" 2>/dev/null; then
   echo "moto already installed in .venv-test"
   exit 0

@@ -164,12 +164,12 @@ impl Coordinator {
         // Staging copies a killed process left beside job.json, state.json, manifest.json and
         // the markers are not part of the published tree.
         let keys = JobKeys::new(&job.job_id);
-        // Workers may be committing markers right now: only copies too old to be in progress.
-        let min_age = commit::STALE_STAGING_COPY;
-        let mut removed = commit::remove_staging_copies(&self.inner.store, keys.root(), "", min_age)?;
-        for folder in [keys.root().to_owned(), keys.markers()] {
-            removed += commit::remove_staging_copies(&out, &folder, "", min_age)?;
-        }
+        // The job's own records are written by the coordinator holding the store's lock alone;
+        // workers may be committing markers right now: there only copies too old to be in progress.
+        let zero = Duration::ZERO;
+        let mut removed = commit::remove_staging_copies(&self.inner.store, keys.root(), "", zero)?;
+        removed += commit::remove_staging_copies(&out, keys.root(), "", zero)?;
+        removed += commit::remove_staging_copies(&out, &keys.markers(), "", commit::STALE_STAGING_COPY)?;
         if removed > 0 {
             info!(job = %job.job_id, removed, "removed staging copies left by an interrupted write");
         }

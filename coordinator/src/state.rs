@@ -200,5 +200,17 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
     let bytes = serde_json::to_vec_pretty(&manifest).expect("serialisable manifest");
     out.store.put(&key, PutPayload::from(bytes)).await.map_err(store_err(out, format!("writing `{key}`")))?;
     mgd3_common::commit::delete_prefix(out, &format!("{}/staging", keys.root())).await?;
+    // Every class is committed: copies left by workers killed mid-write (local stores) go, so the
+    // published tree holds exactly the markers' files when the job reports success.
+    let zero = std::time::Duration::ZERO;
+    let modes = format!("{}/modes", keys.root());
+    for class in &job.classes {
+        let wnid = &class.wnid;
+        mgd3_common::commit::remove_staging_copies(out, &format!("{}/dataset/{wnid}", keys.root()), "", zero)?;
+        mgd3_common::commit::remove_staging_copies(out, &modes, &format!("{wnid}.npy#"), zero)?;
+        mgd3_common::commit::remove_staging_copies(out, &keys.markers(), &format!("{wnid}.json#"), zero)?;
+        let sheets = format!("{}/contact_sheets", keys.root());
+        mgd3_common::commit::remove_staging_copies(out, &sheets, &format!("{wnid}.png#"), zero)?;
+    }
     Ok(())
 }
