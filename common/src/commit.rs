@@ -33,7 +33,7 @@ pub enum CommitError {
     )]
     ForeignMarker { wnid: String, theirs: String, ours: String },
     #[error(
-        "class `{wnid}`: cannot finish publishing attempt `{attempt}`: `{file}` is neither in staging nor in dataset/"
+        "class `{wnid}`: cannot restore `{file}` of attempt `{attempt}`: the published copy is missing or damaged and the staging copy is gone"
     )]
     LostStaging { wnid: String, attempt: String, file: String },
     #[error("cannot delete `{path}`: {source}")]

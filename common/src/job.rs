@@ -263,8 +263,9 @@ impl JobSpec {
                 errors.push(FieldError {
                     field: field.into(),
                     problem: format!(
-                        "`{}` is outside the folders this coordinator may use ({}); start it with --allow-path for that folder",
+                        "`{}`{} is outside the folders this coordinator may use ({}); start it with --allow-path for that folder",
                         location,
+                        if real != local { format!(" (resolves to `{}`)", real.display()) } else { String::new() },
                         allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                     ),
                 });

@@ -35,6 +35,11 @@ pub enum Error {
         "job `{job}`: the spec fingerprint changed ({now}, the job has {was}); refusing to mix outputs of two specs"
     )]
     FingerprintChanged { job: String, was: String, now: String },
+    #[error(
+        "job `{job}`: the dataset changed since the job was submitted (images added, removed or rewritten); \
+         `coordinator submit` makes it a new job (cached latents of unchanged classes are reused), or restore the images"
+    )]
+    DataChanged { job: String },
     #[error("job `{job}` already exists with another spec")]
     JobIdTaken { job: String },
     #[error("worker rejected: {0}")]
@@ -92,7 +97,7 @@ impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         let message = bounded_message(error.to_string());
         match error {
-            Error::Job(_) | Error::FingerprintChanged { .. } | Error::JobIdTaken { .. } => {
+            Error::Job(_) | Error::FingerprintChanged { .. } | Error::JobIdTaken { .. } | Error::DataChanged { .. } => {
                 tonic::Status::invalid_argument(message)
             }
             Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {

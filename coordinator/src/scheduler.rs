@@ -20,6 +20,8 @@ pub enum SchedulerError {
         "worker `{0}` is not registered with this coordinator (it restarted, or the worker never registered): register first"
     )]
     UnknownWorker(String),
+    #[error("job `{job}` has already ended ({state}); there is nothing to cancel")]
+    AlreadyEnded { job: String, state: &'static str },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -578,8 +580,10 @@ impl Scheduler {
 
     pub fn cancel(&mut self, job_id: &str, now: u64) -> Result<Settled, SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
-        if run.state() != JobState::Running {
-            return Ok(Settled::Open);
+        match run.state() {
+            JobState::Running => {}
+            JobState::Cancelled => return Ok(Settled::Open),
+            ended => return Err(SchedulerError::AlreadyEnded { job: job_id.into(), state: ended.as_str() }),
         }
         run.persisted.cancelled = true;
         run.pending.clear();

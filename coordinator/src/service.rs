@@ -58,6 +58,8 @@ struct Inner {
     fenced: std::sync::atomic::AtomicBool,
     /// Notified when `fenced` is set.
     lost: Notify,
+    /// Who took the store over, once `fenced`.
+    lost_to: Mutex<Option<LockError>>,
     /// Local folders a submitted spec may name (None: any; `serve` always sets them).
     allowed_paths: Mutex<Option<Vec<std::path::PathBuf>>>,
 }
@@ -74,6 +76,25 @@ fn quarantined_status(job_id: String, reason: String) -> proto::JobStatus {
         job_id,
         ..Default::default()
     }
+}
+
+/// Folders under the job's `dataset/` that are no class of the job (relative to the output).
+async fn extra_class_folders(out: &Location, job: &ResolvedJob) -> Result<Vec<String>> {
+    let relative = format!("{}/dataset", JobKeys::new(&job.job_id).root());
+    let prefix = out.key(&relative);
+    let listing = out.store.list_with_delimiter(Some(&prefix)).await.map_err(|source| Error::ObjectStore {
+        url: out.url.clone(),
+        context: format!("listing `{prefix}`"),
+        source,
+    })?;
+    let classes: HashSet<&str> = job.classes.iter().map(|c| c.wnid.as_str()).collect();
+    Ok(listing
+        .common_prefixes
+        .iter()
+        .filter_map(|p| p.filename())
+        .filter(|name| !classes.contains(name))
+        .map(|name| format!("{relative}/{name}"))
+        .collect())
 }
 
 /// A spec resolved at submit: the job, and what the look at its dataset found.
@@ -132,6 +153,7 @@ impl Coordinator {
                 lock: tokio::sync::Mutex::new(lock),
                 fenced: std::sync::atomic::AtomicBool::new(false),
                 lost: Notify::new(),
+                lost_to: Mutex::new(None),
                 allowed_paths: Mutex::new(None),
             }),
         };
@@ -245,6 +267,7 @@ impl Coordinator {
                         Ok(()) => {}
                         Err(error @ LockError::Lost { .. }) => {
                             tracing::error!(%error, "stopping: the store has another coordinator");
+                            *self.inner.lost_to.lock().expect("lost to") = Some(error);
                             self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
                             self.inner.lost.notify_waiters();
                             return;
@@ -418,6 +441,13 @@ impl Coordinator {
             info!(job = %job_id, "quarantined job recovered");
         }
         let job = self.known_job(job_id)?;
+        // The job's identity covers its data: images rewritten since submit make another job,
+        // never new bytes under this one's fingerprint.
+        let data = check_dataset(&job.spec).await?;
+        let now = job.spec.fingerprint_with_data(&job.classes, Some(&data.digest));
+        if now != job.fingerprint {
+            return Err(Error::DataChanged { job: job_id.into() });
+        }
         if let Some((text, base)) = spec {
             let now = self.resolve(text, base, Some(job_id.to_owned())).await?.job;
             if now.fingerprint != job.fingerprint {
@@ -446,6 +476,10 @@ impl Coordinator {
                 }
                 Err(error) => return Err(error.into()),
             }
+        }
+        for folder in extra_class_folders(&out, &job).await? {
+            warn!(job = %job_id, %folder, "removing a class folder of no class of this job");
+            commit::delete_prefix(&out, &folder).await?;
         }
         let committed = state::committed_shards(&out, &job).await?;
         let (committed, requeued) =
@@ -489,6 +523,21 @@ impl Coordinator {
             let (files, problems) = result?;
             response.files_checked += files;
             response.problems.extend(problems);
+        }
+        for folder in extra_class_folders(&out, &job).await? {
+            response.problems.push(proto::VerifyProblem {
+                wnid: String::new(),
+                file: folder,
+                problem: "a class folder of no class of this job (it would add a class to the dataset)".into(),
+            });
+        }
+        let finished = self.inner.scheduler.lock().expect("scheduler").state(job_id) == Some(JobState::Succeeded);
+        if finished && !state::manifest_in_place(&out, &job).await? {
+            response.problems.push(proto::VerifyProblem {
+                wnid: String::new(),
+                file: keys.manifest(),
+                problem: "missing, or not this job's manifest".into(),
+            });
         }
         info!(job = %job_id, files = response.files_checked, problems = response.problems.len(), "job verified");
         Ok(response)
@@ -829,7 +878,7 @@ async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
             Ok(listing) => {
                 if listing.images.len() < spec.ipc {
                     problems.push(format!(
-                        "class `{}`: {} images but IPC = {} needs at least {}",
+                        "class `{}`: {} image(s) but IPC = {} needs at least {}; add images or lower ipc",
                         class.wnid.escape_debug(),
                         listing.images.len(),
                         spec.ipc,
@@ -865,7 +914,23 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
     let read = |path: &str| read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))).ok();
     let m = &spec.models;
     let mut problems = Vec::new();
-    if let Some(dit) = read(&m.dit) {
+    for (field, path, kind) in [
+        ("models.dit", &m.dit, "dit"),
+        ("models.vae_encoder", &m.vae_encoder, "vae_encoder"),
+        ("models.vae_decoder", &m.vae_decoder, "vae_decoder"),
+    ] {
+        if let Some(found) = read(path).and_then(|meta| meta.metadata.get("mgd3.kind").cloned())
+            && found != kind
+        {
+            problems.push(FieldError {
+                field: field.into(),
+                problem: format!(
+                    "`{path}` is a {found} model (metadata `mgd3.kind`), not a {kind}; are two models swapped?"
+                ),
+            });
+        }
+    }
+    if let Some(dit) = read(&m.dit).filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {
         if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
             let outside: Vec<String> = classes
                 .iter()
@@ -876,7 +941,8 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
                 problems.push(FieldError {
                     field: "labels".into(),
                     problem: format!(
-                        "{} class label(s) outside the DiT's {n} classes (models.dit metadata `mgd3.num_classes`): {}",
+                        "{} class label(s) outside the DiT's {n} classes (models.dit metadata `mgd3.num_classes`): {}; \
+                         use a DiT trained on these classes, or fewer classes",
                         outside.len(),
                         outside.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
                     ),
@@ -1049,11 +1115,12 @@ pub async fn serve(
     let _ = stop_background.send(());
     let _ = background.await;
     if coordinator.is_fenced() {
-        return Err(Error::Lock(LockError::Lost {
+        let lost = coordinator.inner.lost_to.lock().expect("lost to").take();
+        return Err(Error::Lock(lost.unwrap_or(LockError::Lost {
             url: coordinator.store_url().to_owned(),
-            host: String::new(),
+            host: "another host".into(),
             pid: 0,
-        }));
+        })));
     }
     coordinator.release().await;
     result.map_err(Error::from)

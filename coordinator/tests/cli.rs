@@ -220,7 +220,7 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     .unwrap();
     let out = coordinator(&["check", spec.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("`b`: 1 images but IPC = 2"), "{text}");
+    assert!(!out.status.success() && text.contains("`b`: 1 image(s) but IPC = 2"), "{text}");
     std::fs::write(data.join("b/1.png"), [7u8]).unwrap();
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -285,6 +285,8 @@ async fn state_survives_a_coordinator_restart() {
     let status = again.coordinator.status(&job.job_id).unwrap();
     assert_eq!((status.state.as_str(), status.shards_done), ("succeeded", 4));
     assert_eq!(again.coordinator.list().len(), 1);
+    let error = again.coordinator.cancel(&job.job_id).unwrap_err().to_string();
+    assert!(error.contains("has already ended (succeeded)"), "{error}");
     again.shutdown().await;
 }
 
@@ -396,20 +398,30 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
         std::fs::File::options().write(true).open(&leftover).unwrap().set_modified(past).unwrap();
     }
 
+    std::fs::create_dir_all(root.join("dataset/newclass")).unwrap();
+    std::fs::write(root.join("dataset/newclass/0.png"), b"a class of no class").unwrap();
     let again = start(&store_url, None).await;
     assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());
+    std::fs::remove_file(root.join("manifest.json")).unwrap();
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
     let mut found: Vec<(String, String)> =
         report.problems.iter().map(|p| (p.wnid.clone(), p.file.rsplit('/').next().unwrap().to_owned())).collect();
     found.sort();
     assert_eq!(
         found,
-        [("class00".into(), "1.png#0".into()), ("class01".into(), "0.png".into()), ("class02".into(), "1.png".into())],
+        [
+            (String::new(), "manifest.json".into()),
+            (String::new(), "newclass".into()),
+            ("class00".into(), "1.png#0".into()),
+            ("class01".into(), "0.png".into()),
+            ("class02".into(), "1.png".into())
+        ],
         "{report:?}"
     );
     let resumed = again.coordinator.resume(&job.job_id, None).await.unwrap();
     assert_eq!(resumed.redone, ["class01", "class02"]);
     assert!(!root.join("dataset/class00/1.png#0").exists());
+    assert!(!root.join("dataset/newclass").exists(), "a folder of no class is removed");
     again.run_to_success(&job.job_id).await;
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
     assert!(report.problems.is_empty(), "{report:?}");
@@ -492,7 +504,7 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
     let cluster = start(&store_url, None).await;
     let spec = spec_toml(4, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
     let error = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
-    assert!(error.contains("`class01`: 1 images but IPC = 2"), "{error}");
+    assert!(error.contains("`class01`: 1 image(s) but IPC = 2"), "{error}");
     assert!(error.contains("`class03`") && error.contains("does not exist"), "{error}");
     assert!(!error.contains("`class00`") && !error.contains("`class02`"), "{error}");
     assert!(cluster.coordinator.list().is_empty(), "nothing was submitted");
@@ -524,6 +536,9 @@ async fn replacing_images_at_the_same_paths_makes_another_job() {
     assert!(error.contains("already exists with another spec"), "{error}");
     let (fresh, existed) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     assert!(!existed && fresh.fingerprint != first.fingerprint && fresh.job_id != first.job_id);
+    // Nor can the old job be resumed onto the new bytes.
+    let error = cluster.coordinator.resume(&first.job_id, None).await.unwrap_err().to_string();
+    assert!(error.contains("the dataset changed since the job was submitted"), "{error}");
     cluster.shutdown().await;
 }
 

@@ -277,6 +277,16 @@ fn settings_that_do_not_fit_the_models_are_refused_before_any_work() {
     assert!(text_err.contains("`labels`: 2 class label(s) outside the DiT's 10 classes"), "{text_err}");
     assert!(text_err.contains("`c10` → 10") && text_err.contains("`c11` → 11"), "{text_err}");
     assert!(text_err.contains("`sampling.cfg_channels`: 7 exceeds the DiT's 4 latent channels"), "{text_err}");
+    // Swapped models are named.
+    let swapped =
+        spec(&data.display().to_string(), "out", 10, 2, 1, "").replace("tiny_dit.onnx", "tiny_vae_encoder.onnx");
+    std::fs::write(&spec_path, swapped).unwrap();
+    let out = Command::new(bin("coordinator")).args(["check", spec_path.to_str().unwrap()]).output().unwrap();
+    let text_err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text_err.contains("`models.dit`") && text_err.contains("is a vae_encoder model"),
+        "{text_err}"
+    );
     // Fitting settings pass.
     let fitting = spec(&data.display().to_string(), "out", 10, 2, 1, "");
     std::fs::write(&spec_path, fitting).unwrap();
