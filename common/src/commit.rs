@@ -273,23 +273,20 @@ pub async fn verify_class(
         targets.iter().map(|(_, target)| out.key(target)).collect();
     for (file, target) in &targets {
         let key = out.key(target);
-        let problem = match store.get(&key).await {
+        let problem = match crate::store::get_bytes(store, &key).await {
             Err(object_store::Error::NotFound { .. }) => Some("missing".to_owned()),
             Err(e) => Some(format!("unreadable: {e}")),
-            Ok(found) => match found.bytes().await {
-                Err(e) => Some(format!("unreadable: {e}")),
-                Ok(bytes) => {
-                    let actual = digest(String::new(), &bytes).sha256;
-                    (actual != file.sha256).then(|| {
-                        format!(
-                            "sha256 {actual} ({} bytes), the marker says {} ({} bytes)",
-                            bytes.len(),
-                            file.sha256,
-                            file.bytes
-                        )
-                    })
-                }
-            },
+            Ok(bytes) => {
+                let actual = digest(String::new(), &bytes).sha256;
+                (actual != file.sha256).then(|| {
+                    format!(
+                        "sha256 {actual} ({} bytes), the marker says {} ({} bytes)",
+                        bytes.len(),
+                        file.sha256,
+                        file.bytes
+                    )
+                })
+            }
         };
         if let Some(problem) = problem {
             problems.push(FileProblem { file: target.clone(), problem });

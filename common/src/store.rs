@@ -379,13 +379,22 @@ pub fn model_cache_dir() -> std::path::PathBuf {
     base.join("mgd3").join("models")
 }
 
-/// Reads an object, `None` when it does not exist.
+/// Reads an object, `None` when it does not exist. A body cut off after the answer began (which
+/// the client does not retry) is read again, as in [`retry_idempotent`].
 pub async fn get_optional(store: &dyn ObjectStore, key: &Path) -> object_store::Result<Option<bytes::Bytes>> {
-    match store.get(key).await {
-        Ok(result) => Ok(Some(result.bytes().await?)),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
+    retry_idempotent(|| async {
+        match store.get(key).await {
+            Ok(result) => Ok(Some(result.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+/// Reads an object whole, reading again a body cut off after the answer began.
+pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Result<bytes::Bytes> {
+    retry_idempotent(|| async { store.get(key).await?.bytes().await }).await
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use futures::{StreamExt, TryStreamExt};
 use image::{DynamicImage, GrayImage, RgbImage};
 use mgd3_common::imagefolder::{ClassListing, ImageRef, ImageSource, ListError, Root};
 use ndarray::{Array3, Array4, Axis};
-use object_store::ObjectStoreExt;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -144,7 +143,7 @@ impl Dataset {
                         ImageSource::Store(key) => key.clone(),
                         ImageSource::Local(_) => unreachable!("a store listing gives keys"),
                     };
-                    async move { store.get(&key).await?.bytes().await.map(|b| b.to_vec()) }
+                    async move { mgd3_common::store::get_bytes(store.as_ref(), &key).await.map(|b| b.to_vec()) }
                 });
                 block_on(futures::stream::iter(reads).buffered(MAX_CONCURRENT_READS).try_collect::<Vec<_>>())
                     .map_err(|source| DataError::Store { class: class.into(), url: self.url(), source })
