@@ -113,6 +113,12 @@ async fn download(store: &dyn ObjectStore, prefix: &str) -> Vec<(String, Vec<u8>
     out
 }
 
+/// An object read whole and parsed as JSON; `key` is taken as it is (no re-encoding).
+async fn get_json(store: &dyn ObjectStore, key: &str) -> serde_json::Value {
+    let key = object_store::path::Path::parse(key).unwrap();
+    serde_json::from_slice(&store.get(&key).await.unwrap().bytes().await.unwrap()).unwrap()
+}
+
 fn finish(url: &str, job: &str, timeout: Duration, log: &std::path::Path) -> serde_json::Value {
     wait_for("the job to finish", timeout, || status(url, job).is_some_and(|s| s["state"] != "running"));
     let s = status(url, job).unwrap();
@@ -278,15 +284,7 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     assert_eq!(markers.len(), classes);
     assert!(download(s3.as_ref(), &format!("out/jobs/{job}/staging")).await.is_empty(), "no staging left behind");
     // The outage was survived call by call: no class failed, no attempt was spent.
-    let state: serde_json::Value = serde_json::from_slice(
-        &s3.get(&object_store::path::Path::from(format!("state/jobs/{job}/state.json")))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let state = get_json(s3.as_ref(), &format!("state/jobs/{job}/state.json")).await;
     let shards = state["shards"].as_array().unwrap();
     assert!(shards.iter().all(|s| s["attempts"] == 1 && s["last_error"].is_null()), "{state:#}");
     // Same bytes as an undisturbed local run.
@@ -373,15 +371,7 @@ async fn names_reach_every_read_and_write_unchanged_on_s3_and_local_disks() {
         !keys.iter().any(|m| m.location.as_ref().contains("%C3%A9") || m.location.as_ref().contains("%25")),
         "{keys:?}"
     );
-    let marker: serde_json::Value = serde_json::from_slice(
-        &s3.get(&object_store::path::Path::parse(format!("out/jobs/{job}/shards/café.json")).unwrap())
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let marker = get_json(s3.as_ref(), &format!("out/jobs/{job}/shards/café.json")).await;
     assert_eq!(marker["real_images"], 5, "every image read, the nested one included: {marker:#}");
     let ours = download(s3.as_ref(), &format!("out/jobs/{job}/dataset")).await;
     assert!(ours == files(&local_job.join("dataset")), "S3 and local runs differ");
