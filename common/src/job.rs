@@ -151,6 +151,19 @@ pub struct JobSpec {
     /// Jobs over the same dataset and VAE then skip decoding and encoding.
     #[serde(default)]
     pub latent_cache: Option<LatentCache>,
+    /// Write a contact sheet per committed class (`contact_sheets/<wnid>.png`: the first IPC
+    /// real images, the decoded modes and the samples, one row each). Made from tensors already
+    /// in memory; `false` skips the VAE decode of the modes and the PNG.
+    #[serde(default = "default_contact_sheet", skip_serializing_if = "is_true")]
+    pub contact_sheet: bool,
+}
+
+fn default_contact_sheet() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// The `latent_cache` setting.

@@ -60,8 +60,10 @@ fn main() {
     let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch: 64 };
     let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
     let started = Instant::now();
-    let output =
-        engine.distill_class(&mgd3_worker::data::Dataset::open(&data.display().to_string()).unwrap(), &spec).unwrap();
+    let output = engine
+        .distill_class(&mgd3_worker::data::Dataset::open(&data.display().to_string()).unwrap(), &spec, false)
+        .unwrap()
+        .0;
     let wall = started.elapsed().as_secs_f64();
     let t: ClassTimings = output.timings;
     let total = t.total().as_secs_f64();

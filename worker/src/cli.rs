@@ -94,18 +94,30 @@ pub struct RuntimeArgs {
     /// ONNX Runtime intra-op threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Threads for decoding, preprocessing, k-means and PNG encoding (default: the CPUs this
+    /// process may use: its affinity mask, cgroup quota and SLURM_CPUS_PER_TASK).
+    #[arg(long, env = "MGD3_CPU_THREADS")]
+    pub cpu_threads: Option<usize>,
     /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
+    /// The CPU pool `--cpu-threads` asks for.
+    pub fn cpu_pool(&self) -> crate::cpu::CpuPool {
+        crate::cpu::CpuPool::new(self.cpu_threads)
+    }
+
     pub fn session_config(&self) -> Result<SessionConfig> {
         if self.max_batch == 0 {
             bail!("--max-batch must be at least 1");
         }
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
+        }
+        if self.cpu_threads == Some(0) {
+            bail!("--cpu-threads must be at least 1");
         }
         let device: Device = self.device.parse()?;
         init_runtime(self.ort_lib.as_deref())?;
@@ -256,15 +268,16 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
         engine.set_latent_cache(Some(mgd3_common::store::open(cache)?));
     }
     let dataset = crate::data::Dataset::open(&args.data)?;
-    let output = engine.distill_class(&dataset, &class)?;
+    engine.set_cpu_pool(args.runtime.cpu_pool());
+    let (output, sheet) = engine.distill_class(&dataset, &class, args.contact_sheet.is_some())?;
     let dir = args.out.join(&class.wnid);
     for (j, png) in output.images.iter().enumerate() {
         write_file(&dir.join(format!("{j}.png")), png)?;
     }
     let modes_path = dir.join("modes.npy");
     write_file(&modes_path, &npy_bytes(&output.modes, &modes_path)?)?;
-    if let Some(path) = &args.contact_sheet {
-        write_file(path, &engine.contact_sheet(&dataset, &class, &output)?)?;
+    if let (Some(path), Some(png)) = (&args.contact_sheet, &sheet) {
+        write_file(path, png)?;
     }
     if let Some(path) = &args.timings_json {
         write_file(path, serde_json::to_string_pretty(&output.timings)?.as_bytes())?;
@@ -364,7 +377,7 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         "worker starting"
     );
     let engine: Box<dyn ShardEngine> = match args.engine.as_str() {
-        "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?)),
+        "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?, args.runtime.cpu_pool())),
         "fake" => Box::new(FakeEngine {
             class_duration: std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0)),
         }),

@@ -77,7 +77,7 @@ pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, Data
     if image.width() == 0 || image.height() == 0 {
         return Err(DataError::Degenerate { path: path.into(), width: image.width(), height: image.height() });
     }
-    Ok(Pixels::from_image(&image, channels))
+    Ok(Pixels::from_image(image, channels))
 }
 
 /// Reads and decodes one file.
@@ -162,9 +162,11 @@ pub struct Pixels {
 }
 
 impl Pixels {
-    pub fn from_image(image: &DynamicImage, channels: usize) -> Self {
+    /// The image as `channels` (1: luma, else RGB) interleaved bytes, without a copy when it
+    /// already is.
+    pub fn from_image(image: DynamicImage, channels: usize) -> Self {
         let (width, height) = (image.width() as usize, image.height() as usize);
-        let data = if channels == 1 { image.to_luma8().into_raw() } else { image.to_rgb8().into_raw() };
+        let data = if channels == 1 { image.into_luma8().into_raw() } else { image.into_rgb8().into_raw() };
         Pixels { width, height, channels, data }
     }
 
@@ -176,19 +178,9 @@ impl Pixels {
             DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, self.data.clone()).expect("size"))
         }
     }
-
-    fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> Pixels {
-        let c = self.channels;
-        let mut data = Vec::with_capacity(w * h * c);
-        for y in y0..y0 + h {
-            let start = (y * self.width + x0) * c;
-            data.extend_from_slice(&self.data[start..start + w * c]);
-        }
-        Pixels { width: w, height: h, channels: c, data }
-    }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Filter {
     Box,
     Bicubic,
@@ -227,112 +219,337 @@ impl Filter {
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
+/// Pillow's rounding offset, the accumulator's start value.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output pixel, the first input
-/// index and fixed-point weights.
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, Vec<i32>)> {
-    let scale = in_size as f64 / out_size as f64;
-    let filter_scale = scale.max(1.0);
-    let support = filter.support() * filter_scale;
-    (0..out_size)
-        .map(|xx| {
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis: per output pixel, the
+/// first input index, the number of taps and `taps` fixed-point weights (zero-padded).
+struct Coefficients {
+    first: Vec<usize>,
+    len: Vec<usize>,
+    taps: usize,
+    weights: Vec<i32>,
+}
+
+impl Coefficients {
+    fn new(in_size: usize, out_size: usize, filter: Filter) -> Self {
+        let scale = in_size as f64 / out_size as f64;
+        let filter_scale = scale.max(1.0);
+        let support = filter.support() * filter_scale;
+        // Pillow's `ksize`: the most taps any output pixel can have.
+        let taps = support.ceil() as usize * 2 + 1;
+        let inverse = 1.0 / filter_scale;
+        let mut coefficients =
+            Coefficients { first: vec![0; out_size], len: vec![0; out_size], taps, weights: vec![0; out_size * taps] };
+        let mut raw = Vec::with_capacity(taps);
+        for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
-            let inverse = 1.0 / filter_scale;
             // C casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) * inverse)).collect();
-            let total: f64 = weights.iter().sum();
-            let fixed = weights
-                .iter()
-                .map(|w| {
-                    let w = if total != 0.0 { w / total } else { *w };
-                    let scaled = w * (1u32 << PRECISION_BITS) as f64;
-                    if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
-                })
-                .collect();
-            (xmin, fixed)
-        })
-        .collect()
+            raw.clear();
+            raw.extend((xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) * inverse)));
+            let total: f64 = raw.iter().sum();
+            for (slot, w) in coefficients.weights[xx * taps..].iter_mut().zip(&raw) {
+                let w = if total != 0.0 { w / total } else { *w };
+                let scaled = w * (1u32 << PRECISION_BITS) as f64;
+                *slot = if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+            }
+            coefficients.first[xx] = xmin;
+            coefficients.len[xx] = raw.len();
+        }
+        coefficients
+    }
+
+    fn weights(&self, out: usize) -> &[i32] {
+        &self.weights[out * self.taps..out * self.taps + self.len[out]]
+    }
 }
 
-fn clip8(acc: i64) -> u8 {
+/// Pillow's `clip8`: the fixed-point sum back to a byte.
+#[inline(always)]
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Horizontal pass over `rows` of `src` (`width` pixels of `C` channels each): output columns
+/// `cols` of the resampled row, written densely to `out`. Pillow's `ImagingResampleHorizontal_8bpc`
+/// (same products, same i32 sums, same order), restricted to the columns asked for.
+#[inline(always)]
+fn horizontal_body<const C: usize>(
+    src: &[u8],
+    width: usize,
+    rows: std::ops::Range<usize>,
+    coefficients: &Coefficients,
+    cols: std::ops::Range<usize>,
+    out: &mut [u8],
+) {
+    let out_stride = cols.len() * C;
+    for (row, out_row) in
+        src[rows.start * width * C..rows.end * width * C].chunks_exact(width * C).zip(out.chunks_exact_mut(out_stride))
+    {
+        for (xx, out_px) in cols.clone().zip(out_row.chunks_exact_mut(C)) {
+            let first = coefficients.first[xx];
+            let weights = coefficients.weights(xx);
+            let mut acc = [HALF; C];
+            for (px, &w) in row[first * C..(first + weights.len()) * C].chunks_exact(C).zip(weights) {
+                for ch in 0..C {
+                    acc[ch] += px[ch] as i32 * w;
+                }
+            }
+            for ch in 0..C {
+                out_px[ch] = clip8(acc[ch]);
+            }
+        }
+    }
+}
+
+/// Vertical pass: output rows `rows` of the resampled image from `src` (`stride` bytes a row,
+/// whose first row is input row `src_first`). Pillow's `ImagingResampleVertical_8bpc`, computed
+/// a whole row at a time so that the byte loop vectorises; every value is the same sum.
+#[inline(always)]
+fn vertical_body(
+    src: &[u8],
+    stride: usize,
+    src_first: usize,
+    coefficients: &Coefficients,
+    rows: std::ops::Range<usize>,
+    out: &mut [u8],
+    acc: &mut Vec<i32>,
+) {
+    acc.resize(stride, 0);
+    for (yy, out_row) in rows.zip(out.chunks_exact_mut(stride)) {
+        acc.fill(HALF);
+        let first = coefficients.first[yy] - src_first;
+        for (k, &w) in coefficients.weights(yy).iter().enumerate() {
+            let row = &src[(first + k) * stride..(first + k + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * w;
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
+            *o = clip8(a);
+        }
+    }
+}
+
+/// The kernels, compiled for the baseline CPU and, on x86-64, again for AVX2 (chosen at run
+/// time): integer maths only, so both give the same bytes.
+mod kernels {
+    use super::*;
+
+    pub(super) fn horizontal(
+        channels: usize,
+        src: &[u8],
+        width: usize,
+        rows: std::ops::Range<usize>,
+        coefficients: &Coefficients,
+        cols: std::ops::Range<usize>,
+        out: &mut [u8],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { horizontal_avx2(channels, src, width, rows, coefficients, cols, out) };
+        }
+        horizontal_any(channels, src, width, rows, coefficients, cols, out)
+    }
+
+    #[inline(always)]
+    fn horizontal_any(
+        channels: usize,
+        src: &[u8],
+        width: usize,
+        rows: std::ops::Range<usize>,
+        coefficients: &Coefficients,
+        cols: std::ops::Range<usize>,
+        out: &mut [u8],
+    ) {
+        match channels {
+            1 => horizontal_body::<1>(src, width, rows, coefficients, cols, out),
+            3 => horizontal_body::<3>(src, width, rows, coefficients, cols, out),
+            4 => horizontal_body::<4>(src, width, rows, coefficients, cols, out),
+            other => unreachable!("{other} channels"),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_avx2(
+        channels: usize,
+        src: &[u8],
+        width: usize,
+        rows: std::ops::Range<usize>,
+        coefficients: &Coefficients,
+        cols: std::ops::Range<usize>,
+        out: &mut [u8],
+    ) {
+        horizontal_any(channels, src, width, rows, coefficients, cols, out)
+    }
+
+    pub(super) fn vertical(
+        src: &[u8],
+        stride: usize,
+        src_first: usize,
+        coefficients: &Coefficients,
+        rows: std::ops::Range<usize>,
+        out: &mut [u8],
+        acc: &mut Vec<i32>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { vertical_avx2(src, stride, src_first, coefficients, rows, out, acc) };
+        }
+        vertical_body(src, stride, src_first, coefficients, rows, out, acc)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn vertical_avx2(
+        src: &[u8],
+        stride: usize,
+        src_first: usize,
+        coefficients: &Coefficients,
+        rows: std::ops::Range<usize>,
+        out: &mut [u8],
+        acc: &mut Vec<i32>,
+    ) {
+        vertical_body(src, stride, src_first, coefficients, rows, out, acc)
+    }
+}
+
+/// A window of an image resampled to `width` × `height`: columns `x0..x0 + w`, rows
+/// `y0..y0 + h`.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    x0: usize,
+    y0: usize,
+    w: usize,
+    h: usize,
+}
+
+/// Pillow's `Image.resize((width, height), filter)` for 8-bit images (horizontal pass, 8-bit
+/// intermediate, vertical pass), computing only `window` of the result. Each output pixel
+/// depends only on its own coefficients, so the window equals the same crop of the whole
+/// resize, byte for byte, at a fraction of the work.
+fn resize_window(src: &Pixels, width: usize, height: usize, filter: Filter, window: Window) -> Pixels {
+    let c = src.channels;
+    let Window { x0, y0, w, h } = window;
+    debug_assert!(x0 + w <= width && y0 + h <= height);
+    let vertical = (height != src.height).then(|| Coefficients::new(src.height, height, filter));
+    // The input rows the vertical pass reads (or the window's rows when there is none).
+    let rows = match &vertical {
+        Some(v) if h > 0 => v.first[y0]..(y0..y0 + h).map(|y| v.first[y] + v.len[y]).max().unwrap_or(0),
+        Some(_) => 0..0,
+        None => y0..y0 + h,
+    };
+    let horizontal_out = if width != src.width {
+        let coefficients = Coefficients::new(src.width, width, filter);
+        let mut out = vec![0u8; rows.len() * w * c];
+        kernels::horizontal(c, &src.data, src.width, rows.clone(), &coefficients, x0..x0 + w, &mut out);
+        out
+    } else {
+        let mut out = Vec::with_capacity(rows.len() * w * c);
+        for y in rows.clone() {
+            out.extend_from_slice(&src.data[(y * src.width + x0) * c..(y * src.width + x0 + w) * c]);
+        }
+        out
+    };
+    let data = match &vertical {
+        Some(coefficients) => {
+            let mut out = vec![0u8; h * w * c];
+            let mut acc = Vec::new();
+            kernels::vertical(&horizontal_out, w * c, rows.start, coefficients, y0..y0 + h, &mut out, &mut acc);
+            out
+        }
+        None => horizontal_out,
+    };
+    Pixels { width: w, height: h, channels: c, data }
 }
 
 /// Pillow's `Image.resize(size, filter)` for 8-bit images: horizontal pass, then vertical.
 fn resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> Pixels {
-    let c = src.channels;
-    let mut current = src.clone();
-    if width != src.width {
-        let coeffs = coefficients(src.width, width, filter);
-        let mut data = vec![0u8; width * current.height * c];
-        for y in 0..current.height {
-            let row = &current.data[y * current.width * c..(y + 1) * current.width * c];
-            for (xx, (xmin, weights)) in coeffs.iter().enumerate() {
-                for ch in 0..c {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (k, w) in weights.iter().enumerate() {
-                        acc += row[(xmin + k) * c + ch] as i64 * *w as i64;
-                    }
-                    data[(y * width + xx) * c + ch] = clip8(acc);
-                }
-            }
-        }
-        current = Pixels { width, height: current.height, channels: c, data };
-    }
-    if height != src.height {
-        let coeffs = coefficients(src.height, height, filter);
-        let stride = current.width * c;
-        let mut data = vec![0u8; stride * height];
-        for (yy, (ymin, weights)) in coeffs.iter().enumerate() {
-            for i in 0..stride {
-                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                for (k, w) in weights.iter().enumerate() {
-                    acc += current.data[(ymin + k) * stride + i] as i64 * *w as i64;
-                }
-                data[yy * stride + i] = clip8(acc);
-            }
-        }
-        current = Pixels { width: current.width, height, channels: c, data };
-    }
-    current
+    resize_window(src, width, height, filter, Window { x0: 0, y0: 0, w: width, h: height })
 }
 
-/// Python's `round()` for the positive sizes of `center_crop_arr`.
-fn round_half_even(x: f64) -> usize {
+/// Python's `round()` (half to even) for the positive sizes of `center_crop_arr`.
+pub fn round_half_even(x: f64) -> usize {
     let r = x.round();
     (if (x - x.trunc()) == 0.5 { 2.0 * (x / 2.0).round() } else { r }) as usize
 }
 
-/// ADM's `center_crop_arr(image, size)`.
+/// ADM's `center_crop_arr(image, size)`: BOX halving while the short side is ≥ 2·size, BICUBIC
+/// resize so that the short side is `size`, centred `size` × `size` crop. Only the crop is
+/// resampled (see [`resize_window`]); the bytes are those of the whole resize, then cropped.
 pub fn center_crop(image: &Pixels, size: usize) -> Pixels {
-    let mut current = image.clone();
-    while current.width.min(current.height) >= 2 * size {
-        current = resize(&current, current.width / 2, current.height / 2, Filter::Box);
+    let mut halved: Option<Pixels> = None;
+    loop {
+        let current = halved.as_ref().unwrap_or(image);
+        if current.width.min(current.height) < 2 * size {
+            break;
+        }
+        halved = Some(resize(current, current.width / 2, current.height / 2, Filter::Box));
     }
+    let current = halved.as_ref().unwrap_or(image);
     let scale = size as f64 / current.width.min(current.height) as f64;
     let (w, h) = (
         round_half_even(current.width as f64 * scale).max(size),
         round_half_even(current.height as f64 * scale).max(size),
     );
-    let resized = resize(&current, w, h, Filter::Bicubic);
-    resized.crop((w - size) / 2, (h - size) / 2, size, size)
+    let window = Window { x0: (w - size) / 2, y0: (h - size) / 2, w: size, h: size };
+    resize_window(current, w, h, Filter::Bicubic, window)
+}
+
+/// `ToTensor` + `Normalize(0.5, 0.5)` of one byte, exactly as the float maths of the reference.
+fn normalise(v: u8) -> f32 {
+    (v as f32 / 255.0 - 0.5) / 0.5
+}
+
+/// Writes `pixels` as `ToTensor` + `Normalize(0.5, 0.5)` into `out`, planar [c, h, w] in [-1, 1].
+///
+/// # Panics
+/// If `out` does not hold exactly c·h·w values.
+pub fn write_tensor(pixels: &Pixels, out: &mut [f32]) {
+    let (c, plane) = (pixels.channels, pixels.width * pixels.height);
+    assert_eq!(out.len(), c * plane, "tensor buffer size");
+    let table: [f32; 256] = std::array::from_fn(|v| normalise(v as u8));
+    for (ch, plane_out) in out.chunks_exact_mut(plane).enumerate() {
+        for (o, px) in plane_out.iter_mut().zip(pixels.data.chunks_exact(c)) {
+            *o = table[px[ch] as usize];
+        }
+    }
 }
 
 /// `ToTensor` + `Normalize(0.5, 0.5)`: [c, S, S] in [-1, 1].
 pub fn to_tensor(pixels: &Pixels) -> Array3<f32> {
-    let (c, h, w) = (pixels.channels, pixels.height, pixels.width);
-    Array3::from_shape_fn((c, h, w), |(ch, y, x)| {
-        let v = pixels.data[(y * w + x) * c + ch] as f32 / 255.0;
-        (v - 0.5) / 0.5
-    })
+    let mut out = Array3::zeros((pixels.channels, pixels.height, pixels.width));
+    write_tensor(pixels, out.as_slice_mut().expect("standard layout"));
+    out
 }
 
 /// Stacks preprocessed images into a batch [B, c, S, S].
 pub fn stack(tensors: &[Array3<f32>]) -> Array4<f32> {
     let views: Vec<_> = tensors.iter().map(|t| t.view().insert_axis(Axis(0))).collect();
     ndarray::concatenate(Axis(0), &views).expect("equal shapes")
+}
+
+/// Decodes image bytes and preprocesses them the reference's way (`center_crop_arr(size)`,
+/// `ToTensor`, `Normalize`) into `out` ([channels, size, size], planar). Returns the 8-bit crop
+/// (for contact sheets).
+///
+/// # Errors
+/// Those of [`decode`], naming `path`.
+pub fn preprocess_into(
+    bytes: &[u8],
+    path: &Path,
+    channels: usize,
+    size: usize,
+    out: &mut [f32],
+) -> Result<Pixels, DataError> {
+    let crop = center_crop(&decode(bytes, path, channels)?, size);
+    write_tensor(&crop, out);
+    Ok(crop)
 }
 
 #[cfg(test)]
@@ -348,6 +565,108 @@ mod tests {
             })
             .collect();
         Pixels { width, height, channels, data }
+    }
+
+    /// Pillow's resampling written the plain way (whole image, i64 sums, per channel), as the
+    /// reference the fast kernels must match byte for byte.
+    fn plain_resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> Pixels {
+        let c = src.channels;
+        let mut current = src.clone();
+        if width != src.width {
+            let co = Coefficients::new(src.width, width, filter);
+            let mut data = vec![0u8; width * current.height * c];
+            for y in 0..current.height {
+                for xx in 0..width {
+                    for ch in 0..c {
+                        let mut acc: i64 = HALF as i64;
+                        for (k, w) in co.weights(xx).iter().enumerate() {
+                            acc += current.data[(y * current.width + co.first[xx] + k) * c + ch] as i64 * *w as i64;
+                        }
+                        data[(y * width + xx) * c + ch] = (acc >> PRECISION_BITS).clamp(0, 255) as u8;
+                    }
+                }
+            }
+            current = Pixels { width, height: current.height, channels: c, data };
+        }
+        if height != src.height {
+            let co = Coefficients::new(src.height, height, filter);
+            let stride = current.width * c;
+            let mut data = vec![0u8; stride * height];
+            for yy in 0..height {
+                for i in 0..stride {
+                    let mut acc: i64 = HALF as i64;
+                    for (k, w) in co.weights(yy).iter().enumerate() {
+                        acc += current.data[(co.first[yy] + k) * stride + i] as i64 * *w as i64;
+                    }
+                    data[yy * stride + i] = (acc >> PRECISION_BITS).clamp(0, 255) as u8;
+                }
+            }
+            current = Pixels { width: current.width, height, channels: c, data };
+        }
+        current
+    }
+
+    fn noisy(width: usize, height: usize, channels: usize, seed: u32) -> Pixels {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let data = (0..width * height * channels)
+            .map(|k| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                // Edges and noise: sharp steps make bicubic overshoot, so clipping is exercised.
+                if (k / channels / 7).is_multiple_of(3) { 255 * ((state >> 30) & 1) as u8 } else { (state >> 24) as u8 }
+            })
+            .collect();
+        Pixels { width, height, channels, data }
+    }
+
+    /// The windowed, vectorised resampler gives the bytes of the plain one, cropped, for up- and
+    /// down-scaling, both filters, 1 and 3 channels, odd sizes and every window position.
+    #[test]
+    fn windowed_resize_matches_the_plain_resize_byte_for_byte() {
+        let cases = [(500, 375, 341, 256), (375, 500, 256, 341), (640, 427, 384, 256), (33, 17, 70, 41), (9, 9, 4, 5)];
+        for (seed, (iw, ih, ow, oh)) in cases.into_iter().enumerate() {
+            for channels in [1, 3] {
+                let img = noisy(iw, ih, channels, seed as u32);
+                for filter in [Filter::Bicubic, Filter::Box] {
+                    let whole = plain_resize(&img, ow, oh, filter);
+                    assert_eq!(resize(&img, ow, oh, filter), whole, "{iw}x{ih} -> {ow}x{oh} {filter:?} c={channels}");
+                    let (w, h) = (ow.min(oh), ow.min(oh));
+                    for (x0, y0) in [(0, 0), ((ow - w) / 2, (oh - h) / 2), (ow - w, oh - h)] {
+                        let window = resize_window(&img, ow, oh, filter, Window { x0, y0, w, h });
+                        let mut want = Vec::new();
+                        for y in y0..y0 + h {
+                            want.extend_from_slice(&whole.data[(y * ow + x0) * channels..(y * ow + x0 + w) * channels]);
+                        }
+                        assert_eq!(window.data, want, "{iw}x{ih} -> {ow}x{oh} window at {x0},{y0}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `center_crop` equals ADM's steps done on whole images: halving, whole bicubic resize, crop.
+    #[test]
+    fn center_crop_equals_whole_resize_then_crop() {
+        for (seed, (w, h, size)) in
+            [(500, 375, 256), (1100, 700, 256), (256, 256, 256), (300, 900, 128)].into_iter().enumerate()
+        {
+            let img = noisy(w, h, 3, 100 + seed as u32);
+            let mut current = img.clone();
+            while current.width.min(current.height) >= 2 * size {
+                current = plain_resize(&current, current.width / 2, current.height / 2, Filter::Box);
+            }
+            let scale = size as f64 / current.width.min(current.height) as f64;
+            let (rw, rh) = (
+                round_half_even(current.width as f64 * scale).max(size),
+                round_half_even(current.height as f64 * scale).max(size),
+            );
+            let whole = plain_resize(&current, rw, rh, Filter::Bicubic);
+            let (x0, y0) = ((rw - size) / 2, (rh - size) / 2);
+            let mut want = Vec::new();
+            for y in y0..y0 + size {
+                want.extend_from_slice(&whole.data[(y * rw + x0) * 3..(y * rw + x0 + size) * 3]);
+            }
+            assert_eq!(center_crop(&img, size).data, want, "{w}x{h} -> {size}");
+        }
     }
 
     #[test]
@@ -370,7 +689,9 @@ mod tests {
     #[test]
     fn bicubic_weights_sum_to_one_in_fixed_point() {
         for (input, output) in [(500, 256), (256, 341), (7, 3), (3, 7)] {
-            for (_, weights) in coefficients(input, output, Filter::Bicubic) {
+            let coefficients = Coefficients::new(input, output, Filter::Bicubic);
+            for out in 0..output {
+                let weights = coefficients.weights(out);
                 let total: i64 = weights.iter().map(|w| *w as i64).sum();
                 assert!((total - (1 << PRECISION_BITS)).abs() <= weights.len() as i64);
             }

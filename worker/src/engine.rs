@@ -2,26 +2,28 @@
 //! preprocess, VAE-encode (posterior mean × scale), k-means → IPC modes, sample IPC images with
 //! mode guidance in batches of cond+uncond pairs, VAE-decode and PNG-encode.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mgd3_common::seed::{kmeans_seed, sample_seed};
+use mgd3_common::seed::sample_seed;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
-use ndarray::{Array3, Array4, ArrayView4, ArrayView5, Axis, s};
+use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
 use serde::Serialize;
 use thiserror::Error;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::cache;
-use crate::data::{self, DataError, Dataset};
+use crate::cpu::CpuPool;
+use crate::data::{DataError, Dataset};
 use crate::mgd3::guidance::GuidanceConfig;
-use crate::mgd3::modes::{ModesError, find_modes};
+use crate::mgd3::modes::ModesError;
 use crate::mgd3::noise::sample_noise;
 use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, sample};
 use crate::mgd3::schedule::{Schedule, ScheduleError};
-use crate::sink::{self, SinkError, png_bytes};
+use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
+use crate::sink::{SinkError, png_bytes};
 use mgd3_common::store::Location;
 
 #[derive(Debug, Error)]
@@ -172,9 +174,6 @@ impl Denoiser for DitDenoiser<'_> {
     }
 }
 
-/// Real images decoded and encoded per chunk, so memory stays bounded by the chunk, not the class.
-const ENCODE_CHUNK: usize = 64;
-
 /// The ONNX models of one worker and the schedule derived from the DiT.
 pub struct Engine {
     dit: Dit,
@@ -188,6 +187,8 @@ pub struct Engine {
     cancel: Arc<AtomicBool>,
     /// Where per-class VAE latents are cached, if anywhere.
     latent_cache: Option<Location>,
+    /// Decoding, preprocessing, k-means and PNG encoding run here.
+    pool: CpuPool,
 }
 
 impl Engine {
@@ -223,6 +224,7 @@ impl Engine {
             samples_per_call: (session.max_batch / 2).max(1),
             cancel: Arc::new(AtomicBool::new(false)),
             latent_cache: None,
+            pool: CpuPool::default(),
         })
     }
 
@@ -243,87 +245,55 @@ impl Engine {
         &self.encoder
     }
 
-    /// Flattened scaled posterior means of every real image of the class, [n, C·h·w], from the
-    /// latent cache when it holds them, else by decoding and encoding the images chunk by chunk.
-    pub fn encode_class(
-        &mut self,
-        dataset: &Dataset,
-        class: &ClassSpec,
-        timings: &mut ClassTimings,
-    ) -> Result<(Vec<f32>, usize), EngineError> {
-        let listing = dataset.list_class(&class.wnid)?;
-        timings.skipped = listing.skipped;
-        let images = listing.images;
-        if images.len() < class.ipc {
-            return Err(
-                DataError::TooFewImages { class: class.wnid.clone(), found: images.len(), ipc: class.ipc }.into()
-            );
-        }
-        let [c, h, w] = self.encoder.info().latent_shape;
-        let cache_key = self.latent_cache.as_ref().map(|cache| {
-            let key = cache::latent_key(&dataset.url(), &self.encoder.info().fingerprint, &class.wnid, &images);
-            (cache, key)
-        });
-        if let Some((cache, key)) = &cache_key
-            && let Some(features) = cache::load(cache, key, images.len(), c * h * w)?
-        {
-            info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
-            timings.real_images = images.len();
-            timings.latent_cache_hit = true;
-            return Ok((features, images.len()));
-        }
-        let [channels, size, _] = self.encoder.info().image_shape;
-        let scale = self.encoder.info().scale_factor;
-        let mut features = Vec::with_capacity(images.len() * c * h * w);
-        for chunk in images.chunks(ENCODE_CHUNK) {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(EngineError::Cancelled);
-            }
-            let started = Instant::now();
-            let bytes = dataset.read(&class.wnid, chunk)?;
-            let tensors = chunk
-                .iter()
-                .zip(&bytes)
-                .map(|(image, bytes)| {
-                    let pixels = data::decode(bytes, Path::new(&image.display()), channels)?;
-                    Ok(data::to_tensor(&data::center_crop(&pixels, size)))
-                })
-                .collect::<Result<Vec<_>, DataError>>()?;
-            let batch = data::stack(&tensors);
-            let decoded = Instant::now();
-            timings.decode += decoded - started;
-            let (mean, _logvar) = self.encoder.encode(batch.view())?;
-            features.extend(mean.iter().map(|v| v * scale));
-            timings.encode += decoded.elapsed();
-        }
-        if let Some((cache, key)) = &cache_key {
-            cache::store(cache, key, &features, images.len(), c * h * w)?;
-            info!(class = %class.wnid, key = %key, "latents cached");
-        }
-        timings.real_images = images.len();
-        Ok((features, images.len()))
-    }
-
     /// Caches (and reuses) per-class latents under `cache`.
     pub fn set_latent_cache(&mut self, cache: Option<Location>) {
         self.latent_cache = cache;
     }
 
-    /// The class's IPC modes [IPC, C, h, w] (scaled latent space).
-    pub fn discover_modes(
-        &mut self,
-        dataset: &Dataset,
-        class: &ClassSpec,
-        timings: &mut ClassTimings,
-    ) -> Result<Array4<f32>, EngineError> {
-        let (features, count) = self.encode_class(dataset, class, timings)?;
-        let started = Instant::now();
-        let [c, h, w] = self.dit.info().latent_shape;
-        let centroids =
-            find_modes(&features, count, c * h * w, class.ipc, kmeans_seed(self.sampling.seed, class.class_index))
-                .map_err(|source| EngineError::Modes { class: class.wnid.clone(), source })?;
-        timings.kmeans += started.elapsed();
-        Ok(Array4::from_shape_vec((class.ipc, c, h, w), centroids).expect("k × dim centroids"))
+    /// Runs the CPU stages on `pool` (default: a pool of every available CPU).
+    pub fn set_cpu_pool(&mut self, pool: CpuPool) {
+        self.pool = pool;
+    }
+
+    pub(crate) fn latent_cache(&self) -> Option<&Location> {
+        self.latent_cache.as_ref()
+    }
+
+    pub(crate) fn pool(&self) -> &CpuPool {
+        &self.pool
+    }
+
+    pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    pub(crate) fn sampling(&self) -> &SamplingConfig {
+        &self.sampling
+    }
+
+    pub(crate) fn sampling_seed(&self) -> u64 {
+        self.sampling.seed
+    }
+
+    pub(crate) fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Samples per DiT call (each a cond+uncond pair): `max_batch / 2`.
+    pub fn samples_per_call(&self) -> usize {
+        self.samples_per_call
+    }
+
+    pub(crate) fn encoder_mut(&mut self) -> &mut VaeEncoder {
+        &mut self.encoder
+    }
+
+    pub(crate) fn decoder_mut(&mut self) -> &mut VaeDecoder {
+        &mut self.decoder
+    }
+
+    pub(crate) fn dit_mut(&mut self) -> &mut Dit {
+        &mut self.dit
     }
 
     /// Samples with explicit modes and noise ([n, C, h, w] and [n, S+1, C, h, w]); returns x₀.
@@ -360,65 +330,33 @@ impl Engine {
         ndarray::concatenate(Axis(0), &views).expect("same shapes")
     }
 
-    /// Distils one class of an ImageFolder.
-    pub fn distill_class(&mut self, dataset: &Dataset, class: &ClassSpec) -> Result<ClassOutput, EngineError> {
-        if class.ipc == 0 {
-            return Err(EngineError::Config(format!("class `{}`: IPC must be at least 1", class.wnid)));
-        }
-        if class.label < 0 || class.label >= self.dit.info().num_classes as i64 {
-            return Err(EngineError::Config(format!(
-                "class `{}`: label {} is outside the DiT's 0..{} classes",
-                class.wnid,
-                class.label,
-                self.dit.info().num_classes
-            )));
-        }
-        let mut timings = ClassTimings::default();
-        let modes = self.discover_modes(dataset, class, &mut timings)?;
-        let noise = self.class_noise(class);
-        let labels = vec![class.label; class.ipc];
-        let latents = self.sample_latents(&class.wnid, &labels, modes.view(), noise.view(), &mut timings)?;
-        let images = decode_to_png(&mut self.decoder, latents.view(), &mut timings)?;
-        info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
-              seconds = timings.total().as_secs_f64(), "distilled class");
-        Ok(ClassOutput { modes, latents, images, timings })
-    }
-
-    /// A contact sheet of the class: the first IPC real images (preprocessed), the IPC modes
-    /// decoded by the VAE, and the IPC MGD³ samples (sample j under mode j), one row each.
-    pub fn contact_sheet(
+    /// Distils one class of an ImageFolder (a shard of one class); with `contact_sheet`, also
+    /// returns its contact sheet PNG.
+    ///
+    /// # Errors
+    /// Those of [`Engine::distill_shard`].
+    pub fn distill_class(
         &mut self,
         dataset: &Dataset,
         class: &ClassSpec,
-        output: &ClassOutput,
-    ) -> Result<Vec<u8>, EngineError> {
-        let [channels, size, _] = self.encoder.info().image_shape;
-        let images = dataset.list_class(&class.wnid)?.images;
-        let first = &images[..class.ipc.min(images.len())];
-        let real: Vec<Array3<f32>> = dataset
-            .read(&class.wnid, first)?
-            .iter()
-            .zip(first)
-            .map(|(bytes, image)| {
-                Ok(data::to_tensor(&data::center_crop(
-                    &data::decode(bytes, Path::new(&image.display()), channels)?,
-                    size,
-                )))
-            })
-            .collect::<Result<_, DataError>>()?;
-        let scale = self.decoder.info().scale_factor;
-        let decoded_modes = self.decoder.decode(output.modes.mapv(|v| v / scale).view())?;
-        let samples: Vec<data::Pixels> = output
-            .images
-            .iter()
-            .map(|png| data::decode(png, Path::new("sample.png"), channels))
-            .collect::<Result<_, DataError>>()?;
-        let rows = [
-            real.iter().map(|t| sink::tensor_pixels(t.view())).collect::<Vec<_>>(),
-            decoded_modes.outer_iter().map(sink::tensor_pixels).collect(),
-            samples,
-        ];
-        Ok(sink::grid_png(&rows)?)
+        contact_sheet: bool,
+    ) -> Result<(ClassOutput, Option<Vec<u8>>), EngineError> {
+        struct Keep(Option<ClassOutput>, Option<Vec<u8>>);
+        impl ClassOutputs<std::convert::Infallible> for Keep {
+            fn class_done(&mut self, _: usize, output: ClassOutput) -> Result<bool, std::convert::Infallible> {
+                self.0 = Some(output);
+                Ok(true)
+            }
+            fn contact_sheet(&mut self, _: usize, png: Vec<u8>) {
+                self.1 = Some(png);
+            }
+        }
+        let mut keep = Keep(None, None);
+        match self.distill_shard(dataset, std::slice::from_ref(class), ShardOptions { contact_sheet }, &mut keep) {
+            Ok(_) => Ok((keep.0.expect("the one class is done"), keep.1)),
+            Err(ShardStop::Engine { error, .. }) => Err(*error),
+            Err(ShardStop::Sink(never)) => match never {},
+        }
     }
 }
 

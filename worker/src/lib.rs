@@ -7,9 +7,11 @@
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod cpu;
 pub mod data;
 pub mod engine;
 pub mod import;
 pub mod mgd3;
+pub mod pipeline;
 pub mod shard;
 pub mod sink;

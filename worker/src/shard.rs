@@ -22,9 +22,11 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use tokio::runtime::Handle;
 use tracing::info;
 
+use crate::cpu::CpuPool;
 use crate::data::Dataset;
-use crate::engine::{ClassSpec, Engine, EngineError, ModelPaths, SamplingConfig};
+use crate::engine::{ClassOutput, ClassSpec, Engine, EngineError, ModelPaths, SamplingConfig};
 use crate::mgd3::guidance::GuidanceConfig;
+use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::npy_bytes;
 
 /// Why a shard attempt stopped.
@@ -64,6 +66,15 @@ pub struct ClassResult {
     pub contact_sheet: Option<Vec<u8>>,
 }
 
+/// Where an engine hands each distilled class of a shard: [`run_shard`] commits it.
+pub trait ClassSink {
+    /// Commits `class`. `Ok(true)` when this attempt's files are the class's, `Ok(false)` when
+    /// another attempt committed first.
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, (Option<String>, ShardFailure)>;
+    /// Stores the contact sheet of a class this attempt committed.
+    fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>);
+}
+
 /// What a worker runs classes with.
 pub trait ShardEngine: Send {
     /// Distils one class of `spec`. Stops early (returning `Cancelled`) once `cancel` is set.
@@ -73,6 +84,32 @@ pub trait ShardEngine: Send {
         class: &ClassRef,
         cancel: &Arc<AtomicBool>,
     ) -> Result<ClassResult, ShardFailure>;
+
+    /// Distils `classes` of `spec` in order, handing each to `sink` as soon as it is done.
+    /// The default runs [`ShardEngine::distill`] class after class; engines that overlap stages
+    /// or share model calls between classes override it.
+    fn distill_shard(
+        &mut self,
+        spec: &JobSpec,
+        classes: &[ClassRef],
+        cancel: &Arc<AtomicBool>,
+        sink: &mut dyn ClassSink,
+    ) -> Result<(), (Option<String>, ShardFailure)> {
+        for class in classes {
+            if cancel.load(Ordering::Relaxed) {
+                return Err((None, ShardFailure::Cancelled));
+            }
+            let mut result = self.distill(spec, class, cancel).map_err(|f| (Some(class.wnid.clone()), f))?;
+            let sheet = result.contact_sheet.take();
+            if sink.commit(class, result)?
+                && let Some(png) = sheet
+            {
+                sink.contact_sheet(class, png);
+            }
+        }
+        Ok(())
+    }
+
     /// Fingerprints of the models currently loaded (path → sha256), for registration.
     fn model_fingerprints(&self) -> Vec<(String, String)> {
         Vec::new()
@@ -82,12 +119,14 @@ pub trait ShardEngine: Send {
 /// The real engine: loads the job's ONNX models once and reuses them for every class of the job.
 pub struct OnnxShardEngine {
     session: SessionConfig,
+    pool: CpuPool,
     loaded: Option<(String, Engine)>,
 }
 
 impl OnnxShardEngine {
-    pub fn new(session: SessionConfig) -> Self {
-        OnnxShardEngine { session, loaded: None }
+    /// Models run with `session`; decoding, preprocessing, k-means and PNG encoding on `pool`.
+    pub fn new(session: SessionConfig, pool: CpuPool) -> Self {
+        OnnxShardEngine { session, pool, loaded: None }
     }
 
     fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
@@ -158,10 +197,38 @@ impl OnnxShardEngine {
                 .transpose()
                 .map_err(|e| ShardFailure::Retryable(format!("latent cache: {e}")))?;
             engine.set_latent_cache(cache);
+            engine.set_cpu_pool(self.pool.clone());
             self.loaded = Some((key, engine));
         }
         Ok(&mut self.loaded.as_mut().expect("just loaded").1)
     }
+}
+
+/// A class's output as the commit protocol wants it.
+fn class_result(wnid: &str, output: ClassOutput) -> Result<ClassResult, ShardFailure> {
+    let t = output.timings;
+    let modes_path = PathBuf::from(format!("{wnid}/modes.npy"));
+    Ok(ClassResult {
+        images: output.images,
+        modes_npy: npy_bytes(&output.modes, &modes_path).map_err(|e| ShardFailure::Retryable(e.to_string()))?,
+        timings: StageSeconds {
+            decode: t.decode.as_secs_f64(),
+            encode: t.encode.as_secs_f64(),
+            kmeans: t.kmeans.as_secs_f64(),
+            dit: t.dit.as_secs_f64(),
+            guidance: t.guidance.as_secs_f64(),
+            vae_decode: t.vae_decode.as_secs_f64(),
+            png: t.png.as_secs_f64(),
+        },
+        real_images: t.real_images as u64,
+        latent_cache_hit: t.latent_cache_hit,
+        skipped: t.skipped.clone(),
+        contact_sheet: None,
+    })
+}
+
+fn class_spec(spec: &JobSpec, class: &ClassRef) -> ClassSpec {
+    ClassSpec { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index, ipc: spec.ipc }
 }
 
 impl ShardEngine for OnnxShardEngine {
@@ -174,33 +241,50 @@ impl ShardEngine for OnnxShardEngine {
         let engine = self.engine_for(spec)?;
         engine.set_cancel_flag(cancel.clone());
         let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardFailure::Fatal(e.to_string()))?;
-        let class_spec =
-            ClassSpec { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index, ipc: spec.ipc };
-        let result = engine.distill_class(&dataset, &class_spec);
-        let output = result.map_err(ShardFailure::from_engine)?;
-        let contact_sheet = engine
-            .contact_sheet(&dataset, &class_spec, &output)
-            .inspect_err(|error| tracing::warn!(class = %class.wnid, %error, "no contact sheet"))
-            .ok();
-        let t = output.timings;
-        let modes_path = PathBuf::from(format!("{}/modes.npy", class.wnid));
-        Ok(ClassResult {
-            images: output.images,
-            modes_npy: npy_bytes(&output.modes, &modes_path).map_err(|e| ShardFailure::Retryable(e.to_string()))?,
-            timings: StageSeconds {
-                decode: t.decode.as_secs_f64(),
-                encode: t.encode.as_secs_f64(),
-                kmeans: t.kmeans.as_secs_f64(),
-                dit: t.dit.as_secs_f64(),
-                guidance: t.guidance.as_secs_f64(),
-                vae_decode: t.vae_decode.as_secs_f64(),
-                png: t.png.as_secs_f64(),
-            },
-            real_images: t.real_images as u64,
-            latent_cache_hit: t.latent_cache_hit,
-            skipped: t.skipped.clone(),
-            contact_sheet,
-        })
+        let (output, sheet) = engine
+            .distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)
+            .map_err(ShardFailure::from_engine)?;
+        let mut result = class_result(&class.wnid, output)?;
+        result.contact_sheet = sheet;
+        Ok(result)
+    }
+
+    /// The pipelined shard: see [`crate::pipeline`].
+    fn distill_shard(
+        &mut self,
+        spec: &JobSpec,
+        classes: &[ClassRef],
+        cancel: &Arc<AtomicBool>,
+        sink: &mut dyn ClassSink,
+    ) -> Result<(), (Option<String>, ShardFailure)> {
+        let engine = self.engine_for(spec).map_err(|f| (None, f))?;
+        engine.set_cancel_flag(cancel.clone());
+        let dataset = Dataset::open(&spec.dataset).map_err(|e| (None, ShardFailure::Fatal(e.to_string())))?;
+        let specs: Vec<ClassSpec> = classes.iter().map(|c| class_spec(spec, c)).collect();
+        struct Adapter<'a> {
+            classes: &'a [ClassRef],
+            sink: &'a mut dyn ClassSink,
+        }
+        impl ClassOutputs<(Option<String>, ShardFailure)> for Adapter<'_> {
+            fn class_done(
+                &mut self,
+                index: usize,
+                output: ClassOutput,
+            ) -> Result<bool, (Option<String>, ShardFailure)> {
+                let class = &self.classes[index];
+                let result = class_result(&class.wnid, output).map_err(|f| (Some(class.wnid.clone()), f))?;
+                self.sink.commit(class, result)
+            }
+            fn contact_sheet(&mut self, index: usize, png: Vec<u8>) {
+                self.sink.contact_sheet(&self.classes[index], png);
+            }
+        }
+        let options = ShardOptions { contact_sheet: spec.contact_sheet };
+        match engine.distill_shard(&dataset, &specs, options, &mut Adapter { classes, sink }) {
+            Ok(_) => Ok(()),
+            Err(ShardStop::Sink(stop)) => Err(stop),
+            Err(ShardStop::Engine { class, error }) => Err((class, ShardFailure::from_engine(*error))),
+        }
     }
 
     fn model_fingerprints(&self) -> Vec<(String, String)> {
@@ -276,8 +360,87 @@ pub struct ShardReport {
     pub digest: String,
 }
 
+/// Commits the classes an engine hands over, recording each class's marker.
+struct Committer<'a> {
+    runtime: &'a Handle,
+    out: &'a Location,
+    keys: JobKeys,
+    lease: &'a ShardLease,
+    images_done: &'a AtomicU32,
+    markers: std::collections::HashMap<String, ClassMarker>,
+}
+
+impl Committer<'_> {
+    fn store_failure(wnid: &str, e: mgd3_common::commit::CommitError) -> (Option<String>, ShardFailure) {
+        let failure = match e {
+            mgd3_common::commit::CommitError::ForeignMarker { .. } => ShardFailure::Fatal(e.to_string()),
+            other => ShardFailure::Retryable(other.to_string()),
+        };
+        (Some(wnid.to_owned()), failure)
+    }
+
+    fn committed(&self, wnid: &str) -> Result<Option<ClassMarker>, (Option<String>, ShardFailure)> {
+        self.runtime
+            .block_on(committed_marker(self.out, &self.keys, wnid, &self.lease.fingerprint))
+            .map_err(|e| Self::store_failure(wnid, e))
+    }
+
+    fn record(&mut self, marker: ClassMarker) {
+        self.images_done.fetch_add(marker.images.len() as u32, Ordering::Relaxed);
+        self.markers.insert(marker.wnid.clone(), marker);
+    }
+}
+
+impl ClassSink for Committer<'_> {
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, (Option<String>, ShardFailure)> {
+        let lease = self.lease;
+        let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);
+        let _guard = span.enter();
+        let template = ClassMarker {
+            schema_version: SCHEMA_VERSION,
+            job_id: lease.job_id.clone(),
+            fingerprint: lease.fingerprint.clone(),
+            attempt_id: lease.attempt_id.clone(),
+            worker_id: lease.worker_id.clone(),
+            wnid: class.wnid.clone(),
+            label: class.label,
+            class_index: class.class_index,
+            images: Vec::new(),
+            modes: FileDigest { name: String::new(), sha256: String::new(), bytes: 0 },
+            real_images: result.real_images,
+            timings: result.timings,
+            committed_unix_ms: mgd3_common::now_ms(),
+            latent_cache_hit: result.latent_cache_hit,
+            skipped: result.skipped,
+        };
+        let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
+        let outcome = self
+            .runtime
+            .block_on(commit_class(self.out, &self.keys, template, files))
+            .map_err(|e| Self::store_failure(&class.wnid, e))?;
+        info!(?outcome, "class committed");
+        let marker = self.committed(&class.wnid)?.ok_or_else(|| {
+            (Some(class.wnid.clone()), ShardFailure::Retryable("marker vanished after commit".into()))
+        })?;
+        let won = outcome != CommitOutcome::Lost;
+        if !won {
+            info!(winner = %marker.attempt_id, "another attempt committed this class first");
+        }
+        self.record(marker);
+        Ok(won)
+    }
+
+    fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>) {
+        let key = self.out.key(&self.keys.contact_sheet(&class.wnid));
+        if let Err(error) = self.runtime.block_on(self.out.store.put(&key, png.into())) {
+            tracing::warn!(class = %class.wnid, %key, %error, "could not write the contact sheet");
+        }
+    }
+}
+
 /// Distils and commits every class of the lease; classes committed by an earlier attempt are only
-/// re-published. Errors carry the class they happened in.
+/// re-published, the others go to the engine together (one shard run, see
+/// [`ShardEngine::distill_shard`]). Errors carry the class they happened in.
 pub fn run_shard(
     engine: &mut dyn ShardEngine,
     runtime: &Handle,
@@ -287,71 +450,33 @@ pub fn run_shard(
     cancel: &Arc<AtomicBool>,
 ) -> Result<ShardReport, (Option<String>, ShardFailure)> {
     let started = Instant::now();
-    let keys = JobKeys::new(&lease.job_id);
-    let mut digests: Vec<String> = Vec::new();
-    let store_failure = |wnid: &str, e: mgd3_common::commit::CommitError| {
-        let failure = match e {
-            mgd3_common::commit::CommitError::ForeignMarker { .. } => ShardFailure::Fatal(e.to_string()),
-            other => ShardFailure::Retryable(other.to_string()),
-        };
-        (Some(wnid.to_owned()), failure)
-    };
+    let mut committer =
+        Committer { runtime, out, keys: JobKeys::new(&lease.job_id), lease, images_done, markers: Default::default() };
+    let mut todo = Vec::new();
     for class in &lease.classes {
         if cancel.load(Ordering::Relaxed) {
             return Err((None, ShardFailure::Cancelled));
         }
-        let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);
-        let _guard = span.enter();
-        let existing = runtime
-            .block_on(committed_marker(out, &keys, &class.wnid, &lease.fingerprint))
-            .map_err(|e| store_failure(&class.wnid, e))?;
-        let marker = if let Some(marker) = existing {
-            runtime.block_on(publish(out, &keys, &marker, Check::Size)).map_err(|e| store_failure(&class.wnid, e))?;
-            info!(attempt = %marker.attempt_id, "class already committed");
-            marker
-        } else {
-            let result = engine.distill(&lease.spec, class, cancel).map_err(|f| (Some(class.wnid.clone()), f))?;
-            let template = ClassMarker {
-                schema_version: SCHEMA_VERSION,
-                job_id: lease.job_id.clone(),
-                fingerprint: lease.fingerprint.clone(),
-                attempt_id: lease.attempt_id.clone(),
-                worker_id: lease.worker_id.clone(),
-                wnid: class.wnid.clone(),
-                label: class.label,
-                class_index: class.class_index,
-                images: Vec::new(),
-                modes: FileDigest { name: String::new(), sha256: String::new(), bytes: 0 },
-                real_images: result.real_images,
-                timings: result.timings,
-                committed_unix_ms: mgd3_common::now_ms(),
-                latent_cache_hit: result.latent_cache_hit,
-                skipped: result.skipped,
-            };
-            let contact_sheet = result.contact_sheet;
-            let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
-            let outcome = runtime
-                .block_on(commit_class(out, &keys, template, files))
-                .map_err(|e| store_failure(&class.wnid, e))?;
-            info!(?outcome, "class committed");
-            let marker = runtime
-                .block_on(committed_marker(out, &keys, &class.wnid, &lease.fingerprint))
-                .map_err(|e| store_failure(&class.wnid, e))?;
-            let marker = marker.ok_or_else(|| {
-                (Some(class.wnid.clone()), ShardFailure::Retryable("marker vanished after commit".into()))
-            })?;
-            if outcome == CommitOutcome::Lost {
-                info!(winner = %marker.attempt_id, "another attempt committed this class first");
-            } else if let Some(png) = contact_sheet {
-                let key = out.key(&keys.contact_sheet(&class.wnid));
-                if let Err(error) = runtime.block_on(out.store.put(&key, png.into())) {
-                    tracing::warn!(%key, %error, "could not write the contact sheet");
-                }
+        match committer.committed(&class.wnid)? {
+            Some(marker) => {
+                runtime
+                    .block_on(publish(out, &committer.keys, &marker, Check::Size))
+                    .map_err(|e| Committer::store_failure(&class.wnid, e))?;
+                info!(job = %lease.job_id, class = %class.wnid, attempt = %marker.attempt_id, "class already committed");
+                committer.record(marker);
             }
-            marker
-        };
+            None => todo.push(class.clone()),
+        }
+    }
+    if !todo.is_empty() {
+        engine.distill_shard(&lease.spec, &todo, cancel, &mut committer)?;
+    }
+    let mut digests: Vec<String> = Vec::new();
+    for class in &lease.classes {
+        let marker = committer.markers.get(&class.wnid).ok_or_else(|| {
+            (Some(class.wnid.clone()), ShardFailure::Retryable("the engine skipped this class".into()))
+        })?;
         digests.extend(marker.images.iter().map(|d| d.sha256.clone()));
-        images_done.fetch_add(marker.images.len() as u32, Ordering::Relaxed);
     }
     Ok(ShardReport {
         images: digests.len() as u32,

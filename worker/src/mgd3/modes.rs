@@ -5,13 +5,22 @@
 //!
 //! Deviations: linfa's k-means++ takes one candidate per centre (sklearn's greedy variant takes
 //! 2 + ⌊ln k⌋) and a different RNG, so centroids match the reference only statistically.
+//!
+//! Speed: linfa's Lloyd loop runs with [`SqEuclidean`], a squared distance whose 32 independent
+//! lanes vectorise (linfa's `L2Dist` sums one long dependency chain), and the k-means++ seeding
+//! is done here with the same draws as linfa's but keeping each point's distance to its nearest
+//! centre up to date (O(n·k) distances instead of linfa's O(n·k²)); both run on the caller's
+//! rayon pool.
 
 use linfa::DatasetBase;
 use linfa::traits::Fit;
 use linfa_clustering::{KMeans, KMeansInit};
-use ndarray016::Array2;
+use linfa_nn::distance::Distance;
+use ndarray016::{Array2, ArrayView, ArrayView2, Dimension};
 use rand::SeedableRng;
+use rand::distributions::{Distribution, WeightedIndex};
 use rand_xoshiro::Xoshiro256PlusPlus;
+use rayon::prelude::*;
 use thiserror::Error;
 
 /// Reference k-means settings.
@@ -83,13 +92,15 @@ pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u
     // sklearn compares the squared shift with the scaled tolerance.
     let tolerance = (scaled_tolerance(features, points, dim).sqrt() as f32).max(f32::MIN_POSITIVE);
     let records = Array2::from_shape_vec((points, dim), features.to_vec()).expect("checked length");
-    let dataset = DatasetBase::from(records);
     let rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let model = KMeans::params_with_rng(k, rng)
+    // linfa clones its RNG for seeding; seeding here from the same state draws the same centres.
+    let seeds = kmeans_plusplus(records.view(), k, &mut rng.clone());
+    let dataset = DatasetBase::from(records);
+    let model = KMeans::params_with(k, rng, SqEuclidean)
         .n_runs(1)
         .max_n_iterations(MAX_ITERATIONS)
         .tolerance(tolerance)
-        .init_method(KMeansInit::KMeansPlusPlus)
+        .init_method(KMeansInit::Precomputed(seeds))
         .fit(&dataset)
         .map_err(|e| ModesError::KMeans(e.to_string()))?;
     let centroids: Vec<f32> = model.centroids().iter().copied().collect();
@@ -98,6 +109,128 @@ pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u
         return Err(ModesError::DuplicateModes { distinct, points, k });
     }
     Ok(centroids)
+}
+
+/// Euclidean distance for linfa whose reduced form (the squared distance) is computed by
+/// [`squared_distance`]: the same metric as linfa's `L2Dist`, summed in 32 lanes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SqEuclidean;
+
+impl Distance<f32> for SqEuclidean {
+    fn distance<D: Dimension>(&self, a: ArrayView<f32, D>, b: ArrayView<f32, D>) -> f32 {
+        self.rdistance(a, b).sqrt()
+    }
+
+    fn rdistance<D: Dimension>(&self, a: ArrayView<f32, D>, b: ArrayView<f32, D>) -> f32 {
+        assert_eq!(a.shape(), b.shape(), "points of different dimensions");
+        match (a.as_slice(), b.as_slice()) {
+            (Some(a), Some(b)) => squared_distance(a, b),
+            _ => a.iter().zip(b.iter()).map(|(x, y)| (x - y) * (x - y)).sum(),
+        }
+    }
+
+    fn rdist_to_dist(&self, rdist: f32) -> f32 {
+        rdist.sqrt()
+    }
+
+    fn dist_to_rdist(&self, dist: f32) -> f32 {
+        dist * dist
+    }
+}
+
+const LANES: usize = 32;
+
+/// Sums the lanes pairwise, halving the width each round: a fixed tree, so the result is the
+/// same bits whichever instruction set filled the lanes.
+#[inline(always)]
+fn reduce_lanes(lanes: &mut [f32], mut width: usize) -> f32 {
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+fn squared_distance_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_blocks.remainder().iter().zip(b_blocks.remainder()).map(|(x, y)| (x - y) * (x - y)).sum();
+    for (x, y) in a_blocks.zip(b_blocks) {
+        for i in 0..LANES {
+            let d = x[i] - y[i];
+            lanes[i] += d * d;
+        }
+    }
+    reduce_lanes(&mut lanes, LANES / 2) + tail
+}
+
+/// The same lanes and reduction as [`squared_distance_portable`], in four AVX registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn squared_distance_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let blocks = a.len() / LANES;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for block in 0..blocks {
+        let base = block * LANES;
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: base + 8r + 8 ≤ blocks·LANES ≤ len of both slices (checked equal).
+            let (x, y) = unsafe {
+                (_mm256_loadu_ps(a.as_ptr().add(base + 8 * r)), _mm256_loadu_ps(b.as_ptr().add(base + 8 * r)))
+            };
+            let d = _mm256_sub_ps(x, y);
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(d, d));
+        }
+    }
+    let mut lanes = [0f32; LANES];
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: lanes holds 4 × 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * r), *acc) };
+    }
+    let tail: f32 = a[blocks * LANES..].iter().zip(&b[blocks * LANES..]).map(|(x, y)| (x - y) * (x - y)).sum();
+    reduce_lanes(&mut lanes, LANES / 2) + tail
+}
+
+/// Σ (aᵢ − bᵢ)² over two equally long slices, in 32 independent lanes (separate multiply and
+/// add, no FMA) reduced by a fixed tree: vectorised, and the same bits with or without AVX.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "points of different dimensions");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU supports AVX (checked just above).
+        return unsafe { squared_distance_avx(a, b) };
+    }
+    squared_distance_portable(a, b)
+}
+
+/// linfa's k-means++ seeding (first centre uniform, each next one drawn with probability
+/// proportional to the squared distance to the nearest centre so far, through `WeightedIndex`
+/// on the same RNG), with the nearest-centre distances updated incrementally. Returns k × dim.
+fn kmeans_plusplus(points: ArrayView2<f32>, k: usize, rng: &mut Xoshiro256PlusPlus) -> Array2<f32> {
+    let n = points.nrows();
+    let mut centres = Array2::zeros((k, points.ncols()));
+    let first = WeightedIndex::new(std::iter::repeat_n(1f32, n)).expect("n ≥ k ≥ 1 points").sample(rng);
+    centres.row_mut(0).assign(&points.row(first));
+    let mut nearest = vec![f32::INFINITY; n];
+    for c in 1..k {
+        let centre = centres.row(c - 1);
+        let centre = centre.as_slice().expect("standard layout");
+        nearest.par_iter_mut().zip(points.outer_iter().into_par_iter()).for_each(|(d, point)| {
+            let new = squared_distance(centre, point.as_slice().expect("standard layout"));
+            if new < *d {
+                *d = new;
+            }
+        });
+        // linfa: `unwrap_or(0)` when every point already sits on a centre.
+        let next = WeightedIndex::new(nearest.iter()).map(|w| w.sample(rng)).unwrap_or(0);
+        centres.row_mut(c).assign(&points.row(next));
+    }
+    centres
 }
 
 #[cfg(test)]
@@ -154,6 +287,52 @@ mod tests {
         assert!(matches!(error, ModesError::TooFewDistinct { distinct: 2, points: 6, k: 4 }), "{error}");
         assert!(error.to_string().contains("only 2 distinct images among 6"), "{error}");
         assert_eq!(find_modes(&features, 6, 3, 2, 0).unwrap().len(), 6);
+    }
+
+    /// The fast path (own seeding + [`SqEuclidean`]) finds what linfa's stock k-means++ with
+    /// `L2Dist` finds from the same seed: same seeds drawn, same Lloyd steps.
+    #[test]
+    fn fast_kmeans_matches_linfa_stock_kmeans() {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(3);
+        let (n, dim, k) = (300, 70, 12);
+        let centres: Vec<f32> = (0..k * dim).map(|_| rng.sample::<f32, _>(StandardNormal) * 3.0).collect();
+        let features: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let c = i % k;
+                centres[c * dim..(c + 1) * dim].to_vec()
+            })
+            .map(|v| v + rng.sample::<f32, _>(StandardNormal))
+            .collect();
+        for seed in [0, 1, 99] {
+            let fast = find_modes(&features, n, dim, k, seed).unwrap();
+            let records = Array2::from_shape_vec((n, dim), features.clone()).unwrap();
+            let tolerance = scaled_tolerance(&features, n, dim).sqrt() as f32;
+            let stock = KMeans::params_with_rng(k, Xoshiro256PlusPlus::seed_from_u64(seed))
+                .n_runs(1)
+                .max_n_iterations(MAX_ITERATIONS)
+                .tolerance(tolerance)
+                .init_method(KMeansInit::KMeansPlusPlus)
+                .fit(&DatasetBase::from(records))
+                .unwrap();
+            for (a, b) in fast.iter().zip(stock.centroids().iter()) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "seed {seed}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn squared_distance_is_exact_on_small_integers_for_every_length() {
+        for len in [0, 1, 15, 16, 17, 64, 4096, 4099] {
+            let a: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i % 5) as f32).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+            assert_eq!(squared_distance(&a, &b), want, "length {len}");
+            assert_eq!(SqEuclidean.rdistance(ArrayView::from(&a[..]), ArrayView::from(&b[..])), want);
+            // Non-integers: the vector path and the portable path give the same bits.
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            assert_eq!(squared_distance(&a, &b).to_bits(), squared_distance_portable(&a, &b).to_bits());
+        }
     }
 
     #[test]

@@ -50,6 +50,26 @@ pub enum SampleError {
 }
 
 impl SampleError {
+    /// The sample (index within the sampled batch) the error is about, if any.
+    pub fn sample_index(&self) -> Option<usize> {
+        match self {
+            SampleError::Diverged { sample, .. } | SampleError::NonFinite { sample, .. } => Some(*sample),
+            _ => None,
+        }
+    }
+
+    /// The same error about sample `index` (its index within its class, when the batch mixed
+    /// classes).
+    pub fn with_sample(self, index: usize) -> Self {
+        match self {
+            SampleError::Diverged { step, timestep, rms, bound, guidance_scale, .. } => {
+                SampleError::Diverged { sample: index, step, timestep, rms, bound, guidance_scale }
+            }
+            SampleError::NonFinite { step, timestep, .. } => SampleError::NonFinite { sample: index, step, timestep },
+            other => other,
+        }
+    }
+
     /// Renumbers the sample of a [`SampleError::Diverged`] when this batch started at sample `first`.
     pub fn offset_sample(self, first: usize) -> Self {
         match self {

@@ -1,0 +1,666 @@
+//! The shard-level engine: every class of a lease goes through overlapping stages, so that the
+//! shard's wall time tracks its busiest stage rather than the sum of all of them.
+//!
+//! ```text
+//!  data thread      list, read, decode + preprocess (CPU pool, in parallel), chunks of 64 ─┐
+//!                                                            bounded queue (QUEUE_DEPTH) ◄──┘
+//!  engine thread    VAE-encode each chunk ─► features ─► k-means thread (CPU pool) ─► modes
+//!  (accelerator)    DiT calls of `max_batch / 2` samples, mixing classes ◄─────────────┘
+//!                   a class whose IPC samples are done: VAE decode, PNG (CPU pool), commit,
+//!                   then (only if this attempt's files won) its contact sheet
+//! ```
+//!
+//! While class k is encoded and sampled, class k+1 is read and decoded. Samples are independent
+//! of their batch mates (the sampler's noise is per sample and the DiT's rows do not interact),
+//! so mixing classes in a call gives the bytes of sampling each class alone; the cluster tests
+//! assert it.
+//!
+//! Memory is bounded by the queue: at most `QUEUE_DEPTH + 2` chunks of decoded images
+//! (64 × 3 × 256 × 256 f32 = 50 MB each at 256 px) plus, per class of the shard whose modes are
+//! not found yet, its latents (n × 4 096 f32: 21 MB for 1 300 images).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mgd3_common::seed::{kmeans_seed, sample_seed};
+use ndarray::{Array4, Axis};
+use rayon::prelude::*;
+use tracing::{debug, info, warn};
+
+use crate::cache;
+use crate::data::{self, DataError, Dataset, Pixels};
+use crate::engine::{ClassOutput, ClassSpec, ClassTimings, DitDenoiser, Engine, EngineError};
+use crate::mgd3::modes::find_modes;
+use crate::mgd3::noise::sample_noise;
+use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, sample};
+use crate::sink::{self, png_bytes};
+
+/// Real images decoded and encoded per chunk.
+pub const ENCODE_CHUNK: usize = 64;
+/// Decoded chunks that may wait for the accelerator.
+pub const QUEUE_DEPTH: usize = 2;
+
+/// What a shard run makes besides its classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardOptions {
+    /// Build each committed class's contact sheet (real images, decoded modes, samples).
+    pub contact_sheet: bool,
+}
+
+/// Where the pipeline hands finished classes: whoever commits them.
+pub trait ClassOutputs<E> {
+    /// Class `index` (of the shard's list) is distilled: commit it. `Ok(true)` when this
+    /// attempt's files are the class's, `Ok(false)` when another attempt committed it first (no
+    /// contact sheet is made then).
+    fn class_done(&mut self, index: usize, output: ClassOutput) -> Result<bool, E>;
+    /// The PNG contact sheet of class `index`, after `class_done` returned `Ok(true)`.
+    fn contact_sheet(&mut self, index: usize, png: Vec<u8>);
+}
+
+/// Why a shard run stopped.
+#[derive(Debug)]
+pub enum ShardStop<E> {
+    /// The engine failed, in the named class when there is one.
+    Engine { class: Option<String>, error: Box<EngineError> },
+    /// Committing a class failed.
+    Sink(E),
+}
+
+impl<E> ShardStop<E> {
+    fn class(class: &ClassSpec, error: impl Into<EngineError>) -> Self {
+        ShardStop::Engine { class: Some(class.wnid.clone()), error: Box::new(error.into()) }
+    }
+}
+
+/// Where a shard's time went, stage by stage (busy time of each stage; they overlap).
+#[derive(Clone, Debug, Default)]
+pub struct ShardStats {
+    pub wall: Duration,
+    /// Listing, reading, decoding and preprocessing (data thread).
+    pub data: Duration,
+    /// VAE encoding.
+    pub encode: Duration,
+    /// k-means (k-means thread).
+    pub kmeans: Duration,
+    /// DiT calls and guidance maths.
+    pub sample: Duration,
+    /// VAE decoding, PNG encoding and contact sheets.
+    pub finish: Duration,
+    /// Time inside the sink (commits).
+    pub commit: Duration,
+    /// Rows of every DiT call, in order.
+    pub dit_rows: Vec<usize>,
+}
+
+impl ShardStats {
+    /// The longest of the stages' busy times.
+    pub fn busiest_stage(&self) -> (&'static str, Duration) {
+        [
+            ("data", self.data),
+            ("encode", self.encode),
+            ("kmeans", self.kmeans),
+            ("sample", self.sample),
+            ("finish", self.finish),
+            ("commit", self.commit),
+        ]
+        .into_iter()
+        .max_by_key(|(_, d)| *d)
+        .expect("stages")
+    }
+}
+
+/// What the data and k-means threads send the engine thread.
+enum Event {
+    /// Preprocessed images `[b, c, S, S]` of class `slot`; `last` closes the class.
+    /// `cache_key`: where the class's latents go once complete (last chunk, cache on).
+    Chunk {
+        slot: usize,
+        batch: Array4<f32>,
+        crops: Vec<Pixels>,
+        images: usize,
+        last: bool,
+        seconds: Duration,
+        cache_key: Option<String>,
+    },
+    /// The class's latents came from the latent cache.
+    Cached {
+        slot: usize,
+        features: Vec<f32>,
+        crops: Vec<Pixels>,
+        images: usize,
+        seconds: Duration,
+    },
+    /// The listing left entries out.
+    Skipped {
+        slot: usize,
+        skipped: mgd3_common::imagefolder::Skipped,
+    },
+    Modes {
+        slot: usize,
+        modes: Array4<f32>,
+        seconds: Duration,
+    },
+    Failed {
+        slot: usize,
+        error: EngineError,
+    },
+}
+
+/// A class in flight on the engine thread.
+#[derive(Default)]
+struct InFlight {
+    features: Vec<f32>,
+    crops: Vec<Pixels>,
+    timings: ClassTimings,
+    modes: Option<Array4<f32>>,
+    /// Modes were found (they stay set after `modes` is taken).
+    has_modes: bool,
+    latents: Option<Array4<f32>>,
+    sampled: usize,
+}
+
+/// Records the rows of every DiT call.
+struct Counted<'a> {
+    inner: DitDenoiser<'a>,
+    rows: &'a mut Vec<usize>,
+}
+
+impl Denoiser for Counted<'_> {
+    fn predict(
+        &mut self,
+        x: ndarray::ArrayView4<f32>,
+        t: &[i64],
+        y: &[i64],
+    ) -> Result<ndarray::Array4<f32>, ModelError> {
+        self.rows.push(x.shape()[0]);
+        self.inner.predict(x, t, y)
+    }
+}
+
+impl Engine {
+    /// Distils `classes` (in order) through the overlapping stages described in the module
+    /// docs, handing each class to `outputs` as soon as its samples are done. Every DiT call but
+    /// the shard's last carries `max_batch / 2` samples (`max_batch` rows) when the shard has
+    /// that many.
+    ///
+    /// # Errors
+    /// The first failure of any stage, with the class it happened in; classes handed to
+    /// `outputs` before stay committed. `Cancelled` once the cancel flag is set.
+    pub fn distill_shard<E>(
+        &mut self,
+        dataset: &Dataset,
+        classes: &[ClassSpec],
+        options: ShardOptions,
+        outputs: &mut dyn ClassOutputs<E>,
+    ) -> Result<ShardStats, ShardStop<E>> {
+        let started = Instant::now();
+        for class in classes {
+            self.check_class(class).map_err(|error| ShardStop::class(class, error))?;
+        }
+        let (events_tx, events_rx) = mpsc::sync_channel::<Event>(QUEUE_DEPTH);
+        let (kmeans_tx, kmeans_rx) = mpsc::channel::<(usize, Vec<f32>, usize)>();
+        let stop = AtomicBool::new(false);
+        let result = std::thread::scope(|scope| {
+            let data_events = events_tx.clone();
+            let stop = &stop;
+            let data_stage = DataStage {
+                dataset: dataset.clone(),
+                classes,
+                image_shape: self.encoder().info().image_shape,
+                latent_dim: self.encoder().info().latent_shape.iter().product(),
+                vae_fingerprint: self.encoder().info().fingerprint.clone(),
+                latent_cache: self.latent_cache().cloned(),
+                pool: self.pool().clone(),
+                keep_crops: options.contact_sheet,
+            };
+            let cancel = self.cancel_flag();
+            std::thread::Builder::new()
+                .name("mgd3-data".into())
+                .spawn_scoped(scope, move || {
+                    data_stage.run(&data_events, || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed))
+                })
+                .expect("starting the data thread");
+            let (pool, seed, shape) = (self.pool().clone(), self.sampling_seed(), self.dit().info().latent_shape);
+            let kmeans_events = events_tx;
+            std::thread::Builder::new()
+                .name("mgd3-kmeans".into())
+                .spawn_scoped(scope, move || {
+                    for (slot, features, count) in kmeans_rx {
+                        let class = &classes[slot];
+                        let started = Instant::now();
+                        let dim = shape.iter().product();
+                        let found = pool.install(|| {
+                            find_modes(&features, count, dim, class.ipc, kmeans_seed(seed, class.class_index))
+                        });
+                        drop(features);
+                        let event = match found {
+                            Ok(centroids) => Event::Modes {
+                                slot,
+                                modes: Array4::from_shape_vec((class.ipc, shape[0], shape[1], shape[2]), centroids)
+                                    .expect("k × dim centroids"),
+                                seconds: started.elapsed(),
+                            },
+                            Err(source) => {
+                                Event::Failed { slot, error: EngineError::Modes { class: class.wnid.clone(), source } }
+                            }
+                        };
+                        if kmeans_events.send(event).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .expect("starting the k-means thread");
+            let result = self.run_engine_stage(classes, options, events_rx, kmeans_tx, outputs);
+            // Unblocks and ends the other stages on an early return.
+            stop.store(true, Ordering::Relaxed);
+            result
+        });
+        let mut stats = result?;
+        stats.wall = started.elapsed();
+        debug!(
+            classes = classes.len(),
+            wall = stats.wall.as_secs_f64(),
+            data = stats.data.as_secs_f64(),
+            encode = stats.encode.as_secs_f64(),
+            kmeans = stats.kmeans.as_secs_f64(),
+            sample = stats.sample.as_secs_f64(),
+            finish = stats.finish.as_secs_f64(),
+            commit = stats.commit.as_secs_f64(),
+            dit_calls = stats.dit_rows.len(),
+            "shard stages"
+        );
+        Ok(stats)
+    }
+
+    fn check_class(&self, class: &ClassSpec) -> Result<(), EngineError> {
+        if class.ipc == 0 {
+            return Err(EngineError::Config(format!("class `{}`: IPC must be at least 1", class.wnid)));
+        }
+        let classes = self.dit().info().num_classes;
+        if class.label < 0 || class.label >= classes as i64 {
+            return Err(EngineError::Config(format!(
+                "class `{}`: label {} is outside the DiT's 0..{classes} classes",
+                class.wnid, class.label
+            )));
+        }
+        Ok(())
+    }
+
+    /// The engine thread: encodes chunks as they come, samples whenever a full DiT call is
+    /// ready (or nothing else will come), finishes and hands over classes.
+    fn run_engine_stage<E>(
+        &mut self,
+        classes: &[ClassSpec],
+        options: ShardOptions,
+        events: mpsc::Receiver<Event>,
+        kmeans: mpsc::Sender<(usize, Vec<f32>, usize)>,
+        outputs: &mut dyn ClassOutputs<E>,
+    ) -> Result<ShardStats, ShardStop<E>> {
+        let mut stats = ShardStats::default();
+        let mut flight: Vec<InFlight> = classes.iter().map(|_| InFlight::default()).collect();
+        let mut ready: VecDeque<(usize, usize)> = VecDeque::new();
+        // A class that fails stops the shard after the classes before it are handed over (their
+        // data is complete: the data thread goes class by class), so no finished work is lost.
+        let mut failed: Option<(usize, EngineError)> = None;
+        let per_call = self.samples_per_call();
+        loop {
+            // Everything already waiting first, so that the CPU stages never wait on sampling.
+            while let Ok(event) = events.try_recv() {
+                self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats)?;
+            }
+            if self.cancel_flag().load(Ordering::Relaxed) {
+                return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
+            }
+            let limit = failed.as_ref().map_or(classes.len(), |(slot, _)| *slot);
+            ready.retain(|(slot, _)| *slot < limit);
+            let all_modes = flight[..limit].iter().all(|f| f.has_modes);
+            if ready.len() >= per_call || (all_modes && !ready.is_empty()) {
+                let batch: Vec<(usize, usize)> = ready.drain(..per_call.min(ready.len())).collect();
+                for slot in self.sample_batch(classes, &mut flight, &batch, &mut stats)? {
+                    self.finish_class(classes, &mut flight[slot], slot, options, outputs, &mut stats)?;
+                }
+                continue;
+            }
+            if all_modes {
+                return match failed {
+                    None => Ok(stats),
+                    Some((slot, error)) => Err(ShardStop::class(&classes[slot], error)),
+                };
+            }
+            match events.recv() {
+                Ok(event) => self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats)?,
+                Err(_) => {
+                    // The other stages end early only when cancelled.
+                    return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle<E>(
+        &mut self,
+        event: Event,
+        classes: &[ClassSpec],
+        flight: &mut [InFlight],
+        ready: &mut VecDeque<(usize, usize)>,
+        failed: &mut Option<(usize, EngineError)>,
+        kmeans: &mpsc::Sender<(usize, Vec<f32>, usize)>,
+        stats: &mut ShardStats,
+    ) -> Result<(), ShardStop<E>> {
+        match event {
+            Event::Chunk { slot, batch, crops, images, last, seconds, cache_key } => {
+                let class = &classes[slot];
+                let state = &mut flight[slot];
+                state.timings.decode += seconds;
+                state.crops.extend(crops);
+                let started = Instant::now();
+                let scale = self.encoder().info().scale_factor;
+                let (mean, _logvar) =
+                    self.encoder_mut().encode(batch.view()).map_err(|e| ShardStop::class(class, e))?;
+                drop(batch);
+                state.features.extend(mean.iter().map(|v| v * scale));
+                let spent = started.elapsed();
+                state.timings.encode += spent;
+                stats.encode += spent;
+                if last {
+                    state.timings.real_images = images;
+                    if let (Some(cache), Some(key)) = (self.latent_cache(), cache_key) {
+                        let dim = self.encoder().info().latent_shape.iter().product();
+                        cache::store(cache, &key, &state.features, images, dim)
+                            .map_err(|e| ShardStop::class(class, e))?;
+                        info!(class = %class.wnid, key = %key, "latents cached");
+                    }
+                    let features = std::mem::take(&mut state.features);
+                    let _ = kmeans.send((slot, features, images));
+                }
+            }
+            Event::Cached { slot, features, crops, images, seconds } => {
+                let state = &mut flight[slot];
+                state.timings.decode += seconds;
+                state.timings.real_images = images;
+                state.timings.latent_cache_hit = true;
+                state.crops = crops;
+                let _ = kmeans.send((slot, features, images));
+            }
+            Event::Skipped { slot, skipped } => flight[slot].timings.skipped = skipped,
+            Event::Modes { slot, modes, seconds } => {
+                let state = &mut flight[slot];
+                state.timings.kmeans += seconds;
+                stats.kmeans += seconds;
+                state.modes = Some(modes);
+                state.has_modes = true;
+                ready.extend((0..classes[slot].ipc).map(|j| (slot, j)));
+            }
+            Event::Failed { slot, error } => {
+                if failed.as_ref().is_none_or(|(first, _)| slot < *first) {
+                    *failed = Some((slot, error));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One sampling run over `batch` ((class slot, sample j) pairs); returns the slots whose
+    /// samples are now all done.
+    fn sample_batch<E>(
+        &mut self,
+        classes: &[ClassSpec],
+        flight: &mut [InFlight],
+        batch: &[(usize, usize)],
+        stats: &mut ShardStats,
+    ) -> Result<Vec<usize>, ShardStop<E>> {
+        let started = Instant::now();
+        let shape = self.dit().info().latent_shape;
+        let steps = self.schedule().steps();
+        let seed = self.sampling_seed();
+        let labels: Vec<i64> = batch.iter().map(|&(slot, _)| classes[slot].label).collect();
+        let mode_views: Vec<_> = batch
+            .iter()
+            .map(|&(slot, j)| flight[slot].modes.as_ref().expect("modes").index_axis(Axis(0), j).insert_axis(Axis(0)))
+            .collect();
+        let modes = ndarray::concatenate(Axis(0), &mode_views).expect("same shapes");
+        let noise_parts: Vec<_> = self.pool().install(|| {
+            batch
+                .par_iter()
+                .map(|&(slot, j)| {
+                    sample_noise(sample_seed(seed, classes[slot].class_index, j as u64), steps, shape)
+                        .insert_axis(Axis(0))
+                })
+                .collect()
+        });
+        let noise_views: Vec<_> = noise_parts.iter().map(|n| n.view()).collect();
+        let noise = ndarray::concatenate(Axis(0), &noise_views).expect("same shapes");
+        drop(noise_parts);
+        let info = self.dit().info();
+        let spec = ModelSpec { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+        let (schedule, guidance) = (self.schedule().clone(), self.sampling().guidance);
+        let (x, timings) = sample(
+            &mut Counted { inner: DitDenoiser(self.dit_mut()), rows: &mut stats.dit_rows },
+            &schedule,
+            &guidance,
+            spec,
+            &labels,
+            modes.view(),
+            noise.view(),
+            |_, _| {},
+        )
+        .map_err(|source| {
+            let failed = source.sample_index().and_then(|i| batch.get(i).copied());
+            match failed {
+                Some((slot, j)) => ShardStop::class(
+                    &classes[slot],
+                    EngineError::Sample { class: classes[slot].wnid.clone(), source: source.with_sample(j) },
+                ),
+                None => ShardStop::class(
+                    &classes[batch[0].0],
+                    EngineError::Sample { class: classes[batch[0].0].wnid.clone(), source },
+                ),
+            }
+        })?;
+        let spent = started.elapsed();
+        stats.sample += spent;
+        let share = |d: Duration, mine: usize| d.mul_f64(mine as f64 / batch.len() as f64);
+        let mut done = Vec::new();
+        for (row, &(slot, j)) in batch.iter().enumerate() {
+            let state = &mut flight[slot];
+            let ipc = classes[slot].ipc;
+            let latents = state.latents.get_or_insert_with(|| Array4::zeros((ipc, shape[0], shape[1], shape[2])));
+            latents.index_axis_mut(Axis(0), j).assign(&x.index_axis(Axis(0), row));
+            state.sampled += 1;
+            if state.sampled == ipc {
+                done.push(slot);
+            }
+        }
+        let mut seen: Vec<usize> = batch.iter().map(|&(slot, _)| slot).collect();
+        seen.dedup();
+        for slot in seen {
+            let mine = batch.iter().filter(|(s, _)| *s == slot).count();
+            let state = &mut flight[slot];
+            state.timings.dit += share(timings.model, mine);
+            state.timings.guidance += share(timings.maths, mine);
+            state.timings.dit_calls += timings.model_calls;
+        }
+        debug!(samples = batch.len(), classes = ?batch.iter().map(|(s, _)| &classes[*s].wnid).collect::<std::collections::BTreeSet<_>>(), "sampled batch");
+        Ok(done)
+    }
+
+    /// VAE-decodes and PNG-encodes a class whose samples are all done, hands it to `outputs`
+    /// and, if this attempt's files won, builds its contact sheet.
+    fn finish_class<E>(
+        &mut self,
+        classes: &[ClassSpec],
+        state: &mut InFlight,
+        slot: usize,
+        options: ShardOptions,
+        outputs: &mut dyn ClassOutputs<E>,
+        stats: &mut ShardStats,
+    ) -> Result<(), ShardStop<E>> {
+        let class = &classes[slot];
+        let started = Instant::now();
+        let latents = state.latents.take().expect("sampled latents");
+        let modes = state.modes.take().expect("modes");
+        let scale = self.decoder().info().scale_factor;
+        let decoded =
+            self.decoder_mut().decode(latents.mapv(|v| v / scale).view()).map_err(|e| ShardStop::class(class, e))?;
+        let decoded_at = Instant::now();
+        state.timings.vae_decode += decoded_at - started;
+        let images = self
+            .pool()
+            .install(|| {
+                (0..decoded.shape()[0])
+                    .into_par_iter()
+                    .map(|i| png_bytes(decoded.index_axis(Axis(0), i)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| ShardStop::class(class, e))?;
+        state.timings.png += decoded_at.elapsed();
+        stats.finish += started.elapsed();
+        let samples: Vec<Pixels> =
+            if options.contact_sheet { decoded.outer_iter().map(sink::tensor_pixels).collect() } else { Vec::new() };
+        drop(decoded);
+        let timings = std::mem::take(&mut state.timings);
+        info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
+              seconds = timings.total().as_secs_f64(), "distilled class");
+        let output = ClassOutput { modes: modes.clone(), latents, images, timings };
+        let committing = Instant::now();
+        let won = outputs.class_done(slot, output).map_err(ShardStop::Sink)?;
+        stats.commit += committing.elapsed();
+        if won && options.contact_sheet {
+            let started = Instant::now();
+            match self.contact_sheet_png(std::mem::take(&mut state.crops), modes, samples) {
+                Ok(png) => outputs.contact_sheet(slot, png),
+                Err(error) => warn!(class = %class.wnid, %error, "no contact sheet"),
+            }
+            stats.finish += started.elapsed();
+        }
+        Ok(())
+    }
+
+    /// The sheet's three rows: the first IPC real images as preprocessed, the modes decoded by
+    /// the VAE, the samples (sample j under mode j).
+    fn contact_sheet_png(
+        &mut self,
+        real: Vec<Pixels>,
+        modes: Array4<f32>,
+        samples: Vec<Pixels>,
+    ) -> Result<Vec<u8>, EngineError> {
+        let scale = self.decoder().info().scale_factor;
+        let decoded_modes = self.decoder_mut().decode(modes.mapv(|v| v / scale).view())?;
+        let rows = [real, decoded_modes.outer_iter().map(sink::tensor_pixels).collect(), samples];
+        Ok(sink::grid_png(&rows)?)
+    }
+}
+
+/// The data thread's share of a shard.
+struct DataStage<'a> {
+    dataset: Dataset,
+    classes: &'a [ClassSpec],
+    image_shape: [usize; 3],
+    latent_dim: usize,
+    vae_fingerprint: String,
+    latent_cache: Option<mgd3_common::store::Location>,
+    pool: crate::cpu::CpuPool,
+    keep_crops: bool,
+}
+
+impl DataStage<'_> {
+    fn run(&self, events: &mpsc::SyncSender<Event>, stopped: impl Fn() -> bool) {
+        for (slot, class) in self.classes.iter().enumerate() {
+            if stopped() {
+                return;
+            }
+            if let Err(error) = self.class(slot, class, events, &stopped) {
+                let _ = events.send(Event::Failed { slot, error });
+                return;
+            }
+        }
+    }
+
+    fn class(
+        &self,
+        slot: usize,
+        class: &ClassSpec,
+        events: &mpsc::SyncSender<Event>,
+        stopped: &impl Fn() -> bool,
+    ) -> Result<(), EngineError> {
+        let mut started = Instant::now();
+        let listing = self.dataset.list_class(&class.wnid)?;
+        let images = listing.images;
+        if images.len() < class.ipc {
+            return Err(
+                DataError::TooFewImages { class: class.wnid.clone(), found: images.len(), ipc: class.ipc }.into()
+            );
+        }
+        if events.send(Event::Skipped { slot, skipped: listing.skipped }).is_err() {
+            return Ok(());
+        }
+        let keep = if self.keep_crops { class.ipc.min(images.len()) } else { 0 };
+        let cache_key = self
+            .latent_cache
+            .as_ref()
+            .map(|_| cache::latent_key(&self.dataset.url(), &self.vae_fingerprint, &class.wnid, &images));
+        if let (Some(cache), Some(key)) = (&self.latent_cache, &cache_key)
+            && let Some(features) = cache::load(cache, key, images.len(), self.latent_dim)?
+        {
+            info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
+            let (_, crops) = self.decode_chunk(class, &images[..keep], keep)?;
+            let seconds = started.elapsed();
+            let _ = events.send(Event::Cached { slot, features, crops, images: images.len(), seconds });
+            return Ok(());
+        }
+        let chunks = images.len().div_ceil(ENCODE_CHUNK);
+        for (index, chunk) in images.chunks(ENCODE_CHUNK).enumerate() {
+            if stopped() {
+                return Ok(());
+            }
+            let first = index * ENCODE_CHUNK;
+            let (batch, crops) = self.decode_chunk(class, chunk, keep.saturating_sub(first))?;
+            let event = Event::Chunk {
+                slot,
+                batch,
+                crops,
+                images: images.len(),
+                last: index + 1 == chunks,
+                seconds: started.elapsed(),
+                cache_key: if index + 1 == chunks { cache_key.clone() } else { None },
+            };
+            if events.send(event).is_err() {
+                return Ok(());
+            }
+            // Time blocked on a full queue is not data work.
+            started = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Reads and preprocesses `chunk` on the CPU pool into `[b, c, S, S]`; the crops of its
+    /// first `keep` images are kept for the contact sheet.
+    fn decode_chunk(
+        &self,
+        class: &ClassSpec,
+        chunk: &[mgd3_common::imagefolder::ImageRef],
+        keep: usize,
+    ) -> Result<(Array4<f32>, Vec<Pixels>), EngineError> {
+        let [channels, size, _] = self.image_shape;
+        let per_image = channels * size * size;
+        let bytes = self.dataset.read(&class.wnid, chunk)?;
+        let mut batch = vec![0f32; chunk.len() * per_image];
+        let crops = self.pool.install(|| {
+            batch
+                .par_chunks_mut(per_image)
+                .zip(chunk.par_iter().zip(bytes.par_iter()))
+                .enumerate()
+                .map(|(i, (out, (image, bytes)))| {
+                    let crop = data::preprocess_into(bytes, Path::new(&image.display()), channels, size, out)?;
+                    Ok((i < keep).then_some(crop))
+                })
+                .collect::<Result<Vec<_>, DataError>>()
+        })?;
+        let batch = Array4::from_shape_vec((chunk.len(), channels, size, size), batch).expect("b × c × S × S");
+        Ok((batch, crops.into_iter().flatten().collect()))
+    }
+}
