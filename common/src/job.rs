@@ -138,8 +138,11 @@ pub struct JobSpec {
     /// Where job outputs go (`<output>/jobs/<job>/...`); default: the coordinator's store.
     #[serde(default)]
     pub output: Option<String>,
-    #[serde(default = "default_classes_per_shard")]
-    pub classes_per_shard: usize,
+    /// Classes per shard (one lease). Absent: [`default_classes_per_shard`] of `ipc` and
+    /// [`DEFAULT_MAX_BATCH`], so that a shard's samples fill the worker's DiT calls and its
+    /// classes overlap in the worker's pipeline. Read it through [`JobSpec::shard_size`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes_per_shard: Option<usize>,
     #[serde(default = "default_lease_timeout")]
     pub lease_timeout_s: u64,
     #[serde(default = "default_max_attempts")]
@@ -174,8 +177,19 @@ pub enum LatentCache {
     At(String),
 }
 
-fn default_classes_per_shard() -> usize {
-    1
+/// The workers' default `--max-batch`: rows per model call (a DiT call holds `max_batch / 2`
+/// cond+uncond sample pairs).
+pub const DEFAULT_MAX_BATCH: usize = 64;
+
+/// Fewest classes a default shard holds: reading and decoding one class overlaps the
+/// encoding and sampling of another only within a shard.
+pub const MIN_DEFAULT_CLASSES_PER_SHARD: usize = 4;
+
+/// The default shard size: enough classes that the shard's `ipc`-sample classes fill at least
+/// one DiT call of `max_batch / 2` samples, and at least [`MIN_DEFAULT_CLASSES_PER_SHARD`].
+/// IPC 10 at `--max-batch 64`: 4 classes (40 samples: calls of 32 and 8).
+pub fn default_classes_per_shard(ipc: usize, max_batch: usize) -> usize {
+    (max_batch / 2).max(1).div_ceil(ipc.max(1)).max(MIN_DEFAULT_CLASSES_PER_SHARD)
 }
 fn default_lease_timeout() -> u64 {
     120
@@ -302,7 +316,7 @@ impl JobSpec {
         if self.ipc == 0 {
             bad("ipc", "must be at least 1".into());
         }
-        if self.classes_per_shard == 0 {
+        if self.classes_per_shard == Some(0) {
             bad("classes_per_shard", "must be at least 1".into());
         }
         if self.lease_timeout_s < 5 {
@@ -471,12 +485,15 @@ impl JobSpec {
         crate::sha256_hex(&serde_json::to_vec(&identity).expect("serialisable"))
     }
 
-    /// Contiguous shards of `classes_per_shard` classes.
+    /// Classes per shard: `classes_per_shard` as written, else the default for `ipc`.
+    pub fn shard_size(&self) -> usize {
+        self.classes_per_shard.unwrap_or_else(|| default_classes_per_shard(self.ipc, DEFAULT_MAX_BATCH)).max(1)
+    }
+
+    /// Contiguous shards of [`JobSpec::shard_size`] classes.
     pub fn plan_shards(&self, classes: usize) -> Vec<(usize, usize)> {
-        (0..classes)
-            .step_by(self.classes_per_shard.max(1))
-            .map(|from| (from, (from + self.classes_per_shard).min(classes)))
-            .collect()
+        let size = self.shard_size();
+        (0..classes).step_by(size).map(|from| (from, (from + size).min(classes))).collect()
     }
 }
 
@@ -665,13 +682,27 @@ vae_decoder = "m/dec.onnx"
     }
 
     #[test]
+    fn default_shards_fill_the_dit_calls_of_the_default_max_batch() {
+        assert_eq!(default_classes_per_shard(10, 64), 4);
+        assert_eq!(default_classes_per_shard(1, 64), 32);
+        assert_eq!(default_classes_per_shard(50, 64), 4);
+        assert_eq!(default_classes_per_shard(3, 256), 43);
+        let spec = JobSpec::from_toml(SPEC).unwrap();
+        assert_eq!(spec.classes_per_shard, None);
+        assert_eq!(spec.shard_size(), default_classes_per_shard(spec.ipc, DEFAULT_MAX_BATCH));
+        assert_eq!(spec.plan_shards(10), [(0, 4), (4, 8), (8, 10)]);
+        let set = JobSpec::from_toml(&format!("classes_per_shard = 3\n{SPEC}")).unwrap();
+        assert_eq!(set.plan_shards(7), [(0, 3), (3, 6), (6, 7)]);
+    }
+
+    #[test]
     fn fingerprint_ignores_operations_but_not_outputs() {
         let spec = JobSpec::from_toml(SPEC).unwrap();
         let classes = spec.class_list(|| unreachable!()).unwrap();
         let base = spec.fingerprint(&classes);
         let mut ops = spec.clone();
         ops.lease_timeout_s = 999;
-        ops.classes_per_shard = 4;
+        ops.classes_per_shard = Some(2);
         ops.max_attempts = 9;
         assert_eq!(ops.fingerprint(&classes), base);
         let mut other = spec.clone();
@@ -680,8 +711,8 @@ vae_decoder = "m/dec.onnx"
         let mut other = spec.clone();
         other.sampling.stop_guidance = 50;
         assert_ne!(other.fingerprint(&classes), base);
-        assert_eq!(spec.plan_shards(5), vec![(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]);
-        assert_eq!(ops.plan_shards(5), vec![(0, 4), (4, 5)]);
+        assert_eq!(spec.plan_shards(5), vec![(0, 4), (4, 5)]);
+        assert_eq!(ops.plan_shards(5), vec![(0, 2), (2, 4), (4, 5)]);
         assert!(job_id(&spec, &base).starts_with("nette-"));
     }
 }

@@ -488,7 +488,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 resolved.image_counts.iter().sum::<usize>(),
                 job.spec.ipc,
                 job.shards.len(),
-                job.spec.classes_per_shard
+                job.spec.shard_size().min(job.classes.len())
             );
             for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
                 println!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);

@@ -680,7 +680,7 @@ mod tests {
             "dataset = \"/d\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 2\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"",
         )
         .unwrap();
-        spec.classes_per_shard = per_shard;
+        spec.classes_per_shard = Some(per_shard);
         spec.max_attempts = attempts;
         spec.lease_timeout_s = 10;
         let names = (0..classes).map(|i| format!("c{i}")).collect::<Vec<_>>();

@@ -226,7 +226,7 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("job id:  dry-") && text.contains("output:  /srv/state"), "{text}");
-    assert!(text.contains("classes: 2 (5 images in all), IPC 2, 2 shard(s)"), "{text}");
+    assert!(text.contains("classes: 2 (5 images in all), IPC 2, 1 shard(s) of 2 class(es)"), "{text}");
     assert!(text.contains("label    1       2 images  b"), "{text}");
     assert!(text.contains("note: skipped 1 hidden folder(s)") && text.contains(".ipynb_checkpoints"), "{text}");
 }

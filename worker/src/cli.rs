@@ -89,7 +89,7 @@ pub struct RuntimeArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Largest batch per model call (a DiT call holds max_batch/2 cond+uncond pairs).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = mgd3_common::job::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
     /// ONNX Runtime intra-op threads (default: all cores).
     #[arg(long)]

@@ -93,6 +93,9 @@ pub struct ShardStats {
     pub commit: Duration,
     /// Rows of every DiT call, in order.
     pub dit_rows: Vec<usize>,
+    /// Per class, when its modes were known (since the shard started): the end of its data
+    /// phase (list, read, decode, preprocess, encode, k-means).
+    pub modes_ready: Vec<Option<Duration>>,
 }
 
 impl ShardStats {
@@ -253,7 +256,7 @@ impl Engine {
                     }
                 })
                 .expect("starting the k-means thread");
-            let result = self.run_engine_stage(classes, options, events_rx, kmeans_tx, outputs);
+            let result = self.run_engine_stage(classes, options, events_rx, kmeans_tx, outputs, started);
             // Unblocks and ends the other stages on an early return.
             stop.store(true, Ordering::Relaxed);
             result
@@ -298,8 +301,9 @@ impl Engine {
         events: mpsc::Receiver<Event>,
         kmeans: mpsc::Sender<(usize, Vec<f32>, usize)>,
         outputs: &mut dyn ClassOutputs<E>,
+        started: Instant,
     ) -> Result<ShardStats, ShardStop<E>> {
-        let mut stats = ShardStats::default();
+        let mut stats = ShardStats { modes_ready: vec![None; classes.len()], ..Default::default() };
         let mut flight: Vec<InFlight> = classes.iter().map(|_| InFlight::default()).collect();
         let mut ready: VecDeque<(usize, usize)> = VecDeque::new();
         // A class that fails stops the shard after the classes before it are handed over (their
@@ -309,7 +313,7 @@ impl Engine {
         loop {
             // Everything already waiting first, so that the CPU stages never wait on sampling.
             while let Ok(event) = events.try_recv() {
-                self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats)?;
+                self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats, started)?;
             }
             if self.cancel_flag().load(Ordering::Relaxed) {
                 return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
@@ -331,7 +335,9 @@ impl Engine {
                 };
             }
             match events.recv() {
-                Ok(event) => self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats)?,
+                Ok(event) => {
+                    self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats, started)?
+                }
                 Err(_) => {
                     // The other stages end early only when cancelled.
                     return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
@@ -350,12 +356,14 @@ impl Engine {
         failed: &mut Option<(usize, EngineError)>,
         kmeans: &mpsc::Sender<(usize, Vec<f32>, usize)>,
         stats: &mut ShardStats,
+        started: Instant,
     ) -> Result<(), ShardStop<E>> {
         match event {
             Event::Chunk { slot, batch, crops, images, last, seconds, cache_key } => {
                 let class = &classes[slot];
                 let state = &mut flight[slot];
                 state.timings.decode += seconds;
+                stats.data += seconds;
                 state.crops.extend(crops);
                 let started = Instant::now();
                 let scale = self.encoder().info().scale_factor;
@@ -381,6 +389,7 @@ impl Engine {
             Event::Cached { slot, features, crops, images, seconds } => {
                 let state = &mut flight[slot];
                 state.timings.decode += seconds;
+                stats.data += seconds;
                 state.timings.real_images = images;
                 state.timings.latent_cache_hit = true;
                 state.crops = crops;
@@ -393,6 +402,7 @@ impl Engine {
                 stats.kmeans += seconds;
                 state.modes = Some(modes);
                 state.has_modes = true;
+                stats.modes_ready[slot] = Some(started.elapsed());
                 ready.extend((0..classes[slot].ipc).map(|j| (slot, j)));
             }
             Event::Failed { slot, error } => {
