@@ -583,9 +583,14 @@ async fn run_local(args: RunArgs) -> Result<()> {
         args.local_workers,
         store
     );
+    // N workers on one machine share its CPUs: each gets its share for decoding and k-means
+    // (MGD3_CPU_THREADS, which an explicit --cpu-threads in --worker-arg overrides).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_share = (cpus / args.local_workers).max(1).to_string();
     let mut workers = Vec::new();
     for i in 0..args.local_workers {
         let child = tokio::process::Command::new(&worker_bin)
+            .env("MGD3_CPU_THREADS", std::env::var("MGD3_CPU_THREADS").unwrap_or_else(|_| cpu_share.clone()))
             .arg("--coordinator")
             .arg(&url)
             .arg("--worker-id")
