@@ -162,18 +162,21 @@ def models_tag(a) -> str:
 
 
 def set_specs(a):
-    """(label, guidance scale, t_stop) of every synthetic or real set, in table order.
+    """(label, guidance scale, t_stop, sampler) of every synthetic or real set, in table order.
 
-    The MGD3 label is plain `mgd3` for a single (lambda, t_stop); a grid labels each cell."""
+    The MGD3 label is plain `mgd3` for a single (lambda, t_stop); a grid labels each cell. With
+    several --samplers, synthetic labels end with the sampler (`mgd3 ddim`, `unguided ddpm`)."""
     specs = []
-    if "mgd3" in a.methods:
-        grid = [(g, t) for g in a.guidance_scale for t in a.t_stop]
-        for g, t in grid:
-            specs.append(("mgd3" if len(grid) == 1 else f"mgd3 l={g:g} t={t}", g, t))
-    if "unguided" in a.methods:
-        specs.append(("unguided", 0.0, a.steps))
+    for sampler in a.samplers:
+        tag = f" {sampler}" if len(a.samplers) > 1 else ""
+        if "mgd3" in a.methods:
+            grid = [(g, t) for g in a.guidance_scale for t in a.t_stop]
+            for g, t in grid:
+                specs.append(("mgd3" + tag if len(grid) == 1 else f"mgd3 l={g:g} t={t}{tag}", g, t, sampler))
+        if "unguided" in a.methods:
+            specs.append(("unguided" + tag, 0.0, a.steps, sampler))
     if "real" in a.methods:
-        specs.append(("real", None, None))
+        specs.append(("real", None, None, None))
     return specs
 
 
@@ -181,12 +184,14 @@ class Diverged(Exception):
     """The worker refused the set: a sample's guided latent ran away (lambda too large for the model)."""
 
 
-def distil(a, label: str, guidance: float, stop: int, ipc: int, seed: int, classes) -> str:
+def distil(a, label: str, guidance: float, stop: int, ipc: int, seed: int, classes, sampler: str = "ddpm") -> str:
     """Runs the worker for every class whose images are missing; returns the set's folder.
 
     The folder name carries every setting that decides the images (and the models' digest), so a run with
     other settings never picks up stale outputs."""
-    kind = "unguided" if label == "unguided" else f"mgd3_l{guidance:g}_t{stop}"
+    kind = "unguided" if label.startswith("unguided") else f"mgd3_l{guidance:g}_t{stop}"
+    if sampler != "ddpm":
+        kind += f"_{sampler}_eta{a.eta:g}"
     out = os.path.join(a.work_dir, f"{kind}_s{a.steps}_cfg{a.cfg_scale:g}x{a.cfg_channels}_{a.models_tag}",
                        f"ipc{ipc}_seed{seed}")
     for k, c in enumerate(classes):
@@ -198,6 +203,8 @@ def distil(a, label: str, guidance: float, stop: int, ipc: int, seed: int, class
                "--out", out, "--seed", str(seed), "--guidance-scale", str(guidance),
                "--stop-guidance", str(stop), "--steps", str(a.steps), "--cfg-scale", str(a.cfg_scale),
                "--cfg-channels", str(a.cfg_channels)]
+        if sampler != "ddpm":
+            cmd += ["--sampler", sampler, "--eta", str(a.eta)]
         if a.latent_cache:
             cmd += ["--latent-cache", a.latent_cache]
         if a.worker_threads:
@@ -383,6 +390,9 @@ def main():
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                     help="training sets to build (default: all three)")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--samplers", nargs="+", choices=("ddpm", "ddim"), default=["ddpm"],
+                    help="worker --sampler of the synthetic sets (several: one set of each per sampler)")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (worker --eta)")
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--cfg-channels", type=int, default=4)
     ap.add_argument("--work-dir", default=os.path.join(ROOT, "out", "bench_quality"))
@@ -436,13 +446,13 @@ def main():
     for ipc in a.ipcs:
         for seed in a.seeds:
             sets = {}
-            for label, guidance, stop in specs:
+            for label, guidance, stop, sampler in specs:
                 t = time.time()
                 if label == "real":
                     sets[label] = real_subset(a, ipc, seed, classes)
                     continue
                 try:
-                    folder = distil(a, label, guidance, stop, ipc, seed, classes)
+                    folder = distil(a, label, guidance, stop, ipc, seed, classes, sampler)
                 except Diverged as e:
                     runs.append(dict(ipc=ipc, seed=seed, method=label, acc=None, diverged=str(e)))
                     log(f"IPC {ipc} seed {seed}: {label} diverged, no set: {e}")
@@ -469,7 +479,7 @@ def main():
 
     summary = []
     for ipc in a.ipcs:
-        for method, _, _ in specs:
+        for method, _, _, _ in specs:
             rs = [r for r in runs if r["ipc"] == ipc and r["method"] == method]
             if any(r["acc"] is None for r in rs):
                 summary.append(dict(ipc=ipc, method=method, seeds=len(rs), diverged=True,
@@ -487,7 +497,7 @@ def main():
     paired = []
     for ipc in a.ipcs:
         base = {r["seed"]: r["acc"] for r in runs if r["ipc"] == ipc and r["method"] == "unguided"}
-        for method, _, _ in specs:
+        for method, _, _, _ in specs:
             if not method.startswith("mgd3") or not base or None in base.values():
                 continue
             d = np.array([(r["acc"] - base[r["seed"]]) * 100 for r in runs
@@ -506,7 +516,7 @@ def main():
     print()
     print(f"Fashion-MNIST, test: {test_desc}; classifier: ConvNet-3 (32/64/64), {a.epochs} epochs, "
           f"seeds {a.seeds}")
-    width = max(9, *(len(m) for m, _, _ in specs))
+    width = max(9, *(len(m) for m, _, _, _ in specs))
     hdr = f"{'IPC':>4} {'method':<{width}} {'accuracy %':>15} {'diversity':>10} {'repr.dist':>10} {'repr.':>7} " \
           f"{'raw div':>8} {'raw rdist':>9}"
     print(hdr)

@@ -75,6 +75,67 @@ pub struct SamplingSpec {
     pub cfg_channels: usize,
     #[serde(default = "default_steps")]
     pub steps: usize,
+    /// The reverse step: `"ddpm"` (the reference) or `"ddim"` (the paper's Algorithm 1).
+    /// Absent from the serialised spec when DDPM, so older jobs keep their fingerprints.
+    #[serde(default, skip_serializing_if = "SamplerKind::is_ddpm")]
+    pub sampler: SamplerKind,
+    /// DDIM's η (0 = deterministic, 1 = DDPM-like noise); only with `sampler = "ddim"`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eta: f32,
+}
+
+fn is_zero(value: &f32) -> bool {
+    *value == 0.0
+}
+
+/// The reverse step of a sampling run (`[sampling] sampler`, the worker's `--sampler`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// The reference DDPM step (MGD3-SPEC §2.2).
+    #[default]
+    Ddpm,
+    /// DDIM with mode guidance, the paper's Algorithm 1.
+    Ddim,
+}
+
+impl SamplerKind {
+    fn is_ddpm(&self) -> bool {
+        *self == SamplerKind::Ddpm
+    }
+
+    /// Why `eta` does not fit this sampler, if it does not: η is a number in [0, 1] and only
+    /// DDIM has one.
+    pub fn eta_problem(&self, eta: f32) -> Option<String> {
+        if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
+            Some(format!("{eta} is outside 0..=1"))
+        } else if eta != 0.0 && *self == SamplerKind::Ddpm {
+            Some(format!("{eta} applies only to the DDIM sampler (sampler = \"ddim\")"))
+        } else {
+            None
+        }
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "ddpm" => Ok(SamplerKind::Ddpm),
+            "ddim" => Ok(SamplerKind::Ddim),
+            other => Err(format!("unknown sampler `{other}` (ddpm or ddim)")),
+        }
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Ddim => "ddim",
+        })
+    }
 }
 
 fn default_guidance_scale() -> f32 {
@@ -101,6 +162,8 @@ impl Default for SamplingSpec {
             cfg_scale: default_cfg_scale(),
             cfg_channels: default_cfg_channels(),
             steps: default_steps(),
+            sampler: SamplerKind::Ddpm,
+            eta: 0.0,
         }
     }
 }
@@ -343,6 +406,9 @@ impl JobSpec {
         }
         if !s.cfg_scale.is_finite() {
             bad("sampling.cfg_scale", format!("{} must be finite", s.cfg_scale));
+        }
+        if let Some(problem) = s.sampler.eta_problem(s.eta) {
+            bad("sampling.eta", problem);
         }
         for (field, value) in [
             ("models.dit", &self.models.dit),
@@ -601,6 +667,35 @@ vae_decoder = "m/dec.onnx"
         ] {
             assert!(err.contains(field), "{field} missing from {err}");
         }
+    }
+
+    /// `sampler = "ddim"` with η parses and enters the fingerprint; a DDPM spec serialises as
+    /// before (old jobs keep their ids); η outside 0..=1 or with DDPM is refused by name.
+    #[test]
+    fn the_sampler_and_eta_are_settings_of_the_job() {
+        let ddpm = JobSpec::from_toml(SPEC).unwrap();
+        assert_eq!((ddpm.sampling.sampler, ddpm.sampling.eta), (SamplerKind::Ddpm, 0.0));
+        let json = serde_json::to_string(&ddpm.sampling).unwrap();
+        assert!(!json.contains("sampler") && !json.contains("eta"), "{json}");
+        let classes = ddpm.class_list(|| unreachable!()).unwrap();
+        let with =
+            |extra: &str| JobSpec::from_toml(&SPEC.replace("[models]", &format!("[sampling]\n{extra}\n[models]")));
+        let explicit = with("sampler = \"ddpm\"").unwrap();
+        assert_eq!(explicit.fingerprint(&classes), ddpm.fingerprint(&classes));
+        let ddim = with("sampler = \"ddim\"\neta = 0.5").unwrap();
+        assert_eq!((ddim.sampling.sampler, ddim.sampling.eta), (SamplerKind::Ddim, 0.5));
+        assert!(ddim.validate().is_ok());
+        assert_ne!(ddim.fingerprint(&classes), ddpm.fingerprint(&classes));
+        assert_ne!(with("sampler = \"ddim\"").unwrap().fingerprint(&classes), ddim.fingerprint(&classes));
+        for bad in ["sampler = \"ddpm\"\neta = 0.5", "sampler = \"ddim\"\neta = 1.5", "sampler = \"ddim\"\neta = -0.1"]
+        {
+            let err = with(bad).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains("`sampling.eta`"), "{bad}: {err}");
+        }
+        let err = with("sampler = \"euler\"").unwrap_err().to_string();
+        assert!(err.contains("euler") && err.contains("ddim"), "{err}");
+        assert_eq!("ddim".parse::<SamplerKind>(), Ok(SamplerKind::Ddim));
+        assert_eq!(SamplerKind::Ddim.to_string(), "ddim");
     }
 
     #[test]

@@ -12,11 +12,13 @@ use ndarray_npy::ReadNpyExt;
 use crate::client::WorkerConfig;
 use crate::engine::{
     ClassSpec, ClassTimings, Engine, ModelPaths, SampleBatch, SamplingConfig, check_guidance, decode_to_png,
-    sample_in_batches, schedule_for,
+    sample_in_batches, schedule_for_sampler,
 };
 use crate::mgd3::guidance::GuidanceConfig;
+use crate::mgd3::sampler::Sampler;
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
+use mgd3_common::job::SamplerKind;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,14 +145,27 @@ pub struct SamplingArgs {
     /// ε channels CFG mixes: 3 reproduces the reference DiT, 4 is standard CFG.
     #[arg(long, default_value_t = 3)]
     pub cfg_channels: usize,
-    /// Sampling steps (respaced DDPM).
+    /// Sampling steps (respaced: DDPM `space_timesteps(T, S)`, DDIM every T/S-th timestep).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    /// Reverse step: `ddpm` (the reference code's) or `ddim` (the paper's Algorithm 1).
+    #[arg(long, default_value_t = SamplerKind::Ddpm)]
+    pub sampler: SamplerKind,
+    /// DDIM's η: 0 = deterministic, 1 = DDPM-like noise (only with --sampler ddim).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f32,
 }
 
 impl SamplingArgs {
-    pub fn config(&self) -> SamplingConfig {
-        SamplingConfig {
+    /// The settings as the engine takes them.
+    ///
+    /// # Errors
+    /// `--eta` outside 0..=1 or given without `--sampler ddim`.
+    pub fn config(&self) -> Result<SamplingConfig> {
+        if let Some(problem) = self.sampler.eta_problem(self.eta) {
+            bail!("--eta {problem}");
+        }
+        Ok(SamplingConfig {
             steps: self.steps,
             seed: self.seed,
             guidance: GuidanceConfig {
@@ -159,7 +174,8 @@ impl SamplingArgs {
                 cfg_scale: self.cfg_scale,
                 cfg_channels: self.cfg_channels,
             },
-        }
+            sampler: Sampler::new(self.sampler, self.eta),
+        })
     }
 }
 
@@ -255,7 +271,7 @@ pub fn run(cli: Cli) -> Result<()> {
 fn distill_class(args: DistillClassArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
     let paths = ModelPaths { dit: args.dit, vae_encoder: args.vae_encoder, vae_decoder: args.vae_decoder };
-    let mut engine = Engine::load(&paths, &session, args.sampling.config())?;
+    let mut engine = Engine::load(&paths, &session, args.sampling.config()?)?;
     let class = ClassSpec {
         wnid: args.class.clone(),
         label: args.label,
@@ -296,7 +312,7 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
 
 fn sample(args: SampleArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
-    let config = args.sampling.config();
+    let config = args.sampling.config()?;
     let modes: Array4<f32> = read_npy(&args.modes, "modes")?;
     let noise: Array5<f32> = read_npy(&args.noise, "noise")?;
     let mut dit = Dit::load(&args.dit, &session)?;
@@ -323,7 +339,7 @@ fn sample(args: SampleArgs) -> Result<()> {
             want
         );
     }
-    let schedule = schedule_for(&dit, config.steps)?;
+    let schedule = schedule_for_sampler(&dit, config.steps, config.sampler)?;
     let labels = vec![args.label; n];
     let mut timings = ClassTimings::default();
     let batch = SampleBatch {
@@ -333,6 +349,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         noise: noise.view(),
         samples_per_call: (session.max_batch / 2).max(1),
         cancel: None,
+        sampler: config.sampler,
     };
     let latents = sample_in_batches(&mut dit, &schedule, &config.guidance, batch, &mut timings)?;
     write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;

@@ -20,8 +20,8 @@ use crate::data::{DataError, Dataset};
 use crate::mgd3::guidance::GuidanceConfig;
 use crate::mgd3::modes::ModesError;
 use crate::mgd3::noise::sample_noise;
-use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, sample};
-use crate::mgd3::schedule::{Schedule, ScheduleError};
+use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, Sampler, sample_with};
+use crate::mgd3::schedule::{BetaSchedule, Schedule, ScheduleError};
 use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::{SinkError, png_bytes};
 use mgd3_common::store::Location;
@@ -98,11 +98,13 @@ pub struct SamplingConfig {
     pub steps: usize,
     pub guidance: GuidanceConfig,
     pub seed: u64,
+    /// The reverse step (DDPM, the reference; or DDIM with η).
+    pub sampler: Sampler,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { steps: 50, guidance: GuidanceConfig::default(), seed: 0 }
+        SamplingConfig { steps: 50, guidance: GuidanceConfig::default(), seed: 0, sampler: Sampler::Ddpm }
     }
 }
 
@@ -213,7 +215,7 @@ impl Engine {
                 decoder.info().scale_factor
             )));
         }
-        let schedule = schedule_for(&dit, sampling.steps)?;
+        let schedule = schedule_for_sampler(&dit, sampling.steps, sampling.sampler)?;
         check_guidance(&sampling.guidance, sampling.steps, dit_latent[0])?;
         Ok(Engine {
             dit,
@@ -312,6 +314,7 @@ impl Engine {
             noise,
             samples_per_call: self.samples_per_call,
             cancel: Some(&self.cancel),
+            sampler: self.sampling.sampler,
         };
         sample_in_batches(&mut self.dit, &self.schedule, &self.sampling.guidance, batch, timings)
     }
@@ -386,6 +389,8 @@ pub struct SampleBatch<'a> {
     pub samples_per_call: usize,
     /// Checked before every DiT batch.
     pub cancel: Option<&'a AtomicBool>,
+    /// The reverse step; the schedule must be respaced for it.
+    pub sampler: Sampler,
 }
 
 /// Runs the sampler over `batch` in chunks; chunks are independent, so the split changes no value.
@@ -409,7 +414,8 @@ pub fn sample_in_batches(
             return Err(EngineError::Cancelled);
         }
         let to = (from + batch.samples_per_call.max(1)).min(n);
-        let (x, t) = sample(
+        let (x, t) = sample_with(
+            batch.sampler,
             &mut DitDenoiser(dit),
             schedule,
             guidance,
@@ -447,8 +453,17 @@ pub fn decode_to_png(
     Ok(pngs)
 }
 
-/// The respaced schedule a DiT's metadata asks for.
+/// The respaced DDPM schedule a DiT's metadata asks for.
 pub fn schedule_for(dit: &Dit, steps: usize) -> Result<Schedule, EngineError> {
+    schedule_for_sampler(dit, steps, Sampler::Ddpm)
+}
+
+/// The schedule a DiT's metadata asks for, respaced for `sampler`.
+///
+/// # Errors
+/// An unknown beta schedule in the metadata, or `steps` the sampler cannot respace to.
+pub fn schedule_for_sampler(dit: &Dit, steps: usize, sampler: Sampler) -> Result<Schedule, EngineError> {
     let info = dit.info();
-    Ok(Schedule::named(&info.beta_schedule, info.train_timesteps, info.beta_start, info.beta_end, steps)?)
+    let betas: BetaSchedule = info.beta_schedule.parse()?;
+    Ok(Schedule::new(betas, info.train_timesteps, info.beta_start, info.beta_end, steps, sampler.respacing())?)
 }

@@ -15,6 +15,9 @@
 //! so mixing classes in a call gives the bytes of sampling each class alone; the cluster tests
 //! assert it.
 //!
+//! A class whose data or modes fail is set aside while the shard's other classes go on; the
+//! shard then fails naming it (its retry redoes only the uncommitted classes).
+//!
 //! Memory is bounded by the queue: at most `QUEUE_DEPTH + 2` chunks of decoded images
 //! (64 × 3 × 256 × 256 f32 = 50 MB each at 256 px) plus, per class of the shard whose modes are
 //! not found yet, its latents (n × 4 096 f32: 21 MB for 1 300 images).
@@ -35,7 +38,7 @@ use crate::data::{self, DataError, Dataset, Pixels};
 use crate::engine::{ClassOutput, ClassSpec, ClassTimings, DitDenoiser, Engine, EngineError};
 use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::sample_noise;
-use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, sample};
+use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, sample_with};
 use crate::sink::{self, png_bytes};
 
 /// Real images decoded and encoded per chunk.
@@ -306,9 +309,10 @@ impl Engine {
         let mut stats = ShardStats { modes_ready: vec![None; classes.len()], ..Default::default() };
         let mut flight: Vec<InFlight> = classes.iter().map(|_| InFlight::default()).collect();
         let mut ready: VecDeque<(usize, usize)> = VecDeque::new();
-        // A class that fails stops the shard after the classes before it are handed over (their
-        // data is complete: the data thread goes class by class), so no finished work is lost.
-        let mut failed: Option<(usize, EngineError)> = None;
+        // A class that fails (its data, its modes) is set aside and the others go on, so that one
+        // bad class loses nothing else; the shard then fails naming the first failed class, and its
+        // retry redoes only the classes that are not committed.
+        let mut failed: std::collections::BTreeMap<usize, EngineError> = Default::default();
         let per_call = self.samples_per_call();
         loop {
             // Everything already waiting first, so that the CPU stages never wait on sampling.
@@ -318,27 +322,28 @@ impl Engine {
             if self.cancel_flag().load(Ordering::Relaxed) {
                 return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
             }
-            let limit = failed.as_ref().map_or(classes.len(), |(slot, _)| *slot);
-            ready.retain(|(slot, _)| *slot < limit);
-            let all_modes = flight[..limit].iter().all(|f| f.has_modes);
-            if ready.len() >= per_call || (all_modes && !ready.is_empty()) {
+            ready.retain(|(slot, _)| !failed.contains_key(slot));
+            let resolved = (0..classes.len()).all(|slot| flight[slot].has_modes || failed.contains_key(&slot));
+            if ready.len() >= per_call || (resolved && !ready.is_empty()) {
                 let batch: Vec<(usize, usize)> = ready.drain(..per_call.min(ready.len())).collect();
                 for slot in self.sample_batch(classes, &mut flight, &batch, &mut stats)? {
                     self.finish_class(classes, &mut flight[slot], slot, options, outputs, &mut stats)?;
                 }
                 continue;
             }
-            if all_modes {
-                return match failed {
+            if resolved {
+                return match failed.into_iter().next() {
                     None => Ok(stats),
                     Some((slot, error)) => Err(ShardStop::class(&classes[slot], error)),
                 };
             }
-            match events.recv() {
+            // Waits for the other stages, looking at the cancel flag a few times a second.
+            match events.recv_timeout(Duration::from_millis(200)) {
                 Ok(event) => {
                     self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats, started)?
                 }
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // The other stages end early only when cancelled.
                     return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
                 }
@@ -353,7 +358,7 @@ impl Engine {
         classes: &[ClassSpec],
         flight: &mut [InFlight],
         ready: &mut VecDeque<(usize, usize)>,
-        failed: &mut Option<(usize, EngineError)>,
+        failed: &mut std::collections::BTreeMap<usize, EngineError>,
         kmeans: &mpsc::Sender<(usize, Vec<f32>, usize)>,
         stats: &mut ShardStats,
         started: Instant,
@@ -406,9 +411,9 @@ impl Engine {
                 ready.extend((0..classes[slot].ipc).map(|j| (slot, j)));
             }
             Event::Failed { slot, error } => {
-                if failed.as_ref().is_none_or(|(first, _)| slot < *first) {
-                    *failed = Some((slot, error));
-                }
+                warn!(class = %classes[slot].wnid, %error, "class failed; the shard's other classes go on");
+                flight[slot].features = Vec::new();
+                failed.entry(slot).or_insert(error);
             }
         }
         Ok(())
@@ -447,8 +452,10 @@ impl Engine {
         drop(noise_parts);
         let info = self.dit().info();
         let spec = ModelSpec { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
-        let (schedule, guidance) = (self.schedule().clone(), self.sampling().guidance);
-        let (x, timings) = sample(
+        let (schedule, guidance, sampler) =
+            (self.schedule().clone(), self.sampling().guidance, self.sampling().sampler);
+        let (x, timings) = sample_with(
+            sampler,
             &mut Counted { inner: DitDenoiser(self.dit_mut()), rows: &mut stats.dit_rows },
             &schedule,
             &guidance,
@@ -583,8 +590,9 @@ impl DataStage<'_> {
             if stopped() {
                 return;
             }
-            if let Err(error) = self.class(slot, class, events, &stopped) {
-                let _ = events.send(Event::Failed { slot, error });
+            if let Err(error) = self.class(slot, class, events, &stopped)
+                && events.send(Event::Failed { slot, error }).is_err()
+            {
                 return;
             }
         }

@@ -149,6 +149,7 @@ impl OnnxShardEngine {
             let sampling = SamplingConfig {
                 steps: s.steps,
                 seed: spec.seed,
+                sampler: crate::mgd3::sampler::Sampler::new(s.sampler, s.eta),
                 guidance: GuidanceConfig {
                     guidance_scale: s.guidance_scale,
                     stop_guidance: s.stop_guidance,

@@ -42,6 +42,50 @@ fn sample_case(out: &Path, extra: &[&str]) -> Output {
     worker(&args)
 }
 
+/// `worker sample --sampler ddim --eta 1` reproduces the independent DDIM reference (the paper's
+/// Algorithm 1); `--eta` without `--sampler ddim`, or outside 0..=1, is refused naming the flag.
+#[test]
+fn sample_with_ddim_reproduces_the_python_reference_and_eta_is_checked() {
+    let case = fixtures().join("parity_ddim/eta1_tstop25_ch4");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("latents.npy");
+    let (modes, noise) = (case.join("modes.npy"), case.join("noise.npy"));
+    let dit = model("tiny_dit.onnx");
+    let mut args = vec!["sample", "--dit", dit.as_str(), "--label", "3"];
+    args.extend([
+        "--modes",
+        modes.to_str().unwrap(),
+        "--noise",
+        noise.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    args.extend(["--stop-guidance", "25", "--cfg-channels", "4", "--sampler", "ddim", "--eta", "1"]);
+    assert_ok(&worker(&args));
+    let ours: Array4<f32> = read_npy(&out).unwrap();
+    let reference: Array4<f32> = read_npy(case.join("latents.npy")).unwrap();
+    assert_eq!(ours.shape(), reference.shape());
+    for (a, b) in ours.iter().zip(&reference) {
+        assert!((a - b).abs() <= 1e-4 + 1e-5 * b.abs(), "{a} vs {b}");
+    }
+    // The DDPM sampler on the same inputs gives other latents.
+    let ddpm = dir.path().join("ddpm.npy");
+    let mut ddpm_args: Vec<&str> = args[..args.len() - 4].to_vec();
+    let position = ddpm_args.iter().position(|a| *a == "--out").unwrap();
+    ddpm_args[position + 1] = ddpm.to_str().unwrap();
+    assert_ok(&worker(&ddpm_args));
+    assert_ne!(read_npy::<_, Array4<f32>>(&ddpm).unwrap(), ours);
+
+    for (sampler, eta) in [("ddpm", "0.5"), ("ddim", "1.5")] {
+        let mut bad = args[..args.len() - 4].to_vec();
+        bad.extend(["--sampler", sampler, "--eta", eta]);
+        let err = stderr(&worker(&bad));
+        assert!(err.contains("--eta") && err.contains(eta), "{sampler} {eta}: {err}");
+    }
+    let err = stderr(&worker(&[&args[..args.len() - 4], &["--sampler", "euler"]].concat()));
+    assert!(err.contains("euler"), "{err}");
+}
+
 #[test]
 fn sample_reproduces_the_python_reference() {
     let case = fixtures().join("parity/tstop25_ch3");

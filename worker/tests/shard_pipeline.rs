@@ -124,9 +124,9 @@ fn classes_sharing_dit_calls_give_the_bytes_of_each_class_alone_and_calls_are_fu
 }
 
 #[test]
-fn a_failing_class_names_itself_and_earlier_classes_are_handed_over() {
+fn a_failing_class_names_itself_and_the_other_classes_are_handed_over() {
     let dir = tempfile::tempdir().unwrap();
-    let names = ["n001", "n002"];
+    let names = ["n001", "n002", "n003"];
     image_folder(dir.path(), &names, 6);
     std::fs::write(dir.path().join("n002/005.jpg"), b"not a jpeg").unwrap();
     let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
@@ -141,6 +141,38 @@ fn a_failing_class_names_itself_and_earlier_classes_are_handed_over() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(got.order, [0], "the class before the failing one is handed over");
+    assert_eq!(got.order, [0, 2], "the classes before and after the failing one are handed over");
     assert!(got.sheets.is_empty());
+}
+
+/// A cancel while the engine waits on the data stage ends the shard promptly with `Cancelled`
+/// (a lease revoked or a shutdown during decoding).
+#[test]
+fn a_cancel_during_the_data_phase_ends_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["n001", "n002", "n003"];
+    image_folder(dir.path(), &names, 150);
+    let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let flag = cancel.clone();
+    std::thread::spawn(move || {
+        let mut shard = engine(4, 1);
+        shard.set_cancel_flag(flag);
+        let result = shard.distill_shard(
+            &dataset,
+            &specs(&names, 2),
+            ShardOptions { contact_sheet: false },
+            &mut Collect::default(),
+        );
+        let _ = done_tx.send(result.map(|_| ()));
+    });
+    std::thread::sleep(std::time::Duration::from_millis(40));
+    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    match done_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the shard ended after the cancel") {
+        Err(mgd3_worker::pipeline::ShardStop::Engine { error, .. }) => {
+            assert!(matches!(*error, mgd3_worker::engine::EngineError::Cancelled), "{error}")
+        }
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
 }

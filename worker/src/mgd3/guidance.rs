@@ -1,14 +1,59 @@
-//! One reference DDPM step with classifier-free guidance and mode guidance (MGD3-SPEC §2.2).
+//! The reverse steps, with classifier-free guidance and mode guidance:
 //!
-//! The model output of a batch of n samples is laid out [cond(n), uncond(n)]. CFG mixes the first
-//! `cfg_channels` ε channels (3 reproduces DiT's quirk, 4 is standard CFG); the learned-range σ and
-//! the remaining ε channels come from the conditional half. The mode term λσ(m − x̂₀) is added to
-//! the posterior mean while i > t_stop. The step never draws noise: `noise` is an argument.
-//! Every operation is float32 in the reference's order so fixtures match to rounding.
+//! - [`guided_step`]: the reference DDPM step (MGD3-SPEC §2.2): the mode term λσ(m − x̂₀) is added
+//!   to the posterior mean while i > t_stop.
+//! - [`ddim_step`]: the paper's Algorithm 1: ε̂ = ε − √(1−ᾱ_i)·λ·(m − x̂₀) while i > t_stop, then
+//!   a DDIM step with η.
+//!
+//! The model output of a batch of n samples is laid out [cond(n), uncond(n)]. Both steps share
+//! the CFG mixing ([`cfg_eps`]): the first `cfg_channels` ε channels are mixed (3 reproduces DiT's
+//! quirk, 4 is standard CFG), the remaining ε channels (and the DDPM's learned-range σ) come from
+//! the conditional half. No step draws noise: `noise` is an argument. Every operation is float32
+//! in the reference's order so fixtures match to rounding.
 
 use ndarray::{Array4, ArrayView4};
 
-use super::schedule::StepCoefficients;
+use super::schedule::{DdimCoefficients, StepCoefficients};
+
+/// CFG on one ε value: `uncond + s·(cond − uncond)` for a mixed channel, else `cond`.
+#[inline(always)]
+pub fn cfg_eps(cond: f32, uncond: f32, mixed: bool, scale: f32) -> f32 {
+    if mixed { uncond + scale * (cond - uncond) } else { cond }
+}
+
+/// Standard-layout views of a step's inputs as slices: x, model output, modes, noise.
+struct StepInputs<'a> {
+    x: ndarray::CowArray<'a, f32, ndarray::Ix4>,
+    out: ndarray::CowArray<'a, f32, ndarray::Ix4>,
+    modes: ndarray::CowArray<'a, f32, ndarray::Ix4>,
+    noise: ndarray::CowArray<'a, f32, ndarray::Ix4>,
+}
+
+/// The view itself when it is in standard layout, else a standard-layout copy.
+fn standard(a: ArrayView4<'_, f32>) -> ndarray::CowArray<'_, f32, ndarray::Ix4> {
+    if a.is_standard_layout() { a.into() } else { a.to_owned().into() }
+}
+
+impl<'a> StepInputs<'a> {
+    fn new(
+        x: ArrayView4<'a, f32>,
+        out: ArrayView4<'a, f32>,
+        modes: ArrayView4<'a, f32>,
+        noise: ArrayView4<'a, f32>,
+    ) -> Self {
+        StepInputs { x: standard(x), out: standard(out), modes: standard(modes), noise: standard(noise) }
+    }
+
+    fn slices(&self) -> (&[f32], &[f32], &[f32], &[f32]) {
+        let layout = "standard layout";
+        (
+            self.x.as_slice().expect(layout),
+            self.out.as_slice().expect(layout),
+            self.modes.as_slice().expect(layout),
+            self.noise.as_slice().expect(layout),
+        )
+    }
+}
 
 /// Guidance settings of a sampling run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,17 +104,9 @@ pub fn guided_step(
         fixed_log_variance,
     } = *coefficients;
 
-    let x = x.as_standard_layout();
-    let out = model_out.as_standard_layout();
-    let modes = modes.as_standard_layout();
-    let noise = noise.as_standard_layout();
-    let (xs, os, ms, ns) = (
-        x.as_slice().expect("standard layout"),
-        out.as_slice().expect("standard layout"),
-        modes.as_slice().expect("standard layout"),
-        noise.as_slice().expect("standard layout"),
-    );
-    let out_channels = out.dim().1;
+    let inputs = StepInputs::new(x, model_out, modes, noise);
+    let (xs, os, ms, ns) = inputs.slices();
+    let out_channels = model_out.dim().1;
     let mut next = vec![0f32; xs.len()];
     for b in 0..n {
         for ch in 0..channels {
@@ -79,13 +116,7 @@ pub fn guided_step(
             let var = (b * out_channels + channels + ch) * plane;
             let mix = ch < config.cfg_channels;
             for p in 0..plane {
-                let oc = os[cond + p];
-                let eps = if mix {
-                    let ou = os[uncond + p];
-                    ou + s * (oc - ou)
-                } else {
-                    oc
-                };
+                let eps = cfg_eps(os[cond + p], os[uncond + p], mix, s);
                 let log_variance = if learn_sigma {
                     let frac = (os[var + p] + 1.0) / 2.0;
                     frac * max_log + (1.0 - frac) * min_log
@@ -99,6 +130,63 @@ pub fn guided_step(
                 let guidance = if guided { -(x0 - ms[base + p]) * lambda * sigma } else { 0.0 };
                 let noise_term = if add_noise { sigma * ns[base + p] } else { 0.0 };
                 next[base + p] = (mean + guidance) + noise_term;
+            }
+        }
+    }
+    Array4::from_shape_vec((n, channels, h, w), next).expect("shape of x")
+}
+
+/// x_{i−1} for a batch by the paper's Algorithm 1 (DDIM with mode guidance): `x` [n,C,h,w],
+/// `model_out` [2n, C or 2C, h, w] (variance channels unused), `modes` and `noise` [n,C,h,w].
+///
+/// ε = CFG(ε_c, ε_u); x̂₀ = √(1/ᾱ_i)·x − √(1/ᾱ_i − 1)·ε; while i > t_stop
+/// ε̂ = ε − √(1−ᾱ_i)·λ·(m − x̂₀), else ε̂ = ε; x̂₀′ from ε̂ the same way;
+/// x_{i−1} = √ᾱ_{i−1}·x̂₀′ + √(1 − ᾱ_{i−1} − σ_i²)·ε̂ + [i > 0]·σ_i·ξ (σ_i from η, ADM's
+/// `ddim_sample`). Shapes are the caller's contract.
+pub fn ddim_step(
+    coefficients: &DdimCoefficients,
+    i: usize,
+    x: ArrayView4<f32>,
+    model_out: ArrayView4<f32>,
+    modes: ArrayView4<f32>,
+    noise: ArrayView4<f32>,
+    config: &GuidanceConfig,
+) -> Array4<f32> {
+    let (n, channels, h, w) = x.dim();
+    let plane = h * w;
+    let guided = i > config.stop_guidance;
+    let add_noise = i > 0;
+    let (s, lambda) = (config.cfg_scale, config.guidance_scale);
+    let DdimCoefficients {
+        sqrt_recip_alphas_cumprod: sra,
+        sqrt_recipm1_alphas_cumprod: srm1,
+        sqrt_one_minus_alpha_cumprod: som,
+        sqrt_alpha_cumprod_prev: sap,
+        sigma,
+        direction,
+    } = *coefficients;
+    let inputs = StepInputs::new(x, model_out, modes, noise);
+    let (xs, os, ms, ns) = inputs.slices();
+    let out_channels = model_out.dim().1;
+    let mut next = vec![0f32; xs.len()];
+    for b in 0..n {
+        for ch in 0..channels {
+            let base = (b * channels + ch) * plane;
+            let cond = (b * out_channels + ch) * plane;
+            let uncond = ((n + b) * out_channels + ch) * plane;
+            let mix = ch < config.cfg_channels;
+            for p in 0..plane {
+                let eps = cfg_eps(os[cond + p], os[uncond + p], mix, s);
+                let xv = xs[base + p];
+                let eps = if guided {
+                    let x0 = sra * xv - srm1 * eps;
+                    eps - ((ms[base + p] - x0) * lambda) * som
+                } else {
+                    eps
+                };
+                let x0 = sra * xv - srm1 * eps;
+                let noise_term = if add_noise { sigma * ns[base + p] } else { 0.0 };
+                next[base + p] = sap * x0 + direction * eps + noise_term;
             }
         }
     }

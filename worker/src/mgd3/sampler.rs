@@ -1,15 +1,70 @@
-//! The MGD³ sampling loop for a batch of samples: S reference DDPM steps, each one DiT call on
-//! the [cond, uncond] pair batch followed by [`guided_step`]. All noise is an argument
-//! (`noise[:, 0]` = x_T, `noise[:, k]` = the noise of the k-th step), so the loop is a pure
-//! function of the model, the modes and the noise.
+//! The MGD³ sampling loop for a batch of samples: S steps of a [`Sampler`] (the reference DDPM
+//! step, or DDIM with mode guidance, the paper's Algorithm 1), each one DiT call on the
+//! [cond, uncond] pair batch followed by the step. All noise is an argument (`noise[:, 0]` = x_T,
+//! `noise[:, k]` = the noise of the k-th step, for DDIM too; with η = 0 DDIM uses only x_T), so
+//! the loop is a pure function of the model, the modes and the noise.
 
 use std::time::{Duration, Instant};
 
 use ndarray::{Array4, ArrayView3, ArrayView4, ArrayView5, Axis, concatenate, s};
 use thiserror::Error;
 
-use super::guidance::{GuidanceConfig, guided_step};
-use super::schedule::Schedule;
+use super::guidance::{GuidanceConfig, ddim_step, guided_step};
+use super::schedule::{Respacing, Schedule};
+
+/// The reverse step a sampling run takes.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum Sampler {
+    /// The reference DDPM step (MGD3-SPEC §2.2): guidance λσ(m − x̂₀) on the posterior mean,
+    /// learned-range variance; timesteps `space_timesteps(T, "S")`.
+    #[default]
+    Ddpm,
+    /// DDIM with mode guidance, the paper's Algorithm 1: ε̂ = ε − √(1−ᾱ)·λ·(m − x̂₀), then a
+    /// DDIM step with η (0: deterministic, 1: DDPM-like noise); timesteps
+    /// `space_timesteps(T, "ddimS")` (T = 1000, S = 50: 0, 20, …, 980).
+    Ddim { eta: f32 },
+}
+
+impl Sampler {
+    /// The sampler a job spec or the CLI names (`eta` is DDIM's; checked by the caller).
+    pub fn new(kind: mgd3_common::job::SamplerKind, eta: f32) -> Self {
+        match kind {
+            mgd3_common::job::SamplerKind::Ddpm => Sampler::Ddpm,
+            mgd3_common::job::SamplerKind::Ddim => Sampler::Ddim { eta },
+        }
+    }
+
+    /// The timesteps this sampler visits.
+    pub fn respacing(&self) -> Respacing {
+        match self {
+            Sampler::Ddpm => Respacing::Uniform,
+            Sampler::Ddim { .. } => Respacing::Ddim,
+        }
+    }
+
+    /// x_{i−1} from x_i and the model output (see [`guided_step`] and [`ddim_step`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &self,
+        schedule: &Schedule,
+        i: usize,
+        x: ArrayView4<f32>,
+        model_out: ArrayView4<f32>,
+        modes: ArrayView4<f32>,
+        noise: ArrayView4<f32>,
+        guidance: &GuidanceConfig,
+        model: ModelSpec,
+    ) -> Array4<f32> {
+        match *self {
+            Sampler::Ddpm => {
+                guided_step(&schedule.coefficients(i), i, x, model_out, modes, noise, guidance, model.learn_sigma)
+            }
+            Sampler::Ddim { eta } => {
+                ddim_step(&schedule.ddim_coefficients(i, eta as f64), i, x, model_out, modes, noise, guidance)
+            }
+        }
+    }
+}
 
 /// Errors of the network behind a [`Denoiser`].
 pub type ModelError = Box<dyn std::error::Error + Send + Sync>;
@@ -124,11 +179,32 @@ pub struct SampleTimings {
     pub model_calls: usize,
 }
 
-/// Samples a batch: `labels` [n] (one per sample, so one call may mix classes), `modes`
-/// [n,C,h,w] in scaled latent space (sample j is pulled toward `modes[j]`), `noise` [n,S+1,C,h,w].
-/// `observe(k, x)` sees the state after every step k = 1..S. Returns x₀ (scaled latent space).
+/// [`sample_with`] the reference DDPM step.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
+    denoiser: &mut dyn Denoiser,
+    schedule: &Schedule,
+    guidance: &GuidanceConfig,
+    model: ModelSpec,
+    labels: &[i64],
+    modes: ArrayView4<f32>,
+    noise: ArrayView5<f32>,
+    observe: impl FnMut(usize, ArrayView4<f32>),
+) -> Result<(Array4<f32>, SampleTimings), SampleError> {
+    sample_with(Sampler::Ddpm, denoiser, schedule, guidance, model, labels, modes, noise, observe)
+}
+
+/// Samples a batch with `sampler` over `schedule` (respaced for it, see
+/// [`Sampler::respacing`]): `labels` [n] (one per sample, so one call may mix classes), `modes`
+/// [n,C,h,w] in scaled latent space (sample j is pulled toward `modes[j]`), `noise` [n,S+1,C,h,w].
+/// `observe(k, x)` sees the state after every step k = 1..S. Returns x₀ (scaled latent space).
+///
+/// # Errors
+/// Inconsistent shapes or settings, a model failure, a sample that runs away under guidance or
+/// turns non-finite.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_with(
+    sampler: Sampler,
     denoiser: &mut dyn Denoiser,
     schedule: &Schedule,
     guidance: &GuidanceConfig,
@@ -174,16 +250,7 @@ pub fn sample(
             return Err(shape("model output", format!("[{}, {out_channels}, {h}, {w}]", 2 * n), out.shape()));
         }
         let step_noise = noise.slice(s![.., k, .., .., ..]);
-        x = guided_step(
-            &schedule.coefficients(i),
-            i,
-            x.view(),
-            out.view(),
-            modes,
-            step_noise,
-            guidance,
-            model.learn_sigma,
-        );
+        x = sampler.step(schedule, i, x.view(), out.view(), modes, step_noise, guidance, model);
         // The bound guards against guidance running away; a trajectory no guidance has touched
         // is the model's own (random-weight models leave the modes' scale far behind) and fails
         // only when it is no longer finite, naming the model.

@@ -1,6 +1,7 @@
 //! The diffusion schedule exactly as the reference (ADM / DiT `gaussian_diffusion.py` +
-//! `respace.py`): linear betas in float64, `space_timesteps(T, "S")`, recomputed betas and every
-//! derived coefficient in float64. Step maths gathers them as float32, like the reference.
+//! `respace.py`): linear betas in float64, `space_timesteps(T, "S")` (DDPM) or
+//! `space_timesteps(T, "ddimS")` (DDIM: every stride-th timestep from 0), recomputed betas and
+//! every derived coefficient in float64. Step maths gathers them as float32, like the reference.
 
 use thiserror::Error;
 
@@ -8,6 +9,11 @@ use thiserror::Error;
 pub enum ScheduleError {
     #[error("unsupported beta schedule `{0}` (only `linear` is implemented)")]
     UnsupportedBetaSchedule(String),
+    #[error(
+        "DDIM cannot take {steps} evenly strided steps of {train} training timesteps (ADM's `ddim{steps}`); \
+         choose steps such as 10, 20, 25, 50, 100 or 250"
+    )]
+    NoDdimStride { train: usize, steps: usize },
     #[error("cannot respace {train} training timesteps into {steps} sampling steps (need 1..={train})")]
     BadStepCount { train: usize, steps: usize },
     #[error("invalid linear betas: start {start}, end {end} (need 0 < start <= end < 1)")]
@@ -38,6 +44,43 @@ pub fn spaced_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, Schedu
         return Err(ScheduleError::BadStepCount { train, steps });
     }
     Ok(kept)
+}
+
+/// `space_timesteps(train, "ddim{steps}")`: `range(0, train, stride)` for the smallest stride
+/// that gives exactly `steps` timesteps (T = 1000, S = 50: 0, 20, …, 980), ascending.
+pub fn ddim_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, ScheduleError> {
+    (1..train.max(1))
+        .find(|stride| train.div_ceil(*stride) == steps)
+        .map(|stride| (0..train).step_by(stride).collect())
+        .ok_or(ScheduleError::NoDdimStride { train, steps })
+}
+
+/// The beta schedules a DiT's metadata may name (`mgd3.beta_schedule`), parsed once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BetaSchedule {
+    /// `linspace(beta_start, beta_end, T)`, DiT's.
+    Linear,
+}
+
+impl std::str::FromStr for BetaSchedule {
+    type Err = ScheduleError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "linear" => Ok(BetaSchedule::Linear),
+            other => Err(ScheduleError::UnsupportedBetaSchedule(other.to_owned())),
+        }
+    }
+}
+
+/// Which S of the T training timesteps a sampler visits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Respacing {
+    /// `space_timesteps(T, "S")`: S evenly rounded timesteps from 0 to T−1 (the reference DDPM).
+    #[default]
+    Uniform,
+    /// `space_timesteps(T, "ddimS")`: every stride-th timestep from 0.
+    Ddim,
 }
 
 /// `numpy.linspace(start, end, train)`: start + k·step, with the last value pinned to `end`.
@@ -100,18 +143,45 @@ impl Schedule {
         beta_end: f64,
         steps: usize,
     ) -> Result<Self, ScheduleError> {
-        match name {
-            "linear" => Self::linear(train, beta_start, beta_end, steps),
-            other => Err(ScheduleError::UnsupportedBetaSchedule(other.to_owned())),
+        Self::new(name.parse()?, train, beta_start, beta_end, steps, Respacing::Uniform)
+    }
+
+    /// The schedule of `steps` sampling steps of a `train`-step beta schedule, respaced for a
+    /// sampler.
+    ///
+    /// # Errors
+    /// Betas out of (0, 1), no `steps` within 1..=train, or no DDIM stride giving `steps`.
+    pub fn new(
+        betas: BetaSchedule,
+        train: usize,
+        beta_start: f64,
+        beta_end: f64,
+        steps: usize,
+        respacing: Respacing,
+    ) -> Result<Self, ScheduleError> {
+        match (betas, respacing) {
+            (BetaSchedule::Linear, Respacing::Uniform) => Self::linear(train, beta_start, beta_end, steps),
+            (BetaSchedule::Linear, Respacing::Ddim) => {
+                if !(beta_start > 0.0 && beta_start <= beta_end && beta_end < 1.0) {
+                    return Err(ScheduleError::BadBetas { start: beta_start, end: beta_end });
+                }
+                let kept = ddim_timesteps(train, steps)?;
+                Ok(Self::respaced_at(&linear_betas(train, beta_start, beta_end), kept))
+            }
         }
     }
 
     /// Respaces base betas to `steps` steps (`SpacedDiffusion`).
     pub fn respaced(base_betas: &[f64], steps: usize) -> Result<Self, ScheduleError> {
-        let kept = spaced_timesteps(base_betas.len(), steps)?;
+        Ok(Self::respaced_at(base_betas, spaced_timesteps(base_betas.len(), steps)?))
+    }
+
+    /// `SpacedDiffusion` over the kept original timesteps `kept` (ascending): betas recomputed so
+    /// that ᾱ at each kept timestep is the training ᾱ there.
+    fn respaced_at(base_betas: &[f64], kept: Vec<usize>) -> Self {
         let mut alpha_cumprod = 1.0f64;
         let mut last = 1.0f64;
-        let mut betas = Vec::with_capacity(steps);
+        let mut betas = Vec::with_capacity(kept.len());
         let mut next = kept.iter().peekable();
         for (t, beta) in base_betas.iter().enumerate() {
             alpha_cumprod *= 1.0 - beta;
@@ -121,7 +191,7 @@ impl Schedule {
                 last = alpha_cumprod;
             }
         }
-        Ok(Self::from_betas(kept.into_iter().map(|t| t as i64).collect(), betas))
+        Self::from_betas(kept.into_iter().map(|t| t as i64).collect(), betas)
     }
 
     fn from_betas(timesteps: Vec<i64>, betas: Vec<f64>) -> Self {
@@ -179,6 +249,40 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The float32 coefficients of DDIM step i with η = `eta` (ADM's `ddim_sample`), computed in
+    /// float64 and gathered as float32.
+    pub fn ddim_coefficients(&self, i: usize, eta: f64) -> DdimCoefficients {
+        let (abar, prev) = (self.alphas_cumprod[i], self.alphas_cumprod_prev[i]);
+        let sigma = eta * ((1.0 - prev) / (1.0 - abar)).sqrt() * (1.0 - abar / prev).sqrt();
+        DdimCoefficients {
+            sqrt_recip_alphas_cumprod: self.sqrt_recip_alphas_cumprod[i] as f32,
+            sqrt_recipm1_alphas_cumprod: self.sqrt_recipm1_alphas_cumprod[i] as f32,
+            sqrt_one_minus_alpha_cumprod: (1.0 - abar).sqrt() as f32,
+            sqrt_alpha_cumprod_prev: prev.sqrt() as f32,
+            sigma: sigma as f32,
+            direction: (1.0 - prev - sigma * sigma).max(0.0).sqrt() as f32,
+        }
+    }
+}
+
+/// Per-step float32 coefficients of a DDIM step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DdimCoefficients {
+    /// √(1/ᾱ_i)
+    pub sqrt_recip_alphas_cumprod: f32,
+    /// √(1/ᾱ_i − 1)
+    pub sqrt_recipm1_alphas_cumprod: f32,
+    /// √(1 − ᾱ_i), the scale of the mode term in ε (Algorithm 1).
+    pub sqrt_one_minus_alpha_cumprod: f32,
+    /// √ᾱ_{i−1}
+    pub sqrt_alpha_cumprod_prev: f32,
+    /// σ_i = η·√((1−ᾱ_{i−1})/(1−ᾱ_i))·√(1 − ᾱ_i/ᾱ_{i−1})
+    pub sigma: f32,
+    /// √(1 − ᾱ_{i−1} − σ_i²), the weight of ε in the direction term.
+    pub direction: f32,
+}
+
 /// Per-step float32 coefficients.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepCoefficients {
@@ -210,6 +314,27 @@ mod tests {
         assert_eq!(spaced_timesteps(1000, 1).unwrap(), vec![0]);
         assert!(spaced_timesteps(1000, 0).is_err());
         assert!(spaced_timesteps(10, 11).is_err());
+    }
+
+    #[test]
+    fn ddim_timesteps_follow_adm_ddim_respacing() {
+        let kept = ddim_timesteps(1000, 50).unwrap();
+        assert_eq!(kept, (0..1000).step_by(20).collect::<Vec<_>>());
+        assert_eq!(ddim_timesteps(1000, 25).unwrap().last(), Some(&960));
+        assert_eq!(ddim_timesteps(1000, 1000).unwrap().len(), 1000);
+        assert!(matches!(ddim_timesteps(1000, 999), Err(ScheduleError::NoDdimStride { .. })));
+        let s = Schedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02, 50, Respacing::Ddim).unwrap();
+        let training = cumulative_alphas(&linear_betas(1000, 1e-4, 0.02));
+        for (i, t) in kept.iter().enumerate() {
+            assert_eq!(s.timesteps[i], *t as i64);
+            assert!((s.alphas_cumprod[i] - training[*t]).abs() < 1e-12, "ᾱ at t = {t}");
+        }
+        // η = 0 is deterministic; η = 1 at i = 0 has no noise (ᾱ_prev = 1).
+        assert_eq!(s.ddim_coefficients(30, 0.0).sigma, 0.0);
+        assert_eq!(s.ddim_coefficients(0, 1.0).sigma, 0.0);
+        assert!(s.ddim_coefficients(30, 1.0).sigma > 0.0);
+        assert_eq!("linear".parse::<BetaSchedule>(), Ok(BetaSchedule::Linear));
+        assert!("cosine".parse::<BetaSchedule>().is_err());
     }
 
     #[test]

@@ -1,0 +1,114 @@
+//! Parity of the DDIM sampler (the paper's Algorithm 1: ε̂ = ε − √(1−ᾱ)·λ·(m − x̂₀) while
+//! i > t_stop, then a DDIM step with η) with an independent numpy reference written from the paper
+//! and MGD3-SPEC (scripts/parity_reference_ddim.py): every x_{i−1} of the 50-step trajectory on the
+//! tiny DiT within 1e-5 relative / 1e-4 absolute, for η ∈ {0, 1}, t_stop ∈ {S, S/2, 0} and 3 or 4
+//! CFG-guided channels; the decoded PNG pixels within one grey level.
+
+use std::path::PathBuf;
+
+use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, init_runtime};
+use mgd3_worker::engine::{ClassTimings, DitDenoiser, decode_to_png, schedule_for_sampler};
+use mgd3_worker::mgd3::guidance::GuidanceConfig;
+use mgd3_worker::mgd3::sampler::{ModelSpec, Sampler, sample_with};
+use ndarray::{Array4, Array5, ArrayView4, Axis};
+use ndarray_npy::read_npy;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn assert_parity(got: ArrayView4<f32>, want: ArrayView4<f32>, what: &str) -> f32 {
+    assert_eq!(got.shape(), want.shape(), "{what}");
+    let mut worst = 0f32;
+    for ((index, a), b) in got.indexed_iter().zip(want.iter()) {
+        let error = (a - b).abs();
+        assert!(error <= 1e-4 + 1e-5 * b.abs(), "{what} at {index:?}: rust {a} vs reference {b}");
+        worst = worst.max(error);
+    }
+    worst
+}
+
+fn run_case(case: &str) {
+    let dir = fixtures().join("parity_ddim").join(case);
+    let params: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["sampler"], "ddim", "{case}");
+    let guidance = GuidanceConfig {
+        guidance_scale: params["guidance_scale"].as_f64().unwrap() as f32,
+        stop_guidance: params["t_stop"].as_u64().unwrap() as usize,
+        cfg_scale: params["cfg_scale"].as_f64().unwrap() as f32,
+        cfg_channels: params["cfg_channels"].as_u64().unwrap() as usize,
+    };
+    let sampler = Sampler::Ddim { eta: params["eta"].as_f64().unwrap() as f32 };
+    let steps = params["steps"].as_u64().unwrap() as usize;
+    let label = params["label"].as_i64().unwrap();
+    let modes: Array4<f32> = read_npy(dir.join("modes.npy")).unwrap();
+    let noise: Array5<f32> = read_npy(dir.join("noise.npy")).unwrap();
+    let trajectory: Array5<f32> = read_npy(dir.join("trajectory.npy")).unwrap();
+    let n = modes.shape()[0];
+
+    init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
+    let session = SessionConfig { intra_threads: Some(1), max_batch: 64, ..Default::default() };
+    let mut dit = Dit::load(&fixtures().join("models/tiny_dit.onnx"), &session).unwrap();
+    let schedule = schedule_for_sampler(&dit, steps, sampler).unwrap();
+    let spec = ModelSpec { null_label: dit.info().num_classes as i64, learn_sigma: true };
+    let (mut checked, mut worst) = (0, 0f32);
+    let (latents, _) = sample_with(
+        sampler,
+        &mut DitDenoiser(&mut dit),
+        &schedule,
+        &guidance,
+        spec,
+        &vec![label; n],
+        modes.view(),
+        noise.view(),
+        |k, x| {
+            worst = worst.max(assert_parity(x, trajectory.index_axis(Axis(1), k), &format!("{case} step k={k}")));
+            checked += 1;
+        },
+    )
+    .unwrap();
+    assert_eq!(checked, steps);
+    eprintln!("{case}: largest absolute error over the trajectory {worst:e}");
+
+    let images: ndarray::Array4<u8> = read_npy(dir.join("images.npy")).unwrap();
+    let mut decoder = VaeDecoder::load(&fixtures().join("models/tiny_vae_decoder.onnx"), &session).unwrap();
+    let pngs = decode_to_png(&mut decoder, latents.view(), &mut ClassTimings::default()).unwrap();
+    for (j, png) in pngs.iter().enumerate() {
+        let ours = image::load_from_memory(png).unwrap().to_rgb8();
+        for (x, y, pixel) in ours.enumerate_pixels() {
+            for c in 0..3 {
+                let want = images[[j, y as usize, x as usize, c]] as i32;
+                assert!(
+                    (pixel.0[c] as i32 - want).abs() <= 1,
+                    "{case} image {j} ({x},{y},{c}): {} vs {want}",
+                    pixel.0[c]
+                );
+            }
+        }
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident => $case:literal,)*) => {
+        $(#[test]
+        fn $name() {
+            run_case($case);
+        })*
+    };
+}
+
+cases! {
+    ddim_eta0_unguided_three_channels => "eta0_tstop50_ch3",
+    ddim_eta0_unguided_four_channels => "eta0_tstop50_ch4",
+    ddim_eta0_t_stop_25_three_channels => "eta0_tstop25_ch3",
+    ddim_eta0_t_stop_25_four_channels => "eta0_tstop25_ch4",
+    ddim_eta0_full_guidance_three_channels => "eta0_tstop0_ch3",
+    ddim_eta0_full_guidance_four_channels => "eta0_tstop0_ch4",
+    ddim_eta1_unguided_three_channels => "eta1_tstop50_ch3",
+    ddim_eta1_unguided_four_channels => "eta1_tstop50_ch4",
+    ddim_eta1_t_stop_25_three_channels => "eta1_tstop25_ch3",
+    ddim_eta1_t_stop_25_four_channels => "eta1_tstop25_ch4",
+    ddim_eta1_full_guidance_three_channels => "eta1_tstop0_ch3",
+    ddim_eta1_full_guidance_four_channels => "eta1_tstop0_ch4",
+}
