@@ -64,7 +64,9 @@ impl Dit {
             precision,
             fingerprint: model.fingerprint.clone(),
         };
-        tracing::info!(model = %path.display(), ?info, "loaded DiT");
+        tracing::info!(model = %path.display(), classes = info.num_classes, latent = ?info.latent_shape,
+            precision = ?info.precision, "loaded DiT");
+        tracing::debug!(?info, "DiT metadata");
         Ok(Dit { model, info })
     }
 

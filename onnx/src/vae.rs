@@ -71,7 +71,9 @@ impl VaeEncoder {
             precision,
             fingerprint: model.fingerprint.clone(),
         };
-        tracing::info!(model = %path.display(), ?info, "loaded VAE encoder");
+        tracing::info!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
+            precision = ?info.precision, "loaded VAE encoder");
+        tracing::debug!(?info, "VAE encoder metadata");
         Ok(VaeEncoder { model, info })
     }
 
@@ -117,7 +119,9 @@ impl VaeDecoder {
             precision,
             fingerprint: model.fingerprint.clone(),
         };
-        tracing::info!(model = %path.display(), ?info, "loaded VAE decoder");
+        tracing::info!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
+            precision = ?info.precision, "loaded VAE decoder");
+        tracing::debug!(?info, "VAE decoder metadata");
         Ok(VaeDecoder { model, info })
     }
 

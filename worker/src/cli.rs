@@ -93,7 +93,7 @@ pub struct RuntimeArgs {
     /// Largest batch per model call (a DiT call holds max_batch/2 cond+uncond pairs).
     #[arg(long, default_value_t = mgd3_common::job::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
-    /// ONNX Runtime intra-op threads (default: all cores).
+    /// ONNX Runtime intra-op threads (default: the CPUs this process may use, as --cpu-threads).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Threads for decoding, preprocessing, k-means and PNG encoding (default: the CPUs this
@@ -123,7 +123,10 @@ impl RuntimeArgs {
         }
         let device: Device = self.device.parse()?;
         init_runtime(self.ort_lib.as_deref())?;
-        Ok(SessionConfig { device, intra_threads: self.threads, max_batch: self.max_batch })
+        // ONNX Runtime's own default is every core of the machine, which under Slurm or a cgroup
+        // quota oversubscribes the CPUs this process was given.
+        let intra_threads = Some(self.threads.unwrap_or_else(crate::cpu::available_cpus));
+        Ok(SessionConfig { device, intra_threads, max_batch: self.max_batch })
     }
 }
 
