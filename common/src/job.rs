@@ -88,6 +88,13 @@ fn is_zero(value: &f32) -> bool {
     *value == 0.0
 }
 
+/// The stride of ADM's `space_timesteps(train, "ddim{steps}")`: the smallest s with exactly
+/// `steps` timesteps in `range(0, train, s)` (T = 1000, S = 50: 20). `None` when there is none
+/// (S = 400 of T = 1000), a setting DDIM cannot run.
+pub fn ddim_stride(train: usize, steps: usize) -> Option<usize> {
+    (1..train.max(1)).find(|stride| train.div_ceil(*stride) == steps)
+}
+
 /// The reverse step of a sampling run (`[sampling] sampler`, the worker's `--sampler`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -695,6 +702,7 @@ vae_decoder = "m/dec.onnx"
         let err = with("sampler = \"euler\"").unwrap_err().to_string();
         assert!(err.contains("euler") && err.contains("ddim"), "{err}");
         assert_eq!("ddim".parse::<SamplerKind>(), Ok(SamplerKind::Ddim));
+        assert_eq!((ddim_stride(1000, 50), ddim_stride(1000, 250), ddim_stride(1000, 400)), (Some(20), Some(4), None));
         assert_eq!(SamplerKind::Ddim.to_string(), "ddim");
     }
 

@@ -907,7 +907,8 @@ async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
 /// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input
 /// shapes (read without ONNX Runtime; a model without them is left to the worker's load-time
 /// contract check): every class label inside the DiT's classes, `sampling.cfg_channels` within
-/// the DiT's latent channels, one image size for the VAE encoder and decoder. Every problem is
+/// the DiT's latent channels, DDIM `sampling.steps` the DiT's timesteps can be respaced to, one
+/// image size for the VAE encoder and decoder. Every problem is
 /// reported at once, naming the setting as the job spec spells it.
 fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
     use mgd3_common::modelmeta::read_model_meta;
@@ -948,6 +949,19 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
                     ),
                 });
             }
+        }
+        if spec.sampling.sampler == mgd3_common::job::SamplerKind::Ddim
+            && let Some(train) = dit.get::<usize>("mgd3.train_timesteps")
+            && mgd3_common::job::ddim_stride(train, spec.sampling.steps).is_none()
+        {
+            problems.push(FieldError {
+                field: "sampling.steps".into(),
+                problem: format!(
+                    "DDIM cannot take {} evenly strided steps of the DiT's {train} training timesteps (ADM's \
+                     `ddim{}`); choose steps such as 10, 20, 25, 50, 100 or 250",
+                    spec.sampling.steps, spec.sampling.steps
+                ),
+            });
         }
         if let Some(Some(channels)) = dit.inputs.get("x").and_then(|dims| dims.get(1).copied())
             && spec.sampling.cfg_channels as i64 > channels

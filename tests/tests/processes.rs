@@ -294,6 +294,19 @@ fn settings_that_do_not_fit_the_models_are_refused_before_any_work() {
         !out.status.success() && text_err.contains("`models.dit`") && text_err.contains("is a vae_encoder model"),
         "{text_err}"
     );
+    // DDIM steps the DiT's 1000 timesteps cannot be strided to are refused at check, naming the
+    // setting; 250 fits.
+    for (steps, fits) in [(400, false), (250, true)] {
+        let ddim = spec(&data.display().to_string(), "out", 10, 2, 1, "")
+            .replace("steps = 50", &format!("steps = {steps}\nsampler = \"ddim\""));
+        std::fs::write(&spec_path, ddim).unwrap();
+        let out = Command::new(bin("coordinator")).args(["check", spec_path.to_str().unwrap()]).output().unwrap();
+        let text_err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), fits, "DDIM steps {steps}: {text_err}");
+        if !fits {
+            assert!(text_err.contains("`sampling.steps`") && text_err.contains("ddim400"), "{text_err}");
+        }
+    }
     // Fitting settings pass.
     let fitting = spec(&data.display().to_string(), "out", 10, 2, 1, "");
     std::fs::write(&spec_path, fitting).unwrap();

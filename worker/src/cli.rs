@@ -105,10 +105,16 @@ pub struct RuntimeArgs {
     pub ort_lib: Option<PathBuf>,
 }
 
+/// Most threads per usable CPU `--cpu-threads` and `--threads` accept: beyond that a pool only
+/// thrashes (and a typo such as 1000000 would start a million threads).
+pub const MAX_THREADS_PER_CPU: usize = 4;
+
 impl RuntimeArgs {
-    /// The CPU pool `--cpu-threads` asks for.
+    /// The CPU pool `--cpu-threads` asks for (checked by [`RuntimeArgs::session_config`]).
     pub fn cpu_pool(&self) -> crate::cpu::CpuPool {
-        crate::cpu::CpuPool::new(self.cpu_threads)
+        let pool = crate::cpu::CpuPool::new(self.cpu_threads);
+        tracing::info!(threads = pool.threads(), "CPU pool for decoding, k-means and PNG");
+        pool
     }
 
     pub fn session_config(&self) -> Result<SessionConfig> {
@@ -118,8 +124,24 @@ impl RuntimeArgs {
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
         }
-        if self.cpu_threads == Some(0) {
-            bail!("--cpu-threads must be at least 1");
+        let cpus = crate::cpu::available_cpus();
+        match self.cpu_threads {
+            Some(0) => bail!("--cpu-threads (or MGD3_CPU_THREADS) 0: must be at least 1"),
+            Some(n) if n > MAX_THREADS_PER_CPU * cpus => bail!(
+                "--cpu-threads (or MGD3_CPU_THREADS) {n} is more than {MAX_THREADS_PER_CPU} × the {cpus} CPU(s) this \
+                 process may use; leave it unset to use them all, or give at most {}",
+                MAX_THREADS_PER_CPU * cpus
+            ),
+            _ => {}
+        }
+        if let Some(n) = self.threads
+            && n > MAX_THREADS_PER_CPU * cpus
+        {
+            bail!(
+                "--threads {n} is more than {MAX_THREADS_PER_CPU} × the {cpus} CPU(s) this process may use; leave it \
+                 unset to use them all, or give at most {}",
+                MAX_THREADS_PER_CPU * cpus
+            );
         }
         let device: Device = self.device.parse()?;
         init_runtime(self.ort_lib.as_deref())?;

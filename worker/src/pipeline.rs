@@ -411,7 +411,9 @@ impl Engine {
                 ready.extend((0..classes[slot].ipc).map(|j| (slot, j)));
             }
             Event::Failed { slot, error } => {
-                warn!(class = %classes[slot].wnid, %error, "class failed; the shard's other classes go on");
+                if classes.len() > 1 {
+                    warn!(class = %classes[slot].wnid, %error, "class failed; the shard's other classes go on");
+                }
                 flight[slot].features = Vec::new();
                 failed.entry(slot).or_insert(error);
             }

@@ -199,32 +199,21 @@ fn image_folder(root: &Path, class: &str, count: usize) {
     }
 }
 
+fn distill_args(data: &Path, class: &str, out: &Path, ipc: &str, dit: &str) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["distill-class", "--data", data.to_str().unwrap(), "--class", class, "--label", "3", "--ipc", ipc, "--dit"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+    args.extend([model(dit), "--vae-encoder".into(), model("tiny_vae_encoder.onnx")]);
+    args.extend(["--vae-decoder".into(), model("tiny_vae_decoder.onnx"), "--out".into(), out.display().to_string()]);
+    args.extend(["--steps", "20", "--stop-guidance", "10", "--seed", "7"].map(String::from));
+    args
+}
+
 fn distill(data: &Path, class: &str, out: &Path, ipc: &str, dit: &str) -> Output {
-    worker(&[
-        "distill-class",
-        "--data",
-        data.to_str().unwrap(),
-        "--class",
-        class,
-        "--label",
-        "3",
-        "--ipc",
-        ipc,
-        "--dit",
-        &model(dit),
-        "--vae-encoder",
-        &model("tiny_vae_encoder.onnx"),
-        "--vae-decoder",
-        &model("tiny_vae_decoder.onnx"),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "20",
-        "--stop-guidance",
-        "10",
-        "--seed",
-        "7",
-    ])
+    let args = distill_args(data, class, out, ipc, dit);
+    worker(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -274,6 +263,20 @@ fn distill_class_errors_name_the_class_file_or_model() {
     std::fs::create_dir_all(data.join("n003")).unwrap();
     let text = stderr(&distill(&data, "n003", &out, "1", "tiny_dit.onnx"));
     assert!(text.contains("n003") && text.contains("holds no images (.jpg"), "{text}");
+
+    // Thread counts: 0 and absurd values are refused naming the flag and the variable.
+    for (flag, value) in [("--cpu-threads", "0"), ("--cpu-threads", "1000000"), ("--threads", "1000000")] {
+        let mut args = distill_args(&data, "n001", &out, "2", "tiny_dit.onnx");
+        args.extend([flag.to_owned(), value.to_owned()]);
+        let text = stderr(&Command::new(env!("CARGO_BIN_EXE_worker")).args(&args).output().unwrap());
+        assert!(text.contains(flag) && text.contains(value), "{flag} {value}: {text}");
+    }
+    let env_zero = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(distill_args(&data, "n001", &out, "2", "tiny_dit.onnx"))
+        .env("MGD3_CPU_THREADS", "0")
+        .output()
+        .unwrap();
+    assert!(stderr(&env_zero).contains("MGD3_CPU_THREADS"));
 
     let text = stderr(&distill(&data, "n001", &out, "2", "bad_dit_rank.onnx"));
     assert!(text.contains("bad_dit_rank.onnx") && text.contains("input `x`"), "{text}");

@@ -49,8 +49,7 @@ pub fn spaced_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, Schedu
 /// `space_timesteps(train, "ddim{steps}")`: `range(0, train, stride)` for the smallest stride
 /// that gives exactly `steps` timesteps (T = 1000, S = 50: 0, 20, …, 980), ascending.
 pub fn ddim_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, ScheduleError> {
-    (1..train.max(1))
-        .find(|stride| train.div_ceil(*stride) == steps)
+    mgd3_common::job::ddim_stride(train, steps)
         .map(|stride| (0..train).step_by(stride).collect())
         .ok_or(ScheduleError::NoDdimStride { train, steps })
 }
