@@ -60,6 +60,10 @@ pub enum LabelScheme {
     Imagenet1k,
     /// Label = position of the class in the job's class list (models trained on other datasets).
     Position,
+    /// Label = index of the class among all class folders of the dataset, sorted (torchvision
+    /// `ImageFolder`'s `class_to_idx`, hidden folders skipped): what a DiT trained on the whole
+    /// ImageFolder expects, also when the job lists only some of its classes.
+    Folder,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -476,8 +480,10 @@ impl JobSpec {
         dataset_classes: impl FnOnce() -> Result<Vec<String>, JobError>,
     ) -> Result<Vec<ClassRef>, JobError> {
         let invalid = |problem: String| JobError::Invalid(vec![FieldError { field: "classes".into(), problem }]);
+        let all = matches!(&self.classes, ClassSelection::Named(name) if name == "all");
+        let folders = if all || self.labels == LabelScheme::Folder { Some(dataset_classes()?) } else { None };
         let names: Vec<String> = match &self.classes {
-            ClassSelection::Named(name) if name == "all" => dataset_classes()?,
+            ClassSelection::Named(name) if name == "all" => folders.clone().unwrap_or_default(),
             ClassSelection::Named(name) => classes::named_subset(name)
                 .map_err(|e| invalid(e.to_string()))?
                 .into_iter()
@@ -510,10 +516,22 @@ impl JobSpec {
             .map(|(index, wnid)| {
                 let label = match self.labels {
                     LabelScheme::Position => index as i64,
+                    LabelScheme::Folder => {
+                        folders.as_ref().and_then(|all| all.iter().position(|f| *f == wnid)).ok_or_else(|| {
+                            invalid(format!(
+                                "`{}` is not a class folder of the dataset, so `labels = \"folder\"` gives it no label",
+                                wnid.escape_debug()
+                            ))
+                        })? as i64
+                    }
                     LabelScheme::Imagenet1k => classes::imagenet1k_label(&wnid).map_err(|e| {
                         JobError::Invalid(vec![FieldError {
                             field: "classes".into(),
-                            problem: format!("{e}; set `labels = \"position\"` for datasets that are not ImageNet"),
+                            problem: format!(
+                                "{e}; for datasets that are not ImageNet set `labels = \"folder\"` (the class's index \
+                                 among the dataset's folders, as torchvision's ImageFolder numbers them) or \
+                                 `labels = \"position\"` (its position in this list)"
+                            ),
                         }])
                     })? as i64,
                 };
@@ -717,6 +735,39 @@ vae_decoder = "m/dec.onnx"
         spec.classes = ClassSelection::Named("all".into());
         let classes = spec.class_list(|| Ok(vec!["a".into(), "b".into(), "c".into()])).unwrap();
         assert_eq!(classes.len(), 3);
+        // "folder": a subset keeps the labels of the whole ImageFolder.
+        spec.labels = LabelScheme::Folder;
+        spec.classes = ClassSelection::List(vec!["05_sandal".into(), "01_trouser".into()]);
+        let folders = || {
+            Ok((0..10)
+                .map(|i| {
+                    format!(
+                        "{i:02}_{}",
+                        [
+                            "tshirt_top",
+                            "trouser",
+                            "pullover",
+                            "dress",
+                            "coat",
+                            "sandal",
+                            "shirt",
+                            "sneaker",
+                            "bag",
+                            "ankle_boot"
+                        ][i]
+                    )
+                })
+                .collect())
+        };
+        let classes = spec.class_list(folders).unwrap();
+        assert_eq!(classes.iter().map(|c| c.label).collect::<Vec<_>>(), [5, 1]);
+        spec.classes = ClassSelection::List(vec!["99_missing".into()]);
+        let err = spec.class_list(folders).unwrap_err().to_string();
+        assert!(err.contains("99_missing") && err.contains("labels = \"folder\""), "{err}");
+        assert_eq!(
+            JobSpec::from_toml(&SPEC.replace("ipc = 10", "ipc = 10\nlabels = \"folder\"")).unwrap().labels,
+            LabelScheme::Folder
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("wnids.txt"), "n01440764\n\n# comment\nn02102040\n").unwrap();
         let mut spec =

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mgd3_common::commit::{self, CommitError};
 use mgd3_common::imagefolder::Root;
-use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, ResolvedJob, job_id};
+use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use mgd3_common::proto::{self, poll_work_response::Action};
@@ -842,8 +842,9 @@ async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     };
     let root = Root::open(&spec.dataset).map_err(|e| invalid(vec![e.to_string()]))?;
     let mut notes = Vec::new();
+    let all = matches!(&spec.classes, ClassSelection::Named(all) if all == "all");
     let folders = match &spec.classes {
-        ClassSelection::Named(all) if all == "all" => {
+        _ if all || matches!(spec.labels, LabelScheme::Folder | LabelScheme::Position) => {
             let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![e.to_string()]))?;
             if !hidden.is_empty() {
                 notes.push(format!(
@@ -857,7 +858,18 @@ async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
         }
         _ => None,
     };
+    let folder_count = folders.as_ref().map_or(0, Vec::len);
     let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
+    if spec.labels == LabelScheme::Position && !all && classes.len() < folder_count {
+        // The silent mislabel: a model trained on the whole ImageFolder numbers classes by folder.
+        notes.push(format!(
+            "labels = \"position\" numbers the {} listed classes 0..{}, but `{}` has {folder_count} class folders: a \
+             DiT trained on the whole ImageFolder expects each class's folder index; use labels = \"folder\" for that",
+            classes.len(),
+            classes.len() - 1,
+            root.url()
+        ));
+    }
     let lists: Vec<_> = classes
         .iter()
         .map(|class| {

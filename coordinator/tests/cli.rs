@@ -229,6 +229,17 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     assert!(text.contains("classes: 2 (5 images in all), IPC 2, 1 shard(s) of 2 class(es)"), "{text}");
     assert!(text.contains("label    1       2 images  b"), "{text}");
     assert!(text.contains("note: skipped 1 hidden folder(s)") && text.contains(".ipynb_checkpoints"), "{text}");
+    // A subset numbered by position is flagged (a DiT trained on the folder expects folder
+    // indices); labels = "folder" keeps them.
+    let listed = std::fs::read_to_string(&spec).unwrap().replace("classes = \"all\"", "classes = [\"b\"]");
+    std::fs::write(&spec, &listed).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("label    0") && text.contains("labels = \"folder\""), "{text}");
+    std::fs::write(&spec, listed.replace("labels = \"position\"", "labels = \"folder\"")).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("label    1") && !text.contains("note: labels"), "{text}");
 }
 
 /// A submitted spec may only name local paths inside the coordinator's allowed folders: no
