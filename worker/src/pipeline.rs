@@ -221,6 +221,7 @@ impl Engine {
                 latent_cache: self.latent_cache().cloned(),
                 pool: self.pool().clone(),
                 keep_crops: options.contact_sheet,
+                runtime: tokio::runtime::Handle::try_current().ok(),
             };
             let cancel = self.cancel_flag();
             std::thread::Builder::new()
@@ -544,11 +545,13 @@ impl Engine {
         let timings = std::mem::take(&mut state.timings);
         info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
               seconds = timings.total().as_secs_f64(), "distilled class");
-        let output = ClassOutput { modes: modes.clone(), latents, images, timings };
+        // The modes stay for the contact sheet only when one is made.
+        let (modes, sheet_modes) = if options.contact_sheet { (modes.clone(), Some(modes)) } else { (modes, None) };
+        let output = ClassOutput { modes, latents, images, timings };
         let committing = Instant::now();
         let won = outputs.class_done(slot, output).map_err(ShardStop::Sink)?;
         stats.commit += committing.elapsed();
-        if won && options.contact_sheet {
+        if won && let Some(modes) = sheet_modes {
             let started = Instant::now();
             match self.contact_sheet_png(std::mem::take(&mut state.crops), modes, samples) {
                 Ok(png) => outputs.contact_sheet(slot, png),
@@ -584,10 +587,14 @@ struct DataStage<'a> {
     latent_cache: Option<mgd3_common::store::Location>,
     pool: crate::cpu::CpuPool,
     keep_crops: bool,
+    /// The caller's runtime: listings and object-store reads run on it (one connection pool),
+    /// not on a fresh runtime per call.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl DataStage<'_> {
     fn run(&self, events: &mpsc::SyncSender<Event>, stopped: impl Fn() -> bool) {
+        let _runtime = self.runtime.as_ref().map(|handle| handle.enter());
         for (slot, class) in self.classes.iter().enumerate() {
             if stopped() {
                 return;
