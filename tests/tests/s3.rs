@@ -255,10 +255,13 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     let env = aws_env(proxy);
     let scratch = tempfile::tempdir().unwrap();
     let data = scratch.path().join("data");
-    let classes = 8;
+    // One class per shard (all ten the tiny DiT knows) at IPC 4, so the first commit comes long
+    // before the last: the outage has to land while leases are still being handed out.
+    let classes = 10;
+    let one = "classes_per_shard = 1";
     dataset(&data, classes, 30);
     let job_spec = scratch.path().join("job.toml");
-    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://flaky/out", classes, 2, 4, "")).unwrap();
+    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://flaky/out", classes, 4, 4, one)).unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let log = scratch.path().join("coordinator.log");
@@ -270,6 +273,7 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     });
     down.store(true, Ordering::Relaxed);
     let outage = Instant::now();
+    eprintln!("outage begins with {} of {classes} shards done", status(&url, &job).unwrap()["shards"]["done"]);
     // Longer than three attempts' worth of the old retry budget (12 retries, 4–17 s per call).
     std::thread::sleep(Duration::from_secs(30));
     down.store(false, Ordering::Relaxed);
@@ -279,7 +283,7 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     eprintln!("job finished {:.1} s after the outage began", outage.elapsed().as_secs_f64());
 
     let images = download(s3.as_ref(), &format!("out/jobs/{job}/dataset")).await;
-    assert_eq!(images.len(), classes * 2, "every image exactly once");
+    assert_eq!(images.len(), classes * 4, "every image exactly once");
     let markers = download(s3.as_ref(), &format!("out/jobs/{job}/shards")).await;
     assert_eq!(markers.len(), classes);
     assert!(download(s3.as_ref(), &format!("out/jobs/{job}/staging")).await.is_empty(), "no staging left behind");
@@ -290,8 +294,11 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     // Same bytes as an undisturbed local run.
     let local_spec = scratch.path().join("local.toml");
     let local_out = scratch.path().join("local");
-    std::fs::write(&local_spec, spec(&data.display().to_string(), &local_out.display().to_string(), classes, 2, 4, ""))
-        .unwrap();
+    std::fs::write(
+        &local_spec,
+        spec(&data.display().to_string(), &local_out.display().to_string(), classes, 4, 4, one),
+    )
+    .unwrap();
     run_locally(&local_spec, &[]);
     assert!(images == files(&local_out.join("jobs").join(&job).join("dataset")));
 }

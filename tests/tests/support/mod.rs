@@ -154,16 +154,19 @@ pub fn status(url: &str, job: &str) -> Option<serde_json::Value> {
 
 /// Submits (retrying while the coordinator starts) and returns the job id.
 pub fn submit(url: &str, spec: &Path) -> String {
-    let mut job = String::new();
-    wait_for("submit", Duration::from_secs(30), || {
+    let start = Instant::now();
+    loop {
         let out = Command::new(bin("coordinator"))
             .args(["submit", spec.to_str().unwrap(), "--coordinator", url])
             .output()
             .unwrap();
-        job = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        out.status.success()
-    });
-    job
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        let last_error = String::from_utf8_lossy(&out.stderr);
+        assert!(start.elapsed() < Duration::from_secs(30), "submit kept failing for 30 s; last error:\n{last_error}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Every file under `root`, relative name and bytes, sorted.
