@@ -9,10 +9,13 @@ const IMAGENETTE: &str = include_str!("../data/class_nette.txt");
 const IMAGEWOOF: &str = include_str!("../data/class_woof.txt");
 const IMAGENET100: &str = include_str!("../data/class100.txt");
 
+/// Errors of the class-list lookups.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ClassListError {
+    /// [`named_subset`] was given a name that is not one of the shipped subsets.
     #[error("unknown class subset `{0}` (expected imagenet1k, imagenette, imagewoof, imagenet100 or imageidc)")]
     UnknownSubset(String),
+    /// The wnid is not among the 1000 ImageNet-1K synsets.
     #[error("`{0}` is not an ImageNet-1K synset (wnid)")]
     UnknownWnid(String),
 }
@@ -26,17 +29,25 @@ pub fn imagenet1k() -> Vec<&'static str> {
     lines(IMAGENET1K).collect()
 }
 
-/// Human-readable name of ImageNet-1K label `label`.
+/// Human-readable name of ImageNet-1K label `label` (`None` beyond 999).
 pub fn imagenet1k_name(label: usize) -> Option<&'static str> {
     lines(IMAGENET1K_NAMES).nth(label)
 }
 
 /// DiT label (sorted-synset index) of an ImageNet-1K wnid.
+///
+/// # Errors
+/// [`ClassListError::UnknownWnid`] when `wnid` is not an ImageNet-1K synset.
 pub fn imagenet1k_label(wnid: &str) -> Result<usize, ClassListError> {
     lines(IMAGENET1K).position(|w| w == wnid).ok_or_else(|| ClassListError::UnknownWnid(wnid.to_owned()))
 }
 
-/// A named subset as (wnid, DiT label) pairs in the order of the reference spec files.
+/// A named subset as (wnid, DiT label) pairs in the order of the reference spec files:
+/// `imagenet1k`, `imagenette`, `imagewoof`, `imagenet100`, or `imageidc` (the first 10 classes of
+/// `imagenet100`).
+///
+/// # Errors
+/// [`ClassListError::UnknownSubset`] for any other name.
 pub fn named_subset(name: &str) -> Result<Vec<(&'static str, usize)>, ClassListError> {
     let wnids: Vec<&'static str> = match name {
         "imagenet1k" => imagenet1k(),

@@ -69,6 +69,14 @@ fn digest(name: String, bytes: &[u8]) -> FileDigest {
     FileDigest { name, sha256: sha256_hex(bytes), bytes: bytes.len() as u64 }
 }
 
+/// The digest a worker reports with a finished shard and the coordinator recomputes from the
+/// store before it accepts the completion: sha256 over the image digests of the shard's markers,
+/// class after class in shard order, one per line, as `sha256:<hex>`.
+pub fn manifest_digest<'a>(markers: impl IntoIterator<Item = &'a ClassMarker>) -> String {
+    let digests: Vec<&str> = markers.into_iter().flat_map(|m| m.images.iter().map(|d| d.sha256.as_str())).collect();
+    sha256_hex(digests.join("\n").as_bytes())
+}
+
 /// Reads the marker of a class, if any.
 pub async fn read_marker(out: &Location, keys: &JobKeys, wnid: &str) -> Result<Option<ClassMarker>, CommitError> {
     let key = out.key(&keys.marker(wnid));

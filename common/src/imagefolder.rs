@@ -34,32 +34,62 @@ const MAX_DEPTH: usize = 64;
 /// Errors of a listing; each names the class (or root) and where.
 #[derive(Debug, Error)]
 pub enum ListError {
+    /// The class folder does not exist (in a store: nothing is under the class prefix).
     #[error("class `{class}`: folder `{dir}` does not exist")]
-    ClassNotFound { class: String, dir: String },
+    ClassNotFound {
+        /// The class folder name.
+        class: String,
+        /// The folder path or URL looked at.
+        dir: String,
+    },
+    /// The class folder holds no file with an image extension.
     #[error("class `{class}`: folder `{dir}` holds no images ({extensions}){skipped}")]
-    EmptyClass { class: String, dir: String, extensions: String, skipped: String },
+    EmptyClass {
+        /// The class folder name.
+        class: String,
+        /// The folder path or URL.
+        dir: String,
+        /// The accepted extensions, for the message (`.jpg .jpeg …`).
+        extensions: String,
+        /// [`Skipped::describe`] of what was left out.
+        skipped: String,
+    },
+    /// Reading a local folder failed.
     #[error("cannot list `{dir}`: {source}")]
     Io {
+        /// The folder being read.
         dir: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// Listing an object store failed.
     #[error("cannot list `{dir}`: {source}")]
     Store {
+        /// The URL being listed.
         dir: String,
+        /// The store's error.
         #[source]
         source: object_store::Error,
     },
+    /// A local class folder's name is not valid UTF-8, so it cannot be a class name.
     #[error(
         "dataset folder `{root}` holds a class folder whose name is not valid UTF-8 ({shown}): rename it, or list the classes to use"
     )]
-    NotUtf8 { root: String, shown: String },
+    NotUtf8 {
+        /// The dataset root.
+        root: String,
+        /// The name with its invalid bytes escaped.
+        shown: String,
+    },
 }
 
 /// Where a listed image is read from: exactly what the listing gave.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ImageSource {
+    /// A local file, by the path the file system listed (not necessarily UTF-8).
     Local(PathBuf),
+    /// An object key, exactly as the store listed it.
     Store(object_store::path::Path),
 }
 
@@ -69,6 +99,7 @@ pub struct ImageRef {
     /// Path below the class folder, `/`-separated (lossy for a non-UTF-8 local name: for display
     /// and digests only).
     pub relative: String,
+    /// Where the bytes are read from.
     pub source: ImageSource,
     /// Size in bytes.
     pub bytes: u64,
@@ -132,7 +163,10 @@ impl Skipped {
 /// A class's images in the rule's order, and what was skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClassListing {
+    /// The images: the class folder's own files first, then each sub-folder in sorted path
+    /// order, files sorted by name within a folder.
     pub images: Vec<ImageRef>,
+    /// What the listing left out.
     pub skipped: Skipped,
 }
 
@@ -329,7 +363,9 @@ pub async fn list_store_classes(root: &Location) -> Result<(Vec<String>, Vec<Str
 /// An ImageFolder root: a local folder (a path or `file://` URL) or an object-store location.
 #[derive(Clone, Debug)]
 pub enum Root {
+    /// A local folder.
     Local(PathBuf),
+    /// A prefix in an object store.
     Store(Location),
 }
 

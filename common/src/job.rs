@@ -10,16 +10,23 @@ use thiserror::Error;
 use crate::classes;
 use crate::store::resolve;
 
+/// Errors of parsing, validating and resolving a job spec.
 #[derive(Debug, Error)]
 pub enum JobError {
+    /// The text is not TOML, or a field is unknown or of the wrong type (the message names it).
     #[error("job spec is not valid TOML: {0}")]
     Toml(String),
+    /// One or more fields are invalid; every problem is listed.
     #[error("invalid job spec:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
+    /// A file the spec names (the class-list file) cannot be read.
     #[error("cannot read {what} `{path}`: {source}")]
     Read {
+        /// What the file is (`class list`).
         what: &'static str,
+        /// The file's path.
         path: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -28,7 +35,9 @@ pub enum JobError {
 /// One invalid field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
+    /// The field's dotted name (`ipc`, `sampling.steps`).
     pub field: String,
+    /// What is wrong with its value.
     pub problem: String,
 }
 
@@ -48,7 +57,10 @@ pub enum ClassSelection {
     /// Explicit class folder names, in order.
     List(Vec<String>),
     /// A file with one class folder name per line.
-    File { file: String },
+    File {
+        /// Path of the file (relative to job.toml until [`JobSpec::resolve_paths`]).
+        file: String,
+    },
 }
 
 /// How DiT labels are assigned to classes.
@@ -66,24 +78,95 @@ pub enum LabelScheme {
     Folder,
 }
 
+/// A setting a user can give both in a job spec and on the worker's command line, so that an
+/// error about it can name it the way the user wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Setting {
+    /// Images per class.
+    Ipc,
+    /// Denoising steps.
+    Steps,
+    /// Mode-guidance strength λ.
+    GuidanceScale,
+    /// Steps with mode guidance (t_stop).
+    StopGuidance,
+    /// Classifier-free guidance scale.
+    CfgScale,
+    /// ε channels classifier-free guidance mixes.
+    CfgChannels,
+}
+
+/// Where a setting came from: decides how an error names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SettingSource {
+    /// A job spec (TOML): `sampling.cfg_channels`.
+    #[default]
+    JobSpec,
+    /// The worker's command line: `--cfg-channels`.
+    CommandLine,
+}
+
+impl Setting {
+    /// The setting's key in a job spec (`ipc`, `sampling.steps`, ...).
+    pub fn spec_key(self) -> &'static str {
+        match self {
+            Setting::Ipc => "ipc",
+            Setting::Steps => "sampling.steps",
+            Setting::GuidanceScale => "sampling.guidance_scale",
+            Setting::StopGuidance => "sampling.stop_guidance",
+            Setting::CfgScale => "sampling.cfg_scale",
+            Setting::CfgChannels => "sampling.cfg_channels",
+        }
+    }
+
+    /// The worker's command-line flag for the setting (`--ipc`, `--steps`, ...).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Setting::Ipc => "--ipc",
+            Setting::Steps => "--steps",
+            Setting::GuidanceScale => "--guidance-scale",
+            Setting::StopGuidance => "--stop-guidance",
+            Setting::CfgScale => "--cfg-scale",
+            Setting::CfgChannels => "--cfg-channels",
+        }
+    }
+
+    /// The name as a user of `source` wrote it.
+    pub fn name(self, source: SettingSource) -> &'static str {
+        match source {
+            SettingSource::JobSpec => self.spec_key(),
+            SettingSource::CommandLine => self.flag(),
+        }
+    }
+}
+
+/// The `[sampling]` table: MGD³'s guidance and the DiT sampler. Defaults are the paper's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingSpec {
+    /// λ, the mode-guidance scale (default 0.1; finite, ≥ 0).
     #[serde(default = "default_guidance_scale")]
     pub guidance_scale: f32,
+    /// t_stop: mode guidance applies while the respaced step index i (S−1 down to 0) is above it;
+    /// `steps` turns it off (default 25, at most `steps`).
     #[serde(default = "default_stop_guidance")]
     pub stop_guidance: usize,
+    /// Classifier-free guidance scale s (default 4.0; 1.0 gives the conditional prediction).
     #[serde(default = "default_cfg_scale")]
     pub cfg_scale: f32,
+    /// How many leading ε channels CFG mixes: 3 reproduces the reference DiT's quirk (default),
+    /// 4 is standard CFG; 1..=16.
     #[serde(default = "default_cfg_channels")]
     pub cfg_channels: usize,
+    /// Sampling steps S, respaced from the model's training timesteps (default 50, 1..=1000).
     #[serde(default = "default_steps")]
     pub steps: usize,
     /// The reverse step: `"ddpm"` (the reference) or `"ddim"` (the paper's Algorithm 1).
     /// Absent from the serialised spec when DDPM, so older jobs keep their fingerprints.
     #[serde(default, skip_serializing_if = "SamplerKind::is_ddpm")]
     pub sampler: SamplerKind,
-    /// DDIM's η (0 = deterministic, 1 = DDPM-like noise); only with `sampler = "ddim"`.
+    /// DDIM's η in [0, 1] (0 = deterministic, 1 = DDPM-like noise; default 0); only with
+    /// `sampler = "ddim"`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub eta: f32,
 }
@@ -179,17 +262,23 @@ impl Default for SamplingSpec {
     }
 }
 
+/// The `[models]` table: the three ONNX files MGD³ runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
+    /// The class-conditional DiT (local path or object-store URL).
     pub dit: String,
+    /// The VAE encoder (local path or object-store URL).
     pub vae_encoder: String,
+    /// The VAE decoder (local path or object-store URL).
     pub vae_decoder: String,
     /// Expected `sha256:<hex>` of each file; computed at submit when absent.
     #[serde(default)]
     pub dit_fingerprint: Option<String>,
+    /// Expected `sha256:<hex>` of the VAE encoder; computed at submit when absent.
     #[serde(default)]
     pub vae_encoder_fingerprint: Option<String>,
+    /// Expected `sha256:<hex>` of the VAE decoder; computed at submit when absent.
     #[serde(default)]
     pub vae_decoder_fingerprint: Option<String>,
 }
@@ -203,10 +292,14 @@ pub struct JobSpec {
     pub name: Option<String>,
     /// ImageFolder root (local path or object-store URL).
     pub dataset: String,
+    /// Which classes to distil.
     pub classes: ClassSelection,
+    /// How classes get their DiT labels (default `imagenet1k`).
     #[serde(default)]
     pub labels: LabelScheme,
+    /// Images per class (IPC): the k of k-means and the samples drawn per class (≥ 1).
     pub ipc: usize,
+    /// The job seed every RNG stream derives from (k-means++ and sample noise; default 0).
     #[serde(default)]
     pub seed: u64,
     /// Where job outputs go (`<output>/jobs/<job>/...`); default: the coordinator's store.
@@ -217,12 +310,17 @@ pub struct JobSpec {
     /// classes overlap in the worker's pipeline. Read it through [`JobSpec::shard_size`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes_per_shard: Option<usize>,
+    /// Seconds a shard lease lasts without renewal before the shard is handed out again
+    /// (default 120, at least 5).
     #[serde(default = "default_lease_timeout")]
     pub lease_timeout_s: u64,
+    /// Leases a shard may take before it fails for good (default 3, at least 1).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// The `[sampling]` table.
     #[serde(default)]
     pub sampling: SamplingSpec,
+    /// The `[models]` table.
     pub models: ModelSpec,
     /// Cache per-class VAE latents: `true` (under `<output>/cache`) or a folder / store URL.
     /// Jobs over the same dataset and VAE then skip decoding and encoding.
@@ -247,7 +345,9 @@ fn is_true(value: &bool) -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum LatentCache {
+    /// `true`: cache under `<output>/cache`; `false`: no cache.
     Enabled(bool),
+    /// Cache in this folder or object-store URL.
     At(String),
 }
 
@@ -275,29 +375,43 @@ fn default_max_attempts() -> u32 {
 /// One class of a resolved job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassRef {
+    /// The class folder name (an ImageNet wnid for ImageNet jobs).
     pub wnid: String,
+    /// The DiT class label, assigned by the job's [`LabelScheme`].
     pub label: i64,
+    /// Position of the class in the job's class list; seeds its RNG streams ([`crate::seed`]).
     pub class_index: u64,
 }
 
 /// A job after submit: spec with absolute locations and fingerprints, class list, shard plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedJob {
+    /// The job id: [`job_id`] of the spec, or the one given at submit.
     pub job_id: String,
+    /// The spec with absolute locations and every model fingerprint filled in.
     pub spec: JobSpec,
+    /// Every class, in the job's order.
     pub classes: Vec<ClassRef>,
     /// Shard i holds `classes[shards[i].0 .. shards[i].1]`.
     pub shards: Vec<(usize, usize)>,
+    /// [`JobSpec::fingerprint_with_data`] of the spec, classes and listing digest
+    /// (`sha256:<hex>`).
     pub fingerprint: String,
+    /// When the job was submitted, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
 }
 
 impl ResolvedJob {
+    /// The classes of shard `shard`.
+    ///
+    /// # Panics
+    /// If `shard` is not a shard of the job.
     pub fn shard_classes(&self, shard: usize) -> &[ClassRef] {
         let (from, to) = self.shards[shard];
         &self.classes[from..to]
     }
 
+    /// Distilled images the job writes: classes × IPC.
     pub fn images_total(&self) -> u64 {
         (self.classes.len() * self.spec.ipc) as u64
     }
@@ -376,11 +490,17 @@ impl JobSpec {
     }
 
     /// Parses job.toml text; unknown fields and type errors name the field.
+    ///
+    /// # Errors
+    /// [`JobError::Toml`] for text that is not a job spec.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
         toml::from_str(text).map_err(|e| JobError::Toml(e.to_string()))
     }
 
     /// Checks every field and reports all problems at once.
+    ///
+    /// # Errors
+    /// [`JobError::Invalid`] listing every invalid field.
     pub fn validate(&self) -> Result<(), JobError> {
         let mut errors = Vec::new();
         let mut bad = |field: &str, problem: String| errors.push(FieldError { field: field.into(), problem });
@@ -474,7 +594,13 @@ impl JobSpec {
         }
     }
 
-    /// The class list: `dataset_classes` is called only for `"all"` (the sorted folder names).
+    /// The class list: `dataset_classes` is called only for `"all"` (the sorted folder names) and
+    /// for `labels = "folder"`.
+    ///
+    /// # Errors
+    /// [`JobError::Invalid`] (field `classes`) for an unknown subset, an empty list, invalid or
+    /// repeated names, or a class without a label under the scheme; [`JobError::Read`] when the
+    /// class-list file cannot be read; and whatever `dataset_classes` returns.
     pub fn class_list(
         &self,
         dataset_classes: impl FnOnce() -> Result<Vec<String>, JobError>,
@@ -588,7 +714,6 @@ impl JobSpec {
     }
 }
 
-/// The id of a job: its name (or "job") and the first 12 hex digits of its fingerprint.
 /// What is wrong with a list of class folder names, one message per problem (empty when none):
 /// a name must be one folder (not empty, not `.` or `..`, no `/`, `\\` or control characters)
 /// and appear once. Names are shown with hidden characters escaped.
@@ -613,6 +738,9 @@ pub fn class_name_problems(names: &[String]) -> Vec<String> {
 
 /// Checks a job id given by the user (`--job-id`): 1 to 128 letters, digits, `-`, `_` and `.`,
 /// not starting with `.`, so that it names exactly one folder under `jobs/`.
+///
+/// # Errors
+/// [`JobError::Invalid`] (field `job_id`) for any other id.
 pub fn validate_job_id(id: &str) -> Result<(), JobError> {
     let ok = !id.is_empty()
         && id.len() <= 128
@@ -630,6 +758,7 @@ pub fn validate_job_id(id: &str) -> Result<(), JobError> {
     }]))
 }
 
+/// The id of a job: its name (or "job") and the first 12 hex digits of its fingerprint.
 pub fn job_id(spec: &JobSpec, fingerprint: &str) -> String {
     let hex = fingerprint.trim_start_matches("sha256:");
     format!("{}-{}", spec.name.as_deref().unwrap_or("job"), &hex[..12.min(hex.len())])

@@ -18,6 +18,7 @@ pub struct JobKeys {
 }
 
 impl JobKeys {
+    /// The keys of job `job_id`, under `jobs/<job_id>`.
     pub fn new(job_id: &str) -> Self {
         JobKeys { root: format!("jobs/{job_id}") }
     }
@@ -25,30 +26,39 @@ impl JobKeys {
     /// Prefix under which all jobs live.
     pub const JOBS: &'static str = "jobs";
 
+    /// `jobs/<job>`, the prefix of every key of the job.
     pub fn root(&self) -> &str {
         &self.root
     }
+    /// `jobs/<job>/job.json`: the resolved spec and fingerprint, written once at submit.
     pub fn job_json(&self) -> String {
         format!("{}/job.json", self.root)
     }
+    /// `jobs/<job>/state.json`: the coordinator's durable view of the job.
     pub fn state_json(&self) -> String {
         format!("{}/state.json", self.root)
     }
+    /// `jobs/<job>/staging/<attempt>`: the files of one attempt before commit.
     pub fn staging(&self, attempt_id: &str) -> String {
         format!("{}/staging/{attempt_id}", self.root)
     }
+    /// `jobs/<job>/staging/<attempt>/<wnid>/<file>`: one staged file of a class.
     pub fn staging_file(&self, attempt_id: &str, wnid: &str, file: &str) -> String {
         format!("{}/staging/{attempt_id}/{wnid}/{file}", self.root)
     }
+    /// `jobs/<job>/shards/<wnid>.json`: the class's commit marker (written create-only).
     pub fn marker(&self, wnid: &str) -> String {
         format!("{}/shards/{wnid}.json", self.root)
     }
+    /// `jobs/<job>/shards`: the prefix of every commit marker.
     pub fn markers(&self) -> String {
         format!("{}/shards", self.root)
     }
+    /// `jobs/<job>/modes/<wnid>.npy`: the class's published k-means modes.
     pub fn modes(&self, wnid: &str) -> String {
         format!("{}/modes/{wnid}.npy", self.root)
     }
+    /// `jobs/<job>/dataset/<wnid>/<index>.png`: distilled image `index` of a class.
     pub fn dataset_image(&self, wnid: &str, index: usize) -> String {
         format!("{}/dataset/{wnid}/{index}.png", self.root)
     }
@@ -56,6 +66,7 @@ impl JobKeys {
     pub fn contact_sheet(&self, wnid: &str) -> String {
         format!("{}/contact_sheets/{wnid}.png", self.root)
     }
+    /// `jobs/<job>/manifest.json`: the merged manifest, written when every class is committed.
     pub fn manifest(&self) -> String {
         format!("{}/manifest.json", self.root)
     }

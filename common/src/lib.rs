@@ -11,8 +11,10 @@ pub mod manifest;
 pub mod modelmeta;
 pub mod rpc;
 pub mod seed;
+pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod wire;
 
 /// The generated gRPC types and clients/servers of `proto/mgd3.proto`.
 pub mod proto {
@@ -21,7 +23,9 @@ pub mod proto {
 }
 
 /// Bumped on any incompatible change of the wire protocol or of the meaning of its fields.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: job and shard states as enums, per-shard status, class counts, the protocol header on
+/// every request, lease timeouts, registration exclusions.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Restores the default action of SIGPIPE, as command-line tools have it: output piped into a
 /// reader that stops early (`coordinator submit --wait | head -1`) ends the process quietly
@@ -31,6 +35,15 @@ pub fn default_sigpipe() {
     // no Rust code depends on SIGPIPE being ignored.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT: the shutdown signal both binaries pass to their `run`.
+pub async fn termination() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

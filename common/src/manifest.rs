@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Version of the marker and manifest JSON layout, written as `schema_version`.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// One committed file of a class.
@@ -9,23 +10,35 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct FileDigest {
     /// Name inside the class folder (`3.png`, `modes.npy`).
     pub name: String,
+    /// `sha256:<hex>` of the file's bytes.
     pub sha256: String,
+    /// Size in bytes.
     pub bytes: u64,
 }
 
-/// Per-stage seconds of one class.
+/// Per-stage seconds of one class (wall-clock time spent on the class; a DiT call shared by
+/// several classes is split by their share of its samples).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageSeconds {
+    /// Listing, reading, decoding and preprocessing the real images (on a latent-cache hit: loading
+    /// the cached latents).
     pub decode: f64,
+    /// VAE-encoding the real images into latents.
     pub encode: f64,
+    /// k-means mode discovery.
     pub kmeans: f64,
+    /// DiT calls of the sampling loop.
     pub dit: f64,
+    /// The reverse steps between DiT calls (CFG, mode guidance, the DDPM or DDIM update).
     pub guidance: f64,
+    /// VAE-decoding the sampled latents into images.
     pub vae_decode: f64,
+    /// PNG encoding of the decoded images.
     pub png: f64,
 }
 
 impl StageSeconds {
+    /// Adds `other` stage by stage (the job manifest sums its classes this way).
     pub fn add(&mut self, other: &StageSeconds) {
         self.decode += other.decode;
         self.encode += other.encode;
@@ -41,18 +54,32 @@ impl StageSeconds {
 /// fingerprint. It lists every file of the attempt that won, so publishing can be verified.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassMarker {
+    /// [`SCHEMA_VERSION`] of the writer.
     pub schema_version: u32,
+    /// The job the class belongs to.
     pub job_id: String,
+    /// The job's fingerprint (`sha256:<hex>`); a marker naming another one is not a commit of this
+    /// job.
     pub fingerprint: String,
+    /// The attempt whose files won the commit.
     pub attempt_id: String,
+    /// The worker that ran that attempt.
     pub worker_id: String,
+    /// The class folder name (an ImageNet wnid for ImageNet jobs).
     pub wnid: String,
+    /// The DiT class label the class was sampled with.
     pub label: i64,
+    /// Position of the class in the job's class list (seeds its RNG streams).
     pub class_index: u64,
+    /// The distilled images `0.png` … in sample order, IPC of them.
     pub images: Vec<FileDigest>,
+    /// The class's `modes.npy`.
     pub modes: FileDigest,
+    /// Real images of the class that were encoded and clustered.
     pub real_images: u64,
+    /// Where the attempt's time went.
     pub timings: StageSeconds,
+    /// When the marker was written, in milliseconds since the Unix epoch.
     pub committed_unix_ms: u64,
     /// The class's latents came from the latent cache (no decode or VAE encode).
     #[serde(default)]
@@ -65,24 +92,40 @@ pub struct ClassMarker {
 /// One class of the job manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ManifestClass {
+    /// The class folder name.
     pub wnid: String,
+    /// The DiT class label.
     pub label: i64,
+    /// The distilled images, as the class's marker lists them.
     pub images: Vec<FileDigest>,
+    /// `sha256:<hex>` of the class's `modes.npy`.
     pub modes_sha256: String,
+    /// The attempt whose files were committed.
     pub attempt_id: String,
 }
 
 /// `manifest.json`, written when every class is committed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobManifest {
+    /// [`SCHEMA_VERSION`] of the writer.
     pub schema_version: u32,
+    /// The job id.
     pub job_id: String,
+    /// The job's fingerprint (`sha256:<hex>`).
     pub fingerprint: String,
+    /// The resolved job spec.
     pub spec: crate::job::JobSpec,
+    /// `sha256:<hex>` of each model by role (`dit`, `vae_encoder`, `vae_decoder`), for those the
+    /// spec holds.
     pub model_fingerprints: std::collections::BTreeMap<String, String>,
+    /// Every class, in the job's class order.
     pub classes: Vec<ManifestClass>,
+    /// Distilled images in all.
     pub images: u64,
+    /// The classes' stage seconds, summed.
     pub timings: StageSeconds,
+    /// When the job was submitted, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// When the manifest was written, in milliseconds since the Unix epoch.
     pub finished_unix_ms: u64,
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 /// The metadata and input shapes of one model file.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelMeta {
+    /// The model's `metadata_props`, key → value (`mgd3.kind`, `mgd3.num_classes`, …).
     pub metadata: BTreeMap<String, String>,
     /// Graph inputs by name: each dimension's static size, `None` for a symbolic one.
     pub inputs: BTreeMap<String, Vec<Option<i64>>>,

@@ -1,5 +1,6 @@
 //! gRPC plumbing shared by the CLI and the workers: connecting to the coordinator (plain or TLS),
-//! and the bearer-token interceptor on both sides. The token is never logged.
+//! and the interceptors on both sides: every request carries the protocol version
+//! ([`crate::wire::PROTOCOL_HEADER`]) and, when set, a bearer token. The token is never logged.
 
 use std::time::Duration;
 
@@ -9,9 +10,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use crate::PROTOCOL_VERSION;
 use crate::proto::coordinator_client::CoordinatorClient;
+use crate::wire::PROTOCOL_HEADER;
 
-/// Adds `authorization: Bearer <token>` to every request when a token is set.
+/// Adds the protocol-version header to every request, and `authorization: Bearer <token>` when a
+/// token is set.
 #[derive(Clone, Default)]
 pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
 
@@ -21,13 +25,66 @@ impl std::fmt::Debug for BearerToken {
     }
 }
 
+/// Why a connection to the coordinator could not be set up (nothing was sent yet).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL lacks `http://` or `https://`.
+    #[error(
+        "coordinator URL `{url}` has no scheme: write `http://{url}` (or `https://{url}` for a coordinator with TLS)"
+    )]
+    NoScheme { url: String },
+    /// The URL cannot be parsed.
+    #[error("invalid coordinator URL `{url}`: {source}")]
+    BadUrl {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The CA certificate file cannot be read.
+    #[error("cannot read CA file `{path}`: {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS could not be configured for the URL.
+    #[error("TLS set-up for `{url}`: {source}")]
+    Tls {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The token cannot be used.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// A bearer token that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The token holds characters an HTTP header cannot carry.
+    #[error("the token must be printable ASCII")]
+    NotAscii,
+    /// The token file cannot be read.
+    #[error("cannot read token file `{path}`: {source}")]
+    Unreadable {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file holds only whitespace.
+    #[error("token file `{path}` is empty")]
+    Empty { path: std::path::PathBuf },
+}
+
 impl BearerToken {
-    pub fn new(token: Option<&str>) -> Result<Self, String> {
+    /// The client side of `token` (none: only the protocol header is added).
+    ///
+    /// # Errors
+    /// [`TokenError::NotAscii`] when the token cannot be sent in a header.
+    pub fn new(token: Option<&str>) -> Result<Self, TokenError> {
         token
-            .map(|t| {
-                MetadataValue::try_from(format!("Bearer {}", t.trim()))
-                    .map_err(|_| "the token must be printable ASCII".to_owned())
-            })
+            .map(|t| MetadataValue::try_from(format!("Bearer {}", t.trim())).map_err(|_| TokenError::NotAscii))
             .transpose()
             .map(BearerToken)
     }
@@ -35,6 +92,7 @@ impl BearerToken {
 
 impl Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert(PROTOCOL_HEADER, MetadataValue::from(PROTOCOL_VERSION));
         if let Some(value) = &self.0 {
             request.metadata_mut().insert("authorization", value.clone());
         }
@@ -42,7 +100,9 @@ impl Interceptor for BearerToken {
     }
 }
 
-/// Server side: rejects requests without the expected token (constant-time comparison).
+/// Server side: rejects requests without the expected token (constant-time comparison), then
+/// requests of another protocol version, with a message saying which versions meet and what to
+/// do. A client older than the header (protocol 1) is refused the same way.
 #[derive(Clone)]
 pub struct RequireToken(Option<Vec<u8>>);
 
@@ -54,48 +114,154 @@ impl RequireToken {
 
 impl Interceptor for RequireToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.0 else {
-            return Ok(request);
-        };
-        let given = request.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
-        let mut diff = (given.len() != expected.len()) as u8;
-        for (a, b) in given.iter().zip(expected.iter()) {
-            diff |= a ^ b;
+        if let Some(expected) = &self.0 {
+            let given = request.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
+            let mut diff = (given.len() != expected.len()) as u8;
+            for (a, b) in given.iter().zip(expected.iter()) {
+                diff |= a ^ b;
+            }
+            if diff != 0 {
+                return Err(Status::unauthenticated("missing or wrong bearer token"));
+            }
         }
-        if diff == 0 { Ok(request) } else { Err(Status::unauthenticated("missing or wrong bearer token")) }
+        check_protocol(&request)?;
+        Ok(request)
     }
 }
 
-/// Reads a token file (trimmed); an empty file is an error.
-pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+/// `Err(FailedPrecondition)` unless `request` carries this build's [`PROTOCOL_VERSION`].
+fn check_protocol<T>(request: &Request<T>) -> Result<(), Status> {
+    let given = request.metadata().get(PROTOCOL_HEADER).map(|v| v.to_str().unwrap_or("?").to_owned());
+    match given {
+        Some(v) if v == PROTOCOL_VERSION.to_string() => Ok(()),
+        Some(v) => Err(Status::failed_precondition(format!(
+            "this client speaks mgd3 protocol {v}, the coordinator speaks protocol {PROTOCOL_VERSION}; run the same mgd3 version for the coordinator, its workers and the CLI"
+        ))),
+        None => Err(Status::failed_precondition(format!(
+            "this client speaks an older mgd3 protocol (it sends no `{PROTOCOL_HEADER}` header), the coordinator speaks protocol {PROTOCOL_VERSION}; run the same mgd3 version for the coordinator, its workers and the CLI"
+        ))),
+    }
+}
+
+/// Reads a token file (trimmed).
+///
+/// # Errors
+/// [`TokenError::Unreadable`], or [`TokenError::Empty`] for a file of only whitespace.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, TokenError> {
     let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read token file `{}`: {e}", path.display()))?;
+        std::fs::read_to_string(path).map_err(|source| TokenError::Unreadable { path: path.to_owned(), source })?;
     let token = text.trim().to_owned();
     if token.is_empty() {
-        return Err(format!("token file `{}` is empty", path.display()));
+        return Err(TokenError::Empty { path: path.to_owned() });
     }
     Ok(token)
 }
 
 pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
 
+/// A call to the coordinator that failed: which call, to which URL, and the gRPC status (whose
+/// code is kept). Its message says what to do for the failures a person can fix.
+#[derive(Debug, thiserror::Error)]
+pub struct CallError {
+    /// The coordinator URL the call went to.
+    pub url: String,
+    /// The RPC, as named in the protocol (`GetJobStatus`, ...).
+    pub rpc: &'static str,
+    /// What the coordinator (or the transport) answered.
+    pub status: Status,
+}
+
+impl CallError {
+    /// A `map_err` adapter for calls of `rpc` to `url`.
+    pub fn of(url: &str, rpc: &'static str) -> impl FnOnce(Status) -> CallError + use<> {
+        let url = url.to_owned();
+        move |status| CallError { url, rpc, status }
+    }
+
+    /// The gRPC code of the answer.
+    pub fn code(&self) -> tonic::Code {
+        self.status.code()
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (url, message) = (&self.url, self.status.message());
+        match self.status.code() {
+            tonic::Code::Unavailable => write!(
+                f,
+                "cannot reach the coordinator at {url} ({message}); start it (`coordinator serve`), or point --coordinator (or MGD3_COORDINATOR) at the one that runs"
+            ),
+            tonic::Code::Unauthenticated => write!(
+                f,
+                "the coordinator at {url} refused this client: {message}; pass the token it was started with (--token-file)"
+            ),
+            code => write!(f, "{message} (coordinator {url}, {} answered {code:?})", self.rpc),
+        }
+    }
+}
+
 /// Connects lazily (the first RPC dials), so callers can retry with backoff.
-pub fn connect(url: &str, token: Option<&str>, tls_ca: Option<&std::path::Path>) -> Result<Client, String> {
+///
+/// # Errors
+/// A [`ConnectError`] for a URL, CA file or token that cannot be used; nothing is dialled yet.
+pub fn connect(url: &str, token: Option<&str>, tls_ca: Option<&std::path::Path>) -> Result<Client, ConnectError> {
     crate::ensure_crypto_provider();
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(ConnectError::NoScheme { url: url.to_owned() });
+    }
     let mut endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("invalid coordinator URL `{url}`: {e}"))?
+        .map_err(|source| ConnectError::BadUrl { url: url.to_owned(), source })?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .http2_keep_alive_interval(Duration::from_secs(20));
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_webpki_roots();
         if let Some(ca) = tls_ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read CA file `{}`: {e}", ca.display()))?;
+            let pem = std::fs::read(ca).map_err(|source| ConnectError::CaFile { path: ca.to_owned(), source })?;
             tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
         }
-        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS set-up for `{url}`: {e}"))?;
+        endpoint = endpoint.tls_config(tls).map_err(|source| ConnectError::Tls { url: url.to_owned(), source })?;
     }
     let channel = endpoint.connect_lazy();
     let token = BearerToken::new(token)?;
     Ok(CoordinatorClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_without_a_scheme_says_what_to_write() {
+        let error = connect("127.0.0.1:50051", None, None).unwrap_err();
+        assert!(error.to_string().contains("write `http://127.0.0.1:50051`"), "{error}");
+    }
+
+    #[test]
+    fn failed_calls_name_the_url_and_keep_the_code() {
+        let call = |code| CallError::of("http://c:1", "GetJobStatus")(Status::new(code, "boom"));
+        let unreachable = call(tonic::Code::Unavailable);
+        assert_eq!(unreachable.code(), tonic::Code::Unavailable);
+        let text = unreachable.to_string();
+        assert!(
+            text.contains("cannot reach the coordinator at http://c:1") && text.contains("--coordinator"),
+            "{text}"
+        );
+        assert!(call(tonic::Code::Unauthenticated).to_string().contains("--token-file"));
+        let other = call(tonic::Code::NotFound).to_string();
+        assert!(other.contains("boom") && other.contains("http://c:1") && other.contains("NotFound"), "{other}");
+    }
+
+    #[test]
+    fn requests_of_another_protocol_are_refused() {
+        let mut server = RequireToken::new(None);
+        let sent = BearerToken::new(None).unwrap().call(Request::new(())).unwrap();
+        assert!(server.call(sent).is_ok());
+        let error = server.call(Request::new(())).unwrap_err();
+        assert_eq!(error.code(), tonic::Code::FailedPrecondition);
+        let mut older = Request::new(());
+        older.metadata_mut().insert(PROTOCOL_HEADER, MetadataValue::from(1u32));
+        assert!(server.call(older).unwrap_err().message().contains("speaks mgd3 protocol 1"));
+    }
 }

@@ -17,19 +17,34 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use thiserror::Error;
 use url::Url;
 
+/// Errors of opening a store location or fetching a model from one.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// The URL does not parse, has an unsupported scheme, or its path is no valid key prefix.
     #[error("invalid store URL `{url}`: {problem}")]
-    BadUrl { url: String, problem: String },
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The store could not be built (configuration, credentials) or a model could not be read
+    /// from it.
     #[error("cannot open store `{url}`: {source}")]
     Open {
+        /// The URL (and key) concerned.
         url: String,
+        /// The store's error.
         #[source]
         source: object_store::Error,
     },
+    /// A local folder (a local store's root, the model cache) or a file in it could not be
+    /// created or written.
     #[error("cannot create local folder `{path}`: {source}")]
     LocalDir {
+        /// The folder.
         path: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -38,8 +53,11 @@ pub enum StoreError {
 /// A store and the key prefix a URL names inside it.
 #[derive(Clone, Debug)]
 pub struct Location {
+    /// The URL or absolute local path the location was opened from.
     pub url: String,
+    /// The object store the location lives in (shared with its [`Location::child`] locations).
     pub store: Arc<dyn ObjectStore>,
+    /// The key prefix inside `store` that the URL's path names.
     pub prefix: Path,
     /// The folder `prefix` names, for a store on the local file system (whose staging copies,
     /// `<name>#<digits>`, its listings do not show).
@@ -120,6 +138,11 @@ fn url_prefix(url: &str, parsed: &Url) -> Result<Path, StoreError> {
 /// Opens the store a URL or local path names. Local folders are created when missing; a
 /// relative path is resolved against the current folder, and the returned [`Location::url`] is
 /// the absolute path.
+///
+/// # Errors
+/// [`StoreError::BadUrl`] for a URL that does not parse or has an unsupported scheme,
+/// [`StoreError::Open`] when the store cannot be built, [`StoreError::LocalDir`] when a local
+/// folder cannot be created.
 pub fn open(url: &str) -> Result<Location, StoreError> {
     let bad = |problem: &str| StoreError::BadUrl { url: url.to_owned(), problem: problem.to_owned() };
     if !is_url(url) {
@@ -160,6 +183,10 @@ pub const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(180);
 /// retry (a PUT or COPY whose connection dropped mid-request: it may have happened, so the client
 /// leaves the decision to the caller) with the same backoff, until [`STORE_RETRY_TIMEOUT`] has
 /// passed. Answers that mean something (not found, already exists, denied) are returned at once.
+///
+/// # Errors
+/// The operation's last error: a non-transient one at once, a transient one after
+/// [`STORE_RETRY_TIMEOUT`].
 pub async fn retry_idempotent<T, F, Fut>(mut operation: F) -> object_store::Result<T>
 where
     F: FnMut() -> Fut,
@@ -298,6 +325,9 @@ fn open_local(url: &str, path: &std::path::Path) -> Result<Location, StoreError>
 }
 
 /// Writes `bytes` at `key` only if nothing is there yet. Returns false when it already existed.
+///
+/// # Errors
+/// The store's error for any failure other than `AlreadyExists`.
 pub async fn put_create(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> object_store::Result<bool> {
     let options = PutOptions { mode: PutMode::Create, ..Default::default() };
     match store.put_opts(key, PutPayload::from(bytes), options).await {
@@ -312,6 +342,9 @@ pub const MULTIPART_THRESHOLD: usize = 8 << 20;
 
 /// Writes `bytes` at `key`, as a multipart upload of 8 MiB parts when larger than
 /// [`MULTIPART_THRESHOLD`] (S3 single PUTs are limited and retry whole).
+///
+/// # Errors
+/// The store's error from the PUT or from any part of the multipart upload.
 pub async fn put_large(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> object_store::Result<()> {
     if bytes.len() <= MULTIPART_THRESHOLD {
         store.put(key, PutPayload::from(bytes)).await?;
@@ -328,6 +361,10 @@ pub async fn put_large(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> o
 /// its `<name>.data` external-data file, when there is one) into `cache_dir/<hash of URL>/<name>`,
 /// keeping the file name the model's external-data reference expects. Downloads are atomic
 /// (temporary file + rename) and reused while the object's size is unchanged.
+///
+/// # Errors
+/// Those of [`open`]; [`StoreError::Open`] when the model (or an external-data file that exists)
+/// cannot be read; [`StoreError::LocalDir`] when the cache folder or file cannot be written.
 pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::path::PathBuf, StoreError> {
     let local = url.strip_prefix("file://").unwrap_or(url);
     if !is_url(local) {
@@ -381,6 +418,9 @@ pub fn model_cache_dir() -> std::path::PathBuf {
 
 /// Reads an object, `None` when it does not exist. A body cut off after the answer began (which
 /// the client does not retry) is read again, as in [`retry_idempotent`].
+///
+/// # Errors
+/// The store's error for anything but `NotFound`.
 pub async fn get_optional(store: &dyn ObjectStore, key: &Path) -> object_store::Result<Option<bytes::Bytes>> {
     retry_idempotent(|| async {
         match store.get(key).await {
@@ -393,6 +433,9 @@ pub async fn get_optional(store: &dyn ObjectStore, key: &Path) -> object_store::
 }
 
 /// Reads an object whole, reading again a body cut off after the answer began.
+///
+/// # Errors
+/// The store's error, `NotFound` included.
 pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Result<bytes::Bytes> {
     retry_idempotent(|| async { store.get(key).await?.bytes().await }).await
 }

@@ -10,10 +10,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mgd3_common::proto;
-use mgd3_common::rpc::{Client, connect, read_token_file};
+use mgd3_common::rpc::{CallError, Client, connect, read_token_file};
+use mgd3_common::status::{JobState, JobStatus};
 use tokio::net::TcpListener;
 
-use crate::service::{Coordinator, ServeConfig, serve};
+use crate::grpc::serve;
+use crate::service::{Coordinator, ServeConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about = "mgd3 coordinator: distributes MGD³ distillation over workers")]
@@ -122,8 +124,8 @@ pub struct Connection {
 
 impl Connection {
     fn client(&self) -> Result<Client> {
-        let token = self.token_file.as_deref().map(read_token_file).transpose().map_err(anyhow::Error::msg)?;
-        connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref()).map_err(anyhow::Error::msg)
+        let token = self.token_file.as_deref().map(read_token_file).transpose()?;
+        Ok(connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref())?)
     }
 }
 
@@ -204,21 +206,24 @@ fn read_spec(path: &Path) -> Result<(String, String)> {
     Ok((text, base))
 }
 
-fn describe(status: &proto::JobStatus) -> String {
-    if status.state == "quarantined" {
+fn describe(status: &JobStatus) -> String {
+    if status.state == JobState::Quarantined {
         let reason = status.failures.first().map(|f| f.error.as_str()).unwrap_or_default();
         return format!("job {} [quarantined]\n  {reason}\n", status.job_id);
     }
-    let eta = if status.eta_seconds < 0.0 { "unknown".to_owned() } else { format!("{:.0} s", status.eta_seconds) };
+    let eta = status.eta_seconds.map_or_else(|| "unknown".to_owned(), |eta| format!("{eta:.0} s"));
+    let shards = &status.shards;
     let mut text = format!(
-        "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  images: {}/{}, {:.2} images/s, ETA {eta}\n  workers: {}\n  output: {}\n",
+        "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  classes: {}/{}\n  images: {}/{}, {:.2} images/s, ETA {eta}\n  workers: {}\n  output: {}\n",
         status.job_id,
         status.state,
-        status.shards_done,
-        status.shards_running,
-        status.shards_pending,
-        status.shards_failed,
-        status.shards_total,
+        shards.done,
+        shards.running,
+        shards.pending,
+        shards.failed,
+        shards.total,
+        status.classes_done,
+        status.classes_total,
         status.images_done,
         status.images_total,
         status.images_per_second,
@@ -234,15 +239,17 @@ fn describe(status: &proto::JobStatus) -> String {
     text
 }
 
-fn status_json(status: &proto::JobStatus) -> serde_json::Value {
+fn status_json(status: &JobStatus) -> serde_json::Value {
+    let shards = &status.shards;
     serde_json::json!({
         "job_id": status.job_id,
-        "state": status.state,
-        "shards": {"total": status.shards_total, "done": status.shards_done, "running": status.shards_running,
-                   "pending": status.shards_pending, "failed": status.shards_failed},
+        "state": status.state.as_str(),
+        "shards": {"total": shards.total, "done": shards.done, "running": shards.running,
+                   "pending": shards.pending, "failed": shards.failed},
+        "classes": {"done": status.classes_done, "total": status.classes_total},
         "images": {"done": status.images_done, "total": status.images_total},
         "images_per_second": status.images_per_second,
-        "eta_seconds": if status.eta_seconds < 0.0 { serde_json::Value::Null } else { status.eta_seconds.into() },
+        "eta_seconds": status.eta_seconds,
         "workers": status.workers,
         "fingerprint": status.fingerprint,
         "output": status.output,
@@ -251,8 +258,25 @@ fn status_json(status: &proto::JobStatus) -> serde_json::Value {
     })
 }
 
+/// `GetJobStatus` as a domain status.
+async fn job_status(client: &mut Client, url: &str, job_id: &str) -> Result<JobStatus> {
+    let status = client
+        .get_job_status(proto::GetJobStatusRequest { job_id: job_id.into() })
+        .await
+        .map_err(CallError::of(url, "GetJobStatus"))?
+        .into_inner();
+    Ok(JobStatus::try_from(status)?)
+}
+
+/// `ListJobs` as domain statuses.
+async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
+    let jobs =
+        client.list_jobs(proto::ListJobsRequest {}).await.map_err(CallError::of(url, "ListJobs"))?.into_inner().jobs;
+    Ok(jobs.into_iter().map(JobStatus::try_from).collect::<Result<_, _>>()?)
+}
+
 /// Polls a job until it ends, showing a progress bar; returns its final status.
-pub async fn wait_for(client: &mut Client, job_id: &str, quiet: bool) -> Result<proto::JobStatus> {
+pub async fn wait_for(client: &mut Client, url: &str, job_id: &str, quiet: bool) -> Result<JobStatus> {
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
@@ -260,14 +284,14 @@ pub async fn wait_for(client: &mut Client, job_id: &str, quiet: bool) -> Result<
             .progress_chars("=> "),
     );
     loop {
-        let status = client.get_job_status(proto::GetJobStatusRequest { job_id: job_id.into() }).await?.into_inner();
+        let status = job_status(client, url, job_id).await?;
         bar.set_length(status.images_total);
         bar.set_position(status.images_done);
         bar.set_message(format!(
             "{} shards {}/{} ({} failed)",
-            status.state, status.shards_done, status.shards_total, status.shards_failed
+            status.state, status.shards.done, status.shards.total, status.shards.failed
         ));
-        if status.state != "running" {
+        if status.state.is_final() {
             bar.finish_and_clear();
             return Ok(status);
         }
@@ -275,27 +299,18 @@ pub async fn wait_for(client: &mut Client, job_id: &str, quiet: bool) -> Result<
     }
 }
 
-fn exit_for(status: &proto::JobStatus) -> Result<()> {
+fn exit_for(status: &JobStatus) -> Result<()> {
     print!("{}", describe(status));
-    if status.state != "succeeded" {
+    if status.state != JobState::Succeeded {
         bail!("job {} ended {}", status.job_id, status.state);
     }
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let token = args.token_file.as_deref().map(read_token_file).transpose().map_err(anyhow::Error::msg)?;
+            let token = args.token_file.as_deref().map(read_token_file).transpose()?;
             let tls = match (&args.tls_cert, &args.tls_key) {
                 (Some(cert), Some(key)) => Some((
                     std::fs::read(cert).with_context(|| format!("cannot read TLS certificate `{}`", cert.display()))?,
@@ -336,7 +351,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             tracing::info!(allowed = ?allowed, "local paths submitted specs may use");
             coordinator.allow_paths(allowed);
-            serve(coordinator, &config, listener, termination()).await?;
+            serve(coordinator, &config, listener, mgd3_common::termination()).await?;
             Ok(())
         }
         Command::Submit(args) => {
@@ -344,14 +359,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             let mut client = args.connection.client()?;
             let request =
                 proto::SubmitJobRequest { spec_toml: text, base_dir: base, job_id: args.job_id.unwrap_or_default() };
-            let response =
-                client.submit_job(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+            let response = client
+                .submit_job(request)
+                .await
+                .map_err(CallError::of(&args.connection.coordinator, "SubmitJob"))?
+                .into_inner();
             for note in &response.notes {
                 eprintln!("note: {note}");
             }
             println!("{}", response.job_id);
             if args.wait {
-                let status = wait_for(&mut client, &response.job_id, false).await?;
+                let status = wait_for(&mut client, &args.connection.coordinator, &response.job_id, false).await?;
                 exit_for(&status)?;
             }
             Ok(())
@@ -359,21 +377,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => {
             let mut client = args.connection.client()?;
             let statuses = match &args.job {
-                Some(job) => vec![
-                    client
-                        .get_job_status(proto::GetJobStatusRequest { job_id: job.clone() })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                        .into_inner(),
-                ],
-                None => {
-                    client
-                        .list_jobs(proto::ListJobsRequest {})
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                        .into_inner()
-                        .jobs
-                }
+                Some(job) => vec![job_status(&mut client, &args.connection.coordinator, job).await?],
+                None => list_jobs(&mut client, &args.connection.coordinator).await?,
             };
             if let Some(path) = &args.get {
                 let value = statuses.first().map(status_json).unwrap_or_default();
@@ -400,7 +405,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let response = client
                 .resume_job(proto::ResumeJobRequest { job_id: args.job.clone(), spec_toml, base_dir })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(CallError::of(&args.connection.coordinator, "ResumeJob"))?
                 .into_inner();
             println!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
             if !response.redone.is_empty() {
@@ -417,7 +422,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let response = client
                 .verify_job(proto::VerifyJobRequest { job_id: args.job.clone() })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(CallError::of(&args.connection.coordinator, "VerifyJob"))?
                 .into_inner();
             for p in &response.problems {
                 println!(
@@ -444,25 +449,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             client
                 .cancel_job(proto::CancelJobRequest { job_id: args.job.clone() })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                .map_err(CallError::of(&args.connection.coordinator, "CancelJob"))?;
             println!("job {} cancelled", args.job);
             Ok(())
         }
         Command::List(args) => {
             let mut client = args.connection.client()?;
-            let jobs = client
-                .list_jobs(proto::ListJobsRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner()
-                .jobs;
+            let jobs = list_jobs(&mut client, &args.connection.coordinator).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
             } else {
                 for j in &jobs {
                     println!(
                         "{}\t{}\t{}/{} shards\t{}/{} images",
-                        j.job_id, j.state, j.shards_done, j.shards_total, j.images_done, j.images_total
+                        j.job_id, j.state, j.shards.done, j.shards.total, j.images_done, j.images_total
                     );
                 }
             }
@@ -472,7 +472,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Check(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let default_output = args.store.clone().unwrap_or_else(|| "(the coordinator's --store)".to_owned());
-            let resolved = crate::service::resolve_spec(&text, Path::new(&base), None, &default_output, None)
+            let resolved = crate::submit::resolve_spec(&text, Path::new(&base), None, &default_output, None)
                 .await
                 .with_context(|| format!("job spec `{}`", args.spec.display()))?;
             let job = &resolved.job;
@@ -602,10 +602,10 @@ async fn run_local(args: RunArgs) -> Result<()> {
             .with_context(|| format!("cannot start `{}`", worker_bin.display()))?;
         workers.push(child);
     }
-    let mut client = connect(&url, None, None).map_err(anyhow::Error::msg)?;
+    let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
-        status = wait_for(&mut client, &job.job_id, false) => status,
-        _ = termination() => Err(anyhow::anyhow!("interrupted; `coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id)),
+        status = wait_for(&mut client, &url, &job.job_id, false) => status,
+        _ = mgd3_common::termination() => Err(anyhow::anyhow!("interrupted; `coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id)),
         exits = all_exited(&mut workers) => Err(anyhow::anyhow!(
             "every local worker exited before the job finished ({exits}); see their errors above, then run again to continue"
         )),

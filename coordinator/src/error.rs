@@ -42,6 +42,10 @@ pub enum Error {
     DataChanged { job: String },
     #[error("job `{job}` already exists with another spec")]
     JobIdTaken { job: String },
+    #[error(
+        "`{path}` has schema_version {found}, but this coordinator reads up to {supported}: a newer mgd3 wrote it; run that version (or newer) to serve this store"
+    )]
+    StateTooNew { path: String, found: u32, supported: u32 },
     #[error("worker rejected: {0}")]
     Incompatible(String),
     #[error("{what} `{path}`: {source}")]
@@ -55,6 +59,10 @@ pub enum Error {
         "class `{wnid}` of shard {shard} has no commit marker in `{output}` as the coordinator sees it; the shard is not complete"
     )]
     MissingMarker { shard: usize, wnid: String, output: String },
+    #[error(
+        "shard {shard} was reported with manifest digest {reported}, but its commit markers in `{output}` give {stored}; the shard is not complete"
+    )]
+    DigestMismatch { shard: usize, reported: String, stored: String, output: String },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("`{path}` is missing from the store")]
@@ -68,7 +76,7 @@ impl Error {
     /// foreign marker): that job is quarantined. Store outages and configuration errors are not.
     pub fn is_damage(&self) -> bool {
         match self {
-            Error::Corrupt { .. } | Error::Missing { .. } => true,
+            Error::Corrupt { .. } | Error::Missing { .. } | Error::StateTooNew { .. } => true,
             Error::Commit(e) => matches!(e, CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }),
             Error::Store(StoreError::BadUrl { .. }) => true,
             _ => false,
@@ -103,13 +111,16 @@ impl From<Error> for tonic::Status {
             Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
                 tonic::Status::not_found(message)
             }
-            Error::Incompatible(_) | Error::Scheduler(_) | Error::MissingMarker { .. } | Error::Quarantined { .. } => {
-                tonic::Status::failed_precondition(message)
-            }
+            Error::Incompatible(_)
+            | Error::Scheduler(_)
+            | Error::MissingMarker { .. }
+            | Error::DigestMismatch { .. }
+            | Error::Quarantined { .. } => tonic::Status::failed_precondition(message),
             Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) | Error::Lock(_) => {
                 tonic::Status::unavailable(message)
             }
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
+            Error::StateTooNew { .. } => tonic::Status::failed_precondition(message),
         }
     }
 }

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use mgd3_common::job::{ClassRef, ResolvedJob};
+pub use mgd3_common::status::JobState;
+use mgd3_common::status::{ShardPhase, ShardStatus};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -50,6 +52,21 @@ pub struct Shard {
     /// Progress reported by the current lease.
     #[serde(default)]
     pub images_done: u32,
+    /// Classes the current lease reported committed.
+    #[serde(default)]
+    pub classes_done: u32,
+}
+
+impl Shard {
+    fn pending() -> Self {
+        Shard { state: ShardState::Pending, attempts: 0, last_error: None, images_done: 0, classes_done: 0 }
+    }
+
+    /// Forgets the progress of the lease that just ended.
+    fn reset_progress(&mut self) {
+        self.images_done = 0;
+        self.classes_done = 0;
+    }
 }
 
 /// What survives a coordinator restart (state.json).
@@ -59,26 +76,6 @@ pub struct PersistedJob {
     pub cancelled: bool,
     pub finished_unix_ms: Option<u64>,
     pub excluded_workers: BTreeSet<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
 }
 
 struct JobRun {
@@ -118,6 +115,19 @@ impl JobRun {
             })
             .sum()
     }
+
+    fn classes_done(&self) -> u64 {
+        self.persisted
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s.state {
+                ShardState::Done { .. } => self.job.shard_classes(i).len() as u64,
+                ShardState::Leased { .. } => s.classes_done as u64,
+                _ => 0,
+            })
+            .sum()
+    }
 }
 
 /// A granted lease.
@@ -145,6 +155,8 @@ pub enum PollDecision {
 pub struct Running {
     pub lease_id: String,
     pub images_done: u32,
+    /// Classes of the shard committed so far.
+    pub classes_done: u32,
 }
 
 /// Counts for status output.
@@ -157,10 +169,13 @@ pub struct JobSummary {
     pub pending: u32,
     pub failed: u32,
     pub images_done: u64,
+    pub classes_done: u64,
     pub images_per_second: f64,
     pub eta_seconds: f64,
     pub failures: Vec<(usize, Shard)>,
     pub finished_unix_ms: Option<u64>,
+    /// Every shard, in plan order.
+    pub shards: Vec<ShardStatus>,
 }
 
 /// Events the caller acts on (persisting state, writing the manifest).
@@ -237,10 +252,9 @@ impl Scheduler {
         let shards = job.shards.len();
         let recovered = persisted.is_some();
         let grace = job.spec.lease_timeout_s * 1000;
-        let mut persisted = persisted.filter(|p| p.shards.len() == shards).unwrap_or_else(|| PersistedJob {
-            shards: vec![Shard { state: ShardState::Pending, attempts: 0, last_error: None, images_done: 0 }; shards],
-            ..Default::default()
-        });
+        let mut persisted = persisted
+            .filter(|p| p.shards.len() == shards)
+            .unwrap_or_else(|| PersistedJob { shards: vec![Shard::pending(); shards], ..Default::default() });
         let mut pending = BTreeSet::new();
         for (i, shard) in persisted.shards.iter_mut().enumerate() {
             if committed.contains(&i) {
@@ -386,6 +400,7 @@ impl Scheduler {
             ShardState::Leased { worker_id: owner, deadline_ms, .. } if owner == worker_id => {
                 *deadline_ms = now + timeout;
                 entry.images_done = running.images_done;
+                entry.classes_done = running.classes_done;
                 true
             }
             _ => false,
@@ -404,7 +419,7 @@ impl Scheduler {
             self.next_lease += 1;
             let entry = &mut run.persisted.shards[shard];
             entry.attempts += 1;
-            entry.images_done = 0;
+            entry.reset_progress();
             let lease_id = format!("{}-{}", self.epoch, self.next_lease);
             let attempt_id = format!("s{shard}-a{}-{lease_id}", entry.attempts);
             let deadline_ms = now + run.job.spec.lease_timeout_s * 1000;
@@ -474,7 +489,7 @@ impl Scheduler {
         } else {
             entry.last_error = Some(ShardError { wnid, error, at_ms: now });
         }
-        entry.images_done = 0;
+        entry.reset_progress();
         if cancelled {
             entry.state = ShardState::Pending;
         } else if retryable && entry.attempts < max {
@@ -578,6 +593,17 @@ impl Scheduler {
         Ok((job, Settled::Open))
     }
 
+    /// Leases nothing of `job_id` to `worker_id` from now on (it registered with models that
+    /// differ from the job's). A lease it already holds runs on: its models were checked when
+    /// they were loaded. Returns false when the worker was already excluded.
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownJob`] when the job is not known.
+    pub fn exclude_worker(&mut self, job_id: &str, worker_id: &str) -> Result<bool, SchedulerError> {
+        let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        Ok(run.persisted.excluded_workers.insert(worker_id.to_owned()))
+    }
+
     pub fn cancel(&mut self, job_id: &str, now: u64) -> Result<Settled, SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         match run.state() {
@@ -643,6 +669,24 @@ impl Scheduler {
             }
         }
         let images_done = run.images_done();
+        let shards = run
+            .persisted
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let classes = run.job.shard_classes(i).len() as u32;
+                let (phase, worker, classes_done, images_done) = match &s.state {
+                    ShardState::Pending => (ShardPhase::Pending, None, 0, 0),
+                    ShardState::Leased { worker_id, .. } => {
+                        (ShardPhase::Leased, Some(worker_id.clone()), s.classes_done, s.images_done)
+                    }
+                    ShardState::Done { .. } => (ShardPhase::Done, None, classes, classes * run.job.spec.ipc as u32),
+                    ShardState::Failed => (ShardPhase::Failed, None, 0, 0),
+                };
+                ShardStatus { index: i as u32, phase, attempts: s.attempts, classes, classes_done, images_done, worker }
+            })
+            .collect();
         let end = run.persisted.finished_unix_ms.unwrap_or(now);
         let elapsed = end.saturating_sub(run.rate_origin.0) as f64 / 1000.0;
         let rate = if elapsed > 0.0 { images_done.saturating_sub(run.rate_origin.1) as f64 / elapsed } else { 0.0 };
@@ -662,10 +706,12 @@ impl Scheduler {
             pending: counts[2],
             failed: counts[3],
             images_done,
+            classes_done: run.classes_done(),
             images_per_second: rate,
             eta_seconds: eta,
             failures,
             finished_unix_ms: run.persisted.finished_unix_ms,
+            shards,
         })
     }
 }
@@ -712,13 +758,18 @@ mod tests {
         let c = lease(poll(&mut s, "w3", &[], false, 0).0);
         assert_eq!(s.complete("w3", &c.lease_id, 1).unwrap().1, Settled::Open);
         // A worker holding a lease gets no second one.
-        let running = [Running { lease_id: a.lease_id.clone(), images_done: 1 }];
+        let running = [Running { lease_id: a.lease_id.clone(), images_done: 1, classes_done: 0 }];
         assert_eq!(poll(&mut s, "w1", &running, false, 5_000).0, PollDecision::Wait(1000));
         // Renewed at 5 s: still held at 12 s; w2's lease (deadline 10 s) expired.
         let (decision, revoked) = poll(&mut s, "w1", &running, false, 12_000);
         assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![]));
-        let (decision, revoked) =
-            poll(&mut s, "w2", &[Running { lease_id: b.lease_id.clone(), images_done: 0 }], false, 12_000);
+        let (decision, revoked) = poll(
+            &mut s,
+            "w2",
+            &[Running { lease_id: b.lease_id.clone(), images_done: 0, classes_done: 0 }],
+            false,
+            12_000,
+        );
         assert_eq!(revoked, vec![b.lease_id.clone()]);
         // The expired shard is leased again, as a second attempt.
         let retry = lease(decision);
@@ -729,6 +780,42 @@ mod tests {
         assert_eq!((summary.done, summary.pending, summary.running, summary.images_done), (2, 0, 1, 4));
         assert_eq!(s.complete("w2", &retry.lease_id, 15_000).unwrap().1, Settled::Finished(JobState::Succeeded));
         assert_eq!(s.summary("j", 16_000).unwrap().finished_unix_ms, Some(15_000));
+    }
+
+    #[test]
+    fn progress_counts_classes_and_shards_as_workers_report_them() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 4, 2, 3), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        let running = [Running { lease_id: a.lease_id.clone(), images_done: 2, classes_done: 1 }];
+        poll(&mut s, "w1", &running, false, 1);
+        let summary = s.summary("j", 1).unwrap();
+        assert_eq!((summary.classes_done, summary.images_done), (1, 2));
+        let leased = &summary.shards[a.shard_index];
+        assert_eq!(
+            (leased.phase, leased.classes, leased.classes_done, leased.images_done, leased.worker.as_deref()),
+            (ShardPhase::Leased, 2, 1, 2, Some("w1"))
+        );
+        s.complete("w1", &a.lease_id, 2).unwrap();
+        let summary = s.summary("j", 2).unwrap();
+        assert_eq!((summary.classes_done, summary.images_done), (2, 4));
+        assert_eq!(
+            (summary.shards[a.shard_index].phase, summary.shards[a.shard_index].classes_done),
+            (ShardPhase::Done, 2)
+        );
+        assert_eq!(summary.shards[1 - a.shard_index].phase, ShardPhase::Pending);
+    }
+
+    #[test]
+    fn an_excluded_worker_gets_no_lease_of_that_job() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
+        s.register("w", 0);
+        assert_eq!(s.exclude_worker("j", "w"), Ok(true));
+        assert_eq!(s.exclude_worker("j", "w"), Ok(false));
+        assert_eq!(poll(&mut s, "w", &[], false, 1).0, PollDecision::Wait(1000));
+        assert!(matches!(poll(&mut s, "v", &[], false, 1).0, PollDecision::Lease(_)));
+        assert_eq!(s.exclude_worker("nope", "w"), Err(SchedulerError::UnknownJob("nope".into())));
     }
 
     #[test]
@@ -791,7 +878,7 @@ mod tests {
         // reported), shard 1 is still leased by w2 who keeps renewing.
         let mut restarted = Scheduler::new(1000, "e2");
         restarted.add_job(j, Some(saved), &HashSet::from([0, 2]), 2);
-        let running = [Running { lease_id: b.lease_id.clone(), images_done: 0 }];
+        let running = [Running { lease_id: b.lease_id.clone(), images_done: 0, classes_done: 0 }];
         assert_eq!(poll(&mut restarted, "w2", &running, false, 3).0, PollDecision::Wait(1000));
         let next = lease(poll(&mut restarted, "w3", &[], false, 3).0);
         assert_eq!(next.shard_index, 3);
@@ -806,7 +893,7 @@ mod tests {
         let a = lease(poll(&mut s, "w", &[], false, 0).0);
         assert_eq!(s.cancel("j", 1).unwrap(), Settled::Finished(JobState::Cancelled));
         let (decision, revoked) =
-            poll(&mut s, "w", &[Running { lease_id: a.lease_id.clone(), images_done: 0 }], false, 2);
+            poll(&mut s, "w", &[Running { lease_id: a.lease_id.clone(), images_done: 0, classes_done: 0 }], false, 2);
         assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![a.lease_id.clone()]));
         assert_eq!(s.resume("j", &HashSet::from([1]), 3).unwrap(), (1, 2));
         assert_eq!(s.state("j"), Some(JobState::Running));
@@ -838,7 +925,7 @@ mod tests {
         }
         assert_eq!(s.state("j"), Some(JobState::Running));
         let held = lease(poll(&mut s, "w", &[], false, 60).0);
-        let running = [Running { lease_id: held.lease_id.clone(), images_done: 0 }];
+        let running = [Running { lease_id: held.lease_id.clone(), images_done: 0, classes_done: 0 }];
         assert_eq!(poll(&mut s, "w", &running, false, 61).0, PollDecision::Wait(1000));
         assert_ne!(held.lease_id, a.lease_id);
     }
@@ -855,7 +942,7 @@ mod tests {
         s.complete("w", &a.lease_id, 2).unwrap();
         // One shard still running: the idle worker waits, the holder keeps its lease.
         assert_eq!(poll(&mut s, "w", &[], false, 3).0, PollDecision::Wait(1000));
-        let held = [Running { lease_id: b.lease_id.clone(), images_done: 0 }];
+        let held = [Running { lease_id: b.lease_id.clone(), images_done: 0, classes_done: 0 }];
         assert_eq!(poll(&mut s, "v", &held, false, 3).0, PollDecision::Wait(1000));
         s.complete("v", &b.lease_id, 4).unwrap();
         assert_eq!(s.state("j"), Some(JobState::Succeeded));

@@ -1,6 +1,7 @@
-//! The coordinator: the tonic service over a [`Scheduler`], durable state in the object store, a
-//! background task that persists state and expires leases, and [`serve`], the library entry point
-//! (`coordinator serve` and the tests call it with their own listener).
+//! The coordinator's domain: [`Coordinator`] over a [`Scheduler`] — jobs, leases, commits,
+//! recovery, resume and verification — with durable state behind [`crate::jobstore::JobStore`]
+//! and a background task that persists state and expires leases. Submission (spec resolution)
+//! is in [`crate::submit`], the gRPC adapter and [`crate::grpc::serve`] in [`crate::grpc`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -9,27 +10,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mgd3_common::commit::{self, CommitError};
-use mgd3_common::imagefolder::Root;
-use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id};
+use mgd3_common::job::ResolvedJob;
 use mgd3_common::layout::JobKeys;
-use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use mgd3_common::proto::{self, poll_work_response::Action};
-use mgd3_common::rpc::RequireToken;
+use mgd3_common::status::{JobStatus, ShardCounts, ShardFailure};
 use mgd3_common::store::{self, Location};
 use mgd3_common::{PROTOCOL_VERSION, now_ms};
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::jobstore::{JobStore, ObjectJobStore};
 use crate::lock::{LockError, StoreLock};
 use crate::scheduler::{JobState, PollDecision, Running, Scheduler, Settled};
 
 /// How long after a coordinator stops renewing its store lock another may take the store over.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::state;
+use crate::submit::{Resolved, check_dataset, resolve_spec};
 
 /// How `serve` runs.
 #[derive(Clone, Debug)]
@@ -45,6 +43,8 @@ pub struct ServeConfig {
 struct Inner {
     scheduler: Mutex<Scheduler>,
     store: Location,
+    /// The jobs' own records (job.json, state.json), in `store`.
+    jobs: Arc<dyn JobStore>,
     outputs: Mutex<HashMap<String, Location>>,
     dirty: Mutex<HashSet<String>>,
     /// Succeeded jobs whose manifest is still to be written (with their finish time).
@@ -64,20 +64,6 @@ struct Inner {
     allowed_paths: Mutex<Option<Vec<std::path::PathBuf>>>,
 }
 
-/// The status of a quarantined job: state `quarantined`, the damage as its one failure.
-fn quarantined_status(job_id: String, reason: String) -> proto::JobStatus {
-    let error = format!(
-        "{reason}; the job is quarantined (not scheduled): repair or remove its records under jobs/{job_id}/, then restart the coordinator or run `coordinator resume {job_id}`"
-    );
-    proto::JobStatus {
-        state: "quarantined".into(),
-        eta_seconds: -1.0,
-        failures: vec![proto::ShardFailure { shard_index: 0, wnid: String::new(), error, attempts: 0 }],
-        job_id,
-        ..Default::default()
-    }
-}
-
 /// Folders under the job's `dataset/` that are no class of the job (relative to the output).
 async fn extra_class_folders(out: &Location, job: &ResolvedJob) -> Result<Vec<String>> {
     let relative = format!("{}/dataset", JobKeys::new(&job.job_id).root());
@@ -95,16 +81,6 @@ async fn extra_class_folders(out: &Location, job: &ResolvedJob) -> Result<Vec<St
         .filter(|name| !classes.contains(name))
         .map(|name| format!("{relative}/{name}"))
         .collect())
-}
-
-/// A spec resolved at submit: the job, and what the look at its dataset found.
-#[derive(Clone, Debug)]
-pub struct Resolved {
-    pub job: ResolvedJob,
-    /// Images per class, in class order.
-    pub image_counts: Vec<usize>,
-    /// What a person should know about the dataset (skipped hidden folders, non-image entries).
-    pub notes: Vec<String>,
 }
 
 /// What [`Coordinator::resume`] did.
@@ -144,6 +120,7 @@ impl Coordinator {
         let coordinator = Coordinator {
             inner: Arc::new(Inner {
                 scheduler: Mutex::new(Scheduler::new(heartbeat_ms, epoch)),
+                jobs: Arc::new(ObjectJobStore::new(store.clone())),
                 store,
                 outputs: Mutex::new(HashMap::new()),
                 dirty: Mutex::new(HashSet::new()),
@@ -157,7 +134,7 @@ impl Coordinator {
                 allowed_paths: Mutex::new(None),
             }),
         };
-        for (job_id, loaded) in state::load_jobs(&coordinator.inner.store).await? {
+        for (job_id, loaded) in coordinator.inner.jobs.load_jobs().await? {
             let recovered = match loaded {
                 Ok((job, persisted)) => coordinator.recover(job, persisted).await,
                 Err(error) => Err(error),
@@ -324,7 +301,7 @@ impl Coordinator {
                 persisted.finished_unix_ms = None;
             }
             if let Some(persisted) = persisted
-                && let Err(error) = state::write_state(&self.inner.store, &job_id, &persisted).await
+                && let Err(error) = self.inner.jobs.write_state(&job_id, &persisted).await
             {
                 warn!(job = %job_id, %error, "could not persist job state; will retry");
                 self.mark_dirty(&job_id);
@@ -351,6 +328,18 @@ impl Coordinator {
         if !self.is_fenced() {
             self.inner.lock.lock().await.release().await;
         }
+    }
+
+    /// Resolves once another coordinator has taken the store over (at once if it already has).
+    pub(crate) async fn fenced(&self) {
+        if !self.is_fenced() {
+            self.inner.lost.notified().await;
+        }
+    }
+
+    /// Who took the store over, once fenced (taken: asked once, by `serve` on its way out).
+    pub(crate) fn take_lost_to(&self) -> Option<LockError> {
+        self.inner.lost_to.lock().expect("lost to").take()
     }
 
     /// True once another coordinator took this one's store over.
@@ -405,8 +394,8 @@ impl Coordinator {
             return Ok((existing, true, notes));
         }
         let out = self.output(&job)?;
-        let created = state::write_job(&self.inner.store, &job).await?;
-        let job = if created { job } else { state::read_job(&self.inner.store, &job.job_id).await? };
+        let created = self.inner.jobs.create_job(&job).await?;
+        let job = if created { job } else { self.inner.jobs.read_job(&job.job_id).await? };
         let committed = state::committed_shards(&out, &job).await?;
         let job = Arc::new(job);
         info!(job = %job.job_id, classes = job.classes.len(), shards = job.shards.len(), committed = committed.len(), "job submitted");
@@ -427,7 +416,7 @@ impl Coordinator {
     pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<Resumed> {
         if self.inner.quarantined.lock().expect("quarantined").contains_key(job_id) {
             // Repaired records bring a quarantined job back; damaged ones keep it out.
-            let loaded = state::load_job(&self.inner.store, job_id).await;
+            let loaded = self.inner.jobs.load_job(job_id).await;
             let recovered = match loaded {
                 Ok((job, persisted)) => self.recover(job, persisted).await,
                 Err(error) => Err(error),
@@ -549,9 +538,13 @@ impl Coordinator {
         Ok(())
     }
 
-    pub fn status(&self, job_id: &str) -> Result<proto::JobStatus> {
+    /// Where `job_id` stands, as `coordinator status` shows it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`] when no such job is known (quarantined jobs are known).
+    pub fn status(&self, job_id: &str) -> Result<JobStatus> {
         if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(job_id) {
-            return Ok(quarantined_status(job_id.to_owned(), reason.clone()));
+            return Ok(JobStatus::quarantined(job_id.to_owned(), reason.clone()));
         }
         let now = now_ms();
         let scheduler = self.inner.scheduler.lock().expect("scheduler");
@@ -562,7 +555,7 @@ impl Coordinator {
             .iter()
             .map(|(index, shard)| {
                 let error = shard.last_error.clone();
-                proto::ShardFailure {
+                ShardFailure {
                     shard_index: *index as u32,
                     wnid: error.as_ref().and_then(|e| e.wnid.clone()).unwrap_or_else(|| {
                         job.shard_classes(*index).iter().map(|c| c.wnid.as_str()).collect::<Vec<_>>().join(",")
@@ -572,29 +565,35 @@ impl Coordinator {
                 }
             })
             .collect();
-        Ok(proto::JobStatus {
+        Ok(JobStatus {
             job_id: job.job_id.clone(),
+            // Succeeded only once the manifest is written: until then the job is not done.
             state: if summary.state == JobState::Succeeded
                 && self.inner.manifests_due.lock().expect("manifests").contains_key(&job.job_id)
             {
-                JobState::Running.as_str().into()
+                JobState::Running
             } else {
-                summary.state.as_str().into()
+                summary.state
             },
-            shards_total: job.shards.len() as u32,
-            shards_done: summary.done,
-            shards_running: summary.running,
-            shards_pending: summary.pending,
-            shards_failed: summary.failed,
+            shards: ShardCounts {
+                total: job.shards.len() as u32,
+                done: summary.done,
+                running: summary.running,
+                pending: summary.pending,
+                failed: summary.failed,
+            },
+            classes_done: summary.classes_done as u32,
+            classes_total: job.classes.len() as u32,
             images_done: summary.images_done,
             images_total: job.images_total(),
             images_per_second: summary.images_per_second,
-            eta_seconds: if summary.eta_seconds.is_finite() { summary.eta_seconds } else { -1.0 },
+            eta_seconds: summary.eta_seconds.is_finite().then_some(summary.eta_seconds),
             failures,
             fingerprint: job.fingerprint.clone(),
             created_unix_ms: job.created_unix_ms,
-            finished_unix_ms: summary.finished_unix_ms.unwrap_or(0),
+            finished_unix_ms: summary.finished_unix_ms,
             workers: scheduler.live_workers(now) as u32,
+            shard_list: summary.shards,
             output: format!(
                 "{}/{}",
                 job.spec.output.clone().unwrap_or_default().trim_end_matches('/'),
@@ -603,15 +602,16 @@ impl Coordinator {
         })
     }
 
-    pub fn list(&self) -> Vec<proto::JobStatus> {
+    /// Every known job in submission order, then the quarantined ones.
+    pub fn list(&self) -> Vec<JobStatus> {
         let ids = self.inner.scheduler.lock().expect("scheduler").job_ids();
         let mut jobs: Vec<_> = ids.iter().filter_map(|id| self.status(id).ok()).collect();
         let quarantined = self.inner.quarantined.lock().expect("quarantined").clone();
-        jobs.extend(quarantined.into_iter().map(|(id, reason)| quarantined_status(id, reason)));
+        jobs.extend(quarantined.into_iter().map(|(id, reason)| JobStatus::quarantined(id, reason)));
         jobs
     }
 
-    fn register(&self, request: proto::RegisterWorkerRequest) -> Result<proto::RegisterWorkerResponse> {
+    pub(crate) fn register(&self, request: proto::RegisterWorkerRequest) -> Result<proto::RegisterWorkerResponse> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(Error::Incompatible(format!(
                 "worker `{}` speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; run the same mgd3 version on both",
@@ -619,40 +619,51 @@ impl Coordinator {
             )));
         }
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+        let mut excluded = Vec::new();
+        let mut changed = Vec::new();
         for id in scheduler.job_ids() {
             if scheduler.state(&id) != Some(JobState::Running) {
                 continue;
             }
             let job = scheduler.job(&id).expect("listed job");
             let m = &job.spec.models;
-            for (path, expected) in [
+            let mismatch = [
                 (&m.dit, &m.dit_fingerprint),
                 (&m.vae_encoder, &m.vae_encoder_fingerprint),
                 (&m.vae_decoder, &m.vae_decoder_fingerprint),
-            ] {
-                if let (Some(have), Some(want)) = (request.model_fingerprints.get(path), expected)
-                    && have != want
-                {
-                    return Err(Error::Incompatible(format!(
-                        "worker `{}` holds model `{path}` with fingerprint {have}, job `{id}` expects {want}",
-                        request.worker_id
-                    )));
+            ]
+            .into_iter()
+            .find_map(|(path, expected)| match (request.model_fingerprints.get(path), expected) {
+                (Some(have), Some(want)) if have != want => Some((path, have, want)),
+                _ => None,
+            });
+            if let Some((path, have, want)) = mismatch {
+                let reason = format!(
+                    "worker `{}` has model `{path}` loaded with fingerprint {have}, but job `{id}` expects {want}; give this worker the job's model files",
+                    request.worker_id
+                );
+                if scheduler.exclude_worker(&id, &request.worker_id)? {
+                    changed.push(id.clone());
                 }
+                warn!(job = %id, worker = %request.worker_id, %reason, "worker excluded from the job");
+                excluded.push(proto::JobExclusion { job_id: id, reason });
             }
         }
         scheduler.register(&request.worker_id, now_ms());
         info!(worker = %request.worker_id, host = %request.hostname, devices = ?request.devices, "worker registered");
-        Ok(proto::RegisterWorkerResponse {
-            worker_id: request.worker_id,
-            heartbeat_interval_ms: scheduler.heartbeat_ms(),
-        })
+        let heartbeat_interval_ms = scheduler.heartbeat_ms();
+        drop(scheduler);
+        for id in changed {
+            self.mark_dirty(&id);
+        }
+        Ok(proto::RegisterWorkerResponse { worker_id: request.worker_id, heartbeat_interval_ms, excluded })
     }
 
-    fn poll(&self, request: proto::PollWorkRequest) -> Result<proto::PollWorkResponse> {
+    pub(crate) fn poll(&self, request: proto::PollWorkRequest) -> Result<proto::PollWorkResponse> {
         let running: Vec<Running> = request
             .running
             .iter()
-            .map(|r| Running { lease_id: r.lease_id.clone(), images_done: r.images_done })
+            .map(|r| Running { lease_id: r.lease_id.clone(), images_done: r.images_done, classes_done: r.classes_done })
             .collect();
         let (decision, revoked) = self.inner.scheduler.lock().expect("scheduler").poll(
             &request.worker_id,
@@ -682,6 +693,7 @@ impl Coordinator {
                         .collect(),
                     spec_json: serde_json::to_string(&grant.job.spec).expect("serialisable spec"),
                     spec_fingerprint: grant.job.fingerprint.clone(),
+                    lease_timeout_ms: grant.job.spec.lease_timeout_s * 1000,
                 })
             }
             PollDecision::Wait(ms) => Action::WaitMs(ms),
@@ -690,31 +702,52 @@ impl Coordinator {
         Ok(proto::PollWorkResponse { action: Some(action), revoked })
     }
 
-    async fn complete(&self, request: proto::CompleteShardRequest) -> Result<()> {
+    pub(crate) async fn complete(&self, request: proto::CompleteShardRequest) -> Result<()> {
         let (job, shard) =
             self.inner.scheduler.lock().expect("scheduler").lease(&request.worker_id, &request.lease_id)?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(&job.job_id);
+        let mut markers = Vec::new();
+        let mut refused = None;
         for class in job.shard_classes(shard) {
-            if mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await?.is_none() {
-                // A refused completion is recorded as what it is (typically the worker writes
-                // to storage the coordinator does not see), not left to expire as a lost lease.
-                let error = Error::MissingMarker { shard, wnid: class.wnid.clone(), output: out.url.clone() };
-                let settled = self.inner.scheduler.lock().expect("scheduler").fail(
-                    &request.worker_id,
-                    &request.lease_id,
-                    Some(class.wnid.clone()),
-                    format!("worker `{}` reported the shard complete, but {error}", request.worker_id),
-                    true,
-                    false,
-                    now_ms(),
-                );
-                if let Ok((job_id, settled)) = settled {
-                    warn!(job = %job_id, shard, worker = %request.worker_id, wnid = %class.wnid, output = %out.url, "completion refused: no commit marker");
-                    self.settled(&job_id, settled);
+            match mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await? {
+                Some(marker) => markers.push(marker),
+                None => {
+                    let error = Error::MissingMarker { shard, wnid: class.wnid.clone(), output: out.url.clone() };
+                    refused = Some((Some(class.wnid.clone()), error));
+                    break;
                 }
-                return Err(error);
             }
+        }
+        if refused.is_none() {
+            let stored = mgd3_common::commit::manifest_digest(&markers);
+            if stored != request.manifest_digest {
+                let error = Error::DigestMismatch {
+                    shard,
+                    reported: request.manifest_digest.clone(),
+                    stored,
+                    output: out.url.clone(),
+                };
+                refused = Some((None, error));
+            }
+        }
+        if let Some((wnid, error)) = refused {
+            // A refused completion is recorded as what it is (typically the worker writes to
+            // storage the coordinator does not see), not left to expire as a lost lease.
+            let settled = self.inner.scheduler.lock().expect("scheduler").fail(
+                &request.worker_id,
+                &request.lease_id,
+                wnid.clone(),
+                format!("worker `{}` reported the shard complete, but {error}", request.worker_id),
+                true,
+                false,
+                now_ms(),
+            );
+            if let Ok((job_id, settled)) = settled {
+                warn!(job = %job_id, shard, worker = %request.worker_id, wnid = wnid.as_deref().unwrap_or(""), output = %out.url, %error, "completion refused");
+                self.settled(&job_id, settled);
+            }
+            return Err(error);
         }
         let (job_id, settled) = self.inner.scheduler.lock().expect("scheduler").complete(
             &request.worker_id,
@@ -726,7 +759,7 @@ impl Coordinator {
         Ok(())
     }
 
-    fn fail(&self, request: proto::FailShardRequest) -> Result<()> {
+    pub(crate) fn fail(&self, request: proto::FailShardRequest) -> Result<()> {
         let wnid = Some(request.wnid.clone()).filter(|w| !w.is_empty());
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
         let now = now_ms();
@@ -755,399 +788,4 @@ impl Coordinator {
         self.settled(&job_id, settled);
         Ok(())
     }
-}
-
-/// Lists the class folders of an ImageFolder root, local or in an object store (for
-/// `classes = "all"`).
-/// Resolves a spec as submit does, without a coordinator: paths against `base_dir`, validation,
-/// model fingerprints, the dataset listed and checked (see [`check_dataset`]), shards and the job
-/// id. A job without `output` writes to `default_output`.
-///
-/// # Errors
-/// Every problem of the spec or its dataset, as [`Error::Job`] where the user can fix it.
-pub async fn resolve_spec(
-    spec_toml: &str,
-    base_dir: &Path,
-    explicit_id: Option<String>,
-    default_output: &str,
-    allowed: Option<&[std::path::PathBuf]>,
-) -> Result<Resolved> {
-    let mut spec = JobSpec::from_toml(spec_toml)?;
-    spec.resolve_paths(base_dir);
-    spec.validate()?;
-    let explicit_id = explicit_id.filter(|s| !s.is_empty());
-    if let Some(id) = &explicit_id {
-        mgd3_common::job::validate_job_id(id)?;
-    }
-    if let Some(allowed) = allowed {
-        // Before anything is read, listed or created on behalf of the submitter.
-        let mut checked = spec.clone();
-        checked.output.get_or_insert_with(|| default_output.to_owned());
-        checked.check_local_paths(allowed)?;
-    }
-    if spec.output.is_none() {
-        spec.output = Some(default_output.to_owned());
-    }
-    // The dataset first: its problems are the user's to fix and cheaper to find than model
-    // fingerprints of gigabytes.
-    let data = check_dataset(&spec).await?;
-    // Models in an object store are fetched into the local model cache to be fingerprinted;
-    // the spec keeps their URLs (workers fetch them the same way).
-    let cache = store::model_cache_dir();
-    let mut local = spec.models.clone();
-    for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
-        *path = store::fetch_model(path, &cache).await?.display().to_string();
-    }
-    let urls = spec.models.clone();
-    let classes = data.classes.clone();
-    let mut spec = tokio::task::spawn_blocking(move || {
-        let spec = JobSpec { models: local, ..spec };
-        check_models(&spec, &classes)?;
-        fill_model_fingerprints(spec)
-    })
-    .await
-    .expect("fingerprint task")?;
-    spec.models.dit = urls.dit;
-    spec.models.vae_encoder = urls.vae_encoder;
-    spec.models.vae_decoder = urls.vae_decoder;
-    let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
-    let shards = spec.plan_shards(data.classes.len());
-    let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
-    for note in &data.notes {
-        info!(job = %job_id, "{note}");
-    }
-    let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
-    Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
-}
-
-/// What the submit-time look at the dataset found.
-struct DatasetCheck {
-    classes: Vec<ClassRef>,
-    /// Images per class, in class order.
-    image_counts: Vec<usize>,
-    /// sha256 over every class's listing (relative names and sizes).
-    digest: String,
-    /// What a person should know (hidden folders skipped, entries that are not images).
-    notes: Vec<String>,
-}
-
-/// Lists the dataset by the one ImageFolder rule at submit: the class folders (for
-/// `classes = "all"`) and every class's images. Every class that is missing or holds fewer than
-/// IPC images is reported, all in one error, before any work is leased.
-async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
-    let invalid = |problems: Vec<String>| {
-        Error::Job(JobError::Invalid(
-            problems.into_iter().map(|problem| FieldError { field: "dataset".into(), problem }).collect(),
-        ))
-    };
-    let root = Root::open(&spec.dataset).map_err(|e| invalid(vec![e.to_string()]))?;
-    let mut notes = Vec::new();
-    let all = matches!(&spec.classes, ClassSelection::Named(all) if all == "all");
-    let folders = match &spec.classes {
-        _ if all || matches!(spec.labels, LabelScheme::Folder | LabelScheme::Position) => {
-            let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![e.to_string()]))?;
-            if !hidden.is_empty() {
-                notes.push(format!(
-                    "skipped {} hidden folder(s) of `{}` (never a class): {}",
-                    hidden.len(),
-                    root.url(),
-                    hidden.iter().map(|h| h.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
-                ));
-            }
-            Some(names)
-        }
-        _ => None,
-    };
-    let folder_count = folders.as_ref().map_or(0, Vec::len);
-    let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
-    if spec.labels == LabelScheme::Position && !all && classes.len() < folder_count {
-        // The silent mislabel: a model trained on the whole ImageFolder numbers classes by folder.
-        notes.push(format!(
-            "labels = \"position\" numbers the {} listed classes 0..{}, but `{}` has {folder_count} class folders: a \
-             DiT trained on the whole ImageFolder expects each class's folder index; use labels = \"folder\" for that",
-            classes.len(),
-            classes.len() - 1,
-            root.url()
-        ));
-    }
-    let lists: Vec<_> = classes
-        .iter()
-        .map(|class| {
-            let (root, wnid) = (root.clone(), class.wnid.clone());
-            async move { root.list_class(&wnid).await }
-        })
-        .collect();
-    let listings = futures::StreamExt::buffered(futures::stream::iter(lists), 16);
-    let listings: Vec<_> = futures::StreamExt::collect(listings).await;
-    let (mut problems, mut counts, mut digest) = (Vec::new(), Vec::new(), String::new());
-    let mut skipped = (0, 0);
-    for (class, listing) in classes.iter().zip(listings) {
-        match listing {
-            Err(error) => {
-                problems.push(error.to_string());
-                counts.push(0);
-            }
-            Ok(listing) => {
-                if listing.images.len() < spec.ipc {
-                    problems.push(format!(
-                        "class `{}`: {} image(s) but IPC = {} needs at least {}; add images or lower ipc",
-                        class.wnid.escape_debug(),
-                        listing.images.len(),
-                        spec.ipc,
-                        spec.ipc
-                    ));
-                }
-                skipped.0 += listing.skipped.hidden;
-                skipped.1 += listing.skipped.not_images;
-                counts.push(listing.images.len());
-                digest.push_str(&format!("{}\t{}\n", class.wnid, listing.digest()));
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(invalid(problems));
-    }
-    if skipped != (0, 0) {
-        notes.push(format!(
-            "the class folders hold {} hidden and {} non-image entries, skipped (recorded in each class's marker)",
-            skipped.0, skipped.1
-        ));
-    }
-    Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
-}
-
-/// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input
-/// shapes (read without ONNX Runtime; a model without them is left to the worker's load-time
-/// contract check): every class label inside the DiT's classes, `sampling.cfg_channels` within
-/// the DiT's latent channels, DDIM `sampling.steps` the DiT's timesteps can be respaced to, one
-/// image size for the VAE encoder and decoder. Every problem is
-/// reported at once, naming the setting as the job spec spells it.
-fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
-    use mgd3_common::modelmeta::read_model_meta;
-    let read = |path: &str| read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))).ok();
-    let m = &spec.models;
-    let mut problems = Vec::new();
-    for (field, path, kind) in [
-        ("models.dit", &m.dit, "dit"),
-        ("models.vae_encoder", &m.vae_encoder, "vae_encoder"),
-        ("models.vae_decoder", &m.vae_decoder, "vae_decoder"),
-    ] {
-        if let Some(found) = read(path).and_then(|meta| meta.metadata.get("mgd3.kind").cloned())
-            && found != kind
-        {
-            problems.push(FieldError {
-                field: field.into(),
-                problem: format!(
-                    "`{path}` is a {found} model (metadata `mgd3.kind`), not a {kind}; are two models swapped?"
-                ),
-            });
-        }
-    }
-    if let Some(dit) = read(&m.dit).filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {
-        if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
-            let outside: Vec<String> = classes
-                .iter()
-                .filter(|c| c.label < 0 || c.label >= n)
-                .map(|c| format!("`{}` → {}", c.wnid.escape_debug(), c.label))
-                .collect();
-            if !outside.is_empty() {
-                problems.push(FieldError {
-                    field: "labels".into(),
-                    problem: format!(
-                        "{} class label(s) outside the DiT's {n} classes (models.dit metadata `mgd3.num_classes`): {}; \
-                         use a DiT trained on these classes, or fewer classes",
-                        outside.len(),
-                        outside.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                });
-            }
-        }
-        if spec.sampling.sampler == mgd3_common::job::SamplerKind::Ddim
-            && let Some(train) = dit.get::<usize>("mgd3.train_timesteps")
-            && mgd3_common::job::ddim_stride(train, spec.sampling.steps).is_none()
-        {
-            problems.push(FieldError {
-                field: "sampling.steps".into(),
-                problem: format!(
-                    "DDIM cannot take {} evenly strided steps of the DiT's {train} training timesteps (ADM's \
-                     `ddim{}`); choose steps such as 10, 20, 25, 50, 100 or 250",
-                    spec.sampling.steps, spec.sampling.steps
-                ),
-            });
-        }
-        if let Some(Some(channels)) = dit.inputs.get("x").and_then(|dims| dims.get(1).copied())
-            && spec.sampling.cfg_channels as i64 > channels
-        {
-            problems.push(FieldError {
-                field: "sampling.cfg_channels".into(),
-                problem: format!(
-                    "{} exceeds the DiT's {channels} latent channels (input `x` of models.dit)",
-                    spec.sampling.cfg_channels
-                ),
-            });
-        }
-    }
-    let size = |path: &str| read(path).and_then(|meta| meta.get::<i64>("mgd3.image_size"));
-    if let (Some(encoder), Some(decoder)) = (size(&m.vae_encoder), size(&m.vae_decoder))
-        && encoder != decoder
-    {
-        problems.push(FieldError {
-            field: "models.vae_decoder".into(),
-            problem: format!("decodes {decoder}-pixel images, the VAE encoder reads {encoder}-pixel ones"),
-        });
-    }
-    if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
-}
-
-/// Computes missing model fingerprints from the files; a given fingerprint is checked when the
-/// file is readable here.
-fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
-    let m = &mut spec.models;
-    for (field, path, expected) in [
-        ("models.dit", &m.dit, &mut m.dit_fingerprint),
-        ("models.vae_encoder", &m.vae_encoder, &mut m.vae_encoder_fingerprint),
-        ("models.vae_decoder", &m.vae_decoder, &mut m.vae_decoder_fingerprint),
-    ] {
-        let local = path.strip_prefix("file://").unwrap_or(path);
-        match mgd3_common::fingerprint_file(Path::new(local)) {
-            Ok(actual) => match expected {
-                Some(want) if *want != actual => {
-                    return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
-                        field: format!("{field}_fingerprint"),
-                        problem: format!("`{path}` has fingerprint {actual}, the spec expects {want}"),
-                    }])));
-                }
-                _ => *expected = Some(actual),
-            },
-            Err(source) if expected.is_none() => {
-                return Err(Error::Io { what: "model file", path: path.clone(), source });
-            }
-            Err(_) => {}
-        }
-    }
-    Ok(spec)
-}
-
-/// The gRPC adapter.
-#[derive(Clone)]
-pub struct Service(pub Coordinator);
-
-type RpcResult<T> = std::result::Result<Response<T>, Status>;
-
-#[tonic::async_trait]
-impl CoordinatorRpc for Service {
-    async fn register_worker(
-        &self,
-        request: Request<proto::RegisterWorkerRequest>,
-    ) -> RpcResult<proto::RegisterWorkerResponse> {
-        Ok(Response::new(self.0.register(request.into_inner())?))
-    }
-
-    async fn poll_work(&self, request: Request<proto::PollWorkRequest>) -> RpcResult<proto::PollWorkResponse> {
-        Ok(Response::new(self.0.poll(request.into_inner())?))
-    }
-
-    async fn complete_shard(
-        &self,
-        request: Request<proto::CompleteShardRequest>,
-    ) -> RpcResult<proto::CompleteShardResponse> {
-        self.0.complete(request.into_inner()).await?;
-        Ok(Response::new(proto::CompleteShardResponse {}))
-    }
-
-    async fn fail_shard(&self, request: Request<proto::FailShardRequest>) -> RpcResult<proto::FailShardResponse> {
-        self.0.fail(request.into_inner())?;
-        Ok(Response::new(proto::FailShardResponse {}))
-    }
-
-    async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
-        let r = request.into_inner();
-        let (job, existed, notes) = self.0.submit_noted(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id)).await?;
-        Ok(Response::new(proto::SubmitJobResponse {
-            job_id: job.job_id.clone(),
-            fingerprint: job.fingerprint.clone(),
-            shards: job.shards.len() as u32,
-            already_existed: existed,
-            notes,
-        }))
-    }
-
-    async fn get_job_status(&self, request: Request<proto::GetJobStatusRequest>) -> RpcResult<proto::JobStatus> {
-        Ok(Response::new(self.0.status(&request.into_inner().job_id)?))
-    }
-
-    async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
-        let r = request.into_inner();
-        let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
-        let resumed = self.0.resume(&r.job_id, spec).await?;
-        Ok(Response::new(proto::ResumeJobResponse {
-            committed: resumed.committed as u32,
-            requeued: resumed.requeued as u32,
-            redone: resumed.redone,
-        }))
-    }
-
-    async fn verify_job(&self, request: Request<proto::VerifyJobRequest>) -> RpcResult<proto::VerifyJobResponse> {
-        Ok(Response::new(self.0.verify(&request.into_inner().job_id).await?))
-    }
-
-    async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {
-        self.0.cancel(&request.into_inner().job_id)?;
-        Ok(Response::new(proto::CancelJobResponse {}))
-    }
-
-    async fn list_jobs(&self, _request: Request<proto::ListJobsRequest>) -> RpcResult<proto::ListJobsResponse> {
-        Ok(Response::new(proto::ListJobsResponse { jobs: self.0.list() }))
-    }
-}
-
-/// Serves the coordinator on `listener` until `shutdown` resolves.
-pub async fn serve(
-    coordinator: Coordinator,
-    config: &ServeConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let addr =
-        listener.local_addr().map_err(|source| Error::Io { what: "listener", path: "local address".into(), source })?;
-    let service =
-        CoordinatorServer::with_interceptor(Service(coordinator.clone()), RequireToken::new(config.token.as_deref()));
-    mgd3_common::ensure_crypto_provider();
-    let mut builder = Server::builder();
-    if let Some((cert, key)) = &config.tls {
-        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
-    }
-    info!(%addr, store = %coordinator.store_url(), auth = config.token.is_some(), tls = config.tls.is_some(), "coordinator serving");
-    let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
-    let background = tokio::spawn(coordinator.clone().background(async move {
-        let _ = background_stopped.await;
-    }));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let lost = {
-        let coordinator = coordinator.clone();
-        async move {
-            if !coordinator.is_fenced() {
-                coordinator.inner.lost.notified().await;
-            }
-        }
-    };
-    let stop = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = lost => {}
-        }
-    };
-    let result = builder.add_service(service).serve_with_incoming_shutdown(incoming, stop).await;
-    let _ = stop_background.send(());
-    let _ = background.await;
-    if coordinator.is_fenced() {
-        let lost = coordinator.inner.lost_to.lock().expect("lost to").take();
-        return Err(Error::Lock(lost.unwrap_or(LockError::Lost {
-            url: coordinator.store_url().to_owned(),
-            host: "another host".into(),
-            pid: 0,
-        })));
-    }
-    coordinator.release().await;
-    result.map_err(Error::from)
 }

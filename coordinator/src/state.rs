@@ -1,7 +1,7 @@
-//! Durable coordinator state in the object store: `job.json` (immutable, create-only) and
-//! `state.json` (rewritten) per job, the recovery scan on start-up, commit-marker scans and the
-//! merged manifest. Markers are the truth about what is done; state.json only keeps attempts,
-//! failures and leases across restarts.
+//! What the coordinator reads and writes in a job's output store: commit-marker scans (which
+//! shards are done), the merged `manifest.json` of a finished job. Markers are the truth about
+//! what is done; the job's own records (`job.json`, `state.json`) are behind
+//! [`crate::jobstore::JobStore`].
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -10,104 +10,14 @@ use mgd3_common::commit::committed_marker;
 use mgd3_common::job::ResolvedJob;
 use mgd3_common::layout::JobKeys;
 use mgd3_common::manifest::{JobManifest, ManifestClass, SCHEMA_VERSION, StageSeconds};
-use mgd3_common::store::{Location, get_optional, put_create};
+use mgd3_common::store::{Location, get_optional};
 use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::error::{Error, Result};
-use crate::scheduler::PersistedJob;
 
 fn store_err(location: &Location, context: String) -> impl FnOnce(object_store::Error) -> Error {
     let url = location.url.clone();
     move |source| Error::ObjectStore { url, context, source }
-}
-
-/// Writes job.json create-only. Returns false when the same job (same fingerprint) exists.
-pub async fn write_job(store: &Location, job: &ResolvedJob) -> Result<bool> {
-    let keys = JobKeys::new(&job.job_id);
-    let key = store.key(&keys.job_json());
-    let bytes = serde_json::to_vec_pretty(job).expect("serialisable job");
-    if put_create(store.store.as_ref(), &key, bytes).await.map_err(store_err(store, format!("writing `{key}`")))? {
-        return Ok(true);
-    }
-    let existing = read_job(store, &job.job_id).await?;
-    if existing.fingerprint != job.fingerprint {
-        return Err(Error::JobIdTaken { job: job.job_id.clone() });
-    }
-    Ok(false)
-}
-
-pub async fn read_job(store: &Location, job_id: &str) -> Result<ResolvedJob> {
-    let key = store.key(&JobKeys::new(job_id).job_json());
-    let bytes = get_optional(store.store.as_ref(), &key)
-        .await
-        .map_err(store_err(store, format!("reading `{key}`")))?
-        .ok_or_else(|| Error::UnknownJob(job_id.into()))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: key.to_string(), problem: e.to_string() })
-}
-
-pub async fn write_state(store: &Location, job_id: &str, state: &PersistedJob) -> Result<()> {
-    let key = store.key(&JobKeys::new(job_id).state_json());
-    let bytes = serde_json::to_vec(state).expect("serialisable state");
-    store.store.put(&key, PutPayload::from(bytes)).await.map_err(store_err(store, format!("writing `{key}`")))?;
-    Ok(())
-}
-
-async fn read_state(store: &Location, job_id: &str) -> Result<Option<PersistedJob>> {
-    let key = store.key(&JobKeys::new(job_id).state_json());
-    let Some(bytes) =
-        get_optional(store.store.as_ref(), &key).await.map_err(store_err(store, format!("reading `{key}`")))?
-    else {
-        return Ok(None);
-    };
-    // A torn or old state file only loses attempt counts: markers still say what is done.
-    Ok(serde_json::from_slice(&bytes)
-        .inspect_err(|e| tracing::warn!(%key, error = %e, "ignoring unreadable state file"))
-        .ok())
-}
-
-/// One job's records: `job.json` (required: [`Error::Missing`] without it, [`Error::Corrupt`]
-/// when unreadable) and its persisted state, if any.
-pub async fn load_job(store: &Location, job_id: &str) -> Result<(ResolvedJob, Option<PersistedJob>)> {
-    let job = match read_job(store, job_id).await {
-        Err(Error::UnknownJob(_)) => {
-            return Err(Error::Missing { path: store.key(&JobKeys::new(job_id).job_json()).to_string() });
-        }
-        other => other?,
-    };
-    if job.job_id != job_id {
-        return Err(Error::Corrupt {
-            path: store.key(&JobKeys::new(job_id).job_json()).to_string(),
-            problem: format!("it describes job `{}`", job.job_id),
-        });
-    }
-    Ok((job, read_state(store, job_id).await?))
-}
-
-/// Every job folder under `<store>/jobs/`, oldest first, each with its records or what is wrong
-/// with them (a folder without `job.json` is reported, not skipped). Fails only when the store
-/// cannot be listed or read.
-pub async fn load_jobs(store: &Location) -> Result<Vec<(String, Result<(ResolvedJob, Option<PersistedJob>)>)>> {
-    let prefix = store.key(JobKeys::JOBS);
-    let listing = store
-        .store
-        .list_with_delimiter(Some(&prefix))
-        .await
-        .map_err(store_err(store, format!("listing `{prefix}`")))?;
-    let mut jobs = Vec::new();
-    for dir in listing.common_prefixes {
-        let Some(job_id) = dir.filename() else {
-            continue;
-        };
-        let loaded = match load_job(store, job_id).await {
-            Err(error) if !error.is_damage() => return Err(error),
-            loaded => loaded,
-        };
-        jobs.push((job_id.to_owned(), loaded));
-    }
-    jobs.sort_by_key(|(id, loaded)| {
-        (loaded.as_ref().map(|(job, _)| job.created_unix_ms).unwrap_or(u64::MAX), id.clone())
-    });
-    Ok(jobs)
 }
 
 /// Shards of `job` whose every class has a commit marker naming the job's fingerprint.

@@ -15,15 +15,20 @@ use crate::error::{Error, Result};
 /// Element types the contract allows for float tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
+    /// float32 tensors.
     F32,
+    /// float16 tensors; f32 inputs are cast at the boundary and outputs cast back.
     F16,
 }
 
 /// One input or output as the model declares it; dynamic dimensions are `-1`.
 #[derive(Clone, Debug)]
 pub struct TensorDecl {
+    /// The input or output name.
     pub name: String,
+    /// Element type (a non-tensor value is recorded as `String`).
     pub element: TensorElementType,
+    /// Declared dimensions, `-1` where dynamic.
     pub dims: Vec<i64>,
 }
 
@@ -37,9 +42,13 @@ impl fmt::Display for TensorDecl {
 /// Everything the contract checks, read from a session.
 #[derive(Debug)]
 pub struct ModelIo {
+    /// The model file, named in every contract error.
     pub path: PathBuf,
+    /// The graph inputs.
     pub inputs: Vec<TensorDecl>,
+    /// The graph outputs.
     pub outputs: Vec<TensorDecl>,
+    /// The model's custom metadata (`mgd3.*` keys written by `scripts/export_onnx.py`).
     pub metadata: HashMap<String, String>,
 }
 
@@ -53,6 +62,10 @@ fn declare(name: &str, ty: &ValueType) -> TensorDecl {
 }
 
 impl ModelIo {
+    /// Reads the inputs, outputs and custom metadata of the session loaded from `path`.
+    ///
+    /// # Errors
+    /// [`Error::Ort`] when ONNX Runtime cannot report the metadata.
     pub fn read(path: &Path, session: &Session) -> Result<Self> {
         let metadata = session
             .metadata()
@@ -81,7 +94,11 @@ impl ModelIo {
     }
 
     /// A float input or output of rank 4 whose non-batch dimensions are fixed; returns its
-    /// precision and its [C, H, W].
+    /// precision and its [C, H, W]. `layout` describes the tensor in messages.
+    ///
+    /// # Errors
+    /// [`Error::Contract`] when the tensor is missing, not f32 or f16, or not rank 4 with C, H and
+    /// W fixed.
     pub fn image_like(&self, output: bool, name: &str, layout: &str) -> Result<(Precision, [usize; 3])> {
         let (list, kind) = if output { (&self.outputs, "output") } else { (&self.inputs, "input") };
         let decl = self.find(list, kind, name)?;
@@ -104,7 +121,10 @@ impl ModelIo {
         Ok((precision, [d[1] as usize, d[2] as usize, d[3] as usize]))
     }
 
-    /// An int64 input of rank 1 (one value per batch item).
+    /// An int64 input of rank 1 (one value per batch item); `meaning` describes it in messages.
+    ///
+    /// # Errors
+    /// [`Error::Contract`] when the input is missing or not int64 of rank 1.
     pub fn int_vector(&self, name: &str, meaning: &str) -> Result<()> {
         let decl = self.find(&self.inputs, "input", name)?;
         if decl.element != TensorElementType::Int64 || decl.dims.len() != 1 {
@@ -113,7 +133,10 @@ impl ModelIo {
         Ok(())
     }
 
-    /// Metadata value `key`, parsed.
+    /// Metadata value `key`, trimmed and parsed; `expected` describes it in messages.
+    ///
+    /// # Errors
+    /// [`Error::Contract`] when the key is missing or its value does not parse.
     pub fn meta<T: FromStr>(&self, key: &str, expected: &str) -> Result<T> {
         let raw = self.metadata.get(key).ok_or_else(|| {
             self.violation(format!("metadata `{key}`"), expected, "nothing (export with scripts/export_onnx.py)")
@@ -121,7 +144,10 @@ impl ModelIo {
         raw.trim().parse().map_err(|_| self.violation(format!("metadata `{key}`"), expected, format!("{raw:?}")))
     }
 
-    /// Checks `mgd3.kind`.
+    /// Checks that metadata `mgd3.kind` is `kind` (`dit`, `vae_encoder`, `vae_decoder`).
+    ///
+    /// # Errors
+    /// [`Error::Contract`] when the key is missing or names another kind.
     pub fn expect_kind(&self, kind: &str) -> Result<()> {
         let found: String = self.meta("mgd3.kind", kind)?;
         if found != kind {
@@ -130,6 +156,10 @@ impl ModelIo {
         Ok(())
     }
 
+    /// Boolean metadata value `key`: `true`/`1` or `false`/`0`, case-insensitive.
+    ///
+    /// # Errors
+    /// [`Error::Contract`] when the key is missing or holds anything else.
     pub fn bool_meta(&self, key: &str) -> Result<bool> {
         let raw: String = self.meta(key, "true or false")?;
         match raw.to_ascii_lowercase().as_str() {
@@ -138,9 +168,4 @@ impl ModelIo {
             _ => Err(self.violation(format!("metadata `{key}`"), "true or false", raw)),
         }
     }
-}
-
-/// sha256 of the model file and of its external-data file (`<model>.data`) when present.
-pub fn fingerprint(path: &Path) -> Result<String> {
-    mgd3_common::fingerprint_file(path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }

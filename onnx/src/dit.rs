@@ -20,20 +20,32 @@ pub struct DitInfo {
     pub num_classes: usize,
     /// Output carries the variance interpolation channels (2C channels).
     pub learn_sigma: bool,
+    /// Training diffusion timesteps T (`mgd3.train_timesteps`, 1000 for DiT); `t` lies in 0..T.
     pub train_timesteps: usize,
+    /// Name of the training beta schedule (`mgd3.beta_schedule`, `linear` for DiT).
     pub beta_schedule: String,
+    /// First training β (`mgd3.beta_start`, 0.0001 for DiT).
     pub beta_start: f64,
+    /// Last training β (`mgd3.beta_end`, 0.02 for DiT).
     pub beta_end: f64,
+    /// Element type of `x` (and so of every float tensor the wrapper feeds it).
     pub precision: Precision,
-    pub fingerprint: String,
 }
 
+/// A loaded, contract-checked DiT session.
 pub struct Dit {
     model: LoadedModel,
     info: DitInfo,
 }
 
 impl Dit {
+    /// Loads the DiT at `path` and checks it against the contract.
+    ///
+    /// # Errors
+    /// [`crate::Error::ModelNotFound`], [`crate::Error::RuntimeUnavailable`],
+    /// [`crate::Error::CudaUnavailable`] or [`crate::Error::Ort`] when the session cannot be
+    /// built; [`crate::Error::Contract`] when the model's inputs, output or `mgd3.*` metadata do
+    /// not fit.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let model = LoadedModel::load(path, config)?;
         let io = &model.io;
@@ -62,7 +74,6 @@ impl Dit {
             beta_start: io.meta("mgd3.beta_start", "a float like 0.0001")?,
             beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
             precision,
-            fingerprint: model.fingerprint.clone(),
         };
         tracing::info!(model = %path.display(), classes = info.num_classes, latent = ?info.latent_shape,
             precision = ?info.precision, "loaded DiT");
@@ -70,11 +81,19 @@ impl Dit {
         Ok(Dit { model, info })
     }
 
+    /// What the model declares about itself.
     pub fn info(&self) -> &DitInfo {
         &self.info
     }
 
-    /// Runs the DiT on `x` with per-item timesteps `t` and labels `y`.
+    /// Runs the DiT on `x` [B,C,h,w] (scaled latent space) with per-item original timesteps `t`
+    /// and labels `y` (`num_classes` = null class); returns `out` [B,2C,h,w] with learned sigma,
+    /// else [B,C,h,w], f32. Batches above `max_batch` run in chunks.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadInput`] for a wrong `x` shape, a timestep outside 0..T, a label outside
+    /// 0..=`num_classes`, `t` or `y` of another length than the batch, or an empty batch;
+    /// [`crate::Error::Ort`] when the run fails.
     pub fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>> {
         let [c, h, w] = self.info.latent_shape;
         if x.shape()[1..] != [c, h, w] {

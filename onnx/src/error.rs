@@ -3,51 +3,84 @@
 
 use std::path::PathBuf;
 
+/// `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything that can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The ONNX Runtime shared library is missing or cannot be loaded (too old, wrong build).
     #[error(
         "cannot load ONNX Runtime from `{path}`: {reason}\n  mgd3 needs ONNX Runtime {required} or newer. \
          Install it with `scripts/setup_ort.sh` (CPU) or `scripts/setup_ort.sh gpu` (CUDA 13), then set \
          ORT_DYLIB_PATH=<repo>/.ort/cpu/libonnxruntime.so or pass --ort-lib"
     )]
-    RuntimeUnavailable { path: PathBuf, reason: String, required: &'static str },
+    RuntimeUnavailable {
+        /// The library path tried.
+        path: PathBuf,
+        /// Why it could not be loaded.
+        reason: String,
+        /// The oldest supported version ([`crate::session::REQUIRED_ORT`]).
+        required: &'static str,
+    },
 
+    /// An ONNX Runtime call failed (building a session, reading metadata, a run).
     #[error("ONNX Runtime: {context}: {source}")]
     Ort {
+        /// What was being done, naming the model where there is one.
         context: String,
+        /// ONNX Runtime's error.
         #[source]
         source: ort::Error,
     },
 
+    /// A CUDA device was asked for but its execution provider could not be registered (there is
+    /// no CPU fallback).
     #[error(
         "device {device} requested but the CUDA execution provider could not be registered: {source}\n  \
          use the onnxruntime-gpu build (`scripts/setup_ort.sh gpu`) and make the CUDA 13 / cuDNN 9 \
          libraries visible (LD_LIBRARY_PATH); mgd3 never falls back to the CPU silently"
     )]
     CudaUnavailable {
+        /// The device asked for (`cuda:N`).
         device: String,
+        /// ONNX Runtime's error.
         #[source]
         source: ort::Error,
     },
 
+    /// The model file does not exist.
     #[error("model file `{0}` does not exist")]
     ModelNotFound(PathBuf),
 
-    #[error("cannot read model file `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
+    /// The model's inputs, outputs or `mgd3.*` metadata do not fit the mgd3 model contract.
+    #[error("model `{model}` does not fit the mgd3 contract: {item}: expected {expected}, found {found}")]
+    Contract {
+        /// The model file.
+        model: PathBuf,
+        /// The input, output or metadata key concerned.
+        item: String,
+        /// What the contract asks for.
+        expected: String,
+        /// What the model declares.
+        found: String,
     },
 
-    #[error("model `{model}` does not fit the mgd3 contract: {item}: expected {expected}, found {found}")]
-    Contract { model: PathBuf, item: String, expected: String, found: String },
-
+    /// An input does not fit the loaded model (shape, value range, batch size), or a VAE
+    /// encoder's `logvar` shape or `mgd3.image_size` disagrees with its other declarations.
     #[error("model `{model}`: {item}: expected {expected}, got {got}")]
-    BadInput { model: PathBuf, item: String, expected: String, got: String },
+    BadInput {
+        /// The model file.
+        model: PathBuf,
+        /// The input (or output) concerned.
+        item: String,
+        /// What the model accepts.
+        expected: String,
+        /// What was given.
+        got: String,
+    },
 
+    /// A device string other than `cpu`, `cuda` or `cuda:N` (N ≥ 0).
     #[error("invalid device `{0}` (expected `cpu`, `cuda` or `cuda:N`)")]
     BadDevice(String),
 }

@@ -9,7 +9,7 @@ use ndarray::{Array4, ArrayView4, Axis, Ix4, concatenate, s};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
-use crate::contract::{ModelIo, Precision, fingerprint};
+use crate::contract::{ModelIo, Precision};
 use crate::error::{Error, Result};
 use crate::session::{SessionConfig, build_session};
 
@@ -43,27 +43,27 @@ impl BatchInput<'_> {
     }
 }
 
+/// A session with the contract view of its model.
 pub(crate) struct LoadedModel {
+    /// The ONNX Runtime session.
     pub session: Session,
+    /// The model's declared inputs, outputs and metadata.
     pub io: ModelIo,
+    /// The model file, named in every error.
     pub path: PathBuf,
-    pub fingerprint: String,
+    /// Largest batch per `run` call (at least 1).
     pub max_batch: usize,
 }
 
 impl LoadedModel {
+    /// Builds the session for `path` and reads its contract view.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let session = build_session(path, config)?;
         let io = ModelIo::read(path, &session)?;
-        Ok(LoadedModel {
-            session,
-            io,
-            path: path.to_owned(),
-            fingerprint: fingerprint(path)?,
-            max_batch: config.max_batch.max(1),
-        })
+        Ok(LoadedModel { session, io, path: path.to_owned(), max_batch: config.max_batch.max(1) })
     }
 
+    /// An [`Error::BadInput`] about this model.
     pub fn bad_input(&self, item: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Error {
         Error::BadInput { model: self.path.clone(), item: item.into(), expected: expected.into(), got: got.into() }
     }

@@ -19,8 +19,10 @@ pub const REQUIRED_ORT: &str = "1.31";
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
+    /// The CPU execution provider (`cpu`, the default).
     #[default]
     Cpu,
+    /// The CUDA execution provider on GPU N (`cuda` = `cuda:0`, `cuda:N`).
     Cuda(i32),
 }
 
@@ -52,10 +54,12 @@ impl fmt::Display for Device {
 /// How every session of a worker is built.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
+    /// Where every model runs (default CPU).
     pub device: Device,
     /// Intra-op threads; `None` lets ONNX Runtime use every core.
     pub intra_threads: Option<usize>,
-    /// Largest batch handed to one `run`; bigger inputs are split into chunks of this size.
+    /// Largest batch handed to one `run`; bigger inputs are split into chunks of this size
+    /// (default 64).
     pub max_batch: usize,
 }
 
@@ -84,6 +88,10 @@ fn installed_beside_executable() -> Option<PathBuf> {
 /// The library is `library` if given, else `$ORT_DYLIB_PATH`, else the copy `scripts/setup_ort.sh`
 /// installed in the checkout the executable was built in, else `libonnxruntime.so` from the
 /// system search path. Later calls return the environment of the first one.
+///
+/// # Errors
+/// [`Error::RuntimeUnavailable`] when the library is missing or cannot be loaded;
+/// [`Error::Ort`] when the environment cannot be created.
 pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
     if let Some(env) = ENVIRONMENT.get() {
         return Ok(env);
@@ -111,6 +119,10 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
 /// Builds a session for the model at `path` on `config.device`.
 ///
 /// A CUDA device whose execution provider cannot be registered is an error.
+///
+/// # Errors
+/// [`Error::ModelNotFound`]; those of [`init_runtime`]; [`Error::CudaUnavailable`];
+/// [`Error::Ort`] when the session cannot be configured or the model cannot be loaded.
 pub fn build_session(path: &Path, config: &SessionConfig) -> Result<Session> {
     if !path.exists() {
         return Err(Error::ModelNotFound(path.to_owned()));

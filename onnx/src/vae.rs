@@ -19,8 +19,8 @@ pub struct VaeInfo {
     pub latent_shape: [usize; 3],
     /// Multiplier from VAE latents to diffusion latents (0.18215 for SD VAEs).
     pub scale_factor: f32,
+    /// Element type of the half's input (and so of every float tensor the wrapper feeds it).
     pub precision: Precision,
-    pub fingerprint: String,
 }
 
 fn check_image_channels(model: &LoadedModel, shape: [usize; 3], item: &str) -> Result<()> {
@@ -35,12 +35,20 @@ fn check_image_channels(model: &LoadedModel, shape: [usize; 3], item: &str) -> R
     Ok(())
 }
 
+/// A loaded, contract-checked VAE encoder session (`image` → `mean`, `logvar`).
 pub struct VaeEncoder {
     model: LoadedModel,
     info: VaeInfo,
 }
 
 impl VaeEncoder {
+    /// Loads the VAE encoder at `path` and checks it against the contract.
+    ///
+    /// # Errors
+    /// [`Error::ModelNotFound`], [`Error::RuntimeUnavailable`], [`Error::CudaUnavailable`] or
+    /// [`Error::Ort`] when the session cannot be built; [`Error::Contract`] when its input,
+    /// outputs or `mgd3.*` metadata do not fit; [`Error::BadInput`] when `logvar` differs from
+    /// `mean` in shape or `mgd3.image_size` from the image side.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let model = LoadedModel::load(path, config)?;
         let io = &model.io;
@@ -69,7 +77,6 @@ impl VaeEncoder {
             latent_shape,
             scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
             precision,
-            fingerprint: model.fingerprint.clone(),
         };
         tracing::info!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
             precision = ?info.precision, "loaded VAE encoder");
@@ -77,11 +84,17 @@ impl VaeEncoder {
         Ok(VaeEncoder { model, info })
     }
 
+    /// Shapes and metadata of the encoder.
     pub fn info(&self) -> &VaeInfo {
         &self.info
     }
 
-    /// Encodes images [B,c,S,S] in [-1, 1]; returns the unscaled posterior (mean, logvar).
+    /// Encodes images [B,c,S,S] in [-1, 1]; returns the unscaled posterior (mean, logvar), each
+    /// [B,C,h,w] f32. Multiply `mean` by [`VaeInfo::scale_factor`] for diffusion latents.
+    ///
+    /// # Errors
+    /// [`Error::BadInput`] for images of another shape or an empty batch; [`Error::Ort`] when the
+    /// run fails.
     pub fn encode(&mut self, images: ArrayView4<f32>) -> Result<(Array4<f32>, Array4<f32>)> {
         let want = self.info.image_shape;
         if images.shape()[1..] != want {
@@ -99,12 +112,19 @@ impl VaeEncoder {
     }
 }
 
+/// A loaded, contract-checked VAE decoder session (`latent` → `image`).
 pub struct VaeDecoder {
     model: LoadedModel,
     info: VaeInfo,
 }
 
 impl VaeDecoder {
+    /// Loads the VAE decoder at `path` and checks it against the contract.
+    ///
+    /// # Errors
+    /// [`Error::ModelNotFound`], [`Error::RuntimeUnavailable`], [`Error::CudaUnavailable`] or
+    /// [`Error::Ort`] when the session cannot be built; [`Error::Contract`] when its input,
+    /// output or `mgd3.*` metadata do not fit.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let model = LoadedModel::load(path, config)?;
         let io = &model.io;
@@ -117,7 +137,6 @@ impl VaeDecoder {
             latent_shape,
             scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
             precision,
-            fingerprint: model.fingerprint.clone(),
         };
         tracing::info!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
             precision = ?info.precision, "loaded VAE decoder");
@@ -125,11 +144,17 @@ impl VaeDecoder {
         Ok(VaeDecoder { model, info })
     }
 
+    /// Shapes and metadata of the decoder.
     pub fn info(&self) -> &VaeInfo {
         &self.info
     }
 
-    /// Decodes unscaled latents [B,C,h,w] into images [B,c,S,S] of about [-1, 1].
+    /// Decodes unscaled latents [B,C,h,w] (diffusion latents divided by
+    /// [`VaeInfo::scale_factor`]) into images [B,c,S,S] of about [-1, 1], f32.
+    ///
+    /// # Errors
+    /// [`Error::BadInput`] for latents of another shape or an empty batch; [`Error::Ort`] when the
+    /// run fails.
     pub fn decode(&mut self, latents: ArrayView4<f32>) -> Result<Array4<f32>> {
         let want = self.info.latent_shape;
         if latents.shape()[1..] != want {

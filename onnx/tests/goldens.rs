@@ -45,7 +45,6 @@ fn dit_matches_python_onnxruntime_for_every_chunk_size() {
         assert_eq!(info.latent_shape, [4, 8, 8]);
         assert_eq!((info.num_classes, info.learn_sigma, info.train_timesteps), (10, true, 1000));
         assert_eq!((info.beta_schedule.as_str(), info.beta_start, info.beta_end), ("linear", 1e-4, 0.02));
-        assert!(info.fingerprint.starts_with("sha256:"));
         let got = dit.predict(x.view(), t.as_slice().unwrap(), y.as_slice().unwrap()).unwrap();
         assert_close(&got, &want, 1e-5, &format!("tiny DiT, max_batch {max_batch}"));
     }

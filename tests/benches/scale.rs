@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use mgd3_common::proto;
+use mgd3_common::status::JobState;
 use mgd3_coordinator::{Coordinator, ServeConfig, serve};
 use mgd3_worker::client::{WorkerConfig, run};
 use mgd3_worker::shard::FakeEngine;
@@ -61,7 +62,7 @@ fn main() {
         let started = Instant::now();
         for i in 0..workers {
             let config = WorkerConfig { coordinator: url.clone(), worker_id: format!("w{i:03}"), token: None, tls_ca: None, devices: vec![] };
-            let engine = Box::new(FakeEngine { class_duration: Duration::from_secs_f64(class_seconds) });
+            let engine = Box::new(FakeEngine::new(Duration::from_secs_f64(class_seconds)));
             tokio::spawn(run(config, engine, std::future::pending()));
         }
         let mut probe = mgd3_common::rpc::connect(&url, None, None).unwrap();
@@ -71,14 +72,14 @@ fn main() {
             let request = proto::PollWorkRequest { worker_id: "probe".into(), running: vec![], draining: true };
             probe.poll_work(request).await.unwrap();
             latencies.push(sent.elapsed());
-            if coordinator.status(&job.job_id).unwrap().state != "running" {
+            if coordinator.status(&job.job_id).unwrap().state != JobState::Running {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let makespan = started.elapsed().as_secs_f64();
         let status = coordinator.status(&job.job_id).unwrap();
-        assert_eq!(status.state, "succeeded", "{status:?}");
+        assert_eq!(status.state, JobState::Succeeded, "{status:?}");
         let ideal = classes.div_ceil(workers) as f64 * class_seconds;
         latencies.sort();
         println!("simulated cluster: {classes} classes × IPC {ipc}, {workers} workers, {class_seconds} s per class (fake engine)");

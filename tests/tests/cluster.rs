@@ -3,7 +3,7 @@
 //! one winner per class and no mixed files; RPCs without the token are rejected.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -11,10 +11,11 @@ use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::manifest::{JobManifest, StageSeconds};
 use mgd3_common::proto;
+use mgd3_common::status::{JobState, JobStatus};
 use mgd3_common::store::{self, Location};
 use mgd3_coordinator::{Coordinator, ServeConfig, serve};
 use mgd3_worker::client::{ClientError, WorkerConfig, run};
-use mgd3_worker::shard::{ClassResult, FakeEngine, ShardEngine, ShardFailure, ShardLease, run_shard};
+use mgd3_worker::shard::{ClassResult, FakeEngine, ShardEngine, ShardFailure, ShardLease, ShardProgress, run_shard};
 use object_store::ObjectStoreExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -100,9 +101,9 @@ async fn start_on(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Ve
 impl Cluster {
     /// Runs `job` to success on one stand-in worker, then stops the worker.
     async fn run_to_success(&self, job: &str) {
-        let engine = Box::new(FakeEngine { class_duration: Duration::from_millis(5) });
+        let engine = Box::new(FakeEngine::new(Duration::from_millis(5)));
         let (stop, handle) = worker(&self.url, "runner", None, engine);
-        assert_eq!(wait_until_done(&self.coordinator, job).await.state, "succeeded");
+        assert_eq!(wait_until_done(&self.coordinator, job).await.state, JobState::Succeeded);
         let _ = stop.send(());
         handle.await.unwrap().unwrap();
     }
@@ -133,10 +134,10 @@ fn worker(
     (stop, handle)
 }
 
-async fn wait_until_done(coordinator: &Coordinator, job: &str) -> proto::JobStatus {
+async fn wait_until_done(coordinator: &Coordinator, job: &str) -> JobStatus {
     for _ in 0..600 {
         let status = coordinator.status(job).unwrap();
-        if status.state != "running" {
+        if status.state != JobState::Running {
             return status;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -174,12 +175,12 @@ async fn run_job(
             &cluster.url,
             &format!("w{i}"),
             None,
-            Box::new(FakeEngine { class_duration: Duration::from_millis(30) }),
+            Box::new(FakeEngine::new(Duration::from_millis(30))),
         ));
     }
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
-    assert_eq!(status.state, "succeeded", "{status:?}");
-    assert_eq!((status.shards_done, status.images_done), (job.shards.len() as u32, (classes * 3) as u64));
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert_eq!((status.shards.done, status.images_done), (job.shards.len() as u32, (classes * 3) as u64));
     cluster.coordinator.drain();
     for (_, handle) in handles {
         handle.await.unwrap().unwrap();
@@ -230,7 +231,10 @@ impl ShardEngine for Flaky {
         cancel: &Arc<AtomicBool>,
     ) -> Result<ClassResult, ShardFailure> {
         if class.wnid == self.bad && !self.fixed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(ShardFailure::Fatal(format!("class `{}`: image `broken.jpg` cannot be decoded", class.wnid)));
+            return Err(ShardFailure::Reported {
+                message: format!("class `{}`: image `broken.jpg` cannot be decoded", class.wnid),
+                retryable: false,
+            });
         }
         self.inner.distill(spec, class, cancel)
     }
@@ -244,15 +248,12 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     let spec = spec_toml(6, 2, 1, &store_url);
     let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     let fixed = Arc::new(AtomicBool::new(false));
-    let engine = Flaky {
-        bad: "class03".into(),
-        fixed: fixed.clone(),
-        inner: FakeEngine { class_duration: Duration::from_millis(10) },
-    };
+    let engine =
+        Flaky { bad: "class03".into(), fixed: fixed.clone(), inner: FakeEngine::new(Duration::from_millis(10)) };
     let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
-    assert_eq!(status.state, "failed");
-    assert_eq!((status.shards_done, status.shards_failed), (5, 1));
+    assert_eq!(status.state, JobState::Failed);
+    assert_eq!((status.shards.done, status.shards.failed), (5, 1));
     assert_eq!(status.failures.len(), 1);
     assert_eq!(status.failures[0].wnid, "class03");
     assert!(status.failures[0].error.contains("broken.jpg"), "{:?}", status.failures[0]);
@@ -266,7 +267,7 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     let resumed = cluster.coordinator.resume(&job.job_id, Some((&spec, dir.path()))).await.unwrap();
     assert_eq!((resumed.committed, resumed.requeued, resumed.redone.len()), (5, 1, 0));
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
-    assert_eq!(status.state, "succeeded", "{status:?}");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     cluster.shutdown().await;
@@ -283,7 +284,7 @@ async fn state_survives_a_coordinator_restart() {
     // A new coordinator on the same store knows the job and its outcome.
     let again = start(&store_url, None).await;
     let status = again.coordinator.status(&job.job_id).unwrap();
-    assert_eq!((status.state.as_str(), status.shards_done), ("succeeded", 4));
+    assert_eq!((status.state.as_str(), status.shards.done), ("succeeded", 4));
     assert_eq!(again.coordinator.list().len(), 1);
     let error = again.coordinator.cancel(&job.job_id).unwrap_err().to_string();
     assert!(error.contains("has already ended (succeeded)"), "{error}");
@@ -321,7 +322,7 @@ async fn recovery_rewrites_a_missing_manifest_before_reporting_success() {
         }
         let again = start(&store_url, None).await;
         let status = again.coordinator.status(&job.job_id).unwrap();
-        assert_eq!(status.state, "succeeded", "{damage} manifest: {status:?}");
+        assert_eq!(status.state, JobState::Succeeded, "{damage} manifest: {status:?}");
         let manifest: JobManifest =
             serde_json::from_slice(&out.store.get(&manifest_key).await.unwrap().bytes().await.unwrap()).unwrap();
         assert_eq!((manifest.fingerprint.as_str(), manifest.images), (job.fingerprint.as_str(), 6), "{damage}");
@@ -342,9 +343,8 @@ async fn a_worker_registers_again_and_runs_the_spec_its_lease_carries() {
     let port: u16 = first.url.rsplit(':').next().unwrap().parse().unwrap();
     let (job, _) =
         first.coordinator.submit(&spec_toml(3, 2, 1, &first_url), dir.path(), Some("same".into())).await.unwrap();
-    let (stop, handle) =
-        worker(&first.url, "long-lived", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
-    assert_eq!(wait_until_done(&first.coordinator, &job.job_id).await.state, "succeeded");
+    let (stop, handle) = worker(&first.url, "long-lived", None, Box::new(FakeEngine::new(Duration::from_millis(5))));
+    assert_eq!(wait_until_done(&first.coordinator, &job.job_id).await.state, JobState::Succeeded);
     first.shutdown().await;
     let first_out = store::open(&first_url).unwrap();
     let first_files = dataset_files(&first_out, "same").await;
@@ -441,10 +441,9 @@ async fn damaged_records_quarantine_their_job_and_the_others_run() {
         let spec = spec_toml(2, 2, 1, &store_url).replace("seed = 5", &format!("seed = {seed}"));
         ids.push(cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap().0.job_id.clone());
     }
-    let (stop, handle) =
-        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
+    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(FakeEngine::new(Duration::from_millis(5))));
     for id in &ids {
-        assert_eq!(wait_until_done(&cluster.coordinator, id).await.state, "succeeded");
+        assert_eq!(wait_until_done(&cluster.coordinator, id).await.state, JobState::Succeeded);
     }
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
@@ -461,28 +460,27 @@ async fn damaged_records_quarantine_their_job_and_the_others_run() {
     truncate(marker.clone());
 
     let again = start(&store_url, None).await;
-    let listed: std::collections::BTreeMap<String, proto::JobStatus> =
+    let listed: std::collections::BTreeMap<String, JobStatus> =
         again.coordinator.list().into_iter().map(|s| (s.job_id.clone(), s)).collect();
     assert_eq!(listed.len(), 4, "no job vanishes from the list: {listed:?}");
-    assert_eq!(listed[&ids[0]].state, "succeeded");
+    assert_eq!(listed[&ids[0]].state, JobState::Succeeded);
     for (id, what) in [(&ids[1], "is corrupt"), (&ids[2], "is missing"), (&ids[3], "class01")] {
         let status = again.coordinator.status(id).unwrap();
-        assert_eq!(status.state, "quarantined", "{id}");
+        assert_eq!(status.state, JobState::Quarantined, "{id}");
         let error = &status.failures[0].error;
         assert!(error.contains(what) && error.contains("coordinator resume"), "{id}: {error}");
     }
     // Healthy jobs still run: a new one is accepted and distilled.
     let fresh = spec_toml(2, 2, 1, &store_url).replace("seed = 5", "seed = 99");
     let (job, _) = again.coordinator.submit(&fresh, dir.path(), None).await.unwrap();
-    let (stop, handle) =
-        worker(&again.url, "w1", None, Box::new(FakeEngine { class_duration: Duration::from_millis(5) }));
-    assert_eq!(wait_until_done(&again.coordinator, &job.job_id).await.state, "succeeded");
+    let (stop, handle) = worker(&again.url, "w1", None, Box::new(FakeEngine::new(Duration::from_millis(5))));
+    assert_eq!(wait_until_done(&again.coordinator, &job.job_id).await.state, JobState::Succeeded);
     // Still damaged: resume says so. Repaired: resume brings the job back.
     let error = again.coordinator.resume(&ids[3], None).await.unwrap_err().to_string();
     assert!(error.contains("quarantined"), "{error}");
     std::fs::write(&marker, good_marker).unwrap();
     again.coordinator.resume(&ids[3], None).await.unwrap();
-    assert_eq!(wait_until_done(&again.coordinator, &ids[3]).await.state, "succeeded");
+    assert_eq!(wait_until_done(&again.coordinator, &ids[3]).await.state, JobState::Succeeded);
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     again.shutdown().await;
@@ -574,6 +572,7 @@ async fn two_attempts_committing_one_shard_have_one_winner_per_class_and_no_mixe
     let lease = |attempt: &str| ShardLease {
         lease_id: format!("lease-{attempt}"),
         attempt_id: attempt.into(),
+        attempt: 1,
         job_id: "race".into(),
         fingerprint: "fp".into(),
         spec: Arc::new(spec.clone()),
@@ -591,7 +590,7 @@ async fn two_attempts_committing_one_shard_have_one_winner_per_class_and_no_mixe
                     &runtime,
                     &out,
                     &lease,
-                    &AtomicU32::new(0),
+                    &ShardProgress::default(),
                     &Arc::new(AtomicBool::new(false)),
                 )
             })
@@ -626,8 +625,7 @@ async fn rpcs_without_the_token_are_rejected() {
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
         assert!(!status.message().contains("s3cret"));
     }
-    let (_stop, handle) =
-        worker(&cluster.url, "intruder", Some("wrong"), Box::new(FakeEngine { class_duration: Duration::ZERO }));
+    let (_stop, handle) = worker(&cluster.url, "intruder", Some("wrong"), Box::new(FakeEngine::new(Duration::ZERO)));
     let err = handle.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("Unauthenticated") || err.to_string().contains("token"), "{err}");
     let mut client = mgd3_common::rpc::connect(&cluster.url, Some("s3cret-token"), None).unwrap();
@@ -658,10 +656,9 @@ async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
     let store_url = dir.path().display().to_string();
     let cluster = start(&store_url, None).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None).await.unwrap();
-    let (stop, handle) =
-        worker(&cluster.url, "w0", None, Box::new(FakeEngine { class_duration: Duration::from_secs(30) }));
+    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(FakeEngine::new(Duration::from_secs(30))));
     for _ in 0..200 {
-        if cluster.coordinator.status(&job.job_id).unwrap().shards_running == 1 {
+        if cluster.coordinator.status(&job.job_id).unwrap().shards.running == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -669,10 +666,10 @@ async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
-    assert_eq!((status.state.as_str(), status.shards_running, status.shards_pending), ("running", 0, 1));
+    assert_eq!((status.state.as_str(), status.shards.running, status.shards.pending), ("running", 0, 1));
     // The released attempt is not counted: a new worker gets attempt 1 again.
-    let (stop, handle) = worker(&cluster.url, "w1", None, Box::new(FakeEngine { class_duration: Duration::ZERO }));
-    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, "succeeded");
+    let (stop, handle) = worker(&cluster.url, "w1", None, Box::new(FakeEngine::new(Duration::ZERO)));
+    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, JobState::Succeeded);
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     cluster.shutdown().await;
@@ -680,4 +677,215 @@ async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
         serde_json::from_slice(&std::fs::read(dir.path().join(format!("jobs/{}/state.json", job.job_id))).unwrap())
             .unwrap();
     assert_eq!(state["shards"][0]["attempts"], 1, "{state:#}");
+}
+
+/// A client built before the protocol header existed (a raw tonic client) and a client of
+/// another version are refused before any handler runs, with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_another_protocol_version_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start(&dir.path().display().to_string(), None).await;
+    let mut old = proto::coordinator_client::CoordinatorClient::connect(cluster.url.clone()).await.unwrap();
+    let status = old.list_jobs(proto::ListJobsRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    let expected = format!(
+        "older mgd3 protocol (it sends no `mgd3-protocol` header), the coordinator speaks protocol {}",
+        mgd3_common::PROTOCOL_VERSION
+    );
+    assert!(status.message().contains(&expected), "{}", status.message());
+    assert!(status.message().contains("run the same mgd3 version"), "{}", status.message());
+    let channel = tonic::transport::Endpoint::from_shared(cluster.url.clone()).unwrap().connect().await.unwrap();
+    let mut other =
+        proto::coordinator_client::CoordinatorClient::with_interceptor(channel, |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("mgd3-protocol", "1".parse().unwrap());
+            Ok(r)
+        });
+    let status = other.get_job_status(proto::GetJobStatusRequest { job_id: "x".into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("this client speaks mgd3 protocol 1"), "{}", status.message());
+    let mut current = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
+    assert!(current.list_jobs(proto::ListJobsRequest {}).await.is_ok());
+    cluster.shutdown().await;
+}
+
+/// A worker that registers with a model loaded from the job's path but with other bytes is told
+/// which job it is excluded from and why, and never gets a lease of it; others do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_registering_with_other_model_files_is_excluded_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let mut client = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
+    let other = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    let register = |id: &str, fingerprint: &str| proto::RegisterWorkerRequest {
+        worker_id: id.into(),
+        protocol_version: mgd3_common::PROTOCOL_VERSION,
+        model_fingerprints: [("/models/dit.onnx".to_owned(), fingerprint.to_owned())].into(),
+        ..Default::default()
+    };
+    let response = client.register_worker(register("stale", other)).await.unwrap().into_inner();
+    assert_eq!(response.excluded.len(), 1, "{response:?}");
+    let reason = &response.excluded[0].reason;
+    assert_eq!(response.excluded[0].job_id, job.job_id);
+    for part in ["`/models/dit.onnx`", other, FINGERPRINT, &job.job_id] {
+        assert!(reason.contains(part), "{reason} lacks {part}");
+    }
+    let poll = |id: &str| proto::PollWorkRequest { worker_id: id.into(), ..Default::default() };
+    let action = client.poll_work(poll("stale")).await.unwrap().into_inner().action;
+    assert!(matches!(action, Some(proto::poll_work_response::Action::WaitMs(_))), "{action:?}");
+    // The same models as the job's: registered without exclusions, and leased.
+    let response = client.register_worker(register("fresh", FINGERPRINT)).await.unwrap().into_inner();
+    assert!(response.excluded.is_empty(), "{response:?}");
+    let action = client.poll_work(poll("fresh")).await.unwrap().into_inner().action;
+    assert!(matches!(action, Some(proto::poll_work_response::Action::Lease(_))), "{action:?}");
+    cluster.shutdown().await;
+}
+
+/// A completion whose manifest digest does not match the markers in the store is refused and
+/// recorded as a failed attempt; the correct digest is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_completion_with_the_wrong_manifest_digest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None).await.unwrap();
+    let out = store::open(&store_url).unwrap();
+    let mut client = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
+    let register = proto::RegisterWorkerRequest {
+        worker_id: "w".into(),
+        protocol_version: mgd3_common::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    client.register_worker(register).await.unwrap();
+    let leaser = client.clone();
+    let attempt = async || {
+        let poll = proto::PollWorkRequest { worker_id: "w".into(), ..Default::default() };
+        let Some(proto::poll_work_response::Action::Lease(lease)) =
+            leaser.clone().poll_work(poll).await.unwrap().into_inner().action
+        else {
+            panic!("no lease");
+        };
+        let shard = ShardLease {
+            lease_id: lease.lease_id.clone(),
+            attempt_id: lease.attempt_id,
+            attempt: lease.attempt,
+            job_id: lease.job_id,
+            fingerprint: lease.spec_fingerprint,
+            spec: Arc::new(serde_json::from_str(&lease.spec_json).unwrap()),
+            classes: lease
+                .classes
+                .into_iter()
+                .map(|c| ClassRef { wnid: c.wnid, label: c.label, class_index: c.class_index })
+                .collect(),
+            worker_id: "w".into(),
+        };
+        let (out, runtime) = (out.clone(), tokio::runtime::Handle::current());
+        let report = tokio::task::spawn_blocking(move || {
+            run_shard(
+                &mut FakeEngine::new(Duration::ZERO),
+                &runtime,
+                &out,
+                &shard,
+                &ShardProgress::default(),
+                &Arc::new(AtomicBool::new(false)),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        (lease.lease_id, report)
+    };
+    let (lease_id, report) = attempt().await;
+    let wrong = proto::CompleteShardRequest {
+        worker_id: "w".into(),
+        lease_id,
+        manifest_digest: "sha256:bogus".into(),
+        images: report.images,
+        seconds: report.seconds,
+    };
+    let status = client.complete_shard(wrong).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("manifest digest sha256:bogus"), "{}", status.message());
+    assert!(status.message().contains(&report.digest), "{}", status.message());
+    let refused = cluster.coordinator.status(&job.job_id).unwrap();
+    assert_eq!((refused.state, refused.shards.done, refused.shards.pending), (JobState::Running, 0, 1));
+    assert!(refused.failures[0].error.contains("manifest digest"), "{refused:?}");
+    // The next attempt finds the classes committed and reports their digest: accepted.
+    let (lease_id, again) = attempt().await;
+    assert_eq!(again.digest, report.digest);
+    let right = proto::CompleteShardRequest {
+        worker_id: "w".into(),
+        lease_id,
+        manifest_digest: again.digest,
+        images: again.images,
+        seconds: again.seconds,
+    };
+    client.complete_shard(right).await.unwrap();
+    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, JobState::Succeeded);
+    cluster.shutdown().await;
+}
+
+/// Records when its shard was stopped.
+struct StopWatch {
+    inner: FakeEngine,
+    cancelled_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl ShardEngine for StopWatch {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        let result = self.inner.distill(spec, class, cancel);
+        if matches!(result, Err(ShardFailure::Cancelled)) {
+            *self.cancelled_at.lock().unwrap() = Some(std::time::Instant::now());
+        }
+        result
+    }
+}
+
+/// A worker cut off from its coordinator stops its shard once the lease has gone unrenewed for
+/// the lease timeout (5 s in these specs): by then the shard is leased to someone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_cut_off_from_the_coordinator_stops_its_shard_when_the_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(1, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let cancelled_at = Arc::new(std::sync::Mutex::new(None));
+    let engine = StopWatch { inner: FakeEngine::new(Duration::from_secs(60)), cancelled_at: cancelled_at.clone() };
+    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
+    wait_for_running(&cluster.coordinator, &job.job_id).await;
+    let coordinator = cluster.coordinator.clone();
+    cluster.shutdown().await;
+    let cut = std::time::Instant::now();
+    drop(coordinator);
+    for _ in 0..200 {
+        if cancelled_at.lock().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at = cancelled_at.lock().unwrap().expect("the shard was never stopped");
+    let after = at.duration_since(cut);
+    // Not before the lease ran out (renewed at most a heartbeat before the cut), not long after.
+    assert!(
+        after >= Duration::from_millis(4_500) && after <= Duration::from_secs(15),
+        "stopped {after:?} after the cut"
+    );
+    let _ = stop.send(());
+    handle.abort();
+}
+
+async fn wait_for_running(coordinator: &Coordinator, job: &str) {
+    for _ in 0..200 {
+        if coordinator.status(job).unwrap().shards.running == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the shard never started");
 }

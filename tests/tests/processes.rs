@@ -115,7 +115,9 @@ fn a_missing_class_folder_is_named_at_submit_or_at_run_time() {
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let connected = !stderr.contains("transport error") && !stderr.contains("connect error");
+            let connected = !stderr.contains("cannot reach the coordinator")
+                && !stderr.contains("transport error")
+                && !stderr.contains("connect error");
             output = Some(out);
             connected
         });

@@ -11,86 +11,14 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use support::*;
-
-struct Moto {
-    _server: Killed,
-    port: u16,
-}
-
-fn moto() -> Option<Moto> {
-    let python = std::env::var_os("MGD3_MOTO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-test/bin/python"));
-    let installed =
-        python.exists() && Command::new(&python).args(["-c", "import moto.server"]).status().is_ok_and(|s| s.success());
-    if !installed {
-        assert!(
-            std::env::var("MGD3_REQUIRE_S3").as_deref() != Ok("1"),
-            "moto is not installed at {}: run scripts/setup_test_servers.sh",
-            python.display()
-        );
-        eprintln!("note: skipping the S3 test: moto is not installed (scripts/setup_test_servers.sh)");
-        return None;
-    }
-    let port = free_port();
-    let server = Killed(
-        Command::new(&python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("moto to listen", Duration::from_secs(30), || TcpStream::connect(("127.0.0.1", port)).is_ok());
-    Some(Moto { _server: server, port })
-}
-
-/// Creates a bucket with a plain request (moto does not check signatures).
-fn create_bucket(port: u16, bucket: &str) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}");
-}
-
-fn aws_env(port: u16) -> Vec<(&'static str, String)> {
-    vec![
-        ("AWS_ACCESS_KEY_ID", "test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
-        ("AWS_EC2_METADATA_DISABLED", "true".into()),
-    ]
-}
-
-fn bucket(port: u16, name: &str) -> Arc<dyn ObjectStore> {
-    Arc::new(
-        AmazonS3Builder::new()
-            .with_bucket_name(name)
-            .with_endpoint(format!("http://127.0.0.1:{port}"))
-            .with_allow_http(true)
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .with_region("us-east-1")
-            .build()
-            .unwrap(),
-    )
-}
 
 async fn upload_dir(store: &dyn ObjectStore, local: &std::path::Path, prefix: &str) {
     for (name, bytes) in files(local) {

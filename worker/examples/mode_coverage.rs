@@ -5,7 +5,7 @@
 
 use image::{Rgb, RgbImage};
 use mgd3_worker::mgd3::guidance::GuidanceConfig;
-use mgd3_worker::mgd3::toy::{Mixture, ModeSource, coverage_experiment, sample_points};
+use mgd3_worker::toy::{Mixture, ModeSource, coverage_experiment, sample_points};
 
 const SIDE: u32 = 360;
 

@@ -18,12 +18,17 @@ use mgd3_common::imagefolder::ImageRef;
 /// Bumped whenever decoding or preprocessing changes the latents of the same files.
 pub const PREPROCESSING_VERSION: &str = "prep-v1";
 
+/// Errors of the latent cache.
 #[derive(Debug, Error)]
 pub enum CacheError {
+    /// Reading or writing the cache's store failed (after the store's own retries).
     #[error("latent cache `{url}`: `{key}`: {source}")]
     Store {
+        /// The cache location's URL.
         url: String,
+        /// The entry's key, relative to the cache location.
         key: String,
+        /// The store's error.
         #[source]
         source: object_store::Error,
     },
@@ -33,7 +38,9 @@ fn short(text: &str) -> String {
     sha256_hex(text.as_bytes())[7..23].to_owned()
 }
 
-/// The cache key of one class's latents.
+/// The cache key of one class's latents:
+/// `latents/<dataset hash>/<VAE fingerprint prefix>/<PREPROCESSING_VERSION>/<wnid>-<listing hash>.npy`,
+/// where the listing hash covers each image's path below the class folder and its size.
 pub fn latent_key(dataset_url: &str, vae_fingerprint: &str, wnid: &str, images: &[ImageRef]) -> String {
     // Names below the class folder (not where the dataset is mounted) and sizes.
     let listing: String = images.iter().map(|i| format!("{}\t{}\n", i.relative, i.bytes)).collect();
@@ -46,7 +53,11 @@ pub fn latent_key(dataset_url: &str, vae_fingerprint: &str, wnid: &str, images: 
     )
 }
 
-/// Cached latents of `points` × `dim`, if present and well-formed.
+/// Cached latents of `points` × `dim` (row-major f32, scaled latent space), if present and
+/// well-formed; an entry of another shape or an unreadable one is logged and ignored (`None`).
+///
+/// # Errors
+/// [`CacheError::Store`] when the store cannot be read.
 pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Option<Vec<f32>>, CacheError> {
     let path = cache.key(key);
     let bytes = block_on(get_optional(cache.store.as_ref(), &path)).map_err(|source| CacheError::Store {
@@ -68,7 +79,14 @@ pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Op
     }
 }
 
-/// Stores latents (multipart upload when large).
+/// Stores `points` × `dim` latents (row-major f32) as `.npy` at `key` (multipart upload when
+/// large).
+///
+/// # Errors
+/// [`CacheError::Store`] when the store cannot be written.
+///
+/// # Panics
+/// If `features` does not hold `points × dim` values.
 pub fn store(cache: &Location, key: &str, features: &[f32], points: usize, dim: usize) -> Result<(), CacheError> {
     let array = Array2::from_shape_vec((points, dim), features.to_vec()).expect("points × dim features");
     let mut bytes = Vec::with_capacity(features.len() * 4 + 128);

@@ -11,8 +11,8 @@ use ndarray_npy::ReadNpyExt;
 
 use crate::client::WorkerConfig;
 use crate::engine::{
-    ClassSpec, ClassTimings, Engine, ModelPaths, SampleBatch, SamplingConfig, check_guidance, decode_to_png,
-    sample_in_batches, schedule_for_sampler,
+    ClassSpec, ClassTimings, Engine, EngineError, ModelPaths, SampleBatch, SamplingConfig, check_guidance,
+    decode_to_png, sample_in_batches, schedule_for_sampler,
 };
 use crate::mgd3::guidance::GuidanceConfig;
 use crate::mgd3::sampler::Sampler;
@@ -296,7 +296,7 @@ pub fn run(cli: Cli) -> Result<()> {
 fn distill_class(args: DistillClassArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
     let paths = ModelPaths { dit: args.dit, vae_encoder: args.vae_encoder, vae_decoder: args.vae_decoder };
-    let mut engine = Engine::load(&paths, &session, args.sampling.config()?)?;
+    let mut engine = Engine::load(&paths, &session, args.sampling.config()?).map_err(EngineError::from_command_line)?;
     let class = ClassSpec {
         wnid: args.class.clone(),
         label: args.label,
@@ -310,7 +310,8 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     }
     let dataset = crate::data::Dataset::open(&args.data)?;
     engine.set_cpu_pool(args.runtime.cpu_pool());
-    let (output, sheet) = engine.distill_class(&dataset, &class, args.contact_sheet.is_some())?;
+    let (output, sheet) =
+        engine.distill_class(&dataset, &class, args.contact_sheet.is_some()).map_err(EngineError::from_command_line)?;
     let dir = args.out.join(&class.wnid);
     for (j, png) in output.images.iter().enumerate() {
         write_file(&dir.join(format!("{j}.png")), png)?;
@@ -342,7 +343,7 @@ fn sample(args: SampleArgs) -> Result<()> {
     let noise: Array5<f32> = read_npy(&args.noise, "noise")?;
     let mut dit = Dit::load(&args.dit, &session)?;
     let info = dit.info().clone();
-    check_guidance(&config.guidance, config.steps, info.latent_shape[0])?;
+    check_guidance(&config.guidance, config.steps, info.latent_shape[0]).map_err(EngineError::from_command_line)?;
     if modes.shape()[1..] != info.latent_shape {
         bail!(
             "modes `{}` has shape {:?}; the DiT expects [N, {:?}]",
@@ -392,21 +393,11 @@ fn sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 fn cluster(args: ClusterArgs) -> Result<()> {
     let Some(coordinator) = args.coordinator.clone() else {
         bail!("give --coordinator URL to join a cluster, or a subcommand (see --help)");
     };
-    let token =
-        args.token_file.as_deref().map(mgd3_common::rpc::read_token_file).transpose().map_err(anyhow::Error::msg)?;
+    let token = args.token_file.as_deref().map(mgd3_common::rpc::read_token_file).transpose()?;
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
     let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(&host));
     let slurm = |key: &str| std::env::var(key).unwrap_or_default();
@@ -420,9 +411,7 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     );
     let engine: Box<dyn ShardEngine> = match args.engine.as_str() {
         "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?, args.runtime.cpu_pool())),
-        "fake" => Box::new(FakeEngine {
-            class_duration: std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0)),
-        }),
+        "fake" => Box::new(FakeEngine::new(std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0)))),
         other => bail!("--engine must be `onnx` or `fake`, not `{other}`"),
     };
     let config = WorkerConfig {
@@ -433,7 +422,7 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         devices: vec![args.runtime.device.clone()],
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(crate::client::run(config, engine, termination()))?;
+    runtime.block_on(crate::client::run(config, engine, mgd3_common::termination()))?;
     Ok(())
 }
 

@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::proto::{self, poll_work_response::Action};
@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 use tracing::{info, warn};
 
-use crate::shard::{ShardEngine, ShardFailure, ShardLease, ShardReport, run_shard};
+use crate::shard::{
+    Disposition, ShardEngine, ShardError, ShardFailure, ShardLease, ShardProgress, ShardReport, run_shard,
+};
 
 /// How a worker connects and identifies itself.
 #[derive(Clone, Debug)]
@@ -30,21 +32,41 @@ pub struct WorkerConfig {
     pub devices: Vec<String>,
 }
 
+/// Why the worker's loop stopped before it was drained or told to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{0}")]
-    Config(String),
-    #[error("the coordinator rejected worker `{worker}`: {status}")]
-    Rejected { worker: String, status: String },
+    /// The coordinator URL, CA file or token cannot be used.
+    #[error(transparent)]
+    Connect(#[from] mgd3_common::rpc::ConnectError),
+    /// The coordinator refused the registration (another protocol version, a wrong token).
+    #[error("the coordinator rejected worker `{worker}`: {source}")]
+    Rejected {
+        worker: String,
+        #[source]
+        source: mgd3_common::rpc::CallError,
+    },
 }
 
-type ShardOutcome = Result<ShardReport, (Option<String>, ShardFailure)>;
+type ShardOutcome = Result<ShardReport, ShardError>;
 
 struct Running {
     lease: ShardLease,
-    images_done: Arc<AtomicU32>,
+    progress: Arc<ShardProgress>,
     cancel: Arc<AtomicBool>,
     task: JoinHandle<ShardOutcome>,
+    /// How long the lease lives without renewal (`None`: the coordinator did not say).
+    lease_timeout: Option<Duration>,
+    /// When the last poll the coordinator answered without revoking the lease was sent: the
+    /// coordinator renewed the lease no earlier than that.
+    renewed: Instant,
+}
+
+impl Running {
+    /// True once the lease has gone unrenewed for its whole timeout: the coordinator has
+    /// requeued the shard by now, so computing on would only duplicate another worker's work.
+    fn expired(&self, now: Instant) -> bool {
+        self.lease_timeout.is_some_and(|timeout| now.duration_since(self.renewed) >= timeout)
+    }
 }
 
 /// While shutting down, no RPC may hold the process longer than this: Slurm preemption signals
@@ -122,8 +144,7 @@ pub async fn run(
     engine: Box<dyn ShardEngine>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
-    let mut client =
-        connect(&config.coordinator, config.token.as_deref(), config.tls_ca.as_deref()).map_err(ClientError::Config)?;
+    let mut client = connect(&config.coordinator, config.token.as_deref(), config.tls_ca.as_deref())?;
     let engine = Arc::new(Mutex::new(engine));
     let mut stop = Stop::new(shutdown);
 
@@ -141,6 +162,18 @@ pub async fn run(
         {
             running.cancel.store(true, Ordering::Relaxed);
         }
+        if let Some(running) = &current
+            && running.expired(Instant::now())
+            && !running.cancel.swap(true, Ordering::Relaxed)
+        {
+            warn!(
+                lease = %running.lease.lease_id,
+                job = %running.lease.job_id,
+                coordinator = %config.coordinator,
+                timeout_s = running.lease_timeout.unwrap_or_default().as_secs_f64(),
+                "the coordinator has not renewed this lease for its whole timeout: stopping the shard (it is leased again elsewhere; committed classes stay)"
+            );
+        }
         tokio::select! {
             _ = stop.signalled() => {
                 info!(worker = %config.worker_id, "shutting down: stopping after the current batch");
@@ -148,7 +181,9 @@ pub async fn run(
             }
             outcome = async { (&mut current.as_mut().expect("guarded").task).await }, if current.is_some() => {
                 let running = current.take().expect("guarded");
-                let outcome = outcome.unwrap_or_else(|e| Err((None, ShardFailure::Retryable(format!("shard task panicked: {e}")))));
+                let outcome = outcome.unwrap_or_else(|e| {
+                    Err(ShardError::shard(ShardFailure::Reported { message: format!("shard task panicked: {e}"), retryable: true }))
+                });
                 report(&mut client, &config, &running.lease, outcome, &mut stop).await;
                 wait = Duration::ZERO;
                 continue;
@@ -163,14 +198,15 @@ pub async fn run(
         }
         let running = current.iter().map(|r| proto::RunningLease {
             lease_id: r.lease.lease_id.clone(),
-            classes_done: 0,
-            images_done: r.images_done.load(Ordering::Relaxed),
+            classes_done: r.progress.classes.load(Ordering::Relaxed),
+            images_done: r.progress.images.load(Ordering::Relaxed),
         });
         let request = proto::PollWorkRequest {
             worker_id: config.worker_id.clone(),
             running: running.collect(),
             draining: stop.fired,
         };
+        let sent = Instant::now();
         let response = match stop.rpc(client.poll_work(request)).await {
             Ok(response) => {
                 failures = 0;
@@ -198,11 +234,13 @@ pub async fn run(
                 continue;
             }
         };
-        if let Some(running) = &current
-            && response.revoked.contains(&running.lease.lease_id)
-        {
-            warn!(lease = %running.lease.lease_id, "lease revoked by the coordinator: stopping it");
-            running.cancel.store(true, Ordering::Relaxed);
+        if let Some(running) = &mut current {
+            if response.revoked.contains(&running.lease.lease_id) {
+                warn!(lease = %running.lease.lease_id, "lease revoked by the coordinator: stopping it");
+                running.cancel.store(true, Ordering::Relaxed);
+            } else {
+                running.renewed = sent;
+            }
         }
         wait = heartbeat;
         match response.action {
@@ -251,8 +289,12 @@ async fn register<F: Future<Output = ()>>(
         match stop.rpc(client.register_worker(request)).await {
             _ if stop.fired => return Ok(None),
             Ok(response) => {
+                let response = response.into_inner();
                 info!(worker = %config.worker_id, coordinator = %config.coordinator, "registered");
-                return Ok(Some(Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(50))));
+                for excluded in &response.excluded {
+                    warn!(worker = %config.worker_id, job = %excluded.job_id, reason = %excluded.reason, "the coordinator will lease nothing of this job to this worker");
+                }
+                return Ok(Some(Duration::from_millis(response.heartbeat_interval_ms.max(50))));
             }
             Err(status) if transient(&status) => {
                 warn!(worker = %config.worker_id, error = %status.message(), "coordinator unreachable; retrying");
@@ -260,7 +302,8 @@ async fn register<F: Future<Output = ()>>(
                 stop.sleep(backoff(attempt)).await;
             }
             Err(status) => {
-                return Err(ClientError::Rejected { worker: config.worker_id.clone(), status: status.to_string() });
+                let source = mgd3_common::rpc::CallError::of(&config.coordinator, "RegisterWorker")(status);
+                return Err(ClientError::Rejected { worker: config.worker_id.clone(), source });
             }
         }
     }
@@ -286,9 +329,11 @@ fn start(
             out
         }
     };
+    let lease_timeout = (lease.lease_timeout_ms > 0).then(|| Duration::from_millis(lease.lease_timeout_ms));
     let shard = ShardLease {
         lease_id: lease.lease_id,
         attempt_id: lease.attempt_id,
+        attempt: lease.attempt,
         job_id: lease.job_id,
         fingerprint: lease.spec_fingerprint,
         spec,
@@ -299,21 +344,20 @@ fn start(
             .collect(),
         worker_id: config.worker_id.clone(),
     };
-    info!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = %shard.attempt_id, "starting shard");
-    let images_done = Arc::new(AtomicU32::new(0));
+    info!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = shard.attempt, "starting shard");
+    let progress = Arc::new(ShardProgress::default());
     let cancel = Arc::new(AtomicBool::new(false));
     let task = {
-        let (engine, lease, images_done, cancel) = (engine.clone(), shard.clone(), images_done.clone(), cancel.clone());
+        let (engine, lease, progress, cancel) = (engine.clone(), shard.clone(), progress.clone(), cancel.clone());
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let span =
-                tracing::info_span!("shard", job = %lease.job_id, worker = %lease.worker_id, lease = %lease.lease_id);
+            let span = tracing::info_span!("shard", job = %lease.job_id, worker = %lease.worker_id, lease = %lease.lease_id, attempt = lease.attempt);
             let _guard = span.enter();
             let mut engine = engine.lock().expect("engine");
-            run_shard(engine.as_mut(), &runtime, &out, &lease, &images_done, &cancel)
+            run_shard(engine.as_mut(), &runtime, &out, &lease, &progress, &cancel)
         })
     };
-    Ok(Running { lease: shard, images_done, cancel, task })
+    Ok(Running { lease: shard, progress, cancel, task, lease_timeout, renewed: Instant::now() })
 }
 
 /// Reports a finished shard, retrying while the coordinator is unreachable; once stopping, at
@@ -343,24 +387,20 @@ async fn report<F: Future<Output = ()>>(
                 };
                 stop.rpc(client.complete_shard(request)).await.map(|_| ())
             }
-            Err((wnid, failure)) => {
-                let (error, retryable, released, incompatible) = match failure {
-                    ShardFailure::Retryable(e) => (e.clone(), true, false, false),
-                    ShardFailure::Fatal(e) => (e.clone(), false, false, false),
-                    ShardFailure::Incompatible(e) => (e.clone(), true, false, true),
-                    ShardFailure::Cancelled => ("worker stopped".to_owned(), true, true, false),
-                };
-                if !released {
-                    warn!(lease = %lease_id, wnid = wnid.as_deref().unwrap_or(""), %error, "shard failed");
+            Err(failed) => {
+                let disposition = failed.failure.disposition();
+                let error = failed.failure.describe();
+                if disposition != Disposition::Release {
+                    warn!(lease = %lease_id, class = failed.class.as_deref().unwrap_or(""), ?disposition, %error, "shard failed");
                 }
                 let request = proto::FailShardRequest {
                     worker_id: worker_id.clone(),
                     lease_id: lease_id.clone(),
                     error,
-                    retryable,
-                    released,
-                    wnid: wnid.clone().unwrap_or_default(),
-                    incompatible,
+                    retryable: disposition != Disposition::GiveUp,
+                    released: disposition == Disposition::Release,
+                    wnid: failed.class.clone().unwrap_or_default(),
+                    incompatible: disposition == Disposition::Elsewhere,
                 };
                 stop.rpc(client.fail_shard(request)).await.map(|_| ())
             }

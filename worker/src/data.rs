@@ -18,39 +18,82 @@ use mgd3_common::imagefolder::{ClassListing, ImageRef, ImageSource, ListError, R
 use ndarray::{Array3, Array4, Axis};
 use thiserror::Error;
 
+/// Errors of reading real images.
 #[derive(Debug, Error)]
 pub enum DataError {
+    /// Listing a class failed (see [`ListError`]).
     #[error(transparent)]
     List(#[from] ListError),
+    /// A class holds fewer images than IPC, so k-means cannot find IPC modes.
     #[error("class `{class}`: {found} images but IPC = {ipc} needs at least {ipc}")]
-    TooFewImages { class: String, found: usize, ipc: usize },
+    TooFewImages {
+        /// The class folder name.
+        class: String,
+        /// Images the listing found.
+        found: usize,
+        /// Images per class asked for.
+        ipc: usize,
+    },
+    /// The bytes are not an image of a known format, or the decoder failed.
     #[error("cannot decode image `{path}`: {source}")]
     Decode {
+        /// The image's path or key.
         path: PathBuf,
+        /// The decoder's error.
         #[source]
         source: image::ImageError,
     },
+    /// A JPEG without its end-of-image marker after the scan data (decoders would fill it with
+    /// grey; PIL refuses it).
     #[error(
         "image `{path}` is truncated: the {format} data ends before the image does ({bytes} bytes); replace or remove the file"
     )]
-    Truncated { path: PathBuf, format: &'static str, bytes: usize },
+    Truncated {
+        /// The image's path or key.
+        path: PathBuf,
+        /// The format (`JPEG`).
+        format: &'static str,
+        /// Size of the file in bytes.
+        bytes: usize,
+    },
+    /// A local image file cannot be read.
     #[error("cannot read image `{path}`: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The dataset root cannot be opened (an invalid URL, a store that cannot be built).
     #[error("dataset `{url}`: {problem}")]
-    Dataset { url: String, problem: String },
+    Dataset {
+        /// The dataset's path or URL.
+        url: String,
+        /// What went wrong.
+        problem: String,
+    },
+    /// Reading an image from an object store failed (after the store's retries).
     #[error("class `{class}`: reading dataset `{url}`: {source}")]
     Store {
+        /// The class being read.
         class: String,
+        /// The dataset's URL.
         url: String,
+        /// The store's error.
         #[source]
         source: object_store::Error,
     },
+    /// An image that decodes to zero width or height.
     #[error("image `{path}` is empty ({width}×{height})")]
-    Degenerate { path: PathBuf, width: u32, height: u32 },
+    Degenerate {
+        /// The image's path or key.
+        path: PathBuf,
+        /// Decoded width in pixels.
+        width: u32,
+        /// Decoded height in pixels.
+        height: u32,
+    },
 }
 
 /// True when a JPEG's entropy-coded data ends with the end-of-image marker. Decoders fill a
@@ -66,7 +109,12 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
 
 /// Decodes image bytes into 8-bit RGB (`channels == 3`) or luma (`channels == 1`). An image that
 /// does not decode completely is an error naming the file, for every format read: the other
-/// decoders fail on missing data themselves, JPEG is checked for its end marker.
+/// decoders fail on missing data themselves, JPEG is checked for its end marker. `path` only
+/// names the image in errors.
+///
+/// # Errors
+/// [`DataError::Decode`] for an unknown format or a decoder failure, [`DataError::Truncated`]
+/// for a JPEG cut short, [`DataError::Degenerate`] for a zero-sized image.
 pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, DataError> {
     let format = image::guess_format(bytes).map_err(|source| DataError::Decode { path: path.into(), source })?;
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
@@ -80,7 +128,10 @@ pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, Data
     Ok(Pixels::from_image(image, channels))
 }
 
-/// Reads and decodes one file.
+/// Reads and decodes one local file (see [`decode`]).
+///
+/// # Errors
+/// [`DataError::Read`] when the file cannot be read; those of [`decode`].
 pub fn load(path: &Path, channels: usize) -> Result<Pixels, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
     decode(&bytes, path, channels)
@@ -105,15 +156,22 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 impl Dataset {
     /// A local path (or `file://` URL) or an object-store URL.
+    ///
+    /// # Errors
+    /// [`DataError::Dataset`] when the URL cannot be opened.
     pub fn open(url: &str) -> Result<Self, DataError> {
         Root::open(url).map(Dataset).map_err(|e| DataError::Dataset { url: url.into(), problem: e.to_string() })
     }
 
+    /// The dataset root as a path or URL, for messages and cache keys.
     pub fn url(&self) -> String {
         self.0.url()
     }
 
     /// The class's images in the listing rule's order, and what the listing skipped.
+    ///
+    /// # Errors
+    /// [`DataError::List`] when the class folder is missing, holds no images or cannot be listed.
     pub fn list_class(&self, class: &str) -> Result<ClassListing, DataError> {
         let listing = block_on(self.0.list_class(class))?;
         if listing.skipped.total() > 0 {
@@ -125,6 +183,10 @@ impl Dataset {
 
     /// The bytes of `images`, in order, with at most [`MAX_CONCURRENT_READS`] reads in flight,
     /// each read from exactly the path or key the listing gave.
+    ///
+    /// # Errors
+    /// [`DataError::Read`] for a local file, [`DataError::Store`] for an object that cannot be
+    /// read.
     pub fn read(&self, class: &str, images: &[ImageRef]) -> Result<Vec<Vec<u8>>, DataError> {
         match &self.0 {
             Root::Local(_) => images
@@ -155,9 +217,13 @@ impl Dataset {
 /// Interleaved 8-bit pixels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pixels {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
+    /// Channels per pixel: 1 (luma) or 3 (RGB).
     pub channels: usize,
+    /// Row-major pixels, `channels` bytes each (`width × height × channels` in all).
     pub data: Vec<u8>,
 }
 
@@ -170,6 +236,10 @@ impl Pixels {
         Pixels { width, height, channels, data }
     }
 
+    /// The pixels as an `image` crate image (luma for 1 channel, else RGB), copied.
+    ///
+    /// # Panics
+    /// If `data` holds fewer than `width × height × channels` bytes.
     pub fn to_image(&self) -> DynamicImage {
         let (w, h) = (self.width as u32, self.height as u32);
         if self.channels == 1 {
@@ -474,9 +544,8 @@ fn resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> Pixels {
 }
 
 /// Python's `round()` (half to even) for the positive sizes of `center_crop_arr`.
-pub fn round_half_even(x: f64) -> usize {
-    let r = x.round();
-    (if (x - x.trunc()) == 0.5 { 2.0 * (x / 2.0).round() } else { r }) as usize
+fn round_size(x: f64) -> usize {
+    crate::mgd3::schedule::round_half_even(x) as usize
 }
 
 /// ADM's `center_crop_arr(image, size)`: BOX halving while the short side is ≥ 2·size, BICUBIC
@@ -493,10 +562,8 @@ pub fn center_crop(image: &Pixels, size: usize) -> Pixels {
     }
     let current = halved.as_ref().unwrap_or(image);
     let scale = size as f64 / current.width.min(current.height) as f64;
-    let (w, h) = (
-        round_half_even(current.width as f64 * scale).max(size),
-        round_half_even(current.height as f64 * scale).max(size),
-    );
+    let (w, h) =
+        (round_size(current.width as f64 * scale).max(size), round_size(current.height as f64 * scale).max(size));
     let window = Window { x0: (w - size) / 2, y0: (h - size) / 2, w: size, h: size };
     resize_window(current, w, h, Filter::Bicubic, window)
 }
@@ -656,8 +723,8 @@ mod tests {
             }
             let scale = size as f64 / current.width.min(current.height) as f64;
             let (rw, rh) = (
-                round_half_even(current.width as f64 * scale).max(size),
-                round_half_even(current.height as f64 * scale).max(size),
+                round_size(current.width as f64 * scale).max(size),
+                round_size(current.height as f64 * scale).max(size),
             );
             let whole = plain_resize(&current, rw, rh, Filter::Bicubic);
             let (x0, y0) = ((rw - size) / 2, (rh - size) / 2);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use mgd3_common::job::{Setting, SettingSource};
 use mgd3_common::seed::sample_seed;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
@@ -50,19 +51,52 @@ pub enum EngineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
-    #[error("models do not fit together: {0}")]
-    Mismatch(String),
-    #[error("invalid setting: {0}")]
-    Config(String),
+    /// A VAE works on latents of another shape than the DiT.
+    #[error(
+        "the DiT works on latents {dit:?} but the {model} has {latent:?}; export the models for the same resolution"
+    )]
+    LatentShapes { dit: [usize; 3], model: &'static str, latent: [usize; 3] },
+    /// The VAE encoder and decoder scale latents differently.
+    #[error(
+        "VAE encoder scale_factor {encoder} differs from decoder scale_factor {decoder}; use the encoder and decoder of one VAE"
+    )]
+    ScaleFactors { encoder: f32, decoder: f32 },
+    /// A setting has a value the models or the other settings rule out; named as the user
+    /// wrote it (job spec key or command-line flag, per `source`).
+    #[error("{} = {value}: {problem}", setting.name(*origin))]
+    Invalid { setting: Setting, origin: SettingSource, value: String, problem: String },
+    /// A class's DiT label is outside the DiT's classes.
+    #[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
+    LabelOutOfRange { class: String, label: i64, classes: usize },
+    /// The caller passed labels and modes of different counts (a bug in the caller).
+    #[error("{labels} labels for {modes} modes")]
+    LabelCount { labels: usize, modes: usize },
+    #[error("cannot read model `{path}` to fingerprint it: {source}")]
+    Fingerprint {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cancelled")]
     Cancelled,
 }
 
 impl EngineError {
+    /// The same error, naming settings by their command-line flags: for errors about settings
+    /// the user gave on the worker's command line rather than in a job spec.
+    pub fn from_command_line(self) -> Self {
+        match self {
+            EngineError::Invalid { setting, value, problem, .. } => {
+                EngineError::Invalid { setting, origin: SettingSource::CommandLine, value, problem }
+            }
+            other => other,
+        }
+    }
+
     /// Whether a later attempt (maybe on another worker) can succeed where this one failed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            EngineError::Model(e) => matches!(e, mgd3_onnx::Error::Ort { .. } | mgd3_onnx::Error::Io { .. }),
+            EngineError::Model(e) => matches!(e, mgd3_onnx::Error::Ort { .. }),
             EngineError::Data(e) => {
                 matches!(
                     e,
@@ -74,12 +108,17 @@ impl EngineError {
                         )
                 )
             }
-            EngineError::Sink(_) | EngineError::Cancelled | EngineError::Cache(_) => true,
+            EngineError::Sink(_) | EngineError::Cancelled | EngineError::Cache(_) | EngineError::Fingerprint { .. } => {
+                true
+            }
             EngineError::Modes { .. }
             | EngineError::Sample { .. }
             | EngineError::Schedule(_)
-            | EngineError::Mismatch(_)
-            | EngineError::Config(_) => false,
+            | EngineError::LatentShapes { .. }
+            | EngineError::ScaleFactors { .. }
+            | EngineError::Invalid { .. }
+            | EngineError::LabelOutOfRange { .. }
+            | EngineError::LabelCount { .. } => false,
         }
     }
 }
@@ -176,11 +215,21 @@ impl Denoiser for DitDenoiser<'_> {
     }
 }
 
+/// `sha256:<hex>` of each model file as loaded ([`mgd3_common::fingerprint_file`]): what a job
+/// spec's `*_fingerprint` settings and the latent cache key compare against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelFingerprints {
+    pub dit: String,
+    pub vae_encoder: String,
+    pub vae_decoder: String,
+}
+
 /// The ONNX models of one worker and the schedule derived from the DiT.
 pub struct Engine {
     dit: Dit,
     encoder: VaeEncoder,
     decoder: VaeDecoder,
+    fingerprints: ModelFingerprints,
     schedule: Schedule,
     sampling: SamplingConfig,
     /// Samples per DiT call (each is a cond+uncond pair).
@@ -203,24 +252,31 @@ impl Engine {
             [("VAE encoder", encoder.info().latent_shape), ("VAE decoder", decoder.info().latent_shape)]
         {
             if latent != dit_latent {
-                return Err(EngineError::Mismatch(format!(
-                    "the DiT works on latents {dit_latent:?} but the {name} has {latent:?}"
-                )));
+                return Err(EngineError::LatentShapes { dit: dit_latent, model: name, latent });
             }
         }
         if encoder.info().scale_factor != decoder.info().scale_factor {
-            return Err(EngineError::Mismatch(format!(
-                "VAE encoder scale_factor {} differs from decoder scale_factor {}",
-                encoder.info().scale_factor,
-                decoder.info().scale_factor
-            )));
+            return Err(EngineError::ScaleFactors {
+                encoder: encoder.info().scale_factor,
+                decoder: decoder.info().scale_factor,
+            });
         }
         let schedule = schedule_for_sampler(&dit, sampling.steps, sampling.sampler)?;
         check_guidance(&sampling.guidance, sampling.steps, dit_latent[0])?;
+        let fingerprint = |path: &std::path::Path| {
+            mgd3_common::fingerprint_file(path)
+                .map_err(|source| EngineError::Fingerprint { path: path.to_owned(), source })
+        };
+        let fingerprints = ModelFingerprints {
+            dit: fingerprint(&paths.dit)?,
+            vae_encoder: fingerprint(&paths.vae_encoder)?,
+            vae_decoder: fingerprint(&paths.vae_decoder)?,
+        };
         Ok(Engine {
             dit,
             encoder,
             decoder,
+            fingerprints,
             schedule,
             sampling,
             samples_per_call: (session.max_batch / 2).max(1),
@@ -241,6 +297,11 @@ impl Engine {
 
     pub fn dit(&self) -> &Dit {
         &self.dit
+    }
+
+    /// Fingerprints of the loaded model files.
+    pub fn fingerprints(&self) -> &ModelFingerprints {
+        &self.fingerprints
     }
 
     pub fn encoder(&self) -> &VaeEncoder {
@@ -365,17 +426,28 @@ impl Engine {
 
 /// Checks guidance settings against the schedule and the latent channels.
 pub fn check_guidance(guidance: &GuidanceConfig, steps: usize, channels: usize) -> Result<(), EngineError> {
+    let invalid = |setting, value: String, problem: String| {
+        Err(EngineError::Invalid { setting, origin: SettingSource::JobSpec, value, problem })
+    };
     if guidance.stop_guidance > steps {
-        return Err(EngineError::Config(format!("--stop-guidance {} exceeds --steps {steps}", guidance.stop_guidance)));
+        return invalid(
+            Setting::StopGuidance,
+            guidance.stop_guidance.to_string(),
+            format!("exceeds the {steps} steps"),
+        );
     }
     if guidance.cfg_channels > channels {
-        return Err(EngineError::Config(format!(
-            "--cfg-channels {} exceeds the DiT's {channels} latent channels",
-            guidance.cfg_channels
-        )));
+        return invalid(
+            Setting::CfgChannels,
+            guidance.cfg_channels.to_string(),
+            format!("exceeds the DiT's {channels} latent channels"),
+        );
     }
-    if !guidance.guidance_scale.is_finite() || !guidance.cfg_scale.is_finite() {
-        return Err(EngineError::Config("guidance and CFG scales must be finite".into()));
+    for (setting, value) in [(Setting::GuidanceScale, guidance.guidance_scale), (Setting::CfgScale, guidance.cfg_scale)]
+    {
+        if !value.is_finite() {
+            return invalid(setting, value.to_string(), "must be finite".into());
+        }
     }
     Ok(())
 }
@@ -405,7 +477,7 @@ pub fn sample_in_batches(
     let spec = ModelSpec { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
     let n = batch.modes.shape()[0];
     if batch.labels.len() != n {
-        return Err(EngineError::Config(format!("{} labels for {n} modes", batch.labels.len())));
+        return Err(EngineError::LabelCount { labels: batch.labels.len(), modes: n });
     }
     let mut parts = Vec::new();
     let mut from = 0;

@@ -23,19 +23,34 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
     "09_ankle_boot",
 ];
 
+/// Errors of the Fashion-MNIST import.
 #[derive(Debug, Error)]
 pub enum ImportError {
+    /// A source file is missing or is not readable gzip.
     #[error("cannot read `{path}`: {source} (install it with `apt-get install dataset-fashion-mnist`)")]
     Read {
+        /// The `.gz` file.
         path: PathBuf,
+        /// The I/O (or gzip) error.
         #[source]
         source: std::io::Error,
     },
+    /// A source file lacks the IDX magic, has the wrong length, or holds a label outside 0..10.
     #[error("`{path}` is not an IDX file of {what}: {problem}")]
-    Format { path: PathBuf, what: &'static str, problem: String },
+    Format {
+        /// The `.gz` file.
+        path: PathBuf,
+        /// `images` or `labels`.
+        what: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An output folder, PNG or `classes.txt` cannot be written.
     #[error("cannot write `{path}`: {source}")]
     Write {
+        /// The file or folder being written.
         path: PathBuf,
+        /// The error (I/O errors wrapped as `ImageError::IoError`).
         #[source]
         source: image::ImageError,
     },
@@ -81,6 +96,14 @@ fn labels(path: &Path) -> Result<Vec<u8>, ImportError> {
 
 /// Writes the ImageFolder; `per_class` caps the images written per class and split (first ones).
 /// Returns the number of images written.
+///
+/// The sources are `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz` in `src` (Debian installs
+/// them in `/usr/share/datasets/fashion-mnist`); each image becomes an 8-bit grayscale PNG named
+/// by its index in the split (`00042.png`).
+///
+/// # Errors
+/// [`ImportError::Read`] or [`ImportError::Format`] for a missing or malformed source file,
+/// [`ImportError::Write`] when an output cannot be written.
 pub fn import_fashion_mnist(src: &Path, out: &Path, per_class: Option<usize>) -> Result<usize, ImportError> {
     let mut written = 0;
     for (split, prefix) in [("train", "train"), ("test", "t10k")] {

@@ -2,7 +2,10 @@
 //!
 //! [`mgd3`] holds the algorithm (pure ndarray + rand, unit-tested without ONNX); [`data`] decodes
 //! and preprocesses images; [`engine`] wires both to the ONNX models for a whole class;
-//! [`sink`] writes PNGs and `.npy` files; [`cli`] is the `worker` command line.
+//! [`pipeline`] runs a whole shard with its stages overlapped; [`shard`] commits what it makes
+//! under a lease and [`client`] is the poll loop that gets the leases; [`sink`] writes PNGs and
+//! `.npy` files; [`cli`] is the `worker` command line. [`toy`] is the paper's Figure 2 experiment
+//! (a Gaussian mixture with an exact denoiser) run through the real sampler.
 
 pub mod cache;
 pub mod cli;
@@ -15,3 +18,4 @@ pub mod mgd3;
 pub mod pipeline;
 pub mod shard;
 pub mod sink;
+pub mod toy;

@@ -217,7 +217,7 @@ impl Engine {
                 classes,
                 image_shape: self.encoder().info().image_shape,
                 latent_dim: self.encoder().info().latent_shape.iter().product(),
-                vae_fingerprint: self.encoder().info().fingerprint.clone(),
+                vae_fingerprint: self.fingerprints().vae_encoder.clone(),
                 latent_cache: self.latent_cache().cloned(),
                 pool: self.pool().clone(),
                 keep_crops: options.contact_sheet,
@@ -284,14 +284,16 @@ impl Engine {
 
     fn check_class(&self, class: &ClassSpec) -> Result<(), EngineError> {
         if class.ipc == 0 {
-            return Err(EngineError::Config(format!("class `{}`: IPC must be at least 1", class.wnid)));
+            return Err(EngineError::Invalid {
+                setting: mgd3_common::job::Setting::Ipc,
+                origin: mgd3_common::job::SettingSource::JobSpec,
+                value: "0".into(),
+                problem: format!("class `{}` needs at least one image", class.wnid),
+            });
         }
         let classes = self.dit().info().num_classes;
         if class.label < 0 || class.label >= classes as i64 {
-            return Err(EngineError::Config(format!(
-                "class `{}`: label {} is outside the DiT's 0..{classes} classes",
-                class.wnid, class.label
-            )));
+            return Err(EngineError::LabelOutOfRange { class: class.wnid.clone(), label: class.label, classes });
         }
         Ok(())
     }

@@ -29,26 +29,120 @@ use crate::mgd3::guidance::GuidanceConfig;
 use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::npy_bytes;
 
-/// Why a shard attempt stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a shard attempt stopped. The cause is kept as a typed source; what the coordinator should
+/// do about it is [`ShardFailure::disposition`].
+#[derive(Debug, thiserror::Error)]
 pub enum ShardFailure {
-    /// Another attempt may succeed.
-    Retryable(String),
-    /// The input is wrong; retrying will not help.
-    Fatal(String),
-    /// This worker cannot run this job (e.g. different model files).
-    Incompatible(String),
-    /// Stopped on request (shutdown or revoked lease).
+    /// Stopped on request: shutdown, a revoked lease, or a lease that ran out.
+    #[error("worker stopped")]
     Cancelled,
+    /// Distilling failed (data, models, sampling, output encoding).
+    #[error(transparent)]
+    Engine(Box<EngineError>),
+    /// A model named by the job could not be fetched into the local cache.
+    #[error("cannot fetch model `{url}`")]
+    FetchModel {
+        url: String,
+        #[source]
+        source: mgd3_common::store::StoreError,
+    },
+    /// This worker cannot open the job's models (missing file, no CUDA, no ONNX Runtime).
+    #[error("this worker cannot load the job's models")]
+    ModelUnavailable(#[source] mgd3_onnx::Error),
+    /// The model file at the job's path has other bytes here than the job was submitted with.
+    #[error("model `{path}` here has fingerprint {have}, the job expects {want}")]
+    ModelMismatch { path: String, have: String, want: String },
+    /// The job's dataset cannot be opened.
+    #[error("cannot open the dataset")]
+    Dataset(#[source] crate::data::DataError),
+    /// The latent cache named by the job cannot be opened.
+    #[error("cannot open the latent cache")]
+    LatentCache(#[source] mgd3_common::store::StoreError),
+    /// Committing a class failed (staging, marker, publishing).
+    #[error(transparent)]
+    Commit(#[from] mgd3_common::commit::CommitError),
+    /// A class's modes could not be encoded as `.npy`.
+    #[error("cannot encode the modes of the class")]
+    EncodeModes(#[source] crate::sink::SinkError),
+    /// The shard's bookkeeping lost a class (a bug or a store that forgets writes).
+    #[error("{0}")]
+    Lost(&'static str),
+    /// A failure reported by an engine outside this crate (stand-in engines in tests and
+    /// benchmarks), with its retryability.
+    #[error("{message}")]
+    Reported { message: String, retryable: bool },
+}
+
+/// What the coordinator should do with a failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Lease the shard again (another attempt may succeed).
+    Retry,
+    /// Fail the shard: the input is wrong and retrying will not help.
+    GiveUp,
+    /// Lease the shard to other workers without spending an attempt, and nothing of the job to
+    /// this one again.
+    Elsewhere,
+    /// Give the lease back without spending an attempt (the worker is stopping).
+    Release,
 }
 
 impl ShardFailure {
-    fn from_engine(error: EngineError) -> Self {
-        if matches!(error, EngineError::Cancelled) {
-            return ShardFailure::Cancelled;
+    /// What the coordinator should do about this failure.
+    pub fn disposition(&self) -> Disposition {
+        use mgd3_common::commit::CommitError;
+        match self {
+            ShardFailure::Cancelled => Disposition::Release,
+            ShardFailure::Engine(e) if matches!(**e, EngineError::Cancelled) => Disposition::Release,
+            ShardFailure::ModelUnavailable(_) | ShardFailure::ModelMismatch { .. } => Disposition::Elsewhere,
+            ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
+            ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
+            ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,
+            ShardFailure::Reported { retryable: false, .. } => Disposition::GiveUp,
+            ShardFailure::FetchModel { .. }
+            | ShardFailure::LatentCache(_)
+            | ShardFailure::Commit(_)
+            | ShardFailure::EncodeModes(_)
+            | ShardFailure::Lost(_)
+            | ShardFailure::Reported { .. } => Disposition::Retry,
         }
-        let text = mgd3_common::error_chain(&error);
-        if error.is_retryable() { ShardFailure::Retryable(text) } else { ShardFailure::Fatal(text) }
+    }
+
+    /// The message and its causes on one line, as the coordinator records it.
+    pub fn describe(&self) -> String {
+        mgd3_common::error_chain(self)
+    }
+}
+
+impl From<EngineError> for ShardFailure {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Cancelled => ShardFailure::Cancelled,
+            other => ShardFailure::Engine(Box::new(other)),
+        }
+    }
+}
+
+/// A failed shard attempt: the failure and the class it happened in, when it is about one.
+#[derive(Debug, thiserror::Error)]
+#[error("{failure}")]
+pub struct ShardError {
+    /// The class being distilled or committed, when the failure is about one class.
+    pub class: Option<String>,
+    /// What went wrong (boxed: errors travel through every commit call).
+    #[source]
+    pub failure: Box<ShardFailure>,
+}
+
+impl ShardError {
+    /// A failure about no class in particular.
+    pub fn shard(failure: impl Into<ShardFailure>) -> Self {
+        ShardError { class: None, failure: Box::new(failure.into()) }
+    }
+
+    /// A failure about class `wnid`.
+    pub fn class(wnid: &str, failure: impl Into<ShardFailure>) -> Self {
+        ShardError { class: Some(wnid.to_owned()), failure: Box::new(failure.into()) }
     }
 }
 
@@ -70,7 +164,10 @@ pub struct ClassResult {
 pub trait ClassSink {
     /// Commits `class`. `Ok(true)` when this attempt's files are the class's, `Ok(false)` when
     /// another attempt committed first.
-    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, (Option<String>, ShardFailure)>;
+    ///
+    /// # Errors
+    /// A [`ShardError`] about the class when committing fails.
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, ShardError>;
     /// Stores the contact sheet of a class this attempt committed.
     fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>);
 }
@@ -94,12 +191,12 @@ pub trait ShardEngine: Send {
         classes: &[ClassRef],
         cancel: &Arc<AtomicBool>,
         sink: &mut dyn ClassSink,
-    ) -> Result<(), (Option<String>, ShardFailure)> {
+    ) -> Result<(), ShardError> {
         for class in classes {
             if cancel.load(Ordering::Relaxed) {
-                return Err((None, ShardFailure::Cancelled));
+                return Err(ShardError::shard(ShardFailure::Cancelled));
             }
-            let mut result = self.distill(spec, class, cancel).map_err(|f| (Some(class.wnid.clone()), f))?;
+            let mut result = self.distill(spec, class, cancel).map_err(|f| ShardError::class(&class.wnid, f))?;
             let sheet = result.contact_sheet.take();
             if sink.commit(class, result)?
                 && let Some(png) = sheet
@@ -110,17 +207,29 @@ pub trait ShardEngine: Send {
         Ok(())
     }
 
-    /// Fingerprints of the models currently loaded (path → sha256), for registration.
+    /// Fingerprints of the models currently loaded, for registration: the path or URL as the job
+    /// spec's `[models]` names it → `sha256:<hex>` of the file loaded from there.
     fn model_fingerprints(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+}
+
+/// The engine of the last job, keyed by what it depends on.
+struct LoadedEngine {
+    /// Models, sampling settings, seed and latent cache, serialised.
+    key: String,
+    /// The path as the spec names it → `sha256:<hex>` of the file loaded from there.
+    fingerprints: Vec<(String, String)>,
+    engine: Engine,
 }
 
 /// The real engine: loads the job's ONNX models once and reuses them for every class of the job.
 pub struct OnnxShardEngine {
     session: SessionConfig,
     pool: CpuPool,
-    loaded: Option<(String, Engine)>,
+    /// The engine of the last job, keyed by what it depends on, with the fingerprints of the
+    /// models it loaded (the path as the spec names it → `sha256:<hex>`).
+    loaded: Option<LoadedEngine>,
 }
 
 impl OnnxShardEngine {
@@ -132,13 +241,13 @@ impl OnnxShardEngine {
     fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
         let key = serde_json::to_string(&(&spec.models, &spec.sampling, spec.seed, spec.latent_cache_url()))
             .expect("serialisable");
-        if self.loaded.as_ref().is_none_or(|(k, _)| *k != key) {
+        if self.loaded.as_ref().is_none_or(|loaded| loaded.key != key) {
             self.loaded = None;
             // Local paths as they are; object-store URLs through the local model cache.
             let cache = mgd3_common::store::model_cache_dir();
             let local = |p: &str| {
                 crate::data::block_on(mgd3_common::store::fetch_model(p, &cache))
-                    .map_err(|e| ShardFailure::Retryable(format!("fetching model `{p}`: {e}")))
+                    .map_err(|source| ShardFailure::FetchModel { url: p.to_owned(), source })
             };
             let paths = ModelPaths {
                 dit: local(&spec.models.dit)?,
@@ -165,43 +274,46 @@ impl OnnxShardEngine {
                     | mgd3_onnx::Error::CudaUnavailable { .. }
                     | mgd3_onnx::Error::RuntimeUnavailable { .. }),
                 )) => {
-                    return Err(ShardFailure::Incompatible(mgd3_common::error_chain(&e)));
+                    return Err(ShardFailure::ModelUnavailable(e));
                 }
-                Err(e) => return Err(ShardFailure::from_engine(e)),
+                Err(e) => return Err(e.into()),
             };
             let have = [
-                (&spec.models.dit, &spec.models.dit_fingerprint, engine.dit().info().fingerprint.clone()),
+                (&spec.models.dit, &spec.models.dit_fingerprint, engine.fingerprints().dit.clone()),
                 (
                     &spec.models.vae_encoder,
                     &spec.models.vae_encoder_fingerprint,
-                    engine.encoder().info().fingerprint.clone(),
+                    engine.fingerprints().vae_encoder.clone(),
                 ),
                 (
                     &spec.models.vae_decoder,
                     &spec.models.vae_decoder_fingerprint,
-                    engine.decoder().info().fingerprint.clone(),
+                    engine.fingerprints().vae_decoder.clone(),
                 ),
             ];
-            for (path, want, got) in have {
+            for (path, want, got) in &have {
                 if let Some(want) = want
-                    && *want != got
+                    && *want != *got
                 {
-                    return Err(ShardFailure::Incompatible(format!(
-                        "model `{path}` here has fingerprint {got}, the job expects {want}"
-                    )));
+                    return Err(ShardFailure::ModelMismatch {
+                        path: (*path).clone(),
+                        have: got.clone(),
+                        want: want.clone(),
+                    });
                 }
             }
+            let fingerprints = have.into_iter().map(|(path, _, got)| (path.clone(), got)).collect();
             let mut engine = engine;
             let cache = spec
                 .latent_cache_url()
                 .map(|url| mgd3_common::store::open(&url))
                 .transpose()
-                .map_err(|e| ShardFailure::Retryable(format!("latent cache: {e}")))?;
+                .map_err(ShardFailure::LatentCache)?;
             engine.set_latent_cache(cache);
             engine.set_cpu_pool(self.pool.clone());
-            self.loaded = Some((key, engine));
+            self.loaded = Some(LoadedEngine { key, fingerprints, engine });
         }
-        Ok(&mut self.loaded.as_mut().expect("just loaded").1)
+        Ok(&mut self.loaded.as_mut().expect("just loaded").engine)
     }
 }
 
@@ -211,7 +323,7 @@ fn class_result(wnid: &str, output: ClassOutput) -> Result<ClassResult, ShardFai
     let modes_path = PathBuf::from(format!("{wnid}/modes.npy"));
     Ok(ClassResult {
         images: output.images,
-        modes_npy: npy_bytes(&output.modes, &modes_path).map_err(|e| ShardFailure::Retryable(e.to_string()))?,
+        modes_npy: npy_bytes(&output.modes, &modes_path).map_err(ShardFailure::EncodeModes)?,
         timings: StageSeconds {
             decode: t.decode.as_secs_f64(),
             encode: t.encode.as_secs_f64(),
@@ -241,10 +353,8 @@ impl ShardEngine for OnnxShardEngine {
     ) -> Result<ClassResult, ShardFailure> {
         let engine = self.engine_for(spec)?;
         engine.set_cancel_flag(cancel.clone());
-        let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardFailure::Fatal(e.to_string()))?;
-        let (output, sheet) = engine
-            .distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)
-            .map_err(ShardFailure::from_engine)?;
+        let dataset = Dataset::open(&spec.dataset).map_err(ShardFailure::Dataset)?;
+        let (output, sheet) = engine.distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)?;
         let mut result = class_result(&class.wnid, output)?;
         result.contact_sheet = sheet;
         Ok(result)
@@ -257,23 +367,19 @@ impl ShardEngine for OnnxShardEngine {
         classes: &[ClassRef],
         cancel: &Arc<AtomicBool>,
         sink: &mut dyn ClassSink,
-    ) -> Result<(), (Option<String>, ShardFailure)> {
-        let engine = self.engine_for(spec).map_err(|f| (None, f))?;
+    ) -> Result<(), ShardError> {
+        let engine = self.engine_for(spec).map_err(ShardError::shard)?;
         engine.set_cancel_flag(cancel.clone());
-        let dataset = Dataset::open(&spec.dataset).map_err(|e| (None, ShardFailure::Fatal(e.to_string())))?;
+        let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardError::shard(ShardFailure::Dataset(e)))?;
         let specs: Vec<ClassSpec> = classes.iter().map(|c| class_spec(spec, c)).collect();
         struct Adapter<'a> {
             classes: &'a [ClassRef],
             sink: &'a mut dyn ClassSink,
         }
-        impl ClassOutputs<(Option<String>, ShardFailure)> for Adapter<'_> {
-            fn class_done(
-                &mut self,
-                index: usize,
-                output: ClassOutput,
-            ) -> Result<bool, (Option<String>, ShardFailure)> {
+        impl ClassOutputs<ShardError> for Adapter<'_> {
+            fn class_done(&mut self, index: usize, output: ClassOutput) -> Result<bool, ShardError> {
                 let class = &self.classes[index];
-                let result = class_result(&class.wnid, output).map_err(|f| (Some(class.wnid.clone()), f))?;
+                let result = class_result(&class.wnid, output).map_err(|f| ShardError::class(&class.wnid, f))?;
                 self.sink.commit(class, result)
             }
             fn contact_sheet(&mut self, index: usize, png: Vec<u8>) {
@@ -284,15 +390,12 @@ impl ShardEngine for OnnxShardEngine {
         match engine.distill_shard(&dataset, &specs, options, &mut Adapter { classes, sink }) {
             Ok(_) => Ok(()),
             Err(ShardStop::Sink(stop)) => Err(stop),
-            Err(ShardStop::Engine { class, error }) => Err((class, ShardFailure::from_engine(*error))),
+            Err(ShardStop::Engine { class, error }) => Err(ShardError { class, failure: Box::new((*error).into()) }),
         }
     }
 
     fn model_fingerprints(&self) -> Vec<(String, String)> {
-        let Some((_, engine)) = &self.loaded else {
-            return Vec::new();
-        };
-        vec![("dit".into(), engine.dit().info().fingerprint.clone())]
+        self.loaded.as_ref().map(|loaded| loaded.fingerprints.clone()).unwrap_or_default()
     }
 }
 
@@ -300,6 +403,15 @@ impl ShardEngine for OnnxShardEngine {
 /// produces small deterministic PNGs from each sample's seed, so runs are comparable byte for byte.
 pub struct FakeEngine {
     pub class_duration: Duration,
+    /// What [`ShardEngine::model_fingerprints`] reports, as if these models were loaded.
+    pub model_fingerprints: Vec<(String, String)>,
+}
+
+impl FakeEngine {
+    /// An engine that takes `class_duration` per class and reports no loaded models.
+    pub fn new(class_duration: Duration) -> Self {
+        FakeEngine { class_duration, model_fingerprints: Vec::new() }
+    }
 }
 
 impl ShardEngine for FakeEngine {
@@ -322,12 +434,12 @@ impl ShardEngine for FakeEngine {
             let mut rng = Xoshiro256PlusPlus::seed_from_u64(sample_seed(spec.seed, class.class_index, j as u64));
             let img = RgbImage::from_fn(8, 8, |_, _| image::Rgb([rng.r#gen(), rng.r#gen(), (class.label % 256) as u8]));
             let mut bytes = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut bytes, ImageFormat::Png).map_err(|e| ShardFailure::Retryable(e.to_string()))?;
+            img.write_to(&mut bytes, ImageFormat::Png)
+                .map_err(|e| ShardFailure::Reported { message: e.to_string(), retryable: true })?;
             images.push(bytes.into_inner());
             modes.row_mut(j).fill(j as f32);
         }
-        let modes_npy =
-            npy_bytes(&modes, std::path::Path::new("modes.npy")).map_err(|e| ShardFailure::Retryable(e.to_string()))?;
+        let modes_npy = npy_bytes(&modes, std::path::Path::new("modes.npy")).map_err(ShardFailure::EncodeModes)?;
         Ok(ClassResult {
             images,
             modes_npy,
@@ -338,6 +450,10 @@ impl ShardEngine for FakeEngine {
             contact_sheet: None,
         })
     }
+
+    fn model_fingerprints(&self) -> Vec<(String, String)> {
+        self.model_fingerprints.clone()
+    }
 }
 
 /// The lease a shard runs under.
@@ -345,6 +461,8 @@ impl ShardEngine for FakeEngine {
 pub struct ShardLease {
     pub lease_id: String,
     pub attempt_id: String,
+    /// 1 for the first attempt at the shard, counting attempts that spent the budget.
+    pub attempt: u32,
     pub job_id: String,
     pub fingerprint: String,
     pub spec: Arc<JobSpec>,
@@ -357,8 +475,17 @@ pub struct ShardLease {
 pub struct ShardReport {
     pub images: u32,
     pub seconds: f64,
-    /// sha256 over the markers' image digests, in class order.
+    /// [`mgd3_common::commit::manifest_digest`] of the shard's markers.
     pub digest: String,
+}
+
+/// What a running shard has committed so far, read by the poll loop for its heartbeats.
+#[derive(Debug, Default)]
+pub struct ShardProgress {
+    /// Images of committed classes.
+    pub images: AtomicU32,
+    /// Classes committed (by this attempt, or found committed by an earlier one).
+    pub classes: AtomicU32,
 }
 
 /// Commits the classes an engine hands over, recording each class's marker.
@@ -367,33 +494,31 @@ struct Committer<'a> {
     out: &'a Location,
     keys: JobKeys,
     lease: &'a ShardLease,
-    images_done: &'a AtomicU32,
+    progress: &'a ShardProgress,
     markers: std::collections::HashMap<String, ClassMarker>,
 }
 
 impl Committer<'_> {
-    fn store_failure(wnid: &str, e: mgd3_common::commit::CommitError) -> (Option<String>, ShardFailure) {
-        let failure = match e {
-            mgd3_common::commit::CommitError::ForeignMarker { .. } => ShardFailure::Fatal(e.to_string()),
-            other => ShardFailure::Retryable(other.to_string()),
-        };
-        (Some(wnid.to_owned()), failure)
+    fn store_failure(wnid: &str, e: mgd3_common::commit::CommitError) -> ShardError {
+        ShardError::class(wnid, e)
     }
 
-    fn committed(&self, wnid: &str) -> Result<Option<ClassMarker>, (Option<String>, ShardFailure)> {
+    fn committed(&self, wnid: &str) -> Result<Option<ClassMarker>, ShardError> {
         self.runtime
             .block_on(committed_marker(self.out, &self.keys, wnid, &self.lease.fingerprint))
             .map_err(|e| Self::store_failure(wnid, e))
     }
 
     fn record(&mut self, marker: ClassMarker) {
-        self.images_done.fetch_add(marker.images.len() as u32, Ordering::Relaxed);
-        self.markers.insert(marker.wnid.clone(), marker);
+        self.progress.images.fetch_add(marker.images.len() as u32, Ordering::Relaxed);
+        if self.markers.insert(marker.wnid.clone(), marker).is_none() {
+            self.progress.classes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl ClassSink for Committer<'_> {
-    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, (Option<String>, ShardFailure)> {
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, ShardError> {
         let lease = self.lease;
         let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);
         let _guard = span.enter();
@@ -421,7 +546,7 @@ impl ClassSink for Committer<'_> {
             .map_err(|e| Self::store_failure(&class.wnid, e))?;
         info!(?outcome, "class committed");
         let marker = self.committed(&class.wnid)?.ok_or_else(|| {
-            (Some(class.wnid.clone()), ShardFailure::Retryable("marker vanished after commit".into()))
+            ShardError::class(&class.wnid, ShardFailure::Lost("the marker vanished after the commit"))
         })?;
         let won = outcome != CommitOutcome::Lost;
         if !won {
@@ -447,16 +572,16 @@ pub fn run_shard(
     runtime: &Handle,
     out: &Location,
     lease: &ShardLease,
-    images_done: &AtomicU32,
+    progress: &ShardProgress,
     cancel: &Arc<AtomicBool>,
-) -> Result<ShardReport, (Option<String>, ShardFailure)> {
+) -> Result<ShardReport, ShardError> {
     let started = Instant::now();
     let mut committer =
-        Committer { runtime, out, keys: JobKeys::new(&lease.job_id), lease, images_done, markers: Default::default() };
+        Committer { runtime, out, keys: JobKeys::new(&lease.job_id), lease, progress, markers: Default::default() };
     let mut todo = Vec::new();
     for class in &lease.classes {
         if cancel.load(Ordering::Relaxed) {
-            return Err((None, ShardFailure::Cancelled));
+            return Err(ShardError::shard(ShardFailure::Cancelled));
         }
         match committer.committed(&class.wnid)? {
             Some(marker) => {
@@ -472,16 +597,17 @@ pub fn run_shard(
     if !todo.is_empty() {
         engine.distill_shard(&lease.spec, &todo, cancel, &mut committer)?;
     }
-    let mut digests: Vec<String> = Vec::new();
+    let mut markers = Vec::with_capacity(lease.classes.len());
     for class in &lease.classes {
-        let marker = committer.markers.get(&class.wnid).ok_or_else(|| {
-            (Some(class.wnid.clone()), ShardFailure::Retryable("the engine skipped this class".into()))
-        })?;
-        digests.extend(marker.images.iter().map(|d| d.sha256.clone()));
+        let marker = committer
+            .markers
+            .get(&class.wnid)
+            .ok_or_else(|| ShardError::class(&class.wnid, ShardFailure::Lost("the engine skipped this class")))?;
+        markers.push(marker);
     }
     Ok(ShardReport {
-        images: digests.len() as u32,
+        images: markers.iter().map(|m| m.images.len() as u32).sum(),
         seconds: started.elapsed().as_secs_f64(),
-        digest: mgd3_common::sha256_hex(digests.join("\n").as_bytes()),
+        digest: mgd3_common::commit::manifest_digest(markers),
     })
 }

@@ -9,34 +9,48 @@ use ndarray::{ArrayView3, Dimension};
 use ndarray_npy::{WritableElement, WriteNpyExt};
 use thiserror::Error;
 
+/// Errors of output encoding and writing.
 #[derive(Debug, Error)]
 pub enum SinkError {
+    /// A file or its parent folder cannot be written.
     #[error("cannot write `{path}`: {source}")]
     Io {
+        /// The file being written.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The PNG encoder failed.
     #[error("cannot encode PNG: {0}")]
     Png(#[from] image::ImageError),
+    /// An array cannot be encoded as `.npy`.
     #[error("cannot encode `{path}` as .npy: {source}")]
     Npy {
+        /// The name the array is written under (for the message).
         path: PathBuf,
+        /// The encoder's error.
         #[source]
         source: ndarray_npy::WriteNpyError,
     },
+    /// An image tensor whose channel count is neither 1 nor 3.
     #[error("an image must have 1 or 3 channels, got {0}")]
     Channels(usize),
 }
 
-/// One channel value of the reference's `save_image(normalize=True, value_range=(-1, 1))`.
+/// One channel value of the reference's `save_image(normalize=True, value_range=(-1, 1))`:
+/// ⌊255·(clamp(v, −1, 1) + 1)/2 + 0.5⌋ (NaN gives 0).
 pub fn to_u8(v: f32) -> u8 {
     let v = v.clamp(-1.0, 1.0);
     let v = (v + 1.0) / 2.0;
     (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8
 }
 
-/// PNG bytes of a decoded image [c, S, S] (c = 1 or 3).
+/// PNG bytes of a decoded image [c, S, S] in about [-1, 1] (c = 1 or 3), quantised by
+/// [`to_u8`].
+///
+/// # Errors
+/// [`SinkError::Channels`] for another channel count, [`SinkError::Png`] when encoding fails.
 pub fn png_bytes(image: ArrayView3<f32>) -> Result<Vec<u8>, SinkError> {
     let pixels = tensor_pixels(image);
     let (w, h) = (pixels.width as u32, pixels.height as u32);
@@ -50,7 +64,10 @@ pub fn png_bytes(image: ArrayView3<f32>) -> Result<Vec<u8>, SinkError> {
     Ok(bytes.into_inner())
 }
 
-/// `.npy` bytes of an array.
+/// `.npy` bytes of an array; `name` only labels errors.
+///
+/// # Errors
+/// [`SinkError::Npy`] when the array cannot be encoded.
 pub fn npy_bytes<A: WritableElement, D: Dimension>(
     array: &ndarray::ArrayRef<A, D>,
     name: &Path,
@@ -60,7 +77,11 @@ pub fn npy_bytes<A: WritableElement, D: Dimension>(
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path`, creating parent folders; the file appears whole or not at all.
+/// Writes `bytes` to `path`, creating parent folders; the file appears whole or not at all
+/// (written to `<path>.partial`, then renamed).
+///
+/// # Errors
+/// [`SinkError::Io`] when a folder or the file cannot be written.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     let io = |source| SinkError::Io { path: path.into(), source };
     if let Some(parent) = path.parent() {
@@ -88,6 +109,10 @@ pub fn tensor_pixels(image: ArrayView3<f32>) -> crate::data::Pixels {
 }
 
 /// PNG of rows of equally sized tiles with a 2-pixel white gap (grayscale tiles shown as grey).
+/// The first tile sets the tile size; larger tiles are cut to it.
+///
+/// # Errors
+/// [`SinkError::Png`] when encoding fails.
 pub fn grid_png(rows: &[Vec<crate::data::Pixels>]) -> Result<Vec<u8>, SinkError> {
     const GAP: usize = 2;
     let tile = rows.iter().flatten().next().map(|p| (p.width, p.height)).unwrap_or((1, 1));

@@ -1,14 +1,19 @@
 //! Helpers shared by the multi-process tests: the built binaries, free ports, child processes
-//! killed on drop, polling, synthetic ImageFolders and job specs over the tiny fixtures.
+//! killed on drop, polling, synthetic ImageFolders and job specs over the tiny fixtures, and a
+//! moto S3 server.
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::{GrayImage, ImageFormat};
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
 
 /// A binary of the workspace, built next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
@@ -227,4 +232,79 @@ pub fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> std::proce
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A moto S3 server on a free port, killed on drop.
+pub struct Moto {
+    _server: Killed,
+    pub port: u16,
+}
+
+/// Starts moto from `.venv-test` (or `MGD3_MOTO_PYTHON`); `None` (a skip) when it is not
+/// installed, a failure when `MGD3_REQUIRE_S3=1`.
+pub fn moto() -> Option<Moto> {
+    let python = std::env::var_os("MGD3_MOTO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-test/bin/python"));
+    let installed =
+        python.exists() && Command::new(&python).args(["-c", "import moto.server"]).status().is_ok_and(|s| s.success());
+    if !installed {
+        assert!(
+            std::env::var("MGD3_REQUIRE_S3").as_deref() != Ok("1"),
+            "moto is not installed at {}: run scripts/setup_test_servers.sh",
+            python.display()
+        );
+        eprintln!("note: skipping the S3 test: moto is not installed (scripts/setup_test_servers.sh)");
+        return None;
+    }
+    let port = free_port();
+    let server = Killed(
+        Command::new(&python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("moto to listen", Duration::from_secs(30), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    Some(Moto { _server: server, port })
+}
+
+/// Creates a bucket with a plain request (moto does not check signatures).
+pub fn create_bucket(port: u16, bucket: &str) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}");
+}
+
+/// The environment that points AWS clients at moto.
+pub fn aws_env(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ]
+}
+
+/// A client for bucket `name` on moto.
+pub fn bucket(port: u16, name: &str) -> Arc<dyn ObjectStore> {
+    Arc::new(
+        AmazonS3Builder::new()
+            .with_bucket_name(name)
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_allow_http(true)
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_region("us-east-1")
+            .build()
+            .unwrap(),
+    )
 }

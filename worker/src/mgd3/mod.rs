@@ -7,4 +7,3 @@ pub mod modes;
 pub mod noise;
 pub mod sampler;
 pub mod schedule;
-pub mod toy;

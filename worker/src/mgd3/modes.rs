@@ -21,28 +21,62 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 use thiserror::Error;
 
-/// Reference k-means settings.
+/// Reference k-means settings: at most this many Lloyd iterations (sklearn's `max_iter`).
 pub const MAX_ITERATIONS: u64 = 300;
+/// sklearn's `tol`: convergence when the squared centre shift falls below this times the mean
+/// per-feature variance of the data.
 pub const RELATIVE_TOLERANCE: f64 = 1e-4;
 
+/// Errors of mode discovery.
 #[derive(Debug, Error)]
 pub enum ModesError {
+    /// Fewer points than k, or k = 0.
     #[error("k-means needs at least k = {k} points, got {points}")]
-    TooFewPoints { points: usize, k: usize },
+    TooFewPoints {
+        /// Points given.
+        points: usize,
+        /// Modes asked for (IPC).
+        k: usize,
+    },
+    /// `features` does not hold `points × dim` values.
     #[error("features hold {len} values, not {points} × {dim}")]
-    BadFeatures { len: usize, points: usize, dim: usize },
-    #[error("k-means failed: {0}")]
-    KMeans(String),
+    BadFeatures {
+        /// Values given.
+        len: usize,
+        /// Points claimed.
+        points: usize,
+        /// Values per point claimed.
+        dim: usize,
+    },
+    /// linfa's Lloyd iterations failed.
+    #[error("k-means failed")]
+    KMeans(#[source] linfa_clustering::KMeansError),
+    /// Fewer than k distinct points (duplicate images), so k distinct modes cannot exist.
     #[error(
         "only {distinct} distinct images among {points}: IPC = {k} distinct modes cannot be found (the class holds \
          duplicate images); remove the duplicates or lower ipc"
     )]
-    TooFewDistinct { distinct: usize, points: usize, k: usize },
+    TooFewDistinct {
+        /// Bit-exact distinct points.
+        distinct: usize,
+        /// Points given.
+        points: usize,
+        /// Modes asked for (IPC).
+        k: usize,
+    },
+    /// k-means ended with fewer than k distinct centroids (near-duplicate images).
     #[error(
         "k-means found only {distinct} distinct modes of IPC = {k} among {points} images; lower ipc or check the \
          class for near-duplicates"
     )]
-    DuplicateModes { distinct: usize, points: usize, k: usize },
+    DuplicateModes {
+        /// Bit-exact distinct centroids found.
+        distinct: usize,
+        /// Points given.
+        points: usize,
+        /// Modes asked for (IPC).
+        k: usize,
+    },
 }
 
 /// How many distinct rows of `dim` values `values` holds (bit-exact).
@@ -74,6 +108,13 @@ fn scaled_tolerance(features: &[f32], points: usize, dim: usize) -> f64 {
 }
 
 /// Clusters `points` rows of `dim` features (row-major) into `k` centroids (row-major, k × dim).
+/// `seed` seeds k-means++ (see [`mgd3_common::seed::kmeans_seed`]); the same inputs give the same
+/// centroids.
+///
+/// # Errors
+/// [`ModesError::BadFeatures`], [`ModesError::TooFewPoints`], [`ModesError::TooFewDistinct`]
+/// before clustering; [`ModesError::KMeans`] when linfa fails; [`ModesError::DuplicateModes`]
+/// when the centroids are not k distinct ones.
 pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u64) -> Result<Vec<f32>, ModesError> {
     if features.len() != points * dim {
         return Err(ModesError::BadFeatures { len: features.len(), points, dim });
@@ -99,7 +140,7 @@ pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u
         .tolerance(tolerance)
         .init_method(KMeansInit::Precomputed(seeds))
         .fit(&dataset)
-        .map_err(|e| ModesError::KMeans(e.to_string()))?;
+        .map_err(ModesError::KMeans)?;
     let centroids: Vec<f32> = model.centroids().iter().copied().collect();
     let distinct = distinct_rows(&centroids, dim);
     if distinct < k {

@@ -22,7 +22,10 @@ pub enum Sampler {
     /// DDIM with mode guidance, the paper's Algorithm 1: ε̂ = ε − √(1−ᾱ)·λ·(m − x̂₀), then a
     /// DDIM step with η (0: deterministic, 1: DDPM-like noise); timesteps
     /// `space_timesteps(T, "ddimS")` (T = 1000, S = 50: 0, 20, …, 980).
-    Ddim { eta: f32 },
+    Ddim {
+        /// η in [0, 1]: 0 deterministic, 1 DDPM-like noise.
+        eta: f32,
+    },
 }
 
 impl Sampler {
@@ -73,32 +76,84 @@ pub type ModelError = Box<dyn std::error::Error + Send + Sync>;
 pub trait Denoiser {
     /// `x` [B,C,h,w], `t` original timesteps, `y` labels (null class for the unconditional half);
     /// returns [B, 2C, h, w] (learned sigma) or [B, C, h, w].
+    ///
+    /// # Errors
+    /// Whatever the network reports; the sampler wraps it in [`SampleError::Model`].
     fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError>;
 }
 
+/// Errors of a sampling run.
 #[derive(Debug, Error)]
 pub enum SampleError {
+    /// Labels, noise or the model output do not have the shape the modes imply.
     #[error("{what}: expected {expected}, got {got}")]
-    Shape { what: &'static str, expected: String, got: String },
+    Shape {
+        /// `labels`, `noise` or `model output`.
+        what: &'static str,
+        /// The shape expected.
+        expected: String,
+        /// The shape given.
+        got: String,
+    },
+    /// t_stop is above the number of sampling steps.
     #[error("t_stop {t_stop} is larger than the number of steps {steps}")]
-    StopAfterEnd { t_stop: usize, steps: usize },
+    StopAfterEnd {
+        /// The t_stop given.
+        t_stop: usize,
+        /// Sampling steps S.
+        steps: usize,
+    },
+    /// CFG was asked to mix more channels than the latents have.
     #[error("cfg_channels {cfg_channels} exceeds the {channels} latent channels")]
-    CfgChannels { cfg_channels: usize, channels: usize },
+    CfgChannels {
+        /// Channels CFG was asked to mix.
+        cfg_channels: usize,
+        /// Latent channels C.
+        channels: usize,
+    },
+    /// Once guidance has been applied, a sample's latent RMS rose above [`DIVERGENCE_FACTOR`] ×
+    /// its mode's RMS (at least 1), or turned non-finite: λ is too large for the model.
     #[error(
         "sample {sample} diverged at step i = {step} (t = {timestep}): latent RMS {rms} is above {bound} \
          ({DIVERGENCE_FACTOR} × the scale of its mode); the mode-guidance scale λ = {guidance_scale} is too \
          large for this model (or the DiT returned NaN/Inf)"
     )]
-    Diverged { sample: usize, step: usize, timestep: i64, rms: f32, bound: f32, guidance_scale: f32 },
+    Diverged {
+        /// Index of the sample within the batch (or its class, see [`SampleError::with_sample`]).
+        sample: usize,
+        /// Respaced step index i.
+        step: usize,
+        /// Original timestep t of that step.
+        timestep: i64,
+        /// The sample's latent RMS (not finite when the latent is not).
+        rms: f32,
+        /// The RMS bound it crossed.
+        bound: f32,
+        /// λ of the run.
+        guidance_scale: f32,
+    },
+    /// Before any guidance was applied, a sample's latent turned NaN or infinite: the DiT's own
+    /// output is at fault.
     #[error(
         "sample {sample} became non-finite at step i = {step} (t = {timestep}) with no mode guidance applied: the \
          DiT itself returned NaN/Inf (check the model file and its export)"
     )]
-    NonFinite { sample: usize, step: usize, timestep: i64 },
+    NonFinite {
+        /// Index of the sample within the batch (or its class).
+        sample: usize,
+        /// Respaced step index i.
+        step: usize,
+        /// Original timestep t of that step.
+        timestep: i64,
+    },
+    /// The [`Denoiser`] returned an error.
     #[error("the denoiser failed at step i = {step} (t = {timestep})")]
     Model {
+        /// Respaced step index i.
         step: usize,
+        /// Original timestep t of that step.
         timestep: i64,
+        /// The denoiser's error.
         #[source]
         source: ModelError,
     },
@@ -168,18 +223,25 @@ fn runaway(x: ArrayView4<f32>, bounds: &[f32]) -> Option<(usize, f32, f32)> {
 pub struct ModelSpec {
     /// Label of the unconditional (null) class.
     pub null_label: i64,
+    /// The output carries 2C channels: ε, then the learned-range variance interpolation v.
     pub learn_sigma: bool,
 }
 
 /// Where sampling time went.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SampleTimings {
+    /// Time inside [`Denoiser::predict`].
     pub model: Duration,
+    /// Time in the reverse steps and divergence checks between model calls.
     pub maths: Duration,
+    /// Calls to [`Denoiser::predict`] (one per step).
     pub model_calls: usize,
 }
 
 /// [`sample_with`] the reference DDPM step.
+///
+/// # Errors
+/// Those of [`sample_with`].
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     denoiser: &mut dyn Denoiser,
@@ -200,8 +262,10 @@ pub fn sample(
 /// `observe(k, x)` sees the state after every step k = 1..S. Returns x₀ (scaled latent space).
 ///
 /// # Errors
-/// Inconsistent shapes or settings, a model failure, a sample that runs away under guidance or
-/// turns non-finite.
+/// [`SampleError::Shape`], [`SampleError::StopAfterEnd`] or [`SampleError::CfgChannels`] for
+/// inconsistent arguments or model output; [`SampleError::Model`] when the denoiser fails;
+/// [`SampleError::Diverged`] for a sample that runs away under guidance,
+/// [`SampleError::NonFinite`] for one that turns non-finite before any guidance.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_with(
     sampler: Sampler,

@@ -5,29 +5,53 @@
 
 use thiserror::Error;
 
+/// Errors of building a schedule.
 #[derive(Debug, Error, PartialEq)]
 pub enum ScheduleError {
+    /// The model's `mgd3.beta_schedule` names a schedule other than `linear`.
     #[error("unsupported beta schedule `{0}` (only `linear` is implemented)")]
     UnsupportedBetaSchedule(String),
+    /// No stride gives exactly `steps` DDIM timesteps of `train` (`ddim_stride` has none).
     #[error(
         "DDIM cannot take {steps} evenly strided steps of {train} training timesteps (ADM's `ddim{steps}`); \
          choose steps such as 10, 20, 25, 50, 100 or 250"
     )]
-    NoDdimStride { train: usize, steps: usize },
+    NoDdimStride {
+        /// Training timesteps T.
+        train: usize,
+        /// Sampling steps S asked for.
+        steps: usize,
+    },
+    /// `steps` is 0, above `train`, or rounds to repeated timesteps.
     #[error("cannot respace {train} training timesteps into {steps} sampling steps (need 1..={train})")]
-    BadStepCount { train: usize, steps: usize },
+    BadStepCount {
+        /// Training timesteps T.
+        train: usize,
+        /// Sampling steps S asked for.
+        steps: usize,
+    },
+    /// Linear betas outside 0 < start ≤ end < 1.
     #[error("invalid linear betas: start {start}, end {end} (need 0 < start <= end < 1)")]
-    BadBetas { start: f64, end: f64 },
+    BadBetas {
+        /// β of the first training timestep.
+        start: f64,
+        /// β of the last training timestep.
+        end: f64,
+    },
 }
 
-/// Python's `round()` on floats: ties go to the even neighbour.
-fn round_half_even(x: f64) -> f64 {
+/// Python's `round()` on floats: ties go to the even neighbour. The reference code rounds
+/// respaced timesteps and `center_crop_arr` sizes this way.
+pub fn round_half_even(x: f64) -> f64 {
     let r = x.round();
     if (x - x.trunc()).abs() == 0.5 { 2.0 * (x / 2.0).round() } else { r }
 }
 
 /// `space_timesteps(train, str(steps))` for a single section: the kept original timesteps,
 /// ascending. The stride is accumulated by repeated float addition, as in the reference.
+///
+/// # Errors
+/// [`ScheduleError::BadStepCount`] when `steps` is 0, above `train`, or gives repeated timesteps.
 pub fn spaced_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, ScheduleError> {
     if steps == 0 || steps > train {
         return Err(ScheduleError::BadStepCount { train, steps });
@@ -48,6 +72,9 @@ pub fn spaced_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, Schedu
 
 /// `space_timesteps(train, "ddim{steps}")`: `range(0, train, stride)` for the smallest stride
 /// that gives exactly `steps` timesteps (T = 1000, S = 50: 0, 20, …, 980), ascending.
+///
+/// # Errors
+/// [`ScheduleError::NoDdimStride`] when no stride gives exactly `steps`.
 pub fn ddim_timesteps(train: usize, steps: usize) -> Result<Vec<usize>, ScheduleError> {
     mgd3_common::job::ddim_stride(train, steps)
         .map(|stride| (0..train).step_by(stride).collect())
@@ -108,22 +135,35 @@ pub fn cumulative_alphas(betas: &[f64]) -> Vec<f64> {
 pub struct Schedule {
     /// Original timestep t_i fed to the model.
     pub timesteps: Vec<i64>,
+    /// Respaced β_i = 1 − ᾱ_i / ᾱ_{i−1}, so that ᾱ at each kept timestep is the training ᾱ there.
     pub betas: Vec<f64>,
+    /// ᾱ_i = ∏_{j≤i} (1 − β_j).
     pub alphas_cumprod: Vec<f64>,
+    /// ᾱ_{i−1}, with ᾱ_{−1} = 1.
     pub alphas_cumprod_prev: Vec<f64>,
+    /// √(1/ᾱ_i).
     pub sqrt_recip_alphas_cumprod: Vec<f64>,
+    /// √(1/ᾱ_i − 1).
     pub sqrt_recipm1_alphas_cumprod: Vec<f64>,
+    /// β_i (1 − ᾱ_{i−1}) / (1 − ᾱ_i), the variance of q(x_{i−1} | x_i, x₀).
     pub posterior_variance: Vec<f64>,
     /// log of the posterior variance; index 0 borrows index 1 (its variance is 0).
     pub posterior_log_variance_clipped: Vec<f64>,
+    /// β_i √ᾱ_{i−1} / (1 − ᾱ_i), the weight of x̂₀ in the posterior mean.
     pub posterior_mean_coef1: Vec<f64>,
+    /// (1 − ᾱ_{i−1}) √(1 − β_i) / (1 − ᾱ_i), the weight of x_i in the posterior mean.
     pub posterior_mean_coef2: Vec<f64>,
     /// log β_i, the upper bound of the learned-range variance.
     pub log_betas: Vec<f64>,
 }
 
 impl Schedule {
-    /// Linear betas `linspace(start, end, train)` respaced to `steps` steps.
+    /// Linear betas `linspace(start, end, train)` respaced to `steps` steps
+    /// (`space_timesteps(train, "steps")`).
+    ///
+    /// # Errors
+    /// [`ScheduleError::BadBetas`] for betas outside 0 < start ≤ end < 1,
+    /// [`ScheduleError::BadStepCount`] for `train` = 0 or `steps` not in 1..=train.
     pub fn linear(train: usize, beta_start: f64, beta_end: f64, steps: usize) -> Result<Self, ScheduleError> {
         if !(beta_start > 0.0 && beta_start <= beta_end && beta_end < 1.0) {
             return Err(ScheduleError::BadBetas { start: beta_start, end: beta_end });
@@ -134,7 +174,11 @@ impl Schedule {
         Self::respaced(&linear_betas(train, beta_start, beta_end), steps)
     }
 
-    /// Builds the schedule for a named beta schedule (only `linear`, as the DiT reference).
+    /// Builds the schedule for a named beta schedule (only `linear`, as the DiT reference),
+    /// respaced for the DDPM sampler.
+    ///
+    /// # Errors
+    /// [`ScheduleError::UnsupportedBetaSchedule`] for another name; those of [`Schedule::linear`].
     pub fn named(
         name: &str,
         train: usize,
@@ -170,7 +214,10 @@ impl Schedule {
         }
     }
 
-    /// Respaces base betas to `steps` steps (`SpacedDiffusion`).
+    /// Respaces base betas to `steps` steps (`SpacedDiffusion` over `space_timesteps(T, "steps")`).
+    ///
+    /// # Errors
+    /// [`ScheduleError::BadStepCount`] as [`spaced_timesteps`].
     pub fn respaced(base_betas: &[f64], steps: usize) -> Result<Self, ScheduleError> {
         Ok(Self::respaced_at(base_betas, spaced_timesteps(base_betas.len(), steps)?))
     }
@@ -226,6 +273,7 @@ impl Schedule {
         }
     }
 
+    /// Sampling steps S.
     pub fn steps(&self) -> usize {
         self.betas.len()
     }
@@ -282,12 +330,16 @@ pub struct DdimCoefficients {
     pub direction: f32,
 }
 
-/// Per-step float32 coefficients.
+/// Per-step float32 coefficients of a DDPM step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepCoefficients {
+    /// √(1/ᾱ_i)
     pub sqrt_recip_alphas_cumprod: f32,
+    /// √(1/ᾱ_i − 1)
     pub sqrt_recipm1_alphas_cumprod: f32,
+    /// Weight of x̂₀ in the posterior mean.
     pub posterior_mean_coef1: f32,
+    /// Weight of x_i in the posterior mean.
     pub posterior_mean_coef2: f32,
     /// Learned-range lower bound (clipped posterior log-variance).
     pub min_log: f32,

@@ -8,11 +8,11 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use super::guidance::GuidanceConfig;
-use super::modes::find_modes;
-use super::noise::sample_noise;
-use super::sampler::{Denoiser, ModelError, ModelSpec, sample};
-use super::schedule::{Schedule, cumulative_alphas, linear_betas};
+use crate::mgd3::guidance::GuidanceConfig;
+use crate::mgd3::modes::find_modes;
+use crate::mgd3::noise::sample_noise;
+use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, sample};
+use crate::mgd3::schedule::{Schedule, cumulative_alphas, linear_betas};
 
 /// A mixture of isotropic Gaussians in `dim` dimensions (laid out as a [dim, 1, 1] latent).
 #[derive(Clone, Debug)]

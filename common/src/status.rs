@@ -1,0 +1,163 @@
+//! What a job's progress looks like to everyone outside the scheduler: the coordinator builds a
+//! [`JobStatus`] from its scheduler, the gRPC adapter sends it (see [`crate::wire`]), and the CLI
+//! prints it as text or JSON. One type on both sides, so the CLI never compares state strings.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Shards are pending or leased.
+    Running,
+    /// Every class is committed and the manifest is written.
+    Succeeded,
+    /// At least one shard ran out of attempts or failed for good.
+    Failed,
+    /// Cancelled by `coordinator cancel`; `resume` restarts it.
+    Cancelled,
+    /// The job's records in the state store are damaged; it is not scheduled until repaired.
+    Quarantined,
+}
+
+impl JobState {
+    /// The lower-case name used in text and JSON output (`running`, `succeeded`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Quarantined => "quarantined",
+        }
+    }
+
+    /// True for every state but [`JobState::Running`]: nothing more happens without a person.
+    pub fn is_final(self) -> bool {
+        self != JobState::Running
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where one shard stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardPhase {
+    /// Waiting for a worker.
+    Pending,
+    /// Leased to a worker, which renews the lease with every poll.
+    Leased,
+    /// Every class has a commit marker.
+    Done,
+    /// Out of attempts, or failed with an error retrying cannot fix.
+    Failed,
+}
+
+impl ShardPhase {
+    /// The lower-case name used in text and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardPhase::Pending => "pending",
+            ShardPhase::Leased => "leased",
+            ShardPhase::Done => "done",
+            ShardPhase::Failed => "failed",
+        }
+    }
+}
+
+/// One shard of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// Position of the shard in the job's plan.
+    pub index: u32,
+    pub phase: ShardPhase,
+    /// Attempts that counted against `max_attempts`.
+    pub attempts: u32,
+    /// Classes in the shard.
+    pub classes: u32,
+    /// Classes committed by the current lease (all of them once done).
+    pub classes_done: u32,
+    /// Images committed by the current lease (all of them once done).
+    pub images_done: u32,
+    /// The worker holding the lease, while leased.
+    pub worker: Option<String>,
+}
+
+/// The last error of a shard that failed or is being retried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardFailure {
+    pub shard_index: u32,
+    /// The class the error is about, or the shard's classes joined by `,` when it is about none.
+    pub wnid: String,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// Shard counts of a job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCounts {
+    pub total: u32,
+    pub done: u32,
+    pub running: u32,
+    pub pending: u32,
+    pub failed: u32,
+}
+
+/// A job as `coordinator status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: JobState,
+    /// `sha256:<hex>` of the resolved spec (empty for a quarantined job).
+    pub fingerprint: String,
+    /// The job's folder in the output store (`<output>/jobs/<job id>`).
+    pub output: String,
+    pub shards: ShardCounts,
+    pub classes_done: u32,
+    pub classes_total: u32,
+    pub images_done: u64,
+    pub images_total: u64,
+    /// Images per second committed since this coordinator process took the job on.
+    pub images_per_second: f64,
+    /// Seconds left at that rate; `None` while it cannot be estimated.
+    pub eta_seconds: Option<f64>,
+    pub failures: Vec<ShardFailure>,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+    /// Workers heard from in the last three heartbeats.
+    pub workers: u32,
+    /// Every shard, in plan order.
+    pub shard_list: Vec<ShardStatus>,
+}
+
+impl JobStatus {
+    /// The status of a job whose records cannot be read: `reason` is what is wrong with them.
+    pub fn quarantined(job_id: String, reason: String) -> Self {
+        let error = format!(
+            "{reason}; the job is quarantined (not scheduled): repair or remove its records under jobs/{job_id}/, then restart the coordinator or run `coordinator resume {job_id}`"
+        );
+        JobStatus {
+            state: JobState::Quarantined,
+            fingerprint: String::new(),
+            output: String::new(),
+            shards: ShardCounts::default(),
+            classes_done: 0,
+            classes_total: 0,
+            images_done: 0,
+            images_total: 0,
+            images_per_second: 0.0,
+            eta_seconds: None,
+            failures: vec![ShardFailure { shard_index: 0, wnid: String::new(), error, attempts: 0 }],
+            created_unix_ms: 0,
+            finished_unix_ms: None,
+            workers: 0,
+            shard_list: Vec::new(),
+            job_id,
+        }
+    }
+}

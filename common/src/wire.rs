@@ -1,0 +1,242 @@
+//! The one place where protocol messages become domain types and back: job status
+//! ([`crate::status`]) and the protocol-version header every request carries.
+//!
+//! Enums arrive as `i32` on the wire; a value this build does not know (a newer coordinator) is
+//! a [`WireError`] naming the field, never a silent default.
+
+use crate::proto;
+use crate::status::{JobState, JobStatus, ShardCounts, ShardFailure, ShardPhase, ShardStatus};
+
+/// The metadata header carrying the sender's [`crate::PROTOCOL_VERSION`] on every request.
+pub const PROTOCOL_HEADER: &str = "mgd3-protocol";
+
+/// A protocol message this build cannot turn into a domain value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// An enum field holds a value this build does not know.
+    #[error(
+        "field `{field}` holds value {value}, which this mgd3 does not know: the coordinator runs a newer protocol; run the same mgd3 version everywhere"
+    )]
+    UnknownEnum { field: &'static str, value: i32 },
+}
+
+impl From<JobState> for proto::JobState {
+    fn from(state: JobState) -> Self {
+        match state {
+            JobState::Running => proto::JobState::Running,
+            JobState::Succeeded => proto::JobState::Succeeded,
+            JobState::Failed => proto::JobState::Failed,
+            JobState::Cancelled => proto::JobState::Cancelled,
+            JobState::Quarantined => proto::JobState::Quarantined,
+        }
+    }
+}
+
+fn job_state(value: i32) -> Result<JobState, WireError> {
+    match proto::JobState::try_from(value) {
+        Ok(proto::JobState::Running) => Ok(JobState::Running),
+        Ok(proto::JobState::Succeeded) => Ok(JobState::Succeeded),
+        Ok(proto::JobState::Failed) => Ok(JobState::Failed),
+        Ok(proto::JobState::Cancelled) => Ok(JobState::Cancelled),
+        Ok(proto::JobState::Quarantined) => Ok(JobState::Quarantined),
+        Ok(proto::JobState::Unspecified) | Err(_) => Err(WireError::UnknownEnum { field: "JobStatus.state", value }),
+    }
+}
+
+impl From<ShardPhase> for proto::ShardState {
+    fn from(phase: ShardPhase) -> Self {
+        match phase {
+            ShardPhase::Pending => proto::ShardState::Pending,
+            ShardPhase::Leased => proto::ShardState::Leased,
+            ShardPhase::Done => proto::ShardState::Done,
+            ShardPhase::Failed => proto::ShardState::Failed,
+        }
+    }
+}
+
+fn shard_phase(value: i32) -> Result<ShardPhase, WireError> {
+    match proto::ShardState::try_from(value) {
+        Ok(proto::ShardState::Pending) => Ok(ShardPhase::Pending),
+        Ok(proto::ShardState::Leased) => Ok(ShardPhase::Leased),
+        Ok(proto::ShardState::Done) => Ok(ShardPhase::Done),
+        Ok(proto::ShardState::Failed) => Ok(ShardPhase::Failed),
+        Ok(proto::ShardState::Unspecified) | Err(_) => {
+            Err(WireError::UnknownEnum { field: "ShardSummary.state", value })
+        }
+    }
+}
+
+impl From<JobStatus> for proto::JobStatus {
+    fn from(s: JobStatus) -> Self {
+        proto::JobStatus {
+            job_id: s.job_id,
+            state: proto::JobState::from(s.state) as i32,
+            shards_total: s.shards.total,
+            shards_done: s.shards.done,
+            shards_running: s.shards.running,
+            shards_pending: s.shards.pending,
+            shards_failed: s.shards.failed,
+            images_done: s.images_done,
+            images_total: s.images_total,
+            images_per_second: s.images_per_second,
+            // Negative: not estimable (proto3 has no optional doubles worth the churn).
+            eta_seconds: s.eta_seconds.filter(|e| e.is_finite()).unwrap_or(-1.0),
+            failures: s
+                .failures
+                .into_iter()
+                .map(|f| proto::ShardFailure {
+                    shard_index: f.shard_index,
+                    wnid: f.wnid,
+                    error: f.error,
+                    attempts: f.attempts,
+                })
+                .collect(),
+            fingerprint: s.fingerprint,
+            created_unix_ms: s.created_unix_ms,
+            finished_unix_ms: s.finished_unix_ms.unwrap_or(0),
+            workers: s.workers,
+            output: s.output,
+            classes_done: s.classes_done,
+            classes_total: s.classes_total,
+            shards: s
+                .shard_list
+                .into_iter()
+                .map(|sh| proto::ShardSummary {
+                    shard_index: sh.index,
+                    state: proto::ShardState::from(sh.phase) as i32,
+                    attempts: sh.attempts,
+                    classes: sh.classes,
+                    classes_done: sh.classes_done,
+                    images_done: sh.images_done,
+                    worker_id: sh.worker.unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<proto::JobStatus> for JobStatus {
+    type Error = WireError;
+
+    fn try_from(s: proto::JobStatus) -> Result<Self, WireError> {
+        Ok(JobStatus {
+            state: job_state(s.state)?,
+            shards: ShardCounts {
+                total: s.shards_total,
+                done: s.shards_done,
+                running: s.shards_running,
+                pending: s.shards_pending,
+                failed: s.shards_failed,
+            },
+            classes_done: s.classes_done,
+            classes_total: s.classes_total,
+            images_done: s.images_done,
+            images_total: s.images_total,
+            images_per_second: s.images_per_second,
+            eta_seconds: (s.eta_seconds >= 0.0).then_some(s.eta_seconds),
+            failures: s
+                .failures
+                .into_iter()
+                .map(|f| ShardFailure {
+                    shard_index: f.shard_index,
+                    wnid: f.wnid,
+                    error: f.error,
+                    attempts: f.attempts,
+                })
+                .collect(),
+            fingerprint: s.fingerprint,
+            created_unix_ms: s.created_unix_ms,
+            finished_unix_ms: (s.finished_unix_ms > 0).then_some(s.finished_unix_ms),
+            workers: s.workers,
+            output: s.output,
+            shard_list: s
+                .shards
+                .into_iter()
+                .map(|sh| {
+                    Ok(ShardStatus {
+                        index: sh.shard_index,
+                        phase: shard_phase(sh.state)?,
+                        attempts: sh.attempts,
+                        classes: sh.classes,
+                        classes_done: sh.classes_done,
+                        images_done: sh.images_done,
+                        worker: (!sh.worker_id.is_empty()).then_some(sh.worker_id),
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+            job_id: s.job_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> JobStatus {
+        JobStatus {
+            job_id: "j".into(),
+            state: JobState::Running,
+            fingerprint: "sha256:ab".into(),
+            output: "file:///o/jobs/j".into(),
+            shards: ShardCounts { total: 2, done: 1, running: 1, pending: 0, failed: 0 },
+            classes_done: 3,
+            classes_total: 4,
+            images_done: 30,
+            images_total: 40,
+            images_per_second: 2.5,
+            eta_seconds: Some(4.0),
+            failures: vec![ShardFailure { shard_index: 1, wnid: "c3".into(), error: "boom".into(), attempts: 2 }],
+            created_unix_ms: 7,
+            finished_unix_ms: None,
+            workers: 1,
+            shard_list: vec![
+                ShardStatus {
+                    index: 0,
+                    phase: ShardPhase::Done,
+                    attempts: 1,
+                    classes: 2,
+                    classes_done: 2,
+                    images_done: 20,
+                    worker: None,
+                },
+                ShardStatus {
+                    index: 1,
+                    phase: ShardPhase::Leased,
+                    attempts: 2,
+                    classes: 2,
+                    classes_done: 1,
+                    images_done: 10,
+                    worker: Some("w0".into()),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn status_survives_the_wire_unchanged() {
+        for state in
+            [JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::Quarantined]
+        {
+            let mut status = sample();
+            status.state = state;
+            status.eta_seconds = (state == JobState::Running).then_some(4.0);
+            status.finished_unix_ms = state.is_final().then_some(9);
+            assert_eq!(JobStatus::try_from(proto::JobStatus::from(status.clone())), Ok(status));
+        }
+    }
+
+    #[test]
+    fn an_unknown_state_is_an_error_naming_the_field() {
+        let mut wire = proto::JobStatus::from(sample());
+        wire.state = 42;
+        assert_eq!(
+            JobStatus::try_from(wire.clone()),
+            Err(WireError::UnknownEnum { field: "JobStatus.state", value: 42 })
+        );
+        wire.state = proto::JobState::Running as i32;
+        wire.shards[0].state = 0;
+        let error = JobStatus::try_from(wire).unwrap_err();
+        assert!(error.to_string().contains("ShardSummary.state"), "{error}");
+    }
+}

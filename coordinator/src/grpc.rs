@@ -1,0 +1,140 @@
+//! The gRPC adapter: [`Service`] turns protocol messages into calls of the domain
+//! [`Coordinator`] and its answers (and [`crate::Error`]s) back into messages and statuses;
+//! [`serve`] runs it on a listener, with the token and protocol-version interceptor.
+
+use std::future::Future;
+use std::path::Path;
+
+use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use mgd3_common::proto::{self};
+use mgd3_common::rpc::RequireToken;
+use tokio::net::TcpListener;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::lock::LockError;
+use crate::service::{Coordinator, ServeConfig};
+
+/// The gRPC adapter.
+#[derive(Clone)]
+pub struct Service(pub Coordinator);
+
+type RpcResult<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    async fn register_worker(
+        &self,
+        request: Request<proto::RegisterWorkerRequest>,
+    ) -> RpcResult<proto::RegisterWorkerResponse> {
+        Ok(Response::new(self.0.register(request.into_inner())?))
+    }
+
+    async fn poll_work(&self, request: Request<proto::PollWorkRequest>) -> RpcResult<proto::PollWorkResponse> {
+        Ok(Response::new(self.0.poll(request.into_inner())?))
+    }
+
+    async fn complete_shard(
+        &self,
+        request: Request<proto::CompleteShardRequest>,
+    ) -> RpcResult<proto::CompleteShardResponse> {
+        self.0.complete(request.into_inner()).await?;
+        Ok(Response::new(proto::CompleteShardResponse {}))
+    }
+
+    async fn fail_shard(&self, request: Request<proto::FailShardRequest>) -> RpcResult<proto::FailShardResponse> {
+        self.0.fail(request.into_inner())?;
+        Ok(Response::new(proto::FailShardResponse {}))
+    }
+
+    async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
+        let r = request.into_inner();
+        let (job, existed, notes) = self.0.submit_noted(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id)).await?;
+        Ok(Response::new(proto::SubmitJobResponse {
+            job_id: job.job_id.clone(),
+            fingerprint: job.fingerprint.clone(),
+            shards: job.shards.len() as u32,
+            already_existed: existed,
+            notes,
+        }))
+    }
+
+    async fn get_job_status(&self, request: Request<proto::GetJobStatusRequest>) -> RpcResult<proto::JobStatus> {
+        Ok(Response::new(self.0.status(&request.into_inner().job_id)?.into()))
+    }
+
+    async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
+        let r = request.into_inner();
+        let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
+        let resumed = self.0.resume(&r.job_id, spec).await?;
+        Ok(Response::new(proto::ResumeJobResponse {
+            committed: resumed.committed as u32,
+            requeued: resumed.requeued as u32,
+            redone: resumed.redone,
+        }))
+    }
+
+    async fn verify_job(&self, request: Request<proto::VerifyJobRequest>) -> RpcResult<proto::VerifyJobResponse> {
+        Ok(Response::new(self.0.verify(&request.into_inner().job_id).await?))
+    }
+
+    async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {
+        self.0.cancel(&request.into_inner().job_id)?;
+        Ok(Response::new(proto::CancelJobResponse {}))
+    }
+
+    async fn list_jobs(&self, _request: Request<proto::ListJobsRequest>) -> RpcResult<proto::ListJobsResponse> {
+        Ok(Response::new(proto::ListJobsResponse { jobs: self.0.list().into_iter().map(Into::into).collect() }))
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    coordinator: Coordinator,
+    config: &ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let addr =
+        listener.local_addr().map_err(|source| Error::Io { what: "listener", path: "local address".into(), source })?;
+    let service =
+        CoordinatorServer::with_interceptor(Service(coordinator.clone()), RequireToken::new(config.token.as_deref()));
+    mgd3_common::ensure_crypto_provider();
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.tls {
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    info!(%addr, store = %coordinator.store_url(), auth = config.token.is_some(), tls = config.tls.is_some(), "coordinator serving");
+    let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
+    let background = tokio::spawn(coordinator.clone().background(async move {
+        let _ = background_stopped.await;
+    }));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let lost = {
+        let coordinator = coordinator.clone();
+        async move {
+            coordinator.fenced().await;
+        }
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = lost => {}
+        }
+    };
+    let result = builder.add_service(service).serve_with_incoming_shutdown(incoming, stop).await;
+    let _ = stop_background.send(());
+    let _ = background.await;
+    if coordinator.is_fenced() {
+        let lost = coordinator.take_lost_to();
+        return Err(Error::Lock(lost.unwrap_or(LockError::Lost {
+            url: coordinator.store_url().to_owned(),
+            host: "another host".into(),
+            pid: 0,
+        })));
+    }
+    coordinator.release().await;
+    result.map_err(Error::from)
+}

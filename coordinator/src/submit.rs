@@ -1,0 +1,294 @@
+//! Submission: turning a job spec (TOML text) into a [`ResolvedJob`] — paths resolved against
+//! the submitter's folder, the dataset listed and checked, the models' metadata checked against
+//! the spec and their fingerprints filled in, shards planned, the job id derived. Runs before the
+//! job touches the scheduler; `coordinator check` and `coordinator spec` use it without a
+//! coordinator.
+
+use std::path::Path;
+
+use mgd3_common::imagefolder::Root;
+use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id};
+use mgd3_common::now_ms;
+use mgd3_common::store::{self};
+use tracing::info;
+
+use crate::error::{Error, Result};
+
+/// A spec resolved at submit: the job, and what the look at its dataset found.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub job: ResolvedJob,
+    /// Images per class, in class order.
+    pub image_counts: Vec<usize>,
+    /// What a person should know about the dataset (skipped hidden folders, non-image entries).
+    pub notes: Vec<String>,
+}
+
+/// Resolves a spec as submit does, without a coordinator: paths against `base_dir`, validation,
+/// model fingerprints, the dataset listed and checked (see [`check_dataset`]), shards and the job
+/// id. A job without `output` writes to `default_output`.
+///
+/// # Errors
+/// Every problem of the spec or its dataset, as [`Error::Job`] where the user can fix it.
+pub async fn resolve_spec(
+    spec_toml: &str,
+    base_dir: &Path,
+    explicit_id: Option<String>,
+    default_output: &str,
+    allowed: Option<&[std::path::PathBuf]>,
+) -> Result<Resolved> {
+    let mut spec = JobSpec::from_toml(spec_toml)?;
+    spec.resolve_paths(base_dir);
+    spec.validate()?;
+    let explicit_id = explicit_id.filter(|s| !s.is_empty());
+    if let Some(id) = &explicit_id {
+        mgd3_common::job::validate_job_id(id)?;
+    }
+    if let Some(allowed) = allowed {
+        // Before anything is read, listed or created on behalf of the submitter.
+        let mut checked = spec.clone();
+        checked.output.get_or_insert_with(|| default_output.to_owned());
+        checked.check_local_paths(allowed)?;
+    }
+    if spec.output.is_none() {
+        spec.output = Some(default_output.to_owned());
+    }
+    // The dataset first: its problems are the user's to fix and cheaper to find than model
+    // fingerprints of gigabytes.
+    let data = check_dataset(&spec).await?;
+    // Models in an object store are fetched into the local model cache to be fingerprinted;
+    // the spec keeps their URLs (workers fetch them the same way).
+    let cache = store::model_cache_dir();
+    let mut local = spec.models.clone();
+    for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
+        *path = store::fetch_model(path, &cache).await?.display().to_string();
+    }
+    let urls = spec.models.clone();
+    let classes = data.classes.clone();
+    let mut spec = tokio::task::spawn_blocking(move || {
+        let spec = JobSpec { models: local, ..spec };
+        check_models(&spec, &classes)?;
+        fill_model_fingerprints(spec)
+    })
+    .await
+    .expect("fingerprint task")?;
+    spec.models.dit = urls.dit;
+    spec.models.vae_encoder = urls.vae_encoder;
+    spec.models.vae_decoder = urls.vae_decoder;
+    let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
+    let shards = spec.plan_shards(data.classes.len());
+    let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
+    for note in &data.notes {
+        info!(job = %job_id, "{note}");
+    }
+    let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
+    Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
+}
+
+/// What the submit-time look at the dataset found.
+pub(crate) struct DatasetCheck {
+    pub(crate) classes: Vec<ClassRef>,
+    /// Images per class, in class order.
+    pub(crate) image_counts: Vec<usize>,
+    /// sha256 over every class's listing (relative names and sizes).
+    pub(crate) digest: String,
+    /// What a person should know (hidden folders skipped, entries that are not images).
+    pub(crate) notes: Vec<String>,
+}
+
+/// Lists the dataset by the one ImageFolder rule at submit: the class folders (for
+/// `classes = "all"`) and every class's images. Every class that is missing or holds fewer than
+/// IPC images is reported, all in one error, before any work is leased.
+pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
+    let invalid = |problems: Vec<String>| {
+        Error::Job(JobError::Invalid(
+            problems.into_iter().map(|problem| FieldError { field: "dataset".into(), problem }).collect(),
+        ))
+    };
+    let root = Root::open(&spec.dataset).map_err(|e| invalid(vec![e.to_string()]))?;
+    let mut notes = Vec::new();
+    let all = matches!(&spec.classes, ClassSelection::Named(all) if all == "all");
+    let folders = match &spec.classes {
+        _ if all || matches!(spec.labels, LabelScheme::Folder | LabelScheme::Position) => {
+            let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![e.to_string()]))?;
+            if !hidden.is_empty() {
+                notes.push(format!(
+                    "skipped {} hidden folder(s) of `{}` (never a class): {}",
+                    hidden.len(),
+                    root.url(),
+                    hidden.iter().map(|h| h.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            Some(names)
+        }
+        _ => None,
+    };
+    let folder_count = folders.as_ref().map_or(0, Vec::len);
+    let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
+    if spec.labels == LabelScheme::Position && !all && classes.len() < folder_count {
+        // The silent mislabel: a model trained on the whole ImageFolder numbers classes by folder.
+        notes.push(format!(
+            "labels = \"position\" numbers the {} listed classes 0..{}, but `{}` has {folder_count} class folders: a \
+             DiT trained on the whole ImageFolder expects each class's folder index; use labels = \"folder\" for that",
+            classes.len(),
+            classes.len() - 1,
+            root.url()
+        ));
+    }
+    let lists: Vec<_> = classes
+        .iter()
+        .map(|class| {
+            let (root, wnid) = (root.clone(), class.wnid.clone());
+            async move { root.list_class(&wnid).await }
+        })
+        .collect();
+    let listings = futures::StreamExt::buffered(futures::stream::iter(lists), 16);
+    let listings: Vec<_> = futures::StreamExt::collect(listings).await;
+    let (mut problems, mut counts, mut digest) = (Vec::new(), Vec::new(), String::new());
+    let mut skipped = (0, 0);
+    for (class, listing) in classes.iter().zip(listings) {
+        match listing {
+            Err(error) => {
+                problems.push(error.to_string());
+                counts.push(0);
+            }
+            Ok(listing) => {
+                if listing.images.len() < spec.ipc {
+                    problems.push(format!(
+                        "class `{}`: {} image(s) but IPC = {} needs at least {}; add images or lower ipc",
+                        class.wnid.escape_debug(),
+                        listing.images.len(),
+                        spec.ipc,
+                        spec.ipc
+                    ));
+                }
+                skipped.0 += listing.skipped.hidden;
+                skipped.1 += listing.skipped.not_images;
+                counts.push(listing.images.len());
+                digest.push_str(&format!("{}\t{}\n", class.wnid, listing.digest()));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(invalid(problems));
+    }
+    if skipped != (0, 0) {
+        notes.push(format!(
+            "the class folders hold {} hidden and {} non-image entries, skipped (recorded in each class's marker)",
+            skipped.0, skipped.1
+        ));
+    }
+    Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
+}
+
+/// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input
+/// shapes (read without ONNX Runtime; a model without them is left to the worker's load-time
+/// contract check): every class label inside the DiT's classes, `sampling.cfg_channels` within
+/// the DiT's latent channels, DDIM `sampling.steps` the DiT's timesteps can be respaced to, one
+/// image size for the VAE encoder and decoder. Every problem is
+/// reported at once, naming the setting as the job spec spells it.
+fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
+    use mgd3_common::modelmeta::read_model_meta;
+    let read = |path: &str| read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))).ok();
+    let m = &spec.models;
+    let mut problems = Vec::new();
+    for (field, path, kind) in [
+        ("models.dit", &m.dit, "dit"),
+        ("models.vae_encoder", &m.vae_encoder, "vae_encoder"),
+        ("models.vae_decoder", &m.vae_decoder, "vae_decoder"),
+    ] {
+        if let Some(found) = read(path).and_then(|meta| meta.metadata.get("mgd3.kind").cloned())
+            && found != kind
+        {
+            problems.push(FieldError {
+                field: field.into(),
+                problem: format!(
+                    "`{path}` is a {found} model (metadata `mgd3.kind`), not a {kind}; are two models swapped?"
+                ),
+            });
+        }
+    }
+    if let Some(dit) = read(&m.dit).filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {
+        if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
+            let outside: Vec<String> = classes
+                .iter()
+                .filter(|c| c.label < 0 || c.label >= n)
+                .map(|c| format!("`{}` → {}", c.wnid.escape_debug(), c.label))
+                .collect();
+            if !outside.is_empty() {
+                problems.push(FieldError {
+                    field: "labels".into(),
+                    problem: format!(
+                        "{} class label(s) outside the DiT's {n} classes (models.dit metadata `mgd3.num_classes`): {}; \
+                         use a DiT trained on these classes, or fewer classes",
+                        outside.len(),
+                        outside.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        if spec.sampling.sampler == mgd3_common::job::SamplerKind::Ddim
+            && let Some(train) = dit.get::<usize>("mgd3.train_timesteps")
+            && mgd3_common::job::ddim_stride(train, spec.sampling.steps).is_none()
+        {
+            problems.push(FieldError {
+                field: "sampling.steps".into(),
+                problem: format!(
+                    "DDIM cannot take {} evenly strided steps of the DiT's {train} training timesteps (ADM's \
+                     `ddim{}`); choose steps such as 10, 20, 25, 50, 100 or 250",
+                    spec.sampling.steps, spec.sampling.steps
+                ),
+            });
+        }
+        if let Some(Some(channels)) = dit.inputs.get("x").and_then(|dims| dims.get(1).copied())
+            && spec.sampling.cfg_channels as i64 > channels
+        {
+            problems.push(FieldError {
+                field: "sampling.cfg_channels".into(),
+                problem: format!(
+                    "{} exceeds the DiT's {channels} latent channels (input `x` of models.dit)",
+                    spec.sampling.cfg_channels
+                ),
+            });
+        }
+    }
+    let size = |path: &str| read(path).and_then(|meta| meta.get::<i64>("mgd3.image_size"));
+    if let (Some(encoder), Some(decoder)) = (size(&m.vae_encoder), size(&m.vae_decoder))
+        && encoder != decoder
+    {
+        problems.push(FieldError {
+            field: "models.vae_decoder".into(),
+            problem: format!("decodes {decoder}-pixel images, the VAE encoder reads {encoder}-pixel ones"),
+        });
+    }
+    if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
+}
+
+/// Computes missing model fingerprints from the files; a given fingerprint is checked when the
+/// file is readable here.
+fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
+    let m = &mut spec.models;
+    for (field, path, expected) in [
+        ("models.dit", &m.dit, &mut m.dit_fingerprint),
+        ("models.vae_encoder", &m.vae_encoder, &mut m.vae_encoder_fingerprint),
+        ("models.vae_decoder", &m.vae_decoder, &mut m.vae_decoder_fingerprint),
+    ] {
+        let local = path.strip_prefix("file://").unwrap_or(path);
+        match mgd3_common::fingerprint_file(Path::new(local)) {
+            Ok(actual) => match expected {
+                Some(want) if *want != actual => {
+                    return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
+                        field: format!("{field}_fingerprint"),
+                        problem: format!("`{path}` has fingerprint {actual}, the spec expects {want}"),
+                    }])));
+                }
+                _ => *expected = Some(actual),
+            },
+            Err(source) if expected.is_none() => {
+                return Err(Error::Io { what: "model file", path: path.clone(), source });
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(spec)
+}
