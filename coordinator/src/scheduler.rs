@@ -10,47 +10,93 @@ use mgd3_common::status::{ShardPhase, ShardStatus};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// Why the scheduler refused a call about a job or a lease.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SchedulerError {
+    /// The job id is not known to this scheduler.
     #[error("unknown job `{0}`")]
     UnknownJob(String),
+    /// The lease is not held any more: it expired, was revoked or released, or its shard finished.
     #[error("lease `{0}` is not held (expired, revoked or finished)")]
     StaleLease(String),
+    /// The lease is held by another worker than the caller.
     #[error("lease `{lease}` belongs to worker `{owner}`, not `{caller}`")]
-    NotOwner { lease: String, owner: String, caller: String },
+    NotOwner {
+        /// The lease id the caller named.
+        lease: String,
+        /// The worker that holds the lease.
+        owner: String,
+        /// The worker that made the call.
+        caller: String,
+    },
+    /// The worker polled without registering with this scheduler (e.g. the coordinator restarted).
     #[error(
         "worker `{0}` is not registered with this coordinator (it restarted, or the worker never registered): register first"
     )]
     UnknownWorker(String),
+    /// `cancel` of a job that has already succeeded, failed or been quarantined.
     #[error("job `{job}` has already ended ({state}); there is nothing to cancel")]
-    AlreadyEnded { job: String, state: &'static str },
+    AlreadyEnded {
+        /// The job id.
+        job: String,
+        /// The state it ended in (`succeeded`, `failed`, ...).
+        state: &'static str,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where one shard stands in the scheduler; persisted in `state.json` as `{"state": "pending", ...}`.
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ShardState {
+    /// Waiting in the queue for a worker.
     Pending,
-    Leased { lease_id: String, attempt_id: String, worker_id: String, deadline_ms: u64, started_ms: u64 },
-    Done { attempt_id: String, finished_ms: u64 },
+    /// Leased to a worker until `deadline_ms` unless the worker renews it.
+    Leased {
+        /// The lease's id, `<epoch>-<n>` (unique across coordinator restarts).
+        lease_id: String,
+        /// The attempt's id, `s<shard>-a<attempt>-<lease id>`.
+        attempt_id: String,
+        /// The worker holding the lease.
+        worker_id: String,
+        /// When the lease expires unless renewed (Unix ms).
+        deadline_ms: u64,
+        /// When the lease was granted (Unix ms).
+        started_ms: u64,
+    },
+    /// Every class of the shard is committed.
+    Done {
+        /// The attempt that finished it, or `recovered` when it was found committed by marker.
+        attempt_id: String,
+        /// When it was marked done (Unix ms).
+        finished_ms: u64,
+    },
+    /// Out of attempts, or failed with an error that retrying cannot fix.
     Failed,
 }
 
 /// The last error of a shard.
+/// One shard of a job as the scheduler tracks and persists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardError {
+    /// The class the error is about, when it is about one.
     pub wnid: Option<String>,
+    /// The error message, with its causes.
     pub error: String,
+    /// When the error was reported (Unix ms).
     pub at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shard {
+    /// Where the shard stands.
     pub state: ShardState,
     /// Attempts started (leases granted) that counted against the budget.
     pub attempts: u32,
+    /// The last error reported for the shard (kept across retries).
     pub last_error: Option<ShardError>,
     /// Progress reported by the current lease.
     #[serde(default)]
+    /// Images committed so far under this lease.
     pub images_done: u32,
     /// Classes the current lease reported committed.
     #[serde(default)]
@@ -72,9 +118,13 @@ impl Shard {
 /// What survives a coordinator restart (state.json).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PersistedJob {
+    /// Every shard of the job, in plan order.
     pub shards: Vec<Shard>,
+    /// Set by `cancel`; cleared by `resume`.
     pub cancelled: bool,
+    /// When the job reached a final state (Unix ms); `None` while running.
     pub finished_unix_ms: Option<u64>,
+    /// Workers that may lease nothing of this job (they hold different models).
     pub excluded_workers: BTreeSet<String>,
 }
 
@@ -133,26 +183,37 @@ impl JobRun {
 /// A granted lease.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LeaseGrant {
+    /// The lease's id, `<epoch>-<n>`.
     pub lease_id: String,
+    /// The attempt's id, `s<shard>-a<attempt>-<lease id>`.
     pub attempt_id: String,
+    /// The job the shard belongs to.
     pub job: Arc<ResolvedJob>,
+    /// The shard's position in the job's plan.
     pub shard_index: usize,
+    /// Which attempt of the shard this is (1 for the first).
     pub attempt: u32,
+    /// When the lease expires unless renewed (Unix ms).
     pub deadline_ms: u64,
+    /// The shard's classes, in plan order.
     pub classes: Vec<ClassRef>,
 }
 
 /// What a poll tells the worker.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PollDecision {
+    /// Run this shard.
     Lease(LeaseGrant),
+    /// Nothing to do now: poll again after this many milliseconds (the heartbeat).
     Wait(u64),
+    /// Nothing more to do: the worker should exit.
     Drain,
 }
 
 /// A running lease as the worker reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Running {
+    /// The lease being run.
     pub lease_id: String,
     pub images_done: u32,
     /// Classes of the shard committed so far.
@@ -162,17 +223,29 @@ pub struct Running {
 /// Counts for status output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSummary {
+    /// The job.
     pub job: Arc<ResolvedJob>,
+    /// Where the job stands.
     pub state: JobState,
+    /// Shards done.
     pub done: u32,
+    /// Shards leased.
     pub running: u32,
+    /// Shards pending.
     pub pending: u32,
+    /// Shards failed.
     pub failed: u32,
+    /// Images committed (done shards in full, leased shards as reported).
     pub images_done: u64,
+    /// Classes committed (done shards in full, leased shards as reported).
     pub classes_done: u64,
+    /// Images per second since this process took the job on (or since its last resume).
     pub images_per_second: f64,
+    /// Seconds left at that rate: 0 once the job has ended, infinite while the rate is 0.
     pub eta_seconds: f64,
+    /// (shard index, shard) of every failed shard and of every unfinished shard with an error.
     pub failures: Vec<(usize, Shard)>,
+    /// When the job reached a final state (Unix ms).
     pub finished_unix_ms: Option<u64>,
     /// Every shard, in plan order.
     pub shards: Vec<ShardStatus>,
@@ -187,6 +260,8 @@ pub enum Settled {
     Finished(JobState),
 }
 
+/// The lease state of every job: which shard is pending, leased or done, and who holds what.
+/// Pure and clock-free: every call takes `now` (Unix ms); the caller persists [`PersistedJob`]s.
 pub struct Scheduler {
     jobs: BTreeMap<String, JobRun>,
     /// Job ids in submission order (lease priority).
@@ -201,9 +276,14 @@ pub struct Scheduler {
     next_lease: u64,
     /// Distinguishes lease ids across coordinator restarts.
     epoch: String,
+    /// Jobs whose state changed inside a `poll` (expired or forgotten leases), for the caller to
+    /// persist and to finish: see [`Scheduler::take_settled`].
+    settled: Vec<(String, Settled)>,
 }
 
 impl Scheduler {
+    /// An empty scheduler. Workers poll every `heartbeat_ms` (ms); `epoch` prefixes lease ids so that
+    /// they differ across coordinator restarts.
     pub fn new(heartbeat_ms: u64, epoch: impl Into<String>) -> Self {
         Scheduler {
             jobs: BTreeMap::new(),
@@ -215,9 +295,11 @@ impl Scheduler {
             drain_when_done: false,
             next_lease: 0,
             epoch: epoch.into(),
+            settled: Vec::new(),
         }
     }
 
+    /// The poll interval workers are told (ms).
     pub fn heartbeat_ms(&self) -> u64 {
         self.heartbeat_ms
     }
@@ -293,22 +375,27 @@ impl Scheduler {
         self.jobs.insert(id, run);
     }
 
+    /// Whether `job_id` is known.
     pub fn has_job(&self, job_id: &str) -> bool {
         self.jobs.contains_key(job_id)
     }
 
+    /// Every known job id, in submission order (which is lease priority).
     pub fn job_ids(&self) -> Vec<String> {
         self.order.clone()
     }
 
+    /// The persisted state of a job, to write to its `state.json`.
     pub fn persisted(&self, job_id: &str) -> Option<&PersistedJob> {
         self.jobs.get(job_id).map(|j| &j.persisted)
     }
 
+    /// The resolved job, when known.
     pub fn job(&self, job_id: &str) -> Option<Arc<ResolvedJob>> {
         self.jobs.get(job_id).map(|j| j.job.clone())
     }
 
+    /// Where a job stands, when known.
     pub fn state(&self, job_id: &str) -> Option<JobState> {
         self.jobs.get(job_id).map(JobRun::state)
     }
@@ -318,6 +405,7 @@ impl Scheduler {
         self.workers.values().filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms).count()
     }
 
+    /// Registers a worker (idempotent) and records it as seen at `now`.
     pub fn register(&mut self, worker_id: &str, now: u64) {
         self.workers.insert(worker_id.to_owned(), now);
     }
@@ -343,8 +431,10 @@ impl Scheduler {
             return Err(SchedulerError::UnknownWorker(worker_id.to_owned()));
         };
         *seen = now;
-        self.expire(now);
-        self.release_forgotten(worker_id, running, now);
+        let expired = self.expire(now);
+        self.settled.extend(expired);
+        let forgotten = self.release_forgotten(worker_id, running, now);
+        self.settled.extend(forgotten);
         let mut revoked = Vec::new();
         let mut holds = false;
         for r in running {
@@ -363,6 +453,12 @@ impl Scheduler {
             Some(grant) => (PollDecision::Lease(grant), revoked),
             None => (PollDecision::Wait(self.heartbeat_ms), revoked),
         })
+    }
+
+    /// The jobs whose state changed during `poll`s since the last call (leases that expired or
+    /// that their worker forgot): the caller persists them and finishes those that ended.
+    pub fn take_settled(&mut self) -> Vec<(String, Settled)> {
+        std::mem::take(&mut self.settled)
     }
 
     /// Releases (without spending an attempt) the leases held by `worker_id` that it does not
@@ -522,13 +618,22 @@ impl Scheduler {
         }
     }
 
-    /// The (job, shard, attempt id) a lease is for, when it is still held by `worker_id`.
+    /// The (job, shard index) a lease is for, when it is still held by `worker_id`.
+    ///
+    /// # Errors
+    /// [`SchedulerError::StaleLease`] when the lease is not held any more;
+    /// [`SchedulerError::NotOwner`] when another worker holds it.
     pub fn lease(&self, worker_id: &str, lease_id: &str) -> Result<(Arc<ResolvedJob>, usize), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         Ok((self.jobs[&job].job.clone(), shard))
     }
 
     /// A shard's lease finished and its markers were verified.
+    /// Returns the job id and whether the job has just finished.
+    ///
+    /// # Errors
+    /// [`SchedulerError::StaleLease`] when the lease is not held any more;
+    /// [`SchedulerError::NotOwner`] when another worker holds it.
     pub fn complete(&mut self, worker_id: &str, lease_id: &str, now: u64) -> Result<(String, Settled), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         self.leases.remove(lease_id);
@@ -556,6 +661,13 @@ impl Scheduler {
     }
 
     /// A lease failed (or was released on shutdown, which does not count as an attempt).
+    /// A retryable failure re-queues the shard while attempts are left, otherwise fails it; a
+    /// released lease gives its attempt back and records no error. Returns the job id and
+    /// whether the job has just finished.
+    ///
+    /// # Errors
+    /// [`SchedulerError::StaleLease`] when the lease is not held any more;
+    /// [`SchedulerError::NotOwner`] when another worker holds it.
     #[allow(clippy::too_many_arguments)]
     pub fn fail(
         &mut self,
@@ -573,7 +685,11 @@ impl Scheduler {
     }
 
     /// A worker cannot run a job (e.g. it holds different model files): give the shard back
-    /// without spending an attempt and lease nothing of that job to it again.
+    /// without spending an attempt and lease nothing of that job to it again. Returns the job id.
+    ///
+    /// # Errors
+    /// [`SchedulerError::StaleLease`] when the lease is not held any more;
+    /// [`SchedulerError::NotOwner`] when another worker holds it.
     pub fn exclude(
         &mut self,
         worker_id: &str,
@@ -604,6 +720,12 @@ impl Scheduler {
         Ok(run.persisted.excluded_workers.insert(worker_id.to_owned()))
     }
 
+    /// Cancels a running job: pending shards leave the queue and its leases are revoked (their
+    /// workers are told on their next poll). Cancelling a cancelled job does nothing.
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownJob`] when the job is not known; [`SchedulerError::AlreadyEnded`] when
+    /// it has already succeeded or failed.
     pub fn cancel(&mut self, job_id: &str, now: u64) -> Result<Settled, SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         match run.state() {
@@ -624,6 +746,9 @@ impl Scheduler {
 
     /// Re-queues every shard not in `committed` (failed, cancelled or missing) with a fresh
     /// attempt budget; committed shards become done. Returns (committed, requeued).
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownJob`] when the job is not known.
     pub fn resume(
         &mut self,
         job_id: &str,
@@ -652,6 +777,7 @@ impl Scheduler {
         Ok((committed.len(), requeued))
     }
 
+    /// Counts, progress, rate and per-shard status of a job, when known.
     pub fn summary(&self, job_id: &str, now: u64) -> Option<JobSummary> {
         let run = self.jobs.get(job_id)?;
         let mut counts = [0u32; 4];
@@ -816,6 +942,22 @@ mod tests {
         assert_eq!(poll(&mut s, "w", &[], false, 1).0, PollDecision::Wait(1000));
         assert!(matches!(poll(&mut s, "v", &[], false, 1).0, PollDecision::Lease(_)));
         assert_eq!(s.exclude_worker("nope", "w"), Err(SchedulerError::UnknownJob("nope".into())));
+    }
+
+    #[test]
+    fn an_expiry_found_by_a_poll_is_handed_to_the_caller() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 1, 1, 1), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        assert!(s.take_settled().is_empty());
+        // Past the 10 s lease another worker's poll expires it; one attempt was allowed.
+        poll(&mut s, "w2", &[], false, 10_001);
+        assert_eq!(s.take_settled(), vec![("j".to_owned(), Settled::Finished(JobState::Failed))]);
+        assert!(s.take_settled().is_empty(), "handed over once");
+        assert_eq!(
+            s.fail("w1", &a.lease_id, None, "late".into(), true, false, 10_002).unwrap_err(),
+            SchedulerError::StaleLease(a.lease_id.clone())
+        );
     }
 
     #[test]

@@ -34,9 +34,11 @@ use crate::submit::{Resolved, check_dataset, resolve_spec};
 pub struct ServeConfig {
     /// Where coordinator state lives (and job outputs, unless a job names another `output`).
     pub store_url: String,
+    /// Bearer token every RPC must carry (`serve --token-file`); `None`: no authentication.
     pub token: Option<String>,
     /// PEM certificate and key for TLS.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// How often workers poll (ms).
     pub heartbeat_ms: u64,
 }
 
@@ -104,6 +106,9 @@ impl Coordinator {
     /// Opens the store and recovers every job in it: committed shards (by marker) stay done,
     /// leases survive until they expire, attempts and failures come back from state.json. Takes
     /// the store's coordinator lock first ([`DEFAULT_LOCK_TIMEOUT`]; see [`Coordinator::open_locked`]).
+    ///
+    /// # Errors
+    /// As [`Coordinator::open_locked`].
     pub async fn open(store_url: &str, heartbeat_ms: u64) -> Result<Self> {
         Self::open_locked(store_url, heartbeat_ms, DEFAULT_LOCK_TIMEOUT).await
     }
@@ -191,6 +196,7 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The URL of the store this coordinator serves (its state, and job outputs by default).
     pub fn store_url(&self) -> &str {
         &self.inner.store.url
     }
@@ -360,6 +366,10 @@ impl Coordinator {
 
     /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards); a job
     /// without `output` writes into this coordinator's store.
+    ///
+    /// # Errors
+    /// As [`resolve_spec`]: every problem of the spec or its dataset as [`Error::Job`], also
+    /// paths outside the allowed folders; store and model-file errors.
     pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
         let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
         resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref()).await
@@ -367,6 +377,10 @@ impl Coordinator {
 
     /// Submits a job; submitting the same spec again returns the existing job. Returns the job
     /// and whether it existed already.
+    ///
+    /// # Errors
+    /// As [`Coordinator::resolve`]; [`Error::Quarantined`] when the job id is quarantined;
+    /// [`Error::JobIdTaken`] when it holds a job of another spec; store errors writing the job.
     pub async fn submit(
         &self,
         spec_toml: &str,
@@ -377,6 +391,9 @@ impl Coordinator {
     }
 
     /// [`Coordinator::submit`], also returning the notes about the dataset a person should see.
+    ///
+    /// # Errors
+    /// As [`Coordinator::submit`].
     pub async fn submit_noted(
         &self,
         spec_toml: &str,
@@ -413,6 +430,11 @@ impl Coordinator {
 
     /// Lists markers, checks and repairs every published file (finishing interrupted publishes,
     /// redoing classes whose files are lost) and re-queues every shard without markers.
+    ///
+    /// # Errors
+    /// [`Error::Quarantined`] when a quarantined job's records are still damaged;
+    /// [`Error::UnknownJob`]; [`Error::DataChanged`] when the dataset changed since submit;
+    /// [`Error::FingerprintChanged`] when `spec` is not the job's; store and commit errors.
     pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<Resumed> {
         if self.inner.quarantined.lock().expect("quarantined").contains_key(job_id) {
             // Repaired records bring a quarantined job back; damaged ones keep it out.
@@ -485,6 +507,10 @@ impl Coordinator {
     /// Checks every published file of a job against its class's marker (sha256) and that class
     /// folders hold nothing else; repairs nothing (see [`Coordinator::resume`]). Classes without
     /// a marker are reported as not committed.
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`]; [`Error::Commit`] for an unreadable or foreign marker or a store
+    /// that cannot be listed; [`Error::ObjectStore`].
     pub async fn verify(&self, job_id: &str) -> Result<proto::VerifyJobResponse> {
         let job = self.known_job(job_id)?;
         let out = self.output(&job)?;
@@ -532,6 +558,12 @@ impl Coordinator {
         Ok(response)
     }
 
+    /// Cancels a running job: its pending shards leave the queue and its leases are revoked (the
+    /// workers are told on their next poll); `resume` restarts it.
+    ///
+    /// # Errors
+    /// [`Error::Scheduler`] when the job is not known or has already ended
+    /// ([`crate::scheduler::SchedulerError::UnknownJob`], [`crate::scheduler::SchedulerError::AlreadyEnded`]).
     pub fn cancel(&self, job_id: &str) -> Result<()> {
         let settled = self.inner.scheduler.lock().expect("scheduler").cancel(job_id, now_ms())?;
         self.settled(job_id, settled);
@@ -665,12 +697,15 @@ impl Coordinator {
             .iter()
             .map(|r| Running { lease_id: r.lease_id.clone(), images_done: r.images_done, classes_done: r.classes_done })
             .collect();
-        let (decision, revoked) = self.inner.scheduler.lock().expect("scheduler").poll(
-            &request.worker_id,
-            &running,
-            request.draining,
-            now_ms(),
-        )?;
+        let (decision, revoked, settled) = {
+            let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            let (decision, revoked) = scheduler.poll(&request.worker_id, &running, request.draining, now_ms())?;
+            (decision, revoked, scheduler.take_settled())
+        };
+        // Leases this poll found expired or forgotten: persisted, and a job they ended finished.
+        for (job_id, settled) in settled {
+            self.settled(&job_id, settled);
+        }
         let action = match decision {
             PollDecision::Lease(grant) => {
                 info!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %request.worker_id, "lease granted");
