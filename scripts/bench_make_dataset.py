@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes an ImageNet-shaped ImageFolder of real photographs for the pipeline benchmark.
 
-    python scripts/bench/make_dataset.py --out DIR [--classes 5] [--per-class 1300] [--seed 0]
+    python scripts/bench_make_dataset.py --out DIR [--classes 5] [--per-class 1300] [--seed 0]
         [--processes P] [--if-needed]
 
 Layout (as ImageNet's train split):

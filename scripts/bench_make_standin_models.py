@@ -3,7 +3,7 @@
 pipeline benchmark: the networks cost almost nothing, so what is measured is everything around
 them (listing, JPEG decoding, preprocessing, batching, k-means, the sampler's bookkeeping).
 
-    python scripts/bench/make_standin_models.py --out DIR
+    python scripts/bench_make_standin_models.py --out DIR
 
 writes DIR/vae_encoder.onnx, DIR/vae_decoder.onnx and DIR/dit.onnx (a few KB each), built with
 the `onnx` helper API (no torch), opset 18, IR version 9, float32, batch dimension `batch`

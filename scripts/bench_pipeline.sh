@@ -2,7 +2,7 @@
 # Pipeline benchmark: mgd3's data phase against the authors' PyTorch-style pipeline, on the same
 # real JPEG photographs and the same stand-in models.
 #
-# What it measures (reference side, scripts/bench/reference.py, P = all CPUs by default):
+# What it measures (reference side, scripts/bench_reference.py, P = all CPUs by default):
 #   - PIL decode + ADM center_crop_arr + ToTensor/Normalize images/s on one core (and the decode-,
 #     resize- and to-tensor-only rates);
 #   - the data phase at IPC 10, 50, 100: list the class, load on a Pool(P) of 64-image batches,
@@ -13,12 +13,12 @@
 # (MGD3_BENCH_CROPS) and compares with MGD3_BENCH_REFERENCE.
 #
 # Inputs it makes once and reuses (delete them to rebuild):
-#   .venv-bench/                      python3 venv with scripts/bench/requirements.txt
+#   .venv-bench/                      python3 venv with scripts/requirements-bench.txt
 #   .ort/cpu/                         ONNX Runtime (scripts/setup_ort.sh)
 #   target/bench-data/imagenet-like/  ImageNet-shaped ImageFolder of real photographs
-#                                     (scripts/bench/make_dataset.py; rebuilt when the parameters change)
+#                                     (scripts/bench_make_dataset.py; rebuilt when the parameters change)
 #   target/bench-data/models/         stand-in DiT-XL/2-256 and sd-vae-ft-mse ONNX models
-#                                     (scripts/bench/make_standin_models.py)
+#                                     (scripts/bench_make_standin_models.py)
 # Outputs of each run: target/bench-data/{reference.json,features.npy,crops.npy}.
 # Run it on a quiet machine: on 2 cores anything else running (a cargo build) slows the
 # reference's P-thread k-means by up to 10-40x (OpenMP busy-waiting); reference.json records the
@@ -43,9 +43,9 @@ bench="$root/target/bench-data"
 data="$bench/imagenet-like"
 models="$bench/models"
 venv="$root/.venv-bench"
-requirements="$root/scripts/bench/requirements.txt"
+requirements="$root/scripts/requirements-bench.txt"
 
-# 1. the venv, (re)installed when requirements.txt changed
+# 1. the venv, (re)installed when the requirements file changed
 if [[ ! -x "$venv/bin/python" ]] || ! cmp -s "$requirements" "$venv/.requirements.txt"; then
   echo "== setting up $venv"
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
@@ -60,17 +60,17 @@ scripts/setup_ort.sh >/dev/null
 # 3. the dataset and the stand-in models
 mkdir -p "$bench"
 echo "== dataset ($classes classes x $per_class images, seed $seed)"
-"$py" scripts/bench/make_dataset.py --out "$data" --classes "$classes" --per-class "$per_class" \
+"$py" scripts/bench_make_dataset.py --out "$data" --classes "$classes" --per-class "$per_class" \
   --seed "$seed" --if-needed
 if [[ ! -f "$models/vae_encoder.onnx" || ! -f "$models/vae_decoder.onnx" || ! -f "$models/dit.onnx" ]]; then
   echo "== stand-in models"
-  "$py" scripts/bench/make_standin_models.py --out "$models"
+  "$py" scripts/bench_make_standin_models.py --out "$models"
 fi
 
 # 4. the reference pipeline on the first class
 class="$(head -n 1 "$data/classes.txt")"
 echo "== reference pipeline (class $class, P = $processes)"
-"$py" scripts/bench/reference.py --data "$data" --class "$class" --models "$models" \
+"$py" scripts/bench_reference.py --data "$data" --class "$class" --models "$models" \
   --processes "$processes" --repeats "$repeats" --features-out "$bench/features.npy" --json-out "$bench/reference.json" \
   --crops-out "$bench/crops.npy"
 

@@ -50,15 +50,16 @@ IPC and seed), averaged over images and classes, then over seeds.  Higher divers
 lower representativeness distance is better (the table also shows 1 - normalised distance, higher =
 more representative).  Raw (unnormalised) latent distances are in the JSON.
 
-Preprocessing is the worker's: Pillow BICUBIC resize to 32x32 (28x28 real images; 32x32 synthetic
-ones are unchanged), v/255, Normalize(0.5, 0.5).  Torch uses --threads CPU threads (default 1).
+Preprocessing is the worker's (scripts/mgd3ref.py): ADM center_crop_arr to 32x32 with Pillow (a
+BICUBIC resize for the 28x28 real images; 32x32 synthetic ones are unchanged), v/255, Normalize(0.5,
+0.5); the IDX test set is read with mgd3ref.load_idx_split.  Torch uses --threads CPU threads
+(default 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import hashlib
 import json
 import os
@@ -70,6 +71,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import mgd3ref as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -86,38 +89,6 @@ def log(msg):
 # images
 # ---------------------------------------------------------------------------
 
-def prep_u8(img_u8: np.ndarray) -> np.ndarray:
-    """uint8 [H,W] -> float32 [S,S] in [-1,1] (worker preprocessing for small grey images)."""
-    from PIL import Image
-    im = Image.fromarray(img_u8, mode="L")
-    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-        w, h = im.size
-        s = IMAGE_SIZE / min(w, h)
-        nw, nh = max(IMAGE_SIZE, round(w * s)), max(IMAGE_SIZE, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        l, t = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
-        im = im.crop((l, t, l + IMAGE_SIZE, t + IMAGE_SIZE))
-    v = np.asarray(im, dtype=np.float32) / np.float32(255.0)
-    return (v - np.float32(0.5)) / np.float32(0.5)
-
-
-def load_pngs(paths) -> np.ndarray:
-    from PIL import Image
-    out = np.empty((len(paths), 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            out[i, 0] = prep_u8(np.asarray(im.convert("L")))
-    return out
-
-
-def read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        b = f.read()
-    ndim = int.from_bytes(b[0:4], "big") & 0xFF
-    dims = [int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(b, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def class_folders(train_dir: str):
     names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
     if not names:
@@ -132,11 +103,10 @@ def image_files(folder: str):
 def load_test(a, classes):
     if a.test_source == "idx" or (a.test_source == "auto" and os.path.exists(
             os.path.join(a.idx_dir, "t10k-images-idx3-ubyte.gz"))):
-        x = read_idx(os.path.join(a.idx_dir, "t10k-images-idx3-ubyte.gz"))
-        y = read_idx(os.path.join(a.idx_dir, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+        x, y = R.load_idx_split(a.idx_dir, "test")
         if a.test_limit:
             x, y = x[:a.test_limit], y[:a.test_limit]
-        xs = np.stack([prep_u8(im) for im in x])[:, None]
+        xs = np.stack([R.preprocess_u8(im, IMAGE_SIZE) for im in x])
         return xs, y, f"{a.idx_dir}/t10k (IDX, {len(y)} images)"
     paths, ys = [], []
     for k, c in enumerate(classes):
@@ -145,7 +115,7 @@ def load_test(a, classes):
             files = files[: max(1, a.test_limit // len(classes))]
         paths += files
         ys += [k] * len(files)
-    return load_pngs(paths), np.array(ys, np.int64), f"{a.data}/test ({len(ys)} images)"
+    return R.load_images(paths, IMAGE_SIZE), np.array(ys, np.int64), f"{a.data}/test ({len(ys)} images)"
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +199,7 @@ def load_set(root: str, ipc: int, classes):
             raise SystemExit(f"{root}: missing {missing[:3]}")
         paths += files
         ys += [k] * ipc
-    return load_pngs(paths), np.array(ys, np.int64), paths
+    return R.load_images(paths, IMAGE_SIZE), np.array(ys, np.int64), paths
 
 
 def real_subset(a, ipc: int, seed: int, classes):
@@ -242,7 +212,7 @@ def real_subset(a, ipc: int, seed: int, classes):
         pick = sorted(rng.choice(len(files), ipc, replace=False).tolist())
         paths += [files[i] for i in pick]
         ys += [k] * ipc
-    return load_pngs(paths), np.array(ys, np.int64), paths
+    return R.load_images(paths, IMAGE_SIZE), np.array(ys, np.int64), paths
 
 
 # ---------------------------------------------------------------------------
@@ -439,7 +409,7 @@ def main():
         files = image_files(os.path.join(a.data, "train", c))
         if a.real_pool and len(files) > a.real_pool:
             files = [files[i] for i in sorted(rng.choice(len(files), a.real_pool, replace=False))]
-        real_pool[k] = (enc(load_pngs(files)), [os.path.abspath(p) for p in files])
+        real_pool[k] = (enc(R.load_images(files, IMAGE_SIZE)), [os.path.abspath(p) for p in files])
     log(f"real pool for representativeness: {sum(len(v[1]) for v in real_pool.values())} images encoded")
 
     runs = []

@@ -4,12 +4,13 @@ authors' PyTorch-style data phase (torchvision's PIL loader, ADM `center_crop_ar
 `Normalize(0.5, 0.5)`, a DataLoader with P workers, the VAE encoder, scikit-learn k-means),
 measured on the same files and the same (stand-in) ONNX models as the Rust bench.
 
-    python scripts/bench/reference.py --data DIR --class WNID --models DIR \\
+    python scripts/bench_reference.py --data DIR --class WNID --models DIR \\
         --features-out features.npy --json-out reference.json [--crops-out crops.npy] [--processes P]
         [--repeats R]
 
 torch is not needed: the tensors are numpy float32 computed exactly as torchvision does
-(ToTensor: HWC uint8 -> CHW float32 / 255; Normalize: (x - 0.5) / 0.5), the DataLoader is a
+(ToTensor: HWC uint8 -> CHW float32 / 255; Normalize: (x - 0.5) / 0.5; center_crop_arr and
+to_tensor_normalize come from scripts/mgd3ref.py), the DataLoader is a
 multiprocessing.Pool(P) whose workers collate batches of 64 into shared memory (as torch's
 DataLoader workers do), and the VAE runs in onnxruntime.
 Deviation from the authors' transform, as in mgd3: no RandomHorizontalFlip, so the features are
@@ -68,6 +69,8 @@ from multiprocessing import resource_tracker, shared_memory
 import numpy as np
 from PIL import Image
 
+from mgd3ref import center_crop_arr, to_tensor_normalize
+
 IMAGE_SIZE = 256
 BATCH = 64
 IPCS = (10, 50, 100)
@@ -94,31 +97,6 @@ def pil_loader(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         return img.convert("RGB")
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """The reference preprocessing (ADM's `center_crop_arr`, as DiT's train.py uses it): halve
-    with BOX while the short side is at least twice `image_size`, BICUBIC-resize so that the
-    short side is `image_size` (sizes rounded with Python's round), then cut the centred square
-    through a numpy array, as the original does."""
-    while min(pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize((pil_image.width // 2, pil_image.height // 2), resample=Image.BOX)
-    scale = image_size / min(pil_image.size)
-    new_size = (round(pil_image.width * scale), round(pil_image.height * scale))
-    pil_image = pil_image.resize(new_size, resample=Image.BICUBIC)
-    pixels = np.array(pil_image)
-    top = (pixels.shape[0] - image_size) // 2
-    left = (pixels.shape[1] - image_size) // 2
-    return Image.fromarray(pixels[top:top + image_size, left:left + image_size])
-
-
-def to_tensor_normalize(pil_image: Image.Image) -> np.ndarray:
-    """ToTensor + Normalize(mean=0.5, std=0.5) in float32, as torchvision computes it: [3, S, S]."""
-    chw = np.asarray(pil_image).transpose(2, 0, 1).astype(np.float32)
-    chw /= np.float32(255)
-    chw -= np.float32(0.5)
-    chw /= np.float32(0.5)
-    return chw
 
 
 def load_batch(paths: list[str]) -> tuple[str, int]:

@@ -7,12 +7,10 @@ exported to the mgd3 contract with scripts/export_onnx.py, fp32 and fp16.
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import export_onnx as E  # noqa: E402
+import export_onnx as E
 
 
 def main():

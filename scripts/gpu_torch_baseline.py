@@ -7,44 +7,23 @@ image by image as the reference scripts do and once batched; prints images/s as 
 """
 import argparse
 import json
-import os
-import sys
 import time
 
-import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import export_onnx as E  # noqa: E402
-import parity_reference as P  # noqa: E402
-
-
-def schedule(steps=50):
-    """The reference respaced schedule (one implementation, shared with the parity fixtures)."""
-    sch = P.Schedule(1000, steps, 1e-4, 0.02)
-    return dict(t=sch.timestep_map, sra=sch.sqrt_recip_abar, srm1=sch.sqrt_recipm1_abar, c1=sch.c1, c2=sch.c2,
-                minlog=sch.min_log, maxlog=sch.max_log)
+import export_onnx as E
+import mgd3ref as R
 
 
 @torch.no_grad()
-def sample(model, n, dtype, s, t_stop=25, lam=0.1, cfg=4.0):
+def sample(model, n, dtype, sch, t_stop=25, lam=0.1, cfg=4.0):
+    """The reference DDPM loop (mgd3ref.ddpm_sample_torch) on CUDA: N images of class 3, CFG on 3 of 4
+    channels, random modes."""
     dev = "cuda"
     x = torch.randn(n, 4, 32, 32, device=dev)
     modes = torch.randn(n, 4, 32, 32, device=dev)
-    y = torch.cat([torch.full((n,), 3, device=dev), torch.full((n,), 1000, device=dev)])
-    for i in reversed(range(50)):
-        t = torch.full((2 * n,), s["t"][i], device=dev)
-        out = model(torch.cat([x, x]).to(dtype), t, y).float()
-        c, u = out[:n], out[n:]
-        eps = torch.cat([u[:, :3] + cfg * (c[:, :3] - u[:, :3]), c[:, 3:4]], 1)
-        f = (c[:, 4:] + 1) / 2
-        logvar = f * float(s["maxlog"][i]) + (1 - f) * float(s["minlog"][i])
-        sigma = torch.exp(0.5 * logvar)
-        x0 = float(s["sra"][i]) * x - float(s["srm1"][i]) * eps
-        mu = float(s["c1"][i]) * x0 + float(s["c2"][i]) * x
-        if i > t_stop:
-            mu = mu - (x0 - modes) * lam * sigma
-        x = mu + (sigma * torch.randn_like(x) if i > 0 else 0)
+    x = R.ddpm_sample_torch(model, sch, x, modes, 3, 1000, t_stop, lam, cfg, torch.randn_like, cfg_channels=3,
+                            dtype=dtype)
     torch.cuda.synchronize()
     return x
 
@@ -59,7 +38,7 @@ def main():
     torch.manual_seed(0)
     dtype = torch.float16 if args.fp16 else torch.float32
     model = E.DiT(input_size=32, num_classes=1000).cuda().to(dtype).eval()
-    s = schedule()
+    s = R.DdpmSchedule(1000, 50, 1e-4, 0.02)
     sample(model, 1, dtype, s)  # warm-up
     started = time.time()
     for _ in range(4):

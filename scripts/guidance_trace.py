@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Per-step latent sizes of MGD3 sampling at several guidance scales, with the independent numpy
-reference step of parity_reference.py (not the Rust worker): shows where guidance runs away.
+reference step (mgd3ref.ddpm_sample, as scripts/parity_reference.py; not the Rust worker): shows where
+guidance runs away.
 
     venv/bin/python scripts/guidance_trace.py                      # demo DiT, sandals, lambda 0.1 0.2 0.4
     venv/bin/python scripts/guidance_trace.py --class 08_bag --lambdas 0.1 0.3 --t-stop 10
 
-Images get the worker's preprocessing (bench_quality.load_pngs, 32x32 grey).  Modes are the scaled VAE
-posterior means of the first IPC training images of the class (a stand-in for k-means centroids: any
-on-manifold latent shows the effect); the noise is numpy default_rng(seed).  For each lambda it prints, at a few steps i, the RMS of the latent x_i, of x0_hat - mode, of the guidance
-term lambda*sigma*(mode - x0_hat) and the mean sigma.  The worker fails a sample whose latent RMS exceeds
-10x its mode's (see worker/src/mgd3/sampler.rs), which a run-away trajectory crosses within a few steps.
+Images get the worker's preprocessing (mgd3ref.load_images: grey, at the encoder's mgd3.image_size,
+32x32 for the demo models).  Modes are the scaled VAE posterior means of the first IPC training images
+of the class (a stand-in for k-means centroids: any on-manifold latent shows the effect); the noise is
+numpy default_rng(seed).  For each lambda it prints, at a few steps i, the RMS of the latent x_i, of
+x0_hat - mode, of the guidance term lambda*sigma*(mode - x0_hat) and the mean sigma.  The worker fails
+a sample whose latent RMS exceeds 10x its mode's (see worker/src/mgd3/sampler.rs), which a run-away
+trajectory crosses within a few steps.  Needs numpy, Pillow and onnxruntime only (no torch).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import os
 
 import numpy as np
 
-import parity_reference as P
-from bench_quality import load_pngs
+import mgd3ref as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 50
 SHOW = (49, 48, 47, 46, 45, 42, 38, 34, 30, 26, 20, 10, 0)
 
 
@@ -47,8 +50,8 @@ def main():
 
     import onnxruntime as ort
 
-    dit = P.session(os.path.join(a.models, "fashion_mnist_dit.onnx"))
-    md = P.meta(dit)
+    dit = R.ort_session(os.path.join(a.models, "fashion_mnist_dit.onnx"))
+    md = R.model_meta(dit)
     enc = ort.InferenceSession(os.path.join(a.models, "fashion_mnist_vae_encoder.onnx"),
                                providers=["CPUExecutionProvider"])
     emd = enc.get_modelmeta().custom_metadata_map
@@ -57,10 +60,11 @@ def main():
     if len(files) < a.ipc:
         raise SystemExit(f"class `{a.cls}`: {len(files)} images under {a.data} (need {a.ipc})")
     label = a.label if a.label is not None else sorted(os.listdir(a.data)).index(a.cls)
-    modes = enc.run(["mean"], {"image": load_pngs(files)})[0] * np.float32(scale)
-    sch = P.Schedule(int(md["mgd3.train_timesteps"]), P.STEPS, float(md["mgd3.beta_start"]),
-                     float(md["mgd3.beta_end"]))
-    noise = np.random.default_rng(a.seed).standard_normal((a.ipc, P.STEPS + 1) + modes.shape[1:]).astype(np.float32)
+    images = R.load_images(files, int(emd["mgd3.image_size"]))
+    modes = enc.run(["mean"], {"image": images})[0] * np.float32(scale)
+    sch = R.DdpmSchedule(int(md["mgd3.train_timesteps"]), STEPS, float(md["mgd3.beta_start"]),
+                         float(md["mgd3.beta_end"]))
+    noise = np.random.default_rng(a.seed).standard_normal((a.ipc, STEPS + 1) + modes.shape[1:]).astype(np.float32)
     print(f"class {a.cls} (label {label}), {a.ipc} samples, t_stop {a.t_stop}, CFG {a.cfg_scale:g} on "
           f"{a.cfg_channels} channels; mode RMS {rms(modes):.3f}")
     for lam in a.lambdas:
@@ -69,7 +73,7 @@ def main():
         def trace(i, x, x0, g, sigma):
             rows.append((i, rms(x), rms(x0 - modes), rms(g) if g is not None else 0.0, float(sigma.mean())))
 
-        traj = P.sample(dit, sch, int(md["mgd3.num_classes"]), modes, noise, label, a.t_stop, lam, a.cfg_scale,
+        traj = R.ddpm_sample(dit, sch, int(md["mgd3.num_classes"]), modes, noise, label, a.t_stop, lam, a.cfg_scale,
                         a.cfg_channels, trace=trace)
         print(f"\nlambda {lam:g}:   i   RMS x_i  RMS(x0-m)  RMS guidance  mean sigma")
         for i, rx, rd, rg, sg in rows:

@@ -7,8 +7,9 @@ identical decoded pixels (JPEG decoders differ by a grey level or two; PNG does 
 
     .venv-bench/bin/python scripts/make_pillow_goldens.py [--out tests/fixtures/pillow]
 
-Needs numpy, pillow and scikit-image (scripts/bench/requirements.txt). Writes
-<name>.png (input), <name>.crop<S>.png (Pillow's output) and cases.json.
+Needs numpy, pillow and scikit-image (scripts/requirements-bench.txt). The crop is
+mgd3ref.center_crop_arr, the one the pipeline benchmark's reference (scripts/bench_reference.py)
+runs. Writes <name>.png (input), <name>.crop<S>.png (Pillow's output) and cases.json.
 """
 
 from __future__ import annotations
@@ -17,19 +18,10 @@ import argparse
 import json
 import os
 
-import numpy as np
 from PIL import Image
 from skimage import data as photos
 
-
-def reference_crop(image: Image.Image, size: int) -> Image.Image:
-    """The reference's centre crop, step by step with Pillow's own resampling."""
-    while min(image.size) >= 2 * size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+from mgd3ref import center_crop_arr
 
 
 # (name, photo, crop box in the photo (left, top, right, bottom), input size, mode, target size)
@@ -56,7 +48,7 @@ def main() -> None:
         # LANCZOS makes the input; only the preprocessing under test uses BOX/BICUBIC.
         image = image.resize(size, resample=Image.LANCZOS)
         image.save(os.path.join(args.out, f"{name}.png"), optimize=True)
-        crop = reference_crop(image, target)
+        crop = center_crop_arr(image, target)
         crop.save(os.path.join(args.out, f"{name}.crop{target}.png"), optimize=True)
         manifest.append({"name": name, "mode": mode, "size": list(size), "target": target})
     with open(os.path.join(args.out, "cases.json"), "w") as f:

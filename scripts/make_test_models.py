@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import export_onnx as E  # noqa: E402
+import export_onnx as E
+import mgd3ref as R
 
 NUM_CLASSES = 10
 LATENT = (4, 8, 8)
@@ -72,8 +72,7 @@ def reinit_(module: nn.Module, gain: float = 1.0, bias_std: float = 0.05, lo=0.0
 # ---------------------------------------------------------------------------
 
 def linear_abar(T=1000):
-    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
-    return torch.from_numpy(np.cumprod(1.0 - betas)).float()
+    return torch.from_numpy(R.alphas_cumprod(R.linear_betas(T, 1e-4, 0.02))).float()
 
 
 def synthetic_patterns(g: torch.Generator):
@@ -126,43 +125,20 @@ def train_tiny_dit(model, steps, seed):
 
 @torch.no_grad()
 def quick_sample(model, n=3, label=3, steps=50, cfg=4.0, lam=0.1, t_stop=0, seed=1):
-    """Plain torch DDPM-50 CFG + mode-guidance sampler (sanity check only; parity_reference.py is
-    the reference).  Returns (final x, max |x| over the trajectory)."""
-    T = 1000
-    betas = np.linspace(1e-4, 0.02, T)
-    abar = np.cumprod(1 - betas)
-    stride = (T - 1) / (steps - 1)
-    cur, ts = 0.0, []
-    for _ in range(steps):
-        ts.append(round(cur))
-        cur += stride
-    last, nb = 1.0, []
-    for t in ts:
-        nb.append(1 - abar[t] / last)
-        last = abar[t]
-    b = np.array(nb)
-    ab = np.cumprod(1 - b)
-    abp = np.append(1.0, ab[:-1])
-    pv = b * (1 - abp) / (1 - ab)
-    minlog = np.log(np.append(pv[1], pv[1:]))
+    """Plain torch DDPM-50 CFG + mode-guidance sampler (mgd3ref.ddpm_sample_torch; sanity check only,
+    parity_reference.py is the reference).  Returns (final x, max |x| over the trajectory)."""
+    sch = R.DdpmSchedule(1000, steps, 1e-4, 0.02)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *LATENT, generator=g)
     modes = torch.randn(n, *LATENT, generator=g)
-    peak = x.abs().max().item()
-    for i in reversed(range(steps)):
-        o = model(torch.cat([x, x]), torch.full((2 * n,), ts[i], dtype=torch.int64),
-                  torch.tensor([label] * n + [NUM_CLASSES] * n))
-        c, u = o[:n], o[n:]
-        eps = torch.cat([u[:, :3] + cfg * (c[:, :3] - u[:, :3]), c[:, 3:4]], 1)
-        f = (c[:, 4:] + 1) / 2
-        sigma = torch.exp(0.5 * (f * math.log(b[i]) + (1 - f) * minlog[i]))
-        x0 = math.sqrt(1 / ab[i]) * x - math.sqrt(1 / ab[i] - 1) * eps
-        mu = b[i] * math.sqrt(abp[i]) / (1 - ab[i]) * x0 + (1 - abp[i]) * math.sqrt(1 - b[i]) / (1 - ab[i]) * x
-        if i > t_stop:
-            mu = mu - (x0 - modes) * lam * sigma
-        x = mu + (sigma * torch.randn(x.shape, generator=g) if i > 0 else 0)
-        peak = max(peak, x.abs().max().item())
-    return x, peak
+    peak = [x.abs().max().item()]
+
+    def on_step(i, xi):
+        peak[0] = max(peak[0], xi.abs().max().item())
+
+    x = R.ddpm_sample_torch(model, sch, x, modes, label, NUM_CLASSES, t_stop, lam, cfg,
+                            lambda like: torch.randn(like.shape, generator=g), on_step=on_step)
+    return x, peak[0]
 
 
 def build_tiny_dit(seed, train_steps):
@@ -254,13 +230,6 @@ def ort_run(path, feed):
     return sess.run(None, feed)
 
 
-def save(path, arr):
-    arr = np.ascontiguousarray(arr)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    np.save(path, arr)
-
-
 def cli_check(model, dmodel, vae, mdir):
     """Run the export_onnx.py command lines on saved copies and compare with the fixtures."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_onnx.py")
@@ -344,16 +313,16 @@ def main():
     x = rng.standard_normal((3, *LATENT)).astype(np.float32)
     t = np.array([999, 412, 0], dtype=np.int64)
     y = np.array([3, NUM_CLASSES, 7], dtype=np.int64)
-    save(os.path.join(gdir, "dit_x.npy"), x)
-    save(os.path.join(gdir, "dit_t.npy"), t)
-    save(os.path.join(gdir, "dit_y.npy"), y)
+    R.save_npy(os.path.join(gdir, "dit_x.npy"), x)
+    R.save_npy(os.path.join(gdir, "dit_t.npy"), t)
+    R.save_npy(os.path.join(gdir, "dit_y.npy"), y)
     out = ort_run(os.path.join(mdir, "tiny_dit.onnx"), {"x": x, "t": t, "y": y})[0]
-    save(os.path.join(gdir, "dit_out.npy"), out.astype(np.float32))
+    R.save_npy(os.path.join(gdir, "dit_out.npy"), out.astype(np.float32))
     out16 = ort_run(os.path.join(mdir, "tiny_dit_fp16.onnx"), {"x": x.astype(np.float16), "t": t, "y": y})[0]
     assert out16.dtype == np.float16
-    save(os.path.join(gdir, "dit_fp16_out.npy"), out16.astype(np.float32))
+    R.save_npy(os.path.join(gdir, "dit_fp16_out.npy"), out16.astype(np.float32))
     outd = ort_run(os.path.join(mdir, "tiny_dit_diffusers.onnx"), {"x": x, "t": t, "y": y})[0]
-    save(os.path.join(gdir, "dit_diffusers_out.npy"), outd.astype(np.float32))
+    R.save_npy(os.path.join(gdir, "dit_diffusers_out.npy"), outd.astype(np.float32))
     print(f"[golden] dit_out std {out.std():.3f} max {np.abs(out).max():.3f}; |fp16-fp32| max "
           f"{np.abs(out16.astype(np.float32) - out).max():.2e}; diffusers out std {outd.std():.3f}")
     # the output must depend on t and y
@@ -364,13 +333,13 @@ def main():
 
     img = rng.uniform(-1, 1, (2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
     mean, logvar = ort_run(os.path.join(mdir, "tiny_vae_encoder.onnx"), {"image": img})
-    save(os.path.join(gdir, "vae_enc_image.npy"), img)
-    save(os.path.join(gdir, "vae_enc_mean.npy"), mean.astype(np.float32))
-    save(os.path.join(gdir, "vae_enc_logvar.npy"), logvar.astype(np.float32))
+    R.save_npy(os.path.join(gdir, "vae_enc_image.npy"), img)
+    R.save_npy(os.path.join(gdir, "vae_enc_mean.npy"), mean.astype(np.float32))
+    R.save_npy(os.path.join(gdir, "vae_enc_logvar.npy"), logvar.astype(np.float32))
     lat = (rng.standard_normal((2, *LATENT)) / SCALE_FACTOR).astype(np.float32)  # unscaled latents
     dimg = ort_run(os.path.join(mdir, "tiny_vae_decoder.onnx"), {"latent": lat})[0]
-    save(os.path.join(gdir, "vae_dec_latent.npy"), lat)
-    save(os.path.join(gdir, "vae_dec_image.npy"), dimg.astype(np.float32))
+    R.save_npy(os.path.join(gdir, "vae_dec_latent.npy"), lat)
+    R.save_npy(os.path.join(gdir, "vae_dec_image.npy"), dimg.astype(np.float32))
     print(f"[golden] vae mean std {mean.std():.3f}, logvar range [{logvar.min():.2f}, {logvar.max():.2f}], "
           f"decoded image mean {dimg.mean():.3f} std {dimg.std():.3f} frac|x|>1 {(np.abs(dimg) > 1).mean():.2f}")
 

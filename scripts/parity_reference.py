@@ -3,7 +3,8 @@
 
     /work/venv/bin/python scripts/parity_reference.py [--root .] [--table-only]
 
-Uses only numpy, json and onnxruntime (nothing from export_onnx.py / make_test_models.py).
+Uses only numpy, json and onnxruntime (nothing from export_onnx.py / make_test_models.py); the
+schedule (DdpmSchedule) and the sampler (ddpm_sample) live in scripts/mgd3ref.py.
 It (1) builds the respaced DDPM schedule from the DiT's metadata (mgd3.train_timesteps,
 mgd3.beta_start, mgd3.beta_end; linear betas), prints it, and asserts the T=1000, S=50
 schedule against the check-value table of MGD3-SPEC.md sec. 4 to the printed precision; and
@@ -29,7 +30,8 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
+
+from mgd3ref import DdpmSchedule, ddpm_sample, model_meta, ort_session, save_npy, to_uint8_hwc
 
 # MGD3-SPEC.md sec. 4 check-value table (T=1000, S=50):
 # i, t, beta_i, alpha_bar_i, min_log, max_log, sqrt(1/abar), sqrt(1/abar-1)
@@ -96,63 +98,9 @@ CFG_SCALE = 4.0
 SEED = 1234
 
 
-# ---------------------------------------------------------------------------
-# schedule (float64)
-# ---------------------------------------------------------------------------
-
-def respaced_timesteps(T: int, S: int) -> list:
-    """space_timesteps(T, "S") with one section: k*stride accumulated by repeated float addition."""
-    if S > T:
-        raise ValueError("more steps than timesteps")
-    stride = 1.0 if S <= 1 else (T - 1) / (S - 1)
-    kept, cur = [], 0.0
-    for _ in range(S):
-        kept.append(round(cur))  # Python round (half to even)
-        cur += stride
-    return sorted(set(kept))
-
-
-class Schedule:
-    def __init__(self, T: int, S: int, beta_start: float, beta_end: float):
-        base = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-        base_abar = np.cumprod(1.0 - base)
-        self.timestep_map = respaced_timesteps(T, S)
-        betas, last = [], 1.0
-        for t in self.timestep_map:
-            betas.append(1.0 - base_abar[t] / last)
-            last = base_abar[t]
-        b = np.array(betas, dtype=np.float64)
-        self.betas = b
-        alphas = 1.0 - b
-        self.abar = np.cumprod(alphas)
-        self.abar_prev = np.append(1.0, self.abar[:-1])
-        self.sqrt_recip_abar = np.sqrt(1.0 / self.abar)
-        self.sqrt_recipm1_abar = np.sqrt(1.0 / self.abar - 1.0)
-        self.post_var = b * (1.0 - self.abar_prev) / (1.0 - self.abar)
-        self.min_log = np.log(np.append(self.post_var[1], self.post_var[1:]))
-        self.max_log = np.log(b)
-        self.c1 = b * np.sqrt(self.abar_prev) / (1.0 - self.abar)
-        self.c2 = (1.0 - self.abar_prev) * np.sqrt(alphas) / (1.0 - self.abar)
-        self.S = len(b)
-
-    def f32(self, name: str, i: int) -> np.float32:
-        return np.float32(getattr(self, name)[i])
-
-    def rows(self):
-        for i in range(self.S):
-            yield (i, self.timestep_map[i], f"{self.betas[i]:.8e}", f"{self.abar[i]:.8e}", f"{self.min_log[i]:.6f}",
-                   f"{self.max_log[i]:.6f}", f"{self.sqrt_recip_abar[i]:.6f}", f"{self.sqrt_recipm1_abar[i]:.6f}")
-
-    def print_table(self):
-        print(f"{'i':>3} {'t':>4} {'beta':>15} {'abar':>15} {'min_log':>10} {'max_log':>10} "
-              f"{'sqrt(1/ab)':>11} {'sqrt(1/ab-1)':>12}")
-        for r in self.rows():
-            print(f"{r[0]:>3} {r[1]:>4} {r[2]:>15} {r[3]:>15} {r[4]:>10} {r[5]:>10} {r[6]:>11} {r[7]:>12}")
-
-
 def check_spec_table():
     """Assert the T=1000, S=50 linear schedule against MGD3-SPEC.md sec. 4 to the printed precision."""
-    sch = Schedule(1000, 50, 1e-4, 0.02)
+    sch = DdpmSchedule(1000, 50, 1e-4, 0.02)
     assert len(sch.timestep_map) == 50 and len(SPEC_TABLE) == 50
     exact = 0
     for got, want in zip(sch.rows(), SPEC_TABLE):
@@ -168,80 +116,6 @@ def check_spec_table():
     return sch
 
 
-# ---------------------------------------------------------------------------
-# model calls and sampler
-# ---------------------------------------------------------------------------
-
-def session(path: str):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def meta(sess) -> dict:
-    return dict(sess.get_modelmeta().custom_metadata_map)
-
-
-def run_dit(sess, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-    xin = sess.get_inputs()[0]
-    dt = np.float16 if xin.type == "tensor(float16)" else np.float32
-    return sess.run(["out"], {"x": x.astype(dt), "t": t, "y": y})[0].astype(np.float32)
-
-
-def sample(sess, sch: Schedule, num_classes: int, modes: np.ndarray, noise: np.ndarray, label: int,
-           t_stop: int, lam: float, cfg_scale: float, cfg_channels: int, trace=None) -> np.ndarray:
-    """Returns the trajectory [N, S+1, C, h, w]: [:, 0] = x_T, [:, k] = x after the k-th step.
-
-    trace(i, x, x0, g, sigma), if given, sees every step's input latent, predicted x0, guidance term
-    (None when inactive) and sigma."""
-    n, s1 = noise.shape[:2]
-    S = s1 - 1
-    assert S == sch.S
-    C = modes.shape[1]
-    lam32, s32 = np.float32(lam), np.float32(cfg_scale)
-    one, two, half = np.float32(1.0), np.float32(2.0), np.float32(0.5)
-    x = noise[:, 0].astype(np.float32).copy()
-    traj = [x.copy()]
-    y = np.array([label] * n + [num_classes] * n, dtype=np.int64)
-    for k in range(1, S + 1):
-        i = S - k
-        t = np.full(2 * n, sch.timestep_map[i], dtype=np.int64)
-        out = run_dit(sess, np.concatenate([x, x], axis=0), t, y)
-        cond, unc = out[:n], out[n:]
-        assert out.shape[1] == 2 * C, "parity reference needs a learn_sigma DiT"
-        eps = cond[:, :C].copy()
-        kc = cfg_channels
-        eps[:, :kc] = unc[:, :kc] + s32 * (cond[:, :kc] - unc[:, :kc])
-        v = cond[:, C:]
-        frac = (v + one) / two
-        logvar = frac * sch.f32("max_log", i) + (one - frac) * sch.f32("min_log", i)
-        sigma = np.exp(half * logvar)
-        x0 = sch.f32("sqrt_recip_abar", i) * x - sch.f32("sqrt_recipm1_abar", i) * eps
-        mu = sch.f32("c1", i) * x0 + sch.f32("c2", i) * x
-        g = ((-(x0 - modes)) * lam32) * sigma if i > t_stop else None
-        if trace is not None:
-            trace(i, x, x0, g, sigma)
-        xn = mu + g if g is not None else mu
-        if i > 0:
-            xn = xn + sigma * noise[:, k]
-        x = xn.astype(np.float32)
-        assert x.dtype == np.float32 and np.all(np.isfinite(x)), f"non-finite latent at step {k}"
-        traj.append(x.copy())
-    return np.stack(traj, axis=1)
-
-
-def to_uint8_hwc(img: np.ndarray) -> np.ndarray:
-    """torchvision save_image(normalize=True, value_range=(-1, 1)) pixel maths, float32."""
-    v = (np.clip(img.astype(np.float32), np.float32(-1), np.float32(1)) + np.float32(1)) / np.float32(2)
-    u = np.floor(np.clip(v * np.float32(255) + np.float32(0.5), np.float32(0), np.float32(255)))
-    return np.ascontiguousarray(u.astype(np.uint8).transpose(0, 2, 3, 1))
-
-
-def save(path, arr):
-    np.save(path, np.ascontiguousarray(arr))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -250,11 +124,11 @@ def main():
 
     check_spec_table()
     mdir = os.path.join(a.root, "tests", "fixtures", "models")
-    dit = session(os.path.join(mdir, "tiny_dit.onnx"))
-    md = meta(dit)
+    dit = ort_session(os.path.join(mdir, "tiny_dit.onnx"))
+    md = model_meta(dit)
     assert md["mgd3.kind"] == "dit" and md["mgd3.learn_sigma"] == "true" and md["mgd3.beta_schedule"] == "linear"
     T = int(md["mgd3.train_timesteps"])
-    sch = Schedule(T, STEPS, float(md["mgd3.beta_start"]), float(md["mgd3.beta_end"]))
+    sch = DdpmSchedule(T, STEPS, float(md["mgd3.beta_start"]), float(md["mgd3.beta_end"]))
     num_classes = int(md["mgd3.num_classes"])
     print(f"[schedule] from tiny_dit.onnx metadata: T={T} beta {md['mgd3.beta_start']}..{md['mgd3.beta_end']}, "
           f"S={STEPS}; null class {num_classes}")
@@ -262,8 +136,8 @@ def main():
     if a.table_only:
         return
 
-    dec = session(os.path.join(mdir, "tiny_vae_decoder.onnx"))
-    dmd = meta(dec)
+    dec = ort_session(os.path.join(mdir, "tiny_vae_decoder.onnx"))
+    dmd = model_meta(dec)
     assert dmd["mgd3.kind"] == "vae_decoder"
     scale = np.float32(float(dmd["mgd3.scale_factor"]))
     shape = tuple(dit.get_inputs()[0].shape[1:])  # (C, h, w), static
@@ -278,7 +152,7 @@ def main():
     for t_stop in CASES_T_STOP:
         for ch in CASES_CFG_CHANNELS:
             name = f"tstop{t_stop}_ch{ch}"
-            traj = sample(dit, sch, num_classes, modes, noise, LABEL, t_stop, GUIDANCE, CFG_SCALE, ch)
+            traj = ddpm_sample(dit, sch, num_classes, modes, noise, LABEL, t_stop, GUIDANCE, CFG_SCALE, ch)
             lat = np.ascontiguousarray(traj[:, STEPS])
             decoded = dec.run(["image"], {"latent": lat / scale})[0].astype(np.float32)
             img = to_uint8_hwc(decoded)
@@ -289,12 +163,12 @@ def main():
             with open(os.path.join(cdir, "params.json"), "w") as f:
                 json.dump(params, f)
                 f.write("\n")
-            save(os.path.join(cdir, "modes.npy"), modes)
-            save(os.path.join(cdir, "noise.npy"), noise)
-            save(os.path.join(cdir, "trajectory.npy"), traj)
-            save(os.path.join(cdir, "latents.npy"), lat)
-            save(os.path.join(cdir, "decoded.npy"), decoded)
-            save(os.path.join(cdir, "images.npy"), img)
+            save_npy(os.path.join(cdir, "modes.npy"), modes)
+            save_npy(os.path.join(cdir, "noise.npy"), noise)
+            save_npy(os.path.join(cdir, "trajectory.npy"), traj)
+            save_npy(os.path.join(cdir, "latents.npy"), lat)
+            save_npy(os.path.join(cdir, "decoded.npy"), decoded)
+            save_npy(os.path.join(cdir, "images.npy"), img)
             d_mode = float(np.sqrt(np.mean((lat - modes) ** 2)))
             line = (f"{name}: latents mean {lat.mean():+.3f} std {lat.std():.3f} max|x| {np.abs(lat).max():.2f}, "
                     f"max|x_k| over trajectory {np.abs(traj).max():.2f}, rms(latent - mode) {d_mode:.3f}, "

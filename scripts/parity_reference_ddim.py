@@ -4,9 +4,10 @@
 
     .venv-bench/bin/python scripts/parity_reference_ddim.py [--root .] [--table-only] [--no-checks]
 
-Uses only numpy, json and onnxruntime. From scripts/parity_reference.py it imports only helpers that
-have nothing to do with the DDPM step (ORT session / metadata / model call, uint8 conversion, .npy
-save); the schedule and the step below are written from the paper's Algorithm 1 alone.
+Uses only numpy, json and onnxruntime. The schedule and the step below (DdimSchedule, ddim_sample in
+scripts/mgd3ref.py) are written from the paper's Algorithm 1 alone; with the DDPM reference they share
+only the linear training betas, the ORT session / metadata / model call, the uint8 conversion and the
+.npy writer.
 
 It writes tests/fixtures/parity_ddim/<case>/ for tests/fixtures/models/tiny_dit.onnx
 (+ tiny_vae_decoder.onnx): S=50, N=3, label 3, lambda 0.1, CFG 4.0, eta in {0, 1} x
@@ -34,13 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# Step-independent helpers only (ORT plumbing, pixel conversion, file writing).
-from parity_reference import meta, run_dit, save, session, to_uint8_hwc  # noqa: E402
+from mgd3ref import DdimSchedule, ddim_sample, model_meta, ort_session, run_dit, save_npy, to_uint8_hwc
 
 CASES_ETA = (0.0, 1.0)
 CASES_T_STOP = (50, 25, 0)
@@ -54,58 +52,8 @@ SEED = 20240607  # one seed, shared by every case (same modes and noise in all 1
 
 
 # ---------------------------------------------------------------------------
-# schedule (float64)
+# schedule check (float64)
 # ---------------------------------------------------------------------------
-
-def ddim_timesteps(T: int, S: int) -> list:
-    """ADM space_timesteps(T, "ddimS"): the first integer stride with len(range(0, T, stride)) == S."""
-    for stride in range(1, T):
-        if len(range(0, T, stride)) == S:
-            return list(range(0, T, stride))
-    raise ValueError(f"cannot create exactly {S} steps with an integer stride from T={T}")
-
-
-class DdimSchedule:
-    def __init__(self, T: int, S: int, beta_start: float, beta_end: float):
-        base = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-        train_abar = np.cumprod(1.0 - base)
-        self.T = T
-        self.timesteps = ddim_timesteps(T, S)
-        self.S = len(self.timesteps)
-        assert self.S == S
-        self.abar = train_abar[np.array(self.timesteps)]
-        self.abar_prev = np.append(1.0, self.abar[:-1])
-        self.sqrt_recip_abar = np.sqrt(1.0 / self.abar)
-        self.sqrt_recipm1_abar = np.sqrt(1.0 / self.abar - 1.0)
-        self.sqrt_one_minus_abar = np.sqrt(1.0 - self.abar)
-        self.sqrt_abar_prev = np.sqrt(self.abar_prev)
-        # ADM-style recomputation, for the README/consistency check only:
-        # beta'_i = 1 - abar_{t_i}/abar_{t_{i-1}}, abar' = cumprod(1 - beta')
-        last, b = 1.0, []
-        for t in self.timesteps:
-            b.append(1.0 - train_abar[t] / last)
-            last = train_abar[t]
-        self.adm_abar = np.cumprod(1.0 - np.array(b, dtype=np.float64))
-
-    def sigma(self, eta: float) -> np.ndarray:
-        a, ap = self.abar, self.abar_prev
-        return eta * np.sqrt((1.0 - ap) / (1.0 - a)) * np.sqrt(1.0 - a / ap)
-
-    def dir_coef(self, eta: float) -> np.ndarray:
-        v = 1.0 - self.abar_prev - self.sigma(eta) ** 2
-        assert np.all(v >= -1e-15), v
-        return np.sqrt(np.maximum(v, 0.0))
-
-    def print_table(self):
-        s1 = self.sigma(1.0)
-        print(f"{'i':>3} {'t':>4} {'abar':>15} {'abar_prev':>15} {'sqrt(1/ab)':>11} {'sqrt(1/ab-1)':>12} "
-              f"{'sqrt(1-ab)':>10} {'sigma(eta=1)':>13} {'dir(eta=1)':>10}")
-        d1 = self.dir_coef(1.0)
-        for i in range(self.S):
-            print(f"{i:>3} {self.timesteps[i]:>4} {self.abar[i]:>15.8e} {self.abar_prev[i]:>15.8e} "
-                  f"{self.sqrt_recip_abar[i]:>11.6f} {self.sqrt_recipm1_abar[i]:>12.6f} "
-                  f"{self.sqrt_one_minus_abar[i]:>10.6f} {s1[i]:>13.6e} {d1[i]:>10.6f}")
-
 
 def check_schedule(sch: DdimSchedule):
     if sch.T == 1000 and sch.S == 50:
@@ -127,56 +75,6 @@ def check_schedule(sch: DdimSchedule):
     print(f"[schedule] ddim{sch.S}: t = {sch.timesteps[0]}, {sch.timesteps[1]}, ..., {sch.timesteps[-1]}; "
           f"max rel |abar_train - abar_ADM| = {rel:.2e}; float32 coefficients that differ: {f32_diff}")
     return rel, f32_diff
-
-
-# ---------------------------------------------------------------------------
-# sampler
-# ---------------------------------------------------------------------------
-
-def f32(x) -> np.float32:
-    return np.float32(x)
-
-
-def sample(sess, sch: DdimSchedule, num_classes: int, modes: np.ndarray, noise: np.ndarray, label: int,
-           t_stop: int, lam: float, cfg_scale: float, cfg_channels: int, eta: float, trace=None) -> np.ndarray:
-    """Returns the trajectory [N, S+1, C, h, w]: [:, 0] = x_T, [:, k] = x after the k-th step (i = S-k).
-
-    trace(i, k, x, eps, x0, eps_hat, x0p, x_next), if given, sees every step's float32 intermediates."""
-    n, s1 = noise.shape[:2]
-    S = s1 - 1
-    assert S == sch.S
-    C = modes.shape[1]
-    lam32, s32 = f32(lam), f32(cfg_scale)
-    sigma64 = sch.sigma(eta)
-    dir64 = sch.dir_coef(eta)
-    x = noise[:, 0].astype(np.float32).copy()
-    traj = [x.copy()]
-    y = np.array([label] * n + [num_classes] * n, dtype=np.int64)
-    for k in range(1, S + 1):
-        i = S - k
-        t = np.full(2 * n, sch.timesteps[i], dtype=np.int64)
-        out = run_dit(sess, np.concatenate([x, x], axis=0), t, y)
-        assert out.dtype == np.float32 and out.shape[1] in (C, 2 * C)
-        cond, unc = out[:n, :C], out[n:, :C]
-        eps = cond.copy()
-        kc = cfg_channels
-        eps[:, :kc] = unc[:, :kc] + s32 * (cond[:, :kc] - unc[:, :kc])
-        ra, rm1 = f32(sch.sqrt_recip_abar[i]), f32(sch.sqrt_recipm1_abar[i])
-        x0 = ra * x - rm1 * eps
-        if i > t_stop:
-            eps_hat = eps - ((modes - x0) * lam32) * f32(sch.sqrt_one_minus_abar[i])
-        else:
-            eps_hat = eps
-        x0p = ra * x - rm1 * eps_hat
-        xn = f32(sch.sqrt_abar_prev[i]) * x0p + f32(dir64[i]) * eps_hat
-        if i > 0:
-            xn = xn + f32(sigma64[i]) * noise[:, k]
-        assert xn.dtype == np.float32 and np.all(np.isfinite(xn)), f"non-finite latent at step {k}"
-        if trace is not None:
-            trace(i, k, x, eps, x0, eps_hat, x0p, xn)
-        x = xn
-        traj.append(x.copy())
-    return np.stack(traj, axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +101,7 @@ def check_closed_form(dit, sch, num_classes, modes, noise, ch):
         worst[0] = max(worst[0], float(err.max()))
         worst[1] = max(worst[1], float(rel.max()))
 
-    sample(dit, sch, num_classes, modes, noise, LABEL, sch.S, GUIDANCE, CFG_SCALE, ch, 0.0, trace=tr)
+    ddim_sample(dit, sch, num_classes, modes, noise, LABEL, sch.S, GUIDANCE, CFG_SCALE, ch, 0.0, trace=tr)
     print(f"[check] eta=0 tstop={sch.S} ch{ch}: DDIM step vs closed form over 50 steps: max abs err "
           f"{worst[0]:.3e}, max err / (f32 eps * term scale) = {worst[1]:.2f}")
     assert worst[1] < 4.0, worst
@@ -253,8 +151,8 @@ def main():
     a = ap.parse_args()
 
     mdir = os.path.join(a.root, "tests", "fixtures", "models")
-    dit = session(os.path.join(mdir, "tiny_dit.onnx"))
-    md = meta(dit)
+    dit = ort_session(os.path.join(mdir, "tiny_dit.onnx"))
+    md = model_meta(dit)
     assert md["mgd3.kind"] == "dit" and md["mgd3.learn_sigma"] == "true" and md["mgd3.beta_schedule"] == "linear"
     T = int(md["mgd3.train_timesteps"])
     sch = DdimSchedule(T, STEPS, float(md["mgd3.beta_start"]), float(md["mgd3.beta_end"]))
@@ -266,8 +164,8 @@ def main():
     if a.table_only:
         return
 
-    dec = session(os.path.join(mdir, "tiny_vae_decoder.onnx"))
-    dmd = meta(dec)
+    dec = ort_session(os.path.join(mdir, "tiny_vae_decoder.onnx"))
+    dmd = model_meta(dec)
     assert dmd["mgd3.kind"] == "vae_decoder"
     scale = np.float32(float(dmd["mgd3.scale_factor"]))
     shape = tuple(dit.get_inputs()[0].shape[1:])  # (C, h, w), static
@@ -285,7 +183,7 @@ def main():
         for t_stop in CASES_T_STOP:
             for ch in CASES_CFG_CHANNELS:
                 name = f"eta{eta_name(eta)}_tstop{t_stop}_ch{ch}"
-                traj = sample(dit, sch, num_classes, modes, noise, LABEL, t_stop, GUIDANCE, CFG_SCALE, ch, eta)
+                traj = ddim_sample(dit, sch, num_classes, modes, noise, LABEL, t_stop, GUIDANCE, CFG_SCALE, ch, eta)
                 lat = np.ascontiguousarray(traj[:, STEPS])
                 decoded = dec.run(["image"], {"latent": lat / scale})[0].astype(np.float32)
                 img = to_uint8_hwc(decoded)
@@ -299,12 +197,12 @@ def main():
                 with open(os.path.join(cdir, "params.json"), "w") as f:
                     json.dump(params, f)
                     f.write("\n")
-                save(os.path.join(cdir, "modes.npy"), modes)
-                save(os.path.join(cdir, "noise.npy"), noise)
-                save(os.path.join(cdir, "trajectory.npy"), traj)
-                save(os.path.join(cdir, "latents.npy"), lat)
-                save(os.path.join(cdir, "decoded.npy"), decoded)
-                save(os.path.join(cdir, "images.npy"), img)
+                save_npy(os.path.join(cdir, "modes.npy"), modes)
+                save_npy(os.path.join(cdir, "noise.npy"), noise)
+                save_npy(os.path.join(cdir, "trajectory.npy"), traj)
+                save_npy(os.path.join(cdir, "latents.npy"), lat)
+                save_npy(os.path.join(cdir, "decoded.npy"), decoded)
+                save_npy(os.path.join(cdir, "images.npy"), img)
                 d2 = float(np.mean((lat.astype(np.float64) - modes) ** 2))
                 msd[(eta, t_stop, ch)] = d2
                 line = (f"`{name}`: max abs(latent) {np.abs(lat).max():.3f}, max abs(x_k) over trajectory "
@@ -342,10 +240,11 @@ from `tests/fixtures/models/tiny_dit.onnx` and `tiny_vae_decoder.onnx`:
 
     .venv-bench/bin/python scripts/parity_reference_ddim.py
 
-The script was written from the paper's Algorithm 1 ("DDIM with mode guidance", MGD3-SPEC.md
-sec. 2.1 / 2.2 "DDIM") and the schedule of sec. 4, independently of the Rust code. From
-`scripts/parity_reference.py` it reuses only the ORT session / metadata / model-call helpers, the
-uint8 pixel conversion and the .npy writer (nothing of the DDPM step or schedule).
+The schedule and the step (`DdimSchedule`, `ddim_sample` in `scripts/mgd3ref.py`) were written from
+the paper's Algorithm 1 ("DDIM with mode guidance", MGD3-SPEC.md sec. 2.1 / 2.2 "DDIM") and the
+schedule of sec. 4, independently of the Rust code. With the DDPM reference they share only the
+linear training betas, the ORT session / metadata / model-call helpers, the uint8 pixel conversion
+and the .npy writer (nothing of the DDPM step or respaced schedule).
 
 ## Schedule (float64)
 

@@ -7,10 +7,10 @@ Writes models/demo/{fashion_mnist_dit,fashion_mnist_vae_encoder,fashion_mnist_va
 models/demo/loss_curve.png and models/demo/samples.png (see models/demo/MODEL_CARD.md).
 Seeded, torch on the CPU with one thread (about 25 minutes on the development machine).
 
-Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist/*.gz, IDX, read with numpy).
-Preprocessing is the Rust worker's for 28x28 grey images at S = 32: Pillow BICUBIC resize to 32x32
-(the worker's short-side resize + centre crop is the same thing here), v/255, Normalize(0.5, 0.5),
-one channel.  Label k = Fashion-MNIST label k (= position of the class folder 00_tshirt_top ..
+Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist/*.gz, IDX, read with numpy by
+scripts/mgd3ref.py).  Preprocessing is the Rust worker's for 28x28 grey images at S = 32 (mgd3ref's
+center_crop_arr: a Pillow BICUBIC resize to 32x32 here, no halving or cropping), v/255,
+Normalize(0.5, 0.5), one channel.  Label k = Fashion-MNIST label k (= position of the class folder 00_tshirt_top ..
 09_ankle_boot in sorted order); the null class for classifier-free guidance is 10.
 
 1. VAE: diffusers AutoencoderKL in the SD layout (3 levels, block_out_channels (16, 32, 32), one
@@ -24,7 +24,7 @@ one channel.  Label k = Fashion-MNIST label k (= position of the class folder 00
    mean), linear betas 1e-4..0.02, T = 1000, 10 % label dropout to the null class; EMA weights are
    exported.
 3. Export with export_onnx.py (mgd3.* metadata, ORT-vs-torch check), then a 10x8 sample grid with
-   50-step DDPM + CFG 4 through ONNX Runtime using scripts/parity_reference.py's sampler, and a
+   50-step DDPM + CFG 4 through ONNX Runtime using the parity reference's sampler (mgd3ref), and a
    held-out check: a small CNN trained on the real training images classifies the generated ones.
 """
 
@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -44,9 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import export_onnx as E
+import mgd3ref as R
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import export_onnx as E  # noqa: E402
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -75,35 +74,22 @@ def log(msg):
 # data
 # ---------------------------------------------------------------------------
 
-def read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        b = f.read()
-    magic = int.from_bytes(b[0:4], "big")
-    ndim = magic & 0xFF
-    dims = [int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(b, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_split(split: str, data_dir: str = DATA_DIR):
-    prefix = "train" if split == "train" else "t10k"
-    x = read_idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz"))
-    y = read_idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
-    return x, y
+    return R.load_idx_split(data_dir, split)
 
 
-def preprocess_u8(images: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """uint8 [N,28,28] -> uint8 [N,size,size] with Pillow BICUBIC (the worker's resize)."""
+def center_crop_u8(images: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 [N,28,28] -> uint8 [N,size,size]: the worker's center_crop_arr (a BICUBIC resize here)."""
     from PIL import Image
     out = np.empty((len(images), size, size), np.uint8)
     for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im, mode="L").resize((size, size), Image.BICUBIC))
+        out[i] = np.asarray(R.center_crop_arr(Image.fromarray(im), size))
     return out
 
 
 def to_model(u8: np.ndarray) -> torch.Tensor:
     """uint8 [N,S,S] -> float32 [N,1,S,S] in [-1,1]: ToTensor then Normalize(0.5, 0.5)."""
-    v = u8.astype(np.float32) / np.float32(255.0)
-    return torch.from_numpy((v - np.float32(0.5)) / np.float32(0.5)).unsqueeze(1)
+    return torch.from_numpy(R.normalize_u8(u8)).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------
@@ -214,8 +200,8 @@ class Diffusion:
     """The float64 arrays of guided_diffusion.GaussianDiffusion (linear betas, T = 1000)."""
 
     def __init__(self):
-        b = np.linspace(BETA_START, BETA_END, T, dtype=np.float64)
-        abar = np.cumprod(1.0 - b)
+        b = R.linear_betas(T, BETA_START, BETA_END)
+        abar = R.alphas_cumprod(b)
         abar_prev = np.append(1.0, abar[:-1])
         post_var = b * (1.0 - abar_prev) / (1.0 - abar)
         f = lambda a: torch.from_numpy(a).float()  # noqa: E731
@@ -322,22 +308,21 @@ def train_dit(model, ema, mean: torch.Tensor, std: torch.Tensor, labels: torch.T
 def sample_grid_onnx(dit_path: str, dec_path: str, per_class: int, seed: int, cfg_scale: float = 4.0,
                      cfg_channels: int = 4, steps: int = 50):
     """Unguided (t_stop = steps) 50-step DDPM + CFG with ORT.  Returns uint8 [10, per_class, S, S]."""
-    import parity_reference as P
-    dit, dec = P.session(dit_path), P.session(dec_path)
-    md = P.meta(dit)
-    sch = P.Schedule(int(md["mgd3.train_timesteps"]), steps, float(md["mgd3.beta_start"]),
-                     float(md["mgd3.beta_end"]))
-    scale = np.float32(float(P.meta(dec)["mgd3.scale_factor"]))
+    dit, dec = R.ort_session(dit_path), R.ort_session(dec_path)
+    md = R.model_meta(dit)
+    sch = R.DdpmSchedule(int(md["mgd3.train_timesteps"]), steps, float(md["mgd3.beta_start"]),
+                         float(md["mgd3.beta_end"]))
+    scale = np.float32(float(R.model_meta(dec)["mgd3.scale_factor"]))
     rng = np.random.default_rng(seed)
     rows = []
     for label in range(NUM_CLASSES):
         modes = np.zeros((per_class, *LATENT), np.float32)  # unused: t_stop = steps
         noise = rng.standard_normal((per_class, steps + 1, *LATENT)).astype(np.float32)
-        traj = P.sample(dit, sch, int(md["mgd3.num_classes"]), modes, noise, label, steps, 0.0, cfg_scale,
-                        cfg_channels)
+        traj = R.ddpm_sample(dit, sch, int(md["mgd3.num_classes"]), modes, noise, label, steps, 0.0, cfg_scale,
+                             cfg_channels)
         lat = np.ascontiguousarray(traj[:, steps])
         img = dec.run(["image"], {"latent": lat / scale})[0].astype(np.float32)
-        rows.append(P.to_uint8_hwc(img)[..., 0])
+        rows.append(R.to_uint8_hwc(img)[..., 0])
     return np.stack(rows)
 
 
@@ -440,7 +425,7 @@ def main():
     t = time.time()
     xtr_raw, ytr = load_split("train", a.data_dir)
     xte_raw, yte = load_split("test", a.data_dir)
-    xtr, xte = to_model(preprocess_u8(xtr_raw)), to_model(preprocess_u8(xte_raw))
+    xtr, xte = to_model(center_crop_u8(xtr_raw)), to_model(center_crop_u8(xte_raw))
     ytr_t, yte_t = torch.from_numpy(ytr), torch.from_numpy(yte)
     timings["data"] = time.time() - t
     log(f"data: train {tuple(xtr.shape)}, test {tuple(xte.shape)} in [{xtr.min():.0f}, {xtr.max():.0f}]")
