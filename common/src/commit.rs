@@ -17,28 +17,61 @@ use crate::manifest::{ClassMarker, FileDigest};
 use crate::sha256_hex;
 use crate::store::{Location, get_optional, put_create, retry_idempotent};
 
+/// Why committing, publishing or checking a class's files failed.
 #[derive(Debug, Error)]
 pub enum CommitError {
+    /// An object-store call failed (after retries where the call is idempotent).
     #[error("object store `{url}`: {context}: {source}")]
     Store {
+        /// The store's URL.
         url: String,
+        /// What was being done, naming the key (reading, staging, publishing, ...).
         context: String,
+        /// What the store answered.
         #[source]
         source: object_store::Error,
     },
+    /// A class's marker exists but cannot be parsed.
     #[error("class `{wnid}`: marker `{key}` is unreadable: {problem}")]
-    BadMarker { wnid: String, key: String, problem: String },
+    BadMarker {
+        /// The class.
+        wnid: String,
+        /// The marker's key in the store.
+        key: String,
+        /// Why it cannot be used.
+        problem: String,
+    },
+    /// A class's marker names another job fingerprint: the output holds another spec's work.
     #[error(
         "class `{wnid}` was committed by a job with another fingerprint ({theirs}, ours {ours}); resume refuses to mix specs"
     )]
-    ForeignMarker { wnid: String, theirs: String, ours: String },
+    ForeignMarker {
+        /// The class.
+        wnid: String,
+        /// The fingerprint in the marker.
+        theirs: String,
+        /// This job's fingerprint.
+        ours: String,
+    },
+    /// A file the marker lists is neither published intact nor in staging any more: the class must be
+    /// distilled again.
     #[error(
         "class `{wnid}`: cannot restore `{file}` of attempt `{attempt}`: the published copy is missing or damaged and the staging copy is gone"
     )]
-    LostStaging { wnid: String, attempt: String, file: String },
+    LostStaging {
+        /// The class.
+        wnid: String,
+        /// The attempt whose files the marker lists.
+        attempt: String,
+        /// The file's name (`<j>.png` or `modes.npy`).
+        file: String,
+    },
+    /// A local staging copy (`<name>#<digits>`) could not be deleted.
     #[error("cannot delete `{path}`: {source}")]
     Local {
+        /// The file.
         path: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -48,6 +81,7 @@ pub enum CommitError {
 pub struct ClassFiles {
     /// PNG bytes of image j at index j.
     pub images: Vec<Vec<u8>>,
+    /// The class's modes as `.npy` bytes (`modes.npy`).
     pub modes_npy: Vec<u8>,
 }
 
@@ -78,6 +112,10 @@ pub fn manifest_digest<'a>(markers: impl IntoIterator<Item = &'a ClassMarker>) -
 }
 
 /// Reads the marker of a class, if any.
+///
+/// # Errors
+/// [`CommitError::Store`] when the store cannot be read; [`CommitError::BadMarker`] when the marker
+/// cannot be parsed.
 pub async fn read_marker(out: &Location, keys: &JobKeys, wnid: &str) -> Result<Option<ClassMarker>, CommitError> {
     let key = out.key(&keys.marker(wnid));
     let Some(bytes) =
@@ -93,6 +131,10 @@ pub async fn read_marker(out: &Location, keys: &JobKeys, wnid: &str) -> Result<O
 }
 
 /// A marker that counts for this job: it exists and names `fingerprint`.
+///
+/// # Errors
+/// [`CommitError::ForeignMarker`] when the marker names another fingerprint; the errors of
+/// [`read_marker`].
 pub async fn committed_marker(
     out: &Location,
     keys: &JobKeys,
@@ -110,6 +152,11 @@ pub async fn committed_marker(
 
 /// Commits one class: staging, create-only marker, publish, cleanup. `marker` carries everything
 /// but the file digests, which are computed here.
+///
+/// # Errors
+/// [`CommitError::Store`] when staging, the marker write or publishing fails;
+/// [`CommitError::BadMarker`] when an existing marker cannot be read back; the errors of
+/// [`publish`].
 pub async fn commit_class(
     out: &Location,
     keys: &JobKeys,
@@ -197,7 +244,8 @@ fn staging_copy_of(candidate: &str, name: &str) -> bool {
 ///
 /// # Errors
 /// [`CommitError::LostStaging`] when a file is neither in place nor in staging (the class must be
-/// redone); [`CommitError::Store`] for store failures.
+/// redone); [`CommitError::Store`] for store failures; [`CommitError::Local`] when a local
+/// staging copy cannot be deleted.
 pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check: Check) -> Result<(), CommitError> {
     let store = out.store.as_ref();
     let (attempt, wnid) = (&marker.attempt_id, &marker.wnid);
@@ -257,6 +305,7 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
 pub struct FileProblem {
     /// The object, relative to the store location.
     pub file: String,
+    /// What is wrong (missing, wrong sha256, not listed in the marker, a staging copy).
     pub problem: String,
 }
 
@@ -390,6 +439,9 @@ pub fn remove_staging_copies(
 }
 
 /// Deletes every object under `relative` (a folder).
+///
+/// # Errors
+/// [`CommitError::Store`] when the folder cannot be listed or an object cannot be deleted.
 pub async fn delete_prefix(out: &Location, relative: &str) -> Result<(), CommitError> {
     let prefix = out.key(relative);
     let objects: Vec<_> =

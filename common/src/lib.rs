@@ -18,7 +18,7 @@ pub mod wire;
 
 /// The generated gRPC types and clients/servers of `proto/mgd3.proto`.
 pub mod proto {
-    #![allow(clippy::all, missing_docs)]
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("mgd3.v1");
 }
 
@@ -60,6 +60,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Fingerprint of a model file: sha256 over the file and its external-data file
 /// (`<model>.data`) when present, as `sha256:<hex>`.
+///
+/// # Errors
+/// The I/O error when a file cannot be opened or read.
 pub fn fingerprint_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::Read;

@@ -32,25 +32,34 @@ pub enum ConnectError {
     #[error(
         "coordinator URL `{url}` has no scheme: write `http://{url}` (or `https://{url}` for a coordinator with TLS)"
     )]
-    NoScheme { url: String },
+    NoScheme {
+        /// The URL as given.
+        url: String,
+    },
     /// The URL cannot be parsed.
     #[error("invalid coordinator URL `{url}`: {source}")]
     BadUrl {
+        /// The URL as given.
         url: String,
+        /// Why it does not parse.
         #[source]
         source: tonic::transport::Error,
     },
     /// The CA certificate file cannot be read.
     #[error("cannot read CA file `{path}`: {source}")]
     CaFile {
+        /// The CA file's path.
         path: std::path::PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// TLS could not be configured for the URL.
     #[error("TLS set-up for `{url}`: {source}")]
     Tls {
+        /// The coordinator URL.
         url: String,
+        /// The TLS error.
         #[source]
         source: tonic::transport::Error,
     },
@@ -68,13 +77,18 @@ pub enum TokenError {
     /// The token file cannot be read.
     #[error("cannot read token file `{path}`: {source}")]
     Unreadable {
+        /// The token file's path.
         path: std::path::PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// The token file holds only whitespace.
     #[error("token file `{path}` is empty")]
-    Empty { path: std::path::PathBuf },
+    Empty {
+        /// The token file's path.
+        path: std::path::PathBuf,
+    },
 }
 
 impl BearerToken {
@@ -107,6 +121,8 @@ impl Interceptor for BearerToken {
 pub struct RequireToken(Option<Vec<u8>>);
 
 impl RequireToken {
+    /// The server side of `token`: requests must carry `authorization: Bearer <token>` (none: only the
+    /// protocol version is checked).
     pub fn new(token: Option<&str>) -> Self {
         RequireToken(token.map(|t| format!("Bearer {}", t.trim()).into_bytes()))
     }
@@ -157,6 +173,7 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, TokenError> {
     Ok(token)
 }
 
+/// A coordinator client that sends the protocol header (and the bearer token) with every request.
 pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
 
 /// A call to the coordinator that failed: which call, to which URL, and the gRPC status (whose

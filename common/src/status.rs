@@ -75,6 +75,7 @@ impl ShardPhase {
 pub struct ShardStatus {
     /// Position of the shard in the job's plan.
     pub index: u32,
+    /// Where the shard stands.
     pub phase: ShardPhase,
     /// Attempts that counted against `max_attempts`.
     pub attempts: u32,
@@ -91,43 +92,61 @@ pub struct ShardStatus {
 /// The last error of a shard that failed or is being retried.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardFailure {
+    /// Position of the shard in the job's plan.
     pub shard_index: u32,
     /// The class the error is about, or the shard's classes joined by `,` when it is about none.
     pub wnid: String,
+    /// The error message, with its causes.
     pub error: String,
+    /// Attempts that counted against `max_attempts`.
     pub attempts: u32,
 }
 
 /// Shard counts of a job.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardCounts {
+    /// Shards in the job's plan.
     pub total: u32,
+    /// Shards whose every class is committed.
     pub done: u32,
+    /// Shards leased to a worker.
     pub running: u32,
+    /// Shards waiting for a worker.
     pub pending: u32,
+    /// Shards out of attempts or failed for good.
     pub failed: u32,
 }
 
 /// A job as `coordinator status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
+    /// The job's id.
     pub job_id: String,
+    /// Where the job stands.
     pub state: JobState,
     /// `sha256:<hex>` of the resolved spec (empty for a quarantined job).
     pub fingerprint: String,
     /// The job's folder in the output store (`<output>/jobs/<job id>`).
     pub output: String,
+    /// Shard counts.
     pub shards: ShardCounts,
+    /// Classes committed (done shards in full, leased shards as reported).
     pub classes_done: u32,
+    /// Classes in the job.
     pub classes_total: u32,
+    /// Images committed (done shards in full, leased shards as reported).
     pub images_done: u64,
+    /// Images the job makes: classes × IPC.
     pub images_total: u64,
     /// Images per second committed since this coordinator process took the job on.
     pub images_per_second: f64,
     /// Seconds left at that rate; `None` while it cannot be estimated.
     pub eta_seconds: Option<f64>,
+    /// Failed shards and unfinished shards with an error (for a quarantined job: why).
     pub failures: Vec<ShardFailure>,
+    /// When the job was submitted (Unix ms).
     pub created_unix_ms: u64,
+    /// When the job reached a final state (Unix ms); `None` while it runs.
     pub finished_unix_ms: Option<u64>,
     /// Workers heard from in the last three heartbeats.
     pub workers: u32,

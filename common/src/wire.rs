@@ -17,7 +17,12 @@ pub enum WireError {
     #[error(
         "field `{field}` holds value {value}, which this mgd3 does not know: the coordinator runs a newer protocol; run the same mgd3 version everywhere"
     )]
-    UnknownEnum { field: &'static str, value: i32 },
+    UnknownEnum {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The value received.
+        value: i32,
+    },
 }
 
 impl From<JobState> for proto::JobState {

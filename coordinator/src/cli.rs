@@ -17,13 +17,16 @@ use tokio::net::TcpListener;
 use crate::grpc::serve;
 use crate::service::{Coordinator, ServeConfig};
 
+/// The `coordinator` command line, parsed by clap.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about = "mgd3 coordinator: distributes MGD³ distillation over workers")]
 pub struct Cli {
+    /// The subcommand to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The `coordinator` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the coordinator.
@@ -54,16 +57,20 @@ pub enum Command {
     Spec(SpecArgs),
 }
 
+/// Arguments of `coordinator check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// The job spec (job.toml) to check.
     pub spec: PathBuf,
     /// The coordinator's store, where a job without `output` would write.
     #[arg(long)]
     pub store: Option<String>,
 }
 
+/// Arguments of `coordinator spec`.
 #[derive(Debug, Args)]
 pub struct SpecArgs {
+    /// The job spec (job.toml) to read.
     pub spec: PathBuf,
     /// Print only this setting (a dotted path such as `output`, `ipc` or `sampling.steps`):
     /// strings bare, anything else as JSON. Exits non-zero when the setting is not set.
@@ -71,6 +78,7 @@ pub struct SpecArgs {
     pub get: Option<String>,
 }
 
+/// Arguments of `coordinator serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on. Loopback by default; an address other machines can reach needs
@@ -87,8 +95,10 @@ pub struct ServeArgs {
     /// Require this bearer token (file contents) on every RPC.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// TLS certificate (PEM) to serve https:// with; needs --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Worker heartbeat (poll) interval.
@@ -113,8 +123,10 @@ pub struct ServeArgs {
 /// How client commands reach the coordinator.
 #[derive(Debug, Args, Clone)]
 pub struct Connection {
+    /// Coordinator URL (http:// or https://).
     #[arg(long, env = "MGD3_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// Bearer token file (the one the coordinator was started with), sent with every RPC.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) for an https:// coordinator with a private CA.
@@ -129,8 +141,10 @@ impl Connection {
     }
 }
 
+/// Arguments of `coordinator submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
+    /// The job spec (job.toml); relative paths in it are resolved against its folder.
     pub spec: PathBuf,
     /// Show live progress and exit non-zero when any shard failed.
     #[arg(long)]
@@ -138,12 +152,15 @@ pub struct SubmitArgs {
     /// Explicit job id (default: <name>-<fingerprint prefix>).
     #[arg(long)]
     pub job_id: Option<String>,
+    /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
 }
 
+/// Arguments of `coordinator status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// The job id (default: every job).
     pub job: Option<String>,
     /// Print the status as JSON.
     #[arg(long)]
@@ -152,37 +169,49 @@ pub struct StatusArgs {
     /// `shards.done`): strings bare, anything else as JSON.
     #[arg(long, requires = "job", conflicts_with = "json")]
     pub get: Option<String>,
+    /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
 }
 
+/// Arguments of `coordinator resume`.
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
+    /// The job id to resume.
     pub job: String,
     /// Refuse unless this job.toml has the job's fingerprint.
     #[arg(long)]
     pub spec: Option<PathBuf>,
+    /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
 }
 
+/// Arguments of the commands about one job (`cancel`, `verify`).
 #[derive(Debug, Args)]
 pub struct JobArgs {
+    /// The job id.
     pub job: String,
+    /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
 }
 
+/// Arguments of `coordinator list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Print the jobs as JSON.
     #[arg(long)]
     pub json: bool,
+    /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
 }
 
+/// Arguments of `coordinator run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The job spec (job.toml) to run.
     pub spec: PathBuf,
     /// Worker processes to start on this machine.
     #[arg(long, default_value_t = 1)]
@@ -196,6 +225,7 @@ pub struct RunArgs {
     /// Passed to every worker (e.g. --device cuda:0 --threads 1); repeatable.
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+    /// Worker heartbeat (poll) interval of the embedded coordinator, in ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
 }
@@ -276,6 +306,10 @@ async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
 }
 
 /// Polls a job until it ends, showing a progress bar; returns its final status.
+///
+/// # Errors
+/// When a `GetJobStatus` call fails ([`CallError`]) or its answer holds a value this build does
+/// not know.
 pub async fn wait_for(client: &mut Client, url: &str, job_id: &str, quiet: bool) -> Result<JobStatus> {
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
@@ -307,6 +341,11 @@ fn exit_for(status: &JobStatus) -> Result<()> {
     Ok(())
 }
 
+/// Runs one `coordinator` command to its end.
+///
+/// # Errors
+/// Whatever the command fails with, as an `anyhow` chain with its causes. A job that ends other
+/// than succeeded (`submit --wait`, `run`) and a `verify` that finds problems are errors too.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
@@ -558,19 +597,9 @@ async fn run_local(args: RunArgs) -> Result<()> {
         bail!("worker binary `{}` not found (build it, or pass --worker-bin)", worker_bin.display());
     }
     let coordinator = Coordinator::open(&store, args.heartbeat_ms).await?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
-        let coordinator = coordinator.clone();
-        async move {
-            serve(coordinator, &config, listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
+    let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;
+    let url = local.url.clone();
     let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
     for note in &notes {
         eprintln!("note: {note}");
@@ -617,8 +646,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
         }
     }
     coordinator.flush().await;
-    let _ = stop.send(());
-    let _ = server.await;
+    let _ = local.stop().await;
     let status = outcome?;
     exit_for(&status)?;
     println!("dataset: {}/dataset", status.output);

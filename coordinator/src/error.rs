@@ -6,69 +6,148 @@ use mgd3_common::store::StoreError;
 
 use crate::scheduler::SchedulerError;
 
+/// The coordinator's `Result`, with [`Error`] by default.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything the coordinator can fail with; `From<Error> for tonic::Status` maps each variant onto
+/// a gRPC code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A job spec, job id or dataset has problems the submitter must fix.
     #[error(transparent)]
     Job(#[from] JobError),
+    /// A store URL cannot be opened, or a model cannot be fetched from it.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Reading a commit marker or checking, publishing or withdrawing a class's files failed.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// The scheduler refused the call (unknown job, stale or foreign lease, unregistered worker,
+    /// cancelling an ended job).
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+    /// The store's coordinator lock could not be taken or kept.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    /// An object-store call failed (job records, an output's markers, folders or manifest).
     #[error("object store `{url}`: {context}: {source}")]
     ObjectStore {
+        /// The store's URL.
         url: String,
+        /// What was being done, naming the key.
         context: String,
+        /// What the store answered.
         #[source]
         source: object_store::Error,
     },
+    /// A job's `job.json` cannot be parsed or describes another job (the job is quarantined).
     #[error("`{path}` in the store is corrupt: {problem}")]
-    Corrupt { path: String, problem: String },
+    Corrupt {
+        /// Where the record is (its key, or the store URL and key).
+        path: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// No job with this id is known.
     #[error("unknown job `{0}`")]
     UnknownJob(String),
+    /// `resume` with a spec whose fingerprint is not the job's.
     #[error(
         "job `{job}`: the spec fingerprint changed ({now}, the job has {was}); refusing to mix outputs of two specs"
     )]
-    FingerprintChanged { job: String, was: String, now: String },
+    FingerprintChanged {
+        /// The job id.
+        job: String,
+        /// The job's fingerprint.
+        was: String,
+        /// The fingerprint of the spec given now.
+        now: String,
+    },
+    /// `resume` found the dataset changed since submit (the job's fingerprint covers its images).
     #[error(
         "job `{job}`: the dataset changed since the job was submitted (images added, removed or rewritten); \
          `coordinator submit` makes it a new job (cached latents of unchanged classes are reused), or restore the images"
     )]
-    DataChanged { job: String },
+    DataChanged {
+        /// The job id.
+        job: String,
+    },
+    /// A submission names a job id that holds a job of another fingerprint.
     #[error("job `{job}` already exists with another spec")]
-    JobIdTaken { job: String },
+    JobIdTaken {
+        /// The job id.
+        job: String,
+    },
+    /// A `state.json` has a `schema_version` newer than this build reads (the job is quarantined).
     #[error(
         "`{path}` has schema_version {found}, but this coordinator reads up to {supported}: a newer mgd3 wrote it; run that version (or newer) to serve this store"
     )]
-    StateTooNew { path: String, found: u32, supported: u32 },
+    StateTooNew {
+        /// The record's key.
+        path: String,
+        /// Its `schema_version`.
+        found: u32,
+        /// The newest this build reads ([`crate::jobstore::STATE_SCHEMA_VERSION`]).
+        supported: u32,
+    },
+    /// A worker registered with another protocol version.
     #[error("worker rejected: {0}")]
     Incompatible(String),
+    /// A local I/O operation failed (reading a model file, the listener's address).
     #[error("{what} `{path}`: {source}")]
     Io {
+        /// What the path is (`model file`, `listener`).
         what: &'static str,
+        /// The path concerned.
         path: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A class has no commit marker the coordinator sees: its shard was reported complete, or the
+    /// job's manifest is being written.
     #[error(
         "class `{wnid}` of shard {shard} has no commit marker in `{output}` as the coordinator sees it; the shard is not complete"
     )]
-    MissingMarker { shard: usize, wnid: String, output: String },
+    MissingMarker {
+        /// The shard's index in the job's plan.
+        shard: usize,
+        /// The class without a marker.
+        wnid: String,
+        /// The output store's URL.
+        output: String,
+    },
+    /// A worker reported a shard complete with a manifest digest its stored markers do not give.
     #[error(
         "shard {shard} was reported with manifest digest {reported}, but its commit markers in `{output}` give {stored}; the shard is not complete"
     )]
-    DigestMismatch { shard: usize, reported: String, stored: String, output: String },
+    DigestMismatch {
+        /// The shard's index in the job's plan.
+        shard: usize,
+        /// The digest the worker reported.
+        reported: String,
+        /// The digest of the markers in the store.
+        stored: String,
+        /// The output store's URL.
+        output: String,
+    },
+    /// The gRPC server could not be set up (TLS identity) or failed while serving.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A job folder in the store lacks its `job.json` (the job is quarantined).
     #[error("`{path}` is missing from the store")]
-    Missing { path: String },
+    Missing {
+        /// The store URL and key of the missing record.
+        path: String,
+    },
+    /// A submitted or resumed job is quarantined: its records are damaged.
     #[error("job `{job}` is quarantined: {reason}; repair or remove its records, then `coordinator resume {job}`")]
-    Quarantined { job: String, reason: String },
+    Quarantined {
+        /// The job id.
+        job: String,
+        /// What is wrong with its records.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -90,7 +90,13 @@ impl CoordinatorRpc for Service {
     }
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
+/// Serves the coordinator on `listener` until `shutdown` resolves (or another coordinator takes
+/// the store over), with its background task; releases the store's lock on the way out.
+///
+/// # Errors
+/// [`Error::Io`] when the listener has no address; [`Error::Transport`] for a TLS identity that
+/// cannot be used or a server failure; [`Error::Lock`] when another coordinator took the store
+/// over.
 pub async fn serve(
     coordinator: Coordinator,
     config: &ServeConfig,

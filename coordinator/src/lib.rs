@@ -4,13 +4,14 @@
 //! [`scheduler`] is the pure lease logic; [`service`] the domain [`Coordinator`] around it;
 //! [`submit`] resolves and checks submitted specs; [`jobstore`] is the seam for each job's own
 //! records and [`state`] the outputs' markers and manifests; [`grpc`] the adapter to the wire
-//! and [`serve`]; [`cli`] the `coordinator` command line, including `run`, the embedded local
-//! cluster.
+//! and [`serve`]; [`local`] a coordinator served in-process (for `run` and the tests); [`cli`] the
+//! `coordinator` command line, including `run`, the embedded local cluster.
 
 pub mod cli;
 pub mod error;
 pub mod grpc;
 pub mod jobstore;
+pub mod local;
 pub mod lock;
 pub mod scheduler;
 pub mod service;

@@ -25,7 +25,9 @@ pub const LOCK_KEY: &str = "coordinator.lock";
 pub struct LockRecord {
     /// Random per coordinator process.
     pub owner: String,
+    /// The holder's host name.
     pub host: String,
+    /// The holder's process id.
     pub pid: u32,
     /// When the holder last renewed the lock (Unix ms).
     pub heartbeat_unix_ms: u64,
@@ -33,22 +35,46 @@ pub struct LockRecord {
     pub timeout_ms: u64,
 }
 
+/// Why the store's coordinator lock could not be taken or kept.
 #[derive(Debug, Error)]
 pub enum LockError {
+    /// Another coordinator holds the store and renewed its lock while this one watched it.
     #[error(
         "store `{url}` is served by another coordinator ({host}, pid {pid}, last heartbeat {age_s:.0} s ago): stop \
          it first, or give this coordinator another --store; a coordinator that was killed releases the store \
          {timeout_s:.0} s after its last heartbeat"
     )]
-    Held { url: String, host: String, pid: u32, age_s: f64, timeout_s: f64 },
+    Held {
+        /// The store's URL.
+        url: String,
+        /// The holder's host name.
+        host: String,
+        /// The holder's process id.
+        pid: u32,
+        /// Seconds since the heartbeat time in the holder's lock.
+        age_s: f64,
+        /// The holder's lock timeout (s).
+        timeout_s: f64,
+    },
+    /// The store could not be read or written.
     #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`: {source}")]
     Store {
+        /// The store's URL.
         url: String,
+        /// What the store answered.
         #[source]
         source: object_store::Error,
     },
+    /// Another coordinator's lock replaced this one's (found at a renewal): this coordinator must stop.
     #[error("store `{url}`: another coordinator ({host}, pid {pid}) took over the store; this one stops")]
-    Lost { url: String, host: String, pid: u32 },
+    Lost {
+        /// The store's URL.
+        url: String,
+        /// The new holder's host name.
+        host: String,
+        /// The new holder's process id.
+        pid: u32,
+    },
 }
 
 /// A held store lock.

@@ -44,8 +44,9 @@ pub enum SchedulerError {
     },
 }
 
+/// Where one shard stands in the scheduler; persisted in `state.json` as
+/// `{"state": "pending", ...}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-/// Where one shard stands in the scheduler; persisted in `state.json` as `{"state": "pending", ...}`.
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ShardState {
     /// Waiting in the queue for a worker.
@@ -75,7 +76,6 @@ pub enum ShardState {
 }
 
 /// The last error of a shard.
-/// One shard of a job as the scheduler tracks and persists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardError {
     /// The class the error is about, when it is about one.
@@ -86,6 +86,7 @@ pub struct ShardError {
     pub at_ms: u64,
 }
 
+/// One shard of a job as the scheduler tracks and persists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shard {
     /// Where the shard stands.
@@ -96,7 +97,6 @@ pub struct Shard {
     pub last_error: Option<ShardError>,
     /// Progress reported by the current lease.
     #[serde(default)]
-    /// Images committed so far under this lease.
     pub images_done: u32,
     /// Classes the current lease reported committed.
     #[serde(default)]
@@ -215,6 +215,7 @@ pub enum PollDecision {
 pub struct Running {
     /// The lease being run.
     pub lease_id: String,
+    /// Images committed so far under this lease.
     pub images_done: u32,
     /// Classes of the shard committed so far.
     pub classes_done: u32,

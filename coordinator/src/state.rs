@@ -22,6 +22,10 @@ fn store_err(location: &Location, context: String) -> impl FnOnce(object_store::
 
 /// Shards of `job` whose every class has a commit marker naming the job's fingerprint.
 /// A marker of another fingerprint is an error (the output folder holds another spec's work).
+///
+/// # Errors
+/// [`Error::ObjectStore`] when the markers cannot be listed; [`Error::Commit`] for a marker that
+/// cannot be read or parsed, or names another fingerprint.
 pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashSet<usize>> {
     let keys = JobKeys::new(&job.job_id);
     let prefix = out.key(&keys.markers());
@@ -50,6 +54,9 @@ pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashS
 
 /// True when `manifest.json` of `job` is in place and certifies this job (its id and spec
 /// fingerprint). Recovery checks this artefact, not the `finished` flag of state.json.
+///
+/// # Errors
+/// [`Error::ObjectStore`] when it cannot be read (a missing or foreign manifest is `Ok(false)`).
 pub async fn manifest_in_place(out: &Location, job: &ResolvedJob) -> Result<bool> {
     let key = out.key(&JobKeys::new(&job.job_id).manifest());
     let Some(bytes) =
@@ -62,7 +69,12 @@ pub async fn manifest_in_place(out: &Location, job: &ResolvedJob) -> Result<bool
     }))
 }
 
-/// Writes `manifest.json` from the markers of a finished job.
+/// Writes `manifest.json` from the markers of a finished job, then removes the job's staging
+/// folder and local staging copies.
+///
+/// # Errors
+/// [`Error::MissingMarker`] when a class has no marker; [`Error::Commit`] for a marker that cannot
+/// be used or a cleanup that fails; [`Error::ObjectStore`] when the manifest cannot be written.
 pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms: u64) -> Result<()> {
     let keys = JobKeys::new(&job.job_id);
     let mut classes = Vec::with_capacity(job.classes.len());

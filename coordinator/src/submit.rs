@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 /// A spec resolved at submit: the job, and what the look at its dataset found.
 #[derive(Clone, Debug)]
 pub struct Resolved {
+    /// The resolved job: paths, classes, model fingerprints, shards and job id.
     pub job: ResolvedJob,
     /// Images per class, in class order.
     pub image_counts: Vec<usize>,

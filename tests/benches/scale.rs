@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use mgd3_common::proto;
 use mgd3_common::status::JobState;
-use mgd3_coordinator::{Coordinator, ServeConfig, serve};
+use mgd3_coordinator::local::LocalCoordinator;
+use mgd3_coordinator::{Coordinator, ServeConfig};
 use mgd3_worker::client::{WorkerConfig, run};
 use mgd3_worker::shard::FakeEngine;
-use tokio::net::TcpListener;
 
 fn env(key: &str, default: f64) -> f64 {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -34,12 +34,9 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let store = "memory://scale-bench/state";
-        let coordinator = Coordinator::open(store, 1000).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let config = ServeConfig { store_url: store.into(), token: None, tls: None, heartbeat_ms: 1000 };
-        let c = coordinator.clone();
-        tokio::spawn(async move { serve(c, &config, listener, std::future::pending()).await });
+        let local = LocalCoordinator::start(Coordinator::open(store, 1000).await.unwrap(), config, 0).await.unwrap();
+        let (url, coordinator) = (local.url.clone(), local.coordinator.clone());
         let names: Vec<String> = (0..classes).map(|i| format!("\"class{i:04}\"")).collect();
         // The coordinator lists the dataset at submit (the fake engine never reads it).
         let dataset = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("scale-dataset");

@@ -13,11 +13,11 @@ use mgd3_common::manifest::{JobManifest, StageSeconds};
 use mgd3_common::proto;
 use mgd3_common::status::{JobState, JobStatus};
 use mgd3_common::store::{self, Location};
-use mgd3_coordinator::{Coordinator, ServeConfig, serve};
+use mgd3_coordinator::local::LocalCoordinator;
+use mgd3_coordinator::{Coordinator, ServeConfig};
 use mgd3_worker::client::{ClientError, WorkerConfig, run};
 use mgd3_worker::shard::{ClassResult, FakeEngine, ShardEngine, ShardFailure, ShardLease, ShardProgress, run_shard};
 use object_store::ObjectStoreExt;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -69,8 +69,7 @@ vae_decoder_fingerprint = "{FINGERPRINT}"
 struct Cluster {
     url: String,
     coordinator: Coordinator,
-    stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<mgd3_coordinator::Result<()>>,
+    local: LocalCoordinator,
 }
 
 async fn start(store_url: &str, token: Option<&str>) -> Cluster {
@@ -83,19 +82,9 @@ async fn start_with_tls(store_url: &str, token: Option<&str>, tls: Option<(Vec<u
 
 async fn start_on(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Vec<u8>)>, port: u16) -> Cluster {
     let coordinator = Coordinator::open(store_url, 100).await.unwrap();
-    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    let scheme = if tls.is_some() { "https://localhost" } else { "http://127.0.0.1" };
-    let url = format!("{scheme}:{}", listener.local_addr().unwrap().port());
     let config = ServeConfig { store_url: store_url.into(), token: token.map(str::to_owned), tls, heartbeat_ms: 100 };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let c = coordinator.clone();
-    let server = tokio::spawn(async move {
-        serve(c, &config, listener, async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    Cluster { url, coordinator, stop: Some(stop), server }
+    let local = LocalCoordinator::start(coordinator, config, port).await.unwrap();
+    Cluster { url: local.url.clone(), coordinator: local.coordinator.clone(), local }
 }
 
 impl Cluster {
@@ -108,9 +97,8 @@ impl Cluster {
         handle.await.unwrap().unwrap();
     }
 
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.server.await.unwrap().unwrap();
+    async fn shutdown(self) {
+        self.local.stop().await.unwrap();
     }
 }
 

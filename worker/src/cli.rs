@@ -20,6 +20,7 @@ use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
 use mgd3_common::job::SamplerKind;
 
+/// The `worker` command line, parsed by clap.
 #[derive(Debug, Parser)]
 #[command(
     name = "worker",
@@ -30,8 +31,10 @@ use mgd3_common::job::SamplerKind;
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    /// A one-off command; without one the worker joins a coordinator.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// The settings of cluster mode (without a subcommand).
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -57,10 +60,12 @@ pub struct ClusterArgs {
     /// Seconds per class of the fake engine.
     #[arg(long, default_value_t = 0.05)]
     pub fake_class_seconds: f64,
+    /// Where and how the models run.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
 
+/// The `worker` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Distil one class of an ImageFolder: modes by k-means, IPC guided samples, PNGs.
@@ -71,6 +76,7 @@ pub enum Command {
     ImportFashionMnist(ImportArgs),
 }
 
+/// Arguments of `worker import-fashion-mnist`.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// Folder with the IDX files (from `apt-get install dataset-fashion-mnist`).
@@ -117,6 +123,13 @@ impl RuntimeArgs {
         pool
     }
 
+    /// The ONNX Runtime session settings these flags ask for, after checking them and loading
+    /// ONNX Runtime.
+    ///
+    /// # Errors
+    /// `--max-batch`, `--threads` or `--cpu-threads` of 0; `--threads` or `--cpu-threads` above
+    /// [`MAX_THREADS_PER_CPU`] × the usable CPUs; a `--device` that does not parse; an ONNX
+    /// Runtime library that cannot be loaded.
     pub fn session_config(&self) -> Result<SessionConfig> {
         if self.max_batch == 0 {
             bail!("--max-batch must be at least 1");
@@ -204,6 +217,7 @@ impl SamplingArgs {
     }
 }
 
+/// Arguments of `worker distill-class`.
 #[derive(Debug, Args)]
 pub struct DistillClassArgs {
     /// ImageFolder root holding <class>/*.{jpg,jpeg,png}: a folder or an object-store URL.
@@ -224,10 +238,13 @@ pub struct DistillClassArgs {
     /// Position of the class in its job's class list (seeds its streams; default: the label).
     #[arg(long)]
     pub class_index: Option<u64>,
+    /// The DiT model (.onnx).
     #[arg(long)]
     pub dit: PathBuf,
+    /// The VAE encoder model (.onnx).
     #[arg(long)]
     pub vae_encoder: PathBuf,
+    /// The VAE decoder model (.onnx).
     #[arg(long)]
     pub vae_decoder: PathBuf,
     /// Output root: writes <out>/<class>/<j>.png and <out>/<class>/modes.npy.
@@ -239,14 +256,18 @@ pub struct DistillClassArgs {
     /// Also write the per-stage timings of the class as JSON.
     #[arg(long)]
     pub timings_json: Option<PathBuf>,
+    /// MGD³ sampling settings.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Where and how the models run.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
 
+/// Arguments of `worker sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
+    /// The DiT model (.onnx).
     #[arg(long)]
     pub dit: PathBuf,
     /// DiT class label of every sample.
@@ -267,8 +288,10 @@ pub struct SampleArgs {
     /// ...and write them as <images-out>/<j>.png.
     #[arg(long, requires = "vae_decoder")]
     pub images_out: Option<PathBuf>,
+    /// MGD³ sampling settings.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Where and how the models run.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -278,6 +301,12 @@ fn read_npy<T: ReadNpyExt>(path: &Path, what: &str) -> Result<T> {
     T::read_npy(file).with_context(|| format!("{what} `{}` is not the expected f32 .npy array", path.display()))
 }
 
+/// Runs one `worker` command line to its end: the subcommand, or cluster mode without one.
+///
+/// # Errors
+/// Whatever the command fails with, as an `anyhow` chain: invalid settings, models or data that
+/// cannot be used, a class that fails, or (cluster mode) a missing `--coordinator`, an unusable
+/// token or a coordinator that refuses the worker.
 pub fn run(cli: Cli) -> Result<()> {
     let Some(command) = cli.command else {
         return cluster(cli.cluster);

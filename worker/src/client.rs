@@ -25,10 +25,15 @@ use crate::shard::{
 /// How a worker connects and identifies itself.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
+    /// The coordinator URL (http:// or https://).
     pub coordinator: String,
+    /// This worker's id, as the coordinator and its status show it.
     pub worker_id: String,
+    /// The bearer token sent with every RPC, when the coordinator requires one.
     pub token: Option<String>,
+    /// CA certificate (PEM) for an https:// coordinator with a private CA.
     pub tls_ca: Option<std::path::PathBuf>,
+    /// The devices the models run on (`cpu`, `cuda:0`), reported at registration.
     pub devices: Vec<String>,
 }
 
@@ -41,7 +46,9 @@ pub enum ClientError {
     /// The coordinator refused the registration (another protocol version, a wrong token).
     #[error("the coordinator rejected worker `{worker}`: {source}")]
     Rejected {
+        /// The worker's id.
         worker: String,
+        /// What the coordinator answered.
         #[source]
         source: mgd3_common::rpc::CallError,
     },
@@ -138,7 +145,12 @@ fn transient(status: &tonic::Status) -> bool {
     )
 }
 
-/// Runs the worker until it is drained or `shutdown` resolves.
+/// Runs the worker until it is drained or `shutdown` resolves. An unreachable coordinator is
+/// retried with backoff, not an error.
+///
+/// # Errors
+/// [`ClientError::Connect`] when the URL, CA file or token cannot be used;
+/// [`ClientError::Rejected`] when the coordinator refuses the registration.
 pub async fn run(
     config: WorkerConfig,
     engine: Box<dyn ShardEngine>,

@@ -27,56 +27,105 @@ use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::{SinkError, png_bytes};
 use mgd3_common::store::Location;
 
+/// Why a class (or the engine itself) could not be distilled.
 #[derive(Debug, Error)]
 pub enum EngineError {
+    /// An ONNX model failed to load, to pass its contract check or to run.
     #[error(transparent)]
     Model(#[from] mgd3_onnx::Error),
+    /// The class's real images could not be listed, read or decoded.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// k-means could not find IPC distinct modes in the class's latents.
     #[error("class `{class}`: {source}")]
     Modes {
+        /// The class (wnid).
         class: String,
+        /// Why.
         #[source]
         source: ModesError,
     },
+    /// Sampling a class failed (shapes, settings, or guidance that diverged).
     #[error("class `{class}`: sampling failed: {source}")]
     Sample {
+        /// The class (wnid).
         class: String,
+        /// The sampler's error, naming the sample.
         #[source]
         source: SampleError,
     },
+    /// The DiT's metadata names an unknown beta schedule, or `steps` cannot be respaced to.
     #[error("schedule of the DiT: {0}")]
     Schedule(#[from] ScheduleError),
+    /// An image could not be PNG-encoded, or an output could not be written.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The latent cache could not be read or written.
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
     /// A VAE works on latents of another shape than the DiT.
     #[error(
         "the DiT works on latents {dit:?} but the {model} has {latent:?}; export the models for the same resolution"
     )]
-    LatentShapes { dit: [usize; 3], model: &'static str, latent: [usize; 3] },
+    LatentShapes {
+        /// The DiT's latent shape [C, h, w].
+        dit: [usize; 3],
+        /// `VAE encoder` or `VAE decoder`.
+        model: &'static str,
+        /// That model's latent shape [C, h, w].
+        latent: [usize; 3],
+    },
     /// The VAE encoder and decoder scale latents differently.
     #[error(
         "VAE encoder scale_factor {encoder} differs from decoder scale_factor {decoder}; use the encoder and decoder of one VAE"
     )]
-    ScaleFactors { encoder: f32, decoder: f32 },
+    ScaleFactors {
+        /// The encoder's `scale_factor`.
+        encoder: f32,
+        /// The decoder's `scale_factor`.
+        decoder: f32,
+    },
     /// A setting has a value the models or the other settings rule out; named as the user
     /// wrote it (job spec key or command-line flag, per `source`).
     #[error("{} = {value}: {problem}", setting.name(*origin))]
-    Invalid { setting: Setting, origin: SettingSource, value: String, problem: String },
+    Invalid {
+        /// The setting.
+        setting: Setting,
+        /// Where the user gave it (job spec or command line).
+        origin: SettingSource,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A class's DiT label is outside the DiT's classes.
     #[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
-    LabelOutOfRange { class: String, label: i64, classes: usize },
+    LabelOutOfRange {
+        /// The class (wnid).
+        class: String,
+        /// Its DiT label.
+        label: i64,
+        /// The DiT's number of classes.
+        classes: usize,
+    },
     /// The caller passed labels and modes of different counts (a bug in the caller).
     #[error("{labels} labels for {modes} modes")]
-    LabelCount { labels: usize, modes: usize },
+    LabelCount {
+        /// Labels given.
+        labels: usize,
+        /// Modes given.
+        modes: usize,
+    },
+    /// A model file could not be read to fingerprint it.
     #[error("cannot read model `{path}` to fingerprint it: {source}")]
     Fingerprint {
+        /// The model file.
         path: std::path::PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The cancel flag was set (shutdown or revoked lease) before a DiT batch.
     #[error("cancelled")]
     Cancelled,
 }
@@ -126,16 +175,23 @@ impl EngineError {
 /// The three model files of a worker.
 #[derive(Clone, Debug)]
 pub struct ModelPaths {
+    /// The DiT (`.onnx`).
     pub dit: PathBuf,
+    /// The VAE encoder (`.onnx`).
     pub vae_encoder: PathBuf,
+    /// The VAE decoder (`.onnx`).
     pub vae_decoder: PathBuf,
 }
 
 /// Sampling settings shared by every class of a job.
 #[derive(Clone, Debug)]
 pub struct SamplingConfig {
+    /// Sampling steps S the DiT's training schedule is respaced to (default 50, the paper's).
     pub steps: usize,
+    /// Mode guidance (λ, t_stop) and CFG settings.
     pub guidance: GuidanceConfig,
+    /// The job's seed: each sample's noise stream derives from it, the class index and the
+    /// sample index.
     pub seed: u64,
     /// The reverse step (DDPM, the reference; or DDIM with η).
     pub sampler: Sampler,
@@ -156,27 +212,38 @@ pub struct ClassSpec {
     pub label: i64,
     /// Position of the class in the job's class list (seeds its RNG streams).
     pub class_index: u64,
+    /// Images per class: the number of modes and of samples.
     pub ipc: usize,
 }
 
 /// Where one class's time went.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClassTimings {
+    /// Reading, decoding and preprocessing the real images (or reading cached latents).
     #[serde(serialize_with = "secs")]
     pub decode: Duration,
+    /// VAE-encoding the real images.
     #[serde(serialize_with = "secs")]
     pub encode: Duration,
+    /// k-means on the latents.
     #[serde(serialize_with = "secs")]
     pub kmeans: Duration,
+    /// Time inside DiT calls.
     #[serde(serialize_with = "secs")]
     pub dit: Duration,
+    /// The reverse steps between DiT calls (CFG, mode guidance, the DDPM/DDIM update and the
+    /// divergence checks).
     #[serde(serialize_with = "secs")]
     pub guidance: Duration,
+    /// VAE-decoding the final latents.
     #[serde(serialize_with = "secs")]
     pub vae_decode: Duration,
+    /// PNG-encoding the decoded images.
     #[serde(serialize_with = "secs")]
     pub png: Duration,
+    /// DiT calls made (each a batch of cond+uncond pairs).
     pub dit_calls: usize,
+    /// Real images of the class that were encoded (or whose cached latents were used).
     pub real_images: usize,
     /// The class's latents came from the latent cache (no decode, no VAE encode).
     pub latent_cache_hit: bool,
@@ -189,6 +256,7 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl ClassTimings {
+    /// The sum of every stage's time.
     pub fn total(&self) -> Duration {
         self.decode + self.encode + self.kmeans + self.dit + self.guidance + self.vae_decode + self.png
     }
@@ -203,6 +271,7 @@ pub struct ClassOutput {
     pub latents: Array4<f32>,
     /// PNG bytes of sample j at index j.
     pub images: Vec<Vec<u8>>,
+    /// Where the class's time went.
     pub timings: ClassTimings,
 }
 
@@ -219,8 +288,11 @@ impl Denoiser for DitDenoiser<'_> {
 /// spec's `*_fingerprint` settings and the latent cache key compare against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelFingerprints {
+    /// The DiT's fingerprint.
     pub dit: String,
+    /// The VAE encoder's fingerprint.
     pub vae_encoder: String,
+    /// The VAE decoder's fingerprint.
     pub vae_decoder: String,
 }
 
@@ -243,6 +315,14 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Loads the three models and checks them against each other and `sampling`; fingerprints the
+    /// model files. DiT calls batch `session.max_batch / 2` samples.
+    ///
+    /// # Errors
+    /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
+    /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT; [`EngineError::Schedule`] and
+    /// [`EngineError::Invalid`] for sampling settings the models rule out;
+    /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, session: &SessionConfig, sampling: SamplingConfig) -> Result<Self, EngineError> {
         let dit = Dit::load(&paths.dit, session)?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
@@ -291,10 +371,12 @@ impl Engine {
         self.cancel = flag;
     }
 
+    /// The VAE decoder.
     pub fn decoder(&self) -> &VaeDecoder {
         &self.decoder
     }
 
+    /// The DiT.
     pub fn dit(&self) -> &Dit {
         &self.dit
     }
@@ -304,6 +386,7 @@ impl Engine {
         &self.fingerprints
     }
 
+    /// The VAE encoder.
     pub fn encoder(&self) -> &VaeEncoder {
         &self.encoder
     }
@@ -359,7 +442,11 @@ impl Engine {
         &mut self.dit
     }
 
-    /// Samples with explicit modes and noise ([n, C, h, w] and [n, S+1, C, h, w]); returns x₀.
+    /// Samples with explicit modes and noise ([n, C, h, w] and [n, S+1, C, h, w], f32, scaled
+    /// latent space); returns x₀ [n, C, h, w].
+    ///
+    /// # Errors
+    /// As [`sample_in_batches`].
     pub fn sample_latents(
         &mut self,
         class: &str,
@@ -425,6 +512,10 @@ impl Engine {
 }
 
 /// Checks guidance settings against the schedule and the latent channels.
+///
+/// # Errors
+/// [`EngineError::Invalid`] when t_stop exceeds `steps`, `cfg_channels` exceeds `channels`, or λ
+/// or the CFG scale is not finite.
 pub fn check_guidance(guidance: &GuidanceConfig, steps: usize, channels: usize) -> Result<(), EngineError> {
     let invalid = |setting, value: String, problem: String| {
         Err(EngineError::Invalid { setting, origin: SettingSource::JobSpec, value, problem })
@@ -454,10 +545,15 @@ pub fn check_guidance(guidance: &GuidanceConfig, steps: usize, channels: usize) 
 
 /// Samples of one sampling run, split into DiT calls of `samples_per_call` cond+uncond pairs.
 pub struct SampleBatch<'a> {
+    /// The class (wnid), for messages.
     pub class: &'a str,
+    /// DiT label of each sample (n of them).
     pub labels: &'a [i64],
+    /// Mode of each sample, [n, C, h, w] f32 in scaled latent space.
     pub modes: ArrayView4<'a, f32>,
+    /// Noise of each sample, [n, S+1, C, h, w] f32: x_T first, then one draw per denoising step.
     pub noise: ArrayView5<'a, f32>,
+    /// Samples per DiT call (each a cond+uncond pair); 0 counts as 1.
     pub samples_per_call: usize,
     /// Checked before every DiT batch.
     pub cancel: Option<&'a AtomicBool>,
@@ -466,6 +562,11 @@ pub struct SampleBatch<'a> {
 }
 
 /// Runs the sampler over `batch` in chunks; chunks are independent, so the split changes no value.
+/// Returns x₀ [n, C, h, w] (scaled latents).
+///
+/// # Errors
+/// [`EngineError::LabelCount`] when labels and modes differ in count; [`EngineError::Cancelled`]
+/// when the cancel flag is set before a chunk; [`EngineError::Sample`] when the sampler fails.
 pub fn sample_in_batches(
     dit: &mut Dit,
     schedule: &Schedule,
@@ -509,7 +610,11 @@ pub fn sample_in_batches(
     Ok(ndarray::concatenate(Axis(0), &views).expect("same shapes"))
 }
 
-/// Decodes scaled latents (÷ scale_factor, as the reference) and encodes each image as PNG.
+/// Decodes scaled latents [n, C, h, w] (÷ scale_factor, as the reference) and encodes each image
+/// as PNG.
+///
+/// # Errors
+/// [`EngineError::Model`] when the decoder fails; [`EngineError::Sink`] when PNG encoding fails.
 pub fn decode_to_png(
     decoder: &mut VaeDecoder,
     latents: ArrayView4<f32>,
@@ -526,6 +631,9 @@ pub fn decode_to_png(
 }
 
 /// The respaced DDPM schedule a DiT's metadata asks for.
+///
+/// # Errors
+/// As [`schedule_for_sampler`].
 pub fn schedule_for(dit: &Dit, steps: usize) -> Result<Schedule, EngineError> {
     schedule_for_sampler(dit, steps, Sampler::Ddpm)
 }

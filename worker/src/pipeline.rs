@@ -58,6 +58,9 @@ pub trait ClassOutputs<E> {
     /// Class `index` (of the shard's list) is distilled: commit it. `Ok(true)` when this
     /// attempt's files are the class's, `Ok(false)` when another attempt committed it first (no
     /// contact sheet is made then).
+    ///
+    /// # Errors
+    /// What committing failed with; the shard stops with [`ShardStop::Sink`].
     fn class_done(&mut self, index: usize, output: ClassOutput) -> Result<bool, E>;
     /// The PNG contact sheet of class `index`, after `class_done` returned `Ok(true)`.
     fn contact_sheet(&mut self, index: usize, png: Vec<u8>);
@@ -67,7 +70,12 @@ pub trait ClassOutputs<E> {
 #[derive(Debug)]
 pub enum ShardStop<E> {
     /// The engine failed, in the named class when there is one.
-    Engine { class: Option<String>, error: Box<EngineError> },
+    Engine {
+        /// The class (wnid) it failed in, when it is about one.
+        class: Option<String>,
+        /// What failed.
+        error: Box<EngineError>,
+    },
     /// Committing a class failed.
     Sink(E),
 }
@@ -81,6 +89,7 @@ impl<E> ShardStop<E> {
 /// Where a shard's time went, stage by stage (busy time of each stage; they overlap).
 #[derive(Clone, Debug, Default)]
 pub struct ShardStats {
+    /// Wall-clock time of the whole shard run.
     pub wall: Duration,
     /// Listing, reading, decoding and preprocessing (data thread).
     pub data: Duration,

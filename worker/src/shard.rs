@@ -42,7 +42,9 @@ pub enum ShardFailure {
     /// A model named by the job could not be fetched into the local cache.
     #[error("cannot fetch model `{url}`")]
     FetchModel {
+        /// The model's path or URL as the job names it.
         url: String,
+        /// Why it could not be fetched.
         #[source]
         source: mgd3_common::store::StoreError,
     },
@@ -51,7 +53,14 @@ pub enum ShardFailure {
     ModelUnavailable(#[source] mgd3_onnx::Error),
     /// The model file at the job's path has other bytes here than the job was submitted with.
     #[error("model `{path}` here has fingerprint {have}, the job expects {want}")]
-    ModelMismatch { path: String, have: String, want: String },
+    ModelMismatch {
+        /// The model's path or URL as the job names it.
+        path: String,
+        /// The fingerprint of the file loaded here.
+        have: String,
+        /// The fingerprint the job was submitted with.
+        want: String,
+    },
     /// The job's dataset cannot be opened.
     #[error("cannot open the dataset")]
     Dataset(#[source] crate::data::DataError),
@@ -70,7 +79,12 @@ pub enum ShardFailure {
     /// A failure reported by an engine outside this crate (stand-in engines in tests and
     /// benchmarks), with its retryability.
     #[error("{message}")]
-    Reported { message: String, retryable: bool },
+    Reported {
+        /// What went wrong.
+        message: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
 }
 
 /// What the coordinator should do with a failed attempt.
@@ -148,9 +162,14 @@ impl ShardError {
 
 /// One distilled class, ready to commit.
 pub struct ClassResult {
+    /// PNG bytes of sample j at index j.
     pub images: Vec<Vec<u8>>,
+    /// The class's modes as `.npy` bytes (from the ONNX engine: [IPC, C, h, w] f32, scaled latent
+    /// space).
     pub modes_npy: Vec<u8>,
+    /// Seconds spent in each stage.
     pub timings: StageSeconds,
+    /// Real images of the class that were used (encoded, or read from the latent cache).
     pub real_images: u64,
     /// Latents came from the latent cache.
     pub latent_cache_hit: bool,
@@ -175,6 +194,9 @@ pub trait ClassSink {
 /// What a worker runs classes with.
 pub trait ShardEngine: Send {
     /// Distils one class of `spec`. Stops early (returning `Cancelled`) once `cancel` is set.
+    ///
+    /// # Errors
+    /// A [`ShardFailure`]: [`ShardFailure::Cancelled`], or what kept the class from being distilled.
     fn distill(
         &mut self,
         spec: &JobSpec,
@@ -185,6 +207,10 @@ pub trait ShardEngine: Send {
     /// Distils `classes` of `spec` in order, handing each to `sink` as soon as it is done.
     /// The default runs [`ShardEngine::distill`] class after class; engines that overlap stages
     /// or share model calls between classes override it.
+    ///
+    /// # Errors
+    /// A [`ShardError`], naming the class when it is about one: a cancelled run, a class that
+    /// failed, or a commit the sink refused.
     fn distill_shard(
         &mut self,
         spec: &JobSpec,
@@ -402,6 +428,7 @@ impl ShardEngine for OnnxShardEngine {
 /// A stand-in engine for cluster tests and scale benchmarks: takes `class_duration` per class and
 /// produces small deterministic PNGs from each sample's seed, so runs are comparable byte for byte.
 pub struct FakeEngine {
+    /// How long each class takes.
     pub class_duration: Duration,
     /// What [`ShardEngine::model_fingerprints`] reports, as if these models were loaded.
     pub model_fingerprints: Vec<(String, String)>,
@@ -459,21 +486,30 @@ impl ShardEngine for FakeEngine {
 /// The lease a shard runs under.
 #[derive(Clone, Debug)]
 pub struct ShardLease {
+    /// The lease's id.
     pub lease_id: String,
+    /// The attempt's id (in every marker this attempt writes).
     pub attempt_id: String,
     /// 1 for the first attempt at the shard, counting attempts that spent the budget.
     pub attempt: u32,
+    /// The job's id.
     pub job_id: String,
+    /// The job's fingerprint: markers of another fingerprint are refused.
     pub fingerprint: String,
+    /// The job's spec.
     pub spec: Arc<JobSpec>,
+    /// The shard's classes, in plan order.
     pub classes: Vec<ClassRef>,
+    /// This worker's id.
     pub worker_id: String,
 }
 
 /// What a finished shard reports.
 #[derive(Clone, Debug)]
 pub struct ShardReport {
+    /// Images in the shard's markers (all of its classes).
     pub images: u32,
+    /// Seconds the shard took on this worker.
     pub seconds: f64,
     /// [`mgd3_common::commit::manifest_digest`] of the shard's markers.
     pub digest: String,
@@ -567,6 +603,11 @@ impl ClassSink for Committer<'_> {
 /// Distils and commits every class of the lease; classes committed by an earlier attempt are only
 /// re-published, the others go to the engine together (one shard run, see
 /// [`ShardEngine::distill_shard`]). Errors carry the class they happened in.
+///
+/// # Errors
+/// A [`ShardError`]: [`ShardFailure::Cancelled`] once `cancel` is set; a failed commit or marker
+/// read ([`ShardFailure::Commit`]); what the engine failed with; [`ShardFailure::Lost`] when a
+/// class ends up without a marker.
 pub fn run_shard(
     engine: &mut dyn ShardEngine,
     runtime: &Handle,

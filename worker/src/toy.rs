@@ -17,8 +17,11 @@ use crate::mgd3::schedule::{Schedule, cumulative_alphas, linear_betas};
 /// A mixture of isotropic Gaussians in `dim` dimensions (laid out as a [dim, 1, 1] latent).
 #[derive(Clone, Debug)]
 pub struct Mixture {
+    /// Component means, each of `dim` coordinates.
     pub means: Vec<Vec<f64>>,
+    /// Component weights (summing to 1), in the order of `means`.
     pub weights: Vec<f64>,
+    /// Standard deviation of every component, in every dimension.
     pub std: f64,
 }
 
@@ -32,6 +35,7 @@ impl Mixture {
         }
     }
 
+    /// Dimensions of the data (of the first mean).
     pub fn dim(&self) -> usize {
         self.means[0].len()
     }
@@ -67,6 +71,7 @@ pub struct AnalyticDenoiser {
 }
 
 impl AnalyticDenoiser {
+    /// The denoiser of `mixture` under the linear schedule (1000 steps, β from 1e-4 to 0.02).
     pub fn new(mixture: Mixture) -> Self {
         let alphas_cumprod = cumulative_alphas(&linear_betas(1000, 1e-4, 0.02));
         AnalyticDenoiser { mixture, alphas_cumprod }
@@ -138,11 +143,15 @@ pub fn sample_points(
 /// Result of one coverage experiment.
 #[derive(Clone, Debug)]
 pub struct Coverage {
+    /// The modes guidance aims at; guided sample j is guided toward mode j mod k.
     pub modes: Vec<Vec<f32>>,
+    /// The samples without mode guidance (λ = 0; CFG scale 1 in both runs).
     pub unguided: Vec<Vec<f32>>,
+    /// The samples with mode guidance.
     pub guided: Vec<Vec<f32>>,
     /// Samples per mixture component.
     pub unguided_counts: Vec<usize>,
+    /// Guided samples per mixture component (by nearest mean).
     pub guided_counts: Vec<usize>,
 }
 

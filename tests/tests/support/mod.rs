@@ -215,6 +215,8 @@ pub fn terminate(child: &Child) {
 
 /// Sends a signal (SIGSTOP is 19, SIGCONT 18 on Linux).
 pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) takes two integers and touches no memory of this process; the pid is a
+    // child this test spawned and still holds (not yet waited for, so not reused).
     unsafe { libc_kill(child.id() as i32, signal) };
 }
 
