@@ -21,7 +21,7 @@ use crate::store::{Location, get_optional, put_create, retry_idempotent};
 #[derive(Debug, Error)]
 pub enum CommitError {
     /// An object-store call failed (after retries where the call is idempotent).
-    #[error("object store `{url}`: {context}: {source}")]
+    #[error("object store `{url}`: {context}")]
     Store {
         /// The store's URL.
         url: String,
@@ -67,7 +67,7 @@ pub enum CommitError {
         file: String,
     },
     /// A local staging copy (`<name>#<digits>`) could not be deleted.
-    #[error("cannot delete `{path}`: {source}")]
+    #[error("cannot delete `{path}`")]
     Local {
         /// The file.
         path: String,

@@ -55,7 +55,7 @@ pub enum ListError {
         skipped: String,
     },
     /// Reading a local folder failed.
-    #[error("cannot list `{dir}`: {source}")]
+    #[error("cannot list `{dir}`")]
     Io {
         /// The folder being read.
         dir: String,
@@ -64,7 +64,7 @@ pub enum ListError {
         source: std::io::Error,
     },
     /// Listing an object store failed.
-    #[error("cannot list `{dir}`: {source}")]
+    #[error("cannot list `{dir}`")]
     Store {
         /// The URL being listed.
         dir: String,

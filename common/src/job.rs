@@ -20,7 +20,7 @@ pub enum JobError {
     #[error("invalid job spec:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
     /// A file the spec names (the class-list file) cannot be read.
-    #[error("cannot read {what} `{path}`: {source}")]
+    #[error("cannot read {what} `{path}`")]
     Read {
         /// What the file is (`class list`).
         what: &'static str,
@@ -94,6 +94,29 @@ pub enum Setting {
     CfgScale,
     /// ε channels classifier-free guidance mixes.
     CfgChannels,
+    /// DDIM's η.
+    Eta,
+}
+
+/// A setting whose value the models or the other settings rule out, named as the user wrote it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{} = {value}: {problem}", setting.name(*origin))]
+pub struct InvalidSetting {
+    /// Which setting.
+    pub setting: Setting,
+    /// Where the user gave it (decides its name in the message).
+    pub origin: SettingSource,
+    /// The value as given.
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl InvalidSetting {
+    /// The same error about a value given on the command line (named by its flag).
+    pub fn from_command_line(self) -> Self {
+        InvalidSetting { origin: SettingSource::CommandLine, ..self }
+    }
 }
 
 /// Where a setting came from: decides how an error names it.
@@ -116,6 +139,7 @@ impl Setting {
             Setting::StopGuidance => "sampling.stop_guidance",
             Setting::CfgScale => "sampling.cfg_scale",
             Setting::CfgChannels => "sampling.cfg_channels",
+            Setting::Eta => "sampling.eta",
         }
     }
 
@@ -128,6 +152,7 @@ impl Setting {
             Setting::StopGuidance => "--stop-guidance",
             Setting::CfgScale => "--cfg-scale",
             Setting::CfgChannels => "--cfg-channels",
+            Setting::Eta => "--eta",
         }
     }
 
@@ -140,8 +165,9 @@ impl Setting {
     }
 }
 
-/// The `[sampling]` table: MGD³'s guidance and the DiT sampler. Defaults are the paper's.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The `[sampling]` table: MGD³'s guidance and the DiT sampler. Defaults are the paper's, and
+/// live here only: the worker's command line and the sampler take this same type.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingSpec {
     /// λ, the mode-guidance scale (default 0.1; finite, ≥ 0).

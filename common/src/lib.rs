@@ -7,6 +7,7 @@ pub mod commit;
 pub mod imagefolder;
 pub mod job;
 pub mod layout;
+pub mod lease;
 pub mod manifest;
 pub mod modelmeta;
 pub mod rpc;
@@ -88,18 +89,16 @@ pub fn fingerprint_file(path: &std::path::Path) -> std::io::Result<String> {
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
-/// An error and its causes as one line, `outer: cause: root`. Most of the project's errors already
-/// quote their source in their message (so that a bare `to_string()` is complete, e.g. in a gRPC
-/// status); a cause whose text is already there is not repeated.
+/// An error and its causes as one line, `outer: cause: root`: how every error reaches a person
+/// (the binaries' last line, gRPC status messages, logs). The project's errors follow the
+/// standard convention: a message describes its own level only and its cause is reached through
+/// `source()`, so nothing is repeated and nothing needs matching.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
         source = cause.source();
     }
     text
@@ -125,7 +124,7 @@ mod tests {
 
     #[derive(Debug, thiserror::Error)]
     enum Outer {
-        #[error("cannot write `a.png`: {0}")]
+        #[error("cannot write `a.png`")]
         Quoting(#[source] Inner),
         #[error("class `n01440764`")]
         Wrapping(#[source] Inner),

@@ -37,7 +37,7 @@ pub enum ConnectError {
         url: String,
     },
     /// The URL cannot be parsed.
-    #[error("invalid coordinator URL `{url}`: {source}")]
+    #[error("invalid coordinator URL `{url}`")]
     BadUrl {
         /// The URL as given.
         url: String,
@@ -46,7 +46,7 @@ pub enum ConnectError {
         source: tonic::transport::Error,
     },
     /// The CA certificate file cannot be read.
-    #[error("cannot read CA file `{path}`: {source}")]
+    #[error("cannot read CA file `{path}`")]
     CaFile {
         /// The CA file's path.
         path: std::path::PathBuf,
@@ -55,7 +55,7 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// TLS could not be configured for the URL.
-    #[error("TLS set-up for `{url}`: {source}")]
+    #[error("TLS set-up for `{url}`")]
     Tls {
         /// The coordinator URL.
         url: String,
@@ -75,7 +75,7 @@ pub enum TokenError {
     #[error("the token must be printable ASCII")]
     NotAscii,
     /// The token file cannot be read.
-    #[error("cannot read token file `{path}`: {source}")]
+    #[error("cannot read token file `{path}`")]
     Unreadable {
         /// The token file's path.
         path: std::path::PathBuf,

@@ -102,6 +102,28 @@ pub struct ShardFailure {
     pub attempts: u32,
 }
 
+/// What `coordinator verify` found wrong with one published file or class.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyProblem {
+    /// The class, or empty for a problem of the job as a whole.
+    pub wnid: String,
+    /// The file, relative to the job's folder, or `None` for the class as a whole.
+    pub file: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// The result of checking every published file of a job against its class's marker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Classes checked (all of the job's).
+    pub classes_checked: u32,
+    /// Files read and hashed.
+    pub files_checked: u64,
+    /// Everything that does not match; empty for a job whose files are intact.
+    pub problems: Vec<VerifyProblem>,
+}
+
 /// Shard counts of a job.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardCounts {

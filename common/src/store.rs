@@ -30,7 +30,7 @@ pub enum StoreError {
     },
     /// The store could not be built (configuration, credentials) or a model could not be read
     /// from it.
-    #[error("cannot open store `{url}`: {source}")]
+    #[error("cannot open store `{url}`")]
     Open {
         /// The URL (and key) concerned.
         url: String,
@@ -40,7 +40,7 @@ pub enum StoreError {
     },
     /// A local folder (a local store's root, the model cache) or a file in it could not be
     /// created or written.
-    #[error("cannot create local folder `{path}`: {source}")]
+    #[error("cannot create local folder `{path}`")]
     LocalDir {
         /// The folder.
         path: String,

@@ -1,11 +1,16 @@
 //! The one place where protocol messages become domain types and back: job status
-//! ([`crate::status`]) and the protocol-version header every request carries.
+//! ([`crate::status`]), leased classes ([`ClassRef`]) and the protocol-version header every
+//! request carries.
 //!
 //! Enums arrive as `i32` on the wire; a value this build does not know (a newer coordinator) is
 //! a [`WireError`] naming the field, never a silent default.
 
+use crate::job::ClassRef;
+use crate::lease::{Completion, Disposition, Exclusion, Failure, Registration, RunningLease};
 use crate::proto;
-use crate::status::{JobState, JobStatus, ShardCounts, ShardFailure, ShardPhase, ShardStatus};
+use crate::status::{
+    JobState, JobStatus, ShardCounts, ShardFailure, ShardPhase, ShardStatus, VerifyProblem, VerifyReport,
+};
 
 /// The metadata header carrying the sender's [`crate::PROTOCOL_VERSION`] on every request.
 pub const PROTOCOL_HEADER: &str = "mgd3-protocol";
@@ -23,6 +28,153 @@ pub enum WireError {
         /// The value received.
         value: i32,
     },
+}
+
+impl From<proto::RegisterWorkerRequest> for Registration {
+    fn from(r: proto::RegisterWorkerRequest) -> Self {
+        Registration {
+            worker_id: r.worker_id,
+            hostname: r.hostname,
+            devices: r.devices,
+            protocol_version: r.protocol_version,
+            model_fingerprints: r.model_fingerprints.into_iter().collect(),
+        }
+    }
+}
+
+impl From<Registration> for proto::RegisterWorkerRequest {
+    fn from(r: Registration) -> Self {
+        proto::RegisterWorkerRequest {
+            worker_id: r.worker_id,
+            hostname: r.hostname,
+            devices: r.devices,
+            protocol_version: r.protocol_version,
+            model_fingerprints: r.model_fingerprints.into_iter().collect(),
+        }
+    }
+}
+
+impl From<Exclusion> for proto::JobExclusion {
+    fn from(e: Exclusion) -> Self {
+        proto::JobExclusion { job_id: e.job_id, reason: e.reason }
+    }
+}
+
+impl From<&proto::RunningLease> for RunningLease {
+    fn from(r: &proto::RunningLease) -> Self {
+        RunningLease { lease_id: r.lease_id.clone(), images_done: r.images_done, classes_done: r.classes_done }
+    }
+}
+
+impl From<RunningLease> for proto::RunningLease {
+    fn from(r: RunningLease) -> Self {
+        proto::RunningLease { lease_id: r.lease_id, images_done: r.images_done, classes_done: r.classes_done }
+    }
+}
+
+impl From<proto::CompleteShardRequest> for Completion {
+    fn from(r: proto::CompleteShardRequest) -> Self {
+        Completion {
+            worker_id: r.worker_id,
+            lease_id: r.lease_id,
+            manifest_digest: r.manifest_digest,
+            images: r.images,
+            seconds: r.seconds,
+        }
+    }
+}
+
+impl From<Completion> for proto::CompleteShardRequest {
+    fn from(c: Completion) -> Self {
+        proto::CompleteShardRequest {
+            worker_id: c.worker_id,
+            lease_id: c.lease_id,
+            manifest_digest: c.manifest_digest,
+            images: c.images,
+            seconds: c.seconds,
+        }
+    }
+}
+
+impl From<proto::FailShardRequest> for Failure {
+    /// The wire's three flags as one disposition: `released` wins, then `incompatible`, then
+    /// `retryable`.
+    fn from(r: proto::FailShardRequest) -> Self {
+        let disposition = if r.released {
+            Disposition::Release
+        } else if r.incompatible {
+            Disposition::Elsewhere
+        } else if r.retryable {
+            Disposition::Retry
+        } else {
+            Disposition::GiveUp
+        };
+        Failure {
+            worker_id: r.worker_id,
+            lease_id: r.lease_id,
+            class: (!r.wnid.is_empty()).then_some(r.wnid),
+            error: r.error,
+            disposition,
+        }
+    }
+}
+
+impl From<Failure> for proto::FailShardRequest {
+    fn from(f: Failure) -> Self {
+        proto::FailShardRequest {
+            worker_id: f.worker_id,
+            lease_id: f.lease_id,
+            error: f.error,
+            retryable: f.disposition != Disposition::GiveUp,
+            released: f.disposition == Disposition::Release,
+            wnid: f.class.unwrap_or_default(),
+            incompatible: f.disposition == Disposition::Elsewhere,
+        }
+    }
+}
+
+impl From<VerifyReport> for proto::VerifyJobResponse {
+    fn from(r: VerifyReport) -> Self {
+        proto::VerifyJobResponse {
+            classes_checked: r.classes_checked,
+            files_checked: r.files_checked,
+            problems: r
+                .problems
+                .into_iter()
+                .map(|p| proto::VerifyProblem { wnid: p.wnid, file: p.file.unwrap_or_default(), problem: p.problem })
+                .collect(),
+        }
+    }
+}
+
+impl From<proto::VerifyJobResponse> for VerifyReport {
+    fn from(r: proto::VerifyJobResponse) -> Self {
+        VerifyReport {
+            classes_checked: r.classes_checked,
+            files_checked: r.files_checked,
+            problems: r
+                .problems
+                .into_iter()
+                .map(|p| VerifyProblem {
+                    wnid: p.wnid,
+                    file: (!p.file.is_empty()).then_some(p.file),
+                    problem: p.problem,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&ClassRef> for proto::ClassAssignment {
+    fn from(class: &ClassRef) -> Self {
+        proto::ClassAssignment { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index }
+    }
+}
+
+impl From<proto::ClassAssignment> for ClassRef {
+    fn from(class: proto::ClassAssignment) -> Self {
+        ClassRef { wnid: class.wnid, label: class.label, class_index: class.class_index }
+    }
 }
 
 impl From<JobState> for proto::JobState {
@@ -229,6 +381,25 @@ mod tests {
             status.finished_unix_ms = state.is_final().then_some(9);
             assert_eq!(JobStatus::try_from(proto::JobStatus::from(status.clone())), Ok(status));
         }
+    }
+
+    #[test]
+    fn failures_keep_their_disposition_across_the_wire() {
+        for disposition in [Disposition::Retry, Disposition::GiveUp, Disposition::Elsewhere, Disposition::Release] {
+            for class in [None, Some("n01440764".to_owned())] {
+                let failure =
+                    Failure { worker_id: "w".into(), lease_id: "l".into(), class, error: "e".into(), disposition };
+                assert_eq!(Failure::from(proto::FailShardRequest::from(failure.clone())), failure);
+            }
+        }
+        let registration = Registration {
+            worker_id: "w".into(),
+            hostname: "h".into(),
+            devices: vec!["cuda:0".into()],
+            protocol_version: crate::PROTOCOL_VERSION,
+            model_fingerprints: [("/m/dit.onnx".to_owned(), "sha256:ab".to_owned())].into(),
+        };
+        assert_eq!(Registration::from(proto::RegisterWorkerRequest::from(registration.clone())), registration);
     }
 
     #[test]

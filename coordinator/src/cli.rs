@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mgd3_common::proto;
 use mgd3_common::rpc::{CallError, Client, connect, read_token_file};
-use mgd3_common::status::{JobState, JobStatus};
+use mgd3_common::status::{JobState, JobStatus, VerifyReport};
 use tokio::net::TcpListener;
 
 use crate::grpc::serve;
@@ -458,16 +458,17 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify(args) => {
             let mut client = args.connection.client()?;
-            let response = client
+            let response: VerifyReport = client
                 .verify_job(proto::VerifyJobRequest { job_id: args.job.clone() })
                 .await
                 .map_err(CallError::of(&args.connection.coordinator, "VerifyJob"))?
-                .into_inner();
+                .into_inner()
+                .into();
             for p in &response.problems {
                 println!(
                     "class {}: {}{}",
                     p.wnid,
-                    if p.file.is_empty() { String::new() } else { format!("`{}`: ", p.file) },
+                    p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(),
                     p.problem
                 );
             }

@@ -30,7 +30,7 @@ pub enum Error {
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
     /// An object-store call failed (job records, an output's markers, folders or manifest).
-    #[error("object store `{url}`: {context}: {source}")]
+    #[error("object store `{url}`: {context}")]
     ObjectStore {
         /// The store's URL.
         url: String,
@@ -91,10 +91,19 @@ pub enum Error {
         supported: u32,
     },
     /// A worker registered with another protocol version.
-    #[error("worker rejected: {0}")]
-    Incompatible(String),
+    #[error(
+        "worker `{worker}` speaks protocol {theirs}, this coordinator speaks {ours}; run the same mgd3 version on both"
+    )]
+    Incompatible {
+        /// The worker.
+        worker: String,
+        /// Its protocol version.
+        theirs: u32,
+        /// This coordinator's.
+        ours: u32,
+    },
     /// A local I/O operation failed (reading a model file, the listener's address).
-    #[error("{what} `{path}`: {source}")]
+    #[error("{what} `{path}`")]
     Io {
         /// What the path is (`model file`, `listener`).
         what: &'static str,
@@ -132,7 +141,7 @@ pub enum Error {
         output: String,
     },
     /// The gRPC server could not be set up (TLS identity) or failed while serving.
-    #[error("gRPC transport: {0}")]
+    #[error("gRPC transport")]
     Transport(#[from] tonic::transport::Error),
     /// A job folder in the store lacks its `job.json` (the job is quarantined).
     #[error("`{path}` is missing from the store")]
@@ -182,7 +191,7 @@ fn bounded_message(message: String) -> String {
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        let message = bounded_message(error.to_string());
+        let message = bounded_message(mgd3_common::error_chain(&error));
         match error {
             Error::Job(_) | Error::FingerprintChanged { .. } | Error::JobIdTaken { .. } | Error::DataChanged { .. } => {
                 tonic::Status::invalid_argument(message)
@@ -190,7 +199,7 @@ impl From<Error> for tonic::Status {
             Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
                 tonic::Status::not_found(message)
             }
-            Error::Incompatible(_)
+            Error::Incompatible { .. }
             | Error::Scheduler(_)
             | Error::MissingMarker { .. }
             | Error::DigestMismatch { .. }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::Path;
 
 use mgd3_common::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
-use mgd3_common::proto::{self};
+use mgd3_common::proto::{self, poll_work_response::Action};
 use mgd3_common::rpc::RequireToken;
 use tokio::net::TcpListener;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -15,6 +15,7 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::lock::LockError;
+use crate::scheduler::{LeaseGrant, PollDecision, Running};
 use crate::service::{Coordinator, ServeConfig};
 
 /// The gRPC adapter.
@@ -29,23 +30,38 @@ impl CoordinatorRpc for Service {
         &self,
         request: Request<proto::RegisterWorkerRequest>,
     ) -> RpcResult<proto::RegisterWorkerResponse> {
-        Ok(Response::new(self.0.register(request.into_inner())?))
+        let request = request.into_inner();
+        let worker_id = request.worker_id.clone();
+        let (heartbeat_interval_ms, excluded) = self.0.register(request.into())?;
+        Ok(Response::new(proto::RegisterWorkerResponse {
+            worker_id,
+            heartbeat_interval_ms,
+            excluded: excluded.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn poll_work(&self, request: Request<proto::PollWorkRequest>) -> RpcResult<proto::PollWorkResponse> {
-        Ok(Response::new(self.0.poll(request.into_inner())?))
+        let request = request.into_inner();
+        let running: Vec<Running> = request.running.iter().map(Running::from).collect();
+        let (decision, revoked) = self.0.poll(&request.worker_id, &running, request.draining)?;
+        let action = match decision {
+            PollDecision::Lease(grant) => Action::Lease(lease_message(grant)),
+            PollDecision::Wait(ms) => Action::WaitMs(ms),
+            PollDecision::Drain => Action::Drain(true),
+        };
+        Ok(Response::new(proto::PollWorkResponse { action: Some(action), revoked }))
     }
 
     async fn complete_shard(
         &self,
         request: Request<proto::CompleteShardRequest>,
     ) -> RpcResult<proto::CompleteShardResponse> {
-        self.0.complete(request.into_inner()).await?;
+        self.0.complete(request.into_inner().into()).await?;
         Ok(Response::new(proto::CompleteShardResponse {}))
     }
 
     async fn fail_shard(&self, request: Request<proto::FailShardRequest>) -> RpcResult<proto::FailShardResponse> {
-        self.0.fail(request.into_inner())?;
+        self.0.fail(request.into_inner().into())?;
         Ok(Response::new(proto::FailShardResponse {}))
     }
 
@@ -77,7 +93,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn verify_job(&self, request: Request<proto::VerifyJobRequest>) -> RpcResult<proto::VerifyJobResponse> {
-        Ok(Response::new(self.0.verify(&request.into_inner().job_id).await?))
+        Ok(Response::new(self.0.verify(&request.into_inner().job_id).await?.into()))
     }
 
     async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {
@@ -87,6 +103,23 @@ impl CoordinatorRpc for Service {
 
     async fn list_jobs(&self, _request: Request<proto::ListJobsRequest>) -> RpcResult<proto::ListJobsResponse> {
         Ok(Response::new(proto::ListJobsResponse { jobs: self.0.list().into_iter().map(Into::into).collect() }))
+    }
+}
+
+/// A granted lease as the worker receives it: the resolved spec travels as JSON (see
+/// docs/ARCHITECTURE.md, "The spec stays a document").
+fn lease_message(grant: LeaseGrant) -> proto::Lease {
+    proto::Lease {
+        lease_id: grant.lease_id,
+        job_id: grant.job.job_id.clone(),
+        shard_index: grant.shard_index as u32,
+        attempt: grant.attempt,
+        attempt_id: grant.attempt_id,
+        deadline_unix_ms: grant.deadline_ms,
+        classes: grant.classes.iter().map(Into::into).collect(),
+        spec_json: serde_json::to_string(&grant.job.spec).expect("serialisable spec"),
+        spec_fingerprint: grant.job.fingerprint.clone(),
+        lease_timeout_ms: grant.job.spec.lease_timeout_s * 1000,
     }
 }
 

@@ -57,7 +57,7 @@ pub enum LockError {
         timeout_s: f64,
     },
     /// The store could not be read or written.
-    #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`: {source}")]
+    #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`")]
     Store {
         /// The store's URL.
         url: String,
@@ -185,7 +185,7 @@ impl StoreLock {
             .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
             .is_some_and(|holder| holder.owner == self.record.owner);
         if ours && let Err(error) = delete(&self.store).await {
-            warn!(store = %self.store.url, %error, "could not release the coordinator lock");
+            warn!(store = %self.store.url, error = %mgd3_common::error_chain(&error), "could not release the coordinator lock");
         } else if ours {
             info!(store = %self.store.url, "coordinator lock released");
         }

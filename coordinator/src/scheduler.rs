@@ -210,16 +210,8 @@ pub enum PollDecision {
     Drain,
 }
 
-/// A running lease as the worker reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Running {
-    /// The lease being run.
-    pub lease_id: String,
-    /// Images committed so far under this lease.
-    pub images_done: u32,
-    /// Classes of the shard committed so far.
-    pub classes_done: u32,
-}
+/// A running lease as the worker reports it (one type with the wire's, see `common::lease`).
+pub use mgd3_common::lease::RunningLease as Running;
 
 /// Counts for status output.
 #[derive(Clone, Debug, PartialEq)]

@@ -12,8 +12,8 @@ use std::time::Duration;
 use mgd3_common::commit::{self, CommitError};
 use mgd3_common::job::ResolvedJob;
 use mgd3_common::layout::JobKeys;
-use mgd3_common::proto::{self, poll_work_response::Action};
-use mgd3_common::status::{JobStatus, ShardCounts, ShardFailure};
+use mgd3_common::lease::{Completion, Disposition, Exclusion, Failure, Registration};
+use mgd3_common::status::{JobStatus, ShardCounts, ShardFailure, VerifyProblem, VerifyReport};
 use mgd3_common::store::{self, Location};
 use mgd3_common::{PROTOCOL_VERSION, now_ms};
 use tokio::sync::Notify;
@@ -149,8 +149,13 @@ impl Coordinator {
                 // Damage to one job's records quarantines that job; the others run. A store that
                 // cannot be reached is not damage: the coordinator does not start.
                 Err(error) if error.is_damage() => {
-                    warn!(job = %job_id, %error, "job quarantined: its records are damaged");
-                    coordinator.inner.quarantined.lock().expect("quarantined").insert(job_id, error.to_string());
+                    warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "job quarantined: its records are damaged");
+                    coordinator
+                        .inner
+                        .quarantined
+                        .lock()
+                        .expect("quarantined")
+                        .insert(job_id, mgd3_common::error_chain(&error));
                 }
                 Err(error) => return Err(error),
             }
@@ -249,13 +254,13 @@ impl Coordinator {
                     match self.inner.lock.lock().await.renew().await {
                         Ok(()) => {}
                         Err(error @ LockError::Lost { .. }) => {
-                            tracing::error!(%error, "stopping: the store has another coordinator");
+                            tracing::error!(error = %mgd3_common::error_chain(&error), "stopping: the store has another coordinator");
                             *self.inner.lost_to.lock().expect("lost to") = Some(error);
                             self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
                             self.inner.lost.notify_waiters();
                             return;
                         }
-                        Err(error) => warn!(%error, "could not renew the coordinator lock; will retry"),
+                        Err(error) => warn!(error = %mgd3_common::error_chain(&error), "could not renew the coordinator lock; will retry"),
                     }
                     continue;
                 }
@@ -293,7 +298,9 @@ impl Coordinator {
                     // Now state.json may say finished (see below).
                     self.inner.dirty.lock().expect("dirty").insert(job_id.clone());
                 }
-                Err(error) => warn!(job = %job_id, %error, "could not write the job manifest; will retry"),
+                Err(error) => {
+                    warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "could not write the job manifest; will retry")
+                }
             }
         }
         let dirty: Vec<String> = self.inner.dirty.lock().expect("dirty").drain().collect();
@@ -309,7 +316,7 @@ impl Coordinator {
             if let Some(persisted) = persisted
                 && let Err(error) = self.inner.jobs.write_state(&job_id, &persisted).await
             {
-                warn!(job = %job_id, %error, "could not persist job state; will retry");
+                warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "could not persist job state; will retry");
                 self.mark_dirty(&job_id);
             }
         }
@@ -444,7 +451,7 @@ impl Coordinator {
                 Err(error) => Err(error),
             };
             if let Err(error) = recovered {
-                let reason = error.to_string();
+                let reason = mgd3_common::error_chain(&error);
                 self.inner.quarantined.lock().expect("quarantined").insert(job_id.to_owned(), reason.clone());
                 return Err(Error::Quarantined { job: job_id.into(), reason });
             }
@@ -481,7 +488,7 @@ impl Coordinator {
             match commit::publish(&out, &keys, &marker, commit::Check::Content).await {
                 Ok(()) => {}
                 Err(error @ CommitError::LostStaging { .. }) => {
-                    warn!(job = %job_id, class = %class.wnid, %error, "published files cannot be restored: the class is distilled again");
+                    warn!(job = %job_id, class = %class.wnid, error = %mgd3_common::error_chain(&error), "published files cannot be restored: the class is distilled again");
                     commit::uncommit(&out, &keys, &class.wnid).await?;
                     redone.push(class.wnid.clone());
                 }
@@ -511,7 +518,7 @@ impl Coordinator {
     /// # Errors
     /// [`Error::UnknownJob`]; [`Error::Commit`] for an unreadable or foreign marker or a store
     /// that cannot be listed; [`Error::ObjectStore`].
-    pub async fn verify(&self, job_id: &str) -> Result<proto::VerifyJobResponse> {
+    pub async fn verify(&self, job_id: &str) -> Result<VerifyReport> {
         let job = self.known_job(job_id)?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);
@@ -521,18 +528,19 @@ impl Coordinator {
             .map(|class| (out.clone(), keys.clone(), job.fingerprint.clone(), class.wnid.clone()))
             .map(|(out, keys, fingerprint, wnid)| async move {
                 let Some(marker) = commit::committed_marker(&out, &keys, &wnid, &fingerprint).await? else {
-                    let problem = proto::VerifyProblem { wnid, file: String::new(), problem: "not committed".into() };
+                    let problem = VerifyProblem { wnid, file: None, problem: "not committed".into() };
                     return Ok::<_, Error>((0, vec![problem]));
                 };
                 let (files, problems) = commit::verify_class(&out, &keys, &marker).await?;
                 let problems = problems
                     .into_iter()
-                    .map(|p| proto::VerifyProblem { wnid: wnid.clone(), file: p.file, problem: p.problem })
+                    .map(|p| VerifyProblem { wnid: wnid.clone(), file: Some(p.file), problem: p.problem })
                     .collect();
                 Ok((files, problems))
             })
             .collect();
-        let mut response = proto::VerifyJobResponse { classes_checked: job.classes.len() as u32, ..Default::default() };
+        let mut response =
+            VerifyReport { classes_checked: job.classes.len() as u32, files_checked: 0, problems: Vec::new() };
         let mut results = futures::StreamExt::buffered(futures::stream::iter(checks), 16);
         while let Some(result) = futures::StreamExt::next(&mut results).await {
             let (files, problems) = result?;
@@ -540,17 +548,17 @@ impl Coordinator {
             response.problems.extend(problems);
         }
         for folder in extra_class_folders(&out, &job).await? {
-            response.problems.push(proto::VerifyProblem {
+            response.problems.push(VerifyProblem {
                 wnid: String::new(),
-                file: folder,
+                file: Some(folder),
                 problem: "a class folder of no class of this job (it would add a class to the dataset)".into(),
             });
         }
         let finished = self.inner.scheduler.lock().expect("scheduler").state(job_id) == Some(JobState::Succeeded);
         if finished && !state::manifest_in_place(&out, &job).await? {
-            response.problems.push(proto::VerifyProblem {
+            response.problems.push(VerifyProblem {
                 wnid: String::new(),
-                file: keys.manifest(),
+                file: Some(keys.manifest()),
                 problem: "missing, or not this job's manifest".into(),
             });
         }
@@ -643,12 +651,19 @@ impl Coordinator {
         jobs
     }
 
-    pub(crate) fn register(&self, request: proto::RegisterWorkerRequest) -> Result<proto::RegisterWorkerResponse> {
+    /// A worker announces itself. Every running job whose models differ from the ones the
+    /// worker has loaded (same path, other fingerprint) excludes it; the exclusions come back
+    /// with their reasons. Returns the heartbeat interval (ms) and the exclusions.
+    ///
+    /// # Errors
+    /// [`Error::Incompatible`] for another protocol version.
+    pub fn register(&self, request: Registration) -> Result<(u64, Vec<Exclusion>)> {
         if request.protocol_version != PROTOCOL_VERSION {
-            return Err(Error::Incompatible(format!(
-                "worker `{}` speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; run the same mgd3 version on both",
-                request.worker_id, request.protocol_version
-            )));
+            return Err(Error::Incompatible {
+                worker: request.worker_id,
+                theirs: request.protocol_version,
+                ours: PROTOCOL_VERSION,
+            });
         }
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
         let mut excluded = Vec::new();
@@ -678,7 +693,7 @@ impl Coordinator {
                     changed.push(id.clone());
                 }
                 warn!(job = %id, worker = %request.worker_id, %reason, "worker excluded from the job");
-                excluded.push(proto::JobExclusion { job_id: id, reason });
+                excluded.push(Exclusion { job_id: id, reason });
             }
         }
         scheduler.register(&request.worker_id, now_ms());
@@ -688,56 +703,40 @@ impl Coordinator {
         for id in changed {
             self.mark_dirty(&id);
         }
-        Ok(proto::RegisterWorkerResponse { worker_id: request.worker_id, heartbeat_interval_ms, excluded })
+        Ok((heartbeat_interval_ms, excluded))
     }
 
-    pub(crate) fn poll(&self, request: proto::PollWorkRequest) -> Result<proto::PollWorkResponse> {
-        let running: Vec<Running> = request
-            .running
-            .iter()
-            .map(|r| Running { lease_id: r.lease_id.clone(), images_done: r.images_done, classes_done: r.classes_done })
-            .collect();
+    /// A worker's heartbeat: renews the leases it reports `running` (recording their progress)
+    /// and, when it holds none and is not `draining`, asks for work. Returns the decision and
+    /// the reported leases that are no longer held (the worker stops them).
+    ///
+    /// # Errors
+    /// [`Error::Scheduler`] with `UnknownWorker` when the worker has not registered (it
+    /// registers again).
+    pub fn poll(&self, worker_id: &str, running: &[Running], draining: bool) -> Result<(PollDecision, Vec<String>)> {
         let (decision, revoked, settled) = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
-            let (decision, revoked) = scheduler.poll(&request.worker_id, &running, request.draining, now_ms())?;
+            let (decision, revoked) = scheduler.poll(worker_id, running, draining, now_ms())?;
             (decision, revoked, scheduler.take_settled())
         };
         // Leases this poll found expired or forgotten: persisted, and a job they ended finished.
         for (job_id, settled) in settled {
             self.settled(&job_id, settled);
         }
-        let action = match decision {
-            PollDecision::Lease(grant) => {
-                info!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %request.worker_id, "lease granted");
-                self.mark_dirty(&grant.job.job_id);
-                Action::Lease(proto::Lease {
-                    lease_id: grant.lease_id,
-                    job_id: grant.job.job_id.clone(),
-                    shard_index: grant.shard_index as u32,
-                    attempt: grant.attempt,
-                    attempt_id: grant.attempt_id,
-                    deadline_unix_ms: grant.deadline_ms,
-                    classes: grant
-                        .classes
-                        .iter()
-                        .map(|c| proto::ClassAssignment {
-                            wnid: c.wnid.clone(),
-                            label: c.label,
-                            class_index: c.class_index,
-                        })
-                        .collect(),
-                    spec_json: serde_json::to_string(&grant.job.spec).expect("serialisable spec"),
-                    spec_fingerprint: grant.job.fingerprint.clone(),
-                    lease_timeout_ms: grant.job.spec.lease_timeout_s * 1000,
-                })
-            }
-            PollDecision::Wait(ms) => Action::WaitMs(ms),
-            PollDecision::Drain => Action::Drain(true),
-        };
-        Ok(proto::PollWorkResponse { action: Some(action), revoked })
+        if let PollDecision::Lease(grant) = &decision {
+            info!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %worker_id, "lease granted");
+            self.mark_dirty(&grant.job.job_id);
+        }
+        Ok((decision, revoked))
     }
 
-    pub(crate) async fn complete(&self, request: proto::CompleteShardRequest) -> Result<()> {
+    /// A worker finished a shard: every class must have a marker naming the job's fingerprint,
+    /// and the digest of those markers must be the one reported; then the shard is done.
+    ///
+    /// # Errors
+    /// [`Error::MissingMarker`] / [`Error::DigestMismatch`] (the attempt is recorded as failed),
+    /// [`Error::Scheduler`] for a lease that is not held, store errors.
+    pub async fn complete(&self, request: Completion) -> Result<()> {
         let (job, shard) =
             self.inner.scheduler.lock().expect("scheduler").lease(&request.worker_id, &request.lease_id)?;
         let out = self.output(&job)?;
@@ -773,13 +772,17 @@ impl Coordinator {
                 &request.worker_id,
                 &request.lease_id,
                 wnid.clone(),
-                format!("worker `{}` reported the shard complete, but {error}", request.worker_id),
+                format!(
+                    "worker `{}` reported the shard complete, but {}",
+                    request.worker_id,
+                    mgd3_common::error_chain(&error)
+                ),
                 true,
                 false,
                 now_ms(),
             );
             if let Ok((job_id, settled)) = settled {
-                warn!(job = %job_id, shard, worker = %request.worker_id, wnid = wnid.as_deref().unwrap_or(""), output = %out.url, %error, "completion refused");
+                warn!(job = %job_id, shard, worker = %request.worker_id, wnid = wnid.as_deref().unwrap_or(""), output = %out.url, error = %mgd3_common::error_chain(&error), "completion refused");
                 self.settled(&job_id, settled);
             }
             return Err(error);
@@ -794,31 +797,39 @@ impl Coordinator {
         Ok(())
     }
 
-    pub(crate) fn fail(&self, request: proto::FailShardRequest) -> Result<()> {
-        let wnid = Some(request.wnid.clone()).filter(|w| !w.is_empty());
+    /// A shard attempt did not finish: what happens to the shard follows the failure's
+    /// disposition (retry, give up, lease elsewhere and exclude the worker, release).
+    ///
+    /// # Errors
+    /// [`Error::Scheduler`] for a lease that is not held.
+    pub fn fail(&self, request: Failure) -> Result<()> {
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
         let now = now_ms();
-        let (job_id, settled) = if request.incompatible {
-            scheduler.exclude(&request.worker_id, &request.lease_id, request.error.clone(), now)?
-        } else {
-            scheduler.fail(
+        let (job_id, settled) = match request.disposition {
+            Disposition::Elsewhere => {
+                scheduler.exclude(&request.worker_id, &request.lease_id, request.error.clone(), now)?
+            }
+            disposition => scheduler.fail(
                 &request.worker_id,
                 &request.lease_id,
-                wnid,
+                request.class.clone(),
                 request.error.clone(),
-                request.retryable,
-                request.released,
+                disposition != Disposition::GiveUp,
+                disposition == Disposition::Release,
                 now,
-            )?
+            )?,
         };
         drop(scheduler);
-        if request.released {
-            info!(job = %job_id, worker = %request.worker_id, "lease released");
-        } else if request.incompatible {
+        let class = request.class.as_deref().unwrap_or("");
+        match request.disposition {
+            Disposition::Release => info!(job = %job_id, worker = %request.worker_id, "lease released"),
             // Not an attempt: the shard goes to another worker with its budget untouched.
-            warn!(job = %job_id, worker = %request.worker_id, reason = %request.error, "worker excluded from the job");
-        } else {
-            warn!(job = %job_id, worker = %request.worker_id, wnid = %request.wnid, retryable = request.retryable, error = %request.error, "shard attempt failed");
+            Disposition::Elsewhere => {
+                warn!(job = %job_id, worker = %request.worker_id, reason = %request.error, "worker excluded from the job")
+            }
+            disposition => {
+                warn!(job = %job_id, worker = %request.worker_id, class, ?disposition, error = %request.error, "shard attempt failed")
+            }
         }
         self.settled(&job_id, settled);
         Ok(())

@@ -106,12 +106,12 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
             problems.into_iter().map(|problem| FieldError { field: "dataset".into(), problem }).collect(),
         ))
     };
-    let root = Root::open(&spec.dataset).map_err(|e| invalid(vec![e.to_string()]))?;
+    let root = Root::open(&spec.dataset).map_err(|e| invalid(vec![mgd3_common::error_chain(&e)]))?;
     let mut notes = Vec::new();
     let all = matches!(&spec.classes, ClassSelection::Named(all) if all == "all");
     let folders = match &spec.classes {
         _ if all || matches!(spec.labels, LabelScheme::Folder | LabelScheme::Position) => {
-            let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![e.to_string()]))?;
+            let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![mgd3_common::error_chain(&e)]))?;
             if !hidden.is_empty() {
                 notes.push(format!(
                     "skipped {} hidden folder(s) of `{}` (never a class): {}",
@@ -150,7 +150,7 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     for (class, listing) in classes.iter().zip(listings) {
         match listing {
             Err(error) => {
-                problems.push(error.to_string());
+                problems.push(mgd3_common::error_chain(&error));
                 counts.push(0);
             }
             Ok(listing) => {

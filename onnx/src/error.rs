@@ -25,7 +25,7 @@ pub enum Error {
     },
 
     /// An ONNX Runtime call failed (building a session, reading metadata, a run).
-    #[error("ONNX Runtime: {context}: {source}")]
+    #[error("ONNX Runtime: {context}")]
     Ort {
         /// What was being done, naming the model where there is one.
         context: String,
@@ -37,7 +37,7 @@ pub enum Error {
     /// A CUDA device was asked for but its execution provider could not be registered (there is
     /// no CPU fallback).
     #[error(
-        "device {device} requested but the CUDA execution provider could not be registered: {source}\n  \
+        "device {device} requested but the CUDA execution provider could not be registered; \
          use the onnxruntime-gpu build (`scripts/setup_ort.sh gpu`) and make the CUDA 13 / cuDNN 9 \
          libraries visible (LD_LIBRARY_PATH); mgd3 never falls back to the CPU silently"
     )]

@@ -5,10 +5,10 @@
 
 use std::path::PathBuf;
 
+use mgd3_common::job::SamplingSpec;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, init_runtime};
 use mgd3_worker::engine::{ClassTimings, DitDenoiser, decode_to_png, schedule_for};
-use mgd3_worker::mgd3::guidance::GuidanceConfig;
-use mgd3_worker::mgd3::sampler::{ModelSpec, sample};
+use mgd3_worker::mgd3::sampler::{DenoiserInfo, sample};
 use ndarray::{Array4, Array5, ArrayView4, Axis};
 use ndarray_npy::read_npy;
 use serde_json::Value;
@@ -32,11 +32,13 @@ fn assert_parity(got: ArrayView4<f32>, want: ArrayView4<f32>, what: &str) {
 fn run_case(case: &str) {
     let dir = fixtures().join("parity").join(case);
     let params: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
-    let guidance = GuidanceConfig {
+    let guidance = SamplingSpec {
         guidance_scale: params["guidance_scale"].as_f64().unwrap() as f32,
         stop_guidance: params["t_stop"].as_u64().unwrap() as usize,
         cfg_scale: params["cfg_scale"].as_f64().unwrap() as f32,
         cfg_channels: params["cfg_channels"].as_u64().unwrap() as usize,
+        steps: params["steps"].as_u64().unwrap() as usize,
+        ..Default::default()
     };
     let steps = params["steps"].as_u64().unwrap() as usize;
     let label = params["label"].as_i64().unwrap();
@@ -48,7 +50,7 @@ fn run_case(case: &str) {
     let session = session();
     let mut dit = Dit::load(&fixtures().join("models/tiny_dit.onnx"), &session).unwrap();
     let schedule = schedule_for(&dit, steps).unwrap();
-    let spec = ModelSpec { null_label: dit.info().num_classes as i64, learn_sigma: true };
+    let spec = DenoiserInfo { null_label: dit.info().num_classes as i64, learn_sigma: true };
     let mut checked = 0;
     let (latents, _) = sample(
         &mut DitDenoiser(&mut dit),

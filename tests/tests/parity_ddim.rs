@@ -6,10 +6,10 @@
 
 use std::path::PathBuf;
 
+use mgd3_common::job::SamplingSpec;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, init_runtime};
 use mgd3_worker::engine::{ClassTimings, DitDenoiser, decode_to_png, schedule_for_sampler};
-use mgd3_worker::mgd3::guidance::GuidanceConfig;
-use mgd3_worker::mgd3::sampler::{ModelSpec, Sampler, sample_with};
+use mgd3_worker::mgd3::sampler::{DenoiserInfo, Sampler, sample_with};
 use ndarray::{Array4, Array5, ArrayView4, Axis};
 use ndarray_npy::read_npy;
 use serde_json::Value;
@@ -33,11 +33,13 @@ fn run_case(case: &str) {
     let dir = fixtures().join("parity_ddim").join(case);
     let params: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
     assert_eq!(params["sampler"], "ddim", "{case}");
-    let guidance = GuidanceConfig {
+    let guidance = SamplingSpec {
         guidance_scale: params["guidance_scale"].as_f64().unwrap() as f32,
         stop_guidance: params["t_stop"].as_u64().unwrap() as usize,
         cfg_scale: params["cfg_scale"].as_f64().unwrap() as f32,
         cfg_channels: params["cfg_channels"].as_u64().unwrap() as usize,
+        steps: params["steps"].as_u64().unwrap() as usize,
+        ..Default::default()
     };
     let sampler = Sampler::Ddim { eta: params["eta"].as_f64().unwrap() as f32 };
     let steps = params["steps"].as_u64().unwrap() as usize;
@@ -51,7 +53,7 @@ fn run_case(case: &str) {
     let session = SessionConfig { intra_threads: Some(1), max_batch: 64, ..Default::default() };
     let mut dit = Dit::load(&fixtures().join("models/tiny_dit.onnx"), &session).unwrap();
     let schedule = schedule_for_sampler(&dit, steps, sampler).unwrap();
-    let spec = ModelSpec { null_label: dit.info().num_classes as i64, learn_sigma: true };
+    let spec = DenoiserInfo { null_label: dit.info().num_classes as i64, learn_sigma: true };
     let (mut checked, mut worst) = (0, 0f32);
     let (latents, _) = sample_with(
         sampler,

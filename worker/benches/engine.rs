@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::{ImageFormat, RgbImage};
+use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
-use mgd3_worker::engine::{ClassSpec, ClassTimings, Engine, ModelPaths, SamplingConfig};
+use mgd3_worker::engine::{ClassSpec, ClassTimings, Engine, ModelPaths};
 
 fn env_or(key: &str, default: PathBuf) -> PathBuf {
     std::env::var_os(key).map(PathBuf::from).unwrap_or(default)
@@ -53,12 +54,12 @@ fn main() {
         }
     };
     init_runtime(None).expect("ONNX Runtime: run scripts/setup_ort.sh");
-    let spec = ClassSpec { wnid: class.clone(), label: 0, class_index: 0, ipc };
+    let spec = ClassSpec::new(ClassRef { wnid: class.clone(), label: 0, class_index: 0 }, ipc);
     println!("mgd3 engine benchmark: DiT {}, device {device}, class {class}, IPC {ipc}, 50 steps", paths.dit.display());
 
     // One full class, batched.
     let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch: 64 };
-    let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
+    let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
     let started = Instant::now();
     let output = engine
         .distill_class(&mgd3_worker::data::Dataset::open(&data.display().to_string()).unwrap(), &spec, false)
@@ -87,7 +88,7 @@ fn main() {
     let mut rates = vec![];
     for max_batch in [2, 2 * ipc.min(32)] {
         let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch };
-        let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
+        let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
         let mut timings = ClassTimings::default();
         let started = Instant::now();
         engine.sample_latents(&class, &labels, output.modes.view(), noise.view(), &mut timings).unwrap();

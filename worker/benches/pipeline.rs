@@ -13,10 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::{CpuPool, available_cpus};
 use mgd3_worker::data::{self, Dataset};
-use mgd3_worker::engine::{ClassOutput, ClassSpec, Engine, ModelPaths, SamplingConfig};
+use mgd3_worker::engine::{ClassOutput, ClassSpec, Engine, ModelPaths};
 use mgd3_worker::mgd3::modes::{find_modes, squared_distance};
 use mgd3_worker::pipeline::{ClassOutputs, ShardOptions, ShardStats};
 use ndarray::{Array2, Array4};
@@ -75,7 +76,7 @@ fn engine(models: &Path, threads: usize, pool: &CpuPool) -> Engine {
         vae_decoder: models.join("vae_decoder.onnx"),
     };
     let session = SessionConfig { intra_threads: Some(threads), max_batch: 64, ..Default::default() };
-    let mut engine = Engine::load(&paths, &session, SamplingConfig::default()).unwrap();
+    let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
     engine.set_cpu_pool(pool.clone());
     engine
 }
@@ -84,7 +85,7 @@ fn classes(names: &[String], ipc: usize) -> Vec<ClassSpec> {
     names
         .iter()
         .enumerate()
-        .map(|(i, w)| ClassSpec { wnid: w.clone(), label: i as i64, class_index: i as u64, ipc })
+        .map(|(i, w)| ClassSpec::new(ClassRef { wnid: w.clone(), label: i as i64, class_index: i as u64 }, ipc))
         .collect()
 }
 

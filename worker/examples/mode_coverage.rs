@@ -4,7 +4,7 @@
 //! Prints coverage for several λ / t_stop and with k-means-found modes; draws docs/mode_coverage.png.
 
 use image::{Rgb, RgbImage};
-use mgd3_worker::mgd3::guidance::GuidanceConfig;
+use mgd3_common::job::SamplingSpec;
 use mgd3_worker::toy::{Mixture, ModeSource, coverage_experiment, sample_points};
 
 const SIDE: u32 = 360;
@@ -48,8 +48,10 @@ fn main() {
         }
     }
     let n = 40;
-    let plain = GuidanceConfig { guidance_scale: 0.0, stop_guidance: 50, cfg_scale: 1.0, cfg_channels: 0 };
-    let guided = GuidanceConfig { guidance_scale: 0.3, stop_guidance: 10, cfg_scale: 1.0, cfg_channels: 0 };
+    let plain =
+        SamplingSpec { guidance_scale: 0.0, stop_guidance: 50, cfg_scale: 1.0, cfg_channels: 0, ..Default::default() };
+    let guided =
+        SamplingSpec { guidance_scale: 0.3, stop_guidance: 10, cfg_scale: 1.0, cfg_channels: 0, ..Default::default() };
     let modes: Vec<Vec<f32>> = mixture.means.iter().map(|m| m.iter().map(|v| *v as f32).collect()).collect();
     let unguided_points = sample_points(&mixture, &[], plain, n, 7);
     let guided_points = sample_points(&mixture, &modes, guided, n, 7);

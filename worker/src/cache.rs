@@ -22,7 +22,7 @@ pub const PREPROCESSING_VERSION: &str = "prep-v1";
 #[derive(Debug, Error)]
 pub enum CacheError {
     /// Reading or writing the cache's store failed (after the store's own retries).
-    #[error("latent cache `{url}`: `{key}`: {source}")]
+    #[error("latent cache `{url}`: `{key}`")]
     Store {
         /// The cache location's URL.
         url: String,
@@ -73,7 +73,7 @@ pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Op
             Ok(None)
         }
         Err(error) => {
-            warn!(key, %error, "ignoring unreadable cached latents");
+            warn!(key, error = %mgd3_common::error_chain(&error), "ignoring unreadable cached latents");
             Ok(None)
         }
     }

@@ -11,14 +11,12 @@ use ndarray_npy::ReadNpyExt;
 
 use crate::client::WorkerConfig;
 use crate::engine::{
-    ClassSpec, ClassTimings, Engine, EngineError, ModelPaths, SampleBatch, SamplingConfig, check_guidance,
-    decode_to_png, sample_in_batches, schedule_for_sampler,
+    ClassSpec, ClassTimings, Engine, EngineError, ModelPaths, SampleBatch, check_guidance, decode_to_png,
+    sample_in_batches, sampler_of, schedule_for_sampler,
 };
-use crate::mgd3::guidance::GuidanceConfig;
-use crate::mgd3::sampler::Sampler;
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
-use mgd3_common::job::SamplerKind;
+use mgd3_common::job::{InvalidSetting, SamplerKind, SamplingSpec, Setting, SettingSource};
 
 /// The `worker` command line, parsed by clap.
 #[derive(Debug, Parser)]
@@ -55,8 +53,8 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub worker_id: Option<String>,
     /// `onnx` (the real engine) or `fake` (deterministic stand-in images, for cluster tests).
-    #[arg(long, default_value = "onnx")]
-    pub engine: String,
+    #[arg(long, value_enum, default_value_t = EngineKind::Onnx)]
+    pub engine: EngineKind,
     /// Seconds per class of the fake engine.
     #[arg(long, default_value_t = 0.05)]
     pub fake_class_seconds: f64,
@@ -90,12 +88,21 @@ pub struct ImportArgs {
     pub per_class: Option<usize>,
 }
 
+/// Which engine a worker runs shards with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// The ONNX models named by each job.
+    Onnx,
+    /// Deterministic stand-in images without models, for cluster tests and benchmarks.
+    Fake,
+}
+
 /// Where and how models run.
 #[derive(Debug, Args, Clone)]
 pub struct RuntimeArgs {
     /// `cpu`, `cuda` or `cuda:N`. A CUDA device that cannot be used is an error.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// Largest batch per model call (a DiT call holds max_batch/2 cond+uncond pairs).
     #[arg(long, default_value_t = mgd3_common::job::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
@@ -123,14 +130,37 @@ impl RuntimeArgs {
         pool
     }
 
-    /// The ONNX Runtime session settings these flags ask for, after checking them and loading
-    /// ONNX Runtime.
+    /// Loads ONNX Runtime (`--ort-lib`, else `$ORT_DYLIB_PATH`, else the system library) and
+    /// returns the session settings these flags ask for.
+    ///
+    /// # Errors
+    /// What [`SessionConfig::try_from`] refuses; an ONNX Runtime library that cannot be loaded.
+    pub fn session_config(&self) -> Result<SessionConfig> {
+        let config = SessionConfig::try_from(self)?;
+        init_runtime(self.ort_lib.as_deref())?;
+        Ok(config)
+    }
+}
+
+impl TryFrom<&RuntimeArgs> for SessionConfig {
+    type Error = anyhow::Error;
+
+    /// The session settings the flags ask for, checked; nothing is loaded.
     ///
     /// # Errors
     /// `--max-batch`, `--threads` or `--cpu-threads` of 0; `--threads` or `--cpu-threads` above
-    /// [`MAX_THREADS_PER_CPU`] × the usable CPUs; a `--device` that does not parse; an ONNX
-    /// Runtime library that cannot be loaded.
-    pub fn session_config(&self) -> Result<SessionConfig> {
+    /// [`MAX_THREADS_PER_CPU`] × the usable CPUs.
+    fn try_from(args: &RuntimeArgs) -> Result<Self> {
+        args.check()?;
+        // ONNX Runtime's own default is every core of the machine, which under Slurm or a cgroup
+        // quota oversubscribes the CPUs this process was given.
+        let intra_threads = Some(args.threads.unwrap_or_else(crate::cpu::available_cpus));
+        Ok(SessionConfig { device: args.device, intra_threads, max_batch: args.max_batch })
+    }
+}
+
+impl RuntimeArgs {
+    fn check(&self) -> Result<()> {
         if self.max_batch == 0 {
             bail!("--max-batch must be at least 1");
         }
@@ -156,63 +186,61 @@ impl RuntimeArgs {
                 MAX_THREADS_PER_CPU * cpus
             );
         }
-        let device: Device = self.device.parse()?;
-        init_runtime(self.ort_lib.as_deref())?;
-        // ONNX Runtime's own default is every core of the machine, which under Slurm or a cgroup
-        // quota oversubscribes the CPUs this process was given.
-        let intra_threads = Some(self.threads.unwrap_or_else(crate::cpu::available_cpus));
-        Ok(SessionConfig { device, intra_threads, max_batch: self.max_batch })
+        Ok(())
     }
 }
 
-/// MGD³ sampling settings (defaults = the paper's).
+/// MGD³ sampling settings; the defaults are [`SamplingSpec::default`]'s (the paper's), the same
+/// as a job spec's `[sampling]` table.
 #[derive(Debug, Args, Clone)]
 pub struct SamplingArgs {
-    /// Job seed; each sample's noise stream derives from (seed, class index, sample index).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Mode-guidance scale λ.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = SamplingSpec::default().guidance_scale)]
     pub guidance_scale: f32,
     /// t_stop: guidance while the respaced index i > t_stop (--steps = no guidance).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = SamplingSpec::default().stop_guidance)]
     pub stop_guidance: usize,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = SamplingSpec::default().cfg_scale)]
     pub cfg_scale: f32,
     /// ε channels CFG mixes: 3 reproduces the reference DiT, 4 is standard CFG.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = SamplingSpec::default().cfg_channels)]
     pub cfg_channels: usize,
     /// Sampling steps (respaced: DDPM `space_timesteps(T, S)`, DDIM every T/S-th timestep).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = SamplingSpec::default().steps)]
     pub steps: usize,
     /// Reverse step: `ddpm` (the reference code's) or `ddim` (the paper's Algorithm 1).
-    #[arg(long, default_value_t = SamplerKind::Ddpm)]
+    #[arg(long, default_value_t = SamplingSpec::default().sampler)]
     pub sampler: SamplerKind,
     /// DDIM's η: 0 = deterministic, 1 = DDPM-like noise (only with --sampler ddim).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = SamplingSpec::default().eta)]
     pub eta: f32,
 }
 
-impl SamplingArgs {
-    /// The settings as the engine takes them.
+impl TryFrom<&SamplingArgs> for SamplingSpec {
+    type Error = InvalidSetting;
+
+    /// The settings as a job spec would hold them; nothing is loaded.
     ///
     /// # Errors
     /// `--eta` outside 0..=1 or given without `--sampler ddim`.
-    pub fn config(&self) -> Result<SamplingConfig> {
-        if let Some(problem) = self.sampler.eta_problem(self.eta) {
-            bail!("--eta {problem}");
+    fn try_from(args: &SamplingArgs) -> Result<Self, InvalidSetting> {
+        if let Some(problem) = args.sampler.eta_problem(args.eta) {
+            return Err(InvalidSetting {
+                setting: Setting::Eta,
+                origin: SettingSource::CommandLine,
+                value: args.eta.to_string(),
+                problem,
+            });
         }
-        Ok(SamplingConfig {
-            steps: self.steps,
-            seed: self.seed,
-            guidance: GuidanceConfig {
-                guidance_scale: self.guidance_scale,
-                stop_guidance: self.stop_guidance,
-                cfg_scale: self.cfg_scale,
-                cfg_channels: self.cfg_channels,
-            },
-            sampler: Sampler::new(self.sampler, self.eta),
+        Ok(SamplingSpec {
+            guidance_scale: args.guidance_scale,
+            stop_guidance: args.stop_guidance,
+            cfg_scale: args.cfg_scale,
+            cfg_channels: args.cfg_channels,
+            steps: args.steps,
+            sampler: args.sampler,
+            eta: args.eta,
         })
     }
 }
@@ -223,6 +251,9 @@ pub struct DistillClassArgs {
     /// ImageFolder root holding <class>/*.{jpg,jpeg,png}: a folder or an object-store URL.
     #[arg(long)]
     pub data: String,
+    /// Job seed; each sample's noise stream derives from (seed, class index, sample index).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Reuse and store the class's VAE latents under this folder or object-store URL.
     #[arg(long)]
     pub latent_cache: Option<String>,
@@ -325,13 +356,16 @@ pub fn run(cli: Cli) -> Result<()> {
 fn distill_class(args: DistillClassArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
     let paths = ModelPaths { dit: args.dit, vae_encoder: args.vae_encoder, vae_decoder: args.vae_decoder };
-    let mut engine = Engine::load(&paths, &session, args.sampling.config()?).map_err(EngineError::from_command_line)?;
-    let class = ClassSpec {
-        wnid: args.class.clone(),
-        label: args.label,
-        class_index: args.class_index.unwrap_or(args.label.max(0) as u64),
-        ipc: args.ipc,
-    };
+    let sampling = SamplingSpec::try_from(&args.sampling)?;
+    let mut engine = Engine::load(&paths, &session, sampling, args.seed).map_err(EngineError::from_command_line)?;
+    let class = ClassSpec::new(
+        mgd3_common::job::ClassRef {
+            wnid: args.class.clone(),
+            label: args.label,
+            class_index: args.class_index.unwrap_or(args.label.max(0) as u64),
+        },
+        args.ipc,
+    );
     let span = tracing::info_span!("class", class = %class.wnid, label = class.label);
     let _guard = span.enter();
     if let Some(cache) = &args.latent_cache {
@@ -367,12 +401,12 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
 
 fn sample(args: SampleArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
-    let config = args.sampling.config()?;
+    let config = SamplingSpec::try_from(&args.sampling)?;
     let modes: Array4<f32> = read_npy(&args.modes, "modes")?;
     let noise: Array5<f32> = read_npy(&args.noise, "noise")?;
     let mut dit = Dit::load(&args.dit, &session)?;
     let info = dit.info().clone();
-    check_guidance(&config.guidance, config.steps, info.latent_shape[0]).map_err(EngineError::from_command_line)?;
+    check_guidance(&config, info.latent_shape[0]).map_err(EngineError::from_command_line)?;
     if modes.shape()[1..] != info.latent_shape {
         bail!(
             "modes `{}` has shape {:?}; the DiT expects [N, {:?}]",
@@ -394,7 +428,7 @@ fn sample(args: SampleArgs) -> Result<()> {
             want
         );
     }
-    let schedule = schedule_for_sampler(&dit, config.steps, config.sampler)?;
+    let schedule = schedule_for_sampler(&dit, config.steps, sampler_of(&config))?;
     let labels = vec![args.label; n];
     let mut timings = ClassTimings::default();
     let batch = SampleBatch {
@@ -404,9 +438,9 @@ fn sample(args: SampleArgs) -> Result<()> {
         noise: noise.view(),
         samples_per_call: (session.max_batch / 2).max(1),
         cancel: None,
-        sampler: config.sampler,
+        sampler: sampler_of(&config),
     };
-    let latents = sample_in_batches(&mut dit, &schedule, &config.guidance, batch, &mut timings)?;
+    let latents = sample_in_batches(&mut dit, &schedule, &config, batch, &mut timings)?;
     write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;
     if let (Some(decoder_path), Some(dir)) = (&args.vae_decoder, &args.images_out) {
         let mut decoder = VaeDecoder::load(decoder_path, &session)?;
@@ -438,17 +472,18 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         slurm_restart_count = %slurm("SLURM_RESTART_COUNT"),
         "worker starting"
     );
-    let engine: Box<dyn ShardEngine> = match args.engine.as_str() {
-        "onnx" => Box::new(OnnxShardEngine::new(args.runtime.session_config()?, args.runtime.cpu_pool())),
-        "fake" => Box::new(FakeEngine::new(std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0)))),
-        other => bail!("--engine must be `onnx` or `fake`, not `{other}`"),
+    let engine: Box<dyn ShardEngine> = match args.engine {
+        EngineKind::Onnx => Box::new(OnnxShardEngine::new(args.runtime.session_config()?, args.runtime.cpu_pool())),
+        EngineKind::Fake => {
+            Box::new(FakeEngine::new(std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0))))
+        }
     };
     let config = WorkerConfig {
         coordinator,
         worker_id,
         token,
         tls_ca: args.tls_ca.clone(),
-        devices: vec![args.runtime.device.clone()],
+        devices: vec![args.runtime.device.to_string()],
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(crate::client::run(config, engine, mgd3_common::termination()))?;

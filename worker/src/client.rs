@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mgd3_common::job::{ClassRef, JobSpec};
+use mgd3_common::lease::{Completion, Failure, Registration, RunningLease};
 use mgd3_common::proto::{self, poll_work_response::Action};
 use mgd3_common::rpc::{Client, connect};
 use mgd3_common::store::{self, Location};
@@ -44,7 +45,7 @@ pub enum ClientError {
     #[error(transparent)]
     Connect(#[from] mgd3_common::rpc::ConnectError),
     /// The coordinator refused the registration (another protocol version, a wrong token).
-    #[error("the coordinator rejected worker `{worker}`: {source}")]
+    #[error("the coordinator rejected worker `{worker}`")]
     Rejected {
         /// The worker's id.
         worker: String,
@@ -208,10 +209,12 @@ pub async fn run(
             info!(worker = %config.worker_id, "stopped");
             return Ok(());
         }
-        let running = current.iter().map(|r| proto::RunningLease {
-            lease_id: r.lease.lease_id.clone(),
-            classes_done: r.progress.classes.load(Ordering::Relaxed),
-            images_done: r.progress.images.load(Ordering::Relaxed),
+        let running = current.iter().map(|r| {
+            proto::RunningLease::from(RunningLease {
+                lease_id: r.lease.lease_id.clone(),
+                classes_done: r.progress.classes.load(Ordering::Relaxed),
+                images_done: r.progress.images.load(Ordering::Relaxed),
+            })
         });
         let request = proto::PollWorkRequest {
             worker_id: config.worker_id.clone(),
@@ -259,14 +262,14 @@ pub async fn run(
             Some(Action::Lease(lease)) => match start(&config, lease, &engine, &mut outputs) {
                 Ok(running) => current = Some(running),
                 Err((lease, error)) => {
-                    let failure = proto::FailShardRequest {
+                    let failure = Failure {
                         worker_id: config.worker_id.clone(),
                         lease_id: lease,
+                        class: None,
                         error,
-                        retryable: false,
-                        ..Default::default()
+                        disposition: Disposition::GiveUp,
                     };
-                    let _ = stop.rpc(client.fail_shard(failure)).await;
+                    let _ = stop.rpc(client.fail_shard(proto::FailShardRequest::from(failure))).await;
                     wait = Duration::ZERO;
                 }
             },
@@ -291,14 +294,14 @@ async fn register<F: Future<Output = ()>>(
     let mut attempt = 0;
     loop {
         let fingerprints = engine.lock().expect("engine").model_fingerprints().into_iter().collect();
-        let request = proto::RegisterWorkerRequest {
+        let registration = Registration {
             worker_id: config.worker_id.clone(),
             hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
             devices: config.devices.clone(),
             protocol_version: mgd3_common::PROTOCOL_VERSION,
             model_fingerprints: fingerprints,
         };
-        match stop.rpc(client.register_worker(request)).await {
+        match stop.rpc(client.register_worker(proto::RegisterWorkerRequest::from(registration))).await {
             _ if stop.fired => return Ok(None),
             Ok(response) => {
                 let response = response.into_inner();
@@ -336,7 +339,7 @@ fn start(
     let out = match outputs.get(&output_url) {
         Some(out) => out.clone(),
         None => {
-            let out = store::open(&output_url).map_err(|e| (lease.lease_id.clone(), e.to_string()))?;
+            let out = store::open(&output_url).map_err(|e| (lease.lease_id.clone(), mgd3_common::error_chain(&e)))?;
             outputs.insert(output_url, out.clone());
             out
         }
@@ -349,11 +352,7 @@ fn start(
         job_id: lease.job_id,
         fingerprint: lease.spec_fingerprint,
         spec,
-        classes: lease
-            .classes
-            .into_iter()
-            .map(|c| ClassRef { wnid: c.wnid, label: c.label, class_index: c.class_index })
-            .collect(),
+        classes: lease.classes.into_iter().map(ClassRef::from).collect(),
         worker_id: config.worker_id.clone(),
     };
     info!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = shard.attempt, "starting shard");
@@ -390,14 +389,14 @@ async fn report<F: Future<Output = ()>>(
         let result = match &outcome {
             Ok(report) => {
                 info!(lease = %lease_id, images = report.images, seconds = report.seconds, "shard done");
-                let request = proto::CompleteShardRequest {
+                let completion = Completion {
                     worker_id: worker_id.clone(),
                     lease_id: lease_id.clone(),
                     manifest_digest: report.digest.clone(),
                     images: report.images,
                     seconds: report.seconds,
                 };
-                stop.rpc(client.complete_shard(request)).await.map(|_| ())
+                stop.rpc(client.complete_shard(proto::CompleteShardRequest::from(completion))).await.map(|_| ())
             }
             Err(failed) => {
                 let disposition = failed.failure.disposition();
@@ -405,16 +404,14 @@ async fn report<F: Future<Output = ()>>(
                 if disposition != Disposition::Release {
                     warn!(lease = %lease_id, class = failed.class.as_deref().unwrap_or(""), ?disposition, %error, "shard failed");
                 }
-                let request = proto::FailShardRequest {
+                let failure = Failure {
                     worker_id: worker_id.clone(),
                     lease_id: lease_id.clone(),
+                    class: failed.class.clone(),
                     error,
-                    retryable: disposition != Disposition::GiveUp,
-                    released: disposition == Disposition::Release,
-                    wnid: failed.class.clone().unwrap_or_default(),
-                    incompatible: disposition == Disposition::Elsewhere,
+                    disposition,
                 };
-                stop.rpc(client.fail_shard(request)).await.map(|_| ())
+                stop.rpc(client.fail_shard(proto::FailShardRequest::from(failure))).await.map(|_| ())
             }
         };
         match result {

@@ -35,7 +35,7 @@ pub enum DataError {
         ipc: usize,
     },
     /// The bytes are not an image of a known format, or the decoder failed.
-    #[error("cannot decode image `{path}`: {source}")]
+    #[error("cannot decode image `{path}`")]
     Decode {
         /// The image's path or key.
         path: PathBuf,
@@ -57,7 +57,7 @@ pub enum DataError {
         bytes: usize,
     },
     /// A local image file cannot be read.
-    #[error("cannot read image `{path}`: {source}")]
+    #[error("cannot read image `{path}`")]
     Read {
         /// The file.
         path: PathBuf,
@@ -74,7 +74,7 @@ pub enum DataError {
         problem: String,
     },
     /// Reading an image from an object store failed (after the store's retries).
-    #[error("class `{class}`: reading dataset `{url}`: {source}")]
+    #[error("class `{class}`: reading dataset `{url}`")]
     Store {
         /// The class being read.
         class: String,
@@ -160,7 +160,9 @@ impl Dataset {
     /// # Errors
     /// [`DataError::Dataset`] when the URL cannot be opened.
     pub fn open(url: &str) -> Result<Self, DataError> {
-        Root::open(url).map(Dataset).map_err(|e| DataError::Dataset { url: url.into(), problem: e.to_string() })
+        Root::open(url)
+            .map(Dataset)
+            .map_err(|e| DataError::Dataset { url: url.into(), problem: mgd3_common::error_chain(&e) })
     }
 
     /// The dataset root as a path or URL, for messages and cache keys.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mgd3_common::job::{Setting, SettingSource};
+use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting, SettingSource};
 use mgd3_common::seed::sample_seed;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
@@ -18,10 +18,9 @@ use tracing::debug;
 use crate::cache;
 use crate::cpu::CpuPool;
 use crate::data::{DataError, Dataset};
-use crate::mgd3::guidance::GuidanceConfig;
 use crate::mgd3::modes::ModesError;
 use crate::mgd3::noise::sample_noise;
-use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, SampleError, Sampler, sample_with};
+use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, SampleError, Sampler, sample_with};
 use crate::mgd3::schedule::{BetaSchedule, Schedule, ScheduleError};
 use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::{SinkError, png_bytes};
@@ -37,7 +36,7 @@ pub enum EngineError {
     #[error(transparent)]
     Data(#[from] DataError),
     /// k-means could not find IPC distinct modes in the class's latents.
-    #[error("class `{class}`: {source}")]
+    #[error("class `{class}`")]
     Modes {
         /// The class (wnid).
         class: String,
@@ -46,7 +45,7 @@ pub enum EngineError {
         source: ModesError,
     },
     /// Sampling a class failed (shapes, settings, or guidance that diverged).
-    #[error("class `{class}`: sampling failed: {source}")]
+    #[error("class `{class}`: sampling failed")]
     Sample {
         /// The class (wnid).
         class: String,
@@ -55,7 +54,7 @@ pub enum EngineError {
         source: SampleError,
     },
     /// The DiT's metadata names an unknown beta schedule, or `steps` cannot be respaced to.
-    #[error("schedule of the DiT: {0}")]
+    #[error("schedule of the DiT")]
     Schedule(#[from] ScheduleError),
     /// An image could not be PNG-encoded, or an output could not be written.
     #[error(transparent)]
@@ -87,17 +86,8 @@ pub enum EngineError {
     },
     /// A setting has a value the models or the other settings rule out; named as the user
     /// wrote it (job spec key or command-line flag, per `source`).
-    #[error("{} = {value}: {problem}", setting.name(*origin))]
-    Invalid {
-        /// The setting.
-        setting: Setting,
-        /// Where the user gave it (job spec or command line).
-        origin: SettingSource,
-        /// The value as given.
-        value: String,
-        /// What is wrong with it.
-        problem: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidSetting),
     /// A class's DiT label is outside the DiT's classes.
     #[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
     LabelOutOfRange {
@@ -117,7 +107,7 @@ pub enum EngineError {
         modes: usize,
     },
     /// A model file could not be read to fingerprint it.
-    #[error("cannot read model `{path}` to fingerprint it: {source}")]
+    #[error("cannot read model `{path}` to fingerprint it")]
     Fingerprint {
         /// The model file.
         path: std::path::PathBuf,
@@ -135,9 +125,7 @@ impl EngineError {
     /// the user gave on the worker's command line rather than in a job spec.
     pub fn from_command_line(self) -> Self {
         match self {
-            EngineError::Invalid { setting, value, problem, .. } => {
-                EngineError::Invalid { setting, origin: SettingSource::CommandLine, value, problem }
-            }
+            EngineError::Invalid(invalid) => EngineError::Invalid(invalid.from_command_line()),
             other => other,
         }
     }
@@ -165,7 +153,7 @@ impl EngineError {
             | EngineError::Schedule(_)
             | EngineError::LatentShapes { .. }
             | EngineError::ScaleFactors { .. }
-            | EngineError::Invalid { .. }
+            | EngineError::Invalid(_)
             | EngineError::LabelOutOfRange { .. }
             | EngineError::LabelCount { .. } => false,
         }
@@ -183,37 +171,29 @@ pub struct ModelPaths {
     pub vae_decoder: PathBuf,
 }
 
-/// Sampling settings shared by every class of a job.
+/// One class to distil: the class as a job names it ([`ClassRef`]: wnid, DiT label, index in
+/// the job) and how many images to make of it. Dereferences to the [`ClassRef`].
 #[derive(Clone, Debug)]
-pub struct SamplingConfig {
-    /// Sampling steps S the DiT's training schedule is respaced to (default 50, the paper's).
-    pub steps: usize,
-    /// Mode guidance (λ, t_stop) and CFG settings.
-    pub guidance: GuidanceConfig,
-    /// The job's seed: each sample's noise stream derives from it, the class index and the
-    /// sample index.
-    pub seed: u64,
-    /// The reverse step (DDPM, the reference; or DDIM with η).
-    pub sampler: Sampler,
+pub struct ClassSpec {
+    /// The class.
+    pub class: ClassRef,
+    /// Images per class: the number of modes and of samples.
+    pub ipc: usize,
 }
 
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        SamplingConfig { steps: 50, guidance: GuidanceConfig::default(), seed: 0, sampler: Sampler::Ddpm }
+impl ClassSpec {
+    /// `class` at `ipc` images.
+    pub fn new(class: ClassRef, ipc: usize) -> Self {
+        ClassSpec { class, ipc }
     }
 }
 
-/// One class to distil.
-#[derive(Clone, Debug)]
-pub struct ClassSpec {
-    /// Folder name in the ImageFolder (ImageNet wnid).
-    pub wnid: String,
-    /// DiT class label.
-    pub label: i64,
-    /// Position of the class in the job's class list (seeds its RNG streams).
-    pub class_index: u64,
-    /// Images per class: the number of modes and of samples.
-    pub ipc: usize,
+impl std::ops::Deref for ClassSpec {
+    type Target = ClassRef;
+
+    fn deref(&self) -> &ClassRef {
+        &self.class
+    }
 }
 
 /// Where one class's time went.
@@ -260,6 +240,19 @@ impl ClassTimings {
     pub fn total(&self) -> Duration {
         self.decode + self.encode + self.kmeans + self.dit + self.guidance + self.vae_decode + self.png
     }
+
+    /// The stage times in seconds, as a commit marker and the job manifest record them.
+    pub fn stage_seconds(&self) -> mgd3_common::manifest::StageSeconds {
+        mgd3_common::manifest::StageSeconds {
+            decode: self.decode.as_secs_f64(),
+            encode: self.encode.as_secs_f64(),
+            kmeans: self.kmeans.as_secs_f64(),
+            dit: self.dit.as_secs_f64(),
+            guidance: self.guidance.as_secs_f64(),
+            vae_decode: self.vae_decode.as_secs_f64(),
+            png: self.png.as_secs_f64(),
+        }
+    }
 }
 
 /// A distilled class.
@@ -303,7 +296,11 @@ pub struct Engine {
     decoder: VaeDecoder,
     fingerprints: ModelFingerprints,
     schedule: Schedule,
-    sampling: SamplingConfig,
+    /// The job's sampling settings (steps, λ, t_stop, CFG, sampler).
+    sampling: SamplingSpec,
+    /// The job's seed: each sample's noise stream derives from it, the class index and the
+    /// sample index.
+    seed: u64,
     /// Samples per DiT call (each is a cond+uncond pair).
     samples_per_call: usize,
     /// Set to stop the running class after its current batch.
@@ -323,7 +320,12 @@ impl Engine {
     /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT; [`EngineError::Schedule`] and
     /// [`EngineError::Invalid`] for sampling settings the models rule out;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
-    pub fn load(paths: &ModelPaths, session: &SessionConfig, sampling: SamplingConfig) -> Result<Self, EngineError> {
+    pub fn load(
+        paths: &ModelPaths,
+        session: &SessionConfig,
+        sampling: SamplingSpec,
+        seed: u64,
+    ) -> Result<Self, EngineError> {
         let dit = Dit::load(&paths.dit, session)?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, session)?;
@@ -341,8 +343,8 @@ impl Engine {
                 decoder: decoder.info().scale_factor,
             });
         }
-        let schedule = schedule_for_sampler(&dit, sampling.steps, sampling.sampler)?;
-        check_guidance(&sampling.guidance, sampling.steps, dit_latent[0])?;
+        let schedule = schedule_for_sampler(&dit, sampling.steps, sampler_of(&sampling))?;
+        check_guidance(&sampling, dit_latent[0])?;
         let fingerprint = |path: &std::path::Path| {
             mgd3_common::fingerprint_file(path)
                 .map_err(|source| EngineError::Fingerprint { path: path.to_owned(), source })
@@ -359,6 +361,7 @@ impl Engine {
             fingerprints,
             schedule,
             sampling,
+            seed,
             samples_per_call: (session.max_batch / 2).max(1),
             cancel: Arc::new(AtomicBool::new(false)),
             latent_cache: None,
@@ -413,12 +416,12 @@ impl Engine {
         self.cancel.clone()
     }
 
-    pub(crate) fn sampling(&self) -> &SamplingConfig {
+    pub(crate) fn sampling(&self) -> &SamplingSpec {
         &self.sampling
     }
 
     pub(crate) fn sampling_seed(&self) -> u64 {
-        self.sampling.seed
+        self.seed
     }
 
     pub(crate) fn schedule(&self) -> &Schedule {
@@ -462,9 +465,9 @@ impl Engine {
             noise,
             samples_per_call: self.samples_per_call,
             cancel: Some(&self.cancel),
-            sampler: self.sampling.sampler,
+            sampler: sampler_of(&self.sampling),
         };
-        sample_in_batches(&mut self.dit, &self.schedule, &self.sampling.guidance, batch, timings)
+        sample_in_batches(&mut self.dit, &self.schedule, &self.sampling, batch, timings)
     }
 
     /// The per-sample noise of a class: [IPC, S+1, C, h, w].
@@ -473,8 +476,7 @@ impl Engine {
         let steps = self.schedule.steps();
         let per_sample: Vec<_> = (0..class.ipc)
             .map(|j| {
-                sample_noise(sample_seed(self.sampling.seed, class.class_index, j as u64), steps, shape)
-                    .insert_axis(Axis(0))
+                sample_noise(sample_seed(self.seed, class.class_index, j as u64), steps, shape).insert_axis(Axis(0))
             })
             .collect();
         let views: Vec<_> = per_sample.iter().map(|a| a.view()).collect();
@@ -511,14 +513,20 @@ impl Engine {
     }
 }
 
+/// The maths-side reverse step of `sampling` (`sampler` with its η).
+pub fn sampler_of(sampling: &SamplingSpec) -> Sampler {
+    Sampler::new(sampling.sampler, sampling.eta)
+}
+
 /// Checks guidance settings against the schedule and the latent channels.
 ///
 /// # Errors
 /// [`EngineError::Invalid`] when t_stop exceeds `steps`, `cfg_channels` exceeds `channels`, or λ
 /// or the CFG scale is not finite.
-pub fn check_guidance(guidance: &GuidanceConfig, steps: usize, channels: usize) -> Result<(), EngineError> {
+pub fn check_guidance(guidance: &SamplingSpec, channels: usize) -> Result<(), EngineError> {
+    let steps = guidance.steps;
     let invalid = |setting, value: String, problem: String| {
-        Err(EngineError::Invalid { setting, origin: SettingSource::JobSpec, value, problem })
+        Err(EngineError::Invalid(InvalidSetting { setting, origin: SettingSource::JobSpec, value, problem }))
     };
     if guidance.stop_guidance > steps {
         return invalid(
@@ -570,12 +578,12 @@ pub struct SampleBatch<'a> {
 pub fn sample_in_batches(
     dit: &mut Dit,
     schedule: &Schedule,
-    guidance: &GuidanceConfig,
+    guidance: &SamplingSpec,
     batch: SampleBatch<'_>,
     timings: &mut ClassTimings,
 ) -> Result<Array4<f32>, EngineError> {
     let info = dit.info();
-    let spec = ModelSpec { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+    let spec = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
     let n = batch.modes.shape()[0];
     if batch.labels.len() != n {
         return Err(EngineError::LabelCount { labels: batch.labels.len(), modes: n });

@@ -27,7 +27,7 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 #[derive(Debug, Error)]
 pub enum ImportError {
     /// A source file is missing or is not readable gzip.
-    #[error("cannot read `{path}`: {source} (install it with `apt-get install dataset-fashion-mnist`)")]
+    #[error("cannot read `{path}` (install it with `apt-get install dataset-fashion-mnist`)")]
     Read {
         /// The `.gz` file.
         path: PathBuf,
@@ -46,7 +46,7 @@ pub enum ImportError {
         problem: String,
     },
     /// An output folder, PNG or `classes.txt` cannot be written.
-    #[error("cannot write `{path}`: {source}")]
+    #[error("cannot write `{path}`")]
     Write {
         /// The file or folder being written.
         path: PathBuf,

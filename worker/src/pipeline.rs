@@ -38,7 +38,7 @@ use crate::data::{self, DataError, Dataset, Pixels};
 use crate::engine::{ClassOutput, ClassSpec, ClassTimings, DitDenoiser, Engine, EngineError};
 use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::sample_noise;
-use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, sample_with};
+use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, sample_with};
 use crate::sink::{self, png_bytes};
 
 /// Real images decoded and encoded per chunk.
@@ -293,12 +293,12 @@ impl Engine {
 
     fn check_class(&self, class: &ClassSpec) -> Result<(), EngineError> {
         if class.ipc == 0 {
-            return Err(EngineError::Invalid {
+            return Err(EngineError::Invalid(mgd3_common::job::InvalidSetting {
                 setting: mgd3_common::job::Setting::Ipc,
                 origin: mgd3_common::job::SettingSource::JobSpec,
                 value: "0".into(),
                 problem: format!("class `{}` needs at least one image", class.wnid),
-            });
+            }));
         }
         let classes = self.dit().info().num_classes;
         if class.label < 0 || class.label >= classes as i64 {
@@ -424,7 +424,7 @@ impl Engine {
             }
             Event::Failed { slot, error } => {
                 if classes.len() > 1 {
-                    warn!(class = %classes[slot].wnid, %error, "class failed; the shard's other classes go on");
+                    warn!(class = %classes[slot].wnid, error = %mgd3_common::error_chain(&error), "class failed; the shard's other classes go on");
                 }
                 flight[slot].features = Vec::new();
                 failed.entry(slot).or_insert(error);
@@ -465,9 +465,9 @@ impl Engine {
         let noise = ndarray::concatenate(Axis(0), &noise_views).expect("same shapes");
         drop(noise_parts);
         let info = self.dit().info();
-        let spec = ModelSpec { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
-        let (schedule, guidance, sampler) =
-            (self.schedule().clone(), self.sampling().guidance, self.sampling().sampler);
+        let spec = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+        let (schedule, guidance) = (self.schedule().clone(), *self.sampling());
+        let sampler = crate::engine::sampler_of(&guidance);
         let (x, timings) = sample_with(
             sampler,
             &mut Counted { inner: DitDenoiser(self.dit_mut()), rows: &mut stats.dit_rows },
@@ -566,7 +566,7 @@ impl Engine {
             let started = Instant::now();
             match self.contact_sheet_png(std::mem::take(&mut state.crops), modes, samples) {
                 Ok(png) => outputs.contact_sheet(slot, png),
-                Err(error) => warn!(class = %class.wnid, %error, "no contact sheet"),
+                Err(error) => warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "no contact sheet"),
             }
             stats.finish += started.elapsed();
         }

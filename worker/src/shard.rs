@@ -11,7 +11,7 @@ use image::{ImageFormat, RgbImage};
 use mgd3_common::commit::{Check, ClassFiles, CommitOutcome, commit_class, committed_marker, publish};
 use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::layout::JobKeys;
-use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION, StageSeconds};
+use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION};
 use mgd3_common::seed::sample_seed;
 use mgd3_common::store::Location;
 use mgd3_onnx::SessionConfig;
@@ -24,8 +24,7 @@ use tracing::info;
 
 use crate::cpu::CpuPool;
 use crate::data::Dataset;
-use crate::engine::{ClassOutput, ClassSpec, Engine, EngineError, ModelPaths, SamplingConfig};
-use crate::mgd3::guidance::GuidanceConfig;
+use crate::engine::{ClassOutput, ClassSpec, ClassTimings, Engine, EngineError, ModelPaths};
 use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::npy_bytes;
 
@@ -87,19 +86,7 @@ pub enum ShardFailure {
     },
 }
 
-/// What the coordinator should do with a failed attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Disposition {
-    /// Lease the shard again (another attempt may succeed).
-    Retry,
-    /// Fail the shard: the input is wrong and retrying will not help.
-    GiveUp,
-    /// Lease the shard to other workers without spending an attempt, and nothing of the job to
-    /// this one again.
-    Elsewhere,
-    /// Give the lease back without spending an attempt (the worker is stopping).
-    Release,
-}
+pub use mgd3_common::lease::Disposition;
 
 impl ShardFailure {
     /// What the coordinator should do about this failure.
@@ -160,21 +147,14 @@ impl ShardError {
     }
 }
 
-/// One distilled class, ready to commit.
+/// One distilled class, ready to commit: its files as the commit protocol stores them, and
+/// what its marker records about how they were made.
 pub struct ClassResult {
-    /// PNG bytes of sample j at index j.
-    pub images: Vec<Vec<u8>>,
-    /// The class's modes as `.npy` bytes (from the ONNX engine: [IPC, C, h, w] f32, scaled latent
-    /// space).
-    pub modes_npy: Vec<u8>,
-    /// Seconds spent in each stage.
-    pub timings: StageSeconds,
-    /// Real images of the class that were used (encoded, or read from the latent cache).
-    pub real_images: u64,
-    /// Latents came from the latent cache.
-    pub latent_cache_hit: bool,
-    /// What the class's listing left out.
-    pub skipped: mgd3_common::imagefolder::Skipped,
+    /// PNG bytes of sample j at index j, and the modes as `.npy` bytes (from the ONNX engine:
+    /// [IPC, C, h, w] f32, scaled latent space).
+    pub files: ClassFiles,
+    /// Time per stage, real images used, latent-cache hit, what the listing left out.
+    pub timings: ClassTimings,
     /// PNG of real images, decoded modes and samples side by side, when the engine makes one.
     pub contact_sheet: Option<Vec<u8>>,
 }
@@ -280,19 +260,8 @@ impl OnnxShardEngine {
                 vae_encoder: local(&spec.models.vae_encoder)?,
                 vae_decoder: local(&spec.models.vae_decoder)?,
             };
-            let s = &spec.sampling;
-            let sampling = SamplingConfig {
-                steps: s.steps,
-                seed: spec.seed,
-                sampler: crate::mgd3::sampler::Sampler::new(s.sampler, s.eta),
-                guidance: GuidanceConfig {
-                    guidance_scale: s.guidance_scale,
-                    stop_guidance: s.stop_guidance,
-                    cfg_scale: s.cfg_scale,
-                    cfg_channels: s.cfg_channels,
-                },
-            };
-            let engine = match Engine::load(&paths, &self.session, sampling) {
+
+            let engine = match Engine::load(&paths, &self.session, spec.sampling, spec.seed) {
                 Ok(engine) => engine,
                 // A model this worker cannot open may be fine elsewhere (node-local paths).
                 Err(EngineError::Model(
@@ -345,29 +314,17 @@ impl OnnxShardEngine {
 
 /// A class's output as the commit protocol wants it.
 fn class_result(wnid: &str, output: ClassOutput) -> Result<ClassResult, ShardFailure> {
-    let t = output.timings;
     let modes_path = PathBuf::from(format!("{wnid}/modes.npy"));
+    let modes_npy = npy_bytes(&output.modes, &modes_path).map_err(ShardFailure::EncodeModes)?;
     Ok(ClassResult {
-        images: output.images,
-        modes_npy: npy_bytes(&output.modes, &modes_path).map_err(ShardFailure::EncodeModes)?,
-        timings: StageSeconds {
-            decode: t.decode.as_secs_f64(),
-            encode: t.encode.as_secs_f64(),
-            kmeans: t.kmeans.as_secs_f64(),
-            dit: t.dit.as_secs_f64(),
-            guidance: t.guidance.as_secs_f64(),
-            vae_decode: t.vae_decode.as_secs_f64(),
-            png: t.png.as_secs_f64(),
-        },
-        real_images: t.real_images as u64,
-        latent_cache_hit: t.latent_cache_hit,
-        skipped: t.skipped.clone(),
+        files: ClassFiles { images: output.images, modes_npy },
+        timings: output.timings,
         contact_sheet: None,
     })
 }
 
 fn class_spec(spec: &JobSpec, class: &ClassRef) -> ClassSpec {
-    ClassSpec { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index, ipc: spec.ipc }
+    ClassSpec::new(class.clone(), spec.ipc)
 }
 
 impl ShardEngine for OnnxShardEngine {
@@ -468,12 +425,8 @@ impl ShardEngine for FakeEngine {
         }
         let modes_npy = npy_bytes(&modes, std::path::Path::new("modes.npy")).map_err(ShardFailure::EncodeModes)?;
         Ok(ClassResult {
-            images,
-            modes_npy,
-            timings: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
-            real_images: 0,
-            latent_cache_hit: false,
-            skipped: Default::default(),
+            files: ClassFiles { images, modes_npy },
+            timings: ClassTimings { dit: self.class_duration, ..Default::default() },
             contact_sheet: None,
         })
     }
@@ -569,13 +522,13 @@ impl ClassSink for Committer<'_> {
             class_index: class.class_index,
             images: Vec::new(),
             modes: FileDigest { name: String::new(), sha256: String::new(), bytes: 0 },
-            real_images: result.real_images,
-            timings: result.timings,
+            real_images: result.timings.real_images as u64,
+            timings: result.timings.stage_seconds(),
             committed_unix_ms: mgd3_common::now_ms(),
-            latent_cache_hit: result.latent_cache_hit,
-            skipped: result.skipped,
+            latent_cache_hit: result.timings.latent_cache_hit,
+            skipped: result.timings.skipped,
         };
-        let files = ClassFiles { images: result.images, modes_npy: result.modes_npy };
+        let files = result.files;
         let outcome = self
             .runtime
             .block_on(commit_class(self.out, &self.keys, template, files))

@@ -13,7 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum SinkError {
     /// A file or its parent folder cannot be written.
-    #[error("cannot write `{path}`: {source}")]
+    #[error("cannot write `{path}`")]
     Io {
         /// The file being written.
         path: PathBuf,
@@ -22,10 +22,10 @@ pub enum SinkError {
         source: std::io::Error,
     },
     /// The PNG encoder failed.
-    #[error("cannot encode PNG: {0}")]
+    #[error("cannot encode PNG")]
     Png(#[from] image::ImageError),
     /// An array cannot be encoded as `.npy`.
-    #[error("cannot encode `{path}` as .npy: {source}")]
+    #[error("cannot encode `{path}` as .npy")]
     Npy {
         /// The name the array is written under (for the message).
         path: PathBuf,

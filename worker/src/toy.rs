@@ -8,11 +8,11 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use crate::mgd3::guidance::GuidanceConfig;
 use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::sample_noise;
-use crate::mgd3::sampler::{Denoiser, ModelError, ModelSpec, sample};
+use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, sample};
 use crate::mgd3::schedule::{Schedule, cumulative_alphas, linear_betas};
+use mgd3_common::job::SamplingSpec;
 
 /// A mixture of isotropic Gaussians in `dim` dimensions (laid out as a [dim, 1, 1] latent).
 #[derive(Clone, Debug)]
@@ -117,7 +117,7 @@ impl Denoiser for AnalyticDenoiser {
 pub fn sample_points(
     mixture: &Mixture,
     modes: &[Vec<f32>],
-    guidance: GuidanceConfig,
+    guidance: SamplingSpec,
     n: usize,
     seed: u64,
 ) -> Vec<Vec<f32>> {
@@ -132,7 +132,7 @@ pub fn sample_points(
     let noises: Vec<_> = (0..n).map(|j| sample_noise(seed.wrapping_mul(1000) + j as u64, steps, [dim, 1, 1])).collect();
     let views: Vec<_> = noises.iter().map(|a| a.view().insert_axis(ndarray::Axis(0))).collect();
     let noise = ndarray::concatenate(ndarray::Axis(0), &views).expect("noise");
-    let spec = ModelSpec { null_label: 1, learn_sigma: false };
+    let spec = DenoiserInfo { null_label: 1, learn_sigma: false };
     let mut model = AnalyticDenoiser::new(mixture.clone());
     let (x, _) =
         sample(&mut model, &schedule, &guidance, spec, &vec![0; n], mode_array.view(), noise.view(), |_, _| {})
@@ -184,8 +184,15 @@ pub fn coverage_experiment(
             centroids.chunks(mixture.dim()).map(<[f32]>::to_vec).collect()
         }
     };
-    let plain = GuidanceConfig { guidance_scale: 0.0, stop_guidance: 50, cfg_scale: 1.0, cfg_channels: 0 };
-    let mgd3 = GuidanceConfig { guidance_scale: lambda, stop_guidance: t_stop, cfg_scale: 1.0, cfg_channels: 0 };
+    let plain =
+        SamplingSpec { guidance_scale: 0.0, stop_guidance: 50, cfg_scale: 1.0, cfg_channels: 0, ..Default::default() };
+    let mgd3 = SamplingSpec {
+        guidance_scale: lambda,
+        stop_guidance: t_stop,
+        cfg_scale: 1.0,
+        cfg_channels: 0,
+        ..Default::default()
+    };
     let unguided = sample_points(mixture, &[], plain, ipc, seed);
     let guided = sample_points(mixture, &modes, mgd3, ipc, seed);
     let count = |points: &[Vec<f32>]| {
@@ -231,7 +238,13 @@ mod tests {
     #[test]
     fn the_analytic_denoiser_reproduces_the_mixture() {
         let mixture = Mixture::imbalanced_square();
-        let plain = GuidanceConfig { guidance_scale: 0.0, stop_guidance: 50, cfg_scale: 1.0, cfg_channels: 0 };
+        let plain = SamplingSpec {
+            guidance_scale: 0.0,
+            stop_guidance: 50,
+            cfg_scale: 1.0,
+            cfg_channels: 0,
+            ..Default::default()
+        };
         let points = sample_points(&mixture, &[], plain, 400, 3);
         let dominant = points.iter().filter(|p| mixture.nearest(p) == 0).count() as f64 / 400.0;
         assert!((dominant - 0.85).abs() < 0.06, "dominant share {dominant}");

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, RgbImage};
+use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::CpuPool;
 use mgd3_worker::data::Dataset;
-use mgd3_worker::engine::{ClassOutput, ClassSpec, Engine, ModelPaths, SamplingConfig};
+use mgd3_worker::engine::{ClassOutput, ClassSpec, Engine, ModelPaths};
 use mgd3_worker::pipeline::{ClassOutputs, ShardOptions};
 
 fn models() -> ModelPaths {
@@ -24,9 +25,8 @@ fn models() -> ModelPaths {
 fn engine(max_batch: usize, cpu_threads: usize) -> Engine {
     init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
     let session = SessionConfig { intra_threads: Some(1), max_batch, ..Default::default() };
-    let mut sampling = SamplingConfig { steps: 10, seed: 5, ..Default::default() };
-    sampling.guidance.stop_guidance = 5;
-    let mut engine = Engine::load(&models(), &session, sampling).unwrap();
+    let sampling = SamplingSpec { steps: 10, stop_guidance: 5, ..Default::default() };
+    let mut engine = Engine::load(&models(), &session, sampling, 5).unwrap();
     engine.set_cpu_pool(CpuPool::new(Some(cpu_threads)));
     engine
 }
@@ -73,7 +73,12 @@ fn specs(classes: &[&str], ipc: usize) -> Vec<ClassSpec> {
     classes
         .iter()
         .enumerate()
-        .map(|(i, wnid)| ClassSpec { wnid: (*wnid).into(), label: (i * 3 % 10) as i64, class_index: i as u64 + 7, ipc })
+        .map(|(i, wnid)| {
+            ClassSpec::new(
+                ClassRef { wnid: (*wnid).into(), label: (i * 3 % 10) as i64, class_index: i as u64 + 7 },
+                ipc,
+            )
+        })
         .collect()
 }
 

@@ -13,6 +13,8 @@
 
 use ndarray::{Array4, ArrayView4};
 
+use mgd3_common::job::SamplingSpec;
+
 use super::schedule::{DdimCoefficients, StepCoefficients};
 
 /// CFG on one ε value: `uncond + s·(cond − uncond)` for a mixed channel, else `cond`.
@@ -55,25 +57,6 @@ impl<'a> StepInputs<'a> {
     }
 }
 
-/// Guidance settings of a sampling run.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GuidanceConfig {
-    /// λ, the mode-guidance scale (0.1 in the paper).
-    pub guidance_scale: f32,
-    /// t_stop: guidance is active while the respaced index i > t_stop (S = none, 0 = all but the last).
-    pub stop_guidance: usize,
-    /// CFG scale s (4.0 in the reference; 1.0 disables CFG's effect).
-    pub cfg_scale: f32,
-    /// How many leading ε channels CFG mixes (3 = reference DiT, C = standard).
-    pub cfg_channels: usize,
-}
-
-impl Default for GuidanceConfig {
-    fn default() -> Self {
-        GuidanceConfig { guidance_scale: 0.1, stop_guidance: 25, cfg_scale: 4.0, cfg_channels: 3 }
-    }
-}
-
 /// x_{i−1} for a batch: `x` [n,C,h,w], `model_out` [2n, C or 2C, h, w], `modes` and `noise` [n,C,h,w].
 ///
 /// Shapes are the caller's contract (the sampler checks them once per run).
@@ -85,7 +68,7 @@ pub fn guided_step(
     model_out: ArrayView4<f32>,
     modes: ArrayView4<f32>,
     noise: ArrayView4<f32>,
-    config: &GuidanceConfig,
+    config: &SamplingSpec,
     learn_sigma: bool,
 ) -> Array4<f32> {
     let (n, channels, h, w) = x.dim();
@@ -150,7 +133,7 @@ pub fn ddim_step(
     model_out: ArrayView4<f32>,
     modes: ArrayView4<f32>,
     noise: ArrayView4<f32>,
-    config: &GuidanceConfig,
+    config: &SamplingSpec,
 ) -> Array4<f32> {
     let (n, channels, h, w) = x.dim();
     let plane = h * w;
@@ -209,7 +192,7 @@ mod tests {
     fn reference(
         c: &StepCoefficients,
         i: usize,
-        cfg: &GuidanceConfig,
+        cfg: &SamplingSpec,
         ch: usize,
         xv: f32,
         oc: f32,
@@ -236,7 +219,7 @@ mod tests {
         let modes = filled((n, c, h, w), |k| (k as f32 * 0.05).sin());
         let noise = filled((n, c, h, w), |k| (k as f32 * 0.73).cos());
         for (i, t_stop, channels) in [(49, 25, 3), (26, 25, 4), (25, 25, 3), (0, 0, 3), (10, 50, 4)] {
-            let cfg = GuidanceConfig { stop_guidance: t_stop, cfg_channels: channels, ..Default::default() };
+            let cfg = SamplingSpec { stop_guidance: t_stop, cfg_channels: channels, ..Default::default() };
             let coeffs = sched.coefficients(i);
             let next = guided_step(&coeffs, i, x.view(), out.view(), modes.view(), noise.view(), &cfg, true);
             for ((b, ch, y, xx), got) in next.indexed_iter() {
@@ -264,12 +247,12 @@ mod tests {
         let out = filled((2, 8, 2, 2), |_| 0.0); // eps = 0, v = 0: x0 = 0
         let modes = filled((1, 4, 2, 2), |_| 1.0);
         let zero = filled((1, 4, 2, 2), |_| 0.0);
-        let cfg = GuidanceConfig::default();
+        let cfg = SamplingSpec::default();
         let step =
             |i| guided_step(&sched.coefficients(i), i, x.view(), out.view(), modes.view(), zero.view(), &cfg, true);
         assert!(step(26).iter().all(|v| *v > 0.0), "guided steps move x toward m = 1");
         assert!(step(25).iter().all(|v| *v == 0.0), "i = t_stop is unguided");
-        let no_guidance = GuidanceConfig { guidance_scale: 0.0, ..cfg };
+        let no_guidance = SamplingSpec { guidance_scale: 0.0, ..cfg };
         let plain = guided_step(
             &sched.coefficients(40),
             40,
@@ -290,7 +273,7 @@ mod tests {
         let out = filled((2, 8, 2, 2), |_| 0.0);
         let modes = x.clone();
         let ones = filled((1, 4, 2, 2), |_| 1.0);
-        let cfg = GuidanceConfig::default();
+        let cfg = SamplingSpec::default();
         let last = guided_step(&sched.coefficients(0), 0, x.view(), out.view(), modes.view(), ones.view(), &cfg, true);
         assert!(last.iter().all(|v| *v == 0.0));
         let c = sched.coefficients(30);
@@ -308,7 +291,7 @@ mod tests {
         let out = concatenate(Axis(0), &[cond.view(), uncond.view()]).unwrap();
         let zero = filled((1, 4, 1, 1), |_| 0.0);
         let run = |channels| {
-            let cfg = GuidanceConfig { cfg_channels: channels, stop_guidance: 50, ..Default::default() };
+            let cfg = SamplingSpec { cfg_channels: channels, stop_guidance: 50, ..Default::default() };
             guided_step(&sched.coefficients(10), 10, x.view(), out.view(), zero.view(), zero.view(), &cfg, true)
         };
         let three = run(3);

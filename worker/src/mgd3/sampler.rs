@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use ndarray::{Array4, ArrayView3, ArrayView4, ArrayView5, Axis, concatenate, s};
 use thiserror::Error;
 
-use super::guidance::{GuidanceConfig, ddim_step, guided_step};
+use mgd3_common::job::SamplingSpec;
+
+use super::guidance::{ddim_step, guided_step};
 use super::schedule::{Respacing, Schedule};
 
 /// The reverse step a sampling run takes.
@@ -55,8 +57,8 @@ impl Sampler {
         model_out: ArrayView4<f32>,
         modes: ArrayView4<f32>,
         noise: ArrayView4<f32>,
-        guidance: &GuidanceConfig,
-        model: ModelSpec,
+        guidance: &SamplingSpec,
+        model: DenoiserInfo,
     ) -> Array4<f32> {
         match *self {
             Sampler::Ddpm => {
@@ -220,7 +222,7 @@ fn runaway(x: ArrayView4<f32>, bounds: &[f32]) -> Option<(usize, f32, f32)> {
 
 /// What the loop needs to know about the model besides its outputs.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ModelSpec {
+pub struct DenoiserInfo {
     /// Label of the unconditional (null) class.
     pub null_label: i64,
     /// The output carries 2C channels: ε, then the learned-range variance interpolation v.
@@ -246,8 +248,8 @@ pub struct SampleTimings {
 pub fn sample(
     denoiser: &mut dyn Denoiser,
     schedule: &Schedule,
-    guidance: &GuidanceConfig,
-    model: ModelSpec,
+    guidance: &SamplingSpec,
+    model: DenoiserInfo,
     labels: &[i64],
     modes: ArrayView4<f32>,
     noise: ArrayView5<f32>,
@@ -271,8 +273,8 @@ pub fn sample_with(
     sampler: Sampler,
     denoiser: &mut dyn Denoiser,
     schedule: &Schedule,
-    guidance: &GuidanceConfig,
-    model: ModelSpec,
+    guidance: &SamplingSpec,
+    model: DenoiserInfo,
     labels: &[i64],
     modes: ArrayView4<f32>,
     noise: ArrayView5<f32>,
@@ -379,7 +381,7 @@ mod tests {
         .unwrap()
     }
 
-    const SPEC: ModelSpec = ModelSpec { null_label: 10, learn_sigma: true };
+    const SPEC: DenoiserInfo = DenoiserInfo { null_label: 10, learn_sigma: true };
 
     #[test]
     fn calls_the_model_on_pairs_with_original_timesteps() {
@@ -387,7 +389,7 @@ mod tests {
         let modes = Array4::zeros((2, 4, 2, 2));
         let mut model = GaussianData::new();
         let mut seen = vec![];
-        let cfg = GuidanceConfig { stop_guidance: 2, ..Default::default() };
+        let cfg = SamplingSpec { stop_guidance: 2, ..Default::default() };
         sample(&mut model, &schedule, &cfg, SPEC, &[3, 7], modes.view(), noise(2, 5).view(), |k, _| seen.push(k))
             .unwrap();
         assert_eq!(seen, [1, 2, 3, 4, 5]);
@@ -401,7 +403,7 @@ mod tests {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 8).unwrap();
         let all_noise = noise(3, 8);
         let modes = Array::from_shape_fn((3, 4, 2, 2), |(b, c, _, _)| (b as f32) - (c as f32) * 0.5);
-        let cfg = GuidanceConfig { stop_guidance: 3, ..Default::default() };
+        let cfg = SamplingSpec { stop_guidance: 3, ..Default::default() };
         let (together, _) = sample(
             &mut GaussianData::new(),
             &schedule,
@@ -437,7 +439,7 @@ mod tests {
         let z = noise(n, 20);
         let labels = vec![1; n];
         let run = |t_stop, scale| {
-            let cfg = GuidanceConfig { stop_guidance: t_stop, guidance_scale: scale, ..Default::default() };
+            let cfg = SamplingSpec { stop_guidance: t_stop, guidance_scale: scale, ..Default::default() };
             sample(&mut GaussianData::new(), &schedule, &cfg, SPEC, &labels, modes.view(), z.view(), |_, _| {})
                 .unwrap()
                 .0
@@ -474,7 +476,7 @@ mod tests {
     fn a_diverging_or_non_finite_sample_is_an_error_naming_it_and_the_step() {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
         let modes = Array4::zeros((3, 4, 2, 2));
-        let cfg = GuidanceConfig { stop_guidance: 2, ..Default::default() };
+        let cfg = SamplingSpec { stop_guidance: 2, ..Default::default() };
         let run = |eps: f32| {
             let mut model = BreaksAt { inner: GaussianData::new(), bad: 7, from_t: 500, eps };
             sample(&mut model, &schedule, &cfg, SPEC, &[3, 7, 3], modes.view(), noise(3, 5).view(), |_, _| {})
@@ -502,8 +504,8 @@ mod tests {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
         let modes = Array4::zeros((3, 4, 2, 2));
         for cfg in [
-            GuidanceConfig { stop_guidance: 5, ..Default::default() },
-            GuidanceConfig { guidance_scale: 0.0, stop_guidance: 0, ..Default::default() },
+            SamplingSpec { stop_guidance: 5, ..Default::default() },
+            SamplingSpec { guidance_scale: 0.0, stop_guidance: 0, ..Default::default() },
         ] {
             let run = |eps: f32| {
                 let mut model = BreaksAt { inner: GaussianData::new(), bad: 7, from_t: 500, eps };
@@ -520,16 +522,16 @@ mod tests {
     fn rejects_inconsistent_shapes() {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
         let modes = Array4::zeros((2, 4, 2, 2));
-        let run = |cfg: GuidanceConfig, labels: &[i64], z: Array5<f32>| {
+        let run = |cfg: SamplingSpec, labels: &[i64], z: Array5<f32>| {
             sample(&mut GaussianData::new(), &schedule, &cfg, SPEC, labels, modes.view(), z.view(), |_, _| {})
         };
-        let fine = GuidanceConfig { stop_guidance: 2, ..Default::default() };
+        let fine = SamplingSpec { stop_guidance: 2, ..Default::default() };
         assert!(run(fine, &[1, 2], noise(2, 5)).is_ok());
         assert!(matches!(run(fine, &[1], noise(2, 5)), Err(SampleError::Shape { what: "labels", .. })));
         assert!(matches!(run(fine, &[1, 2], noise(2, 4)), Err(SampleError::Shape { what: "noise", .. })));
-        let late = GuidanceConfig { stop_guidance: 6, ..Default::default() };
+        let late = SamplingSpec { stop_guidance: 6, ..Default::default() };
         assert!(matches!(run(late, &[1, 2], noise(2, 5)), Err(SampleError::StopAfterEnd { .. })));
-        let wide = GuidanceConfig { cfg_channels: 5, ..fine };
+        let wide = SamplingSpec { cfg_channels: 5, ..fine };
         assert!(matches!(run(wide, &[1, 2], noise(2, 5)), Err(SampleError::CfgChannels { .. })));
     }
 }
