@@ -230,6 +230,27 @@ pub struct RunArgs {
     pub heartbeat_ms: u64,
 }
 
+impl TryFrom<&ServeArgs> for ServeConfig {
+    type Error = anyhow::Error;
+
+    /// The serving settings the flags ask for, with the token and TLS files read; nothing is
+    /// opened or bound.
+    ///
+    /// # Errors
+    /// A token, certificate or key file that cannot be read (or an empty token file).
+    fn try_from(args: &ServeArgs) -> Result<Self> {
+        let token = args.token_file.as_deref().map(read_token_file).transpose()?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some((
+                std::fs::read(cert).with_context(|| format!("cannot read TLS certificate `{}`", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("cannot read TLS key `{}`", key.display()))?,
+            )),
+            _ => None,
+        };
+        Ok(ServeConfig { store_url: args.store.clone(), token, tls, heartbeat_ms: args.heartbeat_ms })
+    }
+}
+
 fn read_spec(path: &Path) -> Result<(String, String)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec `{}`", path.display()))?;
     let base = std::path::absolute(path)?.parent().map(|p| p.display().to_string()).unwrap_or_default();
@@ -349,15 +370,7 @@ fn exit_for(status: &JobStatus) -> Result<()> {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let token = args.token_file.as_deref().map(read_token_file).transpose()?;
-            let tls = match (&args.tls_cert, &args.tls_key) {
-                (Some(cert), Some(key)) => Some((
-                    std::fs::read(cert).with_context(|| format!("cannot read TLS certificate `{}`", cert.display()))?,
-                    std::fs::read(key).with_context(|| format!("cannot read TLS key `{}`", key.display()))?,
-                )),
-                _ => None,
-            };
-            let config = ServeConfig { store_url: args.store, token, tls, heartbeat_ms: args.heartbeat_ms };
+            let config = ServeConfig::try_from(&args)?;
             let listener =
                 TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
             let address = listener.local_addr()?;

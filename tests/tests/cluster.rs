@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use mgd3_common::commit::ClassFiles;
-use mgd3_common::job::{ClassRef, JobSpec};
+use mgd3_common::job::{ClassRef, JobSpec, ResolvedJob};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::manifest::JobManifest;
 use mgd3_common::proto;
@@ -86,6 +86,21 @@ async fn start_on(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Ve
     let config = ServeConfig { store_url: store_url.into(), token: token.map(str::to_owned), tls, heartbeat_ms: 100 };
     let local = LocalCoordinator::start(coordinator, config, port).await.unwrap();
     Cluster { url: local.url.clone(), coordinator: local.coordinator.clone(), local }
+}
+
+/// A served coordinator on a temporary store holding one submitted job of `classes` classes at
+/// `ipc`, `per_shard` classes per shard.
+async fn cluster_with_job(
+    classes: usize,
+    ipc: usize,
+    per_shard: usize,
+) -> (tempfile::TempDir, Cluster, Arc<ResolvedJob>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) =
+        cluster.coordinator.submit(&spec_toml(classes, ipc, per_shard, &store_url), dir.path(), None).await.unwrap();
+    (dir, cluster, job)
 }
 
 impl Cluster {
@@ -264,10 +279,8 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn state_survives_a_coordinator_restart() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, cluster, job) = cluster_with_job(4, 2, 1).await;
     let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(4, 2, 1, &store_url), dir.path(), None).await.unwrap();
     cluster.run_to_success(&job.job_id).await;
     cluster.shutdown().await;
     // A new coordinator on the same store knows the job and its outcome.
@@ -285,10 +298,8 @@ async fn state_survives_a_coordinator_restart() {
 /// `running` until the manifest is rewritten, then `succeeded` with the manifest in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_rewrites_a_missing_manifest_before_reporting_success() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, cluster, job) = cluster_with_job(3, 2, 1).await;
     let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 1, &store_url), dir.path(), None).await.unwrap();
     cluster.run_to_success(&job.job_id).await;
     cluster.shutdown().await;
     let out = store::open(&store_url).unwrap();
@@ -359,10 +370,8 @@ async fn a_worker_registers_again_and_runs_the_spec_its_lease_carries() {
 /// folder is removed; a restart removes staging copies beside the job's records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, cluster, job) = cluster_with_job(3, 2, 1).await;
     let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 1, &store_url), dir.path(), None).await.unwrap();
     cluster.run_to_success(&job.job_id).await;
     let clean = cluster.coordinator.verify(&job.job_id).await.unwrap();
     assert_eq!((clean.classes_checked, clean.files_checked, clean.problems.len()), (3, 9, 0), "{clean:?}");
@@ -643,10 +652,7 @@ async fn tls_with_a_private_ca_works_and_plain_clients_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None).await.unwrap();
+    let (dir, cluster, job) = cluster_with_job(2, 2, 2).await;
     let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(FakeEngine::new(Duration::from_secs(30))));
     for _ in 0..200 {
         if cluster.coordinator.status(&job.job_id).unwrap().shards.running == 1 {
@@ -703,10 +709,7 @@ async fn clients_of_another_protocol_version_are_refused_with_what_to_do() {
 /// which job it is excluded from and why, and never gets a lease of it; others do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_registering_with_other_model_files_is_excluded_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let (_dir, cluster, job) = cluster_with_job(2, 2, 1).await;
     let mut client = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
     let other = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     let register = |id: &str, fingerprint: &str| proto::RegisterWorkerRequest {
@@ -737,10 +740,8 @@ async fn a_worker_registering_with_other_model_files_is_excluded_with_the_reason
 /// recorded as a failed attempt; the correct digest is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_completion_with_the_wrong_manifest_digest_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, cluster, job) = cluster_with_job(2, 2, 2).await;
     let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(2, 2, 2, &store_url), dir.path(), None).await.unwrap();
     let out = store::open(&store_url).unwrap();
     let mut client = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
     let register = proto::RegisterWorkerRequest {
@@ -838,10 +839,7 @@ impl ShardEngine for StopWatch {
 /// the lease timeout (5 s in these specs): by then the shard is leased to someone else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_cut_off_from_the_coordinator_stops_its_shard_when_the_lease_runs_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(1, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let (_dir, cluster, job) = cluster_with_job(1, 2, 1).await;
     let cancelled_at = Arc::new(std::sync::Mutex::new(None));
     let engine = StopWatch { inner: FakeEngine::new(Duration::from_secs(60)), cancelled_at: cancelled_at.clone() };
     let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));

@@ -69,18 +69,15 @@ fn main() {
     let t: ClassTimings = output.timings;
     let total = t.total().as_secs_f64();
     println!("\nper-class time split ({} real images, {} samples, wall {wall:.3} s):", t.real_images, ipc);
-    row("image decode+resize", t.decode.as_secs_f64(), total);
-    row("VAE encode", t.encode.as_secs_f64(), total);
-    row("k-means", t.kmeans.as_secs_f64(), total);
-    row("DiT calls", t.dit.as_secs_f64(), total);
-    row("guidance maths", t.guidance.as_secs_f64(), total);
-    row("VAE decode", t.vae_decode.as_secs_f64(), total);
-    row("PNG encode", t.png.as_secs_f64(), total);
-    let sampling = (t.dit + t.guidance).as_secs_f64();
-    println!(
-        "  share of sampling time inside ONNX Runtime (DiT calls): {:.1} %",
-        100.0 * t.dit.as_secs_f64() / sampling
-    );
+    row("image decode+resize", t.stages.decode, total);
+    row("VAE encode", t.stages.encode, total);
+    row("k-means", t.stages.kmeans, total);
+    row("DiT calls", t.stages.dit, total);
+    row("guidance maths", t.stages.guidance, total);
+    row("VAE decode", t.stages.vae_decode, total);
+    row("PNG encode", t.stages.png, total);
+    let sampling = t.stages.dit + t.stages.guidance;
+    println!("  share of sampling time inside ONNX Runtime (DiT calls): {:.1} %", 100.0 * t.stages.dit / sampling);
 
     // Sampling throughput at batch 1 vs batched, same modes and noise.
     let noise = engine.class_noise(&spec);

@@ -448,11 +448,7 @@ fn sample(args: SampleArgs) -> Result<()> {
             write_file(&dir.join(format!("{j}.png")), png)?;
         }
     }
-    println!(
-        "sampled {n} latents in {:.2} s -> {}",
-        (timings.dit + timings.guidance).as_secs_f64(),
-        args.out.display()
-    );
+    println!("sampled {n} latents in {:.2} s -> {}", timings.stages.dit + timings.stages.guidance, args.out.display());
     Ok(())
 }
 

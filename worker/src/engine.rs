@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting, SettingSource};
+use mgd3_common::manifest::StageSeconds;
 use mgd3_common::seed::sample_seed;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
@@ -199,28 +200,10 @@ impl std::ops::Deref for ClassSpec {
 /// Where one class's time went.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClassTimings {
-    /// Reading, decoding and preprocessing the real images (or reading cached latents).
-    #[serde(serialize_with = "secs")]
-    pub decode: Duration,
-    /// VAE-encoding the real images.
-    #[serde(serialize_with = "secs")]
-    pub encode: Duration,
-    /// k-means on the latents.
-    #[serde(serialize_with = "secs")]
-    pub kmeans: Duration,
-    /// Time inside DiT calls.
-    #[serde(serialize_with = "secs")]
-    pub dit: Duration,
-    /// The reverse steps between DiT calls (CFG, mode guidance, the DDPM/DDIM update and the
-    /// divergence checks).
-    #[serde(serialize_with = "secs")]
-    pub guidance: Duration,
-    /// VAE-decoding the final latents.
-    #[serde(serialize_with = "secs")]
-    pub vae_decode: Duration,
-    /// PNG-encoding the decoded images.
-    #[serde(serialize_with = "secs")]
-    pub png: Duration,
+    /// Seconds per stage (decode, encode, k-means, DiT, guidance, VAE decode, PNG): the same
+    /// record a commit marker and the job manifest keep. Serialised flat, one field per stage.
+    #[serde(flatten)]
+    pub stages: StageSeconds,
     /// DiT calls made (each a batch of cond+uncond pairs).
     pub dit_calls: usize,
     /// Real images of the class that were encoded (or whose cached latents were used).
@@ -231,27 +214,18 @@ pub struct ClassTimings {
     pub skipped: mgd3_common::imagefolder::Skipped,
 }
 
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
-}
-
 impl ClassTimings {
     /// The sum of every stage's time.
     pub fn total(&self) -> Duration {
-        self.decode + self.encode + self.kmeans + self.dit + self.guidance + self.vae_decode + self.png
+        let t = &self.stages;
+        Duration::from_secs_f64(t.decode + t.encode + t.kmeans + t.dit + t.guidance + t.vae_decode + t.png)
     }
 
-    /// The stage times in seconds, as a commit marker and the job manifest record them.
-    pub fn stage_seconds(&self) -> mgd3_common::manifest::StageSeconds {
-        mgd3_common::manifest::StageSeconds {
-            decode: self.decode.as_secs_f64(),
-            encode: self.encode.as_secs_f64(),
-            kmeans: self.kmeans.as_secs_f64(),
-            dit: self.dit.as_secs_f64(),
-            guidance: self.guidance.as_secs_f64(),
-            vae_decode: self.vae_decode.as_secs_f64(),
-            png: self.png.as_secs_f64(),
-        }
+    /// Adds the time of one sampling run (DiT calls and the steps between them).
+    pub fn add_sampling(&mut self, run: &crate::mgd3::sampler::SampleTimings) {
+        self.stages.dit += run.model.as_secs_f64();
+        self.stages.guidance += run.maths.as_secs_f64();
+        self.dit_calls += run.model_calls;
     }
 }
 
@@ -607,9 +581,7 @@ pub fn sample_in_batches(
             |_, _| {},
         )
         .map_err(|source| EngineError::Sample { class: batch.class.into(), source: source.offset_sample(from) })?;
-        timings.dit += t.model;
-        timings.guidance += t.maths;
-        timings.dit_calls += t.model_calls;
+        timings.add_sampling(&t);
         debug!(class = batch.class, samples = to - from, "sampled batch");
         parts.push(x);
         from = to;
@@ -632,9 +604,9 @@ pub fn decode_to_png(
     let scale = decoder.info().scale_factor;
     let images = decoder.decode(latents.mapv(|v| v / scale).view())?;
     let decoded = Instant::now();
-    timings.vae_decode += decoded - started;
+    timings.stages.vae_decode += (decoded - started).as_secs_f64();
     let pngs = images.outer_iter().map(|img| png_bytes(img)).collect::<Result<Vec<_>, _>>()?;
-    timings.png += decoded.elapsed();
+    timings.stages.png += decoded.elapsed().as_secs_f64();
     Ok(pngs)
 }
 

@@ -379,7 +379,7 @@ impl Engine {
             Event::Chunk { slot, batch, crops, images, last, seconds, cache_key } => {
                 let class = &classes[slot];
                 let state = &mut flight[slot];
-                state.timings.decode += seconds;
+                state.timings.stages.decode += seconds.as_secs_f64();
                 stats.data += seconds;
                 state.crops.extend(crops);
                 let started = Instant::now();
@@ -389,7 +389,7 @@ impl Engine {
                 drop(batch);
                 state.features.extend(mean.iter().map(|v| v * scale));
                 let spent = started.elapsed();
-                state.timings.encode += spent;
+                state.timings.stages.encode += spent.as_secs_f64();
                 stats.encode += spent;
                 if last {
                     state.timings.real_images = images;
@@ -405,7 +405,7 @@ impl Engine {
             }
             Event::Cached { slot, features, crops, images, seconds } => {
                 let state = &mut flight[slot];
-                state.timings.decode += seconds;
+                state.timings.stages.decode += seconds.as_secs_f64();
                 stats.data += seconds;
                 state.timings.real_images = images;
                 state.timings.latent_cache_hit = true;
@@ -415,7 +415,7 @@ impl Engine {
             Event::Skipped { slot, skipped } => flight[slot].timings.skipped = skipped,
             Event::Modes { slot, modes, seconds } => {
                 let state = &mut flight[slot];
-                state.timings.kmeans += seconds;
+                state.timings.stages.kmeans += seconds.as_secs_f64();
                 stats.kmeans += seconds;
                 state.modes = Some(modes);
                 state.has_modes = true;
@@ -511,8 +511,8 @@ impl Engine {
         for slot in seen {
             let mine = batch.iter().filter(|(s, _)| *s == slot).count();
             let state = &mut flight[slot];
-            state.timings.dit += share(timings.model, mine);
-            state.timings.guidance += share(timings.maths, mine);
+            state.timings.stages.dit += share(timings.model, mine).as_secs_f64();
+            state.timings.stages.guidance += share(timings.maths, mine).as_secs_f64();
             state.timings.dit_calls += timings.model_calls;
         }
         debug!(samples = batch.len(), classes = ?batch.iter().map(|(s, _)| &classes[*s].wnid).collect::<std::collections::BTreeSet<_>>(), "sampled batch");
@@ -538,7 +538,7 @@ impl Engine {
         let decoded =
             self.decoder_mut().decode(latents.mapv(|v| v / scale).view()).map_err(|e| ShardStop::class(class, e))?;
         let decoded_at = Instant::now();
-        state.timings.vae_decode += decoded_at - started;
+        state.timings.stages.vae_decode += (decoded_at - started).as_secs_f64();
         let images = self
             .pool()
             .install(|| {
@@ -548,7 +548,7 @@ impl Engine {
                     .collect::<Result<Vec<_>, _>>()
             })
             .map_err(|e| ShardStop::class(class, e))?;
-        state.timings.png += decoded_at.elapsed();
+        state.timings.stages.png += decoded_at.elapsed().as_secs_f64();
         stats.finish += started.elapsed();
         let samples: Vec<Pixels> =
             if options.contact_sheet { decoded.outer_iter().map(sink::tensor_pixels).collect() } else { Vec::new() };

@@ -11,7 +11,7 @@ use image::{ImageFormat, RgbImage};
 use mgd3_common::commit::{Check, ClassFiles, CommitOutcome, commit_class, committed_marker, publish};
 use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::layout::JobKeys;
-use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION};
+use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION, StageSeconds};
 use mgd3_common::seed::sample_seed;
 use mgd3_common::store::Location;
 use mgd3_onnx::SessionConfig;
@@ -426,7 +426,10 @@ impl ShardEngine for FakeEngine {
         let modes_npy = npy_bytes(&modes, std::path::Path::new("modes.npy")).map_err(ShardFailure::EncodeModes)?;
         Ok(ClassResult {
             files: ClassFiles { images, modes_npy },
-            timings: ClassTimings { dit: self.class_duration, ..Default::default() },
+            timings: ClassTimings {
+                stages: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
+                ..Default::default()
+            },
             contact_sheet: None,
         })
     }
@@ -523,7 +526,7 @@ impl ClassSink for Committer<'_> {
             images: Vec::new(),
             modes: FileDigest { name: String::new(), sha256: String::new(), bytes: 0 },
             real_images: result.timings.real_images as u64,
-            timings: result.timings.stage_seconds(),
+            timings: result.timings.stages.clone(),
             committed_unix_ms: mgd3_common::now_ms(),
             latent_cache_hit: result.timings.latent_cache_hit,
             skipped: result.timings.skipped,
