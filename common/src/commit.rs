@@ -452,6 +452,16 @@ pub async fn delete_prefix(out: &Location, relative: &str) -> Result<(), CommitE
             Err(e) => return Err(store_err(out, format!("deleting `{}`", object.location))(e)),
         }
     }
+    // A local store lists folders, even empty ones, as prefixes: remove what is left of the
+    // folder too, or a listing keeps showing it (object stores have no folders to leave behind).
+    if let Some(root) = &out.local_root {
+        let folder = root.join(relative);
+        match std::fs::remove_dir_all(&folder) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CommitError::Local { path: folder.display().to_string(), source }),
+        }
+    }
     Ok(())
 }
 

@@ -13,9 +13,13 @@ use crate::store::resolve;
 /// Errors of parsing, validating and resolving a job spec.
 #[derive(Debug, Error)]
 pub enum JobError {
-    /// The text is not TOML, or a field is unknown or of the wrong type (the message names it).
+    /// The text is not TOML at all (the message gives the line).
     #[error("job spec is not valid TOML: {0}")]
     Toml(String),
+    /// The text is TOML, but a field is unknown, missing or of the wrong type (the message gives
+    /// the line and names the field).
+    #[error("invalid job spec: {0}")]
+    Shape(String),
     /// One or more fields are invalid; every problem is listed.
     #[error("invalid job spec:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
@@ -30,6 +34,20 @@ pub enum JobError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A TOML error as `line N: message`, without the parser's source excerpt.
+fn located(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            // The line itself names the field (`ipc = "ten"`), which a type error's message does not.
+            let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+            format!("line {line} (`{source}`): {}", error.message().trim_end())
+        }
+        None => error.message().trim_end().to_owned(),
+    }
 }
 
 /// One invalid field.
@@ -100,7 +118,7 @@ pub enum Setting {
 
 /// A setting whose value the models or the other settings rule out, named as the user wrote it.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{} = {value}: {problem}", setting.name(*origin))]
+#[error("{}: {problem}", setting.name(*origin))]
 pub struct InvalidSetting {
     /// Which setting.
     pub setting: Setting,
@@ -108,11 +126,16 @@ pub struct InvalidSetting {
     pub origin: SettingSource,
     /// The value as given.
     pub value: String,
-    /// What is wrong with it.
+    /// What is wrong with it, quoting the value.
     pub problem: String,
 }
 
 impl InvalidSetting {
+    /// A problem with `setting` at `value`, as given in a job spec.
+    pub fn new(setting: Setting, value: impl std::fmt::Display, problem: String) -> Self {
+        InvalidSetting { setting, origin: SettingSource::JobSpec, value: value.to_string(), problem }
+    }
+
     /// The same error about a value given on the command line (named by its flag).
     pub fn from_command_line(self) -> Self {
         InvalidSetting { origin: SettingSource::CommandLine, ..self }
@@ -230,7 +253,9 @@ impl SamplerKind {
         if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
             Some(format!("{eta} is outside 0..=1"))
         } else if eta != 0.0 && *self == SamplerKind::Ddpm {
-            Some(format!("{eta} applies only to the DDIM sampler (sampler = \"ddim\")"))
+            Some(format!(
+                "{eta} applies only to the DDIM sampler (`sampler = \"ddim\"` in a job, `--sampler ddim` for a worker)"
+            ))
         } else {
             None
         }
@@ -272,6 +297,44 @@ fn default_cfg_channels() -> usize {
 }
 fn default_steps() -> usize {
     50
+}
+
+impl SamplingSpec {
+    /// Every problem these settings have on their own (the models may rule out more), named as
+    /// in a job spec; the worker's command line renames them to its flags.
+    pub fn problems(&self) -> Vec<InvalidSetting> {
+        let mut problems = Vec::new();
+        if self.steps == 0 || self.steps > 1000 {
+            problems.push(InvalidSetting::new(
+                Setting::Steps,
+                self.steps,
+                format!("{} is outside 1..=1000", self.steps),
+            ));
+        }
+        if self.stop_guidance > self.steps {
+            let problem = format!("{} exceeds the {} sampling steps", self.stop_guidance, self.steps);
+            problems.push(InvalidSetting::new(Setting::StopGuidance, self.stop_guidance, problem));
+        }
+        if !(1..=16).contains(&self.cfg_channels) {
+            let problem = format!("{} is not a channel count (3 = reference DiT, 4 = standard)", self.cfg_channels);
+            problems.push(InvalidSetting::new(Setting::CfgChannels, self.cfg_channels, problem));
+        }
+        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
+            let problem = format!("{} must be a finite number ≥ 0", self.guidance_scale);
+            problems.push(InvalidSetting::new(Setting::GuidanceScale, self.guidance_scale, problem));
+        }
+        if !self.cfg_scale.is_finite() {
+            problems.push(InvalidSetting::new(
+                Setting::CfgScale,
+                self.cfg_scale,
+                format!("{} must be finite", self.cfg_scale),
+            ));
+        }
+        if let Some(problem) = self.sampler.eta_problem(self.eta) {
+            problems.push(InvalidSetting::new(Setting::Eta, self.eta, problem));
+        }
+        problems
+    }
 }
 
 impl Default for SamplingSpec {
@@ -515,12 +578,15 @@ impl JobSpec {
         if errors.is_empty() { Ok(()) } else { Err(JobError::Invalid(errors)) }
     }
 
-    /// Parses job.toml text; unknown fields and type errors name the field.
+    /// Parses job.toml text; unknown fields and type errors name the field and its line.
     ///
     /// # Errors
-    /// [`JobError::Toml`] for text that is not a job spec.
+    /// [`JobError::Toml`] for text that is not TOML; [`JobError::Shape`] for TOML that is not a
+    /// job spec (an unknown, missing or mistyped field).
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
-        toml::from_str(text).map_err(|e| JobError::Toml(e.to_string()))
+        // Two passes, so that valid TOML with a wrong field is never called invalid TOML.
+        toml::from_str::<toml::Table>(text).map_err(|e| JobError::Toml(located(text, &e)))?;
+        toml::from_str(text).map_err(|e| JobError::Shape(located(text, &e)))
     }
 
     /// Checks every field and reports all problems at once.
@@ -545,27 +611,8 @@ impl JobSpec {
         if self.max_attempts == 0 {
             bad("max_attempts", "must be at least 1".into());
         }
-        let s = &self.sampling;
-        if s.steps == 0 || s.steps > 1000 {
-            bad("sampling.steps", format!("{} is outside 1..=1000", s.steps));
-        }
-        if s.stop_guidance > s.steps {
-            bad("sampling.stop_guidance", format!("{} exceeds sampling.steps = {}", s.stop_guidance, s.steps));
-        }
-        if !(1..=16).contains(&s.cfg_channels) {
-            bad(
-                "sampling.cfg_channels",
-                format!("{} is not a channel count (3 = reference DiT, 4 = standard)", s.cfg_channels),
-            );
-        }
-        if !s.guidance_scale.is_finite() || s.guidance_scale < 0.0 {
-            bad("sampling.guidance_scale", format!("{} must be a finite number ≥ 0", s.guidance_scale));
-        }
-        if !s.cfg_scale.is_finite() {
-            bad("sampling.cfg_scale", format!("{} must be finite", s.cfg_scale));
-        }
-        if let Some(problem) = s.sampler.eta_problem(s.eta) {
-            bad("sampling.eta", problem);
+        for problem in self.sampling.problems() {
+            bad(problem.setting.spec_key(), problem.problem);
         }
         for (field, value) in [
             ("models.dit", &self.models.dit),
@@ -596,9 +643,11 @@ impl JobSpec {
             }
         }
         if let Some(name) = &self.name
-            && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            && (name.is_empty()
+                || name.starts_with('.')
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         {
-            bad("name", format!("`{name}` may only use letters, digits, '-', '_' and '.'"));
+            bad("name", format!("`{name}` may only use letters, digits, '-', '_' and '.', and not start with '.'"));
         }
         if errors.is_empty() { Ok(()) } else { Err(JobError::Invalid(errors)) }
     }
@@ -828,6 +877,23 @@ vae_decoder = "m/dec.onnx"
         let err =
             JobSpec::from_toml(&SPEC.replace("[models]", "[sampling]\nlambda = 1\n[models]")).unwrap_err().to_string();
         assert!(err.contains("lambda"), "{err}");
+    }
+
+    #[test]
+    fn valid_toml_with_a_wrong_field_is_not_called_invalid_toml() {
+        let text = SPEC.replace("ipc = 10", "ipc = 10\nipcs = 3");
+        let line = text.lines().position(|l| l.starts_with("ipcs")).unwrap() + 1;
+        let err = JobSpec::from_toml(&text).unwrap_err();
+        assert!(matches!(err, JobError::Shape(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("invalid job spec: line {line} (`ipcs = 3`): unknown field `ipcs`")),
+            "{text}"
+        );
+        assert!(!text.contains("TOML"), "{text}");
+        let err = JobSpec::from_toml("ipc = = 3").unwrap_err();
+        assert!(matches!(err, JobError::Toml(_)), "{err:?}");
+        assert!(err.to_string().starts_with("job spec is not valid TOML: line 1 (`ipc = = 3`): "), "{err}");
     }
 
     #[test]

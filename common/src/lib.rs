@@ -39,13 +39,64 @@ pub fn default_sigpipe() {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT: the shutdown signal both binaries pass to their `run`.
-pub async fn termination() {
+/// Which signal asked a process to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGINT (Ctrl-C): the process stops cleanly, then exits 130 as shells expect.
+    Interrupt,
+    /// SIGTERM (Slurm preemption, `kill`): a requested stop; the process exits as its work says.
+    Terminate,
+}
+
+/// Resolves on SIGTERM or SIGINT, saying which: the shutdown signal both binaries pass to their
+/// `run`.
+pub async fn termination() -> StopSignal {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => StopSignal::Terminate,
+        _ = tokio::signal::ctrl_c() => StopSignal::Interrupt,
     }
+}
+
+/// [`termination`] as a plain future for a `shutdown` argument, remembering the signal in
+/// `seen` so the caller can tell a Ctrl-C (exit 130) from a requested stop afterwards.
+pub async fn termination_into(seen: std::sync::Arc<std::sync::OnceLock<StopSignal>>) {
+    let _ = seen.set(termination().await);
+}
+
+/// A run stopped by Ctrl-C, after stopping cleanly: the binaries exit 130 (128 + SIGINT) on it,
+/// printing `next` (what to run to continue), if any.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted {
+    /// What to run to continue, for the last line the user sees.
+    pub next: Option<String>,
+}
+
+/// The exit status of a binary whose `run` ended with `result`: success, 130 after Ctrl-C (an
+/// [`Interrupted`] anywhere in the chain, its hint on stderr), else 1 with the error's whole chain
+/// on stderr.
+pub fn exit_status<E>(result: Result<(), E>) -> std::process::ExitCode
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    let Err(error) = result else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    let error: &(dyn std::error::Error + 'static) = error.as_ref();
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(interrupted) = e.downcast_ref::<Interrupted>() {
+            match &interrupted.next {
+                Some(next) => eprintln!("interrupted; {next}"),
+                None => eprintln!("interrupted"),
+            }
+            return std::process::ExitCode::from(130);
+        }
+        cause = e.source();
+    }
+    eprintln!("error: {}", error_chain(error));
+    std::process::ExitCode::FAILURE
 }
 
 /// Milliseconds since the Unix epoch (the clock leases and state files use).

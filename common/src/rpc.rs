@@ -36,6 +36,14 @@ pub enum ConnectError {
         /// The URL as given.
         url: String,
     },
+    /// The URL names a scheme the coordinator does not speak.
+    #[error("coordinator URL `{url}`: the coordinator speaks gRPC over http:// or https://, not {scheme}://")]
+    UnsupportedScheme {
+        /// The URL as given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
     /// The URL cannot be parsed.
     #[error("invalid coordinator URL `{url}`")]
     BadUrl {
@@ -223,9 +231,22 @@ impl std::fmt::Display for CallError {
 /// # Errors
 /// A [`ConnectError`] for a URL, CA file or token that cannot be used; nothing is dialled yet.
 pub fn connect(url: &str, token: Option<&str>, tls_ca: Option<&std::path::Path>) -> Result<Client, ConnectError> {
+    let token = BearerToken::new(token)?;
+    Ok(CoordinatorClient::with_interceptor(channel(url, tls_ca)?, token).max_decoding_message_size(64 << 20))
+}
+
+/// A lazily connecting channel to the coordinator at `url` (plain, or TLS with web PKI roots or
+/// `tls_ca`), for any of its services (the coordinator's, the standard health service).
+///
+/// # Errors
+/// A [`ConnectError`] for a URL or CA file that cannot be used; nothing is dialled yet.
+pub fn channel(url: &str, tls_ca: Option<&std::path::Path>) -> Result<Channel, ConnectError> {
     crate::ensure_crypto_provider();
     if !url.starts_with("http://") && !url.starts_with("https://") {
-        return Err(ConnectError::NoScheme { url: url.to_owned() });
+        return Err(match url.split_once("://") {
+            Some((scheme, _)) => ConnectError::UnsupportedScheme { url: url.to_owned(), scheme: scheme.to_owned() },
+            None => ConnectError::NoScheme { url: url.to_owned() },
+        });
     }
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|source| ConnectError::BadUrl { url: url.to_owned(), source })?
@@ -240,9 +261,7 @@ pub fn connect(url: &str, token: Option<&str>, tls_ca: Option<&std::path::Path>)
         }
         endpoint = endpoint.tls_config(tls).map_err(|source| ConnectError::Tls { url: url.to_owned(), source })?;
     }
-    let channel = endpoint.connect_lazy();
-    let token = BearerToken::new(token)?;
-    Ok(CoordinatorClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20))
+    Ok(endpoint.connect_lazy())
 }
 
 #[cfg(test)]
@@ -253,6 +272,8 @@ mod tests {
     fn a_url_without_a_scheme_says_what_to_write() {
         let error = connect("127.0.0.1:50051", None, None).unwrap_err();
         assert!(error.to_string().contains("write `http://127.0.0.1:50051`"), "{error}");
+        let error = connect("ftp://127.0.0.1:50051", None, None).unwrap_err();
+        assert!(error.to_string().contains("over http:// or https://, not ftp://"), "{error}");
     }
 
     #[test]

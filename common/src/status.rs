@@ -160,10 +160,14 @@ pub struct JobStatus {
     pub images_done: u64,
     /// Images the job makes: classes × IPC.
     pub images_total: u64,
-    /// Images per second committed since this coordinator process took the job on.
+    /// Images per second committed over the last minute of this coordinator's run of the job
+    /// (work committed before it took the job on never counts).
     pub images_per_second: f64,
-    /// Seconds left at that rate; `None` while it cannot be estimated.
+    /// Seconds left at that rate; `None` while it cannot be estimated (nothing committed in the
+    /// last minute).
     pub eta_seconds: Option<f64>,
+    /// When this coordinator process took the job on (submitted, recovered or resumed), Unix ms.
+    pub run_started_unix_ms: u64,
     /// Failed shards and unfinished shards with an error (for a quarantined job: why).
     pub failures: Vec<ShardFailure>,
     /// When the job was submitted (Unix ms).
@@ -193,6 +197,7 @@ impl JobStatus {
             images_total: 0,
             images_per_second: 0.0,
             eta_seconds: None,
+            run_started_unix_ms: 0,
             failures: vec![ShardFailure { shard_index: 0, wnid: String::new(), error, attempts: 0 }],
             created_unix_ms: 0,
             finished_unix_ms: None,

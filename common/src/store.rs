@@ -388,32 +388,46 @@ pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::
         if std::fs::metadata(&target).is_ok_and(|m| m.len() == meta.size) {
             continue;
         }
-        let bytes = location
-            .store
-            .get(&key)
-            .await
-            .map_err(|source| StoreError::Open { url: url.to_owned(), source })?
-            .bytes()
-            .await
-            .map_err(|source| StoreError::Open { url: url.to_owned(), source })?;
+        // Streamed to disk (a DiT-XL/2 is 2.7 GB; nothing of that size is held in memory), with a
+        // progress line every few seconds.
+        let open_err = |source| StoreError::Open { url: format!("{url} ({key})"), source };
+        let mut stream = location.store.get(&key).await.map_err(open_err)?.into_stream();
         let partial = dir.join(format!("{file}.partial"));
-        std::fs::write(&partial, &bytes).map_err(local_err)?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(local_err)?);
+        tracing::info!(model = %url, file = %file, mb = meta.size / 1_000_000, cache = %dir.display(), "downloading model");
+        let (started, mut reported, mut written) = (std::time::Instant::now(), std::time::Instant::now(), 0u64);
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            let chunk = chunk.map_err(open_err)?;
+            std::io::Write::write_all(&mut out, &chunk).map_err(local_err)?;
+            written += chunk.len() as u64;
+            if reported.elapsed() >= std::time::Duration::from_secs(5) {
+                reported = std::time::Instant::now();
+                tracing::info!(
+                    model = %url,
+                    file = %file,
+                    done_mb = written / 1_000_000,
+                    of_mb = meta.size / 1_000_000,
+                    mb_per_s = (written as f64 / 1e6 / started.elapsed().as_secs_f64()).round(),
+                    "downloading model"
+                );
+            }
+        }
+        let file_handle = out.into_inner().map_err(|e| local_err(e.into_error()))?;
+        file_handle.sync_all().map_err(local_err)?;
+        drop(file_handle);
         std::fs::rename(&partial, &target).map_err(local_err)?;
     }
     Ok(dir.join(name))
 }
 
-/// The default folder for downloaded models: `$MGD3_MODEL_CACHE`, else
-/// `$XDG_CACHE_HOME/mgd3/models`, else `~/.cache/mgd3/models`.
+/// The default folder for downloaded models: `$MGD3_MODEL_CACHE`, else `mgd3/models` in the
+/// platform's cache folder (`$XDG_CACHE_HOME` or `~/.cache` on Linux, `~/Library/Caches` on
+/// macOS), else in the temporary folder.
 pub fn model_cache_dir() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("MGD3_MODEL_CACHE") {
         return dir.into();
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("mgd3").join("models")
+    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("mgd3").join("models")
 }
 
 /// Reads an object, `None` when it does not exist. A body cut off after the answer began (which

@@ -255,6 +255,7 @@ impl From<JobStatus> for proto::JobStatus {
             output: s.output,
             classes_done: s.classes_done,
             classes_total: s.classes_total,
+            run_started_unix_ms: s.run_started_unix_ms,
             shards: s
                 .shard_list
                 .into_iter()
@@ -291,6 +292,7 @@ impl TryFrom<proto::JobStatus> for JobStatus {
             images_total: s.images_total,
             images_per_second: s.images_per_second,
             eta_seconds: (s.eta_seconds >= 0.0).then_some(s.eta_seconds),
+            run_started_unix_ms: s.run_started_unix_ms,
             failures: s
                 .failures
                 .into_iter()
@@ -343,6 +345,7 @@ mod tests {
             images_total: 40,
             images_per_second: 2.5,
             eta_seconds: Some(4.0),
+            run_started_unix_ms: 5,
             failures: vec![ShardFailure { shard_index: 1, wnid: "c3".into(), error: "boom".into(), attempts: 2 }],
             created_unix_ms: 7,
             finished_unix_ms: None,

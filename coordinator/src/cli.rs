@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use mgd3_common::proto;
 use mgd3_common::rpc::{CallError, Client, connect, read_token_file};
 use mgd3_common::status::{JobState, JobStatus, VerifyReport};
 use tokio::net::TcpListener;
 
 use crate::grpc::serve;
+use crate::progress::{DEFAULT_PROGRESS_EVERY_S, Progress, ProgressOptions, describe, job_status, wait_for};
 use crate::service::{Coordinator, ServeConfig};
 
 /// The `coordinator` command line, parsed by clap.
@@ -44,7 +44,15 @@ pub enum Command {
     Verify(JobArgs),
     /// List jobs.
     List(ListArgs),
-    /// The embedded default: coordinator on loopback + N local workers + the job, awaited.
+    /// Wait until the coordinator serves (the standard gRPC health check); exits 0 once it does,
+    /// 1 after --timeout-s. For launch scripts: `coordinator ready --coordinator URL && ...`.
+    Ready(ReadyArgs),
+    /// Run a job on this machine: a coordinator on loopback, N local worker processes and the
+    /// job, awaited; exits 0 when the job succeeded. Running it again continues the job.
+    #[command(after_help = "Examples:\n  \
+        coordinator run examples/fashion-mnist.toml --local-workers 2\n  \
+        coordinator run job.toml --device cuda --devices 0,1,2,3     # one worker per GPU\n  \
+        coordinator run job.toml --local-workers 2 -- --threads 1 --max-batch 32")]
     Run(RunArgs),
     /// Dry run of a submit, offline: validates the spec, lists and checks the dataset (every
     /// class folder present with at least IPC images), fingerprints the models, and prints the
@@ -152,9 +160,30 @@ pub struct SubmitArgs {
     /// Explicit job id (default: <name>-<fingerprint prefix>).
     #[arg(long)]
     pub job_id: Option<String>,
+    /// How `--wait` shows progress.
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
+}
+
+/// How a waiting command shows a job's progress.
+#[derive(Debug, Args)]
+pub struct ProgressArgs {
+    /// Without a terminal (a Slurm log, a pipe), print a progress line this often, in seconds.
+    #[arg(long, env = "MGD3_PROGRESS_EVERY_S", default_value_t = DEFAULT_PROGRESS_EVERY_S)]
+    pub progress_every_s: u64,
+    /// Show no progress (the final status is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl ProgressArgs {
+    /// The options these flags ask for.
+    pub fn options(&self) -> ProgressOptions {
+        ProgressOptions { quiet: self.quiet, every: Duration::from_secs(self.progress_every_s.max(1)) }
+    }
 }
 
 /// Arguments of `coordinator status`.
@@ -208,26 +237,77 @@ pub struct ListArgs {
     pub connection: Connection,
 }
 
+/// Arguments of `coordinator ready`.
+#[derive(Debug, Args)]
+pub struct ReadyArgs {
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout_s: f64,
+    /// How to reach the coordinator (the health check needs no token).
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+/// Asks the coordinator's health service until it says SERVING or `args.timeout_s` passed.
+async fn ready(args: &ReadyArgs) -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let url = &args.connection.coordinator;
+    let channel = mgd3_common::rpc::channel(url, args.connection.tls_ca.as_deref())?;
+    let mut client = HealthClient::new(channel);
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.timeout_s.max(0.0));
+    let service =
+        <proto::coordinator_server::CoordinatorServer<crate::grpc::Service> as tonic::server::NamedService>::NAME;
+    loop {
+        let answer = client.check(HealthCheckRequest { service: service.into() }).await;
+        let last = match answer {
+            Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+            Ok(response) => format!("status {:?}", response.get_ref().status()),
+            Err(status) => CallError::of(url, "Health.Check")(status).to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            bail!("the coordinator at {url} is not serving after {} s: {last}", args.timeout_s);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Arguments of `coordinator run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The job spec (job.toml) to run.
     pub spec: PathBuf,
-    /// Worker processes to start on this machine.
-    #[arg(long, default_value_t = 1)]
-    pub local_workers: usize,
+    /// Worker processes to start on this machine (default: one per `--devices` GPU, else 1).
+    #[arg(long)]
+    pub local_workers: Option<usize>,
+    /// Where the local workers run their models: `cpu`, or `cuda` to give worker i its own GPU
+    /// (`cuda:i`, or the i-th of `--devices`).
+    #[arg(long, value_enum, default_value_t = LocalDevice::Cpu)]
+    pub device: LocalDevice,
+    /// The GPUs the local workers take, one each in turn (e.g. `--devices 0,2,3`); implies
+    /// `--device cuda`.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<u32>,
     /// Coordinator state (default: the job's `output`, else ./out).
     #[arg(long)]
     pub store: Option<String>,
     /// The `worker` binary (default: next to this one).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
-    /// Passed to every worker (e.g. --device cuda:0 --threads 1); repeatable.
+    /// One argument passed to every worker, written with `=`: `--worker-arg=--threads=1`;
+    /// repeatable. Arguments after `--` go to every worker too:
+    /// `coordinator run job.toml -- --threads 1 --max-batch 32`.
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+    /// Arguments after `--`, passed to every worker.
+    #[arg(last = true)]
+    pub trailing_worker_args: Vec<String>,
     /// Worker heartbeat (poll) interval of the embedded coordinator, in ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
+    /// How progress is shown.
+    #[command(flatten)]
+    pub progress: ProgressArgs,
 }
 
 impl TryFrom<&ServeArgs> for ServeConfig {
@@ -257,39 +337,6 @@ fn read_spec(path: &Path) -> Result<(String, String)> {
     Ok((text, base))
 }
 
-fn describe(status: &JobStatus) -> String {
-    if status.state == JobState::Quarantined {
-        let reason = status.failures.first().map(|f| f.error.as_str()).unwrap_or_default();
-        return format!("job {} [quarantined]\n  {reason}\n", status.job_id);
-    }
-    let eta = status.eta_seconds.map_or_else(|| "unknown".to_owned(), |eta| format!("{eta:.0} s"));
-    let shards = &status.shards;
-    let mut text = format!(
-        "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  classes: {}/{}\n  images: {}/{}, {:.2} images/s, ETA {eta}\n  workers: {}\n  output: {}\n",
-        status.job_id,
-        status.state,
-        shards.done,
-        shards.running,
-        shards.pending,
-        shards.failed,
-        shards.total,
-        status.classes_done,
-        status.classes_total,
-        status.images_done,
-        status.images_total,
-        status.images_per_second,
-        status.workers,
-        status.output,
-    );
-    for f in &status.failures {
-        text.push_str(&format!(
-            "  failure: shard {} class {} after {} attempt(s): {}\n",
-            f.shard_index, f.wnid, f.attempts, f.error
-        ));
-    }
-    text
-}
-
 fn status_json(status: &JobStatus) -> serde_json::Value {
     let shards = &status.shards;
     serde_json::json!({
@@ -309,16 +356,6 @@ fn status_json(status: &JobStatus) -> serde_json::Value {
     })
 }
 
-/// `GetJobStatus` as a domain status.
-async fn job_status(client: &mut Client, url: &str, job_id: &str) -> Result<JobStatus> {
-    let status = client
-        .get_job_status(proto::GetJobStatusRequest { job_id: job_id.into() })
-        .await
-        .map_err(CallError::of(url, "GetJobStatus"))?
-        .into_inner();
-    Ok(JobStatus::try_from(status)?)
-}
-
 /// `ListJobs` as domain statuses.
 async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
     let jobs =
@@ -326,36 +363,8 @@ async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
     Ok(jobs.into_iter().map(JobStatus::try_from).collect::<Result<_, _>>()?)
 }
 
-/// Polls a job until it ends, showing a progress bar; returns its final status.
-///
-/// # Errors
-/// When a `GetJobStatus` call fails ([`CallError`]) or its answer holds a value this build does
-/// not know.
-pub async fn wait_for(client: &mut Client, url: &str, job_id: &str, quiet: bool) -> Result<JobStatus> {
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    loop {
-        let status = job_status(client, url, job_id).await?;
-        bar.set_length(status.images_total);
-        bar.set_position(status.images_done);
-        bar.set_message(format!(
-            "{} shards {}/{} ({} failed)",
-            status.state, status.shards.done, status.shards.total, status.shards.failed
-        ));
-        if status.state.is_final() {
-            bar.finish_and_clear();
-            return Ok(status);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn exit_for(status: &JobStatus) -> Result<()> {
-    print!("{}", describe(status));
+fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
+    print!("{}", describe(status, url));
     if status.state != JobState::Succeeded {
         bail!("job {} ended {}", status.job_id, status.state);
     }
@@ -403,8 +412,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             tracing::info!(allowed = ?allowed, "local paths submitted specs may use");
             coordinator.allow_paths(allowed);
-            serve(coordinator, &config, listener, mgd3_common::termination()).await?;
-            Ok(())
+            let seen = std::sync::Arc::new(std::sync::OnceLock::new());
+            serve(coordinator, &config, listener, mgd3_common::termination_into(seen.clone())).await?;
+            match seen.get() {
+                Some(mgd3_common::StopSignal::Interrupt) => Err(mgd3_common::Interrupted { next: None }.into()),
+                _ => Ok(()),
+            }
         }
         Command::Submit(args) => {
             let (text, base) = read_spec(&args.spec)?;
@@ -421,8 +434,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", response.job_id);
             if args.wait {
-                let status = wait_for(&mut client, &args.connection.coordinator, &response.job_id, false).await?;
-                exit_for(&status)?;
+                let url = &args.connection.coordinator;
+                let mut progress = Progress::new(url, args.progress.options());
+                let status = wait_for(&mut client, &response.job_id, &mut progress).await?;
+                exit_for(&status, url)?;
             }
             Ok(())
         }
@@ -444,7 +459,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     if args.job.is_some() { value.into_iter().next().unwrap_or_default() } else { value.into() };
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                statuses.iter().for_each(|s| print!("{}", describe(s)));
+                statuses.iter().for_each(|s| print!("{}", describe(s, &args.connection.coordinator)));
             }
             Ok(())
         }
@@ -478,12 +493,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .into_inner()
                 .into();
             for p in &response.problems {
-                println!(
-                    "class {}: {}{}",
-                    p.wnid,
-                    p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(),
-                    p.problem
-                );
+                let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
+                println!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
             println!(
                 "job {}: {} class(es), {} file(s) checked, {} problem(s)",
@@ -506,11 +517,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("job {} cancelled", args.job);
             Ok(())
         }
+        Command::Ready(args) => ready(&args).await,
         Command::List(args) => {
             let mut client = args.connection.client()?;
             let jobs = list_jobs(&mut client, &args.connection.coordinator).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
+            } else if jobs.is_empty() {
+                println!("no jobs");
             } else {
                 for j in &jobs {
                     println!(
@@ -591,11 +605,42 @@ async fn all_exited(children: &mut [tokio::process::Child]) -> String {
     statuses.join(", ")
 }
 
+/// Where `coordinator run`'s workers run their models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LocalDevice {
+    /// On the CPU.
+    Cpu,
+    /// On GPUs, one per worker.
+    Cuda,
+}
+
+impl RunArgs {
+    /// The `--device` argument of each local worker: `None` for the CPU, else `cuda:N` for
+    /// worker i in turn over `--devices` (or GPU i without it).
+    ///
+    /// # Errors
+    /// `--local-workers 0`.
+    pub fn worker_devices(&self) -> Result<Vec<Option<String>>> {
+        let cuda = self.device == LocalDevice::Cuda || !self.devices.is_empty();
+        let count = self.local_workers.unwrap_or(if self.devices.is_empty() { 1 } else { self.devices.len() });
+        if count == 0 {
+            bail!("--local-workers must be at least 1");
+        }
+        Ok((0..count)
+            .map(|i| {
+                cuda.then(|| {
+                    let gpu = if self.devices.is_empty() { i as u32 } else { self.devices[i % self.devices.len()] };
+                    format!("cuda:{gpu}")
+                })
+            })
+            .collect())
+    }
+}
+
 /// `coordinator run`: everything on this machine.
 async fn run_local(args: RunArgs) -> Result<()> {
-    if args.local_workers == 0 {
-        bail!("--local-workers must be at least 1");
-    }
+    let devices = args.worker_devices()?;
+    let local_workers = devices.len();
     let (text, base) = read_spec(&args.spec)?;
     let spec = mgd3_common::job::JobSpec::from_toml(&text)?;
     let store = match (&args.store, &spec.output) {
@@ -623,32 +668,54 @@ async fn run_local(args: RunArgs) -> Result<()> {
         job.job_id,
         job.classes.len(),
         job.shards.len(),
-        args.local_workers,
+        local_workers,
         store
     );
     // N workers on one machine share its CPUs: each gets its share for decoding and k-means
     // (MGD3_CPU_THREADS, which an explicit --cpu-threads in --worker-arg overrides).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu_share = (cpus / args.local_workers).max(1).to_string();
+    let cpu_share = (cpus / local_workers).max(1).to_string();
+    // The workers' log lines go through this process, so that on a terminal they print above
+    // the progress bar instead of through it.
+    let mut progress = Progress::new(&url, args.progress.options());
     let mut workers = Vec::new();
-    for i in 0..args.local_workers {
+    for (i, device) in devices.iter().enumerate() {
         let child = tokio::process::Command::new(&worker_bin)
             .env("MGD3_CPU_THREADS", std::env::var("MGD3_CPU_THREADS").unwrap_or_else(|_| cpu_share.clone()))
             .arg("--coordinator")
             .arg(&url)
             .arg("--worker-id")
             .arg(format!("local-{i}"))
+            .args(device.iter().flat_map(|d| ["--device", d.as_str()]))
             .args(&args.worker_args)
+            .args(&args.trailing_worker_args)
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start `{}`", worker_bin.display()))?;
+        let mut child = child;
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    mgd3_common::telemetry::write_stderr(format!("{line}\n").as_bytes());
+                }
+            });
+        }
         workers.push(child);
     }
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
-        status = wait_for(&mut client, &url, &job.job_id, false) => status,
-        _ = mgd3_common::termination() => Err(anyhow::anyhow!("interrupted; `coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id)),
+        status = wait_for(&mut client, &job.job_id, &mut progress) => status,
+        signal = mgd3_common::termination() => {
+            let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
+            match signal {
+                mgd3_common::StopSignal::Interrupt => Err(mgd3_common::Interrupted { next: Some(next) }.into()),
+                mgd3_common::StopSignal::Terminate => Err(anyhow::anyhow!("stopped by SIGTERM; {next}")),
+            }
+        }
         exits = all_exited(&mut workers) => Err(anyhow::anyhow!(
             "every local worker exited before the job finished ({exits}); see their errors above, then run again to continue"
         )),
@@ -661,8 +728,9 @@ async fn run_local(args: RunArgs) -> Result<()> {
     }
     coordinator.flush().await;
     let _ = local.stop().await;
+    progress.finish();
     let status = outcome?;
-    exit_for(&status)?;
+    exit_for(&status, &url)?;
     println!("dataset: {}/dataset", status.output);
     Ok(())
 }

@@ -163,7 +163,13 @@ pub async fn serve(
             _ = lost => {}
         }
     };
-    let result = builder.add_service(service).serve_with_incoming_shutdown(incoming, stop).await;
+    // The standard gRPC health service (grpc.health.v1), open without a token or protocol header
+    // so that launchers and probes can ask whether the coordinator serves: it does once `serve`
+    // runs (recovery happened when the coordinator was opened).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<Service>>().await;
+    let result =
+        builder.add_service(health_service).add_service(service).serve_with_incoming_shutdown(incoming, stop).await;
     let _ = stop_background.send(());
     let _ = background.await;
     if coordinator.is_fenced() {

@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod jobstore;
 pub mod local;
 pub mod lock;
+pub mod progress;
 pub mod scheduler;
 pub mod service;
 pub mod state;

@@ -1,7 +1,7 @@
 //! Pure lease logic: which worker gets which shard, lease renewal and expiry, attempt budgets,
 //! job completion. No I/O and no clock: every call takes `now` (Unix ms), so tests need no sleeps.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use mgd3_common::job::{ClassRef, ResolvedJob};
@@ -132,8 +132,48 @@ struct JobRun {
     job: Arc<ResolvedJob>,
     persisted: PersistedJob,
     pending: BTreeSet<usize>,
-    /// Throughput origin of this process: (time, images done then).
-    rate_origin: (u64, u64),
+    /// Progress of this process's run of the job: (time, images done) samples, the first at the
+    /// moment it took the job on (so work committed before never counts), then one per change.
+    /// Only what the rate window needs is kept.
+    progress: VecDeque<(u64, u64)>,
+}
+
+/// The window the throughput and ETA are measured over: long enough to smooth over shard
+/// boundaries, short enough that idle time before the first worker does not linger.
+pub const RATE_WINDOW_MS: u64 = 60_000;
+
+impl JobRun {
+    /// Starts the progress record of this run at `now`.
+    fn restart_progress(&mut self, now: u64) {
+        self.progress.clear();
+        self.progress.push_back((now, self.images_done()));
+    }
+
+    /// Records the current progress at `now` if it changed.
+    fn record_progress(&mut self, now: u64) {
+        let done = self.images_done();
+        if self.progress.back().is_some_and(|&(_, last)| last == done) {
+            return;
+        }
+        self.progress.push_back((now, done));
+        // Keep one sample at or before the window's start, the baseline the rate needs.
+        while self.progress.len() > 2 && self.progress[1].0 + RATE_WINDOW_MS <= now {
+            self.progress.pop_front();
+        }
+    }
+
+    /// Images per second over the last [`RATE_WINDOW_MS`] (or since the run began, if sooner):
+    /// (images now − images at the window's start) ÷ the window.
+    fn rate(&self, now: u64) -> f64 {
+        let Some(&(origin, _)) = self.progress.front() else {
+            return 0.0;
+        };
+        let end = self.persisted.finished_unix_ms.unwrap_or(now).max(origin);
+        let start = end.saturating_sub(RATE_WINDOW_MS).max(origin);
+        let at = |t: u64| self.progress.iter().take_while(|(time, _)| *time <= t).last().map_or(0, |&(_, n)| n);
+        let seconds = (end - start) as f64 / 1000.0;
+        if seconds <= 0.0 { 0.0 } else { at(end).saturating_sub(at(start)) as f64 / seconds }
+    }
 }
 
 impl JobRun {
@@ -240,6 +280,8 @@ pub struct JobSummary {
     pub failures: Vec<(usize, Shard)>,
     /// When the job reached a final state (Unix ms).
     pub finished_unix_ms: Option<u64>,
+    /// When this process took the job on (submitted, recovered or resumed), Unix ms.
+    pub run_started_ms: u64,
     /// Every shard, in plan order.
     pub shards: Vec<ShardStatus>,
 }
@@ -360,8 +402,8 @@ impl Scheduler {
             pending.clear();
         }
         let id = job.job_id.clone();
-        let mut run = JobRun { job, persisted, pending, rate_origin: (now, 0) };
-        run.rate_origin = (now, run.images_done());
+        let mut run = JobRun { job, persisted, pending, progress: VecDeque::new() };
+        run.restart_progress(now);
         if !self.jobs.contains_key(&id) {
             self.order.push(id.clone());
         }
@@ -490,6 +532,7 @@ impl Scheduler {
                 *deadline_ms = now + timeout;
                 entry.images_done = running.images_done;
                 entry.classes_done = running.classes_done;
+                run.record_progress(now);
                 true
             }
             _ => false,
@@ -648,6 +691,7 @@ impl Scheduler {
             };
             entry.state = ShardState::Done { attempt_id, finished_ms: now };
             run.pending.remove(&shard);
+            run.record_progress(now);
             return self.settle(job_id, now);
         }
         Settled::Open
@@ -765,7 +809,7 @@ impl Scheduler {
                 requeued += 1;
             }
         }
-        run.rate_origin = (now, run.images_done());
+        run.restart_progress(now);
         let _ = self.settle(job_id, now);
         Ok((committed.len(), requeued))
     }
@@ -806,9 +850,7 @@ impl Scheduler {
                 ShardStatus { index: i as u32, phase, attempts: s.attempts, classes, classes_done, images_done, worker }
             })
             .collect();
-        let end = run.persisted.finished_unix_ms.unwrap_or(now);
-        let elapsed = end.saturating_sub(run.rate_origin.0) as f64 / 1000.0;
-        let rate = if elapsed > 0.0 { images_done.saturating_sub(run.rate_origin.1) as f64 / elapsed } else { 0.0 };
+        let rate = run.rate(now);
         let remaining = run.job.images_total().saturating_sub(images_done) as f64;
         let eta = if run.state() != JobState::Running {
             0.0
@@ -830,6 +872,7 @@ impl Scheduler {
             eta_seconds: eta,
             failures,
             finished_unix_ms: run.persisted.finished_unix_ms,
+            run_started_ms: run.progress.front().map_or(now, |&(t, _)| t),
             shards,
         })
     }
@@ -951,6 +994,27 @@ mod tests {
             s.fail("w1", &a.lease_id, None, "late".into(), true, false, 10_002).unwrap_err(),
             SchedulerError::StaleLease(a.lease_id.clone())
         );
+    }
+
+    #[test]
+    fn the_rate_counts_the_last_minute_of_this_run_only() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 4, 1, 3), None, &HashSet::new(), 0);
+        // Nobody works for five minutes; then a worker commits a shard (2 images) in ten seconds.
+        let a = lease(poll(&mut s, "w", &[], false, 300_000).0);
+        s.complete("w", &a.lease_id, 310_000).unwrap();
+        let summary = s.summary("j", 310_000).unwrap();
+        assert!((summary.images_per_second - 2.0 / 60.0).abs() < 1e-9, "{}", summary.images_per_second);
+        assert!((summary.eta_seconds - 6.0 / (2.0 / 60.0)).abs() < 1e-6, "{}", summary.eta_seconds);
+        // A minute without progress: no rate, so no ETA.
+        let idle = s.summary("j", 371_000).unwrap();
+        assert_eq!(idle.images_per_second, 0.0);
+        assert!(idle.eta_seconds.is_infinite());
+        assert_eq!(idle.run_started_ms, 0);
+        // Work committed before a restart never counts as this run's.
+        let mut again = Scheduler::new(1000, "f");
+        again.add_job(job("j", 4, 1, 3), None, &HashSet::from([0, 1]), 400_000);
+        assert_eq!(again.summary("j", 401_000).unwrap().images_per_second, 0.0);
     }
 
     #[test]

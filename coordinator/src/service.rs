@@ -332,7 +332,17 @@ impl Coordinator {
 
     /// The job `job_id`, or [`Error::UnknownJob`].
     fn known_job(&self, job_id: &str) -> Result<Arc<ResolvedJob>> {
+        self.refuse_quarantined(job_id)?;
         self.inner.scheduler.lock().expect("scheduler").job(job_id).ok_or_else(|| Error::UnknownJob(job_id.into()))
+    }
+
+    /// `Err(Quarantined)` for a job whose records are damaged: it is known, not unknown, and what
+    /// to do about it is in the reason.
+    fn refuse_quarantined(&self, job_id: &str) -> Result<()> {
+        match self.inner.quarantined.lock().expect("quarantined").get(job_id) {
+            Some(reason) => Err(Error::Quarantined { job: job_id.into(), reason: reason.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// Releases the store's coordinator lock (a clean shutdown), so the next coordinator starts
@@ -573,6 +583,7 @@ impl Coordinator {
     /// [`Error::Scheduler`] when the job is not known or has already ended
     /// ([`crate::scheduler::SchedulerError::UnknownJob`], [`crate::scheduler::SchedulerError::AlreadyEnded`]).
     pub fn cancel(&self, job_id: &str) -> Result<()> {
+        self.refuse_quarantined(job_id)?;
         let settled = self.inner.scheduler.lock().expect("scheduler").cancel(job_id, now_ms())?;
         self.settled(job_id, settled);
         Ok(())
@@ -628,6 +639,7 @@ impl Coordinator {
             images_total: job.images_total(),
             images_per_second: summary.images_per_second,
             eta_seconds: summary.eta_seconds.is_finite().then_some(summary.eta_seconds),
+            run_started_unix_ms: summary.run_started_ms,
             failures,
             fingerprint: job.fingerprint.clone(),
             created_unix_ms: job.created_unix_ms,

@@ -124,9 +124,13 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
         }
         _ => None,
     };
-    let folder_count = folders.as_ref().map_or(0, Vec::len);
+    let folder_names = folders.clone().unwrap_or_default();
+    let folder_count = folder_names.len();
     let classes = spec.class_list(|| Ok(folders.unwrap_or_default()))?;
-    if spec.labels == LabelScheme::Position && !all && classes.len() < folder_count {
+    // Only when it matters: some listed class's position is not its folder index.
+    let mislabelled =
+        classes.iter().any(|c| folder_names.iter().position(|f| *f == c.wnid).is_some_and(|i| i as i64 != c.label));
+    if spec.labels == LabelScheme::Position && !all && classes.len() < folder_count && mislabelled {
         // The silent mislabel: a model trained on the whole ImageFolder numbers classes by folder.
         notes.push(format!(
             "labels = \"position\" numbers the {} listed classes 0..{}, but `{}` has {folder_count} class folders: a \

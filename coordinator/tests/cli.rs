@@ -236,6 +236,11 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("label    0") && text.contains("labels = \"folder\""), "{text}");
+    // ... but not when the positions are the folder indices anyway (`a` is folder 0).
+    std::fs::write(&spec, listed.replace("classes = [\"b\"]", "classes = [\"a\"]")).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("label    0") && !text.contains("note: labels"), "{text}");
     std::fs::write(&spec, listed.replace("labels = \"position\"", "labels = \"folder\"")).unwrap();
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -287,4 +292,89 @@ fn submitted_specs_are_confined_to_the_allowed_folders() {
     assert!(text.contains("--allow-path"), "{text}");
     assert!(!text.contains("`models.dit`"), "models inside the allowed folder pass: {text}");
     assert!(!outside.join("out").exists(), "nothing is created outside");
+}
+
+/// Ctrl-C stops `serve` cleanly (its store lock is released: a second coordinator starts at once)
+/// and exits 130, as shells expect of an interrupted command.
+#[test]
+fn ctrl_c_stops_serve_cleanly_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let (mut server, _url) = serve(&store);
+    let interrupt = Command::new("kill").args(["-INT", &server.0.id().to_string()]).status().unwrap();
+    assert!(interrupt.success());
+    let status = server.0.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let started = std::time::Instant::now();
+    let (_again, _) = serve(&store);
+    assert!(started.elapsed() < Duration::from_secs(10), "the lock was released on the way out");
+}
+
+/// `coordinator run --device cuda --devices 0,2` gives each local worker its own GPU in turn, and
+/// passes `--worker-arg=` values and everything after `--` to every worker. (The stand-in worker
+/// records its arguments and exits, so the run itself fails: every worker exited.)
+#[test]
+fn run_gives_each_local_worker_its_own_gpu_and_passes_worker_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let data = dir.path().join("data");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        std::fs::write(data.join(class).join("0.png"), b"png").unwrap();
+    }
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "dataset = \"data\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 1\n[models]\ndit = \"{0}/tiny_dit.onnx\"\nvae_encoder = \"{0}/tiny_vae_encoder.onnx\"\nvae_decoder = \"{0}/tiny_vae_decoder.onnx\"\n",
+            models.display()
+        ),
+    )
+    .unwrap();
+    let record = dir.path().join("args.txt");
+    let fake = dir.path().join("worker");
+    std::fs::write(&fake, format!("#!/bin/sh\necho \"$@\" >> {}\n", record.display())).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = coordinator(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--local-workers",
+        "3",
+        "--device",
+        "cuda",
+        "--devices",
+        "0,2",
+        "--worker-bin",
+        fake.to_str().unwrap(),
+        "--worker-arg=--max-batch=8",
+        "--",
+        "--threads",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let mut lines: Vec<String> = std::fs::read_to_string(&record).unwrap().lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, (worker, gpu)) in lines.iter().zip([(0, 0), (1, 2), (2, 0)]) {
+        assert!(line.contains(&format!("--worker-id local-{worker} --device cuda:{gpu} ")), "{line}");
+        assert!(line.ends_with("--max-batch=8 --threads 1"), "{line}");
+    }
+}
+
+/// `coordinator ready` answers from the standard gRPC health service: at once for a serving
+/// coordinator (no token needed), and with an error naming the URL after its timeout otherwise.
+#[test]
+fn ready_reports_a_serving_coordinator_and_times_out_on_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let out = coordinator(&["ready", "--coordinator", &url, "--timeout-s", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let missing = format!("http://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let out = coordinator(&["ready", "--coordinator", &missing, "--timeout-s", "1"]);
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(&format!("the coordinator at {missing} is not serving after 1 s")), "{text}");
 }

@@ -58,7 +58,7 @@ fn main() {
         let (job, _) = coordinator.submit(&spec, std::path::Path::new("/"), None).await.unwrap();
         let started = Instant::now();
         for i in 0..workers {
-            let config = WorkerConfig { coordinator: url.clone(), worker_id: format!("w{i:03}"), token: None, tls_ca: None, devices: vec![] };
+            let config = WorkerConfig::new(url.clone(), format!("w{i:03}"));
             let engine = Box::new(FakeEngine::new(Duration::from_secs_f64(class_seconds)));
             tokio::spawn(run(config, engine, std::future::pending()));
         }

@@ -130,6 +130,7 @@ fn worker(
         token: token.map(str::to_owned),
         tls_ca: None,
         devices: vec!["cpu".into()],
+        give_up_after: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(run(config, engine, async move {

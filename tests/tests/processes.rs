@@ -396,3 +396,90 @@ fn a_worker_killed_at_any_write_of_its_commit_leaves_exactly_the_markers_files()
     // Most of the seven points must really have been crashes, or the test tests nothing.
     assert!(kills >= 4, "the worker was killed at only {kills} of 7 commit writes");
 }
+
+/// `submit --wait` outlives a coordinator crash: while the coordinator is down it says so and
+/// keeps waiting; the restarted coordinator recovers the job, the worker re-registers, and the
+/// command ends with the job's success (exit 0).
+#[test]
+fn submit_wait_survives_a_coordinator_restart() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 4, 6);
+    let store = scratch.path().join("store").display().to_string();
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 4, 2, 5, "classes_per_shard = 1")).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let mut coordinator = serve(port, &store, &log, &[]);
+    let _worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &url, "--worker-id", "w0", "--engine", "fake", "--fake-class-seconds", "1.5"])
+            .stderr(std::fs::File::create(scratch.path().join("worker.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the coordinator", Duration::from_secs(30), || {
+        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
+    });
+    let waiting = Command::new(bin("coordinator"))
+        .args(["submit", spec_path.to_str().unwrap(), "--wait", "--coordinator", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a leased shard", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("lease granted"))
+    });
+    signal(&coordinator.0, 9);
+    let _ = coordinator.0.wait();
+    std::thread::sleep(Duration::from_secs(3));
+    let _restarted = serve(port, &store, &log, &[]);
+    let out = waiting.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("[succeeded]"), "{text}");
+    assert!(text.contains(&format!("the coordinator at {url} is not answering")), "{text}");
+    // Without a terminal, progress comes as lines a Slurm log keeps.
+    assert!(text.contains("[succeeded]: classes 4/4, images 8/8, succeeded in "), "{text}");
+}
+
+/// On a terminal (`script` gives the run a pseudo-terminal), `coordinator run` draws a progress
+/// bar and every log line — its own and its workers' — prints above it, never on the bar's line.
+#[test]
+fn on_a_terminal_log_lines_print_above_the_progress_bar() {
+    let script_available = Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !script_available {
+        eprintln!("note: skipping: script(1) is not installed");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 4, 4);
+    let out_dir = scratch.path().join("out");
+    let spec_path = scratch.path().join("job.toml");
+    let text = spec(&data.display().to_string(), &out_dir.display().to_string(), 4, 2, 3, "classes_per_shard = 1");
+    std::fs::write(&spec_path, text).unwrap();
+    let command = format!(
+        "{} run {} --local-workers 1 -- --engine fake --fake-class-seconds 0.4",
+        bin("coordinator").display(),
+        spec_path.display()
+    );
+    let out = Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+    let raw = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{raw}");
+    // What stays visible of each line: the text after its last carriage return (the terminal
+    // turns each newline into "\r\n").
+    let visible: Vec<&str> = raw
+        .split('\n')
+        .map(|line| line.trim_end_matches('\r'))
+        .map(|line| line.rsplit('\r').next().unwrap_or(line))
+        .collect();
+    assert!(raw.contains("/8 images"), "no progress bar was drawn: {raw}");
+    let logged: Vec<&&str> = visible.iter().filter(|line| line.contains("class committed")).collect();
+    assert_eq!(logged.len(), 4, "{raw}");
+    for line in logged {
+        assert!(!line.contains("images"), "a log line shares its line with the bar: {line:?}");
+    }
+    assert!(visible.iter().any(|line| line.contains("[succeeded]")), "{raw}");
+}

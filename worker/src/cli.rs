@@ -16,7 +16,7 @@ use crate::engine::{
 };
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
-use mgd3_common::job::{InvalidSetting, SamplerKind, SamplingSpec, Setting, SettingSource};
+use mgd3_common::job::{InvalidSetting, SamplerKind, SamplingSpec};
 
 /// The `worker` command line, parsed by clap.
 #[derive(Debug, Parser)]
@@ -55,6 +55,10 @@ pub struct ClusterArgs {
     /// `onnx` (the real engine) or `fake` (deterministic stand-in images, for cluster tests).
     #[arg(long, value_enum, default_value_t = EngineKind::Onnx)]
     pub engine: EngineKind,
+    /// Give up (exit 1) when the coordinator has not answered for this many seconds, at start or
+    /// later; 0 waits for ever.
+    #[arg(long, env = "MGD3_GIVE_UP_AFTER_S", default_value_t = crate::client::DEFAULT_GIVE_UP_AFTER.as_secs())]
+    pub give_up_after_s: u64,
     /// Seconds per class of the fake engine.
     #[arg(long, default_value_t = 0.05)]
     pub fake_class_seconds: f64,
@@ -223,17 +227,10 @@ impl TryFrom<&SamplingArgs> for SamplingSpec {
     /// The settings as a job spec would hold them; nothing is loaded.
     ///
     /// # Errors
-    /// `--eta` outside 0..=1 or given without `--sampler ddim`.
+    /// Any setting a job spec's `[sampling]` would refuse (steps, t_stop, λ, CFG, η), named by
+    /// its flag.
     fn try_from(args: &SamplingArgs) -> Result<Self, InvalidSetting> {
-        if let Some(problem) = args.sampler.eta_problem(args.eta) {
-            return Err(InvalidSetting {
-                setting: Setting::Eta,
-                origin: SettingSource::CommandLine,
-                value: args.eta.to_string(),
-                problem,
-            });
-        }
-        Ok(SamplingSpec {
+        let spec = SamplingSpec {
             guidance_scale: args.guidance_scale,
             stop_guidance: args.stop_guidance,
             cfg_scale: args.cfg_scale,
@@ -241,7 +238,12 @@ impl TryFrom<&SamplingArgs> for SamplingSpec {
             steps: args.steps,
             sampler: args.sampler,
             eta: args.eta,
-        })
+        };
+        // The same checks as a job spec's `[sampling]`, named by flag.
+        match spec.problems().into_iter().next() {
+            Some(problem) => Err(problem.from_command_line()),
+            None => Ok(spec),
+        }
     }
 }
 
@@ -354,6 +356,10 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn distill_class(args: DistillClassArgs) -> Result<()> {
+    // The class is one folder of --data and names one folder of --out: never a path.
+    if let Some(problem) = mgd3_common::job::class_name_problems(std::slice::from_ref(&args.class)).first() {
+        bail!("--class {problem}");
+    }
     let session = args.runtime.session_config()?;
     let paths = ModelPaths { dit: args.dit, vae_encoder: args.vae_encoder, vae_decoder: args.vae_decoder };
     let sampling = SamplingSpec::try_from(&args.sampling)?;
@@ -460,14 +466,18 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
     let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(&host));
     let slurm = |key: &str| std::env::var(key).unwrap_or_default();
-    tracing::info!(
-        worker = %worker_id,
-        slurm_job = %slurm("SLURM_JOB_ID"),
-        slurm_step = %slurm("SLURM_STEP_ID"),
-        slurm_localid = %slurm("SLURM_LOCALID"),
-        slurm_restart_count = %slurm("SLURM_RESTART_COUNT"),
-        "worker starting"
-    );
+    if std::env::var_os("SLURM_JOB_ID").is_some() {
+        tracing::info!(
+            worker = %worker_id,
+            slurm_job = %slurm("SLURM_JOB_ID"),
+            slurm_step = %slurm("SLURM_STEP_ID"),
+            slurm_localid = %slurm("SLURM_LOCALID"),
+            slurm_restart_count = %slurm("SLURM_RESTART_COUNT"),
+            "worker starting"
+        );
+    } else {
+        tracing::info!(worker = %worker_id, coordinator = %coordinator, "worker starting");
+    }
     let engine: Box<dyn ShardEngine> = match args.engine {
         EngineKind::Onnx => Box::new(OnnxShardEngine::new(args.runtime.session_config()?, args.runtime.cpu_pool())),
         EngineKind::Fake => {
@@ -480,9 +490,14 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         token,
         tls_ca: args.tls_ca.clone(),
         devices: vec![args.runtime.device.to_string()],
+        give_up_after: (args.give_up_after_s > 0).then(|| std::time::Duration::from_secs(args.give_up_after_s)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(crate::client::run(config, engine, mgd3_common::termination()))?;
+    let seen = std::sync::Arc::new(std::sync::OnceLock::new());
+    runtime.block_on(crate::client::run(config, engine, mgd3_common::termination_into(seen.clone())))?;
+    if seen.get() == Some(&mgd3_common::StopSignal::Interrupt) {
+        return Err(mgd3_common::Interrupted { next: None }.into());
+    }
     Ok(())
 }
 

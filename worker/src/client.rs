@@ -36,7 +36,31 @@ pub struct WorkerConfig {
     pub tls_ca: Option<std::path::PathBuf>,
     /// The devices the models run on (`cpu`, `cuda:0`), reported at registration.
     pub devices: Vec<String>,
+    /// How long the coordinator may stay unreachable (never answered, or stopped answering)
+    /// before the worker gives up with an error; `None`: retry for ever.
+    pub give_up_after: Option<Duration>,
 }
+
+impl WorkerConfig {
+    /// A worker `worker_id` of the coordinator at `coordinator`: no token, no private CA, no
+    /// devices reported, and [`DEFAULT_GIVE_UP_AFTER`].
+    pub fn new(coordinator: impl Into<String>, worker_id: impl Into<String>) -> Self {
+        WorkerConfig {
+            coordinator: coordinator.into(),
+            worker_id: worker_id.into(),
+            token: None,
+            tls_ca: None,
+            devices: Vec::new(),
+            give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
+        }
+    }
+}
+
+/// How long a worker waits for an unreachable coordinator by default: long enough for a
+/// coordinator restart or a Slurm requeue of the coordinator's node, short enough that a job
+/// array of workers pointed at a wrong URL, or left behind by a finished job, does not hold its
+/// GPUs for hours.
+pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(600);
 
 /// Why the worker's loop stopped before it was drained or told to stop.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +68,21 @@ pub enum ClientError {
     /// The coordinator URL, CA file or token cannot be used.
     #[error(transparent)]
     Connect(#[from] mgd3_common::rpc::ConnectError),
+    /// The coordinator was unreachable for longer than [`WorkerConfig::give_up_after`].
+    #[error(
+        "the coordinator at {url} has not answered for {} s; giving up (check --coordinator / MGD3_COORDINATOR \
+         and that the coordinator runs; --give-up-after-s / MGD3_GIVE_UP_AFTER_S sets the wait, 0 waits for ever)",
+        .after.as_secs()
+    )]
+    GaveUp {
+        /// The coordinator URL.
+        url: String,
+        /// How long it was unreachable.
+        after: Duration,
+        /// The last transport error.
+        #[source]
+        source: tonic::Status,
+    },
     /// The coordinator refused the registration (another protocol version, a wrong token).
     #[error("the coordinator rejected worker `{worker}`")]
     Rejected {
@@ -127,6 +166,35 @@ impl<F: Future<Output = ()>> Stop<F> {
     }
 }
 
+/// How long the coordinator has been unreachable, against [`WorkerConfig::give_up_after`].
+struct Reach {
+    since: Option<Instant>,
+    limit: Option<Duration>,
+}
+
+impl Reach {
+    fn new(limit: Option<Duration>) -> Self {
+        Reach { since: None, limit }
+    }
+
+    /// The coordinator answered.
+    fn answered(&mut self) {
+        self.since = None;
+    }
+
+    /// A call failed with a transport error; `Err` once the coordinator has not answered for the
+    /// limit.
+    fn failed(&mut self, config: &WorkerConfig, status: tonic::Status) -> Result<(), ClientError> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        match self.limit {
+            Some(limit) if since.elapsed() >= limit => {
+                Err(ClientError::GaveUp { url: config.coordinator.clone(), after: since.elapsed(), source: status })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Tries at reporting a shard once stopping, each bounded by [`STOPPING_RPC_TIMEOUT`].
 const STOPPING_REPORT_ATTEMPTS: u32 = 2;
 
@@ -161,7 +229,8 @@ pub async fn run(
     let engine = Arc::new(Mutex::new(engine));
     let mut stop = Stop::new(shutdown);
 
-    let Some(mut heartbeat) = register(&mut client, &config, &engine, &mut stop).await? else {
+    let mut reach = Reach::new(config.give_up_after);
+    let Some(mut heartbeat) = register(&mut client, &config, &engine, &mut stop, &mut reach).await? else {
         return Ok(());
     };
 
@@ -184,7 +253,7 @@ pub async fn run(
                 job = %running.lease.job_id,
                 coordinator = %config.coordinator,
                 timeout_s = running.lease_timeout.unwrap_or_default().as_secs_f64(),
-                "the coordinator has not renewed this lease for its whole timeout: stopping the shard (it is leased again elsewhere; committed classes stay)"
+                "the coordinator has not renewed this lease for its whole timeout: stopping the shard (the coordinator may lease it to another worker; committed classes stay)"
             );
         }
         tokio::select! {
@@ -225,13 +294,14 @@ pub async fn run(
         let response = match stop.rpc(client.poll_work(request)).await {
             Ok(response) => {
                 failures = 0;
+                reach.answered();
                 response.into_inner()
             }
             Err(status) if status.code() == Code::NotFound => {
                 // The coordinator restarted (or forgot this worker): register again; the running
                 // shard's lease, recovered from its state, is renewed by the next poll.
                 warn!(worker = %config.worker_id, error = %status.message(), "registering again");
-                if let Some(interval) = register(&mut client, &config, &engine, &mut stop).await? {
+                if let Some(interval) = register(&mut client, &config, &engine, &mut stop, &mut reach).await? {
                     heartbeat = interval;
                 }
                 wait = Duration::ZERO;
@@ -245,7 +315,13 @@ pub async fn run(
             Err(status) => {
                 failures += 1;
                 wait = backoff(failures);
-                warn!(worker = %config.worker_id, error = %status.message(), retry_in_ms = wait.as_millis() as u64, "poll failed");
+                warn!(worker = %config.worker_id, coordinator = %config.coordinator, error = %status.message(), retry_in_ms = wait.as_millis() as u64, "poll failed");
+                if let Err(gave_up) = reach.failed(&config, status) {
+                    if let Some(running) = &current {
+                        running.cancel.store(true, Ordering::Relaxed);
+                    }
+                    return Err(gave_up);
+                }
                 continue;
             }
         };
@@ -290,6 +366,7 @@ async fn register<F: Future<Output = ()>>(
     config: &WorkerConfig,
     engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
     stop: &mut Stop<F>,
+    reach: &mut Reach,
 ) -> Result<Option<Duration>, ClientError> {
     let mut attempt = 0;
     loop {
@@ -304,6 +381,7 @@ async fn register<F: Future<Output = ()>>(
         match stop.rpc(client.register_worker(proto::RegisterWorkerRequest::from(registration))).await {
             _ if stop.fired => return Ok(None),
             Ok(response) => {
+                reach.answered();
                 let response = response.into_inner();
                 info!(worker = %config.worker_id, coordinator = %config.coordinator, "registered");
                 for excluded in &response.excluded {
@@ -312,9 +390,11 @@ async fn register<F: Future<Output = ()>>(
                 return Ok(Some(Duration::from_millis(response.heartbeat_interval_ms.max(50))));
             }
             Err(status) if transient(&status) => {
-                warn!(worker = %config.worker_id, error = %status.message(), "coordinator unreachable; retrying");
                 attempt += 1;
-                stop.sleep(backoff(attempt)).await;
+                let retry_in = backoff(attempt);
+                warn!(worker = %config.worker_id, coordinator = %config.coordinator, error = %status.message(), retry_in_ms = retry_in.as_millis() as u64, "coordinator unreachable; retrying");
+                reach.failed(config, status)?;
+                stop.sleep(retry_in).await;
             }
             Err(status) => {
                 let source = mgd3_common::rpc::CallError::of(&config.coordinator, "RegisterWorker")(status);
@@ -401,8 +481,19 @@ async fn report<F: Future<Output = ()>>(
             Err(failed) => {
                 let disposition = failed.failure.disposition();
                 let error = failed.failure.describe();
-                if disposition != Disposition::Release {
-                    warn!(lease = %lease_id, class = failed.class.as_deref().unwrap_or(""), ?disposition, %error, "shard failed");
+                match (disposition, failed.class.as_deref()) {
+                    (Disposition::Release, _) => {}
+                    (Disposition::Elsewhere, _) => {
+                        warn!(lease = %lease_id, %error, "this worker cannot run the job: it goes to other workers")
+                    }
+                    (Disposition::Retry, Some(class)) => {
+                        warn!(lease = %lease_id, class, %error, "shard failed; it will be retried")
+                    }
+                    (Disposition::Retry, None) => warn!(lease = %lease_id, %error, "shard failed; it will be retried"),
+                    (Disposition::GiveUp, Some(class)) => {
+                        warn!(lease = %lease_id, class, %error, "shard failed for good")
+                    }
+                    (Disposition::GiveUp, None) => warn!(lease = %lease_id, %error, "shard failed for good"),
                 }
                 let failure = Failure {
                     worker_id: worker_id.clone(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting, SettingSource};
+use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting};
 use mgd3_common::manifest::StageSeconds;
 use mgd3_common::seed::sample_seed;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
@@ -498,29 +498,12 @@ pub fn sampler_of(sampling: &SamplingSpec) -> Sampler {
 /// [`EngineError::Invalid`] when t_stop exceeds `steps`, `cfg_channels` exceeds `channels`, or λ
 /// or the CFG scale is not finite.
 pub fn check_guidance(guidance: &SamplingSpec, channels: usize) -> Result<(), EngineError> {
-    let steps = guidance.steps;
-    let invalid = |setting, value: String, problem: String| {
-        Err(EngineError::Invalid(InvalidSetting { setting, origin: SettingSource::JobSpec, value, problem }))
-    };
-    if guidance.stop_guidance > steps {
-        return invalid(
-            Setting::StopGuidance,
-            guidance.stop_guidance.to_string(),
-            format!("exceeds the {steps} steps"),
-        );
+    if let Some(problem) = guidance.problems().into_iter().next() {
+        return Err(problem.into());
     }
     if guidance.cfg_channels > channels {
-        return invalid(
-            Setting::CfgChannels,
-            guidance.cfg_channels.to_string(),
-            format!("exceeds the DiT's {channels} latent channels"),
-        );
-    }
-    for (setting, value) in [(Setting::GuidanceScale, guidance.guidance_scale), (Setting::CfgScale, guidance.cfg_scale)]
-    {
-        if !value.is_finite() {
-            return invalid(setting, value.to_string(), "must be finite".into());
-        }
+        let problem = format!("{} exceeds the DiT's {channels} latent channels", guidance.cfg_channels);
+        return Err(InvalidSetting::new(Setting::CfgChannels, guidance.cfg_channels, problem).into());
     }
     Ok(())
 }

@@ -312,3 +312,58 @@ fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
     let text = stderr(&result);
     assert!(text.contains("cuda:0") && text.contains("CUDA"), "{text}");
 }
+
+/// A worker pointed at a coordinator that never answers gives up after `--give-up-after-s`,
+/// exiting 1 and naming the URL and the flag; Ctrl-C while it waits exits 130.
+#[test]
+fn an_unreachable_coordinator_is_given_up_on_and_ctrl_c_exits_130() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--coordinator", &url, "--engine", "fake", "--give-up-after-s", "2"])
+        .output()
+        .unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+    for part in [url.as_str(), "giving up", "--give-up-after-s", "--coordinator"] {
+        assert!(text.contains(part), "{part} missing from: {text}");
+    }
+    let mut waiting = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--coordinator", &url, "--engine", "fake"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(Command::new("kill").args(["-INT", &waiting.id().to_string()]).status().unwrap().success());
+    let status = waiting.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+}
+
+/// `--class` names one folder of `--data` and of `--out`, never a path: `..`, `/` and absolute
+/// paths are refused before anything is read or written; flags get the job spec's checks.
+#[test]
+fn distill_class_refuses_paths_as_class_names_and_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for class in ["../escape", "/tmp/elsewhere", "..", "a/b"] {
+        let args = distill_args(dir.path(), class, &out, "2", "tiny_dit.onnx");
+        let result = worker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let text = stderr(&result);
+        assert!(!result.status.success(), "{class}: {text}");
+        assert!(text.contains("--class") && text.contains("is not a class folder name"), "{class}: {text}");
+    }
+    assert!(!out.exists() && !dir.path().join("escape").exists(), "nothing was written");
+    for (flag, value, expected) in [
+        ("--cfg-channels", "0", "--cfg-channels: 0 is not a channel count"),
+        ("--guidance-scale", "-1", "--guidance-scale: -1 must be a finite number ≥ 0"),
+        ("--eta", "0.5", "--eta: 0.5 applies only to the DDIM sampler"),
+    ] {
+        let mut args = distill_args(dir.path(), "c", &out, "2", "tiny_dit.onnx");
+        args.push(format!("{flag}={value}"));
+        let result = worker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let text = stderr(&result);
+        assert!(!result.status.success() && text.contains(expected), "{flag}: {text}");
+    }
+}

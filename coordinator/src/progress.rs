@@ -1,0 +1,325 @@
+//! How a job's progress reads to a person: `coordinator status`'s text, the one-line progress of
+//! `submit --wait` and `coordinator run` (a live bar in a terminal, a line every few seconds in a
+//! Slurm log or a pipe), and the wait itself, which outlives a coordinator restart. The numbers
+//! (rate over the last minute, ETA) come from the coordinator; nothing here estimates.
+
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mgd3_common::proto;
+use mgd3_common::rpc::{CallError, Client};
+use mgd3_common::status::{JobState, JobStatus};
+
+/// How long `submit --wait` and `coordinator run` keep waiting for a coordinator that stopped
+/// answering (it restarts and recovers the job from the store).
+pub const WAIT_FOR_UNREACHABLE: Duration = Duration::from_secs(600);
+
+/// The default seconds between progress lines without a terminal.
+pub const DEFAULT_PROGRESS_EVERY_S: u64 = 30;
+
+/// `secs` as a person reads it: `45 s`, `3 min 20 s`, `2 h 05 min`.
+pub fn human(secs: f64) -> String {
+    let secs = secs.max(0.0).round() as u64;
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{} min {:02} s", secs / 60, secs % 60),
+        _ => format!("{} h {:02} min", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+/// The time a finished job took in this coordinator's run of it, if known.
+fn elapsed(status: &JobStatus) -> Option<f64> {
+    let finished = status.finished_unix_ms?;
+    (status.run_started_unix_ms > 0 && finished >= status.run_started_unix_ms)
+        .then(|| (finished - status.run_started_unix_ms) as f64 / 1000.0)
+}
+
+/// Rate and ETA, or the elapsed time of a finished job: `2.40 images/s, ETA 29 s`,
+/// `ETA unknown`, `done in 41 s`.
+pub fn pace(status: &JobStatus) -> String {
+    if status.state.is_final() {
+        return match elapsed(status) {
+            Some(secs) => format!("{} in {}", status.state, human(secs)),
+            None => status.state.to_string(),
+        };
+    }
+    match status.eta_seconds {
+        Some(eta) if status.images_per_second > 0.0 => {
+            format!("{:.2} images/s, ETA {}", status.images_per_second, human(eta))
+        }
+        _ => "ETA unknown".to_owned(),
+    }
+}
+
+/// The warning for a running job no worker serves, naming what to start.
+pub fn no_worker_warning(status: &JobStatus, url: &str) -> Option<String> {
+    (status.state == JobState::Running && status.workers == 0)
+        .then(|| format!("no worker is connected: start one with `worker --coordinator {url}`"))
+}
+
+/// One line of progress, for logs: `job J [running]: classes 3/10, images 30/100, 2.40
+/// images/s, ETA 29 s, 2 workers`.
+pub fn progress_line(status: &JobStatus, url: &str) -> String {
+    let mut line = format!(
+        "job {} [{}]: classes {}/{}, images {}/{}, {}, {} worker(s)",
+        status.job_id,
+        status.state,
+        status.classes_done,
+        status.classes_total,
+        status.images_done,
+        status.images_total,
+        pace(status),
+        status.workers
+    );
+    if let Some(warning) = no_worker_warning(status, url) {
+        line.push_str("; ");
+        line.push_str(&warning);
+    }
+    line
+}
+
+/// `coordinator status`'s text for one job.
+pub fn describe(status: &JobStatus, url: &str) -> String {
+    if status.state == JobState::Quarantined {
+        let reason = status.failures.first().map(|f| f.error.as_str()).unwrap_or_default();
+        return format!("job {} [quarantined]\n  {reason}\n", status.job_id);
+    }
+    let shards = &status.shards;
+    let workers = match no_worker_warning(status, url) {
+        Some(warning) => format!("0 — {warning}"),
+        None => status.workers.to_string(),
+    };
+    let mut text = format!(
+        "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  classes: {}/{}\n  images: {}/{}, {}\n  workers: {}\n  output: {}\n",
+        status.job_id,
+        status.state,
+        shards.done,
+        shards.running,
+        shards.pending,
+        shards.failed,
+        shards.total,
+        status.classes_done,
+        status.classes_total,
+        status.images_done,
+        status.images_total,
+        pace(status),
+        workers,
+        status.output,
+    );
+    for f in &status.failures {
+        text.push_str(&format!(
+            "  failure: shard {} class {} after {} attempt(s): {}\n",
+            f.shard_index, f.wnid, f.attempts, f.error
+        ));
+    }
+    text
+}
+
+/// `GetJobStatus` as a domain status.
+///
+/// # Errors
+/// A [`CallError`] naming the URL; a status this build cannot read.
+pub async fn job_status(client: &mut Client, url: &str, job_id: &str) -> anyhow::Result<JobStatus> {
+    let status = client
+        .get_job_status(proto::GetJobStatusRequest { job_id: job_id.into() })
+        .await
+        .map_err(CallError::of(url, "GetJobStatus"))?
+        .into_inner();
+    Ok(JobStatus::try_from(status)?)
+}
+
+/// How progress is shown while waiting.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgressOptions {
+    /// Show nothing.
+    pub quiet: bool,
+    /// Without a terminal, one progress line this often.
+    pub every: Duration,
+}
+
+/// Shows a job's progress while it runs: a bar on a terminal (with log lines printed above it),
+/// else a line every `every`.
+pub struct Progress {
+    bar: ProgressBar,
+    url: String,
+    options: ProgressOptions,
+    last_line: Option<Instant>,
+    /// When the last "not answering" line was printed (without a terminal).
+    last_unreachable: Option<Instant>,
+}
+
+impl Progress {
+    /// Starts showing progress of the coordinator at `url`. On a terminal the bar takes over
+    /// stderr: log lines and [`Progress::println`] print above it until [`Progress::finish`].
+    pub fn new(url: &str, options: ProgressOptions) -> Self {
+        let bar = if options.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} images")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        if !bar.is_hidden() {
+            let gate = bar.clone();
+            mgd3_common::telemetry::set_stderr_gate(Some(std::sync::Arc::new(move |write: &mut dyn FnMut()| {
+                gate.suspend(write)
+            })));
+        }
+        Progress { bar, url: url.to_owned(), options, last_line: None, last_unreachable: None }
+    }
+
+    /// Prints `line` to stderr above the bar (or plainly without one).
+    pub fn println(&self, line: &str) {
+        mgd3_common::telemetry::write_stderr(format!("{line}\n").as_bytes());
+    }
+
+    /// Shows `status`.
+    pub fn show(&mut self, status: &JobStatus) {
+        if self.options.quiet {
+            return;
+        }
+        if !self.bar.is_hidden() {
+            self.bar.set_length(status.images_total);
+            self.bar.set_position(status.images_done);
+            let mut message = format!(
+                "[{}] classes {}/{}, {}",
+                status.state,
+                status.classes_done,
+                status.classes_total,
+                pace(status)
+            );
+            if let Some(warning) = no_worker_warning(status, &self.url) {
+                message = format!("[{}] {warning}", status.state);
+            }
+            self.bar.set_message(message);
+            self.bar.tick();
+        } else if self.last_line.is_none_or(|at| at.elapsed() >= self.options.every) || status.state.is_final() {
+            self.last_line = Some(Instant::now());
+            self.println(&progress_line(status, &self.url));
+        }
+    }
+
+    /// Shows that the coordinator has not answered for `since`.
+    fn unreachable(&mut self, since: Duration) {
+        let line = format!(
+            "the coordinator at {} is not answering ({}); waiting for it to come back",
+            self.url,
+            human(since.as_secs_f64())
+        );
+        if self.options.quiet {
+            return;
+        }
+        if !self.bar.is_hidden() {
+            self.bar.set_message(line);
+            self.bar.tick();
+        } else if self.last_unreachable.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            self.last_unreachable = Some(Instant::now());
+            self.println(&line);
+        }
+    }
+
+    /// Removes the bar and gives stderr back to plain writes.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+        mgd3_common::telemetry::set_stderr_gate(None);
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Polls a job until it ends, showing its progress; returns its final status. A coordinator that
+/// stops answering is waited for up to [`WAIT_FOR_UNREACHABLE`] (it recovers the job when it
+/// comes back).
+///
+/// # Errors
+/// The call's error once the coordinator has not answered for [`WAIT_FOR_UNREACHABLE`], or at
+/// once for an error a restart does not cure (an unknown job, a refused token).
+pub async fn wait_for(client: &mut Client, job_id: &str, progress: &mut Progress) -> anyhow::Result<JobStatus> {
+    let url = progress.url.clone();
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        match job_status(client, &url, job_id).await {
+            Ok(status) => {
+                unreachable_since = None;
+                progress.show(&status);
+                if status.state.is_final() {
+                    progress.finish();
+                    return Ok(status);
+                }
+            }
+            Err(error)
+                if error
+                    .downcast_ref::<CallError>()
+                    .is_some_and(|e| matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown)) =>
+            {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= WAIT_FOR_UNREACHABLE {
+                    return Err(error.context(format!(
+                        "the coordinator has not answered for {}; the job may still be running: \
+                         `coordinator status {job_id}` once it is back",
+                        human(since.elapsed().as_secs_f64())
+                    )));
+                }
+                progress.unreachable(since.elapsed());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(error) => return Err(error),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mgd3_common::status::ShardCounts;
+
+    fn status(state: JobState, workers: u32, rate: f64, eta: Option<f64>) -> JobStatus {
+        JobStatus {
+            job_id: "j".into(),
+            state,
+            fingerprint: String::new(),
+            output: "out/jobs/j".into(),
+            shards: ShardCounts { total: 10, done: 3, running: 1, pending: 6, failed: 0 },
+            classes_done: 3,
+            classes_total: 10,
+            images_done: 30,
+            images_total: 100,
+            images_per_second: rate,
+            eta_seconds: eta,
+            run_started_unix_ms: 1_000,
+            failures: Vec::new(),
+            created_unix_ms: 0,
+            finished_unix_ms: state.is_final().then_some(42_000),
+            workers,
+            shard_list: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn progress_reads_as_a_person_needs_it() {
+        assert_eq!(human(45.2), "45 s");
+        assert_eq!(human(200.0), "3 min 20 s");
+        assert_eq!(human(7500.0), "2 h 05 min");
+        let running = status(JobState::Running, 2, 2.4, Some(29.0));
+        assert_eq!(
+            progress_line(&running, "http://c:1"),
+            "job j [running]: classes 3/10, images 30/100, 2.40 images/s, ETA 29 s, 2 worker(s)"
+        );
+        // Nothing committed in the last minute: no made-up ETA.
+        assert!(progress_line(&status(JobState::Running, 2, 0.0, None), "u").contains("ETA unknown"));
+        // Nobody serving the job is said, with what to start.
+        let alone = describe(&status(JobState::Running, 0, 0.0, None), "http://c:1");
+        assert!(
+            alone.contains("workers: 0 — no worker is connected: start one with `worker --coordinator http://c:1`")
+        );
+        // A finished job shows how long it took, not an ETA.
+        let done = describe(&status(JobState::Succeeded, 0, 2.4, None), "u");
+        assert!(done.contains("images: 30/100, succeeded in 41 s") && !done.contains("ETA"), "{done}");
+        assert!(!done.contains("no worker"), "{done}");
+    }
+}
