@@ -14,7 +14,9 @@ use mgd3_common::status::{JobState, JobStatus, VerifyReport};
 use tokio::net::TcpListener;
 
 use crate::grpc::serve;
-use crate::progress::{DEFAULT_PROGRESS_EVERY_S, Progress, ProgressOptions, describe, job_status, wait_for};
+use crate::progress::{
+    DEFAULT_PROGRESS_EVERY_S, Progress, ProgressOptions, describe, job_status, progress_line, wait_for,
+};
 use crate::service::{Coordinator, ServeConfig};
 
 /// The `coordinator` command line, parsed by clap.
@@ -198,6 +200,9 @@ pub struct StatusArgs {
     /// `shards.done`): strings bare, anything else as JSON.
     #[arg(long, requires = "job", conflicts_with = "json")]
     pub get: Option<String>,
+    /// One line per job, as `submit --wait` prints progress without a terminal (for logs).
+    #[arg(long, conflicts_with_all = ["json", "get"])]
+    pub oneline: bool,
     /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
@@ -459,7 +464,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                     if args.job.is_some() { value.into_iter().next().unwrap_or_default() } else { value.into() };
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                statuses.iter().for_each(|s| print!("{}", describe(s, &args.connection.coordinator)));
+                if args.oneline {
+                    statuses.iter().for_each(|s| println!("{}", progress_line(s, &args.connection.coordinator)));
+                } else {
+                    statuses.iter().for_each(|s| print!("{}", describe(s, &args.connection.coordinator)));
+                }
             }
             Ok(())
         }

@@ -440,8 +440,14 @@ fn submit_wait_survives_a_coordinator_restart() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("[succeeded]"), "{text}");
     assert!(text.contains(&format!("the coordinator at {url} is not answering")), "{text}");
-    // Without a terminal, progress comes as lines a Slurm log keeps.
+    // Without a terminal, progress comes as lines a Slurm log keeps; `status --oneline` prints
+    // the same line (distill.sbatch logs it).
     assert!(text.contains("[succeeded]: classes 4/4, images 8/8, succeeded in "), "{text}");
+    let job = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().trim().to_owned();
+    let line =
+        Command::new(bin("coordinator")).args(["status", &job, "--oneline", "--coordinator", &url]).output().unwrap();
+    let line = String::from_utf8_lossy(&line.stdout);
+    assert!(line.starts_with(&format!("job {job} [succeeded]: classes 4/4, images 8/8")), "{line}");
 }
 
 /// On a terminal (`script` gives the run a pseudo-terminal), `coordinator run` draws a progress

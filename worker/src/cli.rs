@@ -117,7 +117,8 @@ pub struct RuntimeArgs {
     /// process may use: its affinity mask, cgroup quota and SLURM_CPUS_PER_TASK).
     #[arg(long, env = "MGD3_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
-    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH).
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the `.ort/gpu` or `.ort/cpu` copy
+    /// in the checkout this binary was built in, else the system library).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
 }
