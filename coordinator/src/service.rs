@@ -149,7 +149,7 @@ impl Coordinator {
                 // Damage to one job's records quarantines that job; the others run. A store that
                 // cannot be reached is not damage: the coordinator does not start.
                 Err(error) if error.is_damage() => {
-                    warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "job quarantined: its records are damaged");
+                    warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "job quarantined: its records cannot be used");
                     coordinator
                         .inner
                         .quarantined

@@ -200,13 +200,13 @@ impl RuntimeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct SamplingArgs {
     /// Mode-guidance scale λ.
-    #[arg(long, default_value_t = SamplingSpec::default().guidance_scale)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = SamplingSpec::default().guidance_scale)]
     pub guidance_scale: f32,
     /// t_stop: guidance while the respaced index i > t_stop (--steps = no guidance).
     #[arg(long, default_value_t = SamplingSpec::default().stop_guidance)]
     pub stop_guidance: usize,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = SamplingSpec::default().cfg_scale)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = SamplingSpec::default().cfg_scale)]
     pub cfg_scale: f32,
     /// ε channels CFG mixes: 3 reproduces the reference DiT, 4 is standard CFG.
     #[arg(long, default_value_t = SamplingSpec::default().cfg_channels)]
@@ -218,7 +218,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = SamplingSpec::default().sampler)]
     pub sampler: SamplerKind,
     /// DDIM's η: 0 = deterministic, 1 = DDPM-like noise (only with --sampler ddim).
-    #[arg(long, default_value_t = SamplingSpec::default().eta)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = SamplingSpec::default().eta)]
     pub eta: f32,
 }
 
@@ -264,7 +264,7 @@ pub struct DistillClassArgs {
     #[arg(long = "class")]
     pub class: String,
     /// DiT class label of this class.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub label: i64,
     /// Images per class: k of k-means and the number of samples.
     #[arg(long)]
@@ -305,7 +305,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub dit: PathBuf,
     /// DiT class label of every sample.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub label: i64,
     /// f32 [N,C,h,w] modes in scaled latent space; sample j is guided to mode j.
     #[arg(long)]

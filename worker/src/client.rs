@@ -258,7 +258,10 @@ pub async fn run(
         }
         tokio::select! {
             _ = stop.signalled() => {
-                info!(worker = %config.worker_id, "shutting down: stopping after the current batch");
+                match &current {
+                    Some(_) => info!(worker = %config.worker_id, "shutting down: stopping after the current batch"),
+                    None => info!(worker = %config.worker_id, "shutting down"),
+                }
                 continue;
             }
             outcome = async { (&mut current.as_mut().expect("guarded").task).await }, if current.is_some() => {
@@ -300,7 +303,7 @@ pub async fn run(
             Err(status) if status.code() == Code::NotFound => {
                 // The coordinator restarted (or forgot this worker): register again; the running
                 // shard's lease, recovered from its state, is renewed by the next poll.
-                warn!(worker = %config.worker_id, error = %status.message(), "registering again");
+                info!(worker = %config.worker_id, coordinator = %config.coordinator, "the coordinator restarted: registering again");
                 if let Some(interval) = register(&mut client, &config, &engine, &mut stop, &mut reach).await? {
                     heartbeat = interval;
                 }
@@ -327,7 +330,7 @@ pub async fn run(
         };
         if let Some(running) = &mut current {
             if response.revoked.contains(&running.lease.lease_id) {
-                warn!(lease = %running.lease.lease_id, "lease revoked by the coordinator: stopping it");
+                info!(lease = %running.lease.lease_id, "the coordinator revoked this lease (job cancelled, or leased elsewhere): stopping it");
                 running.cancel.store(true, Ordering::Relaxed);
             } else {
                 running.renewed = sent;
@@ -511,8 +514,14 @@ async fn report<F: Future<Output = ()>>(
                 warn!(lease = %lease_id, error = %status.message(), "could not report the shard; retrying");
                 stop.sleep(backoff(attempt)).await;
             }
+            // Giving back a lease the coordinator already took back (revoked, cancelled) is
+            // expected, not a problem.
+            Err(status) if matches!(&outcome, Err(f) if f.failure.disposition() == Disposition::Release) => {
+                info!(lease = %lease_id, reason = %status.message(), "lease already given back");
+                return;
+            }
             Err(status) => {
-                warn!(lease = %lease_id, error = %status.message(), "shard report not accepted");
+                warn!(lease = %lease_id, coordinator = %config.coordinator, error = %status.message(), "shard report not accepted");
                 return;
             }
         }
