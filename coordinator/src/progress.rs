@@ -51,9 +51,15 @@ pub fn pace(status: &JobStatus) -> String {
     }
 }
 
-/// The warning for a running job no worker serves, naming what to start.
+/// How long a job may run without a worker before that is worth a warning: workers started
+/// together with the coordinator (`coordinator run`, `distill.sbatch`) register within it.
+pub const NO_WORKER_GRACE_MS: u64 = 15_000;
+
+/// The warning for a running job no worker has served for [`NO_WORKER_GRACE_MS`], naming what to
+/// start.
 pub fn no_worker_warning(status: &JobStatus, url: &str) -> Option<String> {
-    (status.state == JobState::Running && status.workers == 0)
+    let waited = mgd3_common::now_ms().saturating_sub(status.run_started_unix_ms);
+    (status.state == JobState::Running && status.workers == 0 && waited >= NO_WORKER_GRACE_MS)
         .then(|| format!("no worker is connected: start one with `worker --coordinator {url}`"))
 }
 
