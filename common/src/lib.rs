@@ -2,6 +2,7 @@
 //! protocol, job specs and their fingerprints, the object-store key layout and manifests, store
 //! URLs, per-sample seeding, ImageNet class lists and the tracing set-up of both binaries.
 
+pub mod aws;
 pub mod classes;
 pub mod commit;
 pub mod imagefolder;
@@ -144,15 +145,25 @@ pub fn fingerprint_file(path: &std::path::Path) -> std::io::Result<String> {
 /// (the binaries' last line, gRPC status messages, logs). The project's errors follow the
 /// standard convention: a message describes its own level only and its cause is reached through
 /// `source()`, so nothing is repeated and nothing needs matching.
+///
+/// object_store's errors are the exception: their messages already quote their causes, so the
+/// chain ends at one, and a failure a person can act on (a missing bucket, refused or missing
+/// credentials) is told as one [`store::StoreProblem`] sentence instead of the request dump.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = Some(error);
+    while let Some(cause) = current {
+        if let Some(store_error) = cause.downcast_ref::<object_store::Error>() {
+            match store::StoreProblem::of(store_error) {
+                Some(problem) => parts.push(problem.to_string()),
+                None => parts.push(cause.to_string()),
+            }
+            break;
+        }
+        parts.push(cause.to_string());
+        current = cause.source();
     }
-    text
+    parts.join(": ")
 }
 
 /// Makes ring the process-wide rustls crypto provider. Both ring (tonic) and aws-lc (the cloud

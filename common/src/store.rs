@@ -175,6 +175,90 @@ pub fn open(url: &str) -> Result<Location, StoreError> {
     }
 }
 
+/// A store failure a person can act on, recognised in an object_store error: what
+/// [`crate::error_chain`] prints instead of the client's request dump and the server's XML.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreProblem {
+    /// The bucket (S3, GCS) or container (Azure) does not exist.
+    NoSuchBucket {
+        /// Its name, when the server said it.
+        bucket: Option<String>,
+    },
+    /// The server refused the credentials in use.
+    Denied {
+        /// The server's error code (`AccessDenied`, `InvalidAccessKeyId`, `SignatureDoesNotMatch`,
+        /// `ExpiredToken`, `AuthorizationFailure`, …).
+        code: String,
+    },
+    /// No credentials could be found or made (see [`crate::aws::CredentialsError`]).
+    Credentials {
+        /// The credential chain's own sentence, with its causes.
+        message: String,
+    },
+}
+
+/// S3/GCS XML and Azure error codes that mean "these credentials may not do this".
+const DENIED_CODES: [&str; 8] = [
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AuthorizationFailure",
+    "AuthenticationFailed",
+    "AuthorizationPermissionMismatch",
+];
+
+impl StoreProblem {
+    /// Recognises a problem in `error` and its causes, or `None` for any other failure.
+    pub fn of(error: &object_store::Error) -> Option<Self> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = cause {
+            if let Some(credentials) = e.downcast_ref::<crate::aws::CredentialsError>() {
+                return Some(Self::Credentials { message: crate::error_chain(credentials) });
+            }
+            cause = e.source();
+        }
+        // object_store keeps the server's answer only as text; the codes in it are the stores'
+        // documented, stable error codes.
+        let text = error.to_string();
+        let tag = |name: &str| {
+            let open = format!("<{name}>");
+            let start = text.find(&open)? + open.len();
+            Some(text[start..].split('<').next()?.trim().to_owned())
+        };
+        let code = tag("Code");
+        if code.as_deref() == Some("NoSuchBucket")
+            || text.contains("ContainerNotFound")
+            || text.contains("The specified bucket does not exist")
+        {
+            return Some(Self::NoSuchBucket { bucket: tag("BucketName") });
+        }
+        let code = code.or_else(|| DENIED_CODES.iter().find(|c| text.contains(**c)).map(|c| (*c).to_owned()))?;
+        DENIED_CODES.contains(&code.as_str()).then_some(Self::Denied { code })
+    }
+}
+
+impl std::fmt::Display for StoreProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoSuchBucket { bucket: Some(bucket) } => write!(
+                f,
+                "the bucket `{bucket}` does not exist: create it (e.g. `aws s3 mb s3://{bucket}`) or correct the bucket name in the URL"
+            ),
+            Self::NoSuchBucket { bucket: None } => {
+                write!(f, "the bucket or container does not exist: create it or correct its name in the URL")
+            }
+            Self::Denied { code } => write!(
+                f,
+                "the store refused the credentials in use ({code}; AWS profile `{}`): check AWS_PROFILE or the keys, that they have not expired, and the bucket's policy",
+                crate::aws::profile_name()
+            ),
+            Self::Credentials { message } => f.write_str(message),
+        }
+    }
+}
+
 /// How long one store call keeps retrying transient errors: an outage shorter than this is
 /// survived by every call without failing a class (and so without spending an attempt).
 pub const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -221,10 +305,13 @@ fn io_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// True for "not found", however the store reports it.
+/// True for "this object does not exist", however the store reports it. A missing bucket or
+/// container is not: it is a [`StoreProblem`] that no read may take for an empty store.
 pub fn is_not_found(error: &object_store::Error) -> bool {
     match error {
-        object_store::Error::NotFound { .. } => true,
+        object_store::Error::NotFound { .. } => {
+            !matches!(StoreProblem::of(error), Some(StoreProblem::NoSuchBucket { .. }))
+        }
         object_store::Error::Generic { source, .. } => io_not_found(source.as_ref()),
         _ => false,
     }
@@ -252,8 +339,23 @@ fn open_cloud(scheme: &str, url: &str) -> object_store::Result<Arc<dyn ObjectSto
     Ok(match scheme {
         "s3" | "s3a" => {
             let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry_config());
-            for (key, value) in aws_profile_settings() {
-                builder = builder.with_config(key.parse()?, value);
+            // Region, endpoint and credentials as the AWS SDK resolves them (profiles, SSO,
+            // credential_process, assume-role, metadata); what the environment sets directly wins.
+            let sdk = crate::aws::sdk_settings();
+            if builder.get_config_value(&AmazonS3ConfigKey::Region).is_none()
+                && let Some(region) = &sdk.region
+            {
+                builder = builder.with_region(region);
+            }
+            if builder.get_config_value(&AmazonS3ConfigKey::Endpoint).is_none()
+                && let Some(endpoint) = &sdk.endpoint_url
+            {
+                builder = builder.with_endpoint(endpoint);
+            }
+            let skip_signature =
+                builder.get_config_value(&AmazonS3ConfigKey::SkipSignature).is_some_and(|v| v == "true");
+            if !skip_signature {
+                builder = builder.with_credentials(Arc::new(crate::aws::SdkCredentials::new(sdk.region)));
             }
             let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint).unwrap_or_default();
             if endpoint.starts_with("http://") {
@@ -264,50 +366,6 @@ fn open_cloud(scheme: &str, url: &str) -> object_store::Result<Arc<dyn ObjectSto
         "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry_config()).build()?),
         _ => Arc::new(MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry_config()).build()?),
     })
-}
-
-/// Settings from the standard AWS files (`~/.aws/credentials`, `~/.aws/config`, or the files
-/// `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE` name) for `AWS_PROFILE` (default `default`),
-/// for whatever the environment does not set itself.
-fn aws_profile_settings() -> Vec<(&'static str, String)> {
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
-    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
-    let credentials = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
-        .map(Into::into)
-        .unwrap_or_else(|| home.join(".aws/credentials"));
-    let config = std::env::var_os("AWS_CONFIG_FILE").map(Into::into).unwrap_or_else(|| home.join(".aws/config"));
-    let config_section = if profile == "default" { "default".to_owned() } else { format!("profile {profile}") };
-    let mut values = ini_section(&config, &config_section);
-    values.extend(ini_section(&credentials, &profile));
-    let wanted = [
-        ("aws_access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
-        ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
-        ("aws_session_token", "AWS_SESSION_TOKEN", "aws_session_token"),
-        ("region", "AWS_REGION", "aws_region"),
-        ("endpoint_url", "AWS_ENDPOINT_URL", "aws_endpoint"),
-    ];
-    wanted
-        .into_iter()
-        .filter(|(_, env, _)| std::env::var_os(env).is_none())
-        .filter_map(|(file_key, _, config_key)| values.get(file_key).map(|v| (config_key, v.clone())))
-        .collect()
-}
-
-/// `key = value` pairs of `[section]` of an INI file (missing file: none).
-fn ini_section(path: &std::path::Path, section: &str) -> HashMap<String, String> {
-    let Ok(text) = std::fs::read_to_string(path) else { return HashMap::new() };
-    let mut current = String::new();
-    let mut values = HashMap::new();
-    for line in text.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            current = name.trim().to_owned();
-        } else if current == section
-            && let Some((key, value)) = line.split_once('=')
-        {
-            values.insert(key.trim().to_owned(), value.trim().to_owned());
-        }
-    }
-    values
 }
 
 fn open_local(url: &str, path: &std::path::Path) -> Result<Location, StoreError> {
@@ -382,7 +440,7 @@ pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::
         let target = dir.join(&file);
         let meta = match location.store.head(&key).await {
             Ok(meta) => meta,
-            Err(object_store::Error::NotFound { .. }) if !required => continue,
+            Err(e) if !required && is_not_found(&e) => continue,
             Err(source) => return Err(StoreError::Open { url: format!("{url} ({key})"), source }),
         };
         if std::fs::metadata(&target).is_ok_and(|m| m.len() == meta.size) {
@@ -439,7 +497,7 @@ pub async fn get_optional(store: &dyn ObjectStore, key: &Path) -> object_store::
     retry_idempotent(|| async {
         match store.get(key).await {
             Ok(result) => Ok(Some(result.bytes().await?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e),
         }
     })
@@ -490,5 +548,57 @@ mod tests {
         let memory = open("memory://m/a/b").unwrap();
         assert_eq!(memory.key("c/d.json").as_ref(), "a/b/c/d.json");
         assert_eq!(memory.child("c").key("x").as_ref(), "a/b/c/x");
+    }
+
+    /// What S3, GCS and Azure answer, as object_store reports it: a message quoting the body.
+    fn answered(status: &str, body: &str) -> object_store::Error {
+        let text =
+            format!("Error performing PUT http://h/b/k in 2ms - Server returned non-2xx status code: {status}: {body}");
+        object_store::Error::Generic { store: "S3", source: text.into() }
+    }
+
+    #[test]
+    fn store_problems_are_recognised_and_told_in_one_sentence() {
+        let xml = |code: &str, extra: &str| {
+            format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>m</Message>{extra}</Error>")
+        };
+        let missing = object_store::Error::NotFound {
+            path: "state/x".into(),
+            source: answered("404 Not Found", &xml("NoSuchBucket", "<BucketName>runs</BucketName>")).into(),
+        };
+        assert_eq!(StoreProblem::of(&missing), Some(StoreProblem::NoSuchBucket { bucket: Some("runs".into()) }));
+        assert!(!is_not_found(&missing), "a missing bucket is no missing object");
+        let no_key = object_store::Error::NotFound {
+            path: "state/x".into(),
+            source: answered("404 Not Found", &xml("NoSuchKey", "")).into(),
+        };
+        assert_eq!(StoreProblem::of(&no_key), None);
+        assert!(is_not_found(&no_key));
+        for code in ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"] {
+            let denied = answered("403 Forbidden", &xml(code, ""));
+            assert_eq!(StoreProblem::of(&denied), Some(StoreProblem::Denied { code: code.into() }), "{code}");
+        }
+        let azure = answered("404 The specified container does not exist.", "ContainerNotFound");
+        assert_eq!(StoreProblem::of(&azure), Some(StoreProblem::NoSuchBucket { bucket: None }));
+        assert_eq!(StoreProblem::of(&answered("503 Slow Down", &xml("SlowDown", ""))), None);
+        let credentials = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(crate::aws::CredentialsError::NotFound { profile: "lab".into() }),
+        };
+        let Some(StoreProblem::Credentials { message }) = StoreProblem::of(&credentials) else { panic!() };
+        assert!(message.starts_with("no AWS credentials found for profile `lab`"), "{message}");
+
+        // In an error chain the sentence replaces the request dump, and nothing is said twice.
+        #[derive(Debug, thiserror::Error)]
+        #[error("the coordinator lock `coordinator.lock`")]
+        struct Lock(#[source] object_store::Error);
+        assert_eq!(
+            crate::error_chain(&Lock(missing)),
+            "the coordinator lock `coordinator.lock`: the bucket `runs` does not exist: create it \
+             (e.g. `aws s3 mb s3://runs`) or correct the bucket name in the URL"
+        );
+        let other = answered("500 Internal Server Error", "boom");
+        let expected = format!("the coordinator lock `coordinator.lock`: {other}");
+        assert_eq!(crate::error_chain(&Lock(other)), expected);
     }
 }

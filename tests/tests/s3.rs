@@ -2,7 +2,8 @@
 //! create-only puts): a distillation that reads its dataset from s3:// and keeps state and outputs
 //! in s3:// (models too), byte-identical to the same job on local folders; the latent cache reused by a second
 //! job; a 30 s store outage mid-job survived without spending an attempt; a missing bucket
-//! failing fast.
+//! failing fast in one sentence; credentials from the AWS SDK's chain (an assume-role profile over a
+//! `credential_process`) and none at all told in one sentence.
 //!
 //! moto comes from `scripts/setup_test_servers.sh` (.venv-test). Without it these tests are
 //! skipped with a note, unless MGD3_REQUIRE_S3=1 (CI), which makes a missing moto a failure.
@@ -243,7 +244,97 @@ fn a_missing_bucket_fails_fast_naming_the_url() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("s3://no-such-bucket/state"), "{text}");
+    assert!(text.contains("the bucket `no-such-bucket` does not exist: create it"), "one plain sentence: {text}");
+    assert!(!text.contains("<?xml") && !text.contains("Error performing"), "no request dump: {text}");
     assert!(started.elapsed() < Duration::from_secs(15), "a permanent error must not be retried for long");
+}
+
+/// `coordinator serve` on `store` in an environment that has AWS settings only where a test puts
+/// them: nothing inherited (a developer's own keys or profile), an empty HOME, no instance metadata.
+fn serve_with_only(store: &str, home: &std::path::Path, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(bin("coordinator"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", store, "--lock-timeout-s", "2"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command
+}
+
+/// Credentials come from the AWS SDK's chain, not only from static keys: a profile that assumes a
+/// role (STS on moto) from a source profile whose keys a `credential_process` prints, with the
+/// region and the endpoint in the profile too. The coordinator takes the store's lock with them.
+#[test]
+fn an_assume_role_profile_over_a_credential_process_opens_the_store() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "profiled");
+    let home = tempfile::tempdir().unwrap();
+    let process = home.path().join("print-credentials.sh");
+    let ran = home.path().join("credential-process-ran");
+    std::fs::write(
+        &process,
+        format!(
+            "#!/bin/sh\ntouch '{}'\necho '{{\"Version\": 1, \"AccessKeyId\": \"AKIDPROCESS\", \"SecretAccessKey\": \"s\"}}'\n",
+            ran.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&process, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = home.path().join("aws-config");
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    std::fs::write(
+        &config,
+        format!(
+            "[profile base]\ncredential_process = {}\nregion = us-east-1\nendpoint_url = {endpoint}\n\n\
+             [profile distill]\nrole_arn = arn:aws:iam::123456789012:role/mgd3-distill\nsource_profile = base\n\
+             region = us-east-1\nendpoint_url = {endpoint}\n",
+            process.display()
+        ),
+    )
+    .unwrap();
+    let log = home.path().join("serve.log");
+    let mut serve = serve_with_only(
+        "s3://profiled/state",
+        home.path(),
+        &[("AWS_PROFILE", "distill".into()), ("AWS_CONFIG_FILE", config.display().to_string())],
+    );
+    let _serve = Killed(serve.stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap());
+    let lock = bucket(moto.port, "profiled");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_for("the coordinator to take the lock on s3://profiled/state", Duration::from_secs(30), || {
+        runtime.block_on(lock.head(&object_store::path::Path::from("state/coordinator.lock"))).is_ok()
+    });
+    assert!(ran.exists(), "the credential_process ran: {}", std::fs::read_to_string(&log).unwrap());
+}
+
+/// No credentials anywhere: the coordinator says so in one sentence that says what to set, at
+/// once, instead of an instance-metadata 403 or a retry loop.
+#[test]
+fn no_credentials_anywhere_is_one_sentence_saying_what_to_set() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "unsigned");
+    let home = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = serve_with_only(
+        "s3://unsigned/state",
+        home.path(),
+        &[("AWS_REGION", "us-east-1".into()), ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", moto.port))],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("s3://unsigned/state"), "{text}");
+    assert!(
+        text.contains("no AWS credentials found for profile `default`")
+            && text.contains("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{text}"
+    );
+    assert!(!text.contains("169.254") && !text.contains("WARN"), "no metadata dump, no chain warnings: {text}");
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
 }
 
 /// Names are used as the listing or the disk gives them, on every backend: a dataset prefix with a
