@@ -250,6 +250,36 @@ pub enum PollDecision {
     Drain,
 }
 
+/// A worker arriving or leaving, as a person watching the coordinator's log cares about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// The worker is gone.
+    Left {
+        /// Its id.
+        worker_id: String,
+        /// Why the coordinator counts it gone.
+        reason: LeftReason,
+    },
+    /// A worker counted gone polled again (it was paused or partitioned, not dead).
+    Returned {
+        /// Its id.
+        worker_id: String,
+    },
+}
+
+/// Why a worker is counted gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeftReason {
+    /// It was told to exit (nothing left to do, or it asked to drain).
+    Drained,
+    /// It has not polled for `silent_ms` (> three heartbeats): it died, was preempted, or lost
+    /// the network. Its leases expire and their shards are requeued.
+    Silent {
+        /// Milliseconds since its last poll.
+        silent_ms: u64,
+    },
+}
+
 /// A running lease as the worker reports it (one type with the wire's, see `common::lease`).
 pub use mgd3_common::lease::RunningLease as Running;
 
@@ -304,6 +334,11 @@ pub struct Scheduler {
     /// lease id → (job id, shard index)
     leases: HashMap<String, (String, usize)>,
     workers: HashMap<String, u64>,
+    /// Workers announced as gone (drained, or silent for three heartbeats), until they poll or
+    /// register again.
+    gone: HashMap<String, LeftReason>,
+    /// Comings and goings since the last [`Scheduler::take_worker_events`].
+    worker_events: Vec<WorkerEvent>,
     heartbeat_ms: u64,
     draining: bool,
     /// Drain idle workers whenever every job has ended (`serve --drain-when-done`).
@@ -325,6 +360,8 @@ impl Scheduler {
             order: Vec::new(),
             leases: HashMap::new(),
             workers: HashMap::new(),
+            gone: HashMap::new(),
+            worker_events: Vec::new(),
             heartbeat_ms,
             draining: false,
             drain_when_done: false,
@@ -443,6 +480,30 @@ impl Scheduler {
     /// Registers a worker (idempotent) and records it as seen at `now`.
     pub fn register(&mut self, worker_id: &str, now: u64) {
         self.workers.insert(worker_id.to_owned(), now);
+        self.gone.remove(worker_id);
+    }
+
+    /// Announces the workers that have been silent for more than three heartbeats at `now` (each
+    /// once, until it is heard from again): see [`Scheduler::take_worker_events`].
+    pub fn note_departures(&mut self, now: u64) {
+        let limit = 3 * self.heartbeat_ms;
+        let mut silent: Vec<(&String, u64)> = self
+            .workers
+            .iter()
+            .filter(|(id, seen)| now.saturating_sub(**seen) > limit && !self.gone.contains_key(*id))
+            .map(|(id, seen)| (id, now - seen))
+            .collect();
+        silent.sort();
+        for (worker_id, silent_ms) in silent {
+            self.gone.insert(worker_id.clone(), LeftReason::Silent { silent_ms });
+            self.worker_events
+                .push(WorkerEvent::Left { worker_id: worker_id.clone(), reason: LeftReason::Silent { silent_ms } });
+        }
+    }
+
+    /// Workers that left or came back since the last call, in order, for the caller to log.
+    pub fn take_worker_events(&mut self) -> Vec<WorkerEvent> {
+        std::mem::take(&mut self.worker_events)
     }
 
     /// Heartbeat, renewal and work request. Returns the decision and the reported leases that are
@@ -466,6 +527,12 @@ impl Scheduler {
             return Err(SchedulerError::UnknownWorker(worker_id.to_owned()));
         };
         *seen = now;
+        // A silent worker that polls is back; a drained one is back only if it is not told to
+        // exit again (a new job arrived).
+        let was_gone = self.gone.remove(worker_id);
+        if matches!(was_gone, Some(LeftReason::Silent { .. })) {
+            self.worker_events.push(WorkerEvent::Returned { worker_id: worker_id.to_owned() });
+        }
         let expired = self.expire(now);
         self.settled.extend(expired);
         let forgotten = self.release_forgotten(worker_id, running, now);
@@ -482,7 +549,15 @@ impl Scheduler {
             return Ok((PollDecision::Wait(self.heartbeat_ms), revoked));
         }
         if draining || self.draining || (self.drain_when_done && self.all_done()) {
+            self.gone.insert(worker_id.to_owned(), LeftReason::Drained);
+            if was_gone != Some(LeftReason::Drained) {
+                self.worker_events
+                    .push(WorkerEvent::Left { worker_id: worker_id.to_owned(), reason: LeftReason::Drained });
+            }
             return Ok((PollDecision::Drain, revoked));
+        }
+        if was_gone == Some(LeftReason::Drained) {
+            self.worker_events.push(WorkerEvent::Returned { worker_id: worker_id.to_owned() });
         }
         Ok(match self.grant(worker_id, now) {
             Some(grant) => (PollDecision::Lease(grant), revoked),
@@ -1127,6 +1202,36 @@ mod tests {
         let running = [Running { lease_id: held.lease_id.clone(), images_done: 0, classes_done: 0 }];
         assert_eq!(poll(&mut s, "w", &running, false, 61).0, PollDecision::Wait(1000));
         assert_ne!(held.lease_id, a.lease_id);
+    }
+
+    #[test]
+    fn workers_leaving_and_returning_are_announced_once_each() {
+        let mut s = Scheduler::new(1000, "e");
+        s.register("a", 0);
+        s.register("b", 0);
+        s.note_departures(3000);
+        assert!(s.take_worker_events().is_empty(), "three heartbeats of silence are allowed");
+        s.poll("a", &[], false, 2500).unwrap();
+        s.note_departures(3500);
+        s.note_departures(4000);
+        let left =
+            |id: &str, silent_ms| WorkerEvent::Left { worker_id: id.into(), reason: LeftReason::Silent { silent_ms } };
+        assert_eq!(s.take_worker_events(), vec![left("b", 3500)], "announced once, not at every tick");
+        assert_eq!(s.live_workers(4000), 1);
+        s.poll("b", &[], false, 4100).unwrap();
+        assert_eq!(s.take_worker_events(), vec![WorkerEvent::Returned { worker_id: "b".into() }]);
+        // Told to exit: left once, however often it is told; a worker that re-registers is no news.
+        assert_eq!(s.poll("a", &[], true, 4200).unwrap().0, PollDecision::Drain);
+        assert_eq!(s.poll("a", &[], true, 4300).unwrap().0, PollDecision::Drain);
+        s.note_departures(9000);
+        let events = s.take_worker_events();
+        assert_eq!(
+            events,
+            vec![WorkerEvent::Left { worker_id: "a".into(), reason: LeftReason::Drained }, left("b", 4900)]
+        );
+        s.register("a", 9100);
+        s.poll("a", &[], false, 9100).unwrap();
+        assert!(s.take_worker_events().is_empty());
     }
 
     #[test]

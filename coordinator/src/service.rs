@@ -265,7 +265,13 @@ impl Coordinator {
                     continue;
                 }
                 _ = tick.tick() => {
-                    let changed = self.inner.scheduler.lock().expect("scheduler").expire(now_ms());
+                    let (changed, events) = {
+                        let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+                        let now = now_ms();
+                        scheduler.note_departures(now);
+                        (scheduler.expire(now), scheduler.take_worker_events())
+                    };
+                    log_worker_events(events);
                     for (job, settled) in changed {
                         self.settled(&job, settled);
                     }
@@ -726,11 +732,12 @@ impl Coordinator {
     /// [`Error::Scheduler`] with `UnknownWorker` when the worker has not registered (it
     /// registers again).
     pub fn poll(&self, worker_id: &str, running: &[Running], draining: bool) -> Result<(PollDecision, Vec<String>)> {
-        let (decision, revoked, settled) = {
+        let (decision, revoked, settled, events) = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
             let (decision, revoked) = scheduler.poll(worker_id, running, draining, now_ms())?;
-            (decision, revoked, scheduler.take_settled())
+            (decision, revoked, scheduler.take_settled(), scheduler.take_worker_events())
         };
+        log_worker_events(events);
         // Leases this poll found expired or forgotten: persisted, and a job they ended finished.
         for (job_id, settled) in settled {
             self.settled(&job_id, settled);
@@ -845,5 +852,23 @@ impl Coordinator {
         }
         self.settled(&job_id, settled);
         Ok(())
+    }
+}
+
+/// One INFO line per worker that left or came back.
+fn log_worker_events(events: Vec<crate::scheduler::WorkerEvent>) {
+    use crate::scheduler::{LeftReason, WorkerEvent};
+    for event in events {
+        match event {
+            WorkerEvent::Left { worker_id, reason: LeftReason::Drained } => {
+                info!(worker = %worker_id, "worker left: nothing more to do, told to exit");
+            }
+            WorkerEvent::Left { worker_id, reason: LeftReason::Silent { silent_ms } } => info!(
+                worker = %worker_id,
+                silent_s = silent_ms / 1000,
+                "worker left: silent for three heartbeats (died, preempted or cut off); its leases are requeued when they expire"
+            ),
+            WorkerEvent::Returned { worker_id } => info!(worker = %worker_id, "worker is back"),
+        }
     }
 }

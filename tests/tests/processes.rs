@@ -93,6 +93,32 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     assert!(retried >= 1, "no shard was re-leased: {state:#}");
 }
 
+/// The coordinator's log tells a person when a worker goes: one INFO line naming it once it has
+/// been silent for three heartbeats (here SIGKILLed), and one when it comes back.
+#[test]
+fn a_worker_that_goes_silent_is_announced_once_by_name() {
+    let scratch = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let _coordinator = serve(port, &scratch.path().join("store").display().to_string(), &log, &[]);
+    let mut doomed = worker(&url, "doomed", &scratch.path().join("doomed.log"), &[]);
+    let _steady = worker(&url, "steady", &scratch.path().join("steady.log"), &[]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("both workers to register", Duration::from_secs(60), || read().matches("worker registered").count() == 2);
+    doomed.0.kill().unwrap();
+    wait_exit(&mut doomed.0, "the SIGKILLed worker", Duration::from_secs(10));
+    wait_for("the coordinator to announce the silent worker", Duration::from_secs(10), || {
+        read().contains("worker left")
+    });
+    // Several more heartbeats: still one line, and none for the worker that keeps polling.
+    std::thread::sleep(Duration::from_secs(2));
+    let text = read();
+    let left: Vec<&str> = text.lines().filter(|l| l.contains("worker left")).collect();
+    assert_eq!(left.len(), 1, "{text}");
+    assert!(left[0].contains("INFO") && left[0].contains("worker=doomed") && left[0].contains("silent"), "{text}");
+}
+
 /// A class folder that is missing at submit is refused then, naming it, before any work; one
 /// that disappears after submit fails that class at run time, naming it, and the other classes
 /// still commit.
