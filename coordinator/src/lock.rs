@@ -33,6 +33,31 @@ pub struct LockRecord {
     pub heartbeat_unix_ms: u64,
     /// How long without a heartbeat before another coordinator may take over (ms).
     pub timeout_ms: u64,
+    /// Which process table `pid` belongs to: the kernel's boot id and the PID namespace
+    /// (`/proc/self/ns/pid`), on Linux. A coordinator on the same host, boot and namespace can
+    /// see at once that the holder's process is gone instead of waiting out the timeout. Absent
+    /// in older records and elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_table: Option<String>,
+}
+
+/// This process's [`LockRecord::process_table`]: `<boot id>/<pid namespace>` on Linux.
+fn process_table() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), namespace.display()))
+}
+
+/// True when `holder` is a process of this host's process table (same host, boot and PID
+/// namespace) that no longer exists: its lock can be taken over without waiting.
+fn holder_is_dead_here(holder: &LockRecord, host: &str) -> bool {
+    let here = process_table();
+    if here.is_none() || holder.process_table != here || holder.host != host {
+        return false;
+    }
+    let Ok(pid) = libc::pid_t::try_from(holder.pid) else { return false };
+    // SAFETY: kill with signal 0 sends nothing; it only asks whether `pid` exists.
+    (unsafe { libc::kill(pid, 0) }) == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Why the store's coordinator lock could not be taken or kept.
@@ -99,6 +124,7 @@ impl StoreLock {
             pid: std::process::id(),
             heartbeat_unix_ms: now_ms(),
             timeout_ms: timeout.as_millis() as u64,
+            process_table: process_table(),
         };
         // The holder seen, its last heartbeat value and when (by this clock) it was first seen:
         // staleness is judged by watching the value, so clocks of other hosts do not matter.
@@ -118,6 +144,13 @@ impl StoreLock {
                 delete(store).await?;
                 continue;
             };
+            if holder_is_dead_here(&holder, &record.host) {
+                warn!(store = %store.url, host = %holder.host, pid = holder.pid,
+                    "taking over the store from a coordinator whose process on this host is gone");
+                delete(store).await?;
+                watching = None;
+                continue;
+            }
             match &watching {
                 Some((owner, beat, _)) if *owner == holder.owner && *beat != holder.heartbeat_unix_ms => {
                     // Renewed while this coordinator waited: a live holder.
@@ -236,5 +269,38 @@ mod tests {
         let third = StoreLock::acquire(&store, timeout).await.unwrap();
         assert!(started.elapsed() < timeout / 2);
         third.release().await;
+    }
+
+    /// A coordinator that died on this host (its process is gone) is taken over at once, not
+    /// after its timeout; one whose process table is another (another host, boot or container)
+    /// is waited for.
+    #[tokio::test]
+    async fn a_holder_whose_process_is_gone_here_is_taken_over_at_once() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let host = hostname::get().unwrap().to_string_lossy().into_owned();
+        let record = |process_table: Option<String>| LockRecord {
+            owner: "crashed".into(),
+            host: host.clone(),
+            pid: dead_pid,
+            heartbeat_unix_ms: now_ms(),
+            timeout_ms: 60_000,
+            process_table,
+        };
+        assert!(holder_is_dead_here(&record(process_table()), &host));
+        assert!(!holder_is_dead_here(&record(Some("other-boot/pid:[1]".into())), &host));
+        assert!(!holder_is_dead_here(&record(None), &host), "an old record proves nothing");
+        let alive = LockRecord { pid: std::process::id(), ..record(process_table()) };
+        assert!(!holder_is_dead_here(&alive, &host));
+
+        let store = mgd3_common::store::open("memory://lock-test-dead/state").unwrap();
+        let key = store.key(LOCK_KEY);
+        let bytes = serde_json::to_vec(&record(process_table())).unwrap();
+        store.store.put(&key, bytes.into()).await.unwrap();
+        let started = std::time::Instant::now();
+        let lock = StoreLock::acquire(&store, Duration::from_secs(60)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        lock.release().await;
     }
 }
