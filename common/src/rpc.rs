@@ -209,9 +209,37 @@ impl CallError {
     }
 }
 
+impl CallError {
+    /// True when the answer shows the URL's scheme is not what the server speaks: `https://` to a
+    /// plain server (the TLS client reads HTTP/2 bytes as a bad record type), or `http://` to a
+    /// TLS server (the HTTP/2 client reads a TLS alert as a bad frame, or the connection drops at
+    /// the first request).
+    fn scheme_mismatch(&self) -> bool {
+        let message = self.status.message();
+        match self.url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("https") => message.contains("InvalidContentType") || message.contains("corrupt message"),
+            Some("http") => {
+                matches!(self.status.code(), tonic::Code::Internal | tonic::Code::Unknown)
+                    && (message.starts_with("h2 protocol error") || message == "transport error")
+            }
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (url, message) = (&self.url, self.status.message());
+        if self.scheme_mismatch() {
+            let (other, why) = match url.strip_prefix("https://") {
+                Some(rest) => (format!("http://{rest}"), "does not speak TLS"),
+                None => (
+                    format!("https://{}", url.trim_start_matches("http://")),
+                    "speaks TLS (it was started with --tls-cert)",
+                ),
+            };
+            return write!(f, "the coordinator at {url} {why} ({message}); use {other}");
+        }
         match self.status.code() {
             tonic::Code::Unavailable => write!(
                 f,

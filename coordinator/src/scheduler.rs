@@ -879,7 +879,9 @@ impl Scheduler {
                 run.pending.remove(&i);
             } else if !matches!(shard.state, ShardState::Leased { .. }) {
                 shard.state = ShardState::Pending;
+                // A fresh budget: the old error is no failure of this run ("after 0 attempts").
                 shard.attempts = 0;
+                shard.last_error = None;
                 run.pending.insert(i);
                 requeued += 1;
             }
@@ -1171,6 +1173,13 @@ mod tests {
         assert_eq!((decision, revoked), (PollDecision::Wait(1000), vec![a.lease_id.clone()]));
         assert_eq!(s.resume("j", &HashSet::from([1]), 3).unwrap(), (1, 2));
         assert_eq!(s.state("j"), Some(JobState::Running));
+        // A failure before the resume is no failure of the resumed run.
+        let failed = lease(poll(&mut s, "w", &[], false, 3).0);
+        s.fail("w", &failed.lease_id, Some("c".into()), "disk full".into(), true, false, 3).unwrap();
+        assert_eq!(s.summary("j", 3).unwrap().failures.len(), 1);
+        s.cancel("j", 3).unwrap();
+        s.resume("j", &HashSet::from([1]), 3).unwrap();
+        assert!(s.summary("j", 3).unwrap().failures.is_empty(), "no `after 0 attempt(s)`");
         let b = lease(poll(&mut s, "w", &[], false, 4).0);
         s.exclude("w", &b.lease_id, "model fingerprint mismatch".into(), 5).unwrap();
         assert_eq!(poll(&mut s, "w", &[], false, 6).0, PollDecision::Wait(1000));

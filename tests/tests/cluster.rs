@@ -635,7 +635,7 @@ async fn rpcs_without_the_token_are_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tls_with_a_private_ca_works_and_plain_clients_are_refused() {
+async fn tls_with_a_private_ca_works_and_a_wrong_scheme_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let store_url = dir.path().display().to_string();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -647,8 +647,22 @@ async fn tls_with_a_private_ca_works_and_plain_clients_are_refused() {
     assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_ok());
     let plain = cluster.url.replace("https://", "http://");
     let mut client = mgd3_common::rpc::connect(&plain, Some("t"), None).unwrap();
-    assert!(client.list_jobs(proto::ListJobsRequest {}).await.is_err());
+    let status = client.list_jobs(proto::ListJobsRequest {}).await.unwrap_err();
+    // The wrong scheme is said as such, with the right URL, not as "unreachable".
+    let text = mgd3_common::rpc::CallError::of(&plain, "ListJobs")(status).to_string();
+    assert!(text.contains(&format!("{plain} speaks TLS")) && text.contains(&format!("use {}", cluster.url)), "{text}");
     cluster.shutdown().await;
+
+    let plain_cluster = start(&dir.path().join("plain").display().to_string(), None).await;
+    let tls_url = plain_cluster.url.replace("http://", "https://");
+    let mut client = mgd3_common::rpc::connect(&tls_url, None, Some(&ca)).unwrap();
+    let status = client.list_jobs(proto::ListJobsRequest {}).await.unwrap_err();
+    let text = mgd3_common::rpc::CallError::of(&tls_url, "ListJobs")(status).to_string();
+    assert!(
+        text.contains(&format!("{tls_url} does not speak TLS")) && text.contains(&format!("use {}", plain_cluster.url)),
+        "{text}"
+    );
+    plain_cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
