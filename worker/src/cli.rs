@@ -330,9 +330,28 @@ pub struct SampleArgs {
     pub runtime: RuntimeArgs,
 }
 
-fn read_npy<T: ReadNpyExt>(path: &Path, what: &str) -> Result<T> {
+/// Reads a float32 `.npy` array of `shape` (e.g. `[N,C,h,w]`), saying in the user's terms
+/// (NumPy dtypes and dimensions) what is wrong with a file that is not one.
+fn read_npy<T: ReadNpyExt>(path: &Path, what: &str, shape: &str) -> Result<T> {
+    use ndarray_npy::ReadNpyError;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {what} `{}`", path.display()))?;
-    T::read_npy(file).with_context(|| format!("{what} `{}` is not the expected f32 .npy array", path.display()))
+    let file = std::io::BufReader::new(file);
+    let shown = path.display();
+    T::read_npy(file).map_err(|error| match error {
+        ReadNpyError::WrongDescriptor(dtype) => anyhow::anyhow!(
+            "{what} `{shown}` holds dtype {dtype}, not float32: save it with `np.save(path, array.astype(np.float32))`"
+        ),
+        ReadNpyError::WrongNdim(Some(expected), actual) => {
+            anyhow::anyhow!("{what} `{shown}` has {actual} dimension(s); {what} must have {expected}: {shape}")
+        }
+        ReadNpyError::MissingData | ReadNpyError::ExtraBytes(_) => anyhow::anyhow!(
+            "{what} `{shown}` is truncated or has extra bytes after its data: write it again with `np.save`"
+        ),
+        // ndarray-npy's messages already quote their causes: kept as text, not as a chain.
+        other => {
+            anyhow::anyhow!("{what} `{shown}` is not a .npy file NumPy wrote (`np.save`) of float32 {shape}: {other}")
+        }
+    })
 }
 
 /// Runs one `worker` command line to its end: the subcommand, or cluster mode without one.
@@ -409,8 +428,8 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
 fn sample(args: SampleArgs) -> Result<()> {
     let session = args.runtime.session_config()?;
     let config = SamplingSpec::try_from(&args.sampling)?;
-    let modes: Array4<f32> = read_npy(&args.modes, "modes")?;
-    let noise: Array5<f32> = read_npy(&args.noise, "noise")?;
+    let modes: Array4<f32> = read_npy(&args.modes, "--modes", "[N,C,h,w]")?;
+    let noise: Array5<f32> = read_npy(&args.noise, "--noise", "[N,S+1,C,h,w]")?;
     let mut dit = Dit::load(&args.dit, &session)?;
     let info = dit.info().clone();
     check_guidance(&config, info.latent_shape[0]).map_err(EngineError::from_command_line)?;

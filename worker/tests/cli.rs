@@ -367,3 +367,49 @@ fn distill_class_refuses_paths_as_class_names_and_bad_settings() {
         assert!(!result.status.success() && text.contains(expected), "{flag}: {text}");
     }
 }
+
+/// `.npy` inputs that are not float32 arrays of the right rank are named with what is wrong in
+/// NumPy's terms (dtype, dimensions) and how to write them, not with the reader's internals.
+#[test]
+fn npy_inputs_of_the_wrong_kind_say_what_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let modes: Array4<f32> = read_npy(fixtures().join("parity/tstop25_ch3/modes.npy")).unwrap();
+    let float64 = dir.path().join("float64.npy");
+    ndarray_npy::write_npy(&float64, &modes.mapv(f64::from)).unwrap();
+    let rank3 = dir.path().join("rank3.npy");
+    ndarray_npy::write_npy(&rank3, &modes.index_axis(ndarray::Axis(0), 0).to_owned()).unwrap();
+    let good = std::fs::read(fixtures().join("parity/tstop25_ch3/modes.npy")).unwrap();
+    let truncated = dir.path().join("truncated.npy");
+    std::fs::write(&truncated, &good[..good.len() - 8]).unwrap();
+    let text = dir.path().join("text.npy");
+    std::fs::write(&text, "not numpy").unwrap();
+    let out = dir.path().join("latents.npy");
+    let expect = |path: &Path, wanted: &[&str]| {
+        let case = fixtures().join("parity/tstop25_ch3");
+        let noise = case.join("noise.npy");
+        let dit = model("tiny_dit.onnx");
+        let err = stderr(&worker(&[
+            "sample",
+            "--dit",
+            &dit,
+            "--label",
+            "3",
+            "--modes",
+            path.to_str().unwrap(),
+            "--noise",
+            noise.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        for w in wanted {
+            assert!(err.contains(w), "{w:?} not in {err}");
+        }
+        assert!(!err.contains("NDIM") && !err.contains("Dimension type"), "{err}");
+    };
+    expect(&float64, &["--modes `", "holds dtype '<f8', not float32", "astype(np.float32)"]);
+    expect(&rank3, &["has 3 dimension(s); --modes must have 4: [N,C,h,w]"]);
+    expect(&truncated, &["is truncated", "np.save"]);
+    expect(&text, &["is not a .npy file NumPy wrote", "[N,C,h,w]"]);
+    assert!(!out.exists());
+}
