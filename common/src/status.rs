@@ -176,6 +176,9 @@ pub struct JobStatus {
     pub finished_unix_ms: Option<u64>,
     /// Workers heard from in the last three heartbeats.
     pub workers: u32,
+    /// Of [`JobStatus::workers`], those excluded from this job (their model files differ from
+    /// the job's): a job whose every live worker is excluded makes no progress.
+    pub workers_excluded: u32,
     /// Every shard, in plan order.
     pub shard_list: Vec<ShardStatus>,
 }
@@ -202,6 +205,7 @@ impl JobStatus {
             created_unix_ms: 0,
             finished_unix_ms: None,
             workers: 0,
+            workers_excluded: 0,
             shard_list: Vec::new(),
             job_id,
         }

@@ -252,6 +252,7 @@ impl From<JobStatus> for proto::JobStatus {
             created_unix_ms: s.created_unix_ms,
             finished_unix_ms: s.finished_unix_ms.unwrap_or(0),
             workers: s.workers,
+            workers_excluded: s.workers_excluded,
             output: s.output,
             classes_done: s.classes_done,
             classes_total: s.classes_total,
@@ -307,6 +308,7 @@ impl TryFrom<proto::JobStatus> for JobStatus {
             created_unix_ms: s.created_unix_ms,
             finished_unix_ms: (s.finished_unix_ms > 0).then_some(s.finished_unix_ms),
             workers: s.workers,
+            workers_excluded: s.workers_excluded,
             output: s.output,
             shard_list: s
                 .shards
@@ -350,6 +352,7 @@ mod tests {
             created_unix_ms: 7,
             finished_unix_ms: None,
             workers: 1,
+            workers_excluded: 1,
             shard_list: vec![
                 ShardStatus {
                     index: 0,

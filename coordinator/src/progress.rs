@@ -59,8 +59,18 @@ pub const NO_WORKER_GRACE_MS: u64 = 15_000;
 /// start.
 pub fn no_worker_warning(status: &JobStatus, url: &str) -> Option<String> {
     let waited = mgd3_common::now_ms().saturating_sub(status.run_started_unix_ms);
-    (status.state == JobState::Running && status.workers == 0 && waited >= NO_WORKER_GRACE_MS)
-        .then(|| format!("no worker is connected: start one with `worker --coordinator {url}`"))
+    if status.state != JobState::Running || waited < NO_WORKER_GRACE_MS {
+        return None;
+    }
+    if status.workers == 0 {
+        return Some(format!("no worker is connected: start one with `worker --coordinator {url}`"));
+    }
+    (status.workers_excluded >= status.workers).then(|| {
+        format!(
+            "no eligible worker: the {} connected worker(s) are excluded from this job because their model files differ from the job's; start workers with the job's models",
+            status.workers
+        )
+    })
 }
 
 /// One line of progress, for logs: `job J [running]: classes 3/10, images 30/100, 2.40
@@ -92,7 +102,7 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     }
     let shards = &status.shards;
     let workers = match no_worker_warning(status, url) {
-        Some(warning) => format!("0 — {warning}"),
+        Some(warning) => format!("{} — {warning}", status.workers),
         None => status.workers.to_string(),
     };
     let mut text = format!(
@@ -302,6 +312,7 @@ mod tests {
             created_unix_ms: 0,
             finished_unix_ms: state.is_final().then_some(42_000),
             workers,
+            workers_excluded: 0,
             shard_list: Vec::new(),
         }
     }
@@ -327,5 +338,12 @@ mod tests {
         let done = describe(&status(JobState::Succeeded, 0, 2.4, None), "u");
         assert!(done.contains("images: 30/100, succeeded in 41 s") && !done.contains("ETA"), "{done}");
         assert!(!done.contains("no worker"), "{done}");
+        // Workers connected, but every one excluded from this job: said, with why.
+        let shunned = JobStatus { workers_excluded: 2, ..status(JobState::Running, 2, 0.0, None) };
+        let text = describe(&shunned, "u");
+        assert!(text.contains("workers: 2 — no eligible worker: the 2 connected worker(s) are excluded"), "{text}");
+        assert!(progress_line(&shunned, "u").contains("model files differ"));
+        let some = JobStatus { workers_excluded: 1, ..status(JobState::Running, 2, 0.0, None) };
+        assert!(!describe(&some, "u").contains("eligible"));
     }
 }

@@ -477,6 +477,17 @@ impl Scheduler {
         self.workers.values().filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms).count()
     }
 
+    /// Workers seen in the last three heartbeats that `job_id` has excluded.
+    pub fn live_workers_excluded(&self, job_id: &str, now: u64) -> usize {
+        let Some(run) = self.jobs.get(job_id) else { return 0 };
+        self.workers
+            .iter()
+            .filter(|(id, seen)| {
+                now.saturating_sub(**seen) <= 3 * self.heartbeat_ms && run.persisted.excluded_workers.contains(*id)
+            })
+            .count()
+    }
+
     /// Registers a worker (idempotent) and records it as seen at `now`.
     pub fn register(&mut self, worker_id: &str, now: u64) {
         self.workers.insert(worker_id.to_owned(), now);

@@ -651,6 +651,7 @@ impl Coordinator {
             created_unix_ms: job.created_unix_ms,
             finished_unix_ms: summary.finished_unix_ms,
             workers: scheduler.live_workers(now) as u32,
+            workers_excluded: scheduler.live_workers_excluded(&job.job_id, now) as u32,
             shard_list: summary.shards,
             output: format!(
                 "{}/{}",

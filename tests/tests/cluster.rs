@@ -743,6 +743,9 @@ async fn a_worker_registering_with_other_model_files_is_excluded_with_the_reason
     let poll = |id: &str| proto::PollWorkRequest { worker_id: id.into(), ..Default::default() };
     let action = client.poll_work(poll("stale")).await.unwrap().into_inner().action;
     assert!(matches!(action, Some(proto::poll_work_response::Action::WaitMs(_))), "{action:?}");
+    // The status says the one live worker may not run the job.
+    let status = cluster.coordinator.status(&job.job_id).unwrap();
+    assert_eq!((status.workers, status.workers_excluded), (1, 1));
     // The same models as the job's: registered without exclusions, and leased.
     let response = client.register_worker(register("fresh", FINGERPRINT)).await.unwrap().into_inner();
     assert!(response.excluded.is_empty(), "{response:?}");
