@@ -7,7 +7,7 @@
 //! object_store asks for a credential before every request; the SDK's providers do not cache
 //! (its clients do), so [`SdkCredentials`] keeps the last credential until five minutes before it
 //! expires. A chain that finds nothing reports [`CredentialsError::NotFound`], which
-//! [`crate::store::plain_problem`] turns into one sentence saying what to set.
+//! [`crate::store::StoreProblem`] turns into one sentence saying what to set.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -106,7 +106,7 @@ const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
 
 /// object_store's credential provider backed by the AWS SDK's default chain, loaded on first use
 /// inside the caller's runtime (so its connections belong to that runtime) and cached until
-/// [`REFRESH_BEFORE_EXPIRY`] before the credential's expiry.
+/// five minutes before the credential's expiry.
 #[derive(Debug)]
 pub struct SdkCredentials {
     region: Option<String>,

@@ -214,7 +214,7 @@ pub struct SamplingSpec {
     /// Absent from the serialised spec when DDPM, so older jobs keep their fingerprints.
     #[serde(default, skip_serializing_if = "SamplerKind::is_ddpm")]
     pub sampler: SamplerKind,
-    /// DDIM's η in [0, 1] (0 = deterministic, 1 = DDPM-like noise; default 0); only with
+    /// DDIM's η in `[0, 1]` (0 = deterministic, 1 = DDPM-like noise; default 0); only with
     /// `sampler = "ddim"`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub eta: f32,
@@ -247,7 +247,7 @@ impl SamplerKind {
         *self == SamplerKind::Ddpm
     }
 
-    /// Why `eta` does not fit this sampler, if it does not: η is a number in [0, 1] and only
+    /// Why `eta` does not fit this sampler, if it does not: η is a number in `[0, 1]` and only
     /// DDIM has one.
     pub fn eta_problem(&self, eta: f32) -> Option<String> {
         if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {

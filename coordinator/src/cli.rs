@@ -159,7 +159,7 @@ pub struct SubmitArgs {
     /// Show live progress and exit non-zero when any shard failed.
     #[arg(long)]
     pub wait: bool,
-    /// Explicit job id (default: <name>-<fingerprint prefix>).
+    /// Explicit job id (default: `<name>-<fingerprint prefix>`).
     #[arg(long)]
     pub job_id: Option<String>,
     /// How `--wait` shows progress.

@@ -26,7 +26,7 @@ pub struct Resolved {
 }
 
 /// Resolves a spec as submit does, without a coordinator: paths against `base_dir`, validation,
-/// model fingerprints, the dataset listed and checked (see [`check_dataset`]), shards and the job
+/// model fingerprints, the dataset listed and checked (see `check_dataset`), shards and the job
 /// id. A job without `output` writes to `default_output`.
 ///
 /// # Errors

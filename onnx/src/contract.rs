@@ -94,7 +94,7 @@ impl ModelIo {
     }
 
     /// A float input or output of rank 4 whose non-batch dimensions are fixed; returns its
-    /// precision and its [C, H, W]. `layout` describes the tensor in messages.
+    /// precision and its `[C, H, W]`. `layout` describes the tensor in messages.
     ///
     /// # Errors
     /// [`Error::Contract`] when the tensor is missing, not f32 or f16, or not rank 4 with C, H and

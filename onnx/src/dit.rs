@@ -1,6 +1,6 @@
 //! The class-conditional DiT: `predict(x, t, y)` on a batch of latents, checked against the
-//! contract (`x` [B,C,h,w], `t` int64 original timesteps, `y` int64 labels with the null class
-//! = `num_classes`, output `out` [B,2C,h,w] with learned sigma or [B,C,h,w]).
+//! contract (`x` `[B,C,h,w]`, `t` int64 original timesteps, `y` int64 labels with the null class
+//! = `num_classes`, output `out` `[B,2C,h,w]` with learned sigma or `[B,C,h,w]`).
 
 use std::path::Path;
 
@@ -14,7 +14,7 @@ use crate::session::SessionConfig;
 /// What the DiT declares about itself (shapes and `mgd3.*` metadata).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DitInfo {
-    /// Latent shape [C, h, w].
+    /// Latent shape `[C, h, w]`.
     pub latent_shape: [usize; 3],
     /// Real classes; label `num_classes` is the null (unconditional) class.
     pub num_classes: usize,
@@ -86,9 +86,9 @@ impl Dit {
         &self.info
     }
 
-    /// Runs the DiT on `x` [B,C,h,w] (scaled latent space) with per-item original timesteps `t`
-    /// and labels `y` (`num_classes` = null class); returns `out` [B,2C,h,w] with learned sigma,
-    /// else [B,C,h,w], f32. Batches above `max_batch` run in chunks.
+    /// Runs the DiT on `x` `[B,C,h,w]` (scaled latent space) with per-item original timesteps `t`
+    /// and labels `y` (`num_classes` = null class); returns `out` `[B,2C,h,w]` with learned sigma,
+    /// else `[B,C,h,w]`, f32. Batches above `max_batch` run in chunks.
     ///
     /// # Errors
     /// [`crate::Error::BadInput`] for a wrong `x` shape, a timestep outside 0..T, a label outside

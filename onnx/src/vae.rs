@@ -1,5 +1,5 @@
-//! The two halves of the VAE: the encoder maps images in [-1, 1] to the posterior `mean` and
-//! `logvar` (unscaled), the decoder maps unscaled latents back to images in about [-1, 1].
+//! The two halves of the VAE: the encoder maps images in `[-1, 1]` to the posterior `mean` and
+//! `logvar` (unscaled), the decoder maps unscaled latents back to images in about `[-1, 1]`.
 
 use std::path::Path;
 
@@ -13,9 +13,9 @@ use crate::session::SessionConfig;
 /// Shapes and metadata of one VAE half.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VaeInfo {
-    /// Image shape [c, S, S] (c = 3 RGB or 1 grayscale).
+    /// Image shape `[c, S, S]` (c = 3 RGB or 1 grayscale).
     pub image_shape: [usize; 3],
-    /// Latent shape [C, h, w].
+    /// Latent shape `[C, h, w]`.
     pub latent_shape: [usize; 3],
     /// Multiplier from VAE latents to diffusion latents (0.18215 for SD VAEs).
     pub scale_factor: f32,
@@ -89,8 +89,8 @@ impl VaeEncoder {
         &self.info
     }
 
-    /// Encodes images [B,c,S,S] in [-1, 1]; returns the unscaled posterior (mean, logvar), each
-    /// [B,C,h,w] f32. Multiply `mean` by [`VaeInfo::scale_factor`] for diffusion latents.
+    /// Encodes images `[B,c,S,S]` in `[-1, 1]`; returns the unscaled posterior (mean, logvar), each
+    /// `[B,C,h,w]` f32. Multiply `mean` by [`VaeInfo::scale_factor`] for diffusion latents.
     ///
     /// # Errors
     /// [`Error::BadInput`] for images of another shape or an empty batch; [`Error::Ort`] when the
@@ -149,8 +149,8 @@ impl VaeDecoder {
         &self.info
     }
 
-    /// Decodes unscaled latents [B,C,h,w] (diffusion latents divided by
-    /// [`VaeInfo::scale_factor`]) into images [B,c,S,S] of about [-1, 1], f32.
+    /// Decodes unscaled latents `[B,C,h,w]` (diffusion latents divided by
+    /// [`VaeInfo::scale_factor`]) into images `[B,c,S,S]` of about `[-1, 1]`, f32.
     ///
     /// # Errors
     /// [`Error::BadInput`] for latents of another shape or an empty batch; [`Error::Ort`] when the

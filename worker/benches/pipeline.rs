@@ -7,8 +7,8 @@
 //!
 //! Inputs (set by the script): `MGD3_BENCH_DATA` (ImageFolder), `MGD3_BENCH_MODELS` (folder with
 //! dit.onnx, vae_encoder.onnx, vae_decoder.onnx), `MGD3_BENCH_REFERENCE` (reference.json),
-//! `MGD3_BENCH_FEATURES` (features.npy, [n, 4096] f32), `MGD3_BENCH_CROPS` (PIL crops, uint8
-//! [m, 256, 256, 3]).
+//! `MGD3_BENCH_FEATURES` (features.npy, `[n, 4096]` f32), `MGD3_BENCH_CROPS` (PIL crops, uint8
+//! `[m, 256, 256, 3]`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -49,7 +49,7 @@ pub struct ClusterArgs {
     /// CA certificate (PEM) for an https:// coordinator with a private CA.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// Worker id (default: <hostname>-<pid>).
+    /// Worker id (default: `<hostname>-<pid>`).
     #[arg(long)]
     pub worker_id: Option<String>,
     /// `onnx` (the real engine) or `fake` (deterministic stand-in images, for cluster tests).
@@ -84,7 +84,7 @@ pub struct ImportArgs {
     /// Folder with the IDX files (from `apt-get install dataset-fashion-mnist`).
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     pub src: PathBuf,
-    /// Output root; writes <out>/train/<NN_name>/*.png, <out>/test/..., <out>/classes.txt.
+    /// Output root; writes `<out>/train/<NN_name>/*.png`, `<out>/test/...`, `<out>/classes.txt`.
     #[arg(long)]
     pub out: PathBuf,
     /// Keep only the first N images of each class and split.
@@ -251,7 +251,7 @@ impl TryFrom<&SamplingArgs> for SamplingSpec {
 /// Arguments of `worker distill-class`.
 #[derive(Debug, Args)]
 pub struct DistillClassArgs {
-    /// ImageFolder root holding <class>/*.{jpg,jpeg,png}: a folder or an object-store URL.
+    /// ImageFolder root holding `<class>/*.{jpg,jpeg,png}`: a folder or an object-store URL.
     #[arg(long)]
     pub data: String,
     /// Job seed; each sample's noise stream derives from (seed, class index, sample index).
@@ -281,7 +281,7 @@ pub struct DistillClassArgs {
     /// The VAE decoder model (.onnx).
     #[arg(long)]
     pub vae_decoder: PathBuf,
-    /// Output root: writes <out>/<class>/<j>.png and <out>/<class>/modes.npy.
+    /// Output root: writes `<out>/<class>/<j>.png` and `<out>/<class>/modes.npy`.
     #[arg(long)]
     pub out: PathBuf,
     /// Also write a contact sheet (real images, decoded modes, samples) to this PNG file.
@@ -307,19 +307,19 @@ pub struct SampleArgs {
     /// DiT class label of every sample.
     #[arg(long, allow_negative_numbers = true)]
     pub label: i64,
-    /// f32 [N,C,h,w] modes in scaled latent space; sample j is guided to mode j.
+    /// f32 `[N,C,h,w]` modes in scaled latent space; sample j is guided to mode j.
     #[arg(long)]
     pub modes: PathBuf,
-    /// f32 [N,S+1,C,h,w]: [:,0] = x_T, [:,k] = noise of the k-th denoising step.
+    /// f32 `[N,S+1,C,h,w]`: `[:,0]` = x_T, `[:,k]` = noise of the k-th denoising step.
     #[arg(long)]
     pub noise: PathBuf,
-    /// Receives the final x₀, f32 [N,C,h,w] in scaled latent space.
+    /// Receives the final x₀, f32 `[N,C,h,w]` in scaled latent space.
     #[arg(long)]
     pub out: PathBuf,
     /// Decode the samples with this VAE decoder...
     #[arg(long, requires = "images_out")]
     pub vae_decoder: Option<PathBuf>,
-    /// ...and write them as <images-out>/<j>.png.
+    /// ...and write them as `<images-out>/<j>.png`.
     #[arg(long, requires = "vae_decoder")]
     pub images_out: Option<PathBuf>,
     /// MGD³ sampling settings.

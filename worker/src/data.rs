@@ -552,7 +552,7 @@ fn round_size(x: f64) -> usize {
 
 /// ADM's `center_crop_arr(image, size)`: BOX halving while the short side is ≥ 2·size, BICUBIC
 /// resize so that the short side is `size`, centred `size` × `size` crop. Only the crop is
-/// resampled (see [`resize_window`]); the bytes are those of the whole resize, then cropped.
+/// resampled (see `resize_window`); the bytes are those of the whole resize, then cropped.
 pub fn center_crop(image: &Pixels, size: usize) -> Pixels {
     let mut halved: Option<Pixels> = None;
     loop {
@@ -575,7 +575,7 @@ fn normalise(v: u8) -> f32 {
     (v as f32 / 255.0 - 0.5) / 0.5
 }
 
-/// Writes `pixels` as `ToTensor` + `Normalize(0.5, 0.5)` into `out`, planar [c, h, w] in [-1, 1].
+/// Writes `pixels` as `ToTensor` + `Normalize(0.5, 0.5)` into `out`, planar `[c, h, w]` in `[-1, 1]`.
 ///
 /// # Panics
 /// If `out` does not hold exactly c·h·w values.
@@ -590,21 +590,21 @@ pub fn write_tensor(pixels: &Pixels, out: &mut [f32]) {
     }
 }
 
-/// `ToTensor` + `Normalize(0.5, 0.5)`: [c, S, S] in [-1, 1].
+/// `ToTensor` + `Normalize(0.5, 0.5)`: `[c, S, S]` in `[-1, 1]`.
 pub fn to_tensor(pixels: &Pixels) -> Array3<f32> {
     let mut out = Array3::zeros((pixels.channels, pixels.height, pixels.width));
     write_tensor(pixels, out.as_slice_mut().expect("standard layout"));
     out
 }
 
-/// Stacks preprocessed images into a batch [B, c, S, S].
+/// Stacks preprocessed images into a batch `[B, c, S, S]`.
 pub fn stack(tensors: &[Array3<f32>]) -> Array4<f32> {
     let views: Vec<_> = tensors.iter().map(|t| t.view().insert_axis(Axis(0))).collect();
     ndarray::concatenate(Axis(0), &views).expect("equal shapes")
 }
 
 /// Decodes image bytes and preprocesses them the reference's way (`center_crop_arr(size)`,
-/// `ToTensor`, `Normalize`) into `out` ([channels, size, size], planar). Returns the 8-bit crop
+/// `ToTensor`, `Normalize`) into `out` (`[channels, size, size]`, planar). Returns the 8-bit crop
 /// (for contact sheets).
 ///
 /// # Errors

@@ -68,11 +68,11 @@ pub enum EngineError {
         "the DiT works on latents {dit:?} but the {model} has {latent:?}; export the models for the same resolution"
     )]
     LatentShapes {
-        /// The DiT's latent shape [C, h, w].
+        /// The DiT's latent shape `[C, h, w]`.
         dit: [usize; 3],
         /// `VAE encoder` or `VAE decoder`.
         model: &'static str,
-        /// That model's latent shape [C, h, w].
+        /// That model's latent shape `[C, h, w]`.
         latent: [usize; 3],
     },
     /// The VAE encoder and decoder scale latents differently.
@@ -232,9 +232,9 @@ impl ClassTimings {
 /// A distilled class.
 #[derive(Debug)]
 pub struct ClassOutput {
-    /// [IPC, C, h, w] modes in scaled latent space; sample j was guided to mode j.
+    /// `[IPC, C, h, w]` modes in scaled latent space; sample j was guided to mode j.
     pub modes: Array4<f32>,
-    /// [IPC, C, h, w] final latents (scaled).
+    /// `[IPC, C, h, w]` final latents (scaled).
     pub latents: Array4<f32>,
     /// PNG bytes of sample j at index j.
     pub images: Vec<Vec<u8>>,
@@ -419,8 +419,8 @@ impl Engine {
         &mut self.dit
     }
 
-    /// Samples with explicit modes and noise ([n, C, h, w] and [n, S+1, C, h, w], f32, scaled
-    /// latent space); returns x₀ [n, C, h, w].
+    /// Samples with explicit modes and noise (`[n, C, h, w]` and `[n, S+1, C, h, w]`, f32, scaled
+    /// latent space); returns x₀ `[n, C, h, w]`.
     ///
     /// # Errors
     /// As [`sample_in_batches`].
@@ -444,7 +444,7 @@ impl Engine {
         sample_in_batches(&mut self.dit, &self.schedule, &self.sampling, batch, timings)
     }
 
-    /// The per-sample noise of a class: [IPC, S+1, C, h, w].
+    /// The per-sample noise of a class: `[IPC, S+1, C, h, w]`.
     pub fn class_noise(&self, class: &ClassSpec) -> ndarray::Array5<f32> {
         let shape = self.dit.info().latent_shape;
         let steps = self.schedule.steps();
@@ -514,9 +514,9 @@ pub struct SampleBatch<'a> {
     pub class: &'a str,
     /// DiT label of each sample (n of them).
     pub labels: &'a [i64],
-    /// Mode of each sample, [n, C, h, w] f32 in scaled latent space.
+    /// Mode of each sample, `[n, C, h, w]` f32 in scaled latent space.
     pub modes: ArrayView4<'a, f32>,
-    /// Noise of each sample, [n, S+1, C, h, w] f32: x_T first, then one draw per denoising step.
+    /// Noise of each sample, `[n, S+1, C, h, w]` f32: x_T first, then one draw per denoising step.
     pub noise: ArrayView5<'a, f32>,
     /// Samples per DiT call (each a cond+uncond pair); 0 counts as 1.
     pub samples_per_call: usize,
@@ -527,7 +527,7 @@ pub struct SampleBatch<'a> {
 }
 
 /// Runs the sampler over `batch` in chunks; chunks are independent, so the split changes no value.
-/// Returns x₀ [n, C, h, w] (scaled latents).
+/// Returns x₀ `[n, C, h, w]` (scaled latents).
 ///
 /// # Errors
 /// [`EngineError::LabelCount`] when labels and modes differ in count; [`EngineError::Cancelled`]
@@ -573,7 +573,7 @@ pub fn sample_in_batches(
     Ok(ndarray::concatenate(Axis(0), &views).expect("same shapes"))
 }
 
-/// Decodes scaled latents [n, C, h, w] (÷ scale_factor, as the reference) and encodes each image
+/// Decodes scaled latents `[n, C, h, w]` (÷ scale_factor, as the reference) and encodes each image
 /// as PNG.
 ///
 /// # Errors

@@ -151,7 +151,7 @@ impl ShardError {
 /// what its marker records about how they were made.
 pub struct ClassResult {
     /// PNG bytes of sample j at index j, and the modes as `.npy` bytes (from the ONNX engine:
-    /// [IPC, C, h, w] f32, scaled latent space).
+    /// `[IPC, C, h, w]` f32, scaled latent space).
     pub files: ClassFiles,
     /// Time per stage, real images used, latent-cache hit, what the listing left out.
     pub timings: ClassTimings,

@@ -1,5 +1,5 @@
 //! Output encoding: decoded images → PNG exactly as the reference's torchvision `save_image`
-//! (clamp to [-1, 1], (x + 1) / 2, ⌊255·v + 0.5⌋), and `.npy` arrays for modes and latents.
+//! (clamp to `[-1, 1]`, (x + 1) / 2, ⌊255·v + 0.5⌋), and `.npy` arrays for modes and latents.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub fn to_u8(v: f32) -> u8 {
     (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8
 }
 
-/// PNG bytes of a decoded image [c, S, S] in about [-1, 1] (c = 1 or 3), quantised by
+/// PNG bytes of a decoded image `[c, S, S]` in about `[-1, 1]` (c = 1 or 3), quantised by
 /// [`to_u8`].
 ///
 /// # Errors
@@ -94,7 +94,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     std::fs::rename(&partial, path).map_err(io)
 }
 
-/// 8-bit pixels of an image tensor [c, S, S] in about [-1, 1], quantised like the PNGs.
+/// 8-bit pixels of an image tensor `[c, S, S]` in about `[-1, 1]`, quantised like the PNGs.
 pub fn tensor_pixels(image: ArrayView3<f32>) -> crate::data::Pixels {
     let (c, h, w) = image.dim();
     let mut data = Vec::with_capacity(c * h * w);

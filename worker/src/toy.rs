@@ -14,7 +14,7 @@ use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, sample};
 use crate::mgd3::schedule::{Schedule, cumulative_alphas, linear_betas};
 use mgd3_common::job::SamplingSpec;
 
-/// A mixture of isotropic Gaussians in `dim` dimensions (laid out as a [dim, 1, 1] latent).
+/// A mixture of isotropic Gaussians in `dim` dimensions (laid out as a `[dim, 1, 1]` latent).
 #[derive(Clone, Debug)]
 pub struct Mixture {
     /// Component means, each of `dim` coordinates.
@@ -113,7 +113,7 @@ impl Denoiser for AnalyticDenoiser {
     }
 }
 
-/// Samples `n` points (2-D latents [n, 2, 1, 1]) with the real sampler; `modes` given = MGD³.
+/// Samples `n` points (2-D latents `[n, 2, 1, 1]`) with the real sampler; `modes` given = MGD³.
 pub fn sample_points(
     mixture: &Mixture,
     modes: &[Vec<f32>],

@@ -57,7 +57,7 @@ impl<'a> StepInputs<'a> {
     }
 }
 
-/// x_{i−1} for a batch: `x` [n,C,h,w], `model_out` [2n, C or 2C, h, w], `modes` and `noise` [n,C,h,w].
+/// x_{i−1} for a batch: `x` `[n,C,h,w]`, `model_out` `[2n, C or 2C, h, w]`, `modes` and `noise` `[n,C,h,w]`.
 ///
 /// Shapes are the caller's contract (the sampler checks them once per run).
 #[allow(clippy::too_many_arguments)]
@@ -119,12 +119,12 @@ pub fn guided_step(
     Array4::from_shape_vec((n, channels, h, w), next).expect("shape of x")
 }
 
-/// x_{i−1} for a batch by the paper's Algorithm 1 (DDIM with mode guidance): `x` [n,C,h,w],
-/// `model_out` [2n, C or 2C, h, w] (variance channels unused), `modes` and `noise` [n,C,h,w].
+/// x_{i−1} for a batch by the paper's Algorithm 1 (DDIM with mode guidance): `x` `[n,C,h,w]`,
+/// `model_out` `[2n, C or 2C, h, w]` (variance channels unused), `modes` and `noise` `[n,C,h,w]`.
 ///
 /// ε = CFG(ε_c, ε_u); x̂₀ = √(1/ᾱ_i)·x − √(1/ᾱ_i − 1)·ε; while i > t_stop
 /// ε̂ = ε − √(1−ᾱ_i)·λ·(m − x̂₀), else ε̂ = ε; x̂₀′ from ε̂ the same way;
-/// x_{i−1} = √ᾱ_{i−1}·x̂₀′ + √(1 − ᾱ_{i−1} − σ_i²)·ε̂ + [i > 0]·σ_i·ξ (σ_i from η, ADM's
+/// x_{i−1} = √ᾱ_{i−1}·x̂₀′ + √(1 − ᾱ_{i−1} − σ_i²)·ε̂ + 𝟙(i > 0)·σ_i·ξ (σ_i from η, ADM's
 /// `ddim_sample`). Shapes are the caller's contract.
 pub fn ddim_step(
     coefficients: &DdimCoefficients,

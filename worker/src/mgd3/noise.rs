@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-/// [S+1, C, h, w] noise of the sample whose stream is seeded with `seed`.
+/// `[S+1, C, h, w]` noise of the sample whose stream is seeded with `seed`.
 pub fn sample_noise(seed: u64, steps: usize, latent_shape: [usize; 3]) -> Array4<f32> {
     let [c, h, w] = latent_shape;
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);

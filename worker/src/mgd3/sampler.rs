@@ -1,6 +1,6 @@
 //! The MGD³ sampling loop for a batch of samples: S steps of a [`Sampler`] (the reference DDPM
 //! step, or DDIM with mode guidance, the paper's Algorithm 1), each one DiT call on the
-//! [cond, uncond] pair batch followed by the step. All noise is an argument (`noise[:, 0]` = x_T,
+//! `[cond, uncond]` pair batch followed by the step. All noise is an argument (`noise[:, 0]` = x_T,
 //! `noise[:, k]` = the noise of the k-th step, for DDIM too; with η = 0 DDIM uses only x_T), so
 //! the loop is a pure function of the model, the modes and the noise.
 
@@ -25,7 +25,7 @@ pub enum Sampler {
     /// DDIM step with η (0: deterministic, 1: DDPM-like noise); timesteps
     /// `space_timesteps(T, "ddimS")` (T = 1000, S = 50: 0, 20, …, 980).
     Ddim {
-        /// η in [0, 1]: 0 deterministic, 1 DDPM-like noise.
+        /// η in `[0, 1]`: 0 deterministic, 1 DDPM-like noise.
         eta: f32,
     },
 }
@@ -76,8 +76,8 @@ pub type ModelError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The network the sampler needs: ε (and variance) prediction for latents at original timesteps.
 pub trait Denoiser {
-    /// `x` [B,C,h,w], `t` original timesteps, `y` labels (null class for the unconditional half);
-    /// returns [B, 2C, h, w] (learned sigma) or [B, C, h, w].
+    /// `x` `[B,C,h,w]`, `t` original timesteps, `y` labels (null class for the unconditional half);
+    /// returns `[B, 2C, h, w]` (learned sigma) or `[B, C, h, w]`.
     ///
     /// # Errors
     /// Whatever the network reports; the sampler wraps it in [`SampleError::Model`].
@@ -259,8 +259,8 @@ pub fn sample(
 }
 
 /// Samples a batch with `sampler` over `schedule` (respaced for it, see
-/// [`Sampler::respacing`]): `labels` [n] (one per sample, so one call may mix classes), `modes`
-/// [n,C,h,w] in scaled latent space (sample j is pulled toward `modes[j]`), `noise` [n,S+1,C,h,w].
+/// [`Sampler::respacing`]): `labels` `[n]` (one per sample, so one call may mix classes), `modes`
+/// `[n,C,h,w]` in scaled latent space (sample j is pulled toward `modes[j]`), `noise` `[n,S+1,C,h,w]`.
 /// `observe(k, x)` sees the state after every step k = 1..S. Returns x₀ (scaled latent space).
 ///
 /// # Errors
