@@ -488,6 +488,8 @@ mod tests {
             committed_unix_ms: 0,
             latent_cache_hit: false,
             skipped: Default::default(),
+            quality: None,
+            embedding: None,
         }
     }
 

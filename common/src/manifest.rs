@@ -50,6 +50,53 @@ impl StageSeconds {
     }
 }
 
+/// A class's distilled samples measured against its real data, in the scaled VAE latent space the
+/// worker samples in (latents flattened to `C·h·w` vectors, Euclidean distance), with the paper's
+/// definitions (MGD³ §5.2, Table 9; the paper measures in a t-SNE plane instead):
+///
+/// - **diversity**: the mean over samples of the distance to the nearest other sample of the
+///   class (larger: more diverse);
+/// - **representativeness**: the mean over samples of the mean distance to the sample's
+///   `neighbours` (50, or all when fewer) nearest real latents (smaller: more representative).
+///
+/// The paper does not say how it maps these into [0, 1]. Here both are also given divided by
+/// `real_spread`, the mean distance between two real latents of the class, so that classes and
+/// datasets compare: a `diversity_normalised` of 1 means samples lie as far apart as two random
+/// real images do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassQuality {
+    /// Mean nearest-neighbour distance among the samples (0 for IPC 1).
+    pub diversity: f64,
+    /// Mean distance of a sample to its `neighbours` nearest real latents.
+    pub representativeness: f64,
+    /// How many nearest real latents `representativeness` averages over.
+    pub neighbours: u32,
+    /// Mean distance between two distinct real latents (all pairs, or pairs of at most 512
+    /// real latents evenly spaced in listing order).
+    pub real_spread: f64,
+    /// `diversity / real_spread`.
+    pub diversity_normalised: f64,
+    /// `representativeness / real_spread`.
+    pub representativeness_normalised: f64,
+}
+
+/// A 2-D picture of a class in latent space: real latents, modes and samples projected onto the
+/// first two principal components of the class's real latents (PCA, not the paper's t-SNE: it is
+/// deterministic, cheap and keeps distances along its axes meaningful).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Embedding {
+    /// `pca`.
+    pub method: String,
+    /// Share of the real latents' variance each axis explains.
+    pub explained_variance: [f64; 2],
+    /// Real latents, at most 300 evenly spaced in listing order.
+    pub real: Vec<[f32; 2]>,
+    /// Mode j at index j.
+    pub modes: Vec<[f32; 2]>,
+    /// Sample j at index j (guided to mode j).
+    pub samples: Vec<[f32; 2]>,
+}
+
 /// The commit marker `shards/<wnid>.json`: a class is done iff this exists and names the job's
 /// fingerprint. It lists every file of the attempt that won, so publishing can be verified.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +134,12 @@ pub struct ClassMarker {
     /// Entries of the class folder the listing rule left out (hidden, not images).
     #[serde(default)]
     pub skipped: crate::imagefolder::Skipped,
+    /// Diversity and representativeness of the samples (absent from engines without latents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<ClassQuality>,
+    /// The class in latent space, for the job report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Embedding>,
 }
 
 /// One class of the job manifest.
@@ -102,6 +155,9 @@ pub struct ManifestClass {
     pub modes_sha256: String,
     /// The attempt whose files were committed.
     pub attempt_id: String,
+    /// The class's diversity and representativeness, as its marker has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<ClassQuality>,
 }
 
 /// `manifest.json`, written when every class is committed.

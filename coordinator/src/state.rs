@@ -95,6 +95,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
             images: marker.images,
             modes_sha256: marker.modes.sha256,
             attempt_id: marker.attempt_id,
+            quality: marker.quality,
         });
     }
     let m = &job.spec.models;

@@ -560,6 +560,8 @@ impl ShardEngine for Salted {
             },
             timings: Default::default(),
             contact_sheet: None,
+            quality: None,
+            embedding: None,
         })
     }
 }

@@ -240,6 +240,10 @@ pub struct ClassOutput {
     pub images: Vec<Vec<u8>>,
     /// Where the class's time went.
     pub timings: ClassTimings,
+    /// Diversity and representativeness of the samples against the real latents.
+    pub quality: Option<mgd3_common::manifest::ClassQuality>,
+    /// Real latents, modes and samples in 2-D, for the job report.
+    pub embedding: Option<mgd3_common::manifest::Embedding>,
 }
 
 /// The DiT behind the sampler's [`Denoiser`] trait.

@@ -153,9 +153,12 @@ enum Event {
         slot: usize,
         skipped: mgd3_common::imagefolder::Skipped,
     },
+    /// The class's modes, and its real latents back (`[n, C·h·w]` flattened) for the quality
+    /// numbers once its samples are done.
     Modes {
         slot: usize,
         modes: Array4<f32>,
+        real: Vec<f32>,
         seconds: Duration,
     },
     Failed {
@@ -175,6 +178,8 @@ struct InFlight {
     has_modes: bool,
     latents: Option<Array4<f32>>,
     sampled: usize,
+    /// The real latents the modes came from (flattened rows), kept for the quality numbers.
+    real: Vec<f32>,
 }
 
 /// Records the rows of every DiT call.
@@ -251,12 +256,12 @@ impl Engine {
                         let found = pool.install(|| {
                             find_modes(&features, count, dim, class.ipc, kmeans_seed(seed, class.class_index))
                         });
-                        drop(features);
                         let event = match found {
                             Ok(centroids) => Event::Modes {
                                 slot,
                                 modes: Array4::from_shape_vec((class.ipc, shape[0], shape[1], shape[2]), centroids)
                                     .expect("k × dim centroids"),
+                                real: features,
                                 seconds: started.elapsed(),
                             },
                             Err(source) => {
@@ -413,8 +418,9 @@ impl Engine {
                 let _ = kmeans.send((slot, features, images));
             }
             Event::Skipped { slot, skipped } => flight[slot].timings.skipped = skipped,
-            Event::Modes { slot, modes, seconds } => {
+            Event::Modes { slot, modes, real, seconds } => {
                 let state = &mut flight[slot];
+                state.real = real;
                 state.timings.stages.kmeans += seconds.as_secs_f64();
                 stats.kmeans += seconds;
                 state.modes = Some(modes);
@@ -558,7 +564,22 @@ impl Engine {
               seconds = timings.total().as_secs_f64(), "distilled class");
         // The modes stay for the contact sheet only when one is made.
         let (modes, sheet_modes) = if options.contact_sheet { (modes.clone(), Some(modes)) } else { (modes, None) };
-        let output = ClassOutput { modes, latents, images, timings };
+        // Diversity, representativeness and the latent-space picture, from the real latents the
+        // modes came from and the sampled latents (before the contact sheet takes the modes).
+        let measured = Instant::now();
+        let dim = latents.len() / latents.shape()[0].max(1);
+        let real = ndarray::ArrayView2::from_shape((state.real.len() / dim.max(1), dim), &state.real)
+            .expect("real latents are whole rows");
+        fn flat(a: &Array4<f32>, dim: usize) -> ndarray::ArrayView2<'_, f32> {
+            a.view().into_shape_with_order((a.shape()[0], dim)).expect("contiguous latents")
+        }
+        let quality = crate::mgd3::quality::class_quality(real, flat(&latents, dim));
+        let embedding = crate::mgd3::quality::embedding(real, flat(&modes, dim), flat(&latents, dim));
+        state.real = Vec::new();
+        debug!(class = %class.wnid, diversity = quality.diversity_normalised, representativeness = quality.representativeness_normalised,
+               seconds = measured.elapsed().as_secs_f64(), "class quality");
+        let output =
+            ClassOutput { modes, latents, images, timings, quality: Some(quality), embedding: Some(embedding) };
         let committing = Instant::now();
         let won = outputs.class_done(slot, output).map_err(ShardStop::Sink)?;
         stats.commit += committing.elapsed();

@@ -157,6 +157,10 @@ pub struct ClassResult {
     pub timings: ClassTimings,
     /// PNG of real images, decoded modes and samples side by side, when the engine makes one.
     pub contact_sheet: Option<Vec<u8>>,
+    /// Diversity and representativeness, for the marker (engines with latents).
+    pub quality: Option<mgd3_common::manifest::ClassQuality>,
+    /// The class in latent space, for the marker and the job report.
+    pub embedding: Option<mgd3_common::manifest::Embedding>,
 }
 
 /// Where an engine hands each distilled class of a shard: [`run_shard`] commits it.
@@ -320,6 +324,8 @@ fn class_result(wnid: &str, output: ClassOutput) -> Result<ClassResult, ShardFai
         files: ClassFiles { images: output.images, modes_npy },
         timings: output.timings,
         contact_sheet: None,
+        quality: output.quality,
+        embedding: output.embedding,
     })
 }
 
@@ -431,6 +437,8 @@ impl ShardEngine for FakeEngine {
                 ..Default::default()
             },
             contact_sheet: None,
+            quality: None,
+            embedding: None,
         })
     }
 
@@ -530,6 +538,8 @@ impl ClassSink for Committer<'_> {
             committed_unix_ms: mgd3_common::now_ms(),
             latent_cache_hit: result.timings.latent_cache_hit,
             skipped: result.timings.skipped,
+            quality: result.quality,
+            embedding: result.embedding,
         };
         let files = result.files;
         let outcome = self
