@@ -10,6 +10,13 @@ if ! command -v strace >/dev/null && [[ $(id -u) -eq 0 ]]; then
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends strace >/dev/null; } \
     || echo "note: strace could not be installed; the crash tests will be skipped"
 fi
+# Chromium (Debian's headless shell), in which the report test opens the HTML report
+# (MGD3_REQUIRE_CHROMIUM=1 in CI).
+if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null && [[ $(id -u) -eq 0 ]]; then
+  apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
+    || echo "note: Chromium could not be installed; the report's browser checks will be skipped"
+fi
 if [[ -x .venv-test/bin/python ]] && .venv-test/bin/python -c "import moto.server" 2>/dev/null; then
   echo "moto already installed in .venv-test"
   exit 0

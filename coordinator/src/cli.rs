@@ -65,6 +65,74 @@ pub enum Command {
     /// against the spec's folder (`--get output` prints one setting: what scripts use instead of
     /// parsing TOML themselves).
     Spec(SpecArgs),
+    /// Write a job's report: a static HTML site (index.html, a page per class with its contact
+    /// sheet wrapped into labelled rows, its diversity and representativeness and a latent-space
+    /// plot) and overview.png. Opens from a file or from object storage; fetches nothing.
+    #[command(after_help = "Examples:\n  \
+        coordinator report JOB                      # into <output>/jobs/JOB/report/\n  \
+        coordinator report JOB --out ~/reports/JOB  # elsewhere, contact sheets copied\n  \
+        coordinator report JOB --job-dir out/fashion-mnist/jobs/JOB   # offline, no coordinator")]
+    Report(ReportArgs),
+    /// Export a job's distilled images as the .npz of DiT's sample_ddp.py (`arr_0`, uint8
+    /// [N,H,W,3] RGB, class by class in the job's order), the input of the ADM evaluation suite
+    /// (FID, sFID, IS, precision, recall).
+    #[command(after_help = "Example:\n  \
+        coordinator export JOB --npz samples.npz\n  \
+        python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz   # guided-diffusion's evaluations/")]
+    Export(ExportArgs),
+}
+
+/// Where a job's output folder is: named, or asked of the coordinator.
+#[derive(Debug, Args)]
+pub struct JobDirArgs {
+    /// The job id.
+    pub job: String,
+    /// The job's output folder `<output>/jobs/<job>` (a path or URL); without it the coordinator
+    /// is asked where the job's output is.
+    #[arg(long)]
+    pub job_dir: Option<String>,
+    /// How to reach the coordinator (when --job-dir is not given).
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+impl JobDirArgs {
+    async fn location(&self) -> Result<mgd3_common::store::Location> {
+        let url = match &self.job_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let mut client = self.connection.client()?;
+                job_status(&mut client, &self.connection.coordinator, &self.job).await?.output
+            }
+        };
+        Ok(mgd3_common::store::open(&url)?)
+    }
+}
+
+/// Arguments of `coordinator report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The job and where its output is.
+    #[command(flatten)]
+    pub job: JobDirArgs,
+    /// Write the report here (a folder or URL) with copies of the contact sheets, instead of into
+    /// the job's output folder as `report/`.
+    #[arg(long)]
+    pub out: Option<String>,
+}
+
+/// Arguments of `coordinator export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The job and where its output is.
+    #[command(flatten)]
+    pub job: JobDirArgs,
+    /// The .npz file to write.
+    #[arg(long)]
+    pub npz: PathBuf,
+    /// Export the classes committed so far of a job that has not finished.
+    #[arg(long)]
+    pub partial: bool,
 }
 
 /// Arguments of `coordinator check`.
@@ -527,6 +595,30 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Ready(args) => ready(&args).await,
+        Command::Report(args) => {
+            let dir = args.job.location().await?;
+            let (target, copy) = match &args.out {
+                Some(out) => (mgd3_common::store::open(out)?, true),
+                None => (dir.child("report"), false),
+            };
+            let summary = crate::report::write_report(&dir, &args.job.job, &target, copy).await?;
+            eprintln!("report of {} class(es) written", summary.classes);
+            println!("{}", summary.index);
+            Ok(())
+        }
+        Command::Export(args) => {
+            let dir = args.job.location().await?;
+            let done = crate::export::export_npz(&dir, &args.job.job, &args.npz, args.partial).await?;
+            eprintln!(
+                "{} image(s) of {} class(es), {}×{} RGB, written as arr_0 to {}",
+                done.images,
+                done.classes,
+                done.size.0,
+                done.size.1,
+                args.npz.display()
+            );
+            Ok(())
+        }
         Command::List(args) => {
             let mut client = args.connection.client()?;
             let jobs = list_jobs(&mut client, &args.connection.coordinator).await?;

@@ -17,7 +17,7 @@ use mgd3_common::status::{JobStatus, ShardCounts, ShardFailure, VerifyProblem, V
 use mgd3_common::store::{self, Location};
 use mgd3_common::{PROTOCOL_VERSION, now_ms};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::jobstore::{JobStore, ObjectJobStore};
@@ -744,7 +744,7 @@ impl Coordinator {
             self.settled(&job_id, settled);
         }
         if let PollDecision::Lease(grant) = &decision {
-            info!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %worker_id, "lease granted");
+            debug!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %worker_id, "lease granted");
             self.mark_dirty(&grant.job.job_id);
         }
         Ok((decision, revoked))

@@ -75,7 +75,7 @@ impl Dit {
             beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
             precision,
         };
-        tracing::info!(model = %path.display(), classes = info.num_classes, latent = ?info.latent_shape,
+        tracing::debug!(model = %path.display(), classes = info.num_classes, latent = ?info.latent_shape,
             precision = ?info.precision, "loaded DiT");
         tracing::debug!(?info, "DiT metadata");
         Ok(Dit { model, info })

@@ -78,7 +78,7 @@ impl VaeEncoder {
             scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
             precision,
         };
-        tracing::info!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
+        tracing::debug!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
             precision = ?info.precision, "loaded VAE encoder");
         tracing::debug!(?info, "VAE encoder metadata");
         Ok(VaeEncoder { model, info })
@@ -138,7 +138,7 @@ impl VaeDecoder {
             scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
             precision,
         };
-        tracing::info!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
+        tracing::debug!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
             precision = ?info.precision, "loaded VAE decoder");
         tracing::debug!(?info, "VAE decoder metadata");
         Ok(VaeDecoder { model, info })

@@ -131,7 +131,7 @@ impl RuntimeArgs {
     /// The CPU pool `--cpu-threads` asks for (checked by [`RuntimeArgs::session_config`]).
     pub fn cpu_pool(&self) -> crate::cpu::CpuPool {
         let pool = crate::cpu::CpuPool::new(self.cpu_threads);
-        tracing::info!(threads = pool.threads(), "CPU pool for decoding, k-means and PNG");
+        tracing::debug!(threads = pool.threads(), "CPU pool for decoding, k-means and PNG");
         pool
     }
 

@@ -17,7 +17,7 @@ use mgd3_common::rpc::{Client, connect};
 use mgd3_common::store::{self, Location};
 use tokio::task::JoinHandle;
 use tonic::Code;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::shard::{
     Disposition, ShardEngine, ShardError, ShardFailure, ShardLease, ShardProgress, ShardReport, run_shard,
@@ -438,7 +438,7 @@ fn start(
         classes: lease.classes.into_iter().map(ClassRef::from).collect(),
         worker_id: config.worker_id.clone(),
     };
-    info!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = shard.attempt, "starting shard");
+    debug!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = shard.attempt, "starting shard");
     let progress = Arc::new(ShardProgress::default());
     let cancel = Arc::new(AtomicBool::new(false));
     let task = {
@@ -471,7 +471,7 @@ async fn report<F: Future<Output = ()>>(
         stopping_attempts += stop.fired as u32;
         let result = match &outcome {
             Ok(report) => {
-                info!(lease = %lease_id, images = report.images, seconds = report.seconds, "shard done");
+                debug!(lease = %lease_id, images = report.images, seconds = report.seconds, "shard done");
                 let completion = Completion {
                     worker_id: worker_id.clone(),
                     lease_id: lease_id.clone(),

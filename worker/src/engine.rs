@@ -304,9 +304,12 @@ impl Engine {
         sampling: SamplingSpec,
         seed: u64,
     ) -> Result<Self, EngineError> {
+        let started = std::time::Instant::now();
         let dit = Dit::load(&paths.dit, session)?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, session)?;
+        tracing::info!(dit = %paths.dit.display(), classes = dit.info().num_classes, latent = ?dit.info().latent_shape,
+            seconds = started.elapsed().as_secs_f64(), "models loaded");
         let dit_latent = dit.info().latent_shape;
         for (name, latent) in
             [("VAE encoder", encoder.info().latent_shape), ("VAE decoder", decoder.info().latent_shape)]

@@ -560,7 +560,7 @@ impl Engine {
             if options.contact_sheet { decoded.outer_iter().map(sink::tensor_pixels).collect() } else { Vec::new() };
         drop(decoded);
         let timings = std::mem::take(&mut state.timings);
-        info!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
+        debug!(class = %class.wnid, label = class.label, ipc = class.ipc, real_images = timings.real_images,
               seconds = timings.total().as_secs_f64(), "distilled class");
         // The modes stay for the contact sheet only when one is made.
         let (modes, sheet_modes) = if options.contact_sheet { (modes.clone(), Some(modes)) } else { (modes, None) };

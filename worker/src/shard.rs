@@ -522,6 +522,7 @@ impl ClassSink for Committer<'_> {
         let lease = self.lease;
         let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);
         let _guard = span.enter();
+        let seconds = result.timings.total().as_secs_f64();
         let template = ClassMarker {
             schema_version: SCHEMA_VERSION,
             job_id: lease.job_id.clone(),
@@ -542,11 +543,27 @@ impl ClassSink for Committer<'_> {
             embedding: result.embedding,
         };
         let files = result.files;
+        let (images, real_images) = (files.images.len(), template.real_images);
+        let quality = template.quality.as_ref().map(|q| (q.diversity_normalised, q.representativeness_normalised));
         let outcome = self
             .runtime
             .block_on(commit_class(self.out, &self.keys, template, files))
             .map_err(|e| Self::store_failure(&class.wnid, e))?;
-        info!(?outcome, "class committed");
+        let outcome_text = match outcome {
+            CommitOutcome::Lost => "lost to another attempt",
+            _ => "committed",
+        };
+        match quality {
+            Some((diversity, representativeness)) => info!(
+                images,
+                real_images,
+                seconds = format!("{seconds:.1}"),
+                diversity = format!("{diversity:.3}"),
+                representativeness = format!("{representativeness:.3}"),
+                "class {outcome_text}"
+            ),
+            None => info!(images, real_images, seconds = format!("{seconds:.1}"), "class {outcome_text}"),
+        }
         let marker = self.committed(&class.wnid)?.ok_or_else(|| {
             ShardError::class(&class.wnid, ShardFailure::Lost("the marker vanished after the commit"))
         })?;

@@ -1,0 +1,677 @@
+//! `coordinator report`: a static HTML report of a job that a person opens in a browser — from a
+//! local folder or straight from object storage, with no server and no network fetch — plus
+//! `overview.png`, one sample per class.
+//!
+//! Everything comes from the job's output folder (`<out>/jobs/<job>`): the commit markers (per
+//! class: worker, attempt, timings, cache hit, quality numbers, the 2-D embedding), the manifest
+//! (spec, model fingerprints, totals) and, when the output is also the coordinator's store,
+//! `state.json` (attempts and errors per shard). Pages: `index.html` (the job, the stage times,
+//! workers, failures, a table of every class with lazily loaded thumbnails) and
+//! `classes/<n>.html` per class (its numbers, the contact sheet cut into labelled tiles and
+//! wrapped ten columns to a row — real image, decoded mode and sample j under one another — and an
+//! SVG plot of real latents, modes and samples). Thousands of classes stay light: the index holds
+//! numbers and lazy thumbnails only, each class has its own page.
+//!
+//! Numbers appear as text rounded for reading and, in `data-value`, exactly as the manifest and
+//! markers hold them (the browser test compares the two).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use futures::TryStreamExt;
+use mgd3_common::layout::JobKeys;
+use mgd3_common::manifest::{ClassMarker, JobManifest, StageSeconds};
+use mgd3_common::store::{Location, get_optional, is_not_found};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use thiserror::Error;
+
+use crate::scheduler::{PersistedJob, ShardState};
+
+/// Why a report could not be made.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    /// A store call failed.
+    #[error("`{url}`: cannot {action} `{key}`")]
+    Store {
+        /// The location's URL.
+        url: String,
+        /// What was being done.
+        action: &'static str,
+        /// The key.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A record of the job does not parse.
+    #[error("`{url}`: `{key}` is not a valid {what}")]
+    Parse {
+        /// The location's URL.
+        url: String,
+        /// The key.
+        key: String,
+        /// What it should be.
+        what: &'static str,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The folder holds no committed class of the job.
+    #[error(
+        "`{url}` holds no commit marker of job `{job}` (no `shards/*.json`): is this the job's output folder `<output>/jobs/<job>`, and has a class been committed yet?"
+    )]
+    NothingCommitted {
+        /// The job folder.
+        url: String,
+        /// The job id.
+        job: String,
+    },
+    /// A sample image could not be read for the overview.
+    #[error("class `{wnid}`: `{key}` is not a readable image")]
+    Image {
+        /// The class.
+        wnid: String,
+        /// The image's key.
+        key: String,
+        /// The decoder's error.
+        #[source]
+        source: image::ImageError,
+    },
+}
+
+/// What a report was made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportSummary {
+    /// Classes with a page.
+    pub classes: usize,
+    /// Where `index.html` is.
+    pub index: String,
+}
+
+/// A job's records as its output folder holds them.
+#[derive(Debug)]
+pub struct JobRecords {
+    /// The job id.
+    pub job_id: String,
+    /// The output folder `<out>/jobs/<job>`.
+    pub url: String,
+    /// `manifest.json`, once the job succeeded.
+    pub manifest: Option<JobManifest>,
+    /// Every committed class's marker, in the job's class order (by class index).
+    pub markers: Vec<ClassMarker>,
+    /// `state.json`, when the output is also the coordinator's store.
+    pub state: Option<PersistedJob>,
+}
+
+fn store_error(dir: &Location, action: &'static str, key: &str) -> impl FnOnce(object_store::Error) -> ReportError {
+    let (url, key) = (dir.url.clone(), key.to_owned());
+    move |source| ReportError::Store { url, action, key, source }
+}
+
+/// Reads the job's manifest, markers and (when there) state from its output folder `dir`.
+///
+/// # Errors
+/// [`ReportError::Store`] / [`ReportError::Parse`] for a record that cannot be read;
+/// [`ReportError::NothingCommitted`] when there is no marker at all.
+pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, ReportError> {
+    let parse = |key: &str, what: &'static str| {
+        let (url, key) = (dir.url.clone(), key.to_owned());
+        move |source| ReportError::Parse { url, key, what, source }
+    };
+    let manifest = match get_optional(dir.store.as_ref(), &dir.key("manifest.json")).await {
+        Ok(Some(bytes)) => Some(serde_json::from_slice(&bytes).map_err(parse("manifest.json", "job manifest"))?),
+        Ok(None) => None,
+        Err(e) => return Err(store_error(dir, "read", "manifest.json")(e)),
+    };
+    let state = match get_optional(dir.store.as_ref(), &dir.key("state.json")).await {
+        Ok(Some(bytes)) => crate::jobstore::parse_state(&dir.child("state.json").url, &bytes).ok().flatten(),
+        Ok(None) => None,
+        Err(e) => return Err(store_error(dir, "read", "state.json")(e)),
+    };
+    let prefix = dir.key("shards");
+    let listed: Vec<_> = match dir.store.list(Some(&prefix)).try_collect().await {
+        Ok(listed) => listed,
+        Err(e) if is_not_found(&e) => Vec::new(),
+        Err(e) => return Err(store_error(dir, "list", "shards/")(e)),
+    };
+    let mut markers = Vec::new();
+    for meta in listed {
+        let Some(name) = meta.location.filename() else { continue };
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let key = format!("shards/{name}");
+        let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &meta.location)
+            .await
+            .map_err(store_error(dir, "read", &key))?;
+        let marker: ClassMarker = serde_json::from_slice(&bytes).map_err(parse(&key, "commit marker"))?;
+        // A marker of another job (an earlier run's leftovers) is no commit of this one.
+        let current = manifest.as_ref().is_none_or(|m: &JobManifest| m.fingerprint == marker.fingerprint);
+        if marker.job_id == job_id && current {
+            markers.push(marker);
+        }
+    }
+    if markers.is_empty() {
+        return Err(ReportError::NothingCommitted { url: dir.url.clone(), job: job_id.to_owned() });
+    }
+    markers.sort_by_key(|m| m.class_index);
+    Ok(JobRecords { job_id: job_id.to_owned(), url: dir.url.clone(), manifest, markers, state })
+}
+
+/// Writes the report of the job in `dir` to `target` (`index.html`, `classes/*.html`,
+/// `overview.png`). When `copy_sheets` is set the contact sheets are copied to
+/// `target/contact_sheets/` (a report outside the job folder); otherwise pages refer to the job
+/// folder's own (`target` is `dir/report`).
+///
+/// # Errors
+/// See [`read_records`]; [`ReportError::Store`] for a file that cannot be read or written,
+/// [`ReportError::Image`] for a sample that does not decode.
+pub async fn write_report(
+    dir: &Location,
+    job_id: &str,
+    target: &Location,
+    copy_sheets: bool,
+) -> Result<ReportSummary, ReportError> {
+    let records = read_records(dir, job_id).await?;
+    let keys = JobKeys::new(job_id);
+    let relative = |key: String| key.strip_prefix(&format!("{}/", keys.root())).map(str::to_owned).unwrap_or(key);
+    let mut sheets = BTreeMap::new();
+    for marker in &records.markers {
+        let key = relative(keys.contact_sheet(&marker.wnid));
+        let location = dir.key(&key);
+        let size = match dir.store.get_range(&location, 0..64).await {
+            Ok(head) => image::ImageReader::new(std::io::Cursor::new(head.to_vec()))
+                .with_guessed_format()
+                .ok()
+                .and_then(|r| r.into_dimensions().ok()),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(store_error(dir, "read", &key)(e)),
+        };
+        if let Some(size) = size {
+            if copy_sheets {
+                let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &location)
+                    .await
+                    .map_err(store_error(dir, "read", &key))?;
+                let copy = format!("contact_sheets/{}", marker.wnid);
+                target
+                    .store
+                    .put(&target.key(&format!("{copy}.png")), PutPayload::from(bytes))
+                    .await
+                    .map_err(store_error(target, "write", &copy))?;
+            }
+            sheets.insert(marker.wnid.clone(), size);
+        }
+    }
+    let overview = overview_png(dir, &records).await?;
+    put(target, "overview.png", overview).await?;
+    let assets = if copy_sheets { "../" } else { "../../" };
+    for (i, marker) in records.markers.iter().enumerate() {
+        let page = class_page(&records, i, sheets.get(&marker.wnid).copied(), assets);
+        put(target, &format!("classes/{}", class_file(i)), page.into_bytes()).await?;
+    }
+    put(target, "index.html", index_page(&records, if copy_sheets { "" } else { "../" }).into_bytes()).await?;
+    Ok(ReportSummary { classes: records.markers.len(), index: target.child("index.html").url })
+}
+
+async fn put(target: &Location, key: &str, bytes: Vec<u8>) -> Result<(), ReportError> {
+    target.store.put(&target.key(key), PutPayload::from(bytes)).await.map_err(store_error(target, "write", key))?;
+    Ok(())
+}
+
+/// The class page's file name: by position, since class names may hold any character.
+fn class_file(index: usize) -> String {
+    format!("{index:05}.html")
+}
+
+/// Side of one overview tile (pixels).
+const TILE: u32 = 64;
+
+/// One tile per class (its sample 0), row by row in class order, on a square-ish grid.
+async fn overview_png(dir: &Location, records: &JobRecords) -> Result<Vec<u8>, ReportError> {
+    let n = records.markers.len() as u32;
+    let columns = (f64::from(n).sqrt().ceil() as u32).max(1);
+    let rows = n.div_ceil(columns);
+    let mut canvas = image::RgbImage::from_pixel(columns * (TILE + 2) + 2, rows * (TILE + 2) + 2, image::Rgb([255; 3]));
+    for (i, marker) in records.markers.iter().enumerate() {
+        let Some(first) = marker.images.first() else { continue };
+        let key = format!("dataset/{}/{}", marker.wnid, first.name);
+        let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &dir.key(&key))
+            .await
+            .map_err(store_error(dir, "read", &key))?;
+        let decoded = image::load_from_memory(&bytes)
+            .map_err(|source| ReportError::Image { wnid: marker.wnid.clone(), key: key.clone(), source })?
+            .to_rgb8();
+        let tile = image::imageops::resize(&decoded, TILE, TILE, image::imageops::FilterType::Triangle);
+        let (col, row) = (i as u32 % columns, i as u32 / columns);
+        image::imageops::replace(&mut canvas, &tile, i64::from(2 + col * (TILE + 2)), i64::from(2 + row * (TILE + 2)));
+    }
+    let mut png = std::io::Cursor::new(Vec::new());
+    canvas.write_to(&mut png, image::ImageFormat::Png).expect("PNG encoding into memory");
+    Ok(png.into_inner())
+}
+
+/// Text for HTML element content and attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A path segment of a relative URL (a class folder may be `x%y` or `a b`).
+fn segment(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, &SEGMENT).to_string()
+}
+
+/// Everything but unreserved characters is encoded in a path segment.
+const SEGMENT: percent_encoding::AsciiSet =
+    percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// A number cell: rounded text, the exact value in `data-value`.
+fn number(field: &str, wnid: &str, value: f64, decimals: usize) -> String {
+    format!(
+        "<td class=\"num\" data-field=\"{field}\" data-wnid=\"{}\" data-value=\"{value}\">{value:.decimals$}</td>",
+        escape(wnid)
+    )
+}
+
+const STYLE: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}\
+h1{font-size:22px}h2{font-size:18px;margin-top:28px}table{border-collapse:collapse}\
+td,th{padding:3px 8px;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:middle}\
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}\
+.bar{display:inline-block;height:10px;background:#4a7bd0}.thumb{height:40px;image-rendering:pixelated}\
+.block{display:grid;gap:4px;margin:10px 0 18px}.tile{image-rendering:pixelated;border:1px solid #ccc}\
+.label{font-size:12px;color:#555;align-self:center}pre{background:#f6f6f6;padding:10px;overflow:auto}\
+.fail{color:#a00}nav a{margin-right:14px}";
+
+/// Says, on the page and on the console, which images did not load (a report copied without its
+/// job folder, a class whose contact sheet was never written): the images loaded so far and the
+/// contact sheets the tiles cut up.
+const CHECK_IMAGES: &str = "<p id=\"broken\" class=\"fail\" hidden></p><script>\
+addEventListener('load',function(){var bad=[];function note(u){bad.push(u);console.error('mgd3 report: image not found: '+u);\
+var p=document.getElementById('broken');p.hidden=false;p.textContent=bad.length+' image(s) not found, e.g. '+bad[0];}\
+document.querySelectorAll('img').forEach(function(i){if(i.complete&&i.naturalWidth===0)note(i.getAttribute('src'));});\
+var seen={};document.querySelectorAll('[data-sheet]').forEach(function(t){var u=t.getAttribute('data-sheet');\
+if(seen[u])return;seen[u]=1;var i=new Image();i.onerror=function(){note(u);};i.src=u;});});</script>";
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>\n{body}{CHECK_IMAGES}</body></html>\n",
+        escape(title)
+    )
+}
+
+fn seconds(total: f64) -> String {
+    if total >= 3600.0 {
+        format!("{:.0} h {:02.0} min", (total / 3600.0).floor(), (total % 3600.0) / 60.0)
+    } else if total >= 60.0 {
+        format!("{:.0} min {:02.0} s", (total / 60.0).floor(), total % 60.0)
+    } else {
+        format!("{total:.1} s")
+    }
+}
+
+fn stages(timings: &StageSeconds) -> [(&'static str, f64); 7] {
+    [
+        ("decode", timings.decode),
+        ("encode", timings.encode),
+        ("kmeans", timings.kmeans),
+        ("dit", timings.dit),
+        ("guidance", timings.guidance),
+        ("vae_decode", timings.vae_decode),
+        ("png", timings.png),
+    ]
+}
+
+fn stage_table(timings: &StageSeconds) -> String {
+    let total: f64 = stages(timings).iter().map(|(_, s)| s).sum();
+    let mut html = String::from(
+        "<table><tr><th>stage</th><th class=\"num\">seconds</th><th class=\"num\">share</th><th></th></tr>",
+    );
+    for (name, value) in stages(timings) {
+        let share = if total > 0.0 { value / total } else { 0.0 };
+        let _ = write!(
+            html,
+            "<tr><td>{name}</td><td class=\"num\" data-field=\"stage_{name}\" data-value=\"{value}\">{value:.2}</td><td class=\"num\">{:.0} %</td><td><span class=\"bar\" style=\"width:{:.0}px\"></span></td></tr>",
+            share * 100.0,
+            share * 300.0
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+fn index_page(records: &JobRecords, sheets: &str) -> String {
+    let job = &records.job_id;
+    let markers = &records.markers;
+    let images: usize = markers.iter().map(|m| m.images.len()).sum();
+    let mut body = format!("<h1>mgd3 job <code>{}</code></h1>\n", escape(job));
+    let _ = write!(
+        body,
+        "<p class=\"muted\">{} · report of the output folder <code>{}</code></p>",
+        env!("CARGO_PKG_NAME"),
+        escape(&records.url)
+    );
+    body.push_str("<p><img src=\"overview.png\" alt=\"one sample per class\" style=\"max-width:100%;image-rendering:pixelated\"></p>");
+    // The job.
+    body.push_str("<h2>Job</h2><table>");
+    let state = match (&records.manifest, &records.state) {
+        (Some(_), _) => "succeeded".to_owned(),
+        (None, Some(state)) if state.cancelled => "cancelled".to_owned(),
+        _ => "not finished".to_owned(),
+    };
+    let _ = write!(body, "<tr><th>state</th><td id=\"state\">{state}</td></tr>");
+    let _ = write!(
+        body,
+        "<tr><th>classes committed</th><td class=\"num\" id=\"classes\" data-value=\"{}\">{}</td></tr><tr><th>images</th><td class=\"num\" id=\"images\" data-value=\"{images}\">{images}</td></tr>",
+        markers.len(),
+        markers.len()
+    );
+    let cache_hits = markers.iter().filter(|m| m.latent_cache_hit).count();
+    let _ = write!(
+        body,
+        "<tr><th>latent cache hits</th><td class=\"num\" id=\"cache_hits\" data-value=\"{cache_hits}\">{cache_hits} of {}</td></tr>",
+        markers.len()
+    );
+    let real: u64 = markers.iter().map(|m| m.real_images).sum();
+    let _ = write!(body, "<tr><th>real images encoded</th><td class=\"num\" data-value=\"{real}\">{real}</td></tr>");
+    if let Some(manifest) = &records.manifest {
+        let _ = write!(body, "<tr><th>fingerprint</th><td><code>{}</code></td></tr>", escape(&manifest.fingerprint));
+        for (role, fingerprint) in &manifest.model_fingerprints {
+            let _ =
+                write!(body, "<tr><th>model {}</th><td><code>{}</code></td></tr>", escape(role), escape(fingerprint));
+        }
+        let wall = manifest.finished_unix_ms.saturating_sub(manifest.created_unix_ms) as f64 / 1000.0;
+        let _ = write!(body, "<tr><th>submitted → finished</th><td>{}</td></tr>", seconds(wall));
+        if wall > 0.0 {
+            let rate = manifest.images as f64 / wall;
+            let _ = write!(
+                body,
+                "<tr><th>throughput</th><td class=\"num\" data-value=\"{rate}\">{rate:.2} images/s (submit to manifest, waits included)</td></tr>"
+            );
+        }
+    }
+    body.push_str("</table>");
+    // Quality, averaged.
+    let measured: Vec<_> = markers.iter().filter_map(|m| m.quality.as_ref()).collect();
+    if !measured.is_empty() {
+        let mean = |f: fn(&mgd3_common::manifest::ClassQuality) -> f64| {
+            measured.iter().map(|q| f(q)).sum::<f64>() / measured.len() as f64
+        };
+        let _ = write!(
+            body,
+            "<h2>Quality</h2><p>Mean over {} classes, in the scaled VAE latent space, divided by each class's real spread (the mean distance between two of its real latents): diversity <b id=\"mean_diversity\" data-value=\"{d}\">{d:.3}</b> (mean nearest-neighbour distance among a class's samples; higher is more diverse), representativeness <b id=\"mean_representativeness\" data-value=\"{r}\">{r:.3}</b> (mean distance of a sample to its 50 nearest real latents; lower is more representative). Raw values per class are on its page.</p>",
+            measured.len(),
+            d = mean(|q| q.diversity_normalised),
+            r = mean(|q| q.representativeness_normalised)
+        );
+    }
+    // Time.
+    let mut total = StageSeconds::default();
+    for m in markers {
+        total.add(&m.timings);
+    }
+    body.push_str("<h2>Where the time went</h2><p class=\"muted\">Seconds summed over classes (a DiT batch shared by classes is split by their share of it).</p>");
+    body.push_str(&stage_table(&total));
+    // Workers.
+    let mut workers: BTreeMap<&str, (usize, usize, f64)> = BTreeMap::new();
+    for m in markers {
+        let entry = workers.entry(&m.worker_id).or_default();
+        entry.0 += 1;
+        entry.1 += m.images.len();
+        entry.2 += stages(&m.timings).iter().map(|(_, s)| s).sum::<f64>();
+    }
+    body.push_str("<h2>Workers</h2><table><tr><th>worker</th><th class=\"num\">classes</th><th class=\"num\">images</th><th class=\"num\">class seconds</th></tr>");
+    for (worker, (classes, images, secs)) in &workers {
+        let _ = write!(
+            body,
+            "<tr><td><code>{}</code></td><td class=\"num\">{classes}</td><td class=\"num\">{images}</td><td class=\"num\">{secs:.1}</td></tr>",
+            escape(worker)
+        );
+    }
+    body.push_str("</table>");
+    // Failures and retries.
+    body.push_str("<h2>Failures and retries</h2>");
+    match &records.state {
+        Some(state) => {
+            let troubled: Vec<_> = state.shards.iter().enumerate().filter(|(_, s)| s.attempts > 1 || s.last_error.is_some() || s.state == ShardState::Failed).collect();
+            if troubled.is_empty() {
+                body.push_str("<p id=\"failures\" data-value=\"0\">Every shard succeeded at its first attempt.</p>");
+            } else {
+                let _ = write!(body, "<table id=\"failures\" data-value=\"{}\"><tr><th class=\"num\">shard</th><th class=\"num\">attempts</th><th>state</th><th>class</th><th>last error</th></tr>", troubled.len());
+                for (i, shard) in troubled {
+                    let state = match shard.state {
+                        ShardState::Done { .. } => "done",
+                        ShardState::Failed => "failed",
+                        ShardState::Pending => "pending",
+                        ShardState::Leased { .. } => "running",
+                    };
+                    let (wnid, error) = shard.last_error.as_ref().map(|e| (e.wnid.clone().unwrap_or_default(), e.error.clone())).unwrap_or_default();
+                    let _ = write!(body, "<tr><td class=\"num\">{i}</td><td class=\"num\">{}</td><td class=\"{}\">{state}</td><td>{}</td><td>{}</td></tr>", shard.attempts, if state == "failed" { "fail" } else { "" }, escape(&wnid), escape(&error));
+                }
+                body.push_str("</table>");
+            }
+        }
+        None => body.push_str("<p class=\"muted\">Not recorded here: the job's state lives in the coordinator's store, not in this output folder (`coordinator status JOB` shows it).</p>"),
+    }
+    // The spec.
+    if let Some(manifest) = &records.manifest {
+        let spec = serde_json::to_string_pretty(&manifest.spec).unwrap_or_default();
+        let _ = write!(
+            body,
+            "<h2>Spec</h2><details><summary>the resolved job spec</summary><pre>{}</pre></details>",
+            escape(&spec)
+        );
+    }
+    // Every class.
+    body.push_str("<h2>Classes</h2><table id=\"classes-table\"><tr><th>class</th><th class=\"num\">label</th><th class=\"num\">real images</th><th class=\"num\">diversity</th><th class=\"num\">representativeness</th><th class=\"num\">seconds</th><th>cache</th><th>worker</th><th>contact sheet</th></tr>");
+    for (i, m) in markers.iter().enumerate() {
+        let _ = write!(
+            body,
+            "<tr><td><a href=\"classes/{}\">{}</a></td><td class=\"num\">{}</td><td class=\"num\">{}</td>",
+            class_file(i),
+            escape(&m.wnid),
+            m.label,
+            m.real_images
+        );
+        match &m.quality {
+            Some(q) => {
+                body.push_str(&number("diversity_normalised", &m.wnid, q.diversity_normalised, 3));
+                body.push_str(&number("representativeness_normalised", &m.wnid, q.representativeness_normalised, 3));
+            }
+            None => body.push_str("<td class=\"muted\">–</td><td class=\"muted\">–</td>"),
+        }
+        let secs: f64 = stages(&m.timings).iter().map(|(_, s)| s).sum();
+        let _ = write!(
+            body,
+            "<td class=\"num\">{secs:.1}</td><td>{}</td><td><code>{}</code></td><td><img class=\"thumb\" loading=\"lazy\" src=\"{sheets}contact_sheets/{}.png\" alt=\"contact sheet of {}\"></td></tr>",
+            if m.latent_cache_hit { "hit" } else { "" },
+            escape(&m.worker_id),
+            segment(&m.wnid),
+            escape(&m.wnid)
+        );
+    }
+    body.push_str("</table>");
+    page(&format!("mgd3 job {job}"), &body)
+}
+
+/// Tiles per row of a wrapped contact sheet.
+const COLUMNS: usize = 10;
+/// Displayed side of one contact-sheet tile (CSS pixels).
+const SHOWN: f64 = 96.0;
+/// The contact sheet's white gap between tiles (`worker::sink::grid_png`).
+const GAP: f64 = 2.0;
+
+fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, assets: &str) -> String {
+    let m = &records.markers[index];
+    let mut body = String::from("<nav><a href=\"../index.html\">job</a>");
+    if index > 0 {
+        let _ =
+            write!(body, "<a href=\"{}\">← {}</a>", class_file(index - 1), escape(&records.markers[index - 1].wnid));
+    }
+    if let Some(next) = records.markers.get(index + 1) {
+        let _ = write!(body, "<a href=\"{}\">{} →</a>", class_file(index + 1), escape(&next.wnid));
+    }
+    body.push_str("</nav>");
+    let _ = write!(body, "<h1>class <code>{}</code> (label {})</h1><table>", escape(&m.wnid), m.label);
+    let _ = write!(
+        body,
+        "<tr><th>images</th><td>{}</td></tr><tr><th>real images</th><td>{}</td></tr><tr><th>latent cache</th><td>{}</td></tr><tr><th>worker</th><td><code>{}</code></td></tr><tr><th>attempt</th><td><code>{}</code></td></tr></table>",
+        m.images.len(),
+        m.real_images,
+        if m.latent_cache_hit { "hit" } else { "miss" },
+        escape(&m.worker_id),
+        escape(&m.attempt_id)
+    );
+    if let Some(q) = &m.quality {
+        body.push_str(
+            "<h2>Quality</h2><table><tr><th></th><th class=\"num\">raw</th><th class=\"num\">÷ real spread</th></tr>",
+        );
+        let _ = write!(
+            body,
+            "<tr><td>diversity (mean distance to the nearest other sample)</td>{}{}</tr>",
+            number("diversity", &m.wnid, q.diversity, 3),
+            number("diversity_normalised", &m.wnid, q.diversity_normalised, 3)
+        );
+        let _ = write!(
+            body,
+            "<tr><td>representativeness (mean distance to the {} nearest real latents)</td>{}{}</tr>",
+            q.neighbours,
+            number("representativeness", &m.wnid, q.representativeness, 3),
+            number("representativeness_normalised", &m.wnid, q.representativeness_normalised, 3)
+        );
+        let _ = write!(
+            body,
+            "<tr><td>real spread (mean distance between two real latents)</td>{}<td></td></tr></table>",
+            number("real_spread", &m.wnid, q.real_spread, 3)
+        );
+    }
+    body.push_str("<h2>Samples</h2>");
+    match sheet {
+        Some((width, height)) => body.push_str(&wrapped_sheet(m, width, height, assets)),
+        None => body.push_str("<p class=\"muted\">No contact sheet for this class (written only by the attempt that committed it, after its commit).</p>"),
+    }
+    if let Some(embedding) = &m.embedding {
+        let _ = write!(
+            body,
+            "<h2>Latent space</h2><p class=\"muted\">Real latents (grey), modes (red, numbered) and samples (blue; a line joins sample j to mode j) on the first two principal components of the class's real latents (PCA; the paper's figures use t-SNE), explaining {:.0} % and {:.0} % of their variance.</p>",
+            embedding.explained_variance[0] * 100.0,
+            embedding.explained_variance[1] * 100.0
+        );
+        body.push_str(&scatter(embedding));
+    }
+    body.push_str("<h2>Time</h2>");
+    body.push_str(&stage_table(&m.timings));
+    page(&format!("class {} — mgd3 job {}", m.wnid, records.job_id), &body)
+}
+
+/// The contact sheet (rows: real, modes, samples; column j) cut into tiles with CSS and wrapped
+/// [`COLUMNS`] to a row, each block labelled.
+fn wrapped_sheet(m: &ClassMarker, width: u32, height: u32, assets: &str) -> String {
+    let ipc = m.images.len().max(1);
+    let tile = ((f64::from(width) - GAP) / ipc as f64 - GAP).max(1.0);
+    let scale = SHOWN / tile;
+    let (w, h) = (f64::from(width) * scale, f64::from(height) * scale);
+    let url = format!("{assets}contact_sheets/{}.png", segment(&m.wnid));
+    let rows = [("real", m.real_images.min(ipc as u64) as usize), ("mode", ipc), ("sample", ipc)];
+    let mut html = String::new();
+    for start in (0..ipc).step_by(COLUMNS) {
+        let end = (start + COLUMNS).min(ipc);
+        let _ = write!(
+            html,
+            "<div class=\"block\" style=\"grid-template-columns:60px repeat({}, {SHOWN}px)\"><span></span>",
+            end - start
+        );
+        for j in start..end {
+            let _ = write!(html, "<span class=\"label\">j = {j}</span>");
+        }
+        for (r, (label, count)) in rows.iter().enumerate() {
+            let _ = write!(html, "<span class=\"label\">{label}</span>");
+            for j in start..end {
+                if j >= *count {
+                    html.push_str("<span></span>");
+                    continue;
+                }
+                let (x, y) = ((GAP + j as f64 * (tile + GAP)) * scale, (GAP + r as f64 * (tile + GAP)) * scale);
+                let _ = write!(
+                    html,
+                    "<span class=\"tile\" role=\"img\" aria-label=\"{label} {j}\" data-sheet=\"{url}\" style=\"width:{SHOWN}px;height:{SHOWN}px;background:url('{url}') -{x:.2}px -{y:.2}px / {w:.2}px {h:.2}px no-repeat\"></span>"
+                );
+            }
+        }
+        html.push_str("</div>");
+    }
+    html
+}
+
+/// An SVG scatter plot of an embedding, scaled to fit.
+fn scatter(e: &mgd3_common::manifest::Embedding) -> String {
+    const SIZE: f32 = 520.0;
+    const MARGIN: f32 = 24.0;
+    let all = e.real.iter().chain(&e.modes).chain(&e.samples);
+    let (mut lo, mut hi) = ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]);
+    for p in all {
+        for k in 0..2 {
+            lo[k] = lo[k].min(p[k]);
+            hi[k] = hi[k].max(p[k]);
+        }
+    }
+    let span = (0..2).map(|k| (hi[k] - lo[k]).max(f32::EPSILON)).fold(0.0f32, f32::max);
+    let at = |p: &[f32; 2]| {
+        let x = MARGIN + (p[0] - lo[0]) / span * (SIZE - 2.0 * MARGIN);
+        let y = SIZE - MARGIN - (p[1] - lo[1]) / span * (SIZE - 2.0 * MARGIN);
+        (x, y)
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SIZE}\" height=\"{SIZE}\" viewBox=\"0 0 {SIZE} {SIZE}\" role=\"img\" aria-label=\"latent space\" style=\"border:1px solid #ddd;background:#fff\">"
+    );
+    for p in &e.real {
+        let (x, y) = at(p);
+        let _ = write!(svg, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2.2\" fill=\"#bbb\"/>");
+    }
+    for (j, (mode, sample)) in e.modes.iter().zip(&e.samples).enumerate() {
+        let ((mx, my), (sx, sy)) = (at(mode), at(sample));
+        let _ = write!(
+            svg,
+            "<line x1=\"{mx:.1}\" y1=\"{my:.1}\" x2=\"{sx:.1}\" y2=\"{sy:.1}\" stroke=\"#8aa6d8\" stroke-width=\"1\"/>"
+        );
+        let _ = write!(
+            svg,
+            "<circle cx=\"{sx:.1}\" cy=\"{sy:.1}\" r=\"4\" fill=\"#2f64c8\"><title>sample {j}</title></circle>"
+        );
+        let _ = write!(
+            svg,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"8\" height=\"8\" fill=\"#d33\" transform=\"rotate(45 {mx:.1} {my:.1})\"><title>mode {j}</title></rect>",
+            mx - 4.0,
+            my - 4.0
+        );
+        let _ =
+            write!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"#a00\">{j}</text>", mx + 6.0, my - 4.0);
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_in_text_and_encoded_in_urls() {
+        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(segment("x%y"), "x%25y");
+        assert_eq!(segment("a b/é"), "a%20b%2F%C3%A9");
+        assert_eq!(segment("n01440764"), "n01440764");
+        assert_eq!(class_file(7), "00007.html");
+        assert_eq!(seconds(42.0), "42.0 s");
+        assert_eq!(seconds(200.0), "3 min 20 s");
+    }
+}
