@@ -17,6 +17,12 @@ if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/de
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
     || echo "note: Chromium could not be installed; the report's browser checks will be skipped"
 fi
+# PyTorch for scripts/evaluate.py's test (MGD3_REQUIRE_TORCH=1 in CI): the registry's build (a CUDA
+# one; it runs on CPU), pinned with scripts/requirements-eval.txt.
+if ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision" 2>/dev/null; }; then
+  python3 -m venv .venv-eval
+  .venv-eval/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-eval.txt
+fi
 if [[ -x .venv-test/bin/python ]] && .venv-test/bin/python -c "import moto.server" 2>/dev/null; then
   echo "moto already installed in .venv-test"
   exit 0

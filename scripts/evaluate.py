@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Evaluate distilled datasets the way the MGD3 paper does: train a network from scratch on each
+distilled ImageFolder, test it on a real validation ImageFolder, report mean +- std over the sets.
+
+Protocols (../docs in the repository: README "Evaluate"; the spec's section 5):
+
+  hard  (paper 5.2; IDC / MinimaxDiffusion train.py)  ImageNette, ImageWoof, ImageIDC, ImageNet-100.
+        ConvNet-6 (width 128) / ResNetAP-10 / ResNet-18, all with instance norm (GroupNorm with one
+        group per channel). Train: Resize -> CenterCrop -> RandomResizedCrop(scale 0.5-1) -> flip ->
+        ColorJitter(0.4, 0.4, 0.4) -> Lighting(0.1) -> ImageNet normalisation, CutMix with
+        probability 1 and beta 1. SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 64
+        (more than 100 classes: lr 0.1, weight decay 1e-4, batch 128), MultiStepLR at 2E/3 and 5E/6
+        with gamma 0.2, E = the code's ipc_epoch (IPC <= 10: 2000, <= 50: 1500, else 1000; x2/3
+        rounded down to 100s for 100 classes). The first IPC files per class in sorted order. Test:
+        Resize + CenterCrop. The number is the best top-1 over evaluations every E/100 epochs; the
+        training seed is 0 for every set, the sets differ (distil them with seeds 0, 1, 2).
+
+  soft  (paper 5.3; RDED)  ImageNet-1K. Student ResNet-18 (batch norm, torchvision), teacher given by
+        --teacher (a torchvision ResNet-18 state dict or whole model saved with torch.save).
+        Knowledge distillation at temperature 20 on teacher outputs computed for each augmented
+        batch (whole-image crops: RDED's multi-patch stitching is not applied), RandomResizedCrop
+        (scale 0.08-1), flip, CutMix (alpha 1); AdamW lr 1e-3, weight decay 0.01, cosine schedule,
+        300 epochs, batch 100 (IPC <= 10) or 200. The number is the top-1 after the last epoch.
+
+--quick (2 epochs) or --epochs N for smoke runs. Progress with an ETA goes to stderr; the result is
+printed and written as JSON with --out. Small grey images (the Fashion-MNIST demo) are read as RGB
+(three equal channels) at --size 32, and ConvNet's depth is capped so that at least 2x2 pixels
+remain (depth 4 at 32 px): say so when quoting such numbers.
+
+Examples:
+  python scripts/evaluate.py hard --net resnet_ap10 --val /data/imagenette/val \\
+      --train out/nette/jobs/nette-s0/dataset out/nette/jobs/nette-s1/dataset out/nette/jobs/nette-s2/dataset
+  python scripts/evaluate.py soft --teacher resnet18_imagenet.pth --val /data/imagenet/val \\
+      --train out/in1k/jobs/in1k-s0/dataset
+  python scripts/evaluate.py hard --net convnet6 --size 32 --quick --val data/fashion-mnist/test \\
+      --train out/fashion-mnist/jobs/*/dataset
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import datasets, models, transforms
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# AlexNet-style PCA lighting noise, ImageNet's eigenvalues and eigenvectors (as IDC uses them).
+EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+class Lighting:
+    """Adds PCA-based colour noise of standard deviation `alphastd` (IDC's Lighting(0.1))."""
+
+    def __init__(self, alphastd):
+        self.alphastd = alphastd
+
+    def __call__(self, img):
+        if self.alphastd == 0:
+            return img
+        alpha = img.new_empty(3).normal_(0, self.alphastd)
+        rgb = (EIGVEC * alpha.view(1, 3) * EIGVAL.view(1, 3)).sum(1)
+        return img + rgb.view(3, 1, 1)
+
+
+def instance_norm(channels):
+    return nn.GroupNorm(channels, channels, affine=True)
+
+
+class ConvNet(nn.Module):
+    """IDC's ConvNet: depth x (conv3x3 width -> instance norm -> ReLU -> 2x2 average pool) -> linear."""
+
+    def __init__(self, classes, size, depth=6, width=128):
+        super().__init__()
+        layers, channels = [], 3
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), instance_norm(width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            channels = width
+            size //= 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * size * size, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class BlockAP(nn.Module):
+    """A basic residual block that downsamples by average pooling instead of a strided conv."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.n1 = instance_norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.n2 = instance_norm(cout)
+        self.pool = nn.AvgPool2d(2) if stride == 2 else nn.Identity()
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, bias=False), instance_norm(cout), nn.AvgPool2d(2) if stride == 2 else nn.Identity()
+            )
+
+    def forward(self, x):
+        out = F.relu(self.n1(self.conv1(x)))
+        out = self.pool(out)
+        out = self.n2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetAP10(nn.Module):
+    """IDC's ResNetAP-10: four stages of one BlockAP each (64, 128, 256, 512 channels)."""
+
+    def __init__(self, classes, size):
+        super().__init__()
+        stem = [nn.Conv2d(3, 64, 3, padding=1, bias=False), instance_norm(64), nn.ReLU(inplace=True)]
+        if size >= 128:  # ImageNet resolution: 7x7 conv and 2x2 pooling twice, as IDC's ImageNet stem
+            stem = [nn.Conv2d(3, 64, 7, padding=3, bias=False), instance_norm(64), nn.ReLU(inplace=True),
+                    nn.AvgPool2d(2), nn.AvgPool2d(2)]
+        self.stem = nn.Sequential(*stem)
+        stages, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            stages.append(BlockAP(cin, cout, stride))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def network(name, classes, size, norm="instance"):
+    if name == "convnet6":
+        depth = 6
+        while depth > 1 and size // (2 ** depth) < 2:
+            depth -= 1
+        if depth < 6:
+            print(f"note: ConvNet depth {depth} instead of 6 at {size} px", file=sys.stderr)
+        return ConvNet(classes, size, depth=depth)
+    if name == "resnet_ap10":
+        return ResNetAP10(classes, size)
+    if name == "resnet18":
+        norm_layer = instance_norm if norm == "instance" else nn.BatchNorm2d
+        return models.resnet18(num_classes=classes, norm_layer=norm_layer)
+    raise SystemExit(f"unknown network `{name}`: use convnet6, resnet_ap10 or resnet18")
+
+
+def ipc_epoch(ipc, classes):
+    """The code's epoch budget (IDC / MinimaxDiffusion argument.py)."""
+    epochs = 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
+    if classes == 100:
+        epochs = int(epochs * 2 / 3) // 100 * 100
+    return epochs
+
+
+def first_per_class(folder, ipc):
+    """Keeps the first `ipc` files of each class in sorted order (IDC's `slct_type random`)."""
+    kept, counts = [], {}
+    for path, label in sorted(folder.samples):
+        if counts.get(label, 0) < ipc:
+            kept.append((path, label))
+            counts[label] = counts.get(label, 0) + 1
+    folder.samples = folder.imgs = kept
+    folder.targets = [label for _, label in kept]
+    return folder
+
+
+class InMemory(torch.utils.data.Dataset):
+    """The training images decoded once and held in memory (IDC holds them too); the transform
+    runs per epoch."""
+
+    def __init__(self, folder, transform):
+        self.items = [(folder.loader(path).convert("RGB"), label) for path, label in folder.samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, label = self.items[i]
+        return self.transform(image), label
+
+
+def cutmix(x, beta, generator):
+    """Pastes a box of a shuffled batch into `x`; returns (images, permutation, weight of x)."""
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(beta, beta))
+    index = torch.randperm(x.size(0), generator=generator)
+    h, w = x.size(2), x.size(3)
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(torch.randint(0, h, (1,), generator=generator)), int(torch.randint(0, w, (1,), generator=generator))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[index, :, y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return x, index, lam
+
+
+def evaluate(model, loader, device):
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x.to(device))
+            correct += (out.argmax(1).cpu() == y).sum().item()
+            total += y.numel()
+    model.train()
+    return 100.0 * correct / max(total, 1)
+
+
+class Progress:
+    """A line to stderr at most every few seconds, with an ETA from the epochs done so far."""
+
+    def __init__(self, label, epochs):
+        self.label, self.epochs, self.started, self.shown = label, epochs, time.time(), 0.0
+
+    def __call__(self, epoch, loss, note="", force=False):
+        now = time.time()
+        if not force and now - self.shown < 5:
+            return
+        self.shown = now
+        done = epoch + 1
+        eta = (now - self.started) / done * (self.epochs - done)
+        print(f"{self.label}: epoch {done}/{self.epochs}, loss {loss:.3f}{note}, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+
+def seeded(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def loaders(args, train_dir, size):
+    train_folder = datasets.ImageFolder(train_dir)
+    val = datasets.ImageFolder(args.val, transform=transforms.Compose([
+        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    if train_folder.classes != val.classes:
+        missing = sorted(set(train_folder.classes) ^ set(val.classes))
+        raise SystemExit(f"{train_dir} and {args.val} name different classes (e.g. {missing[:5]}): "
+                         "the validation folder must hold exactly the distilled classes")
+    if args.val_limit:
+        val.samples = val.samples[:: max(1, len(val.samples) // args.val_limit)]
+    return train_folder, val
+
+
+def run_hard(args, train_dir, device):
+    size = args.size
+    train_transform = transforms.Compose([
+        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(0.4, 0.4, 0.4), Lighting(0.1), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    folder, val = loaders(args, train_dir, size)
+    classes = len(folder.classes)
+    counts = np.bincount(folder.targets, minlength=classes)
+    ipc = args.ipc or int(counts.min())
+    first_per_class(folder, ipc)
+    epochs = args.epochs or (2 if args.quick else ipc_epoch(ipc, classes))
+    generator = seeded(args.train_seed)
+    many = classes > 100
+    batch = 128 if many else 64
+    data = torch.utils.data.DataLoader(InMemory(folder, train_transform), batch_size=batch, shuffle=True,
+                                       generator=generator, num_workers=0, drop_last=False)
+    test = torch.utils.data.DataLoader(val, batch_size=256, shuffle=False, num_workers=args.workers)
+    model = network(args.net, classes, size, args.norm).to(device)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1 if many else 0.01, momentum=0.9,
+                                weight_decay=1e-4 if many else 5e-4)
+    milestones = [2 * epochs // 3, 5 * epochs // 6]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=milestones, gamma=0.2)
+    every = max(1, epochs // 100)
+    best, evaluations = 0.0, []
+    progress = Progress(os.path.basename(os.path.dirname(train_dir.rstrip("/"))) or train_dir, epochs)
+    for epoch in range(epochs):
+        total = 0.0
+        for x, y in data:
+            x, y = x.to(device), y.to(device)
+            mixed, index, lam = cutmix(x, 1.0, generator)
+            out = model(mixed)
+            loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[index.to(device)])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item()
+        schedule.step()
+        last = epoch + 1 == epochs
+        if (epoch + 1) % every == 0 or last:
+            top1 = evaluate(model, test, device)
+            best = max(best, top1)
+            evaluations.append({"epoch": epoch + 1, "top1": top1})
+            progress(epoch, total / max(len(data), 1), f", top-1 {top1:.2f} (best {best:.2f})", force=last)
+        else:
+            progress(epoch, total / max(len(data), 1))
+    if args.save_model:
+        torch.save(model.state_dict(), args.save_model)
+    return {"train": train_dir, "ipc": ipc, "classes": classes, "epochs": epochs, "top1": best,
+            "evaluations": evaluations}
+
+
+def run_soft(args, train_dir, device):
+    size = args.size
+    if not args.teacher:
+        raise SystemExit("the soft-label protocol needs --teacher: a ResNet-18 checkpoint trained on the full data")
+    train_transform = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    folder, val = loaders(args, train_dir, size)
+    classes = len(folder.classes)
+    counts = np.bincount(folder.targets, minlength=classes)
+    ipc = args.ipc or int(counts.min())
+    first_per_class(folder, ipc)
+    epochs = args.epochs or (2 if args.quick else 300)
+    generator = seeded(args.train_seed)
+    teacher = models.resnet18(num_classes=classes)
+    loaded = torch.load(args.teacher, map_location="cpu", weights_only=False)
+    if isinstance(loaded, nn.Module):
+        teacher = loaded
+    else:
+        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+        teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    teacher.to(device).eval()
+    student = models.resnet18(num_classes=classes).to(device)
+    batch = 100 if ipc <= 10 else 200
+    data = torch.utils.data.DataLoader(InMemory(folder, train_transform), batch_size=batch, shuffle=True,
+                                       generator=generator, num_workers=0)
+    test = torch.utils.data.DataLoader(val, batch_size=256, shuffle=False, num_workers=args.workers)
+    optimiser = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
+    temperature = 20.0
+    progress = Progress(os.path.basename(os.path.dirname(train_dir.rstrip("/"))) or train_dir, epochs)
+    for epoch in range(epochs):
+        total = 0.0
+        for x, _ in data:
+            x = x.to(device)
+            mixed, _, _ = cutmix(x, 1.0, generator)
+            with torch.no_grad():
+                soft = F.softmax(teacher(mixed) / temperature, dim=1)
+            out = F.log_softmax(student(mixed) / temperature, dim=1)
+            loss = F.kl_div(out, soft, reduction="batchmean") * temperature * temperature
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item()
+        schedule.step()
+        progress(epoch, total / max(len(data), 1), force=epoch + 1 == epochs)
+    top1 = evaluate(student, test, device)
+    print(f"top-1 {top1:.2f}", file=sys.stderr)
+    return {"train": train_dir, "ipc": ipc, "classes": classes, "epochs": epochs, "top1": top1}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("protocol", choices=["hard", "soft"], help="hard labels (5.2) or soft labels with a teacher (5.3)")
+    parser.add_argument("--train", nargs="+", required=True, help="distilled ImageFolders (one per seed)")
+    parser.add_argument("--val", required=True, help="real validation ImageFolder with the same class folders")
+    parser.add_argument("--net", default="resnet_ap10", help="convnet6, resnet_ap10 or resnet18 (hard protocol)")
+    parser.add_argument("--norm", choices=["instance", "batch"], default="instance",
+                        help="ResNet-18's norm layers in the hard protocol (instance, as IDC; batch to train a teacher)")
+    parser.add_argument("--teacher", help="ResNet-18 checkpoint (soft protocol)")
+    parser.add_argument("--size", type=int, default=224, help="input size in pixels (224 for ImageNet)")
+    parser.add_argument("--ipc", type=int, help="images per class to use (default: all the folders hold)")
+    parser.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    parser.add_argument("--quick", action="store_true", help="2 epochs: a smoke run")
+    parser.add_argument("--train-seed", type=int, default=0, help="the training seed (0 in the paper)")
+    parser.add_argument("--val-limit", type=int, help="test on about this many validation images (smoke runs)")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes for the validation set")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--save-model", help="save the (last) trained model's state dict here")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    for path in args.train + [args.val]:
+        if not os.path.isdir(path):
+            raise SystemExit(f"`{path}` is not a folder: give ImageFolder roots (one sub-folder per class)")
+    runs = []
+    for train_dir in args.train:
+        run = run_hard(args, train_dir, device) if args.protocol == "hard" else run_soft(args, train_dir, device)
+        runs.append(run)
+    tops = [r["top1"] for r in runs]
+    result = {
+        "protocol": args.protocol,
+        "network": args.net if args.protocol == "hard" else "resnet18",
+        "size": args.size,
+        "device": str(device),
+        "train_seed": args.train_seed,
+        "runs": runs,
+        "top1_mean": statistics.fmean(tops),
+        "top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0,
+    }
+    print(f"top-1 {result['top1_mean']:.2f} ± {result['top1_std']:.2f} over {len(tops)} set(s) "
+          f"({result['protocol']} labels, {result['network']}, {runs[0]['epochs']} epochs)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

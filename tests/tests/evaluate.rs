@@ -1,0 +1,102 @@
+//! `scripts/evaluate.py`, the paper's evaluation protocols, proved on a tiny configuration: a real
+//! distillation with the tiny models, trained on and tested against the real images (IPC 4,
+//! 32 px, 2 epochs). It needs PyTorch in `.venv-eval` (`scripts/setup_test_servers.sh`); without it
+//! the test is skipped with a note, unless `MGD3_REQUIRE_TORCH=1` (CI).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("MGD3_EVAL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-eval/bin/python"));
+    let ready = python.exists()
+        && Command::new(&python).args(["-c", "import torch, torchvision"]).status().is_ok_and(|s| s.success());
+    if !ready {
+        assert!(
+            std::env::var("MGD3_REQUIRE_TORCH").as_deref() != Ok("1"),
+            "PyTorch is not installed at {}: run scripts/setup_test_servers.sh",
+            python.display()
+        );
+        eprintln!("note: skipping the evaluation test: no PyTorch in .venv-eval (scripts/setup_test_servers.sh)");
+        return None;
+    }
+    Some(python)
+}
+
+fn evaluate(python: &Path, args: &[&str]) -> (serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("result.json");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args(args)
+        .args(["--size", "32", "--epochs", "2", "--threads", "1", "--device", "cpu", "--out", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "evaluate.py {args:?} failed:\n{stderr}");
+    (serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap(), stderr)
+}
+
+#[test]
+fn both_protocols_train_on_a_distilled_set_and_report_deterministic_numbers() {
+    let Some(python) = python() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 3, 6);
+    let out = scratch.path().join("out");
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 5, "")).unwrap();
+    run_locally(&spec_path, &[]);
+    let job = std::fs::read_dir(out.join("jobs")).unwrap().next().unwrap().unwrap().path();
+    let train = job.join("dataset").display().to_string();
+    let val = data.display().to_string();
+
+    // Hard labels: ConvNet (depth capped at 32 px, said), evaluated every epoch (E/100 < 1).
+    let args = ["hard", "--net", "convnet6", "--train", &train, "--val", &val];
+    let (hard, stderr) = evaluate(&python, &args);
+    assert!(stderr.contains("ConvNet depth 4 instead of 6 at 32 px"), "{stderr}");
+    assert!(stderr.contains("epoch 2/2") && stderr.contains("ETA"), "progress with an ETA: {stderr}");
+    assert_eq!(hard["protocol"], "hard");
+    let run = &hard["runs"][0];
+    assert_eq!((run["ipc"].as_u64(), run["classes"].as_u64(), run["epochs"].as_u64()), (Some(4), Some(3), Some(2)));
+    assert_eq!(run["evaluations"].as_array().unwrap().len(), 2);
+    let top1 = hard["top1_mean"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&top1));
+    let best = run["evaluations"].as_array().unwrap().iter().map(|e| e["top1"].as_f64().unwrap()).fold(0.0, f64::max);
+    assert_eq!(run["top1"].as_f64().unwrap(), best, "the best evaluation is the number");
+    // Deterministic: the same command gives the same numbers.
+    let (again, _) = evaluate(&python, &args);
+    assert_eq!(again["runs"][0]["evaluations"], run["evaluations"]);
+    // Several sets: mean and standard deviation over them.
+    let (two, _) = evaluate(&python, &["hard", "--net", "resnet_ap10", "--train", &train, &train, "--val", &val]);
+    assert_eq!(two["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(two["top1_std"].as_f64(), Some(0.0), "the same set twice, the same training seed");
+
+    // Soft labels: a ResNet-18 teacher trained on the real images, then KD at temperature 20.
+    let teacher = scratch.path().join("teacher.pth");
+    let (_, _) = evaluate(
+        &python,
+        &["hard", "--net", "resnet18", "--norm", "batch", "--train", &val, "--val", &val, "--save-model", teacher.to_str().unwrap()],
+    );
+    let (soft, _) = evaluate(&python, &["soft", "--teacher", teacher.to_str().unwrap(), "--train", &train, "--val", &val]);
+    assert_eq!((soft["protocol"].as_str(), soft["network"].as_str()), (Some("soft"), Some("resnet18")));
+    assert!(soft["top1_mean"].as_f64().is_some_and(|t| (0.0..=100.0).contains(&t)));
+
+    // A validation folder with other classes is refused, naming both.
+    let other = scratch.path().join("other");
+    dataset(&other, 2, 2);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args(["hard", "--train", &train, "--val", other.to_str().unwrap(), "--quick", "--size", "32"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("name different classes"), "{text}");
+}
