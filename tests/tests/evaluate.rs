@@ -82,9 +82,22 @@ fn both_protocols_train_on_a_distilled_set_and_report_deterministic_numbers() {
     let teacher = scratch.path().join("teacher.pth");
     let (_, _) = evaluate(
         &python,
-        &["hard", "--net", "resnet18", "--norm", "batch", "--train", &val, "--val", &val, "--save-model", teacher.to_str().unwrap()],
+        &[
+            "hard",
+            "--net",
+            "resnet18",
+            "--norm",
+            "batch",
+            "--train",
+            &val,
+            "--val",
+            &val,
+            "--save-model",
+            teacher.to_str().unwrap(),
+        ],
     );
-    let (soft, _) = evaluate(&python, &["soft", "--teacher", teacher.to_str().unwrap(), "--train", &train, "--val", &val]);
+    let (soft, _) =
+        evaluate(&python, &["soft", "--teacher", teacher.to_str().unwrap(), "--train", &train, "--val", &val]);
     assert_eq!((soft["protocol"].as_str(), soft["network"].as_str()), (Some("soft"), Some("resnet18")));
     assert!(soft["top1_mean"].as_f64().is_some_and(|t| (0.0..=100.0).contains(&t)));
 
