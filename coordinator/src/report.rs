@@ -674,4 +674,68 @@ mod tests {
         assert_eq!(seconds(42.0), "42.0 s");
         assert_eq!(seconds(200.0), "3 min 20 s");
     }
+
+    /// A report of ImageNet-1K's size stays light: one page per class, an index of numbers and
+    /// lazy thumbnails only, one overview.
+    #[tokio::test]
+    async fn a_thousand_classes_make_a_light_index_and_a_page_each() {
+        use mgd3_common::manifest::{ClassQuality, Embedding, FileDigest};
+        let dir = mgd3_common::store::open("memory://report-scale/out/jobs/big").unwrap();
+        let digest = |name: &str| FileDigest { name: name.into(), sha256: String::new(), bytes: 0 };
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(8, 8, image::Rgb([9, 99, 199])).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let png = png.into_inner();
+        for i in 0..1000u64 {
+            let wnid = format!("n{i:08}");
+            let marker = ClassMarker {
+                schema_version: 1,
+                job_id: "big".into(),
+                fingerprint: "sha256:f".into(),
+                attempt_id: "a".into(),
+                worker_id: format!("w{}", i % 7),
+                wnid: wnid.clone(),
+                label: i as i64,
+                class_index: i,
+                images: (0..10).map(|j| digest(&format!("{j}.png"))).collect(),
+                modes: digest("modes.npy"),
+                real_images: 1300,
+                timings: StageSeconds::default(),
+                committed_unix_ms: 0,
+                latent_cache_hit: i % 2 == 0,
+                skipped: Default::default(),
+                quality: Some(ClassQuality {
+                    diversity: 1.0,
+                    representativeness: 2.0,
+                    neighbours: 50,
+                    real_spread: 4.0,
+                    diversity_normalised: 0.25,
+                    representativeness_normalised: 0.5,
+                }),
+                embedding: Some(Embedding {
+                    method: "pca".into(),
+                    explained_variance: [0.3, 0.1],
+                    real: vec![[0.0, 1.0]; 300],
+                    modes: vec![[1.0, 0.0]; 10],
+                    samples: vec![[1.0, 1.0]; 10],
+                }),
+            };
+            let bytes = serde_json::to_vec(&marker).unwrap();
+            dir.store.put(&dir.key(&format!("shards/{wnid}.json")), bytes.into()).await.unwrap();
+            dir.store.put(&dir.key(&format!("dataset/{wnid}/0.png")), png.clone().into()).await.unwrap();
+        }
+        let target = dir.child("report");
+        let summary = write_report(&dir, "big", &target, false).await.unwrap();
+        assert_eq!(summary.classes, 1000);
+        let index = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("index.html")).await.unwrap();
+        let index = String::from_utf8(index.to_vec()).unwrap();
+        assert!(index.len() < 1_000_000, "index of {} bytes", index.len());
+        assert_eq!(index.matches("loading=\"lazy\"").count(), 1000);
+        assert!(index.contains("id=\"cache_hits\" data-value=\"500\""));
+        assert!(index.contains("Not recorded here"), "no state.json: said, not invented");
+        let page = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("classes/00999.html")).await.unwrap();
+        assert!(String::from_utf8_lossy(&page).contains("n00000999"));
+        let overview = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("overview.png")).await.unwrap();
+        let overview = image::load_from_memory(&overview).unwrap();
+        assert_eq!((overview.width(), overview.height()), (32 * 66 + 2, 32 * 66 + 2), "a 32 × 32 grid of 64 px tiles");
+    }
 }
