@@ -378,6 +378,9 @@ pub struct RunArgs {
     /// Worker heartbeat (poll) interval of the embedded coordinator, in ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
+    /// Do not write the job's HTML report (`<output>/jobs/<job>/report/index.html`) when it succeeds.
+    #[arg(long)]
+    pub no_report: bool,
     /// How progress is shown.
     #[command(flatten)]
     pub progress: ProgressArgs,
@@ -833,5 +836,18 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let status = outcome?;
     exit_for(&status, &url)?;
     println!("dataset: {}/dataset", status.output);
+    if !args.no_report {
+        // The report is for looking at; a failure to write it leaves the job as it is.
+        let written = match mgd3_common::store::open(&status.output) {
+            Ok(dir) => crate::report::write_report(&dir, &status.job_id, &dir.child("report"), false)
+                .await
+                .map_err(|e| mgd3_common::error_chain(&e)),
+            Err(e) => Err(mgd3_common::error_chain(&e)),
+        };
+        match written {
+            Ok(summary) => println!("report: {}", summary.index),
+            Err(error) => tracing::warn!(%error, "no report written; `coordinator report` tries again"),
+        }
+    }
     Ok(())
 }

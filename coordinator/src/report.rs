@@ -683,7 +683,9 @@ mod tests {
         let dir = mgd3_common::store::open("memory://report-scale/out/jobs/big").unwrap();
         let digest = |name: &str| FileDigest { name: name.into(), sha256: String::new(), bytes: 0 };
         let mut png = std::io::Cursor::new(Vec::new());
-        image::RgbImage::from_pixel(8, 8, image::Rgb([9, 99, 199])).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        image::RgbImage::from_pixel(8, 8, image::Rgb([9, 99, 199]))
+            .write_to(&mut png, image::ImageFormat::Png)
+            .unwrap();
         let png = png.into_inner();
         for i in 0..1000u64 {
             let wnid = format!("n{i:08}");
@@ -732,7 +734,8 @@ mod tests {
         assert_eq!(index.matches("loading=\"lazy\"").count(), 1000);
         assert!(index.contains("id=\"cache_hits\" data-value=\"500\""));
         assert!(index.contains("Not recorded here"), "no state.json: said, not invented");
-        let page = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("classes/00999.html")).await.unwrap();
+        let page =
+            mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("classes/00999.html")).await.unwrap();
         assert!(String::from_utf8_lossy(&page).contains("n00000999"));
         let overview = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("overview.png")).await.unwrap();
         let overview = image::load_from_memory(&overview).unwrap();

@@ -94,6 +94,7 @@ fn the_report_renders_in_a_browser_with_the_manifests_numbers() {
     let (dir, job) = distilled(scratch.path());
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert!(dir.join("report/index.html").is_file(), "`coordinator run` writes the report of a job that succeeded");
     let dir_arg = dir.display().to_string();
     let out = coordinator(&["report", &job, "--job-dir", &dir_arg]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
