@@ -2,7 +2,7 @@
 """Evaluate distilled datasets the way the MGD3 paper does: train a network from scratch on each
 distilled ImageFolder, test it on a real validation ImageFolder, report mean +- std over the sets.
 
-Protocols (../docs in the repository: README "Evaluate"; the spec's section 5):
+Protocols (README, "Look and judge: report, evaluation, FID"):
 
   hard  (paper 5.2; IDC / MinimaxDiffusion train.py)  ImageNette, ImageWoof, ImageIDC, ImageNet-100.
         ConvNet-6 (width 128) / ResNetAP-10 / ResNet-18, all with instance norm (GroupNorm with one
@@ -243,6 +243,14 @@ def seeded(seed):
     return generator
 
 
+def checked_ipc(args, train_dir, folder, counts):
+    """The IPC to train with: --ipc, or the smallest class; never more images than a class has."""
+    if args.ipc and args.ipc > counts.min():
+        short = folder.classes[int(counts.argmin())]
+        raise SystemExit(f"--ipc {args.ipc}: class `{short}` of `{train_dir}` has only {int(counts.min())} image(s)")
+    return args.ipc or int(counts.min())
+
+
 def loaders(args, train_dir, size):
     train_folder = datasets.ImageFolder(train_dir)
     val = datasets.ImageFolder(args.val, transform=transforms.Compose([
@@ -266,7 +274,7 @@ def run_hard(args, train_dir, device):
     folder, val = loaders(args, train_dir, size)
     classes = len(folder.classes)
     counts = np.bincount(folder.targets, minlength=classes)
-    ipc = args.ipc or int(counts.min())
+    ipc = checked_ipc(args, train_dir, folder, counts)
     first_per_class(folder, ipc)
     epochs = args.epochs or (2 if args.quick else ipc_epoch(ipc, classes))
     generator = seeded(args.train_seed)
@@ -306,7 +314,7 @@ def run_hard(args, train_dir, device):
     if args.save_model:
         torch.save(model.state_dict(), args.save_model)
     return {"train": train_dir, "ipc": ipc, "classes": classes, "epochs": epochs, "top1": best,
-            "evaluations": evaluations}
+            "val_images": len(val), "evaluations": evaluations}
 
 
 def run_soft(args, train_dir, device):
@@ -319,17 +327,21 @@ def run_soft(args, train_dir, device):
     folder, val = loaders(args, train_dir, size)
     classes = len(folder.classes)
     counts = np.bincount(folder.targets, minlength=classes)
-    ipc = args.ipc or int(counts.min())
+    ipc = checked_ipc(args, train_dir, folder, counts)
     first_per_class(folder, ipc)
     epochs = args.epochs or (2 if args.quick else 300)
     generator = seeded(args.train_seed)
     teacher = models.resnet18(num_classes=classes)
-    loaded = torch.load(args.teacher, map_location="cpu", weights_only=False)
-    if isinstance(loaded, nn.Module):
-        teacher = loaded
-    else:
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-        teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    try:
+        loaded = torch.load(args.teacher, map_location="cpu", weights_only=False)
+        if isinstance(loaded, nn.Module):
+            teacher = loaded
+        else:
+            state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+            teacher.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    except Exception as error:  # a file that is no ResNet-18 checkpoint, whatever torch says
+        raise SystemExit(f"--teacher `{args.teacher}` is not a ResNet-18 checkpoint of {classes} classes "
+                         f"(a state dict or a model saved with torch.save): {str(error).splitlines()[0]}")
     teacher.to(device).eval()
     student = models.resnet18(num_classes=classes).to(device)
     batch = 100 if ipc <= 10 else 200
@@ -357,7 +369,8 @@ def run_soft(args, train_dir, device):
         progress(epoch, total / max(len(data), 1), force=epoch + 1 == epochs)
     top1 = evaluate(student, test, device)
     print(f"top-1 {top1:.2f}", file=sys.stderr)
-    return {"train": train_dir, "ipc": ipc, "classes": classes, "epochs": epochs, "top1": top1}
+    return {"train": train_dir, "ipc": ipc, "classes": classes, "epochs": epochs, "top1": top1,
+            "val_images": len(val)}
 
 
 def main():
@@ -386,9 +399,14 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    for path in args.train + [args.val]:
-        if not os.path.isdir(path):
-            raise SystemExit(f"`{path}` is not a folder: give ImageFolder roots (one sub-folder per class)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this PyTorch sees no CUDA GPU (use --device cpu, or auto)")
+    for flag, paths in (("--train", args.train), ("--val", [args.val])):
+        for path in paths:
+            if not os.path.isdir(path):
+                raise SystemExit(f"{flag} `{path}` is not a folder: give ImageFolder roots (one sub-folder per class)")
+            if os.path.isdir(os.path.join(path, "dataset")) and os.path.isdir(os.path.join(path, "shards")):
+                raise SystemExit(f"{flag} `{path}` is an mgd3 job folder: give its ImageFolder, `{os.path.join(path, 'dataset')}`")
     runs = []
     for train_dir in args.train:
         run = run_hard(args, train_dir, device) if args.protocol == "hard" else run_soft(args, train_dir, device)
@@ -401,10 +419,13 @@ def main():
         "device": str(device),
         "train_seed": args.train_seed,
         "runs": runs,
+        "val": args.val,
+        "val_images": runs[0]["val_images"],
         "top1_mean": statistics.fmean(tops),
-        "top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0,
+        "top1_std": statistics.stdev(tops) if len(tops) > 1 else None,
     }
-    print(f"top-1 {result['top1_mean']:.2f} ± {result['top1_std']:.2f} over {len(tops)} set(s) "
+    spread = f"± {result['top1_std']:.2f}" if result["top1_std"] is not None else "(one set: no spread)"
+    print(f"top-1 {result['top1_mean']:.2f} {spread} over {len(tops)} set(s) "
           f"({result['protocol']} labels, {result['network']}, {runs[0]['epochs']} epochs)")
     if args.out:
         with open(args.out, "w") as f:

@@ -145,6 +145,16 @@ fn url_prefix(url: &str, parsed: &Url) -> Result<Path, StoreError> {
 /// folder cannot be created.
 pub fn open(url: &str) -> Result<Location, StoreError> {
     let bad = |problem: &str| StoreError::BadUrl { url: url.to_owned(), problem: problem.to_owned() };
+    // `s3:/bucket` (one slash) would otherwise become a local folder named `s3:`.
+    if let Some((scheme, rest)) = url.split_once(":/")
+        && !is_url(url)
+        && ["s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "file", "memory"].contains(&scheme)
+    {
+        return Err(bad(&format!(
+            "a URL needs two slashes after the scheme: write `{scheme}://{}`",
+            rest.trim_start_matches('/')
+        )));
+    }
     if !is_url(url) {
         // The location's URL is absolute: it is written into job records that other processes,
         // started in other folders, read.
@@ -190,6 +200,9 @@ pub enum StoreProblem {
         /// `ExpiredToken`, `AuthorizationFailure`, …).
         code: String,
     },
+    /// The store's endpoint did not answer (connection refused, reset or timed out) for as long as
+    /// calls are retried.
+    Unreachable,
     /// No credentials could be found or made (see [`crate::aws::CredentialsError`]).
     Credentials {
         /// The credential chain's own sentence, with its causes.
@@ -216,6 +229,16 @@ impl StoreProblem {
         while let Some(e) = cause {
             if let Some(credentials) = e.downcast_ref::<crate::aws::CredentialsError>() {
                 return Some(Self::Credentials { message: crate::error_chain(credentials) });
+            }
+            let unreachable = [
+                std::io::ErrorKind::ConnectionRefused,
+                std::io::ErrorKind::ConnectionReset,
+                std::io::ErrorKind::TimedOut,
+                std::io::ErrorKind::HostUnreachable,
+                std::io::ErrorKind::NetworkUnreachable,
+            ];
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| unreachable.contains(&io.kind())) {
+                return Some(Self::Unreachable);
             }
             cause = e.source();
         }
@@ -253,6 +276,11 @@ impl std::fmt::Display for StoreProblem {
                 f,
                 "the store refused the credentials in use ({code}; AWS profile `{}`): check AWS_PROFILE or the keys, that they have not expired, and the bucket's policy",
                 crate::aws::profile_name()
+            ),
+            Self::Unreachable => write!(
+                f,
+                "the store's endpoint did not answer (connection refused, reset or timed out) for {} s of retries: check the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url for S3-compatible servers) and the network",
+                STORE_RETRY_TIMEOUT.as_secs()
             ),
             Self::Credentials { message } => f.write_str(message),
         }
@@ -542,6 +570,9 @@ mod tests {
         assert_eq!(resolve("/abs", base), "/abs");
         assert_eq!(resolve("../x/./y", base), "/x/y");
         assert!(matches!(open("bogus://x/y"), Err(StoreError::BadUrl { .. })));
+        // One slash is a typo, not a local folder named `s3:`.
+        let typo = open("s3:/bucket/state").unwrap_err().to_string();
+        assert!(typo.contains("write `s3://bucket/state`"), "{typo}");
         let s3 = open("s3://bucket/some/prefix").unwrap();
         assert_eq!(s3.key("jobs/a").as_ref(), "some/prefix/jobs/a");
         assert!(open("s3:///no-bucket").is_err());
@@ -597,6 +628,12 @@ mod tests {
             "the coordinator lock `coordinator.lock`: the bucket `runs` does not exist: create it \
              (e.g. `aws s3 mb s3://runs`) or correct the bucket name in the URL"
         );
+        let refused = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused")),
+        };
+        assert_eq!(StoreProblem::of(&refused), Some(StoreProblem::Unreachable));
+        assert!(StoreProblem::Unreachable.to_string().contains("AWS_ENDPOINT_URL"));
         let other = answered("500 Internal Server Error", "boom");
         let expected = format!("the coordinator lock `coordinator.lock`: {other}");
         assert_eq!(crate::error_chain(&Lock(other)), expected);

@@ -3,7 +3,7 @@
 //! INFO, ONNX Runtime's own chatter — arena extensions, graph transformers — at WARN; set
 //! `RUST_LOG=info,ort=info` to see it; the AWS SDK's credential chain, which warns about every
 //! provider it tried before the one that answered, at ERROR: what failed in the end reaches the
-//! person as the store error).
+//! person as the store error; object_store's line per retry at WARN).
 //!
 //! Log lines go to stderr one event per write, through an optional [`StderrGate`]: while a
 //! terminal progress bar is drawn, the CLI installs one that clears the bar, writes the line and
@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use tracing_subscriber::EnvFilter;
 
 /// The filter when `RUST_LOG` is unset.
-pub const DEFAULT_FILTER: &str = "info,ort=warn,aws_config=error,aws_smithy_runtime=error";
+pub const DEFAULT_FILTER: &str = "info,ort=warn,aws_config=error,aws_smithy_runtime=error,object_store=warn";
 
 /// Runs a write to stderr at a moment it cannot tear what else is on the terminal (a progress
 /// bar's `suspend`).

@@ -74,7 +74,7 @@ pub enum Command {
         coordinator report JOB --job-dir out/fashion-mnist/jobs/JOB   # offline, no coordinator")]
     Report(ReportArgs),
     /// Export a job's distilled images as the .npz of DiT's sample_ddp.py (`arr_0`, uint8
-    /// [N,H,W,3] RGB, class by class in the job's order), the input of the ADM evaluation suite
+    /// `[N,H,W,3]` RGB, class by class in the job's order), the input of the ADM evaluation suite
     /// (FID, sFID, IS, precision, recall).
     #[command(after_help = "Example:\n  \
         coordinator export JOB --npz samples.npz\n  \
@@ -102,9 +102,19 @@ impl JobDirArgs {
             Some(dir) => dir.clone(),
             None => {
                 let mut client = self.connection.client()?;
-                job_status(&mut client, &self.connection.coordinator, &self.job).await?.output
+                job_status(&mut client, &self.connection.coordinator, &self.job).await.with_context(|| {
+                    format!(
+                        "asking the coordinator where job `{}` is; without a coordinator, pass the folder: --job-dir <output>/jobs/{}",
+                        self.job, self.job
+                    )
+                })?.output
             }
         };
+        // Opening a local store creates its folder: a mistyped folder must not be made.
+        let local = url.strip_prefix("file://").unwrap_or(&url);
+        if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
+            return Err(crate::report::ReportError::NoFolder { url }.into());
+        }
         Ok(mgd3_common::store::open(&url)?)
     }
 }

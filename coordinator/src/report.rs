@@ -56,6 +56,26 @@ pub enum ReportError {
         #[source]
         source: serde_json::Error,
     },
+    /// The folder holds commit markers of another job only.
+    #[error(
+        "`{url}` is the output folder of job `{found}`, not of `{job}`: give that job id, or the folder `<output>/jobs/{job}`"
+    )]
+    OtherJob {
+        /// The job folder.
+        url: String,
+        /// The job id asked for.
+        job: String,
+        /// The job whose markers it holds.
+        found: String,
+    },
+    /// The local folder does not exist.
+    #[error(
+        "`{url}` does not exist: give the job's output folder `<output>/jobs/<job>` (`coordinator status JOB` prints it)"
+    )]
+    NoFolder {
+        /// The folder.
+        url: String,
+    },
     /// The folder holds no committed class of the job.
     #[error(
         "`{url}` holds no commit marker of job `{job}` (no `shards/*.json`): is this the job's output folder `<output>/jobs/<job>`, and has a class been committed yet?"
@@ -101,6 +121,8 @@ pub struct JobRecords {
     pub markers: Vec<ClassMarker>,
     /// `state.json`, when the output is also the coordinator's store.
     pub state: Option<PersistedJob>,
+    /// `job.json` (every class and shard of the job), when the output is also the store.
+    pub job: Option<mgd3_common::job::ResolvedJob>,
 }
 
 fn store_error(dir: &Location, action: &'static str, key: &str) -> impl FnOnce(object_store::Error) -> ReportError {
@@ -114,6 +136,9 @@ fn store_error(dir: &Location, action: &'static str, key: &str) -> impl FnOnce(o
 /// [`ReportError::Store`] / [`ReportError::Parse`] for a record that cannot be read;
 /// [`ReportError::NothingCommitted`] when there is no marker at all.
 pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, ReportError> {
+    if dir.local_root.as_ref().is_some_and(|root| !root.exists()) {
+        return Err(ReportError::NoFolder { url: dir.url.clone() });
+    }
     let parse = |key: &str, what: &'static str| {
         let (url, key) = (dir.url.clone(), key.to_owned());
         move |source| ReportError::Parse { url, key, what, source }
@@ -128,6 +153,11 @@ pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, Re
         Ok(None) => None,
         Err(e) => return Err(store_error(dir, "read", "state.json")(e)),
     };
+    let job = match get_optional(dir.store.as_ref(), &dir.key("job.json")).await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).ok(),
+        Ok(None) => None,
+        Err(e) => return Err(store_error(dir, "read", "job.json")(e)),
+    };
     let prefix = dir.key("shards");
     let listed: Vec<_> = match dir.store.list(Some(&prefix)).try_collect().await {
         Ok(listed) => listed,
@@ -135,6 +165,7 @@ pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, Re
         Err(e) => return Err(store_error(dir, "list", "shards/")(e)),
     };
     let mut markers = Vec::new();
+    let mut other_job = None;
     for meta in listed {
         let Some(name) = meta.location.filename() else { continue };
         if !name.ends_with(".json") {
@@ -149,13 +180,19 @@ pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, Re
         let current = manifest.as_ref().is_none_or(|m: &JobManifest| m.fingerprint == marker.fingerprint);
         if marker.job_id == job_id && current {
             markers.push(marker);
+        } else if marker.job_id != job_id {
+            other_job = Some(marker.job_id);
         }
     }
     if markers.is_empty() {
-        return Err(ReportError::NothingCommitted { url: dir.url.clone(), job: job_id.to_owned() });
+        return Err(match other_job {
+            Some(found) => ReportError::OtherJob { url: dir.url.clone(), job: job_id.to_owned(), found },
+            None => ReportError::NothingCommitted { url: dir.url.clone(), job: job_id.to_owned() },
+        });
     }
     markers.sort_by_key(|m| m.class_index);
-    Ok(JobRecords { job_id: job_id.to_owned(), url: dir.url.clone(), manifest, markers, state })
+    let job = job.filter(|j: &mgd3_common::job::ResolvedJob| j.job_id == job_id);
+    Ok(JobRecords { job_id: job_id.to_owned(), url: dir.url.clone(), manifest, markers, state, job })
 }
 
 /// Writes the report of the job in `dir` to `target` (`index.html`, `classes/*.html`,
@@ -369,9 +406,10 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         _ => "not finished".to_owned(),
     };
     let _ = write!(body, "<tr><th>state</th><td id=\"state\">{state}</td></tr>");
+    let of = records.job.as_ref().map(|j| format!(" of {}", j.classes.len())).unwrap_or_default();
     let _ = write!(
         body,
-        "<tr><th>classes committed</th><td class=\"num\" id=\"classes\" data-value=\"{}\">{}</td></tr><tr><th>images</th><td class=\"num\" id=\"images\" data-value=\"{images}\">{images}</td></tr>",
+        "<tr><th>classes committed</th><td class=\"num\" id=\"classes\" data-value=\"{}\">{}{of}</td></tr><tr><th>images</th><td class=\"num\" id=\"images\" data-value=\"{images}\">{images}</td></tr>",
         markers.len(),
         markers.len()
     );
@@ -443,8 +481,11 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
     match &records.state {
         Some(state) => {
             let troubled: Vec<_> = state.shards.iter().enumerate().filter(|(_, s)| s.attempts > 1 || s.last_error.is_some() || s.state == ShardState::Failed).collect();
-            if troubled.is_empty() {
+            let unfinished = state.shards.iter().filter(|s| !matches!(s.state, ShardState::Done { .. })).count();
+            if troubled.is_empty() && unfinished == 0 {
                 body.push_str("<p id=\"failures\" data-value=\"0\">Every shard succeeded at its first attempt.</p>");
+            } else if troubled.is_empty() {
+                let _ = write!(body, "<p id=\"failures\" data-value=\"0\">No failure so far; {unfinished} of {} shard(s) not finished.</p>", state.shards.len());
             } else {
                 let _ = write!(body, "<table id=\"failures\" data-value=\"{}\"><tr><th class=\"num\">shard</th><th class=\"num\">attempts</th><th>state</th><th>class</th><th>last error</th></tr>", troubled.len());
                 for (i, shard) in troubled {
@@ -462,9 +503,24 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         }
         None => body.push_str("<p class=\"muted\">Not recorded here: the job's state lives in the coordinator's store, not in this output folder (`coordinator status JOB` shows it).</p>"),
     }
+    // Classes not committed yet.
+    if let Some(job) = &records.job {
+        let done: std::collections::HashSet<&str> = markers.iter().map(|m| m.wnid.as_str()).collect();
+        let missing: Vec<_> = job.classes.iter().filter(|c| !done.contains(c.wnid.as_str())).collect();
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(|c| format!("<code>{}</code>", escape(&c.wnid))).collect();
+            let _ = write!(
+                body,
+                "<h2>Not committed yet</h2><p id=\"pending\" data-value=\"{}\">{}</p>",
+                missing.len(),
+                names.join(", ")
+            );
+        }
+    }
     // The spec.
-    if let Some(manifest) = &records.manifest {
-        let spec = serde_json::to_string_pretty(&manifest.spec).unwrap_or_default();
+    let spec = records.manifest.as_ref().map(|m| &m.spec).or(records.job.as_ref().map(|j| &j.spec));
+    if let Some(spec) = spec {
+        let spec = serde_json::to_string_pretty(spec).unwrap_or_default();
         let _ = write!(
             body,
             "<h2>Spec</h2><details><summary>the resolved job spec</summary><pre>{}</pre></details>",
@@ -493,7 +549,7 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         let _ = write!(
             body,
             "<td class=\"num\">{secs:.1}</td><td>{}</td><td><code>{}</code></td><td><img class=\"thumb\" loading=\"lazy\" src=\"{sheets}contact_sheets/{}.png\" alt=\"contact sheet of {}\"></td></tr>",
-            if m.latent_cache_hit { "hit" } else { "" },
+            if m.latent_cache_hit { "hit" } else { "miss" },
             escape(&m.worker_id),
             segment(&m.wnid),
             escape(&m.wnid)
@@ -556,7 +612,10 @@ fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, ass
     }
     body.push_str("<h2>Samples</h2>");
     match sheet {
-        Some((width, height)) => body.push_str(&wrapped_sheet(m, width, height, assets)),
+        Some((width, height)) => {
+            body.push_str("<p class=\"muted\">Each block: real images of the class (the first ones listed, for reference), then mode j as the VAE decodes it and sample j, which was guided to mode j.</p>");
+            body.push_str(&wrapped_sheet(m, width, height, assets));
+        }
         None => body.push_str("<p class=\"muted\">No contact sheet for this class (written only by the attempt that committed it, after its commit).</p>"),
     }
     if let Some(embedding) = &m.embedding {
@@ -587,13 +646,17 @@ fn wrapped_sheet(m: &ClassMarker, width: u32, height: u32, assets: &str) -> Stri
         let end = (start + COLUMNS).min(ipc);
         let _ = write!(
             html,
-            "<div class=\"block\" style=\"grid-template-columns:60px repeat({}, {SHOWN}px)\"><span></span>",
+            "<div class=\"block\" style=\"grid-template-columns:60px repeat({}, {SHOWN}px)\">",
             end - start
         );
-        for j in start..end {
-            let _ = write!(html, "<span class=\"label\">j = {j}</span>");
-        }
         for (r, (label, count)) in rows.iter().enumerate() {
+            // The numbers head the mode and sample rows only: real image j is no partner of mode j.
+            if r == 1 {
+                html.push_str("<span></span>");
+                for j in start..end {
+                    let _ = write!(html, "<span class=\"label\">j = {j}</span>");
+                }
+            }
             let _ = write!(html, "<span class=\"label\">{label}</span>");
             for j in start..end {
                 if j >= *count {

@@ -112,4 +112,19 @@ fn both_protocols_train_on_a_distilled_set_and_report_deterministic_numbers() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("name different classes"), "{text}");
+    // Other mistakes are one line naming the flag, not a traceback.
+    let job_dir = job.display().to_string();
+    for (args, wanted) in [
+        (vec!["hard", "--train", "/no/such/folder", "--val", &val], "--train `/no/such/folder` is not a folder"),
+        (vec!["hard", "--train", &job_dir, "--val", &val], "is an mgd3 job folder: give its ImageFolder"),
+        (vec!["hard", "--train", &train, "--val", &val, "--ipc", "50"], "--ipc 50: class `c0`"),
+        (vec!["soft", "--teacher", &val, "--train", &train, "--val", &val], "is not a ResNet-18 checkpoint"),
+    ] {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
+        let out = Command::new(&python).arg(script).args(&args).args(["--quick", "--size", "32"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(wanted) && !text.contains("Traceback"), "{args:?}: {text}");
+    }
+    assert!(hard["top1_std"].is_null(), "one set has no spread: {hard:#}");
+    assert_eq!(hard["val_images"], 18);
 }

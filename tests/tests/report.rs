@@ -170,6 +170,28 @@ fn the_report_renders_in_a_browser_with_the_manifests_numbers() {
     std::fs::rename(&dir, scratch.path().join("moved")).unwrap();
     let (_, console) = browse(&browser, &elsewhere.join("classes/00001.html"));
     assert!(console.is_empty(), "a report elsewhere needs nothing of the job folder: {console:#?}");
+    // Mistakes name what is wrong.
+    let moved = scratch.path().join("moved").display().to_string();
+    let out = coordinator(&["report", "wrong-id", "--job-dir", &moved]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains(&format!("is the output folder of job `{job}`, not of `wrong-id`")),
+        "{text}"
+    );
+    let out = coordinator(&["report", &job, "--job-dir", "/no/such/jobs/folder"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`/no/such/jobs/folder` does not exist"));
+    // An unfinished job: what is committed, of how many, and which classes are missing.
+    std::fs::remove_file(scratch.path().join("moved/shards/c1.json")).unwrap();
+    std::fs::remove_file(scratch.path().join("moved/manifest.json")).unwrap();
+    let partial = scratch.path().join("partial");
+    let out = coordinator(&["report", &job, "--job-dir", &moved, "--out", &partial.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = std::fs::read_to_string(partial.join("index.html")).unwrap();
+    assert!(
+        index.contains(">2 of 3</td>") && index.contains("id=\"pending\" data-value=\"1\"><code>c1</code>"),
+        "{index}"
+    );
+    assert!(index.contains("not finished"));
 }
 
 #[test]
