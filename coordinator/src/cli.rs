@@ -834,6 +834,8 @@ async fn run_local(args: RunArgs) -> Result<()> {
             "every local worker exited before the job finished ({exits}); see their errors above, then run again to continue"
         )),
     };
+    // Our own channel must not keep the server's graceful shutdown waiting.
+    drop(client);
     coordinator.drain();
     for worker in &mut workers {
         if tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.is_err() {

@@ -123,6 +123,10 @@ fn lease_message(grant: LeaseGrant) -> proto::Lease {
     }
 }
 
+/// How long a stopping coordinator lets calls in flight finish before it drops the connections
+/// that are still open.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the coordinator on `listener` until `shutdown` resolves (or another coordinator takes
 /// the store over), with its background task; releases the store's lock on the way out.
 ///
@@ -157,19 +161,39 @@ pub async fn serve(
             coordinator.fenced().await;
         }
     };
+    // Told when the stop comes, so that the grace period below starts then.
+    let (stopping, stop_begun) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
         tokio::select! {
             _ = shutdown => {}
             _ = lost => {}
         }
+        let _ = stopping.send(());
     };
     // The standard gRPC health service (grpc.health.v1), open without a token or protocol header
     // so that launchers and probes can ask whether the coordinator serves: it does once `serve`
     // runs (recovery happened when the coordinator was opened).
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Service>>().await;
-    let result =
-        builder.add_service(health_service).add_service(service).serve_with_incoming_shutdown(incoming, stop).await;
+    let server = builder.add_service(health_service).add_service(service).serve_with_incoming_shutdown(incoming, stop);
+    // A graceful shutdown waits for every connection to close, and an HTTP/2 client that never
+    // answers the server's GOAWAY ping (a hung worker, a half-open socket, a hostile client, or
+    // our own idle channel caught mid-handshake) would hold the coordinator, its lock and its
+    // Ctrl-C open for ever: in-flight calls get SHUTDOWN_GRACE, then the connections are dropped.
+    let grace = async {
+        match stop_begun.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            // The server ended by itself: it wins the race below.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        result = server => result,
+        () = grace => {
+            info!(grace_s = SHUTDOWN_GRACE.as_secs(), "connections still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    };
     let _ = stop_background.send(());
     let _ = background.await;
     if coordinator.is_fenced() {

@@ -894,3 +894,28 @@ async fn wait_for_running(coordinator: &Coordinator, job: &str) {
     }
     panic!("the shard never started");
 }
+
+/// A client that opens an HTTP/2 connection and then never answers (a hung worker, a half-open
+/// socket, a hostile peer) cannot hold a stopping coordinator, its store lock and its Ctrl-C:
+/// after the grace period the connection is dropped and the lock released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_hold_a_stopping_coordinator() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let address = cluster.url.trim_start_matches("http://").to_owned();
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // The HTTP/2 preface and an empty SETTINGS frame; then nothing, not even the ping's answer.
+    silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let stopped =
+        tokio::time::timeout(mgd3_coordinator::grpc::SHUTDOWN_GRACE + Duration::from_secs(20), cluster.local.stop())
+            .await;
+    assert!(stopped.is_ok(), "the coordinator was still stopping after {:?}", started.elapsed());
+    stopped.unwrap().unwrap();
+    // The lock is free: another coordinator opens the store at once.
+    tokio::time::timeout(Duration::from_secs(5), Coordinator::open(&store_url, 100)).await.unwrap().unwrap();
+    drop(silent);
+}
