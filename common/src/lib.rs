@@ -29,15 +29,51 @@ pub mod proto {
 /// every request, lease timeouts, registration exclusions.
 pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Restores the default action of SIGPIPE, as command-line tools have it: output piped into a
-/// reader that stops early (`coordinator submit --wait | head -1`) ends the process quietly
-/// instead of panicking in `println!`. Called first thing by both binaries.
-pub fn default_sigpipe() {
-    // SAFETY: signal(2) only sets the process-wide disposition; SIG_DFL is always a valid one and
-    // no Rust code depends on SIGPIPE being ignored.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+/// Writes the binaries' results to standard output (what `out!` and `outln!` expand to).
+///
+/// SIGPIPE stays ignored, as Rust sets it up: the gRPC connections are written with `writev`,
+/// which raises SIGPIPE when the peer has gone, so its default action would kill a coordinator
+/// whenever a worker or client disconnects while it writes (seen: a coordinator ending with 141
+/// while sending GOAWAY to its own closed channel). A reader of standard output that stops early
+/// (`coordinator list | head -1`) is handled here instead: the process ends quietly with 141, the
+/// status a shell shows for a process ended by SIGPIPE, where `println!` would panic.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        let _ = writeln!(std::io::stderr(), "error: cannot write to standard output: {error}");
+        std::process::exit(1);
     }
+}
+
+/// Writes a message for a person to standard error; a closed standard error loses the message
+/// but, unlike `eprintln!`, does not panic.
+pub fn write_stderr_message(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `print!` for results on standard output, ending the process quietly when its reader has gone
+/// (see [`write_stdout`]).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` for results on standard output, ending the process quietly when its reader has
+/// gone (see [`write_stdout`]).
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprintln!` for messages to a person, without a panic when standard error is closed.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::write_stderr_message(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
 /// Which signal asked a process to stop.
@@ -89,14 +125,14 @@ where
     while let Some(e) = cause {
         if let Some(interrupted) = e.downcast_ref::<Interrupted>() {
             match &interrupted.next {
-                Some(next) => eprintln!("interrupted; {next}"),
-                None => eprintln!("interrupted"),
+                Some(next) => errln!("interrupted; {next}"),
+                None => errln!("interrupted"),
             }
             return std::process::ExitCode::from(130);
         }
         cause = e.source();
     }
-    eprintln!("error: {}", error_chain(error));
+    errln!("error: {}", error_chain(error));
     std::process::ExitCode::FAILURE
 }
 

@@ -2,6 +2,7 @@
 //! `cancel`, `list`) and `run`, the embedded default — a coordinator on loopback, N local
 //! `worker` processes, the job submitted and awaited.
 
+use mgd3_common::{errln, out, outln};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -450,7 +451,7 @@ async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
 }
 
 fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
-    print!("{}", describe(status, url));
+    out!("{}", describe(status, url));
     if status.state != JobState::Succeeded {
         bail!("job {} ended {}", status.job_id, status.state);
     }
@@ -516,9 +517,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .map_err(CallError::of(&args.connection.coordinator, "SubmitJob"))?
                 .into_inner();
             for note in &response.notes {
-                eprintln!("note: {note}");
+                errln!("note: {note}");
             }
-            println!("{}", response.job_id);
+            outln!("{}", response.job_id);
             if args.wait {
                 let url = &args.connection.coordinator;
                 let mut progress = Progress::new(url, args.progress.options());
@@ -535,20 +536,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             if let Some(path) = &args.get {
                 let value = statuses.first().map(status_json).unwrap_or_default();
-                println!(
-                    "{}",
-                    get_field(&value, path).with_context(|| format!("the job status has no field `{path}`"))?
-                );
+                outln!("{}", get_field(&value, path).with_context(|| format!("the job status has no field `{path}`"))?);
             } else if args.json {
                 let value: Vec<_> = statuses.iter().map(status_json).collect();
                 let value =
                     if args.job.is_some() { value.into_iter().next().unwrap_or_default() } else { value.into() };
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                outln!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 if args.oneline {
-                    statuses.iter().for_each(|s| println!("{}", progress_line(s, &args.connection.coordinator)));
+                    statuses.iter().for_each(|s| outln!("{}", progress_line(s, &args.connection.coordinator)));
                 } else {
-                    statuses.iter().for_each(|s| print!("{}", describe(s, &args.connection.coordinator)));
+                    statuses.iter().for_each(|s| out!("{}", describe(s, &args.connection.coordinator)));
                 }
             }
             Ok(())
@@ -564,9 +562,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(CallError::of(&args.connection.coordinator, "ResumeJob"))?
                 .into_inner();
-            println!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
+            outln!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
             if !response.redone.is_empty() {
-                println!(
+                outln!(
                     "  {} class(es) whose published files could not be restored are distilled again: {}",
                     response.redone.len(),
                     response.redone.join(", ")
@@ -584,9 +582,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .into();
             for p in &response.problems {
                 let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
-                println!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
+                outln!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
-            println!(
+            outln!(
                 "job {}: {} class(es), {} file(s) checked, {} problem(s)",
                 args.job,
                 response.classes_checked,
@@ -604,7 +602,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .cancel_job(proto::CancelJobRequest { job_id: args.job.clone() })
                 .await
                 .map_err(CallError::of(&args.connection.coordinator, "CancelJob"))?;
-            println!("job {} cancelled", args.job);
+            outln!("job {} cancelled", args.job);
             Ok(())
         }
         Command::Ready(args) => ready(&args).await,
@@ -615,14 +613,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => (dir.child("report"), false),
             };
             let summary = crate::report::write_report(&dir, &args.job.job, &target, copy).await?;
-            eprintln!("report of {} class(es) written", summary.classes);
-            println!("{}", summary.index);
+            errln!("report of {} class(es) written", summary.classes);
+            outln!("{}", summary.index);
             Ok(())
         }
         Command::Export(args) => {
             let dir = args.job.location().await?;
             let done = crate::export::export_npz(&dir, &args.job.job, &args.npz, args.partial).await?;
-            eprintln!(
+            errln!(
                 "{} image(s) of {} class(es), {}×{} RGB, written as arr_0 to {}",
                 done.images,
                 done.classes,
@@ -636,14 +634,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             let mut client = args.connection.client()?;
             let jobs = list_jobs(&mut client, &args.connection.coordinator).await?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
+                outln!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
             } else if jobs.is_empty() {
-                println!("no jobs");
+                outln!("no jobs");
             } else {
                 for j in &jobs {
-                    println!(
+                    outln!(
                         "{}\t{}\t{}/{} shards\t{}/{} images",
-                        j.job_id, j.state, j.shards.done, j.shards.total, j.images_done, j.images_total
+                        j.job_id,
+                        j.state,
+                        j.shards.done,
+                        j.shards.total,
+                        j.images_done,
+                        j.images_total
                     );
                 }
             }
@@ -658,12 +661,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("job spec `{}`", args.spec.display()))?;
             let job = &resolved.job;
             for note in &resolved.notes {
-                println!("note: {note}");
+                outln!("note: {note}");
             }
-            println!("job id:  {}", job.job_id);
-            println!("dataset: {}", job.spec.dataset);
-            println!("output:  {}", job.spec.output.as_deref().unwrap_or_default());
-            println!(
+            outln!("job id:  {}", job.job_id);
+            outln!("dataset: {}", job.spec.dataset);
+            outln!("output:  {}", job.spec.output.as_deref().unwrap_or_default());
+            outln!(
                 "classes: {} ({} images in all), IPC {}, {} shard(s) of {} class(es)",
                 job.classes.len(),
                 resolved.image_counts.iter().sum::<usize>(),
@@ -672,7 +675,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 job.spec.shard_size().min(job.classes.len())
             );
             for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
-                println!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);
+                outln!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);
             }
             Ok(())
         }
@@ -684,12 +687,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             spec.validate().with_context(|| format!("job spec `{}`", args.spec.display()))?;
             let value = serde_json::to_value(&spec)?;
             match &args.get {
-                Some(path) => println!(
+                Some(path) => outln!(
                     "{}",
                     get_field(&value, path)
                         .with_context(|| format!("`{path}` is not set in `{}`", args.spec.display()))?
                 ),
-                None => println!("{}", serde_json::to_string_pretty(&value)?),
+                None => outln!("{}", serde_json::to_string_pretty(&value)?),
             }
             Ok(())
         }
@@ -775,9 +778,9 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let url = local.url.clone();
     let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
     for note in &notes {
-        eprintln!("note: {note}");
+        errln!("note: {note}");
     }
-    eprintln!(
+    errln!(
         "job {} ({} classes, {} shards) on {} local worker(s); output {}",
         job.job_id,
         job.classes.len(),
@@ -847,7 +850,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     progress.finish();
     let status = outcome?;
     exit_for(&status, &url)?;
-    println!("dataset: {}/dataset", status.output);
+    outln!("dataset: {}/dataset", status.output);
     if !args.no_report {
         // The report is for looking at; a failure to write it leaves the job as it is.
         let written = match mgd3_common::store::open(&status.output) {
@@ -857,7 +860,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
             Err(e) => Err(mgd3_common::error_chain(&e)),
         };
         match written {
-            Ok(summary) => println!("report: {}", summary.index),
+            Ok(summary) => outln!("report: {}", summary.index),
             Err(error) => tracing::warn!(%error, "no report written; `coordinator report` tries again"),
         }
     }

@@ -4,7 +4,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    mgd3_common::default_sigpipe();
     mgd3_common::telemetry::init();
     mgd3_common::exit_status(mgd3_coordinator::cli::run(mgd3_coordinator::cli::Cli::parse()).await)
 }

@@ -193,7 +193,22 @@ fn a_closed_pipe_ends_the_output_without_a_panic() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(!out.status.success());
+    // The status a shell shows for `| head`, without the signal itself (see the next test).
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
+
+/// SIGPIPE stays ignored in a serving coordinator: its connections are written with `writev`,
+/// and with SIGPIPE's default action a worker or client that vanished while the coordinator
+/// wrote to it (a GOAWAY at shutdown, an answer to a killed worker) ended the coordinator with
+/// status 141, mid-job, without a word.
+#[test]
+fn a_serving_coordinator_ignores_sigpipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _url) = serve(&dir.path().join("store"));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.0.id())).unwrap();
+    let ignored = status.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap().trim();
+    let mask = u64::from_str_radix(ignored, 16).unwrap();
+    assert_ne!(mask & (1 << (libc::SIGPIPE - 1)), 0, "SigIgn {ignored}");
 }
 
 /// `coordinator check` is a dry run of submit: every dataset problem at once, or the plan.

@@ -1,6 +1,7 @@
 //! The `worker` command line: `distill-class` (one class of an ImageFolder, end to end) and
 //! `sample` (mode-guided sampling from given modes and noise, for reproducibility and parity).
 
+use mgd3_common::outln;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -369,7 +370,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample(args) => sample(args),
         Command::ImportFashionMnist(args) => {
             let written = crate::import::import_fashion_mnist(&args.src, &args.out, args.per_class)?;
-            println!("wrote {written} Fashion-MNIST images into {}", args.out.display());
+            outln!("wrote {written} Fashion-MNIST images into {}", args.out.display());
             Ok(())
         }
     }
@@ -413,7 +414,7 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     if let Some(path) = &args.timings_json {
         write_file(path, serde_json::to_string_pretty(&output.timings)?.as_bytes())?;
     }
-    println!(
+    outln!(
         "distilled class {} (label {}): {} images from {} real images in {:.2} s -> {}",
         class.wnid,
         class.label,
@@ -474,7 +475,7 @@ fn sample(args: SampleArgs) -> Result<()> {
             write_file(&dir.join(format!("{j}.png")), png)?;
         }
     }
-    println!("sampled {n} latents in {:.2} s -> {}", timings.stages.dit + timings.stages.guidance, args.out.display());
+    outln!("sampled {n} latents in {:.2} s -> {}", timings.stages.dit + timings.stages.guidance, args.out.display());
     Ok(())
 }
 

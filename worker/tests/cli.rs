@@ -336,6 +336,11 @@ fn an_unreachable_coordinator_is_given_up_on_and_ctrl_c_exits_130() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
+    // SIGPIPE stays ignored: a coordinator that vanishes while the worker writes to it is an
+    // error the worker retries, not a signal that ends it (SIGPIPE is 13: bit 12 of SigIgn).
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", waiting.id())).unwrap();
+    let ignored = proc_status.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap().trim();
+    assert_ne!(u64::from_str_radix(ignored, 16).unwrap() & (1 << 12), 0, "SigIgn {ignored}");
     assert!(Command::new("kill").args(["-INT", &waiting.id().to_string()]).status().unwrap().success());
     let status = waiting.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{status:?}");
