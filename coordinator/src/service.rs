@@ -812,7 +812,7 @@ impl Coordinator {
             &request.lease_id,
             now_ms(),
         )?;
-        info!(job = %job_id, shard, worker = %request.worker_id, images = request.images, seconds = request.seconds, "shard committed");
+        info!(job = %job_id, shard, worker = %request.worker_id, images = request.images, seconds = %format_args!("{:.1}", request.seconds), "shard committed");
         self.settled(&job_id, settled);
         Ok(())
     }
