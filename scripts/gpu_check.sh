@@ -1,72 +1,227 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (H100/H200, CUDA 13 driver, PyTorch installed, no internet):
-# builds (or uses carried) release binaries, exports real-size DiT-XL/2 and SD-VAE with random
-# weights (fp32 and fp16), distils one class on CUDA at several batch sizes and prints images/s,
-# GPU memory and MFU against the ≈23.7 TFLOP/image DiT cost, next to a PyTorch baseline
-# (batch-1 reference-style loop and a batched loop) measured in the same run.
+# The GPU check (issue 18): one command for an H100/H200-class machine with PyTorch, a CUDA 13
+# driver and no internet. It exports real-size DiT-XL/2-256 and SD-VAE with random weights (fp32
+# and fp16), distils one class on CUDA at several --max-batch values and a small job with several
+# classes per DiT call, and prints images/s, GPU memory, MFU against the ≈23.7 TFLOP/image DiT cost
+# and the VAE-encode rate, next to a PyTorch baseline (image-by-image reference loop, batched loop,
+# batched loop with SDPA) measured in the same run. Every section runs even when one before it
+# failed; the summary names the failures and the exit status is non-zero if there were any.
 #
-#   scripts/gpu_check.sh [OUT_DIR]          (OUT_DIR defaults to $OUT or ./gpu-check)
+#   scripts/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR defaults to $OUT or ./gpu-check)
 #
-# ONNX Runtime GPU: .ort/gpu must hold the onnxruntime-gpu 1.31.1 capi libraries. The 255 MB wheel
-# does not fit one device call's 64 MiB carry: `scripts/gpu_carry_ort.sh split` cuts it into parts
-# here, consecutive calls carry them, `scripts/gpu_carry_ort.sh join` reassembles and unpacks there.
-# CUDA 13 / cuDNN 9 come from PyTorch's nvidia-* packages on the device (put on LD_LIBRARY_PATH below).
-set -euo pipefail
+# --dry-run runs the same sections on the CPU at toy sizes (2 steps, a few images), with the
+# CUDA-only steps (nvidia-smi, the GPU ONNX Runtime) skipped: run it here before spending device time.
+#
+# What it needs there (scripts/gpu_carry_ort.sh packs it here and unpacks it there):
+#   target/release/{worker,coordinator}   carried binaries (cargo is not on the device);
+#   .ort/gpu/                             onnxruntime-gpu 1.31.1's libraries (CUDA 13, cuDNN 9 from
+#                                         PyTorch's nvidia-* packages, put on LD_LIBRARY_PATH below);
+#   diffusers importable                  for the VAE (carried wheels, installed into /tmp/site).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+dry=0
+if [[ ${1:-} == --dry-run ]]; then dry=1; shift; fi
 out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
-peak_tflops=${MGD3_PEAK_TFLOPS:-989}   # dense fp16/bf16 tensor-core peak of an H100/H200 SXM
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+out=$(cd "$out" && pwd)
+exec > >(tee -a "$out/check.log") 2>&1
+peak_tflops=${MGD3_PEAK_TFLOPS:-989} # dense fp16/bf16 tensor-core peak of an H100/H200 SXM
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
+[[ -d /tmp/site ]] && PYTHONPATH=$PYTHONPATH:/tmp/site
+python=${PYTHON:-python3}
 
-[[ -f .ort/gpu/libonnxruntime.so ]] || { echo "missing .ort/gpu (see scripts/gpu_carry_ort.sh)"; exit 1; }
-export ORT_DYLIB_PATH=$PWD/.ort/gpu/libonnxruntime.so
-nv=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) + '/nvidia')" 2>/dev/null || true)
+if ((dry)); then
+  device=cpu
+  ort_lib=$PWD/.ort/cpu/libonnxruntime.so
+  steps=(--steps 2 --stop-guidance 1)
+  real=8 ipc=2
+  batches=(fp16:4 fp32:4)
+  job_classes=2 job_ipc=1 job_real=4 job_batch=4
+  torch=(--device cpu --steps 2 --batch 2 --images 2 --batch1-images 1)
+else
+  device=cuda:0
+  ort_lib=$PWD/.ort/gpu/libonnxruntime.so
+  steps=()
+  real=128 ipc=128
+  batches=(fp16:64 fp16:256 fp32:256)
+  job_classes=8 job_ipc=16 job_real=64 job_batch=256
+  torch=(--device cuda --steps 50 --batch 64 --images 128 --batch1-images 2)
+fi
+export ORT_DYLIB_PATH=$ort_lib
+nv=$("$python" -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) + '/nvidia')" 2>/dev/null || true)
 if [[ -n $nv ]]; then
-  export LD_LIBRARY_PATH=$(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  LD_LIBRARY_PATH=$(find "$nv" -maxdepth 2 -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  export LD_LIBRARY_PATH
 fi
 
-[[ -x target/release/worker ]] || cargo build --release -p mgd3-worker --bin worker
-models=$out/models
-[[ -f $models/fp32/dit.onnx ]] || python3 scripts/gpu_models.py "$models/fp32"
-[[ -f $models/fp16/dit.onnx ]] || python3 scripts/gpu_models.py "$models/fp16" --fp16
+failures=()
+# section NAME COMMAND...: runs one part of the check, timed; a failure is recorded, not fatal.
+section() {
+  local name=$1 started=$SECONDS status
+  shift
+  echo "== $name"
+  "$@"
+  status=$?
+  if ((status == 0)); then
+    echo "-- $name: ok, $((SECONDS - started)) s"
+  else
+    echo "-- $name: FAILED (exit $status) after $((SECONDS - started)) s"
+    failures+=("$name")
+  fi
+}
 
-data=$out/data
-if [[ ! -d $data/n01440764 ]]; then
-  python3 - "$data/n01440764" <<'PY'
+# memory_watch FILE: samples the GPU's used memory every 200 ms into FILE until killed (GPU only).
+memory_watch() {
+  ((dry)) && return
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" &
+  watcher=$!
+}
+memory_stop() {
+  ((dry)) && return
+  kill "$watcher" 2>/dev/null
+  wait "$watcher" 2>/dev/null
+}
+
+machine() {
+  if ((dry)); then
+    echo "dry run on $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  else
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  fi
+  "$python" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+  ls -la "$ort_lib" target/release/worker target/release/coordinator
+}
+
+models() {
+  local status=0
+  # fp32 and fp16 export side by side on the device (each is CPU-bound for about a minute and
+  # needs ~10 GB); one after the other in a dry run, where memory is short.
+  [[ -f $out/models/fp32/dit.onnx ]] || "$python" scripts/gpu_models.py "$out/models/fp32" > "$out/export-fp32.log" 2>&1 &
+  local fp32=$!
+  ((dry)) && { wait $fp32 || status=1; }
+  [[ -f $out/models/fp16/dit.onnx ]] || "$python" scripts/gpu_models.py "$out/models/fp16" --fp16 > "$out/export-fp16.log" 2>&1 &
+  local fp16=$!
+  ((dry)) || { wait $fp32 || status=1; }
+  wait $fp16 || status=1
+  tail -n 3 "$out"/export-*.log 2>/dev/null
+  ls -la "$out"/models/*/
+  return $status
+}
+
+# images DIR CLASSES COUNT: an ImageNet-shaped ImageFolder of random 500x375 JPEGs.
+images() {
+  "$python" - "$@" <<'PY'
 import os, sys
 import numpy as np
 from PIL import Image
-d = sys.argv[1]; os.makedirs(d, exist_ok=True)
+root, classes, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
-for i in range(256):
-    Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(f"{d}/{i:04d}.jpg", quality=90)
+for c in range(classes):
+    d = os.path.join(root, f"n{1440764 + c:08d}")
+    os.makedirs(d, exist_ok=True)
+    for i in range(count):
+        path = os.path.join(d, f"{i:04d}.JPEG")
+        if not os.path.exists(path):
+            Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
 PY
-fi
+}
 
-results=$out/results.txt
-: > "$results"
-for precision in fp16 fp32; do
-  for batch in 2 16 64 128; do
-    timings=$out/timings-$precision-$batch.json
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader -lms 200 > "$out/mem-$precision-$batch.txt" &
-    smi=$!
-    target/release/worker distill-class --data "$data" --class n01440764 --label 0 --ipc 64 \
-      --dit "$models/$precision/dit.onnx" --vae-encoder "$models/$precision/vae_encoder.onnx" \
-      --vae-decoder "$models/$precision/vae_decoder.onnx" --out "$out/distilled-$precision-$batch" \
-      --device cuda:0 --max-batch "$batch" --timings-json "$timings" --cfg-channels 3
-    kill $smi
-    python3 - "$timings" "$precision" "$batch" "$peak_tflops" "$out/mem-$precision-$batch.txt" >> "$results" <<'PY'
-import json, sys
-t = json.load(open(sys.argv[1])); precision, batch, peak = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-mem = max(int(l.split()[0]) for l in open(sys.argv[5]) if l.strip())
-ips = 64 / (t["dit"] + t["guidance"])
-print(f"mgd3 {precision} max-batch {batch:>3}: {ips:7.2f} images/s sampling, MFU {100 * ips * 23.7 / peak:5.1f} %, "
-      f"GPU memory {mem} MiB, DiT share {100 * t['dit'] / (t['dit'] + t['guidance']):.1f} %, "
-      f"encode {t['encode']:.2f} s decode+png {t['vae_decode'] + t['png']:.2f} s")
+# one_class PRECISION MAX_BATCH: one class end to end by `worker distill-class`.
+one_class() {
+  local precision=$1 batch=$2 name=$1-$2
+  memory_watch "$out/memory-$name.txt"
+  target/release/worker distill-class --data "$out/data-one" --class n01440764 --label 0 --ipc "$ipc" \
+    --dit "$out/models/$precision/dit.onnx" --vae-encoder "$out/models/$precision/vae_encoder.onnx" \
+    --vae-decoder "$out/models/$precision/vae_decoder.onnx" --out "$out/distilled-$name" \
+    --device "$device" --max-batch "$batch" --timings-json "$out/timings-$name.json" --cfg-channels 3 "${steps[@]}"
+  local status=$?
+  memory_stop
+  ((status == 0)) || return $status
+  "$python" - "$out" "$name" "$ipc" "$peak_tflops" "${#steps[@]}" >> "$out/results.txt" <<'PY'
+import json, os, sys
+out, name, ipc, peak, toy = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] != "0"
+t = json.load(open(f"{out}/timings-{name}.json"))
+sampling = t["dit"] + t["guidance"]
+ips = ipc / sampling
+memory = f"{out}/memory-{name}.txt"
+peak_mib = max((int(l) for l in open(memory) if l.strip().isdigit()), default=0) if os.path.exists(memory) else 0
+mfu = "n/a (toy steps)" if toy else f"{100 * ips * 23.7 / peak:.1f} %"
+print(f"mgd3 one class {name:>10}: {ips:8.3f} images/s sampling ({t['dit_calls']} DiT calls, DiT "
+      f"{100 * t['dit'] / sampling:.1f} % of sampling), MFU {mfu}, GPU memory {peak_mib} MiB; "
+      f"VAE encode {t['real_images'] / max(t['encode'], 1e-9):.1f} images/s, JPEG decode+crop "
+      f"{t['real_images'] / max(t['decode'], 1e-9):.1f} images/s, k-means {t['kmeans']:.2f} s, "
+      f"VAE decode+PNG {ipc / max(t['vae_decode'] + t['png'], 1e-9):.1f} images/s")
 PY
-  done
+}
+
+# job PER_SHARD: `coordinator run` of a job of several classes, PER_SHARD classes per shard (and
+# so per DiT call when their samples fit one --max-batch).
+job() {
+  local per_shard=$1 dir=$out/job-$1
+  rm -rf "$dir" && mkdir -p "$dir"
+  cat > "$dir/job.toml" <<EOF
+name = "gpu-check"
+dataset = "$out/data-job"
+classes = "all"
+labels = "position"
+ipc = $job_ipc
+output = "$dir/out"
+classes_per_shard = $per_shard
+contact_sheet = false
+[sampling]
+cfg_channels = 3
+$(((dry)) && printf 'steps = 2\nstop_guidance = 1\n')
+[models]
+dit = "$out/models/fp16/dit.onnx"
+vae_encoder = "$out/models/fp16/vae_encoder.onnx"
+vae_decoder = "$out/models/fp16/vae_decoder.onnx"
+EOF
+  local cuda=()
+  ((dry)) || cuda=(--device cuda)
+  memory_watch "$out/memory-job-$per_shard.txt"
+  local started=$SECONDS
+  target/release/coordinator run "$dir/job.toml" --store "$dir/store" --local-workers 1 "${cuda[@]}" \
+    --worker-bin target/release/worker --worker-arg=--max-batch=$job_batch --no-report
+  local status=$?
+  memory_stop
+  ((status == 0)) || return $status
+  "$python" - "$dir" "$per_shard" "$job_batch" "$((SECONDS - started))" >> "$out/results.txt" <<'PY'
+import glob, json, sys
+d, per_shard, batch, wall = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+m = json.load(open(glob.glob(f"{d}/out/jobs/*/manifest.json")[0]))
+t = m["timings"]
+print(f"mgd3 job, {len(m['classes'])} classes x IPC {m['spec']['ipc']}, {per_shard} classes per shard, "
+      f"--max-batch {batch}: {m['images'] / (t['dit'] + t['guidance']):8.3f} images/s sampling, "
+      f"{m['images'] / max((m['finished_unix_ms'] - m['created_unix_ms']) / 1000, 1e-9):.3f} images/s job wall "
+      f"({wall} s with model loads)")
+PY
+}
+
+baseline() {
+  local result
+  result=$("$python" scripts/gpu_torch_baseline.py "${torch[@]}" "$@") || return
+  echo "$result"
+  echo "torch $* $result" >> "$out/results.txt"
+}
+
+: > "$out/results.txt"
+section "machine" machine
+section "models (real-size DiT-XL/2 and SD-VAE, random weights)" models
+section "data" images "$out/data-one" 1 "$real"
+section "data (job)" images "$out/data-job" "$job_classes" "$job_real"
+for run in "${batches[@]}"; do
+  section "one class, ${run%%:*}, --max-batch ${run##*:}" one_class "${run%%:*}" "${run##*:}"
 done
-for precision in "" --fp16; do
-  python3 scripts/gpu_torch_baseline.py --batch 32 --images 64 $precision | tee -a "$results"
-done
-cat "$results"
+section "job, 1 class per shard" job 1
+section "job, $job_classes classes per shard" job "$job_classes"
+section "torch baseline fp16" baseline --fp16
+section "torch baseline fp16 + SDPA" baseline --fp16 --sdpa
+section "torch baseline fp32" baseline
+
+echo
+echo "== results (peak $peak_tflops TFLOP/s for MFU; $(date -u +%FT%TZ))"
+cat "$out/results.txt"
+if ((${#failures[@]})); then
+  printf 'FAILED: %s\n' "${failures[@]}"
+  exit 1
+fi
