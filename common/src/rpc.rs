@@ -214,7 +214,7 @@ impl CallError {
     /// plain server (the TLS client reads HTTP/2 bytes as a bad record type), or `http://` to a
     /// TLS server (the HTTP/2 client reads a TLS alert as a bad frame, or the connection drops at
     /// the first request).
-    fn scheme_mismatch(&self) -> bool {
+    pub fn scheme_mismatch(&self) -> bool {
         let message = self.status.message();
         match self.url.split_once("://").map(|(scheme, _)| scheme) {
             Some("https") => message.contains("InvalidContentType") || message.contains("corrupt message"),

@@ -70,8 +70,8 @@ pub enum ClientError {
     Connect(#[from] mgd3_common::rpc::ConnectError),
     /// The coordinator was unreachable for longer than [`WorkerConfig::give_up_after`].
     #[error(
-        "the coordinator at {url} has not answered for {} s; giving up (check --coordinator / MGD3_COORDINATOR \
-         and that the coordinator runs; --give-up-after-s / MGD3_GIVE_UP_AFTER_S sets the wait, 0 waits for ever)",
+        "the coordinator at {url} has not answered for {} s; giving up (--give-up-after-s / MGD3_GIVE_UP_AFTER_S \
+         sets the wait, 0 waits for ever)",
         .after.as_secs()
     )]
     GaveUp {
@@ -79,9 +79,17 @@ pub enum ClientError {
         url: String,
         /// How long it was unreachable.
         after: Duration,
-        /// The last transport error.
+        /// The last failed call.
         #[source]
-        source: tonic::Status,
+        source: mgd3_common::rpc::CallError,
+    },
+    /// The URL's scheme is not what the coordinator speaks (`https://` to a plain server,
+    /// `http://` to a TLS one): no retry can help, so the worker stops at the first answer.
+    #[error("cannot talk to the coordinator")]
+    WrongScheme {
+        /// The failed call; its message names the URL to use.
+        #[source]
+        source: mgd3_common::rpc::CallError,
     },
     /// The coordinator refused the registration (another protocol version, a wrong token).
     #[error("the coordinator rejected worker `{worker}`")]
@@ -182,13 +190,17 @@ impl Reach {
         self.since = None;
     }
 
-    /// A call failed with a transport error; `Err` once the coordinator has not answered for the
-    /// limit.
-    fn failed(&mut self, config: &WorkerConfig, status: tonic::Status) -> Result<(), ClientError> {
+    /// A call of `rpc` failed with a transport error; `Err` once the coordinator has not answered
+    /// for the limit, or at once when the answer shows the URL's scheme is wrong.
+    fn failed(&mut self, config: &WorkerConfig, rpc: &'static str, status: tonic::Status) -> Result<(), ClientError> {
         let since = *self.since.get_or_insert_with(Instant::now);
+        let call = mgd3_common::rpc::CallError::of(&config.coordinator, rpc)(status);
+        if call.scheme_mismatch() {
+            return Err(ClientError::WrongScheme { source: call });
+        }
         match self.limit {
             Some(limit) if since.elapsed() >= limit => {
-                Err(ClientError::GaveUp { url: config.coordinator.clone(), after: since.elapsed(), source: status })
+                Err(ClientError::GaveUp { url: config.coordinator.clone(), after: since.elapsed(), source: call })
             }
             _ => Ok(()),
         }
@@ -269,7 +281,7 @@ pub async fn run(
                 let outcome = outcome.unwrap_or_else(|e| {
                     Err(ShardError::shard(ShardFailure::Reported { message: format!("shard task panicked: {e}"), retryable: true }))
                 });
-                report(&mut client, &config, &running.lease, outcome, &mut stop).await;
+                report(&mut client, &config, &running.lease, outcome, &mut stop, &mut reach).await?;
                 wait = Duration::ZERO;
                 continue;
             }
@@ -319,7 +331,7 @@ pub async fn run(
                 failures += 1;
                 wait = backoff(failures);
                 warn!(worker = %config.worker_id, coordinator = %config.coordinator, error = %status.message(), retry_in_ms = wait.as_millis() as u64, "poll failed");
-                if let Err(gave_up) = reach.failed(&config, status) {
+                if let Err(gave_up) = reach.failed(&config, "PollWork", status) {
                     if let Some(running) = &current {
                         running.cancel.store(true, Ordering::Relaxed);
                     }
@@ -396,7 +408,7 @@ async fn register<F: Future<Output = ()>>(
                 attempt += 1;
                 let retry_in = backoff(attempt);
                 warn!(worker = %config.worker_id, coordinator = %config.coordinator, error = %status.message(), retry_in_ms = retry_in.as_millis() as u64, "coordinator unreachable; retrying");
-                reach.failed(config, status)?;
+                reach.failed(config, "RegisterWorker", status)?;
                 stop.sleep(retry_in).await;
             }
             Err(status) => {
@@ -457,17 +469,23 @@ fn start(
 /// Reports a finished shard, retrying while the coordinator is unreachable; once stopping, at
 /// most [`STOPPING_REPORT_ATTEMPTS`] bounded tries (the commits are in the store either way, and
 /// an unreported lease expires).
+///
+/// # Errors
+/// [`ClientError::GaveUp`] when the coordinator has not answered for
+/// [`WorkerConfig::give_up_after`] (counted with the polls before, through `reach`): a worker
+/// whose coordinator died mid-shard must not retry for ever.
 async fn report<F: Future<Output = ()>>(
     client: &mut Client,
     config: &WorkerConfig,
     lease: &ShardLease,
     outcome: ShardOutcome,
     stop: &mut Stop<F>,
-) {
+    reach: &mut Reach,
+) -> Result<(), ClientError> {
     let worker_id = config.worker_id.clone();
     let lease_id = lease.lease_id.clone();
     let mut stopping_attempts = 0;
-    for attempt in 0.. {
+    for attempt in 0u32.. {
         stopping_attempts += stop.fired as u32;
         let result = match &outcome {
             Ok(report) => {
@@ -509,21 +527,27 @@ async fn report<F: Future<Output = ()>>(
             }
         };
         match result {
-            Ok(()) => return,
+            Ok(()) => {
+                reach.answered();
+                return Ok(());
+            }
             Err(status) if transient(&status) && stopping_attempts < STOPPING_REPORT_ATTEMPTS => {
-                warn!(lease = %lease_id, error = %status.message(), "could not report the shard; retrying");
+                warn!(lease = %lease_id, coordinator = %config.coordinator, error = %status.message(), "could not report the shard; retrying");
+                reach.failed(config, if outcome.is_ok() { "CompleteShard" } else { "FailShard" }, status)?;
                 stop.sleep(backoff(attempt)).await;
             }
             // Giving back a lease the coordinator already took back (revoked, cancelled) is
             // expected, not a problem.
             Err(status) if matches!(&outcome, Err(f) if f.failure.disposition() == Disposition::Release) => {
+                reach.answered();
                 info!(lease = %lease_id, reason = %status.message(), "lease already given back");
-                return;
+                return Ok(());
             }
             Err(status) => {
                 warn!(lease = %lease_id, coordinator = %config.coordinator, error = %status.message(), "shard report not accepted");
-                return;
+                return Ok(());
             }
         }
     }
+    unreachable!("an attempt counter of u32 runs out only after years of backoff")
 }
