@@ -797,7 +797,22 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let mut progress = Progress::new(&url, args.progress.options());
     let mut workers = Vec::new();
     for (i, device) in devices.iter().enumerate() {
-        let child = tokio::process::Command::new(&worker_bin)
+        let mut command = tokio::process::Command::new(&worker_bin);
+        // A `coordinator run` that is killed outright (SIGKILL, the OOM killer) cannot stop its
+        // workers: the kernel sends them SIGTERM instead, on which they release their shards and
+        // exit, rather than outliving it until their give-up time.
+        // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
+        // which is async-signal-safe and touches no memory of the parent.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .env("MGD3_CPU_THREADS", std::env::var("MGD3_CPU_THREADS").unwrap_or_else(|_| cpu_share.clone()))
             .arg("--coordinator")
             .arg(&url)
