@@ -516,3 +516,116 @@ fn on_a_terminal_log_lines_print_above_the_progress_bar() {
     }
     assert!(visible.iter().any(|line| line.contains("[succeeded]")), "{raw}");
 }
+
+/// A worker whose coordinator dies while it runs a shard finishes the shard, cannot report it,
+/// and gives up after `--give-up-after-s` like a worker that cannot poll: exit 1, naming the
+/// URL. (It used to retry the report for ever, holding its GPU, and a `coordinator run` killed
+/// outright left such workers behind.)
+#[test]
+fn a_worker_whose_coordinator_dies_mid_shard_gives_up() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 2, 6);
+    let store = scratch.path().join("store").display().to_string();
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 2, 2, 5, "classes_per_shard = 2")).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let mut coordinator = serve(port, &store, &log, &[("RUST_LOG", "info,mgd3_coordinator::service=debug".into())]);
+    let worker_log = scratch.path().join("worker.log");
+    let mut busy = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &url, "--worker-id", "w0", "--engine", "fake", "--fake-class-seconds", "2"])
+            .args(["--give-up-after-s", "3"])
+            .stderr(std::fs::File::create(&worker_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    submit(&url, &spec_path);
+    wait_for("a leased shard", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("lease granted"))
+    });
+    signal(&coordinator.0, 9);
+    let _ = coordinator.0.wait();
+    // The shard's 4 s, then 3 s of failed reports; generously bounded.
+    let exit = wait_exit(&mut busy.0, "a worker whose coordinator died mid-shard", Duration::from_secs(60));
+    let text = std::fs::read_to_string(&worker_log).unwrap();
+    assert_eq!(exit.code(), Some(1), "{text}");
+    assert!(text.contains("could not report the shard"), "the shard was still running at the kill: {text}");
+    assert!(
+        text.contains(&format!("the coordinator at {url} has not answered")) && text.contains("giving up"),
+        "{text}"
+    );
+    // What to do, in words, not a transport error's debug dump.
+    assert!(text.contains("--coordinator (or MGD3_COORDINATOR)") && !text.contains("tonic::"), "{text}");
+}
+
+/// A worker pointed at its coordinator with the wrong scheme (`https://` to a plain server) says
+/// so and which URL to use, and stops at once: no retry can help.
+#[test]
+fn a_worker_given_the_wrong_scheme_stops_at_once_naming_the_right_url() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = scratch.path().join("store").display().to_string();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = serve(port, &store, &scratch.path().join("coordinator.log"), &[]);
+    wait_for("the coordinator", Duration::from_secs(30), || {
+        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
+    });
+    let log = scratch.path().join("worker.log");
+    let wrong = format!("https://127.0.0.1:{port}");
+    let mut worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &wrong, "--engine", "fake"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let exit = wait_exit(&mut worker.0, "a worker given https:// for a plain coordinator", Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(exit.code(), Some(1), "{text}");
+    assert!(text.contains("does not speak TLS") && text.contains(&format!("use {url}")), "{text}");
+    assert!(!text.contains("tonic::"), "{text}");
+}
+
+/// A `coordinator run` killed outright (SIGKILL, the OOM killer) takes its local workers with it:
+/// the kernel sends them SIGTERM when their parent dies, and they stop instead of outliving it
+/// until their give-up time (10 minutes by default), holding GPUs.
+#[test]
+fn local_workers_stop_when_their_coordinator_run_is_killed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 4, 4);
+    let out_dir = scratch.path().join("out");
+    let spec_path = scratch.path().join("job.toml");
+    let text = spec(&data.display().to_string(), &out_dir.display().to_string(), 4, 2, 3, "classes_per_shard = 1");
+    std::fs::write(&spec_path, text).unwrap();
+    let log = scratch.path().join("run.log");
+    let mut run = Killed(
+        Command::new(bin("coordinator"))
+            .args(["run", spec_path.to_str().unwrap(), "--local-workers", "2", "--"])
+            .args(["--engine", "fake", "--fake-class-seconds", "30"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("both workers to register", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).unwrap_or_default().matches("worker registered").count() == 2
+    });
+    let children = |pid: u32| -> Vec<u32> {
+        let out = Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    };
+    let workers = children(run.0.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    signal(&run.0, 9);
+    let _ = run.0.wait();
+    wait_for("the orphaned workers to stop", Duration::from_secs(30), || {
+        workers.iter().all(|pid| {
+            // Gone, or a zombie waiting for init to reap it.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        })
+    });
+}
