@@ -34,6 +34,21 @@ pub enum CredentialsError {
         /// The profile the chain read (`AWS_PROFILE`, or `default`).
         profile: String,
     },
+    /// Nothing before instance metadata had credentials, and the instance metadata service (the
+    /// chain's last resort) refused or failed: off EC2, IMDS disabled, a hop limit. For a person
+    /// this is "none found", with the service's answer kept as the reason.
+    #[error(
+        "no AWS credentials found for profile `{profile}` (looked in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+         the shared config and credentials files, SSO, credential_process, web identity and container \
+         credentials; instance metadata answered: {metadata}): set AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY, pick a configured profile with AWS_PROFILE, or run `aws sso login`"
+    )]
+    MetadataOnly {
+        /// The profile the chain read.
+        profile: String,
+        /// The instance metadata service's answer, innermost cause first.
+        metadata: String,
+    },
     /// A provider was configured but failed (a broken profile, a `credential_process` that
     /// exited non-zero, an SSO token that expired, an assume-role call that was refused).
     #[error("the AWS credential chain failed for profile `{profile}`")]
@@ -131,10 +146,7 @@ impl SdkCredentials {
         let Some(provider) = config.credentials_provider() else {
             return Err(CredentialsError::NotFound { profile });
         };
-        let credentials = provider.provide_credentials().await.map_err(|source| match source {
-            SdkCredentialsError::CredentialsNotLoaded(_) => CredentialsError::NotFound { profile: profile.clone() },
-            source => CredentialsError::Provider { profile: profile.clone(), source },
-        })?;
+        let credentials = provider.provide_credentials().await.map_err(|source| classify(profile.clone(), source))?;
         let credential = AwsCredential {
             key_id: credentials.access_key_id().to_owned(),
             secret_key: credentials.secret_access_key().to_owned(),
@@ -142,6 +154,27 @@ impl SdkCredentials {
         };
         Ok((Arc::new(credential), credentials.expiry()))
     }
+}
+
+/// What a failed chain means to a person: nothing found, nothing found but instance metadata
+/// failing (the SDK reports the last provider's error, so a machine without IMDS fails that way),
+/// or a configured provider that failed.
+fn classify(profile: String, source: SdkCredentialsError) -> CredentialsError {
+    if let SdkCredentialsError::CredentialsNotLoaded(_) = source {
+        return CredentialsError::NotFound { profile };
+    }
+    // The SDK's errors carry no provider name; its IMDS provider names itself in every message.
+    let mut causes = Vec::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(error) = cause {
+        causes.push(error.to_string());
+        cause = error.source();
+    }
+    if causes.iter().any(|c| c.contains("IMDS")) {
+        let metadata = causes.last().cloned().unwrap_or_default();
+        return CredentialsError::MetadataOnly { profile, metadata };
+    }
+    CredentialsError::Provider { profile, source }
 }
 
 #[async_trait::async_trait]
@@ -160,5 +193,40 @@ impl CredentialProvider for SdkCredentials {
             self.fetch().await.map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
         *cached = Some((credential.clone(), expiry));
         Ok(credential)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Error)]
+    #[error("{0}")]
+    struct Cause(&'static str);
+
+    #[derive(Debug, Error)]
+    #[error("{message}")]
+    struct Wrapped {
+        message: &'static str,
+        #[source]
+        source: Cause,
+    }
+
+    #[test]
+    fn a_failing_chain_reads_as_what_it_means() {
+        let none = classify("lab".into(), SdkCredentialsError::not_loaded(Cause("no providers in chain")));
+        assert!(matches!(none, CredentialsError::NotFound { .. }), "{none:?}");
+        // Off EC2 (or IMDS disabled), the chain ends in the metadata provider's error.
+        let imds = SdkCredentialsError::provider_error(Wrapped {
+            message: "failed to load IMDS session token",
+            source: Cause("request forbidden: IMDS is disabled or the caller has insufficient permissions."),
+        });
+        let text = classify("default".into(), imds).to_string();
+        assert!(text.starts_with("no AWS credentials found for profile `default`"), "{text}");
+        assert!(text.contains("instance metadata answered: request forbidden: IMDS is disabled"), "{text}");
+        assert!(text.contains("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), "{text}");
+        // A configured provider that fails keeps its own error.
+        let process = SdkCredentialsError::provider_error(Cause("credential_process exited with status 1"));
+        assert!(matches!(classify("lab".into(), process), CredentialsError::Provider { .. }));
     }
 }

@@ -337,6 +337,50 @@ fn no_credentials_anywhere_is_one_sentence_saying_what_to_set() {
     assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
 }
 
+/// Off EC2 the SDK's chain ends in the instance metadata provider, whose failure (here a
+/// metadata endpoint that answers 403, as on machines where IMDS is blocked) is still "no
+/// credentials found" for a person: one sentence saying what to set, with the service's answer.
+#[test]
+fn no_credentials_where_instance_metadata_refuses_is_the_same_sentence() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "unsigned");
+    let metadata = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metadata_port = metadata.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in metadata.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let home = tempfile::tempdir().unwrap();
+    let out = serve_with_only(
+        "s3://unsigned/state",
+        home.path(),
+        &[
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", moto.port)),
+            ("AWS_EC2_METADATA_DISABLED", "false".into()),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("http://127.0.0.1:{metadata_port}")),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("no AWS credentials found for profile `default`")
+            && text.contains("instance metadata answered")
+            && text.contains("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{text}"
+    );
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+}
+
 /// Names are used as the listing or the disk gives them, on every backend: a dataset prefix with a
 /// space, class folders `café` and `x%y`, files `100%.png`, `café.png` and `sub/a b.png`, a hidden
 /// `.ipynb_checkpoints/` beside the classes. The job on S3 reads every image and writes its
