@@ -27,11 +27,14 @@ pub fn human(secs: f64) -> String {
     }
 }
 
-/// The time a finished job took in this coordinator's run of it, if known.
-fn elapsed(status: &JobStatus) -> Option<f64> {
+/// How long a finished job took, in seconds: from its submission to its end, and, when this
+/// coordinator took it on later (recovered after a restart, resumed), the part since then.
+fn elapsed(status: &JobStatus) -> Option<(f64, Option<f64>)> {
     let finished = status.finished_unix_ms?;
-    (status.run_started_unix_ms > 0 && finished >= status.run_started_unix_ms)
-        .then(|| (finished - status.run_started_unix_ms) as f64 / 1000.0)
+    let since = |start: u64| (start > 0 && finished >= start).then(|| (finished - start) as f64 / 1000.0);
+    let total = since(status.created_unix_ms).or_else(|| since(status.run_started_unix_ms))?;
+    let this_run = since(status.run_started_unix_ms).filter(|run| total - run >= 2.0);
+    Some((total, this_run))
 }
 
 /// Rate and ETA, or the elapsed time of a finished job: `2.40 images/s, ETA 29 s`,
@@ -39,7 +42,10 @@ fn elapsed(status: &JobStatus) -> Option<f64> {
 pub fn pace(status: &JobStatus) -> String {
     if status.state.is_final() {
         return match elapsed(status) {
-            Some(secs) => format!("{} in {}", status.state, human(secs)),
+            Some((total, None)) => format!("{} in {}", status.state, human(total)),
+            Some((total, Some(run))) => {
+                format!("{} in {} ({} since this coordinator took it on)", status.state, human(total), human(run))
+            }
             None => status.state.to_string(),
         };
     }
@@ -309,7 +315,7 @@ mod tests {
             eta_seconds: eta,
             run_started_unix_ms: 1_000,
             failures: Vec::new(),
-            created_unix_ms: 0,
+            created_unix_ms: 1_000,
             finished_unix_ms: state.is_final().then_some(42_000),
             workers,
             workers_excluded: 0,
@@ -338,6 +344,19 @@ mod tests {
         let done = describe(&status(JobState::Succeeded, 0, 2.4, None), "u");
         assert!(done.contains("images: 30/100, succeeded in 41 s") && !done.contains("ETA"), "{done}");
         assert!(!done.contains("no worker"), "{done}");
+        // Submitted 2 min before this coordinator recovered it after a restart: the whole time,
+        // and this run's part.
+        let recovered = JobStatus {
+            created_unix_ms: 1_000,
+            run_started_unix_ms: 121_000,
+            finished_unix_ms: Some(130_000),
+            ..status(JobState::Succeeded, 0, 0.0, None)
+        };
+        assert!(
+            pace(&recovered).ends_with("succeeded in 2 min 09 s (9 s since this coordinator took it on)"),
+            "{}",
+            pace(&recovered)
+        );
         // Workers connected, but every one excluded from this job: said, with why.
         let shunned = JobStatus { workers_excluded: 2, ..status(JobState::Running, 2, 0.0, None) };
         let text = describe(&shunned, "u");
