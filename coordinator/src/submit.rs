@@ -289,8 +289,17 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
                 }
                 _ => *expected = Some(actual),
             },
+            // A model that cannot be read is the spec's problem, named by its field, with the
+            // way out for a file that exists only where the workers run.
             Err(source) if expected.is_none() => {
-                return Err(Error::Io { what: "model file", path: path.clone(), source });
+                return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
+                    field: field.to_owned(),
+                    problem: format!(
+                        "`{path}` cannot be read here ({source}): check the path (relative paths start at the job \
+                         file's folder), or, if the file exists only where the workers run, give its \
+                         `{field}_fingerprint = \"sha256:...\"`"
+                    ),
+                }])));
             }
             Err(_) => {}
         }
