@@ -685,7 +685,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("job spec `{}`", args.spec.display()))?;
             spec.resolve_paths(Path::new(&base));
             spec.validate().with_context(|| format!("job spec `{}`", args.spec.display()))?;
-            let value = serde_json::to_value(&spec)?;
+            // Through the text form: `to_value` widens f32 settings to f64 digits (λ = 0.1 read
+            // back as 0.10000000149011612); the text keeps the shortest form.
+            let value: serde_json::Value = serde_json::from_str(&serde_json::to_string(&spec)?)?;
             match &args.get {
                 Some(path) => outln!(
                     "{}",

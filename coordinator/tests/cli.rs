@@ -139,6 +139,10 @@ fn spec_get_reads_settings_as_toml_defines_them() {
     let (ok, stdout, _) = get(GOOD_SPEC, "sampling.steps");
     assert!(ok);
     assert_eq!(stdout, "50\n");
+    // λ as written, not widened to f64 digits (0.10000000149011612).
+    let (ok, stdout, _) = get(GOOD_SPEC, "sampling.guidance_scale");
+    assert!(ok);
+    assert_eq!(stdout, "0.1\n");
     // Not set: a non-zero exit naming the setting, nothing on stdout.
     let (ok, stdout, stderr) = get(GOOD_SPEC, "output");
     assert!(!ok && stdout.is_empty() && stderr.contains("`output` is not set"), "{stderr}");
@@ -260,6 +264,15 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("label    1") && !text.contains("note: labels"), "{text}");
+    // A model file that cannot be read (and has no fingerprint to go by) is named by its field,
+    // with what to do, like any other spec problem.
+    let unreadable = listed.replace(&format!("dit_fingerprint = \"{fp}\"\n"), "");
+    std::fs::write(&spec, unreadable.replace("dit = \"d.onnx\"", "dit = \"dti.onnx\"")).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("`models.dit`") && text.contains("dti.onnx` cannot be read here"), "{text}");
+    assert!(text.contains("models.dit_fingerprint = \"sha256:...\""), "{text}");
 }
 
 /// A submitted spec may only name local paths inside the coordinator's allowed folders: no
