@@ -101,18 +101,31 @@ pub async fn termination_into(seen: std::sync::Arc<std::sync::OnceLock<StopSigna
     let _ = seen.set(termination().await);
 }
 
-/// A run stopped by Ctrl-C, after stopping cleanly: the binaries exit 130 (128 + SIGINT) on it,
-/// printing `next` (what to run to continue), if any.
+/// A run stopped by a signal before its work was done, after stopping cleanly: the binaries exit
+/// 128 + the signal's number on it (130 after Ctrl-C, 143 after SIGTERM), as a shell reports a
+/// process the signal ended, printing `next` (what to run to continue), if any.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted")]
+#[error("{}", match .signal { StopSignal::Interrupt => "interrupted", StopSignal::Terminate => "stopped by SIGTERM" })]
 pub struct Interrupted {
+    /// The signal that stopped the run.
+    pub signal: StopSignal,
     /// What to run to continue, for the last line the user sees.
     pub next: Option<String>,
 }
 
-/// The exit status of a binary whose `run` ended with `result`: success, 130 after Ctrl-C (an
-/// [`Interrupted`] anywhere in the chain, its hint on stderr), else 1 with the error's whole chain
-/// on stderr.
+impl Interrupted {
+    /// The exit status for it: 128 + the signal's number.
+    pub fn exit_code(&self) -> u8 {
+        match self.signal {
+            StopSignal::Interrupt => 130,
+            StopSignal::Terminate => 143,
+        }
+    }
+}
+
+/// The exit status of a binary whose `run` ended with `result`: success, 130 after Ctrl-C or 143
+/// after SIGTERM (an [`Interrupted`] anywhere in the chain, its hint on stderr), else 1 with the
+/// error's whole chain on stderr.
 pub fn exit_status<E>(result: Result<(), E>) -> std::process::ExitCode
 where
     E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
@@ -125,10 +138,10 @@ where
     while let Some(e) = cause {
         if let Some(interrupted) = e.downcast_ref::<Interrupted>() {
             match &interrupted.next {
-                Some(next) => errln!("interrupted; {next}"),
-                None => errln!("interrupted"),
+                Some(next) => errln!("{interrupted}; {next}"),
+                None => errln!("{interrupted}"),
             }
-            return std::process::ExitCode::from(130);
+            return std::process::ExitCode::from(interrupted.exit_code());
         }
         cause = e.source();
     }

@@ -502,7 +502,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let seen = std::sync::Arc::new(std::sync::OnceLock::new());
             serve(coordinator, &config, listener, mgd3_common::termination_into(seen.clone())).await?;
             match seen.get() {
-                Some(mgd3_common::StopSignal::Interrupt) => Err(mgd3_common::Interrupted { next: None }.into()),
+                Some(mgd3_common::StopSignal::Interrupt) => {
+                    Err(mgd3_common::Interrupted { signal: mgd3_common::StopSignal::Interrupt, next: None }.into())
+                }
                 _ => Ok(()),
             }
         }
@@ -523,7 +525,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             if args.wait {
                 let url = &args.connection.coordinator;
                 let mut progress = Progress::new(url, args.progress.options());
-                let status = wait_for(&mut client, &response.job_id, &mut progress).await?;
+                // A signal stops the waiting, not the job: said, with how to watch it again.
+                let status = tokio::select! {
+                    status = wait_for(&mut client, &response.job_id, &mut progress) => status?,
+                    signal = mgd3_common::termination() => {
+                        let next = format!(
+                            "the job goes on: `coordinator status {0}` shows it, `coordinator cancel {0}` stops it",
+                            response.job_id
+                        );
+                        return Err(mgd3_common::Interrupted { signal, next: Some(next) }.into());
+                    }
+                };
                 exit_for(&status, url)?;
             }
             Ok(())
@@ -845,10 +857,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
         status = wait_for(&mut client, &job.job_id, &mut progress) => status,
         signal = mgd3_common::termination() => {
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
-            match signal {
-                mgd3_common::StopSignal::Interrupt => Err(mgd3_common::Interrupted { next: Some(next) }.into()),
-                mgd3_common::StopSignal::Terminate => Err(anyhow::anyhow!("stopped by SIGTERM; {next}")),
-            }
+            Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
         exits = all_exited(&mut workers) => Err(anyhow::anyhow!(
             "every local worker exited before the job finished ({exits}); see their errors above, then run again to continue"

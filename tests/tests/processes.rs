@@ -629,3 +629,44 @@ fn local_workers_stop_when_their_coordinator_run_is_killed() {
         })
     });
 }
+
+/// `submit --wait` stopped by a signal stops the waiting, not the job: it says so and how to
+/// watch or stop the job, and exits 128 + the signal (130 after Ctrl-C, 143 after SIGTERM).
+#[test]
+fn a_signal_stops_submit_wait_not_the_job() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 2, 4);
+    let store = scratch.path().join("store").display().to_string();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = serve(port, &store, &scratch.path().join("coordinator.log"), &[]);
+    wait_for("the coordinator", Duration::from_secs(30), || {
+        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
+    });
+    for (seed, number, code, said) in [(1, 15, 143, "stopped by SIGTERM"), (2, 2, 130, "interrupted")] {
+        let spec_path = scratch.path().join(format!("job{seed}.toml"));
+        std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 2, 2, seed, "")).unwrap();
+        let mut waiting = Killed(
+            Command::new(bin("coordinator"))
+                .args(["submit", spec_path.to_str().unwrap(), "--wait", "--coordinator", &url])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        // No worker: the job waits; once its id is printed, the command is waiting.
+        let mut job = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(waiting.0.stdout.take().unwrap()), &mut job).unwrap();
+        let job = job.trim().to_owned();
+        std::thread::sleep(Duration::from_millis(300));
+        signal(&waiting.0, number);
+        let exit = wait_exit(&mut waiting.0, "submit --wait after a signal", Duration::from_secs(10));
+        let mut text = String::new();
+        std::io::Read::read_to_string(waiting.0.stderr.as_mut().unwrap(), &mut text).unwrap();
+        assert_eq!(exit.code(), Some(code), "{text}");
+        assert!(text.contains(&format!("{said}; the job goes on: `coordinator status {job}`")), "{text}");
+        let state = status(&url, &job).unwrap();
+        assert_eq!(state["state"], "running", "the job goes on: {state}");
+    }
+}

@@ -517,7 +517,7 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let seen = std::sync::Arc::new(std::sync::OnceLock::new());
     runtime.block_on(crate::client::run(config, engine, mgd3_common::termination_into(seen.clone())))?;
     if seen.get() == Some(&mgd3_common::StopSignal::Interrupt) {
-        return Err(mgd3_common::Interrupted { next: None }.into());
+        return Err(mgd3_common::Interrupted { signal: mgd3_common::StopSignal::Interrupt, next: None }.into());
     }
     Ok(())
 }
