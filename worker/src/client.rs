@@ -178,24 +178,30 @@ impl<F: Future<Output = ()>> Stop<F> {
 struct Reach {
     since: Option<Instant>,
     limit: Option<Duration>,
+    /// The coordinator has answered over this URL once: its scheme is right, and an answer that
+    /// looks like a scheme mismatch is a connection cut mid-call (a coordinator killed while it
+    /// answered), to be retried.
+    answered_once: bool,
 }
 
 impl Reach {
     fn new(limit: Option<Duration>) -> Self {
-        Reach { since: None, limit }
+        Reach { since: None, limit, answered_once: false }
     }
 
     /// The coordinator answered.
     fn answered(&mut self) {
         self.since = None;
+        self.answered_once = true;
     }
 
     /// A call of `rpc` failed with a transport error; `Err` once the coordinator has not answered
-    /// for the limit, or at once when the answer shows the URL's scheme is wrong.
+    /// for the limit, or at once when the answer shows the URL's scheme is wrong (before the
+    /// coordinator ever answered).
     fn failed(&mut self, config: &WorkerConfig, rpc: &'static str, status: tonic::Status) -> Result<(), ClientError> {
         let since = *self.since.get_or_insert_with(Instant::now);
         let call = mgd3_common::rpc::CallError::of(&config.coordinator, rpc)(status);
-        if call.scheme_mismatch() {
+        if !self.answered_once && call.scheme_mismatch() {
             return Err(ClientError::WrongScheme { source: call });
         }
         match self.limit {
