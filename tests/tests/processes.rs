@@ -70,9 +70,10 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     for w in workers.iter_mut().skip(1) {
         terminate(&w.0);
     }
-    for w in workers.iter_mut().skip(1) {
+    for (i, w) in workers.iter_mut().enumerate().skip(1) {
         let status = wait_exit(&mut w.0, "a worker", Duration::from_secs(30));
-        assert!(status.success(), "worker exit {status}");
+        let log = std::fs::read_to_string(scratch.path().join(format!("worker{i}.log"))).unwrap_or_default();
+        assert!(status.success(), "worker exit {status}: {log}");
     }
 
     let job_dir = |root: &std::path::Path| root.join("jobs").join(&job);
@@ -428,27 +429,11 @@ fn a_worker_killed_at_any_write_of_its_commit_leaves_exactly_the_markers_files()
 /// command ends with the job's success (exit 0).
 #[test]
 fn submit_wait_survives_a_coordinator_restart() {
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    dataset(&data, 4, 6);
-    let store = scratch.path().join("store").display().to_string();
-    let spec_path = scratch.path().join("job.toml");
-    std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 4, 2, 5, "classes_per_shard = 1")).unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let JobScratch { dir: scratch, store, spec: spec_path } = job_scratch(4, 6, 2, 5, "classes_per_shard = 1");
     let log = scratch.path().join("coordinator.log");
-    // Lease grants are logged at DEBUG.
-    let mut coordinator = serve(port, &store, &log, &[("RUST_LOG", "info,mgd3_coordinator::service=debug".into())]);
-    let _worker = Killed(
-        Command::new(bin("worker"))
-            .args(["--coordinator", &url, "--worker-id", "w0", "--engine", "fake", "--fake-class-seconds", "1.5"])
-            .stderr(std::fs::File::create(scratch.path().join("worker.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the coordinator", Duration::from_secs(30), || {
-        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
-    });
+    let (mut coordinator, port, url) = serve_logging_leases(&store, &log);
+    let _worker = fake_worker(&url, "w0", "1.5", &scratch.path().join("worker.log"), &[]);
+    wait_for_coordinator(&url);
     let waiting = Command::new(bin("coordinator"))
         .args(["submit", spec_path.to_str().unwrap(), "--wait", "--coordinator", &url])
         .stdout(Stdio::piped())
@@ -486,13 +471,7 @@ fn on_a_terminal_log_lines_print_above_the_progress_bar() {
         eprintln!("note: skipping: script(1) is not installed");
         return;
     }
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    dataset(&data, 4, 4);
-    let out_dir = scratch.path().join("out");
-    let spec_path = scratch.path().join("job.toml");
-    let text = spec(&data.display().to_string(), &out_dir.display().to_string(), 4, 2, 3, "classes_per_shard = 1");
-    std::fs::write(&spec_path, text).unwrap();
+    let JobScratch { dir: scratch, spec: spec_path, .. } = job_scratch(4, 4, 2, 3, "classes_per_shard = 1");
     let command = format!(
         "{} run {} --local-workers 1 -- --engine fake --fake-class-seconds 0.4",
         bin("coordinator").display(),
@@ -523,25 +502,11 @@ fn on_a_terminal_log_lines_print_above_the_progress_bar() {
 /// outright left such workers behind.)
 #[test]
 fn a_worker_whose_coordinator_dies_mid_shard_gives_up() {
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    dataset(&data, 2, 6);
-    let store = scratch.path().join("store").display().to_string();
-    let spec_path = scratch.path().join("job.toml");
-    std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 2, 2, 5, "classes_per_shard = 2")).unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let JobScratch { dir: scratch, store, spec: spec_path } = job_scratch(2, 6, 2, 5, "classes_per_shard = 2");
     let log = scratch.path().join("coordinator.log");
-    let mut coordinator = serve(port, &store, &log, &[("RUST_LOG", "info,mgd3_coordinator::service=debug".into())]);
+    let (mut coordinator, _, url) = serve_logging_leases(&store, &log);
     let worker_log = scratch.path().join("worker.log");
-    let mut busy = Killed(
-        Command::new(bin("worker"))
-            .args(["--coordinator", &url, "--worker-id", "w0", "--engine", "fake", "--fake-class-seconds", "2"])
-            .args(["--give-up-after-s", "3"])
-            .stderr(std::fs::File::create(&worker_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut busy = fake_worker(&url, "w0", "2", &worker_log, &["--give-up-after-s", "3"]);
     submit(&url, &spec_path);
     wait_for("a leased shard", Duration::from_secs(30), || {
         std::fs::read_to_string(&log).is_ok_and(|text| text.contains("lease granted"))
@@ -570,9 +535,7 @@ fn a_worker_given_the_wrong_scheme_stops_at_once_naming_the_right_url() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let _coordinator = serve(port, &store, &scratch.path().join("coordinator.log"), &[]);
-    wait_for("the coordinator", Duration::from_secs(30), || {
-        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
-    });
+    wait_for_coordinator(&url);
     let log = scratch.path().join("worker.log");
     let wrong = format!("https://127.0.0.1:{port}");
     let mut worker = Killed(
@@ -594,13 +557,7 @@ fn a_worker_given_the_wrong_scheme_stops_at_once_naming_the_right_url() {
 /// until their give-up time (10 minutes by default), holding GPUs.
 #[test]
 fn local_workers_stop_when_their_coordinator_run_is_killed() {
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    dataset(&data, 4, 4);
-    let out_dir = scratch.path().join("out");
-    let spec_path = scratch.path().join("job.toml");
-    let text = spec(&data.display().to_string(), &out_dir.display().to_string(), 4, 2, 3, "classes_per_shard = 1");
-    std::fs::write(&spec_path, text).unwrap();
+    let JobScratch { dir: scratch, spec: spec_path, .. } = job_scratch(4, 4, 2, 3, "classes_per_shard = 1");
     let log = scratch.path().join("run.log");
     let mut run = Killed(
         Command::new(bin("coordinator"))
@@ -641,9 +598,7 @@ fn a_signal_stops_submit_wait_not_the_job() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let _coordinator = serve(port, &store, &scratch.path().join("coordinator.log"), &[]);
-    wait_for("the coordinator", Duration::from_secs(30), || {
-        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
-    });
+    wait_for_coordinator(&url);
     for (seed, number, code, said) in [(1, 15, 143, "stopped by SIGTERM"), (2, 2, 130, "interrupted")] {
         let spec_path = scratch.path().join(format!("job{seed}.toml"));
         std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 2, 2, seed, "")).unwrap();

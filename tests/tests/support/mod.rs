@@ -117,9 +117,7 @@ pub fn check_one_coordinator_per_store(store: &str, scratch: &Path, env: &[(&str
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut first = serve(port, store, &scratch.join("first.log"), env);
-    wait_for("the first coordinator", Duration::from_secs(30), || {
-        Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap().status.success()
-    });
+    wait_for_coordinator(&url);
     let second_log = scratch.join("second.log");
     let mut second = serve(free_port(), store, &second_log, env);
     let status = wait_exit(&mut second.0, "a second coordinator on a served store", Duration::from_secs(30));
@@ -136,6 +134,56 @@ pub fn check_one_coordinator_per_store(store: &str, scratch: &Path, env: &[(&str
     let text = std::fs::read_to_string(scratch.join("third.log")).unwrap();
     assert!(text.contains("taking over the store"), "{text}");
     third
+}
+
+/// A scratch folder for one job: an ImageFolder `data/` of `classes` × `per_class` images, a store
+/// folder `store/`, and `job.toml`, a [`spec`] of IPC `ipc` over all the classes into the store.
+pub struct JobScratch {
+    /// The folder (removed when dropped).
+    pub dir: tempfile::TempDir,
+    /// The store (and the job's output).
+    pub store: String,
+    /// The job spec.
+    pub spec: PathBuf,
+}
+
+/// A [`JobScratch`]; `extra` goes into the spec's top level (`classes_per_shard = 1`).
+pub fn job_scratch(classes: usize, per_class: usize, ipc: usize, seed: u64, extra: &str) -> JobScratch {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data, classes, per_class);
+    let store = dir.path().join("store").display().to_string();
+    let spec_path = dir.path().join("job.toml");
+    std::fs::write(&spec_path, spec(&data.display().to_string(), &store, classes, ipc, seed, extra)).unwrap();
+    JobScratch { dir, store, spec: spec_path }
+}
+
+/// `coordinator serve` on a free port logging lease grants (DEBUG of its service) to `log`:
+/// the process, its port and its URL.
+pub fn serve_logging_leases(store: &str, log: &Path) -> (Killed, u16, String) {
+    let port = free_port();
+    let server = serve(port, store, log, &[("RUST_LOG", "info,mgd3_coordinator::service=debug".into())]);
+    (server, port, format!("http://127.0.0.1:{port}"))
+}
+
+/// Waits until the coordinator at `url` answers `coordinator list`.
+pub fn wait_for_coordinator(url: &str) {
+    wait_for(&format!("the coordinator at {url}"), Duration::from_secs(30), || {
+        Command::new(bin("coordinator")).args(["list", "--coordinator", url]).output().unwrap().status.success()
+    });
+}
+
+/// A worker with the fake engine (`class_seconds` per class) against `url`, stderr in `log`,
+/// with `extra` flags.
+pub fn fake_worker(url: &str, id: &str, class_seconds: &str, log: &Path, extra: &[&str]) -> Killed {
+    Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", url, "--worker-id", id, "--engine", "fake", "--fake-class-seconds", class_seconds])
+            .args(extra)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// A worker process against `url`.
