@@ -471,7 +471,7 @@ fn on_a_terminal_log_lines_print_above_the_progress_bar() {
         eprintln!("note: skipping: script(1) is not installed");
         return;
     }
-    let JobScratch { dir: scratch, spec: spec_path, .. } = job_scratch(4, 4, 2, 3, "classes_per_shard = 1");
+    let JobScratch { dir: _scratch, spec: spec_path, .. } = job_scratch(4, 4, 2, 3, "classes_per_shard = 1");
     let command = format!(
         "{} run {} --local-workers 1 -- --engine fake --fake-class-seconds 0.4",
         bin("coordinator").display(),
