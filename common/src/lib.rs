@@ -49,11 +49,11 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Writes a message for a person to standard error; a closed standard error loses the message
-/// but, unlike `eprintln!`, does not panic.
+/// Writes a message for a person to standard error through [`telemetry::write_stderr`]: above
+/// a live progress bar like the log lines, and, unlike `eprintln!`, without a panic when standard
+/// error is closed.
 pub fn write_stderr_message(args: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = std::io::stderr().lock().write_fmt(args);
+    telemetry::write_stderr(args.to_string().as_bytes());
 }
 
 /// `print!` for results on standard output, ending the process quietly when its reader has gone
