@@ -9,6 +9,13 @@
 //!   [`IMG_EXTENSIONS`], case-insensitive; entries under a hidden name are skipped. Order: the
 //!   class folder's own files first, then each sub-folder in sorted path order, files sorted by
 //!   name within a folder (`sorted(os.walk(...))`), the same for every backend.
+//! - **The walk cannot loop or leave the class** (torchvision's walk can do both): a folder is
+//!   entered at most once per class (by device and inode), so a link cycle such as `again -> .`
+//!   is skipped; a link to a folder outside the class folder (`parent -> ..`, `other ->
+//!   ../n02`) is not followed, so a class never takes another class's images; a file reached
+//!   twice (a second link or hard link to it) counts once, under the name that comes first in the
+//!   order above. Links to *files* anywhere are followed: a class made of links into another tree
+//!   (a subset built with `ln -s`) is ordinary. Every skipped link is recorded by name.
 //! - **Names are kept as given**: a local name is used as the file system gives it (also when it is
 //!   not UTF-8), an object key as the listing gives it; nothing is re-encoded.
 //! - **Every skipped entry is counted** (hidden entries and files that are not images), with the
@@ -127,6 +134,60 @@ pub struct Skipped {
     pub not_images: u32,
     /// The first [`SKIPPED_EXAMPLES`] skipped names.
     pub examples: Vec<String>,
+    /// Links not followed and files reached a second time (see [`LinkSkip`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub links: u32,
+    /// The first [`SKIPPED_EXAMPLES`] of them, by name and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link_examples: Vec<SkippedLink>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// An entry of a local class folder that the walk did not take, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedLink {
+    /// Path below the class folder, `/`-separated.
+    pub path: String,
+    /// Why it was skipped.
+    pub reason: LinkSkip,
+}
+
+/// Why the walk skipped a link (or a second name of one file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LinkSkip {
+    /// A folder this class's walk has already entered: a link cycle (`again -> .`) or a second
+    /// link to one folder.
+    Cycle,
+    /// A link to a folder outside the class folder (`parent -> ..`): following it would take
+    /// other classes' or unrelated images.
+    OutsideClass {
+        /// Where the link leads, resolved.
+        target: String,
+    },
+    /// A file already listed under another name (a second symbolic or hard link to it).
+    SameFile {
+        /// The name it is listed under.
+        listed_as: String,
+    },
+}
+
+impl std::fmt::Display for SkippedLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.path.escape_debug();
+        match &self.reason {
+            LinkSkip::Cycle => write!(f, "`{path}` (a folder already listed: a link cycle or a second link)"),
+            LinkSkip::OutsideClass { target } => {
+                write!(f, "`{path}` (a link to `{}`, outside the class folder)", target.escape_debug())
+            }
+            LinkSkip::SameFile { listed_as } => {
+                write!(f, "`{path}` (the same file as `{}`)", listed_as.escape_debug())
+            }
+        }
+    }
 }
 
 impl Skipped {
@@ -141,21 +202,47 @@ impl Skipped {
         }
     }
 
-    /// Entries skipped in all.
-    pub fn total(&self) -> u32 {
-        self.hidden + self.not_images
+    fn add_link(&mut self, path: String, reason: LinkSkip) {
+        self.links += 1;
+        if self.link_examples.len() < SKIPPED_EXAMPLES {
+            self.link_examples.push(SkippedLink { path, reason });
+        }
     }
 
-    /// `"; skipped 2 hidden and 1 non-image entries (.x, a.txt)"`, or empty.
+    /// Entries skipped in all.
+    pub fn total(&self) -> u32 {
+        self.hidden + self.not_images + self.links
+    }
+
+    /// `"; skipped 2 hidden and 1 non-image entries (.x, a.txt); skipped 1 link(s): `again`
+    /// (…)"`, or empty.
     pub fn describe(&self) -> String {
-        if self.total() == 0 {
+        let mut text = String::new();
+        if self.hidden + self.not_images > 0 {
+            text = format!(
+                "; skipped {} hidden and {} non-image entries ({})",
+                self.hidden,
+                self.not_images,
+                self.examples.iter().map(|e| e.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        if self.links > 0 {
+            text.push_str(&format!("; {}", self.describe_links()));
+        }
+        text
+    }
+
+    /// `"skipped 2 link(s): `again` (…), `parent` (…)"`, or empty when no link was skipped.
+    pub fn describe_links(&self) -> String {
+        if self.links == 0 {
             return String::new();
         }
+        let more = self.links as usize - self.link_examples.len();
         format!(
-            "; skipped {} hidden and {} non-image entries ({})",
-            self.hidden,
-            self.not_images,
-            self.examples.iter().map(|e| e.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
+            "skipped {} link(s): {}{}",
+            self.links,
+            self.link_examples.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
         )
     }
 }
@@ -170,7 +257,51 @@ pub struct ClassListing {
     pub skipped: Skipped,
 }
 
+/// What submit recorded of a class's listing, so that a worker can tell whether the class is
+/// still the data the job was submitted with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListingSummary {
+    /// [`ClassListing::digest`]: names, sizes and versions.
+    pub digest: String,
+    /// [`ClassListing::names_digest`]: names and sizes only (a copy of the dataset made without
+    /// keeping modification times has the same).
+    pub names_digest: String,
+    /// Images listed.
+    pub images: u64,
+    /// Their bytes in all.
+    pub bytes: u64,
+}
+
+impl std::fmt::Display for ListingSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} images, {} bytes (listing {})",
+            self.images,
+            self.bytes,
+            &self.digest[..self.digest.len().min(19)]
+        )
+    }
+}
+
 impl ClassListing {
+    /// The listing's digest, image count and bytes.
+    pub fn summary(&self) -> ListingSummary {
+        ListingSummary {
+            digest: self.digest(),
+            names_digest: self.names_digest(),
+            images: self.images.len() as u64,
+            bytes: self.images.iter().map(|i| i.bytes).sum(),
+        }
+    }
+
+    /// A digest of the relative names and sizes: what stays when a dataset is copied without
+    /// its modification times (`cp -r` to node-local scratch).
+    pub fn names_digest(&self) -> String {
+        let text: String = self.images.iter().map(|i| format!("{}\t{}\n", i.relative, i.bytes)).collect();
+        crate::sha256_hex(text.as_bytes())
+    }
+
     /// A digest of the listing (relative names, sizes and versions): what decides a class's real
     /// images, short of reading them.
     pub fn digest(&self) -> String {
@@ -224,12 +355,28 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
     if !dir.is_dir() {
         return Err(ListError::ClassNotFound { class: class.into(), dir: dir.display().to_string() });
     }
+    let io_at = |path: &Path| {
+        let dir = path.display().to_string();
+        move |source| ListError::Io { dir, source }
+    };
+    // Where the class folder really is: a link that leads out of it is not followed.
+    let inside = std::fs::canonicalize(&dir).map_err(io_at(&dir))?;
+    let mut entered = std::collections::HashSet::new();
+    entered.insert(file_id(&std::fs::metadata(&dir).map_err(io_at(&dir))?));
     let mut listing = ClassListing::default();
-    let mut stack = vec![(dir.clone(), String::new(), 0usize)];
-    while let Some((folder, relative, depth)) = stack.pop() {
-        let io = |source| ListError::Io { dir: folder.display().to_string(), source };
-        for entry in std::fs::read_dir(&folder).map_err(io)? {
-            let entry = entry.map_err(io)?;
+    let mut found = Vec::new();
+    // Folders are walked in sorted path order and entries sorted by name, so which of two names
+    // of one folder is listed (and which is a skipped link) is the same on every machine.
+    let mut queue = std::collections::BTreeMap::new();
+    queue.insert((String::new(), 0usize), (dir.clone(), 0usize));
+    let mut queued = 0;
+    while let Some(((relative, _), (folder, depth))) = queue.pop_first() {
+        let mut entries = std::fs::read_dir(&folder)
+            .map_err(io_at(&folder))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io_at(&folder))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
             let name = entry.file_name();
             let shown = name.to_string_lossy().into_owned();
             let path = entry.path();
@@ -244,8 +391,21 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
                 continue;
             };
             if meta.is_dir() {
-                if depth < MAX_DEPTH {
-                    stack.push((path, rel, depth + 1));
+                let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+                if is_link {
+                    let target = std::fs::canonicalize(&path)
+                        .map_err(|source| ListError::Io { dir: path.display().to_string(), source })?;
+                    if !target.starts_with(&inside) {
+                        let target = target.display().to_string();
+                        listing.skipped.add_link(rel, LinkSkip::OutsideClass { target });
+                        continue;
+                    }
+                }
+                if !entered.insert(file_id(&meta)) {
+                    listing.skipped.add_link(rel, LinkSkip::Cycle);
+                } else if depth < MAX_DEPTH {
+                    queued += 1;
+                    queue.insert((rel, queued), (path, depth + 1));
                 }
             } else if is_image_name(&shown) {
                 let version = meta
@@ -253,18 +413,36 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
                     .ok()
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_nanos().to_string());
-                listing.images.push(ImageRef {
-                    relative: rel,
-                    source: ImageSource::Local(path),
-                    bytes: meta.len(),
-                    version,
-                });
+                let image = ImageRef { relative: rel, source: ImageSource::Local(path), bytes: meta.len(), version };
+                found.push((image, file_id(&meta)));
             } else {
                 listing.skipped.add(false, rel);
             }
         }
     }
+    // One file reached under two names counts once, under the name that comes first in the
+    // rule's order.
+    found.sort_by_cached_key(|(i, _)| order(&i.relative));
+    let mut first_name = std::collections::HashMap::new();
+    for (image, id) in found {
+        match first_name.entry(id) {
+            std::collections::hash_map::Entry::Occupied(seen) => {
+                let listed_as: &String = seen.get();
+                listing.skipped.add_link(image.relative.clone(), LinkSkip::SameFile { listed_as: listed_as.clone() });
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(image.relative.clone());
+                listing.images.push(image);
+            }
+        }
+    }
     finish(class, dir.display().to_string(), listing)
+}
+
+/// A file's identity on this machine: (device, inode).
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
 }
 
 /// Lists class `class` of the ImageFolder at `root` in an object store.
@@ -525,6 +703,69 @@ mod tests {
             let bytes = store.store.get(key).await.unwrap().bytes().await.unwrap();
             assert_eq!(bytes.len() as u64, image.bytes, "{}", image.relative);
         }
+    }
+
+    /// Links of every shape: the walk enters a folder once, never leaves the class through a
+    /// folder link, counts a file once however many names it has, and names what it skipped.
+    #[test]
+    fn links_cannot_loop_or_leave_the_class() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("train");
+        let elsewhere = dir.path().join("elsewhere");
+        for path in ["a/1.png", "a/2.png", "a/sub/3.png", "b/4.png", "c/5.png"] {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"12345").unwrap();
+        }
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("far.png"), b"123").unwrap();
+        std::fs::create_dir_all(elsewhere.join("folder")).unwrap();
+        std::fs::write(elsewhere.join("folder/6.png"), b"123").unwrap();
+        // Class a: a cycle to itself, a cycle from below, a second name of a folder, a second
+        // name (soft and hard) of a file, and a file linked from outside the dataset.
+        symlink(".", root.join("a/again")).unwrap();
+        symlink("..", root.join("a/sub/up")).unwrap();
+        symlink("sub", root.join("a/alias")).unwrap();
+        symlink("1.png", root.join("a/one-more.png")).unwrap();
+        std::fs::hard_link(root.join("a/2.png"), root.join("a/sub/2-hard.png")).unwrap();
+        symlink(elsewhere.join("far.png"), root.join("a/far.png")).unwrap();
+        // Class b: links to the dataset root, a sibling class and a folder outside the dataset.
+        symlink("..", root.join("b/parent")).unwrap();
+        symlink("../c", root.join("b/sibling")).unwrap();
+        symlink(elsewhere.join("folder"), root.join("b/outside")).unwrap();
+
+        let a = list_local_class(&root, "a").unwrap();
+        let names: Vec<_> = a.images.iter().map(|i| i.relative.as_str()).collect();
+        // `alias` sorts before `sub`, so sub's files are listed under it, once.
+        assert_eq!(names, ["1.png", "2.png", "far.png", "alias/3.png"], "{:?}", a.skipped);
+        assert_eq!(a.skipped.links, 5, "{:?}", a.skipped.link_examples);
+        let reason = |path: &str| a.skipped.link_examples.iter().find(|l| l.path == path).map(|l| l.reason.clone());
+        assert_eq!(reason("again"), Some(LinkSkip::Cycle));
+        assert_eq!(reason("alias/up"), Some(LinkSkip::Cycle));
+        assert_eq!(reason("sub"), Some(LinkSkip::Cycle));
+        assert_eq!(reason("one-more.png"), Some(LinkSkip::SameFile { listed_as: "1.png".into() }));
+        assert_eq!(reason("alias/2-hard.png"), Some(LinkSkip::SameFile { listed_as: "2.png".into() }));
+        let text = a.skipped.describe();
+        assert!(text.contains("skipped 5 link(s)") && text.contains("`again` (a folder already listed"), "{text}");
+
+        let b = list_local_class(&root, "b").unwrap();
+        let names: Vec<_> = b.images.iter().map(|i| i.relative.as_str()).collect();
+        assert_eq!(names, ["4.png"], "{:?}", b.skipped);
+        assert_eq!(b.skipped.links, 3);
+        assert!(
+            b.skipped.link_examples.iter().all(|l| matches!(l.reason, LinkSkip::OutsideClass { .. })),
+            "{:?}",
+            b.skipped.link_examples
+        );
+        // A class folder that is itself a link (a dataset staged as links) is walked as usual.
+        symlink(root.join("c"), root.join("d")).unwrap();
+        let d = list_local_class(&root, "d").unwrap();
+        assert_eq!((d.images.len(), d.skipped.links), (1, 0));
+        // The marker keeps what was skipped; a listing without links serialises as before.
+        let json = serde_json::to_string(&a.skipped).unwrap();
+        assert_eq!(serde_json::from_str::<Skipped>(&json).unwrap(), a.skipped);
+        assert!(!serde_json::to_string(&d.skipped).unwrap().contains("link"));
     }
 
     #[test]

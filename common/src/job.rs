@@ -470,6 +470,11 @@ pub struct ClassRef {
     pub label: i64,
     /// Position of the class in the job's class list; seeds its RNG streams ([`crate::seed`]).
     pub class_index: u64,
+    /// The class's listing as submit saw it: a worker distils the class only while its listing
+    /// is the same (jobs submitted before this was recorded have none and are not checked). Not
+    /// part of the fingerprint, which covers the listings through their digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listing: Option<crate::imagefolder::ListingSummary>,
 }
 
 /// A job after submit: spec with absolute locations and fingerprints, class list, shard plan.
@@ -736,7 +741,7 @@ impl JobSpec {
                         }])
                     })? as i64,
                 };
-                Ok(ClassRef { wnid, label, class_index: index as u64 })
+                Ok(ClassRef { wnid, label, class_index: index as u64, listing: None })
             })
             .collect()
     }
@@ -755,7 +760,7 @@ impl JobSpec {
             #[serde(skip_serializing_if = "Option::is_none")]
             data: Option<&'a str>,
             dataset: &'a str,
-            classes: &'a [ClassRef],
+            classes: Vec<ClassIdentity<'a>>,
             ipc: usize,
             seed: u64,
             sampling: &'a SamplingSpec,
@@ -763,10 +768,20 @@ impl JobSpec {
             vae_encoder: &'a Option<String>,
             vae_decoder: &'a Option<String>,
         }
+        // What a class was always fingerprinted by; its recorded listing is covered by `data`.
+        #[derive(Serialize)]
+        struct ClassIdentity<'a> {
+            wnid: &'a str,
+            label: i64,
+            class_index: u64,
+        }
         let identity = Identity {
             data,
             dataset: &self.dataset,
-            classes,
+            classes: classes
+                .iter()
+                .map(|c| ClassIdentity { wnid: &c.wnid, label: c.label, class_index: c.class_index })
+                .collect(),
             ipc: self.ipc,
             seed: self.seed,
             sampling: &self.sampling,
@@ -865,7 +880,7 @@ vae_decoder = "m/dec.onnx"
         );
         let classes = spec.class_list(|| unreachable!()).unwrap();
         assert_eq!(classes.len(), 10);
-        assert_eq!(classes[1], ClassRef { wnid: "n02102040".into(), label: 217, class_index: 1 });
+        assert_eq!(classes[1], ClassRef { wnid: "n02102040".into(), label: 217, class_index: 1, listing: None });
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub struct Registration {
     /// Models it has loaded: the path or URL as a job spec's `[models]` names it →
     /// `sha256:<hex>` of the file it loaded from there.
     pub model_fingerprints: BTreeMap<String, String>,
+    /// The worker process's id.
+    pub pid: u32,
+    /// A random id drawn once per worker process (empty from workers that predate it): a second
+    /// live process registering under the same worker id has another.
+    pub instance: String,
 }
 
 /// A running job a worker will get no lease of, and why.
@@ -68,6 +73,10 @@ pub enum Disposition {
     Elsewhere,
     /// Give the lease back without spending an attempt (the worker is stopping).
     Release,
+    /// Pause the job without spending an attempt: its output store refuses writes for good
+    /// (full, over quota, read-only, no permission), so no attempt anywhere can commit until a
+    /// person has acted.
+    Pause,
 }
 
 /// A shard attempt that did not finish.

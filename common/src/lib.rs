@@ -160,27 +160,23 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
-/// Fingerprint of a model file: sha256 over the file and its external-data file
-/// (`<model>.data`) when present, as `sha256:<hex>`.
+/// Fingerprint of a model: sha256 over the model file followed by every external-data file it
+/// names ([`modelmeta::model_files`], in order of first use), as `sha256:<hex>`. For a model
+/// saved as `<model>` + `<model>.data` this is the fingerprint mgd3 has always computed.
 ///
 /// # Errors
-/// The I/O error when a file cannot be opened or read.
-pub fn fingerprint_file(path: &std::path::Path) -> std::io::Result<String> {
+/// [`modelmeta::ModelFilesError`] when a file cannot be read, or an external-data file is missing
+/// or outside the model's folder.
+pub fn fingerprint_file(path: &std::path::Path) -> Result<String, modelmeta::ModelFilesError> {
     use sha2::Digest;
     use std::io::Read;
     let mut hasher = sha2::Sha256::new();
-    let mut data_path = path.as_os_str().to_owned();
-    data_path.push(".data");
-    let data_path = std::path::PathBuf::from(data_path);
-    let mut files = vec![path.to_owned()];
-    if data_path.exists() {
-        files.push(data_path);
-    }
     let mut buffer = vec![0u8; 1 << 20];
-    for file in files {
-        let mut reader = std::fs::File::open(&file)?;
+    for file in modelmeta::model_files(path)? {
+        let io = |source| modelmeta::ModelFilesError::Io { path: file.clone(), source };
+        let mut reader = std::fs::File::open(&file).map_err(io)?;
         loop {
-            let n = reader.read(&mut buffer)?;
+            let n = reader.read(&mut buffer).map_err(io)?;
             if n == 0 {
                 break;
             }

@@ -3,10 +3,19 @@
 //! graph inputs. The file is scanned as protobuf, seeking past everything else (weights
 //! included), so a multi-GB model costs a few reads.
 //!
+//! It also finds every external-data file a model loads ([`model_files`]): the `location` of each
+//! tensor stored outside the `.onnx` (initializers, sparse initializers, tensors in node
+//! attributes, in subgraphs too), whatever the files are called (`model.onnx.data` as
+//! `scripts/export_onnx.py` writes, `model.onnx_data` as HF optimum and `torch.onnx` do, one
+//! file per tensor, subfolders).
+//!
 //! Protobuf fields used (onnx.proto): ModelProto.graph = 7, ModelProto.metadata_props = 14;
 //! StringStringEntryProto.key = 1, .value = 2; GraphProto.input = 11; ValueInfoProto.name = 1,
 //! .type = 2; TypeProto.tensor_type = 1; Tensor.shape = 2; TensorShapeProto.dim = 1;
-//! Dimension.dim_value = 1, .dim_param = 2.
+//! Dimension.dim_value = 1, .dim_param = 2; GraphProto.node = 1, .initializer = 5,
+//! .sparse_initializer = 15; NodeProto.attribute = 5; AttributeProto.t = 5, .g = 6,
+//! .tensors = 10, .graphs = 11; SparseTensorProto.values = 1, .indices = 2;
+//! TensorProto.external_data = 13.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -198,6 +207,147 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
     Ok(meta)
 }
 
+/// Why the files of a model cannot be listed, or cannot all be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFilesError {
+    /// A file of the model cannot be read.
+    #[error("cannot read `{path}`")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external-data location that ONNX Runtime refuses to load: absolute, or leading out of
+    /// the model's folder.
+    #[error(
+        "model `{model}` keeps weights in `{location}`, outside its own folder; ONNX Runtime loads external data \
+         only from paths relative to the model's folder: re-save the model with its weights beside it \
+         (onnx.save_model(..., save_as_external_data=True, location=\"<name>.onnx.data\"))"
+    )]
+    OutsideFolder {
+        /// The model file.
+        model: std::path::PathBuf,
+        /// The location as the model writes it.
+        location: String,
+    },
+    /// An external-data file the model names does not exist beside it.
+    #[error(
+        "model `{model}` keeps weights in `{location}`, which is not there (looked for `{path}`): copy every file \
+         the model was saved with into its folder"
+    )]
+    Missing {
+        /// The model file.
+        model: std::path::PathBuf,
+        /// The location as the model writes it.
+        location: String,
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+    },
+}
+
+/// A TensorProto: records its external-data `location`, if any.
+fn tensor<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<String>) -> std::io::Result<()> {
+    fields(r, n, |field, r, n| {
+        if field != 13 {
+            return Ok(false);
+        }
+        let (mut key, mut value) = (String::new(), String::new());
+        in_memory(bytes(r, n)?, |field, r, n| {
+            match field {
+                1 => key = string(r, n)?,
+                2 => value = string(r, n)?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        if key == "location" && !found.contains(&value) {
+            found.push(value);
+        }
+        Ok(true)
+    })
+}
+
+/// A GraphProto: the external-data locations of its initializers and node attributes, and of
+/// its subgraphs'.
+fn graph<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<String>) -> std::io::Result<()> {
+    fields(r, n, |field, r, n| match field {
+        5 => tensor(r, n, found).map(|()| true),
+        15 => fields(r, n, |field, r, n| match field {
+            1 | 2 => tensor(r, n, found).map(|()| true),
+            _ => Ok(false),
+        })
+        .map(|()| true),
+        1 => fields(r, n, |field, r, n| {
+            if field != 5 {
+                return Ok(false);
+            }
+            fields(r, n, |field, r, n| match field {
+                5 | 10 => tensor(r, n, found).map(|()| true),
+                6 | 11 => graph(r, n, found).map(|()| true),
+                _ => Ok(false),
+            })
+            .map(|()| true)
+        })
+        .map(|()| true),
+        _ => Ok(false),
+    })
+}
+
+/// The external-data locations the ONNX model at `path` names, in order of first use, each once
+/// (empty for a model that keeps its weights inside).
+///
+/// # Errors
+/// I/O errors, and `InvalidData` for a file that is not an ONNX model.
+pub fn external_data_locations(path: &Path) -> std::io::Result<Vec<String>> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut r = BufReader::new(file);
+    let mut found = Vec::new();
+    fields(&mut r, len, |field, r, n| match field {
+        7 => graph(r, n, &mut found).map(|()| true),
+        _ => Ok(false),
+    })?;
+    Ok(found)
+}
+
+/// Every file ONNX Runtime reads to load the model at `path`: the model, then each external-data
+/// file its tensors name, in order of first use. A file that does not parse as ONNX is listed
+/// alone (loading it fails later, with ONNX Runtime's own message).
+///
+/// # Errors
+/// [`ModelFilesError::Io`] when the model cannot be read, [`ModelFilesError::OutsideFolder`] for
+/// an absolute location or one leading out of the model's folder, [`ModelFilesError::Missing`]
+/// for a named file that is not there.
+pub fn model_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesError> {
+    let locations = match external_data_locations(path) {
+        Ok(locations) => locations,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Vec::new()
+        }
+        Err(source) => return Err(ModelFilesError::Io { path: path.to_owned(), source }),
+    };
+    let folder = path.parent().unwrap_or(Path::new(""));
+    let mut files = vec![path.to_owned()];
+    for location in locations {
+        let relative = Path::new(&location);
+        let escapes = relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+        if escapes || location.is_empty() {
+            return Err(ModelFilesError::OutsideFolder { model: path.to_owned(), location });
+        }
+        let file = folder.join(relative);
+        if !file.is_file() {
+            return Err(ModelFilesError::Missing { model: path.to_owned(), location, path: file });
+        }
+        files.push(file);
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +367,112 @@ mod tests {
         assert_eq!(encoder.get::<i64>("mgd3.image_size"), Some(16));
         let error = read_model_meta(&fixture("../../../README.md")).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+    }
+
+    /// Protobuf by hand: a length-delimited field.
+    fn ld(field: u64, body: &[u8]) -> Vec<u8> {
+        fn varint(mut v: u64, out: &mut Vec<u8>) {
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(byte);
+                    return;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+        let mut out = Vec::new();
+        varint(field << 3 | 2, &mut out);
+        varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A TensorProto named `name` whose data lives in `location`.
+    fn external_tensor(name: &str, location: &str) -> Vec<u8> {
+        let entry = [ld(1, b"location"), ld(2, location.as_bytes())].concat();
+        let offset = [ld(1, b"offset"), ld(2, b"0")].concat();
+        [ld(8, name.as_bytes()), ld(13, &entry), ld(13, &offset), vec![14 << 3, 1]].concat()
+    }
+
+    /// A model whose graph has `initializers` and one node holding `attribute_tensor` in an
+    /// attribute and `subgraph_tensor` in a subgraph's initializer.
+    fn model(initializers: &[&str], attribute: Option<&str>, subgraph: Option<&str>) -> Vec<u8> {
+        let mut graph: Vec<u8> = initializers.iter().flat_map(|l| ld(5, &external_tensor("w", l))).collect();
+        let mut attributes = Vec::new();
+        if let Some(location) = attribute {
+            attributes.extend(ld(5, &[ld(1, b"value"), ld(5, &external_tensor("c", location))].concat()));
+        }
+        if let Some(location) = subgraph {
+            let inner = ld(5, &external_tensor("s", location));
+            attributes.extend(ld(5, &[ld(1, b"then_branch"), ld(6, &inner)].concat()));
+        }
+        if !attributes.is_empty() {
+            // A NodeProto holding the attributes.
+            graph.extend(ld(1, &attributes));
+        }
+        [ld(7, &graph), ld(14, &[ld(1, b"mgd3.kind"), ld(2, b"dit")].concat())].concat()
+    }
+
+    /// Every external-data file a model loads is found, whatever it is called and wherever the
+    /// tensor sits; its fingerprint covers them all; a layout ONNX Runtime cannot load is an
+    /// error naming the location.
+    #[test]
+    fn every_external_data_file_is_found_and_fingerprinted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::create_dir_all(dir.path().join("weights")).unwrap();
+        for (file, bytes) in
+            [("m.onnx_data", b"aaaa"), ("weights/b.bin", b"bbbb"), ("c.bin", b"cccc"), ("s.bin", b"ssss")]
+        {
+            std::fs::write(dir.path().join(file), bytes).unwrap();
+        }
+        std::fs::write(&path, model(&["m.onnx_data", "weights/b.bin", "m.onnx_data"], Some("c.bin"), Some("s.bin")))
+            .unwrap();
+        assert_eq!(read_model_meta(&path).unwrap().metadata["mgd3.kind"], "dit");
+        assert_eq!(external_data_locations(&path).unwrap(), ["m.onnx_data", "weights/b.bin", "c.bin", "s.bin"]);
+        let files = model_files(&path).unwrap();
+        assert_eq!(files.len(), 5);
+        // Each file's bytes move the fingerprint.
+        let before = crate::fingerprint_file(&path).unwrap();
+        for file in ["m.onnx_data", "weights/b.bin", "c.bin", "s.bin"] {
+            std::fs::write(dir.path().join(file), b"zzzz").unwrap();
+            let after = crate::fingerprint_file(&path).unwrap();
+            assert_ne!(before, after, "{file} is not in the fingerprint");
+        }
+        // Layouts ONNX Runtime refuses, or files that are not there, are errors naming them.
+        for (location, outside) in [("../x.bin", true), ("/abs/x.bin", true), ("gone.bin", false)] {
+            std::fs::write(&path, model(&[location], None, None)).unwrap();
+            let error = model_files(&path).unwrap_err();
+            assert_eq!(matches!(error, ModelFilesError::OutsideFolder { .. }), outside, "{error}");
+            assert!(error.to_string().contains(location), "{error}");
+            assert!(crate::fingerprint_file(&path).is_err());
+        }
+    }
+
+    /// A model saved as `<model>` + `<model>.data` keeps the fingerprint mgd3 always gave it (the
+    /// two files' bytes in a row), so jobs submitted before keep their ids; a `.data` file the
+    /// model does not name is no longer part of it.
+    #[test]
+    fn the_usual_layout_keeps_its_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let graph = model(&["m.onnx.data"], None, None);
+        std::fs::write(&path, &graph).unwrap();
+        std::fs::write(dir.path().join("m.onnx.data"), b"weights").unwrap();
+        let old = crate::sha256_hex(&[graph.as_slice(), b"weights"].concat());
+        assert_eq!(crate::fingerprint_file(&path).unwrap(), old);
+        let inside = model(&[], None, None);
+        std::fs::write(&path, &inside).unwrap();
+        assert_eq!(crate::fingerprint_file(&path).unwrap(), crate::sha256_hex(&inside));
+    }
+
+    /// The shipped fixture with HF optimum's name and a second file in a subfolder.
+    #[test]
+    fn the_external_fixture_names_both_its_files() {
+        let locations = external_data_locations(&fixture("external/tiny_vae_decoder.onnx")).unwrap();
+        assert_eq!(locations, ["model.onnx_data", "weights/rest.bin"]);
+        assert!(external_data_locations(&fixture("tiny_vae_decoder.onnx")).unwrap().is_empty());
     }
 }

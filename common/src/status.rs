@@ -18,6 +18,9 @@ pub enum JobState {
     Cancelled,
     /// The job's records in the state store are damaged; it is not scheduled until repaired.
     Quarantined,
+    /// The output store refused a write for good (full, over quota, read-only, no permission):
+    /// nothing is leased until a person has acted and run `coordinator resume`.
+    Paused,
 }
 
 impl JobState {
@@ -29,6 +32,7 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
             JobState::Quarantined => "quarantined",
+            JobState::Paused => "paused",
         }
     }
 

@@ -48,6 +48,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A model in an object store names external data that cannot be fetched beside it.
+    #[error(transparent)]
+    ModelFiles(#[from] crate::modelmeta::ModelFilesError),
 }
 
 /// A store and the key prefix a URL names inside it.
@@ -294,7 +297,8 @@ pub const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Runs an idempotent store operation, retrying transport failures the client itself does not
 /// retry (a PUT or COPY whose connection dropped mid-request: it may have happened, so the client
 /// leaves the decision to the caller) with the same backoff, until [`STORE_RETRY_TIMEOUT`] has
-/// passed. Answers that mean something (not found, already exists, denied) are returned at once.
+/// passed. Answers that mean something (not found, already exists, denied) and refusals no retry
+/// can fix ([`Refusal`]: a full disk, a read-only file system) are returned at once.
 ///
 /// # Errors
 /// The operation's last error: a non-transient one at once, a transient one after
@@ -309,13 +313,72 @@ where
     loop {
         match operation().await {
             Err(object_store::Error::Generic { store, source })
-                if started.elapsed() < STORE_RETRY_TIMEOUT && !io_not_found(source.as_ref()) =>
+                if started.elapsed() < STORE_RETRY_TIMEOUT
+                    && !io_not_found(source.as_ref())
+                    && Refusal::of_cause(source.as_ref()).is_none() =>
             {
                 tracing::debug!(store, error = %source, retry_in_ms = backoff.as_millis() as u64, "store call failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             other => return other,
+        }
+    }
+}
+
+/// A store refusal that no retry can fix: a person must act before anything more is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No space left, or over quota (ENOSPC, EDQUOT).
+    Full,
+    /// A read-only file system (EROFS).
+    ReadOnly,
+    /// No permission (EACCES, EPERM; an object store's 401/403).
+    Denied,
+}
+
+impl Refusal {
+    /// The refusal behind a store error, if it is one.
+    pub fn of(error: &object_store::Error) -> Option<Refusal> {
+        match error {
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                Some(Refusal::Denied)
+            }
+            object_store::Error::Generic { source, .. } => Refusal::of_cause(source.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The refusal in an error's cause chain (an I/O error of the local file system), if any.
+    pub fn of_cause(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Refusal::of_io(io);
+            }
+            cause = e.source();
+        }
+        None
+    }
+
+    /// The refusal an I/O error is, if any.
+    pub fn of_io(error: &std::io::Error) -> Option<Refusal> {
+        use std::io::ErrorKind;
+        // Linux errno values: ENOSPC 28, EDQUOT 122, EROFS 30, EPERM 1, EACCES 13.
+        match (error.kind(), error.raw_os_error()) {
+            (ErrorKind::StorageFull | ErrorKind::QuotaExceeded, _) | (_, Some(28 | 122)) => Some(Refusal::Full),
+            (ErrorKind::ReadOnlyFilesystem, _) | (_, Some(30)) => Some(Refusal::ReadOnly),
+            (ErrorKind::PermissionDenied, _) | (_, Some(1 | 13)) => Some(Refusal::Denied),
+            _ => None,
+        }
+    }
+
+    /// What a person does about it, in a few words.
+    pub fn remedy(self) -> &'static str {
+        match self {
+            Refusal::Full => "free space or raise the quota",
+            Refusal::ReadOnly => "make the output writable (it is on a read-only file system)",
+            Refusal::Denied => "give the workers write permission on the output",
         }
     }
 }
@@ -443,14 +506,16 @@ pub async fn put_large(store: &dyn ObjectStore, key: &Path, bytes: Vec<u8>) -> o
     Ok(())
 }
 
-/// Where a model file is read from: a local path as is, or an object-store URL downloaded (with
-/// its `<name>.data` external-data file, when there is one) into `cache_dir/<hash of URL>/<name>`,
-/// keeping the file name the model's external-data reference expects. Downloads are atomic
-/// (temporary file + rename) and reused while the object's size is unchanged.
+/// Where a model file is read from: a local path as is, or an object-store URL downloaded, with
+/// every external-data file it names ([`crate::modelmeta::external_data_locations`], whatever
+/// their names and subfolders), into `cache_dir/<hash of URL>/`, keeping the relative paths the
+/// model's references expect. Downloads are atomic (temporary file + rename) and reused while the
+/// object's size, ETag and modification time are unchanged.
 ///
 /// # Errors
-/// Those of [`open`]; [`StoreError::Open`] when the model (or an external-data file that exists)
-/// cannot be read; [`StoreError::LocalDir`] when the cache folder or file cannot be written.
+/// Those of [`open`]; [`StoreError::Open`] when the model or one of its external-data files
+/// cannot be read; [`StoreError::ModelFiles`] for an external-data location outside the model's
+/// folder; [`StoreError::LocalDir`] when the cache folder or file cannot be written.
 pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::path::PathBuf, StoreError> {
     let local = url.strip_prefix("file://").unwrap_or(url);
     if !is_url(local) {
@@ -461,49 +526,89 @@ pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::
     let dir = cache_dir.join(&crate::sha256_hex(url.as_bytes())[7..23]);
     let local_err = |source| StoreError::LocalDir { path: dir.display().to_string(), source };
     std::fs::create_dir_all(&dir).map_err(local_err)?;
-    let data_key = Path::from(format!("{}.data", location.prefix.as_ref()));
-    for (key, file, required) in
-        [(location.prefix.clone(), name.clone(), true), (data_key, format!("{name}.data"), false)]
-    {
-        let target = dir.join(&file);
-        let meta = match location.store.head(&key).await {
-            Ok(meta) => meta,
-            Err(e) if !required && is_not_found(&e) => continue,
-            Err(source) => return Err(StoreError::Open { url: format!("{url} ({key})"), source }),
-        };
-        if std::fs::metadata(&target).is_ok_and(|m| m.len() == meta.size) {
-            continue;
+    // The model first, then every external-data file it names (read from the fetched copy), as
+    // one set: a model is never loaded with another model's weights or without its own.
+    fetch_object(&location, &location.prefix, &dir, &name, url).await?;
+    let model = dir.join(&name);
+    let locations = crate::modelmeta::external_data_locations(&model).unwrap_or_default();
+    let folder = location.prefix.parts().collect::<Vec<_>>();
+    let folder = &folder[..folder.len().saturating_sub(1)];
+    for relative in locations {
+        let escapes = std::path::Path::new(&relative)
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+        if escapes || relative.is_empty() {
+            return Err(StoreError::ModelFiles(crate::modelmeta::ModelFilesError::OutsideFolder {
+                model: std::path::PathBuf::from(url),
+                location: relative,
+            }));
         }
-        // Streamed to disk (a DiT-XL/2 is 2.7 GB; nothing of that size is held in memory), with a
-        // progress line every few seconds.
-        let open_err = |source| StoreError::Open { url: format!("{url} ({key})"), source };
-        let mut stream = location.store.get(&key).await.map_err(open_err)?.into_stream();
-        let partial = dir.join(format!("{file}.partial"));
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(local_err)?);
-        tracing::info!(model = %url, file = %file, mb = meta.size / 1_000_000, cache = %dir.display(), "downloading model");
-        let (started, mut reported, mut written) = (std::time::Instant::now(), std::time::Instant::now(), 0u64);
-        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-            let chunk = chunk.map_err(open_err)?;
-            std::io::Write::write_all(&mut out, &chunk).map_err(local_err)?;
-            written += chunk.len() as u64;
-            if reported.elapsed() >= std::time::Duration::from_secs(5) {
-                reported = std::time::Instant::now();
-                tracing::info!(
-                    model = %url,
-                    file = %file,
-                    done_mb = written / 1_000_000,
-                    of_mb = meta.size / 1_000_000,
-                    mb_per_s = (written as f64 / 1e6 / started.elapsed().as_secs_f64()).round(),
-                    "downloading model"
-                );
-            }
+        let key: Path = folder
+            .iter()
+            .cloned()
+            .chain(relative.split('/').filter(|p| !p.is_empty() && *p != ".").map(object_store::path::PathPart::from))
+            .collect();
+        let target = std::path::Path::new(&relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(dir.join(parent)).map_err(local_err)?;
         }
-        let file_handle = out.into_inner().map_err(|e| local_err(e.into_error()))?;
-        file_handle.sync_all().map_err(local_err)?;
-        drop(file_handle);
-        std::fs::rename(&partial, &target).map_err(local_err)?;
+        fetch_object(&location, &key, &dir, &relative, url).await?;
     }
-    Ok(dir.join(name))
+    Ok(model)
+}
+
+/// Fetches object `key` of the model at `url` into `dir/file`, unless a file of the object's size
+/// is already there.
+async fn fetch_object(
+    location: &Location,
+    key: &Path,
+    dir: &std::path::Path,
+    file: &str,
+    url: &str,
+) -> Result<(), StoreError> {
+    let local_err = |source| StoreError::LocalDir { path: dir.display().to_string(), source };
+    let target = dir.join(file);
+    let open_err = |source| StoreError::Open { url: format!("{url} ({key})"), source };
+    let meta = location.store.head(key).await.map_err(open_err)?;
+    // What the object is now: a file rewritten in place with the same size (new weights of the
+    // same shapes) is fetched again.
+    let version =
+        format!("{}\t{}\t{}", meta.size, meta.e_tag.as_deref().unwrap_or(""), meta.last_modified.timestamp_micros());
+    let version_file = dir.join(format!("{file}.version"));
+    if std::fs::metadata(&target).is_ok_and(|m| m.len() == meta.size)
+        && std::fs::read_to_string(&version_file).is_ok_and(|v| v == version)
+    {
+        return Ok(());
+    }
+    // Streamed to disk (a DiT-XL/2 is 2.7 GB; nothing of that size is held in memory), with a
+    // progress line every few seconds.
+    let mut stream = location.store.get(key).await.map_err(open_err)?.into_stream();
+    let partial = dir.join(format!("{file}.partial"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(local_err)?);
+    tracing::info!(model = %url, file = %file, mb = meta.size / 1_000_000, cache = %dir.display(), "downloading model");
+    let (started, mut reported, mut written) = (std::time::Instant::now(), std::time::Instant::now(), 0u64);
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(open_err)?;
+        std::io::Write::write_all(&mut out, &chunk).map_err(local_err)?;
+        written += chunk.len() as u64;
+        if reported.elapsed() >= std::time::Duration::from_secs(5) {
+            reported = std::time::Instant::now();
+            tracing::info!(
+                model = %url,
+                file = %file,
+                done_mb = written / 1_000_000,
+                of_mb = meta.size / 1_000_000,
+                mb_per_s = (written as f64 / 1e6 / started.elapsed().as_secs_f64()).round(),
+                "downloading model"
+            );
+        }
+    }
+    let file_handle = out.into_inner().map_err(|e| local_err(e.into_error()))?;
+    file_handle.sync_all().map_err(local_err)?;
+    drop(file_handle);
+    std::fs::rename(&partial, &target).map_err(local_err)?;
+    std::fs::write(&version_file, version).map_err(local_err)?;
+    Ok(())
 }
 
 /// The default folder for downloaded models: `$MGD3_MODEL_CACHE`, else `mgd3/models` in the
@@ -543,6 +648,33 @@ pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model in an object store comes with every external-data file it names (HF optimum's
+    /// `model.onnx_data` and a second file in a subfolder here), and weights rewritten in place
+    /// with the same size are fetched again: the worker never loads stale or missing weights.
+    #[tokio::test]
+    async fn a_model_is_fetched_with_every_external_data_file_it_names() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/external");
+        let location = open("memory://fetch-external/models").unwrap();
+        for file in ["tiny_vae_decoder.onnx", "model.onnx_data", "weights/rest.bin"] {
+            let bytes = std::fs::read(fixtures.join(file)).unwrap();
+            location.store.put(&location.key(file), bytes.into()).await.unwrap();
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let url = "memory://fetch-external/models/tiny_vae_decoder.onnx";
+        let local = fetch_model(url, cache.path()).await.unwrap();
+        let want = crate::fingerprint_file(&fixtures.join("tiny_vae_decoder.onnx")).unwrap();
+        assert_eq!(crate::fingerprint_file(&local).unwrap(), want);
+        let mut rest = std::fs::read(fixtures.join("weights/rest.bin")).unwrap();
+        rest[100] ^= 0xff;
+        location.store.put(&location.key("weights/rest.bin"), rest.into()).await.unwrap();
+        let again = fetch_model(url, cache.path()).await.unwrap();
+        assert_ne!(crate::fingerprint_file(&again).unwrap(), want, "stale weights were reused");
+        // A named file missing from the store is an error naming it.
+        location.store.delete(&location.key("model.onnx_data")).await.unwrap();
+        let error = fetch_model(url, tempfile::tempdir().unwrap().path()).await.unwrap_err();
+        assert!(crate::error_chain(&error).contains("model.onnx_data"), "{}", crate::error_chain(&error));
+    }
 
     #[tokio::test]
     async fn create_only_puts_have_one_winner_on_every_backend() {

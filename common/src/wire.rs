@@ -38,6 +38,8 @@ impl From<proto::RegisterWorkerRequest> for Registration {
             devices: r.devices,
             protocol_version: r.protocol_version,
             model_fingerprints: r.model_fingerprints.into_iter().collect(),
+            pid: r.pid,
+            instance: r.instance,
         }
     }
 }
@@ -50,6 +52,8 @@ impl From<Registration> for proto::RegisterWorkerRequest {
             devices: r.devices,
             protocol_version: r.protocol_version,
             model_fingerprints: r.model_fingerprints.into_iter().collect(),
+            pid: r.pid,
+            instance: r.instance,
         }
     }
 }
@@ -102,6 +106,8 @@ impl From<proto::FailShardRequest> for Failure {
     fn from(r: proto::FailShardRequest) -> Self {
         let disposition = if r.released {
             Disposition::Release
+        } else if r.store_refused {
+            Disposition::Pause
         } else if r.incompatible {
             Disposition::Elsewhere
         } else if r.retryable {
@@ -129,6 +135,7 @@ impl From<Failure> for proto::FailShardRequest {
             released: f.disposition == Disposition::Release,
             wnid: f.class.unwrap_or_default(),
             incompatible: f.disposition == Disposition::Elsewhere,
+            store_refused: f.disposition == Disposition::Pause,
         }
     }
 }
@@ -167,13 +174,33 @@ impl From<proto::VerifyJobResponse> for VerifyReport {
 
 impl From<&ClassRef> for proto::ClassAssignment {
     fn from(class: &ClassRef) -> Self {
-        proto::ClassAssignment { wnid: class.wnid.clone(), label: class.label, class_index: class.class_index }
+        proto::ClassAssignment {
+            wnid: class.wnid.clone(),
+            label: class.label,
+            class_index: class.class_index,
+            listing: class.listing.as_ref().map(|l| proto::ListingSummary {
+                digest: l.digest.clone(),
+                names_digest: l.names_digest.clone(),
+                images: l.images,
+                bytes: l.bytes,
+            }),
+        }
     }
 }
 
 impl From<proto::ClassAssignment> for ClassRef {
     fn from(class: proto::ClassAssignment) -> Self {
-        ClassRef { wnid: class.wnid, label: class.label, class_index: class.class_index }
+        ClassRef {
+            wnid: class.wnid,
+            label: class.label,
+            class_index: class.class_index,
+            listing: class.listing.map(|l| crate::imagefolder::ListingSummary {
+                digest: l.digest,
+                names_digest: l.names_digest,
+                images: l.images,
+                bytes: l.bytes,
+            }),
+        }
     }
 }
 
@@ -185,6 +212,7 @@ impl From<JobState> for proto::JobState {
             JobState::Failed => proto::JobState::Failed,
             JobState::Cancelled => proto::JobState::Cancelled,
             JobState::Quarantined => proto::JobState::Quarantined,
+            JobState::Paused => proto::JobState::Paused,
         }
     }
 }
@@ -196,6 +224,7 @@ fn job_state(value: i32) -> Result<JobState, WireError> {
         Ok(proto::JobState::Failed) => Ok(JobState::Failed),
         Ok(proto::JobState::Cancelled) => Ok(JobState::Cancelled),
         Ok(proto::JobState::Quarantined) => Ok(JobState::Quarantined),
+        Ok(proto::JobState::Paused) => Ok(JobState::Paused),
         Ok(proto::JobState::Unspecified) | Err(_) => Err(WireError::UnknownEnum { field: "JobStatus.state", value }),
     }
 }
@@ -334,6 +363,22 @@ impl TryFrom<proto::JobStatus> for JobStatus {
 mod tests {
     use super::*;
 
+    /// A leased class reaches the worker with the listing submit recorded (and without one for
+    /// jobs submitted before listings were recorded).
+    #[test]
+    fn a_class_travels_with_its_listing() {
+        let listing = crate::imagefolder::ListingSummary {
+            digest: "sha256:aa".into(),
+            names_digest: "sha256:bb".into(),
+            images: 1300,
+            bytes: 123_456,
+        };
+        for listing in [Some(listing), None] {
+            let class = ClassRef { wnid: "n01440764".into(), label: 0, class_index: 4, listing };
+            assert_eq!(ClassRef::from(proto::ClassAssignment::from(&class)), class);
+        }
+    }
+
     fn sample() -> JobStatus {
         JobStatus {
             job_id: "j".into(),
@@ -378,9 +423,14 @@ mod tests {
 
     #[test]
     fn status_survives_the_wire_unchanged() {
-        for state in
-            [JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::Quarantined]
-        {
+        for state in [
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::Quarantined,
+            JobState::Paused,
+        ] {
             let mut status = sample();
             status.state = state;
             status.eta_seconds = (state == JobState::Running).then_some(4.0);
@@ -391,7 +441,9 @@ mod tests {
 
     #[test]
     fn failures_keep_their_disposition_across_the_wire() {
-        for disposition in [Disposition::Retry, Disposition::GiveUp, Disposition::Elsewhere, Disposition::Release] {
+        for disposition in
+            [Disposition::Retry, Disposition::GiveUp, Disposition::Elsewhere, Disposition::Release, Disposition::Pause]
+        {
             for class in [None, Some("n01440764".to_owned())] {
                 let failure =
                     Failure { worker_id: "w".into(), lease_id: "l".into(), class, error: "e".into(), disposition };
@@ -404,6 +456,8 @@ mod tests {
             devices: vec!["cuda:0".into()],
             protocol_version: crate::PROTOCOL_VERSION,
             model_fingerprints: [("/m/dit.onnx".to_owned(), "sha256:ab".to_owned())].into(),
+            pid: 4242,
+            instance: "5f0c".into(),
         };
         assert_eq!(Registration::from(proto::RegisterWorkerRequest::from(registration.clone())), registration);
     }

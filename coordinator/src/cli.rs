@@ -794,6 +794,12 @@ async fn run_local(args: RunArgs) -> Result<()> {
     for note in &notes {
         errln!("note: {note}");
     }
+    // Running again after freeing space (or fixing permissions) is how a person says the refusal
+    // that paused the job is dealt with.
+    if coordinator.status(&job.job_id).is_ok_and(|s| s.state == JobState::Paused) {
+        errln!("job {} was paused because its output store refused writes: resuming it", job.job_id);
+        coordinator.resume(&job.job_id, None).await?;
+    }
     errln!(
         "job {} ({} classes, {} shards) on {} local worker(s); output {}",
         job.job_id,

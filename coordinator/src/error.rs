@@ -199,6 +199,7 @@ impl From<Error> for tonic::Status {
             Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
                 tonic::Status::not_found(message)
             }
+            Error::Scheduler(SchedulerError::WorkerIdInUse { .. }) => tonic::Status::already_exists(message),
             Error::Incompatible { .. }
             | Error::Scheduler(_)
             | Error::MissingMarker { .. }

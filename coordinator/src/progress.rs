@@ -128,6 +128,13 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
         workers,
         status.output,
     );
+    if status.state == JobState::Paused {
+        text.push_str(&format!(
+            "  paused: the output store refuses writes (see below); free space, raise the quota or fix the \
+             permissions, then run `coordinator resume {}` (no attempt was spent)\n",
+            status.job_id
+        ));
+    }
     for f in &status.failures {
         text.push_str(&format!(
             "  failure: shard {} class {} after {} attempt(s): {}\n",

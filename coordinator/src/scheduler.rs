@@ -34,6 +34,19 @@ pub enum SchedulerError {
         "worker `{0}` is not registered with this coordinator (it restarted, or the worker never registered): register first"
     )]
     UnknownWorker(String),
+    /// A worker registered under an id that a live worker process already uses.
+    #[error(
+        "worker id `{worker_id}` is already used by a live worker ({live}); this worker ({new}) is refused: give each \
+         worker process its own --worker-id, or leave it unset (the default id is unique per process)"
+    )]
+    WorkerIdInUse {
+        /// The id both use.
+        worker_id: String,
+        /// The process that holds it.
+        live: Box<WorkerProcess>,
+        /// The process refused.
+        new: Box<WorkerProcess>,
+    },
     /// `cancel` of a job that has already succeeded, failed or been quarantined.
     #[error("job `{job}` has already ended ({state}); there is nothing to cancel")]
     AlreadyEnded {
@@ -42,6 +55,23 @@ pub enum SchedulerError {
         /// The state it ended in (`succeeded`, `failed`, ...).
         state: &'static str,
     },
+}
+
+/// The process behind a worker id, as it registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerProcess {
+    /// Drawn once per process; empty from workers that predate it (never refused).
+    pub instance: String,
+    /// Its host.
+    pub host: String,
+    /// Its pid.
+    pub pid: u32,
+}
+
+impl std::fmt::Display for WorkerProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} on `{}`", self.pid, self.host)
+    }
 }
 
 /// Where one shard stands in the scheduler; persisted in `state.json` as
@@ -122,6 +152,10 @@ pub struct PersistedJob {
     pub shards: Vec<Shard>,
     /// Set by `cancel`; cleared by `resume`.
     pub cancelled: bool,
+    /// Set, with the refusal, when the output store refused a write for good (full, read-only,
+    /// no permission); cleared by `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
     /// When the job reached a final state (Unix ms); `None` while running.
     pub finished_unix_ms: Option<u64>,
     /// Workers that may lease nothing of this job (they hold different models).
@@ -181,6 +215,9 @@ impl JobRun {
         let p = &self.persisted;
         if p.cancelled {
             return JobState::Cancelled;
+        }
+        if p.paused.is_some() {
+            return JobState::Paused;
         }
         let open = p.shards.iter().any(|s| matches!(s.state, ShardState::Pending | ShardState::Leased { .. }));
         if open {
@@ -334,6 +371,8 @@ pub struct Scheduler {
     /// lease id → (job id, shard index)
     leases: HashMap<String, (String, usize)>,
     workers: HashMap<String, u64>,
+    /// The process behind each worker id.
+    processes: HashMap<String, WorkerProcess>,
     /// Workers announced as gone (drained, or silent for three heartbeats), until they poll or
     /// register again.
     gone: HashMap<String, LeftReason>,
@@ -360,6 +399,7 @@ impl Scheduler {
             order: Vec::new(),
             leases: HashMap::new(),
             workers: HashMap::new(),
+            processes: HashMap::new(),
             gone: HashMap::new(),
             worker_events: Vec::new(),
             heartbeat_ms,
@@ -435,7 +475,7 @@ impl Scheduler {
                 ShardState::Failed => {}
             }
         }
-        if persisted.cancelled {
+        if persisted.cancelled || persisted.paused.is_some() {
             pending.clear();
         }
         let id = job.job_id.clone();
@@ -486,6 +526,32 @@ impl Scheduler {
                 now.saturating_sub(**seen) <= 3 * self.heartbeat_ms && run.persisted.excluded_workers.contains(*id)
             })
             .count()
+    }
+
+    /// Claims `worker_id` for `process` before it registers: refused while another process holds
+    /// the id and is live (heard from within three heartbeats and not drained); the same process
+    /// registering again (after a coordinator restart), a process taking over the id of one that
+    /// went silent, and workers without an instance id are accepted.
+    ///
+    /// # Errors
+    /// [`SchedulerError::WorkerIdInUse`], naming both processes.
+    pub fn claim(&mut self, worker_id: &str, process: WorkerProcess, now: u64) -> Result<(), SchedulerError> {
+        if process.instance.is_empty() {
+            return Ok(());
+        }
+        if let Some(live) = self.processes.get(worker_id)
+            && live.instance != process.instance
+            && !self.gone.contains_key(worker_id)
+            && self.workers.get(worker_id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms)
+        {
+            return Err(SchedulerError::WorkerIdInUse {
+                worker_id: worker_id.to_owned(),
+                live: Box::new(live.clone()),
+                new: Box::new(process),
+            });
+        }
+        self.processes.insert(worker_id.to_owned(), process);
+        Ok(())
     }
 
     /// Registers a worker (idempotent) and records it as seen at `now`.
@@ -628,7 +694,10 @@ impl Scheduler {
     fn grant(&mut self, worker_id: &str, now: u64) -> Option<LeaseGrant> {
         for job_id in &self.order {
             let run = self.jobs.get_mut(job_id).expect("ordered jobs exist");
-            if run.persisted.cancelled || run.persisted.excluded_workers.contains(worker_id) {
+            if run.persisted.cancelled
+                || run.persisted.paused.is_some()
+                || run.persisted.excluded_workers.contains(worker_id)
+            {
                 continue;
             }
             let Some(shard) = run.pending.pop_first() else {
@@ -700,7 +769,7 @@ impl Scheduler {
     ) -> Settled {
         let run = self.jobs.get_mut(job_id).expect("job of a lease");
         let max = run.job.spec.max_attempts;
-        let cancelled = run.persisted.cancelled;
+        let cancelled = run.persisted.cancelled || run.persisted.paused.is_some();
         let entry = &mut run.persisted.shards[shard];
         if released {
             entry.attempts = entry.attempts.saturating_sub(1);
@@ -807,6 +876,46 @@ impl Scheduler {
         Ok((job.clone(), self.requeue_or_fail(&job, shard, wnid, error, retryable, released, now)))
     }
 
+    /// The job's output store refused a write of this lease for good (full, over quota,
+    /// read-only, no permission): the lease is given back without spending an attempt, the job
+    /// is paused with `refusal` as its reason, and its other leases are revoked (they would meet
+    /// the same refusal). Returns the job id and the job's settlement (paused).
+    ///
+    /// # Errors
+    /// [`SchedulerError::StaleLease`] when the lease is not held any more;
+    /// [`SchedulerError::NotOwner`] when another worker holds it.
+    pub fn pause(
+        &mut self,
+        worker_id: &str,
+        lease_id: &str,
+        wnid: Option<String>,
+        refusal: String,
+        now: u64,
+    ) -> Result<(String, Settled), SchedulerError> {
+        let (job, shard) = self.lease_of(worker_id, lease_id)?;
+        self.leases.remove(lease_id);
+        let run = self.jobs.get_mut(&job).expect("job");
+        run.persisted.paused = Some(refusal.clone());
+        run.pending.clear();
+        let entry = &mut run.persisted.shards[shard];
+        // Shown by `status` until `resume` clears it.
+        entry.last_error = Some(ShardError { wnid, error: refusal, at_ms: now });
+        entry.attempts = entry.attempts.saturating_sub(1);
+        entry.reset_progress();
+        entry.state = ShardState::Pending;
+        for shard in run.persisted.shards.iter_mut() {
+            if let ShardState::Leased { lease_id, .. } = &shard.state {
+                // Stopped by the refusal, not by a fault of their own: no attempt spent.
+                self.leases.remove(lease_id);
+                shard.state = ShardState::Pending;
+                shard.attempts = shard.attempts.saturating_sub(1);
+                shard.reset_progress();
+            }
+        }
+        let settled = self.settle(&job, now);
+        Ok((job, settled))
+    }
+
     /// A worker cannot run a job (e.g. it holds different model files): give the shard back
     /// without spending an attempt and lease nothing of that job to it again. Returns the job id.
     ///
@@ -852,7 +961,7 @@ impl Scheduler {
     pub fn cancel(&mut self, job_id: &str, now: u64) -> Result<Settled, SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         match run.state() {
-            JobState::Running => {}
+            JobState::Running | JobState::Paused => {}
             JobState::Cancelled => return Ok(Settled::Open),
             ended => return Err(SchedulerError::AlreadyEnded { job: job_id.into(), state: ended.as_str() }),
         }
@@ -880,6 +989,7 @@ impl Scheduler {
     ) -> Result<(usize, usize), SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         run.persisted.cancelled = false;
+        run.persisted.paused = None;
         run.persisted.finished_unix_ms = None;
         let mut requeued = 0;
         for (i, shard) in run.persisted.shards.iter_mut().enumerate() {
@@ -1222,6 +1332,33 @@ mod tests {
         let running = [Running { lease_id: held.lease_id.clone(), images_done: 0, classes_done: 0 }];
         assert_eq!(poll(&mut s, "w", &running, false, 61).0, PollDecision::Wait(1000));
         assert_ne!(held.lease_id, a.lease_id);
+    }
+
+    /// One live process per worker id: a second process under a live id is refused naming both;
+    /// the same process registering again, a process taking over a silent id, and workers that
+    /// send no instance id are accepted.
+    #[test]
+    fn a_live_worker_id_is_not_shared_by_two_processes() {
+        let process = |instance: &str, pid| WorkerProcess { instance: instance.into(), host: "n1".into(), pid };
+        let mut s = Scheduler::new(1000, "e");
+        s.claim("w", process("a", 10), 0).unwrap();
+        s.register("w", 0);
+        s.poll("w", &[], false, 2500).unwrap();
+        let error = s.claim("w", process("b", 11), 3000).unwrap_err();
+        assert!(matches!(error, SchedulerError::WorkerIdInUse { .. }));
+        let text = error.to_string();
+        assert!(
+            text.contains("pid 10 on `n1`") && text.contains("pid 11 on `n1`") && text.contains("--worker-id"),
+            "{text}"
+        );
+        // The holder itself again (after a coordinator restart, say).
+        s.claim("w", process("a", 10), 3000).unwrap();
+        // Workers that predate instance ids are never refused.
+        s.claim("w", process("", 12), 3000).unwrap();
+        // Silent for more than three heartbeats: the id is free for a new process.
+        s.claim("w", process("c", 13), 6000).unwrap();
+        s.register("w", 6000);
+        assert!(s.claim("w", process("a", 10), 6000).is_err(), "the new holder is live");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use mgd3_common::imagefolder::Root;
 use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id};
+use mgd3_common::modelmeta::ModelFilesError;
 use mgd3_common::now_ms;
 use mgd3_common::store::{self};
 use tracing::info;
@@ -86,6 +87,9 @@ pub async fn resolve_spec(
     Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
 }
 
+/// How many classes' skipped links are told by name at submit and `check`.
+const MAX_LINK_NOTES: usize = 20;
+
 /// What the submit-time look at the dataset found.
 pub(crate) struct DatasetCheck {
     pub(crate) classes: Vec<ClassRef>,
@@ -151,7 +155,9 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     let listings: Vec<_> = futures::StreamExt::collect(listings).await;
     let (mut problems, mut counts, mut digest) = (Vec::new(), Vec::new(), String::new());
     let mut skipped = (0, 0);
-    for (class, listing) in classes.iter().zip(listings) {
+    let mut links = Vec::new();
+    let mut classes = classes;
+    for (class, listing) in classes.iter_mut().zip(listings) {
         match listing {
             Err(error) => {
                 problems.push(mgd3_common::error_chain(&error));
@@ -169,7 +175,11 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
                 }
                 skipped.0 += listing.skipped.hidden;
                 skipped.1 += listing.skipped.not_images;
+                if listing.skipped.links > 0 {
+                    links.push(format!("class `{}`: {}", class.wnid.escape_debug(), listing.skipped.describe_links()));
+                }
                 counts.push(listing.images.len());
+                class.listing = Some(listing.summary());
                 digest.push_str(&format!("{}\t{}\n", class.wnid, listing.digest()));
             }
         }
@@ -182,6 +192,13 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
             "the class folders hold {} hidden and {} non-image entries, skipped (recorded in each class's marker)",
             skipped.0, skipped.1
         ));
+    }
+    // Links the walk would not follow (cycles, folders outside the class, second names of one
+    // file), by name: each class counts its distinct files only.
+    let more = links.len().saturating_sub(MAX_LINK_NOTES);
+    notes.extend(links.into_iter().take(MAX_LINK_NOTES));
+    if more > 0 {
+        notes.push(format!("{more} more class(es) with skipped links (each class's marker lists them)"));
     }
     Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
 }
@@ -279,6 +296,12 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
         ("models.vae_decoder", &m.vae_decoder, &mut m.vae_decoder_fingerprint),
     ] {
         let local = path.strip_prefix("file://").unwrap_or(path);
+        let invalid = |problem: String| {
+            Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
+                field: field.to_owned(),
+                problem,
+            }]))
+        };
         match mgd3_common::fingerprint_file(Path::new(local)) {
             Ok(actual) => match expected {
                 Some(want) if *want != actual => {
@@ -289,19 +312,22 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
                 }
                 _ => *expected = Some(actual),
             },
+            // A model whose external data the workers could not load (missing, or outside its
+            // folder) is refused here, whatever fingerprint the spec gives.
+            Err(error @ (ModelFilesError::Missing { .. } | ModelFilesError::OutsideFolder { .. })) => {
+                return Err(invalid(mgd3_common::error_chain(&error)));
+            }
             // A model that cannot be read is the spec's problem, named by its field, with the
             // way out for a file that exists only where the workers run.
-            Err(source) if expected.is_none() => {
-                return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
-                    field: field.to_owned(),
-                    problem: format!(
-                        "`{path}` cannot be read here ({source}): check the path (relative paths start at the job \
-                         file's folder), or, if the file exists only where the workers run, give its \
-                         `{field}_fingerprint = \"sha256:...\"`"
-                    ),
-                }])));
+            Err(ModelFilesError::Io { path: file, source }) if expected.is_none() => {
+                return Err(invalid(format!(
+                    "`{}` cannot be read here ({source}): check the path (relative paths start at the job \
+                     file's folder), or, if the file exists only where the workers run, give its \
+                     `{field}_fingerprint = \"sha256:...\"`",
+                    file.display()
+                )));
             }
-            Err(_) => {}
+            Err(ModelFilesError::Io { .. }) => {}
         }
     }
     Ok(spec)

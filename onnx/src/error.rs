@@ -80,6 +80,30 @@ pub enum Error {
         got: String,
     },
 
+    /// A model gave a NaN or an infinity: nothing made from it may be kept. Seen with fp16
+    /// SD-VAE exports, whose activations overflow float16 (diffusers issues 4325, 7188, 9844).
+    #[error(
+        "model `{model}` gave a non-finite value ({value}) in output `{output}` for batch item {item}{}",
+        if *.fp16 {
+            "; it runs in float16, where SD-VAE activations overflow: use the fp32 VAE, or an fp16-safe export \
+             (one whose decoder and encoder keep their activations within float16's range)"
+        } else {
+            "; check the model's weights and its export"
+        }
+    )]
+    NonFinite {
+        /// The model file.
+        model: PathBuf,
+        /// The output that held it.
+        output: String,
+        /// Which item of the batch passed to the call (0-based).
+        item: usize,
+        /// The first non-finite value met (NaN, inf or -inf).
+        value: f32,
+        /// The model computes in float16.
+        fp16: bool,
+    },
+
     /// A device string other than `cpu`, `cuda` or `cuda:N` (N ≥ 0).
     #[error("invalid device `{0}` (expected `cpu`, `cuda` or `cuda:N`)")]
     BadDevice(String),

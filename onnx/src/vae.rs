@@ -35,6 +35,23 @@ fn check_image_channels(model: &LoadedModel, shape: [usize; 3], item: &str) -> R
     Ok(())
 }
 
+/// [`Error::NonFinite`] for the first batch item of `output` holding a NaN or an infinity: what a
+/// VAE gives is never used unless every value is finite.
+fn check_finite(model: &LoadedModel, output: &Array4<f32>, name: &str, precision: Precision) -> Result<()> {
+    for (item, values) in output.outer_iter().enumerate() {
+        if let Some(&value) = values.iter().find(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                model: model.path.clone(),
+                output: name.into(),
+                item,
+                value,
+                fp16: precision == Precision::F16,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A loaded, contract-checked VAE encoder session (`image` → `mean`, `logvar`).
 pub struct VaeEncoder {
     model: LoadedModel,
@@ -94,7 +111,7 @@ impl VaeEncoder {
     ///
     /// # Errors
     /// [`Error::BadInput`] for images of another shape or an empty batch; [`Error::Ort`] when the
-    /// run fails.
+    /// run fails; [`Error::NonFinite`] when `mean` holds a NaN or an infinity (naming the item).
     pub fn encode(&mut self, images: ArrayView4<f32>) -> Result<(Array4<f32>, Array4<f32>)> {
         let want = self.info.image_shape;
         if images.shape()[1..] != want {
@@ -108,6 +125,7 @@ impl VaeEncoder {
             self.model.run(&[BatchInput::Float("image", images, self.info.precision)], &["mean", "logvar"])?;
         let logvar = out.pop().expect("two outputs");
         let mean = out.pop().expect("two outputs");
+        check_finite(&self.model, &mean, "mean", self.info.precision)?;
         Ok((mean, logvar))
     }
 }
@@ -154,7 +172,7 @@ impl VaeDecoder {
     ///
     /// # Errors
     /// [`Error::BadInput`] for latents of another shape or an empty batch; [`Error::Ort`] when the
-    /// run fails.
+    /// run fails; [`Error::NonFinite`] when the image holds a NaN or an infinity (naming the item).
     pub fn decode(&mut self, latents: ArrayView4<f32>) -> Result<Array4<f32>> {
         let want = self.info.latent_shape;
         if latents.shape()[1..] != want {
@@ -164,6 +182,8 @@ impl VaeDecoder {
                 format!("{:?}", latents.shape()),
             ));
         }
-        Ok(self.model.run(&[BatchInput::Float("latent", latents, self.info.precision)], &["image"])?.remove(0))
+        let image = self.model.run(&[BatchInput::Float("latent", latents, self.info.precision)], &["image"])?.remove(0);
+        check_finite(&self.model, &image, "image", self.info.precision)?;
+        Ok(image)
     }
 }

@@ -365,6 +365,197 @@ async fn a_worker_registers_again_and_runs_the_spec_its_lease_carries() {
     second.shutdown().await;
 }
 
+/// Two live workers under one id (two processes of one Slurm task given the same --worker-id):
+/// the second is refused, naming both processes, instead of computing classes twice; the first
+/// runs the job alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_live_worker_under_the_same_id_is_refused_naming_both() {
+    let (_dir, cluster, job) = cluster_with_job(6, 2, 1).await;
+    let (stop, first) = worker(&cluster.url, "twin", None, Box::new(FakeEngine::new(Duration::from_millis(300))));
+    wait_for_running(&cluster.coordinator, &job.job_id).await;
+    let config = WorkerConfig {
+        coordinator: cluster.url.clone(),
+        worker_id: "twin".into(),
+        token: None,
+        tls_ca: None,
+        devices: vec!["cpu".into()],
+        give_up_after: Some(Duration::from_millis(500)),
+    };
+    let engine = Box::new(FakeEngine::new(Duration::from_millis(5)));
+    let second = tokio::time::timeout(Duration::from_secs(20), run(config, engine, std::future::pending()))
+        .await
+        .expect("the second worker gives up");
+    let error = mgd3_common::error_chain(&second.expect_err("the second worker is refused"));
+    let pid = format!("pid {}", std::process::id());
+    assert!(
+        error.contains("worker id `twin` is already used by a live worker") && error.matches(&pid).count() == 2,
+        "{error}"
+    );
+    let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert!(status.failures.is_empty(), "no attempt was lost to the twin: {:?}", status.failures);
+    let _ = stop.send(());
+    first.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
+
+/// A store whose writes fail the way a full, read-only or forbidden local disk fails (the I/O
+/// error inside object_store's generic error, as its local backend reports it); reads work.
+#[derive(Debug)]
+struct Refusing {
+    inner: Arc<dyn object_store::ObjectStore>,
+    errno: i32,
+}
+
+impl std::fmt::Display for Refusing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Refusing({})", self.inner)
+    }
+}
+
+impl Refusing {
+    fn refuse<T>(&self, _: &object_store::path::Path) -> object_store::Result<T> {
+        let io = std::io::Error::from_raw_os_error(self.errno);
+        Err(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(io) })
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Refusing {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        _: object_store::PutPayload,
+        _: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.refuse(location)
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        _: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.refuse(location)
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        _: &object_store::path::Path,
+        to: &object_store::path::Path,
+        _: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.refuse(to)
+    }
+}
+
+/// A full disk (ENOSPC), a quota (EDQUOT), a read-only file system (EROFS) or a permission
+/// refusal (EACCES) under the output fails the attempt at once — not after 180 s of retries —
+/// naming the store, the key and the cause, and asks the coordinator to pause the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusing_output_store_fails_the_attempt_at_once_naming_store_key_and_cause() {
+    let (dir, _cluster, job) = cluster_with_job(1, 2, 1).await;
+    let url = dir.path().display().to_string();
+    for (errno, cause) in [
+        (28, "No space left on device"),
+        (122, "quota exceeded"),
+        (30, "Read-only file system"),
+        (13, "Permission denied"),
+    ] {
+        let real = store::open(&url).unwrap();
+        let out = Location { store: Arc::new(Refusing { inner: real.store.clone(), errno }), ..real };
+        let lease = ShardLease {
+            lease_id: "l".into(),
+            attempt_id: "s0-a1-l".into(),
+            attempt: 1,
+            job_id: job.job_id.clone(),
+            fingerprint: job.fingerprint.clone(),
+            spec: Arc::new(job.spec.clone()),
+            classes: job.classes.clone(),
+            worker_id: "w".into(),
+        };
+        let runtime = tokio::runtime::Handle::current();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut engine = FakeEngine::new(Duration::from_millis(1));
+            run_shard(&mut engine, &runtime, &out, &lease, &ShardProgress::default(), &Arc::new(AtomicBool::new(false)))
+        })
+        .await
+        .unwrap();
+        let error = result.expect_err("nothing can be written");
+        assert!(started.elapsed() < Duration::from_secs(20), "errno {errno}: retried for {:?}", started.elapsed());
+        assert_eq!(error.failure.disposition(), mgd3_common::lease::Disposition::Pause, "errno {errno}: {error}");
+        let text = mgd3_common::error_chain(&error);
+        assert!(
+            text.to_lowercase().contains(&cause.to_lowercase()) && text.contains(&url) && text.contains(&job.job_id),
+            "errno {errno}: {text}"
+        );
+    }
+}
+
+/// A worker that reports a refusing output pauses the job: one attempt is not spent, the other
+/// shards are not leased (they would meet the same disk), the job says `paused` with the cause,
+/// and `resume` (after a person freed space) runs it to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_output_pauses_the_job_until_resume() {
+    struct Full;
+    impl ShardEngine for Full {
+        fn distill(&mut self, _: &JobSpec, class: &ClassRef, _: &Arc<AtomicBool>) -> Result<ClassResult, ShardFailure> {
+            Err(ShardFailure::Commit(mgd3_common::commit::CommitError::Store {
+                url: "/out".into(),
+                context: format!("staging `jobs/j/dataset/{}/0.png#1`", class.wnid),
+                source: object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(std::io::Error::from_raw_os_error(28)),
+                },
+            }))
+        }
+    }
+    let (_dir, cluster, job) = cluster_with_job(4, 2, 1).await;
+    let (stop, handle) = worker(&cluster.url, "full", None, Box::new(Full));
+    let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
+    assert_eq!(status.state, JobState::Paused, "{status:?}");
+    assert_eq!(status.shards.done, 0);
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let summary = cluster.coordinator.status(&job.job_id).unwrap();
+    assert!(summary.shards.failed == 0, "no shard failed for good: {summary:?}");
+    // Status says why, what to do, and that nothing was spent.
+    let refusal = &summary.failures[0];
+    assert!(refusal.error.contains("No space left on device") && refusal.attempts == 0, "{refusal:?}");
+    let text = mgd3_coordinator::progress::describe(&summary, "u");
+    assert!(text.contains("[paused]") && text.contains(&format!("coordinator resume {}", job.job_id)), "{text}");
+    // Space freed: resume finishes the job on a healthy worker, every shard on its first attempt.
+    cluster.coordinator.resume(&job.job_id, None).await.unwrap();
+    cluster.run_to_success(&job.job_id).await;
+    let done = cluster.coordinator.status(&job.job_id).unwrap();
+    assert_eq!((done.state, done.shards.done), (JobState::Succeeded, 4));
+    cluster.shutdown().await;
+}
+
 /// After damage and crash leftovers, `verify` names every deviation from the markers and
 /// `resume` brings the published tree back to exactly the markers' files: a file damaged in place
 /// (same size) or deleted is redone (same seeds, same bytes), a stray staging copy in a class
@@ -529,6 +720,9 @@ async fn replacing_images_at_the_same_paths_makes_another_job() {
     let (first, _) = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap();
     let (again, existed) = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap();
     assert!(existed && again.fingerprint == first.fingerprint, "unchanged data: the same job");
+    // Each class's listing is recorded for the workers to check against.
+    let listing = first.classes[1].listing.as_ref().expect("the listing submit saw");
+    assert_eq!((listing.images, listing.bytes), (3, 30));
     // Same path, same size, other bytes (and a newer modification time).
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(data.join("class01/2.png"), [9u8; 10]).unwrap();

@@ -54,7 +54,7 @@ fn main() {
         }
     };
     init_runtime(None).expect("ONNX Runtime: run scripts/setup_ort.sh");
-    let spec = ClassSpec::new(ClassRef { wnid: class.clone(), label: 0, class_index: 0 }, ipc);
+    let spec = ClassSpec::new(ClassRef { wnid: class.clone(), label: 0, class_index: 0, listing: None }, ipc);
     println!("mgd3 engine benchmark: DiT {}, device {device}, class {class}, IPC {ipc}, 50 steps", paths.dit.display());
 
     // One full class, batched.

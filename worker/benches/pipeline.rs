@@ -85,7 +85,9 @@ fn classes(names: &[String], ipc: usize) -> Vec<ClassSpec> {
     names
         .iter()
         .enumerate()
-        .map(|(i, w)| ClassSpec::new(ClassRef { wnid: w.clone(), label: i as i64, class_index: i as u64 }, ipc))
+        .map(|(i, w)| {
+            ClassSpec::new(ClassRef { wnid: w.clone(), label: i as i64, class_index: i as u64, listing: None }, ipc)
+        })
         .collect()
 }
 

@@ -390,6 +390,7 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
             wnid: args.class.clone(),
             label: args.label,
             class_index: args.class_index.unwrap_or(args.label.max(0) as u64),
+            listing: None,
         },
         args.ipc,
     );
@@ -523,7 +524,8 @@ fn cluster(args: ClusterArgs) -> Result<()> {
 }
 
 /// `<host>-<pid>`, or under Slurm an id made of the job (array task), step, task and restart
-/// count, so logs and the coordinator's status tell which allocation a worker belongs to.
+/// count, then `@<host>-<pid>`, so logs and the coordinator's status tell which allocation a
+/// worker belongs to, and no two processes share a default id.
 pub fn default_worker_id(host: &str) -> String {
     worker_id_from(host, std::process::id(), |key| std::env::var(key).ok().filter(|v| !v.is_empty()))
 }
@@ -542,7 +544,9 @@ fn worker_id_from(host: &str, pid: u32, env: impl Fn(&str) -> Option<String>) ->
     if let Some(local) = env("SLURM_LOCALID") {
         id.push_str(&format!("-l{local}"));
     }
-    id.push_str(&format!("-r{}@{host}", env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into())));
+    // The pid keeps two worker processes of one Slurm task apart (a script that starts one per
+    // GPU itself): no two live processes ever default to one id.
+    id.push_str(&format!("-r{}@{host}-{pid}", env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into())));
     id
 }
 
@@ -561,13 +565,15 @@ mod tests {
             "SLURM_RESTART_COUNT" => Some("2".into()),
             _ => None,
         };
-        assert_eq!(worker_id_from("n1", 7, step), "slurm-42.3-l1-r2@n1");
+        assert_eq!(worker_id_from("n1", 7, step), "slurm-42.3-l1-r2@n1-7");
+        // Two processes of one Slurm task get two ids.
+        assert_ne!(worker_id_from("n1", 7, step), worker_id_from("n1", 8, step));
         let array = |k: &str| match k {
             "SLURM_ARRAY_JOB_ID" => Some("40".into()),
             "SLURM_JOB_ID" => Some("45".into()),
             "SLURM_ARRAY_TASK_ID" => Some("5".into()),
             _ => None,
         };
-        assert_eq!(worker_id_from("n2", 7, array), "slurm-40_5-r0@n2");
+        assert_eq!(worker_id_from("n2", 7, array), "slurm-40_5-r0@n2-7");
     }
 }

@@ -248,7 +248,9 @@ pub async fn run(
     let mut stop = Stop::new(shutdown);
 
     let mut reach = Reach::new(config.give_up_after);
-    let Some(mut heartbeat) = register(&mut client, &config, &engine, &mut stop, &mut reach).await? else {
+    // This run's identity: a second live process (or run) under the same worker id is refused.
+    let instance = format!("{:016x}", rand::random::<u64>());
+    let Some(mut heartbeat) = register(&mut client, &config, &instance, &engine, &mut stop, &mut reach).await? else {
         return Ok(());
     };
 
@@ -322,7 +324,9 @@ pub async fn run(
                 // The coordinator restarted (or forgot this worker): register again; the running
                 // shard's lease, recovered from its state, is renewed by the next poll.
                 info!(worker = %config.worker_id, coordinator = %config.coordinator, "the coordinator restarted: registering again");
-                if let Some(interval) = register(&mut client, &config, &engine, &mut stop, &mut reach).await? {
+                if let Some(interval) =
+                    register(&mut client, &config, &instance, &engine, &mut stop, &mut reach).await?
+                {
                     heartbeat = interval;
                 }
                 wait = Duration::ZERO;
@@ -382,14 +386,21 @@ pub async fn run(
 
 /// Registers with the coordinator, retrying while it is unreachable. Returns the heartbeat
 /// interval, or `None` when the shutdown signal came first.
+/// How long a worker whose id is in use keeps registering before it gives up (or its give-up
+/// time, when shorter): long enough for a killed previous process under the same id to lapse
+/// (three heartbeats).
+const ID_IN_USE_WAIT: Duration = Duration::from_secs(30);
+
 async fn register<F: Future<Output = ()>>(
     client: &mut Client,
     config: &WorkerConfig,
+    instance: &str,
     engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
     stop: &mut Stop<F>,
     reach: &mut Reach,
 ) -> Result<Option<Duration>, ClientError> {
     let mut attempt = 0;
+    let started = Instant::now();
     loop {
         let fingerprints = engine.lock().expect("engine").model_fingerprints().into_iter().collect();
         let registration = Registration {
@@ -398,6 +409,8 @@ async fn register<F: Future<Output = ()>>(
             devices: config.devices.clone(),
             protocol_version: mgd3_common::PROTOCOL_VERSION,
             model_fingerprints: fingerprints,
+            pid: std::process::id(),
+            instance: instance.to_owned(),
         };
         match stop.rpc(client.register_worker(proto::RegisterWorkerRequest::from(registration))).await {
             _ if stop.fired => return Ok(None),
@@ -409,6 +422,18 @@ async fn register<F: Future<Output = ()>>(
                     warn!(worker = %config.worker_id, job = %excluded.job_id, reason = %excluded.reason, "the coordinator will lease nothing of this job to this worker");
                 }
                 return Ok(Some(Duration::from_millis(response.heartbeat_interval_ms.max(50))));
+            }
+            // The id is held by another live process: that may be this worker's own previous
+            // process, killed a moment ago, whose registration lapses after three heartbeats.
+            Err(status)
+                if status.code() == tonic::Code::AlreadyExists
+                    && started.elapsed() < config.give_up_after.unwrap_or(ID_IN_USE_WAIT).min(ID_IN_USE_WAIT) =>
+            {
+                reach.answered();
+                attempt += 1;
+                let retry_in = backoff(attempt);
+                warn!(worker = %config.worker_id, error = %status.message(), retry_in_ms = retry_in.as_millis() as u64, "worker id in use; retrying in case its holder has just died");
+                stop.sleep(retry_in).await;
             }
             Err(status) if transient(&status) => {
                 attempt += 1;
@@ -521,6 +546,9 @@ async fn report<F: Future<Output = ()>>(
                         warn!(lease = %lease_id, class, %error, "shard failed for good")
                     }
                     (Disposition::GiveUp, None) => warn!(lease = %lease_id, %error, "shard failed for good"),
+                    (Disposition::Pause, _) => {
+                        warn!(lease = %lease_id, %error, "the output store refuses writes: the job is paused")
+                    }
                 }
                 let failure = Failure {
                     worker_id: worker_id.clone(),

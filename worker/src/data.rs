@@ -18,12 +18,56 @@ use mgd3_common::imagefolder::{ClassListing, ImageRef, ImageSource, ListError, R
 use ndarray::{Array3, Array4, Axis};
 use thiserror::Error;
 
+/// Checks a class's listing against the one submit recorded for it (`class.listing`; jobs
+/// submitted before listings were recorded are not checked). Other names or sizes fail the
+/// class; the same names and sizes with other versions (modification times, ETags) are the same
+/// data copied without its times, such as a dataset staged to node-local scratch with `cp -r`,
+/// and are used, with a warning.
+///
+/// # Errors
+/// [`DataError::Changed`], naming the class and what it was and is.
+pub fn check_unchanged(class: &mgd3_common::job::ClassRef, listing: &ClassListing) -> Result<(), DataError> {
+    let Some(submitted) = &class.listing else { return Ok(()) };
+    let now = listing.summary();
+    if now.names_digest != submitted.names_digest {
+        return Err(DataError::Changed {
+            class: class.wnid.clone(),
+            submitted: Box::new(submitted.clone()),
+            now: Box::new(now),
+        });
+    }
+    if now.digest != submitted.digest {
+        tracing::warn!(
+            class = %class.wnid,
+            "the class's files have the same names and sizes as at submit but other modification times or ETags \
+             (a copy of the dataset, or files rewritten in place with the same size): distilling them"
+        );
+    }
+    Ok(())
+}
+
 /// Errors of reading real images.
 #[derive(Debug, Error)]
 pub enum DataError {
     /// Listing a class failed (see [`ListError`]).
     #[error(transparent)]
     List(#[from] ListError),
+    /// The class's images are not the ones the job was submitted with (files added, removed,
+    /// renamed or resized since): distilling them would put other data under the job's
+    /// fingerprint.
+    #[error(
+        "class `{class}` changed since the job was submitted: {submitted} then, {now} now; the job's fingerprint \
+         describes the data as submitted: restore the class's files, or submit the job again to distil the data as \
+         it is now (a new job id)"
+    )]
+    Changed {
+        /// The class folder name.
+        class: String,
+        /// The listing submit recorded.
+        submitted: Box<mgd3_common::imagefolder::ListingSummary>,
+        /// The listing now.
+        now: Box<mgd3_common::imagefolder::ListingSummary>,
+    },
     /// A class holds fewer images than IPC, so k-means cannot find IPC modes.
     #[error("class `{class}`: {found} images but IPC = {ipc} needs at least {ipc}")]
     TooFewImages {
@@ -176,7 +220,10 @@ impl Dataset {
     /// [`DataError::List`] when the class folder is missing, holds no images or cannot be listed.
     pub fn list_class(&self, class: &str) -> Result<ClassListing, DataError> {
         let listing = block_on(self.0.list_class(class))?;
-        if listing.skipped.total() > 0 {
+        if listing.skipped.links > 0 {
+            tracing::info!(class, links = listing.skipped.links, "{}", listing.skipped.describe_links());
+        }
+        if listing.skipped.hidden + listing.skipped.not_images > 0 {
             tracing::info!(class, hidden = listing.skipped.hidden, not_images = listing.skipped.not_images,
                 examples = ?listing.skipped.examples, "skipped entries that are not images of the class");
         }

@@ -89,6 +89,18 @@ pub enum EngineError {
     /// wrote it (job spec key or command-line flag, per `source`).
     #[error(transparent)]
     Invalid(#[from] InvalidSetting),
+    /// A VAE gave a NaN or an infinity for one of the class's real images or samples: the class
+    /// fails instead of committing modes or PNGs made from it.
+    #[error("class `{class}`: {item}")]
+    NonFinite {
+        /// The class (wnid).
+        class: String,
+        /// `real image `path`` or `sample j`.
+        item: String,
+        /// The model's error, naming the model (and, for fp16, what to use instead).
+        #[source]
+        source: Box<mgd3_onnx::Error>,
+    },
     /// A class's DiT label is outside the DiT's classes.
     #[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
     LabelOutOfRange {
@@ -112,9 +124,9 @@ pub enum EngineError {
     Fingerprint {
         /// The model file.
         path: std::path::PathBuf,
-        /// The I/O error.
+        /// Which file could not be read, or which external-data file is missing.
         #[source]
-        source: std::io::Error,
+        source: mgd3_common::modelmeta::ModelFilesError,
     },
     /// The cancel flag was set (shutdown or revoked lease) before a DiT batch.
     #[error("cancelled")]
@@ -122,6 +134,17 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A model error of a VAE call about class `class`, naming the real image or sample behind a
+    /// non-finite batch item with `name(item)`; other errors pass through.
+    pub fn naming_item(class: &str, error: mgd3_onnx::Error, name: impl Fn(usize) -> String) -> Self {
+        match error {
+            mgd3_onnx::Error::NonFinite { item, .. } => {
+                EngineError::NonFinite { class: class.to_owned(), item: name(item), source: Box::new(error) }
+            }
+            other => EngineError::Model(other),
+        }
+    }
+
     /// The same error, naming settings by their command-line flags: for errors about settings
     /// the user gave on the worker's command line rather than in a job spec.
     pub fn from_command_line(self) -> Self {
@@ -146,6 +169,7 @@ impl EngineError {
                         )
                 )
             }
+            EngineError::Sink(SinkError::NonFinite(_)) => false,
             EngineError::Sink(_) | EngineError::Cancelled | EngineError::Cache(_) | EngineError::Fingerprint { .. } => {
                 true
             }
@@ -156,6 +180,7 @@ impl EngineError {
             | EngineError::ScaleFactors { .. }
             | EngineError::Invalid(_)
             | EngineError::LabelOutOfRange { .. }
+            | EngineError::NonFinite { .. }
             | EngineError::LabelCount { .. } => false,
         }
     }

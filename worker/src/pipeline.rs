@@ -134,6 +134,8 @@ enum Event {
     Chunk {
         slot: usize,
         batch: Array4<f32>,
+        /// The chunk's images, as paths or keys, to name one the VAE fails on.
+        names: Vec<String>,
         crops: Vec<Pixels>,
         images: usize,
         last: bool,
@@ -381,7 +383,7 @@ impl Engine {
         started: Instant,
     ) -> Result<(), ShardStop<E>> {
         match event {
-            Event::Chunk { slot, batch, crops, images, last, seconds, cache_key } => {
+            Event::Chunk { slot, batch, names, crops, images, last, seconds, cache_key } => {
                 let class = &classes[slot];
                 let state = &mut flight[slot];
                 state.timings.stages.decode += seconds.as_secs_f64();
@@ -389,8 +391,12 @@ impl Engine {
                 state.crops.extend(crops);
                 let started = Instant::now();
                 let scale = self.encoder().info().scale_factor;
-                let (mean, _logvar) =
-                    self.encoder_mut().encode(batch.view()).map_err(|e| ShardStop::class(class, e))?;
+                let (mean, _logvar) = self.encoder_mut().encode(batch.view()).map_err(|e| {
+                    let named = EngineError::naming_item(&class.wnid, e, |i| {
+                        format!("real image `{}`", names.get(i).map_or("?", String::as_str).escape_debug())
+                    });
+                    ShardStop::class(class, named)
+                })?;
                 drop(batch);
                 state.features.extend(mean.iter().map(|v| v * scale));
                 let spent = started.elapsed();
@@ -541,8 +547,9 @@ impl Engine {
         let latents = state.latents.take().expect("sampled latents");
         let modes = state.modes.take().expect("modes");
         let scale = self.decoder().info().scale_factor;
-        let decoded =
-            self.decoder_mut().decode(latents.mapv(|v| v / scale).view()).map_err(|e| ShardStop::class(class, e))?;
+        let decoded = self.decoder_mut().decode(latents.mapv(|v| v / scale).view()).map_err(|e| {
+            ShardStop::class(class, EngineError::naming_item(&class.wnid, e, |j| format!("sample {j}")))
+        })?;
         let decoded_at = Instant::now();
         state.timings.stages.vae_decode += (decoded_at - started).as_secs_f64();
         let images = self
@@ -648,6 +655,7 @@ impl DataStage<'_> {
     ) -> Result<(), EngineError> {
         let mut started = Instant::now();
         let listing = self.dataset.list_class(&class.wnid)?;
+        data::check_unchanged(class, &listing)?;
         let images = listing.images;
         if images.len() < class.ipc {
             return Err(
@@ -681,6 +689,7 @@ impl DataStage<'_> {
             let event = Event::Chunk {
                 slot,
                 batch,
+                names: chunk.iter().map(|image| image.display()).collect(),
                 crops,
                 images: images.len(),
                 last: index + 1 == chunks,

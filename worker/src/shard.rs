@@ -89,7 +89,8 @@ pub enum ShardFailure {
 pub use mgd3_common::lease::Disposition;
 
 impl ShardFailure {
-    /// What the coordinator should do about this failure.
+    /// What the coordinator should do about this failure: a refusal of the output store that no
+    /// retry fixes ([`mgd3_common::store::Refusal`]) pauses the job.
     pub fn disposition(&self) -> Disposition {
         use mgd3_common::commit::CommitError;
         match self {
@@ -99,6 +100,13 @@ impl ShardFailure {
             ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
             ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
             ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,
+            // A full, read-only or forbidden output: no attempt anywhere can commit until a
+            // person acts.
+            ShardFailure::Commit(CommitError::Store { source, .. })
+                if mgd3_common::store::Refusal::of(source).is_some() =>
+            {
+                Disposition::Pause
+            }
             ShardFailure::Reported { retryable: false, .. } => Disposition::GiveUp,
             ShardFailure::FetchModel { .. }
             | ShardFailure::LatentCache(_)

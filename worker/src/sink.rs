@@ -33,13 +33,18 @@ pub enum SinkError {
         #[source]
         source: ndarray_npy::WriteNpyError,
     },
+    /// An image tensor holds a NaN or an infinity: it is never quantised into a PNG (a NaN would
+    /// become a black pixel).
+    #[error("an image holds a non-finite value ({0})")]
+    NonFinite(f32),
     /// An image tensor whose channel count is neither 1 nor 3.
     #[error("an image must have 1 or 3 channels, got {0}")]
     Channels(usize),
 }
 
 /// One channel value of the reference's `save_image(normalize=True, value_range=(-1, 1))`:
-/// ⌊255·(clamp(v, −1, 1) + 1)/2 + 0.5⌋ (NaN gives 0).
+/// ⌊255·(clamp(v, −1, 1) + 1)/2 + 0.5⌋ (NaN gives 0: [`png_bytes`] refuses non-finite images
+/// before they get here).
 pub fn to_u8(v: f32) -> u8 {
     let v = v.clamp(-1.0, 1.0);
     let v = (v + 1.0) / 2.0;
@@ -50,8 +55,12 @@ pub fn to_u8(v: f32) -> u8 {
 /// [`to_u8`].
 ///
 /// # Errors
-/// [`SinkError::Channels`] for another channel count, [`SinkError::Png`] when encoding fails.
+/// [`SinkError::NonFinite`] for a NaN or an infinity, [`SinkError::Channels`] for another
+/// channel count, [`SinkError::Png`] when encoding fails.
 pub fn png_bytes(image: ArrayView3<f32>) -> Result<Vec<u8>, SinkError> {
+    if let Some(&value) = image.iter().find(|v| !v.is_finite()) {
+        return Err(SinkError::NonFinite(value));
+    }
     let pixels = tensor_pixels(image);
     let (w, h) = (pixels.width as u32, pixels.height as u32);
     let dynamic = match pixels.channels {
@@ -153,6 +162,19 @@ mod tests {
         assert_eq!(to_u8(7.0), 255);
         assert_eq!(to_u8(0.0), 128); // 127.5 + 0.5 = 128
         assert_eq!(to_u8(f32::NAN), 0);
+    }
+
+    /// A NaN or an infinity anywhere in an image is refused, never quantised into a PNG.
+    #[test]
+    fn non_finite_images_are_never_encoded() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut img = Array3::<f32>::zeros((3, 4, 4));
+            img[[2, 3, 1]] = bad;
+            match png_bytes(img.view()) {
+                Err(SinkError::NonFinite(v)) => assert_eq!(v.is_nan(), bad.is_nan()),
+                other => panic!("{bad}: {:?}", other.map(|b| b.len())),
+            }
+        }
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn specs(classes: &[&str], ipc: usize) -> Vec<ClassSpec> {
         .enumerate()
         .map(|(i, wnid)| {
             ClassSpec::new(
-                ClassRef { wnid: (*wnid).into(), label: (i * 3 % 10) as i64, class_index: i as u64 + 7 },
+                ClassRef { wnid: (*wnid).into(), label: (i * 3 % 10) as i64, class_index: i as u64 + 7, listing: None },
                 ipc,
             )
         })
@@ -179,5 +179,114 @@ fn a_cancel_during_the_data_phase_ends_the_shard() {
             assert!(matches!(*error, mgd3_worker::engine::EngineError::Cancelled), "{error}")
         }
         other => panic!("expected Cancelled, got {other:?}"),
+    }
+}
+
+/// A VAE that gives NaN or an infinity never reaches a committed file (fp16 SD-VAE overflow,
+/// diffusers 4325, 7188, 9844): the encoder's failure names the model and the real image, the
+/// decoder's the model and the sample, both say what to do, and nothing is handed to the sink.
+#[test]
+fn non_finite_vae_outputs_fail_the_class_naming_the_model_and_the_item() {
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(dir.path(), &["n001"], 6);
+    // One image holding black pixels: the poisoned encoders turn exactly its latent non-finite.
+    RgbImage::from_fn(24, 24, |x, _| image::Rgb(if x < 12 { [0, 0, 0] } else { [200, 90, 40] }))
+        .save(dir.path().join("n001/002-black.png"))
+        .unwrap();
+    let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
+    let classes = specs(&["n001"], 2);
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let load = |paths: ModelPaths| {
+        init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
+        let session = SessionConfig { intra_threads: Some(1), max_batch: 8, ..Default::default() };
+        let sampling = SamplingSpec { steps: 4, stop_guidance: 2, ..Default::default() };
+        Engine::load(&paths, &session, sampling, 5).unwrap()
+    };
+    for (encoder, value) in [("nan_vae_encoder.onnx", "NaN"), ("inf_vae_encoder.onnx", "inf")] {
+        let mut engine = load(ModelPaths { vae_encoder: fixtures.join(encoder), ..models() });
+        let mut got = Collect::default();
+        let error =
+            engine.distill_shard(&dataset, &classes, ShardOptions { contact_sheet: true }, &mut got).unwrap_err();
+        let text = match error {
+            mgd3_worker::pipeline::ShardStop::Engine { error, .. } => {
+                assert!(matches!(*error, mgd3_worker::engine::EngineError::NonFinite { .. }), "{error:?}");
+                mgd3_common::error_chain(&*error)
+            }
+            other => panic!("{encoder}: expected a class failure, got {other:?}"),
+        };
+        for needle in ["class `n001`", "real image `", "002-black.png", encoder, &format!("({value})"), "`mean`"] {
+            assert!(text.contains(needle), "{encoder}: `{needle}` missing from: {text}");
+        }
+        assert!(got.outputs.is_empty(), "{encoder}: a class was handed over");
+    }
+    let mut engine = load(ModelPaths { vae_decoder: fixtures.join("nan_vae_decoder.onnx"), ..models() });
+    let mut got = Collect::default();
+    let error = engine.distill_shard(&dataset, &classes, ShardOptions { contact_sheet: true }, &mut got).unwrap_err();
+    let text = match error {
+        mgd3_worker::pipeline::ShardStop::Engine { error, .. } => mgd3_common::error_chain(&*error),
+        other => panic!("expected a class failure, got {other:?}"),
+    };
+    for needle in ["class `n001`", "sample 0", "nan_vae_decoder.onnx", "(NaN)", "`image`"] {
+        assert!(text.contains(needle), "`{needle}` missing from: {text}");
+    }
+    assert!(got.outputs.is_empty() && got.sheets.is_empty(), "a class was handed over");
+}
+
+/// The data a class is made from is the data submitted: images added, removed or rewritten with
+/// another size after submit fail the class naming what changed, before anything is encoded; the
+/// same files with other modification times (a copy staged with `cp -r`) are used.
+#[test]
+fn a_class_that_changed_since_submit_fails_naming_the_change() {
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(dir.path(), &["n001"], 6);
+    let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
+    let submitted = mgd3_common::imagefolder::list_local_class(dir.path(), "n001").unwrap().summary();
+    let class = |listing| {
+        vec![ClassSpec::new(ClassRef { wnid: "n001".into(), label: 3, class_index: 0, listing: Some(listing) }, 2)]
+    };
+    let run = |classes: &[ClassSpec]| {
+        let mut got = Collect::default();
+        let result = engine(8, 1).distill_shard(&dataset, classes, ShardOptions { contact_sheet: false }, &mut got);
+        (result.map(|_| ()), got.outputs.len())
+    };
+    let image = dir.path().join("n001/000.png");
+    let original = std::fs::read(&image).unwrap();
+    // Unchanged, then the same bytes with a new modification time: distilled.
+    assert_eq!(run(&class(submitted.clone())).1, 1);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&image, &original).unwrap();
+    assert_eq!(run(&class(submitted.clone())).1, 1);
+    type Change<'a> = Box<dyn Fn() + 'a>;
+    let changes: [(&str, Change, &str); 3] = [
+        ("added", Box::new(|| std::fs::copy(&image, dir.path().join("n001/new.png")).map(|_| ()).unwrap()), "7 images"),
+        ("removed", Box::new(|| std::fs::remove_file(dir.path().join("n001/001.jpg")).unwrap()), "5 images"),
+        ("rewritten", Box::new(|| std::fs::write(&image, &original[..original.len() - 1]).unwrap()), "6 images"),
+    ];
+    for (what, change, now) in changes {
+        let snapshot = tempfile::tempdir().unwrap();
+        copy_dir(&dir.path().join("n001"), snapshot.path());
+        change();
+        let (result, committed) = run(&class(submitted.clone()));
+        let error = match result {
+            Err(mgd3_worker::pipeline::ShardStop::Engine { error, .. }) => mgd3_common::error_chain(&*error),
+            other => panic!("{what}: expected the class to fail, got {other:?}"),
+        };
+        assert!(
+            error.contains("class `n001` changed since the job was submitted")
+                && error.contains("6 images")
+                && error.contains(&format!("{now}, ")),
+            "{what}: {error}"
+        );
+        assert_eq!(committed, 0, "{what}");
+        std::fs::remove_dir_all(dir.path().join("n001")).unwrap();
+        copy_dir(snapshot.path(), &dir.path().join("n001"));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
