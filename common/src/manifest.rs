@@ -158,6 +158,10 @@ pub struct ManifestClass {
     /// The class's diversity and representativeness, as its marker has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<ClassQuality>,
+    /// Links the class's listing did not follow (cycles, folders outside the class, second names
+    /// of one file), as its marker has them: the first 20, by name and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_links: Vec<crate::imagefolder::SkippedLink>,
 }
 
 /// `manifest.json`, written when every class is committed.

@@ -96,6 +96,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
             modes_sha256: marker.modes.sha256,
             attempt_id: marker.attempt_id,
             quality: marker.quality,
+            skipped_links: marker.skipped.link_examples,
         });
     }
     let m = &job.spec.models;
