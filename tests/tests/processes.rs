@@ -625,3 +625,55 @@ fn a_signal_stops_submit_wait_not_the_job() {
         assert_eq!(state["state"], "running", "the job goes on: {state}");
     }
 }
+
+/// A coordinator restarted in the middle of a long shard (36 s here; minutes on a GPU): the
+/// worker registers again at once — its registration never waits for the shard, which holds the
+/// engine — and goes on renewing its lease, so the lease is not given away; it answers SIGTERM
+/// within its stop grace mid-shard, and the job then completes with each class committed once.
+#[test]
+fn a_coordinator_restarted_mid_shard_finds_the_worker_renewing_and_stoppable() {
+    let JobScratch { dir: scratch, store, spec: spec_path } = job_scratch(3, 4, 2, 5, "classes_per_shard = 3");
+    let log = scratch.path().join("coordinator.log");
+    let (mut coordinator, port, url) = serve_logging_leases(&store, &log);
+    let worker_log = scratch.path().join("worker.log");
+    let mut slow = fake_worker(&url, "slow", "12", &worker_log, &[]);
+    let job = submit(&url, &spec_path);
+    wait_for("a leased shard", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("lease granted"))
+    });
+    signal(&coordinator.0, 9);
+    let _ = coordinator.0.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted_log = scratch.path().join("restarted.log");
+    let _restarted =
+        serve(port, &store, &restarted_log, &[("RUST_LOG", "info,mgd3_coordinator::service=debug".into())]);
+    let registered = |text: &str| text.matches("registered").count();
+    wait_for("the worker registering again mid-shard", Duration::from_secs(15), || {
+        std::fs::read_to_string(&worker_log).is_ok_and(|text| registered(&text) >= 2)
+    });
+    // Three lease periods (the spec's lease_timeout_s is 5): the lease is renewed, never expired
+    // and never granted again.
+    std::thread::sleep(Duration::from_secs(15));
+    let now = status(&url, &job).expect("the restarted coordinator answers");
+    assert_eq!(now["shards"]["running"], 1, "{now}");
+    assert!(now["failures"].as_array().unwrap().is_empty(), "the lease expired: {now}");
+    let restarted = std::fs::read_to_string(&restarted_log).unwrap();
+    assert!(!restarted.contains("lease granted"), "the shard was leased again: {restarted}");
+    // SIGTERM mid-shard: the worker stops within its stop grace.
+    terminate(&slow.0);
+    let exit = wait_exit(&mut slow.0, "a worker stopped mid-shard", Duration::from_secs(20));
+    let text = std::fs::read_to_string(&worker_log).unwrap();
+    assert!(exit.success(), "{text}");
+    let _fast = fake_worker(&url, "fast", "0.1", &scratch.path().join("fast.log"), &[]);
+    wait_for("the job to succeed", Duration::from_secs(60), || {
+        status(&url, &job).is_some_and(|s| s["state"] == "succeeded")
+    });
+    let markers = std::fs::read_dir(Path::new(&store).join("jobs").join(&job).join("shards")).unwrap().count();
+    assert_eq!(markers, 3);
+    let done = status(&url, &job).unwrap();
+    assert_eq!(
+        (done["images"]["done"].as_u64(), done["failures"].as_array().map(Vec::len)),
+        (Some(6), Some(0)),
+        "{done}"
+    );
+}

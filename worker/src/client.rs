@@ -20,7 +20,7 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 
 use crate::shard::{
-    Disposition, ShardEngine, ShardError, ShardFailure, ShardLease, ShardProgress, ShardReport, run_shard,
+    Disposition, LoadedModels, ShardEngine, ShardError, ShardFailure, ShardLease, ShardProgress, ShardReport, run_shard,
 };
 
 /// How a worker connects and identifies itself.
@@ -244,13 +244,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
     let mut client = connect(&config.coordinator, config.token.as_deref(), config.tls_ca.as_deref())?;
+    // Read by registration without the engine, which a running shard holds.
+    let loaded = engine.loaded_models();
     let engine = Arc::new(Mutex::new(engine));
     let mut stop = Stop::new(shutdown);
 
     let mut reach = Reach::new(config.give_up_after);
     // This run's identity: a second live process (or run) under the same worker id is refused.
     let instance = format!("{:016x}", rand::random::<u64>());
-    let Some(mut heartbeat) = register(&mut client, &config, &instance, &engine, &mut stop, &mut reach).await? else {
+    let Some(mut heartbeat) = register(&mut client, &config, &instance, &loaded, &mut stop, &mut reach).await? else {
         return Ok(());
     };
 
@@ -325,7 +327,7 @@ pub async fn run(
                 // shard's lease, recovered from its state, is renewed by the next poll.
                 info!(worker = %config.worker_id, coordinator = %config.coordinator, "the coordinator restarted: registering again");
                 if let Some(interval) =
-                    register(&mut client, &config, &instance, &engine, &mut stop, &mut reach).await?
+                    register(&mut client, &config, &instance, &loaded, &mut stop, &mut reach).await?
                 {
                     heartbeat = interval;
                 }
@@ -395,14 +397,14 @@ async fn register<F: Future<Output = ()>>(
     client: &mut Client,
     config: &WorkerConfig,
     instance: &str,
-    engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
+    loaded: &LoadedModels,
     stop: &mut Stop<F>,
     reach: &mut Reach,
 ) -> Result<Option<Duration>, ClientError> {
     let mut attempt = 0;
     let started = Instant::now();
     loop {
-        let fingerprints = engine.lock().expect("engine").model_fingerprints().into_iter().collect();
+        let fingerprints = loaded.get().into_iter().collect();
         let registration = Registration {
             worker_id: config.worker_id.clone(),
             hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),

@@ -226,9 +226,35 @@ pub trait ShardEngine: Send {
     }
 
     /// Fingerprints of the models currently loaded, for registration: the path or URL as the job
-    /// spec's `[models]` names it → `sha256:<hex>` of the file loaded from there.
-    fn model_fingerprints(&self) -> Vec<(String, String)> {
-        Vec::new()
+    /// spec's `[models]` names it → `sha256:<hex>` of the file loaded from there. A handle
+    /// readable without the engine: registration must never wait for a shard that holds the
+    /// engine (a coordinator restarted mid-shard would see no poll and no renewal until it ends).
+    /// The default is a snapshot of nothing loaded.
+    fn loaded_models(&self) -> LoadedModels {
+        LoadedModels::default()
+    }
+}
+
+/// The fingerprints of the models an engine has loaded (the path or URL as the job spec names
+/// it → `sha256:<hex>`), shared between the engine, which publishes them when it loads models,
+/// and the client, which reads them to register.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedModels(Arc<std::sync::RwLock<Vec<(String, String)>>>);
+
+impl LoadedModels {
+    /// A handle holding `fingerprints`.
+    pub fn new(fingerprints: Vec<(String, String)>) -> Self {
+        LoadedModels(Arc::new(std::sync::RwLock::new(fingerprints)))
+    }
+
+    /// The fingerprints now.
+    pub fn get(&self) -> Vec<(String, String)> {
+        self.0.read().expect("loaded models").clone()
+    }
+
+    /// Publishes the fingerprints of the models now loaded.
+    pub fn set(&self, fingerprints: Vec<(String, String)>) {
+        *self.0.write().expect("loaded models") = fingerprints;
     }
 }
 
@@ -236,8 +262,6 @@ pub trait ShardEngine: Send {
 struct LoadedEngine {
     /// Models, sampling settings, seed and latent cache, serialised.
     key: String,
-    /// The path as the spec names it → `sha256:<hex>` of the file loaded from there.
-    fingerprints: Vec<(String, String)>,
     engine: Engine,
 }
 
@@ -245,15 +269,16 @@ struct LoadedEngine {
 pub struct OnnxShardEngine {
     session: SessionConfig,
     pool: CpuPool,
-    /// The engine of the last job, keyed by what it depends on, with the fingerprints of the
-    /// models it loaded (the path as the spec names it → `sha256:<hex>`).
+    /// The engine of the last job, keyed by what it depends on.
     loaded: Option<LoadedEngine>,
+    /// The fingerprints of the models `loaded` holds, published for registration.
+    published: LoadedModels,
 }
 
 impl OnnxShardEngine {
     /// Models run with `session`; decoding, preprocessing, k-means and PNG encoding on `pool`.
     pub fn new(session: SessionConfig, pool: CpuPool) -> Self {
-        OnnxShardEngine { session, pool, loaded: None }
+        OnnxShardEngine { session, pool, loaded: None, published: LoadedModels::default() }
     }
 
     fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
@@ -261,6 +286,7 @@ impl OnnxShardEngine {
             .expect("serialisable");
         if self.loaded.as_ref().is_none_or(|loaded| loaded.key != key) {
             self.loaded = None;
+            self.published.set(Vec::new());
             // Local paths as they are; object-store URLs through the local model cache.
             let cache = mgd3_common::store::model_cache_dir();
             let local = |p: &str| {
@@ -309,7 +335,8 @@ impl OnnxShardEngine {
                     });
                 }
             }
-            let fingerprints = have.into_iter().map(|(path, _, got)| (path.clone(), got)).collect();
+            let fingerprints: Vec<(String, String)> =
+                have.into_iter().map(|(path, _, got)| (path.clone(), got)).collect();
             let mut engine = engine;
             let cache = spec
                 .latent_cache_url()
@@ -318,7 +345,8 @@ impl OnnxShardEngine {
                 .map_err(ShardFailure::LatentCache)?;
             engine.set_latent_cache(cache);
             engine.set_cpu_pool(self.pool.clone());
-            self.loaded = Some(LoadedEngine { key, fingerprints, engine });
+            self.loaded = Some(LoadedEngine { key, engine });
+            self.published.set(fingerprints);
         }
         Ok(&mut self.loaded.as_mut().expect("just loaded").engine)
     }
@@ -391,8 +419,8 @@ impl ShardEngine for OnnxShardEngine {
         }
     }
 
-    fn model_fingerprints(&self) -> Vec<(String, String)> {
-        self.loaded.as_ref().map(|loaded| loaded.fingerprints.clone()).unwrap_or_default()
+    fn loaded_models(&self) -> LoadedModels {
+        self.published.clone()
     }
 }
 
@@ -401,7 +429,7 @@ impl ShardEngine for OnnxShardEngine {
 pub struct FakeEngine {
     /// How long each class takes.
     pub class_duration: Duration,
-    /// What [`ShardEngine::model_fingerprints`] reports, as if these models were loaded.
+    /// What [`ShardEngine::loaded_models`] reports, as if these models were loaded.
     pub model_fingerprints: Vec<(String, String)>,
 }
 
@@ -450,8 +478,8 @@ impl ShardEngine for FakeEngine {
         })
     }
 
-    fn model_fingerprints(&self) -> Vec<(String, String)> {
-        self.model_fingerprints.clone()
+    fn loaded_models(&self) -> LoadedModels {
+        LoadedModels::new(self.model_fingerprints.clone())
     }
 }
 
