@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use mgd3_common::job::SamplingSpec;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, init_runtime};
-use mgd3_worker::engine::{ClassTimings, DitDenoiser, decode_to_png, schedule_for};
-use mgd3_worker::mgd3::sampler::{DenoiserInfo, sample};
+use mgd3_worker::cpu::CpuPool;
+use mgd3_worker::engine::{ClassTimings, decode_png, sample_run, schedule_for};
 use ndarray::{Array4, Array5, ArrayView4, Axis};
 use ndarray_npy::read_npy;
 use serde_json::Value;
@@ -50,27 +50,23 @@ fn run_case(case: &str) {
     let session = session();
     let mut dit = Dit::load(&fixtures().join("models/tiny_dit.onnx"), &session).unwrap();
     let schedule = schedule_for(&dit, steps).unwrap();
-    let spec = DenoiserInfo { null_label: dit.info().num_classes as i64, learn_sigma: true };
     let mut checked = 0;
-    let (latents, _) = sample(
-        &mut DitDenoiser(&mut dit),
-        &schedule,
-        &guidance,
-        spec,
-        &vec![label; n],
-        modes.view(),
-        noise.view(),
-        |k, x| {
+    // The functions a shard runs: one sampling run, then decode and PNG.
+    let mut rows = Vec::new();
+    let (latents, _) =
+        sample_run(&mut dit, &schedule, &guidance, &vec![label; n], modes.view(), noise.view(), &mut rows, |k, x| {
             assert_parity(x, trajectory.index_axis(Axis(1), k), &format!("{case} step k={k}"));
             checked += 1;
-        },
-    )
-    .unwrap();
+        })
+        .unwrap();
     assert_eq!(checked, steps);
+    assert_eq!(rows, vec![2 * n; steps], "one DiT call of n cond+uncond pairs per step");
 
     let images: ndarray::Array4<u8> = read_npy(dir.join("images.npy")).unwrap();
     let mut decoder = VaeDecoder::load(&fixtures().join("models/tiny_vae_decoder.onnx"), &session).unwrap();
-    let pngs = decode_to_png(&mut decoder, latents.view(), &mut ClassTimings::default()).unwrap();
+    let (pngs, _) =
+        decode_png(&mut decoder, &CpuPool::new(Some(1)), case, latents.view(), &mut ClassTimings::default()).unwrap();
+    assert_eq!(pngs.len(), n);
     for (j, png) in pngs.iter().enumerate() {
         let ours = image::load_from_memory(png).unwrap().to_rgb8();
         for (x, y, pixel) in ours.enumerate_pixels() {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use mgd3_common::job::SamplingSpec;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, init_runtime};
-use mgd3_worker::engine::{ClassTimings, DitDenoiser, decode_to_png, schedule_for_sampler};
-use mgd3_worker::mgd3::sampler::{DenoiserInfo, Sampler, sample_with};
+use mgd3_worker::cpu::CpuPool;
+use mgd3_worker::engine::{ClassTimings, decode_png, sample_run, sampler_of, schedule_for_sampler};
 use ndarray::{Array4, Array5, ArrayView4, Axis};
 use ndarray_npy::read_npy;
 use serde_json::Value;
@@ -39,9 +39,11 @@ fn run_case(case: &str) {
         cfg_scale: params["cfg_scale"].as_f64().unwrap() as f32,
         cfg_channels: params["cfg_channels"].as_u64().unwrap() as usize,
         steps: params["steps"].as_u64().unwrap() as usize,
+        sampler: mgd3_common::job::SamplerKind::Ddim,
+        eta: params["eta"].as_f64().unwrap() as f32,
         ..Default::default()
     };
-    let sampler = Sampler::Ddim { eta: params["eta"].as_f64().unwrap() as f32 };
+    let sampler = sampler_of(&guidance);
     let steps = params["steps"].as_u64().unwrap() as usize;
     let label = params["label"].as_i64().unwrap();
     let modes: Array4<f32> = read_npy(dir.join("modes.npy")).unwrap();
@@ -53,29 +55,24 @@ fn run_case(case: &str) {
     let session = SessionConfig { intra_threads: Some(1), max_batch: 64, ..Default::default() };
     let mut dit = Dit::load(&fixtures().join("models/tiny_dit.onnx"), &session).unwrap();
     let schedule = schedule_for_sampler(&dit, steps, sampler).unwrap();
-    let spec = DenoiserInfo { null_label: dit.info().num_classes as i64, learn_sigma: true };
     let (mut checked, mut worst) = (0, 0f32);
-    let (latents, _) = sample_with(
-        sampler,
-        &mut DitDenoiser(&mut dit),
-        &schedule,
-        &guidance,
-        spec,
-        &vec![label; n],
-        modes.view(),
-        noise.view(),
-        |k, x| {
+    // The functions a shard runs: one sampling run, then decode and PNG.
+    let mut rows = Vec::new();
+    let (latents, _) =
+        sample_run(&mut dit, &schedule, &guidance, &vec![label; n], modes.view(), noise.view(), &mut rows, |k, x| {
             worst = worst.max(assert_parity(x, trajectory.index_axis(Axis(1), k), &format!("{case} step k={k}")));
             checked += 1;
-        },
-    )
-    .unwrap();
+        })
+        .unwrap();
     assert_eq!(checked, steps);
+    assert_eq!(rows, vec![2 * n; steps], "one DiT call of n cond+uncond pairs per step");
     eprintln!("{case}: largest absolute error over the trajectory {worst:e}");
 
     let images: ndarray::Array4<u8> = read_npy(dir.join("images.npy")).unwrap();
     let mut decoder = VaeDecoder::load(&fixtures().join("models/tiny_vae_decoder.onnx"), &session).unwrap();
-    let pngs = decode_to_png(&mut decoder, latents.view(), &mut ClassTimings::default()).unwrap();
+    let (pngs, _) =
+        decode_png(&mut decoder, &CpuPool::new(Some(1)), case, latents.view(), &mut ClassTimings::default()).unwrap();
+    assert_eq!(pngs.len(), n);
     for (j, png) in pngs.iter().enumerate() {
         let ours = image::load_from_memory(png).unwrap().to_rgb8();
         for (x, y, pixel) in ours.enumerate_pixels() {

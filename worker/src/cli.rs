@@ -12,7 +12,7 @@ use ndarray_npy::ReadNpyExt;
 
 use crate::client::WorkerConfig;
 use crate::engine::{
-    ClassSpec, ClassTimings, Engine, EngineError, ModelPaths, SampleBatch, check_guidance, decode_to_png,
+    ClassSpec, ClassTimings, Engine, EngineError, ModelPaths, SampleBatch, check_guidance, decode_png,
     sample_in_batches, sampler_of, schedule_for_sampler,
 };
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
@@ -472,7 +472,9 @@ fn sample(args: SampleArgs) -> Result<()> {
     write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;
     if let (Some(decoder_path), Some(dir)) = (&args.vae_decoder, &args.images_out) {
         let mut decoder = VaeDecoder::load(decoder_path, &session)?;
-        for (j, png) in decode_to_png(&mut decoder, latents.view(), &mut timings)?.iter().enumerate() {
+        let pool = crate::cpu::CpuPool::default();
+        let (pngs, _) = decode_png(&mut decoder, &pool, "sample", latents.view(), &mut timings)?;
+        for (j, png) in pngs.iter().enumerate() {
             write_file(&dir.join(format!("{j}.png")), png)?;
         }
     }

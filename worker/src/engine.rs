@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting};
 use mgd3_common::manifest::StageSeconds;
-use mgd3_common::seed::sample_seed;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
 use serde::Serialize;
@@ -20,7 +19,7 @@ use crate::cache;
 use crate::cpu::CpuPool;
 use crate::data::{DataError, Dataset};
 use crate::mgd3::modes::ModesError;
-use crate::mgd3::noise::sample_noise;
+use crate::mgd3::noise::batch_noise;
 use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, SampleError, Sampler, sample_with};
 use crate::mgd3::schedule::{BetaSchedule, Schedule, ScheduleError};
 use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
@@ -476,17 +475,11 @@ impl Engine {
         sample_in_batches(&mut self.dit, &self.schedule, &self.sampling, batch, timings)
     }
 
-    /// The per-sample noise of a class: `[IPC, S+1, C, h, w]`.
+    /// The per-sample noise of a class: `[IPC, S+1, C, h, w]`, from the one noise generator a
+    /// shard uses ([`batch_noise`]).
     pub fn class_noise(&self, class: &ClassSpec) -> ndarray::Array5<f32> {
-        let shape = self.dit.info().latent_shape;
-        let steps = self.schedule.steps();
-        let per_sample: Vec<_> = (0..class.ipc)
-            .map(|j| {
-                sample_noise(sample_seed(self.seed, class.class_index, j as u64), steps, shape).insert_axis(Axis(0))
-            })
-            .collect();
-        let views: Vec<_> = per_sample.iter().map(|a| a.view()).collect();
-        ndarray::concatenate(Axis(0), &views).expect("same shapes")
+        let samples: Vec<(u64, u64)> = (0..class.ipc as u64).map(|j| (class.class_index, j)).collect();
+        self.pool.install(|| batch_noise(self.seed, &samples, self.schedule.steps(), self.dit.info().latent_shape))
     }
 
     /// Distils one class of an ImageFolder (a shard of one class); with `contact_sheet`, also
@@ -558,8 +551,55 @@ pub struct SampleBatch<'a> {
     pub sampler: Sampler,
 }
 
-/// Runs the sampler over `batch` in chunks; chunks are independent, so the split changes no value.
-/// Returns x₀ `[n, C, h, w]` (scaled latents).
+/// Records the rows of every DiT call.
+struct Counted<'a> {
+    inner: DitDenoiser<'a>,
+    rows: &'a mut Vec<usize>,
+}
+
+impl Denoiser for Counted<'_> {
+    fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError> {
+        self.rows.push(x.shape()[0]);
+        self.inner.predict(x, t, y)
+    }
+}
+
+/// One sampling run, as every caller makes it — a shard's DiT batch (classes mixed), `worker
+/// sample`, the benchmarks and the parity tests: `labels` `[n]`, `modes` `[n,C,h,w]` and `noise`
+/// `[n,S+1,C,h,w]` (scaled latent space), one DiT call of n cond+uncond pairs per step with the
+/// job's sampler. `rows` gets each call's row count, `on_step(k, x)` sees every x after step k.
+/// Returns x₀ `[n,C,h,w]` and where the time went.
+///
+/// # Errors
+/// Those of [`crate::mgd3::sampler::sample_with`], naming the sample by its row.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_run(
+    dit: &mut Dit,
+    schedule: &Schedule,
+    sampling: &SamplingSpec,
+    labels: &[i64],
+    modes: ArrayView4<f32>,
+    noise: ArrayView5<f32>,
+    rows: &mut Vec<usize>,
+    on_step: impl FnMut(usize, ArrayView4<f32>),
+) -> Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError> {
+    let info = dit.info();
+    let model = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+    sample_with(
+        sampler_of(sampling),
+        &mut Counted { inner: DitDenoiser(dit), rows },
+        schedule,
+        sampling,
+        model,
+        labels,
+        modes,
+        noise,
+        on_step,
+    )
+}
+
+/// Runs [`sample_run`] over `batch` in chunks of `samples_per_call`, as a shard does; chunks are
+/// independent, so the split changes no value. Returns x₀ `[n, C, h, w]` (scaled latents).
 ///
 /// # Errors
 /// [`EngineError::LabelCount`] when labels and modes differ in count; [`EngineError::Cancelled`]
@@ -571,28 +611,26 @@ pub fn sample_in_batches(
     batch: SampleBatch<'_>,
     timings: &mut ClassTimings,
 ) -> Result<Array4<f32>, EngineError> {
-    let info = dit.info();
-    let spec = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
     let n = batch.modes.shape()[0];
     if batch.labels.len() != n {
         return Err(EngineError::LabelCount { labels: batch.labels.len(), modes: n });
     }
     let mut parts = Vec::new();
+    let mut rows = Vec::new();
     let mut from = 0;
     while from < n {
         if batch.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(EngineError::Cancelled);
         }
         let to = (from + batch.samples_per_call.max(1)).min(n);
-        let (x, t) = sample_with(
-            batch.sampler,
-            &mut DitDenoiser(dit),
+        let (x, t) = sample_run(
+            dit,
             schedule,
             guidance,
-            spec,
             &batch.labels[from..to],
             batch.modes.slice(s![from..to, .., .., ..]),
             batch.noise.slice(s![from..to, .., .., .., ..]),
+            &mut rows,
             |_, _| {},
         )
         .map_err(|source| EngineError::Sample { class: batch.class.into(), source: source.offset_sample(from) })?;
@@ -605,24 +643,37 @@ pub fn sample_in_batches(
     Ok(ndarray::concatenate(Axis(0), &views).expect("same shapes"))
 }
 
-/// Decodes scaled latents `[n, C, h, w]` (÷ scale_factor, as the reference) and encodes each image
-/// as PNG.
+/// VAE-decodes scaled latents `[n, C, h, w]` (÷ scale factor, as the reference) and PNG-encodes
+/// each image on `pool`, as every caller does (a shard, `worker sample`, the parity tests).
+/// Returns the PNGs (sample j at index j) and the decoded images `[n, c, S, S]`.
 ///
 /// # Errors
-/// [`EngineError::Model`] when the decoder fails; [`EngineError::Sink`] when PNG encoding fails.
-pub fn decode_to_png(
+/// [`EngineError::NonFinite`] naming `class` and the sample when the decoder gives a NaN or an
+/// infinity; [`EngineError::Model`] when it fails otherwise; [`EngineError::Sink`] when PNG
+/// encoding fails.
+pub fn decode_png(
     decoder: &mut VaeDecoder,
+    pool: &CpuPool,
+    class: &str,
     latents: ArrayView4<f32>,
     timings: &mut ClassTimings,
-) -> Result<Vec<Vec<u8>>, EngineError> {
+) -> Result<(Vec<Vec<u8>>, Array4<f32>), EngineError> {
+    use rayon::prelude::*;
     let started = Instant::now();
     let scale = decoder.info().scale_factor;
-    let images = decoder.decode(latents.mapv(|v| v / scale).view())?;
-    let decoded = Instant::now();
-    timings.stages.vae_decode += (decoded - started).as_secs_f64();
-    let pngs = images.outer_iter().map(|img| png_bytes(img)).collect::<Result<Vec<_>, _>>()?;
-    timings.stages.png += decoded.elapsed().as_secs_f64();
-    Ok(pngs)
+    let decoded = decoder
+        .decode(latents.mapv(|v| v / scale).view())
+        .map_err(|e| EngineError::naming_item(class, e, |j| format!("sample {j}")))?;
+    let decoded_at = Instant::now();
+    timings.stages.vae_decode += (decoded_at - started).as_secs_f64();
+    let pngs = pool.install(|| {
+        (0..decoded.shape()[0])
+            .into_par_iter()
+            .map(|i| png_bytes(decoded.index_axis(Axis(0), i)))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    timings.stages.png += decoded_at.elapsed().as_secs_f64();
+    Ok((pngs, decoded))
 }
 
 /// The respaced DDPM schedule a DiT's metadata asks for.

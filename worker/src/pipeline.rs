@@ -28,18 +28,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mgd3_common::seed::{kmeans_seed, sample_seed};
+use mgd3_common::seed::kmeans_seed;
 use ndarray::{Array4, Axis};
 use rayon::prelude::*;
 use tracing::{debug, info, warn};
 
 use crate::cache;
 use crate::data::{self, DataError, Dataset, Pixels};
-use crate::engine::{ClassOutput, ClassSpec, ClassTimings, DitDenoiser, Engine, EngineError};
+use crate::engine::{ClassOutput, ClassSpec, ClassTimings, Engine, EngineError, decode_png, sample_run};
 use crate::mgd3::modes::find_modes;
-use crate::mgd3::noise::sample_noise;
-use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, sample_with};
-use crate::sink::{self, png_bytes};
+use crate::mgd3::noise::batch_noise;
+use crate::sink;
 
 /// Real images decoded and encoded per chunk.
 pub const ENCODE_CHUNK: usize = 64;
@@ -182,24 +181,6 @@ struct InFlight {
     sampled: usize,
     /// The real latents the modes came from (flattened rows), kept for the quality numbers.
     real: Vec<f32>,
-}
-
-/// Records the rows of every DiT call.
-struct Counted<'a> {
-    inner: DitDenoiser<'a>,
-    rows: &'a mut Vec<usize>,
-}
-
-impl Denoiser for Counted<'_> {
-    fn predict(
-        &mut self,
-        x: ndarray::ArrayView4<f32>,
-        t: &[i64],
-        y: &[i64],
-    ) -> Result<ndarray::Array4<f32>, ModelError> {
-        self.rows.push(x.shape()[0]);
-        self.inner.predict(x, t, y)
-    }
 }
 
 impl Engine {
@@ -464,31 +445,17 @@ impl Engine {
             .map(|&(slot, j)| flight[slot].modes.as_ref().expect("modes").index_axis(Axis(0), j).insert_axis(Axis(0)))
             .collect();
         let modes = ndarray::concatenate(Axis(0), &mode_views).expect("same shapes");
-        let noise_parts: Vec<_> = self.pool().install(|| {
-            batch
-                .par_iter()
-                .map(|&(slot, j)| {
-                    sample_noise(sample_seed(seed, classes[slot].class_index, j as u64), steps, shape)
-                        .insert_axis(Axis(0))
-                })
-                .collect()
-        });
-        let noise_views: Vec<_> = noise_parts.iter().map(|n| n.view()).collect();
-        let noise = ndarray::concatenate(Axis(0), &noise_views).expect("same shapes");
-        drop(noise_parts);
-        let info = self.dit().info();
-        let spec = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+        let samples: Vec<(u64, u64)> = batch.iter().map(|&(slot, j)| (classes[slot].class_index, j as u64)).collect();
+        let noise = self.pool().install(|| batch_noise(seed, &samples, steps, shape));
         let (schedule, guidance) = (self.schedule().clone(), *self.sampling());
-        let sampler = crate::engine::sampler_of(&guidance);
-        let (x, timings) = sample_with(
-            sampler,
-            &mut Counted { inner: DitDenoiser(self.dit_mut()), rows: &mut stats.dit_rows },
+        let (x, timings) = sample_run(
+            self.dit_mut(),
             &schedule,
             &guidance,
-            spec,
             &labels,
             modes.view(),
             noise.view(),
+            &mut stats.dit_rows,
             |_, _| {},
         )
         .map_err(|source| {
@@ -546,22 +513,9 @@ impl Engine {
         let started = Instant::now();
         let latents = state.latents.take().expect("sampled latents");
         let modes = state.modes.take().expect("modes");
-        let scale = self.decoder().info().scale_factor;
-        let decoded = self.decoder_mut().decode(latents.mapv(|v| v / scale).view()).map_err(|e| {
-            ShardStop::class(class, EngineError::naming_item(&class.wnid, e, |j| format!("sample {j}")))
-        })?;
-        let decoded_at = Instant::now();
-        state.timings.stages.vae_decode += (decoded_at - started).as_secs_f64();
-        let images = self
-            .pool()
-            .install(|| {
-                (0..decoded.shape()[0])
-                    .into_par_iter()
-                    .map(|i| png_bytes(decoded.index_axis(Axis(0), i)))
-                    .collect::<Result<Vec<_>, _>>()
-            })
+        let pool = self.pool().clone();
+        let (images, decoded) = decode_png(self.decoder_mut(), &pool, &class.wnid, latents.view(), &mut state.timings)
             .map_err(|e| ShardStop::class(class, e))?;
-        state.timings.stages.png += decoded_at.elapsed().as_secs_f64();
         stats.finish += started.elapsed();
         let samples: Vec<Pixels> =
             if options.contact_sheet { decoded.outer_iter().map(sink::tensor_pixels).collect() } else { Vec::new() };
