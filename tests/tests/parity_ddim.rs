@@ -41,7 +41,6 @@ fn run_case(case: &str) {
         steps: params["steps"].as_u64().unwrap() as usize,
         sampler: mgd3_common::job::SamplerKind::Ddim,
         eta: params["eta"].as_f64().unwrap() as f32,
-        ..Default::default()
     };
     let sampler = sampler_of(&guidance);
     let steps = params["steps"].as_u64().unwrap() as usize;
