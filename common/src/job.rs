@@ -461,6 +461,31 @@ fn default_max_attempts() -> u32 {
     3
 }
 
+/// A class whose DiT label is outside the DiT's classes (labels `0..classes`; the null class of
+/// classifier-free guidance is no class).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
+pub struct LabelOutOfRange {
+    /// The class (wnid), as the job or the command line names it.
+    pub class: String,
+    /// Its label.
+    pub label: i64,
+    /// The DiT's number of classes.
+    pub classes: i64,
+}
+
+/// The one label check of mgd3 (submit, the worker before a shard, `worker sample`).
+///
+/// # Errors
+/// [`LabelOutOfRange`] for a label outside `0..classes`.
+pub fn check_label(class: &str, label: i64, classes: i64) -> Result<(), LabelOutOfRange> {
+    if (0..classes).contains(&label) {
+        Ok(())
+    } else {
+        Err(LabelOutOfRange { class: class.to_owned(), label, classes })
+    }
+}
+
 /// One class of a resolved job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassRef {
@@ -857,6 +882,15 @@ pub fn job_id(spec: &JobSpec, fingerprint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_checked_against_the_dits_classes_in_one_place() {
+        assert!(check_label("n01", 0, 1000).is_ok() && check_label("n01", 999, 1000).is_ok());
+        for label in [-1, 1000, 1001] {
+            let error = check_label("n01", label, 1000).unwrap_err();
+            assert_eq!(error.to_string(), format!("class `n01`: label {label} is outside the DiT's 0..1000 classes"));
+        }
+    }
 
     const SPEC: &str = r#"
 name = "nette"

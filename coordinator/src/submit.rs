@@ -234,8 +234,8 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
         if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
             let outside: Vec<String> = classes
                 .iter()
-                .filter(|c| c.label < 0 || c.label >= n)
-                .map(|c| format!("`{}` → {}", c.wnid.escape_debug(), c.label))
+                .filter_map(|c| mgd3_common::job::check_label(&c.wnid, c.label, n).err())
+                .map(|o| format!("`{}` → {}", o.class.escape_debug(), o.label))
                 .collect();
             if !outside.is_empty() {
                 problems.push(FieldError {

@@ -443,8 +443,8 @@ fn sample(args: SampleArgs) -> Result<()> {
             info.latent_shape
         );
     }
-    if args.label < 0 || args.label >= info.num_classes as i64 {
-        bail!("--label {} is outside the DiT's 0..{} classes", args.label, info.num_classes);
+    if let Err(outside) = mgd3_common::job::check_label("--label", args.label, info.num_classes as i64) {
+        bail!("--label {} is outside the DiT's 0..{} classes", outside.label, outside.classes);
     }
     let n = modes.shape()[0];
     let want = [n, config.steps + 1, info.latent_shape[0], info.latent_shape[1], info.latent_shape[2]];

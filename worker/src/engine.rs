@@ -101,15 +101,8 @@ pub enum EngineError {
         source: Box<mgd3_onnx::Error>,
     },
     /// A class's DiT label is outside the DiT's classes.
-    #[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
-    LabelOutOfRange {
-        /// The class (wnid).
-        class: String,
-        /// Its DiT label.
-        label: i64,
-        /// The DiT's number of classes.
-        classes: usize,
-    },
+    #[error(transparent)]
+    LabelOutOfRange(#[from] mgd3_common::job::LabelOutOfRange),
     /// The caller passed labels and modes of different counts (a bug in the caller).
     #[error("{labels} labels for {modes} modes")]
     LabelCount {
@@ -178,7 +171,7 @@ impl EngineError {
             | EngineError::LatentShapes { .. }
             | EngineError::ScaleFactors { .. }
             | EngineError::Invalid(_)
-            | EngineError::LabelOutOfRange { .. }
+            | EngineError::LabelOutOfRange(_)
             | EngineError::NonFinite { .. }
             | EngineError::LabelCount { .. } => false,
         }

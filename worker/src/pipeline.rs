@@ -288,10 +288,7 @@ impl Engine {
                 problem: format!("class `{}` needs at least one image", class.wnid),
             }));
         }
-        let classes = self.dit().info().num_classes;
-        if class.label < 0 || class.label >= classes as i64 {
-            return Err(EngineError::LabelOutOfRange { class: class.wnid.clone(), label: class.label, classes });
-        }
+        mgd3_common::job::check_label(&class.wnid, class.label, self.dit().info().num_classes as i64)?;
         Ok(())
     }
 
