@@ -63,8 +63,8 @@ fn main() {
     let started = Instant::now();
     let output = engine
         .distill_class(&mgd3_worker::data::Dataset::open(&data.display().to_string()).unwrap(), &spec, false)
-        .unwrap()
-        .0;
+        .unwrap();
+    let modes: ndarray::Array4<f32> = ndarray_npy::ReadNpyExt::read_npy(&output.files.modes_npy[..]).unwrap();
     let wall = started.elapsed().as_secs_f64();
     let t: ClassTimings = output.timings;
     let total = t.total().as_secs_f64();
@@ -88,7 +88,7 @@ fn main() {
         let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
         let mut timings = ClassTimings::default();
         let started = Instant::now();
-        engine.sample_latents(&class, &labels, output.modes.view(), noise.view(), &mut timings).unwrap();
+        engine.sample_latents(&class, &labels, modes.view(), noise.view(), &mut timings).unwrap();
         let secs = started.elapsed().as_secs_f64();
         rates.push(ipc as f64 / secs);
         println!(

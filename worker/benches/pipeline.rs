@@ -17,9 +17,9 @@ use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::{CpuPool, available_cpus};
 use mgd3_worker::data::{self, Dataset};
-use mgd3_worker::engine::{ClassOutput, ClassSpec, Engine, ModelPaths};
+use mgd3_worker::engine::{ClassSpec, Engine, ModelPaths};
 use mgd3_worker::mgd3::modes::{find_modes, squared_distance};
-use mgd3_worker::pipeline::{ClassOutputs, ShardOptions, ShardStats};
+use mgd3_worker::pipeline::{ClassResult, ClassSink, ShardOptions, ShardStats};
 use ndarray::{Array2, Array4};
 use ndarray_npy::read_npy;
 use rayon::prelude::*;
@@ -31,11 +31,13 @@ fn env_path(key: &str) -> Option<PathBuf> {
 
 struct Discard;
 
-impl ClassOutputs<()> for Discard {
-    fn class_done(&mut self, _: usize, _: ClassOutput) -> Result<bool, ()> {
+impl ClassSink for Discard {
+    type Error = ();
+
+    fn commit(&mut self, _: &ClassRef, _: ClassResult) -> Result<bool, ()> {
         Ok(true)
     }
-    fn contact_sheet(&mut self, _: usize, _: Vec<u8>) {}
+    fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
 }
 
 /// Images/s of read + decode + `center_crop_arr` + ToTensor over `paths` on `threads` threads.

@@ -401,15 +401,14 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     }
     let dataset = crate::data::Dataset::open(&args.data)?;
     engine.set_cpu_pool(args.runtime.cpu_pool());
-    let (output, sheet) =
+    let output =
         engine.distill_class(&dataset, &class, args.contact_sheet.is_some()).map_err(EngineError::from_command_line)?;
     let dir = args.out.join(&class.wnid);
-    for (j, png) in output.images.iter().enumerate() {
+    for (j, png) in output.files.images.iter().enumerate() {
         write_file(&dir.join(format!("{j}.png")), png)?;
     }
-    let modes_path = dir.join("modes.npy");
-    write_file(&modes_path, &npy_bytes(&output.modes, &modes_path)?)?;
-    if let (Some(path), Some(png)) = (&args.contact_sheet, &sheet) {
+    write_file(&dir.join("modes.npy"), &output.files.modes_npy)?;
+    if let (Some(path), Some(png)) = (&args.contact_sheet, &output.contact_sheet) {
         write_file(path, png)?;
     }
     if let Some(path) = &args.timings_json {
@@ -419,7 +418,7 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
         "distilled class {} (label {}): {} images from {} real images in {:.2} s -> {}",
         class.wnid,
         class.label,
-        output.images.len(),
+        output.files.images.len(),
         output.timings.real_images,
         output.timings.total().as_secs_f64(),
         dir.display()

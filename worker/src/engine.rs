@@ -17,12 +17,11 @@ use tracing::debug;
 
 use crate::cache;
 use crate::cpu::CpuPool;
-use crate::data::{DataError, Dataset};
+use crate::data::DataError;
 use crate::mgd3::modes::ModesError;
 use crate::mgd3::noise::batch_noise;
 use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, SampleError, Sampler, sample_with};
 use crate::mgd3::schedule::{BetaSchedule, Schedule, ScheduleError};
-use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
 use crate::sink::{SinkError, png_bytes};
 use mgd3_common::store::Location;
 
@@ -246,23 +245,6 @@ impl ClassTimings {
     }
 }
 
-/// A distilled class.
-#[derive(Debug)]
-pub struct ClassOutput {
-    /// `[IPC, C, h, w]` modes in scaled latent space; sample j was guided to mode j.
-    pub modes: Array4<f32>,
-    /// `[IPC, C, h, w]` final latents (scaled).
-    pub latents: Array4<f32>,
-    /// PNG bytes of sample j at index j.
-    pub images: Vec<Vec<u8>>,
-    /// Where the class's time went.
-    pub timings: ClassTimings,
-    /// Diversity and representativeness of the samples against the real latents.
-    pub quality: Option<mgd3_common::manifest::ClassQuality>,
-    /// Real latents, modes and samples in 2-D, for the job report.
-    pub embedding: Option<mgd3_common::manifest::Embedding>,
-}
-
 /// The DiT behind the sampler's [`Denoiser`] trait.
 pub struct DitDenoiser<'a>(pub &'a mut Dit);
 
@@ -473,35 +455,6 @@ impl Engine {
     pub fn class_noise(&self, class: &ClassSpec) -> ndarray::Array5<f32> {
         let samples: Vec<(u64, u64)> = (0..class.ipc as u64).map(|j| (class.class_index, j)).collect();
         self.pool.install(|| batch_noise(self.seed, &samples, self.schedule.steps(), self.dit.info().latent_shape))
-    }
-
-    /// Distils one class of an ImageFolder (a shard of one class); with `contact_sheet`, also
-    /// returns its contact sheet PNG.
-    ///
-    /// # Errors
-    /// Those of [`Engine::distill_shard`].
-    pub fn distill_class(
-        &mut self,
-        dataset: &Dataset,
-        class: &ClassSpec,
-        contact_sheet: bool,
-    ) -> Result<(ClassOutput, Option<Vec<u8>>), EngineError> {
-        struct Keep(Option<ClassOutput>, Option<Vec<u8>>);
-        impl ClassOutputs<std::convert::Infallible> for Keep {
-            fn class_done(&mut self, _: usize, output: ClassOutput) -> Result<bool, std::convert::Infallible> {
-                self.0 = Some(output);
-                Ok(true)
-            }
-            fn contact_sheet(&mut self, _: usize, png: Vec<u8>) {
-                self.1 = Some(png);
-            }
-        }
-        let mut keep = Keep(None, None);
-        match self.distill_shard(dataset, std::slice::from_ref(class), ShardOptions { contact_sheet }, &mut keep) {
-            Ok(_) => Ok((keep.0.expect("the one class is done"), keep.1)),
-            Err(ShardStop::Engine { error, .. }) => Err(*error),
-            Err(ShardStop::Sink(never)) => match never {},
-        }
     }
 }
 

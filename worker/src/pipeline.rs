@@ -35,10 +35,12 @@ use tracing::{debug, info, warn};
 
 use crate::cache;
 use crate::data::{self, DataError, Dataset, Pixels};
-use crate::engine::{ClassOutput, ClassSpec, ClassTimings, Engine, EngineError, decode_png, sample_run};
+use crate::engine::{ClassSpec, ClassTimings, Engine, EngineError, decode_png, sample_run};
 use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::batch_noise;
 use crate::sink;
+use mgd3_common::commit::ClassFiles;
+use mgd3_common::job::ClassRef;
 
 /// Real images decoded and encoded per chunk.
 pub const ENCODE_CHUNK: usize = 64;
@@ -52,17 +54,60 @@ pub struct ShardOptions {
     pub contact_sheet: bool,
 }
 
-/// Where the pipeline hands finished classes: whoever commits them.
-pub trait ClassOutputs<E> {
-    /// Class `index` (of the shard's list) is distilled: commit it. `Ok(true)` when this
-    /// attempt's files are the class's, `Ok(false)` when another attempt committed it first (no
-    /// contact sheet is made then).
+/// One distilled class, ready to commit: its files as the commit protocol stores them, and
+/// what its marker records about how they were made.
+pub struct ClassResult {
+    /// PNG bytes of sample j at index j, and the modes as `.npy` bytes (from the ONNX engine:
+    /// `[IPC, C, h, w]` f32, scaled latent space).
+    pub files: ClassFiles,
+    /// Time per stage, real images used, latent-cache hit, what the listing left out.
+    pub timings: ClassTimings,
+    /// PNG of real images, decoded modes and samples side by side, from engines that make it
+    /// before committing (the pipeline makes it after, only for classes its attempt won, and
+    /// hands it to [`ClassSink::contact_sheet`]).
+    pub contact_sheet: Option<Vec<u8>>,
+    /// Diversity and representativeness, for the marker (engines with latents).
+    pub quality: Option<mgd3_common::manifest::ClassQuality>,
+    /// The class in latent space, for the marker and the job report.
+    pub embedding: Option<mgd3_common::manifest::Embedding>,
+}
+
+/// Where every engine hands each distilled class of a shard, as soon as it is done: the
+/// committer of a lease (`shard::run_shard`), or memory ([`Kept`]).
+pub trait ClassSink {
+    /// What a refused commit is.
+    type Error;
+    /// Commits `class`. `Ok(true)` when this attempt's files are the class's, `Ok(false)` when
+    /// another attempt committed it first (no contact sheet is made then).
     ///
     /// # Errors
     /// What committing failed with; the shard stops with [`ShardStop::Sink`].
-    fn class_done(&mut self, index: usize, output: ClassOutput) -> Result<bool, E>;
-    /// The PNG contact sheet of class `index`, after `class_done` returned `Ok(true)`.
-    fn contact_sheet(&mut self, index: usize, png: Vec<u8>);
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, Self::Error>;
+    /// Stores the contact sheet of a class whose commit returned `Ok(true)`.
+    fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>);
+}
+
+/// A sink that keeps every class in memory, in the order they were done, and always wins:
+/// `worker distill-class`, the benchmarks and tests.
+#[derive(Default)]
+pub struct Kept {
+    /// Each class and what was made of it (its contact sheet in `contact_sheet`).
+    pub classes: Vec<(ClassRef, ClassResult)>,
+}
+
+impl ClassSink for Kept {
+    type Error = std::convert::Infallible;
+
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, Self::Error> {
+        self.classes.push((class.clone(), result));
+        Ok(true)
+    }
+
+    fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>) {
+        if let Some((_, result)) = self.classes.iter_mut().rev().find(|(c, _)| c == class) {
+            result.contact_sheet = Some(png);
+        }
+    }
 }
 
 /// Why a shard run stopped.
@@ -192,13 +237,13 @@ impl Engine {
     /// # Errors
     /// The first failure of any stage, with the class it happened in; classes handed to
     /// `outputs` before stay committed. `Cancelled` once the cancel flag is set.
-    pub fn distill_shard<E>(
+    pub fn distill_shard<S: ClassSink + ?Sized>(
         &mut self,
         dataset: &Dataset,
         classes: &[ClassSpec],
         options: ShardOptions,
-        outputs: &mut dyn ClassOutputs<E>,
-    ) -> Result<ShardStats, ShardStop<E>> {
+        sink: &mut S,
+    ) -> Result<ShardStats, ShardStop<S::Error>> {
         let started = Instant::now();
         for class in classes {
             self.check_class(class).map_err(|error| ShardStop::class(class, error))?;
@@ -257,7 +302,7 @@ impl Engine {
                     }
                 })
                 .expect("starting the k-means thread");
-            let result = self.run_engine_stage(classes, options, events_rx, kmeans_tx, outputs, started);
+            let result = self.run_engine_stage(classes, options, events_rx, kmeans_tx, sink, started);
             // Unblocks and ends the other stages on an early return.
             stop.store(true, Ordering::Relaxed);
             result
@@ -279,6 +324,24 @@ impl Engine {
         Ok(stats)
     }
 
+    /// Distils one class of an ImageFolder: a shard of one class, kept in memory.
+    ///
+    /// # Errors
+    /// Those of [`Engine::distill_shard`].
+    pub fn distill_class(
+        &mut self,
+        dataset: &Dataset,
+        class: &ClassSpec,
+        contact_sheet: bool,
+    ) -> Result<ClassResult, EngineError> {
+        let mut kept = Kept::default();
+        match self.distill_shard(dataset, std::slice::from_ref(class), ShardOptions { contact_sheet }, &mut kept) {
+            Ok(_) => Ok(kept.classes.pop().expect("the one class is done").1),
+            Err(ShardStop::Engine { error, .. }) => Err(*error),
+            Err(ShardStop::Sink(never)) => match never {},
+        }
+    }
+
     fn check_class(&self, class: &ClassSpec) -> Result<(), EngineError> {
         if class.ipc == 0 {
             return Err(EngineError::Invalid(mgd3_common::job::InvalidSetting {
@@ -294,15 +357,15 @@ impl Engine {
 
     /// The engine thread: encodes chunks as they come, samples whenever a full DiT call is
     /// ready (or nothing else will come), finishes and hands over classes.
-    fn run_engine_stage<E>(
+    fn run_engine_stage<S: ClassSink + ?Sized>(
         &mut self,
         classes: &[ClassSpec],
         options: ShardOptions,
         events: mpsc::Receiver<Event>,
         kmeans: mpsc::Sender<(usize, Vec<f32>, usize)>,
-        outputs: &mut dyn ClassOutputs<E>,
+        sink: &mut S,
         started: Instant,
-    ) -> Result<ShardStats, ShardStop<E>> {
+    ) -> Result<ShardStats, ShardStop<S::Error>> {
         let mut stats = ShardStats { modes_ready: vec![None; classes.len()], ..Default::default() };
         let mut flight: Vec<InFlight> = classes.iter().map(|_| InFlight::default()).collect();
         let mut ready: VecDeque<(usize, usize)> = VecDeque::new();
@@ -324,7 +387,7 @@ impl Engine {
             if ready.len() >= per_call || (resolved && !ready.is_empty()) {
                 let batch: Vec<(usize, usize)> = ready.drain(..per_call.min(ready.len())).collect();
                 for slot in self.sample_batch(classes, &mut flight, &batch, &mut stats)? {
-                    self.finish_class(classes, &mut flight[slot], slot, options, outputs, &mut stats)?;
+                    self.finish_class(classes, &mut flight[slot], slot, options, sink, &mut stats)?;
                 }
                 continue;
             }
@@ -497,15 +560,15 @@ impl Engine {
 
     /// VAE-decodes and PNG-encodes a class whose samples are all done, hands it to `outputs`
     /// and, if this attempt's files won, builds its contact sheet.
-    fn finish_class<E>(
+    fn finish_class<S: ClassSink + ?Sized>(
         &mut self,
         classes: &[ClassSpec],
         state: &mut InFlight,
         slot: usize,
         options: ShardOptions,
-        outputs: &mut dyn ClassOutputs<E>,
+        sink: &mut S,
         stats: &mut ShardStats,
-    ) -> Result<(), ShardStop<E>> {
+    ) -> Result<(), ShardStop<S::Error>> {
         let class = &classes[slot];
         let started = Instant::now();
         let latents = state.latents.take().expect("sampled latents");
@@ -536,15 +599,23 @@ impl Engine {
         state.real = Vec::new();
         debug!(class = %class.wnid, diversity = quality.diversity_normalised, representativeness = quality.representativeness_normalised,
                seconds = measured.elapsed().as_secs_f64(), "class quality");
-        let output =
-            ClassOutput { modes, latents, images, timings, quality: Some(quality), embedding: Some(embedding) };
+        drop(latents);
+        let modes_path = std::path::PathBuf::from(format!("{}/modes.npy", class.wnid));
+        let modes_npy = sink::npy_bytes(&modes, &modes_path).map_err(|e| ShardStop::class(class, e))?;
+        let result = ClassResult {
+            files: ClassFiles { images, modes_npy },
+            timings,
+            contact_sheet: None,
+            quality: Some(quality),
+            embedding: Some(embedding),
+        };
         let committing = Instant::now();
-        let won = outputs.class_done(slot, output).map_err(ShardStop::Sink)?;
+        let won = sink.commit(&class.class, result).map_err(ShardStop::Sink)?;
         stats.commit += committing.elapsed();
         if won && let Some(modes) = sheet_modes {
             let started = Instant::now();
             match self.contact_sheet_png(std::mem::take(&mut state.crops), modes, samples) {
-                Ok(png) => outputs.contact_sheet(slot, png),
+                Ok(png) => sink.contact_sheet(&class.class, png),
                 Err(error) => warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "no contact sheet"),
             }
             stats.finish += started.elapsed();

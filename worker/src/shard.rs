@@ -2,7 +2,6 @@
 //! cluster tests and scale benchmarks) and [`run_shard`], which distils each class of the lease
 //! and commits it with the create-only marker protocol. Runs on a blocking thread.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -24,8 +23,9 @@ use tracing::info;
 
 use crate::cpu::CpuPool;
 use crate::data::Dataset;
-use crate::engine::{ClassOutput, ClassSpec, ClassTimings, Engine, EngineError, ModelPaths};
-use crate::pipeline::{ClassOutputs, ShardOptions, ShardStop};
+use crate::engine::{ClassSpec, ClassTimings, Engine, EngineError, ModelPaths};
+pub use crate::pipeline::{ClassResult, ClassSink};
+use crate::pipeline::{ShardOptions, ShardStop};
 use crate::sink::npy_bytes;
 
 /// Why a shard attempt stopped. The cause is kept as a typed source; what the coordinator should
@@ -155,34 +155,6 @@ impl ShardError {
     }
 }
 
-/// One distilled class, ready to commit: its files as the commit protocol stores them, and
-/// what its marker records about how they were made.
-pub struct ClassResult {
-    /// PNG bytes of sample j at index j, and the modes as `.npy` bytes (from the ONNX engine:
-    /// `[IPC, C, h, w]` f32, scaled latent space).
-    pub files: ClassFiles,
-    /// Time per stage, real images used, latent-cache hit, what the listing left out.
-    pub timings: ClassTimings,
-    /// PNG of real images, decoded modes and samples side by side, when the engine makes one.
-    pub contact_sheet: Option<Vec<u8>>,
-    /// Diversity and representativeness, for the marker (engines with latents).
-    pub quality: Option<mgd3_common::manifest::ClassQuality>,
-    /// The class in latent space, for the marker and the job report.
-    pub embedding: Option<mgd3_common::manifest::Embedding>,
-}
-
-/// Where an engine hands each distilled class of a shard: [`run_shard`] commits it.
-pub trait ClassSink {
-    /// Commits `class`. `Ok(true)` when this attempt's files are the class's, `Ok(false)` when
-    /// another attempt committed first.
-    ///
-    /// # Errors
-    /// A [`ShardError`] about the class when committing fails.
-    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, ShardError>;
-    /// Stores the contact sheet of a class this attempt committed.
-    fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>);
-}
-
 /// What a worker runs classes with.
 pub trait ShardEngine: Send {
     /// Distils one class of `spec`. Stops early (returning `Cancelled`) once `cancel` is set.
@@ -208,7 +180,7 @@ pub trait ShardEngine: Send {
         spec: &JobSpec,
         classes: &[ClassRef],
         cancel: &Arc<AtomicBool>,
-        sink: &mut dyn ClassSink,
+        sink: &mut dyn ClassSink<Error = ShardError>,
     ) -> Result<(), ShardError> {
         for class in classes {
             if cancel.load(Ordering::Relaxed) {
@@ -352,19 +324,6 @@ impl OnnxShardEngine {
     }
 }
 
-/// A class's output as the commit protocol wants it.
-fn class_result(wnid: &str, output: ClassOutput) -> Result<ClassResult, ShardFailure> {
-    let modes_path = PathBuf::from(format!("{wnid}/modes.npy"));
-    let modes_npy = npy_bytes(&output.modes, &modes_path).map_err(ShardFailure::EncodeModes)?;
-    Ok(ClassResult {
-        files: ClassFiles { images: output.images, modes_npy },
-        timings: output.timings,
-        contact_sheet: None,
-        quality: output.quality,
-        embedding: output.embedding,
-    })
-}
-
 fn class_spec(spec: &JobSpec, class: &ClassRef) -> ClassSpec {
     ClassSpec::new(class.clone(), spec.ipc)
 }
@@ -379,10 +338,7 @@ impl ShardEngine for OnnxShardEngine {
         let engine = self.engine_for(spec)?;
         engine.set_cancel_flag(cancel.clone());
         let dataset = Dataset::open(&spec.dataset).map_err(ShardFailure::Dataset)?;
-        let (output, sheet) = engine.distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)?;
-        let mut result = class_result(&class.wnid, output)?;
-        result.contact_sheet = sheet;
-        Ok(result)
+        Ok(engine.distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)?)
     }
 
     /// The pipelined shard: see [`crate::pipeline`].
@@ -391,28 +347,14 @@ impl ShardEngine for OnnxShardEngine {
         spec: &JobSpec,
         classes: &[ClassRef],
         cancel: &Arc<AtomicBool>,
-        sink: &mut dyn ClassSink,
+        sink: &mut dyn ClassSink<Error = ShardError>,
     ) -> Result<(), ShardError> {
         let engine = self.engine_for(spec).map_err(ShardError::shard)?;
         engine.set_cancel_flag(cancel.clone());
         let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardError::shard(ShardFailure::Dataset(e)))?;
         let specs: Vec<ClassSpec> = classes.iter().map(|c| class_spec(spec, c)).collect();
-        struct Adapter<'a> {
-            classes: &'a [ClassRef],
-            sink: &'a mut dyn ClassSink,
-        }
-        impl ClassOutputs<ShardError> for Adapter<'_> {
-            fn class_done(&mut self, index: usize, output: ClassOutput) -> Result<bool, ShardError> {
-                let class = &self.classes[index];
-                let result = class_result(&class.wnid, output).map_err(|f| ShardError::class(&class.wnid, f))?;
-                self.sink.commit(class, result)
-            }
-            fn contact_sheet(&mut self, index: usize, png: Vec<u8>) {
-                self.sink.contact_sheet(&self.classes[index], png);
-            }
-        }
         let options = ShardOptions { contact_sheet: spec.contact_sheet };
-        match engine.distill_shard(&dataset, &specs, options, &mut Adapter { classes, sink }) {
+        match engine.distill_shard(&dataset, &specs, options, sink) {
             Ok(_) => Ok(()),
             Err(ShardStop::Sink(stop)) => Err(stop),
             Err(ShardStop::Engine { class, error }) => Err(ShardError { class, failure: Box::new((*error).into()) }),
@@ -554,6 +496,8 @@ impl Committer<'_> {
 }
 
 impl ClassSink for Committer<'_> {
+    type Error = ShardError;
+
     fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, ShardError> {
         let lease = self.lease;
         let span = tracing::info_span!("class", job = %lease.job_id, class = %class.wnid, worker = %lease.worker_id);

@@ -10,8 +10,8 @@ use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::CpuPool;
 use mgd3_worker::data::Dataset;
-use mgd3_worker::engine::{ClassOutput, ClassSpec, Engine, ModelPaths};
-use mgd3_worker::pipeline::{ClassOutputs, ShardOptions};
+use mgd3_worker::engine::{ClassSpec, Engine, ModelPaths};
+use mgd3_worker::pipeline::{ClassResult, ClassSink, ShardOptions};
 
 fn models() -> ModelPaths {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
@@ -52,20 +52,22 @@ fn image_folder(root: &Path, classes: &[&str], per_class: usize) {
 /// Keeps what the pipeline hands over; `lose` classes report a lost commit race.
 #[derive(Default)]
 struct Collect {
-    outputs: HashMap<usize, ClassOutput>,
-    sheets: HashMap<usize, Vec<u8>>,
-    order: Vec<usize>,
-    lose: Vec<usize>,
+    outputs: HashMap<String, ClassResult>,
+    sheets: HashMap<String, Vec<u8>>,
+    order: Vec<String>,
+    lose: Vec<String>,
 }
 
-impl ClassOutputs<String> for Collect {
-    fn class_done(&mut self, index: usize, output: ClassOutput) -> Result<bool, String> {
-        self.order.push(index);
-        self.outputs.insert(index, output);
-        Ok(!self.lose.contains(&index))
+impl ClassSink for Collect {
+    type Error = String;
+
+    fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, String> {
+        self.order.push(class.wnid.clone());
+        self.outputs.insert(class.wnid.clone(), result);
+        Ok(!self.lose.contains(&class.wnid))
     }
-    fn contact_sheet(&mut self, index: usize, png: Vec<u8>) {
-        assert!(self.sheets.insert(index, png).is_none(), "two sheets for class {index}");
+    fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>) {
+        assert!(self.sheets.insert(class.wnid.clone(), png).is_none(), "two sheets for class {}", class.wnid);
     }
 }
 
@@ -93,9 +95,9 @@ fn classes_sharing_dit_calls_give_the_bytes_of_each_class_alone_and_calls_are_fu
 
     // One shard: 9 samples in calls of max_batch / 2 = 2 samples, so calls mix classes.
     let mut shard = engine(max_batch, 2);
-    let mut got = Collect { lose: vec![1], ..Default::default() };
+    let mut got = Collect { lose: vec!["n002".into()], ..Default::default() };
     let stats = shard.distill_shard(&dataset, &classes, ShardOptions { contact_sheet: true }, &mut got).unwrap();
-    assert_eq!(got.order, [0, 1, 2], "classes are handed over in order");
+    assert_eq!(got.order, names, "classes are handed over in order");
 
     // Every DiT call but those of the last sampling run carries max_batch rows (cond + uncond).
     let steps = 10;
@@ -109,22 +111,23 @@ fn classes_sharing_dit_calls_give_the_bytes_of_each_class_alone_and_calls_are_fu
     // Each class alone, in calls that hold the whole class, on one CPU thread.
     for (slot, class) in classes.iter().enumerate() {
         let mut alone = engine(64, 1);
-        let (output, sheet) = alone.distill_class(&dataset, class, true).unwrap();
-        let shared = &got.outputs[&slot];
-        assert_eq!(output.modes, shared.modes, "{}: modes", class.wnid);
-        assert_eq!(output.images.len(), ipc);
-        for (j, (a, b)) in output.images.iter().zip(&shared.images).enumerate() {
+        let output = alone.distill_class(&dataset, class, true).unwrap();
+        let sheet = output.contact_sheet.clone();
+        let shared = &got.outputs[&class.wnid];
+        assert_eq!(output.files.modes_npy, shared.files.modes_npy, "{}: modes", class.wnid);
+        assert_eq!(output.files.images.len(), ipc);
+        for (j, (a, b)) in output.files.images.iter().zip(&shared.files.images).enumerate() {
             assert!(a == b, "{} sample {j}: PNG bytes differ between the shared and the lone run", class.wnid);
         }
         // A sheet for every class this attempt committed, none for the one it lost.
-        match got.sheets.get(&slot) {
+        match got.sheets.get(&class.wnid) {
             Some(png) => assert_eq!(Some(png), sheet.as_ref(), "{}: contact sheet", class.wnid),
             None => assert_eq!(slot, 1, "{}: no contact sheet", class.wnid),
         }
         assert_eq!(output.timings.real_images, 9);
     }
     assert_eq!(got.sheets.len(), 2);
-    let sheet = image::load_from_memory(&got.sheets[&0]).unwrap();
+    let sheet = image::load_from_memory(&got.sheets["n001"]).unwrap();
     assert!(sheet.width() >= 3 * 16 && sheet.height() >= 3 * 16, "three rows of IPC images");
 }
 
@@ -146,7 +149,7 @@ fn a_failing_class_names_itself_and_the_other_classes_are_handed_over() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(got.order, [0, 2], "the classes before and after the failing one are handed over");
+    assert_eq!(got.order, ["n001", "n003"], "the classes before and after the failing one are handed over");
     assert!(got.sheets.is_empty());
 }
 
