@@ -43,7 +43,12 @@ impl CoordinatorRpc for Service {
     async fn poll_work(&self, request: Request<proto::PollWorkRequest>) -> RpcResult<proto::PollWorkResponse> {
         let request = request.into_inner();
         let running: Vec<Running> = request.running.iter().map(Running::from).collect();
-        let (decision, revoked) = self.0.poll(&request.worker_id, &running, request.draining)?;
+        let process = crate::scheduler::WorkerProcess {
+            instance: request.instance.clone(),
+            host: request.hostname.clone(),
+            pid: request.pid,
+        };
+        let (decision, revoked) = self.0.poll(&request.worker_id, &process, &running, request.draining)?;
         let action = match decision {
             PollDecision::Lease(grant) => Action::Lease(lease_message(grant)),
             PollDecision::Wait(ms) => Action::WaitMs(ms),

@@ -554,6 +554,26 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Whether `process` is the one holding `worker_id` (a process without an instance id, or an
+    /// id nobody claimed, passes): a process that was silent long enough for another to take its
+    /// id over, and then polls again, is refused rather than running the same shards as the new
+    /// holder.
+    ///
+    /// # Errors
+    /// [`SchedulerError::WorkerIdInUse`], naming the holder and the refused process.
+    pub fn holds(&self, worker_id: &str, process: &WorkerProcess) -> Result<(), SchedulerError> {
+        match self.processes.get(worker_id) {
+            Some(holder) if !process.instance.is_empty() && holder.instance != process.instance => {
+                Err(SchedulerError::WorkerIdInUse {
+                    worker_id: worker_id.to_owned(),
+                    live: Box::new(holder.clone()),
+                    new: Box::new(process.clone()),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Registers a worker (idempotent) and records it as seen at `now`.
     pub fn register(&mut self, worker_id: &str, now: u64) {
         self.workers.insert(worker_id.to_owned(), now);

@@ -794,9 +794,19 @@ impl Coordinator {
     /// # Errors
     /// [`Error::Scheduler`] with `UnknownWorker` when the worker has not registered (it
     /// registers again).
-    pub fn poll(&self, worker_id: &str, running: &[Running], draining: bool) -> Result<(PollDecision, Vec<String>)> {
+    pub fn poll(
+        &self,
+        worker_id: &str,
+        process: &crate::scheduler::WorkerProcess,
+        running: &[Running],
+        draining: bool,
+    ) -> Result<(PollDecision, Vec<String>)> {
         let (decision, revoked, settled, events) = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            if let Err(error) = scheduler.holds(worker_id, process) {
+                warn!(worker = %worker_id, error = %error, "poll refused: another process holds this worker id");
+                return Err(error.into());
+            }
             let (decision, revoked) = scheduler.poll(worker_id, running, draining, now_ms())?;
             (decision, revoked, scheduler.take_settled(), scheduler.take_worker_events())
         };

@@ -66,7 +66,7 @@ fn main() {
         let mut latencies = Vec::new();
         loop {
             let sent = Instant::now();
-            let request = proto::PollWorkRequest { worker_id: "probe".into(), running: vec![], draining: true };
+            let request = proto::PollWorkRequest { worker_id: "probe".into(), running: vec![], draining: true, ..Default::default() };
             probe.poll_work(request).await.unwrap();
             latencies.push(sent.elapsed());
             if coordinator.status(&job.job_id).unwrap().state != JobState::Running {

@@ -399,6 +399,44 @@ async fn a_second_live_worker_under_the_same_id_is_refused_naming_both() {
     cluster.shutdown().await;
 }
 
+/// A process that goes silent (SIGSTOP, a network cut) loses its worker id to a process that
+/// registers under it; when the first one polls again it is refused, naming both, so the two never
+/// run the same shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_lost_its_id_to_another_process_is_refused_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start(&dir.path().display().to_string(), None).await;
+    let mut client = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
+    let register = |instance: &str, pid: u32| proto::RegisterWorkerRequest {
+        worker_id: "twin".into(),
+        hostname: "n1".into(),
+        protocol_version: mgd3_common::PROTOCOL_VERSION,
+        pid,
+        instance: instance.into(),
+        ..Default::default()
+    };
+    let poll = |instance: &str, pid: u32| proto::PollWorkRequest {
+        worker_id: "twin".into(),
+        instance: instance.into(),
+        pid,
+        hostname: "n1".into(),
+        ..Default::default()
+    };
+    client.register_worker(register("first", 10)).await.unwrap();
+    client.poll_work(poll("first", 10)).await.unwrap();
+    // Silent for more than three heartbeats (100 ms each): another process takes the id over.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.register_worker(register("second", 11)).await.unwrap();
+    client.poll_work(poll("second", 11)).await.unwrap();
+    let refused = client.poll_work(poll("first", 10)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists);
+    let text = refused.message();
+    assert!(text.contains("pid 11 on `n1`") && text.contains("pid 10 on `n1`"), "{text}");
+    // The holder goes on.
+    client.poll_work(poll("second", 11)).await.unwrap();
+    cluster.shutdown().await;
+}
+
 /// A store whose writes fail the way a full, read-only or forbidden local disk fails (the I/O
 /// error inside object_store's generic error, as its local backend reports it); reads work.
 #[derive(Debug)]

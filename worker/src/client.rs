@@ -314,6 +314,9 @@ pub async fn run(
             worker_id: config.worker_id.clone(),
             running: running.collect(),
             draining: stop.fired,
+            instance: instance.clone(),
+            pid: std::process::id(),
+            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
         };
         let sent = Instant::now();
         let response = match stop.rpc(client.poll_work(request)).await {
@@ -333,6 +336,15 @@ pub async fn run(
                 }
                 wait = Duration::ZERO;
                 continue;
+            }
+            // Another process took this worker id over while this one was silent (stopped,
+            // cut off): the two must not run the same shards. This one stops.
+            Err(status) if status.code() == Code::AlreadyExists => {
+                if let Some(running) = &current {
+                    running.cancel.store(true, Ordering::Relaxed);
+                }
+                let source = mgd3_common::rpc::CallError::of(&config.coordinator, "PollWork")(status);
+                return Err(ClientError::Rejected { worker: config.worker_id.clone(), source });
             }
             // Stopping: the running shard (if any) is told to stop at the top of the loop.
             Err(_) if stop.fired => {
