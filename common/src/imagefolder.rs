@@ -173,6 +173,17 @@ pub enum LinkSkip {
         /// The name it is listed under.
         listed_as: String,
     },
+    /// A link to a file inside the dataset but in another class's folder: the class would take
+    /// another class's image.
+    OtherClass {
+        /// Where the link leads, resolved.
+        target: String,
+    },
+    /// A link that leads nowhere (its target is missing, or links loop).
+    Broken,
+    /// Not a regular file once links are followed (a FIFO, a device such as `/dev/zero`, a
+    /// socket): reading it would block or never end.
+    NotAFile,
 }
 
 impl std::fmt::Display for SkippedLink {
@@ -186,6 +197,11 @@ impl std::fmt::Display for SkippedLink {
             LinkSkip::SameFile { listed_as } => {
                 write!(f, "`{path}` (the same file as `{}`)", listed_as.escape_debug())
             }
+            LinkSkip::OtherClass { target } => {
+                write!(f, "`{path}` (a link to `{}`, another class's image)", target.escape_debug())
+            }
+            LinkSkip::Broken => write!(f, "`{path}` (a broken link)"),
+            LinkSkip::NotAFile => write!(f, "`{path}` (not a regular file: a FIFO, device or socket)"),
         }
     }
 }
@@ -359,18 +375,24 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
         let dir = path.display().to_string();
         move |source| ListError::Io { dir, source }
     };
-    // Where the class folder really is: a link that leads out of it is not followed.
+    // Where the class folder and the dataset really are: a folder link that leads out of the
+    // class is not followed, nor a file link into another class's folder.
     let inside = std::fs::canonicalize(&dir).map_err(io_at(&dir))?;
+    let dataset = std::fs::canonicalize(root).map_err(io_at(root))?;
     let mut entered = std::collections::HashSet::new();
-    entered.insert(file_id(&std::fs::metadata(&dir).map_err(io_at(&dir))?));
     let mut listing = ClassListing::default();
     let mut found = Vec::new();
-    // Folders are walked in sorted path order and entries sorted by name, so which of two names
-    // of one folder is listed (and which is a skipped link) is the same on every machine.
+    // Folders are walked in sorted path order (a folder is entered when it is taken from the
+    // queue, so of two names of one folder the first in that order is listed) and entries are
+    // sorted by name: the same listing on every machine.
     let mut queue = std::collections::BTreeMap::new();
     queue.insert((String::new(), 0usize), (dir.clone(), 0usize));
     let mut queued = 0;
     while let Some(((relative, _), (folder, depth))) = queue.pop_first() {
+        if !entered.insert(file_id(&std::fs::metadata(&folder).map_err(io_at(&folder))?)) {
+            listing.skipped.add_link(relative, LinkSkip::Cycle);
+            continue;
+        }
         let mut entries = std::fs::read_dir(&folder)
             .map_err(io_at(&folder))?
             .collect::<Result<Vec<_>, _>>()
@@ -385,28 +407,41 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
                 listing.skipped.add(true, rel);
                 continue;
             }
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
             // Follows symbolic links, as torchvision does.
             let Ok(meta) = std::fs::metadata(&path) else {
-                listing.skipped.add(false, rel);
+                if is_link {
+                    listing.skipped.add_link(rel, LinkSkip::Broken);
+                } else {
+                    listing.skipped.add(false, rel);
+                }
                 continue;
             };
+            let target = || {
+                std::fs::canonicalize(&path).map_err(|source| ListError::Io { dir: path.display().to_string(), source })
+            };
             if meta.is_dir() {
-                let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
                 if is_link {
-                    let target = std::fs::canonicalize(&path)
-                        .map_err(|source| ListError::Io { dir: path.display().to_string(), source })?;
+                    let target = target()?;
                     if !target.starts_with(&inside) {
                         let target = target.display().to_string();
                         listing.skipped.add_link(rel, LinkSkip::OutsideClass { target });
                         continue;
                     }
                 }
-                if !entered.insert(file_id(&meta)) {
-                    listing.skipped.add_link(rel, LinkSkip::Cycle);
-                } else if depth < MAX_DEPTH {
+                if depth < MAX_DEPTH {
                     queued += 1;
                     queue.insert((rel, queued), (path, depth + 1));
                 }
+            } else if is_image_name(&shown) && !meta.is_file() {
+                listing.skipped.add_link(rel, LinkSkip::NotAFile);
+            } else if is_image_name(&shown)
+                && is_link
+                && let Ok(target) = target()
+                && target.starts_with(&dataset)
+                && !target.starts_with(&inside)
+            {
+                listing.skipped.add_link(rel, LinkSkip::OtherClass { target: target.display().to_string() });
             } else if is_image_name(&shown) {
                 let version = meta
                     .modified()
@@ -734,6 +769,12 @@ mod tests {
         symlink("..", root.join("b/parent")).unwrap();
         symlink("../c", root.join("b/sibling")).unwrap();
         symlink(elsewhere.join("folder"), root.join("b/outside")).unwrap();
+        // ... a file of another class, a broken link, a device and a FIFO under image names.
+        symlink("../c/5.png", root.join("b/fromc.png")).unwrap();
+        symlink("nowhere.png", root.join("b/dangling.png")).unwrap();
+        symlink("/dev/zero", root.join("b/zero.png")).unwrap();
+        let fifo = std::process::Command::new("mkfifo").arg(root.join("b/pipe.png")).status();
+        let fifos = fifo.is_ok_and(|s| s.success()) as u32;
 
         let a = list_local_class(&root, "a").unwrap();
         let names: Vec<_> = a.images.iter().map(|i| i.relative.as_str()).collect();
@@ -752,12 +793,17 @@ mod tests {
         let b = list_local_class(&root, "b").unwrap();
         let names: Vec<_> = b.images.iter().map(|i| i.relative.as_str()).collect();
         assert_eq!(names, ["4.png"], "{:?}", b.skipped);
-        assert_eq!(b.skipped.links, 3);
-        assert!(
-            b.skipped.link_examples.iter().all(|l| matches!(l.reason, LinkSkip::OutsideClass { .. })),
-            "{:?}",
-            b.skipped.link_examples
-        );
+        assert_eq!(b.skipped.links, 6 + fifos, "{:?}", b.skipped.link_examples);
+        let reason = |path: &str| b.skipped.link_examples.iter().find(|l| l.path == path).map(|l| l.reason.clone());
+        for outside in ["parent", "sibling", "outside"] {
+            assert!(matches!(reason(outside), Some(LinkSkip::OutsideClass { .. })), "{outside}");
+        }
+        assert!(matches!(reason("fromc.png"), Some(LinkSkip::OtherClass { .. })));
+        assert_eq!(reason("dangling.png"), Some(LinkSkip::Broken));
+        assert_eq!(reason("zero.png"), Some(LinkSkip::NotAFile));
+        if fifos == 1 {
+            assert_eq!(reason("pipe.png"), Some(LinkSkip::NotAFile));
+        }
         // A class folder that is itself a link (a dataset staged as links) is walked as usual.
         symlink(root.join("c"), root.join("d")).unwrap();
         let d = list_local_class(&root, "d").unwrap();
@@ -766,6 +812,20 @@ mod tests {
         let json = serde_json::to_string(&a.skipped).unwrap();
         assert_eq!(serde_json::from_str::<Skipped>(&json).unwrap(), a.skipped);
         assert!(!serde_json::to_string(&d.skipped).unwrap().contains("link"));
+    }
+
+    /// Of two names of one folder, the first in the listing order is the one listed, whichever
+    /// is the link.
+    #[test]
+    fn the_first_name_of_a_folder_in_order_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/sub1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("a/sub2")).unwrap();
+        std::fs::write(dir.path().join("a/sub2/1.png"), b"1").unwrap();
+        std::os::unix::fs::symlink("../sub2", dir.path().join("a/sub1/x")).unwrap();
+        let a = list_local_class(dir.path(), "a").unwrap();
+        assert_eq!(a.images.iter().map(|i| i.relative.as_str()).collect::<Vec<_>>(), ["sub1/x/1.png"]);
+        assert_eq!(a.skipped.link_examples, [SkippedLink { path: "sub2".into(), reason: LinkSkip::Cycle }]);
     }
 
     #[test]

@@ -184,6 +184,7 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
             }
         }
     }
+    problems.extend(same_folder_classes(&root, &classes));
     if !problems.is_empty() {
         return Err(invalid(problems));
     }
@@ -201,6 +202,30 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
         notes.push(format!("{more} more class(es) with skipped links (each class's marker lists them)"));
     }
     Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
+}
+
+/// Classes of a local dataset that are one folder under several names (class folders linked to
+/// one another): each would take the others' images under another label. One problem per folder.
+fn same_folder_classes(root: &Root, classes: &[ClassRef]) -> Vec<String> {
+    let Root::Local(root) = root else { return Vec::new() };
+    let mut folders: std::collections::BTreeMap<std::path::PathBuf, Vec<&str>> = Default::default();
+    for class in classes {
+        if let Ok(real) = std::fs::canonicalize(root.join(&class.wnid)) {
+            folders.entry(real).or_default().push(&class.wnid);
+        }
+    }
+    folders
+        .into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(folder, names)| {
+            format!(
+                "classes {} are one folder (`{}`) through links: each would take the others' images under another \
+                 label; keep one of them",
+                names.iter().map(|n| format!("`{}`", n.escape_debug())).collect::<Vec<_>>().join(", "),
+                folder.display()
+            )
+        })
+        .collect()
 }
 
 /// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input

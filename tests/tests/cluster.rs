@@ -740,6 +740,29 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
     cluster.shutdown().await;
 }
 
+/// Class folders that are one folder through links (`class02 -> class00`) would give one set of
+/// images two labels: submit refuses, naming the classes and the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classes_that_are_one_folder_through_links_are_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in ["class00", "class01"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..3 {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink("class00", data.join("class02")).unwrap();
+    let store_url = dir.path().join("store").display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(3, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    let error = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("classes `class00`, `class02` are one folder"), "{error}");
+    assert!(!error.contains("`class01`"), "{error}");
+    assert!(cluster.coordinator.list().is_empty(), "nothing was submitted");
+    cluster.shutdown().await;
+}
+
 /// The job's identity covers its input data: the same spec over rewritten images is another job
 /// (a new id, distilled afresh); the old job id cannot be reused for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -56,9 +56,15 @@ pub enum DataError {
     /// renamed or resized since): distilling them would put other data under the job's
     /// fingerprint.
     #[error(
-        "class `{class}` changed since the job was submitted: {submitted} then, {now} now; the job's fingerprint \
-         describes the data as submitted: restore the class's files, or submit the job again to distil the data as \
-         it is now (a new job id)"
+        "class `{class}` changed since the job was submitted: {submitted} then, {now} now{}; the job's \
+         fingerprint describes the data as submitted: restore the class's files exactly (with their modification \
+         times, as `cp -p` or `rsync -a` keep them), or submit the job again to distil the data as it is now (a new \
+         job id)",
+        if submitted.images == now.images && submitted.bytes == now.bytes {
+            " (as many images and bytes: files were renamed, or replaced by others of the same total size)"
+        } else {
+            ""
+        }
     )]
     Changed {
         /// The class folder name.
@@ -67,6 +73,20 @@ pub enum DataError {
         submitted: Box<mgd3_common::imagefolder::ListingSummary>,
         /// The listing now.
         now: Box<mgd3_common::imagefolder::ListingSummary>,
+    },
+    /// A file listed as an image is larger than any image mgd3 reads ([`MAX_IMAGE_BYTES`]): a
+    /// sparse or misnamed file, read whole, would exhaust the worker's memory.
+    #[error(
+        "`{path}` is {bytes} bytes, more than the {max} bytes mgd3 reads for one image; remove it from the class or \
+         convert it to a compressed image format"
+    )]
+    TooLarge {
+        /// The file's path or key.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// [`MAX_IMAGE_BYTES`].
+        max: u64,
     },
     /// A class holds fewer images than IPC, so k-means cannot find IPC modes.
     #[error("class `{class}`: {found} images but IPC = {ipc} needs at least {ipc}")]
@@ -184,6 +204,10 @@ pub fn load(path: &Path, channels: usize) -> Result<Pixels, DataError> {
 /// Encoded images fetched at once per chunk: bounds both the requests in flight and memory.
 pub const MAX_CONCURRENT_READS: usize = 16;
 
+/// The largest file read as one image: 256 MiB (an uncompressed 64-megapixel RGB TIFF is 192 MB;
+/// the largest ImageNet JPEG is under 16 MB).
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
 /// Where a job's real images come from: a local ImageFolder or one in an object store, listed by
 /// the one rule of [`mgd3_common::imagefolder`].
 #[derive(Clone, Debug)]
@@ -237,12 +261,30 @@ impl Dataset {
     /// [`DataError::Read`] for a local file, [`DataError::Store`] for an object that cannot be
     /// read.
     pub fn read(&self, class: &str, images: &[ImageRef]) -> Result<Vec<Vec<u8>>, DataError> {
+        let too_large =
+            |path: String, bytes: u64| DataError::TooLarge { path: path.into(), bytes, max: MAX_IMAGE_BYTES };
+        if let Some(large) = images.iter().find(|i| i.bytes > MAX_IMAGE_BYTES) {
+            return Err(too_large(large.display(), large.bytes));
+        }
         match &self.0 {
             Root::Local(_) => images
                 .iter()
                 .map(|i| match &i.source {
                     ImageSource::Local(path) => {
-                        std::fs::read(path).map_err(|source| DataError::Read { path: path.clone(), source })
+                        // Never more than the cap, whatever the file became since it was listed.
+                        let read = |path: &Path| -> std::io::Result<Vec<u8>> {
+                            let mut bytes = Vec::new();
+                            std::io::Read::read_to_end(
+                                &mut std::io::Read::take(std::fs::File::open(path)?, MAX_IMAGE_BYTES + 1),
+                                &mut bytes,
+                            )?;
+                            Ok(bytes)
+                        };
+                        let bytes = read(path).map_err(|source| DataError::Read { path: path.clone(), source })?;
+                        if bytes.len() as u64 > MAX_IMAGE_BYTES {
+                            return Err(too_large(path.display().to_string(), bytes.len() as u64));
+                        }
+                        Ok(bytes)
                     }
                     ImageSource::Store(_) => unreachable!("a local listing gives local paths"),
                 })
@@ -888,5 +930,24 @@ mod tests {
         assert!(err.to_string().contains("n999"), "{err}");
         let err = load(&class.join("a.JPG"), 3).unwrap_err();
         assert!(err.to_string().contains("a.JPG"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// A file under an image name larger than any image (a sparse 300 MiB `.png` here) fails its
+    /// class naming it, without being read into memory.
+    #[test]
+    fn a_file_larger_than_any_image_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("c")).unwrap();
+        std::fs::File::create(dir.path().join("c/huge.png")).unwrap().set_len(300 << 20).unwrap();
+        let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
+        let listing = dataset.list_class("c").unwrap();
+        let error = dataset.read("c", &listing.images).unwrap_err();
+        assert!(matches!(error, DataError::TooLarge { bytes, .. } if bytes == 300 << 20), "{error}");
+        assert!(error.to_string().contains("huge.png"), "{error}");
     }
 }
