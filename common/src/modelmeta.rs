@@ -222,11 +222,34 @@ pub enum ModelFilesError {
     /// An external-data location that ONNX Runtime refuses to load: absolute, or leading out of
     /// the model's folder.
     #[error(
-        "model `{model}` keeps weights in `{location}`, outside its own folder; ONNX Runtime loads external data \
-         only from paths relative to the model's folder: re-save the model with its weights beside it \
+        "model `{model}` keeps weights in `{location}`, outside its own folder (directly, or through a link); ONNX \
+         Runtime loads external data only from the model's folder: copy the file there instead of linking it, or re-save the model with its weights beside it \
          (onnx.save_model(..., save_as_external_data=True, location=\"<name>.onnx.data\"))"
     )]
     OutsideFolder {
+        /// The model file.
+        model: std::path::PathBuf,
+        /// The location as the model writes it.
+        location: String,
+    },
+    /// An external-data file is shorter than the tensors the model keeps in it need.
+    #[error(
+        "model `{model}` keeps weights in `{location}` up to byte {needed}, but the file has {size} bytes: it was cut \
+         short (an interrupted copy or download); copy it again"
+    )]
+    Truncated {
+        /// The model file.
+        model: std::path::PathBuf,
+        /// The location as the model writes it.
+        location: String,
+        /// Its size.
+        size: u64,
+        /// The end of the last tensor in it.
+        needed: u64,
+    },
+    /// An external-data location names a folder.
+    #[error("model `{model}` keeps weights in `{location}`, which is a folder, not a file")]
+    NotAFile {
         /// The model file.
         model: std::path::PathBuf,
         /// The location as the model writes it.
@@ -247,8 +270,19 @@ pub enum ModelFilesError {
     },
 }
 
-/// A TensorProto: records its external-data `location`, if any.
-fn tensor<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<String>) -> std::io::Result<()> {
+/// One external-data file of a model: its location as the model writes it, and the end of the
+/// last tensor kept in it (offset + length, in bytes; 0 when no tensor says).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalData {
+    /// The location, relative to the model's folder.
+    pub location: String,
+    /// The file must hold at least this many bytes.
+    pub end: u64,
+}
+
+/// A TensorProto: records its external-data `location` and where its bytes end, if any.
+fn tensor<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<ExternalData>) -> std::io::Result<()> {
+    let (mut location, mut offset, mut length) = (None, 0u64, 0u64);
     fields(r, n, |field, r, n| {
         if field != 13 {
             return Ok(false);
@@ -262,16 +296,27 @@ fn tensor<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<String>) -> std::io
             }
             Ok(true)
         })?;
-        if key == "location" && !found.contains(&value) {
-            found.push(value);
+        match key.as_str() {
+            "location" => location = Some(value),
+            "offset" => offset = value.trim().parse().unwrap_or(0),
+            "length" => length = value.trim().parse().unwrap_or(0),
+            _ => {}
         }
         Ok(true)
-    })
+    })?;
+    if let Some(location) = location {
+        let end = offset.saturating_add(length);
+        match found.iter_mut().find(|f| f.location == location) {
+            Some(file) => file.end = file.end.max(end),
+            None => found.push(ExternalData { location, end }),
+        }
+    }
+    Ok(())
 }
 
 /// A GraphProto: the external-data locations of its initializers and node attributes, and of
 /// its subgraphs'.
-fn graph<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<String>) -> std::io::Result<()> {
+fn graph<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<ExternalData>) -> std::io::Result<()> {
     fields(r, n, |field, r, n| match field {
         5 => tensor(r, n, found).map(|()| true),
         15 => fields(r, n, |field, r, n| match field {
@@ -301,6 +346,15 @@ fn graph<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<String>) -> std::io:
 /// # Errors
 /// I/O errors, and `InvalidData` for a file that is not an ONNX model.
 pub fn external_data_locations(path: &Path) -> std::io::Result<Vec<String>> {
+    Ok(external_data(path)?.into_iter().map(|f| f.location).collect())
+}
+
+/// The external-data files the ONNX model at `path` names, in order of first use, each once,
+/// with the size each must have.
+///
+/// # Errors
+/// I/O errors, and `InvalidData` for a file that is not an ONNX model.
+pub fn external_data(path: &Path) -> std::io::Result<Vec<ExternalData>> {
     let file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
     let mut r = BufReader::new(file);
@@ -318,10 +372,13 @@ pub fn external_data_locations(path: &Path) -> std::io::Result<Vec<String>> {
 ///
 /// # Errors
 /// [`ModelFilesError::Io`] when the model cannot be read, [`ModelFilesError::OutsideFolder`] for
-/// an absolute location or one leading out of the model's folder, [`ModelFilesError::Missing`]
-/// for a named file that is not there.
+/// an absolute location or one leading out of the model's folder (also through a link, as ONNX
+/// Runtime resolves it: the file must lie in the folder of the model file once its own links are
+/// resolved), [`ModelFilesError::Missing`] for a named file that is not there,
+/// [`ModelFilesError::NotAFile`] for a folder, [`ModelFilesError::Truncated`] for a file shorter
+/// than its tensors.
 pub fn model_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesError> {
-    let locations = match external_data_locations(path) {
+    let locations = match external_data(path) {
         Ok(locations) => locations,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof => {
             Vec::new()
@@ -330,7 +387,12 @@ pub fn model_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesErr
     };
     let folder = path.parent().unwrap_or(Path::new(""));
     let mut files = vec![path.to_owned()];
-    for location in locations {
+    let allowed = || {
+        std::fs::canonicalize(path)
+            .map(|real| real.parent().map(Path::to_path_buf).unwrap_or_default())
+            .map_err(|source| ModelFilesError::Io { path: path.to_owned(), source })
+    };
+    for ExternalData { location, end } in locations {
         let relative = Path::new(&location);
         let escapes = relative.is_absolute()
             || relative
@@ -340,8 +402,18 @@ pub fn model_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesErr
             return Err(ModelFilesError::OutsideFolder { model: path.to_owned(), location });
         }
         let file = folder.join(relative);
-        if !file.is_file() {
+        let Ok(meta) = std::fs::metadata(&file) else {
             return Err(ModelFilesError::Missing { model: path.to_owned(), location, path: file });
+        };
+        if !meta.is_file() {
+            return Err(ModelFilesError::NotAFile { model: path.to_owned(), location });
+        }
+        let real = std::fs::canonicalize(&file).map_err(|source| ModelFilesError::Io { path: file.clone(), source })?;
+        if !real.starts_with(allowed()?) {
+            return Err(ModelFilesError::OutsideFolder { model: path.to_owned(), location });
+        }
+        if meta.len() < end {
+            return Err(ModelFilesError::Truncated { model: path.to_owned(), location, size: meta.len(), needed: end });
         }
         files.push(file);
     }
@@ -466,6 +538,51 @@ mod tests {
         let inside = model(&[], None, None);
         std::fs::write(&path, &inside).unwrap();
         assert_eq!(crate::fingerprint_file(&path).unwrap(), crate::sha256_hex(&inside));
+    }
+
+    /// What ONNX Runtime refuses to load is refused here, and what it loads is accepted: a data
+    /// file linked from outside the model's folder is refused, the Hugging Face cache layout
+    /// (model and data both links into one `blobs/` folder) is accepted; a file shorter than its
+    /// tensors, or a folder, is an error naming it.
+    #[test]
+    fn layouts_onnx_runtime_refuses_are_refused() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let with_length = |location: &str, length: u64| {
+            let entries = [
+                ld(13, &[ld(1, b"location"), ld(2, location.as_bytes())].concat()),
+                ld(13, &[ld(1, b"offset"), ld(2, b"4")].concat()),
+                ld(13, &[ld(1, b"length"), ld(2, length.to_string().as_bytes())].concat()),
+            ]
+            .concat();
+            ld(7, &ld(5, &[ld(8, b"w"), entries, vec![14 << 3, 1]].concat()))
+        };
+        // Linked from outside the model's folder.
+        let a = dir.path().join("a");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(dir.path().join("outside.bin"), [0u8; 16]).unwrap();
+        symlink(dir.path().join("outside.bin"), a.join("w.bin")).unwrap();
+        std::fs::write(a.join("m.onnx"), with_length("w.bin", 8)).unwrap();
+        assert!(matches!(model_files(&a.join("m.onnx")), Err(ModelFilesError::OutsideFolder { .. })));
+        // The Hugging Face cache: snapshots/<rev>/* are links into blobs/.
+        let (blobs, snapshot) = (dir.path().join("hf/blobs"), dir.path().join("hf/snapshots/rev"));
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(blobs.join("model"), with_length("m.onnx_data", 8)).unwrap();
+        std::fs::write(blobs.join("data"), [0u8; 16]).unwrap();
+        symlink("../../blobs/model", snapshot.join("m.onnx")).unwrap();
+        symlink("../../blobs/data", snapshot.join("m.onnx_data")).unwrap();
+        assert_eq!(model_files(&snapshot.join("m.onnx")).unwrap().len(), 2);
+        // Cut short: the tensor ends at byte 4 + 20.
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(b.join("w.bin.d")).unwrap();
+        std::fs::write(b.join("w.bin"), [0u8; 16]).unwrap();
+        std::fs::write(b.join("m.onnx"), with_length("w.bin", 20)).unwrap();
+        let error = model_files(&b.join("m.onnx")).unwrap_err();
+        assert!(matches!(error, ModelFilesError::Truncated { size: 16, needed: 24, .. }), "{error}");
+        std::fs::write(b.join("m.onnx"), with_length("w.bin.d", 1)).unwrap();
+        let error = model_files(&b.join("m.onnx")).unwrap_err();
+        assert!(matches!(error, ModelFilesError::NotAFile { .. }) && error.to_string().contains("a folder"), "{error}");
     }
 
     /// The shipped fixture with HF optimum's name and a second file in a subfolder.

@@ -337,9 +337,9 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
                 }
                 _ => *expected = Some(actual),
             },
-            // A model whose external data the workers could not load (missing, or outside its
-            // folder) is refused here, whatever fingerprint the spec gives.
-            Err(error @ (ModelFilesError::Missing { .. } | ModelFilesError::OutsideFolder { .. })) => {
+            // A model whose external data the workers could not load (missing, cut short, a
+            // folder, or outside its folder) is refused here, whatever fingerprint the spec gives.
+            Err(error) if !matches!(error, ModelFilesError::Io { .. }) => {
                 return Err(invalid(mgd3_common::error_chain(&error)));
             }
             // A model that cannot be read is the spec's problem, named by its field, with the
@@ -352,7 +352,7 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
                     file.display()
                 )));
             }
-            Err(ModelFilesError::Io { .. }) => {}
+            Err(_) => {}
         }
     }
     Ok(spec)

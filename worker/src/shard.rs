@@ -50,6 +50,16 @@ pub enum ShardFailure {
     /// This worker cannot open the job's models (missing file, no CUDA, no ONNX Runtime).
     #[error("this worker cannot load the job's models")]
     ModelUnavailable(#[source] mgd3_onnx::Error),
+    /// A model's files are not all here as the job needs them (external data missing, cut
+    /// short, or outside the model's folder): another worker may have them.
+    #[error("this worker cannot load model `{path}`")]
+    ModelFiles {
+        /// The model's path or URL as the job names it.
+        path: String,
+        /// What is wrong with its files here.
+        #[source]
+        source: mgd3_common::modelmeta::ModelFilesError,
+    },
     /// The model file at the job's path has other bytes here than the job was submitted with.
     #[error("model `{path}` here has fingerprint {have}, the job expects {want}")]
     ModelMismatch {
@@ -96,7 +106,9 @@ impl ShardFailure {
         match self {
             ShardFailure::Cancelled => Disposition::Release,
             ShardFailure::Engine(e) if matches!(**e, EngineError::Cancelled) => Disposition::Release,
-            ShardFailure::ModelUnavailable(_) | ShardFailure::ModelMismatch { .. } => Disposition::Elsewhere,
+            ShardFailure::ModelUnavailable(_)
+            | ShardFailure::ModelMismatch { .. }
+            | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
             ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
             ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
             ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,
@@ -270,6 +282,20 @@ impl OnnxShardEngine {
                 vae_encoder: local(&spec.models.vae_encoder)?,
                 vae_decoder: local(&spec.models.vae_decoder)?,
             };
+            // Every file each model loads, before ONNX Runtime tries (its error would read as a
+            // failed run and spend the shard's attempts).
+            for (named, path) in [
+                (&spec.models.dit, &paths.dit),
+                (&spec.models.vae_encoder, &paths.vae_encoder),
+                (&spec.models.vae_decoder, &paths.vae_decoder),
+            ] {
+                match mgd3_common::modelmeta::model_files(path) {
+                    Ok(_) => {}
+                    // A model file that is not there is ONNX Runtime's ModelNotFound, below.
+                    Err(mgd3_common::modelmeta::ModelFilesError::Io { path: file, .. }) if file == *path => {}
+                    Err(source) => return Err(ShardFailure::ModelFiles { path: named.clone(), source }),
+                }
+            }
 
             let engine = match Engine::load(&paths, &self.session, spec.sampling, spec.seed) {
                 Ok(engine) => engine,

@@ -293,3 +293,69 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// A model whose external data is not all on this worker (deleted, cut short or linked from
+/// outside the model's folder after submit) is this worker's problem, not the job's: the shard
+/// goes to other workers (no attempt spent), naming the model and the file, before ONNX Runtime
+/// is asked to load it.
+#[test]
+fn a_model_whose_external_data_is_not_here_sends_the_shard_elsewhere() {
+    use mgd3_worker::shard::{Disposition, OnnxShardEngine, ShardEngine, ShardError};
+    struct Refuse;
+    impl ClassSink for Refuse {
+        type Error = ShardError;
+        fn commit(&mut self, class: &ClassRef, _: ClassResult) -> Result<bool, ShardError> {
+            panic!("{} was committed", class.wnid)
+        }
+        fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
+    }
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(&dir.path().join("data"), &["n001"], 4);
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("weights")).unwrap();
+    for file in ["tiny_vae_decoder.onnx", "model.onnx_data", "weights/rest.bin"] {
+        std::fs::copy(fixtures.join("external").join(file), models.join(file)).unwrap();
+    }
+    let spec = |decoder: &Path| {
+        mgd3_common::job::JobSpec::from_toml(&format!(
+            "dataset = \"{}\"\nclasses = [\"n001\"]\nipc = 2\n[sampling]\nsteps = 4\nstop_guidance = 2\n[models]\n\
+             dit = \"{}\"\nvae_encoder = \"{}\"\nvae_decoder = \"{}\"\n",
+            dir.path().join("data").display(),
+            fixtures.join("tiny_dit.onnx").display(),
+            fixtures.join("tiny_vae_encoder.onnx").display(),
+            decoder.display()
+        ))
+        .unwrap()
+    };
+    init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
+    let classes = [ClassRef { wnid: "n001".into(), label: 1, class_index: 0, listing: None }];
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let decoder = models.join("tiny_vae_decoder.onnx");
+    let full = std::fs::read(models.join("model.onnx_data")).unwrap();
+    let outside = dir.path().join("outside.bin");
+    std::fs::write(&outside, &full).unwrap();
+    type Break<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let breaks: [Break; 3] = [
+        ("model.onnx_data", Box::new(|| std::fs::remove_file(models.join("model.onnx_data")).unwrap())),
+        ("cut short", Box::new(|| std::fs::write(models.join("model.onnx_data"), &full[..1000]).unwrap())),
+        (
+            "outside its own folder",
+            Box::new(|| {
+                std::fs::remove_file(models.join("model.onnx_data")).unwrap();
+                std::os::unix::fs::symlink(&outside, models.join("model.onnx_data")).unwrap();
+            }),
+        ),
+    ];
+    for (what, damage) in breaks {
+        let _ = std::fs::remove_file(models.join("model.onnx_data"));
+        std::fs::write(models.join("model.onnx_data"), &full).unwrap();
+        damage();
+        let session = SessionConfig { intra_threads: Some(1), max_batch: 8, ..Default::default() };
+        let mut engine = OnnxShardEngine::new(session, CpuPool::new(Some(1)));
+        let error = engine.distill_shard(&spec(&decoder), &classes, &cancel, &mut Refuse).unwrap_err();
+        assert_eq!(error.failure.disposition(), Disposition::Elsewhere, "{what}: {error}");
+        let text = mgd3_common::error_chain(&error);
+        assert!(text.contains("tiny_vae_decoder.onnx") && text.contains(what), "{what}: {text}");
+    }
+}
