@@ -490,6 +490,7 @@ mod tests {
             skipped: Default::default(),
             quality: None,
             embedding: None,
+            versions_changed: false,
         }
     }
 

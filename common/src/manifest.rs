@@ -140,6 +140,11 @@ pub struct ClassMarker {
     /// The class in latent space, for the job report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Embedding>,
+    /// The class's files had the names and sizes submit recorded but other modification times or
+    /// ETags: a copy of the dataset (`cp -r`), or files rewritten in place with the same size,
+    /// which mgd3 cannot tell apart without reading every image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub versions_changed: bool,
 }
 
 /// One class of the job manifest.
@@ -162,6 +167,9 @@ pub struct ManifestClass {
     /// of one file), as its marker has them: the first 20, by name and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_links: Vec<crate::imagefolder::SkippedLink>,
+    /// As the marker's `versions_changed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub versions_changed: bool,
 }
 
 /// `manifest.json`, written when every class is committed.

@@ -452,6 +452,12 @@ async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
 
 fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
     out!("{}", describe(status, url));
+    if status.state == JobState::Paused {
+        errln!(
+            "note: free space or fix the permissions of the output, then run this command again: submitting a paused \
+             job resumes it (no committed class is redone)"
+        );
+    }
     if status.state != JobState::Succeeded {
         bail!("job {} ended {}", status.job_id, status.state);
     }
@@ -793,12 +799,6 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
     for note in &notes {
         errln!("note: {note}");
-    }
-    // Running again after freeing space (or fixing permissions) is how a person says the refusal
-    // that paused the job is dealt with.
-    if coordinator.status(&job.job_id).is_ok_and(|s| s.state == JobState::Paused) {
-        errln!("job {} was paused because its output store refused writes: resuming it", job.job_id);
-        coordinator.resume(&job.job_id, None).await?;
     }
     errln!(
         "job {} ({} classes, {} shards) on {} local worker(s); output {}",

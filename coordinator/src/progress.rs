@@ -131,7 +131,7 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     if status.state == JobState::Paused {
         text.push_str(&format!(
             "  paused: the output store refuses writes (see below); free space, raise the quota or fix the \
-             permissions, then run `coordinator resume {}` (no attempt was spent)\n",
+             permissions, then run `coordinator resume {}` or submit the job again (no attempt was spent)\n",
             status.job_id
         ));
     }

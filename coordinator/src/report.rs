@@ -783,6 +783,7 @@ mod tests {
                     modes: vec![[1.0, 0.0]; 10],
                     samples: vec![[1.0, 1.0]; 10],
                 }),
+                versions_changed: false,
             };
             let bytes = serde_json::to_vec(&marker).unwrap();
             dir.store.put(&dir.key(&format!("shards/{wnid}.json")), bytes.into()).await.unwrap();

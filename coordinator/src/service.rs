@@ -67,6 +67,7 @@ struct Inner {
     /// Failing writes of state.json and of manifests: told once per outage, not per try.
     state_outage: Mutex<Outage>,
     manifest_outage: Mutex<Outage>,
+    lock_outage: Mutex<Outage>,
 }
 
 /// A run of failed writes of one kind, so that a store outage is told once when it begins
@@ -171,6 +172,7 @@ impl Coordinator {
                 allowed_paths: Mutex::new(None),
                 state_outage: Mutex::new(Outage::default()),
                 manifest_outage: Mutex::new(Outage::default()),
+                lock_outage: Mutex::new(Outage::default()),
             }),
         };
         for (job_id, loaded) in coordinator.inner.jobs.load_jobs().await? {
@@ -286,7 +288,11 @@ impl Coordinator {
                 _ = &mut shutdown => break,
                 _ = lock_tick.tick() => {
                     match self.inner.lock.lock().await.renew().await {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            if let Some((seconds, tries)) = self.inner.lock_outage.lock().expect("outage").succeeded() {
+                                info!(seconds = %format_args!("{seconds:.0}"), failed_tries = tries, "coordinator lock renewals work again");
+                            }
+                        }
                         Err(error @ LockError::Lost { .. }) => {
                             tracing::error!(error = %mgd3_common::error_chain(&error), "stopping: the store has another coordinator");
                             *self.inner.lost_to.lock().expect("lost to") = Some(error);
@@ -294,7 +300,14 @@ impl Coordinator {
                             self.inner.lost.notify_waiters();
                             return;
                         }
-                        Err(error) => warn!(error = %mgd3_common::error_chain(&error), "could not renew the coordinator lock; will retry"),
+                        Err(error) => {
+                            let error = mgd3_common::error_chain(&error);
+                            if self.inner.lock_outage.lock().expect("outage").failed() {
+                                warn!(%error, "could not renew the coordinator lock; retrying quietly until it works (said again when it does)");
+                            } else {
+                                debug!(%error, "could not renew the coordinator lock; will retry");
+                            }
+                        }
                     }
                     continue;
                 }
@@ -480,9 +493,19 @@ impl Coordinator {
         if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id) {
             return Err(Error::Quarantined { job: job.job_id, reason: reason.clone() });
         }
-        if let Some(existing) = self.inner.scheduler.lock().expect("scheduler").job(&job.job_id) {
+        let existing = {
+            let scheduler = self.inner.scheduler.lock().expect("scheduler");
+            scheduler.job(&job.job_id).map(|existing| (existing, scheduler.state(&job.job_id)))
+        };
+        if let Some((existing, state)) = existing {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
+            }
+            // Submitting a paused job again (coordinator run, submit, the sbatch script) is how a
+            // person says the refusal that paused it is dealt with.
+            if state == Some(JobState::Paused) {
+                info!(job = %existing.job_id, "the job was paused because its output store refused writes: resuming it");
+                self.resume(&existing.job_id, None).await?;
             }
             return Ok((existing, true, notes));
         }

@@ -97,6 +97,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
             attempt_id: marker.attempt_id,
             quality: marker.quality,
             skipped_links: marker.skipped.link_examples,
+            versions_changed: marker.versions_changed,
         });
     }
     let m = &job.spec.models;

@@ -572,7 +572,7 @@ async fn a_full_output_pauses_the_job_until_resume() {
             }))
         }
     }
-    let (_dir, cluster, job) = cluster_with_job(4, 2, 1).await;
+    let (dir, cluster, job) = cluster_with_job(4, 2, 1).await;
     let (stop, handle) = worker(&cluster.url, "full", None, Box::new(Full));
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
     assert_eq!(status.state, JobState::Paused, "{status:?}");
@@ -586,8 +586,12 @@ async fn a_full_output_pauses_the_job_until_resume() {
     assert!(refusal.error.contains("No space left on device") && refusal.attempts == 0, "{refusal:?}");
     let text = mgd3_coordinator::progress::describe(&summary, "u");
     assert!(text.contains("[paused]") && text.contains(&format!("coordinator resume {}", job.job_id)), "{text}");
-    // Space freed: resume finishes the job on a healthy worker, every shard on its first attempt.
-    cluster.coordinator.resume(&job.job_id, None).await.unwrap();
+    // Space freed: submitting the job again resumes it (as `coordinator run` and the sbatch
+    // script do), and a healthy worker finishes it.
+    let spec = spec_toml(4, 2, 1, &dir.path().display().to_string());
+    let (again, existed) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    assert!(existed && again.job_id == job.job_id);
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().state, JobState::Running);
     cluster.run_to_success(&job.job_id).await;
     let done = cluster.coordinator.status(&job.job_id).unwrap();
     assert_eq!((done.state, done.shards.done), (JobState::Succeeded, 4));

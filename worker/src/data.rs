@@ -22,12 +22,12 @@ use thiserror::Error;
 /// submitted before listings were recorded are not checked). Other names or sizes fail the
 /// class; the same names and sizes with other versions (modification times, ETags) are the same
 /// data copied without its times, such as a dataset staged to node-local scratch with `cp -r`,
-/// and are used, with a warning.
+/// and are used, with a warning; true is returned then, for the class's marker.
 ///
 /// # Errors
 /// [`DataError::Changed`], naming the class and what it was and is.
-pub fn check_unchanged(class: &mgd3_common::job::ClassRef, listing: &ClassListing) -> Result<(), DataError> {
-    let Some(submitted) = &class.listing else { return Ok(()) };
+pub fn check_unchanged(class: &mgd3_common::job::ClassRef, listing: &ClassListing) -> Result<bool, DataError> {
+    let Some(submitted) = &class.listing else { return Ok(false) };
     let now = listing.summary();
     if now.names_digest != submitted.names_digest {
         return Err(DataError::Changed {
@@ -40,10 +40,12 @@ pub fn check_unchanged(class: &mgd3_common::job::ClassRef, listing: &ClassListin
         tracing::warn!(
             class = %class.wnid,
             "the class's files have the same names and sizes as at submit but other modification times or ETags \
-             (a copy of the dataset, or files rewritten in place with the same size): distilling them"
+             (a copy of the dataset, or files rewritten in place with the same size): distilling them; the \
+             class's marker records it (versions_changed)"
         );
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Errors of reading real images.

@@ -226,6 +226,9 @@ pub struct ClassTimings {
     pub real_images: usize,
     /// The class's latents came from the latent cache (no decode, no VAE encode).
     pub latent_cache_hit: bool,
+    /// The class's files had the names and sizes submit recorded but other versions
+    /// ([`crate::data::check_unchanged`]).
+    pub versions_changed: bool,
     /// What the class's listing left out (hidden entries, files that are not images).
     pub skipped: mgd3_common::imagefolder::Skipped,
 }

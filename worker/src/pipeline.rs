@@ -198,6 +198,7 @@ enum Event {
     Skipped {
         slot: usize,
         skipped: mgd3_common::imagefolder::Skipped,
+        versions_changed: bool,
     },
     /// The class's modes, and its real latents back (`[n, C·h·w]` flattened) for the quality
     /// numbers once its samples are done.
@@ -464,7 +465,10 @@ impl Engine {
                 state.crops = crops;
                 let _ = kmeans.send((slot, features, images));
             }
-            Event::Skipped { slot, skipped } => flight[slot].timings.skipped = skipped,
+            Event::Skipped { slot, skipped, versions_changed } => {
+                flight[slot].timings.skipped = skipped;
+                flight[slot].timings.versions_changed = versions_changed;
+            }
             Event::Modes { slot, modes, real, seconds } => {
                 let state = &mut flight[slot];
                 state.real = real;
@@ -677,14 +681,14 @@ impl DataStage<'_> {
     ) -> Result<(), EngineError> {
         let mut started = Instant::now();
         let listing = self.dataset.list_class(&class.wnid)?;
-        data::check_unchanged(class, &listing)?;
+        let versions_changed = data::check_unchanged(class, &listing)?;
         let images = listing.images;
         if images.len() < class.ipc {
             return Err(
                 DataError::TooFewImages { class: class.wnid.clone(), found: images.len(), ipc: class.ipc }.into()
             );
         }
-        if events.send(Event::Skipped { slot, skipped: listing.skipped }).is_err() {
+        if events.send(Event::Skipped { slot, skipped: listing.skipped, versions_changed }).is_err() {
             return Ok(());
         }
         let keep = if self.keep_crops { class.ipc.min(images.len()) } else { 0 };

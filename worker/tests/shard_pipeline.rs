@@ -250,15 +250,17 @@ fn a_class_that_changed_since_submit_fails_naming_the_change() {
     let run = |classes: &[ClassSpec]| {
         let mut got = Collect::default();
         let result = engine(8, 1).distill_shard(&dataset, classes, ShardOptions { contact_sheet: false }, &mut got);
-        (result.map(|_| ()), got.outputs.len())
+        let copied = got.outputs.get("n001").map(|r| r.timings.versions_changed);
+        (result.map(|_| ()), got.outputs.len(), copied)
     };
     let image = dir.path().join("n001/000.png");
     let original = std::fs::read(&image).unwrap();
-    // Unchanged, then the same bytes with a new modification time: distilled.
-    assert_eq!(run(&class(submitted.clone())).1, 1);
+    // Unchanged, then the same bytes with a new modification time: distilled, and the second
+    // recorded for the marker.
+    assert_eq!(run(&class(submitted.clone())).2, Some(false));
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(&image, &original).unwrap();
-    assert_eq!(run(&class(submitted.clone())).1, 1);
+    assert_eq!(run(&class(submitted.clone())).2, Some(true));
     type Change<'a> = Box<dyn Fn() + 'a>;
     let changes: [(&str, Change, &str); 3] = [
         ("added", Box::new(|| std::fs::copy(&image, dir.path().join("n001/new.png")).map(|_| ()).unwrap()), "7 images"),
@@ -269,7 +271,7 @@ fn a_class_that_changed_since_submit_fails_naming_the_change() {
         let snapshot = tempfile::tempdir().unwrap();
         copy_dir(&dir.path().join("n001"), snapshot.path());
         change();
-        let (result, committed) = run(&class(submitted.clone()));
+        let (result, committed, _) = run(&class(submitted.clone()));
         let error = match result {
             Err(mgd3_worker::pipeline::ShardStop::Engine { error, .. }) => mgd3_common::error_chain(&*error),
             other => panic!("{what}: expected the class to fail, got {other:?}"),
