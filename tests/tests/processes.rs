@@ -638,8 +638,11 @@ fn a_coordinator_restarted_mid_shard_finds_the_worker_renewing_and_stoppable() {
     let worker_log = scratch.path().join("worker.log");
     let mut slow = fake_worker(&url, "slow", "12", &worker_log, &[]);
     let job = submit(&url, &spec_path);
-    wait_for("a leased shard", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("lease granted"))
+    // The lease is in state.json (the coordinator writes it within ~100 ms of the grant), so the
+    // restarted coordinator knows the lease the worker renews.
+    let state = Path::new(&store).join("jobs").join(&job).join("state.json");
+    wait_for("the lease recorded in state.json", Duration::from_secs(30), || {
+        std::fs::read_to_string(&state).is_ok_and(|text| text.contains("\"leased\""))
     });
     signal(&coordinator.0, 9);
     let _ = coordinator.0.wait();
