@@ -883,6 +883,57 @@ pub fn job_id(spec: &JobSpec, fingerprint: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Fingerprints, and so job ids, are those every earlier version gave: the values below were
+    /// computed by mgd3 at 973530b (before class listings were recorded and before the sampler
+    /// became one type), for a DDIM job with η, λ and t_stop set.
+    #[test]
+    fn fingerprints_are_unchanged_from_earlier_versions() {
+        let spec = JobSpec::from_toml(
+            r#"name = "pin"
+dataset = "/data/imagenet/train"
+classes = ["n01440764", "n01443537"]
+ipc = 10
+seed = 7
+[sampling]
+sampler = "ddim"
+eta = 0.5
+guidance_scale = 0.1
+stop_guidance = 25
+[models]
+dit = "/m/dit.onnx"
+vae_encoder = "/m/enc.onnx"
+vae_decoder = "/m/dec.onnx"
+dit_fingerprint = "sha256:aa"
+vae_encoder_fingerprint = "sha256:bb"
+vae_decoder_fingerprint = "sha256:cc""#,
+        )
+        .unwrap();
+        let classes = vec![
+            ClassRef { wnid: "n01440764".into(), label: 0, class_index: 0, listing: None },
+            ClassRef { wnid: "n01443537".into(), label: 1, class_index: 1, listing: None },
+        ];
+        assert_eq!(
+            spec.fingerprint_with_data(&classes, Some("sha256:0123")),
+            "sha256:9862f8c20b0920fa4f4e9eeeba17147f157950cc978e5d43193417f942cc854a"
+        );
+        assert_eq!(
+            spec.fingerprint(&classes),
+            "sha256:eed7c48f36b39096adf84e2de6a5550702b249b3ae165b0e346612d5e80c2791"
+        );
+        // The listing a class carries for the workers is no part of it.
+        let mut listed = classes.clone();
+        listed[0].listing = Some(crate::imagefolder::ListingSummary {
+            digest: "sha256:1".into(),
+            names_digest: "sha256:2".into(),
+            images: 1300,
+            bytes: 1,
+        });
+        assert_eq!(
+            spec.fingerprint(&listed),
+            "sha256:eed7c48f36b39096adf84e2de6a5550702b249b3ae165b0e346612d5e80c2791"
+        );
+    }
+
     #[test]
     fn labels_are_checked_against_the_dits_classes_in_one_place() {
         assert!(check_label("n01", 0, 1000).is_ok() && check_label("n01", 999, 1000).is_ok());

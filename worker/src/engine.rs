@@ -630,7 +630,7 @@ pub fn decode_png(
 /// # Errors
 /// As [`schedule_for_sampler`].
 pub fn schedule_for(dit: &Dit, steps: usize) -> Result<Schedule, EngineError> {
-    schedule_for_sampler(dit, steps, Sampler::Ddpm)
+    schedule_for_sampler(dit, steps, Sampler::DDPM)
 }
 
 /// The schedule a DiT's metadata asks for, respaced for `sampler`.

@@ -1,26 +1,48 @@
-//! The reverse steps, with classifier-free guidance and mode guidance:
-//!
-//! - [`guided_step`]: the reference DDPM step (MGD3-SPEC §2.2): the mode term λσ(m − x̂₀) is added
-//!   to the posterior mean while i > t_stop.
-//! - [`ddim_step`]: the paper's Algorithm 1: ε̂ = ε − √(1−ᾱ_i)·λ·(m − x̂₀) while i > t_stop, then
-//!   a DDIM step with η.
-//!
-//! The model output of a batch of n samples is laid out [cond(n), uncond(n)]. Both steps share
-//! the CFG mixing ([`cfg_eps`]): the first `cfg_channels` ε channels are mixed (3 reproduces DiT's
-//! quirk, 4 is standard CFG), the remaining ε channels (and the DDPM's learned-range σ) come from
-//! the conditional half. No step draws noise: `noise` is an argument. Every operation is float32
-//! in the reference's order so fixtures match to rounding.
+//! The guidance loop every sampler's reverse step shares: the batch layout (the model output of n
+//! samples is laid out [cond(n), uncond(n)]), classifier-free guidance ([`cfg_eps`]: the first
+//! `cfg_channels` ε channels are mixed — 3 reproduces DiT's quirk, 4 is standard CFG — the others,
+//! and a learned-range variance output, come from the conditional half), the mode-guidance gate
+//! (i > t_stop) and the last step's missing noise. What differs between samplers — the step's
+//! coefficients and how one element of x_{i−1} follows — is a [`StepRule`], one module per
+//! sampler: [`super::ddpm`] (the reference step) and [`super::ddim`] (the paper's Algorithm 1).
+//! No step draws noise: `noise` is an argument. Every operation is float32 in the reference's
+//! order so fixtures match to rounding.
 
 use ndarray::{Array4, ArrayView4};
 
 use mgd3_common::job::SamplingSpec;
 
-use super::schedule::{DdimCoefficients, StepCoefficients};
-
 /// CFG on one ε value: `uncond + s·(cond − uncond)` for a mixed channel, else `cond`.
 #[inline(always)]
 pub fn cfg_eps(cond: f32, uncond: f32, mixed: bool, scale: f32) -> f32 {
     if mixed { uncond + scale * (cond - uncond) } else { cond }
+}
+
+/// What one element of a reverse step sees.
+#[derive(Clone, Copy, Debug)]
+pub struct Element {
+    /// x_i.
+    pub x: f32,
+    /// ε after CFG.
+    pub eps: f32,
+    /// The model's variance output for this element (learned-range σ), 0 when it has none.
+    pub variance: f32,
+    /// The element's mode.
+    pub mode: f32,
+    /// The element's noise for this step.
+    pub noise: f32,
+    /// Mode guidance applies (i > t_stop).
+    pub guided: bool,
+    /// Noise is added (i > 0).
+    pub add_noise: bool,
+    /// λ.
+    pub lambda: f32,
+}
+
+/// One sampler's reverse step, element by element, over the shared [`guided_loop`].
+pub trait StepRule {
+    /// x_{i−1} of one element.
+    fn element(&self, e: Element) -> f32;
 }
 
 /// Standard-layout views of a step's inputs as slices: x, model output, modes, noise.
@@ -57,39 +79,27 @@ impl<'a> StepInputs<'a> {
     }
 }
 
-/// x_{i−1} for a batch: `x` `[n,C,h,w]`, `model_out` `[2n, C or 2C, h, w]`, `modes` and `noise` `[n,C,h,w]`.
-///
-/// Shapes are the caller's contract (the sampler checks them once per run).
+/// x_{i−1} for a batch by `rule`: `x` `[n,C,h,w]`, `model_out` `[2n, C or 2C, h, w]`, `modes`
+/// and `noise` `[n,C,h,w]`. Shapes are the caller's contract (the sampler checks them once per
+/// run).
 #[allow(clippy::too_many_arguments)]
-pub fn guided_step(
-    coefficients: &StepCoefficients,
+pub fn guided_loop(
+    rule: &impl StepRule,
     i: usize,
     x: ArrayView4<f32>,
     model_out: ArrayView4<f32>,
     modes: ArrayView4<f32>,
     noise: ArrayView4<f32>,
     config: &SamplingSpec,
-    learn_sigma: bool,
 ) -> Array4<f32> {
     let (n, channels, h, w) = x.dim();
     let plane = h * w;
-    let guided = i > config.stop_guidance;
-    let add_noise = i > 0;
-    let s = config.cfg_scale;
-    let lambda = config.guidance_scale;
-    let StepCoefficients {
-        sqrt_recip_alphas_cumprod: sra,
-        sqrt_recipm1_alphas_cumprod: srm1,
-        posterior_mean_coef1: c1,
-        posterior_mean_coef2: c2,
-        min_log,
-        max_log,
-        fixed_log_variance,
-    } = *coefficients;
-
+    let (guided, add_noise) = (i > config.stop_guidance, i > 0);
+    let (s, lambda) = (config.cfg_scale, config.guidance_scale);
     let inputs = StepInputs::new(x, model_out, modes, noise);
     let (xs, os, ms, ns) = inputs.slices();
     let out_channels = model_out.dim().1;
+    let has_variance = out_channels > channels;
     let mut next = vec![0f32; xs.len()];
     for b in 0..n {
         for ch in 0..channels {
@@ -99,204 +109,18 @@ pub fn guided_step(
             let var = (b * out_channels + channels + ch) * plane;
             let mix = ch < config.cfg_channels;
             for p in 0..plane {
-                let eps = cfg_eps(os[cond + p], os[uncond + p], mix, s);
-                let log_variance = if learn_sigma {
-                    let frac = (os[var + p] + 1.0) / 2.0;
-                    frac * max_log + (1.0 - frac) * min_log
-                } else {
-                    fixed_log_variance
-                };
-                let sigma = (0.5 * log_variance).exp();
-                let xv = xs[base + p];
-                let x0 = sra * xv - srm1 * eps;
-                let mean = c1 * x0 + c2 * xv;
-                let guidance = if guided { -(x0 - ms[base + p]) * lambda * sigma } else { 0.0 };
-                let noise_term = if add_noise { sigma * ns[base + p] } else { 0.0 };
-                next[base + p] = (mean + guidance) + noise_term;
+                next[base + p] = rule.element(Element {
+                    x: xs[base + p],
+                    eps: cfg_eps(os[cond + p], os[uncond + p], mix, s),
+                    variance: if has_variance { os[var + p] } else { 0.0 },
+                    mode: ms[base + p],
+                    noise: ns[base + p],
+                    guided,
+                    add_noise,
+                    lambda,
+                });
             }
         }
     }
     Array4::from_shape_vec((n, channels, h, w), next).expect("shape of x")
-}
-
-/// x_{i−1} for a batch by the paper's Algorithm 1 (DDIM with mode guidance): `x` `[n,C,h,w]`,
-/// `model_out` `[2n, C or 2C, h, w]` (variance channels unused), `modes` and `noise` `[n,C,h,w]`.
-///
-/// ε = CFG(ε_c, ε_u); x̂₀ = √(1/ᾱ_i)·x − √(1/ᾱ_i − 1)·ε; while i > t_stop
-/// ε̂ = ε − √(1−ᾱ_i)·λ·(m − x̂₀), else ε̂ = ε; x̂₀′ from ε̂ the same way;
-/// x_{i−1} = √ᾱ_{i−1}·x̂₀′ + √(1 − ᾱ_{i−1} − σ_i²)·ε̂ + 𝟙(i > 0)·σ_i·ξ (σ_i from η, ADM's
-/// `ddim_sample`). Shapes are the caller's contract.
-pub fn ddim_step(
-    coefficients: &DdimCoefficients,
-    i: usize,
-    x: ArrayView4<f32>,
-    model_out: ArrayView4<f32>,
-    modes: ArrayView4<f32>,
-    noise: ArrayView4<f32>,
-    config: &SamplingSpec,
-) -> Array4<f32> {
-    let (n, channels, h, w) = x.dim();
-    let plane = h * w;
-    let guided = i > config.stop_guidance;
-    let add_noise = i > 0;
-    let (s, lambda) = (config.cfg_scale, config.guidance_scale);
-    let DdimCoefficients {
-        sqrt_recip_alphas_cumprod: sra,
-        sqrt_recipm1_alphas_cumprod: srm1,
-        sqrt_one_minus_alpha_cumprod: som,
-        sqrt_alpha_cumprod_prev: sap,
-        sigma,
-        direction,
-    } = *coefficients;
-    let inputs = StepInputs::new(x, model_out, modes, noise);
-    let (xs, os, ms, ns) = inputs.slices();
-    let out_channels = model_out.dim().1;
-    let mut next = vec![0f32; xs.len()];
-    for b in 0..n {
-        for ch in 0..channels {
-            let base = (b * channels + ch) * plane;
-            let cond = (b * out_channels + ch) * plane;
-            let uncond = ((n + b) * out_channels + ch) * plane;
-            let mix = ch < config.cfg_channels;
-            for p in 0..plane {
-                let eps = cfg_eps(os[cond + p], os[uncond + p], mix, s);
-                let xv = xs[base + p];
-                let eps = if guided {
-                    let x0 = sra * xv - srm1 * eps;
-                    eps - ((ms[base + p] - x0) * lambda) * som
-                } else {
-                    eps
-                };
-                let x0 = sra * xv - srm1 * eps;
-                let noise_term = if add_noise { sigma * ns[base + p] } else { 0.0 };
-                next[base + p] = sap * x0 + direction * eps + noise_term;
-            }
-        }
-    }
-    Array4::from_shape_vec((n, channels, h, w), next).expect("shape of x")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mgd3::schedule::Schedule;
-    use ndarray::{Array, Axis, concatenate};
-
-    fn filled(shape: (usize, usize, usize, usize), f: impl Fn(usize) -> f32) -> Array4<f32> {
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        Array::from_shape_vec(shape, (0..n).map(f).collect()).unwrap()
-    }
-
-    /// Scalar restatement of the reference step for one element.
-    #[allow(clippy::too_many_arguments)]
-    fn reference(
-        c: &StepCoefficients,
-        i: usize,
-        cfg: &SamplingSpec,
-        ch: usize,
-        xv: f32,
-        oc: f32,
-        ou: f32,
-        v: f32,
-        m: f32,
-        z: f32,
-    ) -> f32 {
-        let eps = if ch < cfg.cfg_channels { ou + cfg.cfg_scale * (oc - ou) } else { oc };
-        let f = (v + 1.0) / 2.0;
-        let sigma = (0.5 * (f * c.max_log + (1.0 - f) * c.min_log)).exp();
-        let x0 = c.sqrt_recip_alphas_cumprod * xv - c.sqrt_recipm1_alphas_cumprod * eps;
-        let mu = c.posterior_mean_coef1 * x0 + c.posterior_mean_coef2 * xv;
-        let g = if i > cfg.stop_guidance { -(x0 - m) * cfg.guidance_scale * sigma } else { 0.0 };
-        (mu + g) + if i > 0 { sigma * z } else { 0.0 }
-    }
-
-    #[test]
-    fn matches_the_scalar_reference_for_every_channel_and_gate() {
-        let sched = Schedule::linear(1000, 1e-4, 0.02, 50).unwrap();
-        let (n, c, h, w) = (2, 4, 3, 3);
-        let x = filled((n, c, h, w), |k| (k as f32 * 0.37).sin() * 2.0);
-        let out = filled((2 * n, 2 * c, h, w), |k| (k as f32 * 0.11).cos());
-        let modes = filled((n, c, h, w), |k| (k as f32 * 0.05).sin());
-        let noise = filled((n, c, h, w), |k| (k as f32 * 0.73).cos());
-        for (i, t_stop, channels) in [(49, 25, 3), (26, 25, 4), (25, 25, 3), (0, 0, 3), (10, 50, 4)] {
-            let cfg = SamplingSpec { stop_guidance: t_stop, cfg_channels: channels, ..Default::default() };
-            let coeffs = sched.coefficients(i);
-            let next = guided_step(&coeffs, i, x.view(), out.view(), modes.view(), noise.view(), &cfg, true);
-            for ((b, ch, y, xx), got) in next.indexed_iter() {
-                let want = reference(
-                    &coeffs,
-                    i,
-                    &cfg,
-                    ch,
-                    x[[b, ch, y, xx]],
-                    out[[b, ch, y, xx]],
-                    out[[n + b, ch, y, xx]],
-                    out[[b, c + ch, y, xx]],
-                    modes[[b, ch, y, xx]],
-                    noise[[b, ch, y, xx]],
-                );
-                assert_eq!(*got, want, "i={i} b={b} ch={ch}");
-            }
-        }
-    }
-
-    #[test]
-    fn guidance_pulls_toward_the_mode_and_stops_at_t_stop() {
-        let sched = Schedule::linear(1000, 1e-4, 0.02, 50).unwrap();
-        let x = filled((1, 4, 2, 2), |_| 0.0);
-        let out = filled((2, 8, 2, 2), |_| 0.0); // eps = 0, v = 0: x0 = 0
-        let modes = filled((1, 4, 2, 2), |_| 1.0);
-        let zero = filled((1, 4, 2, 2), |_| 0.0);
-        let cfg = SamplingSpec::default();
-        let step =
-            |i| guided_step(&sched.coefficients(i), i, x.view(), out.view(), modes.view(), zero.view(), &cfg, true);
-        assert!(step(26).iter().all(|v| *v > 0.0), "guided steps move x toward m = 1");
-        assert!(step(25).iter().all(|v| *v == 0.0), "i = t_stop is unguided");
-        let no_guidance = SamplingSpec { guidance_scale: 0.0, ..cfg };
-        let plain = guided_step(
-            &sched.coefficients(40),
-            40,
-            x.view(),
-            out.view(),
-            modes.view(),
-            zero.view(),
-            &no_guidance,
-            true,
-        );
-        assert!(plain.iter().all(|v| *v == 0.0));
-    }
-
-    #[test]
-    fn noise_is_masked_at_the_last_step_and_scaled_by_sigma_before() {
-        let sched = Schedule::linear(1000, 1e-4, 0.02, 50).unwrap();
-        let x = filled((1, 4, 2, 2), |_| 0.0);
-        let out = filled((2, 8, 2, 2), |_| 0.0);
-        let modes = x.clone();
-        let ones = filled((1, 4, 2, 2), |_| 1.0);
-        let cfg = SamplingSpec::default();
-        let last = guided_step(&sched.coefficients(0), 0, x.view(), out.view(), modes.view(), ones.view(), &cfg, true);
-        assert!(last.iter().all(|v| *v == 0.0));
-        let c = sched.coefficients(30);
-        let expected = (0.5 * (0.5 * c.max_log + 0.5 * c.min_log)).exp();
-        let step = guided_step(&c, 30, x.view(), out.view(), modes.view(), ones.view(), &cfg, true);
-        assert!(step.iter().all(|v| *v == expected));
-    }
-
-    #[test]
-    fn cfg_channels_decide_which_channels_are_mixed() {
-        let sched = Schedule::linear(1000, 1e-4, 0.02, 50).unwrap();
-        let x = filled((1, 4, 1, 1), |_| 0.5);
-        let cond = filled((1, 8, 1, 1), |_| 1.0);
-        let uncond = filled((1, 8, 1, 1), |_| 0.0);
-        let out = concatenate(Axis(0), &[cond.view(), uncond.view()]).unwrap();
-        let zero = filled((1, 4, 1, 1), |_| 0.0);
-        let run = |channels| {
-            let cfg = SamplingSpec { cfg_channels: channels, stop_guidance: 50, ..Default::default() };
-            guided_step(&sched.coefficients(10), 10, x.view(), out.view(), zero.view(), zero.view(), &cfg, true)
-        };
-        let three = run(3);
-        let four = run(4);
-        assert_eq!(three[[0, 0, 0, 0]], four[[0, 0, 0, 0]]);
-        assert_ne!(three[[0, 3, 0, 0]], four[[0, 3, 0, 0]], "channel 3 is conditional-only with 3 guided channels");
-    }
 }

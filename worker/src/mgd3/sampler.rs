@@ -9,45 +9,46 @@ use std::time::{Duration, Instant};
 use ndarray::{Array4, ArrayView3, ArrayView4, ArrayView5, Axis, concatenate, s};
 use thiserror::Error;
 
-use mgd3_common::job::SamplingSpec;
+use mgd3_common::job::{SamplerKind, SamplingSpec};
 
-use super::guidance::{ddim_step, guided_step};
 use super::schedule::{Respacing, Schedule};
 
-/// The reverse step a sampling run takes.
+/// The reverse step a sampling run takes: the job's sampler ([`SamplerKind`], the one sampler
+/// type from the job spec to the maths) and its η. Each kind's step lives in its own module over
+/// the shared guidance loop ([`super::guidance`]): a new sampler is a [`SamplerKind`] variant, a
+/// module with its [`super::guidance::StepRule`], and its two arms here.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
-pub enum Sampler {
-    /// The reference DDPM step (MGD3-SPEC §2.2): guidance λσ(m − x̂₀) on the posterior mean,
-    /// learned-range variance; timesteps `space_timesteps(T, "S")`.
-    #[default]
-    Ddpm,
-    /// DDIM with mode guidance, the paper's Algorithm 1: ε̂ = ε − √(1−ᾱ)·λ·(m − x̂₀), then a
-    /// DDIM step with η (0: deterministic, 1: DDPM-like noise); timesteps
-    /// `space_timesteps(T, "ddimS")` (T = 1000, S = 50: 0, 20, …, 980).
-    Ddim {
-        /// η in `[0, 1]`: 0 deterministic, 1 DDPM-like noise.
-        eta: f32,
-    },
+pub struct Sampler {
+    /// Which step.
+    pub kind: SamplerKind,
+    /// DDIM's η in `[0, 1]` (0: deterministic, 1: DDPM-like noise); 0 for DDPM.
+    pub eta: f32,
 }
 
 impl Sampler {
+    /// The reference DDPM step (MGD3-SPEC §2.2).
+    pub const DDPM: Sampler = Sampler { kind: SamplerKind::Ddpm, eta: 0.0 };
+
     /// The sampler a job spec or the CLI names (`eta` is DDIM's; checked by the caller).
-    pub fn new(kind: mgd3_common::job::SamplerKind, eta: f32) -> Self {
-        match kind {
-            mgd3_common::job::SamplerKind::Ddpm => Sampler::Ddpm,
-            mgd3_common::job::SamplerKind::Ddim => Sampler::Ddim { eta },
-        }
+    pub fn new(kind: SamplerKind, eta: f32) -> Self {
+        Sampler { kind, eta }
+    }
+
+    /// DDIM with mode guidance (the paper's Algorithm 1) at `eta`.
+    pub fn ddim(eta: f32) -> Self {
+        Sampler { kind: SamplerKind::Ddim, eta }
     }
 
     /// The timesteps this sampler visits.
     pub fn respacing(&self) -> Respacing {
-        match self {
-            Sampler::Ddpm => Respacing::Uniform,
-            Sampler::Ddim { .. } => Respacing::Ddim,
+        match self.kind {
+            SamplerKind::Ddpm => super::ddpm::RESPACING,
+            SamplerKind::Ddim => super::ddim::RESPACING,
         }
     }
 
-    /// x_{i−1} from x_i and the model output (see [`guided_step`] and [`ddim_step`]).
+    /// x_{i−1} from x_i and the model output (see [`super::ddpm::guided_step`] and
+    /// [`super::ddim::ddim_step`]).
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
@@ -60,13 +61,26 @@ impl Sampler {
         guidance: &SamplingSpec,
         model: DenoiserInfo,
     ) -> Array4<f32> {
-        match *self {
-            Sampler::Ddpm => {
-                guided_step(&schedule.coefficients(i), i, x, model_out, modes, noise, guidance, model.learn_sigma)
-            }
-            Sampler::Ddim { eta } => {
-                ddim_step(&schedule.ddim_coefficients(i, eta as f64), i, x, model_out, modes, noise, guidance)
-            }
+        match self.kind {
+            SamplerKind::Ddpm => super::ddpm::guided_step(
+                &schedule.coefficients(i),
+                i,
+                x,
+                model_out,
+                modes,
+                noise,
+                guidance,
+                model.learn_sigma,
+            ),
+            SamplerKind::Ddim => super::ddim::ddim_step(
+                &schedule.ddim_coefficients(i, self.eta as f64),
+                i,
+                x,
+                model_out,
+                modes,
+                noise,
+                guidance,
+            ),
         }
     }
 }
@@ -255,7 +269,7 @@ pub fn sample(
     noise: ArrayView5<f32>,
     observe: impl FnMut(usize, ArrayView4<f32>),
 ) -> Result<(Array4<f32>, SampleTimings), SampleError> {
-    sample_with(Sampler::Ddpm, denoiser, schedule, guidance, model, labels, modes, noise, observe)
+    sample_with(Sampler::DDPM, denoiser, schedule, guidance, model, labels, modes, noise, observe)
 }
 
 /// Samples a batch with `sampler` over `schedule` (respaced for it, see
