@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use mgd3_common::job::SamplingSpec;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, init_runtime};
 use mgd3_worker::cpu::CpuPool;
-use mgd3_worker::engine::{ClassTimings, decode_png, sample_run, sampler_of, schedule_for_sampler};
+use mgd3_worker::models::{ClassTimings, decode_png, sample_run, sampler_of, schedule_for_sampler};
 use ndarray::{Array4, Array5, ArrayView4, Axis};
 use ndarray_npy::read_npy;
 use serde_json::Value;

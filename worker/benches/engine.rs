@@ -11,7 +11,8 @@ use std::time::Instant;
 use image::{ImageFormat, RgbImage};
 use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
-use mgd3_worker::engine::{ClassSpec, ClassTimings, Engine, ModelPaths};
+use mgd3_worker::models::{ClassSpec, ClassTimings, ModelPaths};
+use mgd3_worker::pipeline::Engine;
 
 fn env_or(key: &str, default: PathBuf) -> PathBuf {
     std::env::var_os(key).map(PathBuf::from).unwrap_or(default)

@@ -11,10 +11,11 @@ use ndarray::{Array4, Array5};
 use ndarray_npy::ReadNpyExt;
 
 use crate::client::WorkerConfig;
-use crate::engine::{
-    ClassSpec, ClassTimings, Engine, EngineError, ModelPaths, SampleBatch, check_guidance, decode_png,
-    sample_in_batches, sampler_of, schedule_for_sampler,
+use crate::models::{
+    ClassSpec, ClassTimings, EngineError, ModelPaths, SampleBatch, check_guidance, decode_png, sample_in_batches,
+    sampler_of, schedule_for_sampler,
 };
+use crate::pipeline::Engine;
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
 use mgd3_common::job::{InvalidSetting, SamplerKind, SamplingSpec};

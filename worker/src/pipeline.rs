@@ -24,20 +24,29 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mgd3_common::job::SamplingSpec;
 use mgd3_common::seed::kmeans_seed;
-use ndarray::{Array4, Axis};
+use mgd3_common::store::Location;
+use mgd3_onnx::SessionConfig;
+use ndarray::{Array4, ArrayView4, ArrayView5, Axis};
 use rayon::prelude::*;
 use tracing::{debug, info, warn};
 
 use crate::cache;
+use crate::cpu::CpuPool;
 use crate::data::{self, DataError, Dataset, Pixels};
-use crate::engine::{ClassSpec, ClassTimings, Engine, EngineError, decode_png, sample_run};
 use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::batch_noise;
+use crate::mgd3::schedule::Schedule;
+use crate::models::{
+    ClassSpec, ClassTimings, EngineError, ModelPaths, Models, SampleBatch, check_guidance, sampler_of,
+    schedule_for_sampler,
+};
 use crate::sink;
 use mgd3_common::commit::ClassFiles;
 use mgd3_common::job::ClassRef;
@@ -229,7 +238,113 @@ struct InFlight {
     real: Vec<f32>,
 }
 
+/// A shard run's engine: the [`Models`] with what a run of the job adds — the schedule of its
+/// sampling settings, its seed, DiT calls of `max_batch / 2` samples, the cancel flag, the latent
+/// cache and the CPU pool. [`Engine::distill_shard`] runs the overlapping stages.
+pub struct Engine {
+    models: Models,
+    schedule: Schedule,
+    /// The job's sampling settings (steps, λ, t_stop, CFG, sampler).
+    sampling: SamplingSpec,
+    /// The job's seed: each sample's noise stream derives from it, the class index and the
+    /// sample index.
+    seed: u64,
+    /// Samples per DiT call (each is a cond+uncond pair).
+    samples_per_call: usize,
+    /// Set to stop the running class after its current batch.
+    cancel: Arc<AtomicBool>,
+    /// Where per-class VAE latents are cached, if anywhere.
+    latent_cache: Option<Location>,
+    /// Decoding, preprocessing, k-means and PNG encoding run here.
+    pool: CpuPool,
+}
+
 impl Engine {
+    /// Loads the three models ([`Models::load`]) and checks them against `sampling`; DiT calls
+    /// batch `session.max_batch / 2` samples.
+    ///
+    /// # Errors
+    /// Those of [`Models::load`]; [`EngineError::Schedule`] and [`EngineError::Invalid`] for
+    /// sampling settings the models rule out.
+    pub fn load(
+        paths: &ModelPaths,
+        session: &SessionConfig,
+        sampling: SamplingSpec,
+        seed: u64,
+    ) -> Result<Self, EngineError> {
+        let models = Models::load(paths, session)?;
+        let schedule = schedule_for_sampler(models.dit(), sampling.steps, sampler_of(&sampling))?;
+        check_guidance(&sampling, models.dit().info().latent_shape[0])?;
+        Ok(Engine {
+            models,
+            schedule,
+            sampling,
+            seed,
+            samples_per_call: (session.max_batch / 2).max(1),
+            cancel: Arc::new(AtomicBool::new(false)),
+            latent_cache: None,
+            pool: CpuPool::default(),
+        })
+    }
+
+    /// The models.
+    pub fn models(&self) -> &Models {
+        &self.models
+    }
+
+    /// Uses `flag` to stop a running class after its current batch (shutdown, revoked lease).
+    pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = flag;
+    }
+
+    /// Caches (and reuses) per-class latents under `cache`.
+    pub fn set_latent_cache(&mut self, cache: Option<Location>) {
+        self.latent_cache = cache;
+    }
+
+    /// Runs the CPU stages on `pool` (default: a pool of every available CPU).
+    pub fn set_cpu_pool(&mut self, pool: CpuPool) {
+        self.pool = pool;
+    }
+
+    /// Samples per DiT call (each a cond+uncond pair): `max_batch / 2`.
+    pub fn samples_per_call(&self) -> usize {
+        self.samples_per_call
+    }
+
+    /// Samples with explicit modes and noise (`[n, C, h, w]` and `[n, S+1, C, h, w]`, f32, scaled
+    /// latent space) in DiT calls of [`Engine::samples_per_call`]; returns x₀ `[n, C, h, w]`.
+    ///
+    /// # Errors
+    /// As [`crate::models::sample_in_batches`].
+    pub fn sample_latents(
+        &mut self,
+        class: &str,
+        labels: &[i64],
+        modes: ArrayView4<f32>,
+        noise: ArrayView5<f32>,
+        timings: &mut ClassTimings,
+    ) -> Result<Array4<f32>, EngineError> {
+        let batch = SampleBatch {
+            class,
+            labels,
+            modes,
+            noise,
+            samples_per_call: self.samples_per_call,
+            cancel: Some(&self.cancel),
+            sampler: sampler_of(&self.sampling),
+        };
+        self.models.sample_in_batches(&self.schedule, &self.sampling, batch, timings)
+    }
+
+    /// The per-sample noise of a class: `[IPC, S+1, C, h, w]`, from the one noise generator a
+    /// shard uses ([`batch_noise`]).
+    pub fn class_noise(&self, class: &ClassSpec) -> ndarray::Array5<f32> {
+        let samples: Vec<(u64, u64)> = (0..class.ipc as u64).map(|j| (class.class_index, j)).collect();
+        let shape = self.models.dit().info().latent_shape;
+        self.pool.install(|| batch_noise(self.seed, &samples, self.schedule.steps(), shape))
+    }
+
     /// Distils `classes` (in order) through the overlapping stages described in the module
     /// docs, handing each class to `outputs` as soon as its samples are done. Every DiT call but
     /// the shard's last carries `max_batch / 2` samples (`max_batch` rows) when the shard has
@@ -258,22 +373,22 @@ impl Engine {
             let data_stage = DataStage {
                 dataset: dataset.clone(),
                 classes,
-                image_shape: self.encoder().info().image_shape,
-                latent_dim: self.encoder().info().latent_shape.iter().product(),
-                vae_fingerprint: self.fingerprints().vae_encoder.clone(),
-                latent_cache: self.latent_cache().cloned(),
-                pool: self.pool().clone(),
+                image_shape: self.models.encoder().info().image_shape,
+                latent_dim: self.models.encoder().info().latent_shape.iter().product(),
+                vae_fingerprint: self.models.fingerprints().vae_encoder.clone(),
+                latent_cache: self.latent_cache.clone(),
+                pool: self.pool.clone(),
                 keep_crops: options.contact_sheet,
                 runtime: tokio::runtime::Handle::try_current().ok(),
             };
-            let cancel = self.cancel_flag();
+            let cancel = self.cancel.clone();
             std::thread::Builder::new()
                 .name("mgd3-data".into())
                 .spawn_scoped(scope, move || {
                     data_stage.run(&data_events, || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed))
                 })
                 .expect("starting the data thread");
-            let (pool, seed, shape) = (self.pool().clone(), self.sampling_seed(), self.dit().info().latent_shape);
+            let (pool, seed, shape) = (self.pool.clone(), self.seed, self.models.dit().info().latent_shape);
             let kmeans_events = events_tx;
             std::thread::Builder::new()
                 .name("mgd3-kmeans".into())
@@ -352,7 +467,7 @@ impl Engine {
                 problem: format!("class `{}` needs at least one image", class.wnid),
             }));
         }
-        mgd3_common::job::check_label(&class.wnid, class.label, self.dit().info().num_classes as i64)?;
+        mgd3_common::job::check_label(&class.wnid, class.label, self.models.dit().info().num_classes as i64)?;
         Ok(())
     }
 
@@ -374,13 +489,13 @@ impl Engine {
         // bad class loses nothing else; the shard then fails naming the first failed class, and its
         // retry redoes only the classes that are not committed.
         let mut failed: std::collections::BTreeMap<usize, EngineError> = Default::default();
-        let per_call = self.samples_per_call();
+        let per_call = self.samples_per_call;
         loop {
             // Everything already waiting first, so that the CPU stages never wait on sampling.
             while let Ok(event) = events.try_recv() {
                 self.handle(event, classes, &mut flight, &mut ready, &mut failed, &kmeans, &mut stats, started)?;
             }
-            if self.cancel_flag().load(Ordering::Relaxed) {
+            if self.cancel.load(Ordering::Relaxed) {
                 return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
             }
             ready.retain(|(slot, _)| !failed.contains_key(slot));
@@ -432,22 +547,21 @@ impl Engine {
                 stats.data += seconds;
                 state.crops.extend(crops);
                 let started = Instant::now();
-                let scale = self.encoder().info().scale_factor;
-                let (mean, _logvar) = self.encoder_mut().encode(batch.view()).map_err(|e| {
-                    let named = EngineError::naming_item(&class.wnid, e, |i| {
+                let latents = self
+                    .models
+                    .encode(&class.wnid, batch.view(), |i| {
                         format!("real image `{}`", names.get(i).map_or("?", String::as_str).escape_debug())
-                    });
-                    ShardStop::class(class, named)
-                })?;
+                    })
+                    .map_err(|e| ShardStop::class(class, e))?;
                 drop(batch);
-                state.features.extend(mean.iter().map(|v| v * scale));
+                state.features.extend(latents.iter().copied());
                 let spent = started.elapsed();
                 state.timings.stages.encode += spent.as_secs_f64();
                 stats.encode += spent;
                 if last {
                     state.timings.real_images = images;
-                    if let (Some(cache), Some(key)) = (self.latent_cache(), cache_key) {
-                        let dim = self.encoder().info().latent_shape.iter().product();
+                    if let (Some(cache), Some(key)) = (self.latent_cache.as_ref(), cache_key) {
+                        let dim = self.models.encoder().info().latent_shape.iter().product();
                         cache::store(cache, &key, &state.features, images, dim)
                             .map_err(|e| ShardStop::class(class, e))?;
                         info!(class = %class.wnid, key = %key, "latents cached");
@@ -500,9 +614,9 @@ impl Engine {
         stats: &mut ShardStats,
     ) -> Result<Vec<usize>, ShardStop<E>> {
         let started = Instant::now();
-        let shape = self.dit().info().latent_shape;
-        let steps = self.schedule().steps();
-        let seed = self.sampling_seed();
+        let shape = self.models.dit().info().latent_shape;
+        let steps = self.schedule.steps();
+        let seed = self.seed;
         let labels: Vec<i64> = batch.iter().map(|&(slot, _)| classes[slot].label).collect();
         let mode_views: Vec<_> = batch
             .iter()
@@ -510,31 +624,23 @@ impl Engine {
             .collect();
         let modes = ndarray::concatenate(Axis(0), &mode_views).expect("same shapes");
         let samples: Vec<(u64, u64)> = batch.iter().map(|&(slot, j)| (classes[slot].class_index, j as u64)).collect();
-        let noise = self.pool().install(|| batch_noise(seed, &samples, steps, shape));
-        let (schedule, guidance) = (self.schedule().clone(), *self.sampling());
-        let (x, timings) = sample_run(
-            self.dit_mut(),
-            &schedule,
-            &guidance,
-            &labels,
-            modes.view(),
-            noise.view(),
-            &mut stats.dit_rows,
-            |_, _| {},
-        )
-        .map_err(|source| {
-            let failed = source.sample_index().and_then(|i| batch.get(i).copied());
-            match failed {
-                Some((slot, j)) => ShardStop::class(
-                    &classes[slot],
-                    EngineError::Sample { class: classes[slot].wnid.clone(), source: source.with_sample(j) },
-                ),
-                None => ShardStop::class(
-                    &classes[batch[0].0],
-                    EngineError::Sample { class: classes[batch[0].0].wnid.clone(), source },
-                ),
-            }
-        })?;
+        let noise = self.pool.install(|| batch_noise(seed, &samples, steps, shape));
+        let (x, timings) = self
+            .models
+            .sample(&self.schedule, &self.sampling, &labels, modes.view(), noise.view(), &mut stats.dit_rows, |_, _| {})
+            .map_err(|source| {
+                let failed = source.sample_index().and_then(|i| batch.get(i).copied());
+                match failed {
+                    Some((slot, j)) => ShardStop::class(
+                        &classes[slot],
+                        EngineError::Sample { class: classes[slot].wnid.clone(), source: source.with_sample(j) },
+                    ),
+                    None => ShardStop::class(
+                        &classes[batch[0].0],
+                        EngineError::Sample { class: classes[batch[0].0].wnid.clone(), source },
+                    ),
+                }
+            })?;
         let spent = started.elapsed();
         stats.sample += spent;
         let share = |d: Duration, mine: usize| d.mul_f64(mine as f64 / batch.len() as f64);
@@ -577,8 +683,9 @@ impl Engine {
         let started = Instant::now();
         let latents = state.latents.take().expect("sampled latents");
         let modes = state.modes.take().expect("modes");
-        let pool = self.pool().clone();
-        let (images, decoded) = decode_png(self.decoder_mut(), &pool, &class.wnid, latents.view(), &mut state.timings)
+        let (images, decoded) = self
+            .models
+            .decode_png(&self.pool, &class.wnid, latents.view(), &mut state.timings)
             .map_err(|e| ShardStop::class(class, e))?;
         stats.finish += started.elapsed();
         let samples: Vec<Pixels> =
@@ -635,8 +742,7 @@ impl Engine {
         modes: Array4<f32>,
         samples: Vec<Pixels>,
     ) -> Result<Vec<u8>, EngineError> {
-        let scale = self.decoder().info().scale_factor;
-        let decoded_modes = self.decoder_mut().decode(modes.mapv(|v| v / scale).view())?;
+        let decoded_modes = self.models.decode(modes.view())?;
         let rows = [real, decoded_modes.outer_iter().map(sink::tensor_pixels).collect(), samples];
         Ok(sink::grid_png(&rows)?)
     }

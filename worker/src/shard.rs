@@ -23,9 +23,9 @@ use tracing::info;
 
 use crate::cpu::CpuPool;
 use crate::data::Dataset;
-use crate::engine::{ClassSpec, ClassTimings, Engine, EngineError, ModelPaths};
+use crate::models::{ClassSpec, ClassTimings, EngineError, ModelPaths};
 pub use crate::pipeline::{ClassResult, ClassSink};
-use crate::pipeline::{ShardOptions, ShardStop};
+use crate::pipeline::{Engine, ShardOptions, ShardStop};
 use crate::sink::npy_bytes;
 
 /// Why a shard attempt stopped. The cause is kept as a typed source; what the coordinator should
@@ -310,16 +310,16 @@ impl OnnxShardEngine {
                 Err(e) => return Err(e.into()),
             };
             let have = [
-                (&spec.models.dit, &spec.models.dit_fingerprint, engine.fingerprints().dit.clone()),
+                (&spec.models.dit, &spec.models.dit_fingerprint, engine.models().fingerprints().dit.clone()),
                 (
                     &spec.models.vae_encoder,
                     &spec.models.vae_encoder_fingerprint,
-                    engine.fingerprints().vae_encoder.clone(),
+                    engine.models().fingerprints().vae_encoder.clone(),
                 ),
                 (
                     &spec.models.vae_decoder,
                     &spec.models.vae_decoder_fingerprint,
-                    engine.fingerprints().vae_decoder.clone(),
+                    engine.models().fingerprints().vae_decoder.clone(),
                 ),
             ];
             for (path, want, got) in &have {

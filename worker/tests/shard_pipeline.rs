@@ -10,7 +10,8 @@ use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::CpuPool;
 use mgd3_worker::data::Dataset;
-use mgd3_worker::engine::{ClassSpec, Engine, ModelPaths};
+use mgd3_worker::models::{ClassSpec, ModelPaths};
+use mgd3_worker::pipeline::Engine;
 use mgd3_worker::pipeline::{ClassResult, ClassSink, ShardOptions};
 
 fn models() -> ModelPaths {
@@ -179,7 +180,7 @@ fn a_cancel_during_the_data_phase_ends_the_shard() {
     cancel.store(true, std::sync::atomic::Ordering::Relaxed);
     match done_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the shard ended after the cancel") {
         Err(mgd3_worker::pipeline::ShardStop::Engine { error, .. }) => {
-            assert!(matches!(*error, mgd3_worker::engine::EngineError::Cancelled), "{error}")
+            assert!(matches!(*error, mgd3_worker::models::EngineError::Cancelled), "{error}")
         }
         other => panic!("expected Cancelled, got {other:?}"),
     }
@@ -212,7 +213,7 @@ fn non_finite_vae_outputs_fail_the_class_naming_the_model_and_the_item() {
             engine.distill_shard(&dataset, &classes, ShardOptions { contact_sheet: true }, &mut got).unwrap_err();
         let text = match error {
             mgd3_worker::pipeline::ShardStop::Engine { error, .. } => {
-                assert!(matches!(*error, mgd3_worker::engine::EngineError::NonFinite { .. }), "{error:?}");
+                assert!(matches!(*error, mgd3_worker::models::EngineError::NonFinite { .. }), "{error:?}");
                 mgd3_common::error_chain(&*error)
             }
             other => panic!("{encoder}: expected a class failure, got {other:?}"),

@@ -1,9 +1,11 @@
-//! One class, end to end, on the ONNX models: list and decode the class's real images,
-//! preprocess, VAE-encode (posterior mean × scale), k-means → IPC modes, sample IPC images with
-//! mode guidance in batches of cond+uncond pairs, VAE-decode and PNG-encode.
+//! The worker's bottom layer: the three ONNX networks ([`Models`]: load, check, fingerprint) and
+//! the one road from latents to bytes that every caller runs — a shard, `worker sample`, the
+//! benchmarks and the parity tests: [`sample_run`] (one sampling run), [`sample_in_batches`],
+//! [`decode_png`]. Also the types a class travels with ([`ClassSpec`], [`ClassTimings`]) and the
+//! error of distilling ([`EngineError`]). Nothing here knows of shards, cancellation, caches or
+//! seeds: [`crate::pipeline`] builds on it, [`crate::shard`] on that.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,11 +21,9 @@ use crate::cache;
 use crate::cpu::CpuPool;
 use crate::data::DataError;
 use crate::mgd3::modes::ModesError;
-use crate::mgd3::noise::batch_noise;
 use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, SampleError, Sampler, sample_with};
 use crate::mgd3::schedule::{BetaSchedule, Schedule, ScheduleError};
 use crate::sink::{SinkError, png_bytes};
-use mgd3_common::store::Location;
 
 /// Why a class (or the engine itself) could not be distilled.
 #[derive(Debug, Error)]
@@ -269,43 +269,25 @@ pub struct ModelFingerprints {
     pub vae_decoder: String,
 }
 
-/// The ONNX models of one worker and the schedule derived from the DiT.
-pub struct Engine {
+/// The three ONNX networks of one worker, loaded and checked against each other, with their
+/// fingerprints: the bottom layer of the worker. Batch operations only — no cancel flag, latent
+/// cache, CPU pool or seed, which belong to a shard run ([`crate::pipeline::Engine`]).
+pub struct Models {
     dit: Dit,
     encoder: VaeEncoder,
     decoder: VaeDecoder,
     fingerprints: ModelFingerprints,
-    schedule: Schedule,
-    /// The job's sampling settings (steps, λ, t_stop, CFG, sampler).
-    sampling: SamplingSpec,
-    /// The job's seed: each sample's noise stream derives from it, the class index and the
-    /// sample index.
-    seed: u64,
-    /// Samples per DiT call (each is a cond+uncond pair).
-    samples_per_call: usize,
-    /// Set to stop the running class after its current batch.
-    cancel: Arc<AtomicBool>,
-    /// Where per-class VAE latents are cached, if anywhere.
-    latent_cache: Option<Location>,
-    /// Decoding, preprocessing, k-means and PNG encoding run here.
-    pool: CpuPool,
 }
 
-impl Engine {
-    /// Loads the three models and checks them against each other and `sampling`; fingerprints the
-    /// model files. DiT calls batch `session.max_batch / 2` samples.
+impl Models {
+    /// Loads the three models, checks that the VAEs work on the DiT's latents with one scale
+    /// factor, and fingerprints the model files (each with every external-data file it names).
     ///
     /// # Errors
     /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
-    /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT; [`EngineError::Schedule`] and
-    /// [`EngineError::Invalid`] for sampling settings the models rule out;
+    /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
-    pub fn load(
-        paths: &ModelPaths,
-        session: &SessionConfig,
-        sampling: SamplingSpec,
-        seed: u64,
-    ) -> Result<Self, EngineError> {
+    pub fn load(paths: &ModelPaths, session: &SessionConfig) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
         let dit = Dit::load(&paths.dit, session)?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
@@ -326,8 +308,6 @@ impl Engine {
                 decoder: decoder.info().scale_factor,
             });
         }
-        let schedule = schedule_for_sampler(&dit, sampling.steps, sampler_of(&sampling))?;
-        check_guidance(&sampling, dit_latent[0])?;
         let fingerprint = |path: &std::path::Path| {
             mgd3_common::fingerprint_file(path)
                 .map_err(|source| EngineError::Fingerprint { path: path.to_owned(), source })
@@ -337,29 +317,7 @@ impl Engine {
             vae_encoder: fingerprint(&paths.vae_encoder)?,
             vae_decoder: fingerprint(&paths.vae_decoder)?,
         };
-        Ok(Engine {
-            dit,
-            encoder,
-            decoder,
-            fingerprints,
-            schedule,
-            sampling,
-            seed,
-            samples_per_call: (session.max_batch / 2).max(1),
-            cancel: Arc::new(AtomicBool::new(false)),
-            latent_cache: None,
-            pool: CpuPool::default(),
-        })
-    }
-
-    /// Uses `flag` to stop a running class after its current batch (shutdown, revoked lease).
-    pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
-        self.cancel = flag;
-    }
-
-    /// The VAE decoder.
-    pub fn decoder(&self) -> &VaeDecoder {
-        &self.decoder
+        Ok(Models { dit, encoder, decoder, fingerprints })
     }
 
     /// The DiT.
@@ -367,97 +325,92 @@ impl Engine {
         &self.dit
     }
 
-    /// Fingerprints of the loaded model files.
-    pub fn fingerprints(&self) -> &ModelFingerprints {
-        &self.fingerprints
-    }
-
     /// The VAE encoder.
     pub fn encoder(&self) -> &VaeEncoder {
         &self.encoder
     }
 
-    /// Caches (and reuses) per-class latents under `cache`.
-    pub fn set_latent_cache(&mut self, cache: Option<Location>) {
-        self.latent_cache = cache;
+    /// The VAE decoder.
+    pub fn decoder(&self) -> &VaeDecoder {
+        &self.decoder
     }
 
-    /// Runs the CPU stages on `pool` (default: a pool of every available CPU).
-    pub fn set_cpu_pool(&mut self, pool: CpuPool) {
-        self.pool = pool;
+    /// Fingerprints of the loaded model files.
+    pub fn fingerprints(&self) -> &ModelFingerprints {
+        &self.fingerprints
     }
 
-    pub(crate) fn latent_cache(&self) -> Option<&Location> {
-        self.latent_cache.as_ref()
-    }
-
-    pub(crate) fn pool(&self) -> &CpuPool {
-        &self.pool
-    }
-
-    pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.cancel.clone()
-    }
-
-    pub(crate) fn sampling(&self) -> &SamplingSpec {
-        &self.sampling
-    }
-
-    pub(crate) fn sampling_seed(&self) -> u64 {
-        self.seed
-    }
-
-    pub(crate) fn schedule(&self) -> &Schedule {
-        &self.schedule
-    }
-
-    /// Samples per DiT call (each a cond+uncond pair): `max_batch / 2`.
-    pub fn samples_per_call(&self) -> usize {
-        self.samples_per_call
-    }
-
-    pub(crate) fn encoder_mut(&mut self) -> &mut VaeEncoder {
-        &mut self.encoder
-    }
-
-    pub(crate) fn decoder_mut(&mut self) -> &mut VaeDecoder {
-        &mut self.decoder
-    }
-
-    pub(crate) fn dit_mut(&mut self) -> &mut Dit {
-        &mut self.dit
-    }
-
-    /// Samples with explicit modes and noise (`[n, C, h, w]` and `[n, S+1, C, h, w]`, f32, scaled
-    /// latent space); returns x₀ `[n, C, h, w]`.
+    /// Encodes images `[n, c, S, S]` in `[-1, 1]` into scaled latents `[n, C, h, w]` (posterior
+    /// mean × scale factor, as the reference).
     ///
     /// # Errors
-    /// As [`sample_in_batches`].
-    pub fn sample_latents(
+    /// [`EngineError::NonFinite`] naming `class` and the image (`name(i)`) whose latent holds a NaN
+    /// or an infinity; [`EngineError::Model`] when the encoder fails otherwise.
+    pub fn encode(
         &mut self,
         class: &str,
+        images: ArrayView4<f32>,
+        name: impl Fn(usize) -> String,
+    ) -> Result<Array4<f32>, EngineError> {
+        let scale = self.encoder.info().scale_factor;
+        let (mean, _logvar) = self.encoder.encode(images).map_err(|e| EngineError::naming_item(class, e, name))?;
+        Ok(mean.mapv_into(|v| v * scale))
+    }
+
+    /// One sampling run on the DiT: see [`sample_run`].
+    ///
+    /// # Errors
+    /// Those of [`sample_run`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &mut self,
+        schedule: &Schedule,
+        sampling: &SamplingSpec,
         labels: &[i64],
         modes: ArrayView4<f32>,
         noise: ArrayView5<f32>,
-        timings: &mut ClassTimings,
-    ) -> Result<Array4<f32>, EngineError> {
-        let batch = SampleBatch {
-            class,
-            labels,
-            modes,
-            noise,
-            samples_per_call: self.samples_per_call,
-            cancel: Some(&self.cancel),
-            sampler: sampler_of(&self.sampling),
-        };
-        sample_in_batches(&mut self.dit, &self.schedule, &self.sampling, batch, timings)
+        rows: &mut Vec<usize>,
+        on_step: impl FnMut(usize, ArrayView4<f32>),
+    ) -> Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError> {
+        sample_run(&mut self.dit, schedule, sampling, labels, modes, noise, rows, on_step)
     }
 
-    /// The per-sample noise of a class: `[IPC, S+1, C, h, w]`, from the one noise generator a
-    /// shard uses ([`batch_noise`]).
-    pub fn class_noise(&self, class: &ClassSpec) -> ndarray::Array5<f32> {
-        let samples: Vec<(u64, u64)> = (0..class.ipc as u64).map(|j| (class.class_index, j)).collect();
-        self.pool.install(|| batch_noise(self.seed, &samples, self.schedule.steps(), self.dit.info().latent_shape))
+    /// [`sample_run`] in chunks, as a shard does: see [`sample_in_batches`].
+    ///
+    /// # Errors
+    /// Those of [`sample_in_batches`].
+    pub fn sample_in_batches(
+        &mut self,
+        schedule: &Schedule,
+        sampling: &SamplingSpec,
+        batch: SampleBatch<'_>,
+        timings: &mut ClassTimings,
+    ) -> Result<Array4<f32>, EngineError> {
+        sample_in_batches(&mut self.dit, schedule, sampling, batch, timings)
+    }
+
+    /// VAE-decodes and PNG-encodes scaled latents: see [`decode_png`].
+    ///
+    /// # Errors
+    /// Those of [`decode_png`].
+    pub fn decode_png(
+        &mut self,
+        pool: &CpuPool,
+        class: &str,
+        latents: ArrayView4<f32>,
+        timings: &mut ClassTimings,
+    ) -> Result<(Vec<Vec<u8>>, Array4<f32>), EngineError> {
+        decode_png(&mut self.decoder, pool, class, latents, timings)
+    }
+
+    /// Decodes scaled latents `[n, C, h, w]` into images `[n, c, S, S]` (the contact sheet's
+    /// modes).
+    ///
+    /// # Errors
+    /// [`EngineError::Model`] when the decoder fails or gives non-finite values.
+    pub fn decode(&mut self, latents: ArrayView4<f32>) -> Result<Array4<f32>, EngineError> {
+        let scale = self.decoder.info().scale_factor;
+        Ok(self.decoder.decode(latents.mapv(|v| v / scale).view())?)
     }
 }
 
