@@ -362,3 +362,28 @@ fn a_model_whose_external_data_is_not_here_sends_the_shard_elsewhere() {
         assert!(text.contains("tiny_vae_decoder.onnx") && text.contains(what), "{what}: {text}");
     }
 }
+
+/// A latent-cache hit gives the bytes of a miss: the same modes, PNGs, contact sheet and quality
+/// numbers, with no image decoded for encoding and no VAE encode.
+#[test]
+fn a_latent_cache_hit_gives_the_bytes_of_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(&dir.path().join("data"), &["n001"], 9);
+    let dataset = Dataset::open(&dir.path().join("data").display().to_string()).unwrap();
+    let cache = mgd3_common::store::open(&dir.path().join("cache").display().to_string()).unwrap();
+    let class = &specs(&["n001"], 3)[0];
+    let run = || {
+        let mut engine = engine(8, 1);
+        engine.set_latent_cache(Some(cache.clone()));
+        engine.distill_class(&dataset, class, true).unwrap()
+    };
+    let miss = run();
+    let hit = run();
+    assert!(!miss.timings.latent_cache_hit && hit.timings.latent_cache_hit);
+    assert_eq!(hit.timings.stages.encode, 0.0);
+    assert_eq!(hit.timings.real_images, miss.timings.real_images);
+    assert!(hit.files.modes_npy == miss.files.modes_npy, "modes differ");
+    assert!(hit.files.images == miss.files.images, "PNG bytes differ");
+    assert!(hit.contact_sheet == miss.contact_sheet, "contact sheets differ");
+    assert_eq!(hit.quality, miss.quality);
+}
