@@ -79,6 +79,15 @@ pub enum ListError {
         #[source]
         source: object_store::Error,
     },
+    /// A class folder that is the dataset's root folder or one above it (a link such as
+    /// `z -> .` or `z -> ..`): its images would be every class's.
+    #[error("class `{class}`: folder `{dir}` is the dataset's own folder or one above it (a link to it?): remove it")]
+    ClassContainsDataset {
+        /// The class folder name.
+        class: String,
+        /// The folder path.
+        dir: String,
+    },
     /// A local class folder's name is not valid UTF-8, so it cannot be a class name.
     #[error(
         "dataset folder `{root}` holds a class folder whose name is not valid UTF-8 ({shown}): rename it, or list the classes to use"
@@ -200,7 +209,7 @@ impl std::fmt::Display for SkippedLink {
             LinkSkip::OtherClass { target } => {
                 write!(f, "`{path}` (a link to `{}`, another class's image)", target.escape_debug())
             }
-            LinkSkip::Broken => write!(f, "`{path}` (a broken link)"),
+            LinkSkip::Broken => write!(f, "`{path}` (a broken link: its target is missing, or links loop)"),
             LinkSkip::NotAFile => write!(f, "`{path}` (not a regular file: a FIFO, device or socket)"),
         }
     }
@@ -379,6 +388,12 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
     // class is not followed, nor a file link into another class's folder.
     let inside = std::fs::canonicalize(&dir).map_err(io_at(&dir))?;
     let dataset = std::fs::canonicalize(root).map_err(io_at(root))?;
+    if dataset.starts_with(&inside) {
+        return Err(ListError::ClassContainsDataset { class: class.into(), dir: dir.display().to_string() });
+    }
+    // The other classes' folders as they really are (a class folder may be a link elsewhere),
+    // read once and only if a file link needs them.
+    let mut other_classes: Option<Vec<PathBuf>> = None;
     let mut entered = std::collections::HashSet::new();
     let mut listing = ClassListing::default();
     let mut found = Vec::new();
@@ -438,8 +453,12 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
             } else if is_image_name(&shown)
                 && is_link
                 && let Ok(target) = target()
-                && target.starts_with(&dataset)
                 && !target.starts_with(&inside)
+                && (target.starts_with(&dataset)
+                    || other_classes
+                        .get_or_insert_with(|| class_folders(root, &inside))
+                        .iter()
+                        .any(|other| target.starts_with(other)))
             {
                 listing.skipped.add_link(rel, LinkSkip::OtherClass { target: target.display().to_string() });
             } else if is_image_name(&shown) {
@@ -472,6 +491,15 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
         }
     }
     finish(class, dir.display().to_string(), listing)
+}
+
+/// The real folders of the dataset's class folders other than `own` (links resolved).
+fn class_folders(root: &Path, own: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    entries
+        .filter_map(|entry| std::fs::canonicalize(entry.ok()?.path()).ok())
+        .filter(|real| real.is_dir() && real != own)
+        .collect()
 }
 
 /// A file's identity on this machine: (device, inode).
@@ -812,6 +840,30 @@ mod tests {
         let json = serde_json::to_string(&a.skipped).unwrap();
         assert_eq!(serde_json::from_str::<Skipped>(&json).unwrap(), a.skipped);
         assert!(!serde_json::to_string(&d.skipped).unwrap().contains("link"));
+    }
+
+    /// A class folder that is the dataset's root (or above it) is an error, and a file link to
+    /// another class's image is skipped also when that class's folder is itself a link elsewhere.
+    #[test]
+    fn classes_cannot_take_other_classes_through_folder_links() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("train");
+        let elsewhere = dir.path().join("elsewhere/f");
+        for path in [root.join("a/1.png"), elsewhere.join("0.png")] {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"1").unwrap();
+        }
+        symlink(&elsewhere, root.join("f")).unwrap();
+        symlink(elsewhere.join("0.png"), root.join("a/fromf.png")).unwrap();
+        let a = list_local_class(&root, "a").unwrap();
+        assert_eq!(a.images.len(), 1, "{:?}", a.images);
+        assert!(matches!(a.skipped.link_examples[0].reason, LinkSkip::OtherClass { .. }), "{:?}", a.skipped);
+        for (name, target) in [("z", "."), ("up", "..")] {
+            symlink(target, root.join(name)).unwrap();
+            let error = list_local_class(&root, name).unwrap_err();
+            assert!(matches!(error, ListError::ClassContainsDataset { .. }), "{name}: {error}");
+        }
     }
 
     /// Of two names of one folder, the first in the listing order is the one listed, whichever

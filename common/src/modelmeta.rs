@@ -114,6 +114,20 @@ fn string(r: &mut impl Read, n: u64) -> std::io::Result<String> {
     String::from_utf8(bytes(r, n)?).map_err(|_| bad("a string that is not UTF-8"))
 }
 
+/// A StringStringEntryProto: its key and value.
+fn string_entry(message: Vec<u8>) -> std::io::Result<(String, String)> {
+    let (mut key, mut value) = (String::new(), String::new());
+    in_memory(message, |field, r, n| {
+        match field {
+            1 => key = string(r, n)?,
+            2 => value = string(r, n)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok((key, value))
+}
+
 /// A ValueInfoProto: its name and its tensor shape.
 fn value_info(message: Vec<u8>) -> std::io::Result<(String, Vec<Option<i64>>)> {
     let (mut name, mut dims) = (String::new(), Vec::new());
@@ -179,15 +193,7 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
     let mut meta = ModelMeta::default();
     fields(&mut r, len, |field, r, n| match field {
         14 => {
-            let (mut key, mut value) = (String::new(), String::new());
-            in_memory(bytes(r, n)?, |field, r, n| {
-                match field {
-                    1 => key = string(r, n)?,
-                    2 => value = string(r, n)?,
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
+            let (key, value) = string_entry(bytes(r, n)?)?;
             meta.metadata.insert(key, value);
             Ok(true)
         }
@@ -247,8 +253,10 @@ pub enum ModelFilesError {
         /// The end of the last tensor in it.
         needed: u64,
     },
-    /// An external-data location names a folder.
-    #[error("model `{model}` keeps weights in `{location}`, which is a folder, not a file")]
+    /// An external-data location names something other than a regular file.
+    #[error(
+        "model `{model}` keeps weights in `{location}`, which is not a regular file (a folder, a FIFO or a device)"
+    )]
     NotAFile {
         /// The model file.
         model: std::path::PathBuf,
@@ -287,15 +295,7 @@ fn tensor<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<ExternalData>) -> s
         if field != 13 {
             return Ok(false);
         }
-        let (mut key, mut value) = (String::new(), String::new());
-        in_memory(bytes(r, n)?, |field, r, n| {
-            match field {
-                1 => key = string(r, n)?,
-                2 => value = string(r, n)?,
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
+        let (key, value) = string_entry(bytes(r, n)?)?;
         match key.as_str() {
             "location" => location = Some(value),
             "offset" => offset = value.trim().parse().unwrap_or(0),

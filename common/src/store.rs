@@ -349,6 +349,22 @@ impl Refusal {
         }
     }
 
+    /// The refusal anywhere in an error's chain: an object-store error that is one, or an I/O
+    /// error of the local file system.
+    pub fn in_chain(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if let Some(store) = e.downcast_ref::<object_store::Error>() {
+                return Refusal::of(store);
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Refusal::of_io(io);
+            }
+            cause = e.source();
+        }
+        None
+    }
+
     /// The refusal in an error's cause chain (an I/O error of the local file system), if any.
     pub fn of_cause(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
         let mut cause = Some(error);
@@ -648,6 +664,26 @@ pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal is found however deep it sits in an error's chain, and other errors are none.
+    #[test]
+    fn refusals_are_found_in_an_error_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("writing the manifest")]
+        struct Outer(#[source] object_store::Error);
+        let full = Outer(object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(std::io::Error::from_raw_os_error(28)),
+        });
+        assert_eq!(Refusal::in_chain(&full), Some(Refusal::Full));
+        let denied = Outer(object_store::Error::PermissionDenied { path: "x".into(), source: "403".into() });
+        assert_eq!(Refusal::in_chain(&denied), Some(Refusal::Denied));
+        let reset = Outer(object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        });
+        assert_eq!(Refusal::in_chain(&reset), None);
+    }
 
     /// A model in an object store comes with every external-data file it names (HF optimum's
     /// `model.onnx_data` and a second file in a subfolder here), and weights rewritten in place

@@ -997,7 +997,8 @@ impl Scheduler {
     }
 
     /// Re-queues every shard not in `committed` (failed, cancelled or missing) with a fresh
-    /// attempt budget; committed shards become done. Returns (committed, requeued).
+    /// attempt budget and forgets which workers were excluded from the job; committed shards
+    /// become done. Returns (committed, requeued).
     ///
     /// # Errors
     /// [`SchedulerError::UnknownJob`] when the job is not known.
@@ -1011,6 +1012,9 @@ impl Scheduler {
         run.persisted.cancelled = false;
         run.persisted.paused = None;
         run.persisted.finished_unix_ms = None;
+        // A person acted: workers excluded for their model files (since fixed, maybe) may try again;
+        // one whose files still differ is excluded again when it registers or loads them.
+        run.persisted.excluded_workers.clear();
         let mut requeued = 0;
         for (i, shard) in run.persisted.shards.iter_mut().enumerate() {
             if committed.contains(&i) {
@@ -1328,6 +1332,19 @@ mod tests {
         assert_eq!(c.attempt, 1, "exclusion does not spend an attempt");
         s.drain();
         assert_eq!(poll(&mut s, "idle", &[], false, 8).0, PollDecision::Drain);
+    }
+
+    /// A worker excluded for its model files gets the job again after `resume` (a person fixed
+    /// the files); before it, it does not.
+    #[test]
+    fn resume_forgets_excluded_workers() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w", &[], false, 1).0);
+        s.exclude("w", &a.lease_id, "model files missing here".into(), 2).unwrap();
+        assert_eq!(poll(&mut s, "w", &[], false, 3).0, PollDecision::Wait(1000));
+        s.resume("j", &HashSet::new(), 4).unwrap();
+        assert!(matches!(poll(&mut s, "w", &[], false, 5).0, PollDecision::Lease(_)));
     }
 
     /// Lease accounting does not trust the caller: an unregistered id gets nothing, and a worker

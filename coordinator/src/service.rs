@@ -68,6 +68,9 @@ struct Inner {
     state_outage: Mutex<Outage>,
     manifest_outage: Mutex<Outage>,
     lock_outage: Mutex<Outage>,
+    /// Finished jobs whose manifest the output refuses for good (full, read-only, denied), with
+    /// the refusal: shown as `paused` until the write works (it is retried all along).
+    manifest_refused: Mutex<HashMap<String, String>>,
 }
 
 /// A run of failed writes of one kind, so that a store outage is told once when it begins
@@ -173,6 +176,7 @@ impl Coordinator {
                 state_outage: Mutex::new(Outage::default()),
                 manifest_outage: Mutex::new(Outage::default()),
                 lock_outage: Mutex::new(Outage::default()),
+                manifest_refused: Mutex::new(HashMap::new()),
             }),
         };
         for (job_id, loaded) in coordinator.inner.jobs.load_jobs().await? {
@@ -346,6 +350,7 @@ impl Coordinator {
             };
             match result {
                 Ok(()) => {
+                    self.inner.manifest_refused.lock().expect("manifest refused").remove(&job_id);
                     if let Some((seconds, tries)) = self.inner.manifest_outage.lock().expect("outage").succeeded() {
                         info!(job = %job_id, seconds = %format_args!("{seconds:.0}"), failed_tries = tries, "manifest writes work again");
                     }
@@ -355,6 +360,10 @@ impl Coordinator {
                     self.inner.dirty.lock().expect("dirty").insert(job_id.clone());
                 }
                 Err(error) => {
+                    if mgd3_common::store::Refusal::in_chain(&error).is_some() {
+                        let refusal = mgd3_common::error_chain(&error);
+                        self.inner.manifest_refused.lock().expect("manifest refused").insert(job_id.clone(), refusal);
+                    }
                     let error = mgd3_common::error_chain(&error);
                     if self.inner.manifest_outage.lock().expect("outage").failed() {
                         warn!(job = %job_id, %error, "could not write the job manifest; retrying quietly until it works (said again when it does)")
@@ -697,17 +706,28 @@ impl Coordinator {
                     attempts: shard.attempts,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Succeeded only once the manifest is written: until then the job is not done, and when
+        // the output refuses the write for good (a full disk) it is paused, saying why.
+        let manifest_due = self.inner.manifests_due.lock().expect("manifests").contains_key(&job.job_id);
+        let refused = self.inner.manifest_refused.lock().expect("manifest refused").get(&job.job_id).cloned();
+        let mut failures = failures;
+        let state = match (summary.state, manifest_due, refused) {
+            (JobState::Succeeded, true, Some(refusal)) => {
+                failures.push(ShardFailure {
+                    shard_index: 0,
+                    wnid: String::new(),
+                    error: format!("every class is committed, but manifest.json cannot be written: {refusal}"),
+                    attempts: 0,
+                });
+                JobState::Paused
+            }
+            (JobState::Succeeded, true, None) => JobState::Running,
+            (state, _, _) => state,
+        };
         Ok(JobStatus {
             job_id: job.job_id.clone(),
-            // Succeeded only once the manifest is written: until then the job is not done.
-            state: if summary.state == JobState::Succeeded
-                && self.inner.manifests_due.lock().expect("manifests").contains_key(&job.job_id)
-            {
-                JobState::Running
-            } else {
-                summary.state
-            },
+            state,
             shards: ShardCounts {
                 total: job.shards.len() as u32,
                 done: summary.done,

@@ -204,28 +204,47 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
 }
 
-/// Classes of a local dataset that are one folder under several names (class folders linked to
-/// one another): each would take the others' images under another label. One problem per folder.
+/// Classes of a local dataset whose folders overlap: one folder under several names (links, bind
+/// mounts: the same device and inode), or one class folder inside another (a link such as
+/// `z -> a/sub`); each would take the others' images under another label. One problem per folder.
 fn same_folder_classes(root: &Root, classes: &[ClassRef]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
     let Root::Local(root) = root else { return Vec::new() };
-    let mut folders: std::collections::BTreeMap<std::path::PathBuf, Vec<&str>> = Default::default();
+    let mut folders: std::collections::BTreeMap<(u64, u64), (std::path::PathBuf, Vec<&str>)> = Default::default();
     for class in classes {
-        if let Ok(real) = std::fs::canonicalize(root.join(&class.wnid)) {
-            folders.entry(real).or_default().push(&class.wnid);
+        let path = root.join(&class.wnid);
+        if let (Ok(real), Ok(meta)) = (std::fs::canonicalize(&path), std::fs::metadata(&path)) {
+            folders.entry((meta.dev(), meta.ino())).or_insert_with(|| (real, Vec::new())).1.push(&class.wnid);
         }
     }
-    folders
-        .into_iter()
+    let names = |names: &[&str]| names.iter().map(|n| format!("`{}`", n.escape_debug())).collect::<Vec<_>>().join(", ");
+    let mut problems: Vec<String> = folders
+        .values()
         .filter(|(_, names)| names.len() > 1)
-        .map(|(folder, names)| {
+        .map(|(folder, same)| {
             format!(
-                "classes {} are one folder (`{}`) through links: each would take the others' images under another \
-                 label; keep one of them",
-                names.iter().map(|n| format!("`{}`", n.escape_debug())).collect::<Vec<_>>().join(", "),
+                "classes {} are one folder (`{}`) through links or mounts: each would take the others' images under \
+                 another label; keep one of them",
+                names(same),
                 folder.display()
             )
         })
-        .collect()
+        .collect();
+    for (outer, outer_names) in folders.values() {
+        for (inner, inner_names) in folders.values() {
+            if inner != outer && inner.starts_with(outer) {
+                problems.push(format!(
+                    "class {} (`{}`) holds the folder of class {} (`{}`): it would take that class's images; remove the \
+                     link or the class",
+                    names(outer_names),
+                    outer.display(),
+                    names(inner_names),
+                    inner.display()
+                ));
+            }
+        }
+    }
+    problems
 }
 
 /// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input

@@ -757,12 +757,16 @@ async fn classes_that_are_one_folder_through_links_are_refused_at_submit() {
         }
     }
     std::os::unix::fs::symlink("class00", data.join("class02")).unwrap();
+    std::fs::create_dir_all(data.join("class01/sub")).unwrap();
+    std::os::unix::fs::symlink("class01/sub", data.join("class03")).unwrap();
     let store_url = dir.path().join("store").display().to_string();
     let cluster = start(&store_url, None).await;
-    let spec = spec_toml(3, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    std::fs::write(data.join("class01/sub/9.png"), [9u8]).unwrap();
+    std::fs::write(data.join("class01/sub/8.png"), [8u8]).unwrap();
+    let spec = spec_toml(4, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
     let error = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
     assert!(error.contains("classes `class00`, `class02` are one folder"), "{error}");
-    assert!(!error.contains("`class01`"), "{error}");
+    assert!(error.contains("class `class01`") && error.contains("holds the folder of class `class03`"), "{error}");
     assert!(cluster.coordinator.list().is_empty(), "nothing was submitted");
     cluster.shutdown().await;
 }

@@ -51,7 +51,7 @@ pub struct ClusterArgs {
     /// CA certificate (PEM) for an https:// coordinator with a private CA.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// Worker id (default: `<hostname>-<pid>`).
+    /// Worker id (default: `<hostname>-<pid>-<4 random hex>`).
     #[arg(long)]
     pub worker_id: Option<String>,
     /// `onnx` (the real engine) or `fake` (deterministic stand-in images, for cluster tests).
@@ -525,16 +525,18 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     Ok(())
 }
 
-/// `<host>-<pid>`, or under Slurm an id made of the job (array task), step, task and restart
-/// count, then `@<host>-<pid>`, so logs and the coordinator's status tell which allocation a
-/// worker belongs to, and no two processes share a default id.
+/// `<host>-<pid>-<4 random hex>`, or under Slurm an id made of the job (array task), step, task
+/// and restart count, then `@<host>-<pid>-<4 random hex>`, so logs and the coordinator's status
+/// tell which allocation a worker belongs to, and no two processes share a default id — also in
+/// containers that share a host name and each have their own pid namespace (every worker pid 1).
 pub fn default_worker_id(host: &str) -> String {
-    worker_id_from(host, std::process::id(), |key| std::env::var(key).ok().filter(|v| !v.is_empty()))
+    let tag = format!("{:04x}", rand::random::<u16>());
+    worker_id_from(host, std::process::id(), &tag, |key| std::env::var(key).ok().filter(|v| !v.is_empty()))
 }
 
-fn worker_id_from(host: &str, pid: u32, env: impl Fn(&str) -> Option<String>) -> String {
+fn worker_id_from(host: &str, pid: u32, tag: &str, env: impl Fn(&str) -> Option<String>) -> String {
     let Some(job) = env("SLURM_ARRAY_JOB_ID").or_else(|| env("SLURM_JOB_ID")) else {
-        return format!("{host}-{pid}");
+        return format!("{host}-{pid}-{tag}");
     };
     let mut id = format!("slurm-{job}");
     if let Some(task) = env("SLURM_ARRAY_TASK_ID") {
@@ -548,7 +550,7 @@ fn worker_id_from(host: &str, pid: u32, env: impl Fn(&str) -> Option<String>) ->
     }
     // The pid keeps two worker processes of one Slurm task apart (a script that starts one per
     // GPU itself): no two live processes ever default to one id.
-    id.push_str(&format!("-r{}@{host}-{pid}", env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into())));
+    id.push_str(&format!("-r{}@{host}-{pid}-{tag}", env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into())));
     id
 }
 
@@ -559,7 +561,7 @@ mod tests {
     #[test]
     fn worker_ids_carry_slurm_coordinates() {
         let none = |_: &str| None;
-        assert_eq!(worker_id_from("h", 7, none), "h-7");
+        assert_eq!(worker_id_from("h", 7, "00af", none), "h-7-00af");
         let step = |k: &str| match k {
             "SLURM_JOB_ID" => Some("42".into()),
             "SLURM_STEP_ID" => Some("3".into()),
@@ -567,15 +569,15 @@ mod tests {
             "SLURM_RESTART_COUNT" => Some("2".into()),
             _ => None,
         };
-        assert_eq!(worker_id_from("n1", 7, step), "slurm-42.3-l1-r2@n1-7");
+        assert_eq!(worker_id_from("n1", 7, "00af", step), "slurm-42.3-l1-r2@n1-7-00af");
         // Two processes of one Slurm task get two ids.
-        assert_ne!(worker_id_from("n1", 7, step), worker_id_from("n1", 8, step));
+        assert_ne!(worker_id_from("n1", 7, "00af", step), worker_id_from("n1", 8, "00af", step));
         let array = |k: &str| match k {
             "SLURM_ARRAY_JOB_ID" => Some("40".into()),
             "SLURM_JOB_ID" => Some("45".into()),
             "SLURM_ARRAY_TASK_ID" => Some("5".into()),
             _ => None,
         };
-        assert_eq!(worker_id_from("n2", 7, array), "slurm-40_5-r0@n2-7");
+        assert_eq!(worker_id_from("n2", 7, "00af", array), "slurm-40_5-r0@n2-7-00af");
     }
 }
