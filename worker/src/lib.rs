@@ -14,6 +14,8 @@ pub mod cli;
 pub mod client;
 pub mod cpu;
 pub mod data;
+pub mod engines;
+pub mod failure;
 pub mod import;
 pub mod mgd3;
 pub mod models;

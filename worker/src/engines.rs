@@ -1,0 +1,307 @@
+//! What a worker runs classes with: the [`ShardEngine`] trait, the real ONNX engine (which keeps
+//! the last job's models loaded and publishes their fingerprints, [`LoadedModels`]) and the
+//! stand-in [`FakeEngine`] for cluster tests and scale benchmarks.
+
+use crate::cpu::CpuPool;
+use crate::data::Dataset;
+use crate::failure::{ShardError, ShardFailure};
+use crate::models::{ClassSpec, ClassTimings, EngineError, ModelPaths};
+use crate::pipeline::{ClassResult, ClassSink};
+use crate::pipeline::{Engine, ShardOptions, ShardStop};
+use crate::sink::npy_bytes;
+use image::{ImageFormat, RgbImage};
+use mgd3_common::commit::ClassFiles;
+use mgd3_common::job::{ClassRef, JobSpec};
+use mgd3_common::manifest::StageSeconds;
+use mgd3_common::seed::sample_seed;
+use mgd3_onnx::SessionConfig;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What a worker runs classes with.
+pub trait ShardEngine: Send {
+    /// Distils one class of `spec`. Stops early (returning `Cancelled`) once `cancel` is set.
+    ///
+    /// # Errors
+    /// A [`ShardFailure`]: [`ShardFailure::Cancelled`], or what kept the class from being distilled.
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure>;
+
+    /// Distils `classes` of `spec` in order, handing each to `sink` as soon as it is done.
+    /// The default runs [`ShardEngine::distill`] class after class; engines that overlap stages
+    /// or share model calls between classes override it.
+    ///
+    /// # Errors
+    /// A [`ShardError`], naming the class when it is about one: a cancelled run, a class that
+    /// failed, or a commit the sink refused.
+    fn distill_shard(
+        &mut self,
+        spec: &JobSpec,
+        classes: &[ClassRef],
+        cancel: &Arc<AtomicBool>,
+        sink: &mut dyn ClassSink<Error = ShardError>,
+    ) -> Result<(), ShardError> {
+        for class in classes {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ShardError::shard(ShardFailure::Cancelled));
+            }
+            let mut result = self.distill(spec, class, cancel).map_err(|f| ShardError::class(&class.wnid, f))?;
+            let sheet = result.contact_sheet.take();
+            if sink.commit(class, result)?
+                && let Some(png) = sheet
+            {
+                sink.contact_sheet(class, png);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fingerprints of the models currently loaded, for registration: the path or URL as the job
+    /// spec's `[models]` names it → `sha256:<hex>` of the file loaded from there. A handle
+    /// readable without the engine: registration must never wait for a shard that holds the
+    /// engine (a coordinator restarted mid-shard would see no poll and no renewal until it ends).
+    /// The default is a snapshot of nothing loaded.
+    fn loaded_models(&self) -> LoadedModels {
+        LoadedModels::default()
+    }
+}
+
+/// The fingerprints of the models an engine has loaded (the path or URL as the job spec names
+/// it → `sha256:<hex>`), shared between the engine, which publishes them when it loads models,
+/// and the client, which reads them to register.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedModels(Arc<std::sync::RwLock<Vec<(String, String)>>>);
+
+impl LoadedModels {
+    /// A handle holding `fingerprints`.
+    pub fn new(fingerprints: Vec<(String, String)>) -> Self {
+        LoadedModels(Arc::new(std::sync::RwLock::new(fingerprints)))
+    }
+
+    /// The fingerprints now.
+    pub fn get(&self) -> Vec<(String, String)> {
+        self.0.read().expect("loaded models").clone()
+    }
+
+    /// Publishes the fingerprints of the models now loaded.
+    pub fn set(&self, fingerprints: Vec<(String, String)>) {
+        *self.0.write().expect("loaded models") = fingerprints;
+    }
+}
+
+/// The engine of the last job, keyed by what it depends on.
+struct LoadedEngine {
+    /// Models, sampling settings, seed and latent cache, serialised.
+    key: String,
+    engine: Engine,
+}
+
+/// The real engine: loads the job's ONNX models once and reuses them for every class of the job.
+pub struct OnnxShardEngine {
+    session: SessionConfig,
+    pool: CpuPool,
+    /// The engine of the last job, keyed by what it depends on.
+    loaded: Option<LoadedEngine>,
+    /// The fingerprints of the models `loaded` holds, published for registration.
+    published: LoadedModels,
+}
+
+impl OnnxShardEngine {
+    /// Models run with `session`; decoding, preprocessing, k-means and PNG encoding on `pool`.
+    pub fn new(session: SessionConfig, pool: CpuPool) -> Self {
+        OnnxShardEngine { session, pool, loaded: None, published: LoadedModels::default() }
+    }
+
+    fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
+        let key = serde_json::to_string(&(&spec.models, &spec.sampling, spec.seed, spec.latent_cache_url()))
+            .expect("serialisable");
+        if self.loaded.as_ref().is_none_or(|loaded| loaded.key != key) {
+            self.loaded = None;
+            self.published.set(Vec::new());
+            // Local paths as they are; object-store URLs through the local model cache.
+            let cache = mgd3_common::store::model_cache_dir();
+            let local = |p: &str| {
+                crate::data::block_on(mgd3_common::store::fetch_model(p, &cache))
+                    .map_err(|source| ShardFailure::FetchModel { url: p.to_owned(), source })
+            };
+            let paths = ModelPaths {
+                dit: local(&spec.models.dit)?,
+                vae_encoder: local(&spec.models.vae_encoder)?,
+                vae_decoder: local(&spec.models.vae_decoder)?,
+            };
+            // Every file each model loads, before ONNX Runtime tries (its error would read as a
+            // failed run and spend the shard's attempts).
+            for (named, path) in [
+                (&spec.models.dit, &paths.dit),
+                (&spec.models.vae_encoder, &paths.vae_encoder),
+                (&spec.models.vae_decoder, &paths.vae_decoder),
+            ] {
+                match mgd3_common::modelmeta::model_files(path) {
+                    Ok(_) => {}
+                    // A model file that is not there is ONNX Runtime's ModelNotFound, below.
+                    Err(mgd3_common::modelmeta::ModelFilesError::Io { path: file, .. }) if file == *path => {}
+                    Err(source) => return Err(ShardFailure::ModelFiles { path: named.clone(), source }),
+                }
+            }
+
+            let engine = match Engine::load(&paths, &self.session, spec.sampling, spec.seed) {
+                Ok(engine) => engine,
+                // A model this worker cannot open may be fine elsewhere (node-local paths).
+                Err(EngineError::Model(
+                    e @ (mgd3_onnx::Error::ModelNotFound(_)
+                    | mgd3_onnx::Error::CudaUnavailable { .. }
+                    | mgd3_onnx::Error::RuntimeUnavailable { .. }),
+                )) => {
+                    return Err(ShardFailure::ModelUnavailable(e));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let have = [
+                (&spec.models.dit, &spec.models.dit_fingerprint, engine.models().fingerprints().dit.clone()),
+                (
+                    &spec.models.vae_encoder,
+                    &spec.models.vae_encoder_fingerprint,
+                    engine.models().fingerprints().vae_encoder.clone(),
+                ),
+                (
+                    &spec.models.vae_decoder,
+                    &spec.models.vae_decoder_fingerprint,
+                    engine.models().fingerprints().vae_decoder.clone(),
+                ),
+            ];
+            for (path, want, got) in &have {
+                if let Some(want) = want
+                    && *want != *got
+                {
+                    return Err(ShardFailure::ModelMismatch {
+                        path: (*path).clone(),
+                        have: got.clone(),
+                        want: want.clone(),
+                    });
+                }
+            }
+            let fingerprints: Vec<(String, String)> =
+                have.into_iter().map(|(path, _, got)| (path.clone(), got)).collect();
+            let mut engine = engine;
+            let cache = spec
+                .latent_cache_url()
+                .map(|url| mgd3_common::store::open(&url))
+                .transpose()
+                .map_err(ShardFailure::LatentCache)?;
+            engine.set_latent_cache(cache);
+            engine.set_cpu_pool(self.pool.clone());
+            self.loaded = Some(LoadedEngine { key, engine });
+            self.published.set(fingerprints);
+        }
+        Ok(&mut self.loaded.as_mut().expect("just loaded").engine)
+    }
+}
+
+fn class_spec(spec: &JobSpec, class: &ClassRef) -> ClassSpec {
+    ClassSpec::new(class.clone(), spec.ipc)
+}
+
+impl ShardEngine for OnnxShardEngine {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        let engine = self.engine_for(spec)?;
+        engine.set_cancel_flag(cancel.clone());
+        let dataset = Dataset::open(&spec.dataset).map_err(ShardFailure::Dataset)?;
+        Ok(engine.distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)?)
+    }
+
+    /// The pipelined shard: see [`crate::pipeline`].
+    fn distill_shard(
+        &mut self,
+        spec: &JobSpec,
+        classes: &[ClassRef],
+        cancel: &Arc<AtomicBool>,
+        sink: &mut dyn ClassSink<Error = ShardError>,
+    ) -> Result<(), ShardError> {
+        let engine = self.engine_for(spec).map_err(ShardError::shard)?;
+        engine.set_cancel_flag(cancel.clone());
+        let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardError::shard(ShardFailure::Dataset(e)))?;
+        let specs: Vec<ClassSpec> = classes.iter().map(|c| class_spec(spec, c)).collect();
+        let options = ShardOptions { contact_sheet: spec.contact_sheet };
+        match engine.distill_shard(&dataset, &specs, options, sink) {
+            Ok(_) => Ok(()),
+            Err(ShardStop::Sink(stop)) => Err(stop),
+            Err(ShardStop::Engine { class, error }) => Err(ShardError { class, failure: Box::new((*error).into()) }),
+        }
+    }
+
+    fn loaded_models(&self) -> LoadedModels {
+        self.published.clone()
+    }
+}
+
+/// A stand-in engine for cluster tests and scale benchmarks: takes `class_duration` per class and
+/// produces small deterministic PNGs from each sample's seed, so runs are comparable byte for byte.
+pub struct FakeEngine {
+    /// How long each class takes.
+    pub class_duration: Duration,
+    /// What [`ShardEngine::loaded_models`] reports, as if these models were loaded.
+    pub model_fingerprints: Vec<(String, String)>,
+}
+
+impl FakeEngine {
+    /// An engine that takes `class_duration` per class and reports no loaded models.
+    pub fn new(class_duration: Duration) -> Self {
+        FakeEngine { class_duration, model_fingerprints: Vec::new() }
+    }
+}
+
+impl ShardEngine for FakeEngine {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        let deadline = Instant::now() + self.class_duration;
+        while Instant::now() < deadline {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ShardFailure::Cancelled);
+            }
+            std::thread::sleep((deadline - Instant::now()).min(Duration::from_millis(10)));
+        }
+        let mut images = Vec::with_capacity(spec.ipc);
+        let mut modes = Array2::<f32>::zeros((spec.ipc, 4));
+        for j in 0..spec.ipc {
+            let mut rng = Xoshiro256PlusPlus::seed_from_u64(sample_seed(spec.seed, class.class_index, j as u64));
+            let img = RgbImage::from_fn(8, 8, |_, _| image::Rgb([rng.r#gen(), rng.r#gen(), (class.label % 256) as u8]));
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut bytes, ImageFormat::Png)
+                .map_err(|e| ShardFailure::Reported { message: e.to_string(), retryable: true })?;
+            images.push(bytes.into_inner());
+            modes.row_mut(j).fill(j as f32);
+        }
+        let modes_npy = npy_bytes(&modes, std::path::Path::new("modes.npy")).map_err(ShardFailure::EncodeModes)?;
+        Ok(ClassResult {
+            files: ClassFiles { images, modes_npy },
+            timings: ClassTimings {
+                stages: StageSeconds { dit: self.class_duration.as_secs_f64(), ..Default::default() },
+                ..Default::default()
+            },
+            contact_sheet: None,
+            quality: None,
+            embedding: None,
+        })
+    }
+
+    fn loaded_models(&self) -> LoadedModels {
+        LoadedModels::new(self.model_fingerprints.clone())
+    }
+}

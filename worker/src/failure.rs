@@ -1,0 +1,144 @@
+//! Why a shard attempt stopped ([`ShardFailure`], kept as a typed source) and what the
+//! coordinator should do about it ([`ShardFailure::disposition`]): the failure taxonomy the
+//! engines, `run_shard` and the poll loop share.
+
+use crate::models::EngineError;
+
+/// Why a shard attempt stopped. The cause is kept as a typed source; what the coordinator should
+/// do about it is [`ShardFailure::disposition`].
+#[derive(Debug, thiserror::Error)]
+pub enum ShardFailure {
+    /// Stopped on request: shutdown, a revoked lease, or a lease that ran out.
+    #[error("worker stopped")]
+    Cancelled,
+    /// Distilling failed (data, models, sampling, output encoding).
+    #[error(transparent)]
+    Engine(Box<EngineError>),
+    /// A model named by the job could not be fetched into the local cache.
+    #[error("cannot fetch model `{url}`")]
+    FetchModel {
+        /// The model's path or URL as the job names it.
+        url: String,
+        /// Why it could not be fetched.
+        #[source]
+        source: mgd3_common::store::StoreError,
+    },
+    /// This worker cannot open the job's models (missing file, no CUDA, no ONNX Runtime).
+    #[error("this worker cannot load the job's models")]
+    ModelUnavailable(#[source] mgd3_onnx::Error),
+    /// A model's files are not all here as the job needs them (external data missing, cut
+    /// short, or outside the model's folder): another worker may have them.
+    #[error("this worker cannot load model `{path}`")]
+    ModelFiles {
+        /// The model's path or URL as the job names it.
+        path: String,
+        /// What is wrong with its files here.
+        #[source]
+        source: mgd3_common::modelmeta::ModelFilesError,
+    },
+    /// The model file at the job's path has other bytes here than the job was submitted with.
+    #[error("model `{path}` here has fingerprint {have}, the job expects {want}")]
+    ModelMismatch {
+        /// The model's path or URL as the job names it.
+        path: String,
+        /// The fingerprint of the file loaded here.
+        have: String,
+        /// The fingerprint the job was submitted with.
+        want: String,
+    },
+    /// The job's dataset cannot be opened.
+    #[error("cannot open the dataset")]
+    Dataset(#[source] crate::data::DataError),
+    /// The latent cache named by the job cannot be opened.
+    #[error("cannot open the latent cache")]
+    LatentCache(#[source] mgd3_common::store::StoreError),
+    /// Committing a class failed (staging, marker, publishing).
+    #[error(transparent)]
+    Commit(#[from] mgd3_common::commit::CommitError),
+    /// A class's modes could not be encoded as `.npy`.
+    #[error("cannot encode the modes of the class")]
+    EncodeModes(#[source] crate::sink::SinkError),
+    /// The shard's bookkeeping lost a class (a bug or a store that forgets writes).
+    #[error("{0}")]
+    Lost(&'static str),
+    /// A failure reported by an engine outside this crate (stand-in engines in tests and
+    /// benchmarks), with its retryability.
+    #[error("{message}")]
+    Reported {
+        /// What went wrong.
+        message: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+}
+
+pub use mgd3_common::lease::Disposition;
+
+impl ShardFailure {
+    /// What the coordinator should do about this failure: a refusal of the output store that no
+    /// retry fixes ([`mgd3_common::store::Refusal`]) pauses the job.
+    pub fn disposition(&self) -> Disposition {
+        use mgd3_common::commit::CommitError;
+        match self {
+            ShardFailure::Cancelled => Disposition::Release,
+            ShardFailure::Engine(e) if matches!(**e, EngineError::Cancelled) => Disposition::Release,
+            ShardFailure::ModelUnavailable(_)
+            | ShardFailure::ModelMismatch { .. }
+            | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
+            ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
+            ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
+            ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,
+            // A full, read-only or forbidden output: no attempt anywhere can commit until a
+            // person acts.
+            ShardFailure::Commit(CommitError::Store { source, .. })
+                if mgd3_common::store::Refusal::of(source).is_some() =>
+            {
+                Disposition::Pause
+            }
+            ShardFailure::Reported { retryable: false, .. } => Disposition::GiveUp,
+            ShardFailure::FetchModel { .. }
+            | ShardFailure::LatentCache(_)
+            | ShardFailure::Commit(_)
+            | ShardFailure::EncodeModes(_)
+            | ShardFailure::Lost(_)
+            | ShardFailure::Reported { .. } => Disposition::Retry,
+        }
+    }
+
+    /// The message and its causes on one line, as the coordinator records it.
+    pub fn describe(&self) -> String {
+        mgd3_common::error_chain(self)
+    }
+}
+
+impl From<EngineError> for ShardFailure {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Cancelled => ShardFailure::Cancelled,
+            other => ShardFailure::Engine(Box::new(other)),
+        }
+    }
+}
+
+/// A failed shard attempt: the failure and the class it happened in, when it is about one.
+#[derive(Debug, thiserror::Error)]
+#[error("{failure}")]
+pub struct ShardError {
+    /// The class being distilled or committed, when the failure is about one class.
+    pub class: Option<String>,
+    /// What went wrong (boxed: errors travel through every commit call).
+    #[source]
+    pub failure: Box<ShardFailure>,
+}
+
+impl ShardError {
+    /// A failure about no class in particular.
+    pub fn shard(failure: impl Into<ShardFailure>) -> Self {
+        ShardError { class: None, failure: Box::new(failure.into()) }
+    }
+
+    /// A failure about class `wnid`.
+    pub fn class(wnid: &str, failure: impl Into<ShardFailure>) -> Self {
+        ShardError { class: Some(wnid.to_owned()), failure: Box::new(failure.into()) }
+    }
+}
