@@ -288,6 +288,15 @@ pub struct ExternalData {
     pub end: u64,
 }
 
+/// Whether an external-data location, as a model writes it, can lead out of the model's folder
+/// (absolute, `..`, empty): ONNX Runtime refuses those.
+pub fn leaves_the_folder(location: &str) -> bool {
+    let relative = Path::new(location);
+    location.is_empty()
+        || relative.is_absolute()
+        || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+}
+
 /// A TensorProto: records its external-data `location` and where its bytes end, if any.
 fn tensor<R: Read + Seek>(r: &mut R, n: u64, found: &mut Vec<ExternalData>) -> std::io::Result<()> {
     let (mut location, mut offset, mut length) = (None, 0u64, 0u64);
@@ -394,11 +403,7 @@ pub fn model_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesErr
     };
     for ExternalData { location, end } in locations {
         let relative = Path::new(&location);
-        let escapes = relative.is_absolute()
-            || relative
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
-        if escapes || location.is_empty() {
+        if leaves_the_folder(&location) {
             return Err(ModelFilesError::OutsideFolder { model: path.to_owned(), location });
         }
         let file = folder.join(relative);

@@ -315,7 +315,7 @@ where
             Err(object_store::Error::Generic { store, source })
                 if started.elapsed() < STORE_RETRY_TIMEOUT
                     && !io_not_found(source.as_ref())
-                    && Refusal::of_cause(source.as_ref()).is_none() =>
+                    && Refusal::in_chain(source.as_ref()).is_none() =>
             {
                 tracing::debug!(store, error = %source, retry_in_ms = backoff.as_millis() as u64, "store call failed; retrying");
                 tokio::time::sleep(backoff).await;
@@ -344,7 +344,7 @@ impl Refusal {
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 Some(Refusal::Denied)
             }
-            object_store::Error::Generic { source, .. } => Refusal::of_cause(source.as_ref()),
+            object_store::Error::Generic { source, .. } => Refusal::in_chain(source.as_ref()),
             _ => None,
         }
     }
@@ -357,18 +357,6 @@ impl Refusal {
             if let Some(store) = e.downcast_ref::<object_store::Error>() {
                 return Refusal::of(store);
             }
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                return Refusal::of_io(io);
-            }
-            cause = e.source();
-        }
-        None
-    }
-
-    /// The refusal in an error's cause chain (an I/O error of the local file system), if any.
-    pub fn of_cause(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
-        let mut cause = Some(error);
-        while let Some(e) = cause {
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
                 return Refusal::of_io(io);
             }
@@ -550,10 +538,7 @@ pub async fn fetch_model(url: &str, cache_dir: &std::path::Path) -> Result<std::
     let folder = location.prefix.parts().collect::<Vec<_>>();
     let folder = &folder[..folder.len().saturating_sub(1)];
     for relative in locations {
-        let escapes = std::path::Path::new(&relative)
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
-        if escapes || relative.is_empty() {
+        if crate::modelmeta::leaves_the_folder(&relative) {
             return Err(StoreError::ModelFiles(crate::modelmeta::ModelFilesError::OutsideFolder {
                 model: std::path::PathBuf::from(url),
                 location: relative,

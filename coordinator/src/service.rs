@@ -100,6 +100,23 @@ impl Outage {
     pub(crate) fn succeeded(&mut self) -> Option<(f64, u64)> {
         self.since.take().map(|(at, tries)| (at.elapsed().as_secs_f64(), tries))
     }
+
+    /// Records and logs a failed write of `what` (about `job`, when it is about one): WARN for
+    /// the first of an outage, DEBUG for the retries after it.
+    pub(crate) fn log_failure(&mut self, what: &str, job: &str, error: &str) {
+        if self.failed() {
+            warn!(job, %error, "could not {what}; retrying quietly until it works (said again when it does)");
+        } else {
+            debug!(job, %error, "could not {what}; will retry");
+        }
+    }
+
+    /// Records a write of `what` that worked, with one INFO line when it ends an outage.
+    pub(crate) fn log_success(&mut self, what: &str, job: &str) {
+        if let Some((seconds, tries)) = self.succeeded() {
+            info!(job, seconds = %format_args!("{seconds:.0}"), failed_tries = tries, "{what} works again");
+        }
+    }
 }
 
 /// Folders under the job's `dataset/` that are no class of the job (relative to the output).
@@ -292,11 +309,7 @@ impl Coordinator {
                 _ = &mut shutdown => break,
                 _ = lock_tick.tick() => {
                     match self.inner.lock.lock().await.renew().await {
-                        Ok(()) => {
-                            if let Some((seconds, tries)) = self.inner.lock_outage.lock().expect("outage").succeeded() {
-                                info!(seconds = %format_args!("{seconds:.0}"), failed_tries = tries, "coordinator lock renewals work again");
-                            }
-                        }
+                        Ok(()) => self.inner.lock_outage.lock().expect("outage").log_success("renewing the coordinator lock", ""),
                         Err(error @ LockError::Lost { .. }) => {
                             tracing::error!(error = %mgd3_common::error_chain(&error), "stopping: the store has another coordinator");
                             *self.inner.lost_to.lock().expect("lost to") = Some(error);
@@ -304,14 +317,11 @@ impl Coordinator {
                             self.inner.lost.notify_waiters();
                             return;
                         }
-                        Err(error) => {
-                            let error = mgd3_common::error_chain(&error);
-                            if self.inner.lock_outage.lock().expect("outage").failed() {
-                                warn!(%error, "could not renew the coordinator lock; retrying quietly until it works (said again when it does)");
-                            } else {
-                                debug!(%error, "could not renew the coordinator lock; will retry");
-                            }
-                        }
+                        Err(error) => self.inner.lock_outage.lock().expect("outage").log_failure(
+                            "renew the coordinator lock",
+                            "",
+                            &mgd3_common::error_chain(&error),
+                        ),
                     }
                     continue;
                 }
@@ -351,9 +361,7 @@ impl Coordinator {
             match result {
                 Ok(()) => {
                     self.inner.manifest_refused.lock().expect("manifest refused").remove(&job_id);
-                    if let Some((seconds, tries)) = self.inner.manifest_outage.lock().expect("outage").succeeded() {
-                        info!(job = %job_id, seconds = %format_args!("{seconds:.0}"), failed_tries = tries, "manifest writes work again");
-                    }
+                    self.inner.manifest_outage.lock().expect("outage").log_success("writing the job manifest", &job_id);
                     self.inner.manifests_due.lock().expect("manifests").remove(&job_id);
                     info!(job = %job_id, "manifest written");
                     // Now state.json may say finished (see below).
@@ -364,12 +372,11 @@ impl Coordinator {
                         let refusal = mgd3_common::error_chain(&error);
                         self.inner.manifest_refused.lock().expect("manifest refused").insert(job_id.clone(), refusal);
                     }
-                    let error = mgd3_common::error_chain(&error);
-                    if self.inner.manifest_outage.lock().expect("outage").failed() {
-                        warn!(job = %job_id, %error, "could not write the job manifest; retrying quietly until it works (said again when it does)")
-                    } else {
-                        debug!(job = %job_id, %error, "could not write the job manifest; will retry")
-                    }
+                    self.inner.manifest_outage.lock().expect("outage").log_failure(
+                        "write the job manifest",
+                        &job_id,
+                        &mgd3_common::error_chain(&error),
+                    );
                 }
             }
         }
@@ -385,18 +392,10 @@ impl Coordinator {
             }
             let Some(persisted) = persisted else { continue };
             match self.inner.jobs.write_state(&job_id, &persisted).await {
-                Ok(()) => {
-                    if let Some((seconds, tries)) = self.inner.state_outage.lock().expect("outage").succeeded() {
-                        info!(job = %job_id, seconds = %format_args!("{seconds:.0}"), failed_tries = tries, "job state writes work again");
-                    }
-                }
+                Ok(()) => self.inner.state_outage.lock().expect("outage").log_success("persisting job state", &job_id),
                 Err(error) => {
-                    let error = mgd3_common::error_chain(&error);
-                    if self.inner.state_outage.lock().expect("outage").failed() {
-                        warn!(job = %job_id, store = %self.inner.store.url, %error, "could not persist job state; retrying quietly until it works (said again when it does)");
-                    } else {
-                        debug!(job = %job_id, %error, "could not persist job state; will retry");
-                    }
+                    let error = format!("{}: {}", self.inner.store.url, mgd3_common::error_chain(&error));
+                    self.inner.state_outage.lock().expect("outage").log_failure("persist job state", &job_id, &error);
                     self.mark_dirty(&job_id);
                 }
             }
