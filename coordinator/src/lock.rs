@@ -15,6 +15,7 @@ use mgd3_common::store::{Location, get_optional, put_create};
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// The lock object, at the store's root.
@@ -33,12 +34,29 @@ pub struct LockRecord {
     pub heartbeat_unix_ms: u64,
     /// How long without a heartbeat before another coordinator may take over (ms).
     pub timeout_ms: u64,
+    /// Renewals so far: a watcher sees the holder alive when this or the heartbeat time
+    /// changes, so two renewals within one clock tick (or under a paused test clock) still
+    /// count. Absent (0) in older records, whose heartbeat time changes.
+    #[serde(default)]
+    pub renewals: u64,
     /// Which process table `pid` belongs to: the kernel's boot id and the PID namespace
     /// (`/proc/self/ns/pid`), on Linux. A coordinator on the same host, boot and namespace can
     /// see at once that the holder's process is gone instead of waiting out the timeout. Absent
     /// in older records and elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_table: Option<String>,
+}
+
+impl LockRecord {
+    /// What changes at every renewal: the heartbeat time and the renewal count.
+    fn beat(&self) -> (u64, u64) {
+        (self.heartbeat_unix_ms, self.renewals)
+    }
+}
+
+/// How often a waiting coordinator re-reads `holder`'s lock: a tenth of its timeout, 20 ms to 1 s.
+fn poll_interval(holder: &LockRecord) -> Duration {
+    Duration::from_millis((holder.timeout_ms / 10).clamp(20, 1000))
 }
 
 /// This process's [`LockRecord::process_table`]: `<boot id>/<pid namespace>` on Linux.
@@ -124,11 +142,13 @@ impl StoreLock {
             pid: std::process::id(),
             heartbeat_unix_ms: now_ms(),
             timeout_ms: timeout.as_millis() as u64,
+            renewals: 0,
             process_table: process_table(),
         };
-        // The holder seen, its last heartbeat value and when (by this clock) it was first seen:
-        // staleness is judged by watching the value, so clocks of other hosts do not matter.
-        let mut watching: Option<(String, u64, std::time::Instant)> = None;
+        // The holder seen, its last heartbeat (time and renewal count) and when, by this
+        // process's tokio clock, it was first seen: staleness is judged by watching the value,
+        // so clocks of other hosts do not matter.
+        let mut watching: Option<(String, (u64, u64), Instant)> = None;
         loop {
             record.heartbeat_unix_ms = now_ms();
             let bytes = serde_json::to_vec(&record).expect("serialisable lock");
@@ -152,7 +172,7 @@ impl StoreLock {
                 continue;
             }
             match &watching {
-                Some((owner, beat, _)) if *owner == holder.owner && *beat != holder.heartbeat_unix_ms => {
+                Some((owner, beat, _)) if *owner == holder.owner && *beat != holder.beat() => {
                     // Renewed while this coordinator waited: a live holder.
                     let age = now_ms().saturating_sub(holder.heartbeat_unix_ms);
                     return Err(LockError::Held {
@@ -176,10 +196,10 @@ impl StoreLock {
                 _ => {
                     info!(store = %store.url, host = %holder.host, pid = holder.pid, timeout_s = holder.timeout_ms / 1000,
                         "the store is locked by another coordinator; waiting to see whether it is alive");
-                    watching = Some((holder.owner.clone(), holder.heartbeat_unix_ms, std::time::Instant::now()));
+                    watching = Some((holder.owner.clone(), holder.beat(), Instant::now()));
                 }
             }
-            tokio::time::sleep(Duration::from_millis((holder.timeout_ms / 10).clamp(20, 1000))).await;
+            tokio::time::sleep(poll_interval(&holder)).await;
         }
     }
 
@@ -202,6 +222,7 @@ impl StoreLock {
             return Err(LockError::Lost { url: self.store.url.clone(), host: holder.host, pid: holder.pid });
         }
         self.record.heartbeat_unix_ms = now_ms();
+        self.record.renewals += 1;
         let bytes = serde_json::to_vec(&self.record).expect("serialisable lock");
         self.store.store.put(&key, PutPayload::from(bytes)).await.map_err(err)?;
         Ok(())
@@ -236,45 +257,69 @@ async fn delete(store: &Location) -> Result<(), LockError> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    /// On tokio's paused clock: every bound below is exact virtual time, not a wall-clock guess.
+    #[tokio::test(start_paused = true)]
     async fn a_live_lock_is_refused_a_stale_one_taken_over_a_released_one_free() {
         let store = mgd3_common::store::open("memory://lock-test/state").unwrap();
-        let timeout = Duration::from_millis(600);
+        let timeout = Duration::from_secs(30);
         let mut first = StoreLock::acquire(&store, timeout).await.unwrap();
-        // A second coordinator waits one timeout while the first renews, then refuses.
+        let heartbeat = first.heartbeat();
+        let poll = poll_interval(&first.record);
+        assert_eq!((heartbeat, poll), (Duration::from_secs(10), Duration::from_secs(1)));
+        // A second coordinator watches while the first renews every heartbeat, and refuses as
+        // soon as it sees a renewal: after the first heartbeat, within one poll. The renewals
+        // fall within one wall-clock millisecond here, so only their count tells them apart.
         let renewing = {
             let mut first = first.clone();
             tokio::spawn(async move {
-                for _ in 0..20 {
+                loop {
+                    tokio::time::sleep(heartbeat).await;
                     first.renew().await.unwrap();
-                    tokio::time::sleep(first.heartbeat()).await;
                 }
             })
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let error = StoreLock::acquire(&store, timeout).await.unwrap_err();
+        let waited = started.elapsed();
         assert!(matches!(error, LockError::Held { .. }), "{error}");
         assert!(error.to_string().contains("served by another coordinator"), "{error}");
-        // Refused once a renewal proves the holder alive, within about one heartbeat.
-        assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
+        assert!(waited >= heartbeat && waited <= heartbeat + poll, "refused after {waited:?}");
         renewing.abort();
-        // The first stops renewing (killed): the lock is taken over once stale, and the first
-        // learns it lost the store at its next heartbeat.
+        // The first stops renewing (killed): the lock is taken over once it has gone one whole
+        // timeout unrenewed under this coordinator's eyes, and not before.
+        let started = Instant::now();
         let second = StoreLock::acquire(&store, timeout).await.unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= timeout && waited <= timeout + poll, "taken over after {waited:?}");
+        // The first learns it lost the store at its next renewal.
         assert!(matches!(first.renew().await, Err(LockError::Lost { .. })));
         first.release().await;
         // A clean shutdown frees the store at once.
         second.release().await;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let third = StoreLock::acquire(&store, timeout).await.unwrap();
-        assert!(started.elapsed() < timeout / 2);
+        assert_eq!(started.elapsed(), Duration::ZERO);
         third.release().await;
+    }
+
+    /// A record written before renewals were counted still reads, and its heartbeat time alone
+    /// tells a watcher it is alive.
+    #[test]
+    fn renewals_are_seen_by_count_and_older_records_read() {
+        let old = r#"{"owner":"a","host":"h","pid":7,"heartbeat_unix_ms":1000,"timeout_ms":60000}"#;
+        let record: LockRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.beat(), (1000, 0));
+        let renewed = LockRecord { heartbeat_unix_ms: 1001, ..record.clone() };
+        assert_ne!(renewed.beat(), record.beat());
+        // A renewal within the same millisecond is still a renewal.
+        let same_tick = LockRecord { renewals: 1, ..record.clone() };
+        assert_ne!(same_tick.beat(), record.beat());
     }
 
     /// A coordinator that died on this host (its process is gone) is taken over at once, not
     /// after its timeout; one whose process table is another (another host, boot or container)
     /// is waited for.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_holder_whose_process_is_gone_here_is_taken_over_at_once() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = child.id();
@@ -286,6 +331,7 @@ mod tests {
             pid: dead_pid,
             heartbeat_unix_ms: now_ms(),
             timeout_ms: 60_000,
+            renewals: 0,
             process_table,
         };
         assert!(holder_is_dead_here(&record(process_table()), &host));
@@ -298,9 +344,9 @@ mod tests {
         let key = store.key(LOCK_KEY);
         let bytes = serde_json::to_vec(&record(process_table())).unwrap();
         store.store.put(&key, bytes.into()).await.unwrap();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let lock = StoreLock::acquire(&store, Duration::from_secs(60)).await.unwrap();
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert_eq!(started.elapsed(), Duration::ZERO, "not one poll waited");
         lock.release().await;
     }
 }

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::lease::{Completion, Failure, Registration, RunningLease};
@@ -109,18 +111,35 @@ struct Running {
     progress: Arc<ShardProgress>,
     cancel: Arc<AtomicBool>,
     task: JoinHandle<ShardOutcome>,
+    /// When the lease was last renewed, as far as this worker can prove.
+    clock: LeaseClock,
+}
+
+/// A lease's life as this worker sees it, on tokio's clock (so tests run it on paused time).
+#[derive(Clone, Copy, Debug)]
+struct LeaseClock {
     /// How long the lease lives without renewal (`None`: the coordinator did not say).
-    lease_timeout: Option<Duration>,
+    timeout: Option<Duration>,
     /// When the last poll the coordinator answered without revoking the lease was sent: the
     /// coordinator renewed the lease no earlier than that.
     renewed: Instant,
 }
 
-impl Running {
+impl LeaseClock {
+    /// A lease granted by an answer to a call sent at `sent`.
+    fn granted(timeout: Option<Duration>, sent: Instant) -> Self {
+        LeaseClock { timeout, renewed: sent }
+    }
+
+    /// The coordinator answered a poll sent at `sent` without revoking the lease.
+    fn renewed_by(&mut self, sent: Instant) {
+        self.renewed = self.renewed.max(sent);
+    }
+
     /// True once the lease has gone unrenewed for its whole timeout: the coordinator has
     /// requeued the shard by now, so computing on would only duplicate another worker's work.
     fn expired(&self, now: Instant) -> bool {
-        self.lease_timeout.is_some_and(|timeout| now.duration_since(self.renewed) >= timeout)
+        self.timeout.is_some_and(|timeout| now.saturating_duration_since(self.renewed) >= timeout)
     }
 }
 
@@ -267,14 +286,14 @@ pub async fn run(
             running.cancel.store(true, Ordering::Relaxed);
         }
         if let Some(running) = &current
-            && running.expired(Instant::now())
+            && running.clock.expired(Instant::now())
             && !running.cancel.swap(true, Ordering::Relaxed)
         {
             warn!(
                 lease = %running.lease.lease_id,
                 job = %running.lease.job_id,
                 coordinator = %config.coordinator,
-                timeout_s = running.lease_timeout.unwrap_or_default().as_secs_f64(),
+                timeout_s = running.clock.timeout.unwrap_or_default().as_secs_f64(),
                 "the coordinator has not renewed this lease for its whole timeout: stopping the shard (the coordinator may lease it to another worker; committed classes stay)"
             );
         }
@@ -369,12 +388,12 @@ pub async fn run(
                 info!(lease = %running.lease.lease_id, "the coordinator revoked this lease (job cancelled, or leased elsewhere): stopping it");
                 running.cancel.store(true, Ordering::Relaxed);
             } else {
-                running.renewed = sent;
+                running.clock.renewed_by(sent);
             }
         }
         wait = heartbeat;
         match response.action {
-            Some(Action::Lease(lease)) => match start(&config, lease, &engine, &mut outputs) {
+            Some(Action::Lease(lease)) => match start(&config, lease, sent, &engine, &mut outputs) {
                 Ok(running) => current = Some(running),
                 Err((lease, error)) => {
                     let failure = Failure {
@@ -464,9 +483,11 @@ async fn register<F: Future<Output = ()>>(
     }
 }
 
+/// Starts the shard of `lease`, granted by the answer to a poll sent at `sent`.
 fn start(
     config: &WorkerConfig,
     lease: proto::Lease,
+    sent: Instant,
     engine: &Arc<Mutex<Box<dyn ShardEngine>>>,
     outputs: &mut HashMap<String, Location>,
 ) -> Result<Running, (String, String)> {
@@ -508,7 +529,7 @@ fn start(
             run_shard(engine.as_mut(), &runtime, &out, &lease, &progress, &cancel)
         })
     };
-    Ok(Running { lease: shard, progress, cancel, task, lease_timeout, renewed: Instant::now() })
+    Ok(Running { lease: shard, progress, cancel, task, clock: LeaseClock::granted(lease_timeout, sent) })
 }
 
 /// Reports a finished shard, retrying while the coordinator is unreachable; once stopping, at
@@ -598,4 +619,62 @@ async fn report<F: Future<Output = ()>>(
         }
     }
     unreachable!("an attempt counter of u32 runs out only after years of backoff")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On tokio's paused clock. A lease expires one whole timeout after the last poll the
+    /// coordinator answered was *sent* (it renewed no earlier), not after the answer came; an
+    /// answer to an older poll never moves the renewal back.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_expires_one_timeout_after_the_last_renewing_poll_was_sent() {
+        let timeout = Duration::from_secs(60);
+        let granted = Instant::now();
+        let mut clock = LeaseClock::granted(Some(timeout), granted);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let sent = Instant::now();
+        // The answer takes 15 s to arrive (a slow coordinator).
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        clock.renewed_by(sent);
+        clock.renewed_by(granted);
+        assert_eq!(clock.renewed, sent);
+        tokio::time::sleep(timeout - Duration::from_secs(15) - Duration::from_millis(1)).await;
+        assert!(!clock.expired(Instant::now()), "1 ms before the timeout");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(clock.expired(Instant::now()), "at the timeout");
+        assert_eq!(Instant::now() - sent, timeout);
+        // A coordinator that gave no timeout never has the worker stop on its own.
+        let open = LeaseClock::granted(None, granted);
+        assert!(!open.expired(Instant::now() + Duration::from_secs(86_400)));
+    }
+
+    /// On tokio's paused clock. An unreachable coordinator is retried until it has not
+    /// answered for `give_up_after`, counted from the first failure since its last answer.
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_coordinator_is_given_up_after_exactly_its_limit() {
+        let limit = Duration::from_secs(300);
+        let config = WorkerConfig { give_up_after: Some(limit), ..WorkerConfig::new("http://127.0.0.1:1", "w") };
+        let mut reach = Reach::new(config.give_up_after);
+        reach.answered();
+        let unavailable = || tonic::Status::unavailable("connection refused");
+        reach.failed(&config, "PollWork", unavailable()).unwrap();
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        // An answer in between starts the count again.
+        reach.answered();
+        reach.failed(&config, "PollWork", unavailable()).unwrap();
+        tokio::time::sleep(limit - Duration::from_millis(1)).await;
+        reach.failed(&config, "PollWork", unavailable()).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        match reach.failed(&config, "PollWork", unavailable()) {
+            Err(ClientError::GaveUp { after, .. }) => assert_eq!(after, limit),
+            other => panic!("expected GaveUp, got {other:?}"),
+        }
+        let never = WorkerConfig { give_up_after: None, ..config.clone() };
+        let mut patient = Reach::new(None);
+        patient.failed(&never, "PollWork", unavailable()).unwrap();
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        patient.failed(&never, "PollWork", unavailable()).unwrap();
+    }
 }

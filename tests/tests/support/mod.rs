@@ -243,8 +243,16 @@ pub fn files(root: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// `coordinator run` of a spec with one local worker; panics on failure.
 pub fn run_locally(spec: &Path, env: &[(&str, String)]) {
+    run_locally_with(spec, env, &[]);
+}
+
+/// `coordinator run` of a spec with one local worker given `worker_args` (each `--flag=value`)
+/// besides `--threads=1`; panics on failure.
+pub fn run_locally_with(spec: &Path, env: &[(&str, String)], worker_args: &[&str]) {
+    let extra = worker_args.iter().map(|arg| format!("--worker-arg={arg}"));
     let out = Command::new(bin("coordinator"))
         .args(["run", spec.to_str().unwrap(), "--local-workers", "1", "--worker-arg=--threads=1"])
+        .args(extra)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .unwrap();
