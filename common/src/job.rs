@@ -440,19 +440,20 @@ pub enum LatentCache {
     At(String),
 }
 
-/// The workers' default `--max-batch`: rows per model call (a DiT call holds `max_batch / 2`
-/// cond+uncond sample pairs).
-pub const DEFAULT_MAX_BATCH: usize = 64;
+/// The workers' default `--dit-rows` (`--max-batch`): rows per DiT call
+/// ([`crate::batch::DEFAULT_DIT_ROWS`]).
+pub const DEFAULT_MAX_BATCH: usize = crate::batch::DEFAULT_DIT_ROWS;
 
 /// Fewest classes a default shard holds: reading and decoding one class overlaps the
 /// encoding and sampling of another only within a shard.
 pub const MIN_DEFAULT_CLASSES_PER_SHARD: usize = 4;
 
 /// The default shard size: enough classes that the shard's `ipc`-sample classes fill at least
-/// one DiT call of `max_batch / 2` samples, and at least [`MIN_DEFAULT_CLASSES_PER_SHARD`].
-/// IPC 10 at `--max-batch 64`: 4 classes (40 samples: calls of 32 and 8).
-pub fn default_classes_per_shard(ipc: usize, max_batch: usize) -> usize {
-    (max_batch / 2).max(1).div_ceil(ipc.max(1)).max(MIN_DEFAULT_CLASSES_PER_SHARD)
+/// one DiT call of `dit_rows` rows ([`crate::batch::samples_per_call`] samples), and at least
+/// [`MIN_DEFAULT_CLASSES_PER_SHARD`]. IPC 10 at 64 rows: 4 classes (40 samples: calls of 32
+/// and 8); IPC 10 at 512 rows: 26 classes.
+pub fn default_classes_per_shard(ipc: usize, dit_rows: usize) -> usize {
+    crate::batch::samples_per_call(dit_rows).div_ceil(ipc.max(1)).max(MIN_DEFAULT_CLASSES_PER_SHARD)
 }
 fn default_lease_timeout() -> u64 {
     120
@@ -817,14 +818,26 @@ impl JobSpec {
         crate::sha256_hex(&serde_json::to_vec(&identity).expect("serialisable"))
     }
 
-    /// Classes per shard: `classes_per_shard` as written, else the default for `ipc`.
+    /// Classes per shard for workers of the default policy: `classes_per_shard` as written,
+    /// else the default for `ipc` at [`DEFAULT_MAX_BATCH`] rows.
     pub fn shard_size(&self) -> usize {
-        self.classes_per_shard.unwrap_or_else(|| default_classes_per_shard(self.ipc, DEFAULT_MAX_BATCH)).max(1)
+        self.shard_size_for(crate::batch::PlannedRows::Default)
+    }
+
+    /// Classes per shard: `classes_per_shard` as written, else the default for `ipc` at the
+    /// planned DiT rows.
+    pub fn shard_size_for(&self, planned: crate::batch::PlannedRows) -> usize {
+        self.classes_per_shard.unwrap_or_else(|| default_classes_per_shard(self.ipc, planned.dit_rows())).max(1)
     }
 
     /// Contiguous shards of [`JobSpec::shard_size`] classes.
     pub fn plan_shards(&self, classes: usize) -> Vec<(usize, usize)> {
-        let size = self.shard_size();
+        self.plan_shards_for(classes, crate::batch::PlannedRows::Default)
+    }
+
+    /// Contiguous shards of [`JobSpec::shard_size_for`] `planned` classes.
+    pub fn plan_shards_for(&self, classes: usize, planned: crate::batch::PlannedRows) -> Vec<(usize, usize)> {
+        let size = self.shard_size_for(planned);
         (0..classes).step_by(size).map(|from| (from, (from + size).min(classes))).collect()
     }
 }
@@ -1166,6 +1179,10 @@ vae_decoder = "m/dec.onnx"
         assert_eq!(spec.classes_per_shard, None);
         assert_eq!(spec.shard_size(), default_classes_per_shard(spec.ipc, DEFAULT_MAX_BATCH));
         assert_eq!(spec.plan_shards(10), [(0, 4), (4, 8), (8, 10)]);
+        // Sized by what the workers report: at 512 rows (256 samples), IPC 10 fills 26 classes.
+        let big = crate::batch::PlannedRows::Reported { dit_rows: 512, workers: 2 };
+        assert_eq!(spec.shard_size_for(big), 26);
+        assert_eq!(spec.plan_shards_for(30, big), [(0, 26), (26, 30)]);
         let set = JobSpec::from_toml(&format!("classes_per_shard = 3\n{SPEC}")).unwrap();
         assert_eq!(set.plan_shards(7), [(0, 3), (3, 6), (6, 7)]);
     }

@@ -24,6 +24,9 @@ pub struct Registration {
     /// A random id drawn once per worker process (empty from workers that predate it): a second
     /// live process registering under the same worker id has another.
     pub instance: String,
+    /// Its batch policy (`None` from workers that predate it): jobs submitted later have their
+    /// shards sized by the largest `dit_rows` of the registered workers.
+    pub batch_policy: Option<crate::batch::BatchPolicy>,
 }
 
 /// A running job a worker will get no lease of, and why.

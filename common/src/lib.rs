@@ -3,6 +3,7 @@
 //! URLs, per-sample seeding, ImageNet class lists and the tracing set-up of both binaries.
 
 pub mod aws;
+pub mod batch;
 pub mod classes;
 pub mod commit;
 pub mod imagefolder;

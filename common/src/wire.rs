@@ -5,6 +5,7 @@
 //! Enums arrive as `i32` on the wire; a value this build does not know (a newer coordinator) is
 //! a [`WireError`] naming the field, never a silent default.
 
+use crate::batch::BatchPolicy;
 use crate::job::ClassRef;
 use crate::lease::{Completion, Disposition, Exclusion, Failure, Registration, RunningLease};
 use crate::proto;
@@ -40,6 +41,33 @@ impl From<proto::RegisterWorkerRequest> for Registration {
             model_fingerprints: r.model_fingerprints.into_iter().collect(),
             pid: r.pid,
             instance: r.instance,
+            batch_policy: r.batch_policy.map(BatchPolicy::from),
+        }
+    }
+}
+
+impl From<proto::BatchPolicy> for BatchPolicy {
+    fn from(p: proto::BatchPolicy) -> Self {
+        let n = |v: u32| v as usize;
+        BatchPolicy {
+            dit_rows: n(p.dit_rows),
+            encode_images: n(p.encode_images),
+            decode_images: n(p.decode_images),
+            encode_chunk: n(p.encode_chunk),
+            queue_depth: n(p.queue_depth),
+        }
+    }
+}
+
+impl From<BatchPolicy> for proto::BatchPolicy {
+    fn from(p: BatchPolicy) -> Self {
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        proto::BatchPolicy {
+            dit_rows: n(p.dit_rows),
+            encode_images: n(p.encode_images),
+            decode_images: n(p.decode_images),
+            encode_chunk: n(p.encode_chunk),
+            queue_depth: n(p.queue_depth),
         }
     }
 }
@@ -54,6 +82,7 @@ impl From<Registration> for proto::RegisterWorkerRequest {
             model_fingerprints: r.model_fingerprints.into_iter().collect(),
             pid: r.pid,
             instance: r.instance,
+            batch_policy: r.batch_policy.map(proto::BatchPolicy::from),
         }
     }
 }
@@ -458,6 +487,7 @@ mod tests {
             model_fingerprints: [("/m/dit.onnx".to_owned(), "sha256:ab".to_owned())].into(),
             pid: 4242,
             instance: "5f0c".into(),
+            batch_policy: Some(BatchPolicy { dit_rows: 512, decode_images: 16, ..Default::default() }),
         };
         assert_eq!(Registration::from(proto::RegisterWorkerRequest::from(registration.clone())), registration);
     }

@@ -674,9 +674,18 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Check(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let default_output = args.store.clone().unwrap_or_else(|| "(the coordinator's --store)".to_owned());
-            let resolved = crate::submit::resolve_spec(&text, Path::new(&base), None, &default_output, None)
-                .await
-                .with_context(|| format!("job spec `{}`", args.spec.display()))?;
+            // `check` talks to no coordinator: no worker has reported, so the shards are the
+            // default's (and a note says so).
+            let resolved = crate::submit::resolve_spec(
+                &text,
+                Path::new(&base),
+                None,
+                &default_output,
+                None,
+                mgd3_common::batch::PlannedRows::Default,
+            )
+            .await
+            .with_context(|| format!("job spec `{}`", args.spec.display()))?;
             let job = &resolved.job;
             for note in &resolved.notes {
                 outln!("note: {note}");
@@ -690,7 +699,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 resolved.image_counts.iter().sum::<usize>(),
                 job.spec.ipc,
                 job.shards.len(),
-                job.spec.shard_size().min(job.classes.len())
+                job.spec.shard_size_for(resolved.planned).min(job.classes.len())
             );
             for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
                 outln!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);
@@ -775,6 +784,27 @@ impl RunArgs {
 }
 
 /// `coordinator run`: everything on this machine.
+/// How long `coordinator run` waits for its workers to load their models and register before
+/// it submits the job anyway (its shards then sized for the default DiT rows).
+const REGISTRATION_WAIT: Duration = Duration::from_secs(600);
+
+/// Waits until every local worker has registered with a batch policy, one has exited (its
+/// error is reported once the job runs), or `limit` has passed.
+async fn wait_for_registrations(coordinator: &Coordinator, workers: &mut [tokio::process::Child], limit: Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let reported = match coordinator.planned_rows() {
+            mgd3_common::batch::PlannedRows::Reported { workers, .. } => workers,
+            mgd3_common::batch::PlannedRows::Default => 0,
+        };
+        let exited = workers.iter_mut().any(|w| !matches!(w.try_wait(), Ok(None)));
+        if reported >= workers.len() || exited || started.elapsed() >= limit {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn run_local(args: RunArgs) -> Result<()> {
     let devices = args.worker_devices()?;
     let local_workers = devices.len();
@@ -796,18 +826,6 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;
     let url = local.url.clone();
-    let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
-    for note in &notes {
-        errln!("note: {note}");
-    }
-    errln!(
-        "job {} ({} classes, {} shards) on {} local worker(s); output {}",
-        job.job_id,
-        job.classes.len(),
-        job.shards.len(),
-        local_workers,
-        store
-    );
     // N workers on one machine share its CPUs: each gets its share for decoding and k-means
     // (MGD3_CPU_THREADS, which an explicit --cpu-threads in --worker-arg overrides).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -858,6 +876,21 @@ async fn run_local(args: RunArgs) -> Result<()> {
         }
         workers.push(child);
     }
+    // The job is submitted once the workers have registered (or given up), so that its shards
+    // are sized by the batch policy they report rather than the default.
+    wait_for_registrations(&coordinator, &mut workers, REGISTRATION_WAIT).await;
+    let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
+    for note in &notes {
+        errln!("note: {note}");
+    }
+    errln!(
+        "job {} ({} classes, {} shards) on {} local worker(s); output {}",
+        job.job_id,
+        job.classes.len(),
+        job.shards.len(),
+        local_workers,
+        store
+    );
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
         status = wait_for(&mut client, &job.job_id, &mut progress) => status,

@@ -371,6 +371,8 @@ pub struct Scheduler {
     /// lease id → (job id, shard index)
     leases: HashMap<String, (String, usize)>,
     workers: HashMap<String, u64>,
+    /// The DiT rows per call each worker reported at registration (absent: it did not say).
+    dit_rows: HashMap<String, usize>,
     /// The process behind each worker id.
     processes: HashMap<String, WorkerProcess>,
     /// Workers announced as gone (drained, or silent for three heartbeats), until they poll or
@@ -399,6 +401,7 @@ impl Scheduler {
             order: Vec::new(),
             leases: HashMap::new(),
             workers: HashMap::new(),
+            dit_rows: HashMap::new(),
             processes: HashMap::new(),
             gone: HashMap::new(),
             worker_events: Vec::new(),
@@ -578,6 +581,22 @@ impl Scheduler {
     pub fn register(&mut self, worker_id: &str, now: u64) {
         self.workers.insert(worker_id.to_owned(), now);
         self.gone.remove(worker_id);
+    }
+
+    /// Records the DiT rows per call a registered worker reported (its batch policy).
+    pub fn report_dit_rows(&mut self, worker_id: &str, dit_rows: usize) {
+        self.dit_rows.insert(worker_id.to_owned(), dit_rows);
+    }
+
+    /// What a job submitted now sizes its shards for: the largest DiT rows reported by the
+    /// workers that are registered and not gone, or the default when none reported.
+    pub fn planned_rows(&self) -> mgd3_common::batch::PlannedRows {
+        mgd3_common::batch::PlannedRows::from_reports(
+            self.dit_rows
+                .iter()
+                .filter(|(id, _)| self.workers.contains_key(*id) && !self.gone.contains_key(*id))
+                .map(|(_, rows)| *rows),
+        )
     }
 
     /// Announces the workers that have been silent for more than three heartbeats at `now` (each
@@ -1457,5 +1476,23 @@ mod tests {
         let mut plain = Scheduler::new(1000, "e3");
         plain.add_job(job("j", 1, 1, 1), None, &HashSet::from([0]), 0);
         assert_eq!(poll(&mut plain, "w", &[], false, 1).0, PollDecision::Wait(1000));
+    }
+
+    #[test]
+    fn jobs_are_planned_for_the_largest_rows_of_the_workers_present() {
+        use mgd3_common::batch::PlannedRows;
+        let mut s = Scheduler::new(1000, "e");
+        assert_eq!(s.planned_rows(), PlannedRows::Default);
+        s.register("old", 0);
+        assert_eq!(s.planned_rows(), PlannedRows::Default, "a worker that did not report");
+        s.register("a100", 0);
+        s.report_dit_rows("a100", 256);
+        s.register("h200", 0);
+        s.report_dit_rows("h200", 512);
+        assert_eq!(s.planned_rows(), PlannedRows::Reported { dit_rows: 512, workers: 2 });
+        // A worker silent for three heartbeats no longer counts.
+        s.register("a100", 5000);
+        s.note_departures(5000);
+        assert_eq!(s.planned_rows(), PlannedRows::Reported { dit_rows: 256, workers: 1 });
     }
 }

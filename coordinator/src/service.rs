@@ -461,6 +461,11 @@ impl Coordinator {
         self.inner.scheduler.lock().expect("scheduler").drain_when_done();
     }
 
+    /// What a job submitted now would size its shards for (see [`Scheduler::planned_rows`]).
+    pub fn planned_rows(&self) -> mgd3_common::batch::PlannedRows {
+        self.inner.scheduler.lock().expect("scheduler").planned_rows()
+    }
+
     /// Resolves a spec (paths against `base_dir`, class list, model fingerprints, shards); a job
     /// without `output` writes into this coordinator's store.
     ///
@@ -469,7 +474,8 @@ impl Coordinator {
     /// paths outside the allowed folders; store and model-file errors.
     pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
         let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
-        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref()).await
+        let planned = self.inner.scheduler.lock().expect("scheduler").planned_rows();
+        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref(), planned).await
     }
 
     /// Submits a job; submitting the same spec again returns the existing job. Returns the job
@@ -820,7 +826,11 @@ impl Coordinator {
             }
         }
         scheduler.register(&request.worker_id, now_ms());
-        info!(worker = %request.worker_id, host = %request.hostname, devices = ?request.devices, "worker registered");
+        if let Some(policy) = &request.batch_policy {
+            scheduler.report_dit_rows(&request.worker_id, policy.dit_rows);
+        }
+        let policy = request.batch_policy.map(|p| p.to_string()).unwrap_or_else(|| "not reported".into());
+        info!(worker = %request.worker_id, host = %request.hostname, devices = ?request.devices, batch = %policy, "worker registered");
         let heartbeat_interval_ms = scheduler.heartbeat_ms();
         drop(scheduler);
         for id in changed {

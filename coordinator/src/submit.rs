@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use mgd3_common::batch::PlannedRows;
 use mgd3_common::imagefolder::Root;
 use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id};
 use mgd3_common::modelmeta::ModelFilesError;
@@ -24,6 +25,8 @@ pub struct Resolved {
     pub image_counts: Vec<usize>,
     /// What a person should know about the dataset (skipped hidden folders, non-image entries).
     pub notes: Vec<String>,
+    /// The DiT rows the shards were sized for, and where the number came from.
+    pub planned: PlannedRows,
 }
 
 /// Resolves a spec as submit does, without a coordinator: paths against `base_dir`, validation,
@@ -38,6 +41,7 @@ pub async fn resolve_spec(
     explicit_id: Option<String>,
     default_output: &str,
     allowed: Option<&[std::path::PathBuf]>,
+    planned: PlannedRows,
 ) -> Result<Resolved> {
     let mut spec = JobSpec::from_toml(spec_toml)?;
     spec.resolve_paths(base_dir);
@@ -78,13 +82,19 @@ pub async fn resolve_spec(
     spec.models.vae_encoder = urls.vae_encoder;
     spec.models.vae_decoder = urls.vae_decoder;
     let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
-    let shards = spec.plan_shards(data.classes.len());
+    let shards = spec.plan_shards_for(data.classes.len(), planned);
     let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
     for note in &data.notes {
         info!(job = %job_id, "{note}");
     }
+    let mut notes = data.notes;
+    if spec.classes_per_shard.is_none() {
+        // How the default shard size came about: a person sizing shards by hand, or wondering
+        // why shards are small on big GPUs, reads it at check and submit.
+        notes.push(planned.to_string());
+    }
     let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
-    Ok(Resolved { job, image_counts: data.image_counts, notes: data.notes })
+    Ok(Resolved { job, image_counts: data.image_counts, notes, planned })
 }
 
 /// How many classes' skipped links are told by name at submit and `check`.

@@ -8,7 +8,7 @@ use ndarray::{Array4, ArrayView4};
 
 use crate::contract::Precision;
 use crate::error::Result;
-use crate::model::{BatchInput, LoadedModel};
+use crate::model::{BatchInput, CallLimit, LoadedModel};
 use crate::session::SessionConfig;
 
 /// What the DiT declares about itself (shapes and `mgd3.*` metadata).
@@ -75,8 +75,15 @@ impl Dit {
             beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
             precision,
         };
+        let mut model = model;
+        let x = Array4::<f32>::zeros((1, c, h, w));
+        model.probe(&[
+            BatchInput::Float("x", x.view(), precision),
+            BatchInput::Int("t", &[0]),
+            BatchInput::Int("y", &[0]),
+        ])?;
         tracing::debug!(model = %path.display(), classes = info.num_classes, latent = ?info.latent_shape,
-            precision = ?info.precision, "loaded DiT");
+            precision = ?info.precision, limit = ?model.limit(), "loaded DiT");
         tracing::debug!(?info, "DiT metadata");
         Ok(Dit { model, info })
     }
@@ -86,14 +93,26 @@ impl Dit {
         &self.info
     }
 
+    /// How many rows a call carries now, and why (policy, element ceiling, backoff).
+    pub fn call_limit(&self) -> CallLimit {
+        self.model.limit()
+    }
+
+    /// Forgets out-of-memory backoff (at the start of a shard).
+    pub fn reset_backoff(&mut self) {
+        self.model.reset_backoff();
+    }
+
     /// Runs the DiT on `x` `[B,C,h,w]` (scaled latent space) with per-item original timesteps `t`
     /// and labels `y` (`num_classes` = null class); returns `out` `[B,2C,h,w]` with learned sigma,
-    /// else `[B,C,h,w]`, f32. Batches above `max_batch` run in chunks.
+    /// else `[B,C,h,w]`, f32. Batches run in calls of [`Dit::call_limit`] rows, with the same
+    /// result as one call.
     ///
     /// # Errors
     /// [`crate::Error::BadInput`] for a wrong `x` shape, a timestep outside 0..T, a label outside
     /// 0..=`num_classes`, `t` or `y` of another length than the batch, or an empty batch;
-    /// [`crate::Error::Ort`] when the run fails.
+    /// [`crate::Error::OutOfMemory`] when one row does not fit; [`crate::Error::Ort`] when the
+    /// run fails.
     pub fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>> {
         let [c, h, w] = self.info.latent_shape;
         if x.shape()[1..] != [c, h, w] {

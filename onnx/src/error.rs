@@ -104,6 +104,25 @@ pub enum Error {
         fp16: bool,
     },
 
+    /// A call ran out of memory (or past a kernel's element range) even at one item per call:
+    /// out-of-memory backoff halved the batch down to 1 and that failed too.
+    #[error(
+        "model `{model}` ran out of memory on {device} at 1 item per call{}: free the device (another process \
+         may hold it), raise --gpu-memory-limit, or use a smaller or float16 model",
+        match .requested_bytes { Some(b) => format!(" (ONNX Runtime asked for {b} bytes)"), None => String::new() }
+    )]
+    OutOfMemory {
+        /// The model file.
+        model: PathBuf,
+        /// The device it runs on.
+        device: String,
+        /// The allocation ONNX Runtime reported failing, when its message says.
+        requested_bytes: Option<u64>,
+        /// ONNX Runtime's error.
+        #[source]
+        source: ort::Error,
+    },
+
     /// A device string other than `cpu`, `cuda` or `cuda:N` (N ≥ 0).
     #[error("invalid device `{0}` (expected `cpu`, `cuda` or `cuda:N`)")]
     BadDevice(String),

@@ -9,11 +9,12 @@
 pub mod contract;
 pub mod dit;
 pub mod error;
-mod model;
+pub mod model;
 pub mod session;
 pub mod vae;
 
 pub use dit::{Dit, DitInfo};
 pub use error::{Error, Result};
+pub use model::CallLimit;
 pub use session::{Device, SessionConfig, init_runtime};
 pub use vae::{VaeDecoder, VaeEncoder, VaeInfo};

@@ -1,8 +1,12 @@
-//! A loaded, contract-checked session and the chunked `run` shared by the DiT and VAE wrappers:
-//! inputs are f32 (or i64) ndarrays, split into `max_batch` chunks, cast to f16 where the model
-//! wants it, and the named outputs come back as owned f32 arrays.
+//! A loaded, contract-checked session and the bounded `run` shared by the DiT and VAE wrappers:
+//! inputs are f32 (or i64) ndarrays, split into calls no larger than the batch policy, the
+//! per-call element ceiling (the model's largest tensor per item, measured by a one-item probe
+//! with ONNX Runtime's profiler at load) and out-of-memory backoff allow, cast to f16 where the
+//! model wants it, and the named outputs come back as owned f32 arrays. Chunking never changes
+//! a result: each item is computed alone.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
 use ndarray::{Array4, ArrayView4, Axis, Ix4, concatenate, s};
@@ -11,7 +15,7 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::contract::{ModelIo, Precision};
 use crate::error::{Error, Result};
-use crate::session::{SessionConfig, build_session};
+use crate::session::{SessionConfig, build_session_profiled};
 
 /// One batched input of a run.
 pub(crate) enum BatchInput<'a> {
@@ -43,6 +47,22 @@ impl BatchInput<'_> {
     }
 }
 
+/// How many items a model's call carries, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallLimit {
+    /// Items per call now: the least of the three below.
+    pub items: usize,
+    /// What the batch policy allows ([`SessionConfig::max_batch`]).
+    pub policy: usize,
+    /// What keeps the largest tensor within [`SessionConfig::max_call_elements`], from the
+    /// probe at load (`usize::MAX` when the probe could not measure it).
+    pub ceiling: usize,
+    /// Where out-of-memory backoff has brought it in this shard (`usize::MAX`: no backoff).
+    pub backoff: usize,
+    /// Elements of the model's largest tensor per item, measured at load (0: not measured).
+    pub item_elements: u64,
+}
+
 /// A session with the contract view of its model.
 pub(crate) struct LoadedModel {
     /// The ONNX Runtime session.
@@ -51,16 +71,134 @@ pub(crate) struct LoadedModel {
     pub io: ModelIo,
     /// The model file, named in every error.
     pub path: PathBuf,
-    /// Largest batch per `run` call (at least 1).
-    pub max_batch: usize,
+    /// How calls are bounded (policy, element ceiling, backoff).
+    limit: CallLimit,
+    /// The element ceiling the limit was computed from.
+    max_call_elements: u64,
+    /// The device, named in out-of-memory errors.
+    device: String,
+    /// Test seam: calls above this many items fail as out of memory.
+    fault_oom_above: Option<usize>,
+    /// The profiler's file prefix while the load-time probe is pending.
+    probe_prefix: Option<PathBuf>,
+}
+
+/// What an ONNX Runtime failure of a call says about memory: `Some(requested bytes)` when an
+/// allocation failed (CUDA or CPU arena) or a tensor exceeded a kernel's 32-bit element range,
+/// both cured by a smaller call.
+fn allocation_failure(message: &str) -> Option<Option<u64>> {
+    const MARKERS: [&str; 6] = [
+        "Failed to allocate memory",
+        "out of memory",
+        "cudaErrorMemoryAllocation",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "CUDNN_STATUS_ALLOC_FAILED",
+        "exceeds int range",
+    ];
+    if !MARKERS.iter().any(|m| message.contains(m)) {
+        return None;
+    }
+    let requested = message
+        .split("buffer of size ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok());
+    Some(requested)
 }
 
 impl LoadedModel {
-    /// Builds the session for `path` and reads its contract view.
+    /// Builds the session for `path` (with the profiler on, for [`LoadedModel::probe`]) and
+    /// reads its contract view.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
-        let session = build_session(path, config)?;
-        let io = ModelIo::read(path, &session)?;
-        Ok(LoadedModel { session, io, path: path.to_owned(), max_batch: config.max_batch.max(1) })
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        if PROBES.load(Ordering::Relaxed) == 0 {
+            remove_orphaned_profiles();
+        }
+        let prefix = std::env::temp_dir().join(format!(
+            "mgd3-probe-{}-{}",
+            std::process::id(),
+            PROBES.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut session = build_session_profiled(path, config, Some(&prefix))?;
+        let io = match ModelIo::read(path, &session) {
+            Ok(io) => io,
+            Err(error) => {
+                // The profiler's file exists from the session's start: leave none behind.
+                if let Ok(file) = session.end_profiling() {
+                    let _ = std::fs::remove_file(file);
+                }
+                return Err(error);
+            }
+        };
+        let policy = config.max_batch.max(1);
+        Ok(LoadedModel {
+            session,
+            io,
+            path: path.to_owned(),
+            limit: CallLimit { items: policy, policy, ceiling: usize::MAX, backoff: usize::MAX, item_elements: 0 },
+            max_call_elements: config.max_call_elements.max(1),
+            device: config.device.to_string(),
+            fault_oom_above: config.fault_oom_above,
+            probe_prefix: Some(prefix),
+        })
+    }
+
+    /// Measures the model's largest tensor per item: runs one item (`inputs`, batch 1) with the
+    /// profiler on, reads every node's input and output shapes from its report, and bounds
+    /// later calls by [`SessionConfig::max_call_elements`]. Call once, right after the contract
+    /// checks. A profile that cannot be read leaves the ceiling unmeasured (logged at WARN):
+    /// the policy and out-of-memory backoff still bound the calls.
+    pub fn probe(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
+        let Some(prefix) = self.probe_prefix.take() else { return Ok(()) };
+        let context = format!("probing `{}` with one item", self.path.display());
+        let values =
+            inputs.iter().map(|i| i.chunk(0, 1)).collect::<Result<Vec<_>, _>>().map_err(Error::ort(context.clone()))?;
+        let values: Vec<(String, SessionInputValue<'_>)> =
+            values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+        let run = self.session.run(values).map(drop);
+        let report = self.session.end_profiling();
+        run.map_err(Error::ort(context))?;
+        let measured = report.map_err(|e| e.to_string()).and_then(|file| {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"));
+            let _ = std::fs::remove_file(&file);
+            text.and_then(|t| largest_tensor_elements(&t).ok_or_else(|| format!("{file}: no tensor shapes")))
+        });
+        drop(prefix);
+        match measured {
+            Ok(elements) => {
+                self.limit.item_elements = elements;
+                self.limit.ceiling =
+                    usize::try_from((self.max_call_elements / elements.max(1)).max(1)).unwrap_or(usize::MAX);
+                self.limit.items = self.limit.policy.min(self.limit.ceiling);
+                tracing::debug!(model = %self.path.display(), item_elements = elements, limit = ?self.limit, "measured the largest tensor per item");
+                if self.limit.ceiling < self.limit.policy {
+                    tracing::info!(
+                        model = %self.path.display(),
+                        items = self.limit.items,
+                        policy = self.limit.policy,
+                        item_elements = elements,
+                        "calls of this model carry at most {} items: its largest tensor holds {elements} elements per item, and a call stays within {} elements",
+                        self.limit.ceiling,
+                        self.max_call_elements
+                    );
+                }
+            }
+            Err(why) => tracing::warn!(model = %self.path.display(), %why,
+                "could not measure the model's largest tensor per item; its calls are bounded by the batch policy and out-of-memory backoff only"),
+        }
+        Ok(())
+    }
+
+    /// How many items a call carries now, and why.
+    pub fn limit(&self) -> CallLimit {
+        self.limit
+    }
+
+    /// Forgets out-of-memory backoff (at the start of a shard: memory held by others may have
+    /// been freed).
+    pub fn reset_backoff(&mut self) {
+        self.limit.backoff = usize::MAX;
+        self.limit.items = self.limit.policy.min(self.limit.ceiling);
     }
 
     /// An [`Error::BadInput`] about this model.
@@ -68,7 +206,45 @@ impl LoadedModel {
         Error::BadInput { model: self.path.clone(), item: item.into(), expected: expected.into(), got: got.into() }
     }
 
-    /// Runs the model over the whole batch in `max_batch` chunks and concatenates each output.
+    /// One call of items `from..to`; the fault seam fails it as an allocation failure would.
+    fn call(
+        &mut self,
+        inputs: &[BatchInput<'_>],
+        from: usize,
+        to: usize,
+        outputs: &[&str],
+    ) -> Result<Vec<Array4<f32>>, ort::Error> {
+        if let Some(limit) = self.fault_oom_above
+            && to - from > limit
+        {
+            let bytes = (to - from) as u64 * self.limit.item_elements.max(1) * 4;
+            return Err(ort::Error::new(format!(
+                "Failed to allocate memory for requested buffer of size {bytes} (mgd3 fault injection: calls above {limit} items)"
+            )));
+        }
+        let values = inputs.iter().map(|i| i.chunk(from, to)).collect::<Result<Vec<_>, _>>()?;
+        let values: Vec<(String, SessionInputValue<'_>)> =
+            values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+        let result = self.session.run(values)?;
+        let mut out = Vec::with_capacity(outputs.len());
+        for name in outputs {
+            let value = result
+                .get(name)
+                .ok_or_else(|| ort::Error::new(format!("output `{name}` was not produced by the run")))?;
+            out.push(extract_f32(value).map_err(|e| ort::Error::new(format!("output `{name}`: {e}")))?);
+        }
+        Ok(out)
+    }
+
+    /// Runs the model over the whole batch in calls of [`CallLimit::items`] and concatenates
+    /// each output. A call that runs out of memory is retried at half the items (the same
+    /// items, so no sample changes), and the smaller size is kept until
+    /// [`LoadedModel::reset_backoff`].
+    ///
+    /// # Errors
+    /// [`Error::BadInput`] for inputs of different batch sizes or an empty batch;
+    /// [`Error::OutOfMemory`] when a call of one item runs out of memory; [`Error::Ort`] for
+    /// other failures.
     pub fn run(&mut self, inputs: &[BatchInput<'_>], outputs: &[&str]) -> Result<Vec<Array4<f32>>> {
         let batch = inputs.first().map_or(0, BatchInput::batch);
         if let Some(odd) = inputs.iter().find(|i| i.batch() != batch) {
@@ -85,23 +261,31 @@ impl LoadedModel {
         let mut parts: Vec<Vec<Array4<f32>>> = vec![Vec::new(); outputs.len()];
         let mut from = 0;
         while from < batch {
-            let to = (from + self.max_batch).min(batch);
-            let values = inputs
-                .iter()
-                .map(|i| i.chunk(from, to))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(Error::ort(context.clone()))?;
-            let values: Vec<(String, SessionInputValue<'_>)> =
-                values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
-            let result = self.session.run(values).map_err(Error::ort(context.clone()))?;
-            for (slot, name) in parts.iter_mut().zip(outputs) {
-                let value = result.get(name).ok_or_else(|| Error::Contract {
-                    model: self.path.clone(),
-                    item: format!("output `{name}`"),
-                    expected: "to be produced by the run".into(),
-                    found: "nothing".into(),
-                })?;
-                slot.push(extract_f32(value).map_err(Error::ort(format!("{context}: output `{name}`")))?);
+            let to = (from + self.limit.items).min(batch);
+            let chunk = match self.call(inputs, from, to, outputs) {
+                Ok(chunk) => chunk,
+                Err(source) => match allocation_failure(&source.to_string()) {
+                    Some(requested_bytes) if to - from == 1 => {
+                        return Err(Error::OutOfMemory {
+                            model: self.path.clone(),
+                            device: self.device.clone(),
+                            requested_bytes,
+                            source,
+                        });
+                    }
+                    Some(_) => {
+                        let half = ((to - from) / 2).max(1);
+                        self.limit.backoff = half;
+                        self.limit.items = half;
+                        tracing::info!(model = %self.path.display(), device = %self.device, items = half, error = %source,
+                            "a call of {} items ran out of memory: retrying it in calls of {half} for the rest of the shard", to - from);
+                        continue;
+                    }
+                    None => return Err(Error::ort(context)(source)),
+                },
+            };
+            for (slot, output) in parts.iter_mut().zip(chunk) {
+                slot.push(output);
             }
             from = to;
         }
@@ -118,6 +302,58 @@ impl LoadedModel {
             })
             .collect()
     }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        // A model dropped before its probe (its contract check failed) leaves no profile behind.
+        if self.probe_prefix.take().is_some()
+            && let Ok(file) = self.session.end_profiling()
+        {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// Removes the probe profiles of processes that are gone (killed while loading a model, before
+/// the probe read and deleted its file): `mgd3-probe-<pid>-…` in the temp folder whose pid has no
+/// `/proc` entry.
+fn remove_orphaned_profiles() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("mgd3-probe-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() && Path::new("/proc/self").exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The most elements of any tensor (a node's input or output) in an ONNX Runtime profile
+/// (`output_type_shape` / `input_type_shape` of each node event); `None` when it lists none.
+fn largest_tensor_elements(profile: &str) -> Option<u64> {
+    let events: serde_json::Value = serde_json::from_str(profile).ok()?;
+    let mut largest: Option<u64> = None;
+    for event in events.as_array()? {
+        let Some(args) = event.get("args") else { continue };
+        for key in ["output_type_shape", "input_type_shape"] {
+            for tensor in args.get(key).and_then(|v| v.as_array()).into_iter().flatten() {
+                // Each entry is {"<element type>": [dims…]}.
+                for dims in tensor.as_object().into_iter().flat_map(|o| o.values()) {
+                    let Some(dims) = dims.as_array() else { continue };
+                    let elements =
+                        dims.iter().try_fold(1u64, |acc, d| d.as_u64().map(|d| acc.saturating_mul(d.max(1))));
+                    if let Some(elements) = elements {
+                        largest = Some(largest.map_or(elements, |l| l.max(elements)));
+                    }
+                }
+            }
+        }
+    }
+    largest
 }
 
 fn extract_f32(value: &DynValue) -> Result<Array4<f32>, ort::Error> {

@@ -51,21 +51,43 @@ impl fmt::Display for Device {
     }
 }
 
-/// How every session of a worker is built.
+/// The default per-call element ceiling: the largest tensor of any call stays below 2³¹
+/// elements, the range of the 32-bit indices some CUDA kernels use (ORT's Resize fails with
+/// "output element count exceeds int range" beyond it).
+pub const DEFAULT_MAX_CALL_ELEMENTS: u64 = i32::MAX as u64;
+
+/// How a session of a worker is built and how its calls are bounded.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// Where every model runs (default CPU).
     pub device: Device,
     /// Intra-op threads; `None` lets ONNX Runtime use every core.
     pub intra_threads: Option<usize>,
-    /// Largest batch handed to one `run`; bigger inputs are split into chunks of this size
-    /// (default 64).
+    /// Largest batch (items) handed to one `run` of this model, its share of the worker's
+    /// batch policy; bigger inputs are split into chunks (default 64).
     pub max_batch: usize,
+    /// Per-call element ceiling: a call carries at most as many items as keep the model's
+    /// largest tensor (measured per item at load) within this many elements (default
+    /// [`DEFAULT_MAX_CALL_ELEMENTS`]).
+    pub max_call_elements: u64,
+    /// Bytes the CUDA execution provider's arena may hold (`gpu_mem_limit`); `None`: ONNX
+    /// Runtime's default (the whole card). Ignored on the CPU.
+    pub gpu_memory_limit: Option<u64>,
+    /// Fault injection for tests: a call of more items than this fails as ONNX Runtime does
+    /// when an allocation fails, so the out-of-memory backoff can be tested on the CPU.
+    pub fault_oom_above: Option<usize>,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { device: Device::Cpu, intra_threads: None, max_batch: 64 }
+        SessionConfig {
+            device: Device::Cpu,
+            intra_threads: None,
+            max_batch: 64,
+            max_call_elements: DEFAULT_MAX_CALL_ELEMENTS,
+            gpu_memory_limit: None,
+            fault_oom_above: None,
+        }
     }
 }
 
@@ -124,6 +146,16 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
 /// [`Error::ModelNotFound`]; those of [`init_runtime`]; [`Error::CudaUnavailable`];
 /// [`Error::Ort`] when the session cannot be configured or the model cannot be loaded.
 pub fn build_session(path: &Path, config: &SessionConfig) -> Result<Session> {
+    build_session_profiled(path, config, None)
+}
+
+/// [`build_session`] with ONNX Runtime's profiler writing to files named `profile_prefix…`
+/// until `end_profiling` (the load-time probe of the largest tensor per item).
+pub(crate) fn build_session_profiled(
+    path: &Path,
+    config: &SessionConfig,
+    profile_prefix: Option<&Path>,
+) -> Result<Session> {
     if !path.exists() {
         return Err(Error::ModelNotFound(path.to_owned()));
     }
@@ -134,8 +166,15 @@ pub fn build_session(path: &Path, config: &SessionConfig) -> Result<Session> {
     if let Some(threads) = config.intra_threads {
         builder = builder.with_intra_threads(threads).map_err(|e| Error::ort("setting intra-op threads")(e.into()))?;
     }
+    if let Some(prefix) = profile_prefix {
+        builder = builder.with_profiling(prefix).map_err(|e| Error::ort("enabling the profiler")(e.into()))?;
+    }
     if let Device::Cuda(id) = config.device {
-        let cuda = ep::CUDA::default().with_device_id(id).build().error_on_failure();
+        let mut cuda = ep::CUDA::default().with_device_id(id);
+        if let Some(limit) = config.gpu_memory_limit {
+            cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
+        }
+        let cuda = cuda.build().error_on_failure();
         builder = builder
             .with_execution_providers([cuda])
             .map_err(|e| Error::CudaUnavailable { device: config.device.to_string(), source: e.into() })?;

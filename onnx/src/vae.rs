@@ -7,7 +7,7 @@ use ndarray::{Array4, ArrayView4};
 
 use crate::contract::Precision;
 use crate::error::{Error, Result};
-use crate::model::{BatchInput, LoadedModel};
+use crate::model::{BatchInput, CallLimit, LoadedModel};
 use crate::session::SessionConfig;
 
 /// Shapes and metadata of one VAE half.
@@ -95,8 +95,12 @@ impl VaeEncoder {
             scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
             precision,
         };
+        let mut model = model;
+        let [ic, ih, iw] = image_shape;
+        let probe = Array4::<f32>::zeros((1, ic, ih, iw));
+        model.probe(&[BatchInput::Float("image", probe.view(), precision)])?;
         tracing::debug!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
-            precision = ?info.precision, "loaded VAE encoder");
+            precision = ?info.precision, limit = ?model.limit(), "loaded VAE encoder");
         tracing::debug!(?info, "VAE encoder metadata");
         Ok(VaeEncoder { model, info })
     }
@@ -106,12 +110,22 @@ impl VaeEncoder {
         &self.info
     }
 
+    /// How many images a call carries now, and why (policy, element ceiling, backoff).
+    pub fn call_limit(&self) -> CallLimit {
+        self.model.limit()
+    }
+
+    /// Forgets out-of-memory backoff (at the start of a shard).
+    pub fn reset_backoff(&mut self) {
+        self.model.reset_backoff();
+    }
+
     /// Encodes images `[B,c,S,S]` in `[-1, 1]`; returns the unscaled posterior (mean, logvar), each
     /// `[B,C,h,w]` f32. Multiply `mean` by [`VaeInfo::scale_factor`] for diffusion latents.
     ///
     /// # Errors
-    /// [`Error::BadInput`] for images of another shape or an empty batch; [`Error::Ort`] when the
-    /// run fails; [`Error::NonFinite`] when `mean` holds a NaN or an infinity (naming the item).
+    /// [`Error::BadInput`] for images of another shape or an empty batch; [`Error::OutOfMemory`]
+    /// when one image does not fit; [`Error::Ort`] when the run fails; [`Error::NonFinite`] when `mean` holds a NaN or an infinity (naming the item).
     pub fn encode(&mut self, images: ArrayView4<f32>) -> Result<(Array4<f32>, Array4<f32>)> {
         let want = self.info.image_shape;
         if images.shape()[1..] != want {
@@ -156,8 +170,12 @@ impl VaeDecoder {
             scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
             precision,
         };
+        let mut model = model;
+        let [lc, lh, lw] = latent_shape;
+        let probe = Array4::<f32>::zeros((1, lc, lh, lw));
+        model.probe(&[BatchInput::Float("latent", probe.view(), precision)])?;
         tracing::debug!(model = %path.display(), image = ?info.image_shape, latent = ?info.latent_shape,
-            precision = ?info.precision, "loaded VAE decoder");
+            precision = ?info.precision, limit = ?model.limit(), "loaded VAE decoder");
         tracing::debug!(?info, "VAE decoder metadata");
         Ok(VaeDecoder { model, info })
     }
@@ -167,12 +185,22 @@ impl VaeDecoder {
         &self.info
     }
 
+    /// How many images a call carries now, and why (policy, element ceiling, backoff).
+    pub fn call_limit(&self) -> CallLimit {
+        self.model.limit()
+    }
+
+    /// Forgets out-of-memory backoff (at the start of a shard).
+    pub fn reset_backoff(&mut self) {
+        self.model.reset_backoff();
+    }
+
     /// Decodes unscaled latents `[B,C,h,w]` (diffusion latents divided by
     /// [`VaeInfo::scale_factor`]) into images `[B,c,S,S]` of about `[-1, 1]`, f32.
     ///
     /// # Errors
-    /// [`Error::BadInput`] for latents of another shape or an empty batch; [`Error::Ort`] when the
-    /// run fails; [`Error::NonFinite`] when the image holds a NaN or an infinity (naming the item).
+    /// [`Error::BadInput`] for latents of another shape or an empty batch; [`Error::OutOfMemory`]
+    /// when one image does not fit; [`Error::Ort`] when the run fails; [`Error::NonFinite`] when the image holds a NaN or an infinity (naming the item).
     pub fn decode(&mut self, latents: ArrayView4<f32>) -> Result<Array4<f32>> {
         let want = self.info.latent_shape;
         if latents.shape()[1..] != want {

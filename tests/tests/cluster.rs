@@ -1182,3 +1182,39 @@ async fn a_silent_connection_does_not_hold_a_stopping_coordinator() {
     tokio::time::timeout(Duration::from_secs(5), Coordinator::open(&store_url, 100)).await.unwrap().unwrap();
     drop(silent);
 }
+
+/// Shards are sized by the batch policy the registered workers report: a job submitted before
+/// any worker registered gets the default (and a note says so), one submitted after a worker
+/// reported 512 DiT rows fills its calls (IPC 8: 32 classes per shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shards_are_sized_by_the_rows_the_registered_workers_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = |seed: u64| {
+        spec_toml(40, 8, 1, &store_url)
+            .replace("classes_per_shard = 1\n", "")
+            .replace("seed = 5", &format!("seed = {seed}"))
+    };
+    let (early, _, notes) = cluster.coordinator.submit_noted(&spec(1), dir.path(), None).await.unwrap();
+    assert_eq!(early.shards.len(), 10, "40 classes in shards of the default 4");
+    assert!(notes.iter().any(|n| n.contains("default 64 rows") && n.contains("no worker had registered")), "{notes:?}");
+
+    let mut client = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
+    let policy = mgd3_common::batch::BatchPolicy { dit_rows: 512, ..Default::default() };
+    let register = proto::RegisterWorkerRequest {
+        worker_id: "h200".into(),
+        protocol_version: mgd3_common::PROTOCOL_VERSION,
+        batch_policy: Some(policy.into()),
+        ..Default::default()
+    };
+    client.register_worker(register).await.unwrap();
+    let (late, _, notes) = cluster.coordinator.submit_noted(&spec(2), dir.path(), None).await.unwrap();
+    assert_eq!(late.shards, [(0, 32), (32, 40)]);
+    assert!(notes.iter().any(|n| n.contains("512 rows") && n.contains("1 registered worker")), "{notes:?}");
+    // Submitting the early job again keeps its shards: a job's plan never changes.
+    let (again, existed, _) = cluster.coordinator.submit_noted(&spec(1), dir.path(), None).await.unwrap();
+    assert!(existed);
+    assert_eq!(again.shards, early.shards);
+    cluster.shutdown().await;
+}

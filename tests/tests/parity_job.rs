@@ -61,7 +61,7 @@ fn params(case: &Case) -> Value {
 }
 
 /// Runs the case's job with one local worker and returns the job's folder.
-fn run_job(case: &Case, scratch: &Path) -> PathBuf {
+fn run_job(case: &Case, scratch: &Path, env: &[(&str, String)]) -> PathBuf {
     let data = scratch.join("data");
     dataset(&data, CLASSES, 8);
     let out = scratch.join("out");
@@ -103,7 +103,7 @@ vae_decoder = "{}"
     );
     let spec_path = scratch.join("job.toml");
     std::fs::write(&spec_path, spec).unwrap();
-    run_locally_with(&spec_path, &[], &[&format!("--max-batch={MAX_BATCH}")]);
+    run_locally_with(&spec_path, env, &[&format!("--max-batch={MAX_BATCH}")]);
     let mut jobs: Vec<PathBuf> = std::fs::read_dir(out.join("jobs")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(jobs.len(), 1, "one job in {}", out.display());
     jobs.pop().unwrap()
@@ -132,9 +132,9 @@ fn write_inputs(case: &Case, job: &Path) {
     eprintln!("wrote the inputs of {}; now run scripts/parity_reference_job.py", dir.display());
 }
 
-fn run_case(case: &Case) {
+fn run_case(case: &Case, env: &[(&str, String)]) {
     let scratch = tempfile::tempdir().unwrap();
-    let job = run_job(case, scratch.path());
+    let job = run_job(case, scratch.path(), env);
     if std::env::var_os("MGD3_WRITE_PARITY_JOB_INPUTS").is_some() {
         write_inputs(case, &job);
         return;
@@ -178,32 +178,47 @@ fn run_case(case: &Case) {
     assert_eq!(checked, CLASSES * IPC * 16 * 16 * 3);
 }
 
+const DDPM: Case = Case {
+    name: "ddpm",
+    seed: 11,
+    sampler: "ddpm",
+    eta: 0.0,
+    steps: 50,
+    t_stop: 25,
+    guidance_scale: 0.1,
+    cfg_scale: 4.0,
+    cfg_channels: 3,
+};
+
+/// The same job whose every model call is cut small by the per-call element ceiling and hits
+/// out-of-memory faults above one item (backoff to calls of one): the same reference PNGs.
+#[test]
+fn a_job_under_a_small_ceiling_and_out_of_memory_writes_the_reference_pngs() {
+    if std::env::var_os("MGD3_WRITE_PARITY_JOB_INPUTS").is_some() {
+        return;
+    }
+    run_case(&DDPM, &[("MGD3_MAX_CALL_ELEMENTS", "20000".into()), ("MGD3_FAULT_OOM_ABOVE", "1".into())]);
+}
+
 #[test]
 fn a_ddpm_job_writes_the_reference_pngs() {
-    run_case(&Case {
-        name: "ddpm",
-        seed: 11,
-        sampler: "ddpm",
-        eta: 0.0,
-        steps: 50,
-        t_stop: 25,
-        guidance_scale: 0.1,
-        cfg_scale: 4.0,
-        cfg_channels: 3,
-    });
+    run_case(&DDPM, &[]);
 }
 
 #[test]
 fn a_ddim_job_writes_the_reference_pngs() {
-    run_case(&Case {
-        name: "ddim",
-        seed: 12,
-        sampler: "ddim",
-        eta: 0.5,
-        steps: 25,
-        t_stop: 10,
-        guidance_scale: 0.1,
-        cfg_scale: 4.0,
-        cfg_channels: 4,
-    });
+    run_case(
+        &Case {
+            name: "ddim",
+            seed: 12,
+            sampler: "ddim",
+            eta: 0.5,
+            steps: 25,
+            t_stop: 10,
+            guidance_scale: 0.1,
+            cfg_scale: 4.0,
+            cfg_channels: 4,
+        },
+        &[],
+    );
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use image::{ImageFormat, RgbImage};
 use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
-use mgd3_worker::models::{ClassSpec, ClassTimings, ModelPaths};
+use mgd3_worker::models::{ClassSpec, ClassTimings, ModelPaths, Runtime};
 use mgd3_worker::pipeline::Engine;
 
 fn env_or(key: &str, default: PathBuf) -> PathBuf {
@@ -59,8 +59,9 @@ fn main() {
     println!("mgd3 engine benchmark: DiT {}, device {device}, class {class}, IPC {ipc}, 50 steps", paths.dit.display());
 
     // One full class, batched.
-    let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch: 64 };
-    let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
+    let session =
+        SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch: 64, ..Default::default() };
+    let mut engine = Engine::load(&paths, &Runtime::uniform(session), SamplingSpec::default(), 0).unwrap();
     let started = Instant::now();
     let output = engine
         .distill_class(&mgd3_worker::data::Dataset::open(&data.display().to_string()).unwrap(), &spec, false)
@@ -85,8 +86,9 @@ fn main() {
     let labels = vec![0i64; ipc];
     let mut rates = vec![];
     for max_batch in [2, 2 * ipc.min(32)] {
-        let session = SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch };
-        let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
+        let session =
+            SessionConfig { device: device.parse().unwrap(), intra_threads: None, max_batch, ..Default::default() };
+        let mut engine = Engine::load(&paths, &Runtime::uniform(session), SamplingSpec::default(), 0).unwrap();
         let mut timings = ClassTimings::default();
         let started = Instant::now();
         engine.sample_latents(&class, &labels, modes.view(), noise.view(), &mut timings).unwrap();
@@ -94,7 +96,7 @@ fn main() {
         rates.push(ipc as f64 / secs);
         println!(
             "sampling, {:>2} samples per DiT call: {:>8.2} images/s ({} DiT calls)",
-            max_batch / 2,
+            engine.samples_per_call(),
             ipc as f64 / secs,
             timings.dit_calls
         );

@@ -18,7 +18,7 @@ use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::{CpuPool, available_cpus};
 use mgd3_worker::data::{self, Dataset};
 use mgd3_worker::mgd3::modes::{find_modes, squared_distance};
-use mgd3_worker::models::{ClassSpec, ModelPaths};
+use mgd3_worker::models::{ClassSpec, ModelPaths, Runtime};
 use mgd3_worker::pipeline::Engine;
 use mgd3_worker::pipeline::{ClassResult, ClassSink, ShardOptions, ShardStats};
 use ndarray::{Array2, Array4};
@@ -79,7 +79,7 @@ fn engine(models: &Path, threads: usize, pool: &CpuPool) -> Engine {
         vae_decoder: models.join("vae_decoder.onnx"),
     };
     let session = SessionConfig { intra_threads: Some(threads), max_batch: 64, ..Default::default() };
-    let mut engine = Engine::load(&paths, &session, SamplingSpec::default(), 0).unwrap();
+    let mut engine = Engine::load(&paths, &Runtime::uniform(session), SamplingSpec::default(), 0).unwrap();
     engine.set_cpu_pool(pool.clone());
     engine
 }

@@ -12,12 +12,13 @@ use ndarray_npy::ReadNpyExt;
 
 use crate::client::WorkerConfig;
 use crate::models::{
-    ClassSpec, ClassTimings, EngineError, ModelPaths, SampleBatch, check_guidance, decode_png, sample_in_batches,
-    sampler_of, schedule_for_sampler,
+    ClassSpec, ClassTimings, EngineError, ModelPaths, Runtime, SampleBatch, check_guidance, decode_png,
+    sample_in_batches, sampler_of, schedule_for_sampler,
 };
 use crate::pipeline::Engine;
 use crate::shard::{FakeEngine, OnnxShardEngine, ShardEngine};
 use crate::sink::{npy_bytes, write_file};
+use mgd3_common::batch::BatchPolicy;
 use mgd3_common::job::{InvalidSetting, SamplerKind, SamplingSpec};
 
 /// The `worker` command line, parsed by clap.
@@ -109,9 +110,33 @@ pub struct RuntimeArgs {
     /// `cpu`, `cuda` or `cuda:N`. A CUDA device that cannot be used is an error.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
-    /// Largest batch per model call (a DiT call holds max_batch/2 cond+uncond pairs).
-    #[arg(long, default_value_t = mgd3_common::job::DEFAULT_MAX_BATCH)]
-    pub max_batch: usize,
+    /// Rows per DiT call (a call holds rows/2 cond+uncond sample pairs); `--max-batch` is the
+    /// same flag's older name. Before the VAE had its own flag, it set the VAE batch too: it
+    /// still does unless --vae-batch is given, capped at 64 images.
+    #[arg(long = "dit-rows", visible_alias = "max-batch", default_value_t = mgd3_common::batch::DEFAULT_DIT_ROWS)]
+    pub dit_rows: usize,
+    /// Images per VAE call, encoder and decoder (default: --dit-rows, at most 64). Each call is
+    /// also kept under the per-call element ceiling measured from the model at load.
+    #[arg(long)]
+    pub vae_batch: Option<usize>,
+    /// Images per VAE encoder call (default: --vae-batch).
+    #[arg(long)]
+    pub vae_encode_batch: Option<usize>,
+    /// Images per VAE decoder call (default: --vae-batch).
+    #[arg(long)]
+    pub vae_decode_batch: Option<usize>,
+    /// Device memory the CUDA execution provider's arena may hold: bytes (`24000000000`, `24GB`,
+    /// `22GiB`) or a fraction of the card's memory (`0.8`, `80%`). Default: ONNX Runtime's (the
+    /// whole card). CUDA only.
+    #[arg(long)]
+    pub gpu_memory_limit: Option<MemoryLimit>,
+    /// For tests: the per-call element ceiling (default 2³¹ − 1: the largest tensor of a call
+    /// stays within 32-bit indexing).
+    #[arg(long, env = "MGD3_MAX_CALL_ELEMENTS", hide = true)]
+    pub max_call_elements: Option<u64>,
+    /// For tests: calls of more items than this fail as if out of memory (out-of-memory backoff).
+    #[arg(long, env = "MGD3_FAULT_OOM_ABOVE", hide = true)]
+    pub fault_oom_above: Option<usize>,
     /// ONNX Runtime intra-op threads (default: the CPUs this process may use, as --cpu-threads).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -147,6 +172,91 @@ impl RuntimeArgs {
         init_runtime(self.ort_lib.as_deref())?;
         Ok(config)
     }
+
+    /// The batch policy the flags ask for (checked by [`RuntimeArgs::runtime`]).
+    pub fn batch_policy(&self) -> BatchPolicy {
+        let vae = self.vae_batch.unwrap_or(self.dit_rows.min(mgd3_common::batch::DEFAULT_VAE_BATCH));
+        BatchPolicy {
+            dit_rows: self.dit_rows,
+            encode_images: self.vae_encode_batch.unwrap_or(vae),
+            decode_images: self.vae_decode_batch.unwrap_or(vae),
+            ..BatchPolicy::default()
+        }
+    }
+
+    /// [`RuntimeArgs::session_config`] with the batch policy: what the worker's models run with.
+    /// Logs the policy in one line.
+    ///
+    /// # Errors
+    /// As [`RuntimeArgs::session_config`]; a batch flag of 0.
+    pub fn runtime(&self) -> Result<Runtime> {
+        let policy = self.batch_policy();
+        if let Some(flag) = policy.problems().first() {
+            bail!("{flag} must be at least 1");
+        }
+        let session = self.session_config()?;
+        tracing::debug!(device = %session.device, limit_bytes = ?session.gpu_memory_limit, "batch policy: {policy}");
+        Ok(Runtime { session, policy })
+    }
+}
+
+/// `--gpu-memory-limit`: bytes, or a fraction of the card's memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryLimit {
+    /// This many bytes.
+    Bytes(u64),
+    /// This fraction (0, 1] of the card's total memory.
+    Fraction(f64),
+}
+
+impl std::str::FromStr for MemoryLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let bad = || {
+            format!(
+                "`{s}` is not a memory size: give bytes (24000000000, 24GB, 22GiB) or a fraction of the card (0.8, 80%)"
+            )
+        };
+        if let Some(percent) = t.strip_suffix('%') {
+            let p: f64 = percent.trim().parse().map_err(|_| bad())?;
+            return if p > 0.0 && p <= 100.0 { Ok(MemoryLimit::Fraction(p / 100.0)) } else { Err(bad()) };
+        }
+        let (number, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+        let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        let value: f64 = number.trim().parse().map_err(|_| bad())?;
+        if unit.is_empty() && value > 0.0 && value <= 1.0 && number.contains('.') {
+            return Ok(MemoryLimit::Fraction(value));
+        }
+        if value.is_nan() || value < 1.0 || !value.is_finite() {
+            return Err(bad());
+        }
+        Ok(MemoryLimit::Bytes((value * multiplier as f64) as u64))
+    }
+}
+
+/// Total memory of CUDA device `id` in bytes, from `nvidia-smi` (present wherever the NVIDIA
+/// driver is).
+fn cuda_total_memory(id: i32) -> Result<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={id}")])
+        .output()
+        .context("running nvidia-smi to read the card's memory for a fractional --gpu-memory-limit")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mib: u64 = text.trim().parse().with_context(|| {
+        format!("nvidia-smi gave `{}` for cuda:{id}'s memory; give --gpu-memory-limit in bytes", text.trim())
+    })?;
+    Ok(mib << 20)
 }
 
 impl TryFrom<&RuntimeArgs> for SessionConfig {
@@ -162,14 +272,32 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
         // ONNX Runtime's own default is every core of the machine, which under Slurm or a cgroup
         // quota oversubscribes the CPUs this process was given.
         let intra_threads = Some(args.threads.unwrap_or_else(crate::cpu::available_cpus));
-        Ok(SessionConfig { device: args.device, intra_threads, max_batch: args.max_batch })
+        let gpu_memory_limit = match (args.gpu_memory_limit, args.device) {
+            (None, _) => None,
+            (Some(_), Device::Cpu) => {
+                bail!("--gpu-memory-limit bounds the CUDA execution provider's memory; this worker runs on the cpu")
+            }
+            (Some(MemoryLimit::Bytes(bytes)), Device::Cuda(_)) => Some(bytes),
+            (Some(MemoryLimit::Fraction(f)), Device::Cuda(id)) => Some((cuda_total_memory(id)? as f64 * f) as u64),
+        };
+        Ok(SessionConfig {
+            device: args.device,
+            intra_threads,
+            max_batch: args.dit_rows,
+            max_call_elements: args.max_call_elements.unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
+            gpu_memory_limit,
+            fault_oom_above: args.fault_oom_above,
+        })
     }
 }
 
 impl RuntimeArgs {
     fn check(&self) -> Result<()> {
-        if self.max_batch == 0 {
-            bail!("--max-batch must be at least 1");
+        if let Some(flag) = self.batch_policy().problems().first() {
+            bail!("{flag} must be at least 1");
+        }
+        if self.max_call_elements == Some(0) {
+            bail!("MGD3_MAX_CALL_ELEMENTS must be at least 1");
         }
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
@@ -382,10 +510,10 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
     if let Some(problem) = mgd3_common::job::class_name_problems(std::slice::from_ref(&args.class)).first() {
         bail!("--class {problem}");
     }
-    let session = args.runtime.session_config()?;
+    let runtime = args.runtime.runtime()?;
     let paths = ModelPaths { dit: args.dit, vae_encoder: args.vae_encoder, vae_decoder: args.vae_decoder };
     let sampling = SamplingSpec::try_from(&args.sampling)?;
-    let mut engine = Engine::load(&paths, &session, sampling, args.seed).map_err(EngineError::from_command_line)?;
+    let mut engine = Engine::load(&paths, &runtime, sampling, args.seed).map_err(EngineError::from_command_line)?;
     let class = ClassSpec::new(
         mgd3_common::job::ClassRef {
             wnid: args.class.clone(),
@@ -428,11 +556,11 @@ fn distill_class(args: DistillClassArgs) -> Result<()> {
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
-    let session = args.runtime.session_config()?;
+    let runtime = args.runtime.runtime()?;
     let config = SamplingSpec::try_from(&args.sampling)?;
     let modes: Array4<f32> = read_npy(&args.modes, "--modes", "[N,C,h,w]")?;
     let noise: Array5<f32> = read_npy(&args.noise, "--noise", "[N,S+1,C,h,w]")?;
-    let mut dit = Dit::load(&args.dit, &session)?;
+    let mut dit = Dit::load(&args.dit, &runtime.dit())?;
     let info = dit.info().clone();
     check_guidance(&config, info.latent_shape[0]).map_err(EngineError::from_command_line)?;
     if modes.shape()[1..] != info.latent_shape {
@@ -464,14 +592,14 @@ fn sample(args: SampleArgs) -> Result<()> {
         labels: &labels,
         modes: modes.view(),
         noise: noise.view(),
-        samples_per_call: (session.max_batch / 2).max(1),
+        samples_per_call: mgd3_common::batch::samples_per_call(dit.call_limit().items),
         cancel: None,
         sampler: sampler_of(&config),
     };
     let latents = sample_in_batches(&mut dit, &schedule, &config, batch, &mut timings)?;
     write_file(&args.out, &npy_bytes(&latents, &args.out)?)?;
     if let (Some(decoder_path), Some(dir)) = (&args.vae_decoder, &args.images_out) {
-        let mut decoder = VaeDecoder::load(decoder_path, &session)?;
+        let mut decoder = VaeDecoder::load(decoder_path, &runtime.decoder())?;
         let pool = crate::cpu::CpuPool::default();
         let (pngs, _) = decode_png(&mut decoder, &pool, "sample", latents.view(), &mut timings)?;
         for (j, png) in pngs.iter().enumerate() {
@@ -503,7 +631,12 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         tracing::info!(worker = %worker_id, coordinator = %coordinator, "worker starting");
     }
     let engine: Box<dyn ShardEngine> = match args.engine {
-        EngineKind::Onnx => Box::new(OnnxShardEngine::new(args.runtime.session_config()?, args.runtime.cpu_pool())),
+        EngineKind::Onnx => {
+            let runtime = args.runtime.runtime()?;
+            tracing::info!(worker = %worker_id, device = %runtime.session.device,
+                gpu_memory_limit_bytes = ?runtime.session.gpu_memory_limit, "batch policy: {}", runtime.policy);
+            Box::new(OnnxShardEngine::new(runtime, args.runtime.cpu_pool()))
+        }
         EngineKind::Fake => {
             Box::new(FakeEngine::new(std::time::Duration::from_secs_f64(args.fake_class_seconds.max(0.0))))
         }
@@ -579,5 +712,43 @@ mod tests {
             _ => None,
         };
         assert_eq!(worker_id_from("n2", 7, "00af", array), "slurm-40_5-r0@n2-7-00af");
+    }
+
+    fn runtime_args(args: &[&str]) -> RuntimeArgs {
+        let mut argv = vec!["worker"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().cluster.runtime
+    }
+
+    #[test]
+    fn the_batch_flags_make_one_policy() {
+        let default = runtime_args(&[]).batch_policy();
+        assert_eq!(default, BatchPolicy::default());
+        // --max-batch is --dit-rows' older name; it still sets the VAE batch up to 64.
+        let old = runtime_args(&["--max-batch", "512"]).batch_policy();
+        assert_eq!((old.dit_rows, old.encode_images, old.decode_images), (512, 64, 64));
+        let small = runtime_args(&["--max-batch", "4"]).batch_policy();
+        assert_eq!((small.dit_rows, small.encode_images, small.decode_images), (4, 4, 4));
+        let split = runtime_args(&["--dit-rows", "256", "--vae-batch", "32", "--vae-decode-batch", "8"]).batch_policy();
+        assert_eq!((split.dit_rows, split.encode_images, split.decode_images), (256, 32, 8));
+        let error = SessionConfig::try_from(&runtime_args(&["--vae-decode-batch", "0"])).unwrap_err().to_string();
+        assert!(error.contains("--vae-decode-batch"), "{error}");
+        let error = SessionConfig::try_from(&runtime_args(&["--gpu-memory-limit", "20GB"])).unwrap_err().to_string();
+        assert!(error.contains("--gpu-memory-limit") && error.contains("cpu"), "{error}");
+    }
+
+    #[test]
+    fn memory_limits_read_bytes_units_and_fractions() {
+        let parse = |s: &str| s.parse::<MemoryLimit>();
+        assert_eq!(parse("24000000000"), Ok(MemoryLimit::Bytes(24_000_000_000)));
+        assert_eq!(parse("24GB"), Ok(MemoryLimit::Bytes(24_000_000_000)));
+        assert_eq!(parse("22GiB"), Ok(MemoryLimit::Bytes(22 << 30)));
+        assert_eq!(parse("1.5 gb"), Ok(MemoryLimit::Bytes(1_500_000_000)));
+        assert_eq!(parse("0.8"), Ok(MemoryLimit::Fraction(0.8)));
+        assert_eq!(parse("80%"), Ok(MemoryLimit::Fraction(0.8)));
+        for bad in ["", "0", "-1GB", "0%", "120%", "12 parsecs", "NaN", "0.0"] {
+            let error = parse(bad).unwrap_err();
+            assert!(error.contains("not a memory size"), "{bad}: {error}");
+        }
     }
 }

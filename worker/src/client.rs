@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mgd3_common::batch::BatchPolicy;
 use tokio::time::Instant;
 
 use mgd3_common::job::{ClassRef, JobSpec};
@@ -265,13 +266,15 @@ pub async fn run(
     let mut client = connect(&config.coordinator, config.token.as_deref(), config.tls_ca.as_deref())?;
     // Read by registration without the engine, which a running shard holds.
     let loaded = engine.loaded_models();
+    let policy = engine.batch_policy();
     let engine = Arc::new(Mutex::new(engine));
     let mut stop = Stop::new(shutdown);
 
     let mut reach = Reach::new(config.give_up_after);
     // This run's identity: a second live process (or run) under the same worker id is refused.
     let instance = format!("{:016x}", rand::random::<u64>());
-    let Some(mut heartbeat) = register(&mut client, &config, &instance, &loaded, &mut stop, &mut reach).await? else {
+    let Some(mut heartbeat) = register(&mut client, &config, &instance, &loaded, policy, &mut stop, &mut reach).await?
+    else {
         return Ok(());
     };
 
@@ -349,7 +352,7 @@ pub async fn run(
                 // shard's lease, recovered from its state, is renewed by the next poll.
                 info!(worker = %config.worker_id, coordinator = %config.coordinator, "the coordinator restarted: registering again");
                 if let Some(interval) =
-                    register(&mut client, &config, &instance, &loaded, &mut stop, &mut reach).await?
+                    register(&mut client, &config, &instance, &loaded, policy, &mut stop, &mut reach).await?
                 {
                     heartbeat = interval;
                 }
@@ -429,6 +432,7 @@ async fn register<F: Future<Output = ()>>(
     config: &WorkerConfig,
     instance: &str,
     loaded: &LoadedModels,
+    policy: Option<BatchPolicy>,
     stop: &mut Stop<F>,
     reach: &mut Reach,
 ) -> Result<Option<Duration>, ClientError> {
@@ -444,6 +448,7 @@ async fn register<F: Future<Output = ()>>(
             model_fingerprints: fingerprints,
             pid: std::process::id(),
             instance: instance.to_owned(),
+            batch_policy: policy,
         };
         match stop.rpc(client.register_worker(proto::RegisterWorkerRequest::from(registration))).await {
             _ if stop.fired => return Ok(None),

@@ -5,16 +5,16 @@
 use crate::cpu::CpuPool;
 use crate::data::Dataset;
 use crate::failure::{ShardError, ShardFailure};
-use crate::models::{ClassSpec, ClassTimings, EngineError, ModelPaths};
+use crate::models::{ClassSpec, ClassTimings, EngineError, ModelPaths, Runtime};
 use crate::pipeline::{ClassResult, ClassSink};
 use crate::pipeline::{Engine, ShardOptions, ShardStop};
 use crate::sink::npy_bytes;
 use image::{ImageFormat, RgbImage};
+use mgd3_common::batch::BatchPolicy;
 use mgd3_common::commit::ClassFiles;
 use mgd3_common::job::{ClassRef, JobSpec};
 use mgd3_common::manifest::StageSeconds;
 use mgd3_common::seed::sample_seed;
-use mgd3_onnx::SessionConfig;
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -72,6 +72,12 @@ pub trait ShardEngine: Send {
     fn loaded_models(&self) -> LoadedModels {
         LoadedModels::default()
     }
+
+    /// The batch policy this engine calls its models with, reported at registration so the
+    /// coordinator sizes shards by it; `None` for engines without models.
+    fn batch_policy(&self) -> Option<BatchPolicy> {
+        None
+    }
 }
 
 /// The fingerprints of the models an engine has loaded (the path or URL as the job spec names
@@ -106,7 +112,7 @@ struct LoadedEngine {
 
 /// The real engine: loads the job's ONNX models once and reuses them for every class of the job.
 pub struct OnnxShardEngine {
-    session: SessionConfig,
+    runtime: Runtime,
     pool: CpuPool,
     /// The engine of the last job, keyed by what it depends on.
     loaded: Option<LoadedEngine>,
@@ -115,9 +121,10 @@ pub struct OnnxShardEngine {
 }
 
 impl OnnxShardEngine {
-    /// Models run with `session`; decoding, preprocessing, k-means and PNG encoding on `pool`.
-    pub fn new(session: SessionConfig, pool: CpuPool) -> Self {
-        OnnxShardEngine { session, pool, loaded: None, published: LoadedModels::default() }
+    /// Models run with `runtime` (session settings and batch policy); decoding, preprocessing,
+    /// k-means and PNG encoding on `pool`.
+    pub fn new(runtime: Runtime, pool: CpuPool) -> Self {
+        OnnxShardEngine { runtime, pool, loaded: None, published: LoadedModels::default() }
     }
 
     fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
@@ -152,7 +159,7 @@ impl OnnxShardEngine {
                 }
             }
 
-            let engine = match Engine::load(&paths, &self.session, spec.sampling, spec.seed) {
+            let engine = match Engine::load(&paths, &self.runtime, spec.sampling, spec.seed) {
                 Ok(engine) => engine,
                 // A model this worker cannot open may be fine elsewhere (node-local paths).
                 Err(EngineError::Model(
@@ -244,6 +251,10 @@ impl ShardEngine for OnnxShardEngine {
 
     fn loaded_models(&self) -> LoadedModels {
         self.published.clone()
+    }
+
+    fn batch_policy(&self) -> Option<BatchPolicy> {
+        Some(self.runtime.policy)
     }
 }
 

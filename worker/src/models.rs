@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use mgd3_common::batch::BatchPolicy;
 use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting};
 use mgd3_common::manifest::StageSeconds;
 use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
@@ -177,6 +178,41 @@ impl EngineError {
     }
 }
 
+/// How a worker runs its models: the session settings the three share (device, threads, memory
+/// limit, element ceiling) and the batch policy that gives each its own batch.
+#[derive(Clone, Debug, Default)]
+pub struct Runtime {
+    /// Device, threads, element ceiling and memory limit; its `max_batch` is replaced per model.
+    pub session: SessionConfig,
+    /// Items per call of each model, and the data stage's chunks.
+    pub policy: BatchPolicy,
+}
+
+impl Runtime {
+    /// `session` with one batch for all three models: `session.max_batch` DiT rows and VAE
+    /// images (what a single `--max-batch` meant before the policy had a field per model).
+    pub fn uniform(session: SessionConfig) -> Self {
+        let n = session.max_batch.max(1);
+        let policy = BatchPolicy { dit_rows: n, encode_images: n, decode_images: n, ..BatchPolicy::default() };
+        Runtime { session, policy }
+    }
+
+    /// The session settings of the DiT: `policy.dit_rows` rows per call.
+    pub fn dit(&self) -> SessionConfig {
+        SessionConfig { max_batch: self.policy.dit_rows.max(1), ..self.session.clone() }
+    }
+
+    /// The session settings of the VAE encoder: `policy.encode_images` per call.
+    pub fn encoder(&self) -> SessionConfig {
+        SessionConfig { max_batch: self.policy.encode_images.max(1), ..self.session.clone() }
+    }
+
+    /// The session settings of the VAE decoder: `policy.decode_images` per call.
+    pub fn decoder(&self) -> SessionConfig {
+        SessionConfig { max_batch: self.policy.decode_images.max(1), ..self.session.clone() }
+    }
+}
+
 /// The three model files of a worker.
 #[derive(Clone, Debug)]
 pub struct ModelPaths {
@@ -287,13 +323,21 @@ impl Models {
     /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
     /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
-    pub fn load(paths: &ModelPaths, session: &SessionConfig) -> Result<Self, EngineError> {
+    pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
-        let dit = Dit::load(&paths.dit, session)?;
-        let encoder = VaeEncoder::load(&paths.vae_encoder, session)?;
-        let decoder = VaeDecoder::load(&paths.vae_decoder, session)?;
+        let dit = Dit::load(&paths.dit, &runtime.dit())?;
+        let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;
+        let decoder = VaeDecoder::load(&paths.vae_decoder, &runtime.decoder())?;
+        let (d, e, v) = (dit.call_limit(), encoder.call_limit(), decoder.call_limit());
         tracing::info!(dit = %paths.dit.display(), classes = dit.info().num_classes, latent = ?dit.info().latent_shape,
-            seconds = started.elapsed().as_secs_f64(), "models loaded");
+        seconds = started.elapsed().as_secs_f64(),
+        "models loaded; calls carry up to {} DiT rows, {} images to encode, {} to decode{}",
+        d.items, e.items, v.items,
+        if (d.items, e.items, v.items) != (d.policy, e.policy, v.policy) {
+            format!(" (the batch policy asked {} / {} / {}; the rest is the per-call element ceiling)", d.policy, e.policy, v.policy)
+        } else {
+            String::new()
+        });
         let dit_latent = dit.info().latent_shape;
         for (name, latent) in
             [("VAE encoder", encoder.info().latent_shape), ("VAE decoder", decoder.info().latent_shape)]
@@ -338,6 +382,13 @@ impl Models {
     /// Fingerprints of the loaded model files.
     pub fn fingerprints(&self) -> &ModelFingerprints {
         &self.fingerprints
+    }
+
+    /// Forgets every model's out-of-memory backoff (at the start of a shard).
+    pub fn reset_backoff(&mut self) {
+        self.dit.reset_backoff();
+        self.encoder.reset_backoff();
+        self.decoder.reset_backoff();
     }
 
     /// Encodes images `[n, c, S, S]` in `[-1, 1]` into scaled latents `[n, C, h, w]` (posterior

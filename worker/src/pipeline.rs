@@ -2,10 +2,10 @@
 //! shard's wall time tracks its busiest stage rather than the sum of all of them.
 //!
 //! ```text
-//!  data thread      list, read, decode + preprocess (CPU pool, in parallel), chunks of 64 ─┐
-//!                                                            bounded queue (QUEUE_DEPTH) ◄──┘
+//!  data thread      list, read, decode + preprocess (CPU pool, in parallel), encode chunks ─┐
+//!                                                          bounded queue (queue_depth) ◄──┘
 //!  engine thread    VAE-encode each chunk ─► features ─► k-means thread (CPU pool) ─► modes
-//!  (accelerator)    DiT calls of `max_batch / 2` samples, mixing classes ◄─────────────┘
+//!  (accelerator)    DiT calls of dit_rows / 2 samples, mixing classes ◄───────────────┘
 //!                   a class whose IPC samples are done: VAE decode, PNG (CPU pool), commit,
 //!                   then (only if this attempt's files won) its contact sheet
 //! ```
@@ -18,8 +18,12 @@
 //! A class whose data or modes fail is set aside while the shard's other classes go on; the
 //! shard then fails naming it (its retry redoes only the uncommitted classes).
 //!
-//! Memory is bounded by the queue: at most `QUEUE_DEPTH + 2` chunks of decoded images
-//! (64 × 3 × 256 × 256 f32 = 50 MB each at 256 px) plus, per class of the shard whose modes are
+//! Sizes come from the worker's [`BatchPolicy`]: `encode_chunk`, `queue_depth`, `dit_rows` and
+//! the VAE batches; every model call is further bounded by its element ceiling and
+//! out-of-memory backoff (`mgd3_onnx`), which change no sample.
+//!
+//! Memory is bounded by the queue: at most `queue_depth + 2` chunks of decoded images
+//! (64 × 3 × 256 × 256 f32 = 50 MB each at 256 px by default) plus, per class of the shard whose modes are
 //! not found yet, its latents (n × 4 096 f32: 21 MB for 1 300 images).
 
 use std::collections::VecDeque;
@@ -29,10 +33,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mgd3_common::batch::BatchPolicy;
 use mgd3_common::job::SamplingSpec;
 use mgd3_common::seed::kmeans_seed;
 use mgd3_common::store::Location;
-use mgd3_onnx::SessionConfig;
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis};
 use rayon::prelude::*;
 use tracing::{debug, info, warn};
@@ -44,17 +48,12 @@ use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::batch_noise;
 use crate::mgd3::schedule::Schedule;
 use crate::models::{
-    ClassSpec, ClassTimings, EngineError, ModelPaths, Models, SampleBatch, check_guidance, sampler_of,
+    ClassSpec, ClassTimings, EngineError, ModelPaths, Models, Runtime, SampleBatch, check_guidance, sampler_of,
     schedule_for_sampler,
 };
 use crate::sink;
 use mgd3_common::commit::ClassFiles;
 use mgd3_common::job::ClassRef;
-
-/// Real images decoded and encoded per chunk.
-pub const ENCODE_CHUNK: usize = 64;
-/// Decoded chunks that may wait for the accelerator.
-pub const QUEUE_DEPTH: usize = 2;
 
 /// What a shard run makes besides its classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,7 +238,7 @@ struct InFlight {
 }
 
 /// A shard run's engine: the [`Models`] with what a run of the job adds — the schedule of its
-/// sampling settings, its seed, DiT calls of `max_batch / 2` samples, the cancel flag, the latent
+/// sampling settings, its seed, the batch policy, the cancel flag, the latent
 /// cache and the CPU pool. [`Engine::distill_shard`] runs the overlapping stages.
 pub struct Engine {
     models: Models,
@@ -249,8 +248,8 @@ pub struct Engine {
     /// The job's seed: each sample's noise stream derives from it, the class index and the
     /// sample index.
     seed: u64,
-    /// Samples per DiT call (each is a cond+uncond pair).
-    samples_per_call: usize,
+    /// Items per call of each model and the data stage's chunks.
+    policy: BatchPolicy,
     /// Set to stop the running class after its current batch.
     cancel: Arc<AtomicBool>,
     /// Where per-class VAE latents are cached, if anywhere.
@@ -260,19 +259,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads the three models ([`Models::load`]) and checks them against `sampling`; DiT calls
-    /// batch `session.max_batch / 2` samples.
+    /// Loads the three models ([`Models::load`]) and checks them against `sampling`; calls and
+    /// chunks follow `runtime.policy`.
     ///
     /// # Errors
     /// Those of [`Models::load`]; [`EngineError::Schedule`] and [`EngineError::Invalid`] for
     /// sampling settings the models rule out.
-    pub fn load(
-        paths: &ModelPaths,
-        session: &SessionConfig,
-        sampling: SamplingSpec,
-        seed: u64,
-    ) -> Result<Self, EngineError> {
-        let models = Models::load(paths, session)?;
+    pub fn load(paths: &ModelPaths, runtime: &Runtime, sampling: SamplingSpec, seed: u64) -> Result<Self, EngineError> {
+        let models = Models::load(paths, runtime)?;
         let schedule = schedule_for_sampler(models.dit(), sampling.steps, sampler_of(&sampling))?;
         check_guidance(&sampling, models.dit().info().latent_shape[0])?;
         Ok(Engine {
@@ -280,7 +274,7 @@ impl Engine {
             schedule,
             sampling,
             seed,
-            samples_per_call: (session.max_batch / 2).max(1),
+            policy: runtime.policy,
             cancel: Arc::new(AtomicBool::new(false)),
             latent_cache: None,
             pool: CpuPool::default(),
@@ -307,9 +301,15 @@ impl Engine {
         self.pool = pool;
     }
 
-    /// Samples per DiT call (each a cond+uncond pair): `max_batch / 2`.
+    /// Samples per DiT call (each a cond+uncond pair): half the policy's DiT rows, or fewer
+    /// when the DiT's element ceiling or out-of-memory backoff allows fewer rows.
     pub fn samples_per_call(&self) -> usize {
-        self.samples_per_call
+        self.policy.samples_per_call().min(mgd3_common::batch::samples_per_call(self.models.dit().call_limit().items))
+    }
+
+    /// The batch policy the engine was loaded with.
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
     }
 
     /// Samples with explicit modes and noise (`[n, C, h, w]` and `[n, S+1, C, h, w]`, f32, scaled
@@ -330,7 +330,7 @@ impl Engine {
             labels,
             modes,
             noise,
-            samples_per_call: self.samples_per_call,
+            samples_per_call: self.samples_per_call(),
             cancel: Some(&self.cancel),
             sampler: sampler_of(&self.sampling),
         };
@@ -347,7 +347,7 @@ impl Engine {
 
     /// Distils `classes` (in order) through the overlapping stages described in the module
     /// docs, handing each class to `outputs` as soon as its samples are done. Every DiT call but
-    /// the shard's last carries `max_batch / 2` samples (`max_batch` rows) when the shard has
+    /// the shard's last carries [`Engine::samples_per_call`] samples when the shard has
     /// that many.
     ///
     /// # Errors
@@ -364,7 +364,8 @@ impl Engine {
         for class in classes {
             self.check_class(class).map_err(|error| ShardStop::class(class, error))?;
         }
-        let (events_tx, events_rx) = mpsc::sync_channel::<Event>(QUEUE_DEPTH);
+        self.models.reset_backoff();
+        let (events_tx, events_rx) = mpsc::sync_channel::<Event>(self.policy.queue_depth.max(1));
         let (kmeans_tx, kmeans_rx) = mpsc::channel::<(usize, Vec<f32>, usize)>();
         let stop = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
@@ -375,6 +376,7 @@ impl Engine {
                 classes,
                 image_shape: self.models.encoder().info().image_shape,
                 latent_dim: self.models.encoder().info().latent_shape.iter().product(),
+                encode_chunk: self.policy.encode_chunk,
                 vae_fingerprint: self.models.fingerprints().vae_encoder.clone(),
                 latent_cache: self.latent_cache.clone(),
                 pool: self.pool.clone(),
@@ -489,7 +491,7 @@ impl Engine {
         // bad class loses nothing else; the shard then fails naming the first failed class, and its
         // retry redoes only the classes that are not committed.
         let mut failed: std::collections::BTreeMap<usize, EngineError> = Default::default();
-        let per_call = self.samples_per_call;
+        let per_call = self.samples_per_call();
         loop {
             // Everything already waiting first, so that the CPU stages never wait on sampling.
             while let Ok(event) = events.try_recv() {
@@ -754,6 +756,8 @@ struct DataStage<'a> {
     classes: &'a [ClassSpec],
     image_shape: [usize; 3],
     latent_dim: usize,
+    /// Images per chunk handed to the encoder.
+    encode_chunk: usize,
     vae_fingerprint: String,
     latent_cache: Option<mgd3_common::store::Location>,
     pool: crate::cpu::CpuPool,
@@ -811,12 +815,13 @@ impl DataStage<'_> {
             let _ = events.send(Event::Cached { slot, features, crops, images: images.len(), seconds });
             return Ok(());
         }
-        let chunks = images.len().div_ceil(ENCODE_CHUNK);
-        for (index, chunk) in images.chunks(ENCODE_CHUNK).enumerate() {
+        let size = self.encode_chunk.max(1);
+        let chunks = images.len().div_ceil(size);
+        for (index, chunk) in images.chunks(size).enumerate() {
             if stopped() {
                 return Ok(());
             }
-            let first = index * ENCODE_CHUNK;
+            let first = index * size;
             let (batch, crops) = self.decode_chunk(class, chunk, keep.saturating_sub(first))?;
             let event = Event::Chunk {
                 slot,

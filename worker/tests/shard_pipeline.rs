@@ -10,7 +10,7 @@ use mgd3_common::job::{ClassRef, SamplingSpec};
 use mgd3_onnx::{SessionConfig, init_runtime};
 use mgd3_worker::cpu::CpuPool;
 use mgd3_worker::data::Dataset;
-use mgd3_worker::models::{ClassSpec, ModelPaths};
+use mgd3_worker::models::{ClassSpec, ModelPaths, Runtime};
 use mgd3_worker::pipeline::Engine;
 use mgd3_worker::pipeline::{ClassResult, ClassSink, ShardOptions};
 
@@ -27,7 +27,7 @@ fn engine(max_batch: usize, cpu_threads: usize) -> Engine {
     init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
     let session = SessionConfig { intra_threads: Some(1), max_batch, ..Default::default() };
     let sampling = SamplingSpec { steps: 10, stop_guidance: 5, ..Default::default() };
-    let mut engine = Engine::load(&models(), &session, sampling, 5).unwrap();
+    let mut engine = Engine::load(&models(), &Runtime::uniform(session), sampling, 5).unwrap();
     engine.set_cpu_pool(CpuPool::new(Some(cpu_threads)));
     engine
 }
@@ -204,7 +204,7 @@ fn non_finite_vae_outputs_fail_the_class_naming_the_model_and_the_item() {
         init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
         let session = SessionConfig { intra_threads: Some(1), max_batch: 8, ..Default::default() };
         let sampling = SamplingSpec { steps: 4, stop_guidance: 2, ..Default::default() };
-        Engine::load(&paths, &session, sampling, 5).unwrap()
+        Engine::load(&paths, &Runtime::uniform(session), sampling, 5).unwrap()
     };
     for (encoder, value) in [("nan_vae_encoder.onnx", "NaN"), ("inf_vae_encoder.onnx", "inf")] {
         let mut engine = load(ModelPaths { vae_encoder: fixtures.join(encoder), ..models() });
@@ -355,7 +355,7 @@ fn a_model_whose_external_data_is_not_here_sends_the_shard_elsewhere() {
         std::fs::write(models.join("model.onnx_data"), &full).unwrap();
         damage();
         let session = SessionConfig { intra_threads: Some(1), max_batch: 8, ..Default::default() };
-        let mut engine = OnnxShardEngine::new(session, CpuPool::new(Some(1)));
+        let mut engine = OnnxShardEngine::new(Runtime::uniform(session), CpuPool::new(Some(1)));
         let error = engine.distill_shard(&spec(&decoder), &classes, &cancel, &mut Refuse).unwrap_err();
         assert_eq!(error.failure.disposition(), Disposition::Elsewhere, "{what}: {error}");
         let text = mgd3_common::error_chain(&error);
@@ -386,4 +386,47 @@ fn a_latent_cache_hit_gives_the_bytes_of_a_miss() {
     assert!(hit.files.images == miss.files.images, "PNG bytes differ");
     assert!(hit.contact_sheet == miss.contact_sheet, "contact sheets differ");
     assert_eq!(hit.quality, miss.quality);
+}
+
+/// Every size runs and gives the same bytes (issue: one batch policy per model, bounded calls):
+/// a class at IPC 128 under a per-call element ceiling forced small (calls of a few rows or
+/// images of every model), and under out-of-memory faults above 3 items (backoff), equals the
+/// class run with the default ceiling and no fault, PNG for PNG.
+#[test]
+fn forced_small_ceilings_and_out_of_memory_backoff_keep_every_byte_at_ipc_128() {
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(&dir.path().join("data"), &["n001"], 130);
+    let dataset = Dataset::open(&dir.path().join("data").display().to_string()).unwrap();
+    let class = &specs(&["n001"], 128)[0];
+    let run = |configure: &dyn Fn(SessionConfig) -> SessionConfig| {
+        init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
+        let session = configure(SessionConfig { intra_threads: Some(1), ..Default::default() });
+        let runtime =
+            Runtime { session, policy: mgd3_common::batch::BatchPolicy { dit_rows: 256, ..Default::default() } };
+        let sampling = SamplingSpec { steps: 10, stop_guidance: 5, ..Default::default() };
+        let mut engine = Engine::load(&models(), &runtime, sampling, 5).unwrap();
+        engine.set_cpu_pool(CpuPool::new(Some(1)));
+        let calls = (
+            engine.models().dit().call_limit().items,
+            engine.models().encoder().call_limit().items,
+            engine.models().decoder().call_limit().items,
+        );
+        (engine.distill_class(&dataset, class, false).unwrap(), calls)
+    };
+    let (reference, calls) = run(&|s| s);
+    assert_eq!(calls, (256, 64, 64));
+    assert_eq!(reference.files.images.len(), 128);
+    // The element ceiling of ~2 of the DiT's largest tensors: DiT calls of a few rows, VAE calls
+    // of one or two images.
+    let dit_item = {
+        init_runtime(None).unwrap();
+        mgd3_onnx::Dit::load(&models().dit, &SessionConfig::default()).unwrap().call_limit().item_elements
+    };
+    let (small, calls) = run(&|s| SessionConfig { max_call_elements: 2 * dit_item, ..s });
+    assert!(calls.0 <= 2 && calls.1 <= 2 && calls.2 <= 2, "{calls:?}");
+    assert!(small.files.modes_npy == reference.files.modes_npy, "modes differ under a small ceiling");
+    assert!(small.files.images == reference.files.images, "PNGs differ under a small ceiling");
+    let (backoff, _) = run(&|s| SessionConfig { fault_oom_above: Some(3), ..s });
+    assert!(backoff.files.modes_npy == reference.files.modes_npy, "modes differ after backoff");
+    assert!(backoff.files.images == reference.files.images, "PNGs differ after backoff");
 }
