@@ -33,7 +33,8 @@ python=${PYTHON:-python3}
 if ((dry)); then
   device=cpu
   ort_lib=$PWD/.ort/cpu/libonnxruntime.so
-  steps=(--steps 2 --stop-guidance 1)
+  # 4 steps with t_stop 2: steps i = 3 is guided, so the dry run exercises the guided path too.
+  steps=(--steps 4 --stop-guidance 2)
   real=8 ipc=2
   batches=(fp16:4 fp32:4 fp16:8)
   job_classes=2 job_ipc=1 job_real=4 job_batch=4
@@ -49,6 +50,10 @@ else
   job_classes=8 job_ipc=16 job_real=64 job_batch=256
   torch=(--device cuda --steps 50 --batch 64 --images 128 --batch1-images 2)
 fi
+# λ = 0: on random weights x̂₀ is far from any mode and λ = 0.1 trips the divergence guard at the
+# first guided step; with λ = 0 the guided steps still compute the guidance term (it is zero), so
+# their cost is measured. Real weights use the job's λ.
+lambda=0
 export ORT_DYLIB_PATH=$ort_lib
 nv=$("$python" -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) + '/nvidia')" 2>/dev/null || true)
 if [[ -n $nv ]]; then
@@ -135,7 +140,8 @@ one_class() {
   target/release/worker distill-class --data "$out/data-one" --class n01440764 --label 0 --ipc "$ipc" \
     --dit "$out/models/$precision/dit.onnx" --vae-encoder "$out/models/$precision/vae_encoder.onnx" \
     --vae-decoder "$out/models/$precision/vae_decoder.onnx" --out "$out/distilled-$name" \
-    --device "$device" --max-batch "$batch" --timings-json "$out/timings-$name.json" --cfg-channels 3 "${steps[@]}"
+    --device "$device" --max-batch "$batch" --timings-json "$out/timings-$name.json" --cfg-channels 3 \
+    --guidance-scale "$lambda" "${steps[@]}"
   local status=$?
   memory_stop
   ((status == 0)) || return $status
@@ -172,7 +178,8 @@ classes_per_shard = $per_shard
 contact_sheet = false
 [sampling]
 cfg_channels = 3
-$(((dry)) && printf 'steps = 2\nstop_guidance = 1\n')
+guidance_scale = $lambda
+$(((dry)) && printf 'steps = 4\nstop_guidance = 2\n')
 [models]
 dit = "$out/models/fp16/dit.onnx"
 vae_encoder = "$out/models/fp16/vae_encoder.onnx"

@@ -788,17 +788,13 @@ impl RunArgs {
 /// it submits the job anyway (its shards then sized for the default DiT rows).
 const REGISTRATION_WAIT: Duration = Duration::from_secs(600);
 
-/// Waits until every local worker has registered with a batch policy, one has exited (its
-/// error is reported once the job runs), or `limit` has passed.
+/// Waits until every local worker has registered, one has exited (its error is reported once
+/// the job runs), or `limit` has passed.
 async fn wait_for_registrations(coordinator: &Coordinator, workers: &mut [tokio::process::Child], limit: Duration) {
     let started = tokio::time::Instant::now();
     loop {
-        let reported = match coordinator.planned_rows() {
-            mgd3_common::batch::PlannedRows::Reported { workers, .. } => workers,
-            mgd3_common::batch::PlannedRows::Default => 0,
-        };
         let exited = workers.iter_mut().any(|w| !matches!(w.try_wait(), Ok(None)));
-        if reported >= workers.len() || exited || started.elapsed() >= limit {
+        if coordinator.live_workers() >= workers.len() || exited || started.elapsed() >= limit {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

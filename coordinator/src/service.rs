@@ -461,6 +461,11 @@ impl Coordinator {
         self.inner.scheduler.lock().expect("scheduler").drain_when_done();
     }
 
+    /// Workers seen in the last three heartbeats (see [`Scheduler::live_workers`]).
+    pub fn live_workers(&self) -> usize {
+        self.inner.scheduler.lock().expect("scheduler").live_workers(now_ms())
+    }
+
     /// What a job submitted now would size its shards for (see [`Scheduler::planned_rows`]).
     pub fn planned_rows(&self) -> mgd3_common::batch::PlannedRows {
         self.inner.scheduler.lock().expect("scheduler").planned_rows()
