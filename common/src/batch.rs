@@ -137,7 +137,7 @@ impl std::fmt::Display for PlannedRows {
             PlannedRows::Reported { dit_rows, workers } => write!(
                 f,
                 "shards are sized for DiT calls of {dit_rows} rows, the largest --dit-rows of the {workers} \
-                 registered worker(s)"
+                 registered worker(s), with at least one shard per worker"
             ),
         }
     }

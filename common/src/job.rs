@@ -821,13 +821,24 @@ impl JobSpec {
     /// Classes per shard for workers of the default policy: `classes_per_shard` as written,
     /// else the default for `ipc` at [`DEFAULT_MAX_BATCH`] rows.
     pub fn shard_size(&self) -> usize {
-        self.shard_size_for(crate::batch::PlannedRows::Default)
+        self.shard_size_for(usize::MAX, crate::batch::PlannedRows::Default)
     }
 
-    /// Classes per shard: `classes_per_shard` as written, else the default for `ipc` at the
-    /// planned DiT rows.
-    pub fn shard_size_for(&self, planned: crate::batch::PlannedRows) -> usize {
-        self.classes_per_shard.unwrap_or_else(|| default_classes_per_shard(self.ipc, planned.dit_rows())).max(1)
+    /// Classes per shard of a job of `classes` classes: `classes_per_shard` as written, else
+    /// the default for `ipc` at the planned DiT rows — but never so many that the reported
+    /// workers would outnumber the shards: at most ⌈classes / workers⌉, so every worker gets a
+    /// shard (8 GPUs at 512 rows on ImageNette's 10 classes: shards of 2, not one of 10).
+    pub fn shard_size_for(&self, classes: usize, planned: crate::batch::PlannedRows) -> usize {
+        let fill = || {
+            let size = default_classes_per_shard(self.ipc, planned.dit_rows());
+            match planned {
+                crate::batch::PlannedRows::Reported { workers, .. } if workers > 0 => {
+                    size.min(classes.div_ceil(workers))
+                }
+                _ => size,
+            }
+        };
+        self.classes_per_shard.unwrap_or_else(fill).max(1)
     }
 
     /// Contiguous shards of [`JobSpec::shard_size`] classes.
@@ -837,7 +848,7 @@ impl JobSpec {
 
     /// Contiguous shards of [`JobSpec::shard_size_for`] `planned` classes.
     pub fn plan_shards_for(&self, classes: usize, planned: crate::batch::PlannedRows) -> Vec<(usize, usize)> {
-        let size = self.shard_size_for(planned);
+        let size = self.shard_size_for(classes, planned);
         (0..classes).step_by(size).map(|from| (from, (from + size).min(classes))).collect()
     }
 }
@@ -1180,9 +1191,13 @@ vae_decoder = "m/dec.onnx"
         assert_eq!(spec.shard_size(), default_classes_per_shard(spec.ipc, DEFAULT_MAX_BATCH));
         assert_eq!(spec.plan_shards(10), [(0, 4), (4, 8), (8, 10)]);
         // Sized by what the workers report: at 512 rows (256 samples), IPC 10 fills 26 classes.
-        let big = crate::batch::PlannedRows::Reported { dit_rows: 512, workers: 2 };
-        assert_eq!(spec.shard_size_for(big), 26);
+        let big = crate::batch::PlannedRows::Reported { dit_rows: 512, workers: 1 };
+        assert_eq!(spec.shard_size_for(30, big), 26);
         assert_eq!(spec.plan_shards_for(30, big), [(0, 26), (26, 30)]);
+        // ... but never fewer shards than workers: 8 workers on 10 classes get shards of 2.
+        let eight = crate::batch::PlannedRows::Reported { dit_rows: 512, workers: 8 };
+        assert_eq!(spec.plan_shards_for(10, eight), [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]);
+        assert_eq!(spec.plan_shards_for(1000, eight).len(), 39, "1,000 classes: shards of 26 fill the calls");
         let set = JobSpec::from_toml(&format!("classes_per_shard = 3\n{SPEC}")).unwrap();
         assert_eq!(set.plan_shards(7), [(0, 3), (3, 6), (6, 7)]);
     }

@@ -97,6 +97,18 @@ pub enum TokenError {
         /// The token file's path.
         path: std::path::PathBuf,
     },
+    /// The token file can be read by its group or by others: anyone on the machine could
+    /// drive the coordinator (ssh refuses private keys like that for the same reason).
+    #[error(
+        "token file `{path}` can be read by other users (mode {mode:03o}): run `chmod 600 {path}`, or pass \
+         --insecure-token-file to use it anyway"
+    )]
+    Exposed {
+        /// The token file's path.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 impl BearerToken {
@@ -167,13 +179,23 @@ fn check_protocol<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// Reads a token file (trimmed).
+/// Reads a token file (trimmed). A file its group or others may read is refused unless
+/// `accept_exposed` (`--insecure-token-file`).
 ///
 /// # Errors
-/// [`TokenError::Unreadable`], or [`TokenError::Empty`] for a file of only whitespace.
-pub fn read_token_file(path: &std::path::Path) -> Result<String, TokenError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| TokenError::Unreadable { path: path.to_owned(), source })?;
+/// [`TokenError::Unreadable`]; [`TokenError::Exposed`] for a file readable by others;
+/// [`TokenError::Empty`] for a file of only whitespace.
+pub fn read_token_file(path: &std::path::Path, accept_exposed: bool) -> Result<String, TokenError> {
+    let unreadable = |source| TokenError::Unreadable { path: path.to_owned(), source };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_err(unreadable)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 && !accept_exposed {
+            return Err(TokenError::Exposed { path: path.to_owned(), mode });
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
     let token = text.trim().to_owned();
     if token.is_empty() {
         return Err(TokenError::Empty { path: path.to_owned() });
@@ -186,7 +208,7 @@ pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
 
 /// A call to the coordinator that failed: which call, to which URL, and the gRPC status (whose
 /// code is kept). Its message says what to do for the failures a person can fix.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub struct CallError {
     /// The coordinator URL the call went to.
     pub url: String,
@@ -194,13 +216,56 @@ pub struct CallError {
     pub rpc: &'static str,
     /// What the coordinator (or the transport) answered.
     pub status: Status,
+    /// A TLS server was seen at the `http://` URL's address ([`CallError::probed`]).
+    pub tls_seen: bool,
+}
+
+/// The first bytes of a TLS 1.2 ClientHello offering one cipher suite: a TLS server answers
+/// them with a TLS record (its ServerHello or an alert), an HTTP/2 server with an HTTP/2 frame
+/// or nothing.
+const CLIENT_HELLO: [u8; 52] = {
+    let mut hello = [0u8; 52];
+    let head = [0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03];
+    let mut i = 0;
+    while i < head.len() {
+        hello[i] = head[i];
+        i += 1;
+    }
+    // 32 bytes of random (zeros), then: no session id, one cipher suite
+    // (TLS_RSA_WITH_AES_128_CBC_SHA), the null compression method, no extensions.
+    let tail = [0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x00];
+    let mut j = 0;
+    while j < tail.len() {
+        hello[11 + 32 + j] = tail[j];
+        j += 1;
+    }
+    hello
+};
+
+/// Whether the server at `url`'s address speaks TLS: `Some(true)` when it answers the start of
+/// a TLS handshake with a TLS record, `Some(false)` when it answers otherwise or closes, `None`
+/// when it cannot be reached within 2 s.
+pub async fn speaks_tls(url: &str) -> Option<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let limit = std::time::Duration::from_secs(2);
+    let mut stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(authority)).await.ok()?.ok()?;
+    stream.write_all(&CLIENT_HELLO).await.ok()?;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, stream.read(&mut first)).await {
+        // Handshake (0x16) or alert (0x15) records, as any TLS server answers a ClientHello.
+        Ok(Ok(1)) => Some(matches!(first[0], 0x15 | 0x16)),
+        Ok(_) => Some(false),
+        Err(_) => None,
+    }
 }
 
 impl CallError {
     /// A `map_err` adapter for calls of `rpc` to `url`.
     pub fn of(url: &str, rpc: &'static str) -> impl FnOnce(Status) -> CallError + use<> {
         let url = url.to_owned();
-        move |status| CallError { url, rpc, status }
+        move |status| CallError { url, rpc, status, tls_seen: false }
     }
 
     /// The gRPC code of the answer.
@@ -215,6 +280,9 @@ impl CallError {
     /// TLS server (the HTTP/2 client reads a TLS alert as a bad frame, or the connection drops at
     /// the first request).
     pub fn scheme_mismatch(&self) -> bool {
+        if self.tls_seen {
+            return true;
+        }
         let message = self.status.message();
         match self.url.split_once("://").map(|(scheme, _)| scheme) {
             Some("https") => message.contains("InvalidContentType") || message.contains("corrupt message"),
@@ -224,6 +292,22 @@ impl CallError {
             }
             _ => false,
         }
+    }
+}
+
+impl CallError {
+    /// This error, with the address of an `http://` URL probed for a TLS server when the status
+    /// is one a TLS server can cause but does not prove (the connection dropped at the first
+    /// request): the advice to use `https://` then rests on what the server was seen to speak.
+    pub async fn probed(mut self) -> Self {
+        let ambiguous = matches!(
+            self.status.code(),
+            tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Unavailable
+        );
+        if self.url.starts_with("http://") && ambiguous && !self.scheme_mismatch() {
+            self.tls_seen = speaks_tls(&self.url).await == Some(true);
+        }
+        self
     }
 }
 
@@ -329,5 +413,65 @@ mod tests {
         let mut older = Request::new(());
         older.metadata_mut().insert(PROTOCOL_HEADER, MetadataValue::from(1u32));
         assert!(server.call(older).unwrap_err().message().contains("speaks mgd3 protocol 1"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn token_files_others_can_read_are_refused_with_the_chmod_to_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = read_token_file(&path, false).unwrap_err();
+            assert!(matches!(error, TokenError::Exposed { mode: m, .. } if m == mode), "{error}");
+            let message = error.to_string();
+            assert!(message.contains(&format!("chmod 600 {}", path.display())), "{message}");
+            assert!(message.contains("--insecure-token-file"), "{message}");
+            assert_eq!(read_token_file(&path, true).unwrap(), "s3cret", "accepted when asked");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(read_token_file(&path, false).unwrap(), "s3cret");
+        }
+    }
+
+    /// The TLS probe tells listeners apart by what they answer, never by a dropped connection:
+    /// a TLS alert or handshake record is TLS; an HTTP answer, a close, or silence is not.
+    #[tokio::test]
+    async fn the_tls_probe_believes_only_a_tls_record() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn listener(answer: &'static [u8]) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buffer = [0u8; 64];
+                let _ = socket.read(&mut buffer).await;
+                let _ = socket.write_all(answer).await;
+            });
+            url
+        }
+        let alert = listener(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]).await;
+        assert_eq!(speaks_tls(&alert).await, Some(true));
+        let http = listener(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        assert_eq!(speaks_tls(&http).await, Some(false));
+        let closes = listener(b"").await;
+        assert_eq!(speaks_tls(&format!("{closes}/some/path")).await, Some(false));
+        let nobody = {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            format!("http://127.0.0.1:{port}")
+        };
+        assert_eq!(speaks_tls(&nobody).await, None);
+        // A dropped connection at an address that speaks TLS becomes the scheme advice; at one
+        // that does not, it stays what it was.
+        let tls = listener(&[0x16, 0x03, 0x03]).await;
+        let dropped = || Status::cancelled("operation was canceled");
+        let call = CallError::of(&tls, "ListJobs")(dropped()).probed().await;
+        assert!(call.to_string().contains("speaks TLS"), "{call}");
+        let plain = listener(b"").await;
+        let call = CallError::of(&plain, "ListJobs")(dropped()).probed().await;
+        assert!(!call.scheme_mismatch() && !call.to_string().contains("TLS"), "{call}");
     }
 }

@@ -124,8 +124,13 @@ pub struct VerifyReport {
     pub classes_checked: u32,
     /// Files read and hashed.
     pub files_checked: u64,
-    /// Everything that does not match; empty for a job whose files are intact.
+    /// Everything that does not match; empty for a job whose files are intact. For a job that
+    /// has not ended, classes not committed yet are not problems.
     pub problems: Vec<VerifyProblem>,
+    /// Classes with a commit marker.
+    pub classes_committed: u32,
+    /// The job has not ended (running or paused): its uncommitted classes are work to come.
+    pub running: bool,
 }
 
 /// Shard counts of a job.

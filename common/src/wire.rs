@@ -179,6 +179,8 @@ impl From<VerifyReport> for proto::VerifyJobResponse {
                 .into_iter()
                 .map(|p| proto::VerifyProblem { wnid: p.wnid, file: p.file.unwrap_or_default(), problem: p.problem })
                 .collect(),
+            classes_committed: r.classes_committed,
+            running: r.running,
         }
     }
 }
@@ -197,6 +199,8 @@ impl From<proto::VerifyJobResponse> for VerifyReport {
                     problem: p.problem,
                 })
                 .collect(),
+            classes_committed: r.classes_committed,
+            running: r.running,
         }
     }
 }

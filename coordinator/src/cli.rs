@@ -181,9 +181,13 @@ pub struct ServeArgs {
     /// Object-store URL or local folder for coordinator state (and default job outputs).
     #[arg(long)]
     pub store: String,
-    /// Require this bearer token (file contents) on every RPC.
+    /// Require this bearer token (file contents) on every RPC. The file must be readable by its
+    /// owner only (`chmod 600`).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Use a --token-file that other users can read.
+    #[arg(long)]
+    pub insecure_token_file: bool,
     /// TLS certificate (PEM) to serve https:// with; needs --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -194,8 +198,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
     /// A local folder submitted specs may name (dataset, class-list file, models, output, latent
-    /// cache); repeatable. Default: the folder the coordinator was started in and, for a local
-    /// store, the store. Object-store URLs are governed by their credentials instead.
+    /// cache), in addition to the folder the coordinator was started in and, for a local store,
+    /// the store (which are always allowed); repeatable. Object-store URLs are governed by their
+    /// credentials instead.
     #[arg(long = "allow-path")]
     pub allow_paths: Vec<PathBuf>,
     /// One coordinator serves a store at a time (a lock object in the store): another waits
@@ -215,9 +220,13 @@ pub struct Connection {
     /// Coordinator URL (http:// or https://).
     #[arg(long, env = "MGD3_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
-    /// Bearer token file (the one the coordinator was started with), sent with every RPC.
+    /// Bearer token file (the one the coordinator was started with), sent with every RPC; mode
+    /// 600 (a file others can read is refused).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Use a --token-file that other users can read.
+    #[arg(long)]
+    pub insecure_token_file: bool,
     /// CA certificate (PEM) for an https:// coordinator with a private CA.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
@@ -225,7 +234,7 @@ pub struct Connection {
 
 impl Connection {
     fn client(&self) -> Result<Client> {
-        let token = self.token_file.as_deref().map(read_token_file).transpose()?;
+        let token = self.token_file.as_deref().map(|p| read_token_file(p, self.insecure_token_file)).transpose()?;
         Ok(connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref())?)
     }
 }
@@ -406,7 +415,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
     /// # Errors
     /// A token, certificate or key file that cannot be read (or an empty token file).
     fn try_from(args: &ServeArgs) -> Result<Self> {
-        let token = args.token_file.as_deref().map(read_token_file).transpose()?;
+        let token = args.token_file.as_deref().map(|p| read_token_file(p, args.insecure_token_file)).transpose()?;
         let tls = match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some((
                 std::fs::read(cert).with_context(|| format!("cannot read TLS certificate `{}`", cert.display()))?,
@@ -470,6 +479,25 @@ fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
 /// Whatever the command fails with, as an `anyhow` chain with its causes. A job that ends other
 /// than succeeded (`submit --wait`, `run`) and a `verify` that finds problems are errors too.
 pub async fn run(cli: Cli) -> Result<()> {
+    match run_command(cli).await {
+        Err(error) => Err(with_scheme_probed(error).await),
+        done => done,
+    }
+}
+
+/// A failed call whose answer a TLS server can cause but does not prove (the connection
+/// dropped at the first request) is said as a scheme mismatch only once the address was seen
+/// to speak TLS ([`CallError::probed`]); any other error is returned as it is.
+async fn with_scheme_probed(error: anyhow::Error) -> anyhow::Error {
+    let Some(call) = error.downcast_ref::<CallError>() else { return error };
+    if call.scheme_mismatch() {
+        return error;
+    }
+    let probed = call.clone().probed().await;
+    if probed.scheme_mismatch() { anyhow::Error::new(probed) } else { error }
+}
+
+async fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = ServeConfig::try_from(&args)?;
@@ -492,16 +520,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             if args.drain_when_done {
                 coordinator.drain_when_done();
             }
-            let mut allowed: Vec<PathBuf> =
-                args.allow_paths.iter().map(std::path::absolute).collect::<Result<_, _>>()?;
-            if allowed.is_empty() {
-                allowed.push(std::env::current_dir()?);
-                let store = coordinator.store_url();
-                if let Some(path) = store.strip_prefix("file://") {
-                    allowed.push(PathBuf::from(path));
-                } else if !mgd3_common::store::is_url(store) {
-                    allowed.push(PathBuf::from(store));
-                }
+            // --allow-path adds to the defaults: a job whose output defaults to the store must
+            // never be refused because another folder was allowed.
+            let mut allowed: Vec<PathBuf> = vec![std::env::current_dir()?];
+            let store = coordinator.store_url();
+            if let Some(path) = store.strip_prefix("file://") {
+                allowed.push(PathBuf::from(path));
+            } else if !mgd3_common::store::is_url(store) {
+                allowed.push(PathBuf::from(store));
+            }
+            for path in &args.allow_paths {
+                allowed.push(std::path::absolute(path)?);
             }
             tracing::info!(allowed = ?allowed, "local paths submitted specs may use");
             coordinator.allow_paths(allowed);
@@ -602,6 +631,29 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
                 outln!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
+            if response.running {
+                // Classes still to come are no damage, and resume is no advice for a job that runs.
+                outln!(
+                    "job {}: running: {} of {} classes committed, {} file(s) checked, {}",
+                    args.job,
+                    response.classes_committed,
+                    response.classes_checked,
+                    response.files_checked,
+                    if response.problems.is_empty() {
+                        "nothing damaged".to_owned()
+                    } else {
+                        format!("{} problem(s)", response.problems.len())
+                    }
+                );
+                if !response.problems.is_empty() {
+                    bail!(
+                        "job {} has damaged committed files; it is still running: once it has ended, `coordinator resume {}` repairs them",
+                        args.job,
+                        args.job
+                    );
+                }
+                return Ok(());
+            }
             outln!(
                 "job {}: {} class(es), {} file(s) checked, {} problem(s)",
                 args.job,
@@ -690,6 +742,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             for note in &resolved.notes {
                 outln!("note: {note}");
             }
+            if job.spec.classes_per_shard.is_none() {
+                outln!(
+                    "note: shards below are sized for DiT calls of the default {} rows; at submit they are sized by the \
+                     largest --dit-rows of the workers registered then (and one shard per worker at least); \
+                     classes_per_shard sets the size",
+                    mgd3_common::batch::DEFAULT_DIT_ROWS
+                );
+            }
             outln!("job id:  {}", job.job_id);
             outln!("dataset: {}", job.spec.dataset);
             outln!("output:  {}", job.spec.output.as_deref().unwrap_or_default());
@@ -699,7 +759,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 resolved.image_counts.iter().sum::<usize>(),
                 job.spec.ipc,
                 job.shards.len(),
-                job.spec.shard_size_for(resolved.planned).min(job.classes.len())
+                job.spec.shard_size_for(job.classes.len(), resolved.planned).min(job.classes.len())
             );
             for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
                 outln!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);

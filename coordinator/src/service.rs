@@ -508,7 +508,7 @@ impl Coordinator {
         base_dir: &Path,
         explicit_id: Option<String>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
-        let Resolved { job, notes, .. } = self.resolve(spec_toml, base_dir, explicit_id).await?;
+        let Resolved { job, mut notes, planned, .. } = self.resolve(spec_toml, base_dir, explicit_id).await?;
         if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id) {
             return Err(Error::Quarantined { job: job.job_id, reason: reason.clone() });
         }
@@ -526,7 +526,19 @@ impl Coordinator {
                 info!(job = %existing.job_id, "the job was paused because its output store refused writes: resuming it");
                 self.resume(&existing.job_id, None).await?;
             }
+            if state == Some(JobState::Cancelled) {
+                // Submitting a cancelled job's spec does not run it again: say so, and how.
+                notes.push(format!(
+                    "job `{}` was cancelled and stays cancelled; `coordinator resume {}` runs its unfinished classes",
+                    existing.job_id, existing.job_id
+                ));
+            }
             return Ok((existing, true, notes));
+        }
+        if job.spec.classes_per_shard.is_none() {
+            // How the shard size came about, for a person sizing shards by hand or wondering why
+            // shards are small on big GPUs (an existing job keeps the plan it was made with).
+            notes.push(planned.to_string());
         }
         let out = self.output(&job)?;
         let created = self.inner.jobs.create_job(&job).await?;
@@ -633,29 +645,43 @@ impl Coordinator {
         let job = self.known_job(job_id)?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);
+        let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
+        // A job that has not ended is still committing classes: those not committed yet are
+        // work to come, not damage.
+        let running = state.is_some_and(|s| !s.is_final());
         let checks: Vec<_> = job
             .classes
             .iter()
             .map(|class| (out.clone(), keys.clone(), job.fingerprint.clone(), class.wnid.clone()))
             .map(|(out, keys, fingerprint, wnid)| async move {
                 let Some(marker) = commit::committed_marker(&out, &keys, &wnid, &fingerprint).await? else {
-                    let problem = VerifyProblem { wnid, file: None, problem: "not committed".into() };
-                    return Ok::<_, Error>((0, vec![problem]));
+                    let problems = if running {
+                        Vec::new()
+                    } else {
+                        vec![VerifyProblem { wnid, file: None, problem: "not committed".into() }]
+                    };
+                    return Ok::<_, Error>((0, false, problems));
                 };
                 let (files, problems) = commit::verify_class(&out, &keys, &marker).await?;
                 let problems = problems
                     .into_iter()
                     .map(|p| VerifyProblem { wnid: wnid.clone(), file: Some(p.file), problem: p.problem })
                     .collect();
-                Ok((files, problems))
+                Ok((files, true, problems))
             })
             .collect();
-        let mut response =
-            VerifyReport { classes_checked: job.classes.len() as u32, files_checked: 0, problems: Vec::new() };
+        let mut response = VerifyReport {
+            classes_checked: job.classes.len() as u32,
+            files_checked: 0,
+            problems: Vec::new(),
+            classes_committed: 0,
+            running,
+        };
         let mut results = futures::StreamExt::buffered(futures::stream::iter(checks), 16);
         while let Some(result) = futures::StreamExt::next(&mut results).await {
-            let (files, problems) = result?;
+            let (files, committed, problems) = result?;
             response.files_checked += files;
+            response.classes_committed += u32::from(committed);
             response.problems.extend(problems);
         }
         for folder in extra_class_folders(&out, &job).await? {
@@ -665,7 +691,7 @@ impl Coordinator {
                 problem: "a class folder of no class of this job (it would add a class to the dataset)".into(),
             });
         }
-        let finished = self.inner.scheduler.lock().expect("scheduler").state(job_id) == Some(JobState::Succeeded);
+        let finished = state == Some(JobState::Succeeded);
         if finished && !state::manifest_in_place(&out, &job).await? {
             response.problems.push(VerifyProblem {
                 wnid: String::new(),

@@ -87,12 +87,7 @@ pub async fn resolve_spec(
     for note in &data.notes {
         info!(job = %job_id, "{note}");
     }
-    let mut notes = data.notes;
-    if spec.classes_per_shard.is_none() {
-        // How the default shard size came about: a person sizing shards by hand, or wondering
-        // why shards are small on big GPUs, reads it at check and submit.
-        notes.push(planned.to_string());
-    }
+    let notes = data.notes;
     let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
     Ok(Resolved { job, image_counts: data.image_counts, notes, planned })
 }

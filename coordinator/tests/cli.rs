@@ -163,6 +163,19 @@ fn serve_refuses_a_reachable_address_without_a_token() {
     assert!(text.contains("--token-file") && text.contains("--insecure-no-auth"), "{text}");
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret\n").unwrap();
+    // A token file others can read is refused with the chmod to run.
+    let out = coordinator(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--store",
+        store.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("chmod 600") && text.contains("--insecure-token-file"), "{text}");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     for extra in [&["--token-file", token.to_str().unwrap()][..], &["--insecure-no-auth"]] {
         let mut server = Server(
             Command::new(env!("CARGO_BIN_EXE_coordinator"))
@@ -320,6 +333,41 @@ fn submitted_specs_are_confined_to_the_allowed_folders() {
     assert!(text.contains("--allow-path"), "{text}");
     assert!(!text.contains("`models.dit`"), "models inside the allowed folder pass: {text}");
     assert!(!outside.join("out").exists(), "nothing is created outside");
+}
+
+/// `--allow-path` adds to the default folders (where the coordinator was started, and a local
+/// store): a job whose output defaults to the store is not refused because another folder was
+/// allowed.
+#[test]
+fn allow_path_adds_to_the_default_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (allowed, store, cwd) = (dir.path().join("allowed"), dir.path().join("store"), dir.path().join("cwd"));
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .current_dir(&cwd)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store.to_str().unwrap()])
+            .args(["--allow-path", allowed.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if coordinator(&["list", "--coordinator", &url]).status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spec = allowed.join("job.toml");
+    std::fs::write(&spec, GOOD_SPEC).unwrap();
+    let out = coordinator(&["submit", spec.to_str().unwrap(), "--coordinator", &url]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    // The dataset does not exist (that is the one problem); nothing is outside the allowed folders.
+    assert!(!out.status.success() && text.contains("`dataset`"), "{text}");
+    assert!(!text.contains("`output`") && !text.contains("--allow-path"), "the store's output was refused: {text}");
 }
 
 /// Ctrl-C stops `serve` cleanly (its store lock is released: a second coordinator starts at once)

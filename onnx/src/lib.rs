@@ -9,7 +9,7 @@
 pub mod contract;
 pub mod dit;
 pub mod error;
-pub mod model;
+mod model;
 pub mod session;
 pub mod vae;
 

@@ -149,7 +149,9 @@ impl LoadedModel {
     /// checks. A profile that cannot be read leaves the ceiling unmeasured (logged at WARN):
     /// the policy and out-of-memory backoff still bound the calls.
     pub fn probe(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
-        let Some(prefix) = self.probe_prefix.take() else { return Ok(()) };
+        if self.probe_prefix.take().is_none() {
+            return Ok(());
+        }
         let context = format!("probing `{}` with one item", self.path.display());
         let values =
             inputs.iter().map(|i| i.chunk(0, 1)).collect::<Result<Vec<_>, _>>().map_err(Error::ort(context.clone()))?;
@@ -163,7 +165,6 @@ impl LoadedModel {
             let _ = std::fs::remove_file(&file);
             text.and_then(|t| largest_tensor_elements(&t).ok_or_else(|| format!("{file}: no tensor shapes")))
         });
-        drop(prefix);
         match measured {
             Ok(elements) => {
                 self.limit.item_elements = elements;
@@ -171,7 +172,15 @@ impl LoadedModel {
                     usize::try_from((self.max_call_elements / elements.max(1)).max(1)).unwrap_or(usize::MAX);
                 self.limit.items = self.limit.policy.min(self.limit.ceiling);
                 tracing::debug!(model = %self.path.display(), item_elements = elements, limit = ?self.limit, "measured the largest tensor per item");
-                if self.limit.ceiling < self.limit.policy {
+                if elements > self.max_call_elements {
+                    tracing::warn!(
+                        model = %self.path.display(),
+                        item_elements = elements,
+                        "one item of this model holds {elements} elements in its largest tensor, more than the per-call \
+                         ceiling of {}: calls carry one item, which may fail on kernels with 32-bit indexing",
+                        self.max_call_elements
+                    );
+                } else if self.limit.ceiling < self.limit.policy {
                     tracing::info!(
                         model = %self.path.display(),
                         items = self.limit.items,
@@ -278,7 +287,7 @@ impl LoadedModel {
                         self.limit.backoff = half;
                         self.limit.items = half;
                         tracing::info!(model = %self.path.display(), device = %self.device, items = half, error = %source,
-                            "a call of {} items ran out of memory: retrying it in calls of {half} for the rest of the shard", to - from);
+                            "a call of {} items (rows, for the DiT) ran out of memory: retrying it in calls of {half} for the rest of the shard", to - from);
                         continue;
                     }
                     None => return Err(Error::ort(context)(source)),

@@ -913,8 +913,9 @@ async fn tls_with_a_private_ca_works_and_a_wrong_scheme_is_named() {
     let plain = cluster.url.replace("https://", "http://");
     let mut client = mgd3_common::rpc::connect(&plain, Some("t"), None).unwrap();
     let status = client.list_jobs(proto::ListJobsRequest {}).await.unwrap_err();
-    // The wrong scheme is said as such, with the right URL, not as "unreachable".
-    let text = mgd3_common::rpc::CallError::of(&plain, "ListJobs")(status).to_string();
+    // The wrong scheme is said as such, with the right URL, not as "unreachable" — also when the
+    // connection merely dropped at the first request, once the address was seen to speak TLS.
+    let text = mgd3_common::rpc::CallError::of(&plain, "ListJobs")(status).probed().await.to_string();
     assert!(text.contains(&format!("{plain} speaks TLS")) && text.contains(&format!("use {}", cluster.url)), "{text}");
     cluster.shutdown().await;
 
@@ -1216,5 +1217,49 @@ async fn shards_are_sized_by_the_rows_the_registered_workers_report() {
     let (again, existed, _) = cluster.coordinator.submit_noted(&spec(1), dir.path(), None).await.unwrap();
     assert!(existed);
     assert_eq!(again.shards, early.shards);
+    cluster.shutdown().await;
+}
+
+/// Submitting a cancelled job's spec again does not run it: the job stays cancelled, and the
+/// answer says so and names `coordinator resume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resubmitting_a_cancelled_job_says_it_is_cancelled_and_how_to_resume() {
+    let (dir, cluster, job) = cluster_with_job(2, 2, 1).await;
+    cluster.coordinator.cancel(&job.job_id).unwrap();
+    let store_url = dir.path().display().to_string();
+    let (again, existed, notes) =
+        cluster.coordinator.submit_noted(&spec_toml(2, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    assert!(existed);
+    assert_eq!(again.job_id, job.job_id);
+    let expected = format!("coordinator resume {}", job.job_id);
+    assert!(notes.iter().any(|n| n.contains("was cancelled") && n.contains(&expected)), "{notes:?}");
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().state, JobState::Cancelled);
+    cluster.shutdown().await;
+}
+
+/// `verify` while the job runs: the classes still to come are no problem, the report says how
+/// many are committed and that nothing is damaged (the CLI exits 0 and never says resume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_on_a_running_job_reports_progress_not_damage() {
+    let (_dir, cluster, job) = cluster_with_job(4, 2, 1).await;
+    let (stop, handle) = worker(&cluster.url, "slow", None, Box::new(FakeEngine::new(Duration::from_millis(400))));
+    let mut report = None;
+    for _ in 0..200 {
+        let status = cluster.coordinator.status(&job.job_id).unwrap();
+        if status.classes_done >= 1 {
+            report = Some(cluster.coordinator.verify(&job.job_id).await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = report.expect("a class committed");
+    assert!(report.running, "{report:?}");
+    assert!(report.problems.is_empty(), "uncommitted classes of a running job are no problems: {report:?}");
+    assert!((1..4).contains(&report.classes_committed), "{report:?}");
+    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, JobState::Succeeded);
+    let done = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    assert!(!done.running && done.problems.is_empty() && done.classes_committed == 4, "{done:?}");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
     cluster.shutdown().await;
 }

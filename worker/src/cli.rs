@@ -46,9 +46,13 @@ pub struct ClusterArgs {
     /// Coordinator URL, e.g. http://10.0.0.1:50051 (https:// for TLS).
     #[arg(long, env = "MGD3_COORDINATOR")]
     pub coordinator: Option<String>,
-    /// File holding the bearer token the coordinator expects.
+    /// File holding the bearer token the coordinator expects (mode 600: a file others can read
+    /// is refused).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Use a --token-file that other users can read.
+    #[arg(long)]
+    pub insecure_token_file: bool,
     /// CA certificate (PEM) for an https:// coordinator with a private CA.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
@@ -119,7 +123,8 @@ pub struct RuntimeArgs {
     /// also kept under the per-call element ceiling measured from the model at load.
     #[arg(long)]
     pub vae_batch: Option<usize>,
-    /// Images per VAE encoder call (default: --vae-batch).
+    /// Images per VAE encoder call (default: --vae-batch); also the chunk of decoded images the
+    /// data stage hands the encoder (up to 4 chunks are in memory).
     #[arg(long)]
     pub vae_encode_batch: Option<usize>,
     /// Images per VAE decoder call (default: --vae-batch).
@@ -176,10 +181,14 @@ impl RuntimeArgs {
     /// The batch policy the flags ask for (checked by [`RuntimeArgs::runtime`]).
     pub fn batch_policy(&self) -> BatchPolicy {
         let vae = self.vae_batch.unwrap_or(self.dit_rows.min(mgd3_common::batch::DEFAULT_VAE_BATCH));
+        let encode_images = self.vae_encode_batch.unwrap_or(vae);
         BatchPolicy {
             dit_rows: self.dit_rows,
-            encode_images: self.vae_encode_batch.unwrap_or(vae),
+            encode_images,
             decode_images: self.vae_decode_batch.unwrap_or(vae),
+            // The data stage hands the encoder chunks of this many decoded images, so a larger
+            // encoder batch is a larger chunk (and more decoded images in memory).
+            encode_chunk: encode_images,
             ..BatchPolicy::default()
         }
     }
@@ -212,49 +221,80 @@ pub enum MemoryLimit {
 impl std::str::FromStr for MemoryLimit {
     type Err = String;
 
+    /// Bytes with an optional unit (`24000000000`, `24GB`, `22GiB`, `0.5GB`, `24G`: decimal
+    /// `K M G T` with or without `B`, binary `Ki Mi Gi Ti` with or without `B`), or a fraction of
+    /// the card (`0.8`, a number below 1 without a unit, or `80%`). A plain number under 1 MiB
+    /// is refused as a likely missing unit.
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let bad = || {
-            format!(
-                "`{s}` is not a memory size: give bytes (24000000000, 24GB, 22GiB) or a fraction of the card (0.8, 80%)"
-            )
-        };
+        let what = "give bytes (24000000000, 24GB, 22GiB) or a fraction of the card (0.8, 80%)";
         if let Some(percent) = t.strip_suffix('%') {
-            let p: f64 = percent.trim().parse().map_err(|_| bad())?;
-            return if p > 0.0 && p <= 100.0 { Ok(MemoryLimit::Fraction(p / 100.0)) } else { Err(bad()) };
+            let p: f64 = percent.trim().parse().map_err(|_| format!("`{s}` is not a percentage: {what}"))?;
+            return if p > 0.0 && p <= 100.0 {
+                Ok(MemoryLimit::Fraction(p / 100.0))
+            } else {
+                Err(format!("`{s}`: a share of the card must be above 0 % and at most 100 %"))
+            };
         }
-        let (number, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
-        let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "kib" => 1 << 10,
-            "mib" => 1 << 20,
-            "gib" => 1 << 30,
-            _ => return Err(bad()),
+        let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+        let (number, unit) = (t[..split].trim(), t[split..].trim());
+        let value: f64 = number.parse().map_err(|_| format!("`{s}` is not a memory size: {what}"))?;
+        if !value.is_finite() || value <= 0.0 {
+            return Err(format!("`{s}`: a memory limit must be above 0: {what}"));
+        }
+        let unit = unit.to_ascii_lowercase();
+        let unit = unit.strip_suffix('b').unwrap_or(&unit);
+        let multiplier: f64 = match unit {
+            "" => 1.0,
+            "k" => 1e3,
+            "m" => 1e6,
+            "g" => 1e9,
+            "t" => 1e12,
+            "ki" => 1024.0,
+            "mi" => 1024.0 * 1024.0,
+            "gi" => 1024.0 * 1024.0 * 1024.0,
+            "ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            _ => return Err(format!("`{s}`: unknown unit: {what}")),
         };
-        let value: f64 = number.trim().parse().map_err(|_| bad())?;
-        if unit.is_empty() && value > 0.0 && value <= 1.0 && number.contains('.') {
+        if unit.is_empty() && value < 1.0 {
             return Ok(MemoryLimit::Fraction(value));
         }
-        if value.is_nan() || value < 1.0 || !value.is_finite() {
-            return Err(bad());
+        if unit.is_empty() && value == 1.0 && number.contains('.') {
+            return Ok(MemoryLimit::Fraction(1.0));
         }
-        Ok(MemoryLimit::Bytes((value * multiplier as f64) as u64))
+        let bytes = value * multiplier;
+        if bytes < (1u64 << 20) as f64 {
+            return Err(format!(
+                "`{s}` is {bytes:.0} bytes, too little for any model: did you mean `{number}GB` (or a fraction such as 0.8)?"
+            ));
+        }
+        Ok(MemoryLimit::Bytes(bytes as u64))
     }
 }
 
-/// Total memory of CUDA device `id` in bytes, from `nvidia-smi` (present wherever the NVIDIA
+/// The `nvidia-smi --id` of CUDA device `ordinal`: the ordinal's entry of
+/// `CUDA_VISIBLE_DEVICES` (an index or a UUID) when that is set, since CUDA numbers only the
+/// visible devices; the ordinal itself otherwise.
+fn nvidia_smi_id(ordinal: i32, visible: Option<&str>) -> String {
+    visible
+        .and_then(|v| v.split(',').map(str::trim).filter(|e| !e.is_empty()).nth(ordinal as usize).map(str::to_owned))
+        .unwrap_or_else(|| ordinal.to_string())
+}
+
+/// Total memory of CUDA device `ordinal` in bytes, from `nvidia-smi` (present wherever the NVIDIA
 /// driver is).
-fn cuda_total_memory(id: i32) -> Result<u64> {
+fn cuda_total_memory(ordinal: i32) -> Result<u64> {
+    let id = nvidia_smi_id(ordinal, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
     let out = std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={id}")])
         .output()
-        .context("running nvidia-smi to read the card's memory for a fractional --gpu-memory-limit")?;
+        .context("cannot run nvidia-smi to read the card's memory for a fractional --gpu-memory-limit; give the limit in bytes (e.g. 60GB)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mib: u64 = text.trim().parse().with_context(|| {
-        format!("nvidia-smi gave `{}` for cuda:{id}'s memory; give --gpu-memory-limit in bytes", text.trim())
+        format!(
+            "nvidia-smi gave `{}` for cuda:{ordinal} (--id={id}); give --gpu-memory-limit in bytes (e.g. 60GB)",
+            text.trim()
+        )
     })?;
     Ok(mib << 20)
 }
@@ -293,8 +333,15 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
 
 impl RuntimeArgs {
     fn check(&self) -> Result<()> {
-        if let Some(flag) = self.batch_policy().problems().first() {
-            bail!("{flag} must be at least 1");
+        for (value, flag) in [
+            (Some(self.dit_rows), "--dit-rows (--max-batch)"),
+            (self.vae_batch, "--vae-batch"),
+            (self.vae_encode_batch, "--vae-encode-batch"),
+            (self.vae_decode_batch, "--vae-decode-batch"),
+        ] {
+            if value == Some(0) {
+                bail!("{flag} must be at least 1");
+            }
         }
         if self.max_call_elements == Some(0) {
             bail!("MGD3_MAX_CALL_ELEMENTS must be at least 1");
@@ -614,7 +661,11 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let Some(coordinator) = args.coordinator.clone() else {
         bail!("give --coordinator URL to join a cluster, or a subcommand (see --help)");
     };
-    let token = args.token_file.as_deref().map(mgd3_common::rpc::read_token_file).transpose()?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(|path| mgd3_common::rpc::read_token_file(path, args.insecure_token_file))
+        .transpose()?;
     let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
     let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(&host));
     let slurm = |key: &str| std::env::var(key).unwrap_or_default();
@@ -733,6 +784,12 @@ mod tests {
         assert_eq!((split.dit_rows, split.encode_images, split.decode_images), (256, 32, 8));
         let error = SessionConfig::try_from(&runtime_args(&["--vae-decode-batch", "0"])).unwrap_err().to_string();
         assert!(error.contains("--vae-decode-batch"), "{error}");
+        let error = SessionConfig::try_from(&runtime_args(&["--vae-batch", "0", "--vae-encode-batch", "3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("--vae-batch must"), "{error}");
+        // A larger encoder batch is a larger chunk of decoded images.
+        assert_eq!(runtime_args(&["--vae-encode-batch", "256"]).batch_policy().encode_chunk, 256);
         let error = SessionConfig::try_from(&runtime_args(&["--gpu-memory-limit", "20GB"])).unwrap_err().to_string();
         assert!(error.contains("--gpu-memory-limit") && error.contains("cpu"), "{error}");
     }
@@ -744,11 +801,37 @@ mod tests {
         assert_eq!(parse("24GB"), Ok(MemoryLimit::Bytes(24_000_000_000)));
         assert_eq!(parse("22GiB"), Ok(MemoryLimit::Bytes(22 << 30)));
         assert_eq!(parse("1.5 gb"), Ok(MemoryLimit::Bytes(1_500_000_000)));
+        assert_eq!(parse("0.5GB"), Ok(MemoryLimit::Bytes(500_000_000)));
+        assert_eq!(parse("0.5GiB"), Ok(MemoryLimit::Bytes(1 << 29)));
+        assert_eq!(parse("24G"), Ok(MemoryLimit::Bytes(24_000_000_000)));
+        assert_eq!(parse("24Gi"), Ok(MemoryLimit::Bytes(24 << 30)));
         assert_eq!(parse("0.8"), Ok(MemoryLimit::Fraction(0.8)));
+        assert_eq!(parse("1.0"), Ok(MemoryLimit::Fraction(1.0)));
         assert_eq!(parse("80%"), Ok(MemoryLimit::Fraction(0.8)));
-        for bad in ["", "0", "-1GB", "0%", "120%", "12 parsecs", "NaN", "0.0"] {
+        for (bad, says) in [
+            ("", "not a memory size"),
+            ("abc", "not a memory size"),
+            ("NaN", "not a memory size"),
+            ("0", "above 0"),
+            ("0.0", "above 0"),
+            ("-1GB", "above 0"),
+            ("0%", "above 0 %"),
+            ("150%", "at most 100 %"),
+            ("12 parsecs", "unknown unit"),
+            ("24", "did you mean `24GB`"),
+            ("1", "did you mean"),
+            ("1KB", "too little"),
+        ] {
             let error = parse(bad).unwrap_err();
-            assert!(error.contains("not a memory size"), "{bad}: {error}");
+            assert!(error.contains(says), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn nvidia_smi_is_asked_about_the_card_cuda_numbers_as_the_ordinal() {
+        assert_eq!(nvidia_smi_id(0, None), "0");
+        assert_eq!(nvidia_smi_id(1, Some("3,5")), "5");
+        assert_eq!(nvidia_smi_id(0, Some("GPU-8f2a, GPU-77")), "GPU-8f2a");
+        assert_eq!(nvidia_smi_id(2, Some("3")), "2", "an ordinal past the list is passed as it is");
     }
 }

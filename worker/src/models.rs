@@ -149,7 +149,9 @@ impl EngineError {
     /// Whether a later attempt (maybe on another worker) can succeed where this one failed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            EngineError::Model(e) => matches!(e, mgd3_onnx::Error::Ort { .. }),
+            // Out of memory at one item is often a card another process holds: another attempt
+            // (on this worker later, or on another) may fit.
+            EngineError::Model(e) => matches!(e, mgd3_onnx::Error::Ort { .. } | mgd3_onnx::Error::OutOfMemory { .. }),
             EngineError::Data(e) => {
                 matches!(
                     e,

@@ -429,4 +429,17 @@ fn forced_small_ceilings_and_out_of_memory_backoff_keep_every_byte_at_ipc_128() 
     let (backoff, _) = run(&|s| SessionConfig { fault_oom_above: Some(3), ..s });
     assert!(backoff.files.modes_npy == reference.files.modes_npy, "modes differ after backoff");
     assert!(backoff.files.images == reference.files.images, "PNGs differ after backoff");
+
+    // Out of memory even at one item: the class fails naming the model, and another attempt
+    // may run it (another worker, or this card once another process let go of it).
+    let session = SessionConfig { intra_threads: Some(1), fault_oom_above: Some(0), ..Default::default() };
+    let sampling = SamplingSpec { steps: 10, stop_guidance: 5, ..Default::default() };
+    let mut engine = Engine::load(&models(), &Runtime::uniform(session), sampling, 5).unwrap();
+    engine.set_cpu_pool(CpuPool::new(Some(1)));
+    let Err(error) = engine.distill_class(&dataset, &specs(&["n001"], 7)[0], false) else {
+        panic!("a class whose encoder is out of memory at one image succeeded");
+    };
+    assert!(error.is_retryable(), "{error}");
+    let message = mgd3_common::error_chain(&error);
+    assert!(message.contains("tiny_vae_encoder.onnx") && message.contains("ran out of memory"), "{message}");
 }
