@@ -2,6 +2,7 @@
 //! reported field by field, unknown jobs and missing binaries are named.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -288,21 +289,13 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     assert!(text.contains("models.dit_fingerprint = \"sha256:...\""), "{text}");
 }
 
-/// A submitted spec may only name local paths inside the coordinator's allowed folders: no
-/// reading a class list elsewhere, no listing a dataset through a symbolic link that leads out,
-/// no creating an output folder elsewhere. Every violation is named, nothing is created.
-#[test]
-fn submitted_specs_are_confined_to_the_allowed_folders() {
-    let dir = tempfile::tempdir().unwrap();
-    let (allowed, outside) = (dir.path().join("allowed"), dir.path().join("outside"));
-    std::fs::create_dir_all(outside.join("data/c0")).unwrap();
-    std::fs::create_dir_all(&allowed).unwrap();
-    std::fs::write(outside.join("secret.txt"), "c0\n").unwrap();
-    std::os::unix::fs::symlink(outside.join("data"), allowed.join("data")).unwrap();
+/// `coordinator serve` on a free loopback port with `store`, `--allow-path allowed`, started in
+/// `cwd`, once it answers; the server and its URL.
+fn serve_allowing(store: &Path, allowed: &Path, cwd: &Path) -> (Server, String) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let store = allowed.join("store");
-    let _server = Server(
+    let server = Server(
         Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .current_dir(cwd)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store.to_str().unwrap()])
             .args(["--allow-path", allowed.to_str().unwrap()])
             .stderr(Stdio::null())
@@ -316,6 +309,21 @@ fn submitted_specs_are_confined_to_the_allowed_folders() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    (server, url)
+}
+
+/// A submitted spec may only name local paths inside the coordinator's allowed folders: no
+/// reading a class list elsewhere, no listing a dataset through a symbolic link that leads out,
+/// no creating an output folder elsewhere. Every violation is named, nothing is created.
+#[test]
+fn submitted_specs_are_confined_to_the_allowed_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (allowed, outside) = (dir.path().join("allowed"), dir.path().join("outside"));
+    std::fs::create_dir_all(outside.join("data/c0")).unwrap();
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::write(outside.join("secret.txt"), "c0\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("data"), allowed.join("data")).unwrap();
+    let (_server, url) = serve_allowing(&allowed.join("store"), &allowed, Path::new("."));
     let spec = allowed.join("job.toml");
     let text = GOOD_SPEC
         .replace(
@@ -344,23 +352,7 @@ fn allow_path_adds_to_the_default_folders() {
     let (allowed, store, cwd) = (dir.path().join("allowed"), dir.path().join("store"), dir.path().join("cwd"));
     std::fs::create_dir_all(&allowed).unwrap();
     std::fs::create_dir_all(&cwd).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_coordinator"))
-            .current_dir(&cwd)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store.to_str().unwrap()])
-            .args(["--allow-path", allowed.to_str().unwrap()])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if coordinator(&["list", "--coordinator", &url]).status.success() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_server, url) = serve_allowing(&store, &allowed, &cwd);
     let spec = allowed.join("job.toml");
     std::fs::write(&spec, GOOD_SPEC).unwrap();
     let out = coordinator(&["submit", spec.to_str().unwrap(), "--coordinator", &url]);
