@@ -119,12 +119,22 @@ impl LoadedModel {
             std::process::id(),
             PROBES.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut session = build_session_profiled(path, config, Some(&prefix))?;
+        // The profiler writes its report beside `prefix`: where the temp folder takes no file
+        // (a read-only container), the model loads unprofiled and its calls go unmeasured.
+        let writable = std::fs::File::create(&prefix).is_ok_and(|_| std::fs::remove_file(&prefix).is_ok());
+        if !writable {
+            tracing::warn!(folder = %std::env::temp_dir().display(),
+                "the temp folder takes no file: the largest tensor per item is not measured (set TMPDIR to a writable folder)");
+        }
+        let prefix = writable.then_some(prefix);
+        let mut session = build_session_profiled(path, config, prefix.as_deref())?;
         let io = match ModelIo::read(path, &session) {
             Ok(io) => io,
             Err(error) => {
                 // The profiler's file exists from the session's start: leave none behind.
-                if let Ok(file) = session.end_profiling() {
+                if prefix.is_some()
+                    && let Ok(file) = session.end_profiling()
+                {
                     let _ = std::fs::remove_file(file);
                 }
                 return Err(error);
@@ -139,7 +149,7 @@ impl LoadedModel {
             max_call_elements: config.max_call_elements.max(1),
             device: config.device.to_string(),
             fault_oom_above: config.fault_oom_above,
-            probe_prefix: Some(prefix),
+            probe_prefix: prefix,
         })
     }
 

@@ -241,6 +241,32 @@ fn distill_class_writes_ipc_images_and_modes_deterministically() {
     );
 }
 
+/// Where the temp folder takes no file (a read-only container), the load-time probe cannot write
+/// its profile: the models load unmeasured, with a warning naming TMPDIR, and the bytes are the
+/// same.
+#[test]
+fn an_unwritable_temp_folder_loads_the_models_unmeasured_with_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n01440764", 8);
+    let (usual, unmeasured) = (dir.path().join("a"), dir.path().join("b"));
+    assert_ok(&distill(&data, "n01440764", &usual, "3", "tiny_dit.onnx"));
+    let args = distill_args(&data, "n01440764", &unmeasured, "3", "tiny_dit.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(&args)
+        .args(["--threads", "1"])
+        .env("TMPDIR", dir.path().join("no/such/folder"))
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("TMPDIR"), "{text}");
+    for j in 0..3 {
+        let name = format!("n01440764/{j}.png");
+        assert_eq!(std::fs::read(usual.join(&name)).unwrap(), std::fs::read(unmeasured.join(&name)).unwrap(), "{name}");
+    }
+}
+
 #[test]
 fn distill_class_errors_name_the_class_file_or_model() {
     let dir = tempfile::tempdir().unwrap();
