@@ -279,9 +279,10 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
     // Exactly the marker's files: anything else in the class folder goes (a file of another
     // attempt, a staging copy left by a crash), and so do staging copies of the modes file.
     let folder = format!("{}/dataset/{wnid}", keys.root());
-    let present: Vec<_> = store
-        .list(Some(&out.key(&folder)))
-        .try_collect()
+    // Retried through an outage like every other call of a commit: a listing that fails here
+    // would fail the class after its files are published.
+    let folder_key = out.key(&folder);
+    let present: Vec<_> = retry_idempotent(|| store.list(Some(&folder_key)).try_collect::<Vec<_>>())
         .await
         .map_err(store_err(out, format!("listing `{folder}`")))?;
     for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
@@ -350,8 +351,9 @@ pub async fn verify_class(
         }
     }
     let folder = out.key(&format!("{}/dataset/{wnid}", keys.root()));
-    let present: Vec<_> =
-        store.list(Some(&folder)).try_collect().await.map_err(store_err(out, format!("listing `{folder}`")))?;
+    let present: Vec<_> = retry_idempotent(|| store.list(Some(&folder)).try_collect::<Vec<_>>())
+        .await
+        .map_err(store_err(out, format!("listing `{folder}`")))?;
     for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
         problems.push(FileProblem { file: stray.location.to_string(), problem: "not listed in the marker".into() });
     }
@@ -444,8 +446,9 @@ pub fn remove_staging_copies(
 /// [`CommitError::Store`] when the folder cannot be listed or an object cannot be deleted.
 pub async fn delete_prefix(out: &Location, relative: &str) -> Result<(), CommitError> {
     let prefix = out.key(relative);
-    let objects: Vec<_> =
-        out.store.list(Some(&prefix)).try_collect().await.map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let objects: Vec<_> = retry_idempotent(|| out.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+        .await
+        .map_err(store_err(out, format!("listing `{prefix}`")))?;
     for object in objects {
         match out.store.delete(&object.location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
