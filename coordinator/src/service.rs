@@ -479,8 +479,8 @@ impl Coordinator {
     /// paths outside the allowed folders; store and model-file errors.
     pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
         let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
-        let planned = self.inner.scheduler.lock().expect("scheduler").planned_rows();
-        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref(), planned).await
+        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref(), self.planned_rows())
+            .await
     }
 
     /// Submits a job; submitting the same spec again returns the existing job. Returns the job

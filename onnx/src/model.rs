@@ -6,6 +6,7 @@
 //! a result: each item is computed alone.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
@@ -79,8 +80,8 @@ pub(crate) struct LoadedModel {
     device: String,
     /// Test seam: calls above this many items fail as out of memory.
     fault_oom_above: Option<usize>,
-    /// The profiler's file prefix while the load-time probe is pending.
-    probe_prefix: Option<PathBuf>,
+    /// The profiler runs: from the session's start until the load-time probe ends it.
+    profiling: bool,
 }
 
 /// What an ONNX Runtime failure of a call says about memory: `Some(requested bytes)` when an
@@ -111,31 +112,15 @@ impl LoadedModel {
     /// reads its contract view.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         static PROBES: AtomicU64 = AtomicU64::new(0);
-        if PROBES.load(Ordering::Relaxed) == 0 {
-            remove_orphaned_profiles();
-        }
-        let prefix = std::env::temp_dir().join(format!(
-            "mgd3-probe-{}-{}",
-            std::process::id(),
-            PROBES.fetch_add(1, Ordering::Relaxed)
-        ));
-        // The profiler writes its report beside `prefix`: where the temp folder takes no file
-        // (a read-only container), the model loads unprofiled and its calls go unmeasured.
-        let writable = std::fs::File::create(&prefix).is_ok_and(|_| std::fs::remove_file(&prefix).is_ok());
-        if !writable {
-            tracing::warn!(folder = %std::env::temp_dir().display(),
-                "the temp folder takes no file: the largest tensor per item is not measured (set TMPDIR to a writable folder)");
-        }
-        let prefix = writable.then_some(prefix);
+        let prefix = profiles_folder().map(|folder| {
+            folder.join(format!("mgd3-probe-{}-{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed)))
+        });
         let mut session = build_session_profiled(path, config, prefix.as_deref())?;
         let io = match ModelIo::read(path, &session) {
             Ok(io) => io,
             Err(error) => {
-                // The profiler's file exists from the session's start: leave none behind.
-                if prefix.is_some()
-                    && let Ok(file) = session.end_profiling()
-                {
-                    let _ = std::fs::remove_file(file);
+                if prefix.is_some() {
+                    discard_profile(&mut session);
                 }
                 return Err(error);
             }
@@ -149,7 +134,7 @@ impl LoadedModel {
             max_call_elements: config.max_call_elements.max(1),
             device: config.device.to_string(),
             fault_oom_above: config.fault_oom_above,
-            probe_prefix: prefix,
+            profiling: prefix.is_some(),
         })
     }
 
@@ -159,7 +144,7 @@ impl LoadedModel {
     /// checks. A profile that cannot be read leaves the ceiling unmeasured (logged at WARN):
     /// the policy and out-of-memory backoff still bound the calls.
     pub fn probe(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
-        if self.probe_prefix.take().is_none() {
+        if !std::mem::take(&mut self.profiling) {
             return Ok(());
         }
         let context = format!("probing `{}` with one item", self.path.display());
@@ -326,19 +311,45 @@ impl LoadedModel {
 impl Drop for LoadedModel {
     fn drop(&mut self) {
         // A model dropped before its probe (its contract check failed) leaves no profile behind.
-        if self.probe_prefix.take().is_some()
-            && let Ok(file) = self.session.end_profiling()
-        {
-            let _ = std::fs::remove_file(file);
+        if self.profiling {
+            discard_profile(&mut self.session);
         }
     }
+}
+
+/// Ends a session's profiling and deletes its report (the file exists from the session's start).
+fn discard_profile(session: &mut Session) {
+    if let Ok(file) = session.end_profiling() {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+/// Where the load-time probes write their profiles: the temp folder, once per process swept of
+/// the profiles of processes that are gone and checked to take a file. `None` (said once at
+/// WARN) where it takes none, as in a read-only container: models then load unprofiled and
+/// their calls go unmeasured.
+fn profiles_folder() -> Option<&'static Path> {
+    static FOLDER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOLDER
+        .get_or_init(|| {
+            let folder = std::env::temp_dir();
+            remove_orphaned_profiles(&folder);
+            let check = folder.join(format!("mgd3-probe-{}-check", std::process::id()));
+            let writable = std::fs::File::create(&check).is_ok_and(|_| std::fs::remove_file(&check).is_ok());
+            if !writable {
+                tracing::warn!(folder = %folder.display(),
+                    "the temp folder takes no file: the largest tensor per item is not measured (set TMPDIR to a writable folder)");
+            }
+            writable.then_some(folder)
+        })
+        .as_deref()
 }
 
 /// Removes the probe profiles of processes that are gone (killed while loading a model, before
 /// the probe read and deleted its file): `mgd3-probe-<pid>-…` in the temp folder whose pid has no
 /// `/proc` entry.
-fn remove_orphaned_profiles() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+fn remove_orphaned_profiles(folder: &Path) {
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("mgd3-probe-")).and_then(|r| r.split('-').next())

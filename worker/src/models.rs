@@ -199,19 +199,24 @@ impl Runtime {
         Runtime { session, policy }
     }
 
+    /// The shared session settings with `items` per call.
+    fn with_batch(&self, items: usize) -> SessionConfig {
+        SessionConfig { max_batch: items.max(1), ..self.session.clone() }
+    }
+
     /// The session settings of the DiT: `policy.dit_rows` rows per call.
     pub fn dit(&self) -> SessionConfig {
-        SessionConfig { max_batch: self.policy.dit_rows.max(1), ..self.session.clone() }
+        self.with_batch(self.policy.dit_rows)
     }
 
     /// The session settings of the VAE encoder: `policy.encode_images` per call.
     pub fn encoder(&self) -> SessionConfig {
-        SessionConfig { max_batch: self.policy.encode_images.max(1), ..self.session.clone() }
+        self.with_batch(self.policy.encode_images)
     }
 
     /// The session settings of the VAE decoder: `policy.decode_images` per call.
     pub fn decoder(&self) -> SessionConfig {
-        SessionConfig { max_batch: self.policy.decode_images.max(1), ..self.session.clone() }
+        self.with_batch(self.policy.decode_images)
     }
 }
 
