@@ -170,6 +170,9 @@ struct JobRun {
     /// moment it took the job on (so work committed before never counts), then one per change.
     /// Only what the rate window needs is kept.
     progress: VecDeque<(u64, u64)>,
+    /// Shard index → the worker whose lease of it expired last, while that is the shard's last
+    /// attempt: a second expiry on the same worker in a row costs the shard nothing.
+    expired_on: HashMap<usize, String>,
 }
 
 /// The window the throughput and ETA are measured over: long enough to smooth over shard
@@ -302,7 +305,29 @@ pub enum WorkerEvent {
         /// Its id.
         worker_id: String,
     },
+    /// Leases expired on the worker [`SET_ASIDE_AFTER`] or more times in a row (it takes work and
+    /// dies before reporting: a crash loop): it gets no lease until `until_ms`.
+    SetAside {
+        /// Its id.
+        worker_id: String,
+        /// Leases that expired on it in a row.
+        expired_in_a_row: u32,
+        /// When it may lease again (Unix ms).
+        until_ms: u64,
+    },
 }
+
+/// Leases that expire on one worker in a row before it is set aside (see
+/// [`WorkerEvent::SetAside`]).
+pub const SET_ASIDE_AFTER: u32 = 2;
+
+/// How long a worker is set aside the first time; each further expiry in a row doubles it, up
+/// to [`SET_ASIDE_MAX_MS`]. Long enough for a crash loop to stop costing shards, short enough
+/// that a worker whose fault was passing (a full node-local disk cleaned up) comes back.
+pub const SET_ASIDE_MS: u64 = 5 * 60 * 1000;
+
+/// The longest a worker is set aside at a time.
+pub const SET_ASIDE_MAX_MS: u64 = 60 * 60 * 1000;
 
 /// Why a worker is counted gone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -380,6 +405,10 @@ pub struct Scheduler {
     gone: HashMap<String, LeftReason>,
     /// Comings and goings since the last [`Scheduler::take_worker_events`].
     worker_events: Vec<WorkerEvent>,
+    /// Leases expired on each worker since it last renewed or completed one.
+    expiry_streak: HashMap<String, u32>,
+    /// Workers set aside after a run of expiries, until the time given (Unix ms).
+    set_aside: HashMap<String, u64>,
     heartbeat_ms: u64,
     draining: bool,
     /// Drain idle workers whenever every job has ended (`serve --drain-when-done`).
@@ -405,6 +434,8 @@ impl Scheduler {
             processes: HashMap::new(),
             gone: HashMap::new(),
             worker_events: Vec::new(),
+            expiry_streak: HashMap::new(),
+            set_aside: HashMap::new(),
             heartbeat_ms,
             draining: false,
             drain_when_done: false,
@@ -482,12 +513,23 @@ impl Scheduler {
             pending.clear();
         }
         let id = job.job_id.clone();
-        let mut run = JobRun { job, persisted, pending, progress: VecDeque::new() };
+        let mut run = JobRun { job, persisted, pending, progress: VecDeque::new(), expired_on: HashMap::new() };
         run.restart_progress(now);
         if !self.jobs.contains_key(&id) {
             self.order.push(id.clone());
         }
         self.jobs.insert(id, run);
+    }
+
+    /// Drops a job and its leases (its workers are told to stop them on their next poll, as for
+    /// any lease that is no longer held). Returns whether it was known.
+    pub fn forget_job(&mut self, job_id: &str) -> bool {
+        if self.jobs.remove(job_id).is_none() {
+            return false;
+        }
+        self.order.retain(|id| id != job_id);
+        self.leases.retain(|_, (job, _)| job != job_id);
+        true
     }
 
     /// Whether `job_id` is known.
@@ -724,6 +766,10 @@ impl Scheduler {
                 entry.images_done = running.images_done;
                 entry.classes_done = running.classes_done;
                 run.record_progress(now);
+                // Renewing proves the worker runs its shards: no crash loop.
+                run.expired_on.remove(&shard);
+                self.expiry_streak.remove(worker_id);
+                self.set_aside.remove(worker_id);
                 true
             }
             _ => false,
@@ -731,6 +777,9 @@ impl Scheduler {
     }
 
     fn grant(&mut self, worker_id: &str, now: u64) -> Option<LeaseGrant> {
+        if self.set_aside.get(worker_id).is_some_and(|until| *until > now) {
+            return None;
+        }
         for job_id in &self.order {
             let run = self.jobs.get_mut(job_id).expect("ordered jobs exist");
             if run.persisted.cancelled
@@ -790,9 +839,41 @@ impl Scheduler {
                     _ => String::new(),
                 };
                 let error = format!("lease expired: worker `{worker}` stopped renewing it");
+                self.expired_on_worker(&job, shard, &worker, now);
                 Some((job.clone(), self.requeue_or_fail(&job, shard, None, error, true, false, now)))
             })
             .collect()
+    }
+
+    /// Books an expiry of `worker`'s lease of `shard`: a second expiry of the shard on the same
+    /// worker in a row gives the attempt back (one bad worker must not spend every attempt of a
+    /// shard), and a worker on which [`SET_ASIDE_AFTER`] leases expired in a row is set aside.
+    fn expired_on_worker(&mut self, job_id: &str, shard: usize, worker: &str, now: u64) {
+        let run = self.jobs.get_mut(job_id).expect("job of a lease");
+        if run.expired_on.insert(shard, worker.to_owned()).as_deref() == Some(worker) {
+            let entry = &mut run.persisted.shards[shard];
+            entry.attempts = entry.attempts.saturating_sub(1);
+        }
+        let streak = self.expiry_streak.entry(worker.to_owned()).or_insert(0);
+        *streak += 1;
+        if *streak >= SET_ASIDE_AFTER {
+            let doublings = (*streak - SET_ASIDE_AFTER).min(16);
+            let until_ms = now + (SET_ASIDE_MS << doublings).min(SET_ASIDE_MAX_MS);
+            self.set_aside.insert(worker.to_owned(), until_ms);
+            self.worker_events.push(WorkerEvent::SetAside {
+                worker_id: worker.to_owned(),
+                expired_in_a_row: *streak,
+                until_ms,
+            });
+        }
+    }
+
+    /// Workers set aside at `now` (see [`WorkerEvent::SetAside`]), with when each may lease again.
+    pub fn set_aside(&self, now: u64) -> Vec<(String, u64)> {
+        let mut aside: Vec<_> =
+            self.set_aside.iter().filter(|(_, until)| **until > now).map(|(w, until)| (w.clone(), *until)).collect();
+        aside.sort();
+        aside
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -867,6 +948,8 @@ impl Scheduler {
     pub fn complete(&mut self, worker_id: &str, lease_id: &str, now: u64) -> Result<(String, Settled), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         self.leases.remove(lease_id);
+        self.expiry_streak.remove(worker_id);
+        self.set_aside.remove(worker_id);
         let settled = self.mark_done(&job, shard, now);
         Ok((job, settled))
     }
@@ -1256,6 +1339,53 @@ mod tests {
         let mut again = Scheduler::new(1000, "f");
         again.add_job(job("j", 4, 1, 3), None, &HashSet::from([0, 1]), 400_000);
         assert_eq!(again.summary("j", 401_000).unwrap().images_per_second, 0.0);
+    }
+
+    /// A worker in a crash loop (it takes a lease, dies, and comes back after the lease
+    /// expired) costs the shard one attempt, not all of them: expiries on one worker in a row
+    /// count once, and after two in a row the worker is set aside (one event) while another
+    /// worker takes the shard. The set-aside ends after its period, and a renewal ends the streak.
+    #[test]
+    fn a_crash_looping_worker_is_set_aside_and_spends_one_attempt() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 2), None, &HashSet::new(), 0);
+        let first = lease(poll(&mut s, "bad", &[], false, 0).0);
+        assert_eq!((first.shard_index, first.attempt), (0, 1));
+        // Back after the 10 s lease expired: the same shard again, its second attempt.
+        let second = lease(poll(&mut s, "bad", &[], false, 10_001).0);
+        assert_eq!((second.shard_index, second.attempt), (0, 2));
+        assert!(s.take_worker_events().is_empty(), "one expiry is no crash loop");
+        // The second expiry in a row on `bad` costs nothing and sets `bad` aside.
+        let (decision, _) = poll(&mut s, "bad", &[], false, 20_002);
+        assert_eq!(decision, PollDecision::Wait(1000), "a set-aside worker gets no lease");
+        let events = s.take_worker_events();
+        assert_eq!(
+            events,
+            vec![WorkerEvent::SetAside {
+                worker_id: "bad".into(),
+                expired_in_a_row: 2,
+                until_ms: 20_002 + SET_ASIDE_MS
+            }]
+        );
+        assert_eq!(s.state("j"), Some(JobState::Running), "max_attempts 2 is not spent by one worker");
+        let rescued = lease(poll(&mut s, "good", &[], false, 20_003).0);
+        assert_eq!((rescued.shard_index, rescued.attempt), (0, 2));
+        assert_eq!(s.set_aside(20_004), vec![("bad".to_owned(), 20_002 + SET_ASIDE_MS)]);
+        assert!(matches!(poll(&mut s, "bad", &[], false, 30_000).0, PollDecision::Wait(_)));
+        // After the period `bad` may lease again (shard 1); renewing ends its streak.
+        let back = lease(poll(&mut s, "bad", &[], false, 20_002 + SET_ASIDE_MS).0);
+        assert_eq!(back.shard_index, 1);
+        let running = Running { lease_id: back.lease_id.clone(), images_done: 0, classes_done: 0 };
+        poll(&mut s, "bad", std::slice::from_ref(&running), false, 20_003 + SET_ASIDE_MS);
+        assert!(s.set_aside(20_004 + SET_ASIDE_MS).is_empty());
+        assert!(s.take_worker_events().is_empty());
+        // A different worker in between: expiries on two workers each count.
+        let mut t = Scheduler::new(1000, "e");
+        t.add_job(job("k", 1, 1, 2), None, &HashSet::new(), 0);
+        lease(poll(&mut t, "a", &[], false, 0).0);
+        lease(poll(&mut t, "b", &[], false, 10_001).0);
+        poll(&mut t, "c", &[], false, 20_002);
+        assert_eq!(t.state("k"), Some(JobState::Failed), "two workers, two attempts");
     }
 
     #[test]

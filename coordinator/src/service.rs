@@ -1041,6 +1041,12 @@ fn log_worker_events(events: Vec<crate::scheduler::WorkerEvent>) {
                 "worker left: silent for three heartbeats (died, preempted or cut off); its leases are requeued when they expire"
             ),
             WorkerEvent::Returned { worker_id } => info!(worker = %worker_id, "worker is back"),
+            WorkerEvent::SetAside { worker_id, expired_in_a_row, until_ms } => warn!(
+                worker = %worker_id,
+                expired_in_a_row,
+                set_aside_s = until_ms.saturating_sub(now_ms()) / 1000,
+                "worker set aside: its leases expired {expired_in_a_row} times in a row (it takes work and dies before reporting: a crash loop?); its shards go to other workers, and its log says why it stops"
+            ),
         }
     }
 }
