@@ -3,6 +3,7 @@
 //! ```text
 //! <out>/jobs/<job>/job.json                    resolved spec + fingerprint, written once at submit
 //! <out>/jobs/<job>/state.json                  coordinator's durable view (attempts, failures, leases)
+//! <out>/jobs/<job>/forgotten.json              `coordinator forget` left the outputs here (no job.json)
 //! <out>/jobs/<job>/staging/<attempt>/<wnid>/   one attempt's files before commit
 //! <out>/jobs/<job>/shards/<wnid>.json          commit marker (create-only), lists sha256 of each file
 //! <out>/jobs/<job>/modes/<wnid>.npy            IPC × C×h×w centroids
@@ -37,6 +38,11 @@ impl JobKeys {
     /// `jobs/<job>/state.json`: the coordinator's durable view of the job.
     pub fn state_json(&self) -> String {
         format!("{}/state.json", self.root)
+    }
+    /// `jobs/<job>/forgotten.json`: written by `coordinator forget` where the job's outputs stay
+    /// in its folder, so that the folder is not taken for a job whose `job.json` was lost.
+    pub fn forgotten_json(&self) -> String {
+        format!("{}/forgotten.json", self.root)
     }
     /// `jobs/<job>/staging/<attempt>`: the files of one attempt before commit.
     pub fn staging(&self, attempt_id: &str) -> String {

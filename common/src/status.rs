@@ -193,11 +193,10 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
-    /// The status of a job whose records cannot be read: `reason` is what is wrong with them.
-    pub fn quarantined(job_id: String, reason: String) -> Self {
-        let error = format!(
-            "{reason}; the job is quarantined (not scheduled): repair or remove its records under jobs/{job_id}/, then restart the coordinator or run `coordinator resume {job_id}`"
-        );
+    /// The status of a job whose records cannot be read: `reason` is what is wrong with them,
+    /// `advice` what to do about it.
+    pub fn quarantined(job_id: String, reason: String, advice: &str) -> Self {
+        let error = format!("{reason}; the job is quarantined (not scheduled): {advice}");
         JobStatus {
             state: JobState::Quarantined,
             fingerprint: String::new(),

@@ -42,6 +42,11 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Cancel a job.
     Cancel(JobArgs),
+    /// Forget a job that is not running: delete its records (job.json, state.json) and drop it
+    /// from the coordinator; its outputs (images, markers, manifest) stay, and submitting the
+    /// same spec again brings it back with its committed classes. The way out for a quarantined
+    /// job that keeps its finished images.
+    Forget(JobArgs),
     /// Check every published file of a job against the sha256 in its class's marker, and that
     /// class folders hold nothing else; exits non-zero on any problem (`resume` repairs).
     Verify(JobArgs),
@@ -673,6 +678,21 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .await
                 .map_err(CallError::of(&args.connection.coordinator, "CancelJob"))?;
             outln!("job {} cancelled", args.job);
+            Ok(())
+        }
+        Command::Forget(args) => {
+            let mut client = args.connection.client()?;
+            let response = client
+                .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
+                .await
+                .map_err(CallError::of(&args.connection.coordinator, "ForgetJob"))?
+                .into_inner();
+            outln!("job {} forgotten", args.job);
+            if response.outputs_kept {
+                errln!(
+                    "its outputs stay in its folder; submitting the same spec again brings the job back with its committed classes"
+                );
+            }
             Ok(())
         }
         Command::Ready(args) => ready(&args).await,

@@ -150,13 +150,50 @@ pub enum Error {
         path: String,
     },
     /// A submitted or resumed job is quarantined: its records are damaged.
-    #[error("job `{job}` is quarantined: {reason}; repair or remove its records, then `coordinator resume {job}`")]
+    #[error("job `{job}` is quarantined: {reason}; {}", quarantine_advice(job, *rebuildable))]
     Quarantined {
         /// The job id.
         job: String,
         /// What is wrong with its records.
         reason: String,
+        /// Its `job.json` is missing or corrupt: submitting the same spec rebuilds it.
+        rebuildable: bool,
     },
+    /// The spec submitted to rebuild a job's lost `job.json` is not the one its committed classes
+    /// (or manifest) were made with.
+    #[error(
+        "job `{job}` lost its job.json, and this spec is not the one its committed work was made with: {}; \
+         submit the spec it was made with to rebuild it (a finished job's manifest.json holds it), or give this spec its own job id",
+        differences.join("; ")
+    )]
+    RebuildRefused {
+        /// The job id.
+        job: String,
+        /// Each difference found, as a person reads it.
+        differences: Vec<String>,
+    },
+    /// `forget` of a job that is running.
+    #[error(
+        "job `{job}` is running; `coordinator cancel {job}` stops it first (forget drops the coordinator's records of a job, never a running one)"
+    )]
+    JobRunning {
+        /// The job id.
+        job: String,
+    },
+}
+
+/// What to do about a quarantined job: rebuild a lost `job.json` by submitting the same spec,
+/// or repair the other records and resume; `forget` drops the records either way.
+pub fn quarantine_advice(job: &str, rebuildable: bool) -> String {
+    if rebuildable {
+        format!(
+            "submit the same job spec again to rebuild its job.json (committed classes are kept), or `coordinator forget {job}` to drop its records (its outputs stay)"
+        )
+    } else {
+        format!(
+            "repair or remove its records under jobs/{job}/, then `coordinator resume {job}` (or restart the coordinator); `coordinator forget {job}` drops its records (its outputs stay)"
+        )
+    }
 }
 
 impl Error {
@@ -193,9 +230,11 @@ impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         let message = bounded_message(mgd3_common::error_chain(&error));
         match error {
-            Error::Job(_) | Error::FingerprintChanged { .. } | Error::JobIdTaken { .. } | Error::DataChanged { .. } => {
-                tonic::Status::invalid_argument(message)
-            }
+            Error::Job(_)
+            | Error::FingerprintChanged { .. }
+            | Error::JobIdTaken { .. }
+            | Error::DataChanged { .. }
+            | Error::RebuildRefused { .. } => tonic::Status::invalid_argument(message),
             Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
                 tonic::Status::not_found(message)
             }
@@ -204,7 +243,8 @@ impl From<Error> for tonic::Status {
             | Error::Scheduler(_)
             | Error::MissingMarker { .. }
             | Error::DigestMismatch { .. }
-            | Error::Quarantined { .. } => tonic::Status::failed_precondition(message),
+            | Error::Quarantined { .. }
+            | Error::JobRunning { .. } => tonic::Status::failed_precondition(message),
             Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) | Error::Lock(_) => {
                 tonic::Status::unavailable(message)
             }

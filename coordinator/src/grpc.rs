@@ -106,6 +106,11 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(proto::CancelJobResponse {}))
     }
 
+    async fn forget_job(&self, request: Request<proto::ForgetJobRequest>) -> RpcResult<proto::ForgetJobResponse> {
+        let outputs_kept = self.0.forget(&request.into_inner().job_id).await?;
+        Ok(Response::new(proto::ForgetJobResponse { outputs_kept }))
+    }
+
     async fn list_jobs(&self, _request: Request<proto::ListJobsRequest>) -> RpcResult<proto::ListJobsResponse> {
         Ok(Response::new(proto::ListJobsResponse { jobs: self.0.list().into_iter().map(Into::into).collect() }))
     }

@@ -9,10 +9,11 @@
 //! existed have the shape of version 1 and are read as such; a file from a newer mgd3 is refused
 //! ([`Error::StateTooNew`]), which quarantines the job rather than losing what it records.
 
+use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use mgd3_common::job::ResolvedJob;
 use mgd3_common::layout::JobKeys;
-use mgd3_common::store::{Location, get_optional, put_create};
+use mgd3_common::store::{Location, get_optional, put_create, retry_idempotent};
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,25 @@ pub trait JobStore: Send + Sync {
     /// [`Error::JobIdTaken`] when the id holds a job of another fingerprint.
     fn create_job<'a>(&'a self, job: &'a ResolvedJob) -> BoxFuture<'a, Result<bool>>;
 
+    /// Replaces `job.json` with `job`: the rebuild of a job whose `job.json` is missing or
+    /// corrupt, once the same spec was submitted again. Removes a `forgotten.json`.
+    fn rewrite_job<'a>(&'a self, job: &'a ResolvedJob) -> BoxFuture<'a, Result<()>>;
+
+    /// True when `job.json` of `job_id` exists (readable or not).
+    fn job_present<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool>>;
+
+    /// What a job folder without a usable `job.json` holds besides its records.
+    fn folder<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<Folder>>;
+
+    /// Removes what a folder of [`Folder::Temporaries`] holds (the temporary files of writes that
+    /// never finished) and the folder itself where the store has folders.
+    fn sweep_folder<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Deletes the job's records (`job.json`, `state.json`); where anything else stays in the
+    /// folder (outputs in the same store), writes `forgotten.json` so that the folder is not
+    /// taken for a damaged job. Returns whether anything stayed.
+    fn forget_job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool>>;
+
     /// Reads `job.json`.
     ///
     /// # Errors
@@ -67,12 +87,18 @@ pub trait JobStore: Send + Sync {
     fn job_ids(&self) -> BoxFuture<'_, Result<Vec<String>>>;
 
     /// One job's records: `job.json` is required ([`Error::Missing`] without it, [`Error::Corrupt`]
-    /// when unreadable or about another job).
+    /// when unreadable or about another job). A folder without `job.json` that holds only
+    /// temporaries or was forgotten is [`Error::UnknownJob`]: no job.
     fn load_job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<JobRecords>> {
         Box::pin(async move {
             let job = match self.read_job(job_id).await {
                 Err(Error::UnknownJob(_)) => {
-                    return Err(Error::Missing { path: format!("{}/{}", self.url(), JobKeys::new(job_id).job_json()) });
+                    return Err(match self.folder(job_id).await? {
+                        Folder::Temporaries | Folder::Forgotten => Error::UnknownJob(job_id.into()),
+                        Folder::Records => {
+                            Error::Missing { path: format!("{}/{}", self.url(), JobKeys::new(job_id).job_json()) }
+                        }
+                    });
                 }
                 other => other?,
             };
@@ -94,6 +120,14 @@ pub trait JobStore: Send + Sync {
             let mut jobs = Vec::new();
             for job_id in self.job_ids().await? {
                 let loaded = match self.load_job(&job_id).await {
+                    // What a submit killed before job.json was in place left behind: no job.
+                    Err(Error::UnknownJob(_)) => {
+                        if self.folder(&job_id).await? == Folder::Temporaries {
+                            tracing::info!(job = %job_id, "removing the temporary files of a submit that never finished");
+                            self.sweep_folder(&job_id).await?;
+                        }
+                        continue;
+                    }
                     Err(error) if !error.is_damage() => return Err(error),
                     loaded => loaded,
                 };
@@ -105,6 +139,21 @@ pub trait JobStore: Send + Sync {
             Ok(jobs)
         })
     }
+}
+
+/// What a job folder without a usable `job.json` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Folder {
+    /// Nothing but temporary files of writes that never finished (a local store's `name#N`), or
+    /// nothing at all: a submit killed before `job.json` was in place, or a folder removed by
+    /// hand. Not a job.
+    Temporaries,
+    /// `coordinator forget` removed the records and left the outputs: not a job until the same
+    /// spec is submitted again.
+    Forgotten,
+    /// Records or outputs without `job.json`: a job whose `job.json` was lost (quarantined until
+    /// the same spec is submitted again).
+    Records,
 }
 
 /// `state.json` on disk: the scheduler's persisted job with the schema version beside it.
@@ -183,6 +232,15 @@ impl ObjectJobStore {
         &self.location
     }
 
+    /// Deletes `forgotten.json` (absent is fine).
+    async fn remove_tombstone(&self, keys: &JobKeys) -> Result<()> {
+        let key = self.location.key(&keys.forgotten_json());
+        match retry_idempotent(|| self.location.store.delete(&key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(self.store_err(format!("deleting `{key}`"))(source)),
+        }
+    }
+
     fn store_err(&self, context: String) -> impl FnOnce(object_store::Error) -> Error + use<> {
         let url = self.location.url.clone();
         move |source| Error::ObjectStore { url, context, source }
@@ -202,6 +260,8 @@ impl JobStore for ObjectJobStore {
                 .await
                 .map_err(self.store_err(format!("writing `{key}`")))?
             {
+                // The spec of a forgotten job submitted again: the folder is a job again.
+                self.remove_tombstone(&JobKeys::new(&job.job_id)).await?;
                 return Ok(true);
             }
             let existing = self.read_job(&job.job_id).await?;
@@ -209,6 +269,98 @@ impl JobStore for ObjectJobStore {
                 return Err(Error::JobIdTaken { job: job.job_id.clone() });
             }
             Ok(false)
+        })
+    }
+
+    fn rewrite_job<'a>(&'a self, job: &'a ResolvedJob) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let keys = JobKeys::new(&job.job_id);
+            let key = self.location.key(&keys.job_json());
+            let bytes = serde_json::to_vec_pretty(job).expect("serialisable job");
+            retry_idempotent(|| self.location.store.put(&key, PutPayload::from(bytes.clone())))
+                .await
+                .map_err(self.store_err(format!("writing `{key}`")))?;
+            self.remove_tombstone(&keys).await
+        })
+    }
+
+    fn job_present<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let key = self.location.key(&JobKeys::new(job_id).job_json());
+            match retry_idempotent(|| self.location.store.head(&key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(source) => Err(self.store_err(format!("reading `{key}`"))(source)),
+            }
+        })
+    }
+
+    fn folder<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<Folder>> {
+        Box::pin(async move {
+            let keys = JobKeys::new(job_id);
+            let prefix = self.location.key(keys.root());
+            // A local store lists no `name#N` temporaries: a folder of only those lists empty.
+            let objects: Vec<_> = retry_idempotent(|| self.location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+                .await
+                .map_err(self.store_err(format!("listing `{prefix}`")))?;
+            let tombstone = self.location.key(&keys.forgotten_json());
+            Ok(if objects.is_empty() {
+                Folder::Temporaries
+            } else if objects.iter().any(|o| o.location == tombstone) {
+                Folder::Forgotten
+            } else {
+                Folder::Records
+            })
+        })
+    }
+
+    fn sweep_folder<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let keys = JobKeys::new(job_id);
+            if let Some(folder) = self.location.local_path(keys.root()) {
+                // Only temporaries and empty folders are left (the listing found no object).
+                match std::fs::remove_dir_all(&folder) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(Error::Io { what: "job folder", path: folder.display().to_string(), source });
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn forget_job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let keys = JobKeys::new(job_id);
+            let prefix = self.location.key(keys.root());
+            let records = [keys.job_json(), keys.state_json(), keys.forgotten_json()].map(|k| self.location.key(&k));
+            let objects: Vec<_> = retry_idempotent(|| self.location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+                .await
+                .map_err(self.store_err(format!("listing `{prefix}`")))?;
+            let outputs_stay = objects.iter().any(|o| !records.contains(&o.location));
+            // The note goes in before the records go out: a crash in between leaves either a
+            // job that loads (job.json still there) or a forgotten one, never a damaged one.
+            if outputs_stay {
+                let key = &records[2];
+                let note = serde_json::json!({ "job_id": job_id, "forgotten_unix_ms": mgd3_common::now_ms() });
+                let bytes = serde_json::to_vec_pretty(&note).expect("serialisable note");
+                retry_idempotent(|| self.location.store.put(key, PutPayload::from(bytes.clone())))
+                    .await
+                    .map_err(self.store_err(format!("writing `{key}`")))?;
+            }
+            for key in &records[..2] {
+                match retry_idempotent(|| self.location.store.delete(key)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(source) => return Err(self.store_err(format!("deleting `{key}`"))(source)),
+                }
+            }
+            if !outputs_stay {
+                self.remove_tombstone(&keys).await?;
+                self.sweep_folder(job_id).await?;
+            }
+            Ok(outputs_stay)
         })
     }
 

@@ -154,6 +154,11 @@ impl StoreLock {
             let bytes = serde_json::to_vec(&record).expect("serialisable lock");
             if put_create(store.store.as_ref(), &key, bytes).await.map_err(err)? {
                 info!(store = %store.url, "coordinator lock taken");
+                // Temporaries of lock writes a killed holder left (`coordinator.lock#N`): only
+                // the holder writes the lock, and that is this process now.
+                if let Err(error) = mgd3_common::commit::remove_staging_copies(store, "", LOCK_KEY, Duration::ZERO) {
+                    warn!(store = %store.url, error = %mgd3_common::error_chain(&error), "cannot remove a temporary lock file");
+                }
                 return Ok(StoreLock { store: store.clone(), record });
             }
             let Some(bytes) = get_optional(store.store.as_ref(), &key).await.map_err(err)? else {

@@ -52,7 +52,7 @@ struct Inner {
     /// Succeeded jobs whose manifest is still to be written (with their finish time).
     manifests_due: Mutex<HashMap<String, u64>>,
     /// Jobs whose records are damaged, with what is wrong: listed, never scheduled.
-    quarantined: Mutex<BTreeMap<String, String>>,
+    quarantined: Mutex<BTreeMap<String, Quarantine>>,
     wake: Notify,
     /// This coordinator's hold on the store.
     lock: tokio::sync::Mutex<StoreLock>,
@@ -71,6 +71,39 @@ struct Inner {
     /// Finished jobs whose manifest the output refuses for good (full, read-only, denied), with
     /// the refusal: shown as `paused` until the write works (it is retried all along).
     manifest_refused: Mutex<HashMap<String, String>>,
+    /// When each job's `job.json` was last seen in place by a flush (see
+    /// [`Coordinator::vanished`]).
+    presence_checked: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// How often a flush checks that a job's `job.json` is still in the store.
+const PRESENCE_CHECK: Duration = Duration::from_secs(60);
+
+/// Why a job is quarantined: its records cannot be used.
+#[derive(Clone, Debug)]
+struct Quarantine {
+    /// What is wrong, as the error said it.
+    reason: String,
+    /// Its `job.json` is missing or corrupt: submitting the same spec rebuilds it.
+    rebuildable: bool,
+}
+
+impl Quarantine {
+    fn of(error: &Error) -> Self {
+        Quarantine {
+            reason: mgd3_common::error_chain(error),
+            rebuildable: matches!(error, Error::Missing { .. } | Error::Corrupt { .. }),
+        }
+    }
+
+    fn error(&self, job_id: &str) -> Error {
+        Error::Quarantined { job: job_id.into(), reason: self.reason.clone(), rebuildable: self.rebuildable }
+    }
+
+    fn status(&self, job_id: &str) -> JobStatus {
+        let advice = crate::error::quarantine_advice(job_id, self.rebuildable);
+        JobStatus::quarantined(job_id.to_owned(), self.reason.clone(), &advice)
+    }
 }
 
 /// A run of failed writes of one kind, so that a store outage is told once when it begins
@@ -194,6 +227,7 @@ impl Coordinator {
                 manifest_outage: Mutex::new(Outage::default()),
                 lock_outage: Mutex::new(Outage::default()),
                 manifest_refused: Mutex::new(HashMap::new()),
+                presence_checked: Mutex::new(HashMap::new()),
             }),
         };
         for (job_id, loaded) in coordinator.inner.jobs.load_jobs().await? {
@@ -207,12 +241,7 @@ impl Coordinator {
                 // cannot be reached is not damage: the coordinator does not start.
                 Err(error) if error.is_damage() => {
                     warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "job quarantined: its records cannot be used");
-                    coordinator
-                        .inner
-                        .quarantined
-                        .lock()
-                        .expect("quarantined")
-                        .insert(job_id, mgd3_common::error_chain(&error));
+                    coordinator.inner.quarantined.lock().expect("quarantined").insert(job_id, Quarantine::of(&error));
                 }
                 Err(error) => return Err(error),
             }
@@ -391,6 +420,9 @@ impl Coordinator {
                 persisted.finished_unix_ms = None;
             }
             let Some(persisted) = persisted else { continue };
+            if self.vanished(&job_id).await {
+                continue;
+            }
             match self.inner.jobs.write_state(&job_id, &persisted).await {
                 Ok(()) => self.inner.state_outage.lock().expect("outage").log_success("persisting job state", &job_id),
                 Err(error) => {
@@ -399,6 +431,43 @@ impl Coordinator {
                     self.mark_dirty(&job_id);
                 }
             }
+        }
+    }
+
+    /// True when the job's folder was removed from the store by hand (checked at most every
+    /// [`PRESENCE_CHECK`] per job): the job is forgotten, not written back. A `job.json` lost
+    /// alone (the rest of the folder still there) is written back from memory instead.
+    async fn vanished(&self, job_id: &str) -> bool {
+        {
+            let mut checked = self.inner.presence_checked.lock().expect("presence");
+            if checked.get(job_id).is_some_and(|at| at.elapsed() < PRESENCE_CHECK) {
+                return false;
+            }
+            checked.insert(job_id.to_owned(), std::time::Instant::now());
+        }
+        if !matches!(self.inner.jobs.job_present(job_id).await, Ok(false)) {
+            return false;
+        }
+        let Some(job) = self.inner.scheduler.lock().expect("scheduler").job(job_id) else { return false };
+        match self.inner.jobs.folder(job_id).await {
+            Ok(crate::jobstore::Folder::Temporaries) => {
+                warn!(job = %job_id, "the job's folder is gone from the store (removed by hand?): the coordinator forgets the job; submitting its spec again makes it anew");
+                self.forget_in_memory(job_id);
+                self.inner.presence_checked.lock().expect("presence").remove(job_id);
+                true
+            }
+            Ok(_) => {
+                match self.inner.jobs.rewrite_job(&job).await {
+                    Ok(()) => {
+                        warn!(job = %job_id, "the job's job.json was gone from the store: written back from the coordinator's copy")
+                    }
+                    Err(error) => {
+                        warn!(job = %job_id, error = %mgd3_common::error_chain(&error), "the job's job.json is gone from the store and cannot be written back")
+                    }
+                }
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -420,7 +489,7 @@ impl Coordinator {
     /// to do about it is in the reason.
     fn refuse_quarantined(&self, job_id: &str) -> Result<()> {
         match self.inner.quarantined.lock().expect("quarantined").get(job_id) {
-            Some(reason) => Err(Error::Quarantined { job: job_id.into(), reason: reason.clone() }),
+            Some(quarantine) => Err(quarantine.error(job_id)),
             None => Ok(()),
         }
     }
@@ -509,12 +578,26 @@ impl Coordinator {
         explicit_id: Option<String>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let Resolved { job, mut notes, planned, .. } = self.resolve(spec_toml, base_dir, explicit_id).await?;
-        if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id) {
-            return Err(Error::Quarantined { job: job.job_id, reason: reason.clone() });
+        let quarantine = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id).cloned();
+        if let Some(quarantine) = quarantine {
+            if !quarantine.rebuildable {
+                return Err(quarantine.error(&job.job_id));
+            }
+            return self.rebuild(job, notes).await;
         }
         let existing = {
             let scheduler = self.inner.scheduler.lock().expect("scheduler");
             scheduler.job(&job.job_id).map(|existing| (existing, scheduler.state(&job.job_id)))
+        };
+        // A job whose folder was removed by hand while this coordinator ran is forgotten, and
+        // this submit makes it anew (finding whatever committed work is still in its output).
+        let existing = match existing {
+            Some((existing, _)) if !self.inner.jobs.job_present(&existing.job_id).await? => {
+                warn!(job = %existing.job_id, "the job's job.json is gone from the store (removed by hand?): forgetting the job and submitting it afresh");
+                self.forget_in_memory(&existing.job_id);
+                None
+            }
+            existing => existing,
         };
         if let Some((existing, state)) = existing {
             if existing.fingerprint != job.fingerprint {
@@ -558,6 +641,78 @@ impl Coordinator {
         Ok((job, !created, notes))
     }
 
+    /// Rebuilds the lost or corrupt `job.json` of a quarantined job from the same spec submitted
+    /// again: checked against the job's commit markers and manifest first, then written, and the
+    /// job recovered with every committed class kept.
+    async fn rebuild(&self, job: ResolvedJob, mut notes: Vec<String>) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
+        let id = job.job_id.clone();
+        let out = self.output(&job)?;
+        let differences = state::differences_from_committed(&out, &job).await?;
+        if !differences.is_empty() {
+            return Err(Error::RebuildRefused { job: id, differences });
+        }
+        self.inner.jobs.rewrite_job(&job).await?;
+        let recovered = match self.inner.jobs.read_state(&id).await {
+            Ok(persisted) => self.recover(job, persisted).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = recovered {
+            let quarantine = Quarantine::of(&error);
+            let refused = quarantine.error(&id);
+            self.inner.quarantined.lock().expect("quarantined").insert(id, quarantine);
+            return Err(refused);
+        }
+        self.inner.quarantined.lock().expect("quarantined").remove(&id);
+        let (job, classes_done) = {
+            let scheduler = self.inner.scheduler.lock().expect("scheduler");
+            let job = scheduler.job(&id).expect("recovered job");
+            (job, scheduler.summary(&id, now_ms()).map_or(0, |s| s.classes_done))
+        };
+        info!(job = %id, classes_done, "job.json rebuilt from the submitted spec");
+        notes.push(format!(
+            "job `{id}` had lost its job.json: rebuilt from this spec, which matches its committed work; {classes_done} of {} classes were already committed and are kept",
+            job.classes.len()
+        ));
+        Ok((job, true, notes))
+    }
+
+    /// Drops a job the coordinator knows (or has quarantined) from memory: its leases, its
+    /// pending writes.
+    fn forget_in_memory(&self, job_id: &str) {
+        self.inner.scheduler.lock().expect("scheduler").forget_job(job_id);
+        self.inner.quarantined.lock().expect("quarantined").remove(job_id);
+        self.inner.dirty.lock().expect("dirty").remove(job_id);
+        self.inner.manifests_due.lock().expect("manifests").remove(job_id);
+        self.inner.manifest_refused.lock().expect("manifest refused").remove(job_id);
+        self.inner.presence_checked.lock().expect("presence").remove(job_id);
+    }
+
+    /// Forgets a job: the coordinator drops it and deletes its records (`job.json`,
+    /// `state.json`); its outputs (markers, images, manifest) stay, so submitting the same spec
+    /// again brings the job back with its committed classes. The way out for a quarantined job
+    /// that does not delete its finished images. Returns whether outputs stayed in the job's
+    /// folder of this store.
+    ///
+    /// # Errors
+    /// [`Error::Job`] for an id that cannot name a job; [`Error::JobRunning`] while the job runs
+    /// (cancel it first); [`Error::UnknownJob`] when there is no such job folder; store errors.
+    pub async fn forget(&self, job_id: &str) -> Result<bool> {
+        mgd3_common::job::validate_job_id(job_id)?;
+        let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
+        if state == Some(JobState::Running) {
+            return Err(Error::JobRunning { job: job_id.into() });
+        }
+        let quarantined = self.inner.quarantined.lock().expect("quarantined").contains_key(job_id);
+        if state.is_none() && !quarantined && self.inner.jobs.folder(job_id).await? != crate::jobstore::Folder::Records
+        {
+            return Err(Error::UnknownJob(job_id.into()));
+        }
+        self.forget_in_memory(job_id);
+        let outputs_stay = self.inner.jobs.forget_job(job_id).await?;
+        info!(job = %job_id, outputs_stay, "job forgotten: its records are deleted");
+        Ok(outputs_stay)
+    }
+
     /// Lists markers, checks and repairs every published file (finishing interrupted publishes,
     /// redoing classes whose files are lost) and re-queues every shard without markers.
     ///
@@ -574,9 +729,10 @@ impl Coordinator {
                 Err(error) => Err(error),
             };
             if let Err(error) = recovered {
-                let reason = mgd3_common::error_chain(&error);
-                self.inner.quarantined.lock().expect("quarantined").insert(job_id.to_owned(), reason.clone());
-                return Err(Error::Quarantined { job: job_id.into(), reason });
+                let quarantine = Quarantine::of(&error);
+                let refused = quarantine.error(job_id);
+                self.inner.quarantined.lock().expect("quarantined").insert(job_id.to_owned(), quarantine);
+                return Err(refused);
             }
             self.inner.quarantined.lock().expect("quarantined").remove(job_id);
             info!(job = %job_id, "quarantined job recovered");
@@ -721,8 +877,8 @@ impl Coordinator {
     /// # Errors
     /// [`Error::UnknownJob`] when no such job is known (quarantined jobs are known).
     pub fn status(&self, job_id: &str) -> Result<JobStatus> {
-        if let Some(reason) = self.inner.quarantined.lock().expect("quarantined").get(job_id) {
-            return Ok(JobStatus::quarantined(job_id.to_owned(), reason.clone()));
+        if let Some(quarantine) = self.inner.quarantined.lock().expect("quarantined").get(job_id) {
+            return Ok(quarantine.status(job_id));
         }
         let now = now_ms();
         let scheduler = self.inner.scheduler.lock().expect("scheduler");
@@ -798,7 +954,7 @@ impl Coordinator {
         let ids = self.inner.scheduler.lock().expect("scheduler").job_ids();
         let mut jobs: Vec<_> = ids.iter().filter_map(|id| self.status(id).ok()).collect();
         let quarantined = self.inner.quarantined.lock().expect("quarantined").clone();
-        jobs.extend(quarantined.into_iter().map(|(id, reason)| JobStatus::quarantined(id, reason)));
+        jobs.extend(quarantined.iter().map(|(id, quarantine)| quarantine.status(id)));
         jobs
     }
 

@@ -52,6 +52,101 @@ pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashS
     Ok((0..job.shards.len()).filter(|&i| job.shard_classes(i).iter().all(|c| verified.contains(&c.wnid))).collect())
 }
 
+/// How `job` (a spec submitted to rebuild a lost `job.json`) differs from the work committed under
+/// its id: markers of another fingerprint, classes committed at another label or position or
+/// that are no class of `job`, and the settings in which a manifest's spec differs. Empty when
+/// nothing committed contradicts `job`. Unreadable markers are left to recovery, which
+/// quarantines them by name.
+///
+/// # Errors
+/// [`Error::ObjectStore`] when the markers cannot be listed or the manifest read.
+pub async fn differences_from_committed(out: &Location, job: &ResolvedJob) -> Result<Vec<String>> {
+    let keys = JobKeys::new(&job.job_id);
+    let prefix = out.key(&keys.markers());
+    let wnids: Vec<String> = out
+        .store
+        .list(Some(&prefix))
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
+        .try_collect()
+        .await
+        .map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let reads = wnids.into_iter().map(|wnid| {
+        let (out, keys) = (out.clone(), keys.clone());
+        async move { mgd3_common::commit::read_marker(&out, &keys, &wnid).await.ok().flatten() }
+    });
+    let markers: Vec<_> = futures::stream::iter(reads).buffer_unordered(16).filter_map(|m| async { m }).collect().await;
+    let mut differences = Vec::new();
+    let mut foreign: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut classes = Vec::new();
+    for marker in &markers {
+        if marker.fingerprint != job.fingerprint {
+            foreign.entry(marker.fingerprint.clone()).or_default().push(marker.wnid.clone());
+        }
+        match job.classes.iter().find(|c| c.wnid == marker.wnid) {
+            None => classes.push(format!("class `{}` is committed but is no class of this spec", marker.wnid)),
+            Some(class) if class.label != marker.label || class.class_index != marker.class_index => {
+                classes.push(format!(
+                    "class `{}` was committed as label {} at position {}, this spec gives label {} at position {}",
+                    marker.wnid, marker.label, marker.class_index, class.label, class.class_index
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    for (fingerprint, mut wnids) in foreign {
+        wnids.sort();
+        let shown = wnids.iter().take(3).map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", ");
+        let more = if wnids.len() > 3 { format!(" and {} more", wnids.len() - 3) } else { String::new() };
+        differences.push(format!(
+            "{} committed class(es) ({shown}{more}) carry fingerprint {fingerprint}, this spec's is {}",
+            wnids.len(),
+            job.fingerprint
+        ));
+    }
+    classes.sort();
+    differences.extend(classes);
+    let key = out.key(&keys.manifest());
+    let manifest = get_optional(out.store.as_ref(), &key).await.map_err(store_err(out, format!("reading `{key}`")))?;
+    if let Some(manifest) = manifest.and_then(|bytes| serde_json::from_slice::<JobManifest>(&bytes).ok())
+        && manifest.fingerprint != job.fingerprint
+    {
+        let settings = spec_differences(&manifest.spec, &job.spec);
+        if settings.is_empty() {
+            differences.push(
+                "the manifest's spec has the same settings, so the dataset's images differ from those the job was made from (its fingerprint covers them)"
+                    .to_owned(),
+            );
+        }
+        differences.extend(settings.into_iter().map(|s| format!("{s} (as the job's manifest.json has it)")));
+    }
+    Ok(differences)
+}
+
+/// The settings in which two specs differ, `` `key`: was → now `` with nested tables as
+/// `table.key`.
+fn spec_differences(was: &mgd3_common::job::JobSpec, now: &mgd3_common::job::JobSpec) -> Vec<String> {
+    fn walk(path: &str, was: &serde_json::Value, now: &serde_json::Value, out: &mut Vec<String>) {
+        match (was, now) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    let null = serde_json::Value::Null;
+                    let name = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    walk(&name, a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null), out);
+                }
+            }
+            (a, b) if a != b => out.push(format!("`{path}`: {a} when committed, {b} now")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let (was, now) = (serde_json::to_value(was), serde_json::to_value(now));
+    if let (Ok(was), Ok(now)) = (was, now) {
+        walk("", &was, &now, &mut out);
+    }
+    out
+}
+
 /// True when `manifest.json` of `job` is in place and certifies this job (its id and spec
 /// fingerprint). Recovery checks this artefact, not the `finished` flag of state.json.
 ///

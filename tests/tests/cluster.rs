@@ -699,11 +699,18 @@ async fn damaged_records_quarantine_their_job_and_the_others_run() {
         again.coordinator.list().into_iter().map(|s| (s.job_id.clone(), s)).collect();
     assert_eq!(listed.len(), 4, "no job vanishes from the list: {listed:?}");
     assert_eq!(listed[&ids[0]].state, JobState::Succeeded);
-    for (id, what) in [(&ids[1], "is corrupt"), (&ids[2], "is missing"), (&ids[3], "class01")] {
+    for (id, what, advice) in [
+        (&ids[1], "is corrupt", "submit the same job spec again"),
+        (&ids[2], "is missing", "submit the same job spec again"),
+        (&ids[3], "class01", "coordinator resume"),
+    ] {
         let status = again.coordinator.status(id).unwrap();
         assert_eq!(status.state, JobState::Quarantined, "{id}");
         let error = &status.failures[0].error;
-        assert!(error.contains(what) && error.contains("coordinator resume"), "{id}: {error}");
+        assert!(
+            error.contains(what) && error.contains(advice) && error.contains("coordinator forget"),
+            "{id}: {error}"
+        );
     }
     // Healthy jobs still run: a new one is accepted and distilled.
     let fresh = spec_toml(2, 2, 1, &store_url).replace("seed = 5", "seed = 99");
@@ -718,6 +725,85 @@ async fn damaged_records_quarantine_their_job_and_the_others_run() {
     assert_eq!(wait_until_done(&again.coordinator, &ids[3]).await.state, JobState::Succeeded);
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
+    again.shutdown().await;
+}
+
+/// Repair, not deletion. A job whose job.json is lost (deleted, truncated) is rebuilt by
+/// submitting the same spec: checked against its markers and manifest, every committed class
+/// kept, nothing distilled again; a different spec under its id is refused naming the
+/// difference. `forget` drops a job's records but not its outputs (refused while it runs), and a
+/// job folder removed by hand is forgotten without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let spec = spec_toml(3, 2, 1, &store_url);
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    let id = job.job_id.clone();
+    cluster.run_to_success(&id).await;
+    cluster.shutdown().await;
+    let out = store::open(&store_url).unwrap();
+    let original = dataset_files(&out, &id).await;
+    let root = dir.path().join("jobs").join(&id);
+    let job_json = root.join("job.json");
+
+    for damage in ["deleted", "truncated"] {
+        if damage == "deleted" {
+            std::fs::remove_file(&job_json).unwrap();
+        } else {
+            let bytes = std::fs::read(&job_json).unwrap();
+            std::fs::write(&job_json, &bytes[..bytes.len() / 3]).unwrap();
+        }
+        let again = start(&store_url, None).await;
+        assert_eq!(again.coordinator.status(&id).unwrap().state, JobState::Quarantined, "{damage}");
+        // Another spec under the job's id: refused, naming the setting that differs.
+        let other = spec.replace("seed = 5", "seed = 6");
+        let error = again.coordinator.submit(&other, dir.path(), Some(id.clone())).await.unwrap_err().to_string();
+        for part in ["lost its job.json", "3 committed class(es)", "`seed`: 5 when committed, 6 now"] {
+            assert!(error.contains(part), "{damage}: {error} lacks {part}");
+        }
+        assert_eq!(again.coordinator.status(&id).unwrap().state, JobState::Quarantined, "{damage}: still");
+        // The same spec: rebuilt at once, succeeded, nothing redone.
+        let (rebuilt, existed, notes) = again.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+        assert!(existed && rebuilt.fingerprint == job.fingerprint, "{damage}");
+        assert!(notes.iter().any(|n| n.contains("rebuilt") && n.contains("3 of 3 classes")), "{damage}: {notes:?}");
+        assert_eq!(wait_until_done(&again.coordinator, &id).await.state, JobState::Succeeded, "{damage}");
+        assert_eq!(dataset_files(&out, &id).await, original, "{damage}: the committed classes are kept");
+        let written: ResolvedJob = serde_json::from_slice(&std::fs::read(&job_json).unwrap()).unwrap();
+        assert_eq!(written.fingerprint, job.fingerprint);
+        again.shutdown().await;
+    }
+
+    // forget: refused while a job runs; a finished one loses its records, not its outputs.
+    let again = start(&store_url, None).await;
+    let (running, _) = again.coordinator.submit(&spec.replace("seed = 5", "seed = 7"), dir.path(), None).await.unwrap();
+    let error = again.coordinator.forget(&running.job_id).await.unwrap_err().to_string();
+    assert!(error.contains("is running") && error.contains("coordinator cancel"), "{error}");
+    again.coordinator.cancel(&running.job_id).unwrap();
+    assert!(!again.coordinator.forget(&running.job_id).await.unwrap(), "nothing of it was committed");
+    assert!(!dir.path().join("jobs").join(&running.job_id).exists(), "an empty folder goes");
+    assert!(again.coordinator.forget(&id).await.unwrap(), "its outputs stay");
+    assert!(!job_json.exists() && !root.join("state.json").exists());
+    assert!(again.coordinator.list().is_empty(), "{:?}", again.coordinator.list());
+    assert!(matches!(again.coordinator.forget(&id).await, Err(mgd3_coordinator::Error::UnknownJob(_))));
+    again.shutdown().await;
+    // A restart does not take the forgotten folder for a damaged job; the spec brings it back.
+    let again = start(&store_url, None).await;
+    assert!(again.coordinator.list().is_empty(), "{:?}", again.coordinator.list());
+    let (back, _) = again.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    assert_eq!(back.job_id, id);
+    assert_eq!(wait_until_done(&again.coordinator, &id).await.state, JobState::Succeeded);
+    assert!(!root.join("forgotten.json").exists());
+    assert_eq!(dataset_files(&out, &id).await, original);
+
+    // The folder removed by hand while the coordinator runs: the same spec is a new job.
+    std::fs::remove_dir_all(&root).unwrap();
+    let (_, existed) = again.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    assert!(!existed, "a removed folder is forgotten, not returned as the finished job");
+    assert_eq!(again.coordinator.status(&id).unwrap().state, JobState::Running);
+    again.run_to_success(&id).await;
+    assert_eq!(dataset_files(&out, &id).await, original, "distilled again, to the same bytes");
     again.shutdown().await;
 }
 

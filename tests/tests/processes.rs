@@ -424,6 +424,73 @@ fn a_worker_killed_at_any_write_of_its_commit_leaves_exactly_the_markers_files()
     assert!(kills >= 4, "the worker was killed at only {kills} of 7 commit writes");
 }
 
+/// Real crashes of submit: the coordinator SIGKILLed at each write (rename or link) from its
+/// start through the first submit (its lock, job.json, state.json). Whatever a kill left in the
+/// store (a `job.json#N` without job.json, a half-written state), a restarted coordinator
+/// accepts the same submit with no manual step and the job runs to success.
+#[test]
+fn a_coordinator_killed_at_any_write_of_submit_accepts_the_same_submit_once_restarted() {
+    if !strace_available() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 2, 3);
+    let mut during_submit = Vec::new();
+    for when in 1..=8 {
+        let store = scratch.path().join(format!("store{when}")).display().to_string();
+        let spec_path = scratch.path().join(format!("job{when}.toml"));
+        std::fs::write(&spec_path, spec(&data.display().to_string(), &store, 2, 1, 1, "")).unwrap();
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let listen = format!("127.0.0.1:{port}");
+        let args = ["serve", "--listen", &listen, "--store", &store, "--heartbeat-ms", "200"];
+        let args = [&args[..], &["--lock-timeout-s", "2", "--allow-path", "/"]].concat();
+        let log = scratch.path().join(format!("doomed{when}.log"));
+        let mut doomed = killed_at(&bin("coordinator"), &args, when, &log);
+        let mut up = false;
+        wait_for("the coordinator under strace to answer or die", Duration::from_secs(30), || {
+            up = Command::new(bin("coordinator"))
+                .args(["list", "--coordinator", &url])
+                .output()
+                .unwrap()
+                .status
+                .success();
+            up || doomed.0.try_wait().unwrap().is_some()
+        });
+        if up {
+            let submitted = Command::new(bin("coordinator"))
+                .args(["submit", spec_path.to_str().unwrap(), "--coordinator", &url])
+                .output()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            if !submitted.status.success() || doomed.0.try_wait().unwrap().is_some() {
+                during_submit.push(when);
+            }
+        }
+        // A coordinator that strace did not kill (its writes spread over threads) is killed
+        // here: by its parent's pid first, since killing strace alone would let it run on.
+        let _ = Command::new("pkill").args(["-KILL", "-P", &doomed.0.id().to_string()]).status();
+        let _ = doomed.0.kill();
+        wait_exit(&mut doomed.0, "the coordinator under strace", Duration::from_secs(10));
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let _coordinator = serve(port, &store, &scratch.path().join(format!("c{when}.log")), &[]);
+        let job = submit(&url, &spec_path);
+        let _worker = fake_worker(&url, "w", "0.01", &scratch.path().join(format!("w{when}.log")), &[]);
+        wait_for("the job to end", Duration::from_secs(60), || {
+            status(&url, &job).is_some_and(|s| s["state"] != "running")
+        });
+        assert_eq!(status(&url, &job).unwrap()["state"], "succeeded", "killed at write {when}");
+        let leftovers: Vec<String> =
+            files(Path::new(&store)).into_iter().map(|(name, _)| name).filter(|name| name.contains('#')).collect();
+        assert!(leftovers.is_empty(), "killed at write {when}: {leftovers:?}");
+    }
+    // The kills must really have hit submit's writes, or the test tests nothing.
+    eprintln!("note: the kills at writes {during_submit:?} hit the submit");
+    assert!(during_submit.len() >= 2, "only kills at writes {during_submit:?} hit the submit");
+}
+
 /// `submit --wait` outlives a coordinator crash: while the coordinator is down it says so and
 /// keeps waiting; the restarted coordinator recovers the job, the worker re-registers, and the
 /// command ends with the job's success (exit 0).
