@@ -207,7 +207,7 @@ pub fn read_token_file(path: &std::path::Path, accept_exposed: bool) -> Result<S
 pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
 
 /// A call to the coordinator that failed: which call, to which URL, and the gRPC status (whose
-/// code is kept). Its message says what to do for the failures a person can fix.
+/// code is kept). Its message says what happened ([`CallError::failure`]) and what to do.
 #[derive(Clone, Debug, thiserror::Error)]
 pub struct CallError {
     /// The coordinator URL the call went to.
@@ -216,13 +216,46 @@ pub struct CallError {
     pub rpc: &'static str,
     /// What the coordinator (or the transport) answered.
     pub status: Status,
-    /// A TLS server was seen at the `http://` URL's address ([`CallError::probed`]).
-    pub tls_seen: bool,
+    /// What the address answered a probe with, once [`CallError::probed`] asked.
+    pub peer: Option<Peer>,
+}
+
+/// What failed a call, as the CLI and the worker tell it: one classification for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The coordinator answered, with an error of its own (the status says which).
+    Answered,
+    /// No connection could be opened: nothing listens at the address (or the host does not
+    /// answer).
+    NothingListens,
+    /// A connection was opened and then closed or reset before an answer: the coordinator
+    /// stopped or restarted mid-call.
+    ClosedMidCall,
+    /// The URL's scheme is not what the server speaks: `https://` to a plain server, or
+    /// `http://` to a server seen to speak TLS.
+    SchemeMismatch,
+    /// The address answers HTTP/1.1: another service, not an mgd3 coordinator.
+    NotACoordinator,
+}
+
+/// What a server answered the start of a TLS handshake with ([`probe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A TLS record (a ServerHello or an alert): it speaks TLS.
+    Tls,
+    /// An HTTP/1.x answer: a web server or proxy, not a gRPC coordinator.
+    Http1,
+    /// It closed the connection (or reset it) without answering.
+    Closed,
+    /// Something else, or nothing within 2 s: a plain HTTP/2 server waits for its preface.
+    Other,
+    /// No connection could be opened.
+    Unreachable,
 }
 
 /// The first bytes of a TLS 1.2 ClientHello offering one cipher suite: a TLS server answers
 /// them with a TLS record (its ServerHello or an alert), an HTTP/2 server with an HTTP/2 frame
-/// or nothing.
+/// or nothing, an HTTP/1.1 server with `HTTP/1.1 400`.
 const CLIENT_HELLO: [u8; 52] = {
     let mut hello = [0u8; 52];
     let head = [0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03];
@@ -242,22 +275,41 @@ const CLIENT_HELLO: [u8; 52] = {
     hello
 };
 
-/// Whether the server at `url`'s address speaks TLS: `Some(true)` when it answers the start of
-/// a TLS handshake with a TLS record, `Some(false)` when it answers otherwise or closes, `None`
-/// when it cannot be reached within 2 s.
-pub async fn speaks_tls(url: &str) -> Option<bool> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// The `host:port` of a URL.
+fn authority(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// Sends the start of a TLS handshake to `url`'s address and tells what answered
+/// (each step bounded by 2 s).
+pub async fn probe(url: &str) -> Peer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let limit = std::time::Duration::from_secs(2);
-    let mut stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(authority)).await.ok()?.ok()?;
-    stream.write_all(&CLIENT_HELLO).await.ok()?;
-    let mut first = [0u8; 1];
+    let Ok(Ok(mut stream)) = tokio::time::timeout(limit, tokio::net::TcpStream::connect(authority(url))).await else {
+        return Peer::Unreachable;
+    };
+    if stream.write_all(&CLIENT_HELLO).await.is_err() {
+        return Peer::Closed;
+    }
+    let mut first = [0u8; 5];
     match tokio::time::timeout(limit, stream.read(&mut first)).await {
         // Handshake (0x16) or alert (0x15) records, as any TLS server answers a ClientHello.
-        Ok(Ok(1)) => Some(matches!(first[0], 0x15 | 0x16)),
-        Ok(_) => Some(false),
-        Err(_) => None,
+        Ok(Ok(n)) if n >= 1 && matches!(first[0], 0x15 | 0x16) => Peer::Tls,
+        Ok(Ok(n)) if n >= 1 && b"HTTP/".starts_with(&first[..n]) => Peer::Http1,
+        Ok(Ok(0)) | Ok(Err(_)) => Peer::Closed,
+        _ => Peer::Other,
+    }
+}
+
+/// Whether the server at `url`'s address speaks TLS: `Some(true)` when it answers the start of
+/// a TLS handshake with a TLS record, `Some(false)` when it answers otherwise or closes, `None`
+/// when it cannot be reached within 2 s (see [`probe`]).
+pub async fn speaks_tls(url: &str) -> Option<bool> {
+    match probe(url).await {
+        Peer::Tls => Some(true),
+        Peer::Unreachable | Peer::Other => None,
+        Peer::Http1 | Peer::Closed => Some(false),
     }
 }
 
@@ -265,47 +317,85 @@ impl CallError {
     /// A `map_err` adapter for calls of `rpc` to `url`.
     pub fn of(url: &str, rpc: &'static str) -> impl FnOnce(Status) -> CallError + use<> {
         let url = url.to_owned();
-        move |status| CallError { url, rpc, status, tls_seen: false }
+        move |status| CallError { url, rpc, status, peer: None }
     }
 
     /// The gRPC code of the answer.
     pub fn code(&self) -> tonic::Code {
         self.status.code()
     }
-}
 
-impl CallError {
-    /// True when the answer shows the URL's scheme is not what the server speaks: `https://` to a
-    /// plain server (the TLS client reads HTTP/2 bytes as a bad record type), or `http://` to a
-    /// TLS server (the HTTP/2 client reads a TLS alert as a bad frame, or the connection drops at
-    /// the first request).
-    pub fn scheme_mismatch(&self) -> bool {
-        if self.tls_seen {
-            return true;
+    /// True when the status came from this client's transport (no connection, a connection
+    /// closed or reset, a bad frame), not from the coordinator.
+    fn from_transport(&self) -> bool {
+        use std::error::Error as _;
+        matches!(
+            self.status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+        ) && (self.status.source().is_some()
+            || ["transport error", "h2 protocol error", "connection", "tcp connect"]
+                .iter()
+                .any(|m| self.status.message().contains(m)))
+    }
+
+    /// True when no connection could be opened (refused, unreachable host, connect timeout).
+    fn not_connected(&self) -> bool {
+        use std::error::Error as _;
+        let mut source = self.status.source();
+        while let Some(error) = source {
+            if let Some(io) = error.downcast_ref::<std::io::Error>()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable
+                        | std::io::ErrorKind::AddrNotAvailable
+                )
+            {
+                return true;
+            }
+            source = error.source();
+        }
+        let message = self.status.message().to_ascii_lowercase();
+        message.contains("tcp connect error") || message.contains("connection refused")
+    }
+
+    /// What failed the call: the one classification the CLI and the worker share. TLS is
+    /// blamed on an `http://` URL only once a probe saw the address speak it.
+    pub fn failure(&self) -> Failure {
+        if self.peer == Some(Peer::Http1) {
+            return Failure::NotACoordinator;
+        }
+        if self.peer == Some(Peer::Tls) && self.url.starts_with("http://") {
+            return Failure::SchemeMismatch;
         }
         let message = self.status.message();
-        match self.url.split_once("://").map(|(scheme, _)| scheme) {
-            Some("https") => message.contains("InvalidContentType") || message.contains("corrupt message"),
-            Some("http") => {
-                matches!(self.status.code(), tonic::Code::Internal | tonic::Code::Unknown)
-                    && (message.starts_with("h2 protocol error") || message == "transport error")
-            }
-            _ => false,
+        if self.url.starts_with("https://")
+            && (message.contains("InvalidContentType") || message.contains("corrupt message"))
+        {
+            return Failure::SchemeMismatch;
         }
+        if !self.from_transport() {
+            return Failure::Answered;
+        }
+        if self.peer == Some(Peer::Unreachable) || self.not_connected() {
+            return Failure::NothingListens;
+        }
+        Failure::ClosedMidCall
     }
-}
 
-impl CallError {
-    /// This error, with the address of an `http://` URL probed for a TLS server when the status
-    /// is one a TLS server can cause but does not prove (the connection dropped at the first
-    /// request): the advice to use `https://` then rests on what the server was seen to speak.
+    /// True when the answer shows the URL's scheme is not what the server speaks
+    /// ([`Failure::SchemeMismatch`]).
+    pub fn scheme_mismatch(&self) -> bool {
+        self.failure() == Failure::SchemeMismatch
+    }
+
+    /// This error, with the address probed ([`probe`]) when the transport failed after a
+    /// connection was opened: a dropped connection alone does not say whether a TLS server, a
+    /// web server or a restarting coordinator is there; what the address answers does.
     pub async fn probed(mut self) -> Self {
-        let ambiguous = matches!(
-            self.status.code(),
-            tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Unavailable
-        );
-        if self.url.starts_with("http://") && ambiguous && !self.scheme_mismatch() {
-            self.tls_seen = speaks_tls(&self.url).await == Some(true);
+        if self.peer.is_none() && matches!(self.failure(), Failure::ClosedMidCall | Failure::SchemeMismatch) {
+            self.peer = Some(probe(&self.url).await);
         }
         self
     }
@@ -314,26 +404,38 @@ impl CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (url, message) = (&self.url, self.status.message());
-        if self.scheme_mismatch() {
-            let (other, why) = match url.strip_prefix("https://") {
-                Some(rest) => (format!("http://{rest}"), "does not speak TLS"),
-                None => (
-                    format!("https://{}", url.trim_start_matches("http://")),
-                    "speaks TLS (it was started with --tls-cert)",
+        match self.failure() {
+            Failure::SchemeMismatch => {
+                let (other, why) = match url.strip_prefix("https://") {
+                    Some(rest) => (format!("http://{rest}"), "does not speak TLS"),
+                    None => (
+                        format!("https://{}", url.trim_start_matches("http://")),
+                        "speaks TLS (it was started with --tls-cert)",
+                    ),
+                };
+                write!(f, "the coordinator at {url} {why} ({message}); use {other}")
+            }
+            Failure::NotACoordinator => write!(
+                f,
+                "something at {} answers HTTP/1.1: it is not an mgd3 coordinator (gRPC); check the address in --coordinator (or MGD3_COORDINATOR)",
+                authority(url)
+            ),
+            Failure::NothingListens => write!(
+                f,
+                "nothing listens at {} ({message}); start the coordinator (`coordinator serve`), or point --coordinator (or MGD3_COORDINATOR) at the one that runs",
+                authority(url)
+            ),
+            Failure::ClosedMidCall => write!(
+                f,
+                "the coordinator at {url} closed the connection mid-call ({message}): it may have stopped or restarted; try again"
+            ),
+            Failure::Answered => match self.status.code() {
+                tonic::Code::Unauthenticated => write!(
+                    f,
+                    "the coordinator at {url} refused this client: {message}; pass the token it was started with (--token-file)"
                 ),
-            };
-            return write!(f, "the coordinator at {url} {why} ({message}); use {other}");
-        }
-        match self.status.code() {
-            tonic::Code::Unavailable => write!(
-                f,
-                "cannot reach the coordinator at {url} ({message}); start it (`coordinator serve`), or point --coordinator (or MGD3_COORDINATOR) at the one that runs"
-            ),
-            tonic::Code::Unauthenticated => write!(
-                f,
-                "the coordinator at {url} refused this client: {message}; pass the token it was started with (--token-file)"
-            ),
-            code => write!(f, "{message} (coordinator {url}, {} answered {code:?})", self.rpc),
+                code => write!(f, "{message} (coordinator {url}, {} answered {code:?})", self.rpc),
+            },
         }
     }
 }
@@ -391,16 +493,25 @@ mod tests {
     #[test]
     fn failed_calls_name_the_url_and_keep_the_code() {
         let call = |code| CallError::of("http://c:1", "GetJobStatus")(Status::new(code, "boom"));
-        let unreachable = call(tonic::Code::Unavailable);
-        assert_eq!(unreachable.code(), tonic::Code::Unavailable);
-        let text = unreachable.to_string();
-        assert!(
-            text.contains("cannot reach the coordinator at http://c:1") && text.contains("--coordinator"),
-            "{text}"
-        );
+        // The coordinator's own answers, whatever their code, are its answers.
+        let answered = call(tonic::Code::Unavailable);
+        assert_eq!((answered.code(), answered.failure()), (tonic::Code::Unavailable, Failure::Answered));
         assert!(call(tonic::Code::Unauthenticated).to_string().contains("--token-file"));
         let other = call(tonic::Code::NotFound).to_string();
         assert!(other.contains("boom") && other.contains("http://c:1") && other.contains("NotFound"), "{other}");
+        // The transport's, by what it says happened.
+        let refused = call_failing(tonic::Code::Unavailable, "tcp connect error");
+        assert_eq!(refused.failure(), Failure::NothingListens);
+        let text = refused.to_string();
+        assert!(text.contains("nothing listens at c:1") && text.contains("--coordinator"), "{text}");
+        let cut = call_failing(tonic::Code::Unknown, "h2 protocol error: connection reset");
+        assert_eq!(cut.failure(), Failure::ClosedMidCall);
+        assert!(cut.to_string().contains("closed the connection mid-call"), "{cut}");
+        assert!(!cut.to_string().contains("TLS"), "no TLS advice without a TLS server seen: {cut}");
+    }
+
+    fn call_failing(code: tonic::Code, message: &str) -> CallError {
+        CallError::of("http://c:1", "ListJobs")(Status::new(code, message))
     }
 
     #[test]
@@ -437,41 +548,91 @@ mod tests {
         }
     }
 
-    /// The TLS probe tells listeners apart by what they answer, never by a dropped connection:
-    /// a TLS alert or handshake record is TLS; an HTTP answer, a close, or silence is not.
+    /// The probe tells listeners apart by what they answer, never by a dropped connection: a TLS
+    /// alert or handshake record is TLS, `HTTP/1.1 …` is another service, a close is a close.
     #[tokio::test]
-    async fn the_tls_probe_believes_only_a_tls_record() {
+    async fn the_probe_believes_only_what_the_listener_answers() {
+        let alert = listener(Listener::Answers(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])).await;
+        assert_eq!((probe(&alert).await, speaks_tls(&alert).await), (Peer::Tls, Some(true)));
+        let http = listener(Listener::Answers(b"HTTP/1.1 400 Bad Request\r\n\r\n")).await;
+        assert_eq!((probe(&http).await, speaks_tls(&http).await), (Peer::Http1, Some(false)));
+        let closes = listener(Listener::ClosesAtOnce).await;
+        assert_eq!(probe(&format!("{closes}/some/path")).await, Peer::Closed);
+        assert_eq!(probe(&nobody()).await, Peer::Unreachable);
+    }
+
+    /// What a test listener does with each connection.
+    #[derive(Clone, Copy)]
+    enum Listener {
+        /// Accepts and closes at once.
+        ClosesAtOnce,
+        /// Reads what the client sends, then closes.
+        ReadsThenCloses,
+        /// Reads, answers these bytes, closes.
+        Answers(&'static [u8]),
+    }
+
+    /// An `http://` URL of a loopback listener behaving as `how` for every connection.
+    async fn listener(how: Listener) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        async fn listener(answer: &'static [u8]) -> String {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            tokio::spawn(async move {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let mut buffer = [0u8; 64];
-                let _ = socket.read(&mut buffer).await;
-                let _ = socket.write_all(answer).await;
-            });
-            url
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 1024];
+                    match how {
+                        Listener::ClosesAtOnce => {}
+                        Listener::ReadsThenCloses => {
+                            let _ = socket.read(&mut buffer).await;
+                        }
+                        Listener::Answers(answer) => {
+                            let _ = socket.read(&mut buffer).await;
+                            let _ = socket.write_all(answer).await;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    /// A URL at which nothing listens.
+    fn nobody() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Real calls through tonic to each kind of listener, classified as the CLI and the worker
+    /// classify them (probed as both do): nothing listening, a listener that closes at once or
+    /// after reading, one that answers HTTP/1.1, and a TLS server at an `http://` URL. Only the
+    /// last gets TLS advice.
+    #[tokio::test]
+    async fn each_listener_behaviour_gets_its_own_true_message() {
+        async fn call(url: &str) -> CallError {
+            let mut client = connect(url, None, None).unwrap();
+            let status = client.list_jobs(crate::proto::ListJobsRequest {}).await.unwrap_err();
+            CallError::of(url, "ListJobs")(status).probed().await
         }
-        let alert = listener(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]).await;
-        assert_eq!(speaks_tls(&alert).await, Some(true));
-        let http = listener(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
-        assert_eq!(speaks_tls(&http).await, Some(false));
-        let closes = listener(b"").await;
-        assert_eq!(speaks_tls(&format!("{closes}/some/path")).await, Some(false));
-        let nobody = {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            format!("http://127.0.0.1:{port}")
-        };
-        assert_eq!(speaks_tls(&nobody).await, None);
-        // A dropped connection at an address that speaks TLS becomes the scheme advice; at one
-        // that does not, it stays what it was.
-        let tls = listener(&[0x16, 0x03, 0x03]).await;
-        let dropped = || Status::cancelled("operation was canceled");
-        let call = CallError::of(&tls, "ListJobs")(dropped()).probed().await;
-        assert!(call.to_string().contains("speaks TLS"), "{call}");
-        let plain = listener(b"").await;
-        let call = CallError::of(&plain, "ListJobs")(dropped()).probed().await;
-        assert!(!call.scheme_mismatch() && !call.to_string().contains("TLS"), "{call}");
+        let tls = listener(Listener::Answers(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])).await;
+        let cases = [
+            (nobody(), Failure::NothingListens, "nothing listens at"),
+            (listener(Listener::ClosesAtOnce).await, Failure::ClosedMidCall, "closed the connection mid-call"),
+            (listener(Listener::ReadsThenCloses).await, Failure::ClosedMidCall, "closed the connection mid-call"),
+            (
+                listener(Listener::Answers(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")).await,
+                Failure::NotACoordinator,
+                "answers HTTP/1.1",
+            ),
+            (tls.clone(), Failure::SchemeMismatch, "speaks TLS"),
+        ];
+        for (url, failure, words) in cases {
+            let error = call(&url).await;
+            let text = error.to_string();
+            assert_eq!(error.failure(), failure, "{url}: {text}");
+            assert!(text.contains(words), "{url}: {text}");
+            assert_eq!(text.contains("TLS"), failure == Failure::SchemeMismatch, "{url}: {text}");
+        }
+        assert!(call(&tls).await.to_string().contains(&format!("use https://{}", authority(&tls))));
     }
 }

@@ -485,21 +485,19 @@ fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
 /// than succeeded (`submit --wait`, `run`) and a `verify` that finds problems are errors too.
 pub async fn run(cli: Cli) -> Result<()> {
     match run_command(cli).await {
-        Err(error) => Err(with_scheme_probed(error).await),
+        Err(error) => Err(with_peer_probed(error).await),
         done => done,
     }
 }
 
-/// A failed call whose answer a TLS server can cause but does not prove (the connection
-/// dropped at the first request) is said as a scheme mismatch only once the address was seen
-/// to speak TLS ([`CallError::probed`]); any other error is returned as it is.
-async fn with_scheme_probed(error: anyhow::Error) -> anyhow::Error {
+/// A call whose connection dropped is told by what its address answers a probe
+/// ([`CallError::probed`]): a TLS server (the scheme is wrong), a web server (the port is
+/// wrong), or a coordinator that stopped or restarted mid-call. Any other error is returned as
+/// it is.
+async fn with_peer_probed(error: anyhow::Error) -> anyhow::Error {
     let Some(call) = error.downcast_ref::<CallError>() else { return error };
-    if call.scheme_mismatch() {
-        return error;
-    }
     let probed = call.clone().probed().await;
-    if probed.scheme_mismatch() { anyhow::Error::new(probed) } else { error }
+    if probed.failure() != call.failure() { anyhow::Error::new(probed) } else { error }
 }
 
 async fn run_command(cli: Cli) -> Result<()> {

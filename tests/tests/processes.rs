@@ -142,7 +142,8 @@ fn a_missing_class_folder_is_named_at_submit_or_at_run_time() {
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let connected = !stderr.contains("cannot reach the coordinator")
+            let connected = !stderr.contains("nothing listens at")
+                && !stderr.contains("closed the connection mid-call")
                 && !stderr.contains("transport error")
                 && !stderr.contains("connect error");
             output = Some(out);
@@ -617,6 +618,55 @@ fn a_worker_given_the_wrong_scheme_stops_at_once_naming_the_right_url() {
     assert_eq!(exit.code(), Some(1), "{text}");
     assert!(text.contains("does not speak TLS") && text.contains(&format!("use {url}")), "{text}");
     assert!(!text.contains("tonic::"), "{text}");
+}
+
+/// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
+/// reads then closes, other bytes are read then answered. Returns its URL.
+fn raw_listener(how: Option<&'static [u8]>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut socket in listener.incoming().map_while(Result::ok) {
+            if let Some(answer) = how {
+                socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let _ = socket.read(&mut [0u8; 4096]);
+                let _ = socket.write_all(answer);
+            }
+        }
+    });
+    url
+}
+
+/// The CLI says what really happened to a call, the worker the same: a listener that closes at
+/// once or after reading is a coordinator that closed the connection mid-call (try again),
+/// nothing listening is said as such, an HTTP/1.1 answer is another service on the port; none
+/// of them gets TLS advice. A worker stops at once at an HTTP/1.1 service, naming it.
+#[test]
+fn connection_failures_are_told_as_what_they_are() {
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let http = raw_listener(Some(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"));
+    let cases = [
+        (raw_listener(None), "closed the connection mid-call"),
+        (raw_listener(Some(b"")), "closed the connection mid-call"),
+        (http.clone(), "answers HTTP/1.1"),
+        (nobody, "nothing listens at"),
+    ];
+    for (url, words) in &cases {
+        for args in [&["list"][..], &["status", "j"], &["resume", "j"], &["cancel", "j"]] {
+            let out = Command::new(bin("coordinator")).args(args).args(["--coordinator", url]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} at {url}");
+            assert!(text.contains(words) && !text.contains("TLS"), "{args:?} at {url}: {text}");
+        }
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("worker.log");
+    let mut worker = fake_worker(&http, "w", "0.01", &log, &[]);
+    let exit = wait_exit(&mut worker.0, "a worker pointed at an HTTP/1.1 service", Duration::from_secs(20));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(exit.code(), Some(1), "{text}");
+    assert!(text.contains("answers HTTP/1.1") && text.contains("not an mgd3 coordinator"), "{text}");
 }
 
 /// A `coordinator run` killed outright (SIGKILL, the OOM killer) takes its local workers with it:

@@ -87,7 +87,8 @@ pub enum ClientError {
         source: mgd3_common::rpc::CallError,
     },
     /// The URL's scheme is not what the coordinator speaks (`https://` to a plain server,
-    /// `http://` to a TLS one): no retry can help, so the worker stops at the first answer.
+    /// `http://` to a TLS one), or what answers at the address is no coordinator (HTTP/1.1): no
+    /// retry can help, so the worker stops at the first answer.
     #[error("cannot talk to the coordinator")]
     WrongScheme {
         /// The failed call; its message names the URL to use.
@@ -215,20 +216,31 @@ impl Reach {
         self.answered_once = true;
     }
 
-    /// A call of `rpc` failed with a transport error; `Err` once the coordinator has not answered
-    /// for the limit, or at once when the answer shows the URL's scheme is wrong (before the
-    /// coordinator ever answered).
-    fn failed(&mut self, config: &WorkerConfig, rpc: &'static str, status: tonic::Status) -> Result<(), ClientError> {
+    /// A call of `rpc` failed with a transport error: the failure as the CLI would tell it
+    /// (before the coordinator ever answered, with the address probed: a dropped connection may
+    /// be a TLS server or another service on the port). `Err` once the coordinator has not
+    /// answered for the limit, or at once when, before any answer, the URL's scheme is wrong or
+    /// something other than a coordinator answers: no retry helps either.
+    async fn failed(
+        &mut self,
+        config: &WorkerConfig,
+        rpc: &'static str,
+        status: tonic::Status,
+    ) -> Result<mgd3_common::rpc::CallError, ClientError> {
+        use mgd3_common::rpc::Failure;
         let since = *self.since.get_or_insert_with(Instant::now);
-        let call = mgd3_common::rpc::CallError::of(&config.coordinator, rpc)(status);
-        if !self.answered_once && call.scheme_mismatch() {
-            return Err(ClientError::WrongScheme { source: call });
+        let mut call = mgd3_common::rpc::CallError::of(&config.coordinator, rpc)(status);
+        if !self.answered_once {
+            call = call.probed().await;
+            if matches!(call.failure(), Failure::SchemeMismatch | Failure::NotACoordinator) {
+                return Err(ClientError::WrongScheme { source: call });
+            }
         }
         match self.limit {
             Some(limit) if since.elapsed() >= limit => {
                 Err(ClientError::GaveUp { url: config.coordinator.clone(), after: since.elapsed(), source: call })
             }
-            _ => Ok(()),
+            _ => Ok(call),
         }
     }
 }
@@ -376,12 +388,16 @@ pub async fn run(
             Err(status) => {
                 failures += 1;
                 wait = backoff(failures);
-                warn!(worker = %config.worker_id, coordinator = %config.coordinator, error = %status.message(), retry_in_ms = wait.as_millis() as u64, "poll failed");
-                if let Err(gave_up) = reach.failed(&config, "PollWork", status) {
-                    if let Some(running) = &current {
-                        running.cancel.store(true, Ordering::Relaxed);
+                match reach.failed(&config, "PollWork", status).await {
+                    Ok(call) => {
+                        warn!(worker = %config.worker_id, error = %call, retry_in_ms = wait.as_millis() as u64, "poll failed");
                     }
-                    return Err(gave_up);
+                    Err(gave_up) => {
+                        if let Some(running) = &current {
+                            running.cancel.store(true, Ordering::Relaxed);
+                        }
+                        return Err(gave_up);
+                    }
                 }
                 continue;
             }
@@ -476,8 +492,8 @@ async fn register<F: Future<Output = ()>>(
             Err(status) if transient(&status) => {
                 attempt += 1;
                 let retry_in = backoff(attempt);
-                warn!(worker = %config.worker_id, coordinator = %config.coordinator, error = %status.message(), retry_in_ms = retry_in.as_millis() as u64, "coordinator unreachable; retrying");
-                reach.failed(config, "RegisterWorker", status)?;
+                let call = reach.failed(config, "RegisterWorker", status).await?;
+                warn!(worker = %config.worker_id, error = %call, retry_in_ms = retry_in.as_millis() as u64, "cannot register; retrying");
                 stop.sleep(retry_in).await;
             }
             Err(status) => {
@@ -606,8 +622,9 @@ async fn report<F: Future<Output = ()>>(
                 return Ok(());
             }
             Err(status) if transient(&status) && stopping_attempts < STOPPING_REPORT_ATTEMPTS => {
-                warn!(lease = %lease_id, coordinator = %config.coordinator, error = %status.message(), "could not report the shard; retrying");
-                reach.failed(config, if outcome.is_ok() { "CompleteShard" } else { "FailShard" }, status)?;
+                let rpc = if outcome.is_ok() { "CompleteShard" } else { "FailShard" };
+                let call = reach.failed(config, rpc, status).await?;
+                warn!(lease = %lease_id, error = %call, "could not report the shard; retrying");
                 stop.sleep(backoff(attempt)).await;
             }
             // Giving back a lease the coordinator already took back (revoked, cancelled) is
@@ -664,22 +681,22 @@ mod tests {
         let mut reach = Reach::new(config.give_up_after);
         reach.answered();
         let unavailable = || tonic::Status::unavailable("connection refused");
-        reach.failed(&config, "PollWork", unavailable()).unwrap();
+        reach.failed(&config, "PollWork", unavailable()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(200)).await;
         // An answer in between starts the count again.
         reach.answered();
-        reach.failed(&config, "PollWork", unavailable()).unwrap();
+        reach.failed(&config, "PollWork", unavailable()).await.unwrap();
         tokio::time::sleep(limit - Duration::from_millis(1)).await;
-        reach.failed(&config, "PollWork", unavailable()).unwrap();
+        reach.failed(&config, "PollWork", unavailable()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
-        match reach.failed(&config, "PollWork", unavailable()) {
+        match reach.failed(&config, "PollWork", unavailable()).await {
             Err(ClientError::GaveUp { after, .. }) => assert_eq!(after, limit),
             other => panic!("expected GaveUp, got {other:?}"),
         }
         let never = WorkerConfig { give_up_after: None, ..config.clone() };
         let mut patient = Reach::new(None);
-        patient.failed(&never, "PollWork", unavailable()).unwrap();
+        patient.failed(&never, "PollWork", unavailable()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(86_400)).await;
-        patient.failed(&never, "PollWork", unavailable()).unwrap();
+        patient.failed(&never, "PollWork", unavailable()).await.unwrap();
     }
 }
