@@ -327,7 +327,7 @@ impl CallError {
 
     /// True when the status came from this client's transport (no connection, a connection
     /// closed or reset, a bad frame), not from the coordinator.
-    fn from_transport(&self) -> bool {
+    fn transport_failed(&self) -> bool {
         use std::error::Error as _;
         matches!(
             self.status.code(),
@@ -375,7 +375,7 @@ impl CallError {
         {
             return Failure::SchemeMismatch;
         }
-        if !self.from_transport() {
+        if !self.transport_failed() {
             return Failure::Answered;
         }
         if self.peer == Some(Peer::Unreachable) || self.not_connected() {
