@@ -16,6 +16,7 @@ pub mod rpc;
 pub mod seed;
 pub mod status;
 pub mod store;
+pub mod storewatch;
 pub mod telemetry;
 pub mod wire;
 

@@ -433,7 +433,10 @@ fn open_cloud(scheme: &str, url: &str) -> object_store::Result<Arc<dyn ObjectSto
     crate::ensure_crypto_provider();
     Ok(match scheme {
         "s3" | "s3a" => {
-            let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry_config());
+            let mut builder = AmazonS3Builder::from_env()
+                .with_url(url)
+                .with_retry(retry_config())
+                .with_http_connector(crate::storewatch::WatchedConnector::new(url));
             // Region, endpoint and credentials as the AWS SDK resolves them (profiles, SSO,
             // credential_process, assume-role, metadata); what the environment sets directly wins.
             let sdk = crate::aws::sdk_settings();
@@ -458,8 +461,20 @@ fn open_cloud(scheme: &str, url: &str) -> object_store::Result<Arc<dyn ObjectSto
             }
             Arc::new(builder.build()?)
         }
-        "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry_config()).build()?),
-        _ => Arc::new(MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry_config()).build()?),
+        "gs" => Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_url(url)
+                .with_retry(retry_config())
+                .with_http_connector(crate::storewatch::WatchedConnector::new(url))
+                .build()?,
+        ),
+        _ => Arc::new(
+            MicrosoftAzureBuilder::from_env()
+                .with_url(url)
+                .with_retry(retry_config())
+                .with_http_connector(crate::storewatch::WatchedConnector::new(url))
+                .build()?,
+        ),
     })
 }
 

@@ -210,6 +210,15 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     assert_eq!(during["state"], "running", "the outage must hit the job mid-run: {during:#}");
     finish(&url, &job, Duration::from_secs(240), &log);
     eprintln!("job finished {:.1} s after the outage began", outage.elapsed().as_secs_f64());
+    // The outage was said: once per store when it had lasted 15 s, once when it ended.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let down: Vec<&str> = text.lines().filter(|l| l.contains("answered nothing but errors")).collect();
+    let back: Vec<&str> = text.lines().filter(|l| l.contains("answers again after an outage of")).collect();
+    assert!(!down.is_empty() && down.len() == back.len(), "{text}");
+    for store in ["s3://flaky/state", "s3://flaky/out"] {
+        assert!(down.iter().filter(|l| l.contains(store)).count() <= 1, "told once per store: {down:#?}");
+    }
+    assert!(down.iter().all(|l| l.contains("WARN")) && back.iter().all(|l| l.contains("INFO")), "{down:?} {back:?}");
 
     let images = download(s3.as_ref(), &format!("out/jobs/{job}/dataset")).await;
     assert_eq!(images.len(), classes * 4, "every image exactly once");
