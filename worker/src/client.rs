@@ -623,8 +623,13 @@ async fn report<F: Future<Output = ()>>(
             }
             Err(status) if transient(&status) && stopping_attempts < STOPPING_REPORT_ATTEMPTS => {
                 let rpc = if outcome.is_ok() { "CompleteShard" } else { "FailShard" };
-                let call = reach.failed(config, rpc, status).await?;
-                warn!(lease = %lease_id, error = %call, "could not report the shard; retrying");
+                match reach.failed(config, rpc, status).await {
+                    Ok(call) => warn!(lease = %lease_id, error = %call, "could not report the shard; retrying"),
+                    Err(gave_up) => {
+                        warn!(lease = %lease_id, "could not report the shard");
+                        return Err(gave_up);
+                    }
+                }
                 stop.sleep(backoff(attempt)).await;
             }
             // Giving back a lease the coordinator already took back (revoked, cancelled) is
