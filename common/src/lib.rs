@@ -125,9 +125,29 @@ impl Interrupted {
     }
 }
 
+/// A job that no worker can run: every worker it could use was excluded from it (each with its
+/// reason) or exited, for longer than a grace period. Waiting longer would idle the allocation;
+/// the binaries exit [`NoWorker::EXIT_CODE`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "job {job}: no worker can run it: {}; fix that and run the same command again (committed classes are kept)",
+    reasons.join("; ")
+)]
+pub struct NoWorker {
+    /// The job.
+    pub job: String,
+    /// Why each worker cannot run it (`worker: reason`), as the workers or the coordinator said.
+    pub reasons: Vec<String>,
+}
+
+impl NoWorker {
+    /// The exit status of a run that stopped because no worker could run its job.
+    pub const EXIT_CODE: u8 = 3;
+}
+
 /// The exit status of a binary whose `run` ended with `result`: success, 130 after Ctrl-C or 143
-/// after SIGTERM (an [`Interrupted`] anywhere in the chain, its hint on stderr), else 1 with the
-/// error's whole chain on stderr.
+/// after SIGTERM (an [`Interrupted`] anywhere in the chain, its hint on stderr), 3 when no worker
+/// could run the job ([`NoWorker`]), else 1 with the error's whole chain on stderr.
 pub fn exit_status<E>(result: Result<(), E>) -> std::process::ExitCode
 where
     E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
@@ -144,6 +164,10 @@ where
                 None => errln!("{interrupted}"),
             }
             return std::process::ExitCode::from(interrupted.exit_code());
+        }
+        if e.downcast_ref::<NoWorker>().is_some() {
+            errln!("error: {}", error_chain(error));
+            return std::process::ExitCode::from(NoWorker::EXIT_CODE);
         }
         cause = e.source();
     }

@@ -188,8 +188,19 @@ pub struct JobStatus {
     /// Of [`JobStatus::workers`], those excluded from this job (their model files differ from
     /// the job's): a job whose every live worker is excluded makes no progress.
     pub workers_excluded: u32,
+    /// Of `workers`, each one this job has excluded, with why (as it was said).
+    pub exclusions: Vec<WorkerExclusion>,
     /// Every shard, in plan order.
     pub shard_list: Vec<ShardStatus>,
+}
+
+/// A connected worker a job has excluded, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerExclusion {
+    /// The worker's id.
+    pub worker_id: String,
+    /// Why, as it was said when it was excluded (its models differ, it cannot run the job).
+    pub reason: String,
 }
 
 impl JobStatus {
@@ -214,6 +225,7 @@ impl JobStatus {
             finished_unix_ms: None,
             workers: 0,
             workers_excluded: 0,
+            exclusions: Vec::new(),
             shard_list: Vec::new(),
             job_id,
         }

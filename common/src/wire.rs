@@ -11,6 +11,7 @@ use crate::lease::{Completion, Disposition, Exclusion, Failure, Registration, Ru
 use crate::proto;
 use crate::status::{
     JobState, JobStatus, ShardCounts, ShardFailure, ShardPhase, ShardStatus, VerifyProblem, VerifyReport,
+    WorkerExclusion,
 };
 
 /// The metadata header carrying the sender's [`crate::PROTOCOL_VERSION`] on every request.
@@ -315,6 +316,11 @@ impl From<JobStatus> for proto::JobStatus {
             finished_unix_ms: s.finished_unix_ms.unwrap_or(0),
             workers: s.workers,
             workers_excluded: s.workers_excluded,
+            exclusions: s
+                .exclusions
+                .into_iter()
+                .map(|e| proto::WorkerExclusion { worker_id: e.worker_id, reason: e.reason })
+                .collect(),
             output: s.output,
             classes_done: s.classes_done,
             classes_total: s.classes_total,
@@ -371,6 +377,11 @@ impl TryFrom<proto::JobStatus> for JobStatus {
             finished_unix_ms: (s.finished_unix_ms > 0).then_some(s.finished_unix_ms),
             workers: s.workers,
             workers_excluded: s.workers_excluded,
+            exclusions: s
+                .exclusions
+                .into_iter()
+                .map(|e| WorkerExclusion { worker_id: e.worker_id, reason: e.reason })
+                .collect(),
             output: s.output,
             shard_list: s
                 .shards
@@ -431,6 +442,7 @@ mod tests {
             finished_unix_ms: None,
             workers: 1,
             workers_excluded: 1,
+            exclusions: vec![WorkerExclusion { worker_id: "w".into(), reason: "its models differ".into() }],
             shard_list: vec![
                 ShardStatus {
                     index: 0,

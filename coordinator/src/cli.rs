@@ -42,10 +42,12 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Cancel a job.
     Cancel(JobArgs),
-    /// Forget a job that is not running: delete its records (job.json, state.json) and drop it
-    /// from the coordinator; its outputs (images, markers, manifest) stay, and submitting the
-    /// same spec again brings it back with its committed classes. The way out for a quarantined
-    /// job that keeps its finished images.
+    /// Forget a job that is not running: its records go, its images stay
+    ///
+    /// Deletes the job's records (job.json, state.json) and drops it from the coordinator; its
+    /// outputs (images, markers, manifest) stay, and submitting the same spec again brings it
+    /// back with its committed classes. The way out for a quarantined job that keeps its
+    /// finished images. Refused while the job runs (`coordinator cancel` it first).
     Forget(JobArgs),
     /// Check every published file of a job against the sha256 in its class's marker, and that
     /// class folders hold nothing else; exits non-zero on any problem (`resume` repairs).
@@ -272,9 +274,18 @@ pub struct ProgressArgs {
     /// Show no progress (the final status is still printed).
     #[arg(long)]
     pub quiet: bool,
+    /// Stop waiting (exit 3, with every worker's reason) once every connected worker has been
+    /// excluded from the job for this many seconds: no one will run it. 0 waits for ever.
+    #[arg(long, env = "MGD3_GIVE_UP_WHEN_EXCLUDED_S", default_value_t = 120)]
+    pub give_up_when_excluded_s: u64,
 }
 
 impl ProgressArgs {
+    /// How long every connected worker may be excluded before the wait stops (`None`: never).
+    pub fn excluded_grace(&self) -> Option<Duration> {
+        (self.give_up_when_excluded_s > 0).then(|| Duration::from_secs(self.give_up_when_excluded_s))
+    }
+
     /// The options these flags ask for.
     pub fn options(&self) -> ProgressOptions {
         ProgressOptions { quiet: self.quiet, every: Duration::from_secs(self.progress_every_s.max(1)) }
@@ -450,6 +461,9 @@ fn status_json(status: &JobStatus) -> serde_json::Value {
         "images_per_second": status.images_per_second,
         "eta_seconds": status.eta_seconds,
         "workers": status.workers,
+        "workers_excluded": status.workers_excluded,
+        "exclusions": status.exclusions.iter().map(|e| serde_json::json!({
+            "worker": e.worker_id, "reason": e.reason})).collect::<Vec<_>>(),
         "fingerprint": status.fingerprint,
         "output": status.output,
         "failures": status.failures.iter().map(|f| serde_json::json!({
@@ -565,7 +579,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 let mut progress = Progress::new(url, args.progress.options());
                 // A signal stops the waiting, not the job: said, with how to watch it again.
                 let status = tokio::select! {
-                    status = wait_for(&mut client, &response.job_id, &mut progress) => status?,
+                    status = wait_for(&mut client, &response.job_id, &mut progress, args.progress.excluded_grace()) => status?,
                     signal = mgd3_common::termination() => {
                         let next = format!(
                             "the job goes on: `coordinator status {0}` shows it, `coordinator cancel {0}` stops it",
@@ -817,8 +831,8 @@ fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
     }
 }
 
-/// Resolves once every child has exited, describing their exit statuses.
-async fn all_exited(children: &mut [tokio::process::Child]) -> String {
+/// Resolves once every child has exited, describing each one's exit status.
+async fn all_exited(children: &mut [tokio::process::Child]) -> Vec<String> {
     let mut statuses = Vec::new();
     for child in children.iter_mut() {
         match child.wait().await {
@@ -826,7 +840,7 @@ async fn all_exited(children: &mut [tokio::process::Child]) -> String {
             Err(e) => statuses.push(e.to_string()),
         }
     }
-    statuses.join(", ")
+    statuses
 }
 
 /// Where `coordinator run`'s workers run their models.
@@ -908,6 +922,8 @@ async fn run_local(args: RunArgs) -> Result<()> {
     // the progress bar instead of through it.
     let mut progress = Progress::new(&url, args.progress.options());
     let mut workers = Vec::new();
+    // Each worker's last `error:` line: why it stopped, should every one stop.
+    let last_errors = std::sync::Arc::new(std::sync::Mutex::new(vec![None::<String>; devices.len()]));
     for (i, device) in devices.iter().enumerate() {
         let mut command = tokio::process::Command::new(&worker_bin);
         // A `coordinator run` that is killed outright (SIGKILL, the OOM killer) cannot stop its
@@ -940,11 +956,15 @@ async fn run_local(args: RunArgs) -> Result<()> {
             .with_context(|| format!("cannot start `{}`", worker_bin.display()))?;
         let mut child = child;
         if let Some(stderr) = child.stderr.take() {
+            let last_errors = last_errors.clone();
             tokio::spawn(async move {
                 use tokio::io::AsyncBufReadExt;
                 let mut lines = tokio::io::BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     mgd3_common::telemetry::write_stderr(format!("{line}\n").as_bytes());
+                    if let Some(error) = line.strip_prefix("error: ") {
+                        last_errors.lock().expect("last errors")[i] = Some(error.to_owned());
+                    }
                 }
             });
         }
@@ -967,14 +987,23 @@ async fn run_local(args: RunArgs) -> Result<()> {
     );
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
-        status = wait_for(&mut client, &job.job_id, &mut progress) => status,
+        status = wait_for(&mut client, &job.job_id, &mut progress, args.progress.excluded_grace()) => status,
         signal = mgd3_common::termination() => {
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
-        exits = all_exited(&mut workers) => Err(anyhow::anyhow!(
-            "every local worker exited before the job finished ({exits}); see their errors above, then run again to continue"
-        )),
+        exits = all_exited(&mut workers) => {
+            // Their stderr may still be draining: the reasons come with the last lines.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let errors = last_errors.lock().expect("last errors").clone();
+            let reasons = exits
+                .iter()
+                .zip(errors)
+                .enumerate()
+                .map(|(i, (exit, error))| format!("local-{i} exited ({exit}): {}", error.as_deref().unwrap_or("see its log above")))
+                .collect();
+            Err(mgd3_common::NoWorker { job: job.job_id.clone(), reasons }.into())
+        }
     };
     // Our own channel must not keep the server's graceful shutdown waiting.
     drop(client);

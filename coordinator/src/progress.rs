@@ -71,12 +71,31 @@ pub fn no_worker_warning(status: &JobStatus, url: &str) -> Option<String> {
     if status.workers == 0 {
         return Some(format!("no worker is connected: start one with `worker --coordinator {url}`"));
     }
-    (status.workers_excluded >= status.workers).then(|| {
+    all_excluded(status).then(|| {
         format!(
-            "no eligible worker: the {} connected worker(s) are excluded from this job because their model files differ from the job's; start workers with the job's models",
-            status.workers
+            "no eligible worker: every connected worker is excluded from this job: {}",
+            exclusion_reasons(status).join("; ")
         )
     })
+}
+
+/// True when the job runs, workers are connected, and this job has excluded every one of them.
+fn all_excluded(status: &JobStatus) -> bool {
+    status.state == JobState::Running && status.workers > 0 && status.workers_excluded >= status.workers
+}
+
+/// `worker: reason` for each connected worker the job excluded, as the reasons were said.
+fn exclusion_reasons(status: &JobStatus) -> Vec<String> {
+    let reasons: Vec<String> = status
+        .exclusions
+        .iter()
+        .map(|e| if e.reason.is_empty() { e.worker_id.clone() } else { format!("{}: {}", e.worker_id, e.reason) })
+        .collect();
+    if reasons.is_empty() {
+        vec![format!("{} worker(s), reasons not reported", status.workers_excluded)]
+    } else {
+        reasons
+    }
 }
 
 /// One line of progress, for logs: `job J [running]: classes 3/10, images 30/100, 2.40
@@ -265,10 +284,18 @@ impl Drop for Progress {
 ///
 /// # Errors
 /// The call's error once the coordinator has not answered for [`WAIT_FOR_UNREACHABLE`], or at
-/// once for an error a restart does not cure (an unknown job, a refused token).
-pub async fn wait_for(client: &mut Client, job_id: &str, progress: &mut Progress) -> anyhow::Result<JobStatus> {
+/// once for an error a restart does not cure (an unknown job, a refused token);
+/// [`mgd3_common::NoWorker`] once every connected worker has been excluded from the job for
+/// `excluded_grace` (`None` waits for ever).
+pub async fn wait_for(
+    client: &mut Client,
+    job_id: &str,
+    progress: &mut Progress,
+    excluded_grace: Option<Duration>,
+) -> anyhow::Result<JobStatus> {
     let url = progress.url.clone();
     let mut unreachable_since: Option<Instant> = None;
+    let mut excluded_since: Option<Instant> = None;
     loop {
         match job_status(client, &url, job_id).await {
             Ok(status) => {
@@ -277,6 +304,21 @@ pub async fn wait_for(client: &mut Client, job_id: &str, progress: &mut Progress
                 if status.state.is_final() {
                     progress.finish();
                     return Ok(status);
+                }
+                // Every connected worker excluded, for longer than the grace: no one will run
+                // the job, and waiting would idle the allocation.
+                if all_excluded(&status) {
+                    let since = *excluded_since.get_or_insert_with(Instant::now);
+                    if excluded_grace.is_some_and(|grace| since.elapsed() >= grace) {
+                        progress.finish();
+                        return Err(mgd3_common::NoWorker {
+                            job: job_id.to_owned(),
+                            reasons: exclusion_reasons(&status),
+                        }
+                        .into());
+                    }
+                } else {
+                    excluded_since = None;
                 }
             }
             Err(error)
@@ -326,6 +368,7 @@ mod tests {
             finished_unix_ms: state.is_final().then_some(42_000),
             workers,
             workers_excluded: 0,
+            exclusions: Vec::new(),
             shard_list: Vec::new(),
         }
     }

@@ -160,6 +160,9 @@ pub struct PersistedJob {
     pub finished_unix_ms: Option<u64>,
     /// Workers that may lease nothing of this job (they hold different models).
     pub excluded_workers: BTreeSet<String>,
+    /// Why each excluded worker was excluded, as it was said (absent in older state files).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exclusion_reasons: BTreeMap<String, String>,
 }
 
 struct JobRun {
@@ -1055,6 +1058,7 @@ impl Scheduler {
         self.leases.remove(lease_id);
         let run = self.jobs.get_mut(&job).expect("job");
         run.persisted.excluded_workers.insert(worker_id.to_owned());
+        run.persisted.exclusion_reasons.insert(worker_id.to_owned(), error.clone());
         let entry = &mut run.persisted.shards[shard];
         entry.attempts = entry.attempts.saturating_sub(1);
         entry.last_error = Some(ShardError { wnid: None, error, at_ms: now });
@@ -1069,9 +1073,25 @@ impl Scheduler {
     ///
     /// # Errors
     /// [`SchedulerError::UnknownJob`] when the job is not known.
-    pub fn exclude_worker(&mut self, job_id: &str, worker_id: &str) -> Result<bool, SchedulerError> {
+    pub fn exclude_worker(&mut self, job_id: &str, worker_id: &str, reason: &str) -> Result<bool, SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        run.persisted.exclusion_reasons.insert(worker_id.to_owned(), reason.to_owned());
         Ok(run.persisted.excluded_workers.insert(worker_id.to_owned()))
+    }
+
+    /// The workers seen in the last three heartbeats that `job_id` has excluded, each with why
+    /// (as it was said when it was excluded), by worker id.
+    pub fn live_exclusions(&self, job_id: &str, now: u64) -> Vec<(String, String)> {
+        let Some(run) = self.jobs.get(job_id) else { return Vec::new() };
+        let mut live: Vec<(String, String)> = run
+            .persisted
+            .excluded_workers
+            .iter()
+            .filter(|id| self.workers.get(*id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms))
+            .map(|id| (id.clone(), run.persisted.exclusion_reasons.get(id).cloned().unwrap_or_default()))
+            .collect();
+        live.sort();
+        live
     }
 
     /// Cancels a running job: pending shards leave the queue and its leases are revoked (their
@@ -1117,6 +1137,7 @@ impl Scheduler {
         // A person acted: workers excluded for their model files (since fixed, maybe) may try again;
         // one whose files still differ is excluded again when it registers or loads them.
         run.persisted.excluded_workers.clear();
+        run.persisted.exclusion_reasons.clear();
         let mut requeued = 0;
         for (i, shard) in run.persisted.shards.iter_mut().enumerate() {
             if committed.contains(&i) {
@@ -1297,11 +1318,14 @@ mod tests {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
         s.register("w", 0);
-        assert_eq!(s.exclude_worker("j", "w"), Ok(true));
-        assert_eq!(s.exclude_worker("j", "w"), Ok(false));
+        assert_eq!(s.exclude_worker("j", "w", "its models differ"), Ok(true));
+        assert_eq!(s.exclude_worker("j", "w", "its models differ"), Ok(false));
         assert_eq!(poll(&mut s, "w", &[], false, 1).0, PollDecision::Wait(1000));
         assert!(matches!(poll(&mut s, "v", &[], false, 1).0, PollDecision::Lease(_)));
-        assert_eq!(s.exclude_worker("nope", "w"), Err(SchedulerError::UnknownJob("nope".into())));
+        assert_eq!(s.exclude_worker("nope", "w", "x"), Err(SchedulerError::UnknownJob("nope".into())));
+        // The reason is kept as data, for the live workers only.
+        assert_eq!(s.live_exclusions("j", 2), vec![("w".to_owned(), "its models differ".to_owned())]);
+        assert!(s.live_exclusions("j", 10_000).is_empty(), "w went silent");
     }
 
     #[test]

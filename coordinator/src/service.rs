@@ -940,6 +940,11 @@ impl Coordinator {
             finished_unix_ms: summary.finished_unix_ms,
             workers: scheduler.live_workers(now) as u32,
             workers_excluded: scheduler.live_workers_excluded(&job.job_id, now) as u32,
+            exclusions: scheduler
+                .live_exclusions(&job.job_id, now)
+                .into_iter()
+                .map(|(worker_id, reason)| mgd3_common::status::WorkerExclusion { worker_id, reason })
+                .collect(),
             shard_list: summary.shards,
             output: format!(
                 "{}/{}",
@@ -1005,7 +1010,7 @@ impl Coordinator {
                     "worker `{}` has model `{path}` loaded with fingerprint {have}, but job `{id}` expects {want}; give this worker the job's model files",
                     request.worker_id
                 );
-                if scheduler.exclude_worker(&id, &request.worker_id)? {
+                if scheduler.exclude_worker(&id, &request.worker_id, &reason)? {
                     changed.push(id.clone());
                 }
                 warn!(job = %id, worker = %request.worker_id, %reason, "worker excluded from the job");

@@ -36,14 +36,12 @@ pub enum Error {
 
     /// A CUDA device was asked for but its execution provider could not be registered (there is
     /// no CPU fallback).
-    #[error(
-        "device {device} requested but the CUDA execution provider could not be registered; \
-         use the onnxruntime-gpu build (`scripts/setup_ort.sh gpu`) and make the CUDA 13 / cuDNN 9 \
-         libraries visible (LD_LIBRARY_PATH); mgd3 never falls back to the CPU silently"
-    )]
+    #[error("cannot use {device}: {}; mgd3 never falls back to the CPU silently", cuda_fix(cause))]
     CudaUnavailable {
         /// The device asked for (`cuda:N`).
         device: String,
+        /// ONNX Runtime's message, which names the library that failed to load.
+        cause: String,
         /// ONNX Runtime's error.
         #[source]
         source: ort::Error,
@@ -132,5 +130,39 @@ impl Error {
     pub(crate) fn ort(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Error {
         let context = context.into();
         move |source| Error::Ort { context, source }
+    }
+}
+
+/// What to do about a CUDA execution provider that could not be registered, from ONNX Runtime's
+/// message: the library it could not load (named), a CPU-only ONNX Runtime, or a driver too old.
+pub fn cuda_fix(cause: &str) -> String {
+    let lower = cause.to_ascii_lowercase();
+    // The first `lib….so…` the message names: what the dynamic loader could not find.
+    let library = cause
+        .split(|c: char| c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '(' | ')' | ','))
+        .find(|word| word.starts_with("lib") && word.contains(".so"));
+    if lower.contains("driver") && (lower.contains("insufficient") || lower.contains("older")) {
+        return "the NVIDIA driver is older than this ONNX Runtime's CUDA needs (the `gpu` build of \
+                `scripts/setup_ort.sh` needs CUDA 13 drivers, R580 or newer): update the driver or run on nodes that have one"
+            .to_owned();
+    }
+    match library {
+        Some(lib) if lib.starts_with("libonnxruntime_providers") => format!(
+            "the ONNX Runtime in use has no CUDA execution provider (`{lib}` is missing: a CPU build); \
+             install the GPU build with `scripts/setup_ort.sh gpu` (or point ORT_DYLIB_PATH / --ort-lib at one)"
+        ),
+        Some(lib) => format!(
+            "the CUDA execution provider needs `{lib}`, which the loader cannot find; load the CUDA and cuDNN \
+             libraries (e.g. `module load cuda cudnn`) or add their folder to LD_LIBRARY_PATH \
+             (`scripts/setup_ort.sh gpu` puts them in .ort/gpu)"
+        ),
+        None if lower.contains("not enabled") || lower.contains("not available") || lower.contains("not supported") => {
+            "the ONNX Runtime in use is a CPU build; install the GPU build with `scripts/setup_ort.sh gpu` \
+             (or point ORT_DYLIB_PATH / --ort-lib at one)"
+                .to_owned()
+        }
+        None => "ONNX Runtime's CUDA execution provider could not be registered; use the GPU build \
+                 (`scripts/setup_ort.sh gpu`) with the CUDA and cuDNN libraries visible (LD_LIBRARY_PATH)"
+            .to_owned(),
     }
 }

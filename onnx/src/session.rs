@@ -169,17 +169,38 @@ pub(crate) fn build_session_profiled(
     if let Some(prefix) = profile_prefix {
         builder = builder.with_profiling(prefix).map_err(|e| Error::ort("enabling the profiler")(e.into()))?;
     }
-    if let Device::Cuda(id) = config.device {
-        let mut cuda = ep::CUDA::default().with_device_id(id);
-        if let Some(limit) = config.gpu_memory_limit {
-            cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
-        }
-        let cuda = cuda.build().error_on_failure();
-        builder = builder
-            .with_execution_providers([cuda])
-            .map_err(|e| Error::CudaUnavailable { device: config.device.to_string(), source: e.into() })?;
-    }
+    builder = with_device(builder, config)?;
     builder.commit_from_file(path).map_err(Error::ort(format!("loading model `{}`", path.display())))
+}
+
+/// `builder` with `config.device`'s execution provider registered (nothing to do on the CPU).
+fn with_device(
+    builder: ort::session::builder::SessionBuilder,
+    config: &SessionConfig,
+) -> Result<ort::session::builder::SessionBuilder> {
+    let Device::Cuda(id) = config.device else { return Ok(builder) };
+    let mut cuda = ep::CUDA::default().with_device_id(id);
+    if let Some(limit) = config.gpu_memory_limit {
+        cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    let cuda = cuda.build().error_on_failure();
+    builder.with_execution_providers([cuda]).map_err(|e| {
+        let source: ort::Error = e.into();
+        Error::CudaUnavailable { device: config.device.to_string(), cause: source.to_string(), source }
+    })
+}
+
+/// Checks that `config.device` can be used, before a worker offers itself to a coordinator:
+/// ONNX Runtime loads and, for a CUDA device, registers its CUDA execution provider (which loads
+/// the provider library, the CUDA runtime, cuBLAS and cuDNN). A worker that cannot use its device
+/// must say why and stop, never take leases it cannot run nor fall back to the CPU.
+///
+/// # Errors
+/// Those of [`init_runtime`]; [`Error::CudaUnavailable`] naming what is missing and the fix.
+pub fn probe_device(config: &SessionConfig) -> Result<()> {
+    let env = init_runtime(None)?;
+    let builder = Session::builder(env).map_err(Error::ort("creating a session builder"))?;
+    with_device(builder, config).map(drop)
 }
 
 #[cfg(test)]

@@ -1095,9 +1095,36 @@ async fn a_worker_registering_with_other_model_files_is_excluded_with_the_reason
     let poll = |id: &str| proto::PollWorkRequest { worker_id: id.into(), ..Default::default() };
     let action = client.poll_work(poll("stale")).await.unwrap().into_inner().action;
     assert!(matches!(action, Some(proto::poll_work_response::Action::WaitMs(_))), "{action:?}");
-    // The status says the one live worker may not run the job.
+    // The status says the one live worker may not run the job, and why, as data.
     let status = cluster.coordinator.status(&job.job_id).unwrap();
     assert_eq!((status.workers, status.workers_excluded), (1, 1));
+    assert_eq!(status.exclusions.len(), 1);
+    assert_eq!((status.exclusions[0].worker_id.as_str(), &status.exclusions[0].reason), ("stale", reason));
+    let line = mgd3_coordinator::progress::progress_line(&status, &cluster.url);
+    assert!(!line.contains("model files differ") || line.contains(reason.as_str()), "{line}");
+    // `submit --wait` / `run` stop waiting once every connected worker has been excluded for
+    // the grace period, with the reasons (exit 3), instead of idling for ever.
+    let keep_alive = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let poll = proto::PollWorkRequest { worker_id: "stale".into(), ..Default::default() };
+                let _ = client.poll_work(poll).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let options = mgd3_coordinator::progress::ProgressOptions { quiet: true, every: Duration::from_secs(60) };
+    let mut progress = mgd3_coordinator::progress::Progress::new(&cluster.url, options);
+    let mut waiter = mgd3_common::rpc::connect(&cluster.url, None, None).unwrap();
+    let grace = Some(Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let error = mgd3_coordinator::progress::wait_for(&mut waiter, &job.job_id, &mut progress, grace).await.unwrap_err();
+    keep_alive.abort();
+    let stopped = error.downcast_ref::<mgd3_common::NoWorker>().expect("a NoWorker error");
+    assert_eq!(stopped.reasons, vec![format!("stale: {reason}")]);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(mgd3_common::NoWorker::EXIT_CODE, 3);
     // The same models as the job's: registered without exclusions, and leased.
     let response = client.register_worker(register("fresh", FINGERPRINT)).await.unwrap().into_inner();
     assert!(response.excluded.is_empty(), "{response:?}");

@@ -620,6 +620,41 @@ fn a_worker_given_the_wrong_scheme_stops_at_once_naming_the_right_url() {
     assert!(!text.contains("tonic::"), "{text}");
 }
 
+/// A GPU asked of a CPU-only ONNX Runtime: the worker says so in one sentence naming the fix and
+/// exits before it registers (no lease it cannot run, no silent CPU fallback); `coordinator run`
+/// on that GPU stops at once with exit 3 and the worker's reason instead of waiting for ever.
+#[test]
+fn a_device_the_worker_cannot_use_stops_it_before_it_registers() {
+    let JobScratch { dir: scratch, store, spec: spec_path } = job_scratch(2, 3, 1, 1, "");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let _coordinator = serve(port, &store, &log, &[]);
+    wait_for_coordinator(&url);
+    let out = Command::new(bin("worker")).args(["--coordinator", &url, "--device", "cuda:0"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cannot use cuda:0") && text.contains("never falls back to the CPU"), "{text}");
+    if !Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ort/gpu").exists() {
+        assert!(text.contains("CPU build") && text.contains("scripts/setup_ort.sh gpu"), "{text}");
+    }
+    let served = std::fs::read_to_string(&log).unwrap();
+    assert!(!served.contains("worker registered"), "it must not register: {served}");
+
+    let run_store = scratch.path().join("run").display().to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("coordinator"))
+        .args(["run", spec_path.to_str().unwrap(), "--devices", "0", "--store", &run_store, "--no-report"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    for part in ["no worker can run it", "local-0 exited", "cannot use cuda:0", "run the same command again"] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after a grace: {text}");
+}
+
 /// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
 /// reads then closes, other bytes are read then answered. Returns its URL.
 fn raw_listener(how: Option<&'static [u8]>) -> String {

@@ -684,6 +684,9 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     let engine: Box<dyn ShardEngine> = match args.engine {
         EngineKind::Onnx => {
             let runtime = args.runtime.runtime()?;
+            // A device this worker cannot use stops it here, before it registers: a worker that
+            // took leases it cannot run would only be excluded, and the job would wait for ever.
+            mgd3_onnx::session::probe_device(&runtime.session)?;
             tracing::info!(worker = %worker_id, device = %runtime.session.device,
                 gpu_memory_limit_bytes = ?runtime.session.gpu_memory_limit, "batch policy: {}", runtime.policy);
             Box::new(OnnxShardEngine::new(runtime, args.runtime.cpu_pool()))
