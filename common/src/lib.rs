@@ -145,9 +145,21 @@ impl NoWorker {
     pub const EXIT_CODE: u8 = 3;
 }
 
+/// An error that asks for its own exit status (`2`: a set-up the command refuses, with what to run
+/// instead).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitWith {
+    /// The exit status.
+    pub code: u8,
+    /// The error with its whole chain, as it is printed.
+    pub message: String,
+}
+
 /// The exit status of a binary whose `run` ended with `result`: success, 130 after Ctrl-C or 143
 /// after SIGTERM (an [`Interrupted`] anywhere in the chain, its hint on stderr), 3 when no worker
-/// could run the job ([`NoWorker`]), else 1 with the error's whole chain on stderr.
+/// could run the job ([`NoWorker`]), an [`ExitWith`]'s own code, else 1 with the error's whole
+/// chain on stderr.
 pub fn exit_status<E>(result: Result<(), E>) -> std::process::ExitCode
 where
     E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
@@ -168,6 +180,10 @@ where
         if e.downcast_ref::<NoWorker>().is_some() {
             errln!("error: {}", error_chain(error));
             return std::process::ExitCode::from(NoWorker::EXIT_CODE);
+        }
+        if let Some(exit) = e.downcast_ref::<ExitWith>() {
+            errln!("error: {}", error_chain(error));
+            return std::process::ExitCode::from(exit.code);
         }
         cause = e.source();
     }

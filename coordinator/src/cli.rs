@@ -90,6 +90,23 @@ pub enum Command {
     Export(ExportArgs),
 }
 
+impl Command {
+    /// The command's way to the coordinator, for those that talk to one.
+    fn connection(&mut self) -> Option<&mut Connection> {
+        match self {
+            Command::Submit(args) => Some(&mut args.connection),
+            Command::Status(args) => Some(&mut args.connection),
+            Command::Resume(args) => Some(&mut args.connection),
+            Command::Cancel(args) | Command::Forget(args) | Command::Verify(args) => Some(&mut args.connection),
+            Command::List(args) => Some(&mut args.connection),
+            Command::Ready(args) => Some(&mut args.connection),
+            Command::Report(args) => Some(&mut args.job.connection),
+            Command::Export(args) => Some(&mut args.job.connection),
+            Command::Serve(_) | Command::Run(_) | Command::Check(_) | Command::Spec(_) => None,
+        }
+    }
+}
+
 /// Where a job's output folder is: named, or asked of the coordinator.
 #[derive(Debug, Args)]
 pub struct JobDirArgs {
@@ -224,8 +241,12 @@ pub struct ServeArgs {
 /// How client commands reach the coordinator.
 #[derive(Debug, Args, Clone)]
 pub struct Connection {
-    /// Coordinator URL (http:// or https://).
-    #[arg(long, env = "MGD3_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    /// Coordinator URL (http:// or https://). Default: the `coordinator run` or `serve` running on
+    /// this host (the newest, if several), else http://127.0.0.1:50051.
+    #[arg(long = "coordinator", env = "MGD3_COORDINATOR", value_name = "URL")]
+    pub coordinator_arg: Option<String>,
+    /// The URL used: `--coordinator`, else found ([`Connection::resolve`]).
+    #[arg(skip)]
     pub coordinator: String,
     /// Bearer token file (the one the coordinator was started with), sent with every RPC; mode
     /// 600 (a file others can read is refused).
@@ -239,7 +260,39 @@ pub struct Connection {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// Where `serve` listens by default, and so where clients look when nothing else says.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+
 impl Connection {
+    /// Settles the URL (and, when none was given, the token file) to use: `--coordinator` (or
+    /// `MGD3_COORDINATOR`) as given; else the coordinator running on this host that announced
+    /// itself ([`crate::runtime`]: a `coordinator run` on its random port, a `serve`), the newest
+    /// when several do (said on stderr); else [`DEFAULT_COORDINATOR`].
+    pub fn resolve(&mut self) {
+        if let Some(url) = &self.coordinator_arg {
+            self.coordinator = url.clone();
+            return;
+        }
+        let running = crate::runtime::running();
+        let Some(newest) = running.first() else {
+            self.coordinator = DEFAULT_COORDINATOR.to_owned();
+            return;
+        };
+        if running.len() > 1 {
+            let others: Vec<String> = running[1..].iter().map(|r| format!("{} (store {})", r.url, r.store)).collect();
+            errln!(
+                "note: using the newest coordinator on this host, {} (store {}); also running: {}; pass --coordinator to choose",
+                newest.url,
+                newest.store,
+                others.join(", ")
+            );
+        }
+        self.coordinator = newest.url.clone();
+        if self.token_file.is_none() {
+            self.token_file = newest.token_file.as_ref().map(PathBuf::from);
+        }
+    }
+
     fn client(&self) -> Result<Client> {
         let token = self.token_file.as_deref().map(|p| read_token_file(p, self.insecure_token_file)).transpose()?;
         Ok(connect(&self.coordinator, token.as_deref(), self.tls_ca.as_deref())?)
@@ -443,6 +496,20 @@ impl TryFrom<&ServeArgs> for ServeConfig {
     }
 }
 
+/// The URL other machines reach a coordinator listening on `address` at: the host's name when it
+/// listens on every interface.
+fn advertised_url(address: &std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let host = if address.ip().is_unspecified() {
+        hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+    } else if address.is_ipv6() {
+        format!("[{}]", address.ip())
+    } else {
+        address.ip().to_string()
+    };
+    format!("{scheme}://{host}:{}", address.port())
+}
+
 fn read_spec(path: &Path) -> Result<(String, String)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec `{}`", path.display()))?;
     let base = std::path::absolute(path)?.parent().map(|p| p.display().to_string()).unwrap_or_default();
@@ -499,9 +566,22 @@ fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
 /// than succeeded (`submit --wait`, `run`) and a `verify` that finds problems are errors too.
 pub async fn run(cli: Cli) -> Result<()> {
     match run_command(cli).await {
+        // A store another live coordinator serves: exit 2 (a set-up refused; the message says
+        // where to submit instead), so that a script can tell it from a failed job.
+        Err(error) if error.chain().any(store_held) => {
+            Err(mgd3_common::ExitWith { code: 2, message: format!("{error:#}") }.into())
+        }
         Err(error) => Err(with_peer_probed(error).await),
         done => done,
     }
+}
+
+/// True for the refusal of a store another live coordinator serves (as the lock says, or as the
+/// coordinator's error wraps it).
+fn store_held(error: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::lock::LockError;
+    matches!(error.downcast_ref(), Some(LockError::Held { .. }))
+        || matches!(error.downcast_ref(), Some(crate::Error::Lock(LockError::Held { .. })))
 }
 
 /// A call whose connection dropped is told by what its address answers a probe
@@ -515,7 +595,11 @@ async fn with_peer_probed(error: anyhow::Error) -> anyhow::Error {
 }
 
 async fn run_command(cli: Cli) -> Result<()> {
-    match cli.command {
+    let mut command = cli.command;
+    if let Some(connection) = command.connection() {
+        connection.resolve();
+    }
+    match command {
         Command::Serve(args) => {
             let config = ServeConfig::try_from(&args)?;
             let listener =
@@ -551,6 +635,10 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
             tracing::info!(allowed = ?allowed, "local paths submitted specs may use");
             coordinator.allow_paths(allowed);
+            let advertised = advertised_url(&address, config.tls.is_some());
+            coordinator.advertise(&advertised, args.token_file.as_deref()).await;
+            // Clients on this host find it without --coordinator while it serves.
+            let _announced = crate::runtime::announce(&advertised, store, args.token_file.as_deref());
             let seen = std::sync::Arc::new(std::sync::OnceLock::new());
             serve(coordinator, &config, listener, mgd3_common::termination_into(seen.clone())).await?;
             match seen.get() {
@@ -914,6 +1002,8 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;
     let url = local.url.clone();
+    // `coordinator status`, `list`, `verify` on this host find this run's random port.
+    let _announced = crate::runtime::announce(&url, &store, None);
     // N workers on one machine share its CPUs: each gets its share for decoding and k-means
     // (MGD3_CPU_THREADS, which an explicit --cpu-threads in --worker-arg overrides).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

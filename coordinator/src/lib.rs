@@ -17,6 +17,7 @@ pub mod local;
 pub mod lock;
 pub mod progress;
 pub mod report;
+pub mod runtime;
 pub mod scheduler;
 pub mod service;
 pub mod state;

@@ -45,6 +45,18 @@ pub struct LockRecord {
     /// in older records and elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_table: Option<String>,
+    /// The URL the holder serves at, once it listens: where a second `coordinator run` or
+    /// `distill.sbatch` on the same store is told to submit instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The token file the holder was started with (a path, never the token): what a client of
+    /// `url` passes as `--token-file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// The Slurm job the holder runs in (`SLURM_JOB_ID`), if any: a second allocation on the store
+    /// can be queued after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
 }
 
 impl LockRecord {
@@ -83,13 +95,20 @@ fn holder_is_dead_here(holder: &LockRecord, host: &str) -> bool {
 pub enum LockError {
     /// Another coordinator holds the store and renewed its lock while this one watched it.
     #[error(
-        "store `{url}` is served by another coordinator ({host}, pid {pid}, last heartbeat {age_s:.0} s ago): stop \
-         it first, or give this coordinator another --store; a coordinator that was killed releases the store \
-         {timeout_s:.0} s after its last heartbeat"
+        "store `{url}` is served by another coordinator ({host}, pid {pid}, last heartbeat {age_s:.0} s ago){}; \
+         or stop it first, or give this coordinator another --store (a coordinator that was killed releases the \
+         store {timeout_s:.0} s after its last heartbeat)",
+        submit_there(serving.as_deref(), token_file.as_deref(), slurm_job.as_deref())
     )]
     Held {
         /// The store's URL.
         url: String,
+        /// The holder's Slurm job, when its lock record says.
+        slurm_job: Option<String>,
+        /// The URL the holder serves at, when its lock record says.
+        serving: Option<String>,
+        /// The holder's token file, when its lock record says.
+        token_file: Option<String>,
         /// The holder's host name.
         host: String,
         /// The holder's process id.
@@ -120,6 +139,20 @@ pub enum LockError {
     },
 }
 
+/// How to submit to the coordinator serving at `url` instead of starting another one.
+fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&str>) -> String {
+    let after = slurm_job
+        .map(|id| format!("; or queue this allocation after that Slurm job: `sbatch --dependency=afterany:{id} …`"))
+        .unwrap_or_default();
+    let Some(url) = url else { return after };
+    let token = token_file.map(|f| format!(" --token-file {f}")).unwrap_or_default();
+    let sbatch_token = token_file.map(|f| format!(" MGD3_TOKEN_FILE={f}")).unwrap_or_default();
+    format!(
+        " at {url}: submit to it instead, `coordinator submit job.toml --coordinator {url}{token} --wait` \
+         (for scripts/slurm/distill.sbatch: `MGD3_COORDINATOR={url}{sbatch_token} sbatch …`){after}"
+    )
+}
+
 /// A held store lock.
 #[derive(Clone, Debug)]
 pub struct StoreLock {
@@ -144,6 +177,9 @@ impl StoreLock {
             timeout_ms: timeout.as_millis() as u64,
             renewals: 0,
             process_table: process_table(),
+            url: None,
+            token_file: None,
+            slurm_job: std::env::var("SLURM_JOB_ID").ok().filter(|id| !id.is_empty()),
         };
         // The holder seen, its last heartbeat (time and renewal count) and when, by this
         // process's tokio clock, it was first seen: staleness is judged by watching the value,
@@ -182,6 +218,9 @@ impl StoreLock {
                     let age = now_ms().saturating_sub(holder.heartbeat_unix_ms);
                     return Err(LockError::Held {
                         url: store.url.clone(),
+                        serving: holder.url,
+                        token_file: holder.token_file,
+                        slurm_job: holder.slurm_job,
                         host: holder.host,
                         pid: holder.pid,
                         age_s: age as f64 / 1000.0,
@@ -206,6 +245,18 @@ impl StoreLock {
             }
             tokio::time::sleep(poll_interval(&holder)).await;
         }
+    }
+
+    /// Records where this coordinator serves (and its token file's path) in the lock, written
+    /// at once: a second coordinator on the store is told to submit there.
+    ///
+    /// # Errors
+    /// Those of [`StoreLock::renew`].
+    pub async fn advertise(&mut self, url: &str, token_file: Option<&std::path::Path>) -> Result<(), LockError> {
+        self.record.url = Some(url.to_owned());
+        self.record.token_file =
+            token_file.map(|f| std::path::absolute(f).unwrap_or(f.to_owned()).display().to_string());
+        self.renew().await
     }
 
     /// How often [`StoreLock::renew`] should run: a third of the timeout.
@@ -338,6 +389,9 @@ mod tests {
             timeout_ms: 60_000,
             renewals: 0,
             process_table,
+            url: None,
+            token_file: None,
+            slurm_job: None,
         };
         assert!(holder_is_dead_here(&record(process_table()), &host));
         assert!(!holder_is_dead_here(&record(Some("other-boot/pid:[1]".into())), &host));

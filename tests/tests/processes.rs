@@ -655,6 +655,60 @@ fn a_device_the_worker_cannot_use_stops_it_before_it_registers() {
     assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after a grace: {text}");
 }
 
+/// Find the job, and two jobs on one store: while `coordinator run` runs (on a random loopback
+/// port), `list`, `status` and `verify` on the same host find it with no flag; a second
+/// `coordinator run` on the same store stops with exit 2, naming the URL to submit to instead and
+/// the variable for the sbatch script.
+#[test]
+fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_where_it_is() {
+    let JobScratch { dir: scratch, store, spec: spec_path } = job_scratch(4, 3, 1, 1, "classes_per_shard = 1");
+    let runtime = scratch.path().join("runtime");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(bin("coordinator"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env_remove("MGD3_COORDINATOR")
+            .output()
+            .unwrap()
+    };
+    let log = scratch.path().join("run.log");
+    let mut run = Killed(
+        Command::new(bin("coordinator"))
+            .args(["run", spec_path.to_str().unwrap(), "--no-report", "--"])
+            .args(["--engine", "fake", "--fake-class-seconds", "5"])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut job = String::new();
+    wait_for("list to find the running `coordinator run`", Duration::from_secs(60), || {
+        let out = cli(&["list"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        job = text.split_whitespace().find(|w| w.starts_with("chaos-")).unwrap_or_default().to_owned();
+        out.status.success() && !job.is_empty()
+    });
+    let status = cli(&["status", &job]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("[running]"));
+    let verify = cli(&["verify", &job]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+
+    let other = scratch.path().join("other.toml");
+    let data = scratch.path().join("data").display().to_string();
+    std::fs::write(&other, spec(&data, &store, 4, 3, 2, "classes_per_shard = 1")).unwrap();
+    let second = cli(&["run", other.to_str().unwrap(), "--no-report", "--", "--engine", "fake"]);
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{text}");
+    for part in ["is served by another coordinator", "submit to it instead", "MGD3_COORDINATOR=http://127.0.0.1:"] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    let exit = wait_exit(&mut run.0, "the first coordinator run", Duration::from_secs(120));
+    assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(std::fs::read_dir(runtime.join("mgd3")).unwrap().next().is_none(), "the announcement goes with it");
+}
+
 /// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
 /// reads then closes, other bytes are read then answered. Returns its URL.
 fn raw_listener(how: Option<&'static [u8]>) -> String {
