@@ -581,7 +581,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 fn store_held(error: &(dyn std::error::Error + 'static)) -> bool {
     use crate::lock::LockError;
     matches!(error.downcast_ref(), Some(LockError::Held { .. }))
-        || matches!(error.downcast_ref(), Some(crate::Error::Lock(LockError::Held { .. })))
+        || matches!(error.downcast_ref(), Some(crate::Error::Lock(lock)) if matches!(**lock, LockError::Held { .. }))
 }
 
 /// A call whose connection dropped is told by what its address answers a probe

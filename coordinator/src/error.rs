@@ -28,7 +28,7 @@ pub enum Error {
     Scheduler(#[from] SchedulerError),
     /// The store's coordinator lock could not be taken or kept.
     #[error(transparent)]
-    Lock(#[from] crate::lock::LockError),
+    Lock(Box<crate::lock::LockError>),
     /// An object-store call failed (job records, an output's markers, folders or manifest).
     #[error("object store `{url}`: {context}")]
     ObjectStore {
@@ -180,6 +180,12 @@ pub enum Error {
         /// The job id.
         job: String,
     },
+}
+
+impl From<crate::lock::LockError> for Error {
+    fn from(error: crate::lock::LockError) -> Self {
+        Error::Lock(Box::new(error))
+    }
 }
 
 /// What to do about a quarantined job: rebuild a lost `job.json` by submitting the same spec,

@@ -208,7 +208,7 @@ pub async fn serve(
     let _ = background.await;
     if coordinator.is_fenced() {
         let lost = coordinator.take_lost_to();
-        return Err(Error::Lock(lost.unwrap_or(LockError::Lost {
+        return Err(Error::from(lost.unwrap_or(LockError::Lost {
             url: coordinator.store_url().to_owned(),
             host: "another host".into(),
             pid: 0,

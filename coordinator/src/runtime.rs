@@ -93,7 +93,7 @@ pub fn running() -> Vec<Announcement> {
             let _ = std::fs::remove_file(&path);
         }
     }
-    live.sort_by(|a, b| b.started_unix_ms.cmp(&a.started_unix_ms));
+    live.sort_by_key(|a| std::cmp::Reverse(a.started_unix_ms));
     live
 }
 
