@@ -408,10 +408,25 @@ mod tests {
             pace(&recovered)
         );
         // Workers connected, but every one excluded from this job: said, with why.
-        let shunned = JobStatus { workers_excluded: 2, ..status(JobState::Running, 2, 0.0, None) };
+        let exclusion = |worker: &str, reason: &str| mgd3_common::status::WorkerExclusion {
+            worker_id: worker.into(),
+            reason: reason.into(),
+        };
+        let shunned = JobStatus {
+            workers_excluded: 2,
+            exclusions: vec![
+                exclusion("w0", "cannot use cuda:0: the ONNX Runtime in use is a CPU build"),
+                exclusion("w1", "has model `dit.onnx` loaded with fingerprint sha256:11"),
+            ],
+            ..status(JobState::Running, 2, 0.0, None)
+        };
         let text = describe(&shunned, "u");
-        assert!(text.contains("workers: 2 — no eligible worker: the 2 connected worker(s) are excluded"), "{text}");
-        assert!(progress_line(&shunned, "u").contains("model files differ"));
+        assert!(
+            text.contains("workers: 2 — no eligible worker: every connected worker is excluded from this job: w0: cannot use cuda:0"),
+            "{text}"
+        );
+        assert!(progress_line(&shunned, "u").contains("w1: has model `dit.onnx`"));
+        assert!(!text.contains("model files differ"), "the reasons as they are, nothing made up: {text}");
         let some = JobStatus { workers_excluded: 1, ..status(JobState::Running, 2, 0.0, None) };
         assert!(!describe(&some, "u").contains("eligible"));
     }

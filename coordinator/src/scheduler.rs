@@ -139,9 +139,11 @@ impl Shard {
     }
 
     /// Forgets the progress of the lease that just ended.
+    /// A new attempt (or the end of one): its own image count starts again, but classes already
+    /// committed stay committed and counted (the next attempt counts them again as it finds
+    /// their markers; `classes_done` only grows until `resume` re-counts).
     fn reset_progress(&mut self) {
         self.images_done = 0;
-        self.classes_done = 0;
     }
 }
 
@@ -243,8 +245,9 @@ impl JobRun {
             .enumerate()
             .map(|(i, s)| match s.state {
                 ShardState::Done { .. } => self.job.shard_classes(i).len() as u64 * ipc,
-                ShardState::Leased { .. } => s.images_done as u64,
-                _ => 0,
+                // Each committed class holds IPC images, whatever attempt committed it.
+                ShardState::Leased { .. } => (s.images_done as u64).max(s.classes_done as u64 * ipc),
+                _ => s.classes_done as u64 * ipc,
             })
             .sum()
     }
@@ -256,8 +259,8 @@ impl JobRun {
             .enumerate()
             .map(|(i, s)| match s.state {
                 ShardState::Done { .. } => self.job.shard_classes(i).len() as u64,
-                ShardState::Leased { .. } => s.classes_done as u64,
-                _ => 0,
+                // A failed or requeued shard keeps the classes it committed.
+                _ => s.classes_done as u64,
             })
             .sum()
     }
@@ -767,7 +770,7 @@ impl Scheduler {
             ShardState::Leased { worker_id: owner, deadline_ms, .. } if owner == worker_id => {
                 *deadline_ms = now + timeout;
                 entry.images_done = running.images_done;
-                entry.classes_done = running.classes_done;
+                entry.classes_done = entry.classes_done.max(running.classes_done);
                 run.record_progress(now);
                 // Renewing proves the worker runs its shards: no crash loop.
                 run.expired_on.remove(&shard);
@@ -1147,6 +1150,8 @@ impl Scheduler {
                 run.pending.remove(&i);
             } else if !matches!(shard.state, ShardState::Leased { .. }) {
                 shard.state = ShardState::Pending;
+                // Resume may have withdrawn classes whose files were lost: count afresh.
+                shard.classes_done = 0;
                 // A fresh budget: the old error is no failure of this run ("after 0 attempts").
                 shard.attempts = 0;
                 shard.last_error = None;
@@ -1410,6 +1415,32 @@ mod tests {
         lease(poll(&mut t, "b", &[], false, 10_001).0);
         poll(&mut t, "c", &[], false, 20_002);
         assert_eq!(t.state("k"), Some(JobState::Failed), "two workers, two attempts");
+    }
+
+    /// Classes a failed or retried attempt committed stay counted: a failed job's status says how
+    /// many classes are on disk, not 0, and a new attempt that has not yet re-found their markers
+    /// does not make the count go back.
+    #[test]
+    fn committed_classes_stay_counted_after_failures() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 3, 3, 2), None, &HashSet::new(), 0);
+        let first = lease(poll(&mut s, "w", &[], false, 0).0);
+        let progress = |lease: &LeaseGrant, classes| Running {
+            lease_id: lease.lease_id.clone(),
+            images_done: 2 * classes,
+            classes_done: classes,
+        };
+        poll(&mut s, "w", &[progress(&first, 2)], false, 1);
+        assert_eq!(s.summary("j", 2).unwrap().classes_done, 2);
+        s.fail("w", &first.lease_id, Some("c2".into()), "decode error".into(), true, false, 3).unwrap();
+        let summary = s.summary("j", 4).unwrap();
+        assert_eq!((summary.classes_done, summary.images_done), (2, 4), "requeued, its commits kept");
+        let second = lease(poll(&mut s, "w", &[], false, 5).0);
+        poll(&mut s, "w", &[progress(&second, 0)], false, 6);
+        assert_eq!(s.summary("j", 7).unwrap().classes_done, 2, "a new attempt does not lower the count");
+        s.fail("w", &second.lease_id, Some("c2".into()), "decode error".into(), true, false, 8).unwrap();
+        let failed = s.summary("j", 9).unwrap();
+        assert_eq!((failed.state, failed.classes_done, failed.images_done), (JobState::Failed, 2, 4));
     }
 
     #[test]
