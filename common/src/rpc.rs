@@ -245,6 +245,8 @@ pub enum Peer {
     Tls,
     /// An HTTP/1.x answer: a web server or proxy, not a gRPC coordinator.
     Http1,
+    /// A line of text (an SSH or SMTP banner, a greeting): another service.
+    Banner,
     /// It closed the connection (or reset it) without answering.
     Closed,
     /// Something else, or nothing within 2 s: a plain HTTP/2 server waits for its preface.
@@ -297,6 +299,8 @@ pub async fn probe(url: &str) -> Peer {
         // Handshake (0x16) or alert (0x15) records, as any TLS server answers a ClientHello.
         Ok(Ok(n)) if n >= 1 && matches!(first[0], 0x15 | 0x16) => Peer::Tls,
         Ok(Ok(n)) if n >= 1 && b"HTTP/".starts_with(&first[..n]) => Peer::Http1,
+        // HTTP/2 and TLS answer in binary frames; printable text is some other protocol.
+        Ok(Ok(n)) if n >= 3 && first[..n].iter().all(|b| b.is_ascii_graphic() || *b == b' ') => Peer::Banner,
         Ok(Ok(0)) | Ok(Err(_)) => Peer::Closed,
         _ => Peer::Other,
     }
@@ -309,7 +313,7 @@ pub async fn speaks_tls(url: &str) -> Option<bool> {
     match probe(url).await {
         Peer::Tls => Some(true),
         Peer::Unreachable | Peer::Other => None,
-        Peer::Http1 | Peer::Closed => Some(false),
+        Peer::Http1 | Peer::Banner | Peer::Closed => Some(false),
     }
 }
 
@@ -363,7 +367,7 @@ impl CallError {
     /// What failed the call: the one classification the CLI and the worker share. TLS is
     /// blamed on an `http://` URL only once a probe saw the address speak it.
     pub fn failure(&self) -> Failure {
-        if self.peer == Some(Peer::Http1) {
+        if matches!(self.peer, Some(Peer::Http1 | Peer::Banner)) {
             return Failure::NotACoordinator;
         }
         if self.peer == Some(Peer::Tls) && self.url.starts_with("http://") {
@@ -378,7 +382,9 @@ impl CallError {
         if !self.transport_failed() {
             return Failure::Answered;
         }
-        if self.peer == Some(Peer::Unreachable) || self.not_connected() {
+        // Only a connection that could not be opened is "nothing listens": one cut mid-call by a
+        // coordinator that died is a cut, even if nothing listens by the time of the probe.
+        if self.not_connected() {
             return Failure::NothingListens;
         }
         Failure::ClosedMidCall
@@ -417,8 +423,9 @@ impl std::fmt::Display for CallError {
             }
             Failure::NotACoordinator => write!(
                 f,
-                "something at {} answers HTTP/1.1: it is not an mgd3 coordinator (gRPC); check the address in --coordinator (or MGD3_COORDINATOR)",
-                authority(url)
+                "something at {} answers {}: it is not an mgd3 coordinator (gRPC); check the address in --coordinator (or MGD3_COORDINATOR)",
+                authority(url),
+                if self.peer == Some(Peer::Banner) { "with a text banner (another service)" } else { "HTTP/1.1" }
             ),
             Failure::NothingListens => write!(
                 f,
@@ -427,7 +434,7 @@ impl std::fmt::Display for CallError {
             ),
             Failure::ClosedMidCall => write!(
                 f,
-                "the coordinator at {url} closed the connection mid-call ({message}): it may have stopped or restarted; try again"
+                "the coordinator at {url} closed the connection mid-call ({message}): it may have stopped or restarted; try again (if it keeps happening, check that --coordinator names an mgd3 coordinator)"
             ),
             Failure::Answered => match self.status.code() {
                 tonic::Code::Unauthenticated => write!(
@@ -508,6 +515,10 @@ mod tests {
         assert_eq!(cut.failure(), Failure::ClosedMidCall);
         assert!(cut.to_string().contains("closed the connection mid-call"), "{cut}");
         assert!(!cut.to_string().contains("TLS"), "no TLS advice without a TLS server seen: {cut}");
+        // A coordinator killed mid-call: nothing listens by the time of the probe, but the call
+        // was cut, and that is what is said.
+        let died = CallError { peer: Some(Peer::Unreachable), ..call_failing(tonic::Code::Unavailable, "transport error") };
+        assert_eq!(died.failure(), Failure::ClosedMidCall, "{died}");
     }
 
     fn call_failing(code: tonic::Code, message: &str) -> CallError {
@@ -570,6 +581,8 @@ mod tests {
         ReadsThenCloses,
         /// Reads, answers these bytes, closes.
         Answers(&'static [u8]),
+        /// Says these bytes first (a banner), then reads and closes.
+        Greets(&'static [u8]),
     }
 
     /// An `http://` URL of a loopback listener behaving as `how` for every connection.
@@ -589,6 +602,10 @@ mod tests {
                         Listener::Answers(answer) => {
                             let _ = socket.read(&mut buffer).await;
                             let _ = socket.write_all(answer).await;
+                        }
+                        Listener::Greets(banner) => {
+                            let _ = socket.write_all(banner).await;
+                            let _ = socket.read(&mut buffer).await;
                         }
                     }
                 });
@@ -625,6 +642,11 @@ mod tests {
                 "answers HTTP/1.1",
             ),
             (tls.clone(), Failure::SchemeMismatch, "speaks TLS"),
+            (
+                listener(Listener::Greets(b"SSH-2.0-OpenSSH_9.6\r\n")).await,
+                Failure::NotACoordinator,
+                "with a text banner",
+            ),
         ];
         for (url, failure, words) in cases {
             let error = call(&url).await;

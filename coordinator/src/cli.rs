@@ -50,8 +50,9 @@ pub enum Command {
     /// finished images. Refused while the job runs (`coordinator cancel` it first).
     Forget(JobArgs),
     /// Check every published file of a job against the sha256 in its class's marker, and that
-    /// class folders hold nothing else; exits non-zero on any problem (`resume` repairs).
-    Verify(JobArgs),
+    /// class folders hold nothing else; exits non-zero on any problem (`resume` repairs). With
+    /// --job-dir, offline: no coordinator needed.
+    Verify(JobDirArgs),
     /// List jobs.
     List(ListArgs),
     /// Wait until the coordinator serves (the standard gRPC health check); exits 0 once it does,
@@ -97,7 +98,8 @@ impl Command {
             Command::Submit(args) => Some(&mut args.connection),
             Command::Status(args) => Some(&mut args.connection),
             Command::Resume(args) => Some(&mut args.connection),
-            Command::Cancel(args) | Command::Forget(args) | Command::Verify(args) => Some(&mut args.connection),
+            Command::Cancel(args) | Command::Forget(args) => Some(&mut args.connection),
+            Command::Verify(args) => Some(&mut args.connection),
             Command::List(args) => Some(&mut args.connection),
             Command::Ready(args) => Some(&mut args.connection),
             Command::Report(args) => Some(&mut args.job.connection),
@@ -496,6 +498,13 @@ impl TryFrom<&ServeArgs> for ServeConfig {
     }
 }
 
+/// The output root of a job folder `<output>/jobs/<job>` (`None` when `dir` is not one).
+fn output_root(dir: &mgd3_common::store::Location, job: &str) -> Option<mgd3_common::store::Location> {
+    let url = dir.url.trim_end_matches('/');
+    let root = url.strip_suffix(&format!("/jobs/{job}")).or_else(|| url.strip_suffix(&format!("jobs/{job}")))?;
+    mgd3_common::store::open(if root.is_empty() { "." } else { root }).ok()
+}
+
 /// The URL other machines reach a coordinator listening on `address` at: the host's name when it
 /// listens on every interface.
 fn advertised_url(address: &std::net::SocketAddr, tls: bool) -> String {
@@ -725,24 +734,39 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Verify(args) => {
-            let mut client = args.connection.client()?;
-            let response: VerifyReport = client
-                .verify_job(proto::VerifyJobRequest { job_id: args.job.clone() })
-                .await
-                .map_err(CallError::of(&args.connection.coordinator, "VerifyJob"))?
-                .into_inner()
-                .into();
+            let response: VerifyReport = match &args.job_dir {
+                Some(_) => {
+                    let dir = args.location().await?;
+                    let Some(out) = output_root(&dir, &args.job) else {
+                        bail!("--job-dir must be a job's folder, `<output>/jobs/{}`", args.job);
+                    };
+                    crate::state::verify_offline(&out, &args.job).await?
+                }
+                None => {
+                    let mut client = args.connection.client()?;
+                    client
+                        .verify_job(proto::VerifyJobRequest { job_id: args.job.clone() })
+                        .await
+                        .map_err(CallError::of(&args.connection.coordinator, "VerifyJob"))?
+                        .into_inner()
+                        .into()
+                }
+            };
             for p in &response.problems {
                 let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
                 outln!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
             if response.running {
                 // Classes still to come are no damage, and resume is no advice for a job that runs.
+                // Offline, a job without a manifest has not finished (or lost its manifest), and
+                // how many classes it has is in its job.json, not in its output.
+                let committed = match args.job_dir {
+                    Some(_) => format!("no manifest.json yet (not finished): {} classes", response.classes_committed),
+                    None => format!("running: {} of {} classes", response.classes_committed, response.classes_checked),
+                };
                 outln!(
-                    "job {}: running: {} of {} classes committed, {} file(s) checked, {}",
+                    "job {}: {committed} committed, {} file(s) checked, {}",
                     args.job,
-                    response.classes_committed,
-                    response.classes_checked,
                     response.files_checked,
                     if response.problems.is_empty() {
                         "nothing damaged".to_owned()

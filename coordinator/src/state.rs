@@ -147,6 +147,97 @@ fn spec_differences(was: &mgd3_common::job::JobSpec, now: &mgd3_common::job::Job
     out
 }
 
+/// `coordinator verify --job-dir`: checks a job's output folder without its coordinator. `out` is
+/// the output root (the folder holding `jobs/`). Every commit marker's files are checked against
+/// its sha256s ([`mgd3_common::commit::verify_class`]), folders under `dataset/` without a marker
+/// are named, and when `manifest.json` is there, every class it lists must have a marker of its
+/// fingerprint. Without a manifest the job is taken as unfinished: classes without a marker are
+/// work to come (`running` is set), not problems.
+///
+/// # Errors
+/// [`Error::ObjectStore`] / [`Error::Commit`] when the folder cannot be listed or read.
+pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common::status::VerifyReport> {
+    use mgd3_common::status::{VerifyProblem, VerifyReport};
+    let keys = JobKeys::new(job_id);
+    let prefix = out.key(&keys.markers());
+    let wnids: Vec<String> = out
+        .store
+        .list(Some(&prefix))
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
+        .try_collect()
+        .await
+        .map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let manifest_key = out.key(&keys.manifest());
+    let manifest = get_optional(out.store.as_ref(), &manifest_key)
+        .await
+        .map_err(store_err(out, format!("reading `{manifest_key}`")))?;
+    let mut problems = Vec::new();
+    let manifest = match manifest.map(|bytes| serde_json::from_slice::<JobManifest>(&bytes)) {
+        Some(Ok(manifest)) => Some(manifest),
+        Some(Err(error)) => {
+            problems.push(VerifyProblem { wnid: String::new(), file: Some(keys.manifest()), problem: format!("unreadable: {error}") });
+            None
+        }
+        None => None,
+    };
+    let mut report = VerifyReport {
+        classes_checked: manifest.as_ref().map_or(wnids.len(), |m| m.classes.len()) as u32,
+        files_checked: 0,
+        problems: Vec::new(),
+        classes_committed: 0,
+        running: manifest.is_none(),
+    };
+    let mut committed = std::collections::HashSet::new();
+    for wnid in &wnids {
+        let marker = match mgd3_common::commit::read_marker(out, &keys, wnid).await {
+            Ok(Some(marker)) => marker,
+            Ok(None) => continue,
+            Err(error) => {
+                problems.push(VerifyProblem { wnid: wnid.clone(), file: Some(keys.marker(wnid)), problem: mgd3_common::error_chain(&error) });
+                continue;
+            }
+        };
+        if let Some(manifest) = &manifest
+            && marker.fingerprint != manifest.fingerprint
+        {
+            problems.push(VerifyProblem {
+                wnid: wnid.clone(),
+                file: Some(keys.marker(wnid)),
+                problem: format!("names fingerprint {}, the job's manifest {}", marker.fingerprint, manifest.fingerprint),
+            });
+            continue;
+        }
+        let (files, found) = mgd3_common::commit::verify_class(out, &keys, &marker).await?;
+        report.files_checked += files;
+        report.classes_committed += 1;
+        committed.insert(wnid.clone());
+        problems.extend(found.into_iter().map(|p| VerifyProblem { wnid: wnid.clone(), file: Some(p.file), problem: p.problem }));
+    }
+    if let Some(manifest) = &manifest {
+        for class in manifest.classes.iter().filter(|c| !committed.contains(&c.wnid)) {
+            problems.push(VerifyProblem { wnid: class.wnid.clone(), file: None, problem: "in the manifest, but not committed".into() });
+        }
+    }
+    let dataset = out.key(&format!("{}/dataset", keys.root()));
+    let listing = out
+        .store
+        .list_with_delimiter(Some(&dataset))
+        .await
+        .map_err(store_err(out, format!("listing `{dataset}`")))?;
+    for folder in listing.common_prefixes {
+        let name = folder.filename().unwrap_or_default().to_owned();
+        if !wnids.contains(&name) {
+            problems.push(VerifyProblem {
+                wnid: String::new(),
+                file: Some(format!("{}/dataset/{name}", keys.root())),
+                problem: "a class folder without a commit marker (it would add a class to the dataset)".into(),
+            });
+        }
+    }
+    report.problems = problems;
+    Ok(report)
+}
+
 /// True when `manifest.json` of `job` is in place and certifies this job (its id and spec
 /// fingerprint). Recovery checks this artefact, not the `finished` flag of state.json.
 ///

@@ -634,6 +634,25 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     std::fs::write(root.join("dataset/newclass/0.png"), b"a class of no class").unwrap();
     let again = start(&store_url, None).await;
     assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());
+    // Offline (`verify --job-dir`, no coordinator): the same damage, from the output alone.
+    let offline = mgd3_coordinator::state::verify_offline(&out, &job.job_id).await.unwrap();
+    let mut seen: Vec<(String, String)> = offline
+        .problems
+        .iter()
+        .map(|p| (p.wnid.clone(), p.file.as_deref().unwrap_or_default().rsplit('/').next().unwrap().to_owned()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (String::new(), "newclass".into()),
+            ("class00".into(), "1.png#0".into()),
+            ("class01".into(), "0.png".into()),
+            ("class02".into(), "1.png".into())
+        ],
+        "{offline:?}"
+    );
+    assert_eq!((offline.classes_checked, offline.classes_committed, offline.running), (3, 3, false));
     std::fs::remove_file(root.join("manifest.json")).unwrap();
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
     let mut found: Vec<(String, String)> = report

@@ -707,6 +707,11 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
     let exit = wait_exit(&mut run.0, "the first coordinator run", Duration::from_secs(120));
     assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
     assert!(std::fs::read_dir(runtime.join("mgd3")).unwrap().next().is_none(), "the announcement goes with it");
+    // With no coordinator left, verify reads the job's folder offline.
+    let job_dir = format!("{store}/jobs/{job}");
+    let offline = cli(&["verify", &job, "--job-dir", &job_dir]);
+    let text = String::from_utf8_lossy(&offline.stdout);
+    assert!(offline.status.success() && text.contains("4 class(es), 8 file(s) checked, 0 problem(s)"), "{text}");
 }
 
 /// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
