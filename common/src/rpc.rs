@@ -517,7 +517,8 @@ mod tests {
         assert!(!cut.to_string().contains("TLS"), "no TLS advice without a TLS server seen: {cut}");
         // A coordinator killed mid-call: nothing listens by the time of the probe, but the call
         // was cut, and that is what is said.
-        let died = CallError { peer: Some(Peer::Unreachable), ..call_failing(tonic::Code::Unavailable, "transport error") };
+        let died =
+            CallError { peer: Some(Peer::Unreachable), ..call_failing(tonic::Code::Unavailable, "transport error") };
         assert_eq!(died.failure(), Failure::ClosedMidCall, "{died}");
     }
 

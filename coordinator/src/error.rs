@@ -162,13 +162,18 @@ pub enum Error {
     /// The spec submitted to rebuild a job's lost `job.json` is not the one its committed classes
     /// (or manifest) were made with.
     #[error(
-        "job `{job}` lost its job.json, and this spec is not the one its committed work was made with: {}; \
-         submit the spec it was made with to rebuild it (a finished job's manifest.json holds it), or give this spec its own job id",
+        "job `{job}`{}, and this spec is not the one its committed work was made with: {}; submit the spec it was \
+         made with (your job.toml of then; a finished job's manifest.json holds it too), or give this spec its own \
+         job id (without --job-id, its own name or settings give it one)",
+        if *lost_records { " lost its job.json" } else { "'s folder holds committed work" },
         differences.join("; ")
     )]
     RebuildRefused {
         /// The job id.
         job: String,
+        /// The job's `job.json` was lost (a rebuild), rather than never written (a new submit
+        /// over a forgotten job's outputs).
+        lost_records: bool,
         /// Each difference found, as a person reads it.
         differences: Vec<String>,
     },
@@ -251,6 +256,11 @@ impl From<Error> for tonic::Status {
             | Error::DigestMismatch { .. }
             | Error::Quarantined { .. }
             | Error::JobRunning { .. } => tonic::Status::failed_precondition(message),
+            // A marker that cannot be read or names another spec: damage a person must look at,
+            // not an outage to retry.
+            Error::Commit(CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
             Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) | Error::Lock(_) => {
                 tonic::Status::unavailable(message)
             }

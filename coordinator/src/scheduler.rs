@@ -165,6 +165,10 @@ pub struct PersistedJob {
     /// Why each excluded worker was excluded, as it was said (absent in older state files).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub exclusion_reasons: BTreeMap<String, String>,
+    /// The fingerprint of the job this state belongs to (absent in older state files): a job.json
+    /// rebuilt from another spec is refused even when nothing is committed yet.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
 }
 
 struct JobRun {
@@ -489,6 +493,7 @@ impl Scheduler {
         let mut persisted = persisted
             .filter(|p| p.shards.len() == shards)
             .unwrap_or_else(|| PersistedJob { shards: vec![Shard::pending(); shards], ..Default::default() });
+        persisted.fingerprint = job.fingerprint.clone();
         let mut pending = BTreeSet::new();
         for (i, shard) in persisted.shards.iter_mut().enumerate() {
             if committed.contains(&i) {

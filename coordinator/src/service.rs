@@ -633,11 +633,26 @@ impl Coordinator {
             notes.push(planned.to_string());
         }
         let out = self.output(&job)?;
+        // Outputs left under this id by another spec (a forgotten job, an explicit --job-id):
+        // refused naming the difference, before anything is written.
+        let differences = state::differences_from_committed(&out, &job).await?;
+        if !differences.is_empty() {
+            return Err(Error::RebuildRefused { job: job.job_id, lost_records: false, differences });
+        }
         let created = self.inner.jobs.create_job(&job).await?;
         let job = if created { job } else { self.inner.jobs.read_job(&job.job_id).await? };
         let committed = state::committed_shards(&out, &job).await?;
         let job = Arc::new(job);
         info!(job = %job.job_id, classes = job.classes.len(), shards = job.shards.len(), committed = committed.len(), "job submitted");
+        if created && !committed.is_empty() {
+            // A forgotten job (or a removed folder) whose outputs stayed: say what is kept.
+            let classes: usize = committed.iter().map(|&shard| job.shard_classes(shard).len()).sum();
+            notes.push(format!(
+                "{classes} of {} classes of job `{}` were already committed in its output and are kept",
+                job.classes.len(),
+                job.job_id
+            ));
+        }
         let settled = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
             scheduler.add_job(job.clone(), None, &committed, now_ms());
@@ -656,12 +671,22 @@ impl Coordinator {
     async fn rebuild(&self, job: ResolvedJob, mut notes: Vec<String>) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let id = job.job_id.clone();
         let out = self.output(&job)?;
-        let differences = state::differences_from_committed(&out, &job).await?;
+        let persisted = self.inner.jobs.read_state(&id).await;
+        let mut differences = state::differences_from_committed(&out, &job).await?;
+        if let Ok(Some(state)) = &persisted
+            && !state.fingerprint.is_empty()
+            && state.fingerprint != job.fingerprint
+        {
+            differences.push(format!(
+                "its state.json was written for fingerprint {}, this spec's is {}",
+                state.fingerprint, job.fingerprint
+            ));
+        }
         if !differences.is_empty() {
-            return Err(Error::RebuildRefused { job: id, differences });
+            return Err(Error::RebuildRefused { job: id, lost_records: true, differences });
         }
         self.inner.jobs.rewrite_job(&job).await?;
-        let recovered = match self.inner.jobs.read_state(&id).await {
+        let recovered = match persisted {
             Ok(persisted) => self.recover(job, persisted).await,
             Err(error) => Err(error),
         };

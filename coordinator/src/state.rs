@@ -175,7 +175,11 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
     let manifest = match manifest.map(|bytes| serde_json::from_slice::<JobManifest>(&bytes)) {
         Some(Ok(manifest)) => Some(manifest),
         Some(Err(error)) => {
-            problems.push(VerifyProblem { wnid: String::new(), file: Some(keys.manifest()), problem: format!("unreadable: {error}") });
+            problems.push(VerifyProblem {
+                wnid: String::new(),
+                file: Some(keys.manifest()),
+                problem: format!("unreadable: {error}"),
+            });
             None
         }
         None => None,
@@ -193,7 +197,11 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
             Ok(Some(marker)) => marker,
             Ok(None) => continue,
             Err(error) => {
-                problems.push(VerifyProblem { wnid: wnid.clone(), file: Some(keys.marker(wnid)), problem: mgd3_common::error_chain(&error) });
+                problems.push(VerifyProblem {
+                    wnid: wnid.clone(),
+                    file: Some(keys.marker(wnid)),
+                    problem: mgd3_common::error_chain(&error),
+                });
                 continue;
             }
         };
@@ -203,7 +211,10 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
             problems.push(VerifyProblem {
                 wnid: wnid.clone(),
                 file: Some(keys.marker(wnid)),
-                problem: format!("names fingerprint {}, the job's manifest {}", marker.fingerprint, manifest.fingerprint),
+                problem: format!(
+                    "names fingerprint {}, the job's manifest {}",
+                    marker.fingerprint, manifest.fingerprint
+                ),
             });
             continue;
         }
@@ -211,19 +222,24 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
         report.files_checked += files;
         report.classes_committed += 1;
         committed.insert(wnid.clone());
-        problems.extend(found.into_iter().map(|p| VerifyProblem { wnid: wnid.clone(), file: Some(p.file), problem: p.problem }));
+        problems.extend(found.into_iter().map(|p| VerifyProblem {
+            wnid: wnid.clone(),
+            file: Some(p.file),
+            problem: p.problem,
+        }));
     }
     if let Some(manifest) = &manifest {
         for class in manifest.classes.iter().filter(|c| !committed.contains(&c.wnid)) {
-            problems.push(VerifyProblem { wnid: class.wnid.clone(), file: None, problem: "in the manifest, but not committed".into() });
+            problems.push(VerifyProblem {
+                wnid: class.wnid.clone(),
+                file: None,
+                problem: "in the manifest, but not committed".into(),
+            });
         }
     }
     let dataset = out.key(&format!("{}/dataset", keys.root()));
-    let listing = out
-        .store
-        .list_with_delimiter(Some(&dataset))
-        .await
-        .map_err(store_err(out, format!("listing `{dataset}`")))?;
+    let listing =
+        out.store.list_with_delimiter(Some(&dataset)).await.map_err(store_err(out, format!("listing `{dataset}`")))?;
     for folder in listing.common_prefixes {
         let name = folder.filename().unwrap_or_default().to_owned();
         if !wnids.contains(&name) {

@@ -794,6 +794,22 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
         again.shutdown().await;
     }
 
+    // Nothing committed yet, job.json lost: its state.json still knows the spec it was for.
+    let again = start(&store_url, None).await;
+    let (fresh, _) = again.coordinator.submit(&spec.replace("seed = 5", "seed = 8"), dir.path(), None).await.unwrap();
+    let fresh_root = dir.path().join("jobs").join(&fresh.job_id);
+    again.shutdown().await;
+    assert!(fresh_root.join("state.json").exists());
+    std::fs::remove_file(fresh_root.join("job.json")).unwrap();
+    let again = start(&store_url, None).await;
+    let other = spec.replace("seed = 5", "seed = 9");
+    let error = again.coordinator.submit(&other, dir.path(), Some(fresh.job_id.clone())).await.unwrap_err().to_string();
+    assert!(error.contains("state.json was written for fingerprint"), "{error}");
+    again.coordinator.submit(&spec.replace("seed = 5", "seed = 8"), dir.path(), None).await.unwrap();
+    again.coordinator.cancel(&fresh.job_id).unwrap();
+    assert!(!again.coordinator.forget(&fresh.job_id).await.unwrap());
+    again.shutdown().await;
+
     // forget: refused while a job runs; a finished one loses its records, not its outputs.
     let again = start(&store_url, None).await;
     let (running, _) = again.coordinator.submit(&spec.replace("seed = 5", "seed = 7"), dir.path(), None).await.unwrap();
@@ -807,11 +823,18 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
     assert!(again.coordinator.list().is_empty(), "{:?}", again.coordinator.list());
     assert!(matches!(again.coordinator.forget(&id).await, Err(mgd3_coordinator::Error::UnknownJob(_))));
     again.shutdown().await;
-    // A restart does not take the forgotten folder for a damaged job; the spec brings it back.
+    // A restart does not take the forgotten folder for a damaged job; another spec under its id
+    // is refused naming the difference; the spec brings it back, saying what is kept.
     let again = start(&store_url, None).await;
     assert!(again.coordinator.list().is_empty(), "{:?}", again.coordinator.list());
-    let (back, _) = again.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    let other = spec.replace("seed = 5", "seed = 6");
+    let error = again.coordinator.submit(&other, dir.path(), Some(id.clone())).await.unwrap_err().to_string();
+    for part in ["'s folder holds committed work", "`seed`: 5 when committed, 6 now"] {
+        assert!(error.contains(part), "{error} lacks {part}");
+    }
+    let (back, _, notes) = again.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
     assert_eq!(back.job_id, id);
+    assert!(notes.iter().any(|n| n.contains("3 of 3 classes") && n.contains("kept")), "{notes:?}");
     assert_eq!(wait_until_done(&again.coordinator, &id).await.state, JobState::Succeeded);
     assert!(!root.join("forgotten.json").exists());
     assert_eq!(dataset_files(&out, &id).await, original);
