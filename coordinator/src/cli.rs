@@ -853,6 +853,12 @@ async fn run_command(cli: Cli) -> Result<()> {
                 outln!("no jobs");
             } else {
                 for j in &jobs {
+                    if j.state == JobState::Quarantined {
+                        // No counts to show (its records cannot be read): what is wrong instead.
+                        let reason = j.failures.first().map(|f| f.error.as_str()).unwrap_or_default();
+                        outln!("{}\t{}\t{reason}", j.job_id, j.state);
+                        continue;
+                    }
                     outln!(
                         "{}\t{}\t{}/{} shards\t{}/{} images",
                         j.job_id,

@@ -177,6 +177,24 @@ pub enum Error {
         /// Each difference found, as a person reads it.
         differences: Vec<String>,
     },
+    /// A job that `coordinator forget` dropped; its outputs stayed.
+    #[error(
+        "job `{job}` was forgotten (`coordinator forget`); its outputs are kept: submitting its spec again brings it \
+         back with its committed classes, and `coordinator verify {job} --job-dir <output>/jobs/{job}` checks them offline"
+    )]
+    Forgotten {
+        /// The job id.
+        job: String,
+    },
+    /// A job whose folder was removed from the store by hand: the coordinator forgot it.
+    #[error(
+        "job `{job}`'s folder is gone from the store (removed by hand?): the coordinator has forgotten the job; \
+         submitting its spec again makes it anew"
+    )]
+    Vanished {
+        /// The job id.
+        job: String,
+    },
     /// `forget` of a job that is running.
     #[error(
         "job `{job}` is running; `coordinator cancel {job}` stops it first (forget drops the coordinator's records of a job, never a running one)"
@@ -246,9 +264,10 @@ impl From<Error> for tonic::Status {
             | Error::JobIdTaken { .. }
             | Error::DataChanged { .. }
             | Error::RebuildRefused { .. } => tonic::Status::invalid_argument(message),
-            Error::UnknownJob(_) | Error::Scheduler(SchedulerError::UnknownWorker(_)) => {
-                tonic::Status::not_found(message)
-            }
+            Error::UnknownJob(_)
+            | Error::Forgotten { .. }
+            | Error::Vanished { .. }
+            | Error::Scheduler(SchedulerError::UnknownWorker(_)) => tonic::Status::not_found(message),
             Error::Scheduler(SchedulerError::WorkerIdInUse { .. }) => tonic::Status::already_exists(message),
             Error::Incompatible { .. }
             | Error::Scheduler(_)

@@ -83,13 +83,14 @@ impl CoordinatorRpc for Service {
     }
 
     async fn get_job_status(&self, request: Request<proto::GetJobStatusRequest>) -> RpcResult<proto::JobStatus> {
-        Ok(Response::new(self.0.status(&request.into_inner().job_id)?.into()))
+        let job_id = request.into_inner().job_id;
+        Ok(Response::new(self.0.explained(&job_id, self.0.status(&job_id)).await?.into()))
     }
 
     async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
         let r = request.into_inner();
         let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
-        let resumed = self.0.resume(&r.job_id, spec).await?;
+        let resumed = self.0.explained(&r.job_id, self.0.resume(&r.job_id, spec).await).await?;
         Ok(Response::new(proto::ResumeJobResponse {
             committed: resumed.committed as u32,
             requeued: resumed.requeued as u32,
@@ -98,16 +99,19 @@ impl CoordinatorRpc for Service {
     }
 
     async fn verify_job(&self, request: Request<proto::VerifyJobRequest>) -> RpcResult<proto::VerifyJobResponse> {
-        Ok(Response::new(self.0.verify(&request.into_inner().job_id).await?.into()))
+        let job_id = request.into_inner().job_id;
+        Ok(Response::new(self.0.explained(&job_id, self.0.verify(&job_id).await).await?.into()))
     }
 
     async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {
-        self.0.cancel(&request.into_inner().job_id)?;
+        let job_id = request.into_inner().job_id;
+        self.0.explained(&job_id, self.0.cancel(&job_id)).await?;
         Ok(Response::new(proto::CancelJobResponse {}))
     }
 
     async fn forget_job(&self, request: Request<proto::ForgetJobRequest>) -> RpcResult<proto::ForgetJobResponse> {
-        let outputs_kept = self.0.forget(&request.into_inner().job_id).await?;
+        let job_id = request.into_inner().job_id;
+        let outputs_kept = self.0.explained(&job_id, self.0.forget(&job_id).await).await?;
         Ok(Response::new(proto::ForgetJobResponse { outputs_kept }))
     }
 

@@ -532,6 +532,25 @@ impl Scheduler {
         self.jobs.insert(id, run);
     }
 
+    /// Makes a done shard pending again: one of its classes lost its commit marker after the shard
+    /// was done (removed by hand), so it is distilled again; the job runs again until it is.
+    /// Returns whether the shard was done.
+    pub fn reopen(&mut self, job_id: &str, shard: usize) -> bool {
+        let Some(run) = self.jobs.get_mut(job_id) else { return false };
+        let Some(entry) = run.persisted.shards.get_mut(shard) else { return false };
+        if !matches!(entry.state, ShardState::Done { .. }) {
+            return false;
+        }
+        entry.state = ShardState::Pending;
+        entry.classes_done = 0;
+        entry.images_done = 0;
+        run.persisted.finished_unix_ms = None;
+        if !run.persisted.cancelled && run.persisted.paused.is_none() {
+            run.pending.insert(shard);
+        }
+        true
+    }
+
     /// Drops a job and its leases (its workers are told to stop them on their next poll, as for
     /// any lease that is no longer held). Returns whether it was known.
     pub fn forget_job(&mut self, job_id: &str) -> bool {
@@ -1446,6 +1465,20 @@ mod tests {
         s.fail("w", &second.lease_id, Some("c2".into()), "decode error".into(), true, false, 8).unwrap();
         let failed = s.summary("j", 9).unwrap();
         assert_eq!((failed.state, failed.classes_done, failed.images_done), (JobState::Failed, 2, 4));
+    }
+
+    /// A done shard whose class lost its marker is distilled again: pending, the job running.
+    #[test]
+    fn a_reopened_shard_runs_again() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 2), None, &HashSet::from([0, 1]), 0);
+        assert_eq!(s.state("j"), Some(JobState::Succeeded));
+        assert!(s.reopen("j", 1) && !s.reopen("j", 1), "only a done shard reopens");
+        assert_eq!(s.state("j"), Some(JobState::Running));
+        let again = lease(poll(&mut s, "w", &[], false, 1).0);
+        assert_eq!((again.shard_index, again.attempt), (1, 1));
+        let (_, settled) = s.complete("w", &again.lease_id, 2).unwrap();
+        assert_eq!(settled, Settled::Finished(JobState::Succeeded));
     }
 
     #[test]

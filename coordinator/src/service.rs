@@ -332,6 +332,9 @@ impl Coordinator {
         let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
         let mut tick = tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
         let mut lock_tick = tokio::time::interval(self.inner.lock.lock().await.heartbeat());
+        // Every job's job.json, every PRESENCE_CHECK: a folder removed by hand while nothing was
+        // written (a finished job) is noticed too.
+        let mut presence_tick = tokio::time::interval(PRESENCE_CHECK);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -367,6 +370,12 @@ impl Coordinator {
                     }
                 }
                 _ = self.inner.wake.notified() => {}
+                _ = presence_tick.tick() => {
+                    let ids = self.inner.scheduler.lock().expect("scheduler").job_ids();
+                    for id in ids {
+                        self.vanished(&id).await;
+                    }
+                }
             }
             self.flush().await;
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -395,6 +404,14 @@ impl Coordinator {
                     info!(job = %job_id, "manifest written");
                     // Now state.json may say finished (see below).
                     self.inner.dirty.lock().expect("dirty").insert(job_id.clone());
+                }
+                // A class of a done shard lost its marker (its folder removed by hand while the
+                // job ran): the manifest can never be written; the shard is distilled again.
+                Err(Error::MissingMarker { shard, wnid, .. }) => {
+                    warn!(job = %job_id, shard, class = %wnid, "a committed class lost its commit marker (removed by hand?): its shard is distilled again");
+                    self.inner.manifests_due.lock().expect("manifests").remove(&job_id);
+                    self.inner.scheduler.lock().expect("scheduler").reopen(&job_id, shard);
+                    self.mark_dirty(&job_id);
                 }
                 Err(error) => {
                     if mgd3_common::store::Refusal::in_chain(&error).is_some() {
@@ -431,6 +448,32 @@ impl Coordinator {
                     self.mark_dirty(&job_id);
                 }
             }
+        }
+    }
+
+    /// `Err(Vanished)` when a known job's folder was removed from the store by hand (checked now,
+    /// whatever the last check): a command a person runs on it must not act on what is gone.
+    async fn refuse_vanished(&self, job_id: &str) -> Result<()> {
+        if !self.inner.scheduler.lock().expect("scheduler").has_job(job_id) {
+            return Ok(());
+        }
+        self.inner.presence_checked.lock().expect("presence").remove(job_id);
+        if self.vanished(job_id).await {
+            return Err(Error::Vanished { job: job_id.into() });
+        }
+        Ok(())
+    }
+
+    /// An unknown job, explained when its folder says it was forgotten ([`Error::Forgotten`]).
+    pub async fn explained<T>(&self, job_id: &str, result: Result<T>) -> Result<T> {
+        match result {
+            Err(Error::UnknownJob(_) | Error::Scheduler(crate::scheduler::SchedulerError::UnknownJob(_)))
+                if mgd3_common::job::validate_job_id(job_id).is_ok()
+                    && matches!(self.inner.jobs.folder(job_id).await, Ok(crate::jobstore::Folder::Forgotten)) =>
+            {
+                Err(Error::Forgotten { job: job_id.into() })
+            }
+            other => other,
         }
     }
 
@@ -755,6 +798,7 @@ impl Coordinator {
     /// [`Error::UnknownJob`]; [`Error::DataChanged`] when the dataset changed since submit;
     /// [`Error::FingerprintChanged`] when `spec` is not the job's; store and commit errors.
     pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<Resumed> {
+        self.refuse_vanished(job_id).await?;
         if self.inner.quarantined.lock().expect("quarantined").contains_key(job_id) {
             // Repaired records bring a quarantined job back; damaged ones keep it out.
             let loaded = self.inner.jobs.load_job(job_id).await;
@@ -832,6 +876,7 @@ impl Coordinator {
     /// [`Error::UnknownJob`]; [`Error::Commit`] for an unreadable or foreign marker or a store
     /// that cannot be listed; [`Error::ObjectStore`].
     pub async fn verify(&self, job_id: &str) -> Result<VerifyReport> {
+        self.refuse_vanished(job_id).await?;
         let job = self.known_job(job_id)?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);

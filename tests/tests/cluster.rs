@@ -822,6 +822,14 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
     assert!(!job_json.exists() && !root.join("state.json").exists());
     assert!(again.coordinator.list().is_empty(), "{:?}", again.coordinator.list());
     assert!(matches!(again.coordinator.forget(&id).await, Err(mgd3_coordinator::Error::UnknownJob(_))));
+    // Asked about over the wire, a forgotten job is said to be forgotten, and how to get it back.
+    let mut client = mgd3_common::rpc::connect(&again.url, None, None).unwrap();
+    let status = client.get_job_status(proto::GetJobStatusRequest { job_id: id.clone() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(
+        status.message().contains("was forgotten") && status.message().contains("submitting its spec"),
+        "{status:?}"
+    );
     again.shutdown().await;
     // A restart does not take the forgotten folder for a damaged job; another spec under its id
     // is refused naming the difference; the spec brings it back, saying what is kept.
@@ -839,8 +847,12 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
     assert!(!root.join("forgotten.json").exists());
     assert_eq!(dataset_files(&out, &id).await, original);
 
-    // The folder removed by hand while the coordinator runs: the same spec is a new job.
+    // The folder removed by hand while the coordinator runs: verify (and resume) say it is gone
+    // instead of acting on it; the same spec is a new job.
     std::fs::remove_dir_all(&root).unwrap();
+    let error = again.coordinator.verify(&id).await.unwrap_err();
+    assert!(matches!(error, mgd3_coordinator::Error::Vanished { .. }), "{error}");
+    assert!(again.coordinator.list().is_empty(), "forgotten: {:?}", again.coordinator.list());
     let (_, existed) = again.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     assert!(!existed, "a removed folder is forgotten, not returned as the finished job");
     assert_eq!(again.coordinator.status(&id).unwrap().state, JobState::Running);
