@@ -465,6 +465,10 @@ impl Coordinator {
     }
 
     /// An unknown job, explained when its folder says it was forgotten ([`Error::Forgotten`]).
+    ///
+    /// # Errors
+    /// `result`'s error, with [`Error::UnknownJob`] replaced by [`Error::Forgotten`] for a job
+    /// whose folder holds `forgotten.json`.
     pub async fn explained<T>(&self, job_id: &str, result: Result<T>) -> Result<T> {
         match result {
             Err(Error::UnknownJob(_) | Error::Scheduler(crate::scheduler::SchedulerError::UnknownJob(_)))
