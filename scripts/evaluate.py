@@ -22,6 +22,10 @@ Protocols (README, "Look and judge: report, evaluation, FID"):
         (scale 0.08-1), flip, CutMix (alpha 1); AdamW lr 1e-3, weight decay 0.01, cosine schedule,
         300 epochs, batch 100 (IPC <= 10) or 200. The number is the top-1 after the last epoch.
 
+--train takes ImageFolders, mgd3 job folders (<output>/jobs/<job>) or, with --store, job ids. mgd3
+sets must be seeds of one experiment: jobs that differ in anything but the seed, the same seed twice
+and unfinished jobs are refused before any training.
+
 --quick (2 epochs) or --epochs N for smoke runs. Progress with an ETA goes to stderr; the result is
 printed and written as JSON with --out. Small grey images (the Fashion-MNIST demo) are read as RGB
 (three equal channels) at --size 32, and ConvNet's depth is capped so that at least 2x2 pixels
@@ -33,7 +37,7 @@ Examples:
   python scripts/evaluate.py soft --teacher resnet18_imagenet.pth --val /data/imagenet/val \\
       --train out/in1k/jobs/in1k-s0/dataset
   python scripts/evaluate.py hard --net convnet6 --size 32 --quick --val data/fashion-mnist/test \\
-      --train out/fashion-mnist/jobs/*/dataset
+      --train out/fashion-mnist/jobs/<job>
 """
 
 import argparse
@@ -373,11 +377,80 @@ def run_soft(args, train_dir, device):
             "val_images": len(val)}
 
 
+# Settings that may differ between the sets of one experiment: the seed (that is the point) and
+# what only names or places a job.
+PER_SET_SETTINGS = {"seed", "name", "output", "latent_cache", "classes_per_shard", "lease_timeout_s",
+                    "max_attempts", "contact_sheet"}
+
+
+def resolve_train(path, store):
+    """The ImageFolder of one --train entry: an ImageFolder as it is, an mgd3 job folder's dataset/,
+    or a job id's <store>/jobs/<id>/dataset."""
+    if not os.path.exists(path) and store and os.sep not in path:
+        path = os.path.join(store, "jobs", path)
+    if os.path.isdir(os.path.join(path, "dataset")) and os.path.isdir(os.path.join(path, "shards")):
+        path = os.path.join(path, "dataset")
+    if not os.path.isdir(path):
+        hint = "" if store else " (a job id needs --store <output folder>)"
+        raise SystemExit(f"--train `{path}` is not a folder: give ImageFolder roots, mgd3 job folders or job ids{hint}")
+    return path
+
+
+def job_of(dataset):
+    """The manifest of the mgd3 job an ImageFolder belongs to (<job>/dataset), or None for another
+    ImageFolder. An unfinished mgd3 job (no manifest.json yet) is refused: its set is incomplete."""
+    job = os.path.dirname(os.path.normpath(dataset))
+    if not os.path.isdir(os.path.join(job, "shards")):
+        return None
+    manifest = os.path.join(job, "manifest.json")
+    if not os.path.isfile(manifest):
+        raise SystemExit(f"--train `{dataset}`: job `{os.path.basename(job)}` has not finished (no manifest.json): "
+                         "evaluate finished jobs only (`coordinator status` says how far it is)")
+    with open(manifest) as f:
+        return json.load(f)
+
+
+def check_sets(train):
+    """The manifests of the --train sets (None for plain ImageFolders), after refusing sets that are
+    not seeds of one experiment: other data, classes, IPC, sampling or models (named), or the same
+    job twice. Prints which job and seed each set is."""
+    jobs = [job_of(path) for path in train]
+    found = [(path, job) for path, job in zip(train, jobs) if job is not None]
+    if not found:
+        return jobs
+    first_path, first = found[0]
+    for path, job in found[1:]:
+        keys = sorted(set(first["spec"]) | set(job["spec"]))
+        differ = [k for k in keys if k not in PER_SET_SETTINGS and first["spec"].get(k) != job["spec"].get(k)]
+        if first["model_fingerprints"] != job["model_fingerprints"]:
+            differ.append("models (fingerprints)")
+        if differ:
+            shown = "; ".join(f"`{k}`: {json.dumps(first['spec'].get(k))} vs {json.dumps(job['spec'].get(k))}"
+                              for k in differ if k in first["spec"] or k in job["spec"]) or ", ".join(differ)
+            raise SystemExit(f"--train `{first_path}` and `{path}` are not seeds of one experiment (jobs "
+                             f"{first['job_id']} and {job['job_id']}): {shown}; give only sets that differ by "
+                             "their seed (evaluate the others in another run)")
+    seen = {}
+    for path, job in found:
+        seed = job["spec"].get("seed")
+        if seed in seen:
+            raise SystemExit(f"--train `{seen[seed]}` and `{path}` are both distilled with seed {seed} "
+                             f"({job['job_id']}): the same set twice would understate the spread")
+        seen[seed] = path
+    for path, job in found:
+        print(f"set {path}: job {job['job_id']}, distillation seed {job['spec'].get('seed')}, "
+              f"IPC {job['spec'].get('ipc')}", file=sys.stderr)
+    return jobs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("protocol", choices=["hard", "soft"], help="hard labels (5.2) or soft labels with a teacher (5.3)")
-    parser.add_argument("--train", nargs="+", required=True, help="distilled ImageFolders (one per seed)")
+    parser.add_argument("--train", nargs="+", required=True,
+                        help="the distilled sets, one per distillation seed of one experiment: ImageFolders, mgd3 job "
+                             "folders (<output>/jobs/<job>) or, with --store, job ids")
+    parser.add_argument("--store", help="the output folder holding jobs/<job>/ (for job ids in --train)")
     parser.add_argument("--val", required=True, help="real validation ImageFolder with the same class folders")
     parser.add_argument("--net", default="resnet_ap10", help="convnet6, resnet_ap10 or resnet18 (hard protocol)")
     parser.add_argument("--norm", choices=["instance", "batch"], default="instance",
@@ -401,15 +474,15 @@ def main():
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this PyTorch sees no CUDA GPU (use --device cpu, or auto)")
-    for flag, paths in (("--train", args.train), ("--val", [args.val])):
-        for path in paths:
-            if not os.path.isdir(path):
-                raise SystemExit(f"{flag} `{path}` is not a folder: give ImageFolder roots (one sub-folder per class)")
-            if os.path.isdir(os.path.join(path, "dataset")) and os.path.isdir(os.path.join(path, "shards")):
-                raise SystemExit(f"{flag} `{path}` is an mgd3 job folder: give its ImageFolder, `{os.path.join(path, 'dataset')}`")
+    args.train = [resolve_train(path, args.store) for path in args.train]
+    if not os.path.isdir(args.val):
+        raise SystemExit(f"--val `{args.val}` is not a folder: give an ImageFolder root (one sub-folder per class)")
+    jobs = check_sets(args.train)
     runs = []
-    for train_dir in args.train:
+    for train_dir, job in zip(args.train, jobs):
         run = run_hard(args, train_dir, device) if args.protocol == "hard" else run_soft(args, train_dir, device)
+        if job is not None:
+            run["job_id"], run["distillation_seed"] = job["job_id"], job["spec"].get("seed")
         runs.append(run)
     tops = [r["top1"] for r in runs]
     result = {
@@ -425,8 +498,10 @@ def main():
         "top1_std": statistics.stdev(tops) if len(tops) > 1 else None,
     }
     spread = f"± {result['top1_std']:.2f}" if result["top1_std"] is not None else "(one set: no spread)"
+    seeds = [r.get("distillation_seed") for r in runs]
+    named = f", distillation seeds {', '.join(str(s) for s in seeds)}" if all(s is not None for s in seeds) else ""
     print(f"top-1 {result['top1_mean']:.2f} {spread} over {len(tops)} set(s) "
-          f"({result['protocol']} labels, {result['network']}, {runs[0]['epochs']} epochs)")
+          f"({result['protocol']} labels, {result['network']}, {runs[0]['epochs']} epochs{named})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

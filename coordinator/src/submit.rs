@@ -106,6 +106,9 @@ pub(crate) struct DatasetCheck {
     pub(crate) notes: Vec<String>,
 }
 
+/// Classes without a folder named one by one, at most; more are counted.
+const MISSING_SHOWN: usize = 10;
+
 /// Lists the dataset by the one ImageFolder rule at submit: the class folders (for
 /// `classes = "all"`) and every class's images. Every class that is missing or holds fewer than
 /// IPC images is reported, all in one error, before any work is leased.
@@ -162,8 +165,15 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     let mut skipped = (0, 0);
     let mut links = Vec::new();
     let mut classes = classes;
+    // Classes without a folder are summed up when there are many: a wrong dataset root would
+    // otherwise be a thousand lines saying the same thing.
+    let mut missing = Vec::new();
     for (class, listing) in classes.iter_mut().zip(listings) {
         match listing {
+            Err(error @ mgd3_common::imagefolder::ListError::ClassNotFound { .. }) => {
+                missing.push((class.wnid.escape_debug().to_string(), mgd3_common::error_chain(&error)));
+                counts.push(0);
+            }
             Err(error) => {
                 problems.push(mgd3_common::error_chain(&error));
                 counts.push(0);
@@ -187,6 +197,31 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
                 let summary = listing.summary();
                 digest.push_str(&format!("{}\t{}\n", class.wnid, summary.digest));
                 class.listing = Some(summary);
+            }
+        }
+    }
+    match missing.len() {
+        0 => {}
+        n if n == classes.len() && n > 1 => problems.insert(
+            0,
+            format!(
+                "none of the {n} classes has a folder in `{}` (first: `{}`): the dataset root is wrong, or not the ImageFolder's train/ folder",
+                root.url(),
+                missing[0].0
+            ),
+        ),
+        n if n > MISSING_SHOWN => problems.insert(
+            0,
+            format!(
+                "{n} classes have no folder in `{}`: `{}` and {} more",
+                root.url(),
+                missing[..MISSING_SHOWN].iter().map(|(wnid, _)| wnid.as_str()).collect::<Vec<_>>().join("`, `"),
+                n - MISSING_SHOWN
+            ),
+        ),
+        _ => {
+            for (_, error) in missing.into_iter().rev() {
+                problems.insert(0, error);
             }
         }
     }

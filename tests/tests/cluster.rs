@@ -881,6 +881,20 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
     assert!(error.contains("`class03`") && error.contains("does not exist"), "{error}");
     assert!(!error.contains("`class00`") && !error.contains("`class02`"), "{error}");
     assert!(cluster.coordinator.list().is_empty(), "nothing was submitted");
+    // A wrong dataset root is one line, not one per class; many missing classes are counted.
+    let nowhere =
+        spec_toml(40, 2, 1, &store_url).replace(fake_dataset(), &dir.path().join("nowhere").display().to_string());
+    let error = cluster.coordinator.submit(&nowhere, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("nowhere") && error.lines().count() < 4, "{error}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let wrong_level = spec_toml(40, 2, 1, &store_url).replace(fake_dataset(), &empty.display().to_string());
+    let error = cluster.coordinator.submit(&wrong_level, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("none of the 40 classes has a folder") && error.lines().count() < 4, "{error}");
+    let too_many = spec_toml(52, 2, 1, &store_url);
+    let error = cluster.coordinator.submit(&too_many, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("12 classes have no folder") && error.contains("and 2 more"), "{error}");
+    assert!(error.lines().count() < 4, "{error}");
     cluster.shutdown().await;
 }
 

@@ -73,10 +73,18 @@ fn both_protocols_train_on_a_distilled_set_and_report_deterministic_numbers() {
     // Deterministic: the same command gives the same numbers.
     let (again, _) = evaluate(&python, &args);
     assert_eq!(again["runs"][0]["evaluations"], run["evaluations"]);
-    // Several sets: mean and standard deviation over them.
-    let (two, _) = evaluate(&python, &["hard", "--net", "resnet_ap10", "--train", &train, &train, "--val", &val]);
+    assert_eq!(run["distillation_seed"].as_u64(), Some(5), "the set's seed is named");
+    assert_eq!(run["job_id"].as_str(), job.file_name().unwrap().to_str());
+    // Several sets (seeds of one experiment): mean and standard deviation over them, each seed named.
+    let second = scratch.path().join("seed6.toml");
+    std::fs::write(&second, spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 6, "")).unwrap();
+    run_locally(&second, &[]);
+    let other = std::fs::read_dir(out.join("jobs")).unwrap().map(|e| e.unwrap().path()).find(|p| *p != job).unwrap();
+    let other = other.display().to_string();
+    let (two, stderr) = evaluate(&python, &["hard", "--net", "resnet_ap10", "--train", &train, &other, "--val", &val]);
     assert_eq!(two["runs"].as_array().unwrap().len(), 2);
-    assert_eq!(two["top1_std"].as_f64(), Some(0.0), "the same set twice, the same training seed");
+    assert!(two["top1_std"].as_f64().is_some(), "{two}");
+    assert!(stderr.contains("distillation seed 5") && stderr.contains("distillation seed 6"), "{stderr}");
 
     // Soft labels: a ResNet-18 teacher trained on the real images, then KD at temperature 20.
     let teacher = scratch.path().join("teacher.pth");
@@ -113,10 +121,10 @@ fn both_protocols_train_on_a_distilled_set_and_report_deterministic_numbers() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("name different classes"), "{text}");
     // Other mistakes are one line naming the flag, not a traceback.
-    let job_dir = job.display().to_string();
+    let job_id = job.file_name().unwrap().to_str().unwrap().to_owned();
     for (args, wanted) in [
         (vec!["hard", "--train", "/no/such/folder", "--val", &val], "--train `/no/such/folder` is not a folder"),
-        (vec!["hard", "--train", &job_dir, "--val", &val], "is an mgd3 job folder: give its ImageFolder"),
+        (vec!["hard", "--train", &job_id, "--val", &val], "a job id needs --store"),
         (vec!["hard", "--train", &train, "--val", &val, "--ipc", "50"], "--ipc 50: class `c0`"),
         (vec!["soft", "--teacher", &val, "--train", &train, "--val", &val], "is not a ResNet-18 checkpoint"),
     ] {
@@ -127,4 +135,47 @@ fn both_protocols_train_on_a_distilled_set_and_report_deterministic_numbers() {
     }
     assert!(hard["top1_std"].is_null(), "one set has no spread: {hard:#}");
     assert_eq!(hard["val_images"], 18);
+}
+
+/// The sets given to one evaluation must be seeds of one experiment: jobs that differ in another
+/// setting, or the same seed twice, are refused before any training, naming what differs; a job
+/// folder and a job id with `--store` are taken for their `dataset/`.
+#[test]
+fn sets_that_are_not_seeds_of_one_experiment_are_refused_naming_why() {
+    let Some(python) = python() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 3, 6);
+    let out = scratch.path().join("out");
+    let mut jobs = Vec::new();
+    for (name, ipc, seed) in [("a", 2, 1), ("b", 3, 2)] {
+        let spec_path = scratch.path().join(format!("{name}.toml"));
+        let text = spec(&data.display().to_string(), &out.display().to_string(), 3, ipc, seed, "");
+        std::fs::write(&spec_path, text).unwrap();
+        run_locally(&spec_path, &[]);
+    }
+    for entry in std::fs::read_dir(out.join("jobs")).unwrap() {
+        jobs.push(entry.unwrap().path());
+    }
+    jobs.sort();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
+    let refused = |train: &[&str], extra: &[&str]| {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args(["hard", "--val", data.to_str().unwrap(), "--size", "32", "--epochs", "1", "--device", "cpu"])
+            .args(extra)
+            .arg("--train")
+            .args(train)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{train:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (a, b) = (jobs[0].to_str().unwrap(), jobs[1].to_str().unwrap());
+    let text = refused(&[a, b], &[]);
+    let ipc = text.contains("`ipc`: 2 vs 3") || text.contains("`ipc`: 3 vs 2");
+    assert!(text.contains("not seeds of one experiment") && ipc, "{text}");
+    let id = jobs[0].file_name().unwrap().to_str().unwrap();
+    let text = refused(&[a, id], &["--store", out.to_str().unwrap()]);
+    assert!(text.contains("both distilled with seed"), "{text}");
 }
