@@ -50,6 +50,53 @@ fn located(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+/// The most field-level problems of one spec reported together.
+const MAX_SHAPE_PROBLEMS: usize = 32;
+
+/// `text` with the line holding byte `at` emptied (its newline kept); `None` when it already is.
+fn blank_line(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    if text[start..end].trim().is_empty() {
+        return None;
+    }
+    Some(format!("{}{}", &text[..start], &text[end..]))
+}
+
+/// The error located in `text`, and for serde's "unknown field `y`, expected one of …" with an
+/// expected name close to `y` (a typo: at most two edits, or a third of its length), "did you mean
+/// `x`?" in place of the list, with `x`.
+fn with_suggestion(text: &str, error: &toml::de::Error) -> (String, Option<String>) {
+    let located = located(text, error);
+    let Some(rest) = error.message().strip_prefix("unknown field `") else { return (located, None) };
+    let Some((unknown, expected)) = rest.split_once('`') else { return (located, None) };
+    let names = expected.split('`').skip(1).step_by(2);
+    match names.map(|name| (edit_distance(unknown, name), name)).min() {
+        Some((distance, name)) if distance <= 2.max(unknown.len() / 3) => {
+            let head = located.split(", expected one of").next().unwrap_or(&located);
+            (format!("{head}; did you mean `{name}`?"), Some(name.to_owned()))
+        }
+        _ => (located, None),
+    }
+}
+
+/// Levenshtein distance between two short strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substituted = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 /// One invalid field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
@@ -617,7 +664,40 @@ impl JobSpec {
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
         // Two passes, so that valid TOML with a wrong field is never called invalid TOML.
         toml::from_str::<toml::Table>(text).map_err(|e| JobError::Toml(located(text, &e)))?;
-        toml::from_str(text).map_err(|e| JobError::Shape(located(text, &e)))
+        // Every field-level problem at once: each one's line is blanked (kept as an empty line, so
+        // later messages keep their line numbers) and the spec read again, until it reads or the
+        // problems left are not tied to one line (a missing field).
+        let mut problems: Vec<(usize, String)> = Vec::new();
+        let mut suggested = Vec::new();
+        let mut current = text.to_owned();
+        for _ in 0..MAX_SHAPE_PROBLEMS {
+            let error = match toml::from_str::<JobSpec>(&current) {
+                Ok(spec) if problems.is_empty() => return Ok(spec),
+                Ok(_) => break,
+                Err(error) => error,
+            };
+            let message = error.message().trim_end();
+            if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+                // Not a line's fault; and no news when a misspelling of it was named already.
+                if !suggested.iter().any(|s| s == field) {
+                    problems.push((usize::MAX, message.to_owned()));
+                }
+                break;
+            }
+            let line =
+                error.span().map_or(0, |span| current[..span.start.min(current.len())].matches('\n').count() + 1);
+            let (text, suggestion) = with_suggestion(&current, &error);
+            suggested.extend(suggestion);
+            problems.push((line, text));
+            let Some(blanked) = error.span().and_then(|span| blank_line(&current, span.start)) else { break };
+            if toml::from_str::<toml::Table>(&blanked).is_err() {
+                break; // the value spans lines: what is left cannot be read on its own
+            }
+            current = blanked;
+        }
+        problems.sort();
+        problems.dedup();
+        Err(JobError::Shape(problems.into_iter().map(|(_, p)| p).collect::<Vec<_>>().join("\n  - ")))
     }
 
     /// Checks every field and reports all problems at once.
@@ -1001,6 +1081,32 @@ vae_decoder = "m/dec.onnx"
         let err =
             JobSpec::from_toml(&SPEC.replace("[models]", "[sampling]\nlambda = 1\n[models]")).unwrap_err().to_string();
         assert!(err.contains("lambda"), "{err}");
+    }
+
+    /// Every field-level problem of the TOML at once, each with its line (numbers as in the file),
+    /// and a misspelled field with the name it probably meant.
+    #[test]
+    fn every_toml_level_problem_is_listed_at_once_with_did_you_mean() {
+        let text = SPEC
+            .replace("ipc = 10", "ipcc = 10\nseed = \"five\"")
+            .replace("[models]", "[sampling]\nguidance_scal = 0.1\nbogus_setting = 1\n[models]");
+        let line = |prefix: &str| text.lines().position(|l| l.starts_with(prefix)).unwrap() + 1;
+        let err = JobSpec::from_toml(&text).unwrap_err();
+        assert!(matches!(err, JobError::Shape(_)), "{err:?}");
+        let err = err.to_string();
+        for part in [
+            format!("line {} (`ipcc = 10`): unknown field `ipcc`", line("ipcc")),
+            "did you mean `ipc`?".to_owned(),
+            format!("line {} (`seed = \"five\"`)", line("seed")),
+            format!("line {} (`guidance_scal = 0.1`)", line("guidance_scal")),
+            "did you mean `guidance_scale`?".to_owned(),
+            format!("line {} (`bogus_setting = 1`)", line("bogus_setting")),
+        ] {
+            assert!(err.contains(&part), "{err}\nlacks {part}");
+        }
+        assert!(!err.contains("`bogus_setting`; did you mean"), "no far-fetched suggestion: {err}");
+        assert_eq!(edit_distance("guidance_scal", "guidance_scale"), 1);
+        assert_eq!(edit_distance("", "ab"), 2);
     }
 
     #[test]
