@@ -20,6 +20,20 @@ fn store_err(location: &Location, context: String) -> impl FnOnce(object_store::
     move |source| Error::ObjectStore { url, context, source }
 }
 
+/// The classes (wnids) of a job that have a commit marker file, whatever it holds.
+///
+/// # Errors
+/// [`Error::ObjectStore`] when the markers cannot be listed.
+async fn marked_classes(out: &Location, keys: &JobKeys) -> Result<Vec<String>> {
+    let prefix = out.key(&keys.markers());
+    out.store
+        .list(Some(&prefix))
+        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
+        .try_collect()
+        .await
+        .map_err(store_err(out, format!("listing `{prefix}`")))
+}
+
 /// Shards of `job` whose every class has a commit marker naming the job's fingerprint.
 /// A marker of another fingerprint is an error (the output folder holds another spec's work).
 ///
@@ -28,14 +42,7 @@ fn store_err(location: &Location, context: String) -> impl FnOnce(object_store::
 /// cannot be read or parsed, or names another fingerprint.
 pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashSet<usize>> {
     let keys = JobKeys::new(&job.job_id);
-    let prefix = out.key(&keys.markers());
-    let present: HashSet<String> = out
-        .store
-        .list(Some(&prefix))
-        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
-        .try_collect()
-        .await
-        .map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let present: HashSet<String> = marked_classes(out, &keys).await?.into_iter().collect();
     let candidates: Vec<String> =
         job.classes.iter().filter(|c| present.contains(&c.wnid)).map(|c| c.wnid.clone()).collect();
     let checks = candidates.into_iter().map(|wnid| {
@@ -62,14 +69,7 @@ pub async fn committed_shards(out: &Location, job: &ResolvedJob) -> Result<HashS
 /// [`Error::ObjectStore`] when the markers cannot be listed or the manifest read.
 pub async fn differences_from_committed(out: &Location, job: &ResolvedJob) -> Result<Vec<String>> {
     let keys = JobKeys::new(&job.job_id);
-    let prefix = out.key(&keys.markers());
-    let wnids: Vec<String> = out
-        .store
-        .list(Some(&prefix))
-        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
-        .try_collect()
-        .await
-        .map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let wnids = marked_classes(out, &keys).await?;
     let reads = wnids.into_iter().map(|wnid| {
         let (out, keys) = (out.clone(), keys.clone());
         async move { mgd3_common::commit::read_marker(&out, &keys, &wnid).await.ok().flatten() }
@@ -159,14 +159,7 @@ fn spec_differences(was: &mgd3_common::job::JobSpec, now: &mgd3_common::job::Job
 pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common::status::VerifyReport> {
     use mgd3_common::status::{VerifyProblem, VerifyReport};
     let keys = JobKeys::new(job_id);
-    let prefix = out.key(&keys.markers());
-    let wnids: Vec<String> = out
-        .store
-        .list(Some(&prefix))
-        .map_ok(|meta| meta.location.filename().unwrap_or_default().trim_end_matches(".json").to_owned())
-        .try_collect()
-        .await
-        .map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let wnids = marked_classes(out, &keys).await?;
     let manifest_key = out.key(&keys.manifest());
     let manifest = get_optional(out.store.as_ref(), &manifest_key)
         .await
