@@ -645,7 +645,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             tracing::info!(allowed = ?allowed, "local paths submitted specs may use");
             coordinator.allow_paths(allowed);
             let advertised = advertised_url(&address, config.tls.is_some());
-            coordinator.advertise(&advertised, args.token_file.as_deref()).await;
+            // A `serve --drain-when-done` (the sbatch script's) goes away once its jobs have ended:
+            // a second coordinator is told to wait for it rather than submit to it.
+            coordinator.advertise(&advertised, args.token_file.as_deref(), args.drain_when_done).await;
             // Clients on this host find it without --coordinator while it serves.
             let _announced = crate::runtime::announce(&advertised, store, args.token_file.as_deref());
             let seen = std::sync::Arc::new(std::sync::OnceLock::new());
@@ -744,12 +746,18 @@ async fn run_command(cli: Cli) -> Result<()> {
                 }
                 None => {
                     let mut client = args.connection.client()?;
-                    client
-                        .verify_job(proto::VerifyJobRequest { job_id: args.job.clone() })
-                        .await
-                        .map_err(CallError::of(&args.connection.coordinator, "VerifyJob"))?
-                        .into_inner()
-                        .into()
+                    let failed = CallError::of(&args.connection.coordinator, "VerifyJob");
+                    let answer = client.verify_job(proto::VerifyJobRequest { job_id: args.job.clone() }).await;
+                    match answer.map_err(failed) {
+                        Ok(answer) => answer.into_inner().into(),
+                        Err(error) if error.failure() == mgd3_common::rpc::Failure::NothingListens => {
+                            return Err(anyhow::Error::new(error).context(format!(
+                                "no coordinator to ask; without one, verify the job's folder: `coordinator verify {} --job-dir <output>/jobs/{}`",
+                                args.job, args.job
+                            )));
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
                 }
             };
             for p in &response.problems {
@@ -1032,8 +1040,10 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;
     let url = local.url.clone();
-    // `coordinator status`, `list`, `verify` on this host find this run's random port.
+    // `coordinator status`, `list`, `verify` on this host find this run's random port; a second
+    // `run` on the store is told this one stops when its job ends.
     let _announced = crate::runtime::announce(&url, &store, None);
+    coordinator.advertise(&url, None, true).await;
     // N workers on one machine share its CPUs: each gets its share for decoding and k-means
     // (MGD3_CPU_THREADS, which an explicit --cpu-threads in --worker-arg overrides).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -40,7 +40,7 @@ impl LocalCoordinator {
             Some(_) => format!("https://localhost:{port}"),
             None => format!("http://127.0.0.1:{port}"),
         };
-        coordinator.advertise(&url, None).await;
+        coordinator.advertise(&url, None, false).await;
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
             let coordinator = coordinator.clone();

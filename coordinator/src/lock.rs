@@ -57,6 +57,10 @@ pub struct LockRecord {
     /// can be queued after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job: Option<String>,
+    /// The holder is a `coordinator run`, which stops once its own job has ended: a job submitted
+    /// to it would be left part-done, so a second one is told to wait instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exits_when_done: bool,
 }
 
 impl LockRecord {
@@ -98,9 +102,11 @@ pub enum LockError {
         "store `{url}` is served by another coordinator ({host}, pid {pid}, last heartbeat {age_s:.0} s ago){}; \
          or stop it first, or give this coordinator another --store (a coordinator that was killed releases the \
          store {timeout_s:.0} s after its last heartbeat)",
-        submit_there(serving.as_deref(), token_file.as_deref(), slurm_job.as_deref())
+        submit_there(serving.as_deref(), token_file.as_deref(), slurm_job.as_deref(), *exits_when_done)
     )]
     Held {
+        /// The holder is a `coordinator run` (it stops when its own job ends).
+        exits_when_done: bool,
         /// The store's URL.
         url: String,
         /// The holder's Slurm job, when its lock record says.
@@ -140,11 +146,18 @@ pub enum LockError {
 }
 
 /// How to submit to the coordinator serving at `url` instead of starting another one.
-fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&str>) -> String {
+fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&str>, exits_when_done: bool) -> String {
     let after = slurm_job
         .map(|id| format!("; or queue this allocation after that Slurm job: `sbatch --dependency=afterany:{id} …`"))
         .unwrap_or_default();
     let Some(url) = url else { return after };
+    if exits_when_done {
+        return format!(
+            " at {url}, a `coordinator run` (or the sbatch script's coordinator) that stops once its own job has \
+             ended: run this command again after it (`coordinator status` shows how far it is), or give this job \
+             another `output`{after}"
+        );
+    }
     let token = token_file.map(|f| format!(" --token-file {f}")).unwrap_or_default();
     let sbatch_token = token_file.map(|f| format!(" MGD3_TOKEN_FILE={f}")).unwrap_or_default();
     format!(
@@ -180,6 +193,7 @@ impl StoreLock {
             url: None,
             token_file: None,
             slurm_job: std::env::var("SLURM_JOB_ID").ok().filter(|id| !id.is_empty()),
+            exits_when_done: false,
         };
         // The holder seen, its last heartbeat (time and renewal count) and when, by this
         // process's tokio clock, it was first seen: staleness is judged by watching the value,
@@ -221,6 +235,7 @@ impl StoreLock {
                         serving: holder.url,
                         token_file: holder.token_file,
                         slurm_job: holder.slurm_job,
+                        exits_when_done: holder.exits_when_done,
                         host: holder.host,
                         pid: holder.pid,
                         age_s: age as f64 / 1000.0,
@@ -247,13 +262,20 @@ impl StoreLock {
         }
     }
 
-    /// Records where this coordinator serves (and its token file's path) in the lock, written
-    /// at once: a second coordinator on the store is told to submit there.
+    /// Records where this coordinator serves (and its token file's path, and whether it stops once
+    /// its job has ended) in the lock, written at once: a second coordinator on the store is told
+    /// to submit there, or to wait for it.
     ///
     /// # Errors
     /// Those of [`StoreLock::renew`].
-    pub async fn advertise(&mut self, url: &str, token_file: Option<&std::path::Path>) -> Result<(), LockError> {
+    pub async fn advertise(
+        &mut self,
+        url: &str,
+        token_file: Option<&std::path::Path>,
+        exits_when_done: bool,
+    ) -> Result<(), LockError> {
         self.record.url = Some(url.to_owned());
+        self.record.exits_when_done = exits_when_done;
         self.record.token_file =
             token_file.map(|f| std::path::absolute(f).unwrap_or(f.to_owned()).display().to_string());
         self.renew().await
@@ -312,6 +334,37 @@ async fn delete(store: &Location) -> Result<(), LockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused second coordinator is told where the holder serves: submit to a `serve`, wait
+    /// for a `coordinator run` (it stops when its own job ends), or queue after its Slurm job.
+    #[test]
+    fn a_held_store_says_where_to_go() {
+        let held = |exits_when_done, slurm_job: Option<&str>| {
+            LockError::Held {
+                url: "s".into(),
+                exits_when_done,
+                slurm_job: slurm_job.map(str::to_owned),
+                serving: Some("http://n1:50051".into()),
+                token_file: Some("/home/u/tok".into()),
+                host: "n1".into(),
+                pid: 7,
+                age_s: 1.0,
+                timeout_s: 30.0,
+            }
+            .to_string()
+        };
+        let serve = held(false, Some("123"));
+        for part in [
+            "submit to it instead",
+            "--coordinator http://n1:50051 --token-file /home/u/tok",
+            "MGD3_COORDINATOR=http://n1:50051 MGD3_TOKEN_FILE=/home/u/tok",
+            "--dependency=afterany:123",
+        ] {
+            assert!(serve.contains(part), "{serve} lacks {part}");
+        }
+        let run = held(true, None);
+        assert!(run.contains("stops once its own job has ended") && !run.contains("submit to it"), "{run}");
+    }
 
     /// On tokio's paused clock: every bound below is exact virtual time, not a wall-clock guess.
     #[tokio::test(start_paused = true)]
@@ -392,6 +445,7 @@ mod tests {
             url: None,
             token_file: None,
             slurm_job: None,
+            exits_when_done: false,
         };
         assert!(holder_is_dead_here(&record(process_table()), &host));
         assert!(!holder_is_dead_here(&record(Some("other-boot/pid:[1]".into())), &host));

@@ -566,11 +566,12 @@ impl Coordinator {
         self.inner.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Records in the store's lock where this coordinator serves (and its token file's path),
-    /// so that a second coordinator started on the store names it. A failure is logged: the
+    /// Records in the store's lock where this coordinator serves (and its token file's path;
+    /// `exits_when_done` for a `coordinator run`), so that a second coordinator started on the
+    /// store names it. A failure is logged: the
     /// coordinator serves all the same.
-    pub async fn advertise(&self, url: &str, token_file: Option<&Path>) {
-        if let Err(error) = self.inner.lock.lock().await.advertise(url, token_file).await {
+    pub async fn advertise(&self, url: &str, token_file: Option<&Path>, exits_when_done: bool) {
+        if let Err(error) = self.inner.lock.lock().await.advertise(url, token_file, exits_when_done).await {
             warn!(error = %mgd3_common::error_chain(&error), "could not record this coordinator's URL in the store's lock");
         }
     }

@@ -168,6 +168,7 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     // Classes without a folder are summed up when there are many: a wrong dataset root would
     // otherwise be a thousand lines saying the same thing.
     let mut missing = Vec::new();
+    let mut too_few = Vec::new();
     for (class, listing) in classes.iter_mut().zip(listings) {
         match listing {
             Err(error @ mgd3_common::imagefolder::ListError::ClassNotFound { .. }) => {
@@ -180,7 +181,7 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
             }
             Ok(listing) => {
                 if listing.images.len() < spec.ipc {
-                    problems.push(format!(
+                    too_few.push(format!(
                         "class `{}`: {} image(s) but IPC = {} needs at least {}; add images or lower ipc",
                         class.wnid.escape_debug(),
                         listing.images.len(),
@@ -224,6 +225,29 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
                 problems.insert(0, error);
             }
         }
+    }
+    // As for missing folders: a few named, many counted.
+    if too_few.len() > MISSING_SHOWN {
+        let fewest = counts.iter().copied().filter(|&n| n < spec.ipc).min().unwrap_or(0);
+        problems.push(format!(
+            "{} classes have fewer images than IPC = {} (the fewest: {fewest}), e.g. {}; add images or lower ipc",
+            too_few.len(),
+            spec.ipc,
+            too_few[0]
+        ));
+    } else {
+        problems.extend(too_few);
+    }
+    // The folders of a split (`train/`, `val/`) taken for classes: the root is one level too high.
+    let splits = ["train", "val", "valid", "validation", "test"];
+    if folder_count > 0 && folder_names.iter().all(|f| splits.contains(&f.to_ascii_lowercase().as_str())) {
+        problems.push(format!(
+            "the class folders of `{}` are {}: those are dataset splits, not classes; point `dataset` at the split to distil (e.g. `{}/{}`)",
+            root.url(),
+            folder_names.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "),
+            root.url().trim_end_matches('/'),
+            folder_names.iter().find(|f| f.eq_ignore_ascii_case("train")).unwrap_or(&folder_names[0])
+        ));
     }
     problems.extend(same_folder_classes(&root, &classes));
     if !problems.is_empty() {

@@ -891,6 +891,31 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
     let wrong_level = spec_toml(40, 2, 1, &store_url).replace(fake_dataset(), &empty.display().to_string());
     let error = cluster.coordinator.submit(&wrong_level, dir.path(), None).await.unwrap_err().to_string();
     assert!(error.contains("none of the 40 classes has a folder") && error.lines().count() < 4, "{error}");
+    // Many classes short of IPC: counted, one example; a root one level too high (its "classes"
+    // are the splits): named as such.
+    let short = spec_toml(12, 9, 1, &store_url);
+    let error = cluster.coordinator.submit(&short, dir.path(), None).await.unwrap_err().to_string();
+    assert!(
+        error.contains("12 classes have fewer images than IPC = 9 (the fewest: 8)") && error.lines().count() < 4,
+        "{error}"
+    );
+    let splits = dir.path().join("splits");
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            std::fs::create_dir_all(splits.join(split).join(class)).unwrap();
+            for i in 0..3 {
+                std::fs::write(splits.join(split).join(class).join(format!("{i}.png")), [i as u8]).unwrap();
+            }
+        }
+    }
+    let one_level_up: String = spec_toml(2, 2, 1, &store_url)
+        .replace(fake_dataset(), &splits.display().to_string())
+        .lines()
+        .map(|l| if l.starts_with("classes = ") { "classes = \"all\"".to_owned() } else { l.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let error = cluster.coordinator.submit(&one_level_up, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("are `train`, `val`: those are dataset splits") && error.contains("/train`"), "{error}");
     let too_many = spec_toml(52, 2, 1, &store_url);
     let error = cluster.coordinator.submit(&too_many, dir.path(), None).await.unwrap_err().to_string();
     assert!(error.contains("12 classes have no folder") && error.contains("and 2 more"), "{error}");
