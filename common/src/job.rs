@@ -38,16 +38,33 @@ pub enum JobError {
 
 /// A TOML error as `line N: message`, without the parser's source excerpt.
 fn located(text: &str, error: &toml::de::Error) -> String {
+    let message = plain_types(error.message().trim_end());
     match error.span() {
         Some(span) => {
             let start = span.start.min(text.len());
             let line = text[..start].matches('\n').count() + 1;
             // The line itself names the field (`ipc = "ten"`), which a type error's message does not.
             let source = text.lines().nth(line - 1).unwrap_or_default().trim();
-            format!("line {line} (`{source}`): {}", error.message().trim_end())
+            format!("line {line} (`{source}`): {message}")
         }
-        None => error.message().trim_end().to_owned(),
+        None => message,
     }
+}
+
+/// serde's Rust type names in a message (`expected usize`) in words a spec's author reads.
+fn plain_types(message: &str) -> String {
+    let mut out = message.to_owned();
+    for (rust, words) in [
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ] {
+        out = out.replace(rust, words);
+    }
+    out
 }
 
 /// The most field-level problems of one spec reported together.
@@ -1097,7 +1114,10 @@ vae_decoder = "m/dec.onnx"
         for part in [
             format!("line {} (`ipcc = 10`): unknown field `ipcc`", line("ipcc")),
             "did you mean `ipc`?".to_owned(),
-            format!("line {} (`seed = \"five\"`)", line("seed")),
+            format!(
+                "line {} (`seed = \"five\"`): invalid type: string \"five\", expected a whole number",
+                line("seed")
+            ),
             format!("line {} (`guidance_scal = 0.1`)", line("guidance_scal")),
             "did you mean `guidance_scale`?".to_owned(),
             format!("line {} (`bogus_setting = 1`)", line("bogus_setting")),

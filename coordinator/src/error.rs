@@ -66,11 +66,14 @@ pub enum Error {
     /// `resume` found the dataset changed since submit (the job's fingerprint covers its images).
     #[error(
         "job `{job}`: the dataset changed since the job was submitted (images added, removed or rewritten); \
-         `coordinator submit` makes it a new job (cached latents of unchanged classes are reused), or restore the images"
+         `coordinator submit` makes it a new job ({}), or restore the images",
+        if *latent_cache { "cached latents of unchanged classes are reused" } else { "every class is distilled again; `latent_cache = true` in the spec would reuse the encodings of unchanged classes" }
     )]
     DataChanged {
         /// The job id.
         job: String,
+        /// The job keeps a latent cache (what a new job can reuse).
+        latent_cache: bool,
     },
     /// A submission names a job id that holds a job of another fingerprint.
     #[error("job `{job}` already exists with another spec")]

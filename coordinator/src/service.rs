@@ -666,6 +666,13 @@ impl Coordinator {
                 info!(job = %existing.job_id, "the job was paused because its output store refused writes: resuming it");
                 self.resume(&existing.job_id, None).await?;
             }
+            if state == Some(JobState::Failed) {
+                // Submitting (or `coordinator run`) does not retry a failed job by itself: say how.
+                notes.push(format!(
+                    "job `{}` has failed (its status names each failed class and why); once the cause is fixed, `coordinator resume {}` runs the failed shards again (committed classes are kept)",
+                    existing.job_id, existing.job_id
+                ));
+            }
             if state == Some(JobState::Cancelled) {
                 // Submitting a cancelled job's spec does not run it again: say so, and how.
                 notes.push(format!(
@@ -826,7 +833,7 @@ impl Coordinator {
         let data = check_dataset(&job.spec).await?;
         let now = job.spec.fingerprint_with_data(&job.classes, Some(&data.digest));
         if now != job.fingerprint {
-            return Err(Error::DataChanged { job: job_id.into() });
+            return Err(Error::DataChanged { job: job_id.into(), latent_cache: job.spec.latent_cache.is_some() });
         }
         if let Some((text, base)) = spec {
             let now = self.resolve(text, base, Some(job_id.to_owned())).await?.job;

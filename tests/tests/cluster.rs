@@ -263,6 +263,9 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     assert_eq!(status.failures[0].wnid, "class03");
     assert!(status.failures[0].error.contains("broken.jpg"), "{:?}", status.failures[0]);
 
+    // Submitting it again (what `coordinator run` does) retries nothing by itself, and says how.
+    let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+    assert!(existed && notes.iter().any(|n| n.contains("has failed") && n.contains("coordinator resume")), "{notes:?}");
     // A different spec may not resume this job.
     let changed = spec.replace("seed = 5", "seed = 6");
     let err = cluster.coordinator.resume(&job.job_id, Some((&changed, dir.path()))).await.unwrap_err();
@@ -981,6 +984,7 @@ async fn replacing_images_at_the_same_paths_makes_another_job() {
     // Nor can the old job be resumed onto the new bytes.
     let error = cluster.coordinator.resume(&first.job_id, None).await.unwrap_err().to_string();
     assert!(error.contains("the dataset changed since the job was submitted"), "{error}");
+    assert!(error.contains("every class is distilled again") && error.contains("latent_cache = true"), "{error}");
     cluster.shutdown().await;
 }
 
