@@ -89,9 +89,7 @@ fn holder_is_dead_here(holder: &LockRecord, host: &str) -> bool {
     if here.is_none() || holder.process_table != here || holder.host != host {
         return false;
     }
-    let Ok(pid) = libc::pid_t::try_from(holder.pid) else { return false };
-    // SAFETY: kill with signal 0 sends nothing; it only asks whether `pid` exists.
-    (unsafe { libc::kill(pid, 0) }) == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    libc::pid_t::try_from(holder.pid).is_ok() && !crate::runtime::process_exists(holder.pid)
 }
 
 /// Why the store's coordinator lock could not be taken or kept.

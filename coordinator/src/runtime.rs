@@ -87,7 +87,7 @@ pub fn running() -> Vec<Announcement> {
         else {
             continue;
         };
-        if alive(record.pid) {
+        if process_exists(record.pid) {
             live.push(record);
         } else {
             let _ = std::fs::remove_file(&path);
@@ -97,9 +97,9 @@ pub fn running() -> Vec<Announcement> {
     live
 }
 
-/// Whether process `pid` exists on this host.
-fn alive(pid: u32) -> bool {
+/// Whether process `pid` exists in this process's PID namespace (one of another user counts).
+pub(crate) fn process_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     // SAFETY: kill with signal 0 sends nothing; it only asks whether `pid` exists.
-    (unsafe { libc::kill(pid, 0) }) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    (unsafe { libc::kill(pid, 0) }) == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }

@@ -688,15 +688,21 @@ impl Coordinator {
             notes.push(planned.to_string());
         }
         let out = self.output(&job)?;
-        // Outputs left under this id by another spec (a forgotten job, an explicit --job-id):
-        // refused naming the difference, before anything is written.
-        let differences = state::differences_from_committed(&out, &job).await?;
-        if !differences.is_empty() {
-            return Err(Error::RebuildRefused { job: job.job_id, lost_records: false, differences });
-        }
+        // The markers are read before anything is written: outputs left under this id by another
+        // spec (a forgotten job, an explicit --job-id) are refused naming the difference. (A
+        // job.json already there has this fingerprint, so its class list is `job`'s.)
+        let committed = match state::committed_shards(&out, &job).await {
+            Err(error @ Error::Commit(CommitError::ForeignMarker { .. })) => {
+                let differences = state::differences_from_committed(&out, &job).await?;
+                if differences.is_empty() {
+                    return Err(error);
+                }
+                return Err(Error::RebuildRefused { job: job.job_id, lost_records: false, differences });
+            }
+            committed => committed?,
+        };
         let created = self.inner.jobs.create_job(&job).await?;
         let job = if created { job } else { self.inner.jobs.read_job(&job.job_id).await? };
-        let committed = state::committed_shards(&out, &job).await?;
         let job = Arc::new(job);
         info!(job = %job.job_id, classes = job.classes.len(), shards = job.shards.len(), committed = committed.len(), "job submitted");
         if created && !committed.is_empty() {

@@ -201,31 +201,22 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
             }
         }
     }
-    match missing.len() {
-        0 => {}
-        n if n == classes.len() && n > 1 => problems.insert(
-            0,
-            format!(
-                "none of the {n} classes has a folder in `{}` (first: `{}`): the dataset root is wrong, or not the ImageFolder's train/ folder",
-                root.url(),
-                missing[0].0
-            ),
-        ),
-        n if n > MISSING_SHOWN => problems.insert(
-            0,
-            format!(
-                "{n} classes have no folder in `{}`: `{}` and {} more",
-                root.url(),
-                missing[..MISSING_SHOWN].iter().map(|(wnid, _)| wnid.as_str()).collect::<Vec<_>>().join("`, `"),
-                n - MISSING_SHOWN
-            ),
-        ),
-        _ => {
-            for (_, error) in missing.into_iter().rev() {
-                problems.insert(0, error);
-            }
-        }
-    }
+    // Missing folders first: a few named, many counted, all of them a wrong root.
+    let missing_lines = match missing.len() {
+        n if n == classes.len() && n > 1 => vec![format!(
+            "none of the {n} classes has a folder in `{}` (first: `{}`): the dataset root is wrong, or not the ImageFolder's train/ folder",
+            root.url(),
+            missing[0].0
+        )],
+        n if n > MISSING_SHOWN => vec![format!(
+            "{n} classes have no folder in `{}`: `{}` and {} more",
+            root.url(),
+            missing[..MISSING_SHOWN].iter().map(|(wnid, _)| wnid.as_str()).collect::<Vec<_>>().join("`, `"),
+            n - MISSING_SHOWN
+        )],
+        _ => missing.into_iter().map(|(_, error)| error).collect(),
+    };
+    problems.splice(0..0, missing_lines);
     // As for missing folders: a few named, many counted.
     if too_few.len() > MISSING_SHOWN {
         let fewest = counts.iter().copied().filter(|&n| n < spec.ipc).min().unwrap_or(0);
