@@ -724,11 +724,15 @@ fn raw_listener(how: Option<&'static [u8]>) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for mut socket in listener.incoming().map_while(Result::ok) {
-            if let Some(answer) = how {
-                socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let _ = socket.read(&mut [0u8; 4096]);
-                let _ = socket.write_all(answer);
-            }
+            // Each connection on its own thread: one that sends nothing (a client's idle
+            // reconnect) must not hold up the next one, the CLI's probe.
+            std::thread::spawn(move || {
+                if let Some(answer) = how {
+                    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let _ = socket.read(&mut [0u8; 4096]);
+                    let _ = socket.write_all(answer);
+                }
+            });
         }
     });
     url
