@@ -20,6 +20,20 @@ Subcommands:
       diffusers AutoencoderKL -> DIR/vae_encoder.onnx (encoder + quant_conv ->
       `mean`, `logvar`) and DIR/vae_decoder.onnx (post_quant_conv + decoder).
 
+  export_onnx.py fuse IN.onnx OUT.onnx
+      Rewrite an existing mgd3 export (DiT or VAE, fp32 or fp16) into the fused graph
+      below, without the checkpoint, and check it against IN on random inputs.
+
+Graphs (--graph, default fused): `fused` rewrites the exported fp32 graph with onnxscript's
+ONNX Runtime fusions (onnxscript.rewriter.ort_fusions.optimize_for_ort): every attention
+becomes one com.microsoft.MultiHeadAttention / Attention node (ONNX Runtime runs them with
+flash / memory-efficient kernels on CUDA, accumulating the softmax in fp32 also for fp16
+models), the tanh GELU becomes com.microsoft.FastGelu, LayerNorm stays one
+LayerNormalization.  The census after the rewrite must show as many fused attentions as the
+plain graph had Softmax nodes, no Softmax and no unfused tanh-GELU left, else the export fails.
+fp16 models are rewritten from the fp16 export (the timestep's sin/cos features stay fp32).
+`plain` is the graph torch.onnx.export writes.
+
 Every export uses torch.onnx.export(dynamo=True, opset 18) with a dynamic batch dim,
 writes the mgd3.* metadata_props, checks that dim 0 of every input/output is
 symbolic and the rest are concrete, and checks onnxruntime against torch on random
@@ -43,6 +57,11 @@ import torch
 import torch.nn as nn
 
 OPSET = 18
+GRAPHS = ("fused", "plain")
+# The CLI's default graph. Measured on the CPU EP (real-size DiT-XL/2, ORT 1.31.1): the fused
+# graph is no slower than the plain one (README "GPU"); on CUDA it is what dispatches flash
+# attention. The export functions keep `plain` as their default for the fixtures' sake.
+DEFAULT_GRAPH = "fused"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of parameters
 TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "linear"
@@ -374,6 +393,12 @@ def _check_shapes(path: str, input_names: Sequence[str], output_names: Sequence[
     return shapes
 
 
+def onnx_metadata(path: str) -> Dict[str, str]:
+    """The model's metadata_props (weights not loaded)."""
+    import onnx
+    return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+
+
 def _write_metadata(path: str, metadata: Dict[str, str]):
     import onnx
     m = onnx.load(path, load_external_data=False)  # external tensors keep pointing at X.onnx.data
@@ -387,7 +412,18 @@ def _write_metadata(path: str, metadata: Dict[str, str]):
 
 
 def _export(module: nn.Module, example: tuple, path: str, input_names, output_names, metadata,
-            external_data: Optional[bool] = None):
+            external_data: Optional[bool] = None, graph: str = "plain"):
+    """torch.onnx.export `module` to `path` with `metadata`; `graph="fused"` exports to a
+    temporary file first and writes its fused rewrite (`fuse_onnx`) to `path`."""
+    if graph == "fused":
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)), prefix=".plain-") as tmp:
+            plain = os.path.join(tmp, os.path.basename(path))
+            _export(module, example, plain, input_names, output_names, metadata, external_data)
+            fuse_onnx(plain, path, external_data=external_data)
+        return _check_shapes(path, input_names, output_names)
+    if graph != "plain":
+        raise ValueError(f"graph {graph!r}: expected one of {GRAPHS}")
     from torch.export import Dim
     module = module.eval()
     if external_data is None:
@@ -407,6 +443,107 @@ def _export(module: nn.Module, example: tuple, path: str, input_names, output_na
     prog.save(path, external_data=external_data)
     _write_metadata(path, metadata)
     return _check_shapes(path, input_names, output_names)
+
+
+ATTENTION_OPS = ("com.microsoft:MultiHeadAttention", "com.microsoft:Attention")
+
+
+def graph_census(path: str) -> Dict[str, int]:
+    """{"domain:op" (ONNX ops as ":op"): count} of the graph at `path` (weights not loaded)."""
+    import collections
+    import onnx
+    m = onnx.load(path, load_external_data=False)
+    return dict(collections.Counter(f"{n.domain}:{n.op_type}" for n in m.graph.node))
+
+
+def census_line(census: Dict[str, int]) -> str:
+    """The numbers a reader checks: fused attentions, bare Softmax, FastGelu, LayerNormalization."""
+    attention = sum(census.get(k, 0) for k in ATTENTION_OPS)
+    return (f"{attention} fused attention, {census.get(':Softmax', 0)} bare Softmax, "
+            f"{census.get('com.microsoft:FastGelu', 0)} FastGelu, {census.get(':LayerNormalization', 0)} "
+            f"LayerNormalization, {sum(census.values())} nodes")
+
+
+def _gelu_tanh_fp16_rules():
+    """onnxscript's tanh-GELU -> com.microsoft.FastGelu rule with the tolerance fp16 constants
+    need (0.044715 and sqrt(2/pi) are 1e-4 off in fp16; the library's rule asks 1e-5)."""
+    from onnxscript.rewriter import pattern
+
+    def c(v):
+        return pattern.Constant(v, rel_tol=1e-3)
+
+    class GeluTanhFp16(pattern.RewriteRuleClassBase):
+        def pattern(self, op, x):
+            inner = op.Mul(c(math.sqrt(2.0 / math.pi)), op.Add(x, op.Mul(c(0.044715), op.Pow(x, 3))))
+            return op.Mul(x, op.Mul(c(0.5), op.Add(op.Tanh(inner), c(1.0))))
+
+        def rewrite(self, op, x):
+            return op.FastGelu(x, _domain="com.microsoft")
+
+    return pattern.RewriteRuleSet([GeluTanhFp16.rule()])
+
+
+def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None) -> Dict[str, int]:
+    """Write the fused graph of the mgd3 export `src` (fp32 or fp16) to `dst` (see the module doc).
+
+    Returns the census of `dst`. Raises RuntimeError when the rewrite leaves a Softmax or fuses
+    fewer attentions than `src` had Softmax nodes."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    before = graph_census(src)
+    fp16 = onnx_metadata(src).get("mgd3.precision") == "fp16"
+    model = ir.load(src)
+    if external_data is None:
+        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                           if v.const_value is not None)
+        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    model, counts = optimize_for_ort(model)
+    fused = {k: v for k, v in counts.items() if v}
+    if fp16:
+        model = rewrite(model, pattern_rewrite_rules=_gelu_tanh_fp16_rules())
+    data_file = dst + ".data"
+    if os.path.exists(data_file):
+        os.remove(data_file)
+    ir.save(model, dst, external_data=os.path.basename(data_file) if external_data else None)
+    after = graph_census(dst)
+    attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
+    print(f"[fuse] {os.path.basename(src)} -> {os.path.basename(dst)}: {fused}; census: {census_line(after)}")
+    if after.get(":Softmax", 0) or attention != before.get(":Softmax", 0):
+        raise RuntimeError(f"{dst}: the fused graph has {attention} fused attentions and "
+                           f"{after.get(':Softmax', 0)} Softmax for {before.get(':Softmax', 0)} attentions "
+                           f"in {src}: onnxscript's fusions did not match this export; use --graph plain")
+    if before.get(":Tanh", 0) and after.get(":Tanh", 0):
+        raise RuntimeError(f"{dst}: {after[':Tanh']} tanh-GELUs were not fused into FastGelu")
+    _write_metadata(dst, {"mgd3.graph": "fused", "mgd3.fused_attention": str(attention)})
+    return after
+
+
+def compare_onnx(a: str, b: str, *, batch: int = 3, tol: float = 1e-4, seed: int = 0) -> float:
+    """Run the models `a` and `b` (same contract) on one seeded random batch and return the
+    largest |a - b| relative to max(1, max|a|); RuntimeError beyond `tol`."""
+    sa, sb = ort_session(a), ort_session(b)
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in sa.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in i.shape]
+        if "int64" in i.type:  # t in [0, 1000), y over the first 10 labels
+            feed[i.name] = rng.integers(0, 10 if i.name == "y" else 1000, shape)
+        else:
+            feed[i.name] = rng.standard_normal(shape).astype(np.float32)
+    def typed(session):
+        return {i.name: feed[i.name].astype(np.float16) if "float16" in i.type else feed[i.name]
+                for i in session.get_inputs()}
+    outs_a, outs_b = sa.run(None, typed(sa)), sb.run(None, typed(sb))
+    worst = 0.0
+    for name, x, y in zip([o.name for o in sa.get_outputs()], outs_a, outs_b):
+        x, y = x.astype(np.float32), y.astype(np.float32)
+        rel = float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(x))))
+        print(f"[compare] {os.path.basename(a)} vs {os.path.basename(b)} {name}: max rel diff {rel:.3e} (tol {tol:.0e})")
+        if not rel <= tol:
+            raise RuntimeError(f"{b}: output {name} differs from {a} by {rel:.3e} relative > {tol}")
+        worst = max(worst, rel)
+    return worst
 
 
 def ort_session(path: str, threads: int = 1):
@@ -475,8 +612,9 @@ def dit_metadata(num_classes: int, learn_sigma: bool, source: str, fp16: bool) -
 
 def export_dit(model: nn.Module, out: str, *, in_channels: int, input_size: int, num_classes: int,
                learn_sigma: bool, source: str, fp16: bool = False, tol: Optional[float] = None,
-               seed: int = 0, external_data: Optional[bool] = None) -> float:
-    """Export a DiT-like module forward(x, t, y) -> out.  Returns the max abs torch-vs-ORT error."""
+               seed: int = 0, external_data: Optional[bool] = None, graph: str = "plain") -> float:
+    """Export a DiT-like module forward(x, t, y) -> out as the `graph` ("plain" or "fused").
+    Returns the max abs torch-vs-ORT error."""
     tol = default_tol(fp16) if tol is None else tol
     model = model.eval().float()
     ref = model
@@ -485,10 +623,10 @@ def export_dit(model: nn.Module, out: str, *, in_channels: int, input_size: int,
     g = torch.Generator().manual_seed(seed)
     ex = (torch.randn(2, in_channels, input_size, input_size, generator=g).to(dtype),
           torch.tensor([1, 999], dtype=torch.int64), torch.tensor([0, num_classes], dtype=torch.int64))
-    print(f"[dit] exporting {source} -> {out} ({'fp16' if fp16 else 'fp32'}, "
+    print(f"[dit] exporting {source} -> {out} ({'fp16' if fp16 else 'fp32'}, {graph} graph, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
     _export(exp_model, ex, out, ["x", "t", "y"], ["out"], dit_metadata(num_classes, learn_sigma, source, fp16),
-            external_data=external_data)
+            external_data=external_data, graph=graph)
     # check on a batch size different from the example's (proves the dynamic batch)
     xc = torch.randn(3, in_channels, input_size, input_size, generator=g)
     tc = torch.tensor([0, 517, TRAIN_TIMESTEPS - 1], dtype=torch.int64)
@@ -508,8 +646,9 @@ def vae_metadata(kind: str, scale_factor: float, image_size: int, source: str, f
 
 def export_vae(vae, encoder_out: str, decoder_out: str, *, image_size: int, scale_factor: float,
                source: str, fp16: bool = False, tol: Optional[float] = None, seed: int = 0,
-               external_data: Optional[bool] = None):
-    """Export a diffusers AutoencoderKL as encoder/decoder ONNX pair.  Returns (enc_err, dec_err)."""
+               external_data: Optional[bool] = None, graph: str = "plain"):
+    """Export a diffusers AutoencoderKL as encoder/decoder ONNX pair of the `graph` ("plain" or
+    "fused").  Returns (enc_err, dec_err)."""
     tol = default_tol(fp16) if tol is None else tol
     vae = vae.eval().float()
     cfg = vae.config
@@ -526,17 +665,19 @@ def export_vae(vae, encoder_out: str, decoder_out: str, *, image_size: int, scal
     g = torch.Generator().manual_seed(seed)
     prec = "fp16" if fp16 else "fp32"
 
-    print(f"[vae] exporting encoder {source} -> {encoder_out} ({prec})")
+    print(f"[vae] exporting encoder {source} -> {encoder_out} ({prec}, {graph} graph)")
     ex = (torch.rand(2, in_ch, image_size, image_size, generator=g) * 2 - 1).to(dtype)
     _export(enc_exp, ex, encoder_out, ["image"], ["mean", "logvar"],
-            vae_metadata("vae_encoder", scale_factor, image_size, source, fp16), external_data=external_data)
+            vae_metadata("vae_encoder", scale_factor, image_size, source, fp16), external_data=external_data,
+            graph=graph)
     xc = torch.rand(3, in_ch, image_size, image_size, generator=g) * 2 - 1
     e1 = _verify(encoder_out, enc_ref, [xc], ["image"], ["mean", "logvar"], dtype, tol)
 
-    print(f"[vae] exporting decoder {source} -> {decoder_out} ({prec})")
+    print(f"[vae] exporting decoder {source} -> {decoder_out} ({prec}, {graph} graph)")
     ex = (torch.randn(2, lat_ch, lat, lat, generator=g) * 5).to(dtype)
     _export(dec_exp, ex, decoder_out, ["latent"], ["image"],
-            vae_metadata("vae_decoder", scale_factor, image_size, source, fp16), external_data=external_data)
+            vae_metadata("vae_decoder", scale_factor, image_size, source, fp16), external_data=external_data,
+            graph=graph)
     zc = torch.randn(3, lat_ch, lat, lat, generator=g) * 5  # ~ unscaled latents (scaled / 0.18215)
     e2 = _verify(decoder_out, dec_ref, [zc], ["latent"], ["image"], dtype, tol)
     return e1, e2
@@ -559,7 +700,7 @@ def _load_diffusers(cls, name: str, pipeline_subfolder: str, subfolder: Optional
 
 
 def export_diffusers_dit(transformer, out: str, *, source: str, fp16: bool = False,
-                         tol: Optional[float] = None, seed: int = 0) -> float:
+                         tol: Optional[float] = None, seed: int = 0, graph: str = "plain") -> float:
     cfg = transformer.config
     out_ch = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
     if out_ch not in (cfg.in_channels, 2 * cfg.in_channels):
@@ -567,7 +708,7 @@ def export_diffusers_dit(transformer, out: str, *, source: str, fp16: bool = Fal
     return export_dit(DiffusersDiTWrapper(transformer).eval(), out, in_channels=cfg.in_channels,
                       input_size=cfg.sample_size, num_classes=cfg.num_embeds_ada_norm,
                       learn_sigma=(out_ch == 2 * cfg.in_channels), source=source, fp16=fp16, tol=tol,
-                      seed=seed)
+                      seed=seed, graph=graph)
 
 
 # ---------------------------------------------------------------------------
@@ -593,8 +734,16 @@ def main(argv=None):
     v.add_argument("--out-dir", required=True)
     v.add_argument("--image-size", type=int, default=None, help="default: config.sample_size (256 for SD VAEs)")
     v.add_argument("--scale-factor", type=float, default=None, help="default: config.scaling_factor (0.18215)")
+    f = sub.add_parser("fuse", help="rewrite an fp32 mgd3 export into the fused graph")
+    f.add_argument("input", help="an fp32 DiT / VAE encoder / VAE decoder exported by this script")
+    f.add_argument("output")
+    for p in (d, v):
+        p.add_argument("--graph", choices=GRAPHS, default=DEFAULT_GRAPH,
+                       help=f"fused: attention, GELU and LayerNorm as ONNX Runtime's fused operators; "
+                            f"plain: torch.onnx.export's graph (default {DEFAULT_GRAPH})")
     for p in (d, v):
         p.add_argument("--fp16", action="store_true", help="fp16 weights and float I/O")
+    for p in (d, v, f):
         p.add_argument("--tol", type=float, default=None,
                        help="max abs ORT-vs-torch(fp32) error, relative to max(1,max|out|) "
                             "(default 1e-4, fp16 3e-2)")
@@ -603,17 +752,21 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
 
-    if a.cmd == "dit":
+    if a.cmd == "fuse":
+        fuse_onnx(a.input, a.output)
+        compare_onnx(a.input, a.output, tol=a.tol if a.tol is not None else 1e-4)
+    elif a.cmd == "dit":
         if a.checkpoint:
             model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size)
             export_dit(model, a.out, in_channels=model.in_channels, input_size=model.input_size,
                        num_classes=model.num_classes, learn_sigma=model.learn_sigma,
-                       source=f"dit-original:{os.path.basename(a.checkpoint)}", fp16=a.fp16, tol=a.tol)
+                       source=f"dit-original:{os.path.basename(a.checkpoint)}", fp16=a.fp16, tol=a.tol,
+                       graph=a.graph)
         else:
             from diffusers import DiTTransformer2DModel
             tr = _load_diffusers(DiTTransformer2DModel, a.diffusers, "transformer", a.subfolder)
             export_diffusers_dit(tr, a.out, source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}",
-                                 fp16=a.fp16, tol=a.tol)
+                                 fp16=a.fp16, tol=a.tol, graph=a.graph)
     else:
         from diffusers import AutoencoderKL
         vae = _load_diffusers(AutoencoderKL, a.diffusers, "vae", a.subfolder)
@@ -624,7 +777,8 @@ def main(argv=None):
         os.makedirs(a.out_dir, exist_ok=True)
         export_vae(vae, os.path.join(a.out_dir, "vae_encoder.onnx"), os.path.join(a.out_dir, "vae_decoder.onnx"),
                    image_size=int(size), scale_factor=sf,
-                   source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}", fp16=a.fp16, tol=a.tol)
+                   source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}", fp16=a.fp16, tol=a.tol,
+                   graph=a.graph)
     print("done")
 
 

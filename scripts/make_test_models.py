@@ -275,6 +275,8 @@ def main():
     ap.add_argument("--seed", type=int, default=20261128)
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--skip-cli-check", action="store_true")
+    ap.add_argument("--only-fused", action="store_true",
+                    help="only rewrite the fused fixtures from the plain ones already there")
     a = ap.parse_args()
     torch.set_num_threads(1)
     mdir = os.path.join(a.root, "tests", "fixtures", "models")
@@ -282,6 +284,11 @@ def main():
     os.makedirs(mdir, exist_ok=True)
     os.makedirs(gdir, exist_ok=True)
     errs = {}
+    if a.only_fused:
+        errs = readme_errors(mdir)
+        errs.update(fuse_fixtures(mdir))
+        write_readme(mdir, errs)
+        return
 
     # --- tiny original-style DiT ---
     model, _ = build_tiny_dit(a.seed, a.train_steps)
@@ -346,13 +353,46 @@ def main():
     if not a.skip_cli_check:
         cli_check(model, dmodel, vae, mdir)
 
+    errs.update(fuse_fixtures(mdir))
     write_readme(mdir, errs)
     print("[errors] max abs torch-vs-ORT:", {k: f"{v:.2e}" for k, v in errs.items()})
 
 
+FUSED = ["tiny_dit.onnx", "tiny_vae_encoder.onnx", "tiny_vae_decoder.onnx"]
+
+
+def fused_name(name):
+    return name.replace(".onnx", "_fused.onnx")
+
+
+def fuse_fixtures(mdir):
+    """The fused graphs of the fp32 fixtures (export_onnx.py fuse), checked against them (1e-4
+    relative).  Returns {fused file: max relative difference to the plain one}."""
+    errs = {}
+    for name in FUSED:
+        plain, fused = os.path.join(mdir, name), os.path.join(mdir, fused_name(name))
+        E.fuse_onnx(plain, fused, external_data=False)
+        errs[fused_name(name)] = E.compare_onnx(plain, fused, tol=1e-4)
+    return errs
+
+
+def readme_errors(mdir):
+    """The last column of the README's table, to keep when only the fused fixtures are rebuilt."""
+    errs = {}
+    path = os.path.join(mdir, "README.md")
+    for line in open(path) if os.path.exists(path) else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`tiny_"):
+            try:
+                errs[cells[0].strip("`")] = float(cells[3])
+            except ValueError:
+                pass
+    return errs
+
+
 def write_readme(mdir, errs):
     names = ["tiny_dit.onnx", "tiny_dit_fp16.onnx", "tiny_dit_diffusers.onnx", "tiny_vae_encoder.onnx",
-             "tiny_vae_decoder.onnx"]
+             "tiny_vae_decoder.onnx"] + [fused_name(n) for n in FUSED]
     rows = []
     for n in names:
         shapes = E.onnx_io_shapes(os.path.join(mdir, n))
@@ -383,6 +423,10 @@ dynamic batch dim `batch`) and carry the `mgd3.*` metadata of the model contract
   (3 channels, latent 4, block_out_channels (16, 32), layers_per_block 1, norm groups 8):
   image 3x16x16 in [-1, 1] -> `mean`, `logvar` 4x8x8 (unscaled; logvar clamped to [-30, 20] as in
   diffusers) and `latent` 4x8x8 (unscaled) -> `image` 3x16x16. scale_factor 0.18215, image_size 16.
+- `tiny_dit_fused.onnx`, `tiny_vae_encoder_fused.onnx`, `tiny_vae_decoder_fused.onnx`: the same models
+  rewritten by `export_onnx.py fuse` (com.microsoft.MultiHeadAttention / Attention, FastGelu; metadata
+  `mgd3.graph = fused`); their last column is the largest difference to the plain model, relative to
+  max(1, max|out|). `--only-fused` rebuilds just these.
 
 | file | bytes | inputs / outputs (onnx shapes) | max abs ORT vs torch (fp32 ref) |
 |---|---|---|---|

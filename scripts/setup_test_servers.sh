@@ -17,9 +17,10 @@ if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/de
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
     || echo "note: Chromium could not be installed; the report's browser checks will be skipped"
 fi
-# PyTorch for scripts/evaluate.py's test (MGD3_REQUIRE_TORCH=1 in CI): the registry's build (a CUDA
+# PyTorch for scripts/evaluate.py's test and ONNX + onnxscript for the fused-export test
+# (MGD3_REQUIRE_TORCH=1 in CI): the registry's build (a CUDA
 # one; it runs on CPU), pinned with scripts/requirements-eval.txt.
-if ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision" 2>/dev/null; }; then
+if ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision, onnx, onnxscript, onnxruntime" 2>/dev/null; }; then
   python3 -m venv .venv-eval
   .venv-eval/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-eval.txt
 fi

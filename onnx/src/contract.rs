@@ -12,6 +12,29 @@ use ort::value::{TensorElementType, ValueType};
 
 use crate::error::{Error, Result};
 
+/// Which graph a model file holds (`mgd3.graph`, written by `scripts/export_onnx.py`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Graph {
+    /// The graph `torch.onnx.export` writes: attention as MatMul–Softmax–MatMul.
+    Plain,
+    /// Attention, GELU and LayerNorm as ONNX Runtime's fused operators; `attention` is the
+    /// number of fused attention nodes the export counted (`mgd3.fused_attention`).
+    Fused {
+        /// Fused attention nodes, when the metadata says.
+        attention: Option<usize>,
+    },
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Graph::Plain => f.write_str("plain graph"),
+            Graph::Fused { attention: Some(n) } => write!(f, "fused graph ({n} fused attentions)"),
+            Graph::Fused { attention: None } => f.write_str("fused graph"),
+        }
+    }
+}
+
 /// Element types the contract allows for float tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -142,6 +165,17 @@ impl ModelIo {
             self.violation(format!("metadata `{key}`"), expected, "nothing (export with scripts/export_onnx.py)")
         })?;
         raw.trim().parse().map_err(|_| self.violation(format!("metadata `{key}`"), expected, format!("{raw:?}")))
+    }
+
+    /// Which graph `scripts/export_onnx.py` wrote (`mgd3.graph`; exports that predate it are
+    /// plain).
+    pub fn graph(&self) -> Graph {
+        match self.metadata.get("mgd3.graph").map(|g| g.trim()) {
+            Some("fused") => Graph::Fused {
+                attention: self.metadata.get("mgd3.fused_attention").and_then(|n| n.trim().parse().ok()),
+            },
+            _ => Graph::Plain,
+        }
     }
 
     /// Checks that metadata `mgd3.kind` is `kind` (`dit`, `vae_encoder`, `vae_decoder`).

@@ -93,6 +93,16 @@ impl Dit {
         &self.info
     }
 
+    /// Which graph the model file holds (plain or fused).
+    pub fn graph(&self) -> crate::contract::Graph {
+        self.model.io.graph()
+    }
+
+    /// Precision, graph and device with its provider options, for the model-load log line.
+    pub fn describe(&self) -> String {
+        self.model.describe(self.info.precision)
+    }
+
     /// How many rows a call carries now, and why (policy, element ceiling, backoff).
     pub fn call_limit(&self) -> CallLimit {
         self.model.limit()

@@ -16,7 +16,7 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::contract::{ModelIo, Precision};
 use crate::error::{Error, Result};
-use crate::session::{SessionConfig, build_session_profiled};
+use crate::session::{SessionConfig, build_session_profiled, describe_device};
 
 /// One batched input of a run.
 pub(crate) enum BatchInput<'a> {
@@ -78,6 +78,8 @@ pub(crate) struct LoadedModel {
     max_call_elements: u64,
     /// The device, named in out-of-memory errors.
     device: String,
+    /// The device with the provider options it was built with ([`describe_device`]).
+    runs_on: String,
     /// Test seam: calls above this many items fail as out of memory.
     fault_oom_above: Option<usize>,
     /// The profiler runs: from the session's start until the load-time probe ends it.
@@ -133,6 +135,7 @@ impl LoadedModel {
             limit: CallLimit { items: policy, policy, ceiling: usize::MAX, backoff: usize::MAX, item_elements: 0 },
             max_call_elements: config.max_call_elements.max(1),
             device: config.device.to_string(),
+            runs_on: describe_device(config),
             fault_oom_above: config.fault_oom_above,
             profiling: prefix.is_some(),
         })
@@ -191,6 +194,16 @@ impl LoadedModel {
                 "could not measure the model's largest tensor per item; its calls are bounded by the batch policy and out-of-memory backoff only"),
         }
         Ok(())
+    }
+
+    /// One phrase for the model-load log line: precision, graph and where it runs, e.g.
+    /// `fp16, fused graph (28 fused attentions), cuda:0 (TF32 on, NCHW, …)`.
+    pub fn describe(&self, precision: Precision) -> String {
+        let precision = match precision {
+            Precision::F32 => "fp32",
+            Precision::F16 => "fp16",
+        };
+        format!("{precision}, {}, {}", self.io.graph(), self.runs_on)
     }
 
     /// How many items a call carries now, and why.

@@ -1,5 +1,6 @@
 //! The one place ONNX Runtime is loaded and sessions are built: library path, execution provider
-//! (CPU or CUDA, never a silent fallback), thread count and optimisation level.
+//! (CPU or CUDA, never a silent fallback), the CUDA options each model is tuned with, thread
+//! count and optimisation level.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,8 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::ep;
+use ort::ep::ArenaExtendStrategy;
+use ort::ep::cuda::ConvAlgorithmSearch;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 
@@ -56,6 +59,53 @@ impl fmt::Display for Device {
 /// "output element count exceeds int range" beyond it).
 pub const DEFAULT_MAX_CALL_ELEMENTS: u64 = i32::MAX as u64;
 
+/// The CUDA execution provider's options for one model, set on purpose rather than left to
+/// ONNX Runtime's defaults, and named in the model-load log line ([`fmt::Display`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaTuning {
+    /// TF32 tensor cores for fp32 MatMul/Conv (`use_tf32`): ~10 mantissa bits for fp32 models,
+    /// as PyTorch's `allow_tf32`; fp16 models are unaffected.
+    pub tf32: bool,
+    /// Convolutions in NHWC (`prefer_nhwc`): cuDNN's tensor-core kernels want channels last;
+    /// the VAE is convolutions, the DiT one patch embedding.
+    pub prefer_nhwc: bool,
+    /// cuDNN's exhaustive algorithm search (`cudnn_conv_algo_search`), run once per input
+    /// shape; `false`: its heuristic pick.
+    pub exhaustive_conv_search: bool,
+    /// The arena grows by what was asked (`arena_extend_strategy` kSameAsRequested) instead of
+    /// powers of two, so `--gpu-memory-limit` and out-of-memory backoff see real sizes.
+    pub arena_as_requested: bool,
+}
+
+impl CudaTuning {
+    /// The DiT: GEMMs and fused attention; its one convolution needs no search.
+    pub const DIT: CudaTuning =
+        CudaTuning { tf32: true, prefer_nhwc: false, exhaustive_conv_search: false, arena_as_requested: true };
+    /// The VAE encoder and decoder: convolutions at up to 512² pixels, where NHWC and the
+    /// exhaustive search pay (ONNX Runtime's Stable Diffusion pipeline does the same).
+    pub const VAE: CudaTuning =
+        CudaTuning { tf32: true, prefer_nhwc: true, exhaustive_conv_search: true, arena_as_requested: true };
+}
+
+impl Default for CudaTuning {
+    fn default() -> Self {
+        CudaTuning::DIT
+    }
+}
+
+impl fmt::Display for CudaTuning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "TF32 {}, {}, cuDNN {} conv search, arena {}",
+            if self.tf32 { "on" } else { "off" },
+            if self.prefer_nhwc { "NHWC" } else { "NCHW" },
+            if self.exhaustive_conv_search { "exhaustive" } else { "heuristic" },
+            if self.arena_as_requested { "grows as requested" } else { "grows by powers of two" }
+        )
+    }
+}
+
 /// How a session of a worker is built and how its calls are bounded.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -73,6 +123,8 @@ pub struct SessionConfig {
     /// Bytes the CUDA execution provider's arena may hold (`gpu_mem_limit`); `None`: ONNX
     /// Runtime's default (the whole card). Ignored on the CPU.
     pub gpu_memory_limit: Option<u64>,
+    /// The CUDA execution provider's options for this model (ignored on the CPU).
+    pub cuda: CudaTuning,
     /// Fault injection for tests: a call of more items than this fails as ONNX Runtime does
     /// when an allocation fails, so the out-of-memory backoff can be tested on the CPU.
     pub fault_oom_above: Option<usize>,
@@ -86,6 +138,7 @@ impl Default for SessionConfig {
             max_batch: 64,
             max_call_elements: DEFAULT_MAX_CALL_ELEMENTS,
             gpu_memory_limit: None,
+            cuda: CudaTuning::default(),
             fault_oom_above: None,
         }
     }
@@ -138,6 +191,15 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
     Ok(ENVIRONMENT.get().expect("environment was just set"))
 }
 
+/// What the model-load log line says about where and how a model runs: `cpu`, or
+/// `cuda:N (TF32 on, NHWC, …)`.
+pub fn describe_device(config: &SessionConfig) -> String {
+    match config.device {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(_) => format!("{} ({})", config.device, config.cuda),
+    }
+}
+
 /// Builds a session for the model at `path` on `config.device`.
 ///
 /// A CUDA device whose execution provider cannot be registered is an error.
@@ -179,7 +241,21 @@ fn with_device(
     config: &SessionConfig,
 ) -> Result<ort::session::builder::SessionBuilder> {
     let Device::Cuda(id) = config.device else { return Ok(builder) };
-    let mut cuda = ep::CUDA::default().with_device_id(id);
+    let tuning = config.cuda;
+    let mut cuda = ep::CUDA::default()
+        .with_device_id(id)
+        .with_tf32(tuning.tf32)
+        .with_prefer_nhwc(tuning.prefer_nhwc)
+        .with_conv_algorithm_search(if tuning.exhaustive_conv_search {
+            ConvAlgorithmSearch::Exhaustive
+        } else {
+            ConvAlgorithmSearch::Heuristic
+        })
+        .with_arena_extend_strategy(if tuning.arena_as_requested {
+            ArenaExtendStrategy::SameAsRequested
+        } else {
+            ArenaExtendStrategy::NextPowerOfTwo
+        });
     if let Some(limit) = config.gpu_memory_limit {
         cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
     }

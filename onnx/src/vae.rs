@@ -110,6 +110,11 @@ impl VaeEncoder {
         &self.info
     }
 
+    /// Precision, graph and device with its provider options, for the model-load log line.
+    pub fn describe(&self) -> String {
+        self.model.describe(self.info.precision)
+    }
+
     /// How many images a call carries now, and why (policy, element ceiling, backoff).
     pub fn call_limit(&self) -> CallLimit {
         self.model.limit()
@@ -183,6 +188,11 @@ impl VaeDecoder {
     /// Shapes and metadata of the decoder.
     pub fn info(&self) -> &VaeInfo {
         &self.info
+    }
+
+    /// Precision, graph and device with its provider options, for the model-load log line.
+    pub fn describe(&self) -> String {
+        self.model.describe(self.info.precision)
     }
 
     /// How many images a call carries now, and why (policy, element ceiling, backoff).

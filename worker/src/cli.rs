@@ -326,6 +326,8 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             max_batch: args.dit_rows,
             max_call_elements: args.max_call_elements.unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
             gpu_memory_limit,
+            // each model's own tuning is set where its session is built (`Runtime::dit` etc.)
+            cuda: Default::default(),
             fault_oom_above: args.fault_oom_above,
         })
     }

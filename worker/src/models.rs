@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use mgd3_common::batch::BatchPolicy;
 use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting};
 use mgd3_common::manifest::StageSeconds;
-use mgd3_onnx::{Dit, SessionConfig, VaeDecoder, VaeEncoder};
+use mgd3_onnx::contract::Graph;
+use mgd3_onnx::session::CudaTuning;
+use mgd3_onnx::{Device, Dit, SessionConfig, VaeDecoder, VaeEncoder};
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
 use serde::Serialize;
 use thiserror::Error;
@@ -204,19 +206,21 @@ impl Runtime {
         SessionConfig { max_batch: items.max(1), ..self.session.clone() }
     }
 
-    /// The session settings of the DiT: `policy.dit_rows` rows per call.
+    /// The session settings of the DiT: `policy.dit_rows` rows per call, [`CudaTuning::DIT`].
     pub fn dit(&self) -> SessionConfig {
-        self.with_batch(self.policy.dit_rows)
+        SessionConfig { cuda: CudaTuning::DIT, ..self.with_batch(self.policy.dit_rows) }
     }
 
-    /// The session settings of the VAE encoder: `policy.encode_images` per call.
+    /// The session settings of the VAE encoder: `policy.encode_images` per call,
+    /// [`CudaTuning::VAE`].
     pub fn encoder(&self) -> SessionConfig {
-        self.with_batch(self.policy.encode_images)
+        SessionConfig { cuda: CudaTuning::VAE, ..self.with_batch(self.policy.encode_images) }
     }
 
-    /// The session settings of the VAE decoder: `policy.decode_images` per call.
+    /// The session settings of the VAE decoder: `policy.decode_images` per call,
+    /// [`CudaTuning::VAE`].
     pub fn decoder(&self) -> SessionConfig {
-        self.with_batch(self.policy.decode_images)
+        SessionConfig { cuda: CudaTuning::VAE, ..self.with_batch(self.policy.decode_images) }
     }
 }
 
@@ -338,13 +342,18 @@ impl Models {
         let (d, e, v) = (dit.call_limit(), encoder.call_limit(), decoder.call_limit());
         tracing::info!(dit = %paths.dit.display(), classes = dit.info().num_classes, latent = ?dit.info().latent_shape,
         seconds = started.elapsed().as_secs_f64(),
-        "models loaded; calls carry up to {} DiT rows, {} images to encode, {} to decode{}",
-        d.items, e.items, v.items,
+        "models loaded: DiT {}; VAE encoder {}; VAE decoder {}; calls carry up to {} DiT rows, {} images to encode, {} to decode{}",
+        dit.describe(), encoder.describe(), decoder.describe(), d.items, e.items, v.items,
         if (d.items, e.items, v.items) != (d.policy, e.policy, v.policy) {
             format!(" (the batch policy asked {} / {} / {}; the rest is the per-call element ceiling)", d.policy, e.policy, v.policy)
         } else {
             String::new()
         });
+        if matches!(runtime.session.device, Device::Cuda(_)) && dit.graph() == Graph::Plain {
+            tracing::info!(dit = %paths.dit.display(),
+                "this DiT is the plain export: its attention runs as MatMul–Softmax–MatMul on the GPU; \
+                 `scripts/export_onnx.py fuse` rewrites it with fused (flash) attention");
+        }
         let dit_latent = dit.info().latent_shape;
         for (name, latent) in
             [("VAE encoder", encoder.info().latent_shape), ("VAE decoder", decoder.info().latent_shape)]

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Checks of the fused DiT/VAE graphs (export_onnx.py --graph fused / fuse) that run on a CPU in a
+minute, for tests/tests/export.rs:
+
+  1. census at DiT-XL/2's structure: depth 28, 16 heads, patch 2, 32x32x4 latents, 1000 classes,
+     at a narrow width (hidden 128; the graph's nodes do not depend on the width): the fused
+     export, fp32 and fp16, has 28 fused attentions, no Softmax, 28 FastGelu and 57
+     LayerNormalization, and matches torch (export_onnx's own check: 1e-4, fp16 3e-2);
+  2. fused vs plain within 1e-4 relative in fp32 on the tiny DiT and the shipped demo DiT and
+     the tiny VAE halves (export_onnx.py fuse);
+  3. the committed fused fixtures are what `fuse` writes today (same census and outputs).
+
+    python scripts/check_fused_export.py [--root .]
+
+Prints one `[census]` line per model and exits non-zero on the first failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import export_onnx as E  # noqa: E402
+
+
+def xl_structure(tmp: str):
+    torch.manual_seed(0)
+    dit = E.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=128, depth=28, num_heads=16,
+                num_classes=1000, learn_sigma=True)
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    for fp16 in (False, True):
+        path = os.path.join(tmp, f"dit_xl2_structure_{'fp16' if fp16 else 'fp32'}.onnx")
+        E.export_dit(dit.eval(), path, in_channels=4, input_size=32, num_classes=1000, learn_sigma=True,
+                     source="DiT-XL/2 structure (check_fused_export)", graph="fused", external_data=False,
+                     fp16=fp16)
+        xl_census(path, "fp16" if fp16 else "fp32")
+
+
+def xl_census(path: str, precision: str):
+    census = E.graph_census(path)
+    print(f"[census] DiT-XL/2 structure, fused, {precision}: {E.census_line(census)}")
+    attention = sum(census.get(k, 0) for k in E.ATTENTION_OPS)
+    want = {"fused attention": (attention, 28), "Softmax": (census.get(":Softmax", 0), 0),
+            "FastGelu": (census.get("com.microsoft:FastGelu", 0), 28),
+            "LayerNormalization": (census.get(":LayerNormalization", 0), 57)}
+    for what, (got, expected) in want.items():
+        if got != expected:
+            raise SystemExit(f"DiT-XL/2 structure, {precision}: {got} {what}, expected {expected}")
+    meta = E.onnx_metadata(path)
+    if (meta.get("mgd3.graph"), meta.get("mgd3.fused_attention"), meta.get("mgd3.precision")) != ("fused", "28", precision):
+        raise SystemExit(f"DiT-XL/2 structure: metadata {meta}")
+
+
+def fused_vs_plain(root: str, tmp: str):
+    models = [os.path.join(root, "tests/fixtures/models", n)
+              for n in ("tiny_dit.onnx", "tiny_vae_encoder.onnx", "tiny_vae_decoder.onnx")]
+    models.append(os.path.join(root, "models/demo/fashion_mnist_dit.onnx"))
+    for plain in models:
+        fused = os.path.join(tmp, os.path.basename(plain).replace(".onnx", "_fused.onnx"))
+        census = E.fuse_onnx(plain, fused)
+        print(f"[census] {os.path.basename(plain)}, fused: {E.census_line(census)}")
+        E.compare_onnx(plain, fused, tol=1e-4)
+        committed = os.path.join(root, "tests/fixtures/models", os.path.basename(fused))
+        if os.path.exists(committed):
+            if E.graph_census(committed) != census:
+                raise SystemExit(f"{committed} is not what `export_onnx.py fuse` writes today: "
+                                 "run scripts/make_test_models.py --only-fused")
+            E.compare_onnx(fused, committed, tol=0.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        xl_structure(tmp)
+        fused_vs_plain(a.root, tmp)
+    print("fused exports: all checks passed")
+
+
+if __name__ == "__main__":
+    main()
