@@ -4,8 +4,9 @@ minute, for tests/tests/export.rs:
 
   1. census at DiT-XL/2's structure: depth 28, 16 heads, patch 2, 32x32x4 latents, 1000 classes,
      at a narrow width (hidden 128; the graph's nodes do not depend on the width): the fused
-     export, fp32 and fp16, has 28 fused attentions, no Softmax, 28 FastGelu and 57
-     LayerNormalization, and matches torch (export_onnx's own check: 1e-4, fp16 3e-2);
+     export, fp32, fp16 and bf16, has 28 fused attentions, no Softmax, 28 FastGelu and 57
+     LayerNormalization, and matches torch (export_onnx's own check: 1e-4, fp16 3e-2; bf16 is
+     not run: ONNX Runtime's CPU provider has no bfloat16 kernels);
   2. fused vs plain within 1e-4 relative in fp32 on the tiny DiT and the shipped demo DiT and
      the tiny VAE halves (export_onnx.py fuse);
   3. the committed fused fixtures are what `fuse` writes today (same census and outputs).
@@ -33,12 +34,12 @@ def xl_structure(tmp: str):
                 num_classes=1000, learn_sigma=True)
     for p in dit.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    for fp16 in (False, True):
-        path = os.path.join(tmp, f"dit_xl2_structure_{'fp16' if fp16 else 'fp32'}.onnx")
+    for precision in ("fp32", "fp16", "bf16"):
+        path = os.path.join(tmp, f"dit_xl2_structure_{precision}.onnx")
         E.export_dit(dit.eval(), path, in_channels=4, input_size=32, num_classes=1000, learn_sigma=True,
                      source="DiT-XL/2 structure (check_fused_export)", graph="fused", external_data=False,
-                     fp16=fp16)
-        xl_census(path, "fp16" if fp16 else "fp32")
+                     fp16=precision == "fp16", bf16=precision == "bf16")
+        xl_census(path, precision)
 
 
 def xl_census(path: str, precision: str):

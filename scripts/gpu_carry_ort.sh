@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Moves what scripts/gpu_check.sh needs to a device machine that has no internet, no cargo and
 # takes at most 64 MiB per call (the working tree, ~20 MB, included):
-#   - onnxruntime-gpu 1.31.1's libraries (the CUDA provider alone is 284 MB; the tensorrt one is left out),
+#   - onnxruntime-gpu 1.31.1's libraries (the CUDA provider alone is 284 MB; the tensorrt one is left
+#     out). With the fatbin tool at hand ($MGD3_FATBIN_KEEP, default ../shared/tools/fatbin_keep.py)
+#     the CUDA provider keeps only the cubins of the device's architecture, $MGD3_CARRY_ARCH (default
+#     90: H100/H200), so that it xz-compresses to ~52 MB instead of ~240 (it then loads on that
+#     architecture only);
 #   - the release worker and coordinator, stripped,
 #   - the diffusers wheel and its one dependency the device image lacks (importlib_metadata).
 # One xz archive, cut into parts of MGD3_CARRY_PART_MB (40) MB:
@@ -38,6 +42,15 @@ with zipfile.ZipFile(sys.argv[1]) as z:
                 f.write(z.read(n))
 PY
     ln -s "libonnxruntime.so.$version" "$work/.ort/gpu/libonnxruntime.so"
+    keep=${MGD3_FATBIN_KEEP:-../shared/tools/fatbin_keep.py}
+    if [[ -f $keep ]]; then
+      provider=$work/.ort/gpu/libonnxruntime_providers_cuda.so
+      python3 "$keep" "$provider" "$provider.kept" --keep "${MGD3_CARRY_ARCH:-90}"
+      mv "$provider.kept" "$provider"
+      echo "CUDA provider: cubins for sm_${MGD3_CARRY_ARCH:-90} only (it loads on that architecture only)"
+    else
+      echo "note: $keep not found: the CUDA provider keeps every architecture (about 5 more parts)"
+    fi
     mkdir -p .gpu-carry && rm -f .gpu-carry/part-* .gpu-carry/SHA256SUMS
     tar -C "$work" -cf - target .ort .whl | xz -9 -T0 | split -b "${MGD3_CARRY_PART_MB:-40}M" -d - .gpu-carry/part-
     (cd .gpu-carry && sha256sum part-* > SHA256SUMS)

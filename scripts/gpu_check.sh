@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check (issue 18): one command for an H100/H200-class machine with PyTorch, a CUDA 13
-# driver and no internet. It exports real-size DiT-XL/2-256 and SD-VAE with random weights (fp32
-# and fp16), distils one class on CUDA at several --max-batch values and a small job with several
-# classes per DiT call, and prints images/s, GPU memory, MFU against the ≈23.7 TFLOP/image DiT cost
-# and the VAE-encode rate, next to a PyTorch baseline (image-by-image reference loop, batched loop,
-# batched loop with SDPA) measured in the same run. Every section runs even when one before it
-# failed; the summary names the failures and the exit status is non-zero if there were any.
+# The GPU check (issues 18 and 28): one command for an H100/H200-class machine with PyTorch, a CUDA
+# 13 driver and no internet. It exports real-size DiT-XL/2-256 and SD-VAE with random weights (fp32
+# and fp16), rewrites them into the fused graph (export_onnx.py fuse: one fused attention node per
+# block) and prints each graph's census, distils one class (IPC 128) on CUDA with the plain and the
+# fused graphs at 256 and 512 DiT rows and a job of 8 classes in one shard, and prints images/s,
+# GPU memory, MFU against the ≈23.7 TFLOP/image DiT cost and the VAE encode and decode rates, next
+# to a PyTorch baseline (batched loop, eager and with SDPA, and the image-by-image reference loop)
+# on the same model in the same run. Every section runs even when one before it failed; the
+# summary names the failures and the exit status is non-zero if there were any.
 #
 #   scripts/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR defaults to $OUT or ./gpu-check)
 #
@@ -36,7 +38,7 @@ if ((dry)); then
   # 4 steps with t_stop 2: steps i = 3 is guided, so the dry run exercises the guided path too.
   steps=(--steps 4 --stop-guidance 2)
   real=8 ipc=2
-  batches=(fp16:4 fp32:4 fp16:8)
+  batches=(fp16-fused:4 fp16:4 fp16-fused:8 fp32-fused:4)  # bf16-fused: no CPU kernels
   job_classes=2 job_ipc=1 job_real=4 job_batch=4
   torch=(--device cpu --steps 2 --batch 2 --images 2 --batch1-images 1)
 else
@@ -46,7 +48,7 @@ else
   real=128 ipc=128
   # fp16:512 is IPC 128 at --max-batch 512: one class decoded in one call once crashed ORT's CUDA
   # Resize (2^31 elements); the VAE's own batch and the per-call element ceiling bound it now.
-  batches=(fp16:64 fp16:256 fp32:256 fp16:512)
+  batches=(fp16-fused:256 fp16:256 fp16-fused:512 bf16-fused:256 fp32-fused:256)
   job_classes=8 job_ipc=16 job_real=64 job_batch=256
   torch=(--device cuda --steps 50 --batch 64 --images 128 --batch1-images 2)
 fi
@@ -110,7 +112,36 @@ models() {
   local fp16=$!
   ((dry)) || { wait $fp32 || status=1; }
   wait $fp16 || status=1
+  # The fused graphs, rewritten from the plain exports (each checked against its source on the CPU).
+  local precision model pids=()
+  for precision in fp32 fp16; do
+    mkdir -p "$out/models/$precision-fused"
+    for model in dit vae_encoder vae_decoder; do
+      [[ -f $out/models/$precision-fused/$model.onnx ]] && continue
+      "$python" scripts/export_onnx.py fuse "$out/models/$precision/$model.onnx" \
+        "$out/models/$precision-fused/$model.onnx" > "$out/fuse-$precision-$model.log" 2>&1 &
+      pids+=($!)
+      ((dry)) && { wait $! || status=1; }
+    done
+  done
+  # bf16: the DiT alone (bfloat16 inside, fp32 I/O; ONNX Runtime's CPU provider cannot run it), with
+  # the fused fp16 VAE (a VAE is convolutions, which have no bfloat16 in ONNX opset 18).
+  mkdir -p "$out/models/bf16-fused"
+  [[ -f $out/models/bf16-fused/dit.onnx ]] ||
+    "$python" scripts/gpu_models.py "$out/models/bf16-fused" --bf16 --graph fused > "$out/export-bf16.log" 2>&1 &
+  pids+=($!)
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  ln -sf ../fp16-fused/vae_encoder.onnx "$out/models/bf16-fused/vae_encoder.onnx"
+  ln -sf ../fp16-fused/vae_decoder.onnx "$out/models/bf16-fused/vae_decoder.onnx"
   tail -n 3 "$out"/export-*.log 2>/dev/null
+  grep -h '^\[fuse\]\|^\[compare\]' "$out"/fuse-*.log
+  "$python" - "$out/models" >> "$out/results.txt" <<'PY'
+import glob, os, sys
+import export_onnx as E
+for path in sorted(glob.glob(f"{sys.argv[1]}/*/*.onnx")):
+    if not os.path.islink(path):
+        print(f"census {os.path.relpath(path, sys.argv[1])}: {E.census_line(E.graph_census(path))}")
+PY
   ls -la "$out"/models/*/
   return $status
 }
@@ -133,11 +164,15 @@ for c in range(classes):
 PY
 }
 
-# one_class PRECISION MAX_BATCH: one class end to end by `worker distill-class`.
+# one_class VARIANT MAX_BATCH [nchw]: one class end to end by `worker distill-class` with the
+# models of $out/models/VARIANT (fp16, fp32, fp16-fused, bf16-fused, fp32-fused); `nchw` runs the
+# VAE's convolutions in NCHW instead of the default NHWC (MGD3_VAE_NHWC=false).
 one_class() {
-  local precision=$1 batch=$2 name=$1-$2
+  local precision=$1 batch=$2 name=$1-$2${3:+-$3}
+  local nhwc=true
+  [[ ${3:-} == nchw ]] && nhwc=false
   memory_watch "$out/memory-$name.txt"
-  target/release/worker distill-class --data "$out/data-one" --class n01440764 --label 0 --ipc "$ipc" \
+  MGD3_VAE_NHWC=$nhwc target/release/worker distill-class --data "$out/data-one" --class n01440764 --label 0 --ipc "$ipc" \
     --dit "$out/models/$precision/dit.onnx" --vae-encoder "$out/models/$precision/vae_encoder.onnx" \
     --vae-decoder "$out/models/$precision/vae_decoder.onnx" --out "$out/distilled-$name" \
     --device "$device" --max-batch "$batch" --timings-json "$out/timings-$name.json" --cfg-channels 3 \
@@ -158,6 +193,7 @@ print(f"mgd3 one class {name:>10}: {ips:8.3f} images/s sampling ({t['dit_calls']
       f"{100 * t['dit'] / sampling:.1f} % of sampling), MFU {mfu}, GPU memory {peak_mib} MiB; "
       f"VAE encode {t['real_images'] / max(t['encode'], 1e-9):.1f} images/s, JPEG decode+crop "
       f"{t['real_images'] / max(t['decode'], 1e-9):.1f} images/s, k-means {t['kmeans']:.2f} s, "
+      f"VAE decode {ipc / max(t['vae_decode'], 1e-9):.1f} images/s, "
       f"VAE decode+PNG {ipc / max(t['vae_decode'] + t['png'], 1e-9):.1f} images/s")
 PY
 }
@@ -181,9 +217,9 @@ cfg_channels = 3
 guidance_scale = $lambda
 $(((dry)) && printf 'steps = 4\nstop_guidance = 2\n')
 [models]
-dit = "$out/models/fp16/dit.onnx"
-vae_encoder = "$out/models/fp16/vae_encoder.onnx"
-vae_decoder = "$out/models/fp16/vae_decoder.onnx"
+dit = "$out/models/fp16-fused/dit.onnx"
+vae_encoder = "$out/models/fp16-fused/vae_encoder.onnx"
+vae_decoder = "$out/models/fp16-fused/vae_decoder.onnx"
 EOF
   local cuda=()
   ((dry)) || cuda=(--device cuda)
@@ -218,14 +254,16 @@ section "machine" machine
 section "models (real-size DiT-XL/2 and SD-VAE, random weights)" models
 section "data" images "$out/data-one" 1 "$real"
 section "data (job)" images "$out/data-job" "$job_classes" "$job_real"
-for run in "${batches[@]}"; do
-  section "one class, ${run%%:*}, --max-batch ${run##*:}" one_class "${run%%:*}" "${run##*:}"
-done
-section "job, 1 class per shard" job 1
-section "job, $job_classes classes per shard" job "$job_classes"
-section "torch baseline fp16" baseline --fp16
+# Most telling first (a run cut short by its time limit keeps those): fused and plain fp16 and the
+# PyTorch SDPA loop they are judged against, then the rest.
+one_class_section() { section "one class, ${1%%:*}, --max-batch ${1##*:}" one_class "${1%%:*}" "${1##*:}"; }
+one_class_section "${batches[0]}"
+one_class_section "${batches[1]}"
 section "torch baseline fp16 + SDPA" baseline --fp16 --sdpa
-section "torch baseline fp32" baseline
+for run in "${batches[@]:2}"; do one_class_section "$run"; done
+section "job, $job_classes classes per shard, fp16 fused" job "$job_classes"
+section "torch baseline fp16 (eager attention)" baseline --fp16
+section "one class, ${batches[0]%%:*}, --max-batch ${batches[0]##*:}, VAE in NCHW" one_class "${batches[0]%%:*}" "${batches[0]##*:}" nchw
 
 echo
 echo "== results (peak $peak_tflops TFLOP/s for MFU; $(date -u +%FT%TZ))"

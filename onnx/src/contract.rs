@@ -29,6 +29,7 @@ impl fmt::Display for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Graph::Plain => f.write_str("plain graph"),
+            Graph::Fused { attention: Some(1) } => f.write_str("fused graph (1 fused attention)"),
             Graph::Fused { attention: Some(n) } => write!(f, "fused graph ({n} fused attentions)"),
             Graph::Fused { attention: None } => f.write_str("fused graph"),
         }

@@ -47,6 +47,26 @@ pub enum Error {
         source: ort::Error,
     },
 
+    /// `--provider tensorrt` on a device whose TensorRT execution provider cannot be registered:
+    /// TensorRT itself or ONNX Runtime's TensorRT provider library is missing.
+    #[error(
+        "cannot use TensorRT on {device}: {}; or run without --provider tensorrt (the CUDA provider)",
+        tensorrt_fix(cause)
+    )]
+    TensorRtUnavailable {
+        /// The device asked for (`cuda:N`).
+        device: String,
+        /// ONNX Runtime's message, which names the library that failed to load.
+        cause: String,
+        /// ONNX Runtime's error.
+        #[source]
+        source: ort::Error,
+    },
+
+    /// A GPU provider name other than `cuda` or `tensorrt`.
+    #[error("unknown provider `{0}`: use cuda or tensorrt")]
+    BadProvider(String),
+
     /// The model file does not exist.
     #[error("model file `{0}` does not exist")]
     ModelNotFound(PathBuf),
@@ -133,6 +153,32 @@ impl Error {
     }
 }
 
+/// One sentence for a TensorRT execution provider that could not be registered (its `cause`):
+/// what is missing and the fix.
+pub fn tensorrt_fix(cause: &str) -> String {
+    let library = cause
+        .split(|c: char| c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '(' | ')' | ','))
+        .find(|word| word.starts_with("lib") && word.contains(".so"));
+    match library {
+        Some(lib) if lib.starts_with("libonnxruntime_providers") => format!(
+            "the ONNX Runtime in use has no TensorRT execution provider (`{lib}` is missing: a CPU build, or \
+             a copy without it); `scripts/setup_ort.sh gpu` installs the GPU build, which has it"
+        ),
+        Some(lib) => format!(
+            "TensorRT is not installed where the loader looks (`{lib}` is missing): install TensorRT 10 for \
+             CUDA 13 (e.g. `pip install tensorrt-cu13`) and add its lib folder to LD_LIBRARY_PATH"
+        ),
+        None if cause.to_ascii_lowercase().contains("not enabled") => {
+            "the ONNX Runtime in use has no TensorRT execution provider (a CPU build); `scripts/setup_ort.sh gpu` \
+             installs the GPU build, which has it, and TensorRT 10 for CUDA 13 must be on LD_LIBRARY_PATH"
+                .to_owned()
+        }
+        None => "ONNX Runtime's TensorRT execution provider could not be registered; it needs the GPU build \
+                 (`scripts/setup_ort.sh gpu`) and TensorRT 10 for CUDA 13 on LD_LIBRARY_PATH"
+            .to_owned(),
+    }
+}
+
 /// What to do about a CUDA execution provider that could not be registered, from ONNX Runtime's
 /// message: the library it could not load (named), a CPU-only ONNX Runtime, or a driver too old.
 pub fn cuda_fix(cause: &str) -> String {
@@ -164,5 +210,20 @@ pub fn cuda_fix(cause: &str) -> String {
         None => "ONNX Runtime's CUDA execution provider could not be registered; use the GPU build \
                  (`scripts/setup_ort.sh gpu`) with the CUDA and cuDNN libraries visible (LD_LIBRARY_PATH)"
             .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensorrt_fix_names_what_is_missing() {
+        let no_trt = tensorrt_fix("libnvinfer.so.10: cannot open shared object file: No such file or directory");
+        assert!(no_trt.contains("`libnvinfer.so.10` is missing") && no_trt.contains("tensorrt-cu13"), "{no_trt}");
+        let no_provider = tensorrt_fix("Failed to load library libonnxruntime_providers_tensorrt.so with error: …");
+        assert!(no_provider.contains("no TensorRT execution provider") && no_provider.contains("setup_ort.sh gpu"));
+        let cpu_build = tensorrt_fix("TensorRT execution provider is not enabled in this build.");
+        assert!(cpu_build.contains("a CPU build"), "{cpu_build}");
     }
 }

@@ -199,9 +199,11 @@ impl LoadedModel {
     /// One phrase for the model-load log line: precision, graph and where it runs, e.g.
     /// `fp16, fused graph (28 fused attentions), cuda:0 (TF32 on, NCHW, …)`.
     pub fn describe(&self, precision: Precision) -> String {
-        let precision = match precision {
-            Precision::F32 => "fp32",
-            Precision::F16 => "fp16",
+        let precision = match (precision, self.io.metadata.get("mgd3.precision").map(|p| p.trim())) {
+            // a bf16 export computes in bfloat16 behind float32 inputs and outputs
+            (Precision::F32, Some("bf16")) => "bf16 (fp32 I/O)",
+            (Precision::F32, _) => "fp32",
+            (Precision::F16, _) => "fp16",
         };
         format!("{precision}, {}, {}", self.io.graph(), self.runs_on)
     }

@@ -59,6 +59,38 @@ impl fmt::Display for Device {
 /// "output element count exceeds int range" beyond it).
 pub const DEFAULT_MAX_CALL_ELEMENTS: u64 = i32::MAX as u64;
 
+/// Which execution provider runs the models on a CUDA device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GpuProvider {
+    /// ONNX Runtime's CUDA execution provider (`cuda`, the default).
+    #[default]
+    Cuda,
+    /// NVIDIA TensorRT through ONNX Runtime's TensorRT execution provider (`tensorrt`, opt-in):
+    /// it builds an engine per model and input shape on first use (minutes for DiT-XL/2, kept in
+    /// [`SessionConfig::tensorrt_cache`]) and leaves the nodes it cannot take to the CUDA EP.
+    TensorRt,
+}
+
+impl FromStr for GpuProvider {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cuda" => Ok(GpuProvider::Cuda),
+            "tensorrt" => Ok(GpuProvider::TensorRt),
+            _ => Err(Error::BadProvider(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for GpuProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GpuProvider::Cuda => "cuda",
+            GpuProvider::TensorRt => "tensorrt",
+        })
+    }
+}
+
 /// The CUDA execution provider's options for one model, set on purpose rather than left to
 /// ONNX Runtime's defaults, and named in the model-load log line ([`fmt::Display`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +157,11 @@ pub struct SessionConfig {
     pub gpu_memory_limit: Option<u64>,
     /// The CUDA execution provider's options for this model (ignored on the CPU).
     pub cuda: CudaTuning,
+    /// The execution provider on a CUDA device (ignored on the CPU).
+    pub provider: GpuProvider,
+    /// Where TensorRT keeps its engines and timing cache (`--provider tensorrt`); `None`: a
+    /// `mgd3-tensorrt` folder in the temporary folder.
+    pub tensorrt_cache: Option<PathBuf>,
     /// Fault injection for tests: a call of more items than this fails as ONNX Runtime does
     /// when an allocation fails, so the out-of-memory backoff can be tested on the CPU.
     pub fault_oom_above: Option<usize>,
@@ -139,6 +176,8 @@ impl Default for SessionConfig {
             max_call_elements: DEFAULT_MAX_CALL_ELEMENTS,
             gpu_memory_limit: None,
             cuda: CudaTuning::default(),
+            provider: GpuProvider::Cuda,
+            tensorrt_cache: None,
             fault_oom_above: None,
         }
     }
@@ -194,10 +233,21 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
 /// What the model-load log line says about where and how a model runs: `cpu`, or
 /// `cuda:N (TF32 on, NHWC, …)`.
 pub fn describe_device(config: &SessionConfig) -> String {
-    match config.device {
-        Device::Cpu => "cpu".to_owned(),
-        Device::Cuda(_) => format!("{} ({})", config.device, config.cuda),
+    match (config.device, config.provider) {
+        (Device::Cpu, _) => "cpu".to_owned(),
+        (Device::Cuda(_), GpuProvider::Cuda) => format!("{} ({})", config.device, config.cuda),
+        (Device::Cuda(_), GpuProvider::TensorRt) => format!(
+            "{} through TensorRT (engines in {}), the rest on CUDA ({})",
+            config.device,
+            tensorrt_cache(config).display(),
+            config.cuda
+        ),
     }
+}
+
+/// The folder of TensorRT's engine and timing caches for `config`.
+fn tensorrt_cache(config: &SessionConfig) -> PathBuf {
+    config.tensorrt_cache.clone().unwrap_or_else(|| std::env::temp_dir().join("mgd3-tensorrt"))
 }
 
 /// Builds a session for the model at `path` on `config.device`.
@@ -260,6 +310,33 @@ fn with_device(
         cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
     }
     let cuda = cuda.build().error_on_failure();
+    if config.provider == GpuProvider::TensorRt {
+        let cache = tensorrt_cache(config);
+        // The engines depend on the model and the input shapes, which TensorRT keys them by.
+        let tensorrt = ep::TensorRT::default()
+            .with_device_id(id)
+            .with_engine_cache(true)
+            .with_engine_cache_path(cache.display())
+            .with_timing_cache(true)
+            .with_timing_cache_path(cache.display())
+            .build()
+            .error_on_failure();
+        let builder = builder.with_execution_providers([tensorrt]).map_err(|e| {
+            let source: ort::Error = e.into();
+            Error::TensorRtUnavailable { device: config.device.to_string(), cause: source.to_string(), source }
+        })?;
+        return register_cuda(builder, cuda, config);
+    }
+    register_cuda(builder, cuda, config)
+}
+
+/// `builder` with the CUDA execution provider `cuda` registered, failing as
+/// [`Error::CudaUnavailable`].
+fn register_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    cuda: ep::ExecutionProviderDispatch,
+    config: &SessionConfig,
+) -> Result<ort::session::builder::SessionBuilder> {
     builder.with_execution_providers([cuda]).map_err(|e| {
         let source: ort::Error = e.into();
         Error::CudaUnavailable { device: config.device.to_string(), cause: source.to_string(), source }

@@ -1,6 +1,6 @@
 //! The fused export (`scripts/export_onnx.py --graph fused` / `fuse`), checked by
 //! `scripts/check_fused_export.py`: DiT-XL/2's structure exports with 28 fused attentions, no
-//! Softmax and 28 FastGelu (fp32 and fp16), and the fused tiny, demo and VAE graphs match the
+//! Softmax and 28 FastGelu (fp32, fp16 and bf16), and the fused tiny, demo and VAE graphs match the
 //! plain ones within 1e-4 relative. It needs PyTorch, ONNX and onnxscript in `.venv-eval`
 //! (`scripts/setup_test_servers.sh`); without them the test is skipped with a note, unless
 //! `MGD3_REQUIRE_TORCH=1` (CI).
@@ -38,7 +38,7 @@ fn fused_exports_have_one_attention_node_per_block_and_match_the_plain_graphs() 
     let out = Command::new(python).arg(script).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    for precision in ["fp32", "fp16"] {
+    for precision in ["fp32", "fp16", "bf16"] {
         let line = format!(
             "[census] DiT-XL/2 structure, fused, {precision}: 28 fused attention, 0 bare Softmax, 28 FastGelu, 57 LayerNormalization"
         );

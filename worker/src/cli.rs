@@ -114,6 +114,12 @@ pub struct RuntimeArgs {
     /// `cpu`, `cuda` or `cuda:N`. A CUDA device that cannot be used is an error.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// The execution provider on a CUDA device: `cuda` (ONNX Runtime's CUDA provider), or
+    /// `tensorrt` (opt-in: NVIDIA TensorRT, which must be installed; it builds an engine per model
+    /// and shape on first use, kept in the model cache's `tensorrt` folder, and leaves what it
+    /// cannot run to the CUDA provider).
+    #[arg(long, default_value = "cuda")]
+    pub provider: mgd3_onnx::session::GpuProvider,
     /// Rows per DiT call (a call holds rows/2 cond+uncond sample pairs); `--max-batch` is the
     /// same flag's older name. Before the VAE had its own flag, it set the VAE batch too: it
     /// still does unless --vae-batch is given, capped at 64 images.
@@ -142,6 +148,16 @@ pub struct RuntimeArgs {
     /// For tests: calls of more items than this fail as if out of memory (out-of-memory backoff).
     #[arg(long, env = "MGD3_FAULT_OOM_ABOVE", hide = true)]
     pub fault_oom_above: Option<usize>,
+    /// For measurements (scripts/gpu_check.sh): the VAE's convolutions in NHWC on CUDA (`true`,
+    /// the default) or NCHW (`false`).
+    #[arg(long, env = "MGD3_VAE_NHWC", hide = true, default_value_t = true, action = clap::ArgAction::Set)]
+    pub vae_nhwc: bool,
+    /// Two DiT batches in flight when a shard has enough samples for two calls (`on`, the
+    /// default): one batch's step maths runs while the DiT computes the other's step, with the
+    /// same output bytes. `off` samples one batch at a time (for measuring).
+    #[arg(long, default_value = "on", value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set)]
+    pub overlap: bool,
     /// ONNX Runtime intra-op threads (default: the CPUs this process may use, as --cpu-threads).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -205,7 +221,9 @@ impl RuntimeArgs {
         }
         let session = self.session_config()?;
         tracing::debug!(device = %session.device, limit_bytes = ?session.gpu_memory_limit, "batch policy: {policy}");
-        Ok(Runtime { session, policy })
+        let vae_cuda =
+            mgd3_onnx::session::CudaTuning { prefer_nhwc: self.vae_nhwc, ..mgd3_onnx::session::CudaTuning::VAE };
+        Ok(Runtime { session, policy, vae_cuda, overlap: self.overlap })
     }
 }
 
@@ -320,6 +338,9 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             (Some(MemoryLimit::Bytes(bytes)), Device::Cuda(_)) => Some(bytes),
             (Some(MemoryLimit::Fraction(f)), Device::Cuda(id)) => Some((cuda_total_memory(id)? as f64 * f) as u64),
         };
+        if args.provider == mgd3_onnx::session::GpuProvider::TensorRt && args.device == Device::Cpu {
+            bail!("--provider tensorrt runs models on a CUDA device: add --device cuda (or cuda:N)");
+        }
         Ok(SessionConfig {
             device: args.device,
             intra_threads,
@@ -328,6 +349,8 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             gpu_memory_limit,
             // each model's own tuning is set where its session is built (`Runtime::dit` etc.)
             cuda: Default::default(),
+            provider: args.provider,
+            tensorrt_cache: Some(mgd3_common::store::model_cache_dir().join("tensorrt")),
             fault_oom_above: args.fault_oom_above,
         })
     }

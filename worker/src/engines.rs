@@ -165,6 +165,7 @@ impl OnnxShardEngine {
                 Err(EngineError::Model(
                     e @ (mgd3_onnx::Error::ModelNotFound(_)
                     | mgd3_onnx::Error::CudaUnavailable { .. }
+                    | mgd3_onnx::Error::TensorRtUnavailable { .. }
                     | mgd3_onnx::Error::RuntimeUnavailable { .. }),
                 )) => {
                     return Err(ShardFailure::ModelUnavailable(e));

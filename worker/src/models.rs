@@ -6,6 +6,7 @@
 //! seeds: [`crate::pipeline`] builds on it, [`crate::shard`] on that.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -184,12 +185,29 @@ impl EngineError {
 
 /// How a worker runs its models: the session settings the three share (device, threads, memory
 /// limit, element ceiling) and the batch policy that gives each its own batch.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Runtime {
     /// Device, threads, element ceiling and memory limit; its `max_batch` is replaced per model.
     pub session: SessionConfig,
     /// Items per call of each model, and the data stage's chunks.
     pub policy: BatchPolicy,
+    /// The VAE's CUDA options ([`CudaTuning::VAE`] unless a measurement asks otherwise); the
+    /// DiT's are [`CudaTuning::DIT`].
+    pub vae_cuda: CudaTuning,
+    /// Two DiT batches in flight when a shard has them ([`Models::sample_pair`]): one batch's
+    /// step maths runs while the DiT computes the other's step (default on).
+    pub overlap: bool,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            session: SessionConfig::default(),
+            policy: BatchPolicy::default(),
+            vae_cuda: CudaTuning::VAE,
+            overlap: true,
+        }
+    }
 }
 
 impl Runtime {
@@ -198,7 +216,7 @@ impl Runtime {
     pub fn uniform(session: SessionConfig) -> Self {
         let n = session.max_batch.max(1);
         let policy = BatchPolicy { dit_rows: n, encode_images: n, decode_images: n, ..BatchPolicy::default() };
-        Runtime { session, policy }
+        Runtime { session, policy, vae_cuda: CudaTuning::VAE, overlap: true }
     }
 
     /// The shared session settings with `items` per call.
@@ -211,16 +229,14 @@ impl Runtime {
         SessionConfig { cuda: CudaTuning::DIT, ..self.with_batch(self.policy.dit_rows) }
     }
 
-    /// The session settings of the VAE encoder: `policy.encode_images` per call,
-    /// [`CudaTuning::VAE`].
+    /// The session settings of the VAE encoder: `policy.encode_images` per call, `vae_cuda`.
     pub fn encoder(&self) -> SessionConfig {
-        SessionConfig { cuda: CudaTuning::VAE, ..self.with_batch(self.policy.encode_images) }
+        SessionConfig { cuda: self.vae_cuda, ..self.with_batch(self.policy.encode_images) }
     }
 
-    /// The session settings of the VAE decoder: `policy.decode_images` per call,
-    /// [`CudaTuning::VAE`].
+    /// The session settings of the VAE decoder: `policy.decode_images` per call, `vae_cuda`.
     pub fn decoder(&self) -> SessionConfig {
-        SessionConfig { cuda: CudaTuning::VAE, ..self.with_batch(self.policy.decode_images) }
+        SessionConfig { cuda: self.vae_cuda, ..self.with_batch(self.policy.decode_images) }
     }
 }
 
@@ -269,6 +285,10 @@ pub struct ClassTimings {
     pub stages: StageSeconds,
     /// DiT calls made (each a batch of cond+uncond pairs).
     pub dit_calls: usize,
+    /// Wall-clock seconds of sampling this class's images (its share of each DiT batch's run,
+    /// by sample count). With two batches in flight the DiT and guidance times overlap, so this
+    /// is less than their sum; `dit / sampling_wall` is the DiT's busy share.
+    pub sampling_wall: f64,
     /// Real images of the class that were encoded (or whose cached latents were used).
     pub real_images: usize,
     /// The class's latents came from the latent cache (no decode, no VAE encode).
@@ -291,6 +311,7 @@ impl ClassTimings {
     pub fn add_sampling(&mut self, run: &crate::mgd3::sampler::SampleTimings) {
         self.stages.dit += run.model.as_secs_f64();
         self.stages.guidance += run.maths.as_secs_f64();
+        self.sampling_wall += (run.model + run.maths).as_secs_f64();
         self.dit_calls += run.model_calls;
     }
 }
@@ -442,6 +463,17 @@ impl Models {
         sample_run(&mut self.dit, schedule, sampling, labels, modes, noise, rows, on_step)
     }
 
+    /// Two sampling runs in flight on the DiT: see [`sample_pair`].
+    pub fn sample_pair(
+        &mut self,
+        schedule: &Schedule,
+        sampling: &SamplingSpec,
+        runs: [SampleInputs<'_>; 2],
+        rows: &mut Vec<usize>,
+    ) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
+        sample_pair(&mut self.dit, schedule, sampling, runs, rows)
+    }
+
     /// [`sample_run`] in chunks, as a shard does: see [`sample_in_batches`].
     ///
     /// # Errors
@@ -565,6 +597,83 @@ pub fn sample_run(
         noise,
         on_step,
     )
+}
+
+/// The inputs of one sampling run: `labels` `[n]`, `modes` `[n,C,h,w]` and `noise`
+/// `[n,S+1,C,h,w]` (scaled latent space).
+#[derive(Clone, Copy)]
+pub struct SampleInputs<'a> {
+    /// DiT label of each sample.
+    pub labels: &'a [i64],
+    /// Mode of each sample.
+    pub modes: ArrayView4<'a, f32>,
+    /// x_T and one draw per denoising step of each sample.
+    pub noise: ArrayView5<'a, f32>,
+}
+
+/// The DiT shared by two sampling runs on their own threads: a run holds it for one call, so
+/// while one run's call computes, the other does its step maths and then waits for the DiT.
+struct Turn<'s, 'd> {
+    dit: &'s Mutex<&'d mut Dit>,
+    /// Time inside the DiT's calls (the sampler's own model time also counts the waits).
+    busy: Duration,
+    rows: Vec<usize>,
+}
+
+impl Denoiser for Turn<'_, '_> {
+    fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError> {
+        // A poisoned lock means the other run panicked inside a call; the DiT itself is intact.
+        let mut dit = self.dit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = Instant::now();
+        self.rows.push(x.shape()[0]);
+        let out = dit.predict(x, t, y);
+        self.busy += started.elapsed();
+        Ok(out?)
+    }
+}
+
+/// Two sampling runs ([`sample_run`]) in flight on one DiT, each on its own thread: the DiT
+/// computes one run's step while the other run's step maths (the tested Rust step, unchanged)
+/// runs, so neither the device nor the CPU waits for the other. Each run makes exactly the DiT
+/// calls it would make alone (the calls are serialised by a lock), so the results are the same
+/// bytes as two [`sample_run`]s one after the other. Each result's `model` time is the time
+/// inside the DiT's calls; `rows` gets the first run's calls, then the second's.
+pub fn sample_pair(
+    dit: &mut Dit,
+    schedule: &Schedule,
+    sampling: &SamplingSpec,
+    runs: [SampleInputs<'_>; 2],
+    rows: &mut Vec<usize>,
+) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
+    let info = dit.info();
+    let model = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+    let sampler = sampler_of(sampling);
+    let dit = Mutex::new(dit);
+    let run = |inputs: SampleInputs<'_>| {
+        let mut turn = Turn { dit: &dit, busy: Duration::ZERO, rows: Vec::new() };
+        let result = sample_with(
+            sampler,
+            &mut turn,
+            schedule,
+            sampling,
+            model,
+            inputs.labels,
+            inputs.modes,
+            inputs.noise,
+            |_, _| {},
+        )
+        .map(|(x, timings)| (x, crate::mgd3::sampler::SampleTimings { model: turn.busy, ..timings }));
+        (result, turn.rows)
+    };
+    let [first, second] = runs;
+    let ((a, rows_a), (b, rows_b)) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| run(second));
+        let mine = run(first);
+        (mine, other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    });
+    rows.extend(rows_a);
+    rows.extend(rows_b);
+    [a, b]
 }
 
 /// Runs [`sample_run`] over `batch` in chunks of `samples_per_call`, as a shard does; chunks are

@@ -48,8 +48,8 @@ use crate::mgd3::modes::find_modes;
 use crate::mgd3::noise::batch_noise;
 use crate::mgd3::schedule::Schedule;
 use crate::models::{
-    ClassSpec, ClassTimings, EngineError, ModelPaths, Models, Runtime, SampleBatch, check_guidance, sampler_of,
-    schedule_for_sampler,
+    ClassSpec, ClassTimings, EngineError, ModelPaths, Models, Runtime, SampleBatch, SampleInputs, check_guidance,
+    sampler_of, schedule_for_sampler,
 };
 use crate::sink;
 use mgd3_common::commit::ClassFiles;
@@ -149,8 +149,13 @@ pub struct ShardStats {
     pub encode: Duration,
     /// k-means (k-means thread).
     pub kmeans: Duration,
-    /// DiT calls and guidance maths.
+    /// Sampling, wall-clock: DiT calls and guidance maths (two batches may be in flight).
     pub sample: Duration,
+    /// Time inside DiT calls: `dit_busy / sample` is the DiT's busy share of sampling, which two
+    /// batches in flight bring towards 1.
+    pub dit_busy: Duration,
+    /// DiT batches sampled alongside another (two in flight).
+    pub paired_batches: usize,
     /// VAE decoding, PNG encoding and contact sheets.
     pub finish: Duration,
     /// Time inside the sink (commits).
@@ -250,6 +255,8 @@ pub struct Engine {
     seed: u64,
     /// Items per call of each model and the data stage's chunks.
     policy: BatchPolicy,
+    /// Two DiT batches in flight when two are ready ([`crate::models::Runtime::overlap`]).
+    overlap: bool,
     /// Set to stop the running class after its current batch.
     cancel: Arc<AtomicBool>,
     /// Where per-class VAE latents are cached, if anywhere.
@@ -275,6 +282,7 @@ impl Engine {
             sampling,
             seed,
             policy: runtime.policy,
+            overlap: runtime.overlap,
             cancel: Arc::new(AtomicBool::new(false)),
             latent_cache: None,
             pool: CpuPool::default(),
@@ -434,6 +442,7 @@ impl Engine {
             encode = stats.encode.as_secs_f64(),
             kmeans = stats.kmeans.as_secs_f64(),
             sample = stats.sample.as_secs_f64(),
+            dit_busy_share = stats.dit_busy.as_secs_f64() / stats.sample.as_secs_f64().max(1e-9),
             finish = stats.finish.as_secs_f64(),
             commit = stats.commit.as_secs_f64(),
             dit_calls = stats.dit_rows.len(),
@@ -503,8 +512,12 @@ impl Engine {
             ready.retain(|(slot, _)| !failed.contains_key(slot));
             let resolved = (0..classes.len()).all(|slot| flight[slot].has_modes || failed.contains_key(&slot));
             if ready.len() >= per_call || (resolved && !ready.is_empty()) {
-                let batch: Vec<(usize, usize)> = ready.drain(..per_call.min(ready.len())).collect();
-                for slot in self.sample_batch(classes, &mut flight, &batch, &mut stats)? {
+                // Two full DiT batches in flight when two are ready (each exactly the batch it
+                // would be alone, so the bytes do not change); else one, as many as are ready.
+                let groups = if self.overlap && ready.len() >= 2 * per_call { 2 } else { 1 };
+                let batches: Vec<Vec<(usize, usize)>> =
+                    (0..groups).map(|_| ready.drain(..per_call.min(ready.len())).collect()).collect();
+                for slot in self.sample_batches(classes, &mut flight, &batches, &mut stats)? {
                     self.finish_class(classes, &mut flight[slot], slot, options, sink, &mut stats)?;
                 }
                 continue;
@@ -608,17 +621,14 @@ impl Engine {
 
     /// One sampling run over `batch` ((class slot, sample j) pairs); returns the slots whose
     /// samples are now all done.
-    fn sample_batch<E>(
-        &mut self,
+    /// The labels, modes and noise of one DiT batch of `(slot, sample)` pairs.
+    fn batch_inputs(
+        &self,
         classes: &[ClassSpec],
-        flight: &mut [InFlight],
+        flight: &[InFlight],
         batch: &[(usize, usize)],
-        stats: &mut ShardStats,
-    ) -> Result<Vec<usize>, ShardStop<E>> {
-        let started = Instant::now();
+    ) -> (Vec<i64>, Array4<f32>, ndarray::Array5<f32>) {
         let shape = self.models.dit().info().latent_shape;
-        let steps = self.schedule.steps();
-        let seed = self.seed;
         let labels: Vec<i64> = batch.iter().map(|&(slot, _)| classes[slot].label).collect();
         let mode_views: Vec<_> = batch
             .iter()
@@ -626,11 +636,56 @@ impl Engine {
             .collect();
         let modes = ndarray::concatenate(Axis(0), &mode_views).expect("same shapes");
         let samples: Vec<(u64, u64)> = batch.iter().map(|&(slot, j)| (classes[slot].class_index, j as u64)).collect();
+        let (seed, steps) = (self.seed, self.schedule.steps());
         let noise = self.pool.install(|| batch_noise(seed, &samples, steps, shape));
-        let (x, timings) = self
-            .models
-            .sample(&self.schedule, &self.sampling, &labels, modes.view(), noise.view(), &mut stats.dit_rows, |_, _| {})
-            .map_err(|source| {
+        (labels, modes, noise)
+    }
+
+    /// Samples one DiT batch, or two in flight ([`Models::sample_pair`]), and files each sample's
+    /// x₀ with its class. Returns the slots of the classes now fully sampled.
+    fn sample_batches<E>(
+        &mut self,
+        classes: &[ClassSpec],
+        flight: &mut [InFlight],
+        batches: &[Vec<(usize, usize)>],
+        stats: &mut ShardStats,
+    ) -> Result<Vec<usize>, ShardStop<E>> {
+        let started = Instant::now();
+        let inputs: Vec<_> = batches.iter().map(|batch| self.batch_inputs(classes, flight, batch)).collect();
+        fn view((labels, modes, noise): &(Vec<i64>, Array4<f32>, ndarray::Array5<f32>)) -> SampleInputs<'_> {
+            SampleInputs { labels, modes: modes.view(), noise: noise.view() }
+        }
+        let results = match inputs.as_slice() {
+            [a, b] => Vec::from(self.models.sample_pair(
+                &self.schedule,
+                &self.sampling,
+                [view(a), view(b)],
+                &mut stats.dit_rows,
+            )),
+            [a] => {
+                let run = view(a);
+                vec![self.models.sample(
+                    &self.schedule,
+                    &self.sampling,
+                    run.labels,
+                    run.modes,
+                    run.noise,
+                    &mut stats.dit_rows,
+                    |_, _| {},
+                )]
+            }
+            _ => unreachable!("one or two DiT batches at a time"),
+        };
+        let wall = started.elapsed();
+        stats.sample += wall;
+        if batches.len() == 2 {
+            stats.paired_batches += 2;
+        }
+        let samples: usize = batches.iter().map(Vec::len).sum();
+        let shape = self.models.dit().info().latent_shape;
+        let mut done = Vec::new();
+        for (batch, result) in batches.iter().zip(results) {
+            let (x, timings) = result.map_err(|source| {
                 let failed = source.sample_index().and_then(|i| batch.get(i).copied());
                 match failed {
                     Some((slot, j)) => ShardStop::class(
@@ -643,30 +698,30 @@ impl Engine {
                     ),
                 }
             })?;
-        let spent = started.elapsed();
-        stats.sample += spent;
-        let share = |d: Duration, mine: usize| d.mul_f64(mine as f64 / batch.len() as f64);
-        let mut done = Vec::new();
-        for (row, &(slot, j)) in batch.iter().enumerate() {
-            let state = &mut flight[slot];
-            let ipc = classes[slot].ipc;
-            let latents = state.latents.get_or_insert_with(|| Array4::zeros((ipc, shape[0], shape[1], shape[2])));
-            latents.index_axis_mut(Axis(0), j).assign(&x.index_axis(Axis(0), row));
-            state.sampled += 1;
-            if state.sampled == ipc {
-                done.push(slot);
+            let share = |d: Duration, mine: usize| d.mul_f64(mine as f64 / batch.len() as f64);
+            for (row, &(slot, j)) in batch.iter().enumerate() {
+                let state = &mut flight[slot];
+                let ipc = classes[slot].ipc;
+                let latents = state.latents.get_or_insert_with(|| Array4::zeros((ipc, shape[0], shape[1], shape[2])));
+                latents.index_axis_mut(Axis(0), j).assign(&x.index_axis(Axis(0), row));
+                state.sampled += 1;
+                if state.sampled == ipc {
+                    done.push(slot);
+                }
             }
+            let mut seen: Vec<usize> = batch.iter().map(|&(slot, _)| slot).collect();
+            seen.dedup();
+            for slot in seen {
+                let mine = batch.iter().filter(|(s, _)| *s == slot).count();
+                let state = &mut flight[slot];
+                state.timings.stages.dit += share(timings.model, mine).as_secs_f64();
+                state.timings.stages.guidance += share(timings.maths, mine).as_secs_f64();
+                state.timings.sampling_wall += wall.mul_f64(mine as f64 / samples as f64).as_secs_f64();
+                state.timings.dit_calls += timings.model_calls;
+            }
+            stats.dit_busy += timings.model;
+            debug!(samples = batch.len(), in_flight = batches.len(), classes = ?batch.iter().map(|(s, _)| &classes[*s].wnid).collect::<std::collections::BTreeSet<_>>(), "sampled batch");
         }
-        let mut seen: Vec<usize> = batch.iter().map(|&(slot, _)| slot).collect();
-        seen.dedup();
-        for slot in seen {
-            let mine = batch.iter().filter(|(s, _)| *s == slot).count();
-            let state = &mut flight[slot];
-            state.timings.stages.dit += share(timings.model, mine).as_secs_f64();
-            state.timings.stages.guidance += share(timings.maths, mine).as_secs_f64();
-            state.timings.dit_calls += timings.model_calls;
-        }
-        debug!(samples = batch.len(), classes = ?batch.iter().map(|(s, _)| &classes[*s].wnid).collect::<std::collections::BTreeSet<_>>(), "sampled batch");
         Ok(done)
     }
 

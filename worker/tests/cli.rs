@@ -339,6 +339,67 @@ fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
     assert!(text.contains("cuda:0") && text.contains("CUDA"), "{text}");
 }
 
+/// `--provider tensorrt` is opt-in and never a silent fallback either: with a CPU-only ONNX
+/// Runtime it fails in one sentence naming TensorRT and the fix, before any model runs; on the
+/// CPU device it is refused naming `--device`.
+#[test]
+fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let args = |device: &str| {
+        let mut args: Vec<String> = [
+            "distill-class",
+            "--data",
+            data.to_str().unwrap(),
+            "--class",
+            "n001",
+            "--label",
+            "1",
+            "--ipc",
+            "1",
+            "--out",
+            dir.path().join("o").to_str().unwrap(),
+            "--provider",
+            "tensorrt",
+            "--device",
+            device,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (flag, file) in [
+            ("--dit", "tiny_dit.onnx"),
+            ("--vae-encoder", "tiny_vae_encoder.onnx"),
+            ("--vae-decoder", "tiny_vae_decoder.onnx"),
+        ] {
+            args.extend([flag.to_string(), model(file)]);
+        }
+        args
+    };
+    let on_cuda = worker(&args("cuda:0").iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!on_cuda.status.success());
+    let text = stderr(&on_cuda);
+    assert!(
+        text.contains("cannot use TensorRT on cuda:0")
+            && text.contains("setup_ort.sh gpu")
+            && text.contains("without --provider tensorrt"),
+        "{text}"
+    );
+    assert!(!dir.path().join("o").join("n001").exists(), "nothing is written");
+
+    let on_cpu = worker(&args("cpu").iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!on_cpu.status.success());
+    let text = stderr(&on_cpu);
+    assert!(
+        text.contains("--provider tensorrt runs models on a CUDA device") && text.contains("--device cuda"),
+        "{text}"
+    );
+
+    let typo = worker(&["distill-class", "--provider", "tensorrtt"]);
+    assert!(stderr(&typo).contains("use cuda or tensorrt"), "{}", stderr(&typo));
+}
+
 /// A worker pointed at a coordinator that never answers gives up after `--give-up-after-s`,
 /// exiting 1 and naming the URL and the flag; Ctrl-C while it waits exits 130.
 #[test]
