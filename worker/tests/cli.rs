@@ -309,15 +309,16 @@ fn distill_class_errors_name_the_class_file_or_model() {
     assert!(!out.join("n001").exists(), "nothing is written for a failed class");
 }
 
-#[test]
-fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    image_folder(&data, "n001", 2);
-    let result = worker(&[
+/// `worker distill-class` of class `n001` of `data` at IPC 1 with the tiny models into `out`,
+/// plus `extra` flags.
+fn distill_tiny(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (data, out) = (data.display().to_string(), out.display().to_string());
+    let (dit, encoder, decoder) =
+        (model("tiny_dit.onnx"), model("tiny_vae_encoder.onnx"), model("tiny_vae_decoder.onnx"));
+    let mut args = vec![
         "distill-class",
         "--data",
-        data.to_str().unwrap(),
+        &data,
         "--class",
         "n001",
         "--label",
@@ -325,16 +326,24 @@ fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
         "--ipc",
         "1",
         "--dit",
-        &model("tiny_dit.onnx"),
+        &dit,
         "--vae-encoder",
-        &model("tiny_vae_encoder.onnx"),
+        &encoder,
         "--vae-decoder",
-        &model("tiny_vae_decoder.onnx"),
+        &decoder,
         "--out",
-        dir.path().join("o").to_str().unwrap(),
-        "--device",
-        "cuda:0",
-    ]);
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    worker(&args)
+}
+
+#[test]
+fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let result = distill_tiny(&data, &dir.path().join("o"), &["--device", "cuda:0"]);
     let text = stderr(&result);
     assert!(text.contains("cuda:0") && text.contains("CUDA"), "{text}");
 }
@@ -347,38 +356,8 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, "n001", 2);
-    let args = |device: &str| {
-        let mut args: Vec<String> = [
-            "distill-class",
-            "--data",
-            data.to_str().unwrap(),
-            "--class",
-            "n001",
-            "--label",
-            "1",
-            "--ipc",
-            "1",
-            "--out",
-            dir.path().join("o").to_str().unwrap(),
-            "--provider",
-            "tensorrt",
-            "--device",
-            device,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for (flag, file) in [
-            ("--dit", "tiny_dit.onnx"),
-            ("--vae-encoder", "tiny_vae_encoder.onnx"),
-            ("--vae-decoder", "tiny_vae_decoder.onnx"),
-        ] {
-            args.extend([flag.to_string(), model(file)]);
-        }
-        args
-    };
-    let on_cuda = worker(&args("cuda:0").iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!on_cuda.status.success());
+    let out = dir.path().join("o");
+    let on_cuda = distill_tiny(&data, &out, &["--provider", "tensorrt", "--device", "cuda:0"]);
     let text = stderr(&on_cuda);
     assert!(
         text.contains("cannot use TensorRT on cuda:0")
@@ -386,10 +365,9 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
             && text.contains("without --provider tensorrt"),
         "{text}"
     );
-    assert!(!dir.path().join("o").join("n001").exists(), "nothing is written");
+    assert!(!out.join("n001").exists(), "nothing is written");
 
-    let on_cpu = worker(&args("cpu").iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!on_cpu.status.success());
+    let on_cpu = distill_tiny(&data, &out, &["--provider", "tensorrt", "--device", "cpu"]);
     let text = stderr(&on_cpu);
     assert!(
         text.contains("--provider tensorrt runs models on a CUDA device") && text.contains("--device cuda"),
