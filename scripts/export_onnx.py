@@ -50,7 +50,7 @@ import copy
 import math
 import os
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -245,6 +245,8 @@ KNOWN_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}
 
 
 def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # training checkpoints also pickle an argparse Namespace ("args")
@@ -459,7 +461,7 @@ def graph_census(path: str) -> Dict[str, int]:
 def census_line(census: Dict[str, int]) -> str:
     """The numbers a reader checks: fused attentions, bare Softmax, FastGelu, LayerNormalization."""
     attention = sum(census.get(k, 0) for k in ATTENTION_OPS)
-    return (f"{attention} fused attention, {census.get(':Softmax', 0)} bare Softmax, "
+    return (f"{attention} fused attention{'' if attention == 1 else 's'}, {census.get(':Softmax', 0)} bare Softmax, "
             f"{census.get('com.microsoft:FastGelu', 0)} FastGelu, {census.get(':LayerNormalization', 0)} "
             f"LayerNormalization, {sum(census.values())} nodes")
 
@@ -484,46 +486,109 @@ def _gelu_tanh_low_precision_rules(rel_tol: float):
     return pattern.RewriteRuleSet([GeluTanhLowPrecision.rule()])
 
 
-def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None) -> Dict[str, int]:
+class ExportError(Exception):
+    """A problem with the user's input, reported as one line (no traceback) by the CLI."""
+
+
+MGD3_KINDS = ("dit", "vae_encoder", "vae_decoder")
+
+
+def check_mgd3_model(path: str) -> Dict[str, str]:
+    """The metadata of the mgd3 export at `path`; ExportError when it is missing, not a file, not
+    ONNX, or not an mgd3 export."""
+    import onnx
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: not a file (give the .onnx file itself)")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ExportError(f"{path}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("mgd3.kind") not in MGD3_KINDS:
+        raise ExportError(f"{path}: not an mgd3 export (metadata mgd3.kind is {meta.get('mgd3.kind')!r}, expected one "
+                          f"of {', '.join(MGD3_KINDS)}): export it with `export_onnx.py dit` or `vae`")
+    return meta
+
+
+def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
+              check: Optional[Callable[[str], object]] = None) -> Dict[str, int]:
     """Write the fused graph of the mgd3 export `src` (fp32, fp16 or bf16) to `dst` (see the module doc).
 
-    Returns the census of `dst`. Raises RuntimeError when the rewrite leaves a Softmax or fuses
-    fewer attentions than `src` had Softmax nodes."""
+    The result is written to a staging folder beside `dst`, checked, and only then moved into
+    place with its own external-data file (`dst` + ".data" when the weights exceed
+    EXTERNAL_DATA_THRESHOLD or `external_data`): a failure leaves nothing at `dst`, and the fused
+    model never refers to `src`'s data file. `check(staged_path)` runs on the staged model before
+    it is moved (e.g. `compare_onnx` against `src`). Returns the census of `dst`.
+
+    Raises ExportError when `src` is not a plain mgd3 export or `dst` is `src`; RuntimeError when
+    the rewrite leaves a Softmax or an unfused tanh-GELU, or fuses fewer attentions than `src`
+    had Softmax nodes."""
+    import shutil
+    import tempfile
     import onnx_ir as ir
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    meta = check_mgd3_model(src)
+    if meta.get("mgd3.graph") == "fused":
+        raise ExportError(f"{src} is already fused (metadata mgd3.graph = fused, "
+                          f"{meta.get('mgd3.fused_attention', '?')} fused attentions): nothing to do")
+    if os.path.abspath(dst) == os.path.abspath(src) or (
+            os.path.exists(dst) and os.path.samefile(dst, src)):
+        raise ExportError(f"{dst}: the output would replace the input; write the fused model to another file "
+                          "(the check compares it with the plain one)")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise ExportError(f"{dst}: the folder {folder} does not exist")
+    if os.path.isdir(dst):
+        raise ExportError(f"{dst}: is a folder; name the output .onnx file")
     before = graph_census(src)
-    precision = onnx_metadata(src).get("mgd3.precision", "fp32")
+    precision = meta.get("mgd3.precision", "fp32")
     model = ir.load(src)
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if external_data is None:
-        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                           if v.const_value is not None)
         external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
     model, counts = optimize_for_ort(model)
     fused = {k: v for k, v in counts.items() if v}
     if precision in ("fp16", "bf16"):
         model = rewrite(model, pattern_rewrite_rules=_gelu_tanh_low_precision_rules(
             1e-3 if precision == "fp16" else 1e-2))
-    data_file = dst + ".data"
-    if os.path.exists(data_file):
-        os.remove(data_file)
-    ir.save(model, dst, external_data=os.path.basename(data_file) if external_data else None)
-    after = graph_census(dst)
-    attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
-    print(f"[fuse] {os.path.basename(src)} -> {os.path.basename(dst)}: {fused}; census: {census_line(after)}")
-    if after.get(":Softmax", 0) or attention != before.get(":Softmax", 0):
-        raise RuntimeError(f"{dst}: the fused graph has {attention} fused attentions and "
-                           f"{after.get(':Softmax', 0)} Softmax for {before.get(':Softmax', 0)} attentions "
-                           f"in {src}: onnxscript's fusions did not match this export; use --graph plain")
-    if before.get(":Tanh", 0) and after.get(":Tanh", 0):
-        raise RuntimeError(f"{dst}: {after[':Tanh']} tanh-GELUs were not fused into FastGelu")
-    _write_metadata(dst, {"mgd3.graph": "fused", "mgd3.fused_attention": str(attention)})
+    name = os.path.basename(dst)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".fuse-") as staging:
+        staged = os.path.join(staging, name)
+        if external_data:
+            ir.save(model, staged, external_data=name + ".data")
+        else:
+            # every weight inside the file, also those `src` kept in its own data file
+            ir.save(ir.external_data.load_to_model(model), staged)
+        after = graph_census(staged)
+        attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
+        print(f"[fuse] {src} -> {dst}: {fused}; census: {census_line(after)}")
+        if after.get(":Softmax", 0) or attention != before.get(":Softmax", 0):
+            raise RuntimeError(f"{dst}: the fused graph has {attention} fused attentions and "
+                               f"{after.get(':Softmax', 0)} Softmax for {before.get(':Softmax', 0)} attentions "
+                               f"in {src}: onnxscript's fusions did not match this export; keep the plain graph "
+                               "(export_onnx.py ... --graph plain)")
+        if before.get(":Tanh", 0) and after.get(":Tanh", 0):
+            raise RuntimeError(f"{dst}: {after[':Tanh']} tanh-GELUs were not fused into FastGelu; keep the plain graph")
+        _write_metadata(staged, {"mgd3.graph": "fused", "mgd3.fused_attention": str(attention)})
+        if check is not None:
+            check(staged)
+        if os.path.exists(dst + ".data"):
+            os.remove(dst + ".data")
+        if external_data:
+            os.replace(staged + ".data", dst + ".data")
+        os.replace(staged, dst)
     return after
 
 
-def compare_onnx(a: str, b: str, *, batch: int = 3, tol: float = 1e-4, seed: int = 0) -> float:
+def compare_onnx(a: str, b: str, *, batch: int = 3, tol: float = 1e-4, seed: int = 0,
+                 b_name: Optional[str] = None) -> float:
     """Run the models `a` and `b` (same contract) on one seeded random batch and return the
-    largest |a - b| relative to max(1, max|a|); RuntimeError beyond `tol`."""
+    largest |a - b| relative to max(1, max|a|); RuntimeError beyond `tol`. `b_name` names `b` in
+    messages (a staged file's final name)."""
+    b_name = b_name or b
     sa, sb = ort_session(a), ort_session(b)
     rng = np.random.default_rng(seed)
     feed = {}
@@ -541,9 +606,9 @@ def compare_onnx(a: str, b: str, *, batch: int = 3, tol: float = 1e-4, seed: int
     for name, x, y in zip([o.name for o in sa.get_outputs()], outs_a, outs_b):
         x, y = x.astype(np.float32), y.astype(np.float32)
         rel = float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(x))))
-        print(f"[compare] {os.path.basename(a)} vs {os.path.basename(b)} {name}: max rel diff {rel:.3e} (tol {tol:.0e})")
+        print(f"[compare] {a} vs {b_name} {name}: max rel diff {rel:.3e} (tol {tol:.0e})")
         if not rel <= tol:
-            raise RuntimeError(f"{b}: output {name} differs from {a} by {rel:.3e} relative > {tol}")
+            raise RuntimeError(f"{b_name}: output {name} differs from {a} by {rel:.3e} relative > {tol}")
         worst = max(worst, rel)
     return worst
 
@@ -773,29 +838,62 @@ def main(argv=None):
     v.add_argument("--out-dir", required=True)
     v.add_argument("--image-size", type=int, default=None, help="default: config.sample_size (256 for SD VAEs)")
     v.add_argument("--scale-factor", type=float, default=None, help="default: config.scaling_factor (0.18215)")
-    f = sub.add_parser("fuse", help="rewrite an fp32 mgd3 export into the fused graph")
-    f.add_argument("input", help="an fp32 DiT / VAE encoder / VAE decoder exported by this script")
-    f.add_argument("output")
+    f = sub.add_parser("fuse", help="rewrite a plain mgd3 export (fp32, fp16 or bf16) into the fused graph")
+    f.add_argument("input", help="a DiT / VAE encoder / VAE decoder exported by this script with --graph plain")
+    f.add_argument("output", help="the fused model's file (not the input); its weights go to OUTPUT.data "
+                                  "when they exceed 1.8 GB")
     for p in (d, v):
         p.add_argument("--graph", choices=GRAPHS, default=DEFAULT_GRAPH,
                        help=f"fused: attention, GELU and LayerNorm as ONNX Runtime's fused operators; "
                             f"plain: torch.onnx.export's graph (default {DEFAULT_GRAPH})")
     d.add_argument("--bf16", action="store_true",
-                   help="bfloat16 inside, float32 I/O (--checkpoint only; needs ONNX Runtime's CUDA provider to run)")
+                   help="bfloat16 weights and maths behind float32 inputs and output (--checkpoint only; "
+                        "ONNX Runtime runs it on CUDA only)")
     for p in (d, v):
-        p.add_argument("--fp16", action="store_true", help="fp16 weights and float I/O")
-    for p in (d, v, f):
+        p.add_argument("--fp16", action="store_true", help="fp16 weights, inputs and outputs (float16)")
+    for p in (d, v):
         p.add_argument("--tol", type=float, default=None,
                        help="max abs ORT-vs-torch(fp32) error, relative to max(1,max|out|) "
                             "(default 1e-4, fp16 3e-2)")
+    f.add_argument("--tol", type=float, default=None,
+                   help="max fused-vs-plain difference, relative to max(1,max|out|) (default 1e-4; fp16 and "
+                        "bf16 models 3e-2)")
+    for p in (d, v, f):
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     a = ap.parse_args(argv)
+    if a.cmd == "dit" and a.bf16 and a.fp16:
+        ap.error("--bf16 and --fp16 exclude each other: choose one precision")
+    if a.cmd == "dit" and a.bf16 and a.diffusers:
+        ap.error("--bf16 takes the original DiT code (--checkpoint), not diffusers' port")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    try:
+        run_command(a)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        hint = ""
+        source = getattr(a, "diffusers", None)
+        if source and not os.path.isdir(source):
+            hint = (f" (`{source}` is no local folder, so it was looked up on the Hugging Face hub: without "
+                    "network, download it elsewhere and pass the folder)")
+        print(f"error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        return 1
+    print("done")
+    return 0
 
+
+def run_command(a):
+    """The subcommand `a.cmd` with its parsed arguments `a`."""
     if a.cmd == "fuse":
-        fuse_onnx(a.input, a.output)
-        compare_onnx(a.input, a.output, tol=a.tol if a.tol is not None else 1e-4)
+        meta = check_mgd3_model(a.input)
+        tol = a.tol if a.tol is not None else (1e-4 if meta.get("mgd3.precision", "fp32") == "fp32" else 3e-2)
+        if meta.get("mgd3.precision") == "bf16":
+            fuse_onnx(a.input, a.output)  # ONNX Runtime's CPU provider cannot run bf16 to compare
+            print(f"[compare] not run: {a.input} is bf16, which ONNX Runtime runs on CUDA only")
+        else:
+            fuse_onnx(a.input, a.output, check=lambda staged: compare_onnx(a.input, staged, tol=tol, b_name=a.output))
     elif a.cmd == "dit":
         if a.checkpoint:
             model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size)
@@ -804,8 +902,6 @@ def main(argv=None):
                        source=f"dit-original:{os.path.basename(a.checkpoint)}", fp16=a.fp16, tol=a.tol,
                        graph=a.graph, bf16=a.bf16)
         else:
-            if a.bf16:
-                ap.error("--bf16 takes the original DiT code (--checkpoint), not diffusers' port")
             from diffusers import DiTTransformer2DModel
             tr = _load_diffusers(DiTTransformer2DModel, a.diffusers, "transformer", a.subfolder)
             export_diffusers_dit(tr, a.out, source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}",
@@ -822,7 +918,6 @@ def main(argv=None):
                    image_size=int(size), scale_factor=sf,
                    source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}", fp16=a.fp16, tol=a.tol,
                    graph=a.graph)
-    print("done")
 
 
 if __name__ == "__main__":

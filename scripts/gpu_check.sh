@@ -23,6 +23,10 @@
 #                                         PyTorch's nvidia-* packages, put on LD_LIBRARY_PATH below);
 #   diffusers importable                  for the VAE (carried wheels, installed into /tmp/site).
 set -uo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 dry=0
 if [[ ${1:-} == --dry-run ]]; then dry=1; shift; fi

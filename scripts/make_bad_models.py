@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes tiny ONNX models that break the mgd3 model contract on purpose, one way each, so the
-Rust loader's errors can be tested: tests/fixtures/models/bad_dit_*.onnx (a few hundred bytes), and
+Rust loader's errors can be tested: tests/fixtures/models/bad_dit_*.onnx and bf16_dit.onnx (a few
+hundred bytes), and
 copies of the tiny VAE whose outputs turn non-finite: {nan,inf}_vae_encoder.onnx, nan_vae_decoder.onnx,
 and external/tiny_vae_decoder.onnx, the tiny VAE decoder with its weights in two external files."""
 import os
@@ -131,7 +132,10 @@ def main():
              metadata={k: v for k, v in DIT_METADATA.items() if k != "mgd3.num_classes"})
     # The timestep input is missing.
     dit_like("bad_dit_missing_t.onnx", ["batch", 4, 8, 8], with_t=False)
-    print("wrote bad_dit_{rank,no_metadata,missing_t}.onnx, {nan,inf}_vae_encoder.onnx, nan_vae_decoder.onnx and external/ into",
+    # Labelled a bf16 export (which ONNX Runtime runs on CUDA only): a CPU worker refuses it by its
+    # metadata before building a session.
+    dit_like("bf16_dit.onnx", ["batch", 4, 8, 8], metadata={**DIT_METADATA, "mgd3.precision": "bf16"})
+    print("wrote bad_dit_{rank,no_metadata,missing_t}.onnx, bf16_dit.onnx, {nan,inf}_vae_encoder.onnx, nan_vae_decoder.onnx and external/ into",
           os.path.abspath(OUT))
 
 

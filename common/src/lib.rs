@@ -6,6 +6,7 @@ pub mod aws;
 pub mod batch;
 pub mod classes;
 pub mod commit;
+pub mod imagecheck;
 pub mod imagefolder;
 pub mod job;
 pub mod layout;
@@ -131,7 +132,7 @@ impl Interrupted {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "job {job}: no worker can run it: {}; fix that and run the same command again (committed classes are kept)",
-    reasons.join("; ")
+    reasons.iter().map(|r| r.trim_end().trim_end_matches('.')).collect::<Vec<_>>().join("; ")
 )]
 pub struct NoWorker {
     /// The job.

@@ -180,6 +180,10 @@ pub struct CheckArgs {
     /// The coordinator's store, where a job without `output` would write.
     #[arg(long)]
     pub store: Option<String>,
+    /// Also read and decode every real image of the job's classes (in parallel, with progress),
+    /// as the workers will, and list every unreadable file at once; exits 1 if there is any.
+    #[arg(long)]
+    pub decode: bool,
 }
 
 /// Arguments of `coordinator spec`.
@@ -921,6 +925,36 @@ async fn run_command(cli: Cli) -> Result<()> {
             );
             for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
                 outln!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);
+            }
+            if args.decode {
+                let root = mgd3_common::imagefolder::Root::open(&job.spec.dataset)?;
+                let parallel = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+                let started = std::time::Instant::now();
+                let report = crate::decodecheck::decode_all(&root, &job.classes, parallel, false).await?;
+                let seconds = started.elapsed().as_secs_f64();
+                if report.unreadable.is_empty() {
+                    outln!(
+                        "decoded all {} images ({:.1} MB) in {seconds:.1} s: every one is readable",
+                        report.images,
+                        report.bytes as f64 / 1e6
+                    );
+                } else {
+                    outln!(
+                        "{} of {} images cannot be used (each would fail its class during the run):",
+                        report.unreadable.len(),
+                        report.images
+                    );
+                    for bad in &report.unreadable {
+                        outln!("  {}: {}: {}", bad.class, bad.image, bad.problem);
+                    }
+                    anyhow::bail!(
+                        "{} unreadable image(s) in `{}`: replace or remove them (a class may keep fewer images, as long as it \
+                         has at least IPC {}), then check again",
+                        report.unreadable.len(),
+                        job.spec.dataset,
+                        job.spec.ipc
+                    );
+                }
             }
             Ok(())
         }

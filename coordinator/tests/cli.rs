@@ -446,3 +446,58 @@ fn ready_reports_a_serving_coordinator_and_times_out_on_a_missing_one() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains(&format!("the coordinator at {missing} is not serving after 1 s")), "{text}");
 }
+
+/// `coordinator check --decode` reads and decodes every real image as the workers will and lists
+/// every unreadable one at once — a truncated JPEG, a file that is no image, a zero-byte PNG, in
+/// two classes — exiting 1; once they are removed it says every image is readable.
+#[test]
+fn check_decode_lists_every_unreadable_image_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let encode = |format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(12, 9, image::Rgb([30, 90, 200])).write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let (jpeg, png) = (encode(image::ImageFormat::Jpeg), encode(image::ImageFormat::Png));
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..4 {
+            std::fs::write(data.join(class).join(format!("{i}.jpg")), &jpeg).unwrap();
+            std::fs::write(data.join(class).join(format!("{i}.png")), &png).unwrap();
+        }
+    }
+    std::fs::write(data.join("a/cut.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    std::fs::write(data.join("b/notes.png"), b"not an image at all").unwrap();
+    std::fs::write(data.join("b/empty.png"), b"").unwrap();
+    let fp = format!("sha256:{}", "0".repeat(64));
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "dataset = \"data\"\nclasses = \"all\"\nlabels = \"folder\"\nipc = 2\n[models]\ndit = \"d.onnx\"\n\
+             vae_encoder = \"e.onnx\"\n\
+             vae_decoder = \"x.onnx\"\ndit_fingerprint = \"{fp}\"\nvae_encoder_fingerprint = \"{fp}\"\n\
+             vae_decoder_fingerprint = \"{fp}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state", "--decode"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("3 of 19 images cannot be used"), "{stdout}");
+    assert!(stdout.contains("cut.jpg: truncated: the JPEG data ends before the image does"), "{stdout}");
+    assert!(stdout.contains("notes.png: not an image of a format mgd3 reads"), "{stdout}");
+    assert!(stdout.contains("empty.png: not an image"), "{stdout}");
+    assert!(stderr.contains("3 unreadable image(s)") && stderr.contains("replace or remove them"), "{stderr}");
+    // The same problems are what a worker would hit: the plain check (listing only) passes.
+    assert!(coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]).status.success());
+
+    for bad in ["a/cut.jpg", "b/notes.png", "b/empty.png"] {
+        std::fs::remove_file(data.join(bad)).unwrap();
+    }
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state", "--decode"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("decoded all 16 images") && stdout.contains("every one is readable"), "{stdout}");
+}

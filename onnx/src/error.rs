@@ -63,6 +63,19 @@ pub enum Error {
         source: ort::Error,
     },
 
+    /// A model whose precision ONNX Runtime runs only on CUDA (a bf16 export) given to a worker on
+    /// the CPU.
+    #[error(
+        "model `{model}` is a {precision} export, which ONNX Runtime runs on CUDA only (its CPU provider has no \
+         {precision} kernels): run this worker with --device cuda, or give it an fp16 or fp32 export"
+    )]
+    NeedsCuda {
+        /// The model file.
+        model: PathBuf,
+        /// Its `mgd3.precision` (`bf16`).
+        precision: String,
+    },
+
     /// A GPU provider name other than `cuda` or `tensorrt`.
     #[error("unknown provider `{0}`: use cuda or tensorrt")]
     BadProvider(String),
@@ -166,15 +179,17 @@ pub fn tensorrt_fix(cause: &str) -> String {
         ),
         Some(lib) => format!(
             "TensorRT is not installed where the loader looks (`{lib}` is missing): install TensorRT 10 for \
-             CUDA 13 (e.g. `pip install tensorrt-cu13`) and add its lib folder to LD_LIBRARY_PATH"
+             CUDA 13 (e.g. `pip install tensorrt-cu13`) and add its lib folder to LD_LIBRARY_PATH, or run \
+             without --provider tensorrt (the CUDA provider)"
         ),
         None if cause.to_ascii_lowercase().contains("not enabled") => {
-            "the ONNX Runtime in use has no TensorRT execution provider (a CPU build); `scripts/setup_ort.sh gpu` \
-             installs the GPU build, which has it, and TensorRT 10 for CUDA 13 must be on LD_LIBRARY_PATH"
+            "the ONNX Runtime in use is a CPU build, with neither TensorRT nor CUDA: `scripts/setup_ort.sh gpu` \
+             installs the GPU build (TensorRT 10 for CUDA 13 must then be on LD_LIBRARY_PATH for --provider tensorrt)"
                 .to_owned()
         }
         None => "ONNX Runtime's TensorRT execution provider could not be registered; it needs the GPU build \
-                 (`scripts/setup_ort.sh gpu`) and TensorRT 10 for CUDA 13 on LD_LIBRARY_PATH"
+                 (`scripts/setup_ort.sh gpu`) and TensorRT 10 for CUDA 13 on LD_LIBRARY_PATH, or run without \
+                 --provider tensorrt (the CUDA provider)"
             .to_owned(),
     }
 }
@@ -221,9 +236,11 @@ mod tests {
     fn tensorrt_fix_names_what_is_missing() {
         let no_trt = tensorrt_fix("libnvinfer.so.10: cannot open shared object file: No such file or directory");
         assert!(no_trt.contains("`libnvinfer.so.10` is missing") && no_trt.contains("tensorrt-cu13"), "{no_trt}");
+        assert!(no_trt.contains("without --provider tensorrt"), "{no_trt}");
         let no_provider = tensorrt_fix("Failed to load library libonnxruntime_providers_tensorrt.so with error: …");
         assert!(no_provider.contains("no TensorRT execution provider") && no_provider.contains("setup_ort.sh gpu"));
         let cpu_build = tensorrt_fix("TensorRT execution provider is not enabled in this build.");
-        assert!(cpu_build.contains("a CPU build"), "{cpu_build}");
+        assert!(cpu_build.contains("a CPU build, with neither TensorRT nor CUDA"), "{cpu_build}");
+        assert!(!cpu_build.contains("without --provider tensorrt"), "the CUDA provider is missing too: {cpu_build}");
     }
 }

@@ -99,6 +99,15 @@ pub struct ImportArgs {
     pub per_class: Option<usize>,
 }
 
+/// A feature turned `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Turned on.
+    On,
+    /// Turned off.
+    Off,
+}
+
 /// Which engine a worker runs shards with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
@@ -155,9 +164,8 @@ pub struct RuntimeArgs {
     /// Two DiT batches in flight when a shard has enough samples for two calls (`on`, the
     /// default): one batch's step maths runs while the DiT computes the other's step, with the
     /// same output bytes. `off` samples one batch at a time (for measuring).
-    #[arg(long, default_value = "on", value_parser = clap::builder::BoolishValueParser::new(),
-        action = clap::ArgAction::Set)]
-    pub overlap: bool,
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub overlap: Switch,
     /// ONNX Runtime intra-op threads (default: the CPUs this process may use, as --cpu-threads).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -223,7 +231,7 @@ impl RuntimeArgs {
         tracing::debug!(device = %session.device, limit_bytes = ?session.gpu_memory_limit, "batch policy: {policy}");
         let vae_cuda =
             mgd3_onnx::session::CudaTuning { prefer_nhwc: self.vae_nhwc, ..mgd3_onnx::session::CudaTuning::VAE };
-        Ok(Runtime { session, policy, vae_cuda, overlap: self.overlap })
+        Ok(Runtime { session, policy, vae_cuda, overlap: self.overlap == Switch::On })
     }
 }
 

@@ -162,35 +162,23 @@ pub enum DataError {
     },
 }
 
-/// True when a JPEG's entropy-coded data ends with the end-of-image marker. Decoders fill a
-/// JPEG cut short with grey without an error (PIL refuses it: "image file is truncated"); inside
-/// the scan data a 0xFF byte is always stuffed or a restart marker, so an EOI after the first
-/// start-of-scan marks a complete image.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let Some(scan) = bytes.windows(2).position(|w| w == [0xFF, 0xDA]) else {
-        return false;
-    };
-    bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
-}
-
-/// Decodes image bytes into 8-bit RGB (`channels == 3`) or luma (`channels == 1`). An image that
-/// does not decode completely is an error naming the file, for every format read: the other
-/// decoders fail on missing data themselves, JPEG is checked for its end marker. `path` only
-/// names the image in errors.
+/// Decodes image bytes into 8-bit RGB (`channels == 3`) or luma (`channels == 1`) through
+/// [`mgd3_common::imagecheck::decode_image`] (the test `coordinator check --decode` runs): an
+/// image that does not decode completely is an error naming the file, for every format read.
+/// `path` only names the image in errors.
 ///
 /// # Errors
 /// [`DataError::Decode`] for an unknown format or a decoder failure, [`DataError::Truncated`]
 /// for a JPEG cut short, [`DataError::Degenerate`] for a zero-sized image.
 pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, DataError> {
-    let format = image::guess_format(bytes).map_err(|source| DataError::Decode { path: path.into(), source })?;
-    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(DataError::Truncated { path: path.into(), format: "JPEG", bytes: bytes.len() });
-    }
-    let image = image::load_from_memory_with_format(bytes, format)
-        .map_err(|source| DataError::Decode { path: path.into(), source })?;
-    if image.width() == 0 || image.height() == 0 {
-        return Err(DataError::Degenerate { path: path.into(), width: image.width(), height: image.height() });
-    }
+    use mgd3_common::imagecheck::ImageProblem;
+    let image = mgd3_common::imagecheck::decode_image(bytes).map_err(|problem| match problem {
+        ImageProblem::Format(source) | ImageProblem::Decode { source, .. } => {
+            DataError::Decode { path: path.into(), source }
+        }
+        ImageProblem::Truncated { format, bytes } => DataError::Truncated { path: path.into(), format, bytes },
+        ImageProblem::Degenerate { width, height } => DataError::Degenerate { path: path.into(), width, height },
+    })?;
     Ok(Pixels::from_image(image, channels))
 }
 

@@ -166,6 +166,7 @@ impl OnnxShardEngine {
                     e @ (mgd3_onnx::Error::ModelNotFound(_)
                     | mgd3_onnx::Error::CudaUnavailable { .. }
                     | mgd3_onnx::Error::TensorRtUnavailable { .. }
+                    | mgd3_onnx::Error::NeedsCuda { .. }
                     | mgd3_onnx::Error::RuntimeUnavailable { .. }),
                 )) => {
                     return Err(ShardFailure::ModelUnavailable(e));

@@ -357,6 +357,21 @@ impl Models {
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
+        if runtime.session.device == Device::Cpu {
+            // ONNX Runtime's CPU provider would refuse a bf16 graph with "Could not find an
+            // implementation for Add(14)"; say what it is, before any session is built.
+            for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
+                let precision = mgd3_common::modelmeta::read_model_meta(path)
+                    .ok()
+                    .and_then(|meta| meta.metadata.get("mgd3.precision").map(|p| p.trim().to_owned()));
+                if let Some(precision @ "bf16") = precision.as_deref() {
+                    return Err(EngineError::Model(mgd3_onnx::Error::NeedsCuda {
+                        model: path.clone(),
+                        precision: precision.to_owned(),
+                    }));
+                }
+            }
+        }
         let dit = Dit::load(&paths.dit, &runtime.dit())?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, &runtime.decoder())?;

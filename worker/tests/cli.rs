@@ -309,12 +309,11 @@ fn distill_class_errors_name_the_class_file_or_model() {
     assert!(!out.join("n001").exists(), "nothing is written for a failed class");
 }
 
-/// `worker distill-class` of class `n001` of `data` at IPC 1 with the tiny models into `out`,
-/// plus `extra` flags.
-fn distill_tiny(data: &Path, out: &Path, extra: &[&str]) -> Output {
+/// `worker distill-class` of class `n001` of `data` at IPC 1 with the DiT fixture `dit` and the
+/// tiny VAE into `out`, plus `extra` flags.
+fn distill_tiny(data: &Path, out: &Path, dit: &str, extra: &[&str]) -> Output {
     let (data, out) = (data.display().to_string(), out.display().to_string());
-    let (dit, encoder, decoder) =
-        (model("tiny_dit.onnx"), model("tiny_vae_encoder.onnx"), model("tiny_vae_decoder.onnx"));
+    let (dit, encoder, decoder) = (model(dit), model("tiny_vae_encoder.onnx"), model("tiny_vae_decoder.onnx"));
     let mut args = vec![
         "distill-class",
         "--data",
@@ -343,7 +342,7 @@ fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, "n001", 2);
-    let result = distill_tiny(&data, &dir.path().join("o"), &["--device", "cuda:0"]);
+    let result = distill_tiny(&data, &dir.path().join("o"), "tiny_dit.onnx", &["--device", "cuda:0"]);
     let text = stderr(&result);
     assert!(text.contains("cuda:0") && text.contains("CUDA"), "{text}");
 }
@@ -357,20 +356,30 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
     let data = dir.path().join("data");
     image_folder(&data, "n001", 2);
     let out = dir.path().join("o");
-    let on_cuda = distill_tiny(&data, &out, &["--provider", "tensorrt", "--device", "cuda:0"]);
+    let on_cuda = distill_tiny(&data, &out, "tiny_dit.onnx", &["--provider", "tensorrt", "--device", "cuda:0"]);
     let text = stderr(&on_cuda);
     assert!(
         text.contains("cannot use TensorRT on cuda:0")
             && text.contains("setup_ort.sh gpu")
-            && text.contains("without --provider tensorrt"),
+            && text.contains("a CPU build, with neither TensorRT nor CUDA"),
         "{text}"
     );
     assert!(!out.join("n001").exists(), "nothing is written");
 
-    let on_cpu = distill_tiny(&data, &out, &["--provider", "tensorrt", "--device", "cpu"]);
+    let on_cpu = distill_tiny(&data, &out, "tiny_dit.onnx", &["--provider", "tensorrt", "--device", "cpu"]);
     let text = stderr(&on_cpu);
     assert!(
         text.contains("--provider tensorrt runs models on a CUDA device") && text.contains("--device cuda"),
+        "{text}"
+    );
+
+    // A bf16 export (which ONNX Runtime runs on CUDA only) on the CPU: one sentence, not ONNX
+    // Runtime's "Could not find an implementation for Add(14)".
+    let bf16 = distill_tiny(&data, &out, "bf16_dit.onnx", &[]);
+    let text = stderr(&bf16);
+    assert!(
+        text.contains("bf16_dit.onnx` is a bf16 export, which ONNX Runtime runs on CUDA only")
+            && text.contains("--device cuda"),
         "{text}"
     );
 

@@ -1,0 +1,116 @@
+//! What makes image bytes a usable real image: a format mgd3 reads, complete (a JPEG that stops
+//! before its end marker is refused, as PIL refuses it, where decoders would fill it with grey),
+//! decoding without error, not zero-sized. The worker decodes every real image through
+//! [`decode_image`]; `coordinator check --decode` runs the same test on a whole dataset before a
+//! job is submitted, so that a corrupt file shows up then, not hours into the run.
+
+use image::{DynamicImage, ImageFormat};
+use thiserror::Error;
+
+/// Why image bytes are not a usable image.
+#[derive(Debug, Error)]
+pub enum ImageProblem {
+    /// The bytes are not an image of a format mgd3 reads (JPEG, PNG, BMP, WebP, TIFF, PNM).
+    #[error("not an image of a format mgd3 reads")]
+    Format(#[source] image::ImageError),
+    /// The data ends before the image does (a JPEG without its end-of-image marker).
+    #[error("truncated: the {format} data ends before the image does ({bytes} bytes)")]
+    Truncated {
+        /// The format (`JPEG`).
+        format: &'static str,
+        /// Size of the data in bytes.
+        bytes: usize,
+    },
+    /// The decoder failed.
+    #[error("the {format} decoder failed")]
+    Decode {
+        /// The format the bytes announce.
+        format: &'static str,
+        /// The decoder's error.
+        #[source]
+        source: image::ImageError,
+    },
+    /// The image decodes to zero width or height.
+    #[error("empty image ({width}×{height})")]
+    Degenerate {
+        /// Decoded width in pixels.
+        width: u32,
+        /// Decoded height in pixels.
+        height: u32,
+    },
+}
+
+/// Whether a JPEG's bytes hold the end-of-image marker after the start of its scan data.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let Some(scan) = bytes.windows(2).position(|w| w == [0xFF, 0xDA]) else {
+        return false;
+    };
+    bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// Decodes image bytes, refusing what is not a usable image (see the module doc).
+///
+/// # Errors
+/// [`ImageProblem::Format`] for an unknown format, [`ImageProblem::Truncated`] for a JPEG cut
+/// short, [`ImageProblem::Decode`] for a decoder failure, [`ImageProblem::Degenerate`] for a
+/// zero-sized image.
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, ImageProblem> {
+    let format = image::guess_format(bytes).map_err(ImageProblem::Format)?;
+    let name = format_name(format);
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(ImageProblem::Truncated { format: name, bytes: bytes.len() });
+    }
+    let image = image::load_from_memory_with_format(bytes, format)
+        .map_err(|source| ImageProblem::Decode { format: name, source })?;
+    if image.width() == 0 || image.height() == 0 {
+        return Err(ImageProblem::Degenerate { width: image.width(), height: image.height() });
+    }
+    Ok(image)
+}
+
+fn format_name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Jpeg => "JPEG",
+        ImageFormat::Png => "PNG",
+        ImageFormat::Bmp => "BMP",
+        ImageFormat::WebP => "WebP",
+        ImageFormat::Tiff => "TIFF",
+        ImageFormat::Pnm => "PNM",
+        _ => "image",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(width, height).write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    fn jpeg() -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(16, 16, image::Rgb([200, 10, 10])).write_to(&mut out, ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn usable_images_decode_and_each_kind_of_fault_is_named() {
+        assert_eq!(decode_image(&png(3, 2)).unwrap().width(), 3);
+        assert_eq!(decode_image(&jpeg()).unwrap().height(), 16);
+        assert!(matches!(decode_image(b"plain text, not an image"), Err(ImageProblem::Format(_))));
+        let cut = jpeg();
+        let cut = &cut[..cut.len() - 40];
+        assert!(matches!(decode_image(cut), Err(ImageProblem::Truncated { format: "JPEG", .. })));
+        let mut broken = png(8, 8);
+        let n = broken.len();
+        broken[n / 2..n - 12].iter_mut().for_each(|b| *b = 0x5A);
+        assert!(
+            matches!(decode_image(&broken), Err(ImageProblem::Decode { format: "PNG", .. })),
+            "{:?}",
+            decode_image(&broken)
+        );
+    }
+}
