@@ -501,15 +501,50 @@ def check_mgd3_model(path: str) -> Dict[str, str]:
         raise ExportError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ExportError(f"{path}: not a file (give the .onnx file itself)")
+    if os.path.getsize(path) == 0:
+        raise ExportError(f"{path}: empty file (0 bytes)")
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise ExportError(f"{path}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    folder = os.path.dirname(os.path.abspath(path))
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        data = os.path.join(folder, info.get("location", ""))
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if not os.path.isfile(data):
+            raise ExportError(f"{path}: its weights file {data} (external data of `{tensor.name}`) does not exist; "
+                              "keep the .onnx and its data files together")
+        if os.path.getsize(data) < end:
+            raise ExportError(f"{path}: its weights file {data} holds {os.path.getsize(data)} bytes, `{tensor.name}` "
+                              f"needs {end}: the file is cut short; copy it again")
     meta = {p.key: p.value for p in model.metadata_props}
     if meta.get("mgd3.kind") not in MGD3_KINDS:
         raise ExportError(f"{path}: not an mgd3 export (metadata mgd3.kind is {meta.get('mgd3.kind')!r}, expected one "
                           f"of {', '.join(MGD3_KINDS)}): export it with `export_onnx.py dit` or `vae`")
     return meta
+
+
+def _sweep_staging(folder: str):
+    """Removes the staging folders (`.fuse-<pid>-…`) of fuse runs that were killed: their process
+    is gone. A full-size model copy must not stay hidden beside the output."""
+    import shutil
+    for name in os.listdir(folder):
+        parts = name.split("-")
+        if not (name.startswith(".fuse-") and len(parts) >= 3 and parts[1].isdigit()):
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"[fuse] removing {os.path.join(folder, name)}, left by a fuse run that did not finish")
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
@@ -543,7 +578,12 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
         raise ExportError(f"{dst}: the folder {folder} does not exist")
     if os.path.isdir(dst):
         raise ExportError(f"{dst}: is a folder; name the output .onnx file")
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"{dst}: cannot write in {folder}")
     before = graph_census(src)
+    if not before.get(":Softmax", 0):
+        raise ExportError(f"{src} has no attention to fuse (no Softmax in its graph): use it as it is")
+    _sweep_staging(folder)
     precision = meta.get("mgd3.precision", "fp32")
     model = ir.load(src)
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -555,7 +595,11 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
         model = rewrite(model, pattern_rewrite_rules=_gelu_tanh_low_precision_rules(
             1e-3 if precision == "fp16" else 1e-2))
     name = os.path.basename(dst)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".fuse-") as staging:
+    try:
+        staging_folder = tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
+    except OSError as e:
+        raise ExportError(f"{dst}: cannot write in {folder} ({e.strerror})") from e
+    with staging_folder as staging:
         staged = os.path.join(staging, name)
         if external_data:
             ir.save(model, staged, external_data=name + ".data")
@@ -819,6 +863,32 @@ def export_diffusers_dit(transformer, out: str, *, source: str, fp16: bool = Fal
 # CLI
 # ---------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
+    return value
+
+
+def _root_cause(error: BaseException) -> str:
+    """The error and its innermost cause, in one line (library wrappers such as onnx_ir's
+    PassError bury the cause, e.g. a missing file, in their chain)."""
+    inner = error
+    while inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__):
+        inner = inner.__cause__ or inner.__context__
+    text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if inner is not error:
+        text += f" (caused by {type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''})"
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -852,14 +922,14 @@ def main(argv=None):
     for p in (d, v):
         p.add_argument("--fp16", action="store_true", help="fp16 weights, inputs and outputs (float16)")
     for p in (d, v):
-        p.add_argument("--tol", type=float, default=None,
+        p.add_argument("--tol", type=_tolerance, default=None,
                        help="max abs ORT-vs-torch(fp32) error, relative to max(1,max|out|) "
                             "(default 1e-4, fp16 3e-2)")
-    f.add_argument("--tol", type=float, default=None,
-                   help="max fused-vs-plain difference, relative to max(1,max|out|) (default 1e-4; fp16 and "
-                        "bf16 models 3e-2)")
+    f.add_argument("--tol", type=_tolerance, default=None,
+                   help="max fused-vs-plain difference, relative to max(1,max|out|) (default 1e-4; fp16 models "
+                        "3e-2; bf16 models are not compared: ONNX Runtime runs them on CUDA only)")
     for p in (d, v, f):
-        p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     a = ap.parse_args(argv)
     if a.cmd == "dit" and a.bf16 and a.fp16:
         ap.error("--bf16 and --fp16 exclude each other: choose one precision")
@@ -872,13 +942,15 @@ def main(argv=None):
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - one line for the user; MGD3_TRACEBACK=1 for the whole story
+        if os.environ.get("MGD3_TRACEBACK"):
+            raise
         hint = ""
         source = getattr(a, "diffusers", None)
-        if source and not os.path.isdir(source):
+        if isinstance(e, OSError) and source and not os.path.isdir(source):
             hint = (f" (`{source}` is no local folder, so it was looked up on the Hugging Face hub: without "
                     "network, download it elsewhere and pass the folder)")
-        print(f"error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        print(f"error: {_root_cause(e)}{hint} (MGD3_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 1
     print("done")
     return 0

@@ -10,6 +10,9 @@ use thiserror::Error;
 /// Why image bytes are not a usable image.
 #[derive(Debug, Error)]
 pub enum ImageProblem {
+    /// The file is empty.
+    #[error("empty file (0 bytes)")]
+    Empty,
     /// The bytes are not an image of a format mgd3 reads (JPEG, PNG, BMP, WebP, TIFF, PNM).
     #[error("not an image of a format mgd3 reads")]
     Format(#[source] image::ImageError),
@@ -51,10 +54,13 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
 /// Decodes image bytes, refusing what is not a usable image (see the module doc).
 ///
 /// # Errors
-/// [`ImageProblem::Format`] for an unknown format, [`ImageProblem::Truncated`] for a JPEG cut
+/// [`ImageProblem::Empty`] for no bytes, [`ImageProblem::Format`] for an unknown format, [`ImageProblem::Truncated`] for a JPEG cut
 /// short, [`ImageProblem::Decode`] for a decoder failure, [`ImageProblem::Degenerate`] for a
 /// zero-sized image.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, ImageProblem> {
+    if bytes.is_empty() {
+        return Err(ImageProblem::Empty);
+    }
     let format = image::guess_format(bytes).map_err(ImageProblem::Format)?;
     let name = format_name(format);
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
@@ -101,6 +107,7 @@ mod tests {
         assert_eq!(decode_image(&png(3, 2)).unwrap().width(), 3);
         assert_eq!(decode_image(&jpeg()).unwrap().height(), 16);
         assert!(matches!(decode_image(b"plain text, not an image"), Err(ImageProblem::Format(_))));
+        assert!(matches!(decode_image(b""), Err(ImageProblem::Empty)));
         let cut = jpeg();
         let cut = &cut[..cut.len() - 40];
         assert!(matches!(decode_image(cut), Err(ImageProblem::Truncated { format: "JPEG", .. })));

@@ -947,6 +947,21 @@ async fn run_command(cli: Cli) -> Result<()> {
                     for bad in &report.unreadable {
                         outln!("  {}: {}: {}", bad.class, bad.image, bad.problem);
                     }
+                    for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
+                        let bad = report.unreadable.iter().filter(|b| b.class == class.wnid).count();
+                        if bad > 0 {
+                            let left = count.saturating_sub(bad);
+                            outln!(
+                                "  class {} would keep {left} images once these are removed{}",
+                                class.wnid,
+                                if left < job.spec.ipc {
+                                    format!(", fewer than IPC {}: replace them instead", job.spec.ipc)
+                                } else {
+                                    format!(" (IPC {} needs {})", job.spec.ipc, job.spec.ipc)
+                                }
+                            );
+                        }
+                    }
                     anyhow::bail!(
                         "{} unreadable image(s) in `{}`: replace or remove them (a class may keep fewer images, as long as it \
                          has at least IPC {}), then check again",

@@ -488,7 +488,8 @@ fn check_decode_lists_every_unreadable_image_at_once() {
     assert!(stdout.contains("3 of 19 images cannot be used"), "{stdout}");
     assert!(stdout.contains("cut.jpg: truncated: the JPEG data ends before the image does"), "{stdout}");
     assert!(stdout.contains("notes.png: not an image of a format mgd3 reads"), "{stdout}");
-    assert!(stdout.contains("empty.png: not an image"), "{stdout}");
+    assert!(stdout.contains("empty.png: empty file (0 bytes)"), "{stdout}");
+    assert!(stdout.contains("class b would keep 8 images"), "{stdout}");
     assert!(stderr.contains("3 unreadable image(s)") && stderr.contains("replace or remove them"), "{stderr}");
     // The same problems are what a worker would hit: the plain check (listing only) passes.
     assert!(coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]).status.success());

@@ -49,10 +49,7 @@ pub enum Error {
 
     /// `--provider tensorrt` on a device whose TensorRT execution provider cannot be registered:
     /// TensorRT itself or ONNX Runtime's TensorRT provider library is missing.
-    #[error(
-        "cannot use TensorRT on {device}: {}; or run without --provider tensorrt (the CUDA provider)",
-        tensorrt_fix(cause)
-    )]
+    #[error("cannot use TensorRT on {device}: {}", tensorrt_fix(cause))]
     TensorRtUnavailable {
         /// The device asked for (`cuda:N`).
         device: String,

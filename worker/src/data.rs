@@ -176,6 +176,7 @@ pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, Data
         ImageProblem::Format(source) | ImageProblem::Decode { source, .. } => {
             DataError::Decode { path: path.into(), source }
         }
+        ImageProblem::Empty => DataError::Truncated { path: path.into(), format: "image", bytes: 0 },
         ImageProblem::Truncated { format, bytes } => DataError::Truncated { path: path.into(), format, bytes },
         ImageProblem::Degenerate { width, height } => DataError::Degenerate { path: path.into(), width, height },
     })?;

@@ -361,7 +361,8 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
     assert!(
         text.contains("cannot use TensorRT on cuda:0")
             && text.contains("setup_ort.sh gpu")
-            && text.contains("a CPU build, with neither TensorRT nor CUDA"),
+            && text.contains("a CPU build, with neither TensorRT nor CUDA")
+            && !text.contains("run without --provider tensorrt"),
         "{text}"
     );
     assert!(!out.join("n001").exists(), "nothing is written");
