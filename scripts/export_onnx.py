@@ -50,7 +50,7 @@ import copy
 import math
 import os
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -450,12 +450,17 @@ def _export(module: nn.Module, example: tuple, path: str, input_names, output_na
 ATTENTION_OPS = ("com.microsoft:MultiHeadAttention", "com.microsoft:Attention")
 
 
-def graph_census(path: str) -> Dict[str, int]:
-    """{"domain:op" (ONNX ops as ":op"): count} of the graph at `path` (weights not loaded)."""
+def census_of(nodes) -> Dict[str, int]:
+    """{"domain:op" (ONNX ops as ":op"): count} of `nodes` (an onnx GraphProto's or an onnx_ir
+    graph's top-level nodes: both have `domain` and `op_type`)."""
     import collections
+    return dict(collections.Counter(f"{n.domain}:{n.op_type}" for n in nodes))
+
+
+def graph_census(path: str) -> Dict[str, int]:
+    """`census_of` the graph at `path` (weights not loaded)."""
     import onnx
-    m = onnx.load(path, load_external_data=False)
-    return dict(collections.Counter(f"{n.domain}:{n.op_type}" for n in m.graph.node))
+    return census_of(onnx.load(path, load_external_data=False).graph.node)
 
 
 def census_line(census: Dict[str, int]) -> str:
@@ -493,9 +498,10 @@ class ExportError(Exception):
 MGD3_KINDS = ("dit", "vae_encoder", "vae_decoder")
 
 
-def check_mgd3_model(path: str) -> Dict[str, str]:
-    """The metadata of the mgd3 export at `path`; ExportError when it is missing, not a file, not
-    ONNX, or not an mgd3 export."""
+def check_mgd3_model(path: str) -> Tuple[Dict[str, str], Dict[str, int]]:
+    """The metadata and census of the mgd3 export at `path`, from one read of the file;
+    ExportError when it is missing, empty, not ONNX, missing or short of its external data, or
+    not an mgd3 export."""
     import onnx
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such file")
@@ -524,7 +530,7 @@ def check_mgd3_model(path: str) -> Dict[str, str]:
     if meta.get("mgd3.kind") not in MGD3_KINDS:
         raise ExportError(f"{path}: not an mgd3 export (metadata mgd3.kind is {meta.get('mgd3.kind')!r}, expected one "
                           f"of {', '.join(MGD3_KINDS)}): export it with `export_onnx.py dit` or `vae`")
-    return meta
+    return meta, census_of(model.graph.node)
 
 
 def _sweep_staging(folder: str):
@@ -548,14 +554,16 @@ def _sweep_staging(folder: str):
 
 
 def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
-              check: Optional[Callable[[str], object]] = None) -> Dict[str, int]:
+              check: Optional[Callable[[str], object]] = None,
+              checked: Optional[Tuple[Dict[str, str], Dict[str, int]]] = None) -> Dict[str, int]:
     """Write the fused graph of the mgd3 export `src` (fp32, fp16 or bf16) to `dst` (see the module doc).
 
     The result is written to a staging folder beside `dst`, checked, and only then moved into
     place with its own external-data file (`dst` + ".data" when the weights exceed
     EXTERNAL_DATA_THRESHOLD or `external_data`): a failure leaves nothing at `dst`, and the fused
     model never refers to `src`'s data file. `check(staged_path)` runs on the staged model before
-    it is moved (e.g. `compare_onnx` against `src`). Returns the census of `dst`.
+    it is moved (e.g. `compare_onnx` against `src`). `checked` is `check_mgd3_model(src)` when the
+    caller already has it (the input is read once). Returns the census of `dst`.
 
     Raises ExportError when `src` is not a plain mgd3 export or `dst` is `src`; RuntimeError when
     the rewrite leaves a Softmax or an unfused tanh-GELU, or fuses fewer attentions than `src`
@@ -565,7 +573,7 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
     import onnx_ir as ir
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
-    meta = check_mgd3_model(src)
+    meta, before = checked or check_mgd3_model(src)
     if meta.get("mgd3.graph") == "fused":
         raise ExportError(f"{src} is already fused (metadata mgd3.graph = fused, "
                           f"{meta.get('mgd3.fused_attention', '?')} fused attentions): nothing to do")
@@ -580,7 +588,6 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
         raise ExportError(f"{dst}: is a folder; name the output .onnx file")
     if not os.access(folder, os.W_OK):
         raise ExportError(f"{dst}: cannot write in {folder}")
-    before = graph_census(src)
     if not before.get(":Softmax", 0):
         raise ExportError(f"{src} has no attention to fuse (no Softmax in its graph): use it as it is")
     _sweep_staging(folder)
@@ -594,6 +601,17 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
     if precision in ("fp16", "bf16"):
         model = rewrite(model, pattern_rewrite_rules=_gelu_tanh_low_precision_rules(
             1e-3 if precision == "fp16" else 1e-2))
+    after = census_of(model.graph)
+    attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
+    print(f"[fuse] {src} -> {dst}: {fused}; census: {census_line(after)}")
+    if after.get(":Softmax", 0) or attention != before.get(":Softmax", 0):
+        raise RuntimeError(f"{dst}: the fused graph has {attention} fused attentions and "
+                           f"{after.get(':Softmax', 0)} Softmax for {before.get(':Softmax', 0)} attentions "
+                           f"in {src}: onnxscript's fusions did not match this export; keep the plain graph "
+                           "(export_onnx.py ... --graph plain)")
+    if before.get(":Tanh", 0) and after.get(":Tanh", 0):
+        raise RuntimeError(f"{dst}: {after[':Tanh']} tanh-GELUs were not fused into FastGelu; keep the plain graph")
+    model.metadata_props.update({"mgd3.graph": "fused", "mgd3.fused_attention": str(attention)})
     name = os.path.basename(dst)
     try:
         staging_folder = tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
@@ -606,17 +624,6 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
         else:
             # every weight inside the file, also those `src` kept in its own data file
             ir.save(ir.external_data.load_to_model(model), staged)
-        after = graph_census(staged)
-        attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
-        print(f"[fuse] {src} -> {dst}: {fused}; census: {census_line(after)}")
-        if after.get(":Softmax", 0) or attention != before.get(":Softmax", 0):
-            raise RuntimeError(f"{dst}: the fused graph has {attention} fused attentions and "
-                               f"{after.get(':Softmax', 0)} Softmax for {before.get(':Softmax', 0)} attentions "
-                               f"in {src}: onnxscript's fusions did not match this export; keep the plain graph "
-                               "(export_onnx.py ... --graph plain)")
-        if before.get(":Tanh", 0) and after.get(":Tanh", 0):
-            raise RuntimeError(f"{dst}: {after[':Tanh']} tanh-GELUs were not fused into FastGelu; keep the plain graph")
-        _write_metadata(staged, {"mgd3.graph": "fused", "mgd3.fused_attention": str(attention)})
         if check is not None:
             check(staged)
         if os.path.exists(dst + ".data"):
@@ -959,13 +966,15 @@ def main(argv=None):
 def run_command(a):
     """The subcommand `a.cmd` with its parsed arguments `a`."""
     if a.cmd == "fuse":
-        meta = check_mgd3_model(a.input)
-        tol = a.tol if a.tol is not None else (1e-4 if meta.get("mgd3.precision", "fp32") == "fp32" else 3e-2)
-        if meta.get("mgd3.precision") == "bf16":
-            fuse_onnx(a.input, a.output)  # ONNX Runtime's CPU provider cannot run bf16 to compare
+        checked = check_mgd3_model(a.input)
+        precision = checked[0].get("mgd3.precision", "fp32")
+        tol = a.tol if a.tol is not None else (1e-4 if precision == "fp32" else 3e-2)
+        if precision == "bf16":
+            fuse_onnx(a.input, a.output, checked=checked)  # ONNX Runtime's CPU provider cannot run bf16
             print(f"[compare] not run: {a.input} is bf16, which ONNX Runtime runs on CUDA only")
         else:
-            fuse_onnx(a.input, a.output, check=lambda staged: compare_onnx(a.input, staged, tol=tol, b_name=a.output))
+            fuse_onnx(a.input, a.output, checked=checked,
+                      check=lambda staged: compare_onnx(a.input, staged, tol=tol, b_name=a.output))
     elif a.cmd == "dit":
         if a.checkpoint:
             model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size)

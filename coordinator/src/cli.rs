@@ -957,7 +957,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                                 if left < job.spec.ipc {
                                     format!(", fewer than IPC {}: replace them instead", job.spec.ipc)
                                 } else {
-                                    format!(" (IPC {} needs {})", job.spec.ipc, job.spec.ipc)
+                                    format!(", enough for IPC {}", job.spec.ipc)
                                 }
                             );
                         }

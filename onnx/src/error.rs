@@ -163,13 +163,17 @@ impl Error {
     }
 }
 
+/// The first `lib….so…` an ONNX Runtime message names: what the dynamic loader could not find.
+fn missing_library(cause: &str) -> Option<&str> {
+    cause
+        .split(|c: char| c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '(' | ')' | ','))
+        .find(|word| word.starts_with("lib") && word.contains(".so"))
+}
+
 /// One sentence for a TensorRT execution provider that could not be registered (its `cause`):
 /// what is missing and the fix.
 pub fn tensorrt_fix(cause: &str) -> String {
-    let library = cause
-        .split(|c: char| c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '(' | ')' | ','))
-        .find(|word| word.starts_with("lib") && word.contains(".so"));
-    match library {
+    match missing_library(cause) {
         Some(lib) if lib.starts_with("libonnxruntime_providers") => format!(
             "the ONNX Runtime in use has no TensorRT execution provider (`{lib}` is missing: a CPU build, or \
              a copy without it); `scripts/setup_ort.sh gpu` installs the GPU build, which has it"
@@ -195,10 +199,7 @@ pub fn tensorrt_fix(cause: &str) -> String {
 /// message: the library it could not load (named), a CPU-only ONNX Runtime, or a driver too old.
 pub fn cuda_fix(cause: &str) -> String {
     let lower = cause.to_ascii_lowercase();
-    // The first `lib….so…` the message names: what the dynamic loader could not find.
-    let library = cause
-        .split(|c: char| c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '(' | ')' | ','))
-        .find(|word| word.starts_with("lib") && word.contains(".so"));
+    let library = missing_library(cause);
     if lower.contains("driver") && (lower.contains("insufficient") || lower.contains("older")) {
         return "the NVIDIA driver is older than this ONNX Runtime's CUDA needs (the `gpu` build of \
                 `scripts/setup_ort.sh` needs CUDA 13 drivers, R580 or newer): update the driver or run on nodes that have one"

@@ -639,12 +639,7 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());
     // Offline (`verify --job-dir`, no coordinator): the same damage, from the output alone.
     let offline = mgd3_coordinator::state::verify_offline(&out, &job.job_id).await.unwrap();
-    let mut seen: Vec<(String, String)> = offline
-        .problems
-        .iter()
-        .map(|p| (p.wnid.clone(), p.file.as_deref().unwrap_or_default().rsplit('/').next().unwrap().to_owned()))
-        .collect();
-    seen.sort();
+    let seen = problem_files(&offline.problems);
     assert_eq!(
         seen,
         [
@@ -658,12 +653,7 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     assert_eq!((offline.classes_checked, offline.classes_committed, offline.running), (3, 3, false));
     std::fs::remove_file(root.join("manifest.json")).unwrap();
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
-    let mut found: Vec<(String, String)> = report
-        .problems
-        .iter()
-        .map(|p| (p.wnid.clone(), p.file.as_deref().unwrap_or_default().rsplit('/').next().unwrap().to_owned()))
-        .collect();
-    found.sort();
+    let found = problem_files(&report.problems);
     assert_eq!(
         found,
         [
@@ -1472,4 +1462,14 @@ async fn verify_on_a_running_job_reports_progress_not_damage() {
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     cluster.shutdown().await;
+}
+
+/// `(class, file name)` of each problem `verify` found, sorted (empty class: the job as a whole).
+fn problem_files(problems: &[mgd3_common::status::VerifyProblem]) -> Vec<(String, String)> {
+    let mut named: Vec<(String, String)> = problems
+        .iter()
+        .map(|p| (p.wnid.clone(), p.file.as_deref().unwrap_or_default().rsplit('/').next().unwrap().to_owned()))
+        .collect();
+    named.sort();
+    named
 }

@@ -599,8 +599,7 @@ pub fn sample_run(
     rows: &mut Vec<usize>,
     on_step: impl FnMut(usize, ArrayView4<f32>),
 ) -> Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError> {
-    let info = dit.info();
-    let model = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+    let model = denoiser_info(dit);
     sample_with(
         sampler_of(sampling),
         &mut Counted { inner: DitDenoiser(dit), rows },
@@ -612,6 +611,12 @@ pub fn sample_run(
         noise,
         on_step,
     )
+}
+
+/// What the sampler needs to know of the DiT: its null label and whether it predicts the variance.
+fn denoiser_info(dit: &Dit) -> DenoiserInfo {
+    let info = dit.info();
+    DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma }
 }
 
 /// The inputs of one sampling run: `labels` `[n]`, `modes` `[n,C,h,w]` and `noise`
@@ -660,8 +665,7 @@ pub fn sample_pair(
     runs: [SampleInputs<'_>; 2],
     rows: &mut Vec<usize>,
 ) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
-    let info = dit.info();
-    let model = DenoiserInfo { null_label: info.num_classes as i64, learn_sigma: info.learn_sigma };
+    let model = denoiser_info(dit);
     let sampler = sampler_of(sampling);
     let dit = Mutex::new(dit);
     let run = |inputs: SampleInputs<'_>| {

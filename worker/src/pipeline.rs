@@ -619,8 +619,6 @@ impl Engine {
         Ok(())
     }
 
-    /// One sampling run over `batch` ((class slot, sample j) pairs); returns the slots whose
-    /// samples are now all done.
     /// The labels, modes and noise of one DiT batch of `(slot, sample)` pairs.
     fn batch_inputs(
         &self,
