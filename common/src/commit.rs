@@ -494,6 +494,7 @@ mod tests {
             quality: None,
             embedding: None,
             versions_changed: false,
+            data: None,
         }
     }
 

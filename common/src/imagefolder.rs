@@ -295,6 +295,53 @@ pub struct ListingSummary {
     pub images: u64,
     /// Their bytes in all.
     pub bytes: u64,
+    /// [`content_digest`] of the images (names, sizes and each file's sha256), recorded when the
+    /// job asks for `data_fingerprint = "content"`; `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_digest: Option<String>,
+}
+
+impl ListingSummary {
+    /// Whether `now` is the same data as `self` for a job: the content digests when both have
+    /// one, else the names and sizes. Modification times and ETags never count: a dataset copied
+    /// to node-local scratch (`cp -r`) or `touch`ed is the same data.
+    pub fn same_data(&self, now: &ListingSummary) -> bool {
+        match (&self.content_digest, &now.content_digest) {
+            (Some(then), Some(now_digest)) => then == now_digest && self.names_digest == now.names_digest,
+            _ => self.names_digest == now.names_digest,
+        }
+    }
+
+    /// Same names and sizes, other modification times or ETags: a copy, or files rewritten in
+    /// place at the same size (which only `data_fingerprint = "content"` tells apart).
+    pub fn versions_differ(&self, now: &ListingSummary) -> bool {
+        self.names_digest == now.names_digest && self.digest != now.digest
+    }
+
+    /// How `now` differs from `self`, in a few words: counts and bytes, or what stayed.
+    pub fn change_to(&self, now: &ListingSummary) -> String {
+        let then = format!("{} images, {} bytes", self.images, self.bytes);
+        let now_text = format!("{} images, {} bytes", now.images, now.bytes);
+        if self.names_digest == now.names_digest {
+            format!("same names and sizes ({then}), other contents")
+        } else if self.images == now.images && self.bytes == now.bytes {
+            format!("{then} then and now, but other names or sizes (files renamed, or replaced by others)")
+        } else {
+            format!("{then} then, {now_text} now")
+        }
+    }
+}
+
+/// The digest of a class's content: `relative\tbytes\tsha256(content)` per image in the
+/// listing's order, hashed. `hashes` holds each image's `sha256:<hex>`, in the order of `images`.
+///
+/// # Panics
+/// If `hashes` and `images` differ in length.
+pub fn content_digest(images: &[ImageRef], hashes: &[String]) -> String {
+    assert_eq!(images.len(), hashes.len(), "one hash per image");
+    let text: String =
+        images.iter().zip(hashes).map(|(i, hash)| format!("{}\t{}\t{hash}\n", i.relative, i.bytes)).collect();
+    crate::sha256_hex(text.as_bytes())
 }
 
 impl std::fmt::Display for ListingSummary {
@@ -317,6 +364,7 @@ impl ClassListing {
             names_digest: self.names_digest(),
             images: self.images.len() as u64,
             bytes: self.images.iter().map(|i| i.bytes).sum(),
+            content_digest: None,
         }
     }
 
@@ -684,6 +732,40 @@ impl Root {
 mod tests {
     use super::*;
     use object_store::ObjectStoreExt;
+
+    fn image(name: &str, bytes: u64, version: &str) -> ImageRef {
+        ImageRef {
+            relative: name.into(),
+            source: ImageSource::Local(name.into()),
+            bytes,
+            version: Some(version.into()),
+        }
+    }
+
+    /// Modification times never make data different; names, sizes and (when both sides have
+    /// one) content do, and the change is told in counts.
+    #[test]
+    fn data_is_compared_by_names_and_sizes_or_content_never_by_times() {
+        let listing = |images: Vec<ImageRef>| ClassListing { images, skipped: Skipped::default() }.summary();
+        let then = listing(vec![image("a.jpg", 10, "1"), image("b.jpg", 20, "1")]);
+        let touched = listing(vec![image("a.jpg", 10, "2"), image("b.jpg", 20, "3")]);
+        assert!(then.same_data(&touched) && then.versions_differ(&touched));
+        let removed = listing(vec![image("a.jpg", 10, "1")]);
+        assert!(!then.same_data(&removed));
+        assert_eq!(then.change_to(&removed), "2 images, 30 bytes then, 1 images, 10 bytes now");
+        let renamed = listing(vec![image("a.jpg", 10, "1"), image("c.jpg", 20, "1")]);
+        assert!(!then.same_data(&renamed) && then.change_to(&renamed).contains("other names or sizes"));
+        // Content digests: compared when both have one, over names, sizes and bytes.
+        let images = vec![image("a.jpg", 10, "1"), image("b.jpg", 20, "1")];
+        let hashed = |hashes: [&str; 2]| ListingSummary {
+            content_digest: Some(content_digest(&images, &hashes.map(String::from))),
+            ..then.clone()
+        };
+        let (one, other) = (hashed(["sha256:1", "sha256:2"]), hashed(["sha256:1", "sha256:3"]));
+        assert!(one.same_data(&hashed(["sha256:1", "sha256:2"])) && !one.same_data(&other));
+        assert!(one.change_to(&other).starts_with("same names and sizes"));
+        assert!(one.same_data(&then) && then.same_data(&other), "without two digests, names and sizes decide");
+    }
 
     /// A tree with every kind of entry the rule decides on.
     fn tree(root: &Path) {

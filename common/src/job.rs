@@ -484,6 +484,54 @@ pub struct JobSpec {
     /// in memory; `false` skips the VAE decode of the modes and the PNG.
     #[serde(default = "default_contact_sheet", skip_serializing_if = "is_true")]
     pub contact_sheet: bool,
+    /// What tells a class's data changed (not part of the fingerprint): `"names"` (default) the
+    /// images' names and sizes, `"content"` also every image's sha256, read at submit and resume
+    /// (a full read of the dataset) to catch files rewritten in place at the same size.
+    #[serde(default, skip_serializing_if = "DataFingerprint::is_default")]
+    pub data_fingerprint: DataFingerprint,
+}
+
+/// The `data_fingerprint` setting: what a class's recorded data is compared by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFingerprint {
+    /// Relative names and sizes: a listing, no reads.
+    #[default]
+    Names,
+    /// Names, sizes and every image's sha256: reads the whole dataset.
+    Content,
+}
+
+impl DataFingerprint {
+    fn is_default(&self) -> bool {
+        *self == DataFingerprint::Names
+    }
+}
+
+/// One class whose input data changed since its job recorded it ([`ClassRef::listing`], or the
+/// marker of its commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataChange {
+    /// The class folder name.
+    pub wnid: String,
+    /// The data the job recorded (or the commit was made from).
+    pub then: crate::imagefolder::ListingSummary,
+    /// The data now.
+    pub now: crate::imagefolder::ListingSummary,
+    /// The class was committed from the old data.
+    pub was_committed: bool,
+}
+
+impl std::fmt::Display for DataChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` ({}{})",
+            self.wnid,
+            self.then.change_to(&self.now),
+            if self.was_committed { "; committed from the old data" } else { "" }
+        )
+    }
 }
 
 fn default_contact_sheet() -> bool {
@@ -560,9 +608,10 @@ pub struct ClassRef {
     pub label: i64,
     /// Position of the class in the job's class list; seeds its RNG streams ([`crate::seed`]).
     pub class_index: u64,
-    /// The class's listing as submit saw it: a worker distils the class only while its listing
-    /// is the same (jobs submitted before this was recorded have none and are not checked). Not
-    /// part of the fingerprint, which covers the listings through their digest.
+    /// The class's listing as submit saw it (or as a later `--accept-data-changes` recorded it): a
+    /// worker distils the class only while its names and sizes are the same (jobs submitted
+    /// before this was recorded have none and are not checked). Not part of the fingerprint: a
+    /// job's identity is its spec and classes, and each class's data is compared on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listing: Option<crate::imagefolder::ListingSummary>,
 }
@@ -578,8 +627,9 @@ pub struct ResolvedJob {
     pub classes: Vec<ClassRef>,
     /// Shard i holds `classes[shards[i].0 .. shards[i].1]`.
     pub shards: Vec<(usize, usize)>,
-    /// [`JobSpec::fingerprint_with_data`] of the spec, classes and listing digest
-    /// (`sha256:<hex>`).
+    /// [`JobSpec::fingerprint`] of the spec and classes (`sha256:<hex>`). Jobs submitted by
+    /// mgd3 before per-class data fingerprints have [`JobSpec::fingerprint_with_data`] here (it
+    /// also covered every listing with modification times); see [`ResolvedJob::identity`].
     pub fingerprint: String,
     /// When the job was submitted, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
@@ -593,6 +643,12 @@ impl ResolvedJob {
     pub fn shard_classes(&self, shard: usize) -> &[ClassRef] {
         let (from, to) = self.shards[shard];
         &self.classes[from..to]
+    }
+
+    /// The job's identity without its data, [`JobSpec::fingerprint`]: what two submissions of
+    /// one experiment share, whatever version of mgd3 recorded [`ResolvedJob::fingerprint`].
+    pub fn identity(&self) -> String {
+        self.spec.fingerprint(&self.classes)
     }
 
     /// Distilled images the job writes: classes × IPC.
@@ -1048,6 +1104,7 @@ vae_decoder_fingerprint = "sha256:cc""#,
             names_digest: "sha256:2".into(),
             images: 1300,
             bytes: 1,
+            content_digest: Some("sha256:3".into()),
         });
         assert_eq!(
             spec.fingerprint(&listed),

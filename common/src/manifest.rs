@@ -145,6 +145,12 @@ pub struct ClassMarker {
     /// which mgd3 cannot tell apart without reading every image.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub versions_changed: bool,
+    /// The class's data as the job recorded it when this attempt distilled it (names and sizes,
+    /// and content when the job hashes it): what `resume` compares the data now with, so a commit
+    /// made from other data is found even after the job's record was updated. Absent from
+    /// markers of earlier versions and of jobs without recorded listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::imagefolder::ListingSummary>,
 }
 
 /// One class of the job manifest.

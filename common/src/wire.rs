@@ -6,7 +6,8 @@
 //! a [`WireError`] naming the field, never a silent default.
 
 use crate::batch::BatchPolicy;
-use crate::job::ClassRef;
+use crate::imagefolder::ListingSummary;
+use crate::job::{ClassRef, DataChange};
 use crate::lease::{Completion, Disposition, Exclusion, Failure, Registration, RunningLease};
 use crate::proto;
 use crate::status::{
@@ -212,12 +213,7 @@ impl From<&ClassRef> for proto::ClassAssignment {
             wnid: class.wnid.clone(),
             label: class.label,
             class_index: class.class_index,
-            listing: class.listing.as_ref().map(|l| proto::ListingSummary {
-                digest: l.digest.clone(),
-                names_digest: l.names_digest.clone(),
-                images: l.images,
-                bytes: l.bytes,
-            }),
+            listing: class.listing.as_ref().map(proto::ListingSummary::from),
         }
     }
 }
@@ -228,14 +224,60 @@ impl From<proto::ClassAssignment> for ClassRef {
             wnid: class.wnid,
             label: class.label,
             class_index: class.class_index,
-            listing: class.listing.map(|l| crate::imagefolder::ListingSummary {
-                digest: l.digest,
-                names_digest: l.names_digest,
-                images: l.images,
-                bytes: l.bytes,
-            }),
+            listing: class.listing.map(ListingSummary::from),
         }
     }
+}
+
+impl From<&ListingSummary> for proto::ListingSummary {
+    fn from(l: &ListingSummary) -> Self {
+        proto::ListingSummary {
+            digest: l.digest.clone(),
+            names_digest: l.names_digest.clone(),
+            images: l.images,
+            bytes: l.bytes,
+            content_digest: l.content_digest.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<proto::ListingSummary> for ListingSummary {
+    fn from(l: proto::ListingSummary) -> Self {
+        ListingSummary {
+            digest: l.digest,
+            names_digest: l.names_digest,
+            images: l.images,
+            bytes: l.bytes,
+            content_digest: Some(l.content_digest).filter(|d| !d.is_empty()),
+        }
+    }
+}
+
+impl From<&DataChange> for proto::DataChange {
+    fn from(change: &DataChange) -> Self {
+        proto::DataChange {
+            wnid: change.wnid.clone(),
+            then: Some((&change.then).into()),
+            now: Some((&change.now).into()),
+            was_committed: change.was_committed,
+        }
+    }
+}
+
+impl From<proto::DataChange> for DataChange {
+    fn from(change: proto::DataChange) -> Self {
+        let summary = |l: Option<proto::ListingSummary>| l.map(ListingSummary::from).unwrap_or_else(empty_summary);
+        DataChange {
+            wnid: change.wnid,
+            then: summary(change.then),
+            now: summary(change.now),
+            was_committed: change.was_committed,
+        }
+    }
+}
+
+fn empty_summary() -> ListingSummary {
+    ListingSummary { digest: String::new(), names_digest: String::new(), images: 0, bytes: 0, content_digest: None }
 }
 
 impl From<JobState> for proto::JobState {
@@ -416,8 +458,10 @@ mod tests {
             names_digest: "sha256:bb".into(),
             images: 1300,
             bytes: 123_456,
+            content_digest: None,
         };
-        for listing in [Some(listing), None] {
+        let hashed = crate::imagefolder::ListingSummary { content_digest: Some("sha256:cc".into()), ..listing.clone() };
+        for listing in [Some(listing), Some(hashed), None] {
             let class = ClassRef { wnid: "n01440764".into(), label: 0, class_index: 4, listing };
             assert_eq!(ClassRef::from(proto::ClassAssignment::from(&class)), class);
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use mgd3_common::job::DataChange;
 use mgd3_common::proto;
 use mgd3_common::rpc::{CallError, Client, connect, read_token_file};
 use mgd3_common::status::{JobState, JobStatus, VerifyReport};
@@ -319,9 +320,30 @@ pub struct SubmitArgs {
     /// How `--wait` shows progress.
     #[command(flatten)]
     pub progress: ProgressArgs,
+    /// What to do when the job exists and some classes' data changed.
+    #[command(flatten)]
+    pub data: DataChangeArgs,
     /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
+}
+
+/// What a command does when the job exists and the data of some of its classes changed since
+/// the job recorded it (names or sizes; content with `data_fingerprint = "content"`).
+#[derive(Debug, Args)]
+pub struct DataChangeArgs {
+    /// Distil the classes whose data changed again, from the data as it is now, and keep every
+    /// other commit (without it the command refuses and names the classes). Modification times
+    /// never count: a copy (`cp -r`) or a `touch` is the same data.
+    #[arg(long, env = "MGD3_ACCEPT_DATA_CHANGES")]
+    pub accept_data_changes: bool,
+}
+
+impl DataChangeArgs {
+    /// The coordinator's setting for these flags.
+    pub fn setting(&self) -> crate::service::DataChanges {
+        crate::service::DataChanges::from_flag(self.accept_data_changes)
+    }
 }
 
 /// How a waiting command shows a job's progress.
@@ -379,6 +401,9 @@ pub struct ResumeArgs {
     /// Refuse unless this job.toml has the job's fingerprint.
     #[arg(long)]
     pub spec: Option<PathBuf>,
+    /// What to do about classes whose data changed.
+    #[command(flatten)]
+    pub data: DataChangeArgs,
     /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
@@ -479,6 +504,9 @@ pub struct RunArgs {
     /// How progress is shown.
     #[command(flatten)]
     pub progress: ProgressArgs,
+    /// What to do when the job exists and some classes' data changed.
+    #[command(flatten)]
+    pub data: DataChangeArgs,
 }
 
 impl TryFrom<&ServeArgs> for ServeConfig {
@@ -581,7 +609,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match run_command(cli).await {
         // A store another live coordinator serves: exit 2 (a set-up refused; the message says
         // where to submit instead), so that a script can tell it from a failed job.
-        Err(error) if error.chain().any(store_held) => {
+        Err(error) if error.chain().any(store_held) || error.chain().any(submit_refused) => {
             Err(mgd3_common::ExitWith { code: 2, message: format!("{error:#}") }.into())
         }
         Err(error) => Err(with_peer_probed(error).await),
@@ -591,6 +619,22 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 /// True for the refusal of a store another live coordinator serves (as the lock says, or as the
 /// coordinator's error wraps it).
+/// A submit or resume the coordinator refused before anything ran: a spec problem, or data
+/// that changed and was not accepted (exit 2, "a spec or set-up error", like a held store), in
+/// this process (`run`) or answered over gRPC.
+fn submit_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(error) = error.downcast_ref::<crate::Error>() {
+        return matches!(
+            error,
+            crate::Error::DataChanged { .. } | crate::Error::ClassListChanged { .. } | crate::Error::Job(_)
+        );
+    }
+    error.downcast_ref::<CallError>().is_some_and(|call| {
+        matches!(call.rpc, "SubmitJob" | "ResumeJob")
+            && matches!(call.status.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition)
+    })
+}
+
 fn store_held(error: &(dyn std::error::Error + 'static)) -> bool {
     use crate::lock::LockError;
     matches!(error.downcast_ref(), Some(LockError::Held { .. }))
@@ -666,8 +710,12 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Submit(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let mut client = args.connection.client()?;
-            let request =
-                proto::SubmitJobRequest { spec_toml: text, base_dir: base, job_id: args.job_id.unwrap_or_default() };
+            let request = proto::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: base,
+                job_id: args.job_id.unwrap_or_default(),
+                accept_data_changes: args.data.accept_data_changes,
+            };
             let response = client
                 .submit_job(request)
                 .await
@@ -725,10 +773,19 @@ async fn run_command(cli: Cli) -> Result<()> {
                 None => Default::default(),
             };
             let response = client
-                .resume_job(proto::ResumeJobRequest { job_id: args.job.clone(), spec_toml, base_dir })
+                .resume_job(proto::ResumeJobRequest {
+                    job_id: args.job.clone(),
+                    spec_toml,
+                    base_dir,
+                    accept_data_changes: args.data.accept_data_changes,
+                })
                 .await
                 .map_err(CallError::of(&args.connection.coordinator, "ResumeJob"))?
                 .into_inner();
+            if !response.data_changed.is_empty() {
+                let changes: Vec<DataChange> = response.data_changed.into_iter().map(DataChange::from).collect();
+                outln!("{}", crate::service::data_changes_note(&args.job, &changes));
+            }
             outln!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
             if !response.redone.is_empty() {
                 outln!(
@@ -1152,7 +1209,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     // The job is submitted once the workers have registered (or given up), so that its shards
     // are sized by the batch policy they report rather than the default.
     wait_for_registrations(&coordinator, &mut workers, REGISTRATION_WAIT).await;
-    let (job, _, notes) = coordinator.submit_noted(&text, Path::new(&base), None).await?;
+    let (job, _, notes) = coordinator.submit_with(&text, Path::new(&base), None, args.data.setting()).await?;
     for note in &notes {
         errln!("note: {note}");
     }

@@ -92,7 +92,7 @@ pub async fn decode_all(
 }
 
 /// The bytes of one listed image, or why they cannot be read.
-async fn read(root: &Root, image: &ImageRef) -> Result<bytes::Bytes, String> {
+pub(crate) async fn read(root: &Root, image: &ImageRef) -> Result<bytes::Bytes, String> {
     match (&image.source, root) {
         (ImageSource::Local(path), _) => {
             let path = path.clone();

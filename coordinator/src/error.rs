@@ -63,17 +63,39 @@ pub enum Error {
         /// The fingerprint of the spec given now.
         now: String,
     },
-    /// `resume` found the dataset changed since submit (the job's fingerprint covers its images).
+    /// The data of some classes changed since the job recorded it (names or sizes, or content
+    /// when the job hashes it), and the caller did not accept the change.
     #[error(
-        "job `{job}`: the dataset changed since the job was submitted (images added, removed or rewritten); \
-         `coordinator submit` makes it a new job ({}), or restore the images",
-        if *latent_cache { "cached latents of unchanged classes are reused" } else { "every class is distilled again; `latent_cache = true` in the spec would reuse the encodings of unchanged classes" }
+        "job `{job}`: the data of {} class(es) changed since the job recorded it: {}{}; every other class \
+         is unchanged. To distil {} from the data as it is now and keep every other commit, run again with \
+         --accept-data-changes (`coordinator resume {job} --accept-data-changes`, or the same flag on submit and \
+         run; MGD3_ACCEPT_DATA_CHANGES=1 for distill.sbatch); or restore the files",
+        changes.len(),
+        changes.iter().take(SHOWN_CHANGES).map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
+        if changes.len() > SHOWN_CHANGES { format!(" and {} more", changes.len() - SHOWN_CHANGES) } else { String::new() },
+        if changes.len() == 1 { "that class" } else { "those classes" }
     )]
     DataChanged {
         /// The job id.
         job: String,
-        /// The job keeps a latent cache (what a new job can reuse).
-        latent_cache: bool,
+        /// Every changed class, in the job's order.
+        changes: Vec<mgd3_common::job::DataChange>,
+    },
+    /// The class folders of a `classes = "all"` (or folder-labelled) job are not the job's any
+    /// more: that is another job, not changed data of this one.
+    #[error(
+        "job `{job}`: the dataset's class folders changed since the job was submitted ({}): its classes and labels \
+         would differ; submit the spec again to make a new job (committed classes of this job stay in its output), \
+         or restore the folders",
+        describe_class_list_change(added, removed)
+    )]
+    ClassListChanged {
+        /// The job id.
+        job: String,
+        /// Classes there now that the job does not have.
+        added: Vec<String>,
+        /// Classes of the job no longer there.
+        removed: Vec<String>,
     },
     /// A submission names a job id that holds a job of another fingerprint.
     #[error("job `{job}` already exists with another spec")]
@@ -266,6 +288,7 @@ impl From<Error> for tonic::Status {
             | Error::FingerprintChanged { .. }
             | Error::JobIdTaken { .. }
             | Error::DataChanged { .. }
+            | Error::ClassListChanged { .. }
             | Error::RebuildRefused { .. } => tonic::Status::invalid_argument(message),
             Error::UnknownJob(_)
             | Error::Forgotten { .. }
@@ -289,6 +312,23 @@ impl From<Error> for tonic::Status {
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
             Error::StateTooNew { .. } => tonic::Status::failed_precondition(message),
         }
+    }
+}
+
+/// Changed classes named in a [`Error::DataChanged`] message; more are counted.
+const SHOWN_CHANGES: usize = 10;
+
+fn describe_class_list_change(added: &[String], removed: &[String]) -> String {
+    let named = |what: &str, list: &[String]| {
+        let shown: Vec<String> = list.iter().take(SHOWN_CHANGES).map(|w| format!("`{w}`")).collect();
+        let more = list.len().saturating_sub(SHOWN_CHANGES);
+        format!("{what} {}{}", shown.join(", "), if more > 0 { format!(" and {more} more") } else { String::new() })
+    };
+    match (added.is_empty(), removed.is_empty()) {
+        (false, false) => format!("{}; {}", named("new", added), named("gone", removed)),
+        (false, true) => named("new", added),
+        (true, false) => named("gone", removed),
+        (true, true) => "the same classes in another order".into(),
     }
 }
 

@@ -16,7 +16,7 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::lock::LockError;
 use crate::scheduler::{LeaseGrant, PollDecision, Running};
-use crate::service::{Coordinator, ServeConfig};
+use crate::service::{Coordinator, DataChanges, ServeConfig};
 
 /// The gRPC adapter.
 #[derive(Clone)]
@@ -72,7 +72,9 @@ impl CoordinatorRpc for Service {
 
     async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
         let r = request.into_inner();
-        let (job, existed, notes) = self.0.submit_noted(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id)).await?;
+        let data = DataChanges::from_flag(r.accept_data_changes);
+        let (job, existed, notes) =
+            self.0.submit_with(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id), data).await?;
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: job.job_id.clone(),
             fingerprint: job.fingerprint.clone(),
@@ -90,11 +92,13 @@ impl CoordinatorRpc for Service {
     async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
         let r = request.into_inner();
         let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
-        let resumed = self.0.explained(&r.job_id, self.0.resume(&r.job_id, spec).await).await?;
+        let data = DataChanges::from_flag(r.accept_data_changes);
+        let resumed = self.0.explained(&r.job_id, self.0.resume_with(&r.job_id, spec, data).await).await?;
         Ok(Response::new(proto::ResumeJobResponse {
             committed: resumed.committed as u32,
             requeued: resumed.requeued as u32,
             redone: resumed.redone,
+            data_changed: resumed.data_changed.iter().map(proto::DataChange::from).collect(),
         }))
     }
 

@@ -784,6 +784,7 @@ mod tests {
                     samples: vec![[1.0, 1.0]; 10],
                 }),
                 versions_changed: false,
+                data: None,
             };
             let bytes = serde_json::to_vec(&marker).unwrap();
             dir.store.put(&dir.key(&format!("shards/{wnid}.json")), bytes.into()).await.unwrap();

@@ -582,6 +582,20 @@ impl Scheduler {
         self.jobs.get(job_id).map(|j| j.job.clone())
     }
 
+    /// Replaces a known job's record with `job` (the same id, shards and fingerprint; other
+    /// recorded class data, after `--accept-data-changes`): leases given from now on carry it.
+    /// Returns false for an unknown job.
+    pub fn replace_record(&mut self, job: Arc<ResolvedJob>) -> bool {
+        match self.jobs.get_mut(&job.job_id) {
+            Some(run) => {
+                debug_assert_eq!(run.job.shards, job.shards, "a record keeps its shard plan");
+                run.job = job;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Where a job stands, when known.
     pub fn state(&self, job_id: &str) -> Option<JobState> {
         self.jobs.get(job_id).map(JobRun::state)

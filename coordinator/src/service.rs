@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use mgd3_common::commit::{self, CommitError};
-use mgd3_common::job::ResolvedJob;
+use mgd3_common::job::{ClassRef, DataChange, ResolvedJob};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::lease::{Completion, Disposition, Exclusion, Failure, Registration};
 use mgd3_common::status::{JobStatus, ShardCounts, ShardFailure, VerifyProblem, VerifyReport};
@@ -180,6 +181,40 @@ pub struct Resumed {
     pub requeued: usize,
     /// Classes whose published files could not be restored, withdrawn to be distilled again.
     pub redone: Vec<String>,
+    /// Classes whose data changed and was accepted (`--accept-data-changes`): committed ones
+    /// were withdrawn and are distilled again from the data as it is now.
+    pub data_changed: Vec<DataChange>,
+}
+
+/// What to do when the data of some of a job's classes changed since the job recorded it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataChanges {
+    /// Refuse ([`Error::DataChanged`], naming the classes); nothing is changed.
+    #[default]
+    Refuse,
+    /// Record the data as it is now and distil the changed classes again; keep every other commit.
+    Accept,
+}
+
+impl DataChanges {
+    /// The setting `--accept-data-changes` (or the request's `accept_data_changes`) names.
+    pub fn from_flag(accept: bool) -> Self {
+        if accept { DataChanges::Accept } else { DataChanges::Refuse }
+    }
+}
+
+/// Markers read at once when a job's classes are compared with their data.
+const MARKERS_IN_FLIGHT: usize = 16;
+
+/// What a person is told when the data changes of a job were accepted.
+pub fn data_changes_note(job_id: &str, changes: &[DataChange]) -> String {
+    let committed = changes.iter().filter(|c| c.was_committed).count();
+    format!(
+        "job `{job_id}`: the data of {} class(es) changed and is distilled again as it is now ({committed} of them \
+         had been committed from the old data and were withdrawn); every other class is kept: {}",
+        changes.len(),
+        changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// The coordinator's shared state; cheap to clone.
@@ -634,6 +669,22 @@ impl Coordinator {
         base_dir: &Path,
         explicit_id: Option<String>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
+        self.submit_with(spec_toml, base_dir, explicit_id, DataChanges::Refuse).await
+    }
+
+    /// [`Coordinator::submit_noted`], saying what to do when the job exists and the data of some
+    /// of its classes changed since it recorded them (see [`Coordinator::resume_with`]); the
+    /// accepted changes are in the notes.
+    ///
+    /// # Errors
+    /// As [`Coordinator::submit`]; [`Error::DataChanged`] with [`DataChanges::Refuse`].
+    pub async fn submit_with(
+        &self,
+        spec_toml: &str,
+        base_dir: &Path,
+        explicit_id: Option<String>,
+        data: DataChanges,
+    ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let Resolved { job, mut notes, planned, .. } = self.resolve(spec_toml, base_dir, explicit_id).await?;
         let quarantine = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id).cloned();
         if let Some(quarantine) = quarantine {
@@ -659,6 +710,18 @@ impl Coordinator {
         if let Some((existing, state)) = existing {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
+            }
+            // The same experiment: its classes' data now (listed by this submit) against what the
+            // job recorded and committed.
+            let changes = self.data_changes(&existing, &job.classes).await?;
+            if !changes.is_empty() {
+                if data == DataChanges::Refuse {
+                    return Err(Error::DataChanged { job: existing.job_id.clone(), changes });
+                }
+                let resumed = self.resume_with(&existing.job_id, None, DataChanges::Accept).await?;
+                notes.push(data_changes_note(&existing.job_id, &resumed.data_changed));
+                let existing = self.known_job(&existing.job_id)?;
+                return Ok((existing, true, notes));
             }
             // Submitting a paused job again (coordinator run, submit, the sbatch script) is how a
             // person says the refusal that paused it is dealt with.
@@ -808,6 +871,100 @@ impl Coordinator {
         Ok(outputs_stay)
     }
 
+    /// The classes of `job` whose data now (`fresh`: the job's classes as [`check_dataset`] lists
+    /// them today) differs from what the job recorded, or from what the class's commit was made
+    /// from (its marker's `data`), in the job's order. Modification times and ETags never count
+    /// (a `cp -r` copy or a `touch` is the same data); classes that differ only by them are
+    /// logged. Jobs and markers without recorded data are not compared.
+    ///
+    /// # Errors
+    /// [`Error::ClassListChanged`] when `fresh` holds other classes; marker and store errors.
+    async fn data_changes(&self, job: &ResolvedJob, fresh: &[ClassRef]) -> Result<Vec<DataChange>> {
+        let names = |classes: &[ClassRef]| classes.iter().map(|c| c.wnid.clone()).collect::<Vec<_>>();
+        if names(&job.classes) != names(fresh) {
+            let (then, now): (HashSet<_>, HashSet<_>) =
+                (names(&job.classes).into_iter().collect(), names(fresh).into_iter().collect());
+            let mut added: Vec<String> = now.difference(&then).cloned().collect();
+            let mut removed: Vec<String> = then.difference(&now).cloned().collect();
+            added.sort();
+            removed.sort();
+            return Err(Error::ClassListChanged { job: job.job_id.clone(), added, removed });
+        }
+        let out = self.output(job)?;
+        let keys = JobKeys::new(&job.job_id);
+        // Owned per read: a stream of futures borrowing the class list is not `Send` enough for
+        // the gRPC handlers that await this.
+        let reads: Vec<_> = job
+            .classes
+            .iter()
+            .map(|class| {
+                let (out, keys, wnid, fingerprint) =
+                    (out.clone(), keys.clone(), class.wnid.clone(), job.fingerprint.clone());
+                async move { commit::committed_marker(&out, &keys, &wnid, &fingerprint).await }
+            })
+            .collect();
+        let markers = futures::stream::iter(reads).buffered(MARKERS_IN_FLIGHT).collect::<Vec<_>>().await;
+        let mut changes = Vec::new();
+        let mut versions_only = Vec::new();
+        for ((recorded, now), marker) in job.classes.iter().zip(fresh).zip(markers) {
+            let marker = marker?;
+            let Some(now_data) = &now.listing else { continue };
+            // A commit is compared with the data it was made from; anything else with the record.
+            let committed_from = marker.as_ref().and_then(|m| m.data.clone());
+            let Some(then) = committed_from.or_else(|| recorded.listing.clone()) else { continue };
+            if !then.same_data(now_data) {
+                changes.push(DataChange {
+                    wnid: recorded.wnid.clone(),
+                    then,
+                    now: now_data.clone(),
+                    was_committed: marker.is_some(),
+                });
+            } else if then.versions_differ(now_data) {
+                versions_only.push(recorded.wnid.as_str());
+            }
+        }
+        if !versions_only.is_empty() {
+            info!(
+                job = %job.job_id,
+                classes = versions_only.len(),
+                first = versions_only[0],
+                "classes with the same image names and sizes but other modification times or ETags (a copy of the \
+                 dataset, or files rewritten in place at the same size): the same data for this job; \
+                 data_fingerprint = \"content\" in the spec tells rewritten files apart"
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Accepts `changes` (from [`Coordinator::data_changes`] against `fresh`): records every
+    /// class's data as it is now in `job.json` first, then withdraws the commits made from the old
+    /// data, so that a crash in between leaves markers that the next comparison still finds
+    /// changed. Returns the job's new record, which leases carry from now on.
+    async fn accept_data(
+        &self,
+        job: &ResolvedJob,
+        fresh: Vec<ClassRef>,
+        changes: &[DataChange],
+    ) -> Result<Arc<ResolvedJob>> {
+        let mut updated = job.clone();
+        for (class, now) in updated.classes.iter_mut().zip(fresh) {
+            class.listing = now.listing;
+        }
+        self.inner.jobs.rewrite_job(&updated).await?;
+        let out = self.output(job)?;
+        let keys = JobKeys::new(&job.job_id);
+        for change in changes {
+            if change.was_committed {
+                commit::uncommit(&out, &keys, &change.wnid).await?;
+            }
+            info!(job = %job.job_id, class = %change.wnid, change = %change.then.change_to(&change.now),
+                was_committed = change.was_committed, "the class's data changed and the change was accepted: it is distilled again");
+        }
+        let updated = Arc::new(updated);
+        self.inner.scheduler.lock().expect("scheduler").replace_record(updated.clone());
+        Ok(updated)
+    }
+
     /// Lists markers, checks and repairs every published file (finishing interrupted publishes,
     /// redoing classes whose files are lost) and re-queues every shard without markers.
     ///
@@ -816,6 +973,18 @@ impl Coordinator {
     /// [`Error::UnknownJob`]; [`Error::DataChanged`] when the dataset changed since submit;
     /// [`Error::FingerprintChanged`] when `spec` is not the job's; store and commit errors.
     pub async fn resume(&self, job_id: &str, spec: Option<(&str, &Path)>) -> Result<Resumed> {
+        self.resume_with(job_id, spec, DataChanges::Refuse).await
+    }
+
+    /// [`Coordinator::resume`], saying what to do about classes whose data changed: with
+    /// [`DataChanges::Accept`] their data as it is now is recorded in `job.json`, those committed
+    /// from the old data are withdrawn, and all of them are distilled again; every other commit
+    /// is kept.
+    ///
+    /// # Errors
+    /// As [`Coordinator::resume`]; [`Error::DataChanged`] only with [`DataChanges::Refuse`];
+    /// [`Error::ClassListChanged`] when the job's class folders are not the dataset's any more.
+    pub async fn resume_with(&self, job_id: &str, spec: Option<(&str, &Path)>, data: DataChanges) -> Result<Resumed> {
         self.refuse_vanished(job_id).await?;
         if self.inner.quarantined.lock().expect("quarantined").contains_key(job_id) {
             // Repaired records bring a quarantined job back; damaged ones keep it out.
@@ -833,23 +1002,24 @@ impl Coordinator {
             self.inner.quarantined.lock().expect("quarantined").remove(job_id);
             info!(job = %job_id, "quarantined job recovered");
         }
-        let job = self.known_job(job_id)?;
-        // The job's identity covers its data: images rewritten since submit make another job,
-        // never new bytes under this one's fingerprint.
-        let data = check_dataset(&job.spec).await?;
-        let now = job.spec.fingerprint_with_data(&job.classes, Some(&data.digest));
-        if now != job.fingerprint {
-            return Err(Error::DataChanged { job: job_id.into(), latent_cache: job.spec.latent_cache.is_some() });
-        }
+        let mut job = self.known_job(job_id)?;
         if let Some((text, base)) = spec {
+            // Compared without the data (jobs of earlier versions fingerprinted it too): the
+            // data is compared class by class below.
             let now = self.resolve(text, base, Some(job_id.to_owned())).await?.job;
-            if now.fingerprint != job.fingerprint {
-                return Err(Error::FingerprintChanged {
-                    job: job_id.into(),
-                    was: job.fingerprint.clone(),
-                    now: now.fingerprint,
-                });
+            if now.identity() != job.identity() {
+                return Err(Error::FingerprintChanged { job: job_id.into(), was: job.identity(), now: now.identity() });
             }
+        }
+        // Each class's data now, against what the job recorded and what its commit was made
+        // from: a changed class is distilled again only when the caller accepts the change.
+        let fresh = check_dataset(&job.spec).await?.classes;
+        let changes = self.data_changes(&job, &fresh).await?;
+        if !changes.is_empty() {
+            if data == DataChanges::Refuse {
+                return Err(Error::DataChanged { job: job_id.into(), changes });
+            }
+            job = self.accept_data(&job, fresh, &changes).await?;
         }
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);
@@ -877,13 +1047,13 @@ impl Coordinator {
         let committed = state::committed_shards(&out, &job).await?;
         let (committed, requeued) =
             self.inner.scheduler.lock().expect("scheduler").resume(job_id, &committed, now_ms())?;
-        info!(job = %job_id, committed, requeued, redone = redone.len(), "job resumed");
+        info!(job = %job_id, committed, requeued, redone = redone.len(), data_changed = changes.len(), "job resumed");
         let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
         self.mark_dirty(job_id);
         if state == Some(JobState::Succeeded) {
             self.finish(job, JobState::Succeeded, now_ms());
         }
-        Ok(Resumed { committed, requeued, redone })
+        Ok(Resumed { committed, requeued, redone, data_changed: changes })
     }
 
     /// Checks every published file of a job against its class's marker (sha256) and that class
@@ -930,8 +1100,8 @@ impl Coordinator {
             classes_committed: 0,
             running,
         };
-        let mut results = futures::StreamExt::buffered(futures::stream::iter(checks), 16);
-        while let Some(result) = futures::StreamExt::next(&mut results).await {
+        let mut results = futures::stream::iter(checks).buffered(16);
+        while let Some(result) = results.next().await {
             let (files, committed, problems) = result?;
             response.files_checked += files;
             response.classes_committed += u32::from(committed);

@@ -6,9 +6,12 @@
 
 use std::path::Path;
 
+use futures::{StreamExt, TryStreamExt};
 use mgd3_common::batch::PlannedRows;
-use mgd3_common::imagefolder::Root;
-use mgd3_common::job::{ClassRef, ClassSelection, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id};
+use mgd3_common::imagefolder::{ClassListing, Root};
+use mgd3_common::job::{
+    ClassRef, ClassSelection, DataFingerprint, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id,
+};
 use mgd3_common::modelmeta::ModelFilesError;
 use mgd3_common::now_ms;
 use mgd3_common::store::{self};
@@ -81,7 +84,9 @@ pub async fn resolve_spec(
     spec.models.dit = urls.dit;
     spec.models.vae_encoder = urls.vae_encoder;
     spec.models.vae_decoder = urls.vae_decoder;
-    let fingerprint = spec.fingerprint_with_data(&data.classes, Some(&data.digest));
+    // The job's identity is its spec and classes; each class's data is recorded on its own
+    // (`ClassRef::listing`) and compared class by class at resume and resubmit.
+    let fingerprint = spec.fingerprint(&data.classes);
     let shards = spec.plan_shards_for(data.classes.len(), planned);
     let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
     for note in &data.notes {
@@ -100,10 +105,32 @@ pub(crate) struct DatasetCheck {
     pub(crate) classes: Vec<ClassRef>,
     /// Images per class, in class order.
     pub(crate) image_counts: Vec<usize>,
-    /// sha256 over every class's listing (relative names and sizes).
-    pub(crate) digest: String,
     /// What a person should know (hidden folders skipped, entries that are not images).
     pub(crate) notes: Vec<String>,
+}
+
+/// Images read at once while hashing a class's content.
+const HASHES_IN_FLIGHT: usize = 32;
+
+/// [`mgd3_common::imagefolder::content_digest`] of a listed class: every image read
+/// ([`HASHES_IN_FLIGHT`] at a time) and hashed. Errors name the first image that cannot be read.
+async fn content_digest(root: &Root, listing: &ClassListing) -> std::result::Result<String, String> {
+    // Owned per read, so the stream is `Send` for the gRPC handlers that await it.
+    let reads: Vec<_> = listing
+        .images
+        .iter()
+        .map(|image| {
+            let (root, image) = (root.clone(), image.clone());
+            async move {
+                let bytes = crate::decodecheck::read(&root, &image)
+                    .await
+                    .map_err(|problem| format!("image `{}` {problem}", image.display()))?;
+                Ok::<_, String>(mgd3_common::sha256_hex(&bytes))
+            }
+        })
+        .collect();
+    let hashes = futures::stream::iter(reads).buffered(HASHES_IN_FLIGHT).try_collect::<Vec<_>>().await?;
+    Ok(mgd3_common::imagefolder::content_digest(&listing.images, &hashes))
 }
 
 /// Classes without a folder named one by one, at most; more are counted.
@@ -161,7 +188,16 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
         .collect();
     let listings = futures::StreamExt::buffered(futures::stream::iter(lists), 16);
     let listings: Vec<_> = futures::StreamExt::collect(listings).await;
-    let (mut problems, mut counts, mut digest) = (Vec::new(), Vec::new(), String::new());
+    // `data_fingerprint = "content"`: every image read and hashed (a failed read is the class's
+    // problem, named with the file).
+    let mut content = Vec::with_capacity(listings.len());
+    for listing in &listings {
+        content.push(match (listing, spec.data_fingerprint) {
+            (Ok(listing), DataFingerprint::Content) => Some(content_digest(&root, listing).await),
+            _ => None,
+        });
+    }
+    let (mut problems, mut counts) = (Vec::new(), Vec::new());
     let mut skipped = (0, 0);
     let mut links = Vec::new();
     let mut classes = classes;
@@ -169,7 +205,7 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     // otherwise be a thousand lines saying the same thing.
     let mut missing = Vec::new();
     let mut too_few = Vec::new();
-    for (class, listing) in classes.iter_mut().zip(listings) {
+    for ((class, listing), content) in classes.iter_mut().zip(listings).zip(content) {
         match listing {
             Err(error @ mgd3_common::imagefolder::ListError::ClassNotFound { .. }) => {
                 missing.push((class.wnid.escape_debug().to_string(), mgd3_common::error_chain(&error)));
@@ -195,8 +231,12 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
                     links.push(format!("class `{}`: {}", class.wnid.escape_debug(), listing.skipped.describe_links()));
                 }
                 counts.push(listing.images.len());
-                let summary = listing.summary();
-                digest.push_str(&format!("{}\t{}\n", class.wnid, summary.digest));
+                let mut summary = listing.summary();
+                match content {
+                    Some(Ok(digest)) => summary.content_digest = Some(digest),
+                    Some(Err(problem)) => problems.push(format!("class `{}`: {problem}", class.wnid.escape_debug())),
+                    None => {}
+                }
                 class.listing = Some(summary);
             }
         }
@@ -257,7 +297,7 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     if more > 0 {
         notes.push(format!("{more} more class(es) with skipped links (each class's marker lists them)"));
     }
-    Ok(DatasetCheck { classes, image_counts: counts, digest: mgd3_common::sha256_hex(digest.as_bytes()), notes })
+    Ok(DatasetCheck { classes, image_counts: counts, notes })
 }
 
 /// Classes of a local dataset whose folders overlap: one folder under several names (links, bind

@@ -943,10 +943,17 @@ async fn classes_that_are_one_folder_through_links_are_refused_at_submit() {
     cluster.shutdown().await;
 }
 
-/// The job's identity covers its input data: the same spec over rewritten images is another job
-/// (a new id, distilled afresh); the old job id cannot be reused for it.
+/// The marker of `wnid` in job `job`'s output folder.
+async fn marker(out: &Location, job: &str, wnid: &str) -> mgd3_common::manifest::ClassMarker {
+    let key = out.key(&JobKeys::new(job).marker(wnid));
+    serde_json::from_slice(&out.store.get(&key).await.unwrap().bytes().await.unwrap()).unwrap()
+}
+
+/// A copy of the dataset at the same path (`cp -r` drops modification times) or a `touch` is the
+/// same data: the same job id, and resume and resubmit keep every commit. Same names and sizes
+/// with other content are caught with `data_fingerprint = "content"` only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replacing_images_at_the_same_paths_makes_another_job() {
+async fn copying_or_touching_the_dataset_keeps_the_job_and_its_commits() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     for class in ["class00", "class01"] {
@@ -956,25 +963,116 @@ async fn replacing_images_at_the_same_paths_makes_another_job() {
         }
     }
     let store_url = dir.path().join("store").display().to_string();
+    let out = store::open(&store_url).unwrap();
     let cluster = start(&store_url, None).await;
     let spec = spec_toml(2, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
-    let (first, _) = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap();
-    let (again, existed) = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap();
-    assert!(existed && again.fingerprint == first.fingerprint, "unchanged data: the same job");
+    let (first, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     // Each class's listing is recorded for the workers to check against.
     let listing = first.classes[1].listing.as_ref().expect("the listing submit saw");
     assert_eq!((listing.images, listing.bytes), (3, 30));
-    // Same path, same size, other bytes (and a newer modification time).
+    cluster.run_to_success(&first.job_id).await;
+    let committed = marker(&out, &first.job_id, "class01").await;
+    assert_eq!(committed.data.as_ref(), Some(listing), "the marker records the data it was made from");
+    // Re-copied to the same path without times, one file rewritten at the same size.
     std::thread::sleep(Duration::from_millis(20));
+    let copy = dir.path().join("copy");
+    std::fs::rename(&data, &copy).unwrap();
+    for class in ["class00", "class01"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..3 {
+            let name = format!("{i}.png");
+            std::fs::write(data.join(class).join(&name), std::fs::read(copy.join(class).join(&name)).unwrap()).unwrap();
+        }
+    }
     std::fs::write(data.join("class01/2.png"), [9u8; 10]).unwrap();
-    let error = cluster.coordinator.submit(&spec, dir.path(), Some("pinned".into())).await.unwrap_err().to_string();
-    assert!(error.contains("already exists with another spec"), "{error}");
-    let (fresh, existed) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
-    assert!(!existed && fresh.fingerprint != first.fingerprint && fresh.job_id != first.job_id);
-    // Nor can the old job be resumed onto the new bytes.
-    let error = cluster.coordinator.resume(&first.job_id, None).await.unwrap_err().to_string();
-    assert!(error.contains("the dataset changed since the job was submitted"), "{error}");
-    assert!(error.contains("every class is distilled again") && error.contains("latent_cache = true"), "{error}");
+    let (again, existed) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    assert!(existed && again.job_id == first.job_id, "the same job: {} vs {}", again.job_id, first.job_id);
+    let resumed = cluster.coordinator.resume(&first.job_id, None).await.unwrap();
+    assert!(resumed.data_changed.is_empty() && resumed.redone.is_empty(), "{resumed:?}");
+    // (Running until the manifest is written again.)
+    assert_eq!(wait_until_done(&cluster.coordinator, &first.job_id).await.state, JobState::Succeeded);
+    assert_eq!(marker(&out, &first.job_id, "class01").await, committed, "the commit is kept");
+    // Asked for content digests, the rewritten file is a change (of its class only).
+    let hashed = format!("data_fingerprint = \"content\"\n{spec}");
+    let (content_job, _) = cluster.coordinator.submit(&hashed, dir.path(), Some("hashed".into())).await.unwrap();
+    assert_eq!(content_job.fingerprint, first.fingerprint, "how data is compared is no part of the identity");
+    assert!(content_job.classes[1].listing.as_ref().unwrap().content_digest.is_some());
+    std::fs::write(data.join("class01/2.png"), [7u8; 10]).unwrap();
+    let error = cluster.coordinator.submit(&hashed, dir.path(), Some("hashed".into())).await.unwrap_err().to_string();
+    assert!(
+        error.contains("the data of 1 class(es) changed") && error.contains("`class01` (same names and sizes"),
+        "{error}"
+    );
+    cluster.shutdown().await;
+}
+
+/// Removing one image from one class of a finished job (the corrupt JPEG fixed): resume,
+/// resubmit and run refuse naming the class; accepted, exactly that class is distilled again
+/// and every other commit is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_class_is_distilled_again_only_when_the_change_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in ["class00", "class01", "class02"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..4 {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8; 10]).unwrap();
+        }
+    }
+    let store_url = dir.path().join("store").display().to_string();
+    let out = store::open(&store_url).unwrap();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(3, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    cluster.run_to_success(&job.job_id).await;
+    let before: Vec<_> =
+        futures::future::join_all(["class00", "class01", "class02"].map(|c| marker(&out, &job.job_id, c))).await;
+    std::fs::remove_file(data.join("class01/3.png")).unwrap();
+    let error = cluster.coordinator.resume(&job.job_id, None).await.unwrap_err();
+    assert!(matches!(error, mgd3_coordinator::Error::DataChanged { .. }), "{error}");
+    let error = error.to_string();
+    assert!(
+        error.contains("the data of 1 class(es) changed since the job recorded it: `class01` (4 images, 40 bytes then, 3 images, 30 bytes now; committed from the old data)")
+            && error.contains("--accept-data-changes"),
+        "{error}"
+    );
+    let error = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
+    assert!(error.contains("`class01`") && error.contains("--accept-data-changes"), "{error}");
+    // Refused: nothing was touched.
+    assert_eq!(marker(&out, &job.job_id, "class01").await, before[1]);
+    let resumed = cluster
+        .coordinator
+        .resume_with(&job.job_id, None, mgd3_coordinator::service::DataChanges::Accept)
+        .await
+        .unwrap();
+    let changed: Vec<_> = resumed.data_changed.iter().map(|c| (c.wnid.as_str(), c.was_committed)).collect();
+    assert_eq!(changed, [("class01", true)]);
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().state, JobState::Running);
+    cluster.run_to_success(&job.job_id).await;
+    let after: Vec<_> =
+        futures::future::join_all(["class00", "class01", "class02"].map(|c| marker(&out, &job.job_id, c))).await;
+    assert_eq!((&after[0], &after[2]), (&before[0], &before[2]), "the other commits are kept");
+    assert_ne!(after[1].attempt_id, before[1].attempt_id, "the changed class was distilled again");
+    assert_eq!(after[1].data.as_ref().map(|d| d.images), Some(3));
+    // The record is the data as it is now: nothing more to accept.
+    let (again, existed) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    assert!(existed && again.classes[1].listing.as_ref().map(|l| l.images) == Some(3));
+    let resumed = cluster.coordinator.resume(&job.job_id, None).await.unwrap();
+    assert!(resumed.data_changed.is_empty());
+    // A class folder added to a `classes = "all"` job's dataset is another job, not changed data.
+    let all = spec
+        .lines()
+        .map(|l| if l.starts_with("classes = ") { "classes = \"all\"".to_owned() } else { l.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("name = \"cluster\"", "name = \"all\"");
+    let (all_job, _) = cluster.coordinator.submit(&all, dir.path(), None).await.unwrap();
+    std::fs::create_dir_all(data.join("class03")).unwrap();
+    for i in 0..2 {
+        std::fs::write(data.join("class03").join(format!("{i}.png")), [i as u8; 10]).unwrap();
+    }
+    let error = cluster.coordinator.resume(&all_job.job_id, None).await.unwrap_err().to_string();
+    assert!(error.contains("class folders changed since the job was submitted (new `class03`)"), "{error}");
     cluster.shutdown().await;
 }
 

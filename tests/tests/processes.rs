@@ -897,3 +897,66 @@ fn a_coordinator_restarted_mid_shard_finds_the_worker_renewing_and_stoppable() {
         "{done}"
     );
 }
+
+/// The first-day corrupt JPEG, as a user meets it with `coordinator run`: the class fails; once
+/// the file is removed, running again refuses (exit 2) naming the class and the flag; with
+/// `--accept-data-changes` exactly that class is distilled and every other commit is kept.
+/// Re-copying the dataset to the same place without its modification times changes nothing.
+#[test]
+fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
+    let scratch = job_scratch(3, 4, 2, 5, "classes_per_shard = 1");
+    let data = scratch.dir.path().join("data");
+    let bad = data.join("c1/zz_cut.jpg");
+    std::fs::write(&bad, [0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F']).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(bin("coordinator"))
+            .args(["run", scratch.spec.to_str().unwrap(), "--local-workers", "1", "--worker-arg=--threads=1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(1), "the job fails on the cut JPEG:\n{text}");
+    assert!(text.contains("zz_cut.jpg"), "{text}");
+    let jobs = Path::new(&scratch.store).join("jobs");
+    let job = std::fs::read_dir(&jobs).unwrap().next().unwrap().unwrap().file_name().into_string().unwrap();
+    let marker = |class: &str| -> Option<serde_json::Value> {
+        let path = jobs.join(&job).join("shards").join(format!("{class}.json"));
+        std::fs::read(path).ok().map(|bytes| serde_json::from_slice(&bytes).unwrap())
+    };
+    let (c0, c2) = (marker("c0").expect("c0 committed"), marker("c2").expect("c2 committed"));
+    assert!(marker("c1").is_none());
+
+    std::fs::remove_file(&bad).unwrap();
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(2), "refused before anything ran:\n{text}");
+    assert!(
+        text.contains("the data of 1 class(es) changed since the job recorded it: `c1` (5 images")
+            && text.contains("4 images")
+            && text.contains("--accept-data-changes"),
+        "{text}"
+    );
+    let (code, text) = run(&["--accept-data-changes"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("the data of 1 class(es) changed and is distilled again"), "{text}");
+    assert_eq!((marker("c0").unwrap(), marker("c2").unwrap()), (c0.clone(), c2.clone()), "other commits kept");
+    assert_eq!(marker("c1").expect("c1 committed")["data"]["images"], 4);
+
+    // Staged again to the same place by a copy that keeps no modification times.
+    std::thread::sleep(Duration::from_millis(20));
+    let staged = scratch.dir.path().join("staged");
+    std::fs::rename(&data, &staged).unwrap();
+    for class in ["c0", "c1", "c2"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for entry in std::fs::read_dir(staged.join(class)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::write(data.join(class).join(entry.file_name()), std::fs::read(entry.path()).unwrap()).unwrap();
+        }
+    }
+    let c1 = marker("c1").unwrap();
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("job {job} ")), "the same job: {text}");
+    assert_eq!((marker("c0").unwrap(), marker("c1").unwrap(), marker("c2").unwrap()), (c0, c1, c2));
+}

@@ -18,9 +18,9 @@ use mgd3_common::imagefolder::{ClassListing, ImageRef, ImageSource, ListError, R
 use ndarray::{Array3, Array4, Axis};
 use thiserror::Error;
 
-/// Checks a class's listing against the one submit recorded for it (`class.listing`; jobs
+/// Checks a class's listing against the one its job recorded for it (`class.listing`; jobs
 /// submitted before listings were recorded are not checked). Other names or sizes fail the
-/// class; the same names and sizes with other versions (modification times, ETags) are the same
+/// class, until `--accept-data-changes` records the data as it is; the same names and sizes with other versions (modification times, ETags) are the same
 /// data copied without its times, such as a dataset staged to node-local scratch with `cp -r`,
 /// and are used, with a warning; true is returned then, for the class's marker.
 ///
@@ -58,10 +58,10 @@ pub enum DataError {
     /// renamed or resized since): distilling them would put other data under the job's
     /// fingerprint.
     #[error(
-        "class `{class}` changed since the job was submitted: {submitted} then, {now} now{}; the job's \
-         fingerprint describes the data as submitted: restore the class's files exactly (with their modification \
-         times, as `cp -p` or `rsync -a` keep them), or submit the job again to distil the data as it is now (a new \
-         job id)",
+        "class `{class}` changed since the job recorded it: {submitted} then, {now} now{}; to distil the class \
+         from its files as they are now (every other class's commit is kept), accept the change with `coordinator \
+         resume <job> --accept-data-changes` (or the same flag on submit and run), or restore the class's files \
+         (names and sizes; modification times do not matter)",
         if submitted.images == now.images && submitted.bytes == now.bytes {
             " (as many images and bytes: files were renamed, or replaced by others of the same total size)"
         } else {

@@ -112,6 +112,7 @@ impl ClassSink for Committer<'_> {
             committed_unix_ms: mgd3_common::now_ms(),
             latent_cache_hit: result.timings.latent_cache_hit,
             versions_changed: result.timings.versions_changed,
+            data: class.listing.clone(),
             skipped: result.timings.skipped,
             quality: result.quality,
             embedding: result.embedding,

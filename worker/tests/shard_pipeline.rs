@@ -278,7 +278,8 @@ fn a_class_that_changed_since_submit_fails_naming_the_change() {
             other => panic!("{what}: expected the class to fail, got {other:?}"),
         };
         assert!(
-            error.contains("class `n001` changed since the job was submitted")
+            error.contains("class `n001` changed since the job recorded it")
+                && error.contains("--accept-data-changes")
                 && error.contains("6 images")
                 && error.contains(&format!("{now}, ")),
             "{what}: {error}"
