@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod modelmeta;
 pub mod rpc;
 pub mod seed;
+pub mod sheet;
 pub mod status;
 pub mod store;
 pub mod storewatch;

@@ -20,7 +20,8 @@ use std::fmt::Write as _;
 
 use futures::TryStreamExt;
 use mgd3_common::layout::JobKeys;
-use mgd3_common::manifest::{ClassMarker, JobManifest, StageSeconds};
+use mgd3_common::manifest::{ClassMarker, JobManifest, QualityConcern, StageSeconds, band};
+use mgd3_common::sheet::SheetLayout;
 use mgd3_common::store::{Location, get_optional, is_not_found};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use thiserror::Error;
@@ -261,14 +262,22 @@ fn class_file(index: usize) -> String {
 }
 
 /// Side of one overview tile (pixels).
-const TILE: u32 = 64;
+const TILE: u32 = 96;
 
 /// One tile per class (its sample 0), row by row in class order, on a square-ish grid.
 async fn overview_png(dir: &Location, records: &JobRecords) -> Result<Vec<u8>, ReportError> {
+    use mgd3_common::sheet::{GLYPH, draw_text, fit_text};
+    // Each cell: the class's first sample, its folder name under it; a title band on top.
+    let caption = GLYPH + 6;
+    let (cell_w, cell_h) = (TILE + 2, TILE + caption + 2);
+    let title_h = GLYPH + 10;
     let n = records.markers.len() as u32;
     let columns = (f64::from(n).sqrt().ceil() as u32).max(1);
     let rows = n.div_ceil(columns);
-    let mut canvas = image::RgbImage::from_pixel(columns * (TILE + 2) + 2, rows * (TILE + 2) + 2, image::Rgb([255; 3]));
+    let title = "first sample of each class";
+    let width = (columns * cell_w + 2).max(title.len() as u32 * GLYPH + 12);
+    let mut canvas = image::RgbImage::from_pixel(width, title_h + rows * cell_h + 2, image::Rgb([255; 3]));
+    draw_text(&mut canvas, 6, 5, title, 1, [40, 40, 40]);
     for (i, marker) in records.markers.iter().enumerate() {
         let Some(first) = marker.images.first() else { continue };
         let key = format!("dataset/{}/{}", marker.wnid, first.name);
@@ -280,7 +289,9 @@ async fn overview_png(dir: &Location, records: &JobRecords) -> Result<Vec<u8>, R
             .to_rgb8();
         let tile = image::imageops::resize(&decoded, TILE, TILE, image::imageops::FilterType::Triangle);
         let (col, row) = (i as u32 % columns, i as u32 / columns);
-        image::imageops::replace(&mut canvas, &tile, i64::from(2 + col * (TILE + 2)), i64::from(2 + row * (TILE + 2)));
+        let (x, y) = (2 + col * cell_w, title_h + 2 + row * cell_h);
+        image::imageops::replace(&mut canvas, &tile, i64::from(x), i64::from(y));
+        draw_text(&mut canvas, x, y + TILE + 3, &fit_text(&marker.wnid, TILE, 1), 1, [60, 60, 60]);
     }
     let mut png = std::io::Cursor::new(Vec::new());
     canvas.write_to(&mut png, image::ImageFormat::Png).expect("PNG encoding into memory");
@@ -327,7 +338,10 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#7
 .bar{display:inline-block;height:10px;background:#4a7bd0}.thumb{height:40px;image-rendering:pixelated}\
 .block{display:grid;gap:4px;margin:10px 0 18px}.tile{image-rendering:pixelated;border:1px solid #ccc}\
 .label{font-size:12px;color:#555;align-self:center}pre{background:#f6f6f6;padding:10px;overflow:auto}\
-.fail{color:#a00}nav a{margin-right:14px}";
+.fail{color:#a00}nav a{margin-right:14px}.scroll{overflow-x:auto;max-width:100%}\
+td code{word-break:break-all}img{max-width:100%}svg{max-width:100%;height:auto}.warn{color:#8a4b00}\
+.warning{background:#fff4e0;border-left:4px solid #e08a00;padding:6px 10px;margin:8px 0}\
+@media (max-width:600px){body{margin:8px}h1{font-size:18px;word-break:break-all}}";
 
 /// Says, on the page and on the console, which images did not load (a report copied without its
 /// job folder, a class whose contact sheet was never written): the images loaded so far and the
@@ -340,8 +354,11 @@ var seen={};document.querySelectorAll('[data-sheet]').forEach(function(t){var u=
 if(seen[u])return;seen[u]=1;var i=new Image();i.onerror=function(){note(u);};i.src=u;});});</script>";
 
 fn page(title: &str, body: &str) -> String {
+    // Every table scrolls in its own box, so that a phone-width window never scrolls the page
+    // sideways.
+    let body = body.replace("<table", "<div class=\"scroll\"><table").replace("</table>", "</table></div>");
     format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>\n{body}{CHECK_IMAGES}</body></html>\n",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{}</title><style>{STYLE}</style></head><body>\n{body}{CHECK_IMAGES}</body></html>\n",
         escape(title)
     )
 }
@@ -452,6 +469,41 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
             r = mean(|q| q.representativeness_normalised)
         );
     }
+    // Classes outside the quality band, each with what it usually means.
+    let ipc = records.job.as_ref().map(|j| j.spec.ipc);
+    let flagged: Vec<(usize, &ClassMarker, Vec<QualityConcern>)> = markers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let concerns = m.quality.as_ref()?.concerns(ipc.unwrap_or(m.images.len()));
+            (!concerns.is_empty()).then_some((i, m, concerns))
+        })
+        .collect();
+    if !flagged.is_empty() {
+        let _ = write!(
+            body,
+            "<h2 class=\"warn\">Warnings</h2><div class=\"warning\" id=\"warnings\" data-value=\"{}\"><p>{} of {} classes fall outside the band this report expects (representativeness ≤ {}, diversity ≥ {}, both ÷ the class's real spread):</p><ul>",
+            flagged.len(),
+            flagged.len(),
+            markers.len(),
+            band::REPRESENTATIVENESS_MAX,
+            band::DIVERSITY_MIN
+        );
+        for (i, m, concerns) in flagged.iter().take(MAX_WARNINGS_LISTED) {
+            let text: Vec<String> = concerns.iter().map(|c| escape(&c.to_string())).collect();
+            let _ = write!(
+                body,
+                "<li><a href=\"classes/{}\">{}</a>: {}</li>",
+                class_file(*i),
+                escape(&m.wnid),
+                text.join("; ")
+            );
+        }
+        if flagged.len() > MAX_WARNINGS_LISTED {
+            let _ = write!(body, "<li>and {} more (marked ⚠ below)</li>", flagged.len() - MAX_WARNINGS_LISTED);
+        }
+        body.push_str("</ul></div>");
+    }
     // Time.
     let mut total = StageSeconds::default();
     for m in markers {
@@ -532,9 +584,14 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
     for (i, m) in markers.iter().enumerate() {
         let _ = write!(
             body,
-            "<tr><td><a href=\"classes/{}\">{}</a></td><td class=\"num\">{}</td><td class=\"num\">{}</td>",
+            "<tr><td><a href=\"classes/{}\">{}</a>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>",
             class_file(i),
             escape(&m.wnid),
+            if flagged.iter().any(|(j, _, _)| *j == i) {
+                " <span class=\"warn\" title=\"outside the quality band: see Warnings\">⚠</span>"
+            } else {
+                ""
+            },
             m.label,
             m.real_images
         );
@@ -559,12 +616,13 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
     page(&format!("mgd3 job {job}"), &body)
 }
 
+/// Classes named in the index's warnings; more are counted (and marked in the class table).
+const MAX_WARNINGS_LISTED: usize = 20;
+
 /// Tiles per row of a wrapped contact sheet.
 const COLUMNS: usize = 10;
-/// Displayed side of one contact-sheet tile (CSS pixels).
+/// Displayed width of one contact-sheet tile (CSS pixels).
 const SHOWN: f64 = 96.0;
-/// The contact sheet's white gap between tiles (`worker::sink::grid_png`).
-const GAP: f64 = 2.0;
 
 fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, assets: &str) -> String {
     let m = &records.markers[index];
@@ -587,6 +645,10 @@ fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, ass
         escape(&m.worker_id),
         escape(&m.attempt_id)
     );
+    let ipc = records.job.as_ref().map_or(m.images.len(), |j| j.spec.ipc);
+    for concern in m.quality.as_ref().map(|q| q.concerns(ipc)).unwrap_or_default() {
+        let _ = write!(body, "<p class=\"warning\">⚠ {}</p>", escape(&concern.to_string()));
+    }
     if let Some(q) = &m.quality {
         body.push_str(
             "<h2>Quality</h2><table><tr><th></th><th class=\"num\">raw</th><th class=\"num\">÷ real spread</th></tr>",
@@ -633,20 +695,28 @@ fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, ass
 }
 
 /// The contact sheet (rows: real, modes, samples; column j) cut into tiles with CSS and wrapped
-/// [`COLUMNS`] to a row, each block labelled.
+/// [`COLUMNS`] to a row, each block labelled. The tiles are found by the sheet's layout
+/// ([`SheetLayout::of_sheet`]: this version's labelled sheets and the plain grids of earlier
+/// ones); a sheet of any other size is shown whole.
 fn wrapped_sheet(m: &ClassMarker, width: u32, height: u32, assets: &str) -> String {
     let ipc = m.images.len().max(1);
-    let tile = ((f64::from(width) - GAP) / ipc as f64 - GAP).max(1.0);
-    let scale = SHOWN / tile;
-    let (w, h) = (f64::from(width) * scale, f64::from(height) * scale);
     let url = format!("{assets}contact_sheets/{}.png", segment(&m.wnid));
+    let Some(layout) = SheetLayout::of_sheet((width, height), ipc as u32, 3) else {
+        return format!(
+            "<p><img src=\"{url}\" alt=\"contact sheet of {}\" style=\"max-width:100%\"></p>",
+            escape(&m.wnid)
+        );
+    };
+    let scale = SHOWN / f64::from(layout.tile.0);
+    let shown_h = f64::from(layout.tile.1) * scale;
+    let (w, h) = (f64::from(width) * scale, f64::from(height) * scale);
     let rows = [("real", m.real_images.min(ipc as u64) as usize), ("mode", ipc), ("sample", ipc)];
     let mut html = String::new();
     for start in (0..ipc).step_by(COLUMNS) {
         let end = (start + COLUMNS).min(ipc);
         let _ = write!(
             html,
-            "<div class=\"block\" style=\"grid-template-columns:60px repeat({}, {SHOWN}px)\">",
+            "<div class=\"scroll\"><div class=\"block\" style=\"grid-template-columns:60px repeat({}, {SHOWN}px)\">",
             end - start
         );
         for (r, (label, count)) in rows.iter().enumerate() {
@@ -663,14 +733,15 @@ fn wrapped_sheet(m: &ClassMarker, width: u32, height: u32, assets: &str) -> Stri
                     html.push_str("<span></span>");
                     continue;
                 }
-                let (x, y) = ((GAP + j as f64 * (tile + GAP)) * scale, (GAP + r as f64 * (tile + GAP)) * scale);
+                let (x, y) = layout.tile_origin(j as u32, r as u32);
+                let (x, y) = (f64::from(x) * scale, f64::from(y) * scale);
                 let _ = write!(
                     html,
-                    "<span class=\"tile\" role=\"img\" aria-label=\"{label} {j}\" data-sheet=\"{url}\" style=\"width:{SHOWN}px;height:{SHOWN}px;background:url('{url}') -{x:.2}px -{y:.2}px / {w:.2}px {h:.2}px no-repeat\"></span>"
+                    "<span class=\"tile\" role=\"img\" aria-label=\"{label} {j}\" data-sheet=\"{url}\" style=\"width:{SHOWN}px;height:{shown_h:.2}px;background:url('{url}') -{x:.2}px -{y:.2}px / {w:.2}px {h:.2}px no-repeat\"></span>"
                 );
             }
         }
-        html.push_str("</div>");
+        html.push_str("</div></div>");
     }
     html
 }
@@ -804,6 +875,9 @@ mod tests {
         assert!(String::from_utf8_lossy(&page).contains("n00000999"));
         let overview = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("overview.png")).await.unwrap();
         let overview = image::load_from_memory(&overview).unwrap();
-        assert_eq!((overview.width(), overview.height()), (32 * 66 + 2, 32 * 66 + 2), "a 32 × 32 grid of 64 px tiles");
+        // A title line, then a 32 × 32 grid of tiles, each with its class's name under it.
+        let glyph = mgd3_common::sheet::GLYPH;
+        let size = (32 * (TILE + 2) + 2, glyph + 10 + 32 * (TILE + glyph + 8) + 2);
+        assert_eq!((overview.width(), overview.height()), size, "a 32 × 32 grid of {TILE} px tiles");
     }
 }

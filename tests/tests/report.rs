@@ -62,9 +62,15 @@ fn chromium() -> Option<PathBuf> {
 
 /// Loads `page` in headless Chromium; returns the DOM after load and the console messages.
 fn browse(browser: &Path, page: &Path) -> (String, Vec<String>) {
+    browse_at(browser, page, 1400)
+}
+
+/// [`browse`] in a window `width` CSS pixels wide.
+fn browse_at(browser: &Path, page: &Path, width: u32) -> (String, Vec<String>) {
     let out = Command::new(browser)
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"])
-        .args(["--window-size=1400,6000", "--virtual-time-budget=5000", "--dump-dom"])
+        .arg(format!("--window-size={width},3000"))
+        .args(["--virtual-time-budget=5000", "--dump-dom"])
         .arg(format!("file://{}", page.display()))
         .output()
         .unwrap();
@@ -158,6 +164,52 @@ fn the_report_renders_in_a_browser_with_the_manifests_numbers() {
         assert_eq!(dom.matches("class=\"block\"").count(), 2);
         assert_eq!(dom.matches("aria-label=\"sample ").count(), IPC);
         assert!(dom.contains("<svg") && dom.matches("<title>mode ").count() == IPC);
+    }
+    // The contact sheets carry their class and row names and are enlarged to a readable size.
+    for class in classes {
+        let wnid = class["wnid"].as_str().unwrap();
+        let sheet = image::open(dir.join("contact_sheets").join(format!("{wnid}.png"))).unwrap();
+        let layout = mgd3_common::sheet::SheetLayout::of_sheet((sheet.width(), sheet.height()), IPC as u32, 3)
+            .unwrap_or_else(|| panic!("{wnid}: a sheet of {}×{}", sheet.width(), sheet.height()));
+        assert!(layout.header > 0 && layout.label_width > 0 && layout.tile.0 >= 96, "{layout:?}");
+        let rgb = sheet.to_rgb8();
+        let ink = |x0: u32, y0: u32, w: u32, h: u32| {
+            (x0..x0 + w).flat_map(|x| (y0..y0 + h).map(move |y| (x, y))).any(|(x, y)| rgb.get_pixel(x, y).0 != [255; 3])
+        };
+        assert!(ink(0, 0, sheet.width(), layout.header), "{wnid}: no title");
+        for row in 0..3 {
+            let (_, y) = layout.tile_origin(0, row);
+            assert!(ink(0, y, layout.label_width, layout.tile.1), "{wnid}: no name for row {row}");
+        }
+    }
+    // Classes outside the quality band are warned about, on the index and on their pages (the
+    // tiny random-weight models give samples that do not resemble the data).
+    let band = mgd3_common::manifest::band::REPRESENTATIVENESS_MAX;
+    let far: Vec<&str> = classes
+        .iter()
+        .filter(|c| c["quality"]["representativeness_normalised"].as_f64().unwrap() > band)
+        .map(|c| c["wnid"].as_str().unwrap())
+        .collect();
+    assert!(!far.is_empty(), "the tiny models should give at least one class outside the band");
+    assert_eq!(value("warnings"), far.len() as f64, "{far:?}");
+    assert!(dom.contains("usually models that do not match the data"), "the warning says what it usually means");
+    for (i, class) in classes.iter().enumerate() {
+        let page = std::fs::read_to_string(dir.join("report/classes").join(format!("{i:05}.html"))).unwrap();
+        let warned = page.contains("class=\"warning\"");
+        assert_eq!(warned, far.contains(&class["wnid"].as_str().unwrap()), "class {i}");
+    }
+    // A phone-width window: nothing makes the page wider than the window (wide tables and the
+    // contact-sheet blocks scroll in their own boxes).
+    for page in ["index.html", "classes/00000.html"] {
+        let path = dir.join("report").join(page);
+        let probe = path.with_file_name("probe.html");
+        let probing = "<script>addEventListener('load',function(){document.body.setAttribute('data-scroll-width',\
+                       document.documentElement.scrollWidth);});</script></body>";
+        std::fs::write(&probe, std::fs::read_to_string(&path).unwrap().replace("</body>", probing)).unwrap();
+        let (dom, _) = browse_at(&browser, &probe, 420);
+        std::fs::remove_file(&probe).unwrap();
+        let width: u32 = dom.split_once("data-scroll-width=\"").unwrap().1.split('"').next().unwrap().parse().unwrap();
+        assert!(width <= 420, "{page} is {width} px wide in a 420 px window");
     }
     // The check can fail: a class page whose contact sheet is gone says so on the console.
     std::fs::remove_file(dir.join("contact_sheets/c0.png")).unwrap();

@@ -780,7 +780,7 @@ impl Engine {
         stats.commit += committing.elapsed();
         if won && let Some(modes) = sheet_modes {
             let started = Instant::now();
-            match self.contact_sheet_png(std::mem::take(&mut state.crops), modes, samples) {
+            match self.contact_sheet_png(&class.class, std::mem::take(&mut state.crops), modes, samples) {
                 Ok(png) => sink.contact_sheet(&class.class, png),
                 Err(error) => warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "no contact sheet"),
             }
@@ -793,13 +793,27 @@ impl Engine {
     /// the VAE, the samples (sample j under mode j).
     fn contact_sheet_png(
         &mut self,
+        class: &ClassRef,
         real: Vec<Pixels>,
         modes: Array4<f32>,
         samples: Vec<Pixels>,
     ) -> Result<Vec<u8>, EngineError> {
         let decoded_modes = self.models.decode(modes.view())?;
         let rows = [real, decoded_modes.outer_iter().map(sink::tensor_pixels).collect(), samples];
-        Ok(sink::grid_png(&rows)?)
+        Ok(sink::contact_sheet_png(&sheet_title(class), &rows)?)
+    }
+}
+
+/// A contact sheet's title: the class folder, its ImageNet name when the class is the ImageNet
+/// synset of its label (no name is guessed for other datasets), and the DiT label.
+fn sheet_title(class: &ClassRef) -> String {
+    let imagenet = mgd3_common::classes::imagenet1k_label(&class.wnid)
+        .ok()
+        .filter(|&label| label as i64 == class.label)
+        .and_then(mgd3_common::classes::imagenet1k_name);
+    match imagenet {
+        Some(name) => format!("{} {name} - label {}", class.wnid, class.label),
+        None => format!("{} - label {}", class.wnid, class.label),
     }
 }
 

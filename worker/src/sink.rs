@@ -117,29 +117,47 @@ pub fn tensor_pixels(image: ArrayView3<f32>) -> crate::data::Pixels {
     crate::data::Pixels { width: w, height: h, channels: c, data }
 }
 
-/// PNG of rows of equally sized tiles with a 2-pixel white gap (grayscale tiles shown as grey).
-/// The first tile sets the tile size; larger tiles are cut to it.
+/// A class's contact sheet as PNG ([`mgd3_common::sheet::SheetLayout::labelled`]): `title` in
+/// a band on top, the row names (real / modes / samples) on the left, and `rows` of equally sized
+/// tiles enlarged by a whole factor (nearest neighbour, so pixels stay pixels) until readable,
+/// with a white gap; grayscale tiles are shown as grey. The first tile sets the tile size;
+/// larger tiles are cut to it.
 ///
 /// # Errors
 /// [`SinkError::Png`] when encoding fails.
-pub fn grid_png(rows: &[Vec<crate::data::Pixels>]) -> Result<Vec<u8>, SinkError> {
-    const GAP: usize = 2;
-    let tile = rows.iter().flatten().next().map(|p| (p.width, p.height)).unwrap_or((1, 1));
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let (width, height) = (columns * (tile.0 + GAP) + GAP, rows.len() * (tile.1 + GAP) + GAP);
-    let mut canvas = RgbImage::from_pixel(width as u32, height as u32, image::Rgb([255, 255, 255]));
+pub fn contact_sheet_png(title: &str, rows: &[Vec<crate::data::Pixels>]) -> Result<Vec<u8>, SinkError> {
+    use mgd3_common::sheet::{self, SheetLayout};
+    let image = rows.iter().flatten().next().map(|p| (p.width as u32, p.height as u32)).unwrap_or((1, 1));
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0).max(1) as u32;
+    let layout = SheetLayout::labelled(image, columns, rows.len() as u32);
+    let factor = layout.tile.0 / image.0.max(1);
+    let (width, height) = layout.size();
+    let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let ink = [40, 40, 40];
+    let pad = 2 * sheet::GAP * layout.text_scale;
+    let title = sheet::fit_text(title, width.saturating_sub(2 * pad), layout.text_scale);
+    sheet::draw_text(&mut canvas, pad, pad, &title, layout.text_scale, ink);
     for (r, row) in rows.iter().enumerate() {
+        let (_, y0) = layout.tile_origin(0, r as u32);
+        if let Some(name) = sheet::ROW_NAMES.get(r) {
+            let y = y0 + layout.tile.1.saturating_sub(sheet::GLYPH * layout.text_scale) / 2;
+            sheet::draw_text(&mut canvas, pad, y, name, layout.text_scale, ink);
+        }
         for (col, pixels) in row.iter().enumerate() {
-            let (x0, y0) = (GAP + col * (tile.0 + GAP), GAP + r * (tile.1 + GAP));
-            for y in 0..pixels.height.min(tile.1) {
-                for x in 0..pixels.width.min(tile.0) {
-                    let i = (y * pixels.width + x) * pixels.channels;
+            let (x0, y0) = layout.tile_origin(col as u32, r as u32);
+            for y in 0..(pixels.height as u32).min(image.1) {
+                for x in 0..(pixels.width as u32).min(image.0) {
+                    let i = (y as usize * pixels.width + x as usize) * pixels.channels;
                     let rgb = if pixels.channels == 1 {
                         [pixels.data[i]; 3]
                     } else {
                         [pixels.data[i], pixels.data[i + 1], pixels.data[i + 2]]
                     };
-                    canvas.put_pixel((x0 + x) as u32, (y0 + y) as u32, image::Rgb(rgb));
+                    for dy in 0..factor {
+                        for dx in 0..factor {
+                            canvas.put_pixel(x0 + x * factor + dx, y0 + y * factor + dy, image::Rgb(rgb));
+                        }
+                    }
                 }
             }
         }
