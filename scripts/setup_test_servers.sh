@@ -3,9 +3,14 @@
 # create-only puts) in .venv-test/. The tests find it there; CI sets MGD3_REQUIRE_S3=1 so that a
 # missing moto fails the run instead of skipping the S3 tests. Also strace (Debian), with which
 # the crash tests kill processes at chosen system calls (MGD3_REQUIRE_STRACE=1 in CI).
+#
+# Each install says what it is and how big before it starts; MGD3_SKIP_TORCH=1 skips the 5.6 GB
+# PyTorch environment (its tests are then skipped with a note, unless MGD3_REQUIRE_TORCH=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+say() { echo "setup_test_servers: $*"; }
 if ! command -v strace >/dev/null && [[ $(id -u) -eq 0 ]]; then
+  say "installing strace (Debian, about 2 MB) for the crash tests"
   apt-get install -y -q --no-install-recommends strace >/dev/null \
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends strace >/dev/null; } \
     || echo "note: strace could not be installed; the crash tests will be skipped"
@@ -13,6 +18,7 @@ fi
 # Chromium (Debian's headless shell), in which the report test opens the HTML report
 # (MGD3_REQUIRE_CHROMIUM=1 in CI).
 if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null && [[ $(id -u) -eq 0 ]]; then
+  say "installing chromium-headless-shell (Debian, about 200 MB installed) for the report's browser checks"
   apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null \
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
     || echo "note: Chromium could not be installed; the report's browser checks will be skipped"
@@ -20,14 +26,19 @@ fi
 # PyTorch for scripts/evaluate.py's test and ONNX + onnxscript for the fused-export test
 # (MGD3_REQUIRE_TORCH=1 in CI): the registry's build (a CUDA
 # one; it runs on CPU), pinned with scripts/requirements-eval.txt.
-if ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision, onnx, onnxscript, onnxruntime" 2>/dev/null; }; then
+if [[ ${MGD3_SKIP_TORCH:-} == 1 ]]; then
+  say "MGD3_SKIP_TORCH=1: not installing PyTorch; the evaluation and fused-export tests will be skipped"
+elif ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision, onnx, onnxscript, onnxruntime" 2>/dev/null; }; then
+  say "installing PyTorch, torchvision, ONNX, onnxscript and ONNX Runtime into .venv-eval for the evaluation and fused-export tests: about 600 MB to download, 5.6 GB on disk, a few minutes (MGD3_SKIP_TORCH=1 skips it and those tests)"
   python3 -m venv .venv-eval
   .venv-eval/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-eval.txt
+  say "installed .venv-eval ($(du -sh .venv-eval | cut -f1))"
 fi
 if [[ -x .venv-test/bin/python ]] && .venv-test/bin/python -c "import moto.server" 2>/dev/null; then
   echo "moto already installed in .venv-test"
   exit 0
 fi
+say "installing moto (the S3 server the S3 tests start on loopback) into .venv-test: about 140 MB"
 python3 -m venv .venv-test
 .venv-test/bin/pip install --quiet --disable-pip-version-check 'moto[s3]==5.*' flask flask-cors
 .venv-test/bin/python -c "import moto, moto.server; print('moto', moto.__version__, 'installed in .venv-test')"

@@ -288,3 +288,31 @@ fn sbatch_requeued_after_the_last_commit_launches_no_workers_and_completes() {
     assert!(relaunch.contains("succeeded"), "{}", a.diagnostics());
     assert!(!relaunch.contains("cancelling") && !relaunch.contains("killing srun"), "{}", a.diagnostics());
 }
+
+/// An allocation whose job succeeds ends as a person expects: exit 0, and a log without errors.
+/// Its workers are drained by the coordinator and exit by themselves, so neither srun ("task 0:
+/// Killed") nor slurmstepd ("STEP … CANCELLED") has anything to complain about.
+#[test]
+fn a_successful_allocation_ends_with_a_clean_log() {
+    let _nodes = NODES.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let a = Allocation::submit(2);
+    a.wait("the allocation to complete", Duration::from_secs(300), |a| {
+        matches!(field(&a.scontrol(), "JobState").as_str(), "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT")
+    });
+    let info = a.scontrol();
+    assert_eq!(
+        (field(&info, "JobState"), field(&info, "ExitCode")),
+        ("COMPLETED".into(), "0:0".into()),
+        "{}",
+        a.diagnostics()
+    );
+    let log = a.log_text();
+    assert!(log.contains("succeeded"), "{}", a.diagnostics());
+    for alarming in ["srun: error", "CANCELLED", "Killed", "Terminated", "cancelling", "killing srun", "still running"]
+    {
+        assert!(!log.contains(alarming), "the log of a successful job says `{alarming}`:\n{log}");
+    }
+}
