@@ -11,8 +11,8 @@ if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
     || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }
 fi
 scripts/setup_ort.sh
-# The longest step (10–15 minutes on 2 cores): cargo shows what it compiles as it goes.
-echo "setup: building the release binaries (cargo's progress follows; 10-15 minutes on 2 cores)"
+# The longest step (8 to 14 minutes on 2 cores): cargo shows what it compiles as it goes.
+echo "setup: building the release binaries (cargo's progress follows; about 8 to 14 minutes on 2 cores)"
 cargo build --release -p mgd3-worker -p mgd3-coordinator --bins
 if [[ ! -f data/fashion-mnist/classes.txt ]]; then
   target/release/worker import-fashion-mnist --out data/fashion-mnist

@@ -5,18 +5,27 @@
 # onnxruntime/capi/libonnxruntime.so.<version>. The result lands in .ort/<flavour>/ inside the
 # repository; .cargo/config.toml points ORT_DYLIB_PATH at the CPU build so `cargo test` finds it.
 #
-#   scripts/setup_ort.sh          CPU build (onnxruntime==1.31.1)
-#   scripts/setup_ort.sh gpu      CUDA 13 build (onnxruntime-gpu==1.31.1) into .ort/gpu/
+#   scripts/setup_ort.sh           CPU build (onnxruntime==1.31.1)
+#   scripts/setup_ort.sh gpu       CUDA 13 build (onnxruntime-gpu==1.31.1) into .ort/gpu/:
+#                                  driver R580+, CUDA 13 and cuDNN 9 libraries
+#   scripts/setup_ort.sh gpu-cu12  CUDA 12 build (onnxruntime-gpu==1.26.0, the newest CUDA 12 wheel
+#                                  on PyPI) into .ort/gpu-cu12/: driver R525+, CUDA 12 and cuDNN 9
+#                                  libraries; the workers take it with --ort-lib or ORT_DYLIB_PATH
+#
+# ORT_VERSION=X picks another version of the flavour (installed into .ort/<flavour>-X/); mgd3
+# loads ONNX Runtime 1.26 or newer (the `ort` binding is built at API level 26).
 set -euo pipefail
-ORT_VERSION="${ORT_VERSION:-1.31.1}"
 flavour="${1:-cpu}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 case "$flavour" in
-  cpu) package="onnxruntime" ;;
-  gpu) package="onnxruntime-gpu" ;;
-  *) echo "usage: $0 [cpu|gpu]" >&2; exit 2 ;;
+  cpu) package="onnxruntime" default_version=1.31.1 ;;
+  gpu) package="onnxruntime-gpu" default_version=1.31.1 ;;
+  gpu-cu12) package="onnxruntime-gpu" default_version=1.26.0 ;;
+  *) echo "usage: $0 [cpu|gpu|gpu-cu12]" >&2; exit 2 ;;
 esac
+ORT_VERSION="${ORT_VERSION:-$default_version}"
 dest="$root/.ort/$flavour"
+[[ $ORT_VERSION == "$default_version" ]] || dest="$root/.ort/$flavour-$ORT_VERSION"
 lib="$dest/libonnxruntime.so.$ORT_VERSION"
 if [[ -f "$lib" ]]; then
   echo "ONNX Runtime $ORT_VERSION ($flavour) already installed: $lib"

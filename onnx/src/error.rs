@@ -202,7 +202,9 @@ pub fn cuda_fix(cause: &str) -> String {
     let library = missing_library(cause);
     if lower.contains("driver") && (lower.contains("insufficient") || lower.contains("older")) {
         return "the NVIDIA driver is older than this ONNX Runtime's CUDA needs (the `gpu` build of \
-                `scripts/setup_ort.sh` needs CUDA 13 drivers, R580 or newer): update the driver or run on nodes that have one"
+                `scripts/setup_ort.sh` needs CUDA 13 drivers, R580 or newer): on CUDA 12 drivers (R525 or newer) \
+                install `scripts/setup_ort.sh gpu-cu12` and point --ort-lib / ORT_DYLIB_PATH at \
+                .ort/gpu-cu12/libonnxruntime.so; or update the driver"
             .to_owned();
     }
     match library {
@@ -212,8 +214,8 @@ pub fn cuda_fix(cause: &str) -> String {
         ),
         Some(lib) => format!(
             "the CUDA execution provider needs `{lib}`, which the loader cannot find; load the CUDA and cuDNN \
-             libraries (e.g. `module load cuda cudnn`) or add their folder to LD_LIBRARY_PATH \
-             (`scripts/setup_ort.sh gpu` puts them in .ort/gpu)"
+             libraries (e.g. `module load cuda cudnn`) or add their folder to LD_LIBRARY_PATH{}",
+            cuda_major_hint(lib)
         ),
         None if lower.contains("not enabled") || lower.contains("not available") || lower.contains("not supported") => {
             "the ONNX Runtime in use is a CPU build; install the GPU build with `scripts/setup_ort.sh gpu` \
@@ -226,9 +228,35 @@ pub fn cuda_fix(cause: &str) -> String {
     }
 }
 
+/// For a missing CUDA library of a given major version, the ONNX Runtime build that matches the
+/// other one: clusters with CUDA 12 modules meet the CUDA 13 build's `….so.13` first.
+fn cuda_major_hint(lib: &str) -> &'static str {
+    let cuda_library = ["libcudart", "libcublas", "libcufft", "libcurand"].iter().any(|p| lib.starts_with(p));
+    if cuda_library && lib.ends_with(".so.13") {
+        " (this is ONNX Runtime's CUDA 13 build; with CUDA 12 libraries and drivers use `scripts/setup_ort.sh \
+         gpu-cu12` and point --ort-lib / ORT_DYLIB_PATH at .ort/gpu-cu12/libonnxruntime.so)"
+    } else if cuda_library && lib.ends_with(".so.12") {
+        " (this is ONNX Runtime's CUDA 12 build; with CUDA 13 libraries use `scripts/setup_ort.sh gpu`)"
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_fix_points_at_the_build_that_matches_the_cluster() {
+        let thirteen = cuda_fix("libcublasLt.so.13: cannot open shared object file: No such file or directory");
+        assert!(thirteen.contains("`libcublasLt.so.13`") && thirteen.contains("gpu-cu12"), "{thirteen}");
+        let twelve = cuda_fix("libcudart.so.12: cannot open shared object file: No such file or directory");
+        assert!(twelve.contains("CUDA 12 build") && twelve.contains("setup_ort.sh gpu`"), "{twelve}");
+        let cudnn = cuda_fix("libcudnn.so.9: cannot open shared object file: No such file or directory");
+        assert!(cudnn.contains("`libcudnn.so.9`") && !cudnn.contains("gpu-cu12"), "{cudnn}");
+        let driver = cuda_fix("CUDA driver version is insufficient for CUDA runtime version");
+        assert!(driver.contains("R580") && driver.contains("gpu-cu12") && driver.contains("R525"), "{driver}");
+    }
 
     #[test]
     fn tensorrt_fix_names_what_is_missing() {

@@ -16,8 +16,9 @@ use ort::session::builder::GraphOptimizationLevel;
 
 use crate::error::{Error, Result};
 
-/// The oldest ONNX Runtime the `api-31` binding accepts.
-pub const REQUIRED_ORT: &str = "1.31";
+/// The oldest ONNX Runtime the `api-26` binding accepts: 1.26.0 is the newest onnxruntime-gpu
+/// wheel built for CUDA 12 (1.27 and later are CUDA 13), so one binary serves both kinds of node.
+pub const REQUIRED_ORT: &str = "1.26";
 
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -186,11 +187,12 @@ impl Default for SessionConfig {
 static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
 
 /// `.ort/<flavour>/libonnxruntime.so` in the nearest ancestor of the running executable that has
-/// one (where `scripts/setup_ort.sh` puts it in a checkout); the GPU build first.
+/// one (where `scripts/setup_ort.sh` puts it in a checkout); the GPU builds first (CUDA 13, then
+/// CUDA 12: a checkout holds the one its cluster's drivers run, or both with `--ort-lib` choosing).
 fn installed_beside_executable() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     exe.ancestors().skip(1).find_map(|dir| {
-        ["gpu", "cpu"]
+        ["gpu", "gpu-cu12", "cpu"]
             .iter()
             .map(|flavour| dir.join(".ort").join(flavour).join("libonnxruntime.so"))
             .find(|p| p.exists())

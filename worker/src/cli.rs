@@ -126,9 +126,10 @@ pub struct RuntimeArgs {
     /// The execution provider on a CUDA device: `cuda` (ONNX Runtime's CUDA provider), or
     /// `tensorrt` (opt-in: NVIDIA TensorRT, which must be installed; it builds an engine per model
     /// and shape on first use, kept in the model cache's `tensorrt` folder, and leaves what it
-    /// cannot run to the CUDA provider).
-    #[arg(long, default_value = "cuda")]
-    pub provider: mgd3_onnx::session::GpuProvider,
+    /// cannot run to the CUDA provider). Default `cuda`; refused with `--device cpu`, where no
+    /// GPU provider runs.
+    #[arg(long)]
+    pub provider: Option<mgd3_onnx::session::GpuProvider>,
     /// Rows per DiT call (a call holds rows/2 cond+uncond sample pairs); `--max-batch` is the
     /// same flag's older name. Before the VAE had its own flag, it set the VAE batch too: it
     /// still does unless --vae-batch is given, capped at 64 images.
@@ -173,8 +174,8 @@ pub struct RuntimeArgs {
     /// process may use: its affinity mask, cgroup quota and SLURM_CPUS_PER_TASK).
     #[arg(long, env = "MGD3_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
-    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the `.ort/gpu` or `.ort/cpu` copy
-    /// in the checkout this binary was built in, else the system library).
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the `.ort/gpu`, `.ort/gpu-cu12`
+    /// or `.ort/cpu` copy in the checkout this binary was built in, else the system library).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
 }
@@ -346,8 +347,14 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             (Some(MemoryLimit::Bytes(bytes)), Device::Cuda(_)) => Some(bytes),
             (Some(MemoryLimit::Fraction(f)), Device::Cuda(id)) => Some((cuda_total_memory(id)? as f64 * f) as u64),
         };
-        if args.provider == mgd3_onnx::session::GpuProvider::TensorRt && args.device == Device::Cpu {
-            bail!("--provider tensorrt runs models on a CUDA device: add --device cuda (or cuda:N)");
+        // A GPU provider named for a CPU worker would be ignored: say so instead of running on the
+        // CPU while the user believes the GPU is used.
+        if let (Some(provider), Device::Cpu) = (args.provider, args.device) {
+            bail!(
+                "--provider {} runs models on a CUDA device, and this worker runs on the cpu: add --device cuda \
+                 (or cuda:N), or drop --provider",
+                provider
+            );
         }
         Ok(SessionConfig {
             device: args.device,
@@ -357,7 +364,7 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             gpu_memory_limit,
             // each model's own tuning is set where its session is built (`Runtime::dit` etc.)
             cuda: Default::default(),
-            provider: args.provider,
+            provider: args.provider.unwrap_or_default(),
             tensorrt_cache: Some(mgd3_common::store::model_cache_dir().join("tensorrt")),
             fault_oom_above: args.fault_oom_above,
         })

@@ -367,12 +367,17 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
     );
     assert!(!out.join("n001").exists(), "nothing is written");
 
-    let on_cpu = distill_tiny(&data, &out, "tiny_dit.onnx", &["--provider", "tensorrt", "--device", "cpu"]);
-    let text = stderr(&on_cpu);
-    assert!(
-        text.contains("--provider tensorrt runs models on a CUDA device") && text.contains("--device cuda"),
-        "{text}"
-    );
+    // Either GPU provider named for a CPU worker is refused, never silently ignored.
+    for provider in ["tensorrt", "cuda"] {
+        let on_cpu = distill_tiny(&data, &out, "tiny_dit.onnx", &["--provider", provider, "--device", "cpu"]);
+        let text = stderr(&on_cpu);
+        assert!(
+            !on_cpu.status.success()
+                && text.contains(&format!("--provider {provider} runs models on a CUDA device"))
+                && text.contains("--device cuda"),
+            "{text}"
+        );
+    }
 
     // A bf16 export (which ONNX Runtime runs on CUDA only) on the CPU: one sentence, not ONNX
     // Runtime's "Could not find an implementation for Add(14)".
