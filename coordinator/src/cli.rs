@@ -897,6 +897,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             };
             let summary = crate::report::write_report(&dir, &args.job.job, &target, copy).await?;
             errln!("report of {} class(es) written", summary.classes);
+            warn_quality(&summary);
             outln!("{}", summary.index);
             Ok(())
         }
@@ -1064,6 +1065,56 @@ fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
 }
 
 /// Resolves once every child has exited, describing each one's exit status.
+/// Tells the classes outside the quality band on stderr, so that a run that succeeded with
+/// models or labels that do not fit its data does not look like a good one.
+fn warn_quality(summary: &crate::report::ReportSummary) {
+    if summary.warnings.is_empty() {
+        return;
+    }
+    errln!(
+        "warning: {} of {} classes fall outside the quality band (see the report's Warnings):",
+        summary.warnings.len(),
+        summary.classes
+    );
+    for line in summary.warning_lines(10) {
+        errln!("  {line}");
+    }
+}
+
+/// Each exited local worker as `local-i exited (status): its last error line`.
+async fn exit_reasons(
+    workers: &mut [tokio::process::Child],
+    last_errors: &std::sync::Mutex<Vec<Option<String>>>,
+) -> Vec<String> {
+    let exits = all_exited(workers).await;
+    let errors = last_errors.lock().expect("last errors").clone();
+    exits
+        .iter()
+        .zip(errors)
+        .enumerate()
+        .map(|(i, (exit, error))| {
+            format!("local-{i} exited ({exit}): {}", error.as_deref().unwrap_or("see its log above"))
+        })
+        .collect()
+}
+
+/// Stops `coordinator run`'s own workers (drained, then killed after 30 s), writes the
+/// coordinator's state and stops it, which releases the store's lock.
+async fn stop_local(
+    coordinator: &Coordinator,
+    workers: &mut [tokio::process::Child],
+    local: crate::local::LocalCoordinator,
+) {
+    coordinator.drain();
+    for worker in workers.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.is_err() {
+            let _ = worker.start_kill();
+        }
+    }
+    coordinator.flush().await;
+    let _ = local.stop().await;
+}
+
 async fn all_exited(children: &mut [tokio::process::Child]) -> Vec<String> {
     let mut statuses = Vec::new();
     for child in children.iter_mut() {
@@ -1209,7 +1260,25 @@ async fn run_local(args: RunArgs) -> Result<()> {
     // The job is submitted once the workers have registered (or given up), so that its shards
     // are sized by the batch policy they report rather than the default.
     wait_for_registrations(&coordinator, &mut workers, REGISTRATION_WAIT).await;
-    let (job, _, notes) = coordinator.submit_with(&text, Path::new(&base), None, args.data.setting()).await?;
+    // Every local worker gone before it registered (a device it cannot use): nothing to run the
+    // job, so it is not submitted; a refused submit stops the workers and frees the store too.
+    let all_gone = workers.iter_mut().all(|w| !matches!(w.try_wait(), Ok(None)));
+    let submitted = if all_gone {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reasons = exit_reasons(&mut workers, &last_errors).await;
+        let job = format!("in `{}` (not submitted)", args.spec.display());
+        Err(anyhow::Error::new(mgd3_common::NoWorker { job, reasons }))
+    } else {
+        coordinator.submit_with(&text, Path::new(&base), None, args.data.setting()).await.map_err(anyhow::Error::new)
+    };
+    let (job, _, notes) = match submitted {
+        Ok(submitted) => submitted,
+        Err(error) => {
+            stop_local(&coordinator, &mut workers, local).await;
+            progress.finish();
+            return Err(error);
+        }
+    };
     for note in &notes {
         errln!("note: {note}");
     }
@@ -1228,29 +1297,16 @@ async fn run_local(args: RunArgs) -> Result<()> {
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
-        exits = all_exited(&mut workers) => {
+        _ = all_exited(&mut workers) => {
             // Their stderr may still be draining: the reasons come with the last lines.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let errors = last_errors.lock().expect("last errors").clone();
-            let reasons = exits
-                .iter()
-                .zip(errors)
-                .enumerate()
-                .map(|(i, (exit, error))| format!("local-{i} exited ({exit}): {}", error.as_deref().unwrap_or("see its log above")))
-                .collect();
+            let reasons = exit_reasons(&mut workers, &last_errors).await;
             Err(mgd3_common::NoWorker { job: job.job_id.clone(), reasons }.into())
         }
     };
     // Our own channel must not keep the server's graceful shutdown waiting.
     drop(client);
-    coordinator.drain();
-    for worker in &mut workers {
-        if tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.is_err() {
-            let _ = worker.start_kill();
-        }
-    }
-    coordinator.flush().await;
-    let _ = local.stop().await;
+    stop_local(&coordinator, &mut workers, local).await;
     progress.finish();
     let status = outcome?;
     exit_for(&status, &url)?;
@@ -1264,7 +1320,10 @@ async fn run_local(args: RunArgs) -> Result<()> {
             Err(e) => Err(mgd3_common::error_chain(&e)),
         };
         match written {
-            Ok(summary) => outln!("report: {}", summary.index),
+            Ok(summary) => {
+                outln!("report: {}", summary.index);
+                warn_quality(&summary);
+            }
             Err(error) => tracing::warn!(%error, "no report written; `coordinator report` tries again"),
         }
     }

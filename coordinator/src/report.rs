@@ -101,12 +101,47 @@ pub enum ReportError {
 }
 
 /// What a report was made of.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReportSummary {
     /// Classes with a page.
     pub classes: usize,
     /// Where `index.html` is.
     pub index: String,
+    /// The classes outside the quality band (`manifest::band`), in class order, with why: what
+    /// the report's Warnings list, for the console too.
+    pub warnings: Vec<(String, Vec<QualityConcern>)>,
+}
+
+impl ReportSummary {
+    /// One line per flagged class (at most `shown`, then a count), for a console or a log.
+    pub fn warning_lines(&self, shown: usize) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .warnings
+            .iter()
+            .take(shown)
+            .map(|(wnid, concerns)| {
+                format!("class `{wnid}`: {}", concerns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; "))
+            })
+            .collect();
+        if self.warnings.len() > shown {
+            lines.push(format!("and {} more classes (the report lists them)", self.warnings.len() - shown));
+        }
+        lines
+    }
+}
+
+/// The classes of `records` whose quality falls outside the band: (position, marker, concerns).
+fn flagged(records: &JobRecords) -> Vec<(usize, &ClassMarker, Vec<QualityConcern>)> {
+    let ipc = records.job.as_ref().map(|j| j.spec.ipc);
+    records
+        .markers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let concerns = m.quality.as_ref()?.concerns(ipc.unwrap_or(m.images.len()));
+            (!concerns.is_empty()).then_some((i, m, concerns))
+        })
+        .collect()
 }
 
 /// A job's records as its output folder holds them.
@@ -248,7 +283,8 @@ pub async fn write_report(
         put(target, &format!("classes/{}", class_file(i)), page.into_bytes()).await?;
     }
     put(target, "index.html", index_page(&records, if copy_sheets { "" } else { "../" }).into_bytes()).await?;
-    Ok(ReportSummary { classes: records.markers.len(), index: target.child("index.html").url })
+    let warnings = flagged(&records).into_iter().map(|(_, m, concerns)| (m.wnid.clone(), concerns)).collect();
+    Ok(ReportSummary { classes: records.markers.len(), index: target.child("index.html").url, warnings })
 }
 
 async fn put(target: &Location, key: &str, bytes: Vec<u8>) -> Result<(), ReportError> {
@@ -470,15 +506,7 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         );
     }
     // Classes outside the quality band, each with what it usually means.
-    let ipc = records.job.as_ref().map(|j| j.spec.ipc);
-    let flagged: Vec<(usize, &ClassMarker, Vec<QualityConcern>)> = markers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            let concerns = m.quality.as_ref()?.concerns(ipc.unwrap_or(m.images.len()));
-            (!concerns.is_empty()).then_some((i, m, concerns))
-        })
-        .collect();
+    let flagged = flagged(records);
     if !flagged.is_empty() {
         let _ = write!(
             body,

@@ -219,7 +219,8 @@ pub fn cuda_fix(cause: &str) -> String {
         ),
         None if lower.contains("not enabled") || lower.contains("not available") || lower.contains("not supported") => {
             "the ONNX Runtime in use is a CPU build; install the GPU build with `scripts/setup_ort.sh gpu` \
-             (or point ORT_DYLIB_PATH / --ort-lib at one)"
+             (or point ORT_DYLIB_PATH / --ort-lib at one), or run on the CPU with --device cpu \
+             (MGD3_DEVICE=cpu for distill.sbatch)"
                 .to_owned()
         }
         None => "ONNX Runtime's CUDA execution provider could not be registered; use the GPU build \

@@ -653,6 +653,17 @@ fn a_device_the_worker_cannot_use_stops_it_before_it_registers() {
         assert!(text.contains(part), "{part}: {text}");
     }
     assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after a grace: {text}");
+    assert!(text.contains("(not submitted)") && !text.contains("job submitted"), "no worker, no job: {text}");
+    let jobs = Path::new(&run_store).join("jobs");
+    assert!(std::fs::read_dir(&jobs).map_or(true, |mut d| d.next().is_none()), "a job was left in {}", jobs.display());
+    // The store is free again: the next run on it takes no one's lock over.
+    let out = Command::new(bin("coordinator"))
+        .args(["run", spec_path.to_str().unwrap(), "--local-workers", "1", "--store", &run_store, "--no-report"])
+        .arg("--worker-arg=--threads=1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("taking over"), "{text}");
 }
 
 /// Find the job, and two jobs on one store: while `coordinator run` runs (on a random loopback
@@ -939,6 +950,7 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
     );
     let (code, text) = run(&["--accept-data-changes"]);
     assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("taking over"), "the refused run released the store: {text}");
     assert!(text.contains("the data of 1 class(es) changed and is distilled again"), "{text}");
     assert_eq!((marker("c0").unwrap(), marker("c2").unwrap()), (c0.clone(), c2.clone()), "other commits kept");
     assert_eq!(marker("c1").expect("c1 committed")["data"]["images"], 4);

@@ -104,6 +104,7 @@ fn the_report_renders_in_a_browser_with_the_manifests_numbers() {
     let dir_arg = dir.display().to_string();
     let out = coordinator(&["report", &job, "--job-dir", &dir_arg]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let index = dir.join("report/index.html");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), index.display().to_string());
     for page in ["overview.png", "classes/00000.html", "classes/00001.html", "classes/00002.html"] {
@@ -192,6 +193,11 @@ fn the_report_renders_in_a_browser_with_the_manifests_numbers() {
         .collect();
     assert!(!far.is_empty(), "the tiny models should give at least one class outside the band");
     assert_eq!(value("warnings"), far.len() as f64, "{far:?}");
+    // … and on the console of `coordinator report` (and `run`).
+    assert!(report_stderr.contains(&format!("warning: {} of 3 classes fall outside the quality band", far.len())));
+    for wnid in &far {
+        assert!(report_stderr.contains(&format!("class `{wnid}`: samples do not resemble")), "{report_stderr}");
+    }
     assert!(dom.contains("usually models that do not match the data"), "the warning says what it usually means");
     for (i, class) in classes.iter().enumerate() {
         let page = std::fs::read_to_string(dir.join("report/classes").join(format!("{i:05}.html"))).unwrap();

@@ -85,6 +85,11 @@ impl Drop for Allocation {
 impl Allocation {
     /// Submits the batch script (2 nodes × 2 worker steps) and waits for the mgd3 job id.
     fn submit(ipc: usize) -> Allocation {
+        Self::submit_with(ipc, &[], &[])
+    }
+
+    /// [`Allocation::submit`] with more `sbatch` arguments and environment.
+    fn submit_with(ipc: usize, sbatch_args: &[&str], env: &[(&str, &str)]) -> Allocation {
         assert!(ipc <= 40, "the synthetic classes hold 40 images");
         let scratch = tempfile::tempdir().unwrap();
         let data = scratch.path().join("data");
@@ -97,6 +102,7 @@ impl Allocation {
         let bin_dir = bin("worker").parent().unwrap().to_owned();
         let sbatch = Command::new("sbatch")
             .args(["--parsable", "--nodes=2", "--ntasks-per-node=2"])
+            .args(sbatch_args)
             .arg(format!("--output={}/slurm-%j.out", scratch.path().display()))
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/slurm/distill.sbatch"))
             .arg(&spec_path)
@@ -105,6 +111,7 @@ impl Allocation {
             .env("MGD3_PORT", port.to_string())
             .env("MGD3_STOP_GRACE", "20")
             .env("MGD3_WORKER_ARGS", "--threads 1 --max-batch 2")
+            .envs(env.iter().copied())
             .current_dir(scratch.path())
             .output()
             .unwrap();
@@ -298,7 +305,8 @@ fn a_successful_allocation_ends_with_a_clean_log() {
     if !slurm_up() {
         return;
     }
-    let a = Allocation::submit(2);
+    // CPU workers on an allocation without GPUs: the worker steps must not ask for one.
+    let a = Allocation::submit_with(2, &["--gpus-per-task=0"], &[]);
     a.wait("the allocation to complete", Duration::from_secs(300), |a| {
         matches!(field(&a.scontrol(), "JobState").as_str(), "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT")
     });
@@ -315,4 +323,6 @@ fn a_successful_allocation_ends_with_a_clean_log() {
     {
         assert!(!log.contains(alarming), "the log of a successful job says `{alarming}`:\n{log}");
     }
+    // Its report is written, and the log says where.
+    assert!(log.contains("report: ") && a.job_dir().join("report/index.html").is_file(), "{log}");
 }

@@ -59,9 +59,10 @@ pub enum DataError {
     /// fingerprint.
     #[error(
         "class `{class}` changed since the job recorded it: {submitted} then, {now} now{}; to distil the class \
-         from its files as they are now (every other class's commit is kept), accept the change with `coordinator \
-         resume <job> --accept-data-changes` (or the same flag on submit and run), or restore the class's files \
-         (names and sizes; modification times do not matter)",
+         from its files as they are now (every other class's commit is kept), run the same `coordinator run` or \
+         `submit` again with --accept-data-changes (or `coordinator resume JOB --accept-data-changes` while a \
+         coordinator serves the job), or restore the class's files (names and sizes; modification times do not \
+         matter)",
         if submitted.images == now.images && submitted.bytes == now.bytes {
             " (as many images and bytes: files were renamed, or replaced by others of the same total size)"
         } else {
