@@ -63,6 +63,17 @@ fn main() {
             tokio::spawn(run(config, engine, std::future::pending()));
         }
         let mut probe = mgd3_common::rpc::connect(&url, None, None).unwrap();
+        // The probe is a worker like any other (the coordinator answers only registered ones);
+        // it polls as draining, so it is never given a shard.
+        let registration = proto::RegisterWorkerRequest {
+            worker_id: "probe".into(),
+            hostname: "probe".into(),
+            protocol_version: mgd3_common::PROTOCOL_VERSION,
+            pid: std::process::id(),
+            instance: format!("probe-{}", std::process::id()),
+            ..Default::default()
+        };
+        probe.register_worker(registration).await.unwrap();
         let mut latencies = Vec::new();
         loop {
             let sent = Instant::now();

@@ -2,6 +2,7 @@
 //! equal a 1-worker run; failures are named and resumable; two attempts racing on one shard leave
 //! one winner per class and no mixed files; RPCs without the token are rejected.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -943,6 +944,26 @@ async fn classes_that_are_one_folder_through_links_are_refused_at_submit() {
     cluster.shutdown().await;
 }
 
+/// A dataset of `classes` folders `classNN` of `per_class` 10-byte images in a scratch folder
+/// that the test may change, a served coordinator on a store beside it, and an IPC 2 spec over
+/// it: (scratch, dataset, store, cluster, spec).
+async fn changing_dataset(classes: usize, per_class: usize) -> (tempfile::TempDir, PathBuf, Location, Cluster, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in 0..classes {
+        let folder = data.join(format!("class{class:02}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..per_class {
+            std::fs::write(folder.join(format!("{i}.png")), [i as u8; 10]).unwrap();
+        }
+    }
+    let store_url = dir.path().join("store").display().to_string();
+    let out = store::open(&store_url).unwrap();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(classes, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    (dir, data, out, cluster, spec)
+}
+
 /// The marker of `wnid` in job `job`'s output folder.
 async fn marker(out: &Location, job: &str, wnid: &str) -> mgd3_common::manifest::ClassMarker {
     let key = out.key(&JobKeys::new(job).marker(wnid));
@@ -954,18 +975,7 @@ async fn marker(out: &Location, job: &str, wnid: &str) -> mgd3_common::manifest:
 /// with other content are caught with `data_fingerprint = "content"` only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn copying_or_touching_the_dataset_keeps_the_job_and_its_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    for class in ["class00", "class01"] {
-        std::fs::create_dir_all(data.join(class)).unwrap();
-        for i in 0..3 {
-            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8; 10]).unwrap();
-        }
-    }
-    let store_url = dir.path().join("store").display().to_string();
-    let out = store::open(&store_url).unwrap();
-    let cluster = start(&store_url, None).await;
-    let spec = spec_toml(2, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    let (dir, data, out, cluster, spec) = changing_dataset(2, 3).await;
     let (first, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     // Each class's listing is recorded for the workers to check against.
     let listing = first.classes[1].listing.as_ref().expect("the listing submit saw");
@@ -1011,18 +1021,7 @@ async fn copying_or_touching_the_dataset_keeps_the_job_and_its_commits() {
 /// and every other commit is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_changed_class_is_distilled_again_only_when_the_change_is_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    for class in ["class00", "class01", "class02"] {
-        std::fs::create_dir_all(data.join(class)).unwrap();
-        for i in 0..4 {
-            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8; 10]).unwrap();
-        }
-    }
-    let store_url = dir.path().join("store").display().to_string();
-    let out = store::open(&store_url).unwrap();
-    let cluster = start(&store_url, None).await;
-    let spec = spec_toml(3, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
+    let (dir, data, out, cluster, spec) = changing_dataset(3, 4).await;
     let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
     cluster.run_to_success(&job.job_id).await;
     let before: Vec<_> =
