@@ -746,7 +746,23 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Status(args) => {
             let mut client = args.connection.client()?;
             let statuses = match &args.job {
-                Some(job) => vec![job_status(&mut client, &args.connection.coordinator, job).await?],
+                Some(job) => match job_status(&mut client, &args.connection.coordinator, job).await {
+                    Ok(status) => vec![status],
+                    // A finished `coordinator run` takes its coordinator with it: the job's folder
+                    // still answers, offline.
+                    Err(error)
+                        if error
+                            .downcast_ref::<CallError>()
+                            .is_some_and(|e| e.failure() == mgd3_common::rpc::Failure::NothingListens) =>
+                    {
+                        return Err(error.context(format!(
+                            "no coordinator to ask about job `{job}`; once its run has ended its output folder answers: \
+                             `coordinator verify {job} --job-dir <output>/jobs/{job}` counts its committed classes and \
+                             `coordinator report {job} --job-dir <output>/jobs/{job}` shows them"
+                        )));
+                    }
+                    Err(error) => return Err(error),
+                },
                 None => list_jobs(&mut client, &args.connection.coordinator).await?,
             };
             if let Some(path) = &args.get {

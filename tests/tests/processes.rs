@@ -769,6 +769,10 @@ fn connection_failures_are_told_as_what_they_are() {
             let text = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} at {url}");
             assert!(text.contains(words) && !text.contains("TLS"), "{args:?} at {url}: {text}");
+            // With nothing to ask, a job's status points at its output folder, which answers offline.
+            if args[0] == "status" && *words == "nothing listens at" {
+                assert!(text.contains("coordinator verify j --job-dir <output>/jobs/j"), "{text}");
+            }
         }
     }
     let scratch = tempfile::tempdir().unwrap();
