@@ -83,7 +83,8 @@ pub struct ClassQuality {
 /// The band of [`ClassQuality`] numbers a class's samples normally fall in. Measured on the
 /// Fashion-MNIST demo (λ 0.1, t_stop 25): representativeness ÷ real spread 0.39–1.0 and
 /// diversity ÷ real spread 0.38–0.9 over its classes and IPCs, and real images themselves about
-/// 0.8–1; a class sampled under another class's label gave 1.34–2.27, random-weight models 2.7–13.
+/// 0.8–1; a class sampled under another class's label gave 1.29–2.33 (a near class, 1.16: the band does not
+/// catch every wrong label), random-weight models 2.7–13.
 pub mod band {
     /// Above this `representativeness_normalised` the samples lie farther from the class's real
     /// images than those lie from each other.

@@ -335,7 +335,12 @@ pub struct DataChangeArgs {
     /// Distil the classes whose data changed again, from the data as it is now, and keep every
     /// other commit (without it the command refuses and names the classes). Modification times
     /// never count: a copy (`cp -r`) or a `touch` is the same data.
-    #[arg(long, env = "MGD3_ACCEPT_DATA_CHANGES")]
+    #[arg(
+        long,
+        env = "MGD3_ACCEPT_DATA_CHANGES",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
     pub accept_data_changes: bool,
 }
 
@@ -473,10 +478,10 @@ pub struct RunArgs {
     /// Worker processes to start on this machine (default: one per `--devices` GPU, else 1).
     #[arg(long)]
     pub local_workers: Option<usize>,
-    /// Where the local workers run their models: `cpu`, or `cuda` to give worker i its own GPU
-    /// (`cuda:i`, or the i-th of `--devices`).
-    #[arg(long, value_enum, default_value_t = LocalDevice::Cpu)]
-    pub device: LocalDevice,
+    /// Where the local workers run their models: `cpu` (the default without `--devices`), or
+    /// `cuda` to give worker i its own GPU (`cuda:i`, or the i-th of `--devices`).
+    #[arg(long, value_enum)]
+    pub device: Option<LocalDevice>,
     /// The GPUs the local workers take, one each in turn (e.g. `--devices 0,2,3`); implies
     /// `--device cuda`.
     #[arg(long, value_delimiter = ',')]
@@ -1158,7 +1163,10 @@ impl RunArgs {
     /// # Errors
     /// `--local-workers 0`.
     pub fn worker_devices(&self) -> Result<Vec<Option<String>>> {
-        let cuda = self.device == LocalDevice::Cuda || !self.devices.is_empty();
+        if self.device == Some(LocalDevice::Cpu) && !self.devices.is_empty() {
+            bail!("--devices gives the workers GPUs and --device cpu keeps them on the CPU: drop one of the two");
+        }
+        let cuda = self.device == Some(LocalDevice::Cuda) || !self.devices.is_empty();
         let count = self.local_workers.unwrap_or(if self.devices.is_empty() { 1 } else { self.devices.len() });
         if count == 0 {
             bail!("--local-workers must be at least 1");

@@ -560,7 +560,7 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
     body.push_str("<h2>Failures and retries</h2>");
     match &records.state {
         Some(state) => {
-            let troubled: Vec<_> = state.shards.iter().enumerate().filter(|(_, s)| s.attempts > 1 || s.last_error.is_some() || s.state == ShardState::Failed).collect();
+            let troubled: Vec<_> = state.shards.iter().enumerate().filter(|(_, s)| s.attempts > 1 || s.last_error.is_some() || s.state == ShardState::Failed || s.before_resume.is_some()).collect();
             let unfinished = state.shards.iter().filter(|s| !matches!(s.state, ShardState::Done { .. })).count();
             if troubled.is_empty() && unfinished == 0 {
                 body.push_str("<p id=\"failures\" data-value=\"0\">Every shard succeeded at its first attempt.</p>");
@@ -575,8 +575,18 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
                         ShardState::Pending => "pending",
                         ShardState::Leased { .. } => "running",
                     };
-                    let (wnid, error) = shard.last_error.as_ref().map(|e| (e.wnid.clone().unwrap_or_default(), e.error.clone())).unwrap_or_default();
-                    let _ = write!(body, "<tr><td class=\"num\">{i}</td><td class=\"num\">{}</td><td class=\"{}\">{state}</td><td>{}</td><td>{}</td></tr>", shard.attempts, if state == "failed" { "fail" } else { "" }, escape(&wnid), escape(&error));
+                    // The error of this run, else the one a resume moved into the shard's history.
+                    let earlier = shard.before_resume.as_ref();
+                    let (wnid, error) = match (&shard.last_error, earlier.and_then(|e| e.last_error.as_ref())) {
+                        (Some(e), _) => (e.wnid.clone().unwrap_or_default(), e.error.clone()),
+                        (None, Some(e)) => (e.wnid.clone().unwrap_or_default(), format!("before a resume: {}", e.error)),
+                        (None, None) => Default::default(),
+                    };
+                    let attempts = match earlier {
+                        Some(e) => format!("{} (+{} before resume)", shard.attempts, e.attempts),
+                        None => shard.attempts.to_string(),
+                    };
+                    let _ = write!(body, "<tr><td class=\"num\">{i}</td><td class=\"num\">{attempts}</td><td class=\"{}\">{state}</td><td>{}</td><td>{}</td></tr>", if state == "failed" { "fail" } else { "" }, escape(&wnid), escape(&error));
                 }
                 body.push_str("</table>");
             }

@@ -131,11 +131,31 @@ pub struct Shard {
     /// Classes the current lease reported committed.
     #[serde(default)]
     pub classes_done: u32,
+    /// Attempts spent before the last `resume` gave the shard a fresh budget, and the last
+    /// error they ended with: the job's history, for the report, which a resume does not erase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_resume: Option<EarlierAttempts>,
+}
+
+/// What a shard went through before a `resume` reset its attempts (summed over resumes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierAttempts {
+    /// Attempts spent.
+    pub attempts: u32,
+    /// The last error before the resume.
+    pub last_error: Option<ShardError>,
 }
 
 impl Shard {
     fn pending() -> Self {
-        Shard { state: ShardState::Pending, attempts: 0, last_error: None, images_done: 0, classes_done: 0 }
+        Shard {
+            state: ShardState::Pending,
+            attempts: 0,
+            last_error: None,
+            images_done: 0,
+            classes_done: 0,
+            before_resume: None,
+        }
     }
 
     /// Forgets the progress of the lease that just ended.
@@ -1190,7 +1210,15 @@ impl Scheduler {
                 shard.state = ShardState::Pending;
                 // Resume may have withdrawn classes whose files were lost: count afresh.
                 shard.classes_done = 0;
-                // A fresh budget: the old error is no failure of this run ("after 0 attempts").
+                // A fresh budget: the old error is no failure of this run ("after 0 attempts"),
+                // but it stays in the shard's history.
+                if shard.attempts > 0 || shard.last_error.is_some() {
+                    let earlier = shard.before_resume.get_or_insert(EarlierAttempts { attempts: 0, last_error: None });
+                    earlier.attempts += shard.attempts;
+                    if shard.last_error.is_some() {
+                        earlier.last_error = shard.last_error.take();
+                    }
+                }
                 shard.attempts = 0;
                 shard.last_error = None;
                 run.pending.insert(i);

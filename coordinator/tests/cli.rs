@@ -92,6 +92,27 @@ fn run_names_a_missing_worker_binary() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/worker"));
 }
 
+/// `--device cpu` with `--devices` is a contradiction, said as such instead of running on GPUs;
+/// `MGD3_ACCEPT_DATA_CHANGES` takes the values a shell user writes (1, true, yes, on; 0, …).
+#[test]
+fn run_flags_say_what_they_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(&spec, BAD_SPEC.replace("ipc = 0", "ipc = 1")).unwrap();
+    let out = coordinator(&["run", spec.to_str().unwrap(), "--device", "cpu", "--devices", "0"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("--device cpu keeps them on the CPU"), "{text}");
+    for value in ["1", "true", "yes", "on", "0", "false", "no", "off"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["resume", "j", "--coordinator", "http://127.0.0.1:1"])
+            .env("MGD3_ACCEPT_DATA_CHANGES", value)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("nothing listens") && !text.contains("invalid value"), "{value}: {text}");
+    }
+}
+
 const GOOD_SPEC: &str = r#"
 dataset = "data"
 classes = ["a", "b"]

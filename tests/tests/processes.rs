@@ -924,9 +924,11 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
     let bad = data.join("c1/zz_cut.jpg");
     std::fs::write(&bad, [0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F']).unwrap();
     let run = |extra: &[&str]| {
+        let accept = extra.contains(&"MGD3_ACCEPT_DATA_CHANGES=1");
         let out = Command::new(bin("coordinator"))
             .args(["run", scratch.spec.to_str().unwrap(), "--local-workers", "1", "--worker-arg=--threads=1"])
-            .args(extra)
+            .args(extra.iter().filter(|a| !a.contains('=')))
+            .env("MGD3_ACCEPT_DATA_CHANGES", if accept { "1" } else { "0" })
             .output()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -952,12 +954,17 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
             && text.contains("--accept-data-changes"),
         "{text}"
     );
-    let (code, text) = run(&["--accept-data-changes"]);
+    // As a shell or distill.sbatch user says it: the variable, set to 1.
+    let (code, text) = run(&["MGD3_ACCEPT_DATA_CHANGES=1"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("taking over"), "the refused run released the store: {text}");
     assert!(text.contains("the data of 1 class(es) changed and is distilled again"), "{text}");
     assert_eq!((marker("c0").unwrap(), marker("c2").unwrap()), (c0.clone(), c2.clone()), "other commits kept");
     assert_eq!(marker("c1").expect("c1 committed")["data"]["images"], 4);
+    // The job's report keeps what happened before the accepted resume.
+    let report = std::fs::read_to_string(jobs.join(&job).join("report/index.html")).unwrap();
+    assert!(report.contains("before resume") && report.contains("before a resume: ") && report.contains("zz_cut.jpg"));
+    assert!(!report.contains("Every shard succeeded at its first attempt"));
 
     // Staged again to the same place by a copy that keeps no modification times.
     std::thread::sleep(Duration::from_millis(20));
