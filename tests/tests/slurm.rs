@@ -326,3 +326,23 @@ fn a_successful_allocation_ends_with_a_clean_log() {
     // Its report is written, and the log says where.
     assert!(log.contains("report: ") && a.job_dir().join("report/index.html").is_file(), "{log}");
 }
+
+/// Worker steps that cannot use their device (here: CUDA asked of a CPU-only ONNX Runtime) never
+/// register: the allocation ends at once with exit 3, "no worker can run the job", and the
+/// reason, instead of exit 1 as if the job had failed.
+#[test]
+fn an_allocation_whose_workers_cannot_use_their_device_ends_with_exit_3() {
+    let _nodes = NODES.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let a = Allocation::submit_with(2, &[], &[("MGD3_DEVICE", "cuda")]);
+    a.wait("the allocation to end", Duration::from_secs(120), |a| {
+        matches!(field(&a.scontrol(), "JobState").as_str(), "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT")
+    });
+    let info = a.scontrol();
+    assert_eq!(field(&info, "ExitCode"), "3:0", "{}", a.diagnostics());
+    let log = a.log_text();
+    assert!(log.contains("cannot use cuda:0") && log.contains("no worker can run it"), "{log}");
+    assert!(log.contains("MGD3_DEVICE=cpu"), "the way out is named: {log}");
+}
