@@ -23,6 +23,12 @@ if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/de
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
     || echo "note: Chromium could not be installed; the report's browser checks will be skipped"
 fi
+# ONNX Runtime 1.26.0's CPU library, the version of CUDA 12 clusters, for the test that it loads
+# (MGD3_REQUIRE_ORT_1_26=1 in CI).
+if [[ ! -f .ort/cpu-1.26.0/libonnxruntime.so.1.26.0 ]]; then
+  say "installing ONNX Runtime 1.26.0's CPU library into .ort/cpu-1.26.0 (about 20 MB), for the CUDA 12 runtime's test"
+  ORT_VERSION=1.26.0 scripts/setup_ort.sh cpu >/dev/null
+fi
 # PyTorch for scripts/evaluate.py's test and ONNX + onnxscript for the fused-export test
 # (MGD3_REQUIRE_TORCH=1 in CI): the registry's build (a CUDA
 # one; it runs on CPU), pinned with scripts/requirements-eval.txt.

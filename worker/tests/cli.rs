@@ -498,3 +498,31 @@ fn npy_inputs_of_the_wrong_kind_say_what_to_write() {
     expect(&text, &["is not a .npy file NumPy wrote", "[N,C,h,w]"]);
     assert!(!out.exists());
 }
+
+/// The ONNX Runtime of CUDA 12 clusters loads: the binding is built at API level 26, and 1.26.0
+/// is the newest onnxruntime(-gpu) built for CUDA 12. Its CPU library (installed by
+/// `scripts/setup_test_servers.sh` into `.ort/cpu-1.26.0`) distils a class as 1.31 does; an
+/// older library than the binding accepts is refused naming the version.
+#[test]
+fn the_onnx_runtime_of_cuda_12_clusters_loads() {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ort/cpu-1.26.0/libonnxruntime.so");
+    if !lib.exists() {
+        assert!(
+            std::env::var("MGD3_REQUIRE_ORT_1_26").as_deref() != Ok("1"),
+            "no {}: run scripts/setup_test_servers.sh (it installs ONNX Runtime 1.26.0's CPU library)",
+            lib.display()
+        );
+        eprintln!(
+            "note: skipping: no ONNX Runtime 1.26.0 in .ort/cpu-1.26.0 (scripts/setup_test_servers.sh installs it)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let lib = lib.display().to_string();
+    let out = dir.path().join("o");
+    let result = distill_tiny(&data, &out, "tiny_dit_fused.onnx", &["--ort-lib", &lib]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(out.join("n001").join("0.png").is_file(), "{}", stderr(&result));
+}
