@@ -429,7 +429,7 @@ impl std::fmt::Display for CallError {
             ),
             Failure::NothingListens => write!(
                 f,
-                "nothing listens at {} ({message}); start the coordinator (`coordinator serve`), or point --coordinator (or MGD3_COORDINATOR) at the one that runs",
+                "nothing listens at {} ({message}); start the coordinator (`coordinator serve --store <output>`), or point --coordinator (or MGD3_COORDINATOR) at the one that runs",
                 authority(url)
             ),
             Failure::ClosedMidCall => write!(

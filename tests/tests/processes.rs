@@ -935,7 +935,10 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
     };
     let (code, text) = run(&[]);
     assert_eq!(code, Some(1), "the job fails on the cut JPEG:\n{text}");
-    assert!(text.contains("zz_cut.jpg"), "{text}");
+    assert!(
+        text.contains("zz_cut.jpg") && text.contains("then run the same command again with --accept-data-changes"),
+        "{text}"
+    );
     let jobs = Path::new(&scratch.store).join("jobs");
     let job = std::fs::read_dir(&jobs).unwrap().next().unwrap().unwrap().file_name().into_string().unwrap();
     let marker = |class: &str| -> Option<serde_json::Value> {

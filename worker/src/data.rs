@@ -48,6 +48,12 @@ pub fn check_unchanged(class: &mgd3_common::job::ClassRef, listing: &ClassListin
     Ok(false)
 }
 
+/// What to do about a real image that cannot be used, said with each such error: the way back
+/// from a corrupt file that keeps every other class's commit.
+pub const UNREADABLE_IMAGE_FIX: &str = "remove or replace the file, then run the same command again with \
+    --accept-data-changes (MGD3_ACCEPT_DATA_CHANGES=1 for distill.sbatch): only this class is distilled again; \
+    `coordinator check JOB.toml --decode` finds every such file at once";
+
 /// Errors of reading real images.
 #[derive(Debug, Error)]
 pub enum DataError {
@@ -102,7 +108,7 @@ pub enum DataError {
         ipc: usize,
     },
     /// The bytes are not an image of a known format, or the decoder failed.
-    #[error("cannot decode image `{path}`")]
+    #[error("cannot decode image `{path}` ({UNREADABLE_IMAGE_FIX})")]
     Decode {
         /// The image's path or key.
         path: PathBuf,
@@ -113,7 +119,7 @@ pub enum DataError {
     /// A JPEG without its end-of-image marker after the scan data (decoders would fill it with
     /// grey; PIL refuses it).
     #[error(
-        "image `{path}` is truncated: the {format} data ends before the image does ({bytes} bytes); replace or remove the file"
+        "image `{path}` is truncated: the {format} data ends before the image does ({bytes} bytes); {UNREADABLE_IMAGE_FIX}"
     )]
     Truncated {
         /// The image's path or key.
@@ -152,7 +158,7 @@ pub enum DataError {
         source: object_store::Error,
     },
     /// An image that decodes to zero width or height.
-    #[error("image `{path}` is empty ({width}×{height})")]
+    #[error("image `{path}` is empty ({width}×{height}); {UNREADABLE_IMAGE_FIX}")]
     Degenerate {
         /// The image's path or key.
         path: PathBuf,
