@@ -763,7 +763,8 @@ async fn run_command(cli: Cli) -> Result<()> {
                         return Err(error.context(format!(
                             "no coordinator to ask about job `{job}`; once its run has ended its output folder answers: \
                              `coordinator verify {job} --job-dir <output>/jobs/{job}` counts its committed classes and \
-                             `coordinator report {job} --job-dir <output>/jobs/{job}` shows them"
+                             `coordinator report {job} --job-dir <output>/jobs/{job}` shows them (`coordinator spec \
+                             job.toml --get output` prints <output>)"
                         )));
                     }
                     Err(error) => return Err(error),
@@ -873,8 +874,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            // Offline, a job folder with its manifest is a job that succeeded: said, not left to
+            // be inferred from the class count.
+            let finished = if args.job_dir.is_some() { "succeeded (manifest.json), " } else { "" };
             outln!(
-                "job {}: {} class(es), {} file(s) checked, {} problem(s)",
+                "job {}: {finished}{} class(es), {} file(s) checked, {} problem(s)",
                 args.job,
                 response.classes_checked,
                 response.files_checked,

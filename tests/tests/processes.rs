@@ -724,7 +724,11 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
     let job_dir = format!("{store}/jobs/{job}");
     let offline = cli(&["verify", &job, "--job-dir", &job_dir]);
     let text = String::from_utf8_lossy(&offline.stdout);
-    assert!(offline.status.success() && text.contains("4 class(es), 8 file(s) checked, 0 problem(s)"), "{text}");
+    assert!(
+        offline.status.success()
+            && text.contains("succeeded (manifest.json), 4 class(es), 8 file(s) checked, 0 problem(s)"),
+        "{text}"
+    );
 }
 
 /// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
