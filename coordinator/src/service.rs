@@ -718,7 +718,8 @@ impl Coordinator {
                 if data == DataChanges::Refuse {
                     return Err(Error::DataChanged { job: existing.job_id.clone(), changes });
                 }
-                let resumed = self.resume_with(&existing.job_id, None, DataChanges::Accept).await?;
+                let resumed =
+                    self.resume_listed(&existing.job_id, None, DataChanges::Accept, Some(job.classes.clone())).await?;
                 notes.push(data_changes_note(&existing.job_id, &resumed.data_changed));
                 let existing = self.known_job(&existing.job_id)?;
                 return Ok((existing, true, notes));
@@ -985,6 +986,19 @@ impl Coordinator {
     /// As [`Coordinator::resume`]; [`Error::DataChanged`] only with [`DataChanges::Refuse`];
     /// [`Error::ClassListChanged`] when the job's class folders are not the dataset's any more.
     pub async fn resume_with(&self, job_id: &str, spec: Option<(&str, &Path)>, data: DataChanges) -> Result<Resumed> {
+        self.resume_listed(job_id, spec, data, None).await
+    }
+
+    /// [`Coordinator::resume_with`], given the job's classes as the dataset lists them now when
+    /// the caller has just listed it (a resubmit): the dataset is not listed, or with
+    /// `data_fingerprint = "content"` read, a second time.
+    async fn resume_listed(
+        &self,
+        job_id: &str,
+        spec: Option<(&str, &Path)>,
+        data: DataChanges,
+        listed: Option<Vec<ClassRef>>,
+    ) -> Result<Resumed> {
         self.refuse_vanished(job_id).await?;
         if self.inner.quarantined.lock().expect("quarantined").contains_key(job_id) {
             // Repaired records bring a quarantined job back; damaged ones keep it out.
@@ -1013,7 +1027,10 @@ impl Coordinator {
         }
         // Each class's data now, against what the job recorded and what its commit was made
         // from: a changed class is distilled again only when the caller accepts the change.
-        let fresh = check_dataset(&job.spec).await?.classes;
+        let fresh = match listed {
+            Some(classes) => classes,
+            None => check_dataset(&job.spec).await?.classes,
+        };
         let changes = self.data_changes(&job, &fresh).await?;
         if !changes.is_empty() {
             if data == DataChanges::Refuse {
