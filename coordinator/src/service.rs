@@ -881,6 +881,17 @@ impl Coordinator {
     /// # Errors
     /// [`Error::ClassListChanged`] when `fresh` holds other classes; marker and store errors.
     async fn data_changes(&self, job: &ResolvedJob, fresh: &[ClassRef]) -> Result<Vec<DataChange>> {
+        Ok(self.data_review(job, fresh).await?.0)
+    }
+
+    /// [`Coordinator::data_changes`], also returning the commit marker of each class (in the
+    /// job's order; `None` where uncommitted) that the comparison read, for a caller that goes
+    /// on to check the commits.
+    async fn data_review(
+        &self,
+        job: &ResolvedJob,
+        fresh: &[ClassRef],
+    ) -> Result<(Vec<DataChange>, Vec<Option<mgd3_common::manifest::ClassMarker>>)> {
         let names = |classes: &[ClassRef]| classes.iter().map(|c| c.wnid.clone()).collect::<Vec<_>>();
         if names(&job.classes) != names(fresh) {
             let (then, now): (HashSet<_>, HashSet<_>) =
@@ -905,10 +916,10 @@ impl Coordinator {
             })
             .collect();
         let markers = futures::stream::iter(reads).buffered(MARKERS_IN_FLIGHT).collect::<Vec<_>>().await;
+        let markers = markers.into_iter().collect::<std::result::Result<Vec<_>, _>>()?;
         let mut changes = Vec::new();
         let mut versions_only = Vec::new();
-        for ((recorded, now), marker) in job.classes.iter().zip(fresh).zip(markers) {
-            let marker = marker?;
+        for ((recorded, now), marker) in job.classes.iter().zip(fresh).zip(&markers) {
             let Some(now_data) = &now.listing else { continue };
             // A commit is compared with the data it was made from; anything else with the record.
             let committed_from = marker.as_ref().and_then(|m| m.data.clone());
@@ -934,7 +945,7 @@ impl Coordinator {
                  data_fingerprint = \"content\" in the spec tells rewritten files apart"
             );
         }
-        Ok(changes)
+        Ok((changes, markers))
     }
 
     /// Accepts `changes` (from [`Coordinator::data_changes`] against `fresh`): records every
@@ -1031,22 +1042,27 @@ impl Coordinator {
             Some(classes) => classes,
             None => check_dataset(&job.spec).await?.classes,
         };
-        let changes = self.data_changes(&job, &fresh).await?;
+        let (changes, mut markers) = self.data_review(&job, &fresh).await?;
         if !changes.is_empty() {
             if data == DataChanges::Refuse {
                 return Err(Error::DataChanged { job: job_id.into(), changes });
             }
             job = self.accept_data(&job, fresh, &changes).await?;
+            // The commits made from the old data are withdrawn: nothing of theirs to check.
+            for (class, marker) in job.classes.iter().zip(markers.iter_mut()) {
+                if changes.iter().any(|c| c.was_committed && c.wnid == class.wnid) {
+                    *marker = None;
+                }
+            }
         }
         let out = self.output(&job)?;
         let keys = JobKeys::new(job_id);
         // Every published file is checked against its marker's sha256 and restored from staging
         // where it can be; a class that cannot be restored is withdrawn and distilled again.
         let mut redone = Vec::new();
-        for class in &job.classes {
-            let Some(marker) = commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await? else {
-                continue;
-            };
+        // The markers the data comparison read: each is read once.
+        for (class, marker) in job.classes.iter().zip(markers) {
+            let Some(marker) = marker else { continue };
             match commit::publish(&out, &keys, &marker, commit::Check::Content).await {
                 Ok(()) => {}
                 Err(error @ CommitError::LostStaging { .. }) => {
