@@ -1,0 +1,213 @@
+//! `simulate`: a cluster run in virtual time (see `mgd3_tests::sim`). One scenario from flags,
+//! or `--table` for the README's "Scale" table (ImageNet-1K on 8 and 64 GPUs, ImageNet-21K on
+//! 256 and 1,024, each without and with preemption waves). `--toy` shrinks everything for CI.
+//!
+//! `cargo run --release -p mgd3-tests --bin simulate -- --table`
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use mgd3_tests::sim::{Dataset, Outcome, Preemption, Scenario, run};
+
+#[derive(Parser, Debug)]
+#[command(about = "Simulates a distillation job on a cluster in virtual time and prints what the coordinator cost")]
+struct Args {
+    /// `imagenet-1k`, `imagenet-21k`, or `<classes>x<images>` (e.g. `200x500`).
+    #[arg(long, default_value = "imagenet-1k")]
+    dataset: String,
+    /// Workers (GPUs).
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+    /// Images per class.
+    #[arg(long, default_value_t = 50)]
+    ipc: usize,
+    /// DiT rows per call the workers report (shards are planned for it).
+    #[arg(long, default_value_t = 256)]
+    dit_rows: usize,
+    /// Distilled images per second per GPU.
+    #[arg(long, default_value_t = 7.17)]
+    sample_rate: f64,
+    /// Real images per second per GPU through decode and VAE encode.
+    #[arg(long, default_value_t = 600.0)]
+    encode_rate: f64,
+    /// Share of live workers preempted per wave (0 = no waves).
+    #[arg(long, default_value_t = 0.0)]
+    preempt_share: f64,
+    /// Minutes between preemption waves.
+    #[arg(long, default_value_t = 30.0)]
+    preempt_every_min: f64,
+    /// Seconds until a preempted or crashed worker runs again.
+    #[arg(long, default_value_t = 180.0)]
+    requeue_s: f64,
+    /// Mean hours between silent crashes of one worker (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    crash_mtbf_h: f64,
+    /// Coordinator crashes and restarts, spread over the run.
+    #[arg(long, default_value_t = 0)]
+    coordinator_restarts: usize,
+    /// Worker heartbeat, ms.
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// Seed of every draw.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run the README's table instead of one scenario.
+    #[arg(long)]
+    table: bool,
+    /// With --table: toy sizes (CI), so the simulator is run and cannot rot.
+    #[arg(long)]
+    toy: bool,
+}
+
+fn dataset(text: &str) -> Result<Dataset> {
+    Ok(match text {
+        "imagenet-1k" => Dataset::ImageNet1k,
+        "imagenet-21k" => Dataset::ImageNet21k,
+        other => match other.split_once('x').map(|(c, i)| (c.parse(), i.parse())) {
+            Some((Ok(classes), Ok(images))) if classes > 0 => Dataset::Uniform { classes, images },
+            _ => bail!("--dataset `{other}`: use imagenet-1k, imagenet-21k or <classes>x<images> (e.g. 200x500)"),
+        },
+    })
+}
+
+fn scenario(args: &Args) -> Result<Scenario> {
+    let mut s = Scenario::new(dataset(&args.dataset)?, args.workers);
+    if args.workers == 0 || args.ipc == 0 || args.dit_rows == 0 {
+        bail!("--workers, --ipc and --dit-rows must be at least 1");
+    }
+    if !(args.sample_rate > 0.0 && args.encode_rate > 0.0) {
+        bail!("--sample-rate and --encode-rate must be positive");
+    }
+    if !(0.0..=1.0).contains(&args.preempt_share) {
+        bail!("--preempt-share {}: a share of the workers, 0..1", args.preempt_share);
+    }
+    s.ipc = args.ipc;
+    s.dit_rows = args.dit_rows;
+    s.sample_rate = args.sample_rate;
+    s.encode_rate = args.encode_rate;
+    s.requeue_s = args.requeue_s;
+    s.crash_mtbf_h = args.crash_mtbf_h;
+    s.coordinator_restarts = args.coordinator_restarts;
+    s.heartbeat_ms = args.heartbeat_ms;
+    s.seed = args.seed;
+    if args.preempt_share > 0.0 {
+        s.preemption = Some(Preemption { share: args.preempt_share, every_s: args.preempt_every_min * 60.0 });
+    }
+    Ok(s)
+}
+
+fn print_one(o: &Outcome) {
+    println!("{}: {} classes in {} shards on {} workers", o.name, o.classes, o.shards, o.workers);
+    println!(
+        "  makespan {:.0} s, ideal {:.0} s (committed GPU time ÷ workers): makespan / ideal = {:.3}",
+        o.makespan_s,
+        o.ideal_s,
+        o.ratio()
+    );
+    println!("  GPU idle share {:.1} %, wasted GPU time {:.0} s", o.idle_share * 100.0, o.wasted_gpu_s);
+    println!(
+        "  coordinator: {} lease operations, {:.0} per second of its CPU; {:.1} µs CPU per event ({} events)",
+        o.lease_ops,
+        o.lease_ops_per_s(),
+        o.cpu_us_per_event(),
+        o.coordinator_events
+    );
+    println!(
+        "  state written: {} bytes in {} writes, {:.0} bytes per committed class",
+        o.state_bytes,
+        o.state_writes,
+        o.state_bytes_per_class()
+    );
+    let all = o.output_requests.plus(&o.state_requests);
+    println!(
+        "  object-store requests: {} ({:.2} per image: {} PUT, {} COPY, {} LIST, {} GET, {} HEAD, {} DELETE), \
+         ${:.2} at S3 Standard list prices",
+        all.total(),
+        o.requests_per_image(),
+        all.put,
+        all.copy,
+        all.list,
+        all.get,
+        all.head,
+        all.delete,
+        o.s3_usd()
+    );
+    println!(
+        "  preemptions {}, crashes {}, coordinator restarts {}; peak RSS {:.0} MiB (this process); {:.1} s wall",
+        o.preemptions,
+        o.crashes,
+        o.restarts,
+        o.peak_rss_bytes as f64 / (1 << 20) as f64,
+        o.wall_s
+    );
+}
+
+fn table_header() {
+    println!(
+        "| run | GPUs | shards | makespan / ideal | GPU idle | lease ops/s (1 core) | CPU per event | state bytes per class | state bytes total | requests per image | S3 requests | peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+}
+
+fn table_row(o: &Outcome) {
+    println!(
+        "| {} | {} | {} | {:.3} | {:.1} % | {:.0} | {:.1} µs | {:.0} | {:.1} MB | {:.2} | ${:.2} | {:.0} MiB |",
+        o.name,
+        o.workers,
+        o.shards,
+        o.ratio(),
+        o.idle_share * 100.0,
+        o.lease_ops_per_s(),
+        o.cpu_us_per_event(),
+        o.state_bytes_per_class(),
+        o.state_bytes as f64 / 1e6,
+        o.requests_per_image(),
+        o.s3_usd(),
+        o.peak_rss_bytes as f64 / (1 << 20) as f64
+    );
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if !args.table {
+        let s = scenario(&args)?;
+        let name = format!("{} IPC {}", s.dataset.name(), s.ipc);
+        print_one(&run(s, name).await?);
+        return Ok(());
+    }
+    let runs: Vec<(Dataset, usize)> = if args.toy {
+        vec![(Dataset::Uniform { classes: 60, images: 300 }, 4), (Dataset::Uniform { classes: 300, images: 300 }, 32)]
+    } else {
+        vec![
+            (Dataset::ImageNet1k, 8),
+            (Dataset::ImageNet1k, 64),
+            (Dataset::ImageNet21k, 256),
+            (Dataset::ImageNet21k, 1024),
+        ]
+    };
+    let mut outcomes = Vec::new();
+    for (data, workers) in runs {
+        for preempted in [false, true] {
+            let mut s = scenario(&args)?;
+            (s.dataset, s.workers) = (data, workers);
+            if preempted {
+                s.preemption = Some(Preemption { share: 0.05, every_s: args.preempt_every_min * 60.0 });
+            }
+            let name = format!(
+                "{} IPC {}{}",
+                data.name(),
+                s.ipc,
+                if preempted { format!(", 5 % preempted every {} min", args.preempt_every_min) } else { String::new() }
+            );
+            let outcome = run(s, name).await?;
+            print_one(&outcome);
+            outcomes.push(outcome);
+        }
+    }
+    println!();
+    table_header();
+    for o in &outcomes {
+        table_row(o);
+    }
+    Ok(())
+}
