@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <out>/jobs/<job>/job.json                    resolved spec + fingerprint, written once at submit
-//! <out>/jobs/<job>/state.json                  coordinator's durable view (attempts, failures, leases)
+//! <out>/jobs/<job>/state.json                  coordinator's durable view of the job (cancelled, paused,
+//!                                              exclusions, finish; shard count)
+//! <out>/jobs/<job>/state/shards/<i>.json       one shard's attempts, last error and lease (absent: never leased)
 //! <out>/jobs/<job>/forgotten.json              `coordinator forget` left the outputs here (no job.json)
 //! <out>/jobs/<job>/staging/<attempt>/<wnid>/   one attempt's files before commit
 //! <out>/jobs/<job>/shards/<wnid>.json          commit marker (create-only), lists sha256 of each file
@@ -38,6 +40,15 @@ impl JobKeys {
     /// `jobs/<job>/state.json`: the coordinator's durable view of the job.
     pub fn state_json(&self) -> String {
         format!("{}/state.json", self.root)
+    }
+    /// `jobs/<job>/state/shards`: the prefix of the per-shard state records.
+    pub fn shard_records(&self) -> String {
+        format!("{}/state/shards", self.root)
+    }
+    /// `jobs/<job>/state/shards/<index>.json`: shard `index`'s state (attempts, last error,
+    /// lease), rewritten when it changes; absent while the shard was never leased.
+    pub fn shard_record(&self, index: usize) -> String {
+        format!("{}/state/shards/{index}.json", self.root)
     }
     /// `jobs/<job>/forgotten.json`: written by `coordinator forget` where the job's outputs stay
     /// in its folder, so that the folder is not taken for a job whose `job.json` was lost.

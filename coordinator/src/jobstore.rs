@@ -1,16 +1,28 @@
 //! The state seam: where the coordinator keeps each job's own records, behind the [`JobStore`]
 //! trait. [`ObjectJobStore`] keeps them in any object store (`file://`, `memory://`, `s3://`,
-//! ...) as `jobs/<id>/job.json` (the resolved job, immutable, create-only) and
-//! `jobs/<id>/state.json` (attempts, failures, leases and exclusions; rewritten). Outputs, commit
+//! ...) as `jobs/<id>/job.json` (the resolved job, immutable, create-only), `jobs/<id>/state.json`
+//! (the job-level state: cancelled, paused, exclusions, finish, shard count) and one record per
+//! shard, `jobs/<id>/state/shards/<i>.json` (attempts, last error, lease). Outputs, commit
 //! markers and manifests are not job records: they live in the job's output store
 //! (see [`crate::state`]).
 //!
+//! Per-shard records keep the cost of persisting an event independent of the job's size: a
+//! flush writes only the shards that changed since the last write (a lease's renewed deadline
+//! alone is no change: recovery gives every lease a fresh period anyway), where one `state.json`
+//! with every shard was rewritten whole — 770 KB per flush at ImageNet-21K's 5,461 shards, 55 KB
+//! per committed class (measured by the `simulate` binary). A shard never leased has no record.
+//!
 //! `state.json` carries a `schema_version` ([`STATE_SCHEMA_VERSION`]). Files from before it
-//! existed have the shape of version 1 and are read as such; a file from a newer mgd3 is refused
-//! ([`Error::StateTooNew`]), which quarantines the job rather than losing what it records.
+//! existed have the shape of version 1 and are read as such; versions 1 and 2 hold every shard
+//! in `state.json` and are read with any records written since laid over them (the first write
+//! of this version moves them out); a file from a newer mgd3 is refused ([`Error::StateTooNew`]),
+//! which quarantines the job rather than losing what it records.
 
-use futures::TryStreamExt;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
 use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use mgd3_common::job::ResolvedJob;
 use mgd3_common::layout::JobKeys;
 use mgd3_common::store::{Location, get_optional, put_create, retry_idempotent};
@@ -18,12 +30,16 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::scheduler::PersistedJob;
+use crate::scheduler::{PersistedJob, Shard, ShardState};
 
 /// The `schema_version` this build writes into `state.json`, and the newest it reads.
 /// 1: the unversioned files written before the field existed (same shape).
 /// 2: `schema_version` added; shards record `classes_done`.
-pub const STATE_SCHEMA_VERSION: u32 = 2;
+/// 3: shards moved to per-shard records (`state/shards/<i>.json`); `shard_count` added.
+pub const STATE_SCHEMA_VERSION: u32 = 3;
+
+/// Shard records read or written at once.
+const RECORD_CONCURRENCY: usize = 32;
 
 /// A job's records as loaded: the resolved job and its persisted state, if any.
 pub type JobRecords = (ResolvedJob, Option<PersistedJob>);
@@ -169,8 +185,31 @@ struct StateFileIn {
     /// Absent in files written before versioning: version 1.
     #[serde(default = "legacy_version")]
     schema_version: u32,
+    /// Since version 3: the job's shards (their records are beside the file).
+    #[serde(default)]
+    shard_count: Option<usize>,
     #[serde(flatten)]
     state: PersistedJob,
+}
+
+/// `state.json` since version 3: the job-level fields; the shards are in their own records.
+#[derive(Serialize)]
+struct StateHeadOut<'a> {
+    schema_version: u32,
+    shard_count: usize,
+    cancelled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused: Option<&'a str>,
+    finished_unix_ms: Option<u64>,
+    excluded_workers: &'a BTreeSet<String>,
+    #[serde(skip_serializing_if = "no_reasons")]
+    exclusion_reasons: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    fingerprint: &'a str,
+}
+
+fn no_reasons(reasons: &&BTreeMap<String, String>) -> bool {
+    reasons.is_empty()
 }
 
 fn legacy_version() -> u32 {
@@ -199,8 +238,11 @@ pub fn parse_state(path: &str, bytes: &[u8]) -> Result<Option<PersistedJob>> {
         });
     }
     match serde_json::from_slice::<StateFileIn>(bytes) {
-        Ok(file) => {
+        Ok(mut file) => {
             debug_assert!(file.schema_version <= STATE_SCHEMA_VERSION);
+            if let Some(count) = file.shard_count {
+                file.state.shards = vec![Shard::pending(); count];
+            }
             Ok(Some(file.state))
         }
         Err(error) => {
@@ -210,21 +252,150 @@ pub fn parse_state(path: &str, bytes: &[u8]) -> Result<Option<PersistedJob>> {
     }
 }
 
-/// The bytes of `state.json` for `state`.
+/// The bytes of `state.json` for `state` as versions 1 and 2 wrote it, every shard inside (for
+/// tests of reading older files).
+pub fn state_bytes_v2(state: &PersistedJob) -> Vec<u8> {
+    serde_json::to_vec(&StateFileOut { schema_version: 2, state }).expect("serialisable state")
+}
+
+/// The bytes of `state.json` for `state`: the job-level fields and the shard count (the shards
+/// are written as records, [`shard_record_bytes`]).
 pub fn state_bytes(state: &PersistedJob) -> Vec<u8> {
-    serde_json::to_vec(&StateFileOut { schema_version: STATE_SCHEMA_VERSION, state }).expect("serialisable state")
+    let head = StateHeadOut {
+        schema_version: STATE_SCHEMA_VERSION,
+        shard_count: state.shards.len(),
+        cancelled: state.cancelled,
+        paused: state.paused.as_deref(),
+        finished_unix_ms: state.finished_unix_ms,
+        excluded_workers: &state.excluded_workers,
+        exclusion_reasons: &state.exclusion_reasons,
+        fingerprint: &state.fingerprint,
+    };
+    serde_json::to_vec(&head).expect("serialisable state")
+}
+
+/// The bytes of one shard's record.
+pub fn shard_record_bytes(shard: &Shard) -> Vec<u8> {
+    serde_json::to_vec(shard).expect("serialisable shard")
+}
+
+/// Whether two versions of a shard make the same record: equal but for a lease's deadline, which
+/// every renewal moves and recovery replaces with a full lease period.
+fn same_record(a: &Shard, b: &Shard) -> bool {
+    match (&a.state, &b.state) {
+        (
+            ShardState::Leased { lease_id, attempt_id, worker_id, started_ms, .. },
+            ShardState::Leased { lease_id: l, attempt_id: t, worker_id: w, started_ms: s, .. },
+        ) => {
+            (lease_id, attempt_id, worker_id, started_ms) == (l, t, w, s)
+                && (a.attempts, &a.last_error, a.images_done, a.classes_done, &a.before_resume)
+                    == (b.attempts, &b.last_error, b.images_done, b.classes_done, &b.before_resume)
+        }
+        _ => a == b,
+    }
+}
+
+/// Reads a job's state from the folder `dir` that holds its `state.json` (`state_key`) and its
+/// shard records (under `records`), all keys relative to `dir`: `state.json` with every record
+/// laid over its shards. `Ok(None)` when there is no `state.json`, or it is torn or unreadable
+/// (a warning says so). Also returns each shard as its record has it (a shard without a record:
+/// never leased), which is what a later write compares with.
+///
+/// # Errors
+/// [`Error::StateTooNew`] for a `state.json` of a newer mgd3; [`Error::ObjectStore`] when the
+/// store cannot be read.
+pub async fn read_state_in(
+    dir: &Location,
+    state_key: &str,
+    records: &str,
+) -> Result<Option<(PersistedJob, Vec<Shard>)>> {
+    let key = dir.key(state_key);
+    let err = |context: String| {
+        let url = dir.url.clone();
+        move |source| Error::ObjectStore { url, context, source }
+    };
+    let Some(bytes) = get_optional(dir.store.as_ref(), &key).await.map_err(err(format!("reading `{key}`")))? else {
+        return Ok(None);
+    };
+    let Some(mut state) = parse_state(key.as_ref(), &bytes)? else {
+        return Ok(None);
+    };
+    let mut stored = vec![Shard::pending(); state.shards.len()];
+    let prefix = dir.key(records);
+    let listed: Vec<_> = retry_idempotent(|| dir.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+        .await
+        .map_err(err(format!("listing `{prefix}`")))?;
+    let reads = listed.into_iter().filter_map(|meta| {
+        let index = meta.location.filename()?.strip_suffix(".json")?.parse::<usize>().ok()?;
+        let store = dir.store.clone();
+        Some(async move {
+            let read = retry_idempotent(|| async { store.get(&meta.location).await?.bytes().await }).await;
+            (index, meta.location, read)
+        })
+    });
+    let mut reads = futures::stream::iter(reads).buffer_unordered(RECORD_CONCURRENCY);
+    while let Some((index, location, read)) = reads.next().await {
+        let bytes = match read {
+            Ok(bytes) => bytes,
+            // Deleted between the listing and the read (a `forget` racing a status): no record.
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(source) => return Err(err(format!("reading `{location}`"))(source)),
+        };
+        match (serde_json::from_slice::<Shard>(&bytes), state.shards.get_mut(index)) {
+            (Ok(shard), Some(slot)) => {
+                *slot = shard.clone();
+                stored[index] = shard;
+            }
+            (Ok(_), None) => {
+                tracing::warn!(path = %location, shards = state.shards.len(), "ignoring the state record of a shard the job does not have");
+            }
+            (Err(error), _) => {
+                tracing::warn!(path = %location, %error, "ignoring an unreadable shard record: its attempt count starts again (commit markers still say what is done)");
+            }
+        }
+    }
+    Ok(Some((state, stored)))
+}
+
+/// What the store holds of one job's state, as this process last read or wrote it: what the
+/// next write compares with, so that it writes only what changed.
+#[derive(Debug, Default)]
+struct Written {
+    /// The bytes of `state.json`.
+    head: Vec<u8>,
+    /// Each shard as its record has it (`Shard::pending()` where there is none); `None` where
+    /// unknown (a record found by a listing, not read): written next time whatever it holds.
+    shards: Vec<Option<Shard>>,
 }
 
 /// [`JobStore`] over an object store location.
 #[derive(Clone, Debug)]
 pub struct ObjectJobStore {
     location: Location,
+    written: Arc<Mutex<HashMap<String, Written>>>,
 }
 
 impl ObjectJobStore {
     /// Job records under `location` (`<location>/jobs/<id>/...`).
     pub fn new(location: Location) -> Self {
-        ObjectJobStore { location }
+        ObjectJobStore { location, written: Arc::default() }
+    }
+
+    /// What the store holds of a job's shard records when this process has not read or written
+    /// them: one listing; a shard with a record is unknown, one without is never leased.
+    async fn stored_shards(&self, job_id: &str, count: usize) -> Result<Vec<Option<Shard>>> {
+        let prefix = self.location.key(&JobKeys::new(job_id).shard_records());
+        let listed: Vec<_> = retry_idempotent(|| self.location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+            .await
+            .map_err(self.store_err(format!("listing `{prefix}`")))?;
+        let mut shards = vec![Some(Shard::pending()); count];
+        for meta in listed {
+            let index = meta.location.filename().and_then(|f| f.strip_suffix(".json")?.parse::<usize>().ok());
+            if let Some(slot) = index.and_then(|i| shards.get_mut(i)) {
+                *slot = None;
+            }
+        }
+        Ok(shards)
     }
 
     /// The location the records live in.
@@ -336,10 +507,14 @@ impl JobStore for ObjectJobStore {
             let keys = JobKeys::new(job_id);
             let prefix = self.location.key(keys.root());
             let records = [keys.job_json(), keys.state_json(), keys.forgotten_json()].map(|k| self.location.key(&k));
+            let shard_records = self.location.key(&keys.shard_records());
             let objects: Vec<_> = retry_idempotent(|| self.location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
                 .await
                 .map_err(self.store_err(format!("listing `{prefix}`")))?;
-            let outputs_stay = objects.iter().any(|o| !records.contains(&o.location));
+            let is_record = |o: &object_store::ObjectMeta| {
+                records.contains(&o.location) || o.location.prefix_matches(&shard_records)
+            };
+            let outputs_stay = objects.iter().any(|o| !is_record(o));
             // The note goes in before the records go out: a crash in between leaves either a
             // job that loads (job.json still there) or a forgotten one, never a damaged one.
             if outputs_stay {
@@ -350,12 +525,16 @@ impl JobStore for ObjectJobStore {
                     .await
                     .map_err(self.store_err(format!("writing `{key}`")))?;
             }
-            for key in &records[..2] {
+            // The shard records first: a crash part-way leaves a job that loads, with fewer
+            // attempt counts, rather than records without their job.
+            let shard_keys = objects.iter().filter(|o| o.location.prefix_matches(&shard_records)).map(|o| &o.location);
+            for key in shard_keys.chain(&records[..2]) {
                 match retry_idempotent(|| self.location.store.delete(key)).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(source) => return Err(self.store_err(format!("deleting `{key}`"))(source)),
                 }
             }
+            self.written.lock().expect("written").remove(job_id);
             if !outputs_stay {
                 self.remove_tombstone(&keys).await?;
                 self.sweep_folder(job_id).await?;
@@ -377,26 +556,63 @@ impl JobStore for ObjectJobStore {
 
     fn write_state<'a>(&'a self, job_id: &'a str, state: &'a PersistedJob) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let key = self.location.key(&JobKeys::new(job_id).state_json());
-            self.location
-                .store
-                .put(&key, PutPayload::from(state_bytes(state)))
-                .await
-                .map_err(self.store_err(format!("writing `{key}`")))?;
-            Ok(())
+            let keys = JobKeys::new(job_id);
+            let known = self.written.lock().expect("written").remove(job_id);
+            let mut written = match known {
+                Some(written) if written.shards.len() == state.shards.len() => written,
+                _ => Written { head: Vec::new(), shards: self.stored_shards(job_id, state.shards.len()).await? },
+            };
+            // The shards that changed, then the job-level file: a record is a fact about its
+            // shard alone, so any order is safe; a failed write is retried by the next flush.
+            let changed: Vec<usize> = (0..state.shards.len())
+                .filter(|&i| !written.shards[i].as_ref().is_some_and(|w| same_record(w, &state.shards[i])))
+                .collect();
+            let writes = changed.into_iter().map(|i| {
+                let key = self.location.key(&keys.shard_record(i));
+                let bytes = shard_record_bytes(&state.shards[i]);
+                async move {
+                    let result = retry_idempotent(|| self.location.store.put(&key, PutPayload::from(bytes.clone())))
+                        .await
+                        .map_err(self.store_err(format!("writing `{key}`")));
+                    (i, result)
+                }
+            });
+            let mut writes = futures::stream::iter(writes).buffer_unordered(RECORD_CONCURRENCY);
+            let mut failed = None;
+            while let Some((i, result)) = writes.next().await {
+                match result {
+                    Ok(_) => written.shards[i] = Some(state.shards[i].clone()),
+                    Err(error) => failed = failed.or(Some(error)),
+                }
+            }
+            drop(writes);
+            let head = state_bytes(state);
+            if failed.is_none() && written.head != head {
+                let key = self.location.key(&keys.state_json());
+                match self.location.store.put(&key, PutPayload::from(head.clone())).await {
+                    Ok(_) => written.head = head,
+                    Err(source) => failed = Some(self.store_err(format!("writing `{key}`"))(source)),
+                }
+            }
+            self.written.lock().expect("written").insert(job_id.to_owned(), written);
+            failed.map_or(Ok(()), Err)
         })
     }
 
     fn read_state<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<Option<PersistedJob>>> {
         Box::pin(async move {
-            let key = self.location.key(&JobKeys::new(job_id).state_json());
-            let Some(bytes) = get_optional(self.location.store.as_ref(), &key)
-                .await
-                .map_err(self.store_err(format!("reading `{key}`")))?
+            let keys = JobKeys::new(job_id);
+            let Some((state, stored)) =
+                read_state_in(&self.location, &keys.state_json(), &keys.shard_records()).await?
             else {
                 return Ok(None);
             };
-            parse_state(key.as_ref(), &bytes)
+            // The shards as their records have them; `state.json` is rewritten on the next write
+            // (one small file; a file of an earlier version, its shards inside, must be anyway).
+            let head = Vec::new();
+            let written = Written { head, shards: stored.into_iter().map(Some).collect() };
+            self.written.lock().expect("written").insert(job_id.to_owned(), written);
+            Ok(Some(state))
         })
     }
 
@@ -427,7 +643,12 @@ mod tests {
         let bytes = state_bytes(&state);
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value["schema_version"], STATE_SCHEMA_VERSION);
-        assert_eq!(parse_state("p", &bytes).unwrap(), Some(state));
+        // The shards are not in the file since version 3 (they are records of their own): it
+        // reads back with as many never-leased shards, the rest as written.
+        let mut without_shards = state.clone();
+        without_shards.shards = vec![Shard::pending(); state.shards.len()];
+        assert_eq!(parse_state("p", &bytes).unwrap(), Some(without_shards));
+        assert_eq!(parse_state("p", &state_bytes_v2(&state)).unwrap(), Some(state));
         // A newer file is refused with the versions and what to do, even when its shape changed.
         let newer = format!(r#"{{"schema_version":{},"jobs":"elsewhere"}}"#, STATE_SCHEMA_VERSION + 1);
         let error = parse_state("jobs/j/state.json", newer.as_bytes()).unwrap_err();

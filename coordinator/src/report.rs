@@ -184,10 +184,11 @@ pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, Re
         Ok(None) => None,
         Err(e) => return Err(store_error(dir, "read", "manifest.json")(e)),
     };
-    let state = match get_optional(dir.store.as_ref(), &dir.key("state.json")).await {
-        Ok(Some(bytes)) => crate::jobstore::parse_state(&dir.child("state.json").url, &bytes).ok().flatten(),
-        Ok(None) => None,
-        Err(e) => return Err(store_error(dir, "read", "state.json")(e)),
+    // `state.json` with the shard records beside it; a newer or unreadable one is left out.
+    let state = match crate::jobstore::read_state_in(dir, "state.json", "state/shards").await {
+        Ok(found) => found.map(|(state, _)| state),
+        Err(crate::Error::ObjectStore { source, .. }) => return Err(store_error(dir, "read", "state.json")(source)),
+        Err(_) => None,
     };
     let job = match get_optional(dir.store.as_ref(), &dir.key("job.json")).await {
         Ok(Some(bytes)) => serde_json::from_slice(&bytes).ok(),

@@ -147,7 +147,8 @@ pub struct EarlierAttempts {
 }
 
 impl Shard {
-    fn pending() -> Self {
+    /// A shard never leased: what a missing state record stands for.
+    pub fn pending() -> Self {
         Shard {
             state: ShardState::Pending,
             attempts: 0,
@@ -170,7 +171,9 @@ impl Shard {
 /// What survives a coordinator restart (state.json).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PersistedJob {
-    /// Every shard of the job, in plan order.
+    /// Every shard of the job, in plan order (kept in per-shard records since state schema 3,
+    /// see [`crate::jobstore`]).
+    #[serde(default)]
     pub shards: Vec<Shard>,
     /// Set by `cancel`; cleared by `resume`.
     pub cancelled: bool,
@@ -199,6 +202,9 @@ struct JobRun {
     /// moment it took the job on (so work committed before never counts), then one per change.
     /// Only what the rate window needs is kept.
     progress: VecDeque<(u64, u64)>,
+    /// The last time progress may have changed (a renewal or a finished shard), sampled or not:
+    /// changes after the last sample are counted as made by then.
+    last_touch: u64,
     /// Shard index → the worker whose lease of it expired last, while that is the shard's last
     /// attempt: a second expiry on the same worker in a row costs the shard nothing.
     expired_on: HashMap<usize, String>,
@@ -208,15 +214,26 @@ struct JobRun {
 /// boundaries, short enough that idle time before the first worker does not linger.
 pub const RATE_WINDOW_MS: u64 = 60_000;
 
+/// Progress is sampled at most this often per job: counting a job's images walks every shard
+/// (5,461 of them for ImageNet-21K), which must not happen on each of the hundreds of polls a
+/// second that 1,024 workers make. The rate is over a minute; a second's resolution is plenty.
+pub const PROGRESS_SAMPLE_MS: u64 = 1000;
+
 impl JobRun {
     /// Starts the progress record of this run at `now`.
     fn restart_progress(&mut self, now: u64) {
         self.progress.clear();
         self.progress.push_back((now, self.images_done()));
+        self.last_touch = now;
     }
 
-    /// Records the current progress at `now` if it changed.
+    /// Notes that progress may have changed at `now`, and samples it if it changed and the last
+    /// sample is [`PROGRESS_SAMPLE_MS`] old.
     fn record_progress(&mut self, now: u64) {
+        self.last_touch = self.last_touch.max(now);
+        if self.progress.back().is_some_and(|&(at, _)| now < at + PROGRESS_SAMPLE_MS) {
+            return;
+        }
         let done = self.images_done();
         if self.progress.back().is_some_and(|&(_, last)| last == done) {
             return;
@@ -229,14 +246,21 @@ impl JobRun {
     }
 
     /// Images per second over the last [`RATE_WINDOW_MS`] (or since the run began, if sooner):
-    /// (images now − images at the window's start) ÷ the window.
-    fn rate(&self, now: u64) -> f64 {
-        let Some(&(origin, _)) = self.progress.front() else {
+    /// (images now − images at the window's start) ÷ the window. `current` is
+    /// [`JobRun::images_done`] now: what changed since the last sample counts as of
+    /// `last_touch`.
+    fn rate(&self, now: u64, current: u64) -> f64 {
+        let (Some(&(origin, _)), Some(&(sampled, _))) = (self.progress.front(), self.progress.back()) else {
             return 0.0;
         };
         let end = self.persisted.finished_unix_ms.unwrap_or(now).max(origin);
         let start = end.saturating_sub(RATE_WINDOW_MS).max(origin);
-        let at = |t: u64| self.progress.iter().take_while(|(time, _)| *time <= t).last().map_or(0, |&(_, n)| n);
+        let at = |t: u64| {
+            if self.last_touch > sampled && t >= self.last_touch {
+                return current;
+            }
+            self.progress.iter().take_while(|(time, _)| *time <= t).last().map_or(0, |&(_, n)| n)
+        };
         let seconds = (end - start) as f64 / 1000.0;
         if seconds <= 0.0 { 0.0 } else { at(end).saturating_sub(at(start)) as f64 / seconds }
     }
@@ -287,6 +311,66 @@ impl JobRun {
                 _ => s.classes_done as u64,
             })
             .sum()
+    }
+}
+
+/// Every held lease, by id and by worker, so that a poll finds its own worker's leases without
+/// walking all of them (1,024 workers poll every heartbeat). Kept in step by `insert` and
+/// `remove`, the only ways in and out.
+#[derive(Debug, Default)]
+struct Leases {
+    /// lease id → (job id, shard index, worker id)
+    by_id: HashMap<String, (String, usize, String)>,
+    /// worker id → the ids of the leases it holds
+    by_worker: HashMap<String, BTreeSet<String>>,
+}
+
+impl Leases {
+    fn insert(&mut self, lease_id: String, job_id: String, shard: usize, worker_id: String) {
+        self.by_worker.entry(worker_id.clone()).or_default().insert(lease_id.clone());
+        if let Some((_, _, old)) = self.by_id.insert(lease_id.clone(), (job_id, shard, worker_id.clone()))
+            && old != worker_id
+        {
+            self.unlink(&old, &lease_id);
+        }
+    }
+
+    /// Drops a lease; its (job id, shard index) when it was held.
+    fn remove(&mut self, lease_id: &str) -> Option<(String, usize)> {
+        let (job, shard, worker) = self.by_id.remove(lease_id)?;
+        self.unlink(&worker, lease_id);
+        Some((job, shard))
+    }
+
+    fn unlink(&mut self, worker_id: &str, lease_id: &str) {
+        if let Some(held) = self.by_worker.get_mut(worker_id) {
+            held.remove(lease_id);
+            if held.is_empty() {
+                self.by_worker.remove(worker_id);
+            }
+        }
+    }
+
+    fn get(&self, lease_id: &str) -> Option<(String, usize)> {
+        self.by_id.get(lease_id).map(|(job, shard, _)| (job.clone(), *shard))
+    }
+
+    /// The ids of the leases `worker_id` holds.
+    fn of_worker(&self, worker_id: &str) -> impl Iterator<Item = &String> {
+        self.by_worker.get(worker_id).into_iter().flatten()
+    }
+
+    /// (lease id, job id, shard index) of every lease.
+    fn iter(&self) -> impl Iterator<Item = (&String, &String, usize)> {
+        self.by_id.iter().map(|(lease, (job, shard, _))| (lease, job, *shard))
+    }
+
+    /// Drops every lease of `job_id`.
+    fn drop_job(&mut self, job_id: &str) {
+        let gone: Vec<String> = self.iter().filter(|(_, job, _)| *job == job_id).map(|(l, _, _)| l.clone()).collect();
+        for lease in gone {
+            self.remove(&lease);
+        }
     }
 }
 
@@ -423,8 +507,12 @@ pub struct Scheduler {
     jobs: BTreeMap<String, JobRun>,
     /// Job ids in submission order (lease priority).
     order: Vec<String>,
-    /// lease id → (job id, shard index)
-    leases: HashMap<String, (String, usize)>,
+    /// Every held lease.
+    leases: Leases,
+    /// No lease expires before this (Unix ms): a lower bound of every deadline, lowered whenever
+    /// one is set and raised to the earliest at each full scan, so that the expiry check every
+    /// poll makes is one comparison until a lease can actually have expired.
+    next_expiry: u64,
     workers: HashMap<String, u64>,
     /// The DiT rows per call each worker reported at registration (absent: it did not say).
     dit_rows: HashMap<String, usize>,
@@ -458,7 +546,8 @@ impl Scheduler {
         Scheduler {
             jobs: BTreeMap::new(),
             order: Vec::new(),
-            leases: HashMap::new(),
+            leases: Leases::default(),
+            next_expiry: 0,
             workers: HashMap::new(),
             dit_rows: HashMap::new(),
             processes: HashMap::new(),
@@ -530,12 +619,13 @@ impl Scheduler {
                 ShardState::Pending => {
                     pending.insert(i);
                 }
-                ShardState::Leased { lease_id, deadline_ms, .. } => {
+                ShardState::Leased { lease_id, deadline_ms, worker_id, .. } => {
                     // After a restart the holder gets a full lease period to renew.
                     if recovered {
                         *deadline_ms = (*deadline_ms).max(now + grace);
                     }
-                    self.leases.insert(lease_id.clone(), (job.job_id.clone(), i));
+                    self.next_expiry = self.next_expiry.min(*deadline_ms);
+                    self.leases.insert(lease_id.clone(), job.job_id.clone(), i, worker_id.clone());
                 }
                 ShardState::Failed => {}
             }
@@ -544,7 +634,8 @@ impl Scheduler {
             pending.clear();
         }
         let id = job.job_id.clone();
-        let mut run = JobRun { job, persisted, pending, progress: VecDeque::new(), expired_on: HashMap::new() };
+        let mut run =
+            JobRun { job, persisted, pending, progress: VecDeque::new(), last_touch: now, expired_on: HashMap::new() };
         run.restart_progress(now);
         if !self.jobs.contains_key(&id) {
             self.order.push(id.clone());
@@ -578,7 +669,7 @@ impl Scheduler {
             return false;
         }
         self.order.retain(|id| id != job_id);
-        self.leases.retain(|_, (job, _)| job != job_id);
+        self.leases.drop_job(job_id);
         true
     }
 
@@ -798,12 +889,9 @@ impl Scheduler {
     fn release_forgotten(&mut self, worker_id: &str, running: &[Running], now: u64) -> Vec<(String, Settled)> {
         let forgotten: Vec<String> = self
             .leases
-            .iter()
-            .filter(|(lease, _)| !running.iter().any(|r| &r.lease_id == *lease))
-            .filter(|(_, (job, shard))| {
-                matches!(&self.jobs[job].persisted.shards[*shard].state, ShardState::Leased { worker_id: owner, .. } if owner == worker_id)
-            })
-            .map(|(lease, _)| lease.clone())
+            .of_worker(worker_id)
+            .filter(|lease| !running.iter().any(|r| &r.lease_id == *lease))
+            .cloned()
             .collect();
         forgotten
             .into_iter()
@@ -816,7 +904,7 @@ impl Scheduler {
     }
 
     fn renew(&mut self, worker_id: &str, running: &Running, now: u64) -> bool {
-        let Some((job_id, shard)) = self.leases.get(&running.lease_id).cloned() else {
+        let Some((job_id, shard)) = self.leases.get(&running.lease_id) else {
             return false;
         };
         let Some(run) = self.jobs.get_mut(&job_id) else {
@@ -827,6 +915,7 @@ impl Scheduler {
         match &mut entry.state {
             ShardState::Leased { worker_id: owner, deadline_ms, .. } if owner == worker_id => {
                 *deadline_ms = now + timeout;
+                self.next_expiry = self.next_expiry.min(*deadline_ms);
                 entry.images_done = running.images_done;
                 entry.classes_done = entry.classes_done.max(running.classes_done);
                 run.record_progress(now);
@@ -869,7 +958,8 @@ impl Scheduler {
                 deadline_ms,
                 started_ms: now,
             };
-            self.leases.insert(lease_id.clone(), (job_id.clone(), shard));
+            self.next_expiry = self.next_expiry.min(deadline_ms);
+            self.leases.insert(lease_id.clone(), job_id.clone(), shard, worker_id.to_owned());
             return Some(LeaseGrant {
                 lease_id,
                 attempt_id,
@@ -886,14 +976,26 @@ impl Scheduler {
     /// Returns expired leases' shards to the queue (or fails them when out of attempts).
     /// Returns the jobs whose state changed.
     pub fn expire(&mut self, now: u64) -> Vec<(String, Settled)> {
+        if now < self.next_expiry {
+            return Vec::new();
+        }
+        let deadline = |job: &String, shard: usize| match self.jobs[job].persisted.shards[shard].state {
+            ShardState::Leased { deadline_ms, .. } => deadline_ms,
+            _ => u64::MAX,
+        };
         let expired: Vec<String> = self
             .leases
             .iter()
-            .filter(|(_, (job, shard))| {
-                matches!(self.jobs[job].persisted.shards[*shard].state, ShardState::Leased { deadline_ms, .. } if deadline_ms <= now)
-            })
-            .map(|(lease, _)| lease.clone())
+            .filter(|(_, job, shard)| deadline(job, *shard) <= now)
+            .map(|(lease, _, _)| lease.clone())
             .collect();
+        self.next_expiry = self
+            .leases
+            .iter()
+            .map(|(_, job, shard)| deadline(job, shard))
+            .filter(|d| *d > now)
+            .min()
+            .unwrap_or(u64::MAX);
         expired
             .into_iter()
             .filter_map(|lease| {
@@ -983,8 +1085,7 @@ impl Scheduler {
     }
 
     fn lease_of(&self, worker_id: &str, lease_id: &str) -> Result<(String, usize), SchedulerError> {
-        let (job, shard) =
-            self.leases.get(lease_id).cloned().ok_or_else(|| SchedulerError::StaleLease(lease_id.into()))?;
+        let (job, shard) = self.leases.get(lease_id).ok_or_else(|| SchedulerError::StaleLease(lease_id.into()))?;
         match &self.jobs[&job].persisted.shards[shard].state {
             ShardState::Leased { worker_id: owner, .. } if owner != worker_id => {
                 Err(SchedulerError::NotOwner { lease: lease_id.into(), owner: owner.clone(), caller: worker_id.into() })
@@ -1266,7 +1367,7 @@ impl Scheduler {
                 ShardStatus { index: i as u32, phase, attempts: s.attempts, classes, classes_done, images_done, worker }
             })
             .collect();
-        let rate = run.rate(now);
+        let rate = run.rate(now, images_done);
         let remaining = run.job.images_total().saturating_sub(images_done) as f64;
         let eta = if run.state() != JobState::Running {
             0.0
@@ -1413,6 +1514,56 @@ mod tests {
             s.fail("w1", &a.lease_id, None, "late".into(), true, false, 10_002).unwrap_err(),
             SchedulerError::StaleLease(a.lease_id.clone())
         );
+    }
+
+    /// Progress is sampled at most once a second, but what changed in between counts: the rate
+    /// right after a burst of renewals includes them, and a minute later it is 0 again.
+    #[test]
+    fn progress_between_samples_counts_in_the_rate() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 4, 4, 3), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w", &[], false, 30_000).0);
+        for (at, images) in [(30_100, 2), (30_200, 4), (30_300, 6)] {
+            let running = [Running { lease_id: a.lease_id.clone(), images_done: images, classes_done: images / 2 }];
+            poll(&mut s, "w", &running, false, at);
+        }
+        let summary = s.summary("j", 30_300).unwrap();
+        assert_eq!(summary.images_done, 6);
+        assert!((summary.images_per_second - 6.0 / 30.3).abs() < 1e-9, "{}", summary.images_per_second);
+        // No progress for a minute: no rate, although the last change was never sampled.
+        let running = [Running { lease_id: a.lease_id.clone(), images_done: 6, classes_done: 3 }];
+        poll(&mut s, "w", &running, false, 30_900);
+        assert_eq!(s.summary("j", 91_000).unwrap().images_per_second, 0.0);
+    }
+
+    /// Each poll checks for expired leases in one comparison until one can have expired; a
+    /// lease with a shorter timeout granted after a scan still expires on time.
+    #[test]
+    fn leases_expire_on_time_whatever_was_scanned_before() {
+        let mut s = Scheduler::new(1000, "e");
+        let mut slow = (*job("slow", 1, 1, 3)).clone();
+        slow.spec.lease_timeout_s = 100;
+        s.add_job(Arc::new(slow), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        // A scan at 50 s finds nothing and learns that nothing expires before 100 s…
+        assert!(s.expire(50_000).is_empty());
+        // …then a job with 10 s leases arrives and its lease is granted at 60 s.
+        s.add_job(job("fast", 1, 1, 3), None, &HashSet::new(), 60_000);
+        let b = lease(poll(&mut s, "w2", &[], false, 60_000).0);
+        assert_eq!(b.job.job_id, "fast");
+        let running = [Running { lease_id: a.lease_id.clone(), images_done: 0, classes_done: 0 }];
+        poll(&mut s, "w1", &running, false, 69_000);
+        assert!(s.take_settled().is_empty(), "nothing has expired at 69 s");
+        poll(&mut s, "w1", &running, false, 70_001);
+        assert_eq!(s.take_settled(), vec![("fast".to_owned(), Settled::Open)], "the fast lease expired at 70 s");
+        assert!(matches!(
+            s.fail("w2", &b.lease_id, None, "late".into(), true, false, 70_002),
+            Err(SchedulerError::StaleLease(_))
+        ));
+        // w1's own lease, renewed at 70 s, holds until 170 s; a poll that forgets it releases it.
+        assert!(s.lease("w1", &a.lease_id).is_ok());
+        poll(&mut s, "w1", &[], false, 71_000);
+        assert!(s.lease("w1", &a.lease_id).is_err(), "w1 no longer runs it");
     }
 
     #[test]

@@ -298,6 +298,7 @@ impl Coordinator {
         // workers may be committing markers right now: there only copies too old to be in progress.
         let zero = Duration::ZERO;
         let mut removed = commit::remove_staging_copies(&self.inner.store, keys.root(), "", zero)?;
+        removed += commit::remove_staging_copies(&self.inner.store, &keys.shard_records(), "", zero)?;
         removed += commit::remove_staging_copies(&out, keys.root(), "", zero)?;
         removed += commit::remove_staging_copies(&out, &keys.markers(), "", commit::STALE_STAGING_COPY)?;
         if removed > 0 {

@@ -1221,10 +1221,10 @@ async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     cluster.shutdown().await;
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join(format!("jobs/{}/state.json", job.job_id))).unwrap())
-            .unwrap();
-    assert_eq!(state["shards"][0]["attempts"], 1, "{state:#}");
+    // Shard 0's own state record (beside state.json since state schema 3).
+    let record = dir.path().join(format!("jobs/{}/state/shards/0.json", job.job_id));
+    let shard: serde_json::Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    assert_eq!(shard["attempts"], 1, "{shard:#}");
 }
 
 /// A client built before the protocol header existed (a raw tonic client) and a client of
