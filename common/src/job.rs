@@ -560,6 +560,12 @@ pub const DEFAULT_MAX_BATCH: usize = crate::batch::DEFAULT_DIT_ROWS;
 /// encoding and sampling of another only within a shard.
 pub const MIN_DEFAULT_CLASSES_PER_SHARD: usize = 4;
 
+/// GPU time of one distilled image in units of one real image decoded and VAE-encoded: an H200
+/// distilled 7.17 images/s (50 DDPM steps with CFG pairs, VAE decode; README "GPU") and its
+/// data stage reads and encodes ~600 real images/s (314 decodes/s per core, two cores per GPU).
+/// Only the order of leases depends on it (see [`ResolvedJob::shard_cost`]).
+pub const SAMPLE_COST_IN_REAL_IMAGES: u64 = 84;
+
 /// The default shard size: enough classes that the shard's `ipc`-sample classes fill at least
 /// one DiT call of `dit_rows` rows ([`crate::batch::samples_per_call`] samples), and at least
 /// [`MIN_DEFAULT_CLASSES_PER_SHARD`]. IPC 10 at 64 rows: 4 classes (40 samples: calls of 32
@@ -654,6 +660,17 @@ impl ResolvedJob {
     /// Distilled images the job writes: classes × IPC.
     pub fn images_total(&self) -> u64 {
         (self.classes.len() * self.spec.ipc) as u64
+    }
+
+    /// The relative GPU time of shard `shard`, in real images decoded and VAE-encoded: each
+    /// class's real images as submit listed them (0 where the job recorded none) plus IPC ×
+    /// [`SAMPLE_COST_IN_REAL_IMAGES`]. What the scheduler orders leases by (costliest first).
+    ///
+    /// # Panics
+    /// If `shard` is not a shard of the job.
+    pub fn shard_cost(&self, shard: usize) -> u64 {
+        let sampling = self.spec.ipc as u64 * SAMPLE_COST_IN_REAL_IMAGES;
+        self.shard_classes(shard).iter().map(|c| c.listing.as_ref().map_or(0, |l| l.images) + sampling).sum()
     }
 }
 
@@ -999,10 +1016,27 @@ impl JobSpec {
         self.plan_shards_for(classes, crate::batch::PlannedRows::Default)
     }
 
-    /// Contiguous shards of [`JobSpec::shard_size_for`] `planned` classes.
+    /// Contiguous shards of [`JobSpec::shard_size_for`] `planned` classes. When the workers
+    /// reported and `classes_per_shard` is not set, the last shards taper: each holds at most
+    /// ⌈classes left ÷ workers⌉ classes (guided self-scheduling, Polychronopoulos & Kuck 1987),
+    /// down to one, so that the workers' last shards end close together instead of a few
+    /// full-size shards running on while the other GPUs idle.
     pub fn plan_shards_for(&self, classes: usize, planned: crate::batch::PlannedRows) -> Vec<(usize, usize)> {
         let size = self.shard_size_for(classes, planned);
-        (0..classes).step_by(size).map(|from| (from, (from + size).min(classes))).collect()
+        let workers = match planned {
+            crate::batch::PlannedRows::Reported { workers, .. } if workers > 0 && self.classes_per_shard.is_none() => {
+                workers
+            }
+            _ => return (0..classes).step_by(size).map(|from| (from, (from + size).min(classes))).collect(),
+        };
+        let mut shards = Vec::new();
+        let mut from = 0;
+        while from < classes {
+            let take = (classes - from).div_ceil(workers).clamp(1, size);
+            shards.push((from, from + take));
+            from += take;
+        }
+        shards
     }
 }
 
@@ -1377,10 +1411,25 @@ vae_decoder = "m/dec.onnx"
         let big = crate::batch::PlannedRows::Reported { dit_rows: 512, workers: 1 };
         assert_eq!(spec.shard_size_for(30, big), 26);
         assert_eq!(spec.plan_shards_for(30, big), [(0, 26), (26, 30)]);
-        // ... but never fewer shards than workers: 8 workers on 10 classes get shards of 2.
+        // ... but never fewer shards than workers, and the last round tapers to one class each:
+        // 8 workers on 10 classes get one shard of 2 and eight of 1.
         let eight = crate::batch::PlannedRows::Reported { dit_rows: 512, workers: 8 };
-        assert_eq!(spec.plan_shards_for(10, eight), [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]);
-        assert_eq!(spec.plan_shards_for(1000, eight).len(), 39, "1,000 classes: shards of 26 fill the calls");
+        assert_eq!(
+            spec.plan_shards_for(10, eight),
+            [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10)]
+        );
+        // 1,000 classes: shards of 26 fill the calls until fewer than 8 × 26 classes are left,
+        // then each takes ⌈left ÷ 8⌉, the last eight one class each.
+        let plan = spec.plan_shards_for(1000, eight);
+        let sizes: Vec<usize> = plan.iter().map(|(from, to)| to - from).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 1000);
+        assert!(plan.windows(2).all(|w| w[0].1 == w[1].0) && plan[0].0 == 0, "contiguous: {plan:?}");
+        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "never growing: {sizes:?}");
+        assert_eq!(sizes.iter().filter(|s| **s == 26).count(), 31, "{sizes:?}");
+        assert_eq!(sizes[sizes.len() - 8..], [1; 8], "{sizes:?}");
+        // A size set by hand is kept to the last shard.
+        let by_hand = JobSpec::from_toml(&format!("classes_per_shard = 3\n{SPEC}")).unwrap();
+        assert_eq!(by_hand.plan_shards_for(7, eight), [(0, 3), (3, 6), (6, 7)]);
         let set = JobSpec::from_toml(&format!("classes_per_shard = 3\n{SPEC}")).unwrap();
         assert_eq!(set.plan_shards(7), [(0, 3), (3, 6), (6, 7)]);
     }

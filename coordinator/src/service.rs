@@ -1361,7 +1361,11 @@ impl Coordinator {
             self.settled(&job_id, settled);
         }
         if let PollDecision::Lease(grant) = &decision {
-            debug!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %worker_id, "lease granted");
+            if grant.backup {
+                info!(job = %grant.job.job_id, shard = grant.shard_index, worker = %worker_id, "backup lease granted: the shard runs well past the job's pace and no shard waits");
+            } else {
+                debug!(job = %grant.job.job_id, shard = grant.shard_index, attempt = grant.attempt, worker = %worker_id, "lease granted");
+            }
             self.mark_dirty(&grant.job.job_id);
         }
         Ok((decision, revoked))

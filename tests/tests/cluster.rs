@@ -1201,6 +1201,35 @@ async fn tls_with_a_private_ca_works_and_a_wrong_scheme_is_named() {
     plain_cluster.shutdown().await;
 }
 
+/// A worker that straggles (20 s a class where the other takes 50 ms) holds a shard while the
+/// rest of the job is done: once it is well behind the job's pace, the idle worker gets a backup
+/// lease of it, commits its class and finishes the job; the straggler is told to stop and
+/// exits cleanly, and the class's files are the backup's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_straggling_worker_is_overtaken_by_a_backup_lease() {
+    let (dir, cluster, job) = cluster_with_job(6, 2, 1).await;
+    let started = std::time::Instant::now();
+    let (stop_slow, slow) = worker(&cluster.url, "slow", None, Box::new(FakeEngine::new(Duration::from_secs(20))));
+    for _ in 0..200 {
+        if cluster.coordinator.status(&job.job_id).unwrap().shards.running == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (stop_fast, fast) = worker(&cluster.url, "fast", None, Box::new(FakeEngine::new(Duration::from_millis(50))));
+    assert_eq!(wait_until_done(&cluster.coordinator, &job.job_id).await.state, JobState::Succeeded);
+    assert!(started.elapsed() < Duration::from_secs(10), "the backup finished the job, not the straggler");
+    let out = store::open(&dir.path().display().to_string()).unwrap();
+    for class in &job.classes {
+        assert_eq!(marker(&out, &job.job_id, &class.wnid).await.worker_id, "fast", "{}", class.wnid);
+    }
+    for (stop, handle) in [(stop_slow, slow), (stop_fast, fast)] {
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), handle).await.expect("stops promptly").unwrap().unwrap();
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_mid_shard_releases_the_lease_without_spending_an_attempt() {
     let (dir, cluster, job) = cluster_with_job(2, 2, 2).await;

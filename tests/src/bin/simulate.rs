@@ -29,6 +29,12 @@ struct Args {
     /// Real images per second per GPU through decode and VAE encode.
     #[arg(long, default_value_t = 600.0)]
     encode_rate: f64,
+    /// Share of class runs that straggle.
+    #[arg(long, default_value_t = 0.02)]
+    straggler_share: f64,
+    /// How many times as long a straggling class run takes.
+    #[arg(long, default_value_t = 3.0)]
+    straggler_factor: f64,
     /// Share of live workers preempted per wave (0 = no waves).
     #[arg(long, default_value_t = 0.0)]
     preempt_share: f64,
@@ -77,6 +83,9 @@ fn scenario(args: &Args) -> Result<Scenario> {
     if !(args.sample_rate > 0.0 && args.encode_rate > 0.0) {
         bail!("--sample-rate and --encode-rate must be positive");
     }
+    if !(0.0..=1.0).contains(&args.straggler_share) || args.straggler_factor < 1.0 {
+        bail!("--straggler-share is a share (0..1) and --straggler-factor at least 1");
+    }
     if !(0.0..=1.0).contains(&args.preempt_share) {
         bail!("--preempt-share {}: a share of the workers, 0..1", args.preempt_share);
     }
@@ -85,6 +94,8 @@ fn scenario(args: &Args) -> Result<Scenario> {
     s.sample_rate = args.sample_rate;
     s.encode_rate = args.encode_rate;
     s.requeue_s = args.requeue_s;
+    s.straggler_share = args.straggler_share;
+    s.straggler_factor = args.straggler_factor;
     s.crash_mtbf_h = args.crash_mtbf_h;
     s.coordinator_restarts = args.coordinator_restarts;
     s.heartbeat_ms = args.heartbeat_ms;

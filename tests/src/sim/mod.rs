@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mgd3_common::batch::PlannedRows;
 use mgd3_common::commit::{ClassFiles, commit_class, committed_marker, manifest_digest};
+use mgd3_common::imagefolder::ListingSummary;
 use mgd3_common::job::{ClassRef, JobSpec, ResolvedJob};
 use mgd3_common::layout::JobKeys;
 use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION, StageSeconds};
@@ -82,10 +83,11 @@ impl Dataset {
     }
 }
 
-/// Slurm preemption: every `every_s` seconds, `share` of the live workers get SIGTERM.
+/// Slurm preemption: every `every_s` seconds, `share` of the live workers get SIGTERM (the
+/// first wave halfway through the expected run when that is sooner).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Preemption {
-    /// Share of the live workers preempted per wave (0..1).
+    /// Share of the live workers preempted per wave (0..1), each drawn on its own.
     pub share: f64,
     /// Seconds between waves (the first comes after one period).
     pub every_s: f64,
@@ -338,7 +340,8 @@ fn memory_location(name: &str) -> (Location, Arc<CountingStore>) {
 
 /// The job a scenario distils, planned as submit plans it for `workers` workers reporting
 /// `dit_rows` rows.
-fn job(scenario: &Scenario, classes: usize) -> Result<ResolvedJob> {
+fn job(scenario: &Scenario, images: &[u32]) -> Result<ResolvedJob> {
+    let classes = images.len();
     let fp = format!("sha256:{}", "0".repeat(64));
     let names: Vec<String> = (0..classes).map(|i| format!("\"c{i:05}\"")).collect();
     let spec = format!(
@@ -351,7 +354,19 @@ fn job(scenario: &Scenario, classes: usize) -> Result<ResolvedJob> {
     );
     let spec = JobSpec::from_toml(&spec).context("the simulated job's spec")?;
     let classes: Vec<ClassRef> = (0..classes)
-        .map(|i| ClassRef { wnid: format!("c{i:05}"), label: (i % 1000) as i64, class_index: i as u64, listing: None })
+        .map(|i| ClassRef {
+            wnid: format!("c{i:05}"),
+            label: (i % 1000) as i64,
+            class_index: i as u64,
+            // What submit records of a class's listing: the scheduler orders leases by it.
+            listing: Some(ListingSummary {
+                digest: String::new(),
+                names_digest: String::new(),
+                images: images[i] as u64,
+                bytes: images[i] as u64 * 110_000,
+                content_digest: None,
+            }),
+        })
         .collect();
     let planned = PlannedRows::Reported { dit_rows: scenario.dit_rows, workers: scenario.workers };
     let shards = spec.plan_shards_for(classes.len(), planned);
@@ -381,7 +396,7 @@ pub async fn run(scenario: Scenario, name: impl Into<String>) -> Result<Outcome>
     let wall = Instant::now();
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(scenario.seed);
     let images = scenario.dataset.draw(&mut rng);
-    let job = Arc::new(job(&scenario, images.len())?);
+    let job = Arc::new(job(&scenario, &images)?);
     let (state_location, state_store) = memory_location("sim-state");
     let (out, out_store) = memory_location("sim-out");
     let jobs = ObjectJobStore::new(state_location);
@@ -462,7 +477,10 @@ impl Sim {
         let tick = (self.scenario.heartbeat_ms / 2).clamp(50, 1000);
         self.at(tick, Event::Tick);
         if let Some(p) = self.scenario.preemption {
-            self.at((p.every_s * 1000.0) as u64, Event::Wave);
+            // The first wave halfway through the expected run when that is sooner than a
+            // period: a run shorter than the period still meets one.
+            let first = ((p.every_s * 1000.0) as u64).min(self.expected_makespan_ms() / 2);
+            self.at(first, Event::Wave);
         }
         if self.scenario.coordinator_restarts > 0 {
             // Spread over the run's expected length.
@@ -812,16 +830,14 @@ impl Sim {
 
     fn wave(&mut self) {
         let Some(p) = self.scenario.preemption else { return };
+        // Each live worker is preempted with probability `share`: 5 % of 8 workers is a
+        // preemption in about every third wave, not none.
         let live: Vec<usize> =
             (0..self.workers.len()).filter(|&w| self.workers[w].up && !self.workers[w].drained).collect();
-        let count = ((live.len() as f64) * p.share).round() as usize;
-        let mut chosen = live;
-        for i in 0..count.min(chosen.len()) {
-            let j = self.rng.gen_range(i..chosen.len());
-            chosen.swap(i, j);
-        }
-        for &w in &chosen[..count.min(chosen.len())] {
-            self.preempt(w);
+        for w in live {
+            if self.rng.gen_bool(p.share) {
+                self.preempt(w);
+            }
         }
         self.at(self.now + (p.every_s * 1000.0) as u64, Event::Wave);
     }
