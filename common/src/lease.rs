@@ -47,6 +47,11 @@ pub struct RunningLease {
     pub images_done: u32,
     /// Classes of the shard committed so far.
     pub classes_done: u32,
+    /// DiT sampling steps this attempt has run for the shard's images, an image counting once
+    /// per step (a class of IPC 50 at 50 steps is 2,500): progress inside a class, which
+    /// `images_done` shows only once the class is committed. The coordinator estimates a
+    /// shard's time to finish from its rate (backup leases). 0 from workers that do not count.
+    pub image_steps_done: u64,
 }
 
 /// A shard a worker finished: every class committed.

@@ -97,13 +97,23 @@ impl From<Exclusion> for proto::JobExclusion {
 
 impl From<&proto::RunningLease> for RunningLease {
     fn from(r: &proto::RunningLease) -> Self {
-        RunningLease { lease_id: r.lease_id.clone(), images_done: r.images_done, classes_done: r.classes_done }
+        RunningLease {
+            lease_id: r.lease_id.clone(),
+            images_done: r.images_done,
+            classes_done: r.classes_done,
+            image_steps_done: r.image_steps_done,
+        }
     }
 }
 
 impl From<RunningLease> for proto::RunningLease {
     fn from(r: RunningLease) -> Self {
-        proto::RunningLease { lease_id: r.lease_id, images_done: r.images_done, classes_done: r.classes_done }
+        proto::RunningLease {
+            lease_id: r.lease_id,
+            images_done: r.images_done,
+            classes_done: r.classes_done,
+            image_steps_done: r.image_steps_done,
+        }
     }
 }
 

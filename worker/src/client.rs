@@ -342,6 +342,7 @@ pub async fn run(
                 lease_id: r.lease.lease_id.clone(),
                 classes_done: r.progress.classes.load(Ordering::Relaxed),
                 images_done: r.progress.images.load(Ordering::Relaxed),
+                image_steps_done: r.progress.image_steps.load(Ordering::Relaxed),
             })
         });
         let request = proto::PollWorkRequest {

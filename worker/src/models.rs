@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mgd3_common::batch::BatchPolicy;
@@ -485,8 +485,9 @@ impl Models {
         sampling: &SamplingSpec,
         runs: [SampleInputs<'_>; 2],
         rows: &mut Vec<usize>,
+        image_steps: &AtomicU64,
     ) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
-        sample_pair(&mut self.dit, schedule, sampling, runs, rows)
+        sample_pair(&mut self.dit, schedule, sampling, runs, rows, image_steps)
     }
 
     /// [`sample_run`] in chunks, as a shard does: see [`sample_in_batches`].
@@ -657,13 +658,15 @@ impl Denoiser for Turn<'_, '_> {
 /// runs, so neither the device nor the CPU waits for the other. Each run makes exactly the DiT
 /// calls it would make alone (the calls are serialised by a lock), so the results are the same
 /// bytes as two [`sample_run`]s one after the other. Each result's `model` time is the time
-/// inside the DiT's calls; `rows` gets the first run's calls, then the second's.
+/// inside the DiT's calls; `rows` gets the first run's calls, then the second's; `image_steps`
+/// counts each step's images as it ends (the shard's progress inside its classes).
 pub fn sample_pair(
     dit: &mut Dit,
     schedule: &Schedule,
     sampling: &SamplingSpec,
     runs: [SampleInputs<'_>; 2],
     rows: &mut Vec<usize>,
+    image_steps: &AtomicU64,
 ) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
     let model = denoiser_info(dit);
     let sampler = sampler_of(sampling);
@@ -679,7 +682,9 @@ pub fn sample_pair(
             inputs.labels,
             inputs.modes,
             inputs.noise,
-            |_, _| {},
+            |_, x| {
+                image_steps.fetch_add(x.shape()[0] as u64, Ordering::Relaxed);
+            },
         )
         .map(|(x, timings)| (x, crate::mgd3::sampler::SampleTimings { model: turn.busy, ..timings }));
         (result, turn.rows)

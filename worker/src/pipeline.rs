@@ -29,7 +29,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,13 @@ pub trait ClassSink {
     fn commit(&mut self, class: &ClassRef, result: ClassResult) -> Result<bool, Self::Error>;
     /// Stores the contact sheet of a class whose commit returned `Ok(true)`.
     fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>);
+    /// Where the engine counts its DiT image-steps as it samples (one per image per step):
+    /// progress inside a class, which the lease reports to the coordinator
+    /// ([`mgd3_common::lease::RunningLease::image_steps_done`]). `None` (the default) when
+    /// nobody reads it.
+    fn image_steps(&self) -> Option<std::sync::Arc<AtomicU64>> {
+        None
+    }
 }
 
 /// A sink that keeps every class in memory, in the order they were done, and always wins:
@@ -101,6 +108,8 @@ pub trait ClassSink {
 pub struct Kept {
     /// Each class and what was made of it (its contact sheet in `contact_sheet`).
     pub classes: Vec<(ClassRef, ClassResult)>,
+    /// DiT image-steps counted while sampling ([`ClassSink::image_steps`]).
+    pub image_steps: std::sync::Arc<AtomicU64>,
 }
 
 impl ClassSink for Kept {
@@ -115,6 +124,10 @@ impl ClassSink for Kept {
         if let Some((_, result)) = self.classes.iter_mut().rev().find(|(c, _)| c == class) {
             result.contact_sheet = Some(png);
         }
+    }
+
+    fn image_steps(&self) -> Option<std::sync::Arc<AtomicU64>> {
+        Some(self.image_steps.clone())
     }
 }
 
@@ -501,6 +514,7 @@ impl Engine {
         // retry redoes only the classes that are not committed.
         let mut failed: std::collections::BTreeMap<usize, EngineError> = Default::default();
         let per_call = self.samples_per_call();
+        let image_steps = sink.image_steps().unwrap_or_default();
         loop {
             // Everything already waiting first, so that the CPU stages never wait on sampling.
             while let Ok(event) = events.try_recv() {
@@ -517,7 +531,7 @@ impl Engine {
                 let groups = if self.overlap && ready.len() >= 2 * per_call { 2 } else { 1 };
                 let batches: Vec<Vec<(usize, usize)>> =
                     (0..groups).map(|_| ready.drain(..per_call.min(ready.len())).collect()).collect();
-                for slot in self.sample_batches(classes, &mut flight, &batches, &mut stats)? {
+                for slot in self.sample_batches(classes, &mut flight, &batches, &image_steps, &mut stats)? {
                     self.finish_class(classes, &mut flight[slot], slot, options, sink, &mut stats)?;
                 }
                 continue;
@@ -640,12 +654,14 @@ impl Engine {
     }
 
     /// Samples one DiT batch, or two in flight ([`Models::sample_pair`]), and files each sample's
-    /// x₀ with its class. Returns the slots of the classes now fully sampled.
+    /// x₀ with its class, counting every step's images into `image_steps`. Returns the slots of
+    /// the classes now fully sampled.
     fn sample_batches<E>(
         &mut self,
         classes: &[ClassSpec],
         flight: &mut [InFlight],
         batches: &[Vec<(usize, usize)>],
+        image_steps: &AtomicU64,
         stats: &mut ShardStats,
     ) -> Result<Vec<usize>, ShardStop<E>> {
         let started = Instant::now();
@@ -659,6 +675,7 @@ impl Engine {
                 &self.sampling,
                 [view(a), view(b)],
                 &mut stats.dit_rows,
+                image_steps,
             )),
             [a] => {
                 let run = view(a);
@@ -669,7 +686,9 @@ impl Engine {
                     run.modes,
                     run.noise,
                     &mut stats.dit_rows,
-                    |_, _| {},
+                    |_, x| {
+                        image_steps.fetch_add(x.shape()[0] as u64, Ordering::Relaxed);
+                    },
                 )]
             }
             _ => unreachable!("one or two DiT batches at a time"),

@@ -13,7 +13,7 @@ use mgd3_common::manifest::{ClassMarker, FileDigest, SCHEMA_VERSION};
 use mgd3_common::store::Location;
 use object_store::ObjectStoreExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::runtime::Handle;
 use tracing::info;
@@ -57,6 +57,8 @@ pub struct ShardProgress {
     pub images: AtomicU32,
     /// Classes committed (by this attempt, or found committed by an earlier one).
     pub classes: AtomicU32,
+    /// DiT steps run for the shard's images, one per image per step (progress inside a class).
+    pub image_steps: Arc<AtomicU64>,
 }
 
 /// Commits the classes an engine hands over, recording each class's marker.
@@ -155,6 +157,10 @@ impl ClassSink for Committer<'_> {
         if let Err(error) = self.runtime.block_on(self.out.store.put(&key, png.into())) {
             tracing::warn!(class = %class.wnid, %key, %error, "could not write the contact sheet");
         }
+    }
+
+    fn image_steps(&self) -> Option<Arc<AtomicU64>> {
+        Some(self.progress.image_steps.clone())
     }
 }
 

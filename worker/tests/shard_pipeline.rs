@@ -475,6 +475,9 @@ fn two_batches_in_flight_give_the_same_bytes_as_one_at_a_time() {
             let mut got = mgd3_worker::pipeline::Kept::default();
             let stats =
                 engine.distill_shard(&dataset, &classes, ShardOptions { contact_sheet: true }, &mut got).unwrap();
+            // The progress the lease reports: every image once per step, in pairs or not.
+            let image_steps = got.image_steps.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(image_steps, (13 + 11 + 9) * 10, "{sampler:?} overlap {overlap}: image-steps counted");
             (got.classes, stats)
         };
         let (alone, alone_stats) = run(false);
