@@ -17,6 +17,8 @@ async fn a_simulated_cluster_commits_every_class_once_through_preemption_crashes
     assert!(o.preemptions > 0 && o.crashes > 0 && o.restarts == 1, "{o:?}");
     assert_eq!((o.committed_classes, o.images), (120, 120 * 50));
     assert!(o.ratio() >= 1.0 && o.wasted_gpu_s > 0.0, "{o:?}");
+    // Workers away are capacity the scheduler never had: counted apart.
+    assert!(o.away_gpu_s > 0.0 && o.ratio_on_present_gpus() < o.ratio(), "{o:?}");
 }
 
 /// What persisting an event costs does not grow with the job (one whole `state.json` per flush
@@ -38,7 +40,9 @@ async fn state_bytes_per_class_stay_flat_and_the_tail_short_as_the_job_grows() {
         small.state_bytes_per_class()
     );
     assert!(big.state_bytes_per_class() < 1000.0, "{}", big.state_bytes_per_class());
+    // The ideal is at full DiT calls: the one-class shards of the last rounds (IPC 50 fills
+    // 100 of 256 rows) cost about 2 % of it, the last round's granularity the rest.
     for o in &outcomes {
-        assert!(o.ratio() < 1.08, "{}: makespan / ideal {}", o.name, o.ratio());
+        assert!(o.ratio() < 1.10, "{}: makespan / ideal {}", o.name, o.ratio());
     }
 }

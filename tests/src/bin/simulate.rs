@@ -23,7 +23,7 @@ struct Args {
     /// DiT rows per call the workers report (shards are planned for it).
     #[arg(long, default_value_t = 256)]
     dit_rows: usize,
-    /// Distilled images per second per GPU.
+    /// Distilled images per second per GPU, with full DiT calls.
     #[arg(long, default_value_t = 7.17)]
     sample_rate: f64,
     /// Real images per second per GPU through decode and VAE encode.
@@ -109,12 +109,22 @@ fn scenario(args: &Args) -> Result<Scenario> {
 fn print_one(o: &Outcome) {
     println!("{}: {} classes in {} shards on {} workers", o.name, o.classes, o.shards, o.workers);
     println!(
-        "  makespan {:.0} s, ideal {:.0} s (committed GPU time ÷ workers): makespan / ideal = {:.3}",
+        "  makespan {:.0} s, ideal {:.0} s (committed GPU time at full DiT calls ÷ workers): makespan / ideal = {:.3}",
         o.makespan_s,
         o.ideal_s,
         o.ratio()
     );
-    println!("  GPU idle share {:.1} %, wasted GPU time {:.0} s", o.idle_share * 100.0, o.wasted_gpu_s);
+    println!(
+        "  GPUs away (preempted, crashed) {:.0} GPU-s: on the GPUs that were there, makespan / ideal = {:.3}",
+        o.away_gpu_s,
+        o.ratio_on_present_gpus()
+    );
+    println!(
+        "  GPU idle share {:.1} %, GPU time on runs that did not commit {:.0} s, on partial DiT calls {:.0} s",
+        o.idle_share * 100.0,
+        o.wasted_gpu_s,
+        o.partial_call_gpu_s
+    );
     println!(
         "  coordinator: {} lease operations, {:.0} per second of its CPU; {:.1} µs CPU per event ({} events)",
         o.lease_ops,
@@ -154,18 +164,19 @@ fn print_one(o: &Outcome) {
 
 fn table_header() {
     println!(
-        "| run | GPUs | shards | makespan / ideal | GPU idle | lease ops/s (1 core) | CPU per event | state bytes per class | state bytes total | requests per image | S3 requests | peak RSS |"
+        "| run | GPUs | shards | makespan / ideal | … on the GPUs there | GPU idle | lease ops/s (1 core) | CPU per event | state bytes per class | state bytes total | requests per image | S3 requests | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 }
 
 fn table_row(o: &Outcome) {
     println!(
-        "| {} | {} | {} | {:.3} | {:.1} % | {:.0} | {:.1} µs | {:.0} | {:.1} MB | {:.2} | ${:.2} | {:.0} MiB |",
+        "| {} | {} | {} | {:.3} | {:.3} | {:.1} % | {:.0} | {:.1} µs | {:.0} | {:.1} MB | {:.2} | ${:.2} | {:.0} MiB |",
         o.name,
         o.workers,
         o.shards,
         o.ratio(),
+        o.ratio_on_present_gpus(),
         o.idle_share * 100.0,
         o.lease_ops_per_s(),
         o.cpu_us_per_event(),

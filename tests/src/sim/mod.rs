@@ -104,7 +104,8 @@ pub struct Scenario {
     pub ipc: usize,
     /// DiT rows per call every worker reports (shards are planned for it, as at submit).
     pub dit_rows: usize,
-    /// Distilled images per second per GPU (sampling, 50 steps, CFG pairs, VAE decode).
+    /// Distilled images per second per GPU with full DiT calls (sampling, 50 steps, CFG pairs,
+    /// VAE decode); see `call_overhead_rows`.
     pub sample_rate: f64,
     /// Real images per second per GPU through decode and VAE encode.
     pub encode_rate: f64,
@@ -114,6 +115,11 @@ pub struct Scenario {
     pub straggler_factor: f64,
     /// Spread of the GPUs' speed (standard deviation of a factor around 1).
     pub speed_spread: f64,
+    /// A DiT call's fixed cost, in rows' worth of compute: a call of r rows costs
+    /// `call_overhead_rows + r`, so a shard whose last call is not full samples more slowly
+    /// than `sample_rate` (which is for full calls). 11.2 fits the H200 run (7.02 → 7.17
+    /// images/s from 256 to 512 rows, README "GPU").
+    pub call_overhead_rows: f64,
     /// Preemption waves, if any.
     pub preemption: Option<Preemption>,
     /// Seconds a preempted worker stops after (its current batch; Slurm's grace is longer).
@@ -151,6 +157,7 @@ impl Scenario {
             straggler_share: 0.02,
             straggler_factor: 3.0,
             speed_spread: 0.03,
+            call_overhead_rows: 11.2,
             preemption: None,
             stop_s: 2.0,
             requeue_s: 180.0,
@@ -178,12 +185,17 @@ pub struct Outcome {
     pub shards: usize,
     /// Virtual seconds from the first worker's start to the job's end.
     pub makespan_s: f64,
-    /// GPU-seconds of the class runs that committed ÷ workers.
+    /// GPU-seconds of the class runs that committed, at full DiT calls, ÷ workers.
     pub ideal_s: f64,
     /// Share of GPU time (workers × makespan) not spent running classes.
     pub idle_share: f64,
     /// GPU-seconds spent on class runs whose work was lost (preempted, crashed, duplicated).
     pub wasted_gpu_s: f64,
+    /// GPU-seconds committed runs spent beyond full DiT calls (shards too small to fill them).
+    pub partial_call_gpu_s: f64,
+    /// GPU-seconds of workers away (preempted or crashed, until Slurm ran them again or the
+    /// job ended): capacity no scheduler could use.
+    pub away_gpu_s: f64,
     /// Lease operations the coordinator handled (registrations, polls, completions, failures).
     pub lease_ops: u64,
     /// Events the coordinator handled (lease operations, ticks, flushes, recoveries).
@@ -219,6 +231,15 @@ impl Outcome {
     /// Makespan ÷ ideal.
     pub fn ratio(&self) -> f64 {
         self.makespan_s / self.ideal_s
+    }
+
+    /// Makespan ÷ the ideal on the GPUs that were there: the committed work spread over the
+    /// GPU-seconds of the makespan less those of workers away (preempted, crashed). What the
+    /// scheduler lost, apart from what the cluster took.
+    pub fn ratio_on_present_gpus(&self) -> f64 {
+        let present = self.workers as f64 * self.makespan_s - self.away_gpu_s;
+        let ideal = self.ideal_s * self.workers as f64 / (present / self.makespan_s).max(1e-9);
+        self.makespan_s / ideal
     }
 
     /// Lease operations per second of coordinator CPU.
@@ -279,6 +300,22 @@ struct Held {
     markers: Vec<ClassMarker>,
     images_done: u32,
     classes_done: u32,
+    /// DiT image-steps of the classes this attempt sampled to the end.
+    image_steps: u64,
+    /// When the running class's sampling starts and ends (after its data stage), ms.
+    sampling: (u64, u64),
+    /// How much slower than full DiT calls the shard samples ([`Sim::call_penalty`]).
+    penalty: f64,
+}
+
+impl Held {
+    /// The image-steps a worker reports at `now`: its finished classes' and, linearly over
+    /// the running class's sampling, that class's (`per_class` image-steps).
+    fn image_steps_at(&self, now: u64, per_class: u64) -> u64 {
+        let (from, to) = self.sampling;
+        let share = if to > from { (now.saturating_sub(from) as f64 / (to - from) as f64).min(1.0) } else { 0.0 };
+        self.image_steps + (share * per_class as f64) as u64
+    }
 }
 
 struct Worker {
@@ -293,6 +330,8 @@ struct Worker {
     /// A completion the coordinator has not accepted yet (it was away).
     completion: Option<(String, String)>,
     drained: bool,
+    /// Since when it is away (preempted or crashed), until it runs again.
+    down_since: Option<u64>,
 }
 
 struct Sim {
@@ -318,6 +357,10 @@ struct Sim {
     // Measurements.
     busy_ms: u64,
     committed_ms: u64,
+    /// What committed runs took beyond `committed_ms` (partial DiT calls).
+    partial_ms: u64,
+    /// GPU-ms of workers away (preempted or crashed) until they ran again.
+    down_ms: u64,
     lease_ops: u64,
     events: u64,
     cpu: Duration,
@@ -412,6 +455,7 @@ pub async fn run(scenario: Scenario, name: impl Into<String>) -> Result<Outcome>
             held: None,
             completion: None,
             drained: false,
+            down_since: None,
         })
         .collect();
     let mut scheduler = Scheduler::new(scenario.heartbeat_ms, "e0");
@@ -437,6 +481,8 @@ pub async fn run(scenario: Scenario, name: impl Into<String>) -> Result<Outcome>
         finished: None,
         busy_ms: 0,
         committed_ms: 0,
+        partial_ms: 0,
+        down_ms: 0,
         lease_ops: 0,
         events: 0,
         cpu: Duration::ZERO,
@@ -501,6 +547,19 @@ impl Sim {
     fn class_ms(&self, class_index: usize) -> f64 {
         let s = &self.scenario;
         (self.images[class_index] as f64 / s.encode_rate + s.ipc as f64 / s.sample_rate) * 1000.0
+    }
+
+    /// How much slower than full calls a shard of `classes` samples: its n = classes × IPC
+    /// images go in ⌈n / m⌉ calls of up to m = rows / 2 images (CFG pairs), each costing
+    /// `call_overhead_rows` more than its rows.
+    fn call_penalty(&self, classes: usize) -> f64 {
+        let s = &self.scenario;
+        let per_call = (s.dit_rows / 2).max(1) as f64;
+        let n = (classes * s.ipc) as f64;
+        let calls = (n / per_call).ceil();
+        let shard = (calls * s.call_overhead_rows + 2.0 * n) / n;
+        let full = (s.call_overhead_rows + 2.0 * per_call) / per_call;
+        shard / full
     }
 
     fn expected_makespan_ms(&self) -> u64 {
@@ -633,11 +692,17 @@ impl Sim {
         if let Some((lease_id, digest)) = self.workers[w].completion.clone() {
             self.complete(w, &lease_id, &digest).await?;
         }
+        let per_class = (self.scenario.ipc * self.job.spec.sampling.steps) as u64;
         let worker = &self.workers[w];
         let running: Vec<Running> = worker
             .held
             .iter()
-            .map(|h| Running { lease_id: h.lease_id.clone(), images_done: h.images_done, classes_done: h.classes_done })
+            .map(|h| Running {
+                lease_id: h.lease_id.clone(),
+                images_done: h.images_done,
+                classes_done: h.classes_done,
+                image_steps_done: h.image_steps_at(now, per_class),
+            })
             .collect();
         let id = worker.id.clone();
         let (decision, revoked, settled) = self.timed(|sim| {
@@ -669,6 +734,9 @@ impl Sim {
                     markers: Vec::new(),
                     images_done: 0,
                     classes_done: 0,
+                    image_steps: 0,
+                    sampling: (now, now),
+                    penalty: 1.0,
                 };
                 self.workers[w].held = Some(held);
                 self.start_shard(w).await?;
@@ -726,12 +794,21 @@ impl Sim {
         }
         let class_index = held.classes[held.next].class_index as usize;
         let s = &self.scenario;
-        let mut ms = self.class_ms(class_index) / self.workers[w].speed;
+        let mut slow = 1.0 / self.workers[w].speed;
         if self.rng.gen_bool(s.straggler_share) {
-            ms *= s.straggler_factor;
+            slow *= s.straggler_factor;
         }
+        // The data stage first, then the DiT steps (what the worker's heartbeats count).
+        let data_ms = self.images[class_index] as f64 / s.encode_rate * 1000.0 * slow;
+        let penalty = self.call_penalty(held.classes.len());
+        let ms = data_ms + (self.class_ms(class_index) * slow - data_ms) * penalty;
+        let data_ms = data_ms as u64;
         let life = self.workers[w].life;
-        self.workers[w].held.as_mut().expect("held").class_started_ms = self.now;
+        let now = self.now;
+        let held = self.workers[w].held.as_mut().expect("held");
+        held.class_started_ms = now;
+        held.sampling = (now + data_ms, now + ms.max(1.0) as u64);
+        held.penalty = penalty;
         self.at(self.now + ms.max(1.0) as u64, Event::ClassDone(w, life));
         Ok(())
     }
@@ -782,13 +859,20 @@ impl Sim {
             if !self.committed.insert(class.wnid.clone()) {
                 bail!("class `{}` was committed twice", class.wnid);
             }
-            self.committed_ms += now - started;
+            // The ideal counts the class's time as full DiT calls would have taken it: what
+            // partial calls cost is the plan's, like idle time.
+            let held = self.workers[w].held.as_ref().expect("held");
+            let data = held.sampling.0.saturating_sub(started);
+            let full = data + ((now - started - data) as f64 / held.penalty) as u64;
+            self.committed_ms += full;
+            self.partial_ms += now - started - full;
         }
         let held = self.workers[w].held.as_mut().expect("held");
         held.markers.push(marker);
         held.next += 1;
         held.classes_done += 1;
         held.images_done += ipc as u32;
+        held.image_steps += (ipc * self.job.spec.sampling.steps) as u64;
         self.next_class(w).await
     }
 
@@ -872,6 +956,7 @@ impl Sim {
                 }
             }
         }
+        self.workers[w].down_since = Some(now + stop_ms);
         let back = now + stop_ms + (self.scenario.requeue_s * 1000.0) as u64;
         self.at(back, Event::Rejoin(w));
     }
@@ -882,6 +967,7 @@ impl Sim {
         let worker = &mut self.workers[w];
         worker.life += 1;
         worker.up = false;
+        worker.down_since = Some(now);
         if let Some(held) = worker.held.take() {
             self.busy_ms += now - held.class_started_ms;
         }
@@ -890,6 +976,9 @@ impl Sim {
 
     fn rejoin(&mut self, w: usize) {
         let worker = &mut self.workers[w];
+        if let Some(since) = worker.down_since.take() {
+            self.down_ms += self.now - since;
+        }
         worker.up = true;
         worker.instance = format!("i{w}-{}", worker.life);
         worker.registered = None;
@@ -933,6 +1022,8 @@ impl Sim {
         }
         let workers = self.workers.len();
         let makespan_ms = end as f64;
+        let still_down: u64 =
+            self.workers.iter().filter_map(|w| w.down_since).map(|since| end.saturating_sub(since)).sum();
         let state = self.state_store.requests();
         Ok(Outcome {
             name,
@@ -942,7 +1033,9 @@ impl Sim {
             makespan_s: makespan_ms / 1000.0,
             ideal_s: self.committed_ms as f64 / workers as f64 / 1000.0,
             idle_share: 1.0 - self.busy_ms as f64 / (workers as f64 * makespan_ms),
-            wasted_gpu_s: (self.busy_ms - self.committed_ms) as f64 / 1000.0,
+            wasted_gpu_s: (self.busy_ms - self.committed_ms - self.partial_ms) as f64 / 1000.0,
+            partial_call_gpu_s: self.partial_ms as f64 / 1000.0,
+            away_gpu_s: (self.down_ms + still_down) as f64 / 1000.0,
             lease_ops: self.lease_ops,
             coordinator_events: self.events,
             coordinator_cpu_s: self.cpu.as_secs_f64(),
