@@ -87,11 +87,9 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
         serde_json::from_slice(&std::fs::read(job_dir(&store).join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["images"].as_u64(), Some(classes as u64 * 3));
     // The killed worker's shard really was attempted again.
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job_dir(&store).join("state.json")).unwrap()).unwrap();
-    let retried =
-        state["shards"].as_array().unwrap().iter().filter(|s| s["attempts"].as_u64().unwrap_or(0) >= 2).count();
-    assert!(retried >= 1, "no shard was re-leased: {state:#}");
+    let records = shard_records(&job_dir(&store));
+    let retried = records.iter().filter(|s| s["attempts"].as_u64().unwrap_or(0) >= 2).count();
+    assert!(retried >= 1, "no shard was re-leased: {records:#?}");
 }
 
 /// The coordinator's log tells a person when a worker goes: one INFO line naming it once it has
@@ -874,11 +872,11 @@ fn a_coordinator_restarted_mid_shard_finds_the_worker_renewing_and_stoppable() {
     let worker_log = scratch.path().join("worker.log");
     let mut slow = fake_worker(&url, "slow", "12", &worker_log, &[]);
     let job = submit(&url, &spec_path);
-    // The lease is in state.json (the coordinator writes it within ~100 ms of the grant), so the
-    // restarted coordinator knows the lease the worker renews.
-    let state = Path::new(&store).join("jobs").join(&job).join("state.json");
-    wait_for("the lease recorded in state.json", Duration::from_secs(30), || {
-        std::fs::read_to_string(&state).is_ok_and(|text| text.contains("\"leased\""))
+    // The lease is in the shard's state record (the coordinator writes it within ~100 ms of the
+    // grant), so the restarted coordinator knows the lease the worker renews.
+    let folder = Path::new(&store).join("jobs").join(&job);
+    wait_for("the lease recorded in the shard's state record", Duration::from_secs(30), || {
+        shard_records(&folder).iter().any(|record| record.to_string().contains("\"leased\""))
     });
     signal(&coordinator.0, 9);
     let _ = coordinator.0.wait();

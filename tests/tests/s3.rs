@@ -226,9 +226,12 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     assert_eq!(markers.len(), classes);
     assert!(download(s3.as_ref(), &format!("out/jobs/{job}/staging")).await.is_empty(), "no staging left behind");
     // The outage was survived call by call: no class failed, no attempt was spent.
-    let state = get_json(s3.as_ref(), &format!("state/jobs/{job}/state.json")).await;
-    let shards = state["shards"].as_array().unwrap();
-    assert!(shards.iter().all(|s| s["attempts"] == 1 && s["last_error"].is_null()), "{state:#}");
+    let records = download(s3.as_ref(), &format!("state/jobs/{job}/state/shards")).await;
+    assert_eq!(records.len(), classes, "one state record per shard");
+    for (name, bytes) in &records {
+        let shard: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        assert!(shard["attempts"] == 1 && shard["last_error"].is_null(), "{name}: {shard:#}");
+    }
     // Same bytes as an undisturbed local run.
     let local_spec = scratch.path().join("local.toml");
     let local_out = scratch.path().join("local");

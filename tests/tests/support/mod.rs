@@ -15,6 +15,22 @@ use image::{GrayImage, ImageFormat};
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 
+/// The shard state records of a job folder on disk (`state/shards/<index>.json`, state schema
+/// 3), in shard order; shards never leased have none.
+pub fn shard_records(job_dir: &Path) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(job_dir.join("state").join("shards")) else { return Vec::new() };
+    let mut records: Vec<(usize, serde_json::Value)> = entries
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let index = path.file_stem()?.to_str()?.parse().ok()?;
+            let text = std::fs::read(&path).ok()?;
+            Some((index, serde_json::from_slice(&text).ok()?))
+        })
+        .collect();
+    records.sort_by_key(|(index, _)| *index);
+    records.into_iter().map(|(_, record)| record).collect()
+}
+
 /// A binary of the workspace, built next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
