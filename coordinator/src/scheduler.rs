@@ -386,15 +386,21 @@ const STEP_RATE_WINDOW_MS: u64 = 10_000;
 impl StepRate {
     /// Milliseconds from `now` until the lease has run `total` image-steps at its rate so far
     /// (LATE's estimate of the time left, Zaharia et al., OSDI 2008); `None` until two reports
-    /// [`STEP_RATE_MIN_MS`] apart show progress.
-    fn left_ms(&self, total: u64, now: u64) -> Option<f64> {
+    /// [`STEP_RATE_MIN_MS`] apart show progress. A lease that has reported no progress for
+    /// longer than `stall_ms` (a read stalled before its next class) is rated up to `now`, so
+    /// it looks slower with every heartbeat instead of about to finish.
+    fn left_ms(&self, total: u64, now: u64, stall_ms: u64) -> Option<f64> {
         let span = self.last_ms.saturating_sub(self.first_ms);
         if span < STEP_RATE_MIN_MS || self.last <= self.first {
             return None;
         }
-        let rate = (self.last - self.first) as f64 / span as f64;
-        let left = total.saturating_sub(self.last) as f64 / rate - now.saturating_sub(self.last_ms) as f64;
-        Some(left.max(0.0))
+        let (done, silent) = ((self.last - self.first) as f64, now.saturating_sub(self.last_ms));
+        let remaining = total.saturating_sub(self.last) as f64;
+        Some(if silent > stall_ms {
+            remaining / (done / (span + silent) as f64)
+        } else {
+            (remaining / (done / span as f64) - silent as f64).max(0.0)
+        })
     }
 }
 
@@ -1137,6 +1143,8 @@ impl Scheduler {
     /// A backup lease for `worker_id` of the running shard most behind its job's pace, when one
     /// has run [`BACKUP_AFTER`] times as long as expected (see [`Backup`]).
     fn grant_backup(&mut self, worker_id: &str, now: u64) -> Option<LeaseGrant> {
+        // Heartbeats with no new steps for this long mean the lease has stalled.
+        let stall_ms = 2 * self.heartbeat_ms;
         // (time left, job, shard, the straggling backup this one replaces)
         let mut best: Option<(f64, String, usize, Option<String>)> = None;
         for (lease_id, job_id, shard) in self.leases.iter() {
@@ -1175,13 +1183,13 @@ impl Scheduler {
                 None => None,
                 Some(backup) => {
                     let total = classes_left * run.job.spec.ipc as u64 * run.job.spec.sampling.steps as u64;
-                    match self.leases.steps.get(backup).and_then(|r| r.left_ms(total, now)) {
+                    match self.leases.steps.get(backup).and_then(|r| r.left_ms(total, now, stall_ms)) {
                         Some(left) if left > fresh => Some((backup.clone(), left)),
                         _ => continue,
                     }
                 }
             };
-            let left = match self.leases.steps.get(lease_id).and_then(|r| r.left_ms(total, now)) {
+            let left = match self.leases.steps.get(lease_id).and_then(|r| r.left_ms(total, now, stall_ms)) {
                 Some(left) if left > fresh => left,
                 Some(_) => continue,
                 None if elapsed >= BACKUP_AFTER * expected => elapsed,
@@ -1955,6 +1963,20 @@ mod tests {
         let (_, revoked) = poll(&mut s, "w3", &held(&straggler), false, 2400);
         assert_eq!(revoked, vec![straggler.lease_id.clone()]);
         assert!(matches!(s.complete("w3", &straggler.lease_id, 2500), Err(SchedulerError::StaleLease(_))));
+    }
+
+    /// A lease whose progress stops (a read stalled before its next class) looks slower with
+    /// every heartbeat, never closer to its end.
+    #[test]
+    fn a_stalled_lease_is_estimated_to_need_longer_as_time_passes() {
+        let rate = StepRate { first_ms: 0, first: 100, last_ms: 2000, last: 300 };
+        assert_eq!(rate.left_ms(1300, 2000, 4000), Some(10_000.0), "100 image-steps a second, 1,000 left");
+        // Between heartbeats the clock runs down…
+        assert_eq!(rate.left_ms(1300, 3000, 4000), Some(9_000.0));
+        // …but silent for longer than the stall time, the lease is rated up to now.
+        let later = [6001, 8000, 16_000].map(|now| rate.left_ms(1300, now, 4000).unwrap());
+        assert!(later.windows(2).all(|w| w[1] > w[0]) && later[0] > 10_000.0, "{later:?}");
+        assert_eq!(StepRate { last_ms: 500, ..rate }.left_ms(1300, 2000, 4000), None, "reports too close");
     }
 
     /// With DiT progress in the heartbeats, a backup goes to the shard whose own rate says it

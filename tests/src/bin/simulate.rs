@@ -47,7 +47,8 @@ struct Args {
     /// Mean hours between silent crashes of one worker (0 = none).
     #[arg(long, default_value_t = 0.0)]
     crash_mtbf_h: f64,
-    /// Coordinator crashes and restarts, spread over the run.
+    /// Coordinator crashes and restarts, spread evenly over the expected run (20 s away each;
+    /// those that would come after the job ended do not happen: the output counts those that did).
     #[arg(long, default_value_t = 0)]
     coordinator_restarts: usize,
     /// Worker heartbeat, ms.
@@ -89,6 +90,43 @@ fn scenario(args: &Args) -> Result<Scenario> {
     if !(0.0..=1.0).contains(&args.preempt_share) {
         bail!("--preempt-share {}: a share of the workers, 0..1", args.preempt_share);
     }
+    if args.workers > 100_000 || args.ipc > 10_000 {
+        bail!("--workers is at most 100,000 and --ipc at most 10,000 (the sizes this tool is for)");
+    }
+    if let Dataset::Uniform { images, .. } = s.dataset
+        && (images as usize) < args.ipc
+    {
+        bail!("--dataset {}: each class needs at least IPC ({}) real images for its modes", args.dataset, args.ipc);
+    }
+    if !(args.sample_rate.is_finite() && args.encode_rate.is_finite()) {
+        bail!("--sample-rate and --encode-rate must be finite");
+    }
+    if !(1.0..=100.0).contains(&args.straggler_factor) {
+        bail!("--straggler-factor {:?}: 1..100 times as long", args.straggler_factor);
+    }
+    if args.preempt_share > 0.0 && !(args.preempt_every_min.is_finite() && args.preempt_every_min >= 1.0) {
+        bail!("--preempt-every-min {:?}: at least 1 minute between waves", args.preempt_every_min);
+    }
+    if !(args.crash_mtbf_h.is_finite() && args.crash_mtbf_h >= 0.0) {
+        bail!("--crash-mtbf-h {:?}: hours, 0 for no crashes", args.crash_mtbf_h);
+    }
+    if !(100..=60_000).contains(&args.heartbeat_ms) {
+        bail!("--heartbeat-ms {}: 100..60000 (the coordinator's `--heartbeat-ms` range)", args.heartbeat_ms);
+    }
+    // A worker comes back under its old id: the coordinator takes it back once the old process
+    // has been silent for three heartbeats, as it would a Slurm requeue on the same node.
+    let least = 3.0 * args.heartbeat_ms as f64 / 1000.0;
+    if !(args.requeue_s.is_finite() && args.requeue_s >= least) {
+        bail!(
+            "--requeue-s {}: at least 3 heartbeats ({least} s at --heartbeat-ms {}), the time the coordinator takes to \
+             see the preempted process gone",
+            args.requeue_s,
+            args.heartbeat_ms
+        );
+    }
+    if args.coordinator_restarts > 100 {
+        bail!("--coordinator-restarts {}: at most 100", args.coordinator_restarts);
+    }
     s.ipc = args.ipc;
     s.dit_rows = args.dit_rows;
     s.sample_rate = args.sample_rate;
@@ -102,6 +140,21 @@ fn scenario(args: &Args) -> Result<Scenario> {
     s.seed = args.seed;
     if args.preempt_share > 0.0 {
         s.preemption = Some(Preemption { share: args.preempt_share, every_s: args.preempt_every_min * 60.0 });
+    }
+    // Events grow with virtual time ÷ heartbeat: refuse a run that would take hours to simulate.
+    let images: f64 = s.dataset.draw(&mut rand::thread_rng()).iter().map(|&n| n as f64).sum();
+    let classes = match s.dataset {
+        Dataset::ImageNet1k => 1000.0,
+        Dataset::ImageNet21k => 21_841.0,
+        Dataset::Uniform { classes, .. } => classes as f64,
+    };
+    let per_gpu_s = (images / s.encode_rate + classes * s.ipc as f64 / s.sample_rate) / s.workers as f64;
+    let polls = per_gpu_s * 1000.0 / s.heartbeat_ms as f64 * s.workers as f64;
+    if polls > 2e8 {
+        bail!(
+            "this run would be about {per_gpu_s:.0} s of virtual time per GPU, {polls:.1e} heartbeats to simulate: \
+             raise --sample-rate/--encode-rate or --heartbeat-ms, or use fewer workers"
+        );
     }
     Ok(s)
 }
@@ -198,7 +251,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let runs: Vec<(Dataset, usize)> = if args.toy {
-        vec![(Dataset::Uniform { classes: 60, images: 300 }, 4), (Dataset::Uniform { classes: 300, images: 300 }, 32)]
+        vec![(Dataset::Uniform { classes: 60, images: 300 }, 8), (Dataset::Uniform { classes: 300, images: 300 }, 32)]
     } else {
         vec![
             (Dataset::ImageNet1k, 8),
@@ -213,13 +266,18 @@ async fn main() -> Result<()> {
             let mut s = scenario(&args)?;
             (s.dataset, s.workers) = (data, workers);
             if preempted {
-                s.preemption = Some(Preemption { share: 0.05, every_s: args.preempt_every_min * 60.0 });
+                // At toy sizes 5 % of 4 workers is mostly nobody: half, so the row preempts.
+                let share = if args.toy { 0.5 } else { 0.05 };
+                s.preemption = Some(Preemption { share, every_s: args.preempt_every_min * 60.0 });
             }
             let name = format!(
                 "{} IPC {}{}",
                 data.name(),
                 s.ipc,
-                if preempted { format!(", 5 % preempted every {} min", args.preempt_every_min) } else { String::new() }
+                match s.preemption {
+                    Some(p) => format!(", {:.0} % preempted every {} min", p.share * 100.0, args.preempt_every_min),
+                    None => String::new(),
+                }
             );
             let outcome = run(s, name).await?;
             print_one(&outcome);

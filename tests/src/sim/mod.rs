@@ -616,7 +616,16 @@ impl Sim {
             }
             if let Some((_, state)) = self.finished {
                 if state != JobState::Succeeded {
-                    bail!("the simulated job ended {state:?}");
+                    let why = self
+                        .scheduler
+                        .as_ref()
+                        .and_then(|s| s.persisted(&self.job.job_id))
+                        .and_then(|p| p.shards.iter().find_map(|shard| shard.last_error.clone()))
+                        .map_or_else(String::new, |e| format!(": {}", e.error));
+                    bail!(
+                        "the simulated job ended {state:?}{why} (its shards ran out of attempts: \
+                         fewer crashes or preemptions, or a longer --requeue-s, let it finish)"
+                    );
                 }
                 // The manifest, as the coordinator writes it when a job succeeds.
                 let (out, job, finished) = (self.out.clone(), self.job.clone(), self.now);
