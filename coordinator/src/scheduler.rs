@@ -477,9 +477,9 @@ impl Leases {
 /// A second lease of a running shard (speculative execution, as MapReduce's backup tasks, Dean
 /// & Ghemawat 2004, chosen as LATE does, Zaharia et al. 2008): granted to a worker that would
 /// otherwise idle, when no shard waits and a fresh run of the shard's uncommitted classes would
-/// end before the running one is estimated to (a slow node, a slow read; see [`BACKUP_AFTER`]). Whichever attempt commits a class first wins it (markers are
-/// create-only), the first to complete finishes the shard and the other is revoked at its next
-/// poll; when the shard's own lease fails, the backup takes its place. Not persisted: after a
+/// end before the running one is estimated to (a slow node, a slow read; see [`BACKUP_AFTER`]).
+/// Whichever attempt commits a class first wins it (markers are create-only), the first to
+/// complete finishes the shard and the other is revoked at its next poll; when the shard's own lease fails, the backup takes its place. Not persisted: after a
 /// coordinator restart its worker is told to stop, and the shard's own lease runs on.
 #[derive(Clone, Debug)]
 struct Backup {
@@ -494,8 +494,9 @@ struct Backup {
 /// A shard whose lease has reported no DiT rate yet (still reading its data, or a worker that
 /// does not count steps) gets a backup lease once it has run this many times as long as the
 /// job's completed shards took for its cost; with a rate, the estimate of its time left decides
-/// (from the DiT image-steps its heartbeats report). Lower than Spark's `spark.speculation.multiplier` (1.5) on purpose: a backup
-/// only ever runs on a GPU that has nothing else to do. Simulated on ImageNet-21K × 1,024 GPUs
+/// (from the DiT image-steps its heartbeats report). Lower than Spark's
+/// `spark.speculation.multiplier` (1.5) on purpose: a backup only ever runs on a GPU that has
+/// nothing else to do. Simulated on ImageNet-21K × 1,024 GPUs
 /// with 2 % of class runs taking 3× (README "Scale"), by elapsed time alone: makespan ÷ ideal
 /// 1.156 without backups, 1.099 at 1.25, 1.074 at 0.5, with 1.5 % of the GPU time on losing
 /// duplicates; the rate estimate kept the makespan (1.087 both ways, mean of seeds 1–5) and
@@ -1140,8 +1141,9 @@ impl Scheduler {
         self.grant_backup(worker_id, now)
     }
 
-    /// A backup lease for `worker_id` of the running shard most behind its job's pace, when one
-    /// has run [`BACKUP_AFTER`] times as long as expected (see [`Backup`]).
+    /// A backup lease for `worker_id` of the running shard estimated to end last, when a fresh
+    /// run of its uncommitted classes would end first (see [`Backup`], [`BACKUP_AFTER`]); it
+    /// replaces a backup of that shard whose own rate straggles.
     fn grant_backup(&mut self, worker_id: &str, now: u64) -> Option<LeaseGrant> {
         // Heartbeats with no new steps for this long mean the lease has stalled.
         let stall_ms = 2 * self.heartbeat_ms;
@@ -1173,7 +1175,7 @@ impl Scheduler {
                 (ms as f64 * run.pending.cost.get(shard).copied().unwrap_or(0) as f64 / cost as f64).max(1.0);
             let elapsed = now.saturating_sub(*started_ms) as f64;
             let classes = run.job.shard_classes(shard).len() as u64;
-            let total = classes * run.job.spec.ipc as u64 * run.job.spec.sampling.steps as u64;
+            let per_class = run.job.spec.ipc as u64 * run.job.spec.sampling.steps as u64;
             // A backup only re-publishes the classes already committed: it runs the rest.
             let classes_left = classes.saturating_sub(run.persisted.shards[shard].classes_done as u64);
             let fresh = expected * classes_left as f64 / classes.max(1) as f64;
@@ -1182,13 +1184,14 @@ impl Scheduler {
             let replaces = match self.backed_up.get(&(job_id.clone(), shard)) {
                 None => None,
                 Some(backup) => {
-                    let total = classes_left * run.job.spec.ipc as u64 * run.job.spec.sampling.steps as u64;
+                    let total = classes_left * per_class;
                     match self.leases.steps.get(backup).and_then(|r| r.left_ms(total, now, stall_ms)) {
                         Some(left) if left > fresh => Some((backup.clone(), left)),
                         _ => continue,
                     }
                 }
             };
+            let total = classes * per_class;
             let left = match self.leases.steps.get(lease_id).and_then(|r| r.left_ms(total, now, stall_ms)) {
                 Some(left) if left > fresh => left,
                 Some(_) => continue,

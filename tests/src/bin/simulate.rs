@@ -142,12 +142,8 @@ fn scenario(args: &Args) -> Result<Scenario> {
         s.preemption = Some(Preemption { share: args.preempt_share, every_s: args.preempt_every_min * 60.0 });
     }
     // Events grow with virtual time ÷ heartbeat: refuse a run that would take hours to simulate.
-    let images: f64 = s.dataset.draw(&mut rand::thread_rng()).iter().map(|&n| n as f64).sum();
-    let classes = match s.dataset {
-        Dataset::ImageNet1k => 1000.0,
-        Dataset::ImageNet21k => 21_841.0,
-        Dataset::Uniform { classes, .. } => classes as f64,
-    };
+    let drawn = s.dataset.draw(&mut rand::thread_rng());
+    let (classes, images) = (drawn.len() as f64, drawn.iter().map(|&n| n as f64).sum::<f64>());
     let per_gpu_s = (images / s.encode_rate + classes * s.ipc as f64 / s.sample_rate) / s.workers as f64;
     let polls = per_gpu_s * 1000.0 / s.heartbeat_ms as f64 * s.workers as f64;
     if polls > 2e8 {
