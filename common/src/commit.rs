@@ -490,6 +490,7 @@ mod tests {
             timings: StageSeconds::default(),
             committed_unix_ms: 0,
             latent_cache_hit: false,
+            modes_cache_hit: false,
             skipped: Default::default(),
             quality: None,
             embedding: None,

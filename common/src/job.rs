@@ -99,7 +99,7 @@ fn with_suggestion(text: &str, error: &toml::de::Error) -> (String, Option<Strin
 }
 
 /// Levenshtein distance between two short strings.
-fn edit_distance(a: &str, b: &str) -> usize {
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

@@ -19,6 +19,7 @@ pub mod sheet;
 pub mod status;
 pub mod store;
 pub mod storewatch;
+pub mod sweep;
 pub mod telemetry;
 pub mod wire;
 

@@ -196,6 +196,10 @@ pub struct ClassMarker {
     /// The class's latents came from the latent cache (no decode or VAE encode).
     #[serde(default)]
     pub latent_cache_hit: bool,
+    /// The class's k-means modes came from the latent cache: another job over the same data,
+    /// VAE, IPC and seed (a sweep's other variant) had found them (no k-means run).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub modes_cache_hit: bool,
     /// Entries of the class folder the listing rule left out (hidden, not images).
     #[serde(default)]
     pub skipped: crate::imagefolder::Skipped,
@@ -241,6 +245,25 @@ pub struct ManifestClass {
     /// As the marker's `versions_changed`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub versions_changed: bool,
+    /// As the marker's `latent_cache_hit`: the class's encodings were reused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latents_reused: bool,
+    /// As the marker's `modes_cache_hit`: the class's modes were reused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub modes_reused: bool,
+}
+
+/// What a job took from the latent cache instead of computing it: classes whose encodings
+/// (real-image latents) and k-means modes were reused, e.g. from another variant of a sweep.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reused {
+    /// Classes whose latents came from the cache.
+    pub latents: u64,
+    /// Classes whose modes came from the cache.
+    pub modes: u64,
+    /// Where the cache is (`latent_cache` resolved), when the job has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 /// `manifest.json`, written when every class is committed.
@@ -267,4 +290,8 @@ pub struct JobManifest {
     pub created_unix_ms: u64,
     /// When the manifest was written, in milliseconds since the Unix epoch.
     pub finished_unix_ms: u64,
+    /// Encodings and modes taken from the latent cache (absent from manifests of earlier
+    /// versions).
+    #[serde(default)]
+    pub reused: Reused,
 }

@@ -13,6 +13,7 @@ use mgd3_common::job::DataChange;
 use mgd3_common::proto;
 use mgd3_common::rpc::{CallError, Client, connect, read_token_file};
 use mgd3_common::status::{JobState, JobStatus, VerifyReport};
+use mgd3_common::sweep::{Sweep, SweepRecord};
 use tokio::net::TcpListener;
 
 use crate::grpc::serve;
@@ -591,6 +592,106 @@ async fn list_jobs(client: &mut Client, url: &str) -> Result<Vec<JobStatus>> {
     Ok(jobs.into_iter().map(JobStatus::try_from).collect::<Result<_, _>>()?)
 }
 
+/// The sweep `id` names, or `None` when it names none (a job id, or a coordinator from before
+/// sweeps, which does not know `GetSweep`).
+async fn sweep_of(client: &mut Client, url: &str, id: &str) -> Result<Option<SweepRecord>> {
+    match client.get_sweep(proto::GetSweepRequest { sweep_id: id.to_owned() }).await {
+        Ok(answer) => Ok(Some(serde_json::from_str(&answer.into_inner().record_json)?)),
+        Err(status) if matches!(status.code(), tonic::Code::NotFound | tonic::Code::Unimplemented) => Ok(None),
+        Err(status) => Err(CallError::of(url, "GetSweep")(status).into()),
+    }
+}
+
+/// `sweep <id>: N variants (keys)` and one line per variant: its number, settings and job id.
+fn sweep_lines(record: &SweepRecord) -> Vec<String> {
+    let mut lines = vec![format!(
+        "sweep {}: {} variant(s) over {}",
+        record.sweep_id,
+        record.variants.len(),
+        record.keys.join(", ")
+    )];
+    for (i, variant) in record.variants.iter().enumerate() {
+        lines.push(format!("  {:>3}  {}  {}", i + 1, record.label(variant), variant.job_id));
+    }
+    lines
+}
+
+/// Waits for every variant of a sweep in turn (the scheduler runs the oldest first), showing
+/// each one's progress; returns their final statuses in the sweep's order.
+async fn wait_for_sweep(
+    client: &mut Client,
+    record: &SweepRecord,
+    url: &str,
+    options: ProgressOptions,
+    excluded_grace: Option<Duration>,
+) -> Result<Vec<JobStatus>> {
+    let mut statuses = Vec::with_capacity(record.variants.len());
+    for (i, variant) in record.variants.iter().enumerate() {
+        if !options.quiet {
+            let n = record.variants.len();
+            errln!("variant {}/{n} ({}): {}", i + 1, record.label(variant), variant.job_id);
+        }
+        let mut progress = Progress::new(url, options);
+        statuses.push(wait_for(client, &variant.job_id, &mut progress, excluded_grace).await?);
+    }
+    Ok(statuses)
+}
+
+/// The sweep `args.job` names and the output root its variants are under: with `--job-dir`,
+/// that folder when it holds `sweeps/<id>.json` (offline); else as the coordinator knows it.
+/// `None` for a job.
+async fn sweep_to_report(args: &JobDirArgs) -> Result<Option<(mgd3_common::store::Location, SweepRecord)>> {
+    match &args.job_dir {
+        Some(dir) => {
+            let local = dir.strip_prefix("file://").unwrap_or(dir);
+            if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
+                return Ok(None);
+            }
+            let root = mgd3_common::store::open(dir)?;
+            let key = SweepRecord::key(&args.job);
+            match mgd3_common::store::get_optional(root.store.as_ref(), &root.key(&key)).await {
+                Ok(Some(bytes)) => {
+                    let record = serde_json::from_slice(&bytes).with_context(|| format!("`{key}` in `{dir}`"))?;
+                    Ok(Some((root, record)))
+                }
+                _ => Ok(None),
+            }
+        }
+        None => {
+            let mut client = args.connection.client()?;
+            match sweep_of(&mut client, &args.connection.coordinator, &args.job).await {
+                Ok(Some(record)) => Ok(Some((mgd3_common::store::open(&record.output)?, record))),
+                _ => Ok(None),
+            }
+        }
+    }
+}
+
+/// The sweep's variants with their states; an error unless every one succeeded.
+fn exit_for_sweep(record: &SweepRecord, statuses: &[JobStatus]) -> Result<()> {
+    outln!("sweep {}:", record.sweep_id);
+    for (variant, status) in record.variants.iter().zip(statuses) {
+        outln!("  {:<40} {:<10} {}", record.label(variant), status.state.to_string(), variant.job_id);
+    }
+    let failed: Vec<String> = record
+        .variants
+        .iter()
+        .zip(statuses)
+        .filter(|(_, s)| s.state != JobState::Succeeded)
+        .map(|(v, s)| format!("{} ({}) {}", v.job_id, record.label(v), s.state))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} variant(s) of sweep {} did not succeed: {} (`coordinator status <job>` says why)",
+            failed.len(),
+            statuses.len(),
+            record.sweep_id,
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
 fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
     out!("{}", describe(status, url));
     if status.state == JobState::Paused {
@@ -730,6 +831,30 @@ async fn run_command(cli: Cli) -> Result<()> {
                 errln!("note: {note}");
             }
             outln!("{}", response.job_id);
+            if !response.variants.is_empty() {
+                // A sweep: its id above (for scripts), its variants for the person.
+                let url = args.connection.coordinator.clone();
+                let record = sweep_of(&mut client, &url, &response.job_id)
+                    .await?
+                    .with_context(|| format!("the coordinator submitted sweep {} but has no record of it", response.job_id))?;
+                for line in sweep_lines(&record) {
+                    errln!("{line}");
+                }
+                if args.wait {
+                    let statuses = tokio::select! {
+                        statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace()) => statuses?,
+                        signal = mgd3_common::termination() => {
+                            let next = format!(
+                                "the sweep goes on: `coordinator status {0}` shows it, `coordinator cancel {0}` stops it",
+                                record.sweep_id
+                            );
+                            return Err(mgd3_common::Interrupted { signal, next: Some(next) }.into());
+                        }
+                    };
+                    exit_for_sweep(&record, &statuses)?;
+                }
+                return Ok(());
+            }
             if args.wait {
                 let url = &args.connection.coordinator;
                 let mut progress = Progress::new(url, args.progress.options());
@@ -750,6 +875,43 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Status(args) => {
             let mut client = args.connection.client()?;
+            let url = args.connection.coordinator.clone();
+            if let Some(id) = &args.job
+                && let Ok(Some(record)) = sweep_of(&mut client, &url, id).await
+            {
+                if args.get.is_some() {
+                    bail!(
+                        "--get reads one job's status, and {id} is a sweep: give one of its variants' job ids \
+                         (`coordinator status {id}` lists them)"
+                    );
+                }
+                let mut statuses = Vec::new();
+                for variant in &record.variants {
+                    statuses.push(job_status(&mut client, &url, &variant.job_id).await?);
+                }
+                if args.json {
+                    let variants: Vec<_> = record
+                        .variants
+                        .iter()
+                        .zip(&statuses)
+                        .map(|(v, s)| serde_json::json!({"settings": v.settings, "status": status_json(s)}))
+                        .collect();
+                    let value = serde_json::json!({"sweep_id": record.sweep_id, "keys": record.keys, "variants": variants});
+                    outln!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    let done = statuses.iter().filter(|s| s.state == JobState::Succeeded).count();
+                    outln!(
+                        "sweep {}: {done} of {} variant(s) succeeded, over {}",
+                        record.sweep_id,
+                        statuses.len(),
+                        record.keys.join(", ")
+                    );
+                    for (i, (variant, status)) in record.variants.iter().zip(&statuses).enumerate() {
+                        outln!("  {:>3}  {}  {}", i + 1, record.label(variant), progress_line(status, &url));
+                    }
+                }
+                return Ok(());
+            }
             let statuses = match &args.job {
                 Some(job) => match job_status(&mut client, &args.connection.coordinator, job).await {
                     Ok(status) => vec![status],
@@ -790,6 +952,48 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Resume(args) => {
             let mut client = args.connection.client()?;
+            if let Some(record) = sweep_of(&mut client, &args.connection.coordinator, &args.job).await? {
+                // Every variant, each checked against its own part of the sweep's spec when given.
+                let specs: Vec<(String, String)> = match &args.spec {
+                    Some(path) => {
+                        let (text, base) = read_spec(path)?;
+                        let sweep = Sweep::parse(&text)
+                            .with_context(|| format!("job spec `{}`", path.display()))?
+                            .with_context(|| format!("`{}` has no [sweep] table, and {} is a sweep", path.display(), args.job))?;
+                        if sweep.variants.len() != record.variants.len() {
+                            bail!(
+                                "`{}` expands to {} variants and sweep {} has {}: it is not this sweep's spec",
+                                path.display(),
+                                sweep.variants.len(),
+                                args.job,
+                                record.variants.len()
+                            );
+                        }
+                        sweep.variants.into_iter().map(|v| (v.toml, base.clone())).collect()
+                    }
+                    None => vec![Default::default(); record.variants.len()],
+                };
+                for (variant, (spec_toml, base_dir)) in record.variants.iter().zip(specs) {
+                    let response = client
+                        .resume_job(proto::ResumeJobRequest {
+                            job_id: variant.job_id.clone(),
+                            spec_toml,
+                            base_dir,
+                            accept_data_changes: args.data.accept_data_changes,
+                        })
+                        .await
+                        .map_err(CallError::of(&args.connection.coordinator, "ResumeJob"))?
+                        .into_inner();
+                    outln!(
+                        "job {} ({}): {} shard(s) committed, {} re-queued",
+                        variant.job_id,
+                        record.label(variant),
+                        response.committed,
+                        response.requeued
+                    );
+                }
+                return Ok(());
+            }
             let (spec_toml, base_dir) = match &args.spec {
                 Some(path) => read_spec(path)?,
                 None => Default::default(),
@@ -891,6 +1095,23 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Cancel(args) => {
             let mut client = args.connection.client()?;
+            let url = args.connection.coordinator.clone();
+            if let Some(record) = sweep_of(&mut client, &url, &args.job).await? {
+                // The variants still to run; those that ended stay as they are.
+                for variant in &record.variants {
+                    let status = job_status(&mut client, &url, &variant.job_id).await?;
+                    if status.state.is_final() {
+                        outln!("job {} ({}) already {}", variant.job_id, record.label(variant), status.state);
+                        continue;
+                    }
+                    client
+                        .cancel_job(proto::CancelJobRequest { job_id: variant.job_id.clone() })
+                        .await
+                        .map_err(CallError::of(&url, "CancelJob"))?;
+                    outln!("job {} ({}) cancelled", variant.job_id, record.label(variant));
+                }
+                return Ok(());
+            }
             client
                 .cancel_job(proto::CancelJobRequest { job_id: args.job.clone() })
                 .await
@@ -915,6 +1136,15 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Ready(args) => ready(&args).await,
         Command::Report(args) => {
+            if let Some((root, record)) = sweep_to_report(&args.job).await? {
+                if args.out.is_some() {
+                    bail!("--out writes one job's report elsewhere; a sweep's comparison goes beside its variants, under <output>/sweeps/{}/report/", record.sweep_id);
+                }
+                let summary = crate::compare::write_sweep_report(&root, &record, true).await?;
+                errln!("comparison of {} variant(s) written, and each variant's report", summary.variants.len());
+                outln!("{}", summary.index);
+                return Ok(());
+            }
             let dir = args.job.location().await?;
             let (target, copy) = match &args.out {
                 Some(out) => (mgd3_common::store::open(out)?, true),
@@ -971,6 +1201,33 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Check(args) => {
             let (text, base) = read_spec(&args.spec)?;
             let default_output = args.store.clone().unwrap_or_else(|| "(the coordinator's --store)".to_owned());
+            if let Some(sweep) = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))? {
+                let resolved = crate::submit::resolve_sweep(
+                    &sweep,
+                    Path::new(&base),
+                    &default_output,
+                    None,
+                    mgd3_common::batch::PlannedRows::Default,
+                )
+                .await
+                .with_context(|| format!("job spec `{}`", args.spec.display()))?;
+                for note in &resolved.notes {
+                    outln!("note: {note}");
+                }
+                for line in sweep_lines(&resolved.record) {
+                    outln!("{line}");
+                }
+                let first = &resolved.variants[0];
+                outln!("dataset: {}", first.job.spec.dataset);
+                outln!("output:  {}", first.job.spec.output.as_deref().unwrap_or_default());
+                outln!(
+                    "classes: {} ({} images in all); each variant is a job of its own (`coordinator check` of one \
+                     variant's spec lists its classes and shards)",
+                    first.job.classes.len(),
+                    first.image_counts.iter().sum::<usize>()
+                );
+                return Ok(());
+            }
             // `check` talks to no coordinator: no worker has reported, so the shards are the
             // default's (and a note says so).
             let resolved = crate::submit::resolve_spec(
@@ -1058,6 +1315,40 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Spec(args) => {
             let (text, base) = read_spec(&args.spec)?;
+            if let Some(sweep) = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))? {
+                let variants: Vec<serde_json::Value> = sweep
+                    .variants
+                    .iter()
+                    .map(|v| {
+                        let mut spec = v.spec.clone();
+                        spec.resolve_paths(Path::new(&base));
+                        let spec: serde_json::Value =
+                            serde_json::from_str(&serde_json::to_string(&spec).expect("serialisable")).expect("JSON");
+                        let settings: serde_json::Map<String, serde_json::Value> =
+                            v.settings.iter().map(|(k, value)| (k.name().to_owned(), value.clone().into())).collect();
+                        serde_json::json!({"settings": settings, "spec": spec})
+                    })
+                    .collect();
+                match &args.get {
+                    // A setting every variant shares (`output`) reads as for a job; a swept one
+                    // has no one value.
+                    Some(path) => {
+                        let values: Vec<Option<String>> =
+                            variants.iter().map(|v| get_field(&v["spec"], path)).collect();
+                        if values.iter().any(|v| *v != values[0]) {
+                            bail!("`{path}` differs between the variants of the sweep in `{}`", args.spec.display());
+                        }
+                        let value = values[0].clone();
+                        outln!("{}", value.with_context(|| format!("`{path}` is not set in `{}`", args.spec.display()))?);
+                    }
+                    None => {
+                        let keys: Vec<&str> = sweep.keys.iter().map(|k| k.name()).collect();
+                        let value = serde_json::json!({"sweep": {"keys": keys, "variants": variants}});
+                        outln!("{}", serde_json::to_string_pretty(&value)?);
+                    }
+                }
+                return Ok(());
+            }
             let mut spec = mgd3_common::job::JobSpec::from_toml(&text)
                 .with_context(|| format!("job spec `{}`", args.spec.display()))?;
             spec.resolve_paths(Path::new(&base));
@@ -1087,6 +1378,57 @@ fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
+}
+
+/// The rest of `coordinator run` for a sweep: every variant awaited in turn, each one's report
+/// and the sweep's comparison page written.
+#[allow(clippy::too_many_arguments)]
+async fn run_local_sweep(
+    args: &RunArgs,
+    submitted: crate::service::SubmittedSweep,
+    coordinator: Coordinator,
+    local: crate::local::LocalCoordinator,
+    mut workers: Vec<tokio::process::Child>,
+    last_errors: &std::sync::Mutex<Vec<Option<String>>>,
+    store: &str,
+) -> Result<()> {
+    let record = submitted.record;
+    for note in &submitted.notes {
+        errln!("note: {note}");
+    }
+    for line in sweep_lines(&record) {
+        errln!("{line}");
+    }
+    errln!("on {} local worker(s); output {}", workers.len(), store);
+    let url = local.url.clone();
+    let mut client = connect(&url, None, None)?;
+    let outcome = tokio::select! {
+        statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace()) => statuses,
+        signal = mgd3_common::termination() => {
+            let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the sweep", record.sweep_id);
+            Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
+        }
+        _ = all_exited(&mut workers) => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let reasons = exit_reasons(&mut workers, last_errors).await;
+            Err(mgd3_common::NoWorker { job: record.sweep_id.clone(), reasons }.into())
+        }
+    };
+    drop(client);
+    stop_local(&coordinator, &mut workers, local).await;
+    let statuses = outcome?;
+    exit_for_sweep(&record, &statuses)?;
+    if !args.no_report {
+        let written = match mgd3_common::store::open(&record.output) {
+            Ok(root) => crate::compare::write_sweep_report(&root, &record, true).await.map_err(|e| mgd3_common::error_chain(&e)),
+            Err(e) => Err(mgd3_common::error_chain(&e)),
+        };
+        match written {
+            Ok(summary) => outln!("comparison: {}", summary.index),
+            Err(error) => tracing::warn!(%error, "no comparison report written; `coordinator report {}` tries again", record.sweep_id),
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once every child has exited, describing each one's exit status.
@@ -1208,7 +1550,11 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let devices = args.worker_devices()?;
     let local_workers = devices.len();
     let (text, base) = read_spec(&args.spec)?;
-    let spec = mgd3_common::job::JobSpec::from_toml(&text)?;
+    let sweep = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))?;
+    let spec = match &sweep {
+        Some(sweep) => sweep.variants[0].spec.clone(),
+        None => mgd3_common::job::JobSpec::from_toml(&text)?,
+    };
     let store = match (&args.store, &spec.output) {
         (Some(store), _) => store.clone(),
         (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),
@@ -1296,6 +1642,14 @@ async fn run_local(args: RunArgs) -> Result<()> {
         let reasons = exit_reasons(&mut workers, &last_errors).await;
         let job = format!("in `{}` (not submitted)", args.spec.display());
         Err(anyhow::Error::new(mgd3_common::NoWorker { job, reasons }))
+    } else if let Some(sweep) = &sweep {
+        let submitted = coordinator.submit_sweep(sweep, Path::new(&base), args.data.setting()).await;
+        match submitted {
+            Ok(submitted) => {
+                return run_local_sweep(&args, submitted, coordinator, local, workers, &last_errors, &store).await;
+            }
+            Err(error) => Err(anyhow::Error::new(error)),
+        }
     } else {
         coordinator.submit_with(&text, Path::new(&base), None, args.data.setting()).await.map_err(anyhow::Error::new)
     };

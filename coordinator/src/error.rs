@@ -51,6 +51,9 @@ pub enum Error {
     /// No job with this id is known.
     #[error("unknown job `{0}`")]
     UnknownJob(String),
+    /// No sweep with this id was submitted to this store.
+    #[error("unknown sweep `{0}`")]
+    UnknownSweep(String),
     /// `resume` with a spec whose fingerprint is not the job's.
     #[error(
         "job `{job}`: the spec fingerprint changed ({now}, the job has {was}); refusing to mix outputs of two specs"
@@ -291,6 +294,7 @@ impl From<Error> for tonic::Status {
             | Error::ClassListChanged { .. }
             | Error::RebuildRefused { .. } => tonic::Status::invalid_argument(message),
             Error::UnknownJob(_)
+            | Error::UnknownSweep(_)
             | Error::Forgotten { .. }
             | Error::Vanished { .. }
             | Error::Scheduler(SchedulerError::UnknownWorker(_)) => tonic::Status::not_found(message),

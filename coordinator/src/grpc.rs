@@ -73,6 +73,23 @@ impl CoordinatorRpc for Service {
     async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
         let r = request.into_inner();
         let data = DataChanges::from_flag(r.accept_data_changes);
+        if let Some(sweep) = mgd3_common::sweep::Sweep::parse(&r.spec_toml).map_err(crate::Error::Job)? {
+            if !r.job_id.is_empty() {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "--job-id `{}` names one job, and a spec with [sweep] is several: each variant's id comes from its name and fingerprint",
+                    r.job_id
+                )));
+            }
+            let submitted = self.0.submit_sweep(&sweep, Path::new(&r.base_dir), data).await?;
+            return Ok(Response::new(proto::SubmitJobResponse {
+                job_id: submitted.record.sweep_id.clone(),
+                fingerprint: String::new(),
+                shards: submitted.jobs.iter().map(|(job, _)| job.shards.len() as u32).sum(),
+                already_existed: submitted.jobs.iter().all(|(_, existed)| *existed),
+                notes: submitted.notes,
+                variants: submitted.jobs.iter().map(|(job, _)| job.job_id.clone()).collect(),
+            }));
+        }
         let (job, existed, notes) =
             self.0.submit_with(&r.spec_toml, Path::new(&r.base_dir), Some(r.job_id), data).await?;
         Ok(Response::new(proto::SubmitJobResponse {
@@ -81,6 +98,14 @@ impl CoordinatorRpc for Service {
             shards: job.shards.len() as u32,
             already_existed: existed,
             notes,
+            variants: Vec::new(),
+        }))
+    }
+
+    async fn get_sweep(&self, request: Request<proto::GetSweepRequest>) -> RpcResult<proto::GetSweepResponse> {
+        let record = self.0.sweep(&request.into_inner().sweep_id).await?;
+        Ok(Response::new(proto::GetSweepResponse {
+            record_json: serde_json::to_string(&record).expect("serialisable"),
         }))
     }
 

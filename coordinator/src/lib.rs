@@ -9,6 +9,7 @@
 //! the `coordinator` command line, including `run`, the embedded local cluster.
 
 pub mod cli;
+pub mod compare;
 pub mod decodecheck;
 pub mod error;
 pub mod export;

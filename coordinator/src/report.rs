@@ -161,7 +161,7 @@ pub struct JobRecords {
     pub job: Option<mgd3_common::job::ResolvedJob>,
 }
 
-fn store_error(dir: &Location, action: &'static str, key: &str) -> impl FnOnce(object_store::Error) -> ReportError {
+pub(crate) fn store_error(dir: &Location, action: &'static str, key: &str) -> impl FnOnce(object_store::Error) -> ReportError {
     let (url, key) = (dir.url.clone(), key.to_owned());
     move |source| ReportError::Store { url, action, key, source }
 }
@@ -288,7 +288,7 @@ pub async fn write_report(
     Ok(ReportSummary { classes: records.markers.len(), index: target.child("index.html").url, warnings })
 }
 
-async fn put(target: &Location, key: &str, bytes: Vec<u8>) -> Result<(), ReportError> {
+pub(crate) async fn put(target: &Location, key: &str, bytes: Vec<u8>) -> Result<(), ReportError> {
     target.store.put(&target.key(key), PutPayload::from(bytes)).await.map_err(store_error(target, "write", key))?;
     Ok(())
 }
@@ -336,7 +336,7 @@ async fn overview_png(dir: &Location, records: &JobRecords) -> Result<Vec<u8>, R
 }
 
 /// Text for HTML element content and attribute values.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -352,7 +352,7 @@ fn escape(text: &str) -> String {
 }
 
 /// A path segment of a relative URL (a class folder may be `x%y` or `a b`).
-fn segment(text: &str) -> String {
+pub(crate) fn segment(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, &SEGMENT).to_string()
 }
 
@@ -390,7 +390,7 @@ document.querySelectorAll('img').forEach(function(i){if(i.complete&&i.naturalWid
 var seen={};document.querySelectorAll('[data-sheet]').forEach(function(t){var u=t.getAttribute('data-sheet');\
 if(seen[u])return;seen[u]=1;var i=new Image();i.onerror=function(){note(u);};i.src=u;});});</script>";
 
-fn page(title: &str, body: &str) -> String {
+pub(crate) fn page(title: &str, body: &str) -> String {
     // Every table scrolls in its own box, so that a phone-width window never scrolls the page
     // sideways.
     let body = body.replace("<table", "<div class=\"scroll\"><table").replace("</table>", "</table></div>");
@@ -877,6 +877,7 @@ mod tests {
                 timings: StageSeconds::default(),
                 committed_unix_ms: 0,
                 latent_cache_hit: i % 2 == 0,
+                modes_cache_hit: false,
                 skipped: Default::default(),
                 quality: Some(ClassQuality {
                     diversity: 1.0,

@@ -211,7 +211,22 @@ struct JobRun {
     /// How long this run's completed shards took: (shards, milliseconds, cost units) summed,
     /// what a backup lease compares a running shard with.
     pace: (u64, u64, u64),
+    /// What jobs sharing this one's real-image latents have in common ([`share_key`]); `None`
+    /// without a latent cache.
+    share: Option<String>,
 }
+
+/// The key of the latents a job's classes share with other jobs (a sweep's variants): the
+/// dataset, the VAE encoder and the latent cache they are kept in. `None` for a job without a
+/// latent cache, whose every run encodes anew.
+fn share_key(job: &ResolvedJob) -> Option<String> {
+    let cache = job.spec.latent_cache_url()?;
+    Some(format!("{}\n{}\n{cache}", job.spec.dataset, job.spec.models.vae_encoder_fingerprint.as_deref().unwrap_or("")))
+}
+
+/// Pending shards [`Scheduler::pick_shard`] looks through for one that no other job of the same
+/// latents is running (the costliest first): enough for any sweep's tail, bounded per grant.
+const SHARE_LOOKAHEAD: usize = 64;
 
 /// A job's shards waiting for a worker, the costliest first ([`ResolvedJob::shard_cost`]: the
 /// longest work starts first and the smallest shards make the tail), ties in plan order.
@@ -238,8 +253,16 @@ impl Queue {
         self.waiting.remove(&self.key(*shard))
     }
 
-    fn pop_first(&mut self) -> Option<usize> {
-        self.waiting.pop_first().map(|(_, shard)| shard)
+    fn first(&self) -> Option<usize> {
+        self.waiting.first().map(|(_, shard)| *shard)
+    }
+
+    fn contains(&self, shard: usize) -> bool {
+        self.waiting.contains(&self.key(shard))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.waiting.iter().map(|(_, shard)| *shard)
     }
 
     fn clear(&mut self) {
@@ -674,6 +697,9 @@ pub struct Scheduler {
     /// Jobs whose state changed inside a `poll` (expired or forgotten leases), for the caller to
     /// persist and to finish: see [`Scheduler::take_settled`].
     settled: Vec<(String, Settled)>,
+    /// The classes (positions in the class list, shared by jobs of one [`share_key`]) of the
+    /// last shard each worker was granted of a job with shared latents, with that key.
+    held: HashMap<String, (String, std::ops::Range<usize>)>,
 }
 
 impl Scheduler {
@@ -700,6 +726,7 @@ impl Scheduler {
             next_lease: 0,
             epoch: epoch.into(),
             settled: Vec::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -781,7 +808,9 @@ impl Scheduler {
             last_touch: now,
             expired_on: HashMap::new(),
             pace: (0, 0, 0),
+            share: None,
         };
+        run.share = share_key(&run.job);
         run.restart_progress(now);
         if !self.jobs.contains_key(&id) {
             self.order.push(id.clone());
@@ -1108,9 +1137,15 @@ impl Scheduler {
             {
                 continue;
             }
-            let Some(shard) = run.pending.pop_first() else {
+            let Some(shard) = self.pick_shard(job_id, worker_id) else {
                 continue;
             };
+            let run = self.jobs.get_mut(job_id).expect("ordered jobs exist");
+            run.pending.remove(&shard);
+            if let Some(share) = &run.share {
+                let (from, to) = run.job.shards[shard];
+                self.held.insert(worker_id.to_owned(), (share.clone(), from..to));
+            }
             self.next_lease += 1;
             let entry = &mut run.persisted.shards[shard];
             entry.attempts += 1;
@@ -1139,6 +1174,43 @@ impl Scheduler {
             });
         }
         self.grant_backup(worker_id, now)
+    }
+
+    /// The pending shard of `job_id` to grant `worker_id`: the costliest, except for a job whose
+    /// latents other jobs share (a sweep's variants, [`share_key`]): then first a shard over the
+    /// classes this worker ran last for one of those jobs (their latents and modes are fresh in
+    /// its caches), else the costliest whose classes no such job is running now (their latents
+    /// are being made: waiting for the cache beats encoding them twice), else the costliest.
+    fn pick_shard(&self, job_id: &str, worker_id: &str) -> Option<usize> {
+        let run = &self.jobs[job_id];
+        let first = run.pending.first()?;
+        let Some(share) = &run.share else { return Some(first) };
+        let shards = &run.job.shards;
+        if let Some((held, range)) = self.held.get(worker_id)
+            && held == share
+        {
+            let from = shards.partition_point(|&(_, to)| to <= range.start);
+            let near = (from..shards.len())
+                .take_while(|&i| shards[i].0 < range.end)
+                .find(|&i| run.pending.contains(i));
+            if near.is_some() {
+                return near;
+            }
+        }
+        let running: Vec<(usize, usize)> = self
+            .leases
+            .iter()
+            .filter(|(_, job, _)| job.as_str() != job_id)
+            .filter_map(|(_, job, shard)| {
+                let other = self.jobs.get(job)?;
+                (other.share.as_ref() == Some(share)).then(|| other.job.shards[shard])
+            })
+            .collect();
+        if running.is_empty() {
+            return Some(first);
+        }
+        let clear = |i: usize| running.iter().all(|&(from, to)| to <= shards[i].0 || shards[i].1 <= from);
+        run.pending.iter().take(SHARE_LOOKAHEAD).find(|&i| clear(i)).or(Some(first))
     }
 
     /// A backup lease for `worker_id` of the running shard estimated to end last, when a fresh
@@ -1779,6 +1851,49 @@ mod tests {
             PollDecision::Lease(l) => l,
             other => panic!("expected a lease, got {other:?}"),
         }
+    }
+
+    /// A job of `job`'s shape whose latents are cached (so jobs of one dataset share them).
+    fn cached_job(id: &str, classes: usize, per_shard: usize) -> Arc<ResolvedJob> {
+        let mut job = (*job(id, classes, per_shard, 3)).clone();
+        job.spec.latent_cache = Some(mgd3_common::job::LatentCache::At("/cache".into()));
+        Arc::new(job)
+    }
+
+    #[test]
+    fn sweep_variants_run_on_the_worker_that_ran_their_classes_and_never_beside_their_encoding() {
+        let mut s = Scheduler::new(1000, "e");
+        // Two variants of one sweep (same data, cached latents), 4 shards of 2 classes each.
+        s.add_job(cached_job("v1", 8, 2), None, &HashSet::new(), 0);
+        s.add_job(cached_job("v2", 8, 2), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        let b = lease(poll(&mut s, "w2", &[], false, 0).0);
+        let c = lease(poll(&mut s, "w3", &[], false, 0).0);
+        let d = lease(poll(&mut s, "w4", &[], false, 0).0);
+        assert_eq!([a.shard_index, b.shard_index, c.shard_index, d.shard_index], [0, 1, 2, 3]);
+        assert!([&a, &b, &c, &d].iter().all(|l| l.job.job_id == "v1"));
+        // A fifth worker gets v2's work, but not the classes v1 is encoding right now: there are
+        // none it could take without, so it takes the costliest anyway (nothing else to do).
+        let e = lease(poll(&mut s, "w5", &[], false, 0).0);
+        assert_eq!((e.job.job_id.as_str(), e.shard_index), ("v2", 0));
+        // w3 finishes v1's shard 2 and gets v2's shard 2 (the classes it just encoded), not the
+        // costlier-in-order shard 1 that w2 is still encoding.
+        s.complete("w3", &c.lease_id, 10).unwrap();
+        let f = lease(poll(&mut s, "w3", &[], false, 10).0);
+        assert_eq!((f.job.job_id.as_str(), f.shard_index), ("v2", 2));
+        // w4 finishes; its own classes (shard 3) next.
+        s.complete("w4", &d.lease_id, 11).unwrap();
+        let g = lease(poll(&mut s, "w4", &[], false, 11).0);
+        assert_eq!((g.job.job_id.as_str(), g.shard_index), ("v2", 3));
+        // Jobs without a latent cache keep the costliest-first order.
+        let mut plain = Scheduler::new(1000, "e");
+        plain.add_job(job("p1", 8, 2, 3), None, &HashSet::new(), 0);
+        plain.add_job(job("p2", 8, 2, 3), None, &HashSet::new(), 0);
+        let leases: Vec<_> = (0..4).map(|i| lease(poll(&mut plain, &format!("w{i}"), &[], false, 0).0)).collect();
+        plain.complete("w2", &leases[2].lease_id, 10).unwrap();
+        plain.complete("w3", &leases[3].lease_id, 10).unwrap();
+        let next = lease(poll(&mut plain, "w3", &[], false, 10).0);
+        assert_eq!((next.job.job_id.as_str(), next.shard_index), ("p2", 0));
     }
 
     #[test]

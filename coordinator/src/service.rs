@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use mgd3_common::commit::{self, CommitError};
 use mgd3_common::job::{ClassRef, DataChange, ResolvedJob};
 use mgd3_common::layout::JobKeys;
@@ -28,7 +29,8 @@ use crate::scheduler::{JobState, PollDecision, Running, Scheduler, Settled};
 /// How long after a coordinator stops renewing its store lock another may take the store over.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::state;
-use crate::submit::{Resolved, check_dataset, resolve_spec};
+use crate::submit::{Resolved, ResolvedSweep, check_dataset, resolve_spec, resolve_sweep};
+use mgd3_common::sweep::{Sweep, SweepRecord};
 
 /// How `serve` runs.
 #[derive(Clone, Debug)]
@@ -75,6 +77,17 @@ struct Inner {
     /// When each job's `job.json` was last seen in place by a flush (see
     /// [`Coordinator::vanished`]).
     presence_checked: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// A sweep as [`Coordinator::submit_sweep`] submitted it.
+#[derive(Debug)]
+pub struct SubmittedSweep {
+    /// The sweep's record (what `sweeps/<id>.json` holds).
+    pub record: SweepRecord,
+    /// Each variant's job, in the sweep's order, and whether it existed already.
+    pub jobs: Vec<(Arc<ResolvedJob>, bool)>,
+    /// What a person should know, once for the sweep.
+    pub notes: Vec<String>,
 }
 
 /// How often a flush checks that a job's `job.json` is still in the store.
@@ -686,7 +699,96 @@ impl Coordinator {
         explicit_id: Option<String>,
         data: DataChanges,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
-        let Resolved { job, mut notes, planned, .. } = self.resolve(spec_toml, base_dir, explicit_id).await?;
+        let resolved = self.resolve(spec_toml, base_dir, explicit_id).await?;
+        self.submit_resolved(resolved, data).await
+    }
+
+    /// Submits every variant of a sweep ([`resolve_sweep`]: the dataset listed and the models
+    /// fingerprinted once) as its own job, in the sweep's order, and records the sweep
+    /// (`sweeps/<id>.json` in the store and beside the outputs). Submitting it again returns the
+    /// same jobs, as [`Coordinator::submit_with`] does for each.
+    ///
+    /// # Errors
+    /// As [`Coordinator::submit_with`] for any variant (those before it stay submitted); store
+    /// errors writing the record.
+    pub async fn submit_sweep(&self, sweep: &Sweep, base_dir: &Path, data: DataChanges) -> Result<SubmittedSweep> {
+        let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
+        let resolved =
+            resolve_sweep(sweep, base_dir, &self.inner.store.url, allowed.as_deref(), self.planned_rows()).await?;
+        let ResolvedSweep { variants, mut record, mut notes } = resolved;
+        let mut jobs = Vec::with_capacity(variants.len());
+        for variant in variants {
+            let (job, existed, variant_notes) = self.submit_resolved(variant, data).await?;
+            for note in variant_notes {
+                // Said once for the sweep (the shard plan, the dataset), not once per variant.
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+            }
+            jobs.push((job, existed));
+        }
+        let key = SweepRecord::key(&record.sweep_id);
+        let store = &self.inner.store;
+        let failed = |context: String| {
+            let url = store.url.clone();
+            move |source| Error::ObjectStore { url, context, source }
+        };
+        // The first submit's record stands (its creation time); the same id is the same variants.
+        match store::get_optional(store.store.as_ref(), &store.key(&key)).await {
+            Ok(Some(bytes)) => {
+                if let Ok(existing) = serde_json::from_slice::<SweepRecord>(&bytes) {
+                    record.created_unix_ms = existing.created_unix_ms;
+                }
+            }
+            Ok(None) => {}
+            Err(source) => return Err(failed(format!("reading `{key}`"))(source)),
+        }
+        let bytes = serde_json::to_vec_pretty(&record).expect("serialisable");
+        let at = store.key(&key);
+        store::retry_idempotent(|| store.store.put(&at, bytes.clone().into()))
+            .await
+            .map_err(failed(format!("writing `{key}`")))?;
+        // Beside the outputs too, so that the comparison report finds its variants offline.
+        if let Some((job, _)) = jobs.first() {
+            let out = self.output(job)?;
+            let at = out.key(&key);
+            store::retry_idempotent(|| out.store.put(&at, bytes.clone().into()))
+                .await
+                .map_err(|source| Error::ObjectStore { url: out.url.clone(), context: format!("writing `{key}`"), source })?;
+        }
+        info!(sweep = %record.sweep_id, variants = record.variants.len(), "sweep submitted");
+        Ok(SubmittedSweep { record, jobs, notes })
+    }
+
+    /// The record of sweep `sweep_id`, as its submit wrote it in the store.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSweep`] when the store has none; [`Error::Corrupt`] for one that does not
+    /// read; store errors.
+    pub async fn sweep(&self, sweep_id: &str) -> Result<SweepRecord> {
+        let key = SweepRecord::key(sweep_id);
+        let store = &self.inner.store;
+        let valid = mgd3_common::job::validate_job_id(sweep_id).is_ok();
+        let bytes = match valid {
+            true => store::get_optional(store.store.as_ref(), &store.key(&key)).await.map_err(|source| {
+                Error::ObjectStore { url: store.url.clone(), context: format!("reading `{key}`"), source }
+            })?,
+            false => None,
+        };
+        let bytes = bytes.ok_or_else(|| Error::UnknownSweep(sweep_id.to_owned()))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: key, problem: e.to_string() })
+    }
+
+    /// [`Coordinator::submit_with`] of a spec already resolved.
+    ///
+    /// # Errors
+    /// As [`Coordinator::submit_with`].
+    pub async fn submit_resolved(
+        &self,
+        resolved: Resolved,
+        data: DataChanges,
+    ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
+        let Resolved { job, mut notes, planned, .. } = resolved;
         let quarantine = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id).cloned();
         if let Some(quarantine) = quarantine {
             if !quarantine.rebuildable {

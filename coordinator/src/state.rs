@@ -293,6 +293,8 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
             quality: marker.quality,
             skipped_links: marker.skipped.link_examples,
             versions_changed: marker.versions_changed,
+            latents_reused: marker.latent_cache_hit,
+            modes_reused: marker.modes_cache_hit,
         });
     }
     let m = &job.spec.models;
@@ -310,11 +312,16 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
         fingerprint: job.fingerprint.clone(),
         spec: job.spec.clone(),
         model_fingerprints,
-        classes,
+        classes: classes.clone(),
         images,
         timings,
         created_unix_ms: job.created_unix_ms,
         finished_unix_ms,
+        reused: mgd3_common::manifest::Reused {
+            latents: classes_reused(&classes, |c| c.latents_reused),
+            modes: classes_reused(&classes, |c| c.modes_reused),
+            cache: job.spec.latent_cache_url(),
+        },
     };
     let key = out.key(&keys.manifest());
     let bytes = serde_json::to_vec_pretty(&manifest).expect("serialisable manifest");
@@ -333,4 +340,9 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
         mgd3_common::commit::remove_staging_copies(out, &sheets, &format!("{wnid}.png#"), zero)?;
     }
     Ok(())
+}
+
+/// Classes of a manifest for which `reused` holds.
+fn classes_reused(classes: &[ManifestClass], reused: impl Fn(&ManifestClass) -> bool) -> u64 {
+    classes.iter().filter(|c| reused(c)).count() as u64
 }

@@ -15,6 +15,7 @@ use mgd3_common::job::{
 use mgd3_common::modelmeta::ModelFilesError;
 use mgd3_common::now_ms;
 use mgd3_common::store::{self};
+use mgd3_common::sweep::{Sweep, SweepRecord, VariantRecord};
 use tracing::info;
 
 use crate::error::{Error, Result};
@@ -46,7 +47,21 @@ pub async fn resolve_spec(
     allowed: Option<&[std::path::PathBuf]>,
     planned: PlannedRows,
 ) -> Result<Resolved> {
-    let mut spec = JobSpec::from_toml(spec_toml)?;
+    resolve_job(JobSpec::from_toml(spec_toml)?, base_dir, explicit_id, default_output, allowed, planned).await
+}
+
+/// [`resolve_spec`] of a spec already read.
+///
+/// # Errors
+/// As [`resolve_spec`].
+pub async fn resolve_job(
+    mut spec: JobSpec,
+    base_dir: &Path,
+    explicit_id: Option<String>,
+    default_output: &str,
+    allowed: Option<&[std::path::PathBuf]>,
+    planned: PlannedRows,
+) -> Result<Resolved> {
     spec.resolve_paths(base_dir);
     spec.validate()?;
     let explicit_id = explicit_id.filter(|s| !s.is_empty());
@@ -95,6 +110,105 @@ pub async fn resolve_spec(
     let notes = data.notes;
     let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
     Ok(Resolved { job, image_counts: data.image_counts, notes, planned })
+}
+
+/// A sweep resolved at submit: every variant's job, and the sweep's record.
+#[derive(Clone, Debug)]
+pub struct ResolvedSweep {
+    /// The variants, in the sweep's order.
+    pub variants: Vec<Resolved>,
+    /// The sweep's record (id, keys, each variant's job id, fingerprint and settings).
+    pub record: SweepRecord,
+    /// What a person should know (the dataset's notes once, the latent cache turned on).
+    pub notes: Vec<String>,
+}
+
+/// Resolves every variant of a sweep as [`resolve_job`] would resolve it alone, reading the
+/// dataset and fingerprinting the models once: the variant with the largest IPC is resolved in
+/// full (so the "fewer images than IPC" check covers every variant), and the others take its
+/// class list, listings and model fingerprints, with their own settings, checks against the
+/// models' metadata, fingerprint, shards and id.
+///
+/// # Errors
+/// As [`resolve_job`]; a model check that fails for one variant names it.
+pub async fn resolve_sweep(
+    sweep: &Sweep,
+    base_dir: &Path,
+    default_output: &str,
+    allowed: Option<&[std::path::PathBuf]>,
+    planned: PlannedRows,
+) -> Result<ResolvedSweep> {
+    let largest = (0..sweep.variants.len()).max_by_key(|&i| (sweep.variants[i].spec.ipc, usize::MAX - i)).expect("a sweep has variants");
+    let full = resolve_job(sweep.variants[largest].spec.clone(), base_dir, None, default_output, allowed, planned).await?;
+    let mut notes = full.notes.clone();
+    if sweep.cache_turned_on {
+        notes.push(format!(
+            "the sweep caches real-image latents and k-means modes under {}/cache (`latent_cache = true`), so its {} variants encode and cluster each class once; set `latent_cache` to choose",
+            full.job.spec.output.as_deref().unwrap_or(default_output).trim_end_matches('/'),
+            sweep.variants.len()
+        ));
+    }
+    // Model paths as this host reads them (fetched into the model cache when in a store).
+    let cache = store::model_cache_dir();
+    let mut local = full.job.spec.models.clone();
+    for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
+        *path = store::fetch_model(path, &cache).await?.display().to_string();
+    }
+    let mut variants = Vec::with_capacity(sweep.variants.len());
+    for (i, variant) in sweep.variants.iter().enumerate() {
+        if i == largest {
+            variants.push(full.clone());
+            continue;
+        }
+        let mut spec = variant.spec.clone();
+        spec.resolve_paths(base_dir);
+        spec.output = full.job.spec.output.clone();
+        spec.models = full.job.spec.models.clone();
+        let checked = JobSpec { models: local.clone(), ..spec.clone() };
+        check_models(&checked, &full.job.classes).map_err(|error| match error {
+            Error::Job(JobError::Invalid(problems)) => Error::Job(JobError::Invalid(
+                problems
+                    .into_iter()
+                    .map(|p| FieldError {
+                        field: p.field,
+                        problem: format!("in variant {} ({}): {}", i + 1, variant.label(), p.problem),
+                    })
+                    .collect(),
+            )),
+            other => other,
+        })?;
+        let fingerprint = spec.fingerprint(&full.job.classes);
+        let shards = spec.plan_shards_for(full.job.classes.len(), planned);
+        let job_id = job_id(&spec, &fingerprint);
+        let job = ResolvedJob {
+            job_id,
+            spec,
+            classes: full.job.classes.clone(),
+            shards,
+            fingerprint,
+            created_unix_ms: full.job.created_unix_ms,
+        };
+        variants.push(Resolved { job, image_counts: full.image_counts.clone(), notes: Vec::new(), planned });
+    }
+    let fingerprints: Vec<String> = variants.iter().map(|v| v.job.fingerprint.clone()).collect();
+    let record = SweepRecord {
+        schema_version: mgd3_common::sweep::SWEEP_SCHEMA_VERSION,
+        sweep_id: mgd3_common::sweep::sweep_id(sweep.name.as_deref(), &fingerprints),
+        keys: sweep.keys.iter().map(|k| k.name().to_owned()).collect(),
+        variants: sweep
+            .variants
+            .iter()
+            .zip(&variants)
+            .map(|(variant, resolved)| VariantRecord {
+                job_id: resolved.job.job_id.clone(),
+                fingerprint: resolved.job.fingerprint.clone(),
+                settings: variant.settings.iter().map(|(k, v)| (k.name().to_owned(), v.clone())).collect(),
+            })
+            .collect(),
+        output: full.job.spec.output.clone().unwrap_or_else(|| default_output.to_owned()),
+        created_unix_ms: now_ms(),
+    };
+    Ok(ResolvedSweep { variants, record, notes })
 }
 
 /// How many classes' skipped links are told by name at submit and `check`.

@@ -53,6 +53,15 @@ pub fn latent_key(dataset_url: &str, vae_fingerprint: &str, wnid: &str, images: 
     )
 }
 
+/// The cache key of a class's k-means modes found from the latents at `latent_key` with k = `ipc`
+/// and k-means seed `seed` (`seed::kmeans_seed`): beside the latents, so the same data, VAE,
+/// preprocessing and listing, IPC and seed find them —
+/// `modes/<latents key without .npy>/k<ipc>-s<seed hex>.npy`. k-means is deterministic in these,
+/// so cached modes are the bytes a run would find.
+pub fn modes_key(latent_key: &str, ipc: usize, seed: u64) -> String {
+    format!("modes/{}/k{ipc}-s{seed:016x}.npy", latent_key.trim_end_matches(".npy"))
+}
+
 /// Cached latents of `points` × `dim` (row-major f32, scaled latent space), if present and
 /// well-formed; an entry of another shape or an unreadable one is logged and ignored (`None`).
 ///
@@ -127,6 +136,16 @@ mod tests {
         assert_ne!(base, latent_key("s3://b/train", "sha256:abd", "n01", &images("/x", 5)));
         assert_ne!(base, latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 6)));
         assert!(base.contains(PREPROCESSING_VERSION));
+    }
+
+    #[test]
+    fn modes_keys_differ_by_ipc_and_seed_beside_their_latents() {
+        let latents = "latents/d/v/prep-v1/n01-abc.npy";
+        let key = modes_key(latents, 10, 7);
+        assert!(key.starts_with("modes/latents/d/v/prep-v1/n01-abc/") && key.ends_with(".npy"), "{key}");
+        assert_ne!(key, modes_key(latents, 50, 7));
+        assert_ne!(key, modes_key(latents, 10, 8));
+        assert_ne!(key, modes_key("latents/d/v/prep-v1/n01-abd.npy", 10, 7));
     }
 
     #[test]

@@ -293,6 +293,8 @@ pub struct ClassTimings {
     pub real_images: usize,
     /// The class's latents came from the latent cache (no decode, no VAE encode).
     pub latent_cache_hit: bool,
+    /// The class's modes came from the latent cache (no k-means).
+    pub modes_cache_hit: bool,
     /// The class's files had the names and sizes submit recorded but other versions
     /// ([`crate::data::check_unchanged`]).
     pub versions_changed: bool,

@@ -212,9 +212,10 @@ enum Event {
         seconds: Duration,
         cache_key: Option<String>,
     },
-    /// The class's latents came from the latent cache.
+    /// The class's latents came from the latent cache (at `key`).
     Cached {
         slot: usize,
+        key: String,
         features: Vec<f32>,
         crops: Vec<Pixels>,
         images: usize,
@@ -233,11 +234,22 @@ enum Event {
         modes: Array4<f32>,
         real: Vec<f32>,
         seconds: Duration,
+        /// The modes came from the latent cache.
+        cached: bool,
     },
     Failed {
         slot: usize,
         error: EngineError,
     },
+}
+
+/// A class's latents on their way to the k-means thread: `count` rows of `features`, and where
+/// they are cached (the modes are cached beside them).
+struct ToKmeans {
+    slot: usize,
+    features: Vec<f32>,
+    count: usize,
+    latent_key: Option<String>,
 }
 
 /// A class in flight on the engine thread.
@@ -387,7 +399,7 @@ impl Engine {
         }
         self.models.reset_backoff();
         let (events_tx, events_rx) = mpsc::sync_channel::<Event>(self.policy.queue_depth.max(1));
-        let (kmeans_tx, kmeans_rx) = mpsc::channel::<(usize, Vec<f32>, usize)>();
+        let (kmeans_tx, kmeans_rx) = mpsc::channel::<ToKmeans>();
         let stop = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             let data_events = events_tx.clone();
@@ -412,17 +424,45 @@ impl Engine {
                 })
                 .expect("starting the data thread");
             let (pool, seed, shape) = (self.pool.clone(), self.seed, self.models.dit().info().latent_shape);
+            let cache = self.latent_cache.clone();
             let kmeans_events = events_tx;
             std::thread::Builder::new()
                 .name("mgd3-kmeans".into())
                 .spawn_scoped(scope, move || {
-                    for (slot, features, count) in kmeans_rx {
+                    for ToKmeans { slot, features, count, latent_key } in kmeans_rx {
                         let class = &classes[slot];
                         let started = Instant::now();
                         let dim = shape.iter().product();
-                        let found = pool.install(|| {
-                            find_modes(&features, count, dim, class.ipc, kmeans_seed(seed, class.class_index))
+                        let class_seed = kmeans_seed(seed, class.class_index);
+                        // Modes another job found from the same cached latents, IPC and seed
+                        // (a sweep's other variant) are the modes k-means would find here.
+                        let modes_key = cache
+                            .as_ref()
+                            .zip(latent_key.as_deref())
+                            .map(|(cache, key)| (cache, cache::modes_key(key, class.ipc, class_seed)));
+                        let hit = modes_key.as_ref().and_then(|(cache, key)| {
+                            match cache::load(cache, key, class.ipc, dim) {
+                                Ok(found) => found,
+                                Err(error) => {
+                                    warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "cached modes unreadable; running k-means");
+                                    None
+                                }
+                            }
                         });
+                        let cached = hit.is_some();
+                        let found = match hit {
+                            Some(modes) => {
+                                info!(class = %class.wnid, "modes cache hit: skipping k-means");
+                                Ok(modes)
+                            }
+                            None => pool.install(|| find_modes(&features, count, dim, class.ipc, class_seed)),
+                        };
+                        if let (false, Ok(modes), Some((cache, key))) = (cached, &found, &modes_key) {
+                            // A lost cache write costs the next variant a k-means run, nothing else.
+                            if let Err(error) = cache::store(cache, key, modes, class.ipc, dim) {
+                                warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "modes not cached");
+                            }
+                        }
                         let event = match found {
                             Ok(centroids) => Event::Modes {
                                 slot,
@@ -430,6 +470,7 @@ impl Engine {
                                     .expect("k × dim centroids"),
                                 real: features,
                                 seconds: started.elapsed(),
+                                cached,
                             },
                             Err(source) => {
                                 Event::Failed { slot, error: EngineError::Modes { class: class.wnid.clone(), source } }
@@ -502,7 +543,7 @@ impl Engine {
         classes: &[ClassSpec],
         options: ShardOptions,
         events: mpsc::Receiver<Event>,
-        kmeans: mpsc::Sender<(usize, Vec<f32>, usize)>,
+        kmeans: mpsc::Sender<ToKmeans>,
         sink: &mut S,
         started: Instant,
     ) -> Result<ShardStats, ShardStop<S::Error>> {
@@ -564,7 +605,7 @@ impl Engine {
         flight: &mut [InFlight],
         ready: &mut VecDeque<(usize, usize)>,
         failed: &mut std::collections::BTreeMap<usize, EngineError>,
-        kmeans: &mpsc::Sender<(usize, Vec<f32>, usize)>,
+        kmeans: &mpsc::Sender<ToKmeans>,
         stats: &mut ShardStats,
         started: Instant,
     ) -> Result<(), ShardStop<E>> {
@@ -589,31 +630,32 @@ impl Engine {
                 stats.encode += spent;
                 if last {
                     state.timings.real_images = images;
-                    if let (Some(cache), Some(key)) = (self.latent_cache.as_ref(), cache_key) {
+                    if let (Some(cache), Some(key)) = (self.latent_cache.as_ref(), &cache_key) {
                         let dim = self.models.encoder().info().latent_shape.iter().product();
-                        cache::store(cache, &key, &state.features, images, dim)
+                        cache::store(cache, key, &state.features, images, dim)
                             .map_err(|e| ShardStop::class(class, e))?;
                         info!(class = %class.wnid, key = %key, "latents cached");
                     }
                     let features = std::mem::take(&mut state.features);
-                    let _ = kmeans.send((slot, features, images));
+                    let _ = kmeans.send(ToKmeans { slot, features, count: images, latent_key: cache_key });
                 }
             }
-            Event::Cached { slot, features, crops, images, seconds } => {
+            Event::Cached { slot, key, features, crops, images, seconds } => {
                 let state = &mut flight[slot];
                 state.timings.stages.decode += seconds.as_secs_f64();
                 stats.data += seconds;
                 state.timings.real_images = images;
                 state.timings.latent_cache_hit = true;
                 state.crops = crops;
-                let _ = kmeans.send((slot, features, images));
+                let _ = kmeans.send(ToKmeans { slot, features, count: images, latent_key: Some(key) });
             }
             Event::Skipped { slot, skipped, versions_changed } => {
                 flight[slot].timings.skipped = skipped;
                 flight[slot].timings.versions_changed = versions_changed;
             }
-            Event::Modes { slot, modes, real, seconds } => {
+            Event::Modes { slot, modes, real, seconds, cached } => {
                 let state = &mut flight[slot];
+                state.timings.modes_cache_hit = cached;
                 state.real = real;
                 state.timings.stages.kmeans += seconds.as_secs_f64();
                 stats.kmeans += seconds;
@@ -898,7 +940,7 @@ impl DataStage<'_> {
             info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
             let (_, crops) = self.decode_chunk(class, &images[..keep], keep)?;
             let seconds = started.elapsed();
-            let _ = events.send(Event::Cached { slot, features, crops, images: images.len(), seconds });
+            let _ = events.send(Event::Cached { slot, key: key.clone(), features, crops, images: images.len(), seconds });
             return Ok(());
         }
         let size = self.encode_chunk.max(1);

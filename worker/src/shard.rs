@@ -113,6 +113,7 @@ impl ClassSink for Committer<'_> {
             timings: result.timings.stages.clone(),
             committed_unix_ms: mgd3_common::now_ms(),
             latent_cache_hit: result.timings.latent_cache_hit,
+            modes_cache_hit: result.timings.modes_cache_hit,
             versions_changed: result.timings.versions_changed,
             data: class.listing.clone(),
             skipped: result.timings.skipped,

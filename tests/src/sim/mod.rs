@@ -846,6 +846,7 @@ impl Sim {
             timings: StageSeconds::default(),
             committed_unix_ms: now,
             latent_cache_hit: false,
+            modes_cache_hit: false,
             skipped: Default::default(),
             quality: None,
             embedding: None,
