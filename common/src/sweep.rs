@@ -147,9 +147,7 @@ impl SweepKey {
                 document.insert(self.name().to_owned(), value);
             }
             _ => {
-                let sampling = document
-                    .entry("sampling")
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let sampling = document.entry("sampling").or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 if let toml::Value::Table(table) = sampling {
                     table.insert(self.name().to_owned(), value);
                 }
@@ -281,7 +279,10 @@ impl Sweep {
                         for (i, entry) in entries.into_iter().enumerate() {
                             let field = format!("sweep.variants[{i}]");
                             let toml::Value::Table(entry) = entry else {
-                                bad(field, format!("{entry} is not a table of settings (`{{ guidance_scale = 0.1 }}`)"));
+                                bad(
+                                    field,
+                                    format!("{entry} is not a table of settings (`{{ guidance_scale = 0.1 }}`)"),
+                                );
                                 continue;
                             };
                             let mut settings = Vec::new();
@@ -307,7 +308,10 @@ impl Sweep {
                         continue;
                     };
                     let toml::Value::Array(values) = value else {
-                        bad(field, format!("{value} is not a list: write `{name} = [{value}]` (or leave it out of the sweep)"));
+                        bad(
+                            field,
+                            format!("{value} is not a list: write `{name} = [{value}]` (or leave it out of the sweep)"),
+                        );
                         continue;
                     };
                     if values.is_empty() {
@@ -345,7 +349,11 @@ impl Sweep {
         }
         let count = match &listed {
             Some(variants) => variants.len(),
-            None => grid.iter().map(|(_, values)| values.len().max(1)).try_fold(1usize, |n, v| n.checked_mul(v)).unwrap_or(usize::MAX),
+            None => grid
+                .iter()
+                .map(|(_, values)| values.len().max(1))
+                .try_fold(1usize, |n, v| n.checked_mul(v))
+                .unwrap_or(usize::MAX),
         };
         if count > cap {
             bad(
@@ -398,9 +406,8 @@ impl Sweep {
                     continue;
                 }
             };
-            let described = |spec: &JobSpec| {
-                keys.iter().map(|k| format!("{k}={}", k.value_in(spec))).collect::<Vec<_>>().join(" ")
-            };
+            let described =
+                |spec: &JobSpec| keys.iter().map(|k| format!("{k}={}", k.value_in(spec))).collect::<Vec<_>>().join(" ");
             if let Err(JobError::Invalid(errors)) = spec.validate() {
                 for error in errors {
                     match set.iter().find(|(key, _)| key.spec_key() == error.field) {
@@ -568,8 +575,10 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
             assert_eq!(JobSpec::from_toml(&v.toml).unwrap(), v.spec);
         }
         // ... and the job written by hand is the same job (the cache is operational).
-        let alone = JobSpec::from_toml(&format!("{BASE}latent_cache = true\n[sampling]\nguidance_scale = 0.1\nstop_guidance = 35\n"))
-            .unwrap();
+        let alone = JobSpec::from_toml(&format!(
+            "{BASE}latent_cache = true\n[sampling]\nguidance_scale = 0.1\nstop_guidance = 35\n"
+        ))
+        .unwrap();
         assert_eq!(s.variants[5].spec, alone);
     }
 
@@ -595,17 +604,25 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
     fn bad_sweeps_name_the_key_and_what_to_do() {
         let p = problems("[sweep]\nguidance = [0.1]\nstop_guidance = []\nipc = 10\ncfg_scale = [\"x\"]\n");
         let text: Vec<String> = p.iter().map(ToString::to_string).collect();
-        assert!(text.iter().any(|t| t.contains("`sweep.guidance`") && t.contains("did you mean `guidance_scale`")), "{text:?}");
+        assert!(
+            text.iter().any(|t| t.contains("`sweep.guidance`") && t.contains("did you mean `guidance_scale`")),
+            "{text:?}"
+        );
         assert!(text.iter().any(|t| t.contains("`sweep.stop_guidance`") && t.contains("empty")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("`sweep.ipc`") && t.contains("not a list")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("`sweep.cfg_scale[0]`") && t.contains("not a number")), "{text:?}");
         // Out of range: named by the sweep key, with the variant.
         let p = problems("[sweep]\nstop_guidance = [25, 60]\nipc = [0, 10]\n");
         let text: Vec<String> = p.iter().map(ToString::to_string).collect();
-        assert!(text.iter().any(|t| t.contains("`sweep.stop_guidance`") && t.contains("60") && t.contains("exceeds")), "{text:?}");
+        assert!(
+            text.iter().any(|t| t.contains("`sweep.stop_guidance`") && t.contains("60") && t.contains("exceeds")),
+            "{text:?}"
+        );
         assert!(text.iter().any(|t| t.contains("`sweep.ipc`") && t.contains("at least 1")), "{text:?}");
         // A grid past the cap, with the count; the cap can be raised.
-        let p = problems("[sweep]\nseed = [1,2,3,4,5,6,7,8,9,10,11]\nguidance_scale = [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]\n");
+        let p = problems(
+            "[sweep]\nseed = [1,2,3,4,5,6,7,8,9,10,11]\nguidance_scale = [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]\n",
+        );
         assert!(p[0].problem.contains("110 variants") && p[0].problem.contains("max_variants"), "{p:?}");
         assert_eq!(
             sweep("[sweep]\nmax_variants = 110\nseed = [1,2,3,4,5,6,7,8,9,10,11]\nguidance_scale = [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]\n")
@@ -619,7 +636,9 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
         assert!(problems("[sweep]\nipc = [1]\nvariants = [{ seed = 1 }]\n")[0].problem.contains("both"));
         assert!(problems("[sweep]\n")[0].problem.contains("names no setting"));
         // A base mistake reads as it would without the sweep.
-        assert!(matches!(Sweep::parse(&format!("{BASE}ipcc = 3\n[sweep]\nseed = [1]\n")), Err(JobError::Shape(m)) if m.contains("line 7") && m.contains("did you mean `ipc`")));
+        assert!(
+            matches!(Sweep::parse(&format!("{BASE}ipcc = 3\n[sweep]\nseed = [1]\n")), Err(JobError::Shape(m)) if m.contains("line 7") && m.contains("did you mean `ipc`"))
+        );
     }
 
     #[test]

@@ -834,9 +834,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             if !response.variants.is_empty() {
                 // A sweep: its id above (for scripts), its variants for the person.
                 let url = args.connection.coordinator.clone();
-                let record = sweep_of(&mut client, &url, &response.job_id)
-                    .await?
-                    .with_context(|| format!("the coordinator submitted sweep {} but has no record of it", response.job_id))?;
+                let record = sweep_of(&mut client, &url, &response.job_id).await?.with_context(|| {
+                    format!("the coordinator submitted sweep {} but has no record of it", response.job_id)
+                })?;
                 for line in sweep_lines(&record) {
                     errln!("{line}");
                 }
@@ -896,7 +896,8 @@ async fn run_command(cli: Cli) -> Result<()> {
                         .zip(&statuses)
                         .map(|(v, s)| serde_json::json!({"settings": v.settings, "status": status_json(s)}))
                         .collect();
-                    let value = serde_json::json!({"sweep_id": record.sweep_id, "keys": record.keys, "variants": variants});
+                    let value =
+                        serde_json::json!({"sweep_id": record.sweep_id, "keys": record.keys, "variants": variants});
                     outln!("{}", serde_json::to_string_pretty(&value)?);
                 } else {
                     let done = statuses.iter().filter(|s| s.state == JobState::Succeeded).count();
@@ -959,7 +960,9 @@ async fn run_command(cli: Cli) -> Result<()> {
                         let (text, base) = read_spec(path)?;
                         let sweep = Sweep::parse(&text)
                             .with_context(|| format!("job spec `{}`", path.display()))?
-                            .with_context(|| format!("`{}` has no [sweep] table, and {} is a sweep", path.display(), args.job))?;
+                            .with_context(|| {
+                                format!("`{}` has no [sweep] table, and {} is a sweep", path.display(), args.job)
+                            })?;
                         if sweep.variants.len() != record.variants.len() {
                             bail!(
                                 "`{}` expands to {} variants and sweep {} has {}: it is not this sweep's spec",
@@ -1138,7 +1141,10 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Report(args) => {
             if let Some((root, record)) = sweep_to_report(&args.job).await? {
                 if args.out.is_some() {
-                    bail!("--out writes one job's report elsewhere; a sweep's comparison goes beside its variants, under <output>/sweeps/{}/report/", record.sweep_id);
+                    bail!(
+                        "--out writes one job's report elsewhere; a sweep's comparison goes beside its variants, under <output>/sweeps/{}/report/",
+                        record.sweep_id
+                    );
                 }
                 let summary = crate::compare::write_sweep_report(&root, &record, true).await?;
                 errln!("comparison of {} variant(s) written, and each variant's report", summary.variants.len());
@@ -1339,7 +1345,10 @@ async fn run_command(cli: Cli) -> Result<()> {
                             bail!("`{path}` differs between the variants of the sweep in `{}`", args.spec.display());
                         }
                         let value = values[0].clone();
-                        outln!("{}", value.with_context(|| format!("`{path}` is not set in `{}`", args.spec.display()))?);
+                        outln!(
+                            "{}",
+                            value.with_context(|| format!("`{path}` is not set in `{}`", args.spec.display()))?
+                        );
                     }
                     None => {
                         let keys: Vec<&str> = sweep.keys.iter().map(|k| k.name()).collect();
@@ -1420,12 +1429,16 @@ async fn run_local_sweep(
     exit_for_sweep(&record, &statuses)?;
     if !args.no_report {
         let written = match mgd3_common::store::open(&record.output) {
-            Ok(root) => crate::compare::write_sweep_report(&root, &record, true).await.map_err(|e| mgd3_common::error_chain(&e)),
+            Ok(root) => {
+                crate::compare::write_sweep_report(&root, &record, true).await.map_err(|e| mgd3_common::error_chain(&e))
+            }
             Err(e) => Err(mgd3_common::error_chain(&e)),
         };
         match written {
             Ok(summary) => outln!("comparison: {}", summary.index),
-            Err(error) => tracing::warn!(%error, "no comparison report written; `coordinator report {}` tries again", record.sweep_id),
+            Err(error) => {
+                tracing::warn!(%error, "no comparison report written; `coordinator report {}` tries again", record.sweep_id)
+            }
         }
     }
     Ok(())

@@ -9,10 +9,10 @@
 use std::fmt::Write as _;
 
 use base64::Engine as _;
-use object_store::ObjectStoreExt;
 use mgd3_common::manifest::ClassMarker;
 use mgd3_common::store::Location;
 use mgd3_common::sweep::SweepRecord;
+use object_store::ObjectStoreExt;
 
 use crate::report::{ReportError, escape, page, put, read_records, segment, store_error, write_report};
 
@@ -116,7 +116,8 @@ pub async fn write_sweep_report(
         variants.push(summary);
     }
     let grid = grid_png(root, record, &markers).await?;
-    let html = comparison_page(record, &variants, grid.as_ref().map(|(png, classes)| (png.as_slice(), classes.as_slice())));
+    let html =
+        comparison_page(record, &variants, grid.as_ref().map(|(png, classes)| (png.as_slice(), classes.as_slice())));
     let target = root.child(&format!("sweeps/{}/report", record.sweep_id));
     put(&target, "index.html", html.into_bytes()).await?;
     let index = match &target.local_root {
@@ -218,10 +219,22 @@ fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Opti
          <th class=\"num\">outside band</th><th>job</th></tr></thead><tbody>",
     );
     for (i, (variant, summary)) in record.variants.iter().zip(variants).enumerate() {
-        let _ = write!(body, "<tr data-job=\"{}\"><td class=\"num\" data-value=\"{}\">{}</td>", escape(&variant.job_id), i + 1, i + 1);
+        let _ = write!(
+            body,
+            "<tr data-job=\"{}\"><td class=\"num\" data-value=\"{}\">{}</td>",
+            escape(&variant.job_id),
+            i + 1,
+            i + 1
+        );
         for key in &record.keys {
             let value = variant.settings.get(key).map_or("", String::as_str);
-            let _ = write!(body, "<td data-field=\"{}\" data-value=\"{}\">{}</td>", escape(key), escape(value), escape(value));
+            let _ = write!(
+                body,
+                "<td data-field=\"{}\" data-value=\"{}\">{}</td>",
+                escape(key),
+                escape(value),
+                escape(value)
+            );
         }
         let _ = write!(body, "<td class=\"num\" data-field=\"classes\" data-value=\"{0}\">{0}</td>", summary.classes);
         body.push_str(&cell("diversity", summary.diversity));
@@ -237,7 +250,8 @@ fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Opti
                 let _ = write!(body, "<td><a href=\"{}\">{}</a></td></tr>", escape(link), escape(&variant.job_id));
             }
             None => {
-                let _ = write!(body, "<td>{} <span class=\"muted\">(no report)</span></td></tr>", escape(&variant.job_id));
+                let _ =
+                    write!(body, "<td>{} <span class=\"muted\">(no report)</span></td></tr>", escape(&variant.job_id));
             }
         }
     }

@@ -161,7 +161,11 @@ pub struct JobRecords {
     pub job: Option<mgd3_common::job::ResolvedJob>,
 }
 
-pub(crate) fn store_error(dir: &Location, action: &'static str, key: &str) -> impl FnOnce(object_store::Error) -> ReportError {
+pub(crate) fn store_error(
+    dir: &Location,
+    action: &'static str,
+    key: &str,
+) -> impl FnOnce(object_store::Error) -> ReportError {
     let (url, key) = (dir.url.clone(), key.to_owned());
     move |source| ReportError::Store { url, action, key, source }
 }

@@ -1190,9 +1190,7 @@ impl Scheduler {
             && held == share
         {
             let from = shards.partition_point(|&(_, to)| to <= range.start);
-            let near = (from..shards.len())
-                .take_while(|&i| shards[i].0 < range.end)
-                .find(|&i| run.pending.contains(i));
+            let near = (from..shards.len()).take_while(|&i| shards[i].0 < range.end).find(|&i| run.pending.contains(i));
             if near.is_some() {
                 return near;
             }

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::ObjectStoreExt;
 use mgd3_common::commit::{self, CommitError};
 use mgd3_common::job::{ClassRef, DataChange, ResolvedJob};
 use mgd3_common::layout::JobKeys;
@@ -18,6 +17,7 @@ use mgd3_common::lease::{Completion, Disposition, Exclusion, Failure, Registrati
 use mgd3_common::status::{JobStatus, ShardCounts, ShardFailure, VerifyProblem, VerifyReport};
 use mgd3_common::store::{self, Location};
 use mgd3_common::{PROTOCOL_VERSION, now_ms};
+use object_store::ObjectStoreExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -752,9 +752,9 @@ impl Coordinator {
         if let Some((job, _)) = jobs.first() {
             let out = self.output(job)?;
             let at = out.key(&key);
-            store::retry_idempotent(|| out.store.put(&at, bytes.clone().into()))
-                .await
-                .map_err(|source| Error::ObjectStore { url: out.url.clone(), context: format!("writing `{key}`"), source })?;
+            store::retry_idempotent(|| out.store.put(&at, bytes.clone().into())).await.map_err(|source| {
+                Error::ObjectStore { url: out.url.clone(), context: format!("writing `{key}`"), source }
+            })?;
         }
         info!(sweep = %record.sweep_id, variants = record.variants.len(), "sweep submitted");
         Ok(SubmittedSweep { record, jobs, notes })

@@ -138,8 +138,11 @@ pub async fn resolve_sweep(
     allowed: Option<&[std::path::PathBuf]>,
     planned: PlannedRows,
 ) -> Result<ResolvedSweep> {
-    let largest = (0..sweep.variants.len()).max_by_key(|&i| (sweep.variants[i].spec.ipc, usize::MAX - i)).expect("a sweep has variants");
-    let full = resolve_job(sweep.variants[largest].spec.clone(), base_dir, None, default_output, allowed, planned).await?;
+    let largest = (0..sweep.variants.len())
+        .max_by_key(|&i| (sweep.variants[i].spec.ipc, usize::MAX - i))
+        .expect("a sweep has variants");
+    let full =
+        resolve_job(sweep.variants[largest].spec.clone(), base_dir, None, default_output, allowed, planned).await?;
     let mut notes = full.notes.clone();
     if sweep.cache_turned_on {
         notes.push(format!(

@@ -940,7 +940,8 @@ impl DataStage<'_> {
             info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
             let (_, crops) = self.decode_chunk(class, &images[..keep], keep)?;
             let seconds = started.elapsed();
-            let _ = events.send(Event::Cached { slot, key: key.clone(), features, crops, images: images.len(), seconds });
+            let _ =
+                events.send(Event::Cached { slot, key: key.clone(), features, crops, images: images.len(), seconds });
             return Ok(());
         }
         let size = self.encode_chunk.max(1);

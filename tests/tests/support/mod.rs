@@ -382,3 +382,46 @@ pub fn bucket(port: u16, name: &str) -> Arc<dyn ObjectStore> {
             .unwrap(),
     )
 }
+
+/// The browser, or None (a skip) when none is installed and CI does not require one.
+pub fn chromium() -> Option<PathBuf> {
+    let named = std::env::var_os("MGD3_CHROMIUM").map(PathBuf::from);
+    let found = named.or_else(|| {
+        ["chromium-headless-shell", "chromium", "chromium-browser", "google-chrome"].iter().find_map(|name| {
+            Command::new("which")
+                .arg(name)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        })
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("MGD3_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
+            "no Chromium found: run scripts/setup_test_servers.sh (it installs chromium-headless-shell)"
+        );
+        eprintln!("note: skipping the browser checks: no Chromium (scripts/setup_test_servers.sh installs one)");
+    }
+    found
+}
+
+/// Loads `page` in headless Chromium; returns the DOM after load and the console messages.
+pub fn browse(browser: &Path, page: &Path) -> (String, Vec<String>) {
+    browse_at(browser, page, 1400)
+}
+
+/// [`browse`] in a window `width` CSS pixels wide.
+pub fn browse_at(browser: &Path, page: &Path, width: u32) -> (String, Vec<String>) {
+    let out = Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"])
+        .arg(format!("--window-size={width},3000"))
+        .args(["--virtual-time-budget=5000", "--dump-dom"])
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let console =
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains(":CONSOLE")).map(str::to_owned).collect();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), console)
+}
