@@ -26,6 +26,13 @@ Protocols (README, "Look and judge: report, evaluation, FID"):
 sets must be seeds of one experiment: jobs that differ in anything but the seed, the same seed twice
 and unfinished jobs are refused before any training.
 
+--sweep takes an mgd3 sweep (its record <output>/sweeps/<sweep>.json, or its id with --store <output>)
+and evaluates every finished variant with the one protocol given, one set each: a table with the
+swept settings as columns (and the same as JSON with --out). Each variant's result is kept under
+<output>/sweeps/<sweep>/eval/<protocol settings>/<job>.json as soon as it is known, so running the
+same command again after an interruption trains only the variants still missing. Variants that have
+not finished are listed and left out.
+
 --quick (2 epochs) or --epochs N for smoke runs. Progress with an ETA goes to stderr; the result is
 printed and written as JSON with --out. Small grey images (the Fashion-MNIST demo) are read as RGB
 (three equal channels) at --size 32, and ConvNet's depth is capped so that at least 2x2 pixels
@@ -38,6 +45,8 @@ Examples:
       --train out/in1k/jobs/in1k-s0/dataset
   python scripts/evaluate.py hard --net convnet6 --size 32 --quick --val data/fashion-mnist/test \\
       --train out/fashion-mnist/jobs/<job>
+  python scripts/evaluate.py hard --net convnet6 --size 32 --epochs 50 --val data/fashion-mnist/test \\
+      --sweep out/fashion-mnist/sweeps/<sweep>.json
 """
 
 import argparse
@@ -443,11 +452,85 @@ def check_sets(train):
     return jobs
 
 
+def sweep_record(sweep, store):
+    """The record of an mgd3 sweep and the output folder its variants are in: a path to
+    <output>/sweeps/<sweep>.json, or a sweep id with --store <output>."""
+    path = sweep
+    if not os.path.isfile(path) and store:
+        path = os.path.join(store, "sweeps", sweep + ".json")
+    if not os.path.isfile(path):
+        hint = "" if store else " (a sweep id needs --store <output folder>)"
+        raise SystemExit(f"--sweep `{sweep}` is neither a sweep record (<output>/sweeps/<sweep>.json) nor a sweep id "
+                         f"in the store{hint}")
+    with open(path) as f:
+        record = json.load(f)
+    if "variants" not in record or "sweep_id" not in record:
+        raise SystemExit(f"--sweep `{path}` is not an mgd3 sweep record (no `variants`)")
+    return record, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+
+
+def protocol_key(args):
+    """What makes two evaluations of one set the same: the folder name results are kept under."""
+    epochs = args.epochs or ("quick" if args.quick else "paper")
+    parts = [args.protocol, args.net if args.protocol == "hard" else "resnet18", f"size{args.size}",
+             f"epochs-{epochs}", f"seed{args.train_seed}", f"ipc-{args.ipc or 'all'}", f"val{args.val_limit or 'all'}",
+             args.norm if args.protocol == "hard" else os.path.basename(args.teacher or "")]
+    return "-".join(str(p) for p in parts)
+
+
+def run_sweep(args, device):
+    """Every finished variant of a sweep evaluated with one protocol, resumable per variant; prints a
+    table with the swept settings as columns and returns the result."""
+    record, root = sweep_record(args.sweep, args.store)
+    keys = record["keys"]
+    kept = os.path.join(root, "sweeps", record["sweep_id"], "eval", protocol_key(args))
+    os.makedirs(kept, exist_ok=True)
+    rows, left_out = [], []
+    variants = record["variants"]
+    for i, variant in enumerate(variants):
+        job = variant["job_id"]
+        label = " ".join(f"{k}={variant['settings'].get(k, '')}" for k in keys)
+        dataset = os.path.join(root, "jobs", job, "dataset")
+        if not os.path.isfile(os.path.join(root, "jobs", job, "manifest.json")):
+            left_out.append(f"{job} ({label})")
+            print(f"variant {i + 1}/{len(variants)} ({label}): job {job} has not finished: left out", file=sys.stderr)
+            continue
+        done = os.path.join(kept, job + ".json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                run = json.load(f)
+            print(f"variant {i + 1}/{len(variants)} ({label}): top-1 {run['top1']:.2f} (kept from an earlier run)",
+                  file=sys.stderr)
+        else:
+            print(f"variant {i + 1}/{len(variants)} ({label}): training on {dataset}", file=sys.stderr)
+            run = run_hard(args, dataset, device) if args.protocol == "hard" else run_soft(args, dataset, device)
+            run["job_id"] = job
+            with open(done + ".tmp", "w") as f:
+                json.dump(run, f, indent=2)
+            os.replace(done + ".tmp", done)
+        rows.append({"settings": variant["settings"], "job_id": job, "top1": run["top1"], "run": run})
+    if not rows:
+        raise SystemExit(f"no variant of sweep {record['sweep_id']} has finished: nothing to evaluate")
+    header = "| " + " | ".join(keys + ["top-1 (%)", "job"]) + " |"
+    print(header)
+    print("|" + "---|" * (len(keys) + 2))
+    for row in rows:
+        cells = [str(row["settings"].get(k, "")) for k in keys] + [f"{row['top1']:.2f}", row["job_id"]]
+        print("| " + " | ".join(cells) + " |")
+    if left_out:
+        print(f"not finished, left out: {'; '.join(left_out)}", file=sys.stderr)
+    return {"sweep_id": record["sweep_id"], "keys": keys, "protocol": args.protocol,
+            "network": args.net if args.protocol == "hard" else "resnet18", "size": args.size, "device": str(device),
+            "train_seed": args.train_seed, "val": args.val, "variants": rows, "left_out": left_out}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("protocol", choices=["hard", "soft"], help="hard labels (5.2) or soft labels with a teacher (5.3)")
-    parser.add_argument("--train", nargs="+", required=True,
+    parser.add_argument("--sweep", help="an mgd3 sweep: <output>/sweeps/<sweep>.json, or its id with --store; every "
+                                        "finished variant is evaluated, one set each")
+    parser.add_argument("--train", nargs="+",
                         help="the distilled sets, one per distillation seed of one experiment: ImageFolders, mgd3 job "
                              "folders (<output>/jobs/<job>) or, with --store, job ids")
     parser.add_argument("--store", help="the output folder holding jobs/<job>/ (for job ids in --train)")
@@ -474,9 +557,17 @@ def main():
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this PyTorch sees no CUDA GPU (use --device cpu, or auto)")
-    args.train = [resolve_train(path, args.store) for path in args.train]
+    if bool(args.sweep) == bool(args.train):
+        raise SystemExit("give the sets to evaluate: --train (sets of one experiment) or --sweep (a sweep's variants)")
     if not os.path.isdir(args.val):
         raise SystemExit(f"--val `{args.val}` is not a folder: give an ImageFolder root (one sub-folder per class)")
+    if args.sweep:
+        result = run_sweep(args, device)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
+    args.train = [resolve_train(path, args.store) for path in args.train]
     jobs = check_sets(args.train)
     runs = []
     for train_dir, job in zip(args.train, jobs):

@@ -188,15 +188,19 @@ fn cell(field: &str, value: Option<(f64, f64)>) -> String {
     }
 }
 
-/// Sorts the table by a clicked header: numbers by `data-value`, text by its content; a second
-/// click reverses.
-const SORT_SCRIPT: &str = "<script>document.querySelectorAll('table.sortable th').forEach(function(th,col){\
-th.style.cursor='pointer';th.title='sort';th.addEventListener('click',function(){var t=th.closest('table'),b=t.tBodies[0];\
-var rows=Array.from(b.rows),asc=th.getAttribute('data-order')!=='asc';t.querySelectorAll('th').forEach(function(h){h.removeAttribute('data-order');});\
+/// Sorts the table by a clicked header (numbers by `data-value`, text by its content; a second
+/// click reverses), or on load by the page's `#sort=<column>` / `#sort=<column>-desc` (a column's
+/// `data-key`: a swept key, `diversity`, `representativeness`, ...), so a link can open it sorted.
+const SORT_SCRIPT: &str = "<script>(function(){function sortBy(th,asc){var t=th.closest('table'),b=t.tBodies[0],col=th.cellIndex;\
+var rows=Array.from(b.rows);t.querySelectorAll('th').forEach(function(h){h.removeAttribute('data-order');});\
 th.setAttribute('data-order',asc?'asc':'desc');rows.sort(function(x,y){var a=x.cells[col],c=y.cells[col];\
-var va=a.getAttribute('data-value'),vc=c.getAttribute('data-value');var na=parseFloat(va),nc=parseFloat(vc);\
+var na=parseFloat(a.getAttribute('data-value')),nc=parseFloat(c.getAttribute('data-value'));\
 var r=(!isNaN(na)&&!isNaN(nc))?na-nc:(isNaN(na)&&!isNaN(nc))?1:(!isNaN(na)&&isNaN(nc))?-1:a.textContent.localeCompare(c.textContent);\
-return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});});});</script>";
+return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});}\
+document.querySelectorAll('table.sortable th').forEach(function(th){th.style.cursor='pointer';th.title='sort';\
+th.addEventListener('click',function(){sortBy(th,th.getAttribute('data-order')!=='asc');});});\
+var m=/^#sort=([^&]+?)(-desc)?$/.exec(decodeURIComponent(location.hash));if(m){var th=document.querySelector('table.sortable th[data-key=\"'+m[1]+'\"]');\
+if(th)sortBy(th,!m[2]);}})();</script>";
 
 fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Option<(&[u8], &[String])>) -> String {
     let mut body = String::new();
@@ -210,13 +214,14 @@ fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Opti
         record.variants.len(),
         escape(&record.keys.join(", "))
     );
-    body.push_str("<table class=\"sortable\" id=\"variants\"><thead><tr><th class=\"num\">#</th>");
+    body.push_str("<table class=\"sortable\" id=\"variants\"><thead><tr><th class=\"num\" data-key=\"variant\">#</th>");
     for key in &record.keys {
-        let _ = write!(body, "<th>{}</th>", escape(key));
+        let _ = write!(body, "<th data-key=\"{0}\">{0}</th>", escape(key));
     }
     body.push_str(
-        "<th class=\"num\">classes</th><th class=\"num\">diversity</th><th class=\"num\">representativeness</th>\
-         <th class=\"num\">outside band</th><th>job</th></tr></thead><tbody>",
+        "<th class=\"num\" data-key=\"classes\">classes</th><th class=\"num\" data-key=\"diversity\">diversity</th>\
+         <th class=\"num\" data-key=\"representativeness\">representativeness</th>\
+         <th class=\"num\" data-key=\"flagged\">outside band</th><th data-key=\"job\">job</th></tr></thead><tbody>",
     );
     for (i, (variant, summary)) in record.variants.iter().zip(variants).enumerate() {
         let _ = write!(

@@ -179,3 +179,33 @@ fn sets_that_are_not_seeds_of_one_experiment_are_refused_naming_why() {
     let text = refused(&[a, id], &["--store", out.to_str().unwrap()]);
     assert!(text.contains("both distilled with seed"), "{text}");
 }
+
+#[test]
+fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
+    let Some(python) = python() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 3, 6);
+    let out = scratch.path().join("out");
+    let spec_path = scratch.path().join("sweep.toml");
+    let text = spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 5, "");
+    std::fs::write(&spec_path, format!("{text}[sweep]\nguidance_scale = [0.02, 0.1]\n")).unwrap();
+    run_locally(&spec_path, &[]);
+    let record = std::fs::read_dir(out.join("sweeps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let args = ["hard", "--net", "convnet6", "--sweep", record.to_str().unwrap(), "--val", data.to_str().unwrap()];
+    let (result, stderr) = evaluate(&python, &args);
+    let variants = result["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2, "{result}");
+    assert_eq!(variants[0]["settings"]["guidance_scale"], "0.02");
+    assert_eq!(variants[1]["settings"]["guidance_scale"], "0.1");
+    assert!(variants.iter().all(|v| v["top1"].as_f64().is_some_and(|t| (0.0..=100.0).contains(&t))));
+    assert!(stderr.contains("variant 2/2 (guidance_scale=0.1): training on"), "{stderr}");
+    // Run again: every variant's result is kept, nothing is trained, the table is the same.
+    let (again, stderr) = evaluate(&python, &args);
+    assert!(stderr.contains("kept from an earlier run") && !stderr.contains("training on"), "{stderr}");
+    assert_eq!(again["variants"], result["variants"]);
+}

@@ -62,3 +62,30 @@ fn the_quick_start_example_parses() {
     assert_eq!(classes.len(), 10);
     assert_eq!(spec.ipc, 10);
 }
+
+#[test]
+fn the_sweep_examples_expand_to_the_papers_ablation_and_the_demo_grid() {
+    use mgd3_common::sweep::Sweep;
+    let read = |name: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+        Sweep::parse(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}")).unwrap()
+    };
+    let tstop = read("imagenette-tstop-sweep.toml");
+    let stops: Vec<usize> = tstop.variants.iter().map(|v| v.spec.sampling.stop_guidance).collect();
+    assert_eq!(stops, (0..=50).step_by(5).collect::<Vec<_>>(), "Appendix A: 50 → 0 in steps of 5");
+    for variant in &tstop.variants {
+        let mut spec = variant.spec.clone();
+        spec.sampling.stop_guidance = 25;
+        let (_, paper) = example("imagenette-ipc10.toml");
+        assert_paper_settings("imagenette-tstop-sweep.toml", &spec);
+        assert_eq!(spec.classes, paper.classes);
+    }
+    let demo = read("fashion-mnist-sweep.toml");
+    assert_eq!(demo.variants.len(), 9);
+    assert_eq!(demo.variants[4].label(), "guidance_scale=0.1 stop_guidance=25");
+    let (_, quick) = example("fashion-mnist.toml");
+    let mut middle = demo.variants[4].spec.clone();
+    middle.latent_cache = None;
+    middle.resolve_paths(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").as_path());
+    assert_eq!(middle, quick, "the middle of the demo grid is the quick-start job");
+}

@@ -135,6 +135,17 @@ fn a_sweep_runs_its_variants_as_the_jobs_alone_sharing_encodings_and_modes() {
             assert!(row.contains(&format!("data-field=\"{key}\" data-value=\"{value}\"")), "{row}");
         }
     }
+    // Opened as `#sort=diversity-desc`, the rows come most diverse first.
+    let sorted = std::path::PathBuf::from(format!("{}#sort=diversity-desc", page.display()));
+    let (dom, _) = browse(&browser, &sorted);
+    let shown: Vec<f64> = dom
+        .split("data-field=\"diversity\" data-value=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(shown.len(), 4);
+    assert!(shown.windows(2).all(|w| w[0] >= w[1]), "not sorted by diversity: {shown:?}");
+    assert_eq!(dom.matches("data-order=\"desc\"").count(), 1, "the sorted column is marked");
 }
 
 fn coordinator(args: &[&str]) -> std::process::Output {
