@@ -197,6 +197,11 @@ pub struct SpecArgs {
     /// strings bare, anything else as JSON. Exits non-zero when the setting is not set.
     #[arg(long)]
     pub get: Option<String>,
+    /// For a spec with `[sweep]`: variant N (from 1, as `coordinator check` numbers them) alone —
+    /// its TOML, the spec that submitted by itself makes the same job, or with --get one of its
+    /// settings.
+    #[arg(long)]
+    pub variant: Option<usize>,
 }
 
 /// Arguments of `coordinator serve`.
@@ -1227,10 +1232,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                 outln!("dataset: {}", first.job.spec.dataset);
                 outln!("output:  {}", first.job.spec.output.as_deref().unwrap_or_default());
                 outln!(
-                    "classes: {} ({} images in all); each variant is a job of its own (`coordinator check` of one \
-                     variant's spec lists its classes and shards)",
+                    "classes: {} ({} images in all); each variant is a job of its own (`coordinator spec {} --variant N \
+                     > variant.toml` writes one alone, and `coordinator check variant.toml` lists its classes and shards)",
                     first.job.classes.len(),
-                    first.image_counts.iter().sum::<usize>()
+                    first.image_counts.iter().sum::<usize>(),
+                    args.spec.display()
                 );
                 return Ok(());
             }
@@ -1321,7 +1327,31 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Spec(args) => {
             let (text, base) = read_spec(&args.spec)?;
-            if let Some(sweep) = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))? {
+            let sweep = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))?;
+            if let Some(n) = args.variant {
+                let Some(sweep) = &sweep else {
+                    bail!("--variant picks one variant of a sweep, and `{}` has no [sweep] table", args.spec.display());
+                };
+                let count = sweep.variants.len();
+                let Some(variant) = n.checked_sub(1).and_then(|i| sweep.variants.get(i)) else {
+                    bail!("--variant {n}: the sweep in `{}` has variants 1 to {count}", args.spec.display());
+                };
+                match &args.get {
+                    Some(path) => {
+                        let mut spec = variant.spec.clone();
+                        spec.resolve_paths(Path::new(&base));
+                        let value: serde_json::Value = serde_json::from_str(&serde_json::to_string(&spec)?)?;
+                        let field = get_field(&value, path);
+                        outln!("{}", field.with_context(|| format!("`{path}` is not set in variant {n}"))?);
+                    }
+                    None => {
+                        let text = variant_with_absolute_paths(&variant.toml, &variant.spec, Path::new(&base));
+                        out!("# variant {n} of {count} of `{}`: {}\n{text}", args.spec.display(), variant.label());
+                    }
+                }
+                return Ok(());
+            }
+            if let Some(sweep) = sweep {
                 let variants: Vec<serde_json::Value> = sweep
                     .variants
                     .iter()
@@ -1376,6 +1406,38 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A variant's TOML with every location made absolute against the sweep spec's folder `base`,
+/// so that the file names the same data, models and output wherever it is saved (the job it
+/// makes is the same: its fingerprint holds the resolved locations).
+fn variant_with_absolute_paths(toml_text: &str, spec: &mgd3_common::job::JobSpec, base: &Path) -> String {
+    let Ok(mut table) = toml::from_str::<toml::Table>(toml_text) else { return toml_text.to_owned() };
+    let mut resolved = spec.clone();
+    resolved.resolve_paths(base);
+    let set = |table: &mut toml::Table, key: &str, value: &str| {
+        if table.get(key).is_some_and(toml::Value::is_str) {
+            table.insert(key.to_owned(), toml::Value::String(value.to_owned()));
+        }
+    };
+    set(&mut table, "dataset", &resolved.dataset);
+    if let Some(output) = &resolved.output {
+        set(&mut table, "output", output);
+    }
+    if let Some(mgd3_common::job::LatentCache::At(cache)) = &resolved.latent_cache {
+        set(&mut table, "latent_cache", cache);
+    }
+    if let (mgd3_common::job::ClassSelection::File { file }, Some(toml::Value::Table(classes))) =
+        (&resolved.classes, table.get_mut("classes"))
+    {
+        set(classes, "file", file);
+    }
+    if let Some(toml::Value::Table(models)) = table.get_mut("models") {
+        set(models, "dit", &resolved.models.dit);
+        set(models, "vae_encoder", &resolved.models.vae_encoder);
+        set(models, "vae_decoder", &resolved.models.vae_decoder);
+    }
+    toml::to_string(&table).unwrap_or_else(|_| toml_text.to_owned())
 }
 
 /// One field of a JSON document by dotted path, for scripts: a string bare, anything else as

@@ -182,8 +182,20 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     assert_eq!(variants[2]["settings"]["sampler"], "ddim");
     assert_eq!(variants[2]["status"]["images"]["total"], 2 * 3);
     let jobs: Vec<String> = variants.iter().map(|v| v["status"]["job_id"].as_str().unwrap().to_owned()).collect();
-    // A variant is a job like any other.
+    // A variant is a job like any other; `spec --variant` writes it alone, and it is that job.
     assert_eq!(support::status(&url, &jobs[1]).unwrap()["state"], "running");
+    let alone = coordinator(&["spec", sweep_spec.to_str().unwrap(), "--variant", "2"]);
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    let alone_path = scratch.dir.path().join("elsewhere").join("variant2.toml");
+    std::fs::create_dir_all(alone_path.parent().unwrap()).unwrap();
+    std::fs::write(&alone_path, &alone.stdout).unwrap();
+    let checked = coordinator(&["check", alone_path.to_str().unwrap()]);
+    let checked_out = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked_out.contains(&format!("job id:  {}", jobs[1])),
+        "{checked_out}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     let cancelled = coordinator(&["cancel", &id, "--coordinator", &url]);
     assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
