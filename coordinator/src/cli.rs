@@ -642,6 +642,26 @@ async fn wait_for_sweep(
     Ok(statuses)
 }
 
+/// Resumes one job (`named` as the lines say it) and tells what happened: the data changes
+/// accepted, shards committed and re-queued, classes distilled again.
+async fn resume_one(client: &mut Client, url: &str, request: proto::ResumeJobRequest, named: &str) -> Result<()> {
+    let job = request.job_id.clone();
+    let response = client.resume_job(request).await.map_err(CallError::of(url, "ResumeJob"))?.into_inner();
+    if !response.data_changed.is_empty() {
+        let changes: Vec<DataChange> = response.data_changed.into_iter().map(DataChange::from).collect();
+        outln!("{}", crate::service::data_changes_note(&job, &changes));
+    }
+    outln!("job {named}: {} shard(s) committed, {} re-queued", response.committed, response.requeued);
+    if !response.redone.is_empty() {
+        outln!(
+            "  {} class(es) whose published files could not be restored are distilled again: {}",
+            response.redone.len(),
+            response.redone.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The sweep `args.job` names and the output root its variants are under: with `--job-dir`,
 /// that folder when it holds `sweeps/<id>.json` (offline); else as the coordinator knows it.
 /// `None` for a job.
@@ -981,24 +1001,16 @@ async fn run_command(cli: Cli) -> Result<()> {
                     }
                     None => vec![Default::default(); record.variants.len()],
                 };
+                let url = args.connection.coordinator.clone();
                 for (variant, (spec_toml, base_dir)) in record.variants.iter().zip(specs) {
-                    let response = client
-                        .resume_job(proto::ResumeJobRequest {
-                            job_id: variant.job_id.clone(),
-                            spec_toml,
-                            base_dir,
-                            accept_data_changes: args.data.accept_data_changes,
-                        })
-                        .await
-                        .map_err(CallError::of(&args.connection.coordinator, "ResumeJob"))?
-                        .into_inner();
-                    outln!(
-                        "job {} ({}): {} shard(s) committed, {} re-queued",
-                        variant.job_id,
-                        record.label(variant),
-                        response.committed,
-                        response.requeued
-                    );
+                    let named = format!("{} ({})", variant.job_id, record.label(variant));
+                    let request = proto::ResumeJobRequest {
+                        job_id: variant.job_id.clone(),
+                        spec_toml,
+                        base_dir,
+                        accept_data_changes: args.data.accept_data_changes,
+                    };
+                    resume_one(&mut client, &url, request, &named).await?;
                 }
                 return Ok(());
             }
@@ -1006,29 +1018,13 @@ async fn run_command(cli: Cli) -> Result<()> {
                 Some(path) => read_spec(path)?,
                 None => Default::default(),
             };
-            let response = client
-                .resume_job(proto::ResumeJobRequest {
-                    job_id: args.job.clone(),
-                    spec_toml,
-                    base_dir,
-                    accept_data_changes: args.data.accept_data_changes,
-                })
-                .await
-                .map_err(CallError::of(&args.connection.coordinator, "ResumeJob"))?
-                .into_inner();
-            if !response.data_changed.is_empty() {
-                let changes: Vec<DataChange> = response.data_changed.into_iter().map(DataChange::from).collect();
-                outln!("{}", crate::service::data_changes_note(&args.job, &changes));
-            }
-            outln!("job {}: {} shard(s) committed, {} re-queued", args.job, response.committed, response.requeued);
-            if !response.redone.is_empty() {
-                outln!(
-                    "  {} class(es) whose published files could not be restored are distilled again: {}",
-                    response.redone.len(),
-                    response.redone.join(", ")
-                );
-            }
-            Ok(())
+            let request = proto::ResumeJobRequest {
+                job_id: args.job.clone(),
+                spec_toml,
+                base_dir,
+                accept_data_changes: args.data.accept_data_changes,
+            };
+            resume_one(&mut client, &args.connection.coordinator, request, &args.job).await
         }
         Command::Verify(args) => {
             let response: VerifyReport = match &args.job_dir {
