@@ -38,7 +38,14 @@ pub enum JobError {
 
 /// A TOML error as `line N: message`, without the parser's source excerpt.
 fn located(text: &str, error: &toml::de::Error) -> String {
-    let message = plain_types(error.message().trim_end());
+    let mut message = plain_types(error.message().trim_end());
+    if message.starts_with("invalid type: sequence") {
+        // A list where one value goes: most likely several values meant to be tried.
+        message.push_str(
+            "; to run several values, give one here and list them in a [sweep] table (`[sweep]` then \
+             `guidance_scale = [0.05, 0.1]`, see the README's Sweeps)",
+        );
+    }
     match error.span() {
         Some(span) => {
             let start = span.start.min(text.len());
@@ -1103,6 +1110,13 @@ mod tests {
     /// Fingerprints, and so job ids, are those every earlier version gave: the values below were
     /// computed by mgd3 at 973530b (before class listings were recorded and before the sampler
     /// became one type), for a DDIM job with η, λ and t_stop set.
+    #[test]
+    fn a_list_where_one_value_goes_points_to_sweeps() {
+        let text = "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\nguidance_scale = [0.1, 0.2]\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
+        let error = JobSpec::from_toml(text).unwrap_err().to_string();
+        assert!(error.contains("line 5") && error.contains("[sweep]"), "{error}");
+    }
+
     #[test]
     fn fingerprints_are_unchanged_from_earlier_versions() {
         let spec = JobSpec::from_toml(

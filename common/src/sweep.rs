@@ -111,7 +111,7 @@ impl SweepKey {
         let fits = match (self.kind(), value) {
             (Kind::Whole, toml::Value::Integer(v)) => *v >= 0,
             (Kind::Number, toml::Value::Integer(_) | toml::Value::Float(_)) => true,
-            (Kind::Text, toml::Value::String(_)) => true,
+            (Kind::Text, toml::Value::String(name)) => name.parse::<crate::job::SamplerKind>().is_ok(),
             _ => false,
         };
         (!fits).then(|| {
@@ -363,7 +363,9 @@ impl Sweep {
                 ),
             );
         }
-        if !problems.is_empty() {
+        // A grid past the cap or both forms: nothing sensible to expand. Otherwise what is valid is
+        // expanded and checked too, so every problem is told at once.
+        if count > cap || (listed.is_some() && !grid.is_empty()) {
             return Err(JobError::Invalid(problems));
         }
         let settings: Vec<Vec<(SweepKey, toml::Value)>> = match listed {
@@ -390,7 +392,11 @@ impl Sweep {
         let mut variants: Vec<Variant> = Vec::with_capacity(settings.len());
         // Output identity → (variant number from 1, index among the kept variants).
         let mut seen: HashMap<String, (usize, usize)> = HashMap::new();
-        let mut base_problems: Vec<FieldError> = Vec::new();
+        // The document's own mistakes, told once as they would be without the sweep.
+        let base_problems: Vec<FieldError> = match base.validate() {
+            Err(JobError::Invalid(errors)) => errors,
+            _ => Vec::new(),
+        };
         for (i, set) in settings.into_iter().enumerate() {
             let mut doc = document.clone();
             if cache_turned_on {
@@ -402,12 +408,16 @@ impl Sweep {
             let spec = match JobSpec::deserialize(toml::Value::Table(doc.clone())) {
                 Ok(spec) => spec,
                 Err(error) => {
-                    problems.push(FieldError { field: "sweep".into(), problem: format!("variant {}: {error}", i + 1) });
+                    let error = error.to_string().replace('\n', " ");
+                    let problem = format!("variant {}: {}", i + 1, error.trim());
+                    problems.push(FieldError { field: "sweep".into(), problem });
                     continue;
                 }
             };
-            let described =
-                |spec: &JobSpec| keys.iter().map(|k| format!("{k}={}", k.value_in(spec))).collect::<Vec<_>>().join(" ");
+            let described = |spec: &JobSpec| match keys.is_empty() {
+                true => "the spec as written".to_owned(),
+                false => keys.iter().map(|k| format!("{k}={}", k.value_in(spec))).collect::<Vec<_>>().join(" "),
+            };
             if let Err(JobError::Invalid(errors)) = spec.validate() {
                 for error in errors {
                     match set.iter().find(|(key, _)| key.spec_key() == error.field) {
@@ -415,9 +425,14 @@ impl Sweep {
                             field: format!("sweep.{key}"),
                             problem: format!("{value} in variant {} ({}): {}", i + 1, described(&spec), error.problem),
                         }),
-                        // Not the sweep's doing: the document's own mistake, said once.
-                        None if !base_problems.contains(&error) => base_problems.push(error),
-                        None => {}
+                        // The document's own mistake: told once, below.
+                        None if base_problems.contains(&error) => {}
+                        // Another setting's problem that this variant's values cause (t_stop
+                        // above a swept `steps`): named with the variant.
+                        None => problems.push(FieldError {
+                            field: error.field,
+                            problem: format!("in variant {} ({}): {}", i + 1, described(&spec), error.problem),
+                        }),
                     }
                 }
                 continue;
@@ -448,6 +463,9 @@ impl Sweep {
             variants.push(Variant { settings, spec, toml });
         }
         problems.extend(base_problems);
+        // One line per problem, however many variants or values repeat it.
+        let mut told = std::collections::HashSet::new();
+        problems.retain(|p| told.insert(p.to_string()));
         if !problems.is_empty() {
             return Err(JobError::Invalid(problems));
         }
@@ -639,6 +657,34 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
         assert!(
             matches!(Sweep::parse(&format!("{BASE}ipcc = 3\n[sweep]\nseed = [1]\n")), Err(JobError::Shape(m)) if m.contains("line 7") && m.contains("did you mean `ipc`"))
         );
+    }
+
+    #[test]
+    fn every_problem_is_told_at_once_and_each_names_its_variant() {
+        // A misspelt key beside range errors of the valid keys: all of them.
+        let p = problems("[sweep]\nguidance_scal = [0.1]\nipc = [0, 2]\nstop_guidance = [3, 50]\n");
+        let text: Vec<String> = p.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|t| t.contains("`sweep.guidance_scal`")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("`sweep.ipc`") && t.contains("at least 1")), "{text:?}");
+        // A listed variant that is not a table beside others' range errors.
+        let p = problems("[sweep]\nvariants = [{ ipc = 0 }, 5, { sampler = \"ddim\", eta = 2 }]\n");
+        let text: Vec<String> = p.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|t| t.contains("`sweep.variants[1]`")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("`sweep.ipc`")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("`sweep.eta`") && t.contains("outside 0..=1")), "{text:?}");
+        // Another setting's problem a swept value causes names the variant.
+        let p = problems("[sweep]\nsteps = [4, 10]\n");
+        assert!(
+            p.iter().any(|e| e.field == "sampling.stop_guidance" && e.problem.contains("in variant 1 (steps=4)")),
+            "{p:?}"
+        );
+        // A sampler that does not exist, said as such; a value repeated is told once.
+        let p = problems("[sweep]\nsampler = [\"ddpm\", \"foo\"]\n");
+        assert!(p[0].to_string().contains("`sweep.sampler[1]`") && p[0].problem.contains("ddpm"), "{p:?}");
+        let p = problems("[sweep]\nguidance_scale = [0.1, 0.10, 1e-1]\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        let p = problems("[sweep]\nvariants = [{}, {}]\n");
+        assert!(p[0].problem.contains("(the spec as written)"), "{p:?}");
     }
 
     #[test]

@@ -61,7 +61,8 @@ pub enum Command {
     /// 1 after --timeout-s. For launch scripts: `coordinator ready --coordinator URL && ...`.
     Ready(ReadyArgs),
     /// Run a job on this machine: a coordinator on loopback, N local worker processes and the
-    /// job, awaited; exits 0 when the job succeeded. Running it again continues the job.
+    /// job, awaited; exits 0 when the job succeeded. Running it again continues the job. A spec
+    /// with a `[sweep]` table runs every variant and writes the sweep's comparison page.
     #[command(after_help = "Examples:\n  \
         coordinator run examples/fashion-mnist.toml --local-workers 2\n  \
         coordinator run job.toml --device cuda --devices 0,1,2,3     # one worker per GPU\n  \
@@ -79,10 +80,15 @@ pub enum Command {
     /// Write a job's report: a static HTML site (index.html, a page per class with its contact
     /// sheet wrapped into labelled rows, its diversity and representativeness and a latent-space
     /// plot) and overview.png. Opens from a file or from object storage; fetches nothing.
+    ///
+    /// Given a sweep's id, the sweep's comparison page (each variant's report first) in
+    /// `<output>/sweeps/<sweep>/report/`.
     #[command(after_help = "Examples:\n  \
         coordinator report JOB                      # into <output>/jobs/JOB/report/\n  \
         coordinator report JOB --out ~/reports/JOB  # elsewhere, contact sheets copied\n  \
-        coordinator report JOB --job-dir out/fashion-mnist/jobs/JOB   # offline, no coordinator")]
+        coordinator report JOB --job-dir out/fashion-mnist/jobs/JOB   # offline, no coordinator\n  \
+        coordinator report SWEEP                    # the comparison page of a sweep's variants\n  \
+        coordinator report SWEEP --job-dir out/fashion-mnist          # offline: the sweep's output folder")]
     Report(ReportArgs),
     /// Export a job's distilled images as the .npz of DiT's sample_ddp.py (`arr_0`, uint8
     /// `[N,H,W,3]` RGB, class by class in the job's order), the input of the ADM evaluation suite
@@ -679,6 +685,10 @@ async fn sweep_to_report(args: &JobDirArgs) -> Result<Option<(mgd3_common::store
                     let record = serde_json::from_slice(&bytes).with_context(|| format!("`{key}` in `{dir}`"))?;
                     Ok(Some((root, record)))
                 }
+                _ if looks_like_sweep(&args.job) => bail!(
+                    "`{dir}` holds no `{key}`: for a sweep, --job-dir is the output folder its variants write \
+                     to (the one holding jobs/ and sweeps/, the spec's `output`)"
+                ),
                 _ => Ok(None),
             }
         }
@@ -686,10 +696,21 @@ async fn sweep_to_report(args: &JobDirArgs) -> Result<Option<(mgd3_common::store
             let mut client = args.connection.client()?;
             match sweep_of(&mut client, &args.connection.coordinator, &args.job).await {
                 Ok(Some(record)) => Ok(Some((mgd3_common::store::open(&record.output)?, record))),
+                Err(error) if looks_like_sweep(&args.job) => Err(error.context(format!(
+                    "asking the coordinator about sweep `{0}`; without a coordinator, pass the sweep's output folder: \
+                     coordinator report {0} --job-dir <output>",
+                    args.job
+                ))),
                 _ => Ok(None),
             }
         }
     }
+}
+
+/// An id of the shape sweep ids have (`<name>-sweep-<12 hex>`): what errors about a missing
+/// coordinator or folder address as a sweep's.
+fn looks_like_sweep(id: &str) -> bool {
+    id.rsplit_once("-sweep-").is_some_and(|(_, hex)| hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// The sweep's variants with their states; an error unless every one succeeded.
@@ -754,6 +775,10 @@ pub async fn run(cli: Cli) -> Result<()> {
 /// that changed and was not accepted (exit 2, "a spec or set-up error", like a held store), in
 /// this process (`run`) or answered over gRPC.
 fn submit_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    // A spec that does not read or validate, wherever it was read (`run`, `check`, `spec`).
+    if error.downcast_ref::<mgd3_common::job::JobError>().is_some() {
+        return true;
+    }
     if let Some(error) = error.downcast_ref::<crate::Error>() {
         return matches!(
             error,
@@ -914,6 +939,16 @@ async fn run_command(cli: Cli) -> Result<()> {
                 for variant in &record.variants {
                     statuses.push(job_status(&mut client, &url, &variant.job_id).await?);
                 }
+                let succeeded = statuses.iter().filter(|s| s.state == JobState::Succeeded).count();
+                // The sweep's state: running while any variant is, succeeded when all did, else
+                // ended (some failed or were cancelled: each variant's own state says which).
+                let state = if statuses.iter().any(|s| !s.state.is_final()) {
+                    "running"
+                } else if succeeded == statuses.len() {
+                    "succeeded"
+                } else {
+                    "ended"
+                };
                 if args.json {
                     let variants: Vec<_> = record
                         .variants
@@ -921,13 +956,16 @@ async fn run_command(cli: Cli) -> Result<()> {
                         .zip(&statuses)
                         .map(|(v, s)| serde_json::json!({"settings": v.settings, "status": status_json(s)}))
                         .collect();
-                    let value =
-                        serde_json::json!({"sweep_id": record.sweep_id, "keys": record.keys, "variants": variants});
+                    let value = serde_json::json!({"sweep_id": record.sweep_id, "state": state,
+                        "succeeded": succeeded, "keys": record.keys, "variants": variants});
                     outln!("{}", serde_json::to_string_pretty(&value)?);
+                } else if args.oneline {
+                    for (variant, status) in record.variants.iter().zip(&statuses) {
+                        outln!("{} [{}]: {}", record.sweep_id, record.label(variant), progress_line(status, &url));
+                    }
                 } else {
-                    let done = statuses.iter().filter(|s| s.state == JobState::Succeeded).count();
                     outln!(
-                        "sweep {}: {done} of {} variant(s) succeeded, over {}",
+                        "sweep {} [{state}]: {succeeded} of {} variant(s) succeeded, over {}",
                         record.sweep_id,
                         statuses.len(),
                         record.keys.join(", ")
@@ -988,16 +1026,29 @@ async fn run_command(cli: Cli) -> Result<()> {
                             .with_context(|| {
                                 format!("`{}` has no [sweep] table, and {} is a sweep", path.display(), args.job)
                             })?;
-                        if sweep.variants.len() != record.variants.len() {
+                        // Each variant of the sweep by its settings (whatever order the file lists
+                        // them in), all found before any is resumed.
+                        let settings = |v: &mgd3_common::sweep::Variant| -> std::collections::BTreeMap<String, String> {
+                            v.settings.iter().map(|(k, value)| (k.name().to_owned(), value.clone())).collect()
+                        };
+                        let mut matched = Vec::with_capacity(record.variants.len());
+                        let mut missing = Vec::new();
+                        for variant in &record.variants {
+                            match sweep.variants.iter().find(|v| settings(v) == variant.settings) {
+                                Some(found) => matched.push((found.toml.clone(), base.clone())),
+                                None => missing.push(format!("{} ({})", variant.job_id, record.label(variant))),
+                            }
+                        }
+                        if !missing.is_empty() {
                             bail!(
-                                "`{}` expands to {} variants and sweep {} has {}: it is not this sweep's spec",
+                                "`{}` is not the spec of sweep {}: it has no variant with the settings of {}; nothing was \
+                                 resumed (resume without --spec, or give the sweep's own file)",
                                 path.display(),
-                                sweep.variants.len(),
                                 args.job,
-                                record.variants.len()
+                                missing.join(", ")
                             );
                         }
-                        sweep.variants.into_iter().map(|v| (v.toml, base.clone())).collect()
+                        matched
                     }
                     None => vec![Default::default(); record.variants.len()],
                 };
@@ -1148,7 +1199,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                     );
                 }
                 let summary = crate::compare::write_sweep_report(&root, &record, true).await?;
-                errln!("comparison of {} variant(s) written, and each variant's report", summary.variants.len());
+                let reported = summary.variants.iter().filter(|v| v.report.is_some()).count();
+                errln!(
+                    "comparison of {} variant(s) written, with the reports of the {reported} that have committed classes",
+                    summary.variants.len()
+                );
                 outln!("{}", summary.index);
                 return Ok(());
             }
@@ -1362,6 +1417,15 @@ async fn run_command(cli: Cli) -> Result<()> {
                     })
                     .collect();
                 match &args.get {
+                    Some(path) if path.starts_with("sweep.") => {
+                        let keys: Vec<&str> = sweep.keys.iter().map(|k| k.name()).collect();
+                        let value = serde_json::json!({"sweep": {"keys": keys, "variants": variants}});
+                        let field = get_field(&value, path);
+                        outln!(
+                            "{}",
+                            field.with_context(|| format!("the sweep in `{}` has no `{path}`", args.spec.display()))?
+                        );
+                    }
                     // A setting every variant shares (`output`) reads as for a job; a swept one
                     // has no one value.
                     Some(path) => {

@@ -265,10 +265,18 @@ fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Opti
         Some((png, classes)) => {
             let _ = write!(
                 body,
-                "<h2>Samples</h2><p>Sample 0 of the same {} class(es) ({}) in every variant: row n is variant n.</p>\
+                "<h2>Samples</h2><p>Sample 0 of the same {} class(es) ({}) in {}: row n is variant n.</p>\
                  <img id=\"grid\" class=\"tile\" alt=\"first samples, a row per variant\" src=\"data:image/png;base64,{}\">",
                 classes.len(),
                 escape(&classes.join(", ")),
+                match variants.iter().filter(|v| v.classes == 0).count() {
+                    0 => "every variant".to_owned(),
+                    empty => format!(
+                        "every variant with committed classes ({} of {}; the others' rows are empty)",
+                        variants.len() - empty,
+                        variants.len()
+                    ),
+                },
                 base64::engine::general_purpose::STANDARD.encode(png)
             );
         }

@@ -727,6 +727,30 @@ impl Coordinator {
             }
             jobs.push((job, existed));
         }
+        // A job's output is no part of its identity: variants submitted before with another
+        // `output` are those jobs, writing where they did. Said, and the record follows them
+        // when all are there.
+        let elsewhere: Vec<&Arc<ResolvedJob>> = jobs
+            .iter()
+            .map(|(job, _)| job)
+            .filter(|job| job.spec.output.as_deref() != Some(record.output.as_str()))
+            .collect();
+        if let Some(first) = elsewhere.first() {
+            let requested = record.output.clone();
+            let there = first.spec.output.clone().unwrap_or_default();
+            if elsewhere.len() == jobs.len() && elsewhere.iter().all(|j| j.spec.output.as_deref() == Some(&there)) {
+                notes.retain(|n| !n.starts_with("the sweep caches"));
+                record.output = there.clone();
+            }
+            notes.push(format!(
+                "{} of the {} variants exist already and write to {there}, not {}: the same settings are the same \
+                 jobs whatever `output` says ({}); give the sweep another `name` to distil them again elsewhere",
+                elsewhere.len(),
+                jobs.len(),
+                requested,
+                elsewhere.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
         let key = SweepRecord::key(&record.sweep_id);
         let store = &self.inner.store;
         let failed = |context: String| {

@@ -141,8 +141,24 @@ pub async fn resolve_sweep(
     let largest = (0..sweep.variants.len())
         .max_by_key(|&i| (sweep.variants[i].spec.ipc, usize::MAX - i))
         .expect("a sweep has variants");
-    let full =
-        resolve_job(sweep.variants[largest].spec.clone(), base_dir, None, default_output, allowed, planned).await?;
+    let full = resolve_job(sweep.variants[largest].spec.clone(), base_dir, None, default_output, allowed, planned)
+        .await
+        .map_err(|error| match error {
+            // Checked at the largest IPC: when IPC is swept, say which variant needs these images.
+            Error::Job(JobError::Invalid(problems)) if sweep.keys.contains(&mgd3_common::sweep::SweepKey::Ipc) => {
+                let variant = &sweep.variants[largest];
+                Error::Job(JobError::Invalid(
+                    problems
+                        .into_iter()
+                        .map(|p| FieldError {
+                            field: p.field,
+                            problem: format!("in variant {} ({}): {}", largest + 1, variant.label(), p.problem),
+                        })
+                        .collect(),
+                ))
+            }
+            other => other,
+        })?;
     let mut notes = full.notes.clone();
     if sweep.cache_turned_on {
         notes.push(format!(

@@ -153,6 +153,22 @@ fn coordinator(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
+fn without_a_coordinator_a_sweeps_report_points_to_its_output_folder() {
+    let port = free_port();
+    let out =
+        coordinator(&["report", "nette-sweep-0123456789ab", "--coordinator", &format!("http://127.0.0.1:{port}")]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && message.contains("report nette-sweep-0123456789ab --job-dir <output>"),
+        "{message}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = coordinator(&["report", "nette-sweep-0123456789ab", "--job-dir", dir.path().to_str().unwrap()]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("holding jobs/ and sweeps/"), "{message}");
+}
+
+#[test]
 fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_name_the_key() {
     let scratch = job_scratch(2, 6, 2, 1, "");
     let (_server, _port, url) = serve_logging_leases(&scratch.store, &scratch.dir.path().join("serve.log"));
@@ -177,6 +193,7 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     let status = coordinator(&["status", &id, "--json", "--coordinator", &url]);
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["state"], "running");
     let variants = status["variants"].as_array().unwrap();
     assert_eq!(variants.len(), 3);
     assert_eq!(variants[2]["settings"]["sampler"], "ddim");
@@ -202,7 +219,30 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     for job in &jobs {
         assert_eq!(support::status(&url, job).unwrap()["state"], "cancelled", "{job}");
     }
-    let resumed = coordinator(&["resume", &id, "--spec", sweep_spec.to_str().unwrap(), "--coordinator", &url]);
+    // Another sweep's file is refused before any variant is resumed, naming what it lacks.
+    let other = scratch.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!("{text}[sweep]\nvariants = [{{}}, {{ seed = 3 }}, {{ ipc = 3, sampler = \"ddim\" }}]\n"),
+    )
+    .unwrap();
+    let refused = coordinator(&["resume", &id, "--spec", other.to_str().unwrap(), "--coordinator", &url]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && message.contains("seed=2") && message.contains("nothing was resumed"),
+        "{message}"
+    );
+    for job in &jobs {
+        assert_eq!(support::status(&url, job).unwrap()["state"], "cancelled", "{job}");
+    }
+    // The sweep's own file, its variants listed in another order: each is found by its settings.
+    let reordered = scratch.dir.path().join("reordered.toml");
+    std::fs::write(
+        &reordered,
+        format!("{text}[sweep]\nvariants = [{{ ipc = 3, sampler = \"ddim\" }}, {{ seed = 2 }}, {{}}]\n"),
+    )
+    .unwrap();
+    let resumed = coordinator(&["resume", &id, "--spec", reordered.to_str().unwrap(), "--coordinator", &url]);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     for job in &jobs {
         assert_eq!(support::status(&url, job).unwrap()["state"], "running", "{job}");
@@ -226,6 +266,7 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
         assert_eq!(refused.status.code(), Some(2), "{sweep}: {message}");
         assert!(message.contains(expected), "{sweep}: {message}");
         let checked = coordinator(&["check", bad.to_str().unwrap()]);
-        assert!(!checked.status.success() && String::from_utf8_lossy(&checked.stderr).contains(expected));
+        assert_eq!(checked.status.code(), Some(2), "check {sweep}");
+        assert!(String::from_utf8_lossy(&checked.stderr).contains(expected));
     }
 }
