@@ -707,6 +707,19 @@ async fn sweep_to_report(args: &JobDirArgs) -> Result<Option<(mgd3_common::store
     }
 }
 
+/// Refuses `command` on a sweep id (it acts on one job), naming the sweep's jobs to give it
+/// instead; nothing for a job id or a coordinator that cannot say.
+async fn refuse_sweep(connection: &Connection, id: &str, command: &str) -> Result<()> {
+    let Ok(mut client) = connection.client() else { return Ok(()) };
+    if let Ok(Some(record)) = sweep_of(&mut client, &connection.coordinator, id).await {
+        bail!(
+            "`{id}` is a sweep, and `coordinator {command}` acts on one job: give each of its variants' job ids ({})",
+            record.variants.iter().map(|v| v.job_id.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// An id of the shape sweep ids have (`<name>-sweep-<12 hex>`): what errors about a missing
 /// coordinator or folder address as a sweep's.
 fn looks_like_sweep(id: &str) -> bool {
@@ -1078,6 +1091,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             resume_one(&mut client, &args.connection.coordinator, request, &args.job).await
         }
         Command::Verify(args) => {
+            if args.job_dir.is_none() {
+                refuse_sweep(&args.connection, &args.job, "verify").await?;
+            }
             let response: VerifyReport = match &args.job_dir {
                 Some(_) => {
                     let dir = args.location().await?;
@@ -1175,6 +1191,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Forget(args) => {
+            refuse_sweep(&args.connection, &args.job, "forget").await?;
             let mut client = args.connection.client()?;
             let response = client
                 .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
@@ -1219,6 +1236,9 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export(args) => {
+            if args.job.job_dir.is_none() {
+                refuse_sweep(&args.job.connection, &args.job.job, "export").await?;
+            }
             let dir = args.job.location().await?;
             let done = crate::export::export_npz(&dir, &args.job.job, &args.npz, args.partial).await?;
             errln!(

@@ -248,6 +248,20 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
         assert_eq!(support::status(&url, job).unwrap()["state"], "running", "{job}");
     }
 
+    // Commands of one job name the sweep's jobs instead of failing as if it were an unknown job.
+    for command in ["verify", "forget", "export"] {
+        let mut args = vec![command, id.as_str(), "--coordinator", url.as_str()];
+        if command == "export" {
+            args.extend(["--npz", "/dev/null"]);
+        }
+        let refused = coordinator(&args);
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && message.contains("is a sweep") && message.contains(&jobs[2]),
+            "{command}: {message}"
+        );
+    }
+
     // Bad sweeps: refused before anything runs (exit 2), naming the key and what to do.
     for (sweep, expected) in [
         ("[sweep]\nguidance = [0.1]\n", "did you mean `guidance_scale`"),
