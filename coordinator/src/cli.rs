@@ -44,7 +44,7 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Cancel a job.
     Cancel(JobArgs),
-    /// Forget a job that is not running: its records go, its images stay
+    /// Forget a job (or a sweep: each of its jobs) that is not running: its records go, its images stay
     ///
     /// Deletes the job's records (job.json, state.json) and drops it from the coordinator; its
     /// outputs (images, markers, manifest) stay, and submitting the same spec again brings it
@@ -1191,8 +1191,18 @@ async fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Forget(args) => {
-            refuse_sweep(&args.connection, &args.job, "forget").await?;
             let mut client = args.connection.client()?;
+            if let Some(record) = sweep_of(&mut client, &args.connection.coordinator, &args.job).await? {
+                client
+                    .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
+                    .await
+                    .map_err(CallError::of(&args.connection.coordinator, "ForgetJob"))?;
+                outln!("sweep {} and its {} job(s) forgotten", args.job, record.variants.len());
+                errln!(
+                    "their outputs stay in their folders; submitting the same sweep again brings the jobs back with their committed classes"
+                );
+                return Ok(());
+            }
             let response = client
                 .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
                 .await
@@ -1274,6 +1284,27 @@ async fn run_command(cli: Cli) -> Result<()> {
                         j.shards.total,
                         j.images_done,
                         j.images_total
+                    );
+                }
+                // Which of those jobs are sweeps' variants (a coordinator from before sweeps has
+                // none to tell).
+                let sweeps = match client.list_sweeps(proto::ListSweepsRequest {}).await {
+                    Ok(answer) => answer.into_inner().record_json,
+                    Err(status) if status.code() == tonic::Code::Unimplemented => Vec::new(),
+                    Err(status) => return Err(CallError::of(&args.connection.coordinator, "ListSweeps")(status).into()),
+                };
+                for text in sweeps {
+                    let record: SweepRecord = serde_json::from_str(&text)?;
+                    let succeeded = record
+                        .variants
+                        .iter()
+                        .filter(|v| jobs.iter().any(|j| j.job_id == v.job_id && j.state == JobState::Succeeded))
+                        .count();
+                    outln!(
+                        "{}\tsweep\t{succeeded}/{} variants succeeded\tover {}",
+                        record.sweep_id,
+                        record.variants.len(),
+                        record.keys.join(", ")
                     );
                 }
             }

@@ -223,6 +223,16 @@ pub enum Error {
         /// The job id.
         job: String,
     },
+    /// `forget` of a sweep one of whose jobs is running.
+    #[error(
+        "sweep `{sweep}`: its job `{job}` is running; `coordinator cancel {sweep}` stops every variant first (forget drops records of jobs that have ended)"
+    )]
+    SweepRunning {
+        /// The sweep id.
+        sweep: String,
+        /// A variant's job that has not ended.
+        job: String,
+    },
     /// `forget` of a job that is running.
     #[error(
         "job `{job}` is running; `coordinator cancel {job}` stops it first (forget drops the coordinator's records of a job, never a running one)"
@@ -304,7 +314,8 @@ impl From<Error> for tonic::Status {
             | Error::MissingMarker { .. }
             | Error::DigestMismatch { .. }
             | Error::Quarantined { .. }
-            | Error::JobRunning { .. } => tonic::Status::failed_precondition(message),
+            | Error::JobRunning { .. }
+            | Error::SweepRunning { .. } => tonic::Status::failed_precondition(message),
             // A marker that cannot be read or names another spec: damage a person must look at,
             // not an outage to retry.
             Error::Commit(CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }) => {

@@ -140,8 +140,24 @@ impl CoordinatorRpc for Service {
 
     async fn forget_job(&self, request: Request<proto::ForgetJobRequest>) -> RpcResult<proto::ForgetJobResponse> {
         let job_id = request.into_inner().job_id;
+        // A sweep's id forgets the sweep: its variants, then its record.
+        match self.0.sweep(&job_id).await {
+            Ok(_) => {
+                self.0.forget_sweep(&job_id).await?;
+                return Ok(Response::new(proto::ForgetJobResponse { outputs_kept: true }));
+            }
+            Err(crate::Error::UnknownSweep(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
         let outputs_kept = self.0.explained(&job_id, self.0.forget(&job_id).await).await?;
         Ok(Response::new(proto::ForgetJobResponse { outputs_kept }))
+    }
+
+    async fn list_sweeps(&self, _request: Request<proto::ListSweepsRequest>) -> RpcResult<proto::ListSweepsResponse> {
+        let records = self.0.sweeps().await?;
+        Ok(Response::new(proto::ListSweepsResponse {
+            record_json: records.iter().map(|r| serde_json::to_string(r).expect("serialisable")).collect(),
+        }))
     }
 
     async fn list_jobs(&self, _request: Request<proto::ListJobsRequest>) -> RpcResult<proto::ListJobsResponse> {

@@ -803,6 +803,76 @@ impl Coordinator {
         serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: key, problem: e.to_string() })
     }
 
+    /// Every sweep submitted to this store, oldest first; a record that does not read is logged
+    /// and left out.
+    ///
+    /// # Errors
+    /// Store errors listing `sweeps/`.
+    pub async fn sweeps(&self) -> Result<Vec<SweepRecord>> {
+        use futures::TryStreamExt;
+        let store = &self.inner.store;
+        let listed: Vec<object_store::ObjectMeta> = match store
+            .store
+            .list(Some(&store.key("sweeps")))
+            .try_collect()
+            .await
+        {
+            Ok(listed) => listed,
+            Err(source) if store::is_not_found(&source) => Vec::new(),
+            Err(source) => {
+                return Err(Error::ObjectStore { url: store.url.clone(), context: "listing `sweeps/`".into(), source });
+            }
+        };
+        let mut records = Vec::new();
+        for meta in listed {
+            let Some(id) = meta.location.filename().and_then(|name| name.strip_suffix(".json")) else { continue };
+            match self.sweep(id).await {
+                Ok(record) => records.push(record),
+                Err(error) => warn!(sweep = %id, error = %mgd3_common::error_chain(&error), "sweep record left out"),
+            }
+        }
+        records.sort_by_key(|r: &SweepRecord| (r.created_unix_ms, r.sweep_id.clone()));
+        Ok(records)
+    }
+
+    /// Forgets a sweep: every variant's job ([`Coordinator::forget`]; their outputs stay) and the
+    /// sweep's record in the store (the copy beside the outputs stays with them). Refused, with
+    /// nothing forgotten, while any variant has not ended. Returns the variants' job ids.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSweep`]; [`Error::SweepRunning`] naming the first variant still running;
+    /// store errors.
+    pub async fn forget_sweep(&self, sweep_id: &str) -> Result<Vec<String>> {
+        let record = self.sweep(sweep_id).await?;
+        for variant in &record.variants {
+            let state = self.inner.scheduler.lock().expect("scheduler").state(&variant.job_id);
+            if state.is_some_and(|s| !s.is_final()) {
+                return Err(Error::SweepRunning { sweep: sweep_id.to_owned(), job: variant.job_id.clone() });
+            }
+        }
+        for variant in &record.variants {
+            match self.forget(&variant.job_id).await {
+                // Forgotten on its own before: nothing left to do.
+                Ok(_) | Err(Error::UnknownJob(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let key = SweepRecord::key(sweep_id);
+        let store = &self.inner.store;
+        store
+            .store
+            .delete(&store.key(&key))
+            .await
+            .or_else(|e| if store::is_not_found(&e) { Ok(()) } else { Err(e) })
+            .map_err(|source| Error::ObjectStore {
+            url: store.url.clone(),
+            context: format!("deleting `{key}`"),
+            source,
+        })?;
+        info!(sweep = %sweep_id, variants = record.variants.len(), "sweep forgotten: its jobs' records and its own are deleted");
+        Ok(record.variants.into_iter().map(|v| v.job_id).collect())
+    }
+
     /// [`Coordinator::submit_with`] of a spec already resolved.
     ///
     /// # Errors

@@ -249,7 +249,7 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     }
 
     // Commands of one job name the sweep's jobs instead of failing as if it were an unknown job.
-    for command in ["verify", "forget", "export"] {
+    for command in ["verify", "export"] {
         let mut args = vec![command, id.as_str(), "--coordinator", url.as_str()];
         if command == "export" {
             args.extend(["--npz", "/dev/null"]);
@@ -261,6 +261,24 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
             "{command}: {message}"
         );
     }
+
+    // `list` shows the sweep beside its jobs; `forget` forgets it whole, refused while it runs.
+    let listed = coordinator(&["list", "--coordinator", &url]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&format!("{id}\tsweep\t0/3 variants succeeded")));
+    let refused = coordinator(&["forget", &id, "--coordinator", &url]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && message.contains(&format!("coordinator cancel {id}")), "{message}");
+    assert_eq!(support::status(&url, &jobs[0]).unwrap()["state"], "running", "nothing was forgotten");
+    assert!(coordinator(&["cancel", &id, "--coordinator", &url]).status.success());
+    let forgotten = coordinator(&["forget", &id, "--coordinator", &url]);
+    assert!(forgotten.status.success(), "{}", String::from_utf8_lossy(&forgotten.stderr));
+    assert!(String::from_utf8_lossy(&forgotten.stdout).contains("and its 3 job(s) forgotten"));
+    assert!(support::status(&url, &jobs[2]).is_none(), "the variants are forgotten");
+    let listed = coordinator(&["list", "--coordinator", &url]);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains(&id));
+    // Submitted again, the same sweep and jobs come back.
+    let again = coordinator(&["submit", sweep_spec.to_str().unwrap(), "--coordinator", &url]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), id, "{}", String::from_utf8_lossy(&again.stderr));
 
     // Bad sweeps: refused before anything runs (exit 2), naming the key and what to do.
     for (sweep, expected) in [
