@@ -112,6 +112,23 @@ pub async fn resolve_job(
     Ok(Resolved { job, image_counts: data.image_counts, notes, planned })
 }
 
+/// `error` with each of its field problems said to be of variant `index` (from 0; told from 1,
+/// with its settings); other errors as they are.
+fn in_variant(error: Error, index: usize, variant: &mgd3_common::sweep::Variant) -> Error {
+    match error {
+        Error::Job(JobError::Invalid(problems)) => Error::Job(JobError::Invalid(
+            problems
+                .into_iter()
+                .map(|p| FieldError {
+                    field: p.field,
+                    problem: format!("in variant {} ({}): {}", index + 1, variant.label(), p.problem),
+                })
+                .collect(),
+        )),
+        other => other,
+    }
+}
+
 /// A sweep resolved at submit: every variant's job, and the sweep's record.
 #[derive(Clone, Debug)]
 pub struct ResolvedSweep {
@@ -141,21 +158,17 @@ pub async fn resolve_sweep(
     let largest = (0..sweep.variants.len())
         .max_by_key(|&i| (sweep.variants[i].spec.ipc, usize::MAX - i))
         .expect("a sweep has variants");
+    // Checked at the largest IPC with that variant's settings: a problem of IPC (a class with
+    // fewer images) or of the sampling settings against the models names the variant.
+    let variant_caused = |problems: &[FieldError]| {
+        sweep.keys.contains(&mgd3_common::sweep::SweepKey::Ipc)
+            || problems.iter().any(|p| p.field.starts_with("sampling."))
+    };
     let full = resolve_job(sweep.variants[largest].spec.clone(), base_dir, None, default_output, allowed, planned)
         .await
         .map_err(|error| match error {
-            // Checked at the largest IPC: when IPC is swept, say which variant needs these images.
-            Error::Job(JobError::Invalid(problems)) if sweep.keys.contains(&mgd3_common::sweep::SweepKey::Ipc) => {
-                let variant = &sweep.variants[largest];
-                Error::Job(JobError::Invalid(
-                    problems
-                        .into_iter()
-                        .map(|p| FieldError {
-                            field: p.field,
-                            problem: format!("in variant {} ({}): {}", largest + 1, variant.label(), p.problem),
-                        })
-                        .collect(),
-                ))
+            Error::Job(JobError::Invalid(ref problems)) if variant_caused(problems) => {
+                in_variant(error, largest, &sweep.variants[largest])
             }
             other => other,
         })?;
@@ -184,18 +197,7 @@ pub async fn resolve_sweep(
         spec.output = full.job.spec.output.clone();
         spec.models = full.job.spec.models.clone();
         let checked = JobSpec { models: local.clone(), ..spec.clone() };
-        check_models(&checked, &full.job.classes).map_err(|error| match error {
-            Error::Job(JobError::Invalid(problems)) => Error::Job(JobError::Invalid(
-                problems
-                    .into_iter()
-                    .map(|p| FieldError {
-                        field: p.field,
-                        problem: format!("in variant {} ({}): {}", i + 1, variant.label(), p.problem),
-                    })
-                    .collect(),
-            )),
-            other => other,
-        })?;
+        check_models(&checked, &full.job.classes).map_err(|error| in_variant(error, i, variant))?;
         let fingerprint = spec.fingerprint(&full.job.classes);
         let shards = spec.plan_shards_for(full.job.classes.len(), planned);
         let job_id = job_id(&spec, &fingerprint);

@@ -290,6 +290,7 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
             "110 variants, more than the cap of 100",
         ),
         ("[sweep]\nguidance_scale = [0, 0.1]\nstop_guidance = [25, 50]\n", "make the same images"),
+        ("[sweep]\nipc = [2, 7000]\n", "in variant 2 (ipc=7000)"),
     ] {
         let bad = scratch.dir.path().join("bad.toml");
         std::fs::write(&bad, format!("{text}{sweep}")).unwrap();
