@@ -328,7 +328,10 @@ impl Sweep {
                             kept.push(value);
                         }
                     }
-                    grid.push((key, kept));
+                    // A list with no usable value is told above; the others still expand.
+                    if !kept.is_empty() {
+                        grid.push((key, kept));
+                    }
                 }
             }
         }
@@ -393,10 +396,16 @@ impl Sweep {
         // Output identity → (variant number from 1, index among the kept variants).
         let mut seen: HashMap<String, (usize, usize)> = HashMap::new();
         // The document's own mistakes, told once as they would be without the sweep.
+        // Only those some variant has: a value every variant overrides (the default t_stop 25
+        // beside `steps = 10` when t_stop is swept) is no problem of any job.
         let base_problems: Vec<FieldError> = match base.validate() {
             Err(JobError::Invalid(errors)) => errors,
             _ => Vec::new(),
         };
+        let mut base_seen = vec![false; base_problems.len()];
+        // A swept value out of range: (field, value, problem) → the variants (from 1) it is in,
+        // told as one line.
+        let mut out_of_range: Vec<(OutOfRange, Vec<(usize, String)>)> = Vec::new();
         for (i, set) in settings.into_iter().enumerate() {
             let mut doc = document.clone();
             if cache_turned_on {
@@ -421,12 +430,20 @@ impl Sweep {
             if let Err(JobError::Invalid(errors)) = spec.validate() {
                 for error in errors {
                     match set.iter().find(|(key, _)| key.spec_key() == error.field) {
-                        Some((key, value)) => problems.push(FieldError {
-                            field: format!("sweep.{key}"),
-                            problem: format!("{value} in variant {} ({}): {}", i + 1, described(&spec), error.problem),
-                        }),
+                        Some((key, value)) => {
+                            let at = (format!("sweep.{key}"), value.to_string(), error.problem.clone());
+                            let variant = (i + 1, described(&spec));
+                            match out_of_range.iter_mut().find(|(seen, _)| *seen == at) {
+                                Some((_, variants)) => variants.push(variant),
+                                None => out_of_range.push((at, vec![variant])),
+                            }
+                        }
                         // The document's own mistake: told once, below.
-                        None if base_problems.contains(&error) => {}
+                        None if base_problems.contains(&error) => {
+                            if let Some(k) = base_problems.iter().position(|b| *b == error) {
+                                base_seen[k] = true;
+                            }
+                        }
                         // Another setting's problem that this variant's values cause (t_stop
                         // above a swept `steps`): named with the variant.
                         None => problems.push(FieldError {
@@ -462,7 +479,17 @@ impl Sweep {
             let settings = keys.iter().map(|k| (*k, k.value_in(&spec))).collect();
             variants.push(Variant { settings, spec, toml });
         }
-        problems.extend(base_problems);
+        for ((field, value, problem), variants) in out_of_range {
+            let problem = match variants.as_slice() {
+                [(number, label)] => format!("{value} in variant {number} ({label}): {problem}"),
+                many => format!(
+                    "{value} in variants {}: {problem}",
+                    many.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            problems.push(FieldError { field, problem });
+        }
+        problems.extend(base_problems.into_iter().zip(base_seen).filter(|(_, seen)| *seen).map(|(p, _)| p));
         // One line per problem, however many variants or values repeat it.
         let mut told = std::collections::HashSet::new();
         problems.retain(|p| told.insert(p.to_string()));
@@ -472,6 +499,9 @@ impl Sweep {
         Ok(Some(Sweep { keys, variants, cache_turned_on, name: base.name }))
     }
 }
+
+/// A swept value's problem, told once for every variant it is in: (field, value, problem).
+type OutOfRange = (String, String, String);
 
 /// "not a sweep key", with the nearest key when one is close, and what the keys are.
 fn unknown_key(name: &str, grid: bool) -> String {
@@ -685,6 +715,36 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
         assert_eq!(p.len(), 1, "{p:?}");
         let p = problems("[sweep]\nvariants = [{}, {}]\n");
         assert!(p[0].problem.contains("(the spec as written)"), "{p:?}");
+    }
+
+    #[test]
+    fn type_errors_hide_no_range_errors_and_swept_defaults_are_not_checked() {
+        // Reported together: an unknown key, a non-list, a wrong type, an empty list, and the
+        // range error of the valid list beside them.
+        let p = problems(
+            "[sampling]\nsteps = 10\n[sweep]\nguidance_scal = [0.1]\nstop_guidance = [3, 60]\nseed = []\neta = 0.5\ncfg_scale = [\"x\"]\n",
+        );
+        let text: Vec<String> = p.iter().map(ToString::to_string).collect();
+        for expected in [
+            "`sweep.guidance_scal`",
+            "`sweep.stop_guidance`: 60",
+            "`sweep.seed`",
+            "`sweep.eta`",
+            "`sweep.cfg_scale[0]`",
+        ] {
+            assert!(text.iter().any(|t| t.contains(expected)), "{expected}: {text:?}");
+        }
+        // The default t_stop (25) beside `steps = 10` is overridden by every variant: no problem.
+        let s = sweep("[sampling]\nsteps = 10\n[sweep]\nstop_guidance = [3, 6]\n").unwrap().unwrap();
+        assert_eq!(s.variants.len(), 2);
+        // ... but a listed `{}` variant uses it, and is told so.
+        let p = problems("[sampling]\nsteps = 10\n[sweep]\nvariants = [{}, { stop_guidance = 3 }]\n");
+        assert!(p.iter().any(|e| e.field == "sampling.stop_guidance" && e.problem.contains("25")), "{p:?}");
+        // One bad value in a grid is one line, naming its variants.
+        let p = problems("[sweep]\nipc = [0, 2]\nseed = [1, 2]\nguidance_scale = [0.05, 0.1]\n");
+        let ipc: Vec<&FieldError> = p.iter().filter(|e| e.field == "sweep.ipc").collect();
+        assert_eq!(ipc.len(), 1, "{p:?}");
+        assert!(ipc[0].problem.starts_with("0 in variants 1, 2, 5, 6:"), "{p:?}");
     }
 
     #[test]

@@ -1006,6 +1006,13 @@ async fn run_command(cli: Cli) -> Result<()> {
                              job.toml --get output` prints <output>)"
                         )));
                     }
+                    // A sweep's id the coordinator does not know (forgotten, another store).
+                    Err(error) if looks_like_sweep(job) => {
+                        return Err(error.context(format!(
+                            "`{job}` is no sweep or job this coordinator knows: forgotten, or submitted to another \
+                             store (`coordinator list` shows what it has)"
+                        )));
+                    }
                     Err(error) => return Err(error),
                 },
                 None => list_jobs(&mut client, &args.connection.coordinator).await?,
@@ -1432,11 +1439,18 @@ async fn run_command(cli: Cli) -> Result<()> {
             let sweep = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))?;
             if let Some(n) = args.variant {
                 let Some(sweep) = &sweep else {
-                    bail!("--variant picks one variant of a sweep, and `{}` has no [sweep] table", args.spec.display());
+                    // A usage mistake about the spec: exit 2, as a spec that does not read.
+                    let message = format!(
+                        "--variant picks one variant of a sweep, and `{}` has no [sweep] table",
+                        args.spec.display()
+                    );
+                    return Err(mgd3_common::ExitWith { code: 2, message }.into());
                 };
                 let count = sweep.variants.len();
                 let Some(variant) = n.checked_sub(1).and_then(|i| sweep.variants.get(i)) else {
-                    bail!("--variant {n}: the sweep in `{}` has variants 1 to {count}", args.spec.display());
+                    let message =
+                        format!("--variant {n}: the sweep in `{}` has variants 1 to {count}", args.spec.display());
+                    return Err(mgd3_common::ExitWith { code: 2, message }.into());
                 };
                 match &args.get {
                     Some(path) => {

@@ -206,6 +206,8 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     let alone_path = scratch.dir.path().join("elsewhere").join("variant2.toml");
     std::fs::create_dir_all(alone_path.parent().unwrap()).unwrap();
     std::fs::write(&alone_path, &alone.stdout).unwrap();
+    let past = coordinator(&["spec", sweep_spec.to_str().unwrap(), "--variant", "4"]);
+    assert_eq!(past.status.code(), Some(2), "{}", String::from_utf8_lossy(&past.stderr));
     let checked = coordinator(&["check", alone_path.to_str().unwrap()]);
     let checked_out = String::from_utf8_lossy(&checked.stdout);
     assert!(
@@ -274,6 +276,8 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     assert!(forgotten.status.success(), "{}", String::from_utf8_lossy(&forgotten.stderr));
     assert!(String::from_utf8_lossy(&forgotten.stdout).contains("and its 3 job(s) forgotten"));
     assert!(support::status(&url, &jobs[2]).is_none(), "the variants are forgotten");
+    let gone = coordinator(&["status", &id, "--coordinator", &url]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("is no sweep or job this coordinator knows"));
     let listed = coordinator(&["list", "--coordinator", &url]);
     assert!(!String::from_utf8_lossy(&listed.stdout).contains(&id));
     // Submitted again, the same sweep and jobs come back.
