@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{FieldError, JobError, JobSpec, LatentCache};
+use crate::job::{FieldError, JobError, JobSpec};
 
 /// Variants a sweep may expand to unless `max_variants` says otherwise: the paper's largest
 /// ablation (t_stop 0–50 by 5 × five λ, 55 jobs) fits; a typo of an extra list does not run
@@ -574,11 +574,6 @@ impl SweepRecord {
             .collect::<Vec<_>>()
             .join(" ")
     }
-}
-
-/// True when `spec` caches latents in a way a sweep's variants share (`latent_cache` set).
-pub fn shares_latents(spec: &JobSpec) -> bool {
-    !matches!(spec.latent_cache, None | Some(LatentCache::Enabled(false)))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use futures::{StreamExt, TryStreamExt};
 use mgd3_common::batch::PlannedRows;
 use mgd3_common::imagefolder::{ClassListing, Root};
 use mgd3_common::job::{
-    ClassRef, ClassSelection, DataFingerprint, FieldError, JobError, JobSpec, LabelScheme, ResolvedJob, job_id,
+    ClassRef, ClassSelection, DataFingerprint, FieldError, JobError, JobSpec, LabelScheme, ModelSpec, ResolvedJob,
+    job_id,
 };
 use mgd3_common::modelmeta::ModelFilesError;
 use mgd3_common::now_ms;
@@ -31,6 +32,9 @@ pub struct Resolved {
     pub notes: Vec<String>,
     /// The DiT rows the shards were sized for, and where the number came from.
     pub planned: PlannedRows,
+    /// The three model files as this host reads them (fetched into the model cache when the
+    /// spec names an object store): what the models' metadata was checked from.
+    pub local_models: ModelSpec,
 }
 
 /// Resolves a spec as submit does, without a coordinator: paths against `base_dir`, validation,
@@ -89,6 +93,7 @@ pub async fn resolve_job(
     }
     let urls = spec.models.clone();
     let classes = data.classes.clone();
+    let local_models = local.clone();
     let mut spec = tokio::task::spawn_blocking(move || {
         let spec = JobSpec { models: local, ..spec };
         check_models(&spec, &classes)?;
@@ -109,7 +114,7 @@ pub async fn resolve_job(
     }
     let notes = data.notes;
     let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
-    Ok(Resolved { job, image_counts: data.image_counts, notes, planned })
+    Ok(Resolved { job, image_counts: data.image_counts, notes, planned, local_models })
 }
 
 /// `error` with each of its field problems said to be of variant `index` (from 0; told from 1,
@@ -180,12 +185,8 @@ pub async fn resolve_sweep(
             sweep.variants.len()
         ));
     }
-    // Model paths as this host reads them (fetched into the model cache when in a store).
-    let cache = store::model_cache_dir();
-    let mut local = full.job.spec.models.clone();
-    for path in [&mut local.dit, &mut local.vae_encoder, &mut local.vae_decoder] {
-        *path = store::fetch_model(path, &cache).await?.display().to_string();
-    }
+    // The model files as the full resolve fetched them: read, not fetched again.
+    let local = full.local_models.clone();
     let mut variants = Vec::with_capacity(sweep.variants.len());
     for (i, variant) in sweep.variants.iter().enumerate() {
         if i == largest {
@@ -209,7 +210,8 @@ pub async fn resolve_sweep(
             fingerprint,
             created_unix_ms: full.job.created_unix_ms,
         };
-        variants.push(Resolved { job, image_counts: full.image_counts.clone(), notes: Vec::new(), planned });
+        let image_counts = full.image_counts.clone();
+        variants.push(Resolved { job, image_counts, notes: Vec::new(), planned, local_models: local.clone() });
     }
     let fingerprints: Vec<String> = variants.iter().map(|v| v.job.fingerprint.clone()).collect();
     let record = SweepRecord {
