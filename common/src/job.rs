@@ -1065,10 +1065,10 @@ impl JobSpec {
     /// the smaller shards counted; README "Scale"); a quarter gained nothing more. A tapered
     /// size is then rounded down, to no less than half, to the count whose samples fill their
     /// DiT calls best ([`packed_classes_down`]): with the default size packed the same way
-    /// ([`default_classes_per_shard`]), the simulated ImageNet-21K × 1,024 GPUs spent 1,570
-    /// instead of 2,883 GPU-s on partial calls, makespan ÷ ideal 1.088 instead of 1.102 with 5 %
-    /// preempted every 30 min (mean of seeds 1–6; without preemption 1.063 and 1.064), and the
-    /// default size packed alone made it worse (1.071; README "Scale").
+    /// ([`default_classes_per_shard`]), the simulated ImageNet-21K × 1,024 GPUs spent 1,572
+    /// instead of 2,885 GPU-s on partial calls, makespan ÷ ideal 1.096 instead of 1.107 with 5 %
+    /// preempted every 30 min (means of seeds 1–6; without preemption 1.071 and 1.072; README
+    /// "Scale").
     pub fn plan_shards_for(&self, classes: usize, planned: crate::batch::PlannedRows) -> Vec<(usize, usize)> {
         let size = self.shard_size_for(classes, planned);
         let workers = match planned {

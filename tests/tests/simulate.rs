@@ -46,3 +46,26 @@ async fn state_bytes_per_class_stay_flat_and_the_tail_short_as_the_job_grows() {
         assert!(o.ratio() < 1.10, "{}: makespan / ideal {}", o.name, o.ratio());
     }
 }
+
+/// A worker has one poll loop: a heartbeat while it holds a lease, at once when a shard ends.
+/// The simulator once started another loop at every shard's end, so one worker of 200 shards
+/// made about 50 lease operations per virtual second instead of one per heartbeat, and the
+/// "lease ops/s" and "CPU per event" columns measured those extra polls.
+#[tokio::test]
+async fn a_worker_polls_once_a_heartbeat_however_many_shards_it_runs() {
+    let mut s = Scenario::new(Dataset::Uniform { classes: 200, images: 100 }, 1);
+    s.straggler_share = 0.0;
+    s.heartbeat_ms = 2000;
+    let o = run(s, "one worker").await.unwrap();
+    // Registration, one poll a heartbeat, and per shard its grant poll and its completion.
+    let heartbeats = o.makespan_s * 1000.0 / 2000.0;
+    let most = 1.0 + heartbeats + 2.0 * o.shards as f64 + 5.0;
+    assert!(
+        o.lease_ops as f64 <= most,
+        "{} lease operations in {} s of {} shards: at most {most}",
+        o.lease_ops,
+        o.makespan_s,
+        o.shards
+    );
+    assert!(o.lease_ops as f64 >= heartbeats, "{} lease operations in {} s", o.lease_ops, o.makespan_s);
+}

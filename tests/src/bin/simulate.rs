@@ -9,7 +9,10 @@ use clap::Parser;
 use mgd3_tests::sim::{Dataset, Outcome, Preemption, Scenario, run};
 
 #[derive(Parser, Debug)]
-#[command(about = "Simulates a distillation job on a cluster in virtual time and prints what the coordinator cost")]
+#[command(
+    about = "Simulates a distillation job on a cluster in virtual time and prints what the coordinator cost",
+    allow_negative_numbers = true
+)]
 struct Args {
     /// `imagenet-1k`, `imagenet-21k`, or `<classes>x<images>` (e.g. `200x500`).
     #[arg(long, default_value = "imagenet-1k")]
@@ -17,13 +20,17 @@ struct Args {
     /// Workers (GPUs).
     #[arg(long, default_value_t = 64)]
     workers: usize,
-    /// Images per class.
+    /// Images per class. The named datasets' classes with fewer real images than IPC are
+    /// simulated as they are (`coordinator submit` would refuse them); a `<classes>x<images>`
+    /// dataset must have at least IPC.
     #[arg(long, default_value_t = 50)]
     ipc: usize,
-    /// DiT rows per call the workers report (shards are planned for it).
+    /// DiT rows per call the workers report (shards are planned for it; at least 2, one sample's
+    /// conditional and unconditional rows). It does not change --sample-rate: give the rate a
+    /// GPU reaches at full calls of this many rows.
     #[arg(long, default_value_t = 256)]
     dit_rows: usize,
-    /// Distilled images per second per GPU, with full DiT calls.
+    /// Distilled images per second per GPU, with full DiT calls of --dit-rows.
     #[arg(long, default_value_t = 7.17)]
     sample_rate: f64,
     /// Real images per second per GPU through decode and VAE encode.
@@ -48,7 +55,8 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     crash_mtbf_h: f64,
     /// Coordinator crashes and restarts, spread evenly over the expected run (20 s away each;
-    /// those that would come after the job ended do not happen: the output counts those that did).
+    /// those that would come after the job ended, or while the coordinator is still away from
+    /// the one before, do not happen: the output counts those that did).
     #[arg(long, default_value_t = 0)]
     coordinator_restarts: usize,
     /// Worker heartbeat, ms.
@@ -57,20 +65,38 @@ struct Args {
     /// Seed of every draw.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Run the README's table instead of one scenario.
-    #[arg(long)]
+    /// Run the README's table instead of one scenario (its datasets, workers and preemption;
+    /// the other flags apply to every row).
+    #[arg(long, conflicts_with_all = ["dataset", "workers", "preempt_share"])]
     table: bool,
     /// With --table: toy sizes (CI), so the simulator is run and cannot rot.
-    #[arg(long)]
+    #[arg(long, requires = "table")]
     toy: bool,
 }
+
+/// Most classes and real images per class a `<classes>x<images>` dataset may have: beyond
+/// ImageNet-21K's 21,841 classes and 3,000 images by far, before anything is allocated.
+const MAX_CLASSES: usize = 1_000_000;
+const MAX_IMAGES: u32 = 1_000_000;
+
+/// Most distilled images a run may make: the in-memory output store keeps a small stand-in per
+/// image and its commit records, about 1 GB per million (ImageNet-21K at IPC 100 is 2.2 M).
+const MAX_DISTILLED: f64 = 3e6;
 
 fn dataset(text: &str) -> Result<Dataset> {
     Ok(match text {
         "imagenet-1k" => Dataset::ImageNet1k,
         "imagenet-21k" => Dataset::ImageNet21k,
-        other => match other.split_once('x').map(|(c, i)| (c.parse(), i.parse())) {
-            Some((Ok(classes), Ok(images))) if classes > 0 => Dataset::Uniform { classes, images },
+        other => match other.split_once('x').map(|(c, i)| (c.parse::<u64>(), i.parse::<u64>())) {
+            Some((Ok(classes), Ok(images))) => {
+                if !(1..=MAX_CLASSES as u64).contains(&classes) {
+                    bail!("--dataset {other}: 1..{MAX_CLASSES} classes");
+                }
+                if !(1..=MAX_IMAGES as u64).contains(&images) {
+                    bail!("--dataset {other}: 1..{MAX_IMAGES} real images per class");
+                }
+                Dataset::Uniform { classes: classes as usize, images: images as u32 }
+            }
             _ => bail!("--dataset `{other}`: use imagenet-1k, imagenet-21k or <classes>x<images> (e.g. 200x500)"),
         },
     })
@@ -78,37 +104,39 @@ fn dataset(text: &str) -> Result<Dataset> {
 
 fn scenario(args: &Args) -> Result<Scenario> {
     let mut s = Scenario::new(dataset(&args.dataset)?, args.workers);
-    if args.workers == 0 || args.ipc == 0 || args.dit_rows == 0 {
-        bail!("--workers, --ipc and --dit-rows must be at least 1");
+    if !(1..=100_000).contains(&args.workers) {
+        bail!("--workers {}: 1..100000", args.workers);
     }
-    if !(args.sample_rate > 0.0 && args.encode_rate > 0.0) {
-        bail!("--sample-rate and --encode-rate must be positive");
+    if !(1..=10_000).contains(&args.ipc) {
+        bail!("--ipc {}: 1..10000 images per class", args.ipc);
     }
-    if !(0.0..=1.0).contains(&args.straggler_share) || args.straggler_factor < 1.0 {
-        bail!("--straggler-share is a share (0..1) and --straggler-factor at least 1");
+    if !(2..=1_000_000).contains(&args.dit_rows) {
+        bail!("--dit-rows {}: 2..1000000 (each sample takes a conditional and an unconditional row)", args.dit_rows);
+    }
+    for (flag, rate) in [("--sample-rate", args.sample_rate), ("--encode-rate", args.encode_rate)] {
+        if !(rate.is_finite() && (1e-3..=1e6).contains(&rate)) {
+            bail!("{flag} {rate:.3e}: images per second per GPU, 0.001..1000000");
+        }
+    }
+    if !(0.0..=1.0).contains(&args.straggler_share) {
+        bail!("--straggler-share {}: a share of the class runs, 0..1", args.straggler_share);
+    }
+    if !(1.0..=100.0).contains(&args.straggler_factor) {
+        bail!("--straggler-factor {}: 1..100 times as long", args.straggler_factor);
     }
     if !(0.0..=1.0).contains(&args.preempt_share) {
         bail!("--preempt-share {}: a share of the workers, 0..1", args.preempt_share);
-    }
-    if args.workers > 100_000 || args.ipc > 10_000 {
-        bail!("--workers is at most 100,000 and --ipc at most 10,000 (the sizes this tool is for)");
     }
     if let Dataset::Uniform { images, .. } = s.dataset
         && (images as usize) < args.ipc
     {
         bail!("--dataset {}: each class needs at least IPC ({}) real images for its modes", args.dataset, args.ipc);
     }
-    if !(args.sample_rate.is_finite() && args.encode_rate.is_finite()) {
-        bail!("--sample-rate and --encode-rate must be finite");
-    }
-    if !(1.0..=100.0).contains(&args.straggler_factor) {
-        bail!("--straggler-factor {:?}: 1..100 times as long", args.straggler_factor);
-    }
     if args.preempt_share > 0.0 && !(args.preempt_every_min.is_finite() && args.preempt_every_min >= 1.0) {
-        bail!("--preempt-every-min {:?}: at least 1 minute between waves", args.preempt_every_min);
+        bail!("--preempt-every-min {}: at least 1 minute between waves", args.preempt_every_min);
     }
     if !(args.crash_mtbf_h.is_finite() && args.crash_mtbf_h >= 0.0) {
-        bail!("--crash-mtbf-h {:?}: hours, 0 for no crashes", args.crash_mtbf_h);
+        bail!("--crash-mtbf-h {}: hours, 0 for no crashes", args.crash_mtbf_h);
     }
     if !(100..=60_000).contains(&args.heartbeat_ms) {
         bail!("--heartbeat-ms {}: 100..60000 (the coordinator's `--heartbeat-ms` range)", args.heartbeat_ms);
@@ -116,10 +144,10 @@ fn scenario(args: &Args) -> Result<Scenario> {
     // A worker comes back under its old id: the coordinator takes it back once the old process
     // has been silent for three heartbeats, as it would a Slurm requeue on the same node.
     let least = 3.0 * args.heartbeat_ms as f64 / 1000.0;
-    if !(args.requeue_s.is_finite() && args.requeue_s >= least) {
+    if !(args.requeue_s.is_finite() && args.requeue_s >= least && args.requeue_s <= 86_400.0) {
         bail!(
-            "--requeue-s {}: at least 3 heartbeats ({least} s at --heartbeat-ms {}), the time the coordinator takes to \
-             see the preempted process gone",
+            "--requeue-s {}: {least}..86400 s; at least 3 heartbeats (at --heartbeat-ms {}), the time the coordinator \
+             takes to see the preempted process gone",
             args.requeue_s,
             args.heartbeat_ms
         );
@@ -141,18 +169,39 @@ fn scenario(args: &Args) -> Result<Scenario> {
     if args.preempt_share > 0.0 {
         s.preemption = Some(Preemption { share: args.preempt_share, every_s: args.preempt_every_min * 60.0 });
     }
-    // Events grow with virtual time ÷ heartbeat: refuse a run that would take hours to simulate.
+    check_size(&s)?;
+    Ok(s)
+}
+
+/// Refuses a run too large to simulate here: more distilled images than the in-memory store
+/// holds ([`MAX_DISTILLED`]), or more than 10 million heartbeats (virtual time ÷ heartbeat ×
+/// workers, the run at least as long as its longest class), minutes of simulation at tens of
+/// microseconds each.
+fn check_size(s: &Scenario) -> Result<()> {
     let drawn = s.dataset.draw(&mut rand::thread_rng());
-    let (classes, images) = (drawn.len() as f64, drawn.iter().map(|&n| n as f64).sum::<f64>());
-    let per_gpu_s = (images / s.encode_rate + classes * s.ipc as f64 / s.sample_rate) / s.workers as f64;
-    let polls = per_gpu_s * 1000.0 / s.heartbeat_ms as f64 * s.workers as f64;
-    if polls > 2e8 {
+    let classes = drawn.len() as f64;
+    let distilled = classes * s.ipc as f64;
+    if distilled > MAX_DISTILLED {
         bail!(
-            "this run would be about {per_gpu_s:.0} s of virtual time per GPU, {polls:.1e} heartbeats to simulate: \
-             raise --sample-rate/--encode-rate or --heartbeat-ms, or use fewer workers"
+            "{} classes × IPC {} is {distilled:.2e} distilled images: at most {MAX_DISTILLED:.0e} (the simulator's \
+             in-memory store needs about 1 GB per million); lower --ipc or the classes of --dataset",
+            drawn.len(),
+            s.ipc
         );
     }
-    Ok(s)
+    let class_s = |n: u32| n as f64 / s.encode_rate + s.ipc as f64 / s.sample_rate;
+    let per_gpu_s = drawn.iter().map(|&n| class_s(n)).sum::<f64>() / s.workers as f64;
+    let longest_s = drawn.iter().map(|&n| class_s(n)).fold(0.0, f64::max);
+    let virtual_s = per_gpu_s.max(longest_s);
+    let polls = virtual_s * 1000.0 / s.heartbeat_ms as f64 * s.workers as f64;
+    if polls > 1e7 {
+        bail!(
+            "this run would be about {virtual_s:.0} s of virtual time ({longest_s:.0} s for the longest class), \
+             {polls:.1e} heartbeats to simulate: raise --sample-rate/--encode-rate or --heartbeat-ms, or use fewer \
+             workers"
+        );
+    }
+    Ok(())
 }
 
 fn print_one(o: &Outcome) {

@@ -275,7 +275,10 @@ enum Event {
     /// A flush of changed job state.
     Flush,
     /// A worker polls (life: events of an earlier life of the worker are void).
-    Poll(usize, u32),
+    /// A worker's poll: its life and which of its polls (only the latest scheduled one runs:
+    /// the worker has one loop, which polls a heartbeat after the last poll or at once when a
+    /// shard ends).
+    Poll(usize, u32, u64),
     /// A worker finished the class it was running.
     ClassDone(usize, u32),
     /// A preemption wave.
@@ -322,6 +325,8 @@ struct Worker {
     id: String,
     instance: String,
     life: u32,
+    /// The token of the worker's one pending poll ([`Event::Poll`]).
+    poll_token: u64,
     up: bool,
     /// The coordinator epoch it registered with (it registers again after a restart).
     registered: Option<u32>,
@@ -449,6 +454,7 @@ pub async fn run(scenario: Scenario, name: impl Into<String>) -> Result<Outcome>
             id: format!("w{i:04}"),
             instance: format!("i{i}-0"),
             life: 0,
+            poll_token: 0,
             up: true,
             registered: None,
             speed: (1.0 + scenario.speed_spread * normal(&mut rng)).clamp(0.5, 1.5),
@@ -509,12 +515,20 @@ impl Sim {
         self.queue.push(Reverse((when, self.seq, event)));
     }
 
+    /// Schedules the worker's next poll at `when`, replacing the one pending.
+    fn poll_at(&mut self, w: usize, when: u64) {
+        let worker = &mut self.workers[w];
+        worker.poll_token += 1;
+        let (life, token) = (worker.life, worker.poll_token);
+        self.at(when, Event::Poll(w, life, token));
+    }
+
     fn start(&mut self) {
         let s = &self.scenario;
         let spread = (s.start_spread_s * 1000.0) as u64;
         for w in 0..self.workers.len() {
             let start = if spread == 0 { 0 } else { self.rng.gen_range(0..=spread) };
-            self.at(start, Event::Poll(w, 0));
+            self.poll_at(w, start);
             if self.scenario.crash_mtbf_h > 0.0 {
                 let when = self.crash_delay();
                 self.at(start + when, Event::Crash(w, 0));
@@ -600,12 +614,22 @@ impl Sim {
         while let Some(Reverse((when, _, event))) = self.queue.pop() {
             self.now = when;
             if when > limit {
-                bail!("the job had not ended after {} s of virtual time", limit / 1000);
+                bail!(
+                    "the job had not ended after {} s of virtual time (100 × the expected makespan): \
+                     {} crashes and {} preemptions so far; workers that die more often than they \
+                     finish a class never finish the job (raise --crash-mtbf-h, lower \
+                     --preempt-share, or shorten --requeue-s)",
+                    limit / 1000,
+                    self.crashes,
+                    self.preemptions
+                );
             }
             match event {
                 Event::Tick => self.tick(),
                 Event::Flush => self.flush().await?,
-                Event::Poll(w, life) if self.alive(w, life) => self.poll(w).await?,
+                Event::Poll(w, life, token) if self.alive(w, life) && self.workers[w].poll_token == token => {
+                    self.poll(w).await?
+                }
                 Event::ClassDone(w, life) if self.alive(w, life) => self.class_done(w).await?,
                 Event::Wave => self.wave(),
                 Event::Crash(w, life) if self.alive(w, life) => self.crash(w),
@@ -682,7 +706,7 @@ impl Sim {
         let heartbeat = self.scenario.heartbeat_ms;
         if self.scheduler.is_none() {
             // The coordinator is away: the worker retries (its classes run on meanwhile).
-            self.at(self.now + heartbeat, Event::Poll(w, self.workers[w].life));
+            self.poll_at(w, self.now + heartbeat);
             return Ok(());
         }
         let now = self.now;
@@ -748,10 +772,12 @@ impl Sim {
                     penalty: 1.0,
                 };
                 self.workers[w].held = Some(held);
+                // The next heartbeat first: a shard that ends at once (every class committed
+                // already) replaces it with a poll at once.
+                self.poll_at(w, now + heartbeat);
                 self.start_shard(w).await?;
-                self.at(now + heartbeat, Event::Poll(w, self.workers[w].life));
             }
-            PollDecision::Wait(ms) => self.at(now + ms, Event::Poll(w, self.workers[w].life)),
+            PollDecision::Wait(ms) => self.poll_at(w, now + ms),
             PollDecision::Drain => self.workers[w].drained = true,
         }
         Ok(())
@@ -798,7 +824,7 @@ impl Sim {
                 self.complete(w, &lease_id, &digest).await?;
             }
             // The worker polls again at once for its next shard.
-            self.at(self.now + 1, Event::Poll(w, self.workers[w].life));
+            self.poll_at(w, self.now + 1);
             return Ok(());
         }
         let class_index = held.classes[held.next].class_index as usize;
@@ -994,7 +1020,7 @@ impl Sim {
         worker.registered = None;
         worker.completion = None;
         let life = worker.life;
-        self.at(self.now, Event::Poll(w, life));
+        self.poll_at(w, self.now);
         if self.scenario.crash_mtbf_h > 0.0 {
             let when = self.crash_delay();
             self.at(self.now + when, Event::Crash(w, life));
