@@ -102,31 +102,39 @@ fn dataset(text: &str) -> Result<Dataset> {
     })
 }
 
-fn scenario(args: &Args) -> Result<Scenario> {
-    let mut s = Scenario::new(dataset(&args.dataset)?, args.workers);
-    if !(1..=100_000).contains(&args.workers) {
-        bail!("--workers {}: 1..100000", args.workers);
-    }
-    if !(1..=10_000).contains(&args.ipc) {
-        bail!("--ipc {}: 1..10000 images per class", args.ipc);
-    }
-    if !(2..=1_000_000).contains(&args.dit_rows) {
-        bail!("--dit-rows {}: 2..1000000 (each sample takes a conditional and an unconditional row)", args.dit_rows);
-    }
-    for (flag, rate) in [("--sample-rate", args.sample_rate), ("--encode-rate", args.encode_rate)] {
-        if !(rate.is_finite() && (1e-3..=1e6).contains(&rate)) {
-            bail!("{flag} {rate:.3e}: images per second per GPU, 0.001..1000000");
+/// `flag`'s `value` within `range`, else an error naming both (NaN is never within).
+fn within<T: PartialOrd + std::fmt::Debug>(
+    flag: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    what: &str,
+) -> Result<()> {
+    if !range.contains(&value) {
+        let (from, to) = (range.start(), range.end());
+        match what {
+            "" => bail!("{flag} {value:?}: {from:?}..{to:?}"),
+            what => bail!("{flag} {value:?}: {what}, {from:?}..{to:?}"),
         }
     }
-    if !(0.0..=1.0).contains(&args.straggler_share) {
-        bail!("--straggler-share {}: a share of the class runs, 0..1", args.straggler_share);
+    Ok(())
+}
+
+fn scenario(args: &Args) -> Result<Scenario> {
+    let mut s = Scenario::new(dataset(&args.dataset)?, args.workers);
+    within("--workers", args.workers, 1..=100_000, "")?;
+    within("--ipc", args.ipc, 1..=10_000, "images per class")?;
+    within(
+        "--dit-rows",
+        args.dit_rows,
+        2..=1_000_000,
+        "rows (each sample takes a conditional and an unconditional one)",
+    )?;
+    for (flag, rate) in [("--sample-rate", args.sample_rate), ("--encode-rate", args.encode_rate)] {
+        within(flag, rate, 1e-3..=1e6, "images per second per GPU")?;
     }
-    if !(1.0..=100.0).contains(&args.straggler_factor) {
-        bail!("--straggler-factor {}: 1..100 times as long", args.straggler_factor);
-    }
-    if !(0.0..=1.0).contains(&args.preempt_share) {
-        bail!("--preempt-share {}: a share of the workers, 0..1", args.preempt_share);
-    }
+    within("--straggler-share", args.straggler_share, 0.0..=1.0, "a share of the class runs")?;
+    within("--straggler-factor", args.straggler_factor, 1.0..=100.0, "times as long")?;
+    within("--preempt-share", args.preempt_share, 0.0..=1.0, "a share of the workers")?;
     if let Dataset::Uniform { images, .. } = s.dataset
         && (images as usize) < args.ipc
     {
