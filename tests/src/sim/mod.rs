@@ -274,10 +274,9 @@ enum Event {
     Tick,
     /// A flush of changed job state.
     Flush,
-    /// A worker polls (life: events of an earlier life of the worker are void).
-    /// A worker's poll: its life and which of its polls (only the latest scheduled one runs:
-    /// the worker has one loop, which polls a heartbeat after the last poll or at once when a
-    /// shard ends).
+    /// A worker polls: its life (events of an earlier life of the worker are void) and which of
+    /// its polls (only the latest scheduled one runs: the worker has one loop, which polls a
+    /// heartbeat after the last poll, or at once when a shard ends).
     Poll(usize, u32, u64),
     /// A worker finished the class it was running.
     ClassDone(usize, u32),
