@@ -593,12 +593,18 @@ pub fn call_fill(classes: usize, ipc: usize, dit_rows: usize) -> f64 {
     samples as f64 / (samples.div_ceil(per_call) * per_call) as f64
 }
 
+/// The class counts in `from..=to` whose shards fill their DiT calls within 1 % of the best
+/// of the range ([`call_fill`]), in increasing order (never empty).
+fn best_filling(ipc: usize, dit_rows: usize, from: usize, to: usize) -> Vec<usize> {
+    let (from, to) = (from.max(1), to.max(from.max(1)));
+    let best = (from..=to).map(|k| call_fill(k, ipc, dit_rows)).fold(0.0, f64::max);
+    (from..=to).filter(|&k| call_fill(k, ipc, dit_rows) >= best - 0.01).collect()
+}
+
 /// The class count in `from..=to` whose shard fills its DiT calls best ([`call_fill`]); the
 /// smallest of the best within 1 % of each other, so shards stay short.
 pub fn packed_classes(ipc: usize, dit_rows: usize, from: usize, to: usize) -> usize {
-    let (from, to) = (from.max(1), to.max(from.max(1)));
-    let best = (from..=to).map(|k| call_fill(k, ipc, dit_rows)).fold(0.0, f64::max);
-    (from..=to).find(|&k| call_fill(k, ipc, dit_rows) >= best - 0.01).unwrap_or(from)
+    best_filling(ipc, dit_rows, from, to)[0]
 }
 
 /// The class count in `⌈at_most ÷ 2⌉..=at_most` whose shard fills its DiT calls best
@@ -606,9 +612,7 @@ pub fn packed_classes(ipc: usize, dit_rows: usize, from: usize, to: usize) -> us
 /// shards as few as it can.
 pub fn packed_classes_down(ipc: usize, dit_rows: usize, at_most: usize) -> usize {
     let at_most = at_most.max(1);
-    let from = at_most.div_ceil(2);
-    let best = (from..=at_most).map(|k| call_fill(k, ipc, dit_rows)).fold(0.0, f64::max);
-    (from..=at_most).rev().find(|&k| call_fill(k, ipc, dit_rows) >= best - 0.01).unwrap_or(at_most)
+    *best_filling(ipc, dit_rows, at_most.div_ceil(2), at_most).last().expect("never empty")
 }
 
 fn default_lease_timeout() -> u64 {
