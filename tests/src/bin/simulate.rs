@@ -177,7 +177,6 @@ fn scenario(args: &Args) -> Result<Scenario> {
     if args.preempt_share > 0.0 {
         s.preemption = Some(Preemption { share: args.preempt_share, every_s: args.preempt_every_min * 60.0 });
     }
-    check_size(&s)?;
     Ok(s)
 }
 
@@ -299,6 +298,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if !args.table {
         let s = scenario(&args)?;
+        check_size(&s)?;
         let name = format!("{} IPC {}", s.dataset.name(), s.ipc);
         print_one(&run(s, name).await?);
         return Ok(());
@@ -313,6 +313,13 @@ async fn main() -> Result<()> {
             (Dataset::ImageNet21k, 1024),
         ]
     };
+    // Every row is checked as it will run (its dataset and workers, not the flags' defaults)
+    // before the first one starts.
+    for &(data, workers) in &runs {
+        let mut s = scenario(&args)?;
+        (s.dataset, s.workers) = (data, workers);
+        check_size(&s)?;
+    }
     let mut outcomes = Vec::new();
     for (data, workers) in runs {
         for preempted in [false, true] {
