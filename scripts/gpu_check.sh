@@ -8,7 +8,8 @@
 # to a PyTorch baseline (batched loop, eager and with SDPA, and the image-by-image reference loop)
 # on the same model in the same run, then a bf16 DiT, the same job with one DiT batch at a time
 # (--overlap off) and, within a time budget (MGD3_CHECK_BUDGET_S, 390 s, so that the whole check
-# takes ~8 minutes), PyTorch's eager attention, fp32 and the VAE in NCHW. Every section runs even
+# takes ~8 minutes), the fused fp16 class with --dit-rows auto (rows chosen from the card's free
+# memory), PyTorch's eager attention, fp32 and the VAE in NCHW. Every section runs even
 # when one before it failed; the summary names the failures and the exit status is non-zero if
 # there were any.
 #
@@ -187,6 +188,9 @@ one_class() {
   local status=$?
   memory_stop
   ((status == 0)) || return $status
+  # --dit-rows auto: what the worker chose, and from what (its one INFO line).
+  [[ $batch == auto ]] && grep -ho 'DiT rows per call chosen from the free memory: .*)' "$out/check.log" | tail -1 |
+    sed "s/^/mgd3 one class $name: /" >> "$out/results.txt"
   "$python" - "$out" "$name" "$ipc" "$peak_tflops" "${#steps[@]}" >> "$out/results.txt" <<'PY'
 import json, os, sys
 out, name, ipc, peak, toy = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] != "0"
@@ -283,6 +287,7 @@ section "torch baseline fp16 + SDPA" baseline --fp16 --sdpa
 for run in "${batches[@]:2:2}"; do one_class_section "$run"; done
 section "job, $job_classes classes per shard, fp16 fused, overlap on" job "$job_classes" on
 section "job, $job_classes classes per shard, fp16 fused, overlap off" job "$job_classes" off
+extended "one class, fp16-fused, --dit-rows auto (from the card's free memory)" one_class fp16-fused auto
 extended "torch baseline fp16 (eager attention)" baseline --fp16
 for run in "${batches[@]:4}"; do
   extended "one class, ${run%%:*}, --max-batch ${run##*:}" one_class "${run%%:*}" "${run##*:}"

@@ -113,6 +113,12 @@ impl Dit {
         self.model.reset_backoff();
     }
 
+    /// Sets the rows per call the batch policy allows, for rows chosen after load from
+    /// [`CallLimit::item_bytes`] (the element ceiling and backoff still bound them).
+    pub fn set_rows(&mut self, rows: usize) {
+        self.model.set_policy(rows);
+    }
+
     /// Runs the DiT on `x` `[B,C,h,w]` (scaled latent space) with per-item original timesteps `t`
     /// and labels `y` (`num_classes` = null class); returns `out` `[B,2C,h,w]` with learned sigma,
     /// else `[B,C,h,w]`, f32. Batches run in calls of [`Dit::call_limit`] rows, with the same

@@ -15,6 +15,6 @@ pub mod vae;
 
 pub use dit::{Dit, DitInfo};
 pub use error::{Error, Result};
-pub use model::CallLimit;
+pub use model::{CallLimit, MEASURE_ITEMS};
 pub use session::{Device, SessionConfig, init_runtime};
 pub use vae::{VaeDecoder, VaeEncoder, VaeInfo};

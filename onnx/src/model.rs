@@ -32,6 +32,23 @@ impl BatchInput<'_> {
         }
     }
 
+    /// Item 0 repeated `k` times: the inputs of the memory measurement at load.
+    fn repeated(&self, k: usize) -> Result<(String, DynValue), ort::Error> {
+        Ok(match self {
+            BatchInput::Float(name, a, precision) => {
+                let one = a.slice(s![0..1, .., .., ..]);
+                let shape = (k, one.shape()[1], one.shape()[2], one.shape()[3]);
+                let many = one.broadcast(shape).ok_or_else(|| ort::Error::new("cannot repeat the probe item"))?;
+                let value = match precision {
+                    Precision::F32 => Tensor::from_array(many.to_owned())?.into_dyn(),
+                    Precision::F16 => Tensor::from_array(many.mapv(f16::from_f32))?.into_dyn(),
+                };
+                (name.to_string(), value)
+            }
+            BatchInput::Int(name, v) => (name.to_string(), Tensor::from_array(([k], vec![v[0]; k]))?.into_dyn()),
+        })
+    }
+
     fn chunk(&self, from: usize, to: usize) -> Result<(String, DynValue), ort::Error> {
         Ok(match self {
             BatchInput::Float(name, a, Precision::F32) => {
@@ -62,7 +79,15 @@ pub struct CallLimit {
     pub backoff: usize,
     /// Elements of the model's largest tensor per item, measured at load (0: not measured).
     pub item_elements: u64,
+    /// Device memory one more item of a call takes, in bytes: the growth of the session's arena
+    /// peak from a one-item call to a [`MEASURE_ITEMS`]-item call at load, over the extra items
+    /// (0: not measured, see [`SessionConfig::measure_item_bytes`]).
+    pub item_bytes: u64,
 }
+
+/// Items of the measurement call at load ([`CallLimit::item_bytes`]): enough that the arena's
+/// growth is the activations' and not a rounding of one item's.
+pub const MEASURE_ITEMS: usize = 4;
 
 /// A session with the contract view of its model.
 pub(crate) struct LoadedModel {
@@ -84,6 +109,10 @@ pub(crate) struct LoadedModel {
     fault_oom_above: Option<usize>,
     /// The profiler runs: from the session's start until the load-time probe ends it.
     profiling: bool,
+    /// Measure [`CallLimit::item_bytes`] at the probe ([`SessionConfig::measure_item_bytes`]).
+    measure_memory: bool,
+    /// Where the session's arena lives, for its statistics.
+    arena: crate::session::Device,
 }
 
 /// What an ONNX Runtime failure of a call says about memory: `Some(requested bytes)` when an
@@ -132,12 +161,21 @@ impl LoadedModel {
             session,
             io,
             path: path.to_owned(),
-            limit: CallLimit { items: policy, policy, ceiling: usize::MAX, backoff: usize::MAX, item_elements: 0 },
+            limit: CallLimit {
+                items: policy,
+                policy,
+                ceiling: usize::MAX,
+                backoff: usize::MAX,
+                item_elements: 0,
+                item_bytes: 0,
+            },
             max_call_elements: config.max_call_elements.max(1),
             device: config.device.to_string(),
             runs_on: describe_device(config),
             fault_oom_above: config.fault_oom_above,
             profiling: prefix.is_some(),
+            measure_memory: config.measure_item_bytes,
+            arena: config.device,
         })
     }
 
@@ -148,7 +186,7 @@ impl LoadedModel {
     /// the policy and out-of-memory backoff still bound the calls.
     pub fn probe(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
         if !std::mem::take(&mut self.profiling) {
-            return Ok(());
+            return self.measure_item_bytes(inputs);
         }
         let context = format!("probing `{}` with one item", self.path.display());
         let values =
@@ -193,7 +231,48 @@ impl LoadedModel {
             Err(why) => tracing::warn!(model = %self.path.display(), %why,
                 "could not measure the model's largest tensor per item; its calls are bounded by the batch policy and out-of-memory backoff only"),
         }
+        self.measure_item_bytes(inputs)
+    }
+
+    /// Measures [`CallLimit::item_bytes`] when the session was built to
+    /// ([`SessionConfig::measure_item_bytes`]): the arena's peak after a call of the probe item
+    /// alone and after a call of [`MEASURE_ITEMS`] copies of it; the growth over the extra items
+    /// is what one item of a call holds at once (activations and workspaces; the weights are in
+    /// both). An arena that keeps no statistics leaves it unmeasured (logged at DEBUG).
+    fn measure_item_bytes(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
+        if !std::mem::take(&mut self.measure_memory) {
+            return Ok(());
+        }
+        let context = format!("measuring the memory per item of `{}`", self.path.display());
+        let mut peaks = Vec::with_capacity(2);
+        for k in [1, MEASURE_ITEMS] {
+            let values = inputs
+                .iter()
+                .map(|i| i.repeated(k))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Error::ort(context.clone()))?;
+            let values: Vec<(String, SessionInputValue<'_>)> =
+                values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+            self.session.run(values).map(drop).map_err(Error::ort(context.clone()))?;
+            peaks.push(crate::session::arena_peak_bytes(&self.session, self.arena));
+        }
+        match (peaks[0], peaks[1]) {
+            (Some(one), Some(many)) if many > one => {
+                self.limit.item_bytes = (many - one) / (MEASURE_ITEMS as u64 - 1);
+                tracing::debug!(model = %self.path.display(), item_bytes = self.limit.item_bytes, arena_peak_one = one,
+                    arena_peak_many = many, "measured the memory one item of a call takes");
+            }
+            (one, many) => tracing::debug!(model = %self.path.display(), ?one, ?many,
+                "could not measure the memory per item: the arena's peak did not grow with the call"),
+        }
         Ok(())
+    }
+
+    /// Sets the items per call the batch policy allows (the element ceiling and out-of-memory
+    /// backoff still bound it): for a policy chosen after load, from [`CallLimit::item_bytes`].
+    pub fn set_policy(&mut self, items: usize) {
+        self.limit.policy = items.max(1);
+        self.limit.items = self.limit.policy.min(self.limit.ceiling).min(self.limit.backoff);
     }
 
     /// One phrase for the model-load log line: precision, graph and where it runs, e.g.

@@ -166,6 +166,10 @@ pub struct SessionConfig {
     /// Fault injection for tests: a call of more items than this fails as ONNX Runtime does
     /// when an allocation fails, so the out-of-memory backoff can be tested on the CPU.
     pub fault_oom_above: Option<usize>,
+    /// Measure the memory one item of a call takes at load (two extra calls, of 1 and
+    /// [`crate::MEASURE_ITEMS`] items; [`crate::CallLimit::item_bytes`]), for a batch
+    /// policy chosen from the device's free memory.
+    pub measure_item_bytes: bool,
 }
 
 impl Default for SessionConfig {
@@ -180,6 +184,7 @@ impl Default for SessionConfig {
             provider: GpuProvider::Cuda,
             tensorrt_cache: None,
             fault_oom_above: None,
+            measure_item_bytes: false,
         }
     }
 }
@@ -356,6 +361,44 @@ pub fn probe_device(config: &SessionConfig) -> Result<()> {
     let env = init_runtime(None)?;
     let builder = Session::builder(env).map_err(Error::ort("creating a session builder"))?;
     with_device(builder, config).map(drop)
+}
+
+/// The most bytes `session`'s memory arena on `device` has held in use at once since the session
+/// was built (ONNX Runtime's allocator statistic `MaxInUse`): weights placed in the arena and the
+/// largest call's activations. `None` where the allocator keeps no statistics (no arena) or the
+/// library cannot say.
+pub(crate) fn arena_peak_bytes(session: &Session, device: Device) -> Option<u64> {
+    use ort::AsPointer;
+    use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+    let (place, id) = match device {
+        Device::Cpu => (AllocationDevice::CPU, 0),
+        Device::Cuda(n) => (AllocationDevice::CUDA, n),
+    };
+    let info = MemoryInfo::new(place, id, AllocatorType::Arena, MemoryType::Default).ok()?;
+    let allocator = Allocator::new(session, info).ok()?;
+    let api = ort::api();
+    let mut pairs: *mut ort::sys::OrtKeyValuePairs = std::ptr::null_mut();
+    // SAFETY: `allocator` wraps a live session's allocator for as long as this call; `pairs` is
+    // an out pointer ONNX Runtime fills with a key-value set this function releases below.
+    let status = unsafe { (api.AllocatorGetStats)(allocator.ptr(), &mut pairs) };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status returned by ONNX Runtime is the caller's to release.
+        unsafe { (api.ReleaseStatus)(status.0) };
+        return None;
+    }
+    if pairs.is_null() {
+        return None;
+    }
+    // SAFETY: `pairs` is the live set filled above; the value (if any) is a NUL-terminated string
+    // owned by the set, read before the set is released.
+    unsafe {
+        let value = (api.GetKeyValue)(pairs, c"MaxInUse".as_ptr());
+        let peak = (!value.is_null())
+            .then(|| std::ffi::CStr::from_ptr(value).to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()))
+            .flatten();
+        (api.ReleaseKeyValuePairs)(pairs);
+        peak
+    }
 }
 
 #[cfg(test)]

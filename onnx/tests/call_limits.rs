@@ -107,3 +107,28 @@ fn out_of_memory_halves_the_call_keeps_the_bytes_and_fails_at_one_item() {
     let message = error.to_string();
     assert!(message.contains("tiny_vae_decoder.onnx") && message.contains("1 item per call"), "{message}");
 }
+
+#[test]
+fn the_memory_one_item_takes_is_measured_at_load_when_asked() {
+    let measured = SessionConfig { measure_item_bytes: true, ..config(64) };
+    // The decoder's activations per image: its largest tensor alone is item_elements f32s, and
+    // the arena holds at least that per extra image, and less than a hundred such tensors.
+    let decoder = VaeDecoder::load(&model("tiny_vae_decoder.onnx"), &measured).unwrap();
+    let limit = decoder.call_limit();
+    assert!(limit.item_bytes >= limit.item_elements * 4, "{limit:?}");
+    assert!(limit.item_bytes < limit.item_elements * 4 * 100, "{limit:?}");
+    let mut dit = Dit::load(&model("tiny_dit.onnx"), &measured).unwrap();
+    let rows = dit.call_limit();
+    assert!(rows.item_bytes >= rows.item_elements * 4, "{rows:?}");
+    // Unasked, nothing is measured (two calls fewer at load).
+    assert_eq!(Dit::load(&model("tiny_dit.onnx"), &config(64)).unwrap().call_limit().item_bytes, 0);
+
+    // Rows chosen after load bound the calls as the policy does, and change no result.
+    let x = random((12, 4, 8, 8), 3);
+    let t: Vec<i64> = (0..12).map(|i| 50 * i).collect();
+    let y: Vec<i64> = (0..12).map(|i| i % 10).collect();
+    let want = dit.predict(x.view(), &t, &y).unwrap();
+    dit.set_rows(5);
+    assert_eq!((dit.call_limit().policy, dit.call_limit().items), (5, 5));
+    assert_eq!(dit.predict(x.view(), &t, &y).unwrap(), want);
+}

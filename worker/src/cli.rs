@@ -130,11 +130,13 @@ pub struct RuntimeArgs {
     /// GPU provider runs.
     #[arg(long)]
     pub provider: Option<mgd3_onnx::session::GpuProvider>,
-    /// Rows per DiT call (a call holds rows/2 cond+uncond sample pairs); `--max-batch` is the
-    /// same flag's older name. Before the VAE had its own flag, it set the VAE batch too: it
-    /// still does unless --vae-batch is given, capped at 64 images.
-    #[arg(long = "dit-rows", visible_alias = "max-batch", default_value_t = mgd3_common::batch::DEFAULT_DIT_ROWS)]
-    pub dit_rows: usize,
+    /// Rows per DiT call (a call holds rows/2 cond+uncond sample pairs), or `auto`: chosen when
+    /// the models load, from the device's free memory and the memory a row takes (measured
+    /// then), keeping 20 % free, at most 1024. Default: `auto` on CUDA, 64 on the CPU.
+    /// `--max-batch` is the same flag's older name. Before the VAE had its own flag, it set the
+    /// VAE batch too: it still does unless --vae-batch is given, capped at 64 images.
+    #[arg(long = "dit-rows", visible_alias = "max-batch")]
+    pub dit_rows: Option<DitRows>,
     /// Images per VAE call, encoder and decoder (default: --dit-rows, at most 64). Each call is
     /// also kept under the per-call element ceiling measured from the model at load.
     #[arg(long)]
@@ -158,6 +160,9 @@ pub struct RuntimeArgs {
     /// For tests: calls of more items than this fail as if out of memory (out-of-memory backoff).
     #[arg(long, env = "MGD3_FAULT_OOM_ABOVE", hide = true)]
     pub fault_oom_above: Option<usize>,
+    /// For tests: the free memory `--dit-rows auto` reads, in bytes, instead of the device's.
+    #[arg(long, env = "MGD3_FREE_MEMORY_BYTES", hide = true)]
+    pub free_memory_bytes: Option<u64>,
     /// For measurements (scripts/gpu_check.sh): the VAE's convolutions in NHWC on CUDA (`true`,
     /// the default) or NCHW (`false`).
     #[arg(long, env = "MGD3_VAE_NHWC", hide = true, default_value_t = true, action = clap::ArgAction::Set)]
@@ -178,6 +183,28 @@ pub struct RuntimeArgs {
     /// or `.ort/cpu` copy in the checkout this binary was built in, else the system library).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+}
+
+/// `--dit-rows`: a number of rows per DiT call, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DitRows {
+    /// Chosen at model load from the device's free memory ([`crate::models::AutoRows`]).
+    Auto,
+    /// This many rows per call.
+    Rows(usize),
+}
+
+impl std::str::FromStr for DitRows {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(DitRows::Auto);
+        }
+        s.parse::<usize>()
+            .map(DitRows::Rows)
+            .map_err(|_| format!("`{s}` is neither a number of rows (e.g. 256) nor `auto`"))
+    }
 }
 
 /// Most threads per usable CPU `--cpu-threads` and `--threads` accept: beyond that a pool only
@@ -203,12 +230,35 @@ impl RuntimeArgs {
         Ok(config)
     }
 
+    /// The DiT rows per call the flags give: `--dit-rows N`, else [`DEFAULT_DIT_ROWS`] (also
+    /// what an `auto` worker starts from, registers and falls back to).
+    ///
+    /// [`DEFAULT_DIT_ROWS`]: mgd3_common::batch::DEFAULT_DIT_ROWS
+    pub fn dit_rows(&self) -> usize {
+        match self.dit_rows {
+            Some(DitRows::Rows(n)) => n,
+            Some(DitRows::Auto) | None => mgd3_common::batch::DEFAULT_DIT_ROWS,
+        }
+    }
+
+    /// How the DiT rows are chosen at model load, when they are: `--dit-rows auto`, or no
+    /// `--dit-rows` on CUDA.
+    pub fn auto_rows(&self) -> Option<crate::models::AutoRows> {
+        let auto = match self.dit_rows {
+            Some(DitRows::Auto) => true,
+            Some(DitRows::Rows(_)) => false,
+            None => matches!(self.device, Device::Cuda(_)),
+        };
+        auto.then(|| crate::models::AutoRows { free_memory_bytes: self.free_memory_bytes, ..Default::default() })
+    }
+
     /// The batch policy the flags ask for (checked by [`RuntimeArgs::runtime`]).
     pub fn batch_policy(&self) -> BatchPolicy {
-        let vae = self.vae_batch.unwrap_or(self.dit_rows.min(mgd3_common::batch::DEFAULT_VAE_BATCH));
+        let dit_rows = self.dit_rows();
+        let vae = self.vae_batch.unwrap_or(dit_rows.min(mgd3_common::batch::DEFAULT_VAE_BATCH));
         let encode_images = self.vae_encode_batch.unwrap_or(vae);
         BatchPolicy {
-            dit_rows: self.dit_rows,
+            dit_rows,
             encode_images,
             decode_images: self.vae_decode_batch.unwrap_or(vae),
             // The data stage hands the encoder chunks of this many decoded images, so a larger
@@ -232,7 +282,7 @@ impl RuntimeArgs {
         tracing::debug!(device = %session.device, limit_bytes = ?session.gpu_memory_limit, "batch policy: {policy}");
         let vae_cuda =
             mgd3_onnx::session::CudaTuning { prefer_nhwc: self.vae_nhwc, ..mgd3_onnx::session::CudaTuning::VAE };
-        Ok(Runtime { session, policy, vae_cuda, overlap: self.overlap == Switch::On })
+        Ok(Runtime { session, policy, vae_cuda, overlap: self.overlap == Switch::On, auto_rows: self.auto_rows() })
     }
 }
 
@@ -302,7 +352,7 @@ impl std::str::FromStr for MemoryLimit {
 /// The `nvidia-smi --id` of CUDA device `ordinal`: the ordinal's entry of
 /// `CUDA_VISIBLE_DEVICES` (an index or a UUID) when that is set, since CUDA numbers only the
 /// visible devices; the ordinal itself otherwise.
-fn nvidia_smi_id(ordinal: i32, visible: Option<&str>) -> String {
+pub(crate) fn nvidia_smi_id(ordinal: i32, visible: Option<&str>) -> String {
     visible
         .and_then(|v| v.split(',').map(str::trim).filter(|e| !e.is_empty()).nth(ordinal as usize).map(str::to_owned))
         .unwrap_or_else(|| ordinal.to_string())
@@ -359,7 +409,7 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
         Ok(SessionConfig {
             device: args.device,
             intra_threads,
-            max_batch: args.dit_rows,
+            max_batch: args.dit_rows(),
             max_call_elements: args.max_call_elements.unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
             gpu_memory_limit,
             // each model's own tuning is set where its session is built (`Runtime::dit` etc.)
@@ -367,6 +417,8 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             provider: args.provider.unwrap_or_default(),
             tensorrt_cache: Some(mgd3_common::store::model_cache_dir().join("tensorrt")),
             fault_oom_above: args.fault_oom_above,
+            // set per model where its session is built, when the rows are chosen at load
+            measure_item_bytes: false,
         })
     }
 }
@@ -374,7 +426,7 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
 impl RuntimeArgs {
     fn check(&self) -> Result<()> {
         for (value, flag) in [
-            (Some(self.dit_rows), "--dit-rows (--max-batch)"),
+            (Some(self.dit_rows()), "--dit-rows (--max-batch)"),
             (self.vae_batch, "--vae-batch"),
             (self.vae_encode_batch, "--vae-encode-batch"),
             (self.vae_decode_batch, "--vae-decode-batch"),
@@ -728,7 +780,12 @@ fn cluster(args: ClusterArgs) -> Result<()> {
             // took leases it cannot run would only be excluded, and the job would wait for ever.
             mgd3_onnx::session::probe_device(&runtime.session)?;
             tracing::info!(worker = %worker_id, device = %runtime.session.device,
-                gpu_memory_limit_bytes = ?runtime.session.gpu_memory_limit, "batch policy: {}", runtime.policy);
+            gpu_memory_limit_bytes = ?runtime.session.gpu_memory_limit, "batch policy: {}{}", runtime.policy,
+            if runtime.auto_rows.is_some() {
+                "; DiT rows chosen when the models load, from the free memory (--dit-rows auto)"
+            } else {
+                ""
+            });
             Box::new(OnnxShardEngine::new(runtime, args.runtime.cpu_pool()))
         }
         EngineKind::Fake => {
@@ -831,6 +888,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("--vae-batch must"), "{error}");
+        // `auto`: the rows are chosen when the models load; the policy starts from the default.
+        let auto = runtime_args(&["--dit-rows", "auto"]);
+        assert_eq!(auto.batch_policy(), BatchPolicy::default());
+        assert_eq!(auto.auto_rows(), Some(crate::models::AutoRows::default()));
+        assert_eq!(runtime_args(&["--max-batch", "AUTO"]).dit_rows, Some(DitRows::Auto));
+        // The default: auto on CUDA, the default rows on the CPU; a number is never auto.
+        assert!(runtime_args(&["--device", "cuda:1"]).auto_rows().is_some());
+        assert_eq!(runtime_args(&[]).auto_rows(), None);
+        assert_eq!(runtime_args(&["--device", "cuda", "--dit-rows", "128"]).auto_rows(), None);
+        let mut argv = vec!["worker", "--dit-rows", "many"];
+        let error = Cli::try_parse_from(&argv).unwrap_err().to_string();
+        assert!(error.contains("`many` is neither a number of rows (e.g. 256) nor `auto`"), "{error}");
+        argv[2] = "0";
+        let error = SessionConfig::try_from(&Cli::try_parse_from(&argv).unwrap().cluster.runtime).unwrap_err();
+        assert!(error.to_string().starts_with("--dit-rows (--max-batch) must be at least 1"), "{error}");
         // A larger encoder batch is a larger chunk of decoded images.
         assert_eq!(runtime_args(&["--vae-encode-batch", "256"]).batch_policy().encode_chunk, 256);
         let error = SessionConfig::try_from(&runtime_args(&["--gpu-memory-limit", "20GB"])).unwrap_err().to_string();

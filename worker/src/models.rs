@@ -197,6 +197,89 @@ pub struct Runtime {
     /// Two DiT batches in flight when a shard has them ([`Models::sample_pair`]): one batch's
     /// step maths runs while the DiT computes the other's step (default on).
     pub overlap: bool,
+    /// The DiT rows per call are chosen at load from the device's free memory (`--dit-rows
+    /// auto`, the default on CUDA); `None`: `policy.dit_rows` as given.
+    pub auto_rows: Option<AutoRows>,
+}
+
+/// How `--dit-rows auto` chooses the DiT's rows per call once the three models are loaded: the
+/// memory one row takes is measured at load ([`mgd3_onnx::CallLimit::item_bytes`]), and the
+/// rows are as many as fit in the device's free memory (within `--gpu-memory-limit`), less
+/// `headroom` of it and less what the VAE's calls add at their batch, at most `most`, rounded
+/// down to a multiple of 16 (to an even count below 32). See [`auto_dit_rows`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AutoRows {
+    /// Share of the free memory left free (fragmentation, cuDNN and cuBLAS workspaces, other
+    /// processes): 0.2.
+    pub headroom: f64,
+    /// The most rows chosen: 1024 (512 already fill an H100/H200; more only grows the tail).
+    pub most: usize,
+    /// The free memory to plan with instead of the device's reading (tests).
+    pub free_memory_bytes: Option<u64>,
+}
+
+impl Default for AutoRows {
+    fn default() -> Self {
+        AutoRows { headroom: 0.2, most: 1024, free_memory_bytes: None }
+    }
+}
+
+/// What [`auto_dit_rows`] plans with, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    /// Free memory on the device after the models loaded (CUDA: `nvidia-smi`'s `memory.free`;
+    /// CPU: the kernel's `MemAvailable`).
+    pub free: u64,
+    /// `--gpu-memory-limit`, when given: the DiT's arena grows no further.
+    pub limit: Option<u64>,
+    /// Memory one DiT row takes (measured at load).
+    pub dit_row: u64,
+    /// What the VAE's calls take at their batch (encoder and decoder, measured at load).
+    pub vae_calls: u64,
+}
+
+/// Rows per DiT call that fit `budget` with `auto`'s headroom: `(min(free, limit) × (1 −
+/// headroom) − vae_calls) / dit_row`, clamped to 2..=`auto.most` and rounded down to a multiple
+/// of 16 (an even count below 32, since a sample takes two rows). `None` when a row was not
+/// measured (`dit_row` 0).
+pub fn auto_dit_rows(budget: MemoryBudget, auto: AutoRows) -> Option<usize> {
+    if budget.dit_row == 0 {
+        return None;
+    }
+    let pool = budget.limit.map_or(budget.free, |limit| limit.min(budget.free));
+    let usable = (pool as f64 * (1.0 - auto.headroom.clamp(0.0, 1.0))) as u64;
+    let rows = usize::try_from(usable.saturating_sub(budget.vae_calls) / budget.dit_row).unwrap_or(usize::MAX);
+    let rows = rows.clamp(2, auto.most.max(2));
+    Some(if rows >= 32 { rows / 16 * 16 } else { rows / 2 * 2 })
+}
+
+/// Free memory on `device` in bytes: the CUDA card's (`nvidia-smi --query-gpu=memory.free`, the
+/// card as `CUDA_VISIBLE_DEVICES` names it), or on the CPU the kernel's `MemAvailable`. `Err`
+/// says why it could not be read.
+fn free_memory(device: Device) -> Result<u64, String> {
+    match device {
+        Device::Cuda(ordinal) => {
+            let id = crate::cli::nvidia_smi_id(ordinal, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", &format!("--id={id}")])
+                .output()
+                .map_err(|e| format!("cannot run nvidia-smi: {e}"))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mib: u64 = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("nvidia-smi --id={id} gave `{}` for the free memory", text.trim()))?;
+            Ok(mib << 20)
+        }
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kib| kib << 10)
+                .ok_or_else(|| "/proc/meminfo has no MemAvailable line".to_owned())
+        }
+    }
 }
 
 impl Default for Runtime {
@@ -206,6 +289,7 @@ impl Default for Runtime {
             policy: BatchPolicy::default(),
             vae_cuda: CudaTuning::VAE,
             overlap: true,
+            auto_rows: None,
         }
     }
 }
@@ -216,12 +300,17 @@ impl Runtime {
     pub fn uniform(session: SessionConfig) -> Self {
         let n = session.max_batch.max(1);
         let policy = BatchPolicy { dit_rows: n, encode_images: n, decode_images: n, ..BatchPolicy::default() };
-        Runtime { session, policy, vae_cuda: CudaTuning::VAE, overlap: true }
+        Runtime { session, policy, vae_cuda: CudaTuning::VAE, overlap: true, auto_rows: None }
     }
 
-    /// The shared session settings with `items` per call.
+    /// The shared session settings with `items` per call (and the memory per item measured at
+    /// load when the DiT's rows are chosen then).
     fn with_batch(&self, items: usize) -> SessionConfig {
-        SessionConfig { max_batch: items.max(1), ..self.session.clone() }
+        SessionConfig {
+            max_batch: items.max(1),
+            measure_item_bytes: self.session.measure_item_bytes || self.auto_rows.is_some(),
+            ..self.session.clone()
+        }
     }
 
     /// The session settings of the DiT: `policy.dit_rows` rows per call, [`CudaTuning::DIT`].
@@ -238,6 +327,43 @@ impl Runtime {
     pub fn decoder(&self) -> SessionConfig {
         SessionConfig { cuda: self.vae_cuda, ..self.with_batch(self.policy.decode_images) }
     }
+}
+
+/// Sets the DiT's rows per call from the memory left after load ([`AutoRows`]) and says so in
+/// one INFO line; where the free memory or a row's memory cannot be read it keeps the policy's
+/// rows and says why at WARN (out-of-memory backoff still guards every call).
+fn choose_dit_rows(dit: &mut Dit, encoder: &VaeEncoder, decoder: &VaeDecoder, runtime: &Runtime, auto: AutoRows) {
+    let device = runtime.session.device;
+    let free = match auto.free_memory_bytes.map(Ok).unwrap_or_else(|| free_memory(device)) {
+        Ok(free) => free,
+        Err(why) => {
+            tracing::warn!(%device, rows = dit.call_limit().policy, %why,
+                "cannot read the free memory to choose the DiT's rows per call; keeping {} (set --dit-rows to choose)",
+                dit.call_limit().policy);
+            return;
+        }
+    };
+    let (e, v) = (encoder.call_limit(), decoder.call_limit());
+    let budget = MemoryBudget {
+        free,
+        limit: runtime.session.gpu_memory_limit.filter(|_| device != Device::Cpu),
+        dit_row: dit.call_limit().item_bytes,
+        vae_calls: e.item_bytes * e.items as u64 + v.item_bytes * v.items as u64,
+    };
+    let Some(rows) = auto_dit_rows(budget, auto) else {
+        tracing::warn!(%device, rows = dit.call_limit().policy,
+            "could not measure the memory a DiT row takes (the arena keeps no statistics); keeping {} rows per call (set --dit-rows to choose)",
+            dit.call_limit().policy);
+        return;
+    };
+    dit.set_rows(rows);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    tracing::info!(%device, rows, free_bytes = free, dit_row_bytes = budget.dit_row, vae_call_bytes = budget.vae_calls,
+        limit_bytes = ?budget.limit,
+        "DiT rows per call chosen from the free memory: {rows} ({:.1} MiB a row, measured at load; {:.1} GiB free{}, {:.0} % kept free, {:.1} GiB for the VAE's calls; at most {})",
+        budget.dit_row as f64 / (1u64 << 20) as f64, gib(free),
+        budget.limit.map_or(String::new(), |l| format!(" within a --gpu-memory-limit of {:.1} GiB", gib(l))),
+        auto.headroom * 100.0, gib(budget.vae_calls), auto.most);
 }
 
 /// The three model files of a worker.
@@ -374,9 +500,12 @@ impl Models {
                 }
             }
         }
-        let dit = Dit::load(&paths.dit, &runtime.dit())?;
+        let mut dit = Dit::load(&paths.dit, &runtime.dit())?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, &runtime.decoder())?;
+        if let Some(auto) = runtime.auto_rows {
+            choose_dit_rows(&mut dit, &encoder, &decoder, runtime, auto);
+        }
         let (d, e, v) = (dit.call_limit(), encoder.call_limit(), decoder.call_limit());
         tracing::info!(dit = %paths.dit.display(), classes = dit.info().num_classes, latent = ?dit.info().latent_shape,
         seconds = started.elapsed().as_secs_f64(),
@@ -796,4 +925,43 @@ pub fn schedule_for_sampler(dit: &Dit, steps: usize, sampler: Sampler) -> Result
     let info = dit.info();
     let betas: BetaSchedule = info.beta_schedule.parse()?;
     Ok(Schedule::new(betas, info.train_timesteps, info.beta_start, info.beta_end, steps, sampler.respacing())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn auto_rows_fit_the_free_memory_with_headroom() {
+        let auto = AutoRows::default();
+        // 70 GiB free, 100 MiB a row, no VAE: 0.8 × 70 GiB / 100 MiB = 573.4 → 560 (a multiple of 16).
+        let budget = MemoryBudget { free: 70 * GIB, limit: None, dit_row: 100 * MIB, vae_calls: 0 };
+        assert_eq!(auto_dit_rows(budget, auto), Some(560));
+        // The VAE's calls come off first: 0.8 × 70 GiB − 16 GiB = 40 GiB → 409.6 → 400.
+        assert_eq!(auto_dit_rows(MemoryBudget { vae_calls: 16 * GIB, ..budget }, auto), Some(400));
+        // --gpu-memory-limit below the free memory is the pool: 0.8 × 20 GiB / 100 MiB = 163.8 → 160.
+        assert_eq!(auto_dit_rows(MemoryBudget { limit: Some(20 * GIB), ..budget }, auto), Some(160));
+        // … and above it, the free memory still is.
+        assert_eq!(auto_dit_rows(MemoryBudget { limit: Some(200 * GIB), ..budget }, auto), Some(560));
+        // At most `most`; an even count below 32; at least 2, even when nothing fits (out-of-memory
+        // backoff then halves to 1).
+        assert_eq!(auto_dit_rows(MemoryBudget { dit_row: MIB, ..budget }, auto), Some(1024));
+        assert_eq!(auto_dit_rows(MemoryBudget { free: 27 * 5 * MIB, dit_row: 4 * MIB, ..budget }, auto), Some(26));
+        assert_eq!(auto_dit_rows(MemoryBudget { free: GIB, vae_calls: 2 * GIB, ..budget }, auto), Some(2));
+        // A row that was not measured chooses nothing.
+        assert_eq!(auto_dit_rows(MemoryBudget { dit_row: 0, ..budget }, auto), None);
+        // No headroom, a smaller cap.
+        let tight = AutoRows { headroom: 0.0, most: 256, ..auto };
+        assert_eq!(auto_dit_rows(MemoryBudget { free: 10 * GIB, ..budget }, tight), Some(96));
+        assert_eq!(auto_dit_rows(budget, tight), Some(256));
+    }
+
+    #[test]
+    fn the_free_memory_of_the_cpu_is_read_from_the_kernel() {
+        let free = free_memory(Device::Cpu).unwrap();
+        assert!(free > 16 * MIB, "{free}");
+    }
 }

@@ -301,12 +301,17 @@ impl Engine {
         let models = Models::load(paths, runtime)?;
         let schedule = schedule_for_sampler(models.dit(), sampling.steps, sampler_of(&sampling))?;
         check_guidance(&sampling, models.dit().info().latent_shape[0])?;
+        let mut policy = runtime.policy;
+        if runtime.auto_rows.is_some() {
+            // chosen at load from the free memory
+            policy.dit_rows = models.dit().call_limit().policy;
+        }
         Ok(Engine {
             models,
             schedule,
             sampling,
             seed,
-            policy: runtime.policy,
+            policy,
             overlap: runtime.overlap,
             cancel: Arc::new(AtomicBool::new(false)),
             latent_cache: None,

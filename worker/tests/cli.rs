@@ -241,6 +241,59 @@ fn distill_class_writes_ipc_images_and_modes_deterministically() {
     );
 }
 
+/// `--dit-rows auto` (the default on CUDA) chooses the rows per DiT call when the models load,
+/// from the free memory and the memory a row takes, measured then; the bytes are those of any
+/// other rows. The free memory is forced here (`MGD3_FREE_MEMORY_BYTES`) to make the choice
+/// known.
+#[test]
+fn dit_rows_auto_chooses_the_rows_from_the_free_memory_with_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n01440764", 12);
+    let run = |out: &Path, extra: &[&str], free: Option<u64>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+        command.args(distill_args(&data, "n01440764", out, "10", "tiny_dit.onnx")).args(["--threads", "1"]);
+        command.args(extra).arg("--timings-json").arg(out.join("timings.json"));
+        if let Some(free) = free {
+            command.env("MGD3_FREE_MEMORY_BYTES", free.to_string());
+        }
+        let output = command.output().unwrap();
+        assert_ok(&output);
+        let timings: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("timings.json")).unwrap()).unwrap();
+        (String::from_utf8_lossy(&output.stderr).into_owned(), timings["dit_calls"].as_u64().unwrap())
+    };
+    let field = |log: &str, name: &str| -> u64 {
+        let at = log.find(&format!("{name}=")).unwrap_or_else(|| panic!("no {name} in {log}")) + name.len() + 1;
+        log[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    let usual = dir.path().join("usual");
+    let (_, calls) = run(&usual, &[], None);
+    assert_eq!(calls, 20, "10 samples in one call of the CPU's 64 rows, 20 steps");
+
+    // Plenty of memory: the most rows (1024), still one call a step.
+    let roomy = dir.path().join("roomy");
+    let (log, calls) = run(&roomy, &["--dit-rows", "auto"], Some(1 << 40));
+    assert!(log.contains("DiT rows per call chosen from the free memory: 1024"), "{log}");
+    assert_eq!(calls, 20);
+    let (row, vae) = (field(&log, "dit_row_bytes"), field(&log, "vae_call_bytes"));
+    assert!(row > 0 && vae > 0, "{log}");
+
+    // Room for 6.5 rows after the VAE's calls and the 20 % headroom: 6 rows, 3 samples a call,
+    // so 10 samples take 4 calls a step.
+    let tight = dir.path().join("tight");
+    let free = ((vae as f64 + 6.5 * row as f64) / 0.8) as u64;
+    let (log, calls) = run(&tight, &["--max-batch", "auto"], Some(free));
+    assert!(log.contains("DiT rows per call chosen from the free memory: 6 "), "{log}");
+    assert_eq!(calls, 80, "{log}");
+    for j in 0..10 {
+        let name = format!("n01440764/{j}.png");
+        let want = std::fs::read(usual.join(&name)).unwrap();
+        assert_eq!(std::fs::read(roomy.join(&name)).unwrap(), want, "{name}");
+        assert_eq!(std::fs::read(tight.join(&name)).unwrap(), want, "{name}");
+    }
+}
+
 /// Where the temp folder takes no file (a read-only container), the load-time probe cannot write
 /// its profile: the models load unmeasured, with a warning naming TMPDIR, and the bytes are the
 /// same.
