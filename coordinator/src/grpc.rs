@@ -49,6 +49,9 @@ impl CoordinatorRpc for Service {
             pid: request.pid,
         };
         let (decision, revoked) = self.0.poll(&request.worker_id, &process, &running, request.draining)?;
+        if let Some(policy) = request.batch_policy {
+            self.0.report_batch_policy(&request.worker_id, policy.into());
+        }
         let action = match decision {
             PollDecision::Lease(grant) => Action::Lease(lease_message(grant)),
             PollDecision::Wait(ms) => Action::WaitMs(ms),

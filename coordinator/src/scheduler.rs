@@ -956,9 +956,10 @@ impl Scheduler {
         self.gone.remove(worker_id);
     }
 
-    /// Records the DiT rows per call a registered worker reported (its batch policy).
-    pub fn report_dit_rows(&mut self, worker_id: &str, dit_rows: usize) {
-        self.dit_rows.insert(worker_id.to_owned(), dit_rows);
+    /// Records the DiT rows per call a registered worker reported (its batch policy, at
+    /// registration or with a poll); whether they differ from what it reported before.
+    pub fn report_dit_rows(&mut self, worker_id: &str, dit_rows: usize) -> bool {
+        self.dit_rows.insert(worker_id.to_owned(), dit_rows) != Some(dit_rows)
     }
 
     /// What a job submitted now sizes its shards for: the largest DiT rows reported by the

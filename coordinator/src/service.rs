@@ -1528,6 +1528,16 @@ impl Coordinator {
         Ok((heartbeat_interval_ms, excluded))
     }
 
+    /// Records the batch policy a worker reported with a poll (what it runs now that it loaded a
+    /// job's models: `--dit-rows auto` chooses the rows then), so that jobs submitted later plan
+    /// their shards from it; logged at INFO when the DiT rows changed.
+    pub fn report_batch_policy(&self, worker_id: &str, policy: mgd3_common::batch::BatchPolicy) {
+        let changed = self.inner.scheduler.lock().expect("scheduler").report_dit_rows(worker_id, policy.dit_rows);
+        if changed {
+            info!(worker = %worker_id, batch = %policy, "worker reported a new batch policy; jobs submitted from now on plan their shards with it");
+        }
+    }
+
     /// A worker's heartbeat: renews the leases it reports `running` (recording their progress)
     /// and, when it holds none and is not `draining`, asks for work. Returns the decision and
     /// the reported leases that are no longer held (the worker stops them).

@@ -1543,6 +1543,22 @@ async fn shards_are_sized_by_the_rows_the_registered_workers_report() {
     let (again, existed, _) = cluster.coordinator.submit_noted(&spec(1), dir.path(), None).await.unwrap();
     assert!(existed);
     assert_eq!(again.shards, early.shards);
+
+    // A worker with `--dit-rows auto` registers the default and chooses its rows when it loads a
+    // job's models; its polls then report them, and later jobs plan with them.
+    let auto = proto::RegisterWorkerRequest {
+        worker_id: "auto".into(),
+        protocol_version: mgd3_common::PROTOCOL_VERSION,
+        batch_policy: Some(mgd3_common::batch::BatchPolicy::default().into()),
+        ..Default::default()
+    };
+    client.register_worker(auto).await.unwrap();
+    let chosen = mgd3_common::batch::BatchPolicy { dit_rows: 1024, ..Default::default() };
+    let poll =
+        proto::PollWorkRequest { worker_id: "auto".into(), batch_policy: Some(chosen.into()), ..Default::default() };
+    client.poll_work(poll).await.unwrap();
+    let (_, _, notes) = cluster.coordinator.submit_noted(&spec(3), dir.path(), None).await.unwrap();
+    assert!(notes.iter().any(|n| n.contains("1024 rows") && n.contains("2 registered worker")), "{notes:?}");
     cluster.shutdown().await;
 }
 

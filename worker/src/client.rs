@@ -352,6 +352,8 @@ pub async fn run(
             instance: instance.clone(),
             pid: std::process::id(),
             hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            // What the loaded models run with (with `--dit-rows auto`, chosen at load).
+            batch_policy: loaded.policy().map(Into::into),
         };
         let sent = Instant::now();
         let response = match stop.rpc(client.poll_work(request)).await {
@@ -465,7 +467,9 @@ async fn register<F: Future<Output = ()>>(
             model_fingerprints: fingerprints,
             pid: std::process::id(),
             instance: instance.to_owned(),
-            batch_policy: policy,
+            // The loaded models' policy once there are some (`--dit-rows auto` chooses the
+            // DiT's rows at load), else the flags'.
+            batch_policy: loaded.policy().or(policy),
         };
         match stop.rpc(client.register_worker(proto::RegisterWorkerRequest::from(registration))).await {
             _ if stop.fired => return Ok(None),

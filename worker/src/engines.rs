@@ -81,25 +81,45 @@ pub trait ShardEngine: Send {
 }
 
 /// The fingerprints of the models an engine has loaded (the path or URL as the job spec names
-/// it → `sha256:<hex>`), shared between the engine, which publishes them when it loads models,
-/// and the client, which reads them to register.
+/// it → `sha256:<hex>`) and the batch policy their calls run with, shared between the engine,
+/// which publishes them when it loads models, and the client, which reads them to register and
+/// reports the policy with its polls.
 #[derive(Clone, Debug, Default)]
-pub struct LoadedModels(Arc<std::sync::RwLock<Vec<(String, String)>>>);
+pub struct LoadedModels(Arc<std::sync::RwLock<Published>>);
+
+/// What [`LoadedModels`] holds.
+#[derive(Clone, Debug, Default)]
+struct Published {
+    fingerprints: Vec<(String, String)>,
+    /// The policy of the loaded models (`--dit-rows auto` chooses the DiT's rows at load);
+    /// `None` before any load.
+    policy: Option<BatchPolicy>,
+}
 
 impl LoadedModels {
     /// A handle holding `fingerprints`.
     pub fn new(fingerprints: Vec<(String, String)>) -> Self {
-        LoadedModels(Arc::new(std::sync::RwLock::new(fingerprints)))
+        LoadedModels(Arc::new(std::sync::RwLock::new(Published { fingerprints, policy: None })))
     }
 
     /// The fingerprints now.
     pub fn get(&self) -> Vec<(String, String)> {
-        self.0.read().expect("loaded models").clone()
+        self.0.read().expect("loaded models").fingerprints.clone()
     }
 
     /// Publishes the fingerprints of the models now loaded.
     pub fn set(&self, fingerprints: Vec<(String, String)>) {
-        *self.0.write().expect("loaded models") = fingerprints;
+        self.0.write().expect("loaded models").fingerprints = fingerprints;
+    }
+
+    /// The batch policy of the models now loaded (`None` before any load).
+    pub fn policy(&self) -> Option<BatchPolicy> {
+        self.0.read().expect("loaded models").policy
+    }
+
+    /// Publishes the batch policy of the models now loaded.
+    pub fn set_policy(&self, policy: BatchPolicy) {
+        self.0.write().expect("loaded models").policy = Some(policy);
     }
 }
 
@@ -207,6 +227,7 @@ impl OnnxShardEngine {
                 .map_err(ShardFailure::LatentCache)?;
             engine.set_latent_cache(cache);
             engine.set_cpu_pool(self.pool.clone());
+            self.published.set_policy(*engine.policy());
             self.loaded = Some(LoadedEngine { key, engine });
             self.published.set(fingerprints);
         }

@@ -510,3 +510,50 @@ fn two_batches_in_flight_give_the_same_bytes_as_one_at_a_time() {
         }
     }
 }
+
+/// With `--dit-rows auto` the engine chooses the DiT's rows when it loads a job's models and
+/// publishes its policy (with the rows chosen) beside the models' fingerprints, where the client
+/// reads it for its polls and registrations; before any load there is none.
+#[test]
+fn an_auto_engine_publishes_the_rows_it_chose_at_load() {
+    use mgd3_worker::shard::{OnnxShardEngine, ShardEngine, ShardError};
+    struct Keep(usize);
+    impl ClassSink for Keep {
+        type Error = ShardError;
+        fn commit(&mut self, _: &ClassRef, _: ClassResult) -> Result<bool, ShardError> {
+            self.0 += 1;
+            Ok(true)
+        }
+        fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
+    }
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(&dir.path().join("data"), &["n001"], 4);
+    let spec = mgd3_common::job::JobSpec::from_toml(&format!(
+        "dataset = \"{}\"\nclasses = [\"n001\"]\nipc = 2\n[sampling]\nsteps = 4\nstop_guidance = 2\n[models]\n\
+         dit = \"{}\"\nvae_encoder = \"{}\"\nvae_decoder = \"{}\"\n",
+        dir.path().join("data").display(),
+        fixtures.join("tiny_dit.onnx").display(),
+        fixtures.join("tiny_vae_encoder.onnx").display(),
+        fixtures.join("tiny_vae_decoder.onnx").display()
+    ))
+    .unwrap();
+    init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
+    let session = SessionConfig { intra_threads: Some(1), ..Default::default() };
+    let runtime = Runtime {
+        auto_rows: Some(mgd3_worker::models::AutoRows { free_memory_bytes: Some(1 << 40), ..Default::default() }),
+        ..Runtime::uniform(session)
+    };
+    let mut engine = OnnxShardEngine::new(runtime, CpuPool::new(Some(1)));
+    let published = engine.loaded_models();
+    assert_eq!(published.policy(), None);
+    let classes = [ClassRef { wnid: "n001".into(), label: 1, class_index: 0, listing: None }];
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut sink = Keep(0);
+    engine.distill_shard(&spec, &classes, &cancel, &mut sink).unwrap();
+    assert_eq!(sink.0, 1);
+    let policy = published.policy().expect("published at load");
+    assert_eq!(policy.dit_rows, 1024, "the most rows, with a terabyte free");
+    assert_eq!(policy.encode_images, 64);
+    assert_eq!(published.get().len(), 3, "the fingerprints beside it");
+}
