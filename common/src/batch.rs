@@ -137,7 +137,9 @@ impl std::fmt::Display for PlannedRows {
             PlannedRows::Reported { dit_rows, workers } => write!(
                 f,
                 "shards are sized for DiT calls of {dit_rows} rows, the largest --dit-rows of the {workers} \
-                 registered worker(s), with at least one shard per worker"
+                 registered worker(s), with at least one shard per worker (a worker with --dit-rows auto, the \
+                 default on CUDA, reports {DEFAULT_DIT_ROWS} until it has loaded a job's models, then the rows it \
+                 chose; set classes_per_shard to size the shards yourself)"
             ),
         }
     }

@@ -253,9 +253,32 @@ pub fn auto_dit_rows(budget: MemoryBudget, auto: AutoRows) -> Option<usize> {
     Some(if rows >= 32 { rows / 16 * 16 } else { rows / 2 * 2 })
 }
 
+/// What this process's memory cgroup may still take, where it has a limit (a Slurm job's
+/// `--mem`, a container's): `memory.max − memory.current` (cgroup v2) or `memory.limit_in_bytes
+/// − memory.usage_in_bytes` (v1) of the cgroup `/proc/self/cgroup` names; `None` without one.
+fn cgroup_room() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let read = |dir: &std::path::Path, name: &str| {
+        std::fs::read_to_string(dir.join(name)).ok().and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    // v1 first: a hybrid host names its memory controller on a line of its own.
+    if let Some(path) = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.trim())) {
+        let dir = root.join("memory").join(path.trim_start_matches('/'));
+        if let Some(limit) = read(&dir, "memory.limit_in_bytes") {
+            // "no limit" is a page-rounded i64::MAX
+            return (limit < 1 << 62).then(|| limit.saturating_sub(read(&dir, "memory.usage_in_bytes").unwrap_or(0)));
+        }
+    }
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let dir = root.join(path.trim_start_matches('/'));
+    let max = read(&dir, "memory.max")?; // "max" (no limit) does not parse
+    Some(max.saturating_sub(read(&dir, "memory.current").unwrap_or(0)))
+}
+
 /// Free memory on `device` in bytes: the CUDA card's (`nvidia-smi --query-gpu=memory.free`, the
-/// card as `CUDA_VISIBLE_DEVICES` names it), or on the CPU the kernel's `MemAvailable`. `Err`
-/// says why it could not be read.
+/// card as `CUDA_VISIBLE_DEVICES` names it), or on the CPU the kernel's `MemAvailable`, within
+/// the cgroup's memory limit ([`cgroup_room`]). `Err` says why it could not be read.
 fn free_memory(device: Device) -> Result<u64, String> {
     match device {
         Device::Cuda(ordinal) => {
@@ -273,11 +296,16 @@ fn free_memory(device: Device) -> Result<u64, String> {
         }
         Device::Cpu => {
             let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
-            info.lines()
+            let line = info
+                .lines()
                 .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map(|kib| kib << 10)
-                .ok_or_else(|| "/proc/meminfo has no MemAvailable line".to_owned())
+                .ok_or_else(|| "/proc/meminfo has no MemAvailable line".to_owned())?;
+            let available =
+                line.trim().trim_end_matches("kB").trim().parse::<u64>().map(|kib| kib << 10).map_err(|_| {
+                    format!("/proc/meminfo's MemAvailable line `{}` is not a number of kB", line.trim())
+                })?;
+            // A Slurm job or container is held to its cgroup's limit, whatever the node has free.
+            Ok(cgroup_room().map_or(available, |room| room.min(available)))
         }
     }
 }
@@ -357,13 +385,28 @@ fn choose_dit_rows(dit: &mut Dit, encoder: &VaeEncoder, decoder: &VaeDecoder, ru
         return;
     };
     dit.set_rows(rows);
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     tracing::info!(%device, rows, free_bytes = free, dit_row_bytes = budget.dit_row, vae_call_bytes = budget.vae_calls,
-        limit_bytes = ?budget.limit,
-        "DiT rows per call chosen from the free memory: {rows} ({:.1} MiB a row, measured at load; {:.1} GiB free{}, {:.0} % kept free, {:.1} GiB for the VAE's calls; at most {})",
-        budget.dit_row as f64 / (1u64 << 20) as f64, gib(free),
-        budget.limit.map_or(String::new(), |l| format!(" within a --gpu-memory-limit of {:.1} GiB", gib(l))),
-        auto.headroom * 100.0, gib(budget.vae_calls), auto.most);
+        "DiT rows per call chosen from the free memory: {rows} ({} a row, measured at load; {} free{}, {:.0} % kept free, {} for the VAE's calls; 2 to {} rows)",
+        bytes(budget.dit_row), bytes(free),
+        budget.limit.map_or(String::new(), |l| format!(" within a --gpu-memory-limit of {}", bytes(l))),
+        auto.headroom * 100.0, bytes(budget.vae_calls), auto.most);
+    if rows < 32 {
+        // Few rows leave the GPU mostly idle between calls: say what took the memory.
+        let usable = (budget.limit.map_or(free, |l| l.min(free)) as f64 * (1.0 - auto.headroom)) as u64;
+        tracing::warn!(%device, rows,
+            "only {rows} DiT rows per call fit: the VAE's calls at their batch ({} images to encode, {} to decode) take {} of the {} usable; \
+             lower --vae-batch (or --vae-encode-batch / --vae-decode-batch), free memory on the device, or set --dit-rows",
+            e.items, v.items, bytes(budget.vae_calls), bytes(usable));
+    }
+}
+
+/// `bytes` for a log line: in GiB from 1 GiB, else in MiB.
+fn bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// The three model files of a worker.

@@ -275,6 +275,7 @@ fn dit_rows_auto_chooses_the_rows_from_the_free_memory_with_the_same_bytes() {
     let roomy = dir.path().join("roomy");
     let (log, calls) = run(&roomy, &["--dit-rows", "auto"], Some(1 << 40));
     assert!(log.contains("DiT rows per call chosen from the free memory: 1024"), "{log}");
+    assert!(!log.contains("DiT rows per call fit"), "no warning with room to spare: {log}");
     assert_eq!(calls, 20);
     let (row, vae) = (field(&log, "dit_row_bytes"), field(&log, "vae_call_bytes"));
     assert!(row > 0 && vae > 0, "{log}");
@@ -285,6 +286,8 @@ fn dit_rows_auto_chooses_the_rows_from_the_free_memory_with_the_same_bytes() {
     let free = ((vae as f64 + 6.5 * row as f64) / 0.8) as u64;
     let (log, calls) = run(&tight, &["--max-batch", "auto"], Some(free));
     assert!(log.contains("DiT rows per call chosen from the free memory: 6 "), "{log}");
+    // So few rows say what took the memory, and what to change.
+    assert!(log.contains("only 6 DiT rows per call fit") && log.contains("lower --vae-batch"), "{log}");
     assert_eq!(calls, 80, "{log}");
     for j in 0..10 {
         let name = format!("n01440764/{j}.png");
