@@ -135,7 +135,7 @@ pub struct RuntimeArgs {
     /// then), keeping 20 % free, at most 1024. Default: `auto` on CUDA, 64 on the CPU.
     /// `--max-batch` is the same flag's older name. Before the VAE had its own flag, it set the
     /// VAE batch too: it still does unless --vae-batch is given, capped at 64 images.
-    #[arg(long = "dit-rows", visible_alias = "max-batch")]
+    #[arg(long = "dit-rows", visible_alias = "max-batch", allow_negative_numbers = true)]
     pub dit_rows: Option<DitRows>,
     /// Images per VAE call, encoder and decoder (default: --dit-rows, at most 64). Each call is
     /// also kept under the per-call element ceiling measured from the model at load.
@@ -900,6 +900,8 @@ mod tests {
         let mut argv = vec!["worker", "--dit-rows", "many"];
         let error = Cli::try_parse_from(&argv).unwrap_err().to_string();
         assert!(error.contains("`many` is neither a number of rows (e.g. 256) nor `auto`"), "{error}");
+        let error = Cli::try_parse_from(["worker", "--dit-rows", "-3"]).unwrap_err().to_string();
+        assert!(error.contains("--dit-rows") && error.contains("`-3` is neither"), "{error}");
         argv[2] = "0";
         let error = SessionConfig::try_from(&Cli::try_parse_from(&argv).unwrap().cluster.runtime).unwrap_err();
         assert!(error.to_string().starts_with("--dit-rows (--max-batch) must be at least 1"), "{error}");
