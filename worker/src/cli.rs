@@ -139,14 +139,14 @@ pub struct RuntimeArgs {
     pub dit_rows: Option<DitRows>,
     /// Images per VAE call, encoder and decoder (default: --dit-rows, at most 64). Each call is
     /// also kept under the per-call element ceiling measured from the model at load.
-    #[arg(long)]
+    #[arg(long, value_parser = images_per_call)]
     pub vae_batch: Option<usize>,
     /// Images per VAE encoder call (default: --vae-batch); also the chunk of decoded images the
     /// data stage hands the encoder (up to 4 chunks are in memory).
-    #[arg(long)]
+    #[arg(long, value_parser = images_per_call)]
     pub vae_encode_batch: Option<usize>,
     /// Images per VAE decoder call (default: --vae-batch).
-    #[arg(long)]
+    #[arg(long, value_parser = images_per_call)]
     pub vae_decode_batch: Option<usize>,
     /// Device memory the CUDA execution provider's arena may hold: bytes (`24000000000`, `24GB`,
     /// `22GiB`) or a fraction of the card's memory (`0.8`, `80%`). Default: ONNX Runtime's (the
@@ -205,6 +205,20 @@ impl std::str::FromStr for DitRows {
             .map(DitRows::Rows)
             .map_err(|_| format!("`{s}` is neither a number of rows (e.g. 256) nor `auto`"))
     }
+}
+
+/// A VAE batch flag's value: a number of images (`auto` is `--dit-rows`' alone: the VAE's
+/// batches are what the DiT's rows are chosen around).
+fn images_per_call(s: &str) -> Result<usize, String> {
+    s.parse::<usize>().map_err(|_| {
+        if s.eq_ignore_ascii_case("auto") {
+            "`auto` is for --dit-rows only: give the VAE a number of images per call (default 64; \
+             --dit-rows auto chooses the DiT's rows around the VAE's batch)"
+                .to_owned()
+        } else {
+            format!("`{s}` is not a number of images per call (e.g. 32)")
+        }
+    })
 }
 
 /// Most threads per usable CPU `--cpu-threads` and `--threads` accept: beyond that a pool only
@@ -900,6 +914,10 @@ mod tests {
         let mut argv = vec!["worker", "--dit-rows", "many"];
         let error = Cli::try_parse_from(&argv).unwrap_err().to_string();
         assert!(error.contains("`many` is neither a number of rows (e.g. 256) nor `auto`"), "{error}");
+        let error = Cli::try_parse_from(["worker", "--vae-batch", "auto"]).unwrap_err().to_string();
+        assert!(error.contains("`auto` is for --dit-rows only"), "{error}");
+        let error = Cli::try_parse_from(["worker", "--vae-decode-batch", "x"]).unwrap_err().to_string();
+        assert!(error.contains("`x` is not a number of images per call"), "{error}");
         let error = Cli::try_parse_from(["worker", "--dit-rows", "-3"]).unwrap_err().to_string();
         assert!(error.contains("--dit-rows") && error.contains("`-3` is neither"), "{error}");
         argv[2] = "0";
