@@ -65,6 +65,14 @@ impl BatchInput<'_> {
     }
 }
 
+/// The named inputs of one `Session::run`, from [`BatchInput::chunk`] or
+/// [`BatchInput::repeated`] values.
+fn session_inputs(
+    values: impl Iterator<Item = Result<(String, DynValue), ort::Error>>,
+) -> Result<Vec<(String, SessionInputValue<'static>)>, ort::Error> {
+    values.map(|value| value.map(|(name, v)| (name, SessionInputValue::from(v)))).collect()
+}
+
 /// How many items a model's call carries, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallLimit {
@@ -189,10 +197,7 @@ impl LoadedModel {
             return self.measure_item_bytes(inputs);
         }
         let context = format!("probing `{}` with one item", self.path.display());
-        let values =
-            inputs.iter().map(|i| i.chunk(0, 1)).collect::<Result<Vec<_>, _>>().map_err(Error::ort(context.clone()))?;
-        let values: Vec<(String, SessionInputValue<'_>)> =
-            values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+        let values = session_inputs(inputs.iter().map(|i| i.chunk(0, 1))).map_err(Error::ort(context.clone()))?;
         let run = self.session.run(values).map(drop);
         let report = self.session.end_profiling();
         run.map_err(Error::ort(context))?;
@@ -246,13 +251,7 @@ impl LoadedModel {
         let context = format!("measuring the memory per item of `{}`", self.path.display());
         let mut peaks = Vec::with_capacity(2);
         for k in [1, MEASURE_ITEMS] {
-            let values = inputs
-                .iter()
-                .map(|i| i.repeated(k))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(Error::ort(context.clone()))?;
-            let values: Vec<(String, SessionInputValue<'_>)> =
-                values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+            let values = session_inputs(inputs.iter().map(|i| i.repeated(k))).map_err(Error::ort(context.clone()))?;
             self.session.run(values).map(drop).map_err(Error::ort(context.clone()))?;
             peaks.push(crate::session::arena_peak_bytes(&self.session, self.arena));
         }
@@ -320,9 +319,7 @@ impl LoadedModel {
                 "Failed to allocate memory for requested buffer of size {bytes} (mgd3 fault injection: calls above {limit} items)"
             )));
         }
-        let values = inputs.iter().map(|i| i.chunk(from, to)).collect::<Result<Vec<_>, _>>()?;
-        let values: Vec<(String, SessionInputValue<'_>)> =
-            values.into_iter().map(|(n, v)| (n, SessionInputValue::from(v))).collect();
+        let values = session_inputs(inputs.iter().map(|i| i.chunk(from, to)))?;
         let result = self.session.run(values)?;
         let mut out = Vec::with_capacity(outputs.len());
         for name in outputs {

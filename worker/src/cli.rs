@@ -366,28 +366,33 @@ impl std::str::FromStr for MemoryLimit {
 /// The `nvidia-smi --id` of CUDA device `ordinal`: the ordinal's entry of
 /// `CUDA_VISIBLE_DEVICES` (an index or a UUID) when that is set, since CUDA numbers only the
 /// visible devices; the ordinal itself otherwise.
-pub(crate) fn nvidia_smi_id(ordinal: i32, visible: Option<&str>) -> String {
+fn nvidia_smi_id(ordinal: i32, visible: Option<&str>) -> String {
     visible
         .and_then(|v| v.split(',').map(str::trim).filter(|e| !e.is_empty()).nth(ordinal as usize).map(str::to_owned))
         .unwrap_or_else(|| ordinal.to_string())
 }
 
-/// Total memory of CUDA device `ordinal` in bytes, from `nvidia-smi` (present wherever the NVIDIA
-/// driver is).
-fn cuda_total_memory(ordinal: i32) -> Result<u64> {
+/// `query` (`memory.total`, `memory.free`) of CUDA device `ordinal` in bytes, from `nvidia-smi`
+/// (present wherever the NVIDIA driver is), asked for the card as `CUDA_VISIBLE_DEVICES` names
+/// it. `Err` says what went wrong, for the caller to add what to do.
+pub(crate) fn cuda_memory_bytes(ordinal: i32, query: &str) -> Result<u64, String> {
     let id = nvidia_smi_id(ordinal, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
     let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={id}")])
+        .args([&format!("--query-gpu={query}"), "--format=csv,noheader,nounits", &format!("--id={id}")])
         .output()
-        .context("cannot run nvidia-smi to read the card's memory for a fractional --gpu-memory-limit; give the limit in bytes (e.g. 60GB)")?;
+        .map_err(|e| format!("cannot run nvidia-smi to read the card's {query}: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mib: u64 = text.trim().parse().with_context(|| {
-        format!(
-            "nvidia-smi gave `{}` for cuda:{ordinal} (--id={id}); give --gpu-memory-limit in bytes (e.g. 60GB)",
-            text.trim()
-        )
-    })?;
+    let mib: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("nvidia-smi gave `{}` for {query} of cuda:{ordinal} (--id={id})", text.trim()))?;
     Ok(mib << 20)
+}
+
+/// Total memory of CUDA device `ordinal` in bytes, for a fractional `--gpu-memory-limit`.
+fn cuda_total_memory(ordinal: i32) -> Result<u64> {
+    cuda_memory_bytes(ordinal, "memory.total")
+        .map_err(|why| anyhow::anyhow!("{why}; give --gpu-memory-limit in bytes (e.g. 60GB)"))
 }
 
 impl TryFrom<&RuntimeArgs> for SessionConfig {

@@ -281,19 +281,7 @@ fn cgroup_room() -> Option<u64> {
 /// the cgroup's memory limit ([`cgroup_room`]). `Err` says why it could not be read.
 fn free_memory(device: Device) -> Result<u64, String> {
     match device {
-        Device::Cuda(ordinal) => {
-            let id = crate::cli::nvidia_smi_id(ordinal, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref());
-            let out = std::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", &format!("--id={id}")])
-                .output()
-                .map_err(|e| format!("cannot run nvidia-smi: {e}"))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let mib: u64 = text
-                .trim()
-                .parse()
-                .map_err(|_| format!("nvidia-smi --id={id} gave `{}` for the free memory", text.trim()))?;
-            Ok(mib << 20)
-        }
+        Device::Cuda(ordinal) => crate::cli::cuda_memory_bytes(ordinal, "memory.free"),
         Device::Cpu => {
             let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
             let line = info
