@@ -190,8 +190,21 @@ pub struct JobStatus {
     pub workers_excluded: u32,
     /// Of `workers`, each one this job has excluded, with why (as it was said).
     pub exclusions: Vec<WorkerExclusion>,
+    /// Of `workers`, the DiT rows per call each one reported (its batch policy: `--dit-rows` as
+    /// given, or what `--dit-rows auto` chose for its card), in worker-id order. Workers of
+    /// versions that do not report rows are left out.
+    pub worker_rows: Vec<WorkerRows>,
     /// Every shard, in plan order.
     pub shard_list: Vec<ShardStatus>,
+}
+
+/// A connected worker's DiT rows per call, as it reported them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRows {
+    /// The worker's id.
+    pub worker_id: String,
+    /// DiT rows per call (two per sample with CFG pairs).
+    pub dit_rows: u32,
 }
 
 /// A connected worker a job has excluded, and why.
@@ -226,6 +239,7 @@ impl JobStatus {
             workers: 0,
             workers_excluded: 0,
             exclusions: Vec::new(),
+            worker_rows: Vec::new(),
             shard_list: Vec::new(),
             job_id,
         }

@@ -12,7 +12,7 @@ use crate::lease::{Completion, Disposition, Exclusion, Failure, Registration, Ru
 use crate::proto;
 use crate::status::{
     JobState, JobStatus, ShardCounts, ShardFailure, ShardPhase, ShardStatus, VerifyProblem, VerifyReport,
-    WorkerExclusion,
+    WorkerExclusion, WorkerRows,
 };
 
 /// The metadata header carrying the sender's [`crate::PROTOCOL_VERSION`] on every request.
@@ -373,6 +373,11 @@ impl From<JobStatus> for proto::JobStatus {
                 .into_iter()
                 .map(|e| proto::WorkerExclusion { worker_id: e.worker_id, reason: e.reason })
                 .collect(),
+            worker_rows: s
+                .worker_rows
+                .into_iter()
+                .map(|r| proto::WorkerRows { worker_id: r.worker_id, dit_rows: r.dit_rows })
+                .collect(),
             output: s.output,
             classes_done: s.classes_done,
             classes_total: s.classes_total,
@@ -434,6 +439,7 @@ impl TryFrom<proto::JobStatus> for JobStatus {
                 .into_iter()
                 .map(|e| WorkerExclusion { worker_id: e.worker_id, reason: e.reason })
                 .collect(),
+            worker_rows: s.worker_rows.into_iter().map(|r| WorkerRows { worker_id: r.worker_id, dit_rows: r.dit_rows }).collect(),
             output: s.output,
             shard_list: s
                 .shards
@@ -497,6 +503,7 @@ mod tests {
             workers: 1,
             workers_excluded: 1,
             exclusions: vec![WorkerExclusion { worker_id: "w".into(), reason: "its models differ".into() }],
+            worker_rows: vec![WorkerRows { worker_id: "w".into(), dit_rows: 688 }],
             shard_list: vec![
                 ShardStatus {
                     index: 0,

@@ -589,6 +589,8 @@ fn status_json(status: &JobStatus) -> serde_json::Value {
         "workers_excluded": status.workers_excluded,
         "exclusions": status.exclusions.iter().map(|e| serde_json::json!({
             "worker": e.worker_id, "reason": e.reason})).collect::<Vec<_>>(),
+        "dit_rows": status.worker_rows.iter().map(|r| serde_json::json!({
+            "worker": r.worker_id, "rows": r.dit_rows})).collect::<Vec<_>>(),
         "fingerprint": status.fingerprint,
         "output": status.output,
         "failures": status.failures.iter().map(|f| serde_json::json!({

@@ -119,6 +119,21 @@ pub fn progress_line(status: &JobStatus, url: &str) -> String {
     line
 }
 
+/// `DiT rows per call: 1024 (2 workers), 256 (1 worker)`: the rows the connected workers
+/// reported, most first; `None` when none reported any.
+fn rows_summary(status: &JobStatus) -> Option<String> {
+    let mut counts: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    for r in &status.worker_rows {
+        *counts.entry(r.dit_rows).or_default() += 1;
+    }
+    let groups: Vec<String> = counts
+        .iter()
+        .rev()
+        .map(|(rows, n)| format!("{rows} ({n} worker{})", if *n == 1 { "" } else { "s" }))
+        .collect();
+    (!groups.is_empty()).then(|| format!("DiT rows per call: {}", groups.join(", ")))
+}
+
 /// `coordinator status`'s text for one job.
 pub fn describe(status: &JobStatus, url: &str) -> String {
     if status.state == JobState::Quarantined {
@@ -126,10 +141,13 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
         return format!("job {} [quarantined]\n  {reason}\n", status.job_id);
     }
     let shards = &status.shards;
-    let workers = match no_worker_warning(status, url) {
-        Some(warning) => format!("{} — {warning}", status.workers),
-        None => status.workers.to_string(),
-    };
+    let mut workers = status.workers.to_string();
+    if let Some(rows) = rows_summary(status) {
+        workers.push_str(&format!(" ({rows})"));
+    }
+    if let Some(warning) = no_worker_warning(status, url) {
+        workers.push_str(&format!(" — {warning}"));
+    }
     let mut text = format!(
         "job {} [{}]\n  shards: {} done, {} running, {} pending, {} failed (of {})\n  classes: {}/{}\n  images: {}/{}, {}\n  workers: {}\n  output: {}\n",
         status.job_id,
@@ -369,6 +387,7 @@ mod tests {
             workers,
             workers_excluded: 0,
             exclusions: Vec::new(),
+            worker_rows: Vec::new(),
             shard_list: Vec::new(),
         }
     }
@@ -429,5 +448,14 @@ mod tests {
         assert!(!text.contains("model files differ"), "the reasons as they are, nothing made up: {text}");
         let some = JobStatus { workers_excluded: 1, ..status(JobState::Running, 2, 0.0, None) };
         assert!(!describe(&some, "u").contains("eligible"));
+        // The rows each worker runs its DiT calls with (what `--dit-rows auto` chose), most first.
+        let rows = |worker: &str, dit_rows: u32| mgd3_common::status::WorkerRows { worker_id: worker.into(), dit_rows };
+        let sized = JobStatus {
+            worker_rows: vec![rows("a", 256), rows("b", 1024), rows("c", 1024)],
+            ..status(JobState::Running, 3, 2.4, Some(29.0))
+        };
+        let text = describe(&sized, "u");
+        assert!(text.contains("workers: 3 (DiT rows per call: 1024 (2 workers), 256 (1 worker))\n"), "{text}");
+        assert!(!describe(&running, "u").contains("DiT rows"), "no rows reported, none said");
     }
 }

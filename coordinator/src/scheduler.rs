@@ -893,6 +893,21 @@ impl Scheduler {
         self.workers.values().filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms).count()
     }
 
+    /// (worker id, DiT rows) of the workers seen in the last three heartbeats that reported
+    /// their rows, in worker-id order.
+    pub fn live_worker_rows(&self, now: u64) -> Vec<(String, usize)> {
+        let mut rows: Vec<(String, usize)> = self
+            .dit_rows
+            .iter()
+            .filter(|(worker, _)| {
+                self.workers.get(*worker).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms)
+            })
+            .map(|(worker, rows)| (worker.clone(), *rows))
+            .collect();
+        rows.sort();
+        rows
+    }
+
     /// Workers seen in the last three heartbeats that `job_id` has excluded.
     pub fn live_workers_excluded(&self, job_id: &str, now: u64) -> usize {
         let Some(run) = self.jobs.get(job_id) else { return 0 };
@@ -2527,9 +2542,11 @@ mod tests {
         s.register("h200", 0);
         s.report_dit_rows("h200", 512);
         assert_eq!(s.planned_rows(), PlannedRows::Reported { dit_rows: 512, workers: 2 });
+        assert_eq!(s.live_worker_rows(0), vec![("a100".to_owned(), 256), ("h200".to_owned(), 512)]);
         // A worker silent for three heartbeats no longer counts.
         s.register("a100", 5000);
         s.note_departures(5000);
         assert_eq!(s.planned_rows(), PlannedRows::Reported { dit_rows: 256, workers: 1 });
+        assert_eq!(s.live_worker_rows(5000), vec![("a100".to_owned(), 256)]);
     }
 }

@@ -1442,6 +1442,14 @@ impl Coordinator {
                 .into_iter()
                 .map(|(worker_id, reason)| mgd3_common::status::WorkerExclusion { worker_id, reason })
                 .collect(),
+            worker_rows: scheduler
+                .live_worker_rows(now)
+                .into_iter()
+                .map(|(worker_id, rows)| mgd3_common::status::WorkerRows {
+                    worker_id,
+                    dit_rows: u32::try_from(rows).unwrap_or(u32::MAX),
+                })
+                .collect(),
             shard_list: summary.shards,
             output: format!(
                 "{}/{}",

@@ -156,13 +156,13 @@ pub struct RuntimeArgs {
     /// For tests: the per-call element ceiling (default 2³¹ − 1: the largest tensor of a call
     /// stays within 32-bit indexing).
     #[arg(long, env = "MGD3_MAX_CALL_ELEMENTS", hide = true)]
-    pub max_call_elements: Option<u64>,
+    pub max_call_elements: Option<Seam<u64>>,
     /// For tests: calls of more items than this fail as if out of memory (out-of-memory backoff).
     #[arg(long, env = "MGD3_FAULT_OOM_ABOVE", hide = true)]
-    pub fault_oom_above: Option<usize>,
+    pub fault_oom_above: Option<Seam<usize>>,
     /// For tests: the free memory `--dit-rows auto` reads, in bytes, instead of the device's.
     #[arg(long, env = "MGD3_FREE_MEMORY_BYTES", hide = true)]
-    pub free_memory_bytes: Option<u64>,
+    pub free_memory_bytes: Option<Seam<u64>>,
     /// For measurements (scripts/gpu_check.sh): the VAE's convolutions in NHWC on CUDA (`true`,
     /// the default) or NCHW (`false`).
     #[arg(long, env = "MGD3_VAE_NHWC", hide = true, default_value_t = true, action = clap::ArgAction::Set)]
@@ -263,7 +263,7 @@ impl RuntimeArgs {
             Some(DitRows::Rows(_)) => false,
             None => matches!(self.device, Device::Cuda(_)),
         };
-        auto.then(|| crate::models::AutoRows { free_memory_bytes: self.free_memory_bytes, ..Default::default() })
+        auto.then(|| crate::models::AutoRows { free_memory_bytes: Seam::get(self.free_memory_bytes), ..Default::default() })
     }
 
     /// The batch policy the flags ask for (checked by [`RuntimeArgs::runtime`]).
@@ -297,6 +297,33 @@ impl RuntimeArgs {
         let vae_cuda =
             mgd3_onnx::session::CudaTuning { prefer_nhwc: self.vae_nhwc, ..mgd3_onnx::session::CudaTuning::VAE };
         Ok(Runtime { session, policy, vae_cuda, overlap: self.overlap == Switch::On, auto_rows: self.auto_rows() })
+    }
+}
+
+/// A test seam's value (`MGD3_FREE_MEMORY_BYTES` and the like): a number, or unset when the
+/// variable is set but empty (`VAR=` is how a shell unsets it for one command).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seam<T>(Option<T>);
+
+impl<T: Copy> Seam<T> {
+    /// The value a flag or variable gave, if any.
+    pub fn get(seam: Option<Seam<T>>) -> Option<T> {
+        seam.and_then(|s| s.0)
+    }
+}
+
+impl<T: std::str::FromStr> std::str::FromStr for Seam<T>
+where
+    T::Err: std::fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(Seam(None));
+        }
+        s.parse().map(|v| Seam(Some(v))).map_err(|e: T::Err| e.to_string())
     }
 }
 
@@ -429,13 +456,13 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             device: args.device,
             intra_threads,
             max_batch: args.dit_rows(),
-            max_call_elements: args.max_call_elements.unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
+            max_call_elements: Seam::get(args.max_call_elements).unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
             gpu_memory_limit,
             // each model's own tuning is set where its session is built (`Runtime::dit` etc.)
             cuda: Default::default(),
             provider: args.provider.unwrap_or_default(),
             tensorrt_cache: Some(mgd3_common::store::model_cache_dir().join("tensorrt")),
-            fault_oom_above: args.fault_oom_above,
+            fault_oom_above: Seam::get(args.fault_oom_above),
             // set per model where its session is built, when the rows are chosen at load
             measure_item_bytes: false,
         })
@@ -454,7 +481,7 @@ impl RuntimeArgs {
                 bail!("{flag} must be at least 1");
             }
         }
-        if self.max_call_elements == Some(0) {
+        if Seam::get(self.max_call_elements) == Some(0) {
             bail!("MGD3_MAX_CALL_ELEMENTS must be at least 1");
         }
         if self.threads == Some(0) {
@@ -932,6 +959,17 @@ mod tests {
         assert_eq!(runtime_args(&["--vae-encode-batch", "256"]).batch_policy().encode_chunk, 256);
         let error = SessionConfig::try_from(&runtime_args(&["--gpu-memory-limit", "20GB"])).unwrap_err().to_string();
         assert!(error.contains("--gpu-memory-limit") && error.contains("cpu"), "{error}");
+    }
+
+    #[test]
+    fn an_empty_test_seam_is_unset_and_a_bad_one_is_refused() {
+        let args = runtime_args(&["--free-memory-bytes", "1000", "--fault-oom-above", "", "--max-call-elements", " "]);
+        assert_eq!(Seam::get(args.free_memory_bytes), Some(1000));
+        assert_eq!(Seam::get(args.fault_oom_above), None);
+        assert_eq!(Seam::get(args.max_call_elements), None);
+        assert_eq!(SessionConfig::try_from(&args).unwrap().max_call_elements, mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS);
+        let error = Cli::try_parse_from(["worker", "--free-memory-bytes", "lots"]).unwrap_err().to_string();
+        assert!(error.contains("--free-memory-bytes") && error.contains("'lots'"), "{error}");
     }
 
     #[test]
