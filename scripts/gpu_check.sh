@@ -9,7 +9,9 @@
 # on the same model in the same run, then a bf16 DiT, the same job with one DiT batch at a time
 # (--overlap off) and, within a time budget (MGD3_CHECK_BUDGET_S, 390 s, so that the whole check
 # takes ~8 minutes), the fused fp16 class with --dit-rows auto (rows chosen from the card's free
-# memory), PyTorch's eager attention, fp32 and the VAE in NCHW. Every section runs even
+# memory), PyTorch's eager attention, fp32, the VAE in NCHW and the calls without ONNX Runtime's
+# I/O binding (each run's results quote its model-load line: whether the binding was kept on
+# CUDA, with the provider options). Every section runs even
 # when one before it failed; the summary names the failures and the exit status is non-zero if
 # there were any.
 #
@@ -172,15 +174,17 @@ for c in range(classes):
 PY
 }
 
-# one_class VARIANT MAX_BATCH [nchw]: one class end to end by `worker distill-class` with the
-# models of $out/models/VARIANT (fp16, fp32, fp16-fused, bf16-fused, fp32-fused); `nchw` runs the
-# VAE's convolutions in NCHW instead of the default NHWC (MGD3_VAE_NHWC=false).
+# one_class VARIANT MAX_BATCH [nchw|unbound]: one class end to end by `worker distill-class` with
+# the models of $out/models/VARIANT (fp16, fp32, fp16-fused, bf16-fused, fp32-fused); `nchw` runs
+# the VAE's convolutions in NCHW instead of the default NHWC (MGD3_VAE_NHWC=false), `unbound` the
+# calls without ONNX Runtime's I/O binding (MGD3_IO_BINDING=off).
 one_class() {
   local precision=$1 batch=$2 name=$1-$2${3:+-$3}
-  local nhwc=true
+  local nhwc=true binding=on
   [[ ${3:-} == nchw ]] && nhwc=false
+  [[ ${3:-} == unbound ]] && binding=off
   memory_watch "$out/memory-$name.txt"
-  MGD3_VAE_NHWC=$nhwc target/release/worker distill-class --data "$out/data-one" --class n01440764 --label 0 --ipc "$ipc" \
+  MGD3_IO_BINDING=$binding MGD3_VAE_NHWC=$nhwc target/release/worker distill-class --data "$out/data-one" --class n01440764 --label 0 --ipc "$ipc" \
     --dit "$out/models/$precision/dit.onnx" --vae-encoder "$out/models/$precision/vae_encoder.onnx" \
     --vae-decoder "$out/models/$precision/vae_decoder.onnx" --out "$out/distilled-$name" \
     --device "$device" --max-batch "$batch" --timings-json "$out/timings-$name.json" --cfg-channels 3 \
@@ -188,6 +192,8 @@ one_class() {
   local status=$?
   memory_stop
   ((status == 0)) || return $status
+  # How each model ran (precision, graph, provider options, I/O binding kept or not).
+  grep -ho 'models loaded: DiT [^;]*' "$out/check.log" | tail -1 | sed "s/^/mgd3 one class $name: /" >> "$out/results.txt"
   # --dit-rows auto: what the worker chose, and from what (its one INFO line).
   [[ $batch == auto ]] && grep -ho 'DiT rows per call chosen from the free memory: .*)' "$out/check.log" | tail -1 |
     sed "s/^/mgd3 one class $name: /" >> "$out/results.txt"
@@ -293,6 +299,7 @@ for run in "${batches[@]:4}"; do
   extended "one class, ${run%%:*}, --max-batch ${run##*:}" one_class "${run%%:*}" "${run##*:}"
 done
 extended "one class, ${batches[0]%%:*}, --max-batch ${batches[0]##*:}, VAE in NCHW" one_class "${batches[0]%%:*}" "${batches[0]##*:}" nchw
+extended "one class, ${batches[0]%%:*}, --max-batch ${batches[0]##*:}, without I/O binding" one_class "${batches[0]%%:*}" "${batches[0]##*:}" unbound
 
 echo
 echo "== results (peak $peak_tflops TFLOP/s for MFU; $(date -u +%FT%TZ))"

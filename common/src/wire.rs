@@ -439,7 +439,11 @@ impl TryFrom<proto::JobStatus> for JobStatus {
                 .into_iter()
                 .map(|e| WorkerExclusion { worker_id: e.worker_id, reason: e.reason })
                 .collect(),
-            worker_rows: s.worker_rows.into_iter().map(|r| WorkerRows { worker_id: r.worker_id, dit_rows: r.dit_rows }).collect(),
+            worker_rows: s
+                .worker_rows
+                .into_iter()
+                .map(|r| WorkerRows { worker_id: r.worker_id, dit_rows: r.dit_rows })
+                .collect(),
             output: s.output,
             shard_list: s
                 .shards

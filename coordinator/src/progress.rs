@@ -126,11 +126,8 @@ fn rows_summary(status: &JobStatus) -> Option<String> {
     for r in &status.worker_rows {
         *counts.entry(r.dit_rows).or_default() += 1;
     }
-    let groups: Vec<String> = counts
-        .iter()
-        .rev()
-        .map(|(rows, n)| format!("{rows} ({n} worker{})", if *n == 1 { "" } else { "s" }))
-        .collect();
+    let groups: Vec<String> =
+        counts.iter().rev().map(|(rows, n)| format!("{rows} ({n} worker{})", if *n == 1 { "" } else { "s" })).collect();
     (!groups.is_empty()).then(|| format!("DiT rows per call: {}", groups.join(", ")))
 }
 

@@ -103,6 +103,12 @@ impl Dit {
         self.model.describe(self.info.precision)
     }
 
+    /// Whether its calls run through ONNX Runtime's I/O binding
+    /// ([`SessionConfig::io_binding`], kept only where the probe item gave the same bytes).
+    pub fn io_bound(&self) -> bool {
+        self.model.io_bound()
+    }
+
     /// How many rows a call carries now, and why (policy, element ceiling, backoff).
     pub fn call_limit(&self) -> CallLimit {
         self.model.limit()

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
 use ndarray::{Array4, ArrayView4, Axis, Ix4, concatenate, s};
-use ort::session::{Session, SessionInputValue};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::contract::{ModelIo, Precision};
@@ -121,6 +122,90 @@ pub(crate) struct LoadedModel {
     measure_memory: bool,
     /// Where the session's arena lives, for its statistics.
     arena: crate::session::Device,
+    /// The calls' I/O binding ([`SessionConfig::io_binding`]); `None`: plain runs (not asked
+    /// for, or refused or found to differ at the probe).
+    binding: Option<Binding>,
+}
+
+/// A model's I/O binding: what is bound now, so an unchanged input is not copied again.
+struct Binding {
+    binding: IoBinding,
+    /// Where outputs go: page-locked host memory on CUDA, plain host memory on the CPU.
+    output_memory: MemoryInfo<'static>,
+    /// The outputs bound so far, and the items of the call they were bound for.
+    outputs: Vec<String>,
+    rows: usize,
+    /// Integer inputs as last bound (name, values): bound again only when they change.
+    ints: Vec<(String, Vec<i64>)>,
+}
+
+// SAFETY: ONNX Runtime's IoBinding and the values it holds have no thread affinity (the `ort`
+// crate marks `Session` and `Value` Send for the same reason; its `IoBinding` is not, only
+// because it keeps `Arc`s of raw value pointers). A `Binding` is used only through `&mut` (its
+// owner, the model, is behind the worker's lock when shared), so moving it between threads
+// (Send) and sharing `&Binding`, through which nothing is called (Sync), are sound.
+unsafe impl Send for Binding {}
+unsafe impl Sync for Binding {}
+
+impl Binding {
+    fn new(session: &Session, device: crate::session::Device) -> Result<Self, ort::Error> {
+        let output_memory = match device {
+            crate::session::Device::Cpu => {
+                MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?
+            }
+            crate::session::Device::Cuda(ordinal) => {
+                MemoryInfo::new(AllocationDevice::CUDA_PINNED, ordinal, AllocatorType::Device, MemoryType::CPUOutput)?
+            }
+        };
+        Ok(Binding {
+            binding: session.create_binding()?,
+            output_memory,
+            outputs: Vec::new(),
+            rows: 0,
+            ints: Vec::new(),
+        })
+    }
+
+    /// Binds one call's inputs (items `from..to`) and the outputs, skipping integer inputs equal
+    /// to those bound for the previous call.
+    fn bind(&mut self, inputs: &[BatchInput<'_>], from: usize, to: usize, outputs: &[&str]) -> Result<(), ort::Error> {
+        for input in inputs {
+            if let BatchInput::Int(name, values) = input {
+                let values = &values[from..to];
+                if self.ints.iter().any(|(n, v)| n == name && v.as_slice() == values) {
+                    continue;
+                }
+                self.ints.retain(|(n, _)| n != name);
+                let (name, value) = input.chunk(from, to)?;
+                self.binding.bind_input(name.as_str(), &value)?;
+                self.ints.push((name, values.to_vec()));
+            } else {
+                let (name, value) = input.chunk(from, to)?;
+                self.binding.bind_input(name, &value)?;
+            }
+        }
+        // A run leaves its outputs bound at their shape: a call of another size binds them anew
+        // (a call of the same size reuses them).
+        if self.rows != to - from || self.outputs.iter().map(String::as_str).ne(outputs.iter().copied()) {
+            self.binding.clear_outputs();
+            self.outputs.clear();
+            for name in outputs {
+                self.binding.bind_output_to_device(*name, &self.output_memory)?;
+            }
+            self.outputs = outputs.iter().map(|o| o.to_string()).collect();
+            self.rows = to - from;
+        }
+        // Host inputs are copied to the device asynchronously.
+        self.binding.synchronize_inputs()
+    }
+
+    /// Forgets what is bound (after a failed call, whose inputs may be half bound).
+    fn reset(&mut self) {
+        self.binding.clear();
+        self.outputs.clear();
+        self.rows = 0;
+        self.ints.clear();
+    }
 }
 
 /// What an ONNX Runtime failure of a call says about memory: `Some(requested bytes)` when an
@@ -184,6 +269,17 @@ impl LoadedModel {
             profiling: prefix.is_some(),
             measure_memory: config.measure_item_bytes,
             arena: config.device,
+            binding: None,
+        })
+        .map(|mut model: LoadedModel| {
+            if config.io_binding {
+                match Binding::new(&model.session, config.device) {
+                    Ok(binding) => model.binding = Some(binding),
+                    Err(error) => tracing::info!(model = %path.display(), %error,
+                        "ONNX Runtime refused an I/O binding: this model's calls run plainly"),
+                }
+            }
+            model
         })
     }
 
@@ -193,6 +289,7 @@ impl LoadedModel {
     /// checks. A profile that cannot be read leaves the ceiling unmeasured (logged at WARN):
     /// the policy and out-of-memory backoff still bound the calls.
     pub fn probe(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
+        self.check_binding(inputs);
         if !std::mem::take(&mut self.profiling) {
             return self.measure_item_bytes(inputs);
         }
@@ -239,6 +336,33 @@ impl LoadedModel {
         self.measure_item_bytes(inputs)
     }
 
+    /// Runs the probe item through the I/O binding and plainly and keeps the binding only when
+    /// both give the same bytes (and ONNX Runtime accepts the binding): a binding that would
+    /// change an output, or fail, is dropped, logged at INFO, before any real call.
+    fn check_binding(&mut self, inputs: &[BatchInput<'_>]) {
+        let Some(mut binding) = self.binding.take() else { return };
+        let outputs: Vec<String> = self.io.outputs.iter().map(|o| o.name.clone()).collect();
+        let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        let plain = self.plain_call(inputs, 0, 1, &names);
+        let bound =
+            binding.bind(inputs, 0, 1, &names).and_then(|()| bound_call(&mut self.session, &mut binding, &names));
+        binding.reset();
+        match (plain, bound) {
+            // The plain run failed: the probe itself says why.
+            (Err(_), _) => {}
+            (Ok(plain), Ok(bound)) if same_bits(&plain, &bound) => self.binding = Some(binding),
+            (Ok(_), Ok(_)) => tracing::info!(model = %self.path.display(),
+                "the probe item's outputs differ through ONNX Runtime's I/O binding: this model's calls run plainly"),
+            (Ok(_), Err(error)) => tracing::info!(model = %self.path.display(), %error,
+                "ONNX Runtime's I/O binding failed on the probe item: this model's calls run plainly"),
+        }
+    }
+
+    /// Whether calls run through ONNX Runtime's I/O binding (see [`SessionConfig::io_binding`]).
+    pub fn io_bound(&self) -> bool {
+        self.binding.is_some()
+    }
+
     /// Measures [`CallLimit::item_bytes`] when the session was built to
     /// ([`SessionConfig::measure_item_bytes`]): the arena's peak after a call of the probe item
     /// alone and after a call of [`MEASURE_ITEMS`] copies of it; the growth over the extra items
@@ -274,8 +398,9 @@ impl LoadedModel {
         self.limit.items = self.limit.policy.min(self.limit.ceiling).min(self.limit.backoff);
     }
 
-    /// One phrase for the model-load log line: precision, graph and where it runs, e.g.
-    /// `fp16, fused graph (28 fused attentions), cuda:0 (TF32 on, NCHW, …)`.
+    /// One phrase for the model-load log line: precision, graph, where it runs and whether its
+    /// calls go through I/O binding, e.g. `fp16, fused graph (28 fused attentions), cuda:0 (TF32
+    /// on, NCHW, …), I/O binding`.
     pub fn describe(&self, precision: Precision) -> String {
         let precision = match (precision, self.io.metadata.get("mgd3.precision").map(|p| p.trim())) {
             // a bf16 export computes in bfloat16 behind float32 inputs and outputs
@@ -283,7 +408,8 @@ impl LoadedModel {
             (Precision::F32, _) => "fp32",
             (Precision::F16, _) => "fp16",
         };
-        format!("{precision}, {}, {}", self.io.graph(), self.runs_on)
+        let binding = if self.binding.is_some() { ", I/O binding" } else { "" };
+        format!("{precision}, {}, {}{binding}", self.io.graph(), self.runs_on)
     }
 
     /// How many items a call carries now, and why.
@@ -319,16 +445,45 @@ impl LoadedModel {
                 "Failed to allocate memory for requested buffer of size {bytes} (mgd3 fault injection: calls above {limit} items)"
             )));
         }
+        if let Some(binding) = self.binding.as_mut() {
+            let result =
+                binding.bind(inputs, from, to, outputs).and_then(|()| bound_call(&mut self.session, binding, outputs));
+            match result {
+                Ok(out) => return Ok(out),
+                // Out of memory is the call's size, not the binding: backoff handles it.
+                Err(error) if allocation_failure(&error.to_string()).is_some() => {
+                    binding.reset();
+                    return Err(error);
+                }
+                // Anything else the binding may have caused: the call runs plainly, and so do
+                // the rest when that works.
+                Err(error) => {
+                    let plain = self.plain_call(inputs, from, to, outputs);
+                    if plain.is_ok() {
+                        tracing::info!(model = %self.path.display(), %error,
+                            "a call failed through ONNX Runtime's I/O binding and ran plainly: this model's calls run plainly from now on");
+                        self.binding = None;
+                    } else if let Some(binding) = self.binding.as_mut() {
+                        binding.reset();
+                    }
+                    return plain;
+                }
+            }
+        }
+        self.plain_call(inputs, from, to, outputs)
+    }
+
+    /// One call of items `from..to` with `Session::run` (no binding).
+    fn plain_call(
+        &mut self,
+        inputs: &[BatchInput<'_>],
+        from: usize,
+        to: usize,
+        outputs: &[&str],
+    ) -> Result<Vec<Array4<f32>>, ort::Error> {
         let values = session_inputs(inputs.iter().map(|i| i.chunk(from, to)))?;
         let result = self.session.run(values)?;
-        let mut out = Vec::with_capacity(outputs.len());
-        for name in outputs {
-            let value = result
-                .get(name)
-                .ok_or_else(|| ort::Error::new(format!("output `{name}` was not produced by the run")))?;
-            out.push(extract_f32(value).map_err(|e| ort::Error::new(format!("output `{name}`: {e}")))?);
-        }
-        Ok(out)
+        named_outputs(&result, outputs)
     }
 
     /// Runs the model over the whole batch in calls of [`CallLimit::items`] and concatenates
@@ -475,6 +630,32 @@ fn largest_tensor_elements(profile: &str) -> Option<u64> {
         }
     }
     largest
+}
+
+/// Whether two runs' outputs are the same bytes (NaN included).
+fn same_bits(a: &[Array4<f32>], b: &[Array4<f32>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.shape() == b.shape() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()))
+}
+
+/// A run's outputs `names`, as f32 arrays.
+fn named_outputs(result: &ort::session::SessionOutputs<'_>, names: &[&str]) -> Result<Vec<Array4<f32>>, ort::Error> {
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let value =
+            result.get(name).ok_or_else(|| ort::Error::new(format!("output `{name}` was not produced by the run")))?;
+        out.push(extract_f32(value).map_err(|e| ort::Error::new(format!("output `{name}`: {e}")))?);
+    }
+    Ok(out)
+}
+
+/// One run of what `binding` holds; its outputs as f32 arrays.
+fn bound_call(session: &mut Session, binding: &mut Binding, names: &[&str]) -> Result<Vec<Array4<f32>>, ort::Error> {
+    let result = session.run_binding(&binding.binding)?;
+    binding.binding.synchronize_outputs()?;
+    named_outputs(&result, names)
 }
 
 fn extract_f32(value: &DynValue) -> Result<Array4<f32>, ort::Error> {

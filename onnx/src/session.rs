@@ -170,6 +170,12 @@ pub struct SessionConfig {
     /// [`crate::MEASURE_ITEMS`] items; [`crate::CallLimit::item_bytes`]), for a batch
     /// policy chosen from the device's free memory.
     pub measure_item_bytes: bool,
+    /// Run calls through ONNX Runtime's I/O binding (default on): an input equal to the one
+    /// bound for the previous call (the DiT's labels across steps) stays on the device instead
+    /// of being copied again, and outputs land in page-locked host memory on CUDA, which the
+    /// GPU writes directly. Checked at load against a plain run of the probe item, byte for
+    /// byte; where ONNX Runtime refuses it or the bytes differ the model runs plainly (logged).
+    pub io_binding: bool,
 }
 
 impl Default for SessionConfig {
@@ -185,6 +191,7 @@ impl Default for SessionConfig {
             tensorrt_cache: None,
             fault_oom_above: None,
             measure_item_bytes: false,
+            io_binding: true,
         }
     }
 }

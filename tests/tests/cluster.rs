@@ -1560,11 +1560,8 @@ async fn shards_are_sized_by_the_rows_the_registered_workers_report() {
     let (_, _, notes) = cluster.coordinator.submit_noted(&spec(3), dir.path(), None).await.unwrap();
     assert!(notes.iter().any(|n| n.contains("1024 rows") && n.contains("2 registered worker")), "{notes:?}");
     // `status` says what each worker reported, over the wire.
-    let answer = client
-        .get_job_status(proto::GetJobStatusRequest { job_id: late.job_id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer =
+        client.get_job_status(proto::GetJobStatusRequest { job_id: late.job_id.clone() }).await.unwrap().into_inner();
     let status = mgd3_common::status::JobStatus::try_from(answer).unwrap();
     let rows: Vec<(String, u32)> = status.worker_rows.iter().map(|r| (r.worker_id.clone(), r.dit_rows)).collect();
     assert_eq!(rows, [("auto".to_owned(), 1024), ("h200".to_owned(), 512)]);

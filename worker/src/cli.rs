@@ -172,6 +172,11 @@ pub struct RuntimeArgs {
     /// same output bytes. `off` samples one batch at a time (for measuring).
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub overlap: Switch,
+    /// For measurements: model calls through ONNX Runtime's I/O binding (`on`, the default: an
+    /// unchanged input such as the DiT's labels stays on the device, outputs land in page-locked
+    /// memory on CUDA; the same bytes, checked at load) or plain runs (`off`).
+    #[arg(long, env = "MGD3_IO_BINDING", hide = true, value_enum, default_value_t = Switch::On)]
+    pub io_binding: Switch,
     /// ONNX Runtime intra-op threads (default: the CPUs this process may use, as --cpu-threads).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -263,7 +268,10 @@ impl RuntimeArgs {
             Some(DitRows::Rows(_)) => false,
             None => matches!(self.device, Device::Cuda(_)),
         };
-        auto.then(|| crate::models::AutoRows { free_memory_bytes: Seam::get(self.free_memory_bytes), ..Default::default() })
+        auto.then(|| crate::models::AutoRows {
+            free_memory_bytes: Seam::get(self.free_memory_bytes),
+            ..Default::default()
+        })
     }
 
     /// The batch policy the flags ask for (checked by [`RuntimeArgs::runtime`]).
@@ -456,7 +464,8 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             device: args.device,
             intra_threads,
             max_batch: args.dit_rows(),
-            max_call_elements: Seam::get(args.max_call_elements).unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
+            max_call_elements: Seam::get(args.max_call_elements)
+                .unwrap_or(mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS),
             gpu_memory_limit,
             // each model's own tuning is set where its session is built (`Runtime::dit` etc.)
             cuda: Default::default(),
@@ -465,6 +474,7 @@ impl TryFrom<&RuntimeArgs> for SessionConfig {
             fault_oom_above: Seam::get(args.fault_oom_above),
             // set per model where its session is built, when the rows are chosen at load
             measure_item_bytes: false,
+            io_binding: args.io_binding == Switch::On,
         })
     }
 }
@@ -967,7 +977,10 @@ mod tests {
         assert_eq!(Seam::get(args.free_memory_bytes), Some(1000));
         assert_eq!(Seam::get(args.fault_oom_above), None);
         assert_eq!(Seam::get(args.max_call_elements), None);
-        assert_eq!(SessionConfig::try_from(&args).unwrap().max_call_elements, mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS);
+        assert_eq!(
+            SessionConfig::try_from(&args).unwrap().max_call_elements,
+            mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS
+        );
         let error = Cli::try_parse_from(["worker", "--free-memory-bytes", "lots"]).unwrap_err().to_string();
         assert!(error.contains("--free-memory-bytes") && error.contains("'lots'"), "{error}");
     }
