@@ -145,6 +145,7 @@ struct Binding {
 // owner, the model, is behind the worker's lock when shared), so moving it between threads
 // (Send) and sharing `&Binding`, through which nothing is called (Sync), are sound.
 unsafe impl Send for Binding {}
+// SAFETY: see `Send` above: no method takes `&Binding`, so a shared reference reaches nothing.
 unsafe impl Sync for Binding {}
 
 impl Binding {
