@@ -9,7 +9,11 @@ minute, for tests/tests/export.rs:
      not run: ONNX Runtime's CPU provider has no bfloat16 kernels);
   2. fused vs plain within 1e-4 relative in fp32 on the tiny DiT and the shipped demo DiT and
      the tiny VAE halves (export_onnx.py fuse);
-  3. the committed fused fixtures are what `fuse` writes today (same census and outputs).
+  3. the committed fused fixtures are what `fuse` writes today (same census and outputs);
+  4. the CUDA VAE graph (export_onnx.py cuda-vae) of the tiny VAE halves: every GroupNorm with a
+     SiLU or a skip fused (13 in the decoder, 9 in the encoder), every Conv an NhwcConv, the
+     attention fused, no Softmax, and with those CUDA-only operators spelt out in standard ONNX
+     ops, within 1e-4 of the plain graph on the CPU.
 
     python scripts/check_fused_export.py [--root .]
 
@@ -74,6 +78,26 @@ def fused_vs_plain(root: str, tmp: str):
             E.compare_onnx(fused, committed, tol=0.0)
 
 
+def cuda_vae(root: str, tmp: str):
+    for name, group_norms in (("tiny_vae_decoder.onnx", 13), ("tiny_vae_encoder.onnx", 9)):
+        plain = os.path.join(root, "tests/fixtures/models", name)
+        cuda = os.path.join(tmp, name.replace(".onnx", "_cuda.onnx"))
+        census = E.cuda_vae_onnx(plain, cuda, check=lambda staged: E.check_cuda_vae(plain, staged, tol=1e-4))
+        print(f"[census] {name}, CUDA graph: {E.census_line(census)}")
+        fused = census.get("com.microsoft:GroupNorm", 0) + census.get("com.microsoft:SkipGroupNorm", 0)
+        want = {"fused GroupNorm": (fused, group_norms),
+                "NhwcConv": (census.get("com.microsoft:NhwcConv", 0), E.graph_census(plain).get(":Conv", 0)),
+                "Conv": (census.get(":Conv", 0), 0), "Softmax": (census.get(":Softmax", 0), 0),
+                "fused attention": (sum(census.get(k, 0) for k in E.ATTENTION_OPS), 1)}
+        for what, (got, expected) in want.items():
+            if got != expected:
+                raise SystemExit(f"{name}, CUDA graph: {got} {what}, expected {expected}")
+        meta = E.onnx_metadata(cuda)
+        if (meta.get("mgd3.cuda_only"), meta.get("mgd3.group_norm"), meta.get("mgd3.kind")) != (
+                "1", str(group_norms), E.onnx_metadata(plain)["mgd3.kind"]):
+            raise SystemExit(f"{name}, CUDA graph: metadata {meta}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,6 +106,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         xl_structure(tmp)
         fused_vs_plain(a.root, tmp)
+        cuda_vae(a.root, tmp)
     print("fused exports: all checks passed")
 
 

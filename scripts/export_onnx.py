@@ -24,6 +24,13 @@ Subcommands:
       Rewrite an existing mgd3 export (DiT or VAE, fp32 or fp16) into the fused graph
       below, without the checkpoint, and check it against IN on random inputs.
 
+  export_onnx.py cuda-vae IN.onnx OUT.onnx
+      Rewrite a plain VAE half (fp32 or fp16) into the CUDA-only graph: ONNX Runtime's own
+      Stable Diffusion VAE optimizer fuses each GroupNorm (+ SiLU, + skip) into
+      com.microsoft.GroupNorm / SkipGroupNorm in NHWC and turns every Conv into NhwcConv, then
+      the attention is fused as `fuse` does. The CPU cannot run the result; it is checked on
+      the CPU against IN with those operators spelt out in standard ONNX ops.
+
 Graphs (--graph, default fused): `fused` rewrites the exported fp32 graph with onnxscript's
 ONNX Runtime fusions (onnxscript.rewriter.ort_fusions.optimize_for_ort): every attention
 becomes one com.microsoft.MultiHeadAttention / Attention node (ONNX Runtime runs them with
@@ -634,6 +641,181 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
     return after
 
 
+CUDA_VAE_OPS = ("com.microsoft:GroupNorm", "com.microsoft:SkipGroupNorm", "com.microsoft:NhwcConv")
+
+
+def cuda_vae_onnx(src: str, dst: str, *, check: Optional[Callable[[str], object]] = None) -> Dict[str, int]:
+    """Write the CUDA-only graph of the mgd3 VAE half `src` (fp32 or fp16, plain or fused) to `dst`:
+    ONNX Runtime's own Stable Diffusion VAE optimizer (onnxruntime.transformers.optimizer,
+    model_type="vae") turns each GroupNorm (InstanceNormalization between reshapes, with or
+    without the SiLU after it) into one com.microsoft.GroupNorm or SkipGroupNorm in NHWC and every
+    convolution into com.microsoft.NhwcConv. ONNX Runtime has these kernels on CUDA only, so the
+    result does not run on the CPU; `check(staged)` runs on the staged file before it is moved
+    into place (e.g. `expand_cuda_ops` + `compare_onnx`, which do run on the CPU). The metadata
+    of `src` is kept, plus `mgd3.cuda_only=1` and `mgd3.group_norm` (fused GroupNorms); the attention
+    is then fused as `fuse` does (`mgd3.graph=fused`). Returns the census of `dst`.
+
+    Raises ExportError when `src` is not a plain mgd3 VAE half or `dst` is `src`; RuntimeError when
+    no GroupNorm or not every attention was fused."""
+    import shutil
+    import tempfile
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    meta, before = check_mgd3_model(src)
+    if meta.get("mgd3.kind") not in ("vae_encoder", "vae_decoder"):
+        raise ExportError(f"{src} is a {meta.get('mgd3.kind')}, not a VAE half: the CUDA graph is for "
+                          "vae_encoder.onnx and vae_decoder.onnx")
+    if meta.get("mgd3.cuda_only") == "1":
+        raise ExportError(f"{src} is already the CUDA graph: nothing to do")
+    if meta.get("mgd3.precision", "fp32") == "bf16":
+        raise ExportError(f"{src} is bf16: the CUDA VAE graph takes fp32 or fp16")
+    if meta.get("mgd3.graph") == "fused":
+        raise ExportError(f"{src} is already the fused graph, whose GroupNorms ONNX Runtime's optimizer does not "
+                          "match: give the plain export (export_onnx.py vae ... --graph plain); its attention is "
+                          "fused here too")
+    if os.path.abspath(dst) == os.path.abspath(src) or (os.path.exists(dst) and os.path.samefile(dst, src)):
+        raise ExportError(f"{dst}: the output would replace the input; write it to another file")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ExportError(f"{dst}: cannot write in {folder}")
+    options = FusionOptions("vae")
+    options.enable_group_norm = True
+    options.enable_skip_group_norm = True
+    options.group_norm_channels_last = True
+    options.enable_nhwc_conv = True
+    optimized = optimizer.optimize_model(src, model_type="vae", num_heads=0, hidden_size=0, opt_level=0,
+                                         optimization_options=options, use_gpu=True)
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    name = os.path.basename(dst)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-") as staging:
+        staged = os.path.join(staging, name)
+        optimized.save_model_to_file(staged, use_external_data_format=False)
+        # Then the attention, as `fuse` does (onnxscript's rules match after the GroupNorm rewrite,
+        # not before it).
+        model, _ = optimize_for_ort(ir.load(staged))
+        after = census_of(model.graph)
+        group_norm = after.get("com.microsoft:GroupNorm", 0) + after.get("com.microsoft:SkipGroupNorm", 0)
+        attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
+        print(f"[cuda-vae] {src} -> {dst}: {group_norm} fused GroupNorms "
+              f"({after.get(':InstanceNormalization', 0)} left as InstanceNormalization), "
+              f"{after.get('com.microsoft:NhwcConv', 0)} NhwcConv of {before.get(':Conv', 0)} Conv; {census_line(after)}")
+        if not group_norm:
+            raise RuntimeError(f"{dst}: ONNX Runtime's VAE optimizer fused no GroupNorm in {src}; keep the model as it is")
+        if after.get(":Softmax", 0) or attention != before.get(":Softmax", 0):
+            raise RuntimeError(f"{dst}: {attention} fused attentions and {after.get(':Softmax', 0)} Softmax for "
+                               f"{before.get(':Softmax', 0)} attentions in {src}; keep the model as it is")
+        model.metadata_props.clear()
+        model.metadata_props.update(meta)
+        model.metadata_props.update({"mgd3.graph": "fused", "mgd3.fused_attention": str(attention),
+                                     "mgd3.cuda_only": "1", "mgd3.group_norm": str(group_norm)})
+        ir.save(ir.external_data.load_to_model(model), staged)
+        if check is not None:
+            check(staged)
+        os.replace(staged, dst)
+    return after
+
+
+def check_cuda_vae(src: str, cuda: str, *, tol: float, name: Optional[str] = None) -> float:
+    """`compare_onnx` of the plain VAE half `src` with its CUDA graph `cuda`, its CUDA-only
+    operators spelt out (`expand_cuda_ops`), on the CPU."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        expanded = os.path.join(tmp, "expanded.onnx")
+        expand_cuda_ops(cuda, expanded)
+        return compare_onnx(src, expanded, tol=tol, b_name=f"{name or cuda} (CUDA-only operators spelt out)")
+
+
+def expand_cuda_ops(src: str, dst: str):
+    """Write `src` with its CUDA-only operators (CUDA_VAE_OPS) spelt out in standard ONNX ops, so
+    that the CPU can check what they compute: NhwcConv as Transpose, Conv (the weight transposed
+    back to OIHW), Transpose; GroupNorm as Transpose to NCHW, InstanceNormalization over
+    [N, groups, -1], the per-channel gamma and beta, SiLU when `activation` = 1, Transpose to NHWC;
+    SkipGroupNorm as the same on input + skip (+ bias), its optional second output being that sum.
+    A wrong group count, epsilon, activation, weight layout or skip would show as a difference
+    from the model it was made from."""
+    import onnx
+    from onnx import helper, numpy_helper
+    model = onnx.load(src)
+    graph = model.graph
+    nodes = []
+    counter = [0]
+
+    def fresh(stem):
+        counter[0] += 1
+        return f"_expand_{stem}_{counter[0]}"
+
+    def const(values, dtype=np.int64):
+        name = fresh("const")
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def group_norm(x_nhwc, gamma, beta, attrs, out):
+        groups, eps = attrs["groups"], attrs.get("epsilon", 1e-5)
+        x = fresh("nchw")
+        nodes.append(helper.make_node("Transpose", [x_nhwc], [x], perm=[0, 3, 1, 2]))
+        grouped, shape = fresh("grouped"), fresh("shape")
+        nodes.append(helper.make_node("Reshape", [x, const([0, groups, -1])], [grouped]))
+        ones, zeros = fresh("ones"), fresh("zeros")
+        nodes.append(helper.make_node("CastLike", [const(np.ones(groups), np.float32), x], [ones]))
+        nodes.append(helper.make_node("CastLike", [const(np.zeros(groups), np.float32), x], [zeros]))
+        normed = fresh("normed")
+        nodes.append(helper.make_node("InstanceNormalization", [grouped, ones, zeros], [normed], epsilon=eps))
+        nodes.append(helper.make_node("Shape", [x], [shape]))
+        back = fresh("back")
+        nodes.append(helper.make_node("Reshape", [normed, shape], [back]))
+        g, b = fresh("gamma"), fresh("beta")
+        for name, target in ((gamma, g), (beta, b)):
+            column, cast = fresh("column"), fresh("cast")
+            nodes.append(helper.make_node("Reshape", [name, const([-1, 1, 1])], [column]))
+            nodes.append(helper.make_node("CastLike", [column, x], [cast]))
+            nodes.append(helper.make_node("Identity", [cast], [target]))
+        scaled, y = fresh("scaled"), fresh("y")
+        nodes.append(helper.make_node("Mul", [back, g], [scaled]))
+        nodes.append(helper.make_node("Add", [scaled, b], [y]))
+        if attrs.get("activation", 0) == 1:
+            sig, act = fresh("sigmoid"), fresh("silu")
+            nodes.append(helper.make_node("Sigmoid", [y], [sig]))
+            nodes.append(helper.make_node("Mul", [y, sig], [act]))
+            y = act
+        nodes.append(helper.make_node("Transpose", [y], [out], perm=[0, 2, 3, 1]))
+
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain == "com.microsoft" and node.op_type == "NhwcConv":
+            x, w = fresh("nchw"), fresh("oihw")
+            nodes.append(helper.make_node("Transpose", [node.input[0]], [x], perm=[0, 3, 1, 2]))
+            nodes.append(helper.make_node("Transpose", [node.input[1]], [w], perm=[0, 3, 1, 2]))
+            y = fresh("conv")
+            inputs = [x, w] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+            conv_attrs = {k: v for k, v in attrs.items() if k in
+                          ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+            if isinstance(conv_attrs.get("auto_pad"), bytes):
+                conv_attrs["auto_pad"] = conv_attrs["auto_pad"].decode()
+            nodes.append(helper.make_node("Conv", inputs, [y], **conv_attrs))
+            nodes.append(helper.make_node("Transpose", [y], [node.output[0]], perm=[0, 2, 3, 1]))
+        elif node.domain == "com.microsoft" and node.op_type == "GroupNorm":
+            if attrs.get("channels_last", 1) != 1:
+                raise RuntimeError(f"{src}: GroupNorm {node.name} is not channels-last")
+            group_norm(node.input[0], node.input[1], node.input[2], attrs, node.output[0])
+        elif node.domain == "com.microsoft" and node.op_type == "SkipGroupNorm":
+            total = fresh("sum")
+            nodes.append(helper.make_node("Add", [node.input[0], node.input[3]], [total]))
+            if len(node.input) > 4 and node.input[4]:
+                with_bias = fresh("sum_bias")
+                nodes.append(helper.make_node("Add", [total, node.input[4]], [with_bias]))
+                total = with_bias
+            group_norm(total, node.input[1], node.input[2], attrs, node.output[0])
+            if len(node.output) > 1 and node.output[1]:
+                nodes.append(helper.make_node("Identity", [total], [node.output[1]]))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    onnx.save(model, dst)
+
+
 def compare_onnx(a: str, b: str, *, batch: int = 3, tol: float = 1e-4, seed: int = 0,
                  b_name: Optional[str] = None) -> float:
     """Run the models `a` and `b` (same contract) on one seeded random batch and return the
@@ -919,6 +1101,13 @@ def main(argv=None):
     f.add_argument("input", help="a DiT / VAE encoder / VAE decoder exported by this script with --graph plain")
     f.add_argument("output", help="the fused model's file (not the input); its weights go to OUTPUT.data "
                                   "when they exceed 1.8 GB")
+    c = sub.add_parser("cuda-vae", help="rewrite a plain mgd3 VAE half into the CUDA-only graph (fused "
+                                        "GroupNorm, NHWC convolutions, fused attention)")
+    c.add_argument("input", help="vae_encoder.onnx or vae_decoder.onnx exported with --graph plain")
+    c.add_argument("output", help="the CUDA graph's file (not the input)")
+    c.add_argument("--tol", type=_tolerance, default=None,
+                   help="max difference from the input, checked on the CPU with the CUDA-only operators "
+                        "spelt out in standard ones, relative to max(1,max|out|) (default 1e-4; fp16 3e-2)")
     for p in (d, v):
         p.add_argument("--graph", choices=GRAPHS, default=DEFAULT_GRAPH,
                        help=f"fused: attention, GELU and LayerNorm as ONNX Runtime's fused operators; "
@@ -935,7 +1124,7 @@ def main(argv=None):
     f.add_argument("--tol", type=_tolerance, default=None,
                    help="max fused-vs-plain difference, relative to max(1,max|out|) (default 1e-4; fp16 models "
                         "3e-2; bf16 models are not compared: ONNX Runtime runs them on CUDA only)")
-    for p in (d, v, f):
+    for p in (d, v, f, c):
         p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     a = ap.parse_args(argv)
     if a.cmd == "dit" and a.bf16 and a.fp16:
@@ -975,6 +1164,11 @@ def run_command(a):
         else:
             fuse_onnx(a.input, a.output, checked=checked,
                       check=lambda staged: compare_onnx(a.input, staged, tol=tol, b_name=a.output))
+    elif a.cmd == "cuda-vae":
+        meta, _ = check_mgd3_model(a.input)
+        tol = a.tol if a.tol is not None else (1e-4 if meta.get("mgd3.precision", "fp32") == "fp32" else 3e-2)
+        cuda_vae_onnx(a.input, a.output, check=lambda staged: check_cuda_vae(a.input, staged, tol=tol,
+                                                                              name=a.output))
     elif a.cmd == "dit":
         if a.checkpoint:
             model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size)

@@ -6,7 +6,8 @@
 # fused graphs at 256 and 512 DiT rows and a job of 8 classes in one shard, and prints images/s,
 # GPU memory, MFU against the ≈23.7 TFLOP/image DiT cost and the VAE encode and decode rates, next
 # to a PyTorch baseline (batched loop, eager and with SDPA, and the image-by-image reference loop)
-# on the same model in the same run, then a bf16 DiT, the same job with one DiT batch at a time
+# on the same model in the same run, then a bf16 DiT, the CUDA VAE graph (export_onnx.py cuda-vae:
+# fused GroupNorm, NHWC convolutions), the same job with one DiT batch at a time
 # (--overlap off) and, within a time budget (MGD3_CHECK_BUDGET_S, 390 s, so that the whole check
 # takes ~8 minutes), the fused fp16 class with --dit-rows auto (rows chosen from the card's free
 # memory), PyTorch's eager attention, fp32, the VAE in NCHW and the calls without ONNX Runtime's
@@ -48,7 +49,8 @@ if ((dry)); then
   # 4 steps with t_stop 2: steps i = 3 is guided, so the dry run exercises the guided path too.
   steps=(--steps 4 --stop-guidance 2)
   real=8 ipc=2
-  batches=(fp16-fused:4 fp16:4 fp16-fused:8 fp32-fused:4 fp32:4)  # bf16-fused: no CPU kernels
+  # bf16-fused and fp16-cuda (the CUDA VAE graph): no CPU kernels; their exports and CPU checks run
+  batches=(fp16-fused:4 fp16:4 fp16-fused:8 fp32-fused:4 fp32:4)
   job_classes=2 job_ipc=2 job_real=4 job_batch=4  # 2 DiT batches: two in flight
   torch=(--device cpu --steps 2 --batch 2 --images 2 --batch1-images 1)
 else
@@ -58,7 +60,7 @@ else
   real=128 ipc=128
   # fp16:512 is IPC 128 at --max-batch 512: one class decoded in one call once crashed ORT's CUDA
   # Resize (2^31 elements); the VAE's own batch and the per-call element ceiling bound it now.
-  batches=(fp16-fused:256 fp16:256 fp16-fused:512 bf16-fused:256 fp32-fused:256)
+  batches=(fp16-fused:256 fp16:256 fp16-fused:512 bf16-fused:256 fp16-cuda:256 fp32-fused:256)
   job_classes=8 job_ipc=32 job_real=64 job_batch=256  # 256 samples: 2 DiT batches of 128 in flight
   torch=(--device cuda --steps 50 --batch 64 --images 128 --batch1-images 2)
 fi
@@ -134,6 +136,17 @@ models() {
       ((dry)) && { wait $! || status=1; }
     done
   done
+  # The CUDA VAE graph (fused GroupNorm, NHWC convolutions, fused attention) from the plain fp16
+  # VAE, checked on the CPU with its CUDA-only operators spelt out; with the fused fp16 DiT.
+  mkdir -p "$out/models/fp16-cuda"
+  for model in vae_encoder vae_decoder; do
+    [[ -f $out/models/fp16-cuda/$model.onnx ]] && continue
+    "$python" scripts/export_onnx.py cuda-vae "$out/models/fp16/$model.onnx" "$out/models/fp16-cuda/$model.onnx" \
+      > "$out/fuse-cuda-$model.log" 2>&1 &
+    pids+=($!)
+    ((dry)) && { wait $! || status=1; }
+  done
+  ln -sf ../fp16-fused/dit.onnx "$out/models/fp16-cuda/dit.onnx"
   # bf16: the DiT alone (bfloat16 inside, fp32 I/O; ONNX Runtime's CPU provider cannot run it), with
   # the fused fp16 VAE (a VAE is convolutions, which have no bfloat16 in ONNX opset 18).
   mkdir -p "$out/models/bf16-fused"
@@ -144,7 +157,7 @@ models() {
   ln -sf ../fp16-fused/vae_encoder.onnx "$out/models/bf16-fused/vae_encoder.onnx"
   ln -sf ../fp16-fused/vae_decoder.onnx "$out/models/bf16-fused/vae_decoder.onnx"
   tail -n 3 "$out"/export-*.log 2>/dev/null
-  grep -h '^\[fuse\]\|^\[compare\]' "$out"/fuse-*.log
+  grep -h '^\[fuse\]\|^\[cuda-vae\]\|^\[compare\]' "$out"/fuse-*.log
   "$python" - "$out/models" >> "$out/results.txt" <<'PY'
 import glob, os, sys
 import export_onnx as E
@@ -175,7 +188,7 @@ PY
 }
 
 # one_class VARIANT MAX_BATCH [nchw|unbound]: one class end to end by `worker distill-class` with
-# the models of $out/models/VARIANT (fp16, fp32, fp16-fused, bf16-fused, fp32-fused); `nchw` runs
+# the models of $out/models/VARIANT (fp16, fp32, fp16-fused, bf16-fused, fp16-cuda, fp32-fused); `nchw` runs
 # the VAE's convolutions in NCHW instead of the default NHWC (MGD3_VAE_NHWC=false), `unbound` the
 # calls without ONNX Runtime's I/O binding (MGD3_IO_BINDING=off).
 one_class() {
@@ -290,12 +303,12 @@ one_class_section() { section "one class, ${1%%:*}, --max-batch ${1##*:}" one_cl
 one_class_section "${batches[0]}"
 one_class_section "${batches[1]}"
 section "torch baseline fp16 + SDPA" baseline --fp16 --sdpa
-for run in "${batches[@]:2:2}"; do one_class_section "$run"; done
+for run in "${batches[@]:2:3}"; do one_class_section "$run"; done
 section "job, $job_classes classes per shard, fp16 fused, overlap on" job "$job_classes" on
 section "job, $job_classes classes per shard, fp16 fused, overlap off" job "$job_classes" off
 extended "one class, fp16-fused, --dit-rows auto (from the card's free memory)" one_class fp16-fused auto
 extended "torch baseline fp16 (eager attention)" baseline --fp16
-for run in "${batches[@]:4}"; do
+for run in "${batches[@]:5}"; do
   extended "one class, ${run%%:*}, --max-batch ${run##*:}" one_class "${run%%:*}" "${run##*:}"
 done
 extended "one class, ${batches[0]%%:*}, --max-batch ${batches[0]##*:}, VAE in NCHW" one_class "${batches[0]%%:*}" "${batches[0]##*:}" nchw

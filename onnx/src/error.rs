@@ -73,6 +73,20 @@ pub enum Error {
         precision: String,
     },
 
+    /// A model rewritten into ONNX Runtime's CUDA-only operators (`export_onnx.py cuda-vae`:
+    /// `mgd3.cuda_only = 1`) given to a worker on the CPU.
+    #[error(
+        "model `{model}` is the CUDA graph of a VAE ({group_norm} fused GroupNorms and NHWC convolutions, \
+         operators ONNX Runtime has on CUDA only): run this worker with --device cuda, or give it the plain or \
+         fused export of that VAE"
+    )]
+    CudaGraph {
+        /// The model file.
+        model: PathBuf,
+        /// Its fused GroupNorms (`mgd3.group_norm`).
+        group_norm: usize,
+    },
+
     /// A GPU provider name other than `cuda` or `tensorrt`.
     #[error("unknown provider `{0}`: use cuda or tensorrt")]
     BadProvider(String),

@@ -410,7 +410,11 @@ impl LoadedModel {
             (Precision::F16, _) => "fp16",
         };
         let binding = if self.binding.is_some() { ", I/O binding" } else { "" };
-        format!("{precision}, {}, {}{binding}", self.io.graph(), self.runs_on)
+        let cuda_graph = match self.io.metadata.get("mgd3.group_norm") {
+            Some(n) => format!(" with {} fused GroupNorms and NHWC convolutions", n.trim()),
+            None => String::new(),
+        };
+        format!("{precision}, {}{cuda_graph}, {}{binding}", self.io.graph(), self.runs_on)
     }
 
     /// How many items a call carries now, and why.

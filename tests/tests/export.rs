@@ -1,7 +1,8 @@
 //! The fused export (`scripts/export_onnx.py --graph fused` / `fuse`), checked by
 //! `scripts/check_fused_export.py`: DiT-XL/2's structure exports with 28 fused attentions, no
 //! Softmax and 28 FastGelu (fp32, fp16 and bf16), and the fused tiny, demo and VAE graphs match the
-//! plain ones within 1e-4 relative. It needs PyTorch, ONNX and onnxscript in `.venv-eval`
+//! plain ones within 1e-4 relative, as does the CUDA VAE graph (`cuda-vae`: fused GroupNorm, NHWC
+//! convolutions) with its CUDA-only operators spelt out. It needs PyTorch, ONNX and onnxscript in `.venv-eval`
 //! (`scripts/setup_test_servers.sh`); without them the test is skipped with a note, unless
 //! `MGD3_REQUIRE_TORCH=1` (CI).
 
@@ -46,6 +47,11 @@ fn fused_exports_have_one_attention_node_per_block_and_match_the_plain_graphs() 
     }
     for model in ["tiny_dit.onnx", "fashion_mnist_dit.onnx", "tiny_vae_decoder.onnx"] {
         assert!(text.contains(&format!("/{model} vs ")), "{model} not compared:\n{text}");
+    }
+    for model in ["tiny_vae_decoder.onnx", "tiny_vae_encoder.onnx"] {
+        let line = format!("[census] {model}, CUDA graph: 1 fused attention, 0 bare Softmax");
+        assert!(text.contains(&line), "no `{line}` in:\n{text}");
+        assert!(text.contains(&format!("/{model} vs ")) && text.contains("(CUDA-only operators spelt out)"), "{text}");
     }
     assert!(text.contains("fused exports: all checks passed"), "{text}");
 }

@@ -518,15 +518,21 @@ impl Models {
         let started = std::time::Instant::now();
         if runtime.session.device == Device::Cpu {
             // ONNX Runtime's CPU provider would refuse a bf16 graph with "Could not find an
-            // implementation for Add(14)"; say what it is, before any session is built.
+            // implementation for Add(14)", and the CUDA VAE graph's GroupNorm likewise; say what
+            // it is, before any session is built.
             for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
-                let precision = mgd3_common::modelmeta::read_model_meta(path)
-                    .ok()
-                    .and_then(|meta| meta.metadata.get("mgd3.precision").map(|p| p.trim().to_owned()));
-                if let Some(precision @ "bf16") = precision.as_deref() {
+                let Ok(meta) = mgd3_common::modelmeta::read_model_meta(path) else { continue };
+                let value = |key: &str| meta.metadata.get(key).map(|v| v.trim());
+                if let Some(precision @ "bf16") = value("mgd3.precision") {
                     return Err(EngineError::Model(mgd3_onnx::Error::NeedsCuda {
                         model: path.clone(),
                         precision: precision.to_owned(),
+                    }));
+                }
+                if value("mgd3.cuda_only") == Some("1") {
+                    return Err(EngineError::Model(mgd3_onnx::Error::CudaGraph {
+                        model: path.clone(),
+                        group_norm: value("mgd3.group_norm").and_then(|n| n.parse().ok()).unwrap_or(0),
                     }));
                 }
             }

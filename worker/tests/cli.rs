@@ -445,6 +445,38 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
         "{text}"
     );
 
+    // The CUDA VAE graph (fused GroupNorm, NHWC convolutions) on the CPU: the same, before any
+    // session is built.
+    let (data_arg, out_arg) = (data.display().to_string(), out.display().to_string());
+    let (dit, encoder, decoder) =
+        (model("tiny_dit.onnx"), model("tiny_vae_encoder.onnx"), model("tiny_vae_decoder_cuda.onnx"));
+    let cuda_vae = worker(&[
+        "distill-class",
+        "--data",
+        &data_arg,
+        "--class",
+        "n001",
+        "--label",
+        "1",
+        "--ipc",
+        "1",
+        "--dit",
+        &dit,
+        "--vae-encoder",
+        &encoder,
+        "--vae-decoder",
+        &decoder,
+        "--out",
+        &out_arg,
+    ]);
+    let text = stderr(&cuda_vae);
+    assert!(
+        !cuda_vae.status.success()
+            && text.contains("tiny_vae_decoder_cuda.onnx` is the CUDA graph of a VAE (13 fused GroupNorms")
+            && text.contains("--device cuda"),
+        "{text}"
+    );
+
     let typo = worker(&["distill-class", "--provider", "tensorrtt"]);
     assert!(stderr(&typo).contains("use cuda or tensorrt"), "{}", stderr(&typo));
 }
