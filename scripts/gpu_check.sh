@@ -136,12 +136,12 @@ models() {
       ((dry)) && { wait $! || status=1; }
     done
   done
-  # The CUDA VAE graph (fused GroupNorm, NHWC convolutions, fused attention) from the plain fp16
-  # VAE, checked on the CPU with its CUDA-only operators spelt out; with the fused fp16 DiT.
+  # The CUDA VAE graph (fused GroupNorm, NHWC convolutions, fused attention) in fp16, from the plain
+  # fp32 VAE, checked on the CPU with its CUDA-only operators spelt out; with the fused fp16 DiT.
   mkdir -p "$out/models/fp16-cuda"
   for model in vae_encoder vae_decoder; do
     [[ -f $out/models/fp16-cuda/$model.onnx ]] && continue
-    "$python" scripts/export_onnx.py cuda-vae "$out/models/fp16/$model.onnx" "$out/models/fp16-cuda/$model.onnx" \
+    "$python" scripts/export_onnx.py cuda-vae --fp16 "$out/models/fp32/$model.onnx" "$out/models/fp16-cuda/$model.onnx" \
       > "$out/fuse-cuda-$model.log" 2>&1 &
     pids+=($!)
     ((dry)) && { wait $! || status=1; }

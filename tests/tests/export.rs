@@ -49,9 +49,10 @@ fn fused_exports_have_one_attention_node_per_block_and_match_the_plain_graphs() 
         assert!(text.contains(&format!("/{model} vs ")), "{model} not compared:\n{text}");
     }
     for model in ["tiny_vae_decoder.onnx", "tiny_vae_encoder.onnx"] {
-        let line = format!("[census] {model}, CUDA graph: 1 fused attention, 0 bare Softmax");
+        let line = format!("[census] {model}, CUDA graph, fp32: 1 fused attention, 0 bare Softmax");
         assert!(text.contains(&line), "no `{line}` in:\n{text}");
         assert!(text.contains(&format!("/{model} vs ")) && text.contains("(CUDA-only operators spelt out)"), "{text}");
     }
+    assert!(text.contains("[census] tiny_vae_decoder.onnx, CUDA graph, fp16: 1 fused attention"), "{text}");
     assert!(text.contains("fused exports: all checks passed"), "{text}");
 }
