@@ -682,32 +682,42 @@ def cuda_vae_onnx(src: str, dst: str, *, fp16: bool = False,
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ExportError(f"{dst}: cannot write in {folder}")
-    options = FusionOptions("vae")
-    options.enable_group_norm = True
-    options.enable_skip_group_norm = True
-    options.group_norm_channels_last = True
-    options.enable_nhwc_conv = True
-    optimized = optimizer.optimize_model(src, model_type="vae", num_heads=0, hidden_size=0, opt_level=0,
-                                         optimization_options=options, use_gpu=True)
-    if fp16:
-        optimized.convert_float_to_float16(keep_io_types=False)
+    if os.path.isdir(dst):
+        raise ExportError(f"{dst}: is a folder; name the output .onnx file")
+    _sweep_staging(folder)
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     name = os.path.basename(dst)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-") as staging:
+    # The staging folder first: a folder that takes no file fails here, before minutes of work.
+    try:
+        staging_folder = tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
+    except OSError as e:
+        raise ExportError(f"{dst}: cannot write in {folder} ({e.strerror})") from e
+    with staging_folder as staging:
         staged = os.path.join(staging, name)
-        optimized.save_model_to_file(staged, use_external_data_format=False)
-        # Then the attention, as `fuse` does (onnxscript's rules match after the GroupNorm rewrite,
-        # not before it). Its shape inference stops at the contrib ops' fp16 outputs and says so
-        # with a traceback, leaving the model as it is: nothing to report.
-        import logging
-        quiet = logging.getLogger("onnx_ir.passes.common.shape_inference")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            model, _ = optimize_for_ort(ir.load(staged))
-        finally:
-            quiet.setLevel(level)
+        options = FusionOptions("vae")
+        options.enable_group_norm = True
+        options.enable_skip_group_norm = True
+        options.group_norm_channels_last = True
+        options.enable_nhwc_conv = True
+        # ONNX Runtime's optimizer and fp16 converter print shape-inference failures on the way
+        # (their contrib ops have no ONNX shape rules) and carry on: shown only if they fail.
+        failure = None
+        with _quiet() as said:
+            try:
+                optimized = optimizer.optimize_model(src, model_type="vae", num_heads=0, hidden_size=0, opt_level=0,
+                                                     optimization_options=options, use_gpu=True)
+                if fp16:
+                    optimized.convert_float_to_float16(keep_io_types=False)
+                optimized.save_model_to_file(staged, use_external_data_format=False)
+                # Then the attention, as `fuse` does (onnxscript's rules match after the GroupNorm
+                # rewrite, not before it).
+                model, _ = optimize_for_ort(ir.load(staged))
+            except Exception as e:  # noqa: BLE001 - shown with what the libraries said, then raised
+                failure = e
+        if failure is not None:
+            sys.stderr.write(said.getvalue())
+            raise failure
         after = census_of(model.graph)
         group_norm = after.get("com.microsoft:GroupNorm", 0) + after.get("com.microsoft:SkipGroupNorm", 0)
         attention = sum(after.get(k, 0) for k in ATTENTION_OPS)
@@ -729,6 +739,29 @@ def cuda_vae_onnx(src: str, dst: str, *, fp16: bool = False,
             check(staged)
         os.replace(staged, dst)
     return after
+
+
+class _quiet:
+    """Captures what the libraries inside print to stdout and stderr or log below ERROR (returned
+    by `with`, a StringIO), for steps whose chatter is no news unless they fail."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+        self.said = io.StringIO()
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(contextlib.redirect_stdout(self.said))
+        self.stack.enter_context(contextlib.redirect_stderr(self.said))
+        self.level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        return self.said
+
+    def __exit__(self, *exc):
+        import logging
+        logging.disable(self.level)
+        self.stack.close()
+        return False
 
 
 def check_cuda_vae(src: str, cuda: str, *, tol: float, name: Optional[str] = None) -> float:

@@ -155,13 +155,13 @@ pub struct RuntimeArgs {
     pub gpu_memory_limit: Option<MemoryLimit>,
     /// For tests: the per-call element ceiling (default 2³¹ − 1: the largest tensor of a call
     /// stays within 32-bit indexing).
-    #[arg(long, env = "MGD3_MAX_CALL_ELEMENTS", hide = true)]
+    #[arg(long, env = "MGD3_MAX_CALL_ELEMENTS", hide = true, value_parser = seam::<u64>("MGD3_MAX_CALL_ELEMENTS"))]
     pub max_call_elements: Option<Seam<u64>>,
     /// For tests: calls of more items than this fail as if out of memory (out-of-memory backoff).
-    #[arg(long, env = "MGD3_FAULT_OOM_ABOVE", hide = true)]
+    #[arg(long, env = "MGD3_FAULT_OOM_ABOVE", hide = true, value_parser = seam::<usize>("MGD3_FAULT_OOM_ABOVE"))]
     pub fault_oom_above: Option<Seam<usize>>,
     /// For tests: the free memory `--dit-rows auto` reads, in bytes, instead of the device's.
-    #[arg(long, env = "MGD3_FREE_MEMORY_BYTES", hide = true)]
+    #[arg(long, env = "MGD3_FREE_MEMORY_BYTES", hide = true, value_parser = seam::<u64>("MGD3_FREE_MEMORY_BYTES"))]
     pub free_memory_bytes: Option<Seam<u64>>,
     /// For measurements (scripts/gpu_check.sh): the VAE's convolutions in NHWC on CUDA (`true`,
     /// the default) or NCHW (`false`).
@@ -320,18 +320,21 @@ impl<T: Copy> Seam<T> {
     }
 }
 
-impl<T: std::str::FromStr> std::str::FromStr for Seam<T>
+/// The parser of a test seam read from `variable` (or its hidden flag): a whole number, or unset
+/// when empty; anything else is refused naming the variable, which is how a seam is set.
+fn seam<T>(variable: &'static str) -> impl Fn(&str) -> Result<Seam<T>, String> + Clone
 where
+    T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
+    move |s: &str| {
         let s = s.trim();
         if s.is_empty() {
             return Ok(Seam(None));
         }
-        s.parse().map(|v| Seam(Some(v))).map_err(|e: T::Err| e.to_string())
+        s.parse()
+            .map(|v| Seam(Some(v)))
+            .map_err(|e: T::Err| format!("{e}: set {variable} to a whole number (or leave it empty for none)"))
     }
 }
 
@@ -982,7 +985,7 @@ mod tests {
             mgd3_onnx::session::DEFAULT_MAX_CALL_ELEMENTS
         );
         let error = Cli::try_parse_from(["worker", "--free-memory-bytes", "lots"]).unwrap_err().to_string();
-        assert!(error.contains("--free-memory-bytes") && error.contains("'lots'"), "{error}");
+        assert!(error.contains("'lots'") && error.contains("set MGD3_FREE_MEMORY_BYTES to a whole number"), "{error}");
     }
 
     #[test]
