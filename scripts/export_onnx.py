@@ -560,6 +560,17 @@ def _sweep_staging(folder: str):
             pass  # another user's live process
 
 
+def _staging_folder(dst: str, folder: str):
+    """A temporary folder beside `dst` (in `folder`) where a result is written and checked before
+    it is moved into place (`.fuse-<pid>-…`, swept by `_sweep_staging` if the run is killed);
+    ExportError naming `dst` when `folder` takes no file."""
+    import tempfile
+    try:
+        return tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
+    except OSError as e:
+        raise ExportError(f"{dst}: cannot write in {folder} ({e.strerror})") from e
+
+
 def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
               check: Optional[Callable[[str], object]] = None,
               checked: Optional[Tuple[Dict[str, str], Dict[str, int]]] = None) -> Dict[str, int]:
@@ -620,11 +631,7 @@ def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
         raise RuntimeError(f"{dst}: {after[':Tanh']} tanh-GELUs were not fused into FastGelu; keep the plain graph")
     model.metadata_props.update({"mgd3.graph": "fused", "mgd3.fused_attention": str(attention)})
     name = os.path.basename(dst)
-    try:
-        staging_folder = tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
-    except OSError as e:
-        raise ExportError(f"{dst}: cannot write in {folder} ({e.strerror})") from e
-    with staging_folder as staging:
+    with _staging_folder(dst, folder) as staging:
         staged = os.path.join(staging, name)
         if external_data:
             ir.save(model, staged, external_data=name + ".data")
@@ -689,11 +696,7 @@ def cuda_vae_onnx(src: str, dst: str, *, fp16: bool = False,
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     name = os.path.basename(dst)
     # The staging folder first: a folder that takes no file fails here, before minutes of work.
-    try:
-        staging_folder = tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
-    except OSError as e:
-        raise ExportError(f"{dst}: cannot write in {folder} ({e.strerror})") from e
-    with staging_folder as staging:
+    with _staging_folder(dst, folder) as staging:
         staged = os.path.join(staging, name)
         options = FusionOptions("vae")
         options.enable_group_norm = True

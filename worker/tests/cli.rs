@@ -368,8 +368,13 @@ fn distill_class_errors_name_the_class_file_or_model() {
 /// `worker distill-class` of class `n001` of `data` at IPC 1 with the DiT fixture `dit` and the
 /// tiny VAE into `out`, plus `extra` flags.
 fn distill_tiny(data: &Path, out: &Path, dit: &str, extra: &[&str]) -> Output {
+    distill_tiny_with(data, out, dit, "tiny_vae_decoder.onnx", extra)
+}
+
+/// `distill_tiny` with another VAE decoder fixture.
+fn distill_tiny_with(data: &Path, out: &Path, dit: &str, decoder: &str, extra: &[&str]) -> Output {
     let (data, out) = (data.display().to_string(), out.display().to_string());
-    let (dit, encoder, decoder) = (model(dit), model("tiny_vae_encoder.onnx"), model("tiny_vae_decoder.onnx"));
+    let (dit, encoder, decoder) = (model(dit), model("tiny_vae_encoder.onnx"), model(decoder));
     let mut args = vec![
         "distill-class",
         "--data",
@@ -447,28 +452,7 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
 
     // The CUDA VAE graph (fused GroupNorm, NHWC convolutions) on the CPU: the same, before any
     // session is built.
-    let (data_arg, out_arg) = (data.display().to_string(), out.display().to_string());
-    let (dit, encoder, decoder) =
-        (model("tiny_dit.onnx"), model("tiny_vae_encoder.onnx"), model("tiny_vae_decoder_cuda.onnx"));
-    let cuda_vae = worker(&[
-        "distill-class",
-        "--data",
-        &data_arg,
-        "--class",
-        "n001",
-        "--label",
-        "1",
-        "--ipc",
-        "1",
-        "--dit",
-        &dit,
-        "--vae-encoder",
-        &encoder,
-        "--vae-decoder",
-        &decoder,
-        "--out",
-        &out_arg,
-    ]);
+    let cuda_vae = distill_tiny_with(&data, &out, "tiny_dit.onnx", "tiny_vae_decoder_cuda.onnx", &[]);
     let text = stderr(&cuda_vae);
     assert!(
         !cuda_vae.status.success()
