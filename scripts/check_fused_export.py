@@ -102,6 +102,24 @@ def cuda_vae(root: str, tmp: str):
             raise SystemExit(f"{name}, CUDA graph: metadata {meta}")
 
 
+def repeated_nodes():
+    """`_drop_repeated_nodes` drops exact repeats (ONNX Runtime's fp16 converter's shared Casts, as
+    in the real SD VAE decoder) and refuses two different nodes under one output name."""
+    from onnx import TensorProto, helper
+    cast = lambda name: helper.make_node("Cast", ["s"], ["s_fp32"], name=name, to=TensorProto.FLOAT)  # noqa: E731
+    graph = helper.make_graph([cast("a"), helper.make_node("Relu", ["s_fp32"], ["y"]), cast("b")], "g", [], [])
+    E._drop_repeated_nodes(graph, "test")
+    if [n.op_type for n in graph.node] != ["Cast", "Relu"]:
+        raise SystemExit(f"repeated Cast not dropped: {[n.op_type for n in graph.node]}")
+    graph.node.append(helper.make_node("Cast", ["other"], ["s_fp32"], to=TensorProto.FLOAT))
+    try:
+        E._drop_repeated_nodes(graph, "test")
+    except RuntimeError:
+        print("[repeated nodes] exact repeats dropped, a clash refused")
+        return
+    raise SystemExit("two different nodes under one output name were not refused")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,6 +129,7 @@ def main():
         xl_structure(tmp)
         fused_vs_plain(a.root, tmp)
         cuda_vae(a.root, tmp)
+        repeated_nodes()
     print("fused exports: all checks passed")
 
 

@@ -712,6 +712,7 @@ def cuda_vae_onnx(src: str, dst: str, *, fp16: bool = False,
                                                      optimization_options=options, use_gpu=True)
                 if fp16:
                     optimized.convert_float_to_float16(keep_io_types=False)
+                    _drop_repeated_nodes(optimized.model.graph, dst)
                 optimized.save_model_to_file(staged, use_external_data_format=False)
                 # Then the attention, as `fuse` does (onnxscript's rules match after the GroupNorm
                 # rewrite, not before it).
@@ -742,6 +743,35 @@ def cuda_vae_onnx(src: str, dst: str, *, fp16: bool = False,
             check(staged)
         os.replace(staged, dst)
     return after
+
+
+def _drop_repeated_nodes(graph, dst: str):
+    """Removes nodes that repeat an earlier node exactly (op, inputs, attributes, outputs): ONNX
+    Runtime's fp16 converter gives a value shared by several fp32-only consumers (the SD VAE
+    decoder's upsample scales) one `Cast` per consumer under one output name, which ONNX forbids;
+    the copies compute the same value. A name produced by two different nodes is an error."""
+    seen = {}
+    kept = []
+    for node in graph.node:
+        key = _unnamed(node)
+        clash = [o for o in node.output if o and o in seen]
+        if not clash:
+            kept.append(node)
+            seen.update({o: key for o in node.output if o})
+            continue
+        if all(seen[o] == key for o in clash):
+            continue
+        raise RuntimeError(f"{dst}: ONNX Runtime's fp16 converter made two different nodes for {clash}")
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def _unnamed(node) -> bytes:
+    copy = node.__class__()
+    copy.CopyFrom(node)
+    copy.name = ""
+    return copy.SerializeToString()
 
 
 class _quiet:

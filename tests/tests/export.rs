@@ -54,5 +54,6 @@ fn fused_exports_have_one_attention_node_per_block_and_match_the_plain_graphs() 
         assert!(text.contains(&format!("/{model} vs ")) && text.contains("(CUDA-only operators spelt out)"), "{text}");
     }
     assert!(text.contains("[census] tiny_vae_decoder.onnx, CUDA graph, fp16: 1 fused attention"), "{text}");
+    assert!(text.contains("[repeated nodes] exact repeats dropped, a clash refused"), "{text}");
     assert!(text.contains("fused exports: all checks passed"), "{text}");
 }
