@@ -290,15 +290,18 @@ impl LoadedModel {
     /// checks. A profile that cannot be read leaves the ceiling unmeasured (logged at WARN):
     /// the policy and out-of-memory backoff still bound the calls.
     pub fn probe(&mut self, inputs: &[BatchInput<'_>]) -> Result<()> {
-        self.check_binding(inputs);
         if !std::mem::take(&mut self.profiling) {
+            self.check_binding(inputs, None);
             return self.measure_item_bytes(inputs);
         }
         let context = format!("probing `{}` with one item", self.path.display());
         let values = session_inputs(inputs.iter().map(|i| i.chunk(0, 1))).map_err(Error::ort(context.clone()))?;
-        let run = self.session.run(values).map(drop);
+        let names = self.output_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        // The probe's outputs are what the I/O binding is checked against (no second plain run).
+        let run = self.session.run(values).map(|out| named_outputs(&out, &names).ok());
         let report = self.session.end_profiling();
-        run.map_err(Error::ort(context))?;
+        let plain = run.map_err(Error::ort(context))?;
         let measured = report.map_err(|e| e.to_string()).and_then(|file| {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"));
             let _ = std::fs::remove_file(&file);
@@ -334,17 +337,27 @@ impl LoadedModel {
             Err(why) => tracing::warn!(model = %self.path.display(), %why,
                 "could not measure the model's largest tensor per item; its calls are bounded by the batch policy and out-of-memory backoff only"),
         }
+        self.check_binding(inputs, plain);
         self.measure_item_bytes(inputs)
     }
 
-    /// Runs the probe item through the I/O binding and plainly and keeps the binding only when
-    /// both give the same bytes (and ONNX Runtime accepts the binding): a binding that would
-    /// change an output, or fail, is dropped, logged at INFO, before any real call.
-    fn check_binding(&mut self, inputs: &[BatchInput<'_>]) {
+    /// Every output of the model, in its order.
+    fn output_names(&self) -> Vec<String> {
+        self.io.outputs.iter().map(|o| o.name.clone()).collect()
+    }
+
+    /// Runs the probe item through the I/O binding and keeps the binding only when it gives the
+    /// bytes of a plain run (`plain`, the probe's own outputs, or run here when `None`) and ONNX
+    /// Runtime accepts it: a binding that would change an output, or fail, is dropped, logged at
+    /// INFO, before any real call.
+    fn check_binding(&mut self, inputs: &[BatchInput<'_>], plain: Option<Vec<Array4<f32>>>) {
         let Some(mut binding) = self.binding.take() else { return };
-        let outputs: Vec<String> = self.io.outputs.iter().map(|o| o.name.clone()).collect();
+        let outputs = self.output_names();
         let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-        let plain = self.plain_call(inputs, 0, 1, &names);
+        let plain = match plain {
+            Some(plain) => Ok(plain),
+            None => self.plain_call(inputs, 0, 1, &names),
+        };
         let bound =
             binding.bind(inputs, 0, 1, &names).and_then(|()| bound_call(&mut self.session, &mut binding, &names));
         binding.reset();
