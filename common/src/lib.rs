@@ -1,7 +1,9 @@
 //! Types shared by every mgd3 crate that must not depend on ONNX Runtime or ndarray: the wire
 //! protocol, job specs and their fingerprints, the object-store key layout and manifests, store
-//! URLs, per-sample seeding, ImageNet class lists and the tracing set-up of both binaries.
+//! URLs, per-sample seeding, ImageNet class lists, and the argument parsing and tracing set-up of
+//! both binaries.
 
+pub mod args;
 pub mod aws;
 pub mod batch;
 pub mod classes;

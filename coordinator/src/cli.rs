@@ -1804,7 +1804,11 @@ async fn run_local(args: RunArgs) -> Result<()> {
             });
         }
         let child = command
-            .env("MGD3_CPU_THREADS", std::env::var("MGD3_CPU_THREADS").unwrap_or_else(|_| cpu_share.clone()))
+            // The user's own value when set; empty counts as unset, as for every flag's variable.
+            .env(
+                "MGD3_CPU_THREADS",
+                std::env::var("MGD3_CPU_THREADS").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| cpu_share.clone()),
+            )
             .arg("--coordinator")
             .arg(&url)
             .arg("--worker-id")

@@ -82,6 +82,28 @@ fn client_commands_name_what_is_wrong() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
 }
 
+/// Every variable the coordinator reads, set but empty, is as if unset: `submit` reaches the
+/// coordinator its flag names instead of refusing `''`.
+#[test]
+fn empty_variables_count_as_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let spec = dir.path().join("bad.toml");
+    std::fs::write(&spec, BAD_SPEC).unwrap();
+    let variables =
+        ["MGD3_COORDINATOR", "MGD3_ACCEPT_DATA_CHANGES", "MGD3_PROGRESS_EVERY_S", "MGD3_GIVE_UP_WHEN_EXCLUDED_S"];
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).unwrap();
+    assert_eq!(source.matches("env = \"MGD3_").count(), variables.len(), "list a new variable here");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+    command.args(["submit", spec.to_str().unwrap(), "--coordinator", &url]);
+    for variable in variables {
+        command.env(variable, "");
+    }
+    let out = command.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("`ipc`") && !text.contains("invalid value"), "{text}");
+}
+
 #[test]
 fn run_names_a_missing_worker_binary() {
     let dir = tempfile::tempdir().unwrap();

@@ -241,6 +241,52 @@ fn distill_class_writes_ipc_images_and_modes_deterministically() {
     );
 }
 
+/// Every variable the worker reads, set but empty (`export MGD3_CPU_THREADS=${SLURM_CPUS_PER_TASK:-}`
+/// in a job script), is as if unset: the class distils to the same bytes, and joining without
+/// a coordinator still asks for `--coordinator`; a variable with a bad value is still refused.
+#[test]
+fn empty_variables_count_as_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n01440764", 8);
+    let (plain, empty) = (dir.path().join("plain"), dir.path().join("empty"));
+    assert_ok(&distill(&data, "n01440764", &plain, "2", "tiny_dit.onnx"));
+    let variables = [
+        "MGD3_COORDINATOR",
+        "MGD3_GIVE_UP_AFTER_S",
+        "MGD3_MAX_CALL_ELEMENTS",
+        "MGD3_FAULT_OOM_ABOVE",
+        "MGD3_FREE_MEMORY_BYTES",
+        "MGD3_VAE_NHWC",
+        "MGD3_IO_BINDING",
+        "MGD3_CPU_THREADS",
+    ];
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).unwrap();
+    let declared = source.matches("env = \"MGD3_").count();
+    assert_eq!(declared, variables.len(), "a variable was added to the worker's flags: list it here");
+    let with_empty = |command: &mut Command| {
+        for variable in variables {
+            command.env(variable, "");
+        }
+    };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    command.args(distill_args(&data, "n01440764", &empty, "2", "tiny_dit.onnx"));
+    with_empty(&mut command);
+    assert_ok(&command.output().unwrap());
+    for j in 0..2 {
+        let name = format!("n01440764/{j}.png");
+        assert_eq!(std::fs::read(plain.join(&name)).unwrap(), std::fs::read(empty.join(&name)).unwrap(), "{name}");
+    }
+    let mut join = Command::new(env!("CARGO_BIN_EXE_worker"));
+    with_empty(&mut join);
+    let text = stderr(&join.output().unwrap());
+    assert!(text.contains("--coordinator") && !text.contains("invalid value"), "{text}");
+    let mut bad = Command::new(env!("CARGO_BIN_EXE_worker"));
+    bad.args(distill_args(&data, "n01440764", &dir.path().join("bad"), "2", "tiny_dit.onnx"));
+    let text = stderr(&bad.env("MGD3_CPU_THREADS", "x").output().unwrap());
+    assert!(text.contains("--cpu-threads") && text.contains("'x'"), "{text}");
+}
+
 /// `--dit-rows auto` (the default on CUDA) chooses the rows per DiT call when the models load,
 /// from the free memory and the memory a row takes, measured then; the bytes are those of any
 /// other rows. The free memory is forced here (`MGD3_FREE_MEMORY_BYTES`) to make the choice
