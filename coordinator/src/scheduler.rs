@@ -612,8 +612,11 @@ pub const SET_ASIDE_MAX_MS: u64 = 60 * 60 * 1000;
 /// Why a worker is counted gone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeftReason {
-    /// It was told to exit (nothing left to do, or it asked to drain).
+    /// It was told to exit: nothing left to do (`serve --drain-when-done`), or the coordinator
+    /// drains.
     Drained,
+    /// It said it is stopping (SIGTERM, Ctrl-C: a poll with `draining` set) and was told to exit.
+    Stopped,
     /// It has not polled for `silent_ms` (> three heartbeats): it died, was preempted, or lost
     /// the network. Its leases expire and their shards are requeued.
     Silent {
@@ -1064,14 +1067,14 @@ impl Scheduler {
             return Ok((PollDecision::Wait(self.heartbeat_ms), revoked));
         }
         if draining || self.draining || (self.drain_when_done && self.all_done()) {
-            self.gone.insert(worker_id.to_owned(), LeftReason::Drained);
-            if was_gone != Some(LeftReason::Drained) {
-                self.worker_events
-                    .push(WorkerEvent::Left { worker_id: worker_id.to_owned(), reason: LeftReason::Drained });
+            let reason = if draining { LeftReason::Stopped } else { LeftReason::Drained };
+            self.gone.insert(worker_id.to_owned(), reason);
+            if was_gone != Some(reason) {
+                self.worker_events.push(WorkerEvent::Left { worker_id: worker_id.to_owned(), reason });
             }
             return Ok((PollDecision::Drain, revoked));
         }
-        if was_gone == Some(LeftReason::Drained) {
+        if matches!(was_gone, Some(LeftReason::Drained | LeftReason::Stopped)) {
             self.worker_events.push(WorkerEvent::Returned { worker_id: worker_id.to_owned() });
         }
         Ok(match self.grant(worker_id, now) {
@@ -2595,18 +2598,26 @@ mod tests {
         assert_eq!(s.live_workers(4000), 1);
         s.poll("b", &[], false, 4100).unwrap();
         assert_eq!(s.take_worker_events(), vec![WorkerEvent::Returned { worker_id: "b".into() }]);
-        // Told to exit: left once, however often it is told; a worker that re-registers is no news.
+        // Stopping (it says so in its poll, SIGTERM): left once, however often it says it, and
+        // never silent after; a worker that re-registers is no news.
         assert_eq!(s.poll("a", &[], true, 4200).unwrap().0, PollDecision::Drain);
         assert_eq!(s.poll("a", &[], true, 4300).unwrap().0, PollDecision::Drain);
         s.note_departures(9000);
         let events = s.take_worker_events();
         assert_eq!(
             events,
-            vec![WorkerEvent::Left { worker_id: "a".into(), reason: LeftReason::Drained }, left("b", 4900)]
+            vec![WorkerEvent::Left { worker_id: "a".into(), reason: LeftReason::Stopped }, left("b", 4900)]
         );
         s.register("a", 9100);
         s.poll("a", &[], false, 9100).unwrap();
         assert!(s.take_worker_events().is_empty());
+        // Told to exit by a draining coordinator: drained, not stopping.
+        s.drain();
+        assert_eq!(s.poll("a", &[], false, 9200).unwrap().0, PollDecision::Drain);
+        assert_eq!(
+            s.take_worker_events(),
+            vec![WorkerEvent::Left { worker_id: "a".into(), reason: LeftReason::Drained }]
+        );
     }
 
     #[test]

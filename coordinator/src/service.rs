@@ -1715,6 +1715,9 @@ fn log_worker_events(events: Vec<crate::scheduler::WorkerEvent>) {
             WorkerEvent::Left { worker_id, reason: LeftReason::Drained } => {
                 info!(worker = %worker_id, "worker left: nothing more to do, told to exit");
             }
+            WorkerEvent::Left { worker_id, reason: LeftReason::Stopped } => {
+                info!(worker = %worker_id, "worker left: it is stopping (SIGTERM or Ctrl-C), its leases released");
+            }
             WorkerEvent::Left { worker_id, reason: LeftReason::Silent { silent_ms } } => info!(
                 worker = %worker_id,
                 silent_s = silent_ms / 1000,

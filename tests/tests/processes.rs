@@ -916,12 +916,21 @@ fn a_coordinator_restarted_mid_shard_finds_the_worker_renewing_and_stoppable() {
     let exit = wait_exit(&mut slow.0, "a worker stopped mid-shard", Duration::from_secs(20));
     let text = std::fs::read_to_string(&worker_log).unwrap();
     assert!(exit.success(), "{text}");
+    // It said so on its way out: the coordinator logs it as stopping, never as silent (died or
+    // cut off) three heartbeats later.
+    let stopping = |text: &str| text.lines().any(|l| l.contains("it is stopping") && l.contains("slow"));
+    wait_for("the coordinator to log the worker stopping", Duration::from_secs(10), || {
+        std::fs::read_to_string(&restarted_log).is_ok_and(|text| stopping(&text))
+    });
     let _fast = fake_worker(&url, "fast", "0.1", &scratch.path().join("fast.log"), &[]);
     wait_for("the job to succeed", Duration::from_secs(60), || {
         status(&url, &job).is_some_and(|s| s["state"] == "succeeded")
     });
     let markers = std::fs::read_dir(Path::new(&store).join("jobs").join(&job).join("shards")).unwrap().count();
     assert_eq!(markers, 3);
+    let restarted = std::fs::read_to_string(&restarted_log).unwrap();
+    let silent = restarted.lines().filter(|l| l.contains("silent for three heartbeats") && l.contains("slow"));
+    assert_eq!(silent.count(), 0, "{restarted}");
     let done = status(&url, &job).unwrap();
     assert_eq!(
         (done["images"]["done"].as_u64(), done["failures"].as_array().map(Vec::len)),

@@ -149,6 +149,29 @@ impl LeaseClock {
 /// the coordinator and its workers at once, so the coordinator may be gone or hung.
 const STOPPING_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A `PollWork` of this worker process reporting `running`, `draining` once it stops.
+fn poll_request(
+    config: &WorkerConfig,
+    instance: &str,
+    loaded: &LoadedModels,
+    running: Vec<proto::RunningLease>,
+    draining: bool,
+) -> proto::PollWorkRequest {
+    proto::PollWorkRequest {
+        worker_id: config.worker_id.clone(),
+        running,
+        draining,
+        instance: instance.to_owned(),
+        pid: std::process::id(),
+        hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        // What the loaded models run with (with `--dit-rows auto`, chosen at load).
+        batch_policy: loaded.policy().map(Into::into),
+    }
+}
+
+/// How long a stopping worker waits for the coordinator to take note that it leaves.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The shutdown signal, remembered once it has fired, so every wait and every RPC of the loop
 /// can race it and a stopping worker never waits for an unreachable or hung coordinator.
 struct Stop<F> {
@@ -332,8 +355,12 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
         }
         if stop.fired && current.is_none() {
-            // Nothing left to release (a cancelled shard was reported above): exit without
-            // waiting for the coordinator, which may be down or stopping too.
+            // Nothing left to release (a cancelled shard was reported above). One poll saying
+            // so, that the coordinator logs this worker as stopping, not as silent (died or cut
+            // off) three heartbeats later; bounded, as the coordinator may be down or stopping
+            // too, and its answer does not matter.
+            let farewell = poll_request(&config, &instance, &loaded, Vec::new(), true);
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.poll_work(farewell)).await;
             info!(worker = %config.worker_id, "stopped");
             return Ok(());
         }
@@ -345,16 +372,7 @@ pub async fn run(
                 image_steps_done: r.progress.image_steps.load(Ordering::Relaxed),
             })
         });
-        let request = proto::PollWorkRequest {
-            worker_id: config.worker_id.clone(),
-            running: running.collect(),
-            draining: stop.fired,
-            instance: instance.clone(),
-            pid: std::process::id(),
-            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
-            // What the loaded models run with (with `--dit-rows auto`, chosen at load).
-            batch_policy: loaded.policy().map(Into::into),
-        };
+        let request = poll_request(&config, &instance, &loaded, running.collect(), stop.fired);
         let sent = Instant::now();
         let response = match stop.rpc(client.poll_work(request)).await {
             Ok(response) => {
