@@ -1019,6 +1019,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                 },
                 None => list_jobs(&mut client, &args.connection.coordinator).await?,
             };
+            if statuses.is_empty() && !args.json {
+                // Not a silent nothing: say so, as `list` does (`--json` prints `[]`).
+                outln!("no jobs (`coordinator submit <spec>` adds one)");
+                return Ok(());
+            }
             if let Some(path) = &args.get {
                 let value = statuses.first().map(status_json).unwrap_or_default();
                 outln!("{}", get_field(&value, path).with_context(|| format!("the job status has no field `{path}`"))?);

@@ -80,6 +80,11 @@ fn client_commands_name_what_is_wrong() {
     let out = coordinator(&["list", "--json", "--coordinator", &url]);
     assert!(out.status.success());
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
+    // No jobs: `status` says so instead of printing nothing; `--json` is `[]`.
+    let out = coordinator(&["status", "--coordinator", &url]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("no jobs"), "{out:?}");
+    let out = coordinator(&["status", "--json", "--coordinator", &url]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
 }
 
 /// Every variable the coordinator reads, set but empty, is as if unset: `submit` reaches the
