@@ -75,16 +75,15 @@ pub enum Error {
 
     /// A model rewritten into ONNX Runtime's CUDA-only operators (`export_onnx.py cuda-vae`:
     /// `mgd3.cuda_only = 1`) given to a worker on the CPU.
-    #[error(
-        "model `{model}` is the CUDA graph of a VAE ({group_norm} fused GroupNorms and NHWC convolutions, \
-         operators ONNX Runtime has on CUDA only): run this worker with --device cuda, or give it the plain or \
-         fused export of that VAE"
-    )]
+    #[error("{}", cuda_graph_message(model, *group_norm, also))]
     CudaGraph {
         /// The model file.
         model: PathBuf,
         /// Its fused GroupNorms (`mgd3.group_norm`).
         group_norm: usize,
+        /// The worker's other models that are CUDA graphs too (both VAE halves, as `cuda-vae`
+        /// writes them), so that one message names every file to replace.
+        also: Vec<PathBuf>,
     },
 
     /// A GPU provider name other than `cuda` or `tensorrt`.
@@ -255,6 +254,26 @@ fn cuda_major_hint(lib: &str) -> &'static str {
     } else {
         ""
     }
+}
+
+/// The message of [`Error::CudaGraph`].
+fn cuda_graph_message(model: &std::path::Path, group_norm: usize, also: &[PathBuf]) -> String {
+    let what = "the CUDA graph of a VAE";
+    let ops = format!("{group_norm} fused GroupNorms and NHWC convolutions, operators ONNX Runtime has on CUDA only");
+    if also.is_empty() {
+        return format!(
+            "model `{}` is {what} ({ops}): run this worker with --device cuda, or give it the plain or fused export \
+             of that VAE",
+            model.display()
+        );
+    }
+    let others: Vec<String> = also.iter().map(|p| format!("`{}`", p.display())).collect();
+    format!(
+        "model `{}` is {what} ({ops}), and so is {}: run this worker with --device cuda, or give it the plain or \
+         fused exports of those VAE halves",
+        model.display(),
+        others.join(" and ")
+    )
 }
 
 #[cfg(test)]

@@ -520,6 +520,7 @@ impl Models {
             // ONNX Runtime's CPU provider would refuse a bf16 graph with "Could not find an
             // implementation for Add(14)", and the CUDA VAE graph's GroupNorm likewise; say what
             // it is, before any session is built.
+            let mut cuda_graphs: Vec<(std::path::PathBuf, usize)> = Vec::new();
             for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
                 let Ok(meta) = mgd3_common::modelmeta::read_model_meta(path) else { continue };
                 let value = |key: &str| meta.metadata.get(key).map(|v| v.trim());
@@ -530,11 +531,17 @@ impl Models {
                     }));
                 }
                 if value("mgd3.cuda_only") == Some("1") {
-                    return Err(EngineError::Model(mgd3_onnx::Error::CudaGraph {
-                        model: path.clone(),
-                        group_norm: value("mgd3.group_norm").and_then(|n| n.parse().ok()).unwrap_or(0),
-                    }));
+                    let group_norm = value("mgd3.group_norm").and_then(|n| n.parse().ok()).unwrap_or(0);
+                    cuda_graphs.push((path.clone(), group_norm));
                 }
+            }
+            // Every such model named at once: `cuda-vae` writes both halves.
+            if let Some(((model, group_norm), rest)) = cuda_graphs.split_first() {
+                return Err(EngineError::Model(mgd3_onnx::Error::CudaGraph {
+                    model: model.clone(),
+                    group_norm: *group_norm,
+                    also: rest.iter().map(|(path, _)| path.clone()).collect(),
+                }));
             }
         }
         let mut dit = Dit::load(&paths.dit, &runtime.dit())?;

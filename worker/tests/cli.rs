@@ -506,6 +506,24 @@ fn tensorrt_request_without_tensorrt_is_one_sentence_and_needs_a_cuda_device() {
             && text.contains("--device cuda"),
         "{text}"
     );
+    // Both halves CUDA graphs (as `cuda-vae` writes them): one message names both files.
+    let (encoder, decoder) = (out.join("enc_cuda.onnx"), out.join("dec_cuda.onnx"));
+    std::fs::create_dir_all(&out).unwrap();
+    for copy in [&encoder, &decoder] {
+        std::fs::copy(model("tiny_vae_decoder_cuda.onnx"), copy).unwrap();
+    }
+    let mut args = distill_args(&data, "n001", &out.join("both"), "1", "tiny_dit.onnx");
+    let at = |flag: &str| args.iter().position(|a| a == flag).unwrap() + 1;
+    let (e, d) = (at("--vae-encoder"), at("--vae-decoder"));
+    (args[e], args[d]) = (encoder.display().to_string(), decoder.display().to_string());
+    let text = stderr(&Command::new(env!("CARGO_BIN_EXE_worker")).args(&args).output().unwrap());
+    assert!(
+        text.contains("enc_cuda.onnx` is the CUDA graph of a VAE")
+            && text.contains("and so is `")
+            && text.contains("dec_cuda.onnx`")
+            && text.contains("those VAE halves"),
+        "{text}"
+    );
 
     let typo = worker(&["distill-class", "--provider", "tensorrtt"]);
     assert!(stderr(&typo).contains("use cuda or tensorrt"), "{}", stderr(&typo));
