@@ -148,9 +148,9 @@ pub enum Error {
     /// A call ran out of memory (or past a kernel's element range) even at one item per call:
     /// out-of-memory backoff halved the batch down to 1 and that failed too.
     #[error(
-        "model `{model}` ran out of memory on {device} at 1 item per call{}: free the device (another process \
-         may hold it), raise --gpu-memory-limit, or use a smaller or float16 model",
-        match .requested_bytes { Some(b) => format!(" (ONNX Runtime asked for {b} bytes)"), None => String::new() }
+        "model `{model}` ran out of memory on {device} at 1 item per call{}: {}",
+        match .requested_bytes { Some(b) => format!(" (ONNX Runtime asked for {b} bytes)"), None => String::new() },
+        out_of_memory_advice(device)
     )]
     OutOfMemory {
         /// The model file.
@@ -253,6 +253,16 @@ fn cuda_major_hint(lib: &str) -> &'static str {
         " (this is ONNX Runtime's CUDA 12 build; with CUDA 13 libraries use `scripts/setup_ort.sh gpu`)"
     } else {
         ""
+    }
+}
+
+/// What to do about [`Error::OutOfMemory`] on `device`: `--gpu-memory-limit` bounds the CUDA
+/// provider's arena only, so a CPU worker is not told to raise it.
+fn out_of_memory_advice(device: &str) -> &'static str {
+    if device.eq_ignore_ascii_case("cpu") {
+        "free memory on this machine (another process may hold it), or use a smaller or float16 model"
+    } else {
+        "free the device (another process may hold it), raise --gpu-memory-limit, or use a smaller or float16 model"
     }
 }
 

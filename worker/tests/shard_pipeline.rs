@@ -445,6 +445,8 @@ fn forced_small_ceilings_and_out_of_memory_backoff_keep_every_byte_at_ipc_128() 
     assert!(error.is_retryable(), "{error}");
     let message = mgd3_common::error_chain(&error);
     assert!(message.contains("tiny_vae_encoder.onnx") && message.contains("ran out of memory"), "{message}");
+    // On the CPU it is the machine's memory: --gpu-memory-limit (CUDA only) is not the advice.
+    assert!(message.contains("on cpu") && !message.contains("--gpu-memory-limit"), "{message}");
 }
 
 /// Two DiT batches in flight (`--overlap on`, the default) give the same bytes as one at a time:
