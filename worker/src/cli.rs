@@ -276,8 +276,12 @@ impl RuntimeArgs {
 
     /// The batch policy the flags ask for (checked by [`RuntimeArgs::runtime`]).
     pub fn batch_policy(&self) -> BatchPolicy {
-        let dit_rows = self.dit_rows();
-        let vae = self.vae_batch.unwrap_or(dit_rows.min(mgd3_common::batch::DEFAULT_VAE_BATCH));
+        let asked = self.dit_rows();
+        // A call carries whole CFG pairs (a sample's conditional and unconditional rows): the
+        // rows the calls actually carry, so that what the worker reports, logs and plans by is
+        // what it runs (`--dit-rows 7` carries 6; 1 carries one pair). 0 stays, to be refused.
+        let dit_rows = if asked == 0 { 0 } else { 2 * mgd3_common::batch::samples_per_call(asked) };
+        let vae = self.vae_batch.unwrap_or(asked.min(mgd3_common::batch::DEFAULT_VAE_BATCH));
         let encode_images = self.vae_encode_batch.unwrap_or(vae);
         BatchPolicy {
             dit_rows,
@@ -301,6 +305,15 @@ impl RuntimeArgs {
             bail!("{flag} must be at least 1");
         }
         let session = self.session_config()?;
+        if policy.dit_rows != self.dit_rows() && self.auto_rows().is_none() {
+            tracing::warn!(
+                "--dit-rows {}: a DiT call carries whole CFG pairs (each sample's conditional and unconditional \
+                 rows), so calls carry {} rows ({} samples); give an even number to say so",
+                self.dit_rows(),
+                policy.dit_rows,
+                policy.samples_per_call()
+            );
+        }
         tracing::debug!(device = %session.device, limit_bytes = ?session.gpu_memory_limit, "batch policy: {policy}");
         let vae_cuda =
             mgd3_onnx::session::CudaTuning { prefer_nhwc: self.vae_nhwc, ..mgd3_onnx::session::CudaTuning::VAE };
@@ -939,6 +952,12 @@ mod tests {
         assert_eq!((old.dit_rows, old.encode_images, old.decode_images), (512, 64, 64));
         let small = runtime_args(&["--max-batch", "4"]).batch_policy();
         assert_eq!((small.dit_rows, small.encode_images, small.decode_images), (4, 4, 4));
+        // Odd rows: the rows the calls carry (whole CFG pairs); the VAE batch as asked.
+        let odd = runtime_args(&["--dit-rows", "7"]).batch_policy();
+        assert_eq!((odd.dit_rows, odd.samples_per_call(), odd.encode_images, odd.decode_images), (6, 3, 7, 7));
+        let one = runtime_args(&["--dit-rows", "1"]).batch_policy();
+        assert_eq!((one.dit_rows, one.samples_per_call(), one.encode_images), (2, 1, 1));
+        assert_eq!(runtime_args(&["--dit-rows", "0"]).batch_policy().dit_rows, 0, "refused, not rounded up");
         let split = runtime_args(&["--dit-rows", "256", "--vae-batch", "32", "--vae-decode-batch", "8"]).batch_policy();
         assert_eq!((split.dit_rows, split.encode_images, split.decode_images), (256, 32, 8));
         let error = SessionConfig::try_from(&runtime_args(&["--vae-decode-batch", "0"])).unwrap_err().to_string();
