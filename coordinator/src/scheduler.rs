@@ -2122,9 +2122,6 @@ mod tests {
         // Pace: 4 shards in 1 s each. Just short of BACKUP_AFTER × 1 s the straggler is not
         // behind enough…
         let at = |share: f64| 1000 + (share * 1000.0) as u64;
-        let held = |l: &LeaseGrant| {
-            [Running { lease_id: l.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 }]
-        };
         poll(&mut s, "w3", &held(&straggler), false, at(BACKUP_AFTER - 0.1));
         assert_eq!(poll(&mut s, "w1", &[], false, at(BACKUP_AFTER - 0.1)).0, PollDecision::Wait(1000));
         // …then it is: w1 gets a backup, w2 a second, w0 nothing more.
@@ -2231,11 +2228,9 @@ mod tests {
         assert_eq!(poll(&mut s, "w2", &report(&backup, 39), false, 9500), (PollDecision::Wait(1000), vec![]));
     }
 
-    /// When the shard's own lease fails, its backup becomes the shard's lease (an attempt)
-    /// instead of the shard waiting for another worker; a backup that fails or expires changes
-    /// nothing, and the shard may get another.
-    #[test]
-    fn a_backup_takes_over_a_failed_lease_and_a_failed_backup_changes_nothing() {
+    /// A job of 5 one-class shards: four done by 2 s (1 s each, so backups are judged by that
+    /// pace), the fifth leased to `w3` at 0 and still running; workers w0–w3 registered.
+    fn one_straggler_left() -> (Scheduler, LeaseGrant) {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 5, 1, 3), None, &HashSet::new(), 0);
         let leases: Vec<LeaseGrant> = ["w0", "w1", "w2", "w3"].map(|w| lease(poll(&mut s, w, &[], false, 0).0)).into();
@@ -2244,10 +2239,20 @@ mod tests {
         }
         let last = lease(poll(&mut s, "w0", &[], false, 1000).0);
         s.complete("w0", &last.lease_id, 2000).unwrap();
-        let straggler = leases[3].clone();
-        let held = |l: &LeaseGrant| {
-            [Running { lease_id: l.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 }]
-        };
+        (s, leases[3].clone())
+    }
+
+    /// What a worker running `l` reports: no progress counted.
+    fn held(l: &LeaseGrant) -> [Running; 1] {
+        [Running { lease_id: l.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 }]
+    }
+
+    /// When the shard's own lease fails, its backup becomes the shard's lease (an attempt)
+    /// instead of the shard waiting for another worker; a backup that fails or expires changes
+    /// nothing, and the shard may get another.
+    #[test]
+    fn a_backup_takes_over_a_failed_lease_and_a_failed_backup_changes_nothing() {
+        let (mut s, straggler) = one_straggler_left();
         // A backup that fails is dropped; the shard's lease runs on and a second backup comes.
         let first = lease(poll(&mut s, "w1", &[], false, 2000).0);
         assert!(first.backup);
@@ -2278,18 +2283,7 @@ mod tests {
     /// then told to stop.
     #[test]
     fn of_two_backups_one_takes_over_a_failed_lease_and_the_other_may_still_win() {
-        let mut s = Scheduler::new(1000, "e");
-        s.add_job(job("j", 5, 1, 3), None, &HashSet::new(), 0);
-        let leases: Vec<LeaseGrant> = ["w0", "w1", "w2", "w3"].map(|w| lease(poll(&mut s, w, &[], false, 0).0)).into();
-        for (w, l) in ["w0", "w1", "w2"].iter().zip(&leases) {
-            s.complete(w, &l.lease_id, 1000).unwrap();
-        }
-        let last = lease(poll(&mut s, "w0", &[], false, 1000).0);
-        s.complete("w0", &last.lease_id, 2000).unwrap();
-        let straggler = leases[3].clone();
-        let held = |l: &LeaseGrant| {
-            [Running { lease_id: l.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 }]
-        };
+        let (mut s, straggler) = one_straggler_left();
         let first = lease(poll(&mut s, "w1", &[], false, 2000).0);
         let second = lease(poll(&mut s, "w2", &[], false, 2000).0);
         assert!(first.backup && second.backup && first.shard_index == 3 && second.shard_index == 3);
