@@ -514,6 +514,74 @@ impl object_store::ObjectStore for Refusing {
     }
 }
 
+/// An engine that commits the first `commit` classes handed to it and then reports itself
+/// cancelled, as the pipeline does when a stop (SIGTERM, a revoked lease) comes during the
+/// shard's last DiT batch: the batch's classes are committed, then the loop sees the flag.
+struct StopsAfter {
+    inner: FakeEngine,
+    commit: usize,
+}
+
+impl ShardEngine for StopsAfter {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        self.inner.distill(spec, class, cancel)
+    }
+
+    fn distill_shard(
+        &mut self,
+        spec: &JobSpec,
+        classes: &[ClassRef],
+        cancel: &Arc<AtomicBool>,
+        sink: &mut dyn mgd3_worker::shard::ClassSink<Error = mgd3_worker::shard::ShardError>,
+    ) -> Result<(), mgd3_worker::shard::ShardError> {
+        for class in classes.iter().take(self.commit) {
+            let result =
+                self.distill(spec, class, cancel).map_err(|f| mgd3_worker::shard::ShardError::class(&class.wnid, f))?;
+            sink.commit(class, result)?;
+        }
+        Err(mgd3_worker::shard::ShardError::shard(ShardFailure::Cancelled))
+    }
+}
+
+/// Stopped after its last class committed, a shard is done and reported so (not released for
+/// another worker to find every class committed); stopped with a class left, it is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_stopped_after_its_last_class_committed_is_done() {
+    let (dir, _cluster, job) = cluster_with_job(3, 2, 3).await;
+    let out = store::open(&dir.path().display().to_string()).unwrap();
+    // Two of three committed, then stopped: cancelled. Then the third (the first two are only
+    // re-published) and stopped: done.
+    for (commit, done) in [(2, false), (1, true)] {
+        let lease = ShardLease {
+            lease_id: format!("l{commit}"),
+            attempt_id: format!("s0-a1-l{commit}"),
+            attempt: 1,
+            job_id: job.job_id.clone(),
+            fingerprint: job.fingerprint.clone(),
+            spec: Arc::new(job.spec.clone()),
+            classes: job.classes.clone(),
+            worker_id: "w".into(),
+        };
+        let (runtime, out) = (tokio::runtime::Handle::current(), out.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let mut engine = StopsAfter { inner: FakeEngine::new(Duration::from_millis(1)), commit };
+            run_shard(&mut engine, &runtime, &out, &lease, &ShardProgress::default(), &Arc::new(AtomicBool::new(false)))
+        })
+        .await
+        .unwrap();
+        match (result, done) {
+            (Ok(report), true) => assert_eq!(report.images as usize, 3 * job.spec.ipc),
+            (Err(error), false) => assert!(error.is_cancelled(), "{error}"),
+            (other, _) => panic!("stopped after committing {commit} more: {other:?}"),
+        }
+    }
+}
+
 /// A full disk (ENOSPC), a quota (EDQUOT), a read-only file system (EROFS) or a permission
 /// refusal (EACCES) under the output fails the attempt at once — not after 180 s of retries —
 /// naming the store, the key and the cause, and asks the coordinator to pause the job.

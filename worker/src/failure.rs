@@ -132,6 +132,12 @@ pub struct ShardError {
 }
 
 impl ShardError {
+    /// The shard was stopped (shutdown, a revoked lease), not failed.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(&*self.failure, ShardFailure::Cancelled)
+            || matches!(&*self.failure, ShardFailure::Engine(e) if matches!(**e, EngineError::Cancelled))
+    }
+
     /// A failure about no class in particular.
     pub fn shard(failure: impl Into<ShardFailure>) -> Self {
         ShardError { class: None, failure: Box::new(failure.into()) }

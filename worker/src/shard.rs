@@ -201,7 +201,17 @@ pub fn run_shard(
         }
     }
     if !todo.is_empty() {
-        engine.distill_shard(&lease.spec, &todo, cancel, &mut committer)?;
+        match engine.distill_shard(&lease.spec, &todo, cancel, &mut committer) {
+            Ok(()) => {}
+            // Stopped (SIGTERM, revoked) after its last class committed: the shard is done, and
+            // is reported so, not released for another worker to find every class committed.
+            Err(error)
+                if error.is_cancelled() && lease.classes.iter().all(|c| committer.markers.contains_key(&c.wnid)) =>
+            {
+                info!(job = %lease.job_id, "stopping, with every class of the shard committed: reporting it done");
+            }
+            Err(error) => return Err(error),
+        }
     }
     let mut markers = Vec::with_capacity(lease.classes.len());
     for class in &lease.classes {
