@@ -79,9 +79,10 @@ impl std::fmt::Display for BatchPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "DiT {} rows ({} samples) per call, VAE encode {} / decode {} images per call, chunks of {} images, {} queued",
+            "DiT {} rows ({} sample{}) per call, VAE encode {} / decode {} images per call, chunks of {} images, {} queued",
             self.dit_rows,
             self.samples_per_call(),
+            if self.samples_per_call() == 1 { "" } else { "s" },
             self.encode_images,
             self.decode_images,
             self.encode_chunk,

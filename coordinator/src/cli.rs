@@ -1020,8 +1020,9 @@ async fn run_command(cli: Cli) -> Result<()> {
                 None => list_jobs(&mut client, &args.connection.coordinator).await?,
             };
             if statuses.is_empty() && !args.json {
-                // Not a silent nothing: say so, as `list` does (`--json` prints `[]`).
-                outln!("no jobs (`coordinator submit <spec>` adds one)");
+                // Not a silent nothing: say so, as `list` does, on standard error (standard
+                // output holds jobs only; `--json` prints `[]`).
+                errln!("no jobs (`coordinator submit <spec>` adds one)");
                 return Ok(());
             }
             if let Some(path) = &args.get {
@@ -1281,7 +1282,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             if args.json {
                 outln!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
             } else if jobs.is_empty() {
-                outln!("no jobs");
+                // On standard error: standard output lists jobs, one a line, for scripts.
+                errln!("no jobs (`coordinator submit <spec>` adds one)");
             } else {
                 for j in &jobs {
                     if j.state == JobState::Quarantined {

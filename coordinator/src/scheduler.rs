@@ -901,9 +901,16 @@ impl Scheduler {
         self.jobs.get(job_id).map(JobRun::state)
     }
 
-    /// Workers seen in the last three heartbeats.
+    /// Workers seen in the last three heartbeats, less those gone (stopping, told to exit).
     pub fn live_workers(&self, now: u64) -> usize {
-        self.workers.values().filter(|seen| now.saturating_sub(**seen) <= 3 * self.heartbeat_ms).count()
+        self.workers.keys().filter(|id| self.is_live(id, now)).count()
+    }
+
+    /// Seen in the last three heartbeats and not gone: a worker that said it is stopping, or was
+    /// told to exit, no longer counts from that poll on.
+    fn is_live(&self, worker_id: &str, now: u64) -> bool {
+        self.workers.get(worker_id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms)
+            && !self.gone.contains_key(worker_id)
     }
 
     /// (worker id, DiT rows) of the workers seen in the last three heartbeats that reported
@@ -912,9 +919,7 @@ impl Scheduler {
         let mut rows: Vec<(String, usize)> = self
             .dit_rows
             .iter()
-            .filter(|(worker, _)| {
-                self.workers.get(*worker).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms)
-            })
+            .filter(|(worker, _)| self.is_live(worker, now))
             .map(|(worker, rows)| (worker.clone(), *rows))
             .collect();
         rows.sort();
@@ -924,12 +929,7 @@ impl Scheduler {
     /// Workers seen in the last three heartbeats that `job_id` has excluded.
     pub fn live_workers_excluded(&self, job_id: &str, now: u64) -> usize {
         let Some(run) = self.jobs.get(job_id) else { return 0 };
-        self.workers
-            .iter()
-            .filter(|(id, seen)| {
-                now.saturating_sub(**seen) <= 3 * self.heartbeat_ms && run.persisted.excluded_workers.contains(*id)
-            })
-            .count()
+        self.workers.keys().filter(|id| self.is_live(id, now) && run.persisted.excluded_workers.contains(*id)).count()
     }
 
     /// Claims `worker_id` for `process` before it registers: refused while another process holds
@@ -2596,6 +2596,7 @@ mod tests {
         // never silent after; a worker that re-registers is no news.
         assert_eq!(s.poll("a", &[], true, 4200).unwrap().0, PollDecision::Drain);
         assert_eq!(s.poll("a", &[], true, 4300).unwrap().0, PollDecision::Drain);
+        assert_eq!(s.live_workers(4300), 1, "a said it is stopping: only b counts");
         s.note_departures(9000);
         let events = s.take_worker_events();
         assert_eq!(

@@ -80,9 +80,13 @@ fn client_commands_name_what_is_wrong() {
     let out = coordinator(&["list", "--json", "--coordinator", &url]);
     assert!(out.status.success());
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
-    // No jobs: `status` says so instead of printing nothing; `--json` is `[]`.
-    let out = coordinator(&["status", "--coordinator", &url]);
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("no jobs"), "{out:?}");
+    // No jobs: `status` and `list` say so on standard error (standard output holds jobs only,
+    // for scripts); `--json` is `[]`.
+    for command in ["status", "list"] {
+        let out = coordinator(&[command, "--coordinator", &url]);
+        assert!(out.status.success() && out.stdout.is_empty(), "{command}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("no jobs"), "{command}: {out:?}");
+    }
     let out = coordinator(&["status", "--json", "--coordinator", &url]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
 }

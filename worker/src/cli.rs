@@ -308,10 +308,11 @@ impl RuntimeArgs {
         if policy.dit_rows != self.dit_rows() && self.auto_rows().is_none() {
             tracing::warn!(
                 "--dit-rows {}: a DiT call carries whole CFG pairs (each sample's conditional and unconditional \
-                 rows), so calls carry {} rows ({} samples); give an even number to say so",
+                 rows), so calls carry {} rows ({} sample{}); give an even number to say so",
                 self.dit_rows(),
                 policy.dit_rows,
-                policy.samples_per_call()
+                policy.samples_per_call(),
+                if policy.samples_per_call() == 1 { "" } else { "s" }
             );
         }
         tracing::debug!(device = %session.device, limit_bytes = ?session.gpu_memory_limit, "batch policy: {policy}");
@@ -771,6 +772,9 @@ fn sample(args: SampleArgs) -> Result<()> {
     let config = SamplingSpec::try_from(&args.sampling)?;
     let modes: Array4<f32> = read_npy(&args.modes, "--modes", "[N,C,h,w]")?;
     let noise: Array5<f32> = read_npy(&args.noise, "--noise", "[N,S+1,C,h,w]")?;
+    let decoder = args.vae_decoder.as_deref().filter(|_| args.images_out.is_some());
+    let models: Vec<&std::path::Path> = std::iter::once(args.dit.as_path()).chain(decoder).collect();
+    crate::models::check_cpu_models(runtime.session.device, &models)?;
     let mut dit = Dit::load(&args.dit, &runtime.dit())?;
     let info = dit.info().clone();
     check_guidance(&config, info.latent_shape[0]).map_err(EngineError::from_command_line)?;

@@ -655,6 +655,13 @@ async fn report<F: Future<Output = ()>>(
                 }
                 stop.sleep(backoff(attempt)).await;
             }
+            // Stopping, and the coordinator is unreachable: the lease is not given back, it
+            // expires on the coordinator (committed classes stay).
+            Err(status) if transient(&status) => {
+                warn!(lease = %lease_id, coordinator = %config.coordinator, error = %status.message(),
+                    "stopping without reaching the coordinator: the lease expires there after the job's lease_timeout_s and its shard is requeued then (committed classes stay)");
+                return Ok(());
+            }
             // Giving back a lease the coordinator already took back (revoked, cancelled) is
             // expected, not a problem.
             Err(status) if matches!(&outcome, Err(f) if f.failure.disposition() == Disposition::Release) => {

@@ -484,6 +484,47 @@ impl Denoiser for DitDenoiser<'_> {
     }
 }
 
+/// On the CPU, refuses before any session is built the models ONNX Runtime's CPU provider cannot
+/// run, saying what they are: a bf16 export ([`mgd3_onnx::Error::NeedsCuda`]), and the CUDA VAE
+/// graphs ([`mgd3_onnx::Error::CudaGraph`], every such file at once). Nothing on CUDA. Models
+/// whose metadata cannot be read are left to the loader's own error.
+///
+/// # Errors
+/// [`EngineError::Model`] with one of those errors.
+pub fn check_cpu_models(device: Device, paths: &[&std::path::Path]) -> Result<(), EngineError> {
+    if device != Device::Cpu {
+        return Ok(());
+    }
+    // ONNX Runtime's CPU provider would refuse a bf16 graph with "Could not find an
+    // implementation for Add(14)", and the CUDA VAE graph's GroupNorm likewise; say what
+    // it is, before any session is built.
+    let mut cuda_graphs: Vec<(std::path::PathBuf, usize)> = Vec::new();
+    for path in paths {
+        let Ok(meta) = mgd3_common::modelmeta::read_model_meta(path) else { continue };
+        let value = |key: &str| meta.metadata.get(key).map(|v| v.trim());
+        if let Some(precision @ "bf16") = value("mgd3.precision") {
+            return Err(EngineError::Model(mgd3_onnx::Error::NeedsCuda {
+                model: path.to_path_buf(),
+                precision: precision.to_owned(),
+            }));
+        }
+        if value("mgd3.cuda_only") == Some("1") {
+            let group_norm = value("mgd3.group_norm").and_then(|n| n.parse().ok()).unwrap_or(0);
+            cuda_graphs.push((path.to_path_buf(), group_norm));
+        }
+    }
+    // Every such model named at once (`cuda-vae` writes both halves), each file once.
+    cuda_graphs.dedup_by(|a, b| a.0 == b.0);
+    if let Some(((model, group_norm), rest)) = cuda_graphs.split_first() {
+        return Err(EngineError::Model(mgd3_onnx::Error::CudaGraph {
+            model: model.clone(),
+            group_norm: *group_norm,
+            also: rest.iter().map(|(path, _)| path.clone()).collect(),
+        }));
+    }
+    Ok(())
+}
+
 /// `sha256:<hex>` of each model file as loaded ([`mgd3_common::fingerprint_file`]): what a job
 /// spec's `*_fingerprint` settings and the latent cache key compare against.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -516,34 +557,7 @@ impl Models {
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
-        if runtime.session.device == Device::Cpu {
-            // ONNX Runtime's CPU provider would refuse a bf16 graph with "Could not find an
-            // implementation for Add(14)", and the CUDA VAE graph's GroupNorm likewise; say what
-            // it is, before any session is built.
-            let mut cuda_graphs: Vec<(std::path::PathBuf, usize)> = Vec::new();
-            for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
-                let Ok(meta) = mgd3_common::modelmeta::read_model_meta(path) else { continue };
-                let value = |key: &str| meta.metadata.get(key).map(|v| v.trim());
-                if let Some(precision @ "bf16") = value("mgd3.precision") {
-                    return Err(EngineError::Model(mgd3_onnx::Error::NeedsCuda {
-                        model: path.clone(),
-                        precision: precision.to_owned(),
-                    }));
-                }
-                if value("mgd3.cuda_only") == Some("1") {
-                    let group_norm = value("mgd3.group_norm").and_then(|n| n.parse().ok()).unwrap_or(0);
-                    cuda_graphs.push((path.clone(), group_norm));
-                }
-            }
-            // Every such model named at once: `cuda-vae` writes both halves.
-            if let Some(((model, group_norm), rest)) = cuda_graphs.split_first() {
-                return Err(EngineError::Model(mgd3_onnx::Error::CudaGraph {
-                    model: model.clone(),
-                    group_norm: *group_norm,
-                    also: rest.iter().map(|(path, _)| path.clone()).collect(),
-                }));
-            }
-        }
+        check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
         let mut dit = Dit::load(&paths.dit, &runtime.dit())?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, &runtime.decoder())?;

@@ -142,6 +142,25 @@ fn sample_rejects_noise_of_the_wrong_shape() {
     assert!(!out.exists());
 }
 
+/// `worker sample` on the CPU with the CUDA VAE graph as its decoder says what the file is,
+/// before any sampling, as `distill-class` does (not ONNX Runtime's "Could not find an
+/// implementation for NhwcConv").
+#[test]
+fn sample_with_a_cuda_only_decoder_on_the_cpu_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, images) = (dir.path().join("latents.npy"), dir.path().join("images"));
+    let decoder = model("tiny_vae_decoder_cuda.onnx");
+    let result = sample_case(&out, &["--vae-decoder", &decoder, "--images-out", images.to_str().unwrap()]);
+    let text = stderr(&result);
+    assert!(
+        !result.status.success()
+            && text.contains("tiny_vae_decoder_cuda.onnx` is the CUDA graph of a VAE")
+            && !text.contains("NhwcConv"),
+        "{text}"
+    );
+    assert!(!out.exists(), "nothing sampled");
+}
+
 /// The trained demo DiT (models/demo) at a mode-guidance scale where guidance runs away: the run
 /// fails naming the sample and the step instead of writing saturated latents; the paper's λ works.
 #[test]

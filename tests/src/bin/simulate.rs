@@ -294,8 +294,13 @@ fn table_row(o: &Outcome) {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+async fn main() -> std::process::ExitCode {
+    // Errors are said with their causes, as the coordinator and worker say theirs (no backtrace
+    // under RUST_BACKTRACE: a bad flag is not a crash).
+    mgd3_common::exit_status(simulate(Args::parse()).await)
+}
+
+async fn simulate(args: Args) -> Result<()> {
     if !args.table {
         let s = scenario(&args)?;
         check_size(&s)?;
