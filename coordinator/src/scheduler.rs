@@ -597,6 +597,22 @@ pub enum WorkerEvent {
     },
 }
 
+/// A shard lease that expired: its worker stopped renewing it (died, was cut off or hung), and
+/// the shard went back to the queue, or failed when out of attempts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpiredLease {
+    /// The job.
+    pub job_id: String,
+    /// The shard's position in the job's plan.
+    pub shard: usize,
+    /// The lease.
+    pub lease_id: String,
+    /// The worker that held it.
+    pub worker_id: String,
+    /// Whether the shard waits for another attempt (else it failed, out of attempts).
+    pub requeued: bool,
+}
+
 /// Leases that expire on one worker in a row before it is set aside (see
 /// [`WorkerEvent::SetAside`]).
 pub const SET_ASIDE_AFTER: u32 = 2;
@@ -694,6 +710,8 @@ pub struct Scheduler {
     /// Workers announced as gone (drained, or silent for three heartbeats), until they poll or
     /// register again.
     gone: HashMap<String, LeftReason>,
+    /// Shard leases expired since the last [`Scheduler::take_expired`].
+    expired: Vec<ExpiredLease>,
     /// Comings and goings since the last [`Scheduler::take_worker_events`].
     worker_events: Vec<WorkerEvent>,
     /// Leases expired on each worker since it last renewed or completed one.
@@ -731,6 +749,7 @@ impl Scheduler {
             processes: HashMap::new(),
             gone: HashMap::new(),
             worker_events: Vec::new(),
+            expired: Vec::new(),
             expiry_streak: HashMap::new(),
             set_aside: HashMap::new(),
             heartbeat_ms,
@@ -1022,6 +1041,12 @@ impl Scheduler {
     /// Workers that left or came back since the last call, in order, for the caller to log.
     pub fn take_worker_events(&mut self) -> Vec<WorkerEvent> {
         std::mem::take(&mut self.worker_events)
+    }
+
+    /// Shard leases that expired since the last call (at a tick or inside a poll), in order, for
+    /// the caller to log.
+    pub fn take_expired(&mut self) -> Vec<ExpiredLease> {
+        std::mem::take(&mut self.expired)
     }
 
     /// Heartbeat, renewal and work request. Returns the decision and the reported leases that are
@@ -1427,7 +1452,16 @@ impl Scheduler {
                 };
                 let error = format!("lease expired: worker `{worker}` stopped renewing it");
                 self.expired_on_worker(&job, shard, &worker, now);
-                Some((job.clone(), self.requeue_or_fail(&job, shard, None, error, true, false, now)))
+                let settled = self.requeue_or_fail(&job, shard, None, error, true, false, now);
+                let requeued = self.jobs[&job].persisted.shards[shard].state != ShardState::Failed;
+                self.expired.push(ExpiredLease {
+                    job_id: job.clone(),
+                    shard,
+                    lease_id: lease.clone(),
+                    worker_id: worker,
+                    requeued,
+                });
+                Some((job, settled))
             })
             .collect()
     }
@@ -2337,6 +2371,15 @@ mod tests {
         let second = lease(poll(&mut s, "bad", &[], false, 10_001).0);
         assert_eq!((second.shard_index, second.attempt), (0, 2));
         assert!(s.take_worker_events().is_empty(), "one expiry is no crash loop");
+        let expired = ExpiredLease {
+            job_id: "j".into(),
+            shard: 0,
+            lease_id: first.lease_id.clone(),
+            worker_id: "bad".into(),
+            requeued: true,
+        };
+        assert_eq!(s.take_expired(), vec![expired], "every expiry is told, once");
+        assert!(s.take_expired().is_empty());
         // The second expiry in a row on `bad` costs nothing and sets `bad` aside.
         let (decision, _) = poll(&mut s, "bad", &[], false, 20_002);
         assert_eq!(decision, PollDecision::Wait(1000), "a set-aside worker gets no lease");

@@ -407,13 +407,14 @@ impl Coordinator {
                     continue;
                 }
                 _ = tick.tick() => {
-                    let (changed, events) = {
+                    let (changed, events, expired) = {
                         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
                         let now = now_ms();
                         scheduler.note_departures(now);
-                        (scheduler.expire(now), scheduler.take_worker_events())
+                        (scheduler.expire(now), scheduler.take_worker_events(), scheduler.take_expired())
                     };
                     log_worker_events(events);
+                    log_expired(expired);
                     for (job, settled) in changed {
                         self.settled(&job, settled);
                     }
@@ -1560,16 +1561,17 @@ impl Coordinator {
         running: &[Running],
         draining: bool,
     ) -> Result<(PollDecision, Vec<String>)> {
-        let (decision, revoked, settled, events) = {
+        let (decision, revoked, settled, events, expired) = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
             if let Err(error) = scheduler.holds(worker_id, process) {
                 warn!(worker = %worker_id, error = %error, "poll refused: another process holds this worker id");
                 return Err(error.into());
             }
             let (decision, revoked) = scheduler.poll(worker_id, running, draining, now_ms())?;
-            (decision, revoked, scheduler.take_settled(), scheduler.take_worker_events())
+            (decision, revoked, scheduler.take_settled(), scheduler.take_worker_events(), scheduler.take_expired())
         };
         log_worker_events(events);
+        log_expired(expired);
         // Leases this poll found expired or forgotten: persisted, and a job they ended finished.
         for (job_id, settled) in settled {
             self.settled(&job_id, settled);
@@ -1704,6 +1706,19 @@ impl Coordinator {
         }
         self.settled(&job_id, settled);
         Ok(())
+    }
+}
+
+/// One WARN line per expired shard lease: a worker stopped renewing it (died, cut off, hung).
+fn log_expired(expired: Vec<crate::scheduler::ExpiredLease>) {
+    for lease in expired {
+        if lease.requeued {
+            warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
+                "lease expired: the worker stopped renewing it (died, cut off or hung); the shard goes back to the queue (committed classes stay)");
+        } else {
+            warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
+                "lease expired: the worker stopped renewing it, and the shard is out of attempts: it failed (`coordinator status` shows why; `coordinator resume` runs it again)");
+        }
     }
 }
 
