@@ -1,5 +1,6 @@
 //! The command-line parsing both binaries share: clap as declared by each `Cli`, with an
-//! environment variable that is set but empty read as unset.
+//! environment variable that is set but empty read as unset, and a bad value that came from a
+//! variable named as such.
 
 use clap::Command;
 use clap::builder::Resettable;
@@ -14,7 +15,42 @@ pub fn parse<P: clap::Parser>() -> P {
     let mut command = without_empty_env(P::command());
     let parsed =
         command.try_get_matches_from_mut(std::env::args_os()).and_then(|mut m| P::from_arg_matches_mut(&mut m));
-    parsed.unwrap_or_else(|error| error.format(&mut command).exit())
+    parsed.unwrap_or_else(|error| {
+        let error = error.format(&mut command);
+        if let Some(variable) = from_environment(&command, &error) {
+            // clap names the flag; a job script set the variable, so say which.
+            let _ = error.print();
+            crate::errln!("note: the value came from the environment: {variable}");
+            std::process::exit(error.exit_code());
+        }
+        error.exit()
+    })
+}
+
+/// The variable (`NAME=value`) an invalid value came from, when `error` is about a value of a
+/// flag that was not on the command line but is read from a variable that is set.
+fn from_environment(command: &Command, error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else { return None };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let flag = format!("--{long}");
+    let given = std::env::args().skip(1).any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if given {
+        return None;
+    }
+    let name = find_env(command, long)?;
+    let value = std::env::var(&name).ok().filter(|v| !v.is_empty())?;
+    Some(format!("{name}={value}"))
+}
+
+/// The variable the flag `--long` of `command` or of one of its subcommands reads.
+fn find_env(command: &Command, long: &str) -> Option<String> {
+    command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+        .or_else(|| command.get_subcommands().find_map(|sub| find_env(sub, long)))
 }
 
 /// `command` without the environment variables that are set but empty, in its subcommands too.

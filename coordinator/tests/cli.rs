@@ -111,6 +111,10 @@ fn empty_variables_count_as_unset() {
     let out = command.output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("`ipc`") && !text.contains("invalid value"), "{text}");
+    // A bad value from a variable is refused naming the variable, not only the flag.
+    let out = command.env("MGD3_PROGRESS_EVERY_S", "abc").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("--progress-every-s") && text.contains("MGD3_PROGRESS_EVERY_S=abc"), "{text}");
 }
 
 #[test]

@@ -262,7 +262,8 @@ fn distill_class_writes_ipc_images_and_modes_deterministically() {
 
 /// Every variable the worker reads, set but empty (`export MGD3_CPU_THREADS=${SLURM_CPUS_PER_TASK:-}`
 /// in a job script), is as if unset: the class distils to the same bytes, and joining without
-/// a coordinator still asks for `--coordinator`; a variable with a bad value is still refused.
+/// a coordinator still asks for `--coordinator`; a variable with a bad value is still refused,
+/// naming the variable as well as the flag.
 #[test]
 fn empty_variables_count_as_unset() {
     let dir = tempfile::tempdir().unwrap();
@@ -304,6 +305,7 @@ fn empty_variables_count_as_unset() {
     bad.args(distill_args(&data, "n01440764", &dir.path().join("bad"), "2", "tiny_dit.onnx"));
     let text = stderr(&bad.env("MGD3_CPU_THREADS", "x").output().unwrap());
     assert!(text.contains("--cpu-threads") && text.contains("'x'"), "{text}");
+    assert!(text.contains("the value came from the environment: MGD3_CPU_THREADS=x"), "{text}");
 }
 
 /// `--dit-rows auto` (the default on CUDA) chooses the rows per DiT call when the models load,
