@@ -538,6 +538,16 @@ pub const MAX_BACKUPS: usize = 2;
 /// Completed shards a job needs before its pace is trusted for backups.
 pub const BACKUP_MIN_COMPLETED: u64 = 3;
 
+/// Drops `lease_id` from the backups of `key` (job, shard), and the entry once it has none.
+fn unlink_backup(backed_up: &mut HashMap<(String, usize), Vec<String>>, key: (String, usize), lease_id: &str) {
+    if let Some(leases) = backed_up.get_mut(&key) {
+        leases.retain(|l| l != lease_id);
+        if leases.is_empty() {
+            backed_up.remove(&key);
+        }
+    }
+}
+
 /// A granted lease.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LeaseGrant {
@@ -1389,13 +1399,7 @@ impl Scheduler {
     fn remove_backup(&mut self, lease_id: &str) -> Option<(String, usize)> {
         let backup = self.backups.remove(lease_id)?;
         self.leases.steps.remove(lease_id);
-        let key = (backup.job.clone(), backup.shard);
-        if let Some(leases) = self.backed_up.get_mut(&key) {
-            leases.retain(|l| l != lease_id);
-            if leases.is_empty() {
-                self.backed_up.remove(&key);
-            }
-        }
+        unlink_backup(&mut self.backed_up, (backup.job.clone(), backup.shard), lease_id);
         Some((backup.job, backup.shard))
     }
 
@@ -1535,13 +1539,7 @@ impl Scheduler {
                     };
                     // Its rate stays: it is the shard's lease now.
                     self.backups.remove(&lease_id);
-                    let key = (job_id.to_owned(), shard);
-                    if let Some(leases) = self.backed_up.get_mut(&key) {
-                        leases.retain(|l| *l != lease_id);
-                        if leases.is_empty() {
-                            self.backed_up.remove(&key);
-                        }
-                    }
+                    unlink_backup(&mut self.backed_up, (job_id.to_owned(), shard), &lease_id);
                     self.leases.insert(lease_id, job_id.to_owned(), shard, b.worker);
                 }
                 None => {
