@@ -117,6 +117,9 @@ impl Command {
     }
 }
 
+/// What `list` and `status` say, on standard error, when the coordinator has no jobs.
+const NO_JOBS: &str = "no jobs (`coordinator submit <spec>` adds one)";
+
 /// Where a job's output folder is: named, or asked of the coordinator.
 #[derive(Debug, Args)]
 pub struct JobDirArgs {
@@ -1022,7 +1025,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             if statuses.is_empty() && !args.json {
                 // Not a silent nothing: say so, as `list` does, on standard error (standard
                 // output holds jobs only; `--json` prints `[]`).
-                errln!("no jobs (`coordinator submit <spec>` adds one)");
+                errln!("{NO_JOBS}");
                 return Ok(());
             }
             if let Some(path) = &args.get {
@@ -1283,7 +1286,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 outln!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
             } else if jobs.is_empty() {
                 // On standard error: standard output lists jobs, one a line, for scripts.
-                errln!("no jobs (`coordinator submit <spec>` adds one)");
+                errln!("{NO_JOBS}");
             } else {
                 for j in &jobs {
                     if j.state == JobState::Quarantined {

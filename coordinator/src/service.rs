@@ -1712,13 +1712,13 @@ impl Coordinator {
 /// One WARN line per expired shard lease: a worker stopped renewing it (died, cut off, hung).
 fn log_expired(expired: Vec<crate::scheduler::ExpiredLease>) {
     for lease in expired {
-        if lease.requeued {
-            warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
-                "lease expired: the worker stopped renewing it (died, cut off or hung); the shard goes back to the queue (committed classes stay)");
+        let then = if lease.requeued {
+            "(died, cut off or hung); the shard goes back to the queue (committed classes stay)"
         } else {
-            warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
-                "lease expired: the worker stopped renewing it, and the shard is out of attempts: it failed (`coordinator status` shows why; `coordinator resume` runs it again)");
-        }
+            "and the shard is out of attempts: it failed (`coordinator status` shows why; `coordinator resume` runs it again)"
+        };
+        warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
+            "lease expired: the worker stopped renewing it {then}");
     }
 }
 
