@@ -11,10 +11,15 @@ use clap::builder::Resettable;
 /// flag's default applies. Job scripts write `export MGD3_CPU_THREADS=${SLURM_CPUS_PER_TASK:-}`,
 /// and the shell's own convention (`${VAR:-default}`) is that empty means "not given", where
 /// clap would refuse `''` as a number or ask for a value.
+///
+/// A command whose own flags conflict with its subcommands (the worker's cluster mode beside
+/// `worker sample`) reads its own flags' variables only when no subcommand is named: a
+/// cluster-wide `MGD3_GIVE_UP_AFTER_S` in the job script is not the business of `worker
+/// import-fashion-mnist`, which must not refuse to run over it.
 pub fn parse<P: clap::Parser>() -> P {
-    let mut command = without_empty_env(P::command());
-    let parsed =
-        command.try_get_matches_from_mut(std::env::args_os()).and_then(|mut m| P::from_arg_matches_mut(&mut m));
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = without_unused_env(without_empty_env(P::command()), &args);
+    let parsed = command.try_get_matches_from_mut(args).and_then(|mut m| P::from_arg_matches_mut(&mut m));
     parsed.unwrap_or_else(|error| {
         let error = error.format(&mut command);
         if let Some(variable) = from_environment(&command, &error) {
@@ -51,6 +56,18 @@ fn find_env(command: &Command, long: &str) -> Option<String> {
         .and_then(|a| a.get_env())
         .map(|v| v.to_string_lossy().into_owned())
         .or_else(|| command.get_subcommands().find_map(|sub| find_env(sub, long)))
+}
+
+/// `command` with its own flags reading no variable when `args` (the program name first) name
+/// one of its subcommands and its flags conflict with them, so cannot be given beside one: the
+/// subcommand's own flags read theirs.
+fn without_unused_env(command: Command, args: &[std::ffi::OsString]) -> Command {
+    let names_subcommand = args.get(1).is_some_and(|first| command.find_subcommand(first).is_some());
+    if command.is_args_conflicts_with_subcommands_set() && names_subcommand {
+        command.mut_args(|arg| if arg.get_env().is_some() { arg.env(Resettable::Reset) } else { arg })
+    } else {
+        command
+    }
 }
 
 /// `command` without the environment variables that are set but empty, in its subcommands too.

@@ -308,6 +308,25 @@ fn empty_variables_count_as_unset() {
     assert!(text.contains("the value came from the environment: MGD3_CPU_THREADS=x"), "{text}");
 }
 
+/// A job script exports the cluster mode's variables for every worker command it runs: a bad
+/// value in one (`MGD3_GIVE_UP_AFTER_S`, `MGD3_CPU_THREADS` of the cluster mode's runtime) stops
+/// only the cluster mode, which reads it, not a subcommand that has no such flag.
+#[test]
+fn cluster_mode_variables_do_not_stop_subcommands_that_do_not_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = [("MGD3_GIVE_UP_AFTER_S", "soon"), ("MGD3_COORDINATOR", "")];
+    let missing = dir.path().join("no-such-folder");
+    let mut import = Command::new(env!("CARGO_BIN_EXE_worker"));
+    import.args(["import-fashion-mnist", "--src"]).arg(&missing).arg("--out").arg(dir.path().join("out"));
+    let text = stderr(&import.envs(bad).env("MGD3_VAE_NHWC", "maybe").output().unwrap());
+    assert!(text.contains("no-such-folder") && !text.contains("MGD3_") && !text.contains("invalid value"), "{text}");
+    let mut join = Command::new(env!("CARGO_BIN_EXE_worker"));
+    join.args(["--coordinator", "http://127.0.0.1:9"]);
+    let text = stderr(&join.envs(bad).output().unwrap());
+    assert!(text.contains("--give-up-after-s") && text.contains("'soon'"), "{text}");
+    assert!(text.contains("the value came from the environment: MGD3_GIVE_UP_AFTER_S=soon"), "{text}");
+}
+
 /// `--dit-rows auto` (the default on CUDA) chooses the rows per DiT call when the models load,
 /// from the free memory and the memory a row takes, measured then; the bytes are those of any
 /// other rows. The free memory is forced here (`MGD3_FREE_MEMORY_BYTES`) to make the choice
