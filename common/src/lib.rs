@@ -93,13 +93,37 @@ pub enum StopSignal {
 }
 
 /// Resolves on SIGTERM or SIGINT, saying which: the shutdown signal both binaries pass to their
-/// `run`.
+/// `run`, which then stop cleanly (a worker after its batch, giving its lease back).
+///
+/// From then on a second Ctrl-C ends the process at once (exit 130), as a person pressing it
+/// again means: what is committed stays, the work in progress is lost and a worker's lease
+/// expires on the coordinator. A second SIGTERM does not: Slurm's preemption signals every
+/// process of the step while the batch script forwards its own SIGTERM to the worker too, and
+/// that double delivery must not cut the clean stop short (Slurm sends SIGKILL itself once its
+/// grace period is over). It is only acknowledged on standard error.
 pub async fn termination() -> StopSignal {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
+    let first = tokio::select! {
         _ = term.recv() => StopSignal::Terminate,
         _ = tokio::signal::ctrl_c() => StopSignal::Interrupt,
-    }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => errln!(
+                    "already stopping cleanly (another SIGTERM changes nothing; a second Ctrl-C or SIGKILL stops at once)"
+                ),
+                _ = tokio::signal::ctrl_c() => {
+                    errln!(
+                        "second Ctrl-C: exiting at once; committed work is kept, the work in progress is lost \
+                         (a worker's lease expires on its coordinator and the shard runs again)"
+                    );
+                    std::process::exit(130);
+                }
+            }
+        }
+    });
+    first
 }
 
 /// [`termination`] as a plain future for a `shutdown` argument, remembering the signal in

@@ -254,6 +254,40 @@ fn a_signalled_worker_exits_in_bounded_time_when_its_coordinator_is_gone_or_hung
     eprintln!("busy worker, coordinator hung: exited {:?} after SIGTERM", started.elapsed());
 }
 
+/// Once a worker is stopping cleanly, a second Ctrl-C ends it at once (exit 130), while a second
+/// SIGTERM — Slurm signals the step while the batch script forwards its own — does not cut the
+/// clean stop short. The clean stop is kept long here by a hung coordinator (SIGSTOP): the
+/// worker would wait for it to take the lease back, bounded.
+#[test]
+fn a_second_ctrl_c_stops_a_stopping_worker_at_once_and_a_second_sigterm_does_not() {
+    let JobScratch { dir: scratch, spec: spec_path, store, .. } = job_scratch(4, 4, 2, 3, "classes_per_shard = 4");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let coordinator = serve(port, &store, &scratch.path().join("coordinator.log"), &[]);
+    let job = submit(&url, &spec_path);
+    let log = scratch.path().join("worker.log");
+    let mut busy = fake_worker(&url, "busy", "30", &log, &[]);
+    wait_for("a running shard", Duration::from_secs(60), || {
+        status(&url, &job).is_some_and(|s| s["shards"]["running"].as_u64() == Some(1))
+    });
+    signal(&coordinator.0, 19);
+    signal(&busy.0, 2);
+    std::thread::sleep(Duration::from_millis(700));
+    terminate(&busy.0);
+    std::thread::sleep(Duration::from_millis(700));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(busy.0.try_wait().unwrap().is_none(), "a second SIGTERM ended the clean stop: {text}");
+    assert!(text.contains("already stopping cleanly"), "{text}");
+    signal(&busy.0, 2);
+    let started = std::time::Instant::now();
+    let exit = wait_exit(&mut busy.0, "a stopping worker given a second Ctrl-C", Duration::from_secs(3));
+    signal(&coordinator.0, 18);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(exit.code(), Some(130), "{text}");
+    assert!(text.contains("second Ctrl-C: exiting at once"), "{text}");
+    eprintln!("second Ctrl-C: exited {:?} after it", started.elapsed());
+}
+
 /// Locations written for other processes are absolute: a coordinator serving a relative store
 /// from one folder and a worker started in another agree on where the job's output is.
 #[test]
