@@ -100,4 +100,8 @@ pub struct Failure {
     pub error: String,
     /// What to do about it.
     pub disposition: Disposition,
+    /// Classes of the shard committed when the attempt ended (by it, or found committed from
+    /// an earlier attempt): the coordinator keeps them counted in the job's progress, which the
+    /// attempt's last heartbeat, sent before its last commits, may not have counted.
+    pub classes_committed: u32,
 }

@@ -162,6 +162,7 @@ impl From<proto::FailShardRequest> for Failure {
             class: (!r.wnid.is_empty()).then_some(r.wnid),
             error: r.error,
             disposition,
+            classes_committed: r.classes_committed,
         }
     }
 }
@@ -177,6 +178,7 @@ impl From<Failure> for proto::FailShardRequest {
             wnid: f.class.unwrap_or_default(),
             incompatible: f.disposition == Disposition::Elsewhere,
             store_refused: f.disposition == Disposition::Pause,
+            classes_committed: f.classes_committed,
         }
     }
 }
@@ -554,9 +556,15 @@ mod tests {
         for disposition in
             [Disposition::Retry, Disposition::GiveUp, Disposition::Elsewhere, Disposition::Release, Disposition::Pause]
         {
-            for class in [None, Some("n01440764".to_owned())] {
-                let failure =
-                    Failure { worker_id: "w".into(), lease_id: "l".into(), class, error: "e".into(), disposition };
+            for (class, classes_committed) in [(None, 0), (Some("n01440764".to_owned()), 3)] {
+                let failure = Failure {
+                    worker_id: "w".into(),
+                    lease_id: "l".into(),
+                    class,
+                    error: "e".into(),
+                    disposition,
+                    classes_committed,
+                };
                 assert_eq!(Failure::from(proto::FailShardRequest::from(failure.clone())), failure);
             }
         }

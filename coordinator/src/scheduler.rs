@@ -1674,6 +1674,21 @@ impl Scheduler {
         Ok((job.clone(), self.requeue_or_fail(&job, shard, wnid, error, retryable, released, now)))
     }
 
+    /// Records that the attempt under `lease_id` (the shard's own lease or a backup: its commits
+    /// are the shard's) ended with `classes` of the shard's classes committed, as its
+    /// `FailShard` says: its last heartbeat may predate its last commits, and a released or
+    /// failed shard keeps its committed classes counted until it runs again. The count only
+    /// grows, up to the shard's classes; a lease that is not `worker_id`'s changes nothing.
+    /// Call it before [`Scheduler::fail`], [`Scheduler::pause`] or [`Scheduler::exclude`],
+    /// which end the lease.
+    pub fn note_committed(&mut self, worker_id: &str, lease_id: &str, classes: u32) {
+        let Ok((job_id, shard)) = self.lease_of(worker_id, lease_id) else { return };
+        let Some(run) = self.jobs.get_mut(&job_id) else { return };
+        let all = run.job.shard_classes(shard).len() as u32;
+        let entry = &mut run.persisted.shards[shard];
+        entry.classes_done = entry.classes_done.max(classes.min(all));
+    }
+
     /// The job's output store refused a write of this lease for good (full, over quota,
     /// read-only, no permission): the lease is given back without spending an attempt, the job
     /// is paused with `refusal` as its reason, and its other leases are revoked (they would meet
@@ -2436,6 +2451,28 @@ mod tests {
         s.fail("w", &second.lease_id, Some("c2".into()), "decode error".into(), true, false, 8).unwrap();
         let failed = s.summary("j", 9).unwrap();
         assert_eq!((failed.state, failed.classes_done, failed.images_done), (JobState::Failed, 2, 4));
+    }
+
+    /// A shard released (SIGTERM) right after commits its last heartbeat did not count keeps
+    /// them counted from the release's own count; another worker's report, or a count above the
+    /// shard's classes, changes nothing.
+    #[test]
+    fn a_released_shard_keeps_the_classes_its_release_reports_committed() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 4, 4, 2), None, &HashSet::new(), 0);
+        let own = lease(poll(&mut s, "w", &[], false, 0).0);
+        let beat = Running { lease_id: own.lease_id.clone(), images_done: 2, classes_done: 1, image_steps_done: 0 };
+        poll(&mut s, "w", &[beat], false, 1);
+        s.note_committed("intruder", &own.lease_id, 4);
+        assert_eq!(s.summary("j", 2).unwrap().classes_done, 1);
+        s.note_committed("w", &own.lease_id, 3);
+        s.fail("w", &own.lease_id, None, "stopping".into(), true, true, 3).unwrap();
+        let summary = s.summary("j", 4).unwrap();
+        assert_eq!((summary.classes_done, summary.images_done), (3, 6), "released, its commits kept");
+        assert_eq!(s.persisted("j").unwrap().shards[0].attempts, 0, "a release spends no attempt");
+        let again = lease(poll(&mut s, "w", &[], false, 5).0);
+        s.note_committed("w", &again.lease_id, 9);
+        assert_eq!(s.summary("j", 6).unwrap().classes_done, 4, "never above the shard's classes");
     }
 
     /// A done shard whose class lost its marker is distilled again: pending, the job running.

@@ -1662,6 +1662,7 @@ impl Coordinator {
     pub fn fail(&self, request: Failure) -> Result<()> {
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
         let now = now_ms();
+        scheduler.note_committed(&request.worker_id, &request.lease_id, request.classes_committed);
         let (job_id, settled) = match request.disposition {
             Disposition::Elsewhere => {
                 scheduler.exclude(&request.worker_id, &request.lease_id, request.error.clone(), now)?

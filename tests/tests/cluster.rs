@@ -83,8 +83,18 @@ async fn start_with_tls(store_url: &str, token: Option<&str>, tls: Option<(Vec<u
 }
 
 async fn start_on(store_url: &str, token: Option<&str>, tls: Option<(Vec<u8>, Vec<u8>)>, port: u16) -> Cluster {
+    start_beating(store_url, token, tls, port, 100).await
+}
+
+async fn start_beating(
+    store_url: &str,
+    token: Option<&str>,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+    port: u16,
+    heartbeat_ms: u64,
+) -> Cluster {
     let coordinator = Coordinator::open(store_url, 100).await.unwrap();
-    let config = ServeConfig { store_url: store_url.into(), token: token.map(str::to_owned), tls, heartbeat_ms: 100 };
+    let config = ServeConfig { store_url: store_url.into(), token: token.map(str::to_owned), tls, heartbeat_ms };
     let local = LocalCoordinator::start(coordinator, config, port).await.unwrap();
     Cluster { url: local.url.clone(), coordinator: local.coordinator.clone(), local }
 }
@@ -546,6 +556,72 @@ impl ShardEngine for StopsAfter {
         }
         Err(mgd3_worker::shard::ShardError::shard(ShardFailure::Cancelled))
     }
+}
+
+/// An engine that commits the first `commit` classes handed to it, counts them in `committed`,
+/// then runs until it is cancelled (a long class).
+struct CommitsThenRuns {
+    inner: FakeEngine,
+    commit: usize,
+    committed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ShardEngine for CommitsThenRuns {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        self.inner.distill(spec, class, cancel)
+    }
+
+    fn distill_shard(
+        &mut self,
+        spec: &JobSpec,
+        classes: &[ClassRef],
+        cancel: &Arc<AtomicBool>,
+        sink: &mut dyn mgd3_worker::shard::ClassSink<Error = mgd3_worker::shard::ShardError>,
+    ) -> Result<(), mgd3_worker::shard::ShardError> {
+        for class in classes.iter().take(self.commit) {
+            let result =
+                self.distill(spec, class, cancel).map_err(|f| mgd3_worker::shard::ShardError::class(&class.wnid, f))?;
+            sink.commit(class, result)?;
+            self.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        while !cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(mgd3_worker::shard::ShardError::shard(ShardFailure::Cancelled))
+    }
+}
+
+/// A worker stopped (SIGTERM) after commits no heartbeat has reported yet gives its lease back
+/// saying how many of the shard's classes are committed, and the job's progress counts them
+/// while the shard waits for another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    // One heartbeat a minute: the lease's first poll is the only one before the stop.
+    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
+    let committed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let engine =
+        CommitsThenRuns { inner: FakeEngine::new(Duration::from_millis(1)), commit: 2, committed: committed.clone() };
+    let (stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
+    for _ in 0..500 {
+        if committed.load(std::sync::atomic::Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
+    let status = cluster.coordinator.status(&job.job_id).unwrap();
+    assert_eq!((status.shards.pending, status.classes_done, status.images_done), (1, 2, 4));
+    cluster.shutdown().await;
 }
 
 /// Stopped after its last class committed, a shard is done and reported so (not released for

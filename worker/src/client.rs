@@ -348,7 +348,8 @@ pub async fn run(
                 let outcome = outcome.unwrap_or_else(|e| {
                     Err(ShardError::shard(ShardFailure::Reported { message: format!("shard task panicked: {e}"), retryable: true }))
                 });
-                report(&mut client, &config, &running.lease, outcome, &mut stop, &mut reach).await?;
+                let committed = running.progress.classes.load(Ordering::Relaxed);
+                report(&mut client, &config, &running.lease, outcome, committed, &mut stop, &mut reach).await?;
                 wait = Duration::ZERO;
                 continue;
             }
@@ -442,6 +443,7 @@ pub async fn run(
                         class: None,
                         error,
                         disposition: Disposition::GiveUp,
+                        classes_committed: 0,
                     };
                     let _ = stop.rpc(client.fail_shard(proto::FailShardRequest::from(failure))).await;
                     wait = Duration::ZERO;
@@ -578,7 +580,8 @@ fn start(
 
 /// Reports a finished shard, retrying while the coordinator is unreachable; once stopping, at
 /// most [`STOPPING_REPORT_ATTEMPTS`] bounded tries (the commits are in the store either way, and
-/// an unreported lease expires).
+/// an unreported lease expires). A failure carries `classes_committed`, the shard's classes with
+/// markers when the attempt ended.
 ///
 /// # Errors
 /// [`ClientError::GaveUp`] when the coordinator has not answered for
@@ -589,6 +592,7 @@ async fn report<F: Future<Output = ()>>(
     config: &WorkerConfig,
     lease: &ShardLease,
     outcome: ShardOutcome,
+    classes_committed: u32,
     stop: &mut Stop<F>,
     reach: &mut Reach,
 ) -> Result<(), ClientError> {
@@ -635,6 +639,7 @@ async fn report<F: Future<Output = ()>>(
                     class: failed.class.clone(),
                     error,
                     disposition,
+                    classes_committed,
                 };
                 stop.rpc(client.fail_shard(proto::FailShardRequest::from(failure))).await.map(|_| ())
             }

@@ -974,16 +974,11 @@ impl Sim {
             self.busy_ms += now + stop_ms - held.class_started_ms;
             if self.scheduler.is_some() && worker.registered == Some(self.epoch) {
                 let id = worker.id.clone();
+                let committed = held.classes_done;
                 let settled = self.timed(|sim| {
-                    sim.scheduler.as_mut().expect("up").fail(
-                        &id,
-                        &held.lease_id,
-                        None,
-                        "preempted".into(),
-                        true,
-                        true,
-                        now,
-                    )
+                    let scheduler = sim.scheduler.as_mut().expect("up");
+                    scheduler.note_committed(&id, &held.lease_id, committed);
+                    scheduler.fail(&id, &held.lease_id, None, "preempted".into(), true, true, now)
                 });
                 self.lease_ops += 1;
                 if let Ok((_, s)) = settled {
