@@ -773,6 +773,9 @@ fn sample(args: SampleArgs) -> Result<()> {
     let modes: Array4<f32> = read_npy(&args.modes, "--modes", "[N,C,h,w]")?;
     let noise: Array5<f32> = read_npy(&args.noise, "--noise", "[N,S+1,C,h,w]")?;
     let decoder = args.vae_decoder.as_deref().filter(|_| args.images_out.is_some());
+    let kinds: Vec<(&'static str, &std::path::Path)> =
+        std::iter::once(("dit", args.dit.as_path())).chain(decoder.map(|d| ("vae_decoder", d))).collect();
+    crate::models::check_model_kinds(&kinds)?;
     let models: Vec<&std::path::Path> = std::iter::once(args.dit.as_path()).chain(decoder).collect();
     crate::models::check_cpu_models(runtime.session.device, &models)?;
     let mut dit = Dit::load(&args.dit, &runtime.dit())?;

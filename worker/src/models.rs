@@ -126,6 +126,67 @@ pub enum EngineError {
     /// The cancel flag was set (shutdown or revoked lease) before a DiT batch.
     #[error("cancelled")]
     Cancelled,
+    /// Model files given as models of another kind, by their metadata `mgd3.kind`: every one
+    /// at once ([`check_model_kinds`]).
+    #[error(
+        "models given in the wrong places (by their metadata `mgd3.kind`): {}; are models swapped? Give each file as the model it is",
+        .models.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    MisplacedModels {
+        /// Each misplaced model, in the order DiT, VAE encoder, VAE decoder.
+        models: Vec<MisplacedModel>,
+    },
+}
+
+/// A model file given as a model of another kind ([`EngineError::MisplacedModels`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MisplacedModel {
+    /// What it was given as: `dit`, `vae_encoder` or `vae_decoder` (the `mgd3.kind` values).
+    pub given_as: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// What its metadata `mgd3.kind` says it is.
+    pub kind: String,
+}
+
+/// A person's name for an `mgd3.kind` value.
+fn kind_name(kind: &str) -> &str {
+    match kind {
+        "dit" => "DiT",
+        "vae_encoder" => "VAE encoder",
+        "vae_decoder" => "VAE decoder",
+        other => other,
+    }
+}
+
+impl std::fmt::Display for MisplacedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let is = match kind_name(&self.kind) {
+            known @ ("DiT" | "VAE encoder" | "VAE decoder") => format!("a {known}"),
+            other => format!("of kind `{}`", other.escape_debug()),
+        };
+        write!(f, "the {} `{}` is {is}", kind_name(self.given_as), self.path.display())
+    }
+}
+
+/// Refuses, before any session is built, model files whose metadata `mgd3.kind` names another
+/// model than the one they are given as (`models`: what each is given as, `dit`, `vae_encoder`
+/// or `vae_decoder`, and its file), naming every such file at once: two swapped paths are one
+/// mistake, to be fixed in one go, not two runs. Files whose metadata cannot be read, or that
+/// declare no kind, are left to the loader's own error.
+///
+/// # Errors
+/// [`EngineError::MisplacedModels`].
+pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
+    let misplaced: Vec<MisplacedModel> = models
+        .iter()
+        .filter_map(|&(given_as, path)| {
+            let meta = mgd3_common::modelmeta::read_model_meta(path).ok()?;
+            let kind = meta.metadata.get("mgd3.kind")?.trim().to_owned();
+            (kind != given_as).then(|| MisplacedModel { given_as, path: path.to_path_buf(), kind })
+        })
+        .collect();
+    if misplaced.is_empty() { Ok(()) } else { Err(EngineError::MisplacedModels { models: misplaced }) }
 }
 
 impl EngineError {
@@ -178,7 +239,8 @@ impl EngineError {
             | EngineError::Invalid(_)
             | EngineError::LabelOutOfRange(_)
             | EngineError::NonFinite { .. }
-            | EngineError::LabelCount { .. } => false,
+            | EngineError::LabelCount { .. }
+            | EngineError::MisplacedModels { .. } => false,
         }
     }
 }
@@ -552,11 +614,17 @@ impl Models {
     /// factor, and fingerprints the model files (each with every external-data file it names).
     ///
     /// # Errors
+    /// [`EngineError::MisplacedModels`] when files are given as models of another kind;
     /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
     /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
+        check_model_kinds(&[
+            ("dit", &paths.dit),
+            ("vae_encoder", &paths.vae_encoder),
+            ("vae_decoder", &paths.vae_decoder),
+        ])?;
         check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
         let mut dit = Dit::load(&paths.dit, &runtime.dit())?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;

@@ -409,6 +409,40 @@ fn an_unwritable_temp_folder_loads_the_models_unmeasured_with_the_same_bytes() {
     }
 }
 
+/// Model files given in each other's places are all named in one message, each with what it
+/// is, before any model loads — for `distill-class` and for `worker sample`.
+#[test]
+fn swapped_models_are_all_named_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 3);
+    let mut args = distill_args(&data, "n001", &dir.path().join("out"), "2", "tiny_vae_encoder.onnx");
+    let at = |args: &[String], flag: &str| args.iter().position(|a| a == flag).unwrap() + 1;
+    let (encoder, decoder) = (at(&args, "--vae-encoder"), at(&args, "--vae-decoder"));
+    args[encoder] = model("tiny_vae_decoder.onnx");
+    args[decoder] = model("tiny_dit.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(&args).output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for said in [
+        "the DiT `",
+        "tiny_vae_encoder.onnx` is a VAE encoder",
+        "the VAE encoder `",
+        "tiny_vae_decoder.onnx` is a VAE decoder",
+        "the VAE decoder `",
+        "tiny_dit.onnx` is a DiT",
+        "are models swapped?",
+    ] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
+    let case = fixtures().join("parity/tstop25_ch3");
+    let (modes, noise, decoder) = (case.join("modes.npy"), case.join("noise.npy"), model("tiny_vae_decoder.onnx"));
+    let mut sample = Command::new(env!("CARGO_BIN_EXE_worker"));
+    sample.args(["sample", "--dit", &decoder, "--label", "3", "--modes"]).arg(modes).arg("--noise").arg(noise);
+    let text = stderr(&sample.arg("--out").arg(dir.path().join("sample")).output().unwrap());
+    assert!(text.contains("the DiT `") && text.contains("tiny_vae_decoder.onnx` is a VAE decoder"), "{text}");
+}
+
 #[test]
 fn distill_class_errors_name_the_class_file_or_model() {
     let dir = tempfile::tempdir().unwrap();
