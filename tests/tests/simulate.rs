@@ -2,7 +2,7 @@
 //! real scheduler, job store and commit rules to the job's end through preemption, crashes and
 //! a coordinator restart, and the costs it measures behave as the design says.
 
-use mgd3_tests::sim::{Dataset, Preemption, Scenario, run};
+use mgd3_tests::sim::{Dataset, Preemption, Scenario, fluid_bound_ms, run};
 
 /// Every class is committed exactly once (the simulator fails the run otherwise) whatever
 /// happens to the workers and the coordinator.
@@ -19,6 +19,19 @@ async fn a_simulated_cluster_commits_every_class_once_through_preemption_crashes
     assert!(o.ratio() >= 1.0 && o.wasted_gpu_s > 0.0, "{o:?}");
     // Workers away are capacity the scheduler never had: counted apart.
     assert!(o.away_gpu_s > 0.0 && o.ratio_on_present_gpus() < o.ratio(), "{o:?}");
+    // No schedule beats the work divided at will over the GPUs there; this one did not either.
+    assert!(o.bound_ratio() > 1.0 && o.bound_s <= o.makespan_s, "{o:?}");
+}
+
+/// The fluid bound: the first time the GPUs there can have run the work. Two GPUs and 10 s of
+/// work: 5 s; one of them away from 1 s to 3 s adds 1 s; away from 1 s for good, the other one
+/// runs the 8 s left alone: 9 s.
+#[test]
+fn the_fluid_bound_is_when_the_gpus_there_can_have_run_the_work() {
+    assert_eq!(fluid_bound_ms(2, &[], 10_000), 5_000);
+    assert_eq!(fluid_bound_ms(2, &[(1_000, 3_000)], 10_000), 6_000);
+    assert_eq!(fluid_bound_ms(2, &[(1_000, u64::MAX)], 10_000), 9_000);
+    assert_eq!(fluid_bound_ms(3, &[(0, 500), (0, 500), (0, 500)], 3_000), 1_500);
 }
 
 /// What persisting an event costs does not grow with the job (one whole `state.json` per flush

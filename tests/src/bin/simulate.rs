@@ -225,6 +225,12 @@ fn print_one(o: &Outcome) {
         o.ratio_on_present_gpus()
     );
     println!(
+        "  no schedule of this work beats makespan / ideal = {:.3} ({:.0} s: the committed runs and their partial DiT \
+         calls divided at will over the GPUs while they were there)",
+        o.bound_ratio(),
+        o.bound_s
+    );
+    println!(
         "  GPU idle share {:.1} %, GPU time on runs that did not commit {:.0} s, on partial DiT calls {:.0} s",
         o.idle_share * 100.0,
         o.wasted_gpu_s,
@@ -269,19 +275,20 @@ fn print_one(o: &Outcome) {
 
 fn table_header() {
     println!(
-        "| run | GPUs | shards | makespan / ideal | … on the GPUs there | GPU idle | lease ops/s (1 core) | CPU per event | state bytes per class | state bytes total | requests per image | S3 requests | peak RSS |"
+        "| run | GPUs | shards | makespan / ideal | … on the GPUs there | no schedule beats | GPU idle | lease ops/s (1 core) | CPU per event | state bytes per class | state bytes total | requests per image | S3 requests | peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 }
 
 fn table_row(o: &Outcome) {
     println!(
-        "| {} | {} | {} | {:.3} | {:.3} | {:.1} % | {:.0} | {:.1} µs | {:.0} | {:.1} MB | {:.2} | ${:.2} | {:.0} MiB |",
+        "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} % | {:.0} | {:.1} µs | {:.0} | {:.1} MB | {:.2} | ${:.2} | {:.0} MiB |",
         o.name,
         o.workers,
         o.shards,
         o.ratio(),
         o.ratio_on_present_gpus(),
+        o.bound_ratio(),
         o.idle_share * 100.0,
         o.lease_ops_per_s(),
         o.cpu_us_per_event(),

@@ -196,6 +196,10 @@ pub struct Outcome {
     /// GPU-seconds of workers away (preempted or crashed, until Slurm ran them again or the
     /// job ended): capacity no scheduler could use.
     pub away_gpu_s: f64,
+    /// The makespan no schedule of the same work could beat ([`fluid_bound_ms`]): the committed
+    /// runs' GPU time, with what their partial DiT calls cost, divisible at will over the GPUs
+    /// while they were there — no duplicates, no waiting, the same preemptions at the same times.
+    pub bound_s: f64,
     /// Lease operations the coordinator handled (registrations, polls, completions, failures).
     pub lease_ops: u64,
     /// Events the coordinator handled (lease operations, ticks, flushes, recoveries).
@@ -240,6 +244,11 @@ impl Outcome {
         let present = self.workers as f64 * self.makespan_s - self.away_gpu_s;
         let ideal = self.ideal_s * self.workers as f64 / (present / self.makespan_s).max(1e-9);
         self.makespan_s / ideal
+    }
+
+    /// [`Outcome::bound_s`] ÷ ideal: how close to the ideal any scheduler could have come.
+    pub fn bound_ratio(&self) -> f64 {
+        self.bound_s / self.ideal_s
     }
 
     /// Lease operations per second of coordinator CPU.
@@ -365,6 +374,9 @@ struct Sim {
     partial_ms: u64,
     /// GPU-ms of workers away (preempted or crashed) until they ran again.
     down_ms: u64,
+    /// When each worker was not there: before its start, and away after a preemption or crash
+    /// until it ran again (`u64::MAX` while still away), ms.
+    absent: Vec<(u64, u64)>,
     lease_ops: u64,
     events: u64,
     cpu: Duration,
@@ -488,6 +500,7 @@ pub async fn run(scenario: Scenario, name: impl Into<String>) -> Result<Outcome>
         committed_ms: 0,
         partial_ms: 0,
         down_ms: 0,
+        absent: Vec::new(),
         lease_ops: 0,
         events: 0,
         cpu: Duration::ZERO,
@@ -500,6 +513,26 @@ pub async fn run(scenario: Scenario, name: impl Into<String>) -> Result<Outcome>
     sim.start();
     sim.run().await?;
     sim.outcome(name.into(), wall.elapsed())
+}
+
+/// The first time (ms) by which `workers` GPUs, each not there during its `absent` intervals
+/// (start, end; ms), can have run `work_ms` GPU-ms: the smallest makespan M with
+/// workers × M − (absent GPU-ms before M) ≥ work, found by bisection (the left side grows with
+/// M). A lower bound of any schedule of that work on those GPUs.
+pub fn fluid_bound_ms(workers: usize, absent: &[(u64, u64)], work_ms: u64) -> u64 {
+    let done_by = |m: u64| -> u64 {
+        let away: u64 = absent.iter().map(|&(from, to)| to.min(m).saturating_sub(from)).sum();
+        (workers as u64 * m).saturating_sub(away)
+    };
+    let (mut low, mut high) = (0u64, 1u64);
+    while done_by(high) < work_ms {
+        high *= 2;
+    }
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if done_by(mid) >= work_ms { high = mid } else { low = mid + 1 }
+    }
+    high
 }
 
 /// A standard normal draw (Box–Muller).
@@ -527,6 +560,7 @@ impl Sim {
         let spread = (s.start_spread_s * 1000.0) as u64;
         for w in 0..self.workers.len() {
             let start = if spread == 0 { 0 } else { self.rng.gen_range(0..=spread) };
+            self.absent.push((0, start));
             self.poll_at(w, start);
             if self.scenario.crash_mtbf_h > 0.0 {
                 let when = self.crash_delay();
@@ -1008,6 +1042,7 @@ impl Sim {
         let worker = &mut self.workers[w];
         if let Some(since) = worker.down_since.take() {
             self.down_ms += self.now - since;
+            self.absent.push((since, self.now));
         }
         worker.up = true;
         worker.instance = format!("i{w}-{}", worker.life);
@@ -1055,6 +1090,13 @@ impl Sim {
         let still_down: u64 =
             self.workers.iter().filter_map(|w| w.down_since).map(|since| end.saturating_sub(since)).sum();
         let state = self.state_store.requests();
+        let absent: Vec<(u64, u64)> = self
+            .absent
+            .iter()
+            .copied()
+            .chain(self.workers.iter().filter_map(|w| w.down_since).map(|since| (since, u64::MAX)))
+            .collect();
+        let bound_ms = fluid_bound_ms(workers, &absent, self.committed_ms + self.partial_ms);
         Ok(Outcome {
             name,
             workers,
@@ -1066,6 +1108,7 @@ impl Sim {
             wasted_gpu_s: (self.busy_ms - self.committed_ms - self.partial_ms) as f64 / 1000.0,
             partial_call_gpu_s: self.partial_ms as f64 / 1000.0,
             away_gpu_s: (self.down_ms + still_down) as f64 / 1000.0,
+            bound_s: bound_ms as f64 / 1000.0,
             lease_ops: self.lease_ops,
             coordinator_events: self.events,
             coordinator_cpu_s: self.cpu.as_secs_f64(),
