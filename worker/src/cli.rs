@@ -775,9 +775,9 @@ fn sample(args: SampleArgs) -> Result<()> {
     let decoder = args.vae_decoder.as_deref().filter(|_| args.images_out.is_some());
     let kinds: Vec<(&'static str, &std::path::Path)> =
         std::iter::once(("dit", args.dit.as_path())).chain(decoder.map(|d| ("vae_decoder", d))).collect();
-    crate::models::check_model_kinds(&kinds)?;
     let models: Vec<&std::path::Path> = std::iter::once(args.dit.as_path()).chain(decoder).collect();
     crate::models::check_cpu_models(runtime.session.device, &models)?;
+    crate::models::check_model_kinds(&kinds)?;
     let mut dit = Dit::load(&args.dit, &runtime.dit())?;
     let info = dit.info().clone();
     check_guidance(&config, info.latent_shape[0]).map_err(EngineError::from_command_line)?;
