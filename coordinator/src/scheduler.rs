@@ -1689,6 +1689,21 @@ impl Scheduler {
         entry.classes_done = entry.classes_done.max(classes.min(all));
     }
 
+    /// Records that `committed` of shard `shard`'s classes have markers in the store (counted
+    /// by the caller after its lease expired: a dead worker reports nothing). The count only
+    /// grows, up to the shard's classes. Returns whether it grew (the job's state changed).
+    pub fn note_markers(&mut self, job_id: &str, shard: usize, committed: u32) -> bool {
+        let Some(run) = self.jobs.get_mut(job_id) else { return false };
+        if shard >= run.persisted.shards.len() {
+            return false;
+        }
+        let all = run.job.shard_classes(shard).len() as u32;
+        let entry = &mut run.persisted.shards[shard];
+        let before = entry.classes_done;
+        entry.classes_done = entry.classes_done.max(committed.min(all));
+        entry.classes_done > before
+    }
+
     /// The job's output store refused a write of this lease for good (full, over quota,
     /// read-only, no permission): the lease is given back without spending an attempt, the job
     /// is paused with `refusal` as its reason, and its other leases are revoked (they would meet

@@ -341,6 +341,38 @@ impl Coordinator {
         &self.inner.store.url
     }
 
+    /// Counts, in the background, the markers of each expired lease's shard: a worker that died
+    /// (SIGKILL, a crash, the OOM killer) told nobody of the commits after its last heartbeat,
+    /// and without this the job's progress would leave them out until the shard ran again.
+    /// A store error leaves the count as the heartbeats had it (the next attempt counts again).
+    fn recount_expired(&self, expired: &[crate::scheduler::ExpiredLease]) {
+        for lease in expired {
+            let job = self.inner.scheduler.lock().expect("scheduler").job(&lease.job_id);
+            let Some(job) = job else { continue };
+            let Ok(out) = self.output(&job) else { continue };
+            let (this, shard) = (self.clone(), lease.shard);
+            tokio::spawn(async move {
+                let keys = JobKeys::new(&job.job_id);
+                let mut committed = 0u32;
+                for class in job.shard_classes(shard) {
+                    match commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await {
+                        Ok(Some(_)) => committed += 1,
+                        Ok(None) => {}
+                        Err(error) => {
+                            debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "cannot count the markers of an expired lease's shard");
+                            return;
+                        }
+                    }
+                }
+                let counted =
+                    this.inner.scheduler.lock().expect("scheduler").note_markers(&job.job_id, shard, committed);
+                if counted {
+                    this.mark_dirty(&job.job_id);
+                }
+            });
+        }
+    }
+
     fn output(&self, job: &ResolvedJob) -> Result<Location> {
         let url = job.spec.output.clone().unwrap_or_else(|| self.inner.store.url.clone());
         let mut outputs = self.inner.outputs.lock().expect("outputs");
@@ -414,6 +446,7 @@ impl Coordinator {
                         (scheduler.expire(now), scheduler.take_worker_events(), scheduler.take_expired())
                     };
                     log_worker_events(events);
+                    self.recount_expired(&expired);
                     log_expired(expired);
                     for (job, settled) in changed {
                         self.settled(&job, settled);
@@ -1571,6 +1604,7 @@ impl Coordinator {
             (decision, revoked, scheduler.take_settled(), scheduler.take_worker_events(), scheduler.take_expired())
         };
         log_worker_events(events);
+        self.recount_expired(&expired);
         log_expired(expired);
         // Leases this poll found expired or forgotten: persisted, and a job they ended finished.
         for (job_id, settled) in settled {

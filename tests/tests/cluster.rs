@@ -559,11 +559,12 @@ impl ShardEngine for StopsAfter {
 }
 
 /// An engine that commits the first `commit` classes handed to it, counts them in `committed`,
-/// then runs until it is cancelled (a long class).
+/// then runs until it is cancelled (a long class), or hangs until `hang_up` is set.
 struct CommitsThenRuns {
     inner: FakeEngine,
     commit: usize,
     committed: Arc<std::sync::atomic::AtomicUsize>,
+    hang_up: Arc<AtomicBool>,
 }
 
 impl ShardEngine for CommitsThenRuns {
@@ -589,7 +590,9 @@ impl ShardEngine for CommitsThenRuns {
             sink.commit(class, result)?;
             self.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        while !cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        while !cancel.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.hang_up.load(std::sync::atomic::Ordering::Relaxed)
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(mgd3_worker::shard::ShardError::shard(ShardFailure::Cancelled))
@@ -607,8 +610,12 @@ async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported
     let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
     let committed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let engine =
-        CommitsThenRuns { inner: FakeEngine::new(Duration::from_millis(1)), commit: 2, committed: committed.clone() };
+    let engine = CommitsThenRuns {
+        inner: FakeEngine::new(Duration::from_millis(1)),
+        commit: 2,
+        committed: committed.clone(),
+        hang_up: Arc::new(AtomicBool::new(false)),
+    };
     let (stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
     for _ in 0..500 {
         if committed.load(std::sync::atomic::Ordering::SeqCst) == 2 {
@@ -621,6 +628,56 @@ async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
     assert_eq!((status.shards.pending, status.classes_done, status.images_done), (1, 2, 4));
+    cluster.shutdown().await;
+}
+
+/// Sets its flag when dropped, also while a failed assertion unwinds: a [`CommitsThenRuns`]
+/// left hanging would keep the test's runtime from ever shutting down.
+struct HangUpOnDrop(Arc<AtomicBool>);
+
+impl Drop for HangUpOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A worker that dies (or hangs) after commits no heartbeat reported says nothing more: once its
+/// lease expires the coordinator counts the shard's markers itself, so the job's progress has
+/// them while the shard waits for another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_lease_has_its_shards_markers_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    // One heartbeat a minute: the lease's first poll is the only one; it expires after 5 s.
+    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
+    let (committed, hang_up) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let engine = CommitsThenRuns {
+        inner: FakeEngine::new(Duration::from_millis(1)),
+        commit: 2,
+        committed: committed.clone(),
+        hang_up: hang_up.clone(),
+    };
+    let _hang_up = HangUpOnDrop(hang_up);
+    let (_stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
+    for _ in 0..500 {
+        if committed.load(std::sync::atomic::Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The worker dies: no renewal, no release; its shard thread hangs on.
+    handle.abort();
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
+    let mut status = cluster.coordinator.status(&job.job_id).unwrap();
+    for _ in 0..200 {
+        if status.shards.pending == 1 && status.classes_done == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = cluster.coordinator.status(&job.job_id).unwrap();
+    }
+    assert_eq!((status.shards.pending, status.classes_done, status.images_done), (1, 2, 4), "{status:?}");
     cluster.shutdown().await;
 }
 
