@@ -775,9 +775,9 @@ fn sample(args: SampleArgs) -> Result<()> {
     let decoder = args.vae_decoder.as_deref().filter(|_| args.images_out.is_some());
     let kinds: Vec<(&'static str, &std::path::Path)> =
         std::iter::once(("dit", args.dit.as_path())).chain(decoder.map(|d| ("vae_decoder", d))).collect();
+    crate::models::check_model_kinds(&kinds)?;
     let models: Vec<&std::path::Path> = std::iter::once(args.dit.as_path()).chain(decoder).collect();
     crate::models::check_cpu_models(runtime.session.device, &models)?;
-    crate::models::check_model_kinds(&kinds)?;
     let mut dit = Dit::load(&args.dit, &runtime.dit())?;
     let info = dit.info().clone();
     check_guidance(&config, info.latent_shape[0]).map_err(EngineError::from_command_line)?;
@@ -881,7 +881,14 @@ fn cluster(args: ClusterArgs) -> Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let seen = std::sync::Arc::new(std::sync::OnceLock::new());
-    runtime.block_on(crate::client::run(config, engine, mgd3_common::termination_into(seen.clone())))?;
+    runtime.block_on(crate::client::run(config, engine, mgd3_common::termination_into(seen.clone()))).map_err(
+        |error| match error {
+            // The URL error itself, not through the transparent wrapper (which hides it from the
+            // error's chain), so that `exit_status` can say a bad URL came from MGD3_COORDINATOR.
+            crate::client::ClientError::Connect(connect) => anyhow::Error::new(connect),
+            other => other.into(),
+        },
+    )?;
     if seen.get() == Some(&mgd3_common::StopSignal::Interrupt) {
         return Err(mgd3_common::Interrupted { signal: mgd3_common::StopSignal::Interrupt, next: None }.into());
     }

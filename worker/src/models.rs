@@ -127,15 +127,47 @@ pub enum EngineError {
     #[error("cancelled")]
     Cancelled,
     /// Model files given as models of another kind, by their metadata `mgd3.kind`: every one
-    /// at once ([`check_model_kinds`]).
+    /// at once, with the other model files that are missing or not ONNX models
+    /// ([`check_model_kinds`]).
     #[error(
-        "models given in the wrong places (by their metadata `mgd3.kind`): {}; are models swapped? Give each file as the model it is",
-        .models.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        "models given in the wrong places (by their metadata `mgd3.kind`): {}; {}give each file as the model it is{}",
+        .models.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        if .models.len() > 1 { "are models swapped? " } else { "" },
+        if .unusable.is_empty() { String::new() } else {
+            format!("; besides, {}", .unusable.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        }
     )]
     MisplacedModels {
         /// Each misplaced model, in the order DiT, VAE encoder, VAE decoder.
         models: Vec<MisplacedModel>,
+        /// The other model files that cannot be used: missing, or not ONNX models.
+        unusable: Vec<UnusableModel>,
     },
+}
+
+/// A model file that is missing or not an ONNX model, named beside misplaced ones
+/// ([`EngineError::MisplacedModels`]) so that one run names every bad file.
+#[derive(Debug)]
+pub struct UnusableModel {
+    /// What it was given as: `dit`, `vae_encoder` or `vae_decoder`.
+    pub given_as: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// Why it cannot be read as an ONNX model (not found, not a model, a folder...).
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for UnusableModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (given, path) = (kind_name(self.given_as), self.path.display());
+        match self.source.kind() {
+            std::io::ErrorKind::NotFound => write!(f, "the {given} `{path}` does not exist"),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                write!(f, "the {given} `{path}` is not an ONNX model ({})", self.source)
+            }
+            _ => write!(f, "the {given} `{path}` cannot be read ({})", self.source),
+        }
+    }
 }
 
 /// A model file given as a model of another kind ([`EngineError::MisplacedModels`]).
@@ -172,21 +204,28 @@ impl std::fmt::Display for MisplacedModel {
 /// Refuses, before any session is built, model files whose metadata `mgd3.kind` names another
 /// model than the one they are given as (`models`: what each is given as, `dit`, `vae_encoder`
 /// or `vae_decoder`, and its file), naming every such file at once: two swapped paths are one
-/// mistake, to be fixed in one go, not two runs. Files whose metadata cannot be read, or that
-/// declare no kind, are left to the loader's own error.
+/// mistake, to be fixed in one go, not two runs; the other files that are missing or not ONNX
+/// models are named with them. Without a misplaced file nothing is refused here: a missing or
+/// unreadable file, or one that declares no kind, is left to the loader's own error (on a
+/// cluster a missing model sends the shard to other workers).
 ///
 /// # Errors
 /// [`EngineError::MisplacedModels`].
 pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
-    let misplaced: Vec<MisplacedModel> = models
-        .iter()
-        .filter_map(|&(given_as, path)| {
-            let meta = mgd3_common::modelmeta::read_model_meta(path).ok()?;
-            let kind = meta.metadata.get("mgd3.kind")?.trim().to_owned();
-            (kind != given_as).then(|| MisplacedModel { given_as, path: path.to_path_buf(), kind })
-        })
-        .collect();
-    if misplaced.is_empty() { Ok(()) } else { Err(EngineError::MisplacedModels { models: misplaced }) }
+    let (mut misplaced, mut unusable) = (Vec::new(), Vec::new());
+    for &(given_as, path) in models {
+        match mgd3_common::modelmeta::read_model_meta(path) {
+            Ok(meta) => {
+                if let Some(kind) = meta.metadata.get("mgd3.kind").map(|k| k.trim().to_owned())
+                    && kind != given_as
+                {
+                    misplaced.push(MisplacedModel { given_as, path: path.to_path_buf(), kind });
+                }
+            }
+            Err(source) => unusable.push(UnusableModel { given_as, path: path.to_path_buf(), source }),
+        }
+    }
+    if misplaced.is_empty() { Ok(()) } else { Err(EngineError::MisplacedModels { models: misplaced, unusable }) }
 }
 
 impl EngineError {
@@ -620,12 +659,12 @@ impl Models {
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
-        check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
         check_model_kinds(&[
             ("dit", &paths.dit),
             ("vae_encoder", &paths.vae_encoder),
             ("vae_decoder", &paths.vae_decoder),
         ])?;
+        check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
         let mut dit = Dit::load(&paths.dit, &runtime.dit())?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, &runtime.decoder())?;
@@ -1059,6 +1098,28 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
+
+    /// Both VAE halves CUDA graphs on the CPU (as `cuda-vae` writes them): one error names both
+    /// files, and a file given twice once. (A decoder stands in for the encoder half: the check
+    /// reads no kind.)
+    #[test]
+    fn cuda_graphs_on_the_cpu_are_all_named_at_once() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/tiny_vae_decoder_cuda.onnx");
+        let dir = tempfile::tempdir().unwrap();
+        let (encoder, decoder) = (dir.path().join("enc_cuda.onnx"), dir.path().join("dec_cuda.onnx"));
+        for copy in [&encoder, &decoder] {
+            std::fs::copy(&fixture, copy).unwrap();
+        }
+        let error = check_cpu_models(Device::Cpu, &[&encoder, &decoder, &decoder]).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("enc_cuda.onnx` is the CUDA graph of a VAE") && text.contains("those VAE halves"),
+            "{text}"
+        );
+        assert_eq!(text.matches("dec_cuda.onnx").count(), 1, "{text}");
+        assert!(check_cpu_models(Device::Cuda(0), &[&encoder, &decoder]).is_ok());
+    }
 
     #[test]
     fn auto_rows_fit_the_free_memory_with_headroom() {
