@@ -217,7 +217,33 @@ where
         cause = e.source();
     }
     errln!("error: {}", error_chain(error));
+    if let Some(variable) = coordinator_url_from_environment(error) {
+        errln!("note: the URL came from the environment: {variable}");
+    }
     std::process::ExitCode::FAILURE
+}
+
+/// `MGD3_COORDINATOR=<value>` when `error` is about a coordinator URL that does not parse
+/// ([`rpc::ConnectError`]) and that URL is the variable's, not given with `--coordinator`: a job
+/// script exported it, and the message should say where to fix it.
+fn coordinator_url_from_environment(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    let mut url = None;
+    while let Some(e) = cause {
+        if let Some(
+            rpc::ConnectError::NoScheme { url: bad }
+            | rpc::ConnectError::UnsupportedScheme { url: bad, .. }
+            | rpc::ConnectError::BadUrl { url: bad, .. },
+        ) = e.downcast_ref::<rpc::ConnectError>()
+        {
+            url = Some(bad.clone());
+        }
+        cause = e.source();
+    }
+    let url = url?;
+    let given = std::env::args().skip(1).any(|a| a == "--coordinator" || a.starts_with("--coordinator="));
+    let value = std::env::var("MGD3_COORDINATOR").ok()?;
+    (!given && value.trim() == url.trim()).then(|| format!("MGD3_COORDINATOR={value}"))
 }
 
 /// Milliseconds since the Unix epoch (the clock leases and state files use).

@@ -63,16 +63,34 @@ impl Drop for EventWriter {
 }
 
 /// Installs the global subscriber; a second call (tests) is a no-op.
+///
+/// A `MGD3_LOG_FORMAT` other than `json` or `text`, or a `RUST_LOG` that does not parse, is
+/// said in a warning once logging runs (plain text, the default filter), not silently ignored.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let (filter, bad_filter) = match &rust_log {
+        Some(directives) => match EnvFilter::try_new(directives) {
+            Ok(filter) => (filter, None),
+            Err(error) => (EnvFilter::new(DEFAULT_FILTER), Some((directives.clone(), error))),
+        },
+        None => (EnvFilter::new(DEFAULT_FILTER), None),
+    };
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| EventWriter(Vec::new()))
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = if std::env::var("MGD3_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let format = std::env::var("MGD3_LOG_FORMAT").unwrap_or_default();
+    let installed = if format.trim() == "json" { builder.json().try_init() } else { builder.try_init() };
+    if installed.is_err() {
+        return;
+    }
+    if !matches!(format.trim(), "" | "json" | "text") {
+        tracing::warn!(
+            "MGD3_LOG_FORMAT={format:?} is not a log format (`json`, or `text`, the default): logging as text"
+        );
+    }
+    if let Some((directives, error)) = bad_filter {
+        tracing::warn!(%error, "RUST_LOG={directives:?} cannot be parsed: logging with the default filter `{DEFAULT_FILTER}`");
+    }
 }

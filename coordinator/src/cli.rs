@@ -1613,6 +1613,7 @@ async fn run_local_sweep(
     let outcome = tokio::select! {
         statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace()) => statuses,
         signal = mgd3_common::termination() => {
+            stopping_message(signal);
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the sweep", record.sweep_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
@@ -1641,6 +1642,16 @@ async fn run_local_sweep(
         }
     }
     Ok(())
+}
+
+/// What `coordinator run` says when a signal stops it, before its workers have stopped: their
+/// batches can take a while, and silence looks like a hang.
+fn stopping_message(signal: mgd3_common::StopSignal) {
+    let again = match signal {
+        mgd3_common::StopSignal::Interrupt => "; Ctrl-C again exits at once",
+        mgd3_common::StopSignal::Terminate => "",
+    };
+    errln!("stopping: the local workers finish their batch and give their leases back{again}");
 }
 
 /// Resolves once every child has exited, describing each one's exit status.
@@ -1892,6 +1903,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let outcome = tokio::select! {
         status = wait_for(&mut client, &job.job_id, &mut progress, args.progress.excluded_grace()) => status,
         signal = mgd3_common::termination() => {
+            stopping_message(signal);
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }

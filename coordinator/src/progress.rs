@@ -28,12 +28,14 @@ pub fn human(secs: f64) -> String {
 }
 
 /// How long a finished job took, in seconds: from its submission to its end, and, when this
-/// coordinator took it on later (recovered after a restart, resumed), the part since then.
+/// coordinator took it on later (recovered after a restart, resumed), the part since then —
+/// only when that is at least 2 s and a tenth of the whole shorter: a submit that took a few
+/// seconds to list the data before the job was taken on is not a second run.
 fn elapsed(status: &JobStatus) -> Option<(f64, Option<f64>)> {
     let finished = status.finished_unix_ms?;
     let since = |start: u64| (start > 0 && finished >= start).then(|| (finished - start) as f64 / 1000.0);
     let total = since(status.created_unix_ms).or_else(|| since(status.run_started_unix_ms))?;
-    let this_run = since(status.run_started_unix_ms).filter(|run| total - run >= 2.0);
+    let this_run = since(status.run_started_unix_ms).filter(|run| total - run >= 2.0_f64.max(total / 10.0));
     Some((total, this_run))
 }
 
@@ -423,6 +425,14 @@ mod tests {
             "{}",
             pace(&recovered)
         );
+        // A submit that listed the data for 4 s of a 90 s job: one run, one time.
+        let listed = JobStatus {
+            created_unix_ms: 1_000,
+            run_started_unix_ms: 5_000,
+            finished_unix_ms: Some(91_000),
+            ..recovered
+        };
+        assert_eq!(pace(&listed), "succeeded in 1 min 30 s");
         // Workers connected, but every one excluded from this job: said, with why.
         let exclusion = |worker: &str, reason: &str| mgd3_common::status::WorkerExclusion {
             worker_id: worker.into(),

@@ -117,6 +117,56 @@ fn empty_variables_count_as_unset() {
     assert!(text.contains("--progress-every-s") && text.contains("MGD3_PROGRESS_EVERY_S=abc"), "{text}");
 }
 
+/// A log format or filter that does not parse is said once logging runs, not silently
+/// ignored; the command goes on in plain text with the default filter.
+#[test]
+fn a_bad_log_format_or_filter_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("bad.toml");
+    std::fs::write(&spec, BAD_SPEC).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["check", spec.to_str().unwrap()])
+        .env("MGD3_LOG_FORMAT", "xml")
+        .env("RUST_LOG", "info,[[")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("MGD3_LOG_FORMAT=\"xml\" is not a log format"), "{text}");
+    assert!(text.contains("RUST_LOG=\"info,[[\" cannot be parsed"), "{text}");
+    assert!(text.contains("`ipc`"), "the command still ran: {text}");
+    for fine in ["json", "text", ""] {
+        let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["check", spec.to_str().unwrap()])
+            .env("MGD3_LOG_FORMAT", fine)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!text.contains("is not a log format") && !text.contains("cannot be parsed"), "{fine}: {text}");
+    }
+}
+
+/// A coordinator URL that does not parse and came from `MGD3_COORDINATOR` (a job script's) is
+/// traced to the variable; one given with `--coordinator` is not.
+#[test]
+fn a_bad_coordinator_url_from_the_environment_is_traced_to_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["list"])
+        .env("MGD3_COORDINATOR", "notaurl")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("`notaurl` has no scheme"), "{text}");
+    assert!(text.contains("note: the URL came from the environment: MGD3_COORDINATOR=notaurl"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["list", "--coordinator", "ftp://x"])
+        .env("MGD3_COORDINATOR", "notaurl")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("not ftp://") && !text.contains("came from the environment"), "{text}");
+}
+
 #[test]
 fn run_names_a_missing_worker_binary() {
     let dir = tempfile::tempdir().unwrap();
