@@ -286,7 +286,7 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
         .await
         .map_err(store_err(out, format!("listing `{folder}`")))?;
     for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
-        match store.delete(&stray.location).await {
+        match retry_idempotent(|| store.delete(&stray.location)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                 tracing::info!(wnid = %wnid, file = %stray.location, "removed a file the class's marker does not list");
             }
@@ -377,7 +377,7 @@ pub async fn verify_class(
 pub async fn uncommit(out: &Location, keys: &JobKeys, wnid: &str) -> Result<(), CommitError> {
     for key in [keys.marker(wnid), keys.modes(wnid)] {
         let key = out.key(&key);
-        match out.store.delete(&key).await {
+        match retry_idempotent(|| out.store.delete(&key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(store_err(out, format!("deleting `{key}`"))(e)),
         }
@@ -450,7 +450,10 @@ pub async fn delete_prefix(out: &Location, relative: &str) -> Result<(), CommitE
         .await
         .map_err(store_err(out, format!("listing `{prefix}`")))?;
     for object in objects {
-        match out.store.delete(&object.location).await {
+        // Retried through an outage as the listing is: a delete cut off mid-request came back
+        // failed long before the client's retry budget (the S3 outage test, once in several
+        // runs), failing the attempt after its class had committed.
+        match retry_idempotent(|| out.store.delete(&object.location)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(store_err(out, format!("deleting `{}`", object.location))(e)),
         }

@@ -19,6 +19,14 @@ fn coordinator(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_coordinator")).args(args).output().unwrap()
 }
 
+/// `coordinator ARGS` with `vars` set (an empty value set as empty) and `RUST_LOG` unset unless
+/// given; its standard error.
+fn coordinator_with(args: &[&str], vars: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+    command.args(args).env_remove("RUST_LOG").envs(vars.iter().copied());
+    String::from_utf8_lossy(&command.output().unwrap().stderr).into_owned()
+}
+
 fn serve(store: &std::path::Path) -> (Server, String) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let server = Server(
@@ -124,24 +132,13 @@ fn a_bad_log_format_or_filter_is_said() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("bad.toml");
     std::fs::write(&spec, BAD_SPEC).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .args(["check", spec.to_str().unwrap()])
-        .env("MGD3_LOG_FORMAT", "xml")
-        .env("RUST_LOG", "info,[[")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
+    let check = ["check", spec.to_str().unwrap()];
+    let text = coordinator_with(&check, &[("MGD3_LOG_FORMAT", "xml"), ("RUST_LOG", "info,[[")]);
     assert!(text.contains("MGD3_LOG_FORMAT=\"xml\" is not a log format"), "{text}");
     assert!(text.contains("RUST_LOG=\"info,[[\" cannot be parsed"), "{text}");
     assert!(text.contains("`ipc`"), "the command still ran: {text}");
     for fine in ["json", "text", ""] {
-        let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-            .args(["check", spec.to_str().unwrap()])
-            .env("MGD3_LOG_FORMAT", fine)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr);
+        let text = coordinator_with(&check, &[("MGD3_LOG_FORMAT", fine)]);
         assert!(!text.contains("is not a log format") && !text.contains("cannot be parsed"), "{fine}: {text}");
     }
 }
@@ -150,20 +147,10 @@ fn a_bad_log_format_or_filter_is_said() {
 /// traced to the variable; one given with `--coordinator` is not.
 #[test]
 fn a_bad_coordinator_url_from_the_environment_is_traced_to_it() {
-    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .args(["list"])
-        .env("MGD3_COORDINATOR", "notaurl")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = coordinator_with(&["list"], &[("MGD3_COORDINATOR", "notaurl")]);
     assert!(text.contains("`notaurl` has no scheme"), "{text}");
     assert!(text.contains("note: the URL came from the environment: MGD3_COORDINATOR=notaurl"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .args(["list", "--coordinator", "ftp://x"])
-        .env("MGD3_COORDINATOR", "notaurl")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = coordinator_with(&["list", "--coordinator", "ftp://x"], &[("MGD3_COORDINATOR", "notaurl")]);
     assert!(text.contains("not ftp://") && !text.contains("came from the environment"), "{text}");
 }
 

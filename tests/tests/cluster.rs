@@ -524,50 +524,36 @@ impl object_store::ObjectStore for Refusing {
     }
 }
 
-/// An engine that commits the first `commit` classes handed to it and then reports itself
-/// cancelled, as the pipeline does when a stop (SIGTERM, a revoked lease) comes during the
-/// shard's last DiT batch: the batch's classes are committed, then the loop sees the flag.
-struct StopsAfter {
-    inner: FakeEngine,
-    commit: usize,
-}
-
-impl ShardEngine for StopsAfter {
-    fn distill(
-        &mut self,
-        spec: &JobSpec,
-        class: &ClassRef,
-        cancel: &Arc<AtomicBool>,
-    ) -> Result<ClassResult, ShardFailure> {
-        self.inner.distill(spec, class, cancel)
-    }
-
-    fn distill_shard(
-        &mut self,
-        spec: &JobSpec,
-        classes: &[ClassRef],
-        cancel: &Arc<AtomicBool>,
-        sink: &mut dyn mgd3_worker::shard::ClassSink<Error = mgd3_worker::shard::ShardError>,
-    ) -> Result<(), mgd3_worker::shard::ShardError> {
-        for class in classes.iter().take(self.commit) {
-            let result =
-                self.distill(spec, class, cancel).map_err(|f| mgd3_worker::shard::ShardError::class(&class.wnid, f))?;
-            sink.commit(class, result)?;
-        }
-        Err(mgd3_worker::shard::ShardError::shard(ShardFailure::Cancelled))
-    }
-}
-
-/// An engine that commits the first `commit` classes handed to it, counts them in `committed`,
-/// then runs until it is cancelled (a long class), or hangs until `hang_up` is set.
-struct CommitsThenRuns {
+/// An engine that commits the first `commit` classes handed to it and counts them in
+/// `committed`. Then, with no `hang_up`, it reports itself cancelled, as the pipeline does when a
+/// stop (SIGTERM, a revoked lease) comes during the shard's last DiT batch: the batch's classes
+/// are committed, then the loop sees the flag. With `hang_up`, it runs on until it is cancelled
+/// (a long class) or the flag is set.
+struct CommitsFirst {
     inner: FakeEngine,
     commit: usize,
     committed: Arc<std::sync::atomic::AtomicUsize>,
-    hang_up: Arc<AtomicBool>,
+    hang_up: Option<Arc<AtomicBool>>,
 }
 
-impl ShardEngine for CommitsThenRuns {
+impl CommitsFirst {
+    fn new(commit: usize, hang_up: Option<Arc<AtomicBool>>) -> Self {
+        let (inner, committed) = (FakeEngine::new(Duration::from_millis(1)), Arc::default());
+        CommitsFirst { inner, commit, committed, hang_up }
+    }
+
+    /// Waits (up to 10 s) until `count` classes are committed.
+    async fn wait_for(committed: &std::sync::atomic::AtomicUsize, count: usize) {
+        for _ in 0..500 {
+            if committed.load(std::sync::atomic::Ordering::SeqCst) == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl ShardEngine for CommitsFirst {
     fn distill(
         &mut self,
         spec: &JobSpec,
@@ -590,10 +576,12 @@ impl ShardEngine for CommitsThenRuns {
             sink.commit(class, result)?;
             self.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        while !cancel.load(std::sync::atomic::Ordering::Relaxed)
-            && !self.hang_up.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            std::thread::sleep(Duration::from_millis(10));
+        if let Some(hang_up) = &self.hang_up {
+            while !cancel.load(std::sync::atomic::Ordering::Relaxed)
+                && !hang_up.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         Err(mgd3_worker::shard::ShardError::shard(ShardFailure::Cancelled))
     }
@@ -609,20 +597,12 @@ async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported
     // One heartbeat a minute: the lease's first poll is the only one before the stop.
     let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
-    let committed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let engine = CommitsThenRuns {
-        inner: FakeEngine::new(Duration::from_millis(1)),
-        commit: 2,
-        committed: committed.clone(),
-        hang_up: Arc::new(AtomicBool::new(false)),
-    };
+    let hang_up = Arc::new(AtomicBool::new(false));
+    let _hang_up = HangUpOnDrop(hang_up.clone());
+    let engine = CommitsFirst::new(2, Some(hang_up));
+    let committed = engine.committed.clone();
     let (stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
-    for _ in 0..500 {
-        if committed.load(std::sync::atomic::Ordering::SeqCst) == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    CommitsFirst::wait_for(&committed, 2).await;
     assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
@@ -631,7 +611,7 @@ async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported
     cluster.shutdown().await;
 }
 
-/// Sets its flag when dropped, also while a failed assertion unwinds: a [`CommitsThenRuns`]
+/// Sets its flag when dropped, also while a failed assertion unwinds: a [`CommitsFirst`]
 /// left hanging would keep the test's runtime from ever shutting down.
 struct HangUpOnDrop(Arc<AtomicBool>);
 
@@ -651,21 +631,12 @@ async fn an_expired_lease_has_its_shards_markers_counted() {
     // One heartbeat a minute: the lease's first poll is the only one; it expires after 5 s.
     let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
     let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
-    let (committed, hang_up) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-    let engine = CommitsThenRuns {
-        inner: FakeEngine::new(Duration::from_millis(1)),
-        commit: 2,
-        committed: committed.clone(),
-        hang_up: hang_up.clone(),
-    };
-    let _hang_up = HangUpOnDrop(hang_up);
+    let hang_up = Arc::new(AtomicBool::new(false));
+    let _hang_up = HangUpOnDrop(hang_up.clone());
+    let engine = CommitsFirst::new(2, Some(hang_up));
+    let committed = engine.committed.clone();
     let (_stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
-    for _ in 0..500 {
-        if committed.load(std::sync::atomic::Ordering::SeqCst) == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    CommitsFirst::wait_for(&committed, 2).await;
     // The worker dies: no renewal, no release; its shard thread hangs on.
     handle.abort();
     assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
@@ -702,7 +673,7 @@ async fn a_shard_stopped_after_its_last_class_committed_is_done() {
         };
         let (runtime, out) = (tokio::runtime::Handle::current(), out.clone());
         let result = tokio::task::spawn_blocking(move || {
-            let mut engine = StopsAfter { inner: FakeEngine::new(Duration::from_millis(1)), commit };
+            let mut engine = CommitsFirst::new(commit, None);
             run_shard(&mut engine, &runtime, &out, &lease, &ShardProgress::default(), &Arc::new(AtomicBool::new(false)))
         })
         .await
