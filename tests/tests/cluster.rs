@@ -592,23 +592,37 @@ impl ShardEngine for CommitsFirst {
 /// while the shard waits for another worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
-    // One heartbeat a minute: the lease's first poll is the only one before the stop.
-    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
-    let hang_up = Arc::new(AtomicBool::new(false));
-    let _hang_up = HangUpOnDrop(hang_up.clone());
-    let engine = CommitsFirst::new(2, Some(hang_up));
-    let committed = engine.committed.clone();
-    let (stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
-    CommitsFirst::wait_for(&committed, 2).await;
+    let (_dir, cluster, job, (stop, handle), _hang_up) = two_unheard_commits().await;
     assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
     assert_eq!((status.shards.pending, status.classes_done, status.images_done), (1, 2, 4));
     cluster.shutdown().await;
+}
+
+/// A served coordinator with one heartbeat a minute (a lease's first poll is its only one for
+/// a while) and a job of one 3-class shard, whose worker has committed 2 classes and runs on
+/// ([`CommitsFirst`]): commits no heartbeat has reported. Returns the store's folder, the
+/// cluster, the job, the worker's stop and handle, and the guard that ends its shard thread.
+async fn two_unheard_commits() -> (
+    tempfile::TempDir,
+    Cluster,
+    Arc<ResolvedJob>,
+    (oneshot::Sender<()>, JoinHandle<Result<(), ClientError>>),
+    HangUpOnDrop,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
+    let hang_up = Arc::new(AtomicBool::new(false));
+    let guard = HangUpOnDrop(hang_up.clone());
+    let engine = CommitsFirst::new(2, Some(hang_up));
+    let committed = engine.committed.clone();
+    let running = worker(&cluster.url, "w", None, Box::new(engine));
+    CommitsFirst::wait_for(&committed, 2).await;
+    (dir, cluster, job, running, guard)
 }
 
 /// Sets its flag when dropped, also while a failed assertion unwinds: a [`CommitsFirst`]
@@ -626,17 +640,8 @@ impl Drop for HangUpOnDrop {
 /// them while the shard waits for another worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_lease_has_its_shards_markers_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
-    // One heartbeat a minute: the lease's first poll is the only one; it expires after 5 s.
-    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
-    let hang_up = Arc::new(AtomicBool::new(false));
-    let _hang_up = HangUpOnDrop(hang_up.clone());
-    let engine = CommitsFirst::new(2, Some(hang_up));
-    let committed = engine.committed.clone();
-    let (_stop, handle) = worker(&cluster.url, "w", None, Box::new(engine));
-    CommitsFirst::wait_for(&committed, 2).await;
+    // The lease expires after 5 s (`spec_toml`) without renewals.
+    let (_dir, cluster, job, (_stop, handle), _hang_up) = two_unheard_commits().await;
     // The worker dies: no renewal, no release; its shard thread hangs on.
     handle.abort();
     assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
