@@ -1682,11 +1682,9 @@ impl Scheduler {
     /// Call it before [`Scheduler::fail`], [`Scheduler::pause`] or [`Scheduler::exclude`],
     /// which end the lease.
     pub fn note_committed(&mut self, worker_id: &str, lease_id: &str, classes: u32) {
-        let Ok((job_id, shard)) = self.lease_of(worker_id, lease_id) else { return };
-        let Some(run) = self.jobs.get_mut(&job_id) else { return };
-        let all = run.job.shard_classes(shard).len() as u32;
-        let entry = &mut run.persisted.shards[shard];
-        entry.classes_done = entry.classes_done.max(classes.min(all));
+        if let Ok((job_id, shard)) = self.lease_of(worker_id, lease_id) {
+            self.note_markers(&job_id, shard, classes);
+        }
     }
 
     /// Records that `committed` of shard `shard`'s classes have markers in the store (counted
