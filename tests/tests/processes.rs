@@ -21,16 +21,19 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     // Fault-free reference: one worker, `coordinator run`.
     let reference = scratch.path().join("reference");
     let reference_spec = scratch.path().join("reference.toml");
-    // One class per shard: the faults below need several shards running at once.
+    // One class per shard: the faults below need several shards running at once. 500 sampling
+    // steps make a class last long enough (~0.5 s here, 50 steps take 0.05 s) that w0 is found
+    // holding a lease it has not committed.
     let one = "classes_per_shard = 1";
-    std::fs::write(&reference_spec, spec(&data, &reference.display().to_string(), classes, 3, 11, one)).unwrap();
+    let spec = |output: &str| spec(&data, output, classes, 3, 11, one).replace("steps = 50\n", "steps = 500\n");
+    std::fs::write(&reference_spec, spec(&reference.display().to_string())).unwrap();
     run_locally(&reference_spec, &[]);
 
     // Chaos run: 3 workers, SIGKILL one mid-shard, SIGKILL the coordinator and restart it.
     let store = scratch.path().join("store");
     let store_url = store.display().to_string();
     let chaos_spec = scratch.path().join("chaos.toml");
-    std::fs::write(&chaos_spec, spec(&data, &store_url, classes, 3, 11, one)).unwrap();
+    std::fs::write(&chaos_spec, spec(&store_url)).unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let log = scratch.path().join("coordinator.log");
@@ -43,15 +46,32 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     });
     // ... and w0's lease on disk, so that the coordinator killed below has persisted the attempt
     // the killed worker spends (on a loaded machine its flush can lag the status by a second).
-    let mut killed_attempt = None;
-    wait_for("w0's lease persisted", Duration::from_secs(30), || {
-        killed_attempt = shard_records(&store.join("jobs").join(&job)).iter().enumerate().find_map(|(i, r)| {
-            (r["state"]["state"] == "leased" && r["state"]["worker_id"] == "w0")
-                .then(|| (i, r["state"]["attempt_id"].as_str().unwrap().to_owned()))
+    // w0 is frozen before it is killed and its attempt must not have committed by then: a class
+    // committed just before the SIGKILL is rightly finished from its marker once the lease
+    // expires, and the kill would then test no second attempt. If it had, w0 goes on to its next
+    // shard and the test kills it there.
+    let job_dir = store.join("jobs").join(&job);
+    let mut committed_before_freeze = Vec::new();
+    let (killed_shard, killed_attempt) = loop {
+        let mut lease = None;
+        wait_for("w0's lease persisted", Duration::from_secs(60), || {
+            lease = shard_records(&job_dir).iter().enumerate().find_map(|(i, r)| {
+                let attempt = r["state"]["attempt_id"].as_str().unwrap_or_default();
+                (r["state"]["state"] == "leased"
+                    && r["state"]["worker_id"] == "w0"
+                    && !committed_before_freeze.iter().any(|a| a == attempt))
+                .then(|| (i, attempt.to_owned()))
+            });
+            lease.is_some()
         });
-        killed_attempt.is_some()
-    });
-    let (killed_shard, killed_attempt) = killed_attempt.unwrap();
+        let (shard, attempt) = lease.unwrap();
+        freeze(&workers[0].0);
+        if !committed_by(&job_dir, &attempt) {
+            break (shard, attempt);
+        }
+        committed_before_freeze.push(attempt);
+        signal(&workers[0].0, 18);
+    };
     workers[0].0.kill().unwrap(); // SIGKILL, mid-shard
     std::thread::sleep(Duration::from_millis(300));
     coordinator.0.kill().unwrap();
@@ -87,7 +107,7 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
         assert!(status.success(), "worker exit {status}: {log}");
     }
 
-    let job_dir = |root: &std::path::Path| root.join("jobs").join(&job);
+    let job_dir = |root: &Path| root.join("jobs").join(&job);
     let chaos_images = files(&job_dir(&store).join("dataset"));
     let reference_images = files(&job_dir(&reference).join("dataset"));
     assert_eq!(chaos_images.len(), classes * 3);
@@ -101,10 +121,18 @@ fn killed_worker_and_coordinator_do_not_change_the_result() {
     // expired, or by a backup lease before that (both are another attempt's commit).
     let records = shard_records(&job_dir(&store));
     let won = records[killed_shard]["state"]["attempt_id"].as_str().unwrap_or_default();
+    assert!(!committed_by(&job_dir(&store), &killed_attempt), "the killed attempt {killed_attempt} committed");
     assert!(
         records[killed_shard]["state"]["state"] == "done" && won != killed_attempt,
         "shard {killed_shard} was not run again after w0's attempt {killed_attempt}: {records:#?}"
     );
+}
+
+/// Whether a commit marker under `job_dir/shards` names `attempt`.
+fn committed_by(job_dir: &Path, attempt: &str) -> bool {
+    files(&job_dir.join("shards"))
+        .iter()
+        .any(|(_, bytes)| serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|m| m["attempt_id"] == attempt))
 }
 
 /// The coordinator's log tells a person when a worker goes: one INFO line naming it once it has

@@ -292,6 +292,20 @@ pub fn signal(child: &Child, signal: i32) {
     unsafe { libc_kill(child.id() as i32, signal) };
 }
 
+/// SIGSTOPs `child` and waits until every one of its threads is stopped: from then on it writes
+/// nothing until SIGCONT (18), so what it has written can be read without a race. Linux only
+/// (`/proc/<pid>/task/*/stat`).
+pub fn freeze(child: &Child) {
+    signal(child, 19);
+    let tasks = PathBuf::from(format!("/proc/{}/task", child.id()));
+    let stopped = |stat: &str| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'));
+    wait_for("a SIGSTOPped process to stop", Duration::from_secs(10), || {
+        std::fs::read_dir(&tasks).is_ok_and(|entries| {
+            entries.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok()).all(|s| stopped(&s))
+        })
+    });
+}
+
 /// Waits at most `timeout` for `child` to exit; a timeout kills it and fails naming `what`.
 pub fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
