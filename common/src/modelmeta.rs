@@ -185,12 +185,22 @@ fn value_info(message: Vec<u8>) -> std::io::Result<(String, Vec<Option<i64>>)> {
 /// Reads the metadata and graph-input shapes of the ONNX model at `path`.
 ///
 /// # Errors
-/// I/O errors, and `InvalidData` for a file that is not an ONNX model.
+/// I/O errors (`IsADirectory` for a folder), and `InvalidData` for a file that is not an ONNX
+/// model: one that is not protobuf, or has no graph (an empty file, or protobuf of another
+/// kind); see [`is_not_a_model`].
 pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
     let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
+    let metadata = file.metadata()?;
+    if metadata.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "a folder, not an ONNX model file: give the `.onnx` file in it",
+        ));
+    }
+    let len = metadata.len();
     let mut r = BufReader::new(file);
     let mut meta = ModelMeta::default();
+    let mut graph = false;
     fields(&mut r, len, |field, r, n| match field {
         14 => {
             let (key, value) = string_entry(bytes(r, n)?)?;
@@ -198,6 +208,7 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
             Ok(true)
         }
         7 => {
+            graph = true;
             fields(r, n, |field, r, n| {
                 if field != 11 {
                     return Ok(false);
@@ -209,8 +220,32 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
             Ok(true)
         }
         _ => Ok(false),
+    })
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof { bad("it ends inside a field (cut short?)") } else { e }
     })?;
+    if !graph {
+        return Err(bad(if len == 0 { "the file is empty" } else { "it has no graph" }));
+    }
     Ok(meta)
+}
+
+/// Whether an error of [`read_model_meta`] says the file is there but is no ONNX model (not
+/// protobuf, no graph, cut short, a folder: its message reads after "`path` is "), rather than that it cannot be read (missing, no
+/// permission): the first is the wrong file, the second may be a path only the workers see.
+pub fn is_not_a_model(error: &std::io::Error) -> bool {
+    matches!(error.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::IsADirectory)
+}
+
+/// What to do about a file that [`is_not_a_model`], to follow its error ("`…` is {error}{advice}"):
+/// for a file, where the model files come from; a folder's error says it itself.
+pub fn not_a_model_advice(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::InvalidData => {
+            "; give the `.onnx` file scripts/export_onnx.py wrote (a PyTorch or safetensors checkpoint is exported first)"
+        }
+        _ => "",
+    }
 }
 
 /// Why the files of a model cannot be listed, or cannot all be loaded.
@@ -444,6 +479,32 @@ mod tests {
         assert_eq!(encoder.get::<i64>("mgd3.image_size"), Some(16));
         let error = read_model_meta(&fixture("../../../README.md")).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+    }
+
+    /// Files that are there but are no ONNX model are told apart from files that cannot be read:
+    /// text, an empty file, protobuf without a graph, a model cut short, a zip (a PyTorch
+    /// checkpoint), a folder.
+    #[test]
+    fn files_that_are_no_onnx_model_are_told_apart_from_unreadable_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let dit = std::fs::read(fixture("tiny_dit.onnx")).unwrap();
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("text", b"not a model\n".to_vec()),
+            ("empty", Vec::new()),
+            ("metadata only", ld(14, &[ld(1, b"mgd3.kind"), ld(2, b"dit")].concat())),
+            ("cut short", dit[..dit.len() / 2].to_vec()),
+            ("zip", b"PK\x03\x04\x14\x00\x00\x00\x08\x00archive/data.pkl".to_vec()),
+        ];
+        for (name, bytes) in cases {
+            let path = dir.path().join(format!("{name}.onnx"));
+            std::fs::write(&path, bytes).unwrap();
+            let error = read_model_meta(&path).unwrap_err();
+            assert!(is_not_a_model(&error), "{name}: {error:?}");
+        }
+        let error = read_model_meta(dir.path()).unwrap_err();
+        assert!(is_not_a_model(&error) && error.to_string().contains("folder"), "{error:?}");
+        let error = read_model_meta(&dir.path().join("absent.onnx")).unwrap_err();
+        assert!(!is_not_a_model(&error), "{error:?}");
     }
 
     /// Protobuf by hand: a length-delimited field.

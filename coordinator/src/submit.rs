@@ -500,15 +500,27 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
         ("models.vae_encoder", &m.vae_encoder, "vae_encoder"),
         ("models.vae_decoder", &m.vae_decoder, "vae_decoder"),
     ] {
-        if let Some(found) = read(path).and_then(|meta| meta.metadata.get("mgd3.kind").cloned())
-            && found != kind
-        {
-            problems.push(FieldError {
+        match read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))) {
+            Ok(meta) => {
+                if let Some(found) = meta.metadata.get("mgd3.kind")
+                    && found != kind
+                {
+                    problems.push(FieldError {
+                        field: field.into(),
+                        problem: format!(
+                            "`{path}` is a {found} model (metadata `mgd3.kind`), not a {kind}; are two models swapped?"
+                        ),
+                    });
+                }
+            }
+            // A file that is here but is no model is the wrong file (a checkpoint, a folder, an
+            // interrupted copy); a file that is not here may be one only the workers see, and is
+            // left to the fingerprint check and the workers.
+            Err(error) if mgd3_common::modelmeta::is_not_a_model(&error) => problems.push(FieldError {
                 field: field.into(),
-                problem: format!(
-                    "`{path}` is a {found} model (metadata `mgd3.kind`), not a {kind}; are two models swapped?"
-                ),
-            });
+                problem: format!("`{path}` is {error}{}", mgd3_common::modelmeta::not_a_model_advice(&error)),
+            }),
+            Err(_) => {}
         }
     }
     if let Some(dit) = read(&m.dit).filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {

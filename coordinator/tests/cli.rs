@@ -380,6 +380,23 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("`models.dit`") && text.contains("dti.onnx` cannot be read here"), "{text}");
     assert!(text.contains("models.dit_fingerprint = \"sha256:...\""), "{text}");
+    // Files that are here but are no ONNX models (a checkpoint, a folder) are refused, whatever
+    // fingerprint the spec gives, each named by its field.
+    std::fs::write(dir.path().join("dti.onnx"), b"PK\x03\x04 a zip, as torch.save writes").unwrap();
+    std::fs::create_dir(dir.path().join("x.onnx")).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("`models.dit`: `")
+            && text.contains("dti.onnx` is not an ONNX model")
+            && text.contains("export_onnx.py"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`models.vae_decoder`: `") && text.contains("x.onnx` is a folder, not an ONNX model file"),
+        "{text}"
+    );
 }
 
 /// `coordinator serve` on a free loopback port with `store`, `--allow-path allowed`, started in

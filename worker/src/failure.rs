@@ -85,6 +85,9 @@ impl ShardFailure {
             ShardFailure::ModelUnavailable(_)
             | ShardFailure::ModelMismatch { .. }
             | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
+            // A model file that is no model here (a bad copy on this node's disk) may be a
+            // good one on another worker's.
+            ShardFailure::Engine(e) if matches!(**e, EngineError::NotModels { .. }) => Disposition::Elsewhere,
             ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
             ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
             ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,
@@ -146,5 +149,38 @@ impl ShardError {
     /// A failure about class `wnid`.
     pub fn class(wnid: &str, failure: impl Into<ShardFailure>) -> Self {
         ShardError { class: Some(wnid.to_owned()), failure: Box::new(failure.into()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::UnusableModel;
+
+    /// A model file that is no model on this worker is tried on another (node-local copies);
+    /// one given as another kind is the job's mistake everywhere.
+    #[test]
+    fn a_file_that_is_no_model_here_is_tried_elsewhere() {
+        let no_model = UnusableModel {
+            given_as: "dit",
+            path: "/models/dit.onnx".into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an ONNX model: it has no graph"),
+        };
+        let failure = ShardFailure::Engine(Box::new(EngineError::NotModels { models: vec![no_model] }));
+        assert_eq!(failure.disposition(), Disposition::Elsewhere);
+        assert!(
+            failure.describe().contains("the DiT `/models/dit.onnx` is not an ONNX model"),
+            "{}",
+            failure.describe()
+        );
+        let misplaced = ShardFailure::Engine(Box::new(EngineError::MisplacedModels {
+            models: vec![crate::models::MisplacedModel {
+                given_as: "dit",
+                path: "/models/vae.onnx".into(),
+                kind: "vae_decoder".into(),
+            }],
+            unusable: Vec::new(),
+        }));
+        assert_eq!(misplaced.disposition(), Disposition::GiveUp);
     }
 }

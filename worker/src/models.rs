@@ -143,6 +143,21 @@ pub enum EngineError {
         /// The other model files that cannot be used: missing, or not ONNX models.
         unusable: Vec<UnusableModel>,
     },
+    /// Model files that are there but are no ONNX models (text, a checkpoint, a folder, a copy
+    /// cut short), all named at once with the other files that cannot be used
+    /// ([`check_model_kinds`]). Retryable: a copy on this worker's disk may be bad where another
+    /// worker's is not.
+    #[error(
+        "{}{}",
+        .models.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        .models.iter().find(|m| mgd3_common::modelmeta::is_not_a_model(&m.source))
+            .map_or("", |m| mgd3_common::modelmeta::not_a_model_advice(&m.source))
+    )]
+    NotModels {
+        /// Each model file that cannot be used, in the order DiT, VAE encoder, VAE decoder; at
+        /// least one is no ONNX model.
+        models: Vec<UnusableModel>,
+    },
 }
 
 /// A model file that is missing or not an ONNX model, named beside misplaced ones
@@ -162,8 +177,8 @@ impl std::fmt::Display for UnusableModel {
         let (given, path) = (kind_name(self.given_as), self.path.display());
         match self.source.kind() {
             std::io::ErrorKind::NotFound => write!(f, "the {given} `{path}` does not exist"),
-            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
-                write!(f, "the {given} `{path}` is not an ONNX model ({})", self.source)
+            _ if mgd3_common::modelmeta::is_not_a_model(&self.source) => {
+                write!(f, "the {given} `{path}` is {}", self.source)
             }
             _ => write!(f, "the {given} `{path}` cannot be read ({})", self.source),
         }
@@ -205,12 +220,13 @@ impl std::fmt::Display for MisplacedModel {
 /// model than the one they are given as (`models`: what each is given as, `dit`, `vae_encoder`
 /// or `vae_decoder`, and its file), naming every such file at once: two swapped paths are one
 /// mistake, to be fixed in one go, not two runs; the other files that are missing or not ONNX
-/// models are named with them. Without a misplaced file nothing is refused here: a missing or
-/// unreadable file, or one that declares no kind, is left to the loader's own error (on a
-/// cluster a missing model sends the shard to other workers).
+/// models are named with them. Files that are there but are no ONNX models are refused next,
+/// all at once, before ONNX Runtime sees them (its "Protobuf parsing failed" names no cause).
+/// A missing or unreadable file, or one that declares no kind, is left to the loader's own error
+/// (on a cluster a missing model sends the shard to other workers).
 ///
 /// # Errors
-/// [`EngineError::MisplacedModels`].
+/// [`EngineError::MisplacedModels`], then [`EngineError::NotModels`].
 pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
     let (mut misplaced, mut unusable) = (Vec::new(), Vec::new());
     for &(given_as, path) in models {
@@ -225,7 +241,13 @@ pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<
             Err(source) => unusable.push(UnusableModel { given_as, path: path.to_path_buf(), source }),
         }
     }
-    if misplaced.is_empty() { Ok(()) } else { Err(EngineError::MisplacedModels { models: misplaced, unusable }) }
+    if !misplaced.is_empty() {
+        return Err(EngineError::MisplacedModels { models: misplaced, unusable });
+    }
+    if unusable.iter().any(|u| mgd3_common::modelmeta::is_not_a_model(&u.source)) {
+        return Err(EngineError::NotModels { models: unusable });
+    }
+    Ok(())
 }
 
 impl EngineError {
@@ -267,9 +289,11 @@ impl EngineError {
                 )
             }
             EngineError::Sink(SinkError::NonFinite(_)) => false,
-            EngineError::Sink(_) | EngineError::Cancelled | EngineError::Cache(_) | EngineError::Fingerprint { .. } => {
-                true
-            }
+            EngineError::Sink(_)
+            | EngineError::Cancelled
+            | EngineError::Cache(_)
+            | EngineError::Fingerprint { .. }
+            | EngineError::NotModels { .. } => true,
             EngineError::Modes { .. }
             | EngineError::Sample { .. }
             | EngineError::Schedule(_)
@@ -654,7 +678,7 @@ impl Models {
     ///
     /// # Errors
     /// [`EngineError::MisplacedModels`] when files are given as models of another kind;
-    /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
+    /// [`EngineError::NotModels`] when files are no ONNX models; [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
     /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {

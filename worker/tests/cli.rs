@@ -449,6 +449,26 @@ fn swapped_models_are_all_named_at_once() {
         "{text}"
     );
     assert!(!text.contains("swapped") && !text.contains("the DiT `"), "{text}");
+    // Files that are there but are no ONNX models (a text file, a folder) are named at once,
+    // with the missing one beside them, before ONNX Runtime sees them.
+    args[encoder] = model("tiny_vae_encoder.onnx");
+    std::fs::write(dir.path().join("dit.pt"), b"not a model\n").unwrap();
+    args[dit] = dir.path().join("dit.pt").display().to_string();
+    args[encoder] = data.display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(&args).output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for said in [
+        "the DiT `",
+        "dit.pt` is not an ONNX model",
+        "the VAE encoder `",
+        "is a folder, not an ONNX model file",
+        "no-such-decoder.onnx` does not exist",
+        "scripts/export_onnx.py",
+    ] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
+    assert!(!text.contains("Protobuf") && !text.contains("profile"), "{text}");
     let case = fixtures().join("parity/tstop25_ch3");
     let (modes, noise, decoder) = (case.join("modes.npy"), case.join("noise.npy"), model("tiny_vae_decoder.onnx"));
     let mut sample = Command::new(env!("CARGO_BIN_EXE_worker"));
