@@ -675,7 +675,8 @@ pub struct JobSummary {
     pub classes_done: u64,
     /// Images per second since this process took the job on (or since its last resume).
     pub images_per_second: f64,
-    /// Seconds left at that rate: 0 once the job has ended, infinite while the rate is 0.
+    /// Seconds left at that rate: 0 once the job has ended, infinite while the rate is 0 or no
+    /// worker is live.
     pub eta_seconds: f64,
     /// (shard index, shard) of every failed shard and of every unfinished shard with an error.
     pub failures: Vec<(usize, Shard)>,
@@ -1919,9 +1920,10 @@ impl Scheduler {
             .collect();
         let rate = run.rate(now, images_done);
         let remaining = run.job.images_total().saturating_sub(images_done) as f64;
+        // No live worker, no estimate: the rate of the last minute is of workers that are gone.
         let eta = if run.state() != JobState::Running {
             0.0
-        } else if rate > 0.0 {
+        } else if rate > 0.0 && self.live_workers(now) > 0 {
             remaining / rate
         } else {
             f64::INFINITY
@@ -2368,10 +2370,16 @@ mod tests {
         s.add_job(job("j", 4, 1, 3), None, &HashSet::new(), 0);
         // Nobody works for five minutes; then a worker commits a shard (2 images) in ten seconds.
         let a = lease(poll(&mut s, "w", &[], false, 300_000).0);
+        poll(&mut s, "w", &held(&a), false, 309_000);
         s.complete("w", &a.lease_id, 310_000).unwrap();
         let summary = s.summary("j", 310_000).unwrap();
         assert!((summary.images_per_second - 2.0 / 60.0).abs() < 1e-9, "{}", summary.images_per_second);
         assert!((summary.eta_seconds - 6.0 / (2.0 / 60.0)).abs() < 1e-6, "{}", summary.eta_seconds);
+        // The worker goes (silent for more than three heartbeats): the rate stays, with no ETA.
+        let gone = s.summary("j", 313_500).unwrap();
+        assert!(gone.images_per_second > 0.0 && gone.eta_seconds.is_infinite(), "{gone:?}");
+        poll(&mut s, "w", &[], false, 314_000);
+        assert!(s.summary("j", 314_000).unwrap().eta_seconds.is_finite());
         // A minute without progress: no rate, so no ETA.
         let idle = s.summary("j", 371_000).unwrap();
         assert_eq!(idle.images_per_second, 0.0);
