@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
   sudo_cmd=""
   [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
-  $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null \
-    || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }
+  $sudo_cmd apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null \
+    || { $sudo_cmd apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && $sudo_cmd apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }
 fi
 scripts/setup_ort.sh
 # The longest step (8 to 14 minutes on 2 cores): cargo shows what it compiles as it goes.

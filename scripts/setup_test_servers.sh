@@ -9,18 +9,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "setup_test_servers: $*"; }
+# apt-get waits (up to 10 min) for the package lock another apt-get holds, e.g. the local Slurm
+# cluster's install started beside this one, instead of failing and skipping the tests that need it.
 if ! command -v strace >/dev/null && [[ $(id -u) -eq 0 ]]; then
   say "installing strace (Debian, about 2 MB) for the crash tests"
-  apt-get install -y -q --no-install-recommends strace >/dev/null \
-    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends strace >/dev/null; } \
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends strace >/dev/null \
+    || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends strace >/dev/null; } \
     || echo "note: strace could not be installed; the crash tests will be skipped"
 fi
 # Chromium (Debian's headless shell), in which the report test opens the HTML report
 # (MGD3_REQUIRE_CHROMIUM=1 in CI).
 if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null && [[ $(id -u) -eq 0 ]]; then
   say "installing chromium-headless-shell (Debian, about 200 MB installed) for the report's browser checks"
-  apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null \
-    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends chromium-headless-shell >/dev/null \
+    || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends chromium-headless-shell >/dev/null; } \
     || echo "note: Chromium could not be installed; the report's browser checks will be skipped"
 fi
 # ONNX Runtime 1.26.0's CPU library, the version of CUDA 12 clusters, for the test that it loads

@@ -25,8 +25,8 @@ fi
 [[ $(id -u) -eq 0 ]] || { echo "local_cluster.sh must run as root" >&2; exit 1; }
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null \
-    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null \
+    || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }
 fi
 stop
 rm -rf "$dir"
