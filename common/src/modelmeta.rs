@@ -80,13 +80,13 @@ fn fields<R: Read + Seek>(
                 let n = varint(r)?;
                 let at = r.stream_position()?;
                 if at + n > end {
-                    return Err(bad("a field runs past its message"));
+                    return Err(bad("a field runs past the end of the file or its message (a copy cut short?)"));
                 }
                 if !visit(field, r, n)? {
                     r.seek(SeekFrom::Start(at + n))?;
                 }
             }
-            _ => return Err(bad("an unknown wire type")),
+            _ => return Err(bad("its bytes are not protobuf, the format of ONNX files")),
         }
     }
     Ok(())
@@ -199,6 +199,11 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
     }
     let len = metadata.len();
     let mut r = BufReader::new(file);
+    let mut magic = [0u8; 4];
+    if r.read_exact(&mut magic).is_ok() && magic == *b"PK\x03\x04" {
+        return Err(bad("a zip archive, as torch.save writes PyTorch checkpoints"));
+    }
+    r.rewind()?;
     let mut meta = ModelMeta::default();
     let mut graph = false;
     fields(&mut r, len, |field, r, n| match field {
@@ -500,6 +505,14 @@ mod tests {
             std::fs::write(&path, bytes).unwrap();
             let error = read_model_meta(&path).unwrap_err();
             assert!(is_not_a_model(&error), "{name}: {error:?}");
+            let said = match name {
+                "zip" => "as torch.save writes",
+                "cut short" => "cut short",
+                "text" => "not protobuf",
+                "empty" => "empty",
+                _ => "no graph",
+            };
+            assert!(error.to_string().contains(said), "{name}: {error}");
         }
         let error = read_model_meta(dir.path()).unwrap_err();
         assert!(is_not_a_model(&error) && error.to_string().contains("folder"), "{error:?}");

@@ -96,8 +96,16 @@ pub async fn resolve_job(
     let local_models = local.clone();
     let mut spec = tokio::task::spawn_blocking(move || {
         let spec = JobSpec { models: local, ..spec };
-        check_models(&spec, &classes)?;
-        fill_model_fingerprints(spec)
+        // Every model problem at once: what the files are, then whether they can be read and
+        // match their fingerprints (a model already named is not named twice).
+        let mut problems = model_problems(&spec, &classes);
+        let (spec, unreadable) = fill_model_fingerprints(spec);
+        for problem in unreadable {
+            if !problems.iter().any(|named| problem.field.starts_with(named.field.as_str())) {
+                problems.push(problem);
+            }
+        }
+        if problems.is_empty() { Ok(spec) } else { Err(Error::Job(JobError::Invalid(problems))) }
     })
     .await
     .expect("fingerprint task")?;
@@ -491,6 +499,12 @@ fn same_folder_classes(root: &Root, classes: &[ClassRef]) -> Vec<String> {
 /// image size for the VAE encoder and decoder. Every problem is
 /// reported at once, naming the setting as the job spec spells it.
 fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
+    let problems = model_problems(spec, classes);
+    if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
+}
+
+/// [`check_models`]'s problems, each naming its setting.
+fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
     use mgd3_common::modelmeta::read_model_meta;
     let read = |path: &str| read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))).ok();
     let m = &spec.models;
@@ -576,12 +590,13 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
             problem: format!("decodes {decoder}-pixel images, the VAE encoder reads {encoder}-pixel ones"),
         });
     }
-    if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
+    problems
 }
 
 /// Computes missing model fingerprints from the files; a given fingerprint is checked when the
-/// file is readable here.
-fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
+/// file is readable here. Returns the spec and every problem found, each naming its setting.
+fn fill_model_fingerprints(mut spec: JobSpec) -> (JobSpec, Vec<FieldError>) {
+    let mut problems = Vec::new();
     let m = &mut spec.models;
     for (field, path, expected) in [
         ("models.dit", &m.dit, &mut m.dit_fingerprint),
@@ -589,39 +604,34 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> Result<JobSpec> {
         ("models.vae_decoder", &m.vae_decoder, &mut m.vae_decoder_fingerprint),
     ] {
         let local = path.strip_prefix("file://").unwrap_or(path);
-        let invalid = |problem: String| {
-            Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
-                field: field.to_owned(),
-                problem,
-            }]))
-        };
+        let mut invalid = |problem: String| problems.push(FieldError { field: field.to_owned(), problem });
         match mgd3_common::fingerprint_file(Path::new(local)) {
             Ok(actual) => match expected {
-                Some(want) if *want != actual => {
-                    return Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
-                        field: format!("{field}_fingerprint"),
-                        problem: format!("`{path}` has fingerprint {actual}, the spec expects {want}"),
-                    }])));
-                }
+                Some(want) if *want != actual => problems.push(FieldError {
+                    field: format!("{field}_fingerprint"),
+                    problem: format!("`{path}` has fingerprint {actual}, the spec expects {want}"),
+                }),
                 _ => *expected = Some(actual),
             },
             // A model whose external data the workers could not load (missing, cut short, a
             // folder, or outside its folder) is refused here, whatever fingerprint the spec gives.
-            Err(error) if !matches!(error, ModelFilesError::Io { .. }) => {
-                return Err(invalid(mgd3_common::error_chain(&error)));
-            }
+            Err(error) if !matches!(error, ModelFilesError::Io { .. }) => invalid(mgd3_common::error_chain(&error)),
             // A model that cannot be read is the spec's problem, named by its field, with the
             // way out for a file that exists only where the workers run.
             Err(ModelFilesError::Io { path: file, source }) if expected.is_none() => {
-                return Err(invalid(format!(
-                    "`{}` cannot be read here ({source}): check the path (relative paths start at the job \
-                     file's folder), or, if the file exists only where the workers run, give its \
-                     `{field}_fingerprint = \"sha256:...\"`",
+                let fix = if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    "make it readable to the user this coordinator runs as (chmod a+r, or its group)"
+                } else {
+                    "check the path (relative paths start at the job file's folder)"
+                };
+                invalid(format!(
+                    "`{}` cannot be read here ({source}): {fix}, or, if the file exists only where the workers \
+                     run, give its `{field}_fingerprint = \"sha256:...\"`",
                     file.display()
-                )));
+                ));
             }
             Err(_) => {}
         }
     }
-    Ok(spec)
+    (spec, problems)
 }

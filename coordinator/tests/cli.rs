@@ -397,6 +397,31 @@ fn check_reports_every_dataset_problem_or_the_plan() {
         text.contains("`models.vae_decoder`: `") && text.contains("x.onnx` is a folder, not an ONNX model file"),
         "{text}"
     );
+    // Every model problem in one go: a file given as another kind, a missing one, a folder.
+    let encoder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny_vae_encoder.onnx");
+    let mixed = listed
+        .lines()
+        .filter(|line| !line.contains("_fingerprint"))
+        .map(|line| match line.split_once(" = ").map(|(key, _)| key) {
+            Some("dit") => format!("dit = \"{}\"", encoder.display()),
+            Some("vae_encoder") => "vae_encoder = \"absent.onnx\"".to_owned(),
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&spec, mixed).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for said in [
+        "tiny_vae_encoder.onnx` is a vae_encoder model",
+        "`models.vae_encoder`: `",
+        "absent.onnx` cannot be read here",
+        "x.onnx` is a folder",
+    ] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
+    assert_eq!(text.matches("x.onnx").count(), 1, "the folder is named once: {text}");
 }
 
 /// `coordinator serve` on a free loopback port with `store`, `--allow-path allowed`, started in

@@ -192,6 +192,12 @@ impl OnnxShardEngine {
                 )) => {
                     return Err(ShardFailure::ModelUnavailable(e));
                 }
+                // A file that is no model, unreadable or given as another kind here, though submit
+                // saw the job's files: if its bytes differ from the job's, this node's copy is the
+                // problem (another worker's may be right), not the job.
+                Err(e @ (EngineError::MisplacedModels { .. } | EngineError::UnusableModels { .. })) => {
+                    return Err(changed_here(spec, &paths).unwrap_or_else(|| e.into()));
+                }
                 Err(e) => return Err(e.into()),
             };
             let have = [
@@ -234,6 +240,23 @@ impl OnnxShardEngine {
         }
         Ok(&mut self.loaded.as_mut().expect("just loaded").engine)
     }
+}
+
+/// The first model whose file here does not have the fingerprint the job was submitted with
+/// (unreadable files are left out: their error says more), as [`ShardFailure::ModelMismatch`].
+fn changed_here(spec: &JobSpec, paths: &ModelPaths) -> Option<ShardFailure> {
+    let m = &spec.models;
+    [
+        (&m.dit, &m.dit_fingerprint, &paths.dit),
+        (&m.vae_encoder, &m.vae_encoder_fingerprint, &paths.vae_encoder),
+        (&m.vae_decoder, &m.vae_decoder_fingerprint, &paths.vae_decoder),
+    ]
+    .into_iter()
+    .find_map(|(named, want, path)| {
+        let want = want.as_ref()?;
+        let have = mgd3_common::fingerprint_file(path).ok()?;
+        (have != *want).then(|| ShardFailure::ModelMismatch { path: named.clone(), have, want: want.clone() })
+    })
 }
 
 fn class_spec(spec: &JobSpec, class: &ClassRef) -> ClassSpec {

@@ -87,7 +87,7 @@ impl ShardFailure {
             | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
             // A model file that is no model here (a bad copy on this node's disk) may be a
             // good one on another worker's.
-            ShardFailure::Engine(e) if matches!(**e, EngineError::NotModels { .. }) => Disposition::Elsewhere,
+            ShardFailure::Engine(e) if matches!(**e, EngineError::UnusableModels { .. }) => Disposition::Elsewhere,
             ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
             ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
             ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,
@@ -166,12 +166,19 @@ mod tests {
             path: "/models/dit.onnx".into(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an ONNX model: it has no graph"),
         };
-        let failure = ShardFailure::Engine(Box::new(EngineError::NotModels { models: vec![no_model] }));
+        let unreadable = UnusableModel {
+            given_as: "vae_decoder",
+            path: "/models/vae_decoder.onnx".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let failure =
+            ShardFailure::Engine(Box::new(EngineError::UnusableModels { models: vec![no_model, unreadable] }));
         assert_eq!(failure.disposition(), Disposition::Elsewhere);
+        let text = failure.describe();
+        assert!(text.contains("the DiT `/models/dit.onnx` is not an ONNX model: it has no graph (give the"), "{text}");
         assert!(
-            failure.describe().contains("the DiT `/models/dit.onnx` is not an ONNX model"),
-            "{}",
-            failure.describe()
+            text.contains("the VAE decoder `/models/vae_decoder.onnx` may not be read by this worker's user"),
+            "{text}"
         );
         let misplaced = ShardFailure::Engine(Box::new(EngineError::MisplacedModels {
             models: vec![crate::models::MisplacedModel {

@@ -144,18 +144,13 @@ pub enum EngineError {
         unusable: Vec<UnusableModel>,
     },
     /// Model files that are there but are no ONNX models (text, a checkpoint, a folder, a copy
-    /// cut short), all named at once with the other files that cannot be used
+    /// cut short) or that this process may not read, all named at once with the missing ones
     /// ([`check_model_kinds`]). Retryable: a copy on this worker's disk may be bad where another
     /// worker's is not.
-    #[error(
-        "{}{}",
-        .models.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-        .models.iter().find(|m| mgd3_common::modelmeta::is_not_a_model(&m.source))
-            .map_or("", |m| mgd3_common::modelmeta::not_a_model_advice(&m.source))
-    )]
-    NotModels {
+    #[error("{}", .models.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    UnusableModels {
         /// Each model file that cannot be used, in the order DiT, VAE encoder, VAE decoder; at
-        /// least one is no ONNX model.
+        /// least one is no ONNX model or may not be read.
         models: Vec<UnusableModel>,
     },
 }
@@ -178,8 +173,17 @@ impl std::fmt::Display for UnusableModel {
         match self.source.kind() {
             std::io::ErrorKind::NotFound => write!(f, "the {given} `{path}` does not exist"),
             _ if mgd3_common::modelmeta::is_not_a_model(&self.source) => {
-                write!(f, "the {given} `{path}` is {}", self.source)
+                write!(f, "the {given} `{path}` is {}", self.source)?;
+                match mgd3_common::modelmeta::not_a_model_advice(&self.source).trim_start_matches("; ") {
+                    "" => Ok(()),
+                    advice => write!(f, " ({advice})"),
+                }
             }
+            std::io::ErrorKind::PermissionDenied => write!(
+                f,
+                "the {given} `{path}` may not be read by this worker's user (permission denied): make it readable \
+                 to that user (chmod a+r, or its group)"
+            ),
             _ => write!(f, "the {given} `{path}` cannot be read ({})", self.source),
         }
     }
@@ -220,13 +224,14 @@ impl std::fmt::Display for MisplacedModel {
 /// model than the one they are given as (`models`: what each is given as, `dit`, `vae_encoder`
 /// or `vae_decoder`, and its file), naming every such file at once: two swapped paths are one
 /// mistake, to be fixed in one go, not two runs; the other files that are missing or not ONNX
-/// models are named with them. Files that are there but are no ONNX models are refused next,
-/// all at once, before ONNX Runtime sees them (its "Protobuf parsing failed" names no cause).
-/// A missing or unreadable file, or one that declares no kind, is left to the loader's own error
-/// (on a cluster a missing model sends the shard to other workers).
+/// models are named with them. Files that are there but are no ONNX models, or may not be
+/// read, are refused next, all at once, before ONNX Runtime sees them (its "Protobuf parsing
+/// failed" or "system error number 13" names no cause). A missing file, or one that declares no
+/// kind, is left to the loader's own error (on a cluster a missing model sends the shard to
+/// other workers).
 ///
 /// # Errors
-/// [`EngineError::MisplacedModels`], then [`EngineError::NotModels`].
+/// [`EngineError::MisplacedModels`], then [`EngineError::UnusableModels`].
 pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
     let (mut misplaced, mut unusable) = (Vec::new(), Vec::new());
     for &(given_as, path) in models {
@@ -244,8 +249,10 @@ pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<
     if !misplaced.is_empty() {
         return Err(EngineError::MisplacedModels { models: misplaced, unusable });
     }
-    if unusable.iter().any(|u| mgd3_common::modelmeta::is_not_a_model(&u.source)) {
-        return Err(EngineError::NotModels { models: unusable });
+    if unusable.iter().any(|u| {
+        mgd3_common::modelmeta::is_not_a_model(&u.source) || u.source.kind() == std::io::ErrorKind::PermissionDenied
+    }) {
+        return Err(EngineError::UnusableModels { models: unusable });
     }
     Ok(())
 }
@@ -293,7 +300,7 @@ impl EngineError {
             | EngineError::Cancelled
             | EngineError::Cache(_)
             | EngineError::Fingerprint { .. }
-            | EngineError::NotModels { .. } => true,
+            | EngineError::UnusableModels { .. } => true,
             EngineError::Modes { .. }
             | EngineError::Sample { .. }
             | EngineError::Schedule(_)
@@ -678,7 +685,8 @@ impl Models {
     ///
     /// # Errors
     /// [`EngineError::MisplacedModels`] when files are given as models of another kind;
-    /// [`EngineError::NotModels`] when files are no ONNX models; [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
+    /// [`EngineError::UnusableModels`] when files are no ONNX models or may not be read;
+    /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
     /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {

@@ -364,6 +364,69 @@ fn a_model_whose_external_data_is_not_here_sends_the_shard_elsewhere() {
     }
 }
 
+/// A model file that is another kind or no model on this worker, though the job was submitted
+/// with other bytes at that path, is this node's copy gone wrong (replaced after submit, a bad
+/// copy): the shard goes elsewhere naming the fingerprints. The same file as the job's own is the
+/// job's mistake and fails it.
+#[test]
+fn a_model_file_that_changed_here_after_submit_sends_the_shard_elsewhere() {
+    use mgd3_worker::shard::{Disposition, OnnxShardEngine, ShardEngine, ShardError};
+    struct Refuse;
+    impl ClassSink for Refuse {
+        type Error = ShardError;
+        fn commit(&mut self, class: &ClassRef, _: ClassResult) -> Result<bool, ShardError> {
+            panic!("{} was committed", class.wnid)
+        }
+        fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
+    }
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(&dir.path().join("data"), &["n001"], 4);
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for file in ["tiny_dit.onnx", "tiny_vae_encoder.onnx", "tiny_vae_decoder.onnx"] {
+        std::fs::copy(fixtures.join(file), models.join(file)).unwrap();
+    }
+    let fingerprint = |file: &str| mgd3_common::fingerprint_file(&models.join(file)).unwrap();
+    let spec = |encoder_fingerprint: &str| {
+        mgd3_common::job::JobSpec::from_toml(&format!(
+            "dataset = \"{}\"\nclasses = [\"n001\"]\nipc = 2\n[sampling]\nsteps = 4\nstop_guidance = 2\n[models]\n\
+             dit = \"{m}/tiny_dit.onnx\"\nvae_encoder = \"{m}/tiny_vae_encoder.onnx\"\nvae_decoder = \"{m}/tiny_vae_decoder.onnx\"\n\
+             vae_encoder_fingerprint = \"{encoder_fingerprint}\"\n",
+            dir.path().join("data").display(),
+            m = models.display(),
+        ))
+        .unwrap()
+    };
+    let submitted = spec(&fingerprint("tiny_vae_encoder.onnx"));
+    init_runtime(None).expect("ONNX Runtime (run scripts/setup_ort.sh)");
+    let classes = [ClassRef { wnid: "n001".into(), label: 1, class_index: 0, listing: None }];
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let run = |spec: &mgd3_common::job::JobSpec| {
+        let session = SessionConfig { intra_threads: Some(1), max_batch: 8, ..Default::default() };
+        let mut engine = OnnxShardEngine::new(Runtime::uniform(session), CpuPool::new(Some(1)));
+        engine.distill_shard(spec, &classes, &cancel, &mut Refuse).unwrap_err()
+    };
+    let encoder = models.join("tiny_vae_encoder.onnx");
+    type Break<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let breaks: [Break; 2] = [
+        ("another kind", Box::new(|| std::fs::copy(models.join("tiny_vae_decoder.onnx"), &encoder).map(drop).unwrap())),
+        ("no model", Box::new(|| std::fs::write(&encoder, b"not a model\n").unwrap())),
+    ];
+    for (what, damage) in breaks {
+        damage();
+        let error = run(&submitted);
+        assert_eq!(error.failure.disposition(), Disposition::Elsewhere, "{what}: {error}");
+        let text = mgd3_common::error_chain(&error);
+        assert!(text.contains("tiny_vae_encoder.onnx") && text.contains("the job expects"), "{what}: {text}");
+        // Submitted with these very bytes, the job itself is wrong: everywhere, for good.
+        let error = run(&spec(&fingerprint("tiny_vae_encoder.onnx")));
+        let disposition = if what == "no model" { Disposition::Elsewhere } else { Disposition::GiveUp };
+        assert_eq!(error.failure.disposition(), disposition, "{what}: {error}");
+        assert!(!mgd3_common::error_chain(&error).contains("the job expects"), "{what}: {error}");
+    }
+}
+
 /// A latent-cache hit gives the bytes of a miss: the same modes, PNGs, contact sheet and quality
 /// numbers, with no image decoded for encoding and no VAE encode.
 #[test]
