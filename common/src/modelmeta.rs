@@ -80,7 +80,7 @@ fn fields<R: Read + Seek>(
                 let n = varint(r)?;
                 let at = r.stream_position()?;
                 if at + n > end {
-                    return Err(bad("a field runs past the end of the file or its message (a copy cut short?)"));
+                    return Err(bad("a field runs past the end of the file or its message, as in a copy cut short"));
                 }
                 if !visit(field, r, n)? {
                     r.seek(SeekFrom::Start(at + n))?;
@@ -227,7 +227,11 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
         _ => Ok(false),
     })
     .map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof { bad("it ends inside a field (cut short?)") } else { e }
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            bad("it ends inside a field, as a copy cut short does")
+        } else {
+            e
+        }
     })?;
     if !graph {
         return Err(bad(if len == 0 { "the file is empty" } else { "it has no graph" }));
@@ -247,7 +251,7 @@ pub fn is_not_a_model(error: &std::io::Error) -> bool {
 pub fn not_a_model_advice(error: &std::io::Error) -> &'static str {
     match error.kind() {
         std::io::ErrorKind::InvalidData => {
-            "; give the `.onnx` file scripts/export_onnx.py wrote (a PyTorch or safetensors checkpoint is exported first)"
+            "; give the `.onnx` file scripts/export_onnx.py wrote, exporting a PyTorch or safetensors checkpoint first"
         }
         _ => "",
     }
