@@ -172,12 +172,21 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
         ));
     }
     for f in &status.failures {
-        text.push_str(&format!(
-            "  failure: shard {} class {} after {} attempt(s): {}\n",
-            f.shard_index, f.wnid, f.attempts, f.error
-        ));
+        text.push_str(&failure_line(f));
     }
     text
+}
+
+/// One failure of `status`: `  failure: shard 3 class n01440764 after 3 attempt(s): …`. A
+/// problem of the whole job that spent no attempt (a refused manifest, a paused output) names no
+/// shard, class or attempts it does not have.
+fn failure_line(f: &mgd3_common::status::ShardFailure) -> String {
+    if f.attempts == 0 && f.wnid.is_empty() {
+        return format!("  problem: {}\n", f.error);
+    }
+    let class = if f.wnid.is_empty() { String::new() } else { format!(" class {}", f.wnid) };
+    let after = if f.attempts == 0 { String::new() } else { format!(" after {} attempt(s)", f.attempts) };
+    format!("  failure: shard {}{class}{after}: {}\n", f.shard_index, f.error)
 }
 
 /// `GetJobStatus` as a domain status.
@@ -365,6 +374,22 @@ pub async fn wait_for(
 mod tests {
     use super::*;
     use mgd3_common::status::ShardCounts;
+
+    /// A shard's failure names its shard, class and attempts; a problem of the whole job that
+    /// spent none names none (no `class  after 0 attempt(s)`).
+    #[test]
+    fn a_failure_names_only_what_it_has() {
+        let failure = |wnid: &str, attempts: u32| mgd3_common::status::ShardFailure {
+            shard_index: 3,
+            wnid: wnid.into(),
+            error: "boom".into(),
+            attempts,
+        };
+        assert_eq!(failure_line(&failure("n01", 3)), "  failure: shard 3 class n01 after 3 attempt(s): boom\n");
+        assert_eq!(failure_line(&failure("", 2)), "  failure: shard 3 after 2 attempt(s): boom\n");
+        assert_eq!(failure_line(&failure("n01", 0)), "  failure: shard 3 class n01: boom\n");
+        assert_eq!(failure_line(&failure("", 0)), "  problem: boom\n");
+    }
 
     fn status(state: JobState, workers: u32, rate: f64, eta: Option<f64>) -> JobStatus {
         JobStatus {

@@ -1673,7 +1673,7 @@ impl Coordinator {
                 now_ms(),
             );
             if let Ok((job_id, settled)) = settled {
-                warn!(job = %job_id, shard, worker = %request.worker_id, wnid = wnid.as_deref().unwrap_or(""), output = %out.url, error = %mgd3_common::error_chain(&error), "completion refused");
+                warn!(job = %job_id, shard, worker = %request.worker_id, wnid = wnid.as_deref(), output = %out.url, error = %mgd3_common::error_chain(&error), "completion refused");
                 self.settled(&job_id, settled);
             }
             return Err(error);
@@ -1719,7 +1719,7 @@ impl Coordinator {
             )?,
         };
         drop(scheduler);
-        let class = request.class.as_deref().unwrap_or("");
+        let class = request.class.as_deref();
         match request.disposition {
             Disposition::Release => info!(job = %job_id, worker = %request.worker_id, "lease released"),
             // Once per refusal: the job's other leases are revoked, so no second worker reports it.
