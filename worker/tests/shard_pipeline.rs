@@ -298,24 +298,33 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A sink for shards that must fail before any class commits.
+struct Refuse;
+
+impl ClassSink for Refuse {
+    type Error = mgd3_worker::shard::ShardError;
+    fn commit(&mut self, class: &ClassRef, _: ClassResult) -> Result<bool, Self::Error> {
+        panic!("{} was committed", class.wnid)
+    }
+    fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
+}
+
+/// The fixture models' folder, and a scratch folder holding the ImageFolder `data/n001` (4 images).
+fn model_fixtures_and_one_class() -> (PathBuf, tempfile::TempDir) {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(&dir.path().join("data"), &["n001"], 4);
+    (fixtures, dir)
+}
+
 /// A model whose external data is not all on this worker (deleted, cut short or linked from
 /// outside the model's folder after submit) is this worker's problem, not the job's: the shard
 /// goes to other workers (no attempt spent), naming the model and the file, before ONNX Runtime
 /// is asked to load it.
 #[test]
 fn a_model_whose_external_data_is_not_here_sends_the_shard_elsewhere() {
-    use mgd3_worker::shard::{Disposition, OnnxShardEngine, ShardEngine, ShardError};
-    struct Refuse;
-    impl ClassSink for Refuse {
-        type Error = ShardError;
-        fn commit(&mut self, class: &ClassRef, _: ClassResult) -> Result<bool, ShardError> {
-            panic!("{} was committed", class.wnid)
-        }
-        fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
-    }
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
-    let dir = tempfile::tempdir().unwrap();
-    image_folder(&dir.path().join("data"), &["n001"], 4);
+    use mgd3_worker::shard::{Disposition, OnnxShardEngine, ShardEngine};
+    let (fixtures, dir) = model_fixtures_and_one_class();
     let models = dir.path().join("models");
     std::fs::create_dir_all(models.join("weights")).unwrap();
     for file in ["tiny_vae_decoder.onnx", "model.onnx_data", "weights/rest.bin"] {
@@ -370,18 +379,8 @@ fn a_model_whose_external_data_is_not_here_sends_the_shard_elsewhere() {
 /// job's mistake and fails it.
 #[test]
 fn a_model_file_that_changed_here_after_submit_sends_the_shard_elsewhere() {
-    use mgd3_worker::shard::{Disposition, OnnxShardEngine, ShardEngine, ShardError};
-    struct Refuse;
-    impl ClassSink for Refuse {
-        type Error = ShardError;
-        fn commit(&mut self, class: &ClassRef, _: ClassResult) -> Result<bool, ShardError> {
-            panic!("{} was committed", class.wnid)
-        }
-        fn contact_sheet(&mut self, _: &ClassRef, _: Vec<u8>) {}
-    }
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
-    let dir = tempfile::tempdir().unwrap();
-    image_folder(&dir.path().join("data"), &["n001"], 4);
+    use mgd3_worker::shard::{Disposition, OnnxShardEngine, ShardEngine};
+    let (fixtures, dir) = model_fixtures_and_one_class();
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
     for file in ["tiny_dit.onnx", "tiny_vae_encoder.onnx", "tiny_vae_decoder.onnx"] {
