@@ -82,8 +82,19 @@ pub async fn resolve_job(
         spec.output = Some(default_output.to_owned());
     }
     // The dataset first: its problems are the user's to fix and cheaper to find than model
-    // fingerprints of gigabytes.
-    let data = check_dataset(&spec).await?;
+    // fingerprints of gigabytes. The models' own problems, read from their metadata alone, are
+    // named beside the dataset's, so that one run names both.
+    let data = match check_dataset(&spec).await {
+        Ok(data) => data,
+        Err(Error::Job(JobError::Invalid(mut problems))) => {
+            let checked = spec.clone();
+            let models =
+                tokio::task::spawn_blocking(move || model_problems(&checked, &[])).await.expect("model check task");
+            problems.extend(models);
+            return Err(Error::Job(JobError::Invalid(problems)));
+        }
+        Err(other) => return Err(other),
+    };
     // Models in an object store are fetched into the local model cache to be fingerprinted;
     // the spec keeps their URLs (workers fetch them the same way).
     let cache = store::model_cache_dir();

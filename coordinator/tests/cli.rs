@@ -409,7 +409,7 @@ fn check_reports_every_dataset_problem_or_the_plan() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    std::fs::write(&spec, mixed).unwrap();
+    std::fs::write(&spec, &mixed).unwrap();
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
@@ -422,6 +422,14 @@ fn check_reports_every_dataset_problem_or_the_plan() {
         assert!(text.contains(said), "{said}: {text}");
     }
     assert_eq!(text.matches("x.onnx").count(), 1, "the folder is named once: {text}");
+    // A dataset that is not there does not hide what the model files are.
+    std::fs::write(&spec, mixed.replace("dataset = \"data\"", "dataset = \"no-such-data\"")).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for said in ["`dataset`", "no-such-data", "tiny_vae_encoder.onnx` is a vae_encoder model", "x.onnx` is a folder"] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
 }
 
 /// `coordinator serve` on a free loopback port with `store`, `--allow-path allowed`, started in
