@@ -240,8 +240,9 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
 }
 
 /// Whether an error of [`read_model_meta`] says the file is there but is no ONNX model (not
-/// protobuf, no graph, cut short, a folder: its message reads after "`path` is "), rather than that it cannot be read (missing, no
-/// permission): the first is the wrong file, the second may be a path only the workers see.
+/// protobuf, no graph, cut short, a folder: its message reads after "`path` is "), rather than
+/// that it cannot be read (missing, no permission): the first is the wrong file, the second may
+/// be a path only the workers see.
 pub fn is_not_a_model(error: &std::io::Error) -> bool {
     matches!(error.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::IsADirectory)
 }

@@ -516,16 +516,17 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
 
 /// [`check_models`]'s problems, each naming its setting.
 fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
-    use mgd3_common::modelmeta::read_model_meta;
-    let read = |path: &str| read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))).ok();
     let m = &spec.models;
+    // Each file's metadata is read once; the checks below look at what could be read.
+    let [dit, encoder, decoder] = [&m.dit, &m.vae_encoder, &m.vae_decoder]
+        .map(|path| mgd3_common::modelmeta::read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))));
     let mut problems = Vec::new();
-    for (field, path, kind) in [
-        ("models.dit", &m.dit, "dit"),
-        ("models.vae_encoder", &m.vae_encoder, "vae_encoder"),
-        ("models.vae_decoder", &m.vae_decoder, "vae_decoder"),
+    for (field, path, kind, read) in [
+        ("models.dit", &m.dit, "dit", &dit),
+        ("models.vae_encoder", &m.vae_encoder, "vae_encoder", &encoder),
+        ("models.vae_decoder", &m.vae_decoder, "vae_decoder", &decoder),
     ] {
-        match read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))) {
+        match read {
             Ok(meta) => {
                 if let Some(found) = meta.metadata.get("mgd3.kind")
                     && found != kind
@@ -541,14 +542,14 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
             // A file that is here but is no model is the wrong file (a checkpoint, a folder, an
             // interrupted copy); a file that is not here may be one only the workers see, and is
             // left to the fingerprint check and the workers.
-            Err(error) if mgd3_common::modelmeta::is_not_a_model(&error) => problems.push(FieldError {
+            Err(error) if mgd3_common::modelmeta::is_not_a_model(error) => problems.push(FieldError {
                 field: field.into(),
-                problem: format!("`{path}` is {error}{}", mgd3_common::modelmeta::not_a_model_advice(&error)),
+                problem: format!("`{path}` is {error}{}", mgd3_common::modelmeta::not_a_model_advice(error)),
             }),
             Err(_) => {}
         }
     }
-    if let Some(dit) = read(&m.dit).filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {
+    if let Some(dit) = dit.as_ref().ok().filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {
         if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
             let outside: Vec<String> = classes
                 .iter()
@@ -592,8 +593,10 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
             });
         }
     }
-    let size = |path: &str| read(path).and_then(|meta| meta.get::<i64>("mgd3.image_size"));
-    if let (Some(encoder), Some(decoder)) = (size(&m.vae_encoder), size(&m.vae_decoder))
+    let size = |read: &std::io::Result<mgd3_common::modelmeta::ModelMeta>| {
+        read.as_ref().ok().and_then(|meta| meta.get::<i64>("mgd3.image_size"))
+    };
+    if let (Some(encoder), Some(decoder)) = (size(&encoder), size(&decoder))
         && encoder != decoder
     {
         problems.push(FieldError {
