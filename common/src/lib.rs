@@ -8,6 +8,7 @@ pub mod aws;
 pub mod batch;
 pub mod classes;
 pub mod commit;
+pub mod contract;
 pub mod imagecheck;
 pub mod imagefolder;
 pub mod job;

@@ -1,6 +1,7 @@
 //! What the coordinator needs to know of an ONNX model at submit, without ONNX Runtime: its
-//! `metadata_props` (the `mgd3.*` keys `scripts/export_onnx.py` writes) and the shapes of its
-//! graph inputs. The file is scanned as protobuf, seeking past everything else (weights
+//! `metadata_props` (the `mgd3.*` keys `scripts/export_onnx.py` writes) and the names, element
+//! types and shapes of its graph inputs and outputs, which is all [`crate::contract`] checks
+//! ([`read_model_meta`]). The file is scanned as protobuf, seeking past everything else (weights
 //! included), so a multi-GB model costs a few reads.
 //!
 //! It also finds every external-data file a model loads ([`model_files`]): the `location` of each
@@ -10,32 +11,17 @@
 //! file per tensor, subfolders).
 //!
 //! Protobuf fields used (onnx.proto): ModelProto.graph = 7, ModelProto.metadata_props = 14;
-//! StringStringEntryProto.key = 1, .value = 2; GraphProto.input = 11; ValueInfoProto.name = 1,
-//! .type = 2; TypeProto.tensor_type = 1; Tensor.shape = 2; TensorShapeProto.dim = 1;
+//! StringStringEntryProto.key = 1, .value = 2; GraphProto.input = 11, .output = 12;
+//! ValueInfoProto.name = 1, .type = 2; TypeProto.tensor_type = 1; Tensor.elem_type = 1, .shape = 2; TensorShapeProto.dim = 1;
 //! Dimension.dim_value = 1, .dim_param = 2; GraphProto.node = 1, .initializer = 5,
 //! .sparse_initializer = 15; NodeProto.attribute = 5; AttributeProto.t = 5, .g = 6,
 //! .tensors = 10, .graphs = 11; SparseTensorProto.values = 1, .indices = 2;
 //! TensorProto.external_data = 13.
 
-use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-/// The metadata and input shapes of one model file.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ModelMeta {
-    /// The model's `metadata_props`, key → value (`mgd3.kind`, `mgd3.num_classes`, …).
-    pub metadata: BTreeMap<String, String>,
-    /// Graph inputs by name: each dimension's static size, `None` for a symbolic one.
-    pub inputs: BTreeMap<String, Vec<Option<i64>>>,
-}
-
-impl ModelMeta {
-    /// A metadata value parsed, when present and well-formed.
-    pub fn get<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
-        self.metadata.get(key).and_then(|v| v.trim().parse().ok())
-    }
-}
+use crate::contract::{Element, ModelIo, TensorDecl};
 
 fn bad(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an ONNX model: {what}"))
@@ -128,67 +114,88 @@ fn string_entry(message: Vec<u8>) -> std::io::Result<(String, String)> {
     Ok((key, value))
 }
 
-/// A ValueInfoProto: its name and its tensor shape.
-fn value_info(message: Vec<u8>) -> std::io::Result<(String, Vec<Option<i64>>)> {
-    let (mut name, mut dims) = (String::new(), Vec::new());
-    in_memory(message, |field, r, n| match field {
-        1 => {
-            name = string(r, n)?;
-            Ok(true)
-        }
-        2 => {
-            let type_proto = bytes(r, n)?;
-            in_memory(type_proto, |field, r, n| {
-                if field != 1 {
-                    return Ok(false);
-                }
-                in_memory(bytes(r, n)?, |field, r, n| {
-                    if field != 2 {
-                        return Ok(false);
-                    }
-                    in_memory(bytes(r, n)?, |field, r, n| {
-                        if field != 1 {
-                            return Ok(false);
-                        }
-                        let mut size = None;
-                        let dim = bytes(r, n)?;
-                        let mut cursor = std::io::Cursor::new(dim);
-                        let len = cursor.get_ref().len() as u64;
-                        while cursor.position() < len {
-                            let tag = varint(&mut cursor)?;
-                            match (tag >> 3, tag & 7) {
-                                (1, 0) => size = Some(varint(&mut cursor)? as i64),
-                                (_, 0) => {
-                                    varint(&mut cursor)?;
-                                }
-                                (_, 2) => {
-                                    let n = varint(&mut cursor)?;
-                                    cursor.seek(SeekFrom::Current(n as i64))?;
-                                }
-                                _ => return Err(bad("an unexpected dimension encoding")),
-                            }
-                        }
-                        dims.push(size);
-                        Ok(true)
-                    })?;
-                    Ok(true)
-                })?;
-                Ok(true)
-            })?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    })?;
-    Ok((name, dims))
+/// One field of a small message held in memory: a varint's value, or a length-delimited
+/// field's bytes (fixed-size fields are skipped).
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
 }
 
-/// Reads the metadata and graph-input shapes of the ONNX model at `path`.
+/// Visits the varint and length-delimited fields of a message held in memory.
+fn each_field(message: &[u8], mut visit: impl FnMut(u64, Field<'_>) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut cursor = std::io::Cursor::new(message);
+    let len = message.len() as u64;
+    while cursor.position() < len {
+        let tag = varint(&mut cursor)?;
+        let field = tag >> 3;
+        match tag & 7 {
+            0 => visit(field, Field::Varint(varint(&mut cursor)?))?,
+            1 => drop(cursor.seek(SeekFrom::Current(8))?),
+            5 => drop(cursor.seek(SeekFrom::Current(4))?),
+            2 => {
+                let n = varint(&mut cursor)?;
+                let start = cursor.position();
+                let end = start
+                    .checked_add(n)
+                    .filter(|end| *end <= len)
+                    .ok_or_else(|| bad("a field longer than its message"))?;
+                visit(field, Field::Bytes(&message[start as usize..end as usize]))?;
+                cursor.set_position(end);
+            }
+            _ => return Err(bad("an unknown wire type")),
+        }
+    }
+    Ok(())
+}
+
+/// A ValueInfoProto: its name, element type and shape (`-1` for a symbolic or absent
+/// dimension), as ONNX Runtime would report the input or output.
+fn value_info(message: &[u8]) -> std::io::Result<TensorDecl> {
+    let mut decl = TensorDecl { name: String::new(), element: Element::NotATensor, dims: Vec::new() };
+    each_field(message, |field, value| {
+        match (field, value) {
+            (1, Field::Bytes(name)) => {
+                decl.name = String::from_utf8(name.to_vec()).map_err(|_| bad("a name that is not UTF-8"))?;
+            }
+            // TypeProto.tensor_type; the other kinds (sequence, map, optional) stay NotATensor.
+            (2, Field::Bytes(type_proto)) => each_field(type_proto, |field, value| {
+                let (1, Field::Bytes(tensor)) = (field, value) else { return Ok(()) };
+                decl.element = Element::from_onnx(0);
+                each_field(tensor, |field, value| {
+                    match (field, value) {
+                        (1, Field::Varint(code)) => decl.element = Element::from_onnx(code as i32),
+                        (2, Field::Bytes(shape)) => each_field(shape, |field, value| {
+                            let (1, Field::Bytes(dim)) = (field, value) else { return Ok(()) };
+                            let mut size = -1;
+                            each_field(dim, |field, value| {
+                                if let (1, Field::Varint(v)) = (field, value) {
+                                    size = v as i64;
+                                }
+                                Ok(())
+                            })?;
+                            decl.dims.push(size);
+                            Ok(())
+                        })?,
+                        _ => {}
+                    }
+                    Ok(())
+                })
+            })?,
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(decl)
+}
+
+/// Reads what the mgd3 contract checks of the ONNX model at `path`: its metadata and its graph
+/// inputs and outputs ([`ModelIo`], the view [`crate::contract`] checks), without the weights.
 ///
 /// # Errors
 /// I/O errors (`IsADirectory` for a folder), and `InvalidData` for a file that is not an ONNX
 /// model: one that is not protobuf, or has no graph (an empty file, or protobuf of another
 /// kind); see [`is_not_a_model`].
-pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
+pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     let file = std::fs::File::open(path)?;
     let metadata = file.metadata()?;
     if metadata.is_dir() {
@@ -204,7 +211,7 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
         return Err(bad("a zip archive, as torch.save writes PyTorch checkpoints"));
     }
     r.rewind()?;
-    let mut meta = ModelMeta::default();
+    let mut meta = ModelIo { path: path.to_owned(), ..ModelIo::default() };
     let mut graph = false;
     fields(&mut r, len, |field, r, n| match field {
         14 => {
@@ -215,11 +222,11 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelMeta> {
         7 => {
             graph = true;
             fields(r, n, |field, r, n| {
-                if field != 11 {
-                    return Ok(false);
+                match field {
+                    11 => meta.inputs.push(value_info(&bytes(r, n)?)?),
+                    12 => meta.outputs.push(value_info(&bytes(r, n)?)?),
+                    _ => return Ok(false),
                 }
-                let (name, dims) = value_info(bytes(r, n)?)?;
-                meta.inputs.insert(name, dims);
                 Ok(true)
             })?;
             Ok(true)
@@ -483,8 +490,13 @@ mod tests {
         let dit = read_model_meta(&fixture("tiny_dit.onnx")).unwrap();
         assert_eq!(dit.metadata.get("mgd3.kind").map(String::as_str), Some("dit"));
         assert_eq!(dit.get::<i64>("mgd3.num_classes"), Some(10));
-        let x = &dit.inputs["x"];
-        assert_eq!((x.len(), x[0], x[1]), (4, None, Some(4)), "{x:?}");
+        let x = dit.input("x").unwrap();
+        assert_eq!((x.element, &x.dims[..]), (Element::Float32, &[-1, 4, 8, 8][..]), "{x:?}");
+        let y = dit.input("y").unwrap();
+        assert_eq!((y.element, &y.dims[..]), (Element::Int64, &[-1][..]), "{y:?}");
+        let out: Vec<&str> = dit.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(out, ["out"]);
+        crate::contract::DitInfo::from_io(&dit).unwrap();
         let encoder = read_model_meta(&fixture("tiny_vae_encoder.onnx")).unwrap();
         assert_eq!(encoder.get::<i64>("mgd3.image_size"), Some(16));
         let error = read_model_meta(&fixture("../../../README.md")).unwrap_err();

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use futures::{StreamExt, TryStreamExt};
 use mgd3_common::batch::PlannedRows;
+use mgd3_common::contract::{ContractViolation, DitInfo, ModelSet, ModelSetMismatch, VaeInfo};
 use mgd3_common::imagefolder::{ClassListing, Root};
 use mgd3_common::job::{
     ClassRef, ClassSelection, DataFingerprint, FieldError, JobError, JobSpec, LabelScheme, ModelSpec, ResolvedJob,
@@ -518,9 +519,29 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
 fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
     let m = &spec.models;
     // Each file's metadata is read once; the checks below look at what could be read.
-    let [dit, encoder, decoder] = [&m.dit, &m.vae_encoder, &m.vae_decoder]
-        .map(|path| mgd3_common::modelmeta::read_model_meta(Path::new(path.strip_prefix("file://").unwrap_or(path))));
+    fn local(path: &str) -> &Path {
+        Path::new(path.strip_prefix("file://").unwrap_or(path))
+    }
+    let [dit, encoder, decoder] =
+        [&m.dit, &m.vae_encoder, &m.vae_decoder].map(|path| mgd3_common::modelmeta::read_model_meta(local(path)));
     let mut problems = Vec::new();
+    // What each readable file declares, by the contract the workers check at load: a file that
+    // does not fit is refused here, in the workers' words, before any GPU is spent on it.
+    fn fits<T>(problems: &mut Vec<FieldError>, field: &str, result: Result<T, ContractViolation>) -> Option<T> {
+        result
+            .map_err(|violation| {
+                problems.push(FieldError {
+                    field: field.into(),
+                    problem: if violation.found.contains("export_onnx.py") {
+                        violation.to_string()
+                    } else {
+                        format!("{violation}; export it with scripts/export_onnx.py")
+                    },
+                })
+            })
+            .ok()
+    }
+    let (mut dit_info, mut encoder_info, mut decoder_info) = (None, None, None);
     for (field, path, kind, read) in [
         ("models.dit", &m.dit, "dit", &dit),
         ("models.vae_encoder", &m.vae_encoder, "vae_encoder", &encoder),
@@ -528,7 +549,7 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
     ] {
         match read {
             Ok(meta) => {
-                if let Some(found) = meta.metadata.get("mgd3.kind")
+                if let Some(found) = meta.metadata.get("mgd3.kind").map(|k| k.trim())
                     && found != kind
                 {
                     problems.push(FieldError {
@@ -537,6 +558,12 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
                             "`{path}` is a {found} model (metadata `mgd3.kind`), not a {kind}; are two models swapped?"
                         ),
                     });
+                    continue;
+                }
+                match kind {
+                    "dit" => dit_info = fits(&mut problems, field, DitInfo::from_io(meta)),
+                    "vae_encoder" => encoder_info = fits(&mut problems, field, VaeInfo::encoder_from_io(meta)),
+                    _ => decoder_info = fits(&mut problems, field, VaeInfo::decoder_from_io(meta)),
                 }
             }
             // A file that is here but is no model is the wrong file (a checkpoint, a folder, an
@@ -549,8 +576,9 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
             Err(_) => {}
         }
     }
-    if let Some(dit) = dit.as_ref().ok().filter(|meta| meta.metadata.get("mgd3.kind").is_none_or(|k| k == "dit")) {
-        if let Some(n) = dit.get::<i64>("mgd3.num_classes") {
+    if let Some(info) = &dit_info {
+        {
+            let n = info.num_classes as i64;
             let outside: Vec<String> = classes
                 .iter()
                 .filter_map(|c| mgd3_common::job::check_label(&c.wnid, c.label, n).err())
@@ -569,21 +597,19 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
             }
         }
         if spec.sampling.sampler == mgd3_common::job::SamplerKind::Ddim
-            && let Some(train) = dit.get::<usize>("mgd3.train_timesteps")
-            && mgd3_common::job::ddim_stride(train, spec.sampling.steps).is_none()
+            && mgd3_common::job::ddim_stride(info.train_timesteps, spec.sampling.steps).is_none()
         {
             problems.push(FieldError {
                 field: "sampling.steps".into(),
                 problem: format!(
-                    "DDIM cannot take {} evenly strided steps of the DiT's {train} training timesteps (ADM's \
+                    "DDIM cannot take {} evenly strided steps of the DiT's {} training timesteps (ADM's \
                      `ddim{}`); choose steps such as 10, 20, 25, 50, 100 or 250",
-                    spec.sampling.steps, spec.sampling.steps
+                    spec.sampling.steps, info.train_timesteps, spec.sampling.steps
                 ),
             });
         }
-        if let Some(Some(channels)) = dit.inputs.get("x").and_then(|dims| dims.get(1).copied())
-            && spec.sampling.cfg_channels as i64 > channels
-        {
+        let channels = info.latent_shape[0];
+        if spec.sampling.cfg_channels > channels {
             problems.push(FieldError {
                 field: "sampling.cfg_channels".into(),
                 problem: format!(
@@ -593,16 +619,19 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
             });
         }
     }
-    let size = |read: &std::io::Result<mgd3_common::modelmeta::ModelMeta>| {
-        read.as_ref().ok().and_then(|meta| meta.get::<i64>("mgd3.image_size"))
-    };
-    if let (Some(encoder), Some(decoder)) = (size(&encoder), size(&decoder))
-        && encoder != decoder
-    {
-        problems.push(FieldError {
-            field: "models.vae_decoder".into(),
-            problem: format!("decodes {decoder}-pixel images, the VAE encoder reads {encoder}-pixel ones"),
-        });
+    if let (Some(dit), Some(encoder), Some(decoder)) = (&dit_info, &encoder_info, &decoder_info) {
+        let set = ModelSet {
+            dit: (local(&m.dit), dit),
+            encoder: (local(&m.vae_encoder), encoder),
+            decoder: (local(&m.vae_decoder), decoder),
+        };
+        for mismatch in set.mismatches() {
+            let field = match mismatch {
+                ModelSetMismatch::LatentShapes { half: "VAE encoder", .. } => "models.vae_encoder",
+                _ => "models.vae_decoder",
+            };
+            problems.push(FieldError { field: field.into(), problem: mismatch.to_string() });
+        }
     }
     problems
 }

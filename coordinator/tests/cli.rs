@@ -432,6 +432,166 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     }
 }
 
+/// Models that are ONNX files but do not fit the contract the workers check at load (no `mgd3.*`
+/// metadata, an input of the wrong rank, a missing input) are refused by `check`, by their
+/// setting and in the workers' words, instead of failing every shard's first attempt.
+#[test]
+fn check_refuses_models_that_do_not_fit_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..2 {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
+        }
+    }
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let spec = dir.path().join("job.toml");
+    let write = |dit: &str, decoder: &str| {
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"contract\"\ndataset = \"data\"\nclasses = \"all\"\nlabels = \"folder\"\nipc = 2\n[models]\ndit = \"{}\"\nvae_encoder = \"{}\"\n\
+                 vae_decoder = \"{}\"\n",
+                models.join(dit).display(),
+                models.join("tiny_vae_encoder.onnx").display(),
+                models.join(decoder).display()
+            ),
+        )
+        .unwrap()
+    };
+    write("tiny_dit.onnx", "tiny_vae_decoder.onnx");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (dit, said) in [
+        (
+            "bad_dit_no_metadata.onnx",
+            "metadata `mgd3.num_classes`: expected a positive integer, found nothing (export with scripts/export_onnx.py)",
+        ),
+        ("bad_dit_rank.onnx", "input `x`: expected rank 4 latent [B,C,h,w]"),
+        ("bad_dit_missing_t.onnx", "input `t`: expected to exist"),
+    ] {
+        write(dit, "tiny_vae_decoder.onnx");
+        let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dit}: {text}");
+        assert!(text.contains("`models.dit`: model `") && text.contains(dit), "{dit}: {text}");
+        assert!(text.contains("does not fit the mgd3 contract") && text.contains(said), "{dit}: {text}");
+    }
+    // Two VAE halves that each fit but not each other (another VAE's scale factor): named with
+    // both files.
+    let decoder = dir.path().join("other_decoder.onnx");
+    let bytes = std::fs::read(models.join("tiny_vae_decoder.onnx")).unwrap();
+    std::fs::write(&decoder, with_metadata(&bytes, "mgd3.scale_factor", "0.13025")).unwrap();
+    write("tiny_dit.onnx", decoder.to_str().unwrap());
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("`models.vae_decoder`: the VAE encoder `")
+            && text.contains("other_decoder.onnx` 0.13025")
+            && text.contains("give the two halves of one VAE"),
+        "{text}"
+    );
+}
+
+/// `coordinator run` whose local workers run on the CPU refuses models that run on CUDA only at
+/// once, naming each, instead of starting workers that would each refuse them and waiting for
+/// one that never comes.
+#[test]
+fn run_on_the_cpu_refuses_cuda_only_models_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"bf16\"\ndataset = \"data\"\nclasses = \"all\"\nlabels = \"folder\"\nipc = 2\n[models]\n\
+             dit = \"{}\"\nvae_encoder = \"{}\"\nvae_decoder = \"{}\"\n",
+            models.join("bf16_dit.onnx").display(),
+            models.join("tiny_vae_encoder.onnx").display(),
+            models.join("tiny_vae_decoder_cuda.onnx").display()
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = coordinator(&["run", spec.to_str().unwrap(), "--store", dir.path().join("out").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for said in [
+        "`models.dit` `",
+        "bf16_dit.onnx` is a bf16 export",
+        "`models.vae_decoder` `",
+        "tiny_vae_decoder_cuda.onnx` is the CUDA graph of a VAE",
+        "run with --device cuda",
+    ] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(20), "refused at once, not after the excluded wait: {text}");
+    assert!(!dir.path().join("out").exists(), "nothing is written: {text}");
+}
+
+/// The ONNX model `bytes` with metadata `key` set to `value` (protobuf by hand: the model's
+/// top-level fields are kept, `metadata_props` entries for `key` replaced).
+fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn read_varint(bytes: &[u8], at: &mut usize) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = bytes[*at];
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    fn ld(field: u64, body: &[u8], out: &mut Vec<u8>) {
+        varint(field << 3 | 2, out);
+        varint(body.len() as u64, out);
+        out.extend_from_slice(body);
+    }
+    let (mut out, mut at) = (Vec::new(), 0);
+    while at < bytes.len() {
+        let start = at;
+        let tag = read_varint(bytes, &mut at);
+        match tag & 7 {
+            0 => drop(read_varint(bytes, &mut at)),
+            2 => {
+                let n = read_varint(bytes, &mut at) as usize;
+                at += n;
+                // metadata_props (14) whose key (field 1, first) is `key` is left out.
+                let body = &bytes[at - n..at];
+                if tag >> 3 == 14
+                    && body.len() > 2
+                    && body[0] == 0x0a
+                    && &body[2..2 + body[1] as usize] == key.as_bytes()
+                {
+                    continue;
+                }
+            }
+            wire => panic!("wire type {wire} at the top level of an ONNX model"),
+        }
+        out.extend_from_slice(&bytes[start..at]);
+    }
+    let mut entry = Vec::new();
+    ld(1, key.as_bytes(), &mut entry);
+    ld(2, value.as_bytes(), &mut entry);
+    ld(14, &entry, &mut out);
+    out
+}
+
 /// `coordinator serve` on a free loopback port with `store`, `--allow-path allowed`, started in
 /// `cwd`, once it answers; the server and its URL.
 fn serve_allowing(store: &Path, allowed: &Path, cwd: &Path) -> (Server, String) {

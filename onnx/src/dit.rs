@@ -6,31 +6,10 @@ use std::path::Path;
 
 use ndarray::{Array4, ArrayView4};
 
-use crate::contract::Precision;
+use crate::contract::DitInfo;
 use crate::error::Result;
 use crate::model::{BatchInput, CallLimit, LoadedModel};
 use crate::session::SessionConfig;
-
-/// What the DiT declares about itself (shapes and `mgd3.*` metadata).
-#[derive(Clone, Debug, PartialEq)]
-pub struct DitInfo {
-    /// Latent shape `[C, h, w]`.
-    pub latent_shape: [usize; 3],
-    /// Real classes; label `num_classes` is the null (unconditional) class.
-    pub num_classes: usize,
-    /// Output carries the variance interpolation channels (2C channels).
-    pub learn_sigma: bool,
-    /// Training diffusion timesteps T (`mgd3.train_timesteps`, 1000 for DiT); `t` lies in 0..T.
-    pub train_timesteps: usize,
-    /// Name of the training beta schedule (`mgd3.beta_schedule`, `linear` for DiT).
-    pub beta_schedule: String,
-    /// First training β (`mgd3.beta_start`, 0.0001 for DiT).
-    pub beta_start: f64,
-    /// Last training β (`mgd3.beta_end`, 0.02 for DiT).
-    pub beta_end: f64,
-    /// Element type of `x` (and so of every float tensor the wrapper feeds it).
-    pub precision: Precision,
-}
 
 /// A loaded, contract-checked DiT session.
 pub struct Dit {
@@ -48,33 +27,9 @@ impl Dit {
     /// not fit.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let model = LoadedModel::load(path, config)?;
-        let io = &model.io;
-        io.expect_kind("dit")?;
-        let (precision, latent_shape) = io.image_like(false, "x", "latent [B,C,h,w]")?;
-        io.int_vector("t", "original diffusion timestep per item")?;
-        io.int_vector("y", "class label per item, null class = num_classes")?;
-        let learn_sigma = io.bool_meta("mgd3.learn_sigma")?;
-        let (_, out_shape) = io.image_like(true, "out", "prediction [B,2C,h,w] or [B,C,h,w]")?;
-        let [c, h, w] = latent_shape;
-        let want = [if learn_sigma { 2 * c } else { c }, h, w];
-        if out_shape != want {
-            return Err(crate::Error::Contract {
-                model: path.to_owned(),
-                item: "output `out`".into(),
-                expected: format!("[B,{},{},{}] (learn_sigma={learn_sigma})", want[0], want[1], want[2]),
-                found: format!("[B,{},{},{}]", out_shape[0], out_shape[1], out_shape[2]),
-            });
-        }
-        let info = DitInfo {
-            latent_shape,
-            num_classes: io.meta("mgd3.num_classes", "a positive integer")?,
-            learn_sigma,
-            train_timesteps: io.meta("mgd3.train_timesteps", "a positive integer")?,
-            beta_schedule: io.meta("mgd3.beta_schedule", "linear")?,
-            beta_start: io.meta("mgd3.beta_start", "a float like 0.0001")?,
-            beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
-            precision,
-        };
+        let info = DitInfo::from_io(&model.io)?;
+        let [c, h, w] = info.latent_shape;
+        let precision = info.precision;
         let mut model = model;
         let x = Array4::<f32>::zeros((1, c, h, w));
         model.probe(&[

@@ -90,22 +90,36 @@ pub enum Error {
     #[error("unknown provider `{0}`: use cuda or tensorrt")]
     BadProvider(String),
 
+    /// The model is of a newer ONNX IR version than this ONNX Runtime reads (a model exported with
+    /// a newer `onnx` package): another worker's runtime may read it.
+    #[error(
+        "model `{}` is ONNX IR version {}, newer than this worker's ONNX Runtime reads (up to IR version {}): \
+         export it again with scripts/export_onnx.py (its pinned onnx package writes an IR version ONNX Runtime \
+         {} reads), or give this worker a newer ONNX Runtime (--ort-lib or ORT_DYLIB_PATH)",
+        .model.display(),
+        .found.map_or("?".into(), |v| v.to_string()),
+        .max.map_or("?".into(), |v| v.to_string()),
+        crate::session::REQUIRED_ORT
+    )]
+    UnsupportedIrVersion {
+        /// The model file.
+        model: PathBuf,
+        /// Its IR version, as ONNX Runtime reported it.
+        found: Option<u64>,
+        /// The newest IR version this ONNX Runtime reads, as it reported it.
+        max: Option<u64>,
+        /// ONNX Runtime's error.
+        #[source]
+        source: ort::Error,
+    },
+
     /// The model file does not exist.
     #[error("model file `{0}` does not exist")]
     ModelNotFound(PathBuf),
 
     /// The model's inputs, outputs or `mgd3.*` metadata do not fit the mgd3 model contract.
-    #[error("model `{model}` does not fit the mgd3 contract: {item}: expected {expected}, found {found}")]
-    Contract {
-        /// The model file.
-        model: PathBuf,
-        /// The input, output or metadata key concerned.
-        item: String,
-        /// What the contract asks for.
-        expected: String,
-        /// What the model declares.
-        found: String,
-    },
+    #[error(transparent)]
+    Contract(#[from] mgd3_common::contract::ContractViolation),
 
     /// An input does not fit the loaded model (shape, value range, batch size), or a VAE
     /// encoder's `logvar` shape or `mgd3.image_size` disagrees with its other declarations.

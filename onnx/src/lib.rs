@@ -13,8 +13,9 @@ mod model;
 pub mod session;
 pub mod vae;
 
-pub use dit::{Dit, DitInfo};
+pub use contract::{DitInfo, VaeInfo};
+pub use dit::Dit;
 pub use error::{Error, Result};
 pub use model::{CallLimit, MEASURE_ITEMS};
 pub use session::{Device, SessionConfig, init_runtime};
-pub use vae::{VaeDecoder, VaeEncoder, VaeInfo};
+pub use vae::{VaeDecoder, VaeEncoder};

@@ -241,7 +241,7 @@ impl LoadedModel {
             folder.join(format!("mgd3-probe-{}-{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed)))
         });
         let mut session = build_session_profiled(path, config, prefix.as_deref())?;
-        let io = match ModelIo::read(path, &session) {
+        let io = match crate::contract::read_io(path, &session) {
             Ok(io) => io,
             Err(error) => {
                 if prefix.is_some() {

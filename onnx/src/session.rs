@@ -296,7 +296,23 @@ pub(crate) fn build_session_profiled(
         builder = builder.with_profiling(prefix).map_err(|e| Error::ort("enabling the profiler")(e.into()))?;
     }
     builder = with_device(builder, config)?;
-    builder.commit_from_file(path).map_err(Error::ort(format!("loading model `{}`", path.display())))
+    builder.commit_from_file(path).map_err(|source| match unsupported_ir_version(&source.to_string()) {
+        Some((found, max)) => Error::UnsupportedIrVersion { model: path.to_owned(), found, max, source },
+        None => Error::ort(format!("loading model `{}`", path.display()))(source),
+    })
+}
+
+/// The model's and the runtime's IR versions when ONNX Runtime refused a model as too new
+/// ("Unsupported model IR version: 13, max supported IR version: 11"); `None` for any other
+/// error.
+fn unsupported_ir_version(message: &str) -> Option<(Option<u64>, Option<u64>)> {
+    let number_after = |marker: &str| {
+        let rest = &message[message.find(marker)? + marker.len()..];
+        rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    message
+        .contains("Unsupported model IR version")
+        .then(|| (number_after("Unsupported model IR version:"), number_after("max supported IR version:")))
 }
 
 /// `builder` with `config.device`'s execution provider registered (nothing to do on the CPU).

@@ -5,35 +5,10 @@ use std::path::Path;
 
 use ndarray::{Array4, ArrayView4};
 
-use crate::contract::Precision;
+use crate::contract::{Precision, VaeInfo};
 use crate::error::{Error, Result};
 use crate::model::{BatchInput, CallLimit, LoadedModel};
 use crate::session::SessionConfig;
-
-/// Shapes and metadata of one VAE half.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VaeInfo {
-    /// Image shape `[c, S, S]` (c = 3 RGB or 1 grayscale).
-    pub image_shape: [usize; 3],
-    /// Latent shape `[C, h, w]`.
-    pub latent_shape: [usize; 3],
-    /// Multiplier from VAE latents to diffusion latents (0.18215 for SD VAEs).
-    pub scale_factor: f32,
-    /// Element type of the half's input (and so of every float tensor the wrapper feeds it).
-    pub precision: Precision,
-}
-
-fn check_image_channels(model: &LoadedModel, shape: [usize; 3], item: &str) -> Result<()> {
-    if !(shape[0] == 1 || shape[0] == 3) || shape[1] != shape[2] {
-        return Err(Error::Contract {
-            model: model.path.clone(),
-            item: item.into(),
-            expected: "[B,c,S,S] with c = 1 or 3".into(),
-            found: format!("[B,{},{},{}]", shape[0], shape[1], shape[2]),
-        });
-    }
-    Ok(())
-}
 
 /// [`Error::NonFinite`] for the first batch item of `output` holding a NaN or an infinity: what a
 /// VAE gives is never used unless every value is finite.
@@ -64,37 +39,12 @@ impl VaeEncoder {
     /// # Errors
     /// [`Error::ModelNotFound`], [`Error::RuntimeUnavailable`], [`Error::CudaUnavailable`] or
     /// [`Error::Ort`] when the session cannot be built; [`Error::Contract`] when its input,
-    /// outputs or `mgd3.*` metadata do not fit; [`Error::BadInput`] when `logvar` differs from
-    /// `mean` in shape or `mgd3.image_size` from the image side.
+    /// outputs or `mgd3.*` metadata do not fit, `logvar` differs from `mean` in shape or
+    /// `mgd3.image_size` from the image side ([`VaeInfo::encoder_from_io`]).
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let model = LoadedModel::load(path, config)?;
-        let io = &model.io;
-        io.expect_kind("vae_encoder")?;
-        let (precision, image_shape) = io.image_like(false, "image", "image [B,c,S,S] in [-1,1]")?;
-        check_image_channels(&model, image_shape, "input `image`")?;
-        let (_, latent_shape) = io.image_like(true, "mean", "posterior mean [B,C,h,w]")?;
-        let (_, logvar_shape) = io.image_like(true, "logvar", "posterior log-variance [B,C,h,w]")?;
-        if logvar_shape != latent_shape {
-            return Err(model.bad_input(
-                "output `logvar`",
-                format!("{latent_shape:?} like `mean`"),
-                format!("{logvar_shape:?}"),
-            ));
-        }
-        let image_size: usize = io.meta("mgd3.image_size", "the image side S")?;
-        if image_size != image_shape[1] {
-            return Err(model.bad_input(
-                "metadata `mgd3.image_size`",
-                image_shape[1].to_string(),
-                image_size.to_string(),
-            ));
-        }
-        let info = VaeInfo {
-            image_shape,
-            latent_shape,
-            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
-            precision,
-        };
+        let info = VaeInfo::encoder_from_io(&model.io)?;
+        let (image_shape, precision) = (info.image_shape, info.precision);
         let mut model = model;
         let [ic, ih, iw] = image_shape;
         let probe = Array4::<f32>::zeros((1, ic, ih, iw));
@@ -164,17 +114,8 @@ impl VaeDecoder {
     /// output or `mgd3.*` metadata do not fit.
     pub fn load(path: &Path, config: &SessionConfig) -> Result<Self> {
         let model = LoadedModel::load(path, config)?;
-        let io = &model.io;
-        io.expect_kind("vae_decoder")?;
-        let (precision, latent_shape) = io.image_like(false, "latent", "unscaled latent [B,C,h,w]")?;
-        let (_, image_shape) = io.image_like(true, "image", "image [B,c,S,S]")?;
-        check_image_channels(&model, image_shape, "output `image`")?;
-        let info = VaeInfo {
-            image_shape,
-            latent_shape,
-            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
-            precision,
-        };
+        let info = VaeInfo::decoder_from_io(&model.io)?;
+        let (latent_shape, precision) = (info.latent_shape, info.precision);
         let mut model = model;
         let [lc, lh, lw] = latent_shape;
         let probe = Array4::<f32>::zeros((1, lc, lh, lw));

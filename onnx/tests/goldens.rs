@@ -84,9 +84,32 @@ fn wrong_model_kinds_and_missing_files_are_named() {
     let text = err.to_string();
     assert!(text.contains("tiny_vae_decoder.onnx") && text.contains("mgd3.kind") && text.contains("dit"), "{text}");
     let err = VaeEncoder::load(&model("tiny_dit.onnx"), &config(8)).err().unwrap();
-    assert!(matches!(err, Error::Contract { .. }), "{err}");
+    assert!(matches!(err, Error::Contract(_)), "{err}");
     let err = Dit::load(&model("does_not_exist.onnx"), &config(8)).err().unwrap();
     assert!(matches!(err, Error::ModelNotFound(_)) && err.to_string().contains("does_not_exist.onnx"), "{err}");
+}
+
+/// A model of a newer ONNX IR version than the runtime reads (exported with a newer `onnx`
+/// package) is told as such, with both versions and the way out, not as ONNX Runtime's raw
+/// error (which the worker would retry).
+#[test]
+fn a_model_of_a_newer_ir_version_says_so() {
+    let bytes = std::fs::read(model("tiny_dit.onnx")).unwrap();
+    // ModelProto.ir_version is field 1, a varint, first in every file torch.onnx writes.
+    assert_eq!(bytes[0], 0x08, "ir_version first");
+    let mut newer = vec![0x08, 99];
+    let mut at = 1;
+    while bytes[at] & 0x80 != 0 {
+        at += 1;
+    }
+    newer.extend_from_slice(&bytes[at + 1..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("newer_dit.onnx");
+    std::fs::write(&path, newer).unwrap();
+    let err = Dit::load(&path, &config(8)).err().expect("IR 99 is refused");
+    let text = err.to_string();
+    assert!(matches!(err, Error::UnsupportedIrVersion { found: Some(99), max: Some(_), .. }), "{err:?}");
+    assert!(text.contains("newer_dit.onnx` is ONNX IR version 99") && text.contains("export_onnx.py"), "{text}");
 }
 
 #[test]

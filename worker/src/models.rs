@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use mgd3_common::batch::BatchPolicy;
 use mgd3_common::job::{ClassRef, InvalidSetting, SamplingSpec, Setting};
 use mgd3_common::manifest::StageSeconds;
-use mgd3_onnx::contract::Graph;
+use mgd3_onnx::contract::{CudaOnly, Graph};
 use mgd3_onnx::session::CudaTuning;
 use mgd3_onnx::{Device, Dit, SessionConfig, VaeDecoder, VaeEncoder};
 use ndarray::{Array4, ArrayView4, ArrayView5, Axis, s};
@@ -65,28 +65,11 @@ pub enum EngineError {
     /// The latent cache could not be read or written.
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
-    /// A VAE works on latents of another shape than the DiT.
-    #[error(
-        "the DiT works on latents {dit:?} but the {model} has {latent:?}; export the models for the same resolution"
-    )]
-    LatentShapes {
-        /// The DiT's latent shape `[C, h, w]`.
-        dit: [usize; 3],
-        /// `VAE encoder` or `VAE decoder`.
-        model: &'static str,
-        /// That model's latent shape `[C, h, w]`.
-        latent: [usize; 3],
-    },
-    /// The VAE encoder and decoder scale latents differently.
-    #[error(
-        "VAE encoder scale_factor {encoder} differs from decoder scale_factor {decoder}; use the encoder and decoder of one VAE"
-    )]
-    ScaleFactors {
-        /// The encoder's `scale_factor`.
-        encoder: f32,
-        /// The decoder's `scale_factor`.
-        decoder: f32,
-    },
+    /// The three models each fit the contract but not each other (VAE latents of another shape
+    /// than the DiT's, two scale factors, a decoder making other images than the encoder reads),
+    /// every mismatch at once, each naming its files.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    ModelSet(Vec<mgd3_onnx::contract::ModelSetMismatch>),
     /// A setting has a value the models or the other settings rule out; named as the user
     /// wrote it (job spec key or command-line flag, per `source`).
     #[error(transparent)]
@@ -304,8 +287,7 @@ impl EngineError {
             EngineError::Modes { .. }
             | EngineError::Sample { .. }
             | EngineError::Schedule(_)
-            | EngineError::LatentShapes { .. }
-            | EngineError::ScaleFactors { .. }
+            | EngineError::ModelSet(_)
             | EngineError::Invalid(_)
             | EngineError::LabelOutOfRange(_)
             | EngineError::NonFinite { .. }
@@ -633,16 +615,15 @@ pub fn check_cpu_models(device: Device, paths: &[&std::path::Path]) -> Result<()
     let mut cuda_graphs: Vec<(std::path::PathBuf, usize)> = Vec::new();
     for path in paths {
         let Ok(meta) = mgd3_common::modelmeta::read_model_meta(path) else { continue };
-        let value = |key: &str| meta.metadata.get(key).map(|v| v.trim());
-        if let Some(precision @ "bf16") = value("mgd3.precision") {
-            return Err(EngineError::Model(mgd3_onnx::Error::NeedsCuda {
-                model: path.to_path_buf(),
-                precision: precision.to_owned(),
-            }));
-        }
-        if value("mgd3.cuda_only") == Some("1") {
-            let group_norm = value("mgd3.group_norm").and_then(|n| n.parse().ok()).unwrap_or(0);
-            cuda_graphs.push((path.to_path_buf(), group_norm));
+        match meta.cuda_only() {
+            Some(CudaOnly::Bf16) => {
+                return Err(EngineError::Model(mgd3_onnx::Error::NeedsCuda {
+                    model: path.to_path_buf(),
+                    precision: "bf16".to_owned(),
+                }));
+            }
+            Some(CudaOnly::CudaGraph { group_norm }) => cuda_graphs.push((path.to_path_buf(), group_norm)),
+            None => {}
         }
     }
     // Every such model named at once (`cuda-vae` writes both halves), each file once.
@@ -686,8 +667,8 @@ impl Models {
     /// # Errors
     /// [`EngineError::MisplacedModels`] when files are given as models of another kind;
     /// [`EngineError::UnusableModels`] when files are no ONNX models or may not be read;
-    /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::LatentShapes`] and
-    /// [`EngineError::ScaleFactors`] for VAEs that do not fit the DiT;
+    /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::ModelSet`] for VAEs that
+    /// do not fit the DiT or each other;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
@@ -718,19 +699,14 @@ impl Models {
                 "this DiT is the plain export: its attention runs as MatMul–Softmax–MatMul on the GPU; \
                  `scripts/export_onnx.py fuse` rewrites it with fused (flash) attention");
         }
-        let dit_latent = dit.info().latent_shape;
-        for (name, latent) in
-            [("VAE encoder", encoder.info().latent_shape), ("VAE decoder", decoder.info().latent_shape)]
-        {
-            if latent != dit_latent {
-                return Err(EngineError::LatentShapes { dit: dit_latent, model: name, latent });
-            }
+        let mismatches = mgd3_onnx::contract::ModelSet {
+            dit: (&paths.dit, dit.info()),
+            encoder: (&paths.vae_encoder, encoder.info()),
+            decoder: (&paths.vae_decoder, decoder.info()),
         }
-        if encoder.info().scale_factor != decoder.info().scale_factor {
-            return Err(EngineError::ScaleFactors {
-                encoder: encoder.info().scale_factor,
-                decoder: decoder.info().scale_factor,
-            });
+        .mismatches();
+        if !mismatches.is_empty() {
+            return Err(EngineError::ModelSet(mismatches));
         }
         let fingerprint = |path: &std::path::Path| {
             mgd3_common::fingerprint_file(path)

@@ -1,0 +1,650 @@
+//! The mgd3 model contract, without ONNX Runtime: the input/output names, element types, ranks and
+//! `mgd3.*` metadata each of the three models must declare, and what a model that fits declares
+//! about itself ([`DitInfo`], [`VaeInfo`]).
+//!
+//! One set of rules, two readers: the worker checks the view ONNX Runtime gives of a loaded session
+//! (`mgd3_onnx`), and the coordinator checks the view [`crate::modelmeta::read_model_meta`] reads
+//! from the file at submit, so a file that does not fit is refused with the same words before any
+//! GPU is spent, not at every worker's first attempt.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// A model's declarations do not fit the contract: which file, which input, output or metadata
+/// key, what the contract asks for and what the file declares.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("model `{}` does not fit the mgd3 contract: {item}: expected {expected}, found {found}", .model.display())]
+pub struct ContractViolation {
+    /// The model file.
+    pub model: PathBuf,
+    /// The input, output or metadata key concerned (``input `x` ``, ``metadata `mgd3.kind` ``).
+    pub item: String,
+    /// What the contract asks for.
+    pub expected: String,
+    /// What the model declares.
+    pub found: String,
+}
+
+/// Which graph a model file holds (`mgd3.graph`, written by `scripts/export_onnx.py`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Graph {
+    /// The graph `torch.onnx.export` writes: attention as MatMul–Softmax–MatMul.
+    Plain,
+    /// Attention, GELU and LayerNorm as ONNX Runtime's fused operators; `attention` is the
+    /// number of fused attention nodes the export counted (`mgd3.fused_attention`).
+    Fused {
+        /// Fused attention nodes, when the metadata says.
+        attention: Option<usize>,
+    },
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Graph::Plain => f.write_str("plain graph"),
+            Graph::Fused { attention: Some(1) } => f.write_str("fused graph (1 fused attention)"),
+            Graph::Fused { attention: Some(n) } => write!(f, "fused graph ({n} fused attentions)"),
+            Graph::Fused { attention: None } => f.write_str("fused graph"),
+        }
+    }
+}
+
+/// Element types the contract allows for float tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// float32 tensors.
+    F32,
+    /// float16 tensors; f32 inputs are cast at the boundary and outputs cast back.
+    F16,
+}
+
+/// The element type of a declared input or output: ONNX's `TensorProto.DataType`, with the
+/// ones the contract names spelled out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Element {
+    /// float32 (`FLOAT`, 1).
+    Float32,
+    /// float16 (`FLOAT16`, 10).
+    Float16,
+    /// bfloat16 (`BFLOAT16`, 16).
+    Bfloat16,
+    /// float64 (`DOUBLE`, 11).
+    Float64,
+    /// int32 (`INT32`, 6).
+    Int32,
+    /// int64 (`INT64`, 7).
+    Int64,
+    /// Not a tensor (a sequence, a map, an optional).
+    NotATensor,
+    /// Any other `TensorProto.DataType`, by its number.
+    Other(i32),
+}
+
+impl Element {
+    /// The element type of ONNX's `TensorProto.DataType` number `code`.
+    pub fn from_onnx(code: i32) -> Self {
+        match code {
+            1 => Element::Float32,
+            10 => Element::Float16,
+            16 => Element::Bfloat16,
+            11 => Element::Float64,
+            6 => Element::Int32,
+            7 => Element::Int64,
+            other => Element::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for Element {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Element::Float32 => f.write_str("f32"),
+            Element::Float16 => f.write_str("f16"),
+            Element::Bfloat16 => f.write_str("bf16"),
+            Element::Float64 => f.write_str("f64"),
+            Element::Int32 => f.write_str("int32"),
+            Element::Int64 => f.write_str("int64"),
+            Element::NotATensor => f.write_str("not a tensor"),
+            Element::Other(code) => write!(f, "ONNX data type {code}"),
+        }
+    }
+}
+
+/// One input or output as the model declares it; dynamic dimensions are `-1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorDecl {
+    /// The input or output name.
+    pub name: String,
+    /// Element type.
+    pub element: Element,
+    /// Declared dimensions, `-1` where dynamic (symbolic or absent).
+    pub dims: Vec<i64>,
+}
+
+impl fmt::Display for TensorDecl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.dims.iter().map(|d| if *d < 0 { "?".into() } else { d.to_string() }).collect();
+        write!(f, "{} [{}]", self.element, dims.join(","))
+    }
+}
+
+/// Everything the contract checks of one model file: its graph inputs and outputs and its custom
+/// metadata (`mgd3.*` keys written by `scripts/export_onnx.py`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelIo {
+    /// The model file, named in every contract error.
+    pub path: PathBuf,
+    /// The graph inputs, in declaration order (weights ONNX Runtime does not take as inputs are
+    /// not among them).
+    pub inputs: Vec<TensorDecl>,
+    /// The graph outputs, in declaration order.
+    pub outputs: Vec<TensorDecl>,
+    /// The model's custom metadata, key → value.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ModelIo {
+    /// A metadata value trimmed and parsed, when present and well-formed (lenient: for checks
+    /// that look at what is there; [`ModelIo::meta`] is the contract's strict reading).
+    pub fn get<T: FromStr>(&self, key: &str) -> Option<T> {
+        self.metadata.get(key).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The input called `name`, if declared.
+    pub fn input(&self, name: &str) -> Option<&TensorDecl> {
+        self.inputs.iter().find(|d| d.name == name)
+    }
+
+    fn violation(
+        &self,
+        item: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> ContractViolation {
+        ContractViolation {
+            model: self.path.clone(),
+            item: item.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+
+    fn find<'a>(&'a self, list: &'a [TensorDecl], kind: &str, name: &str) -> Result<&'a TensorDecl, ContractViolation> {
+        list.iter().find(|d| d.name == name).ok_or_else(|| {
+            let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
+            self.violation(format!("{kind} `{name}`"), "to exist", format!("{kind}s {names:?}"))
+        })
+    }
+
+    /// A float input or output of rank 4 whose non-batch dimensions are fixed; returns its
+    /// precision and its `[C, H, W]`. `layout` describes the tensor in messages.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] when the tensor is missing, not f32 or f16, or not rank 4 with C, H
+    /// and W fixed.
+    pub fn image_like(
+        &self,
+        output: bool,
+        name: &str,
+        layout: &str,
+    ) -> Result<(Precision, [usize; 3]), ContractViolation> {
+        let (list, kind) = if output { (&self.outputs, "output") } else { (&self.inputs, "input") };
+        let decl = self.find(list, kind, name)?;
+        let item = format!("{kind} `{name}`");
+        let precision = match decl.element {
+            Element::Float32 => Precision::F32,
+            Element::Float16 => Precision::F16,
+            _ => return Err(self.violation(&item, format!("f32 or f16 {layout}"), decl.to_string())),
+        };
+        if decl.dims.len() != 4 || decl.dims[1..].iter().any(|d| *d <= 0) {
+            return Err(self.violation(
+                &item,
+                format!("rank 4 {layout} with C, H, W fixed at export (batch may be dynamic)"),
+                decl.to_string(),
+            ));
+        }
+        let d = &decl.dims;
+        Ok((precision, [d[1] as usize, d[2] as usize, d[3] as usize]))
+    }
+
+    /// An int64 input of rank 1 (one value per batch item); `meaning` describes it in messages.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] when the input is missing or not int64 of rank 1.
+    pub fn int_vector(&self, name: &str, meaning: &str) -> Result<(), ContractViolation> {
+        let decl = self.find(&self.inputs, "input", name)?;
+        if decl.element != Element::Int64 || decl.dims.len() != 1 {
+            return Err(self.violation(format!("input `{name}`"), format!("int64 [B] ({meaning})"), decl.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Metadata value `key`, trimmed and parsed; `expected` describes it in messages.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] when the key is missing or its value does not parse.
+    pub fn meta<T: FromStr>(&self, key: &str, expected: &str) -> Result<T, ContractViolation> {
+        let raw = self.metadata.get(key).ok_or_else(|| {
+            self.violation(format!("metadata `{key}`"), expected, "nothing (export with scripts/export_onnx.py)")
+        })?;
+        raw.trim().parse().map_err(|_| self.violation(format!("metadata `{key}`"), expected, format!("{raw:?}")))
+    }
+
+    /// Which graph `scripts/export_onnx.py` wrote (`mgd3.graph`; exports that predate it are
+    /// plain).
+    pub fn graph(&self) -> Graph {
+        match self.metadata.get("mgd3.graph").map(|g| g.trim()) {
+            Some("fused") => Graph::Fused {
+                attention: self.metadata.get("mgd3.fused_attention").and_then(|n| n.trim().parse().ok()),
+            },
+            _ => Graph::Plain,
+        }
+    }
+
+    /// Checks that metadata `mgd3.kind` is `kind` (`dit`, `vae_encoder`, `vae_decoder`).
+    ///
+    /// # Errors
+    /// [`ContractViolation`] when the key is missing or names another kind.
+    pub fn expect_kind(&self, kind: &str) -> Result<(), ContractViolation> {
+        let found: String = self.meta("mgd3.kind", kind)?;
+        if found != kind {
+            return Err(self.violation("metadata `mgd3.kind`", kind, found));
+        }
+        Ok(())
+    }
+
+    /// Boolean metadata value `key`: `true`/`1` or `false`/`0`, case-insensitive.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] when the key is missing or holds anything else.
+    pub fn bool_meta(&self, key: &str) -> Result<bool, ContractViolation> {
+        let raw: String = self.meta(key, "true or false")?;
+        match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(self.violation(format!("metadata `{key}`"), "true or false", raw)),
+        }
+    }
+}
+
+/// Why ONNX Runtime runs a model on CUDA only: its CPU provider has no kernels for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaOnly {
+    /// A bf16 export (`mgd3.precision = bf16`).
+    Bf16,
+    /// The CUDA graph of a VAE (`export_onnx.py cuda-vae`: `mgd3.cuda_only = 1`) with its fused
+    /// GroupNorms (`mgd3.group_norm`).
+    CudaGraph {
+        /// Fused GroupNorms, 0 when the metadata does not say.
+        group_norm: usize,
+    },
+}
+
+impl ModelIo {
+    /// Whether, by its metadata, this model runs on CUDA only ([`CudaOnly`]); `None` for a model
+    /// the CPU runs.
+    pub fn cuda_only(&self) -> Option<CudaOnly> {
+        let value = |key: &str| self.metadata.get(key).map(|v| v.trim());
+        if value("mgd3.precision") == Some("bf16") {
+            return Some(CudaOnly::Bf16);
+        }
+        (value("mgd3.cuda_only") == Some("1"))
+            .then(|| CudaOnly::CudaGraph { group_norm: self.get("mgd3.group_norm").unwrap_or(0) })
+    }
+}
+
+/// What the DiT declares about itself (shapes and `mgd3.*` metadata).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DitInfo {
+    /// Latent shape `[C, h, w]`.
+    pub latent_shape: [usize; 3],
+    /// Real classes; label `num_classes` is the null (unconditional) class.
+    pub num_classes: usize,
+    /// Output carries the variance interpolation channels (2C channels).
+    pub learn_sigma: bool,
+    /// Training diffusion timesteps T (`mgd3.train_timesteps`, 1000 for DiT); `t` lies in 0..T.
+    pub train_timesteps: usize,
+    /// Name of the training beta schedule (`mgd3.beta_schedule`, `linear` for DiT).
+    pub beta_schedule: String,
+    /// First training β (`mgd3.beta_start`, 0.0001 for DiT).
+    pub beta_start: f64,
+    /// Last training β (`mgd3.beta_end`, 0.02 for DiT).
+    pub beta_end: f64,
+    /// Element type of `x` (and so of every float tensor the wrapper feeds it).
+    pub precision: Precision,
+}
+
+impl DitInfo {
+    /// Checks a DiT's declarations against the contract: `mgd3.kind = dit`; input `x` f32/f16
+    /// `[B,C,h,w]`; inputs `t` (original timesteps) and `y` (labels, null class = num_classes)
+    /// int64 `[B]`; output `out` `[B,2C,h,w]` with `mgd3.learn_sigma` true, `[B,C,h,w]` without;
+    /// `mgd3.num_classes`, `mgd3.train_timesteps`, `mgd3.beta_schedule`, `mgd3.beta_start` and
+    /// `mgd3.beta_end` present and well-formed.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] for the first declaration that does not fit.
+    pub fn from_io(io: &ModelIo) -> Result<Self, ContractViolation> {
+        io.expect_kind("dit")?;
+        let (precision, latent_shape) = io.image_like(false, "x", "latent [B,C,h,w]")?;
+        io.int_vector("t", "original diffusion timestep per item")?;
+        io.int_vector("y", "class label per item, null class = num_classes")?;
+        let learn_sigma = io.bool_meta("mgd3.learn_sigma")?;
+        let (_, out_shape) = io.image_like(true, "out", "prediction [B,2C,h,w] or [B,C,h,w]")?;
+        let [c, h, w] = latent_shape;
+        let want = [if learn_sigma { 2 * c } else { c }, h, w];
+        if out_shape != want {
+            return Err(io.violation(
+                "output `out`",
+                format!("[B,{},{},{}] (learn_sigma={learn_sigma})", want[0], want[1], want[2]),
+                format!("[B,{},{},{}]", out_shape[0], out_shape[1], out_shape[2]),
+            ));
+        }
+        Ok(DitInfo {
+            latent_shape,
+            num_classes: io.meta("mgd3.num_classes", "a positive integer")?,
+            learn_sigma,
+            train_timesteps: io.meta("mgd3.train_timesteps", "a positive integer")?,
+            beta_schedule: io.meta("mgd3.beta_schedule", "linear")?,
+            beta_start: io.meta("mgd3.beta_start", "a float like 0.0001")?,
+            beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
+            precision,
+        })
+    }
+}
+
+/// Shapes and metadata of one VAE half.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeInfo {
+    /// Image shape `[c, S, S]` (c = 3 RGB or 1 grayscale).
+    pub image_shape: [usize; 3],
+    /// Latent shape `[C, h, w]`.
+    pub latent_shape: [usize; 3],
+    /// Multiplier from VAE latents to diffusion latents (0.18215 for SD VAEs).
+    pub scale_factor: f32,
+    /// Element type of the half's input (and so of every float tensor the wrapper feeds it).
+    pub precision: Precision,
+}
+
+fn check_image_channels(io: &ModelIo, shape: [usize; 3], item: &str) -> Result<(), ContractViolation> {
+    if !(shape[0] == 1 || shape[0] == 3) || shape[1] != shape[2] {
+        return Err(io.violation(
+            item,
+            "[B,c,S,S] with c = 1 or 3",
+            format!("[B,{},{},{}]", shape[0], shape[1], shape[2]),
+        ));
+    }
+    Ok(())
+}
+
+impl VaeInfo {
+    /// Checks a VAE encoder's declarations against the contract: `mgd3.kind = vae_encoder`; input
+    /// `image` f32/f16 `[B,c,S,S]` (c = 1 or 3); outputs `mean` and `logvar` `[B,C,h,w]`, the same
+    /// shape; `mgd3.image_size` = S; `mgd3.scale_factor` a float.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] for the first declaration that does not fit.
+    pub fn encoder_from_io(io: &ModelIo) -> Result<Self, ContractViolation> {
+        io.expect_kind("vae_encoder")?;
+        let (precision, image_shape) = io.image_like(false, "image", "image [B,c,S,S] in [-1,1]")?;
+        check_image_channels(io, image_shape, "input `image`")?;
+        let (_, latent_shape) = io.image_like(true, "mean", "posterior mean [B,C,h,w]")?;
+        let (_, logvar_shape) = io.image_like(true, "logvar", "posterior log-variance [B,C,h,w]")?;
+        if logvar_shape != latent_shape {
+            return Err(io.violation(
+                "output `logvar`",
+                format!("{latent_shape:?} like `mean`"),
+                format!("{logvar_shape:?}"),
+            ));
+        }
+        let image_size: usize = io.meta("mgd3.image_size", "the image side S")?;
+        if image_size != image_shape[1] {
+            return Err(io.violation(
+                "metadata `mgd3.image_size`",
+                format!("{} (the side of input `image`)", image_shape[1]),
+                image_size.to_string(),
+            ));
+        }
+        Ok(VaeInfo {
+            image_shape,
+            latent_shape,
+            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
+            precision,
+        })
+    }
+
+    /// Checks a VAE decoder's declarations against the contract: `mgd3.kind = vae_decoder`; input
+    /// `latent` f32/f16 `[B,C,h,w]` (unscaled); output `image` `[B,c,S,S]` (c = 1 or 3);
+    /// `mgd3.scale_factor` a float.
+    ///
+    /// # Errors
+    /// [`ContractViolation`] for the first declaration that does not fit.
+    pub fn decoder_from_io(io: &ModelIo) -> Result<Self, ContractViolation> {
+        io.expect_kind("vae_decoder")?;
+        let (precision, latent_shape) = io.image_like(false, "latent", "unscaled latent [B,C,h,w]")?;
+        let (_, image_shape) = io.image_like(true, "image", "image [B,c,S,S]")?;
+        check_image_channels(io, image_shape, "output `image`")?;
+        Ok(VaeInfo {
+            image_shape,
+            latent_shape,
+            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
+            precision,
+        })
+    }
+}
+
+/// Why three models that each fit the contract do not fit each other.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ModelSetMismatch {
+    /// A VAE half works on latents of another shape than the DiT's.
+    #[error(
+        "the {half} `{}` works on latents {latent:?}, the DiT `{}` on {dit:?}: give the VAE the DiT was trained with",
+        .half_path.display(), .dit_path.display()
+    )]
+    LatentShapes {
+        /// `VAE encoder` or `VAE decoder`.
+        half: &'static str,
+        /// Its file.
+        half_path: PathBuf,
+        /// Its latent shape `[C, h, w]`.
+        latent: [usize; 3],
+        /// The DiT's file.
+        dit_path: PathBuf,
+        /// The DiT's latent shape `[C, h, w]`.
+        dit: [usize; 3],
+    },
+    /// The two VAE halves scale latents differently (`mgd3.scale_factor`).
+    #[error(
+        "the VAE encoder `{}` has scale factor {encoder}, the VAE decoder `{}` {decoder} (metadata \
+         `mgd3.scale_factor`): give the two halves of one VAE",
+        .encoder_path.display(), .decoder_path.display()
+    )]
+    ScaleFactors {
+        /// The encoder's file.
+        encoder_path: PathBuf,
+        /// The encoder's scale factor.
+        encoder: f32,
+        /// The decoder's file.
+        decoder_path: PathBuf,
+        /// The decoder's scale factor.
+        decoder: f32,
+    },
+    /// The decoder makes images of another shape than the encoder reads.
+    #[error(
+        "the VAE decoder `{}` makes {decoder:?} images, the VAE encoder `{}` reads {encoder:?}: give the two halves of one VAE",
+        .decoder_path.display(), .encoder_path.display()
+    )]
+    ImageShapes {
+        /// The encoder's file.
+        encoder_path: PathBuf,
+        /// The image shape `[c, S, S]` the encoder reads.
+        encoder: [usize; 3],
+        /// The decoder's file.
+        decoder_path: PathBuf,
+        /// The image shape `[c, S, S]` the decoder makes.
+        decoder: [usize; 3],
+    },
+}
+
+/// The three models' declarations, each checked against its part of the contract, and against
+/// each other ([`ModelSet::check`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSet<'a> {
+    /// The DiT's file and declarations.
+    pub dit: (&'a std::path::Path, &'a DitInfo),
+    /// The VAE encoder's file and declarations.
+    pub encoder: (&'a std::path::Path, &'a VaeInfo),
+    /// The VAE decoder's file and declarations.
+    pub decoder: (&'a std::path::Path, &'a VaeInfo),
+}
+
+impl ModelSet<'_> {
+    /// Every way the three models do not fit each other: both VAE halves on the DiT's latents,
+    /// one scale factor, and the decoder making the images the encoder reads.
+    pub fn mismatches(&self) -> Vec<ModelSetMismatch> {
+        let (dit_path, dit) = self.dit;
+        let mut found = Vec::new();
+        for (half, (path, info)) in [("VAE encoder", self.encoder), ("VAE decoder", self.decoder)] {
+            if info.latent_shape != dit.latent_shape {
+                found.push(ModelSetMismatch::LatentShapes {
+                    half,
+                    half_path: path.to_owned(),
+                    latent: info.latent_shape,
+                    dit_path: dit_path.to_owned(),
+                    dit: dit.latent_shape,
+                });
+            }
+        }
+        let ((encoder_path, encoder), (decoder_path, decoder)) = (self.encoder, self.decoder);
+        if encoder.scale_factor != decoder.scale_factor {
+            found.push(ModelSetMismatch::ScaleFactors {
+                encoder_path: encoder_path.to_owned(),
+                encoder: encoder.scale_factor,
+                decoder_path: decoder_path.to_owned(),
+                decoder: decoder.scale_factor,
+            });
+        }
+        if encoder.image_shape != decoder.image_shape {
+            found.push(ModelSetMismatch::ImageShapes {
+                encoder_path: encoder_path.to_owned(),
+                encoder: encoder.image_shape,
+                decoder_path: decoder_path.to_owned(),
+                decoder: decoder.image_shape,
+            });
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decl(name: &str, element: Element, dims: &[i64]) -> TensorDecl {
+        TensorDecl { name: name.into(), element, dims: dims.to_vec() }
+    }
+
+    fn dit() -> ModelIo {
+        let metadata = [
+            ("mgd3.kind", "dit"),
+            ("mgd3.learn_sigma", "true"),
+            ("mgd3.num_classes", "1000"),
+            ("mgd3.train_timesteps", "1000"),
+            ("mgd3.beta_schedule", "linear"),
+            ("mgd3.beta_start", "0.0001"),
+            ("mgd3.beta_end", "0.02"),
+        ];
+        ModelIo {
+            path: "dit.onnx".into(),
+            inputs: vec![
+                decl("x", Element::Float32, &[-1, 4, 32, 32]),
+                decl("t", Element::Int64, &[-1]),
+                decl("y", Element::Int64, &[-1]),
+            ],
+            outputs: vec![decl("out", Element::Float32, &[-1, 8, 32, 32])],
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    /// Each kind of declaration the DiT contract refuses is named by its item, with what was
+    /// expected and found.
+    #[test]
+    fn a_dit_that_does_not_fit_is_refused_by_the_item_that_does_not() {
+        let info = DitInfo::from_io(&dit()).unwrap();
+        assert_eq!((info.latent_shape, info.num_classes, info.precision), ([4, 32, 32], 1000, Precision::F32));
+        type Break = fn(&mut ModelIo);
+        let cases: [(&str, Break, &str); 8] = [
+            ("no metadata", |io| io.metadata.clear(), "metadata `mgd3.kind`"),
+            ("x rank 3", |io| io.inputs[0].dims = vec![-1, 4, 32], "input `x`"),
+            ("x int64", |io| io.inputs[0].element = Element::Int64, "input `x`"),
+            ("no y", |io| drop(io.inputs.pop()), "input `y`"),
+            ("t f32", |io| io.inputs[1].element = Element::Float32, "input `t`"),
+            ("out of C channels", |io| io.outputs[0].dims[1] = 4, "output `out`"),
+            ("no num_classes", |io| drop(io.metadata.remove("mgd3.num_classes")), "metadata `mgd3.num_classes`"),
+            (
+                "learn_sigma yes",
+                |io| drop(io.metadata.insert("mgd3.learn_sigma".into(), "yes".into())),
+                "mgd3.learn_sigma",
+            ),
+        ];
+        for (name, break_it, item) in cases {
+            let mut io = dit();
+            break_it(&mut io);
+            let error = DitInfo::from_io(&io).unwrap_err();
+            assert!(error.item.contains(item), "{name}: {error}");
+            assert!(error.to_string().contains("`dit.onnx`"), "{name}: {error}");
+        }
+    }
+
+    #[test]
+    fn vae_halves_are_checked_alone_and_against_the_dit() {
+        let meta = |kind: &str| {
+            [("mgd3.kind", kind), ("mgd3.image_size", "256"), ("mgd3.scale_factor", "0.18215")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let encoder = ModelIo {
+            path: "enc.onnx".into(),
+            inputs: vec![decl("image", Element::Float32, &[-1, 3, 256, 256])],
+            outputs: vec![
+                decl("mean", Element::Float32, &[-1, 4, 32, 32]),
+                decl("logvar", Element::Float32, &[-1, 4, 32, 32]),
+            ],
+            metadata: meta("vae_encoder"),
+        };
+        let decoder = ModelIo {
+            path: "dec.onnx".into(),
+            inputs: vec![decl("latent", Element::Float16, &[-1, 4, 32, 32])],
+            outputs: vec![decl("image", Element::Float16, &[-1, 3, 256, 256])],
+            metadata: meta("vae_decoder"),
+        };
+        let e = VaeInfo::encoder_from_io(&encoder).unwrap();
+        let d = VaeInfo::decoder_from_io(&decoder).unwrap();
+        assert_eq!(d.precision, Precision::F16);
+        let mut wrong_size = encoder.clone();
+        wrong_size.metadata.insert("mgd3.image_size".into(), "512".into());
+        assert_eq!(VaeInfo::encoder_from_io(&wrong_size).unwrap_err().item, "metadata `mgd3.image_size`");
+        let mut grey_mismatch = encoder.clone();
+        grey_mismatch.outputs[1].dims[1] = 8;
+        assert_eq!(VaeInfo::encoder_from_io(&grey_mismatch).unwrap_err().item, "output `logvar`");
+
+        let ditinfo = DitInfo::from_io(&dit()).unwrap();
+        let p = |s: &'static str| std::path::Path::new(s);
+        assert!(
+            ModelSet { dit: (p("dit.onnx"), &ditinfo), encoder: (p("enc.onnx"), &e), decoder: (p("dec.onnx"), &d) }
+                .mismatches()
+                .is_empty()
+        );
+        let small = VaeInfo { latent_shape: [4, 16, 16], image_shape: [3, 128, 128], scale_factor: 0.13, ..d };
+        let found =
+            ModelSet { dit: (p("dit.onnx"), &ditinfo), encoder: (p("enc.onnx"), &e), decoder: (p("dec.onnx"), &small) }
+                .mismatches();
+        let said: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 3, "{said:?}");
+        assert!(said[0].contains("`dec.onnx`") && said[0].contains("`dit.onnx`"), "{said:?}");
+        assert!(said[1].contains("`enc.onnx`") && said[1].contains("`dec.onnx`"), "{said:?}");
+        assert!(said[2].contains("[3, 128, 128]"), "{said:?}");
+    }
+}
