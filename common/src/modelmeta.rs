@@ -246,6 +246,13 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     Ok(meta)
 }
 
+/// Where `path` points when it is a symbolic link to nothing (its target moved or never copied
+/// to this node): a "does not exist" that names the link's target says which file is missing.
+pub fn dangling_link(path: &Path) -> Option<std::path::PathBuf> {
+    let link = std::fs::symlink_metadata(path).ok()?;
+    (link.file_type().is_symlink() && !path.exists()).then(|| std::fs::read_link(path).ok()).flatten()
+}
+
 /// Whether an error of [`read_model_meta`] says the file is there but is no ONNX model (not
 /// protobuf, no graph, cut short, a folder: its message reads after "`path` is "), rather than
 /// that it cannot be read (missing, no permission): the first is the wrong file, the second may

@@ -663,9 +663,14 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> (JobSpec, Vec<FieldError>) {
             // way out for a file that exists only where the workers run.
             Err(ModelFilesError::Io { path: file, source }) if expected.is_none() => {
                 let fix = if source.kind() == std::io::ErrorKind::PermissionDenied {
-                    "make it readable to the user this coordinator runs as (chmod a+r, or its group)"
+                    "make it readable to the user this coordinator runs as (chmod a+r, or its group)".to_owned()
+                } else if let Some(target) = mgd3_common::modelmeta::dangling_link(&file) {
+                    format!(
+                        "it is a link to `{}`, which does not exist: link or copy the model there",
+                        target.display()
+                    )
                 } else {
-                    "check the path (relative paths start at the job file's folder)"
+                    "check the path (relative paths start at the job file's folder)".to_owned()
                 };
                 invalid(format!(
                     "`{}` cannot be read here ({source}): {fix}, or, if the file exists only where the workers \

@@ -478,6 +478,13 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
         assert!(text.contains("`models.dit`: model `") && text.contains(dit), "{dit}: {text}");
         assert!(text.contains("does not fit the mgd3 contract") && text.contains(said), "{dit}: {text}");
     }
+    // A link to nothing names its target.
+    let link = dir.path().join("linked_dit.onnx");
+    std::os::unix::fs::symlink(dir.path().join("moved/dit.onnx"), &link).unwrap();
+    write(link.to_str().unwrap(), "tiny_vae_decoder.onnx");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("it is a link to `") && text.contains("moved/dit.onnx`, which does not exist"), "{text}");
     // Two VAE halves that each fit but not each other (another VAE's scale factor): named with
     // both files.
     let decoder = dir.path().join("other_decoder.onnx");

@@ -113,8 +113,8 @@ pub enum Error {
         source: ort::Error,
     },
 
-    /// The model file does not exist.
-    #[error("model file `{0}` does not exist")]
+    /// The model file does not exist (or is a link to nothing, whose target is named).
+    #[error("{}", not_found_message(.0))]
     ModelNotFound(PathBuf),
 
     /// The model's inputs, outputs or `mgd3.*` metadata do not fit the mgd3 model contract.
@@ -281,6 +281,17 @@ fn out_of_memory_advice(device: &str) -> &'static str {
 }
 
 /// The message of [`Error::CudaGraph`].
+fn not_found_message(model: &std::path::Path) -> String {
+    match mgd3_common::modelmeta::dangling_link(model) {
+        Some(target) => format!(
+            "model file `{}` is a link to `{}`, which does not exist: link or copy the model there",
+            model.display(),
+            target.display()
+        ),
+        None => format!("model file `{}` does not exist", model.display()),
+    }
+}
+
 fn cuda_graph_message(model: &std::path::Path, group_norm: usize, also: &[PathBuf]) -> String {
     let what = "the CUDA graph of a VAE";
     let ops = format!("{group_norm} fused GroupNorms and NHWC convolutions, operators ONNX Runtime has on CUDA only");

@@ -87,7 +87,11 @@ impl ShardFailure {
             | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
             // A model file that is no model here (a bad copy on this node's disk) may be a
             // good one on another worker's.
-            ShardFailure::Engine(e) if matches!(**e, EngineError::UnusableModels { .. }) => Disposition::Elsewhere,
+            ShardFailure::Engine(e)
+                if matches!(**e, EngineError::UnusableModels { .. } | EngineError::ModelFiles(_)) =>
+            {
+                Disposition::Elsewhere
+            }
             ShardFailure::Engine(e) if e.is_retryable() => Disposition::Retry,
             ShardFailure::Engine(_) | ShardFailure::Dataset(_) => Disposition::GiveUp,
             ShardFailure::Commit(CommitError::ForeignMarker { .. }) => Disposition::GiveUp,

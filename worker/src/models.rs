@@ -97,6 +97,11 @@ pub enum EngineError {
         /// Modes given.
         modes: usize,
     },
+    /// A model's external-data files are not all there as it needs them (missing, cut short, not a
+    /// file, outside its folder): said before ONNX Runtime's own error, which names no file.
+    /// Retryable: another worker's copy may be whole.
+    #[error(transparent)]
+    ModelFiles(mgd3_common::modelmeta::ModelFilesError),
     /// A model file could not be read to fingerprint it.
     #[error("cannot read model `{path}` to fingerprint it")]
     Fingerprint {
@@ -154,7 +159,14 @@ impl std::fmt::Display for UnusableModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (given, path) = (kind_name(self.given_as), self.path.display());
         match self.source.kind() {
-            std::io::ErrorKind::NotFound => write!(f, "the {given} `{path}` does not exist"),
+            std::io::ErrorKind::NotFound => match mgd3_common::modelmeta::dangling_link(&self.path) {
+                Some(target) => write!(
+                    f,
+                    "the {given} `{path}` is a link to `{}`, which does not exist: link or copy the model there",
+                    target.display()
+                ),
+                None => write!(f, "the {given} `{path}` does not exist"),
+            },
             _ if mgd3_common::modelmeta::is_not_a_model(&self.source) => {
                 write!(f, "the {given} `{path}` is {}", self.source)?;
                 match mgd3_common::modelmeta::not_a_model_advice(&self.source).trim_start_matches("; ") {
@@ -283,6 +295,7 @@ impl EngineError {
             | EngineError::Cancelled
             | EngineError::Cache(_)
             | EngineError::Fingerprint { .. }
+            | EngineError::ModelFiles(_)
             | EngineError::UnusableModels { .. } => true,
             EngineError::Modes { .. }
             | EngineError::Sample { .. }
@@ -667,6 +680,7 @@ impl Models {
     /// # Errors
     /// [`EngineError::MisplacedModels`] when files are given as models of another kind;
     /// [`EngineError::UnusableModels`] when files are no ONNX models or may not be read;
+    /// [`EngineError::ModelFiles`] when a model's external-data files are not all there;
     /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::ModelSet`] for VAEs that
     /// do not fit the DiT or each other;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
@@ -678,6 +692,14 @@ impl Models {
             ("vae_decoder", &paths.vae_decoder),
         ])?;
         check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
+        for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
+            match mgd3_common::modelmeta::model_files(path) {
+                // The model file itself not there is the loader's ModelNotFound.
+                Ok(_) => {}
+                Err(mgd3_common::modelmeta::ModelFilesError::Io { path: file, .. }) if file == *path => {}
+                Err(files) => return Err(EngineError::ModelFiles(files)),
+            }
+        }
         let mut dit = Dit::load(&paths.dit, &runtime.dit())?;
         let encoder = VaeEncoder::load(&paths.vae_encoder, &runtime.encoder())?;
         let decoder = VaeDecoder::load(&paths.vae_decoder, &runtime.decoder())?;

@@ -469,6 +469,29 @@ fn swapped_models_are_all_named_at_once() {
         assert!(text.contains(said), "{said}: {text}");
     }
     assert!(!text.contains("Protobuf") && !text.contains("profile"), "{text}");
+    // A link to nothing names its target.
+    std::os::unix::fs::symlink(dir.path().join("moved/dit.onnx"), dir.path().join("dit.onnx")).unwrap();
+    args[dit] = dir.path().join("dit.onnx").display().to_string();
+    args[encoder] = model("tiny_vae_encoder.onnx");
+    args[decoder] = model("tiny_vae_decoder.onnx");
+    let text = stderr(&Command::new(env!("CARGO_BIN_EXE_worker")).args(&args).output().unwrap());
+    assert!(
+        text.contains("dit.onnx` is a link to `") && text.contains("moved/dit.onnx`, which does not exist"),
+        "{text}"
+    );
+    // A model whose external data is not all there is named with the missing file, before ONNX
+    // Runtime's own error (which names none).
+    let external = dir.path().join("external");
+    std::fs::create_dir(&external).unwrap();
+    for file in ["tiny_vae_decoder.onnx", "model.onnx_data"] {
+        std::fs::copy(fixtures().join("models/external").join(file), external.join(file)).unwrap();
+    }
+    args[dit] = model("tiny_dit.onnx");
+    args[decoder] = external.join("tiny_vae_decoder.onnx").display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(&args).output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("keeps weights in `weights/rest.bin`, which is not there"), "{text}");
     let case = fixtures().join("parity/tstop25_ch3");
     let (modes, noise, decoder) = (case.join("modes.npy"), case.join("noise.npy"), model("tiny_vae_decoder.onnx"));
     let mut sample = Command::new(env!("CARGO_BIN_EXE_worker"));
