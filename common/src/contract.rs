@@ -488,7 +488,7 @@ pub enum ModelSetMismatch {
 }
 
 /// The three models' declarations, each checked against its part of the contract, and against
-/// each other ([`ModelSet::check`]).
+/// each other ([`ModelSet::mismatches`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSet<'a> {
     /// The DiT's file and declarations.
