@@ -253,6 +253,64 @@ pub fn dangling_link(path: &Path) -> Option<std::path::PathBuf> {
     (link.file_type().is_symlink() && !path.exists()).then(|| std::fs::read_link(path).ok()).flatten()
 }
 
+/// Appends `v` as a protobuf varint.
+fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Appends a length-delimited protobuf field.
+fn put_bytes(field: u64, body: &[u8], out: &mut Vec<u8>) {
+    put_varint(field << 3 | 2, out);
+    put_varint(body.len() as u64, out);
+    out.extend_from_slice(body);
+}
+
+/// The ONNX model `bytes` (a whole `.onnx` file in memory) with metadata `key` set to `value`:
+/// its other top-level fields kept as they are, entries of `key` replaced by one at the end. For
+/// relabelling a model without the `onnx` package (tests make models that disagree this way).
+///
+/// # Errors
+/// `InvalidData` when `bytes` are not protobuf.
+pub fn with_metadata(bytes: &[u8], key: &str, value: &str) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len() + key.len() + value.len() + 8);
+    let mut cursor = std::io::Cursor::new(bytes);
+    while (cursor.position() as usize) < bytes.len() {
+        let start = cursor.position() as usize;
+        let tag = varint(&mut cursor)?;
+        match tag & 7 {
+            0 => drop(varint(&mut cursor)?),
+            1 => cursor.set_position(cursor.position() + 8),
+            5 => cursor.set_position(cursor.position() + 4),
+            2 => {
+                let n = varint(&mut cursor)?;
+                let body_start = cursor.position() as usize;
+                let end = body_start.checked_add(n as usize).filter(|end| *end <= bytes.len());
+                let end = end.ok_or_else(|| bad("a field longer than the file"))?;
+                cursor.set_position(end as u64);
+                if tag >> 3 == 14 && string_entry(bytes[body_start..end].to_vec())?.0 == key {
+                    continue;
+                }
+            }
+            _ => return Err(bad("its bytes are not protobuf, the format of ONNX files")),
+        }
+        let end = (cursor.position() as usize).min(bytes.len());
+        out.extend_from_slice(&bytes[start..end]);
+    }
+    let mut entry = Vec::new();
+    put_bytes(1, key.as_bytes(), &mut entry);
+    put_bytes(2, value.as_bytes(), &mut entry);
+    put_bytes(14, &entry, &mut out);
+    Ok(out)
+}
+
 /// Whether an error of [`read_model_meta`] says the file is there but is no ONNX model (not
 /// protobuf, no graph, cut short, a folder: its message reads after "`path` is "), rather than
 /// that it cannot be read (missing, no permission): the first is the wrong file, the second may
@@ -546,22 +604,25 @@ mod tests {
 
     /// Protobuf by hand: a length-delimited field.
     fn ld(field: u64, body: &[u8]) -> Vec<u8> {
-        fn varint(mut v: u64, out: &mut Vec<u8>) {
-            loop {
-                let byte = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    out.push(byte);
-                    return;
-                }
-                out.push(byte | 0x80);
-            }
-        }
         let mut out = Vec::new();
-        varint(field << 3 | 2, &mut out);
-        varint(body.len() as u64, &mut out);
-        out.extend_from_slice(body);
+        put_bytes(field, body, &mut out);
         out
+    }
+
+    #[test]
+    fn metadata_is_set_and_replaced_in_place_of_the_old_entry() {
+        let dit = std::fs::read(fixture("tiny_dit.onnx")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relabelled.onnx");
+        let relabelled = with_metadata(&dit, "mgd3.num_classes", "1000").unwrap();
+        std::fs::write(&path, with_metadata(&relabelled, "mgd3.note", "x").unwrap()).unwrap();
+        let meta = read_model_meta(&path).unwrap();
+        let original = read_model_meta(&fixture("tiny_dit.onnx")).unwrap();
+        assert_eq!(meta.get::<i64>("mgd3.num_classes"), Some(1000));
+        assert_eq!(meta.metadata.get("mgd3.note").map(String::as_str), Some("x"));
+        assert_eq!(meta.metadata.len(), original.metadata.len() + 1);
+        assert_eq!((&meta.inputs, &meta.outputs), (&original.inputs, &original.outputs));
+        assert_eq!(with_metadata(b"not a model", "k", "v").unwrap_err().kind(), std::io::ErrorKind::InvalidData);
     }
 
     /// A TensorProto named `name` whose data lives in `location`.

@@ -489,7 +489,8 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
     // both files.
     let decoder = dir.path().join("other_decoder.onnx");
     let bytes = std::fs::read(models.join("tiny_vae_decoder.onnx")).unwrap();
-    std::fs::write(&decoder, with_metadata(&bytes, "mgd3.scale_factor", "0.13025")).unwrap();
+    std::fs::write(&decoder, mgd3_common::modelmeta::with_metadata(&bytes, "mgd3.scale_factor", "0.13025").unwrap())
+        .unwrap();
     write("tiny_dit.onnx", decoder.to_str().unwrap());
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     let text = String::from_utf8_lossy(&out.stderr);
@@ -536,67 +537,6 @@ fn run_on_the_cpu_refuses_cuda_only_models_at_once() {
     }
     assert!(started.elapsed() < Duration::from_secs(20), "refused at once, not after the excluded wait: {text}");
     assert!(!dir.path().join("out").exists(), "nothing is written: {text}");
-}
-
-/// The ONNX model `bytes` with metadata `key` set to `value` (protobuf by hand: the model's
-/// top-level fields are kept, `metadata_props` entries for `key` replaced).
-fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    fn read_varint(bytes: &[u8], at: &mut usize) -> u64 {
-        let (mut v, mut shift) = (0u64, 0);
-        loop {
-            let byte = bytes[*at];
-            *at += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return v;
-            }
-            shift += 7;
-        }
-    }
-    fn ld(field: u64, body: &[u8], out: &mut Vec<u8>) {
-        varint(field << 3 | 2, out);
-        varint(body.len() as u64, out);
-        out.extend_from_slice(body);
-    }
-    let (mut out, mut at) = (Vec::new(), 0);
-    while at < bytes.len() {
-        let start = at;
-        let tag = read_varint(bytes, &mut at);
-        match tag & 7 {
-            0 => drop(read_varint(bytes, &mut at)),
-            2 => {
-                let n = read_varint(bytes, &mut at) as usize;
-                at += n;
-                // metadata_props (14) whose key (field 1, first) is `key` is left out.
-                let body = &bytes[at - n..at];
-                if tag >> 3 == 14
-                    && body.len() > 2
-                    && body[0] == 0x0a
-                    && &body[2..2 + body[1] as usize] == key.as_bytes()
-                {
-                    continue;
-                }
-            }
-            wire => panic!("wire type {wire} at the top level of an ONNX model"),
-        }
-        out.extend_from_slice(&bytes[start..at]);
-    }
-    let mut entry = Vec::new();
-    ld(1, key.as_bytes(), &mut entry);
-    ld(2, value.as_bytes(), &mut entry);
-    ld(14, &entry, &mut out);
-    out
 }
 
 /// `coordinator serve` on a free loopback port with `store`, `--allow-path allowed`, started in
