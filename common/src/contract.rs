@@ -320,8 +320,8 @@ impl DitInfo {
     /// Checks a DiT's declarations against the contract: `mgd3.kind = dit`; input `x` f32/f16
     /// `[B,C,h,w]`; inputs `t` (original timesteps) and `y` (labels, null class = num_classes)
     /// int64 `[B]`; output `out` `[B,2C,h,w]` with `mgd3.learn_sigma` true, `[B,C,h,w]` without;
-    /// `mgd3.num_classes`, `mgd3.train_timesteps`, `mgd3.beta_schedule`, `mgd3.beta_start` and
-    /// `mgd3.beta_end` present and well-formed.
+    /// `mgd3.num_classes` and `mgd3.train_timesteps` positive integers, `mgd3.beta_schedule`
+    /// `linear`, and 0 < `mgd3.beta_start` ≤ `mgd3.beta_end` < 1.
     ///
     /// # Errors
     /// [`ContractViolation`] for the first declaration that does not fit.
@@ -341,14 +341,40 @@ impl DitInfo {
                 format!("[B,{},{},{}]", out_shape[0], out_shape[1], out_shape[2]),
             ));
         }
+        let num_classes: usize = io.meta("mgd3.num_classes", "a positive integer")?;
+        if num_classes == 0 {
+            return Err(io.violation("metadata `mgd3.num_classes`", "a positive integer", "0"));
+        }
+        let train_timesteps: usize = io.meta("mgd3.train_timesteps", "a positive integer")?;
+        if train_timesteps == 0 {
+            return Err(io.violation("metadata `mgd3.train_timesteps`", "a positive integer (1000 for DiT)", "0"));
+        }
+        // The only schedule the sampler implements (DiT's, as ADM's `get_named_beta_schedule`).
+        let beta_schedule: String = io.meta("mgd3.beta_schedule", "linear")?;
+        if beta_schedule.trim() != "linear" {
+            return Err(io.violation(
+                "metadata `mgd3.beta_schedule`",
+                "linear (the only schedule mgd3 samples)",
+                beta_schedule,
+            ));
+        }
+        let beta_start: f64 = io.meta("mgd3.beta_start", "a float like 0.0001")?;
+        let beta_end: f64 = io.meta("mgd3.beta_end", "a float like 0.02")?;
+        if !(beta_start > 0.0 && beta_start <= beta_end && beta_end < 1.0) {
+            return Err(io.violation(
+                "metadata `mgd3.beta_start` and `mgd3.beta_end`",
+                "0 < beta_start <= beta_end < 1 (0.0001 and 0.02 for DiT)",
+                format!("{beta_start} and {beta_end}"),
+            ));
+        }
         Ok(DitInfo {
             latent_shape,
-            num_classes: io.meta("mgd3.num_classes", "a positive integer")?,
+            num_classes,
             learn_sigma,
-            train_timesteps: io.meta("mgd3.train_timesteps", "a positive integer")?,
-            beta_schedule: io.meta("mgd3.beta_schedule", "linear")?,
-            beta_start: io.meta("mgd3.beta_start", "a float like 0.0001")?,
-            beta_end: io.meta("mgd3.beta_end", "a float like 0.02")?,
+            train_timesteps,
+            beta_schedule: beta_schedule.trim().to_owned(),
+            beta_start,
+            beta_end,
             precision,
         })
     }
@@ -378,10 +404,21 @@ fn check_image_channels(io: &ModelIo, shape: [usize; 3], item: &str) -> Result<(
     Ok(())
 }
 
+/// `mgd3.scale_factor`: a positive finite float (0.18215 for SD's VAE). A zero, negative or NaN
+/// factor would not fail a run: it would collapse or flip every latent and sample garbage.
+fn scale_factor(io: &ModelIo) -> Result<f32, ContractViolation> {
+    let expected = "a positive float like 0.18215";
+    let factor: f32 = io.meta("mgd3.scale_factor", expected)?;
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(io.violation("metadata `mgd3.scale_factor`", expected, factor.to_string()));
+    }
+    Ok(factor)
+}
+
 impl VaeInfo {
     /// Checks a VAE encoder's declarations against the contract: `mgd3.kind = vae_encoder`; input
     /// `image` f32/f16 `[B,c,S,S]` (c = 1 or 3); outputs `mean` and `logvar` `[B,C,h,w]`, the same
-    /// shape; `mgd3.image_size` = S; `mgd3.scale_factor` a float.
+    /// shape; `mgd3.image_size` = S; `mgd3.scale_factor` a positive float.
     ///
     /// # Errors
     /// [`ContractViolation`] for the first declaration that does not fit.
@@ -406,17 +443,12 @@ impl VaeInfo {
                 image_size.to_string(),
             ));
         }
-        Ok(VaeInfo {
-            image_shape,
-            latent_shape,
-            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
-            precision,
-        })
+        Ok(VaeInfo { image_shape, latent_shape, scale_factor: scale_factor(io)?, precision })
     }
 
     /// Checks a VAE decoder's declarations against the contract: `mgd3.kind = vae_decoder`; input
     /// `latent` f32/f16 `[B,C,h,w]` (unscaled); output `image` `[B,c,S,S]` (c = 1 or 3);
-    /// `mgd3.scale_factor` a float.
+    /// `mgd3.scale_factor` a positive float.
     ///
     /// # Errors
     /// [`ContractViolation`] for the first declaration that does not fit.
@@ -425,12 +457,7 @@ impl VaeInfo {
         let (precision, latent_shape) = io.image_like(false, "latent", "unscaled latent [B,C,h,w]")?;
         let (_, image_shape) = io.image_like(true, "image", "image [B,c,S,S]")?;
         check_image_channels(io, image_shape, "output `image`")?;
-        Ok(VaeInfo {
-            image_shape,
-            latent_shape,
-            scale_factor: io.meta("mgd3.scale_factor", "a float like 0.18215")?,
-            precision,
-        })
+        Ok(VaeInfo { image_shape, latent_shape, scale_factor: scale_factor(io)?, precision })
     }
 }
 
@@ -574,7 +601,7 @@ mod tests {
         let info = DitInfo::from_io(&dit()).unwrap();
         assert_eq!((info.latent_shape, info.num_classes, info.precision), ([4, 32, 32], 1000, Precision::F32));
         type Break = fn(&mut ModelIo);
-        let cases: [(&str, Break, &str); 8] = [
+        let cases: [(&str, Break, &str); 14] = [
             ("no metadata", |io| io.metadata.clear(), "metadata `mgd3.kind`"),
             ("x rank 3", |io| io.inputs[0].dims = vec![-1, 4, 32], "input `x`"),
             ("x int64", |io| io.inputs[0].element = Element::Int64, "input `x`"),
@@ -587,6 +614,16 @@ mod tests {
                 |io| drop(io.metadata.insert("mgd3.learn_sigma".into(), "yes".into())),
                 "mgd3.learn_sigma",
             ),
+            ("no classes", |io| drop(io.metadata.insert("mgd3.num_classes".into(), "0".into())), "mgd3.num_classes"),
+            ("T = 0", |io| drop(io.metadata.insert("mgd3.train_timesteps".into(), "0".into())), "mgd3.train_timesteps"),
+            (
+                "cosine",
+                |io| drop(io.metadata.insert("mgd3.beta_schedule".into(), "cosine".into())),
+                "mgd3.beta_schedule",
+            ),
+            ("beta < 0", |io| drop(io.metadata.insert("mgd3.beta_start".into(), "-1".into())), "mgd3.beta_start"),
+            ("end < start", |io| drop(io.metadata.insert("mgd3.beta_end".into(), "0.00001".into())), "mgd3.beta_end"),
+            ("end = 1", |io| drop(io.metadata.insert("mgd3.beta_end".into(), "1".into())), "mgd3.beta_end"),
         ];
         for (name, break_it, item) in cases {
             let mut io = dit();
@@ -626,6 +663,15 @@ mod tests {
         let mut wrong_size = encoder.clone();
         wrong_size.metadata.insert("mgd3.image_size".into(), "512".into());
         assert_eq!(VaeInfo::encoder_from_io(&wrong_size).unwrap_err().item, "metadata `mgd3.image_size`");
+        for bad in ["0", "-0.18215", "NaN", "inf"] {
+            let mut scaled = encoder.clone();
+            scaled.metadata.insert("mgd3.scale_factor".into(), bad.into());
+            let error = VaeInfo::encoder_from_io(&scaled).unwrap_err();
+            assert_eq!(error.item, "metadata `mgd3.scale_factor`", "{bad}: {error}");
+            let mut scaled = decoder.clone();
+            scaled.metadata.insert("mgd3.scale_factor".into(), bad.into());
+            assert!(VaeInfo::decoder_from_io(&scaled).is_err(), "{bad}");
+        }
         let mut grey_mismatch = encoder.clone();
         grey_mismatch.outputs[1].dims[1] = 8;
         assert_eq!(VaeInfo::encoder_from_io(&grey_mismatch).unwrap_err().item, "output `logvar`");

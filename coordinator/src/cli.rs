@@ -366,6 +366,10 @@ impl DataChangeArgs {
     }
 }
 
+/// How long `submit --wait` waits while every connected worker is excluded from its job, unless
+/// `--give-up-when-excluded-s` says.
+const SUBMIT_EXCLUDED_GRACE: Duration = Duration::from_secs(120);
+
 /// How a waiting command shows a job's progress.
 #[derive(Debug, Args)]
 pub struct ProgressArgs {
@@ -377,14 +381,21 @@ pub struct ProgressArgs {
     pub quiet: bool,
     /// Stop waiting (exit 3, with every worker's reason) once every connected worker has been
     /// excluded from the job for this many seconds: no one will run it. 0 waits for ever.
-    #[arg(long, env = "MGD3_GIVE_UP_WHEN_EXCLUDED_S", default_value_t = 120)]
-    pub give_up_when_excluded_s: u64,
+    /// Default: 120 for `submit --wait` (a cluster's next worker may come); `coordinator run`
+    /// stops at once, as its local workers are all it has.
+    #[arg(long, env = "MGD3_GIVE_UP_WHEN_EXCLUDED_S")]
+    pub give_up_when_excluded_s: Option<u64>,
 }
 
 impl ProgressArgs {
-    /// How long every connected worker may be excluded before the wait stops (`None`: never).
-    pub fn excluded_grace(&self) -> Option<Duration> {
-        (self.give_up_when_excluded_s > 0).then(|| Duration::from_secs(self.give_up_when_excluded_s))
+    /// How long every connected worker may be excluded before the wait stops (`None`: never),
+    /// `default` unless the flag says.
+    pub fn excluded_grace(&self, default: Duration) -> Option<Duration> {
+        match self.give_up_when_excluded_s {
+            Some(0) => None,
+            Some(seconds) => Some(Duration::from_secs(seconds)),
+            None => Some(default),
+        }
     }
 
     /// The options these flags ask for.
@@ -910,7 +921,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 }
                 if args.wait {
                     let statuses = tokio::select! {
-                        statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace()) => statuses?,
+                        statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace(SUBMIT_EXCLUDED_GRACE)) => statuses?,
                         signal = mgd3_common::termination() => {
                             let next = format!(
                                 "the sweep goes on: `coordinator status {0}` shows it, `coordinator cancel {0}` stops it",
@@ -928,7 +939,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 let mut progress = Progress::new(url, args.progress.options());
                 // A signal stops the waiting, not the job: said, with how to watch it again.
                 let status = tokio::select! {
-                    status = wait_for(&mut client, &response.job_id, &mut progress, args.progress.excluded_grace()) => status?,
+                    status = wait_for(&mut client, &response.job_id, &mut progress, args.progress.excluded_grace(SUBMIT_EXCLUDED_GRACE)) => status?,
                     signal = mgd3_common::termination() => {
                         let next = format!(
                             "the job goes on: `coordinator status {0}` shows it, `coordinator cancel {0}` stops it",
@@ -1611,7 +1622,7 @@ async fn run_local_sweep(
     let url = local.url.clone();
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
-        statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace()) => statuses,
+        statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace(Duration::ZERO)) => statuses,
         signal = mgd3_common::termination() => {
             stopping_message(signal);
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the sweep", record.sweep_id);
@@ -1946,7 +1957,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     );
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
-        status = wait_for(&mut client, &job.job_id, &mut progress, args.progress.excluded_grace()) => status,
+        status = wait_for(&mut client, &job.job_id, &mut progress, args.progress.excluded_grace(Duration::ZERO)) => status,
         signal = mgd3_common::termination() => {
             stopping_message(signal);
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);

@@ -108,9 +108,17 @@ pub enum Error {
         found: Option<u64>,
         /// The newest IR version this ONNX Runtime reads, as it reported it.
         max: Option<u64>,
-        /// ONNX Runtime's error.
-        #[source]
-        source: ort::Error,
+    },
+
+    /// ONNX Runtime refused to build a session from a model that fits the contract as far as
+    /// its file says (an operator or opset this runtime lacks, tensors it cannot read): the same
+    /// file fails the same way on this runtime every time, so it is not retried here.
+    #[error("ONNX Runtime cannot load model `{}`: {reason}{}", .model.display(), load_hint(reason))]
+    LoadFailed {
+        /// The model file.
+        model: PathBuf,
+        /// ONNX Runtime's message, without its "Load model from … failed:" prefix.
+        reason: String,
     },
 
     /// The model file does not exist (or is a link to nothing, whose target is named).
@@ -281,6 +289,18 @@ fn out_of_memory_advice(device: &str) -> &'static str {
 }
 
 /// The message of [`Error::CudaGraph`].
+/// What to do about a load failure whose cause is known.
+fn load_hint(reason: &str) -> &'static str {
+    if reason.contains("external tensors") {
+        "; the model keeps tensors ONNX Runtime must read at load (shapes, axes) in external data: save it again \
+         with onnx.save_model's default size_threshold, or export it with scripts/export_onnx.py"
+    } else if reason.contains("opset") || reason.contains("Opset") {
+        "; export it with scripts/export_onnx.py, whose opset this ONNX Runtime reads"
+    } else {
+        "; export it with scripts/export_onnx.py, or give this worker an ONNX Runtime that has what the model uses"
+    }
+}
+
 fn not_found_message(model: &std::path::Path) -> String {
     match mgd3_common::modelmeta::dangling_link(model) {
         Some(target) => format!(

@@ -296,9 +296,21 @@ pub(crate) fn build_session_profiled(
         builder = builder.with_profiling(prefix).map_err(|e| Error::ort("enabling the profiler")(e.into()))?;
     }
     builder = with_device(builder, config)?;
-    builder.commit_from_file(path).map_err(|source| match unsupported_ir_version(&source.to_string()) {
-        Some((found, max)) => Error::UnsupportedIrVersion { model: path.to_owned(), found, max, source },
-        None => Error::ort(format!("loading model `{}`", path.display()))(source),
+    builder.commit_from_file(path).map_err(|source| {
+        let message = source.to_string();
+        if let Some((found, max)) = unsupported_ir_version(&message) {
+            return Error::UnsupportedIrVersion { model: path.to_owned(), found, max };
+        }
+        // Memory may be free on a later try (a GPU another process holds); anything else about
+        // this file fails the same way on this runtime every time.
+        if message.to_ascii_lowercase().contains("memory") {
+            return Error::ort(format!("loading model `{}`", path.display()))(source);
+        }
+        let reason = match message.split_once(" failed:") {
+            Some((head, rest)) if head.contains("Load model from") => rest.trim().to_owned(),
+            _ => message.trim().to_owned(),
+        };
+        Error::LoadFailed { model: path.to_owned(), reason }
     })
 }
 
@@ -427,6 +439,15 @@ pub(crate) fn arena_peak_bytes(session: &Session, device: Device) -> Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_too_new_ir_version_is_read_from_onnx_runtimes_message() {
+        let message = "Load model from m.onnx failed:/onnxruntime_src/onnxruntime/core/graph/model.cc:256 \
+                       onnxruntime::Model::Model(...) Unsupported model IR version: 99, max supported IR version: 13";
+        assert_eq!(unsupported_ir_version(message), Some((Some(99), Some(13))));
+        assert_eq!(unsupported_ir_version("Unsupported model IR version"), Some((None, None)));
+        assert_eq!(unsupported_ir_version("Protobuf parsing failed."), None);
+    }
 
     #[test]
     fn parses_devices() {

@@ -695,6 +695,34 @@ fn a_worker_given_the_wrong_scheme_stops_at_once_naming_the_right_url() {
     assert!(!text.contains("tonic::"), "{text}");
 }
 
+/// A model this worker's ONNX Runtime cannot load (here: a newer ONNX IR version than it reads)
+/// excludes the worker from the job without spending the shard's attempts, and `coordinator run`,
+/// whose local workers are all it has, stops at once with exit 3 and the worker's reason instead
+/// of waiting for a worker that never comes.
+#[test]
+fn run_stops_at_once_when_its_workers_cannot_load_the_models() {
+    let JobScratch { dir: scratch, spec: spec_path, .. } = job_scratch(2, 3, 1, 1, "");
+    let bytes = std::fs::read(fixtures().join("tiny_dit.onnx")).unwrap();
+    // ModelProto.ir_version: field 1, a varint, first in every file torch.onnx writes.
+    assert_eq!((bytes[0], bytes[1] & 0x80), (0x08, 0), "a one-byte ir_version first");
+    let newer = scratch.path().join("newer_dit.onnx");
+    std::fs::write(&newer, [&[0x08, 99][..], &bytes[2..]].concat()).unwrap();
+    let text = std::fs::read_to_string(&spec_path).unwrap();
+    let dit = fixtures().join("tiny_dit.onnx").display().to_string();
+    std::fs::write(&spec_path, text.replace(&dit, &newer.display().to_string())).unwrap();
+    let run_store = scratch.path().join("run").display().to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("coordinator"))
+        .args(["run", spec_path.to_str().unwrap(), "--local-workers", "1", "--store", &run_store, "--no-report"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("newer_dit.onnx` is ONNX IR version 99") && text.contains("up to IR version"), "{text}");
+    assert!(!text.contains("will be retried"), "no attempt is spent on it: {text}");
+    assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after 120 s: {text}");
+}
+
 /// A GPU asked of a CPU-only ONNX Runtime: the worker says so in one sentence naming the fix and
 /// exits before it registers (no lease it cannot run, no silent CPU fallback); `coordinator run`
 /// on that GPU stops at once with exit 3 and the worker's reason instead of waiting for ever.

@@ -188,6 +188,7 @@ impl OnnxShardEngine {
                     | mgd3_onnx::Error::TensorRtUnavailable { .. }
                     | mgd3_onnx::Error::NeedsCuda { .. }
                     | mgd3_onnx::Error::UnsupportedIrVersion { .. }
+                    | mgd3_onnx::Error::LoadFailed { .. }
                     | mgd3_onnx::Error::CudaGraph { .. }
                     | mgd3_onnx::Error::RuntimeUnavailable { .. }),
                 )) => {
