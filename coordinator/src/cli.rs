@@ -1780,50 +1780,6 @@ async fn wait_for_registrations(coordinator: &Coordinator, workers: &mut [tokio:
     }
 }
 
-/// Refuses, before any worker starts, models that ONNX Runtime runs on CUDA only (a bf16 export,
-/// a VAE's CUDA graph) when every local worker runs on the CPU: each worker would load, refuse
-/// and be excluded, and the run would wait for a worker that never comes (`mgd3.precision`,
-/// `mgd3.cuda_only`; the same rule the workers apply, [`mgd3_common::contract::ModelIo::cuda_only`]).
-/// Models that cannot be read here are left to submit.
-fn cuda_only_models_on_cpu_workers(
-    args: &RunArgs,
-    devices: &[Option<String>],
-    spec: &mgd3_common::job::JobSpec,
-    base: &Path,
-) -> Result<()> {
-    let worker_device = args.worker_args.iter().chain(&args.trailing_worker_args).any(|a| a.starts_with("--device"));
-    if devices.iter().any(Option::is_some) || worker_device {
-        return Ok(());
-    }
-    let mut spec = spec.clone();
-    spec.resolve_paths(base);
-    let m = &spec.models;
-    let mut found = Vec::new();
-    for (field, path) in
-        [("models.dit", &m.dit), ("models.vae_encoder", &m.vae_encoder), ("models.vae_decoder", &m.vae_decoder)]
-    {
-        let local = Path::new(path.strip_prefix("file://").unwrap_or(path));
-        let Ok(meta) = mgd3_common::modelmeta::read_model_meta(local) else { continue };
-        let what = match meta.cuda_only() {
-            Some(mgd3_common::contract::CudaOnly::Bf16) => "a bf16 export".to_owned(),
-            Some(mgd3_common::contract::CudaOnly::CudaGraph { group_norm }) => {
-                format!("the CUDA graph of a VAE ({group_norm} fused GroupNorms)")
-            }
-            None => continue,
-        };
-        found.push(format!("`{field}` `{path}` is {what}"));
-    }
-    if !found.is_empty() {
-        bail!(
-            "{}, which ONNX Runtime runs on CUDA only (its CPU provider has no kernels for it), and the local \
-             workers run on the CPU: run with --device cuda (or --devices 0,1,...), or give fp32 or fp16 plain or \
-             fused exports (scripts/export_onnx.py)",
-            found.join("; ")
-        );
-    }
-    Ok(())
-}
-
 async fn run_local(args: RunArgs) -> Result<()> {
     let devices = args.worker_devices()?;
     let local_workers = devices.len();
@@ -1833,7 +1789,11 @@ async fn run_local(args: RunArgs) -> Result<()> {
         Some(sweep) => sweep.variants[0].spec.clone(),
         None => mgd3_common::job::JobSpec::from_toml(&text)?,
     };
-    cuda_only_models_on_cpu_workers(&args, &devices, &spec, Path::new(&base))?;
+    // A spec that cannot run is refused before the store is opened and workers start.
+    let worker_device = args.worker_args.iter().chain(&args.trailing_worker_args).any(|a| a.starts_with("--device"));
+    let cpu_workers = devices.iter().all(Option::is_none) && !worker_device;
+    crate::submit::check_before_workers(&spec, Path::new(&base), cpu_workers)
+        .with_context(|| format!("job spec `{}`", args.spec.display()))?;
     let store = match (&args.store, &spec.output) {
         (Some(store), _) => store.clone(),
         (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),

@@ -504,14 +504,60 @@ fn same_folder_classes(root: &Root, classes: &[ClassRef]) -> Vec<String> {
     problems
 }
 
-/// Checks what can be checked of the models at submit, from their `mgd3.*` metadata and input
-/// shapes (read without ONNX Runtime; a model without them is left to the worker's load-time
-/// contract check): every class label inside the DiT's classes, `sampling.cfg_channels` within
-/// the DiT's latent channels, DDIM `sampling.steps` the DiT's timesteps can be respaced to, one
-/// image size for the VAE encoder and decoder. Every problem is
-/// reported at once, naming the setting as the job spec spells it.
+/// Checks what can be checked of the models at submit, from their metadata, inputs and outputs
+/// (read without ONNX Runtime): each file against the model contract the workers check at load
+/// ([`mgd3_common::contract`]), the three against each other, every class label inside the DiT's
+/// classes, `sampling.cfg_channels` within the DiT's latent channels, DDIM `sampling.steps` the
+/// DiT's timesteps can be respaced to. Every problem is reported at once, naming the setting as
+/// the job spec spells it.
 fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
     let problems = model_problems(spec, classes);
+    if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
+}
+
+/// What `coordinator run` checks before it opens the store and starts its workers, so that a spec
+/// that cannot run leaves nothing behind: the spec's own settings, what the model files it can
+/// read are ([`check_models`], without the dataset's labels), and, when every local worker runs on
+/// the CPU (`cpu_workers`), models that ONNX Runtime runs on CUDA only (a bf16 export, a VAE's
+/// CUDA graph: [`mgd3_common::contract::ModelIo::cuda_only`], the rule the workers apply). The
+/// dataset and the fingerprints are checked at submit, once the workers have registered.
+///
+/// # Errors
+/// [`Error::Job`] with every problem, each naming its setting.
+pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) -> Result<()> {
+    let mut spec = spec.clone();
+    spec.resolve_paths(base_dir);
+    // The settings' problems and the models' in one go.
+    let mut problems = match spec.validate() {
+        Ok(()) => Vec::new(),
+        Err(JobError::Invalid(problems)) => problems,
+        Err(other) => return Err(other.into()),
+    };
+    problems.extend(model_problems(&spec, &[]));
+    if cpu_workers {
+        let m = &spec.models;
+        for (field, path) in
+            [("models.dit", &m.dit), ("models.vae_encoder", &m.vae_encoder), ("models.vae_decoder", &m.vae_decoder)]
+        {
+            let local = Path::new(path.strip_prefix("file://").unwrap_or(path));
+            let Ok(meta) = mgd3_common::modelmeta::read_model_meta(local) else { continue };
+            let what = match meta.cuda_only() {
+                Some(mgd3_common::contract::CudaOnly::Bf16) => "a bf16 export".to_owned(),
+                Some(mgd3_common::contract::CudaOnly::CudaGraph { group_norm }) => {
+                    format!("the CUDA graph of a VAE ({group_norm} fused GroupNorms)")
+                }
+                None => continue,
+            };
+            problems.push(FieldError {
+                field: field.into(),
+                problem: format!(
+                    "`{path}` is {what}, which ONNX Runtime runs on CUDA only (its CPU provider has no kernels \
+                     for it), and the local workers run on the CPU: run with --device cuda (or --devices 0,1,...), \
+                     or give fp32 or fp16 plain or fused exports (scripts/export_onnx.py)"
+                ),
+            });
+        }
+    }
     if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
 }
 

@@ -525,17 +525,28 @@ fn run_on_the_cpu_refuses_cuda_only_models_at_once() {
     let started = std::time::Instant::now();
     let out = coordinator(&["run", spec.to_str().unwrap(), "--store", dir.path().join("out").to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    assert_eq!(out.status.code(), Some(2), "{text}");
     for said in [
-        "`models.dit` `",
+        "job spec `",
+        "`models.dit`: `",
         "bf16_dit.onnx` is a bf16 export",
-        "`models.vae_decoder` `",
+        "`models.vae_decoder`: `",
         "tiny_vae_decoder_cuda.onnx` is the CUDA graph of a VAE",
         "run with --device cuda",
     ] {
         assert!(text.contains(said), "{said}: {text}");
     }
     assert!(started.elapsed() < Duration::from_secs(20), "refused at once, not after the excluded wait: {text}");
+    assert!(!dir.path().join("out").exists(), "nothing is written: {text}");
+    // Any spec that cannot run is refused the same way, before the store is opened and workers
+    // start: here a setting and a model file that does not fit the contract.
+    let text = std::fs::read_to_string(&spec).unwrap().replace("ipc = 2", "ipc = 0");
+    let bad_dit = models.join("bad_dit_rank.onnx").display().to_string();
+    std::fs::write(&spec, text.replace(&models.join("bf16_dit.onnx").display().to_string(), &bad_dit)).unwrap();
+    let out = coordinator(&["run", spec.to_str().unwrap(), "--store", dir.path().join("out").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("`ipc`") && text.contains("bad_dit_rank.onnx") && text.contains("input `x`"), "{text}");
     assert!(!dir.path().join("out").exists(), "nothing is written: {text}");
 }
 

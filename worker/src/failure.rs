@@ -28,7 +28,7 @@ pub enum ShardFailure {
     ModelUnavailable(#[source] mgd3_onnx::Error),
     /// A model's files are not all here as the job needs them (external data missing, cut
     /// short, or outside the model's folder): another worker may have them.
-    #[error("this worker cannot load model `{path}`")]
+    #[error("this worker cannot load {}", job_model(path, source))]
     ModelFiles {
         /// The model's path or URL as the job names it.
         path: String,
@@ -73,6 +73,24 @@ pub enum ShardFailure {
 }
 
 pub use mgd3_common::lease::Disposition;
+
+/// How [`ShardFailure::ModelFiles`] names the model: by the job's path or URL where the files
+/// were looked for elsewhere (a fetched copy), else as "the model", which its error names.
+fn job_model(path: &str, source: &mgd3_common::modelmeta::ModelFilesError) -> String {
+    use mgd3_common::modelmeta::ModelFilesError as E;
+    let here = match source {
+        E::Io { path, .. } => path,
+        E::OutsideFolder { model, .. }
+        | E::Truncated { model, .. }
+        | E::NotAFile { model, .. }
+        | E::Missing { model, .. } => model,
+    };
+    if here.as_os_str() == std::ffi::OsStr::new(path.strip_prefix("file://").unwrap_or(path)) {
+        "the model".to_owned()
+    } else {
+        format!("model `{path}`")
+    }
+}
 
 impl ShardFailure {
     /// What the coordinator should do about this failure: a refusal of the output store that no
@@ -160,6 +178,29 @@ impl ShardError {
 mod tests {
     use super::*;
     use crate::models::UnusableModel;
+
+    /// A model whose external data is not all here names the job's path only where it differs
+    /// from the file its error names (a copy fetched from a store), so a local path is said once.
+    #[test]
+    fn missing_model_files_name_the_model_once() {
+        let missing = |model: &str| mgd3_common::modelmeta::ModelFilesError::Missing {
+            model: model.into(),
+            location: "dit.onnx.data".into(),
+            path: "/models/dit.onnx.data".into(),
+        };
+        let local = ShardFailure::ModelFiles { path: "/models/dit.onnx".into(), source: missing("/models/dit.onnx") };
+        let text = mgd3_common::error_chain(&local);
+        assert_eq!(text.matches("/models/dit.onnx`").count(), 1, "{text}");
+        assert!(
+            text.starts_with("this worker cannot load the model: model `/models/dit.onnx` keeps weights"),
+            "{text}"
+        );
+        let fetched =
+            ShardFailure::ModelFiles { path: "s3://bucket/dit.onnx".into(), source: missing("/cache/ab12/dit.onnx") };
+        let text = mgd3_common::error_chain(&fetched);
+        assert!(text.contains("`s3://bucket/dit.onnx`") && text.contains("`/cache/ab12/dit.onnx`"), "{text}");
+        assert_eq!(local.disposition(), Disposition::Elsewhere);
+    }
 
     /// A model file that is no model on this worker is tried on another (node-local copies);
     /// one given as another kind is the job's mistake everywhere.
