@@ -517,7 +517,7 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
 
 /// What `coordinator run` checks before it opens the store and starts its workers, so that a spec
 /// that cannot run leaves nothing behind: the spec's own settings, what the model files it can
-/// read are ([`check_models`], without the dataset's labels), and, when every local worker runs on
+/// read are (the contract and the checks submit makes, without the dataset's labels), and, when every local worker runs on
 /// the CPU (`cpu_workers`), models that ONNX Runtime runs on CUDA only (a bf16 export, a VAE's
 /// CUDA graph: [`mgd3_common::contract::ModelIo::cuda_only`], the rule the workers apply). The
 /// dataset and the fingerprints are checked at submit, once the workers have registered.
