@@ -188,6 +188,19 @@ fn value_info(message: &[u8]) -> std::io::Result<TensorDecl> {
     Ok(decl)
 }
 
+/// What a file is, by its first bytes, when it is an archive or a compressed file rather than a
+/// model: said instead of "not protobuf", with what to do.
+fn archive_kind(magic: &[u8]) -> Option<&'static str> {
+    match magic {
+        [b'P', b'K', 3, 4, ..] => Some("a zip archive, as torch.save writes PyTorch checkpoints"),
+        [0x1f, 0x8b, ..] => Some("gzip-compressed: decompress it first (gunzip)"),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some("zstd-compressed: decompress it first (zstd -d)"),
+        [0xfd, b'7', b'z', b'X', b'Z', 0] => Some("xz-compressed: decompress it first (xz -d)"),
+        [b'B', b'Z', b'h', ..] => Some("bzip2-compressed: decompress it first (bunzip2)"),
+        _ => None,
+    }
+}
+
 /// Reads what the mgd3 contract checks of the ONNX model at `path`: its metadata and its graph
 /// inputs and outputs ([`ModelIo`], the view [`crate::contract`] checks), without the weights.
 ///
@@ -206,9 +219,10 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     }
     let len = metadata.len();
     let mut r = BufReader::new(file);
-    let mut magic = [0u8; 4];
-    if r.read_exact(&mut magic).is_ok() && magic == *b"PK\x03\x04" {
-        return Err(bad("a zip archive, as torch.save writes PyTorch checkpoints"));
+    let mut magic = [0u8; 6];
+    let read = r.read(&mut magic)?;
+    if let Some(what) = archive_kind(&magic[..read]) {
+        return Err(bad(what));
     }
     r.rewind()?;
     let mut meta = ModelIo { path: path.to_owned(), ..ModelIo::default() };
@@ -323,6 +337,8 @@ pub fn is_not_a_model(error: &std::io::Error) -> bool {
 /// for a file, where the model files come from; a folder's error says it itself.
 pub fn not_a_model_advice(error: &std::io::Error) -> &'static str {
     match error.kind() {
+        // A compressed file's own error says what to do.
+        std::io::ErrorKind::InvalidData if error.to_string().contains("decompress it first") => "",
         std::io::ErrorKind::InvalidData => {
             "; give the `.onnx` file scripts/export_onnx.py wrote, exporting a PyTorch or safetensors checkpoint first"
         }
@@ -575,12 +591,16 @@ mod tests {
     fn files_that_are_no_onnx_model_are_told_apart_from_unreadable_ones() {
         let dir = tempfile::tempdir().unwrap();
         let dit = std::fs::read(fixture("tiny_dit.onnx")).unwrap();
-        let cases: [(&str, Vec<u8>); 5] = [
+        let cases: [(&str, Vec<u8>); 9] = [
             ("text", b"not a model\n".to_vec()),
             ("empty", Vec::new()),
             ("metadata only", ld(14, &[ld(1, b"mgd3.kind"), ld(2, b"dit")].concat())),
             ("cut short", dit[..dit.len() / 2].to_vec()),
             ("zip", b"PK\x03\x04\x14\x00\x00\x00\x08\x00archive/data.pkl".to_vec()),
+            ("gzip", vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]),
+            ("zstd", vec![0x28, 0xb5, 0x2f, 0xfd, 0x24, 0x10]),
+            ("xz", b"\xfd7zXZ\x00\x00\x04".to_vec()),
+            ("bzip2", b"BZh91AY&SY".to_vec()),
         ];
         for (name, bytes) in cases {
             let path = dir.path().join(format!("{name}.onnx"));
@@ -589,6 +609,10 @@ mod tests {
             assert!(is_not_a_model(&error), "{name}: {error:?}");
             let said = match name {
                 "zip" => "as torch.save writes",
+                "gzip" => "gzip-compressed: decompress it first",
+                "zstd" => "zstd -d",
+                "xz" => "xz -d",
+                "bzip2" => "bunzip2",
                 "cut short" => "cut short",
                 "text" => "not protobuf",
                 "empty" => "empty",

@@ -1789,6 +1789,13 @@ async fn run_local(args: RunArgs) -> Result<()> {
         Some(sweep) => sweep.variants[0].spec.clone(),
         None => mgd3_common::job::JobSpec::from_toml(&text)?,
     };
+    let worker_bin = match &args.worker_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.parent().context("executable folder")?.join("worker"),
+    };
+    if !worker_bin.exists() {
+        bail!("worker binary `{}` not found (build it, or pass --worker-bin)", worker_bin.display());
+    }
     // A spec that cannot run is refused before the store is opened and workers start.
     let worker_device = args.worker_args.iter().chain(&args.trailing_worker_args).any(|a| a.starts_with("--device"));
     let cpu_workers = devices.iter().all(Option::is_none) && !worker_device;
@@ -1799,13 +1806,6 @@ async fn run_local(args: RunArgs) -> Result<()> {
         (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),
         (None, None) => mgd3_common::store::resolve("out", Path::new(&base)),
     };
-    let worker_bin = match &args.worker_bin {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.parent().context("executable folder")?.join("worker"),
-    };
-    if !worker_bin.exists() {
-        bail!("worker binary `{}` not found (build it, or pass --worker-bin)", worker_bin.display());
-    }
     let coordinator = Coordinator::open(&store, args.heartbeat_ms).await?;
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;

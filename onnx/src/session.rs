@@ -239,9 +239,32 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
         path: path.clone(),
         required: REQUIRED_ORT,
     })?;
-    let env = builder.with_name("mgd3").build().map_err(Error::ort("creating the environment"))?;
+    let env = builder
+        .with_name("mgd3")
+        .with_logger(std::sync::Arc::new(forward_log))
+        .build()
+        .map_err(Error::ort("creating the environment"))?;
     let _ = ENVIRONMENT.set(env);
     Ok(ENVIRONMENT.get().expect("environment was just set"))
+}
+
+/// ONNX Runtime's log lines, into `tracing` under the target `ort::logging` (as the `ort` crate
+/// forwards them), but for one: "Could not write a profile because no model was loaded", which
+/// ONNX Runtime says when a profiled session (the load-time probe's) fails to load. mgd3 reports
+/// that failure itself; at ERROR the line would read as a second fault, so it goes to DEBUG.
+fn forward_log(level: ort::logging::LogLevel, category: &str, _id: &str, location: &str, message: &str) {
+    use ort::logging::LogLevel;
+    if message.contains("Could not write a profile because no model was loaded") {
+        tracing::debug!(target: "ort::logging", category, location, "{message}");
+        return;
+    }
+    match level {
+        LogLevel::Verbose => tracing::trace!(target: "ort::logging", category, location, "{message}"),
+        LogLevel::Info => tracing::info!(target: "ort::logging", category, location, "{message}"),
+        LogLevel::Warning => tracing::warn!(target: "ort::logging", category, location, "{message}"),
+        LogLevel::Error => tracing::error!(target: "ort::logging", category, location, "{message}"),
+        LogLevel::Fatal => tracing::error!(target: "ort::logging", category, location, "(FATAL): {message}"),
+    }
 }
 
 /// What the model-load log line says about where and how a model runs: `cpu`, or

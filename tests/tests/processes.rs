@@ -720,6 +720,8 @@ fn run_stops_at_once_when_its_workers_cannot_load_the_models() {
     assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(text.contains("newer_dit.onnx` is ONNX IR version 99") && text.contains("up to IR version"), "{text}");
     assert!(!text.contains("will be retried"), "no attempt is spent on it: {text}");
+    // ONNX Runtime's "Could not write a profile" after a failed load is no second fault.
+    assert!(!text.contains("ERROR ort::logging"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after 120 s: {text}");
 }
 
