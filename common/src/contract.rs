@@ -404,13 +404,17 @@ fn check_image_channels(io: &ModelIo, shape: [usize; 3], item: &str) -> Result<(
     Ok(())
 }
 
-/// `mgd3.scale_factor`: a positive finite float (0.18215 for SD's VAE). A zero, negative or NaN
-/// factor would not fail a run: it would collapse or flip every latent and sample garbage.
+/// `mgd3.scale_factor`: a positive float between 1e-4 and 1e4 (0.18215 for SD's VAE). A zero,
+/// negative, NaN or absurd factor would not fail a run: it would collapse or flip every latent
+/// and sample garbage.
 fn scale_factor(io: &ModelIo) -> Result<f32, ContractViolation> {
-    let expected = "a positive float like 0.18215";
+    // VAEs' factors lie near 0.1–1 (SD 0.18215, SDXL 0.13025); a factor far outside would scale
+    // latents to nothing or to infinity before any step fails.
+    let expected = "a positive float like 0.18215 (between 0.0001 and 10000)";
+    let raw = io.metadata.get("mgd3.scale_factor").map(|v| v.trim().to_owned());
     let factor: f32 = io.meta("mgd3.scale_factor", expected)?;
-    if !(factor.is_finite() && factor > 0.0) {
-        return Err(io.violation("metadata `mgd3.scale_factor`", expected, factor.to_string()));
+    if !(factor.is_finite() && (1e-4..=1e4).contains(&factor)) {
+        return Err(io.violation("metadata `mgd3.scale_factor`", expected, format!("{:?}", raw.unwrap_or_default())));
     }
     Ok(factor)
 }
@@ -663,7 +667,7 @@ mod tests {
         let mut wrong_size = encoder.clone();
         wrong_size.metadata.insert("mgd3.image_size".into(), "512".into());
         assert_eq!(VaeInfo::encoder_from_io(&wrong_size).unwrap_err().item, "metadata `mgd3.image_size`");
-        for bad in ["0", "-0.18215", "NaN", "inf"] {
+        for bad in ["0", "-0.18215", "NaN", "inf", "1e-45", "1e400"] {
             let mut scaled = encoder.clone();
             scaled.metadata.insert("mgd3.scale_factor".into(), bad.into());
             let error = VaeInfo::encoder_from_io(&scaled).unwrap_err();

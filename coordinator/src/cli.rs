@@ -1780,6 +1780,14 @@ async fn wait_for_registrations(coordinator: &Coordinator, workers: &mut [tokio:
     }
 }
 
+/// A submit error of `coordinator run`, prefixed with the spec's file where the spec is what was
+/// refused (as `check` says it).
+fn spec_refusal(error: crate::Error, spec: &Path) -> anyhow::Error {
+    let refused = matches!(error, crate::Error::Job(_));
+    let error = anyhow::Error::new(error);
+    if refused { error.context(format!("job spec `{}`", spec.display())) } else { error }
+}
+
 async fn run_local(args: RunArgs) -> Result<()> {
     let devices = args.worker_devices()?;
     let local_workers = devices.len();
@@ -1891,10 +1899,13 @@ async fn run_local(args: RunArgs) -> Result<()> {
             Ok(submitted) => {
                 return run_local_sweep(&args, submitted, coordinator, local, workers, &last_errors, &store).await;
             }
-            Err(error) => Err(anyhow::Error::new(error)),
+            Err(error) => Err(spec_refusal(error, &args.spec)),
         }
     } else {
-        coordinator.submit_with(&text, Path::new(&base), None, args.data.setting()).await.map_err(anyhow::Error::new)
+        coordinator
+            .submit_with(&text, Path::new(&base), None, args.data.setting())
+            .await
+            .map_err(|error| spec_refusal(error, &args.spec))
     };
     let (job, _, notes) = match submitted {
         Ok(submitted) => submitted,

@@ -68,7 +68,18 @@ pub async fn resolve_job(
     planned: PlannedRows,
 ) -> Result<Resolved> {
     spec.resolve_paths(base_dir);
-    spec.validate()?;
+    // The settings' problems and what the model files are, in one go.
+    match spec.validate() {
+        Ok(()) => {}
+        Err(JobError::Invalid(mut problems)) => {
+            let checked = spec.clone();
+            let models =
+                tokio::task::spawn_blocking(move || model_problems(&checked, &[])).await.expect("model check task");
+            problems.extend(models);
+            return Err(Error::Job(JobError::Invalid(problems)));
+        }
+        Err(other) => return Err(other.into()),
+    }
     let explicit_id = explicit_id.filter(|s| !s.is_empty());
     if let Some(id) = &explicit_id {
         mgd3_common::job::validate_job_id(id)?;
@@ -543,6 +554,9 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) 
             let Ok(meta) = mgd3_common::modelmeta::read_model_meta(local) else { continue };
             let what = match meta.cuda_only() {
                 Some(mgd3_common::contract::CudaOnly::Bf16) => "a bf16 export".to_owned(),
+                Some(mgd3_common::contract::CudaOnly::CudaGraph { group_norm: 0 }) => {
+                    "the CUDA graph of a VAE".to_owned()
+                }
                 Some(mgd3_common::contract::CudaOnly::CudaGraph { group_norm }) => {
                     format!("the CUDA graph of a VAE ({group_norm} fused GroupNorms)")
                 }
@@ -642,7 +656,16 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
                 });
             }
         }
-        if spec.sampling.sampler == mgd3_common::job::SamplerKind::Ddim
+        if spec.sampling.steps > info.train_timesteps {
+            problems.push(FieldError {
+                field: "sampling.steps".into(),
+                problem: format!(
+                    "{} steps are more than the {} training timesteps of the DiT `{}` (metadata \
+                     `mgd3.train_timesteps`): choose at most {}",
+                    spec.sampling.steps, info.train_timesteps, m.dit, info.train_timesteps
+                ),
+            });
+        } else if spec.sampling.sampler == mgd3_common::job::SamplerKind::Ddim
             && mgd3_common::job::ddim_stride(info.train_timesteps, spec.sampling.steps).is_none()
         {
             problems.push(FieldError {

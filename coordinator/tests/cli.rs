@@ -478,6 +478,20 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
         assert!(text.contains("`models.dit`: model `") && text.contains(dit), "{dit}: {text}");
         assert!(text.contains("does not fit the mgd3 contract") && text.contains(said), "{dit}: {text}");
     }
+    // A DiT trained with fewer timesteps than the spec's sampling steps, beside a setting that
+    // is wrong: both in one go, each by its setting.
+    let few = dir.path().join("few_steps_dit.onnx");
+    let bytes = std::fs::read(models.join("tiny_dit.onnx")).unwrap();
+    std::fs::write(&few, mgd3_common::modelmeta::with_metadata(&bytes, "mgd3.train_timesteps", "5").unwrap()).unwrap();
+    write(few.to_str().unwrap(), "tiny_vae_decoder.onnx");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("`sampling.steps`: 50 steps are more than the 5 training timesteps"), "{text}");
+    let wrong = std::fs::read_to_string(&spec).unwrap().replace("ipc = 2", "ipc = 0");
+    std::fs::write(&spec, wrong).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("`ipc`") && text.contains("5 training timesteps"), "{text}");
     // A link to nothing names its target.
     let link = dir.path().join("linked_dit.onnx");
     std::os::unix::fs::symlink(dir.path().join("moved/dit.onnx"), &link).unwrap();

@@ -314,7 +314,8 @@ fn not_found_message(model: &std::path::Path) -> String {
 
 fn cuda_graph_message(model: &std::path::Path, group_norm: usize, also: &[PathBuf]) -> String {
     let what = "the CUDA graph of a VAE";
-    let ops = format!("{group_norm} fused GroupNorms and NHWC convolutions, operators ONNX Runtime has on CUDA only");
+    let count = if group_norm == 0 { String::new() } else { format!("{group_norm} ") };
+    let ops = format!("{count}fused GroupNorms and NHWC convolutions, operators ONNX Runtime has on CUDA only");
     if also.is_empty() {
         return format!(
             "model `{}` is {what} ({ops}): run this worker with --device cuda, or give it the plain or fused export \

@@ -330,11 +330,37 @@ pub(crate) fn build_session_profiled(
             return Error::ort(format!("loading model `{}`", path.display()))(source);
         }
         let reason = match message.split_once(" failed:") {
-            Some((head, rest)) if head.contains("Load model from") => rest.trim().to_owned(),
-            _ => message.trim().to_owned(),
+            Some((head, rest)) if head.contains("Load model from") => rest.trim(),
+            _ => message.trim(),
         };
-        Error::LoadFailed { model: path.to_owned(), reason }
+        Error::LoadFailed { model: path.to_owned(), reason: without_code_location(reason) }
     })
+}
+
+/// ONNX Runtime's message without the C++ source location and function signature it puts in
+/// front of some (`/onnxruntime_src/…/model_load_utils.h:46 void onnxruntime::…(…) Opset 99 …`):
+/// a user needs the sentence after them.
+fn without_code_location(message: &str) -> String {
+    let Some(start) = message.find("/onnxruntime_src/") else { return message.to_owned() };
+    let after = &message[start..];
+    // The signature's argument list: from its first '(' to the ')' that closes it.
+    let Some(open) = after.find('(') else { return message.to_owned() };
+    let mut depth = 0usize;
+    for (i, c) in after[open..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    let rest = after[open + i + 1..].trim_start();
+                    let before = message[..start].trim_end();
+                    return if before.is_empty() { rest.to_owned() } else { format!("{before} {rest}") };
+                }
+            }
+            _ => {}
+        }
+    }
+    message.to_owned()
 }
 
 /// The model's and the runtime's IR versions when ONNX Runtime refused a model as too new
@@ -462,6 +488,23 @@ pub(crate) fn arena_peak_bytes(session: &Session, device: Device) -> Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn onnx_runtimes_code_locations_are_left_out() {
+        let opset = "/onnxruntime_src/onnxruntime/core/graph/model_load_utils.h:46 void \
+                     onnxruntime::model_load_utils::ValidateOpsetForDomain(const std::unordered_map<std::string, int>&, \
+                     const onnxruntime::logging::Logger&, bool, const string&, int) ONNX Runtime only *guarantees* \
+                     support for models stamped with official released onnx opset versions. Opset 99 is under development";
+        assert_eq!(
+            without_code_location(opset),
+            "ONNX Runtime only *guarantees* support for models stamped with official released onnx opset versions. \
+             Opset 99 is under development"
+        );
+        let tensor = "Deserialize tensor w failed./onnxruntime_src/core/tensorprotoutils.cc:1876 \
+                      onnxruntime::common::Status Get(const T&) External data out of bounds";
+        assert_eq!(without_code_location(tensor), "Deserialize tensor w failed. External data out of bounds");
+        assert_eq!(without_code_location("Protobuf parsing failed."), "Protobuf parsing failed.");
+    }
 
     #[test]
     fn a_too_new_ir_version_is_read_from_onnx_runtimes_message() {

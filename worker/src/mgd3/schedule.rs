@@ -23,7 +23,9 @@ pub enum ScheduleError {
         steps: usize,
     },
     /// `steps` is 0, above `train`, or rounds to repeated timesteps.
-    #[error("cannot respace {train} training timesteps into {steps} sampling steps (need 1..={train})")]
+    #[error(
+        "cannot respace the DiT's {train} training timesteps into {steps} sampling steps (steps must be 1 to {train})"
+    )]
     BadStepCount {
         /// Training timesteps T.
         train: usize,
