@@ -224,6 +224,14 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
     if let Some(env) = ENVIRONMENT.get() {
         return Ok(env);
     }
+    // One thread builds the environment: ONNX Runtime's is a process singleton that keeps the
+    // first builder's logger, so a second one built in a race and then dropped would free the
+    // logger ONNX Runtime still calls.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _building = BUILDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
     let path: PathBuf = match library {
         Some(p) => p.to_owned(),
         None => match std::env::var_os("ORT_DYLIB_PATH") {
