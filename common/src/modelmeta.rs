@@ -260,6 +260,19 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     Ok(meta)
 }
 
+impl ModelFilesError {
+    /// The model the error is about (for an unreadable file, that file).
+    pub fn model(&self) -> &Path {
+        match self {
+            ModelFilesError::Io { path, .. } => path,
+            ModelFilesError::OutsideFolder { model, .. }
+            | ModelFilesError::Truncated { model, .. }
+            | ModelFilesError::NotAFile { model, .. }
+            | ModelFilesError::Missing { model, .. } => model,
+        }
+    }
+}
+
 /// Where `path` points when it is a symbolic link to nothing (its target moved or never copied
 /// to this node): a "does not exist" that names the link's target says which file is missing.
 pub fn dangling_link(path: &Path) -> Option<std::path::PathBuf> {

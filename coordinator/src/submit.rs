@@ -550,8 +550,7 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) 
         for (field, path) in
             [("models.dit", &m.dit), ("models.vae_encoder", &m.vae_encoder), ("models.vae_decoder", &m.vae_decoder)]
         {
-            let local = Path::new(path.strip_prefix("file://").unwrap_or(path));
-            let Ok(meta) = mgd3_common::modelmeta::read_model_meta(local) else { continue };
+            let Ok(meta) = mgd3_common::modelmeta::read_model_meta(local_model(path)) else { continue };
             let what = match meta.cuda_only() {
                 Some(mgd3_common::contract::CudaOnly::Bf16) => "a bf16 export".to_owned(),
                 Some(mgd3_common::contract::CudaOnly::CudaGraph { group_norm: 0 }) => {
@@ -575,15 +574,17 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) 
     if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
 }
 
+/// A model setting's file on this machine: a path, or a `file://` URL's path.
+fn local_model(path: &str) -> &Path {
+    Path::new(path.strip_prefix("file://").unwrap_or(path))
+}
+
 /// [`check_models`]'s problems, each naming its setting.
 fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
     let m = &spec.models;
     // Each file's metadata is read once; the checks below look at what could be read.
-    fn local(path: &str) -> &Path {
-        Path::new(path.strip_prefix("file://").unwrap_or(path))
-    }
     let [dit, encoder, decoder] =
-        [&m.dit, &m.vae_encoder, &m.vae_decoder].map(|path| mgd3_common::modelmeta::read_model_meta(local(path)));
+        [&m.dit, &m.vae_encoder, &m.vae_decoder].map(|path| mgd3_common::modelmeta::read_model_meta(local_model(path)));
     let mut problems = Vec::new();
     // What each readable file declares, by the contract the workers check at load: a file that
     // does not fit is refused here, in the workers' words, before any GPU is spent on it.
@@ -690,9 +691,9 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
     }
     if let (Some(dit), Some(encoder), Some(decoder)) = (&dit_info, &encoder_info, &decoder_info) {
         let set = ModelSet {
-            dit: (local(&m.dit), dit),
-            encoder: (local(&m.vae_encoder), encoder),
-            decoder: (local(&m.vae_decoder), decoder),
+            dit: (local_model(&m.dit), dit),
+            encoder: (local_model(&m.vae_encoder), encoder),
+            decoder: (local_model(&m.vae_decoder), decoder),
         };
         for mismatch in set.mismatches() {
             let field = match mismatch {
@@ -715,9 +716,8 @@ fn fill_model_fingerprints(mut spec: JobSpec) -> (JobSpec, Vec<FieldError>) {
         ("models.vae_encoder", &m.vae_encoder, &mut m.vae_encoder_fingerprint),
         ("models.vae_decoder", &m.vae_decoder, &mut m.vae_decoder_fingerprint),
     ] {
-        let local = path.strip_prefix("file://").unwrap_or(path);
         let mut invalid = |problem: String| problems.push(FieldError { field: field.to_owned(), problem });
-        match mgd3_common::fingerprint_file(Path::new(local)) {
+        match mgd3_common::fingerprint_file(local_model(path)) {
             Ok(actual) => match expected {
                 Some(want) if *want != actual => problems.push(FieldError {
                     field: format!("{field}_fingerprint"),

@@ -164,21 +164,6 @@ impl OnnxShardEngine {
                 vae_encoder: local(&spec.models.vae_encoder)?,
                 vae_decoder: local(&spec.models.vae_decoder)?,
             };
-            // Every file each model loads, before ONNX Runtime tries (its error would read as a
-            // failed run and spend the shard's attempts).
-            for (named, path) in [
-                (&spec.models.dit, &paths.dit),
-                (&spec.models.vae_encoder, &paths.vae_encoder),
-                (&spec.models.vae_decoder, &paths.vae_decoder),
-            ] {
-                match mgd3_common::modelmeta::model_files(path) {
-                    Ok(_) => {}
-                    // A model file that is not there is ONNX Runtime's ModelNotFound, below.
-                    Err(mgd3_common::modelmeta::ModelFilesError::Io { path: file, .. }) if file == *path => {}
-                    Err(source) => return Err(ShardFailure::ModelFiles { path: named.clone(), source }),
-                }
-            }
-
             let engine = match Engine::load(&paths, &self.runtime, spec.sampling, spec.seed) {
                 Ok(engine) => engine,
                 // A model this worker cannot open may be fine elsewhere (node-local paths).
@@ -197,6 +182,20 @@ impl OnnxShardEngine {
                 // A file that is no model, unreadable or given as another kind here, though submit
                 // saw the job's files: if its bytes differ from the job's, this node's copy is the
                 // problem (another worker's may be right), not the job.
+                // A model's files not all here (external data missing, cut short, outside its
+                // folder), found before ONNX Runtime tries: another worker may have them. Named by
+                // the job's path or URL.
+                Err(EngineError::ModelFiles(source)) => {
+                    let named = [
+                        (&spec.models.dit, &paths.dit),
+                        (&spec.models.vae_encoder, &paths.vae_encoder),
+                        (&spec.models.vae_decoder, &paths.vae_decoder),
+                    ]
+                    .into_iter()
+                    .find(|(_, path)| path.as_path() == source.model())
+                    .map_or_else(|| source.model().display().to_string(), |(named, _)| named.clone());
+                    return Err(ShardFailure::ModelFiles { path: named, source });
+                }
                 Err(e @ (EngineError::MisplacedModels { .. } | EngineError::UnusableModels { .. })) => {
                     return Err(changed_here(spec, &paths).unwrap_or_else(|| e.into()));
                 }

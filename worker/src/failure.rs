@@ -77,14 +77,7 @@ pub use mgd3_common::lease::Disposition;
 /// How [`ShardFailure::ModelFiles`] names the model: by the job's path or URL where the files
 /// were looked for elsewhere (a fetched copy), else as "the model", which its error names.
 fn job_model(path: &str, source: &mgd3_common::modelmeta::ModelFilesError) -> String {
-    use mgd3_common::modelmeta::ModelFilesError as E;
-    let here = match source {
-        E::Io { path, .. } => path,
-        E::OutsideFolder { model, .. }
-        | E::Truncated { model, .. }
-        | E::NotAFile { model, .. }
-        | E::Missing { model, .. } => model,
-    };
+    let here = source.model();
     if here.as_os_str() == std::ffi::OsStr::new(path.strip_prefix("file://").unwrap_or(path)) {
         "the model".to_owned()
     } else {
