@@ -955,6 +955,14 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Status(args) => {
             let mut client = args.connection.client()?;
             let url = args.connection.coordinator.clone();
+            // A sweep id whose record the coordinator cannot use (it does not read) is named as
+            // such, not as an unknown job.
+            if let Some(id) = &args.job
+                && looks_like_sweep(id)
+                && let Err(error) = sweep_of(&mut client, &url, id).await
+            {
+                return Err(error);
+            }
             if let Some(id) = &args.job
                 && let Ok(Some(record)) = sweep_of(&mut client, &url, id).await
             {

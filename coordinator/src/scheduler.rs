@@ -742,6 +742,10 @@ pub struct Scheduler {
     /// The classes (positions in the class list, shared by jobs of one [`share_key`]) of the
     /// last shard each worker was granted of a job with shared latents, with that key.
     held: HashMap<String, (String, std::ops::Range<usize>)>,
+    /// Leases whose completion the caller is verifying (lease id → worker id, completions of it
+    /// in flight): they do not expire, and their worker is not silent, while the coordinator
+    /// itself is the one taking the time (reading markers through a slow or failing store).
+    completing: HashMap<String, (String, u32)>,
 }
 
 impl Scheduler {
@@ -770,6 +774,7 @@ impl Scheduler {
             epoch: epoch.into(),
             settled: Vec::new(),
             held: HashMap::new(),
+            completing: HashMap::new(),
         }
     }
 
@@ -1035,10 +1040,14 @@ impl Scheduler {
     /// once, until it is heard from again): see [`Scheduler::take_worker_events`].
     pub fn note_departures(&mut self, now: u64) {
         let limit = 3 * self.heartbeat_ms;
+        // A worker waiting for its completion to be verified is talking to us, not silent.
+        let reporting: HashSet<&String> = self.completing.values().map(|(worker, _)| worker).collect();
         let mut silent: Vec<(&String, u64)> = self
             .workers
             .iter()
-            .filter(|(id, seen)| now.saturating_sub(**seen) > limit && !self.gone.contains_key(*id))
+            .filter(|(id, seen)| {
+                now.saturating_sub(**seen) > limit && !self.gone.contains_key(*id) && !reporting.contains(id)
+            })
             .map(|(id, seen)| (id, now - seen))
             .collect();
         silent.sort();
@@ -1428,19 +1437,27 @@ impl Scheduler {
             ShardState::Leased { deadline_ms, .. } => deadline_ms,
             _ => u64::MAX,
         };
+        // A lease whose completion is being verified is not the worker's to renew: it is
+        // renewed when the verification ends (see `end_completion`).
+        let completing = |lease: &String| self.completing.contains_key(lease);
         let expired: Vec<String> = self
             .leases
             .iter()
-            .filter(|(_, job, shard)| deadline(job, *shard) <= now)
+            .filter(|(lease, job, shard)| deadline(job, *shard) <= now && !completing(lease))
             .map(|(lease, _, _)| lease.clone())
             .collect();
-        let expired_backups: Vec<String> =
-            self.backups.iter().filter(|(_, b)| b.deadline_ms <= now).map(|(lease, _)| lease.clone()).collect();
+        let expired_backups: Vec<String> = self
+            .backups
+            .iter()
+            .filter(|(lease, b)| b.deadline_ms <= now && !completing(lease))
+            .map(|(lease, _)| lease.clone())
+            .collect();
         self.next_expiry = self
             .leases
             .iter()
+            .filter(|(lease, _, _)| !completing(lease))
             .map(|(_, job, shard)| deadline(job, shard))
-            .chain(self.backups.values().map(|b| b.deadline_ms))
+            .chain(self.backups.iter().filter(|(lease, _)| !completing(lease)).map(|(_, b)| b.deadline_ms))
             .filter(|d| *d > now)
             .min()
             .unwrap_or(u64::MAX);
@@ -1592,6 +1609,56 @@ impl Scheduler {
     pub fn lease(&self, worker_id: &str, lease_id: &str) -> Result<(Arc<ResolvedJob>, usize), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         Ok((self.jobs[&job].job.clone(), shard))
+    }
+
+    /// A worker reports `lease_id` complete: the (job, shard) it is for, as [`Scheduler::lease`],
+    /// and, until [`Scheduler::end_completion`], the lease does not expire and its worker is not
+    /// announced as silent. The worker waits for the answer without heartbeats, so the time the
+    /// caller takes to verify the shard's markers (a store that is slow, or down for minutes and
+    /// retried) must not count against the worker's lease: it would be leased again, and its
+    /// committed shard run twice, with an attempt spent. Calls nest (a worker that gave up on
+    /// its call and sent it again).
+    ///
+    /// # Errors
+    /// As [`Scheduler::lease`].
+    pub fn begin_completion(
+        &mut self,
+        worker_id: &str,
+        lease_id: &str,
+    ) -> Result<(Arc<ResolvedJob>, usize), SchedulerError> {
+        let held = self.lease(worker_id, lease_id)?;
+        self.completing.entry(lease_id.to_owned()).or_insert_with(|| (worker_id.to_owned(), 0)).1 += 1;
+        Ok(held)
+    }
+
+    /// Ends a [`Scheduler::begin_completion`] at `now`, however it ended (verified and
+    /// completed, refused, failed on the store, or abandoned by the worker). A lease still held
+    /// once no completion of it is in flight gets a whole timeout from `now`, as if renewed:
+    /// its worker sends the report again, or stops renewing it and it expires one timeout later.
+    pub fn end_completion(&mut self, lease_id: &str, now: u64) {
+        let Some((worker, calls)) = self.completing.get_mut(lease_id) else { return };
+        *calls -= 1;
+        if *calls > 0 {
+            return;
+        }
+        let worker = worker.clone();
+        self.completing.remove(lease_id);
+        if let Some(seen) = self.workers.get_mut(&worker) {
+            *seen = (*seen).max(now);
+        }
+        if let Some(backup) = self.backups.get_mut(lease_id) {
+            let Some(run) = self.jobs.get(&backup.job) else { return };
+            backup.deadline_ms = backup.deadline_ms.max(now + run.job.spec.lease_timeout_s * 1000);
+            self.next_expiry = self.next_expiry.min(backup.deadline_ms);
+            return;
+        }
+        let Some((job_id, shard)) = self.leases.get(lease_id) else { return };
+        let Some(run) = self.jobs.get_mut(&job_id) else { return };
+        let timeout = run.job.spec.lease_timeout_s * 1000;
+        if let ShardState::Leased { deadline_ms, .. } = &mut run.persisted.shards[shard].state {
+            *deadline_ms = (*deadline_ms).max(now + timeout);
+            self.next_expiry = self.next_expiry.min(*deadline_ms);
+        }
     }
 
     /// A shard's lease finished and its markers were verified.
@@ -2054,6 +2121,49 @@ mod tests {
         assert_eq!((summary.done, summary.pending, summary.running, summary.images_done), (2, 0, 1, 4));
         assert_eq!(s.complete("w2", &retry.lease_id, 15_000).unwrap().1, Settled::Finished(JobState::Succeeded));
         assert_eq!(s.summary("j", 16_000).unwrap().finished_unix_ms, Some(15_000));
+    }
+
+    /// The worker waits for its completion's answer without heartbeats: however long the
+    /// coordinator takes to verify it (a store down for minutes), the lease neither expires nor
+    /// is its worker announced as silent; once the verification ends, a lease still held gets a
+    /// whole timeout from then (the worker reports again, or it expires as any other).
+    #[test]
+    fn a_lease_does_not_expire_while_its_completion_is_verified() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        let b = lease(poll(&mut s, "w2", &[], false, 0).0);
+        // w1 reports at 1 s, twice (it gave up on its first call and sent it again).
+        let (held, shard) = s.begin_completion("w1", &a.lease_id).unwrap();
+        assert_eq!((held.job_id.as_str(), shard), ("j", a.shard_index));
+        s.begin_completion("w1", &a.lease_id).unwrap();
+        assert!(matches!(s.begin_completion("w2", &a.lease_id), Err(SchedulerError::NotOwner { .. })));
+        // w2 only polled at 0 s: its lease (timeout 10 s) expires, w1's does not.
+        s.note_departures(60_000);
+        let left: Vec<_> = s.take_worker_events();
+        assert!(
+            left.iter().all(|e| !matches!(e, WorkerEvent::Left { worker_id, .. } if worker_id == "w1")),
+            "{left:?}"
+        );
+        s.expire(60_000);
+        let expired: Vec<_> = s.take_expired().into_iter().map(|e| e.lease_id).collect();
+        assert_eq!(expired, vec![b.lease_id.clone()]);
+        // The first call ends (the store failed it); the second still holds the lease.
+        s.end_completion(&a.lease_id, 61_000);
+        assert!(s.expire(200_000).is_empty() && s.take_expired().is_empty());
+        // The second ends at 200 s: renewed until 210 s.
+        s.end_completion(&a.lease_id, 200_000);
+        assert!(s.expire(209_999).is_empty() && s.take_expired().is_empty());
+        assert_eq!(s.lease("w1", &a.lease_id).unwrap().1, a.shard_index);
+        s.expire(210_000);
+        let expired: Vec<_> = s.take_expired().into_iter().map(|e| e.lease_id).collect();
+        assert_eq!(expired, vec![a.lease_id.clone()]);
+        // A completion that ends in `complete` leaves nothing behind.
+        let retry = lease(poll(&mut s, "w3", &[], false, 210_000).0);
+        s.begin_completion("w3", &retry.lease_id).unwrap();
+        s.complete("w3", &retry.lease_id, 211_000).unwrap();
+        s.end_completion(&retry.lease_id, 211_000);
+        assert!(s.completing.is_empty());
     }
 
     #[test]

@@ -77,6 +77,10 @@ struct Inner {
     /// When each job's `job.json` was last seen in place by a flush (see
     /// [`Coordinator::vanished`]).
     presence_checked: Mutex<HashMap<String, std::time::Instant>>,
+    /// Every sweep record in the store (read at open, kept by submit and forget), or what is
+    /// wrong with one that does not read: `status`, `list` and the reports ask for sweeps on
+    /// every call, and must answer while the store is slow or down.
+    sweeps: Mutex<BTreeMap<String, std::result::Result<SweepRecord, String>>>,
 }
 
 /// A sweep as [`Coordinator::submit_sweep`] submitted it.
@@ -276,8 +280,10 @@ impl Coordinator {
                 lock_outage: Mutex::new(Outage::default()),
                 manifest_refused: Mutex::new(HashMap::new()),
                 presence_checked: Mutex::new(HashMap::new()),
+                sweeps: Mutex::new(BTreeMap::new()),
             }),
         };
+        coordinator.load_sweeps().await?;
         for (job_id, loaded) in coordinator.inner.jobs.load_jobs().await? {
             let recovered = match loaded {
                 Ok((job, persisted)) => coordinator.recover(job, persisted).await,
@@ -792,14 +798,8 @@ impl Coordinator {
             move |source| Error::ObjectStore { url, context, source }
         };
         // The first submit's record stands (its creation time); the same id is the same variants.
-        match store::get_optional(store.store.as_ref(), &store.key(&key)).await {
-            Ok(Some(bytes)) => {
-                if let Ok(existing) = serde_json::from_slice::<SweepRecord>(&bytes) {
-                    record.created_unix_ms = existing.created_unix_ms;
-                }
-            }
-            Ok(None) => {}
-            Err(source) => return Err(failed(format!("reading `{key}`"))(source)),
+        if let Some(Ok(existing)) = self.inner.sweeps.lock().expect("sweeps").get(&record.sweep_id) {
+            record.created_unix_ms = existing.created_unix_ms;
         }
         let bytes = serde_json::to_vec_pretty(&record).expect("serialisable");
         let at = store.key(&key);
@@ -814,35 +814,18 @@ impl Coordinator {
                 Error::ObjectStore { url: out.url.clone(), context: format!("writing `{key}`"), source }
             })?;
         }
+        self.inner.sweeps.lock().expect("sweeps").insert(record.sweep_id.clone(), Ok(record.clone()));
         info!(sweep = %record.sweep_id, variants = record.variants.len(), "sweep submitted");
         Ok(SubmittedSweep { record, jobs, notes })
     }
 
-    /// The record of sweep `sweep_id`, as its submit wrote it in the store.
+    /// Reads every sweep record in the store into memory (at open: this coordinator holds the
+    /// store's lock, so no one else writes them). A record that does not read is kept as its
+    /// problem, and named when asked for.
     ///
     /// # Errors
-    /// [`Error::UnknownSweep`] when the store has none; [`Error::Corrupt`] for one that does not
-    /// read; store errors.
-    pub async fn sweep(&self, sweep_id: &str) -> Result<SweepRecord> {
-        let key = SweepRecord::key(sweep_id);
-        let store = &self.inner.store;
-        let valid = mgd3_common::job::validate_job_id(sweep_id).is_ok();
-        let bytes = match valid {
-            true => store::get_optional(store.store.as_ref(), &store.key(&key)).await.map_err(|source| {
-                Error::ObjectStore { url: store.url.clone(), context: format!("reading `{key}`"), source }
-            })?,
-            false => None,
-        };
-        let bytes = bytes.ok_or_else(|| Error::UnknownSweep(sweep_id.to_owned()))?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: key, problem: e.to_string() })
-    }
-
-    /// Every sweep submitted to this store, oldest first; a record that does not read is logged
-    /// and left out.
-    ///
-    /// # Errors
-    /// Store errors listing `sweeps/`.
-    pub async fn sweeps(&self) -> Result<Vec<SweepRecord>> {
+    /// Store errors listing `sweeps/` or reading a record.
+    async fn load_sweeps(&self) -> Result<()> {
         use futures::TryStreamExt;
         let store = &self.inner.store;
         let listed: Vec<object_store::ObjectMeta> = match store
@@ -857,14 +840,49 @@ impl Coordinator {
                 return Err(Error::ObjectStore { url: store.url.clone(), context: "listing `sweeps/`".into(), source });
             }
         };
-        let mut records = Vec::new();
+        let mut sweeps = BTreeMap::new();
         for meta in listed {
             let Some(id) = meta.location.filename().and_then(|name| name.strip_suffix(".json")) else { continue };
-            match self.sweep(id).await {
-                Ok(record) => records.push(record),
-                Err(error) => warn!(sweep = %id, error = %mgd3_common::error_chain(&error), "sweep record left out"),
+            if mgd3_common::job::validate_job_id(id).is_err() {
+                continue;
             }
+            let key = SweepRecord::key(id);
+            let bytes = store::get_optional(store.store.as_ref(), &store.key(&key)).await.map_err(|source| {
+                Error::ObjectStore { url: store.url.clone(), context: format!("reading `{key}`"), source }
+            })?;
+            let Some(bytes) = bytes else { continue };
+            let record = serde_json::from_slice::<SweepRecord>(&bytes).map_err(|e| e.to_string());
+            if let Err(problem) = &record {
+                warn!(sweep = %id, problem = %problem, "sweep record does not read: left out of `list`, named by `status`");
+            }
+            sweeps.insert(id.to_owned(), record);
         }
+        *self.inner.sweeps.lock().expect("sweeps") = sweeps;
+        Ok(())
+    }
+
+    /// The record of sweep `sweep_id`, as its submit wrote it in the store (kept in memory: no
+    /// store call).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSweep`] when the store has none; [`Error::Corrupt`] for one that does not
+    /// read.
+    pub async fn sweep(&self, sweep_id: &str) -> Result<SweepRecord> {
+        match self.inner.sweeps.lock().expect("sweeps").get(sweep_id) {
+            Some(Ok(record)) => Ok(record.clone()),
+            Some(Err(problem)) => Err(Error::Corrupt { path: SweepRecord::key(sweep_id), problem: problem.clone() }),
+            None => Err(Error::UnknownSweep(sweep_id.to_owned())),
+        }
+    }
+
+    /// Every sweep submitted to this store, oldest first; a record that does not read is left
+    /// out (logged when the coordinator opened the store).
+    ///
+    /// # Errors
+    /// None at present (the records are in memory); kept fallible for the store behind them.
+    pub async fn sweeps(&self) -> Result<Vec<SweepRecord>> {
+        let mut records: Vec<SweepRecord> =
+            self.inner.sweeps.lock().expect("sweeps").values().filter_map(|r| r.as_ref().ok().cloned()).collect();
         records.sort_by_key(|r: &SweepRecord| (r.created_unix_ms, r.sweep_id.clone()));
         Ok(records)
     }
@@ -903,6 +921,7 @@ impl Coordinator {
             context: format!("deleting `{key}`"),
             source,
         })?;
+        self.inner.sweeps.lock().expect("sweeps").remove(sweep_id);
         info!(sweep = %sweep_id, variants = record.variants.len(), "sweep forgotten: its jobs' records and its own are deleted");
         Ok(record.variants.into_iter().map(|v| v.job_id).collect())
     }
@@ -1629,7 +1648,10 @@ impl Coordinator {
     /// [`Error::Scheduler`] for a lease that is not held, store errors.
     pub async fn complete(&self, request: Completion) -> Result<()> {
         let (job, shard) =
-            self.inner.scheduler.lock().expect("scheduler").lease(&request.worker_id, &request.lease_id)?;
+            self.inner.scheduler.lock().expect("scheduler").begin_completion(&request.worker_id, &request.lease_id)?;
+        // Until this returns (or the worker hangs up and the call is dropped), the lease is ours
+        // to keep: reading the markers may take as long as the store does.
+        let _verifying = Verifying { inner: self.inner.clone(), lease_id: request.lease_id.clone() };
         let out = self.output(&job)?;
         let keys = JobKeys::new(&job.job_id);
         let mut markers = Vec::new();
@@ -1741,6 +1763,21 @@ impl Coordinator {
         }
         self.settled(&job_id, settled);
         Ok(())
+    }
+}
+
+/// A completion being verified ([`Scheduler::begin_completion`]): ended when dropped, however
+/// the verification ends, with the lease renewed from then if it is still held.
+struct Verifying {
+    inner: Arc<Inner>,
+    lease_id: String,
+}
+
+impl Drop for Verifying {
+    fn drop(&mut self) {
+        if let Ok(mut scheduler) = self.inner.scheduler.lock() {
+            scheduler.end_completion(&self.lease_id, now_ms());
+        }
     }
 }
 

@@ -180,8 +180,12 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     let Some(moto) = moto() else { return };
     create_bucket(moto.port, "flaky");
     let s3 = bucket(moto.port, "flaky");
+    // The coordinator and the worker reach the store through proxies of their own, so that the
+    // outage can begin on the coordinator's side first.
     let (proxy, down) = flaky_proxy(moto.port);
     let env = aws_env(proxy);
+    let (worker_proxy, worker_down) = flaky_proxy(moto.port);
+    let worker_env = aws_env(worker_proxy);
     let scratch = tempfile::tempdir().unwrap();
     let data = scratch.path().join("data");
     // One class per shard (all ten the tiny DiT knows) at IPC 4, so the first commit comes long
@@ -196,18 +200,47 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     let log = scratch.path().join("coordinator.log");
     let _coordinator = serve(port, "s3://flaky/state", &log, &env);
     let job = submit(&url, &job_spec);
-    let _worker = worker(&url, "w0", &scratch.path().join("w0.log"), &env);
+    let _worker = worker(&url, "w0", &scratch.path().join("w0.log"), &worker_env);
     wait_for("the first committed shard", Duration::from_secs(60), || {
         status(&url, &job).is_some_and(|s| s["shards"]["done"].as_u64() >= Some(1))
+    });
+    // A second worker whose class takes ten minutes holds a shard and polls every heartbeat
+    // through the outage, as a cluster's other workers do: a poll expires whatever lease is due.
+    // It is stopped (its lease given back, no attempt spent) once the store is back.
+    let holder = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &url, "--worker-id", "w1", "--engine", "fake", "--fake-class-seconds", "600"])
+            .envs(worker_env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(std::fs::File::create(scratch.path().join("w1.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the second worker's lease", Duration::from_secs(30), || {
+        status(&url, &job).is_some_and(|s| s["shards"]["running"].as_u64() >= Some(2))
     });
     down.store(true, Ordering::Relaxed);
     let outage = Instant::now();
     eprintln!("outage begins with {} of {classes} shards done", status(&url, &job).unwrap()["shards"]["done"]);
-    // Longer than three attempts' worth of the old retry budget (12 retries, 4–17 s per call).
-    std::thread::sleep(Duration::from_secs(30));
+    // For 10 s (two lease timeouts) only the coordinator's calls fail: the worker commits its
+    // shard and reports it, and waits without heartbeats while the coordinator cannot read the
+    // markers. That wait must not expire the lease (it did: the shard was leased again, with an
+    // attempt spent, whenever the outage began while a completion was being verified).
+    std::thread::sleep(Duration::from_secs(10));
+    worker_down.store(true, Ordering::Relaxed);
+    // The coordinator answers from memory while its store is down (`status` and `list` asked the
+    // store for sweep records first, and hung until it came back).
+    let during = status(&url, &job).expect("`coordinator status` answers during the outage");
+    assert_eq!(during["state"], "running", "{during:#}");
+    let listed = Command::new(bin("coordinator")).args(["list", "--coordinator", &url]).output().unwrap();
+    assert!(listed.status.success(), "`coordinator list` answers during the outage: {listed:?}");
+    // 30 s in all: longer than three attempts' worth of the old retry budget (12 retries, 4–17 s
+    // per call).
+    std::thread::sleep(Duration::from_secs(20));
     down.store(false, Ordering::Relaxed);
+    worker_down.store(false, Ordering::Relaxed);
     let during = status(&url, &job).unwrap();
     assert_eq!(during["state"], "running", "the outage must hit the job mid-run: {during:#}");
+    terminate(&holder.0);
     finish(&url, &job, Duration::from_secs(240), &log);
     eprintln!("job finished {:.1} s after the outage began", outage.elapsed().as_secs_f64());
     // The outage was said: once per store when it had lasted 15 s, once when it ended.

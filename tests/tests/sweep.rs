@@ -284,6 +284,30 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     let again = coordinator(&["submit", sweep_spec.to_str().unwrap(), "--coordinator", &url]);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), id, "{}", String::from_utf8_lossy(&again.stderr));
 
+    // Sweep records are read once, when a coordinator opens the store (`status` and `list` answer
+    // from memory, also while the store is down): a restarted coordinator knows the sweep, and a
+    // record that does not read is named by `status` and left out of `list`.
+    std::fs::write(Path::new(&scratch.store).join("sweeps").join("chaos-sweep-0000deadbeef.json"), "{ not json")
+        .unwrap();
+    drop(_server);
+    let (_server, _port, url) = serve_logging_leases(&scratch.store, &scratch.dir.path().join("serve2.log"));
+    wait_for_coordinator(&url);
+    let status = coordinator(&["status", &id, "--json", "--coordinator", &url]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["variants"].as_array().map(Vec::len), Some(3), "{status:#}");
+    let broken = coordinator(&["status", "chaos-sweep-0000deadbeef", "--coordinator", &url]);
+    let message = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        !broken.status.success()
+            && message.contains("sweeps/chaos-sweep-0000deadbeef.json")
+            && message.contains("corrupt"),
+        "{message}"
+    );
+    let listed = coordinator(&["list", "--coordinator", &url]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains(&id) && !listed.contains("deadbeef"), "{listed}");
+
     // Bad sweeps: refused before anything runs (exit 2), naming the key and what to do.
     for (sweep, expected) in [
         ("[sweep]\nguidance = [0.1]\n", "did you mean `guidance_scale`"),
