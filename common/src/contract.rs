@@ -51,6 +51,13 @@ impl fmt::Display for Graph {
     }
 }
 
+/// The oldest ONNX Runtime the workers accept (`mgd3_onnx::session::REQUIRED_ORT`).
+pub const REQUIRED_ORT: &str = "1.26";
+
+/// The newest ONNX IR version [`REQUIRED_ORT`] reads, as it says when it refuses a newer one
+/// ("Unsupported model IR version: 99, max supported IR version: 13"); newer runtimes read more.
+pub const REQUIRED_ORT_MAX_IR: u64 = 13;
+
 /// Element types the contract allows for float tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -143,6 +150,12 @@ pub struct ModelIo {
     pub outputs: Vec<TensorDecl>,
     /// The model's custom metadata, key → value.
     pub metadata: BTreeMap<String, String>,
+    /// The ONNX IR version the file declares (`ModelProto.ir_version`), when read from the file;
+    /// ONNX Runtime does not report it for a loaded session.
+    pub ir_version: Option<u64>,
+    /// The operator sets the file imports, domain (`""` is the default `ai.onnx`) → version,
+    /// when read from the file.
+    pub opsets: BTreeMap<String, u64>,
 }
 
 impl ModelIo {
@@ -595,6 +608,7 @@ mod tests {
             ],
             outputs: vec![decl("out", Element::Float32, &[-1, 8, 32, 32])],
             metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..ModelIo::default()
         }
     }
 
@@ -654,12 +668,14 @@ mod tests {
                 decl("logvar", Element::Float32, &[-1, 4, 32, 32]),
             ],
             metadata: meta("vae_encoder"),
+            ..ModelIo::default()
         };
         let decoder = ModelIo {
             path: "dec.onnx".into(),
             inputs: vec![decl("latent", Element::Float16, &[-1, 4, 32, 32])],
             outputs: vec![decl("image", Element::Float16, &[-1, 3, 256, 256])],
             metadata: meta("vae_decoder"),
+            ..ModelIo::default()
         };
         let e = VaeInfo::encoder_from_io(&encoder).unwrap();
         let d = VaeInfo::decoder_from_io(&decoder).unwrap();

@@ -46,6 +46,16 @@ fn varint(r: &mut impl Read) -> std::io::Result<u64> {
 fn fields<R: Read + Seek>(
     r: &mut R,
     len: u64,
+    visit: impl FnMut(u64, &mut R, u64) -> std::io::Result<bool>,
+) -> std::io::Result<()> {
+    fields_and_varints(r, len, |_, _| {}, visit)
+}
+
+/// [`fields`], also handing each varint field (number, value) to `varint_field`.
+fn fields_and_varints<R: Read + Seek>(
+    r: &mut R,
+    len: u64,
+    mut varint_field: impl FnMut(u64, u64),
     mut visit: impl FnMut(u64, &mut R, u64) -> std::io::Result<bool>,
 ) -> std::io::Result<()> {
     let end = r.stream_position()? + len;
@@ -54,7 +64,8 @@ fn fields<R: Read + Seek>(
         let (field, wire) = (tag >> 3, tag & 7);
         match wire {
             0 => {
-                varint(r)?;
+                let value = varint(r)?;
+                varint_field(field, value);
             }
             1 => {
                 r.seek(SeekFrom::Current(8))?;
@@ -227,26 +238,51 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     r.rewind()?;
     let mut meta = ModelIo { path: path.to_owned(), ..ModelIo::default() };
     let mut graph = false;
-    fields(&mut r, len, |field, r, n| match field {
-        14 => {
-            let (key, value) = string_entry(bytes(r, n)?)?;
-            meta.metadata.insert(key, value);
-            Ok(true)
-        }
-        7 => {
-            graph = true;
-            fields(r, n, |field, r, n| {
-                match field {
-                    11 => meta.inputs.push(value_info(&bytes(r, n)?)?),
-                    12 => meta.outputs.push(value_info(&bytes(r, n)?)?),
-                    _ => return Ok(false),
-                }
+    let mut ir_version = None;
+    fields_and_varints(
+        &mut r,
+        len,
+        // ModelProto.ir_version
+        |field, value| {
+            if field == 1 {
+                ir_version = Some(value);
+            }
+        },
+        |field, r, n| match field {
+            // ModelProto.opset_import: OperatorSetIdProto { domain = 1, version = 2 }
+            8 => {
+                let (mut domain, mut version) = (String::new(), 0);
+                each_field(&bytes(r, n)?, |field, value| {
+                    match (field, value) {
+                        (1, Field::Bytes(name)) => domain = String::from_utf8_lossy(name).into_owned(),
+                        (2, Field::Varint(v)) => version = v,
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                meta.opsets.insert(domain, version);
                 Ok(true)
-            })?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    })
+            }
+            14 => {
+                let (key, value) = string_entry(bytes(r, n)?)?;
+                meta.metadata.insert(key, value);
+                Ok(true)
+            }
+            7 => {
+                graph = true;
+                fields(r, n, |field, r, n| {
+                    match field {
+                        11 => meta.inputs.push(value_info(&bytes(r, n)?)?),
+                        12 => meta.outputs.push(value_info(&bytes(r, n)?)?),
+                        _ => return Ok(false),
+                    }
+                    Ok(true)
+                })?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        },
+    )
     .map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             bad("it ends inside a field, as a copy cut short does")
@@ -257,6 +293,7 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     if !graph {
         return Err(bad(if len == 0 { "the file is empty" } else { "it has no graph" }));
     }
+    meta.ir_version = ir_version;
     Ok(meta)
 }
 
@@ -591,8 +628,25 @@ mod tests {
         let out: Vec<&str> = dit.outputs.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(out, ["out"]);
         crate::contract::DitInfo::from_io(&dit).unwrap();
+        assert_eq!(dit.ir_version, Some(10));
+        assert_eq!(dit.opsets.iter().map(|(d, v)| (d.as_str(), *v)).collect::<Vec<_>>(), [("", 18)]);
         let encoder = read_model_meta(&fixture("tiny_vae_encoder.onnx")).unwrap();
         assert_eq!(encoder.get::<i64>("mgd3.image_size"), Some(16));
+        // A later ir_version wins (protobuf's rule for a scalar), and each opset's domain is its own.
+        let mut bytes = std::fs::read(fixture("tiny_dit.onnx")).unwrap();
+        bytes.extend([0x08, 99]);
+        let mut opset = Vec::new();
+        put_bytes(1, b"com.microsoft", &mut opset);
+        opset.extend([0x10, 1]);
+        put_bytes(8, &opset, &mut bytes);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.onnx"), bytes).unwrap();
+        let newer = read_model_meta(&dir.path().join("m.onnx")).unwrap();
+        assert_eq!(newer.ir_version, Some(99));
+        assert_eq!(
+            newer.opsets.iter().map(|(d, v)| (d.as_str(), *v)).collect::<Vec<_>>(),
+            [("", 18), ("com.microsoft", 1)]
+        );
         let error = read_model_meta(&fixture("../../../README.md")).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
     }

@@ -1418,6 +1418,10 @@ async fn run_command(cli: Cli) -> Result<()> {
             for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
                 outln!("  {:>5}  label {:>4}  {:>6} images  {}", class.class_index, class.label, count, class.wnid);
             }
+            outln!("models:");
+            for line in crate::submit::model_lines(&job.spec) {
+                outln!("{line}");
+            }
             if args.decode {
                 let root = mgd3_common::imagefolder::Root::open(&job.spec.dataset)?;
                 let parallel = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -579,6 +579,99 @@ fn local_model(path: &str) -> &Path {
     Path::new(path.strip_prefix("file://").unwrap_or(path))
 }
 
+/// What `coordinator check` says of each model of `spec`, one line per model (`dit`,
+/// `vae_encoder`, `vae_decoder`): the file, what it declares (kind, classes and timesteps, image
+/// and latent shapes, scale factor, precision, graph), its ONNX IR version and operator sets, and
+/// where it runs (the CPU or CUDA, or CUDA only for a bf16 export or a CUDA-graph VAE). A model
+/// given as a URL, or not readable here, is said to be checked where it is fetched or loaded.
+/// The contract itself is [`check_models`]'s; these lines describe files that passed it.
+pub fn model_lines(spec: &JobSpec) -> Vec<String> {
+    let m = &spec.models;
+    [("dit", &m.dit), ("vae_encoder", &m.vae_encoder), ("vae_decoder", &m.vae_decoder)]
+        .into_iter()
+        .map(|(kind, path)| format!("  {kind:<12} {path}: {}", describe_model(kind, path)))
+        .collect()
+}
+
+fn describe_model(kind: &str, path: &str) -> String {
+    if store::is_url(path) && !path.starts_with("file://") {
+        return "a URL: fetched and checked by each worker (and fingerprinted at submit)".into();
+    }
+    let io = match mgd3_common::modelmeta::read_model_meta(local_model(path)) {
+        Ok(io) => io,
+        Err(error) => return format!("not readable here ({error}): the workers must find it at this path"),
+    };
+    let shape = |s: [usize; 3]| format!("{}×{}×{}", s[0], s[1], s[2]);
+    // The export's own word (`bf16` computes inside an fp32 interface), else its inputs' type.
+    let exported = io.metadata.get("mgd3.precision").map(|p| p.trim().to_owned());
+    let precision = |p: mgd3_common::contract::Precision| {
+        exported.clone().unwrap_or_else(|| match p {
+            mgd3_common::contract::Precision::F32 => "fp32".into(),
+            mgd3_common::contract::Precision::F16 => "fp16".into(),
+        })
+    };
+    let declared = match kind {
+        "dit" => DitInfo::from_io(&io).map(|d| {
+            format!(
+                "DiT, {} classes, {} training timesteps, latents {}, {}, {}",
+                d.num_classes,
+                d.train_timesteps,
+                shape(d.latent_shape),
+                precision(d.precision),
+                io.graph()
+            )
+        }),
+        "vae_encoder" => VaeInfo::encoder_from_io(&io).map(|v| {
+            format!(
+                "VAE encoder, images {} → latents {}, scale factor {}, {}",
+                shape(v.image_shape),
+                shape(v.latent_shape),
+                v.scale_factor,
+                precision(v.precision)
+            )
+        }),
+        _ => VaeInfo::decoder_from_io(&io).map(|v| {
+            format!(
+                "VAE decoder, latents {} → images {}, scale factor {}, {}",
+                shape(v.latent_shape),
+                shape(v.image_shape),
+                v.scale_factor,
+                precision(v.precision)
+            )
+        }),
+    };
+    let mut text = declared.unwrap_or_else(|violation| violation.to_string());
+    if let Some(ir) = io.ir_version {
+        text.push_str(&format!("; ONNX IR {ir}"));
+        if ir > mgd3_common::contract::REQUIRED_ORT_MAX_IR {
+            text.push_str(&format!(
+                " (newer than ONNX Runtime {} reads, IR {}: workers on it refuse the model)",
+                mgd3_common::contract::REQUIRED_ORT,
+                mgd3_common::contract::REQUIRED_ORT_MAX_IR
+            ));
+        }
+    }
+    let opsets: Vec<String> = io
+        .opsets
+        .iter()
+        .map(|(domain, version)| match domain.as_str() {
+            "" | "ai.onnx" => format!("opset {version}"),
+            domain => format!("{domain} {version}"),
+        })
+        .collect();
+    if !opsets.is_empty() {
+        text.push_str(&format!(", {}", opsets.join(", ")));
+    }
+    text.push_str(match io.cuda_only() {
+        Some(mgd3_common::contract::CudaOnly::Bf16) => "; runs on CUDA only (bf16): its workers need `--device cuda`",
+        Some(mgd3_common::contract::CudaOnly::CudaGraph { .. }) => {
+            "; runs on CUDA only (the CUDA graph of the VAE): its workers need `--device cuda`"
+        }
+        None => "; runs on the CPU or CUDA",
+    });
+    text
+}
+
 /// [`check_models`]'s problems, each naming its setting.
 fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
     let m = &spec.models;

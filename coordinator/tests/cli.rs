@@ -435,6 +435,69 @@ fn check_reports_every_dataset_problem_or_the_plan() {
 /// Models that are ONNX files but do not fit the contract the workers check at load (no `mgd3.*`
 /// metadata, an input of the wrong rank, a missing input) are refused by `check`, by their
 /// setting and in the workers' words, instead of failing every shard's first attempt.
+/// `check` says what each model is and where it can run: its declarations, its ONNX IR version
+/// and operator sets, and "CUDA only" for a bf16 export; an IR version newer than the oldest
+/// ONNX Runtime the workers accept is noted (workers on it refuse the model at load).
+#[test]
+fn check_describes_each_model_and_where_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..2 {
+            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
+        }
+    }
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    // The tiny DiT with ir_version 99 appended: a later scalar field wins, as in any protobuf
+    // reader (ONNX Runtime's included).
+    let mut newer = std::fs::read(models.join("tiny_dit.onnx")).unwrap();
+    newer.extend([0x08, 99]);
+    let newer_path = dir.path().join("newer_dit.onnx");
+    std::fs::write(&newer_path, newer).unwrap();
+    let spec = dir.path().join("job.toml");
+    let check = |dit: &Path| {
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"described\"\ndataset = \"data\"\nclasses = \"all\"\nlabels = \"folder\"\nipc = 2\n[models]\ndit = \"{}\"\n\
+                 vae_encoder = \"{}\"\nvae_decoder = \"{}\"\n",
+                dit.display(),
+                models.join("tiny_vae_encoder.onnx").display(),
+                models.join("tiny_vae_decoder.onnx").display()
+            ),
+        )
+        .unwrap();
+        let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = check(&models.join("tiny_dit.onnx"));
+    let line = |kind: &str| text.lines().find(|l| l.trim_start().starts_with(kind)).unwrap_or_default().to_owned();
+    assert!(text.contains("\nmodels:\n"), "{text}");
+    assert!(
+        line("dit ").contains(
+            "DiT, 10 classes, 1000 training timesteps, latents 4×8×8, fp32, plain graph; ONNX IR 10, opset 18; \
+             runs on the CPU or CUDA"
+        ),
+        "{text}"
+    );
+    assert!(line("vae_encoder").contains("images 3×16×16 → latents 4×8×8, scale factor 0.18215"), "{text}");
+    assert!(line("vae_decoder").contains("latents 4×8×8 → images 3×16×16"), "{text}");
+    let text = check(&models.join("bf16_dit.onnx"));
+    let dit = text.lines().find(|l| l.trim_start().starts_with("dit ")).unwrap();
+    assert!(
+        dit.contains("bf16") && dit.contains("runs on CUDA only (bf16): its workers need `--device cuda`"),
+        "{dit}"
+    );
+    let text = check(&newer_path);
+    let dit = text.lines().find(|l| l.trim_start().starts_with("dit ")).unwrap();
+    assert!(
+        dit.contains("ONNX IR 99 (newer than ONNX Runtime 1.26 reads, IR 13: workers on it refuse the model)"),
+        "{dit}"
+    );
+}
+
 #[test]
 fn check_refuses_models_that_do_not_fit_the_contract() {
     let dir = tempfile::tempdir().unwrap();

@@ -43,5 +43,8 @@ pub fn read_io(path: &std::path::Path, session: &Session) -> Result<ModelIo> {
         inputs: session.inputs().iter().map(|o| declare(o.name(), o.dtype())).collect(),
         outputs: session.outputs().iter().map(|o| declare(o.name(), o.dtype())).collect(),
         metadata,
+        // Not reported by a session: the file reader fills them.
+        ir_version: None,
+        opsets: Default::default(),
     })
 }

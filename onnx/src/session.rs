@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 
 /// The oldest ONNX Runtime the `api-26` binding accepts: 1.26.0 is the newest onnxruntime-gpu
 /// wheel built for CUDA 12 (1.27 and later are CUDA 13), so one binary serves both kinds of node.
-pub const REQUIRED_ORT: &str = "1.26";
+/// (One value with the contract's, which `coordinator check` quotes.)
+pub const REQUIRED_ORT: &str = mgd3_common::contract::REQUIRED_ORT;
 
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
