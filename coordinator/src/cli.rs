@@ -1826,6 +1826,16 @@ async fn run_local(args: RunArgs) -> Result<()> {
         (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),
         (None, None) => mgd3_common::store::resolve("out", Path::new(&base)),
     };
+    // A local store folder this run makes is removed again, when still empty, should the job not
+    // be submitted (a dataset problem found at submit): a refused spec leaves nothing behind.
+    let made_folders: Vec<PathBuf> = {
+        let local = store.strip_prefix("file://").unwrap_or(&store);
+        match mgd3_common::store::is_url(local) {
+            true => Vec::new(),
+            // The folder and each missing parent, innermost first.
+            false => Path::new(local).ancestors().take_while(|p| !p.exists()).map(Path::to_owned).collect(),
+        }
+    };
     let coordinator = Coordinator::open(&store, args.heartbeat_ms).await?;
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;
@@ -1924,6 +1934,12 @@ async fn run_local(args: RunArgs) -> Result<()> {
         Err(error) => {
             stop_local(&coordinator, &mut workers, local).await;
             progress.finish();
+            // Only empty folders go (the lock is released by now); anything else stays.
+            for folder in &made_folders {
+                if std::fs::remove_dir(folder).is_err() {
+                    break;
+                }
+            }
             return Err(error);
         }
     };

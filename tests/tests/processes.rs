@@ -725,6 +725,34 @@ fn run_stops_at_once_when_its_workers_cannot_load_the_models() {
     assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after 120 s: {text}");
 }
 
+/// A dataset problem found at submit (after `run` opened the store and its workers registered)
+/// refuses the spec with exit 2 and leaves no folder `run` made for the store behind; a folder
+/// that holds anything else stays.
+#[test]
+fn run_refused_at_submit_removes_the_store_folder_it_made() {
+    let JobScratch { dir: scratch, spec: spec_path, .. } = job_scratch(2, 3, 1, 1, "");
+    let text = std::fs::read_to_string(&spec_path).unwrap();
+    std::fs::write(&spec_path, text.replace("classes = [\"c0\", \"c1\"]", "classes = [\"c0\", \"c1\", \"zz\"]"))
+        .unwrap();
+    let made = scratch.path().join("made");
+    let run = |store: &Path| {
+        Command::new(bin("coordinator"))
+            .args(["run", spec_path.to_str().unwrap(), "--local-workers", "1", "--no-report"])
+            .args(["--store", store.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = run(&made.join("twice").join("out"));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("class `zz`") && text.contains("does not exist"), "{text}");
+    assert!(!made.exists(), "the folders run made are gone: {text}");
+    std::fs::create_dir_all(made.join("keep")).unwrap();
+    let out = run(&made.join("out"));
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(made.join("keep").exists() && !made.join("out").exists());
+}
+
 /// A GPU asked of a CPU-only ONNX Runtime: the worker says so in one sentence naming the fix and
 /// exits before it registers (no lease it cannot run, no silent CPU fallback); `coordinator run`
 /// on that GPU stops at once with exit 3 and the worker's reason instead of waiting for ever.
