@@ -584,7 +584,7 @@ fn local_model(path: &str) -> &Path {
 /// and latent shapes, scale factor, precision, graph), its ONNX IR version and operator sets, and
 /// where it runs (the CPU or CUDA, or CUDA only for a bf16 export or a CUDA-graph VAE). A model
 /// given as a URL, or not readable here, is said to be checked where it is fetched or loaded.
-/// The contract itself is [`check_models`]'s; these lines describe files that passed it.
+/// The contract itself is `check_models`'s; these lines describe files that passed it.
 pub fn model_lines(spec: &JobSpec) -> Vec<String> {
     let m = &spec.models;
     [("dit", &m.dit), ("vae_encoder", &m.vae_encoder), ("vae_decoder", &m.vae_decoder)]

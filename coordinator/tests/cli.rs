@@ -432,14 +432,9 @@ fn check_reports_every_dataset_problem_or_the_plan() {
     }
 }
 
-/// Models that are ONNX files but do not fit the contract the workers check at load (no `mgd3.*`
-/// metadata, an input of the wrong rank, a missing input) are refused by `check`, by their
-/// setting and in the workers' words, instead of failing every shard's first attempt.
-/// `check` says what each model is and where it can run: its declarations, its ONNX IR version
-/// and operator sets, and "CUDA only" for a bf16 export; an IR version newer than the oldest
-/// ONNX Runtime the workers accept is noted (workers on it refuse the model at load).
-#[test]
-fn check_describes_each_model_and_where_it_runs() {
+/// A scratch folder with `data/`, two classes `a` and `b` of two one-byte files (`check` lists
+/// them without decoding).
+fn two_class_data() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     for class in ["a", "b"] {
@@ -448,6 +443,15 @@ fn check_describes_each_model_and_where_it_runs() {
             std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
         }
     }
+    dir
+}
+
+/// `check` says what each model is and where it can run: its declarations, its ONNX IR version
+/// and operator sets, and "CUDA only" for a bf16 export; an IR version newer than the oldest
+/// ONNX Runtime the workers accept is noted (workers on it refuse the model at load).
+#[test]
+fn check_describes_each_model_and_where_it_runs() {
+    let dir = two_class_data();
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
     // The tiny DiT with ir_version 99 appended: a later scalar field wins, as in any protobuf
     // reader (ONNX Runtime's included).
@@ -498,16 +502,12 @@ fn check_describes_each_model_and_where_it_runs() {
     );
 }
 
+/// Models that are ONNX files but do not fit the contract the workers check at load (no `mgd3.*`
+/// metadata, an input of the wrong rank, a missing input) are refused by `check`, by their
+/// setting and in the workers' words, instead of failing every shard's first attempt.
 #[test]
 fn check_refuses_models_that_do_not_fit_the_contract() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    for class in ["a", "b"] {
-        std::fs::create_dir_all(data.join(class)).unwrap();
-        for i in 0..2 {
-            std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
-        }
-    }
+    let dir = two_class_data();
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
     let spec = dir.path().join("job.toml");
     let write = |dit: &str, decoder: &str| {
