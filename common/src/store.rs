@@ -282,7 +282,7 @@ impl std::fmt::Display for StoreProblem {
             ),
             Self::Unreachable => write!(
                 f,
-                "the store's endpoint did not answer (connection refused, reset or timed out) for {} s of retries: check the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url for S3-compatible servers) and the network",
+                "the store's endpoint did not answer (connection refused, reset or timed out; calls are retried for up to {} s): check the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url for S3-compatible servers) and the network",
                 STORE_RETRY_TIMEOUT.as_secs()
             ),
             Self::Credentials { message } => f.write_str(message),
@@ -312,18 +312,28 @@ where
     let mut backoff = Duration::from_millis(200);
     loop {
         match operation().await {
-            Err(object_store::Error::Generic { store, source })
-                if started.elapsed() < STORE_RETRY_TIMEOUT
-                    && !io_not_found(source.as_ref())
-                    && Refusal::in_chain(source.as_ref()).is_none() =>
+            Err(error @ object_store::Error::Generic { .. })
+                if started.elapsed() < STORE_RETRY_TIMEOUT && transient(&error) =>
             {
-                tracing::debug!(store, error = %source, retry_in_ms = backoff.as_millis() as u64, "store call failed; retrying");
+                tracing::debug!(error = %error, retry_in_ms = backoff.as_millis() as u64, "store call failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             other => return other,
         }
     }
+}
+
+/// Whether waiting may cure a generic store error: not a missing object, a refusal (full,
+/// read-only, denied), missing or refused credentials, or a missing bucket.
+fn transient(error: &object_store::Error) -> bool {
+    let object_store::Error::Generic { source, .. } = error else { return false };
+    !io_not_found(source.as_ref())
+        && Refusal::in_chain(source.as_ref()).is_none()
+        && !matches!(
+            StoreProblem::of(error),
+            Some(StoreProblem::Credentials { .. } | StoreProblem::Denied { .. } | StoreProblem::NoSuchBucket { .. })
+        )
 }
 
 /// A store refusal that no retry can fix: a person must act before anything more is written.

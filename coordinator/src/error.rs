@@ -40,6 +40,21 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// The coordinator could not renew its lock on the store recently enough to be sure it still
+    /// holds it ([`crate::Coordinator::holds_store`]): it takes no new work and writes nothing
+    /// until a renewal succeeds (or stops, when another coordinator took the store over).
+    #[error(
+        "the coordinator has not been able to renew its lock on the store `{url}` for {since_s:.0} s more than \
+         it may go without (the store does not answer, or answers too slowly), so another coordinator may have \
+         taken the store over: it leases and writes nothing until a renewal succeeds, and stops if the store \
+         has another coordinator; try again shortly"
+    )]
+    StoreNotHeld {
+        /// The store.
+        url: String,
+        /// Seconds past the point the lock had to be renewed by.
+        since_s: f64,
+    },
     /// A job's `job.json` cannot be parsed or describes another job (the job is quarantined).
     #[error("`{path}` in the store is corrupt: {problem}")]
     Corrupt {
@@ -321,9 +336,12 @@ impl From<Error> for tonic::Status {
             Error::Commit(CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }) => {
                 tonic::Status::failed_precondition(message)
             }
-            Error::Store(_) | Error::ObjectStore { .. } | Error::Commit(_) | Error::Transport(_) | Error::Lock(_) => {
-                tonic::Status::unavailable(message)
-            }
+            Error::Store(_)
+            | Error::ObjectStore { .. }
+            | Error::Commit(_)
+            | Error::Transport(_)
+            | Error::Lock(_)
+            | Error::StoreNotHeld { .. } => tonic::Status::unavailable(message),
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
             Error::StateTooNew { .. } => tonic::Status::failed_precondition(message),
         }

@@ -74,6 +74,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
+        self.0.await_store_held().await?;
         let r = request.into_inner();
         let data = DataChanges::from_flag(r.accept_data_changes);
         if let Some(sweep) = mgd3_common::sweep::Sweep::parse(&r.spec_toml).map_err(crate::Error::Job)? {
@@ -118,6 +119,7 @@ impl CoordinatorRpc for Service {
     }
 
     async fn resume_job(&self, request: Request<proto::ResumeJobRequest>) -> RpcResult<proto::ResumeJobResponse> {
+        self.0.await_store_held().await?;
         let r = request.into_inner();
         let spec = (!r.spec_toml.is_empty()).then(|| (r.spec_toml.as_str(), Path::new(&r.base_dir)));
         let data = DataChanges::from_flag(r.accept_data_changes);
@@ -136,12 +138,14 @@ impl CoordinatorRpc for Service {
     }
 
     async fn cancel_job(&self, request: Request<proto::CancelJobRequest>) -> RpcResult<proto::CancelJobResponse> {
+        self.0.await_store_held().await?;
         let job_id = request.into_inner().job_id;
         self.0.explained(&job_id, self.0.cancel(&job_id)).await?;
         Ok(Response::new(proto::CancelJobResponse {}))
     }
 
     async fn forget_job(&self, request: Request<proto::ForgetJobRequest>) -> RpcResult<proto::ForgetJobResponse> {
+        self.0.await_store_held().await?;
         let job_id = request.into_inner().job_id;
         // A sweep's id forgets the sweep: its variants, then its record.
         match self.0.sweep(&job_id).await {

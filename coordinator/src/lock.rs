@@ -6,12 +6,20 @@
 //!
 //! The lock is advisory and needs no conditional overwrite from the store: the holder re-reads
 //! it before every heartbeat and stops when another owner's lock is there, so two owners after a
-//! racing takeover last at most one heartbeat interval.
+//! racing takeover last at most one heartbeat interval. And a holder that could not renew acts as
+//! if it had lost the lock before anyone may take it over ([`StoreLock::held_until`]): a waiting
+//! coordinator takes over once the lock went unrenewed for its whole timeout, so the holder stops
+//! leasing and writing a margin before that, counted from when it sent its last successful
+//! renewal, until a renewal succeeds again (or shows another owner, and it stops for good).
+//!
+//! Taking the lock rides out a store that does not answer (retried as long as any idempotent
+//! call): a coordinator restarted during an outage waits for the store instead of exiting. A
+//! create whose answer was lost and that is sent again finds its own record, and takes it.
 
 use std::time::Duration;
 
 use mgd3_common::now_ms;
-use mgd3_common::store::{Location, get_optional, put_create};
+use mgd3_common::store::{Location, get_optional, put_create, retry_idempotent};
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -169,6 +177,14 @@ fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&
 pub struct StoreLock {
     store: Location,
     record: LockRecord,
+    /// See [`StoreLock::held_until`].
+    held_until: Instant,
+}
+
+/// How long before another coordinator may take the lock over its holder stops acting on it:
+/// a tenth of the timeout, at least 100 ms (clock rates and the time a call in flight takes).
+fn margin(timeout_ms: u64) -> Duration {
+    Duration::from_millis((timeout_ms / 10).max(100))
 }
 
 impl StoreLock {
@@ -200,16 +216,27 @@ impl StoreLock {
         loop {
             record.heartbeat_unix_ms = now_ms();
             let bytes = serde_json::to_vec(&record).expect("serialisable lock");
-            if put_create(store.store.as_ref(), &key, bytes).await.map_err(err)? {
+            let mut sent = Instant::now();
+            let created = retry_idempotent(|| {
+                sent = Instant::now();
+                put_create(store.store.as_ref(), &key, bytes.clone())
+            })
+            .await
+            .map_err(err)?;
+            let taken = |sent: Instant, record: LockRecord| {
                 info!(store = %store.url, "coordinator lock taken");
                 // Temporaries of lock writes a killed holder left (`coordinator.lock#N`): only
                 // the holder writes the lock, and that is this process now.
                 if let Err(error) = mgd3_common::commit::remove_staging_copies(store, "", LOCK_KEY, Duration::ZERO) {
                     warn!(store = %store.url, error = %mgd3_common::error_chain(&error), "cannot remove a temporary lock file");
                 }
-                return Ok(StoreLock { store: store.clone(), record });
+                let held_until = sent + Duration::from_millis(record.timeout_ms) - margin(record.timeout_ms);
+                StoreLock { store: store.clone(), record, held_until }
+            };
+            if created {
+                return Ok(taken(sent, record));
             }
-            let Some(bytes) = get_optional(store.store.as_ref(), &key).await.map_err(err)? else {
+            let Some(bytes) = retry_idempotent(|| get_optional(store.store.as_ref(), &key)).await.map_err(err)? else {
                 continue; // released in between
             };
             let Ok(holder) = serde_json::from_slice::<LockRecord>(&bytes) else {
@@ -217,6 +244,10 @@ impl StoreLock {
                 delete(store).await?;
                 continue;
             };
+            // A create that reached the store, whose answer was lost, sent again.
+            if holder.owner == record.owner {
+                return Ok(taken(sent, record));
+            }
             if holder_is_dead_here(&holder, &record.host) {
                 warn!(store = %store.url, host = %holder.host, pid = holder.pid,
                     "taking over the store from a coordinator whose process on this host is gone");
@@ -279,19 +310,49 @@ impl StoreLock {
         self.renew().await
     }
 
+    /// The lock's timeout: how long it may go unrenewed before another coordinator takes it.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.record.timeout_ms)
+    }
+
     /// How often [`StoreLock::renew`] should run: a third of the timeout.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis((self.record.timeout_ms / 3).max(50))
     }
 
-    /// Renews the heartbeat, after checking the lock is still this coordinator's.
+    /// Until when (this process's tokio clock) this coordinator may act as the store's holder:
+    /// the lock timeout less a tenth of it (at least 100 ms) after it sent the last write of the
+    /// lock that succeeded.
+    /// No other coordinator takes the lock over before the lock went unrenewed for the timeout
+    /// after that write landed, so past this instant the holder may have been replaced, and it
+    /// leases and writes nothing until a renewal succeeds again.
+    pub fn held_until(&self) -> Instant {
+        self.held_until
+    }
+
+    /// Renews the heartbeat, after checking the lock is still this coordinator's. A renewal that
+    /// cannot finish while the lock is still held ([`StoreLock::held_until`]) is abandoned: a
+    /// write that lands later could overwrite a coordinator that took the store over meanwhile.
     ///
     /// # Errors
-    /// [`LockError::Lost`] when another coordinator holds it now; [`LockError::Store`].
+    /// [`LockError::Lost`] when another coordinator holds it now; [`LockError::Store`], also
+    /// for a renewal abandoned so.
     pub async fn renew(&mut self) -> Result<(), LockError> {
         let key = self.store.key(LOCK_KEY);
-        let err = |source| LockError::Store { url: self.store.url.clone(), source };
-        let current = get_optional(self.store.store.as_ref(), &key).await.map_err(err)?;
+        let url = self.store.url.clone();
+        let err = |source| LockError::Store { url: url.clone(), source };
+        let deadline = self.held_until.max(Instant::now() + self.heartbeat());
+        let abandoned = || LockError::Store {
+            url: url.clone(),
+            source: object_store::Error::Generic {
+                store: "lock",
+                source: "the store did not answer before the lock could have been taken over".into(),
+            },
+        };
+        let current = tokio::time::timeout_at(deadline, get_optional(self.store.store.as_ref(), &key))
+            .await
+            .map_err(|_| abandoned())?
+            .map_err(err)?;
         if let Some(holder) = current.as_deref().and_then(|b| serde_json::from_slice::<LockRecord>(b).ok())
             && holder.owner != self.record.owner
         {
@@ -300,7 +361,12 @@ impl StoreLock {
         self.record.heartbeat_unix_ms = now_ms();
         self.record.renewals += 1;
         let bytes = serde_json::to_vec(&self.record).expect("serialisable lock");
-        self.store.store.put(&key, PutPayload::from(bytes)).await.map_err(err)?;
+        let sent = Instant::now();
+        tokio::time::timeout_at(deadline, self.store.store.put(&key, PutPayload::from(bytes)))
+            .await
+            .map_err(|_| abandoned())?
+            .map_err(err)?;
+        self.held_until = sent + Duration::from_millis(self.record.timeout_ms) - margin(self.record.timeout_ms);
         Ok(())
     }
 

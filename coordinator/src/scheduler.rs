@@ -746,6 +746,8 @@ pub struct Scheduler {
     /// in flight): they do not expire, and their worker is not silent, while the coordinator
     /// itself is the one taking the time (reading markers through a slow or failing store).
     completing: HashMap<String, (String, u32)>,
+    /// Whether polls may grant leases (see [`Scheduler::set_granting`]).
+    granting: bool,
 }
 
 impl Scheduler {
@@ -775,7 +777,15 @@ impl Scheduler {
             settled: Vec::new(),
             held: HashMap::new(),
             completing: HashMap::new(),
+            granting: true,
         }
+    }
+
+    /// Whether polls grant leases (and backup leases): off while the caller is not sure it still
+    /// holds the store, when a lease granted could be another coordinator's shard too. Polls
+    /// still renew, release and expire leases; an idle worker is told to wait.
+    pub fn set_granting(&mut self, granting: bool) {
+        self.granting = granting;
     }
 
     /// The poll interval workers are told (ms).
@@ -1121,6 +1131,9 @@ impl Scheduler {
         }
         if matches!(was_gone, Some(LeftReason::Drained | LeftReason::Stopped)) {
             self.worker_events.push(WorkerEvent::Returned { worker_id: worker_id.to_owned() });
+        }
+        if !self.granting {
+            return Ok((PollDecision::Wait(self.heartbeat_ms), revoked));
         }
         Ok(match self.grant(worker_id, now) {
             Some(grant) => (PollDecision::Lease(grant), revoked),
@@ -2164,6 +2177,24 @@ mod tests {
         s.complete("w3", &retry.lease_id, 211_000).unwrap();
         s.end_completion(&retry.lease_id, 211_000);
         assert!(s.completing.is_empty());
+    }
+
+    /// While the caller is not sure it holds the store, polls grant nothing (an idle worker is
+    /// told to wait) but still renew the leases they report.
+    #[test]
+    fn polls_grant_nothing_while_granting_is_off_and_still_renew() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        s.set_granting(false);
+        assert_eq!(poll(&mut s, "w2", &[], false, 1_000).0, PollDecision::Wait(1000));
+        let running = [Running { lease_id: a.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 }];
+        assert_eq!(poll(&mut s, "w1", &running, false, 9_000), (PollDecision::Wait(1000), vec![]));
+        // Renewed at 9 s: held past its first deadline (10 s).
+        assert!(s.expire(15_000).is_empty() && s.take_expired().is_empty());
+        s.set_granting(true);
+        let b = lease(poll(&mut s, "w2", &[], false, 15_000).0);
+        assert_ne!(a.shard_index, b.shard_index);
     }
 
     #[test]

@@ -59,6 +59,13 @@ struct Inner {
     wake: Notify,
     /// This coordinator's hold on the store.
     lock: tokio::sync::Mutex<StoreLock>,
+    /// [`StoreLock::held_until`] of the last renewal that succeeded, readable without waiting
+    /// for a renewal in flight: past it, nothing is leased or written (see [`Coordinator::holds_store`]).
+    held_until: Mutex<tokio::time::Instant>,
+    /// The lock's timeout: how long a call waits for a late renewal.
+    lock_timeout: Duration,
+    /// Notified at every successful renewal of the lock (and when it is lost).
+    renewed: Notify,
     /// Set when another coordinator took the store over: nothing is served any more.
     fenced: std::sync::atomic::AtomicBool,
     /// Notified when `fenced` is set.
@@ -270,6 +277,9 @@ impl Coordinator {
                 manifests_due: Mutex::new(HashMap::new()),
                 quarantined: Mutex::new(BTreeMap::new()),
                 wake: Notify::new(),
+                held_until: Mutex::new(lock.held_until()),
+                lock_timeout: lock.timeout(),
+                renewed: Notify::new(),
                 lock: tokio::sync::Mutex::new(lock),
                 fenced: std::sync::atomic::AtomicBool::new(false),
                 lost: Notify::new(),
@@ -418,32 +428,19 @@ impl Coordinator {
     pub async fn background(self, shutdown: impl Future<Output = ()>) {
         let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
         let mut tick = tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
-        let mut lock_tick = tokio::time::interval(self.inner.lock.lock().await.heartbeat());
+        // The lock is renewed by a task of its own: a flush waiting on a slow store must not
+        // delay the renewals until another coordinator takes a live one's store over.
+        let keeper = tokio::spawn(self.clone().keep_lock());
         // Every job's job.json, every PRESENCE_CHECK: a folder removed by hand while nothing was
         // written (a finished job) is noticed too.
         let mut presence_tick = tokio::time::interval(PRESENCE_CHECK);
         tokio::pin!(shutdown);
         loop {
+            if self.is_fenced() {
+                return;
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = lock_tick.tick() => {
-                    match self.inner.lock.lock().await.renew().await {
-                        Ok(()) => self.inner.lock_outage.lock().expect("outage").log_success("renewing the coordinator lock", ""),
-                        Err(error @ LockError::Lost { .. }) => {
-                            tracing::error!(error = %mgd3_common::error_chain(&error), "stopping: the store has another coordinator");
-                            *self.inner.lost_to.lock().expect("lost to") = Some(error);
-                            self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-                            self.inner.lost.notify_waiters();
-                            return;
-                        }
-                        Err(error) => self.inner.lock_outage.lock().expect("outage").log_failure(
-                            "renew the coordinator lock",
-                            "",
-                            &mgd3_common::error_chain(&error),
-                        ),
-                    }
-                    continue;
-                }
                 _ = tick.tick() => {
                     let (changed, events, expired) = {
                         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
@@ -469,11 +466,82 @@ impl Coordinator {
             self.flush().await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        keeper.abort();
+        let _ = keeper.await;
         self.flush().await;
     }
 
-    /// Writes state.json of every dirty job and the manifest of every newly succeeded job.
+    /// Renews the store's lock every [`StoreLock::heartbeat`] until another coordinator is found
+    /// holding it: then this one is fenced ([`Coordinator::is_fenced`]) and the task ends. Each
+    /// renewal that succeeds moves [`Coordinator::holds_store`]'s horizon and wakes the calls
+    /// waiting for it ([`Coordinator::await_store_held`]).
+    async fn keep_lock(self) {
+        let mut lock_tick = tokio::time::interval(self.inner.lock.lock().await.heartbeat());
+        lock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            lock_tick.tick().await;
+            let renewed = {
+                let mut lock = self.inner.lock.lock().await;
+                let renewed = lock.renew().await;
+                if renewed.is_ok() {
+                    *self.inner.held_until.lock().expect("held until") = lock.held_until();
+                }
+                renewed
+            };
+            match renewed {
+                Ok(()) => {
+                    self.inner.renewed.notify_waiters();
+                    self.inner.lock_outage.lock().expect("outage").log_success("renewing the coordinator lock", "");
+                }
+                Err(error @ LockError::Lost { .. }) => {
+                    tracing::error!(error = %mgd3_common::error_chain(&error), "stopping: the store has another coordinator");
+                    *self.inner.lost_to.lock().expect("lost to") = Some(error);
+                    self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                    self.inner.lost.notify_waiters();
+                    self.inner.renewed.notify_waiters();
+                    self.inner.wake.notify_one();
+                    return;
+                }
+                Err(error) => self.inner.lock_outage.lock().expect("outage").log_failure(
+                    "renew the coordinator lock",
+                    "",
+                    &mgd3_common::error_chain(&error),
+                ),
+            }
+        }
+    }
+
+    /// Waits, for at most the lock's timeout, until this coordinator holds its store
+    /// ([`Coordinator::holds_store`]): at once in the usual case, after the next renewal when one
+    /// is late (a slow store), and an error when none succeeds in that time or the store turned
+    /// out to have another coordinator.
+    ///
+    /// # Errors
+    /// [`Error::StoreNotHeld`].
+    pub async fn await_store_held(&self) -> Result<()> {
+        let patience = tokio::time::Instant::now() + self.inner.lock_timeout;
+        loop {
+            let renewed = self.inner.renewed.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            match self.holds_store() {
+                Ok(()) => return Ok(()),
+                Err(error) if self.is_fenced() || tokio::time::Instant::now() >= patience => return Err(error),
+                Err(_) => {
+                    let _ = tokio::time::timeout_at(patience, renewed).await;
+                }
+            }
+        }
+    }
+
+    /// Writes state.json of every dirty job and the manifest of every newly succeeded job; nothing
+    /// while the store's lock is not known to be held ([`Coordinator::holds_store`]: what is
+    /// dirty stays dirty).
     pub async fn flush(&self) {
+        if let Err(error) = self.holds_store() {
+            debug!(error = %error, "not writing state: the store's lock is not known to be held");
+            return;
+        }
         // Entries leave the set only once written: until then the job reports `running`, so
         // whoever waits for `succeeded` finds manifest.json in place.
         let due: Vec<(String, u64)> =
@@ -648,6 +716,26 @@ impl Coordinator {
     /// Who took the store over, once fenced (taken: asked once, by `serve` on its way out).
     pub(crate) fn take_lost_to(&self) -> Option<LockError> {
         self.inner.lost_to.lock().expect("lost to").take()
+    }
+
+    /// Whether this coordinator may act as the store's holder now: its lock was renewed recently
+    /// enough that no other coordinator can have taken the store over ([`StoreLock::held_until`]).
+    /// While it may not, it leases nothing, verifies no completion, submits, resumes, cancels and
+    /// forgets nothing, and writes no state; its background task keeps trying to renew, and
+    /// either holds the store again or finds another owner and stops.
+    ///
+    /// # Errors
+    /// [`Error::StoreNotHeld`], with how long the lock has gone unrenewed.
+    pub fn holds_store(&self) -> Result<()> {
+        let until = *self.inner.held_until.lock().expect("held until");
+        let now = tokio::time::Instant::now();
+        if now < until && !self.is_fenced() {
+            return Ok(());
+        }
+        Err(Error::StoreNotHeld {
+            url: self.inner.store.url.clone(),
+            since_s: now.saturating_duration_since(until).as_secs_f64(),
+        })
     }
 
     /// True once another coordinator took this one's store over.
@@ -1613,8 +1701,11 @@ impl Coordinator {
         running: &[Running],
         draining: bool,
     ) -> Result<(PollDecision, Vec<String>)> {
+        let holds_store = self.holds_store().is_ok();
         let (decision, revoked, settled, events, expired) = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            // Leases are renewed either way; new ones only while the store is ours.
+            scheduler.set_granting(holds_store);
             if let Err(error) = scheduler.holds(worker_id, process) {
                 warn!(worker = %worker_id, error = %error, "poll refused: another process holds this worker id");
                 return Err(error.into());
@@ -1647,6 +1738,7 @@ impl Coordinator {
     /// [`Error::MissingMarker`] / [`Error::DigestMismatch`] (the attempt is recorded as failed),
     /// [`Error::Scheduler`] for a lease that is not held, store errors.
     pub async fn complete(&self, request: Completion) -> Result<()> {
+        self.await_store_held().await?;
         let (job, shard) =
             self.inner.scheduler.lock().expect("scheduler").begin_completion(&request.worker_id, &request.lease_id)?;
         // Until this returns (or the worker hangs up and the call is dropped), the lease is ours
@@ -1700,6 +1792,8 @@ impl Coordinator {
             }
             return Err(error);
         }
+        // The markers may have taken long to read: the store must still be this coordinator's.
+        self.await_store_held().await?;
         let (job_id, settled) = self.inner.scheduler.lock().expect("scheduler").complete(
             &request.worker_id,
             &request.lease_id,

@@ -277,6 +277,91 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     assert!(images == files(&local_out.join("jobs").join(&job).join("dataset")));
 }
 
+/// A coordinator started (or restarted) while its store does not answer waits for the store,
+/// as any other call does, instead of exiting at its first failed write of the lock.
+#[test]
+fn a_coordinator_started_during_a_store_outage_waits_for_the_store() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "later");
+    let (proxy, down) = flaky_proxy(moto.port);
+    down.store(true, Ordering::Relaxed);
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("coordinator.log");
+    let port = free_port();
+    let mut coordinator = serve(port, "s3://later/state", &log, &aws_env(proxy));
+    std::thread::sleep(Duration::from_secs(5));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(coordinator.0.try_wait().unwrap().is_none(), "it must wait for the store, not exit: {text}");
+    down.store(false, Ordering::Relaxed);
+    wait_for_coordinator(&format!("http://127.0.0.1:{port}"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("coordinator lock taken"), "{text}");
+}
+
+/// A coordinator cut off from its store for longer than its lock timeout may have been replaced:
+/// it stops acting on the store (no lease, no commit, no state written) before another one can
+/// take the store over, and stops for good once it sees the new holder. Here its worker's shard
+/// completion is in flight when its store comes back after a second coordinator took over: that
+/// completion is not recorded by the old one (it was, a few seconds after the takeover).
+#[test]
+fn a_coordinator_cut_off_past_its_lock_timeout_commits_nothing_after_a_takeover() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "fenced");
+    let (proxy, down) = flaky_proxy(moto.port);
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 10, 3);
+    let job_spec = scratch.path().join("job.toml");
+    let one = "classes_per_shard = 1";
+    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://fenced/out", 10, 2, 1, one)).unwrap();
+    let debug = ("RUST_LOG", "info,mgd3_coordinator::service=debug".to_owned());
+    let mut env_a = aws_env(proxy);
+    env_a.push(debug.clone());
+    let (port_a, log_a) = (free_port(), scratch.path().join("a.log"));
+    let url_a = format!("http://127.0.0.1:{port_a}");
+    let mut a = serve(port_a, "s3://fenced/state", &log_a, &env_a);
+    let job = submit(&url_a, &job_spec);
+    // The worker reaches the store directly, so it commits while the coordinator cannot.
+    let _worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", &url_a, "--worker-id", "w0", "--engine", "fake", "--fake-class-seconds", "0.5"])
+            .envs(aws_env(moto.port).iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(std::fs::File::create(scratch.path().join("w0.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the first committed shard", Duration::from_secs(60), || {
+        status(&url_a, &job).is_some_and(|s| s["shards"]["done"].as_u64() >= Some(1))
+    });
+    down.store(true, Ordering::Relaxed);
+    // A second coordinator on the same store (lock timeout 2 s) takes it over.
+    let log_b = scratch.path().join("b.log");
+    let port_b = free_port();
+    let _b = serve(port_b, "s3://fenced/state", &log_b, &[aws_env(moto.port), vec![debug]].concat());
+    wait_for_coordinator(&format!("http://127.0.0.1:{port_b}"));
+    let text_b = std::fs::read_to_string(&log_b).unwrap();
+    let takeover = text_b
+        .lines()
+        .find(|l| l.contains("taking over the store from a coordinator that stopped renewing its lock"))
+        .unwrap_or_else(|| panic!("{text_b}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(Duration::from_secs(2));
+    down.store(false, Ordering::Relaxed);
+    let stopped = wait_exit(&mut a.0, "the replaced coordinator", Duration::from_secs(30));
+    let text_a = std::fs::read_to_string(&log_a).unwrap();
+    assert!(!stopped.success() && text_a.contains("stopping: the store has another coordinator"), "{text_a}");
+    // RFC 3339 times in one format on one host: ordered as text.
+    let acted_after: Vec<&str> = text_a
+        .lines()
+        .filter(|l| l.contains("shard committed") || l.contains("lease granted"))
+        .filter(|l| l.split_whitespace().next().is_some_and(|at| at > takeover.as_str()))
+        .collect();
+    assert!(acted_after.is_empty(), "acted after the takeover at {takeover}: {acted_after:#?}\n{text_a}");
+}
+
 #[test]
 fn a_missing_bucket_fails_fast_naming_the_url() {
     let Some(moto) = moto() else { return };
