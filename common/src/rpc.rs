@@ -236,7 +236,13 @@ pub enum Failure {
     SchemeMismatch,
     /// The address answers HTTP/1.1: another service, not an mgd3 coordinator.
     NotACoordinator,
+    /// The coordinator took longer than [`CALL_TIMEOUT`] to answer: it runs, but the call waits
+    /// on something slow (its store, most often).
+    TimedOut,
 }
+
+/// How long a client waits for the answer to one call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a server answered the start of a TLS handshake with ([`probe`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -379,6 +385,10 @@ impl CallError {
         {
             return Failure::SchemeMismatch;
         }
+        // The client's own limit (tower's timeout, which tonic reports as "Timeout expired").
+        if message.contains("Timeout expired") {
+            return Failure::TimedOut;
+        }
         if !self.transport_failed() {
             return Failure::Answered;
         }
@@ -436,6 +446,12 @@ impl std::fmt::Display for CallError {
                 f,
                 "the coordinator at {url} closed the connection mid-call ({message}): it may have stopped or restarted; try again (if it keeps happening, check that --coordinator names an mgd3 coordinator)"
             ),
+            Failure::TimedOut => write!(
+                f,
+                "the coordinator at {url} did not answer within {} s: it runs, but this call waits on something slow, \
+                 most often its object store (its log says when the store does not answer); try again later",
+                CALL_TIMEOUT.as_secs()
+            ),
             Failure::Answered => match self.status.code() {
                 tonic::Code::Unauthenticated => write!(
                     f,
@@ -472,7 +488,7 @@ pub fn channel(url: &str, tls_ca: Option<&std::path::Path>) -> Result<Channel, C
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|source| ConnectError::BadUrl { url: url.to_owned(), source })?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
+        .timeout(CALL_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(20));
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_webpki_roots();
@@ -511,6 +527,11 @@ mod tests {
         assert_eq!(refused.failure(), Failure::NothingListens);
         let text = refused.to_string();
         assert!(text.contains("nothing listens at c:1") && text.contains("--coordinator"), "{text}");
+        let slow = call_failing(tonic::Code::Cancelled, "Timeout expired");
+        assert_eq!(slow.failure(), Failure::TimedOut);
+        let text = slow.to_string();
+        assert!(text.contains("did not answer within 60 s") && text.contains("object store"), "{text}");
+        assert!(!text.contains("stopped or restarted"), "{text}");
         let cut = call_failing(tonic::Code::Unknown, "h2 protocol error: connection reset");
         assert_eq!(cut.failure(), Failure::ClosedMidCall);
         assert!(cut.to_string().contains("closed the connection mid-call"), "{cut}");

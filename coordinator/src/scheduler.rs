@@ -748,7 +748,16 @@ pub struct Scheduler {
     completing: HashMap<String, (String, u32)>,
     /// Whether polls may grant leases (see [`Scheduler::set_granting`]).
     granting: bool,
+    /// The last [`RECENTLY_COMPLETED`] leases completed (lease id → worker id), oldest first in
+    /// `completed_order`: a worker that sends its completion again (its first call timed out
+    /// while the coordinator read the markers, and was recorded all the same) is told it was.
+    completed: HashMap<String, String>,
+    completed_order: VecDeque<String>,
 }
+
+/// How many completed leases the scheduler remembers for repeated completions: more than a
+/// cluster's workers can have in flight at once.
+const RECENTLY_COMPLETED: usize = 65_536;
 
 impl Scheduler {
     /// An empty scheduler. Workers poll every `heartbeat_ms` (ms); `epoch` prefixes lease ids so that
@@ -778,6 +787,8 @@ impl Scheduler {
             held: HashMap::new(),
             completing: HashMap::new(),
             granting: true,
+            completed: HashMap::new(),
+            completed_order: VecDeque::new(),
         }
     }
 
@@ -1703,7 +1714,20 @@ impl Scheduler {
             self.remove_backup(lease_id);
         }
         let settled = self.mark_done(&job, shard, now);
+        self.completed.insert(lease_id.to_owned(), worker_id.to_owned());
+        self.completed_order.push_back(lease_id.to_owned());
+        while self.completed_order.len() > RECENTLY_COMPLETED {
+            if let Some(oldest) = self.completed_order.pop_front() {
+                self.completed.remove(&oldest);
+            }
+        }
         Ok((job, settled))
+    }
+
+    /// Whether `worker_id` completed `lease_id` (one of the last [`RECENTLY_COMPLETED`]): a
+    /// completion sent again is answered as the first one was, not refused as a stale lease.
+    pub fn completed_by(&self, worker_id: &str, lease_id: &str) -> bool {
+        self.completed.get(lease_id).is_some_and(|w| w == worker_id)
     }
 
     /// Marks a shard done (its markers exist), whatever lease it had.
@@ -2177,6 +2201,10 @@ mod tests {
         s.complete("w3", &retry.lease_id, 211_000).unwrap();
         s.end_completion(&retry.lease_id, 211_000);
         assert!(s.completing.is_empty());
+        // The same completion sent again is known as done, by its worker only.
+        assert_eq!(s.begin_completion("w3", &retry.lease_id), Err(SchedulerError::StaleLease(retry.lease_id.clone())));
+        assert!(s.completed_by("w3", &retry.lease_id) && !s.completed_by("w1", &retry.lease_id));
+        assert!(!s.completed_by("w1", &a.lease_id), "an expired lease is no completed one");
     }
 
     /// While the caller is not sure it holds the store, polls grant nothing (an idle worker is

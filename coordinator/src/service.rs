@@ -1739,8 +1739,23 @@ impl Coordinator {
     /// [`Error::Scheduler`] for a lease that is not held, store errors.
     pub async fn complete(&self, request: Completion) -> Result<()> {
         self.await_store_held().await?;
-        let (job, shard) =
-            self.inner.scheduler.lock().expect("scheduler").begin_completion(&request.worker_id, &request.lease_id)?;
+        let begun = {
+            let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            match scheduler.begin_completion(&request.worker_id, &request.lease_id) {
+                Err(crate::scheduler::SchedulerError::StaleLease(_))
+                    if scheduler.completed_by(&request.worker_id, &request.lease_id) =>
+                {
+                    None
+                }
+                begun => Some(begun),
+            }
+        };
+        let Some(begun) = begun else {
+            // Its first call was recorded after the worker had stopped waiting for the answer.
+            debug!(worker = %request.worker_id, lease = %request.lease_id, "completion sent again; it was recorded");
+            return Ok(());
+        };
+        let (job, shard) = begun?;
         // Until this returns (or the worker hangs up and the call is dropped), the lease is ours
         // to keep: reading the markers may take as long as the store does.
         let _verifying = Verifying { inner: self.inner.clone(), lease_id: request.lease_id.clone() };
