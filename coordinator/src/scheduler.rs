@@ -205,6 +205,9 @@ struct JobRun {
     /// The last time progress may have changed (a renewal or a finished shard), sampled or not:
     /// changes after the last sample are counted as made by then.
     last_touch: u64,
+    /// When this process took the job on (submitted, recovered or resumed): `progress` keeps
+    /// only the rate window's samples, so its first is no start time for a run past a minute.
+    taken_on: u64,
     /// Shard index → the worker whose lease of it expired last, while that is the shard's last
     /// attempt: a second expiry on the same worker in a row costs the shard nothing.
     expired_on: HashMap<usize, String>,
@@ -282,6 +285,7 @@ pub const PROGRESS_SAMPLE_MS: u64 = 1000;
 impl JobRun {
     /// Starts the progress record of this run at `now`.
     fn restart_progress(&mut self, now: u64) {
+        self.taken_on = now;
         self.progress.clear();
         self.progress.push_back((now, self.images_done()));
         self.last_touch = now;
@@ -875,6 +879,7 @@ impl Scheduler {
             pending,
             progress: VecDeque::new(),
             last_touch: now,
+            taken_on: now,
             expired_on: HashMap::new(),
             pace: (0, 0, 0),
             share: None,
@@ -2045,7 +2050,7 @@ impl Scheduler {
             eta_seconds: eta,
             failures,
             finished_unix_ms: run.persisted.finished_unix_ms,
-            run_started_ms: run.progress.front().map_or(now, |&(t, _)| t),
+            run_started_ms: run.taken_on,
             shards,
         })
     }
@@ -2554,6 +2559,14 @@ mod tests {
         assert_eq!(idle.images_per_second, 0.0);
         assert!(idle.eta_seconds.is_infinite());
         assert_eq!(idle.run_started_ms, 0);
+        // Minutes later, past the rate window's samples, the run still began when it was taken on
+        // ("done in … since this coordinator took it on" shrank as the window slid).
+        for at in [380_000, 450_000] {
+            let next = lease(poll(&mut s, "w", &[], false, at).0);
+            poll(&mut s, "w", &held(&next), false, at + 500);
+            s.complete("w", &next.lease_id, at + 1_000).unwrap();
+        }
+        assert_eq!(s.summary("j", 452_000).unwrap().run_started_ms, 0);
         // Work committed before a restart never counts as this run's.
         let mut again = Scheduler::new(1000, "f");
         again.add_job(job("j", 4, 1, 3), None, &HashSet::from([0, 1]), 400_000);

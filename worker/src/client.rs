@@ -647,12 +647,21 @@ async fn report<F: Future<Output = ()>>(
         match result {
             Ok(()) => {
                 reach.answered();
+                if attempt > 0 {
+                    info!(lease = %lease_id, tries = attempt + 1, "shard reported");
+                }
                 return Ok(());
             }
             Err(status) if transient(&status) && stopping_attempts < STOPPING_REPORT_ATTEMPTS => {
                 let rpc = if outcome.is_ok() { "CompleteShard" } else { "FailShard" };
                 match reach.failed(config, rpc, status).await {
-                    Ok(call) => warn!(lease = %lease_id, error = %call, "could not report the shard; retrying"),
+                    // Said once; the retries (every 0.2 s growing to 10 s) go to DEBUG.
+                    Ok(call) if attempt == 0 => {
+                        warn!(lease = %lease_id, error = %call, "could not report the shard; retrying until the coordinator answers")
+                    }
+                    Ok(call) => {
+                        debug!(lease = %lease_id, error = %call, attempt, "could not report the shard; retrying")
+                    }
                     Err(gave_up) => {
                         warn!(lease = %lease_id, "could not report the shard");
                         return Err(gave_up);
