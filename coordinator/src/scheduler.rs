@@ -1748,6 +1748,10 @@ impl Scheduler {
                 _ => "recovered".into(),
             };
             entry.state = ShardState::Done { attempt_id, finished_ms: now };
+            // The record of a done shard says it whole, not what the last heartbeat had counted.
+            let classes = run.job.shard_classes(shard).len() as u32;
+            entry.classes_done = classes;
+            entry.images_done = classes * run.job.spec.ipc as u32;
             run.pending.remove(&shard);
             run.record_progress(now);
             self.drop_backups(job_id, Some(shard));
@@ -2161,6 +2165,9 @@ mod tests {
         assert_eq!(s.complete("w1", &a.lease_id, 13_000), Err(SchedulerError::StaleLease(a.lease_id.clone())));
         let summary = s.summary("j", 13_000).unwrap();
         assert_eq!((summary.done, summary.pending, summary.running, summary.images_done), (2, 0, 1, 4));
+        // A done shard's record counts it whole, whatever its last heartbeat said (w3 sent none).
+        let record = &s.persisted("j").unwrap().shards[c.shard_index];
+        assert_eq!((record.classes_done, record.images_done), (1, 2));
         assert_eq!(s.complete("w2", &retry.lease_id, 15_000).unwrap().1, Settled::Finished(JobState::Succeeded));
         assert_eq!(s.summary("j", 16_000).unwrap().finished_unix_ms, Some(15_000));
     }
