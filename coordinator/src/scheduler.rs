@@ -1729,7 +1729,7 @@ impl Scheduler {
         Ok((job, settled))
     }
 
-    /// Whether `worker_id` completed `lease_id` (one of the last [`RECENTLY_COMPLETED`]): a
+    /// Whether `worker_id` completed `lease_id` (one of the last 65,536 completed): a
     /// completion sent again is answered as the first one was, not refused as a stale lease.
     pub fn completed_by(&self, worker_id: &str, lease_id: &str) -> bool {
         self.completed.get(lease_id).is_some_and(|w| w == worker_id)

@@ -175,6 +175,19 @@ fn flaky_proxy(target: u16) -> (u16, Arc<AtomicBool>) {
     (port, down)
 }
 
+/// A worker with the fake engine (`class_seconds` per class) against `url`, in `env` (the
+/// store's endpoint and keys), stderr in `log`.
+fn fake_worker_with(url: &str, id: &str, class_seconds: &str, log: &std::path::Path, env: &[(&str, String)]) -> Killed {
+    Killed(
+        Command::new(bin("worker"))
+            .args(["--coordinator", url, "--worker-id", id, "--engine", "fake", "--fake-class-seconds", class_seconds])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothing() {
     let Some(moto) = moto() else { return };
@@ -207,14 +220,7 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     // A second worker whose class takes ten minutes holds a shard and polls every heartbeat
     // through the outage, as a cluster's other workers do: a poll expires whatever lease is due.
     // It is stopped (its lease given back, no attempt spent) once the store is back.
-    let holder = Killed(
-        Command::new(bin("worker"))
-            .args(["--coordinator", &url, "--worker-id", "w1", "--engine", "fake", "--fake-class-seconds", "600"])
-            .envs(worker_env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stderr(std::fs::File::create(scratch.path().join("w1.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let holder = fake_worker_with(&url, "w1", "600", &scratch.path().join("w1.log"), &worker_env);
     wait_for("the second worker's lease", Duration::from_secs(30), || {
         status(&url, &job).is_some_and(|s| s["shards"]["running"].as_u64() >= Some(2))
     });
@@ -322,14 +328,7 @@ fn a_coordinator_cut_off_past_its_lock_timeout_commits_nothing_after_a_takeover(
     let mut a = serve(port_a, "s3://fenced/state", &log_a, &env_a);
     let job = submit(&url_a, &job_spec);
     // The worker reaches the store directly, so it commits while the coordinator cannot.
-    let _worker = Killed(
-        Command::new(bin("worker"))
-            .args(["--coordinator", &url_a, "--worker-id", "w0", "--engine", "fake", "--fake-class-seconds", "0.5"])
-            .envs(aws_env(moto.port).iter().map(|(k, v)| (*k, v.as_str())))
-            .stderr(std::fs::File::create(scratch.path().join("w0.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = fake_worker_with(&url_a, "w0", "0.5", &scratch.path().join("w0.log"), &aws_env(moto.port));
     wait_for("the first committed shard", Duration::from_secs(60), || {
         status(&url_a, &job).is_some_and(|s| s["shards"]["done"].as_u64() >= Some(1))
     });
