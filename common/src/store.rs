@@ -243,6 +243,14 @@ impl StoreProblem {
             if e.downcast_ref::<std::io::Error>().is_some_and(|io| unreachable.contains(&io.kind())) {
                 return Some(Self::Unreachable);
             }
+            // The HTTP client's own view: no connection, no answer in time (a server that
+            // accepts and never answers), or a request cut off.
+            if e.downcast_ref::<object_store::client::HttpError>().is_some_and(|http| {
+                use object_store::client::HttpErrorKind::{Connect, Interrupted, Timeout};
+                matches!(http.kind(), Connect | Timeout | Interrupted)
+            }) {
+                return Some(Self::Unreachable);
+            }
             cause = e.source();
         }
         // object_store keeps the server's answer only as text; the codes in it are the stores'
@@ -812,6 +820,15 @@ mod tests {
         };
         assert_eq!(StoreProblem::of(&refused), Some(StoreProblem::Unreachable));
         assert!(StoreProblem::Unreachable.to_string().contains("AWS_ENDPOINT_URL"));
+        // A server that accepts and never answers: the HTTP client's timeout, said the same way.
+        let hung = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Timeout,
+                std::io::Error::other("error sending request"),
+            )),
+        };
+        assert_eq!(StoreProblem::of(&hung), Some(StoreProblem::Unreachable));
         let other = answered("500 Internal Server Error", "boom");
         let expected = format!("the coordinator lock `coordinator.lock`: {other}");
         assert_eq!(crate::error_chain(&Lock(other)), expected);

@@ -172,6 +172,9 @@ fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&
     )
 }
 
+/// How long a stopping coordinator tries to release its lock.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A held store lock.
 #[derive(Clone, Debug)]
 pub struct StoreLock {
@@ -373,6 +376,15 @@ impl StoreLock {
     /// Releases the lock (if it is still this coordinator's) on a clean shutdown, so that the
     /// next coordinator starts at once.
     pub async fn release(&self) {
+        // Bounded: a store that does not answer must not hold a stopping coordinator for the
+        // whole retry time; the lock then expires as a killed holder's does.
+        if tokio::time::timeout(RELEASE_TIMEOUT, self.release_now()).await.is_err() {
+            warn!(store = %self.store.url, timeout_s = RELEASE_TIMEOUT.as_secs(),
+                "could not release the coordinator lock in time (the store does not answer); the next coordinator takes it over after the lock timeout");
+        }
+    }
+
+    async fn release_now(&self) {
         let key = self.store.key(LOCK_KEY);
         let ours = get_optional(self.store.store.as_ref(), &key)
             .await

@@ -970,8 +970,10 @@ impl Scheduler {
     /// Seen in the last three heartbeats and not gone: a worker that said it is stopping, or was
     /// told to exit, no longer counts from that poll on.
     fn is_live(&self, worker_id: &str, now: u64) -> bool {
-        self.workers.get(worker_id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms)
-            && !self.gone.contains_key(worker_id)
+        let heard = self.workers.get(worker_id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms);
+        // A worker waiting for its completion's answer sends no heartbeat, and is there.
+        let reporting = || self.completing.values().any(|(worker, _)| worker == worker_id);
+        (heard || (self.workers.contains_key(worker_id) && reporting())) && !self.gone.contains_key(worker_id)
     }
 
     /// (worker id, DiT rows) of the workers seen in the last three heartbeats that reported
@@ -1067,7 +1069,7 @@ impl Scheduler {
     pub fn note_departures(&mut self, now: u64) {
         let limit = 3 * self.heartbeat_ms;
         // A worker waiting for its completion to be verified is talking to us, not silent.
-        let reporting: HashSet<&String> = self.completing.values().map(|(worker, _)| worker).collect();
+        let reporting = self.reporting();
         let mut silent: Vec<(&String, u64)> = self
             .workers
             .iter()
@@ -1660,6 +1662,11 @@ impl Scheduler {
         Ok(held)
     }
 
+    /// The workers with a completion in flight ([`Scheduler::begin_completion`]), each once.
+    fn reporting(&self) -> HashSet<&String> {
+        self.completing.values().map(|(worker, _)| worker).collect()
+    }
+
     /// Ends a [`Scheduler::begin_completion`] at `now`, however it ended (verified and
     /// completed, refused, failed on the store, or abandoned by the worker). A lease still held
     /// once no completion of it is in flight gets a whole timeout from `now`, as if renewed:
@@ -2187,7 +2194,8 @@ mod tests {
         assert_eq!((held.job_id.as_str(), shard), ("j", a.shard_index));
         s.begin_completion("w1", &a.lease_id).unwrap();
         assert!(matches!(s.begin_completion("w2", &a.lease_id), Err(SchedulerError::NotOwner { .. })));
-        // w2 only polled at 0 s: its lease (timeout 10 s) expires, w1's does not.
+        // w2 only polled at 0 s: its lease (timeout 10 s) expires, w1's does not; w1 is there.
+        assert_eq!(s.live_workers(60_000), 1);
         s.note_departures(60_000);
         let left: Vec<_> = s.take_worker_events();
         assert!(

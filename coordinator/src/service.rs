@@ -1738,7 +1738,6 @@ impl Coordinator {
     /// [`Error::MissingMarker`] / [`Error::DigestMismatch`] (the attempt is recorded as failed),
     /// [`Error::Scheduler`] for a lease that is not held, store errors.
     pub async fn complete(&self, request: Completion) -> Result<()> {
-        self.await_store_held().await?;
         let begun = {
             let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
             match scheduler.begin_completion(&request.worker_id, &request.lease_id) {
@@ -1759,6 +1758,8 @@ impl Coordinator {
         // Until this returns (or the worker hangs up and the call is dropped), the lease is ours
         // to keep: reading the markers may take as long as the store does.
         let _verifying = Verifying { inner: self.inner.clone(), lease_id: request.lease_id.clone() };
+        // Nothing is recorded while the store may have another coordinator (see `holds_store`).
+        self.await_store_held().await?;
         let out = self.output(&job)?;
         let keys = JobKeys::new(&job.job_id);
         let mut markers = Vec::new();
