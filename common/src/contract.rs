@@ -156,6 +156,22 @@ pub struct ModelIo {
     /// The operator sets the file imports, domain (`""` is the default `ai.onnx`) → version,
     /// when read from the file.
     pub opsets: BTreeMap<String, u64>,
+    /// The embedding tables the input `y` indexes (see [`LabelTable`]), when read from the file
+    /// (`None` from a loaded session: ONNX Runtime does not report initializers); empty when the
+    /// graph has no `Gather` on `y` whose table is a constant.
+    pub label_tables: Option<Vec<LabelTable>>,
+}
+
+/// A class embedding table as the file stores it: the data of a `Gather` whose indices are the
+/// graph input `y` (through casts and reshapes), traced back (through casts) to an initializer or
+/// a `Constant`. DiT's `LabelEmbedder` has `num_classes + 1` rows, the last one the null class
+/// classifier-free guidance samples with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelTable {
+    /// The initializer's or constant's name (`y_embedder.embedding_table.weight`).
+    pub name: String,
+    /// Its first dimension: the labels it has a row for.
+    pub rows: u64,
 }
 
 impl ModelIo {
@@ -357,6 +373,28 @@ impl DitInfo {
         let num_classes: usize = io.meta("mgd3.num_classes", "a positive integer")?;
         if num_classes == 0 {
             return Err(io.violation("metadata `mgd3.num_classes`", "a positive integer", "0"));
+        }
+        // The metadata against the weights: with more classes declared than the table holds,
+        // ONNX Runtime's CUDA Gather reads past the table without an error (its CPU one
+        // refuses), and with fewer, the "null" label is a real class's row — either way CFG
+        // would silently sample something else.
+        if let Some(table) = io.label_tables.iter().flatten().find(|t| t.rows != num_classes as u64 + 1) {
+            return Err(io.violation(
+                format!("metadata `mgd3.num_classes` = {num_classes}"),
+                format!(
+                    "the class embedding `{}` to hold {} rows ({num_classes} classes and the null class)",
+                    table.name,
+                    num_classes + 1
+                ),
+                format!(
+                    "{} rows: {}; export it again with scripts/export_onnx.py dit, which reads the classes from the checkpoint",
+                    table.rows,
+                    match table.rows {
+                        0 => "an empty table".to_owned(),
+                        rows => format!("{} classes and the null class", rows - 1),
+                    }
+                ),
+            ));
         }
         let train_timesteps: usize = io.meta("mgd3.train_timesteps", "a positive integer")?;
         if train_timesteps == 0 {
@@ -612,6 +650,35 @@ mod tests {
         }
     }
 
+    fn table(rows: u64) -> LabelTable {
+        LabelTable { name: "y_embedder.embedding_table.weight".into(), rows }
+    }
+
+    /// The class count the metadata declares is held against the embedding table the labels
+    /// index, when the file was read: one row per class and one for the null class.
+    #[test]
+    fn the_declared_classes_must_match_the_class_embedding() {
+        let mut io = dit();
+        io.label_tables = Some(vec![table(1001), LabelTable { name: "other".into(), rows: 1001 }]);
+        assert_eq!(DitInfo::from_io(&io).unwrap().num_classes, 1000);
+        // Nothing found (a graph without a Gather on `y`), or not read (a session): no verdict.
+        io.label_tables = Some(vec![]);
+        assert!(DitInfo::from_io(&io).is_ok());
+        io.label_tables = None;
+        assert!(DitInfo::from_io(&io).is_ok());
+        io.label_tables = Some(vec![table(11)]);
+        let error = DitInfo::from_io(&io).unwrap_err().to_string();
+        for part in [
+            "`mgd3.num_classes` = 1000",
+            "y_embedder.embedding_table.weight",
+            "1001 rows",
+            "11 rows: 10 classes",
+            "export_onnx.py dit",
+        ] {
+            assert!(error.contains(part), "{part}: {error}");
+        }
+    }
+
     /// Each kind of declaration the DiT contract refuses is named by its item, with what was
     /// expected and found.
     #[test]
@@ -619,7 +686,7 @@ mod tests {
         let info = DitInfo::from_io(&dit()).unwrap();
         assert_eq!((info.latent_shape, info.num_classes, info.precision), ([4, 32, 32], 1000, Precision::F32));
         type Break = fn(&mut ModelIo);
-        let cases: [(&str, Break, &str); 14] = [
+        let cases: [(&str, Break, &str); 18] = [
             ("no metadata", |io| io.metadata.clear(), "metadata `mgd3.kind`"),
             ("x rank 3", |io| io.inputs[0].dims = vec![-1, 4, 32], "input `x`"),
             ("x int64", |io| io.inputs[0].element = Element::Int64, "input `x`"),
@@ -642,6 +709,10 @@ mod tests {
             ("beta < 0", |io| drop(io.metadata.insert("mgd3.beta_start".into(), "-1".into())), "mgd3.beta_start"),
             ("end < start", |io| drop(io.metadata.insert("mgd3.beta_end".into(), "0.00001".into())), "mgd3.beta_end"),
             ("end = 1", |io| drop(io.metadata.insert("mgd3.beta_end".into(), "1".into())), "mgd3.beta_end"),
+            ("more classes than rows", |io| io.label_tables = Some(vec![table(11)]), "mgd3.num_classes"),
+            ("fewer classes than rows", |io| io.label_tables = Some(vec![table(1002)]), "mgd3.num_classes"),
+            ("no null row", |io| io.label_tables = Some(vec![table(1000)]), "mgd3.num_classes"),
+            ("one of two tables", |io| io.label_tables = Some(vec![table(1001), table(11)]), "mgd3.num_classes"),
         ];
         for (name, break_it, item) in cases {
             let mut io = dit();

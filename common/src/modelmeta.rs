@@ -17,11 +17,15 @@
 //! .sparse_initializer = 15; NodeProto.attribute = 5; AttributeProto.t = 5, .g = 6,
 //! .tensors = 10, .graphs = 11; SparseTensorProto.values = 1, .indices = 2;
 //! TensorProto.external_data = 13.
+//!
+//! And it finds the class embedding the DiT's labels index ([`LabelTable`]: a `Gather` on input
+//! `y`), so the declared `mgd3.num_classes` is held against the weights: NodeProto.input = 1,
+//! .output = 2, .op_type = 4, .attribute = 5; TensorProto.dims = 1, .name = 8.
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::contract::{Element, ModelIo, TensorDecl};
+use crate::contract::{Element, LabelTable, ModelIo, TensorDecl};
 
 fn bad(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an ONNX model: {what}"))
@@ -239,6 +243,7 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     let mut meta = ModelIo { path: path.to_owned(), ..ModelIo::default() };
     let mut graph = false;
     let mut ir_version = None;
+    let mut wiring = Wiring::default();
     fields_and_varints(
         &mut r,
         len,
@@ -274,6 +279,11 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
                     match field {
                         11 => meta.inputs.push(value_info(&bytes(r, n)?)?),
                         12 => meta.outputs.push(value_info(&bytes(r, n)?)?),
+                        1 => node(r, n, &mut wiring)?,
+                        5 => {
+                            let (name, dims) = tensor_shape(r, n)?;
+                            wiring.constants.insert(name, dims);
+                        }
                         _ => return Ok(false),
                     }
                     Ok(true)
@@ -294,7 +304,140 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
         return Err(bad(if len == 0 { "the file is empty" } else { "it has no graph" }));
     }
     meta.ir_version = ir_version;
+    meta.label_tables = Some(wiring.label_tables());
     Ok(meta)
+}
+
+/// Ops a label passes through unchanged on its way to its embedding (and a table on its way to
+/// the `Gather`): what [`Wiring::label_tables`] follows.
+const PASS_THROUGH: [&str; 7] = ["Cast", "CastLike", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"];
+
+/// Just enough of a graph's nodes and constants to find its class embedding tables: the
+/// `Gather`s and pass-through nodes (op, inputs, outputs) and every initializer's and
+/// `Constant`'s shape by name (never their data).
+#[derive(Default)]
+struct Wiring {
+    nodes: Vec<(String, Vec<String>, Vec<String>)>,
+    constants: std::collections::HashMap<String, Vec<u64>>,
+}
+
+impl Wiring {
+    /// The tables `Gather` nodes index with the graph input `y`, in node order, each once.
+    fn label_tables(&self) -> Vec<LabelTable> {
+        // Everything `y` reaches through pass-through ops (to a fixpoint: node order is not
+        // trusted to be topological).
+        let mut labels: std::collections::HashSet<&str> = std::collections::HashSet::from(["y"]);
+        loop {
+            let before = labels.len();
+            for (op, inputs, outputs) in &self.nodes {
+                if PASS_THROUGH.contains(&op.as_str()) && inputs.first().is_some_and(|i| labels.contains(i.as_str())) {
+                    labels.extend(outputs.iter().map(String::as_str));
+                }
+            }
+            if labels.len() == before {
+                break;
+            }
+        }
+        let mut tables: Vec<LabelTable> = Vec::new();
+        for (op, inputs, _) in &self.nodes {
+            let (Some(data), Some(indices)) = (inputs.first(), inputs.get(1)) else { continue };
+            if op != "Gather" || !labels.contains(indices.as_str()) {
+                continue;
+            }
+            // Back from the data through casts (an fp16 table cast up, say) to its constant.
+            let mut name = data.as_str();
+            for _ in 0..self.nodes.len() {
+                if self.constants.contains_key(name) {
+                    break;
+                }
+                let Some((_, inputs, _)) = self
+                    .nodes
+                    .iter()
+                    .find(|(op, _, outputs)| PASS_THROUGH.contains(&op.as_str()) && outputs.iter().any(|o| o == name))
+                else {
+                    break;
+                };
+                let Some(input) = inputs.first() else { break };
+                name = input;
+            }
+            if let Some(&rows) = self.constants.get(name).and_then(|dims| dims.first())
+                && !tables.iter().any(|t| t.name == name)
+            {
+                tables.push(LabelTable { name: name.to_owned(), rows });
+            }
+        }
+        tables
+    }
+}
+
+/// A NodeProto (input = 1, output = 2, op_type = 4, attribute = 5): kept in `wiring` when it is
+/// a `Gather` or passes a tensor through; a `Constant`'s tensor is kept as a constant.
+fn node<R: Read + Seek>(r: &mut R, n: u64, wiring: &mut Wiring) -> std::io::Result<()> {
+    let (mut op, mut inputs, mut outputs) = (String::new(), Vec::new(), Vec::new());
+    let mut constant = None;
+    fields(r, n, |field, r, n| {
+        match field {
+            1 => inputs.push(string(r, n)?),
+            2 => outputs.push(string(r, n)?),
+            4 => op = string(r, n)?,
+            // AttributeProto.t = 5 (`value`, the only tensor attribute of `Constant`); writers
+            // put op_type before the attributes, as protobuf orders fields by number.
+            5 if op == "Constant" => fields(r, n, |field, r, n| {
+                if field != 5 {
+                    return Ok(false);
+                }
+                constant = Some(tensor_shape(r, n)?.1);
+                Ok(true)
+            })?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    match (op.as_str(), constant, outputs.first()) {
+        ("Constant", Some(dims), Some(output)) => {
+            wiring.constants.insert(output.clone(), dims);
+        }
+        (op, _, _) if op == "Gather" || PASS_THROUGH.contains(&op) => {
+            wiring.nodes.push((op.to_owned(), inputs, outputs))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A TensorProto's name (8) and dims (1, packed or not), seeking past its data.
+fn tensor_shape<R: Read + Seek>(r: &mut R, n: u64) -> std::io::Result<(String, Vec<u64>)> {
+    let mut dims = Vec::new();
+    let mut packed = Vec::new();
+    let mut name = String::new();
+    fields_and_varints(
+        r,
+        n,
+        |field, value| {
+            if field == 1 {
+                dims.push(value);
+            }
+        },
+        |field, r, n| {
+            match field {
+                8 => name = string(r, n)?,
+                1 => each_varint(&bytes(r, n)?, &mut packed)?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        },
+    )?;
+    dims.extend(packed);
+    Ok((name, dims))
+}
+
+/// The varints of a packed repeated field.
+fn each_varint(message: &[u8], out: &mut Vec<u64>) -> std::io::Result<()> {
+    let mut cursor = std::io::Cursor::new(message);
+    while cursor.position() < message.len() as u64 {
+        out.push(varint(&mut cursor)?);
+    }
+    Ok(())
 }
 
 impl ModelFilesError {
@@ -698,6 +841,67 @@ mod tests {
         let mut out = Vec::new();
         put_bytes(field, body, &mut out);
         out
+    }
+
+    /// The class embedding is found behind `y` in each fixture DiT's layout (one table; one per
+    /// block in the diffusers export, same rows), and nowhere in a graph without one.
+    #[test]
+    fn the_class_embedding_the_labels_index_is_found_with_its_rows() {
+        let tables = |name: &str| read_model_meta(&fixture(name)).unwrap().label_tables.unwrap();
+        let one = vec![LabelTable { name: "y_embedder.embedding_table.weight".into(), rows: 11 }];
+        assert_eq!(tables("tiny_dit.onnx"), one);
+        assert_eq!(tables("tiny_dit_fp16.onnx"), one);
+        assert_eq!(tables("tiny_dit_fused.onnx"), one);
+        let diffusers = tables("tiny_dit_diffusers.onnx");
+        assert_eq!((diffusers.len(), diffusers.iter().all(|t| t.rows == 11)), (2, true), "{diffusers:?}");
+        assert_eq!(tables("bf16_dit.onnx"), vec![]);
+        assert_eq!(tables("tiny_vae_encoder.onnx"), vec![]);
+        // A DiT whose metadata was edited to more classes than its table holds is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relabelled.onnx");
+        let dit = std::fs::read(fixture("tiny_dit.onnx")).unwrap();
+        std::fs::write(&path, with_metadata(&dit, "mgd3.num_classes", "1000").unwrap()).unwrap();
+        let error = crate::contract::DitInfo::from_io(&read_model_meta(&path).unwrap()).unwrap_err();
+        assert!(error.to_string().contains("11 rows: 10 classes and the null class"), "{error}");
+    }
+
+    /// Casts and reshapes between `y` and the `Gather` (nodes out of order), a table cast on its
+    /// way from a `Constant` with packed dims, and a `Gather` on something else are all read as
+    /// they should be.
+    #[test]
+    fn labels_and_tables_are_followed_through_casts_and_constants() {
+        let node = |op: &str, inputs: &[&str], output: &str, attribute: Option<Vec<u8>>| {
+            let mut body: Vec<u8> = inputs.iter().flat_map(|i| ld(1, i.as_bytes())).collect();
+            body.extend(ld(2, output.as_bytes()));
+            body.extend(ld(4, op.as_bytes()));
+            if let Some(attribute) = attribute {
+                body.extend(ld(5, &attribute));
+            }
+            ld(1, &body)
+        };
+        let mut packed = Vec::new();
+        for d in [7u64, 3] {
+            put_varint(d, &mut packed);
+        }
+        let constant =
+            [ld(1, b"value"), ld(5, &[ld(1, &packed), ld(8, b"table16"), ld(9, &[0; 42])].concat())].concat();
+        // An unpacked initializer (dims as separate varints) the timestep Gather reads.
+        let initializer = ld(5, &[vec![1 << 3, 100, 1 << 3, 1], ld(8, b"steps")].concat());
+        let graph = [
+            node("Gather", &["table", "y64"], "embedding", None),
+            node("Cast", &["y"], "y64", None),
+            node("Cast", &["table16"], "table", None),
+            node("Constant", &[], "table16", Some(constant)),
+            node("Gather", &["steps", "t"], "step", None),
+            initializer,
+        ]
+        .concat();
+        let model = ld(7, &graph);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, model).unwrap();
+        let tables = read_model_meta(&path).unwrap().label_tables.unwrap();
+        assert_eq!(tables, vec![LabelTable { name: "table16".into(), rows: 7 }]);
     }
 
     #[test]

@@ -613,8 +613,13 @@ fn describe_model(kind: &str, path: &str) -> String {
     let declared = match kind {
         "dit" => DitInfo::from_io(&io).map(|d| {
             format!(
-                "DiT, {} classes, {} training timesteps, latents {}, {}, {}",
+                "DiT, {} classes ({}), {} training timesteps, latents {}, {}, {}",
                 d.num_classes,
+                match io.label_tables.as_deref() {
+                    Some([]) | None =>
+                        "no class embedding found behind input `y`: labels are checked against the metadata only",
+                    Some(_) => "its class embedding agrees",
+                },
                 d.train_timesteps,
                 shape(d.latent_shape),
                 precision(d.precision),

@@ -481,7 +481,7 @@ fn check_describes_each_model_and_where_it_runs() {
     assert!(text.contains("\nmodels:\n"), "{text}");
     assert!(
         line("dit ").contains(
-            "DiT, 10 classes, 1000 training timesteps, latents 4×8×8, fp32, plain graph; ONNX IR 10, opset 18; \
+            "DiT, 10 classes (its class embedding agrees), 1000 training timesteps, latents 4×8×8, fp32, plain graph; ONNX IR 10, opset 18; \
              runs on the CPU or CUDA"
         ),
         "{text}"
@@ -492,6 +492,11 @@ fn check_describes_each_model_and_where_it_runs() {
     let dit = text.lines().find(|l| l.trim_start().starts_with("dit ")).unwrap();
     assert!(
         dit.contains("bf16") && dit.contains("runs on CUDA only (bf16): its workers need `--device cuda`"),
+        "{dit}"
+    );
+    // The bf16 stand-in has no embedding table: said, not refused.
+    assert!(
+        dit.contains("no class embedding found behind input `y`: labels are checked against the metadata only"),
         "{dit}"
     );
     let text = check(&newer_path);
@@ -540,6 +545,26 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
         assert!(!out.status.success(), "{dit}: {text}");
         assert!(text.contains("`models.dit`: model `") && text.contains(dit), "{dit}: {text}");
         assert!(text.contains("does not fit the mgd3 contract") && text.contains(said), "{dit}: {text}");
+    }
+    // Metadata that declares more classes than the weights hold (ONNX Runtime's CUDA Gather
+    // would read past the table with no error), or fewer (the null label would be a real class).
+    let bytes = std::fs::read(models.join("tiny_dit.onnx")).unwrap();
+    for classes in ["1000", "9"] {
+        let relabelled = dir.path().join(format!("relabelled_{classes}_dit.onnx"));
+        std::fs::write(
+            &relabelled,
+            mgd3_common::modelmeta::with_metadata(&bytes, "mgd3.num_classes", classes).unwrap(),
+        )
+        .unwrap();
+        write(relabelled.to_str().unwrap(), "tiny_vae_decoder.onnx");
+        let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{classes}: {text}");
+        let said = format!(
+            "metadata `mgd3.num_classes` = {classes}: expected the class embedding `y_embedder.embedding_table.weight` to hold"
+        );
+        assert!(text.contains("`models.dit`") && text.contains(&said), "{classes}: {text}");
+        assert!(text.contains("found 11 rows: 10 classes and the null class; export it again"), "{classes}: {text}");
     }
     // A DiT trained with fewer timesteps than the spec's sampling steps, beside a setting that
     // is wrong: both in one go, each by its setting.

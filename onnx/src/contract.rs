@@ -46,5 +46,8 @@ pub fn read_io(path: &std::path::Path, session: &Session) -> Result<ModelIo> {
         // Not reported by a session: the file reader fills them.
         ir_version: None,
         opsets: Default::default(),
+        // Nor are initializers: the class embedding's rows are read from the file (a file the
+        // reader cannot parse, ONNX Runtime just did, so it is left unchecked rather than failed).
+        label_tables: mgd3_common::modelmeta::read_model_meta(path).ok().and_then(|file| file.label_tables),
     })
 }

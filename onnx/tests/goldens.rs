@@ -140,6 +140,20 @@ fn malformed_contract_models_name_the_offending_item() {
     }
 }
 
+/// A DiT whose declared class count disagrees with its class embedding is refused at load: on
+/// CUDA, labels past the table would be read with no error.
+#[test]
+fn a_dit_declaring_more_classes_than_its_embedding_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relabelled_dit.onnx");
+    let bytes = std::fs::read(model("tiny_dit.onnx")).unwrap();
+    std::fs::write(&path, mgd3_common::modelmeta::with_metadata(&bytes, "mgd3.num_classes", "1000").unwrap()).unwrap();
+    let err = Dit::load(&path, &config(8)).err().expect("a DiT declaring 1000 classes over 11 rows");
+    let text = err.to_string();
+    assert!(text.contains("relabelled_dit.onnx") && text.contains("`mgd3.num_classes` = 1000"), "{text}");
+    assert!(text.contains("11 rows: 10 classes and the null class"), "{text}");
+}
+
 #[test]
 fn bad_inputs_are_rejected_before_running() {
     let mut dit = Dit::load(&model("tiny_dit.onnx"), &config(8)).unwrap();
