@@ -58,6 +58,10 @@ pub const REQUIRED_ORT: &str = "1.26";
 /// ("Unsupported model IR version: 99, max supported IR version: 13"); newer runtimes read more.
 pub const REQUIRED_ORT_MAX_IR: u64 = 13;
 
+/// The newest `ai.onnx` operator set [`REQUIRED_ORT`] loads, as it says when it refuses a newer
+/// one ("Current official support for domain ai.onnx is till opset 26"); newer runtimes load more.
+pub const REQUIRED_ORT_MAX_OPSET: u64 = 26;
+
 /// Element types the contract allows for float tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {

@@ -660,6 +660,11 @@ fn describe_model(kind: &str, path: &str) -> String {
         .opsets
         .iter()
         .map(|(domain, version)| match domain.as_str() {
+            "" | "ai.onnx" if *version > mgd3_common::contract::REQUIRED_ORT_MAX_OPSET => format!(
+                "opset {version} (newer than ONNX Runtime {} loads, opset {}: workers on it refuse the model)",
+                mgd3_common::contract::REQUIRED_ORT,
+                mgd3_common::contract::REQUIRED_ORT_MAX_OPSET
+            ),
             "" | "ai.onnx" => format!("opset {version}"),
             domain => format!("{domain} {version}"),
         })

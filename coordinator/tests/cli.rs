@@ -505,6 +505,18 @@ fn check_describes_each_model_and_where_it_runs() {
         dit.contains("ONNX IR 99 (newer than ONNX Runtime 1.26 reads, IR 13: workers on it refuse the model)"),
         "{dit}"
     );
+    // An operator set newer than that runtime loads (it refuses ai.onnx 27 and later), likewise.
+    let mut newer = std::fs::read(models.join("tiny_dit.onnx")).unwrap();
+    // ModelProto.opset_import (8): OperatorSetIdProto { domain "" , version 27 }; repeated, so
+    // appended it imports ai.onnx twice, and readers keep the last.
+    newer.extend([0x42, 0x04, 0x0a, 0x00, 0x10, 27]);
+    std::fs::write(&newer_path, newer).unwrap();
+    let text = check(&newer_path);
+    let dit = text.lines().find(|l| l.trim_start().starts_with("dit ")).unwrap();
+    assert!(
+        dit.contains("opset 27 (newer than ONNX Runtime 1.26 loads, opset 26: workers on it refuse the model)"),
+        "{dit}"
+    );
 }
 
 /// Models that are ONNX files but do not fit the contract the workers check at load (no `mgd3.*`
