@@ -131,6 +131,11 @@ pub enum EngineError {
         /// The other model files that cannot be used: missing, or not ONNX models.
         unusable: Vec<UnusableModel>,
     },
+    /// More than one model does not fit the contract the workers check at load, every violation
+    /// at once (in the order DiT, VAE encoder, VAE decoder), each naming its model and item
+    /// ([`check_model_contracts`]); one alone is [`EngineError::Model`].
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    ModelContracts(Vec<mgd3_common::contract::ContractViolation>),
     /// Model files that are there but are no ONNX models (text, a checkpoint, a folder, a copy
     /// cut short) or that this process may not read, all named at once with the missing ones
     /// ([`check_model_kinds`]). Retryable: a copy on this worker's disk may be bad where another
@@ -252,6 +257,34 @@ pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<
     Ok(())
 }
 
+/// Holds each model file's declarations (read from the file, as submit reads them) against the
+/// contract the loaders check, so that two bad models are named in one run, not one run each
+/// (`models`: each file with what it is given as). Files that cannot be read are left to the
+/// loaders, which say why.
+///
+/// # Errors
+/// [`EngineError::Model`] with the contract violation when one model does not fit;
+/// [`EngineError::ModelContracts`] with every violation when more do.
+pub fn check_model_contracts(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
+    use mgd3_common::contract::{DitInfo, VaeInfo};
+    let mut violations: Vec<_> = models
+        .iter()
+        .filter_map(|&(kind, path)| {
+            let io = mgd3_common::modelmeta::read_model_meta(path).ok()?;
+            match kind {
+                "dit" => DitInfo::from_io(&io).err(),
+                "vae_encoder" => VaeInfo::encoder_from_io(&io).err(),
+                _ => VaeInfo::decoder_from_io(&io).err(),
+            }
+        })
+        .collect();
+    match violations.len() {
+        0 => Ok(()),
+        1 => Err(EngineError::Model(mgd3_onnx::Error::Contract(violations.remove(0)))),
+        _ => Err(EngineError::ModelContracts(violations)),
+    }
+}
+
 impl EngineError {
     /// A model error of a VAE call about class `class`, naming the real image or sample behind a
     /// non-finite batch item with `name(item)`; other errors pass through.
@@ -305,7 +338,8 @@ impl EngineError {
             | EngineError::LabelOutOfRange(_)
             | EngineError::NonFinite { .. }
             | EngineError::LabelCount { .. }
-            | EngineError::MisplacedModels { .. } => false,
+            | EngineError::MisplacedModels { .. }
+            | EngineError::ModelContracts(_) => false,
         }
     }
 }
@@ -680,6 +714,8 @@ impl Models {
     /// # Errors
     /// [`EngineError::MisplacedModels`] when files are given as models of another kind;
     /// [`EngineError::UnusableModels`] when files are no ONNX models or may not be read;
+    /// [`EngineError::ModelContracts`] when more than one model does not fit the contract (one
+    /// is [`EngineError::Model`]);
     /// [`EngineError::ModelFiles`] when a model's external-data files are not all there;
     /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::ModelSet`] for VAEs that
     /// do not fit the DiT or each other;
@@ -692,6 +728,11 @@ impl Models {
             ("vae_decoder", &paths.vae_decoder),
         ])?;
         check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
+        check_model_contracts(&[
+            ("dit", &paths.dit),
+            ("vae_encoder", &paths.vae_encoder),
+            ("vae_decoder", &paths.vae_decoder),
+        ])?;
         for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
             match mgd3_common::modelmeta::model_files(path) {
                 // The model file itself not there is the loader's ModelNotFound.

@@ -575,6 +575,32 @@ fn distill_tiny_with(data: &Path, out: &Path, dit: &str, decoder: &str, extra: &
     worker(&args)
 }
 
+/// Two models that each break the contract are both named in one run, each with its item.
+#[test]
+fn models_that_do_not_fit_the_contract_are_all_named_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let relabel = |fixture: &str, key: &str, value: &str| {
+        let path = dir.path().join(format!("bad_{fixture}"));
+        let bytes = std::fs::read(model(fixture)).unwrap();
+        std::fs::write(&path, mgd3_common::modelmeta::with_metadata(&bytes, key, value).unwrap()).unwrap();
+        path.display().to_string()
+    };
+    let dit = relabel("tiny_dit.onnx", "mgd3.num_classes", "1000");
+    let decoder = relabel("tiny_vae_decoder.onnx", "mgd3.scale_factor", "-1");
+    let out = distill_tiny_with(&data, &dir.path().join("o"), &dit, &decoder, &[]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for said in ["bad_tiny_dit.onnx", "`mgd3.num_classes` = 1000", "bad_tiny_vae_decoder.onnx", "mgd3.scale_factor"] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
+    // One alone reads as before.
+    let out = distill_tiny_with(&data, &dir.path().join("o"), &dit, "tiny_vae_decoder.onnx", &[]);
+    let text = stderr(&out);
+    assert!(text.contains("`mgd3.num_classes` = 1000") && !text.contains("scale_factor"), "{text}");
+}
+
 #[test]
 fn cuda_request_without_cuda_is_an_error_not_a_fallback() {
     let dir = tempfile::tempdir().unwrap();
