@@ -164,7 +164,29 @@ pub struct ModelIo {
     /// (`None` from a loaded session: ONNX Runtime does not report initializers); empty when the
     /// graph has no `Gather` on `y` whose table is a constant.
     pub label_tables: Option<Vec<LabelTable>>,
+    /// Operators the graph's nodes use from domains ONNX Runtime does not have
+    /// ([`ORT_DOMAINS`]) and the model defines no function in: domain → op types. mgd3's
+    /// workers load no custom-operator library, so no worker can load such a model. Empty
+    /// from a loaded session (which had them all).
+    pub foreign_ops: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
+
+/// The operator domains ONNX Runtime's CPU and CUDA builds register kernels or schemas in
+/// (`onnxruntime/core/graph/constants.h`): a node of another domain loads only with a custom
+/// operator library, or as a function its model defines.
+pub const ORT_DOMAINS: [&str; 11] = [
+    "",
+    "ai.onnx",
+    "ai.onnx.ml",
+    "ai.onnx.training",
+    "ai.onnx.preview.training",
+    "com.microsoft",
+    "com.microsoft.nchwc",
+    "com.microsoft.experimental",
+    "com.microsoft.dml",
+    "com.ms.internal.nhwc",
+    "org.pytorch.aten",
+];
 
 /// A class embedding table as the file stores it: the data of a `Gather` whose indices are the
 /// graph input `y` (through casts and reshapes), traced back (through casts) to an initializer or

@@ -19,8 +19,10 @@
 //! TensorProto.external_data = 13.
 //!
 //! And it finds the class embedding the DiT's labels index ([`LabelTable`]: a `Gather` on input
-//! `y`), so the declared `mgd3.num_classes` is held against the weights: NodeProto.input = 1,
-//! .output = 2, .op_type = 4, .attribute = 5; TensorProto.dims = 1, .name = 8.
+//! `y`), so the declared `mgd3.num_classes` is held against the weights, and the operators of
+//! domains ONNX Runtime does not have (`ModelIo::foreign_ops`): NodeProto.input = 1, .output =
+//! 2, .op_type = 4, .attribute = 5, .domain = 7; TensorProto.dims = 1, .name = 8;
+//! ModelProto.functions = 25, FunctionProto.domain = 10.
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -273,6 +275,17 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
                 meta.metadata.insert(key, value);
                 Ok(true)
             }
+            // ModelProto.functions: FunctionProto.domain = 10 (its nodes are not kept).
+            25 => {
+                fields(r, n, |field, r, n| {
+                    if field != 10 {
+                        return Ok(false);
+                    }
+                    wiring.function_domains.insert(string(r, n)?);
+                    Ok(true)
+                })?;
+                Ok(true)
+            }
             7 => {
                 graph = true;
                 fields(r, n, |field, r, n| {
@@ -305,6 +318,11 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
     }
     meta.ir_version = ir_version;
     meta.label_tables = Some(wiring.label_tables());
+    for (domain, op) in &wiring.domain_ops {
+        if !crate::contract::ORT_DOMAINS.contains(&domain.as_str()) && !wiring.function_domains.contains(domain) {
+            meta.foreign_ops.entry(domain.clone()).or_default().insert(op.clone());
+        }
+    }
     Ok(meta)
 }
 
@@ -319,6 +337,10 @@ const PASS_THROUGH: [&str; 7] = ["Cast", "CastLike", "Identity", "Reshape", "Squ
 struct Wiring {
     nodes: Vec<(String, Vec<String>, Vec<String>)>,
     constants: std::collections::HashMap<String, Vec<u64>>,
+    /// (domain, op type) of every node outside the default domain.
+    domain_ops: std::collections::BTreeSet<(String, String)>,
+    /// The domains of the functions the model defines.
+    function_domains: std::collections::BTreeSet<String>,
 }
 
 impl Wiring {
@@ -370,16 +392,18 @@ impl Wiring {
     }
 }
 
-/// A NodeProto (input = 1, output = 2, op_type = 4, attribute = 5): kept in `wiring` when it is
-/// a `Gather` or passes a tensor through; a `Constant`'s tensor is kept as a constant.
+/// A NodeProto (input = 1, output = 2, op_type = 4, attribute = 5, domain = 7): kept in `wiring`
+/// when it is a `Gather` or passes a tensor through; a `Constant`'s tensor is kept as a
+/// constant; its domain and op type when outside the default domain.
 fn node<R: Read + Seek>(r: &mut R, n: u64, wiring: &mut Wiring) -> std::io::Result<()> {
     let (mut op, mut inputs, mut outputs) = (String::new(), Vec::new(), Vec::new());
-    let mut constant = None;
+    let (mut constant, mut domain) = (None, String::new());
     fields(r, n, |field, r, n| {
         match field {
             1 => inputs.push(string(r, n)?),
             2 => outputs.push(string(r, n)?),
             4 => op = string(r, n)?,
+            7 => domain = string(r, n)?,
             // AttributeProto.t = 5 (`value`, the only tensor attribute of `Constant`); writers
             // put op_type before the attributes, as protobuf orders fields by number.
             5 if op == "Constant" => fields(r, n, |field, r, n| {
@@ -393,6 +417,9 @@ fn node<R: Read + Seek>(r: &mut R, n: u64, wiring: &mut Wiring) -> std::io::Resu
         }
         Ok(true)
     })?;
+    if !domain.is_empty() {
+        wiring.domain_ops.insert((domain, op.clone()));
+    }
     match (op.as_str(), constant, outputs.first()) {
         ("Constant", Some(dims), Some(output)) => {
             wiring.constants.insert(output.clone(), dims);
@@ -902,6 +929,32 @@ mod tests {
         std::fs::write(&path, model).unwrap();
         let tables = read_model_meta(&path).unwrap().label_tables.unwrap();
         assert_eq!(tables, vec![LabelTable { name: "table16".into(), rows: 7 }]);
+    }
+
+    /// Operators of a domain ONNX Runtime lacks are named, unless the model defines functions
+    /// in that domain (as torch's dynamo exports do); ONNX Runtime's own domains are not.
+    #[test]
+    fn operators_of_domains_onnx_runtime_lacks_are_found() {
+        let node = |op: &str, domain: &str| {
+            ld(1, &[ld(1, b"x"), ld(2, b"y"), ld(4, op.as_bytes()), ld(7, domain.as_bytes())].concat())
+        };
+        let graph = [
+            node("MyGather", "my.custom"),
+            node("MyScatter", "my.custom"),
+            node("Attention", "com.microsoft"),
+            node("aten_linear", "pkg.onnxscript.torch_lib"),
+        ]
+        .concat();
+        let function = ld(25, &[ld(1, b"aten_linear"), ld(10, b"pkg.onnxscript.torch_lib")].concat());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, [ld(7, &graph), function].concat()).unwrap();
+        let foreign = read_model_meta(&path).unwrap().foreign_ops;
+        assert_eq!(
+            foreign.into_iter().map(|(d, ops)| (d, ops.into_iter().collect::<Vec<_>>())).collect::<Vec<_>>(),
+            vec![("my.custom".to_owned(), vec!["MyGather".to_owned(), "MyScatter".to_owned()])]
+        );
+        assert!(read_model_meta(&fixture("tiny_dit_fused.onnx")).unwrap().foreign_ops.is_empty());
     }
 
     #[test]

@@ -86,12 +86,23 @@ fn all_excluded(status: &JobStatus) -> bool {
     status.state == JobState::Running && status.workers > 0 && status.workers_excluded >= status.workers
 }
 
-/// `worker: reason` for each connected worker the job excluded, as the reasons were said.
+/// `worker, worker: reason` for each reason the job excluded connected workers for, as it was
+/// said, in order of first appearance: workers that share a model and a runtime fail alike, and
+/// the same long reason once per worker buries it.
 fn exclusion_reasons(status: &JobStatus) -> Vec<String> {
-    let reasons: Vec<String> = status
-        .exclusions
-        .iter()
-        .map(|e| if e.reason.is_empty() { e.worker_id.clone() } else { format!("{}: {}", e.worker_id, e.reason) })
+    let mut grouped: Vec<(&str, Vec<&str>)> = Vec::new();
+    for e in &status.exclusions {
+        match grouped.iter_mut().find(|(reason, _)| *reason == e.reason) {
+            Some((_, workers)) => workers.push(&e.worker_id),
+            None => grouped.push((&e.reason, vec![&e.worker_id])),
+        }
+    }
+    let reasons: Vec<String> = grouped
+        .into_iter()
+        .map(|(reason, workers)| {
+            let workers = workers.join(", ");
+            if reason.is_empty() { workers } else { format!("{workers}: {reason}") }
+        })
         .collect();
     if reasons.is_empty() {
         vec![format!("{} worker(s), reasons not reported", status.workers_excluded)]
@@ -478,6 +489,23 @@ mod tests {
         );
         assert!(progress_line(&shunned, "u").contains("w1: has model `dit.onnx`"));
         assert!(!text.contains("model files differ"), "the reasons as they are, nothing made up: {text}");
+        // Workers refused for the same reason (one model, one runtime) share one mention of it.
+        let alike = JobStatus {
+            workers_excluded: 3,
+            exclusions: vec![
+                exclusion("local-0", "cannot load the job's models"),
+                exclusion("w9", "has model `dit.onnx` loaded with fingerprint sha256:11"),
+                exclusion("local-1", "cannot load the job's models"),
+            ],
+            ..status(JobState::Running, 3, 0.0, None)
+        };
+        assert_eq!(
+            exclusion_reasons(&alike),
+            [
+                "local-0, local-1: cannot load the job's models",
+                "w9: has model `dit.onnx` loaded with fingerprint sha256:11"
+            ]
+        );
         let some = JobStatus { workers_excluded: 1, ..status(JobState::Running, 2, 0.0, None) };
         assert!(!describe(&some, "u").contains("eligible"));
         // The rows each worker runs its DiT calls with (what `--dit-rows auto` chose), most first.

@@ -578,6 +578,24 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
         assert!(text.contains("`models.dit`") && text.contains(&said), "{classes}: {text}");
         assert!(text.contains("found 11 rows: 10 classes and the null class; export it again"), "{classes}: {text}");
     }
+    // A node of a domain ONNX Runtime does not have (a custom operator): ModelProto.graph
+    // appended once more, protobuf merges it into the first, with one node of domain
+    // `my.custom`.
+    let ld = |field: u8, body: &[u8]| [vec![field << 3 | 2, body.len() as u8], body.to_vec()].concat();
+    let custom_node = ld(1, &[ld(1, b"x"), ld(2, b"z"), ld(4, b"MyOp"), ld(7, b"my.custom")].concat());
+    let custom = dir.path().join("custom_dit.onnx");
+    std::fs::write(&custom, [bytes.clone(), ld(7, &custom_node)].concat()).unwrap();
+    write(custom.to_str().unwrap(), "tiny_vae_decoder.onnx");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("`models.dit`")
+            && text.contains(
+                "custom_dit.onnx` uses operators of domain `my.custom` (MyOp), which ONNX Runtime does not have"
+            ),
+        "{text}"
+    );
     // A DiT trained with fewer timesteps than the spec's sampling steps, beside a setting that
     // is wrong: both in one go, each by its setting.
     let few = dir.path().join("few_steps_dit.onnx");

@@ -49,5 +49,7 @@ pub fn read_io(path: &std::path::Path, session: &Session) -> Result<ModelIo> {
         // Nor are initializers: the class embedding's rows are read from the file (a file the
         // reader cannot parse, ONNX Runtime just did, so it is left unchecked rather than failed).
         label_tables: mgd3_common::modelmeta::read_model_meta(path).ok().and_then(|file| file.label_tables),
+        // A loaded session had every operator it uses.
+        foreign_ops: Default::default(),
     })
 }
