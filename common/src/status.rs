@@ -196,6 +196,11 @@ pub struct JobStatus {
     pub worker_rows: Vec<WorkerRows>,
     /// Every shard, in plan order.
     pub shard_list: Vec<ShardStatus>,
+    /// When the answering coordinator last knew it held its store's lock (Unix ms), while it
+    /// does not know it now — cut off from its store, or taken over by another coordinator —:
+    /// it commits nothing and leases nothing meanwhile. `None` while it holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_unheld_since_unix_ms: Option<u64>,
 }
 
 /// A connected worker's DiT rows per call, as it reported them.
@@ -241,6 +246,7 @@ impl JobStatus {
             exclusions: Vec::new(),
             worker_rows: Vec::new(),
             shard_list: Vec::new(),
+            store_unheld_since_unix_ms: None,
             job_id,
         }
     }

@@ -24,7 +24,7 @@ pub enum Tell {
     Nothing,
     /// The store has failed every request since `since` (`for_` ago): told once per outage.
     Down {
-        /// When the first failed request of the outage ended (wall clock).
+        /// When the earliest failed request of the outage was sent (wall clock).
         since: SystemTime,
         /// How long it has lasted.
         for_: Duration,
@@ -46,9 +46,16 @@ pub struct Outage {
 }
 
 impl Outage {
-    /// A request failed (no connection, a connection cut, a timeout, a 5xx) at `now`.
-    pub fn failed(&mut self, now: Instant, wall: SystemTime) -> Tell {
-        let (at, since) = *self.since.get_or_insert((now, wall));
+    /// A request sent at `sent` (`sent_wall` on the wall clock) failed (no connection, a
+    /// connection cut, a timeout, a 5xx) at `now`. The outage runs from the earliest failed
+    /// request's sending, not its failure: against a store that accepts connections and never
+    /// answers, a request fails only when its timeout ends, half a minute or more later.
+    pub fn failed(&mut self, sent: Instant, sent_wall: SystemTime, now: Instant) -> Tell {
+        let run = self.since.get_or_insert((sent, sent_wall));
+        if sent < run.0 {
+            *run = (sent, sent_wall);
+        }
+        let (at, since) = *run;
         let for_ = now.saturating_duration_since(at);
         if !self.told && for_ >= OUTAGE_WARN_AFTER {
             self.told = true;
@@ -100,6 +107,7 @@ struct Watched {
 #[async_trait::async_trait]
 impl HttpService for Watched {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let (sent, sent_wall) = (Instant::now(), SystemTime::now());
         let result = self.inner.execute(request).await;
         let failed = match &result {
             Ok(response) => response.status().is_server_error(),
@@ -107,7 +115,7 @@ impl HttpService for Watched {
         };
         let tell = {
             let mut outage = self.outage.lock().expect("outage");
-            if failed { outage.failed(Instant::now(), SystemTime::now()) } else { outage.answered(Instant::now()) }
+            if failed { outage.failed(sent, sent_wall, Instant::now()) } else { outage.answered(Instant::now()) }
         };
         match tell {
             Tell::Nothing => {}
@@ -144,13 +152,13 @@ mod tests {
         assert_eq!(outage.answered(at(0)), Tell::Nothing);
         // A blip of 14.9 s: nothing to tell.
         for ms in (0..=14_900).step_by(100) {
-            assert_eq!(outage.failed(at(ms), wall), Tell::Nothing, "{ms}");
+            assert_eq!(outage.failed(at(ms), wall, at(ms)), Tell::Nothing, "{ms}");
         }
         assert_eq!(outage.answered(at(15_000)), Tell::Nothing);
         // 90 s of failures from 20 s on: told at 35 s, once.
         let mut told = Vec::new();
         for ms in (20_000..=110_000).step_by(250) {
-            let tell = outage.failed(at(ms), wall);
+            let tell = outage.failed(at(ms), wall, at(ms));
             if tell != Tell::Nothing {
                 told.push((ms, tell));
             }
@@ -159,7 +167,25 @@ mod tests {
         assert_eq!(outage.answered(at(110_500)), Tell::Back { lasted: Duration::from_millis(90_500) });
         assert_eq!(outage.answered(at(111_000)), Tell::Nothing, "told once");
         // The next outage is told again.
-        outage.failed(at(200_000), wall);
-        assert!(matches!(outage.failed(at(215_000), wall), Tell::Down { .. }));
+        outage.failed(at(200_000), wall, at(200_000));
+        assert!(matches!(outage.failed(at(215_000), wall, at(215_000)), Tell::Down { .. }));
+    }
+
+    /// Against a store that accepts and never answers, each request fails only at its timeout:
+    /// the outage is dated from the first one's sending, and told at its first failure when
+    /// that is already 15 s on, with its whole length.
+    #[test]
+    fn an_outage_of_hanging_requests_runs_from_the_first_ones_sending() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let wall = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + s);
+        let mut outage = Outage::default();
+        // Requests sent at 10 s and at 5 s (concurrently) time out at 40 s and 45 s.
+        assert_eq!(
+            outage.failed(at(10), wall(10), at(40)),
+            Tell::Down { since: wall(10), for_: Duration::from_secs(30) }
+        );
+        assert_eq!(outage.failed(at(5), wall(5), at(45)), Tell::Nothing, "told once");
+        assert_eq!(outage.answered(at(60)), Tell::Back { lasted: Duration::from_secs(55) });
     }
 }

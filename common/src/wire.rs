@@ -384,6 +384,7 @@ impl From<JobStatus> for proto::JobStatus {
             classes_done: s.classes_done,
             classes_total: s.classes_total,
             run_started_unix_ms: s.run_started_unix_ms,
+            store_unheld_since_unix_ms: s.store_unheld_since_unix_ms.unwrap_or(0),
             shards: s
                 .shard_list
                 .into_iter()
@@ -421,6 +422,7 @@ impl TryFrom<proto::JobStatus> for JobStatus {
             images_per_second: s.images_per_second,
             eta_seconds: (s.eta_seconds >= 0.0).then_some(s.eta_seconds),
             run_started_unix_ms: s.run_started_unix_ms,
+            store_unheld_since_unix_ms: (s.store_unheld_since_unix_ms > 0).then_some(s.store_unheld_since_unix_ms),
             failures: s
                 .failures
                 .into_iter()
@@ -510,6 +512,7 @@ mod tests {
             workers_excluded: 1,
             exclusions: vec![WorkerExclusion { worker_id: "w".into(), reason: "its models differ".into() }],
             worker_rows: vec![WorkerRows { worker_id: "w".into(), dit_rows: 688 }],
+            store_unheld_since_unix_ms: Some(9),
             shard_list: vec![
                 ShardStatus {
                     index: 0,

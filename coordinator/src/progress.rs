@@ -81,6 +81,29 @@ pub fn no_worker_warning(status: &JobStatus, url: &str) -> Option<String> {
     })
 }
 
+/// How long a coordinator may go without holding its store before status says so: a renewal
+/// that is late by a few seconds is the usual slow store, not news.
+pub const STORE_UNHELD_GRACE_MS: u64 = 15_000;
+
+/// Seconds the answering coordinator has gone without holding its store, at `now_ms`, while the
+/// job runs and once that is past [`STORE_UNHELD_GRACE_MS`].
+fn store_unheld_for(status: &JobStatus, now_ms: u64) -> Option<f64> {
+    let since = status.store_unheld_since_unix_ms?;
+    let unheld = now_ms.saturating_sub(since);
+    (!status.state.is_final() && unheld >= STORE_UNHELD_GRACE_MS).then_some(unheld as f64 / 1000.0)
+}
+
+/// The warning for a coordinator that has not held its store for a while ([`store_unheld_for`]).
+pub fn store_warning(status: &JobStatus) -> Option<String> {
+    store_unheld_for(status, mgd3_common::now_ms()).map(|seconds| {
+        format!(
+            "this coordinator has not held its store for {}: cut off from it, or taken over by another coordinator; \
+             it commits and leases nothing until it holds it again",
+            human(seconds)
+        )
+    })
+}
+
 /// True when the job runs, workers are connected, and this job has excluded every one of them.
 fn all_excluded(status: &JobStatus) -> bool {
     status.state == JobState::Running && status.workers > 0 && status.workers_excluded >= status.workers
@@ -125,7 +148,7 @@ pub fn progress_line(status: &JobStatus, url: &str) -> String {
         pace(status),
         status.workers
     );
-    if let Some(warning) = no_worker_warning(status, url) {
+    for warning in [store_warning(status), no_worker_warning(status, url)].into_iter().flatten() {
         line.push_str("; ");
         line.push_str(&warning);
     }
@@ -175,6 +198,9 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
         workers,
         status.output,
     );
+    if let Some(warning) = store_warning(status) {
+        text.push_str(&format!("  store: {warning}\n"));
+    }
     if status.state == JobState::Paused {
         text.push_str(&format!(
             "  paused: the output store refuses writes (see below); free space, raise the quota or fix the \
@@ -272,7 +298,7 @@ impl Progress {
                 status.classes_total,
                 pace(status)
             );
-            if let Some(warning) = no_worker_warning(status, &self.url) {
+            if let Some(warning) = store_warning(status).or_else(|| no_worker_warning(status, &self.url)) {
                 message = format!("[{}] {warning}", status.state);
             }
             self.bar.set_message(message);
@@ -320,7 +346,8 @@ impl Drop for Progress {
 /// comes back).
 ///
 /// # Errors
-/// The call's error once the coordinator has not answered for [`WAIT_FOR_UNREACHABLE`], or at
+/// The call's error once the coordinator has not answered for [`WAIT_FOR_UNREACHABLE`], an error
+/// once it has answered for that long that it does not hold its store, or at
 /// once for an error a restart does not cure (an unknown job, a refused token);
 /// [`mgd3_common::NoWorker`] once every connected worker has been excluded from the job for
 /// `excluded_grace` (`None` waits for ever).
@@ -356,6 +383,20 @@ pub async fn wait_for(
                     }
                 } else {
                     excluded_since = None;
+                }
+                // A coordinator cut off from its store for as long as one that does not answer
+                // is waited for: it makes no progress, and the store may have another one by now.
+                if let Some(seconds) = store_unheld_for(&status, mgd3_common::now_ms())
+                    && seconds >= WAIT_FOR_UNREACHABLE.as_secs_f64()
+                {
+                    progress.finish();
+                    anyhow::bail!(
+                        "job {job_id}: the coordinator at {url} has not held its store for {}, so the job makes no \
+                         progress there (it is cut off from the store, or another coordinator took the store over); \
+                         the job goes on under the coordinator that holds the store: `coordinator status {job_id} \
+                         --coordinator URL` of that one, or of this one once it holds its store again",
+                        human(seconds)
+                    );
                 }
             }
             Err(error)
@@ -424,6 +465,7 @@ mod tests {
             exclusions: Vec::new(),
             worker_rows: Vec::new(),
             shard_list: Vec::new(),
+            store_unheld_since_unix_ms: None,
         }
     }
 
@@ -507,6 +549,22 @@ mod tests {
             ]
         );
         let some = JobStatus { workers_excluded: 1, ..status(JobState::Running, 2, 0.0, None) };
+        // A coordinator cut off from its store says so once that has lasted 15 s, and not for
+        // a job that is over.
+        let cut_off = |ago_ms: u64, state| JobStatus {
+            store_unheld_since_unix_ms: Some(mgd3_common::now_ms() - ago_ms),
+            ..status(state, 2, 0.0, None)
+        };
+        assert_eq!(store_unheld_for(&cut_off(5_000, JobState::Running), mgd3_common::now_ms()), None);
+        let text = describe(&cut_off(90_000, JobState::Running), "u");
+        assert!(
+            text.contains(
+                "  store: this coordinator has not held its store for 1 min 30 s: cut off from it, or taken over"
+            ),
+            "{text}"
+        );
+        assert!(progress_line(&cut_off(90_000, JobState::Running), "u").contains("has not held its store"));
+        assert!(!describe(&cut_off(90_000, JobState::Succeeded), "u").contains("store:"));
         assert!(!describe(&some, "u").contains("eligible"));
         // The rows each worker runs its DiT calls with (what `--dit-rows auto` chose), most first.
         let rows = |worker: &str, dit_rows: u32| mgd3_common::status::WorkerRows { worker_id: worker.into(), dit_rows };

@@ -738,6 +738,17 @@ impl Coordinator {
         })
     }
 
+    /// When this coordinator last knew it held its store's lock (Unix ms), while it does not
+    /// know it now ([`Coordinator::holds_store`]); `None` while it holds it.
+    pub fn store_unheld_since_unix_ms(&self) -> Option<u64> {
+        match self.holds_store() {
+            Err(Error::StoreNotHeld { since_s, .. }) => {
+                Some(mgd3_common::now_ms().saturating_sub((since_s * 1000.0) as u64))
+            }
+            _ => None,
+        }
+    }
+
     /// True once another coordinator took this one's store over.
     pub fn is_fenced(&self) -> bool {
         self.inner.fenced.load(std::sync::atomic::Ordering::SeqCst)
@@ -1592,6 +1603,7 @@ impl Coordinator {
                 })
                 .collect(),
             shard_list: summary.shards,
+            store_unheld_since_unix_ms: self.store_unheld_since_unix_ms(),
             output: format!(
                 "{}/{}",
                 job.spec.output.clone().unwrap_or_default().trim_end_matches('/'),

@@ -348,6 +348,12 @@ fn a_coordinator_cut_off_past_its_lock_timeout_commits_nothing_after_a_takeover(
         .unwrap()
         .to_owned();
     std::thread::sleep(Duration::from_secs(2));
+    // The replaced coordinator, still cut off, says in its status since when it has not held
+    // the store (what `submit --wait` gives up on after as long as on a silent coordinator).
+    let asked_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let unheld = status(&url_a, &job).and_then(|s| s["store_unheld_since_unix_ms"].as_u64());
+    // Its lock (2 s) lapsed before the takeover, which came before the 2 s just slept.
+    assert!(unheld.is_some_and(|since| since + 2_000 <= asked_ms), "unheld since {unheld:?}, asked at {asked_ms}");
     down.store(false, Ordering::Relaxed);
     let stopped = wait_exit(&mut a.0, "the replaced coordinator", Duration::from_secs(30));
     let text_a = std::fs::read_to_string(&log_a).unwrap();
