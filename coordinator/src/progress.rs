@@ -93,7 +93,8 @@ fn store_unheld_for(status: &JobStatus, now_ms: u64) -> Option<f64> {
     (!status.state.is_final() && unheld >= STORE_UNHELD_GRACE_MS).then_some(unheld as f64 / 1000.0)
 }
 
-/// The warning for a coordinator that has not held its store for a while ([`store_unheld_for`]).
+/// The warning for a running job whose coordinator has not held its store for
+/// [`STORE_UNHELD_GRACE_MS`] or longer.
 pub fn store_warning(status: &JobStatus) -> Option<String> {
     store_unheld_for(status, mgd3_common::now_ms()).map(|seconds| {
         format!(
