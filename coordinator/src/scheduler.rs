@@ -1910,6 +1910,16 @@ impl Scheduler {
         Ok(run.persisted.excluded_workers.insert(worker_id.to_owned()))
     }
 
+    /// Forgets which workers `job_id` excluded (a person submitted the job again, having fixed
+    /// what they were told): each may lease its shards again, and one whose models still differ
+    /// or still fail to load is excluded again when it registers or loads them. Returns how
+    /// many were excluded.
+    pub fn clear_exclusions(&mut self, job_id: &str) -> usize {
+        let Some(run) = self.jobs.get_mut(job_id) else { return 0 };
+        run.persisted.exclusion_reasons.clear();
+        std::mem::take(&mut run.persisted.excluded_workers).len()
+    }
+
     /// The workers seen in the last three heartbeats that `job_id` has excluded, each with why
     /// (as it was said when it was excluded), by worker id.
     pub fn live_exclusions(&self, job_id: &str, now: u64) -> Vec<(String, String)> {

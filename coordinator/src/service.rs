@@ -1079,6 +1079,20 @@ impl Coordinator {
                 info!(job = %existing.job_id, "the job was paused because its output store refused writes: resuming it");
                 self.resume(&existing.job_id, None).await?;
             }
+            // Submitting a running job again is how a person says that what its excluded
+            // workers were told ("fix that and run the same command again") is fixed.
+            if state == Some(JobState::Running) {
+                let forgiven = self.inner.scheduler.lock().expect("scheduler").clear_exclusions(&existing.job_id);
+                if forgiven > 0 {
+                    info!(job = %existing.job_id, workers = forgiven, "the job was submitted again: the workers it had excluded may try it again");
+                    self.mark_dirty(&existing.job_id);
+                    self.inner.wake.notify_one();
+                    notes.push(format!(
+                        "job `{}` had excluded {forgiven} worker(s); submitted again, they may try it again (one whose models still do not load or differ is excluded again)",
+                        existing.job_id
+                    ));
+                }
+            }
             if state == Some(JobState::Failed) {
                 // Submitting (or `coordinator run`) does not retry a failed job by itself: say how.
                 notes.push(format!(

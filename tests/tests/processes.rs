@@ -725,6 +725,41 @@ fn run_stops_at_once_when_its_workers_cannot_load_the_models() {
     assert!(started.elapsed() < Duration::from_secs(60), "it stops at once, not after 120 s: {text}");
 }
 
+/// Workers a job excluded (here: its DiT was not on their disk) get another try when the same
+/// command runs again after the fix, as the refusal tells: the job (same spec, same id, the
+/// DiT pinned by its fingerprint) remembered its exclusions and refused at once again.
+#[test]
+fn running_the_same_command_again_after_the_fix_gives_excluded_workers_another_try() {
+    let JobScratch { dir: scratch, spec: spec_path, .. } = job_scratch(2, 3, 1, 1, "");
+    let fixture = fixtures().join("tiny_dit.onnx");
+    let fingerprint = mgd3_common::fingerprint_file(&fixture).unwrap();
+    let late = scratch.path().join("late").join("dit.onnx");
+    let text = std::fs::read_to_string(&spec_path)
+        .unwrap()
+        .replace(&fixture.display().to_string(), &late.display().to_string());
+    std::fs::write(&spec_path, format!("{text}dit_fingerprint = \"{fingerprint}\"\n")).unwrap();
+    let run_store = scratch.path().join("run").display().to_string();
+    let run = || {
+        Command::new(bin("coordinator"))
+            .args(["run", spec_path.to_str().unwrap(), "--local-workers", "2", "--store", &run_store, "--no-report"])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("run the same command again"), "{text}");
+    // Both local workers share the reason: said once, naming both.
+    assert!(text.contains("local-0, local-1: ") || text.contains("local-1, local-0: "), "{text}");
+    std::fs::create_dir_all(late.parent().unwrap()).unwrap();
+    std::fs::copy(&fixture, &late).unwrap();
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("had excluded 2 worker(s); submitted again, they may try it again"), "{text}");
+}
+
 /// A dataset problem found at submit (after `run` opened the store and its workers registered)
 /// refuses the spec with exit 2 and leaves no folder `run` made for the store behind; a folder
 /// that holds anything else stays.
