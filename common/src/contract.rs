@@ -201,6 +201,26 @@ pub struct LabelTable {
 }
 
 impl ModelIo {
+    /// One violation per domain of [`ModelIo::foreign_ops`]: operators no mgd3 worker can load
+    /// (ONNX Runtime has no kernels for them and the workers load no custom-operator library).
+    pub fn foreign_op_violations(&self) -> Vec<ContractViolation> {
+        self.foreign_ops
+            .iter()
+            .map(|(domain, ops)| {
+                self.violation(
+                    format!(
+                        "operators of domain `{}` ({})",
+                        domain.escape_debug(),
+                        ops.iter().map(|op| op.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                    "operators ONNX Runtime has (mgd3 workers load no custom-operator library)",
+                    "a domain ONNX Runtime does not have and the model defines no function in: no worker can load it; \
+                     export it with scripts/export_onnx.py",
+                )
+            })
+            .collect()
+    }
+
     /// A metadata value trimmed and parsed, when present and well-formed (lenient: for checks
     /// that look at what is there; [`ModelIo::meta`] is the contract's strict reading).
     pub fn get<T: FromStr>(&self, key: &str) -> Option<T> {

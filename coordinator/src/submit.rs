@@ -726,17 +726,8 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
                 }
                 // ONNX Runtime would refuse it on every worker ("not a registered function/op"),
                 // each one excluded from the job in turn.
-                for (domain, ops) in &meta.foreign_ops {
-                    problems.push(FieldError {
-                        field: field.into(),
-                        problem: format!(
-                            "`{path}` uses operators of domain `{}` ({}), which ONNX Runtime does not have and the model \
-                             does not define: no worker can load it (mgd3 workers load no custom-operator library); \
-                             export it with scripts/export_onnx.py",
-                            domain.escape_debug(),
-                            ops.iter().map(|op| op.escape_debug().to_string()).collect::<Vec<_>>().join(", ")
-                        ),
-                    });
+                for violation in meta.foreign_op_violations() {
+                    problems.push(FieldError { field: field.into(), problem: violation.to_string() });
                 }
                 match kind {
                     "dit" => dit_info = fits(&mut problems, field, DitInfo::from_io(meta)),

@@ -591,9 +591,8 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
     assert!(!out.status.success(), "{text}");
     assert!(
         text.contains("`models.dit`")
-            && text.contains(
-                "custom_dit.onnx` uses operators of domain `my.custom` (MyOp), which ONNX Runtime does not have"
-            ),
+            && text.contains("custom_dit.onnx` does not fit the mgd3 contract: operators of domain `my.custom` (MyOp): expected operators ONNX Runtime has")
+            && text.contains("found a domain ONNX Runtime does not have and the model defines no function in: no worker can load it"),
         "{text}"
     );
     // A DiT trained with fewer timesteps than the spec's sampling steps, beside a setting that

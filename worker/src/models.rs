@@ -258,7 +258,9 @@ pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<
 }
 
 /// Holds each model file's declarations (read from the file, as submit reads them) against the
-/// contract the loaders check, so that two bad models are named in one run, not one run each
+/// contract the loaders check, and its operators against the domains ONNX Runtime has
+/// ([`mgd3_common::contract::ModelIo::foreign_op_violations`], in the words `check` uses), so
+/// that two bad models are named in one run, not one run each
 /// (`models`: each file with what it is given as). Files that cannot be read are left to the
 /// loaders, which say why.
 ///
@@ -271,12 +273,15 @@ pub fn check_model_contracts(models: &[(&'static str, &std::path::Path)]) -> Res
         .iter()
         .filter_map(|&(kind, path)| {
             let io = mgd3_common::modelmeta::read_model_meta(path).ok()?;
-            match kind {
+            let mut violations = io.foreign_op_violations();
+            violations.extend(match kind {
                 "dit" => DitInfo::from_io(&io).err(),
                 "vae_encoder" => VaeInfo::encoder_from_io(&io).err(),
                 _ => VaeInfo::decoder_from_io(&io).err(),
-            }
+            });
+            Some(violations)
         })
+        .flatten()
         .collect();
     match violations.len() {
         0 => Ok(()),

@@ -595,6 +595,24 @@ fn models_that_do_not_fit_the_contract_are_all_named_at_once() {
     for said in ["bad_tiny_dit.onnx", "`mgd3.num_classes` = 1000", "bad_tiny_vae_decoder.onnx", "mgd3.scale_factor"] {
         assert!(text.contains(said), "{said}: {text}");
     }
+    // A custom operator is said in check's words, with a contract problem of another model.
+    let mut custom = std::fs::read(model("tiny_vae_decoder.onnx")).unwrap();
+    // ModelProto.graph (7) appended: protobuf merges it into the first, adding one node
+    // { input "x", output "z", op_type "MyOp", domain "my.custom" }.
+    let node: Vec<u8> =
+        [&[0x0a, 1][..], b"x", &[0x12, 1], b"z", &[0x22, 4], b"MyOp", &[0x3a, 9], b"my.custom"].concat();
+    custom.extend([0x3a, node.len() as u8 + 2, 0x0a, node.len() as u8]);
+    custom.extend(node);
+    let custom_path = dir.path().join("custom_decoder.onnx");
+    std::fs::write(&custom_path, custom).unwrap();
+    let out = distill_tiny_with(&data, &dir.path().join("o"), &dit, custom_path.to_str().unwrap(), &[]);
+    let text = stderr(&out);
+    for said in [
+        "`mgd3.num_classes` = 1000",
+        "custom_decoder.onnx` does not fit the mgd3 contract: operators of domain `my.custom` (MyOp)",
+    ] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
     // One alone reads as before.
     let out = distill_tiny_with(&data, &dir.path().join("o"), &dit, "tiny_vae_decoder.onnx", &[]);
     let text = stderr(&out);
