@@ -412,7 +412,10 @@ impl DitInfo {
         if out_shape != want {
             return Err(io.violation(
                 "output `out`",
-                format!("[B,{},{},{}] (learn_sigma={learn_sigma})", want[0], want[1], want[2]),
+                format!(
+                    "[B,{},{},{}] (from input `x` [B,{c},{h},{w}] and learn_sigma={learn_sigma}: the two must agree)",
+                    want[0], want[1], want[2]
+                ),
                 format!("[B,{},{},{}]", out_shape[0], out_shape[1], out_shape[2]),
             ));
         }

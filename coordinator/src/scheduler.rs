@@ -1910,6 +1910,17 @@ impl Scheduler {
         Ok(run.persisted.excluded_workers.insert(worker_id.to_owned()))
     }
 
+    /// Another worker `job_id` excluded for exactly `reason`, if any (the first by id): workers
+    /// that share a model and a runtime fail alike, and the reason need not be logged again.
+    pub fn excluded_alike(&self, job_id: &str, worker_id: &str, reason: &str) -> Option<String> {
+        let run = self.jobs.get(job_id)?;
+        run.persisted
+            .exclusion_reasons
+            .iter()
+            .find(|(other, said)| other.as_str() != worker_id && said.as_str() == reason)
+            .map(|(other, _)| other.clone())
+    }
+
     /// Forgets which workers `job_id` excluded (a person submitted the job again, having fixed
     /// what they were told): each may lease its shards again, and one whose models still differ
     /// or still fail to load is excluded again when it registers or loads them. Returns how

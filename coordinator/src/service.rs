@@ -1876,6 +1876,9 @@ impl Coordinator {
                 now,
             )?,
         };
+        let alike = (request.disposition == Disposition::Elsewhere)
+            .then(|| scheduler.excluded_alike(&job_id, &request.worker_id, &request.error))
+            .flatten();
         drop(scheduler);
         let class = request.class.as_deref();
         match request.disposition {
@@ -1890,9 +1893,14 @@ impl Coordinator {
                  resume {job_id}`"
             ),
             // Not an attempt: the shard goes to another worker with its budget untouched.
-            Disposition::Elsewhere => {
-                warn!(job = %job_id, worker = %request.worker_id, reason = %request.error, "worker excluded from the job")
-            }
+            Disposition::Elsewhere => match alike {
+                Some(other) => {
+                    info!(job = %job_id, worker = %request.worker_id, "worker excluded from the job, for the reason {other} was")
+                }
+                None => {
+                    warn!(job = %job_id, worker = %request.worker_id, reason = %request.error, "worker excluded from the job")
+                }
+            },
             disposition => {
                 warn!(job = %job_id, worker = %request.worker_id, class, ?disposition, error = %request.error, "shard attempt failed")
             }

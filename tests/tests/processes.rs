@@ -750,8 +750,10 @@ fn running_the_same_command_again_after_the_fix_gives_excluded_workers_another_t
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(text.contains("run the same command again"), "{text}");
-    // Both local workers share the reason: said once, naming both.
+    // Both local workers share the reason: said once, naming both, and logged once.
     assert!(text.contains("local-0, local-1: ") || text.contains("local-1, local-0: "), "{text}");
+    assert_eq!(text.matches("worker excluded from the job").count(), 2, "{text}");
+    assert!(text.contains("worker excluded from the job, for the reason local-"), "{text}");
     std::fs::create_dir_all(late.parent().unwrap()).unwrap();
     std::fs::copy(&fixture, &late).unwrap();
     let out = run();
