@@ -208,6 +208,9 @@ struct JobRun {
     /// When this process took the job on (submitted, recovered or resumed): `progress` keeps
     /// only the rate window's samples, so its first is no start time for a run past a minute.
     taken_on: u64,
+    /// A lease of this run has been granted: until then `progress`'s baseline moves with the
+    /// first grant, so the wait for the first worker never counts in the rate.
+    working: bool,
     /// Shard index → the worker whose lease of it expired last, while that is the shard's last
     /// attempt: a second expiry on the same worker in a row costs the shard nothing.
     expired_on: HashMap<usize, String>,
@@ -286,6 +289,7 @@ impl JobRun {
     /// Starts the progress record of this run at `now`.
     fn restart_progress(&mut self, now: u64) {
         self.taken_on = now;
+        self.working = false;
         self.progress.clear();
         self.progress.push_back((now, self.images_done()));
         self.last_touch = now;
@@ -309,7 +313,8 @@ impl JobRun {
         }
     }
 
-    /// Images per second over the last [`RATE_WINDOW_MS`] (or since the run began, if sooner):
+    /// Images per second over the last [`RATE_WINDOW_MS`] (or since the run's first lease, if
+    /// sooner: the wait for the first worker is no slowness of the job):
     /// (images now − images at the window's start) ÷ the window. `current` is
     /// [`JobRun::images_done`] now: what changed since the last sample counts as of
     /// `last_touch`.
@@ -880,6 +885,7 @@ impl Scheduler {
             progress: VecDeque::new(),
             last_touch: now,
             taken_on: now,
+            working: false,
             expired_on: HashMap::new(),
             pace: (0, 0, 0),
             share: None,
@@ -1252,6 +1258,13 @@ impl Scheduler {
                 self.held.insert(worker_id.to_owned(), (share.clone(), from..to));
             }
             self.next_lease += 1;
+            if !run.working {
+                run.working = true;
+                // Nothing was done before the first lease: the rate starts here.
+                if let [baseline] = run.progress.make_contiguous() {
+                    baseline.0 = baseline.0.max(now);
+                }
+            }
             let entry = &mut run.persisted.shards[shard];
             entry.attempts += 1;
             entry.reset_progress();
@@ -2339,7 +2352,8 @@ mod tests {
         }
         let summary = s.summary("j", 30_300).unwrap();
         assert_eq!(summary.images_done, 6);
-        assert!((summary.images_per_second - 6.0 / 30.3).abs() < 1e-9, "{}", summary.images_per_second);
+        // Since the first lease, at 30 s: the 30 s without a worker do not count.
+        assert!((summary.images_per_second - 6.0 / 0.3).abs() < 1e-9, "{}", summary.images_per_second);
         // No progress for a minute: no rate, although the last change was never sampled.
         let running = [Running { lease_id: a.lease_id.clone(), images_done: 6, classes_done: 3, image_steps_done: 0 }];
         poll(&mut s, "w", &running, false, 30_900);
@@ -2578,13 +2592,14 @@ mod tests {
     fn the_rate_counts_the_last_minute_of_this_run_only() {
         let mut s = Scheduler::new(1000, "e");
         s.add_job(job("j", 4, 1, 3), None, &HashSet::new(), 0);
-        // Nobody works for five minutes; then a worker commits a shard (2 images) in ten seconds.
+        // Nobody works for five minutes; then a worker commits a shard (2 images) in ten seconds:
+        // the rate is that shard's, the wait for a worker does not count.
         let a = lease(poll(&mut s, "w", &[], false, 300_000).0);
         poll(&mut s, "w", &held(&a), false, 309_000);
         s.complete("w", &a.lease_id, 310_000).unwrap();
         let summary = s.summary("j", 310_000).unwrap();
-        assert!((summary.images_per_second - 2.0 / 60.0).abs() < 1e-9, "{}", summary.images_per_second);
-        assert!((summary.eta_seconds - 6.0 / (2.0 / 60.0)).abs() < 1e-6, "{}", summary.eta_seconds);
+        assert!((summary.images_per_second - 2.0 / 10.0).abs() < 1e-9, "{}", summary.images_per_second);
+        assert!((summary.eta_seconds - 6.0 / (2.0 / 10.0)).abs() < 1e-6, "{}", summary.eta_seconds);
         // The worker goes (silent for more than three heartbeats): the rate stays, with no ETA.
         let gone = s.summary("j", 313_500).unwrap();
         assert!(gone.images_per_second > 0.0 && gone.eta_seconds.is_infinite(), "{gone:?}");
