@@ -128,7 +128,8 @@ pub enum SampleError {
         channels: usize,
     },
     /// Once guidance has been applied, a sample's latent RMS rose above [`DIVERGENCE_FACTOR`] ×
-    /// its mode's RMS (at least 1), or turned non-finite: λ is too large for the model.
+    /// its mode's RMS (at least 1), or turned non-finite, where the same step without guidance
+    /// would not have: λ is too large for the model.
     #[error(
         "sample {sample} diverged at step i = {step} (t = {timestep}): latent RMS {rms} is above {bound} \
          ({DIVERGENCE_FACTOR} × the scale of its mode); the mode-guidance scale λ = {guidance_scale} is too \
@@ -148,11 +149,11 @@ pub enum SampleError {
         /// λ of the run.
         guidance_scale: f32,
     },
-    /// Before any guidance was applied, a sample's latent turned NaN or infinite: the DiT's own
-    /// output is at fault.
+    /// A sample's latent turned NaN or infinite before any guidance was applied, or would have
+    /// without guidance: the DiT's own output is at fault.
     #[error(
-        "sample {sample} became non-finite at step i = {step} (t = {timestep}) with no mode guidance applied: the \
-         DiT itself returned NaN/Inf (check the model file and its export)"
+        "sample {sample} became non-finite at step i = {step} (t = {timestep}), as it does without mode guidance: \
+         the DiT itself returned NaN/Inf (check the model file and its export)"
     )]
     NonFinite {
         /// Index of the sample within the batch (or its class).
@@ -312,7 +313,8 @@ pub fn sample_with(
     let out_channels = if model.learn_sigma { 2 * c } else { c };
     let pair_labels: Vec<i64> = labels.iter().copied().chain(std::iter::repeat_n(model.null_label, n)).collect();
     let mut timings = SampleTimings::default();
-    let bounds = divergence_bounds(modes);
+    let mut bounds = divergence_bounds(modes);
+    let unguided_spec = SamplingSpec { guidance_scale: 0.0, ..*guidance };
     let mut guided = false;
     let mut x = noise.index_axis(Axis(1), 0).to_owned();
     for k in 1..=steps {
@@ -330,19 +332,35 @@ pub fn sample_with(
             return Err(shape("model output", format!("[{}, {out_channels}, {h}, {w}]", 2 * n), out.shape()));
         }
         let step_noise = noise.slice(s![.., k, .., .., ..]);
-        x = sampler.step(schedule, i, x.view(), out.view(), modes, step_noise, guidance, model);
+        let next = sampler.step(schedule, i, x.view(), out.view(), modes, step_noise, guidance, model);
         // The bound guards against guidance running away; a trajectory no guidance has touched
         // is the model's own (random-weight models leave the modes' scale far behind) and fails
         // only when it is no longer finite, naming the model.
         guided |= guidance.guidance_scale != 0.0 && i > guidance.stop_guidance;
         if guided {
-            if let Some((sample, rms, bound)) = runaway(x.view(), &bounds) {
+            // A sample past its bound is λ's doing only if the same step without guidance, from
+            // the same latent, stays inside it; if the model's own step leaves the bound too,
+            // the trajectory is the model's (as at λ = 0) and only a non-finite latent fails.
+            let mut unguided: Option<Array4<f32>> = None;
+            while let Some((sample, rms, bound)) = runaway(next.view(), &bounds) {
+                let own = unguided.get_or_insert_with(|| {
+                    sampler.step(schedule, i, x.view(), out.view(), modes, step_noise, &unguided_spec, model)
+                });
+                let own_rms = self::rms(own.index_axis(Axis(0), sample));
+                if !own_rms.is_finite() {
+                    return Err(SampleError::NonFinite { sample, step: i, timestep });
+                }
+                if rms.is_finite() && own_rms > bound {
+                    bounds[sample] = f32::INFINITY;
+                    continue;
+                }
                 let guidance_scale = guidance.guidance_scale;
                 return Err(SampleError::Diverged { sample, step: i, timestep, rms, bound, guidance_scale });
             }
-        } else if let Some((sample, _, _)) = runaway(x.view(), &vec![f32::INFINITY; n]) {
+        } else if let Some((sample, _, _)) = runaway(next.view(), &vec![f32::INFINITY; n]) {
             return Err(SampleError::NonFinite { sample, step: i, timestep });
         }
+        x = next;
         timings.maths += model_done.elapsed();
         observe(k, x.view());
     }
@@ -486,29 +504,37 @@ mod tests {
         }
     }
 
+    /// A λ that throws a sample past its bound is named, with the sample and the step; under
+    /// guidance, a model whose own step leaves the bound (as random weights do) is not λ's
+    /// fault: its finite trajectory is kept as at λ = 0, and a NaN is the model's.
     #[test]
     fn a_diverging_or_non_finite_sample_is_an_error_naming_it_and_the_step() {
         let schedule = Schedule::linear(1000, 1e-4, 0.02, 5).unwrap();
         let modes = Array4::zeros((3, 4, 2, 2));
         let cfg = SamplingSpec { stop_guidance: 2, ..Default::default() };
-        let run = |eps: f32| {
+        let run = |eps: f32, cfg: &SamplingSpec| {
             let mut model = BreaksAt { inner: GaussianData::new(), bad: 7, from_t: 500, eps };
-            sample(&mut model, &schedule, &cfg, SPEC, &[3, 7, 3], modes.view(), noise(3, 5).view(), |_, _| {})
+            sample(&mut model, &schedule, cfg, SPEC, &[3, 7, 3], modes.view(), noise(3, 5).view(), |_, _| {})
         };
         // Timesteps 999, 749, 500, ...: the third step (i = 2, t = 500) is the first with the broken ε.
-        for eps in [f32::NAN, 1e4] {
-            match run(eps) {
-                Err(SampleError::Diverged { sample: 1, step: 2, timestep: 500, rms, bound, .. }) => {
-                    assert!(rms.is_nan() || rms > bound, "rms {rms} bound {bound}");
-                    assert_eq!(bound, DIVERGENCE_FACTOR);
-                }
-                other => panic!("ε = {eps}: {other:?}"),
+        assert!(run(1e4, &cfg).is_ok(), "the model's own runaway is kept, as at λ = 0");
+        let err = run(f32::NAN, &cfg).unwrap_err();
+        assert!(matches!(err, SampleError::NonFinite { sample: 1, step: 2, timestep: 500 }), "{err:?}");
+        assert!(!err.to_string().contains("λ"), "{err}");
+        // A sound model and a λ far too large: the guided step leaves the bound, the same step
+        // without guidance would not.
+        let wild = SamplingSpec { guidance_scale: 1e3, ..cfg };
+        match run(0.0, &wild) {
+            Err(SampleError::Diverged { step: 4, timestep: 999, rms, bound, .. }) => {
+                assert!(rms > bound, "rms {rms} bound {bound}");
+                assert_eq!(bound, DIVERGENCE_FACTOR);
             }
+            other => panic!("λ = 1000: {other:?}"),
         }
-        let err = run(f32::NAN).unwrap_err().offset_sample(8);
-        assert!(matches!(err, SampleError::Diverged { sample: 9, .. }));
-        assert!(err.to_string().contains("sample 9 diverged at step i = 2 (t = 500)"), "{err}");
-        assert!(err.to_string().contains("λ = 0.1"), "{err}");
+        let err = run(0.0, &wild).unwrap_err().offset_sample(8);
+        assert!(matches!(err, SampleError::Diverged { sample: 8, .. }), "{err:?}");
+        assert!(err.to_string().contains("sample 8 diverged at step i = 4 (t = 999)"), "{err}");
+        assert!(err.to_string().contains("λ = 1000"), "{err}");
     }
 
     /// With guidance off (t_stop = steps, or λ = 0) the bound never applies: a large but finite
@@ -528,7 +554,7 @@ mod tests {
             assert!(run(1e4).is_ok(), "{cfg:?}: an unguided trajectory far from the modes is kept");
             let err = run(f32::NAN).unwrap_err();
             assert!(matches!(err, SampleError::NonFinite { sample: 1, step: 2, timestep: 500 }), "{cfg:?}: {err:?}");
-            assert!(!err.to_string().contains("λ") && err.to_string().contains("no mode guidance"), "{err}");
+            assert!(!err.to_string().contains("λ") && err.to_string().contains("without mode guidance"), "{err}");
         }
     }
 
