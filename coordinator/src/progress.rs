@@ -209,7 +209,14 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
             status.job_id
         ));
     }
-    for f in &status.failures {
+    // A shard given back by an excluded worker keeps the reason as its last error: while that
+    // worker is connected, the workers line above says it already.
+    let shown = |f: &&mgd3_common::status::ShardFailure| {
+        f.attempts == 0
+            && no_worker_warning(status, url).is_some()
+            && status.exclusions.iter().any(|e| e.reason == f.error)
+    };
+    for f in status.failures.iter().filter(|f| !shown(f)) {
         text.push_str(&failure_line(f));
     }
     text
@@ -531,6 +538,18 @@ mod tests {
             "{text}"
         );
         assert!(progress_line(&shunned, "u").contains("w1: has model `dit.onnx`"));
+        // The shard the excluded worker gave back carries the same reason: said once.
+        let gave_back = JobStatus {
+            failures: vec![mgd3_common::status::ShardFailure {
+                shard_index: 0,
+                wnid: "a".into(),
+                error: "has model `dit.onnx` loaded with fingerprint sha256:11".into(),
+                attempts: 0,
+            }],
+            ..shunned.clone()
+        };
+        let text = describe(&gave_back, "u");
+        assert_eq!(text.matches("has model `dit.onnx`").count(), 1, "{text}");
         assert!(!text.contains("model files differ"), "the reasons as they are, nothing made up: {text}");
         // Workers refused for the same reason (one model, one runtime) share one mention of it.
         let alike = JobStatus {
