@@ -570,7 +570,7 @@ fn output_root(dir: &mgd3_common::store::Location, job: &str) -> Option<mgd3_com
 
 /// The URL other machines reach a coordinator listening on `address` at: the host's name when it
 /// listens on every interface.
-fn advertised_url(address: &std::net::SocketAddr, tls: bool) -> String {
+pub(crate) fn advertised_url(address: &std::net::SocketAddr, tls: bool) -> String {
     let scheme = if tls { "https" } else { "http" };
     let host = if address.ip().is_unspecified() {
         hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())

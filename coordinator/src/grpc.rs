@@ -215,7 +215,9 @@ pub async fn serve(
     if let Some((cert, key)) = &config.tls {
         builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
-    info!(%addr, store = %coordinator.store_url(), auth = config.token.is_some(), tls = config.tls.is_some(), "coordinator serving");
+    // The URL to give workers and clients (`addr` stays, for scripts that read it).
+    let url = crate::cli::advertised_url(&addr, config.tls.is_some());
+    info!(%addr, %url, store = %coordinator.store_url(), auth = config.token.is_some(), tls = config.tls.is_some(), "coordinator serving");
     let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
     let background = tokio::spawn(coordinator.clone().background(async move {
         let _ = background_stopped.await;
