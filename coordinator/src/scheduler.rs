@@ -295,6 +295,16 @@ impl JobRun {
         self.last_touch = now;
     }
 
+    /// A lease of this run ended without work: when no lease of it runs and nothing has been
+    /// done in this run, the rate waits for the next lease again (a worker excluded at once is
+    /// no start of the work).
+    fn no_work_yet(&mut self) {
+        let leased = self.persisted.shards.iter().any(|s| matches!(s.state, ShardState::Leased { .. }));
+        if !leased && self.progress.len() == 1 && self.progress.front().is_some_and(|&(_, n)| n == self.images_done()) {
+            self.working = false;
+        }
+    }
+
     /// Notes that progress may have changed at `now`, and samples it if it changed and the last
     /// sample is [`PROGRESS_SAMPLE_MS`] old.
     fn record_progress(&mut self, now: u64) {
@@ -1908,6 +1918,7 @@ impl Scheduler {
         entry.last_error = Some(ShardError { wnid: None, error, at_ms: now });
         entry.state = ShardState::Pending;
         run.pending.insert(shard);
+        run.no_work_yet();
         Ok((job, Settled::Open))
     }
 
@@ -2618,6 +2629,17 @@ mod tests {
             s.complete("w", &next.lease_id, at + 1_000).unwrap();
         }
         assert_eq!(s.summary("j", 452_000).unwrap().run_started_ms, 0);
+        // A first lease that ends in an exclusion (the worker cannot load the models) starts
+        // nothing: the rate waits for the lease that works.
+        let mut excluded = Scheduler::new(1000, "g");
+        excluded.add_job(job("j", 4, 1, 3), None, &HashSet::new(), 0);
+        let bad = lease(poll(&mut excluded, "bad", &[], false, 10_000).0);
+        excluded.exclude("bad", &bad.lease_id, "cannot load the models".into(), 10_500).unwrap();
+        let good = lease(poll(&mut excluded, "good", &[], false, 50_000).0);
+        poll(&mut excluded, "good", &held(&good), false, 59_000);
+        excluded.complete("good", &good.lease_id, 60_000).unwrap();
+        let rate = excluded.summary("j", 60_000).unwrap().images_per_second;
+        assert!((rate - 2.0 / 10.0).abs() < 1e-9, "{rate}");
         // Work committed before a restart never counts as this run's.
         let mut again = Scheduler::new(1000, "f");
         again.add_job(job("j", 4, 1, 3), None, &HashSet::from([0, 1]), 400_000);
