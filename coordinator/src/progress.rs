@@ -222,16 +222,21 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     text
 }
 
-/// One failure of `status`: `  failure: shard 3 class n01440764 after 3 attempt(s): …`. A
-/// problem of the whole job that spent no attempt (a refused manifest, a paused output) names no
-/// shard, class or attempts it does not have.
+/// One failure of `status`: `  failure: shard 3 class n01440764 after 3 attempt(s): …`. A shard's
+/// error that spent no attempt is a `problem:` (`shard 3 class … (no attempt spent)`), and one of
+/// the whole job (a refused manifest, a paused output) names no shard, class or attempts it does
+/// not have.
 fn failure_line(f: &mgd3_common::status::ShardFailure) -> String {
     if f.attempts == 0 && f.wnid.is_empty() {
         return format!("  problem: {}\n", f.error);
     }
     let class = if f.wnid.is_empty() { String::new() } else { format!(" class {}", f.wnid) };
-    let after = if f.attempts == 0 { String::new() } else { format!(" after {} attempt(s)", f.attempts) };
-    format!("  failure: shard {}{class}{after}: {}\n", f.shard_index, f.error)
+    // An error that spent no attempt (a worker excluded, a lease given back) is no failure of
+    // the shard, which the shards line does not count as failed either.
+    if f.attempts == 0 {
+        return format!("  problem: shard {}{class} (no attempt spent): {}\n", f.shard_index, f.error);
+    }
+    format!("  failure: shard {}{class} after {} attempt(s): {}\n", f.shard_index, f.attempts, f.error)
 }
 
 /// `GetJobStatus` as a domain status.
@@ -447,7 +452,7 @@ mod tests {
         };
         assert_eq!(failure_line(&failure("n01", 3)), "  failure: shard 3 class n01 after 3 attempt(s): boom\n");
         assert_eq!(failure_line(&failure("", 2)), "  failure: shard 3 after 2 attempt(s): boom\n");
-        assert_eq!(failure_line(&failure("n01", 0)), "  failure: shard 3 class n01: boom\n");
+        assert_eq!(failure_line(&failure("n01", 0)), "  problem: shard 3 class n01 (no attempt spent): boom\n");
         assert_eq!(failure_line(&failure("", 0)), "  problem: boom\n");
     }
 
