@@ -211,10 +211,9 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     }
     // A shard given back by an excluded worker keeps the reason as its last error: while that
     // worker is connected, the workers line above says it already.
+    let exclusions_shown = no_worker_warning(status, url).is_some();
     let shown = |f: &&mgd3_common::status::ShardFailure| {
-        f.attempts == 0
-            && no_worker_warning(status, url).is_some()
-            && status.exclusions.iter().any(|e| e.reason == f.error)
+        exclusions_shown && f.attempts == 0 && status.exclusions.iter().any(|e| e.reason == f.error)
     };
     for f in status.failures.iter().filter(|f| !shown(f)) {
         text.push_str(&failure_line(f));

@@ -230,10 +230,15 @@ impl std::fmt::Display for MisplacedModel {
 /// kind, is left to the loader's own error (on a cluster a missing model sends the shard to
 /// other workers).
 ///
+/// Returns the views of the files it could read, each with what it is given as, for
+/// [`check_model_contracts`].
+///
 /// # Errors
 /// [`EngineError::MisplacedModels`], then [`EngineError::UnusableModels`].
-pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
-    let (mut misplaced, mut unusable) = (Vec::new(), Vec::new());
+pub fn check_model_kinds(
+    models: &[(&'static str, &std::path::Path)],
+) -> Result<Vec<(&'static str, mgd3_common::contract::ModelIo)>, EngineError> {
+    let (mut misplaced, mut unusable, mut read) = (Vec::new(), Vec::new(), Vec::new());
     for &(given_as, path) in models {
         match mgd3_common::modelmeta::read_model_meta(path) {
             Ok(meta) => {
@@ -242,6 +247,7 @@ pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<
                 {
                     misplaced.push(MisplacedModel { given_as, path: path.to_path_buf(), kind });
                 }
+                read.push((given_as, meta));
             }
             Err(source) => unusable.push(UnusableModel { given_as, path: path.to_path_buf(), source }),
         }
@@ -254,34 +260,32 @@ pub fn check_model_kinds(models: &[(&'static str, &std::path::Path)]) -> Result<
     }) {
         return Err(EngineError::UnusableModels { models: unusable });
     }
-    Ok(())
+    Ok(read)
 }
 
 /// Holds each model file's declarations (read from the file, as submit reads them) against the
 /// contract the loaders check, and its operators against the domains ONNX Runtime has
 /// ([`mgd3_common::contract::ModelIo::foreign_op_violations`], in the words `check` uses), so
 /// that two bad models are named in one run, not one run each
-/// (`models`: each file with what it is given as). Files that cannot be read are left to the
-/// loaders, which say why.
+/// (`models`: each file's view with what it is given as, as [`check_model_kinds`] read them;
+/// files that could not be read are left to the loaders, which say why).
 ///
 /// # Errors
 /// [`EngineError::Model`] with the contract violation when one model does not fit;
 /// [`EngineError::ModelContracts`] with every violation when more do.
-pub fn check_model_contracts(models: &[(&'static str, &std::path::Path)]) -> Result<(), EngineError> {
+pub fn check_model_contracts(models: &[(&'static str, mgd3_common::contract::ModelIo)]) -> Result<(), EngineError> {
     use mgd3_common::contract::{DitInfo, VaeInfo};
     let mut violations: Vec<_> = models
         .iter()
-        .filter_map(|&(kind, path)| {
-            let io = mgd3_common::modelmeta::read_model_meta(path).ok()?;
+        .flat_map(|(kind, io)| {
             let mut violations = io.foreign_op_violations();
-            violations.extend(match kind {
-                "dit" => DitInfo::from_io(&io).err(),
-                "vae_encoder" => VaeInfo::encoder_from_io(&io).err(),
-                _ => VaeInfo::decoder_from_io(&io).err(),
+            violations.extend(match *kind {
+                "dit" => DitInfo::from_io(io).err(),
+                "vae_encoder" => VaeInfo::encoder_from_io(io).err(),
+                _ => VaeInfo::decoder_from_io(io).err(),
             });
-            Some(violations)
+            violations
         })
-        .flatten()
         .collect();
     match violations.len() {
         0 => Ok(()),
@@ -727,17 +731,13 @@ impl Models {
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
-        check_model_kinds(&[
+        let read = check_model_kinds(&[
             ("dit", &paths.dit),
             ("vae_encoder", &paths.vae_encoder),
             ("vae_decoder", &paths.vae_decoder),
         ])?;
         check_cpu_models(runtime.session.device, &[&paths.dit, &paths.vae_encoder, &paths.vae_decoder])?;
-        check_model_contracts(&[
-            ("dit", &paths.dit),
-            ("vae_encoder", &paths.vae_encoder),
-            ("vae_decoder", &paths.vae_decoder),
-        ])?;
+        check_model_contracts(&read)?;
         for path in [&paths.dit, &paths.vae_encoder, &paths.vae_decoder] {
             match mgd3_common::modelmeta::model_files(path) {
                 // The model file itself not there is the loader's ModelNotFound.
