@@ -169,6 +169,15 @@ pub struct ModelIo {
     /// workers load no custom-operator library, so no worker can load such a model. Empty
     /// from a loaded session (which had them all).
     pub foreign_ops: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The op types of the graph's nodes in the default domain (`""` or `ai.onnx`), when read
+    /// from the file: [`ModelIo::graph_violations`] holds them against what ONNX defines at the
+    /// model's opset ([`crate::onnx_ops`]). Empty from a loaded session (which had them all).
+    pub default_ops: std::collections::BTreeSet<String>,
+    /// Names a node of the graph reads, or the graph outputs, that are no graph input,
+    /// initializer or node output (in the order met, each once), when read from the file: ONNX
+    /// Runtime refuses such a graph ("Node input 'x' is not a graph input, initializer, or output
+    /// of a previous node"). Empty from a loaded session.
+    pub unresolved: Vec<String>,
 }
 
 /// The operator domains ONNX Runtime's CPU and CUDA builds register kernels or schemas in
@@ -201,6 +210,81 @@ pub struct LabelTable {
 }
 
 impl ModelIo {
+    /// Every reason ONNX Runtime would refuse to load this graph that the file shows without
+    /// loading it: [`ModelIo::foreign_op_violations`], [`ModelIo::default_op_violation`] and
+    /// [`ModelIo::unresolved_violation`]. `check`/`submit` and the workers refuse a model with
+    /// any, naming them all, instead of each worker excluding itself over it in turn.
+    pub fn graph_violations(&self) -> Vec<ContractViolation> {
+        let mut violations = self.foreign_op_violations();
+        violations.extend(self.default_op_violation());
+        violations.extend(self.unresolved_violation());
+        violations
+    }
+
+    /// The default-domain operators ONNX does not define at the opset the model imports: no
+    /// such operator (a typo, a custom op exported without a domain), first defined in a later
+    /// opset, or deprecated at this one (`Upsample` past opset 9, say). `None` when all are
+    /// defined, when the model imports no default-domain opset (ONNX Runtime then assumes its
+    /// newest) or when its opset is newer than the table ([`crate::onnx_ops::ONNX_OPS_MAX_OPSET`]).
+    pub fn default_op_violation(&self) -> Option<ContractViolation> {
+        use crate::onnx_ops::{ONNX_OPS, ONNX_OPS_MAX_OPSET};
+        let opset = *self.opsets.get("").or_else(|| self.opsets.get("ai.onnx"))?;
+        if opset > ONNX_OPS_MAX_OPSET {
+            return None;
+        }
+        let problems: Vec<String> = self
+            .default_ops
+            .iter()
+            .filter_map(|op| {
+                let shown = op.escape_debug();
+                let Ok(at) = ONNX_OPS.binary_search_by(|(name, _)| name.as_bytes().cmp(op.as_bytes())) else {
+                    return Some(format!("`{shown}` (no such ONNX operator)"));
+                };
+                let history = ONNX_OPS[at].1;
+                match history.iter().rev().find(|(since, _)| *since <= opset) {
+                    None => Some(format!("`{shown}` (first defined in opset {})", history[0].0)),
+                    Some((since, true)) => Some(format!("`{shown}` (deprecated since opset {since})")),
+                    Some(_) => None,
+                }
+            })
+            .collect();
+        if problems.is_empty() {
+            return None;
+        }
+        Some(self.violation(
+            format!("operators of the default ONNX domain (the model imports opset {opset})"),
+            "operators ONNX defines at that opset",
+            format!(
+                "{}: ONNX Runtime would refuse the model on every worker; export it again \
+                 (scripts/export_onnx.py), with a custom operator in its own domain",
+                problems.join(", ")
+            ),
+        ))
+    }
+
+    /// The graph's reads of names nothing defines ([`ModelIo::unresolved`]), as one violation
+    /// naming the first few.
+    pub fn unresolved_violation(&self) -> Option<ContractViolation> {
+        const SHOWN: usize = 5;
+        if self.unresolved.is_empty() {
+            return None;
+        }
+        let mut names: Vec<String> =
+            self.unresolved.iter().take(SHOWN).map(|n| format!("`{}`", n.escape_debug())).collect();
+        if self.unresolved.len() > SHOWN {
+            names.push(format!("and {} more", self.unresolved.len() - SHOWN));
+        }
+        Some(self.violation(
+            "graph wiring",
+            "every name a node reads, and every graph output, to be a graph input, an initializer or a node's output",
+            format!(
+                "{} defined nowhere (a graph edited or cut short?): ONNX Runtime would refuse the model on every \
+                 worker; export it again",
+                names.join(", ")
+            ),
+        ))
+    }
+
     /// One violation per domain of [`ModelIo::foreign_ops`]: operators no mgd3 worker can load
     /// (ONNX Runtime has no kernels for them and the workers load no custom-operator library).
     pub fn foreign_op_violations(&self) -> Vec<ContractViolation> {

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod lease;
 pub mod manifest;
 pub mod modelmeta;
+pub mod onnx_ops;
 pub mod rpc;
 pub mod seed;
 pub mod sheet;

@@ -19,10 +19,13 @@
 //! TensorProto.external_data = 13.
 //!
 //! And it finds the class embedding the DiT's labels index ([`LabelTable`]: a `Gather` on input
-//! `y`), so the declared `mgd3.num_classes` is held against the weights, and the operators of
-//! domains ONNX Runtime does not have (`ModelIo::foreign_ops`): NodeProto.input = 1, .output =
-//! 2, .op_type = 4, .attribute = 5, .domain = 7; TensorProto.dims = 1, .name = 8;
-//! ModelProto.functions = 25, FunctionProto.domain = 10.
+//! `y`), so the declared `mgd3.num_classes` is held against the weights, the operators of
+//! domains ONNX Runtime does not have (`ModelIo::foreign_ops`), the default-domain op types
+//! (`ModelIo::default_ops`) and the names nodes read that nothing defines
+//! (`ModelIo::unresolved`): NodeProto.input = 1, .output = 2, .op_type = 4, .attribute = 5,
+//! .domain = 7; TensorProto.dims = 1, .name = 8; SparseTensorProto.values = 1;
+//! ModelProto.functions = 25, FunctionProto.domain = 10. Only the main graph's nodes are read
+//! (a subgraph may read its outer scope's names).
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -297,6 +300,14 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
                             let (name, dims) = tensor_shape(r, n)?;
                             wiring.constants.insert(name, dims);
                         }
+                        // SparseTensorProto: its name is its `values` tensor's (field 1).
+                        15 => fields(r, n, |field, r, n| {
+                            if field != 1 {
+                                return Ok(false);
+                            }
+                            wiring.sparse.insert(tensor_shape(r, n)?.0);
+                            Ok(true)
+                        })?,
                         _ => return Ok(false),
                     }
                     Ok(true)
@@ -323,6 +334,8 @@ pub fn read_model_meta(path: &Path) -> std::io::Result<ModelIo> {
             meta.foreign_ops.entry(domain.clone()).or_default().insert(op.clone());
         }
     }
+    meta.unresolved = wiring.unresolved(&meta);
+    meta.default_ops = std::mem::take(&mut wiring.default_ops);
     Ok(meta)
 }
 
@@ -341,9 +354,37 @@ struct Wiring {
     domain_ops: std::collections::BTreeSet<(String, String)>,
     /// The domains of the functions the model defines.
     function_domains: std::collections::BTreeSet<String>,
+    /// The op type of every node in the default domain (`""` or `ai.onnx`).
+    default_ops: std::collections::BTreeSet<String>,
+    /// Every name a node reads (but the empty name of an omitted optional input), in order.
+    reads: Vec<String>,
+    /// Every name a node writes.
+    writes: std::collections::HashSet<String>,
+    /// The sparse initializers' names.
+    sparse: std::collections::HashSet<String>,
 }
 
 impl Wiring {
+    /// The names a node reads, then the graph outputs, that nothing defines (graph input,
+    /// initializer, sparse initializer, node output), each once, in the order met. Node order is
+    /// not held against the data flow: ONNX Runtime sorts the nodes itself.
+    fn unresolved(&self, meta: &ModelIo) -> Vec<String> {
+        let defined = |name: &str| {
+            self.writes.contains(name)
+                || self.constants.contains_key(name)
+                || self.sparse.contains(name)
+                || meta.inputs.iter().any(|d| d.name == name)
+        };
+        let mut seen = std::collections::HashSet::new();
+        self.reads
+            .iter()
+            .map(String::as_str)
+            .chain(meta.outputs.iter().map(|d| d.name.as_str()))
+            .filter(|name| !defined(name) && seen.insert(*name))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The tables `Gather` nodes index with the graph input `y`, in node order, each once.
     fn label_tables(&self) -> Vec<LabelTable> {
         // Everything `y` reaches through pass-through ops (to a fixpoint: node order is not
@@ -394,7 +435,8 @@ impl Wiring {
 
 /// A NodeProto (input = 1, output = 2, op_type = 4, attribute = 5, domain = 7): kept in `wiring`
 /// when it is a `Gather` or passes a tensor through; a `Constant`'s tensor is kept as a
-/// constant; its domain and op type when outside the default domain.
+/// constant; its op type (with its domain when outside the default domain) and the names it
+/// reads and writes are noted.
 fn node<R: Read + Seek>(r: &mut R, n: u64, wiring: &mut Wiring) -> std::io::Result<()> {
     let (mut op, mut inputs, mut outputs) = (String::new(), Vec::new(), Vec::new());
     let (mut constant, mut domain) = (None, String::new());
@@ -417,9 +459,13 @@ fn node<R: Read + Seek>(r: &mut R, n: u64, wiring: &mut Wiring) -> std::io::Resu
         }
         Ok(true)
     })?;
-    if !domain.is_empty() {
+    if domain.is_empty() || domain == "ai.onnx" {
+        wiring.default_ops.insert(op.clone());
+    } else {
         wiring.domain_ops.insert((domain, op.clone()));
     }
+    wiring.reads.extend(inputs.iter().filter(|i| !i.is_empty()).cloned());
+    wiring.writes.extend(outputs.iter().filter(|o| !o.is_empty()).cloned());
     match (op.as_str(), constant, outputs.first()) {
         ("Constant", Some(dims), Some(output)) => {
             wiring.constants.insert(output.clone(), dims);
@@ -955,6 +1001,120 @@ mod tests {
             vec![("my.custom".to_owned(), vec!["MyGather".to_owned(), "MyScatter".to_owned()])]
         );
         assert!(read_model_meta(&fixture("tiny_dit_fused.onnx")).unwrap().foreign_ops.is_empty());
+    }
+
+    /// A graph as hand-written protobuf: `nodes` (op, domain, inputs, outputs), graph inputs,
+    /// initializers, sparse initializers and outputs by name, and the default-domain opset.
+    fn wired_model(
+        nodes: &[(&str, &str, &[&str], &[&str])],
+        inputs: &[&str],
+        initializers: &[&str],
+        sparse: &[&str],
+        outputs: &[&str],
+        opset: Option<u64>,
+    ) -> Vec<u8> {
+        let mut graph = Vec::new();
+        for (op, domain, node_inputs, node_outputs) in nodes {
+            let mut body: Vec<u8> = node_inputs.iter().flat_map(|i| ld(1, i.as_bytes())).collect();
+            body.extend(node_outputs.iter().flat_map(|o| ld(2, o.as_bytes())));
+            body.extend(ld(4, op.as_bytes()));
+            if !domain.is_empty() {
+                body.extend(ld(7, domain.as_bytes()));
+            }
+            graph.extend(ld(1, &body));
+        }
+        graph.extend(initializers.iter().flat_map(|n| ld(5, &[vec![1 << 3, 2], ld(8, n.as_bytes())].concat())));
+        graph.extend(sparse.iter().flat_map(|n| ld(15, &ld(1, &ld(8, n.as_bytes())))));
+        graph.extend(inputs.iter().flat_map(|n| ld(11, &ld(1, n.as_bytes()))));
+        graph.extend(outputs.iter().flat_map(|n| ld(12, &ld(1, n.as_bytes()))));
+        let mut model = ld(7, &graph);
+        if let Some(version) = opset {
+            let mut opset_id = ld(1, b"");
+            opset_id.push(2 << 3);
+            put_varint(version, &mut opset_id);
+            model.extend(ld(8, &opset_id));
+        }
+        model
+    }
+
+    fn read(bytes: &[u8]) -> ModelIo {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, bytes).unwrap();
+        read_model_meta(&path).unwrap()
+    }
+
+    /// Every name a node reads, and every graph output, must be defined somewhere (graph input,
+    /// initializer, sparse initializer, node output, in any node order); an omitted optional
+    /// input (`""`) is no read. What is not is named once, in the order met — ONNX Runtime
+    /// refuses such a graph ("Node input 'nowhere' is not a graph input, initializer, or output of
+    /// a previous node", measured with 1.31.1).
+    #[test]
+    fn names_a_graph_reads_that_nothing_defines_are_found() {
+        let nodes: &[(&str, &str, &[&str], &[&str])] = &[
+            ("Add", "", &["b", "w"], &["z"]),
+            ("Clip", "", &["x", "", ""], &["a"]),
+            ("Mul", "ai.onnx", &["a", "sp"], &["b"]),
+            ("Add", "", &["b", "nowhere"], &["c"]),
+            ("Sub", "", &["nowhere", "also_nowhere"], &["d"]),
+        ];
+        let io = read(&wired_model(nodes, &["x"], &["w"], &["sp"], &["z", "c", "d", "lost"], Some(17)));
+        assert_eq!(io.unresolved, vec!["nowhere", "also_nowhere", "lost"]);
+        assert_eq!(io.default_ops.iter().map(String::as_str).collect::<Vec<_>>(), vec!["Add", "Clip", "Mul", "Sub"]);
+        let violation = io.unresolved_violation().unwrap().to_string();
+        assert!(violation.contains("`nowhere`, `also_nowhere`, `lost` defined nowhere"), "{violation}");
+        assert!(io.default_op_violation().is_none());
+        // The fixtures, plain, fused, fp16 and diffusers, are wired whole and use only operators
+        // ONNX defines at their opsets.
+        for name in ["tiny_dit.onnx", "tiny_dit_fp16.onnx", "tiny_dit_fused.onnx", "tiny_dit_diffusers.onnx"] {
+            let io = read_model_meta(&fixture(name)).unwrap();
+            assert_eq!(io.graph_violations(), vec![], "{name}");
+            assert!(io.default_ops.contains("MatMul"), "{name}: {:?}", io.default_ops);
+        }
+        for name in ["tiny_vae_encoder.onnx", "tiny_vae_decoder.onnx", "bf16_dit.onnx"] {
+            assert_eq!(read_model_meta(&fixture(name)).unwrap().graph_violations(), vec![], "{name}");
+        }
+    }
+
+    /// Default-domain operators are held against ONNX's schemas at the model's opset: no such
+    /// operator, one first defined later (`Gelu` is opset 20), one deprecated there (`Upsample`
+    /// from 10, `Scatter` from 11) — each of which ONNX Runtime 1.31.1 refused to load, measured —
+    /// are named in one violation; none is checked without a default opset import (ONNX Runtime
+    /// then loads with its newest) or past the table's newest opset.
+    #[test]
+    fn default_domain_operators_are_held_against_the_models_opset() {
+        let nodes: &[(&str, &str, &[&str], &[&str])] = &[
+            ("Relu", "", &["x"], &["a"]),
+            ("Gelu", "", &["a"], &["b"]),
+            ("Upsample", "", &["b", "s"], &["c"]),
+            ("Scatter", "", &["c", "i", "c"], &["d"]),
+            ("Foo", "ai.onnx", &["d"], &["e"]),
+            ("Attention", "com.microsoft", &["e"], &["z"]),
+        ];
+        let model = |opset| read(&wired_model(nodes, &["x"], &["s", "i"], &[], &["z"], opset));
+        let violation = model(Some(13)).default_op_violation().unwrap().to_string();
+        assert!(violation.contains("(the model imports opset 13)"), "{violation}");
+        assert!(
+            violation.contains(
+                "`Foo` (no such ONNX operator), `Gelu` (first defined in opset 20), \
+                 `Scatter` (deprecated since opset 11), `Upsample` (deprecated since opset 10)"
+            ),
+            "{violation}"
+        );
+        assert!(!violation.contains("Relu") && !violation.contains("Attention"), "{violation}");
+        assert!(!model(Some(9)).default_op_violation().unwrap().to_string().contains("Upsample"));
+        assert!(model(None).default_op_violation().is_none());
+        assert!(model(Some(crate::onnx_ops::ONNX_OPS_MAX_OPSET + 1)).default_op_violation().is_none());
+        assert_eq!(model(Some(13)).graph_violations().len(), 1);
+    }
+
+    /// The generated table is sorted as the lookup needs, each history ascending.
+    #[test]
+    fn the_onnx_operator_table_is_sorted() {
+        use crate::onnx_ops::ONNX_OPS;
+        assert!(ONNX_OPS.len() > 150);
+        assert!(ONNX_OPS.windows(2).all(|w| w[0].0.as_bytes() < w[1].0.as_bytes()));
+        assert!(ONNX_OPS.iter().all(|(_, h)| !h.is_empty() && h.windows(2).all(|w| w[0].0 < w[1].0)));
     }
 
     #[test]

@@ -724,9 +724,9 @@ fn model_problems(spec: &JobSpec, classes: &[ClassRef]) -> Vec<FieldError> {
                     });
                     continue;
                 }
-                // ONNX Runtime would refuse it on every worker ("not a registered function/op"),
-                // each one excluded from the job in turn.
-                for violation in meta.foreign_op_violations() {
+                // ONNX Runtime would refuse it on every worker (an operator it has no schema for,
+                // a name nothing defines), each one excluded from the job in turn.
+                for violation in meta.graph_violations() {
                     problems.push(FieldError { field: field.into(), problem: violation.to_string() });
                 }
                 match kind {

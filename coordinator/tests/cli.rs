@@ -595,6 +595,25 @@ fn check_refuses_models_that_do_not_fit_the_contract() {
             && text.contains("found a domain ONNX Runtime does not have and the model defines no function in: no worker can load it"),
         "{text}"
     );
+    // A graph edit gone wrong: an operator ONNX does not have (a typo) in the default domain,
+    // reading a name nothing defines. ONNX Runtime refuses both on every worker; check names
+    // both, with the opset the file imports.
+    let typo_node = ld(1, &[ld(1, b"x"), ld(1, b"cut_off"), ld(2, b"z"), ld(4, b"Gemmm")].concat());
+    let typo = dir.path().join("edited_dit.onnx");
+    std::fs::write(&typo, [bytes.clone(), ld(7, &typo_node)].concat()).unwrap();
+    write(typo.to_str().unwrap(), "tiny_vae_decoder.onnx");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    let opset = mgd3_common::modelmeta::read_model_meta(&models.join("tiny_dit.onnx")).unwrap().opsets[""];
+    assert!(
+        text.contains(&format!(
+            "edited_dit.onnx` does not fit the mgd3 contract: operators of the default ONNX domain (the model imports \
+             opset {opset}): expected operators ONNX defines at that opset, found `Gemmm` (no such ONNX operator)"
+        )) && text.contains("graph wiring: expected every name a node reads")
+            && text.contains("found `cut_off` defined nowhere"),
+        "{text}"
+    );
     // A DiT trained with fewer timesteps than the spec's sampling steps, beside a setting that
     // is wrong: both in one go, each by its setting.
     let few = dir.path().join("few_steps_dit.onnx");

@@ -51,5 +51,7 @@ pub fn read_io(path: &std::path::Path, session: &Session) -> Result<ModelIo> {
         label_tables: mgd3_common::modelmeta::read_model_meta(path).ok().and_then(|file| file.label_tables),
         // A loaded session had every operator it uses.
         foreign_ops: Default::default(),
+        default_ops: Default::default(),
+        unresolved: Default::default(),
     })
 }

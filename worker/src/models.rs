@@ -264,8 +264,8 @@ pub fn check_model_kinds(
 }
 
 /// Holds each model file's declarations (read from the file, as submit reads them) against the
-/// contract the loaders check, and its operators against the domains ONNX Runtime has
-/// ([`mgd3_common::contract::ModelIo::foreign_op_violations`], in the words `check` uses), so
+/// contract the loaders check, and its graph against what ONNX Runtime loads (operators and
+/// wiring: [`mgd3_common::contract::ModelIo::graph_violations`], in the words `check` uses), so
 /// that two bad models are named in one run, not one run each
 /// (`models`: each file's view with what it is given as, as [`check_model_kinds`] read them;
 /// files that could not be read are left to the loaders, which say why).
@@ -278,7 +278,7 @@ pub fn check_model_contracts(models: &[(&'static str, mgd3_common::contract::Mod
     let mut violations: Vec<_> = models
         .iter()
         .flat_map(|(kind, io)| {
-            let mut violations = io.foreign_op_violations();
+            let mut violations = io.graph_violations();
             violations.extend(match *kind {
                 "dit" => DitInfo::from_io(io).err(),
                 "vae_encoder" => VaeInfo::encoder_from_io(io).err(),

@@ -613,6 +613,25 @@ fn models_that_do_not_fit_the_contract_are_all_named_at_once() {
     ] {
         assert!(text.contains(said), "{said}: {text}");
     }
+    // A graph edit gone wrong (an operator ONNX does not have, reading a name nothing defines):
+    // refused at load in check's words, before ONNX Runtime says it per worker.
+    let mut edited = std::fs::read(model("tiny_vae_decoder.onnx")).unwrap();
+    let node: Vec<u8> = [&[0x0a, 7][..], b"nowhere", &[0x12, 1], b"q", &[0x22, 5], b"Gemmm"].concat();
+    edited.extend([0x3a, node.len() as u8 + 2, 0x0a, node.len() as u8]);
+    edited.extend(node);
+    let edited_path = dir.path().join("edited_decoder.onnx");
+    std::fs::write(&edited_path, edited).unwrap();
+    let out = distill_tiny_with(&data, &dir.path().join("o"), "tiny_dit.onnx", edited_path.to_str().unwrap(), &[]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for said in [
+        "edited_decoder.onnx` does not fit the mgd3 contract: operators of the default ONNX domain",
+        "`Gemmm` (no such ONNX operator)",
+        "graph wiring",
+        "`nowhere` defined nowhere",
+    ] {
+        assert!(text.contains(said), "{said}: {text}");
+    }
     // One alone reads as before.
     let out = distill_tiny_with(&data, &dir.path().join("o"), &dit, "tiny_vae_decoder.onnx", &[]);
     let text = stderr(&out);
