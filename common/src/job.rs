@@ -747,6 +747,32 @@ impl JobSpec {
         all
     }
 
+    /// The settings that write inside the dataset: `output` and `latent_cache` when equal to
+    /// the `dataset` root or under it (after [`JobSpec::resolve_paths`]; local paths compared with
+    /// their links resolved, URLs as written). A job writing there puts `jobs/` (or `cache/`)
+    /// beside the class folders, so the next job over `classes = "all"` distils it as a class —
+    /// or is refused for a label outside the DiT's, or reads its own outputs back as real images
+    /// when the folder is a class's.
+    pub fn inside_dataset_problems(&self) -> Vec<FieldError> {
+        let Some(dataset) = comparable_location(&self.dataset) else { return Vec::new() };
+        let mut problems = Vec::new();
+        for (field, location) in [("output", self.output.clone()), ("latent_cache", self.latent_cache_url())] {
+            let Some(location) = location else { continue };
+            if comparable_location(&location).is_some_and(|at| at.starts_with(&dataset)) {
+                problems.push(FieldError {
+                    field: field.into(),
+                    problem: format!(
+                        "`{}` is inside the dataset `{}`: the job would write its folders beside the class folders, \
+                         where the next job over this dataset reads them as a class; put it outside the dataset",
+                        location.escape_debug(),
+                        self.dataset.escape_debug()
+                    ),
+                });
+            }
+        }
+        problems
+    }
+
     /// Checks that every local location of the spec lies inside one of `allowed` (absolute,
     /// normalised folders; symbolic links resolved where the path exists). Object-store URLs
     /// are governed by their credentials, not by this. All violations are reported at once.
@@ -763,16 +789,7 @@ impl JobSpec {
                 None if crate::store::is_url(&location) => continue,
                 None => std::path::PathBuf::from(crate::store::resolve(&location, std::path::Path::new("/"))),
             };
-            // The deepest existing ancestor, with its links resolved, decides.
-            let mut probe = local.clone();
-            let real = loop {
-                if let Ok(real) = probe.canonicalize() {
-                    break real.join(local.strip_prefix(&probe).unwrap_or(std::path::Path::new("")));
-                }
-                if !probe.pop() {
-                    break local.clone();
-                }
-            };
+            let real = real_path(&local);
             if !allowed.iter().any(|root| real.starts_with(root)) {
                 errors.push(FieldError {
                     field: field.into(),
@@ -1120,6 +1137,38 @@ pub fn class_name_problems(names: &[String]) -> Vec<String> {
     problems
 }
 
+/// `path` with the links of its deepest existing ancestor resolved (the rest as written): where
+/// it is, or will be once created.
+fn real_path(path: &Path) -> std::path::PathBuf {
+    let mut probe = path.to_path_buf();
+    loop {
+        if let Ok(real) = probe.canonicalize() {
+            return real.join(path.strip_prefix(&probe).unwrap_or(Path::new("")));
+        }
+        if !probe.pop() {
+            return path.to_path_buf();
+        }
+    }
+}
+
+/// A location as a path whose `starts_with` says containment: a local path (or `file://` URL)
+/// made real ([`real_path`]), another URL as `scheme/host/path` with empty segments dropped;
+/// `None` for a relative path or an unreadable URL.
+fn comparable_location(location: &str) -> Option<std::path::PathBuf> {
+    if location.starts_with("file://") || !crate::store::is_url(location) {
+        let local = match location.strip_prefix("file://") {
+            Some(_) => url::Url::parse(location).ok()?.to_file_path().ok()?,
+            None => std::path::PathBuf::from(location),
+        };
+        return local.is_absolute().then(|| real_path(&local));
+    }
+    let url = url::Url::parse(location).ok()?;
+    let mut at = std::path::PathBuf::from(url.scheme());
+    at.push(url.host_str().unwrap_or(""));
+    at.extend(url.path().split('/').filter(|part| !part.is_empty()));
+    Some(at)
+}
+
 /// Checks a job id given by the user (`--job-id`): 1 to 128 letters, digits, `-`, `_` and `.`,
 /// not starting with `.`, so that it names exactly one folder under `jobs/`.
 ///
@@ -1160,6 +1209,60 @@ mod tests {
         let text = "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\nguidance_scale = [0.1, 0.2]\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
         let error = JobSpec::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("line 5") && error.contains("[sweep]"), "{error}");
+    }
+
+    /// `output` or `latent_cache` at or under the dataset root is refused, however it is
+    /// written (a link to the dataset, `file://`, a trailing slash, an object-store prefix); a
+    /// sibling whose name only starts like the dataset's, or the dataset inside the output, is
+    /// not.
+    #[test]
+    fn an_output_inside_the_dataset_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("data/train/a")).unwrap();
+        std::os::unix::fs::symlink(root.join("data/train"), root.join("link")).unwrap();
+        let spec = |dataset: &str, output: &str, cache: Option<&str>| {
+            let mut text = format!("dataset = \"{dataset}\"\nclasses = \"all\"\nipc = 1\noutput = \"{output}\"\n");
+            if let Some(cache) = cache {
+                // Raw TOML: `true`, or a quoted location.
+                text.push_str(&format!("latent_cache = {cache}\n"));
+            }
+            text.push_str("[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n");
+            JobSpec::from_toml(&text).unwrap()
+        };
+        let fields = |spec: JobSpec| spec.inside_dataset_problems().into_iter().map(|p| p.field).collect::<Vec<_>>();
+        let train = root.join("data/train").display().to_string();
+        let inside = [
+            train.clone(),
+            format!("{train}/"),
+            format!("{train}/a/out"),
+            format!("file://{train}/not/yet/made"),
+            root.join("link/out").display().to_string(),
+        ];
+        for output in inside {
+            assert_eq!(fields(spec(&train, &output, None)), vec!["output"], "{output}");
+        }
+        let error = spec(&train, &train, None).inside_dataset_problems().remove(0).problem;
+        assert!(error.contains("is inside the dataset") && error.contains("put it outside the dataset"), "{error}");
+        // The link as the dataset, the real folder as the output.
+        assert_eq!(fields(spec(&root.join("link").display().to_string(), &train, None)), vec!["output"]);
+        // The default cache under an output inside, and a cache set inside.
+        let out = root.join("out").display().to_string();
+        assert_eq!(fields(spec(&train, &format!("{train}/x"), Some("true"))), vec!["output", "latent_cache"]);
+        assert_eq!(fields(spec(&train, &out, Some(&format!("\"{train}/cache\"")))), vec!["latent_cache"]);
+        for (dataset, output) in [
+            (train.clone(), root.join("data/train2").display().to_string()),
+            (train.clone(), root.join("data").display().to_string()),
+            (train.clone(), out.clone()),
+            ("s3://bucket/imagenet/train".to_owned(), "s3://bucket/imagenet/train2".to_owned()),
+            ("s3://bucket/imagenet/train".to_owned(), "s3://other/imagenet/train".to_owned()),
+            ("s3://bucket/imagenet/train".to_owned(), train.clone()),
+        ] {
+            assert_eq!(fields(spec(&dataset, &output, Some("true"))), Vec::<String>::new(), "{dataset} {output}");
+        }
+        for output in ["s3://bucket/imagenet/train/", "s3://bucket/imagenet//train/out"] {
+            assert_eq!(fields(spec("s3://bucket/imagenet/train", output, None)), vec!["output"], "{output}");
+        }
     }
 
     #[test]

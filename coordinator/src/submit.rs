@@ -55,6 +55,15 @@ pub async fn resolve_spec(
     resolve_job(JobSpec::from_toml(spec_toml)?, base_dir, explicit_id, default_output, allowed, planned).await
 }
 
+/// `problems` and then the problems of the spec's model files read from their metadata alone
+/// ([`model_problems`], on a blocking thread): what a refused submit names in one go.
+async fn with_model_problems(spec: &JobSpec, mut problems: Vec<FieldError>) -> Vec<FieldError> {
+    let checked = spec.clone();
+    problems
+        .extend(tokio::task::spawn_blocking(move || model_problems(&checked, &[])).await.expect("model check task"));
+    problems
+}
+
 /// [`resolve_spec`] of a spec already read.
 ///
 /// # Errors
@@ -71,12 +80,8 @@ pub async fn resolve_job(
     // The settings' problems and what the model files are, in one go.
     match spec.validate() {
         Ok(()) => {}
-        Err(JobError::Invalid(mut problems)) => {
-            let checked = spec.clone();
-            let models =
-                tokio::task::spawn_blocking(move || model_problems(&checked, &[])).await.expect("model check task");
-            problems.extend(models);
-            return Err(Error::Job(JobError::Invalid(problems)));
+        Err(JobError::Invalid(problems)) => {
+            return Err(Error::Job(JobError::Invalid(with_model_problems(&spec, problems).await)));
         }
         Err(other) => return Err(other.into()),
     }
@@ -96,14 +101,14 @@ pub async fn resolve_job(
     // The dataset first: its problems are the user's to fix and cheaper to find than model
     // fingerprints of gigabytes. The models' own problems, read from their metadata alone, are
     // named beside the dataset's, so that one run names both.
+    // An output or cache inside the dataset is said with the dataset's and the models' problems.
+    let inside = spec.inside_dataset_problems();
     let data = match check_dataset(&spec).await {
-        Ok(data) => data,
-        Err(Error::Job(JobError::Invalid(mut problems))) => {
-            let checked = spec.clone();
-            let models =
-                tokio::task::spawn_blocking(move || model_problems(&checked, &[])).await.expect("model check task");
-            problems.extend(models);
-            return Err(Error::Job(JobError::Invalid(problems)));
+        Ok(data) if inside.is_empty() => data,
+        Ok(_) => return Err(Error::Job(JobError::Invalid(with_model_problems(&spec, inside).await))),
+        Err(Error::Job(JobError::Invalid(problems))) => {
+            let problems = inside.into_iter().chain(problems).collect();
+            return Err(Error::Job(JobError::Invalid(with_model_problems(&spec, problems).await)));
         }
         Err(other) => return Err(other),
     };
@@ -544,6 +549,7 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) 
         Err(JobError::Invalid(problems)) => problems,
         Err(other) => return Err(other.into()),
     };
+    problems.extend(spec.inside_dataset_problems());
     problems.extend(model_problems(&spec, &[]));
     if cpu_workers {
         let m = &spec.models;

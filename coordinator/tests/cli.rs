@@ -446,6 +446,55 @@ fn two_class_data() -> tempfile::TempDir {
     dir
 }
 
+/// An output inside the dataset is refused at `check` and `run` (before anything is written):
+/// a job there writes `jobs/` beside the class folders, which the next job over `classes =
+/// "all"` took for a class (a label outside the DiT's, or a class distilled from the outputs).
+#[test]
+fn an_output_inside_the_dataset_is_refused_before_anything_is_written() {
+    let dir = two_class_data();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let spec = dir.path().join("job.toml");
+    let write = |output: &str| {
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"nested\"\ndataset = \"data\"\nclasses = \"all\"\nlabels = \"folder\"\nipc = 1\noutput = \"{output}\"\n\
+                 [models]\ndit = \"{}\"\nvae_encoder = \"{}\"\nvae_decoder = \"{}\"\n",
+                models.join("tiny_dit.onnx").display(),
+                models.join("tiny_vae_encoder.onnx").display(),
+                models.join("tiny_vae_decoder.onnx").display()
+            ),
+        )
+        .unwrap()
+    };
+    for output in ["data", "./data/", "data/a/distilled"] {
+        write(output);
+        for command in
+            [&["check", spec.to_str().unwrap(), "--store", "/srv/state"][..], &["run", spec.to_str().unwrap()]]
+        {
+            let out = coordinator(command);
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{output} {command:?}: {text}");
+            assert!(text.contains("`output`") && text.contains("is inside the dataset"), "{output}: {text}");
+        }
+        let written: Vec<_> = walk(&dir.path().join("data"));
+        assert_eq!(written.len(), 4, "{output}: {written:?}");
+    }
+    write("out");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("inside the dataset"));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files
+}
+
 /// `check` says what each model is and where it can run: its declarations, its ONNX IR version
 /// and operator sets, and "CUDA only" for a bf16 export; an IR version newer than the oldest
 /// ONNX Runtime the workers accept is noted (workers on it refuse the model at load).
