@@ -29,8 +29,10 @@ and unfinished jobs are refused before any training.
 --sweep takes an mgd3 sweep (its record <output>/sweeps/<sweep>.json, or its id with --store <output>)
 and evaluates every finished variant with the one protocol given, one set each: a table with the
 swept settings as columns (and the same as JSON with --out). Each variant's result is kept under
-<output>/sweeps/<sweep>/eval/<protocol settings>/<job>.json as soon as it is known, so running the
-same command again after an interruption trains only the variants still missing. Variants that have
+<output>/sweeps/<sweep>/eval/<protocol settings>/<job>.json as soon as it is known (the settings
+include a digest of the validation folder's files and the teacher, so another --val or --teacher
+trains again), so running the same command again after an interruption trains only the variants
+still missing. Variants that have
 not finished are listed and left out.
 
 --quick (2 epochs) or --epochs N for smoke runs. Progress with an ETA goes to stderr; the result is
@@ -50,6 +52,7 @@ Examples:
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -469,12 +472,35 @@ def sweep_record(sweep, store):
     return record, os.path.dirname(os.path.dirname(os.path.abspath(path)))
 
 
+def inputs_digest(args):
+    """12 hex digits naming the inputs of an evaluation besides the distilled set: the validation
+    folder (where it is, and every file's path and size in it) and, for the soft protocol, the
+    teacher's bytes. Results kept for one validation set or teacher are never shown for another."""
+    digest = hashlib.sha256()
+    val = os.path.realpath(args.val)
+    digest.update(val.encode() + b"\0")
+    # As torchvision's ImageFolder walks it (links to folders followed).
+    for folder, subfolders, files in os.walk(val, followlinks=True):
+        subfolders.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            size = os.path.getsize(path) if os.path.exists(path) else -1
+            digest.update(f"{os.path.relpath(path, val)}\0{size}\n".encode())
+    if args.protocol == "soft" and args.teacher:
+        digest.update(b"teacher\0")
+        with open(args.teacher, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:12]
+
+
 def protocol_key(args):
-    """What makes two evaluations of one set the same: the folder name results are kept under."""
+    """What makes two evaluations of one set the same: the folder name results are kept under
+    (the settings, readable, then the digest of the validation set and teacher)."""
     epochs = args.epochs or ("quick" if args.quick else "paper")
     parts = [args.protocol, args.net if args.protocol == "hard" else "resnet18", f"size{args.size}",
              f"epochs-{epochs}", f"seed{args.train_seed}", f"ipc-{args.ipc or 'all'}", f"val{args.val_limit or 'all'}",
-             args.norm if args.protocol == "hard" else os.path.basename(args.teacher or "")]
+             args.norm if args.protocol == "hard" else os.path.basename(args.teacher or ""),
+             f"inputs-{inputs_digest(args)}"]
     return "-".join(str(p) for p in parts)
 
 

@@ -208,4 +208,36 @@ fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
     let (again, stderr) = evaluate(&python, &args);
     assert!(stderr.contains("kept from an earlier run") && !stderr.contains("training on"), "{stderr}");
     assert_eq!(again["variants"], result["variants"]);
+    // Another validation set (a copy with one image fewer, then the same folder with one image
+    // changed in size) is another evaluation: nothing kept is shown for it.
+    let other = scratch.path().join("other_val");
+    copy_tree(&data, &other);
+    let first_class = std::fs::read_dir(&other).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let first_image = std::fs::read_dir(&first_class).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    std::fs::remove_file(&first_image).unwrap();
+    let other_args = args.map(|a| if a == data.to_str().unwrap() { other.to_str().unwrap() } else { a });
+    let (_, stderr) = evaluate(&python, &other_args);
+    assert!(
+        !stderr.contains("kept from an earlier run")
+            && stderr.contains("variant 1/2 (guidance_scale=0.02): training on"),
+        "{stderr}"
+    );
+    let (_, stderr) = evaluate(&python, &other_args);
+    assert!(stderr.contains("kept from an earlier run"), "{stderr}");
+    let second_image = std::fs::read_dir(&first_class).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let mut bytes = std::fs::read(&second_image).unwrap();
+    bytes.extend([0; 16]);
+    std::fs::write(&second_image, bytes).unwrap();
+    let (_, stderr) = evaluate(&python, &other_args);
+    assert!(!stderr.contains("kept from an earlier run"), "{stderr}");
+}
+
+/// A copy of folder `from` at `to` (files and folders).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() { copy_tree(&path, &target) } else { std::fs::copy(&path, &target).map(|_| ()).unwrap() }
+    }
 }
