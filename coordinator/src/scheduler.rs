@@ -2009,6 +2009,12 @@ impl Scheduler {
         now: u64,
     ) -> Result<(usize, usize), SchedulerError> {
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
+        // A job that had succeeded and whose commits all hold stays finished when it was.
+        let succeeded = (!run.persisted.cancelled
+            && run.persisted.paused.is_none()
+            && run.persisted.shards.iter().all(|s| matches!(s.state, ShardState::Done { .. })))
+        .then_some(run.persisted.finished_unix_ms)
+        .flatten();
         run.persisted.cancelled = false;
         run.persisted.paused = None;
         run.persisted.finished_unix_ms = None;
@@ -2041,6 +2047,9 @@ impl Scheduler {
                 run.pending.insert(i);
                 requeued += 1;
             }
+        }
+        if requeued == 0 {
+            run.persisted.finished_unix_ms = succeeded;
         }
         run.restart_progress(now);
         let _ = self.settle(job_id, now);

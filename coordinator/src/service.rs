@@ -1444,10 +1444,14 @@ impl Coordinator {
         let (committed, requeued) =
             self.inner.scheduler.lock().expect("scheduler").resume(job_id, &committed, now_ms())?;
         info!(job = %job_id, committed, requeued, redone = redone.len(), data_changed = changes.len(), "job resumed");
-        let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
+        let (state, finished) = {
+            let scheduler = self.inner.scheduler.lock().expect("scheduler");
+            (scheduler.state(job_id), scheduler.persisted(job_id).and_then(|p| p.finished_unix_ms))
+        };
         self.mark_dirty(job_id);
         if state == Some(JobState::Succeeded) {
-            self.finish(job, JobState::Succeeded, now_ms());
+            // A job that had finished and lost nothing keeps its finish time (and its manifest).
+            self.finish(job, JobState::Succeeded, finished.unwrap_or_else(now_ms));
         }
         Ok(Resumed { committed, requeued, redone, data_changed: changes })
     }

@@ -265,7 +265,7 @@ pub async fn manifest_in_place(out: &Location, job: &ResolvedJob) -> Result<bool
 }
 
 /// Writes `manifest.json` from the markers of a finished job, then removes the job's staging
-/// folder and local staging copies.
+/// folder and local staging copies. A manifest in place for the same commits keeps its times.
 ///
 /// # Errors
 /// [`Error::MissingMarker`] when a class has no marker; [`Error::Commit`] for a marker that cannot
@@ -306,6 +306,20 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
     .into_iter()
     .filter_map(|(k, v)| v.clone().map(|v| (k.to_owned(), v)))
     .collect();
+    // A manifest already certifying this very work (same job, fingerprint and commits: a
+    // finished job resumed, or forgotten and submitted again) keeps the times it gives, which
+    // say when the work was done; the report's wall time and rate come from them.
+    let key = out.key(&keys.manifest());
+    let earlier = get_optional(out.store.as_ref(), &key)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|bytes| serde_json::from_slice::<JobManifest>(&bytes).ok())
+        .filter(|m| m.job_id == job.job_id && m.fingerprint == job.fingerprint && m.classes == classes);
+    let (created_unix_ms, finished_unix_ms) = match &earlier {
+        Some(m) => (m.created_unix_ms, m.finished_unix_ms),
+        None => (job.created_unix_ms, finished_unix_ms),
+    };
     let manifest = JobManifest {
         schema_version: SCHEMA_VERSION,
         job_id: job.job_id.clone(),
@@ -315,7 +329,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
         classes: classes.clone(),
         images,
         timings,
-        created_unix_ms: job.created_unix_ms,
+        created_unix_ms,
         finished_unix_ms,
         reused: mgd3_common::manifest::Reused {
             latents: classes_reused(&classes, |c| c.latents_reused),
@@ -323,7 +337,6 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
             cache: job.spec.latent_cache_url(),
         },
     };
-    let key = out.key(&keys.manifest());
     let bytes = serde_json::to_vec_pretty(&manifest).expect("serialisable manifest");
     out.store.put(&key, PutPayload::from(bytes)).await.map_err(store_err(out, format!("writing `{key}`")))?;
     mgd3_common::commit::delete_prefix(out, &format!("{}/staging", keys.root())).await?;

@@ -937,6 +937,19 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
     let original = dataset_files(&out, &id).await;
     let root = dir.path().join("jobs").join(&id);
     let job_json = root.join("job.json");
+    // The manifest certifies the work and says when it was done: nothing below redoes any, so
+    // it keeps its bytes (its times) throughout.
+    let manifest = std::fs::read(root.join("manifest.json")).unwrap();
+    let finished = serde_json::from_slice::<serde_json::Value>(&manifest).unwrap()["finished_unix_ms"].clone();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Resumed once finished: nothing changes, its finish time included.
+    let again = start(&store_url, None).await;
+    let before = again.coordinator.status(&id).unwrap().finished_unix_ms;
+    let resumed = again.coordinator.resume(&id, None).await.unwrap();
+    assert_eq!((resumed.committed, resumed.requeued), (3, 0));
+    assert_eq!(wait_until_done(&again.coordinator, &id).await.finished_unix_ms, before);
+    again.shutdown().await;
+    assert_eq!(std::fs::read(root.join("manifest.json")).unwrap(), manifest, "resumed: finished {finished}");
 
     for damage in ["deleted", "truncated"] {
         if damage == "deleted" {
@@ -963,6 +976,7 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
         let written: ResolvedJob = serde_json::from_slice(&std::fs::read(&job_json).unwrap()).unwrap();
         assert_eq!(written.fingerprint, job.fingerprint);
         again.shutdown().await;
+        assert_eq!(std::fs::read(root.join("manifest.json")).unwrap(), manifest, "{damage}");
     }
 
     // Nothing committed yet, job.json lost: its state.json still knows the spec it was for.
@@ -1017,6 +1031,7 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
     assert_eq!(wait_until_done(&again.coordinator, &id).await.state, JobState::Succeeded);
     assert!(!root.join("forgotten.json").exists());
     assert_eq!(dataset_files(&out, &id).await, original);
+    assert_eq!(std::fs::read(root.join("manifest.json")).unwrap(), manifest, "forgotten and submitted again");
 
     // The folder removed by hand while the coordinator runs: verify (and resume) say it is gone
     // instead of acting on it; the same spec is a new job.
