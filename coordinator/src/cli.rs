@@ -1616,6 +1616,13 @@ fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
 /// The rest of `coordinator run` for a sweep: every variant awaited in turn, each one's report
 /// and the sweep's comparison page written.
 #[allow(clippy::too_many_arguments)]
+/// Where a run's images go and, when elsewhere (`--store`), where its state is: "output X" or
+/// "output X; state in Y".
+fn output_and_store(output: &str, store: &str) -> String {
+    let same = |a: &str| a.strip_prefix("file://").unwrap_or(a).trim_end_matches('/').to_owned();
+    if same(output) == same(store) { format!("output {output}") } else { format!("output {output}; state in {store}") }
+}
+
 async fn run_local_sweep(
     args: &RunArgs,
     submitted: crate::service::SubmittedSweep,
@@ -1632,7 +1639,7 @@ async fn run_local_sweep(
     for line in sweep_lines(&record) {
         errln!("{line}");
     }
-    errln!("on {} local worker(s); output {}", workers.len(), store);
+    errln!("on {} local worker(s); {}", workers.len(), output_and_store(&record.output, store));
     let url = local.url.clone();
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
@@ -1949,12 +1956,12 @@ async fn run_local(args: RunArgs) -> Result<()> {
         errln!("note: {note}");
     }
     errln!(
-        "job {} ({} classes, {} shards) on {} local worker(s); output {}",
+        "job {} ({} classes, {} shards) on {} local worker(s); {}",
         job.job_id,
         job.classes.len(),
         job.shards.len(),
         local_workers,
-        store
+        output_and_store(job.spec.output.as_deref().unwrap_or(&store), &store)
     );
     let mut client = connect(&url, None, None)?;
     let outcome = tokio::select! {
@@ -1995,4 +2002,19 @@ async fn run_local(args: RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run` names where the images go and, only when it is elsewhere, where the state is: with
+    /// `--store` apart from the spec's output it said "output <store>".
+    #[test]
+    fn the_run_line_names_the_output_and_a_store_apart() {
+        assert_eq!(output_and_store("/o/ro", "/o/ro/"), "output /o/ro");
+        assert_eq!(output_and_store("file:///o/ro", "/o/ro"), "output file:///o/ro");
+        assert_eq!(output_and_store("/o/ro", "/o/rostore"), "output /o/ro; state in /o/rostore");
+        assert_eq!(output_and_store("s3://b/out", "/state"), "output s3://b/out; state in /state");
+    }
 }
