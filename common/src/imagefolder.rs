@@ -61,6 +61,24 @@ pub enum ListError {
         /// [`Skipped::describe`] of what was left out.
         skipped: String,
     },
+    /// An entry of the dataset root that is a link to a folder that cannot be reached (a
+    /// dataset spread over mounts, one not mounted): skipped, it would drop a class and shift the
+    /// position of every class after it.
+    #[error(
+        "`{name}` in the dataset root `{root}` is a link to `{target}`, which cannot be reached: mount it, or \
+         remove the link (a class left out shifts every later class's label)"
+    )]
+    UnreachableClassLink {
+        /// The dataset root.
+        root: String,
+        /// The link's name.
+        name: String,
+        /// Where it points, as written.
+        target: String,
+        /// Why its target cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading a local folder failed.
     #[error("cannot list `{dir}`")]
     Io {
@@ -620,14 +638,26 @@ pub async fn list_store_class(root: &Location, class: &str) -> Result<ClassListi
 /// The class folders of a local ImageFolder root, sorted, and the hidden folders skipped.
 ///
 /// # Errors
-/// [`ListError::Io`]; [`ListError::NotUtf8`] for a folder name that cannot be a class name.
+/// [`ListError::Io`]; [`ListError::NotUtf8`] for a folder name that cannot be a class name;
+/// [`ListError::UnreachableClassLink`] for a link whose target cannot be read.
 pub fn list_local_classes(root: &Path) -> Result<(Vec<String>, Vec<String>), ListError> {
     let io = |source| ListError::Io { dir: root.display().to_string(), source };
     let (mut classes, mut hidden) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(root).map_err(io)? {
         let entry = entry.map_err(io)?;
-        if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
-            continue;
+        match std::fs::metadata(entry.path()) {
+            Ok(metadata) if metadata.is_dir() => {}
+            // A link whose target cannot be read: a class folder on a mount that is not there,
+            // not a stray file to pass over.
+            Err(source) if entry.file_type().is_ok_and(|t| t.is_symlink()) => {
+                return Err(ListError::UnreachableClassLink {
+                    root: root.display().to_string(),
+                    name: entry.file_name().to_string_lossy().escape_debug().to_string(),
+                    target: std::fs::read_link(entry.path()).unwrap_or_default().display().to_string(),
+                    source,
+                });
+            }
+            _ => continue,
         }
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
@@ -810,6 +840,29 @@ mod tests {
         std::fs::write(dir.path().join("empty/readme.md"), b"x").unwrap();
         let error = list_local_class(dir.path(), "empty").unwrap_err().to_string();
         assert!(error.contains("holds no images") && error.contains("readme.md"), "{error}");
+    }
+
+    /// A root entry linking to a folder that cannot be reached (an unmounted class folder) is an
+    /// error naming the link and its target: skipped, as torchvision's ImageFolder skips it, it
+    /// left a class out and shifted every later class's position label with no word. A link to a
+    /// folder that is there is a class; a link to a file, a stray file.
+    #[test]
+    fn a_class_link_to_nothing_is_an_error_not_a_missing_class() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path());
+        std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("c")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("README.txt"), dir.path().join("d")).unwrap();
+        assert_eq!(list_local_classes(dir.path()).unwrap().0, ["a", "b", "c"]);
+        std::os::unix::fs::symlink("/nonexistent/n01440764", dir.path().join("0_unmounted")).unwrap();
+        let error = list_local_classes(dir.path()).unwrap_err();
+        assert!(matches!(error, ListError::UnreachableClassLink { .. }), "{error:?}");
+        let text = error.to_string();
+        assert!(
+            text.contains("`0_unmounted` in the dataset root")
+                && text.contains("is a link to `/nonexistent/n01440764`, which cannot be reached")
+                && text.contains("mount it, or remove the link"),
+            "{text}"
+        );
     }
 
     /// Names that are not UTF-8: a file is listed and read under its exact bytes; a class folder
