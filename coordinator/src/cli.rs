@@ -338,6 +338,9 @@ pub struct SubmitArgs {
     /// What to do when the job exists and some classes' data changed.
     #[command(flatten)]
     pub data: DataChangeArgs,
+    /// What to do when the job exists and has failed.
+    #[command(flatten)]
+    pub retry: RetryArgs,
     /// How to reach the coordinator.
     #[command(flatten)]
     pub connection: Connection,
@@ -364,6 +367,22 @@ impl DataChangeArgs {
     pub fn setting(&self) -> crate::service::DataChanges {
         crate::service::DataChanges::from_flag(self.accept_data_changes)
     }
+}
+
+/// What submitting a failed job's spec again does.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// When the job exists and has failed (its status names each failed class and why), run its
+    /// failed shards again with fresh attempts, keeping every committed class: how to say the
+    /// cause is fixed (a corrupt image replaced, a class's files restored). Without it a failed
+    /// job stays failed and the command says how.
+    #[arg(
+        long,
+        env = "MGD3_RETRY_FAILED",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    pub retry_failed: bool,
 }
 
 /// How long `submit --wait` waits while every connected worker is excluded from its job, unless
@@ -538,6 +557,16 @@ pub struct RunArgs {
     /// What to do when the job exists and some classes' data changed.
     #[command(flatten)]
     pub data: DataChangeArgs,
+    /// What to do when the job exists and has failed.
+    #[command(flatten)]
+    pub retry: RetryArgs,
+}
+
+impl RunArgs {
+    /// What the run's submit may do to an existing job.
+    fn resubmit(&self) -> crate::service::Resubmit {
+        crate::service::Resubmit { data: self.data.setting(), retry_failed: self.retry.retry_failed }
+    }
 }
 
 impl TryFrom<&ServeArgs> for ServeConfig {
@@ -902,6 +931,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 base_dir: base,
                 job_id: args.job_id.unwrap_or_default(),
                 accept_data_changes: args.data.accept_data_changes,
+                retry_failed: args.retry.retry_failed,
             };
             let response = client
                 .submit_job(request)
@@ -1925,7 +1955,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
         let job = format!("in `{}` (not submitted)", args.spec.display());
         Err(anyhow::Error::new(mgd3_common::NoWorker { job, reasons }))
     } else if let Some(sweep) = &sweep {
-        let submitted = coordinator.submit_sweep(sweep, Path::new(&base), args.data.setting()).await;
+        let submitted = coordinator.submit_sweep(sweep, Path::new(&base), args.resubmit()).await;
         match submitted {
             Ok(submitted) => {
                 return run_local_sweep(&args, submitted, coordinator, local, workers, &last_errors, &store).await;
@@ -1934,7 +1964,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
         }
     } else {
         coordinator
-            .submit_with(&text, Path::new(&base), None, args.data.setting())
+            .submit_with(&text, Path::new(&base), None, args.resubmit())
             .await
             .map_err(|error| spec_refusal(error, &args.spec))
     };

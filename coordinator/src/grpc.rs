@@ -16,7 +16,7 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::lock::LockError;
 use crate::scheduler::{LeaseGrant, PollDecision, Running};
-use crate::service::{Coordinator, DataChanges, ServeConfig};
+use crate::service::{Coordinator, DataChanges, Resubmit, ServeConfig};
 
 /// The gRPC adapter.
 #[derive(Clone)]
@@ -76,7 +76,7 @@ impl CoordinatorRpc for Service {
     async fn submit_job(&self, request: Request<proto::SubmitJobRequest>) -> RpcResult<proto::SubmitJobResponse> {
         self.0.await_store_held().await?;
         let r = request.into_inner();
-        let data = DataChanges::from_flag(r.accept_data_changes);
+        let data = Resubmit { data: DataChanges::from_flag(r.accept_data_changes), retry_failed: r.retry_failed };
         if let Some(sweep) = mgd3_common::sweep::Sweep::parse(&r.spec_toml).map_err(crate::Error::Job)? {
             if !r.job_id.is_empty() {
                 return Err(tonic::Status::invalid_argument(format!(

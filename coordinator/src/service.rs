@@ -227,6 +227,25 @@ impl DataChanges {
     }
 }
 
+/// What submitting an existing job's spec again may do besides returning the job: accept
+/// changed data ([`DataChanges`]) and run a failed job's failed shards again (`--retry-failed`).
+/// A bare [`DataChanges`] converts with `retry_failed` off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resubmit {
+    /// What to do about classes whose data changed.
+    pub data: DataChanges,
+    /// A failed job is resumed ([`Coordinator::resume_with`]: its failed shards get fresh
+    /// attempts, committed classes are kept) — how a person says its cause is fixed. Without it a
+    /// failed job stays failed and the submit says how.
+    pub retry_failed: bool,
+}
+
+impl From<DataChanges> for Resubmit {
+    fn from(data: DataChanges) -> Self {
+        Resubmit { data, retry_failed: false }
+    }
+}
+
 /// Markers read at once when a job's classes are compared with their data.
 const MARKERS_IN_FLIGHT: usize = 16;
 
@@ -836,10 +855,10 @@ impl Coordinator {
         spec_toml: &str,
         base_dir: &Path,
         explicit_id: Option<String>,
-        data: DataChanges,
+        how: impl Into<Resubmit>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let resolved = self.resolve(spec_toml, base_dir, explicit_id).await?;
-        self.submit_resolved(resolved, data).await
+        self.submit_resolved(resolved, how).await
     }
 
     /// Submits every variant of a sweep ([`resolve_sweep`]: the dataset listed and the models
@@ -850,14 +869,20 @@ impl Coordinator {
     /// # Errors
     /// As [`Coordinator::submit_with`] for any variant (those before it stay submitted); store
     /// errors writing the record.
-    pub async fn submit_sweep(&self, sweep: &Sweep, base_dir: &Path, data: DataChanges) -> Result<SubmittedSweep> {
+    pub async fn submit_sweep(
+        &self,
+        sweep: &Sweep,
+        base_dir: &Path,
+        how: impl Into<Resubmit>,
+    ) -> Result<SubmittedSweep> {
+        let how = how.into();
         let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
         let resolved =
             resolve_sweep(sweep, base_dir, &self.inner.store.url, allowed.as_deref(), self.planned_rows()).await?;
         let ResolvedSweep { variants, mut record, mut notes } = resolved;
         let mut jobs = Vec::with_capacity(variants.len());
         for variant in variants {
-            let (job, existed, variant_notes) = self.submit_resolved(variant, data).await?;
+            let (job, existed, variant_notes) = self.submit_resolved(variant, how).await?;
             for note in variant_notes {
                 // Said once for the sweep (the shard plan, the dataset), not once per variant.
                 if !notes.contains(&note) {
@@ -1032,8 +1057,9 @@ impl Coordinator {
     pub async fn submit_resolved(
         &self,
         resolved: Resolved,
-        data: DataChanges,
+        how: impl Into<Resubmit>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
+        let Resubmit { data, retry_failed } = how.into();
         let Resolved { job, mut notes, planned, .. } = resolved;
         let quarantine = self.inner.quarantined.lock().expect("quarantined").get(&job.job_id).cloned();
         if let Some(quarantine) = quarantine {
@@ -1093,10 +1119,23 @@ impl Coordinator {
                     ));
                 }
             }
-            if state == Some(JobState::Failed) {
-                // Submitting (or `coordinator run`) does not retry a failed job by itself: say how.
+            if state == Some(JobState::Failed) && retry_failed {
+                let resumed = self.resume_listed(&existing.job_id, None, data, Some(job.classes.clone())).await?;
+                info!(job = %existing.job_id, requeued = resumed.requeued, "the failed job was submitted again with --retry-failed: its failed shards run again");
                 notes.push(format!(
-                    "job `{}` has failed (its status names each failed class and why); once the cause is fixed, `coordinator resume {}` runs the failed shards again (committed classes are kept)",
+                    "job `{}` had failed; --retry-failed: {} shard(s) run again, {} committed shard(s) kept",
+                    existing.job_id, resumed.requeued, resumed.committed
+                ));
+                let existing = self.known_job(&existing.job_id)?;
+                return Ok((existing, true, notes));
+            }
+            if state == Some(JobState::Failed) {
+                // Submitting (or `coordinator run`) does not retry a failed job by itself (a
+                // requeued allocation would retry a lasting fault every time): say how.
+                notes.push(format!(
+                    "job `{}` has failed (its status names each failed class and why); once the cause is fixed, run the same \
+                     command again with --retry-failed (MGD3_RETRY_FAILED=1 for distill.sbatch), or `coordinator resume {}` \
+                     while a coordinator serves it: the failed shards run again, committed classes are kept",
                     existing.job_id, existing.job_id
                 ));
             }

@@ -276,17 +276,36 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
 
     // Submitting it again (what `coordinator run` does) retries nothing by itself, and says how.
     let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
-    assert!(existed && notes.iter().any(|n| n.contains("has failed") && n.contains("coordinator resume")), "{notes:?}");
+    assert!(
+        existed
+            && notes
+                .iter()
+                .any(|n| n.contains("has failed") && n.contains("--retry-failed") && n.contains("coordinator resume")),
+        "{notes:?}"
+    );
     // A different spec may not resume this job.
     let changed = spec.replace("seed = 5", "seed = 6");
     let err = cluster.coordinator.resume(&job.job_id, Some((&changed, dir.path()))).await.unwrap_err();
     assert!(err.to_string().contains("fingerprint changed"), "{err}");
 
+    // --retry-failed while the cause lasts: the failed shard runs again and fails again.
+    let retry = mgd3_coordinator::service::Resubmit { retry_failed: true, ..Default::default() };
+    let (_, _, notes) = cluster.coordinator.submit_with(&spec, dir.path(), None, retry).await.unwrap();
+    assert!(notes.iter().any(|n| n.contains("had failed; --retry-failed: 1 shard(s) run again")), "{notes:?}");
+    let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
+    assert_eq!((status.state, status.shards.done, status.shards.failed), (JobState::Failed, 5, 1));
+
     fixed.store(true, std::sync::atomic::Ordering::Relaxed);
-    let resumed = cluster.coordinator.resume(&job.job_id, Some((&spec, dir.path()))).await.unwrap();
-    assert_eq!((resumed.committed, resumed.requeued, resumed.redone.len()), (5, 1, 0));
+    // Fixed: the same command with --retry-failed (what `coordinator run --retry-failed` does)
+    // runs the failed shard again and keeps the five committed ones.
+    let (_, _, notes) = cluster.coordinator.submit_with(&spec, dir.path(), None, retry).await.unwrap();
+    assert!(notes.iter().any(|n| n.contains("1 shard(s) run again, 5 committed shard(s) kept")), "{notes:?}");
     let status = wait_until_done(&cluster.coordinator, &job.job_id).await;
     assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    // Once succeeded, --retry-failed changes nothing.
+    let (_, _, notes) = cluster.coordinator.submit_with(&spec, dir.path(), None, retry).await.unwrap();
+    assert!(!notes.iter().any(|n| n.contains("retry")), "{notes:?}");
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().state, JobState::Succeeded);
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
     cluster.shutdown().await;

@@ -68,7 +68,7 @@ pub enum DataError {
          from its files as they are now (every other class's commit is kept), run the same `coordinator run` or \
          `submit` again with --accept-data-changes (or `coordinator resume JOB --accept-data-changes` while a \
          coordinator serves the job), or restore the class's files (names and sizes; modification times do not \
-         matter)",
+         matter) and, once the job has failed over it, run the same command again with --retry-failed",
         if submitted.images == now.images && submitted.bytes == now.bytes {
             " (as many images and bytes: files were renamed, or replaced by others of the same total size)"
         } else {
