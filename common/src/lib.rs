@@ -304,7 +304,12 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
             }
             break;
         }
-        parts.push(cause.to_string());
+        let text = cause.to_string();
+        // A wrapper that already prints its source (the `image` crate's decoding errors do) is
+        // not followed by the same words again.
+        if !parts.last().is_some_and(|last| !text.is_empty() && last.ends_with(&text)) {
+            parts.push(text);
+        }
         current = cause.source();
     }
     parts.join(": ")
@@ -334,6 +339,8 @@ mod tests {
         Quoting(#[source] Inner),
         #[error("class `n01440764`")]
         Wrapping(#[source] Inner),
+        #[error("cannot write: {0}")]
+        Printing(#[source] Inner),
     }
 
     #[test]
@@ -342,5 +349,13 @@ mod tests {
         assert_eq!(super::error_chain(&Outer::Wrapping(Inner::Full)), "class `n01440764`: disk full");
         let wrapped = anyhow::Error::new(Outer::Quoting(Inner::Full)).context("distilling");
         assert_eq!(super::error_chain(wrapped.as_ref()), "distilling: cannot write `a.png`: disk full");
+        // A wrapper that prints its source itself: the source is not said twice.
+        assert_eq!(super::error_chain(&Outer::Printing(Inner::Full)), "cannot write: disk full");
+        // The image crate's decoding errors are such wrappers.
+        let decoding = image::ImageError::Decoding(image::error::DecodingError::new(
+            image::ImageFormat::Jpeg.into(),
+            "Unknown marker in bit stream",
+        ));
+        assert_eq!(super::error_chain(&decoding), "Format error decoding Jpeg: Unknown marker in bit stream");
     }
 }
