@@ -1123,19 +1123,37 @@ pub fn class_name_problems(names: &[String]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     for name in names {
         let shown = name.escape_debug();
-        if name.is_empty()
-            || name == "."
-            || name == ".."
-            || name.contains(['/', '\\'])
-            || name.chars().any(char::is_control)
-        {
-            problems.push(format!("`{shown}` is not a class folder name (one folder of the dataset root)"));
+        let why = if name.is_empty() {
+            Some("it is empty".to_owned())
+        } else if name == "." || name == ".." {
+            Some("it names a folder itself, not a folder in it".to_owned())
+        } else if name.contains(['/', '\\']) {
+            Some("it holds a `/` or `\\`, so it names a path, not one folder".to_owned())
+        } else if name.chars().any(char::is_control) {
+            Some("it holds a control character (a line break, a tab)".to_owned())
+        } else if name.len() > MAX_CLASS_NAME_BYTES {
+            Some(format!(
+                "it is {} bytes long: the files named after a class (`<class>-<16 hex>.npy` in the latent cache, \
+                 `<class>.json#<n>` while a marker is written) must fit the 255 bytes a file name may have, so \
+                 at most {MAX_CLASS_NAME_BYTES} bytes; rename the folder",
+                name.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            problems.push(format!("`{shown}` is not a class folder name (one folder of the dataset root): {why}"));
         } else if !seen.insert(name) {
             problems.push(format!("`{shown}` is listed twice"));
         }
     }
     problems
 }
+
+/// The longest class name, in bytes: the longest file name the job derives from it (the latent
+/// cache's `<class>-<16 hex>.npy`, 21 bytes more, and a local store's `#<n>` while writing)
+/// stays within the 255-byte file names of ext4, XFS and most others.
+pub const MAX_CLASS_NAME_BYTES: usize = 200;
 
 /// `path` with the links of its deepest existing ancestor resolved (the rest as written): where
 /// it is, or will be once created.
@@ -1209,6 +1227,36 @@ mod tests {
         let text = "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\nguidance_scale = [0.1, 0.2]\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
         let error = JobSpec::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("line 5") && error.contains("[sweep]"), "{error}");
+    }
+
+    /// Every name that cannot be one class folder is refused with why: empty, `.`/`..`, a path,
+    /// a control character, or too long for the file names derived from it (a 249-byte name
+    /// passed check, then stalled every commit on "File name too long"); repeats are named.
+    #[test]
+    fn class_names_that_cannot_be_one_folder_are_refused_with_why() {
+        let long = "x".repeat(MAX_CLASS_NAME_BYTES + 1);
+        let longest = "é".repeat(MAX_CLASS_NAME_BYTES / 2);
+        let names: Vec<String> =
+            ["", "..", "a/b", "new\nline", long.as_str(), longest.as_str(), "n01", "n01"].map(String::from).into();
+        let problems = class_name_problems(&names);
+        for (i, why) in [
+            "it is empty",
+            "it names a folder itself",
+            "it holds a `/` or `\\`",
+            "it holds a control character",
+            &format!("it is {} bytes long", MAX_CLASS_NAME_BYTES + 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(
+                problems[i].contains("is not a class folder name") && problems[i].contains(why),
+                "{i}: {problems:?}"
+            );
+        }
+        assert!(problems[3].contains("`new\\nline`"), "{problems:?}");
+        assert_eq!(problems[5], "`n01` is listed twice");
+        assert_eq!(problems.len(), 6, "{problems:?}");
     }
 
     /// `output` or `latent_cache` at or under the dataset root is refused, however it is

@@ -332,11 +332,13 @@ where
     }
 }
 
-/// Whether waiting may cure a generic store error: not a missing object, a refusal (full,
-/// read-only, denied), missing or refused credentials, or a missing bucket.
+/// Whether waiting may cure a generic store error: not a missing object, a name too long for
+/// the file system, a refusal (full, read-only, denied), missing or refused credentials, or a
+/// missing bucket.
 fn transient(error: &object_store::Error) -> bool {
     let object_store::Error::Generic { source, .. } = error else { return false };
     !io_not_found(source.as_ref())
+        && !io_bad_name(source.as_ref())
         && Refusal::in_chain(source.as_ref()).is_none()
         && !matches!(
             StoreProblem::of(error),
@@ -408,9 +410,18 @@ impl Refusal {
 /// True when an error's cause chain holds a "no such file" I/O error (the local store reports a
 /// copy from a missing source as a generic error).
 fn io_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
+    io_in_chain(error, |io| io.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// A name the local file system cannot hold (ENAMETOOLONG): the same name fails every time.
+fn io_bad_name(error: &(dyn std::error::Error + 'static)) -> bool {
+    io_in_chain(error, |io| io.kind() == std::io::ErrorKind::InvalidFilename)
+}
+
+fn io_in_chain(error: &(dyn std::error::Error + 'static), test: impl Fn(&std::io::Error) -> bool) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
-        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) {
+        if e.downcast_ref::<std::io::Error>().is_some_and(&test) {
             return true;
         }
         cause = e.source();
@@ -701,6 +712,30 @@ mod tests {
             source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
         });
         assert_eq!(Refusal::in_chain(&reset), None);
+    }
+
+    /// A name the file system cannot hold fails at once: the same name fails every time (a
+    /// 249-byte class name retried each marker write for three minutes per attempt). A dropped
+    /// connection is still retried.
+    #[tokio::test]
+    async fn a_name_too_long_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().display().to_string()).unwrap();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let key = Path::from(format!("shards/{}.json", "x".repeat(300)));
+        let result = retry_idempotent(|| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            store.store.put(&key, PutPayload::from_static(b"{}"))
+        })
+        .await;
+        let error = result.unwrap_err();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1, "{error}");
+        assert!(!transient(&error), "{error:?}");
+        let reset = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        };
+        assert!(transient(&reset));
     }
 
     /// A model in an object store comes with every external-data file it names (HF optimum's
