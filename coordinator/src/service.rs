@@ -1119,6 +1119,28 @@ impl Coordinator {
                     ));
                 }
             }
+            // A finished job's outputs are where its manifest says (one listing, no reads): a
+            // file deleted or cut short since is put back (restored, or its class distilled
+            // again, to the same bytes) rather than the job answered as succeeded.
+            if state == Some(JobState::Succeeded) {
+                let problems = state::published_problems(&self.output(&existing)?, &existing).await?;
+                if !problems.is_empty() {
+                    warn!(job = %existing.job_id, problems = problems.len(), first = %problems[0], "submitted again: published files of the finished job are missing or changed; repairing");
+                    let resumed = self.resume_listed(&existing.job_id, None, data, Some(job.classes.clone())).await?;
+                    notes.push(format!(
+                        "job `{}` had succeeded, but {} of its published files are missing or changed ({}{}): repaired, \
+                         {} class(es) distilled again (the same seeds give the same bytes), any other file restored from \
+                         its staged copy",
+                        existing.job_id,
+                        problems.len(),
+                        problems.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+                        if problems.len() > 3 { format!("; and {} more", problems.len() - 3) } else { String::new() },
+                        resumed.redone.len(),
+                    ));
+                    let existing = self.known_job(&existing.job_id)?;
+                    return Ok((existing, true, notes));
+                }
+            }
             if state == Some(JobState::Failed) && retry_failed {
                 let resumed = self.resume_listed(&existing.job_id, None, data, Some(job.classes.clone())).await?;
                 info!(job = %existing.job_id, requeued = resumed.requeued, "the failed job was submitted again with --retry-failed: its failed shards run again");

@@ -247,6 +247,51 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
     Ok(report)
 }
 
+/// What is missing or has another size among the published files of a finished job, against
+/// its `manifest.json` (each class's images) — one listing of the job's `dataset/` and `modes/`,
+/// no file read: what submitting a finished job's spec again checks before answering that it
+/// succeeded. Each problem names the file (`dataset/<class>/<j>.png: missing`); a manifest that
+/// is missing or unreadable is one problem.
+///
+/// # Errors
+/// [`Error::ObjectStore`] when the store cannot be read or listed.
+pub async fn published_problems(out: &Location, job: &ResolvedJob) -> Result<Vec<String>> {
+    let keys = JobKeys::new(&job.job_id);
+    let key = out.key(&keys.manifest());
+    let bytes = get_optional(out.store.as_ref(), &key).await.map_err(store_err(out, format!("reading `{key}`")))?;
+    let Some(manifest) = bytes.and_then(|bytes| serde_json::from_slice::<JobManifest>(&bytes).ok()) else {
+        return Ok(vec![format!("{}: missing or unreadable", keys.manifest())]);
+    };
+    let mut present = std::collections::HashMap::new();
+    for folder in ["dataset", "modes"] {
+        let prefix = out.key(&format!("{}/{folder}", keys.root()));
+        let listed: Vec<_> =
+            mgd3_common::store::retry_idempotent(|| out.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+                .await
+                .map_err(store_err(out, format!("listing `{prefix}`")))?;
+        present.extend(listed.into_iter().map(|o| (o.location, o.size)));
+    }
+    let relative = |target: &str| target.strip_prefix(keys.root()).unwrap_or(target).trim_start_matches('/').to_owned();
+    let mut problems = Vec::new();
+    for class in &manifest.classes {
+        for (j, image) in class.images.iter().enumerate() {
+            let target = keys.dataset_image(&class.wnid, j);
+            match present.get(&out.key(&target)) {
+                None => problems.push(format!("{}: missing", relative(&target))),
+                Some(&size) if size != image.bytes => {
+                    problems.push(format!("{}: {size} bytes, the manifest says {}", relative(&target), image.bytes))
+                }
+                Some(_) => {}
+            }
+        }
+        let modes = keys.modes(&class.wnid);
+        if !present.contains_key(&out.key(&modes)) {
+            problems.push(format!("{}: missing", relative(&modes)));
+        }
+    }
+    Ok(problems)
+}
+
 /// True when `manifest.json` of `job` is in place and certifies this job (its id and spec
 /// fingerprint). Recovery checks this artefact, not the `finished` flag of state.json.
 ///

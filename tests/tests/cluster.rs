@@ -1066,6 +1066,48 @@ async fn lost_records_are_rebuilt_by_the_same_spec_and_forget_keeps_the_outputs(
     again.shutdown().await;
 }
 
+/// Submitting a finished job's spec again (what `coordinator run` does) checks its published
+/// files against its manifest: an image deleted, another cut short, a class's modes deleted are
+/// each named, and their classes distilled again to the same bytes, instead of the job answered
+/// as succeeded with files missing. An intact job is answered at once, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
+    let (dir, cluster, job) = cluster_with_job(4, 2, 1).await;
+    let store_url = dir.path().display().to_string();
+    let spec = spec_toml(4, 2, 1, &store_url);
+    cluster.run_to_success(&job.job_id).await;
+    let out = store::open(&store_url).unwrap();
+    let original = dataset_files(&out, &job.job_id).await;
+    let root = dir.path().join("jobs").join(&job.job_id);
+    let manifest = std::fs::read(root.join("manifest.json")).unwrap();
+    let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+    assert!(existed && !notes.iter().any(|n| n.contains("missing")), "{notes:?}");
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().state, JobState::Succeeded);
+
+    let classes: Vec<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
+    std::fs::remove_file(root.join(format!("dataset/{}/1.png", classes[1]))).unwrap();
+    let cut = root.join(format!("dataset/{}/0.png", classes[2]));
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(root.join(format!("modes/{}.npy", classes[3]))).unwrap();
+    let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+    let note = notes.iter().find(|n| n.contains("had succeeded")).unwrap_or_else(|| panic!("{notes:?}"));
+    for said in [
+        "3 of its published files are missing or changed".to_owned(),
+        format!("dataset/{}/1.png: missing", classes[1]),
+        format!("dataset/{}/0.png: {} bytes, the manifest says {}", classes[2], bytes.len() / 2, bytes.len()),
+        format!("modes/{}.npy: missing", classes[3]),
+        "3 class(es) distilled again".to_owned(),
+    ] {
+        assert!(existed && note.contains(&said), "{said}: {note}");
+    }
+    cluster.run_to_success(&job.job_id).await;
+    assert_eq!(dataset_files(&out, &job.job_id).await, original, "the same bytes, every file");
+    assert!(root.join(format!("modes/{}.npy", classes[3])).exists());
+    assert_ne!(std::fs::read(root.join("manifest.json")).unwrap(), manifest, "three classes were distilled again");
+    cluster.shutdown().await;
+}
+
 /// The dataset is checked at submit, every problem in one message, before any lease: missing
 /// class folders and classes with fewer images than IPC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
