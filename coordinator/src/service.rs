@@ -246,6 +246,10 @@ impl From<DataChanges> for Resubmit {
     }
 }
 
+/// The words of the note saying an existing job keeps its own settings (found again in a
+/// sweep's variant notes, to say them once).
+const KEPT_SETTINGS: &str = "keeps the settings it was submitted with: ";
+
 /// Markers read at once when a job's classes are compared with their data.
 const MARKERS_IN_FLIGHT: usize = 16;
 
@@ -881,15 +885,42 @@ impl Coordinator {
             resolve_sweep(sweep, base_dir, &self.inner.store.url, allowed.as_deref(), self.planned_rows()).await?;
         let ResolvedSweep { variants, mut record, mut notes } = resolved;
         let mut jobs = Vec::with_capacity(variants.len());
+        // Settings the existing variants keep, said once for the sweep (`output` has its own
+        // note below).
+        let mut kept: Vec<String> = Vec::new();
+        let mut keeping = 0;
         for variant in variants {
             let (job, existed, variant_notes) = self.submit_resolved(variant, how).await?;
             for note in variant_notes {
+                if let Some((_, settings)) = note.split_once(KEPT_SETTINGS) {
+                    let settings = settings.split("; give the spec").next().unwrap_or(settings);
+                    let mut any = false;
+                    for setting in
+                        settings.split(", `").map(|s| if s.starts_with('`') { s.to_owned() } else { format!("`{s}") })
+                    {
+                        if !setting.starts_with("`output`") {
+                            any = true;
+                            if !kept.contains(&setting) {
+                                kept.push(setting);
+                            }
+                        }
+                    }
+                    keeping += usize::from(any);
+                    continue;
+                }
                 // Said once for the sweep (the shard plan, the dataset), not once per variant.
                 if !notes.contains(&note) {
                     notes.push(note);
                 }
             }
             jobs.push((job, existed));
+        }
+        if keeping > 0 {
+            notes.push(format!(
+                "{keeping} variant(s) exist with the same images and keep the settings they were submitted with: {}; give \
+                 the sweep another `name` to make new jobs with these",
+                kept.join(", ")
+            ));
         }
         // A job's output is no part of its identity: variants submitted before with another
         // `output` are those jobs, writing where they did. Said, and the record follows them
@@ -1085,6 +1116,17 @@ impl Coordinator {
         if let Some((existing, state)) = existing {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
+            }
+            // Settings that do not decide the images (attempts, timeouts, data_fingerprint, model
+            // paths, output) are the job's own: a spec asking for others is told it keeps them.
+            let kept = state::spec_differences(&existing.spec, &job.spec, ("in the job", "in this spec"));
+            if !kept.is_empty() {
+                notes.push(format!(
+                    "job `{}` exists with the same images and {KEPT_SETTINGS}{}; give the spec another `name` to make a \
+                     new job with these",
+                    existing.job_id,
+                    kept.join(", ")
+                ));
             }
             // The same experiment: its classes' data now (listed by this submit) against what the
             // job recorded and committed.

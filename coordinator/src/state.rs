@@ -110,7 +110,7 @@ pub async fn differences_from_committed(out: &Location, job: &ResolvedJob) -> Re
     if let Some(manifest) = manifest.and_then(|bytes| serde_json::from_slice::<JobManifest>(&bytes).ok())
         && manifest.fingerprint != job.fingerprint
     {
-        let settings = spec_differences(&manifest.spec, &job.spec);
+        let settings = spec_differences(&manifest.spec, &job.spec, ("when committed", "now"));
         if settings.is_empty() {
             differences.push(
                 "the manifest's spec has the same settings, so the dataset's images differ from those the job was made from (its fingerprint covers them)"
@@ -122,27 +122,34 @@ pub async fn differences_from_committed(out: &Location, job: &ResolvedJob) -> Re
     Ok(differences)
 }
 
-/// The settings in which two specs differ, `` `key`: was → now `` with nested tables as
-/// `table.key`.
-fn spec_differences(was: &mgd3_common::job::JobSpec, now: &mgd3_common::job::JobSpec) -> Vec<String> {
-    fn walk(path: &str, was: &serde_json::Value, now: &serde_json::Value, out: &mut Vec<String>) {
+/// The settings in which two specs differ, `` `key`: <was> <labels.0>, <now> <labels.1> `` with
+/// nested tables as `table.key`.
+pub(crate) fn spec_differences(
+    was: &mgd3_common::job::JobSpec,
+    now: &mgd3_common::job::JobSpec,
+    labels: (&str, &str),
+) -> Vec<String> {
+    fn walk(path: &str, was: &serde_json::Value, now: &serde_json::Value, labels: (&str, &str), out: &mut Vec<String>) {
         match (was, now) {
             (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
                 let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
                 for key in keys {
                     let null = serde_json::Value::Null;
                     let name = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
-                    walk(&name, a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null), out);
+                    walk(&name, a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null), labels, out);
                 }
             }
-            (a, b) if a != b => out.push(format!("`{path}`: {a} when committed, {b} now")),
+            (a, b) if a != b => {
+                let shown = |v: &serde_json::Value| if v.is_null() { "unset".to_owned() } else { v.to_string() };
+                out.push(format!("`{path}`: {} {}, {} {}", shown(a), labels.0, shown(b), labels.1))
+            }
             _ => {}
         }
     }
     let mut out = Vec::new();
     let (was, now) = (serde_json::to_value(was), serde_json::to_value(now));
     if let (Ok(was), Ok(now)) = (was, now) {
-        walk("", &was, &now, &mut out);
+        walk("", &was, &now, labels, &mut out);
     }
     out
 }

@@ -1081,8 +1081,20 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     let root = dir.path().join("jobs").join(&job.job_id);
     let manifest = std::fs::read(root.join("manifest.json")).unwrap();
     let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
-    assert!(existed && !notes.iter().any(|n| n.contains("missing")), "{notes:?}");
+    assert!(existed && notes.is_empty(), "{notes:?}");
     assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().state, JobState::Succeeded);
+    // Settings that do not decide the images, changed in the spec: the job keeps its own, and
+    // says which (data_fingerprint = "content" was taken without a word).
+    let other = spec.replace("max_attempts = 2", "max_attempts = 5\ndata_fingerprint = \"content\"");
+    let (same, _, notes) = cluster.coordinator.submit_noted(&other, dir.path(), None).await.unwrap();
+    assert_eq!(same.job_id, job.job_id);
+    let note = notes.iter().find(|n| n.contains("keeps the settings")).unwrap_or_else(|| panic!("{notes:?}"));
+    assert!(
+        note.contains("`data_fingerprint`: unset in the job, \"content\" in this spec")
+            && note.contains("`max_attempts`: 2 in the job, 5 in this spec")
+            && note.contains("another `name`"),
+        "{note}"
+    );
 
     let classes: Vec<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
     std::fs::remove_file(root.join(format!("dataset/{}/1.png", classes[1]))).unwrap();
@@ -1105,6 +1117,42 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     assert_eq!(dataset_files(&out, &job.job_id).await, original, "the same bytes, every file");
     assert!(root.join(format!("modes/{}.npy", classes[3])).exists());
     assert_ne!(std::fs::read(root.join("manifest.json")).unwrap(), manifest, "three classes were distilled again");
+    cluster.shutdown().await;
+}
+
+/// A sweep submitted again with a setting that does not decide the images changed says once
+/// that its existing variants keep their own, not once per variant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_submitted_again_says_once_which_settings_its_variants_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let text = format!("{}[sweep]\nguidance_scale = [0.05, 0.1, 0.2]\n", spec_toml(2, 2, 1, &store_url));
+    let sweep = mgd3_common::sweep::Sweep::parse(&text).unwrap().unwrap();
+    let first = cluster
+        .coordinator
+        .submit_sweep(&sweep, dir.path(), mgd3_coordinator::service::DataChanges::Refuse)
+        .await
+        .unwrap();
+    assert!(!first.notes.iter().any(|n| n.contains("keep")), "{:?}", first.notes);
+    let again = mgd3_common::sweep::Sweep::parse(&text.replace("lease_timeout_s = 5", "lease_timeout_s = 50"))
+        .unwrap()
+        .unwrap();
+    let second = cluster
+        .coordinator
+        .submit_sweep(&again, dir.path(), mgd3_coordinator::service::DataChanges::Refuse)
+        .await
+        .unwrap();
+    let kept: Vec<&String> = second.notes.iter().filter(|n| n.contains("keep")).collect();
+    assert_eq!(kept.len(), 1, "{:?}", second.notes);
+    assert!(
+        kept[0].starts_with(
+            "3 variant(s) exist with the same images and keep the settings they were submitted with: \
+             `lease_timeout_s`: 5 in the job, 50 in this spec; give the sweep another `name`"
+        ),
+        "{}",
+        kept[0]
+    );
     cluster.shutdown().await;
 }
 
