@@ -477,8 +477,15 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         "<tr><th>latent cache hits</th><td class=\"num\" id=\"cache_hits\" data-value=\"{cache_hits}\">{cache_hits} of {}</td></tr>",
         markers.len()
     );
+    // Classes whose latents came from the cache had their real images encoded by an earlier job.
     let real: u64 = markers.iter().map(|m| m.real_images).sum();
-    let _ = write!(body, "<tr><th>real images encoded</th><td class=\"num\" data-value=\"{real}\">{real}</td></tr>");
+    let encoded: u64 = markers.iter().filter(|m| !m.latent_cache_hit).map(|m| m.real_images).sum();
+    let _ = write!(
+        body,
+        "<tr><th>real images clustered</th><td class=\"num\" id=\"real_images\" data-value=\"{real}\">{real}</td></tr>\
+         <tr><th>real images encoded by this job</th><td class=\"num\" id=\"real_encoded\" data-value=\"{encoded}\">{encoded}{}</td></tr>",
+        if cache_hits > 0 { format!(" (the latents of {cache_hits} class(es) came from the cache)") } else { String::new() }
+    );
     if let Some(manifest) = &records.manifest {
         let _ = write!(body, "<tr><th>fingerprint</th><td><code>{}</code></td></tr>", escape(&manifest.fingerprint));
         for (role, fingerprint) in &manifest.model_fingerprints {
@@ -496,7 +503,13 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         }
     }
     body.push_str("</table>");
-    // Quality, averaged.
+    // Quality, averaged. How many real latents representativeness averages over: 50, or all of a
+    // class's when it has fewer.
+    fn neighbours(measured: &[&mgd3_common::manifest::ClassQuality]) -> String {
+        let fewest = measured.iter().map(|q| q.neighbours).min().unwrap_or_default();
+        let most = measured.iter().map(|q| q.neighbours).max().unwrap_or_default();
+        if fewest == most { fewest.to_string() } else { format!("{fewest}–{most} (all of a class's when fewer than {most})") }
+    }
     let measured: Vec<_> = markers.iter().filter_map(|m| m.quality.as_ref()).collect();
     if !measured.is_empty() {
         let mean = |f: fn(&mgd3_common::manifest::ClassQuality) -> f64| {
@@ -504,8 +517,9 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         };
         let _ = write!(
             body,
-            "<h2>Quality</h2><p>Mean over {} classes, in the scaled VAE latent space, divided by each class's real spread (the mean distance between two of its real latents): diversity <b id=\"mean_diversity\" data-value=\"{d}\">{d:.3}</b> (mean nearest-neighbour distance among a class's samples; higher is more diverse), representativeness <b id=\"mean_representativeness\" data-value=\"{r}\">{r:.3}</b> (mean distance of a sample to its 50 nearest real latents; lower is more representative). Raw values per class are on its page.</p>",
+            "<h2>Quality</h2><p>Mean over {} classes, in the scaled VAE latent space, divided by each class's real spread (the mean distance between two of its real latents): diversity <b id=\"mean_diversity\" data-value=\"{d}\">{d:.3}</b> (mean nearest-neighbour distance among a class's samples; higher is more diverse), representativeness <b id=\"mean_representativeness\" data-value=\"{r}\">{r:.3}</b> (mean distance of a sample to its {} nearest real latents; lower is more representative). Raw values per class are on its page.</p>",
             measured.len(),
+            neighbours(&measured),
             d = mean(|q| q.diversity_normalised),
             r = mean(|q| q.representativeness_normalised)
         );
@@ -886,7 +900,7 @@ mod tests {
                 quality: Some(ClassQuality {
                     diversity: 1.0,
                     representativeness: 2.0,
-                    neighbours: 50,
+                    neighbours: if i == 7 { 40 } else { 50 },
                     real_spread: 4.0,
                     diversity_normalised: 0.25,
                     representativeness_normalised: 0.5,
@@ -913,6 +927,12 @@ mod tests {
         assert!(index.len() < 1_000_000, "index of {} bytes", index.len());
         assert_eq!(index.matches("loading=\"lazy\"").count(), 1000);
         assert!(index.contains("id=\"cache_hits\" data-value=\"500\""));
+        // Every class's real images were clustered; half of them were encoded by this job, the
+        // other half's latents came from the cache.
+        assert!(index.contains("id=\"real_images\" data-value=\"1300000\""));
+        assert!(index.contains("id=\"real_encoded\" data-value=\"650000\""));
+        assert!(index.contains("(the latents of 500 class(es) came from the cache)"));
+        assert!(index.contains("its 40–50 (all of a class's when fewer than 50) nearest real latents"), "as recorded");
         assert!(index.contains("Not recorded here"), "no state.json: said, not invented");
         let page =
             mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("classes/00999.html")).await.unwrap();
