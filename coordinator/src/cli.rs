@@ -998,12 +998,6 @@ async fn run_command(cli: Cli) -> Result<()> {
             if let Some(id) = &args.job
                 && let Ok(Some(record)) = sweep_of(&mut client, &url, id).await
             {
-                if args.get.is_some() {
-                    bail!(
-                        "--get reads one job's status, and {id} is a sweep: give one of its variants' job ids \
-                         (`coordinator status {id}` lists them)"
-                    );
-                }
                 let mut statuses = Vec::new();
                 for variant in &record.variants {
                     statuses.push(job_status(&mut client, &url, &variant.job_id).await?);
@@ -1018,15 +1012,24 @@ async fn run_command(cli: Cli) -> Result<()> {
                 } else {
                     "ended"
                 };
-                if args.json {
-                    let variants: Vec<_> = record
-                        .variants
-                        .iter()
-                        .zip(&statuses)
-                        .map(|(v, s)| serde_json::json!({"settings": v.settings, "status": status_json(s)}))
-                        .collect();
-                    let value = serde_json::json!({"sweep_id": record.sweep_id, "state": state,
-                        "succeeded": succeeded, "keys": record.keys, "variants": variants});
+                let variants: Vec<_> = record
+                    .variants
+                    .iter()
+                    .zip(&statuses)
+                    .map(|(v, s)| serde_json::json!({"settings": v.settings, "status": status_json(s)}))
+                    .collect();
+                let value = serde_json::json!({"sweep_id": record.sweep_id, "state": state,
+                    "succeeded": succeeded, "keys": record.keys, "variants": variants});
+                if let Some(path) = &args.get {
+                    // One field of the sweep's JSON (`state`, `succeeded`, `variants.0.status.state`).
+                    let Some(field) = get_field(&value, path) else {
+                        bail!(
+                            "sweep {id} has no field `{path}`: its fields are sweep_id, state, succeeded, keys and \
+                             variants (`coordinator status {id} --json` shows them)"
+                        );
+                    };
+                    outln!("{field}");
+                } else if args.json {
                     outln!("{}", serde_json::to_string_pretty(&value)?);
                 } else if args.oneline {
                     for (variant, status) in record.variants.iter().zip(&statuses) {
@@ -1333,8 +1336,32 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::List(args) => {
             let mut client = args.connection.client()?;
             let jobs = list_jobs(&mut client, &args.connection.coordinator).await?;
+            // Which of those jobs are sweeps' variants (a coordinator from before sweeps has
+            // none to tell).
+            let sweeps: Vec<SweepRecord> = match client.list_sweeps(proto::ListSweepsRequest {}).await {
+                Ok(answer) => answer
+                    .into_inner()
+                    .record_json
+                    .iter()
+                    .map(|text| serde_json::from_str(text))
+                    .collect::<Result<_, _>>()?,
+                Err(status) if status.code() == tonic::Code::Unimplemented => Vec::new(),
+                Err(status) => return Err(CallError::of(&args.connection.coordinator, "ListSweeps")(status).into()),
+            };
             if args.json {
-                outln!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
+                // Each job as `status --json` has it, a sweep's variant with its sweep's id added.
+                let listed: Vec<serde_json::Value> = jobs
+                    .iter()
+                    .map(|j| {
+                        let mut value = status_json(j);
+                        let sweep = sweeps.iter().find(|r| r.variants.iter().any(|v| v.job_id == j.job_id));
+                        if let (Some(record), Some(object)) = (sweep, value.as_object_mut()) {
+                            object.insert("sweep".into(), record.sweep_id.clone().into());
+                        }
+                        value
+                    })
+                    .collect();
+                outln!("{}", serde_json::to_string_pretty(&listed)?);
             } else if jobs.is_empty() {
                 // On standard error: standard output lists jobs, one a line, for scripts.
                 errln!("{NO_JOBS}");
@@ -1356,15 +1383,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                         j.images_total
                     );
                 }
-                // Which of those jobs are sweeps' variants (a coordinator from before sweeps has
-                // none to tell).
-                let sweeps = match client.list_sweeps(proto::ListSweepsRequest {}).await {
-                    Ok(answer) => answer.into_inner().record_json,
-                    Err(status) if status.code() == tonic::Code::Unimplemented => Vec::new(),
-                    Err(status) => return Err(CallError::of(&args.connection.coordinator, "ListSweeps")(status).into()),
-                };
-                for text in sweeps {
-                    let record: SweepRecord = serde_json::from_str(&text)?;
+                for record in &sweeps {
                     let succeeded = record
                         .variants
                         .iter()
@@ -1635,7 +1654,11 @@ fn variant_with_absolute_paths(toml_text: &str, spec: &mgd3_common::job::JobSpec
 /// One field of a JSON document by dotted path, for scripts: a string bare, anything else as
 /// compact JSON; `None` when absent or null.
 fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
-    let field = path.split('.').try_fold(value, |v, key| v.get(key))?;
+    // A number indexes a list (`variants.2.status.state`).
+    let field = path.split('.').try_fold(value, |v, key| match (v, key.parse::<usize>()) {
+        (serde_json::Value::Array(items), Ok(index)) => items.get(index),
+        _ => v.get(key),
+    })?;
     match field {
         serde_json::Value::Null => None,
         serde_json::Value::String(s) => Some(s.clone()),
@@ -1643,9 +1666,6 @@ fn get_field(value: &serde_json::Value, path: &str) -> Option<String> {
     }
 }
 
-/// The rest of `coordinator run` for a sweep: every variant awaited in turn, each one's report
-/// and the sweep's comparison page written.
-#[allow(clippy::too_many_arguments)]
 /// Where a run's images go and, when elsewhere (`--store`), where its state is: "output X" or
 /// "output X; state in Y".
 fn output_and_store(output: &str, store: &str) -> String {
@@ -1653,6 +1673,9 @@ fn output_and_store(output: &str, store: &str) -> String {
     if same(output) == same(store) { format!("output {output}") } else { format!("output {output}; state in {store}") }
 }
 
+/// The rest of `coordinator run` for a sweep: every variant awaited in turn, each one's report
+/// and the sweep's comparison page written.
+#[allow(clippy::too_many_arguments)]
 async fn run_local_sweep(
     args: &RunArgs,
     submitted: crate::service::SubmittedSweep,

@@ -484,7 +484,11 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         body,
         "<tr><th>real images clustered</th><td class=\"num\" id=\"real_images\" data-value=\"{real}\">{real}</td></tr>\
          <tr><th>real images encoded by this job</th><td class=\"num\" id=\"real_encoded\" data-value=\"{encoded}\">{encoded}{}</td></tr>",
-        if cache_hits > 0 { format!(" (the latents of {cache_hits} class(es) came from the cache)") } else { String::new() }
+        if cache_hits > 0 {
+            format!(" (the latents of {cache_hits} class(es) came from the cache)")
+        } else {
+            String::new()
+        }
     );
     if let Some(manifest) = &records.manifest {
         let _ = write!(body, "<tr><th>fingerprint</th><td><code>{}</code></td></tr>", escape(&manifest.fingerprint));
@@ -508,7 +512,11 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
     fn neighbours(measured: &[&mgd3_common::manifest::ClassQuality]) -> String {
         let fewest = measured.iter().map(|q| q.neighbours).min().unwrap_or_default();
         let most = measured.iter().map(|q| q.neighbours).max().unwrap_or_default();
-        if fewest == most { fewest.to_string() } else { format!("{fewest}–{most} (all of a class's when fewer than {most})") }
+        if fewest == most {
+            fewest.to_string()
+        } else {
+            format!("{fewest}–{most} (all of a class's when fewer than {most})")
+        }
     }
     let measured: Vec<_> = markers.iter().filter_map(|m| m.quality.as_ref()).collect();
     if !measured.is_empty() {

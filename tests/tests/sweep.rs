@@ -267,6 +267,21 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     // `list` shows the sweep beside its jobs; `forget` forgets it whole, refused while it runs.
     let listed = coordinator(&["list", "--coordinator", &url]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&format!("{id}\tsweep\t0/3 variants succeeded")));
+    // For scripts: each variant in `list --json` names its sweep; `status <sweep> --get` reads
+    // the sweep's fields.
+    let listed = coordinator(&["list", "--json", "--coordinator", &url]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    for job in &jobs {
+        let entry = listed.as_array().unwrap().iter().find(|j| j["job_id"] == job.as_str()).unwrap();
+        assert_eq!(entry["sweep"], id.as_str(), "{entry:#}");
+    }
+    let state = coordinator(&["status", &id, "--get", "state", "--coordinator", &url]);
+    assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "running", "{}", String::from_utf8_lossy(&state.stderr));
+    let nested = coordinator(&["status", &id, "--get", "variants.2.status.state", "--coordinator", &url]);
+    assert_eq!(String::from_utf8_lossy(&nested.stdout).trim(), "running");
+    let wrong = coordinator(&["status", &id, "--get", "nosuch", "--coordinator", &url]);
+    let message = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && message.contains("its fields are sweep_id, state"), "{message}");
     let refused = coordinator(&["forget", &id, "--coordinator", &url]);
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && message.contains(&format!("coordinator cancel {id}")), "{message}");
