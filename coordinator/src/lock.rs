@@ -100,6 +100,22 @@ fn holder_is_dead_here(holder: &LockRecord, host: &str) -> bool {
     libc::pid_t::try_from(holder.pid).is_ok() && !crate::runtime::process_exists(holder.pid)
 }
 
+/// What a refusal to write the lock means for a person: the store must be writable.
+fn refused(source: &object_store::Error) -> String {
+    match mgd3_common::store::Refusal::of(source) {
+        Some(refusal) => format!(
+            " cannot be written ({}): the coordinator keeps its lock and the jobs' state in the store; make it \
+             writable, or give another --store",
+            match refusal {
+                mgd3_common::store::Refusal::Full => "the disk is full or over quota",
+                mgd3_common::store::Refusal::ReadOnly => "a read-only file system",
+                mgd3_common::store::Refusal::Denied => "no permission",
+            }
+        ),
+        None => String::new(),
+    }
+}
+
 /// Why the store's coordinator lock could not be taken or kept.
 #[derive(Debug, Error)]
 pub enum LockError {
@@ -131,7 +147,7 @@ pub enum LockError {
         timeout_s: f64,
     },
     /// The store could not be read or written.
-    #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`")]
+    #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`{}", refused(source))]
     Store {
         /// The store's URL.
         url: String,
@@ -410,6 +426,28 @@ async fn delete(store: &Location) -> Result<(), LockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that refuses the lock's write says so in a sentence with what to do; a store
+    /// that fails otherwise is said as before.
+    #[test]
+    fn a_store_refusing_the_lock_is_said_with_what_to_do() {
+        let error = |errno| LockError::Store {
+            url: "/ro".into(),
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(std::io::Error::from_raw_os_error(errno)),
+            },
+        };
+        let said = mgd3_common::error_chain(&error(1));
+        assert!(
+            said.starts_with(
+                "store `/ro`: the coordinator lock `coordinator.lock` cannot be written (no permission): "
+            ) && said.contains("make it writable, or give another --store"),
+            "{said}"
+        );
+        assert!(error(30).to_string().contains("(a read-only file system)"));
+        assert_eq!(error(5).to_string(), "store `/ro`: the coordinator lock `coordinator.lock`");
+    }
 
     /// A refused second coordinator is told where the holder serves: submit to a `serve`, wait
     /// for a `coordinator run` (it stops when its own job ends), or queue after its Slurm job.
