@@ -773,8 +773,10 @@ fn looks_like_sweep(id: &str) -> bool {
     id.rsplit_once("-sweep-").is_some_and(|(_, hex)| hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-/// The sweep's variants with their states; an error unless every one succeeded.
-fn exit_for_sweep(record: &SweepRecord, statuses: &[JobStatus]) -> Result<()> {
+/// The sweep's variants with their states; an error unless every one succeeded. `served`: a
+/// coordinator goes on serving the jobs (`submit --wait`), so `status` can say why; after a
+/// `run` nothing serves them, and the failures printed above and the output folder say it.
+fn exit_for_sweep(record: &SweepRecord, statuses: &[JobStatus], served: bool) -> Result<()> {
     outln!("sweep {}:", record.sweep_id);
     for (variant, status) in record.variants.iter().zip(statuses) {
         outln!("  {:<40} {:<10} {}", record.label(variant), status.state.to_string(), variant.job_id);
@@ -788,11 +790,19 @@ fn exit_for_sweep(record: &SweepRecord, statuses: &[JobStatus]) -> Result<()> {
         .collect();
     if !failed.is_empty() {
         bail!(
-            "{} of {} variant(s) of sweep {} did not succeed: {} (`coordinator status <job>` says why)",
+            "{} of {} variant(s) of sweep {} did not succeed: {} ({})",
             failed.len(),
             statuses.len(),
             record.sweep_id,
-            failed.join("; ")
+            failed.join("; "),
+            if served {
+                "`coordinator status <job>` says why"
+            } else {
+                "each one's failures are named above and `coordinator verify <job> --job-dir <output>/jobs/<job>` \
+                 counts what it committed; the same command with --retry-failed runs a failed one's failed shards \
+                 again, and a cancelled one stays cancelled until `coordinator resume <job>` on a coordinator serving \
+                 the store"
+            }
         );
     }
     Ok(())
@@ -962,7 +972,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                             return Err(mgd3_common::Interrupted { signal, next: Some(next) }.into());
                         }
                     };
-                    exit_for_sweep(&record, &statuses)?;
+                    exit_for_sweep(&record, &statuses, true)?;
                 }
                 return Ok(());
             }
@@ -1711,7 +1721,7 @@ async fn run_local_sweep(
     drop(client);
     stop_local(&coordinator, &mut workers, local).await;
     let statuses = outcome?;
-    exit_for_sweep(&record, &statuses)?;
+    exit_for_sweep(&record, &statuses, false)?;
     if !args.no_report {
         let written = match mgd3_common::store::open(&record.output) {
             Ok(root) => {
@@ -2063,6 +2073,33 @@ mod tests {
 
     /// `run` names where the images go and, only when it is elsewhere, where the state is: with
     /// `--store` apart from the spec's output it said "output <store>".
+    /// A sweep that did not wholly succeed points to `status` while a coordinator serves it, and,
+    /// after a `run` took its coordinator with it, to what still answers.
+    #[test]
+    fn a_sweep_that_did_not_succeed_says_where_to_look() {
+        let record = SweepRecord {
+            schema_version: 1,
+            sweep_id: "s-sweep-000000000000".into(),
+            keys: vec!["seed".into()],
+            variants: vec![mgd3_common::sweep::VariantRecord {
+                job_id: "s-0".into(),
+                fingerprint: String::new(),
+                settings: [("seed".to_owned(), "1".to_owned())].into(),
+            }],
+            output: "/o".into(),
+            created_unix_ms: 0,
+        };
+        let mut status = JobStatus::quarantined("s-0".into(), String::new(), "");
+        status.state = JobState::Cancelled;
+        let served = exit_for_sweep(&record, std::slice::from_ref(&status), true).unwrap_err().to_string();
+        assert!(served.contains("s-0 (seed=1) cancelled") && served.contains("`coordinator status <job>`"), "{served}");
+        let ran = exit_for_sweep(&record, &[status], false).unwrap_err().to_string();
+        assert!(
+            !ran.contains("coordinator status") && ran.contains("--job-dir") && ran.contains("--retry-failed"),
+            "{ran}"
+        );
+    }
+
     #[test]
     fn the_run_line_names_the_output_and_a_store_apart() {
         assert_eq!(output_and_store("/o/ro", "/o/ro/"), "output /o/ro");
