@@ -1712,7 +1712,7 @@ async fn run_local_sweep(
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the sweep", record.sweep_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
-        _ = all_exited(&mut workers) => {
+        _ = all_exited_telling(&mut workers, &coordinator) => {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let reasons = exit_reasons(&mut workers, last_errors).await;
             Err(mgd3_common::NoWorker { job: record.sweep_id.clone(), reasons }.into())
@@ -1798,6 +1798,32 @@ async fn stop_local(
     }
     coordinator.flush().await;
     let _ = local.stop().await;
+}
+
+/// Waits for every local worker to exit, telling `coordinator` of each as it goes (its leases go
+/// to the other workers at once, not a lease timeout later) and saying so when others still run;
+/// returns each one's exit status as text.
+async fn all_exited_telling(children: &mut [tokio::process::Child], coordinator: &Coordinator) -> Vec<String> {
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    let total = children.len();
+    let mut statuses = vec![String::new(); total];
+    let mut waits: FuturesUnordered<_> =
+        children.iter_mut().enumerate().map(|(i, child)| async move { (i, child.wait().await) }).collect();
+    let mut exited = 0;
+    while let Some((i, result)) = waits.next().await {
+        exited += 1;
+        let text = match result {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        if exited < total {
+            tracing::warn!(worker = %format!("local-{i}"), status = %text, running = total - exited, "a local worker exited; its shard goes to the others now");
+        }
+        coordinator.worker_gone(&format!("local-{i}"));
+        statuses[i] = text;
+    }
+    statuses
 }
 
 async fn all_exited(children: &mut [tokio::process::Child]) -> Vec<String> {
@@ -2034,7 +2060,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
-        _ = all_exited(&mut workers) => {
+        _ = all_exited_telling(&mut workers, &coordinator) => {
             // Their stderr may still be draining: the reasons come with the last lines.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let reasons = exit_reasons(&mut workers, &last_errors).await;

@@ -1542,6 +1542,34 @@ impl Scheduler {
             .collect()
     }
 
+    /// The process of worker `worker_id` is known to be gone (a local worker of `coordinator
+    /// run` that exited, killed or crashed): its leases and backup leases expire at the next
+    /// [`Scheduler::expire`] instead of a lease timeout later, as if it had stopped renewing them.
+    /// Returns how many it held.
+    pub fn worker_gone(&mut self, worker_id: &str, now: u64) -> usize {
+        let held: Vec<String> = self.leases.of_worker(worker_id).cloned().collect();
+        let mut gone = 0;
+        for lease in &held {
+            let Some((job, shard, _)) = self.leases.by_id.get(lease).cloned() else { continue };
+            if let Some(run) = self.jobs.get_mut(&job)
+                && let ShardState::Leased { deadline_ms, worker_id: holder, .. } =
+                    &mut run.persisted.shards[shard].state
+                && holder == worker_id
+            {
+                *deadline_ms = (*deadline_ms).min(now);
+                gone += 1;
+            }
+        }
+        for backup in self.backups.values_mut().filter(|b| b.worker == worker_id) {
+            backup.deadline_ms = backup.deadline_ms.min(now);
+            gone += 1;
+        }
+        if gone > 0 {
+            self.next_expiry = self.next_expiry.min(now);
+        }
+        gone
+    }
+
     /// Books an expiry of `worker`'s lease of `shard`: a second expiry of the shard on the same
     /// worker in a row gives the attempt back (one bad worker must not spend every attempt of a
     /// shard), and a worker on which [`SET_ASIDE_AFTER`] leases expired in a row is set aside.
@@ -2840,6 +2868,27 @@ mod tests {
         assert_eq!(next.shard_index, 3);
         let summary = restarted.summary("j", 4).unwrap();
         assert_eq!((summary.done, summary.running), (2, 2));
+    }
+
+    /// A worker known to be gone has its leases expire at once (its shard leased again, to
+    /// another worker), not a lease timeout later; another worker's lease is untouched.
+    #[test]
+    fn a_gone_workers_leases_expire_at_once() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 2, 1, 3), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        let b = lease(poll(&mut s, "w2", &[], false, 0).0);
+        assert_eq!(s.worker_gone("nobody", 10), 0);
+        assert_eq!(s.worker_gone("w1", 10), 1);
+        assert!(s.expire(10).is_empty() || s.state("j") == Some(JobState::Running));
+        let expired = s.take_expired();
+        assert_eq!(expired.iter().map(|e| e.lease_id.as_str()).collect::<Vec<_>>(), vec![a.lease_id.as_str()]);
+        assert!(expired[0].requeued);
+        let again = lease(poll(&mut s, "w3", &[], false, 11).0);
+        assert_eq!(again.shard_index, a.shard_index);
+        // w2's lease still holds until its own deadline (5 s timeout in `job`).
+        assert!(s.expire(20).is_empty());
+        assert!(s.take_expired().is_empty(), "{}", b.lease_id);
     }
 
     #[test]

@@ -438,6 +438,17 @@ impl Coordinator {
         }
     }
 
+    /// Worker `worker_id`'s process is known to be gone (`coordinator run` saw its local worker
+    /// exit): its leases are expired now and their shards go to other workers, instead of a
+    /// lease timeout later ([`Scheduler::worker_gone`]).
+    pub fn worker_gone(&self, worker_id: &str) {
+        let held = self.inner.scheduler.lock().expect("scheduler").worker_gone(worker_id, now_ms());
+        if held > 0 {
+            info!(worker = %worker_id, leases = held, "the worker's process is gone: its leases go to other workers now");
+            self.inner.wake.notify_one();
+        }
+    }
+
     /// Logs a finished job and, when it succeeded, schedules its manifest.
     fn finish(&self, job: Arc<ResolvedJob>, state: JobState, now: u64) {
         info!(job = %job.job_id, state = state.as_str(), "job finished");
