@@ -267,9 +267,19 @@ def checked_ipc(args, train_dir, folder, counts):
     return args.ipc or int(counts.min())
 
 
+def image_folder(path, what, **options):
+    """torchvision's ImageFolder, or a sentence naming the folder when it is none (a class folder
+    given for its root, an empty folder, a missing one) instead of a traceback."""
+    try:
+        return datasets.ImageFolder(path, **options)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"{what} `{path}` is no ImageFolder ({error}): give the folder that holds one folder per "
+                         "class (a distilled set: <output>/jobs/<job>/dataset, or the job folder itself)")
+
+
 def loaders(args, train_dir, size):
-    train_folder = datasets.ImageFolder(train_dir)
-    val = datasets.ImageFolder(args.val, transform=transforms.Compose([
+    train_folder = image_folder(train_dir, "the distilled set")
+    val = image_folder(args.val, "--val", transform=transforms.Compose([
         transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
     if train_folder.classes != val.classes:

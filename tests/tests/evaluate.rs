@@ -178,6 +178,10 @@ fn sets_that_are_not_seeds_of_one_experiment_are_refused_naming_why() {
     let id = jobs[0].file_name().unwrap().to_str().unwrap();
     let text = refused(&[a, id], &["--store", out.to_str().unwrap()]);
     assert!(text.contains("both distilled with seed"), "{text}");
+    // A class folder given for the set: a sentence, not a traceback.
+    let class = std::fs::read_dir(jobs[0].join("dataset")).unwrap().next().unwrap().unwrap().path();
+    let text = refused(&[class.to_str().unwrap()], &[]);
+    assert!(text.contains("is no ImageFolder") && !text.contains("Traceback"), "{text}");
 }
 
 #[test]
