@@ -129,6 +129,12 @@ pub enum DataError {
         /// Size of the file in bytes.
         bytes: usize,
     },
+    /// An image file of no bytes (a copy that never happened), said as `check --decode` says it.
+    #[error("image `{path}` is an empty file (0 bytes); {UNREADABLE_IMAGE_FIX}")]
+    Empty {
+        /// The image's path or key.
+        path: PathBuf,
+    },
     /// A local image file cannot be read.
     #[error("cannot read image `{path}`")]
     Read {
@@ -175,15 +181,16 @@ pub enum DataError {
 /// `path` only names the image in errors.
 ///
 /// # Errors
-/// [`DataError::Decode`] for an unknown format or a decoder failure, [`DataError::Truncated`]
-/// for a JPEG cut short, [`DataError::Degenerate`] for a zero-sized image.
+/// [`DataError::Decode`] for an unknown format or a decoder failure, [`DataError::Empty`] for no
+/// bytes, [`DataError::Truncated`] for a JPEG cut short, [`DataError::Degenerate`] for a
+/// zero-sized image.
 pub fn decode(bytes: &[u8], path: &Path, channels: usize) -> Result<Pixels, DataError> {
     use mgd3_common::imagecheck::ImageProblem;
     let image = mgd3_common::imagecheck::decode_image(bytes).map_err(|problem| match problem {
         ImageProblem::Format(source) | ImageProblem::Decode { source, .. } => {
             DataError::Decode { path: path.into(), source }
         }
-        ImageProblem::Empty => DataError::Truncated { path: path.into(), format: "image", bytes: 0 },
+        ImageProblem::Empty => DataError::Empty { path: path.into() },
         ImageProblem::Truncated { format, bytes } => DataError::Truncated { path: path.into(), format, bytes },
         ImageProblem::Degenerate { width, height } => DataError::Degenerate { path: path.into(), width, height },
     })?;
@@ -823,6 +830,21 @@ mod tests {
             }
             assert_eq!(center_crop(&img, size).data, want, "{w}x{h} -> {size}");
         }
+    }
+
+    /// An empty file is said as `check --decode` says it (it was "truncated"), a corrupt JPEG
+    /// scan is a decode error naming the file; both carry the fix.
+    #[test]
+    fn empty_and_corrupt_images_are_named_with_the_fix() {
+        let path = Path::new("/d/c/empty.jpg");
+        let said = decode(b"", path, 3).unwrap_err().to_string();
+        assert!(said.starts_with("image `/d/c/empty.jpg` is an empty file (0 bytes); remove or replace"), "{said}");
+        let corrupt =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/jpeg/corrupt_scan.jpg"))
+                .unwrap();
+        let error = decode(&corrupt, Path::new("/d/c/bad.jpg"), 3).unwrap_err();
+        assert!(matches!(error, DataError::Decode { .. }), "{error:?}");
+        assert!(error.to_string().contains("`/d/c/bad.jpg`"), "{error}");
     }
 
     #[test]
