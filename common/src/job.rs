@@ -754,9 +754,19 @@ impl JobSpec {
     /// or is refused for a label outside the DiT's, or reads its own outputs back as real images
     /// when the folder is a class's.
     pub fn inside_dataset_problems(&self) -> Vec<FieldError> {
+        self.inside_dataset_problems_with(None)
+    }
+
+    /// [`JobSpec::inside_dataset_problems`], with the coordinator's state store too (`--store`,
+    /// named as such): it writes `coordinator.lock` and `jobs/` where it is.
+    pub fn inside_dataset_problems_with(&self, store: Option<&str>) -> Vec<FieldError> {
         let Some(dataset) = comparable_location(&self.dataset) else { return Vec::new() };
         let mut problems = Vec::new();
-        for (field, location) in [("output", self.output.clone()), ("latent_cache", self.latent_cache_url())] {
+        for (field, location) in [
+            ("output", self.output.clone()),
+            ("latent_cache", self.latent_cache_url()),
+            ("--store", store.map(str::to_owned)),
+        ] {
             let Some(location) = location else { continue };
             if comparable_location(&location).is_some_and(|at| at.starts_with(&dataset)) {
                 problems.push(FieldError {

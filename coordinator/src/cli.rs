@@ -660,6 +660,20 @@ async fn sweep_of(client: &mut Client, url: &str, id: &str) -> Result<Option<Swe
     }
 }
 
+/// An error about `id` as a job, when `id` has a sweep id's shape and the coordinator knows no
+/// such sweep: said as a sweep's (forgotten, or of another store), as `status` says it.
+fn unknown_sweep(error: anyhow::Error, id: &str) -> anyhow::Error {
+    let not_found = error.downcast_ref::<CallError>().is_some_and(|e| e.code() == tonic::Code::NotFound);
+    if looks_like_sweep(id) && not_found {
+        error.context(format!(
+            "`{id}` is no sweep or job this coordinator knows: forgotten (submitting the sweep's spec again brings it \
+             back, its committed classes kept), or submitted to another store (`coordinator list` shows what it has)"
+        ))
+    } else {
+        error
+    }
+}
+
 /// `sweep <id>: N variants (keys)` and one line per variant: its number, settings and job id.
 fn sweep_lines(record: &SweepRecord) -> Vec<String> {
     let mut lines = vec![format!(
@@ -1170,7 +1184,9 @@ async fn run_command(cli: Cli) -> Result<()> {
                 base_dir,
                 accept_data_changes: args.data.accept_data_changes,
             };
-            resume_one(&mut client, &args.connection.coordinator, request, &args.job).await
+            resume_one(&mut client, &args.connection.coordinator, request, &args.job)
+                .await
+                .map_err(|error| unknown_sweep(error, &args.job))
         }
         Command::Verify(args) => {
             if args.job_dir.is_none() {
@@ -1268,7 +1284,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             client
                 .cancel_job(proto::CancelJobRequest { job_id: args.job.clone() })
                 .await
-                .map_err(CallError::of(&args.connection.coordinator, "CancelJob"))?;
+                .map_err(CallError::of(&args.connection.coordinator, "CancelJob"))
+                .map_err(|error| unknown_sweep(error.into(), &args.job))?;
             outln!("job {} cancelled", args.job);
             Ok(())
         }
@@ -1288,7 +1305,8 @@ async fn run_command(cli: Cli) -> Result<()> {
             let response = client
                 .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
                 .await
-                .map_err(CallError::of(&args.connection.coordinator, "ForgetJob"))?
+                .map_err(CallError::of(&args.connection.coordinator, "ForgetJob"))
+                .map_err(|error| unknown_sweep(error.into(), &args.job))?
                 .into_inner();
             outln!("job {} forgotten", args.job);
             if response.outputs_kept {
@@ -1924,6 +1942,23 @@ async fn run_local(args: RunArgs) -> Result<()> {
         (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),
         (None, None) => mgd3_common::store::resolve("out", Path::new(&base)),
     };
+    // A state store inside the dataset (`--store` apart from the output) is refused before it is
+    // made: its lock and `jobs/` would sit beside the class folders.
+    {
+        let mut resolved = spec.clone();
+        resolved.resolve_paths(Path::new(&base));
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let absolute = mgd3_common::store::resolve(&store, &cwd);
+        let problems: Vec<_> = resolved
+            .inside_dataset_problems_with(Some(&absolute))
+            .into_iter()
+            .filter(|p| p.field == "--store")
+            .collect();
+        if !problems.is_empty() {
+            return Err(anyhow::Error::new(crate::Error::Job(mgd3_common::job::JobError::Invalid(problems))))
+                .with_context(|| format!("job spec `{}`", args.spec.display()));
+        }
+    }
     // A local store folder this run makes is removed again, when still empty, should the job not
     // be submitted (a dataset problem found at submit): a refused spec leaves nothing behind.
     let made_folders: Vec<PathBuf> = {

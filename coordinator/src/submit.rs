@@ -101,8 +101,9 @@ pub async fn resolve_job(
     // The dataset first: its problems are the user's to fix and cheaper to find than model
     // fingerprints of gigabytes. The models' own problems, read from their metadata alone, are
     // named beside the dataset's, so that one run names both.
-    // An output or cache inside the dataset is said with the dataset's and the models' problems.
-    let inside = spec.inside_dataset_problems();
+    // An output, cache or state store inside the dataset is said with the dataset's and the
+    // models' problems.
+    let inside = spec.inside_dataset_problems_with(Some(default_output));
     let data = match check_dataset(&spec).await {
         Ok(data) if inside.is_empty() => data,
         Ok(_) => return Err(Error::Job(JobError::Invalid(with_model_problems(&spec, inside).await))),

@@ -107,8 +107,13 @@ fn empty_variables_count_as_unset() {
     let (_server, url) = serve(&dir.path().join("store"));
     let spec = dir.path().join("bad.toml");
     std::fs::write(&spec, BAD_SPEC).unwrap();
-    let variables =
-        ["MGD3_COORDINATOR", "MGD3_ACCEPT_DATA_CHANGES", "MGD3_PROGRESS_EVERY_S", "MGD3_GIVE_UP_WHEN_EXCLUDED_S"];
+    let variables = [
+        "MGD3_COORDINATOR",
+        "MGD3_ACCEPT_DATA_CHANGES",
+        "MGD3_RETRY_FAILED",
+        "MGD3_PROGRESS_EVERY_S",
+        "MGD3_GIVE_UP_WHEN_EXCLUDED_S",
+    ];
     let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).unwrap();
     assert_eq!(source.matches("env = \"MGD3_").count(), variables.len(), "list a new variable here");
     let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
@@ -483,6 +488,16 @@ fn an_output_inside_the_dataset_is_refused_before_anything_is_written() {
     write("out");
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("inside the dataset"));
+    // The state store apart from the output, inside the dataset: its lock and jobs/ would sit
+    // beside the class folders too.
+    let store = dir.path().join("data/state");
+    for command in [&["check", spec.to_str().unwrap(), "--store"][..], &["run", spec.to_str().unwrap(), "--store"]] {
+        let out = coordinator(&[command, &[store.to_str().unwrap()]].concat());
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {text}");
+        assert!(text.contains("`--store`") && text.contains("is inside the dataset"), "{command:?}: {text}");
+    }
+    assert_eq!(walk(&dir.path().join("data")).len(), 4, "nothing written in the dataset");
 }
 
 /// Every file under `dir`.

@@ -293,6 +293,14 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     assert!(support::status(&url, &jobs[2]).is_none(), "the variants are forgotten");
     let gone = coordinator(&["status", &id, "--coordinator", &url]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("is no sweep or job this coordinator knows"));
+    for command in ["resume", "forget", "cancel"] {
+        let gone = coordinator(&[command, &id, "--coordinator", &url]);
+        let message = String::from_utf8_lossy(&gone.stderr);
+        assert!(
+            !gone.status.success() && message.contains("is no sweep or job this coordinator knows: forgotten"),
+            "{command}: {message}"
+        );
+    }
     let listed = coordinator(&["list", "--coordinator", &url]);
     assert!(!String::from_utf8_lossy(&listed.stdout).contains(&id));
     // Submitted again, the same sweep and jobs come back.
