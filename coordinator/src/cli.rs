@@ -663,7 +663,11 @@ async fn sweep_of(client: &mut Client, url: &str, id: &str) -> Result<Option<Swe
 /// An error about `id` as a job, when `id` has a sweep id's shape and the coordinator knows no
 /// such sweep: said as a sweep's (forgotten, or of another store), as `status` says it.
 fn unknown_sweep(error: anyhow::Error, id: &str) -> anyhow::Error {
-    let not_found = error.downcast_ref::<CallError>().is_some_and(|e| e.code() == tonic::Code::NotFound);
+    // `CancelJob` answers an unknown job with FailedPrecondition.
+    let not_found = error.downcast_ref::<CallError>().is_some_and(|e| {
+        e.code() == tonic::Code::NotFound
+            || (e.code() == tonic::Code::FailedPrecondition && e.status.message().starts_with("unknown job"))
+    });
     if looks_like_sweep(id) && not_found {
         error.context(format!(
             "`{id}` is no sweep or job this coordinator knows: forgotten (submitting the sweep's spec again brings it \
