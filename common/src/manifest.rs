@@ -233,6 +233,9 @@ pub struct ManifestClass {
     pub images: Vec<FileDigest>,
     /// `sha256:<hex>` of the class's `modes.npy`.
     pub modes_sha256: String,
+    /// Size of the class's `modes.npy` in bytes (absent from manifests of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modes_bytes: Option<u64>,
     /// The attempt whose files were committed.
     pub attempt_id: String,
     /// The class's diversity and representativeness, as its marker has them.
@@ -288,8 +291,13 @@ pub struct JobManifest {
     pub timings: StageSeconds,
     /// When the job was submitted, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
-    /// When the manifest was written, in milliseconds since the Unix epoch.
+    /// When the job's work first ended (the manifest first written), in milliseconds since the
+    /// Unix epoch: kept when the manifest is written again.
     pub finished_unix_ms: u64,
+    /// When classes of the finished job were last distilled again (published files lost and
+    /// put back, data changes accepted), in milliseconds since the Unix epoch; absent when never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired_unix_ms: Option<u64>,
     /// Encodings and modes taken from the latent cache (absent from manifests of earlier
     /// versions).
     #[serde(default)]

@@ -498,6 +498,14 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         }
         let wall = manifest.finished_unix_ms.saturating_sub(manifest.created_unix_ms) as f64 / 1000.0;
         let _ = write!(body, "<tr><th>submitted → finished</th><td>{}</td></tr>", seconds(wall));
+        if let Some(repaired) = manifest.repaired_unix_ms {
+            let after = repaired.saturating_sub(manifest.finished_unix_ms) as f64 / 1000.0;
+            let _ = write!(
+                body,
+                "<tr><th>repaired</th><td id=\"repaired\">{} after it finished (classes distilled again: lost files put back, or changed data accepted)</td></tr>",
+                seconds(after)
+            );
+        }
         if wall > 0.0 {
             let rate = manifest.images as f64 / wall;
             let _ = write!(

@@ -1186,8 +1186,8 @@ impl Coordinator {
                          its staged copy",
                         existing.job_id,
                         problems.len(),
-                        problems.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
-                        if problems.len() > 3 { format!("; and {} more", problems.len() - 3) } else { String::new() },
+                        problems.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+                        if problems.len() > 5 { format!("; and {} more", problems.len() - 5) } else { String::new() },
                         resumed.redone.len(),
                     ));
                     let existing = self.known_job(&existing.job_id)?;

@@ -292,8 +292,12 @@ pub async fn published_problems(out: &Location, job: &ResolvedJob) -> Result<Vec
             }
         }
         let modes = keys.modes(&class.wnid);
-        if !present.contains_key(&out.key(&modes)) {
-            problems.push(format!("{}: missing", relative(&modes)));
+        match (present.get(&out.key(&modes)), class.modes_bytes) {
+            (None, _) => problems.push(format!("{}: missing", relative(&modes))),
+            (Some(&size), Some(bytes)) if size != bytes => {
+                problems.push(format!("{}: {size} bytes, the manifest says {bytes}", relative(&modes)))
+            }
+            _ => {}
         }
     }
     Ok(problems)
@@ -341,6 +345,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
             label: class.label,
             images: marker.images,
             modes_sha256: marker.modes.sha256,
+            modes_bytes: Some(marker.modes.bytes),
             attempt_id: marker.attempt_id,
             quality: marker.quality,
             skipped_links: marker.skipped.link_examples,
@@ -358,19 +363,30 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
     .into_iter()
     .filter_map(|(k, v)| v.clone().map(|v| (k.to_owned(), v)))
     .collect();
-    // A manifest already certifying this very work (same job, fingerprint and commits: a
-    // finished job resumed, or forgotten and submitted again) keeps the times it gives, which
-    // say when the work was done; the report's wall time and rate come from them.
+    // A manifest of this job already there (resumed, rebuilt, or forgotten and submitted again)
+    // keeps the times it gives, which say when the job's work was done (the report's wall time
+    // and rate come from them); when classes were distilled again since (a repair, accepted
+    // data changes), that is recorded apart, as `repaired_unix_ms`.
     let key = out.key(&keys.manifest());
     let earlier = get_optional(out.store.as_ref(), &key)
         .await
         .ok()
         .flatten()
         .and_then(|bytes| serde_json::from_slice::<JobManifest>(&bytes).ok())
-        .filter(|m| m.job_id == job.job_id && m.fingerprint == job.fingerprint && m.classes == classes);
-    let (created_unix_ms, finished_unix_ms) = match &earlier {
-        Some(m) => (m.created_unix_ms, m.finished_unix_ms),
-        None => (job.created_unix_ms, finished_unix_ms),
+        .filter(|m| m.job_id == job.job_id && m.fingerprint == job.fingerprint);
+    // Manifests of earlier versions do not give the modes' size: not a difference.
+    let same_classes = |earlier: &[ManifestClass]| {
+        earlier.len() == classes.len()
+            && earlier.iter().zip(&classes).all(|(was, now)| {
+                let mut was = was.clone();
+                was.modes_bytes = was.modes_bytes.or(now.modes_bytes);
+                was == *now
+            })
+    };
+    let (created_unix_ms, finished_unix_ms, repaired_unix_ms) = match &earlier {
+        Some(m) if same_classes(&m.classes) => (m.created_unix_ms, m.finished_unix_ms, m.repaired_unix_ms),
+        Some(m) => (m.created_unix_ms, m.finished_unix_ms, Some(finished_unix_ms)),
+        None => (job.created_unix_ms, finished_unix_ms, None),
     };
     let manifest = JobManifest {
         schema_version: SCHEMA_VERSION,
@@ -383,6 +399,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
         timings,
         created_unix_ms,
         finished_unix_ms,
+        repaired_unix_ms,
         reused: mgd3_common::manifest::Reused {
             latents: classes_reused(&classes, |c| c.latents_reused),
             modes: classes_reused(&classes, |c| c.modes_reused),

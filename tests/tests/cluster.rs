@@ -1102,21 +1102,30 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     let bytes = std::fs::read(&cut).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     std::fs::remove_file(root.join(format!("modes/{}.npy", classes[3]))).unwrap();
+    let modes = root.join(format!("modes/{}.npy", classes[0]));
+    let modes_bytes = std::fs::read(&modes).unwrap();
+    std::fs::write(&modes, &modes_bytes[..10]).unwrap();
     let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
     let note = notes.iter().find(|n| n.contains("had succeeded")).unwrap_or_else(|| panic!("{notes:?}"));
     for said in [
-        "3 of its published files are missing or changed".to_owned(),
+        "4 of its published files are missing or changed".to_owned(),
         format!("dataset/{}/1.png: missing", classes[1]),
         format!("dataset/{}/0.png: {} bytes, the manifest says {}", classes[2], bytes.len() / 2, bytes.len()),
         format!("modes/{}.npy: missing", classes[3]),
-        "3 class(es) distilled again".to_owned(),
+        "4 class(es) distilled again".to_owned(),
     ] {
         assert!(existed && note.contains(&said), "{said}: {note}");
     }
+    assert!(note.contains(&format!("modes/{}.npy: 10 bytes, the manifest says {}", classes[0], modes_bytes.len())));
     cluster.run_to_success(&job.job_id).await;
     assert_eq!(dataset_files(&out, &job.job_id).await, original, "the same bytes, every file");
+    assert_eq!(std::fs::read(&modes).unwrap(), modes_bytes);
     assert!(root.join(format!("modes/{}.npy", classes[3])).exists());
-    assert_ne!(std::fs::read(root.join("manifest.json")).unwrap(), manifest, "three classes were distilled again");
+    // The job's times stay those of its work; the repair is recorded apart.
+    let was: JobManifest = serde_json::from_slice(&manifest).unwrap();
+    let now: JobManifest = serde_json::from_slice(&std::fs::read(root.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!((now.created_unix_ms, now.finished_unix_ms), (was.created_unix_ms, was.finished_unix_ms));
+    assert!(was.repaired_unix_ms.is_none() && now.repaired_unix_ms.is_some_and(|r| r >= was.finished_unix_ms));
     cluster.shutdown().await;
 }
 
