@@ -38,6 +38,17 @@ pub const SKIPPED_EXAMPLES: usize = 20;
 /// Symbolic links can make cycles: a walk goes no deeper than this.
 const MAX_DEPTH: usize = 64;
 
+/// A link in a dataset root whose target cannot be read ([`ListError::UnreachableClassLinks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreachableLink {
+    /// The link's name, hidden characters escaped.
+    pub name: String,
+    /// Where it points, as written.
+    pub target: String,
+    /// Why its target cannot be read (`No such file or directory (os error 2)`).
+    pub problem: String,
+}
+
 /// Errors of a listing; each names the class (or root) and where.
 #[derive(Debug, Error)]
 pub enum ListError {
@@ -61,23 +72,20 @@ pub enum ListError {
         /// [`Skipped::describe`] of what was left out.
         skipped: String,
     },
-    /// An entry of the dataset root that is a link to a folder that cannot be reached (a
-    /// dataset spread over mounts, one not mounted): skipped, it would drop a class and shift the
-    /// position of every class after it.
+    /// Entries of the dataset root that are links to folders that cannot be reached (a dataset
+    /// spread over mounts, one not mounted): skipped, each would drop a class and shift the
+    /// position of every class after it. Hidden ones are skipped as any hidden entry is.
     #[error(
-        "`{name}` in the dataset root `{root}` is a link to `{target}`, which cannot be reached: mount it, or \
-         remove the link (a class left out shifts every later class's label)"
+        "the dataset root `{root}` holds {} link(s) to folders that cannot be reached: {}; mount them, or remove the \
+         links (a class left out shifts every later class's label)",
+        links.len(),
+        links.iter().map(|l| format!("`{}` → `{}` ({})", l.name, l.target, l.problem)).collect::<Vec<_>>().join(", ")
     )]
-    UnreachableClassLink {
+    UnreachableClassLinks {
         /// The dataset root.
         root: String,
-        /// The link's name.
-        name: String,
-        /// Where it points, as written.
-        target: String,
-        /// Why its target cannot be read.
-        #[source]
-        source: std::io::Error,
+        /// Each such link.
+        links: Vec<UnreachableLink>,
     },
     /// Reading a local folder failed.
     #[error("cannot list `{dir}`")]
@@ -639,23 +647,27 @@ pub async fn list_store_class(root: &Location, class: &str) -> Result<ClassListi
 ///
 /// # Errors
 /// [`ListError::Io`]; [`ListError::NotUtf8`] for a folder name that cannot be a class name;
-/// [`ListError::UnreachableClassLink`] for a link whose target cannot be read.
+/// [`ListError::UnreachableClassLinks`] naming every (not hidden) link whose target cannot be
+/// read.
 pub fn list_local_classes(root: &Path) -> Result<(Vec<String>, Vec<String>), ListError> {
     let io = |source| ListError::Io { dir: root.display().to_string(), source };
-    let (mut classes, mut hidden) = (Vec::new(), Vec::new());
+    let (mut classes, mut hidden, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
     for entry in std::fs::read_dir(root).map_err(io)? {
         let entry = entry.map_err(io)?;
         match std::fs::metadata(entry.path()) {
             Ok(metadata) if metadata.is_dir() => {}
             // A link whose target cannot be read: a class folder on a mount that is not there,
-            // not a stray file to pass over.
-            Err(source) if entry.file_type().is_ok_and(|t| t.is_symlink()) => {
-                return Err(ListError::UnreachableClassLink {
-                    root: root.display().to_string(),
+            // not a stray file to pass over (unless hidden, as every hidden entry is).
+            Err(source)
+                if entry.file_type().is_ok_and(|t| t.is_symlink())
+                    && !is_hidden(&entry.file_name().to_string_lossy()) =>
+            {
+                unreachable.push(UnreachableLink {
                     name: entry.file_name().to_string_lossy().escape_debug().to_string(),
                     target: std::fs::read_link(entry.path()).unwrap_or_default().display().to_string(),
-                    source,
+                    problem: source.to_string(),
                 });
+                continue;
             }
             _ => continue,
         }
@@ -667,6 +679,10 @@ pub fn list_local_classes(root: &Path) -> Result<(Vec<String>, Vec<String>), Lis
             });
         };
         if is_hidden(name) { hidden.push(name.to_owned()) } else { classes.push(name.to_owned()) }
+    }
+    if !unreachable.is_empty() {
+        unreachable.sort_by(|a, b| a.name.cmp(&b.name));
+        return Err(ListError::UnreachableClassLinks { root: root.display().to_string(), links: unreachable });
     }
     classes.sort();
     hidden.sort();
@@ -853,14 +869,19 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("c")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("README.txt"), dir.path().join("d")).unwrap();
         assert_eq!(list_local_classes(dir.path()).unwrap().0, ["a", "b", "c"]);
+        // A hidden one is skipped as any hidden entry is.
+        std::os::unix::fs::symlink("/nowhere", dir.path().join(".cache")).unwrap();
+        assert_eq!(list_local_classes(dir.path()).unwrap().0, ["a", "b", "c"]);
         std::os::unix::fs::symlink("/nonexistent/n01440764", dir.path().join("0_unmounted")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/n01443537", dir.path().join("1_unmounted")).unwrap();
         let error = list_local_classes(dir.path()).unwrap_err();
-        assert!(matches!(error, ListError::UnreachableClassLink { .. }), "{error:?}");
+        assert!(matches!(&error, ListError::UnreachableClassLinks { links, .. } if links.len() == 2), "{error:?}");
         let text = error.to_string();
         assert!(
-            text.contains("`0_unmounted` in the dataset root")
-                && text.contains("is a link to `/nonexistent/n01440764`, which cannot be reached")
-                && text.contains("mount it, or remove the link"),
+            text.contains(
+                "holds 2 link(s) to folders that cannot be reached: `0_unmounted` → `/nonexistent/n01440764` ("
+            ) && text.contains("`1_unmounted` → `/nonexistent/n01443537` (")
+                && text.contains("mount them, or remove the links"),
             "{text}"
         );
     }

@@ -1840,7 +1840,7 @@ async fn all_exited_telling(children: &mut [tokio::process::Child], coordinator:
             Err(e) => e.to_string(),
         };
         if exited < total {
-            tracing::warn!(worker = %format!("local-{i}"), status = %text, running = total - exited, "a local worker exited; its shard goes to the others now");
+            tracing::warn!(worker = %format!("local-{i}"), status = %text, running = total - exited, "a local worker exited; its lease is given up now, not a lease timeout later (the shard goes to another worker while it has attempts left)");
         }
         coordinator.worker_gone(&format!("local-{i}"));
         statuses[i] = text;

@@ -727,6 +727,9 @@ pub struct Scheduler {
     /// Backup leases by lease id, and the backup leases of each (job, shard) that has any, in
     /// the order they were granted.
     backups: HashMap<String, Backup>,
+    /// Workers whose process is known to have exited ([`Scheduler::worker_gone`]) and that have
+    /// not registered since: their leases' expiry says so.
+    exited: HashSet<String>,
     backed_up: HashMap<(String, usize), Vec<String>>,
     /// No lease expires before this (Unix ms): a lower bound of every deadline, lowered whenever
     /// one is set and raised to the earliest at each full scan, so that the expiry check every
@@ -787,6 +790,7 @@ impl Scheduler {
             order: Vec::new(),
             leases: Leases::default(),
             backups: HashMap::new(),
+            exited: HashSet::new(),
             backed_up: HashMap::new(),
             next_expiry: 0,
             workers: HashMap::new(),
@@ -1061,6 +1065,7 @@ impl Scheduler {
     pub fn register(&mut self, worker_id: &str, now: u64) {
         self.workers.insert(worker_id.to_owned(), now);
         self.gone.remove(worker_id);
+        self.exited.remove(worker_id);
     }
 
     /// Records the DiT rows per call a registered worker reported (its batch policy, at
@@ -1526,7 +1531,11 @@ impl Scheduler {
                     ShardState::Leased { worker_id, .. } => worker_id.clone(),
                     _ => String::new(),
                 };
-                let error = format!("lease expired: worker `{worker}` stopped renewing it");
+                let error = if self.exited.contains(&worker) {
+                    format!("lease given up: the process of worker `{worker}` exited")
+                } else {
+                    format!("lease expired: worker `{worker}` stopped renewing it")
+                };
                 self.expired_on_worker(&job, shard, &worker, now);
                 let settled = self.requeue_or_fail(&job, shard, None, error, true, false, now);
                 let requeued = self.jobs[&job].persisted.shards[shard].state != ShardState::Failed;
@@ -1547,6 +1556,7 @@ impl Scheduler {
     /// [`Scheduler::expire`] instead of a lease timeout later, as if it had stopped renewing them.
     /// Returns how many it held.
     pub fn worker_gone(&mut self, worker_id: &str, now: u64) -> usize {
+        self.exited.insert(worker_id.to_owned());
         let held: Vec<String> = self.leases.of_worker(worker_id).cloned().collect();
         let mut gone = 0;
         for lease in &held {
@@ -2884,6 +2894,8 @@ mod tests {
         let expired = s.take_expired();
         assert_eq!(expired.iter().map(|e| e.lease_id.as_str()).collect::<Vec<_>>(), vec![a.lease_id.as_str()]);
         assert!(expired[0].requeued);
+        let said = format!("{:?}", s.persisted("j").unwrap().shards[a.shard_index].last_error);
+        assert!(said.contains("lease given up: the process of worker `w1` exited"), "{said}");
         let again = lease(poll(&mut s, "w3", &[], false, 11).0);
         assert_eq!(again.shard_index, a.shard_index);
         // w2's lease still holds until its own deadline (5 s timeout in `job`).
