@@ -255,7 +255,8 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
 }
 
 /// What is missing or has another size among the published files of a finished job, against
-/// its `manifest.json` (each class's images) — one listing of the job's `dataset/` and `modes/`,
+/// its `manifest.json` (each class's images and modes), and what `dataset/` holds that no class
+/// lists — one listing of the job's `dataset/` and `modes/`,
 /// no file read: what submitting a finished job's spec again checks before answering that it
 /// succeeded. Each problem names the file (`dataset/<class>/<j>.png: missing`); a manifest that
 /// is missing or unreadable is one problem.
@@ -280,9 +281,12 @@ pub async fn published_problems(out: &Location, job: &ResolvedJob) -> Result<Vec
     }
     let relative = |target: &str| target.strip_prefix(keys.root()).unwrap_or(target).trim_start_matches('/').to_owned();
     let mut problems = Vec::new();
+    let mut expected = HashSet::new();
     for class in &manifest.classes {
+        expected.insert(out.key(&keys.modes(&class.wnid)));
         for (j, image) in class.images.iter().enumerate() {
             let target = keys.dataset_image(&class.wnid, j);
+            expected.insert(out.key(&target));
             match present.get(&out.key(&target)) {
                 None => problems.push(format!("{}: missing", relative(&target))),
                 Some(&size) if size != image.bytes => {
@@ -300,6 +304,19 @@ pub async fn published_problems(out: &Location, job: &ResolvedJob) -> Result<Vec
             _ => {}
         }
     }
+    // A file no class lists (an image copied in by hand): the ImageFolder would hold it too.
+    let dataset = out.key(&format!("{}/dataset/", keys.root()));
+    let mut strays: Vec<String> = present
+        .keys()
+        .filter(|key| key.as_ref().starts_with(dataset.as_ref()) && !expected.contains(*key))
+        .map(|key| {
+            let key = key.as_ref();
+            let root = out.key(keys.root());
+            key.strip_prefix(root.as_ref()).unwrap_or(key).trim_start_matches('/').to_owned()
+        })
+        .collect();
+    strays.sort();
+    problems.extend(strays.into_iter().map(|stray| format!("{stray}: not in the manifest")));
     Ok(problems)
 }
 

@@ -1105,10 +1105,13 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     let modes = root.join(format!("modes/{}.npy", classes[0]));
     let modes_bytes = std::fs::read(&modes).unwrap();
     std::fs::write(&modes, &modes_bytes[..10]).unwrap();
+    // An image copied in by hand: the ImageFolder would hold it too.
+    std::fs::write(root.join(format!("dataset/{}/extra.png", classes[3])), b"not distilled").unwrap();
     let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
     let note = notes.iter().find(|n| n.contains("had succeeded")).unwrap_or_else(|| panic!("{notes:?}"));
     for said in [
-        "4 of its published files are missing or changed".to_owned(),
+        "5 of its published files are missing or changed".to_owned(),
+        format!("dataset/{}/extra.png: not in the manifest", classes[3]),
         format!("dataset/{}/1.png: missing", classes[1]),
         format!("dataset/{}/0.png: {} bytes, the manifest says {}", classes[2], bytes.len() / 2, bytes.len()),
         format!("modes/{}.npy: missing", classes[3]),
