@@ -1223,6 +1223,34 @@ impl Coordinator {
             }
             return Ok((existing, true, notes));
         }
+        // A job this coordinator knows with the very same spec but another fingerprint: its class
+        // folders or their data differ (a class folder added under `classes = "all"`). Said, since
+        // the new job distils every class again.
+        let twin = {
+            let scheduler = self.inner.scheduler.lock().expect("scheduler");
+            scheduler
+                .job_ids()
+                .iter()
+                .filter_map(|id| scheduler.job(id))
+                .find(|known| known.fingerprint != job.fingerprint && known.spec == job.spec)
+        };
+        if let Some(twin) = twin {
+            let (was, now): (std::collections::BTreeSet<&str>, std::collections::BTreeSet<&str>) = (
+                twin.classes.iter().map(|c| c.wnid.as_str()).collect(),
+                job.classes.iter().map(|c| c.wnid.as_str()).collect(),
+            );
+            let added = now.difference(&was).count();
+            let removed = was.difference(&now).count();
+            notes.push(format!(
+                "job `{}` has this very spec over other data ({} classes then, {} now: {added} added, {removed} \
+                 removed, the others' images changed or not): this is a new job `{}`, which distils all its classes \
+                 (none is taken from the first; its outputs stay where they are)",
+                twin.job_id,
+                twin.classes.len(),
+                job.classes.len(),
+                job.job_id
+            ));
+        }
         if job.spec.classes_per_shard.is_none() {
             // How the shard size came about, for a person sizing shards by hand or wondering why
             // shards are small on big GPUs (an existing job keeps the plan it was made with).

@@ -1132,6 +1132,44 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     cluster.shutdown().await;
 }
 
+/// `classes = "all"` over a dataset that gained a class folder is a new job: said, naming the
+/// first one, since the new job distils every class again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_job_over_changed_folders_names_the_one_it_does_not_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for class in 0..4 {
+        let folder = data.join(format!("c{class}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..3 {
+            std::fs::write(folder.join(format!("{i}.png")), [class as u8, i as u8]).unwrap();
+        }
+    }
+    let store_url = dir.path().join("out").display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(1, 2, 1, &store_url)
+        .replace(fake_dataset(), &data.display().to_string())
+        .replace("classes = [\"class00\"]", "classes = \"all\"");
+    let (first, _, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+    assert!(!notes.iter().any(|n| n.contains("this very spec")), "{notes:?}");
+    let folder = data.join("c4");
+    std::fs::create_dir_all(&folder).unwrap();
+    for i in 0..3 {
+        std::fs::write(folder.join(format!("{i}.png")), [4, i]).unwrap();
+    }
+    let (second, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+    assert!(!existed && second.job_id != first.job_id);
+    let note = notes.iter().find(|n| n.contains("this very spec")).unwrap_or_else(|| panic!("{notes:?}"));
+    assert!(
+        note.contains(&format!(
+            "job `{}` has this very spec over other data (4 classes then, 5 now: 1 added, 0 removed",
+            first.job_id
+        )) && note.contains(&format!("this is a new job `{}`, which distils all its classes", second.job_id)),
+        "{note}"
+    );
+    cluster.shutdown().await;
+}
+
 /// A sweep submitted again with a setting that does not decide the images changed says once
 /// that its existing variants keep their own, not once per variant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
