@@ -606,6 +606,58 @@ impl ShardEngine for CommitsFirst {
     }
 }
 
+/// Finishes its class only when `release` is set, whatever the cancel flag says (as a class in
+/// the middle of its last DiT call does).
+struct Held {
+    release: Arc<AtomicBool>,
+    started: Arc<AtomicBool>,
+    inner: FakeEngine,
+}
+
+impl ShardEngine for Held {
+    fn distill(
+        &mut self,
+        spec: &JobSpec,
+        class: &ClassRef,
+        _cancel: &Arc<AtomicBool>,
+    ) -> Result<ClassResult, ShardFailure> {
+        self.started.store(true, std::sync::atomic::Ordering::Relaxed);
+        while !self.release.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.inner.distill(spec, class, &Arc::new(AtomicBool::new(false)))
+    }
+}
+
+/// A class that finishes after its job was cancelled (and the worker told) is not committed:
+/// the job shows what it has, and a later count finds no more (a marker written after the
+/// cancel made a fresh coordinator count 2 of 3 where the cancelled run said 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_class_finishing_after_its_job_was_cancelled_is_not_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(1, 2, 1, &store_url), dir.path(), None).await.unwrap();
+    let (release, started) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let engine =
+        Held { release: release.clone(), started: started.clone(), inner: FakeEngine::new(Duration::from_millis(1)) };
+    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
+    while !started.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.coordinator.cancel(&job.job_id).unwrap();
+    // Polls every 100 ms: the revocation reaches the worker within a few.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    release.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let marker = dir.path().join("jobs").join(&job.job_id).join("shards/class00.json");
+    assert!(!marker.exists(), "committed after the cancel");
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0);
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
+
 /// A worker stopped (SIGTERM) after commits no heartbeat has reported yet gives its lease back
 /// saying how many of the shard's classes are committed, and the job's progress counts them
 /// while the shard waits for another worker.

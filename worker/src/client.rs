@@ -427,6 +427,7 @@ pub async fn run(
         if let Some(running) = &mut current {
             if response.revoked.contains(&running.lease.lease_id) {
                 info!(lease = %running.lease.lease_id, "the coordinator revoked this lease (job cancelled, or leased elsewhere): stopping it");
+                running.progress.revoked.store(true, Ordering::Relaxed);
                 running.cancel.store(true, Ordering::Relaxed);
             } else {
                 running.clock.renewed_by(sent);

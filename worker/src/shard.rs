@@ -59,6 +59,10 @@ pub struct ShardProgress {
     pub classes: AtomicU32,
     /// DiT steps run for the shard's images, one per image per step (progress inside a class).
     pub image_steps: Arc<AtomicU64>,
+    /// The coordinator revoked the lease (its job cancelled, or the shard leased elsewhere): no
+    /// class is committed from then on, so what the job shows committed stays what it has
+    /// (a class finished at the cancel was committed after it, one more than status said).
+    pub revoked: AtomicBool,
 }
 
 /// Commits the classes an engine hands over, recording each class's marker.
@@ -120,6 +124,10 @@ impl ClassSink for Committer<'_> {
             quality: result.quality,
             embedding: result.embedding,
         };
+        if self.progress.revoked.load(Ordering::Relaxed) {
+            info!("the lease was revoked: the class is not committed");
+            return Err(ShardError::class(&class.wnid, ShardFailure::Cancelled));
+        }
         let files = result.files;
         let (images, real_images) = (files.images.len(), template.real_images);
         let quality = template.quality.as_ref().map(|q| (q.diversity_normalised, q.representativeness_normalised));
