@@ -140,7 +140,8 @@ pub(crate) fn spec_differences(
                 }
             }
             (a, b) if a != b => {
-                let shown = |v: &serde_json::Value| if v.is_null() { "unset".to_owned() } else { v.to_string() };
+                let shown =
+                    |v: &serde_json::Value| if v.is_null() { "unset (the default)".to_owned() } else { v.to_string() };
                 out.push(format!("`{path}`: {} {}, {} {}", shown(a), labels.0, shown(b), labels.1))
             }
             _ => {}

@@ -1142,7 +1142,7 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     assert_eq!(same.job_id, job.job_id);
     let note = notes.iter().find(|n| n.contains("keeps the settings")).unwrap_or_else(|| panic!("{notes:?}"));
     assert!(
-        note.contains("`data_fingerprint`: unset in the job, \"content\" in this spec")
+        note.contains("`data_fingerprint`: unset (the default) in the job, \"content\" in this spec")
             && note.contains("`max_attempts`: 2 in the job, 5 in this spec")
             && note.contains("another `name`"),
         "{note}"
