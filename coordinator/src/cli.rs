@@ -1434,7 +1434,11 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Run(args) => run_local(args).await,
         Command::Check(args) => {
             let (text, base) = read_spec(&args.spec)?;
-            let default_output = args.store.clone().unwrap_or_else(|| "(the coordinator's --store)".to_owned());
+            // A relative --store is where `run` would put it: against this folder.
+            let default_output = match &args.store {
+                Some(store) => mgd3_common::store::resolve(store, &std::env::current_dir().unwrap_or_default()),
+                None => "(the coordinator's --store)".to_owned(),
+            };
             if let Some(sweep) = Sweep::parse(&text).with_context(|| format!("job spec `{}`", args.spec.display()))? {
                 let resolved = crate::submit::resolve_sweep(
                     &sweep,
@@ -2136,8 +2140,6 @@ async fn run_local(args: RunArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// `run` names where the images go and, only when it is elsewhere, where the state is: with
-    /// `--store` apart from the spec's output it said "output <store>".
     /// A sweep that did not wholly succeed points to `status` while a coordinator serves it, and,
     /// after a `run` took its coordinator with it, to what still answers.
     #[test]
@@ -2165,6 +2167,8 @@ mod tests {
         );
     }
 
+    /// `run` names where the images go and, only when it is elsewhere, where the state is: with
+    /// `--store` apart from the spec's output it said "output <store>".
     #[test]
     fn the_run_line_names_the_output_and_a_store_apart() {
         assert_eq!(output_and_store("/o/ro", "/o/ro/"), "output /o/ro");

@@ -640,6 +640,9 @@ pub struct ExpiredLease {
     pub worker_id: String,
     /// Whether the shard waits for another attempt (else it failed, out of attempts).
     pub requeued: bool,
+    /// The worker's process was known to have exited ([`Scheduler::worker_gone`]): the lease
+    /// was given up, not left to time out.
+    pub exited: bool,
 }
 
 /// Leases that expire on one worker in a row before it is set aside (see
@@ -668,6 +671,9 @@ pub enum LeftReason {
         /// Milliseconds since its last poll.
         silent_ms: u64,
     },
+    /// Its process exited, as the one that started it saw ([`Scheduler::worker_gone`]): its
+    /// leases were given up at once.
+    Exited,
 }
 
 /// A running lease as the worker reports it (one type with the wire's, see `common::lease`).
@@ -1142,7 +1148,7 @@ impl Scheduler {
         // A silent worker that polls is back; a drained one is back only if it is not told to
         // exit again (a new job arrived).
         let was_gone = self.gone.remove(worker_id);
-        if matches!(was_gone, Some(LeftReason::Silent { .. })) {
+        if matches!(was_gone, Some(LeftReason::Silent { .. } | LeftReason::Exited)) {
             self.worker_events.push(WorkerEvent::Returned { worker_id: worker_id.to_owned() });
         }
         let expired = self.expire(now);
@@ -1539,12 +1545,14 @@ impl Scheduler {
                 self.expired_on_worker(&job, shard, &worker, now);
                 let settled = self.requeue_or_fail(&job, shard, None, error, true, false, now);
                 let requeued = self.jobs[&job].persisted.shards[shard].state != ShardState::Failed;
+                let exited = self.exited.contains(&worker);
                 self.expired.push(ExpiredLease {
                     job_id: job.clone(),
                     shard,
                     lease_id: lease.clone(),
                     worker_id: worker,
                     requeued,
+                    exited,
                 });
                 Some((job, settled))
             })
@@ -1557,6 +1565,10 @@ impl Scheduler {
     /// Returns how many it held.
     pub fn worker_gone(&mut self, worker_id: &str, now: u64) -> usize {
         self.exited.insert(worker_id.to_owned());
+        if self.workers.contains_key(worker_id) && !self.gone.contains_key(worker_id) {
+            self.gone.insert(worker_id.to_owned(), LeftReason::Exited);
+            self.worker_events.push(WorkerEvent::Left { worker_id: worker_id.to_owned(), reason: LeftReason::Exited });
+        }
         let held: Vec<String> = self.leases.of_worker(worker_id).cloned().collect();
         let mut gone = 0;
         for lease in &held {
@@ -2713,6 +2725,7 @@ mod tests {
             lease_id: first.lease_id.clone(),
             worker_id: "bad".into(),
             requeued: true,
+            exited: false,
         };
         assert_eq!(s.take_expired(), vec![expired], "every expiry is told, once");
         assert!(s.take_expired().is_empty());
@@ -2893,7 +2906,22 @@ mod tests {
         assert!(s.expire(10).is_empty() || s.state("j") == Some(JobState::Running));
         let expired = s.take_expired();
         assert_eq!(expired.iter().map(|e| e.lease_id.as_str()).collect::<Vec<_>>(), vec![a.lease_id.as_str()]);
-        assert!(expired[0].requeued);
+        assert!(expired[0].requeued && expired[0].exited);
+        // Said to have left once, for its exit; not again as silent three heartbeats later.
+        let events = s.take_worker_events();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, WorkerEvent::Left { worker_id, reason: LeftReason::Exited } if worker_id == "w1")),
+            "{events:?}"
+        );
+        s.note_departures(10_000);
+        assert!(
+            !s.take_worker_events()
+                .iter()
+                .any(|e| matches!(e, WorkerEvent::Left { worker_id, .. } if worker_id == "w1")),
+            "not silent: it exited"
+        );
         let said = format!("{:?}", s.persisted("j").unwrap().shards[a.shard_index].last_error);
         assert!(said.contains("lease given up: the process of worker `w1` exited"), "{said}");
         let again = lease(poll(&mut s, "w3", &[], false, 11).0);

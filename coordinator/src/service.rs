@@ -2079,6 +2079,16 @@ fn log_expired(expired: Vec<crate::scheduler::ExpiredLease>) {
         } else {
             "and the shard is out of attempts: it failed (`coordinator status` shows why; `coordinator resume` runs it again)"
         };
+        if lease.exited {
+            let then = if lease.requeued {
+                "the shard goes back to the queue (committed classes stay)"
+            } else {
+                "the shard is out of attempts: it failed (`coordinator status` shows why; `coordinator resume` runs it again)"
+            };
+            warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
+                "lease given up: the worker's process exited; {then}");
+            continue;
+        }
         warn!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
             "lease expired: the worker stopped renewing it {then}");
     }
@@ -2100,6 +2110,9 @@ fn log_worker_events(events: Vec<crate::scheduler::WorkerEvent>) {
                 silent_s = silent_ms / 1000,
                 "worker left: silent for three heartbeats (died, preempted or cut off); its leases are requeued when they expire"
             ),
+            WorkerEvent::Left { worker_id, reason: LeftReason::Exited } => {
+                info!(worker = %worker_id, "worker left: its process exited");
+            }
             WorkerEvent::Returned { worker_id } => info!(worker = %worker_id, "worker is back"),
             WorkerEvent::SetAside { worker_id, expired_in_a_row, until_ms } => warn!(
                 worker = %worker_id,

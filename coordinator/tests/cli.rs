@@ -497,6 +497,17 @@ fn an_output_inside_the_dataset_is_refused_before_anything_is_written() {
         assert_eq!(out.status.code(), Some(2), "{command:?}: {text}");
         assert!(text.contains("`--store`") && text.contains("is inside the dataset"), "{command:?}: {text}");
     }
+    // A relative --store is where run would put it, for check too.
+    for command in ["check", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args([command, spec.to_str().unwrap(), "--store", "data/state"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {text}");
+        assert!(text.contains("`--store`") && text.contains("is inside the dataset"), "{command}: {text}");
+    }
     assert_eq!(walk(&dir.path().join("data")).len(), 4, "nothing written in the dataset");
 }
 
