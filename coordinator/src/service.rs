@@ -246,10 +246,6 @@ impl From<DataChanges> for Resubmit {
     }
 }
 
-/// The words of the note saying an existing job keeps its own settings (found again in a
-/// sweep's variant notes, to say them once).
-const KEPT_SETTINGS: &str = "keeps the settings it was submitted with: ";
-
 /// Markers read at once when a job's classes are compared with their data.
 const MARKERS_IN_FLIGHT: usize = 16;
 
@@ -873,7 +869,28 @@ impl Coordinator {
         how: impl Into<Resubmit>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let resolved = self.resolve(spec_toml, base_dir, explicit_id).await?;
-        self.submit_resolved(resolved, how).await
+        let kept = self.kept_settings(&resolved.job);
+        let (job, existed, mut notes) = self.submit_resolved(resolved, how).await?;
+        if existed && !kept.is_empty() {
+            notes.push(format!(
+                "job `{}` exists with the same images and keeps the settings it was submitted with: {}; give the spec \
+                 another `name` to make a new job with these",
+                job.job_id,
+                kept.join(", ")
+            ));
+        }
+        Ok((job, existed, notes))
+    }
+
+    /// The settings in which `job`'s spec differs from the known job of its id and fingerprint
+    /// (attempts, timeouts, data_fingerprint, model paths, output: none decides the images),
+    /// which that job keeps if `job` is submitted; empty when no such job is known.
+    fn kept_settings(&self, job: &ResolvedJob) -> Vec<String> {
+        let existing = self.inner.scheduler.lock().expect("scheduler").job(&job.job_id);
+        existing
+            .filter(|existing| existing.fingerprint == job.fingerprint)
+            .map(|existing| state::spec_differences(&existing.spec, &job.spec, ("in the job", "in this spec")))
+            .unwrap_or_default()
     }
 
     /// Submits every variant of a sweep ([`resolve_sweep`]: the dataset listed and the models
@@ -901,24 +918,18 @@ impl Coordinator {
         let mut kept: Vec<String> = Vec::new();
         let mut keeping = 0;
         for variant in variants {
+            let variant_kept: Vec<String> =
+                self.kept_settings(&variant.job).into_iter().filter(|s| !s.starts_with("`output`")).collect();
             let (job, existed, variant_notes) = self.submit_resolved(variant, how).await?;
-            for note in variant_notes {
-                if let Some((_, settings)) = note.split_once(KEPT_SETTINGS) {
-                    let settings = settings.split("; give the spec").next().unwrap_or(settings);
-                    let mut any = false;
-                    for setting in
-                        settings.split(", `").map(|s| if s.starts_with('`') { s.to_owned() } else { format!("`{s}") })
-                    {
-                        if !setting.starts_with("`output`") {
-                            any = true;
-                            if !kept.contains(&setting) {
-                                kept.push(setting);
-                            }
-                        }
+            if existed && !variant_kept.is_empty() {
+                keeping += 1;
+                for setting in variant_kept {
+                    if !kept.contains(&setting) {
+                        kept.push(setting);
                     }
-                    keeping += usize::from(any);
-                    continue;
                 }
+            }
+            for note in variant_notes {
                 // Said once for the sweep (the shard plan, the dataset), not once per variant.
                 if !notes.contains(&note) {
                     notes.push(note);
@@ -1127,17 +1138,6 @@ impl Coordinator {
         if let Some((existing, state)) = existing {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
-            }
-            // Settings that do not decide the images (attempts, timeouts, data_fingerprint, model
-            // paths, output) are the job's own: a spec asking for others is told it keeps them.
-            let kept = state::spec_differences(&existing.spec, &job.spec, ("in the job", "in this spec"));
-            if !kept.is_empty() {
-                notes.push(format!(
-                    "job `{}` exists with the same images and {KEPT_SETTINGS}{}; give the spec another `name` to make a \
-                     new job with these",
-                    existing.job_id,
-                    kept.join(", ")
-                ));
             }
             // The same experiment: its classes' data now (listed by this submit) against what the
             // job recorded and committed.
