@@ -1943,30 +1943,17 @@ async fn run_local(args: RunArgs) -> Result<()> {
     // A spec that cannot run is refused before the store is opened and workers start.
     let worker_device = args.worker_args.iter().chain(&args.trailing_worker_args).any(|a| a.starts_with("--device"));
     let cpu_workers = devices.iter().all(Option::is_none) && !worker_device;
-    crate::submit::check_before_workers(&spec, Path::new(&base), cpu_workers)
+    // A state store inside the dataset (`--store` apart from the output) is refused with the
+    // rest, before it is made: its lock and `jobs/` would sit beside the class folders.
+    let cwd = std::env::current_dir()?;
+    let apart = args.store.as_deref().map(|store| mgd3_common::store::resolve(store, &cwd));
+    crate::submit::check_before_workers(&spec, Path::new(&base), apart.as_deref(), cpu_workers)
         .with_context(|| format!("job spec `{}`", args.spec.display()))?;
     let store = match (&args.store, &spec.output) {
         (Some(store), _) => store.clone(),
         (None, Some(output)) => mgd3_common::store::resolve(output, Path::new(&base)),
         (None, None) => mgd3_common::store::resolve("out", Path::new(&base)),
     };
-    // A state store inside the dataset (`--store` apart from the output) is refused before it is
-    // made: its lock and `jobs/` would sit beside the class folders.
-    {
-        let mut resolved = spec.clone();
-        resolved.resolve_paths(Path::new(&base));
-        let cwd = std::env::current_dir().unwrap_or_default();
-        let absolute = mgd3_common::store::resolve(&store, &cwd);
-        let problems: Vec<_> = resolved
-            .inside_dataset_problems_with(Some(&absolute))
-            .into_iter()
-            .filter(|p| p.field == "--store")
-            .collect();
-        if !problems.is_empty() {
-            return Err(anyhow::Error::new(crate::Error::Job(mgd3_common::job::JobError::Invalid(problems))))
-                .with_context(|| format!("job spec `{}`", args.spec.display()));
-        }
-    }
     // A local store folder this run makes is removed again, when still empty, should the job not
     // be submitted (a dataset problem found at submit): a refused spec leaves nothing behind.
     let made_folders: Vec<PathBuf> = {

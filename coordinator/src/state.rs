@@ -306,15 +306,11 @@ pub async fn published_problems(out: &Location, job: &ResolvedJob) -> Result<Vec
         }
     }
     // A file no class lists (an image copied in by hand): the ImageFolder would hold it too.
-    let dataset = out.key(&format!("{}/dataset/", keys.root()));
+    let (dataset, root) = (out.key(&format!("{}/dataset/", keys.root())), out.key(keys.root()));
     let mut strays: Vec<String> = present
         .keys()
         .filter(|key| key.as_ref().starts_with(dataset.as_ref()) && !expected.contains(*key))
-        .map(|key| {
-            let key = key.as_ref();
-            let root = out.key(keys.root());
-            key.strip_prefix(root.as_ref()).unwrap_or(key).trim_start_matches('/').to_owned()
-        })
+        .map(|key| key.as_ref().strip_prefix(root.as_ref()).unwrap_or(key.as_ref()).trim_start_matches('/').to_owned())
         .collect();
     strays.sort();
     problems.extend(strays.into_iter().map(|stray| format!("{stray}: not in the manifest")));

@@ -537,11 +537,13 @@ fn check_models(spec: &JobSpec, classes: &[ClassRef]) -> Result<()> {
 /// read are (the contract and the checks submit makes, without the dataset's labels), and, when every local worker runs on
 /// the CPU (`cpu_workers`), models that ONNX Runtime runs on CUDA only (a bf16 export, a VAE's
 /// CUDA graph: [`mgd3_common::contract::ModelIo::cuda_only`], the rule the workers apply). The
-/// dataset and the fingerprints are checked at submit, once the workers have registered.
+/// dataset and the fingerprints are checked at submit, once the workers have registered. An
+/// output, latent cache or `store` (an absolute `--store` apart from the output) inside the
+/// dataset is refused too.
 ///
 /// # Errors
 /// [`Error::Job`] with every problem, each naming its setting.
-pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) -> Result<()> {
+pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, store: Option<&str>, cpu_workers: bool) -> Result<()> {
     let mut spec = spec.clone();
     spec.resolve_paths(base_dir);
     // The settings' problems and the models' in one go.
@@ -550,7 +552,7 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, cpu_workers: bool) 
         Err(JobError::Invalid(problems)) => problems,
         Err(other) => return Err(other.into()),
     };
-    problems.extend(spec.inside_dataset_problems());
+    problems.extend(spec.inside_dataset_problems_with(store));
     problems.extend(model_problems(&spec, &[]));
     if cpu_workers {
         let m = &spec.models;
