@@ -29,6 +29,36 @@ use crate::mgd3::sampler::{Denoiser, DenoiserInfo, ModelError, SampleError, Samp
 use crate::mgd3::schedule::{BetaSchedule, Schedule, ScheduleError};
 use crate::sink::{SinkError, png_bytes};
 
+/// Groups of identical images shown at most this many, and names per group.
+const SHOWN_GROUPS: usize = 5;
+const SHOWN_PER_GROUP: usize = 4;
+
+/// `: identical images: `a` = `b`; `c` = `d` = `e` (and 3 more groups)` for a class whose
+/// latents hold bit-exact copies (named from `images`, the class's real images in the order of
+/// its latents); empty for any other mode failure.
+fn identical_images(source: &ModesError, images: &[String]) -> String {
+    let ModesError::TooFewDistinct { groups, .. } = source else { return String::new() };
+    let name =
+        |row: usize| images.get(row).map_or_else(|| format!("image #{row}"), |n| format!("`{}`", n.escape_debug()));
+    let shown: Vec<String> = groups
+        .iter()
+        .take(SHOWN_GROUPS)
+        .map(|group| {
+            let mut names: Vec<String> = group.iter().take(SHOWN_PER_GROUP).map(|&row| name(row)).collect();
+            if group.len() > SHOWN_PER_GROUP {
+                names.push(format!("{} more", group.len() - SHOWN_PER_GROUP));
+            }
+            names.join(" = ")
+        })
+        .collect();
+    if shown.is_empty() {
+        return String::new();
+    }
+    let more = groups.len().saturating_sub(SHOWN_GROUPS);
+    let more = if more > 0 { format!(" (and {more} more groups)") } else { String::new() };
+    format!(" holds identical images ({}){more}", shown.join("; "))
+}
+
 /// Why a class (or the engine itself) could not be distilled.
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -38,11 +68,15 @@ pub enum EngineError {
     /// The class's real images could not be listed, read or decoded.
     #[error(transparent)]
     Data(#[from] DataError),
-    /// k-means could not find IPC distinct modes in the class's latents.
-    #[error("class `{class}`")]
+    /// k-means could not find IPC distinct modes in the class's latents. Where the class holds
+    /// identical images, the message names them.
+    #[error("class `{class}`{}", identical_images(source, images))]
     Modes {
         /// The class (wnid).
         class: String,
+        /// The class's real images in the order of its latents (paths or keys), to name
+        /// duplicates; empty when unknown.
+        images: Vec<String>,
         /// Why.
         #[source]
         source: ModesError,

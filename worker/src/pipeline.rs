@@ -217,6 +217,8 @@ enum Event {
         slot: usize,
         key: String,
         features: Vec<f32>,
+        /// The class's images in the order of `features`.
+        names: Vec<String>,
         crops: Vec<Pixels>,
         images: usize,
         seconds: Duration,
@@ -243,12 +245,14 @@ enum Event {
     },
 }
 
-/// A class's latents on their way to the k-means thread: `count` rows of `features`, and where
-/// they are cached (the modes are cached beside them).
+/// A class's latents on their way to the k-means thread: `count` rows of `features`, the real
+/// images they are of (to name identical ones), and where they are cached (the modes are cached
+/// beside them).
 struct ToKmeans {
     slot: usize,
     features: Vec<f32>,
     count: usize,
+    names: Vec<String>,
     latent_key: Option<String>,
 }
 
@@ -256,6 +260,8 @@ struct ToKmeans {
 #[derive(Default)]
 struct InFlight {
     features: Vec<f32>,
+    /// The real images of `features`' rows (paths or keys).
+    names: Vec<String>,
     crops: Vec<Pixels>,
     timings: ClassTimings,
     modes: Option<Array4<f32>>,
@@ -434,7 +440,7 @@ impl Engine {
             std::thread::Builder::new()
                 .name("mgd3-kmeans".into())
                 .spawn_scoped(scope, move || {
-                    for ToKmeans { slot, features, count, latent_key } in kmeans_rx {
+                    for ToKmeans { slot, features, count, names, latent_key } in kmeans_rx {
                         let class = &classes[slot];
                         let started = Instant::now();
                         let dim = shape.iter().product();
@@ -478,7 +484,10 @@ impl Engine {
                                 cached,
                             },
                             Err(source) => {
-                                Event::Failed { slot, error: EngineError::Modes { class: class.wnid.clone(), source } }
+                                Event::Failed {
+                                    slot,
+                                    error: EngineError::Modes { class: class.wnid.clone(), images: names, source },
+                                }
                             }
                         };
                         if kmeans_events.send(event).is_err() {
@@ -630,6 +639,7 @@ impl Engine {
                     .map_err(|e| ShardStop::class(class, e))?;
                 drop(batch);
                 state.features.extend(latents.iter().copied());
+                state.names.extend(names);
                 let spent = started.elapsed();
                 state.timings.stages.encode += spent.as_secs_f64();
                 stats.encode += spent;
@@ -642,17 +652,18 @@ impl Engine {
                         info!(class = %class.wnid, key = %key, "latents cached");
                     }
                     let features = std::mem::take(&mut state.features);
-                    let _ = kmeans.send(ToKmeans { slot, features, count: images, latent_key: cache_key });
+                    let names = std::mem::take(&mut state.names);
+                    let _ = kmeans.send(ToKmeans { slot, features, count: images, names, latent_key: cache_key });
                 }
             }
-            Event::Cached { slot, key, features, crops, images, seconds } => {
+            Event::Cached { slot, key, features, names, crops, images, seconds } => {
                 let state = &mut flight[slot];
                 state.timings.stages.decode += seconds.as_secs_f64();
                 stats.data += seconds;
                 state.timings.real_images = images;
                 state.timings.latent_cache_hit = true;
                 state.crops = crops;
-                let _ = kmeans.send(ToKmeans { slot, features, count: images, latent_key: Some(key) });
+                let _ = kmeans.send(ToKmeans { slot, features, count: images, names, latent_key: Some(key) });
             }
             Event::Skipped { slot, skipped, versions_changed } => {
                 flight[slot].timings.skipped = skipped;
@@ -945,8 +956,9 @@ impl DataStage<'_> {
             info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
             let (_, crops) = self.decode_chunk(class, &images[..keep], keep)?;
             let seconds = started.elapsed();
-            let _ =
-                events.send(Event::Cached { slot, key: key.clone(), features, crops, images: images.len(), seconds });
+            let names = images.iter().map(|image| image.display()).collect();
+            let event = Event::Cached { slot, key: key.clone(), features, names, crops, images: images.len(), seconds };
+            let _ = events.send(event);
             return Ok(());
         }
         let size = self.encode_chunk.max(1);

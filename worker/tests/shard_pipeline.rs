@@ -154,6 +154,36 @@ fn a_failing_class_names_itself_and_the_other_classes_are_handed_over() {
     assert!(got.sheets.is_empty());
 }
 
+/// A class with fewer distinct images than IPC fails naming the identical files, group by group,
+/// whether its latents were just encoded or came from the latent cache.
+#[test]
+fn a_class_of_too_few_distinct_images_names_the_identical_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, &["n001"], 6);
+    let class_dir = data.join("n001");
+    for (from, to) in [("000.png", "002.png"), ("000.png", "004.png"), ("001.jpg", "003.jpg")] {
+        std::fs::copy(class_dir.join(from), class_dir.join(to)).unwrap();
+    }
+    let dataset = Dataset::open(&data.display().to_string()).unwrap();
+    let cache = mgd3_common::store::open(&dir.path().join("cache").display().to_string()).unwrap();
+    let class = &specs(&["n001"], 4)[0];
+    for attempt in ["encoded", "cached"] {
+        let mut engine = engine(8, 1);
+        engine.set_latent_cache(Some(cache.clone()));
+        let error = match engine.distill_class(&dataset, class, false) {
+            Err(error) => mgd3_common::error_chain(&error),
+            Ok(_) => panic!("{attempt}: a class of 3 distinct images distilled at IPC 4"),
+        };
+        for expected in ["class `n001` holds identical images", "000.png` = `", "002.png` = `", "004.png`; `"] {
+            assert!(error.contains(expected), "{attempt}: `{expected}` missing from: {error}");
+        }
+        assert!(error.contains("001.jpg` = `") && error.contains("003.jpg`)"), "{attempt}: {error}");
+        assert!(error.contains("only 3 distinct images among 6"), "{attempt}: {error}");
+        assert!(!error.contains("005.jpg"), "{attempt}: a distinct image named: {error}");
+    }
+}
+
 /// A cancel while the engine waits on the data stage ends the shard promptly with `Cancelled`
 /// (a lease revoked or a shutdown during decoding).
 #[test]

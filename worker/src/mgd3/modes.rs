@@ -63,6 +63,9 @@ pub enum ModesError {
         points: usize,
         /// Modes asked for (IPC).
         k: usize,
+        /// The points that are bit-exact copies of another, as groups of row indices (each group
+        /// ascending, groups by their first row), so that the caller can name the files.
+        groups: Vec<Vec<usize>>,
     },
     /// k-means ended with fewer than k distinct centroids (near-duplicate images).
     #[error(
@@ -86,6 +89,25 @@ fn distinct_rows(values: &[f32], dim: usize) -> usize {
         .map(|row| row.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         .collect::<std::collections::HashSet<_>>()
         .len()
+}
+
+/// The rows of `dim` values in `values` that are bit-exact copies of another: groups of two or
+/// more row indices, each ascending, the groups ordered by their first row.
+pub fn duplicate_groups(values: &[f32], dim: usize) -> Vec<Vec<usize>> {
+    let mut first: std::collections::HashMap<Vec<u32>, usize> = std::collections::HashMap::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (row, chunk) in values.chunks_exact(dim).enumerate() {
+        let bits = chunk.iter().map(|v| v.to_bits()).collect();
+        match first.entry(bits) {
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(groups.len());
+                groups.push(vec![row]);
+            }
+            std::collections::hash_map::Entry::Occupied(entry) => groups[*entry.get()].push(row),
+        }
+    }
+    groups.retain(|group| group.len() > 1);
+    groups
 }
 
 /// sklearn's `_tolerance`: `tol × mean(var(X, axis=0))`, on squared centre shifts.
@@ -125,7 +147,7 @@ pub fn find_modes(features: &[f32], points: usize, dim: usize, k: usize, seed: u
     // A degenerate result is reported, never returned: IPC samples would share modes.
     let distinct = distinct_rows(features, dim);
     if distinct < k {
-        return Err(ModesError::TooFewDistinct { distinct, points, k });
+        return Err(ModesError::TooFewDistinct { distinct, points, k, groups: duplicate_groups(features, dim) });
     }
     // linfa stops when the Euclidean norm of the whole centroid shift is below its tolerance;
     // sklearn compares the squared shift with the scaled tolerance.
@@ -341,7 +363,9 @@ mod tests {
         let b = [4.0f32, 5.0, 6.0];
         let features: Vec<f32> = [a, b, a, b, a, b].concat();
         let error = find_modes(&features, 6, 3, 4, 0).unwrap_err();
-        assert!(matches!(error, ModesError::TooFewDistinct { distinct: 2, points: 6, k: 4 }), "{error}");
+        let ModesError::TooFewDistinct { distinct, points, k, groups } = &error else { panic!("{error}") };
+        assert_eq!((*distinct, *points, *k), (2, 6, 4));
+        assert_eq!(groups, &[vec![0, 2, 4], vec![1, 3, 5]]);
         assert!(error.to_string().contains("only 2 distinct images among 6"), "{error}");
         assert_eq!(find_modes(&features, 6, 3, 2, 0).unwrap().len(), 6);
     }
