@@ -781,6 +781,11 @@ pub struct Scheduler {
     /// while the coordinator read the markers, and was recorded all the same) is told it was.
     completed: HashMap<String, String>,
     completed_order: VecDeque<String>,
+    /// Leases (a shard's own and backups) that a cancel or a pause took back, until their
+    /// worker's last word on them ([`Scheduler::note_committed`]): lease id → (job, shard,
+    /// worker). A worker hears of it at its next poll, and a class it committed before then is
+    /// committed; what it reports is counted, so that `status` does not undercount.
+    revoked: HashMap<String, (String, usize, String)>,
 }
 
 /// How many completed leases the scheduler remembers for repeated completions: more than a
@@ -818,6 +823,7 @@ impl Scheduler {
             granting: true,
             completed: HashMap::new(),
             completed_order: VecDeque::new(),
+            revoked: HashMap::new(),
         }
     }
 
@@ -946,6 +952,7 @@ impl Scheduler {
         self.order.retain(|id| id != job_id);
         self.leases.drop_job(job_id);
         self.drop_backups(job_id, None);
+        self.revoked.retain(|_, (job, _, _)| job != job_id);
         true
     }
 
@@ -1160,7 +1167,18 @@ impl Scheduler {
         for r in running {
             match self.renew(worker_id, r, now) {
                 true => holds = true,
-                false => revoked.push(r.lease_id.clone()),
+                false => {
+                    // Classes committed before the worker heard of a cancel or a pause.
+                    if let Some((job, shard, worker)) = self.revoked.get(&r.lease_id)
+                        && worker == worker_id
+                    {
+                        let (job, shard) = (job.clone(), *shard);
+                        if self.note_markers(&job, shard, r.classes_done) {
+                            self.settled.push((job, Settled::Open));
+                        }
+                    }
+                    revoked.push(r.lease_id.clone());
+                }
             }
         }
         if holds {
@@ -1480,6 +1498,29 @@ impl Scheduler {
 
     /// Drops the backup leases of `job_id` (of one shard, or all); their workers are told to
     /// stop at their next poll.
+    /// Takes back every lease of `job_id` (its shards' own and their backups) for a cancel or
+    /// a pause, remembering each in [`Scheduler::revoked`]. The shards' states are the
+    /// caller's to set.
+    fn revoke_all(&mut self, job_id: &str) {
+        let backups: Vec<(String, usize, String)> = self
+            .backups
+            .iter()
+            .filter(|(_, b)| b.job == job_id)
+            .map(|(lease, b)| (lease.clone(), b.shard, b.worker.clone()))
+            .collect();
+        self.drop_backups(job_id, None);
+        let Some(run) = self.jobs.get(job_id) else { return };
+        let own = run.persisted.shards.iter().enumerate().filter_map(|(shard, s)| match &s.state {
+            ShardState::Leased { lease_id, worker_id, .. } => Some((lease_id.clone(), shard, worker_id.clone())),
+            _ => None,
+        });
+        let taken: Vec<(String, usize, String)> = own.chain(backups).collect();
+        for (lease, shard, worker) in taken {
+            self.leases.remove(&lease);
+            self.revoked.insert(lease, (job_id.to_owned(), shard, worker));
+        }
+    }
+
     fn drop_backups(&mut self, job_id: &str, shard: Option<usize>) {
         let gone: Vec<String> = self
             .backups
@@ -1815,6 +1856,13 @@ impl Scheduler {
         self.completed.get(lease_id).is_some_and(|w| w == worker_id)
     }
 
+    /// The job and shard of `lease_id` when a cancel or a pause took it back from `worker_id`
+    /// and the worker has not reported on it since ([`Scheduler::note_committed`]).
+    pub fn revoked_lease(&self, worker_id: &str, lease_id: &str) -> Option<(Arc<ResolvedJob>, usize)> {
+        let (job, shard, worker) = self.revoked.get(lease_id)?;
+        (worker == worker_id).then(|| self.job(job).map(|j| (j, *shard))).flatten()
+    }
+
     /// Marks a shard done (its markers exist), whatever lease it had.
     pub fn mark_done(&mut self, job_id: &str, shard: usize, now: u64) -> Settled {
         if let Some(run) = self.jobs.get_mut(job_id) {
@@ -1875,10 +1923,21 @@ impl Scheduler {
     /// grows, up to the shard's classes; a lease that is not `worker_id`'s changes nothing.
     /// Call it before [`Scheduler::fail`], [`Scheduler::pause`] or [`Scheduler::exclude`],
     /// which end the lease.
-    pub fn note_committed(&mut self, worker_id: &str, lease_id: &str, classes: u32) {
+    ///
+    /// A lease a cancel or a pause took back ([`Scheduler::revoked`]) is counted too, once: its
+    /// worker may have committed classes before it heard. Returns the job whose count grew
+    /// under such a lease (its caller persists it: the report itself is refused as stale).
+    pub fn note_committed(&mut self, worker_id: &str, lease_id: &str, classes: u32) -> Option<String> {
         if let Ok((job_id, shard)) = self.lease_of(worker_id, lease_id) {
             self.note_markers(&job_id, shard, classes);
+            return None;
         }
+        match self.revoked.get(lease_id) {
+            Some((_, _, worker)) if worker == worker_id => {}
+            _ => return None,
+        }
+        let (job_id, shard, _) = self.revoked.remove(lease_id).expect("checked above");
+        self.note_markers(&job_id, shard, classes).then_some(job_id)
     }
 
     /// Records that `committed` of shard `shard`'s classes have markers in the store (counted
@@ -1914,8 +1973,8 @@ impl Scheduler {
     ) -> Result<(String, Settled), SchedulerError> {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         let backup = self.remove_backup(lease_id).is_some();
-        self.drop_backups(&job, None);
         self.leases.remove(lease_id);
+        self.revoke_all(&job);
         let run = self.jobs.get_mut(&job).expect("job");
         run.persisted.paused = Some(refusal.clone());
         run.pending.clear();
@@ -1928,9 +1987,8 @@ impl Scheduler {
             entry.state = ShardState::Pending;
         }
         for shard in run.persisted.shards.iter_mut() {
-            if let ShardState::Leased { lease_id, .. } = &shard.state {
+            if let ShardState::Leased { .. } = &shard.state {
                 // Stopped by the refusal, not by a fault of their own: no attempt spent.
-                self.leases.remove(lease_id);
                 shard.state = ShardState::Pending;
                 shard.attempts = shard.attempts.saturating_sub(1);
                 shard.reset_progress();
@@ -2035,11 +2093,10 @@ impl Scheduler {
         }
         run.persisted.cancelled = true;
         run.pending.clear();
-        self.drop_backups(job_id, None);
+        self.revoke_all(job_id);
         let run = self.jobs.get_mut(job_id).expect("checked above");
         for shard in run.persisted.shards.iter_mut() {
-            if let ShardState::Leased { lease_id, .. } = &shard.state {
-                self.leases.remove(lease_id);
+            if let ShardState::Leased { .. } = &shard.state {
                 shard.state = ShardState::Pending;
             }
         }
@@ -2058,6 +2115,9 @@ impl Scheduler {
         committed: &HashSet<usize>,
         now: u64,
     ) -> Result<(usize, usize), SchedulerError> {
+        // The caller counted the markers afresh: a late word on a lease taken back before is not
+        // counted over that.
+        self.revoked.retain(|_, (job, _, _)| job != job_id);
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         // A job that had succeeded and whose commits all hold stays finished when it was.
         let succeeded = (!run.persisted.cancelled
@@ -2961,6 +3021,43 @@ mod tests {
         assert_eq!(c.attempt, 1, "exclusion does not spend an attempt");
         s.drain();
         assert_eq!(poll(&mut s, "idle", &[], false, 8).0, PollDecision::Drain);
+    }
+
+    /// Classes a worker committed after a cancel, before it heard of it at its next poll, are
+    /// counted from what it reports then (its heartbeat, then its release); a stranger's word on
+    /// the lease counts nothing, and a resume counts afresh.
+    #[test]
+    fn commits_made_before_a_worker_heard_of_a_cancel_are_counted() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 6, 3, 1), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w", &[], false, 0).0);
+        let b = lease(poll(&mut s, "v", &[], false, 0).0);
+        assert_eq!(s.cancel("j", 1).unwrap(), Settled::Finished(JobState::Cancelled));
+        assert_eq!(s.summary("j", 1).unwrap().classes_done, 0);
+        let report = |l: &LeaseGrant, classes_done| {
+            [Running { lease_id: l.lease_id.clone(), images_done: 0, classes_done, image_steps_done: 0 }]
+        };
+        // Its heartbeat after the cancel shows one class committed: counted, and the job's
+        // state is to be persisted.
+        let (_, revoked) = poll(&mut s, "w", &report(&a, 1), false, 2);
+        assert_eq!(revoked, vec![a.lease_id.clone()]);
+        assert_eq!(s.summary("j", 2).unwrap().classes_done, 1);
+        assert_eq!(s.take_settled(), vec![("j".to_owned(), Settled::Open)]);
+        // Another worker's word on the lease changes nothing; the owner's release counts once.
+        assert_eq!(s.note_committed("v", &a.lease_id, 3), None);
+        assert_eq!(s.note_committed("w", &a.lease_id, 2), Some("j".to_owned()));
+        assert_eq!(s.note_committed("w", &a.lease_id, 3), None, "its last word was said");
+        assert_eq!(s.summary("j", 2).unwrap().classes_done, 2);
+        assert_eq!(
+            s.revoked_lease("v", &b.lease_id).map(|(job, shard)| (job.job_id.clone(), shard)),
+            Some(("j".into(), 1))
+        );
+        assert!(s.revoked_lease("w", &b.lease_id).is_none());
+        // A resume counts from the markers: the old lease's word comes too late.
+        s.resume("j", &HashSet::new(), 3).unwrap();
+        assert!(s.revoked_lease("v", &b.lease_id).is_none());
+        assert_eq!(s.note_committed("v", &b.lease_id, 3), None);
+        assert_eq!(s.summary("j", 3).unwrap().classes_done, 0);
     }
 
     /// A worker excluded for its model files gets the job again after `resume` (a person fixed

@@ -1926,6 +1926,9 @@ impl Coordinator {
             debug!(worker = %request.worker_id, lease = %request.lease_id, "completion sent again; it was recorded");
             return Ok(());
         };
+        if let Err(crate::scheduler::SchedulerError::StaleLease(_)) = &begun {
+            self.count_revoked_commits(&request).await;
+        }
         let (job, shard) = begun?;
         // Until this returns (or the worker hangs up and the call is dropped), the lease is ours
         // to keep: reading the markers may take as long as the store does.
@@ -1992,6 +1995,36 @@ impl Coordinator {
         Ok(())
     }
 
+    /// A completion of a lease that a cancel or a pause took back: the worker committed its
+    /// classes before it heard, and they are counted (their markers read) though the completion
+    /// itself is refused. Store errors leave the count as it was (`resume` counts afresh).
+    async fn count_revoked_commits(&self, request: &Completion) {
+        let revoked =
+            self.inner.scheduler.lock().expect("scheduler").revoked_lease(&request.worker_id, &request.lease_id);
+        let Some((job, shard)) = revoked else { return };
+        let Ok(out) = self.output(&job) else { return };
+        let keys = JobKeys::new(&job.job_id);
+        let mut committed = 0;
+        for class in job.shard_classes(shard) {
+            match mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await {
+                Ok(Some(_)) => committed += 1,
+                Ok(None) => {}
+                Err(error) => {
+                    debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "markers of a revoked lease not counted");
+                    return;
+                }
+            }
+        }
+        let grew = self.inner.scheduler.lock().expect("scheduler").note_committed(
+            &request.worker_id,
+            &request.lease_id,
+            committed,
+        );
+        if let Some(job_id) = grew {
+            self.mark_dirty(&job_id);
+        }
+    }
+
     /// A shard attempt did not finish: what happens to the shard follows the failure's
     /// disposition (retry, give up, lease elsewhere and exclude the worker, release).
     ///
@@ -2000,7 +2033,12 @@ impl Coordinator {
     pub fn fail(&self, request: Failure) -> Result<()> {
         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
         let now = now_ms();
-        scheduler.note_committed(&request.worker_id, &request.lease_id, request.classes_committed);
+        if let Some(job_id) = scheduler.note_committed(&request.worker_id, &request.lease_id, request.classes_committed)
+        {
+            // A lease taken back by a cancel or a pause: its commits are counted, the report
+            // itself is refused below as stale.
+            self.mark_dirty(&job_id);
+        }
         let (job_id, settled) = match request.disposition {
             Disposition::Elsewhere => {
                 scheduler.exclude(&request.worker_id, &request.lease_id, request.error.clone(), now)?

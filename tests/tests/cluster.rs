@@ -672,6 +672,54 @@ async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported
     cluster.shutdown().await;
 }
 
+/// Classes a worker committed before it heard of a cancel are counted: a release after the
+/// cancel says how many (it was refused as stale, and `status` said 0 of the 2 committed until
+/// a restart counted the markers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commits_made_before_the_worker_heard_of_a_cancel_are_counted() {
+    let (_dir, cluster, job, (stop, handle), _hang_up) = two_unheard_commits().await;
+    cluster.coordinator.cancel(&job.job_id).unwrap();
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
+    let status = cluster.coordinator.status(&job.job_id).unwrap();
+    assert_eq!((status.state, status.classes_done), (JobState::Cancelled, 2));
+    cluster.shutdown().await;
+}
+
+/// A shard whose last class was committed after a cancel, before its worker heard of it, is
+/// reported complete; the completion is refused (the lease was taken back) but its classes are
+/// counted, from their markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_completed_after_a_cancel_has_its_classes_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    // One heartbeat a minute: the worker hears of nothing while its shard runs.
+    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
+    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
+    let (release, started) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let engine =
+        Held { release: release.clone(), started: started.clone(), inner: FakeEngine::new(Duration::from_millis(1)) };
+    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
+    while !started.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.coordinator.cancel(&job.job_id).unwrap();
+    release.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut status = cluster.coordinator.status(&job.job_id).unwrap();
+    for _ in 0..200 {
+        if status.classes_done == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = cluster.coordinator.status(&job.job_id).unwrap();
+    }
+    assert_eq!((status.state, status.classes_done), (JobState::Cancelled, 3));
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
+
 /// A served coordinator with one heartbeat a minute (a lease's first poll is its only one for
 /// a while) and a job of one 3-class shard, whose worker has committed 2 classes and runs on
 /// ([`CommitsFirst`]): commits no heartbeat has reported. Returns the store's folder, the
