@@ -643,6 +643,23 @@ pub struct ExpiredLease {
     /// The worker's process was known to have exited ([`Scheduler::worker_gone`]): the lease
     /// was given up, not left to time out.
     pub exited: bool,
+    /// The lease was recovered at a coordinator start and its worker never renewed it within
+    /// [`restored_lease_grace_ms`]: released (no attempt spent), not expired.
+    pub orphaned: bool,
+}
+
+/// Fewest milliseconds a lease recovered from the job's state at a coordinator start waits for
+/// its worker: a live worker that lost its coordinator retries every 10 s at most and renews at
+/// its next poll.
+pub const RESTORED_LEASE_GRACE_MS: u64 = 30_000;
+
+/// How long a lease recovered at a coordinator start waits for its worker to renew it before it
+/// is released: [`RESTORED_LEASE_GRACE_MS`] or three heartbeats, whichever is longer, and never
+/// more than the job's lease timeout. Not the whole timeout: after a requeued allocation's
+/// restart its workers died with the old coordinator, and a short allocation that waited
+/// out every recovered lease would end before it ran anything (requeued again and again).
+pub fn restored_lease_grace_ms(heartbeat_ms: u64, lease_timeout_ms: u64) -> u64 {
+    RESTORED_LEASE_GRACE_MS.max(3 * heartbeat_ms).min(lease_timeout_ms)
 }
 
 /// Leases that expire on one worker in a row before it is set aside (see
@@ -786,6 +803,9 @@ pub struct Scheduler {
     /// worker). A worker hears of it at its next poll, and a class it committed before then is
     /// committed; what it reports is counted, so that `status` does not undercount.
     revoked: HashMap<String, (String, usize, String)>,
+    /// Leases recovered from a job's state at this coordinator's start and not renewed since:
+    /// they wait [`restored_lease_grace_ms`] for their worker, then are released.
+    restored: HashSet<String>,
 }
 
 /// How many completed leases the scheduler remembers for repeated completions: more than a
@@ -824,6 +844,7 @@ impl Scheduler {
             completed: HashMap::new(),
             completed_order: VecDeque::new(),
             revoked: HashMap::new(),
+            restored: HashSet::new(),
         }
     }
 
@@ -868,7 +889,7 @@ impl Scheduler {
     ) {
         let shards = job.shards.len();
         let recovered = persisted.is_some();
-        let grace = job.spec.lease_timeout_s * 1000;
+        let grace = restored_lease_grace_ms(self.heartbeat_ms, job.spec.lease_timeout_s * 1000);
         let mut persisted = persisted
             .filter(|p| p.shards.len() == shards)
             .unwrap_or_else(|| PersistedJob { shards: vec![Shard::pending(); shards], ..Default::default() });
@@ -890,9 +911,10 @@ impl Scheduler {
                     pending.insert(i);
                 }
                 ShardState::Leased { lease_id, deadline_ms, worker_id, .. } => {
-                    // After a restart the holder gets a full lease period to renew.
+                    // After a restart the holder gets a grace period to come back and renew.
                     if recovered {
-                        *deadline_ms = (*deadline_ms).max(now + grace);
+                        *deadline_ms = now + grace;
+                        self.restored.insert(lease_id.clone());
                     }
                     self.next_expiry = self.next_expiry.min(*deadline_ms);
                     self.leases.insert(lease_id.clone(), job.job_id.clone(), i, worker_id.clone());
@@ -1265,6 +1287,7 @@ impl Scheduler {
                 entry.classes_done = entry.classes_done.max(running.classes_done);
                 run.record_progress(now);
                 self.leases.note_steps(&running.lease_id, running.image_steps_done, now);
+                self.restored.remove(&running.lease_id);
                 // Renewing proves the worker runs its shards: no crash loop.
                 run.expired_on.remove(&shard);
                 self.expiry_streak.remove(worker_id);
@@ -1578,13 +1601,20 @@ impl Scheduler {
                     ShardState::Leased { worker_id, .. } => worker_id.clone(),
                     _ => String::new(),
                 };
+                // Recovered at this coordinator's start and never renewed: its worker went with
+                // the coordinator before (a requeued allocation), and is no fault of the shard.
+                let orphaned = self.restored.remove(&lease);
                 let error = if self.exited.contains(&worker) {
                     format!("lease given up: the process of worker `{worker}` exited")
                 } else {
                     format!("lease expired: worker `{worker}` stopped renewing it")
                 };
-                self.expired_on_worker(&job, shard, &worker, now);
-                let settled = self.requeue_or_fail(&job, shard, None, error, true, false, now);
+                let settled = if orphaned {
+                    self.requeue_or_fail(&job, shard, None, error, true, true, now)
+                } else {
+                    self.expired_on_worker(&job, shard, &worker, now);
+                    self.requeue_or_fail(&job, shard, None, error, true, false, now)
+                };
                 let requeued = self.jobs[&job].persisted.shards[shard].state != ShardState::Failed;
                 let exited = self.exited.contains(&worker);
                 self.expired.push(ExpiredLease {
@@ -1594,6 +1624,7 @@ impl Scheduler {
                     worker_id: worker,
                     requeued,
                     exited,
+                    orphaned,
                 });
                 Some((job, settled))
             })
@@ -1686,10 +1717,13 @@ impl Scheduler {
         }
         entry.reset_progress();
         let backup = self.backed_up.get(&(job_id.to_owned(), shard)).and_then(|leases| leases.first().cloned());
+        // A backup that already runs the shard is an attempt under way, whatever the budget
+        // says of new ones: it takes over rather than the shard failing while it runs.
+        let running_backup = backup.and_then(|lease| self.backups.get(&lease).map(|b| (lease, b.clone())));
         if cancelled {
             entry.state = ShardState::Pending;
-        } else if retryable && entry.attempts < max {
-            match backup.and_then(|lease| self.backups.get(&lease).map(|b| (lease, b.clone()))) {
+        } else if retryable && (entry.attempts < max || running_backup.is_some()) {
+            match running_backup {
                 // The backup already runs the shard: it becomes the shard's lease (an attempt).
                 Some((lease_id, b)) => {
                     entry.attempts += 1;
@@ -2663,6 +2697,71 @@ mod tests {
         [Running { lease_id: l.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 }]
     }
 
+    /// A shard out of attempts whose own lease expires while a backup runs it does not fail: the
+    /// backup (an attempt under way) takes over (a job with max_attempts 1 failed 0.3 s after a
+    /// live worker had started the shard's backup).
+    #[test]
+    fn a_running_backup_takes_over_an_expired_lease_out_of_attempts() {
+        let mut s = Scheduler::new(1000, "e");
+        s.add_job(job("j", 5, 1, 1), None, &HashSet::new(), 0);
+        let leases: Vec<LeaseGrant> = ["w0", "w1", "w2", "w3"].map(|w| lease(poll(&mut s, w, &[], false, 0).0)).into();
+        for (w, l) in ["w0", "w1", "w2"].iter().zip(&leases) {
+            s.complete(w, &l.lease_id, 1000).unwrap();
+        }
+        let last = lease(poll(&mut s, "w0", &[], false, 1000).0);
+        s.complete("w0", &last.lease_id, 2000).unwrap();
+        let backup = lease(poll(&mut s, "w1", &[], false, 2000).0);
+        assert!(backup.backup && backup.shard_index == leases[3].shard_index);
+        // w3 never renews: its lease expires (10 s) while w1 renews the backup.
+        for now in (3000..=11_000).step_by(1000) {
+            poll(&mut s, "w1", &held(&backup), false, now);
+        }
+        let (_, revoked) = poll(&mut s, "w1", &held(&backup), false, 12_000);
+        assert!(revoked.is_empty());
+        assert_eq!(s.state("j"), Some(JobState::Running));
+        let shard = &s.persisted("j").unwrap().shards[backup.shard_index];
+        assert!(matches!(&shard.state, ShardState::Leased { worker_id, .. } if worker_id == "w1"), "{shard:?}");
+        assert_eq!(s.complete("w1", &backup.lease_id, 12_500).unwrap().1, Settled::Finished(JobState::Succeeded));
+    }
+
+    /// Leases recovered at a coordinator start wait a short grace for their workers, not a
+    /// whole lease timeout: one whose worker comes back renews it; one whose worker went with
+    /// the old coordinator (a requeued allocation) is released without spending an attempt.
+    #[test]
+    fn recovered_leases_wait_a_grace_for_their_workers_then_are_released() {
+        let mut before = Scheduler::new(1000, "e");
+        let mut long = (*job("j", 3, 1, 1)).clone();
+        long.spec.lease_timeout_s = 600;
+        let long = Arc::new(long);
+        before.add_job(long.clone(), None, &HashSet::new(), 0);
+        let back = lease(poll(&mut before, "back", &[], false, 0).0);
+        let gone = lease(poll(&mut before, "gone", &[], false, 0).0);
+        let persisted = before.persisted("j").unwrap().clone();
+
+        let mut s = Scheduler::new(1000, "e2");
+        s.add_job(long, Some(persisted), &HashSet::new(), 100_000);
+        let grace = restored_lease_grace_ms(1000, 600_000);
+        assert_eq!(grace, RESTORED_LEASE_GRACE_MS);
+        // `back` re-registers and renews within the grace; `gone` never does.
+        poll(&mut s, "back", &held(&back), false, 110_000);
+        poll(&mut s, "back", &held(&back), false, 100_000 + grace + 1);
+        let expired = s.take_expired();
+        assert_eq!(expired.len(), 1, "{expired:?}");
+        assert!(expired[0].orphaned && expired[0].requeued && expired[0].lease_id == gone.lease_id);
+        let shard = &s.persisted("j").unwrap().shards[gone.shard_index];
+        assert_eq!((shard.attempts, shard.last_error.is_none()), (0, true), "no attempt spent, no error");
+        assert!(
+            matches!(&s.persisted("j").unwrap().shards[back.shard_index].state, ShardState::Leased { worker_id, .. } if worker_id == "back")
+        );
+        // The released shard runs again on its first (and only) attempt.
+        let again = lease(poll(&mut s, "new", &[], false, 100_000 + grace + 2).0);
+        assert_eq!((again.shard_index, again.attempt), (gone.shard_index, 1));
+        // `back`'s lease is an ordinary one again: it expires a lease timeout after its last renewal.
+        assert!(s.take_expired().is_empty());
+        assert_eq!(restored_lease_grace_ms(20_000, 120_000), 60_000, "three heartbeats when longer");
+        assert_eq!(restored_lease_grace_ms(1000, 10_000), 10_000, "never past the lease timeout");
+    }
+
     /// When the shard's own lease fails, its backup becomes the shard's lease (an attempt)
     /// instead of the shard waiting for another worker; a backup that fails or expires changes
     /// nothing, and the shard may get another.
@@ -2786,6 +2885,7 @@ mod tests {
             worker_id: "bad".into(),
             requeued: true,
             exited: false,
+            orphaned: false,
         };
         assert_eq!(s.take_expired(), vec![expired], "every expiry is told, once");
         assert!(s.take_expired().is_empty());

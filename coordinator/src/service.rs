@@ -2112,6 +2112,11 @@ impl Drop for Verifying {
 /// One WARN line per expired shard lease: a worker stopped renewing it (died, cut off, hung).
 fn log_expired(expired: Vec<crate::scheduler::ExpiredLease>) {
     for lease in expired {
+        if lease.orphaned {
+            info!(job = %lease.job_id, shard = lease.shard, worker = %lease.worker_id, lease = %lease.lease_id,
+                "lease released: its worker held it when the coordinator before this one stopped, and has not come back since this one started (it stopped with it); the shard goes back to the queue, no attempt spent (committed classes stay)");
+            continue;
+        }
         let then = if lease.requeued {
             "(died, cut off or hung); the shard goes back to the queue (committed classes stay)"
         } else {

@@ -270,6 +270,41 @@ fn sbatch_survives_a_killed_worker_step_and_a_requeue_while_classes_remain() {
     assert!(a.log_text().contains("restart 1] job"), "{}", a.diagnostics());
 }
 
+/// Preemption's warning, `--signal=B:TERM@120`, is a SIGTERM to the batch shell alone: the
+/// script has each worker finish its batch and give its lease back (a TERM to their `srun`s made
+/// srun SIGKILL them: their leases waited out lease_timeout_s after the requeue and each cost
+/// its shard an attempt), exits 75, and the requeued allocation completes on attempt 1 of every
+/// shard.
+#[test]
+fn a_preempted_allocation_gives_back_every_lease_and_its_requeue_completes() {
+    let _nodes = NODES.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let a = Allocation::submit(10);
+    a.wait_while_running("the first committed class", Duration::from_secs(180), |a| !a.markers().is_empty());
+    // The local cluster's nodes are this machine: the batch shell is a process here.
+    let script = format!("job{:0>5}/slurm_script", a.slurm_job);
+    let shell = run("pgrep", &["-f", &script]);
+    let shell = shell.lines().next().unwrap_or_else(|| panic!("no batch shell `{script}`\n{}", a.diagnostics()));
+    assert!(Command::new("kill").args(["-TERM", shell]).status().unwrap().success());
+    let before = a.markers();
+    a.relaunch_completes(Duration::from_secs(300));
+    let log = a.log_text();
+    let first = &log[..log.find("restart 1]").expect("checked by relaunch_completes")];
+    assert!(first.contains("exit 75 so Slurm requeues it"), "{}", a.diagnostics());
+    for said in ["forcing job termination", "Killed", "killing srun"] {
+        assert!(!first.contains(said), "the preempted allocation's log says `{said}`\n{}", a.diagnostics());
+    }
+    let workers_running = first.matches("lease released").count();
+    assert!(workers_running >= 1 || before.len() == CLASSES, "no lease was given back\n{}", a.diagnostics());
+    // No lease expired and no shard spent a second attempt.
+    assert!(!log.contains("lease expired"), "{}", a.diagnostics());
+    for (class, attempt) in a.markers() {
+        assert!(attempt.contains("-a1-"), "{class} committed on attempt `{attempt}`\n{}", a.diagnostics());
+    }
+}
+
 #[test]
 fn sbatch_requeued_after_the_last_commit_launches_no_workers_and_completes() {
     let _nodes = NODES.lock().unwrap_or_else(|e| e.into_inner());
