@@ -1251,6 +1251,42 @@ impl Coordinator {
                 job.job_id
             ));
         }
+        // A job this coordinator knows with the same settings and the same class data (names and
+        // sizes) at another dataset location: the data was copied or moved (a per-allocation
+        // scratch folder). The location is part of a job's identity, so this one starts afresh;
+        // said, with the way to go on with the first.
+        let moved = {
+            let scheduler = self.inner.scheduler.lock().expect("scheduler");
+            let same_data = |known: &ResolvedJob| {
+                known.classes.len() == job.classes.len()
+                    && known.classes.iter().zip(&job.classes).all(|(a, b)| {
+                        a.wnid == b.wnid
+                            && a.label == b.label
+                            && a.listing.as_ref().map(|l| &l.names_digest)
+                                == b.listing.as_ref().map(|l| &l.names_digest)
+                    })
+            };
+            scheduler.job_ids().iter().filter_map(|id| scheduler.job(id)).find_map(|known| {
+                let mut relocated = known.spec.clone();
+                relocated.dataset = job.spec.dataset.clone();
+                (known.spec.dataset != job.spec.dataset && relocated == job.spec && same_data(&known))
+                    .then(|| (known.clone(), scheduler.summary(&known.job_id, now_ms()).map(|s| s.classes_done)))
+            })
+        };
+        if let Some((known, done)) = moved {
+            notes.push(format!(
+                "job `{}` distils the same classes with the same settings from `{}` (the same file names and sizes): \
+                 a job's dataset location is part of its identity, so this is a new job `{}` that distils every class \
+                 again{}. To go on with `{}` instead, point `dataset` at `{}` again (a link there to this copy works)",
+                known.job_id,
+                known.spec.dataset,
+                job.job_id,
+                done.map(|d| format!(" (`{}` has {d} of {} classes committed)", known.job_id, known.classes.len()))
+                    .unwrap_or_default(),
+                known.job_id,
+                known.spec.dataset,
+            ));
+        }
         if job.spec.classes_per_shard.is_none() {
             // How the shard size came about, for a person sizing shards by hand or wondering why
             // shards are small on big GPUs (an existing job keeps the plan it was made with).

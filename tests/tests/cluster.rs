@@ -2,7 +2,7 @@
 //! equal a 1-worker run; failures are named and resumable; two attempts racing on one shard leave
 //! one winner per class and no mixed files; RPCs without the token are rejected.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -669,6 +669,48 @@ async fn a_released_shard_keeps_its_commits_counted_though_no_heartbeat_reported
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
     assert_eq!((status.shards.pending, status.classes_done, status.images_done), (1, 2, 4));
+    cluster.shutdown().await;
+}
+
+/// The same spec over a copy of its dataset at another location (a per-allocation scratch
+/// folder) is a new job, and submit says so, naming the first job, how far it got and how to go on
+/// with it; a copy whose data differs gets no such note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_spec_over_a_moved_dataset_says_it_is_a_new_job_and_how_to_keep_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(3, 2, 1, &store_url);
+    let (first, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    let copy_to = |copy: &Path| {
+        for class in 0..3 {
+            let name = format!("class{class:02}");
+            std::fs::create_dir_all(copy.join(&name)).unwrap();
+            for entry in std::fs::read_dir(Path::new(fake_dataset()).join(&name)).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), copy.join(&name).join(entry.file_name())).unwrap();
+            }
+        }
+    };
+    let copy = dir.path().join("scratch-copy");
+    copy_to(&copy);
+    let moved = spec.replace(fake_dataset(), &copy.display().to_string());
+    let (second, existed, notes) = cluster.coordinator.submit_noted(&moved, dir.path(), None).await.unwrap();
+    assert!(!existed && second.job_id != first.job_id);
+    let note = notes
+        .iter()
+        .find(|n| n.contains("dataset location is part of its identity"))
+        .unwrap_or_else(|| panic!("{notes:?}"));
+    for said in [first.job_id.as_str(), fake_dataset(), second.job_id.as_str(), "0 of 3 classes committed"] {
+        assert!(note.contains(said), "`{said}` missing: {note}");
+    }
+    // Other data at a third location (a file of another size) is no copy: no note.
+    let other = dir.path().join("other-data");
+    copy_to(&other);
+    std::fs::write(other.join("class01/0.png"), [9u8, 9, 9]).unwrap();
+    let spec = spec.replace(fake_dataset(), &other.display().to_string());
+    let (_, _, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
+    assert!(!notes.iter().any(|n| n.contains("dataset location")), "{notes:?}");
     cluster.shutdown().await;
 }
 
