@@ -370,6 +370,10 @@ fn default_steps() -> usize {
     50
 }
 
+/// The largest classifier-free guidance scale a job may set: the reference samples at 4 (DiT's
+/// `sample.py`), FID sweeps go to ~10; 10⁶ turned every sample into noise with no error.
+pub const MAX_CFG_SCALE: f32 = 50.0;
+
 impl SamplingSpec {
     /// Every problem these settings have on their own (the models may rule out more), named as
     /// in a job spec; the worker's command line renames them to its flags.
@@ -394,11 +398,15 @@ impl SamplingSpec {
             let problem = format!("{} must be a finite number ≥ 0", self.guidance_scale);
             problems.push(InvalidSetting::new(Setting::GuidanceScale, self.guidance_scale, problem));
         }
-        if !self.cfg_scale.is_finite() {
+        if !self.cfg_scale.is_finite() || !(0.0..=MAX_CFG_SCALE).contains(&self.cfg_scale) {
             problems.push(InvalidSetting::new(
                 Setting::CfgScale,
                 self.cfg_scale,
-                format!("{} must be finite", self.cfg_scale),
+                format!(
+                    "{} is outside 0..={MAX_CFG_SCALE} (1 is the conditional model alone, 4 the reference's; far \
+                     above, the scaled difference of the two predictions swamps the image and the samples are noise)",
+                    self.cfg_scale
+                ),
             ));
         }
         if let Some(problem) = self.sampler.eta_problem(self.eta) {
@@ -1237,6 +1245,25 @@ mod tests {
         let text = "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\nguidance_scale = [0.1, 0.2]\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
         let error = JobSpec::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("line 5") && error.contains("[sweep]"), "{error}");
+    }
+
+    /// A CFG scale outside 0..=MAX_CFG_SCALE (10⁶ gave noise and a success) is refused at the
+    /// spec, naming the setting; the reference's 4, 0, 1 and the bound itself pass.
+    #[test]
+    fn a_cfg_scale_out_of_range_is_refused() {
+        let with = |cfg: &str| {
+            let text = format!(
+                "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\ncfg_scale = {cfg}\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n"
+            );
+            JobSpec::from_toml(&text).and_then(|spec| spec.validate()).map_err(|e| e.to_string())
+        };
+        for ok in ["0.0", "1.0", "4.0", "50.0"] {
+            assert_eq!(with(ok), Ok(()), "cfg_scale = {ok}");
+        }
+        for bad in ["1e6", "-3.0", "50.5", "inf", "nan"] {
+            let error = with(bad).expect_err(bad);
+            assert!(error.contains("sampling.cfg_scale") && error.contains("outside 0..=50"), "{bad}: {error}");
+        }
     }
 
     /// Every name that cannot be one class folder is refused with why: empty, `.`/`..`, a path,

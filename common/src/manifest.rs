@@ -115,8 +115,8 @@ impl std::fmt::Display for QualityConcern {
                 f,
                 "samples do not resemble the class's real images (representativeness {representativeness:.2} × the \
                  real spread, band ≤ {}): usually models that do not match the data (a DiT or VAE trained on other \
-                 images, or random weights), labels that make the DiT draw another class (check `labels`), or λ too \
-                 large for the model",
+                 images, or random weights), labels that make the DiT draw another class (check `labels`), or λ or \
+                 cfg_scale too large for the model",
                 band::REPRESENTATIVENESS_MAX
             ),
             QualityConcern::Collapsed { diversity } => write!(
