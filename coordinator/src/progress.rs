@@ -204,8 +204,9 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     }
     if status.state == JobState::Paused {
         text.push_str(&format!(
-            "  paused: the output store refuses writes (see below); free space, raise the quota or fix the \
-             permissions, then run `coordinator resume {}` or submit the job again (no attempt was spent)\n",
+            "  paused: the output store refuses writes or is gone (see below); free space, raise the quota, fix \
+             the permissions or create the bucket, as it says, then run `coordinator resume {}` or submit the job \
+             again (no attempt was spent)\n",
             status.job_id
         ));
     }

@@ -2108,9 +2108,9 @@ impl Coordinator {
                 job = %job_id,
                 worker = %request.worker_id,
                 error = %request.error,
-                "job paused: its output store refuses writes (full, over quota, read-only or no permission); \
-                 no attempt was spent. Free space or fix the permissions as the error says, then run `coordinator \
-                 resume {job_id}`"
+                "job paused: its output store refuses writes or is gone (full, over quota, read-only, no \
+                 permission, or a missing bucket); no attempt was spent. Do what the error says (free space, fix \
+                 the permissions, create the bucket), then run `coordinator resume {job_id}`"
             ),
             // Not an attempt: the shard goes to another worker with its budget untouched.
             Disposition::Elsewhere => match alike {

@@ -283,6 +283,50 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
     assert!(images == files(&local_out.join("jobs").join(&job).join("dataset")));
 }
 
+/// A worker that has no credentials for the output store is excluded from the job (its reason
+/// in `status`), and the shards it took go to a worker that has them without spending an
+/// attempt: one misconfigured node failed the whole job in a second (every shard's attempts spent
+/// on "no AWS credentials found").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_store_credentials_is_excluded_and_the_others_finish_the_job() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "creds");
+    let env = aws_env(moto.port);
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let classes = 3;
+    dataset(&data, classes, 30);
+    let job_spec = scratch.path().join("job.toml");
+    let one = "classes_per_shard = 1";
+    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://creds/out", classes, 2, 4, one)).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _coordinator = serve(port, "s3://creds/state", &scratch.path().join("coordinator.log"), &env);
+    let job = submit(&url, &job_spec);
+    // The store's endpoint and region, but no keys anywhere (an empty home, no metadata).
+    let home = tempfile::tempdir().unwrap();
+    let keyless: Vec<(&str, String)> =
+        env.iter().filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET")).cloned().collect();
+    let keyless = [keyless, vec![("HOME", home.path().display().to_string())]].concat();
+    let _bad = fake_worker_with(&url, "keyless", "0.1", &scratch.path().join("keyless.log"), &keyless);
+    wait_for("the keyless worker's exclusion", Duration::from_secs(60), || {
+        status(&url, &job).is_some_and(|s| s["workers_excluded"].as_u64() == Some(1))
+    });
+    let during = status(&url, &job).unwrap();
+    assert_eq!(during["state"], "running", "{during:#}");
+    let reason = during["exclusions"][0]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(during["exclusions"][0]["worker"] == "keyless" && reason.contains("no AWS credentials"), "{during:#}");
+    let _good = fake_worker_with(&url, "good", "0.1", &scratch.path().join("good.log"), &env);
+    let done = finish(&url, &job, Duration::from_secs(120), &scratch.path().join("coordinator.log"));
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    let s3 = bucket(moto.port, "creds");
+    assert_eq!(download(s3.as_ref(), &format!("out/jobs/{job}/shards")).await.len(), classes);
+    for (name, bytes) in download(s3.as_ref(), &format!("state/jobs/{job}/state/shards")).await {
+        let shard: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(shard["attempts"], 1, "{name}: {shard:#}");
+    }
+}
+
 /// A coordinator started (or restarted) while its store does not answer waits for the store,
 /// as any other call does, instead of exiting at its first failed write of the lock.
 #[test]

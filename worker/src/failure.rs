@@ -73,6 +73,21 @@ pub enum ShardFailure {
 }
 
 pub use mgd3_common::lease::Disposition;
+use mgd3_common::store::StoreProblem;
+
+/// Whether a store problem is about the credentials this worker uses (none found, or ones the
+/// server does not accept as valid), not about what valid ones may do: `AccessDenied` to a
+/// known key is the bucket's policy, the same for every worker.
+fn worker_credentials(problem: &StoreProblem) -> bool {
+    match problem {
+        StoreProblem::Credentials { .. } => true,
+        StoreProblem::Denied { code } => matches!(
+            code.as_str(),
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken" | "AuthenticationFailed"
+        ),
+        _ => false,
+    }
+}
 
 /// How [`ShardFailure::ModelFiles`] names the model: by the job's path or URL where the files
 /// were looked for elsewhere (a fetched copy), else as "the model", which its error names.
@@ -93,6 +108,13 @@ impl ShardFailure {
         match self {
             ShardFailure::Cancelled => Disposition::Release,
             ShardFailure::Engine(e) if matches!(**e, EngineError::Cancelled) => Disposition::Release,
+            // This worker's credentials (none found, a wrong key, an expired token): other
+            // workers may hold good ones, and one misconfigured node must not spend the shard's
+            // attempts or pause the job for everyone.
+            _ if self.store_problem().is_some_and(|p| worker_credentials(&p)) => Disposition::Elsewhere,
+            // The bucket is gone (deleted, or a server that forgot it): nothing can be written
+            // anywhere until a person acts; retries would spend every attempt in a second.
+            _ if matches!(self.store_problem(), Some(StoreProblem::NoSuchBucket { .. })) => Disposition::Pause,
             ShardFailure::ModelUnavailable(_)
             | ShardFailure::ModelMismatch { .. }
             | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
@@ -121,6 +143,22 @@ impl ShardFailure {
             | ShardFailure::Lost(_)
             | ShardFailure::Reported { .. } => Disposition::Retry,
         }
+    }
+
+    /// The store problem behind this failure, if any: the first one recognised in its causes
+    /// ([`StoreProblem::of`]).
+    fn store_problem(&self) -> Option<StoreProblem> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(error) = cause {
+            if let Some(problem) = error.downcast_ref::<object_store::Error>().and_then(StoreProblem::of) {
+                return Some(problem);
+            }
+            if let Some(credentials) = error.downcast_ref::<mgd3_common::aws::CredentialsError>() {
+                return Some(StoreProblem::Credentials { message: mgd3_common::error_chain(credentials) });
+            }
+            cause = error.source();
+        }
+        None
     }
 
     /// The message and its causes on one line, as the coordinator records it.
@@ -193,6 +231,53 @@ mod tests {
         let text = mgd3_common::error_chain(&fetched);
         assert!(text.contains("`s3://bucket/dit.onnx`") && text.contains("`/cache/ab12/dit.onnx`"), "{text}");
         assert_eq!(local.disposition(), Disposition::Elsewhere);
+    }
+
+    /// Store failures go where they can be fixed: this worker's credentials (none found, a key
+    /// the server does not know, a bad signature) send the shard to another worker without an
+    /// attempt, instead of one misconfigured node failing the job or pausing it for everyone; a
+    /// missing bucket pauses the job (retries spent every attempt in a second); what valid
+    /// credentials may not do (`AccessDenied`) pauses it as before; anything else is retried.
+    #[test]
+    fn store_failures_go_where_they_can_be_fixed() {
+        let answered = |status: &str, code: &str| {
+            let text = format!(
+                "Error performing PUT http://h/b/k - Server returned non-2xx status code: {status}: \
+                 <?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>m</Message></Error>"
+            );
+            object_store::Error::Generic { store: "S3", source: text.into() }
+        };
+        let commit = |source: object_store::Error| {
+            ShardFailure::Commit(mgd3_common::commit::CommitError::Store {
+                url: "s3://b/out".into(),
+                context: "staging `k`".into(),
+                source,
+            })
+        };
+        for code in ["InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"] {
+            assert_eq!(commit(answered("403 Forbidden", code)).disposition(), Disposition::Elsewhere, "{code}");
+        }
+        let none = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(mgd3_common::aws::CredentialsError::NotFound { profile: "default".into() }),
+        };
+        assert_eq!(commit(none).disposition(), Disposition::Elsewhere);
+        let listing = ShardFailure::LatentCache(mgd3_common::store::StoreError::Open {
+            url: "s3://b/cache".into(),
+            source: answered("403 Forbidden", "InvalidAccessKeyId"),
+        });
+        assert_eq!(listing.disposition(), Disposition::Elsewhere, "wherever the store was called");
+        let no_bucket = object_store::Error::NotFound {
+            path: "out/x".into(),
+            source: Box::new(answered("404 Not Found", "NoSuchBucket")),
+        };
+        assert_eq!(commit(no_bucket).disposition(), Disposition::Pause);
+        let forbidden = object_store::Error::PermissionDenied {
+            path: "out/x".into(),
+            source: Box::new(answered("403 Forbidden", "AccessDenied")),
+        };
+        assert_eq!(commit(forbidden).disposition(), Disposition::Pause);
+        assert_eq!(commit(answered("503 Slow Down", "SlowDown")).disposition(), Disposition::Retry);
     }
 
     /// A model file that is no model on this worker is tried on another (node-local copies);
