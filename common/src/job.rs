@@ -912,6 +912,27 @@ impl JobSpec {
                 bad(field, format!("`{v}` is not `sha256:<64 hex digits>`"));
             }
         }
+        let latent_cache = match &self.latent_cache {
+            Some(LatentCache::At(at)) => Some(at),
+            _ => None,
+        };
+        let class_file = match &self.classes {
+            ClassSelection::File { file } => Some(file),
+            _ => None,
+        };
+        for (field, value) in [
+            ("dataset", Some(&self.dataset)),
+            ("output", self.output.as_ref()),
+            ("latent_cache", latent_cache),
+            ("classes", class_file),
+            ("models.dit", Some(&self.models.dit)),
+            ("models.vae_encoder", Some(&self.models.vae_encoder)),
+            ("models.vae_decoder", Some(&self.models.vae_decoder)),
+        ] {
+            if let Some(problem) = value.and_then(|v| crate::store::location_problem(v)) {
+                bad(field, problem);
+            }
+        }
         if let ClassSelection::List(list) = &self.classes {
             if list.is_empty() {
                 bad("classes", "the list is empty".into());
@@ -1245,6 +1266,31 @@ mod tests {
         let text = "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\nguidance_scale = [0.1, 0.2]\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
         let error = JobSpec::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("line 5") && error.contains("[sweep]"), "{error}");
+    }
+
+    /// An object-store URL with a slash or its colon missing is refused naming the URL meant,
+    /// before and after the spec's paths are resolved (`output = "s3:/bucket/out"` wrote to a
+    /// local folder `s3:` beside the spec, and `check` passed it).
+    #[test]
+    fn a_url_with_a_slash_missing_is_refused_naming_the_url_meant() {
+        let text = "dataset = \"gs//data/train\"\nclasses = \"all\"\nipc = 10\noutput = \"s3:/bucket/out\"\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
+        let mut spec = JobSpec::from_toml(text).unwrap();
+        spec.resolve_paths(Path::new("/specs"));
+        assert_eq!(spec.output.as_deref(), Some("s3:/bucket/out"), "left as written for its check");
+        let error = spec.validate().unwrap_err().to_string();
+        for said in ["output", "write `s3://bucket/out`", "dataset", "write `gs://data/train`"] {
+            assert!(error.contains(said), "`{said}` missing: {error}");
+        }
+        assert_eq!(crate::store::url_typo("s3://bucket"), None);
+        assert_eq!(crate::store::url_typo("out/s3:/x"), None, "a folder inside another");
+        assert_eq!(crate::store::url_typo("s3data/out"), None);
+        assert!(crate::store::open("memory:/m/x").is_err());
+        let problem = |text: &str| crate::store::location_problem(text).unwrap_or_default();
+        assert!(problem("s4://b/out").contains("unsupported scheme `s4`"));
+        assert!(problem("s3:///out").contains("names no bucket"));
+        for fine in ["s3://b/out", "S3://b", "file:///tmp/x", "memory://m", "/data/x", "rel/x"] {
+            assert_eq!(crate::store::location_problem(fine), None, "{fine}");
+        }
     }
 
     /// A CFG scale outside 0..=MAX_CFG_SCALE (10⁶ gave noise and a success) is refused at the

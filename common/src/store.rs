@@ -111,11 +111,52 @@ pub fn is_url(text: &str) -> bool {
     text.contains("://")
 }
 
+/// The object-store URL schemes a location may use.
+const SCHEMES: [&str; 9] = ["s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "file", "memory"];
+
+/// The URL `text` was meant to be when it is one with a slash or its colon missing (`s3:/bucket`,
+/// `s3//bucket`), which would otherwise be a local folder named `s3:` or `s3` under the current
+/// (or the spec's) folder; `None` for anything else.
+pub fn url_typo(text: &str) -> Option<String> {
+    if is_url(text) {
+        return None;
+    }
+    SCHEMES.iter().find_map(|scheme| {
+        let rest = text.strip_prefix(scheme)?;
+        let rest = rest.strip_prefix(":/").or_else(|| rest.strip_prefix("//"))?;
+        Some(format!("{scheme}://{}", rest.trim_start_matches('/')))
+    })
+}
+
+/// What is wrong with `text` as a location, seen without opening it: a URL with a slash missing
+/// ([`url_typo`]), an unsupported scheme, or an object-store URL that names no bucket. `None`
+/// for a local path or a URL that may be opened (whether it exists is for opening to say).
+pub fn location_problem(text: &str) -> Option<String> {
+    if let Some(meant) = url_typo(text) {
+        return Some(format!(
+            "`{text}` is a URL with a slash or its colon missing (as written, it would be a local folder named after \
+             the scheme): write `{meant}`"
+        ));
+    }
+    let (scheme, rest) = text.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if !SCHEMES.contains(&scheme.as_str()) {
+        return Some(format!(
+            "`{text}`: unsupported scheme `{scheme}` (use a path, file://, s3://, gs://, az:// or memory://)"
+        ));
+    }
+    if !matches!(scheme.as_str(), "file" | "memory") && rest.split('/').next().is_none_or(str::is_empty) {
+        return Some(format!("`{text}` names no bucket or container: write `{scheme}://<bucket>/<prefix>`"));
+    }
+    None
+}
+
 /// Resolves a local path or URL against `base` (a directory) into an absolute, normalised path
-/// (`a/../b` → `b`, without touching the file system) or the URL unchanged.
+/// (`a/../b` → `b`, without touching the file system) or the URL unchanged (also a URL with a
+/// slash missing, [`url_typo`], for its check to name as written).
 pub fn resolve(text: &str, base: &std::path::Path) -> String {
     use std::path::Component;
-    if is_url(text) {
+    if is_url(text) || url_typo(text).is_some() {
         return text.to_owned();
     }
     let mut normal = std::path::PathBuf::new();
@@ -149,14 +190,8 @@ fn url_prefix(url: &str, parsed: &Url) -> Result<Path, StoreError> {
 pub fn open(url: &str) -> Result<Location, StoreError> {
     let bad = |problem: &str| StoreError::BadUrl { url: url.to_owned(), problem: problem.to_owned() };
     // `s3:/bucket` (one slash) would otherwise become a local folder named `s3:`.
-    if let Some((scheme, rest)) = url.split_once(":/")
-        && !is_url(url)
-        && ["s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "file", "memory"].contains(&scheme)
-    {
-        return Err(bad(&format!(
-            "a URL needs two slashes after the scheme: write `{scheme}://{}`",
-            rest.trim_start_matches('/')
-        )));
+    if let Some(meant) = url_typo(url) {
+        return Err(bad(&format!("a URL needs `://` after the scheme: write `{meant}`")));
     }
     if !is_url(url) {
         // The location's URL is absolute: it is written into job records that other processes,
