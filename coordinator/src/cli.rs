@@ -101,15 +101,21 @@ pub enum Command {
 
 impl Command {
     /// The command's way to the coordinator, for those that talk to one.
+    /// The coordinator connection the command uses; none where it asks no coordinator (a job
+    /// folder named with --job-dir is read directly: another coordinator on this host, serving
+    /// another store, is neither looked for nor named).
     fn connection(&mut self) -> Option<&mut Connection> {
         match self {
             Command::Submit(args) => Some(&mut args.connection),
             Command::Status(args) => Some(&mut args.connection),
             Command::Resume(args) => Some(&mut args.connection),
             Command::Cancel(args) | Command::Forget(args) => Some(&mut args.connection),
+            Command::Verify(args) if args.job_dir.is_some() => None,
             Command::Verify(args) => Some(&mut args.connection),
             Command::List(args) => Some(&mut args.connection),
             Command::Ready(args) => Some(&mut args.connection),
+            Command::Report(args) if args.job.job_dir.is_some() => None,
+            Command::Export(args) if args.job.job_dir.is_some() => None,
             Command::Report(args) => Some(&mut args.job.connection),
             Command::Export(args) => Some(&mut args.job.connection),
             Command::Serve(_) | Command::Run(_) | Command::Check(_) | Command::Spec(_) => None,
@@ -1214,6 +1220,18 @@ async fn run_command(cli: Cli) -> Result<()> {
                             return Err(anyhow::Error::new(error).context(format!(
                                 "no coordinator to ask; without one, verify the job's folder: `coordinator verify {} --job-dir <output>/jobs/{}`",
                                 args.job, args.job
+                            )));
+                        }
+                        // The coordinator was found on this host, not named: the job's own (a
+                        // `coordinator run` that has ended) may be gone.
+                        Err(error)
+                            if error.code() == tonic::Code::NotFound && args.connection.coordinator_arg.is_none() =>
+                        {
+                            return Err(anyhow::Error::new(error).context(format!(
+                                "the coordinator found on this host does not know job `{}`; if the job ran under a \
+                                 `coordinator run` that has ended, verify its folder: `coordinator verify {} --job-dir \
+                                 <output>/jobs/{}` (or name its coordinator with --coordinator)",
+                                args.job, args.job, args.job
                             )));
                         }
                         Err(error) => return Err(error.into()),

@@ -890,7 +890,20 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
     let exit = wait_exit(&mut run.0, "the first coordinator run", Duration::from_secs(120));
     assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
     assert!(std::fs::read_dir(runtime.join("mgd3")).unwrap().next().is_none(), "the announcement goes with it");
-    // With no coordinator left, verify reads the job's folder offline.
+    // Two other coordinators on this host (live processes: this test's and its parent's) serve
+    // other stores (nothing listens at their URLs). Asked about the job without a coordinator
+    // named, verify says how to verify the job's folder instead.
+    for (pid, port) in [(std::process::id(), 1), (std::os::unix::process::parent_id(), 2)] {
+        let announcement = serde_json::json!({
+            "url": format!("http://127.0.0.1:{port}"), "store": "/elsewhere", "pid": pid, "started_unix_ms": port,
+        });
+        std::fs::write(runtime.join("mgd3").join(format!("coordinator-{pid}.json")), announcement.to_string()).unwrap();
+    }
+    let unknown = cli(&["verify", &job]);
+    let text = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success() && text.contains("--job-dir <output>/jobs/"), "{text}");
+    // With the job's own coordinator gone, verify reads the job's folder offline, asking no
+    // coordinator (it named the newest one found on the host, serving another store).
     let job_dir = format!("{store}/jobs/{job}");
     let offline = cli(&["verify", &job, "--job-dir", &job_dir]);
     let text = String::from_utf8_lossy(&offline.stdout);
@@ -899,6 +912,8 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
             && text.contains("succeeded (manifest.json), 4 class(es), 8 file(s) checked, 0 problem(s)"),
         "{text}"
     );
+    let said = String::from_utf8_lossy(&offline.stderr);
+    assert!(!said.contains("coordinator"), "verify --job-dir spoke of a coordinator: {said}");
 }
 
 /// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
