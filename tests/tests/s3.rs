@@ -327,6 +327,55 @@ async fn a_worker_without_store_credentials_is_excluded_and_the_others_finish_th
     }
 }
 
+/// A worker told to stop (SIGTERM) while its store does not answer leaves the commit it is in
+/// after a short grace and gives its lease back, spending no attempt: it took three minutes (the
+/// store calls' whole retry budget, past any stop grace) and spent an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_during_a_store_outage_exits_promptly_and_spends_no_attempt() {
+    let Some(moto) = moto() else { return };
+    create_bucket(moto.port, "stopping");
+    let env = aws_env(moto.port);
+    let (worker_proxy, worker_down) = flaky_proxy(moto.port);
+    let worker_env = aws_env(worker_proxy);
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let classes = 2;
+    dataset(&data, classes, 30);
+    let job_spec = scratch.path().join("job.toml");
+    let one = "classes_per_shard = 1";
+    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://stopping/out", classes, 2, 4, one)).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let _coordinator = serve(port, "s3://stopping/state", &log, &env);
+    let job = submit(&url, &job_spec);
+    // Its class takes 3 s; the store goes away for it while the class runs, so its commit waits.
+    let mut stopping = fake_worker_with(&url, "stopping", "3", &scratch.path().join("stopping.log"), &worker_env);
+    wait_for("the worker's lease", Duration::from_secs(30), || {
+        status(&url, &job).is_some_and(|s| s["shards"]["running"].as_u64() >= Some(1))
+    });
+    worker_down.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(5));
+    let stopped = Instant::now();
+    terminate(&stopping.0);
+    let exit = wait_exit(&mut stopping.0, "the stopped worker", Duration::from_secs(60));
+    let took = stopped.elapsed();
+    let said = std::fs::read_to_string(scratch.path().join("stopping.log")).unwrap();
+    assert!(took < Duration::from_secs(40), "the worker took {took:?} to stop:\n{said}");
+    assert!(exit.success(), "{exit:?}\n{said}");
+    assert!(said.contains("the class is left uncommitted and the lease given back"), "{said}");
+    // The store comes back for a worker that has it: the job ends, every shard on its first attempt.
+    worker_down.store(false, Ordering::Relaxed);
+    let _good = fake_worker_with(&url, "good", "0.1", &scratch.path().join("good.log"), &env);
+    let done = finish(&url, &job, Duration::from_secs(120), &log);
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    let s3 = bucket(moto.port, "stopping");
+    for (name, bytes) in download(s3.as_ref(), &format!("state/jobs/{job}/state/shards")).await {
+        let shard: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(shard["attempts"] == 1 && shard["last_error"].is_null(), "{name}: {shard:#}");
+    }
+}
+
 /// A coordinator started (or restarted) while its store does not answer waits for the store,
 /// as any other call does, instead of exiting at its first failed write of the lock.
 #[test]

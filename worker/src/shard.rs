@@ -14,7 +14,7 @@ use mgd3_common::store::Location;
 use object_store::ObjectStoreExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tracing::info;
 
@@ -72,18 +72,50 @@ struct Committer<'a> {
     keys: JobKeys,
     lease: &'a ShardLease,
     progress: &'a ShardProgress,
+    /// Set when the shard is to stop (SIGTERM, a revoked lease).
+    cancel: &'a AtomicBool,
     markers: std::collections::HashMap<String, ClassMarker>,
 }
+
+/// How long a store call in flight may go on once the shard is told to stop (SIGTERM, a revoked
+/// lease). A commit ends well within it; one that a store outage holds up (its calls are retried
+/// for minutes) is left, and the shard is given back unfinished, spending no attempt, so that a
+/// stopping worker exits within its stop grace: a commit left half-way is one a kill cut short,
+/// which the commit protocol survives.
+pub const STOPPING_STORE_GRACE: Duration = Duration::from_secs(10);
 
 impl Committer<'_> {
     fn store_failure(wnid: &str, e: mgd3_common::commit::CommitError) -> ShardError {
         ShardError::class(wnid, e)
     }
 
+    /// Runs a store call of class `wnid` on the runtime, until it ends or
+    /// [`STOPPING_STORE_GRACE`] after the shard was told to stop.
+    fn store_call<T>(
+        &self,
+        wnid: &str,
+        call: impl std::future::Future<Output = Result<T, mgd3_common::commit::CommitError>>,
+    ) -> Result<T, ShardError> {
+        let cancel = self.cancel;
+        let stopped = async move {
+            while !cancel.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(STOPPING_STORE_GRACE).await;
+        };
+        self.runtime.block_on(async {
+            tokio::select! {
+                result = call => result.map_err(|e| Self::store_failure(wnid, e)),
+                () = stopped => {
+                    tracing::warn!(class = %wnid, grace_s = STOPPING_STORE_GRACE.as_secs(), "stopping: the store has not answered since the stop; the class is left uncommitted and the lease given back");
+                    Err(ShardError::class(wnid, ShardFailure::Cancelled))
+                }
+            }
+        })
+    }
+
     fn committed(&self, wnid: &str) -> Result<Option<ClassMarker>, ShardError> {
-        self.runtime
-            .block_on(committed_marker(self.out, &self.keys, wnid, &self.lease.fingerprint))
-            .map_err(|e| Self::store_failure(wnid, e))
+        self.store_call(wnid, committed_marker(self.out, &self.keys, wnid, &self.lease.fingerprint))
     }
 
     fn record(&mut self, marker: ClassMarker) {
@@ -131,10 +163,7 @@ impl ClassSink for Committer<'_> {
         let files = result.files;
         let (images, real_images) = (files.images.len(), template.real_images);
         let quality = template.quality.as_ref().map(|q| (q.diversity_normalised, q.representativeness_normalised));
-        let outcome = self
-            .runtime
-            .block_on(commit_class(self.out, &self.keys, template, files))
-            .map_err(|e| Self::store_failure(&class.wnid, e))?;
+        let outcome = self.store_call(&class.wnid, commit_class(self.out, &self.keys, template, files))?;
         let outcome_text = match outcome {
             CommitOutcome::Lost => "lost to another attempt",
             _ => "committed",
@@ -190,8 +219,15 @@ pub fn run_shard(
     cancel: &Arc<AtomicBool>,
 ) -> Result<ShardReport, ShardError> {
     let started = Instant::now();
-    let mut committer =
-        Committer { runtime, out, keys: JobKeys::new(&lease.job_id), lease, progress, markers: Default::default() };
+    let mut committer = Committer {
+        runtime,
+        out,
+        keys: JobKeys::new(&lease.job_id),
+        lease,
+        progress,
+        cancel: cancel.as_ref(),
+        markers: Default::default(),
+    };
     let mut todo = Vec::new();
     for class in &lease.classes {
         if cancel.load(Ordering::Relaxed) {
@@ -199,9 +235,7 @@ pub fn run_shard(
         }
         match committer.committed(&class.wnid)? {
             Some(marker) => {
-                runtime
-                    .block_on(publish(out, &committer.keys, &marker, Check::Size))
-                    .map_err(|e| Committer::store_failure(&class.wnid, e))?;
+                committer.store_call(&class.wnid, publish(out, &committer.keys, &marker, Check::Size))?;
                 info!(job = %lease.job_id, class = %class.wnid, attempt = %marker.attempt_id, "class already committed");
                 committer.record(marker);
             }
