@@ -633,7 +633,7 @@ fn default_max_attempts() -> u32 {
 /// A class whose DiT label is outside the DiT's classes (labels `0..classes`; the null class of
 /// classifier-free guidance is no class).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("class `{class}`: label {label} is outside the DiT's 0..{classes} classes")]
+#[error("class `{class}`: label {label} is outside the DiT's {classes} classes (labels 0 to {})", classes.saturating_sub(1))]
 pub struct LabelOutOfRange {
     /// The class (wnid), as the job or the command line names it.
     pub class: String,
@@ -946,7 +946,13 @@ impl JobSpec {
                 || name.starts_with('.')
                 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         {
-            bad("name", format!("`{name}` may only use letters, digits, '-', '_' and '.', and not start with '.'"));
+            bad(
+                "name",
+                format!(
+                    "`{name}` may only use ASCII letters and digits, '-', '_' and '.', and not start with '.' (it \
+                     names the job's folder and object keys)"
+                ),
+            );
         }
         if errors.is_empty() { Ok(()) } else { Err(JobError::Invalid(errors)) }
     }
@@ -1281,6 +1287,10 @@ mod tests {
         for said in ["output", "write `s3://bucket/out`", "dataset", "write `gs://data/train`"] {
             assert!(error.contains(said), "`{said}` missing: {error}");
         }
+        let mut empty = JobSpec::from_toml(&text.replace("gs//data/train", "")).unwrap();
+        empty.resolve_paths(Path::new("/specs"));
+        let error = empty.validate().unwrap_err().to_string();
+        assert!(error.contains("`dataset`: must name an ImageFolder root"), "{error}");
         assert_eq!(crate::store::url_typo("s3://bucket"), None);
         assert_eq!(crate::store::url_typo("out/s3:/x"), None, "a folder inside another");
         assert_eq!(crate::store::url_typo("s3data/out"), None);
@@ -1450,7 +1460,10 @@ vae_decoder_fingerprint = "sha256:cc""#,
         assert!(check_label("n01", 0, 1000).is_ok() && check_label("n01", 999, 1000).is_ok());
         for label in [-1, 1000, 1001] {
             let error = check_label("n01", label, 1000).unwrap_err();
-            assert_eq!(error.to_string(), format!("class `n01`: label {label} is outside the DiT's 0..1000 classes"));
+            assert_eq!(
+                error.to_string(),
+                format!("class `n01`: label {label} is outside the DiT's 1000 classes (labels 0 to 999)")
+            );
         }
     }
 

@@ -156,7 +156,9 @@ pub fn location_problem(text: &str) -> Option<String> {
 /// slash missing, [`url_typo`], for its check to name as written).
 pub fn resolve(text: &str, base: &std::path::Path) -> String {
     use std::path::Component;
-    if is_url(text) || url_typo(text).is_some() {
+    // An empty location stays empty, for its check to say so (as `base` it named the spec's
+    // folder, and `dataset = ""` was told that it "resolves to no classes").
+    if is_url(text) || url_typo(text).is_some() || text.trim().is_empty() {
         return text.to_owned();
     }
     let mut normal = std::path::PathBuf::new();

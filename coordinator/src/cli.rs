@@ -909,8 +909,15 @@ async fn run_command(cli: Cli) -> Result<()> {
     match command {
         Command::Serve(args) => {
             let config = ServeConfig::try_from(&args)?;
-            let listener =
-                TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+            let listener = TcpListener::bind(&args.listen).await.map_err(|error| {
+                let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another process uses the port: pick another with --listen; under distill.sbatch, set \
+                         MGD3_PORT)"
+                } else {
+                    ""
+                };
+                anyhow::Error::new(error).context(format!("cannot listen on {}{hint}", args.listen))
+            })?;
             let address = listener.local_addr()?;
             if !address.ip().is_loopback() && config.token.is_none() && !args.insecure_no_auth {
                 bail!(

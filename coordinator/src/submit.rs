@@ -103,7 +103,8 @@ pub async fn resolve_job(
     // named beside the dataset's, so that one run names both.
     // An output, cache or state store inside the dataset is said with the dataset's and the
     // models' problems.
-    let inside = spec.inside_dataset_problems_with(Some(default_output));
+    let mut inside = spec.inside_dataset_problems_with(Some(default_output));
+    inside.extend(folder_problems(&spec, Some(default_output), base_dir));
     let data = match check_dataset(&spec).await {
         Ok(data) if inside.is_empty() => data,
         Ok(_) => return Err(Error::Job(JobError::Invalid(with_model_problems(&spec, inside).await))),
@@ -553,6 +554,7 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, store: Option<&str>
         Err(other) => return Err(other.into()),
     };
     problems.extend(spec.inside_dataset_problems_with(store));
+    problems.extend(folder_problems(&spec, store, base_dir));
     problems.extend(model_problems(&spec, &[]));
     if cpu_workers {
         let m = &spec.models;
@@ -581,6 +583,39 @@ pub fn check_before_workers(spec: &JobSpec, base_dir: &Path, store: Option<&str>
         }
     }
     if problems.is_empty() { Ok(()) } else { Err(Error::Job(JobError::Invalid(problems))) }
+}
+
+/// Local folders the job writes (`output`, `latent_cache`, `--store`) whose path runs into a file
+/// (the folder itself, or a folder above it, is a file): `run` failed on them after `check`
+/// had passed. Where the path may still be created is for the run to find out.
+fn folder_problems(spec: &JobSpec, store: Option<&str>, base_dir: &Path) -> Vec<FieldError> {
+    let latent_cache = match &spec.latent_cache {
+        Some(mgd3_common::job::LatentCache::At(at)) => Some(at.clone()),
+        _ => None,
+    };
+    let store = store
+        .map(|s| mgd3_common::store::resolve(s, &std::env::current_dir().unwrap_or_else(|_| base_dir.into())))
+        .filter(|store| spec.output.as_ref() != Some(store));
+    let mut problems = Vec::new();
+    for (field, location) in [("output", spec.output.clone()), ("latent_cache", latent_cache), ("--store", store)] {
+        let Some(location) = location else { continue };
+        let local = location.strip_prefix("file://").unwrap_or(&location);
+        if mgd3_common::store::is_url(local) || local.trim().is_empty() {
+            continue;
+        }
+        let path = Path::new(local);
+        if let Some(file) = path.ancestors().find(|p| p.exists()).filter(|p| !p.is_dir()) {
+            let what =
+                if file == path { "is a file".to_owned() } else { format!("is under `{}`, a file", file.display()) };
+            problems.push(FieldError {
+                field: field.into(),
+                problem: format!(
+                    "`{location}` {what}, not a folder: name a folder (one that exists, or may be created)"
+                ),
+            });
+        }
+    }
+    problems
 }
 
 /// A model setting's file on this machine: a path, or a `file://` URL's path.

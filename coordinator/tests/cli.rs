@@ -509,6 +509,22 @@ fn an_output_inside_the_dataset_is_refused_before_anything_is_written() {
         assert!(text.contains("`--store`") && text.contains("is inside the dataset"), "{command}: {text}");
     }
     assert_eq!(walk(&dir.path().join("data")).len(), 4, "nothing written in the dataset");
+    // An output (or a state store) that is a file, or under one, is refused at check as at run
+    // (check passed it, and run failed with "cannot create local folder").
+    std::fs::write(dir.path().join("afile"), b"x").unwrap();
+    for output in ["afile", "afile/sub"] {
+        write(output);
+        for command in [&["check", spec.to_str().unwrap()][..], &["run", spec.to_str().unwrap()]] {
+            let out = coordinator(command);
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{output} {command:?}: {text}");
+            assert!(text.contains("`output`") && text.contains("not a folder"), "{output}: {text}");
+        }
+    }
+    write("out");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", dir.path().join("afile").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && text.contains("`--store`") && text.contains("is a file"), "{text}");
 }
 
 /// Every file under `dir`.

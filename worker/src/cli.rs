@@ -790,7 +790,12 @@ fn sample(args: SampleArgs) -> Result<()> {
         );
     }
     if let Err(outside) = mgd3_common::job::check_label("--label", args.label, info.num_classes as i64) {
-        bail!("--label {} is outside the DiT's 0..{} classes", outside.label, outside.classes);
+        bail!(
+            "--label {} is outside the DiT's {} classes (labels 0 to {})",
+            outside.label,
+            outside.classes,
+            outside.classes.saturating_sub(1)
+        );
     }
     let n = modes.shape()[0];
     let want = [n, config.steps + 1, info.latent_shape[0], info.latent_shape[1], info.latent_shape[2]];
