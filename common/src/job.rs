@@ -88,6 +88,37 @@ fn blank_line(text: &str, at: usize) -> Option<String> {
     Some(format!("{}{}", &text[..start], &text[end..]))
 }
 
+/// `text` with the line holding byte `at` replaced by `with` (its newline kept).
+fn replace_line(text: &str, at: usize, with: &str) -> String {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    format!("{}{with}{}", &text[..start], &text[end..])
+}
+
+/// The key the line holding byte `at` sets (`key = value`), unquoted; `None` for another line.
+fn line_key(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let (key, _) = text[start..end].split_once('=')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
+
+/// A stand-in line for a required setting whose own line was set aside for its problem (a wrong
+/// type, a misspelt key), so that the spec reads on and the other settings' problems are found
+/// in the same pass, instead of a "missing field" for the setting just named. Only top-level
+/// settings, which is where these keys live.
+fn stand_in(key: &str) -> Option<&'static str> {
+    match key {
+        "dataset" => Some("dataset = \"stand-in\""),
+        "classes" => Some("classes = \"all\""),
+        "ipc" => Some("ipc = 1"),
+        _ => None,
+    }
+}
+
 /// The error located in `text`, and for serde's "unknown field `y`, expected one of …" with an
 /// expected name close to `y` (a typo: at most two edits, or a third of its length), "did you mean
 /// `x`?" in place of the list, with `x`.
@@ -96,7 +127,9 @@ fn with_suggestion(text: &str, error: &toml::de::Error) -> (String, Option<Strin
     let Some(rest) = error.message().strip_prefix("unknown field `") else { return (located, None) };
     let Some((unknown, expected)) = rest.split_once('`') else { return (located, None) };
     let names = expected.split('`').skip(1).step_by(2);
-    match names.map(|name| (edit_distance(unknown, name), name)).min() {
+    // Case alone (`IPC`) is as close as a name gets.
+    let distance = |name: &str| if unknown.eq_ignore_ascii_case(name) { 0 } else { edit_distance(unknown, name) };
+    match names.map(|name| (distance(name), name)).min() {
         Some((distance, name)) if distance <= 2.max(unknown.len() / 3) => {
             let head = located.split(", expected one of").next().unwrap_or(&located);
             (format!("{head}; did you mean `{name}`?"), Some(name.to_owned()))
@@ -840,7 +873,19 @@ impl JobSpec {
         for _ in 0..MAX_SHAPE_PROBLEMS {
             let error = match toml::from_str::<JobSpec>(&current) {
                 Ok(spec) if problems.is_empty() => return Ok(spec),
-                Ok(_) => break,
+                Ok(rest) => {
+                    // The other settings' own problems (a value out of range), said with these.
+                    if let Err(JobError::Invalid(invalid)) = rest.validate() {
+                        let leaf = |field: &str| field.rsplit('.').next().unwrap_or(field).to_owned();
+                        problems.extend(
+                            invalid
+                                .into_iter()
+                                .filter(|e| !suggested.contains(&leaf(&e.field)))
+                                .map(|e| (usize::MAX - 1, e.to_string())),
+                        );
+                    }
+                    break;
+                }
                 Err(error) => error,
             };
             let message = error.message().trim_end();
@@ -854,9 +899,17 @@ impl JobSpec {
             let line =
                 error.span().map_or(0, |span| current[..span.start.min(current.len())].matches('\n').count() + 1);
             let (text, suggestion) = with_suggestion(&current, &error);
-            suggested.extend(suggestion);
+            // The setting this line was for: said now, so that its absence is not said again.
+            let key = suggestion.or_else(|| error.span().and_then(|span| line_key(&current, span.start)));
+            let stood_in = key.as_deref().and_then(stand_in);
+            suggested.extend(key);
             problems.push((line, text));
-            let Some(blanked) = error.span().and_then(|span| blank_line(&current, span.start)) else { break };
+            let next = match (error.span(), stood_in) {
+                (Some(span), Some(line)) => Some(replace_line(&current, span.start, line)),
+                (span, None) => span.and_then(|span| blank_line(&current, span.start)),
+                (None, Some(_)) => None,
+            };
+            let Some(blanked) = next.filter(|next| *next != current) else { break };
             if toml::from_str::<toml::Table>(&blanked).is_err() {
                 break; // the value spans lines: what is left cannot be read on its own
             }
@@ -1272,6 +1325,31 @@ mod tests {
         let text = "dataset = \"/d\"\nclasses = \"all\"\nipc = 10\n[sampling]\nguidance_scale = [0.1, 0.2]\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n";
         let error = JobSpec::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("line 5") && error.contains("[sweep]"), "{error}");
+    }
+
+    /// A misspelt or mistyped setting does not hide the others' problems: every one is said in
+    /// one pass (a misspelt `classes` hid `ipc = 0`, and `ipc = -1` added "missing field ipc").
+    #[test]
+    fn a_misspelt_or_mistyped_setting_hides_no_other_problem() {
+        let spec = |top: &str| {
+            format!(
+                "name = \"x\"\ndataset = \"/d\"\n{top}\n[sampling]\nguidance_scale = -1.0\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\n"
+            )
+        };
+        let error = |top: &str| JobSpec::from_toml(&spec(top)).unwrap_err().to_string();
+        let typo = error("clases = \"all\"\nipc = 0");
+        for said in ["did you mean `classes`?", "`ipc`: must be at least 1", "`sampling.guidance_scale`: -1"] {
+            assert!(typo.contains(said), "`{said}` missing: {typo}");
+        }
+        assert!(!typo.contains("missing field"), "{typo}");
+        let mistyped = error("classes = \"all\"\nipc = -1");
+        assert!(mistyped.contains("line 4 (`ipc = -1`)") && mistyped.contains("guidance_scale"), "{mistyped}");
+        assert!(!mistyped.contains("missing field"), "{mistyped}");
+        let upper = error("classes = \"all\"\nIPC = 2");
+        assert!(upper.contains("did you mean `ipc`?") && !upper.contains("missing field"), "{upper}");
+        // A required setting that is simply absent is still said.
+        let absent = error("classes = \"all\"");
+        assert!(absent.contains("missing field `ipc`"), "{absent}");
     }
 
     /// An object-store URL with a slash or its colon missing is refused naming the URL meant,
