@@ -51,6 +51,17 @@ pub enum StoreError {
     /// A model in an object store names external data that cannot be fetched beside it.
     #[error(transparent)]
     ModelFiles(#[from] crate::modelmeta::ModelFilesError),
+    /// The object a model's URL names (or one of its files) is not in the store.
+    #[error(
+        "`{url}` is not in the store (no object at key `{key}`): check the path, whose keys are case-sensitive, and \
+         that the model was uploaded there"
+    )]
+    MissingObject {
+        /// The model's URL as the job names it.
+        url: String,
+        /// The key looked for.
+        key: String,
+    },
 }
 
 /// A store and the key prefix a URL names inside it.
@@ -325,11 +336,23 @@ impl std::fmt::Display for StoreProblem {
                 "the store refused the credentials in use ({code}; AWS profile `{}`): check AWS_PROFILE or the keys, that they have not expired, and the bucket's policy",
                 crate::aws::profile_name()
             ),
-            Self::Unreachable => write!(
-                f,
-                "the store's endpoint did not answer (connection refused, reset or timed out; calls are retried for up to {} s): check the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url for S3-compatible servers) and the network",
-                STORE_RETRY_TIMEOUT.as_secs()
-            ),
+            Self::Unreachable => {
+                // The endpoint in use, where the environment sets it: the value a typo is in.
+                let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+                    .iter()
+                    .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()).map(|v| (name, v)))
+                    .map(|(name, value)| {
+                        format!(
+                            " ({name} is `{value}`; an https:// endpoint of a plain-http server fails the same way)"
+                        )
+                    })
+                    .unwrap_or_default();
+                write!(
+                    f,
+                    "the store's endpoint did not answer (connection refused, reset or timed out; calls are retried for up to {} s): check the endpoint{endpoint} (AWS_ENDPOINT_URL or the profile's endpoint_url for S3-compatible servers) and the network",
+                    STORE_RETRY_TIMEOUT.as_secs()
+                )
+            }
             Self::Credentials { message } => f.write_str(message),
         }
     }
@@ -651,7 +674,13 @@ async fn fetch_object(
     let local_err = |source| StoreError::LocalDir { path: dir.display().to_string(), source };
     let target = dir.join(file);
     let open_err = |source| StoreError::Open { url: format!("{url} ({key})"), source };
-    let meta = location.store.head(key).await.map_err(open_err)?;
+    let meta = location.store.head(key).await.map_err(|source| {
+        if is_not_found(&source) {
+            StoreError::MissingObject { url: url.to_owned(), key: key.to_string() }
+        } else {
+            open_err(source)
+        }
+    })?;
     // What the object is now: a file rewritten in place with the same size (new weights of the
     // same shapes) is fetched again.
     let version =
@@ -800,6 +829,14 @@ mod tests {
         location.store.delete(&location.key("model.onnx_data")).await.unwrap();
         let error = fetch_model(url, tempfile::tempdir().unwrap().path()).await.unwrap_err();
         assert!(crate::error_chain(&error).contains("model.onnx_data"), "{}", crate::error_chain(&error));
+        // A model that is not there at all is said in one sentence, not as the client's request dump.
+        let missing = "memory://fetch-external/models/Tiny_vae_decoder.onnx";
+        let error = crate::error_chain(&fetch_model(missing, tempfile::tempdir().unwrap().path()).await.unwrap_err());
+        assert!(
+            error.starts_with(&format!("`{missing}` is not in the store (no object at key"))
+                && error.contains("case-sensitive"),
+            "{error}"
+        );
     }
 
     #[tokio::test]
