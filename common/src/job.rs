@@ -899,8 +899,14 @@ impl JobSpec {
             let line =
                 error.span().map_or(0, |span| current[..span.start.min(current.len())].matches('\n').count() + 1);
             let (text, suggestion) = with_suggestion(&current, &error);
-            // The setting this line was for: said now, so that its absence is not said again.
-            let key = suggestion.or_else(|| error.span().and_then(|span| line_key(&current, span.start)));
+            // The setting this line was for: said now, so that its absence is not said again. A
+            // misspelling of a setting the spec also sets correctly (`ipx` beside `ipc`) is only
+            // an unknown key: the setting stays the other line's, with its own problems.
+            let set = |key: &str| toml::from_str::<toml::Table>(&current).is_ok_and(|table| table.contains_key(key));
+            let key = match suggestion {
+                Some(name) if set(&name) => None,
+                suggestion => suggestion.or_else(|| error.span().and_then(|span| line_key(&current, span.start))),
+            };
             let stood_in = key.as_deref().and_then(stand_in);
             suggested.extend(key);
             problems.push((line, text));
@@ -928,7 +934,10 @@ impl JobSpec {
         let mut errors = Vec::new();
         let mut bad = |field: &str, problem: String| errors.push(FieldError { field: field.into(), problem });
         if self.dataset.trim().is_empty() {
-            bad("dataset", "must name an ImageFolder root".into());
+            bad("dataset", "is empty: it must name an ImageFolder root (a folder of class folders)".into());
+        }
+        if self.output.as_deref().is_some_and(|o| o.trim().is_empty()) {
+            bad("output", "is empty: name a folder or object-store URL, or leave `output` out".into());
         }
         if self.ipc == 0 {
             bad("ipc", "must be at least 1".into());
@@ -1345,6 +1354,10 @@ mod tests {
         let mistyped = error("classes = \"all\"\nipc = -1");
         assert!(mistyped.contains("line 4 (`ipc = -1`)") && mistyped.contains("guidance_scale"), "{mistyped}");
         assert!(!mistyped.contains("missing field"), "{mistyped}");
+        let beside = error("classes = \"all\"\nipc = 0\nipx = 3");
+        for said in ["did you mean `ipc`?", "`ipc`: must be at least 1", "guidance_scale"] {
+            assert!(beside.contains(said), "`{said}` missing: {beside}");
+        }
         let upper = error("classes = \"all\"\nIPC = 2");
         assert!(upper.contains("did you mean `ipc`?") && !upper.contains("missing field"), "{upper}");
         // A required setting that is simply absent is still said.
@@ -1368,7 +1381,8 @@ mod tests {
         let mut empty = JobSpec::from_toml(&text.replace("gs//data/train", "")).unwrap();
         empty.resolve_paths(Path::new("/specs"));
         let error = empty.validate().unwrap_err().to_string();
-        assert!(error.contains("`dataset`: must name an ImageFolder root"), "{error}");
+        assert!(error.contains("`dataset`: is empty"), "{error}");
+        assert_eq!(crate::store::url_typo("s3:bucket/out").as_deref(), Some("s3://bucket/out"));
         assert_eq!(crate::store::url_typo("s3://bucket"), None);
         assert_eq!(crate::store::url_typo("out/s3:/x"), None, "a folder inside another");
         assert_eq!(crate::store::url_typo("s3data/out"), None);

@@ -134,7 +134,11 @@ pub fn url_typo(text: &str) -> Option<String> {
     }
     SCHEMES.iter().find_map(|scheme| {
         let rest = text.strip_prefix(scheme)?;
-        let rest = rest.strip_prefix(":/").or_else(|| rest.strip_prefix("//"))?;
+        // `s3:/b`, `s3//b`, and `s3:b` (both slashes missing).
+        let rest = rest
+            .strip_prefix(":/")
+            .or_else(|| rest.strip_prefix("//"))
+            .or_else(|| rest.strip_prefix(':').filter(|r| !r.is_empty()))?;
         Some(format!("{scheme}://{}", rest.trim_start_matches('/')))
     })
 }

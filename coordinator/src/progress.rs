@@ -210,12 +210,20 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
             status.job_id
         ));
     }
-    // A shard given back by an excluded worker keeps the reason as its last error: while that
-    // worker is connected, the workers line above says it already.
+    // Workers the job excluded (models that differ, credentials that do not work), each with
+    // its reason, unless the workers line above says it already (every connected one excluded).
+    // A shard given back by one keeps the reason as its last error: said here, not as a failure
+    // of the shard (it spent no attempt; the attempt it shows is the next worker's).
     let exclusions_shown = no_worker_warning(status, url).is_some();
-    let shown = |f: &&mgd3_common::status::ShardFailure| {
-        exclusions_shown && f.attempts == 0 && status.exclusions.iter().any(|e| e.reason == f.error)
-    };
+    if !exclusions_shown {
+        for e in &status.exclusions {
+            text.push_str(&format!(
+                "  excluded: worker {} (its shards go to other workers, no attempt spent): {}\n",
+                e.worker_id, e.reason
+            ));
+        }
+    }
+    let shown = |f: &&mgd3_common::status::ShardFailure| status.exclusions.iter().any(|e| e.reason == f.error);
     for f in status.failures.iter().filter(|f| !shown(f)) {
         text.push_str(&failure_line(f));
     }
@@ -480,6 +488,24 @@ mod tests {
             shard_list: Vec::new(),
             store_unheld_since_unix_ms: None,
         }
+    }
+
+    /// A worker the job excluded while others run it is named with its reason, and the shard it
+    /// gave back (whose last error is that reason, its attempt the next worker's) is no failure.
+    #[test]
+    fn an_excluded_worker_is_named_and_its_reason_is_no_shard_failure() {
+        let mut s = status(JobState::Running, 2, 1.0, Some(10.0));
+        let reason = "no AWS credentials found for profile `default`".to_owned();
+        s.workers_excluded = 1;
+        s.exclusions = vec![mgd3_common::status::WorkerExclusion { worker_id: "bad".into(), reason: reason.clone() }];
+        s.failures =
+            vec![mgd3_common::status::ShardFailure { shard_index: 0, wnid: "n01".into(), error: reason, attempts: 1 }];
+        let text = describe(&s, "http://c");
+        assert!(
+            text.contains("  excluded: worker bad (its shards go to other workers, no attempt spent): no AWS"),
+            "{text}"
+        );
+        assert!(!text.contains("failure:"), "{text}");
     }
 
     #[test]

@@ -1273,7 +1273,27 @@ impl Coordinator {
                     .then(|| (known.clone(), scheduler.summary(&known.job_id, now_ms()).map(|s| s.classes_done)))
             })
         };
-        if let Some((known, done)) = moved {
+        let same_folder = |a: &str, b: &str| {
+            let local = |s: &str| std::path::Path::new(s.strip_prefix("file://").unwrap_or(s)).canonicalize().ok();
+            local(a).is_some_and(|a| Some(a) == local(b))
+        };
+        if let Some((known, done)) =
+            moved.as_ref().filter(|(known, _)| same_folder(&known.spec.dataset, &job.spec.dataset))
+        {
+            notes.push(format!(
+                "job `{}` distils the same classes with the same settings from the same folder, written `{}` there and \
+                 `{}` here: a job's dataset location is part of its identity as written, so this is a new job `{}` that \
+                 distils every class again{}. To go on with `{}` instead, write `dataset` as `{}`",
+                known.job_id,
+                known.spec.dataset,
+                job.spec.dataset,
+                job.job_id,
+                done.map(|d| format!(" (`{}` has {d} of {} classes committed)", known.job_id, known.classes.len()))
+                    .unwrap_or_default(),
+                known.job_id,
+                known.spec.dataset,
+            ));
+        } else if let Some((known, done)) = moved {
             notes.push(format!(
                 "job `{}` distils the same classes with the same settings from `{}` (the same file names and sizes): \
                  a job's dataset location is part of its identity, so this is a new job `{}` that distils every class \
