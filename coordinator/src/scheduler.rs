@@ -1958,7 +1958,7 @@ impl Scheduler {
     /// Call it before [`Scheduler::fail`], [`Scheduler::pause`] or [`Scheduler::exclude`],
     /// which end the lease.
     ///
-    /// A lease a cancel or a pause took back ([`Scheduler::revoked`]) is counted too, once: its
+    /// A lease a cancel or a pause took back (see [`Scheduler::revoked_lease`]) is counted too, once: its
     /// worker may have committed classes before it heard. Returns the job whose count grew
     /// under such a lease (its caller persists it: the report itself is refused as stale).
     pub fn note_committed(&mut self, worker_id: &str, lease_id: &str, classes: u32) -> Option<String> {
