@@ -2681,8 +2681,13 @@ mod tests {
     /// A job of 5 one-class shards: four done by 2 s (1 s each, so backups are judged by that
     /// pace), the fifth leased to `w3` at 0 and still running; workers w0–w3 registered.
     fn one_straggler_left() -> (Scheduler, LeaseGrant) {
+        one_straggler_left_of(3)
+    }
+
+    /// [`one_straggler_left`] for a job of `attempts` attempts per shard.
+    fn one_straggler_left_of(attempts: u32) -> (Scheduler, LeaseGrant) {
         let mut s = Scheduler::new(1000, "e");
-        s.add_job(job("j", 5, 1, 3), None, &HashSet::new(), 0);
+        s.add_job(job("j", 5, 1, attempts), None, &HashSet::new(), 0);
         let leases: Vec<LeaseGrant> = ["w0", "w1", "w2", "w3"].map(|w| lease(poll(&mut s, w, &[], false, 0).0)).into();
         for (w, l) in ["w0", "w1", "w2"].iter().zip(&leases) {
             s.complete(w, &l.lease_id, 1000).unwrap();
@@ -2702,16 +2707,9 @@ mod tests {
     /// live worker had started the shard's backup).
     #[test]
     fn a_running_backup_takes_over_an_expired_lease_out_of_attempts() {
-        let mut s = Scheduler::new(1000, "e");
-        s.add_job(job("j", 5, 1, 1), None, &HashSet::new(), 0);
-        let leases: Vec<LeaseGrant> = ["w0", "w1", "w2", "w3"].map(|w| lease(poll(&mut s, w, &[], false, 0).0)).into();
-        for (w, l) in ["w0", "w1", "w2"].iter().zip(&leases) {
-            s.complete(w, &l.lease_id, 1000).unwrap();
-        }
-        let last = lease(poll(&mut s, "w0", &[], false, 1000).0);
-        s.complete("w0", &last.lease_id, 2000).unwrap();
+        let (mut s, straggler) = one_straggler_left_of(1);
         let backup = lease(poll(&mut s, "w1", &[], false, 2000).0);
-        assert!(backup.backup && backup.shard_index == leases[3].shard_index);
+        assert!(backup.backup && backup.shard_index == straggler.shard_index);
         // w3 never renews: its lease expires (10 s) while w1 renews the backup.
         for now in (3000..=11_000).step_by(1000) {
             poll(&mut s, "w1", &held(&backup), false, now);

@@ -629,22 +629,41 @@ impl ShardEngine for Held {
     }
 }
 
+/// A served coordinator with a heartbeat of `heartbeat_ms` and a job of one shard of `classes`
+/// classes, whose worker has started its first class and holds it ([`Held`]) until the returned
+/// flag is set. Returns the store's folder, the cluster, the job, the flag, and the worker's stop
+/// and handle.
+async fn held_class_running(
+    heartbeat_ms: u64,
+    classes: usize,
+) -> (
+    tempfile::TempDir,
+    Cluster,
+    Arc<ResolvedJob>,
+    Arc<AtomicBool>,
+    (oneshot::Sender<()>, JoinHandle<Result<(), ClientError>>),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start_beating(&store_url, None, None, 0, heartbeat_ms).await;
+    let spec = spec_toml(classes, 2, classes, &store_url);
+    let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    let (release, started) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let engine =
+        Held { release: release.clone(), started: started.clone(), inner: FakeEngine::new(Duration::from_millis(1)) };
+    let running = worker(&cluster.url, "w0", None, Box::new(engine));
+    while !started.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (dir, cluster, job, release, running)
+}
+
 /// A class that finishes after its job was cancelled (and the worker told) is not committed:
 /// the job shows what it has, and a later count finds no more (a marker written after the
 /// cancel made a fresh coordinator count 2 of 3 where the cancelled run said 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_class_finishing_after_its_job_was_cancelled_is_not_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
-    let cluster = start(&store_url, None).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(1, 2, 1, &store_url), dir.path(), None).await.unwrap();
-    let (release, started) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let engine =
-        Held { release: release.clone(), started: started.clone(), inner: FakeEngine::new(Duration::from_millis(1)) };
-    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
-    while !started.load(std::sync::atomic::Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (dir, cluster, job, release, (stop, handle)) = held_class_running(100, 1).await;
     cluster.coordinator.cancel(&job.job_id).unwrap();
     // Polls every 100 ms: the revocation reaches the worker within a few.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -739,18 +758,8 @@ async fn commits_made_before_the_worker_heard_of_a_cancel_are_counted() {
 /// counted, from their markers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_completed_after_a_cancel_has_its_classes_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_url = dir.path().display().to_string();
     // One heartbeat a minute: the worker hears of nothing while its shard runs.
-    let cluster = start_beating(&store_url, None, None, 0, 60_000).await;
-    let (job, _) = cluster.coordinator.submit(&spec_toml(3, 2, 3, &store_url), dir.path(), None).await.unwrap();
-    let (release, started) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let engine =
-        Held { release: release.clone(), started: started.clone(), inner: FakeEngine::new(Duration::from_millis(1)) };
-    let (stop, handle) = worker(&cluster.url, "w0", None, Box::new(engine));
-    while !started.load(std::sync::atomic::Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (_dir, cluster, job, release, (stop, handle)) = held_class_running(60_000, 3).await;
     cluster.coordinator.cancel(&job.job_id).unwrap();
     release.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut status = cluster.coordinator.status(&job.job_id).unwrap();
