@@ -387,18 +387,13 @@ impl Coordinator {
             let Ok(out) = self.output(&job) else { continue };
             let (this, shard) = (self.clone(), lease.shard);
             tokio::spawn(async move {
-                let keys = JobKeys::new(&job.job_id);
-                let mut committed = 0u32;
-                for class in job.shard_classes(shard) {
-                    match commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await {
-                        Ok(Some(_)) => committed += 1,
-                        Ok(None) => {}
-                        Err(error) => {
-                            debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "cannot count the markers of an expired lease's shard");
-                            return;
-                        }
+                let committed = match committed_in_shard(&out, &job, shard).await {
+                    Ok(committed) => committed,
+                    Err(error) => {
+                        debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "cannot count the markers of an expired lease's shard");
+                        return;
                     }
-                }
+                };
                 let counted =
                     this.inner.scheduler.lock().expect("scheduler").note_markers(&job.job_id, shard, committed);
                 if counted {
@@ -1277,34 +1272,28 @@ impl Coordinator {
             let local = |s: &str| std::path::Path::new(s.strip_prefix("file://").unwrap_or(s)).canonicalize().ok();
             local(a).is_some_and(|a| Some(a) == local(b))
         };
-        if let Some((known, done)) =
-            moved.as_ref().filter(|(known, _)| same_folder(&known.spec.dataset, &job.spec.dataset))
-        {
+        if let Some((known, done)) = moved {
+            let (from, identity, how) = if same_folder(&known.spec.dataset, &job.spec.dataset) {
+                (
+                    format!("the same folder, written `{}` there and `{}` here", known.spec.dataset, job.spec.dataset),
+                    "its identity as written",
+                    format!("write `dataset` as `{}`", known.spec.dataset),
+                )
+            } else {
+                (
+                    format!("`{}` (the same file names and sizes)", known.spec.dataset),
+                    "its identity",
+                    format!("point `dataset` at `{}` again (a link there to this copy works)", known.spec.dataset),
+                )
+            };
+            let progress = done
+                .map(|d| format!(" (`{}` has {d} of {} classes committed)", known.job_id, known.classes.len()))
+                .unwrap_or_default();
             notes.push(format!(
-                "job `{}` distils the same classes with the same settings from the same folder, written `{}` there and \
-                 `{}` here: a job's dataset location is part of its identity as written, so this is a new job `{}` that \
-                 distils every class again{}. To go on with `{}` instead, write `dataset` as `{}`",
-                known.job_id,
-                known.spec.dataset,
-                job.spec.dataset,
-                job.job_id,
-                done.map(|d| format!(" (`{}` has {d} of {} classes committed)", known.job_id, known.classes.len()))
-                    .unwrap_or_default(),
-                known.job_id,
-                known.spec.dataset,
-            ));
-        } else if let Some((known, done)) = moved {
-            notes.push(format!(
-                "job `{}` distils the same classes with the same settings from `{}` (the same file names and sizes): \
-                 a job's dataset location is part of its identity, so this is a new job `{}` that distils every class \
-                 again{}. To go on with `{}` instead, point `dataset` at `{}` again (a link there to this copy works)",
-                known.job_id,
-                known.spec.dataset,
-                job.job_id,
-                done.map(|d| format!(" (`{}` has {d} of {} classes committed)", known.job_id, known.classes.len()))
-                    .unwrap_or_default(),
-                known.job_id,
-                known.spec.dataset,
+                "job `{}` distils the same classes with the same settings from {from}: a job's dataset location is part \
+                 of {identity}, so this is a new job `{}` that distils every class again{progress}. To go on with `{}` \
+                 instead, {how}",
+                known.job_id, job.job_id, known.job_id,
             ));
         }
         if job.spec.classes_per_shard.is_none() {
@@ -2059,18 +2048,13 @@ impl Coordinator {
             self.inner.scheduler.lock().expect("scheduler").revoked_lease(&request.worker_id, &request.lease_id);
         let Some((job, shard)) = revoked else { return };
         let Ok(out) = self.output(&job) else { return };
-        let keys = JobKeys::new(&job.job_id);
-        let mut committed = 0;
-        for class in job.shard_classes(shard) {
-            match mgd3_common::commit::committed_marker(&out, &keys, &class.wnid, &job.fingerprint).await {
-                Ok(Some(_)) => committed += 1,
-                Ok(None) => {}
-                Err(error) => {
-                    debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "markers of a revoked lease not counted");
-                    return;
-                }
+        let committed = match committed_in_shard(&out, &job, shard).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "markers of a revoked lease not counted");
+                return;
             }
-        }
+        };
         let grew = self.inner.scheduler.lock().expect("scheduler").note_committed(
             &request.worker_id,
             &request.lease_id,
@@ -2166,6 +2150,18 @@ impl Drop for Verifying {
 }
 
 /// One WARN line per expired shard lease: a worker stopped renewing it (died, cut off, hung).
+/// How many of shard `shard`'s classes have a commit marker of `job` in `out`.
+async fn committed_in_shard(out: &Location, job: &ResolvedJob, shard: usize) -> std::result::Result<u32, CommitError> {
+    let keys = JobKeys::new(&job.job_id);
+    let mut committed = 0;
+    for class in job.shard_classes(shard) {
+        if commit::committed_marker(out, &keys, &class.wnid, &job.fingerprint).await?.is_some() {
+            committed += 1;
+        }
+    }
+    Ok(committed)
+}
+
 fn log_expired(expired: Vec<crate::scheduler::ExpiredLease>) {
     for lease in expired {
         if lease.orphaned {
