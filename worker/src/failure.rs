@@ -105,16 +105,17 @@ impl ShardFailure {
     /// retry fixes ([`mgd3_common::store::Refusal`]) pauses the job.
     pub fn disposition(&self) -> Disposition {
         use mgd3_common::commit::CommitError;
+        let store_problem = self.store_problem();
         match self {
             ShardFailure::Cancelled => Disposition::Release,
             ShardFailure::Engine(e) if matches!(**e, EngineError::Cancelled) => Disposition::Release,
             // This worker's credentials (none found, a wrong key, an expired token): other
             // workers may hold good ones, and one misconfigured node must not spend the shard's
             // attempts or pause the job for everyone.
-            _ if self.store_problem().is_some_and(|p| worker_credentials(&p)) => Disposition::Elsewhere,
+            _ if store_problem.as_ref().is_some_and(worker_credentials) => Disposition::Elsewhere,
             // The bucket is gone (deleted, or a server that forgot it): nothing can be written
             // anywhere until a person acts; retries would spend every attempt in a second.
-            _ if matches!(self.store_problem(), Some(StoreProblem::NoSuchBucket { .. })) => Disposition::Pause,
+            _ if matches!(store_problem, Some(StoreProblem::NoSuchBucket { .. })) => Disposition::Pause,
             ShardFailure::ModelUnavailable(_)
             | ShardFailure::ModelMismatch { .. }
             | ShardFailure::ModelFiles { .. } => Disposition::Elsewhere,
