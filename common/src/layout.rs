@@ -50,6 +50,12 @@ impl JobKeys {
     pub fn shard_record(&self, index: usize) -> String {
         format!("{}/state/shards/{index}.json", self.root)
     }
+    /// `jobs/<job>/coordinator.json` in the job's output: which coordinator runs the job now (a
+    /// claim renewed at its lock's heartbeat), so that a coordinator of another store whose job
+    /// writes to the same output does not distil it a second time.
+    pub fn claim(&self) -> String {
+        format!("{}/coordinator.json", self.root)
+    }
     /// `jobs/<job>/forgotten.json`: written by `coordinator forget` where the job's outputs stay
     /// in its folder, so that the folder is not taken for a job whose `job.json` was lost.
     pub fn forgotten_json(&self) -> String {

@@ -324,6 +324,10 @@ impl From<Error> for tonic::Status {
             | Error::Vanished { .. }
             | Error::Scheduler(SchedulerError::UnknownWorker(_)) => tonic::Status::not_found(message),
             Error::Scheduler(SchedulerError::WorkerIdInUse { .. }) => tonic::Status::already_exists(message),
+            // Another coordinator runs the job: no outage, retrying the call does not help.
+            Error::Lock(held) if matches!(*held, crate::lock::LockError::JobHeld { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
             Error::Incompatible { .. }
             | Error::Scheduler(_)
             | Error::MissingMarker { .. }

@@ -511,8 +511,11 @@ impl JobStore for ObjectJobStore {
             let objects: Vec<_> = retry_idempotent(|| self.location.store.list(Some(&prefix)).try_collect::<Vec<_>>())
                 .await
                 .map_err(self.store_err(format!("listing `{prefix}`")))?;
+            // A coordinator's claim on the job's output (given up in the background as the job
+            // ended) is no output either.
+            let claim = self.location.key(&keys.claim());
             let is_record = |o: &object_store::ObjectMeta| {
-                records.contains(&o.location) || o.location.prefix_matches(&shard_records)
+                records.contains(&o.location) || o.location == claim || o.location.prefix_matches(&shard_records)
             };
             let outputs_stay = objects.iter().any(|o| !is_record(o));
             // The note goes in before the records go out: a crash in between leaves either a

@@ -18,13 +18,14 @@
 
 use std::time::Duration;
 
+use mgd3_common::layout::JobKeys;
 use mgd3_common::now_ms;
 use mgd3_common::store::{Location, get_optional, put_create, retry_idempotent};
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The lock object, at the store's root.
 pub const LOCK_KEY: &str = "coordinator.lock";
@@ -69,6 +70,11 @@ pub struct LockRecord {
     /// to it would be left part-done, so a second one is told to wait instead.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exits_when_done: bool,
+    /// The URL of the store the holder serves (its own lock and the jobs' state): said to a
+    /// coordinator of another store refused a job's output ([`LockError::JobHeld`]). Absent in
+    /// older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 impl LockRecord {
@@ -106,14 +112,32 @@ fn refused(source: &object_store::Error) -> String {
         Some(refusal) => format!(
             " cannot be written ({}): the coordinator keeps its lock and the jobs' state in the store; make it \
              writable, or give another --store",
-            match refusal {
-                mgd3_common::store::Refusal::Full => "the disk is full or over quota",
-                mgd3_common::store::Refusal::ReadOnly => "a read-only file system",
-                mgd3_common::store::Refusal::Denied => "no permission",
-            }
+            refusal_words(refusal)
         ),
         None => String::new(),
     }
+}
+
+/// A refusal in a few words.
+fn refusal_words(refusal: mgd3_common::store::Refusal) -> &'static str {
+    match refusal {
+        mgd3_common::store::Refusal::Full => "the disk is full or over quota",
+        mgd3_common::store::Refusal::ReadOnly => "a read-only file system",
+        mgd3_common::store::Refusal::Denied => "no permission",
+    }
+}
+
+/// What a refusal to write a claim in a job's output means for a person.
+fn refused_output(source: &object_store::Error) -> String {
+    mgd3_common::store::Refusal::of(source)
+        .map(|refusal| {
+            format!(
+                " cannot be written ({}): the job's output must be writable; free space or fix its permissions, then \
+                 submit or resume the job again",
+                refusal_words(refusal)
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// Why the store's coordinator lock could not be taken or kept.
@@ -155,6 +179,68 @@ pub enum LockError {
         #[source]
         source: object_store::Error,
     },
+    /// Another coordinator, of another store, runs a job whose output is the same: it renewed
+    /// its claim on the output ([`StoreLock::claim`]) while this one watched.
+    #[error(
+        "job `{job}`: its output `{output}` is being distilled by another coordinator ({host}, pid {pid}, store \
+         `{store}`, last heartbeat {age_s:.0} s ago){}; or wait for that one to finish the job, or give this job \
+         another `output` (a coordinator that was killed gives the job up {timeout_s:.0} s after its last heartbeat, \
+         and at once to the next coordinator of its own store)",
+        submit_there(serving.as_deref(), token_file.as_deref(), slurm_job.as_deref(), *exits_when_done)
+    )]
+    JobHeld {
+        /// The job.
+        job: String,
+        /// The job's output URL.
+        output: String,
+        /// The holder's store URL.
+        store: String,
+        /// The holder is a `coordinator run`.
+        exits_when_done: bool,
+        /// The holder's Slurm job, when its record says.
+        slurm_job: Option<String>,
+        /// The URL the holder serves at, when its record says.
+        serving: Option<String>,
+        /// The holder's token file, when its record says.
+        token_file: Option<String>,
+        /// The holder's host name.
+        host: String,
+        /// The holder's process id.
+        pid: u32,
+        /// Seconds since the heartbeat time in the holder's claim.
+        age_s: f64,
+        /// The holder's timeout (s).
+        timeout_s: f64,
+    },
+    /// The claim on a job's output could not be read or written.
+    #[error("job `{job}`: the coordinator's claim on its output `{output}`{}", refused_output(source))]
+    ClaimStore {
+        /// The job.
+        job: String,
+        /// The job's output URL.
+        output: String,
+        /// What the output's store answered.
+        #[source]
+        source: object_store::Error,
+    },
+    /// Another coordinator claimed a job's output since this one did (found at a renewal): this
+    /// coordinator pauses the job.
+    #[error(
+        "job `{job}`: another coordinator ({host}, pid {pid}, store `{store}`) took its output `{output}` over; this \
+         coordinator paused the job (`coordinator resume {job}` here once that one is done with it)"
+    )]
+    ClaimLost {
+        /// The job.
+        job: String,
+        /// The job's output URL.
+        output: String,
+        /// The new holder's store URL.
+        store: String,
+        /// The new holder's host name.
+        host: String,
+        /// The new holder's process id.
+        pid: u32,
+    },
     /// Another coordinator's lock replaced this one's (found at a renewal): this coordinator must stop.
     #[error("store `{url}`: another coordinator ({host}, pid {pid}) took over the store; this one stops")]
     Lost {
@@ -188,6 +274,20 @@ fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&
     )
 }
 
+/// A coordinator's claim on one job's output ([`StoreLock::claim`]).
+#[derive(Clone, Debug)]
+pub struct JobClaim {
+    job_id: String,
+    out: Location,
+}
+
+impl JobClaim {
+    /// The job whose output is claimed.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+}
+
 /// How long a stopping coordinator tries to release its lock.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -213,8 +313,6 @@ impl StoreLock {
     /// # Errors
     /// [`LockError::Held`] when another coordinator keeps renewing it; [`LockError::Store`].
     pub async fn acquire(store: &Location, timeout: Duration) -> Result<StoreLock, LockError> {
-        let key = store.key(LOCK_KEY);
-        let err = |source| LockError::Store { url: store.url.clone(), source };
         let mut record = LockRecord {
             owner: uuid::Uuid::new_v4().simple().to_string(),
             host: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -227,22 +325,12 @@ impl StoreLock {
             token_file: None,
             slurm_job: std::env::var("SLURM_JOB_ID").ok().filter(|id| !id.is_empty()),
             exits_when_done: false,
+            store: Some(store.url.clone()),
         };
-        // The holder seen, its last heartbeat (time and renewal count) and when, by this
-        // process's tokio clock, it was first seen: staleness is judged by watching the value,
-        // so clocks of other hosts do not matter.
-        let mut watching: Option<(String, (u64, u64), Instant)> = None;
-        loop {
-            record.heartbeat_unix_ms = now_ms();
-            let bytes = serde_json::to_vec(&record).expect("serialisable lock");
-            let mut sent = Instant::now();
-            let created = retry_idempotent(|| {
-                sent = Instant::now();
-                put_create(store.store.as_ref(), &key, bytes.clone())
-            })
-            .await
-            .map_err(err)?;
-            let taken = |sent: Instant, record: LockRecord| {
+        let key = store.key(LOCK_KEY);
+        let err = |source| LockError::Store { url: store.url.clone(), source };
+        match take("the store", store, &key, &mut record, |_| false).await.map_err(err)? {
+            Taken(sent) => {
                 info!(store = %store.url, "coordinator lock taken");
                 // Temporaries of lock writes a killed holder left (`coordinator.lock#N`): only
                 // the holder writes the lock, and that is this process now.
@@ -250,63 +338,124 @@ impl StoreLock {
                     warn!(store = %store.url, error = %mgd3_common::error_chain(&error), "cannot remove a temporary lock file");
                 }
                 let held_until = sent + Duration::from_millis(record.timeout_ms) - margin(record.timeout_ms);
-                StoreLock { store: store.clone(), record, held_until }
-            };
-            if created {
-                return Ok(taken(sent, record));
+                Ok(StoreLock { store: store.clone(), record, held_until })
             }
-            let Some(bytes) = retry_idempotent(|| get_optional(store.store.as_ref(), &key)).await.map_err(err)? else {
-                continue; // released in between
-            };
-            let Ok(holder) = serde_json::from_slice::<LockRecord>(&bytes) else {
-                warn!(store = %store.url, "removing an unreadable coordinator lock");
-                delete(store).await?;
-                continue;
-            };
-            // A create that reached the store, whose answer was lost, sent again.
-            if holder.owner == record.owner {
-                return Ok(taken(sent, record));
+            Held(holder, age_s) => Err(LockError::Held {
+                url: store.url.clone(),
+                serving: holder.url,
+                token_file: holder.token_file,
+                slurm_job: holder.slurm_job,
+                exits_when_done: holder.exits_when_done,
+                host: holder.host,
+                pid: holder.pid,
+                age_s,
+                timeout_s: holder.timeout_ms as f64 / 1000.0,
+            }),
+        }
+    }
+
+    /// Claims the output of job `job_id` at `out` for this coordinator ([`JobKeys::claim`]): a
+    /// coordinator of another store whose job writes to the same output refuses to run it while
+    /// this one renews the claim ([`StoreLock::renew_claim`], at the store lock's heartbeat). A
+    /// claim already this coordinator's is kept; one whose holder stopped renewing for its timeout
+    /// is taken over, at once when its holder served this coordinator's own store (it has lost
+    /// that store to this one) or when its last heartbeat is two timeouts old by the wall clock.
+    ///
+    /// # Errors
+    /// [`LockError::JobHeld`] when another coordinator keeps renewing it;
+    /// [`LockError::ClaimStore`] when the output cannot be read or written.
+    pub async fn claim(&self, out: &Location, job_id: &str) -> Result<JobClaim, LockError> {
+        let key = out.key(&JobKeys::new(job_id).claim());
+        let mut record = self.record.clone();
+        let ours = &self.store.url;
+        let local_store = self.store.local_path("").is_some();
+        // The holder served this very store, which this coordinator holds now: it was replaced.
+        // (A local store path names one folder per host unless it is shared: the same host then.)
+        let replaced = |holder: &LockRecord| {
+            holder.store.as_deref() == Some(ours.as_str()) && (!local_store || holder.host == self.record.host)
+        };
+        let long_gone =
+            |holder: &LockRecord| now_ms().saturating_sub(holder.heartbeat_unix_ms) >= 2 * holder.timeout_ms.max(1);
+        let err = |source| LockError::ClaimStore { job: job_id.to_owned(), output: out.url.clone(), source };
+        match take("the job's output", out, &key, &mut record, |holder| replaced(holder) || long_gone(holder))
+            .await
+            .map_err(err)?
+        {
+            Taken(_) => {
+                debug!(job = %job_id, output = %out.url, "job output claimed");
+                Ok(JobClaim { job_id: job_id.to_owned(), out: out.clone() })
             }
-            if holder_is_dead_here(&holder, &record.host) {
-                warn!(store = %store.url, host = %holder.host, pid = holder.pid,
-                    "taking over the store from a coordinator whose process on this host is gone");
-                delete(store).await?;
-                watching = None;
-                continue;
+            Held(holder, age_s) => Err(LockError::JobHeld {
+                job: job_id.to_owned(),
+                output: out.url.clone(),
+                store: holder.store.clone().unwrap_or_default(),
+                serving: holder.url,
+                token_file: holder.token_file,
+                slurm_job: holder.slurm_job,
+                exits_when_done: holder.exits_when_done,
+                host: holder.host,
+                pid: holder.pid,
+                age_s,
+                timeout_s: holder.timeout_ms as f64 / 1000.0,
+            }),
+        }
+    }
+
+    /// Renews `claim` with this coordinator's record, after checking it is still this
+    /// coordinator's.
+    ///
+    /// # Errors
+    /// [`LockError::ClaimLost`] when another coordinator claimed the job's output since;
+    /// [`LockError::ClaimStore`].
+    pub async fn renew_claim(&self, claim: &JobClaim) -> Result<(), LockError> {
+        let key = claim.out.key(&JobKeys::new(&claim.job_id).claim());
+        let err = |source| LockError::ClaimStore { job: claim.job_id.clone(), output: claim.out.url.clone(), source };
+        let deadline = Instant::now() + self.heartbeat();
+        let late =
+            || object_store::Error::Generic { store: "claim", source: "the output did not answer in time".into() };
+        let current = tokio::time::timeout_at(deadline, get_optional(claim.out.store.as_ref(), &key))
+            .await
+            .map_err(|_| err(late()))?
+            .map_err(err)?;
+        if let Some(holder) = current.as_deref().and_then(|b| serde_json::from_slice::<LockRecord>(b).ok())
+            && holder.owner != self.record.owner
+        {
+            return Err(LockError::ClaimLost {
+                job: claim.job_id.clone(),
+                output: claim.out.url.clone(),
+                store: holder.store.unwrap_or_default(),
+                host: holder.host,
+                pid: holder.pid,
+            });
+        }
+        let mut record = self.record.clone();
+        record.heartbeat_unix_ms = now_ms();
+        let bytes = serde_json::to_vec(&record).expect("serialisable claim");
+        tokio::time::timeout_at(deadline, claim.out.store.put(&key, PutPayload::from(bytes)))
+            .await
+            .map_err(|_| err(late()))?
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Gives `claim` up (the job ended, was forgotten, or this coordinator stops), if it is still
+    /// this coordinator's; bounded like [`StoreLock::release`]. A claim left behind is taken over
+    /// after its timeout, or at once by the next coordinator of this store.
+    pub async fn release_claim(&self, claim: &JobClaim) {
+        let key = claim.out.key(&JobKeys::new(&claim.job_id).claim());
+        let release = async {
+            let ours = get_optional(claim.out.store.as_ref(), &key)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
+                .is_some_and(|holder| holder.owner == self.record.owner);
+            if ours && let Err(error) = delete(&claim.out, &key).await {
+                warn!(job = %claim.job_id, output = %claim.out.url, error = %mgd3_common::error_chain(&error), "could not give up the claim on the job's output");
             }
-            match &watching {
-                Some((owner, beat, _)) if *owner == holder.owner && *beat != holder.beat() => {
-                    // Renewed while this coordinator waited: a live holder.
-                    let age = now_ms().saturating_sub(holder.heartbeat_unix_ms);
-                    return Err(LockError::Held {
-                        url: store.url.clone(),
-                        serving: holder.url,
-                        token_file: holder.token_file,
-                        slurm_job: holder.slurm_job,
-                        exits_when_done: holder.exits_when_done,
-                        host: holder.host,
-                        pid: holder.pid,
-                        age_s: age as f64 / 1000.0,
-                        timeout_s: holder.timeout_ms as f64 / 1000.0,
-                    });
-                }
-                Some((owner, _, since))
-                    if *owner == holder.owner && since.elapsed() >= Duration::from_millis(holder.timeout_ms) =>
-                {
-                    warn!(store = %store.url, host = %holder.host, pid = holder.pid,
-                        "taking over the store from a coordinator that stopped renewing its lock");
-                    delete(store).await?;
-                    watching = None;
-                    continue;
-                }
-                Some((owner, _, _)) if *owner == holder.owner => {}
-                _ => {
-                    info!(store = %store.url, host = %holder.host, pid = holder.pid, timeout_s = holder.timeout_ms / 1000,
-                        "the store is locked by another coordinator; waiting to see whether it is alive");
-                    watching = Some((holder.owner.clone(), holder.beat(), Instant::now()));
-                }
-            }
-            tokio::time::sleep(poll_interval(&holder)).await;
+        };
+        if tokio::time::timeout(RELEASE_TIMEOUT, release).await.is_err() {
+            warn!(job = %claim.job_id, output = %claim.out.url, "could not give up the claim on the job's output in time (it does not answer)");
         }
     }
 
@@ -408,7 +557,7 @@ impl StoreLock {
             .flatten()
             .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
             .is_some_and(|holder| holder.owner == self.record.owner);
-        if ours && let Err(error) = delete(&self.store).await {
+        if ours && let Err(error) = delete(&self.store, &key).await {
             warn!(store = %self.store.url, error = %mgd3_common::error_chain(&error), "could not release the coordinator lock");
         } else if ours {
             info!(store = %self.store.url, "coordinator lock released");
@@ -416,10 +565,100 @@ impl StoreLock {
     }
 }
 
-async fn delete(store: &Location) -> Result<(), LockError> {
-    match store.store.delete(&store.key(LOCK_KEY)).await {
+async fn delete(store: &Location, key: &object_store::path::Path) -> Result<(), object_store::Error> {
+    match store.store.delete(key).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(source) => Err(LockError::Store { url: store.url.clone(), source }),
+        Err(source) => Err(source),
+    }
+}
+
+/// What [`take`] found.
+enum Taking {
+    /// The lock is this record's now; the instant its last write was sent.
+    Taken(Instant),
+    /// Another holder renewed it while watched: its record, and its heartbeat's age (s).
+    Held(LockRecord, f64),
+}
+use Taking::{Held, Taken};
+
+/// The lock protocol shared by the store's lock and the jobs' output claims: creates `key` with
+/// `record` (create-only) when free; else watches the holder's record, taking it over once it
+/// went unrenewed for its timeout under this process's eyes, at once when its process on this
+/// host is gone, when `take_at_once` says so, or when it cannot be read; and answers
+/// [`Taking::Held`] as soon as the holder renews it. Rides out a store that does not answer
+/// (retried as any idempotent call).
+async fn take(
+    what: &str,
+    store: &Location,
+    key: &object_store::path::Path,
+    record: &mut LockRecord,
+    take_at_once: impl Fn(&LockRecord) -> bool,
+) -> Result<Taking, object_store::Error> {
+    // The holder seen, its last heartbeat (time and renewal count) and when, by this process's
+    // tokio clock, it was first seen: staleness is judged by watching the value, so clocks of
+    // other hosts do not matter.
+    let mut watching: Option<(String, (u64, u64), Instant)> = None;
+    loop {
+        record.heartbeat_unix_ms = now_ms();
+        let bytes = serde_json::to_vec(&*record).expect("serialisable lock");
+        let mut sent = Instant::now();
+        let created = retry_idempotent(|| {
+            sent = Instant::now();
+            put_create(store.store.as_ref(), key, bytes.clone())
+        })
+        .await?;
+        if created {
+            return Ok(Taken(sent));
+        }
+        let Some(bytes) = retry_idempotent(|| get_optional(store.store.as_ref(), key)).await? else {
+            continue; // released in between
+        };
+        let Ok(holder) = serde_json::from_slice::<LockRecord>(&bytes) else {
+            warn!(store = %store.url, key = %key, "removing an unreadable coordinator lock");
+            delete(store, key).await?;
+            continue;
+        };
+        // A create that reached the store, whose answer was lost, sent again.
+        if holder.owner == record.owner {
+            return Ok(Taken(sent));
+        }
+        if holder_is_dead_here(&holder, &record.host) {
+            warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
+                "taking over {what} from a coordinator whose process on this host is gone");
+            delete(store, key).await?;
+            watching = None;
+            continue;
+        }
+        if take_at_once(&holder) {
+            warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
+                "taking over {what} from a coordinator that is gone (its store has another coordinator now, or it has been silent for two lock timeouts)");
+            delete(store, key).await?;
+            watching = None;
+            continue;
+        }
+        match &watching {
+            Some((owner, beat, _)) if *owner == holder.owner && *beat != holder.beat() => {
+                // Renewed while this coordinator waited: a live holder.
+                let age = now_ms().saturating_sub(holder.heartbeat_unix_ms);
+                return Ok(Held(holder, age as f64 / 1000.0));
+            }
+            Some((owner, _, since))
+                if *owner == holder.owner && since.elapsed() >= Duration::from_millis(holder.timeout_ms) =>
+            {
+                warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
+                    "taking over {what} from a coordinator that stopped renewing its lock");
+                delete(store, key).await?;
+                watching = None;
+                continue;
+            }
+            Some((owner, _, _)) if *owner == holder.owner => {}
+            _ => {
+                info!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid, timeout_s = holder.timeout_ms / 1000,
+                    "{what} is held by another coordinator; waiting to see whether it is alive");
+                watching = Some((holder.owner.clone(), holder.beat(), Instant::now()));
+            }
+        }
+        tokio::time::sleep(poll_interval(&holder)).await;
     }
 }
 
@@ -525,6 +764,68 @@ mod tests {
         third.release().await;
     }
 
+    /// A job's output claimed by a coordinator of one store is refused to one of another store
+    /// while it is renewed, taken over once it goes unrenewed for its timeout (and the first
+    /// holder learns it lost it), taken at once by the next coordinator of the holder's own store,
+    /// and free at once when given up. On tokio's paused clock: exact virtual time.
+    #[tokio::test(start_paused = true)]
+    async fn a_job_output_claim_is_refused_while_renewed_and_taken_over_when_not() {
+        let open = |url: &str| mgd3_common::store::open(url).unwrap();
+        let (out, a_store, b_store) = (open("memory://claim/out"), open("memory://claim/a"), open("memory://claim/b"));
+        let timeout = Duration::from_secs(30);
+        let a = StoreLock::acquire(&a_store, timeout).await.unwrap();
+        let claim = a.claim(&out, "job").await.unwrap();
+        a.claim(&out, "job").await.unwrap(); // its own: kept
+        let (heartbeat, poll) = (a.heartbeat(), poll_interval(&a.record));
+        let renewing = {
+            let (claim, mut a) = (claim.clone(), a.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(heartbeat).await;
+                    a.renew().await.unwrap();
+                    a.renew_claim(&claim).await.unwrap();
+                }
+            })
+        };
+        let b = StoreLock::acquire(&b_store, timeout).await.unwrap();
+        let started = Instant::now();
+        let error = b.claim(&out, "job").await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited >= heartbeat && waited <= heartbeat + poll, "refused after {waited:?}");
+        let said = error.to_string();
+        assert!(matches!(error, LockError::JobHeld { .. }), "{said}");
+        assert!(
+            said.contains("job `job`: its output `memory://claim/out` is being distilled")
+                && said.contains("store `memory://claim/a`"),
+            "{said}"
+        );
+        renewing.abort();
+        let started = Instant::now();
+        let taken = b.claim(&out, "job").await.unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= timeout && waited <= timeout + poll, "taken over after {waited:?}");
+        assert!(matches!(a.renew_claim(&claim).await, Err(LockError::ClaimLost { .. })));
+        a.release_claim(&claim).await; // not its own any more: left alone
+        assert_eq!(read(&out, "job").await.owner, b.record.owner);
+        // `b` is killed; the next coordinator of its store takes the claim at once.
+        drop(taken);
+        let b2 = StoreLock::acquire(&b_store, timeout).await.unwrap();
+        let started = Instant::now();
+        let claim = b2.claim(&out, "job").await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Given up, it is free at once.
+        b2.release_claim(&claim).await;
+        let started = Instant::now();
+        let c = StoreLock::acquire(&open("memory://claim/c"), timeout).await.unwrap();
+        c.claim(&out, "job").await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    async fn read(out: &Location, job: &str) -> LockRecord {
+        let key = out.key(&JobKeys::new(job).claim());
+        serde_json::from_slice(&get_optional(out.store.as_ref(), &key).await.unwrap().unwrap()).unwrap()
+    }
+
     /// A record written before renewals were counted still reads, and its heartbeat time alone
     /// tells a watcher it is alive.
     #[test]
@@ -549,6 +850,7 @@ mod tests {
         child.wait().unwrap();
         let host = hostname::get().unwrap().to_string_lossy().into_owned();
         let record = |process_table: Option<String>| LockRecord {
+            store: None,
             owner: "crashed".into(),
             host: host.clone(),
             pid: dead_pid,

@@ -204,9 +204,9 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     }
     if status.state == JobState::Paused {
         text.push_str(&format!(
-            "  paused: the output store refuses writes or is gone (see below); free space, raise the quota, fix \
-             the permissions or create the bucket, as it says, then run `coordinator resume {}` or submit the job \
-             again (no attempt was spent)\n",
+            "  paused (why is below): once that is dealt with (free space, raise the quota, fix the permissions or \
+             create the bucket, as it says; or the other coordinator is done with the job), run `coordinator resume \
+             {}` or submit the job again (no attempt was spent)\n",
             status.job_id
         ));
     }

@@ -728,6 +728,8 @@ pub struct JobSummary {
     pub run_started_ms: u64,
     /// Every shard, in plan order.
     pub shards: Vec<ShardStatus>,
+    /// Why the job is paused, while it is.
+    pub paused: Option<String>,
 }
 
 /// Events the caller acts on (persisting state, writing the manifest).
@@ -2008,28 +2010,40 @@ impl Scheduler {
         let (job, shard) = self.lease_of(worker_id, lease_id)?;
         let backup = self.remove_backup(lease_id).is_some();
         self.leases.remove(lease_id);
-        self.revoke_all(&job);
-        let run = self.jobs.get_mut(&job).expect("job");
-        run.persisted.paused = Some(refusal.clone());
-        run.pending.clear();
-        let entry = &mut run.persisted.shards[shard];
+        let entry = &mut self.jobs.get_mut(&job).expect("job").persisted.shards[shard];
         // Shown by `status` until `resume` clears it.
-        entry.last_error = Some(ShardError { wnid, error: refusal, at_ms: now });
+        entry.last_error = Some(ShardError { wnid, error: refusal.clone(), at_ms: now });
         if !backup {
             entry.attempts = entry.attempts.saturating_sub(1);
             entry.reset_progress();
             entry.state = ShardState::Pending;
         }
+        let settled = self.pause_job(&job, refusal, now)?;
+        Ok((job, settled))
+    }
+
+    /// Pauses job `job_id` with `reason` (shown by `status`; `resume` clears it): nothing of it
+    /// is leased until then, its leases are revoked and their shards given back without
+    /// spending an attempt (they were stopped by the pause, not by a fault of their own).
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownJob`] when the job is not known.
+    pub fn pause_job(&mut self, job_id: &str, reason: String, now: u64) -> Result<Settled, SchedulerError> {
+        if !self.jobs.contains_key(job_id) {
+            return Err(SchedulerError::UnknownJob(job_id.into()));
+        }
+        self.revoke_all(job_id);
+        let run = self.jobs.get_mut(job_id).expect("checked above");
+        run.persisted.paused = Some(reason);
+        run.pending.clear();
         for shard in run.persisted.shards.iter_mut() {
             if let ShardState::Leased { .. } = &shard.state {
-                // Stopped by the refusal, not by a fault of their own: no attempt spent.
                 shard.state = ShardState::Pending;
                 shard.attempts = shard.attempts.saturating_sub(1);
                 shard.reset_progress();
             }
         }
-        let settled = self.settle(&job, now);
-        Ok((job, settled))
+        Ok(self.settle(job_id, now))
     }
 
     /// A worker cannot run a job (e.g. it holds different model files): give the shard back
@@ -2261,6 +2275,7 @@ impl Scheduler {
             finished_unix_ms: run.persisted.finished_unix_ms,
             run_started_ms: run.taken_on,
             shards,
+            paused: run.persisted.paused.clone(),
         })
     }
 }

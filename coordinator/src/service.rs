@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::jobstore::{JobStore, ObjectJobStore};
-use crate::lock::{LockError, StoreLock};
+use crate::lock::{JobClaim, LockError, StoreLock};
 use crate::scheduler::{JobState, PollDecision, Running, Scheduler, Settled};
 
 /// How long after a coordinator stops renewing its store lock another may take the store over.
@@ -78,6 +78,7 @@ struct Inner {
     state_outage: Mutex<Outage>,
     manifest_outage: Mutex<Outage>,
     lock_outage: Mutex<Outage>,
+    claim_outage: Mutex<Outage>,
     /// Finished jobs whose manifest the output refuses for good (full, read-only, denied), with
     /// the refusal: shown as `paused` until the write works (it is retried all along).
     manifest_refused: Mutex<HashMap<String, String>>,
@@ -88,6 +89,9 @@ struct Inner {
     /// wrong with one that does not read: `status`, `list` and the reports ask for sweeps on
     /// every call, and must answer while the store is slow or down.
     sweeps: Mutex<BTreeMap<String, std::result::Result<SweepRecord, String>>>,
+    /// This coordinator's claims on the outputs of the jobs it runs (running or paused), renewed
+    /// with its lock ([`StoreLock::claim`]).
+    claims: Mutex<HashMap<String, JobClaim>>,
 }
 
 /// A sweep as [`Coordinator::submit_sweep`] submitted it.
@@ -307,9 +311,11 @@ impl Coordinator {
                 state_outage: Mutex::new(Outage::default()),
                 manifest_outage: Mutex::new(Outage::default()),
                 lock_outage: Mutex::new(Outage::default()),
+                claim_outage: Mutex::new(Outage::default()),
                 manifest_refused: Mutex::new(HashMap::new()),
                 presence_checked: Mutex::new(HashMap::new()),
                 sweeps: Mutex::new(BTreeMap::new()),
+                claims: Mutex::new(HashMap::new()),
             }),
         };
         coordinator.load_sweeps().await?;
@@ -362,6 +368,26 @@ impl Coordinator {
             scheduler.add_job(job.clone(), persisted, &committed, now);
             scheduler.state(&id)
         };
+        // A job this coordinator runs claims its output; one that another coordinator (of
+        // another store) runs now waits, paused, for a person to resume it here.
+        if matches!(state, Some(JobState::Running | JobState::Paused)) {
+            match self.claim_output(&job).await {
+                Ok(()) => {}
+                Err(Error::Lock(held)) if matches!(*held, LockError::JobHeld { .. }) => {
+                    warn!(job = %id, error = %held, "job paused: another coordinator runs it");
+                    self.pause_held(&id, held.to_string());
+                }
+                // An output that refuses writes (full, read-only) pauses its job, as a worker's
+                // refused write would; the other jobs run.
+                Err(Error::Lock(refused)) if matches!(&*refused, LockError::ClaimStore { source, .. } if mgd3_common::store::Refusal::of(source).is_some()) =>
+                {
+                    let said = mgd3_common::error_chain(&*refused);
+                    warn!(job = %id, error = %said, "job paused: its output refuses writes");
+                    self.pause_held(&id, said);
+                }
+                Err(error) => return Err(error),
+            }
+        }
         // A succeeded job is finished only once its manifest is in place, whatever state.json
         // says (a crash can fall between the two writes).
         if state == Some(JobState::Succeeded) && !state::manifest_in_place(&out, &job).await? {
@@ -369,6 +395,67 @@ impl Coordinator {
         }
         self.mark_dirty(&id);
         Ok(())
+    }
+
+    /// Claims the output of `job` for this coordinator (kept if already held; see
+    /// [`StoreLock::claim`]), before it leases any of the job's work.
+    ///
+    /// # Errors
+    /// [`Error::Lock`] with [`LockError::JobHeld`] when another coordinator runs the job now, or
+    /// [`LockError::ClaimStore`].
+    async fn claim_output(&self, job: &ResolvedJob) -> Result<()> {
+        if self.inner.claims.lock().expect("claims").contains_key(&job.job_id) {
+            return Ok(());
+        }
+        let out = self.output(job)?;
+        // A copy: taking a claim may watch its holder for a lock timeout, and the renewals of
+        // the store's lock must go on meanwhile.
+        let lock = self.inner.lock.lock().await.clone();
+        let claim = lock.claim(&out, &job.job_id).await?;
+        self.inner.claims.lock().expect("claims").insert(job.job_id.clone(), claim);
+        Ok(())
+    }
+
+    /// Gives up the claim on job `job_id`'s output, if held (in the background).
+    fn release_claim(&self, job_id: &str) {
+        let Some(claim) = self.inner.claims.lock().expect("claims").remove(job_id) else { return };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let lock = this.inner.lock.lock().await.clone();
+            lock.release_claim(&claim).await;
+        });
+    }
+
+    /// Pauses job `job_id` because another coordinator runs it (`reason` says which).
+    fn pause_held(&self, job_id: &str, reason: String) {
+        self.inner.claims.lock().expect("claims").remove(job_id);
+        let paused = self.inner.scheduler.lock().expect("scheduler").pause_job(job_id, reason, now_ms());
+        if let Ok(settled) = paused {
+            self.settled(job_id, settled);
+        }
+    }
+
+    /// Renews every claim on a job's output; a claim another coordinator took over pauses its
+    /// job. Errors of the output's store are logged (its writes fail meanwhile too).
+    async fn renew_claims(&self, lock: &StoreLock) {
+        let claims: Vec<JobClaim> = self.inner.claims.lock().expect("claims").values().cloned().collect();
+        let mut failed = None;
+        for claim in claims {
+            match lock.renew_claim(&claim).await {
+                Ok(()) => {}
+                Err(lost @ LockError::ClaimLost { .. }) => {
+                    tracing::error!(job = %claim.job_id(), error = %lost, "job paused: another coordinator took its output over");
+                    self.pause_held(claim.job_id(), lost.to_string());
+                }
+                Err(error) => failed = Some((claim.job_id().to_owned(), mgd3_common::error_chain(&error))),
+            }
+        }
+        // Told once per outage, not per job and heartbeat.
+        let mut outage = self.inner.claim_outage.lock().expect("outage");
+        match failed {
+            Some((job, error)) => outage.log_failure("renew the claim on a job's output", &job, &error),
+            None => outage.log_success("renewing the claims on the jobs' outputs", ""),
+        }
     }
 
     /// The URL of the store this coordinator serves (its state, and job outputs by default).
@@ -443,6 +530,7 @@ impl Coordinator {
     /// Logs a finished job and, when it succeeded, schedules its manifest.
     fn finish(&self, job: Arc<ResolvedJob>, state: JobState, now: u64) {
         info!(job = %job.job_id, state = state.as_str(), "job finished");
+        self.release_claim(&job.job_id);
         if state == JobState::Succeeded {
             self.inner.manifests_due.lock().expect("manifests").insert(job.job_id.clone(), now);
             self.inner.wake.notify_one();
@@ -516,6 +604,8 @@ impl Coordinator {
             match renewed {
                 Ok(()) => {
                     self.inner.renewed.notify_waiters();
+                    let lock = self.inner.lock.lock().await.clone();
+                    self.renew_claims(&lock).await;
                     self.inner.lock_outage.lock().expect("outage").log_success("renewing the coordinator lock", "");
                 }
                 Err(error @ LockError::Lost { .. }) => {
@@ -727,7 +817,12 @@ impl Coordinator {
     /// at once.
     pub async fn release(&self) {
         if !self.is_fenced() {
-            self.inner.lock.lock().await.release().await;
+            let lock = self.inner.lock.lock().await.clone();
+            let claims: Vec<JobClaim> = self.inner.claims.lock().expect("claims").drain().map(|(_, c)| c).collect();
+            for claim in claims {
+                lock.release_claim(&claim).await;
+            }
+            lock.release().await;
         }
     }
 
@@ -1150,7 +1245,7 @@ impl Coordinator {
             // Submitting a paused job again (coordinator run, submit, the sbatch script) is how a
             // person says the refusal that paused it is dealt with.
             if state == Some(JobState::Paused) {
-                info!(job = %existing.job_id, "the job was paused because its output store refused writes: resuming it");
+                info!(job = %existing.job_id, "the job was paused (its output store refused writes, or another coordinator ran it): resuming it");
                 self.resume(&existing.job_id, None).await?;
             }
             // Submitting a running job again is how a person says that what its excluded
@@ -1315,7 +1410,14 @@ impl Coordinator {
             }
             committed => committed?,
         };
-        let created = self.inner.jobs.create_job(&job).await?;
+        self.claim_output(&job).await?;
+        let created = match self.inner.jobs.create_job(&job).await {
+            Ok(created) => created,
+            Err(error) => {
+                self.release_claim(&job.job_id);
+                return Err(error);
+            }
+        };
         let job = if created { job } else { self.inner.jobs.read_job(&job.job_id).await? };
         let job = Arc::new(job);
         info!(job = %job.job_id, classes = job.classes.len(), shards = job.shards.len(), committed = committed.len(), "job submitted");
@@ -1417,6 +1519,11 @@ impl Coordinator {
             return Err(Error::UnknownJob(job_id.into()));
         }
         self.forget_in_memory(job_id);
+        let claim = self.inner.claims.lock().expect("claims").remove(job_id);
+        if let Some(claim) = claim {
+            let lock = self.inner.lock.lock().await.clone();
+            lock.release_claim(&claim).await;
+        }
         let outputs_stay = self.inner.jobs.forget_job(job_id).await?;
         info!(job = %job_id, outputs_stay, "job forgotten: its records are deleted");
         Ok(outputs_stay)
@@ -1578,6 +1685,7 @@ impl Coordinator {
             info!(job = %job_id, "quarantined job recovered");
         }
         let mut job = self.known_job(job_id)?;
+        self.claim_output(&job).await?;
         if let Some((text, base)) = spec {
             // Compared without the data (jobs of earlier versions fingerprinted it too): the
             // data is compared class by class below.
@@ -1771,6 +1879,11 @@ impl Coordinator {
             (JobState::Succeeded, true, None) => JobState::Running,
             (state, _, _) => state,
         };
+        // A pause of the whole job (another coordinator runs it) is said as such; a refusal
+        // of a shard's write is said with its shard already.
+        if let Some(reason) = summary.paused.filter(|r| !failures.iter().any(|f| &f.error == r)) {
+            failures.push(ShardFailure { shard_index: 0, wnid: String::new(), error: reason, attempts: 0 });
+        }
         Ok(JobStatus {
             job_id: job.job_id.clone(),
             state,

@@ -2128,3 +2128,69 @@ fn problem_files(problems: &[mgd3_common::status::VerifyProblem]) -> Vec<(String
     named.sort();
     named
 }
+
+/// Two coordinators of different stores whose job writes to one output do not both distil it:
+/// the second refuses the job while the first runs it (naming the first, its store and how to
+/// go on), takes it up once the first is done with it, and a coordinator restarted while another
+/// runs one of its jobs pauses that job, saying why, instead of distilling it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twice() {
+    let (out, a_store, b_store) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_url, b_url) = (a_store.path().display().to_string(), b_store.path().display().to_string());
+    let output = out.path().display().to_string();
+    // Lock timeouts of 3 s: claims are renewed every second.
+    let open = |store: String| async move {
+        let coordinator = Coordinator::open_locked(&store, 100, Duration::from_secs(3)).await.unwrap();
+        let config = ServeConfig { store_url: store, token: None, tls: None, heartbeat_ms: 100 };
+        let local = LocalCoordinator::start(coordinator, config, 0).await.unwrap();
+        Cluster { url: local.url.clone(), coordinator: local.coordinator.clone(), local }
+    };
+    let spec = spec_toml(4, 2, 1, &output);
+    let a = open(a_url.clone()).await;
+    let (job, _) = a.coordinator.submit(&spec, out.path(), None).await.unwrap();
+    let claim = Path::new(&output).join(JobKeys::new(&job.job_id).claim());
+    assert!(claim.is_file(), "the running job's output is not claimed");
+
+    let b = open(b_url.clone()).await;
+    let refused = b.coordinator.submit(&spec, out.path(), None).await.unwrap_err();
+    let said = mgd3_common::error_chain(&refused);
+    for part in [
+        format!("job `{}`", job.job_id),
+        format!("its output `{output}` is being distilled by another coordinator"),
+        format!("store `{a_url}`"),
+        a.url.clone(),
+    ] {
+        assert!(said.contains(&part), "`{part}` missing: {said}");
+    }
+    assert!(b.coordinator.status(&job.job_id).is_err(), "the refused job was taken in");
+    assert_eq!(tonic::Status::from(refused).code(), tonic::Code::FailedPrecondition);
+
+    // The first stops (its claim is given up with its lock); the second takes the job up, and a
+    // restarted first finds it run elsewhere: paused, with the reason.
+    a.shutdown().await;
+    assert!(!claim.exists(), "a clean stop left the claim");
+    let (_, existed) = b.coordinator.submit(&spec, out.path(), None).await.unwrap();
+    assert!(!existed);
+    let a = open(a_url.clone()).await;
+    let status = a.coordinator.status(&job.job_id).unwrap();
+    assert_eq!(status.state, JobState::Paused, "{status:?}");
+    let reason = format!("{status:?}");
+    assert!(reason.contains("is being distilled by another coordinator") && reason.contains(&b_url), "{reason}");
+    let refused = a.coordinator.resume(&job.job_id, None).await.unwrap_err();
+    assert!(mgd3_common::error_chain(&refused).contains(&b_url), "{refused}");
+
+    // Done there, the job is given up, and resuming it here finds every class committed.
+    b.run_to_success(&job.job_id).await;
+    for _ in 0..100 {
+        if !claim.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!claim.exists(), "a finished job keeps its claim");
+    a.coordinator.resume(&job.job_id, None).await.unwrap();
+    assert_eq!(wait_until_done(&a.coordinator, &job.job_id).await.state, JobState::Succeeded);
+    a.shutdown().await;
+    b.shutdown().await;
+}
