@@ -354,7 +354,7 @@ impl std::fmt::Display for StoreProblem {
                 write!(
                     f,
                     "the store's endpoint did not answer (connection refused, reset or timed out; calls are retried for up to {} s): check the endpoint{endpoint} (AWS_ENDPOINT_URL or the profile's endpoint_url for S3-compatible servers) and the network",
-                    STORE_RETRY_TIMEOUT.as_secs()
+                    retry_timeout().as_secs()
                 )
             }
             Self::Credentials { message } => f.write_str(message),
@@ -363,18 +363,36 @@ impl std::fmt::Display for StoreProblem {
 }
 
 /// How long one store call keeps retrying transient errors: an outage shorter than this is
-/// survived by every call without failing a class (and so without spending an attempt).
+/// survived by every call without failing a class (and so without spending an attempt). The
+/// default of [`retry_timeout`].
 pub const STORE_RETRY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// This process's [`retry_timeout`], in ms.
+static RETRY_TIMEOUT_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(STORE_RETRY_TIMEOUT.as_millis() as u64);
+
+/// How long one store call of this process keeps retrying transient errors:
+/// [`STORE_RETRY_TIMEOUT`] unless [`set_retry_timeout`] changed it.
+pub fn retry_timeout() -> Duration {
+    Duration::from_millis(RETRY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Sets [`retry_timeout`] for this process: for stores opened from then on and every
+/// [`retry_idempotent`] call. For one-shot commands (`coordinator check`) that should say an
+/// unreachable store within seconds, where a coordinator or worker rides out an outage.
+pub fn set_retry_timeout(timeout: Duration) {
+    RETRY_TIMEOUT_MS.store(timeout.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Runs an idempotent store operation, retrying transport failures the client itself does not
 /// retry (a PUT or COPY whose connection dropped mid-request: it may have happened, so the client
-/// leaves the decision to the caller) with the same backoff, until [`STORE_RETRY_TIMEOUT`] has
+/// leaves the decision to the caller) with the same backoff, until [`retry_timeout`] has
 /// passed. Answers that mean something (not found, already exists, denied) and refusals no retry
 /// can fix ([`Refusal`]: a full disk, a read-only file system) are returned at once.
 ///
 /// # Errors
 /// The operation's last error: a non-transient one at once, a transient one after
-/// [`STORE_RETRY_TIMEOUT`].
+/// [`retry_timeout`].
 pub async fn retry_idempotent<T, F, Fut>(mut operation: F) -> object_store::Result<T>
 where
     F: FnMut() -> Fut,
@@ -385,7 +403,7 @@ where
     loop {
         match operation().await {
             Err(error @ object_store::Error::Generic { .. })
-                if started.elapsed() < STORE_RETRY_TIMEOUT && transient(&error) =>
+                if started.elapsed() < retry_timeout() && transient(&error) =>
             {
                 tracing::debug!(error = %error, retry_in_ms = backoff.as_millis() as u64, "store call failed; retrying");
                 tokio::time::sleep(backoff).await;
@@ -506,7 +524,7 @@ pub fn is_not_found(error: &object_store::Error) -> bool {
 }
 
 /// Retries for transient errors (5xx, timeouts, refused or dropped connections) with jittered
-/// exponential backoff (0.2 s growing to at most 10 s) until [`STORE_RETRY_TIMEOUT`] has passed
+/// exponential backoff (0.2 s growing to at most 10 s) until [`retry_timeout`] has passed
 /// since the call began; the retry count is not what bounds it. 4xx answers such as 403 or a
 /// missing bucket are not retried.
 fn retry_config() -> RetryConfig {
@@ -518,7 +536,7 @@ fn retry_config() -> RetryConfig {
         },
         // Far more than fit in the timeout (at least ~18 at the 10 s cap): time is the bound.
         max_retries: 10_000,
-        retry_timeout: STORE_RETRY_TIMEOUT,
+        retry_timeout: retry_timeout(),
     }
 }
 

@@ -125,7 +125,7 @@ impl HttpService for Watched {
                 down_s = for_.as_secs(),
                 "the object store has answered nothing but errors for {} s; retrying (each call for up to {} s)",
                 for_.as_secs(),
-                crate::store::STORE_RETRY_TIMEOUT.as_secs()
+                crate::store::retry_timeout().as_secs()
             ),
             Tell::Back { lasted } => tracing::info!(
                 store = %self.url,

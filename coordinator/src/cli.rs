@@ -22,6 +22,10 @@ use crate::progress::{
 };
 use crate::service::{Coordinator, ServeConfig};
 
+/// How long `check` retries a store that does not answer before saying so (a coordinator and
+/// its workers retry for [`mgd3_common::store::STORE_RETRY_TIMEOUT`]).
+const CHECK_STORE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The `coordinator` command line, parsed by clap.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about = "mgd3 coordinator: distributes MGD³ distillation over workers")]
@@ -836,8 +840,9 @@ fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
     out!("{}", describe(status, url));
     if status.state == JobState::Paused {
         errln!(
-            "note: free space or fix the permissions of the output, then run this command again: submitting a paused \
-             job resumes it (no committed class is redone)"
+            "note: deal with what paused the job (said above: free space or fix the permissions of the output, or let \
+             the other coordinator finish it), then run this command again: submitting a paused job resumes it (no \
+             committed class is redone)"
         );
     }
     if status.state != JobState::Succeeded {
@@ -1287,6 +1292,22 @@ async fn run_command(cli: Cli) -> Result<()> {
                 response.problems.len()
             );
             if !response.problems.is_empty() {
+                if let Some(dir) = &args.job_dir {
+                    // Offline, no coordinator is at hand: say which one repairs it, and how to
+                    // start one where the job ran under a `coordinator run`.
+                    let suffix = format!("/jobs/{}", args.job);
+                    let output = dir.trim_end_matches('/').strip_suffix(&suffix).unwrap_or("<output>");
+                    bail!(
+                        "job {job} does not match its markers: `coordinator resume {job}` on a coordinator serving the \
+                         store the job ran with repairs it (every damaged file, the same seeds give the same bytes). \
+                         For a job of `coordinator run`, start one on its store (its --store, else the job's output): \
+                         `coordinator serve --store {}`, then `coordinator resume {job} --coordinator <its URL>`; \
+                         running the same `coordinator run` again puts back missing or cut files, not ones changed in \
+                         place",
+                        output,
+                        job = args.job
+                    );
+                }
                 bail!("job {} does not match its markers: `coordinator resume {}` repairs it", args.job, args.job);
             }
             Ok(())
@@ -1458,6 +1479,8 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Run(args) => run_local(args).await,
         Command::Check(args) => {
+            // A preflight says an unreachable store in seconds; a coordinator rides an outage out.
+            mgd3_common::store::set_retry_timeout(CHECK_STORE_PATIENCE);
             let (text, base) = read_spec(&args.spec)?;
             // A relative --store is where `run` would put it: against this folder.
             let default_output = match &args.store {

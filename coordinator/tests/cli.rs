@@ -1004,3 +1004,40 @@ fn check_decode_lists_every_unreadable_image_at_once() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("decoded all 16 images") && stdout.contains("every one is readable"), "{stdout}");
 }
+
+/// `check` against an S3 endpoint that does not answer says so in about half a minute, naming
+/// the endpoint in use, where a coordinator rides out such an outage for three minutes.
+#[test]
+fn check_says_an_unreachable_store_within_its_own_patience() {
+    let dir = tempfile::tempdir().unwrap();
+    let fp = format!("sha256:{}", "0".repeat(64));
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"dry\"\ndataset = \"s3://bucket/data\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 2\n\
+             [models]\ndit = \"d.onnx\"\nvae_encoder = \"e.onnx\"\nvae_decoder = \"x.onnx\"\n\
+             dit_fingerprint = \"{fp}\"\nvae_encoder_fingerprint = \"{fp}\"\nvae_decoder_fingerprint = \"{fp}\"\n"
+        ),
+    )
+    .unwrap();
+    // Port 9 on loopback: nothing listens, every connection is refused at once.
+    let vars = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ];
+    let started = std::time::Instant::now();
+    let said = coordinator_with(&["check", spec.to_str().unwrap(), "--store", "/srv/state"], &vars);
+    let took = started.elapsed();
+    assert!(
+        said.contains("did not answer")
+            && said.contains("retried for up to 30 s")
+            && said.contains("http://127.0.0.1:9"),
+        "{said}"
+    );
+    assert!(took < std::time::Duration::from_secs(120), "check took {took:?}: {said}");
+}

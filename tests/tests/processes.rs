@@ -914,6 +914,34 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
     );
     let said = String::from_utf8_lossy(&offline.stderr);
     assert!(!said.contains("coordinator"), "verify --job-dir spoke of a coordinator: {said}");
+    // An image changed in place (same size): offline, verify names it and says which coordinator
+    // repairs it and how to start one; doing as it says puts the same bytes back.
+    let class = std::fs::read_dir(format!("{job_dir}/dataset")).unwrap().next().unwrap().unwrap().path();
+    let image = class.join("0.png");
+    let original = std::fs::read(&image).unwrap();
+    let mut damaged = original.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(&image, &damaged).unwrap();
+    let offline = cli(&["verify", &job, "--job-dir", &job_dir]);
+    let said = String::from_utf8_lossy(&offline.stderr);
+    assert!(!offline.status.success() && String::from_utf8_lossy(&offline.stdout).contains("0.png"), "{said}");
+    for part in
+        [format!("`coordinator serve --store {store}`"), format!("`coordinator resume {job} --coordinator <its URL>`")]
+    {
+        assert!(said.contains(&part), "`{part}` missing: {said}");
+    }
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = serve(port, &store, &scratch.path().join("repair.log"), &[]);
+    wait_for_coordinator(&url);
+    let _worker = fake_worker(&url, "repairer", "0.1", &scratch.path().join("repairer.log"), &[]);
+    let resumed = cli(&["resume", &job, "--coordinator", &url]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    wait_for("the damaged image to be distilled again", Duration::from_secs(60), || {
+        std::fs::read(&image).is_ok_and(|bytes| bytes == original)
+            && cli(&["verify", &job, "--job-dir", &job_dir]).status.success()
+    });
 }
 
 /// A loopback listener answering every connection as `how`: `None` closes at once, `Some(b"")`
