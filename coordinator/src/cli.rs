@@ -851,6 +851,79 @@ fn exit_for(status: &JobStatus, url: &str) -> Result<()> {
     Ok(())
 }
 
+/// `check --decode`: decodes every image of `classes` (of `counts` images each) and prints each
+/// unreadable one and what its class would keep without them. Returns how many are unreadable.
+///
+/// # Errors
+/// A class that cannot be listed.
+async fn decode_and_tell(
+    root: &mgd3_common::imagefolder::Root,
+    classes: &[mgd3_common::job::ClassRef],
+    counts: &[usize],
+    ipc: usize,
+) -> Result<usize> {
+    let parallel = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = std::time::Instant::now();
+    let report = crate::decodecheck::decode_all(root, classes, parallel, false).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if report.unreadable.is_empty() {
+        outln!(
+            "decoded all {} images ({:.1} MB) in {seconds:.1} s: every one is readable",
+            report.images,
+            report.bytes as f64 / 1e6
+        );
+        return Ok(0);
+    }
+    outln!(
+        "{} of {} images cannot be used (each would fail its class during the run):",
+        report.unreadable.len(),
+        report.images
+    );
+    for bad in &report.unreadable {
+        outln!("  {}: {}: {}", bad.class, bad.image, bad.problem);
+    }
+    for (class, count) in classes.iter().zip(counts) {
+        let bad = report.unreadable.iter().filter(|b| b.class == class.wnid).count();
+        if bad > 0 {
+            let left = count.saturating_sub(bad);
+            outln!(
+                "  class {} would keep {left} images once these are removed{}",
+                class.wnid,
+                if left < ipc {
+                    format!(", fewer than IPC {ipc}: replace them instead")
+                } else {
+                    format!(", enough for IPC {ipc}")
+                }
+            );
+        }
+    }
+    Ok(report.unreadable.len())
+}
+
+/// `check --decode` of a spec refused for other problems: decodes the images of every class that
+/// lists (said first), so that one check names them too. Silent when the spec does not read or
+/// its dataset cannot be opened (the refusal says so).
+async fn decode_listable(text: &str, base: &Path) {
+    let Ok(mut spec) = mgd3_common::job::JobSpec::from_toml(text) else { return };
+    spec.resolve_paths(base);
+    let Some((root, classes)) = crate::submit::listable_classes(&spec).await else { return };
+    let mut listed = Vec::new();
+    let mut counts = Vec::new();
+    for class in classes {
+        if let Ok(listing) = root.list_class(&class.wnid).await {
+            counts.push(listing.images.len());
+            listed.push(class);
+        }
+    }
+    if listed.is_empty() {
+        return;
+    }
+    outln!("the spec is refused (below); the images of the {} class(es) that list were decoded anyway:", listed.len());
+    if let Err(error) = decode_and_tell(&root, &listed, &counts, spec.ipc).await {
+        outln!("  (decoding stopped: {error:#})");
+    }
+}
+
 /// Runs one `coordinator` command to its end.
 ///
 /// # Errors
@@ -1517,7 +1590,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
             // `check` talks to no coordinator: no worker has reported, so the shards are the
             // default's (and a note says so).
-            let resolved = crate::submit::resolve_spec(
+            let resolved = match crate::submit::resolve_spec(
                 &text,
                 Path::new(&base),
                 None,
@@ -1526,7 +1599,17 @@ async fn run_command(cli: Cli) -> Result<()> {
                 mgd3_common::batch::PlannedRows::Default,
             )
             .await
-            .with_context(|| format!("job spec `{}`", args.spec.display()))?;
+            {
+                Ok(resolved) => resolved,
+                Err(error) => {
+                    // --decode still decodes every class that lists, so that one check names the
+                    // unreadable images beside the other problems.
+                    if args.decode {
+                        decode_listable(&text, Path::new(&base)).await;
+                    }
+                    return Err(anyhow::Error::new(error).context(format!("job spec `{}`", args.spec.display())));
+                }
+            };
             let job = &resolved.job;
             for note in &resolved.notes {
                 outln!("note: {note}");
@@ -1559,44 +1642,12 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
             if args.decode {
                 let root = mgd3_common::imagefolder::Root::open(&job.spec.dataset)?;
-                let parallel = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
-                let started = std::time::Instant::now();
-                let report = crate::decodecheck::decode_all(&root, &job.classes, parallel, false).await?;
-                let seconds = started.elapsed().as_secs_f64();
-                if report.unreadable.is_empty() {
-                    outln!(
-                        "decoded all {} images ({:.1} MB) in {seconds:.1} s: every one is readable",
-                        report.images,
-                        report.bytes as f64 / 1e6
-                    );
-                } else {
-                    outln!(
-                        "{} of {} images cannot be used (each would fail its class during the run):",
-                        report.unreadable.len(),
-                        report.images
-                    );
-                    for bad in &report.unreadable {
-                        outln!("  {}: {}: {}", bad.class, bad.image, bad.problem);
-                    }
-                    for (class, count) in job.classes.iter().zip(&resolved.image_counts) {
-                        let bad = report.unreadable.iter().filter(|b| b.class == class.wnid).count();
-                        if bad > 0 {
-                            let left = count.saturating_sub(bad);
-                            outln!(
-                                "  class {} would keep {left} images once these are removed{}",
-                                class.wnid,
-                                if left < job.spec.ipc {
-                                    format!(", fewer than IPC {}: replace them instead", job.spec.ipc)
-                                } else {
-                                    format!(", enough for IPC {}", job.spec.ipc)
-                                }
-                            );
-                        }
-                    }
+                let counts: Vec<usize> = resolved.image_counts.clone();
+                let unreadable = decode_and_tell(&root, &job.classes, &counts, job.spec.ipc).await?;
+                if unreadable > 0 {
                     anyhow::bail!(
-                        "{} unreadable image(s) in `{}`: replace or remove them (a class may keep fewer images, as long as it \
-                         has at least IPC {}), then check again",
-                        report.unreadable.len(),
+                        "{unreadable} unreadable image(s) in `{}`: replace or remove them (a class may keep fewer images, as \
+                         long as it has at least IPC {}), then check again",
                         job.spec.dataset,
                         job.spec.ipc
                     );

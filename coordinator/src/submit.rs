@@ -311,6 +311,21 @@ async fn content_digest(root: &Root, listing: &ClassListing) -> std::result::Res
 /// Classes without a folder named one by one, at most; more are counted.
 const MISSING_SHOWN: usize = 10;
 
+/// The dataset of `spec` and the classes it selects, when the dataset opens and the selection
+/// resolves (whatever else is wrong with the classes): what `check --decode` decodes of a spec
+/// refused for other problems.
+pub(crate) async fn listable_classes(spec: &JobSpec) -> Option<(Root, Vec<ClassRef>)> {
+    let root = Root::open(&spec.dataset).ok()?;
+    let all = matches!(&spec.classes, ClassSelection::Named(all) if all == "all");
+    let folders = if all || matches!(spec.labels, LabelScheme::Folder | LabelScheme::Position) {
+        Some(root.list_classes().await.ok()?.0)
+    } else {
+        None
+    };
+    let classes = spec.class_list(|| Ok(folders.unwrap_or_default())).ok()?;
+    Some((root, classes))
+}
+
 /// Lists the dataset by the one ImageFolder rule at submit: the class folders (for
 /// `classes = "all"`) and every class's images. Every class that is missing or holds fewer than
 /// IPC images is reported, all in one error, before any work is leased.

@@ -995,6 +995,17 @@ fn check_decode_lists_every_unreadable_image_at_once() {
     assert!(stderr.contains("3 unreadable image(s)") && stderr.contains("replace or remove them"), "{stderr}");
     // The same problems are what a worker would hit: the plain check (listing only) passes.
     assert!(coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]).status.success());
+    // A spec refused for another problem (a class of fewer images than IPC) still has the
+    // images of the classes that list decoded: one check names both.
+    std::fs::create_dir_all(data.join("c")).unwrap();
+    std::fs::write(data.join("c/0.png"), &png).unwrap();
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state", "--decode"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("`c`: 1 image(s) but IPC = 2"), "{stderr}");
+    assert!(stdout.contains("the images of the 3 class(es) that list were decoded anyway"), "{stdout}");
+    assert!(stdout.contains("3 of 20 images cannot be used") && stdout.contains("cut.jpg: truncated"), "{stdout}");
+    std::fs::remove_dir_all(data.join("c")).unwrap();
 
     for bad in ["a/cut.jpg", "b/notes.png", "b/empty.png"] {
         std::fs::remove_file(data.join(bad)).unwrap();
