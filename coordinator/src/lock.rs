@@ -298,6 +298,9 @@ pub struct StoreLock {
     record: LockRecord,
     /// See [`StoreLock::held_until`].
     held_until: Instant,
+    /// The owner whose lock this one took over (it was killed, or stopped renewing): its claims
+    /// on job outputs are taken over at once.
+    replaced: Option<String>,
 }
 
 /// How long before another coordinator may take the lock over its holder stops acting on it:
@@ -330,7 +333,7 @@ impl StoreLock {
         let key = store.key(LOCK_KEY);
         let err = |source| LockError::Store { url: store.url.clone(), source };
         match take("the store", store, &key, &mut record, |_| false).await.map_err(err)? {
-            Taken(sent) => {
+            Taken(sent, replaced) => {
                 info!(store = %store.url, "coordinator lock taken");
                 // Temporaries of lock writes a killed holder left (`coordinator.lock#N`): only
                 // the holder writes the lock, and that is this process now.
@@ -338,7 +341,7 @@ impl StoreLock {
                     warn!(store = %store.url, error = %mgd3_common::error_chain(&error), "cannot remove a temporary lock file");
                 }
                 let held_until = sent + Duration::from_millis(record.timeout_ms) - margin(record.timeout_ms);
-                Ok(StoreLock { store: store.clone(), record, held_until })
+                Ok(StoreLock { store: store.clone(), record, held_until, replaced })
             }
             Held(holder, age_s) => Err(LockError::Held {
                 url: store.url.clone(),
@@ -369,10 +372,12 @@ impl StoreLock {
         let mut record = self.record.clone();
         let ours = &self.store.url;
         let local_store = self.store.local_path("").is_some();
-        // The holder served this very store, which this coordinator holds now: it was replaced.
-        // (A local store path names one folder per host unless it is shared: the same host then.)
+        // The holder is the coordinator whose store lock this one took over, or served this very
+        // store, which this coordinator holds now: it was replaced. (A local store path names one
+        // folder per host unless it is shared: the same host then.)
         let replaced = |holder: &LockRecord| {
-            holder.store.as_deref() == Some(ours.as_str()) && (!local_store || holder.host == self.record.host)
+            self.replaced.as_deref() == Some(holder.owner.as_str())
+                || (holder.store.as_deref() == Some(ours.as_str()) && (!local_store || holder.host == self.record.host))
         };
         let long_gone =
             |holder: &LockRecord| now_ms().saturating_sub(holder.heartbeat_unix_ms) >= 2 * holder.timeout_ms.max(1);
@@ -381,7 +386,7 @@ impl StoreLock {
             .await
             .map_err(err)?
         {
-            Taken(_) => {
+            Taken(..) => {
                 debug!(job = %job_id, output = %out.url, "job output claimed");
                 Ok(JobClaim { job_id: job_id.to_owned(), out: out.clone() })
             }
@@ -574,8 +579,9 @@ async fn delete(store: &Location, key: &object_store::path::Path) -> Result<(), 
 
 /// What [`take`] found.
 enum Taking {
-    /// The lock is this record's now; the instant its last write was sent.
-    Taken(Instant),
+    /// The lock is this record's now; the instant its last write was sent, and the owner whose
+    /// record it replaced, if any.
+    Taken(Instant, Option<String>),
     /// Another holder renewed it while watched: its record, and its heartbeat's age (s).
     Held(LockRecord, f64),
 }
@@ -598,6 +604,7 @@ async fn take(
     // tokio clock, it was first seen: staleness is judged by watching the value, so clocks of
     // other hosts do not matter.
     let mut watching: Option<(String, (u64, u64), Instant)> = None;
+    let mut replaced = None;
     loop {
         record.heartbeat_unix_ms = now_ms();
         let bytes = serde_json::to_vec(&*record).expect("serialisable lock");
@@ -608,7 +615,7 @@ async fn take(
         })
         .await?;
         if created {
-            return Ok(Taken(sent));
+            return Ok(Taken(sent, replaced));
         }
         let Some(bytes) = retry_idempotent(|| get_optional(store.store.as_ref(), key)).await? else {
             continue; // released in between
@@ -620,12 +627,13 @@ async fn take(
         };
         // A create that reached the store, whose answer was lost, sent again.
         if holder.owner == record.owner {
-            return Ok(Taken(sent));
+            return Ok(Taken(sent, replaced));
         }
         if holder_is_dead_here(&holder, &record.host) {
             warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
                 "taking over {what} from a coordinator whose process on this host is gone");
             delete(store, key).await?;
+            replaced = Some(holder.owner);
             watching = None;
             continue;
         }
@@ -633,6 +641,7 @@ async fn take(
             warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
                 "taking over {what} from a coordinator that is gone (its store has another coordinator now, or it has been silent for two lock timeouts)");
             delete(store, key).await?;
+            replaced = Some(holder.owner);
             watching = None;
             continue;
         }
@@ -648,6 +657,7 @@ async fn take(
                 warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
                     "taking over {what} from a coordinator that stopped renewing its lock");
                 delete(store, key).await?;
+                replaced = Some(holder.owner.clone());
                 watching = None;
                 continue;
             }
@@ -819,6 +829,31 @@ mod tests {
         let c = StoreLock::acquire(&open("memory://claim/c"), timeout).await.unwrap();
         c.claim(&out, "job").await.unwrap();
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// A coordinator requeued onto another node of a shared file system takes over the store's
+    /// lock from its killed predecessor after the timeout, and then that predecessor's claims at
+    /// once: they are known to be the replaced owner's, whatever host wrote them.
+    #[tokio::test(start_paused = true)]
+    async fn the_claims_of_the_coordinator_whose_lock_was_taken_over_are_taken_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = mgd3_common::store::open(&dir.path().join("state").display().to_string()).unwrap();
+        let out = mgd3_common::store::open("memory://requeue/out").unwrap();
+        let timeout = Duration::from_secs(30);
+        let killed = StoreLock::acquire(&store, timeout).await.unwrap();
+        killed.claim(&out, "job").await.unwrap();
+        // Its claim as a coordinator on another node would have written it.
+        let key = out.key(&JobKeys::new("job").claim());
+        let elsewhere = LockRecord { host: "node-7".into(), process_table: None, ..read(&out, "job").await };
+        out.store.put(&key, PutPayload::from(serde_json::to_vec(&elsewhere).unwrap())).await.unwrap();
+        let started = Instant::now();
+        let next = StoreLock::acquire(&store, timeout).await.unwrap();
+        assert!(started.elapsed() >= timeout, "the live-looking lock was taken at once");
+        assert_eq!(next.replaced.as_deref(), Some(killed.record.owner.as_str()));
+        let started = Instant::now();
+        next.claim(&out, "job").await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO, "the replaced owner's claim was waited for");
+        assert_eq!(read(&out, "job").await.owner, next.record.owner);
     }
 
     async fn read(out: &Location, job: &str) -> LockRecord {
