@@ -1,7 +1,9 @@
 //! The latent cache: a class's scaled VAE latents ([n, C·h·w] f32 `.npy`) stored in an object
 //! store, keyed by the dataset, the VAE encoder's fingerprint, the preprocessing version and the
-//! class's file listing (names and sizes), so a job with another IPC, seed, λ or t_stop reuses them
-//! without decoding or encoding a single image, and a changed class folder misses the cache.
+//! class's file listing (names and sizes, and the files' contents where the job records them), so
+//! a job with another IPC, seed, λ or t_stop reuses them without decoding or encoding a single
+//! image, and a changed class folder misses the cache. Every entry ends in its own sha256 (after
+//! the `.npy` data, which numpy ignores): an entry damaged in place is not used but computed again.
 
 use std::io::Cursor;
 
@@ -40,10 +42,22 @@ fn short(text: &str) -> String {
 
 /// The cache key of one class's latents:
 /// `latents/<dataset hash>/<VAE fingerprint prefix>/<PREPROCESSING_VERSION>/<wnid>-<listing hash>.npy`,
-/// where the listing hash covers each image's path below the class folder and its size.
-pub fn latent_key(dataset_url: &str, vae_fingerprint: &str, wnid: &str, images: &[ImageRef]) -> String {
+/// where the listing hash covers each image's path below the class folder and its size, and
+/// `content_digest` (the class's [`ListingSummary::content_digest`](mgd3_common::imagefolder::ListingSummary::content_digest),
+/// recorded for `data_fingerprint = "content"`) when given: files rewritten in place at the same
+/// size, which such a job tells apart, then miss the cache too.
+pub fn latent_key(
+    dataset_url: &str,
+    vae_fingerprint: &str,
+    wnid: &str,
+    images: &[ImageRef],
+    content_digest: Option<&str>,
+) -> String {
     // Names below the class folder (not where the dataset is mounted) and sizes.
-    let listing: String = images.iter().map(|i| format!("{}\t{}\n", i.relative, i.bytes)).collect();
+    let mut listing: String = images.iter().map(|i| format!("{}\t{}\n", i.relative, i.bytes)).collect();
+    if let Some(content) = content_digest {
+        listing.push_str(&format!("content\t{content}\n"));
+    }
     let vae = vae_fingerprint.trim_start_matches("sha256:");
     format!(
         "latents/{}/{}/{PREPROCESSING_VERSION}/{wnid}-{}.npy",
@@ -75,7 +89,14 @@ pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Op
         source,
     })?;
     let Some(bytes) = bytes else { return Ok(None) };
-    match Array2::<f32>::read_npy(Cursor::new(bytes.as_ref())) {
+    let body = match unseal(&bytes) {
+        Ok(body) => body,
+        Err(problem) => {
+            warn!(key, problem, "ignoring a cache entry that fails its checksum; computing it again");
+            return Ok(None);
+        }
+    };
+    match Array2::<f32>::read_npy(Cursor::new(body)) {
         Ok(array) if array.dim() == (points, dim) => Ok(Some(array.into_raw_vec_and_offset().0)),
         Ok(array) => {
             warn!(key, shape = ?array.dim(), "ignoring cached latents of the wrong shape");
@@ -100,11 +121,41 @@ pub fn store(cache: &Location, key: &str, features: &[f32], points: usize, dim: 
     let array = Array2::from_shape_vec((points, dim), features.to_vec()).expect("points × dim features");
     let mut bytes = Vec::with_capacity(features.len() * 4 + 128);
     array.write_npy(&mut bytes).expect("writing to memory");
-    block_on(put_large(cache.store.as_ref(), &cache.key(key), bytes)).map_err(|source| CacheError::Store {
+    block_on(put_large(cache.store.as_ref(), &cache.key(key), seal(bytes))).map_err(|source| CacheError::Store {
         url: cache.url.clone(),
         key: key.into(),
         source,
     })
+}
+
+/// What ends every cache entry, before the hex sha256 of everything in front of it.
+const SEAL: &[u8] = b"\nmgd3-sha256:";
+
+/// The sha256 of `bytes` in 64 hex digits (no `sha256:`).
+fn hex_digest(bytes: &[u8]) -> String {
+    sha256_hex(bytes).trim_start_matches("sha256:").to_owned()
+}
+
+/// `bytes` followed by [`SEAL`] and their sha256 (64 hex digits).
+fn seal(mut bytes: Vec<u8>) -> Vec<u8> {
+    let digest = hex_digest(&bytes);
+    bytes.extend_from_slice(SEAL);
+    bytes.extend_from_slice(digest.as_bytes());
+    bytes
+}
+
+/// The bytes a [`seal`]ed entry holds, or why it cannot be trusted.
+fn unseal(bytes: &[u8]) -> Result<&[u8], &'static str> {
+    let trailer = SEAL.len() + 64;
+    let Some(split) = bytes.len().checked_sub(trailer) else { return Err("too short to hold a checksum") };
+    let (body, seal) = bytes.split_at(split);
+    let Some(digest) = seal.strip_prefix(SEAL) else {
+        return Err("no checksum (cut short, or written by an older mgd3)");
+    };
+    if hex_digest(body).as_bytes() != digest {
+        return Err("its bytes do not match its checksum (damaged)");
+    }
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -130,11 +181,15 @@ mod tests {
                 },
             ]
         };
-        let base = latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 5));
-        assert_eq!(base, latent_key("s3://b/train/", "sha256:abc", "n01", &images("/y", 5)));
-        assert_ne!(base, latent_key("s3://b/val", "sha256:abc", "n01", &images("/x", 5)));
-        assert_ne!(base, latent_key("s3://b/train", "sha256:abd", "n01", &images("/x", 5)));
-        assert_ne!(base, latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 6)));
+        let base = latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 5), None);
+        assert_eq!(base, latent_key("s3://b/train/", "sha256:abc", "n01", &images("/y", 5), None));
+        assert_ne!(base, latent_key("s3://b/val", "sha256:abc", "n01", &images("/x", 5), None));
+        assert_ne!(base, latent_key("s3://b/train", "sha256:abd", "n01", &images("/x", 5), None));
+        assert_ne!(base, latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 6), None));
+        // Other contents at the same names and sizes, for a job that records contents.
+        let content = latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 5), Some("sha256:01"));
+        assert_ne!(base, content);
+        assert_ne!(content, latent_key("s3://b/train", "sha256:abc", "n01", &images("/x", 5), Some("sha256:02")));
         assert!(base.contains(PREPROCESSING_VERSION));
     }
 
@@ -156,5 +211,36 @@ mod tests {
         store(&cache, "k.npy", &features, 3, 4).unwrap();
         assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap(), features);
         assert!(load(&cache, "k.npy", 4, 3).unwrap().is_none());
+    }
+
+    /// An entry changed in place (same size, still a well-formed `.npy`), cut short, or written
+    /// without a checksum is not used; numpy reads a sealed entry as the plain array.
+    #[test]
+    fn damaged_or_unsealed_entries_are_not_used() {
+        let cache = mgd3_common::store::open("memory://latent-cache-test/damage").unwrap();
+        let features: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        store(&cache, "k.npy", &features, 3, 4).unwrap();
+        let key = cache.key("k.npy");
+        let sealed = block_on(get_optional(cache.store.as_ref(), &key)).unwrap().unwrap().to_vec();
+        let put = |bytes: Vec<u8>| {
+            block_on(object_store::ObjectStoreExt::put(
+                cache.store.as_ref(),
+                &key,
+                object_store::PutPayload::from(bytes),
+            ))
+            .unwrap();
+        };
+        let mut plain = Vec::new();
+        Array2::from_shape_vec((3, 4), features.clone()).unwrap().write_npy(&mut plain).unwrap();
+        assert!(sealed.starts_with(&plain), "the entry is the .npy, then its seal");
+        let mut damaged = sealed.clone();
+        let last_value = plain.len() - 1;
+        damaged[last_value] ^= 0x40;
+        for (what, bytes) in [("changed", damaged), ("cut", sealed[..sealed.len() - 1].to_vec()), ("unsealed", plain)] {
+            put(bytes);
+            assert!(load(&cache, "k.npy", 3, 4).unwrap().is_none(), "{what} entry used");
+        }
+        put(sealed);
+        assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap(), features);
     }
 }

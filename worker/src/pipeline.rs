@@ -946,10 +946,10 @@ impl DataStage<'_> {
             return Ok(());
         }
         let keep = if self.keep_crops { class.ipc.min(images.len()) } else { 0 };
-        let cache_key = self
-            .latent_cache
-            .as_ref()
-            .map(|_| cache::latent_key(&self.dataset.url(), &self.vae_fingerprint, &class.wnid, &images));
+        let cache_key = self.latent_cache.as_ref().map(|_| {
+            let content = class.listing.as_ref().and_then(|l| l.content_digest.as_deref());
+            cache::latent_key(&self.dataset.url(), &self.vae_fingerprint, &class.wnid, &images, content)
+        });
         if let (Some(cache), Some(key)) = (&self.latent_cache, &cache_key)
             && let Some(features) = cache::load(cache, key, images.len(), self.latent_dim)?
         {

@@ -479,6 +479,46 @@ fn a_latent_cache_hit_gives_the_bytes_of_a_miss() {
     assert!(hit.files.images == miss.files.images, "PNG bytes differ");
     assert!(hit.contact_sheet == miss.contact_sheet, "contact sheets differ");
     assert_eq!(hit.quality, miss.quality);
+
+    // Entries damaged in place (same size, still well-formed `.npy`) are not used: the class is
+    // encoded and clustered again, to the same bytes.
+    let entries: Vec<std::path::PathBuf> = walk(&dir.path().join("cache"));
+    assert_eq!(entries.len(), 2, "latents and modes: {entries:?}");
+    for entry in &entries {
+        let mut bytes = std::fs::read(entry).unwrap();
+        let inside = bytes.len() - 80; // a value of the array, before the checksum
+        bytes[inside] ^= 0x01;
+        std::fs::write(entry, bytes).unwrap();
+    }
+    let redone = run();
+    assert!(!redone.timings.latent_cache_hit, "damaged cached latents were used");
+    assert!(redone.files.modes_npy == miss.files.modes_npy && redone.files.images == miss.files.images);
+
+    // A job that records its classes' contents (`data_fingerprint = "content"`) misses the
+    // entries of other contents at the same names and sizes (files rewritten in place).
+    let with_content = |digest: &str| {
+        let mut class = class.clone();
+        let listing = dataset.list_class("n001").unwrap().summary();
+        class.class.listing =
+            Some(mgd3_common::imagefolder::ListingSummary { content_digest: Some(digest.into()), ..listing });
+        let mut engine = engine(8, 1);
+        engine.set_latent_cache(Some(cache.clone()));
+        engine.distill_class(&dataset, &class, true).unwrap().timings.latent_cache_hit
+    };
+    assert!(!with_content("sha256:aa"), "an entry of unrecorded contents was used");
+    assert!(with_content("sha256:aa"), "the same contents missed");
+    assert!(!with_content("sha256:bb"), "an entry of other contents was used");
+}
+
+/// Every file below `root`.
+fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files.sort();
+    files
 }
 
 /// Every size runs and gives the same bytes (issue: one batch policy per model, bounded calls):
