@@ -1415,11 +1415,23 @@ async fn run_command(cli: Cli) -> Result<()> {
         Command::Forget(args) => {
             let mut client = args.connection.client()?;
             if let Some(record) = sweep_of(&mut client, &args.connection.coordinator, &args.job).await? {
-                client
+                let kept = client
                     .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
                     .await
-                    .map_err(CallError::of(&args.connection.coordinator, "ForgetJob"))?;
-                outln!("sweep {} and its {} job(s) forgotten", args.job, record.variants.len());
+                    .map_err(CallError::of(&args.connection.coordinator, "ForgetJob"))?
+                    .into_inner()
+                    .kept_job_ids;
+                if kept.is_empty() {
+                    outln!("sweep {} and its {} job(s) forgotten", args.job, record.variants.len());
+                } else {
+                    outln!(
+                        "sweep {} and {} of its {} job(s) forgotten; kept, as other sweeps hold them too: {}",
+                        args.job,
+                        record.variants.len() - kept.len(),
+                        record.variants.len(),
+                        kept.join(", ")
+                    );
+                }
                 errln!(
                     "their outputs stay in their folders; submitting the same sweep again brings the jobs back with their committed classes"
                 );

@@ -150,14 +150,15 @@ impl CoordinatorRpc for Service {
         // A sweep's id forgets the sweep: its variants, then its record.
         match self.0.sweep(&job_id).await {
             Ok(_) => {
-                self.0.forget_sweep(&job_id).await?;
-                return Ok(Response::new(proto::ForgetJobResponse { outputs_kept: true }));
+                let forgotten = self.0.forget_sweep(&job_id).await?;
+                let kept_job_ids = forgotten.kept.into_iter().map(|(job, _)| job).collect();
+                return Ok(Response::new(proto::ForgetJobResponse { outputs_kept: true, kept_job_ids }));
             }
             Err(crate::Error::UnknownSweep(_)) => {}
             Err(error) => return Err(error.into()),
         }
         let outputs_kept = self.0.explained(&job_id, self.0.forget(&job_id).await).await?;
-        Ok(Response::new(proto::ForgetJobResponse { outputs_kept }))
+        Ok(Response::new(proto::ForgetJobResponse { outputs_kept, kept_job_ids: Vec::new() }))
     }
 
     async fn list_sweeps(&self, _request: Request<proto::ListSweepsRequest>) -> RpcResult<proto::ListSweepsResponse> {

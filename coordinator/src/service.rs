@@ -94,6 +94,15 @@ struct Inner {
     claims: Mutex<HashMap<String, JobClaim>>,
 }
 
+/// What [`Coordinator::forget_sweep`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForgottenSweep {
+    /// The variants' jobs forgotten.
+    pub forgotten: Vec<String>,
+    /// The variants kept because other sweeps hold them too, each with those sweeps' ids.
+    pub kept: Vec<(String, Vec<String>)>,
+}
+
 /// A sweep as [`Coordinator::submit_sweep`] submitted it.
 #[derive(Debug)]
 pub struct SubmittedSweep {
@@ -1154,22 +1163,33 @@ impl Coordinator {
         Ok(records)
     }
 
-    /// Forgets a sweep: every variant's job ([`Coordinator::forget`]; their outputs stay) and the
-    /// sweep's record in the store (the copy beside the outputs stays with them). Refused, with
-    /// nothing forgotten, while any variant has not ended. Returns the variants' job ids.
+    /// Forgets a sweep: every variant's job ([`Coordinator::forget`]; their outputs stay) that no
+    /// other sweep holds too, and the sweep's record in the store (the copy beside the outputs
+    /// stays with them). Refused, with nothing forgotten, while any variant it would forget has not
+    /// ended. Variants other sweeps hold stay, whatever their state: forgetting them would take
+    /// them from those sweeps.
     ///
     /// # Errors
     /// [`Error::UnknownSweep`]; [`Error::SweepRunning`] naming the first variant still running;
     /// store errors.
-    pub async fn forget_sweep(&self, sweep_id: &str) -> Result<Vec<String>> {
+    pub async fn forget_sweep(&self, sweep_id: &str) -> Result<ForgottenSweep> {
         let record = self.sweep(sweep_id).await?;
-        for variant in &record.variants {
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        for other in self.sweeps().await? {
+            if other.sweep_id != sweep_id {
+                for variant in &other.variants {
+                    holders.entry(variant.job_id.clone()).or_default().push(other.sweep_id.clone());
+                }
+            }
+        }
+        let (kept, own): (Vec<_>, Vec<_>) = record.variants.iter().partition(|v| holders.contains_key(&v.job_id));
+        for variant in &own {
             let state = self.inner.scheduler.lock().expect("scheduler").state(&variant.job_id);
             if state.is_some_and(|s| !s.is_final()) {
                 return Err(Error::SweepRunning { sweep: sweep_id.to_owned(), job: variant.job_id.clone() });
             }
         }
-        for variant in &record.variants {
+        for variant in &own {
             match self.forget(&variant.job_id).await {
                 // Forgotten on its own before: nothing left to do.
                 Ok(_) | Err(Error::UnknownJob(_)) => {}
@@ -1189,8 +1209,11 @@ impl Coordinator {
             source,
         })?;
         self.inner.sweeps.lock().expect("sweeps").remove(sweep_id);
-        info!(sweep = %sweep_id, variants = record.variants.len(), "sweep forgotten: its jobs' records and its own are deleted");
-        Ok(record.variants.into_iter().map(|v| v.job_id).collect())
+        info!(sweep = %sweep_id, forgotten = own.len(), kept = kept.len(), "sweep forgotten: its record and its own jobs' records are deleted");
+        Ok(ForgottenSweep {
+            forgotten: own.into_iter().map(|v| v.job_id.clone()).collect(),
+            kept: kept.into_iter().map(|v| (v.job_id.clone(), holders.remove(&v.job_id).unwrap_or_default())).collect(),
+        })
     }
 
     /// [`Coordinator::submit_with`] of a spec already resolved.

@@ -286,9 +286,25 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && message.contains(&format!("coordinator cancel {id}")), "{message}");
     assert_eq!(support::status(&url, &jobs[0]).unwrap()["state"], "running", "nothing was forgotten");
+    // Another sweep holding two of its variants too keeps them when this one is forgotten.
+    let submitted = coordinator(&["submit", other.to_str().unwrap(), "--coordinator", &url]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let other_id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
     assert!(coordinator(&["cancel", &id, "--coordinator", &url]).status.success());
     let forgotten = coordinator(&["forget", &id, "--coordinator", &url]);
     assert!(forgotten.status.success(), "{}", String::from_utf8_lossy(&forgotten.stderr));
+    let said = String::from_utf8_lossy(&forgotten.stdout);
+    assert!(
+        said.contains("and 1 of its 3 job(s) forgotten; kept, as other sweeps hold them too")
+            && said.contains(&jobs[0])
+            && said.contains(&jobs[2]),
+        "{said}"
+    );
+    assert!(support::status(&url, &jobs[1]).is_none(), "the sweep's own variant is forgotten");
+    let state = coordinator(&["status", &other_id, "--get", "state", "--coordinator", &url]);
+    assert!(state.status.success(), "the other sweep lost variants: {}", String::from_utf8_lossy(&state.stderr));
+    assert!(coordinator(&["cancel", &other_id, "--coordinator", &url]).status.success());
+    let forgotten = coordinator(&["forget", &other_id, "--coordinator", &url]);
     assert!(String::from_utf8_lossy(&forgotten.stdout).contains("and its 3 job(s) forgotten"));
     assert!(support::status(&url, &jobs[2]).is_none(), "the variants are forgotten");
     let gone = coordinator(&["status", &id, "--coordinator", &url]);
