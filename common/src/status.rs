@@ -125,12 +125,16 @@ pub struct VerifyReport {
     /// Files read and hashed.
     pub files_checked: u64,
     /// Everything that does not match; empty for a job whose files are intact. For a job that
-    /// has not ended, classes not committed yet are not problems.
+    /// has not succeeded (running, paused, cancelled, failed), classes not committed are not
+    /// problems.
     pub problems: Vec<VerifyProblem>,
     /// Classes with a commit marker.
     pub classes_committed: u32,
     /// The job has not ended (running or paused): its uncommitted classes are work to come.
     pub running: bool,
+    /// The job's state, when a coordinator that knows it verified it (`None` offline, and from
+    /// older coordinators). Only a succeeded job's uncommitted classes are problems.
+    pub state: Option<JobState>,
 }
 
 /// Shard counts of a job.

@@ -195,6 +195,7 @@ impl From<VerifyReport> for proto::VerifyJobResponse {
                 .collect(),
             classes_committed: r.classes_committed,
             running: r.running,
+            state: r.state.map_or(proto::JobState::Unspecified, proto::JobState::from) as i32,
         }
     }
 }
@@ -215,6 +216,7 @@ impl From<proto::VerifyJobResponse> for VerifyReport {
                 .collect(),
             classes_committed: r.classes_committed,
             running: r.running,
+            state: job_state(r.state).ok(),
         }
     }
 }

@@ -1327,6 +1327,37 @@ async fn run_command(cli: Cli) -> Result<()> {
                 let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
                 outln!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
+            // A job cancelled or failed before some classes promised none of them: what it
+            // committed is checked, the rest is no damage.
+            let stopped = matches!(response.state, Some(JobState::Cancelled | JobState::Failed));
+            if stopped && !response.running {
+                let state = response.state.map_or("", |s| s.as_str());
+                outln!(
+                    "job {}: {state}: {} of {} classes committed, {} file(s) checked, {}",
+                    args.job,
+                    response.classes_committed,
+                    response.classes_checked,
+                    response.files_checked,
+                    if response.problems.is_empty() {
+                        "nothing damaged".to_owned()
+                    } else {
+                        format!("{} problem(s)", response.problems.len())
+                    }
+                );
+                let go_on = if response.state == Some(JobState::Failed) {
+                    format!(
+                        "the same command with --retry-failed (or `coordinator resume {}`) runs its failed shards again",
+                        args.job
+                    )
+                } else {
+                    format!("`coordinator resume {}` distils the other classes", args.job)
+                };
+                if !response.problems.is_empty() {
+                    bail!("job {} has damaged committed files: {go_on} and repairs them", args.job);
+                }
+                errln!("note: {go_on}");
+                return Ok(());
+            }
             if response.running {
                 // Classes still to come are no damage, and resume is no advice for a job that runs.
                 // Offline, a job without a manifest has not finished (or lost its manifest), and

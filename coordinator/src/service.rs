@@ -1788,18 +1788,20 @@ impl Coordinator {
         let keys = JobKeys::new(job_id);
         let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
         // A job that has not ended is still committing classes: those not committed yet are
-        // work to come, not damage.
+        // work to come, not damage; nor are they for a job cancelled or failed before them. Only a
+        // succeeded job promises every class.
         let running = state.is_some_and(|s| !s.is_final());
+        let promised = state == Some(JobState::Succeeded);
         let checks: Vec<_> = job
             .classes
             .iter()
             .map(|class| (out.clone(), keys.clone(), job.fingerprint.clone(), class.wnid.clone()))
             .map(|(out, keys, fingerprint, wnid)| async move {
                 let Some(marker) = commit::committed_marker(&out, &keys, &wnid, &fingerprint).await? else {
-                    let problems = if running {
-                        Vec::new()
-                    } else {
+                    let problems = if promised {
                         vec![VerifyProblem { wnid, file: None, problem: "not committed".into() }]
+                    } else {
+                        Vec::new()
                     };
                     return Ok::<_, Error>((0, false, problems));
                 };
@@ -1817,6 +1819,7 @@ impl Coordinator {
             problems: Vec::new(),
             classes_committed: 0,
             running,
+            state,
         };
         let mut results = futures::stream::iter(checks).buffered(16);
         while let Some(result) = results.next().await {

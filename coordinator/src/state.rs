@@ -191,6 +191,7 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
         problems: Vec::new(),
         classes_committed: 0,
         running: manifest.is_none(),
+        state: None,
     };
     let mut committed = std::collections::HashSet::new();
     for wnid in &wnids {

@@ -750,6 +750,11 @@ async fn commits_made_before_the_worker_heard_of_a_cancel_are_counted() {
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
     assert_eq!((status.state, status.classes_done), (JobState::Cancelled, 2));
+    // The class the cancel stopped before its commit is no damage: verify checks the two
+    // committed ones and names no problem.
+    let verified = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    assert_eq!((verified.state, verified.classes_committed), (Some(JobState::Cancelled), 2));
+    assert!(verified.problems.is_empty(), "{:?}", verified.problems);
     cluster.shutdown().await;
 }
 
