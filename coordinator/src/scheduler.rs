@@ -1558,6 +1558,29 @@ impl Scheduler {
         }
     }
 
+    /// This coordinator did not run for `gap_ms` (the process was stopped, its host or VM
+    /// paused, its clock stepped forward): no worker could renew its leases or be heard in that
+    /// time, so every lease's deadline and every worker's last sign of life move on by the gap.
+    /// Without this, a coordinator waking from a freeze would expire every lease before reading
+    /// the renewals waiting for it, spending attempts of workers that did nothing wrong. The
+    /// caller tells a gap from how long its own periodic tick took.
+    pub fn stalled(&mut self, gap_ms: u64) {
+        for run in self.jobs.values_mut() {
+            for shard in run.persisted.shards.iter_mut() {
+                if let ShardState::Leased { deadline_ms, .. } = &mut shard.state {
+                    *deadline_ms = deadline_ms.saturating_add(gap_ms);
+                }
+            }
+        }
+        for backup in self.backups.values_mut() {
+            backup.deadline_ms = backup.deadline_ms.saturating_add(gap_ms);
+        }
+        for seen in self.workers.values_mut() {
+            *seen = seen.saturating_add(gap_ms);
+        }
+        self.next_expiry = self.next_expiry.saturating_add(gap_ms);
+    }
+
     /// Returns expired leases' shards to the queue (or fails them when out of attempts).
     /// Returns the jobs whose state changed.
     pub fn expire(&mut self, now: u64) -> Vec<(String, Settled)> {
@@ -2537,6 +2560,27 @@ mod tests {
         let running = [Running { lease_id: a.lease_id.clone(), images_done: 6, classes_done: 3, image_steps_done: 0 }];
         poll(&mut s, "w", &running, false, 30_900);
         assert_eq!(s.summary("j", 91_000).unwrap().images_per_second, 0.0);
+    }
+
+    /// A coordinator that did not run for a while gives its leases and workers that time back:
+    /// a lease whose worker could not have renewed it during the stall does not expire at the
+    /// wake-up, but a stall later than its (moved) deadline.
+    #[test]
+    fn a_stall_of_the_coordinator_moves_every_lease_deadline_on() {
+        // Heartbeats of 10 s: a worker is gone after 30 s of silence.
+        let mut s = Scheduler::new(10_000, "e");
+        let mut slow = (*job("j", 1, 1, 3)).clone();
+        slow.spec.lease_timeout_s = 30;
+        s.add_job(Arc::new(slow), None, &HashSet::new(), 0);
+        let a = lease(poll(&mut s, "w1", &[], false, 0).0);
+        // Frozen from 10 s to 50 s: at the wake-up the lease has 20 s left, as at 10 s.
+        s.stalled(40_000);
+        s.note_departures(50_000);
+        assert!(s.take_worker_events().is_empty(), "the worker was not silent: the coordinator was");
+        assert!(s.expire(50_000).is_empty() && s.take_expired().is_empty());
+        assert!(s.expire(69_999).is_empty());
+        assert!(s.lease("w1", &a.lease_id).is_ok());
+        assert_eq!(s.expire(70_000), vec![("j".to_owned(), Settled::Open)]);
     }
 
     /// Each poll checks for expired leases in one comparison until one can have expired; a

@@ -92,6 +92,8 @@ struct Inner {
     /// This coordinator's claims on the outputs of the jobs it runs (running or paused), renewed
     /// with its lock ([`StoreLock::claim`]).
     claims: Mutex<HashMap<String, JobClaim>>,
+    /// When (Unix ms) this coordinator last showed it was running ([`Coordinator::check_stall`]).
+    alive_at: std::sync::atomic::AtomicU64,
 }
 
 /// What [`Coordinator::forget_sweep`] did.
@@ -113,6 +115,12 @@ pub struct SubmittedSweep {
     /// What a person should know, once for the sweep.
     pub notes: Vec<String>,
 }
+
+/// How often the coordinator notes that it runs ([`Coordinator::check_stall`]).
+const STALL_BEAT: Duration = Duration::from_millis(500);
+
+/// A gap between two such notes longer than this is a stall of the coordinator itself.
+const STALL_AFTER: Duration = Duration::from_secs(5);
 
 /// How often a flush checks that a job's `job.json` is still in the store.
 const PRESENCE_CHECK: Duration = Duration::from_secs(60);
@@ -325,6 +333,7 @@ impl Coordinator {
                 presence_checked: Mutex::new(HashMap::new()),
                 sweeps: Mutex::new(BTreeMap::new()),
                 claims: Mutex::new(HashMap::new()),
+                alive_at: std::sync::atomic::AtomicU64::new(now_ms()),
             }),
         };
         coordinator.load_sweeps().await?;
@@ -553,6 +562,18 @@ impl Coordinator {
         // The lock is renewed by a task of its own: a flush waiting on a slow store must not
         // delay the renewals until another coordinator takes a live one's store over.
         let keeper = tokio::spawn(self.clone().keep_lock());
+        // So is the watch for a stall of this process (a flush does not delay it either).
+        let stall_watch = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut beat = tokio::time::interval(STALL_BEAT);
+                loop {
+                    beat.tick().await;
+                    let mut scheduler = this.inner.scheduler.lock().expect("scheduler");
+                    this.check_stall(&mut scheduler, now_ms());
+                }
+            })
+        };
         // Every job's job.json, every PRESENCE_CHECK: a folder removed by hand while nothing was
         // written (a finished job) is noticed too.
         let mut presence_tick = tokio::time::interval(PRESENCE_CHECK);
@@ -567,6 +588,7 @@ impl Coordinator {
                     let (changed, events, expired) = {
                         let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
                         let now = now_ms();
+                        self.check_stall(&mut scheduler, now);
                         scheduler.note_departures(now);
                         (scheduler.expire(now), scheduler.take_worker_events(), scheduler.take_expired())
                     };
@@ -590,7 +612,28 @@ impl Coordinator {
         }
         keeper.abort();
         let _ = keeper.await;
+        stall_watch.abort();
+        let _ = stall_watch.await;
         self.flush().await;
+    }
+
+    /// Notes that this coordinator runs at `now`; when it last did more than [`STALL_AFTER`] ago
+    /// (the process was stopped, its VM paused, the clock stepped), gives every lease and worker
+    /// that time back ([`Scheduler::stalled`]) before anything expires. Called every
+    /// [`STALL_BEAT`] and before each expiry, under the scheduler's lock: whichever comes first
+    /// after a stall sees it.
+    fn check_stall(&self, scheduler: &mut Scheduler, now: u64) {
+        let last = self.inner.alive_at.swap(now, std::sync::atomic::Ordering::SeqCst);
+        let gap = now.saturating_sub(last);
+        if gap > STALL_AFTER.as_millis() as u64 {
+            let lost = gap - STALL_BEAT.as_millis() as u64;
+            warn!(
+                stalled_s = lost / 1000,
+                "this coordinator did not run for {} s (stopped, paused or its clock stepped): its leases and workers get that time back",
+                lost / 1000
+            );
+            scheduler.stalled(lost);
+        }
     }
 
     /// Renews the store's lock every [`StoreLock::heartbeat`] until another coordinator is found

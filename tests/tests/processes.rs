@@ -1212,3 +1212,32 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
     assert!(text.contains(&format!("job {job} ")), "the same job: {text}");
     assert_eq!((marker("c0").unwrap(), marker("c1").unwrap(), marker("c2").unwrap()), (c0, c1, c2));
 }
+
+/// A coordinator frozen for longer than its lease timeout (SIGSTOP: a stopped process, a paused
+/// VM) gives its leases and workers that time back when it runs again, instead of expiring the
+/// leases its workers could not renew meanwhile: the job succeeds with no attempt spent.
+#[test]
+fn a_coordinator_frozen_past_its_lease_timeout_spends_no_attempt_of_its_workers() {
+    let JobScratch { dir, store, spec } = job_scratch(4, 3, 2, 1, "classes_per_shard = 1");
+    let log = dir.path().join("serve.log");
+    let (server, _port, url) = serve_logging_leases(&store, &log);
+    wait_for_coordinator(&url);
+    let job = submit(&url, &spec);
+    let _worker = fake_worker(&url, "w0", "3", &dir.path().join("worker.log"), &[]);
+    wait_for("a running shard", Duration::from_secs(60), || {
+        status(&url, &job).is_some_and(|s| s["shards"]["running"].as_u64() == Some(1))
+    });
+    freeze(&server.0);
+    std::thread::sleep(Duration::from_secs(8)); // the spec's leases last 5 s
+    signal(&server.0, 18);
+    wait_for("the job to finish", Duration::from_secs(120), || {
+        status(&url, &job).is_some_and(|s| s["state"] != "running")
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let final_status = status(&url, &job).unwrap();
+    assert_eq!(final_status["state"], "succeeded", "{final_status:#}\n{text}");
+    assert!(text.contains("did not run for") && !text.contains("lease expired"), "{text}");
+    for record in shard_records(&Path::new(&store).join("jobs").join(&job)) {
+        assert_eq!(record["attempts"], 1, "{record:#}\n{text}");
+    }
+}
