@@ -1257,6 +1257,26 @@ async fn run_command(cli: Cli) -> Result<()> {
                     None => vec![Default::default(); record.variants.len()],
                 };
                 let url = args.connection.coordinator.clone();
+                // Every variant must be a job the coordinator knows before any is resumed.
+                let mut unknown = Vec::new();
+                for variant in &record.variants {
+                    let asked =
+                        client.get_job_status(proto::GetJobStatusRequest { job_id: variant.job_id.clone() }).await;
+                    if let Err(status) = asked {
+                        if status.code() != tonic::Code::NotFound {
+                            return Err(CallError::of(&url, "GetJobStatus")(status).into());
+                        }
+                        unknown.push(format!("{} ({})", variant.job_id, record.label(variant)));
+                    }
+                }
+                if !unknown.is_empty() {
+                    bail!(
+                        "sweep {}: the coordinator does not know its variant(s) {}; nothing was resumed (submit the \
+                         sweep's spec again: it brings the variants back with their committed classes, then resume)",
+                        args.job,
+                        unknown.join(", ")
+                    );
+                }
                 for (variant, (spec_toml, base_dir)) in record.variants.iter().zip(specs) {
                     let named = format!("{} ({})", variant.job_id, record.label(variant));
                     let request = proto::ResumeJobRequest {

@@ -248,6 +248,19 @@ pub enum Error {
         /// A variant's job that has not ended.
         job: String,
     },
+    /// `forget` of a job that is a variant of a sweep.
+    #[error(
+        "job `{job}` is a variant of sweep {}: forgotten alone it would break the sweep's status and resume; \
+         `coordinator forget {}` forgets the sweep with its variants (keeping those another sweep holds too)",
+        sweeps.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+        sweeps[0]
+    )]
+    VariantOfSweep {
+        /// The job.
+        job: String,
+        /// The sweeps holding it (at least one).
+        sweeps: Vec<String>,
+    },
     /// `forget` of a job that is running.
     #[error(
         "job `{job}` is running; `coordinator cancel {job}` stops it first (forget drops the coordinator's records of a job, never a running one)"
@@ -334,6 +347,7 @@ impl From<Error> for tonic::Status {
             | Error::DigestMismatch { .. }
             | Error::Quarantined { .. }
             | Error::JobRunning { .. }
+            | Error::VariantOfSweep { .. }
             | Error::SweepRunning { .. } => tonic::Status::failed_precondition(message),
             // A marker that cannot be read or names another spec: damage a person must look at,
             // not an outage to retry.

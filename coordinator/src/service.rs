@@ -1233,7 +1233,7 @@ impl Coordinator {
             }
         }
         for variant in &own {
-            match self.forget(&variant.job_id).await {
+            match self.forget_records(&variant.job_id).await {
                 // Forgotten on its own before: nothing left to do.
                 Ok(_) | Err(Error::UnknownJob(_)) => {}
                 Err(error) => return Err(error),
@@ -1575,6 +1575,26 @@ impl Coordinator {
     /// (cancel it first); [`Error::UnknownJob`] when there is no such job folder; store errors.
     pub async fn forget(&self, job_id: &str) -> Result<bool> {
         mgd3_common::job::validate_job_id(job_id)?;
+        // A sweep's variant goes with its sweep: forgotten alone it would break the sweep's
+        // status and resume.
+        let holders: Vec<String> = self
+            .inner
+            .sweeps
+            .lock()
+            .expect("sweeps")
+            .values()
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|r| r.variants.iter().any(|v| v.job_id == job_id))
+            .map(|r| r.sweep_id.clone())
+            .collect();
+        if !holders.is_empty() {
+            return Err(Error::VariantOfSweep { job: job_id.to_owned(), sweeps: holders });
+        }
+        self.forget_records(job_id).await
+    }
+
+    /// [`Coordinator::forget`] without the sweep check (a sweep forgetting its own variants).
+    async fn forget_records(&self, job_id: &str) -> Result<bool> {
         let state = self.inner.scheduler.lock().expect("scheduler").state(job_id);
         if state == Some(JobState::Running) {
             return Err(Error::JobRunning { job: job_id.into() });

@@ -291,6 +291,16 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let other_id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
     assert!(coordinator(&["cancel", &id, "--coordinator", &url]).status.success());
+    // A variant alone is not forgotten: the sweep would lose it.
+    let alone = coordinator(&["forget", &jobs[1], "--coordinator", &url]);
+    let message = String::from_utf8_lossy(&alone.stderr);
+    assert!(
+        !alone.status.success()
+            && message.contains(&format!("is a variant of sweep `{id}`"))
+            && message.contains(&format!("`coordinator forget {id}`")),
+        "{message}"
+    );
+    assert_eq!(support::status(&url, &jobs[1]).unwrap()["state"], "cancelled");
     let forgotten = coordinator(&["forget", &id, "--coordinator", &url]);
     assert!(forgotten.status.success(), "{}", String::from_utf8_lossy(&forgotten.stderr));
     let said = String::from_utf8_lossy(&forgotten.stdout);
