@@ -941,8 +941,6 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// True for the refusal of a store another live coordinator serves (as the lock says, or as the
-/// coordinator's error wraps it).
 /// A submit or resume the coordinator refused before anything ran: a spec problem, or data
 /// that changed and was not accepted (exit 2, "a spec or set-up error", like a held store), in
 /// this process (`run`) or answered over gRPC.
@@ -963,10 +961,14 @@ fn submit_refused(error: &(dyn std::error::Error + 'static)) -> bool {
     })
 }
 
+/// True for the refusal of a store another live coordinator serves, or of a job's output another
+/// coordinator runs the job in (as the lock says, or as the coordinator's error wraps it).
 fn store_held(error: &(dyn std::error::Error + 'static)) -> bool {
     use crate::lock::LockError;
-    matches!(error.downcast_ref(), Some(LockError::Held { .. }))
-        || matches!(error.downcast_ref(), Some(crate::Error::Lock(lock)) if matches!(**lock, LockError::Held { .. }))
+    // The store, or a job's output (another coordinator runs the job).
+    let held = |lock: &LockError| matches!(lock, LockError::Held { .. } | LockError::JobHeld { .. });
+    error.downcast_ref().is_some_and(held)
+        || matches!(error.downcast_ref(), Some(crate::Error::Lock(lock)) if held(lock))
 }
 
 /// A call whose connection dropped is told by what its address answers a probe

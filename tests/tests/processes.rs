@@ -887,6 +887,14 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
     {
         assert!(text.contains(part), "{part}: {text}");
     }
+    // Another store, the same job's output: refused too (exit 2), naming the coordinator that
+    // runs it, instead of distilling it a second time.
+    let elsewhere = scratch.path().join("other-store").display().to_string();
+    let third =
+        cli(&["run", spec_path.to_str().unwrap(), "--store", &elsewhere, "--no-report", "--", "--engine", "fake"]);
+    let text = String::from_utf8_lossy(&third.stderr);
+    assert_eq!(third.status.code(), Some(2), "{text}");
+    assert!(text.contains("is being distilled by another coordinator") && text.contains(&store), "{text}");
     let exit = wait_exit(&mut run.0, "the first coordinator run", Duration::from_secs(120));
     assert!(exit.success(), "{}", std::fs::read_to_string(&log).unwrap());
     assert!(std::fs::read_dir(runtime.join("mgd3")).unwrap().next().is_none(), "the announcement goes with it");
