@@ -79,9 +79,11 @@ pub trait JobStore: Send + Sync {
     fn sweep_folder<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<()>>;
 
     /// Deletes the job's records (`job.json`, `state.json`); where anything else stays in the
-    /// folder (outputs in the same store), writes `forgotten.json` so that the folder is not
-    /// taken for a damaged job. Returns whether anything stayed.
-    fn forget_job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool>>;
+    /// folder (outputs in the same store), or `outputs_elsewhere` (the job's output is another
+    /// location, where its outputs stay), writes `forgotten.json` so that the folder is not taken
+    /// for a damaged job and the job is said to be forgotten, not unknown. Returns whether
+    /// outputs stayed.
+    fn forget_job<'a>(&'a self, job_id: &'a str, outputs_elsewhere: bool) -> BoxFuture<'a, Result<bool>>;
 
     /// Reads `job.json`.
     ///
@@ -502,7 +504,7 @@ impl JobStore for ObjectJobStore {
         })
     }
 
-    fn forget_job<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool>> {
+    fn forget_job<'a>(&'a self, job_id: &'a str, outputs_elsewhere: bool) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let keys = JobKeys::new(job_id);
             let prefix = self.location.key(keys.root());
@@ -517,7 +519,7 @@ impl JobStore for ObjectJobStore {
             let is_record = |o: &object_store::ObjectMeta| {
                 records.contains(&o.location) || o.location == claim || o.location.prefix_matches(&shard_records)
             };
-            let outputs_stay = objects.iter().any(|o| !is_record(o));
+            let outputs_stay = outputs_elsewhere || objects.iter().any(|o| !is_record(o));
             // The note goes in before the records go out: a crash in between leaves either a
             // job that loads (job.json still there) or a forgotten one, never a damaged one.
             if outputs_stay {

@@ -1604,13 +1604,17 @@ impl Coordinator {
         {
             return Err(Error::UnknownJob(job_id.into()));
         }
+        // A job whose output is elsewhere left it there: the store keeps a note that the job
+        // was forgotten (not unknown), as for outputs in the store.
+        let known = self.inner.scheduler.lock().expect("scheduler").job(job_id);
+        let elsewhere = known.and_then(|job| self.output(&job).ok()).is_some_and(|out| out.url != self.inner.store.url);
         self.forget_in_memory(job_id);
         let claim = self.inner.claims.lock().expect("claims").remove(job_id);
         if let Some(claim) = claim {
             let lock = self.inner.lock.lock().await.clone();
             lock.release_claim(&claim).await;
         }
-        let outputs_stay = self.inner.jobs.forget_job(job_id).await?;
+        let outputs_stay = self.inner.jobs.forget_job(job_id, elsewhere).await?;
         info!(job = %job_id, outputs_stay, "job forgotten: its records are deleted");
         Ok(outputs_stay)
     }

@@ -2196,6 +2196,11 @@ async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twi
     assert!(!claim.exists(), "a finished job keeps its claim");
     a.coordinator.resume(&job.job_id, None).await.unwrap();
     assert_eq!(wait_until_done(&a.coordinator, &job.job_id).await.state, JobState::Succeeded);
+    // Forgotten where its output is another location, the job is said to be forgotten (its
+    // outputs kept there), not unknown.
+    assert!(a.coordinator.forget(&job.job_id).await.unwrap(), "the outputs stay in the output");
+    let asked = a.coordinator.explained(&job.job_id, a.coordinator.status(&job.job_id)).await;
+    assert!(matches!(asked, Err(mgd3_coordinator::Error::Forgotten { .. })), "{asked:?}");
     a.shutdown().await;
     b.shutdown().await;
 }
