@@ -279,12 +279,26 @@ fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&
 pub struct JobClaim {
     job_id: String,
     out: Location,
+    /// Until when (this process's tokio clock) the claim is surely still this coordinator's: the
+    /// timeout less a margin after the last write of it that succeeded, as for the store's lock
+    /// ([`StoreLock::held_until`]). Past it, another coordinator may have taken the job over.
+    held_until: Instant,
 }
 
 impl JobClaim {
     /// The job whose output is claimed.
     pub fn job_id(&self) -> &str {
         &self.job_id
+    }
+
+    /// See the field: whether the claim may have lapsed at `now`.
+    pub fn lapsed(&self, now: Instant) -> bool {
+        now >= self.held_until
+    }
+
+    /// Records a renewal that succeeded ([`StoreLock::renew_claim`]'s answer).
+    pub fn renewed(&mut self, held_until: Instant) {
+        self.held_until = held_until;
     }
 }
 
@@ -394,9 +408,10 @@ impl StoreLock {
             .await
             .map_err(err)?
         {
-            Taken(..) => {
+            Taken(sent, _) => {
                 debug!(job = %job_id, output = %out.url, "job output claimed");
-                Ok(JobClaim { job_id: job_id.to_owned(), out: out.clone() })
+                let held_until = sent + Duration::from_millis(record.timeout_ms) - margin(record.timeout_ms);
+                Ok(JobClaim { job_id: job_id.to_owned(), out: out.clone(), held_until })
             }
             Held(holder, age_s) => Err(LockError::JobHeld {
                 job: job_id.to_owned(),
@@ -415,12 +430,12 @@ impl StoreLock {
     }
 
     /// Renews `claim` with this coordinator's record, after checking it is still this
-    /// coordinator's.
+    /// coordinator's. Returns the claim's new [`JobClaim::renewed`] horizon.
     ///
     /// # Errors
     /// [`LockError::ClaimLost`] when another coordinator claimed the job's output since;
     /// [`LockError::ClaimStore`].
-    pub async fn renew_claim(&self, claim: &JobClaim) -> Result<(), LockError> {
+    pub async fn renew_claim(&self, claim: &JobClaim) -> Result<Instant, LockError> {
         let key = claim.out.key(&JobKeys::new(&claim.job_id).claim());
         let err = |source| LockError::ClaimStore { job: claim.job_id.clone(), output: claim.out.url.clone(), source };
         let deadline = Instant::now() + self.heartbeat();
@@ -444,11 +459,12 @@ impl StoreLock {
         let mut record = self.record.clone();
         record.heartbeat_unix_ms = now_ms();
         let bytes = serde_json::to_vec(&record).expect("serialisable claim");
+        let sent = Instant::now();
         tokio::time::timeout_at(deadline, claim.out.store.put(&key, PutPayload::from(bytes)))
             .await
             .map_err(|_| err(late()))?
             .map_err(err)?;
-        Ok(())
+        Ok(sent + Duration::from_millis(record.timeout_ms) - margin(record.timeout_ms))
     }
 
     /// Gives `claim` up (the job ended, was forgotten, or this coordinator stops), if it is still
@@ -799,9 +815,16 @@ mod tests {
         let (out, a_store, b_store) = (open("memory://claim/out"), open("memory://claim/a"), open("memory://claim/b"));
         let timeout = Duration::from_secs(30);
         let a = StoreLock::acquire(&a_store, timeout).await.unwrap();
-        let claim = a.claim(&out, "job").await.unwrap();
+        let mut claim = a.claim(&out, "job").await.unwrap();
         a.claim(&out, "job").await.unwrap(); // its own: kept
         let (heartbeat, poll) = (a.heartbeat(), poll_interval(&a.record));
+        // Surely its own until the timeout less a tenth, from the last write that worked.
+        let margin = timeout / 10;
+        assert!(!claim.lapsed(Instant::now() + timeout - margin - Duration::from_millis(1)));
+        assert!(claim.lapsed(Instant::now() + timeout - margin));
+        tokio::time::sleep(heartbeat).await;
+        claim.renewed(a.renew_claim(&claim).await.unwrap());
+        assert!(!claim.lapsed(Instant::now() + timeout - margin - Duration::from_millis(1)));
         let b = StoreLock::acquire(&b_store, timeout).await.unwrap();
         let started = Instant::now();
         let error = b.claim(&out, "job").await.unwrap_err();

@@ -795,6 +795,8 @@ pub struct Scheduler {
     completing: HashMap<String, (String, u32)>,
     /// Whether polls may grant leases (see [`Scheduler::set_granting`]).
     granting: bool,
+    /// Jobs none of whose work is granted for now (see [`Scheduler::hold_back`]).
+    held_back: HashSet<String>,
     /// The last [`RECENTLY_COMPLETED`] leases completed (lease id → worker id), oldest first in
     /// `completed_order`: a worker that sends its completion again (its first call timed out
     /// while the coordinator read the markers, and was recorded all the same) is told it was.
@@ -843,10 +845,23 @@ impl Scheduler {
             held: HashMap::new(),
             completing: HashMap::new(),
             granting: true,
+            held_back: HashSet::new(),
             completed: HashMap::new(),
             completed_order: VecDeque::new(),
             revoked: HashMap::new(),
             restored: HashSet::new(),
+        }
+    }
+
+    /// Holds job `job_id` back (`held`), or lets it go again: while held back none of its
+    /// shards (nor backups) is granted; leases already held run on and are renewed. For a job
+    /// whose claim on its output this coordinator could not renew in time (another coordinator
+    /// may take the job over).
+    pub fn hold_back(&mut self, job_id: &str, held: bool) {
+        if held {
+            self.held_back.insert(job_id.to_owned());
+        } else {
+            self.held_back.remove(job_id);
         }
     }
 
@@ -1309,6 +1324,7 @@ impl Scheduler {
             if run.persisted.cancelled
                 || run.persisted.paused.is_some()
                 || run.persisted.excluded_workers.contains(worker_id)
+                || self.held_back.contains(job_id)
             {
                 continue;
             }
@@ -1410,6 +1426,7 @@ impl Scheduler {
                 || run.persisted.cancelled
                 || run.persisted.paused.is_some()
                 || run.persisted.excluded_workers.contains(worker_id)
+                || self.held_back.contains(job_id)
             {
                 continue;
             }
@@ -2560,6 +2577,20 @@ mod tests {
         let running = [Running { lease_id: a.lease_id.clone(), images_done: 6, classes_done: 3, image_steps_done: 0 }];
         poll(&mut s, "w", &running, false, 30_900);
         assert_eq!(s.summary("j", 91_000).unwrap().images_per_second, 0.0);
+    }
+
+    /// A job held back grants nothing (its pending shards wait) while another job's do; let go,
+    /// it grants again.
+    #[test]
+    fn a_held_back_job_grants_nothing_until_let_go() {
+        let mut s = Scheduler::new(1000, "h");
+        s.add_job(job("held", 2, 1, 3), None, &HashSet::new(), 0);
+        s.add_job(job("other", 1, 1, 3), None, &HashSet::new(), 0);
+        s.hold_back("held", true);
+        assert_eq!(lease(poll(&mut s, "w1", &[], false, 0).0).job.job_id, "other");
+        assert!(matches!(poll(&mut s, "w2", &[], false, 0).0, PollDecision::Wait(_)), "a held-back shard was granted");
+        s.hold_back("held", false);
+        assert_eq!(lease(poll(&mut s, "w2", &[], false, 1).0).job.job_id, "held");
     }
 
     /// A coordinator that did not run for a while gives its leases and workers that time back:

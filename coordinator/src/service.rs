@@ -92,6 +92,8 @@ struct Inner {
     /// This coordinator's claims on the outputs of the jobs it runs (running or paused), renewed
     /// with its lock ([`StoreLock::claim`]).
     claims: Mutex<HashMap<String, JobClaim>>,
+    /// Jobs held back from leasing while their claim may have lapsed.
+    held_back: Mutex<HashSet<String>>,
     /// When (Unix ms) this coordinator last showed it was running ([`Coordinator::check_stall`]).
     alive_at: std::sync::atomic::AtomicU64,
 }
@@ -333,6 +335,7 @@ impl Coordinator {
                 presence_checked: Mutex::new(HashMap::new()),
                 sweeps: Mutex::new(BTreeMap::new()),
                 claims: Mutex::new(HashMap::new()),
+                held_back: Mutex::new(HashSet::new()),
                 alive_at: std::sync::atomic::AtomicU64::new(now_ms()),
             }),
         };
@@ -431,6 +434,7 @@ impl Coordinator {
         let lock = self.inner.lock.lock().await.clone();
         let claim = lock.claim(&out, &job.job_id).await?;
         self.inner.claims.lock().expect("claims").insert(job.job_id.clone(), claim);
+        self.hold_back(&job.job_id, false);
         Ok(())
     }
 
@@ -442,6 +446,22 @@ impl Coordinator {
             let lock = this.inner.lock.lock().await.clone();
             lock.release_claim(&claim).await;
         });
+    }
+
+    /// Holds job `job_id` back from leasing while its claim may have lapsed, or lets it go once
+    /// renewed ([`Scheduler::hold_back`]); said when it changes.
+    fn hold_back(&self, job_id: &str, held: bool) {
+        let mut held_back = self.inner.held_back.lock().expect("held back");
+        let changed = if held { held_back.insert(job_id.to_owned()) } else { held_back.remove(job_id) };
+        if !changed {
+            return;
+        }
+        self.inner.scheduler.lock().expect("scheduler").hold_back(job_id, held);
+        if held {
+            warn!(job = %job_id, "the claim on the job's output could not be renewed in time: nothing more of the job is leased until it is (another coordinator could take the job over)");
+        } else {
+            info!(job = %job_id, "the claim on the job's output is renewed again: leasing the job again");
+        }
     }
 
     /// Pauses job `job_id` because another coordinator runs it (`reason` says which).
@@ -459,13 +479,26 @@ impl Coordinator {
         let claims: Vec<JobClaim> = self.inner.claims.lock().expect("claims").values().cloned().collect();
         let mut failed = None;
         for claim in claims {
+            let job = claim.job_id();
             match lock.renew_claim(&claim).await {
-                Ok(()) => {}
-                Err(lost @ LockError::ClaimLost { .. }) => {
-                    tracing::error!(job = %claim.job_id(), error = %lost, "job paused: another coordinator took its output over");
-                    self.pause_held(claim.job_id(), lost.to_string());
+                Ok(held_until) => {
+                    if let Some(kept) = self.inner.claims.lock().expect("claims").get_mut(job) {
+                        kept.renewed(held_until);
+                    }
+                    self.hold_back(job, false);
                 }
-                Err(error) => failed = Some((claim.job_id().to_owned(), mgd3_common::error_chain(&error))),
+                Err(lost @ LockError::ClaimLost { .. }) => {
+                    tracing::error!(job = %job, error = %lost, "job paused: another coordinator took its output over");
+                    self.pause_held(job, lost.to_string());
+                }
+                Err(error) => {
+                    // Unrenewed for nearly its timeout, the claim may be taken over: nothing more
+                    // of the job is leased until a renewal works (leases held run on).
+                    if claim.lapsed(tokio::time::Instant::now()) {
+                        self.hold_back(job, true);
+                    }
+                    failed = Some((job.to_owned(), mgd3_common::error_chain(&error)));
+                }
             }
         }
         // Told once per outage, not per job and heartbeat.
