@@ -429,7 +429,63 @@ def job_of(dataset):
         raise SystemExit(f"--train `{dataset}`: job `{os.path.basename(job)}` has not finished (no manifest.json): "
                          "evaluate finished jobs only (`coordinator status` says how far it is)")
     with open(manifest) as f:
-        return json.load(f)
+        manifest = json.load(f)
+    refuse_damaged(dataset, manifest, f"--train `{dataset}`")
+    return manifest
+
+
+def set_problems(dataset, manifest):
+    """What in an mgd3 job's ImageFolder differs from its manifest: a listed image missing, of
+    another size or other bytes (its sha256), or a file the manifest does not list (ImageFolder
+    would train on it too)."""
+    problems, listed = [], set()
+    for cls in manifest["classes"]:
+        for image in cls["images"]:
+            relative = os.path.join(cls["wnid"], image["name"])
+            listed.add(relative)
+            path = os.path.join(dataset, relative)
+            if not os.path.isfile(path):
+                problems.append(f"{relative}: missing")
+                continue
+            size = os.path.getsize(path)
+            if size != image["bytes"]:
+                problems.append(f"{relative}: {size} bytes, the manifest says {image['bytes']}")
+                continue
+            with open(path, "rb") as f:
+                digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != image["sha256"]:
+                problems.append(f"{relative}: other bytes than the manifest's (changed in place)")
+    for folder, subfolders, files in os.walk(dataset, followlinks=True):
+        subfolders.sort()
+        for name in sorted(files):
+            relative = os.path.relpath(os.path.join(folder, name), dataset)
+            if relative not in listed:
+                problems.append(f"{relative}: not in the manifest")
+    return problems
+
+
+def refuse_damaged(dataset, manifest, what):
+    """Exits naming the first problems when an mgd3 job's ImageFolder does not match its manifest:
+    a score of a damaged set would be reported as the job's."""
+    problems = set_problems(dataset, manifest)
+    if problems:
+        job = manifest["job_id"]
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise SystemExit(f"{what}: job {job}'s images do not match its manifest.json ({shown}): the score would not be "
+                         f"the job's. `coordinator verify {job}` names every problem and `coordinator resume {job}` "
+                         "puts the job's own bytes back")
+
+
+def set_digest(manifest):
+    """12 hex digits naming a job's distilled set by its images' names, labels and sha256s (not
+    its timestamps): a result kept for one set is never shown for another, such as the same job
+    distilled again from changed data."""
+    digest = hashlib.sha256()
+    for cls in manifest["classes"]:
+        digest.update(f"{cls['wnid']}\0{cls.get('label')}\n".encode())
+        for image in cls["images"]:
+            digest.update(f"{image['name']}\0{image['sha256']}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def check_sets(train):
@@ -527,20 +583,32 @@ def run_sweep(args, device):
         job = variant["job_id"]
         label = " ".join(f"{k}={variant['settings'].get(k, '')}" for k in keys)
         dataset = os.path.join(root, "jobs", job, "dataset")
-        if not os.path.isfile(os.path.join(root, "jobs", job, "manifest.json")):
+        manifest_path = os.path.join(root, "jobs", job, "manifest.json")
+        if not os.path.isfile(manifest_path):
             left_out.append(f"{job} ({label})")
             print(f"variant {i + 1}/{len(variants)} ({label}): job {job} has not finished: left out", file=sys.stderr)
             continue
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        refuse_damaged(dataset, manifest, f"variant {i + 1} ({label})")
+        digest = set_digest(manifest)
         done = os.path.join(kept, job + ".json")
+        run = None
         if os.path.isfile(done):
             with open(done) as f:
                 run = json.load(f)
-            print(f"variant {i + 1}/{len(variants)} ({label}): top-1 {run['top1']:.2f} (kept from an earlier run)",
-                  file=sys.stderr)
-        else:
+            if run.get("set_digest") != digest:
+                print(f"variant {i + 1}/{len(variants)} ({label}): its images changed since the result kept for it "
+                      "(distilled again): training again", file=sys.stderr)
+                run = None
+            else:
+                print(f"variant {i + 1}/{len(variants)} ({label}): top-1 {run['top1']:.2f} (kept from an earlier "
+                      "run)", file=sys.stderr)
+        if run is None:
             print(f"variant {i + 1}/{len(variants)} ({label}): training on {dataset}", file=sys.stderr)
             run = run_hard(args, dataset, device) if args.protocol == "hard" else run_soft(args, dataset, device)
             run["job_id"] = job
+            run["set_digest"] = digest
             with open(done + ".tmp", "w") as f:
                 json.dump(run, f, indent=2)
             os.replace(done + ".tmp", done)

@@ -234,6 +234,43 @@ fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
     std::fs::write(&second_image, bytes).unwrap();
     let (_, stderr) = evaluate(&python, &other_args);
     assert!(!stderr.contains("kept from an earlier run"), "{stderr}");
+
+    // A variant's image changed in place: refused, naming it, rather than scored as the job's.
+    let job = variants[0]["job_id"].as_str().unwrap();
+    let job_dir = out.join("jobs").join(job);
+    let manifest_path = job_dir.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let wnid = manifest["classes"][0]["wnid"].as_str().unwrap().to_owned();
+    let image = job_dir.join("dataset").join(&wnid).join("0.png");
+    let original = std::fs::read(&image).unwrap();
+    let mut changed = original.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0xff;
+    std::fs::write(&image, &changed).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
+    let refused = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .args(["--size", "32", "--epochs", "1", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && said.contains(&format!("{wnid}/0.png: other bytes than the manifest's"))
+            && said.contains(&format!("coordinator resume {job}")),
+        "{said}"
+    );
+    // The same job with other images and a manifest that lists them (distilled again after a
+    // data change): the result kept for its old images is not shown for it.
+    manifest["classes"][0]["images"][0]["sha256"] = mgd3_common::sha256_hex(&changed).into();
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let (_, stderr) = evaluate(&python, &args);
+    assert!(
+        stderr.contains("variant 1/2 (guidance_scale=0.02): its images changed since the result kept for it")
+            && stderr.contains("variant 2/2 (guidance_scale=0.1): top-1"),
+        "{stderr}"
+    );
 }
 
 /// A copy of folder `from` at `to` (files and folders).
