@@ -426,7 +426,7 @@ def job_of(dataset):
         return None
     manifest = os.path.join(job, "manifest.json")
     if not os.path.isfile(manifest):
-        raise SystemExit(f"--train `{dataset}`: job `{os.path.basename(job)}` has not finished (no manifest.json): "
+        raise SystemExit(f"--train `{dataset}`: job `{os.path.basename(job)}` has not succeeded (no manifest.json: it runs, failed or was cancelled): "
                          "evaluate finished jobs only (`coordinator status` says how far it is)")
     with open(manifest) as f:
         manifest = json.load(f)
@@ -586,7 +586,7 @@ def run_sweep(args, device):
         manifest_path = os.path.join(root, "jobs", job, "manifest.json")
         if not os.path.isfile(manifest_path):
             left_out.append(f"{job} ({label})")
-            print(f"variant {i + 1}/{len(variants)} ({label}): job {job} has not finished: left out", file=sys.stderr)
+            print(f"variant {i + 1}/{len(variants)} ({label}): job {job} has not succeeded (no manifest.json): left out", file=sys.stderr)
             continue
         with open(manifest_path) as f:
             manifest = json.load(f)

@@ -444,6 +444,24 @@ fn stage_table(timings: &StageSeconds) -> String {
     html
 }
 
+/// The job's state as its folder tells it: succeeded with its manifest; else, from `state.json`
+/// when there (the output is the coordinator's store), cancelled, paused, or failed (a finish
+/// recorded with a shard out of attempts); else not finished.
+fn state_phrase(manifest: bool, state: Option<&crate::scheduler::PersistedJob>) -> &'static str {
+    match state {
+        _ if manifest => "succeeded",
+        Some(state) if state.cancelled => "cancelled",
+        Some(state) if state.paused.is_some() => "paused",
+        Some(state)
+            if state.finished_unix_ms.is_some()
+                && state.shards.iter().any(|s| s.state == crate::scheduler::ShardState::Failed) =>
+        {
+            "failed"
+        }
+        _ => "not finished",
+    }
+}
+
 fn index_page(records: &JobRecords, sheets: &str) -> String {
     let job = &records.job_id;
     let markers = &records.markers;
@@ -458,11 +476,7 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
     body.push_str("<p><img src=\"overview.png\" alt=\"one sample per class\" style=\"max-width:100%;image-rendering:pixelated\"></p>");
     // The job.
     body.push_str("<h2>Job</h2><table>");
-    let state = match (&records.manifest, &records.state) {
-        (Some(_), _) => "succeeded".to_owned(),
-        (None, Some(state)) if state.cancelled => "cancelled".to_owned(),
-        _ => "not finished".to_owned(),
-    };
+    let state = state_phrase(records.manifest.is_some(), records.state.as_ref());
     let _ = write!(body, "<tr><th>state</th><td id=\"state\">{state}</td></tr>");
     let of = records.job.as_ref().map(|j| format!(" of {}", j.classes.len())).unwrap_or_default();
     let _ = write!(
@@ -870,6 +884,25 @@ fn scatter(e: &mgd3_common::manifest::Embedding) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed job's folder says failed (its finish and a shard out of attempts are in
+    /// state.json), not "not finished"; a running one's does.
+    #[test]
+    fn the_state_is_told_from_the_folder() {
+        use crate::scheduler::{PersistedJob, Shard, ShardState};
+        let failed = PersistedJob {
+            shards: vec![Shard::pending(), Shard { state: ShardState::Failed, ..Shard::pending() }],
+            finished_unix_ms: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(state_phrase(false, Some(&failed)), "failed");
+        assert_eq!(state_phrase(true, Some(&failed)), "succeeded", "a manifest is the truth");
+        let running = PersistedJob { finished_unix_ms: None, ..failed.clone() };
+        assert_eq!(state_phrase(false, Some(&running)), "not finished");
+        assert_eq!(state_phrase(false, Some(&PersistedJob { cancelled: true, ..running.clone() })), "cancelled");
+        assert_eq!(state_phrase(false, Some(&PersistedJob { paused: Some("full".into()), ..running })), "paused");
+        assert_eq!(state_phrase(false, None), "not finished");
+    }
 
     #[test]
     fn names_are_escaped_in_text_and_encoded_in_urls() {
