@@ -39,6 +39,8 @@ pub struct VariantSummary {
     pub job_id: String,
     /// Its settings, `key=value` in the sweep's order.
     pub label: String,
+    /// Its state as its folder tells it (succeeded, failed, cancelled, paused, not finished).
+    pub state: &'static str,
     /// Classes with a commit marker.
     pub classes: usize,
     /// Mean and sample standard deviation over classes of `diversity_normalised`.
@@ -85,6 +87,7 @@ pub async fn write_sweep_report(
         let mut summary = VariantSummary {
             job_id: variant.job_id.clone(),
             label: record.label(variant),
+            state: crate::report::folder_state(&dir).await,
             classes: 0,
             diversity: None,
             representativeness: None,
@@ -219,7 +222,7 @@ fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Opti
         let _ = write!(body, "<th data-key=\"{0}\">{0}</th>", escape(key));
     }
     body.push_str(
-        "<th class=\"num\" data-key=\"classes\">classes</th><th class=\"num\" data-key=\"diversity\">diversity</th>\
+        "<th data-key=\"state\">state</th><th class=\"num\" data-key=\"classes\">classes</th><th class=\"num\" data-key=\"diversity\">diversity</th>\
          <th class=\"num\" data-key=\"representativeness\">representativeness</th>\
          <th class=\"num\" data-key=\"flagged\">outside band</th><th data-key=\"job\">job</th></tr></thead><tbody>",
     );
@@ -241,6 +244,12 @@ fn comparison_page(record: &SweepRecord, variants: &[VariantSummary], grid: Opti
                 escape(value)
             );
         }
+        let _ = write!(
+            body,
+            "<td data-field=\"state\" data-value=\"{0}\"{1}>{0}</td>",
+            summary.state,
+            if matches!(summary.state, "failed" | "cancelled" | "paused") { " class=\"warn\"" } else { "" }
+        );
         let _ = write!(body, "<td class=\"num\" data-field=\"classes\" data-value=\"{0}\">{0}</td>", summary.classes);
         body.push_str(&cell("diversity", summary.diversity));
         body.push_str(&cell("representativeness", summary.representativeness));

@@ -444,6 +444,14 @@ fn stage_table(timings: &StageSeconds) -> String {
     html
 }
 
+/// [`state_phrase`] of the job folder `dir` (`<out>/jobs/<job>`), read from its `manifest.json`
+/// and `state.json` alone (a folder whose records cannot be read says "not finished").
+pub(crate) async fn folder_state(dir: &Location) -> &'static str {
+    let manifest = matches!(get_optional(dir.store.as_ref(), &dir.key("manifest.json")).await, Ok(Some(_)));
+    let state = crate::jobstore::read_state_in(dir, "state.json", "state/shards").await.ok().flatten().map(|(s, _)| s);
+    state_phrase(manifest, state.as_ref())
+}
+
 /// The job's state as its folder tells it: succeeded with its manifest; else, from `state.json`
 /// when there (the output is the coordinator's store), cancelled, paused, or failed (a finish
 /// recorded with a shard out of attempts); else not finished.

@@ -103,6 +103,7 @@ fn a_sweep_runs_its_variants_as_the_jobs_alone_sharing_encodings_and_modes() {
         assert!(html.contains(&format!("data-job=\"{}\"", variant.job_id)), "{}", variant.job_id);
         assert!(out.join("jobs").join(&variant.job_id).join("report/index.html").exists());
     }
+    assert_eq!(html.matches("data-field=\"state\" data-value=\"succeeded\"").count(), 4, "each variant's state");
     let Some(browser) = chromium() else { return };
     let (dom, console) = browse(&browser, &page);
     assert!(console.iter().all(|l| !l.contains("not found")), "{console:?}");
