@@ -1547,6 +1547,13 @@ async fn run_command(cli: Cli) -> Result<()> {
                 done.size.1,
                 args.npz.display()
             );
+            // The array holds no labels: the classes' order is how to label its rows.
+            let shown: Vec<String> = done.order.iter().take(10).map(|(wnid, n)| format!("{wnid} ({n})")).collect();
+            errln!(
+                "classes in the array's order (the job's class order, images per class): {}{}",
+                shown.join(", "),
+                if done.order.len() > 10 { format!(", and {} more", done.order.len() - 10) } else { String::new() }
+            );
             Ok(())
         }
         Command::List(args) => {

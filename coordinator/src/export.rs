@@ -60,6 +60,18 @@ pub enum ExportError {
         /// The first image's.
         want: (u32, u32),
     },
+    /// The archive would be written into the job's own ImageFolder, where it would become a file
+    /// of the distilled set.
+    #[error(
+        "`{path}` is inside the job's distilled ImageFolder `{dataset}`: it would become a file of the set \
+         (and `verify` would name it); write the .npz elsewhere"
+    )]
+    InsideDataset {
+        /// The .npz path.
+        path: String,
+        /// The job's `dataset/` folder.
+        dataset: String,
+    },
     /// The archive could not be written.
     #[error("cannot write `{path}`")]
     Write {
@@ -80,6 +92,9 @@ pub struct Exported {
     pub classes: usize,
     /// Image (width, height).
     pub size: (u32, u32),
+    /// The classes in the order their images are in the array (with each one's image count):
+    /// the array holds no labels.
+    pub order: Vec<(String, usize)>,
 }
 
 /// The `.npy` header of a C-order uint8 array of `shape`, padded so the data starts on a
@@ -119,12 +134,39 @@ pub async fn export_npz(
             committed: records.markers.len(),
         });
     }
+    if let Some(root) = &dir.local_root {
+        let dataset = root.join("dataset");
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if let (Ok(dataset), Ok(parent)) = (dataset.canonicalize(), parent.canonicalize())
+            && parent.starts_with(&dataset)
+        {
+            return Err(ExportError::InsideDataset {
+                path: path.display().to_string(),
+                dataset: dataset.display().to_string(),
+            });
+        }
+    }
+    let partial_path = path.with_extension("npz.partial");
+    let written = write_npz(dir, &records, path, &partial_path).await;
+    if written.is_err() {
+        // A failed export leaves nothing behind to be mistaken for one.
+        let _ = std::fs::remove_file(&partial_path);
+    }
+    written
+}
+
+/// [`export_npz`]'s writing: into `partial_path`, renamed to `path` once complete.
+async fn write_npz(
+    dir: &Location,
+    records: &JobRecords,
+    path: &std::path::Path,
+    partial_path: &std::path::Path,
+) -> Result<Exported, ExportError> {
     let total: usize = records.markers.iter().map(|m| m.images.len()).sum();
     let shown = path.display().to_string();
     let write_err =
         |source: Box<dyn std::error::Error + Send + Sync>| ExportError::Write { path: shown.clone(), source };
-    let partial_path = path.with_extension("npz.partial");
-    let file = std::fs::File::create(&partial_path).map_err(|e| write_err(e.into()))?;
+    let file = std::fs::File::create(partial_path).map_err(|e| write_err(e.into()))?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
     let mut size = None;
     for marker in &records.markers {
@@ -161,8 +203,9 @@ pub async fn export_npz(
     let mut out = zip.finish().map_err(|e| write_err(e.into()))?;
     out.flush().map_err(|e| write_err(e.into()))?;
     drop(out);
-    std::fs::rename(&partial_path, path).map_err(|e| write_err(e.into()))?;
-    Ok(Exported { images: total, classes: records.markers.len(), size })
+    std::fs::rename(partial_path, path).map_err(|e| write_err(e.into()))?;
+    let order = records.markers.iter().map(|m| (m.wnid.clone(), m.images.len())).collect();
+    Ok(Exported { images: total, classes: records.markers.len(), size, order })
 }
 
 #[cfg(test)]

@@ -256,4 +256,36 @@ fn export_writes_the_adm_npz_of_every_image_in_class_order() {
         "--partial",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        told.contains(&format!(
+            "classes in the array's order (the job's class order, images per class): c0 ({IPC}), c1 ({IPC})"
+        )),
+        "{told}"
+    );
+    // Not into the job's own ImageFolder, where it would become a file of the set.
+    let inside = dir.join("dataset/c0/samples.npz");
+    let export = |npz: &Path| {
+        coordinator(&[
+            "export",
+            &job,
+            "--job-dir",
+            &dir.display().to_string(),
+            "--npz",
+            &npz.display().to_string(),
+            "--partial",
+        ])
+    };
+    let out = export(&inside);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("inside the job's distilled ImageFolder"), "{text}");
+    assert!(!inside.exists() && !inside.with_extension("npz.partial").exists());
+    // A failed export (an image cut short) leaves no partial file behind.
+    let image = dir.join("dataset/c1/0.png");
+    let bytes = std::fs::read(&image).unwrap();
+    std::fs::write(&image, &bytes[..bytes.len() / 2]).unwrap();
+    let failed = scratch.path().join("failed.npz");
+    let out = export(&failed);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!failed.exists() && !failed.with_extension("npz.partial").exists(), "a failed export left a file");
 }
