@@ -2166,6 +2166,19 @@ impl Scheduler {
         live
     }
 
+    /// The shards of `job_id` leased now (by their own lease; backups run shards leased too).
+    pub fn leased_shards(&self, job_id: &str) -> Vec<usize> {
+        self.jobs.get(job_id).map_or_else(Vec::new, |run| {
+            run.persisted
+                .shards
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s.state, ShardState::Leased { .. }))
+                .map(|(i, _)| i)
+                .collect()
+        })
+    }
+
     /// Cancels a running job: pending shards leave the queue and its leases are revoked (their
     /// workers are told on their next poll). Cancelling a cancelled job does nothing.
     ///

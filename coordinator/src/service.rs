@@ -1955,9 +1955,42 @@ impl Coordinator {
     /// ([`crate::scheduler::SchedulerError::UnknownJob`], [`crate::scheduler::SchedulerError::AlreadyEnded`]).
     pub fn cancel(&self, job_id: &str) -> Result<()> {
         self.refuse_quarantined(job_id)?;
-        let settled = self.inner.scheduler.lock().expect("scheduler").cancel(job_id, now_ms())?;
+        let (settled, leased) = {
+            let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+            let leased = scheduler.leased_shards(job_id);
+            (scheduler.cancel(job_id, now_ms())?, leased)
+        };
         self.settled(job_id, settled);
+        self.recount_stopped(job_id, leased);
         Ok(())
+    }
+
+    /// Counts the markers of `shards` of `job_id` whose leases a cancel took back, now and once
+    /// their workers have surely heard of it (three heartbeats): a worker that committed classes
+    /// it never reported (it died, or its last word was lost) would leave them out of the job's
+    /// count until the shard ran again.
+    fn recount_stopped(&self, job_id: &str, shards: Vec<usize>) {
+        if shards.is_empty() {
+            return;
+        }
+        let Some(job) = self.inner.scheduler.lock().expect("scheduler").job(job_id) else { return };
+        let Ok(out) = self.output(&job) else { return };
+        let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
+        let later = Duration::from_millis((3 * heartbeat).clamp(1000, 60_000));
+        let this = self.clone();
+        tokio::spawn(async move {
+            for wait in [Duration::ZERO, later] {
+                tokio::time::sleep(wait).await;
+                for &shard in &shards {
+                    let Ok(committed) = committed_in_shard(&out, &job, shard).await else { continue };
+                    let grew =
+                        this.inner.scheduler.lock().expect("scheduler").note_markers(&job.job_id, shard, committed);
+                    if grew {
+                        this.mark_dirty(&job.job_id);
+                    }
+                }
+            }
+        });
     }
 
     /// Where `job_id` stands, as `coordinator status` shows it.

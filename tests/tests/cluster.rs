@@ -745,7 +745,6 @@ async fn the_same_spec_over_a_moved_dataset_says_it_is_a_new_job_and_how_to_keep
 async fn commits_made_before_the_worker_heard_of_a_cancel_are_counted() {
     let (_dir, cluster, job, (stop, handle), _hang_up) = two_unheard_commits().await;
     cluster.coordinator.cancel(&job.job_id).unwrap();
-    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("worker stops promptly").unwrap().unwrap();
     let status = cluster.coordinator.status(&job.job_id).unwrap();
@@ -755,6 +754,26 @@ async fn commits_made_before_the_worker_heard_of_a_cancel_are_counted() {
     let verified = cluster.coordinator.verify(&job.job_id).await.unwrap();
     assert_eq!((verified.state, verified.classes_committed), (Some(JobState::Cancelled), 2));
     assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+    cluster.shutdown().await;
+}
+
+/// Commits a worker never reported (it is gone without a word after the cancel) are counted
+/// from their markers when the cancel takes its lease back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commits_of_a_worker_gone_silent_at_a_cancel_are_counted_from_the_markers() {
+    let (_dir, cluster, job, (_stop, handle), _hang_up) = two_unheard_commits().await;
+    handle.abort(); // no release, no heartbeat, nothing more from it
+    assert_eq!(cluster.coordinator.status(&job.job_id).unwrap().classes_done, 0, "no heartbeat since the commits");
+    cluster.coordinator.cancel(&job.job_id).unwrap();
+    let mut status = cluster.coordinator.status(&job.job_id).unwrap();
+    for _ in 0..100 {
+        if status.classes_done == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = cluster.coordinator.status(&job.job_id).unwrap();
+    }
+    assert_eq!((status.state, status.classes_done), (JobState::Cancelled, 2));
     cluster.shutdown().await;
 }
 
