@@ -75,6 +75,10 @@ pub struct LockRecord {
     /// older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// The job a claim on a job's output is for (absent in the store's lock, and in older
+    /// claims): a record of another job in a job's claim (copied by hand) claims nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 impl LockRecord {
@@ -343,6 +347,7 @@ impl StoreLock {
             slurm_job: std::env::var("SLURM_JOB_ID").ok().filter(|id| !id.is_empty()),
             exits_when_done: false,
             store: Some(store.url.clone()),
+            job: None,
         };
         let key = store.key(LOCK_KEY);
         let err = |source| LockError::Store { url: store.url.clone(), source };
@@ -383,7 +388,7 @@ impl StoreLock {
     /// [`LockError::ClaimStore`] when the output cannot be read or written.
     pub async fn claim(&self, out: &Location, job_id: &str) -> Result<JobClaim, LockError> {
         let key = out.key(&JobKeys::new(job_id).claim());
-        let mut record = self.record.clone();
+        let mut record = LockRecord { job: Some(job_id.to_owned()), ..self.record.clone() };
         let ours = &self.store.url;
         let local_store = self.store.local_path("").is_some();
         // The holder is the coordinator whose store lock this one took over, or served this very
@@ -404,9 +409,17 @@ impl StoreLock {
             beat <= now + 1000 && now.saturating_sub(beat) < holder.timeout_ms / 3 + 1000
         };
         let err = |source| LockError::ClaimStore { job: job_id.to_owned(), output: out.url.clone(), source };
-        match take("the job's output", out, &key, &mut record, |holder| replaced(holder) || long_gone(holder), fresh)
-            .await
-            .map_err(err)?
+        let other_job = |holder: &LockRecord| holder.job.as_deref().is_some_and(|job| job != job_id);
+        match take(
+            "the job's output",
+            out,
+            &key,
+            &mut record,
+            |holder| other_job(holder) || replaced(holder) || long_gone(holder),
+            fresh,
+        )
+        .await
+        .map_err(err)?
         {
             Taken(sent, _) => {
                 debug!(job = %job_id, output = %out.url, "job output claimed");
@@ -447,6 +460,8 @@ impl StoreLock {
             .map_err(err)?;
         if let Some(holder) = current.as_deref().and_then(|b| serde_json::from_slice::<LockRecord>(b).ok())
             && holder.owner != self.record.owner
+            // A claim of another job put here by hand claims nothing: overwritten below.
+            && holder.job.as_deref().is_none_or(|job| job == claim.job_id)
         {
             return Err(LockError::ClaimLost {
                 job: claim.job_id.clone(),
@@ -456,7 +471,7 @@ impl StoreLock {
                 pid: holder.pid,
             });
         }
-        let mut record = self.record.clone();
+        let mut record = LockRecord { job: Some(claim.job_id.clone()), ..self.record.clone() };
         record.heartbeat_unix_ms = now_ms();
         let bytes = serde_json::to_vec(&record).expect("serialisable claim");
         let sent = Instant::now();
@@ -907,6 +922,35 @@ mod tests {
         assert_eq!(read(&out, "job").await.owner, next.record.owner);
     }
 
+    /// A claim of another job copied over a job's claim (by hand) claims nothing: its holder
+    /// renews its own over it, and a coordinator claiming the job takes it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_of_another_job_claims_nothing() {
+        let open = |url: &str| mgd3_common::store::open(url).unwrap();
+        let out = open("memory://copied/out");
+        let timeout = Duration::from_secs(30);
+        let a = StoreLock::acquire(&open("memory://copied/a"), timeout).await.unwrap();
+        let b = StoreLock::acquire(&open("memory://copied/b"), timeout).await.unwrap();
+        let mine = a.claim(&out, "mine").await.unwrap();
+        b.claim(&out, "theirs").await.unwrap();
+        let copy = |from: &'static str, to: &'static str| {
+            let out = out.clone();
+            async move {
+                let record = read(&out, from).await;
+                let key = out.key(&JobKeys::new(to).claim());
+                out.store.put(&key, PutPayload::from(serde_json::to_vec(&record).unwrap())).await.unwrap();
+            }
+        };
+        copy("theirs", "mine").await;
+        a.renew_claim(&mine).await.expect("a copied claim is no loss");
+        assert_eq!(read(&out, "mine").await.job.as_deref(), Some("mine"));
+        copy("mine", "theirs").await;
+        let c = StoreLock::acquire(&open("memory://copied/c"), timeout).await.unwrap();
+        let started = Instant::now();
+        c.claim(&out, "theirs").await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
     async fn read(out: &Location, job: &str) -> LockRecord {
         let key = out.key(&JobKeys::new(job).claim());
         serde_json::from_slice(&get_optional(out.store.as_ref(), &key).await.unwrap().unwrap()).unwrap()
@@ -937,6 +981,7 @@ mod tests {
         let host = hostname::get().unwrap().to_string_lossy().into_owned();
         let record = |process_table: Option<String>| LockRecord {
             store: None,
+            job: None,
             owner: "crashed".into(),
             host: host.clone(),
             pid: dead_pid,
