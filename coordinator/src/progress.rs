@@ -46,7 +46,12 @@ pub fn pace(status: &JobStatus) -> String {
         return match elapsed(status) {
             Some((total, None)) => format!("{} in {}", status.state, human(total)),
             Some((total, Some(run))) => {
-                format!("{} in {} ({} since this coordinator took it on)", status.state, human(total), human(run))
+                format!(
+                    "{} in {} ({} since it last started here: a resume or a coordinator restart)",
+                    status.state,
+                    human(total),
+                    human(run)
+                )
             }
             None => status.state.to_string(),
         };
@@ -538,7 +543,9 @@ mod tests {
             ..status(JobState::Succeeded, 0, 0.0, None)
         };
         assert!(
-            pace(&recovered).ends_with("succeeded in 2 min 09 s (9 s since this coordinator took it on)"),
+            pace(&recovered).ends_with(
+                "succeeded in 2 min 09 s (9 s since it last started here: a resume or a coordinator restart)"
+            ),
             "{}",
             pace(&recovered)
         );

@@ -2941,7 +2941,7 @@ mod tests {
         assert!(idle.eta_seconds.is_infinite());
         assert_eq!(idle.run_started_ms, 0);
         // Minutes later, past the rate window's samples, the run still began when it was taken on
-        // ("done in … since this coordinator took it on" shrank as the window slid).
+        // ("done in … since it last started here" shrank as the window slid).
         for at in [380_000, 450_000] {
             let next = lease(poll(&mut s, "w", &[], false, at).0);
             poll(&mut s, "w", &held(&next), false, at + 500);
