@@ -1385,7 +1385,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                 // Offline, a job without a manifest has not finished (or lost its manifest), and
                 // how many classes it has is in its job.json, not in its output.
                 let committed = match args.job_dir {
-                    Some(_) => format!("no manifest.json yet (not finished): {} classes", response.classes_committed),
+                    Some(_) => format!("no manifest.json yet (not finished): {} class(es)", response.classes_committed),
                     None => format!("running: {} of {} classes", response.classes_committed, response.classes_checked),
                 };
                 outln!(
