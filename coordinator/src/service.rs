@@ -1496,20 +1496,28 @@ impl Coordinator {
             notes.push(planned.to_string());
         }
         let out = self.output(&job)?;
-        // The markers are read before anything is written: outputs left under this id by another
-        // spec (a forgotten job, an explicit --job-id) are refused naming the difference. (A
-        // job.json already there has this fingerprint, so its class list is `job`'s.)
+        // The output is claimed first: the markers read below are then no other coordinator's
+        // work in progress (one finishing the job as this submit reads them would leave a class
+        // counted as pending here).
+        self.claim_output(&job).await?;
+        // The markers are read before anything else is written: outputs left under this id by
+        // another spec (a forgotten job, an explicit --job-id) are refused naming the difference.
+        // (A job.json already there has this fingerprint, so its class list is `job`'s.)
         let committed = match state::committed_shards(&out, &job).await {
             Err(error @ Error::Commit(CommitError::ForeignMarker { .. })) => {
+                self.release_claim(&job.job_id);
                 let differences = state::differences_from_committed(&out, &job).await?;
                 if differences.is_empty() {
                     return Err(error);
                 }
                 return Err(Error::RebuildRefused { job: job.job_id, lost_records: false, differences });
             }
-            committed => committed?,
+            Err(error) => {
+                self.release_claim(&job.job_id);
+                return Err(error);
+            }
+            Ok(committed) => committed,
         };
-        self.claim_output(&job).await?;
         let created = match self.inner.jobs.create_job(&job).await {
             Ok(created) => created,
             Err(error) => {
