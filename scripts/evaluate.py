@@ -623,9 +623,37 @@ def run_sweep(args, device):
         print("| " + " | ".join(cells) + " |")
     if left_out:
         print(f"not finished, left out: {'; '.join(left_out)}", file=sys.stderr)
+    settings = seed_summary(keys, rows)
     return {"sweep_id": record["sweep_id"], "keys": keys, "protocol": args.protocol,
             "network": args.net if args.protocol == "hard" else "resnet18", "size": args.size, "device": str(device),
-            "train_seed": args.train_seed, "val": args.val, "variants": rows, "left_out": left_out}
+            "train_seed": args.train_seed, "val": args.val, "variants": rows, "left_out": left_out,
+            "over_seeds": settings}
+
+
+def seed_summary(keys, rows):
+    """For a sweep over `seed` (distillation seeds): mean ± sample std of top-1 over the seeds of
+    each setting of the other keys, printed as a second table (the paper's numbers are such means)
+    and returned; None for a sweep without `seed`."""
+    if "seed" not in keys:
+        return None
+    others = [k for k in keys if k != "seed"]
+    groups = {}
+    for row in rows:
+        setting = tuple(str(row["settings"].get(k, "")) for k in others)
+        groups.setdefault(setting, []).append(row)
+    summary = []
+    print()
+    print("| " + " | ".join(others + ["top-1 (%) over seeds", "seeds"]) + " |")
+    print("|" + "---|" * (len(others) + 2))
+    for setting, group in groups.items():
+        tops = [r["top1"] for r in group]
+        seeds = [str(r["settings"].get("seed", "")) for r in group]
+        mean = statistics.fmean(tops)
+        std = statistics.stdev(tops) if len(tops) > 1 else None
+        shown = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} (one seed: no spread)"
+        print("| " + " | ".join(list(setting) + [shown, ", ".join(seeds)]) + " |")
+        summary.append({"settings": dict(zip(others, setting)), "seeds": seeds, "top1_mean": mean, "top1_std": std})
+    return summary
 
 
 def main():

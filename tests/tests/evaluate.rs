@@ -282,3 +282,33 @@ fn copy_tree(from: &Path, to: &Path) {
         if path.is_dir() { copy_tree(&path, &target) } else { std::fs::copy(&path, &target).map(|_| ()).unwrap() }
     }
 }
+
+/// A sweep over distillation seeds is also summarised per setting of its other keys: the mean
+/// and sample standard deviation of top-1 over the seeds, as the paper reports them.
+#[test]
+fn a_sweep_over_seeds_is_summarised_as_mean_and_spread_per_setting() {
+    let Some(python) = python() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 3, 6);
+    let out = scratch.path().join("out");
+    let spec_path = scratch.path().join("sweep.toml");
+    let text = spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 5, "");
+    std::fs::write(&spec_path, format!("{text}[sweep]\nseed = [1, 2]\n")).unwrap();
+    run_locally(&spec_path, &[]);
+    let record = std::fs::read_dir(out.join("sweeps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let args = ["hard", "--net", "convnet6", "--sweep", record.to_str().unwrap(), "--val", data.to_str().unwrap()];
+    let (result, _) = evaluate(&python, &args);
+    let tops: Vec<f64> = result["variants"].as_array().unwrap().iter().map(|v| v["top1"].as_f64().unwrap()).collect();
+    let summary = result["over_seeds"].as_array().unwrap();
+    assert_eq!(summary.len(), 1, "{result}");
+    assert_eq!(summary[0]["seeds"], serde_json::json!(["1", "2"]));
+    let mean = (tops[0] + tops[1]) / 2.0;
+    let std = ((tops[0] - mean).powi(2) + (tops[1] - mean).powi(2)).sqrt(); // n - 1 = 1
+    assert!((summary[0]["top1_mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{result}");
+    assert!((summary[0]["top1_std"].as_f64().unwrap() - std).abs() < 1e-9, "{result}");
+}
