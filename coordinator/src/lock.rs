@@ -149,30 +149,18 @@ fn refused_output(source: &object_store::Error) -> String {
 pub enum LockError {
     /// Another coordinator holds the store and renewed its lock while this one watched it.
     #[error(
-        "store `{url}` is served by another coordinator ({host}, pid {pid}, last heartbeat {age_s:.0} s ago){}; \
+        "store `{url}` is served by another coordinator ({}, pid {}, last heartbeat {age_s:.0} s ago){}; \
          or stop it first, or give this coordinator another --store (a coordinator that was killed releases the \
-         store {timeout_s:.0} s after its last heartbeat)",
-        submit_there(serving.as_deref(), token_file.as_deref(), slurm_job.as_deref(), *exits_when_done)
+         store {} s after its last heartbeat)",
+        holder.host, holder.pid, submit_there(holder), holder.timeout_ms / 1000
     )]
     Held {
-        /// The holder is a `coordinator run` (it stops when its own job ends).
-        exits_when_done: bool,
         /// The store's URL.
         url: String,
-        /// The holder's Slurm job, when its lock record says.
-        slurm_job: Option<String>,
-        /// The URL the holder serves at, when its lock record says.
-        serving: Option<String>,
-        /// The holder's token file, when its lock record says.
-        token_file: Option<String>,
-        /// The holder's host name.
-        host: String,
-        /// The holder's process id.
-        pid: u32,
+        /// The holder's lock record: who it is, where it serves.
+        holder: Box<LockRecord>,
         /// Seconds since the heartbeat time in the holder's lock.
         age_s: f64,
-        /// The holder's lock timeout (s).
-        timeout_s: f64,
     },
     /// The store could not be read or written.
     #[error("store `{url}`: the coordinator lock `{LOCK_KEY}`{}", refused(source))]
@@ -186,35 +174,22 @@ pub enum LockError {
     /// Another coordinator, of another store, runs a job whose output is the same: it renewed
     /// its claim on the output ([`StoreLock::claim`]) while this one watched.
     #[error(
-        "job `{job}`: its output `{output}` is being distilled by another coordinator ({host}, pid {pid}, store \
-         `{store}`, last heartbeat {age_s:.0} s ago){}; or wait for that one to finish the job, or give this job \
-         another `output` (a coordinator that was killed gives the job up {timeout_s:.0} s after its last heartbeat, \
-         and at once to the next coordinator of its own store)",
-        submit_there(serving.as_deref(), token_file.as_deref(), slurm_job.as_deref(), *exits_when_done)
+        "job `{job}`: its output `{output}` is being distilled by another coordinator ({}, pid {}, store `{}`, \
+         last heartbeat {age_s:.0} s ago){}; or wait for that one to finish the job, or give this job another \
+         `output` (a coordinator that was killed gives the job up {} s after its last heartbeat, and at once to the \
+         next coordinator of its own store)",
+        holder.host, holder.pid, holder.store.as_deref().unwrap_or_default(), submit_there(holder),
+        holder.timeout_ms / 1000
     )]
     JobHeld {
         /// The job.
         job: String,
         /// The job's output URL.
         output: String,
-        /// The holder's store URL.
-        store: String,
-        /// The holder is a `coordinator run`.
-        exits_when_done: bool,
-        /// The holder's Slurm job, when its record says.
-        slurm_job: Option<String>,
-        /// The URL the holder serves at, when its record says.
-        serving: Option<String>,
-        /// The holder's token file, when its record says.
-        token_file: Option<String>,
-        /// The holder's host name.
-        host: String,
-        /// The holder's process id.
-        pid: u32,
+        /// The holder's claim record: who it is, its store, where it serves.
+        holder: Box<LockRecord>,
         /// Seconds since the heartbeat time in the holder's claim.
         age_s: f64,
-        /// The holder's timeout (s).
-        timeout_s: f64,
     },
     /// The claim on a job's output could not be read or written.
     #[error("job `{job}`: the coordinator's claim on its output `{output}`{}", refused_output(source))]
@@ -257,8 +232,11 @@ pub enum LockError {
     },
 }
 
-/// How to submit to the coordinator serving at `url` instead of starting another one.
-fn submit_there(url: Option<&str>, token_file: Option<&str>, slurm_job: Option<&str>, exits_when_done: bool) -> String {
+/// How to submit to the coordinator `holder` names instead of starting another one.
+fn submit_there(holder: &LockRecord) -> String {
+    let (url, token_file, slurm_job) =
+        (holder.url.as_deref(), holder.token_file.as_deref(), holder.slurm_job.as_deref());
+    let exits_when_done = holder.exits_when_done;
     let after = slurm_job
         .map(|id| format!("; or queue this allocation after that Slurm job: `sbatch --dependency=afterany:{id} …`"))
         .unwrap_or_default();
@@ -362,17 +340,7 @@ impl StoreLock {
                 let held_until = sent + Duration::from_millis(record.timeout_ms) - margin(record.timeout_ms);
                 Ok(StoreLock { store: store.clone(), record, held_until, replaced })
             }
-            Held(holder, age_s) => Err(LockError::Held {
-                url: store.url.clone(),
-                serving: holder.url,
-                token_file: holder.token_file,
-                slurm_job: holder.slurm_job,
-                exits_when_done: holder.exits_when_done,
-                host: holder.host,
-                pid: holder.pid,
-                age_s,
-                timeout_s: holder.timeout_ms as f64 / 1000.0,
-            }),
+            Held(holder, age_s) => Err(LockError::Held { url: store.url.clone(), holder: Box::new(holder), age_s }),
         }
     }
 
@@ -429,15 +397,8 @@ impl StoreLock {
             Held(holder, age_s) => Err(LockError::JobHeld {
                 job: job_id.to_owned(),
                 output: out.url.clone(),
-                store: holder.store.clone().unwrap_or_default(),
-                serving: holder.url,
-                token_file: holder.token_file,
-                slurm_job: holder.slurm_job,
-                exits_when_done: holder.exits_when_done,
-                host: holder.host,
-                pid: holder.pid,
+                holder: Box::new(holder),
                 age_s,
-                timeout_s: holder.timeout_ms as f64 / 1000.0,
             }),
         }
     }
@@ -488,12 +449,7 @@ impl StoreLock {
     pub async fn release_claim(&self, claim: &JobClaim) {
         let key = claim.out.key(&JobKeys::new(&claim.job_id).claim());
         let release = async {
-            let ours = get_optional(claim.out.store.as_ref(), &key)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
-                .is_some_and(|holder| holder.owner == self.record.owner);
+            let ours = held_by(&claim.out, &key, &self.record.owner).await;
             if ours && let Err(error) = delete(&claim.out, &key).await {
                 warn!(job = %claim.job_id, output = %claim.out.url, error = %mgd3_common::error_chain(&error), "could not give up the claim on the job's output");
             }
@@ -595,18 +551,23 @@ impl StoreLock {
 
     async fn release_now(&self) {
         let key = self.store.key(LOCK_KEY);
-        let ours = get_optional(self.store.store.as_ref(), &key)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
-            .is_some_and(|holder| holder.owner == self.record.owner);
+        let ours = held_by(&self.store, &key, &self.record.owner).await;
         if ours && let Err(error) = delete(&self.store, &key).await {
             warn!(store = %self.store.url, error = %mgd3_common::error_chain(&error), "could not release the coordinator lock");
         } else if ours {
             info!(store = %self.store.url, "coordinator lock released");
         }
     }
+}
+
+/// Whether the record at `key` reads and is `owner`'s (a store that does not answer: no).
+async fn held_by(store: &Location, key: &object_store::path::Path, owner: &str) -> bool {
+    get_optional(store.store.as_ref(), key)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
+        .is_some_and(|holder| holder.owner == owner)
 }
 
 async fn delete(store: &Location, key: &object_store::path::Path) -> Result<(), object_store::Error> {
@@ -747,18 +708,22 @@ mod tests {
     #[test]
     fn a_held_store_says_where_to_go() {
         let held = |exits_when_done, slurm_job: Option<&str>| {
-            LockError::Held {
-                url: "s".into(),
-                exits_when_done,
-                slurm_job: slurm_job.map(str::to_owned),
-                serving: Some("http://n1:50051".into()),
-                token_file: Some("/home/u/tok".into()),
+            let holder = LockRecord {
+                owner: "o".into(),
                 host: "n1".into(),
                 pid: 7,
-                age_s: 1.0,
-                timeout_s: 30.0,
-            }
-            .to_string()
+                heartbeat_unix_ms: 0,
+                timeout_ms: 30_000,
+                renewals: 0,
+                process_table: None,
+                url: Some("http://n1:50051".into()),
+                token_file: Some("/home/u/tok".into()),
+                slurm_job: slurm_job.map(str::to_owned),
+                exits_when_done,
+                store: None,
+                job: None,
+            };
+            LockError::Held { url: "s".into(), holder: Box::new(holder), age_s: 1.0 }.to_string()
         };
         let serve = held(false, Some("123"));
         for part in [

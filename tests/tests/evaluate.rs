@@ -187,19 +187,7 @@ fn sets_that_are_not_seeds_of_one_experiment_are_refused_naming_why() {
 #[test]
 fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
     let Some(python) = python() else { return };
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    dataset(&data, 3, 6);
-    let out = scratch.path().join("out");
-    let spec_path = scratch.path().join("sweep.toml");
-    let text = spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 5, "");
-    std::fs::write(&spec_path, format!("{text}[sweep]\nguidance_scale = [0.02, 0.1]\n")).unwrap();
-    run_locally(&spec_path, &[]);
-    let record = std::fs::read_dir(out.join("sweeps"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .unwrap();
+    let (scratch, data, out, record) = distilled_sweep("guidance_scale = [0.02, 0.1]");
     let args = ["hard", "--net", "convnet6", "--sweep", record.to_str().unwrap(), "--val", data.to_str().unwrap()];
     let (result, stderr) = evaluate(&python, &args);
     let variants = result["variants"].as_array().unwrap();
@@ -273,6 +261,25 @@ fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
     );
 }
 
+/// A sweep of `keys` (its `[sweep]` table's lines) over 3 classes of 6 images at IPC 4, run to
+/// its end: the scratch folder, the dataset, the output and the sweep's record.
+fn distilled_sweep(keys: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, 3, 6);
+    let out = scratch.path().join("out");
+    let spec_path = scratch.path().join("sweep.toml");
+    let text = spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 5, "");
+    std::fs::write(&spec_path, format!("{text}[sweep]\n{keys}\n")).unwrap();
+    run_locally(&spec_path, &[]);
+    let record = std::fs::read_dir(out.join("sweeps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    (scratch, data, out, record)
+}
+
 /// A copy of folder `from` at `to` (files and folders).
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -288,19 +295,7 @@ fn copy_tree(from: &Path, to: &Path) {
 #[test]
 fn a_sweep_over_seeds_is_summarised_as_mean_and_spread_per_setting() {
     let Some(python) = python() else { return };
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    dataset(&data, 3, 6);
-    let out = scratch.path().join("out");
-    let spec_path = scratch.path().join("sweep.toml");
-    let text = spec(&data.display().to_string(), &out.display().to_string(), 3, 4, 5, "");
-    std::fs::write(&spec_path, format!("{text}[sweep]\nseed = [1, 2]\n")).unwrap();
-    run_locally(&spec_path, &[]);
-    let record = std::fs::read_dir(out.join("sweeps"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .unwrap();
+    let (_scratch, data, _out, record) = distilled_sweep("seed = [1, 2]");
     let args = ["hard", "--net", "convnet6", "--sweep", record.to_str().unwrap(), "--val", data.to_str().unwrap()];
     let (result, _) = evaluate(&python, &args);
     let tops: Vec<f64> = result["variants"].as_array().unwrap().iter().map(|v| v["top1"].as_f64().unwrap()).collect();

@@ -246,25 +246,6 @@ fn export_writes_the_adm_npz_of_every_image_in_class_order() {
         coordinator(&["export", &job, "--job-dir", &dir.display().to_string(), "--npz", &npz.display().to_string()]);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("has no manifest.json") && text.contains("--partial"), "{text}");
-    let out = coordinator(&[
-        "export",
-        &job,
-        "--job-dir",
-        &dir.display().to_string(),
-        "--npz",
-        &npz.display().to_string(),
-        "--partial",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let told = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        told.contains(&format!(
-            "classes in the array's order (the job's class order, images per class): c0 ({IPC}), c1 ({IPC})"
-        )),
-        "{told}"
-    );
-    // Not into the job's own ImageFolder, where it would become a file of the set.
-    let inside = dir.join("dataset/c0/samples.npz");
     let export = |npz: &Path| {
         coordinator(&[
             "export",
@@ -276,6 +257,17 @@ fn export_writes_the_adm_npz_of_every_image_in_class_order() {
             "--partial",
         ])
     };
+    let out = export(&npz);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        told.contains(&format!(
+            "classes in the array's order (the job's class order, images per class): c0 ({IPC}), c1 ({IPC})"
+        )),
+        "{told}"
+    );
+    // Not into the job's own ImageFolder, where it would become a file of the set.
+    let inside = dir.join("dataset/c0/samples.npz");
     let out = export(&inside);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("inside the job's distilled ImageFolder"), "{text}");
