@@ -1368,7 +1368,8 @@ async fn run_command(cli: Cli) -> Result<()> {
                 );
                 let go_on = if response.state == Some(JobState::Failed) {
                     format!(
-                        "the same command with --retry-failed (or `coordinator resume {}`) runs its failed shards again",
+                        "once what failed it is fixed (its status names each failed class and why), `coordinator run` or \
+                         `submit` of its spec with --retry-failed (or `coordinator resume {}`) runs its failed shards again",
                         args.job
                     )
                 } else {

@@ -60,17 +60,28 @@ pub enum ExportError {
         /// The first image's.
         want: (u32, u32),
     },
-    /// The archive would be written into the job's own ImageFolder, where it would become a file
-    /// of the distilled set.
+    /// The archive would be written into the job's own folder, over or beside its records,
+    /// markers or distilled images.
     #[error(
-        "`{path}` is inside the job's distilled ImageFolder `{dataset}`: it would become a file of the set \
-         (and `verify` would name it); write the .npz elsewhere"
+        "`{path}` is inside the job's folder `{folder}`: it would overwrite or join the job's records, commit \
+         markers or distilled images (a file in dataset/ becomes part of the set); write the .npz elsewhere"
     )]
-    InsideDataset {
+    InsideJob {
         /// The .npz path.
         path: String,
-        /// The job's `dataset/` folder.
-        dataset: String,
+        /// The job's folder.
+        folder: String,
+    },
+    /// An image does not match the sha256 its commit marker records (changed since its commit).
+    #[error(
+        "class `{wnid}`: `{key}` is not the image its commit marker records (changed since): `coordinator verify` \
+         names every such file and `coordinator resume` puts the job's own bytes back"
+    )]
+    Changed {
+        /// The class.
+        wnid: String,
+        /// The image's key in the job folder.
+        key: String,
     },
     /// The archive could not be written.
     #[error("cannot write `{path}`")]
@@ -135,14 +146,13 @@ pub async fn export_npz(
         });
     }
     if let Some(root) = &dir.local_root {
-        let dataset = root.join("dataset");
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        if let (Ok(dataset), Ok(parent)) = (dataset.canonicalize(), parent.canonicalize())
-            && parent.starts_with(&dataset)
+        if let (Ok(folder), Ok(parent)) = (root.canonicalize(), parent.canonicalize())
+            && parent.starts_with(&folder)
         {
-            return Err(ExportError::InsideDataset {
+            return Err(ExportError::InsideJob {
                 path: path.display().to_string(),
-                dataset: dataset.display().to_string(),
+                folder: folder.display().to_string(),
             });
         }
     }
@@ -179,6 +189,9 @@ async fn write_npz(
             };
             let bytes =
                 mgd3_common::store::get_bytes(dir.store.as_ref(), &dir.key(&key)).await.map_err(|e| bad(e.into()))?;
+            if mgd3_common::sha256_hex(&bytes) != image.sha256 {
+                return Err(ExportError::Changed { wnid: marker.wnid.clone(), key });
+            }
             let rgb = image::load_from_memory(&bytes).map_err(|e| bad(e.into()))?.to_rgb8();
             let dims = rgb.dimensions();
             match size {

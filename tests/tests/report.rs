@@ -270,8 +270,21 @@ fn export_writes_the_adm_npz_of_every_image_in_class_order() {
     let inside = dir.join("dataset/c0/samples.npz");
     let out = export(&inside);
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("inside the job's distilled ImageFolder"), "{text}");
+    assert!(!out.status.success() && text.contains("is inside the job's folder"), "{text}");
     assert!(!inside.exists() && !inside.with_extension("npz.partial").exists());
+    // Nor over its records or markers.
+    let marker = dir.join("shards/c0.json");
+    let before = std::fs::read(&marker).unwrap();
+    let out = export(&marker);
+    assert!(!out.status.success() && std::fs::read(&marker).unwrap() == before, "a marker was overwritten");
+    // An image changed since its commit (another valid PNG of the same size) is not exported.
+    let (first, second) = (dir.join("dataset/c0/0.png"), dir.join("dataset/c0/1.png"));
+    let kept = std::fs::read(&first).unwrap();
+    std::fs::copy(&second, &first).unwrap();
+    let out = export(&scratch.path().join("changed.npz"));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("is not the image its commit marker records"), "{text}");
+    std::fs::write(&first, kept).unwrap();
     // A failed export (an image cut short) leaves no partial file behind.
     let image = dir.join("dataset/c1/0.png");
     let bytes = std::fs::read(&image).unwrap();

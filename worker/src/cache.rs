@@ -2,8 +2,9 @@
 //! store, keyed by the dataset, the VAE encoder's fingerprint, the preprocessing version and the
 //! class's file listing (names and sizes, and the files' contents where the job records them), so
 //! a job with another IPC, seed, λ or t_stop reuses them without decoding or encoding a single
-//! image, and a changed class folder misses the cache. Every entry ends in its own sha256 (after
-//! the `.npy` data, which numpy ignores): an entry damaged in place is not used but computed again.
+//! image, and a changed class folder misses the cache. Every entry ends in the sha256 of its key
+//! and bytes (after the `.npy` data, which numpy ignores): an entry damaged in place, or copied
+//! from another key, is not used but computed again.
 
 use std::io::Cursor;
 
@@ -89,7 +90,7 @@ pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Op
         source,
     })?;
     let Some(bytes) = bytes else { return Ok(None) };
-    let body = match unseal(&bytes) {
+    let body = match unseal(key, &bytes) {
         Ok(body) => body,
         Err(problem) => {
             warn!(key, problem, "ignoring a cache entry that fails its checksum; computing it again");
@@ -121,7 +122,7 @@ pub fn store(cache: &Location, key: &str, features: &[f32], points: usize, dim: 
     let array = Array2::from_shape_vec((points, dim), features.to_vec()).expect("points × dim features");
     let mut bytes = Vec::with_capacity(features.len() * 4 + 128);
     array.write_npy(&mut bytes).expect("writing to memory");
-    block_on(put_large(cache.store.as_ref(), &cache.key(key), seal(bytes))).map_err(|source| CacheError::Store {
+    block_on(put_large(cache.store.as_ref(), &cache.key(key), seal(key, bytes))).map_err(|source| CacheError::Store {
         url: cache.url.clone(),
         key: key.into(),
         source,
@@ -136,24 +137,34 @@ fn hex_digest(bytes: &[u8]) -> String {
     sha256_hex(bytes).trim_start_matches("sha256:").to_owned()
 }
 
-/// `bytes` followed by [`SEAL`] and their sha256 (64 hex digits).
-fn seal(mut bytes: Vec<u8>) -> Vec<u8> {
-    let digest = hex_digest(&bytes);
+/// The sha256 an entry at `key` holding `body` ends in: of the key and the body, so that an
+/// entry copied to another key (another class's) fails its check as a damaged one does.
+fn entry_digest(key: &str, body: &[u8]) -> String {
+    let mut keyed = Vec::with_capacity(key.len() + 1 + body.len());
+    keyed.extend_from_slice(key.as_bytes());
+    keyed.push(0);
+    keyed.extend_from_slice(body);
+    hex_digest(&keyed)
+}
+
+/// `bytes` followed by [`SEAL`] and their [`entry_digest`] at `key` (64 hex digits).
+fn seal(key: &str, mut bytes: Vec<u8>) -> Vec<u8> {
+    let digest = entry_digest(key, &bytes);
     bytes.extend_from_slice(SEAL);
     bytes.extend_from_slice(digest.as_bytes());
     bytes
 }
 
-/// The bytes a [`seal`]ed entry holds, or why it cannot be trusted.
-fn unseal(bytes: &[u8]) -> Result<&[u8], &'static str> {
+/// The bytes a [`seal`]ed entry at `key` holds, or why it cannot be trusted.
+fn unseal<'a>(key: &str, bytes: &'a [u8]) -> Result<&'a [u8], &'static str> {
     let trailer = SEAL.len() + 64;
     let Some(split) = bytes.len().checked_sub(trailer) else { return Err("too short to hold a checksum") };
     let (body, seal) = bytes.split_at(split);
     let Some(digest) = seal.strip_prefix(SEAL) else {
         return Err("no checksum (cut short, or written by an older mgd3)");
     };
-    if hex_digest(body).as_bytes() != digest {
-        return Err("its bytes do not match its checksum (damaged)");
+    if entry_digest(key, body).as_bytes() != digest {
+        return Err("its bytes do not match its checksum (damaged, or copied from another entry)");
     }
     Ok(body)
 }
@@ -213,8 +224,9 @@ mod tests {
         assert!(load(&cache, "k.npy", 4, 3).unwrap().is_none());
     }
 
-    /// An entry changed in place (same size, still a well-formed `.npy`), cut short, or written
-    /// without a checksum is not used; numpy reads a sealed entry as the plain array.
+    /// An entry changed in place (same size, still a well-formed `.npy`), cut short, written
+    /// without a checksum or copied from another key is not used; numpy reads a sealed entry as
+    /// the plain array.
     #[test]
     fn damaged_or_unsealed_entries_are_not_used() {
         let cache = mgd3_common::store::open("memory://latent-cache-test/damage").unwrap();
@@ -240,7 +252,16 @@ mod tests {
             put(bytes);
             assert!(load(&cache, "k.npy", 3, 4).unwrap().is_none(), "{what} entry used");
         }
-        put(sealed);
+        put(sealed.clone());
         assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap(), features);
+        // Copied to another key (another class's entry), it is not used there.
+        let other = cache.key("other.npy");
+        block_on(object_store::ObjectStoreExt::put(
+            cache.store.as_ref(),
+            &other,
+            object_store::PutPayload::from(sealed),
+        ))
+        .unwrap();
+        assert!(load(&cache, "other.npy", 3, 4).unwrap().is_none(), "a copied entry was used");
     }
 }
