@@ -2069,21 +2069,35 @@ impl Scheduler {
     /// # Errors
     /// [`SchedulerError::UnknownJob`] when the job is not known.
     pub fn pause_job(&mut self, job_id: &str, reason: String, now: u64) -> Result<Settled, SchedulerError> {
+        self.stand_down(job_id)?;
+        let run = self.jobs.get_mut(job_id).expect("checked by stand_down");
+        run.persisted.paused = Some(reason);
+        run.pending.clear();
+        Ok(self.settle(job_id, now))
+    }
+
+    /// Takes every lease of job `job_id` back (revoked: their workers are told to stop) and
+    /// gives their shards back to the queue without spending an attempt: the job is not this
+    /// coordinator's to run for now (another coordinator took its output over). The caller holds
+    /// it back ([`Scheduler::hold_back`]) until it is again.
+    ///
+    /// # Errors
+    /// [`SchedulerError::UnknownJob`] when the job is not known.
+    pub fn stand_down(&mut self, job_id: &str) -> Result<(), SchedulerError> {
         if !self.jobs.contains_key(job_id) {
             return Err(SchedulerError::UnknownJob(job_id.into()));
         }
         self.revoke_all(job_id);
         let run = self.jobs.get_mut(job_id).expect("checked above");
-        run.persisted.paused = Some(reason);
-        run.pending.clear();
-        for shard in run.persisted.shards.iter_mut() {
+        for (i, shard) in run.persisted.shards.iter_mut().enumerate() {
             if let ShardState::Leased { .. } = &shard.state {
                 shard.state = ShardState::Pending;
                 shard.attempts = shard.attempts.saturating_sub(1);
                 shard.reset_progress();
+                run.pending.insert(i);
             }
         }
-        Ok(self.settle(job_id, now))
+        Ok(())
     }
 
     /// A worker cannot run a job (e.g. it holds different model files): give the shard back

@@ -92,8 +92,13 @@ struct Inner {
     /// This coordinator's claims on the outputs of the jobs it runs (running or paused), renewed
     /// with its lock ([`StoreLock::claim`]).
     claims: Mutex<HashMap<String, JobClaim>>,
-    /// Jobs held back from leasing while their claim may have lapsed.
+    /// Jobs held back from leasing until their output is claimed (their claim may have lapsed,
+    /// or is being taken, or another coordinator runs them).
     held_back: Mutex<HashSet<String>>,
+    /// Jobs another coordinator runs for now, with whose claim it is ([`Coordinator::wait_elsewhere`]).
+    elsewhere: Mutex<HashMap<String, String>>,
+    /// Jobs whose claim is being tried ([`Coordinator::try_claim`]).
+    claiming: Mutex<HashSet<String>>,
     /// When (Unix ms) this coordinator last showed it was running ([`Coordinator::check_stall`]).
     alive_at: std::sync::atomic::AtomicU64,
 }
@@ -336,6 +341,8 @@ impl Coordinator {
                 sweeps: Mutex::new(BTreeMap::new()),
                 claims: Mutex::new(HashMap::new()),
                 held_back: Mutex::new(HashSet::new()),
+                elsewhere: Mutex::new(HashMap::new()),
+                claiming: Mutex::new(HashSet::new()),
                 alive_at: std::sync::atomic::AtomicU64::new(now_ms()),
             }),
         };
@@ -389,25 +396,12 @@ impl Coordinator {
             scheduler.add_job(job.clone(), persisted, &committed, now);
             scheduler.state(&id)
         };
-        // A job this coordinator runs claims its output; one that another coordinator (of
-        // another store) runs now waits, paused, for a person to resume it here.
+        // A job this coordinator runs claims its output before any of it is leased: in the
+        // background (a claim another coordinator holds is watched for a heartbeat or more, and
+        // this coordinator serves meanwhile); one that another coordinator runs now waits for it.
         if matches!(state, Some(JobState::Running | JobState::Paused)) {
-            match self.claim_output(&job).await {
-                Ok(()) => {}
-                Err(Error::Lock(held)) if matches!(*held, LockError::JobHeld { .. }) => {
-                    warn!(job = %id, error = %held, "job paused: another coordinator runs it");
-                    self.pause_held(&id, held.to_string());
-                }
-                // An output that refuses writes (full, read-only) pauses its job, as a worker's
-                // refused write would; the other jobs run.
-                Err(Error::Lock(refused)) if matches!(&*refused, LockError::ClaimStore { source, .. } if mgd3_common::store::Refusal::of(source).is_some()) =>
-                {
-                    let said = mgd3_common::error_chain(&*refused);
-                    warn!(job = %id, error = %said, "job paused: its output refuses writes");
-                    self.pause_held(&id, said);
-                }
-                Err(error) => return Err(error),
-            }
+            self.hold_back(&id, true);
+            self.try_claim(job.clone());
         }
         // A succeeded job is finished only once its manifest is in place, whatever state.json
         // says (a crash can fall between the two writes).
@@ -434,8 +428,60 @@ impl Coordinator {
         let lock = self.inner.lock.lock().await.clone();
         let claim = lock.claim(&out, &job.job_id).await?;
         self.inner.claims.lock().expect("claims").insert(job.job_id.clone(), claim);
+        self.inner.elsewhere.lock().expect("elsewhere").remove(&job.job_id);
         self.hold_back(&job.job_id, false);
         Ok(())
+    }
+
+    /// Claims `job`'s output in the background (one try at a time per job): taken, the job is
+    /// leased again; held by another coordinator, the job waits (held back, its status says for
+    /// whom) and the claim is tried again at the next renewal of the store's lock; refused by the
+    /// output (full, read-only), the job is paused as a worker's refused write would pause it.
+    fn try_claim(&self, job: Arc<ResolvedJob>) {
+        if !self.inner.claiming.lock().expect("claiming").insert(job.job_id.clone()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let id = job.job_id.clone();
+            let waited = this.inner.elsewhere.lock().expect("elsewhere").contains_key(&id);
+            match this.claim_output(&job).await {
+                Ok(()) => {
+                    if waited {
+                        info!(job = %id, "the other coordinator gave the job up: it runs here again");
+                    }
+                }
+                Err(Error::Lock(held)) if matches!(*held, LockError::JobHeld { .. }) => {
+                    this.wait_elsewhere(&id, held.to_string());
+                }
+                Err(Error::Lock(refused)) if matches!(&*refused, LockError::ClaimStore { source, .. } if mgd3_common::store::Refusal::of(source).is_some()) =>
+                {
+                    let said = mgd3_common::error_chain(&*refused);
+                    warn!(job = %id, error = %said, "job paused: its output refuses writes");
+                    this.pause_held(&id, said);
+                }
+                Err(error) => {
+                    let said = mgd3_common::error_chain(&error);
+                    warn!(job = %id, error = %said, "cannot claim the job's output yet; trying again");
+                    this.inner.elsewhere.lock().expect("elsewhere").entry(id.clone()).or_insert(said);
+                }
+            }
+            this.inner.claiming.lock().expect("claiming").remove(&id);
+        });
+    }
+
+    /// Job `job_id` is another coordinator's to run for now (`reason` says whose): its leases here
+    /// are taken back without spending attempts, nothing of it is leased, and its claim is tried
+    /// again at every renewal of the store's lock; `status` says so.
+    fn wait_elsewhere(&self, job_id: &str, reason: String) {
+        self.inner.claims.lock().expect("claims").remove(job_id);
+        let fresh = self.inner.elsewhere.lock().expect("elsewhere").insert(job_id.to_owned(), reason.clone()).is_none();
+        self.hold_back(job_id, true);
+        let _ = self.inner.scheduler.lock().expect("scheduler").stand_down(job_id);
+        self.mark_dirty(job_id);
+        if fresh {
+            warn!(job = %job_id, error = %reason, "another coordinator runs the job: it waits here, and goes on here if that one gives it up or stops");
+        }
     }
 
     /// Gives up the claim on job `job_id`'s output, if held (in the background).
@@ -457,11 +503,7 @@ impl Coordinator {
             return;
         }
         self.inner.scheduler.lock().expect("scheduler").hold_back(job_id, held);
-        if held {
-            warn!(job = %job_id, "the claim on the job's output could not be renewed in time: nothing more of the job is leased until it is (another coordinator could take the job over)");
-        } else {
-            info!(job = %job_id, "the claim on the job's output is renewed again: leasing the job again");
-        }
+        debug!(job = %job_id, held, "leasing of the job held back until its output is claimed, or let go");
     }
 
     /// Pauses job `job_id` because another coordinator runs it (`reason` says which).
@@ -487,17 +529,28 @@ impl Coordinator {
                     }
                     self.hold_back(job, false);
                 }
-                Err(lost @ LockError::ClaimLost { .. }) => {
-                    tracing::error!(job = %job, error = %lost, "job paused: another coordinator took its output over");
-                    self.pause_held(job, lost.to_string());
-                }
+                Err(lost @ LockError::ClaimLost { .. }) => self.wait_elsewhere(job, lost.to_string()),
                 Err(error) => {
                     // Unrenewed for nearly its timeout, the claim may be taken over: nothing more
                     // of the job is leased until a renewal works (leases held run on).
-                    if claim.lapsed(tokio::time::Instant::now()) {
+                    if claim.lapsed(tokio::time::Instant::now())
+                        && !self.inner.held_back.lock().expect("held back").contains(job)
+                    {
+                        warn!(job = %job, "the claim on the job's output could not be renewed in time: nothing more of the job is leased until it is (another coordinator could take the job over)");
                         self.hold_back(job, true);
                     }
                     failed = Some((job.to_owned(), mgd3_common::error_chain(&error)));
+                }
+            }
+        }
+        // Jobs waiting for another coordinator: tried again (one try at a time each).
+        let waiting: Vec<String> = self.inner.elsewhere.lock().expect("elsewhere").keys().cloned().collect();
+        for id in waiting {
+            let job = self.inner.scheduler.lock().expect("scheduler").job(&id);
+            match job {
+                Some(job) => self.try_claim(job),
+                None => {
+                    self.inner.elsewhere.lock().expect("elsewhere").remove(&id);
                 }
             }
         }
@@ -582,6 +635,7 @@ impl Coordinator {
     fn finish(&self, job: Arc<ResolvedJob>, state: JobState, now: u64) {
         info!(job = %job.job_id, state = state.as_str(), "job finished");
         self.release_claim(&job.job_id);
+        self.inner.elsewhere.lock().expect("elsewhere").remove(&job.job_id);
         if state == JobState::Succeeded {
             self.inner.manifests_due.lock().expect("manifests").insert(job.job_id.clone(), now);
             self.inner.wake.notify_one();
@@ -592,6 +646,8 @@ impl Coordinator {
     pub async fn background(self, shutdown: impl Future<Output = ()>) {
         let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
         let mut tick = tokio::time::interval(Duration::from_millis((heartbeat / 2).clamp(50, 1000)));
+        // Opening the store (recovery) is no stall.
+        self.inner.alive_at.store(now_ms(), std::sync::atomic::Ordering::SeqCst);
         // The lock is renewed by a task of its own: a flush waiting on a slow store must not
         // delay the renewals until another coordinator takes a live one's store over.
         let keeper = tokio::spawn(self.clone().keep_lock());
@@ -1328,6 +1384,11 @@ impl Coordinator {
             if existing.fingerprint != job.fingerprint {
                 return Err(Error::JobIdTaken { job: job.job_id });
             }
+            // A job another coordinator runs now is refused as a new one would be (exit 2 for
+            // `coordinator run`), unless that one has given it up meanwhile.
+            if self.inner.elsewhere.lock().expect("elsewhere").contains_key(&existing.job_id) {
+                self.claim_output(&existing).await?;
+            }
             // The same experiment: its classes' data now (listed by this submit) against what the
             // job recorded and committed.
             let changes = self.data_changes(&existing, &job.classes).await?;
@@ -1650,6 +1711,7 @@ impl Coordinator {
         let known = self.inner.scheduler.lock().expect("scheduler").job(job_id);
         let elsewhere = known.and_then(|job| self.output(&job).ok()).is_some_and(|out| out.url != self.inner.store.url);
         self.forget_in_memory(job_id);
+        self.inner.elsewhere.lock().expect("elsewhere").remove(job_id);
         let claim = self.inner.claims.lock().expect("claims").remove(job_id);
         if let Some(claim) = claim {
             let lock = self.inner.lock.lock().await.clone();
@@ -2046,10 +2108,22 @@ impl Coordinator {
             (JobState::Succeeded, true, None) => JobState::Running,
             (state, _, _) => state,
         };
-        // A pause of the whole job (another coordinator runs it) is said as such; a refusal
-        // of a shard's write is said with its shard already.
+        // A pause of the whole job is said as such; a refusal of a shard's write is said with
+        // its shard already.
         if let Some(reason) = summary.paused.filter(|r| !failures.iter().any(|f| &f.error == r)) {
             failures.push(ShardFailure { shard_index: 0, wnid: String::new(), error: reason, attempts: 0 });
+        }
+        let elsewhere = self.inner.elsewhere.lock().expect("elsewhere").get(&job.job_id).cloned();
+        if let Some(reason) = elsewhere {
+            failures.push(ShardFailure {
+                shard_index: 0,
+                wnid: String::new(),
+                error: format!(
+                    "waiting: {reason}. Nothing of it is leased here; it goes on here by itself once that coordinator \
+                     gives it up (finished, forgotten) or stops"
+                ),
+                attempts: 0,
+            });
         }
         Ok(JobStatus {
             job_id: job.job_id.clone(),

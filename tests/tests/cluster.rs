@@ -2197,12 +2197,29 @@ async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twi
     let (_, existed) = b.coordinator.submit(&spec, out.path(), None).await.unwrap();
     assert!(!existed);
     let a = open(a_url.clone()).await;
-    let status = a.coordinator.status(&job.job_id).unwrap();
-    assert_eq!(status.state, JobState::Paused, "{status:?}");
+    let mut status = a.coordinator.status(&job.job_id).unwrap();
+    for _ in 0..100 {
+        if !status.failures.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = a.coordinator.status(&job.job_id).unwrap();
+    }
+    assert_eq!(status.state, JobState::Running, "{status:?}");
     let reason = format!("{status:?}");
-    assert!(reason.contains("is being distilled by another coordinator") && reason.contains(&b_url), "{reason}");
+    assert!(
+        reason.contains("waiting: job")
+            && reason.contains("is being distilled by another coordinator")
+            && reason.contains(&b_url),
+        "{reason}"
+    );
     let refused = a.coordinator.resume(&job.job_id, None).await.unwrap_err();
     assert!(mgd3_common::error_chain(&refused).contains(&b_url), "{refused}");
+    // Nothing of it is leased here meanwhile.
+    let idle = Box::new(FakeEngine::new(Duration::from_millis(5)));
+    let (stop_idle, idle_handle) = worker(&a.url, "idle", None, idle);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.coordinator.status(&job.job_id).unwrap().shards.running, 0, "a job run elsewhere was leased");
 
     // Done there, the job is given up, and resuming it here finds every class committed.
     b.run_to_success(&job.job_id).await;
@@ -2213,8 +2230,10 @@ async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!claim.exists(), "a finished job keeps its claim");
-    a.coordinator.resume(&job.job_id, None).await.unwrap();
+    // Given up there, the job goes on here by itself: its classes are found committed.
     assert_eq!(wait_until_done(&a.coordinator, &job.job_id).await.state, JobState::Succeeded);
+    let _ = stop_idle.send(());
+    idle_handle.await.unwrap().unwrap();
     // Forgotten where its output is another location, the job is said to be forgotten (its
     // outputs kept there), not unknown.
     assert!(a.coordinator.forget(&job.job_id).await.unwrap(), "the outputs stay in the output");
