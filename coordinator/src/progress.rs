@@ -154,12 +154,21 @@ pub fn progress_line(status: &JobStatus, url: &str) -> String {
         pace(status),
         status.workers
     );
-    for warning in [store_warning(status), no_worker_warning(status, url)].into_iter().flatten() {
+    // A job another coordinator runs for now is leased nothing here: said on the one line too.
+    let waiting = status
+        .failures
+        .iter()
+        .any(|f| f.attempts == 0 && f.wnid.is_empty() && f.error.starts_with(WAITING))
+        .then(|| "waiting: another coordinator runs the job (`coordinator status` says which)".to_owned());
+    for warning in [waiting, store_warning(status), no_worker_warning(status, url)].into_iter().flatten() {
         line.push_str("; ");
         line.push_str(&warning);
     }
     line
 }
+
+/// How the problem line of a job another coordinator runs begins (see `Coordinator::status`).
+pub const WAITING: &str = "waiting: ";
 
 /// `DiT rows per call: 1024 (2 workers), 256 (1 worker)`: the rows the connected workers
 /// reported, most first; `None` when none reported any.

@@ -2119,8 +2119,9 @@ impl Coordinator {
                 shard_index: 0,
                 wnid: String::new(),
                 error: format!(
-                    "waiting: {reason}. Nothing of it is leased here; it goes on here by itself once that coordinator \
-                     gives it up (finished, forgotten) or stops"
+                    "{}{reason}. Nothing of it is leased here; it goes on here by itself once that coordinator \
+                     gives it up (finished, forgotten) or stops",
+                    crate::progress::WAITING
                 ),
                 attempts: 0,
             });

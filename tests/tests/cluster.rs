@@ -2213,6 +2213,8 @@ async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twi
             && reason.contains(&b_url),
         "{reason}"
     );
+    let line = mgd3_coordinator::progress::progress_line(&status, &a.url);
+    assert!(line.contains("waiting: another coordinator runs the job"), "{line}");
     let refused = a.coordinator.resume(&job.job_id, None).await.unwrap_err();
     assert!(mgd3_common::error_chain(&refused).contains(&b_url), "{refused}");
     // Nothing of it is leased here meanwhile.
