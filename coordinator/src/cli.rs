@@ -1349,6 +1349,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                 let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
                 outln!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
+            // What was checked of a job that promised not every class yet (or any more).
+            let damage = match response.problems.len() {
+                0 => "nothing damaged".to_owned(),
+                n => format!("{n} problem(s)"),
+            };
             // A job cancelled or failed before some classes promised none of them: what it
             // committed is checked, the rest is no damage.
             let stopped = matches!(response.state, Some(JobState::Cancelled | JobState::Failed));
@@ -1360,11 +1365,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                     response.classes_committed,
                     response.classes_checked,
                     response.files_checked,
-                    if response.problems.is_empty() {
-                        "nothing damaged".to_owned()
-                    } else {
-                        format!("{} problem(s)", response.problems.len())
-                    }
+                    damage
                 );
                 let go_on = if response.state == Some(JobState::Failed) {
                     format!(
@@ -1389,16 +1390,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                     Some(_) => format!("no manifest.json yet (not finished): {} class(es)", response.classes_committed),
                     None => format!("running: {} of {} classes", response.classes_committed, response.classes_checked),
                 };
-                outln!(
-                    "job {}: {committed} committed, {} file(s) checked, {}",
-                    args.job,
-                    response.files_checked,
-                    if response.problems.is_empty() {
-                        "nothing damaged".to_owned()
-                    } else {
-                        format!("{} problem(s)", response.problems.len())
-                    }
-                );
+                outln!("job {}: {committed} committed, {} file(s) checked, {damage}", args.job, response.files_checked);
                 if !response.problems.is_empty() {
                     bail!(
                         "job {} has damaged committed files; it is still running: once it has ended, `coordinator resume {}` repairs them",

@@ -630,17 +630,16 @@ async fn take(
         if holder.owner == record.owner {
             return Ok(Taken(sent, replaced));
         }
-        if holder_is_dead_here(&holder, &record.host) {
+        let gone = if holder_is_dead_here(&holder, &record.host) {
+            Some("whose process on this host is gone")
+        } else if take_at_once(&holder) {
+            Some("that is gone (its store has another coordinator now, or it has been silent for two lock timeouts)")
+        } else {
+            None
+        };
+        if let Some(gone) = gone {
             warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
-                "taking over {what} from a coordinator whose process on this host is gone");
-            delete(store, key).await?;
-            replaced = Some(holder.owner);
-            watching = None;
-            continue;
-        }
-        if take_at_once(&holder) {
-            warn!(store = %store.url, key = %key, host = %holder.host, pid = holder.pid,
-                "taking over {what} from a coordinator that is gone (its store has another coordinator now, or it has been silent for two lock timeouts)");
+                "taking over {what} from a coordinator {gone}");
             delete(store, key).await?;
             replaced = Some(holder.owner);
             watching = None;

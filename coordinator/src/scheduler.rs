@@ -855,14 +855,10 @@ impl Scheduler {
 
     /// Holds job `job_id` back (`held`), or lets it go again: while held back none of its
     /// shards (nor backups) is granted; leases already held run on and are renewed. For a job
-    /// whose claim on its output this coordinator could not renew in time (another coordinator
-    /// may take the job over).
-    pub fn hold_back(&mut self, job_id: &str, held: bool) {
-        if held {
-            self.held_back.insert(job_id.to_owned());
-        } else {
-            self.held_back.remove(job_id);
-        }
+    /// whose output this coordinator has not claimed (yet, or any more: another coordinator may
+    /// run it). Returns whether that changed anything.
+    pub fn hold_back(&mut self, job_id: &str, held: bool) -> bool {
+        if held { self.held_back.insert(job_id.to_owned()) } else { self.held_back.remove(job_id) }
     }
 
     /// Whether polls grant leases (and backup leases): off while the caller is not sure it still
@@ -992,6 +988,7 @@ impl Scheduler {
         self.leases.drop_job(job_id);
         self.drop_backups(job_id, None);
         self.revoked.retain(|_, (job, _, _)| job != job_id);
+        self.held_back.remove(job_id);
         true
     }
 
@@ -2613,10 +2610,10 @@ mod tests {
         let mut s = Scheduler::new(1000, "h");
         s.add_job(job("held", 2, 1, 3), None, &HashSet::new(), 0);
         s.add_job(job("other", 1, 1, 3), None, &HashSet::new(), 0);
-        s.hold_back("held", true);
+        assert!(s.hold_back("held", true) && !s.hold_back("held", true));
         assert_eq!(lease(poll(&mut s, "w1", &[], false, 0).0).job.job_id, "other");
         assert!(matches!(poll(&mut s, "w2", &[], false, 0).0, PollDecision::Wait(_)), "a held-back shard was granted");
-        s.hold_back("held", false);
+        assert!(s.hold_back("held", false));
         assert_eq!(lease(poll(&mut s, "w2", &[], false, 1).0).job.job_id, "held");
     }
 

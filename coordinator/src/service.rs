@@ -92,9 +92,6 @@ struct Inner {
     /// This coordinator's claims on the outputs of the jobs it runs (running or paused), renewed
     /// with its lock ([`StoreLock::claim`]).
     claims: Mutex<HashMap<String, JobClaim>>,
-    /// Jobs held back from leasing until their output is claimed (their claim may have lapsed,
-    /// or is being taken, or another coordinator runs them).
-    held_back: Mutex<HashSet<String>>,
     /// Jobs another coordinator runs for now, with whose claim it is ([`Coordinator::wait_elsewhere`]).
     elsewhere: Mutex<HashMap<String, String>>,
     /// Jobs whose claim is being tried ([`Coordinator::try_claim`]).
@@ -340,7 +337,6 @@ impl Coordinator {
                 presence_checked: Mutex::new(HashMap::new()),
                 sweeps: Mutex::new(BTreeMap::new()),
                 claims: Mutex::new(HashMap::new()),
-                held_back: Mutex::new(HashSet::new()),
                 elsewhere: Mutex::new(HashMap::new()),
                 claiming: Mutex::new(HashSet::new()),
                 alive_at: std::sync::atomic::AtomicU64::new(now_ms()),
@@ -400,7 +396,7 @@ impl Coordinator {
         // background (a claim another coordinator holds is watched for a heartbeat or more, and
         // this coordinator serves meanwhile); one that another coordinator runs now waits for it.
         if matches!(state, Some(JobState::Running | JobState::Paused)) {
-            self.hold_back(&id, true);
+            let _ = self.hold_back(&id, true);
             self.try_claim(job.clone());
         }
         // A succeeded job is finished only once its manifest is in place, whatever state.json
@@ -429,7 +425,7 @@ impl Coordinator {
         let claim = lock.claim(&out, &job.job_id).await?;
         self.inner.claims.lock().expect("claims").insert(job.job_id.clone(), claim);
         self.inner.elsewhere.lock().expect("elsewhere").remove(&job.job_id);
-        self.hold_back(&job.job_id, false);
+        let _ = self.hold_back(&job.job_id, false);
         Ok(())
     }
 
@@ -458,7 +454,7 @@ impl Coordinator {
                 {
                     let said = mgd3_common::error_chain(&*refused);
                     warn!(job = %id, error = %said, "job paused: its output refuses writes");
-                    this.pause_held(&id, said);
+                    this.pause_refused(&id, said);
                 }
                 Err(error) => {
                     let said = mgd3_common::error_chain(&error);
@@ -476,7 +472,7 @@ impl Coordinator {
     fn wait_elsewhere(&self, job_id: &str, reason: String) {
         self.inner.claims.lock().expect("claims").remove(job_id);
         let fresh = self.inner.elsewhere.lock().expect("elsewhere").insert(job_id.to_owned(), reason.clone()).is_none();
-        self.hold_back(job_id, true);
+        let _ = self.hold_back(job_id, true);
         let _ = self.inner.scheduler.lock().expect("scheduler").stand_down(job_id);
         self.mark_dirty(job_id);
         if fresh {
@@ -486,28 +482,34 @@ impl Coordinator {
 
     /// Gives up the claim on job `job_id`'s output, if held (in the background).
     fn release_claim(&self, job_id: &str) {
-        let Some(claim) = self.inner.claims.lock().expect("claims").remove(job_id) else { return };
         let this = self.clone();
-        tokio::spawn(async move {
-            let lock = this.inner.lock.lock().await.clone();
+        let job_id = job_id.to_owned();
+        tokio::spawn(async move { this.give_up_claim(&job_id).await });
+    }
+
+    /// Gives up the claim on job `job_id`'s output, if held, and returns once it is given up.
+    async fn give_up_claim(&self, job_id: &str) {
+        let claim = self.inner.claims.lock().expect("claims").remove(job_id);
+        if let Some(claim) = claim {
+            let lock = self.inner.lock.lock().await.clone();
             lock.release_claim(&claim).await;
-        });
-    }
-
-    /// Holds job `job_id` back from leasing while its claim may have lapsed, or lets it go once
-    /// renewed ([`Scheduler::hold_back`]); said when it changes.
-    fn hold_back(&self, job_id: &str, held: bool) {
-        let mut held_back = self.inner.held_back.lock().expect("held back");
-        let changed = if held { held_back.insert(job_id.to_owned()) } else { held_back.remove(job_id) };
-        if !changed {
-            return;
         }
-        self.inner.scheduler.lock().expect("scheduler").hold_back(job_id, held);
-        debug!(job = %job_id, held, "leasing of the job held back until its output is claimed, or let go");
     }
 
-    /// Pauses job `job_id` because another coordinator runs it (`reason` says which).
-    fn pause_held(&self, job_id: &str, reason: String) {
+    /// Holds job `job_id` back from leasing until its output is claimed (being taken, lapsed, or
+    /// another coordinator's), or lets it go ([`Scheduler::hold_back`]). Returns whether that
+    /// changed anything.
+    fn hold_back(&self, job_id: &str, held: bool) -> bool {
+        let changed = self.inner.scheduler.lock().expect("scheduler").hold_back(job_id, held);
+        if changed {
+            debug!(job = %job_id, held, "leasing of the job held back until its output is claimed, or let go");
+        }
+        changed
+    }
+
+    /// Pauses job `job_id` because its output refuses the claim's write (`reason` says how), as a
+    /// worker's refused write would pause it.
+    fn pause_refused(&self, job_id: &str, reason: String) {
         self.inner.claims.lock().expect("claims").remove(job_id);
         let paused = self.inner.scheduler.lock().expect("scheduler").pause_job(job_id, reason, now_ms());
         if let Ok(settled) = paused {
@@ -515,8 +517,10 @@ impl Coordinator {
         }
     }
 
-    /// Renews every claim on a job's output; a claim another coordinator took over pauses its
-    /// job. Errors of the output's store are logged (its writes fail meanwhile too).
+    /// Renews every claim on a job's output (a claim another coordinator took over makes its job
+    /// wait, [`Coordinator::wait_elsewhere`]; one unrenewed past its horizon holds the job back)
+    /// and tries again the claims of the jobs that wait. Errors of the outputs' stores are told
+    /// once per outage (their writes fail meanwhile too).
     async fn renew_claims(&self, lock: &StoreLock) {
         let claims: Vec<JobClaim> = self.inner.claims.lock().expect("claims").values().cloned().collect();
         let mut failed = None;
@@ -527,17 +531,14 @@ impl Coordinator {
                     if let Some(kept) = self.inner.claims.lock().expect("claims").get_mut(job) {
                         kept.renewed(held_until);
                     }
-                    self.hold_back(job, false);
+                    let _ = self.hold_back(job, false);
                 }
                 Err(lost @ LockError::ClaimLost { .. }) => self.wait_elsewhere(job, lost.to_string()),
                 Err(error) => {
                     // Unrenewed for nearly its timeout, the claim may be taken over: nothing more
                     // of the job is leased until a renewal works (leases held run on).
-                    if claim.lapsed(tokio::time::Instant::now())
-                        && !self.inner.held_back.lock().expect("held back").contains(job)
-                    {
+                    if claim.lapsed(tokio::time::Instant::now()) && self.hold_back(job, true) {
                         warn!(job = %job, "the claim on the job's output could not be renewed in time: nothing more of the job is leased until it is (another coordinator could take the job over)");
-                        self.hold_back(job, true);
                     }
                     failed = Some((job.to_owned(), mgd3_common::error_chain(&error)));
                 }
@@ -573,25 +574,37 @@ impl Coordinator {
     /// A store error leaves the count as the heartbeats had it (the next attempt counts again).
     fn recount_expired(&self, expired: &[crate::scheduler::ExpiredLease]) {
         for lease in expired {
-            let job = self.inner.scheduler.lock().expect("scheduler").job(&lease.job_id);
-            let Some(job) = job else { continue };
-            let Ok(out) = self.output(&job) else { continue };
-            let (this, shard) = (self.clone(), lease.shard);
-            tokio::spawn(async move {
-                let committed = match committed_in_shard(&out, &job, shard).await {
-                    Ok(committed) => committed,
-                    Err(error) => {
-                        debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "cannot count the markers of an expired lease's shard");
-                        return;
-                    }
-                };
-                let counted =
-                    this.inner.scheduler.lock().expect("scheduler").note_markers(&job.job_id, shard, committed);
-                if counted {
-                    this.mark_dirty(&job.job_id);
-                }
-            });
+            self.recount_markers(&lease.job_id, vec![lease.shard], &[Duration::ZERO]);
         }
+    }
+
+    /// Counts, in the background, the markers of `shards` of job `job_id` after each of `waits`
+    /// (from the previous one) and records what grew ([`Scheduler::note_markers`]). A store
+    /// error leaves a shard's count as it was (its next attempt counts again).
+    fn recount_markers(&self, job_id: &str, shards: Vec<usize>, waits: &[Duration]) {
+        let job = self.inner.scheduler.lock().expect("scheduler").job(job_id);
+        let Some(job) = job else { return };
+        let Ok(out) = self.output(&job) else { return };
+        let (this, waits) = (self.clone(), waits.to_vec());
+        tokio::spawn(async move {
+            for wait in waits {
+                tokio::time::sleep(wait).await;
+                for &shard in &shards {
+                    let committed = match committed_in_shard(&out, &job, shard).await {
+                        Ok(committed) => committed,
+                        Err(error) => {
+                            debug!(job = %job.job_id, shard, error = %mgd3_common::error_chain(&error), "cannot count the markers of a shard taken back");
+                            continue;
+                        }
+                    };
+                    let grew =
+                        this.inner.scheduler.lock().expect("scheduler").note_markers(&job.job_id, shard, committed);
+                    if grew {
+                        this.mark_dirty(&job.job_id);
+                    }
+                }
+            }
+        });
     }
 
     fn output(&self, job: &ResolvedJob) -> Result<Location> {
@@ -734,18 +747,17 @@ impl Coordinator {
         lock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             lock_tick.tick().await;
-            let renewed = {
+            let (renewed, lock) = {
                 let mut lock = self.inner.lock.lock().await;
                 let renewed = lock.renew().await;
                 if renewed.is_ok() {
                     *self.inner.held_until.lock().expect("held until") = lock.held_until();
                 }
-                renewed
+                (renewed, lock.clone())
             };
             match renewed {
                 Ok(()) => {
                     self.inner.renewed.notify_waiters();
-                    let lock = self.inner.lock.lock().await.clone();
                     self.renew_claims(&lock).await;
                     self.inner.lock_outage.lock().expect("outage").log_success("renewing the coordinator lock", "");
                 }
@@ -1564,23 +1576,23 @@ impl Coordinator {
         // The markers are read before anything else is written: outputs left under this id by
         // another spec (a forgotten job, an explicit --job-id) are refused naming the difference.
         // (A job.json already there has this fingerprint, so its class list is `job`'s.)
-        let committed = match state::committed_shards(&out, &job).await {
-            Err(error @ Error::Commit(CommitError::ForeignMarker { .. })) => {
-                self.release_claim(&job.job_id);
-                let differences = state::differences_from_committed(&out, &job).await?;
-                if differences.is_empty() {
-                    return Err(error);
+        let recorded = async {
+            let committed = match state::committed_shards(&out, &job).await {
+                Err(error @ Error::Commit(CommitError::ForeignMarker { .. })) => {
+                    let differences = state::differences_from_committed(&out, &job).await?;
+                    if differences.is_empty() {
+                        return Err(error);
+                    }
+                    return Err(Error::RebuildRefused { job: job.job_id.clone(), lost_records: false, differences });
                 }
-                return Err(Error::RebuildRefused { job: job.job_id, lost_records: false, differences });
-            }
-            Err(error) => {
-                self.release_claim(&job.job_id);
-                return Err(error);
-            }
-            Ok(committed) => committed,
+                committed => committed?,
+            };
+            let created = self.inner.jobs.create_job(&job).await?;
+            Ok::<_, Error>((committed, created))
         };
-        let created = match self.inner.jobs.create_job(&job).await {
-            Ok(created) => created,
+        // Refused or failed, the job is not this coordinator's: its claim goes.
+        let (committed, created) = match recorded.await {
+            Ok(recorded) => recorded,
             Err(error) => {
                 self.release_claim(&job.job_id);
                 return Err(error);
@@ -1712,11 +1724,7 @@ impl Coordinator {
         let elsewhere = known.and_then(|job| self.output(&job).ok()).is_some_and(|out| out.url != self.inner.store.url);
         self.forget_in_memory(job_id);
         self.inner.elsewhere.lock().expect("elsewhere").remove(job_id);
-        let claim = self.inner.claims.lock().expect("claims").remove(job_id);
-        if let Some(claim) = claim {
-            let lock = self.inner.lock.lock().await.clone();
-            lock.release_claim(&claim).await;
-        }
+        self.give_up_claim(job_id).await;
         let outputs_stay = self.inner.jobs.forget_job(job_id, elsewhere).await?;
         info!(job = %job_id, outputs_stay, "job forgotten: its records are deleted");
         Ok(outputs_stay)
@@ -2031,36 +2039,14 @@ impl Coordinator {
             (scheduler.cancel(job_id, now_ms())?, leased)
         };
         self.settled(job_id, settled);
-        self.recount_stopped(job_id, leased);
-        Ok(())
-    }
-
-    /// Counts the markers of `shards` of `job_id` whose leases a cancel took back, now and once
-    /// their workers have surely heard of it (three heartbeats): a worker that committed classes
-    /// it never reported (it died, or its last word was lost) would leave them out of the job's
-    /// count until the shard ran again.
-    fn recount_stopped(&self, job_id: &str, shards: Vec<usize>) {
-        if shards.is_empty() {
-            return;
+        // Classes their workers committed but never reported (gone, or their last word lost)
+        // are counted from the markers: now, and once every worker has heard of the cancel.
+        if !leased.is_empty() {
+            let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
+            let later = Duration::from_millis((3 * heartbeat).clamp(1000, 60_000));
+            self.recount_markers(job_id, leased, &[Duration::ZERO, later]);
         }
-        let Some(job) = self.inner.scheduler.lock().expect("scheduler").job(job_id) else { return };
-        let Ok(out) = self.output(&job) else { return };
-        let heartbeat = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
-        let later = Duration::from_millis((3 * heartbeat).clamp(1000, 60_000));
-        let this = self.clone();
-        tokio::spawn(async move {
-            for wait in [Duration::ZERO, later] {
-                tokio::time::sleep(wait).await;
-                for &shard in &shards {
-                    let Ok(committed) = committed_in_shard(&out, &job, shard).await else { continue };
-                    let grew =
-                        this.inner.scheduler.lock().expect("scheduler").note_markers(&job.job_id, shard, committed);
-                    if grew {
-                        this.mark_dirty(&job.job_id);
-                    }
-                }
-            }
-        });
+        Ok(())
     }
 
     /// Where `job_id` stands, as `coordinator status` shows it.

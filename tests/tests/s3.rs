@@ -290,19 +290,9 @@ async fn a_thirty_second_store_outage_mid_job_loses_duplicates_and_spends_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_store_credentials_is_excluded_and_the_others_finish_the_job() {
     let Some(moto) = moto() else { return };
-    create_bucket(moto.port, "creds");
     let env = aws_env(moto.port);
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
     let classes = 3;
-    dataset(&data, classes, 30);
-    let job_spec = scratch.path().join("job.toml");
-    let one = "classes_per_shard = 1";
-    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://creds/out", classes, 2, 4, one)).unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _coordinator = serve(port, "s3://creds/state", &scratch.path().join("coordinator.log"), &env);
-    let job = submit(&url, &job_spec);
+    let BucketJob { scratch, url, log, job, _coordinator } = bucket_job(moto.port, "creds", classes, &env);
     // The store's endpoint and region, but no keys anywhere (an empty home, no metadata).
     let home = tempfile::tempdir().unwrap();
     let keyless: Vec<(&str, String)> =
@@ -317,7 +307,7 @@ async fn a_worker_without_store_credentials_is_excluded_and_the_others_finish_th
     let reason = during["exclusions"][0]["reason"].as_str().unwrap_or_default().to_owned();
     assert!(during["exclusions"][0]["worker"] == "keyless" && reason.contains("no AWS credentials"), "{during:#}");
     let _good = fake_worker_with(&url, "good", "0.1", &scratch.path().join("good.log"), &env);
-    let done = finish(&url, &job, Duration::from_secs(120), &scratch.path().join("coordinator.log"));
+    let done = finish(&url, &job, Duration::from_secs(120), &log);
     assert_eq!(done["state"], "succeeded", "{done:#}");
     let s3 = bucket(moto.port, "creds");
     assert_eq!(download(s3.as_ref(), &format!("out/jobs/{job}/shards")).await.len(), classes);
@@ -327,28 +317,44 @@ async fn a_worker_without_store_credentials_is_excluded_and_the_others_finish_th
     }
 }
 
+/// A job submitted to a coordinator whose state and output are in the moto bucket `bucket`.
+struct BucketJob {
+    scratch: tempfile::TempDir,
+    url: String,
+    log: std::path::PathBuf,
+    job: String,
+    _coordinator: Killed,
+}
+
+/// Creates `bucket`, serves a coordinator on `s3://<bucket>/state` (with `env`) and submits a
+/// job of `classes` classes of 30 images at IPC 2, one class per shard, output `s3://<bucket>/out`.
+fn bucket_job(moto_port: u16, bucket: &str, classes: usize, env: &[(&str, String)]) -> BucketJob {
+    create_bucket(moto_port, bucket);
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    dataset(&data, classes, 30);
+    let job_spec = scratch.path().join("job.toml");
+    let output = format!("s3://{bucket}/out");
+    let text = spec(&data.display().to_string(), &output, classes, 2, 4, "classes_per_shard = 1");
+    std::fs::write(&job_spec, text).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = scratch.path().join("coordinator.log");
+    let coordinator = serve(port, &format!("s3://{bucket}/state"), &log, env);
+    let job = submit(&url, &job_spec);
+    BucketJob { scratch, url, log, job, _coordinator: coordinator }
+}
+
 /// A worker told to stop (SIGTERM) while its store does not answer leaves the commit it is in
 /// after a short grace and gives its lease back, spending no attempt: it took three minutes (the
 /// store calls' whole retry budget, past any stop grace) and spent an attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_during_a_store_outage_exits_promptly_and_spends_no_attempt() {
     let Some(moto) = moto() else { return };
-    create_bucket(moto.port, "stopping");
     let env = aws_env(moto.port);
     let (worker_proxy, worker_down) = flaky_proxy(moto.port);
     let worker_env = aws_env(worker_proxy);
-    let scratch = tempfile::tempdir().unwrap();
-    let data = scratch.path().join("data");
-    let classes = 2;
-    dataset(&data, classes, 30);
-    let job_spec = scratch.path().join("job.toml");
-    let one = "classes_per_shard = 1";
-    std::fs::write(&job_spec, spec(&data.display().to_string(), "s3://stopping/out", classes, 2, 4, one)).unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let log = scratch.path().join("coordinator.log");
-    let _coordinator = serve(port, "s3://stopping/state", &log, &env);
-    let job = submit(&url, &job_spec);
+    let BucketJob { scratch, url, log, job, _coordinator } = bucket_job(moto.port, "stopping", 2, &env);
     // Its class takes 3 s; the store goes away for it while the class runs, so its commit waits.
     let mut stopping = fake_worker_with(&url, "stopping", "3", &scratch.path().join("stopping.log"), &worker_env);
     wait_for("the worker's lease", Duration::from_secs(30), || {

@@ -132,19 +132,16 @@ pub fn store(cache: &Location, key: &str, features: &[f32], points: usize, dim: 
 /// What ends every cache entry, before the hex sha256 of everything in front of it.
 const SEAL: &[u8] = b"\nmgd3-sha256:";
 
-/// The sha256 of `bytes` in 64 hex digits (no `sha256:`).
-fn hex_digest(bytes: &[u8]) -> String {
-    sha256_hex(bytes).trim_start_matches("sha256:").to_owned()
-}
-
-/// The sha256 an entry at `key` holding `body` ends in: of the key and the body, so that an
-/// entry copied to another key (another class's) fails its check as a damaged one does.
+/// The sha256 an entry at `key` holding `body` ends in (64 hex digits): of the key and the
+/// body, so that an entry copied to another key (another class's) fails its check as a damaged
+/// one does. Hashed as it goes: a class's latents are tens of MB.
 fn entry_digest(key: &str, body: &[u8]) -> String {
-    let mut keyed = Vec::with_capacity(key.len() + 1 + body.len());
-    keyed.extend_from_slice(key.as_bytes());
-    keyed.push(0);
-    keyed.extend_from_slice(body);
-    hex_digest(&keyed)
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(key.as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    hex::encode(hasher.finalize())
 }
 
 /// `bytes` followed by [`SEAL`] and their [`entry_digest`] at `key` (64 hex digits).
