@@ -2,9 +2,14 @@
 //! store, keyed by the dataset, the VAE encoder's fingerprint, the preprocessing version and the
 //! class's file listing (names and sizes, and the files' contents where the job records them), so
 //! a job with another IPC, seed, λ or t_stop reuses them without decoding or encoding a single
-//! image, and a changed class folder misses the cache. Every entry ends in the sha256 of its key
-//! and bytes (after the `.npy` data, which numpy ignores): an entry damaged in place, or copied
-//! from another key, is not used but computed again.
+//! image, and a changed class folder misses the cache. A latents entry also records what it was
+//! computed from ([`Source`]: the listing with its modification times or ETags, and the files'
+//! contents): the same listing is a hit without reading a file; other times (a copy, a `touch`, a
+//! file rewritten in place at the same size) are a hit only once the files' contents are read and
+//! found the same, so no job samples from the latents of pixels that are no longer there. Modes
+//! are keyed by those contents too. Every entry ends in the sha256 of its key and bytes (after
+//! the `.npy` data, which numpy ignores): an entry damaged in place, or copied from another key,
+//! is not used but computed again.
 
 use std::io::Cursor;
 
@@ -68,21 +73,69 @@ pub fn latent_key(
     )
 }
 
-/// The cache key of a class's k-means modes found from the latents at `latent_key` with k = `ipc`
-/// and k-means seed `seed` (`seed::kmeans_seed`): beside the latents, so the same data, VAE,
-/// preprocessing and listing, IPC and seed find them —
-/// `modes/<latents key without .npy>/k<ipc>-s<seed hex>.npy`. k-means is deterministic in these,
-/// so cached modes are the bytes a run would find.
-pub fn modes_key(latent_key: &str, ipc: usize, seed: u64) -> String {
-    format!("modes/{}/k{ipc}-s{seed:016x}.npy", latent_key.trim_end_matches(".npy"))
+/// The cache key of a class's k-means modes found from the latents at `latent_key`, computed
+/// from files of content digest `content` ([`Source::content`]), with k = `ipc` and k-means seed
+/// `seed` (`seed::kmeans_seed`): beside the latents, so the same data, VAE, preprocessing,
+/// listing and contents, IPC and seed find them —
+/// `modes/<latents key without .npy>/<content digest prefix>/k<ipc>-s<seed hex>.npy`. k-means is
+/// deterministic in these, so cached modes are the bytes a run would find; latents computed
+/// again from other contents at the same key never meet the old modes.
+pub fn modes_key(latent_key: &str, content: &str, ipc: usize, seed: u64) -> String {
+    let content = content.trim_start_matches("sha256:");
+    format!(
+        "modes/{}/{}/k{ipc}-s{seed:016x}.npy",
+        latent_key.trim_end_matches(".npy"),
+        &content[..16.min(content.len())]
+    )
 }
 
-/// Cached latents of `points` × `dim` (row-major f32, scaled latent space), if present and
-/// well-formed; an entry of another shape or an unreadable one is logged and ignored (`None`).
+/// What a class's cached latents were computed from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// The class's [`ClassListing::digest`](mgd3_common::imagefolder::ClassListing::digest): names,
+    /// sizes and modification times or ETags (`sha256:<hex>`).
+    pub listing: String,
+    /// The [`content_digest`](mgd3_common::imagefolder::content_digest) of its files: names, sizes
+    /// and each file's sha256 (`sha256:<hex>`).
+    pub content: String,
+}
+
+/// What comes between a latents entry's `.npy` data and its seal: the [`Source`], as
+/// `<listing> <content>`.
+const SOURCE: &[u8] = b"\nmgd3-source:";
+
+/// A cache entry's values, and what they were computed from when the entry says
+/// (latents entries do; modes entries, keyed by the contents, do not).
+#[derive(Debug)]
+pub struct Entry {
+    /// `points × dim` values, row-major.
+    pub values: Vec<f32>,
+    /// What the values were computed from.
+    pub source: Option<Source>,
+}
+
+/// Splits an unsealed entry body into its `.npy` data and its [`Source`], if it records one.
+fn split_source(body: &[u8]) -> (&[u8], Option<Source>) {
+    let found = body.windows(SOURCE.len()).rposition(|w| w == SOURCE);
+    let Some(at) = found else { return (body, None) };
+    let parsed = std::str::from_utf8(&body[at + SOURCE.len()..]).ok().and_then(|text| {
+        let (listing, content) = text.split_once(' ')?;
+        let digest = |d: &str| d.starts_with("sha256:") && d.len() == 71 && !d.contains(char::is_whitespace);
+        (digest(listing) && digest(content)).then(|| Source { listing: listing.into(), content: content.into() })
+    });
+    match parsed {
+        Some(source) => (&body[..at], Some(source)),
+        None => (body, None),
+    }
+}
+
+/// The cached entry at `key` of `points` × `dim` values (row-major f32: latents in scaled latent
+/// space, or modes), if present and well-formed, with what it was computed from when it says;
+/// an entry of another shape or an unreadable one is logged and ignored (`None`).
 ///
 /// # Errors
 /// [`CacheError::Store`] when the store cannot be read.
-pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Option<Vec<f32>>, CacheError> {
+pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Option<Entry>, CacheError> {
     let path = cache.key(key);
     let bytes = block_on(get_optional(cache.store.as_ref(), &path)).map_err(|source| CacheError::Store {
         url: cache.url.clone(),
@@ -97,8 +150,11 @@ pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Op
             return Ok(None);
         }
     };
+    let (body, source) = split_source(body);
     match Array2::<f32>::read_npy(Cursor::new(body)) {
-        Ok(array) if array.dim() == (points, dim) => Ok(Some(array.into_raw_vec_and_offset().0)),
+        Ok(array) if array.dim() == (points, dim) => {
+            Ok(Some(Entry { values: array.into_raw_vec_and_offset().0, source }))
+        }
         Ok(array) => {
             warn!(key, shape = ?array.dim(), "ignoring cached latents of the wrong shape");
             Ok(None)
@@ -110,18 +166,29 @@ pub fn load(cache: &Location, key: &str, points: usize, dim: usize) -> Result<Op
     }
 }
 
-/// Stores `points` × `dim` latents (row-major f32) as `.npy` at `key` (multipart upload when
-/// large).
+/// Stores `points` × `dim` values (row-major f32) as `.npy` at `key` (multipart upload when
+/// large), recording `source` after them when given (latents).
 ///
 /// # Errors
 /// [`CacheError::Store`] when the store cannot be written.
 ///
 /// # Panics
 /// If `features` does not hold `points × dim` values.
-pub fn store(cache: &Location, key: &str, features: &[f32], points: usize, dim: usize) -> Result<(), CacheError> {
+pub fn store(
+    cache: &Location,
+    key: &str,
+    features: &[f32],
+    points: usize,
+    dim: usize,
+    source: Option<&Source>,
+) -> Result<(), CacheError> {
     let array = Array2::from_shape_vec((points, dim), features.to_vec()).expect("points × dim features");
-    let mut bytes = Vec::with_capacity(features.len() * 4 + 128);
+    let mut bytes = Vec::with_capacity(features.len() * 4 + 320);
     array.write_npy(&mut bytes).expect("writing to memory");
+    if let Some(source) = source {
+        bytes.extend_from_slice(SOURCE);
+        bytes.extend_from_slice(format!("{} {}", source.listing, source.content).as_bytes());
+    }
     block_on(put_large(cache.store.as_ref(), &cache.key(key), seal(key, bytes))).map_err(|source| CacheError::Store {
         url: cache.url.clone(),
         key: key.into(),
@@ -202,13 +269,31 @@ mod tests {
     }
 
     #[test]
-    fn modes_keys_differ_by_ipc_and_seed_beside_their_latents() {
+    fn modes_keys_differ_by_contents_ipc_and_seed_beside_their_latents() {
         let latents = "latents/d/v/prep-v1/n01-abc.npy";
-        let key = modes_key(latents, 10, 7);
+        let content = format!("sha256:{}", "1".repeat(64));
+        let key = modes_key(latents, &content, 10, 7);
         assert!(key.starts_with("modes/latents/d/v/prep-v1/n01-abc/") && key.ends_with(".npy"), "{key}");
-        assert_ne!(key, modes_key(latents, 50, 7));
-        assert_ne!(key, modes_key(latents, 10, 8));
-        assert_ne!(key, modes_key("latents/d/v/prep-v1/n01-abd.npy", 10, 7));
+        assert_ne!(key, modes_key(latents, &content, 50, 7));
+        assert_ne!(key, modes_key(latents, &content, 10, 8));
+        assert_ne!(key, modes_key("latents/d/v/prep-v1/n01-abd.npy", &content, 10, 7));
+        // Latents computed again from other contents at the same key never meet the old modes.
+        assert_ne!(key, modes_key(latents, &format!("sha256:{}", "2".repeat(64)), 10, 7));
+    }
+
+    /// A latents entry gives back what it was computed from; a modes entry records nothing.
+    #[test]
+    fn latents_entries_record_their_source() {
+        let cache = mgd3_common::store::open("memory://latent-cache-test/source").unwrap();
+        let features: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let source =
+            Source { listing: format!("sha256:{}", "a".repeat(64)), content: format!("sha256:{}", "b".repeat(64)) };
+        store(&cache, "l.npy", &features, 3, 4, Some(&source)).unwrap();
+        let entry = load(&cache, "l.npy", 3, 4).unwrap().unwrap();
+        assert_eq!((entry.values, entry.source), (features.clone(), Some(source)));
+        store(&cache, "m.npy", &features, 3, 4, None).unwrap();
+        let entry = load(&cache, "m.npy", 3, 4).unwrap().unwrap();
+        assert_eq!((entry.values, entry.source), (features, None));
     }
 
     #[test]
@@ -216,8 +301,8 @@ mod tests {
         let cache = mgd3_common::store::open("memory://latent-cache-test/c").unwrap();
         let features: Vec<f32> = (0..12).map(|v| v as f32).collect();
         assert!(load(&cache, "k.npy", 3, 4).unwrap().is_none());
-        store(&cache, "k.npy", &features, 3, 4).unwrap();
-        assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap(), features);
+        store(&cache, "k.npy", &features, 3, 4, None).unwrap();
+        assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap().values, features);
         assert!(load(&cache, "k.npy", 4, 3).unwrap().is_none());
     }
 
@@ -228,7 +313,7 @@ mod tests {
     fn damaged_or_unsealed_entries_are_not_used() {
         let cache = mgd3_common::store::open("memory://latent-cache-test/damage").unwrap();
         let features: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        store(&cache, "k.npy", &features, 3, 4).unwrap();
+        store(&cache, "k.npy", &features, 3, 4, None).unwrap();
         let key = cache.key("k.npy");
         let sealed = block_on(get_optional(cache.store.as_ref(), &key)).unwrap().unwrap().to_vec();
         let put = |bytes: Vec<u8>| {
@@ -250,7 +335,7 @@ mod tests {
             assert!(load(&cache, "k.npy", 3, 4).unwrap().is_none(), "{what} entry used");
         }
         put(sealed.clone());
-        assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap(), features);
+        assert_eq!(load(&cache, "k.npy", 3, 4).unwrap().unwrap().values, features);
         // Copied to another key (another class's entry), it is not used there.
         let other = cache.key("other.npy");
         block_on(object_store::ObjectStoreExt::put(

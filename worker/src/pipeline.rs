@@ -200,7 +200,8 @@ impl ShardStats {
 /// What the data and k-means threads send the engine thread.
 enum Event {
     /// Preprocessed images `[b, c, S, S]` of class `slot`; `last` closes the class.
-    /// `cache_key`: where the class's latents go once complete (last chunk, cache on).
+    /// `cache`: where the class's latents go once complete and what they are computed from
+    /// (last chunk, cache on).
     Chunk {
         slot: usize,
         batch: Array4<f32>,
@@ -210,12 +211,14 @@ enum Event {
         images: usize,
         last: bool,
         seconds: Duration,
-        cache_key: Option<String>,
+        cache: Option<(String, cache::Source)>,
     },
-    /// The class's latents came from the latent cache (at `key`).
+    /// The class's latents came from the latent cache (at `key`), computed from files of
+    /// content digest `content`.
     Cached {
         slot: usize,
         key: String,
+        content: String,
         features: Vec<f32>,
         /// The class's images in the order of `features`.
         names: Vec<String>,
@@ -253,7 +256,18 @@ struct ToKmeans {
     features: Vec<f32>,
     count: usize,
     names: Vec<String>,
-    latent_key: Option<String>,
+    /// The latents' cache key and the content digest of their files (cache on).
+    cache: Option<(String, String)>,
+}
+
+/// A chunk of a class's real images, read and preprocessed (`Engine::decode_chunk`).
+struct DecodedChunk {
+    /// `[b, c, S, S]`.
+    batch: Array4<f32>,
+    /// The crops kept for the contact sheet.
+    crops: Vec<Pixels>,
+    /// Each file's `sha256:<hex>`, in the chunk's order (empty unless asked for).
+    hashes: Vec<String>,
 }
 
 /// A class in flight on the engine thread.
@@ -440,20 +454,19 @@ impl Engine {
             std::thread::Builder::new()
                 .name("mgd3-kmeans".into())
                 .spawn_scoped(scope, move || {
-                    for ToKmeans { slot, features, count, names, latent_key } in kmeans_rx {
+                    for ToKmeans { slot, features, count, names, cache: source } in kmeans_rx {
                         let class = &classes[slot];
                         let started = Instant::now();
                         let dim = shape.iter().product();
                         let class_seed = kmeans_seed(seed, class.class_index);
                         // Modes another job found from the same cached latents, IPC and seed
                         // (a sweep's other variant) are the modes k-means would find here.
-                        let modes_key = cache
-                            .as_ref()
-                            .zip(latent_key.as_deref())
-                            .map(|(cache, key)| (cache, cache::modes_key(key, class.ipc, class_seed)));
+                        let modes_key = cache.as_ref().zip(source.as_ref()).map(|(cache, (key, content))| {
+                            (cache, cache::modes_key(key, content, class.ipc, class_seed))
+                        });
                         let hit = modes_key.as_ref().and_then(|(cache, key)| {
                             match cache::load(cache, key, class.ipc, dim) {
-                                Ok(found) => found,
+                                Ok(found) => found.map(|entry| entry.values),
                                 Err(error) => {
                                     warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "cached modes unreadable; running k-means");
                                     None
@@ -470,7 +483,7 @@ impl Engine {
                         };
                         if let (false, Ok(modes), Some((cache, key))) = (cached, &found, &modes_key) {
                             // A lost cache write costs the next variant a k-means run, nothing else.
-                            if let Err(error) = cache::store(cache, key, modes, class.ipc, dim) {
+                            if let Err(error) = cache::store(cache, key, modes, class.ipc, dim, None) {
                                 warn!(class = %class.wnid, error = %mgd3_common::error_chain(&error), "modes not cached");
                             }
                         }
@@ -624,7 +637,7 @@ impl Engine {
         started: Instant,
     ) -> Result<(), ShardStop<E>> {
         match event {
-            Event::Chunk { slot, batch, names, crops, images, last, seconds, cache_key } => {
+            Event::Chunk { slot, batch, names, crops, images, last, seconds, cache: to_cache } => {
                 let class = &classes[slot];
                 let state = &mut flight[slot];
                 state.timings.stages.decode += seconds.as_secs_f64();
@@ -645,25 +658,26 @@ impl Engine {
                 stats.encode += spent;
                 if last {
                     state.timings.real_images = images;
-                    if let (Some(cache), Some(key)) = (self.latent_cache.as_ref(), &cache_key) {
+                    if let (Some(cache), Some((key, source))) = (self.latent_cache.as_ref(), &to_cache) {
                         let dim = self.models.encoder().info().latent_shape.iter().product();
-                        cache::store(cache, key, &state.features, images, dim)
+                        cache::store(cache, key, &state.features, images, dim, Some(source))
                             .map_err(|e| ShardStop::class(class, e))?;
                         info!(class = %class.wnid, key = %key, "latents cached");
                     }
                     let features = std::mem::take(&mut state.features);
                     let names = std::mem::take(&mut state.names);
-                    let _ = kmeans.send(ToKmeans { slot, features, count: images, names, latent_key: cache_key });
+                    let cache = to_cache.map(|(key, source)| (key, source.content));
+                    let _ = kmeans.send(ToKmeans { slot, features, count: images, names, cache });
                 }
             }
-            Event::Cached { slot, key, features, names, crops, images, seconds } => {
+            Event::Cached { slot, key, content, features, names, crops, images, seconds } => {
                 let state = &mut flight[slot];
                 state.timings.stages.decode += seconds.as_secs_f64();
                 stats.data += seconds;
                 state.timings.real_images = images;
                 state.timings.latent_cache_hit = true;
                 state.crops = crops;
-                let _ = kmeans.send(ToKmeans { slot, features, count: images, names, latent_key: Some(key) });
+                let _ = kmeans.send(ToKmeans { slot, features, count: images, names, cache: Some((key, content)) });
             }
             Event::Skipped { slot, skipped, versions_changed } => {
                 flight[slot].timings.skipped = skipped;
@@ -936,6 +950,7 @@ impl DataStage<'_> {
         let mut started = Instant::now();
         let listing = self.dataset.list_class(&class.wnid)?;
         let versions_changed = data::check_unchanged(class, &listing)?;
+        let listing_digest = listing.digest();
         let images = listing.images;
         if images.len() < class.ipc {
             return Err(
@@ -951,33 +966,55 @@ impl DataStage<'_> {
             cache::latent_key(&self.dataset.url(), &self.vae_fingerprint, &class.wnid, &images, content)
         });
         if let (Some(cache), Some(key)) = (&self.latent_cache, &cache_key)
-            && let Some(features) = cache::load(cache, key, images.len(), self.latent_dim)?
+            && let Some(entry) = cache::load(cache, key, images.len(), self.latent_dim)?
+            && let Some(content) = self.cached_content(class, &images, &listing_digest, entry.source, stopped)?
         {
             info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
-            let (_, crops) = self.decode_chunk(class, &images[..keep], keep)?;
+            let crops = self.decode_chunk(class, &images[..keep], keep, false)?.crops;
             let seconds = started.elapsed();
             let names = images.iter().map(|image| image.display()).collect();
-            let event = Event::Cached { slot, key: key.clone(), features, names, crops, images: images.len(), seconds };
+            let features = entry.values;
+            let event = Event::Cached {
+                slot,
+                key: key.clone(),
+                content,
+                features,
+                names,
+                crops,
+                images: images.len(),
+                seconds,
+            };
             let _ = events.send(event);
             return Ok(());
         }
         let size = self.encode_chunk.max(1);
         let chunks = images.len().div_ceil(size);
+        // Each file's sha256, as read for decoding: what the cached latents are computed from.
+        let mut hashes = Vec::with_capacity(if cache_key.is_some() { images.len() } else { 0 });
         for (index, chunk) in images.chunks(size).enumerate() {
             if stopped() {
                 return Ok(());
             }
             let first = index * size;
-            let (batch, crops) = self.decode_chunk(class, chunk, keep.saturating_sub(first))?;
+            let DecodedChunk { batch, crops, hashes: chunk_hashes } =
+                self.decode_chunk(class, chunk, keep.saturating_sub(first), cache_key.is_some())?;
+            hashes.extend(chunk_hashes);
+            let last = index + 1 == chunks;
             let event = Event::Chunk {
                 slot,
                 batch,
                 names: chunk.iter().map(|image| image.display()).collect(),
                 crops,
                 images: images.len(),
-                last: index + 1 == chunks,
+                last,
                 seconds: started.elapsed(),
-                cache_key: if index + 1 == chunks { cache_key.clone() } else { None },
+                cache: match &cache_key {
+                    Some(key) if last => {
+                        let content = mgd3_common::imagefolder::content_digest(&images, &hashes);
+                        Some((key.clone(), cache::Source { listing: listing_digest.clone(), content }))
+                    }
+                    _ => None,
+                },
             };
             if events.send(event).is_err() {
                 return Ok(());
@@ -988,30 +1025,81 @@ impl DataStage<'_> {
         Ok(())
     }
 
+    /// The content digest a cached latents entry of this class was computed from, when it holds
+    /// for the class's files now (`None`: a miss, to be computed again). The same listing
+    /// (`listing_digest`: names, sizes, modification times or ETags) as the entry's is trusted
+    /// without reading a file; another one (a copy of the dataset, a `touch`, a file rewritten in
+    /// place at the same size) has every file read and hashed, which is still far less than
+    /// decoding and encoding them. An entry that records no source (written by an older mgd3)
+    /// is a miss.
+    fn cached_content(
+        &self,
+        class: &ClassSpec,
+        images: &[mgd3_common::imagefolder::ImageRef],
+        listing_digest: &str,
+        source: Option<cache::Source>,
+        stopped: &impl Fn() -> bool,
+    ) -> Result<Option<String>, EngineError> {
+        let Some(source) = source else {
+            debug!(class = %class.wnid, "cached latents record no source (an older mgd3's): computing them again");
+            return Ok(None);
+        };
+        if source.listing == listing_digest {
+            return Ok(Some(source.content));
+        }
+        let mut hashes = Vec::with_capacity(images.len());
+        for chunk in images.chunks(self.encode_chunk.max(1)) {
+            if stopped() {
+                return Ok(None);
+            }
+            let bytes = self.dataset.read(&class.wnid, chunk)?;
+            hashes
+                .extend(self.pool.install(|| bytes.par_iter().map(|b| mgd3_common::sha256_hex(b)).collect::<Vec<_>>()));
+        }
+        let content = mgd3_common::imagefolder::content_digest(images, &hashes);
+        if content == source.content {
+            debug!(class = %class.wnid, "cached latents: other modification times or ETags, same contents (a copy of the dataset)");
+            Ok(Some(content))
+        } else {
+            warn!(
+                class = %class.wnid,
+                "the cached latents of this class were computed from other contents at the same file names and sizes (files rewritten in place): encoding the files as they are now"
+            );
+            Ok(None)
+        }
+    }
+
     /// Reads and preprocesses `chunk` on the CPU pool into `[b, c, S, S]`; the crops of its
-    /// first `keep` images are kept for the contact sheet.
+    /// first `keep` images are kept for the contact sheet, and with `hash` each file's sha256
+    /// (`sha256:<hex>`, in `chunk`'s order; empty without).
     fn decode_chunk(
         &self,
         class: &ClassSpec,
         chunk: &[mgd3_common::imagefolder::ImageRef],
         keep: usize,
-    ) -> Result<(Array4<f32>, Vec<Pixels>), EngineError> {
+        hash: bool,
+    ) -> Result<DecodedChunk, EngineError> {
         let [channels, size, _] = self.image_shape;
         let per_image = channels * size * size;
         let bytes = self.dataset.read(&class.wnid, chunk)?;
         let mut batch = vec![0f32; chunk.len() * per_image];
-        let crops = self.pool.install(|| {
+        let decoded = self.pool.install(|| {
             batch
                 .par_chunks_mut(per_image)
                 .zip(chunk.par_iter().zip(bytes.par_iter()))
                 .enumerate()
                 .map(|(i, (out, (image, bytes)))| {
                     let crop = data::preprocess_into(bytes, Path::new(&image.display()), channels, size, out)?;
-                    Ok((i < keep).then_some(crop))
+                    Ok(((i < keep).then_some(crop), hash.then(|| mgd3_common::sha256_hex(bytes))))
                 })
                 .collect::<Result<Vec<_>, DataError>>()
         })?;
         let batch = Array4::from_shape_vec((chunk.len(), channels, size, size), batch).expect("b × c × S × S");
-        Ok((batch, crops.into_iter().flatten().collect()))
+        let (crops, hashes): (Vec<_>, Vec<_>) = decoded.into_iter().unzip();
+        Ok(DecodedChunk {
+            batch,
+            crops: crops.into_iter().flatten().collect(),
+            hashes: hashes.into_iter().flatten().collect(),
+        })
     }
 }

@@ -510,6 +510,68 @@ fn a_latent_cache_hit_gives_the_bytes_of_a_miss() {
     assert!(!with_content("sha256:bb"), "an entry of other contents was used");
 }
 
+/// Files rewritten in place at the same names and sizes (uncompressed images, a regenerated
+/// dataset) miss the latent cache whatever the job records, so the class gives the bytes of a
+/// run without the cache (latents and modes of the old pixels never reach it); the same files
+/// with other modification times (a copy of the dataset, a `touch`) still hit it.
+#[test]
+fn a_class_rewritten_at_the_same_names_and_sizes_misses_the_latent_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let class_dir = dir.path().join("data").join("n001");
+    std::fs::create_dir_all(&class_dir).unwrap();
+    // BMP: every file of one size has the same byte count whatever its pixels.
+    let write = |phase: f32| {
+        for i in 0..9 {
+            let img = RgbImage::from_fn(24, 20, |x, y| {
+                let k = i as f32 * 0.9 + phase;
+                let v = |f: f32| (127.0 + 120.0 * ((x as f32 * 0.4 + k * f).sin() * (y as f32 * 0.25 - f).cos())) as u8;
+                image::Rgb([v(1.0), v(1.7), v(2.3)])
+            });
+            img.save_with_format(class_dir.join(format!("{i:03}.bmp")), ImageFormat::Bmp).unwrap();
+        }
+    };
+    write(0.0);
+    let dataset = Dataset::open(&dir.path().join("data").display().to_string()).unwrap();
+    let cache = mgd3_common::store::open(&dir.path().join("cache").display().to_string()).unwrap();
+    let class = &specs(&["n001"], 3)[0];
+    let run = |cached: bool| {
+        let mut engine = engine(8, 1);
+        if cached {
+            engine.set_latent_cache(Some(cache.clone()));
+        }
+        engine.distill_class(&dataset, class, true).unwrap()
+    };
+    let first = run(true);
+    assert!(!first.timings.latent_cache_hit);
+    let before = dataset.list_class("n001").unwrap().summary();
+    // File times come from a coarse clock: rewrites a few ms later could keep them.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    write(5.0);
+    let now = dataset.list_class("n001").unwrap().summary();
+    assert_eq!(before.names_digest, now.names_digest, "the rewrite keeps names and sizes");
+    let rewritten = run(true);
+    let fresh = run(false);
+    assert!(!rewritten.timings.latent_cache_hit, "latents of pixels no longer there were used");
+    assert!(!rewritten.timings.modes_cache_hit, "modes of pixels no longer there were used");
+    assert!(rewritten.files.modes_npy != first.files.modes_npy, "the new pixels have other modes");
+    assert!(rewritten.files.modes_npy == fresh.files.modes_npy, "modes differ from a run without the cache");
+    assert!(rewritten.files.images == fresh.files.images, "PNGs differ from a run without the cache");
+
+    // The same bytes written again (a copy, as `cp -r` to node-local scratch makes): other
+    // modification times, the same contents: the cache is used, to the same bytes.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for i in 0..9 {
+        let path = class_dir.join(format!("{i:03}.bmp"));
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+    }
+    assert_ne!(dataset.list_class("n001").unwrap().summary().digest, now.digest, "the copy has other times");
+    let copied = run(true);
+    assert!(copied.timings.latent_cache_hit && copied.timings.modes_cache_hit, "a copy of the same files missed");
+    assert!(copied.files.modes_npy == fresh.files.modes_npy && copied.files.images == fresh.files.images);
+}
+
 /// Every file below `root`.
 fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
