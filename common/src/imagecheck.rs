@@ -8,6 +8,11 @@
 use image::{DynamicImage, ImageFormat};
 use thiserror::Error;
 
+/// The largest file read as one image: 256 MiB (an uncompressed 64-megapixel RGB TIFF is 192 MB;
+/// the largest ImageNet JPEG is under 16 MB). Workers refuse a larger file (a sparse or misnamed
+/// file, read whole, would exhaust their memory); submit and `check --decode` name it first.
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
 /// Why image bytes are not a usable image.
 #[derive(Debug, Error)]
 pub enum ImageProblem {

@@ -5,6 +5,7 @@
 
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use mgd3_common::imagecheck::MAX_IMAGE_BYTES;
 use mgd3_common::imagefolder::{ImageRef, ImageSource, ListError, Root};
 use mgd3_common::job::ClassRef;
 
@@ -60,6 +61,16 @@ pub async fn decode_all(
             async move {
                 let name = image.display();
                 let unreadable = |problem: String| Unreadable { class: class.clone(), image: name.clone(), problem };
+                // Not read: no worker would (submit names it too).
+                if image.bytes > MAX_IMAGE_BYTES {
+                    bar.inc(1);
+                    let problem = format!(
+                        "{} bytes, more than the {MAX_IMAGE_BYTES} bytes mgd3 reads for one image; remove it from the \
+                         class or convert it to a compressed image format",
+                        image.bytes
+                    );
+                    return (0, Some(unreadable(problem)));
+                }
                 let bytes = match read(root, &image).await {
                     Ok(bytes) => bytes,
                     Err(problem) => {

@@ -85,7 +85,8 @@ pub enum Error {
     /// when the job hashes it), and the caller did not accept the change.
     #[error(
         "job `{job}`: the data of {} class(es) changed since the job recorded it: {}{}; every other class \
-         is unchanged. To distil {} from the data as it is now and keep every other commit, run again with \
+         is unchanged in what the job records of it (file names and sizes, and contents with data_fingerprint = \
+         \"content\"). To distil {} from the data as it is now and keep every other commit, run again with \
          --accept-data-changes (`coordinator resume {job} --accept-data-changes`, or the same flag on submit and \
          run; MGD3_ACCEPT_DATA_CHANGES=1 for distill.sbatch); or restore the files",
         changes.len(),

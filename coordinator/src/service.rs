@@ -1116,7 +1116,7 @@ impl Coordinator {
         let (job, existed, mut notes) = self.submit_resolved(resolved, how).await?;
         if existed && !kept.is_empty() {
             notes.push(format!(
-                "job `{}` exists with the same images and keeps the settings it was submitted with: {}; give the spec \
+                "job `{}` exists (every setting that decides its images is the same) and keeps the other settings it was submitted with: {}; give the spec \
                  another `name` to make a new job with these",
                 job.job_id,
                 kept.join(", ")
@@ -1182,7 +1182,7 @@ impl Coordinator {
         }
         if keeping > 0 {
             notes.push(format!(
-                "{keeping} variant(s) exist with the same images and keep the settings they were submitted with: {}; give \
+                "{keeping} variant(s) exist (every setting that decides their images is the same) and keep the other settings they were submitted with: {}; give \
                  the sweep another `name` to make new jobs with these",
                 kept.join(", ")
             ));

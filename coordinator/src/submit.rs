@@ -9,6 +9,7 @@ use std::path::Path;
 use futures::{StreamExt, TryStreamExt};
 use mgd3_common::batch::PlannedRows;
 use mgd3_common::contract::{ContractViolation, DitInfo, ModelSet, ModelSetMismatch, VaeInfo};
+use mgd3_common::imagecheck::MAX_IMAGE_BYTES;
 use mgd3_common::imagefolder::{ClassListing, Root};
 use mgd3_common::job::{
     ClassRef, ClassSelection, DataFingerprint, FieldError, JobError, JobSpec, LabelScheme, ModelSpec, ResolvedJob,
@@ -413,6 +414,19 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
                         listing.images.len(),
                         spec.ipc,
                         spec.ipc
+                    ));
+                }
+                // A file no worker reads (the class would fail at every attempt), named now.
+                let large: Vec<_> = listing.images.iter().filter(|i| i.bytes > MAX_IMAGE_BYTES).collect();
+                if let Some(first) = large.first() {
+                    problems.push(format!(
+                        "class `{}`: {} file(s) larger than the {MAX_IMAGE_BYTES} bytes mgd3 reads for one image: `{}` \
+                         ({} bytes){}; remove them from the class or convert them to a compressed image format",
+                        class.wnid.escape_debug(),
+                        large.len(),
+                        first.display().escape_debug(),
+                        first.bytes,
+                        if large.len() > 1 { format!(" and {} more", large.len() - 1) } else { String::new() }
                     ));
                 }
                 skipped.0 += listing.skipped.hidden;

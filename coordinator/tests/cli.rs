@@ -999,13 +999,20 @@ fn check_decode_lists_every_unreadable_image_at_once() {
     // images of the classes that list decoded: one check names both.
     std::fs::create_dir_all(data.join("c")).unwrap();
     std::fs::write(data.join("c/0.png"), &png).unwrap();
+    // A file larger than any image a worker reads (sparse: no disk used): refused by the plain
+    // check, and listed by the decode without being read.
+    let huge = std::fs::File::create(data.join("a/huge.bmp")).unwrap();
+    huge.set_len(mgd3_common::imagecheck::MAX_IMAGE_BYTES + 1).unwrap();
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state", "--decode"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("`c`: 1 image(s) but IPC = 2"), "{stderr}");
+    assert!(stderr.contains("class `a`: 1 file(s) larger than the 268435456 bytes mgd3 reads"), "{stderr}");
     assert!(stdout.contains("the images of the 3 class(es) that list were decoded anyway"), "{stdout}");
-    assert!(stdout.contains("3 of 20 images cannot be used") && stdout.contains("cut.jpg: truncated"), "{stdout}");
+    assert!(stdout.contains("4 of 21 images cannot be used") && stdout.contains("cut.jpg: truncated"), "{stdout}");
+    assert!(stdout.contains("huge.bmp: 268435457 bytes, more than the 268435456 bytes mgd3 reads"), "{stdout}");
     std::fs::remove_dir_all(data.join("c")).unwrap();
+    std::fs::remove_file(data.join("a/huge.bmp")).unwrap();
 
     for bad in ["a/cut.jpg", "b/notes.png", "b/empty.png"] {
         std::fs::remove_file(data.join(bad)).unwrap();

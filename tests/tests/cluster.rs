@@ -1377,7 +1377,8 @@ async fn a_sweep_submitted_again_says_once_which_settings_its_variants_keep() {
     assert_eq!(kept.len(), 1, "{:?}", second.notes);
     assert!(
         kept[0].starts_with(
-            "3 variant(s) exist with the same images and keep the settings they were submitted with: \
+            "3 variant(s) exist (every setting that decides their images is the same) and keep the other settings \
+             they were submitted with: \
              `lease_timeout_s`: 5 in the job, 50 in this spec; give the sweep another `name`"
         ),
         "{}",
@@ -1387,7 +1388,8 @@ async fn a_sweep_submitted_again_says_once_which_settings_its_variants_keep() {
 }
 
 /// The dataset is checked at submit, every problem in one message, before any lease: missing
-/// class folders and classes with fewer images than IPC.
+/// class folders, classes with fewer images than IPC and files larger than any image a worker
+/// reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dataset_problems_are_reported_at_submit_in_one_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -1398,13 +1400,21 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
             std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
         }
     }
+    // Sparse: no disk used, but a worker would refuse to read it (every attempt of the class).
+    let huge = std::fs::File::create(data.join("class02").join("huge.bmp")).unwrap();
+    huge.set_len(mgd3_common::imagecheck::MAX_IMAGE_BYTES + 1).unwrap();
     let store_url = dir.path().join("store").display().to_string();
     let cluster = start(&store_url, None).await;
     let spec = spec_toml(4, 2, 1, &store_url).replace(fake_dataset(), &data.display().to_string());
     let error = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
     assert!(error.contains("`class01`: 1 image(s) but IPC = 2"), "{error}");
     assert!(error.contains("`class03`") && error.contains("does not exist"), "{error}");
-    assert!(!error.contains("`class00`") && !error.contains("`class02`"), "{error}");
+    assert!(
+        error.contains("class `class02`: 1 file(s) larger than the 268435456 bytes mgd3 reads for one image")
+            && error.contains("huge.bmp` (268435457 bytes)"),
+        "{error}"
+    );
+    assert!(!error.contains("`class00`"), "{error}");
     assert!(cluster.coordinator.list().is_empty(), "nothing was submitted");
     // A wrong dataset root is one line, not one per class; many missing classes are counted.
     let nowhere =

@@ -209,9 +209,7 @@ pub fn load(path: &Path, channels: usize) -> Result<Pixels, DataError> {
 /// Encoded images fetched at once per chunk: bounds both the requests in flight and memory.
 pub const MAX_CONCURRENT_READS: usize = 16;
 
-/// The largest file read as one image: 256 MiB (an uncompressed 64-megapixel RGB TIFF is 192 MB;
-/// the largest ImageNet JPEG is under 16 MB).
-pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+pub use mgd3_common::imagecheck::MAX_IMAGE_BYTES;
 
 /// Where a job's real images come from: a local ImageFolder or one in an object store, listed by
 /// the one rule of [`mgd3_common::imagefolder`].
