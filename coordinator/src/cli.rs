@@ -941,6 +941,35 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `check --store`: when the store already holds job `job` (the same id and fingerprint), the
+/// data of its classes now (as `check` listed them) against what each commit was made from or the
+/// job recorded ([`crate::service::data_review`]); says the job is known and its data the same, or
+/// fails with the [`crate::Error::DataChanged`] that `run` and `submit` would refuse with.
+async fn check_recorded_data(store_url: &str, job: &mgd3_common::job::ResolvedJob) -> Result<()> {
+    use crate::jobstore::JobStore;
+    let jobs = crate::jobstore::ObjectJobStore::new(mgd3_common::store::open(store_url)?);
+    let recorded = match jobs.read_job(&job.job_id).await {
+        Ok(recorded) if recorded.fingerprint == job.fingerprint => recorded,
+        Ok(_) | Err(crate::Error::UnknownJob(_)) => return Ok(()),
+        Err(error) => return Err(anyhow::Error::new(error).context("reading the job's record to compare its data")),
+    };
+    let out = mgd3_common::store::open(job.spec.output.as_deref().unwrap_or(store_url))?;
+    let (changes, markers) = crate::service::data_review(&out, &recorded, &job.classes).await?;
+    if !changes.is_empty() {
+        return Err(crate::Error::DataChanged { job: recorded.job_id, changes }.into());
+    }
+    let hashed = job.classes.iter().any(|c| c.listing.as_ref().is_some_and(|l| l.content_digest.is_some()));
+    outln!(
+        "data:    job `{}` is known to the store ({} of {} classes committed); every class's data is what the job \
+         recorded ({})",
+        job.job_id,
+        markers.iter().flatten().count(),
+        job.classes.len(),
+        if hashed { "names, sizes and contents" } else { "file names and sizes" }
+    );
+    Ok(())
+}
+
 /// A submit or resume the coordinator refused before anything ran: a spec problem, or data
 /// that changed and was not accepted (exit 2, "a spec or set-up error", like a held store), in
 /// this process (`run`) or answered over gRPC.
@@ -1704,6 +1733,11 @@ async fn run_command(cli: Cli) -> Result<()> {
             outln!("models:");
             for line in crate::submit::model_lines(&job.spec) {
                 outln!("{line}");
+            }
+            // With the store named, a job of this id already there is compared with its data now,
+            // as submit and run compare it: the refusal they would give is given here.
+            if args.store.is_some() {
+                check_recorded_data(&default_output, job).await?;
             }
             if args.decode {
                 let root = mgd3_common::imagefolder::Root::open(&job.spec.dataset)?;

@@ -274,6 +274,75 @@ impl From<DataChanges> for Resubmit {
 /// Markers read at once when a job's classes are compared with their data.
 const MARKERS_IN_FLIGHT: usize = 16;
 
+/// How the data of `job`'s classes now (`fresh`, listed by a submit or `check`) differs from what
+/// each class's commit in output `out` was made from (its marker's `data`) or, uncommitted, from
+/// what the job recorded; with each class's commit marker (in the job's order; `None` where
+/// uncommitted). Modification times and ETags never count (a `cp -r` copy or a `touch` is the same
+/// data); classes that differ only by them are logged. Jobs and markers without recorded data are
+/// not compared.
+///
+/// # Errors
+/// [`Error::ClassListChanged`] when `fresh` holds other classes; marker and store errors.
+pub async fn data_review(
+    out: &Location,
+    job: &ResolvedJob,
+    fresh: &[ClassRef],
+) -> Result<(Vec<DataChange>, Vec<Option<mgd3_common::manifest::ClassMarker>>)> {
+    let names = |classes: &[ClassRef]| classes.iter().map(|c| c.wnid.clone()).collect::<Vec<_>>();
+    if names(&job.classes) != names(fresh) {
+        let (then, now): (HashSet<_>, HashSet<_>) =
+            (names(&job.classes).into_iter().collect(), names(fresh).into_iter().collect());
+        let mut added: Vec<String> = now.difference(&then).cloned().collect();
+        let mut removed: Vec<String> = then.difference(&now).cloned().collect();
+        added.sort();
+        removed.sort();
+        return Err(Error::ClassListChanged { job: job.job_id.clone(), added, removed });
+    }
+    let keys = JobKeys::new(&job.job_id);
+    // Owned per read: a stream of futures borrowing the class list is not `Send` enough for
+    // the gRPC handlers that await this.
+    let reads: Vec<_> = job
+        .classes
+        .iter()
+        .map(|class| {
+            let (out, keys, wnid, fingerprint) =
+                (out.clone(), keys.clone(), class.wnid.clone(), job.fingerprint.clone());
+            async move { commit::committed_marker(&out, &keys, &wnid, &fingerprint).await }
+        })
+        .collect();
+    let markers = futures::stream::iter(reads).buffered(MARKERS_IN_FLIGHT).collect::<Vec<_>>().await;
+    let markers = markers.into_iter().collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut changes = Vec::new();
+    let mut versions_only = Vec::new();
+    for ((recorded, now), marker) in job.classes.iter().zip(fresh).zip(&markers) {
+        let Some(now_data) = &now.listing else { continue };
+        // A commit is compared with the data it was made from; anything else with the record.
+        let committed_from = marker.as_ref().and_then(|m| m.data.clone());
+        let Some(then) = committed_from.or_else(|| recorded.listing.clone()) else { continue };
+        if !then.same_data(now_data) {
+            changes.push(DataChange {
+                wnid: recorded.wnid.clone(),
+                then,
+                now: now_data.clone(),
+                was_committed: marker.is_some(),
+            });
+        } else if then.versions_differ(now_data) {
+            versions_only.push(recorded.wnid.as_str());
+        }
+    }
+    if !versions_only.is_empty() {
+        info!(
+            job = %job.job_id,
+            classes = versions_only.len(),
+            first = versions_only[0],
+            "classes with the same image names and sizes but other modification times or ETags (a copy of the \
+             dataset, or files rewritten in place at the same size): the same data for this job; \
+             data_fingerprint = \"content\" in the spec tells rewritten files apart"
+        );
+    }
+    Ok((changes, markers))
+}
+
 /// What a person is told when the data changes of a job were accepted.
 pub fn data_changes_note(job_id: &str, changes: &[DataChange]) -> String {
     let committed = changes.iter().filter(|c| c.was_committed).count();
@@ -1744,66 +1813,13 @@ impl Coordinator {
 
     /// [`Coordinator::data_changes`], also returning the commit marker of each class (in the
     /// job's order; `None` where uncommitted) that the comparison read, for a caller that goes
-    /// on to check the commits.
+    /// on to check the commits ([`data_review`] on the job's output).
     async fn data_review(
         &self,
         job: &ResolvedJob,
         fresh: &[ClassRef],
     ) -> Result<(Vec<DataChange>, Vec<Option<mgd3_common::manifest::ClassMarker>>)> {
-        let names = |classes: &[ClassRef]| classes.iter().map(|c| c.wnid.clone()).collect::<Vec<_>>();
-        if names(&job.classes) != names(fresh) {
-            let (then, now): (HashSet<_>, HashSet<_>) =
-                (names(&job.classes).into_iter().collect(), names(fresh).into_iter().collect());
-            let mut added: Vec<String> = now.difference(&then).cloned().collect();
-            let mut removed: Vec<String> = then.difference(&now).cloned().collect();
-            added.sort();
-            removed.sort();
-            return Err(Error::ClassListChanged { job: job.job_id.clone(), added, removed });
-        }
-        let out = self.output(job)?;
-        let keys = JobKeys::new(&job.job_id);
-        // Owned per read: a stream of futures borrowing the class list is not `Send` enough for
-        // the gRPC handlers that await this.
-        let reads: Vec<_> = job
-            .classes
-            .iter()
-            .map(|class| {
-                let (out, keys, wnid, fingerprint) =
-                    (out.clone(), keys.clone(), class.wnid.clone(), job.fingerprint.clone());
-                async move { commit::committed_marker(&out, &keys, &wnid, &fingerprint).await }
-            })
-            .collect();
-        let markers = futures::stream::iter(reads).buffered(MARKERS_IN_FLIGHT).collect::<Vec<_>>().await;
-        let markers = markers.into_iter().collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut changes = Vec::new();
-        let mut versions_only = Vec::new();
-        for ((recorded, now), marker) in job.classes.iter().zip(fresh).zip(&markers) {
-            let Some(now_data) = &now.listing else { continue };
-            // A commit is compared with the data it was made from; anything else with the record.
-            let committed_from = marker.as_ref().and_then(|m| m.data.clone());
-            let Some(then) = committed_from.or_else(|| recorded.listing.clone()) else { continue };
-            if !then.same_data(now_data) {
-                changes.push(DataChange {
-                    wnid: recorded.wnid.clone(),
-                    then,
-                    now: now_data.clone(),
-                    was_committed: marker.is_some(),
-                });
-            } else if then.versions_differ(now_data) {
-                versions_only.push(recorded.wnid.as_str());
-            }
-        }
-        if !versions_only.is_empty() {
-            info!(
-                job = %job.job_id,
-                classes = versions_only.len(),
-                first = versions_only[0],
-                "classes with the same image names and sizes but other modification times or ETags (a copy of the \
-                 dataset, or files rewritten in place at the same size): the same data for this job; \
-                 data_fingerprint = \"content\" in the spec tells rewritten files apart"
-            );
-        }
-        Ok((changes, markers))
+        data_review(&self.output(job)?, job, fresh).await
     }
 
     /// Accepts `changes` (from [`Coordinator::data_changes`] against `fresh`): records every

@@ -1183,6 +1183,18 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
     assert!(marker("c1").is_none());
 
     std::fs::remove_file(&bad).unwrap();
+    // `check` with the store says the refusal `run` gives, with the same exit status.
+    let check = || {
+        let out = Command::new(bin("coordinator"))
+            .args(["check", scratch.spec.to_str().unwrap(), "--store", &scratch.store])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    let (code, text) = check();
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("the data of 1 class(es) changed since the job recorded it: `c1` (5 images"), "{text}");
     let (code, text) = run(&[]);
     assert_eq!(code, Some(2), "refused before anything ran:\n{text}");
     assert!(
@@ -1198,6 +1210,9 @@ fn a_corrupt_image_removed_mid_job_redistils_only_its_class_once_accepted() {
     assert!(text.contains("the data of 1 class(es) changed and is distilled again"), "{text}");
     assert_eq!((marker("c0").unwrap(), marker("c2").unwrap()), (c0.clone(), c2.clone()), "other commits kept");
     assert_eq!(marker("c1").expect("c1 committed")["data"]["images"], 4);
+    let (code, text) = check();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("data:    job `{job}` is known to the store (3 of 3 classes committed)")), "{text}");
     // The job's report keeps what happened before the accepted resume.
     let report = std::fs::read_to_string(jobs.join(&job).join("report/index.html")).unwrap();
     assert!(report.contains("before resume") && report.contains("before a resume: ") && report.contains("zz_cut.jpg"));
