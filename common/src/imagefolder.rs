@@ -49,16 +49,76 @@ pub struct UnreachableLink {
     pub problem: String,
 }
 
+/// What stands where a class folder was looked for, or next to it, when the folder is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NearMiss {
+    /// A file, not a folder, has the class's name.
+    File,
+    /// A folder whose name differs from the class's only in Unicode normalization (NFC against
+    /// NFD, as macOS writes names; the two look the same) or in letter case.
+    Folder {
+        /// That folder's name.
+        name: String,
+        /// True when the names differ only in normalization (else in case too).
+        normalization_only: bool,
+    },
+}
+
+impl NearMiss {
+    /// The end of a missing folder's message.
+    fn advice(&self) -> String {
+        match self {
+            NearMiss::File => ": it is a file, not a folder; a class is a folder of images".into(),
+            NearMiss::Folder { name, normalization_only: true } => format!(
+                ", but folder `{}` has the same name in another Unicode normalization (`{}` with its characters \
+                 spelt out; NFD, as macOS writes names, against NFC: they look the same): write the class exactly as \
+                 that folder's name, or rename the folder",
+                name.escape_debug(),
+                name.chars()
+                    .map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() })
+                    .collect::<String>()
+            ),
+            NearMiss::Folder { name, normalization_only: false } => format!(
+                ", but folder `{}` differs from it only in letter case: write the class as that folder's name",
+                name.escape_debug()
+            ),
+        }
+    }
+
+    /// The entry among `names` (a dataset root's entries) closest to `class`: the same name in
+    /// another Unicode normalization, else in another letter case.
+    pub fn among<'a>(class: &str, names: impl IntoIterator<Item = &'a str>) -> Option<NearMiss> {
+        let nfc = icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
+        let class_nfc = nfc.normalize(class);
+        let mut cased = None;
+        for name in names {
+            if name == class {
+                continue;
+            }
+            let name_nfc = nfc.normalize(name);
+            if name_nfc == class_nfc {
+                return Some(NearMiss::Folder { name: name.into(), normalization_only: true });
+            }
+            if cased.is_none() && name_nfc.to_lowercase() == class_nfc.to_lowercase() {
+                cased = Some(NearMiss::Folder { name: name.into(), normalization_only: false });
+            }
+        }
+        cased
+    }
+}
+
 /// Errors of a listing; each names the class (or root) and where.
 #[derive(Debug, Error)]
 pub enum ListError {
     /// The class folder does not exist (in a store: nothing is under the class prefix).
-    #[error("class `{class}`: folder `{dir}` does not exist")]
+    #[error("class `{class}`: folder `{dir}` does not exist{}", near.as_ref().map(NearMiss::advice).unwrap_or_default())]
     ClassNotFound {
         /// The class folder name.
         class: String,
         /// The folder path or URL looked at.
         dir: String,
+        /// What is there instead, when something is close.
+        near: Option<NearMiss>,
     },
     /// The class folder holds no file with an image extension.
     #[error("class `{class}`: folder `{dir}` holds no images ({extensions}){skipped}")]
@@ -452,7 +512,15 @@ fn finish(class: &str, dir: String, mut listing: ClassListing) -> Result<ClassLi
 pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListError> {
     let dir = root.join(class);
     if !dir.is_dir() {
-        return Err(ListError::ClassNotFound { class: class.into(), dir: dir.display().to_string() });
+        let near = if dir.exists() {
+            Some(NearMiss::File)
+        } else {
+            let entries = std::fs::read_dir(root).into_iter().flatten().flatten();
+            let dirs: Vec<String> =
+                entries.filter(|e| e.path().is_dir()).filter_map(|e| e.file_name().into_string().ok()).collect();
+            NearMiss::among(class, dirs.iter().map(String::as_str))
+        };
+        return Err(ListError::ClassNotFound { class: class.into(), dir: dir.display().to_string(), near });
     }
     let io_at = |path: &Path| {
         let dir = path.display().to_string();
@@ -612,7 +680,15 @@ pub async fn list_store_class(root: &Location, class: &str) -> Result<ClassListi
         .await
         .map_err(|source| ListError::Store { dir: dir.clone(), source })?;
     if objects.is_empty() {
-        return Err(ListError::ClassNotFound { class: class.into(), dir });
+        // The root's folders, for a near miss (an error path: one listing more).
+        let folders = root.store.list_with_delimiter(Some(&root.key(""))).await.ok();
+        let names: Vec<String> = folders
+            .into_iter()
+            .flat_map(|listed| listed.common_prefixes)
+            .filter_map(|prefix| prefix.filename().map(str::to_owned))
+            .collect();
+        let near = NearMiss::among(class, names.iter().map(String::as_str));
+        return Err(ListError::ClassNotFound { class: class.into(), dir, near });
     }
     let mut listing = ClassListing::default();
     for object in objects {
@@ -786,6 +862,30 @@ mod tests {
             bytes,
             version: Some(version.into()),
         }
+    }
+
+    /// A missing class folder says what stands there instead: a file of the class's name, or a
+    /// folder of the same name in another Unicode normalization (macOS writes NFD; the names
+    /// look the same) or letter case — locally and in an object store.
+    #[test]
+    fn a_missing_class_folder_names_the_file_or_near_folder_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("cafe\u{301}")).unwrap(); // NFD
+        std::fs::create_dir_all(root.join("Sandal")).unwrap();
+        std::fs::write(root.join("README.txt"), b"x").unwrap();
+        let message = |class: &str| list_local_class(root, class).unwrap_err().to_string();
+        let nfc = message("caf\u{e9}");
+        assert!(nfc.contains("another Unicode normalization (`cafe\\u{301}` with its characters"), "{nfc}");
+        assert!(message("sandal").contains("folder `Sandal` differs from it only in letter case"));
+        assert!(message("README.txt").ends_with("it is a file, not a folder; a class is a folder of images"));
+        assert!(message("missing").ends_with("does not exist"), "{}", message("missing"));
+        // In an object store: the root's prefixes are looked at.
+        let store = crate::store::open("memory://near-miss-test/data").unwrap();
+        let put = store.key("cafe\u{301}/0.png");
+        futures::executor::block_on(store.store.put(&put, object_store::PutPayload::from_static(b"x"))).unwrap();
+        let error = futures::executor::block_on(list_store_class(&store, "caf\u{e9}")).unwrap_err().to_string();
+        assert!(error.contains("another Unicode normalization"), "{error}");
     }
 
     /// Modification times never make data different; names, sizes and (when both sides have
