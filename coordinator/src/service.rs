@@ -202,25 +202,6 @@ impl Outage {
     }
 }
 
-/// Folders under the job's `dataset/` that are no class of the job (relative to the output).
-async fn extra_class_folders(out: &Location, job: &ResolvedJob) -> Result<Vec<String>> {
-    let relative = format!("{}/dataset", JobKeys::new(&job.job_id).root());
-    let prefix = out.key(&relative);
-    let listing = out.store.list_with_delimiter(Some(&prefix)).await.map_err(|source| Error::ObjectStore {
-        url: out.url.clone(),
-        context: format!("listing `{prefix}`"),
-        source,
-    })?;
-    let classes: HashSet<&str> = job.classes.iter().map(|c| c.wnid.as_str()).collect();
-    Ok(listing
-        .common_prefixes
-        .iter()
-        .filter_map(|p| p.filename())
-        .filter(|name| !classes.contains(name))
-        .map(|name| format!("{relative}/{name}"))
-        .collect())
-}
-
 /// What [`Coordinator::resume`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resumed {
@@ -1948,9 +1929,16 @@ impl Coordinator {
                 Err(error) => return Err(error.into()),
             }
         }
-        for folder in extra_class_folders(&out, &job).await? {
-            warn!(job = %job_id, %folder, "removing a class folder of no class of this job");
-            commit::delete_prefix(&out, &folder).await?;
+        let classes: HashSet<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
+        for stray in state::dataset_strays(&out, &keys, &classes).await? {
+            if stray.removable() {
+                warn!(job = %job_id, path = %stray.path, "removing what is no class of this job from its dataset folder");
+                state::remove_stray(&out, &stray).await?;
+            } else {
+                // Something else's (another job's output put inside this one, a user's file):
+                // not this job's to remove.
+                warn!(job = %job_id, path = %stray.path, problem = %stray.problem(), "left in place");
+            }
         }
         let committed = state::committed_shards(&out, &job).await?;
         let (committed, requeued) =
@@ -2022,12 +2010,10 @@ impl Coordinator {
             response.classes_committed += u32::from(committed);
             response.problems.extend(problems);
         }
-        for folder in extra_class_folders(&out, &job).await? {
-            response.problems.push(VerifyProblem {
-                wnid: String::new(),
-                file: Some(folder),
-                problem: "a class folder of no class of this job (it would add a class to the dataset)".into(),
-            });
+        let classes: HashSet<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
+        for stray in state::dataset_strays(&out, &keys, &classes).await? {
+            let problem = stray.problem();
+            response.problems.push(VerifyProblem { wnid: String::new(), file: Some(stray.path), problem });
         }
         let finished = state == Some(JobState::Succeeded);
         if finished && !state::manifest_in_place(&out, &job).await? {

@@ -239,21 +239,140 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
             });
         }
     }
-    let dataset = out.key(&format!("{}/dataset", keys.root()));
-    let listing =
-        out.store.list_with_delimiter(Some(&dataset)).await.map_err(store_err(out, format!("listing `{dataset}`")))?;
-    for folder in listing.common_prefixes {
-        let name = folder.filename().unwrap_or_default().to_owned();
-        if !wnids.contains(&name) {
-            problems.push(VerifyProblem {
-                wnid: String::new(),
-                file: Some(format!("{}/dataset/{name}", keys.root())),
-                problem: "a class folder without a commit marker (it would add a class to the dataset)".into(),
-            });
-        }
+    let marked: HashSet<String> = wnids.iter().cloned().collect();
+    for stray in dataset_strays(out, &keys, &marked).await? {
+        let problem = stray.problem();
+        problems.push(VerifyProblem { wnid: String::new(), file: Some(stray.path), problem });
     }
     report.problems = problems;
     Ok(report)
+}
+
+/// What a job's `dataset/` folder holds besides its classes' folders ([`dataset_strays`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Stray {
+    /// Its path, relative to the output (`jobs/<job>/dataset/<name>`).
+    pub path: String,
+    /// What it is.
+    pub kind: StrayKind,
+}
+
+/// What a [`Stray`] is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StrayKind {
+    /// A folder of no class of the job; `foreign` names a file in it that no class folder
+    /// holds (not an image directly in it: another job's records, say), if any.
+    Folder {
+        /// The first such file found.
+        foreign: Option<String>,
+    },
+    /// A file directly in `dataset/` (no class's: ImageFolder loaders skip it, others choke).
+    File,
+}
+
+impl Stray {
+    /// Whether `resume` removes it: a folder of images only (a class of no class of the job,
+    /// which would add a class to the dataset), or the temporary of an interrupted write.
+    /// Anything else is not the job's to remove.
+    pub fn removable(&self) -> bool {
+        match &self.kind {
+            StrayKind::Folder { foreign } => foreign.is_none(),
+            StrayKind::File => self.path.contains('#'),
+        }
+    }
+
+    /// What `verify` says of it.
+    pub fn problem(&self) -> String {
+        match &self.kind {
+            StrayKind::Folder { foreign: None } => {
+                "a class folder of no class of this job (it would add a class to the dataset)".into()
+            }
+            StrayKind::Folder { foreign: Some(file) } => format!(
+                "a folder of no class of this job, holding more than a class's images (`{file}`): it would add a \
+                 class to the dataset; `resume` leaves it in place: move it out of the job's dataset folder by hand"
+            ),
+            StrayKind::File if self.removable() => {
+                "the temporary file of an interrupted write, beside the class folders (`resume` removes it)".into()
+            }
+            StrayKind::File => {
+                "a file beside the class folders, of no class of this job (`resume` leaves it in place: \
+                                move it out of the job's dataset folder by hand)"
+                    .into()
+            }
+        }
+    }
+}
+
+/// What job `keys`' `dataset/` folder in `out` holds besides the folders of `classes`: other
+/// folders (each listed once more, to tell a stray class of images from something else's), and
+/// files directly in it.
+///
+/// # Errors
+/// [`Error::ObjectStore`] when the folder cannot be listed.
+pub(crate) async fn dataset_strays(out: &Location, keys: &JobKeys, classes: &HashSet<String>) -> Result<Vec<Stray>> {
+    let relative = format!("{}/dataset", keys.root());
+    let prefix = out.key(&relative);
+    let listing =
+        out.store.list_with_delimiter(Some(&prefix)).await.map_err(store_err(out, format!("listing `{prefix}`")))?;
+    let mut strays = Vec::new();
+    for name in listing.common_prefixes.iter().filter_map(|p| p.filename()).filter(|name| !classes.contains(*name)) {
+        let path = format!("{relative}/{name}");
+        // What a class folder holds: images (and the temporaries of their writes), directly.
+        let inside = out.key(&path);
+        let objects: Vec<_> =
+            out.store.list(Some(&inside)).try_collect().await.map_err(store_err(out, format!("listing `{inside}`")))?;
+        let foreign = objects.iter().find_map(|object| {
+            let rest = object.location.as_ref().strip_prefix(inside.as_ref())?.trim_start_matches('/');
+            let image = !rest.contains('/') && (rest.ends_with(".png") || rest.contains('#'));
+            (!image).then(|| format!("{path}/{rest}"))
+        });
+        strays.push(Stray { path, kind: StrayKind::Folder { foreign } });
+    }
+    // A local store's listing leaves out the temporaries of its writes (`name#digits`): the
+    // folder itself is read.
+    let files: Vec<String> = match &out.local_root {
+        Some(root) => match std::fs::read_dir(root.join(&relative)) {
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(Error::Io {
+                    what: "dataset folder",
+                    path: root.join(&relative).display().to_string(),
+                    source,
+                });
+            }
+        },
+        None => listing.objects.iter().filter_map(|o| o.location.filename().map(str::to_owned)).collect(),
+    };
+    let mut files = files;
+    files.sort();
+    strays.extend(files.into_iter().map(|name| Stray { path: format!("{relative}/{name}"), kind: StrayKind::File }));
+    Ok(strays)
+}
+
+/// Removes `stray` from `out` (what [`Stray::removable`] allows; the caller checks).
+///
+/// # Errors
+/// [`Error::Commit`] / [`Error::ObjectStore`] / [`Error::Io`] when it cannot be removed.
+pub(crate) async fn remove_stray(out: &Location, stray: &Stray) -> Result<()> {
+    match (&stray.kind, &out.local_root) {
+        (StrayKind::Folder { .. }, _) => Ok(mgd3_common::commit::delete_prefix(out, &stray.path).await?),
+        (StrayKind::File, Some(root)) => match std::fs::remove_file(root.join(&stray.path)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => {
+                Err(Error::Io { what: "stray file", path: root.join(&stray.path).display().to_string(), source })
+            }
+        },
+        (StrayKind::File, None) => match out.store.delete(&out.key(&stray.path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(store_err(out, format!("deleting `{}`", stray.path))(source)),
+        },
+    }
 }
 
 /// What is missing or has another size among the published files of a finished job, against

@@ -633,6 +633,24 @@ fn folder_problems(spec: &JobSpec, store: Option<&str>, base_dir: &Path) -> Vec<
             continue;
         }
         let path = Path::new(local);
+        // Inside a job's folder of another output (`<out>/jobs/<job>/…`, which holds the job's
+        // records): that folder is the job's own, and its repairs remove what is not the job's.
+        let job_folder = path.ancestors().find(|p| {
+            p.parent().and_then(Path::file_name).is_some_and(|n| n == "jobs")
+                && ["job.json", "shards", "manifest.json", "coordinator.json"].iter().any(|r| p.join(r).exists())
+        });
+        if let Some(folder) = job_folder {
+            problems.push(FieldError {
+                field: field.into(),
+                problem: format!(
+                    "`{location}` is inside `{}`, the folder of mgd3 job `{}` (its records, images and repairs are \
+                     that job's alone: `resume` of it would remove what it does not know); name a folder outside it",
+                    folder.display(),
+                    folder.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            });
+            continue;
+        }
         if let Some(file) = path.ancestors().find(|p| p.exists()).filter(|p| !p.is_dir()) {
             let what =
                 if file == path { "is a file".to_owned() } else { format!("is under `{}`, a file", file.display()) };

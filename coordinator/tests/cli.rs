@@ -488,6 +488,20 @@ fn an_output_inside_the_dataset_is_refused_before_anything_is_written() {
     write("out");
     let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("inside the dataset"));
+    // Inside another job's folder (its published dataset, say): that job's repairs would
+    // remove this one's output, so it is refused too.
+    let other = dir.path().join("done/jobs/other-0123456789ab");
+    std::fs::create_dir_all(other.join("shards")).unwrap();
+    std::fs::write(other.join("job.json"), b"{}").unwrap();
+    for output in ["done/jobs/other-0123456789ab/dataset", "done/jobs/other-0123456789ab"] {
+        write(output);
+        let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{output}: {text}");
+        assert!(text.contains("the folder of mgd3 job `other-0123456789ab`"), "{output}: {text}");
+    }
+    write("done/else");
+    assert!(coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]).status.success());
     // The state store apart from the output, inside the dataset: its lock and jobs/ would sit
     // beside the class folders too.
     let store = dir.path().join("data/state");

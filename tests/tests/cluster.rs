@@ -1012,6 +1012,12 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
 
     std::fs::create_dir_all(root.join("dataset/newclass")).unwrap();
     std::fs::write(root.join("dataset/newclass/0.png"), b"a class of no class").unwrap();
+    // Another job's output put inside this one's dataset, a user's file and a crash's temporary
+    // beside the class folders: named; only the temporary is this job's to remove.
+    std::fs::create_dir_all(root.join("dataset/jobs/other-0123456789ab/shards")).unwrap();
+    std::fs::write(root.join("dataset/jobs/other-0123456789ab/shards/x.json"), b"{}").unwrap();
+    std::fs::write(root.join("dataset/notes.txt"), b"mine").unwrap();
+    std::fs::write(root.join("dataset/0.png#7"), b"half").unwrap();
     let again = start(&store_url, None).await;
     assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());
     // Offline (`verify --job-dir`, no coordinator): the same damage, from the output alone.
@@ -1020,13 +1026,18 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     assert_eq!(
         seen,
         [
+            (String::new(), "0.png#7".into()),
+            (String::new(), "jobs".into()),
             (String::new(), "newclass".into()),
+            (String::new(), "notes.txt".into()),
             ("class00".into(), "1.png#0".into()),
             ("class01".into(), "0.png".into()),
             ("class02".into(), "1.png".into())
         ],
         "{offline:?}"
     );
+    let foreign = offline.problems.iter().find(|p| p.file.as_deref().is_some_and(|f| f.ends_with("/jobs"))).unwrap();
+    assert!(foreign.problem.contains("holding more than a class's images") && foreign.problem.contains("x.json"));
     assert_eq!((offline.classes_checked, offline.classes_committed, offline.running), (3, 3, false));
     std::fs::remove_file(root.join("manifest.json")).unwrap();
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
@@ -1034,8 +1045,11 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     assert_eq!(
         found,
         [
+            (String::new(), "0.png#7".into()),
+            (String::new(), "jobs".into()),
             (String::new(), "manifest.json".into()),
             (String::new(), "newclass".into()),
+            (String::new(), "notes.txt".into()),
             ("class00".into(), "1.png#0".into()),
             ("class01".into(), "0.png".into()),
             ("class02".into(), "1.png".into())
@@ -1046,6 +1060,12 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     assert_eq!(resumed.redone, ["class01", "class02"]);
     assert!(!root.join("dataset/class00/1.png#0").exists());
     assert!(!root.join("dataset/newclass").exists(), "a folder of no class is removed");
+    assert!(!root.join("dataset/0.png#7").exists(), "a temporary is removed");
+    assert!(root.join("dataset/jobs/other-0123456789ab/shards/x.json").exists(), "another job's records stay");
+    assert!(root.join("dataset/notes.txt").exists(), "a user's file stays");
+    // Moved out by hand, as verify says.
+    std::fs::remove_dir_all(root.join("dataset/jobs")).unwrap();
+    std::fs::remove_file(root.join("dataset/notes.txt")).unwrap();
     again.run_to_success(&job.job_id).await;
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
     assert!(report.problems.is_empty(), "{report:?}");
