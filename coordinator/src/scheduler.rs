@@ -1058,10 +1058,15 @@ impl Scheduler {
         rows
     }
 
-    /// Workers seen in the last three heartbeats that `job_id` has excluded.
+    /// Workers seen in the last three heartbeats that `job_id` has excluded, or that are set
+    /// aside (from every job) now.
     pub fn live_workers_excluded(&self, job_id: &str, now: u64) -> usize {
         let Some(run) = self.jobs.get(job_id) else { return 0 };
-        self.workers.keys().filter(|id| self.is_live(id, now) && run.persisted.excluded_workers.contains(*id)).count()
+        let aside = |id: &str| self.set_aside.get(id).is_some_and(|until| *until > now);
+        self.workers
+            .keys()
+            .filter(|id| self.is_live(id, now) && (run.persisted.excluded_workers.contains(*id) || aside(id)))
+            .count()
     }
 
     /// Claims `worker_id` for `process` before it registers: refused while another process holds
@@ -2173,6 +2178,21 @@ impl Scheduler {
             .filter(|id| self.workers.get(*id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms))
             .map(|id| (id.clone(), run.persisted.exclusion_reasons.get(id).cloned().unwrap_or_default()))
             .collect();
+        // Set aside from every job for a while: said too, or a worker that polls and gets
+        // nothing looks healthy and idle.
+        for (id, until) in &self.set_aside {
+            let heard = self.workers.get(id).is_some_and(|seen| now.saturating_sub(*seen) <= 3 * self.heartbeat_ms);
+            if *until > now && heard && !live.iter().any(|(w, _)| w == id) {
+                live.push((
+                    id.clone(),
+                    format!(
+                        "set aside for {} s more: its leases expired {SET_ASIDE_AFTER} or more times in a row (a worker \
+                         that dies before reporting, or is cut off from this coordinator longer than the lease timeout)",
+                        (until - now).div_ceil(1000)
+                    ),
+                ));
+            }
+        }
         live.sort();
         live
     }
@@ -3018,6 +3038,10 @@ mod tests {
         assert_eq!((rescued.shard_index, rescued.attempt), (0, 2));
         assert_eq!(s.set_aside(20_004), vec![("bad".to_owned(), 20_002 + SET_ASIDE_MS)]);
         assert!(matches!(poll(&mut s, "bad", &[], false, 30_000).0, PollDecision::Wait(_)));
+        // Status says so (a set-aside worker polls and looks idle otherwise).
+        assert_eq!(s.live_workers_excluded("j", 30_500), 1);
+        let said = s.live_exclusions("j", 30_500);
+        assert!(said.len() == 1 && said[0].0 == "bad" && said[0].1.starts_with("set aside for "), "{said:?}");
         // After the period `bad` may lease again (shard 1); renewing ends its streak.
         let back = lease(poll(&mut s, "bad", &[], false, 20_002 + SET_ASIDE_MS).0);
         assert_eq!(back.shard_index, 1);

@@ -1116,8 +1116,41 @@ impl Coordinator {
     /// paths outside the allowed folders; store and model-file errors.
     pub async fn resolve(&self, spec_toml: &str, base_dir: &Path, explicit_id: Option<String>) -> Result<Resolved> {
         let allowed = self.inner.allowed_paths.lock().expect("allowed paths").clone();
-        resolve_spec(spec_toml, base_dir, explicit_id, &self.inner.store.url, allowed.as_deref(), self.planned_rows())
-            .await
+        let resolved = resolve_spec(
+            spec_toml,
+            base_dir,
+            explicit_id,
+            &self.inner.store.url,
+            allowed.as_deref(),
+            self.planned_rows(),
+        )
+        .await?;
+        self.lease_fits_heartbeat(&resolved.job.spec)?;
+        Ok(resolved)
+    }
+
+    /// A job's `lease_timeout_s` must span three of this coordinator's heartbeats (the time it
+    /// gives a silent worker): shorter, a healthy worker's lease would expire between two of its
+    /// heartbeats, over and over, until the worker is set aside as a crash loop.
+    ///
+    /// # Errors
+    /// [`Error::Job`] naming `lease_timeout_s`, the heartbeat and both ways out.
+    fn lease_fits_heartbeat(&self, spec: &mgd3_common::job::JobSpec) -> Result<()> {
+        let heartbeat_ms = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
+        let least_ms = 3 * heartbeat_ms;
+        if spec.lease_timeout_s.saturating_mul(1000) >= least_ms {
+            return Ok(());
+        }
+        Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
+            field: "lease_timeout_s".into(),
+            problem: format!(
+                "{} s is shorter than three heartbeats of this coordinator (--heartbeat-ms {heartbeat_ms}): a worker \
+                 renews its lease once a heartbeat, so every lease would expire while its worker is healthy; set \
+                 lease_timeout_s to at least {} s, or run the coordinator with a shorter --heartbeat-ms",
+                spec.lease_timeout_s,
+                least_ms.div_ceil(1000)
+            ),
+        }])))
     }
 
     /// Submits a job; submitting the same spec again returns the existing job. Returns the job
@@ -1205,6 +1238,9 @@ impl Coordinator {
         let resolved =
             resolve_sweep(sweep, base_dir, &self.inner.store.url, allowed.as_deref(), self.planned_rows()).await?;
         let ResolvedSweep { variants, mut record, mut notes } = resolved;
+        for variant in &variants {
+            self.lease_fits_heartbeat(&variant.job.spec)?;
+        }
         let mut jobs = Vec::with_capacity(variants.len());
         // Settings the existing variants keep, said once for the sweep (`output` has its own
         // note below).

@@ -1288,7 +1288,7 @@ async fn a_finished_job_submitted_again_puts_back_missing_outputs() {
     let other = spec.replace("max_attempts = 2", "max_attempts = 5\ndata_fingerprint = \"content\"");
     let (same, _, notes) = cluster.coordinator.submit_noted(&other, dir.path(), None).await.unwrap();
     assert_eq!(same.job_id, job.job_id);
-    let note = notes.iter().find(|n| n.contains("keeps the settings")).unwrap_or_else(|| panic!("{notes:?}"));
+    let note = notes.iter().find(|n| n.contains("keeps the other settings")).unwrap_or_else(|| panic!("{notes:?}"));
     assert!(
         note.contains("`data_fingerprint`: unset (the default) in the job, \"content\" in this spec")
             && note.contains("`max_attempts`: 2 in the job, 5 in this spec")
@@ -1405,6 +1405,27 @@ async fn a_sweep_submitted_again_says_once_which_settings_its_variants_keep() {
         kept[0]
     );
     cluster.shutdown().await;
+}
+
+/// A job whose lease timeout is shorter than three of the coordinator's heartbeats is refused at
+/// submit, naming both and both ways out: its leases would expire between a healthy worker's
+/// heartbeats, over and over, until the worker was set aside as a crash loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_timeout_shorter_than_three_heartbeats_is_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let coordinator = Coordinator::open(&store_url, 15_000).await.unwrap();
+    let spec = spec_toml(2, 2, 1, &store_url).replace("lease_timeout_s = 5", "lease_timeout_s = 10");
+    let error = coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
+    assert!(
+        error.contains("lease_timeout_s")
+            && error.contains("10 s is shorter than three heartbeats of this coordinator (--heartbeat-ms 15000)")
+            && error.contains("at least 45 s"),
+        "{error}"
+    );
+    assert!(coordinator.list().is_empty(), "nothing was submitted");
+    let fits = spec.replace("lease_timeout_s = 10", "lease_timeout_s = 45");
+    coordinator.submit(&fits, dir.path(), None).await.unwrap();
 }
 
 /// The dataset is checked at submit, every problem in one message, before any lease: missing
