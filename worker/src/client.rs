@@ -112,6 +112,8 @@ struct Running {
     lease: ShardLease,
     progress: Arc<ShardProgress>,
     cancel: Arc<AtomicBool>,
+    /// Set when the coordinator revoked the lease: sampling stops before its next DiT call.
+    stop_now: Arc<AtomicBool>,
     task: JoinHandle<ShardOutcome>,
     /// When the lease was last renewed, as far as this worker can prove.
     clock: LeaseClock,
@@ -426,8 +428,11 @@ pub async fn run(
         };
         if let Some(running) = &mut current {
             if response.revoked.contains(&running.lease.lease_id) {
-                info!(lease = %running.lease.lease_id, "the coordinator revoked this lease (job cancelled, or leased elsewhere): stopping it");
-                running.progress.revoked.store(true, Ordering::Relaxed);
+                // Said once: the coordinator answers every poll until the shard has stopped.
+                if !running.progress.revoked.swap(true, Ordering::Relaxed) {
+                    info!(lease = %running.lease.lease_id, "the coordinator revoked this lease (job cancelled, or leased elsewhere): stopping it before its next DiT call");
+                }
+                running.stop_now.store(true, Ordering::Relaxed);
                 running.cancel.store(true, Ordering::Relaxed);
             } else {
                 running.clock.renewed_by(sent);
@@ -566,17 +571,20 @@ fn start(
     debug!(job = %shard.job_id, lease = %shard.lease_id, classes = shard.classes.len(), attempt = shard.attempt, "starting shard");
     let progress = Arc::new(ShardProgress::default());
     let cancel = Arc::new(AtomicBool::new(false));
+    let stop_now = Arc::new(AtomicBool::new(false));
     let task = {
         let (engine, lease, progress, cancel) = (engine.clone(), shard.clone(), progress.clone(), cancel.clone());
+        let stop_now = stop_now.clone();
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let span = tracing::info_span!("shard", job = %lease.job_id, worker = %lease.worker_id, lease = %lease.lease_id, attempt = lease.attempt);
             let _guard = span.enter();
             let mut engine = engine.lock().expect("engine");
+            engine.set_stop_now(stop_now);
             run_shard(engine.as_mut(), &runtime, &out, &lease, &progress, &cancel)
         })
     };
-    Ok(Running { lease: shard, progress, cancel, task, clock: LeaseClock::granted(lease_timeout, sent) })
+    Ok(Running { lease: shard, progress, cancel, stop_now, task, clock: LeaseClock::granted(lease_timeout, sent) })
 }
 
 /// Reports a finished shard, retrying while the coordinator is unreachable; once stopping, at

@@ -35,6 +35,12 @@ pub trait ShardEngine: Send {
         cancel: &Arc<AtomicBool>,
     ) -> Result<ClassResult, ShardFailure>;
 
+    /// Hands the engine the flag of a revoked lease: once set, sampling stops before its next
+    /// DiT call (the classes in progress would be discarded anyway, and a class is a whole
+    /// denoising trajectory, minutes at DiT-XL/2 scale), where `cancel` alone (a shutdown) lets
+    /// the current batch finish and commit. Engines without DiT calls of their own ignore it.
+    fn set_stop_now(&mut self, _stop_now: Arc<AtomicBool>) {}
+
     /// Distils `classes` of `spec` in order, handing each to `sink` as soon as it is done.
     /// The default runs [`ShardEngine::distill`] class after class; engines that overlap stages
     /// or share model calls between classes override it.
@@ -138,13 +144,15 @@ pub struct OnnxShardEngine {
     loaded: Option<LoadedEngine>,
     /// The fingerprints of the models `loaded` holds, published for registration.
     published: LoadedModels,
+    /// The revoked-lease flag of the shard to run next ([`ShardEngine::set_stop_now`]).
+    stop_now: Option<Arc<AtomicBool>>,
 }
 
 impl OnnxShardEngine {
     /// Models run with `runtime` (session settings and batch policy); decoding, preprocessing,
     /// k-means and PNG encoding on `pool`.
     pub fn new(runtime: Runtime, pool: CpuPool) -> Self {
-        OnnxShardEngine { runtime, pool, loaded: None, published: LoadedModels::default() }
+        OnnxShardEngine { runtime, pool, loaded: None, published: LoadedModels::default(), stop_now: None }
     }
 
     fn engine_for(&mut self, spec: &JobSpec) -> Result<&mut Engine, ShardFailure> {
@@ -277,6 +285,10 @@ impl ShardEngine for OnnxShardEngine {
         Ok(engine.distill_class(&dataset, &class_spec(spec, class), spec.contact_sheet)?)
     }
 
+    fn set_stop_now(&mut self, stop_now: Arc<AtomicBool>) {
+        self.stop_now = Some(stop_now);
+    }
+
     /// The pipelined shard: see [`crate::pipeline`].
     fn distill_shard(
         &mut self,
@@ -285,8 +297,10 @@ impl ShardEngine for OnnxShardEngine {
         cancel: &Arc<AtomicBool>,
         sink: &mut dyn ClassSink<Error = ShardError>,
     ) -> Result<(), ShardError> {
+        let stop_now = self.stop_now.take();
         let engine = self.engine_for(spec).map_err(ShardError::shard)?;
         engine.set_cancel_flag(cancel.clone());
+        engine.set_stop_now(stop_now);
         let dataset = Dataset::open(&spec.dataset).map_err(|e| ShardError::shard(ShardFailure::Dataset(e)))?;
         let specs: Vec<ClassSpec> = classes.iter().map(|c| class_spec(spec, c)).collect();
         let options = ShardOptions { contact_sheet: spec.contact_sheet };

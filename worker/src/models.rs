@@ -879,9 +879,12 @@ impl Models {
         modes: ArrayView4<f32>,
         noise: ArrayView5<f32>,
         rows: &mut Vec<usize>,
+        stop_now: Option<&AtomicBool>,
         on_step: impl FnMut(usize, ArrayView4<f32>),
     ) -> Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError> {
-        sample_run(&mut self.dit, schedule, sampling, labels, modes, noise, rows, on_step)
+        let model = denoiser_info(&self.dit);
+        let mut denoiser = Stoppable { inner: Counted { inner: DitDenoiser(&mut self.dit), rows }, stop_now };
+        sample_with(sampler_of(sampling), &mut denoiser, schedule, sampling, model, labels, modes, noise, on_step)
     }
 
     /// Two sampling runs in flight on the DiT: see [`sample_pair`].
@@ -892,8 +895,9 @@ impl Models {
         runs: [SampleInputs<'_>; 2],
         rows: &mut Vec<usize>,
         image_steps: &AtomicU64,
+        stop_now: Option<&AtomicBool>,
     ) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
-        sample_pair(&mut self.dit, schedule, sampling, runs, rows, image_steps)
+        sample_pair(&mut self.dit, schedule, sampling, runs, rows, image_steps, stop_now)
     }
 
     /// [`sample_run`] in chunks, as a shard does: see [`sample_in_batches`].
@@ -1020,6 +1024,29 @@ pub fn sample_run(
     )
 }
 
+/// What a sampling run stopped by its stop flag fails with (as the [`SampleError::Model`] source):
+/// the lease was revoked, so the rest of the trajectory would be discarded.
+#[derive(Debug, Error)]
+#[error("stopped before a DiT call: the lease was revoked")]
+pub struct Stopped;
+
+/// A denoiser that refuses its next call once `stop_now` is set ([`Stopped`]): a revoked shard
+/// stops within one DiT call instead of at the end of its batch's trajectory. The sampler's
+/// maths never sees the flag; it only sees a failed call.
+struct Stoppable<'f, D> {
+    inner: D,
+    stop_now: Option<&'f AtomicBool>,
+}
+
+impl<D: Denoiser> Denoiser for Stoppable<'_, D> {
+    fn predict(&mut self, x: ArrayView4<f32>, t: &[i64], y: &[i64]) -> Result<Array4<f32>, ModelError> {
+        if self.stop_now.is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+            return Err(Box::new(Stopped));
+        }
+        self.inner.predict(x, t, y)
+    }
+}
+
 /// What the sampler needs to know of the DiT: its null label and whether it predicts the variance.
 fn denoiser_info(dit: &Dit) -> DenoiserInfo {
     let info = dit.info();
@@ -1073,12 +1100,13 @@ pub fn sample_pair(
     runs: [SampleInputs<'_>; 2],
     rows: &mut Vec<usize>,
     image_steps: &AtomicU64,
+    stop_now: Option<&AtomicBool>,
 ) -> [Result<(Array4<f32>, crate::mgd3::sampler::SampleTimings), SampleError>; 2] {
     let model = denoiser_info(dit);
     let sampler = sampler_of(sampling);
     let dit = Mutex::new(dit);
     let run = |inputs: SampleInputs<'_>| {
-        let mut turn = Turn { dit: &dit, busy: Duration::ZERO, rows: Vec::new() };
+        let mut turn = Stoppable { inner: Turn { dit: &dit, busy: Duration::ZERO, rows: Vec::new() }, stop_now };
         let result = sample_with(
             sampler,
             &mut turn,
@@ -1092,8 +1120,8 @@ pub fn sample_pair(
                 image_steps.fetch_add(x.shape()[0] as u64, Ordering::Relaxed);
             },
         )
-        .map(|(x, timings)| (x, crate::mgd3::sampler::SampleTimings { model: turn.busy, ..timings }));
-        (result, turn.rows)
+        .map(|(x, timings)| (x, crate::mgd3::sampler::SampleTimings { model: turn.inner.busy, ..timings }));
+        (result, turn.inner.rows)
     };
     let [first, second] = runs;
     let ((a, rows_a), (b, rows_b)) = std::thread::scope(|scope| {

@@ -304,6 +304,8 @@ pub struct Engine {
     overlap: bool,
     /// Set to stop the running class after its current batch.
     cancel: Arc<AtomicBool>,
+    /// Stops sampling before its next DiT call once set (a revoked lease).
+    stop_now: Option<Arc<AtomicBool>>,
     /// Where per-class VAE latents are cached, if anywhere.
     latent_cache: Option<Location>,
     /// Decoding, preprocessing, k-means and PNG encoding run here.
@@ -334,6 +336,7 @@ impl Engine {
             policy,
             overlap: runtime.overlap,
             cancel: Arc::new(AtomicBool::new(false)),
+            stop_now: None,
             latent_cache: None,
             pool: CpuPool::default(),
         })
@@ -347,6 +350,12 @@ impl Engine {
     /// Uses `flag` to stop a running class after its current batch (shutdown, revoked lease).
     pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
         self.cancel = flag;
+    }
+
+    /// Sets (or clears) the flag that stops sampling before its next DiT call (a revoked lease:
+    /// see [`crate::engines::ShardEngine::set_stop_now`]); the shard then ends `Cancelled`.
+    pub fn set_stop_now(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.stop_now = flag;
     }
 
     /// Caches (and reuses) per-class latents under `cache`.
@@ -748,6 +757,7 @@ impl Engine {
                 [view(a), view(b)],
                 &mut stats.dit_rows,
                 image_steps,
+                self.stop_now.as_deref(),
             )),
             [a] => {
                 let run = view(a);
@@ -758,6 +768,7 @@ impl Engine {
                     run.modes,
                     run.noise,
                     &mut stats.dit_rows,
+                    self.stop_now.as_deref(),
                     |_, x| {
                         image_steps.fetch_add(x.shape()[0] as u64, Ordering::Relaxed);
                     },
@@ -774,6 +785,11 @@ impl Engine {
         let shape = self.models.dit().info().latent_shape;
         let mut done = Vec::new();
         for (batch, result) in batches.iter().zip(results) {
+            if let Err(crate::mgd3::sampler::SampleError::Model { source, .. }) = &result
+                && source.is::<crate::models::Stopped>()
+            {
+                return Err(ShardStop::Engine { class: None, error: Box::new(EngineError::Cancelled) });
+            }
             let (x, timings) = result.map_err(|source| {
                 let failed = source.sample_index().and_then(|i| batch.get(i).copied());
                 match failed {

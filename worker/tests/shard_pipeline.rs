@@ -216,6 +216,33 @@ fn a_cancel_during_the_data_phase_ends_the_shard() {
     }
 }
 
+/// A revoked lease's flag stops sampling before the next DiT call (a class is a whole trajectory:
+/// minutes at DiT-XL/2 scale, all discarded), where the cancel flag alone lets the batch finish:
+/// set from the start, no DiT call is made, no class is handed over, and the shard ends Cancelled.
+#[test]
+fn a_revoked_shard_stops_before_its_next_dit_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["n001", "n002"];
+    image_folder(dir.path(), &names, 6);
+    let dataset = Dataset::open(&dir.path().display().to_string()).unwrap();
+    let mut shard = engine(8, 1);
+    shard.set_stop_now(Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true))));
+    let mut got = Collect::default();
+    match shard.distill_shard(&dataset, &specs(&names, 2), ShardOptions { contact_sheet: false }, &mut got) {
+        Err(mgd3_worker::pipeline::ShardStop::Engine { class: None, error }) => {
+            assert!(matches!(*error, mgd3_worker::models::EngineError::Cancelled), "{error}")
+        }
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    assert!(got.outputs.is_empty() && got.order.is_empty(), "a class was handed over");
+    // Cleared, the same engine runs the shard to the end.
+    shard.set_stop_now(None);
+    let stats =
+        shard.distill_shard(&dataset, &specs(&names, 2), ShardOptions { contact_sheet: false }, &mut got).unwrap();
+    assert_eq!(got.order, names);
+    assert!(!stats.dit_rows.is_empty());
+}
+
 /// A VAE that gives NaN or an infinity never reaches a committed file (fp16 SD-VAE overflow,
 /// diffusers 4325, 7188, 9844): the encoder's failure names the model and the real image, the
 /// decoder's the model and the sample, both say what to do, and nothing is handed to the sink.
