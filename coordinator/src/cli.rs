@@ -146,18 +146,32 @@ pub struct JobDirArgs {
 
 impl JobDirArgs {
     async fn location(&self) -> Result<mgd3_common::store::Location> {
-        let url = match &self.job_dir {
-            Some(dir) => dir.clone(),
+        let (url, known) = match &self.job_dir {
+            Some(dir) => (dir.clone(), None),
             None => {
                 let mut client = self.connection.client()?;
-                job_status(&mut client, &self.connection.coordinator, &self.job).await.with_context(|| {
+                let status = job_status(&mut client, &self.connection.coordinator, &self.job).await.with_context(|| {
                     format!(
                         "asking the coordinator where job `{}` is; without a coordinator, pass the folder: --job-dir <output>/jobs/{}",
                         self.job, self.job
                     )
-                })?.output
+                })?;
+                (status.output.clone(), Some(status))
             }
         };
+        // The coordinator knows the job and nothing of it is committed: there is nothing to read
+        // (the folder, when the output is not the store, is made by the first commit).
+        if let Some(status) = known
+            && status.classes_done == 0
+        {
+            anyhow::bail!(
+                "job `{}` ({}) has no committed class yet, so its folder `{url}` holds nothing to read; `coordinator \
+                 status {}` shows its progress",
+                self.job,
+                status.state,
+                self.job
+            );
+        }
         // Opening a local store creates its folder: a mistyped folder must not be made.
         let local = url.strip_prefix("file://").unwrap_or(&url);
         if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
@@ -1512,6 +1526,8 @@ async fn run_command(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
+            // Where the job's outputs are, asked first: once forgotten, the coordinator no longer says.
+            let folder = job_status(&mut client, &args.connection.coordinator, &args.job).await.ok().map(|s| s.output);
             let response = client
                 .forget_job(proto::ForgetJobRequest { job_id: args.job.clone() })
                 .await
@@ -1520,9 +1536,18 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .into_inner();
             outln!("job {} forgotten", args.job);
             if response.outputs_kept {
-                errln!(
-                    "its outputs stay in its folder; submitting the same spec again brings the job back with its committed classes"
-                );
+                match folder {
+                    Some(folder) => errln!(
+                        "its outputs stay in `{folder}`; submitting the same spec again (with the same `output`) brings \
+                         the job back with its committed classes, and `coordinator verify {} --job-dir {folder}` checks \
+                         them offline",
+                        args.job
+                    ),
+                    None => errln!(
+                        "its outputs stay in its folder; submitting the same spec again brings the job back with its \
+                         committed classes"
+                    ),
+                }
             }
             Ok(())
         }

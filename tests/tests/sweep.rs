@@ -202,6 +202,10 @@ fn a_sweep_is_submitted_watched_cancelled_and_resumed_as_a_whole_and_bad_sweeps_
     let jobs: Vec<String> = variants.iter().map(|v| v["status"]["job_id"].as_str().unwrap().to_owned()).collect();
     // A variant is a job like any other; `spec --variant` writes it alone, and it is that job.
     assert_eq!(support::status(&url, &jobs[1]).unwrap()["state"], "running");
+    // Nothing committed yet (no worker): report says so instead of pointing at a folder.
+    let early = coordinator(&["report", &jobs[1], "--coordinator", &url]);
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert!(!early.status.success() && said.contains("(running) has no committed class yet"), "{said}");
     let alone = coordinator(&["spec", sweep_spec.to_str().unwrap(), "--variant", "2"]);
     assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
     let alone_path = scratch.dir.path().join("elsewhere").join("variant2.toml");
