@@ -1078,34 +1078,39 @@ impl JobSpec {
                 problems.into_iter().map(|problem| FieldError { field: "classes".into(), problem }).collect(),
             ));
         }
-        names
-            .into_iter()
-            .enumerate()
-            .map(|(index, wnid)| {
-                let label = match self.labels {
-                    LabelScheme::Position => index as i64,
-                    LabelScheme::Folder => {
-                        folders.as_ref().and_then(|all| all.iter().position(|f| *f == wnid)).ok_or_else(|| {
-                            invalid(format!(
-                                "`{}` is not a class folder of the dataset, so `labels = \"folder\"` gives it no label",
-                                wnid.escape_debug()
-                            ))
-                        })? as i64
-                    }
-                    LabelScheme::Imagenet1k => classes::imagenet1k_label(&wnid).map_err(|e| {
-                        JobError::Invalid(vec![FieldError {
-                            field: "classes".into(),
-                            problem: format!(
-                                "{e}; for datasets that are not ImageNet set `labels = \"folder\"` (the class's index \
-                                 among the dataset's folders, as torchvision's ImageFolder numbers them) or \
-                                 `labels = \"position\"` (its position in this list)"
-                            ),
-                        }])
-                    })? as i64,
-                };
-                Ok(ClassRef { wnid, label, class_index: index as u64, listing: None })
-            })
-            .collect()
+        // Every class without a label is named at once, not the first alone.
+        let mut unlabelled = Vec::new();
+        let mut refs = Vec::with_capacity(names.len());
+        for (index, wnid) in names.into_iter().enumerate() {
+            let label = match self.labels {
+                LabelScheme::Position => Some(index),
+                LabelScheme::Folder => folders.as_ref().and_then(|all| all.iter().position(|f| *f == wnid)),
+                LabelScheme::Imagenet1k => classes::imagenet1k_label(&wnid).ok(),
+            };
+            match label {
+                Some(label) => {
+                    refs.push(ClassRef { wnid, label: label as i64, class_index: index as u64, listing: None })
+                }
+                None => unlabelled.push(format!("`{}`", wnid.escape_debug())),
+            }
+        }
+        if unlabelled.is_empty() {
+            return Ok(refs);
+        }
+        let (count, shown) = (unlabelled.len(), unlabelled.iter().take(10).cloned().collect::<Vec<_>>().join(", "));
+        let more = if count > 10 { format!(" and {} more", count - 10) } else { String::new() };
+        Err(invalid(match self.labels {
+            LabelScheme::Folder => format!(
+                "{shown}{more}: not a class folder of the dataset, so `labels = \"folder\"` gives {} no label",
+                if count == 1 { "it" } else { "them" }
+            ),
+            _ => format!(
+                "{shown}{more}: {} (wnid); for datasets that are not ImageNet set `labels = \"folder\"` (the class's \
+                 index among the dataset's folders, as torchvision's ImageFolder numbers them) or `labels = \
+                 \"position\"` (its position in this list)",
+                if count == 1 { "not an ImageNet-1K synset" } else { "not ImageNet-1K synsets" }
+            ),
+        }))
     }
 
     /// The fingerprint of everything that determines the output images.
@@ -1693,8 +1698,14 @@ vae_decoder = "m/dec.onnx"
     #[test]
     fn labels_and_class_sources() {
         let mut spec = JobSpec::from_toml(SPEC).unwrap();
+        spec.classes = ClassSelection::List(vec!["shoe".into(), "n01440764".into(), "bag".into()]);
+        let err = spec.class_list(|| unreachable!()).unwrap_err().to_string();
+        // Every class without a label, at once.
+        assert!(
+            err.contains("`shoe`, `bag`: not ImageNet-1K synsets") && err.contains("labels = \"position\""),
+            "{err}"
+        );
         spec.classes = ClassSelection::List(vec!["shoe".into(), "bag".into()]);
-        assert!(spec.class_list(|| unreachable!()).unwrap_err().to_string().contains("labels = \"position\""));
         spec.labels = LabelScheme::Position;
         let classes = spec.class_list(|| unreachable!()).unwrap();
         assert_eq!((classes[1].wnid.as_str(), classes[1].label), ("bag", 1));

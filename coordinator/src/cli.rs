@@ -295,8 +295,8 @@ pub struct Connection {
     #[arg(skip)]
     pub coordinator: String,
     /// Bearer token file (the one the coordinator was started with), sent with every RPC; mode
-    /// 600 (a file others can read is refused).
-    #[arg(long)]
+    /// 600 (a file others can read is refused). MGD3_TOKEN_FILE, as the sbatch scripts take it.
+    #[arg(long, env = "MGD3_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Use a --token-file that other users can read.
     #[arg(long)]

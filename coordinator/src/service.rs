@@ -1129,23 +1129,24 @@ impl Coordinator {
         Ok(resolved)
     }
 
-    /// A job's `lease_timeout_s` must span three of this coordinator's heartbeats (the time it
-    /// gives a silent worker): shorter, a healthy worker's lease would expire between two of its
-    /// heartbeats, over and over, until the worker is set aside as a crash loop.
+    /// A job's `lease_timeout_s` must span two of this coordinator's heartbeats (a worker renews
+    /// its lease once a heartbeat; one late poll must not lose it): shorter, a healthy worker's
+    /// lease expires between its heartbeats, over and over, until the worker is set aside as a
+    /// crash loop.
     ///
     /// # Errors
     /// [`Error::Job`] naming `lease_timeout_s`, the heartbeat and both ways out.
     fn lease_fits_heartbeat(&self, spec: &mgd3_common::job::JobSpec) -> Result<()> {
         let heartbeat_ms = self.inner.scheduler.lock().expect("scheduler").heartbeat_ms();
-        let least_ms = 3 * heartbeat_ms;
+        let least_ms = 2 * heartbeat_ms;
         if spec.lease_timeout_s.saturating_mul(1000) >= least_ms {
             return Ok(());
         }
         Err(Error::Job(mgd3_common::job::JobError::Invalid(vec![mgd3_common::job::FieldError {
             field: "lease_timeout_s".into(),
             problem: format!(
-                "{} s is shorter than three heartbeats of this coordinator (--heartbeat-ms {heartbeat_ms}): a worker \
-                 renews its lease once a heartbeat, so every lease would expire while its worker is healthy; set \
+                "{} s is shorter than two heartbeats of this coordinator (--heartbeat-ms {heartbeat_ms}): a worker \
+                 renews its lease once a heartbeat, so leases would expire while their workers are healthy; set \
                  lease_timeout_s to at least {} s, or run the coordinator with a shorter --heartbeat-ms",
                 spec.lease_timeout_s,
                 least_ms.div_ceil(1000)

@@ -113,6 +113,7 @@ fn empty_variables_count_as_unset() {
         "MGD3_RETRY_FAILED",
         "MGD3_PROGRESS_EVERY_S",
         "MGD3_GIVE_UP_WHEN_EXCLUDED_S",
+        "MGD3_TOKEN_FILE",
     ];
     let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).unwrap();
     assert_eq!(source.matches("env = \"MGD3_").count(), variables.len(), "list a new variable here");
@@ -287,6 +288,49 @@ fn serve_refuses_a_reachable_address_without_a_token() {
         std::thread::sleep(Duration::from_millis(500));
         assert!(server.0.try_wait().unwrap().is_none(), "{extra:?}: serve exited");
     }
+}
+
+/// A client command reads the token file from `$MGD3_TOKEN_FILE` as the sbatch scripts set it,
+/// as it reads `$MGD3_COORDINATOR`.
+#[test]
+fn client_commands_take_the_token_file_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = dir.path().join("store");
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", store.to_str().unwrap()])
+            .args(["--token-file", token.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let list = |token_file: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        command.args(["list"]).env("MGD3_COORDINATOR", &url).env_remove("MGD3_TOKEN_FILE");
+        if let Some(file) = token_file {
+            command.env("MGD3_TOKEN_FILE", file);
+        }
+        command.output().unwrap()
+    };
+    let mut answered = None;
+    for _ in 0..100 {
+        let out = list(Some(&token));
+        if out.status.success() {
+            answered = Some(out);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = answered.expect("the coordinator answers a client holding the token from the environment");
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("no jobs"), "{out:?}");
+    let refused = list(None);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("token"), "{refused:?}");
 }
 
 /// Output piped into a reader that stops early ends the process quietly, as for any CLI tool.

@@ -1407,11 +1407,11 @@ async fn a_sweep_submitted_again_says_once_which_settings_its_variants_keep() {
     cluster.shutdown().await;
 }
 
-/// A job whose lease timeout is shorter than three of the coordinator's heartbeats is refused at
+/// A job whose lease timeout is shorter than two of the coordinator's heartbeats is refused at
 /// submit, naming both and both ways out: its leases would expire between a healthy worker's
 /// heartbeats, over and over, until the worker was set aside as a crash loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lease_timeout_shorter_than_three_heartbeats_is_refused_at_submit() {
+async fn a_lease_timeout_shorter_than_two_heartbeats_is_refused_at_submit() {
     let dir = tempfile::tempdir().unwrap();
     let store_url = dir.path().display().to_string();
     let coordinator = Coordinator::open(&store_url, 15_000).await.unwrap();
@@ -1419,12 +1419,12 @@ async fn a_lease_timeout_shorter_than_three_heartbeats_is_refused_at_submit() {
     let error = coordinator.submit(&spec, dir.path(), None).await.unwrap_err().to_string();
     assert!(
         error.contains("lease_timeout_s")
-            && error.contains("10 s is shorter than three heartbeats of this coordinator (--heartbeat-ms 15000)")
-            && error.contains("at least 45 s"),
+            && error.contains("10 s is shorter than two heartbeats of this coordinator (--heartbeat-ms 15000)")
+            && error.contains("at least 30 s"),
         "{error}"
     );
     assert!(coordinator.list().is_empty(), "nothing was submitted");
-    let fits = spec.replace("lease_timeout_s = 10", "lease_timeout_s = 45");
+    let fits = spec.replace("lease_timeout_s = 10", "lease_timeout_s = 30");
     coordinator.submit(&fits, dir.path(), None).await.unwrap();
 }
 

@@ -47,8 +47,8 @@ pub struct ClusterArgs {
     #[arg(long, env = "MGD3_COORDINATOR")]
     pub coordinator: Option<String>,
     /// File holding the bearer token the coordinator expects (mode 600: a file others can read
-    /// is refused).
-    #[arg(long)]
+    /// is refused). MGD3_TOKEN_FILE, as the sbatch scripts take it.
+    #[arg(long, env = "MGD3_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Use a --token-file that other users can read.
     #[arg(long)]

@@ -280,6 +280,7 @@ fn empty_variables_count_as_unset() {
         "MGD3_VAE_NHWC",
         "MGD3_IO_BINDING",
         "MGD3_CPU_THREADS",
+        "MGD3_TOKEN_FILE",
     ];
     let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).unwrap();
     let declared = source.matches("env = \"MGD3_").count();
