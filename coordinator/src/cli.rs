@@ -961,6 +961,12 @@ pub async fn run(cli: Cli) -> Result<()> {
 /// fails with the [`crate::Error::DataChanged`] that `run` and `submit` would refuse with.
 async fn check_recorded_data(store_url: &str, job: &mgd3_common::job::ResolvedJob) -> Result<()> {
     use crate::jobstore::JobStore;
+    // Opening a local store makes its folder: a store not there yet holds no job (and a check
+    // makes nothing).
+    let local = store_url.strip_prefix("file://").unwrap_or(store_url);
+    if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
+        return Ok(());
+    }
     let jobs = crate::jobstore::ObjectJobStore::new(mgd3_common::store::open(store_url)?);
     let recorded = match jobs.read_job(&job.job_id).await {
         Ok(recorded) if recorded.fingerprint == job.fingerprint => recorded,

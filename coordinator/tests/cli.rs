@@ -1042,8 +1042,10 @@ fn check_decode_lists_every_unreadable_image_at_once() {
         ),
     )
     .unwrap();
-    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state", "--decode"]);
+    let state = dir.path().join("no-such-state");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", state.to_str().unwrap(), "--decode"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!state.exists(), "check made the store's folder");
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("3 of 19 images cannot be used"), "{stdout}");
     assert!(stdout.contains("cut.jpg: truncated: the JPEG data ends before the image does"), "{stdout}");
