@@ -19,7 +19,7 @@ use mgd3_common::modelmeta::ModelFilesError;
 use mgd3_common::now_ms;
 use mgd3_common::store::{self};
 use mgd3_common::sweep::{Sweep, SweepRecord, VariantRecord};
-use tracing::info;
+use tracing::debug;
 
 use crate::error::{Error, Result};
 
@@ -148,8 +148,10 @@ pub async fn resolve_job(
     let fingerprint = spec.fingerprint(&data.classes);
     let shards = spec.plan_shards_for(data.classes.len(), planned);
     let job_id = explicit_id.unwrap_or_else(|| job_id(&spec, &fingerprint));
+    // The notes go back to whoever submitted (`check`, `run` and `submit` print them): logged at
+    // DEBUG only, or a terminal shows each twice.
     for note in &data.notes {
-        info!(job = %job_id, "{note}");
+        debug!(job = %job_id, "{note}");
     }
     let notes = data.notes;
     let job = ResolvedJob { job_id, spec, classes: data.classes, shards, fingerprint, created_unix_ms: now_ms() };
