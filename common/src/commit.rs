@@ -17,6 +17,15 @@ use crate::manifest::{ClassMarker, FileDigest};
 use crate::sha256_hex;
 use crate::store::{Location, get_optional, put_create, retry_idempotent};
 
+/// Whether `location`, under class folder `folder`, is a file mgd3 could have written there: an
+/// image directly in the folder (`<j>.png`). Only such files are removed as strays; anything else
+/// (a sub-folder's contents, another extension) is someone else's.
+fn written_by_mgd3(folder: &object_store::path::Path, location: &object_store::path::Path) -> bool {
+    let Some(rest) = location.as_ref().strip_prefix(folder.as_ref()) else { return false };
+    let rest = rest.trim_start_matches('/');
+    !rest.contains('/') && rest.ends_with(".png")
+}
+
 /// Why committing, publishing or checking a class's files failed.
 #[derive(Debug, Error)]
 pub enum CommitError {
@@ -276,8 +285,10 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
             Err(e) => return Err(store_err(out, format!("publishing `{target}`"))(e)),
         }
     }
-    // Exactly the marker's files: anything else in the class folder goes (a file of another
-    // attempt, a staging copy left by a crash), and so do staging copies of the modes file.
+    // Exactly the marker's files: any other image directly in the class folder goes (a file of
+    // another attempt, a staging copy left by a crash), and so do staging copies of the modes
+    // file; what mgd3 never writes there (a sub-folder, another job's output, a user's notes)
+    // is not the class's to remove, and is left for `verify` to name.
     let folder = format!("{}/dataset/{wnid}", keys.root());
     // Retried through an outage like every other call of a commit: a listing that fails here
     // would fail the class after its files are published.
@@ -286,6 +297,10 @@ pub async fn publish(out: &Location, keys: &JobKeys, marker: &ClassMarker, check
         .await
         .map_err(store_err(out, format!("listing `{folder}`")))?;
     for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
+        if !written_by_mgd3(&folder_key, &stray.location) {
+            tracing::warn!(wnid = %wnid, file = %stray.location, "left in place: a file in the class folder that mgd3 does not write (move it out of the job's dataset folder by hand)");
+            continue;
+        }
         match retry_idempotent(|| store.delete(&stray.location)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                 tracing::info!(wnid = %wnid, file = %stray.location, "removed a file the class's marker does not list");
@@ -355,7 +370,14 @@ pub async fn verify_class(
         .await
         .map_err(store_err(out, format!("listing `{folder}`")))?;
     for stray in present.into_iter().filter(|o| !wanted.contains(&o.location)) {
-        problems.push(FileProblem { file: stray.location.to_string(), problem: "not listed in the marker".into() });
+        let problem = if written_by_mgd3(&folder, &stray.location) {
+            "not listed in the marker".into()
+        } else {
+            "not listed in the marker, and not a file mgd3 writes there (another job's output, someone's file): \
+             `resume` leaves it in place; move it out of the job's dataset folder by hand"
+                .into()
+        };
+        problems.push(FileProblem { file: stray.location.to_string(), problem });
     }
     let staging = staging_copies(out, &format!("{}/dataset/{wnid}", keys.root()), "")
         .into_iter()

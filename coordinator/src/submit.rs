@@ -637,7 +637,9 @@ fn folder_problems(spec: &JobSpec, store: Option<&str>, base_dir: &Path) -> Vec<
         let path = Path::new(local);
         // Inside a job's folder of another output (`<out>/jobs/<job>/…`, which holds the job's
         // records): that folder is the job's own, and its repairs remove what is not the job's.
-        let job_folder = path.ancestors().find(|p| {
+        // Links are followed: a link into such a folder is the folder.
+        let real = through_links(path);
+        let job_folder = real.ancestors().find(|p| {
             p.parent().and_then(Path::file_name).is_some_and(|n| n == "jobs")
                 && ["job.json", "shards", "manifest.json", "coordinator.json"].iter().any(|r| p.join(r).exists())
         });
@@ -665,6 +667,16 @@ fn folder_problems(spec: &JobSpec, store: Option<&str>, base_dir: &Path) -> Vec<
         }
     }
     problems
+}
+
+/// `path` with the links of its longest existing ancestor resolved, the rest as written.
+fn through_links(path: &Path) -> std::path::PathBuf {
+    for ancestor in path.ancestors() {
+        if let Ok(real) = ancestor.canonicalize() {
+            return real.join(path.strip_prefix(ancestor).unwrap_or(Path::new("")));
+        }
+    }
+    path.to_path_buf()
 }
 
 /// A model setting's file on this machine: a path, or a `file://` URL's path.

@@ -544,6 +544,14 @@ fn an_output_inside_the_dataset_is_refused_before_anything_is_written() {
         assert_eq!(out.status.code(), Some(2), "{output}: {text}");
         assert!(text.contains("the folder of mgd3 job `other-0123456789ab`"), "{output}: {text}");
     }
+    // Through a link into it, too.
+    std::fs::create_dir_all(other.join("dataset/a")).unwrap();
+    std::os::unix::fs::symlink(other.join("dataset"), dir.path().join("link")).unwrap();
+    write("link/sub");
+    let out = coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("the folder of mgd3 job `other-0123456789ab`"), "{text}");
     write("done/else");
     assert!(coordinator(&["check", spec.to_str().unwrap(), "--store", "/srv/state"]).status.success());
     // The state store apart from the output, inside the dataset: its lock and jobs/ would sit

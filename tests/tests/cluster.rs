@@ -1018,6 +1018,10 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     std::fs::write(root.join("dataset/jobs/other-0123456789ab/shards/x.json"), b"{}").unwrap();
     std::fs::write(root.join("dataset/notes.txt"), b"mine").unwrap();
     std::fs::write(root.join("dataset/0.png#7"), b"half").unwrap();
+    // The same inside a class folder: not images mgd3 writes there, so not the class's to remove.
+    std::fs::create_dir_all(root.join("dataset/class00/nested/shards")).unwrap();
+    std::fs::write(root.join("dataset/class00/nested/shards/y.json"), b"{}").unwrap();
+    std::fs::write(root.join("dataset/class00/readme.txt"), b"mine").unwrap();
     let again = start(&store_url, None).await;
     assert!(!root.join("manifest.json#1").exists() && !root.join("shards/class00.json#2").exists());
     // Offline (`verify --job-dir`, no coordinator): the same damage, from the output alone.
@@ -1031,11 +1035,15 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
             (String::new(), "newclass".into()),
             (String::new(), "notes.txt".into()),
             ("class00".into(), "1.png#0".into()),
+            ("class00".into(), "readme.txt".into()),
+            ("class00".into(), "y.json".into()),
             ("class01".into(), "0.png".into()),
             ("class02".into(), "1.png".into())
         ],
         "{offline:?}"
     );
+    let nested = offline.problems.iter().find(|p| p.file.as_deref().is_some_and(|f| f.ends_with("y.json"))).unwrap();
+    assert!(nested.problem.contains("`resume` leaves it in place"), "{nested:?}");
     let foreign = offline.problems.iter().find(|p| p.file.as_deref().is_some_and(|f| f.ends_with("/jobs"))).unwrap();
     assert!(foreign.problem.contains("holding more than a class's images") && foreign.problem.contains("x.json"));
     assert_eq!((offline.classes_checked, offline.classes_committed, offline.running), (3, 3, false));
@@ -1051,6 +1059,8 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
             (String::new(), "newclass".into()),
             (String::new(), "notes.txt".into()),
             ("class00".into(), "1.png#0".into()),
+            ("class00".into(), "readme.txt".into()),
+            ("class00".into(), "y.json".into()),
             ("class01".into(), "0.png".into()),
             ("class02".into(), "1.png".into())
         ],
@@ -1063,9 +1073,14 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     assert!(!root.join("dataset/0.png#7").exists(), "a temporary is removed");
     assert!(root.join("dataset/jobs/other-0123456789ab/shards/x.json").exists(), "another job's records stay");
     assert!(root.join("dataset/notes.txt").exists(), "a user's file stays");
+    assert!(
+        root.join("dataset/class00/nested/shards/y.json").exists() && root.join("dataset/class00/readme.txt").exists()
+    );
     // Moved out by hand, as verify says.
     std::fs::remove_dir_all(root.join("dataset/jobs")).unwrap();
     std::fs::remove_file(root.join("dataset/notes.txt")).unwrap();
+    std::fs::remove_dir_all(root.join("dataset/class00/nested")).unwrap();
+    std::fs::remove_file(root.join("dataset/class00/readme.txt")).unwrap();
     again.run_to_success(&job.job_id).await;
     let report = again.coordinator.verify(&job.job_id).await.unwrap();
     assert!(report.problems.is_empty(), "{report:?}");
