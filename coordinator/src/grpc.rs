@@ -186,7 +186,7 @@ fn lease_message(grant: LeaseGrant) -> proto::Lease {
         classes: grant.classes.iter().map(Into::into).collect(),
         spec_json: serde_json::to_string(&grant.job.spec).expect("serialisable spec"),
         spec_fingerprint: grant.job.fingerprint.clone(),
-        lease_timeout_ms: grant.job.spec.lease_timeout_s * 1000,
+        lease_timeout_ms: grant.timeout_ms,
     }
 }
 

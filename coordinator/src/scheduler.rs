@@ -586,6 +586,8 @@ pub struct LeaseGrant {
     pub classes: Vec<ClassRef>,
     /// A backup lease of a shard that another worker runs (see [`BACKUP_AFTER`]).
     pub backup: bool,
+    /// How long the lease lives without renewal, ms ([`lease_timeout_ms`]).
+    pub timeout_ms: u64,
 }
 
 /// What a poll tells the worker.
@@ -652,6 +654,14 @@ pub struct ExpiredLease {
 /// its worker: a live worker that lost its coordinator retries every 10 s at most and renews at
 /// its next poll.
 pub const RESTORED_LEASE_GRACE_MS: u64 = 30_000;
+
+/// How long a lease of a job with `lease_timeout_s` lives without renewal under a coordinator of
+/// heartbeat `heartbeat_ms`: the job's timeout, but never less than two heartbeats (a worker
+/// renews once a heartbeat; one late poll must not lose its lease). Submit refuses a shorter
+/// timeout; a job recorded under a faster coordinator and recovered by a slower one gets this.
+pub fn lease_timeout_ms(lease_timeout_s: u64, heartbeat_ms: u64) -> u64 {
+    lease_timeout_s.saturating_mul(1000).max(2 * heartbeat_ms)
+}
 
 /// How long a lease recovered at a coordinator start waits for its worker to renew it before it
 /// is released: [`RESTORED_LEASE_GRACE_MS`] or three heartbeats, whichever is longer, and never
@@ -902,7 +912,8 @@ impl Scheduler {
     ) {
         let shards = job.shards.len();
         let recovered = persisted.is_some();
-        let grace = restored_lease_grace_ms(self.heartbeat_ms, job.spec.lease_timeout_s * 1000);
+        let grace =
+            restored_lease_grace_ms(self.heartbeat_ms, lease_timeout_ms(job.spec.lease_timeout_s, self.heartbeat_ms));
         let mut persisted = persisted
             .filter(|p| p.shards.len() == shards)
             .unwrap_or_else(|| PersistedJob { shards: vec![Shard::pending(); shards], ..Default::default() });
@@ -1285,7 +1296,7 @@ impl Scheduler {
             if backup.worker != worker_id {
                 return false;
             }
-            backup.deadline_ms = now + run.job.spec.lease_timeout_s * 1000;
+            backup.deadline_ms = now + lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms);
             self.next_expiry = self.next_expiry.min(backup.deadline_ms);
             self.leases.note_steps(&running.lease_id, running.image_steps_done, now);
             return true;
@@ -1296,7 +1307,7 @@ impl Scheduler {
         let Some(run) = self.jobs.get_mut(&job_id) else {
             return false;
         };
-        let timeout = run.job.spec.lease_timeout_s * 1000;
+        let timeout = lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms);
         let entry = &mut run.persisted.shards[shard];
         match &mut entry.state {
             ShardState::Leased { worker_id: owner, deadline_ms, .. } if owner == worker_id => {
@@ -1352,7 +1363,7 @@ impl Scheduler {
             entry.reset_progress();
             let lease_id = format!("{}-{}", self.epoch, self.next_lease);
             let attempt_id = format!("s{shard}-a{}-{lease_id}", entry.attempts);
-            let deadline_ms = now + run.job.spec.lease_timeout_s * 1000;
+            let deadline_ms = now + lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms);
             entry.state = ShardState::Leased {
                 lease_id: lease_id.clone(),
                 attempt_id: attempt_id.clone(),
@@ -1371,6 +1382,7 @@ impl Scheduler {
                 deadline_ms,
                 classes: run.job.shard_classes(shard).to_vec(),
                 backup: false,
+                timeout_ms: lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms),
             });
         }
         self.grant_backup(worker_id, now)
@@ -1508,7 +1520,7 @@ impl Scheduler {
         let lease_id = format!("{}-{}", self.epoch, self.next_lease);
         let attempt = run.persisted.shards[shard].attempts;
         let attempt_id = format!("s{shard}-a{attempt}-{lease_id}");
-        let deadline_ms = now + run.job.spec.lease_timeout_s * 1000;
+        let deadline_ms = now + lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms);
         self.next_expiry = self.next_expiry.min(deadline_ms);
         let backup = Backup {
             job: job_id.clone(),
@@ -1529,6 +1541,7 @@ impl Scheduler {
             deadline_ms,
             classes: run.job.shard_classes(shard).to_vec(),
             backup: true,
+            timeout_ms: lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms),
         })
     }
 
@@ -1876,13 +1889,14 @@ impl Scheduler {
         }
         if let Some(backup) = self.backups.get_mut(lease_id) {
             let Some(run) = self.jobs.get(&backup.job) else { return };
-            backup.deadline_ms = backup.deadline_ms.max(now + run.job.spec.lease_timeout_s * 1000);
+            backup.deadline_ms =
+                backup.deadline_ms.max(now + lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms));
             self.next_expiry = self.next_expiry.min(backup.deadline_ms);
             return;
         }
         let Some((job_id, shard)) = self.leases.get(lease_id) else { return };
         let Some(run) = self.jobs.get_mut(&job_id) else { return };
-        let timeout = run.job.spec.lease_timeout_s * 1000;
+        let timeout = lease_timeout_ms(run.job.spec.lease_timeout_s, self.heartbeat_ms);
         if let ShardState::Leased { deadline_ms, .. } = &mut run.persisted.shards[shard].state {
             *deadline_ms = (*deadline_ms).max(now + timeout);
             self.next_expiry = self.next_expiry.min(*deadline_ms);
@@ -2994,6 +3008,28 @@ mod tests {
         let mut again = Scheduler::new(1000, "f");
         again.add_job(job("j", 4, 1, 3), None, &HashSet::from([0, 1]), 400_000);
         assert_eq!(again.summary("j", 401_000).unwrap().images_per_second, 0.0);
+    }
+
+    /// A job recorded with a lease timeout under two of this coordinator's heartbeats (submitted
+    /// to a faster one, recovered by this one) gets two heartbeats: a healthy worker renewing at
+    /// every heartbeat keeps its lease, and the worker is told the same timeout.
+    #[test]
+    fn leases_live_at_least_two_heartbeats() {
+        let mut s = Scheduler::new(15_000, "h");
+        s.add_job(job("j", 1, 1, 2), None, &HashSet::new(), 0);
+        let granted = lease(poll(&mut s, "w", &[], false, 0).0);
+        assert_eq!(
+            (granted.timeout_ms, granted.deadline_ms),
+            (30_000, 30_000),
+            "10 s asked, two 15 s heartbeats given"
+        );
+        // The job's own 10 s would have expired the lease before the first renewal.
+        assert!(s.expire(14_000).is_empty() && s.take_expired().is_empty());
+        let running =
+            Running { lease_id: granted.lease_id.clone(), images_done: 0, classes_done: 0, image_steps_done: 0 };
+        poll(&mut s, "w", std::slice::from_ref(&running), false, 15_000);
+        assert!(s.expire(40_000).is_empty() && s.take_expired().is_empty(), "renewed at 15 s, alive at 40 s");
+        assert_eq!(lease_timeout_ms(60, 15_000), 60_000, "a longer timeout of the job is kept");
     }
 
     /// A worker in a crash loop (it takes a lease, dies, and comes back after the lease
