@@ -59,8 +59,10 @@ pub enum NearMiss {
     Folder {
         /// That folder's name.
         name: String,
-        /// True when the names differ only in normalization (else in case too).
-        normalization_only: bool,
+        /// The names differ in letter case.
+        case: bool,
+        /// The names differ in Unicode normalization.
+        normalization: bool,
     },
 }
 
@@ -69,19 +71,32 @@ impl NearMiss {
     fn advice(&self) -> String {
         match self {
             NearMiss::File => ": it is a file, not a folder; a class is a folder of images".into(),
-            NearMiss::Folder { name, normalization_only: true } => format!(
-                ", but folder `{}` has the same name in another Unicode normalization (`{}` with its characters \
-                 spelt out; NFD, as macOS writes names, against NFC: they look the same): write the class exactly as \
-                 that folder's name, or rename the folder",
-                name.escape_debug(),
-                name.chars()
-                    .map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() })
-                    .collect::<String>()
-            ),
-            NearMiss::Folder { name, normalization_only: false } => format!(
-                ", but folder `{}` differs from it only in letter case: write the class as that folder's name",
-                name.escape_debug()
-            ),
+            NearMiss::Folder { name, case, normalization } => {
+                let how = match (case, normalization) {
+                    (false, _) => {
+                        "has the same name in another Unicode normalization (one NFC, the other NFD, as macOS \
+                         writes names: they look the same)"
+                    }
+                    (true, false) => "differs from it only in letter case",
+                    (true, true) => {
+                        "differs from it in letter case and in Unicode normalization (one NFC, the other NFD, as \
+                         macOS writes names)"
+                    }
+                };
+                let spelt = if *normalization {
+                    let spelt: String = name
+                        .chars()
+                        .map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() })
+                        .collect();
+                    format!(" (`{spelt}` with its characters spelt out)")
+                } else {
+                    String::new()
+                };
+                format!(
+                    ", but folder `{}`{spelt} {how}: write the class exactly as that folder's name, or rename the folder",
+                    name.escape_debug()
+                )
+            }
         }
     }
 
@@ -97,10 +112,11 @@ impl NearMiss {
             }
             let name_nfc = nfc.normalize(name);
             if name_nfc == class_nfc {
-                return Some(NearMiss::Folder { name: name.into(), normalization_only: true });
+                return Some(NearMiss::Folder { name: name.into(), case: false, normalization: true });
             }
             if cased.is_none() && name_nfc.to_lowercase() == class_nfc.to_lowercase() {
-                cased = Some(NearMiss::Folder { name: name.into(), normalization_only: false });
+                let normalization = name.to_lowercase() != class.to_lowercase();
+                cased = Some(NearMiss::Folder { name: name.into(), case: true, normalization });
             }
         }
         cased
@@ -876,7 +892,13 @@ mod tests {
         std::fs::write(root.join("README.txt"), b"x").unwrap();
         let message = |class: &str| list_local_class(root, class).unwrap_err().to_string();
         let nfc = message("caf\u{e9}");
-        assert!(nfc.contains("another Unicode normalization (`cafe\\u{301}` with its characters"), "{nfc}");
+        assert!(
+            nfc.contains("(`cafe\\u{301}` with its characters spelt out) has the same name in another Unicode"),
+            "{nfc}"
+        );
+        // Case and normalization both: said so (copying the name as it looks would still fail).
+        let both = message("CAF\u{c9}");
+        assert!(both.contains("differs from it in letter case and in Unicode normalization"), "{both}");
         assert!(message("sandal").contains("folder `Sandal` differs from it only in letter case"));
         assert!(message("README.txt").ends_with("it is a file, not a folder; a class is a folder of images"));
         assert!(message("missing").ends_with("does not exist"), "{}", message("missing"));

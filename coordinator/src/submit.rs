@@ -397,11 +397,19 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     // Classes without a folder are summed up when there are many: a wrong dataset root would
     // otherwise be a thousand lines saying the same thing.
     let mut missing = Vec::new();
+    // Missing folders with something close there (another letter case or Unicode form, a
+    // file): named even when the missing are summed up, as that is the likelier cause.
+    let mut near_misses: Vec<String> = Vec::new();
     let mut too_few = Vec::new();
     for ((class, listing), content) in classes.iter_mut().zip(listings).zip(content) {
         match listing {
             Err(error @ mgd3_common::imagefolder::ListError::ClassNotFound { .. }) => {
-                missing.push((class.wnid.escape_debug().to_string(), mgd3_common::error_chain(&error)));
+                let near = matches!(&error, mgd3_common::imagefolder::ListError::ClassNotFound { near: Some(_), .. });
+                let said = mgd3_common::error_chain(&error);
+                if near {
+                    near_misses.push(said.clone());
+                }
+                missing.push((class.wnid.escape_debug().to_string(), said));
                 counts.push(0);
             }
             Err(error) => {
@@ -462,6 +470,17 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
         )],
         _ => missing.into_iter().map(|(_, error)| error).collect(),
     };
+    let mut missing_lines = missing_lines;
+    if let Some(first) = near_misses.first()
+        && !missing_lines.contains(first)
+    {
+        let more = near_misses.len() - 1;
+        missing_lines.push(if more > 0 {
+            format!("{first} (and {more} more class(es) with a folder of a close name)")
+        } else {
+            first.clone()
+        });
+    }
     problems.splice(0..0, missing_lines);
     // As for missing folders: a few named, many counted.
     if too_few.len() > MISSING_SHOWN {

@@ -1482,6 +1482,21 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
     let wrong_level = spec_toml(40, 2, 1, &store_url).replace(fake_dataset(), &empty.display().to_string());
     let error = cluster.coordinator.submit(&wrong_level, dir.path(), None).await.unwrap_err().to_string();
     assert!(error.contains("none of the 40 classes has a folder") && error.lines().count() < 4, "{error}");
+    // Every class missing, but folders of their names in another letter case: said, as the
+    // likelier cause than a wrong root.
+    let cased = dir.path().join("cased");
+    for class in ["Class00", "Class01"] {
+        std::fs::create_dir_all(cased.join(class)).unwrap();
+        std::fs::write(cased.join(class).join("0.png"), [0]).unwrap();
+    }
+    let case_only = spec_toml(2, 2, 1, &store_url).replace(fake_dataset(), &cased.display().to_string());
+    let error = cluster.coordinator.submit(&case_only, dir.path(), None).await.unwrap_err().to_string();
+    assert!(
+        error.contains("none of the 2 classes has a folder")
+            && error.contains("folder `Class00` differs from it only in letter case")
+            && error.contains("and 1 more class(es) with a folder of a close name"),
+        "{error}"
+    );
     // Many classes short of IPC: counted, one example; a root one level too high (its "classes"
     // are the splits): named as such.
     let short = spec_toml(12, 9, 1, &store_url);
