@@ -1459,6 +1459,17 @@ async fn run_command(cli: Cli) -> Result<()> {
                 response.files_checked,
                 response.problems.len()
             );
+            // What resume leaves in place (another job's output, someone's files) is moved by
+            // hand; when that is all there is, resume is not the advice.
+            let by_hand = |p: &mgd3_common::status::VerifyProblem| p.problem.contains("`resume` leaves it in place");
+            if !response.problems.is_empty() && response.problems.iter().all(by_hand) {
+                bail!(
+                    "job {} holds {} thing(s) that are not its own (listed above): move them out of its folder by hand; \
+                     `coordinator resume` leaves them in place",
+                    args.job,
+                    response.problems.len()
+                );
+            }
             if !response.problems.is_empty() {
                 if let Some(dir) = &args.job_dir {
                     // Offline, no coordinator is at hand: say which one repairs it, and how to

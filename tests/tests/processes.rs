@@ -922,6 +922,14 @@ fn a_running_coordinator_run_is_found_and_a_second_one_on_its_store_is_told_wher
     );
     let said = String::from_utf8_lossy(&offline.stderr);
     assert!(!said.contains("coordinator"), "verify --job-dir spoke of a coordinator: {said}");
+    // Someone's file in a class folder and nothing else wrong: moved by hand, not resumed.
+    let class = std::fs::read_dir(format!("{job_dir}/dataset")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(class.join("notes.txt"), b"mine").unwrap();
+    let offline = cli(&["verify", &job, "--job-dir", &job_dir]);
+    let said = String::from_utf8_lossy(&offline.stderr);
+    assert!(!offline.status.success() && said.contains("move them out of its folder by hand"), "{said}");
+    assert!(!said.contains("repairs it"), "{said}");
+    std::fs::remove_file(class.join("notes.txt")).unwrap();
     // An image changed in place (same size): offline, verify names it and says which coordinator
     // repairs it and how to start one; doing as it says puts the same bytes back.
     let class = std::fs::read_dir(format!("{job_dir}/dataset")).unwrap().next().unwrap().unwrap().path();
