@@ -342,7 +342,14 @@ pub(crate) async fn check_dataset(spec: &JobSpec) -> Result<DatasetCheck> {
     let mut notes = Vec::new();
     let all = matches!(&spec.classes, ClassSelection::Named(all) if all == "all");
     let folders = match &spec.classes {
-        _ if all || matches!(spec.labels, LabelScheme::Folder | LabelScheme::Position) => {
+        // Listed classes numbered by position: the root's folders only serve a note (whether
+        // positions differ from folder indices), so a root that cannot be listed in full (a
+        // broken link beside the classes) keeps no other problem from being said.
+        _ if !all && spec.labels == LabelScheme::Position => match root.list_classes().await {
+            Ok((names, _)) => Some(names),
+            Err(_) => None,
+        },
+        _ if all || spec.labels == LabelScheme::Folder => {
             let (names, hidden) = root.list_classes().await.map_err(|e| invalid(vec![mgd3_common::error_chain(&e)]))?;
             if !hidden.is_empty() {
                 notes.push(format!(

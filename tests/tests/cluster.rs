@@ -1456,6 +1456,9 @@ async fn dataset_problems_are_reported_at_submit_in_one_message() {
             std::fs::write(data.join(class).join(format!("{i}.png")), [i as u8]).unwrap();
         }
     }
+    // A broken link beside the classes: listed classes numbered by position do not need the
+    // root's folders, so it hides none of the other problems.
+    std::os::unix::fs::symlink("/nonexistent-mgd3-test", data.join("broken")).unwrap();
     // Sparse: no disk used, but a worker would refuse to read it (every attempt of the class).
     let huge = std::fs::File::create(data.join("class02").join("huge.bmp")).unwrap();
     huge.set_len(mgd3_common::imagecheck::MAX_IMAGE_BYTES + 1).unwrap();
