@@ -455,7 +455,7 @@ impl std::fmt::Display for CallError {
             Failure::Answered => match self.status.code() {
                 tonic::Code::Unauthenticated => write!(
                     f,
-                    "the coordinator at {url} refused this client: {message}; pass the token it was started with (--token-file)"
+                    "the coordinator at {url} refused this client: {message}; pass the token it was started with (--token-file, or MGD3_TOKEN_FILE)"
                 ),
                 code => write!(f, "{message} (coordinator {url}, {} answered {code:?})", self.rpc),
             },

@@ -1553,6 +1553,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                 .into_inner();
             outln!("job {} forgotten", args.job);
             if response.outputs_kept {
+                // A local folder that was never made: nothing of the job was committed.
+                let folder = folder.filter(|folder| {
+                    let local = folder.strip_prefix("file://").unwrap_or(folder);
+                    mgd3_common::store::is_url(local) || Path::new(local).exists()
+                });
                 match folder {
                     Some(folder) => errln!(
                         "its outputs stay in `{folder}`; submitting the same spec again (with the same `output`) brings \
