@@ -20,7 +20,7 @@ use crate::store::{Location, get_optional, put_create, retry_idempotent};
 /// Whether `location`, under class folder `folder`, is a file mgd3 could have written there: an
 /// image directly in the folder (`<j>.png`). Only such files are removed as strays; anything else
 /// (a sub-folder's contents, another extension) is someone else's.
-fn written_by_mgd3(folder: &object_store::path::Path, location: &object_store::path::Path) -> bool {
+pub fn written_by_mgd3(folder: &object_store::path::Path, location: &object_store::path::Path) -> bool {
     let Some(rest) = location.as_ref().strip_prefix(folder.as_ref()) else { return false };
     let rest = rest.trim_start_matches('/');
     !rest.contains('/') && rest.ends_with(".png")

@@ -173,8 +173,7 @@ impl JobDirArgs {
             );
         }
         // Opening a local store creates its folder: a mistyped folder must not be made.
-        let local = url.strip_prefix("file://").unwrap_or(&url);
-        if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
+        if missing_local_folder(&url) {
             return Err(crate::report::ReportError::NoFolder { url }.into());
         }
         Ok(mgd3_common::store::open(&url)?)
@@ -763,8 +762,7 @@ async fn resume_one(client: &mut Client, url: &str, request: proto::ResumeJobReq
 async fn sweep_to_report(args: &JobDirArgs) -> Result<Option<(mgd3_common::store::Location, SweepRecord)>> {
     match &args.job_dir {
         Some(dir) => {
-            let local = dir.strip_prefix("file://").unwrap_or(dir);
-            if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
+            if missing_local_folder(dir) {
                 return Ok(None);
             }
             let root = mgd3_common::store::open(dir)?;
@@ -955,6 +953,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Whether `url` is a local folder (a path or `file://` URL) that does not exist; an object
+/// store's URL is never said missing here. Checked before opening one, which would make it.
+fn missing_local_folder(url: &str) -> bool {
+    let local = url.strip_prefix("file://").unwrap_or(url);
+    !mgd3_common::store::is_url(local) && !Path::new(local).exists()
+}
+
 /// `check --store`: when the store already holds job `job` (the same id and fingerprint), the
 /// data of its classes now (as `check` listed them) against what each commit was made from or the
 /// job recorded ([`crate::service::data_review`]); says the job is known and its data the same, or
@@ -963,8 +968,7 @@ async fn check_recorded_data(store_url: &str, job: &mgd3_common::job::ResolvedJo
     use crate::jobstore::JobStore;
     // Opening a local store makes its folder: a store not there yet holds no job (and a check
     // makes nothing).
-    let local = store_url.strip_prefix("file://").unwrap_or(store_url);
-    if !mgd3_common::store::is_url(local) && !Path::new(local).exists() {
+    if missing_local_folder(store_url) {
         return Ok(());
     }
     let jobs = crate::jobstore::ObjectJobStore::new(mgd3_common::store::open(store_url)?);
@@ -1554,10 +1558,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             outln!("job {} forgotten", args.job);
             if response.outputs_kept {
                 // A local folder that was never made: nothing of the job was committed.
-                let folder = folder.filter(|folder| {
-                    let local = folder.strip_prefix("file://").unwrap_or(folder);
-                    mgd3_common::store::is_url(local) || Path::new(local).exists()
-                });
+                let folder = folder.filter(|folder| !missing_local_folder(folder));
                 match folder {
                     Some(folder) => errln!(
                         "its outputs stay in `{folder}`; submitting the same spec again (with the same `output`) brings \

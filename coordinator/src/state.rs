@@ -323,8 +323,9 @@ pub(crate) async fn dataset_strays(out: &Location, keys: &JobKeys, classes: &Has
             out.store.list(Some(&inside)).try_collect().await.map_err(store_err(out, format!("listing `{inside}`")))?;
         let foreign = objects.iter().find_map(|object| {
             let rest = object.location.as_ref().strip_prefix(inside.as_ref())?.trim_start_matches('/');
-            let image = !rest.contains('/') && (rest.ends_with(".png") || rest.contains('#'));
-            (!image).then(|| format!("{path}/{rest}"))
+            let ours = mgd3_common::commit::written_by_mgd3(&inside, &object.location)
+                || !rest.contains('/') && rest.contains('#');
+            (!ours).then(|| format!("{path}/{rest}"))
         });
         strays.push(Stray { path, kind: StrayKind::Folder { foreign } });
     }

@@ -116,8 +116,12 @@ pub struct Entry {
 
 /// Splits an unsealed entry body into its `.npy` data and its [`Source`], if it records one.
 fn split_source(body: &[u8]) -> (&[u8], Option<Source>) {
-    let found = body.windows(SOURCE.len()).rposition(|w| w == SOURCE);
-    let Some(at) = found else { return (body, None) };
+    // The record has a fixed length (two `sha256:<64 hex>` digests and a space) at the very
+    // end: looked for there, not searched for through tens of MB of latents.
+    let Some(at) = body.len().checked_sub(SOURCE.len() + 2 * 71 + 1) else { return (body, None) };
+    if !body[at..].starts_with(SOURCE) {
+        return (body, None);
+    }
     let parsed = std::str::from_utf8(&body[at + SOURCE.len()..]).ok().and_then(|text| {
         let (listing, content) = text.split_once(' ')?;
         let digest = |d: &str| d.starts_with("sha256:") && d.len() == 71 && !d.contains(char::is_whitespace);
