@@ -222,7 +222,7 @@ pub struct ImageRef {
     /// Size in bytes.
     pub bytes: u64,
     /// What changes when the file is rewritten: the object's ETag, or a local file's modification
-    /// time in nanoseconds.
+    /// and change times in nanoseconds (`<mtime>.<ctime>`).
     pub version: Option<String>,
 }
 
@@ -414,7 +414,7 @@ impl ListingSummary {
         }
     }
 
-    /// Same names and sizes, other modification times or ETags: a copy, or files rewritten in
+    /// Same names and sizes, other file times or ETags: a copy, or files rewritten in
     /// place at the same size (which only `data_fingerprint = "content"` tells apart).
     pub fn versions_differ(&self, now: &ListingSummary) -> bool {
         self.names_digest == now.names_digest && self.digest != now.digest
@@ -620,11 +620,7 @@ pub fn list_local_class(root: &Path, class: &str) -> Result<ClassListing, ListEr
             {
                 listing.skipped.add_link(rel, LinkSkip::OtherClass { target: target.display().to_string() });
             } else if is_image_name(&shown) {
-                let version = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_nanos().to_string());
+                let version = Some(local_version(&meta));
                 let image = ImageRef { relative: rel, source: ImageSource::Local(path), bytes: meta.len(), version };
                 found.push((image, file_id(&meta)));
             } else {
@@ -676,6 +672,18 @@ fn class_folders(root: &Path, own: &Path) -> Vec<PathBuf> {
 }
 
 /// A file's identity on this machine: (device, inode).
+/// A local file's version: its modification and change times, `<mtime ns>.<ctime ns>`. The
+/// change time is there because a file rewritten in place can be given its old modification time
+/// back (`touch -r`, `cp -p` or `rsync -a` from a regenerated source onto it) and no one can set the
+/// change time: whatever compares versions to skip reading a file (the latent cache) then reads it.
+/// A copy of the dataset (`cp -r`, a tar unpacked to scratch) has other versions too, and is read
+/// once to find it is the same.
+fn local_version(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
+    format!("{}.{}", ns(meta.mtime(), meta.mtime_nsec()), ns(meta.ctime(), meta.ctime_nsec()))
+}
+
 fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     (meta.dev(), meta.ino())

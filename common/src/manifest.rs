@@ -209,7 +209,7 @@ pub struct ClassMarker {
     /// The class in latent space, for the job report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Embedding>,
-    /// The class's files had the names and sizes submit recorded but other modification times or
+    /// The class's files had the names and sizes submit recorded but other file times or
     /// ETags: a copy of the dataset (`cp -r`), or files rewritten in place with the same size,
     /// which mgd3 cannot tell apart without reading every image.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

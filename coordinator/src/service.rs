@@ -316,7 +316,7 @@ pub async fn data_review(
             job = %job.job_id,
             classes = versions_only.len(),
             first = versions_only[0],
-            "classes with the same image names and sizes but other modification times or ETags (a copy of the \
+            "classes with the same image names and sizes but other file times or ETags (a copy of the \
              dataset, or files rewritten in place at the same size): the same data for this job; \
              data_fingerprint = \"content\" in the spec tells rewritten files apart"
         );

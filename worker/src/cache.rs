@@ -3,7 +3,7 @@
 //! class's file listing (names and sizes, and the files' contents where the job records them), so
 //! a job with another IPC, seed, λ or t_stop reuses them without decoding or encoding a single
 //! image, and a changed class folder misses the cache. A latents entry also records what it was
-//! computed from ([`Source`]: the listing with its modification times or ETags, and the files'
+//! computed from ([`Source`]: the listing with its files' modification and change times or ETags, and the files'
 //! contents): the same listing is a hit without reading a file; other times (a copy, a `touch`, a
 //! file rewritten in place at the same size) are a hit only once the files' contents are read and
 //! found the same, so no job samples from the latents of pixels that are no longer there. Modes
@@ -93,7 +93,7 @@ pub fn modes_key(latent_key: &str, content: &str, ipc: usize, seed: u64) -> Stri
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
     /// The class's [`ClassListing::digest`](mgd3_common::imagefolder::ClassListing::digest): names,
-    /// sizes and modification times or ETags (`sha256:<hex>`).
+    /// sizes and modification and change times or ETags (`sha256:<hex>`).
     pub listing: String,
     /// The [`content_digest`](mgd3_common::imagefolder::content_digest) of its files: names, sizes
     /// and each file's sha256 (`sha256:<hex>`).

@@ -20,7 +20,7 @@ use thiserror::Error;
 
 /// Checks a class's listing against the one its job recorded for it (`class.listing`; jobs
 /// submitted before listings were recorded are not checked). Other names or sizes fail the
-/// class, until `--accept-data-changes` records the data as it is; the same names and sizes with other versions (modification times, ETags) are the same
+/// class, until `--accept-data-changes` records the data as it is; the same names and sizes with other versions (modification or change times, ETags) are the same
 /// data copied without its times, such as a dataset staged to node-local scratch with `cp -r`,
 /// and are used, with a warning; true is returned then, for the class's marker.
 ///
@@ -39,7 +39,7 @@ pub fn check_unchanged(class: &mgd3_common::job::ClassRef, listing: &ClassListin
     if now.digest != submitted.digest {
         tracing::warn!(
             class = %class.wnid,
-            "the class's files have the same names and sizes as at submit but other modification times or ETags \
+            "the class's files have the same names and sizes as at submit but other file times or ETags \
              (a copy of the dataset, or files rewritten in place with the same size): distilling them; the \
              class's marker records it (versions_changed)"
         );

@@ -983,9 +983,21 @@ impl DataStage<'_> {
         });
         if let (Some(cache), Some(key)) = (&self.latent_cache, &cache_key)
             && let Some(entry) = cache::load(cache, key, images.len(), self.latent_dim)?
-            && let Some(content) = self.cached_content(class, &images, &listing_digest, entry.source, stopped)?
+            && let Some((content, read)) =
+                self.cached_content(class, &images, &listing_digest, entry.source, stopped)?
         {
             info!(class = %class.wnid, key = %key, "latent cache hit: skipping decode and VAE encode");
+            if read {
+                // The entry now records this listing: the next job over the same files (a sweep
+                // over one staged copy) is a hit without reading them. Best effort: a cache that
+                // cannot be written costs a later job the reading again, nothing else.
+                let source = cache::Source { listing: listing_digest.clone(), content: content.clone() };
+                if let Err(error) =
+                    cache::store(cache, key, &entry.values, images.len(), self.latent_dim, Some(&source))
+                {
+                    warn!(class = %class.wnid, key = %key, error = %mgd3_common::error_chain(&error), "could not record the class's current file times in its latent cache entry; a later job reads and hashes its files again");
+                }
+            }
             let crops = self.decode_chunk(class, &images[..keep], keep, false)?.crops;
             let seconds = started.elapsed();
             let names = images.iter().map(|image| image.display()).collect();
@@ -1042,10 +1054,11 @@ impl DataStage<'_> {
     }
 
     /// The content digest a cached latents entry of this class was computed from, when it holds
-    /// for the class's files now (`None`: a miss, to be computed again). The same listing
-    /// (`listing_digest`: names, sizes, modification times or ETags) as the entry's is trusted
-    /// without reading a file; another one (a copy of the dataset, a `touch`, a file rewritten in
-    /// place at the same size) has every file read and hashed, which is still far less than
+    /// for the class's files now (`None`: a miss, to be computed again), and whether the files
+    /// were read to find so. The same listing (`listing_digest`: names, sizes, modification and
+    /// change times or ETags) as the entry's is trusted without reading a file; another one (a
+    /// copy of the dataset, a `touch`, a file rewritten in place at the same size, with or without
+    /// its old modification time) has every file read and hashed, which is still far less than
     /// decoding and encoding them. An entry that records no source (written by an older mgd3)
     /// is a miss.
     fn cached_content(
@@ -1055,13 +1068,13 @@ impl DataStage<'_> {
         listing_digest: &str,
         source: Option<cache::Source>,
         stopped: &impl Fn() -> bool,
-    ) -> Result<Option<String>, EngineError> {
+    ) -> Result<Option<(String, bool)>, EngineError> {
         let Some(source) = source else {
             debug!(class = %class.wnid, "cached latents record no source (an older mgd3's): computing them again");
             return Ok(None);
         };
         if source.listing == listing_digest {
-            return Ok(Some(source.content));
+            return Ok(Some((source.content, false)));
         }
         let mut hashes = Vec::with_capacity(images.len());
         for chunk in images.chunks(self.encode_chunk.max(1)) {
@@ -1074,8 +1087,8 @@ impl DataStage<'_> {
         }
         let content = mgd3_common::imagefolder::content_digest(images, &hashes);
         if content == source.content {
-            debug!(class = %class.wnid, "cached latents: other modification times or ETags, same contents (a copy of the dataset)");
-            Ok(Some(content))
+            debug!(class = %class.wnid, "cached latents: other file times or ETags, same contents (a copy of the dataset)");
+            Ok(Some((content, true)))
         } else {
             warn!(
                 class = %class.wnid,

@@ -597,6 +597,39 @@ fn a_class_rewritten_at_the_same_names_and_sizes_misses_the_latent_cache() {
     let copied = run(true);
     assert!(copied.timings.latent_cache_hit && copied.timings.modes_cache_hit, "a copy of the same files missed");
     assert!(copied.files.modes_npy == fresh.files.modes_npy && copied.files.images == fresh.files.images);
+    // The entry now records the copy's times: the next job over it is a hit without reading.
+    let copy_listing = dataset.list_class("n001").unwrap().summary().digest;
+    let entries: Vec<_> = walk(&dir.path().join("cache"))
+        .into_iter()
+        .filter(|p| p.starts_with(dir.path().join("cache/latents")))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = std::fs::read(&entries[0]).unwrap();
+    assert!(
+        entry.windows(copy_listing.len()).any(|w| w == copy_listing.as_bytes()),
+        "the entry does not record the copy's listing"
+    );
+
+    // Rewritten in place once more and given the old modification times back (`touch -r`, or a
+    // `cp -p` from a regenerated source onto the files): the same names, sizes and mtimes, other
+    // pixels. Only the change time says so; the cache must not be a hit unread.
+    let times: Vec<_> =
+        (0..9).map(|i| std::fs::metadata(class_dir.join(format!("{i:03}.bmp"))).unwrap().modified().unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    write(9.0);
+    for (i, time) in times.iter().enumerate() {
+        let file = std::fs::File::options().write(true).open(class_dir.join(format!("{i:03}.bmp"))).unwrap();
+        file.set_modified(*time).unwrap();
+    }
+    let back = dataset.list_class("n001").unwrap().summary();
+    assert_eq!(back.names_digest, now.names_digest, "the rewrite keeps names and sizes");
+    let retimed = run(true);
+    let retimed_fresh = run(false);
+    assert!(!retimed.timings.latent_cache_hit, "latents of pixels no longer there were used (mtimes restored)");
+    assert!(retimed.files.modes_npy != copied.files.modes_npy, "the new pixels have other modes");
+    assert!(
+        retimed.files.modes_npy == retimed_fresh.files.modes_npy && retimed.files.images == retimed_fresh.files.images
+    );
 }
 
 /// Every file below `root`.
