@@ -94,28 +94,49 @@ pub enum StopSignal {
     Terminate,
 }
 
-/// Resolves on SIGTERM or SIGINT, saying which: the shutdown signal both binaries pass to their
-/// `run`, which then stop cleanly (a worker after its batch, giving its lease back).
+/// The first stop signal, once one came, from the listener [`listen_for_stop`] started in this
+/// process's runtime (a test process runs several runtimes one after the other: a listener whose
+/// runtime has gone is started again in the current one).
+static STOP: std::sync::Mutex<Option<tokio::sync::watch::Receiver<Option<StopSignal>>>> = std::sync::Mutex::new(None);
+
+/// Starts listening for SIGTERM and SIGINT now, if this process does not already: from here on the
+/// first one is remembered until [`termination`] asks (a Ctrl-C while a command is still setting
+/// up is not lost, nor does it kill the process half way through taking its store), and a second
+/// Ctrl-C ends the process at once (exit 130), as a person pressing it again means: what is
+/// committed stays, the work in progress is lost and a worker's lease expires on the coordinator.
+/// A second SIGTERM does not: Slurm's preemption signals every process of the step while the
+/// batch script forwards its own SIGTERM to the worker too, and that double delivery must not cut
+/// the clean stop short (Slurm sends SIGKILL itself once its grace period is over). It is only
+/// acknowledged on standard error.
 ///
-/// From then on a second Ctrl-C ends the process at once (exit 130), as a person pressing it
-/// again means: what is committed stays, the work in progress is lost and a worker's lease
-/// expires on the coordinator. A second SIGTERM does not: Slurm's preemption signals every
-/// process of the step while the batch script forwards its own SIGTERM to the worker too, and
-/// that double delivery must not cut the clean stop short (Slurm sends SIGKILL itself once its
-/// grace period is over). It is only acknowledged on standard error.
-pub async fn termination() -> StopSignal {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    let first = tokio::select! {
-        _ = term.recv() => StopSignal::Terminate,
-        _ = tokio::signal::ctrl_c() => StopSignal::Interrupt,
-    };
+/// Commands that stop cleanly call it first thing; the others keep the default (Ctrl-C ends them).
+///
+/// # Panics
+/// Outside a Tokio runtime with its I/O driver, or when the signal handlers cannot be installed.
+pub fn listen_for_stop() -> tokio::sync::watch::Receiver<Option<StopSignal>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut slot = STOP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(rx) = slot.as_ref()
+        && rx.has_changed().is_ok()
+    {
+        return rx.clone();
+    }
+    // Both handlers are installed here, before this returns, not when a future is first polled.
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
+        let first = tokio::select! {
+            _ = term.recv() => StopSignal::Terminate,
+            _ = int.recv() => StopSignal::Interrupt,
+        };
+        let _ = tx.send(Some(first));
         loop {
             tokio::select! {
                 _ = term.recv() => errln!(
                     "already stopping cleanly (another SIGTERM changes nothing; a second Ctrl-C or SIGKILL stops at once)"
                 ),
-                _ = tokio::signal::ctrl_c() => {
+                _ = int.recv() => {
                     errln!(
                         "second Ctrl-C: exiting at once; committed work is kept, the work in progress is lost \
                          (a worker's lease expires on its coordinator and the shard runs again)"
@@ -125,7 +146,28 @@ pub async fn termination() -> StopSignal {
             }
         }
     });
-    first
+    *slot = Some(rx.clone());
+    rx
+}
+
+/// The stop signal that has come so far, if any (only once [`listen_for_stop`] listens).
+pub fn stop_requested() -> Option<StopSignal> {
+    STOP.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().and_then(|rx| *rx.borrow())
+}
+
+/// Resolves on SIGTERM or SIGINT, saying which: the shutdown signal both binaries pass to their
+/// `run`, which then stop cleanly (a worker after its batch, giving its lease back). A signal that
+/// came since [`listen_for_stop`] started listening resolves it at once. From then on a second
+/// Ctrl-C ends the process at once (see [`listen_for_stop`]).
+pub async fn termination() -> StopSignal {
+    let mut rx = listen_for_stop();
+    // Copied out of the guard at once: it must not be held across an await.
+    let signal = rx.wait_for(Option::is_some).await.map(|signal| *signal);
+    match signal {
+        Ok(Some(signal)) => signal,
+        // The listener's runtime is shutting down, and this future with it.
+        _ => std::future::pending().await,
+    }
 }
 
 /// [`termination`] as a plain future for a `shutdown` argument, remembering the signal in

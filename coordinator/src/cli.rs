@@ -1041,6 +1041,9 @@ async fn run_command(cli: Cli) -> Result<()> {
     }
     match command {
         Command::Serve(args) => {
+            // A stop signal while the store is opened and recovered is kept and acted on once it
+            // serves (a clean stop, the lock released), not the default death half way through.
+            mgd3_common::listen_for_stop();
             let config = ServeConfig::try_from(&args)?;
             let listener = TcpListener::bind(&args.listen).await.map_err(|error| {
                 let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
@@ -1980,7 +1983,6 @@ async fn run_local_sweep(
     let outcome = tokio::select! {
         statuses = wait_for_sweep(&mut client, &record, &url, args.progress.options(), args.progress.excluded_grace(Duration::ZERO)) => statuses,
         signal = mgd3_common::termination() => {
-            stopping_message(signal);
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the sweep", record.sweep_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }
@@ -2063,6 +2065,14 @@ async fn stop_local(
     local: crate::local::LocalCoordinator,
 ) {
     coordinator.drain();
+    // The drain reaches a worker at its next poll; SIGTERM asks the same of one that has not
+    // registered yet (loading its models, or connecting), which would otherwise be waited for.
+    for worker in workers.iter_mut() {
+        if let Some(pid) = worker.id().and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: kill(2) on our own child's pid, which tokio has not reaped (id() is Some).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
     for worker in workers.iter_mut() {
         if tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.is_err() {
             let _ = worker.start_kill();
@@ -2150,12 +2160,13 @@ impl RunArgs {
 const REGISTRATION_WAIT: Duration = Duration::from_secs(600);
 
 /// Waits until every local worker has registered, one has exited (its error is reported once
-/// the job runs), or `limit` has passed.
+/// the job runs), a stop signal came, or `limit` has passed.
 async fn wait_for_registrations(coordinator: &Coordinator, workers: &mut [tokio::process::Child], limit: Duration) {
     let started = tokio::time::Instant::now();
     loop {
         let exited = workers.iter_mut().any(|w| !matches!(w.try_wait(), Ok(None)));
-        if coordinator.live_workers() >= workers.len() || exited || started.elapsed() >= limit {
+        let stopped = mgd3_common::stop_requested().is_some();
+        if coordinator.live_workers() >= workers.len() || exited || stopped || started.elapsed() >= limit {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2171,6 +2182,16 @@ fn spec_refusal(error: crate::Error, spec: &Path) -> anyhow::Error {
 }
 
 async fn run_local(args: RunArgs) -> Result<()> {
+    // A Ctrl-C from here on stops cleanly, whatever step the run is in: said at once, acted on
+    // once the step in progress ends (the store's lock is released, a job not yet submitted is
+    // not); a second one exits at once.
+    let mut signals = mgd3_common::listen_for_stop();
+    tokio::spawn(async move {
+        let signal = signals.wait_for(Option::is_some).await.map(|signal| *signal);
+        if let Ok(Some(signal)) = signal {
+            stopping_message(signal);
+        }
+    });
     let devices = args.worker_devices()?;
     let local_workers = devices.len();
     let (text, base) = read_spec(&args.spec)?;
@@ -2284,7 +2305,10 @@ async fn run_local(args: RunArgs) -> Result<()> {
     // Every local worker gone before it registered (a device it cannot use): nothing to run the
     // job, so it is not submitted; a refused submit stops the workers and frees the store too.
     let all_gone = workers.iter_mut().all(|w| !matches!(w.try_wait(), Ok(None)));
-    let submitted = if all_gone {
+    let submitted = if let Some(signal) = mgd3_common::stop_requested() {
+        let next = "nothing was submitted; `coordinator run` again starts the job".to_owned();
+        Err(anyhow::Error::new(mgd3_common::Interrupted { signal, next: Some(next) }))
+    } else if all_gone {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let reasons = exit_reasons(&mut workers, &last_errors).await;
         let job = format!("in `{}` (not submitted)", args.spec.display());
@@ -2332,7 +2356,6 @@ async fn run_local(args: RunArgs) -> Result<()> {
     let outcome = tokio::select! {
         status = wait_for(&mut client, &job.job_id, &mut progress, args.progress.excluded_grace(Duration::ZERO)) => status,
         signal = mgd3_common::termination() => {
-            stopping_message(signal);
             let next = format!("`coordinator run` again (or `coordinator resume {}`) continues the job", job.job_id);
             Err(mgd3_common::Interrupted { signal, next: Some(next) }.into())
         }

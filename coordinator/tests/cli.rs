@@ -946,6 +946,55 @@ fn ctrl_c_stops_serve_cleanly_and_exits_130() {
     assert!(started.elapsed() < Duration::from_secs(10), "the lock was released on the way out");
 }
 
+/// Ctrl-C while `coordinator run` is still setting up (here: waiting for workers that never
+/// register) stops it cleanly too: at once, exit 130, nothing submitted, and the store's lock
+/// released (it was left behind, the process killed by the signal half way through its set-up).
+#[test]
+fn ctrl_c_while_run_sets_up_stops_cleanly_before_submitting() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("a")).unwrap();
+    std::fs::write(data.join("a").join("0.png"), b"png").unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "dataset = \"data\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 1\n[models]\ndit = \"{0}/tiny_dit.onnx\"\nvae_encoder = \"{0}/tiny_vae_encoder.onnx\"\nvae_decoder = \"{0}/tiny_vae_decoder.onnx\"\n",
+            models.display()
+        ),
+    )
+    .unwrap();
+    // A worker that never registers: `run` waits for it (up to ten minutes).
+    let fake = dir.path().join("worker");
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 120\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["run", spec.to_str().unwrap(), "--local-workers", "1", "--worker-bin", fake.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock = dir.path().join("out").join("coordinator.lock");
+    let started = std::time::Instant::now();
+    while !lock.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "`run` never took the store");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past the lock: the worker is started and waited for.
+    std::thread::sleep(Duration::from_millis(300));
+    let interrupt = Command::new("kill").args(["-INT", &run.id().to_string()]).status().unwrap();
+    assert!(interrupt.success());
+    let stopping = std::time::Instant::now();
+    let out = run.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{text}");
+    assert!(stopping.elapsed() < Duration::from_secs(20), "it waited on: {text}");
+    assert!(text.contains("stopping:") && text.contains("nothing was submitted"), "{text}");
+    assert!(!lock.exists(), "the store's lock was left behind");
+    assert!(!dir.path().join("out").join("jobs").exists(), "a job was submitted");
+}
+
 /// `coordinator run --device cuda --devices 0,2` gives each local worker its own GPU in turn, and
 /// passes `--worker-arg=` values and everything after `--` to every worker. (The stand-in worker
 /// records its arguments and exits, so the run itself fails: every worker exited.)
