@@ -224,11 +224,14 @@ pub enum Error {
     /// A job that `coordinator forget` dropped; its outputs stayed.
     #[error(
         "job `{job}` was forgotten (`coordinator forget`); its outputs are kept: submitting its spec again brings it \
-         back with its committed classes, and `coordinator verify {job} --job-dir <output>/jobs/{job}` checks them offline"
+         back with its committed classes, and `coordinator verify {job} --job-dir {}/jobs/{job}` checks them offline",
+        output.as_deref().map_or("<output>", |o| o.trim_end_matches('/'))
     )]
     Forgotten {
         /// The job id.
         job: String,
+        /// The job's output root, as `forget` recorded it (`None` when it did not).
+        output: Option<String>,
     },
     /// A job whose folder was removed from the store by hand: the coordinator forgot it.
     #[error(

@@ -81,9 +81,19 @@ pub trait JobStore: Send + Sync {
     /// Deletes the job's records (`job.json`, `state.json`); where anything else stays in the
     /// folder (outputs in the same store), or `outputs_elsewhere` (the job's output is another
     /// location, where its outputs stay), writes `forgotten.json` so that the folder is not taken
-    /// for a damaged job and the job is said to be forgotten, not unknown. Returns whether
-    /// outputs stayed.
-    fn forget_job<'a>(&'a self, job_id: &'a str, outputs_elsewhere: bool) -> BoxFuture<'a, Result<bool>>;
+    /// for a damaged job and the job is said to be forgotten, not unknown, with `output` (the
+    /// job's output root, when known) so that what is said can name the folder its outputs are
+    /// in. Returns whether outputs stayed.
+    fn forget_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        outputs_elsewhere: bool,
+        output: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool>>;
+
+    /// The output root a forgotten job's `forgotten.json` records (`None`: none recorded, or no
+    /// such note; an older mgd3 wrote none).
+    fn forgotten_output<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Option<String>>;
 
     /// Reads `job.json`.
     ///
@@ -504,7 +514,21 @@ impl JobStore for ObjectJobStore {
         })
     }
 
-    fn forget_job<'a>(&'a self, job_id: &'a str, outputs_elsewhere: bool) -> BoxFuture<'a, Result<bool>> {
+    fn forgotten_output<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let key = self.location.key(&JobKeys::new(job_id).forgotten_json());
+            let bytes = get_optional(self.location.store.as_ref(), &key).await.ok()??;
+            let note: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            note.get("output").and_then(|o| o.as_str()).map(str::to_owned)
+        })
+    }
+
+    fn forget_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        outputs_elsewhere: bool,
+        output: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let keys = JobKeys::new(job_id);
             let prefix = self.location.key(keys.root());
@@ -524,7 +548,10 @@ impl JobStore for ObjectJobStore {
             // job that loads (job.json still there) or a forgotten one, never a damaged one.
             if outputs_stay {
                 let key = &records[2];
-                let note = serde_json::json!({ "job_id": job_id, "forgotten_unix_ms": mgd3_common::now_ms() });
+                let mut note = serde_json::json!({ "job_id": job_id, "forgotten_unix_ms": mgd3_common::now_ms() });
+                if let Some(output) = output {
+                    note["output"] = output.into();
+                }
                 let bytes = serde_json::to_vec_pretty(&note).expect("serialisable note");
                 retry_idempotent(|| self.location.store.put(key, PutPayload::from(bytes.clone())))
                     .await

@@ -950,7 +950,7 @@ impl Coordinator {
                 if mgd3_common::job::validate_job_id(job_id).is_ok()
                     && matches!(self.inner.jobs.folder(job_id).await, Ok(crate::jobstore::Folder::Forgotten)) =>
             {
-                Err(Error::Forgotten { job: job_id.into() })
+                Err(Error::Forgotten { job: job_id.into(), output: self.inner.jobs.forgotten_output(job_id).await })
             }
             other => other,
         }
@@ -1808,11 +1808,12 @@ impl Coordinator {
         // A job whose output is elsewhere left it there: the store keeps a note that the job
         // was forgotten (not unknown), as for outputs in the store.
         let known = self.inner.scheduler.lock().expect("scheduler").job(job_id);
-        let elsewhere = known.and_then(|job| self.output(&job).ok()).is_some_and(|out| out.url != self.inner.store.url);
+        let output = known.and_then(|job| self.output(&job).ok()).map(|out| out.url);
+        let elsewhere = output.as_ref().is_some_and(|out| *out != self.inner.store.url);
         self.forget_in_memory(job_id);
         self.inner.elsewhere.lock().expect("elsewhere").remove(job_id);
         self.give_up_claim(job_id).await;
-        let outputs_stay = self.inner.jobs.forget_job(job_id, elsewhere).await?;
+        let outputs_stay = self.inner.jobs.forget_job(job_id, elsewhere, output.as_deref()).await?;
         info!(job = %job_id, outputs_stay, "job forgotten: its records are deleted");
         Ok(outputs_stay)
     }

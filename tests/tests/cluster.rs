@@ -2325,6 +2325,9 @@ async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twi
     assert!(a.coordinator.forget(&job.job_id).await.unwrap(), "the outputs stay in the output");
     let asked = a.coordinator.explained(&job.job_id, a.coordinator.status(&job.job_id)).await;
     assert!(matches!(asked, Err(mgd3_coordinator::Error::Forgotten { .. })), "{asked:?}");
+    // It names the folder the outputs are in, not a placeholder.
+    let said = asked.unwrap_err().to_string();
+    assert!(said.contains(&format!("--job-dir {output}/jobs/{}", job.job_id)) && !said.contains("<output>"), "{said}");
     a.shutdown().await;
     b.shutdown().await;
 }

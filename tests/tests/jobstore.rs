@@ -78,7 +78,7 @@ async fn contract(location: Location) {
     assert_eq!(ObjectJobStore::new(location.clone()).read_state("g-sharded").await.unwrap(), Some(older.clone()));
     assert_eq!(record_names(&location, "g-sharded").await, ["1.json", "2.json", "3.json"]);
     // Forgetting the job removes its records with it.
-    assert!(!store.forget_job("g-sharded", false).await.unwrap(), "nothing but records was there");
+    assert!(!store.forget_job("g-sharded", false, None).await.unwrap(), "nothing but records was there");
     assert!(record_names(&location, "g-sharded").await.is_empty());
     assert!(matches!(store.read_job("g-sharded").await, Err(Error::UnknownJob(_))));
 
