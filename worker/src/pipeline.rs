@@ -911,15 +911,17 @@ impl Engine {
     }
 }
 
-/// A contact sheet's title: the class folder, its ImageNet name when the class is the ImageNet
-/// synset of its label (no name is guessed for other datasets), and the DiT label.
+/// A contact sheet's title: the class folder, the DiT label, and the class's ImageNet name when
+/// it is the ImageNet synset of its label (no name is guessed for other datasets). The name comes
+/// last: a narrow sheet (IPC 1 or 2) cuts the title's end, and the folder and label are what
+/// identify the class.
 fn sheet_title(class: &ClassRef) -> String {
     let imagenet = mgd3_common::classes::imagenet1k_label(&class.wnid)
         .ok()
         .filter(|&label| label as i64 == class.label)
         .and_then(mgd3_common::classes::imagenet1k_name);
     match imagenet {
-        Some(name) => format!("{} {name} - label {}", class.wnid, class.label),
+        Some(name) => format!("{} - label {} - {name}", class.wnid, class.label),
         None => format!("{} - label {}", class.wnid, class.label),
     }
 }
@@ -1130,5 +1132,20 @@ impl DataStage<'_> {
             crops: crops.into_iter().flatten().collect(),
             hashes: hashes.into_iter().flatten().collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The folder and label lead the title, so that a narrow sheet, which cuts its end, still
+    /// names the class; the ImageNet name is added only for the synset of its label.
+    #[test]
+    fn a_sheet_title_leads_with_the_folder_and_label() {
+        let class = |wnid: &str, label| ClassRef { wnid: wnid.into(), label, class_index: 0, listing: None };
+        assert_eq!(sheet_title(&class("n01440764", 0)), "n01440764 - label 0 - tench, Tinca tinca");
+        assert_eq!(sheet_title(&class("n01440764", 3)), "n01440764 - label 3");
+        assert_eq!(sheet_title(&class("03_dress", 3)), "03_dress - label 3");
     }
 }
