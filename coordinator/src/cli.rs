@@ -960,6 +960,44 @@ fn missing_local_folder(url: &str) -> bool {
     !mgd3_common::store::is_url(local) && !Path::new(local).exists()
 }
 
+/// Refuses a local `report --out` folder the report would damage or be mixed into: inside an
+/// mgd3 job's folder (its contact sheets or its distilled set would be overwritten or joined), a
+/// file, or a folder of other files (an earlier report's folder is written over, as `report/` is).
+fn report_target_problem(out: &str) -> Result<()> {
+    let local = out.strip_prefix("file://").unwrap_or(out);
+    if mgd3_common::store::is_url(local) {
+        return Ok(());
+    }
+    let path = Path::new(local);
+    if let Some(folder) = crate::submit::job_folder_around(path) {
+        bail!(
+            "--out `{out}` is inside `{}`, the folder of mgd3 job `{}`: the report would overwrite or join that job's              contact sheets or distilled images; name a folder outside it",
+            folder.display(),
+            folder.file_name().unwrap_or_default().to_string_lossy()
+        );
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_dir() => bail!("--out `{out}` is a file: name a folder for the report"),
+        Ok(_) => {
+            let earlier_report = path.join("index.html").is_file() && path.join("overview.png").is_file();
+            let mut others: Vec<String> = std::fs::read_dir(path)
+                .with_context(|| format!("reading --out `{out}`"))?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            if !earlier_report && !others.is_empty() {
+                others.sort();
+                let shown = others.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+                bail!(
+                    "--out `{out}` holds other files ({shown}{}), which the report would be mixed with or overwrite                      (its index.html among them): name a new or empty folder, or an earlier report's",
+                    if others.len() > 3 { format!(" and {} more", others.len() - 3) } else { String::new() }
+                );
+            }
+            Ok(())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
 /// `check --store`: when the store already holds job `job` (the same id and fingerprint), the
 /// data of its classes now (as `check` listed them) against what each commit was made from or the
 /// job recorded ([`crate::service::data_review`]); says the job is known and its data the same, or
@@ -1597,7 +1635,10 @@ async fn run_command(cli: Cli) -> Result<()> {
             }
             let dir = args.job.location().await?;
             let (target, copy) = match &args.out {
-                Some(out) => (mgd3_common::store::open(out)?, true),
+                Some(out) => {
+                    report_target_problem(out)?;
+                    (mgd3_common::store::open(out)?, true)
+                }
                 None => (dir.child("report"), false),
             };
             let summary = crate::report::write_report(&dir, &args.job.job, &target, copy).await?;

@@ -14,7 +14,7 @@ use mgd3_common::store::Location;
 use mgd3_common::sweep::SweepRecord;
 use object_store::ObjectStoreExt;
 
-use crate::report::{ReportError, escape, page, put, read_records, segment, store_error, write_report};
+use crate::report::{ReportError, escape, page, put, read_records, segment, write_report};
 
 /// Classes shown in the sample grid (the first ones every variant committed).
 const GRID_CLASSES: usize = 8;
@@ -95,6 +95,26 @@ pub async fn write_sweep_report(
             report: None,
         };
         if let Some(records) = records {
+            // The sweep's record says which settings each job was run with; the job's own record
+            // is what ran: a row must not carry another job's numbers under its settings.
+            if let Some(job) = &records.job {
+                let differing: Vec<String> = variant
+                    .settings
+                    .iter()
+                    .filter_map(|(key, value)| {
+                        let ran = mgd3_common::sweep::SweepKey::from_name(key)?.value_in(&job.spec);
+                        (ran != *value).then(|| format!("{key} = {value} in the sweep's record, {ran} in the job's"))
+                    })
+                    .chain((job.fingerprint != variant.fingerprint).then(|| "its fingerprint".to_owned()))
+                    .collect();
+                if !differing.is_empty() {
+                    return Err(ReportError::SweepRecordMismatch {
+                        sweep: record.sweep_id.clone(),
+                        job: variant.job_id.clone(),
+                        differing,
+                    });
+                }
+            }
             let ipc = records.job.as_ref().map(|j| j.spec.ipc);
             let quality: Vec<_> = records.markers.iter().filter_map(|m| m.quality.as_ref()).collect();
             summary.classes = records.markers.len();
@@ -165,13 +185,7 @@ async fn grid_png(
             let Some(marker) = ms.iter().find(|m| &m.wnid == wnid) else { continue };
             let Some(image) = marker.images.first() else { continue };
             let dir = root.child(&format!("jobs/{}", variant.job_id));
-            let key = format!("dataset/{}/{}", marker.wnid, image.name);
-            let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &dir.key(&key))
-                .await
-                .map_err(store_error(&dir, "read", &key))?;
-            let decoded = image::load_from_memory(&bytes)
-                .map_err(|source| ReportError::Image { wnid: marker.wnid.clone(), key: key.clone(), source })?
-                .to_rgb8();
+            let decoded = crate::report::committed_image(&dir, marker, image).await?;
             let tile = image::imageops::resize(&decoded, GRID_TILE, GRID_TILE, image::imageops::FilterType::Triangle);
             image::imageops::replace(&mut canvas, &tile, i64::from(label_w + c as u32 * cell_w + 2), i64::from(y + 2));
         }

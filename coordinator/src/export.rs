@@ -72,6 +72,14 @@ pub enum ExportError {
         /// The job's folder.
         folder: String,
     },
+    /// What stands at the archive's path is not a regular file, which the archive would replace.
+    #[error("`{path}` is {what}, not a file: name the .npz file to write (an existing regular file is replaced)")]
+    NotAFile {
+        /// The .npz path.
+        path: String,
+        /// What is there.
+        what: &'static str,
+    },
     /// An image does not match the sha256 its commit marker records (changed since its commit).
     #[error(
         "class `{wnid}`: `{key}` is not the image its commit marker records (changed since): `coordinator verify` \
@@ -154,6 +162,31 @@ pub async fn export_npz(
                 path: path.display().to_string(),
                 folder: folder.display().to_string(),
             });
+        }
+    }
+    // Any other job's folder is as much its own.
+    if let Some(folder) = crate::submit::job_folder_around(path) {
+        return Err(ExportError::InsideJob { path: path.display().to_string(), folder: folder.display().to_string() });
+    }
+    // The archive replaces a regular file (written beside it, then renamed over it); anything
+    // else standing there (a device such as /dev/null, a pipe, a link, a folder) is refused
+    // rather than replaced.
+    if path.as_os_str() == "-" {
+        return Err(ExportError::NotAFile { path: "-".into(), what: "standard output (export writes a file)" });
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let kind = meta.file_type();
+        let what = if kind.is_symlink() {
+            Some("a symbolic link")
+        } else if kind.is_dir() {
+            Some("a folder")
+        } else if !kind.is_file() {
+            Some("a device, pipe or socket")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(ExportError::NotAFile { path: path.display().to_string(), what });
         }
     }
     let partial_path = path.with_extension("npz.partial");

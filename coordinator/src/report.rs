@@ -87,6 +87,36 @@ pub enum ReportError {
         /// The job id.
         job: String,
     },
+    /// A committed image the report shows is missing, or is not the bytes its commit marker
+    /// records: the report would show something the job did not make.
+    #[error(
+        "class `{wnid}`: `{key}` {}: `coordinator verify` names every such file and `coordinator resume` puts the \
+         job's own bytes back",
+        if *missing { "is missing" } else { "is not the image its commit marker records (changed since its commit)" }
+    )]
+    NotCommitted {
+        /// The class.
+        wnid: String,
+        /// The image's key in the job folder.
+        key: String,
+        /// Missing (rather than changed).
+        missing: bool,
+    },
+    /// A sweep's record gives one of its jobs other settings than the job's own record (the
+    /// record edited, or another sweep's): its numbers would be shown under the wrong settings.
+    #[error(
+        "sweep `{sweep}`: its record does not match job `{job}`'s own ({}); the record was edited or belongs \
+         elsewhere: submitting the sweep's spec again writes it anew",
+        differing.join("; ")
+    )]
+    SweepRecordMismatch {
+        /// The sweep.
+        sweep: String,
+        /// The job whose record differs.
+        job: String,
+        /// What differs, as a person reads it.
+        differing: Vec<String>,
+    },
     /// A sample image could not be read for the overview.
     #[error("class `{wnid}`: `{key}` is not a readable image")]
     Image {
@@ -321,13 +351,7 @@ async fn overview_png(dir: &Location, records: &JobRecords) -> Result<Vec<u8>, R
     draw_text(&mut canvas, 6, 5, title, 1, [40, 40, 40]);
     for (i, marker) in records.markers.iter().enumerate() {
         let Some(first) = marker.images.first() else { continue };
-        let key = format!("dataset/{}/{}", marker.wnid, first.name);
-        let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &dir.key(&key))
-            .await
-            .map_err(store_error(dir, "read", &key))?;
-        let decoded = image::load_from_memory(&bytes)
-            .map_err(|source| ReportError::Image { wnid: marker.wnid.clone(), key: key.clone(), source })?
-            .to_rgb8();
+        let decoded = committed_image(dir, marker, first).await?;
         let tile = image::imageops::resize(&decoded, TILE, TILE, image::imageops::FilterType::Triangle);
         let (col, row) = (i as u32 % columns, i as u32 / columns);
         let (x, y) = (2 + col * cell_w, title_h + 2 + row * cell_h);
@@ -337,6 +361,33 @@ async fn overview_png(dir: &Location, records: &JobRecords) -> Result<Vec<u8>, R
     let mut png = std::io::Cursor::new(Vec::new());
     canvas.write_to(&mut png, image::ImageFormat::Png).expect("PNG encoding into memory");
     Ok(png.into_inner())
+}
+
+/// The bytes of `image`, one of `marker`'s committed images in the job folder `dir`, decoded:
+/// what a report shows of it (the overview's tile, a sweep's grid) is checked against the sha256
+/// the commit recorded, as `export` does, so a report never shows a file the job did not make.
+///
+/// # Errors
+/// [`ReportError::NotCommitted`] for a missing or changed file, [`ReportError::Image`] for one
+/// that does not decode, [`ReportError::Store`] when it cannot be read.
+pub(crate) async fn committed_image(
+    dir: &Location,
+    marker: &ClassMarker,
+    image: &mgd3_common::manifest::FileDigest,
+) -> Result<image::RgbImage, ReportError> {
+    let key = format!("dataset/{}/{}", marker.wnid, image.name);
+    let not_committed = |missing| ReportError::NotCommitted { wnid: marker.wnid.clone(), key: key.clone(), missing };
+    let bytes = match get_optional(dir.store.as_ref(), &dir.key(&key)).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Err(not_committed(true)),
+        Err(e) => return Err(store_error(dir, "read", &key)(e)),
+    };
+    if mgd3_common::sha256_hex(&bytes) != image.sha256 {
+        return Err(not_committed(false));
+    }
+    Ok(image::load_from_memory(&bytes)
+        .map_err(|source| ReportError::Image { wnid: marker.wnid.clone(), key: key.clone(), source })?
+        .to_rgb8())
 }
 
 /// Text for HTML element content and attribute values.

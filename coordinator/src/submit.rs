@@ -664,12 +664,7 @@ fn folder_problems(spec: &JobSpec, store: Option<&str>, base_dir: &Path) -> Vec<
         // Inside a job's folder of another output (`<out>/jobs/<job>/…`, which holds the job's
         // records): that folder is the job's own, and its repairs remove what is not the job's.
         // Links are followed: a link into such a folder is the folder.
-        let real = through_links(path);
-        let job_folder = real.ancestors().find(|p| {
-            p.parent().and_then(Path::file_name).is_some_and(|n| n == "jobs")
-                && ["job.json", "shards", "manifest.json", "coordinator.json"].iter().any(|r| p.join(r).exists())
-        });
-        if let Some(folder) = job_folder {
+        if let Some(folder) = job_folder_around(path) {
             problems.push(FieldError {
                 field: field.into(),
                 problem: format!(
@@ -693,6 +688,20 @@ fn folder_problems(spec: &JobSpec, store: Option<&str>, base_dir: &Path) -> Vec<
         }
     }
     problems
+}
+
+/// The folder of an mgd3 job (`<out>/jobs/<job>`, holding the job's records) that `path` is in,
+/// or is, links followed (a link into such a folder is the folder): a place that is the job's
+/// alone, where nothing else may write (its repairs remove what the job does not know, and a file
+/// in its `dataset/` becomes part of the distilled set).
+pub(crate) fn job_folder_around(path: &Path) -> Option<std::path::PathBuf> {
+    let real = through_links(path);
+    real.ancestors()
+        .find(|p| {
+            p.parent().and_then(Path::file_name).is_some_and(|n| n == "jobs")
+                && ["job.json", "shards", "manifest.json", "coordinator.json"].iter().any(|r| p.join(r).exists())
+        })
+        .map(Path::to_path_buf)
 }
 
 /// `path` with the links of its longest existing ancestor resolved, the rest as written.

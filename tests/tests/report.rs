@@ -9,6 +9,7 @@
 mod support;
 
 use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -293,4 +294,66 @@ fn export_writes_the_adm_npz_of_every_image_in_class_order() {
     let out = export(&failed);
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!failed.exists() && !failed.with_extension("npz.partial").exists(), "a failed export left a file");
+}
+
+/// What `report` and `export` write never damages a job or shows what the job did not make:
+/// `report --out` inside a job's folder, or into a folder of other files, is refused (it
+/// overwrote another job's contact sheets and a user's index.html); a report whose images changed
+/// or went missing since their commit fails naming the file (it showed another class's picture
+/// under this one's name); `export --npz` onto a pipe, a link or `-` is refused, not replaced.
+#[test]
+fn report_and_export_refuse_targets_and_images_that_would_mislead() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (dir, job) = distilled(scratch.path());
+    let job_dir = dir.display().to_string();
+    let report =
+        |out: &Path| coordinator(&["report", &job, "--job-dir", &job_dir, "--out", &out.display().to_string()]);
+    let sheet = dir.join("contact_sheets/c0.png");
+    let sheet_before = std::fs::read(&sheet).unwrap();
+    for inside in [dir.clone(), dir.join("dataset/c0"), dir.join("new-folder")] {
+        let out = report(&inside);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains("the folder of mgd3 job"), "{}: {text}", inside.display());
+    }
+    assert!(std::fs::read(&sheet).unwrap() == sheet_before, "a contact sheet was overwritten");
+    assert!(!dir.join("dataset/c0/index.html").exists() && !dir.join("new-folder").exists());
+    // A folder of someone's files is not written into; an earlier report's folder is.
+    let theirs = scratch.path().join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("index.html"), "mine").unwrap();
+    let out = report(&theirs);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("holds other files (`index.html`)"), "{text}");
+    assert_eq!(std::fs::read_to_string(theirs.join("index.html")).unwrap(), "mine");
+    let elsewhere = scratch.path().join("report");
+    for _ in 0..2 {
+        let out = report(&elsewhere);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // An image changed since its commit (another class's valid PNG), then one missing.
+    let (image, other) = (dir.join("dataset/c0/0.png"), dir.join("dataset/c1/0.png"));
+    let kept = std::fs::read(&image).unwrap();
+    std::fs::copy(&other, &image).unwrap();
+    let out = report(&elsewhere);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("is not the image its commit marker records"), "{text}");
+    assert!(text.contains("dataset/c0/0.png") && text.contains("coordinator verify"), "{text}");
+    std::fs::remove_file(&image).unwrap();
+    let out = report(&elsewhere);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("dataset/c0/0.png` is missing"), "{text}");
+    std::fs::write(&image, kept).unwrap();
+    // Export onto what is not a regular file.
+    let fifo = scratch.path().join("fifo.npz");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let link = scratch.path().join("link.npz");
+    std::os::unix::fs::symlink(scratch.path().join("nowhere.npz"), &link).unwrap();
+    for (target, what) in [(fifo.clone(), "a device, pipe or socket"), (link.clone(), "a symbolic link")] {
+        let out = coordinator(&["export", &job, "--job-dir", &job_dir, "--npz", &target.display().to_string()]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(what), "{text}");
+    }
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo() && link.is_symlink());
+    let out = coordinator(&["export", &job, "--job-dir", &job_dir, "--npz", "-"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("standard output"));
 }

@@ -104,6 +104,20 @@ fn a_sweep_runs_its_variants_as_the_jobs_alone_sharing_encodings_and_modes() {
         assert!(out.join("jobs").join(&variant.job_id).join("report/index.html").exists());
     }
     assert_eq!(html.matches("data-field=\"state\" data-value=\"succeeded\"").count(), 4, "each variant's state");
+    // A record whose settings were swapped between two variants would show each job's numbers
+    // under the other's settings: the comparison is refused, naming the job and the setting.
+    let record_file = out.join("sweeps").join(format!("{}.json", record.sweep_id));
+    let kept = std::fs::read(&record_file).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+    let first = edited["variants"][0]["settings"].clone();
+    edited["variants"][0]["settings"] = edited["variants"][1]["settings"].clone();
+    edited["variants"][1]["settings"] = first;
+    std::fs::write(&record_file, serde_json::to_vec(&edited).unwrap()).unwrap();
+    let refused = coordinator(&["report", &record.sweep_id, "--job-dir", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{text}");
+    assert!(text.contains("its record does not match job") && text.contains(&record.variants[0].job_id), "{text}");
+    std::fs::write(&record_file, kept).unwrap();
     let Some(browser) = chromium() else { return };
     let (dom, console) = browse(&browser, &page);
     assert!(console.iter().all(|l| !l.contains("not found")), "{console:?}");
