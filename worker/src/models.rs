@@ -145,6 +145,20 @@ pub enum EngineError {
         #[source]
         source: mgd3_common::modelmeta::ModelFilesError,
     },
+    /// A model file (or one of its external-data files) was replaced or rewritten while the
+    /// models were loaded and fingerprinted, every time they were tried: what was loaded may not
+    /// be what was fingerprinted.
+    #[error(
+        "model file `{}` changed while the worker loaded it ({tries} tries): wait until whatever writes or \
+         replaces the models (a copy, a sync) has finished, then start the worker again",
+        path.display()
+    )]
+    ModelsChanged {
+        /// A file that changed.
+        path: std::path::PathBuf,
+        /// Loads tried.
+        tries: usize,
+    },
     /// The cancel flag was set (shutdown or revoked lease) before a DiT batch.
     #[error("cancelled")]
     Cancelled,
@@ -371,6 +385,7 @@ impl EngineError {
             | EngineError::Cancelled
             | EngineError::Cache(_)
             | EngineError::Fingerprint { .. }
+            | EngineError::ModelsChanged { .. }
             | EngineError::ModelFiles(_)
             | EngineError::UnusableModels { .. } => true,
             EngineError::Modes { .. }
@@ -750,6 +765,37 @@ pub struct Models {
     fingerprints: ModelFingerprints,
 }
 
+/// What identifies a file's contents without reading them: device, inode, size, modification
+/// and change times (the change time moves on every write, link or rename, and cannot be set).
+type Identity = Option<(u64, u64, u64, i64, i64, i64, i64)>;
+
+/// The identity of every file of the three models (each model file and its external-data files;
+/// `None` for one that cannot be read, which the load reports itself).
+fn identities(paths: &ModelPaths) -> Vec<(std::path::PathBuf, Identity)> {
+    use std::os::unix::fs::MetadataExt;
+    [&paths.dit, &paths.vae_encoder, &paths.vae_decoder]
+        .into_iter()
+        .flat_map(|path| mgd3_common::modelmeta::model_files(path).unwrap_or_else(|_| vec![path.clone()]))
+        .map(|file| {
+            let identity = std::fs::metadata(&file)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()));
+            (file, identity)
+        })
+        .collect()
+}
+
+/// The first file whose identity differs between two [`identities`] (or that came or went).
+fn changed_file(
+    before: &[(std::path::PathBuf, Identity)],
+    after: &[(std::path::PathBuf, Identity)],
+) -> Option<std::path::PathBuf> {
+    if before.len() != after.len() {
+        return Some(after.first().or(before.first()).map(|(p, _)| p.clone()).unwrap_or_default());
+    }
+    before.iter().zip(after).find(|(b, a)| b != a).map(|(_, (path, _))| path.clone())
+}
+
 impl Models {
     /// Loads the three models, checks that the VAEs work on the DiT's latents with one scale
     /// factor, and fingerprints the model files (each with every external-data file it names).
@@ -763,7 +809,32 @@ impl Models {
     /// [`EngineError::Model`] when a model cannot be loaded; [`EngineError::ModelSet`] for VAEs that
     /// do not fit the DiT or each other;
     /// [`EngineError::Fingerprint`] when a model file cannot be read.
+    ///
+    /// The fingerprints are of the files ONNX Runtime loaded: each file's identity (device,
+    /// inode, size, modification and change times) is taken before the load and again after the
+    /// fingerprints, and a load during which any changed (a model replaced, even by a link or a
+    /// rename put back, or written in place) is done again, up to three times
+    /// ([`EngineError::ModelsChanged`]): a job must never record one model's fingerprint over
+    /// another's images.
     pub fn load(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
+        const TRIES: usize = 3;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let before = identities(paths);
+            let models = Self::load_once(paths, runtime)?;
+            match changed_file(&before, &identities(paths)) {
+                None => return Ok(models),
+                Some(path) if tries >= TRIES => return Err(EngineError::ModelsChanged { path, tries }),
+                Some(path) => {
+                    tracing::warn!(model = %path.display(), "a model file changed while it was loaded: loading the models again");
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    fn load_once(paths: &ModelPaths, runtime: &Runtime) -> Result<Self, EngineError> {
         let started = std::time::Instant::now();
         let read = check_model_kinds(&[
             ("dit", &paths.dit),
@@ -1233,6 +1304,37 @@ pub fn schedule_for_sampler(dit: &Dit, steps: usize, sampler: Sampler) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model replaced and put back while the worker loads (by links and renames, as a sync or
+    /// a hand fix does) leaves the same path, inode, size and modification time: the change time
+    /// still says so, and the load is done again rather than fingerprinting one file and having
+    /// loaded another (a trial committed one model's images under the other's fingerprint).
+    #[test]
+    fn a_model_replaced_and_put_back_is_seen_as_changed() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+        std::fs::copy(fixtures.join("tiny_dit.onnx"), &a).unwrap();
+        std::fs::copy(fixtures.join("tiny_vae_encoder.onnx"), &b).unwrap();
+        let dit = dir.path().join("dit.onnx");
+        std::fs::hard_link(&a, &dit).unwrap();
+        let paths = ModelPaths {
+            dit: dit.clone(),
+            vae_encoder: fixtures.join("tiny_vae_encoder.onnx"),
+            vae_decoder: fixtures.join("tiny_vae_decoder.onnx"),
+        };
+        let before = identities(&paths);
+        assert_eq!(changed_file(&before, &identities(&paths)), None, "nothing changed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for with in [&b, &a] {
+            let new = dir.path().join(".new");
+            std::fs::hard_link(with, &new).unwrap();
+            std::fs::rename(&new, &dit).unwrap();
+        }
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&dit).unwrap().ino(), std::fs::metadata(&a).unwrap().ino(), "put back");
+        assert_eq!(changed_file(&before, &identities(&paths)), Some(dit));
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
