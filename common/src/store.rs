@@ -171,6 +171,17 @@ pub fn location_problem(text: &str) -> Option<String> {
 /// slash missing, [`url_typo`], for its check to name as written).
 pub fn resolve(text: &str, base: &std::path::Path) -> String {
     use std::path::Component;
+    // A file:// URL is a local path, and from here on written as one (every reader of a
+    // location takes `file://X` as the path X): `file:///a%20b` and `file://localhost/a` are
+    // `/a b` and `/a`; `file://models/x` (a relative path written as a URL) starts at `base`, as
+    // a relative path does, not at whatever folder a process runs in.
+    if let Some(rest) = text.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("file://")).map(|_| &text[7..])
+        && !rest.trim().is_empty()
+    {
+        let rest = rest.strip_prefix("localhost/").map_or(rest.to_owned(), |path| format!("/{path}"));
+        let Ok(path) = percent_encoding::percent_decode_str(&rest).decode_utf8() else { return text.to_owned() };
+        return resolve(&path, base);
+    }
     // An empty location stays empty, for its check to say so (as `base` it named the spec's
     // folder, and `dataset = ""` was told that it "resolves to no classes").
     if is_url(text) || url_typo(text).is_some() || text.trim().is_empty() {
@@ -886,6 +897,13 @@ mod tests {
         assert_eq!(resolve("rel/dir", base), "/base/rel/dir");
         assert_eq!(resolve("/abs", base), "/abs");
         assert_eq!(resolve("../x/./y", base), "/x/y");
+        // file:// URLs are local paths: decoded, `localhost` dropped, relative ones from `base`
+        // (`file://models/x` was read from the current folder, another model than the spec's).
+        assert_eq!(resolve("file:///abs/sp%20ace/m%C3%B6dels", base), "/abs/sp ace/mödels");
+        assert_eq!(resolve("file://localhost/abs/m.onnx", base), "/abs/m.onnx");
+        assert_eq!(resolve("FILE:///abs", base), "/abs");
+        assert_eq!(resolve("file://models/x.onnx", base), "/base/models/x.onnx");
+        assert_eq!(resolve("file://../m/x.onnx", base), "/m/x.onnx");
         assert!(matches!(open("bogus://x/y"), Err(StoreError::BadUrl { .. })));
         // One slash is a typo, not a local folder named `s3:`.
         let typo = open("s3:/bucket/state").unwrap_err().to_string();

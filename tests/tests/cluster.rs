@@ -723,11 +723,10 @@ async fn the_same_spec_over_a_moved_dataset_says_it_is_a_new_job_and_how_to_keep
     for said in [first.job_id.as_str(), fake_dataset(), second.job_id.as_str(), "0 of 3 classes committed"] {
         assert!(note.contains(said), "`{said}` missing: {note}");
     }
-    // The same folder written as a file:// URL is said as the same folder, not a copy.
+    // The same folder written as a file:// URL is the same folder: the same job.
     let url = spec.replace(fake_dataset(), &format!("file://{}", fake_dataset()));
-    let (_, _, notes) = cluster.coordinator.submit_noted(&url, dir.path(), None).await.unwrap();
-    let note = notes.iter().find(|n| n.contains("from the same folder")).unwrap_or_else(|| panic!("{notes:?}"));
-    assert!(note.contains(&format!("write `dataset` as `{}`", fake_dataset())), "{note}");
+    let (same, existed, _) = cluster.coordinator.submit_noted(&url, dir.path(), None).await.unwrap();
+    assert!(existed && same.job_id == first.job_id, "{} is not {}", same.job_id, first.job_id);
     // Other data at a third location (a file of another size) is no copy: no note.
     let other = dir.path().join("other-data");
     copy_to(&other);
