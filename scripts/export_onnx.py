@@ -53,6 +53,7 @@ The export functions are importable (scripts/make_test_models.py uses them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -251,13 +252,19 @@ class DiT(nn.Module):
 KNOWN_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}
 
 
-def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+def load_original_checkpoint(path: str, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # training checkpoints also pickle an argparse Namespace ("args")
-        print("[dit] weights_only load refused; loading the full pickle (trusted file only)")
+    except Exception as e:  # training checkpoints also pickle an argparse Namespace ("args")
+        # Loading the whole pickle runs whatever code it names: only when asked, for a file the
+        # user trusts.
+        if not trust_pickle:
+            raise ExportError(f"{path}: holds more than weights (pickled objects, which run code when loaded, so "
+                              "torch's weights-only loader refused it); pass --trust-pickle if you trust where the "
+                              "file came from") from e
+        print("[dit] weights_only load refused; loading the full pickle (--trust-pickle)")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(ckpt, dict) and "ema" in ckpt:
         ckpt = ckpt["ema"]
@@ -300,8 +307,9 @@ def dit_config_from_state_dict(sd: Dict[str, torch.Tensor], num_heads: Optional[
                 learn_sigma=(out_ch == 2 * in_ch))
 
 
-def dit_from_checkpoint(path: str, num_heads: Optional[int] = None, input_size: Optional[int] = None) -> DiT:
-    sd = load_original_checkpoint(path)
+def dit_from_checkpoint(path: str, num_heads: Optional[int] = None, input_size: Optional[int] = None,
+                        trust_pickle: bool = False) -> DiT:
+    sd = load_original_checkpoint(path, trust_pickle)
     cfg = dit_config_from_state_dict(sd, num_heads, input_size)
     print(f"[dit] config inferred from checkpoint: {cfg}")
     model = DiT(**cfg)
@@ -569,6 +577,31 @@ def _staging_folder(dst: str, folder: str):
         return tempfile.TemporaryDirectory(dir=folder, prefix=f".fuse-{os.getpid()}-")
     except OSError as e:
         raise ExportError(f"{dst}: cannot write in {folder} ({e.strerror})") from e
+
+
+@contextlib.contextmanager
+def _staged_output(dst: str):
+    """A path to export `dst` to and check there: moved into place (with its `.data` file) only
+    when the block ends without an error, so a failed export or check leaves `dst` as it was
+    (a good model the export was to replace, or a checkpoint given as --out by mistake)."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    _sweep_staging(folder)
+    with _staging_folder(dst, folder) as staging:
+        staged = os.path.join(staging, os.path.basename(dst))
+        yield staged
+        if os.path.exists(dst + ".data"):
+            os.remove(dst + ".data")
+        if os.path.exists(staged + ".data"):
+            os.replace(staged + ".data", dst + ".data")
+        os.replace(staged, dst)
+
+
+def _refuse_overwriting_source(out: str, source: str):
+    """ExportError when `out` is the source checkpoint or a file inside the source folder."""
+    real_out, real_src = os.path.realpath(out), os.path.realpath(source)
+    if real_out == real_src or (os.path.isdir(real_src) and real_out.startswith(real_src.rstrip(os.sep) + os.sep)):
+        raise ExportError(f"--out {out} is the model being exported ({source}) or inside it: name another file")
 
 
 def fuse_onnx(src: str, dst: str, *, external_data: Optional[bool] = None,
@@ -936,10 +969,12 @@ def ort_session(path: str, threads: int = 1):
 
 
 def _verify(path: str, ref_module: nn.Module, inputs: Sequence[torch.Tensor], input_names, output_names,
-            dtype: torch.dtype, tol: float) -> float:
+            dtype: torch.dtype, tol: float, shown: Optional[str] = None) -> float:
     """Run ORT on `inputs` (float ones cast to `dtype`) and compare with ref_module (fp32) outputs.
 
-    Fails when max|ort - torch| > tol * max(1, max|torch|)."""
+    Fails when max|ort - torch| > tol * max(1, max|torch|). Messages name `shown` (the file the
+    export is for) rather than `path` (where it was staged)."""
+    shown = shown or path
     with torch.no_grad():
         ref = ref_module(*inputs)
     if isinstance(ref, torch.Tensor):
@@ -956,15 +991,20 @@ def _verify(path: str, ref_module: nn.Module, inputs: Sequence[torch.Tensor], in
         r = r.float().numpy()
         o = o.astype(np.float32)
         if r.shape != o.shape:
-            raise RuntimeError(f"{path}: {name} shape {o.shape} != torch {r.shape}")
+            raise RuntimeError(f"{shown}: {name} shape {o.shape} != torch {r.shape}")
         if not np.all(np.isfinite(o)):
-            raise RuntimeError(f"{path}: {name} has non-finite values")
+            raise RuntimeError(f"{shown}: {name} has non-finite values")
+        if not np.all(np.isfinite(r)):
+            # Nothing to compare with: the source model itself gives NaN/Inf (missing or broken
+            # weights), and a NaN difference passes every tolerance.
+            raise RuntimeError(f"{shown}: the source model's own {name} has non-finite values: its weights are "
+                               "missing or broken")
         err = float(np.max(np.abs(r - o)))
         scale = max(1.0, float(np.max(np.abs(r))))
-        print(f"[check] {os.path.basename(path)} {name}: batch {o.shape[0]} max|ort-torch| = {err:.3e} "
+        print(f"[check] {os.path.basename(shown)} {name}: batch {o.shape[0]} max|ort-torch| = {err:.3e} "
               f"(max|torch| = {float(np.max(np.abs(r))):.3g}, tol {tol * scale:.1e})")
         if err > tol * scale:
-            raise RuntimeError(f"{path}: output {name} differs from torch by {err} > {tol * scale}")
+            raise RuntimeError(f"{shown}: output {name} differs from torch by {err} > {tol * scale}")
         worst = max(worst, err)
     return worst
 
@@ -1035,21 +1075,23 @@ def export_dit(model: nn.Module, out: str, *, in_channels: int, input_size: int,
           torch.tensor([1, 999], dtype=torch.int64), torch.tensor([0, num_classes], dtype=torch.int64))
     print(f"[dit] exporting {source} -> {out} ({precision}, {graph} graph, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
-    _export(exp_model, ex, out, ["x", "t", "y"], ["out"],
-            dit_metadata(num_classes, learn_sigma, source, fp16, precision),
-            external_data=external_data, graph=graph)
-    # check on a batch size different from the example's (proves the dynamic batch)
-    xc = torch.randn(3, in_channels, input_size, input_size, generator=g)
-    tc = torch.tensor([0, 517, TRAIN_TIMESTEPS - 1], dtype=torch.int64)
-    yc = torch.tensor([min(3, num_classes - 1), num_classes, 0], dtype=torch.int64)
-    try:
-        return _verify(out, ref, [xc, tc, yc], ["x", "t", "y"], ["out"], dtype, tol)
-    except Exception as e:  # noqa: BLE001 - only the bf16 kernels' absence is forgiven
-        if bf16 and "NOT_IMPLEMENTED" in str(e) or bf16 and "Could not find an implementation" in str(e):
-            print(f"[check] {os.path.basename(out)}: not run: ONNX Runtime's CPU provider has no bfloat16 "
-                  f"kernel for this graph ({str(e).splitlines()[0][:160]}); scripts/gpu_check.sh runs it on CUDA")
-            return float("nan")
-        raise
+    with _staged_output(out) as staged:
+        _export(exp_model, ex, staged, ["x", "t", "y"], ["out"],
+                dit_metadata(num_classes, learn_sigma, source, fp16, precision),
+                external_data=external_data, graph=graph)
+        # check on a batch size different from the example's (proves the dynamic batch)
+        xc = torch.randn(3, in_channels, input_size, input_size, generator=g)
+        tc = torch.tensor([0, 517, TRAIN_TIMESTEPS - 1], dtype=torch.int64)
+        yc = torch.tensor([min(3, num_classes - 1), num_classes, 0], dtype=torch.int64)
+        try:
+            return _verify(staged, ref, [xc, tc, yc], ["x", "t", "y"], ["out"], dtype, tol, out)
+        except Exception as e:  # noqa: BLE001 - only the bf16 kernels' absence is forgiven
+            if bf16 and "NOT_IMPLEMENTED" in str(e) or bf16 and "Could not find an implementation" in str(e):
+                print(f"[check] {os.path.basename(out)}: not run: ONNX Runtime's CPU provider has no bfloat16 "
+                      f"kernel for this graph ({str(e).splitlines()[0][:160]}); scripts/gpu_check.sh runs it on "
+                      "CUDA")
+                return float("nan")
+            raise
 
 
 def vae_metadata(kind: str, scale_factor: float, image_size: int, source: str, fp16: bool) -> Dict[str, str]:
@@ -1083,21 +1125,27 @@ def export_vae(vae, encoder_out: str, decoder_out: str, *, image_size: int, scal
     g = torch.Generator().manual_seed(seed)
     prec = "fp16" if fp16 else "fp32"
 
-    print(f"[vae] exporting encoder {source} -> {encoder_out} ({prec}, {graph} graph)")
-    ex = (torch.rand(2, in_ch, image_size, image_size, generator=g) * 2 - 1).to(dtype)
-    _export(enc_exp, ex, encoder_out, ["image"], ["mean", "logvar"],
-            vae_metadata("vae_encoder", scale_factor, image_size, source, fp16), external_data=external_data,
-            graph=graph)
-    xc = torch.rand(3, in_ch, image_size, image_size, generator=g) * 2 - 1
-    e1 = _verify(encoder_out, enc_ref, [xc], ["image"], ["mean", "logvar"], dtype, tol)
+    if not (math.isfinite(scale_factor) and scale_factor > 0):
+        raise ExportError(f"scale factor {scale_factor}: the VAE's latent scale factor is a positive number "
+                          "(SD VAEs: 0.18215)")
+    # Both halves are written and checked before either replaces a file: a failure leaves the
+    # earlier pair as it was, never one half of each.
+    with _staged_output(encoder_out) as enc_staged, _staged_output(decoder_out) as dec_staged:
+        print(f"[vae] exporting encoder {source} -> {encoder_out} ({prec}, {graph} graph)")
+        ex = (torch.rand(2, in_ch, image_size, image_size, generator=g) * 2 - 1).to(dtype)
+        _export(enc_exp, ex, enc_staged, ["image"], ["mean", "logvar"],
+                vae_metadata("vae_encoder", scale_factor, image_size, source, fp16), external_data=external_data,
+                graph=graph)
+        xc = torch.rand(3, in_ch, image_size, image_size, generator=g) * 2 - 1
+        e1 = _verify(enc_staged, enc_ref, [xc], ["image"], ["mean", "logvar"], dtype, tol, encoder_out)
 
-    print(f"[vae] exporting decoder {source} -> {decoder_out} ({prec}, {graph} graph)")
-    ex = (torch.randn(2, lat_ch, lat, lat, generator=g) * 5).to(dtype)
-    _export(dec_exp, ex, decoder_out, ["latent"], ["image"],
-            vae_metadata("vae_decoder", scale_factor, image_size, source, fp16), external_data=external_data,
-            graph=graph)
-    zc = torch.randn(3, lat_ch, lat, lat, generator=g) * 5  # ~ unscaled latents (scaled / 0.18215)
-    e2 = _verify(decoder_out, dec_ref, [zc], ["latent"], ["image"], dtype, tol)
+        print(f"[vae] exporting decoder {source} -> {decoder_out} ({prec}, {graph} graph)")
+        ex = (torch.randn(2, lat_ch, lat, lat, generator=g) * 5).to(dtype)
+        _export(dec_exp, ex, dec_staged, ["latent"], ["image"],
+                vae_metadata("vae_decoder", scale_factor, image_size, source, fp16), external_data=external_data,
+                graph=graph)
+        zc = torch.randn(3, lat_ch, lat, lat, generator=g) * 5  # ~ unscaled latents (scaled / 0.18215)
+        e2 = _verify(dec_staged, dec_ref, [zc], ["latent"], ["image"], dtype, tol, decoder_out)
     return e1, e2
 
 
@@ -1106,15 +1154,27 @@ def export_vae(vae, encoder_out: str, decoder_out: str, *, image_size: int, scal
 # ---------------------------------------------------------------------------
 
 def _load_diffusers(cls, name: str, pipeline_subfolder: str, subfolder: Optional[str]):
+    """`cls` from diffusers folder or hub id `name`; ExportError when the checkpoint does not hold
+    every weight of `cls` (another kind of model: diffusers would fill the rest at random, and the
+    export would be a random network under the right name)."""
+    def load(**kwargs):
+        model, info = cls.from_pretrained(name, torch_dtype=torch.float32, output_loading_info=True, **kwargs)
+        missing = list(info.get("missing_keys") or []) + [k[0] if isinstance(k, tuple) else k
+                                                           for k in info.get("mismatched_keys") or []]
+        if missing:
+            raise ExportError(f"{name}: {len(missing)} weights of a {cls.__name__} are not in it (e.g. "
+                              f"{', '.join(missing[:3])}), so they would be random: is it a {cls.__name__} "
+                              "checkpoint (a DiT for `dit`, an AutoencoderKL for `vae`)?")
+        return model
     if subfolder is not None:
-        return cls.from_pretrained(name, subfolder=subfolder or None, torch_dtype=torch.float32)
+        return load(subfolder=subfolder or None)
     if os.path.isdir(name):
         sub = pipeline_subfolder if os.path.isdir(os.path.join(name, pipeline_subfolder)) else None
-        return cls.from_pretrained(name, subfolder=sub, torch_dtype=torch.float32)
+        return load(subfolder=sub)
     try:  # hub id: a pipeline repo first, then a bare model repo
-        return cls.from_pretrained(name, subfolder=pipeline_subfolder, torch_dtype=torch.float32)
+        return load(subfolder=pipeline_subfolder)
     except (OSError, EnvironmentError, ValueError):
-        return cls.from_pretrained(name, torch_dtype=torch.float32)
+        return load()
 
 
 def export_diffusers_dit(transformer, out: str, *, source: str, fp16: bool = False,
@@ -1172,6 +1232,9 @@ def main(argv=None):
                    help="attention heads (--checkpoint; default from the hidden size: XL/L 16, B 12, S 6)")
     d.add_argument("--input-size", type=int, default=None,
                    help="latent size (--checkpoint; default from pos_embed, i.e. 32 for 256px)")
+    d.add_argument("--trust-pickle", action="store_true",
+                   help="--checkpoint: load a checkpoint that holds more than weights (a training checkpoint's "
+                        "pickled objects run code when loaded: only for a file you trust)")
     v = sub.add_parser("vae", help="export an SD AutoencoderKL as vae_encoder.onnx + vae_decoder.onnx")
     v.add_argument("--diffusers", required=True, help="hub id or local dir (e.g. stabilityai/sd-vae-ft-mse)")
     v.add_argument("--subfolder", default=None, help="diffusers subfolder (default: 'vae' if present)")
@@ -1251,8 +1314,9 @@ def run_command(a):
         cuda_vae_onnx(a.input, a.output, fp16=a.fp16,
                       check=lambda staged: check_cuda_vae(a.input, staged, tol=tol, name=a.output))
     elif a.cmd == "dit":
+        _refuse_overwriting_source(a.out, a.checkpoint or a.diffusers)
         if a.checkpoint:
-            model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size)
+            model = dit_from_checkpoint(a.checkpoint, a.num_heads, a.input_size, a.trust_pickle)
             export_dit(model, a.out, in_channels=model.in_channels, input_size=model.input_size,
                        num_classes=model.num_classes, learn_sigma=model.learn_sigma,
                        source=f"dit-original:{os.path.basename(a.checkpoint)}", fp16=a.fp16, tol=a.tol,
@@ -1263,12 +1327,17 @@ def run_command(a):
             export_diffusers_dit(tr, a.out, source=f"diffusers:{a.diffusers.rstrip('/').split('/')[-1]}",
                                  fp16=a.fp16, tol=a.tol, graph=a.graph)
     else:
+        if a.scale_factor is not None and not (math.isfinite(a.scale_factor) and a.scale_factor > 0):
+            raise ExportError(f"--scale-factor {a.scale_factor}: the VAE's latent scale factor is a positive number "
+                              "(SD VAEs: 0.18215)")
         from diffusers import AutoencoderKL
         vae = _load_diffusers(AutoencoderKL, a.diffusers, "vae", a.subfolder)
         size = a.image_size or vae.config.sample_size
         if isinstance(size, (list, tuple)):
             size = size[0]
         sf = a.scale_factor if a.scale_factor is not None else (vae.config.scaling_factor or 0.18215)
+        for half in ("vae_encoder.onnx", "vae_decoder.onnx"):
+            _refuse_overwriting_source(os.path.join(a.out_dir, half), a.diffusers)
         os.makedirs(a.out_dir, exist_ok=True)
         export_vae(vae, os.path.join(a.out_dir, "vae_encoder.onnx"), os.path.join(a.out_dir, "vae_decoder.onnx"),
                    image_size=int(size), scale_factor=sf,

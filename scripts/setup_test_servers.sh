@@ -37,7 +37,7 @@ fi
 # one; it runs on CPU), pinned with scripts/requirements-eval.txt.
 if [[ ${MGD3_SKIP_TORCH:-} == 1 ]]; then
   say "MGD3_SKIP_TORCH=1: not installing PyTorch; the evaluation and fused-export tests will be skipped"
-elif ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision, onnx, onnxscript, onnxruntime" 2>/dev/null; }; then
+elif ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torch, torchvision, onnx, onnxscript, onnxruntime, diffusers" 2>/dev/null; }; then
   # Measured (2026-12-07, pip 23.2, --no-cache-dir): 2.9 GB of wheels (torch's CUDA libraries
   # are most of it), 5.6 GB installed, 8.4 GB used at the peak, when the downloaded wheels and the
   # installed files are both on disk. pip's cache would keep the 2.9 GB of wheels for good, so it
@@ -48,7 +48,7 @@ elif ! { [[ -x .venv-eval/bin/python ]] && .venv-eval/bin/python -c "import torc
     say "error: installing PyTorch into .venv-eval needs about ${need_mb} MB free on the disk of $(pwd) (8.4 GB at the peak, 5.6 GB kept); it has ${free_mb} MB. Free some space (e.g. cargo clean, old .venv-eval copies), or set MGD3_SKIP_TORCH=1 to skip PyTorch and the evaluation and fused-export tests" >&2
     exit 1
   fi
-  say "installing PyTorch, torchvision, ONNX, onnxscript and ONNX Runtime into .venv-eval for the evaluation and fused-export tests: about 2.9 GB to download, 5.6 GB on disk, a few minutes (MGD3_SKIP_TORCH=1 skips it and those tests)"
+  say "installing PyTorch, torchvision, ONNX, onnxscript, ONNX Runtime and diffusers into .venv-eval for the evaluation and fused-export tests: about 2.9 GB to download, 5.6 GB on disk, a few minutes (MGD3_SKIP_TORCH=1 skips it and those tests)"
   python3 -m venv .venv-eval
   if ! .venv-eval/bin/pip install --quiet --no-cache-dir --disable-pip-version-check -r scripts/requirements-eval.txt; then
     # A half-installed environment is 5 GB that helps no one; the next run starts it again.
