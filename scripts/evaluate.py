@@ -430,8 +430,36 @@ def job_of(dataset):
                          "evaluate finished jobs only (`coordinator status` says how far it is)")
     with open(manifest) as f:
         manifest = json.load(f)
+    refuse_other_job(os.path.basename(job), manifest, f"--train `{dataset}`")
     refuse_damaged(dataset, manifest, f"--train `{dataset}`")
     return manifest
+
+
+def refuse_other_job(folder_job, manifest, what, variant=None):
+    """Exits when the manifest in jobs/<folder_job>/ is another job's (folders swapped, renamed or
+    copied) or, for a sweep's variant, when the sweep's record gives the job other settings than the
+    job's own spec: a score must never be shown under another job's name or settings."""
+    if manifest.get("job_id") != folder_job:
+        raise SystemExit(f"{what}: the folder jobs/{folder_job} holds job {manifest.get('job_id')}'s manifest.json "
+                         "(folders swapped, renamed or copied): put each job's folder back under its own id")
+    if variant is None:
+        return
+    if variant.get("fingerprint") and variant["fingerprint"] != manifest.get("fingerprint"):
+        raise SystemExit(f"{what}: the sweep's record gives job {folder_job} another fingerprint than its manifest: "
+                         "the record was edited or is another sweep's")
+    spec = manifest.get("spec", {})
+    for key, value in variant.get("settings", {}).items():
+        ran = spec.get(key, spec.get("sampling", {}).get(key))
+        if ran is None:
+            continue
+        try:
+            same = float(ran) == float(value)
+        except (TypeError, ValueError):
+            same = str(ran) == str(value)
+        if not same:
+            raise SystemExit(f"{what}: the sweep's record says {key} = {value}, job {folder_job}'s spec {ran}: the "
+                             "record was edited or is another sweep's; its scores would be shown under the wrong "
+                             "settings")
 
 
 def set_problems(dataset, manifest):
@@ -540,8 +568,10 @@ def sweep_record(sweep, store):
 
 def inputs_digest(args):
     """12 hex digits naming the inputs of an evaluation besides the distilled set: the validation
-    folder (where it is, and every file's path and size in it) and, for the soft protocol, the
-    teacher's bytes. Results kept for one validation set or teacher are never shown for another."""
+    folder (where it is, and every file's path and contents in it) and, for the soft protocol, the
+    teacher's bytes. Results kept for one validation set or teacher are never shown for another,
+    nor for the same names and sizes with other pictures (ImageNet's 50,000 validation images hash
+    in seconds; training takes hours)."""
     digest = hashlib.sha256()
     val = os.path.realpath(args.val)
     digest.update(val.encode() + b"\0")
@@ -550,8 +580,11 @@ def inputs_digest(args):
         subfolders.sort()
         for name in sorted(files):
             path = os.path.join(folder, name)
-            size = os.path.getsize(path) if os.path.exists(path) else -1
-            digest.update(f"{os.path.relpath(path, val)}\0{size}\n".encode())
+            digest.update(f"{os.path.relpath(path, val)}\0".encode())
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+            digest.update(b"\n")
     if args.protocol == "soft" and args.teacher:
         digest.update(b"teacher\0")
         with open(args.teacher, "rb") as f:
@@ -584,12 +617,16 @@ def run_sweep(args, device):
         label = " ".join(f"{k}={variant['settings'].get(k, '')}" for k in keys)
         dataset = os.path.join(root, "jobs", job, "dataset")
         manifest_path = os.path.join(root, "jobs", job, "manifest.json")
+        if not os.path.isdir(os.path.join(root, "jobs", job)):
+            raise SystemExit(f"variant {i + 1}/{len(variants)} ({label}): job {job}'s folder {os.path.join(root, 'jobs', job)} "
+                             "is missing (moved or deleted): put it back, or evaluate the other jobs with --train")
         if not os.path.isfile(manifest_path):
             left_out.append(f"{job} ({label})")
             print(f"variant {i + 1}/{len(variants)} ({label}): job {job} has not succeeded (no manifest.json): left out", file=sys.stderr)
             continue
         with open(manifest_path) as f:
             manifest = json.load(f)
+        refuse_other_job(job, manifest, f"variant {i + 1} ({label})", variant)
         refuse_damaged(dataset, manifest, f"variant {i + 1} ({label})")
         digest = set_digest(manifest)
         done = os.path.join(kept, job + ".json")
@@ -683,14 +720,29 @@ def main():
     parser.add_argument("--save-model", help="save the (last) trained model's state dict here")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this PyTorch sees no CUDA GPU (use --device cpu, or auto)")
-    if bool(args.sweep) == bool(args.train):
+    if args.sweep and args.train:
+        raise SystemExit("--train and --sweep exclude each other: evaluate a sweep's variants (--sweep) or sets of "
+                         "one experiment (--train)")
+    if not args.sweep and not args.train:
         raise SystemExit("give the sets to evaluate: --train (sets of one experiment) or --sweep (a sweep's variants)")
+    for flag, value, least in [("--epochs", args.epochs, 1), ("--size", args.size, 8), ("--ipc", args.ipc, 1),
+                               ("--val-limit", args.val_limit, 1), ("--workers", args.workers, 0),
+                               ("--threads", args.threads, 1)]:
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} {value}: give a whole number of at least {least}")
+    if args.out:
+        # Checked before hours of training, not after them.
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise SystemExit(f"--out `{args.out}`: {folder} is not a folder this process may write in")
+        if os.path.isdir(args.out):
+            raise SystemExit(f"--out `{args.out}` is a folder: name the JSON file to write")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not os.path.isdir(args.val):
         raise SystemExit(f"--val `{args.val}` is not a folder: give an ImageFolder root (one sub-folder per class)")
     if args.sweep:
@@ -731,4 +783,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Results kept per variant stay; running the same command again goes on from them.
+        print("interrupted; run the same command again to go on (a sweep keeps each finished variant's result)",
+              file=sys.stderr)
+        sys.exit(130)

@@ -223,6 +223,55 @@ fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
     let (_, stderr) = evaluate(&python, &other_args);
     assert!(!stderr.contains("kept from an earlier run"), "{stderr}");
 
+    // The same names and sizes with other bytes are another validation set too.
+    let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let probe = format!(
+        "import sys, os, types; sys.path.insert(0, {:?}); import evaluate\n\
+         def digest(byte):\n    os.makedirs('v/c', exist_ok=True); open('v/c/0.png', 'wb').write(byte)\n    \
+         return evaluate.inputs_digest(types.SimpleNamespace(val='v', protocol='hard', teacher=None))\n\
+         print(digest(b'abc') != digest(b'abd'))",
+        scripts.display().to_string()
+    );
+    let probed = Command::new(&python).args(["-c", &probe]).current_dir(scratch.path()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&probed.stdout).trim(), "True", "{}", String::from_utf8_lossy(&probed.stderr));
+    // Arguments that cannot be meant are refused before any training.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
+    let missing_out = scratch.path().join("no/such/folder/r.json");
+    for (extra, said) in [
+        (vec!["--epochs", "0"], "--epochs 0: give a whole number of at least 1"),
+        (vec!["--size", "0"], "--size 0"),
+        (vec!["--train", "x"], "--train and --sweep exclude each other"),
+        (vec!["--out", missing_out.to_str().unwrap()], "is not a folder this process may write in"),
+    ] {
+        let out = Command::new(&python).arg(&script).args(args).args(&extra).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(said) && !text.contains("training on"), "{extra:?}: {text}");
+    }
+    // Two variants' job folders swapped: each folder's manifest names the other job. Refused,
+    // rather than each score shown under the other's settings.
+    let jobs = out.join("jobs");
+    let (a, b) = (variants[0]["job_id"].as_str().unwrap(), variants[1]["job_id"].as_str().unwrap());
+    std::fs::rename(jobs.join(a), jobs.join("swap")).unwrap();
+    std::fs::rename(jobs.join(b), jobs.join(a)).unwrap();
+    std::fs::rename(jobs.join("swap"), jobs.join(b)).unwrap();
+    let swapped = Command::new(&python).arg(&script).args(args).args(["--epochs", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&swapped.stderr);
+    assert!(!swapped.status.success() && text.contains(&format!("holds job {b}'s manifest.json")), "{text}");
+    std::fs::rename(jobs.join(a), jobs.join("swap")).unwrap();
+    std::fs::rename(jobs.join(b), jobs.join(a)).unwrap();
+    std::fs::rename(jobs.join("swap"), jobs.join(b)).unwrap();
+    // The record's settings swapped between the variants: refused, naming the setting.
+    let kept_record = std::fs::read(&record).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_slice(&kept_record).unwrap();
+    let first = edited["variants"][0]["settings"].clone();
+    edited["variants"][0]["settings"] = edited["variants"][1]["settings"].clone();
+    edited["variants"][1]["settings"] = first;
+    std::fs::write(&record, serde_json::to_vec(&edited).unwrap()).unwrap();
+    let edited_run = Command::new(&python).arg(&script).args(args).args(["--epochs", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&edited_run.stderr);
+    assert!(!edited_run.status.success() && text.contains("the sweep's record says guidance_scale = 0.1"), "{text}");
+    std::fs::write(&record, kept_record).unwrap();
+
     // A variant's image changed in place: refused, naming it, rather than scored as the job's.
     let job = variants[0]["job_id"].as_str().unwrap();
     let job_dir = out.join("jobs").join(job);
@@ -235,7 +284,6 @@ fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
     let last = changed.len() - 1;
     changed[last] ^= 0xff;
     std::fs::write(&image, &changed).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/evaluate.py");
     let refused = Command::new(&python)
         .arg(&script)
         .args(args)
