@@ -174,6 +174,19 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
         .map_err(store_err(out, format!("reading `{manifest_key}`")))?;
     let mut problems = Vec::new();
     let manifest = match manifest.map(|bytes| serde_json::from_slice::<JobManifest>(&bytes)) {
+        // Another job's folder (folders swapped, renamed or copied): nothing in it is this job's.
+        Some(Ok(manifest)) if manifest.job_id != job_id => {
+            problems.push(VerifyProblem {
+                wnid: String::new(),
+                file: Some(keys.manifest()),
+                problem: format!(
+                    "is job `{}`'s, not `{job_id}`'s: this folder holds another job (folders swapped, renamed or \
+                     copied); put each job's folder back under its own id",
+                    manifest.job_id
+                ),
+            });
+            None
+        }
         Some(Ok(manifest)) => Some(manifest),
         Some(Err(error)) => {
             problems.push(VerifyProblem {
@@ -207,6 +220,14 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
                 continue;
             }
         };
+        if marker.job_id != job_id {
+            problems.push(VerifyProblem {
+                wnid: wnid.clone(),
+                file: Some(keys.marker(wnid)),
+                problem: format!("is a commit of job `{}`, not of `{job_id}`", marker.job_id),
+            });
+            continue;
+        }
         if let Some(manifest) = &manifest
             && marker.fingerprint != manifest.fingerprint
         {

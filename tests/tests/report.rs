@@ -356,4 +356,12 @@ fn report_and_export_refuse_targets_and_images_that_would_mislead() {
     assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo() && link.is_symlink());
     let out = coordinator(&["export", &job, "--job-dir", &job_dir, "--npz", "-"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("standard output"));
+    // A job's folder under another job's id (folders swapped or renamed): verify says whose it is
+    // (it said "0 problem(s)").
+    let other = "other-0123456789ab";
+    let renamed = dir.parent().unwrap().join(other);
+    std::fs::rename(&dir, &renamed).unwrap();
+    let out = coordinator(&["verify", other, "--job-dir", &renamed.display().to_string()]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains(&format!("is job `{job}`'s, not `{other}`'s")), "{text}");
 }
