@@ -2054,6 +2054,22 @@ async fn run_local_sweep(
     exit_for_sweep(&record, &statuses, false)
 }
 
+/// Says which unfinished jobs of the store `coordinator run` leaves alone (it runs its own).
+fn note_left_out(others: &[String]) {
+    if others.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = others.iter().take(5).map(String::as_str).collect();
+    errln!(
+        "note: {} other unfinished job(s) in this store are not run by this `coordinator run`, which runs its own: {}{} \
+         (`coordinator run` of their spec, or `resume <job>` on a served coordinator, goes on with one; `coordinator \
+         cancel <job>` ends one)",
+        others.len(),
+        shown.join(", "),
+        if others.len() > shown.len() { ", ..." } else { "" }
+    );
+}
+
 /// What `coordinator run` says when a signal stops it, before its workers have stopped: their
 /// batches can take a while, and silence looks like a hang.
 fn stopping_message(signal: mgd3_common::StopSignal) {
@@ -2273,6 +2289,10 @@ async fn run_local(args: RunArgs) -> Result<()> {
         }
     };
     let coordinator = Coordinator::open(&store, args.heartbeat_ms).await?;
+    // This run runs its own job (or sweep), once submitted: nothing before that, and not the
+    // unfinished jobs recovered from the store beside it (a sweep's variants dropped from its
+    // spec, another spec's job), which are named below and keep their state.
+    coordinator.run_only(Some(Default::default()));
     let config = ServeConfig { store_url: store.clone(), token: None, tls: None, heartbeat_ms: args.heartbeat_ms };
     let local = crate::local::LocalCoordinator::start(coordinator.clone(), config, 0).await?;
     let url = local.url.clone();
@@ -2358,6 +2378,8 @@ async fn run_local(args: RunArgs) -> Result<()> {
         let submitted = coordinator.submit_sweep(sweep, Path::new(&base), args.resubmit()).await;
         match submitted {
             Ok(submitted) => {
+                let ids = submitted.record.variants.iter().map(|v| v.job_id.clone()).collect();
+                note_left_out(&coordinator.run_only(Some(ids)));
                 return run_local_sweep(&args, submitted, coordinator, local, workers, &last_errors, &store).await;
             }
             Err(error) => Err(spec_refusal(error, &args.spec)),
@@ -2385,6 +2407,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     for note in &notes {
         errln!("note: {note}");
     }
+    note_left_out(&coordinator.run_only(Some([job.job_id.clone()].into())));
     errln!(
         "job {} ({} classes, {} shards) on {} local worker(s); {}",
         job.job_id,

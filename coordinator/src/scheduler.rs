@@ -807,6 +807,8 @@ pub struct Scheduler {
     granting: bool,
     /// Jobs none of whose work is granted for now (see [`Scheduler::hold_back`]).
     held_back: HashSet<String>,
+    /// The only jobs whose work is granted, when set (see [`Scheduler::run_only`]).
+    only: Option<HashSet<String>>,
     /// The last [`RECENTLY_COMPLETED`] leases completed (lease id → worker id), oldest first in
     /// `completed_order`: a worker that sends its completion again (its first call timed out
     /// while the coordinator read the markers, and was recorded all the same) is told it was.
@@ -856,6 +858,7 @@ impl Scheduler {
             completing: HashMap::new(),
             granting: true,
             held_back: HashSet::new(),
+            only: None,
             completed: HashMap::new(),
             completed_order: VecDeque::new(),
             revoked: HashMap::new(),
@@ -869,6 +872,18 @@ impl Scheduler {
     /// run it). Returns whether that changed anything.
     pub fn hold_back(&mut self, job_id: &str, held: bool) -> bool {
         if held { self.held_back.insert(job_id.to_owned()) } else { self.held_back.remove(job_id) }
+    }
+
+    /// Grants work of `jobs` only (`None`: of every job): `coordinator run` runs the job (or
+    /// sweep) it was given, not the unfinished jobs it recovered from the store beside it, which
+    /// keep their state for whoever runs them. Leases already held run on.
+    pub fn run_only(&mut self, jobs: Option<HashSet<String>>) {
+        self.only = jobs;
+    }
+
+    /// Whether [`Scheduler::run_only`] leaves `job_id` out.
+    fn left_out(&self, job_id: &str) -> bool {
+        self.only.as_ref().is_some_and(|only| !only.contains(job_id))
     }
 
     /// Whether polls grant leases (and backup leases): off while the caller is not sure it still
@@ -912,6 +927,10 @@ impl Scheduler {
     ) {
         let shards = job.shards.len();
         let recovered = persisted.is_some();
+        // A job submitted here (not recovered) is run here, whatever `run_only` says.
+        if !recovered && let Some(only) = &mut self.only {
+            only.insert(job.job_id.clone());
+        }
         let grace =
             restored_lease_grace_ms(self.heartbeat_ms, lease_timeout_ms(job.spec.lease_timeout_s, self.heartbeat_ms));
         let mut persisted = persisted
@@ -1338,6 +1357,7 @@ impl Scheduler {
                 || run.persisted.paused.is_some()
                 || run.persisted.excluded_workers.contains(worker_id)
                 || self.held_back.contains(job_id)
+                || self.only.as_ref().is_some_and(|only| !only.contains(job_id))
             {
                 continue;
             }
@@ -1441,6 +1461,7 @@ impl Scheduler {
                 || run.persisted.paused.is_some()
                 || run.persisted.excluded_workers.contains(worker_id)
                 || self.held_back.contains(job_id)
+                || self.left_out(job_id)
             {
                 continue;
             }
@@ -2264,6 +2285,12 @@ impl Scheduler {
         // The caller counted the markers afresh: a late word on a lease taken back before is not
         // counted over that.
         self.revoked.retain(|_, (job, _, _)| job != job_id);
+        // Resumed here: run here, whatever `run_only` says.
+        if self.jobs.contains_key(job_id)
+            && let Some(only) = &mut self.only
+        {
+            only.insert(job_id.to_owned());
+        }
         let run = self.jobs.get_mut(job_id).ok_or_else(|| SchedulerError::UnknownJob(job_id.into()))?;
         // A job that had succeeded and whose commits all hold stays finished when it was.
         let succeeded = (!run.persisted.cancelled
@@ -2649,6 +2676,26 @@ mod tests {
         assert!(matches!(poll(&mut s, "w2", &[], false, 0).0, PollDecision::Wait(_)), "a held-back shard was granted");
         assert!(s.hold_back("held", false));
         assert_eq!(lease(poll(&mut s, "w2", &[], false, 1).0).job.job_id, "held");
+    }
+
+    /// `coordinator run` runs its own job: a job recovered from the store beside it gets no lease
+    /// (a sweep's dropped variants ran first, ahead of the run's own), while one submitted or
+    /// resumed here does; `None` runs every job again.
+    #[test]
+    fn run_only_grants_the_runs_own_jobs_and_those_submitted_or_resumed_here() {
+        let mut s = Scheduler::new(1000, "o");
+        s.add_job(job("recovered", 2, 1, 3), Some(PersistedJob::default()), &HashSet::new(), 0);
+        s.run_only(Some(HashSet::new()));
+        assert!(matches!(poll(&mut s, "w1", &[], false, 0).0, PollDecision::Wait(_)), "nothing is the run's yet");
+        s.add_job(job("mine", 1, 1, 3), None, &HashSet::new(), 0);
+        assert_eq!(lease(poll(&mut s, "w1", &[], false, 0).0).job.job_id, "mine");
+        assert!(matches!(poll(&mut s, "w2", &[], false, 0).0, PollDecision::Wait(_)), "a recovered job was run");
+        s.resume("recovered", &HashSet::new(), 1).unwrap();
+        assert_eq!(lease(poll(&mut s, "w2", &[], false, 1).0).job.job_id, "recovered");
+        s.run_only(Some(["mine".to_owned()].into()));
+        assert!(matches!(poll(&mut s, "w3", &[], false, 2).0, PollDecision::Wait(_)));
+        s.run_only(None);
+        assert_eq!(lease(poll(&mut s, "w3", &[], false, 2).0).job.job_id, "recovered");
     }
 
     /// A coordinator that did not run for a while gives its leases and workers that time back:

@@ -1087,6 +1087,22 @@ impl Coordinator {
         }
     }
 
+    /// Grants work of `jobs` only (`None`: every job; see [`Scheduler::run_only`]); returns the
+    /// other jobs that are unfinished (running) here, which are left for whoever runs them.
+    pub fn run_only(&self, jobs: Option<std::collections::HashSet<String>>) -> Vec<String> {
+        let mut scheduler = self.inner.scheduler.lock().expect("scheduler");
+        let others = match &jobs {
+            Some(only) => scheduler
+                .job_ids()
+                .into_iter()
+                .filter(|id| !only.contains(id) && scheduler.state(id) == Some(JobState::Running))
+                .collect(),
+            None => Vec::new(),
+        };
+        scheduler.run_only(jobs);
+        others
+    }
+
     /// Tells idle workers to exit from now on.
     pub fn drain(&self) {
         self.inner.scheduler.lock().expect("scheduler").drain();

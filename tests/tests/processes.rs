@@ -1272,3 +1272,52 @@ fn a_coordinator_frozen_past_its_lease_timeout_spends_no_attempt_of_its_workers(
         assert_eq!(record["attempts"], 1, "{record:#}\n{text}");
     }
 }
+
+/// `coordinator run` runs its own job: an unfinished job of another spec in the same store (a
+/// sweep's variants dropped from its spec ran to the end first, ahead of the new ones) is named
+/// in a note and left as it was, for whoever runs it.
+#[test]
+fn coordinator_run_runs_its_own_job_and_names_the_unfinished_ones_it_leaves() {
+    let JobScratch { dir: scratch, store, spec: first_spec } = job_scratch(4, 3, 1, 1, "classes_per_shard = 1");
+    let log = scratch.path().join("first.log");
+    let mut first = Killed(
+        Command::new(bin("coordinator"))
+            .args(["run", first_spec.to_str().unwrap(), "--no-report", "--"])
+            .args(["--engine", "fake", "--fake-class-seconds", "30"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let jobs = Path::new(&store).join("jobs");
+    let mut job = String::new();
+    wait_for("the first job to be submitted", Duration::from_secs(60), || {
+        job = std::fs::read_dir(&jobs)
+            .ok()
+            .and_then(|mut entries| entries.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        !job.is_empty() && jobs.join(&job).join("job.json").exists()
+    });
+    // Killed outright: its job stays unfinished in the store.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let second_spec = scratch.path().join("second.toml");
+    let data = scratch.path().join("data").display().to_string();
+    std::fs::write(&second_spec, spec(&data, &store, 4, 1, 2, "classes_per_shard = 1")).unwrap();
+    let out = Command::new(bin("coordinator"))
+        .args(["run", second_spec.to_str().unwrap(), "--no-report", "--", "--engine", "fake"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("note: 1 other unfinished job(s) in this store are not run by this `coordinator run`")
+            && text.contains(&job),
+        "{text}"
+    );
+    // Nothing of the first job was distilled by the second run.
+    let markers = std::fs::read_dir(jobs.join(&job).join("shards")).map_or(0, |d| d.count());
+    assert!(markers < 4, "the other job was run to its end ({markers} markers)");
+    assert!(!jobs.join(&job).join("manifest.json").exists(), "the other job was finished");
+}
