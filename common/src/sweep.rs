@@ -20,6 +20,11 @@ use crate::job::{FieldError, JobError, JobSpec};
 /// thousands of jobs.
 pub const DEFAULT_MAX_VARIANTS: usize = 100;
 
+/// The most `max_variants` may raise the cap to: each variant is a job of its own (records, a
+/// spec checked and resolved, a row of the comparison), and a grid of millions was expanded in
+/// full (10 GB, minutes) before being refused.
+pub const HARD_MAX_VARIANTS: usize = 10_000;
+
 /// [`SweepRecord`]'s layout version.
 pub const SWEEP_SCHEMA_VERSION: u32 = 1;
 
@@ -267,7 +272,16 @@ impl Sweep {
         for (name, value) in table {
             match name.as_str() {
                 "max_variants" => match value.as_integer() {
-                    Some(n) if n >= 1 => cap = n as usize,
+                    Some(n) if n >= 1 && n as u64 <= HARD_MAX_VARIANTS as u64 => cap = n as usize,
+                    Some(n) if n >= 1 => {
+                        cap = HARD_MAX_VARIANTS;
+                        bad(
+                            "sweep.max_variants".into(),
+                            format!(
+                                "{n} is more than the {HARD_MAX_VARIANTS} variants one sweep may have: split the sweep"
+                            ),
+                        )
+                    }
                     _ => bad("sweep.max_variants".into(), format!("{value} is not a whole number ≥ 1")),
                 },
                 "variants" => match value {
@@ -358,7 +372,14 @@ impl Sweep {
                 .try_fold(1usize, |n, v| n.checked_mul(v))
                 .unwrap_or(usize::MAX),
         };
-        if count > cap {
+        if count > HARD_MAX_VARIANTS {
+            bad(
+                "sweep".into(),
+                format!(
+                    "expands to {count} variants, more than the {HARD_MAX_VARIANTS} one sweep may have: shorten a list, or split the sweep"
+                ),
+            );
+        } else if count > cap {
             bad(
                 "sweep".into(),
                 format!(
@@ -482,9 +503,11 @@ impl Sweep {
         for ((field, value, problem), variants) in out_of_range {
             let problem = match variants.as_slice() {
                 [(number, label)] => format!("{value} in variant {number} ({label}): {problem}"),
+                // A value out of range in thousands of variants is said once, with the first few.
                 many => format!(
-                    "{value} in variants {}: {problem}",
-                    many.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(", ")
+                    "{value} in variants {}{}: {problem}",
+                    many.iter().take(10).map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(", "),
+                    if many.len() > 10 { format!(" and {} more", many.len() - 10) } else { String::new() }
                 ),
             };
             problems.push(FieldError { field, problem });
@@ -667,6 +690,22 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
             "[sweep]\nseed = [1,2,3,4,5,6,7,8,9,10,11]\nguidance_scale = [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]\n",
         );
         assert!(p[0].problem.contains("110 variants") && p[0].problem.contains("max_variants"), "{p:?}");
+        // A grid of millions with the cap raised past the ceiling is refused before it is
+        // expanded (it took 10 GB and minutes, then listed every variant).
+        let huge = "[sweep]\nmax_variants = 100000000000\nseed = [0,1,2,3,4,5,6,7,8,9]\nipc = [1,2,3,4,5,6,7,8,9,10]\n\
+                    guidance_scale = [0.01,0.02,0.03,0.04,0.05,0.06,0.07,0.08,0.09,0.1]\nstop_guidance = [0,1,2,3,4,5,6,7]\n\
+                    cfg_scale = [1.0,2.0,3.0,4.0,5.0,6.0,7.0,8.0,9.0,10.0]\n";
+        let started = std::time::Instant::now();
+        let p = problems(huge);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the grid was expanded");
+        assert!(
+            p.iter().any(|p| p.field == "sweep.max_variants" && p.problem.contains("more than the 10000")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|p| p.problem.contains("expands to 80000 variants") && p.problem.contains("split")),
+            "{p:?}"
+        );
         assert_eq!(
             sweep("[sweep]\nmax_variants = 110\nseed = [1,2,3,4,5,6,7,8,9,10,11]\nguidance_scale = [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]\n")
                 .unwrap()
