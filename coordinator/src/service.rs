@@ -1212,8 +1212,13 @@ impl Coordinator {
         how: impl Into<Resubmit>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let resolved = self.resolve(spec_toml, base_dir, explicit_id).await?;
-        let kept = self.kept_settings(&resolved.job);
-        let (job, existed, mut notes) = self.submit_resolved(resolved, how).await?;
+        let mut kept = self.kept_settings(&resolved.job);
+        let given = resolved.job.clone();
+        let (mut job, existed, mut notes) = self.submit_resolved(resolved, how).await?;
+        if existed && let Some(moved) = self.adopt_model_paths(&job, &given).await? {
+            job = moved;
+            kept.retain(|setting| !setting.contains("models."));
+        }
         if existed && !kept.is_empty() {
             notes.push(format!(
                 "job `{}` exists (every setting that decides its images is the same) and keeps the other settings it was submitted with: {}; give the spec \
@@ -1223,6 +1228,32 @@ impl Coordinator {
             ));
         }
         Ok((job, existed, notes))
+    }
+
+    /// When `given` (the job's spec as submitted or given to resume now) reads the job's models
+    /// from other paths than the job recorded, with the same fingerprints (the job's id says so):
+    /// the models were moved, and the job reads them from where they are now (its workers could
+    /// not load them from the old paths, and the job stalled). Returns the updated job, if any.
+    ///
+    /// # Errors
+    /// Store errors writing `job.json`.
+    async fn adopt_model_paths(&self, job: &ResolvedJob, given: &ResolvedJob) -> Result<Option<Arc<ResolvedJob>>> {
+        let (was, now) = (&job.spec.models, &given.spec.models);
+        if job.fingerprint != given.fingerprint
+            || (was.dit == now.dit && was.vae_encoder == now.vae_encoder && was.vae_decoder == now.vae_decoder)
+        {
+            return Ok(None);
+        }
+        let mut updated = job.clone();
+        updated.spec.models.dit = now.dit.clone();
+        updated.spec.models.vae_encoder = now.vae_encoder.clone();
+        updated.spec.models.vae_decoder = now.vae_decoder.clone();
+        self.inner.jobs.rewrite_job(&updated).await?;
+        info!(job = %job.job_id, dit = %now.dit, vae_encoder = %now.vae_encoder, vae_decoder = %now.vae_decoder,
+            "the job's models are read from where the spec says now (the same fingerprints: the models moved)");
+        let updated = Arc::new(updated);
+        self.inner.scheduler.lock().expect("scheduler").replace_record(updated.clone());
+        Ok(Some(updated))
     }
 
     /// The settings in which `job`'s spec differs from the known job of its id and fingerprint
@@ -1944,6 +1975,11 @@ impl Coordinator {
             let now = self.resolve(text, base, Some(job_id.to_owned())).await?.job;
             if now.identity() != job.identity() {
                 return Err(Error::FingerprintChanged { job: job_id.into(), was: job.identity(), now: now.identity() });
+            }
+            let mut given = now;
+            given.fingerprint = job.fingerprint.clone();
+            if let Some(moved) = self.adopt_model_paths(&job, &given).await? {
+                job = moved;
             }
         }
         // Each class's data now, against what the job recorded and what its commit was made

@@ -2330,3 +2330,30 @@ async fn a_job_whose_output_another_coordinators_job_runs_is_refused_not_run_twi
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Models moved to another folder (the same files, so the same fingerprints and job): the spec
+/// that names them there, submitted again or given to `resume --spec`, makes the job read them
+/// from there (they were kept at the old paths, which no worker could load any more, and the job
+/// stalled), and no note says the job kept its old model paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_moved_with_the_same_fingerprints_are_read_from_where_the_spec_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = dir.path().display().to_string();
+    let cluster = start(&store_url, None).await;
+    let spec = spec_toml(2, 2, 1, &store_url);
+    let (job, _) = cluster.coordinator.submit(&spec, dir.path(), None).await.unwrap();
+    let recorded = |id: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join("jobs").join(id).join("job.json")).unwrap()).unwrap()
+    };
+    let moved = spec.replace("\"/models/", "\"/moved/");
+    let (again, existed, notes) = cluster.coordinator.submit_noted(&moved, dir.path(), None).await.unwrap();
+    assert!(existed && again.job_id == job.job_id);
+    assert!(!notes.iter().any(|n| n.contains("models.")), "{notes:?}");
+    assert_eq!(recorded(&job.job_id)["spec"]["models"]["dit"], "/moved/dit.onnx");
+    assert_eq!(again.spec.models.vae_decoder, "/moved/dec.onnx");
+    cluster.coordinator.cancel(&job.job_id).unwrap();
+    let back = spec.replace("\"/models/", "\"/back/");
+    cluster.coordinator.resume(&job.job_id, Some((&back, dir.path()))).await.unwrap();
+    assert_eq!(recorded(&job.job_id)["spec"]["models"]["vae_encoder"], "/back/enc.onnx");
+    cluster.shutdown().await;
+}
