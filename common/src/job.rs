@@ -1031,6 +1031,18 @@ impl JobSpec {
         if let ClassSelection::File { file } = &self.classes {
             self.classes = ClassSelection::File { file: resolve(file, base) };
         }
+        // A fingerprint copied in capitals is the same digest (it was refused against the same
+        // hash in small letters).
+        for fingerprint in [
+            &mut self.models.dit_fingerprint,
+            &mut self.models.vae_encoder_fingerprint,
+            &mut self.models.vae_decoder_fingerprint,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *fingerprint = fingerprint.trim().to_ascii_lowercase();
+        }
         for m in [&mut self.models.dit, &mut self.models.vae_encoder, &mut self.models.vae_decoder] {
             *m = resolve(m, base);
         }
@@ -1368,6 +1380,20 @@ mod tests {
         // A required setting that is simply absent is still said.
         let absent = error("classes = \"all\"");
         assert!(absent.contains("missing field `ipc`"), "{absent}");
+    }
+
+    /// A model fingerprint copied in capitals is the same digest: written in small letters when
+    /// the spec is resolved, and valid.
+    #[test]
+    fn a_fingerprint_in_capitals_is_the_same_digest() {
+        let upper = format!("sha256:{}", "0E09F9FF".repeat(8));
+        let text = format!(
+            "dataset = \"d\"\nclasses = \"all\"\nipc = 1\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\ndit_fingerprint = \" {upper}\"\n"
+        );
+        let mut spec = JobSpec::from_toml(&text).unwrap();
+        spec.resolve_paths(Path::new("/specs"));
+        assert_eq!(spec.models.dit_fingerprint, Some(upper.trim().to_ascii_lowercase()));
+        spec.validate().unwrap();
     }
 
     /// An object-store URL with a slash or its colon missing is refused naming the URL meant,
