@@ -127,11 +127,24 @@ fn with_suggestion(text: &str, error: &toml::de::Error) -> (String, Option<Strin
     let Some(rest) = error.message().strip_prefix("unknown field `") else { return (located, None) };
     let Some((unknown, expected)) = rest.split_once('`') else { return (located, None) };
     let names = expected.split('`').skip(1).step_by(2);
+    // A name shortened by a word (`vae_fingerprint`) means the names holding all its words
+    // (`vae_encoder_fingerprint`, `vae_decoder_fingerprint`), not the nearest spelling
+    // (`dit_fingerprint`).
+    let words: Vec<&str> = unknown.split('_').filter(|w| !w.is_empty()).collect();
+    let holding: Vec<&str> = names
+        .clone()
+        .filter(|name| words.len() >= 2 && words.iter().all(|w| name.split('_').any(|part| part == *w)))
+        .collect();
+    let head = located.split(", expected one of").next().unwrap_or(&located).to_owned();
+    match holding.as_slice() {
+        [one] => return (format!("{head}; did you mean `{one}`?"), Some((*one).to_owned())),
+        [a, b] => return (format!("{head}; did you mean `{a}` or `{b}`?"), None),
+        _ => {}
+    }
     // Case alone (`IPC`) is as close as a name gets.
     let distance = |name: &str| if unknown.eq_ignore_ascii_case(name) { 0 } else { edit_distance(unknown, name) };
     match names.map(|name| (distance(name), name)).min() {
         Some((distance, name)) if distance <= 2.max(unknown.len() / 3) => {
-            let head = located.split(", expected one of").next().unwrap_or(&located);
             (format!("{head}; did you mean `{name}`?"), Some(name.to_owned()))
         }
         _ => (located, None),
@@ -1380,6 +1393,17 @@ mod tests {
         // A required setting that is simply absent is still said.
         let absent = error("classes = \"all\"");
         assert!(absent.contains("missing field `ipc`"), "{absent}");
+    }
+
+    /// A setting shortened by a word names the settings that hold all its words, not the
+    /// nearest spelling (`vae_fingerprint` was told `did you mean dit_fingerprint`).
+    #[test]
+    fn a_shortened_setting_names_the_settings_it_may_mean() {
+        let text = "dataset = \"d\"\nclasses = \"all\"\nipc = 1\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\nvae_fingerprint = \"x\"\n";
+        let error = JobSpec::from_toml(text).unwrap_err().to_string();
+        assert!(error.contains("did you mean `vae_encoder_fingerprint` or `vae_decoder_fingerprint`?"), "{error}");
+        let typo = JobSpec::from_toml(&text.replace("vae_fingerprint", "dit_fingerprnt")).unwrap_err().to_string();
+        assert!(typo.contains("did you mean `dit_fingerprint`?"), "{typo}");
     }
 
     /// A model fingerprint copied in capitals is the same digest: written in small letters when

@@ -772,6 +772,16 @@ fn sample(args: SampleArgs) -> Result<()> {
     let config = SamplingSpec::try_from(&args.sampling)?;
     let modes: Array4<f32> = read_npy(&args.modes, "--modes", "[N,C,h,w]")?;
     let noise: Array5<f32> = read_npy(&args.noise, "--noise", "[N,S+1,C,h,w]")?;
+    // A NaN or Inf given in is named as the file's, not found later in the DiT's output and
+    // blamed on the model.
+    for (flag, path, finite) in [
+        ("--modes", &args.modes, modes.iter().all(|v| v.is_finite())),
+        ("--noise", &args.noise, noise.iter().all(|v| v.is_finite())),
+    ] {
+        if !finite {
+            bail!("{flag} `{}` holds NaN or infinite values: give finite latents", path.display());
+        }
+    }
     let decoder = args.vae_decoder.as_deref().filter(|_| args.images_out.is_some());
     let kinds: Vec<(&'static str, &std::path::Path)> =
         std::iter::once(("dit", args.dit.as_path())).chain(decoder.map(|d| ("vae_decoder", d))).collect();

@@ -796,6 +796,8 @@ fn npy_inputs_of_the_wrong_kind_say_what_to_write() {
     std::fs::write(&truncated, &good[..good.len() - 8]).unwrap();
     let text = dir.path().join("text.npy");
     std::fs::write(&text, "not numpy").unwrap();
+    let nan = dir.path().join("nan.npy");
+    ndarray_npy::write_npy(&nan, &modes.mapv(|_| f32::NAN)).unwrap();
     let out = dir.path().join("latents.npy");
     let expect = |path: &Path, wanted: &[&str]| {
         let case = fixtures().join("parity/tstop25_ch3");
@@ -824,6 +826,8 @@ fn npy_inputs_of_the_wrong_kind_say_what_to_write() {
     expect(&rank3, &["has 3 dimension(s); --modes must have 4: [N,C,h,w]"]);
     expect(&truncated, &["is truncated", "np.save"]);
     expect(&text, &["is not a .npy file NumPy wrote", "[N,C,h,w]"]);
+    // NaN modes are the file's fault, not the DiT's.
+    expect(&nan, &["--modes `", "holds NaN or infinite values"]);
     assert!(!out.exists());
 }
 
