@@ -243,6 +243,17 @@ pub fn init_runtime(library: Option<&Path>) -> Result<&'static Environment> {
     if path.components().count() > 1 && !path.exists() {
         return Err(Error::RuntimeUnavailable { reason: "no such file".into(), path, required: REQUIRED_ORT });
     }
+    // A folder (the `.ort/cpu` that holds the library) says so and names the file it holds, not
+    // the loader's bare "dlopen failed".
+    if path.is_dir() {
+        let inside = path.join("libonnxruntime.so");
+        let reason = if inside.exists() {
+            format!("is a folder: give the library in it, {}", inside.display())
+        } else {
+            "is a folder, not the libonnxruntime.so file".to_owned()
+        };
+        return Err(Error::RuntimeUnavailable { reason, path, required: REQUIRED_ORT });
+    }
     let builder = ort::init_from(&path).map_err(|e| Error::RuntimeUnavailable {
         reason: e.to_string(),
         path: path.clone(),

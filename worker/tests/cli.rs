@@ -858,3 +858,19 @@ fn the_onnx_runtime_of_cuda_12_clusters_loads() {
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(out.join("n001").join("0.png").is_file(), "{}", stderr(&result));
 }
+
+/// `--ort-lib` naming the folder the library is in says so and names the file in it (the loader
+/// said only "dlopen failed").
+#[test]
+fn an_ort_lib_folder_names_the_library_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("ort");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("libonnxruntime.so"), b"").unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let out = dir.path().join("o");
+    let result = distill_tiny(&data, &out, "tiny_dit.onnx", &["--ort-lib", folder.to_str().unwrap()]);
+    let text = stderr(&result);
+    assert!(text.contains("is a folder: give the library in it") && text.contains("ort/libonnxruntime.so"), "{text}");
+}
