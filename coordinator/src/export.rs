@@ -146,6 +146,10 @@ pub async fn export_npz(
     partial: bool,
 ) -> Result<Exported, ExportError> {
     let records: JobRecords = read_records(dir, job_id).await?;
+    // A failed job's records may hold no commit at all (its report shows why): nothing to export.
+    if records.markers.is_empty() {
+        return Err(ReportError::NothingCommitted { url: dir.url.clone(), job: job_id.into() }.into());
+    }
     if records.manifest.is_none() && !partial {
         return Err(ExportError::NotFinished {
             job: job_id.into(),

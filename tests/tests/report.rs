@@ -365,3 +365,34 @@ fn report_and_export_refuse_targets_and_images_that_would_mislead() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success() && text.contains(&format!("is job `{job}`'s, not `{other}`'s")), "{text}");
 }
+
+/// A job that failed before committing any class still gets its report, with its failures:
+/// where a person looks first to see why (it was refused as "holds no commit marker"). Export
+/// of it says there is nothing to export.
+#[test]
+fn a_job_that_failed_with_nothing_committed_is_reported_with_its_failures() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    std::fs::create_dir_all(data.join("c0")).unwrap();
+    std::fs::write(data.join("c0").join("0.png"), b"not a picture").unwrap();
+    let out = scratch.path().join("out");
+    let text = spec(&data.display().to_string(), &out.display().to_string(), 1, 1, 7, "")
+        .replace("max_attempts = 4", "max_attempts = 1");
+    let spec_path = scratch.path().join("job.toml");
+    std::fs::write(&spec_path, text).unwrap();
+    let run = Command::new(bin("coordinator"))
+        .args(["run", spec_path.to_str().unwrap(), "--local-workers", "1", "--worker-arg=--threads=1", "--no-report"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let job = std::fs::read_dir(out.join("jobs")).unwrap().next().unwrap().unwrap().file_name();
+    let job = job.to_string_lossy().into_owned();
+    let dir = out.join("jobs").join(&job).display().to_string();
+    let report = coordinator(&["report", &job, "--job-dir", &dir]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let index = std::fs::read_to_string(out.join("jobs").join(&job).join("report/index.html")).unwrap();
+    assert!(index.contains("0.png"), "the failure is not shown:\n{index}");
+    let export = coordinator(&["export", &job, "--job-dir", &dir, "--npz", "x.npz", "--partial"]);
+    let text = String::from_utf8_lossy(&export.stderr);
+    assert!(!export.status.success() && text.contains("holds no commit marker"), "{text}");
+}
