@@ -1668,6 +1668,15 @@ async fn run_command(cli: Cli) -> Result<()> {
                 shown.join(", "),
                 if done.order.len() > 10 { format!(", and {} more", done.order.len() - 10) } else { String::new() }
             );
+            if !done.missing.is_empty() {
+                let shown: Vec<&str> = done.missing.iter().take(10).map(String::as_str).collect();
+                errln!(
+                    "not in the array (no commit: running, failed or not started): {} class(es): {}{}",
+                    done.missing.len(),
+                    shown.join(", "),
+                    if done.missing.len() > 10 { ", ..." } else { "" }
+                );
+            }
             Ok(())
         }
         Command::List(args) => {

@@ -114,6 +114,9 @@ pub struct Exported {
     /// The classes in the order their images are in the array (with each one's image count):
     /// the array holds no labels.
     pub order: Vec<(String, usize)>,
+    /// The job's classes that are not in the array (no commit yet, or failed), in job order;
+    /// empty for a finished job or when the job's record is not there to say.
+    pub missing: Vec<String>,
 }
 
 /// The `.npy` header of a C-order uint8 array of `shape`, padded so the data starts on a
@@ -255,7 +258,14 @@ async fn write_npz(
     drop(out);
     std::fs::rename(partial_path, path).map_err(|e| write_err(e.into()))?;
     let order = records.markers.iter().map(|m| (m.wnid.clone(), m.images.len())).collect();
-    Ok(Exported { images: total, classes: records.markers.len(), size, order })
+    let missing = records
+        .job
+        .iter()
+        .flat_map(|job| &job.classes)
+        .filter(|class| !records.markers.iter().any(|m| m.wnid == class.wnid))
+        .map(|class| class.wnid.clone())
+        .collect();
+    Ok(Exported { images: total, classes: records.markers.len(), size, order, missing })
 }
 
 #[cfg(test)]

@@ -257,7 +257,8 @@ pub async fn read_records(dir: &Location, job_id: &str) -> Result<JobRecords, Re
     }
     // A job that failed before committing a class still has its failures to show: where the
     // report would be looked at first to see why. Anything else without a commit is refused.
-    let failed = state.as_ref().is_some_and(|s: &PersistedJob| s.shards.iter().any(|sh| sh.state == ShardState::Failed));
+    let failed =
+        state.as_ref().is_some_and(|s: &PersistedJob| s.shards.iter().any(|sh| sh.state == ShardState::Failed));
     let own_records = job.as_ref().is_some_and(|j: &mgd3_common::job::ResolvedJob| j.job_id == job_id);
     if markers.is_empty() && !(failed && own_records && other_job.is_none()) {
         return Err(match other_job {

@@ -294,6 +294,14 @@ fn export_writes_the_adm_npz_of_every_image_in_class_order() {
     let out = export(&failed);
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!failed.exists() && !failed.with_extension("npz.partial").exists(), "a failed export left a file");
+    // A class without a commit is named as left out of a partial export.
+    std::fs::remove_file(dir.join("shards/c1.json")).unwrap();
+    let out = export(&failed);
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && told.contains("not in the array (no commit") && told.contains("1 class(es): c1"),
+        "{told}"
+    );
 }
 
 /// What `report` and `export` write never damages a job or shows what the job did not make:
