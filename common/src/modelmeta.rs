@@ -775,7 +775,8 @@ pub fn external_data(path: &Path) -> std::io::Result<Vec<ExternalData>> {
 }
 
 /// Every file ONNX Runtime reads to load the model at `path`: the model, then each external-data
-/// file its tensors name, in order of first use. A file that does not parse as ONNX is listed
+/// file its tensors name, in order of first use (beside the file a link points to, for a model
+/// given as a link: it is loaded where it lies). A file that does not parse as ONNX is listed
 /// alone (loading it fails later, with ONNX Runtime's own message).
 ///
 /// # Errors
@@ -786,6 +787,35 @@ pub fn external_data(path: &Path) -> std::io::Result<Vec<ExternalData>> {
 /// [`ModelFilesError::NotAFile`] for a folder, [`ModelFilesError::Truncated`] for a file shorter
 /// than its tensors.
 pub fn model_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesError> {
+    match files_beside(path) {
+        // A link to a model whose data files lie beside the file, not the link: loaded where it
+        // lies ([`load_path`]).
+        Err(ModelFilesError::Missing { .. }) if load_path(path) != path => {
+            files_beside(&load_path(path)).map(|mut files| {
+                files[0] = path.to_owned();
+                files
+            })
+        }
+        other => other,
+    }
+}
+
+/// The path to give ONNX Runtime for the model at `path`: `path` itself, or for a link whose
+/// external-data files are not beside it but beside the file it points to, that file (ONNX
+/// Runtime looks for them beside the path it is given). The Hugging Face cache's links, whose
+/// data files are links beside them, load as given.
+pub fn load_path(path: &Path) -> std::path::PathBuf {
+    if !path.is_symlink() || !matches!(files_beside(path), Err(ModelFilesError::Missing { .. })) {
+        return path.to_owned();
+    }
+    match std::fs::canonicalize(path) {
+        Ok(real) if files_beside(&real).is_ok() => real,
+        _ => path.to_owned(),
+    }
+}
+
+/// [`model_files`] of the model at `path`, its data files looked for beside `path`.
+fn files_beside(path: &Path) -> Result<Vec<std::path::PathBuf>, ModelFilesError> {
     let locations = match external_data(path) {
         Ok(locations) => locations,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -1245,6 +1275,20 @@ mod tests {
         symlink("../../blobs/model", snapshot.join("m.onnx")).unwrap();
         symlink("../../blobs/data", snapshot.join("m.onnx_data")).unwrap();
         assert_eq!(model_files(&snapshot.join("m.onnx")).unwrap().len(), 2);
+        assert_eq!(load_path(&snapshot.join("m.onnx")), snapshot.join("m.onnx"), "loaded as given");
+        // A link to a model whose data file lies beside the file, not the link (a 2.7 GB DiT
+        // linked into a job's folder): loaded where it lies.
+        let (store, linked) = (dir.path().join("store"), dir.path().join("linked"));
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir_all(&linked).unwrap();
+        std::fs::write(store.join("m.onnx"), with_length("m.onnx.data", 8)).unwrap();
+        std::fs::write(store.join("m.onnx.data"), [0u8; 16]).unwrap();
+        symlink(store.join("m.onnx"), linked.join("dit.onnx")).unwrap();
+        assert_eq!(
+            model_files(&linked.join("dit.onnx")).unwrap(),
+            [linked.join("dit.onnx"), store.join("m.onnx.data")]
+        );
+        assert_eq!(load_path(&linked.join("dit.onnx")), store.join("m.onnx").canonicalize().unwrap());
         // Cut short: the tensor ends at byte 4 + 20.
         let b = dir.path().join("b");
         std::fs::create_dir_all(b.join("w.bin.d")).unwrap();

@@ -339,7 +339,9 @@ pub(crate) fn build_session_profiled(
         builder = builder.with_profiling(prefix).map_err(|e| Error::ort("enabling the profiler")(e.into()))?;
     }
     builder = with_device(builder, config)?;
-    builder.commit_from_file(path).map_err(|source| {
+    // A model given as a link whose data files are beside the file it points to is loaded
+    // there: ONNX Runtime looks for them beside the path it is given.
+    builder.commit_from_file(mgd3_common::modelmeta::load_path(path)).map_err(|source| {
         let message = source.to_string();
         if let Some((found, max)) = unsupported_ir_version(&message) {
             return Error::UnsupportedIrVersion { model: path.to_owned(), found, max };

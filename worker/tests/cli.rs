@@ -874,3 +874,17 @@ fn an_ort_lib_folder_names_the_library_in_it() {
     let text = stderr(&result);
     assert!(text.contains("is a folder: give the library in it") && text.contains("ort/libonnxruntime.so"), "{text}");
 }
+
+/// A model with external data given as a link from another folder (a big DiT linked into a
+/// project) loads where it lies: its data files are beside the file, not the link (it was
+/// refused as "keeps weights in model.onnx_data, which is not there").
+#[test]
+fn a_linked_model_with_external_data_loads_where_it_lies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, "n001", 2);
+    let linked = dir.path().join("linked.onnx");
+    std::os::unix::fs::symlink(model("external/tiny_vae_decoder.onnx"), &linked).unwrap();
+    let out = distill_tiny_with(&data, &dir.path().join("o"), &model("tiny_dit.onnx"), linked.to_str().unwrap(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
