@@ -102,6 +102,68 @@ pub enum ExportError {
     },
 }
 
+/// The archive's file, which discards everything once `aborted` is set (an export that failed:
+/// its partial file is removed, and zip's drop must neither fail on it nor say so). Discarded
+/// writes and seeks keep a position of their own, as zip's bookkeeping expects.
+struct Abortable {
+    inner: std::io::BufWriter<std::fs::File>,
+    aborted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// (position, end) once aborted.
+    void: Option<(u64, u64)>,
+}
+
+impl Abortable {
+    /// The position and end of the discarding writer, when aborted.
+    fn void(&mut self) -> Option<&mut (u64, u64)> {
+        if !self.aborted.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        if self.void.is_none() {
+            let at =
+                std::io::Seek::stream_position(self.inner.get_mut()).unwrap_or(0) + self.inner.buffer().len() as u64;
+            self.void = Some((at, at));
+        }
+        self.void.as_mut()
+    }
+}
+
+impl std::io::Write for Abortable {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.void() {
+            Some((at, end)) => {
+                *at += buf.len() as u64;
+                *end = (*end).max(*at);
+                Ok(buf.len())
+            }
+            None => self.inner.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.void() {
+            Some(_) => Ok(()),
+            None => self.inner.flush(),
+        }
+    }
+}
+
+impl std::io::Seek for Abortable {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        match self.void() {
+            Some((at, end)) => {
+                let target = match to {
+                    std::io::SeekFrom::Start(n) => i128::from(n),
+                    std::io::SeekFrom::Current(d) => i128::from(*at) + i128::from(d),
+                    std::io::SeekFrom::End(d) => i128::from(*end) + i128::from(d),
+                };
+                *at = u64::try_from(target.max(0)).unwrap_or(0);
+                Ok(*at)
+            }
+            None => self.inner.seek(to),
+        }
+    }
+}
+
 /// What an export wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exported {
@@ -217,42 +279,60 @@ async fn write_npz(
     let write_err =
         |source: Box<dyn std::error::Error + Send + Sync>| ExportError::Write { path: shown.clone(), source };
     let file = std::fs::File::create(partial_path).map_err(|e| write_err(e.into()))?;
-    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
-    let mut size = None;
-    for marker in &records.markers {
-        for image in &marker.images {
-            let key = format!("dataset/{}/{}", marker.wnid, image.name);
-            let bad = |source: Box<dyn std::error::Error + Send + Sync>| ExportError::Image {
-                wnid: marker.wnid.clone(),
-                key: key.clone(),
-                source,
-            };
-            let bytes =
-                mgd3_common::store::get_bytes(dir.store.as_ref(), &dir.key(&key)).await.map_err(|e| bad(e.into()))?;
-            if mgd3_common::sha256_hex(&bytes) != image.sha256 {
-                return Err(ExportError::Changed { wnid: marker.wnid.clone(), key });
-            }
-            let rgb = image::load_from_memory(&bytes).map_err(|e| bad(e.into()))?.to_rgb8();
-            let dims = rgb.dimensions();
-            match size {
-                None => {
-                    size = Some(dims);
-                    let options = SimpleFileOptions::default()
-                        .compression_method(zip::CompressionMethod::Stored)
-                        .large_file(true);
-                    zip.start_file("arr_0.npy", options).map_err(|e| write_err(e.into()))?;
-                    zip.write_all(&npy_header([total, dims.1 as usize, dims.0 as usize, 3]))
-                        .map_err(|e| write_err(e.into()))?;
+    let aborted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut zip =
+        zip::ZipWriter::new(Abortable { inner: std::io::BufWriter::new(file), aborted: aborted.clone(), void: None });
+    // Filled in a block of its own, so that on an error the archive is dropped into a writer
+    // that discards: zip's drop finishes the archive and prints its own line when that fails (a
+    // full disk), before the real error.
+    let filled = async {
+        let mut size = None;
+        for marker in &records.markers {
+            for image in &marker.images {
+                let key = format!("dataset/{}/{}", marker.wnid, image.name);
+                let bad = |source: Box<dyn std::error::Error + Send + Sync>| ExportError::Image {
+                    wnid: marker.wnid.clone(),
+                    key: key.clone(),
+                    source,
+                };
+                let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &dir.key(&key))
+                    .await
+                    .map_err(|e| bad(e.into()))?;
+                if mgd3_common::sha256_hex(&bytes) != image.sha256 {
+                    return Err(ExportError::Changed { wnid: marker.wnid.clone(), key });
                 }
-                Some(want) if want != dims => {
-                    return Err(ExportError::MixedSizes { wnid: marker.wnid.clone(), key, got: dims, want });
+                let rgb = image::load_from_memory(&bytes).map_err(|e| bad(e.into()))?.to_rgb8();
+                let dims = rgb.dimensions();
+                match size {
+                    None => {
+                        size = Some(dims);
+                        let options = SimpleFileOptions::default()
+                            .compression_method(zip::CompressionMethod::Stored)
+                            .large_file(true);
+                        zip.start_file("arr_0.npy", options).map_err(|e| write_err(e.into()))?;
+                        zip.write_all(&npy_header([total, dims.1 as usize, dims.0 as usize, 3]))
+                            .map_err(|e| write_err(e.into()))?;
+                    }
+                    Some(want) if want != dims => {
+                        return Err(ExportError::MixedSizes { wnid: marker.wnid.clone(), key, got: dims, want });
+                    }
+                    Some(_) => {}
                 }
-                Some(_) => {}
+                zip.write_all(rgb.as_raw()).map_err(|e| write_err(e.into()))?;
             }
-            zip.write_all(rgb.as_raw()).map_err(|e| write_err(e.into()))?;
         }
+        Ok::<_, ExportError>(size)
     }
-    let size = size.unwrap_or((0, 0));
+    .await;
+    let size = match filled {
+        Ok(size) => size.unwrap_or((0, 0)),
+        Err(error) => {
+            // The partial file is removed: what zip finishes on its way out goes nowhere.
+            aborted.store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(zip);
+            return Err(error);
+        }
+    };
     let mut out = zip.finish().map_err(|e| write_err(e.into()))?;
     out.flush().map_err(|e| write_err(e.into()))?;
     drop(out);
