@@ -1002,7 +1002,17 @@ mod tests {
                 wnid: wnid.clone(),
                 label: i as i64,
                 class_index: i,
-                images: (0..10).map(|j| digest(&format!("{j}.png"))).collect(),
+                // The overview reads sample 0 of each class, checked against its digest.
+                images: (0..10)
+                    .map(|j| match j {
+                        0 => FileDigest {
+                            name: "0.png".into(),
+                            sha256: mgd3_common::sha256_hex(&png),
+                            bytes: png.len() as u64,
+                        },
+                        _ => digest(&format!("{j}.png")),
+                    })
+                    .collect(),
                 modes: digest("modes.npy"),
                 real_images: 1300,
                 timings: StageSeconds::default(),
