@@ -734,13 +734,17 @@ def main():
                                ("--threads", args.threads, 1)]:
         if value is not None and value < least:
             raise SystemExit(f"{flag} {value}: give a whole number of at least {least}")
-    if args.out:
-        # Checked before hours of training, not after them.
-        folder = os.path.dirname(os.path.abspath(args.out))
+    if args.train_seed < 0 or args.train_seed >= 2 ** 32:
+        raise SystemExit(f"--train-seed {args.train_seed}: give a whole number from 0 to 4294967295")
+    # Files written after hours of training are checked before it.
+    for flag, target in [("--out", args.out), ("--save-model", args.save_model)]:
+        if not target:
+            continue
+        folder = os.path.dirname(os.path.abspath(target))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise SystemExit(f"--out `{args.out}`: {folder} is not a folder this process may write in")
-        if os.path.isdir(args.out):
-            raise SystemExit(f"--out `{args.out}` is a folder: name the JSON file to write")
+            raise SystemExit(f"{flag} `{target}`: {folder} is not a folder this process may write in")
+        if os.path.isdir(target):
+            raise SystemExit(f"{flag} `{target}` is a folder: name the file to write")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.val):
@@ -787,6 +791,6 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         # Results kept per variant stay; running the same command again goes on from them.
-        print("interrupted; run the same command again to go on (a sweep keeps each finished variant's result)",
-              file=sys.stderr)
+        print("interrupted; run the same command again to go on (with --sweep, each finished variant's result "
+              "is kept)", file=sys.stderr)
         sys.exit(130)

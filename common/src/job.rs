@@ -133,7 +133,13 @@ fn with_suggestion(text: &str, error: &toml::de::Error) -> (String, Option<Strin
     let words: Vec<&str> = unknown.split('_').filter(|w| !w.is_empty()).collect();
     let holding: Vec<&str> = names
         .clone()
-        .filter(|name| words.len() >= 2 && words.iter().all(|w| name.split('_').any(|part| part == *w)))
+        .filter(|name| {
+            // A plural or singular slip (`vae_fingerprints`) is the same word.
+            let same = |w: &str, part: &str| {
+                w == part || w.strip_suffix('s') == Some(part) || part.strip_suffix('s') == Some(w)
+            };
+            words.len() >= 2 && words.iter().all(|w| name.split('_').any(|part| same(w, part)))
+        })
         .collect();
     let head = located.split(", expected one of").next().unwrap_or(&located).to_owned();
     match holding.as_slice() {
@@ -1402,6 +1408,8 @@ mod tests {
         let text = "dataset = \"d\"\nclasses = \"all\"\nipc = 1\n[models]\ndit = \"a\"\nvae_encoder = \"b\"\nvae_decoder = \"c\"\nvae_fingerprint = \"x\"\n";
         let error = JobSpec::from_toml(text).unwrap_err().to_string();
         assert!(error.contains("did you mean `vae_encoder_fingerprint` or `vae_decoder_fingerprint`?"), "{error}");
+        let plural = JobSpec::from_toml(&text.replace("vae_fingerprint", "vae_fingerprints")).unwrap_err().to_string();
+        assert!(plural.contains("did you mean `vae_encoder_fingerprint` or `vae_decoder_fingerprint`?"), "{plural}");
         let typo = JobSpec::from_toml(&text.replace("vae_fingerprint", "dit_fingerprnt")).unwrap_err().to_string();
         assert!(typo.contains("did you mean `dit_fingerprint`?"), "{typo}");
     }

@@ -971,7 +971,8 @@ fn report_target_problem(out: &str) -> Result<()> {
     let path = Path::new(local);
     if let Some(folder) = crate::submit::job_folder_around(path) {
         bail!(
-            "--out `{out}` is inside `{}`, the folder of mgd3 job `{}`: the report would overwrite or join that job's              contact sheets or distilled images; name a folder outside it",
+            "--out `{out}` is inside `{}`, the folder of mgd3 job `{}`: the report would overwrite or join that job's \
+             contact sheets or distilled images; name a folder outside it",
             folder.display(),
             folder.file_name().unwrap_or_default().to_string_lossy()
         );
@@ -988,8 +989,10 @@ fn report_target_problem(out: &str) -> Result<()> {
                 others.sort();
                 let shown = others.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
                 bail!(
-                    "--out `{out}` holds other files ({shown}{}), which the report would be mixed with or overwrite                      (its index.html among them): name a new or empty folder, or an earlier report's",
-                    if others.len() > 3 { format!(" and {} more", others.len() - 3) } else { String::new() }
+                    "--out `{out}` holds other files ({shown}{}), which the report would be mixed with{}: name a new or \
+                     empty folder, or an earlier report's",
+                    if others.len() > 3 { format!(" and {} more", others.len() - 3) } else { String::new() },
+                    if path.join("index.html").exists() { " or overwrite (its index.html)" } else { "" }
                 );
             }
             Ok(())
@@ -2064,11 +2067,16 @@ async fn run_local_sweep(
 }
 
 /// Says which unfinished jobs of the store `coordinator run` leaves alone (it runs its own).
-fn note_left_out(others: &[String]) {
+fn note_left_out(others: &[String], name: Option<&str>) {
     if others.is_empty() {
         return;
     }
-    let shown: Vec<&str> = others.iter().take(5).map(String::as_str).collect();
+    // Jobs of this spec's name first (a sweep's variants since dropped from it): the ones a
+    // person most needs to hear about.
+    let mut others: Vec<&String> = others.iter().collect();
+    let ours = |id: &str| name.is_some_and(|name| id.starts_with(&format!("{name}-")));
+    others.sort_by_key(|id| (!ours(id), id.as_str()));
+    let shown: Vec<&str> = others.iter().take(10).map(|id| id.as_str()).collect();
     errln!(
         "note: {} other unfinished job(s) in this store are not run by this `coordinator run`, which runs its own: {}{} \
          (`coordinator run` of their spec, or `resume <job>` on a served coordinator, goes on with one; `coordinator \
@@ -2388,7 +2396,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
         match submitted {
             Ok(submitted) => {
                 let ids = submitted.record.variants.iter().map(|v| v.job_id.clone()).collect();
-                note_left_out(&coordinator.run_only(Some(ids)));
+                note_left_out(&coordinator.run_only(Some(ids)), spec.name.as_deref());
                 return run_local_sweep(&args, submitted, coordinator, local, workers, &last_errors, &store).await;
             }
             Err(error) => Err(spec_refusal(error, &args.spec)),
@@ -2416,7 +2424,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
     for note in &notes {
         errln!("note: {note}");
     }
-    note_left_out(&coordinator.run_only(Some([job.job_id.clone()].into())));
+    note_left_out(&coordinator.run_only(Some([job.job_id.clone()].into())), spec.name.as_deref());
     errln!(
         "job {} ({} classes, {} shards) on {} local worker(s); {}",
         job.job_id,

@@ -63,6 +63,19 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+    /// A job's output folder holds another job's records (folders swapped, renamed or copied).
+    #[error(
+        "`{folder}` holds job `{found}`'s records, not `{job}`'s: folders swapped, renamed or copied; put each \
+         job's folder back under its own id (`<output>/jobs/<job>`)"
+    )]
+    OtherJobsFolder {
+        /// The folder.
+        folder: String,
+        /// The job asked about.
+        job: String,
+        /// The job its records are of.
+        found: String,
+    },
     /// No job with this id is known.
     #[error("unknown job `{0}`")]
     UnknownJob(String),
@@ -365,7 +378,7 @@ impl From<Error> for tonic::Status {
             | Error::Lock(_)
             | Error::StoreNotHeld { .. } => tonic::Status::unavailable(message),
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
-            Error::StateTooNew { .. } => tonic::Status::failed_precondition(message),
+            Error::StateTooNew { .. } | Error::OtherJobsFolder { .. } => tonic::Status::failed_precondition(message),
         }
     }
 }

@@ -174,18 +174,10 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
         .map_err(store_err(out, format!("reading `{manifest_key}`")))?;
     let mut problems = Vec::new();
     let manifest = match manifest.map(|bytes| serde_json::from_slice::<JobManifest>(&bytes)) {
-        // Another job's folder (folders swapped, renamed or copied): nothing in it is this job's.
+        // Another job's folder (folders swapped, renamed or copied): nothing in it is this job's,
+        // and nothing to repair (resume would take another job's files for damage).
         Some(Ok(manifest)) if manifest.job_id != job_id => {
-            problems.push(VerifyProblem {
-                wnid: String::new(),
-                file: Some(keys.manifest()),
-                problem: format!(
-                    "is job `{}`'s, not `{job_id}`'s: this folder holds another job (folders swapped, renamed or \
-                     copied); put each job's folder back under its own id",
-                    manifest.job_id
-                ),
-            });
-            None
+            return Err(Error::OtherJobsFolder { folder: out.url.clone(), job: job_id.into(), found: manifest.job_id });
         }
         Some(Ok(manifest)) => Some(manifest),
         Some(Err(error)) => {

@@ -242,6 +242,8 @@ fn a_sweep_is_evaluated_variant_by_variant_into_one_table_and_resumes() {
         (vec!["--size", "0"], "--size 0"),
         (vec!["--train", "x"], "--train and --sweep exclude each other"),
         (vec!["--out", missing_out.to_str().unwrap()], "is not a folder this process may write in"),
+        (vec!["--save-model", missing_out.to_str().unwrap()], "--save-model `"),
+        (vec!["--train-seed", "-1"], "--train-seed -1: give a whole number"),
     ] {
         let out = Command::new(&python).arg(&script).args(args).args(&extra).output().unwrap();
         let text = String::from_utf8_lossy(&out.stderr);

@@ -371,7 +371,8 @@ fn report_and_export_refuse_targets_and_images_that_would_mislead() {
     std::fs::rename(&dir, &renamed).unwrap();
     let out = coordinator(&["verify", other, "--job-dir", &renamed.display().to_string()]);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() && text.contains(&format!("is job `{job}`'s, not `{other}`'s")), "{text}");
+    assert!(!out.status.success() && text.contains(&format!("holds job `{job}`'s records, not `{other}`'s")), "{text}");
+    assert!(!text.contains("resume"), "verify advised a repair of another job's folder: {text}");
 }
 
 /// A job that failed before committing any class still gets its report, with its failures:
