@@ -946,17 +946,15 @@ fn ctrl_c_stops_serve_cleanly_and_exits_130() {
     assert!(started.elapsed() < Duration::from_secs(10), "the lock was released on the way out");
 }
 
-/// Ctrl-C while `coordinator run` is still setting up (here: waiting for workers that never
-/// register) stops it cleanly too: at once, exit 130, nothing submitted, and the store's lock
-/// released (it was left behind, the process killed by the signal half way through its set-up).
-#[test]
-fn ctrl_c_while_run_sets_up_stops_cleanly_before_submitting() {
-    let dir = tempfile::tempdir().unwrap();
-    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(data.join("a")).unwrap();
-    std::fs::write(data.join("a").join("0.png"), b"png").unwrap();
-    let spec = dir.path().join("job.toml");
+/// `dir/job.toml`: a job over `dir/data` with one (unreadable) image per class of `classes` and the
+/// tiny models, for `coordinator run` with a stand-in worker.
+fn tiny_run_spec(dir: &Path, classes: &[&str]) -> std::path::PathBuf {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    for class in classes {
+        std::fs::create_dir_all(dir.join("data").join(class)).unwrap();
+        std::fs::write(dir.join("data").join(class).join("0.png"), b"png").unwrap();
+    }
+    let spec = dir.join("job.toml");
     std::fs::write(
         &spec,
         format!(
@@ -965,6 +963,16 @@ fn ctrl_c_while_run_sets_up_stops_cleanly_before_submitting() {
         ),
     )
     .unwrap();
+    spec
+}
+
+/// Ctrl-C while `coordinator run` is still setting up (here: waiting for workers that never
+/// register) stops it cleanly too: at once, exit 130, nothing submitted, and the store's lock
+/// released (it was left behind, the process killed by the signal half way through its set-up).
+#[test]
+fn ctrl_c_while_run_sets_up_stops_cleanly_before_submitting() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = tiny_run_spec(dir.path(), &["a"]);
     // A worker that never registers: `run` waits for it (up to ten minutes).
     let fake = dir.path().join("worker");
     std::fs::write(&fake, "#!/bin/sh\nexec sleep 120\n").unwrap();
@@ -1001,21 +1009,7 @@ fn ctrl_c_while_run_sets_up_stops_cleanly_before_submitting() {
 #[test]
 fn run_gives_each_local_worker_its_own_gpu_and_passes_worker_arguments() {
     let dir = tempfile::tempdir().unwrap();
-    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
-    let data = dir.path().join("data");
-    for class in ["a", "b"] {
-        std::fs::create_dir_all(data.join(class)).unwrap();
-        std::fs::write(data.join(class).join("0.png"), b"png").unwrap();
-    }
-    let spec = dir.path().join("job.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "dataset = \"data\"\nclasses = \"all\"\nlabels = \"position\"\nipc = 1\n[models]\ndit = \"{0}/tiny_dit.onnx\"\nvae_encoder = \"{0}/tiny_vae_encoder.onnx\"\nvae_decoder = \"{0}/tiny_vae_decoder.onnx\"\n",
-            models.display()
-        ),
-    )
-    .unwrap();
+    let spec = tiny_run_spec(dir.path(), &["a", "b"]);
     let record = dir.path().join("args.txt");
     let fake = dir.path().join("worker");
     std::fs::write(&fake, format!("#!/bin/sh\necho \"$@\" >> {}\n", record.display())).unwrap();
