@@ -881,9 +881,10 @@ impl Scheduler {
         self.only = jobs;
     }
 
-    /// Whether [`Scheduler::run_only`] leaves `job_id` out.
-    fn left_out(&self, job_id: &str) -> bool {
-        self.only.as_ref().is_some_and(|only| !only.contains(job_id))
+    /// Whether [`Scheduler::run_only`]'s set `only` leaves `job_id` out (a free function: the
+    /// grant loop holds a job mutably while it asks).
+    fn left_out(only: &Option<HashSet<String>>, job_id: &str) -> bool {
+        only.as_ref().is_some_and(|only| !only.contains(job_id))
     }
 
     /// Whether polls grant leases (and backup leases): off while the caller is not sure it still
@@ -1357,7 +1358,7 @@ impl Scheduler {
                 || run.persisted.paused.is_some()
                 || run.persisted.excluded_workers.contains(worker_id)
                 || self.held_back.contains(job_id)
-                || self.only.as_ref().is_some_and(|only| !only.contains(job_id))
+                || Self::left_out(&self.only, job_id)
             {
                 continue;
             }
@@ -1461,7 +1462,7 @@ impl Scheduler {
                 || run.persisted.paused.is_some()
                 || run.persisted.excluded_workers.contains(worker_id)
                 || self.held_back.contains(job_id)
-                || self.left_out(job_id)
+                || Self::left_out(&self.only, job_id)
             {
                 continue;
             }

@@ -1212,14 +1212,14 @@ impl Coordinator {
         how: impl Into<Resubmit>,
     ) -> Result<(Arc<ResolvedJob>, bool, Vec<String>)> {
         let resolved = self.resolve(spec_toml, base_dir, explicit_id).await?;
-        let mut kept = self.kept_settings(&resolved.job);
         let given = resolved.job.clone();
         let (mut job, existed, mut notes) = self.submit_resolved(resolved, how).await?;
         if existed && let Some(moved) = self.adopt_model_paths(&job, &given).await? {
             job = moved;
-            kept.retain(|setting| !setting.contains("models."));
         }
-        if existed && !kept.is_empty() {
+        // Compared with the job as it stands now (moved models adopted): what it keeps.
+        let kept = if existed { self.kept_settings(&given) } else { Vec::new() };
+        if !kept.is_empty() {
             notes.push(format!(
                 "job `{}` exists (every setting that decides its images is the same) and keeps the other settings it was submitted with: {}; give the spec \
                  another `name` to make a new job with these",
@@ -1230,18 +1230,17 @@ impl Coordinator {
         Ok((job, existed, notes))
     }
 
-    /// When `given` (the job's spec as submitted or given to resume now) reads the job's models
-    /// from other paths than the job recorded, with the same fingerprints (the job's id says so):
-    /// the models were moved, and the job reads them from where they are now (its workers could
-    /// not load them from the old paths, and the job stalled). Returns the updated job, if any.
+    /// When `given` (the same job, as its spec was submitted or given to resume now: the caller
+    /// checked its id and identity, so the models' fingerprints are the job's) reads the job's
+    /// models from other paths than the job recorded: the models were moved, and the job reads
+    /// them from where they are now (its workers could not load them from the old paths, and the
+    /// job stalled). Returns the updated job, if any.
     ///
     /// # Errors
     /// Store errors writing `job.json`.
     async fn adopt_model_paths(&self, job: &ResolvedJob, given: &ResolvedJob) -> Result<Option<Arc<ResolvedJob>>> {
         let (was, now) = (&job.spec.models, &given.spec.models);
-        if job.fingerprint != given.fingerprint
-            || (was.dit == now.dit && was.vae_encoder == now.vae_encoder && was.vae_decoder == now.vae_decoder)
-        {
+        if was.dit == now.dit && was.vae_encoder == now.vae_encoder && was.vae_decoder == now.vae_decoder {
             return Ok(None);
         }
         let mut updated = job.clone();
@@ -1976,9 +1975,7 @@ impl Coordinator {
             if now.identity() != job.identity() {
                 return Err(Error::FingerprintChanged { job: job_id.into(), was: job.identity(), now: now.identity() });
             }
-            let mut given = now;
-            given.fingerprint = job.fingerprint.clone();
-            if let Some(moved) = self.adopt_model_paths(&job, &given).await? {
+            if let Some(moved) = self.adopt_model_paths(&job, &now).await? {
                 job = moved;
             }
         }

@@ -769,31 +769,32 @@ pub struct Models {
 /// and change times (the change time moves on every write, link or rename, and cannot be set).
 type Identity = Option<(u64, u64, u64, i64, i64, i64, i64)>;
 
-/// The identity of every file of the three models (each model file and its external-data files;
-/// `None` for one that cannot be read, which the load reports itself).
-fn identities(paths: &ModelPaths) -> Vec<(std::path::PathBuf, Identity)> {
-    use std::os::unix::fs::MetadataExt;
+/// Every file of the three models: each model file and its external-data files (the model file
+/// alone when they cannot be listed, which the load reports itself). A model replaced by one
+/// naming other data files changes its own identity too.
+fn model_file_list(paths: &ModelPaths) -> Vec<std::path::PathBuf> {
     [&paths.dit, &paths.vae_encoder, &paths.vae_decoder]
         .into_iter()
         .flat_map(|path| mgd3_common::modelmeta::model_files(path).unwrap_or_else(|_| vec![path.clone()]))
+        .collect()
+}
+
+/// The identity of each of `files` (`None` for one that cannot be read).
+fn identities(files: &[std::path::PathBuf]) -> Vec<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
         .map(|file| {
-            let identity = std::fs::metadata(&file)
+            std::fs::metadata(file)
                 .ok()
-                .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()));
-            (file, identity)
+                .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
         })
         .collect()
 }
 
-/// The first file whose identity differs between two [`identities`] (or that came or went).
-fn changed_file(
-    before: &[(std::path::PathBuf, Identity)],
-    after: &[(std::path::PathBuf, Identity)],
-) -> Option<std::path::PathBuf> {
-    if before.len() != after.len() {
-        return Some(after.first().or(before.first()).map(|(p, _)| p.clone()).unwrap_or_default());
-    }
-    before.iter().zip(after).find(|(b, a)| b != a).map(|(_, (path, _))| path.clone())
+/// The first of `files` whose identity differs between two [`identities`] of them.
+fn changed_file(files: &[std::path::PathBuf], before: &[Identity], after: &[Identity]) -> Option<std::path::PathBuf> {
+    files.iter().zip(before.iter().zip(after)).find(|(_, (b, a))| b != a).map(|(file, _)| file.clone())
 }
 
 impl Models {
@@ -821,9 +822,10 @@ impl Models {
         let mut tries = 0;
         loop {
             tries += 1;
-            let before = identities(paths);
+            let files = model_file_list(paths);
+            let before = identities(&files);
             let models = Self::load_once(paths, runtime)?;
-            match changed_file(&before, &identities(paths)) {
+            match changed_file(&files, &before, &identities(&files)) {
                 None => return Ok(models),
                 Some(path) if tries >= TRIES => return Err(EngineError::ModelsChanged { path, tries }),
                 Some(path) => {
@@ -1323,8 +1325,9 @@ mod tests {
             vae_encoder: fixtures.join("tiny_vae_encoder.onnx"),
             vae_decoder: fixtures.join("tiny_vae_decoder.onnx"),
         };
-        let before = identities(&paths);
-        assert_eq!(changed_file(&before, &identities(&paths)), None, "nothing changed");
+        let files = model_file_list(&paths);
+        let before = identities(&files);
+        assert_eq!(changed_file(&files, &before, &identities(&files)), None, "nothing changed");
         std::thread::sleep(std::time::Duration::from_millis(20));
         for with in [&b, &a] {
             let new = dir.path().join(".new");
@@ -1333,7 +1336,7 @@ mod tests {
         }
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&dit).unwrap().ino(), std::fs::metadata(&a).unwrap().ino(), "put back");
-        assert_eq!(changed_file(&before, &identities(&paths)), Some(dit));
+        assert_eq!(changed_file(&files, &before, &identities(&files)), Some(dit));
     }
 
     const MIB: u64 = 1 << 20;
