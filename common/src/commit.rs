@@ -13,7 +13,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use thiserror::Error;
 
 use crate::layout::{JobKeys, MODES_FILE, image_name};
-use crate::manifest::{ClassMarker, FileDigest};
+use crate::manifest::{ClassMarker, FileDigest, SheetRecord};
 use crate::sha256_hex;
 use crate::store::{Location, get_optional, put_create, retry_idempotent};
 
@@ -326,8 +326,9 @@ pub struct FileProblem {
 }
 
 /// Checks the published files of a committed class against its marker, repairing nothing:
-/// every listed file must hold the marker's sha256, and the class folder nothing else. Returns
-/// the number of files read and the problems found.
+/// every listed file must hold the marker's sha256, the class folder nothing else, and its
+/// contact sheet, if any, must be the one its committing attempt recorded ([`check_sheet`]).
+/// Returns the number of files read and the problems found.
 ///
 /// # Errors
 /// [`CommitError::Store`] when the store cannot be listed.
@@ -388,7 +389,176 @@ pub async fn verify_class(
             problem: "a staging copy left by an interrupted write".into(),
         });
     }
-    Ok((targets.len() as u64, problems))
+    let mut files = targets.len() as u64;
+    match check_sheet(&out.child(keys.root()), marker, Check::Content).await? {
+        SheetCheck::Absent => {}
+        SheetCheck::Found(_) => files += 1,
+        SheetCheck::Wrong(problem) => {
+            files += 1;
+            problems.push(FileProblem { file: format!("{}/{}", keys.root(), problem.file), problem: problem.problem });
+        }
+    }
+    Ok((files, problems))
+}
+
+/// What a class's contact sheet is, checked against its record ([`SheetRecord`]) and the
+/// class's marker by [`check_sheet`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum SheetCheck {
+    /// No sheet and no record: none was written (the spec turned them off, making it failed,
+    /// the worker stopped first).
+    Absent,
+    /// The sheet the committing attempt recorded, or an earlier version's (unrecorded).
+    Found(FoundSheet),
+    /// A sheet or record that is not what the committing attempt wrote for this class.
+    Wrong(FileProblem),
+}
+
+/// A contact sheet [`check_sheet`] found right (or could not check: an earlier version's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoundSheet {
+    /// Its record; `None` for a sheet of an earlier version, which wrote no records (its marker
+    /// does not promise one): shown as it is, unchecked.
+    pub record: Option<SheetRecord>,
+    /// [`Check::Content`]: the whole sheet; [`Check::Size`]: its first [`SHEET_HEAD`] bytes (or
+    /// fewer), enough for a PNG's size in pixels.
+    pub bytes: bytes::Bytes,
+}
+
+/// Bytes of a sheet [`check_sheet`] reads with [`Check::Size`]: a PNG's signature and header.
+pub const SHEET_HEAD: u64 = 64;
+
+/// Checks the contact sheet of a committed class in its job's folder `job_dir`
+/// (`<out>/jobs/<job>`; the problem's file is named relative to it): its record must name the class, the job and
+/// the attempt of `marker`, and the sheet must hold the record's size ([`Check::Size`]: its
+/// size and first bytes, what a report in the job folder needs) or its sha256 ([`Check::Content`]: read
+/// in full, for `verify`, `resume` and a report that copies the sheet).
+///
+/// # Errors
+/// [`CommitError::Store`] when the sheet or its record cannot be read.
+pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check) -> Result<SheetCheck, CommitError> {
+    let out = job_dir;
+    let store = out.store.as_ref();
+    let wnid = &marker.wnid;
+    let (sheet_key, record_key) = (JobKeys::contact_sheet_in_job(wnid), JobKeys::contact_sheet_record_in_job(wnid));
+    let record_location = out.key(&record_key);
+    let record =
+        get_optional(store, &record_location).await.map_err(store_err(out, format!("reading `{record_location}`")))?;
+    let sheet = read_sheet(out, &out.key(&sheet_key), check).await?;
+    let wrong = |file: &str, problem: String| Ok(SheetCheck::Wrong(FileProblem { file: file.to_owned(), problem }));
+    let ((bytes, size), record) = match (sheet, record) {
+        (None, None) => return Ok(SheetCheck::Absent),
+        (Some((bytes, _)), None) if !marker.sheet_record => {
+            return Ok(SheetCheck::Found(FoundSheet { record: None, bytes }));
+        }
+        (Some(_), None) => {
+            return wrong(
+                &sheet_key,
+                "has no record (`contact_sheets/<class>.json`, written right after the sheet): it cannot be told \
+                 from another class's or attempt's sheet"
+                    .into(),
+            );
+        }
+        (None, Some(_)) => return wrong(&record_key, "records a contact sheet that is not there".into()),
+        (Some(sheet), Some(record)) => (sheet, record),
+    };
+    let record: SheetRecord = match serde_json::from_slice(&record) {
+        Ok(record) => record,
+        Err(error) => return wrong(&record_key, format!("unreadable: {error}")),
+    };
+    if record.wnid != *wnid || record.job_id != marker.job_id {
+        return wrong(
+            &sheet_key,
+            format!("is the contact sheet of class `{}` of job `{}` (its record says so)", record.wnid, record.job_id),
+        );
+    }
+    if record.attempt_id != marker.attempt_id {
+        return wrong(
+            &sheet_key,
+            format!(
+                "was made by attempt `{}`, not by `{}`, whose images the class's marker lists",
+                record.attempt_id, marker.attempt_id
+            ),
+        );
+    }
+    let changed = match check {
+        Check::Size => (size != record.bytes).then(|| format!("{size} bytes")),
+        Check::Content => {
+            let actual = sha256_hex(&bytes);
+            (actual != record.sha256).then(|| format!("sha256 {actual} ({size} bytes)"))
+        }
+    };
+    if let Some(found) = changed {
+        return wrong(
+            &sheet_key,
+            format!(
+                "{found}, its record says sha256 {} ({} bytes): changed since it was written",
+                record.sha256, record.bytes
+            ),
+        );
+    }
+    Ok(SheetCheck::Found(FoundSheet { record: Some(record), bytes }))
+}
+
+/// A sheet's bytes (all of them, or its head for [`Check::Size`]) and its size, if it is there.
+async fn read_sheet(
+    out: &Location,
+    key: &object_store::path::Path,
+    check: Check,
+) -> Result<Option<(bytes::Bytes, u64)>, CommitError> {
+    let store = out.store.as_ref();
+    let failed = || store_err(out, format!("reading `{key}`"));
+    if check == Check::Content {
+        let bytes = get_optional(store, key).await.map_err(failed())?;
+        return Ok(bytes.map(|b| {
+            let size = b.len() as u64;
+            (b, size)
+        }));
+    }
+    // Its size first: a ranged read of an empty object fails like a transport error would.
+    let size = match retry_idempotent(|| store.head(key)).await {
+        Ok(meta) => meta.size,
+        Err(e) if crate::store::is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(failed()(e)),
+    };
+    if size == 0 {
+        return Ok(Some((bytes::Bytes::new(), 0)));
+    }
+    let head = retry_idempotent(|| store.get_range(key, 0..SHEET_HEAD.min(size))).await;
+    match head {
+        Ok(head) => Ok(Some((head, size))),
+        // Gone between the two calls.
+        Err(e) if crate::store::is_not_found(&e) => Ok(None),
+        Err(e) => Err(failed()(e)),
+    }
+}
+
+/// The record of a contact sheet of `bytes`, made by the attempt that committed `marker`.
+pub fn sheet_record(marker: &ClassMarker, bytes: &[u8]) -> SheetRecord {
+    SheetRecord {
+        schema_version: crate::manifest::SCHEMA_VERSION,
+        job_id: marker.job_id.clone(),
+        wnid: marker.wnid.clone(),
+        attempt_id: marker.attempt_id.clone(),
+        sha256: sha256_hex(bytes),
+        bytes: bytes.len() as u64,
+    }
+}
+
+/// Deletes a class's contact sheet and its record (the record first: a sheet left without one is
+/// never shown as verified).
+///
+/// # Errors
+/// [`CommitError::Store`] when a delete fails.
+pub async fn remove_sheet(out: &Location, keys: &JobKeys, wnid: &str) -> Result<(), CommitError> {
+    for key in [keys.contact_sheet_record(wnid), keys.contact_sheet(wnid)] {
+        let key = out.key(&key);
+        match retry_idempotent(|| out.store.delete(&key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_err(out, format!("deleting `{key}`"))(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Withdraws a class's commit so that it is distilled again: deletes its marker first (a crash
@@ -404,6 +574,8 @@ pub async fn uncommit(out: &Location, keys: &JobKeys, wnid: &str) -> Result<(), 
             Err(e) => return Err(store_err(out, format!("deleting `{key}`"))(e)),
         }
     }
+    // The old attempt's contact sheet shows images that are withdrawn.
+    remove_sheet(out, keys, wnid).await?;
     delete_prefix(out, &format!("{}/dataset/{wnid}", keys.root())).await
 }
 
@@ -521,6 +693,7 @@ mod tests {
             embedding: None,
             versions_changed: false,
             data: None,
+            sheet_record: false,
         }
     }
 
@@ -591,5 +764,89 @@ mod tests {
         assert!(matches!(err, CommitError::ForeignMarker { .. }), "{err}");
         assert!(committed_marker(&out, &keys, "n01", "fp-new").await.is_err());
         assert!(committed_marker(&out, &keys, "n02", "fp-new").await.unwrap().is_none());
+    }
+
+    /// A contact sheet is checked against its record and its class's commit: each kind of wrong
+    /// sheet is named (another class's, another attempt's, changed, without its record, a record
+    /// without its sheet), and a sheet of the same size but other bytes is found by its sha256.
+    #[tokio::test]
+    async fn contact_sheets_are_checked_against_their_record_and_commit() {
+        let out = open("memory://commit-sheets/out").unwrap();
+        let keys = JobKeys::new("job");
+        let mut m = marker("a", "fp");
+        m.sheet_record = true;
+        let job_dir = out.child(keys.root());
+        let (sheet_key, record_key) = (out.key(&keys.contact_sheet("n01")), out.key(&keys.contact_sheet_record("n01")));
+        let put = |key: &object_store::path::Path, bytes: Vec<u8>| {
+            let (out, key) = (out.clone(), key.clone());
+            async move { out.store.put(&key, bytes.into()).await.unwrap() }
+        };
+        let record_of = |marker: &ClassMarker, bytes: &[u8]| serde_json::to_vec(&sheet_record(marker, bytes)).unwrap();
+        let problem = |check: SheetCheck| match check {
+            SheetCheck::Wrong(problem) => problem,
+            other => panic!("not wrong: {other:?}"),
+        };
+        for check in [Check::Size, Check::Content] {
+            assert_eq!(check_sheet(&job_dir, &m, check).await.unwrap(), SheetCheck::Absent);
+        }
+        let sheet = b"sheet of n01".to_vec();
+        put(&sheet_key, sheet.clone()).await;
+        put(&record_key, record_of(&m, &sheet)).await;
+        for check in [Check::Size, Check::Content] {
+            let SheetCheck::Found(found) = check_sheet(&job_dir, &m, check).await.unwrap() else { panic!() };
+            assert_eq!(found.record.unwrap().attempt_id, "a");
+            let expected = if check == Check::Size { &sheet[..SHEET_HEAD.min(12) as usize] } else { &sheet[..] };
+            assert_eq!(&found.bytes[..], expected);
+        }
+        // Same size, other bytes: only the sha256 tells.
+        put(&sheet_key, b"sheet of n02".to_vec()).await;
+        assert!(matches!(check_sheet(&job_dir, &m, Check::Size).await.unwrap(), SheetCheck::Found(_)));
+        let changed = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        assert_eq!(changed.file, "contact_sheets/n01.png");
+        assert!(changed.problem.contains("changed since it was written"), "{changed:?}");
+        // Another size: the ranged read sees it.
+        put(&sheet_key, b"a longer sheet".to_vec()).await;
+        let changed = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        assert!(changed.problem.contains("14 bytes") && changed.problem.contains("(12 bytes)"), "{changed:?}");
+        // Another class's sheet and record, copied over this one's.
+        let mut other = marker("a", "fp");
+        other.wnid = "n02".into();
+        put(&sheet_key, sheet.clone()).await;
+        put(&record_key, record_of(&other, &sheet)).await;
+        let swapped = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        assert!(swapped.problem.contains("contact sheet of class `n02`"), "{swapped:?}");
+        // An earlier attempt's (the class was distilled again, its old sheet left).
+        put(&record_key, record_of(&marker("old", "fp"), &sheet)).await;
+        let stale = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        assert!(stale.problem.contains("attempt `old`, not by `a`"), "{stale:?}");
+        // A record that does not parse, then none: a marker that promises one finds it missing,
+        // an earlier version's marker (no records then) shows its sheet unchecked.
+        put(&record_key, b"{".to_vec()).await;
+        let unreadable = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        assert_eq!(
+            (unreadable.file.as_str(), unreadable.problem.starts_with("unreadable")),
+            ("contact_sheets/n01.json", true)
+        );
+        out.store.delete(&record_key).await.unwrap();
+        let unrecorded = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        assert!(unrecorded.problem.contains("has no record"), "{unrecorded:?}");
+        let earlier = marker("a", "fp");
+        let SheetCheck::Found(found) = check_sheet(&job_dir, &earlier, Check::Content).await.unwrap() else { panic!() };
+        assert!(found.record.is_none());
+        // A record without its sheet; an empty sheet is read, not an error.
+        put(&record_key, record_of(&m, &sheet)).await;
+        out.store.delete(&sheet_key).await.unwrap();
+        let orphan = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        assert!(orphan.problem.contains("records a contact sheet that is not there"), "{orphan:?}");
+        put(&sheet_key, Vec::new()).await;
+        let empty = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        assert!(empty.problem.contains("0 bytes"), "{empty:?}");
+        // Removed, record first; uncommitting the class removes its sheet too.
+        remove_sheet(&out, &keys, "n01").await.unwrap();
+        assert_eq!(check_sheet(&job_dir, &m, Check::Content).await.unwrap(), SheetCheck::Absent);
+        put(&sheet_key, sheet.clone()).await;
+        put(&record_key, record_of(&m, &sheet)).await;
+        uncommit(&out, &keys, "n01").await.unwrap();
+        assert_eq!(check_sheet(&job_dir, &m, Check::Content).await.unwrap(), SheetCheck::Absent);
     }
 }

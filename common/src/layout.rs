@@ -11,6 +11,7 @@
 //! <out>/jobs/<job>/modes/<wnid>.npy            IPC × C×h×w centroids
 //! <out>/jobs/<job>/dataset/<wnid>/<j>.png      the distilled ImageFolder
 //! <out>/jobs/<job>/contact_sheets/<wnid>.png   real images, decoded modes, samples (for people)
+//! <out>/jobs/<job>/contact_sheets/<wnid>.json  the sheet's record: class, attempt, sha256 (written after it)
 //! <out>/jobs/<job>/manifest.json               merged manifest, written when every shard is done
 //! ```
 
@@ -87,7 +88,21 @@ impl JobKeys {
     }
     /// Real images, decoded modes and samples of a class side by side (not part of the dataset).
     pub fn contact_sheet(&self, wnid: &str) -> String {
-        format!("{}/contact_sheets/{wnid}.png", self.root)
+        format!("{}/{}", self.root, Self::contact_sheet_in_job(wnid))
+    }
+    /// `contact_sheets/<wnid>.png`: [`JobKeys::contact_sheet`] relative to the job's folder.
+    pub fn contact_sheet_in_job(wnid: &str) -> String {
+        format!("contact_sheets/{wnid}.png")
+    }
+    /// `contact_sheets/<wnid>.json`: [`JobKeys::contact_sheet_record`] relative to the job's folder.
+    pub fn contact_sheet_record_in_job(wnid: &str) -> String {
+        format!("contact_sheets/{wnid}.json")
+    }
+    /// `jobs/<job>/contact_sheets/<wnid>.json`: the contact sheet's record
+    /// ([`crate::manifest::SheetRecord`]), written after the sheet; what `report` and `verify`
+    /// check the sheet against.
+    pub fn contact_sheet_record(&self, wnid: &str) -> String {
+        format!("{}/{}", self.root, Self::contact_sheet_record_in_job(wnid))
     }
     /// `jobs/<job>/manifest.json`: the merged manifest, written when every class is committed.
     pub fn manifest(&self) -> String {

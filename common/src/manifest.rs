@@ -220,6 +220,32 @@ pub struct ClassMarker {
     /// markers of earlier versions and of jobs without recorded listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<crate::imagefolder::ListingSummary>,
+    /// The attempt writes its contact sheet with a record ([`SheetRecord`]) after this marker:
+    /// a sheet without a record is then one whose record was lost, not an earlier version's
+    /// (which wrote none; absent from their markers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sheet_record: bool,
+}
+
+/// `contact_sheets/<wnid>.json`: what the attempt that committed a class wrote as its contact
+/// sheet, written right after the sheet. The sheet is made after the commit (its marker cannot
+/// list it); this record is what ties it to the class and the attempt, so a sheet of another
+/// class, of an earlier attempt or changed after it was written is found by `report` and
+/// `verify` instead of being shown as this class's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SheetRecord {
+    /// [`SCHEMA_VERSION`] of the writer.
+    pub schema_version: u32,
+    /// The job.
+    pub job_id: String,
+    /// The class the sheet shows.
+    pub wnid: String,
+    /// The attempt that made it (the one its class's marker names).
+    pub attempt_id: String,
+    /// `sha256:<hex>` of the sheet's bytes.
+    pub sha256: String,
+    /// The sheet's size in bytes.
+    pub bytes: u64,
 }
 
 /// One class of the job manifest.

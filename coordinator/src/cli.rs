@@ -1647,6 +1647,7 @@ async fn run_command(cli: Cli) -> Result<()> {
             let summary = crate::report::write_report(&dir, &args.job.job, &target, copy).await?;
             errln!("report of {} class(es) written", summary.classes);
             warn_quality(&summary);
+            warn_sheets(&summary, &args.job.job);
             outln!("{}", summary.index);
             Ok(())
         }
@@ -2098,6 +2099,25 @@ fn stopping_message(signal: mgd3_common::StopSignal) {
 }
 
 /// Resolves once every child has exited, describing each one's exit status.
+/// Tells the contact sheets the report left out (not what their class's committing attempt
+/// wrote) on stderr: a report that silently lacks pictures looks like a bug.
+fn warn_sheets(summary: &crate::report::ReportSummary, job: &str) {
+    if summary.sheets_left_out.is_empty() {
+        return;
+    }
+    errln!(
+        "warning: {} contact sheet(s) left out of the report, not being what the attempt that committed their class wrote \
+         (`coordinator verify {job}` lists them, `coordinator resume {job}` removes them):",
+        summary.sheets_left_out.len()
+    );
+    for (wnid, problem) in summary.sheets_left_out.iter().take(10) {
+        errln!("  class `{wnid}`: `{}` {}", problem.file, problem.problem);
+    }
+    if summary.sheets_left_out.len() > 10 {
+        errln!("  and {} more (the report lists them)", summary.sheets_left_out.len() - 10);
+    }
+}
+
 /// Tells the classes outside the quality band on stderr, so that a run that succeeded with
 /// models or labels that do not fit its data does not look like a good one.
 fn warn_quality(summary: &crate::report::ReportSummary) {
@@ -2466,6 +2486,7 @@ async fn run_local(args: RunArgs) -> Result<()> {
             Ok(summary) => {
                 outln!("report: {}", summary.index);
                 warn_quality(&summary);
+                warn_sheets(&summary, &status.job_id);
             }
             Err(error) => tracing::warn!(%error, "no report written; `coordinator report` tries again"),
         }

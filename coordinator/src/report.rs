@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use futures::TryStreamExt;
-use mgd3_common::layout::JobKeys;
+use mgd3_common::commit::{self, Check, CommitError, SheetCheck};
 use mgd3_common::manifest::{ClassMarker, JobManifest, QualityConcern, StageSeconds, band};
 use mgd3_common::sheet::SheetLayout;
 use mgd3_common::store::{Location, get_optional, is_not_found};
@@ -117,6 +117,9 @@ pub enum ReportError {
         /// What differs, as a person reads it.
         differing: Vec<String>,
     },
+    /// A class's files could not be checked against its records.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     /// A sample image could not be read for the overview.
     #[error("class `{wnid}`: `{key}` is not a readable image")]
     Image {
@@ -140,6 +143,24 @@ pub struct ReportSummary {
     /// The classes outside the quality band (`manifest::band`), in class order, with why: what
     /// the report's Warnings list, for the console too.
     pub warnings: Vec<(String, Vec<QualityConcern>)>,
+    /// Contact sheets not shown because they are not what the class's committing attempt
+    /// recorded (another class's, changed, without their record): class and why, in class order.
+    pub sheets_left_out: Vec<(String, commit::FileProblem)>,
+}
+
+/// A class's contact sheet as the report shows it.
+#[derive(Clone, Debug)]
+enum Sheet {
+    /// Shown: its size in pixels; `checked` when its record vouches for it (an earlier
+    /// version's sheet has none).
+    Shown {
+        /// Width and height in pixels.
+        size: (u32, u32),
+        /// Checked against its record.
+        checked: bool,
+    },
+    /// Left out: the file (relative to the job folder) and why.
+    LeftOut(String, String),
 }
 
 impl ReportSummary {
@@ -286,45 +307,64 @@ pub async fn write_report(
     copy_sheets: bool,
 ) -> Result<ReportSummary, ReportError> {
     let records = read_records(dir, job_id).await?;
-    let keys = JobKeys::new(job_id);
-    let relative = |key: String| key.strip_prefix(&format!("{}/", keys.root())).map(str::to_owned).unwrap_or(key);
     let mut sheets = BTreeMap::new();
+    let mut sheets_left_out = Vec::new();
+    // A copied sheet is read whole anyway: its sha256 is checked. One the pages refer to in the
+    // job folder is checked by its record and size (`verify` reads it whole).
+    let check = if copy_sheets { Check::Content } else { Check::Size };
     for marker in &records.markers {
-        let key = relative(keys.contact_sheet(&marker.wnid));
-        let location = dir.key(&key);
-        let size = match dir.store.get_range(&location, 0..64).await {
-            Ok(head) => image::ImageReader::new(std::io::Cursor::new(head.to_vec()))
-                .with_guessed_format()
-                .ok()
-                .and_then(|r| r.into_dimensions().ok()),
-            Err(e) if is_not_found(&e) => None,
-            Err(e) => return Err(store_error(dir, "read", &key)(e)),
-        };
-        if let Some(size) = size {
-            if copy_sheets {
-                let bytes = mgd3_common::store::get_bytes(dir.store.as_ref(), &location)
-                    .await
-                    .map_err(store_error(dir, "read", &key))?;
-                let copy = format!("contact_sheets/{}", marker.wnid);
-                target
-                    .store
-                    .put(&target.key(&format!("{copy}.png")), PutPayload::from(bytes))
-                    .await
-                    .map_err(store_error(target, "write", &copy))?;
+        let found = match commit::check_sheet(dir, marker, check).await {
+            Ok(SheetCheck::Absent) => None,
+            Ok(SheetCheck::Wrong(problem)) => {
+                sheets.insert(marker.wnid.clone(), Sheet::LeftOut(problem.file.clone(), problem.problem.clone()));
+                sheets_left_out.push((marker.wnid.clone(), problem));
+                None
             }
-            sheets.insert(marker.wnid.clone(), size);
+            Ok(SheetCheck::Found(found)) => Some(found),
+            Err(error) => return Err(error.into()),
+        };
+        let Some(found) = found else {
+            // An earlier report's copy in the target is no longer what the class's sheet is.
+            if copy_sheets {
+                let copy = format!("contact_sheets/{}.png", marker.wnid);
+                match target.store.delete(&target.key(&copy)).await {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(store_error(target, "delete", &copy)(e)),
+                }
+            }
+            continue;
+        };
+        let size = image::ImageReader::new(std::io::Cursor::new(found.bytes.to_vec()))
+            .with_guessed_format()
+            .ok()
+            .and_then(|r| r.into_dimensions().ok());
+        let Some(size) = size else { continue };
+        if copy_sheets {
+            let copy = format!("contact_sheets/{}", marker.wnid);
+            target
+                .store
+                .put(&target.key(&format!("{copy}.png")), PutPayload::from(found.bytes))
+                .await
+                .map_err(store_error(target, "write", &copy))?;
         }
+        sheets.insert(marker.wnid.clone(), Sheet::Shown { size, checked: found.record.is_some() });
     }
     let overview = overview_png(dir, &records).await?;
     put(target, "overview.png", overview).await?;
     let assets = if copy_sheets { "../" } else { "../../" };
     for (i, marker) in records.markers.iter().enumerate() {
-        let page = class_page(&records, i, sheets.get(&marker.wnid).copied(), assets);
+        let page = class_page(&records, i, sheets.get(&marker.wnid), assets);
         put(target, &format!("classes/{}", class_file(i)), page.into_bytes()).await?;
     }
-    put(target, "index.html", index_page(&records, if copy_sheets { "" } else { "../" }).into_bytes()).await?;
+    put(target, "index.html", index_page(&records, &sheets, if copy_sheets { "" } else { "../" }).into_bytes()).await?;
     let warnings = flagged(&records).into_iter().map(|(_, m, concerns)| (m.wnid.clone(), concerns)).collect();
-    Ok(ReportSummary { classes: records.markers.len(), index: target.child("index.html").url, warnings })
+    Ok(ReportSummary {
+        classes: records.markers.len(),
+        index: target.child("index.html").url,
+        warnings,
+        sheets_left_out,
+    })
 }
 
 pub(crate) async fn put(target: &Location, key: &str, bytes: Vec<u8>) -> Result<(), ReportError> {
@@ -526,7 +566,7 @@ fn state_phrase(manifest: bool, state: Option<&crate::scheduler::PersistedJob>) 
     }
 }
 
-fn index_page(records: &JobRecords, sheets: &str) -> String {
+fn index_page(records: &JobRecords, shown: &BTreeMap<String, Sheet>, sheets: &str) -> String {
     let job = &records.job_id;
     let markers = &records.markers;
     let images: usize = markers.iter().map(|m| m.images.len()).sum();
@@ -645,6 +685,36 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
         }
         body.push_str("</ul></div>");
     }
+    // Contact sheets left out: not what the class's committing attempt wrote.
+    let left_out: Vec<(usize, &ClassMarker, &str)> = markers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| match shown.get(&m.wnid) {
+            Some(Sheet::LeftOut(_, problem)) => Some((i, m, problem.as_str())),
+            _ => None,
+        })
+        .collect();
+    if !left_out.is_empty() {
+        let _ = write!(
+            body,
+            "<h2 class=\"warn\">Contact sheets left out</h2><div class=\"warning\" id=\"sheets_left_out\" data-value=\"{}\"><p>{} contact sheet(s) are not what the attempt that committed their class wrote, and are not shown (<code>coordinator verify</code> lists them, <code>coordinator resume</code> removes them):</p><ul>",
+            left_out.len(),
+            left_out.len()
+        );
+        for (i, m, problem) in left_out.iter().take(MAX_WARNINGS_LISTED) {
+            let _ = write!(
+                body,
+                "<li><a href=\"classes/{}\">{}</a>: {}</li>",
+                class_file(*i),
+                escape(&m.wnid),
+                escape(problem)
+            );
+        }
+        if left_out.len() > MAX_WARNINGS_LISTED {
+            let _ = write!(body, "<li>and {} more</li>", left_out.len() - MAX_WARNINGS_LISTED);
+        }
+        body.push_str("</ul></div>");
+    }
     // Time.
     let mut total = StageSeconds::default();
     for m in markers {
@@ -754,13 +824,22 @@ fn index_page(records: &JobRecords, sheets: &str) -> String {
             None => body.push_str("<td class=\"muted\">–</td><td class=\"muted\">–</td>"),
         }
         let secs: f64 = stages(&m.timings).iter().map(|(_, s)| s).sum();
+        let thumb = match shown.get(&m.wnid) {
+            Some(Sheet::Shown { .. }) => format!(
+                "<img class=\"thumb\" loading=\"lazy\" src=\"{sheets}contact_sheets/{}.png\" alt=\"contact sheet of {}\">",
+                segment(&m.wnid),
+                escape(&m.wnid)
+            ),
+            Some(Sheet::LeftOut(..)) => {
+                "<span class=\"warn\" title=\"see Contact sheets left out\">⚠ left out</span>".into()
+            }
+            None => "<span class=\"muted\">–</span>".into(),
+        };
         let _ = write!(
             body,
-            "<td class=\"num\">{secs:.1}</td><td>{}</td><td><code>{}</code></td><td><img class=\"thumb\" loading=\"lazy\" src=\"{sheets}contact_sheets/{}.png\" alt=\"contact sheet of {}\"></td></tr>",
+            "<td class=\"num\">{secs:.1}</td><td>{}</td><td><code>{}</code></td><td>{thumb}</td></tr>",
             if m.latent_cache_hit { "hit" } else { "miss" },
             escape(&m.worker_id),
-            segment(&m.wnid),
-            escape(&m.wnid)
         );
     }
     body.push_str("</table>");
@@ -775,7 +854,7 @@ const COLUMNS: usize = 10;
 /// Displayed width of one contact-sheet tile (CSS pixels).
 const SHOWN: f64 = 96.0;
 
-fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, assets: &str) -> String {
+fn class_page(records: &JobRecords, index: usize, sheet: Option<&Sheet>, assets: &str) -> String {
     let m = &records.markers[index];
     let mut body = String::from("<nav><a href=\"../index.html\">job</a>");
     if index > 0 {
@@ -825,9 +904,20 @@ fn class_page(records: &JobRecords, index: usize, sheet: Option<(u32, u32)>, ass
     }
     body.push_str("<h2>Samples</h2>");
     match sheet {
-        Some((width, height)) => {
+        Some(Sheet::Shown { size: (width, height), checked }) => {
             body.push_str("<p class=\"muted\">Each block: real images of the class (the first ones listed, for reference), then mode j as the VAE decodes it and sample j, which was guided to mode j.</p>");
-            body.push_str(&wrapped_sheet(m, width, height, assets));
+            if !checked {
+                body.push_str("<p class=\"muted\">This sheet was written by an earlier version of mgd3, which recorded no digest of it: it is shown unchecked.</p>");
+            }
+            body.push_str(&wrapped_sheet(m, *width, *height, assets));
+        }
+        Some(Sheet::LeftOut(file, problem)) => {
+            let _ = write!(
+                body,
+                "<p class=\"warning\">⚠ The contact sheet is left out: <code>{}</code> {}. <code>coordinator verify</code> lists such sheets and <code>coordinator resume</code> removes them; only distilling the class again makes its sheet anew.</p>",
+                escape(file),
+                escape(problem)
+            );
         }
         None => body.push_str("<p class=\"muted\">No contact sheet for this class (written only by the attempt that committed it, after its commit).</p>"),
     }
@@ -1037,10 +1127,17 @@ mod tests {
                 }),
                 versions_changed: false,
                 data: None,
+                // Half the sheets recorded; the others an earlier version's (no record), shown too.
+                sheet_record: i % 2 == 0,
             };
             let bytes = serde_json::to_vec(&marker).unwrap();
             dir.store.put(&dir.key(&format!("shards/{wnid}.json")), bytes.into()).await.unwrap();
             dir.store.put(&dir.key(&format!("dataset/{wnid}/0.png")), png.clone().into()).await.unwrap();
+            dir.store.put(&dir.key(&format!("contact_sheets/{wnid}.png")), png.clone().into()).await.unwrap();
+            if marker.sheet_record {
+                let record = serde_json::to_vec(&commit::sheet_record(&marker, &png)).unwrap();
+                dir.store.put(&dir.key(&format!("contact_sheets/{wnid}.json")), record.into()).await.unwrap();
+            }
         }
         let target = dir.child("report");
         let summary = write_report(&dir, "big", &target, false).await.unwrap();
@@ -1060,6 +1157,10 @@ mod tests {
         let page =
             mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("classes/00999.html")).await.unwrap();
         assert!(String::from_utf8_lossy(&page).contains("n00000999"));
+        assert!(String::from_utf8_lossy(&page).contains("earlier version of mgd3"), "an unrecorded sheet is said so");
+        let page =
+            mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("classes/00998.html")).await.unwrap();
+        assert!(!String::from_utf8_lossy(&page).contains("earlier version of mgd3"));
         let overview = mgd3_common::store::get_bytes(target.store.as_ref(), &target.key("overview.png")).await.unwrap();
         let overview = image::load_from_memory(&overview).unwrap();
         // A title line, then a 32 × 32 grid of tiles, each with its class's name under it.

@@ -2007,7 +2007,18 @@ impl Coordinator {
         for (class, marker) in job.classes.iter().zip(markers) {
             let Some(marker) = marker else { continue };
             match commit::publish(&out, &keys, &marker, commit::Check::Content).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    // A contact sheet that is not the committing attempt's (another class's, one
+                    // changed or left without its record) would be shown as this class's: it
+                    // goes. Only distilling the class again makes its sheet anew.
+                    if let commit::SheetCheck::Wrong(problem) =
+                        commit::check_sheet(&out.child(keys.root()), &marker, commit::Check::Content).await?
+                    {
+                        warn!(job = %job_id, class = %class.wnid, file = %problem.file, problem = %problem.problem,
+                              "removing a contact sheet that is not the class's own");
+                        commit::remove_sheet(&out, &keys, &class.wnid).await?;
+                    }
+                }
                 Err(error @ CommitError::LostStaging { .. }) => {
                     warn!(job = %job_id, class = %class.wnid, error = %mgd3_common::error_chain(&error), "published files cannot be restored: the class is distilled again");
                     commit::uncommit(&out, &keys, &class.wnid).await?;

@@ -568,6 +568,7 @@ pub async fn write_manifest(out: &Location, job: &ResolvedJob, finished_unix_ms:
         mgd3_common::commit::remove_staging_copies(out, &keys.markers(), &format!("{wnid}.json#"), zero)?;
         let sheets = format!("{}/contact_sheets", keys.root());
         mgd3_common::commit::remove_staging_copies(out, &sheets, &format!("{wnid}.png#"), zero)?;
+        mgd3_common::commit::remove_staging_copies(out, &sheets, &format!("{wnid}.json#"), zero)?;
     }
     Ok(())
 }

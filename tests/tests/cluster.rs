@@ -1087,6 +1087,62 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
     again.shutdown().await;
 }
 
+/// A contact sheet that is not what the attempt that committed its class wrote — another class's
+/// of the same size, another class's with its record, one left without its record — is named by
+/// `verify` (online and offline) and removed by `resume`, which leaves the class's images as they
+/// are. (The report was shown such a sheet as the class's, and `verify` did not check sheets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_by_resume() {
+    let (dir, cluster, job) = cluster_with_job(3, 2, 1).await;
+    let store_url = dir.path().display().to_string();
+    cluster.run_to_success(&job.job_id).await;
+    let out = store::open(&store_url).unwrap();
+    let keys = JobKeys::new(&job.job_id);
+    // Each class's sheet and record, as the worker that committed it writes them (the stand-in
+    // engine makes no pictures).
+    for wnid in ["class00", "class01", "class02"] {
+        let marker = marker(&out, &job.job_id, wnid).await;
+        assert!(marker.sheet_record, "a marker of this version promises the sheet's record");
+        let sheet = format!("sheet of {wnid}").into_bytes();
+        let record = serde_json::to_vec(&mgd3_common::commit::sheet_record(&marker, &sheet)).unwrap();
+        out.store.put(&out.key(&keys.contact_sheet(wnid)), sheet.into()).await.unwrap();
+        out.store.put(&out.key(&keys.contact_sheet_record(wnid)), record.into()).await.unwrap();
+    }
+    let clean = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    assert_eq!((clean.files_checked, clean.problems.len()), (12, 0), "{clean:?}");
+    let original = dataset_files(&out, &job.job_id).await;
+    let sheets = dir.path().join("jobs").join(&job.job_id).join("contact_sheets");
+    std::fs::copy(sheets.join("class01.png"), sheets.join("class00.png")).unwrap();
+    std::fs::copy(sheets.join("class02.png"), sheets.join("class01.png")).unwrap();
+    std::fs::copy(sheets.join("class02.json"), sheets.join("class01.json")).unwrap();
+    std::fs::remove_file(sheets.join("class02.json")).unwrap();
+    let expected = [
+        ("class00", "class00.png", "changed since it was written"),
+        ("class01", "class01.png", "contact sheet of class `class02`"),
+        ("class02", "class02.png", "has no record"),
+    ];
+    let online = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    let offline = mgd3_coordinator::state::verify_offline(&out, &job.job_id).await.unwrap();
+    for report in [&online, &offline] {
+        let mut problems = report.problems.clone();
+        problems.sort_by(|a, b| a.wnid.cmp(&b.wnid));
+        assert_eq!(problems.len(), 3, "{report:?}");
+        for (p, (wnid, file, problem)) in problems.iter().zip(expected) {
+            assert_eq!(p.wnid, wnid);
+            assert!(p.file.as_deref().unwrap().ends_with(&format!("contact_sheets/{file}")), "{p:?}");
+            assert!(p.problem.contains(problem), "{p:?}");
+        }
+    }
+    let resumed = cluster.coordinator.resume(&job.job_id, None).await.unwrap();
+    assert!(resumed.redone.is_empty(), "no class is distilled again for its sheet: {resumed:?}");
+    let left: Vec<_> = std::fs::read_dir(&sheets).into_iter().flatten().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the wrong sheets and their records are removed: {left:?}");
+    let report = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    assert_eq!((report.files_checked, report.problems.len()), (9, 0), "{report:?}");
+    assert_eq!(dataset_files(&out, &job.job_id).await, original);
+    cluster.shutdown().await;
+}
+
 /// Damage to one job's records quarantines that job, with a clear status; the coordinator
 /// starts and the healthy jobs run. Repaired records bring the job back with `resume`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -351,6 +351,33 @@ fn report_and_export_refuse_targets_and_images_that_would_mislead() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("dataset/c0/0.png` is missing"), "{text}");
     std::fs::write(&image, kept).unwrap();
+    // A contact sheet replaced by another class's: left out of the report (in the job folder,
+    // checked by its record and size; elsewhere, by its sha256), named there and on the console,
+    // and by verify (the report showed it as this class's; verify did not check sheets).
+    let (sheet_c0, sheet_c1) = (dir.join("contact_sheets/c0.png"), dir.join("contact_sheets/c1.png"));
+    assert!(dir.join("contact_sheets/c0.json").is_file(), "the worker records each sheet");
+    let verify = || coordinator(&["verify", &job, "--job-dir", &job_dir]);
+    let clean = verify();
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stdout));
+    std::fs::copy(&sheet_c1, &sheet_c0).unwrap();
+    let in_folder = coordinator(&["report", &job, "--job-dir", &job_dir]);
+    for (out, folder) in [(in_folder, dir.join("report")), (report(&elsewhere), elsewhere.clone())] {
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 contact sheet(s) left out") && text.contains("class `c0`"), "{text}");
+        let index = std::fs::read_to_string(folder.join("index.html")).unwrap();
+        assert!(index.contains("id=\"sheets_left_out\"") && index.contains("⚠ left out"), "{index}");
+        let page = std::fs::read_to_string(folder.join("classes/00000.html")).unwrap();
+        assert!(page.contains("The contact sheet is left out") && !page.contains("data-sheet="), "{page}");
+        let next = std::fs::read_to_string(folder.join("classes/00001.html")).unwrap();
+        assert!(next.contains("data-sheet=") && !next.contains("left out"), "the other classes' sheets are shown");
+    }
+    assert!(!elsewhere.join("contact_sheets/c0.png").exists(), "the earlier report's copy of c0's sheet stays");
+    let damaged = verify();
+    let text = String::from_utf8_lossy(&damaged.stdout);
+    assert!(!damaged.status.success() && text.contains("contact_sheets/c0.png"), "{text}");
+    std::fs::write(&sheet_c0, &sheet_before).unwrap();
+    assert!(verify().status.success());
     // Export onto what is not a regular file.
     let fifo = scratch.path().join("fifo.npz");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());

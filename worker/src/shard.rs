@@ -155,6 +155,7 @@ impl ClassSink for Committer<'_> {
             skipped: result.timings.skipped,
             quality: result.quality,
             embedding: result.embedding,
+            sheet_record: lease.spec.contact_sheet,
         };
         if self.progress.revoked.load(Ordering::Relaxed) {
             info!("the lease was revoked: the class is not committed");
@@ -191,8 +192,23 @@ impl ClassSink for Committer<'_> {
     }
 
     fn contact_sheet(&mut self, class: &ClassRef, png: Vec<u8>) {
-        let key = self.out.key(&self.keys.contact_sheet(&class.wnid));
-        if let Err(error) = self.runtime.block_on(self.out.store.put(&key, png.into())) {
+        // Only this attempt's own commit gets its sheet, and the sheet is tied to it by a record
+        // written after it (a sheet without its record is never shown as the class's).
+        let Some(marker) = self.markers.get(&class.wnid).filter(|m| m.attempt_id == self.lease.attempt_id) else {
+            return;
+        };
+        let record = serde_json::to_vec_pretty(&mgd3_common::commit::sheet_record(marker, &png))
+            .expect("serialisable sheet record");
+        let (sheet_key, record_key) = (
+            self.out.key(&self.keys.contact_sheet(&class.wnid)),
+            self.out.key(&self.keys.contact_sheet_record(&class.wnid)),
+        );
+        let store = self.out.store.as_ref();
+        let written = self.runtime.block_on(async {
+            store.put(&sheet_key, png.into()).await.map_err(|e| (&sheet_key, e))?;
+            store.put(&record_key, record.into()).await.map_err(|e| (&record_key, e))
+        });
+        if let Err((key, error)) = written {
             tracing::warn!(class = %class.wnid, %key, %error, "could not write the contact sheet");
         }
     }

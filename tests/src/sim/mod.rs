@@ -911,6 +911,7 @@ impl Sim {
             embedding: None,
             versions_changed: false,
             data: None,
+            sheet_record: false,
         };
         // Small stand-ins for the PNGs: the requests are what is counted, not the bytes.
         let files = ClassFiles {
