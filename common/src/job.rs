@@ -23,6 +23,20 @@ pub enum JobError {
     /// One or more fields are invalid; every problem is listed.
     #[error("invalid job spec:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
+    /// The spec is larger than any spec needs to be ([`MAX_SPEC_BYTES`]): read, it would take
+    /// memory and time out of all proportion before any of it could be refused.
+    #[error(
+        "job spec is {bytes} bytes ({:.1} MiB), more than the {} MiB a spec may be: list classes in a class-list file \
+         (`classes = \"classes.txt\"`), and vary settings in a [sweep] with lists of values, not every variant written out",
+        *bytes as f64 / 1048576.0,
+        max >> 20
+    )]
+    TooLarge {
+        /// The spec's size.
+        bytes: usize,
+        /// [`MAX_SPEC_BYTES`].
+        max: usize,
+    },
     /// A file the spec names (the class-list file) cannot be read.
     #[error("cannot read {what} `{path}`")]
     Read {
@@ -34,6 +48,21 @@ pub enum JobError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The largest job spec mgd3 reads, in bytes: ImageNet-21K's 21,841 classes listed inline take
+/// ~300 KB, and a sweep at its hard cap of variants written out one by one ~1 MB.
+pub const MAX_SPEC_BYTES: usize = 4 << 20;
+
+/// [`JobError::TooLarge`] for a spec over [`MAX_SPEC_BYTES`].
+///
+/// # Errors
+/// [`JobError::TooLarge`].
+pub fn refuse_oversized(text: &str) -> Result<(), JobError> {
+    if text.len() > MAX_SPEC_BYTES {
+        return Err(JobError::TooLarge { bytes: text.len(), max: MAX_SPEC_BYTES });
+    }
+    Ok(())
 }
 
 /// A TOML error as `line N: message`, without the parser's source excerpt.
@@ -881,6 +910,7 @@ impl JobSpec {
     /// [`JobError::Toml`] for text that is not TOML; [`JobError::Shape`] for TOML that is not a
     /// job spec (an unknown, missing or mistyped field).
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
+        refuse_oversized(text)?;
         // Two passes, so that valid TOML with a wrong field is never called invalid TOML.
         toml::from_str::<toml::Table>(text).map_err(|e| JobError::Toml(located(text, &e)))?;
         // Every field-level problem at once: each one's line is blanked (kept as an empty line, so

@@ -248,6 +248,7 @@ impl Sweep {
     /// of the wrong type or out of range (with the variant), `variants` together with grid keys,
     /// more variants than the cap (with the count), and two variants that make the same job.
     pub fn parse(text: &str) -> Result<Option<Sweep>, JobError> {
+        crate::job::refuse_oversized(text)?;
         let Ok(mut document) = toml::from_str::<toml::Table>(text) else {
             // Not TOML: said with its line, as for any spec.
             return JobSpec::from_toml(text).map(|_| None);
@@ -333,10 +334,12 @@ impl Sweep {
                         continue;
                     }
                     let mut kept = Vec::new();
+                    // Seen values by their text: a long list is checked in linear time.
+                    let mut seen = std::collections::HashSet::new();
                     for (i, value) in values.into_iter().enumerate() {
                         if let Some(problem) = key.type_problem(&value) {
                             bad(format!("{field}[{i}]"), problem);
-                        } else if kept.contains(&value) {
+                        } else if !seen.insert(value.to_string()) {
                             bad(field.clone(), format!("{value} is listed twice"));
                         } else {
                             kept.push(value);
@@ -364,19 +367,26 @@ impl Sweep {
                 "names no setting: give lists of values (`guidance_scale = [0.05, 0.1]`) or `variants`".into(),
             );
         }
-        let count = match &listed {
-            Some(variants) => variants.len(),
-            None => grid
-                .iter()
-                .map(|(_, values)| values.len().max(1))
-                .try_fold(1usize, |n, v| n.checked_mul(v))
-                .unwrap_or(usize::MAX),
+        let lengths: Vec<usize> = grid.iter().map(|(_, values)| values.len().max(1)).collect();
+        // A grid too large to count is said as the product of its lists' lengths.
+        let (count, said) = match &listed {
+            Some(variants) => (variants.len(), variants.len().to_string()),
+            None => match lengths.iter().try_fold(1usize, |n, v| n.checked_mul(*v)) {
+                Some(count) => (count, count.to_string()),
+                None => (
+                    usize::MAX,
+                    format!(
+                        "{} (more than can be counted)",
+                        lengths.iter().map(usize::to_string).collect::<Vec<_>>().join(" × ")
+                    ),
+                ),
+            },
         };
         if count > HARD_MAX_VARIANTS {
             bad(
                 "sweep".into(),
                 format!(
-                    "expands to {count} variants, more than the {HARD_MAX_VARIANTS} one sweep may have: shorten a list, or split the sweep"
+                    "expands to {said} variants, more than the {HARD_MAX_VARIANTS} one sweep may have: shorten a list, or split the sweep"
                 ),
             );
         } else if count > cap {
@@ -706,6 +716,29 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
             p.iter().any(|p| p.problem.contains("expands to 80000 variants") && p.problem.contains("split")),
             "{p:?}"
         );
+        // A grid too large to count says so, not 18446744073709551615 variants.
+        let lists: String =
+            ["ipc", "seed", "guidance_scale", "stop_guidance", "cfg_scale", "cfg_channels", "steps", "eta"]
+                .iter()
+                .map(|key| format!("{key} = [{}]\n", (1..=300).map(|v| v.to_string()).collect::<Vec<_>>().join(",")))
+                .collect();
+        let p = problems(&format!("[sweep]\n{lists}"));
+        assert!(
+            p.iter().any(|p| p.problem.contains(
+                "expands to 300 × 300 × 300 × 300 × 300 × 300 × 300 × 300 (more than can be counted) variants"
+            )),
+            "{p:?}"
+        );
+        assert!(!format!("{p:?}").contains(&usize::MAX.to_string()), "{p:?}");
+        // A spec larger than any spec needs (300,000 variants written out) is refused unread.
+        let listed: String = (0..300_000).map(|i| format!("{{ seed = {i} }},")).collect();
+        let error = Sweep::parse(&format!("[sweep]\nvariants = [{listed}]\n")).unwrap_err();
+        assert!(matches!(error, JobError::TooLarge { .. }), "{error}");
+        assert!(error.to_string().contains("more than the 4 MiB a spec may be"), "{error}");
+        // A list of many values is checked for repeats in linear time (it was quadratic).
+        let long: String = (0..200_000).map(|v| format!("{v},")).collect();
+        let p = problems(&format!("[sweep]\nseed = [{long} 7]\n"));
+        assert!(p.iter().any(|p| p.problem.contains("7 is listed twice")), "{p:?}");
         assert_eq!(
             sweep("[sweep]\nmax_variants = 110\nseed = [1,2,3,4,5,6,7,8,9,10,11]\nguidance_scale = [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]\n")
                 .unwrap()

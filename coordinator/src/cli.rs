@@ -635,6 +635,17 @@ pub(crate) fn advertised_url(address: &std::net::SocketAddr, tls: bool) -> Strin
 }
 
 fn read_spec(path: &Path) -> Result<(String, String)> {
+    // Not read at all when it is larger than any spec may be (a file given by mistake).
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.is_file()
+        && meta.len() > mgd3_common::job::MAX_SPEC_BYTES as u64
+    {
+        return Err(anyhow::Error::new(mgd3_common::job::JobError::TooLarge {
+            bytes: meta.len() as usize,
+            max: mgd3_common::job::MAX_SPEC_BYTES,
+        })
+        .context(format!("job spec `{}`", path.display())));
+    }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec `{}`", path.display()))?;
     let base = std::path::absolute(path)?.parent().map(|p| p.display().to_string()).unwrap_or_default();
     Ok((text, base))

@@ -77,12 +77,13 @@ pub async fn write_sweep_report(
 ) -> Result<SweepReportSummary, ReportError> {
     let mut variants = Vec::new();
     let mut markers: Vec<Vec<ClassMarker>> = Vec::new();
-    for variant in &record.variants {
+    for (number, variant) in record.variants.iter().enumerate() {
         let dir = root.child(&format!("jobs/{}", variant.job_id));
+        let in_variant = |error| in_variant(record, number, error);
         let records = match read_records(&dir, &variant.job_id).await {
             Ok(records) => Some(records),
             Err(ReportError::NothingCommitted { .. } | ReportError::NoFolder { .. }) => None,
-            Err(error) => return Err(error),
+            Err(error) => return Err(in_variant(error)),
         };
         let mut summary = VariantSummary {
             job_id: variant.job_id.clone(),
@@ -127,7 +128,7 @@ pub async fn write_sweep_report(
                 .filter(|m| m.quality.as_ref().is_some_and(|q| !q.concerns(ipc.unwrap_or(m.images.len())).is_empty()))
                 .count();
             if variant_reports {
-                write_report(&dir, &variant.job_id, &dir.child("report"), false).await?;
+                write_report(&dir, &variant.job_id, &dir.child("report"), false).await.map_err(in_variant)?;
                 summary.report = Some(format!("../../../jobs/{}/report/index.html", segment(&variant.job_id)));
             } else if dir.store.head(&dir.key("report/index.html")).await.is_ok() {
                 summary.report = Some(format!("../../../jobs/{}/report/index.html", segment(&variant.job_id)));
@@ -148,6 +149,18 @@ pub async fn write_sweep_report(
         None => format!("{}/index.html", target.url.trim_end_matches('/')),
     };
     Ok(SweepReportSummary { index, variants })
+}
+
+/// `error` of the variant at `index` of `record`, named as the comparison page numbers it.
+fn in_variant(record: &SweepRecord, index: usize, error: ReportError) -> ReportError {
+    let variant = &record.variants[index];
+    ReportError::InVariant {
+        sweep: record.sweep_id.clone(),
+        number: index + 1,
+        label: record.label(variant),
+        job: variant.job_id.clone(),
+        source: Box::new(error),
+    }
 }
 
 /// The grid of first samples: a row per variant, a column per class that every variant with
@@ -179,13 +192,14 @@ async fn grid_png(
         draw_text(&mut canvas, label_w + c as u32 * cell_w + 2, 4, &fit_text(wnid, GRID_TILE, 1), 1, [60, 60, 60]);
     }
     for (r, (variant, ms)) in record.variants.iter().zip(markers).enumerate() {
+        let in_variant = |error| in_variant(record, r, error);
         let y = caption + r as u32 * cell_h;
         draw_text(&mut canvas, 4, y + GRID_TILE / 2 - GLYPH / 2, &format!("{}", r + 1), 1, [40, 40, 40]);
         for (c, wnid) in classes.iter().enumerate() {
             let Some(marker) = ms.iter().find(|m| &m.wnid == wnid) else { continue };
             let Some(image) = marker.images.first() else { continue };
             let dir = root.child(&format!("jobs/{}", variant.job_id));
-            let decoded = crate::report::committed_image(&dir, marker, image).await?;
+            let decoded = crate::report::committed_image(&dir, marker, image).await.map_err(in_variant)?;
             let tile = image::imageops::resize(&decoded, GRID_TILE, GRID_TILE, image::imageops::FilterType::Triangle);
             image::imageops::replace(&mut canvas, &tile, i64::from(label_w + c as u32 * cell_w + 2), i64::from(y + 2));
         }

@@ -117,6 +117,21 @@ pub enum ReportError {
         /// What differs, as a person reads it.
         differing: Vec<String>,
     },
+    /// What went wrong with one variant of a sweep (its report, its samples in the grid).
+    #[error("sweep `{sweep}`, variant {number} ({label}, job `{job}`)")]
+    InVariant {
+        /// The sweep.
+        sweep: String,
+        /// The variant's number on the comparison page (from 1).
+        number: usize,
+        /// Its settings, as the comparison page labels it.
+        label: String,
+        /// Its job.
+        job: String,
+        /// What went wrong.
+        #[source]
+        source: Box<ReportError>,
+    },
     /// A class's files could not be checked against its records.
     #[error(transparent)]
     Commit(#[from] CommitError),

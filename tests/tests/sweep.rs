@@ -118,6 +118,17 @@ fn a_sweep_runs_its_variants_as_the_jobs_alone_sharing_encodings_and_modes() {
     assert!(!refused.status.success(), "{text}");
     assert!(text.contains("its record does not match job") && text.contains(&record.variants[0].job_id), "{text}");
     std::fs::write(&record_file, kept).unwrap();
+    // A sample changed since its commit in one variant: the refusal names the variant and its
+    // job, not only the class (every variant has that class).
+    let image = out.join("jobs").join(&record.variants[2].job_id).join("dataset/c0/0.png");
+    let before = std::fs::read(&image).unwrap();
+    std::fs::copy(out.join("jobs").join(&record.variants[2].job_id).join("dataset/c0/1.png"), &image).unwrap();
+    let refused = coordinator(&["report", &record.sweep_id, "--job-dir", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&refused.stderr);
+    let named = format!("variant 3 ({}, job `{}`)", record.label(&record.variants[2]), record.variants[2].job_id);
+    assert!(!refused.status.success() && text.contains(&named), "{text}");
+    assert!(text.contains("dataset/c0/0.png` is not the image its commit marker records"), "{text}");
+    std::fs::write(&image, before).unwrap();
     let Some(browser) = chromium() else { return };
     let (dom, console) = browse(&browser, &page);
     assert!(console.iter().all(|l| !l.contains("not found")), "{console:?}");
