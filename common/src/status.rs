@@ -104,6 +104,10 @@ pub struct ShardFailure {
     pub error: String,
     /// Attempts that counted against `max_attempts`.
     pub attempts: u32,
+    /// The shard has attempts left and is pending or running again: `error` is its last
+    /// attempt's, not the end of it (absent from older coordinators' answers: false).
+    #[serde(default)]
+    pub retrying: bool,
 }
 
 /// What `coordinator verify` found wrong with one published file or class.
@@ -242,7 +246,7 @@ impl JobStatus {
             images_per_second: 0.0,
             eta_seconds: None,
             run_started_unix_ms: 0,
-            failures: vec![ShardFailure { shard_index: 0, wnid: String::new(), error, attempts: 0 }],
+            failures: vec![ShardFailure { shard_index: 0, wnid: String::new(), error, attempts: 0, retrying: false }],
             created_unix_ms: 0,
             finished_unix_ms: None,
             workers: 0,

@@ -365,6 +365,7 @@ impl From<JobStatus> for proto::JobStatus {
                     wnid: f.wnid,
                     error: f.error,
                     attempts: f.attempts,
+                    retrying: f.retrying,
                 })
                 .collect(),
             fingerprint: s.fingerprint,
@@ -433,6 +434,7 @@ impl TryFrom<proto::JobStatus> for JobStatus {
                     wnid: f.wnid,
                     error: f.error,
                     attempts: f.attempts,
+                    retrying: f.retrying,
                 })
                 .collect(),
             fingerprint: s.fingerprint,
@@ -507,7 +509,13 @@ mod tests {
             images_per_second: 2.5,
             eta_seconds: Some(4.0),
             run_started_unix_ms: 5,
-            failures: vec![ShardFailure { shard_index: 1, wnid: "c3".into(), error: "boom".into(), attempts: 2 }],
+            failures: vec![ShardFailure {
+                shard_index: 1,
+                wnid: "c3".into(),
+                error: "boom".into(),
+                attempts: 2,
+                retrying: true,
+            }],
             created_unix_ms: 7,
             finished_unix_ms: None,
             workers: 1,

@@ -671,7 +671,8 @@ fn status_json(status: &JobStatus) -> serde_json::Value {
         "fingerprint": status.fingerprint,
         "output": status.output,
         "failures": status.failures.iter().map(|f| serde_json::json!({
-            "shard": f.shard_index, "class": f.wnid, "attempts": f.attempts, "error": f.error})).collect::<Vec<_>>(),
+            "shard": f.shard_index, "class": f.wnid, "attempts": f.attempts, "error": f.error,
+            "retrying": f.retrying})).collect::<Vec<_>>(),
         // Unix ms; null while the answering coordinator holds its store.
         "store_unheld_since_unix_ms": status.store_unheld_since_unix_ms,
     })

@@ -244,7 +244,8 @@ pub fn describe(status: &JobStatus, url: &str) -> String {
     text
 }
 
-/// One failure of `status`: `  failure: shard 3 class n01440764 after 3 attempt(s): …`. A shard's
+/// One failure of `status`: `  failure: shard 3 class n01440764 after 3 attempt(s): …`, or
+/// `  retrying: …` while the shard has attempts left and runs again. A shard's
 /// error that spent no attempt is a `problem:` (`shard 3 class … (no attempt spent)`), and one of
 /// the whole job (a refused manifest, a paused output) names no shard, class or attempts it does
 /// not have.
@@ -257,6 +258,13 @@ fn failure_line(f: &mgd3_common::status::ShardFailure) -> String {
     // the shard, which the shards line does not count as failed either.
     if f.attempts == 0 {
         return format!("  problem: shard {}{class} (no attempt spent): {}\n", f.shard_index, f.error);
+    }
+    // Attempts left and another one under way or queued: not the end of the shard.
+    if f.retrying {
+        return format!(
+            "  retrying: shard {}{class} ({} attempt(s) failed so far): {}\n",
+            f.shard_index, f.attempts, f.error
+        );
     }
     format!("  failure: shard {}{class} after {} attempt(s): {}\n", f.shard_index, f.attempts, f.error)
 }
@@ -471,11 +479,15 @@ mod tests {
             wnid: wnid.into(),
             error: "boom".into(),
             attempts,
+            retrying: false,
         };
         assert_eq!(failure_line(&failure("n01", 3)), "  failure: shard 3 class n01 after 3 attempt(s): boom\n");
         assert_eq!(failure_line(&failure("", 2)), "  failure: shard 3 after 2 attempt(s): boom\n");
         assert_eq!(failure_line(&failure("n01", 0)), "  problem: shard 3 class n01 (no attempt spent): boom\n");
         assert_eq!(failure_line(&failure("", 0)), "  problem: boom\n");
+        // A shard with attempts left, running again: its last error, not the end of it.
+        let retried = mgd3_common::status::ShardFailure { retrying: true, ..failure("n01", 1) };
+        assert_eq!(failure_line(&retried), "  retrying: shard 3 class n01 (1 attempt(s) failed so far): boom\n");
     }
 
     fn status(state: JobState, workers: u32, rate: f64, eta: Option<f64>) -> JobStatus {
@@ -512,8 +524,13 @@ mod tests {
         let reason = "no AWS credentials found for profile `default`".to_owned();
         s.workers_excluded = 1;
         s.exclusions = vec![mgd3_common::status::WorkerExclusion { worker_id: "bad".into(), reason: reason.clone() }];
-        s.failures =
-            vec![mgd3_common::status::ShardFailure { shard_index: 0, wnid: "n01".into(), error: reason, attempts: 1 }];
+        s.failures = vec![mgd3_common::status::ShardFailure {
+            shard_index: 0,
+            wnid: "n01".into(),
+            error: reason,
+            attempts: 1,
+            retrying: false,
+        }];
         let text = describe(&s, "http://c");
         assert!(
             text.contains("  excluded: worker bad (its shards go to other workers, no attempt spent): no AWS"),
@@ -592,6 +609,7 @@ mod tests {
                 wnid: "a".into(),
                 error: "has model `dit.onnx` loaded with fingerprint sha256:11".into(),
                 attempts: 0,
+                retrying: false,
             }],
             ..shunned.clone()
         };

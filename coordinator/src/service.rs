@@ -2173,6 +2173,8 @@ impl Coordinator {
                     }),
                     error: error.map(|e| e.error).unwrap_or_default(),
                     attempts: shard.attempts,
+                    // Pending or leased again in a running job: another attempt is coming.
+                    retrying: shard.state != crate::scheduler::ShardState::Failed && summary.state == JobState::Running,
                 }
             })
             .collect::<Vec<_>>();
@@ -2188,6 +2190,7 @@ impl Coordinator {
                     wnid: String::new(),
                     error: format!("every class is committed, but manifest.json cannot be written: {refusal}"),
                     attempts: 0,
+                    retrying: false,
                 });
                 JobState::Paused
             }
@@ -2197,7 +2200,13 @@ impl Coordinator {
         // A pause of the whole job is said as such; a refusal of a shard's write is said with
         // its shard already.
         if let Some(reason) = summary.paused.filter(|r| !failures.iter().any(|f| &f.error == r)) {
-            failures.push(ShardFailure { shard_index: 0, wnid: String::new(), error: reason, attempts: 0 });
+            failures.push(ShardFailure {
+                shard_index: 0,
+                wnid: String::new(),
+                error: reason,
+                attempts: 0,
+                retrying: false,
+            });
         }
         let elsewhere = self.inner.elsewhere.lock().expect("elsewhere").get(&job.job_id).cloned();
         if let Some(reason) = elsewhere {
@@ -2210,6 +2219,7 @@ impl Coordinator {
                     crate::progress::WAITING
                 ),
                 attempts: 0,
+                retrying: false,
             });
         }
         Ok(JobStatus {

@@ -273,6 +273,7 @@ async fn a_failed_class_is_named_the_rest_commits_and_resume_finishes() {
     assert_eq!(status.failures.len(), 1);
     assert_eq!(status.failures[0].wnid, "class03");
     assert!(status.failures[0].error.contains("broken.jpg"), "{:?}", status.failures[0]);
+    assert!(!status.failures[0].retrying, "out of attempts: a failure, not a retry");
 
     // Submitting it again (what `coordinator run` does) retries nothing by itself, and says how.
     let (_, existed, notes) = cluster.coordinator.submit_noted(&spec, dir.path(), None).await.unwrap();
