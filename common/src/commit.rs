@@ -328,7 +328,8 @@ pub struct FileProblem {
 /// Checks the published files of a committed class against its marker, repairing nothing:
 /// every listed file must hold the marker's sha256, the class folder nothing else, and its
 /// contact sheet, if any, must be the one its committing attempt recorded ([`check_sheet`]).
-/// Returns the number of files read and the problems found.
+/// Returns the number of files read, the problems found, and whether the class has no contact
+/// sheet though its marker says its attempt made one (not a problem of the dataset: a note).
 ///
 /// # Errors
 /// [`CommitError::Store`] when the store cannot be listed.
@@ -336,7 +337,7 @@ pub async fn verify_class(
     out: &Location,
     keys: &JobKeys,
     marker: &ClassMarker,
-) -> Result<(u64, Vec<FileProblem>), CommitError> {
+) -> Result<(u64, Vec<FileProblem>, bool), CommitError> {
     let store = out.store.as_ref();
     let wnid = &marker.wnid;
     let mut targets: Vec<(&FileDigest, String)> =
@@ -390,15 +391,16 @@ pub async fn verify_class(
         });
     }
     let mut files = targets.len() as u64;
+    let mut sheet_missing = false;
     match check_sheet(&out.child(keys.root()), marker, Check::Content).await? {
-        SheetCheck::Absent => {}
+        SheetCheck::Absent => sheet_missing = marker.sheet_record,
         SheetCheck::Found(_) => files += 1,
         SheetCheck::Wrong(problem) => {
             files += 1;
             problems.push(FileProblem { file: format!("{}/{}", keys.root(), problem.file), problem: problem.problem });
         }
     }
-    Ok((files, problems))
+    Ok((files, problems, sheet_missing))
 }
 
 /// What a class's contact sheet is, checked against its record ([`SheetRecord`]) and the
@@ -466,6 +468,16 @@ pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check)
         Ok(record) => record,
         Err(error) => return wrong(&record_key, format!("unreadable: {error}")),
     };
+    let canonical = record
+        .sha256
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    if !canonical {
+        return wrong(
+            &record_key,
+            format!("gives sha256 `{}`, not `sha256:` and 64 lowercase hex digits as mgd3 writes it", record.sha256),
+        );
+    }
     if record.wnid != *wnid || record.job_id != marker.job_id {
         return wrong(
             &sheet_key,
@@ -559,6 +571,103 @@ pub async fn remove_sheet(out: &Location, keys: &JobKeys, wnid: &str) -> Result<
         }
     }
     Ok(())
+}
+
+/// What [`repair_sheets`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SheetRepair {
+    /// Classes whose sheet and record were found in another class's place (swapped or copied
+    /// by hand) and put back in their own.
+    pub restored: Vec<String>,
+    /// Classes whose sheet was not their committing attempt's and was removed, with why.
+    pub removed: Vec<(String, String)>,
+    /// Files that could not be removed (a folder where the sheet goes), with the error: left in
+    /// place for a person.
+    pub left: Vec<(String, String)>,
+}
+
+/// Puts every class's contact sheet in order, in the job's folder `job_dir`, against the
+/// classes' `markers`: a sheet (with its record) that is another class's of this job, intact
+/// and made by that class's committing attempt, goes back to that class's place when that
+/// place does not already hold its right sheet; whatever else is wrong ([`check_sheet`]) is
+/// removed, sheet and record. A right sheet is never touched.
+///
+/// # Errors
+/// [`CommitError::Store`] when a sheet or record cannot be read or written back.
+pub async fn repair_sheets(job_dir: &Location, markers: &[ClassMarker]) -> Result<SheetRepair, CommitError> {
+    let store = job_dir.store.as_ref();
+    let mut wrong: Vec<(&ClassMarker, FileProblem)> = Vec::new();
+    for marker in markers {
+        if let SheetCheck::Wrong(problem) = check_sheet(job_dir, marker, Check::Content).await? {
+            wrong.push((marker, problem));
+        }
+    }
+    let mut repair = SheetRepair::default();
+    if wrong.is_empty() {
+        return Ok(repair);
+    }
+    let read = |key: String| async move {
+        let location = job_dir.key(&key);
+        get_optional(store, &location).await.map_err(store_err(job_dir, format!("reading `{location}`")))
+    };
+    // What each wrong place holds that is some other class's own sheet, read before anything
+    // is written (two classes' sheets swapped fill each other's places).
+    let mut found: std::collections::HashMap<String, (bytes::Bytes, bytes::Bytes)> = Default::default();
+    for (marker, _) in &wrong {
+        let (Some(sheet), Some(record_bytes)) = (
+            read(JobKeys::contact_sheet_in_job(&marker.wnid)).await?,
+            read(JobKeys::contact_sheet_record_in_job(&marker.wnid)).await?,
+        ) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<SheetRecord>(&record_bytes) else { continue };
+        let owner = markers.iter().find(|m| m.wnid == record.wnid && m.wnid != marker.wnid);
+        if let Some(owner) = owner
+            && record.job_id == owner.job_id
+            && record.attempt_id == owner.attempt_id
+            && sha256_hex(&sheet) == record.sha256
+        {
+            found.entry(owner.wnid.clone()).or_insert((sheet, record_bytes));
+        }
+    }
+    let wrong_places: std::collections::HashSet<&str> = wrong.iter().map(|(m, _)| m.wnid.as_str()).collect();
+    for (wnid, (sheet, record)) in found {
+        // A class whose own place holds its right sheet keeps it; the copy elsewhere goes below.
+        let own_place_right = !wrong_places.contains(wnid.as_str())
+            && matches!(
+                check_sheet(job_dir, markers.iter().find(|m| m.wnid == wnid).expect("an owner"), Check::Content)
+                    .await?,
+                SheetCheck::Found(_)
+            );
+        if own_place_right {
+            continue;
+        }
+        for (key, bytes) in
+            [(JobKeys::contact_sheet_in_job(&wnid), sheet), (JobKeys::contact_sheet_record_in_job(&wnid), record)]
+        {
+            let location = job_dir.key(&key);
+            retry_idempotent(|| store.put(&location, bytes.clone().into()))
+                .await
+                .map_err(store_err(job_dir, format!("writing `{location}`")))?;
+        }
+        repair.restored.push(wnid);
+    }
+    repair.restored.sort();
+    for (marker, problem) in wrong {
+        if repair.restored.contains(&marker.wnid) {
+            continue;
+        }
+        for key in [JobKeys::contact_sheet_record_in_job(&marker.wnid), JobKeys::contact_sheet_in_job(&marker.wnid)] {
+            let location = job_dir.key(&key);
+            match retry_idempotent(|| store.delete(&location)).await {
+                Ok(()) => {}
+                Err(e) if crate::store::is_not_found(&e) => {}
+                Err(e) => repair.left.push((key, e.to_string())),
+            }
+        }
+        repair.removed.push((marker.wnid.clone(), format!("`{}` {}", problem.file, problem.problem)));
+    }
+    Ok(repair)
 }
 
 /// Withdraws a class's commit so that it is distilled again: deletes its marker first (a crash
@@ -841,6 +950,21 @@ mod tests {
         put(&sheet_key, Vec::new()).await;
         let empty = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
         assert!(empty.problem.contains("0 bytes"), "{empty:?}");
+        // A record whose digest is not written as mgd3 writes it (upper case, no prefix) is named
+        // as such, not as a sheet changed since.
+        put(&sheet_key, sheet.clone()).await;
+        let mut record = sheet_record(&m, &sheet);
+        record.sha256 = record.sha256.to_uppercase();
+        put(&record_key, serde_json::to_vec(&record).unwrap()).await;
+        let edited = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        assert!(edited.file.ends_with(".json") && edited.problem.contains("64 lowercase hex"), "{edited:?}");
+        // verify_class: a sheet promised and gone is a note, not a problem; one there is a file.
+        put(&record_key, record_of(&m, &sheet)).await;
+        assert!(!verify_class(&out, &keys, &m).await.unwrap().2);
+        remove_sheet(&out, &keys, "n01").await.unwrap();
+        let (_, problems, missing) = verify_class(&out, &keys, &m).await.unwrap();
+        assert!(missing && !problems.iter().any(|p| p.file.contains("contact_sheets")), "{problems:?}");
+        assert!(!verify_class(&out, &keys, &marker("a", "fp")).await.unwrap().2, "an earlier version promised none");
         // Removed, record first; uncommitting the class removes its sheet too.
         remove_sheet(&out, &keys, "n01").await.unwrap();
         assert_eq!(check_sheet(&job_dir, &m, Check::Content).await.unwrap(), SheetCheck::Absent);

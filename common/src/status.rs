@@ -139,6 +139,10 @@ pub struct VerifyReport {
     /// The job's state, when a coordinator that knows it verified it (`None` offline, and from
     /// older coordinators). Only a succeeded job's uncommitted classes are problems.
     pub state: Option<JobState>,
+    /// Committed classes without a contact sheet though their commit says one was made after it
+    /// (deleted, or writing it failed): not damage to the dataset, said as a note.
+    #[serde(default)]
+    pub sheets_missing: Vec<String>,
 }
 
 /// Shard counts of a job.

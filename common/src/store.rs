@@ -425,13 +425,12 @@ where
     }
 }
 
-/// Whether waiting may cure a generic store error: not a missing object, a name too long for
-/// the file system, a refusal (full, read-only, denied), missing or refused credentials, or a
-/// missing bucket.
+/// Whether waiting may cure a generic store error: not a missing object, a local file-system
+/// error that recurs ([`io_permanent`]: a name too long, a folder where a file goes), a refusal
+/// (full, read-only, denied), missing or refused credentials, or a missing bucket.
 fn transient(error: &object_store::Error) -> bool {
     let object_store::Error::Generic { source, .. } = error else { return false };
-    !io_not_found(source.as_ref())
-        && !io_bad_name(source.as_ref())
+    !io_permanent(source.as_ref())
         && Refusal::in_chain(source.as_ref()).is_none()
         && !matches!(
             StoreProblem::of(error),
@@ -501,14 +500,33 @@ impl Refusal {
 }
 
 /// True when an error's cause chain holds a "no such file" I/O error (the local store reports a
-/// copy from a missing source as a generic error).
+/// copy from a missing source as a generic error), or "not a directory": a key below a file
+/// (`a/b` where `a` is a file) names no object, as an object store would answer.
 fn io_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
-    io_in_chain(error, |io| io.kind() == std::io::ErrorKind::NotFound)
+    io_in_chain(error, |io| matches!(io.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory))
 }
 
-/// A name the local file system cannot hold (ENAMETOOLONG): the same name fails every time.
-fn io_bad_name(error: &(dyn std::error::Error + 'static)) -> bool {
-    io_in_chain(error, |io| io.kind() == std::io::ErrorKind::InvalidFilename)
+/// A local file-system error that the same call meets every time, whatever the wait: a name the
+/// file system cannot hold (ENAMETOOLONG), a folder where a file goes or a file where a folder
+/// goes, a link loop. Retrying one stalled `verify`, `report` and `resume` for minutes.
+fn io_permanent(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind as Kind;
+    /// ELOOP (too many levels of symbolic links), which has no stable `ErrorKind`.
+    const ELOOP: i32 = 40;
+    io_in_chain(error, |io| {
+        matches!(
+            io.kind(),
+            Kind::NotFound
+                | Kind::InvalidFilename
+                | Kind::NotADirectory
+                | Kind::IsADirectory
+                | Kind::DirectoryNotEmpty
+                | Kind::InvalidInput
+                | Kind::FileTooLarge
+                | Kind::TooManyLinks
+                | Kind::Unsupported
+        ) || io.raw_os_error() == Some(ELOOP)
+    })
 }
 
 fn io_in_chain(error: &(dyn std::error::Error + 'static), test: impl Fn(&std::io::Error) -> bool) -> bool {
@@ -792,6 +810,25 @@ pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file where a folder goes, or a folder where a file goes, is answered at once: a key
+    /// below a file is no object (as an object store says), and a folder cannot be deleted as a
+    /// file however long one waits (both were retried as outages, stalling `verify`, `report`
+    /// and `resume` for minutes).
+    #[tokio::test]
+    async fn files_and_folders_in_each_others_place_are_no_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        std::fs::create_dir_all(dir.path().join("folder/inside")).unwrap();
+        let out = open(&dir.path().display().to_string()).unwrap();
+        let below_a_file = out.store.get(&out.key("file/below.json")).await.unwrap_err();
+        assert!(is_not_found(&below_a_file), "{below_a_file}");
+        assert_eq!(get_optional(out.store.as_ref(), &out.key("file/below.json")).await.unwrap(), None);
+        let folder = out.store.delete(&out.key("folder")).await.unwrap_err();
+        assert!(!transient(&folder) && !is_not_found(&folder), "{folder}");
+        let write_below = out.store.put(&out.key("file/new.png"), b"y".to_vec().into()).await.unwrap_err();
+        assert!(!transient(&write_below), "{write_below}");
+    }
 
     /// A refusal is found however deep it sits in an error's chain, and other errors are none.
     #[test]

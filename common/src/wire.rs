@@ -196,6 +196,7 @@ impl From<VerifyReport> for proto::VerifyJobResponse {
             classes_committed: r.classes_committed,
             running: r.running,
             state: r.state.map_or(proto::JobState::Unspecified, proto::JobState::from) as i32,
+            sheets_missing: r.sheets_missing,
         }
     }
 }
@@ -217,6 +218,7 @@ impl From<proto::VerifyJobResponse> for VerifyReport {
             classes_committed: r.classes_committed,
             running: r.running,
             state: job_state(r.state).ok(),
+            sheets_missing: r.sheets_missing,
         }
     }
 }

@@ -765,6 +765,26 @@ async fn resume_one(client: &mut Client, url: &str, request: proto::ResumeJobReq
             response.redone.join(", ")
         );
     }
+    if !response.sheets_restored.is_empty() {
+        outln!(
+            "  {} contact sheet(s) found in another class's place, put back: {}",
+            response.sheets_restored.len(),
+            response.sheets_restored.join(", ")
+        );
+    }
+    if !response.sheets_removed.is_empty() {
+        outln!(
+            "  {} contact sheet(s) removed, not being what the attempt that committed their class wrote (distilling \
+             the class again makes it anew):",
+            response.sheets_removed.len()
+        );
+        for line in &response.sheets_removed {
+            outln!("    {line}");
+        }
+    }
+    for line in &response.sheets_left {
+        errln!("warning: cannot remove {line}: move it out of the job's contact_sheets/ by hand");
+    }
     Ok(())
 }
 
@@ -1458,6 +1478,18 @@ async fn run_command(cli: Cli) -> Result<()> {
                 let whose = if p.wnid.is_empty() { "job".to_owned() } else { format!("class {}", p.wnid) };
                 outln!("{whose}: {}{}", p.file.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default(), p.problem);
             }
+            // Not damage to the dataset, but a picture a person expected: said, not hidden.
+            if !response.sheets_missing.is_empty() {
+                let shown: Vec<&str> = response.sheets_missing.iter().take(10).map(String::as_str).collect();
+                errln!(
+                    "note: {} committed class(es) have no contact sheet, though the attempt that committed them made \
+                     one after its commit (deleted since, or writing it failed: the worker's log says why; a sheet is \
+                     made only when its class is distilled): {}{}",
+                    response.sheets_missing.len(),
+                    shown.join(", "),
+                    if response.sheets_missing.len() > shown.len() { ", ..." } else { "" }
+                );
+            }
             // What was checked of a job that promised not every class yet (or any more).
             let damage = match response.problems.len() {
                 0 => "nothing damaged".to_owned(),
@@ -1530,6 +1562,16 @@ async fn run_command(cli: Cli) -> Result<()> {
                     response.problems.len()
                 );
             }
+            // What resume does about a contact sheet is not a repair of the same bytes.
+            let sheets = if response
+                .problems
+                .iter()
+                .any(|p| p.file.as_deref().is_some_and(|f| f.contains("/contact_sheets/")))
+            {
+                "; a contact sheet that is not its class's own is put back in its class's place, or removed"
+            } else {
+                ""
+            };
             if !response.problems.is_empty() {
                 if let Some(dir) = &args.job_dir {
                     // Offline, no coordinator is at hand: say which one repairs it, and how to
@@ -1538,7 +1580,7 @@ async fn run_command(cli: Cli) -> Result<()> {
                     let output = dir.trim_end_matches('/').strip_suffix(&suffix).unwrap_or("<output>");
                     bail!(
                         "job {job} does not match its markers: `coordinator resume {job}` on a coordinator serving the \
-                         store the job ran with repairs it (every damaged file, the same seeds give the same bytes). \
+                         store the job ran with repairs it (every damaged file, the same seeds give the same bytes{sheets}). \
                          For a job of `coordinator run`, start one on its store (its --store, else the job's output): \
                          `coordinator serve --store {}`, then `coordinator resume {job} --coordinator <its URL>`; \
                          running the same `coordinator run` again puts back missing or cut files, not ones changed in \
@@ -1547,7 +1589,11 @@ async fn run_command(cli: Cli) -> Result<()> {
                         job = args.job
                     );
                 }
-                bail!("job {} does not match its markers: `coordinator resume {}` repairs it", args.job, args.job);
+                bail!(
+                    "job {} does not match its markers: `coordinator resume {}` repairs it{sheets}",
+                    args.job,
+                    args.job
+                );
             }
             Ok(())
         }

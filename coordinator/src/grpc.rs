@@ -129,6 +129,9 @@ impl CoordinatorRpc for Service {
             requeued: resumed.requeued as u32,
             redone: resumed.redone,
             data_changed: resumed.data_changed.iter().map(proto::DataChange::from).collect(),
+            sheets_restored: resumed.sheets.restored,
+            sheets_removed: resumed.sheets.removed.into_iter().map(|(wnid, why)| format!("{wnid}: {why}")).collect(),
+            sheets_left: resumed.sheets.left.into_iter().map(|(file, error)| format!("{file}: {error}")).collect(),
         }))
     }
 

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use mgd3_common::commit::{self, Check, CommitError, SheetCheck};
 use mgd3_common::manifest::{ClassMarker, JobManifest, QualityConcern, StageSeconds, band};
 use mgd3_common::sheet::SheetLayout;
@@ -324,11 +324,13 @@ pub async fn write_report(
     let records = read_records(dir, job_id).await?;
     let mut sheets = BTreeMap::new();
     let mut sheets_left_out = Vec::new();
-    // A copied sheet is read whole anyway: its sha256 is checked. One the pages refer to in the
-    // job folder is checked by its record and size (`verify` reads it whole).
-    let check = if copy_sheets { Check::Content } else { Check::Size };
-    for marker in &records.markers {
-        let found = match commit::check_sheet(dir, marker, check).await {
+    // Each sheet is read whole and checked by its sha256 (by its size alone, another class's
+    // sheet cut to the same size was shown), a few at a time, in class order.
+    let mut checked = futures::stream::iter(&records.markers)
+        .map(|marker| async move { (marker, commit::check_sheet(dir, marker, Check::Content).await) })
+        .buffered(SHEET_READS);
+    while let Some((marker, check)) = checked.next().await {
+        let found = match check {
             Ok(SheetCheck::Absent) => None,
             Ok(SheetCheck::Wrong(problem)) => {
                 sheets.insert(marker.wnid.clone(), Sheet::LeftOut(problem.file.clone(), problem.problem.clone()));
@@ -861,6 +863,9 @@ fn index_page(records: &JobRecords, shown: &BTreeMap<String, Sheet>, sheets: &st
     page(&format!("mgd3 job {job}"), &body)
 }
 
+/// Contact sheets read at once while a report checks them.
+const SHEET_READS: usize = 8;
+
 /// Classes named in the index's warnings; more are counted (and marked in the class table).
 const MAX_WARNINGS_LISTED: usize = 20;
 
@@ -934,7 +939,8 @@ fn class_page(records: &JobRecords, index: usize, sheet: Option<&Sheet>, assets:
                 escape(problem)
             );
         }
-        None => body.push_str("<p class=\"muted\">No contact sheet for this class (written only by the attempt that committed it, after its commit).</p>"),
+        None if m.sheet_record => body.push_str("<p class=\"warning\">⚠ No contact sheet: the attempt that committed this class made one after its commit, and it is not there (deleted since, or writing it failed: the worker's log says why). A sheet is made only when its class is distilled.</p>"),
+        None => body.push_str("<p class=\"muted\">No contact sheet for this class (contact sheets were turned off, or one was not written after the commit).</p>"),
     }
     if let Some(embedding) = &m.embedding {
         let _ = write!(

@@ -214,6 +214,8 @@ pub struct Resumed {
     /// Classes whose data changed and was accepted (`--accept-data-changes`): committed ones
     /// were withdrawn and are distilled again from the data as it is now.
     pub data_changed: Vec<DataChange>,
+    /// Contact sheets put back in their class's place, removed, or left for a person.
+    pub sheets: commit::SheetRepair,
 }
 
 /// What to do when the data of some of a job's classes changed since the job recorded it.
@@ -2003,22 +2005,12 @@ impl Coordinator {
         // Every published file is checked against its marker's sha256 and restored from staging
         // where it can be; a class that cannot be restored is withdrawn and distilled again.
         let mut redone = Vec::new();
+        let mut kept = Vec::new();
         // The markers the data comparison read: each is read once.
         for (class, marker) in job.classes.iter().zip(markers) {
             let Some(marker) = marker else { continue };
             match commit::publish(&out, &keys, &marker, commit::Check::Content).await {
-                Ok(()) => {
-                    // A contact sheet that is not the committing attempt's (another class's, one
-                    // changed or left without its record) would be shown as this class's: it
-                    // goes. Only distilling the class again makes its sheet anew.
-                    if let commit::SheetCheck::Wrong(problem) =
-                        commit::check_sheet(&out.child(keys.root()), &marker, commit::Check::Content).await?
-                    {
-                        warn!(job = %job_id, class = %class.wnid, file = %problem.file, problem = %problem.problem,
-                              "removing a contact sheet that is not the class's own");
-                        commit::remove_sheet(&out, &keys, &class.wnid).await?;
-                    }
-                }
+                Ok(()) => kept.push(marker),
                 Err(error @ CommitError::LostStaging { .. }) => {
                     warn!(job = %job_id, class = %class.wnid, error = %mgd3_common::error_chain(&error), "published files cannot be restored: the class is distilled again");
                     commit::uncommit(&out, &keys, &class.wnid).await?;
@@ -2026,6 +2018,19 @@ impl Coordinator {
                 }
                 Err(error) => return Err(error.into()),
             }
+        }
+        // Contact sheets: one in another class's place goes back to its own; one that is no
+        // class's committing attempt's would be shown as this class's, and goes (only distilling
+        // the class again makes its sheet anew).
+        let sheets = commit::repair_sheets(&out.child(keys.root()), &kept).await?;
+        for wnid in &sheets.restored {
+            warn!(job = %job_id, class = %wnid, "contact sheet found in another class's place: put back");
+        }
+        for (wnid, problem) in &sheets.removed {
+            warn!(job = %job_id, class = %wnid, %problem, "contact sheet removed: not the class's own");
+        }
+        for (file, error) in &sheets.left {
+            warn!(job = %job_id, %file, %error, "cannot remove it: left in place");
         }
         let classes: HashSet<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
         for stray in state::dataset_strays(&out, &keys, &classes).await? {
@@ -2051,7 +2056,7 @@ impl Coordinator {
             // A job that had finished and lost nothing keeps its finish time (and its manifest).
             self.finish(job, JobState::Succeeded, finished.unwrap_or_else(now_ms));
         }
-        Ok(Resumed { committed, requeued, redone, data_changed: changes })
+        Ok(Resumed { committed, requeued, redone, data_changed: changes, sheets })
     }
 
     /// Checks every published file of a job against its class's marker (sha256) and that class
@@ -2083,14 +2088,14 @@ impl Coordinator {
                     } else {
                         Vec::new()
                     };
-                    return Ok::<_, Error>((0, false, problems));
+                    return Ok::<_, Error>((0, false, problems, None));
                 };
-                let (files, problems) = commit::verify_class(&out, &keys, &marker).await?;
+                let (files, problems, sheet_missing) = commit::verify_class(&out, &keys, &marker).await?;
                 let problems = problems
                     .into_iter()
                     .map(|p| VerifyProblem { wnid: wnid.clone(), file: Some(p.file), problem: p.problem })
                     .collect();
-                Ok((files, true, problems))
+                Ok((files, true, problems, sheet_missing.then_some(wnid)))
             })
             .collect();
         let mut response = VerifyReport {
@@ -2100,14 +2105,18 @@ impl Coordinator {
             classes_committed: 0,
             running,
             state,
+            sheets_missing: Vec::new(),
         };
         let mut results = futures::stream::iter(checks).buffered(16);
         while let Some(result) = results.next().await {
-            let (files, committed, problems) = result?;
+            let (files, committed, problems, sheet_missing) = result?;
             response.files_checked += files;
             response.classes_committed += u32::from(committed);
             response.problems.extend(problems);
+            response.sheets_missing.extend(sheet_missing);
         }
+        response.sheets_missing.sort();
+        response.problems.extend(state::blocked_folders(&out, &keys));
         let classes: HashSet<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
         for stray in state::dataset_strays(&out, &keys, &classes).await? {
             let problem = stray.problem();

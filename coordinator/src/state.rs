@@ -197,6 +197,7 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
         classes_committed: 0,
         running: manifest.is_none(),
         state: None,
+        sheets_missing: Vec::new(),
     };
     let mut committed = std::collections::HashSet::new();
     for wnid in &wnids {
@@ -233,7 +234,10 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
             });
             continue;
         }
-        let (files, found) = mgd3_common::commit::verify_class(out, &keys, &marker).await?;
+        let (files, found, sheet_missing) = mgd3_common::commit::verify_class(out, &keys, &marker).await?;
+        if sheet_missing {
+            report.sheets_missing.push(wnid.clone());
+        }
         report.files_checked += files;
         report.classes_committed += 1;
         committed.insert(wnid.clone());
@@ -252,13 +256,41 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
             });
         }
     }
-    let marked: HashSet<String> = wnids.iter().cloned().collect();
+    problems.extend(blocked_folders(out, &keys));
+    // The job's classes: those with a marker, and those its manifest lists (a class whose marker
+    // is lost is not a folder of no class).
+    let mut marked: HashSet<String> = wnids.iter().cloned().collect();
+    marked.extend(manifest.iter().flat_map(|m| m.classes.iter().map(|c| c.wnid.clone())));
     for stray in dataset_strays(out, &keys, &marked).await? {
         let problem = stray.problem();
         problems.push(VerifyProblem { wnid: String::new(), file: Some(stray.path), problem });
     }
     report.problems = problems;
+    report.sheets_missing.sort();
     Ok(report)
+}
+
+/// The job's folders (`shards/`, `dataset/`, `modes/`, `contact_sheets/`) that a file stands
+/// in place of on a local store: whatever they should hold reads as missing (every class as
+/// not committed, for `shards/`), so the file itself is named.
+pub(crate) fn blocked_folders(out: &Location, keys: &JobKeys) -> Vec<mgd3_common::status::VerifyProblem> {
+    ["shards", "dataset", "modes", "contact_sheets"]
+        .into_iter()
+        .filter_map(|folder| {
+            let relative = format!("{}/{folder}", keys.root());
+            let path = out.local_path(&relative)?;
+            let meta = std::fs::metadata(&path).ok()?;
+            (!meta.is_dir()).then(|| mgd3_common::status::VerifyProblem {
+                wnid: String::new(),
+                file: Some(relative),
+                problem: format!(
+                    "is a file where the job's folder `{folder}/` goes: what the folder holds cannot be read (so \
+                     what depends on it reads as missing); `resume` leaves it in place: move the file away and put \
+                     the folder back"
+                ),
+            })
+        })
+        .collect()
 }
 
 /// What a job's `dataset/` folder holds besides its classes' folders ([`dataset_strays`]).

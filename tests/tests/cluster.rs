@@ -1094,14 +1094,15 @@ async fn verify_names_damage_and_resume_restores_exactly_the_markers_files() {
 /// are. (The report was shown such a sheet as the class's, and `verify` did not check sheets.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_by_resume() {
-    let (dir, cluster, job) = cluster_with_job(3, 2, 1).await;
+    let (dir, cluster, job) = cluster_with_job(4, 2, 1).await;
     let store_url = dir.path().display().to_string();
     cluster.run_to_success(&job.job_id).await;
     let out = store::open(&store_url).unwrap();
     let keys = JobKeys::new(&job.job_id);
+    let wnids = ["class00", "class01", "class02", "class03"];
     // Each class's sheet and record, as the worker that committed it writes them (the stand-in
     // engine makes no pictures).
-    for wnid in ["class00", "class01", "class02"] {
+    for wnid in wnids {
         let marker = marker(&out, &job.job_id, wnid).await;
         assert!(marker.sheet_record, "a marker of this version promises the sheet's record");
         let sheet = format!("sheet of {wnid}").into_bytes();
@@ -1110,37 +1111,59 @@ async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_
         out.store.put(&out.key(&keys.contact_sheet_record(wnid)), record.into()).await.unwrap();
     }
     let clean = cluster.coordinator.verify(&job.job_id).await.unwrap();
-    assert_eq!((clean.files_checked, clean.problems.len()), (12, 0), "{clean:?}");
+    assert_eq!((clean.files_checked, clean.problems.len()), (16, 0), "{clean:?}");
     let original = dataset_files(&out, &job.job_id).await;
     let sheets = dir.path().join("jobs").join(&job.job_id).join("contact_sheets");
+    let read = |name: &str| std::fs::read(sheets.join(name)).unwrap();
+    let (sheet01, record01) = (read("class01.png"), read("class01.json"));
+    // class00: another class's sheet of the same size; class01 and class02: sheet and record
+    // swapped; class03: its record lost.
     std::fs::copy(sheets.join("class01.png"), sheets.join("class00.png")).unwrap();
     std::fs::copy(sheets.join("class02.png"), sheets.join("class01.png")).unwrap();
     std::fs::copy(sheets.join("class02.json"), sheets.join("class01.json")).unwrap();
-    std::fs::remove_file(sheets.join("class02.json")).unwrap();
+    std::fs::write(sheets.join("class02.png"), &sheet01).unwrap();
+    std::fs::write(sheets.join("class02.json"), &record01).unwrap();
+    std::fs::remove_file(sheets.join("class03.json")).unwrap();
     let expected = [
         ("class00", "class00.png", "changed since it was written"),
         ("class01", "class01.png", "contact sheet of class `class02`"),
-        ("class02", "class02.png", "has no record"),
+        ("class02", "class02.png", "contact sheet of class `class01`"),
+        ("class03", "class03.png", "has no record"),
     ];
     let online = cluster.coordinator.verify(&job.job_id).await.unwrap();
     let offline = mgd3_coordinator::state::verify_offline(&out, &job.job_id).await.unwrap();
     for report in [&online, &offline] {
         let mut problems = report.problems.clone();
         problems.sort_by(|a, b| a.wnid.cmp(&b.wnid));
-        assert_eq!(problems.len(), 3, "{report:?}");
+        assert_eq!(problems.len(), 4, "{report:?}");
         for (p, (wnid, file, problem)) in problems.iter().zip(expected) {
             assert_eq!(p.wnid, wnid);
             assert!(p.file.as_deref().unwrap().ends_with(&format!("contact_sheets/{file}")), "{p:?}");
             assert!(p.problem.contains(problem), "{p:?}");
         }
     }
+    // Resume puts the swapped pair back and removes the others; no class is distilled again.
     let resumed = cluster.coordinator.resume(&job.job_id, None).await.unwrap();
     assert!(resumed.redone.is_empty(), "no class is distilled again for its sheet: {resumed:?}");
-    let left: Vec<_> = std::fs::read_dir(&sheets).into_iter().flatten().map(|e| e.unwrap().file_name()).collect();
-    assert!(left.is_empty(), "the wrong sheets and their records are removed: {left:?}");
+    assert_eq!(resumed.sheets.restored, ["class01", "class02"]);
+    let removed: Vec<&str> = resumed.sheets.removed.iter().map(|(w, _)| w.as_str()).collect();
+    assert_eq!(removed, ["class00", "class03"]);
+    assert_eq!(read("class01.png"), sheet01, "class01's own sheet is back in its place");
+    let mut left: Vec<_> =
+        std::fs::read_dir(&sheets).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["class01.json", "class01.png", "class02.json", "class02.png"]);
     let report = cluster.coordinator.verify(&job.job_id).await.unwrap();
-    assert_eq!((report.files_checked, report.problems.len()), (9, 0), "{report:?}");
+    assert_eq!((report.files_checked, report.problems.len()), (14, 0), "{report:?}");
     assert_eq!(dataset_files(&out, &job.job_id).await, original);
+    // A folder where a sheet goes is no sheet, and cannot be removed as one: resume says so and
+    // goes on (it retried the delete as an outage, for minutes).
+    std::fs::create_dir_all(sheets.join("class00.png/theirs")).unwrap();
+    std::fs::write(sheets.join("class00.json"), read("class01.json")).unwrap();
+    let resumed = cluster.coordinator.resume(&job.job_id, None).await.unwrap();
+    assert_eq!(resumed.sheets.left.len(), 1, "{resumed:?}");
+    assert!(resumed.sheets.left[0].0.ends_with("class00.png"), "{resumed:?}");
+    assert!(sheets.join("class00.png/theirs").is_dir() && !sheets.join("class00.json").exists());
     cluster.shutdown().await;
 }
 

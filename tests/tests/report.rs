@@ -359,7 +359,10 @@ fn report_and_export_refuse_targets_and_images_that_would_mislead() {
     let verify = || coordinator(&["verify", &job, "--job-dir", &job_dir]);
     let clean = verify();
     assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stdout));
-    std::fs::copy(&sheet_c1, &sheet_c0).unwrap();
+    // Cut (or padded) to the size c0's own sheet had: only its sha256 tells it apart.
+    let mut other = std::fs::read(&sheet_c1).unwrap();
+    other.resize(sheet_before.len(), 0);
+    std::fs::write(&sheet_c0, &other).unwrap();
     let in_folder = coordinator(&["report", &job, "--job-dir", &job_dir]);
     for (out, folder) in [(in_folder, dir.join("report")), (report(&elsewhere), elsewhere.clone())] {
         let text = String::from_utf8_lossy(&out.stderr);
@@ -377,6 +380,23 @@ fn report_and_export_refuse_targets_and_images_that_would_mislead() {
     let text = String::from_utf8_lossy(&damaged.stdout);
     assert!(!damaged.status.success() && text.contains("contact_sheets/c0.png"), "{text}");
     std::fs::write(&sheet_c0, &sheet_before).unwrap();
+    assert!(verify().status.success());
+    // A sheet lost with its record: no damage to the dataset, but said by verify and the page.
+    let record_c0 = std::fs::read(dir.join("contact_sheets/c0.json")).unwrap();
+    std::fs::remove_file(&sheet_c0).unwrap();
+    std::fs::remove_file(dir.join("contact_sheets/c0.json")).unwrap();
+    let lost = verify();
+    let text = String::from_utf8_lossy(&lost.stderr);
+    assert!(
+        lost.status.success() && text.contains("1 committed class(es) have no contact sheet") && text.contains(": c0"),
+        "{text}"
+    );
+    let out = coordinator(&["report", &job, "--job-dir", &job_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let page = std::fs::read_to_string(dir.join("report/classes/00000.html")).unwrap();
+    assert!(page.contains("⚠ No contact sheet: the attempt that committed this class made one"), "{page}");
+    std::fs::write(&sheet_c0, &sheet_before).unwrap();
+    std::fs::write(dir.join("contact_sheets/c0.json"), record_c0).unwrap();
     assert!(verify().status.success());
     // Export onto what is not a regular file.
     let fifo = scratch.path().join("fifo.npz");
