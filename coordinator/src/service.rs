@@ -434,6 +434,14 @@ impl Coordinator {
         if removed > 0 {
             info!(job = %job.job_id, removed, "removed staging copies left by an interrupted write");
         }
+        // A store copied (`cp -a`) with the job's outputs in it: the job's records name the
+        // original output, which is what every command of the job reads and writes.
+        let here = self.inner.store.local_path(&keys.markers());
+        if out.local_root != self.inner.store.local_root && here.is_some_and(|p| p.is_dir()) {
+            warn!(job = %job.job_id, output = %out.url, store = %self.inner.store.url,
+                  "this store holds the job's outputs too, but the job's output is elsewhere (the store copied or moved?): \
+                   status, verify, report and resume use that output, not the copy here");
+        }
         let committed = state::committed_shards(&out, &job).await?;
         let id = job.job_id.clone();
         info!(job = %id, committed = committed.len(), shards = job.shards.len(), "recovered job");
