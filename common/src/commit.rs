@@ -563,7 +563,12 @@ pub fn sheet_record(marker: &ClassMarker, bytes: &[u8]) -> SheetRecord {
 /// # Errors
 /// [`CommitError::Store`] when a delete fails.
 pub async fn remove_sheet(out: &Location, keys: &JobKeys, wnid: &str) -> Result<(), CommitError> {
-    for key in [keys.contact_sheet_record(wnid), keys.contact_sheet(wnid)] {
+    delete_in_order(out, [keys.contact_sheet_record(wnid), keys.contact_sheet(wnid)]).await
+}
+
+/// Deletes `keys` one after the other (a missing one is no error).
+async fn delete_in_order(out: &Location, keys: impl IntoIterator<Item = String>) -> Result<(), CommitError> {
+    for key in keys {
         let key = out.key(&key);
         match retry_idempotent(|| out.store.delete(&key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -676,13 +681,7 @@ pub async fn repair_sheets(job_dir: &Location, markers: &[ClassMarker]) -> Resul
 /// # Errors
 /// [`CommitError::Store`] when a delete fails.
 pub async fn uncommit(out: &Location, keys: &JobKeys, wnid: &str) -> Result<(), CommitError> {
-    for key in [keys.marker(wnid), keys.modes(wnid)] {
-        let key = out.key(&key);
-        match retry_idempotent(|| out.store.delete(&key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(store_err(out, format!("deleting `{key}`"))(e)),
-        }
-    }
+    delete_in_order(out, [keys.marker(wnid), keys.modes(wnid)]).await?;
     // The old attempt's contact sheet shows images that are withdrawn.
     remove_sheet(out, keys, wnid).await?;
     delete_prefix(out, &format!("{}/dataset/{wnid}", keys.root())).await
