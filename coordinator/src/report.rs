@@ -330,17 +330,35 @@ pub async fn write_report(
         .map(|marker| async move { (marker, commit::check_sheet(dir, marker, Check::Content).await) })
         .buffered(SHEET_READS);
     while let Some((marker, check)) = checked.next().await {
+        let mut left_out = |problem: commit::FileProblem| {
+            sheets.insert(marker.wnid.clone(), Sheet::LeftOut(problem.file.clone(), problem.problem.clone()));
+            sheets_left_out.push((marker.wnid.clone(), problem));
+        };
         let found = match check {
             Ok(SheetCheck::Absent) => None,
             Ok(SheetCheck::Wrong(problem)) => {
-                sheets.insert(marker.wnid.clone(), Sheet::LeftOut(problem.file.clone(), problem.problem.clone()));
-                sheets_left_out.push((marker.wnid.clone(), problem));
+                left_out(problem);
                 None
             }
-            Ok(SheetCheck::Found(found)) => Some(found),
+            Ok(SheetCheck::Found(found)) => {
+                let size = image::ImageReader::new(std::io::Cursor::new(&found.bytes[..]))
+                    .with_guessed_format()
+                    .ok()
+                    .and_then(|r| r.into_dimensions().ok());
+                match size {
+                    Some(size) => Some((found, size)),
+                    None => {
+                        left_out(commit::FileProblem {
+                            file: mgd3_common::layout::JobKeys::contact_sheet_in_job(&marker.wnid),
+                            problem: "is not an image the report can read".into(),
+                        });
+                        None
+                    }
+                }
+            }
             Err(error) => return Err(error.into()),
         };
-        let Some(found) = found else {
+        let Some((found, size)) = found else {
             // An earlier report's copy in the target is no longer what the class's sheet is.
             if copy_sheets {
                 let copy = format!("contact_sheets/{}.png", marker.wnid);
@@ -352,11 +370,6 @@ pub async fn write_report(
             }
             continue;
         };
-        let size = image::ImageReader::new(std::io::Cursor::new(found.bytes.to_vec()))
-            .with_guessed_format()
-            .ok()
-            .and_then(|r| r.into_dimensions().ok());
-        let Some(size) = size else { continue };
         if copy_sheets {
             let copy = format!("contact_sheets/{}", marker.wnid);
             target
