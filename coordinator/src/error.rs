@@ -246,6 +246,22 @@ pub enum Error {
         /// The job's output root, as `forget` recorded it (`None` when it did not).
         output: Option<String>,
     },
+    /// The store holds a job's outputs while the job's output folder is gone: the store was moved
+    /// (or copied, and the original removed). Serving it would distil every class again into a
+    /// new, empty folder at the old path; the job is quarantined instead.
+    #[error(
+        "job `{job}`'s output `{output}` is gone, and this store `{store}` holds its outputs: the store was moved (or \
+         copied and the original removed). Nothing of the job is distilled again: serve the store where the job's \
+         output was (move it back to `{output}`)"
+    )]
+    OutputMoved {
+        /// The job id.
+        job: String,
+        /// The output its records name.
+        output: String,
+        /// The store that holds its outputs now.
+        store: String,
+    },
     /// A job whose folder was removed from the store by hand: the coordinator forgot it.
     #[error(
         "job `{job}`'s folder is gone from the store (removed by hand?): the coordinator has forgotten the job; \
@@ -313,7 +329,9 @@ impl Error {
     /// foreign marker): that job is quarantined. Store outages and configuration errors are not.
     pub fn is_damage(&self) -> bool {
         match self {
-            Error::Corrupt { .. } | Error::Missing { .. } | Error::StateTooNew { .. } => true,
+            Error::Corrupt { .. } | Error::Missing { .. } | Error::StateTooNew { .. } | Error::OutputMoved { .. } => {
+                true
+            }
             Error::Commit(e) => matches!(e, CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }),
             Error::Store(StoreError::BadUrl { .. }) => true,
             _ => false,
@@ -378,7 +396,9 @@ impl From<Error> for tonic::Status {
             | Error::Lock(_)
             | Error::StoreNotHeld { .. } => tonic::Status::unavailable(message),
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
-            Error::StateTooNew { .. } | Error::OtherJobsFolder { .. } => tonic::Status::failed_precondition(message),
+            Error::StateTooNew { .. } | Error::OtherJobsFolder { .. } | Error::OutputMoved { .. } => {
+                tonic::Status::failed_precondition(message)
+            }
         }
     }
 }

@@ -420,10 +420,24 @@ impl Coordinator {
 
     /// Recovers one job found in the store (see [`Coordinator::open`]).
     async fn recover(&self, job: ResolvedJob, persisted: Option<crate::scheduler::PersistedJob>) -> Result<()> {
+        let keys = JobKeys::new(&job.job_id);
+        // A store moved with the job's outputs in it: its records name an output folder that is
+        // gone (checked before opening it, which would make it anew, empty).
+        let here = self.inner.store.local_path(&keys.markers());
+        let output = job.spec.output.as_deref().filter(|o| !store::is_url(o)).map(std::path::Path::new);
+        if let Some(output) = output
+            && here.as_ref().is_some_and(|p| p.is_dir())
+            && !output.exists()
+        {
+            return Err(Error::OutputMoved {
+                job: job.job_id.clone(),
+                output: output.display().to_string(),
+                store: self.inner.store.url.clone(),
+            });
+        }
         let out = self.output(&job)?;
         // Staging copies a killed process left beside job.json, state.json, manifest.json and
         // the markers are not part of the published tree.
-        let keys = JobKeys::new(&job.job_id);
         // The job's own records are written by the coordinator holding the store's lock alone;
         // workers may be committing markers right now: there only copies too old to be in progress.
         let zero = Duration::ZERO;
@@ -436,7 +450,6 @@ impl Coordinator {
         }
         // A store copied (`cp -a`) with the job's outputs in it: the job's records name the
         // original output, which is what every command of the job reads and writes.
-        let here = self.inner.store.local_path(&keys.markers());
         if out.local_root != self.inner.store.local_root && here.is_some_and(|p| p.is_dir()) {
             warn!(job = %job.job_id, output = %out.url, store = %self.inner.store.url,
                   "this store holds the job's outputs too, but the job's output is elsewhere (the store copied or moved?): \

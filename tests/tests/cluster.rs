@@ -1167,6 +1167,27 @@ async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_
     cluster.shutdown().await;
 }
 
+/// A store moved (`mv`) with the job's outputs in it: the job's records name the old output
+/// folder, which is gone. The job is quarantined, saying so, instead of being distilled again
+/// into a new, empty folder at the old path (it was: every class, hours at ImageNet scale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_store_quarantines_its_job_instead_of_distilling_it_again_at_the_old_path() {
+    let (dir, cluster, job) = cluster_with_job(2, 2, 1).await;
+    cluster.run_to_success(&job.job_id).await;
+    cluster.shutdown().await;
+    let moved = tempfile::tempdir().unwrap();
+    let new_home = moved.path().join("store");
+    std::fs::rename(dir.path(), &new_home).unwrap();
+    let again = start(&new_home.display().to_string(), None).await;
+    let status = again.coordinator.status(&job.job_id).unwrap();
+    assert_eq!(status.state, JobState::Quarantined, "{status:?}");
+    let reason = &status.failures[0].error;
+    assert!(reason.contains("is gone, and this store") && reason.contains("move it back"), "{reason}");
+    assert!(!dir.path().exists(), "the old output folder was made anew");
+    again.shutdown().await;
+    std::fs::rename(&new_home, dir.path()).unwrap();
+}
+
 /// Damage to one job's records quarantines that job, with a clear status; the coordinator
 /// starts and the healthy jobs run. Repaired records bring the job back with `resume`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
