@@ -497,14 +497,14 @@ pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check)
         Check::Size => (size != record.bytes).then(|| format!("{size} bytes")),
         Check::Content => {
             let actual = sha256_hex(&bytes);
-            (actual != record.sha256).then(|| format!("sha256 {actual} ({size} bytes)"))
+            (actual != record.sha256).then(|| format!("{actual} ({size} bytes)"))
         }
     };
     if let Some(found) = changed {
         return wrong(
             &sheet_key,
             format!(
-                "{found}, its record says sha256 {} ({} bytes): changed since it was written",
+                "{found}, its record says {} ({} bytes): the sheet or its record changed since they were written",
                 record.sha256, record.bytes
             ),
         );
@@ -911,7 +911,7 @@ mod tests {
         assert!(matches!(check_sheet(&job_dir, &m, Check::Size).await.unwrap(), SheetCheck::Found(_)));
         let changed = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
         assert_eq!(changed.file, "contact_sheets/n01.png");
-        assert!(changed.problem.contains("changed since it was written"), "{changed:?}");
+        assert!(changed.problem.contains("changed since they were written"), "{changed:?}");
         // Another size: the ranged read sees it.
         put(&sheet_key, b"a longer sheet".to_vec()).await;
         let changed = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());

@@ -27,7 +27,7 @@ pub enum JobError {
     /// memory and time out of all proportion before any of it could be refused.
     #[error(
         "job spec is {bytes} bytes ({:.1} MiB), more than the {} MiB a spec may be: list classes in a class-list file \
-         (`classes = \"classes.txt\"`), and vary settings in a [sweep] with lists of values, not every variant written out",
+         (`classes = {{ file = \"classes.txt\" }}`), and vary settings in a [sweep] with lists of values, not every variant written out",
         *bytes as f64 / 1048576.0,
         max >> 20
     )]

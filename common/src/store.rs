@@ -511,6 +511,14 @@ fn io_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
 /// goes, a link loop. Retrying one stalled `verify`, `report` and `resume` for minutes.
 fn io_permanent(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind as Kind;
+    // A listing that walks into a link to a folder above it (the walker's own error, no I/O one).
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.to_string().contains("File system loop found") {
+            return true;
+        }
+        cause = e.source();
+    }
     /// ELOOP (too many levels of symbolic links), which has no stable `ErrorKind`.
     const ELOOP: i32 = 40;
     io_in_chain(error, |io| {
@@ -538,6 +546,13 @@ fn io_in_chain(error: &(dyn std::error::Error + 'static), test: impl Fn(&std::io
         cause = e.source();
     }
     false
+}
+
+/// True for an error of the local file system that recurs whatever the wait ([`io_permanent`]:
+/// a folder where a file goes, a file where a folder goes, a link loop): damage a person must
+/// look at, not an outage.
+pub fn is_local_damage(error: &object_store::Error) -> bool {
+    matches!(error, object_store::Error::Generic { source, .. } if io_permanent(source.as_ref()) && !io_not_found(source.as_ref()))
 }
 
 /// True for "this object does not exist", however the store reports it. A missing bucket or

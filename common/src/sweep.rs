@@ -377,7 +377,10 @@ impl Sweep {
                     usize::MAX,
                     format!(
                         "{} (more than can be counted)",
-                        lengths.iter().map(usize::to_string).collect::<Vec<_>>().join(" × ")
+                        grid.iter()
+                            .map(|(key, values)| format!("{} {}", values.len().max(1), key.name()))
+                            .collect::<Vec<_>>()
+                            .join(" × ")
                     ),
                 ),
             },
@@ -725,7 +728,7 @@ models = { dit = "/m/dit.onnx", vae_encoder = "/m/enc.onnx", vae_decoder = "/m/d
         let p = problems(&format!("[sweep]\n{lists}"));
         assert!(
             p.iter().any(|p| p.problem.contains(
-                "expands to 300 × 300 × 300 × 300 × 300 × 300 × 300 × 300 (more than can be counted) variants"
+                "expands to 300 cfg_channels × 300 cfg_scale × 300 eta × 300 guidance_scale × 300 ipc × 300 seed × 300 steps × 300 stop_guidance (more than can be counted) variants"
             )),
             "{p:?}"
         );

@@ -646,7 +646,23 @@ fn read_spec(path: &Path) -> Result<(String, String)> {
         })
         .context(format!("job spec `{}`", path.display())));
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec `{}`", path.display()))?;
+    // Read with a bound: a device or pipe given by mistake (`/dev/zero`) has no size to check.
+    let mut bytes = Vec::new();
+    {
+        use std::io::Read as _;
+        std::fs::File::open(path)
+            .and_then(|file| file.take(mgd3_common::job::MAX_SPEC_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .with_context(|| format!("cannot read job spec `{}`", path.display()))?;
+    }
+    if bytes.len() > mgd3_common::job::MAX_SPEC_BYTES {
+        return Err(anyhow::Error::new(mgd3_common::job::JobError::TooLarge {
+            bytes: bytes.len(),
+            max: mgd3_common::job::MAX_SPEC_BYTES,
+        })
+        .context(format!("job spec `{}` (read no further)", path.display())));
+    }
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("cannot read job spec `{}`: it is not UTF-8 text", path.display()))?;
     let base = std::path::absolute(path)?.parent().map(|p| p.display().to_string()).unwrap_or_default();
     Ok((text, base))
 }

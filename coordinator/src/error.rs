@@ -246,6 +246,19 @@ pub enum Error {
         /// The job's output root, as `forget` recorded it (`None` when it did not).
         output: Option<String>,
     },
+    /// Files stand where a job's folders go, or folders where its files go (local stores): what
+    /// they hold cannot be read or written, and repairing around them would withdraw commits.
+    #[error(
+        "job `{job}`: {}; nothing was changed: move them away (put back the folders or files they stand in place of) \
+         and try again",
+        paths.iter().map(|(path, what)| format!("`{path}` {what}")).collect::<Vec<_>>().join("; ")
+    )]
+    Blocked {
+        /// The job id.
+        job: String,
+        /// Each path (relative to the output) and what is wrong with it.
+        paths: Vec<(String, String)>,
+    },
     /// The store holds a job's outputs while the job's output folder is gone: the store was moved
     /// (or copied, and the original removed). Serving it would distil every class again into a
     /// new, empty folder at the old path; the job is quarantined instead.
@@ -332,7 +345,11 @@ impl Error {
             Error::Corrupt { .. } | Error::Missing { .. } | Error::StateTooNew { .. } | Error::OutputMoved { .. } => {
                 true
             }
+            Error::Commit(CommitError::Store { source, .. }) | Error::ObjectStore { source, .. } => {
+                mgd3_common::store::is_local_damage(source)
+            }
             Error::Commit(e) => matches!(e, CommitError::BadMarker { .. } | CommitError::ForeignMarker { .. }),
+            Error::Blocked { .. } => true,
             Error::Store(StoreError::BadUrl { .. }) => true,
             _ => false,
         }
@@ -396,9 +413,10 @@ impl From<Error> for tonic::Status {
             | Error::Lock(_)
             | Error::StoreNotHeld { .. } => tonic::Status::unavailable(message),
             Error::Corrupt { .. } | Error::Io { .. } | Error::Missing { .. } => tonic::Status::internal(message),
-            Error::StateTooNew { .. } | Error::OtherJobsFolder { .. } | Error::OutputMoved { .. } => {
-                tonic::Status::failed_precondition(message)
-            }
+            Error::StateTooNew { .. }
+            | Error::OtherJobsFolder { .. }
+            | Error::OutputMoved { .. }
+            | Error::Blocked { .. } => tonic::Status::failed_precondition(message),
         }
     }
 }

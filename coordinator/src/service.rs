@@ -418,6 +418,15 @@ impl Coordinator {
         Ok(coordinator)
     }
 
+    /// [`Error::Blocked`] when files or folders stand in place of the job's own (local stores).
+    /// With `markers_only`, the job's folders and markers only ([`state::blocked_paths`]).
+    fn refuse_blocked(&self, job: &ResolvedJob, markers_only: bool) -> Result<()> {
+        let out = self.output(job)?;
+        let wnids: Vec<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
+        let paths = state::blocked_paths(&out, &JobKeys::new(&job.job_id), &wnids, job.spec.ipc, markers_only);
+        if paths.is_empty() { Ok(()) } else { Err(Error::Blocked { job: job.job_id.clone(), paths }) }
+    }
+
     /// Recovers one job found in the store (see [`Coordinator::open`]).
     async fn recover(&self, job: ResolvedJob, persisted: Option<crate::scheduler::PersistedJob>) -> Result<()> {
         let keys = JobKeys::new(&job.job_id);
@@ -436,6 +445,7 @@ impl Coordinator {
             });
         }
         let out = self.output(&job)?;
+        self.refuse_blocked(&job, true)?;
         // Staging copies a killed process left beside job.json, state.json, manifest.json and
         // the markers are not part of the published tree.
         // The job's own records are written by the coordinator holding the store's lock alone;
@@ -1991,6 +2001,9 @@ impl Coordinator {
         }
         let mut job = self.known_job(job_id)?;
         self.claim_output(&job).await?;
+        // Files where the job's folders go (or folders where its files go) read as missing:
+        // repairing around them withdrew commits and failed half way. Nothing is changed.
+        self.refuse_blocked(&job, false)?;
         if let Some((text, base)) = spec {
             // Compared without the data (jobs of earlier versions fingerprinted it too): the
             // data is compared class by class below.
@@ -2137,7 +2150,8 @@ impl Coordinator {
             response.sheets_missing.extend(sheet_missing);
         }
         response.sheets_missing.sort();
-        response.problems.extend(state::blocked_folders(&out, &keys));
+        let wnids: Vec<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
+        response.problems.extend(state::blocked_problems(&out, &keys, &wnids, job.spec.ipc));
         let classes: HashSet<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
         for stray in state::dataset_strays(&out, &keys, &classes).await? {
             let problem = stray.problem();

@@ -256,7 +256,10 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
             });
         }
     }
-    problems.extend(blocked_folders(out, &keys));
+    let classes: Vec<String> =
+        manifest.as_ref().map_or_else(|| wnids.clone(), |m| m.classes.iter().map(|c| c.wnid.clone()).collect());
+    let ipc = manifest.as_ref().map_or(0, |m| m.spec.ipc);
+    problems.extend(blocked_problems(out, &keys, &classes, ipc));
     // The job's classes: those with a marker, and those its manifest lists (a class whose marker
     // is lost is not a folder of no class).
     let mut marked: HashSet<String> = wnids.iter().cloned().collect();
@@ -270,25 +273,72 @@ pub async fn verify_offline(out: &Location, job_id: &str) -> Result<mgd3_common:
     Ok(report)
 }
 
-/// The job's folders (`shards/`, `dataset/`, `modes/`, `contact_sheets/`) that a file stands
-/// in place of on a local store: whatever they should hold reads as missing (every class as
-/// not committed, for `shards/`), so the file itself is named.
-pub(crate) fn blocked_folders(out: &Location, keys: &JobKeys) -> Vec<mgd3_common::status::VerifyProblem> {
-    ["shards", "dataset", "modes", "contact_sheets"]
+/// On a local store, the paths of the job where a file stands in place of one of its folders
+/// (`shards/`, `dataset/`, `modes/`, `contact_sheets/`, a class folder `dataset/<class>/`) or a
+/// folder in place of one of its files (a marker, modes, an image `0.png` … of the `ipc`, a
+/// contact sheet or its record), each with what is wrong: whatever it stands for reads as
+/// missing, and nothing can be written there. Relative to the output. Empty elsewhere. With
+/// `markers_only`, only the job's folders and the markers (what a coordinator reads at start,
+/// one look per class); else every file the job's classes hold.
+pub(crate) fn blocked_paths(
+    out: &Location,
+    keys: &JobKeys,
+    classes: &[String],
+    ipc: usize,
+    markers_only: bool,
+) -> Vec<(String, String)> {
+    if out.local_root.is_none() {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    let mut expect = |relative: String, folder: bool| {
+        let Some(path) = out.local_path(&relative) else { return };
+        let Ok(meta) = std::fs::metadata(&path) else { return };
+        if meta.is_dir() != folder {
+            let what = if folder {
+                "is a file where the job keeps a folder: what the folder holds reads as missing"
+            } else {
+                "is a folder where the job keeps a file: it reads as missing and cannot be written"
+            };
+            found.push((relative, what.to_owned()));
+        }
+    };
+    for folder in ["shards", "dataset", "modes", "contact_sheets"] {
+        expect(format!("{}/{folder}", keys.root()), true);
+    }
+    for wnid in classes {
+        expect(keys.marker(wnid), false);
+        if markers_only {
+            continue;
+        }
+        expect(keys.modes(wnid), false);
+        expect(keys.contact_sheet(wnid), false);
+        expect(keys.contact_sheet_record(wnid), false);
+        let folder = format!("{}/dataset/{wnid}", keys.root());
+        let is_dir = out.local_path(&folder).and_then(|p| std::fs::metadata(p).ok()).map(|m| m.is_dir());
+        expect(folder, true);
+        if is_dir == Some(true) {
+            for j in 0..ipc {
+                expect(keys.dataset_image(wnid, j), false);
+            }
+        }
+    }
+    found
+}
+
+/// [`blocked_paths`] as `verify` problems (`resume` leaves them in place).
+pub(crate) fn blocked_problems(
+    out: &Location,
+    keys: &JobKeys,
+    classes: &[String],
+    ipc: usize,
+) -> Vec<mgd3_common::status::VerifyProblem> {
+    blocked_paths(out, keys, classes, ipc, false)
         .into_iter()
-        .filter_map(|folder| {
-            let relative = format!("{}/{folder}", keys.root());
-            let path = out.local_path(&relative)?;
-            let meta = std::fs::metadata(&path).ok()?;
-            (!meta.is_dir()).then(|| mgd3_common::status::VerifyProblem {
-                wnid: String::new(),
-                file: Some(relative),
-                problem: format!(
-                    "is a file where the job's folder `{folder}/` goes: what the folder holds cannot be read (so \
-                     what depends on it reads as missing); `resume` leaves it in place: move the file away and put \
-                     the folder back"
-                ),
-            })
+        .map(|(file, what)| mgd3_common::status::VerifyProblem {
+            wnid: String::new(),
+            file: Some(file),
+            problem: format!("{what}; `resume` leaves it in place: move it away"),
         })
         .collect()
 }

@@ -1125,7 +1125,7 @@ async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_
     std::fs::write(sheets.join("class02.json"), &record01).unwrap();
     std::fs::remove_file(sheets.join("class03.json")).unwrap();
     let expected = [
-        ("class00", "class00.png", "changed since it was written"),
+        ("class00", "class00.png", "changed since they were written"),
         ("class01", "class01.png", "contact sheet of class `class02`"),
         ("class02", "class02.png", "contact sheet of class `class01`"),
         ("class03", "class03.png", "has no record"),
@@ -1156,14 +1156,13 @@ async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_
     let report = cluster.coordinator.verify(&job.job_id).await.unwrap();
     assert_eq!((report.files_checked, report.problems.len()), (14, 0), "{report:?}");
     assert_eq!(dataset_files(&out, &job.job_id).await, original);
-    // A folder where a sheet goes is no sheet, and cannot be removed as one: resume says so and
-    // goes on (it retried the delete as an outage, for minutes).
+    // A folder where a sheet goes is no sheet, and cannot be removed as one: resume names it and
+    // changes nothing (it retried the delete as an outage, for minutes).
     std::fs::create_dir_all(sheets.join("class00.png/theirs")).unwrap();
     std::fs::write(sheets.join("class00.json"), read("class01.json")).unwrap();
-    let resumed = cluster.coordinator.resume(&job.job_id, None).await.unwrap();
-    assert_eq!(resumed.sheets.left.len(), 1, "{resumed:?}");
-    assert!(resumed.sheets.left[0].0.ends_with("class00.png"), "{resumed:?}");
-    assert!(sheets.join("class00.png/theirs").is_dir() && !sheets.join("class00.json").exists());
+    let error = cluster.coordinator.resume(&job.job_id, None).await.unwrap_err().to_string();
+    assert!(error.contains("contact_sheets/class00.png` is a folder where the job keeps a file"), "{error}");
+    assert!(sheets.join("class00.png/theirs").is_dir() && sheets.join("class00.json").exists());
     cluster.shutdown().await;
 }
 
@@ -1186,6 +1185,58 @@ async fn a_moved_store_quarantines_its_job_instead_of_distilling_it_again_at_the
     assert!(!dir.path().exists(), "the old output folder was made anew");
     again.shutdown().await;
     std::fs::rename(&new_home, dir.path()).unwrap();
+}
+
+/// A file where the job keeps a folder, or a folder where it keeps a file: `verify` names it,
+/// `resume` refuses before changing anything (it withdrew commit markers, then failed half way,
+/// as an outage), and a link loop in one job's markers quarantines that job at start instead of
+/// stopping the coordinator (each was retried as an outage for minutes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_and_folders_in_each_others_place_are_named_and_change_nothing() {
+    let (dir, cluster, job) = cluster_with_job(3, 2, 1).await;
+    let store_url = dir.path().display().to_string();
+    cluster.run_to_success(&job.job_id).await;
+    let root = dir.path().join("jobs").join(&job.job_id);
+    let markers_before: Vec<_> = std::fs::read_dir(root.join("shards")).unwrap().map(|e| e.unwrap().path()).collect();
+    // `modes` a file, class01's folder a file, an image of class02 a folder holding a user's file.
+    std::fs::rename(root.join("modes"), dir.path().join("modes.kept")).unwrap();
+    std::fs::write(root.join("modes"), b"x").unwrap();
+    std::fs::rename(root.join("dataset/class01"), dir.path().join("class01.kept")).unwrap();
+    std::fs::write(root.join("dataset/class01"), b"x").unwrap();
+    let image = root.join("dataset/class02/1.png");
+    let kept_image = std::fs::read(&image).unwrap();
+    std::fs::remove_file(&image).unwrap();
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("mine.txt"), b"mine").unwrap();
+    let report = cluster.coordinator.verify(&job.job_id).await.unwrap();
+    for named in ["/modes", "/dataset/class01", "/dataset/class02/1.png"] {
+        assert!(
+            report.problems.iter().any(|p| p.file.as_deref().is_some_and(|f| f.ends_with(named))
+                && p.problem.contains("`resume` leaves it in place")),
+            "{named}: {report:?}"
+        );
+    }
+    let error = cluster.coordinator.resume(&job.job_id, None).await.unwrap_err().to_string();
+    assert!(error.contains("nothing was changed") && error.contains("dataset/class01`"), "{error}");
+    let markers_after: Vec<_> = std::fs::read_dir(root.join("shards")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(markers_after.len(), markers_before.len(), "no commit was withdrawn");
+    assert_eq!(std::fs::read(image.join("mine.txt")).unwrap(), b"mine");
+    // Put back: resume and verify are clean again.
+    std::fs::remove_file(root.join("modes")).unwrap();
+    std::fs::rename(dir.path().join("modes.kept"), root.join("modes")).unwrap();
+    std::fs::remove_file(root.join("dataset/class01")).unwrap();
+    std::fs::rename(dir.path().join("class01.kept"), root.join("dataset/class01")).unwrap();
+    std::fs::remove_dir_all(&image).unwrap();
+    std::fs::write(&image, kept_image).unwrap();
+    cluster.coordinator.resume(&job.job_id, None).await.unwrap();
+    assert!(cluster.coordinator.verify(&job.job_id).await.unwrap().problems.is_empty());
+    cluster.shutdown().await;
+    // A link loop among the markers: that job is quarantined, the coordinator starts.
+    std::os::unix::fs::symlink(".", root.join("shards/loop")).unwrap();
+    let again = start(&store_url, None).await;
+    let status = again.coordinator.status(&job.job_id).unwrap();
+    assert_eq!(status.state, JobState::Quarantined, "{status:?}");
+    again.shutdown().await;
 }
 
 /// Damage to one job's records quarantines that job, with a clear status; the coordinator
