@@ -329,7 +329,8 @@ pub struct FileProblem {
 /// every listed file must hold the marker's sha256, the class folder nothing else, and its
 /// contact sheet, if any, must be the one its committing attempt recorded ([`check_sheet`]).
 /// Returns the number of files read, the problems found, and whether the class has no contact
-/// sheet though its marker says its attempt made one (not a problem of the dataset: a note).
+/// sheet it can show though its marker says its attempt made one (gone, or half of the pair of
+/// sheet and record: not a problem of the dataset, a note).
 ///
 /// # Errors
 /// [`CommitError::Store`] when the store cannot be listed.
@@ -394,6 +395,7 @@ pub async fn verify_class(
     let mut sheet_missing = false;
     match check_sheet(&out.child(keys.root()), marker, Check::Content).await? {
         SheetCheck::Absent => sheet_missing = marker.sheet_record,
+        SheetCheck::Incomplete(_) => sheet_missing = true,
         SheetCheck::Found(_) => files += 1,
         SheetCheck::Wrong(problem) => {
             files += 1;
@@ -414,6 +416,10 @@ pub enum SheetCheck {
     Found(FoundSheet),
     /// A sheet or record that is not what the committing attempt wrote for this class.
     Wrong(FileProblem),
+    /// A sheet without its record, or a record without its sheet: a worker stopped between the
+    /// two writes, or one was deleted. Nothing says the sheet is the class's: not shown, but no
+    /// damage to the dataset either (`verify` notes it).
+    Incomplete(FileProblem),
 }
 
 /// A contact sheet [`check_sheet`] found right (or could not check: an earlier version's).
@@ -448,20 +454,22 @@ pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check)
         get_optional(store, &record_location).await.map_err(store_err(out, format!("reading `{record_location}`")))?;
     let sheet = read_sheet(out, &out.key(&sheet_key), check).await?;
     let wrong = |file: &str, problem: String| Ok(SheetCheck::Wrong(FileProblem { file: file.to_owned(), problem }));
+    let incomplete =
+        |file: &str, problem: String| Ok(SheetCheck::Incomplete(FileProblem { file: file.to_owned(), problem }));
     let ((bytes, size), record) = match (sheet, record) {
         (None, None) => return Ok(SheetCheck::Absent),
         (Some((bytes, _)), None) if !marker.sheet_record => {
             return Ok(SheetCheck::Found(FoundSheet { record: None, bytes }));
         }
         (Some(_), None) => {
-            return wrong(
+            return incomplete(
                 &sheet_key,
                 "has no record (`contact_sheets/<class>.json`, written right after the sheet): it cannot be told \
                  from another class's or attempt's sheet"
                     .into(),
             );
         }
-        (None, Some(_)) => return wrong(&record_key, "records a contact sheet that is not there".into()),
+        (None, Some(_)) => return incomplete(&record_key, "records a contact sheet that is not there".into()),
         (Some(sheet), Some(record)) => (sheet, record),
     };
     let record: SheetRecord = match serde_json::from_slice(&record) {
@@ -603,7 +611,10 @@ pub async fn repair_sheets(job_dir: &Location, markers: &[ClassMarker]) -> Resul
     let store = job_dir.store.as_ref();
     let mut wrong: Vec<(&ClassMarker, FileProblem)> = Vec::new();
     for marker in markers {
-        if let SheetCheck::Wrong(problem) = check_sheet(job_dir, marker, Check::Content).await? {
+        // Half a pair (a sheet without its record) cannot be shown as the class's either: it goes.
+        if let SheetCheck::Wrong(problem) | SheetCheck::Incomplete(problem) =
+            check_sheet(job_dir, marker, Check::Content).await?
+        {
             wrong.push((marker, problem));
         }
     }
@@ -894,6 +905,10 @@ mod tests {
             SheetCheck::Wrong(problem) => problem,
             other => panic!("not wrong: {other:?}"),
         };
+        let incomplete = |check: SheetCheck| match check {
+            SheetCheck::Incomplete(problem) => problem,
+            other => panic!("not incomplete: {other:?}"),
+        };
         for check in [Check::Size, Check::Content] {
             assert_eq!(check_sheet(&job_dir, &m, check).await.unwrap(), SheetCheck::Absent);
         }
@@ -936,7 +951,7 @@ mod tests {
             ("contact_sheets/n01.json", true)
         );
         out.store.delete(&record_key).await.unwrap();
-        let unrecorded = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        let unrecorded = incomplete(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
         assert!(unrecorded.problem.contains("has no record"), "{unrecorded:?}");
         let earlier = marker("a", "fp");
         let SheetCheck::Found(found) = check_sheet(&job_dir, &earlier, Check::Content).await.unwrap() else { panic!() };
@@ -944,7 +959,7 @@ mod tests {
         // A record without its sheet; an empty sheet is read, not an error.
         put(&record_key, record_of(&m, &sheet)).await;
         out.store.delete(&sheet_key).await.unwrap();
-        let orphan = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let orphan = incomplete(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
         assert!(orphan.problem.contains("records a contact sheet that is not there"), "{orphan:?}");
         put(&sheet_key, Vec::new()).await;
         let empty = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());

@@ -336,7 +336,7 @@ pub async fn write_report(
         };
         let found = match check {
             Ok(SheetCheck::Absent) => None,
-            Ok(SheetCheck::Wrong(problem)) => {
+            Ok(SheetCheck::Wrong(problem) | SheetCheck::Incomplete(problem)) => {
                 left_out(problem);
                 None
             }

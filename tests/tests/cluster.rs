@@ -1128,14 +1128,15 @@ async fn a_contact_sheet_that_is_not_its_class_s_is_named_by_verify_and_removed_
         ("class00", "class00.png", "changed since they were written"),
         ("class01", "class01.png", "contact sheet of class `class02`"),
         ("class02", "class02.png", "contact sheet of class `class01`"),
-        ("class03", "class03.png", "has no record"),
     ];
     let online = cluster.coordinator.verify(&job.job_id).await.unwrap();
     let offline = mgd3_coordinator::state::verify_offline(&out, &job.job_id).await.unwrap();
     for report in [&online, &offline] {
         let mut problems = report.problems.clone();
         problems.sort_by(|a, b| a.wnid.cmp(&b.wnid));
-        assert_eq!(problems.len(), 4, "{report:?}");
+        assert_eq!(problems.len(), 3, "{report:?}");
+        // A sheet without its record (a worker stopped between the two writes) is a note.
+        assert_eq!(report.sheets_missing, ["class03"], "{report:?}");
         for (p, (wnid, file, problem)) in problems.iter().zip(expected) {
             assert_eq!(p.wnid, wnid);
             assert!(p.file.as_deref().unwrap().ends_with(&format!("contact_sheets/{file}")), "{p:?}");
