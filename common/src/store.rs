@@ -548,7 +548,7 @@ fn io_in_chain(error: &(dyn std::error::Error + 'static), test: impl Fn(&std::io
     false
 }
 
-/// True for an error of the local file system that recurs whatever the wait ([`io_permanent`]:
+/// True for an error of the local file system that recurs whatever the wait (`io_permanent`:
 /// a folder where a file goes, a file where a folder goes, a link loop): damage a person must
 /// look at, not an outage.
 pub fn is_local_damage(error: &object_store::Error) -> bool {
