@@ -393,7 +393,7 @@ pub async fn verify_class(
     }
     let mut files = targets.len() as u64;
     let mut sheet_missing = false;
-    match check_sheet(&out.child(keys.root()), marker, Check::Content).await? {
+    match check_sheet(&out.child(keys.root()), marker).await? {
         SheetCheck::Absent => sheet_missing = marker.sheet_record,
         SheetCheck::Incomplete(_) => sheet_missing = true,
         SheetCheck::Found(_) => files += 1,
@@ -428,23 +428,18 @@ pub struct FoundSheet {
     /// Its record; `None` for a sheet of an earlier version, which wrote no records (its marker
     /// does not promise one): shown as it is, unchecked.
     pub record: Option<SheetRecord>,
-    /// [`Check::Content`]: the whole sheet; [`Check::Size`]: its first [`SHEET_HEAD`] bytes (or
-    /// fewer), enough for a PNG's size in pixels.
+    /// The whole sheet.
     pub bytes: bytes::Bytes,
 }
 
-/// Bytes of a sheet [`check_sheet`] reads with [`Check::Size`]: a PNG's signature and header.
-pub const SHEET_HEAD: u64 = 64;
-
 /// Checks the contact sheet of a committed class in its job's folder `job_dir`
-/// (`<out>/jobs/<job>`; the problem's file is named relative to it): its record must name the class, the job and
-/// the attempt of `marker`, and the sheet must hold the record's size ([`Check::Size`]: its
-/// size and first bytes, what a report in the job folder needs) or its sha256 ([`Check::Content`]: read
-/// in full, for `verify`, `resume` and a report that copies the sheet).
+/// (`<out>/jobs/<job>`; the problem's file is named relative to it), read in full: its record
+/// must name the class, the job and the attempt of `marker`, and the sheet must hold the
+/// record's sha256 (by size alone, another class's sheet cut to the same size passed).
 ///
 /// # Errors
 /// [`CommitError::Store`] when the sheet or its record cannot be read.
-pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check) -> Result<SheetCheck, CommitError> {
+pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker) -> Result<SheetCheck, CommitError> {
     let out = job_dir;
     let store = out.store.as_ref();
     let wnid = &marker.wnid;
@@ -452,13 +447,15 @@ pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check)
     let record_location = out.key(&record_key);
     let record =
         get_optional(store, &record_location).await.map_err(store_err(out, format!("reading `{record_location}`")))?;
-    let sheet = read_sheet(out, &out.key(&sheet_key), check).await?;
+    let sheet_location = out.key(&sheet_key);
+    let sheet =
+        get_optional(store, &sheet_location).await.map_err(store_err(out, format!("reading `{sheet_location}`")))?;
     let wrong = |file: &str, problem: String| Ok(SheetCheck::Wrong(FileProblem { file: file.to_owned(), problem }));
     let incomplete =
         |file: &str, problem: String| Ok(SheetCheck::Incomplete(FileProblem { file: file.to_owned(), problem }));
-    let ((bytes, size), record) = match (sheet, record) {
+    let (bytes, record) = match (sheet, record) {
         (None, None) => return Ok(SheetCheck::Absent),
-        (Some((bytes, _)), None) if !marker.sheet_record => {
+        (Some(bytes), None) if !marker.sheet_record => {
             return Ok(SheetCheck::Found(FoundSheet { record: None, bytes }));
         }
         (Some(_), None) => {
@@ -501,56 +498,20 @@ pub async fn check_sheet(job_dir: &Location, marker: &ClassMarker, check: Check)
             ),
         );
     }
-    let changed = match check {
-        Check::Size => (size != record.bytes).then(|| format!("{size} bytes")),
-        Check::Content => {
-            let actual = sha256_hex(&bytes);
-            (actual != record.sha256).then(|| format!("{actual} ({size} bytes)"))
-        }
-    };
-    if let Some(found) = changed {
+    let actual = sha256_hex(&bytes);
+    if actual != record.sha256 {
         return wrong(
             &sheet_key,
             format!(
-                "{found}, its record says {} ({} bytes): the sheet or its record changed since they were written",
-                record.sha256, record.bytes
+                "{actual} ({} bytes), its record says {} ({} bytes): the sheet or its record changed since they were \
+                 written",
+                bytes.len(),
+                record.sha256,
+                record.bytes
             ),
         );
     }
     Ok(SheetCheck::Found(FoundSheet { record: Some(record), bytes }))
-}
-
-/// A sheet's bytes (all of them, or its head for [`Check::Size`]) and its size, if it is there.
-async fn read_sheet(
-    out: &Location,
-    key: &object_store::path::Path,
-    check: Check,
-) -> Result<Option<(bytes::Bytes, u64)>, CommitError> {
-    let store = out.store.as_ref();
-    let failed = || store_err(out, format!("reading `{key}`"));
-    if check == Check::Content {
-        let bytes = get_optional(store, key).await.map_err(failed())?;
-        return Ok(bytes.map(|b| {
-            let size = b.len() as u64;
-            (b, size)
-        }));
-    }
-    // Its size first: a ranged read of an empty object fails like a transport error would.
-    let size = match retry_idempotent(|| store.head(key)).await {
-        Ok(meta) => meta.size,
-        Err(e) if crate::store::is_not_found(&e) => return Ok(None),
-        Err(e) => return Err(failed()(e)),
-    };
-    if size == 0 {
-        return Ok(Some((bytes::Bytes::new(), 0)));
-    }
-    let head = retry_idempotent(|| store.get_range(key, 0..SHEET_HEAD.min(size))).await;
-    match head {
-        Ok(head) => Ok(Some((head, size))),
-        // Gone between the two calls.
-        Err(e) if crate::store::is_not_found(&e) => Ok(None),
-        Err(e) => Err(failed()(e)),
-    }
 }
 
 /// The record of a contact sheet of `bytes`, made by the attempt that committed `marker`.
@@ -612,9 +573,7 @@ pub async fn repair_sheets(job_dir: &Location, markers: &[ClassMarker]) -> Resul
     let mut wrong: Vec<(&ClassMarker, FileProblem)> = Vec::new();
     for marker in markers {
         // Half a pair (a sheet without its record) cannot be shown as the class's either: it goes.
-        if let SheetCheck::Wrong(problem) | SheetCheck::Incomplete(problem) =
-            check_sheet(job_dir, marker, Check::Content).await?
-        {
+        if let SheetCheck::Wrong(problem) | SheetCheck::Incomplete(problem) = check_sheet(job_dir, marker).await? {
             wrong.push((marker, problem));
         }
     }
@@ -651,8 +610,7 @@ pub async fn repair_sheets(job_dir: &Location, markers: &[ClassMarker]) -> Resul
         // A class whose own place holds its right sheet keeps it; the copy elsewhere goes below.
         let own_place_right = !wrong_places.contains(wnid.as_str())
             && matches!(
-                check_sheet(job_dir, markers.iter().find(|m| m.wnid == wnid).expect("an owner"), Check::Content)
-                    .await?,
+                check_sheet(job_dir, markers.iter().find(|m| m.wnid == wnid).expect("an owner")).await?,
                 SheetCheck::Found(_)
             );
         if own_place_right {
@@ -909,60 +867,54 @@ mod tests {
             SheetCheck::Incomplete(problem) => problem,
             other => panic!("not incomplete: {other:?}"),
         };
-        for check in [Check::Size, Check::Content] {
-            assert_eq!(check_sheet(&job_dir, &m, check).await.unwrap(), SheetCheck::Absent);
-        }
+        assert_eq!(check_sheet(&job_dir, &m).await.unwrap(), SheetCheck::Absent);
         let sheet = b"sheet of n01".to_vec();
         put(&sheet_key, sheet.clone()).await;
         put(&record_key, record_of(&m, &sheet)).await;
-        for check in [Check::Size, Check::Content] {
-            let SheetCheck::Found(found) = check_sheet(&job_dir, &m, check).await.unwrap() else { panic!() };
-            assert_eq!(found.record.unwrap().attempt_id, "a");
-            let expected = if check == Check::Size { &sheet[..SHEET_HEAD.min(12) as usize] } else { &sheet[..] };
-            assert_eq!(&found.bytes[..], expected);
-        }
+        let SheetCheck::Found(found) = check_sheet(&job_dir, &m).await.unwrap() else { panic!() };
+        assert_eq!(found.record.unwrap().attempt_id, "a");
+        assert_eq!(&found.bytes[..], &sheet[..]);
         // Same size, other bytes: only the sha256 tells.
         put(&sheet_key, b"sheet of n02".to_vec()).await;
-        assert!(matches!(check_sheet(&job_dir, &m, Check::Size).await.unwrap(), SheetCheck::Found(_)));
-        let changed = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        let changed = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert_eq!(changed.file, "contact_sheets/n01.png");
         assert!(changed.problem.contains("changed since they were written"), "{changed:?}");
-        // Another size: the ranged read sees it.
+        // Another size.
         put(&sheet_key, b"a longer sheet".to_vec()).await;
-        let changed = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let changed = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert!(changed.problem.contains("14 bytes") && changed.problem.contains("(12 bytes)"), "{changed:?}");
         // Another class's sheet and record, copied over this one's.
         let mut other = marker("a", "fp");
         other.wnid = "n02".into();
         put(&sheet_key, sheet.clone()).await;
         put(&record_key, record_of(&other, &sheet)).await;
-        let swapped = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let swapped = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert!(swapped.problem.contains("contact sheet of class `n02`"), "{swapped:?}");
         // An earlier attempt's (the class was distilled again, its old sheet left).
         put(&record_key, record_of(&marker("old", "fp"), &sheet)).await;
-        let stale = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let stale = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert!(stale.problem.contains("attempt `old`, not by `a`"), "{stale:?}");
         // A record that does not parse, then none: a marker that promises one finds it missing,
         // an earlier version's marker (no records then) shows its sheet unchecked.
         put(&record_key, b"{".to_vec()).await;
-        let unreadable = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let unreadable = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert_eq!(
             (unreadable.file.as_str(), unreadable.problem.starts_with("unreadable")),
             ("contact_sheets/n01.json", true)
         );
         out.store.delete(&record_key).await.unwrap();
-        let unrecorded = incomplete(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        let unrecorded = incomplete(check_sheet(&job_dir, &m).await.unwrap());
         assert!(unrecorded.problem.contains("has no record"), "{unrecorded:?}");
         let earlier = marker("a", "fp");
-        let SheetCheck::Found(found) = check_sheet(&job_dir, &earlier, Check::Content).await.unwrap() else { panic!() };
+        let SheetCheck::Found(found) = check_sheet(&job_dir, &earlier).await.unwrap() else { panic!() };
         assert!(found.record.is_none());
         // A record without its sheet; an empty sheet is read, not an error.
         put(&record_key, record_of(&m, &sheet)).await;
         out.store.delete(&sheet_key).await.unwrap();
-        let orphan = incomplete(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let orphan = incomplete(check_sheet(&job_dir, &m).await.unwrap());
         assert!(orphan.problem.contains("records a contact sheet that is not there"), "{orphan:?}");
         put(&sheet_key, Vec::new()).await;
-        let empty = problem(check_sheet(&job_dir, &m, Check::Size).await.unwrap());
+        let empty = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert!(empty.problem.contains("0 bytes"), "{empty:?}");
         // A record whose digest is not written as mgd3 writes it (upper case, no prefix) is named
         // as such, not as a sheet changed since.
@@ -970,7 +922,7 @@ mod tests {
         let mut record = sheet_record(&m, &sheet);
         record.sha256 = record.sha256.to_uppercase();
         put(&record_key, serde_json::to_vec(&record).unwrap()).await;
-        let edited = problem(check_sheet(&job_dir, &m, Check::Content).await.unwrap());
+        let edited = problem(check_sheet(&job_dir, &m).await.unwrap());
         assert!(edited.file.ends_with(".json") && edited.problem.contains("64 lowercase hex"), "{edited:?}");
         // verify_class: a sheet promised and gone is a note, not a problem; one there is a file.
         put(&record_key, record_of(&m, &sheet)).await;
@@ -981,10 +933,10 @@ mod tests {
         assert!(!verify_class(&out, &keys, &marker("a", "fp")).await.unwrap().2, "an earlier version promised none");
         // Removed, record first; uncommitting the class removes its sheet too.
         remove_sheet(&out, &keys, "n01").await.unwrap();
-        assert_eq!(check_sheet(&job_dir, &m, Check::Content).await.unwrap(), SheetCheck::Absent);
+        assert_eq!(check_sheet(&job_dir, &m).await.unwrap(), SheetCheck::Absent);
         put(&sheet_key, sheet.clone()).await;
         put(&record_key, record_of(&m, &sheet)).await;
         uncommit(&out, &keys, "n01").await.unwrap();
-        assert_eq!(check_sheet(&job_dir, &m, Check::Content).await.unwrap(), SheetCheck::Absent);
+        assert_eq!(check_sheet(&job_dir, &m).await.unwrap(), SheetCheck::Absent);
     }
 }

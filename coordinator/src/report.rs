@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use futures::{StreamExt, TryStreamExt};
-use mgd3_common::commit::{self, Check, CommitError, SheetCheck};
+use mgd3_common::commit::{self, CommitError, SheetCheck};
 use mgd3_common::manifest::{ClassMarker, JobManifest, QualityConcern, StageSeconds, band};
 use mgd3_common::sheet::SheetLayout;
 use mgd3_common::store::{Location, get_optional, is_not_found};
@@ -327,7 +327,7 @@ pub async fn write_report(
     // Each sheet is read whole and checked by its sha256 (by its size alone, another class's
     // sheet cut to the same size was shown), a few at a time, in class order.
     let mut checked = futures::stream::iter(&records.markers)
-        .map(|marker| async move { (marker, commit::check_sheet(dir, marker, Check::Content).await) })
+        .map(|marker| async move { (marker, commit::check_sheet(dir, marker).await) })
         .buffered(SHEET_READS);
     while let Some((marker, check)) = checked.next().await {
         let mut left_out = |problem: commit::FileProblem| {

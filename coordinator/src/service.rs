@@ -2152,7 +2152,7 @@ impl Coordinator {
         response.sheets_missing.sort();
         let wnids: Vec<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
         response.problems.extend(state::blocked_problems(&out, &keys, &wnids, job.spec.ipc));
-        let classes: HashSet<String> = job.classes.iter().map(|c| c.wnid.clone()).collect();
+        let classes: HashSet<String> = wnids.into_iter().collect();
         for stray in state::dataset_strays(&out, &keys, &classes).await? {
             let problem = stray.problem();
             response.problems.push(VerifyProblem { wnid: String::new(), file: Some(stray.path), problem });
